@@ -1,0 +1,130 @@
+//===- Safetensors.h - Validated, memory-mapped safetensors files -*- C++ -*-===//
+//
+// Part of moec. Reads safetensors files through mmap with zero-copy tensor
+// views after validating the whole header, and writes them deterministically.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef MOE_FRONTEND_SAFETENSORS_H
+#define MOE_FRONTEND_SAFETENSORS_H
+
+#include "moe/Frontend/DType.h"
+#include "moe/Support/Status.h"
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace moe {
+
+/// Largest header the reader accepts (the reference implementation's limit).
+constexpr uint64_t kMaxSafetensorsHeaderBytes = 100'000'000;
+
+/// Product of `shape`; 1 for a scalar.
+int64_t numElements(std::span<const int64_t> shape);
+/// "[a, b, c]".
+std::string formatShape(std::span<const int64_t> shape);
+
+/// One tensor entry of a safetensors header.
+struct TensorInfo {
+  std::string name;
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+  uint64_t dataBegin = 0; ///< Offset from the start of the data buffer.
+  uint64_t dataEnd = 0;   ///< One past the last byte.
+
+  int64_t numElements() const { return moe::numElements(shape); }
+  uint64_t byteSize() const { return dataEnd - dataBegin; }
+};
+
+/// The parsed and validated header of a safetensors file.
+struct SafetensorsHeader {
+  /// Tensors sorted by name.
+  std::vector<TensorInfo> tensors;
+  /// The `__metadata__` map, empty when absent.
+  std::map<std::string, std::string> metadata;
+  /// File offset of the data buffer (8 + header length).
+  uint64_t dataOffset = 0;
+
+  /// The tensor called `name`, or null.
+  const TensorInfo *find(std::string_view name) const;
+};
+
+/// Parses and fully validates the header of a safetensors file whose first
+/// `fileSize` bytes are at `file`: header length bounds, a JSON object with
+/// valid entries, known dtypes, sizes matching shapes, no duplicate names,
+/// and data offsets tiling the data buffer exactly. `fileName` is used in
+/// messages only.
+Expected<SafetensorsHeader> parseSafetensorsHeader(const uint8_t *file,
+                                                   uint64_t fileSize,
+                                                   std::string_view fileName);
+
+/// A read-only, memory-mapped safetensors file.
+class SafetensorsFile {
+public:
+  /// Opens, maps and validates `path`.
+  static Expected<std::unique_ptr<SafetensorsFile>> open(const std::string &path);
+  ~SafetensorsFile();
+  SafetensorsFile(const SafetensorsFile &) = delete;
+  SafetensorsFile &operator=(const SafetensorsFile &) = delete;
+
+  const std::string &path() const { return filePath; }
+  uint64_t fileSize() const { return mappedSize; }
+  const std::vector<TensorInfo> &tensors() const { return header.tensors; }
+  const std::map<std::string, std::string> &metadata() const {
+    return header.metadata;
+  }
+  const TensorInfo *find(std::string_view name) const {
+    return header.find(name);
+  }
+  /// The bytes of `tensor` inside the mapping (no copy; any alignment).
+  std::span<const uint8_t> data(const TensorInfo &tensor) const;
+
+private:
+  SafetensorsFile() = default;
+  std::string filePath;
+  const uint8_t *mapping = nullptr;
+  uint64_t mappedSize = 0;
+  SafetensorsHeader header;
+};
+
+/// Builds a safetensors file in memory and writes it deterministically:
+/// tensors ordered by element size (widest first) then by name, so every
+/// tensor is naturally aligned, the data buffer starting on a 64-byte
+/// boundary, header keys sorted. The output is written to a temporary name
+/// and renamed, so a failed write leaves no partial file.
+class SafetensorsWriter {
+public:
+  /// Adds a tensor; `bytes` must hold exactly prod(shape) elements.
+  Status addTensor(std::string name, DType dtype, std::vector<int64_t> shape,
+                   std::vector<uint8_t> bytes);
+  /// Adds an f32 tensor converted to `dtype` (F32, F16 or BF16).
+  Status addF32Tensor(std::string name, DType dtype, std::vector<int64_t> shape,
+                      std::span<const float> values);
+  void setMetadata(std::string key, std::string value);
+  /// Serialises everything to one buffer.
+  std::vector<uint8_t> serialize() const;
+  /// Writes to `path` (through `path`.tmp and a rename).
+  Status write(const std::string &path) const;
+
+private:
+  struct Entry {
+    DType dtype;
+    std::vector<int64_t> shape;
+    std::vector<uint8_t> bytes;
+  };
+  std::map<std::string, Entry> entries;
+  std::map<std::string, std::string> metadata;
+};
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+Status writeFileAtomically(const std::string &path,
+                           std::span<const uint8_t> bytes);
+
+} // namespace moe
+
+#endif // MOE_FRONTEND_SAFETENSORS_H

@@ -1,0 +1,35 @@
+//===- Commands.h - The subcommands of moec ---------------------*- C++ -*-===//
+//
+// Part of moec.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef MOEC_TOOLS_MOEC_COMMANDS_H
+#define MOEC_TOOLS_MOEC_COMMANDS_H
+
+#include <CLI/CLI.hpp>
+
+#include <functional>
+
+namespace moe::cli {
+
+/// A registered subcommand: run() returns the process exit code.
+using CommandRunner = std::function<int()>;
+
+/// A subcommand and what runs it once it is chosen.
+struct Command {
+  CLI::App *app;
+  CommandRunner run;
+};
+
+/// `moec inspect <dir|config.json> [--json] [--config-only]`.
+Command registerInspect(CLI::App &app);
+
+/// Prints "moec: error: <message>" to stderr.
+void printError(const std::string &message);
+/// Prints "moec: warning: <message>" to stderr.
+void printWarning(const std::string &message);
+
+} // namespace moe::cli
+
+#endif // MOEC_TOOLS_MOEC_COMMANDS_H

@@ -1,0 +1,47 @@
+//===- moec.cpp - The moec command-line driver ----------------------------===//
+//
+// Part of moec. One binary, one subcommand per job: inspect (and, as the
+// compiler grows, import, calibrate, opt, emit, eval, compress).
+//
+//===----------------------------------------------------------------------===//
+
+#include "Commands.h"
+
+#include "llvm/Support/InitLLVM.h"
+#include "llvm/Support/WithColor.h"
+#include "llvm/Support/raw_ostream.h"
+
+#include <vector>
+
+namespace moe::cli {
+
+void printError(const std::string &message) {
+  llvm::WithColor::error(llvm::errs(), "moec") << message << "\n";
+}
+
+void printWarning(const std::string &message) {
+  llvm::WithColor::warning(llvm::errs(), "moec") << message << "\n";
+}
+
+} // namespace moe::cli
+
+int main(int argc, char **argv) {
+  llvm::InitLLVM initLLVM(argc, argv);
+  CLI::App app{"moec: a compiler that makes Mixture-of-Experts models small and fast"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "moec 0.1.0");
+
+  std::vector<moe::cli::Command> commands = {
+      moe::cli::registerInspect(app),
+  };
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError &error) {
+    return app.exit(error);
+  }
+  for (moe::cli::Command &command : commands)
+    if (command.app->parsed())
+      return command.run();
+  return 2;
+}
