@@ -1,0 +1,164 @@
+//===- CheckpointTest.cpp - Directories, shards and FP8 dequantisation ----===//
+//
+// Part of moec.
+//
+//===----------------------------------------------------------------------===//
+
+#include "moe/Frontend/Checkpoint.h"
+#include "moe/Frontend/SyntheticCheckpoint.h"
+
+#include "TestSupport.h"
+
+#include <cstring>
+#include <random>
+
+using namespace moe;
+using namespace moe::testing;
+
+namespace {
+
+void writeIndex(const std::string &dir, const std::string &weightMap) {
+  writeFile(dir + "/model.safetensors.index.json",
+            R"({"metadata":{"total_size":0},"weight_map":)" + weightMap + "}");
+}
+
+void writeShard(const std::string &path, const std::vector<std::string> &names) {
+  SafetensorsWriter writer;
+  for (const std::string &name : names)
+    ASSERT_TRUE(writer.addTensor(name, DType::F32, {2}, std::vector<uint8_t>(8)).ok());
+  ASSERT_TRUE(writer.write(path).ok());
+}
+
+} // namespace
+
+TEST(Checkpoint, ResolvesTensorsAcrossShardsThroughTheIndex) {
+  TempDir dir;
+  writeShard(dir.file("model-00001-of-00002.safetensors"), {"a", "b"});
+  writeShard(dir.file("model-00002-of-00002.safetensors"), {"c"});
+  writeIndex(dir.path(), R"({"a":"model-00001-of-00002.safetensors",)"
+                         R"("b":"model-00001-of-00002.safetensors",)"
+                         R"("c":"model-00002-of-00002.safetensors"})");
+  auto checkpoint = Checkpoint::open(dir.path());
+  ASSERT_TRUE(checkpoint.ok()) << checkpoint.status().message();
+  EXPECT_TRUE((*checkpoint)->isSharded());
+  EXPECT_EQ((*checkpoint)->shards().size(), 2u);
+  EXPECT_EQ((*checkpoint)->tensorNames(), (std::vector<std::string>{"a", "b", "c"}));
+  ASSERT_NE((*checkpoint)->find("c"), nullptr);
+  EXPECT_NE((*checkpoint)->find("c")->file->path().find("00002-of"), std::string::npos);
+  EXPECT_EQ((*checkpoint)->find("d"), nullptr);
+}
+
+TEST(Checkpoint, IndexPointingAtAMissingShardIsNamed) {
+  TempDir dir;
+  writeShard(dir.file("model-00001-of-00002.safetensors"), {"a"});
+  writeIndex(dir.path(), R"({"a":"model-00001-of-00002.safetensors",)"
+                         R"("layers.3.w":"model-00002-of-00002.safetensors"})");
+  expectErrorContains(Checkpoint::open(dir.path()).status(),
+                      {"model.safetensors.index.json", "'layers.3.w'",
+                       "'model-00002-of-00002.safetensors'", "does not exist"});
+}
+
+TEST(Checkpoint, IndexNamingATensorItsShardLacksIsNamed) {
+  TempDir dir;
+  writeShard(dir.file("s1.safetensors"), {"a"});
+  writeIndex(dir.path(), R"({"a":"s1.safetensors","ghost":"s1.safetensors"})");
+  expectErrorContains(Checkpoint::open(dir.path()).status(),
+                      {"'ghost'", "'s1.safetensors'", "does not contain it"});
+}
+
+TEST(Checkpoint, MalformedIndexIsNamed) {
+  TempDir dir;
+  writeFile(dir.file("model.safetensors.index.json"), "{\"weight_map\": 3}");
+  expectErrorContains(Checkpoint::open(dir.path()).status(),
+                      {"model.safetensors.index.json", "'weight_map'"});
+  writeFile(dir.file("model.safetensors.index.json"), "not json");
+  expectErrorContains(Checkpoint::open(dir.path()).status(),
+                      {"model.safetensors.index.json", "not a JSON object"});
+  writeIndex(dir.path(), R"({"a":"../escape.safetensors"})");
+  expectErrorContains(Checkpoint::open(dir.path()).status(),
+                      {"'../escape.safetensors'", "inside the directory"});
+}
+
+TEST(Checkpoint, UnreadableOrEmptyDirectoriesAreNamed) {
+  TempDir dir;
+  std::string missing = dir.file("no-such-model");
+  expectErrorContains(Checkpoint::open(missing).status(), {missing, "not a readable directory"});
+  expectErrorContains(Checkpoint::open(dir.path()).status(),
+                      {dir.path(), "no model.safetensors or model.safetensors.index.json"});
+  // A shard that is corrupt is named by its own path.
+  writeFile(dir.file("model.safetensors"), "garbage!garbage!");
+  expectErrorContains(Checkpoint::open(dir.path()).status(),
+                      {dir.file("model.safetensors"), "header"});
+}
+
+TEST(Checkpoint, DequantisesFp8WeightsWithBlockScalesFromAnotherShard) {
+  // A 130 x 260 weight spans 2 x 3 blocks of 128, the last ones partial.
+  const int64_t rows = 130, cols = 260;
+  std::mt19937 rng(7);
+  std::vector<uint8_t> codes(rows * cols);
+  for (uint8_t &code : codes) {
+    code = static_cast<uint8_t>(rng() % 256);
+    if ((code & 0x7F) == 0x7F)
+      code = 0x30; // keep NaN encodings out of the reference comparison
+  }
+  std::vector<float> scales = {0.5f, 2.0f, 0.125f, 4.0f, 1.0f, 3.0f};
+
+  TempDir dir;
+  SafetensorsWriter weights, scaleShard;
+  ASSERT_TRUE(weights.addTensor("w", DType::F8E4M3, {rows, cols}, codes).ok());
+  std::vector<uint8_t> scaleBytes(scales.size() * 4);
+  std::memcpy(scaleBytes.data(), scales.data(), scaleBytes.size());
+  ASSERT_TRUE(scaleShard.addTensor("w_scale_inv", DType::F32, {2, 3}, scaleBytes).ok());
+  ASSERT_TRUE(weights.write(dir.file("a.safetensors")).ok());
+  ASSERT_TRUE(scaleShard.write(dir.file("b.safetensors")).ok());
+  writeIndex(dir.path(), R"({"w":"a.safetensors","w_scale_inv":"b.safetensors"})");
+
+  auto checkpoint = Checkpoint::open(dir.path());
+  ASSERT_TRUE(checkpoint.ok()) << checkpoint.status().message();
+  std::vector<float> values;
+  ASSERT_TRUE((*checkpoint)->loadF32("w", values).ok());
+  ASSERT_EQ(values.size(), codes.size());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      ASSERT_EQ(values[r * cols + c],
+                float8E4M3ToFloat(codes[r * cols + c]) * scales[(r / 128) * 3 + c / 128])
+          << r << "," << c;
+}
+
+TEST(Checkpoint, Fp8ScaleWithTheWrongShapeIsNamed) {
+  TempDir dir;
+  SafetensorsWriter writer;
+  ASSERT_TRUE(writer.addTensor("w", DType::F8E4M3, {130, 4}, std::vector<uint8_t>(520)).ok());
+  ASSERT_TRUE(writer.addTensor("w_scale_inv", DType::F32, {1, 1}, std::vector<uint8_t>(4)).ok());
+  ASSERT_TRUE(writer.write(dir.file("model.safetensors")).ok());
+  auto checkpoint = Checkpoint::open(dir.path());
+  ASSERT_TRUE(checkpoint.ok());
+  std::vector<float> values;
+  expectErrorContains((*checkpoint)->loadF32("w", values),
+                      {"'w_scale_inv'", "[1, 1]", "expected [2, 1]"});
+  expectErrorContains((*checkpoint)->loadF32("nope", values), {"'nope' not found"});
+}
+
+TEST(Checkpoint, LoadsSyntheticFp8CheckpointCloseToTheF32Weights) {
+  // Quantise-dequantise error of E4M3 is at most half a mantissa step of
+  // 1/8 relative, i.e. <= 6.25% of each value (plus the subnormal floor).
+  TempDir dir;
+  SyntheticOptions options;
+  options.family = ModelFamily::DeepseekV3;
+  options.fp8 = true;
+  options.shards = 3;
+  ASSERT_TRUE(writeSyntheticCheckpoint(dir.path(), options).ok());
+  auto checkpoint = Checkpoint::open(dir.path());
+  ASSERT_TRUE(checkpoint.ok()) << checkpoint.status().message();
+  const std::string name = "model.layers.1.mlp.experts.3.down_proj.weight";
+  ASSERT_EQ((*checkpoint)->find(name)->info->dtype, DType::F8E4M3);
+  ASSERT_NE((*checkpoint)->find(name)->file, (*checkpoint)->find(name + "_scale_inv")->file)
+      << "the scale sits in another shard";
+  std::vector<float> values;
+  ASSERT_TRUE((*checkpoint)->loadF32(name, values).ok());
+  double sumSquares = 0;
+  for (float value : values)
+    sumSquares += value * value;
+  double rms = std::sqrt(sumSquares / values.size());
+  EXPECT_NEAR(rms, 0.05, 0.005) << "synthetic weights are N(0, 0.05)";
+}
