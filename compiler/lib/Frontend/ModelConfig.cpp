@@ -99,6 +99,14 @@ public:
     }
     return values;
   }
+  /// The first of `keys` present (older and newer transformers spell some
+  /// keys differently), or the first when none is.
+  const char *firstPresent(std::initializer_list<const char *> keys) const {
+    for (const char *key : keys)
+      if (has(key))
+        return key;
+    return *keys.begin();
+  }
   /// A positive integer: sizes and counts.
   int64_t requirePositive(const char *key) {
     int64_t value = requireInt(key);
@@ -355,7 +363,9 @@ Status parseQwenMoe(ConfigReader &config, ModelSpec &spec, bool qwen3) {
     // transformers v4 hard-codes the q/k/v bias; v5 writes qkv_bias.
     spec.attention.qkvBias = config.optionalBool("qkv_bias", true);
   }
-  int64_t experts = config.requirePositive("num_experts");
+  // transformers v5 writes num_local_experts for Qwen3-MoE.
+  int64_t experts =
+      config.requirePositive(config.firstPresent({"num_experts", "num_local_experts"}));
   int64_t width = config.requirePositive("moe_intermediate_size");
   int64_t denseWidth = config.optionalInt("intermediate_size", 0);
   int64_t sparseStep = config.optionalInt("decoder_sparse_step", 1);
@@ -391,7 +401,8 @@ Status parseOlmoe(ConfigReader &config, ModelSpec &spec) {
   spec.attention.qkvBias = spec.attention.outputBias =
       config.optionalBool("attention_bias", false);
   spec.attention.clipQkv = config.optionalDouble("clip_qkv", 0.0);
-  int64_t experts = config.requirePositive("num_experts");
+  int64_t experts =
+      config.requirePositive(config.firstPresent({"num_experts", "num_local_experts"}));
   int64_t width = config.requirePositive("intermediate_size");
   spec.router.topK = config.requireInt("num_experts_per_tok");
   spec.router.normalizeTopK = config.optionalBool("norm_topk_prob", false);
