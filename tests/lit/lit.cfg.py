@@ -1,0 +1,20 @@
+# -*- Python -*-
+# lit configuration of the moec tool tests.
+import os
+
+import lit.formats
+from lit.llvm import llvm_config
+
+config.name = "MOEC"
+config.test_format = lit.formats.ShTest(not llvm_config.use_lit_shell)
+config.suffixes = [".test", ".mlir"]
+config.test_source_root = os.path.dirname(__file__)
+config.test_exec_root = os.path.join(config.moec_obj_root, "tests", "lit")
+config.excludes = ["CMakeLists.txt", "lit.cfg.py", "lit.site.cfg.py", "Inputs"]
+
+llvm_config.use_default_substitutions()  # FileCheck, not, count
+config.substitutions.append(("%testdata", os.path.join(config.moec_src_root, "tests", "data")))
+config.substitutions.append(("%inputs", os.path.join(config.test_source_root, "Tools", "Inputs")))
+llvm_config.with_environment("PATH", config.moec_tools_dir, append_path=True)
+llvm_config.with_environment("PATH", config.llvm_tools_dir, append_path=True)
+llvm_config.add_tool_substitutions(["moec", "moec-synth"], [config.moec_tools_dir])
