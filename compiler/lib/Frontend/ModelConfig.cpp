@@ -25,6 +25,15 @@ using json = nlohmann::json;
 
 namespace {
 
+/// Bounds far above any released model, so that a corrupt config fails with
+/// a message instead of exhausting memory or overflowing a size.
+constexpr int64_t kMaxDimension = int64_t(1) << 22;
+constexpr int64_t kMaxLayers = 1024;
+constexpr int64_t kMaxVocabulary = int64_t(1) << 24;
+constexpr int64_t kMaxHeads = 4096;
+constexpr int64_t kMaxExperts = 4096;
+constexpr int64_t kMaxRoutedExpertsInModel = 262144;
+
 /// Typed access to config keys; remembers the first error.
 class ConfigReader {
 public:
@@ -107,11 +116,11 @@ public:
         return key;
     return *keys.begin();
   }
-  /// A positive integer: sizes and counts.
-  int64_t requirePositive(const char *key) {
+  /// A positive integer no larger than `maximum`: sizes and counts.
+  int64_t requirePositive(const char *key, int64_t maximum = kMaxDimension) {
     int64_t value = requireInt(key);
-    if (status.ok() && value <= 0)
-      fail("key '", key, "' must be positive, got ", value);
+    if (status.ok() && (value <= 0 || value > maximum))
+      fail("key '", key, "' must be between 1 and ", maximum, ", got ", value);
     return value;
   }
 
@@ -251,14 +260,14 @@ DType readConfigDType(ConfigReader &config) {
 
 /// Fields every family shares.
 void readCommon(ConfigReader &config, ModelSpec &spec) {
-  spec.hiddenSize = config.requirePositive("hidden_size");
-  spec.numLayers = config.requirePositive("num_hidden_layers");
-  spec.vocabSize = config.requirePositive("vocab_size");
+  spec.hiddenSize = config.requirePositive("hidden_size", int64_t(1) << 20);
+  spec.numLayers = config.requirePositive("num_hidden_layers", kMaxLayers);
+  spec.vocabSize = config.requirePositive("vocab_size", kMaxVocabulary);
   spec.maxPositions = config.optionalInt("max_position_embeddings", 4096);
   spec.tieWordEmbeddings = config.optionalBool("tie_word_embeddings", false);
   spec.configDType = readConfigDType(config);
   AttentionSpec &attention = spec.attention;
-  attention.numHeads = config.requirePositive("num_attention_heads");
+  attention.numHeads = config.requirePositive("num_attention_heads", kMaxHeads);
   attention.numKeyValueHeads =
       config.optionalInt("num_key_value_heads", attention.numHeads);
   if (config.result().ok() &&
@@ -285,11 +294,15 @@ void readGroupedQueryAttention(ConfigReader &config, ModelSpec &spec) {
   spec.rope.rotaryDim = attention.headDim;
 }
 
-void fillLayers(ModelSpec &spec, const std::function<bool(int64_t)> &isMoe,
+void fillLayers(const ConfigReader &config, ModelSpec &spec,
+                const std::function<bool(int64_t)> &isMoe,
                 int64_t denseIntermediate, int64_t numExperts,
                 int64_t expertIntermediate, SharedExpertSpec shared,
                 const std::string &moePrefix) {
   spec.layers.clear();
+  // After an error the layer count may be anything; build nothing.
+  if (!config.result().ok())
+    return;
   for (int64_t i = 0; i < spec.numLayers; ++i) {
     LayerSpec layer;
     layer.index = i;
@@ -321,7 +334,7 @@ Status parseMixtral(ConfigReader &config, ModelSpec &spec) {
   spec.router.topK = config.requireInt("num_experts_per_tok");
   spec.router.normalizeTopK = true;
   checkTopK(config, spec.router, experts);
-  fillLayers(spec, [](int64_t) { return true; }, 0, experts, width, {},
+  fillLayers(config, spec, [](int64_t) { return true; }, 0, experts, width, {},
              "block_sparse_moe.");
   return config.result();
 }
@@ -388,7 +401,7 @@ Status parseQwenMoe(ConfigReader &config, ModelSpec &spec, bool qwen3) {
     if (!isMoe(i) && denseWidth <= 0)
       config.fail("layer ", i, " is dense (mlp_only_layers/decoder_sparse_step) "
                   "but intermediate_size is missing");
-  fillLayers(spec, isMoe, denseWidth, experts, width, shared, "mlp.");
+  fillLayers(config, spec, isMoe, denseWidth, experts, width, shared, "mlp.");
   return config.result();
 }
 
@@ -407,7 +420,7 @@ Status parseOlmoe(ConfigReader &config, ModelSpec &spec) {
   spec.router.topK = config.requireInt("num_experts_per_tok");
   spec.router.normalizeTopK = config.optionalBool("norm_topk_prob", false);
   checkTopK(config, spec.router, experts);
-  fillLayers(spec, [](int64_t) { return true; }, 0, experts, width, {}, "mlp.");
+  fillLayers(config, spec, [](int64_t) { return true; }, 0, experts, width, {}, "mlp.");
   return config.result();
 }
 
@@ -503,10 +516,55 @@ Status parseDeepseek(ConfigReader &config, ModelSpec &spec, bool v3) {
 
   SharedExpertSpec shared;
   shared.intermediateSize = sharedCount * width;
-  fillLayers(spec,
+  fillLayers(config, spec,
              [&](int64_t i) { return i >= firstDense && i % layerFrequency == 0; },
              denseWidth, experts, width, shared, "mlp.");
   return config.result();
+}
+
+/// Checks the sizes every adapter filled in against the supported bounds;
+/// the adapters check what is specific to their family.
+Status checkSizes(const ModelSpec &spec, const std::string &source) {
+  auto outside = [&](const char *what, int64_t value, int64_t low, int64_t high) {
+    return Status::error(source, ": ", what, " = ", value,
+                         " is outside the supported range [", low, ", ", high, "]");
+  };
+  const AttentionSpec &a = spec.attention;
+  struct Bound {
+    const char *what;
+    int64_t value, low, high;
+  };
+  for (const Bound &bound : {
+           Bound{"head dimension", a.headDim, 2, 4096},
+           Bound{"value head dimension", a.valueHeadDim, 1, 4096},
+           Bound{"num_key_value_heads", a.numKeyValueHeads, 1, kMaxHeads},
+           Bound{"q_lora_rank", a.queryLoraRank, 0, int64_t(1) << 16},
+           Bound{"kv_lora_rank", a.kvLoraRank, 0, int64_t(1) << 16},
+           Bound{"max_position_embeddings", spec.maxPositions, 1, int64_t(1) << 32},
+           Bound{"num_nextn_predict_layers", spec.numMtpLayers, 0, 16},
+       })
+    if (bound.value < bound.low || bound.value > bound.high)
+      return outside(bound.what, bound.value, bound.low, bound.high);
+  int64_t routedExperts = 0;
+  for (const LayerSpec &layer : spec.layers) {
+    if (layer.mlp == MlpKind::Dense) {
+      if (layer.denseIntermediateSize < 1 || layer.denseIntermediateSize > kMaxDimension)
+        return outside("intermediate_size (dense layers)", layer.denseIntermediateSize, 1,
+                       kMaxDimension);
+      continue;
+    }
+    if (layer.numExperts < 1 || layer.numExperts > kMaxExperts)
+      return outside("number of routed experts", layer.numExperts, 1, kMaxExperts);
+    if (layer.expertIntermediateSize < 1 || layer.expertIntermediateSize > kMaxDimension)
+      return outside("expert intermediate size", layer.expertIntermediateSize, 1, kMaxDimension);
+    if (layer.shared.intermediateSize < 0 || layer.shared.intermediateSize > kMaxDimension)
+      return outside("shared expert intermediate size", layer.shared.intermediateSize, 0,
+                     kMaxDimension);
+    routedExperts += layer.numExperts;
+  }
+  if (routedExperts > kMaxRoutedExpertsInModel)
+    return outside("routed experts in all layers", routedExperts, 0, kMaxRoutedExpertsInModel);
+  return Status::success();
 }
 
 struct ArchitectureEntry {
@@ -588,6 +646,7 @@ Expected<ModelSpec> ModelSpec::fromConfigText(std::string_view text,
   spec.architecture = std::string(match->architecture);
   spec.modelType = modelType.empty() ? std::string(match->modelType) : modelType;
   MOE_RETURN_IF_ERROR(match->parse(config, spec));
+  MOE_RETURN_IF_ERROR(checkSizes(spec, source));
   return spec;
 }
 
