@@ -6,7 +6,7 @@ ASAN_BUILD ?= build-asan
 FUZZ_BUILD ?= build-fuzz
 JOBS ?= $(shell nproc)
 FUZZ_SECONDS ?= 600
-DEMO_MODEL ?= examples/models/tiny-mixtral
+DEMO_MODEL ?= tests/data/hf/deepseek_v2
 
 .PHONY: all setup configure build demo check check-asan fuzz bench clean
 
