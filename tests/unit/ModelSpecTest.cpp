@@ -484,3 +484,34 @@ TEST(CheckpointValidation, Fp8CheckpointBindsAndCountsScaleBytes) {
   EXPECT_EQ(fromWeights.dtypes.at("F8_E4M3").bytes, fromConfig.dtypes.at("F8_E4M3").bytes);
   EXPECT_GT(fromWeights.dtypes.at("F32").bytes, 0);
 }
+
+TEST(CheckpointValidation, TransposedFusedExpertsAreDetectedByShape) {
+  // Some exporters store fused experts [E, in, out]; with 2I != H the shape
+  // tells the orientation apart.
+  TempDir dir;
+  SyntheticOptions options;
+  options.expertLayout = ExpertLayout::Fused;
+  options.dtype = DType::F32;
+  ASSERT_TRUE(writeSyntheticCheckpoint(dir.path(), options).ok());
+  SafetensorsWriter writer;
+  {
+    auto checkpoint = Checkpoint::open(dir.path());
+    ASSERT_TRUE(checkpoint.ok());
+    for (const std::string &name : (*checkpoint)->tensorNames()) {
+      const TensorLocation *location = (*checkpoint)->find(name);
+      std::vector<int64_t> shape = location->info->shape;
+      if (name.find("experts.") != std::string::npos)
+        std::swap(shape[1], shape[2]);
+      std::span<const uint8_t> bytes = location->bytes();
+      ASSERT_TRUE(writer.addTensor(name, location->info->dtype, shape,
+                                   std::vector<uint8_t>(bytes.begin(), bytes.end())).ok());
+    }
+  }
+  ASSERT_TRUE(writer.write(dir.file("model.safetensors")).ok());
+  ModelSpec spec;
+  auto report = openAndBind(dir.path(), &spec);
+  ASSERT_TRUE(report.ok()) << report.status().message();
+  EXPECT_EQ(spec.layers[0].expertLayout, ExpertLayout::Fused);
+  EXPECT_TRUE(spec.layers[0].fusedTransposed);
+  EXPECT_EQ(spec.layers[0].moePrefix, "mlp.");
+}
