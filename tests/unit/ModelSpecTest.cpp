@@ -49,6 +49,30 @@ Expected<CheckpointReport> openAndBind(const std::string &dir, ModelSpec *specOu
   return report;
 }
 
+/// Rewrites the single-file checkpoint in `dir` tensor by tensor: `edit`
+/// may change a tensor's dtype label or shape (same byte count) or return
+/// false to drop it.
+using TensorEdit = std::function<bool(const std::string &name, DType &dtype,
+                                      std::vector<int64_t> &shape)>;
+void rewriteCheckpoint(const std::string &dir, const TensorEdit &edit) {
+  SafetensorsWriter writer;
+  {
+    auto checkpoint = Checkpoint::open(dir);
+    ASSERT_TRUE(checkpoint.ok()) << checkpoint.status().message();
+    for (const std::string &name : (*checkpoint)->tensorNames()) {
+      const TensorLocation *location = (*checkpoint)->find(name);
+      DType dtype = location->info->dtype;
+      std::vector<int64_t> shape = location->info->shape;
+      if (!edit(name, dtype, shape))
+        continue;
+      std::span<const uint8_t> bytes = location->bytes();
+      ASSERT_TRUE(writer.addTensor(name, dtype, shape,
+                                   std::vector<uint8_t>(bytes.begin(), bytes.end())).ok());
+    }
+  }
+  ASSERT_TRUE(writer.write(dir + "/model.safetensors").ok());
+}
+
 std::string familyTestName(ModelFamily family) { return std::string(familyName(family)); }
 
 } // namespace
@@ -377,18 +401,9 @@ TEST(CheckpointValidation, MissingTensorIsNamedWithItsExpectedShape) {
   // With the router right but an expert missing, the expert is named.
   TempDir dir2;
   ASSERT_TRUE(writeSyntheticCheckpoint(dir2.path(), options).ok());
-  auto checkpoint = Checkpoint::open(dir2.path());
-  ASSERT_TRUE(checkpoint.ok());
-  SafetensorsWriter writer;
-  for (const std::string &name : (*checkpoint)->tensorNames()) {
-    if (name == "model.layers.1.block_sparse_moe.experts.2.w3.weight")
-      continue;
-    const TensorLocation *location = (*checkpoint)->find(name);
-    std::span<const uint8_t> bytes = location->bytes();
-    ASSERT_TRUE(writer.addTensor(name, location->info->dtype, location->info->shape,
-                                 std::vector<uint8_t>(bytes.begin(), bytes.end())).ok());
-  }
-  ASSERT_TRUE(writer.write(dir2.file("model.safetensors")).ok());
+  rewriteCheckpoint(dir2.path(), [](const std::string &name, DType &, std::vector<int64_t> &) {
+    return name != "model.layers.1.block_sparse_moe.experts.2.w3.weight";
+  });
   expectErrorContains(openAndBind(dir2.path()).status(),
                       {dir2.path(), "missing tensor 'model.layers.1.block_sparse_moe.experts.2.w3.weight'",
                        "expert_up", "[48, 64]"});
@@ -409,19 +424,11 @@ TEST(CheckpointValidation, NonFloatWeightIsNamed) {
   SyntheticOptions options;
   options.dtype = DType::F32;
   ASSERT_TRUE(writeSyntheticCheckpoint(dir.path(), options).ok());
-  SafetensorsWriter writer;
-  {
-    auto checkpoint = Checkpoint::open(dir.path());
-    ASSERT_TRUE(checkpoint.ok());
-    for (const std::string &name : (*checkpoint)->tensorNames()) {
-      const TensorLocation *location = (*checkpoint)->find(name);
-      std::span<const uint8_t> bytes = location->bytes();
-      DType dtype = name == "model.norm.weight" ? DType::I32 : location->info->dtype;
-      ASSERT_TRUE(writer.addTensor(name, dtype, location->info->shape,
-                                   std::vector<uint8_t>(bytes.begin(), bytes.end())).ok());
-    }
-  }
-  ASSERT_TRUE(writer.write(dir.file("model.safetensors")).ok());
+  rewriteCheckpoint(dir.path(), [](const std::string &name, DType &dtype, std::vector<int64_t> &) {
+    if (name == "model.norm.weight")
+      dtype = DType::I32; // same element size as the F32 it replaces
+    return true;
+  });
   expectErrorContains(openAndBind(dir.path()).status(),
                       {"'model.norm.weight'", "dtype I32", "expected F32, F16 or BF16"});
 }
@@ -447,20 +454,9 @@ TEST(CheckpointValidation, Fp8WeightWithoutScalesIsNamed) {
   options.family = ModelFamily::DeepseekV3;
   options.fp8 = true;
   ASSERT_TRUE(writeSyntheticCheckpoint(dir.path(), options).ok());
-  SafetensorsWriter writer;
-  {
-    auto checkpoint = Checkpoint::open(dir.path());
-    ASSERT_TRUE(checkpoint.ok());
-    for (const std::string &name : (*checkpoint)->tensorNames()) {
-      if (name == "model.layers.2.mlp.experts.5.up_proj.weight_scale_inv")
-        continue;
-      const TensorLocation *location = (*checkpoint)->find(name);
-      std::span<const uint8_t> bytes = location->bytes();
-      ASSERT_TRUE(writer.addTensor(name, location->info->dtype, location->info->shape,
-                                   std::vector<uint8_t>(bytes.begin(), bytes.end())).ok());
-    }
-  }
-  ASSERT_TRUE(writer.write(dir.file("model.safetensors")).ok());
+  rewriteCheckpoint(dir.path(), [](const std::string &name, DType &, std::vector<int64_t> &) {
+    return name != "model.layers.2.mlp.experts.5.up_proj.weight_scale_inv";
+  });
   expectErrorContains(openAndBind(dir.path()).status(),
                       {"FP8 tensor 'model.layers.2.mlp.experts.5.up_proj.weight'",
                        "expected tensor 'model.layers.2.mlp.experts.5.up_proj.weight_scale_inv'"});
@@ -493,21 +489,11 @@ TEST(CheckpointValidation, TransposedFusedExpertsAreDetectedByShape) {
   options.expertLayout = ExpertLayout::Fused;
   options.dtype = DType::F32;
   ASSERT_TRUE(writeSyntheticCheckpoint(dir.path(), options).ok());
-  SafetensorsWriter writer;
-  {
-    auto checkpoint = Checkpoint::open(dir.path());
-    ASSERT_TRUE(checkpoint.ok());
-    for (const std::string &name : (*checkpoint)->tensorNames()) {
-      const TensorLocation *location = (*checkpoint)->find(name);
-      std::vector<int64_t> shape = location->info->shape;
-      if (name.find("experts.") != std::string::npos)
-        std::swap(shape[1], shape[2]);
-      std::span<const uint8_t> bytes = location->bytes();
-      ASSERT_TRUE(writer.addTensor(name, location->info->dtype, shape,
-                                   std::vector<uint8_t>(bytes.begin(), bytes.end())).ok());
-    }
-  }
-  ASSERT_TRUE(writer.write(dir.file("model.safetensors")).ok());
+  rewriteCheckpoint(dir.path(), [](const std::string &name, DType &, std::vector<int64_t> &shape) {
+    if (name.find("experts.") != std::string::npos)
+      std::swap(shape[1], shape[2]);
+    return true;
+  });
   ModelSpec spec;
   auto report = openAndBind(dir.path(), &spec);
   ASSERT_TRUE(report.ok()) << report.status().message();
