@@ -315,8 +315,9 @@ std::vector<uint8_t> SafetensorsWriter::serialize() const {
   std::vector<const std::pair<const std::string, Entry> *> order;
   for (const auto &entry : entries)
     order.push_back(&entry);
-  std::stable_sort(order.begin(), order.end(), [](auto *a, auto *b) {
-    return dtypeBytes(a->second.dtype) > dtypeBytes(b->second.dtype);
+  std::sort(order.begin(), order.end(), [](auto *a, auto *b) {
+    unsigned aBytes = dtypeBytes(a->second.dtype), bBytes = dtypeBytes(b->second.dtype);
+    return aBytes != bBytes ? aBytes > bBytes : a->first < b->first;
   });
 
   json header = json::object();
