@@ -12,5 +12,5 @@ for target in safetensors-header model-config; do
   echo "== fuzz-$target for ${seconds}s"
   "$build/fuzz/fuzz-$target" "$work" -max_total_time="$seconds" -max_len=65536 \
     -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix="$here/corpus-work/$target-" 2>&1 |
-    grep -E "^#[0-9]+ +(DONE|INITED)|stat::|ERROR|SUMMARY|Test unit written" || true
+    grep -E "^#[0-9]+[[:space:]]+(DONE|INITED)|stat::|ERROR|SUMMARY|Test unit written" || true
 done
