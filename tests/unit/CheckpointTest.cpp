@@ -123,6 +123,37 @@ TEST(Checkpoint, DequantisesFp8WeightsWithBlockScalesFromAnotherShard) {
       ASSERT_EQ(values[r * cols + c],
                 float8E4M3ToFloat(codes[r * cols + c]) * scales[(r / 128) * 3 + c / 128])
           << r << "," << c;
+
+  // Streaming in chunks of 7 rows (crossing the 128-row block boundary
+  // mid-chunk) gives the same values through one small buffer.
+  std::vector<float> streamed;
+  int64_t expectedFirst = 0;
+  Status status = (*checkpoint)->streamF32(
+      "w", 7, [&](int64_t first, int64_t count, const float *rowsData) {
+        EXPECT_EQ(first, expectedFirst);
+        EXPECT_LE(count, 7);
+        expectedFirst += count;
+        streamed.insert(streamed.end(), rowsData, rowsData + count * cols);
+        return Status::success();
+      });
+  ASSERT_TRUE(status.ok()) << status.message();
+  EXPECT_EQ(streamed, values);
+}
+
+TEST(Checkpoint, StreamStopsAtTheConsumersError) {
+  TempDir dir;
+  writeShard(dir.file("model.safetensors"), {"bias"});
+  auto checkpoint = Checkpoint::open(dir.path());
+  ASSERT_TRUE(checkpoint.ok());
+  int calls = 0;
+  Status status = (*checkpoint)->streamF32("bias", 4, [&](int64_t, int64_t count, const float *) {
+    ++calls;
+    EXPECT_EQ(count, 1) << "a 1-D tensor is one row";
+    return Status::error("consumer gave up");
+  });
+  expectErrorContains(status, {"consumer gave up"});
+  EXPECT_EQ(calls, 1);
+  expectErrorContains((*checkpoint)->streamF32("nope", 1, nullptr), {"'nope' not found"});
 }
 
 TEST(Checkpoint, Fp8ScaleWithTheWrongShapeIsNamed) {

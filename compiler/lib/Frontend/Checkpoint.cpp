@@ -8,6 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -121,52 +122,94 @@ const TensorLocation *Checkpoint::find(std::string_view name) const {
   return it == locations.end() ? nullptr : &it->second;
 }
 
-void applyFp8BlockScales(float *matrix, int64_t rows, int64_t cols,
+void applyFp8BlockScales(float *matrix, int64_t firstRow, int64_t rows, int64_t cols,
                          const float *scales) {
   int64_t scaleCols = (cols + kFp8BlockSize - 1) / kFp8BlockSize;
   for (int64_t r = 0; r < rows; ++r) {
-    const float *scaleRow = scales + (r / kFp8BlockSize) * scaleCols;
+    const float *scaleRow = scales + ((firstRow + r) / kFp8BlockSize) * scaleCols;
     float *row = matrix + r * cols;
-    for (int64_t c = 0; c < cols; ++c)
-      row[c] *= scaleRow[c / kFp8BlockSize];
+    // Column blocks outermost so the inner loop is a plain vector multiply.
+    for (int64_t block = 0; block < scaleCols; ++block) {
+      float scale = scaleRow[block];
+      int64_t end = std::min(cols, (block + 1) * kFp8BlockSize);
+      for (int64_t c = block * kFp8BlockSize; c < end; ++c)
+        row[c] *= scale;
+    }
   }
 }
+
+namespace {
+
+/// The f32 block scales of FP8 tensor `name`, or an empty vector when it
+/// needs none (not FP8, or FP8 without a `_scale_inv` sibling).
+Status loadBlockScales(const Checkpoint &checkpoint, std::string_view name,
+                       const TensorLocation &location, std::vector<float> &scales) {
+  scales.clear();
+  const TensorInfo &info = *location.info;
+  if (info.dtype != DType::F8E4M3 && info.dtype != DType::F8E5M2)
+    return Status::success();
+  std::string scaleName = concat(name, kScaleInvSuffix);
+  const TensorLocation *scale = checkpoint.find(scaleName);
+  if (!scale)
+    return Status::success(); // FP8 without block scales
+  if (info.shape.size() != 2)
+    return Status::error(location.file->path(), ": tensor '", name,
+                         "' has block scales but shape ", formatShape(info.shape),
+                         "; expected a matrix");
+  std::vector<int64_t> expected = {(info.shape[0] + kFp8BlockSize - 1) / kFp8BlockSize,
+                                   (info.shape[1] + kFp8BlockSize - 1) / kFp8BlockSize};
+  if (scale->info->shape != expected)
+    return Status::error(scale->file->path(), ": tensor '", scaleName, "' has shape ",
+                         formatShape(scale->info->shape), ", expected ",
+                         formatShape(expected), " for the ", kFp8BlockSize, "x",
+                         kFp8BlockSize, " blocks of '", name, "' ",
+                         formatShape(info.shape));
+  scales.resize(static_cast<size_t>(numElements(expected)));
+  return convertToF32(scale->info->dtype, scale->bytes().data(), scales.size(), scales.data())
+      .withContext(concat(scale->file->path(), ": tensor '", scaleName, "'"));
+}
+
+} // namespace
 
 Status Checkpoint::loadF32(std::string_view name, std::vector<float> &out) const {
   const TensorLocation *location = find(name);
   if (!location)
     return Status::error(root, ": tensor '", name, "' not found");
   const TensorInfo &info = *location->info;
+  std::vector<float> scales;
+  MOE_RETURN_IF_ERROR(loadBlockScales(*this, name, *location, scales));
   out.resize(static_cast<size_t>(info.numElements()));
   MOE_RETURN_IF_ERROR(
       convertToF32(info.dtype, location->bytes().data(), out.size(), out.data())
           .withContext(concat(location->file->path(), ": tensor '", name, "'")));
-  if (info.dtype != DType::F8E4M3 && info.dtype != DType::F8E5M2)
-    return Status::success();
+  if (!scales.empty())
+    applyFp8BlockScales(out.data(), 0, info.shape[0], info.shape[1], scales.data());
+  return Status::success();
+}
 
-  std::string scaleName = concat(name, kScaleInvSuffix);
-  const TensorLocation *scale = find(scaleName);
-  if (!scale)
-    return Status::success(); // A per-tensor-unscaled FP8 tensor.
-  if (info.shape.size() != 2)
-    return Status::error(location->file->path(), ": tensor '", name,
-                         "' has block scales but shape ",
-                         formatShape(info.shape), "; expected a matrix");
-  int64_t rows = info.shape[0], cols = info.shape[1];
-  std::vector<int64_t> expected = {(rows + kFp8BlockSize - 1) / kFp8BlockSize,
-                                   (cols + kFp8BlockSize - 1) / kFp8BlockSize};
-  if (scale->info->shape != expected)
-    return Status::error(scale->file->path(), ": tensor '", scaleName,
-                         "' has shape ", formatShape(scale->info->shape),
-                         ", expected ", formatShape(expected), " for the ",
-                         kFp8BlockSize, "x", kFp8BlockSize, " blocks of '",
-                         name, "' ", formatShape(info.shape));
-  std::vector<float> scales(static_cast<size_t>(numElements(expected)));
-  MOE_RETURN_IF_ERROR(convertToF32(scale->info->dtype, scale->bytes().data(),
-                                   scales.size(), scales.data())
-                          .withContext(concat(scale->file->path(), ": tensor '",
-                                              scaleName, "'")));
-  applyFp8BlockScales(out.data(), rows, cols, scales.data());
+Status Checkpoint::streamF32(std::string_view name, int64_t rowsPerChunk,
+                             const RowChunkConsumer &consumer) const {
+  const TensorLocation *location = find(name);
+  if (!location)
+    return Status::error(root, ": tensor '", name, "' not found");
+  const TensorInfo &info = *location->info;
+  std::vector<float> scales;
+  MOE_RETURN_IF_ERROR(loadBlockScales(*this, name, *location, scales));
+  int64_t rows = info.shape.empty() || info.shape.size() == 1 ? 1 : info.shape[0];
+  int64_t rowElements = rows == 0 ? 0 : info.numElements() / rows;
+  rowsPerChunk = std::max<int64_t>(1, std::min(rowsPerChunk, rows));
+  std::vector<float> buffer(static_cast<size_t>(rowsPerChunk * rowElements));
+  const uint8_t *bytes = location->bytes().data();
+  const size_t elementBytes = dtypeBytes(info.dtype);
+  for (int64_t first = 0; first < rows; first += rowsPerChunk) {
+    int64_t count = std::min(rowsPerChunk, rows - first);
+    MOE_RETURN_IF_ERROR(convertToF32(info.dtype, bytes + first * rowElements * elementBytes,
+                                     static_cast<size_t>(count * rowElements), buffer.data())
+                            .withContext(concat(location->file->path(), ": tensor '", name, "'")));
+    if (!scales.empty())
+      applyFp8BlockScales(buffer.data(), first, count, rowElements, scales.data());
+    MOE_RETURN_IF_ERROR(consumer(first, count, buffer.data()));
+  }
   return Status::success();
 }
 

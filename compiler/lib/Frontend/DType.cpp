@@ -82,6 +82,7 @@ __attribute__((target("avx,f16c"))) void
 convertHalfF16C(const uint8_t *source, size_t count, float *out) {
   size_t i = 0;
   for (; i + 8 <= count; i += 8) {
+    _mm_prefetch(reinterpret_cast<const char *>(source + 2 * i) + 4096, _MM_HINT_T0);
     __m128i halves =
         _mm_loadu_si128(reinterpret_cast<const __m128i *>(source + 2 * i));
     _mm256_storeu_ps(out + i, _mm256_cvtph_ps(halves));
@@ -100,15 +101,80 @@ void convertHalf(const uint8_t *source, size_t count, float *out) {
   convertHalfScalar(source, count, out);
 }
 
-// Plain loops that the compiler vectorises; the clones give AVX2 where the
-// CPU has it and SSE2 elsewhere, chosen at load time.
-__attribute__((target_clones("avx2", "default"))) void
-convertBfloat16(const uint8_t *source, size_t count, float *out) {
-  for (size_t i = 0; i < count; ++i) {
-    uint32_t bits = static_cast<uint32_t>(loadUnaligned<uint16_t>(source + 2 * i))
-                    << 16;
-    std::memcpy(out + i, &bits, sizeof(float));
+void convertBfloat16Scalar(const uint8_t *source, size_t count, float *out) {
+  for (size_t i = 0; i < count; ++i)
+    out[i] = bfloat16ToFloat(loadUnaligned<uint16_t>(source + 2 * i));
+}
+
+#ifdef MOE_HAVE_X86
+__attribute__((target("avx2"))) void convertBfloat16Avx2(const uint8_t *source, size_t count,
+                                                          float *out) {
+  size_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    // Hardware prefetchers stop at the 4 KiB page boundaries of a file
+    // mapping; prefetching a page ahead keeps the loads streaming.
+    _mm_prefetch(reinterpret_cast<const char *>(source + 2 * i) + 4096, _MM_HINT_T0);
+    __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(source + 2 * i));
+    // Interleaving zeros below each bf16 gives its f32 bit pattern.
+    __m256i low = _mm256_unpacklo_epi16(_mm256_setzero_si256(), halves);
+    __m256i high = _mm256_unpackhi_epi16(_mm256_setzero_si256(), halves);
+    // unpack works per 128-bit lane: reorder to elements 0-7, 8-15.
+    _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + i),
+                        _mm256_permute2x128_si256(low, high, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + i + 8),
+                        _mm256_permute2x128_si256(low, high, 0x31));
   }
+  convertBfloat16Scalar(source + 2 * i, count - i, out + i);
+}
+#endif
+
+void convertBfloat16(const uint8_t *source, size_t count, float *out) {
+#ifdef MOE_HAVE_X86
+  static const bool hasAvx2 = __builtin_cpu_supports("avx2");
+  if (hasAvx2)
+    return convertBfloat16Avx2(source, count, out);
+#endif
+  convertBfloat16Scalar(source, count, out);
+}
+
+#ifdef MOE_HAVE_X86
+// E4M3 (fn) to f32, eight at a time: the 7 magnitude bits shifted left by 7
+// form an IEEE half whose value is the E4M3 value times 2^-8 (exponent
+// bias 15 instead of 7), subnormals included; F16C converts it exactly,
+// a multiply by 256 rebiases, the sign is OR-ed back, and 0x7F becomes NaN.
+__attribute__((target("avx2,f16c"))) void
+convertFloat8E4M3Avx2(const uint8_t *source, size_t count, float *out) {
+  const __m128i magnitudeMask = _mm_set1_epi16(0x7F);
+  const __m256 rebias = _mm256_set1_ps(256.0f);
+  const __m256 nan = _mm256_set1_ps(std::nanf(""));
+  size_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    _mm_prefetch(reinterpret_cast<const char *>(source + i) + 4096, _MM_HINT_T0);
+    __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i *>(source + i));
+    __m128i words = _mm_cvtepu8_epi16(bytes);
+    __m128i magnitude = _mm_and_si128(words, magnitudeMask);
+    __m256 value = _mm256_mul_ps(_mm256_cvtph_ps(_mm_slli_epi16(magnitude, 7)), rebias);
+    __m256i sign = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_srli_epi16(
+                                         _mm_and_si128(words, _mm_set1_epi16(0x80)), 7)),
+                                     31);
+    value = _mm256_or_ps(value, _mm256_castsi256_ps(sign));
+    __m256i isNan = _mm256_cvtepi16_epi32(_mm_cmpeq_epi16(magnitude, magnitudeMask));
+    value = _mm256_blendv_ps(value, nan, _mm256_castsi256_ps(isNan));
+    _mm256_storeu_ps(out + i, value);
+  }
+  for (; i < count; ++i)
+    out[i] = float8Tables().e4m3[source[i]];
+}
+#endif
+
+void convertFloat8E4M3(const uint8_t *source, size_t count, float *out) {
+#ifdef MOE_HAVE_X86
+  static const bool hasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  if (hasAvx2)
+    return convertFloat8E4M3Avx2(source, count, out);
+#endif
+  for (size_t i = 0; i < count; ++i)
+    out[i] = float8Tables().e4m3[source[i]];
 }
 
 void convertByTable(const std::array<float, 256> &table,
@@ -220,7 +286,7 @@ Status convertToF32(DType dtype, const void *source, size_t count,
           static_cast<float>(loadUnaligned<double>(bytes + 8 * i));
     return Status::success();
   case DType::F8E4M3:
-    convertByTable(float8Tables().e4m3, bytes, count, destination);
+    convertFloat8E4M3(bytes, count, destination);
     return Status::success();
   case DType::F8E5M2:
     convertByTable(float8Tables().e5m2, bytes, count, destination);

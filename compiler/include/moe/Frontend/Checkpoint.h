@@ -11,6 +11,7 @@
 
 #include "moe/Frontend/Safetensors.h"
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -58,6 +59,16 @@ public:
   /// (in any shard) is dequantised block-wise: W[r,c] * scale[r/128, c/128].
   Status loadF32(std::string_view name, std::vector<float> &out) const;
 
+  /// Receives rows [firstRow, firstRow + rowCount) of a tensor as f32.
+  using RowChunkConsumer =
+      std::function<Status(int64_t firstRow, int64_t rowCount, const float *rows)>;
+  /// Streams tensor `name` to `consumer` in chunks of at most `rowsPerChunk`
+  /// rows (dimension 0; a 1-D tensor is one row), converted to f32 and
+  /// dequantised like loadF32, through one reused buffer: peak memory is one
+  /// chunk, not the tensor. A failure of `consumer` stops the stream.
+  Status streamF32(std::string_view name, int64_t rowsPerChunk,
+                   const RowChunkConsumer &consumer) const;
+
 private:
   std::string root;
   bool sharded = false;
@@ -65,9 +76,10 @@ private:
   std::map<std::string, TensorLocation, std::less<>> locations;
 };
 
-/// Multiplies a [rows, cols] f32 matrix in place by its FP8 block scales
-/// `scales` of shape [ceil(rows/128), ceil(cols/128)].
-void applyFp8BlockScales(float *matrix, int64_t rows, int64_t cols,
+/// Multiplies rows [firstRow, firstRow + rows) of a matrix with `cols`
+/// columns, stored at `matrix`, in place by its FP8 block scales `scales` of
+/// shape [ceil(totalRows/128), ceil(cols/128)].
+void applyFp8BlockScales(float *matrix, int64_t firstRow, int64_t rows, int64_t cols,
                          const float *scales);
 
 } // namespace moe
