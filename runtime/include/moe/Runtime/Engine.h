@@ -1,0 +1,91 @@
+//===- Engine.h - The one forward pass of moec ------------------*- C++ -*-===//
+//
+// Part of moec. The only implementation of the transformer forward pass
+// (DESIGN.md principle 2): every ModelSpec family, f32 compute, batched
+// prefill through BLAS, MoE computed by grouping tokens per expert, a KV
+// cache for generation, and observers for calibration.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef MOE_RUNTIME_ENGINE_H
+#define MOE_RUNTIME_ENGINE_H
+
+#include "moe/Frontend/ModelSpec.h"
+#include "moe/Runtime/Weights.h"
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+namespace moe {
+
+/// Keys and values of the tokens seen so far, per layer.
+struct KvCache {
+  int64_t length = 0;
+  /// Per layer, [length, keyWidth] and [length, valueWidth] row-major.
+  std::vector<std::vector<float>> keys, values;
+};
+
+/// Hooks the engine calls while it runs; calibration attaches one. Spans
+/// are [tokens, width] row-major and valid only during the call.
+class EngineObserver {
+public:
+  virtual ~EngineObserver() = default;
+  /// Router logits [T, E], and per token the chosen experts and weights [T, K].
+  virtual void onRouter(int64_t layer, int64_t tokens, std::span<const float> logits,
+                        std::span<const int32_t> chosen, std::span<const float> weights) {}
+  /// One expert's batch: the tokens routed to it (indices into the block
+  /// input), its input [n, H], intermediate silu(gate)*up [n, I], output [n, H].
+  virtual void onExpert(int64_t layer, int64_t expert, std::span<const int32_t> tokenIndices,
+                        std::span<const float> input, std::span<const float> intermediate,
+                        std::span<const float> output) {}
+  /// MoE block input (after the norm) and output (before the residual), [T, H].
+  virtual void onMoeBlock(int64_t layer, int64_t tokens, std::span<const float> input,
+                          std::span<const float> output) {}
+  /// Hidden state after layer `layer`, [T, H].
+  virtual void onLayerOutput(int64_t layer, int64_t tokens, std::span<const float> hidden) {}
+};
+
+struct EngineOptions {
+  /// Budget for converted f32 layer weights; 0 means 3/4 of physical memory
+  /// (the whole model when it fits).
+  size_t maxMemoryBytes = 0;
+};
+
+/// Runs a model.
+class Engine {
+public:
+  static Expected<std::unique_ptr<Engine>> create(const ModelSpec &spec,
+                                                  std::unique_ptr<WeightProvider> provider,
+                                                  EngineOptions options = {});
+  ~Engine();
+
+  const ModelSpec &spec() const { return modelSpec; }
+  KvCache newCache() const;
+
+  /// Runs `tokens` at positions cache.length.. and appends them to the
+  /// cache. `logits` receives [tokens.size(), vocab] (or only the last row
+  /// when `lastOnly`).
+  Status forward(std::span<const int32_t> tokens, KvCache &cache, std::vector<float> &logits,
+                 bool lastOnly = false);
+
+  /// Attaches `observer` (not owned; null detaches).
+  void setObserver(EngineObserver *observer) { this->observer = observer; }
+  const LayerCache &layerCache() const { return *layers; }
+
+private:
+  Engine() = default;
+  struct Impl;
+
+  ModelSpec modelSpec;
+  std::unique_ptr<WeightProvider> provider;
+  std::unique_ptr<LayerCache> layers;
+  GlobalWeights globals;
+  std::vector<float> inverseFrequencies;
+  EngineObserver *observer = nullptr;
+};
+
+} // namespace moe
+
+#endif // MOE_RUNTIME_ENGINE_H

@@ -1,0 +1,107 @@
+//===- Weights.h - f32 weights of the engine, loaded by layer ---*- C++ -*-===//
+//
+// Part of moec. The engine computes in f32 from weights stored in any float
+// dtype. A WeightProvider turns a model's stored tensors into these structs
+// one decoder layer at a time; LayerCache keeps converted layers within a
+// memory budget, so a model larger than memory runs with about one layer's
+// f32 weights resident.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef MOE_RUNTIME_WEIGHTS_H
+#define MOE_RUNTIME_WEIGHTS_H
+
+#include "moe/Frontend/ModelSpec.h"
+#include "moe/Support/Status.h"
+
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+namespace moe {
+
+class Checkpoint;
+
+/// A row-major [rows, cols] f32 matrix; a Linear weight is [out, in].
+struct Matrix {
+  int64_t rows = 0, cols = 0;
+  std::vector<float> data;
+  bool empty() const { return data.empty(); }
+  const float *row(int64_t r) const { return data.data() + r * cols; }
+  size_t bytes() const { return data.size() * sizeof(float); }
+};
+
+/// gate/up/down of a SwiGLU MLP: y = down(silu(gate x) * up x).
+struct MlpWeights {
+  Matrix gate, up, down;
+  size_t bytes() const { return gate.bytes() + up.bytes() + down.bytes(); }
+};
+
+/// Everything one decoder layer needs. Fields a family does not use stay
+/// empty.
+struct LayerWeights {
+  std::vector<float> attentionNorm, attentionNormBias, mlpNorm, mlpNormBias;
+  // Grouped-query attention.
+  Matrix query, key, value, output;
+  std::vector<float> queryBias, keyBias, valueBias, outputBias, queryNorm, keyNorm;
+  // Multi-head latent attention.
+  Matrix queryDown, queryUp, kvDown, kvUp;
+  std::vector<float> queryDownNorm, kvDownNorm;
+  // MLP: dense, or router + routed experts + shared expert.
+  MlpWeights dense;
+  Matrix router;
+  std::vector<float> routerCorrectionBias;
+  std::vector<MlpWeights> experts;
+  MlpWeights shared;
+  std::vector<float> sharedExpertGate; ///< [hidden], Qwen2-MoE.
+
+  size_t bytes() const;
+};
+
+/// Model-level weights.
+struct GlobalWeights {
+  Matrix embedding;
+  std::vector<float> finalNorm, finalNormBias;
+  Matrix lmHead; ///< Empty when tied to the embedding.
+  std::vector<float> lmHeadBias;
+  const Matrix &outputProjection() const { return lmHead.empty() ? embedding : lmHead; }
+};
+
+/// Where weights come from: a checkpoint today; packages and simulated-
+/// quantised modules implement the same interface later.
+class WeightProvider {
+public:
+  virtual ~WeightProvider() = default;
+  virtual Status loadGlobals(GlobalWeights &globals) = 0;
+  virtual Status loadLayer(int64_t layer, LayerWeights &weights) = 0;
+};
+
+/// Reads a Hugging Face checkpoint bound to `spec` (bindCheckpoint), in any
+/// float dtype including FP8 with block scales, per-expert or fused.
+std::unique_ptr<WeightProvider> makeCheckpointWeightProvider(const ModelSpec &spec,
+                                                             std::shared_ptr<const Checkpoint> checkpoint);
+
+/// Converted layers within a byte budget, least recently used evicted first.
+class LayerCache {
+public:
+  LayerCache(WeightProvider &provider, int64_t numLayers, size_t budgetBytes);
+  /// Layer `layer`, loading it (and evicting others) if needed.
+  Expected<std::shared_ptr<const LayerWeights>> get(int64_t layer);
+  size_t residentBytes() const { return resident; }
+  size_t peakResidentBytes() const { return peak; }
+  int64_t loads() const { return loadCount; }
+
+private:
+  WeightProvider &provider;
+  size_t budget;
+  size_t resident = 0, peak = 0;
+  int64_t loadCount = 0;
+  std::vector<std::shared_ptr<const LayerWeights>> layers;
+  std::list<int64_t> recent; ///< Most recent first.
+};
+
+} // namespace moe
+
+#endif // MOE_RUNTIME_WEIGHTS_H

@@ -1,0 +1,345 @@
+//===- Engine.cpp - The one forward pass of moec --------------------------===//
+//
+// Part of moec. Pre-norm decoder layers: h = x + Attn(Norm1(x)), then
+// out = h + Mlp(Norm2(h)); final norm and lm_head. Attention is GQA (with
+// optional qk-norm per head or over the full projection, q/k/v clamping,
+// biases) or DeepSeek's MLA; the MLP is dense SwiGLU or a routed MoE block
+// with optional shared expert. Computed in f32.
+//
+//===----------------------------------------------------------------------===//
+
+#include "moe/Runtime/Engine.h"
+
+#include "Kernels.h"
+#include "Rope.h"
+#include "Router.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <unistd.h>
+
+namespace moe {
+
+using namespace kernels;
+
+namespace {
+
+size_t defaultBudget() {
+  long pages = sysconf(_SC_PHYS_PAGES), pageSize = sysconf(_SC_PAGE_SIZE);
+  if (pages <= 0 || pageSize <= 0)
+    return size_t(8) << 30;
+  return static_cast<size_t>(pages) * static_cast<size_t>(pageSize) / 4 * 3;
+}
+
+int64_t keyWidth(const ModelSpec &spec) {
+  const AttentionSpec &a = spec.attention;
+  return a.kind == AttentionKind::MultiHeadLatent ? a.numHeads * a.headDim
+                                                  : a.numKeyValueHeads * a.headDim;
+}
+
+int64_t valueWidth(const ModelSpec &spec) {
+  const AttentionSpec &a = spec.attention;
+  return a.kind == AttentionKind::MultiHeadLatent ? a.numHeads * a.valueHeadDim
+                                                  : a.numKeyValueHeads * a.valueHeadDim;
+}
+
+void normalize(const ModelSpec &spec, float *x, int64_t tokens, const std::vector<float> &weight,
+               const std::vector<float> &bias) {
+  if (spec.normKind == NormKind::LayerNorm)
+    layerNorm(x, tokens, spec.hiddenSize, weight, bias, spec.normEps);
+  else
+    rmsNorm(x, tokens, spec.hiddenSize, weight, spec.normEps);
+}
+
+/// Causal attention of `tokens` new queries over the cache (which already
+/// holds their keys and values). q is [T, heads * qDim], output
+/// [T, heads * vDim]; query head h reads key/value head h / group.
+void attend(const ModelSpec &spec, const float *q, int64_t tokens, const KvCache &cache,
+            int64_t layer, int64_t firstPosition, float *out) {
+  const AttentionSpec &a = spec.attention;
+  const int64_t heads = a.numHeads;
+  const int64_t kvHeads = a.kind == AttentionKind::MultiHeadLatent ? heads : a.numKeyValueHeads;
+  const int64_t group = heads / kvHeads;
+  const int64_t qDim = a.headDim, vDim = a.valueHeadDim;
+  const int64_t kWidth = keyWidth(spec), vWidth = valueWidth(spec);
+  const float *keys = cache.keys[static_cast<size_t>(layer)].data();
+  const float *values = cache.values[static_cast<size_t>(layer)].data();
+  const float scale = static_cast<float>(a.softmaxScale);
+  std::vector<float> scores(static_cast<size_t>(firstPosition + tokens));
+  for (int64_t t = 0; t < tokens; ++t) {
+    const int64_t visible = firstPosition + t + 1;
+    for (int64_t h = 0; h < heads; ++h) {
+      const float *query = q + t * heads * qDim + h * qDim;
+      const int64_t kvHead = h / group;
+      for (int64_t s = 0; s < visible; ++s) {
+        const float *key = keys + s * kWidth + kvHead * qDim;
+        float dot = 0.0f;
+        for (int64_t i = 0; i < qDim; ++i)
+          dot += query[i] * key[i];
+        scores[s] = dot * scale;
+      }
+      softmax(scores.data(), visible);
+      float *result = out + t * heads * vDim + h * vDim;
+      std::fill(result, result + vDim, 0.0f);
+      for (int64_t s = 0; s < visible; ++s) {
+        const float *value = values + s * vWidth + kvHead * vDim;
+        for (int64_t i = 0; i < vDim; ++i)
+          result[i] += scores[s] * value[i];
+      }
+    }
+  }
+}
+
+/// Grouped-query attention; appends keys/values to the cache.
+void groupedQueryAttention(const ModelSpec &spec, const LayerWeights &w, const float *x,
+                           int64_t tokens, int64_t layer, const rope::Angles &angles,
+                           KvCache &cache, float *out) {
+  const AttentionSpec &a = spec.attention;
+  const int64_t hd = a.headDim, qWidth = a.numHeads * hd, kvWidth = a.numKeyValueHeads * hd;
+  std::vector<float> q(static_cast<size_t>(tokens * qWidth)), k(static_cast<size_t>(tokens * kvWidth)),
+      v(static_cast<size_t>(tokens * kvWidth));
+  linear(x, tokens, w.query, w.queryBias, q.data());
+  linear(x, tokens, w.key, w.keyBias, k.data());
+  linear(x, tokens, w.value, w.valueBias, v.data());
+  if (a.qkNorm == QkNormKind::FullWidth) {
+    rmsNorm(q.data(), tokens, qWidth, w.queryNorm, spec.normEps);
+    rmsNorm(k.data(), tokens, kvWidth, w.keyNorm, spec.normEps);
+  } else if (a.qkNorm == QkNormKind::PerHead) {
+    rmsNorm(q.data(), tokens * a.numHeads, hd, w.queryNorm, spec.normEps);
+    rmsNorm(k.data(), tokens * a.numKeyValueHeads, hd, w.keyNorm, spec.normEps);
+  }
+  if (a.clipQkv > 0) {
+    const float clip = static_cast<float>(a.clipQkv);
+    for (std::vector<float> *values : {&q, &k, &v})
+      for (float &value : *values)
+        value = std::clamp(value, -clip, clip);
+  }
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t h = 0; h < a.numHeads; ++h)
+      rope::apply(q.data() + t * qWidth + h * hd, spec.rope.layout, angles, t);
+    for (int64_t h = 0; h < a.numKeyValueHeads; ++h)
+      rope::apply(k.data() + t * kvWidth + h * hd, spec.rope.layout, angles, t);
+  }
+  const int64_t firstPosition = cache.length;
+  auto &keys = cache.keys[static_cast<size_t>(layer)];
+  auto &values = cache.values[static_cast<size_t>(layer)];
+  keys.insert(keys.end(), k.begin(), k.end());
+  values.insert(values.end(), v.begin(), v.end());
+  std::vector<float> attended(static_cast<size_t>(tokens * a.numHeads * a.valueHeadDim));
+  attend(spec, q.data(), tokens, cache, layer, firstPosition, attended.data());
+  linear(attended.data(), tokens, w.output, w.outputBias, out);
+}
+
+/// DeepSeek multi-head latent attention, caching full per-head keys and values.
+void latentAttention(const ModelSpec &spec, const LayerWeights &w, const float *x, int64_t tokens,
+                     int64_t layer, const rope::Angles &angles, KvCache &cache, float *out) {
+  const AttentionSpec &a = spec.attention;
+  const int64_t heads = a.numHeads, dn = a.qkNopeHeadDim, dr = a.qkRopeHeadDim,
+                dv = a.valueHeadDim, qDim = dn + dr, lora = a.kvLoraRank;
+  std::vector<float> q(static_cast<size_t>(tokens * heads * qDim));
+  if (a.queryLoraRank > 0) {
+    std::vector<float> compressed(static_cast<size_t>(tokens * a.queryLoraRank));
+    linear(x, tokens, w.queryDown, compressed.data());
+    rmsNorm(compressed.data(), tokens, a.queryLoraRank, w.queryDownNorm, spec.normEps);
+    linear(compressed.data(), tokens, w.queryUp, q.data());
+  } else {
+    linear(x, tokens, w.query, q.data());
+  }
+  std::vector<float> kvCompressed(static_cast<size_t>(tokens * (lora + dr)));
+  linear(x, tokens, w.kvDown, kvCompressed.data());
+  std::vector<float> latent(static_cast<size_t>(tokens * lora)), keyRope(static_cast<size_t>(tokens * dr));
+  for (int64_t t = 0; t < tokens; ++t) {
+    std::copy_n(kvCompressed.data() + t * (lora + dr), lora, latent.data() + t * lora);
+    std::copy_n(kvCompressed.data() + t * (lora + dr) + lora, dr, keyRope.data() + t * dr);
+  }
+  rmsNorm(latent.data(), tokens, lora, w.kvDownNorm, spec.normEps);
+  std::vector<float> kv(static_cast<size_t>(tokens * heads * (dn + dv)));
+  linear(latent.data(), tokens, w.kvUp, kv.data());
+
+  std::vector<float> k(static_cast<size_t>(tokens * heads * qDim)), v(static_cast<size_t>(tokens * heads * dv));
+  for (int64_t t = 0; t < tokens; ++t) {
+    float *sharedRope = keyRope.data() + t * dr;
+    rope::apply(sharedRope, spec.rope.layout, angles, t);
+    for (int64_t h = 0; h < heads; ++h) {
+      rope::apply(q.data() + (t * heads + h) * qDim + dn, spec.rope.layout, angles, t);
+      const float *source = kv.data() + (t * heads + h) * (dn + dv);
+      float *key = k.data() + (t * heads + h) * qDim;
+      std::copy_n(source, dn, key);
+      std::copy_n(sharedRope, dr, key + dn);
+      std::copy_n(source + dn, dv, v.data() + (t * heads + h) * dv);
+    }
+  }
+  const int64_t firstPosition = cache.length;
+  auto &keys = cache.keys[static_cast<size_t>(layer)];
+  auto &values = cache.values[static_cast<size_t>(layer)];
+  keys.insert(keys.end(), k.begin(), k.end());
+  values.insert(values.end(), v.begin(), v.end());
+  std::vector<float> attended(static_cast<size_t>(tokens * heads * dv));
+  attend(spec, q.data(), tokens, cache, layer, firstPosition, attended.data());
+  linear(attended.data(), tokens, w.output, out);
+}
+
+/// out[n, H] = SwiGLU MLP of x[n, H]; `intermediate` receives silu(gate)*up.
+void swiglu(const MlpWeights &mlp, const float *x, int64_t n, std::vector<float> &intermediate,
+            float *out) {
+  const int64_t width = mlp.gate.rows;
+  intermediate.resize(static_cast<size_t>(n * width));
+  std::vector<float> up(static_cast<size_t>(n * width));
+  linear(x, n, mlp.gate, intermediate.data());
+  linear(x, n, mlp.up, up.data());
+  for (size_t i = 0; i < up.size(); ++i)
+    intermediate[i] = silu(intermediate[i]) * up[i];
+  linear(intermediate.data(), n, mlp.down, out);
+}
+
+} // namespace
+
+struct Engine::Impl {
+  /// The routed MoE block (plus shared expert) of one layer: out[T, H].
+  static void moeBlock(const Engine &engine, const LayerSpec &layer, const LayerWeights &w,
+                       const float *x, int64_t tokens, float *out) {
+    const ModelSpec &spec = engine.modelSpec;
+    const int64_t H = spec.hiddenSize, E = layer.numExperts, K = spec.router.topK;
+    std::vector<float> logits(static_cast<size_t>(tokens * E));
+    linear(x, tokens, w.router, logits.data());
+    std::vector<int32_t> chosen(static_cast<size_t>(tokens * K));
+    std::vector<float> weights(static_cast<size_t>(tokens * K));
+    const float *bias = w.routerCorrectionBias.empty() ? nullptr : w.routerCorrectionBias.data();
+    for (int64_t t = 0; t < tokens; ++t)
+      router::route(spec.router, E, logits.data() + t * E, bias, chosen.data() + t * K,
+                    weights.data() + t * K);
+    if (engine.observer)
+      engine.observer->onRouter(layer.index, tokens, logits, chosen, weights);
+
+    // Group tokens by expert: one GEMM per expert, experts in id order.
+    std::vector<std::vector<int32_t>> tokensOf(static_cast<size_t>(E));
+    std::vector<std::vector<float>> weightsOf(static_cast<size_t>(E));
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t i = 0; i < K; ++i) {
+        tokensOf[chosen[t * K + i]].push_back(static_cast<int32_t>(t));
+        weightsOf[chosen[t * K + i]].push_back(weights[t * K + i]);
+      }
+    std::fill(out, out + tokens * H, 0.0f);
+    std::vector<float> input, intermediate, output;
+    for (int64_t e = 0; e < E; ++e) {
+      const std::vector<int32_t> &routed = tokensOf[e];
+      if (routed.empty())
+        continue;
+      const int64_t n = static_cast<int64_t>(routed.size());
+      input.resize(static_cast<size_t>(n * H));
+      for (int64_t r = 0; r < n; ++r)
+        std::copy_n(x + routed[r] * H, H, input.data() + r * H);
+      output.resize(static_cast<size_t>(n * H));
+      swiglu(w.experts[e], input.data(), n, intermediate, output.data());
+      if (engine.observer)
+        engine.observer->onExpert(layer.index, e, routed, input, intermediate, output);
+      for (int64_t r = 0; r < n; ++r) {
+        float weight = weightsOf[e][r];
+        float *target = out + routed[r] * H;
+        const float *source = output.data() + r * H;
+        for (int64_t i = 0; i < H; ++i)
+          target[i] += weight * source[i];
+      }
+    }
+
+    if (layer.shared.intermediateSize > 0) {
+      std::vector<float> shared(static_cast<size_t>(tokens * H));
+      swiglu(w.shared, x, tokens, intermediate, shared.data());
+      for (int64_t t = 0; t < tokens; ++t) {
+        float gate = 1.0f;
+        if (layer.shared.gated) {
+          float dot = 0.0f;
+          for (int64_t i = 0; i < H; ++i)
+            dot += x[t * H + i] * w.sharedExpertGate[i];
+          gate = sigmoid(dot);
+        }
+        for (int64_t i = 0; i < H; ++i)
+          out[t * H + i] += gate * shared[t * H + i];
+      }
+    }
+    if (engine.observer)
+      engine.observer->onMoeBlock(layer.index, tokens, std::span<const float>(x, tokens * H),
+                                  std::span<const float>(out, tokens * H));
+  }
+};
+
+Expected<std::unique_ptr<Engine>> Engine::create(const ModelSpec &spec,
+                                                  std::unique_ptr<WeightProvider> provider,
+                                                  EngineOptions options) {
+  std::unique_ptr<Engine> engine(new Engine());
+  engine->modelSpec = spec;
+  engine->provider = std::move(provider);
+  MOE_RETURN_IF_ERROR(engine->provider->loadGlobals(engine->globals));
+  size_t budget = options.maxMemoryBytes ? options.maxMemoryBytes : defaultBudget();
+  engine->layers = std::make_unique<LayerCache>(*engine->provider, spec.numLayers, budget);
+  return engine;
+}
+
+Engine::~Engine() = default;
+
+KvCache Engine::newCache() const {
+  KvCache cache;
+  cache.keys.resize(static_cast<size_t>(modelSpec.numLayers));
+  cache.values.resize(static_cast<size_t>(modelSpec.numLayers));
+  return cache;
+}
+
+Status Engine::forward(std::span<const int32_t> tokens, KvCache &cache, std::vector<float> &logits,
+                       bool lastOnly) {
+  const ModelSpec &spec = modelSpec;
+  const int64_t T = static_cast<int64_t>(tokens.size()), H = spec.hiddenSize, V = spec.vocabSize;
+  if (T == 0)
+    return Status::error("forward: no tokens");
+  if (cache.keys.size() != static_cast<size_t>(spec.numLayers))
+    return Status::error("forward: the KV cache was not made by this engine");
+  for (int32_t token : tokens)
+    if (token < 0 || token >= V)
+      return Status::error("forward: token id ", token, " is outside the vocabulary [0, ", V, ")");
+
+  std::vector<float> x(static_cast<size_t>(T * H));
+  for (int64_t t = 0; t < T; ++t)
+    std::copy_n(globals.embedding.row(tokens[t]), H, x.data() + t * H);
+  const rope::Angles angles = rope::computeAngles(spec, cache.length, T);
+
+  std::vector<float> normed(x.size()), branch(x.size());
+  for (int64_t l = 0; l < spec.numLayers; ++l) {
+    Expected<std::shared_ptr<const LayerWeights>> loaded = layers->get(l);
+    if (!loaded)
+      return loaded.status();
+    const LayerWeights &w = **loaded;
+    const LayerSpec &layer = spec.layers[static_cast<size_t>(l)];
+
+    normed = x;
+    normalize(spec, normed.data(), T, w.attentionNorm, w.attentionNormBias);
+    if (spec.attention.kind == AttentionKind::MultiHeadLatent)
+      latentAttention(spec, w, normed.data(), T, l, angles, cache, branch.data());
+    else
+      groupedQueryAttention(spec, w, normed.data(), T, l, angles, cache, branch.data());
+    for (size_t i = 0; i < x.size(); ++i)
+      x[i] += branch[i];
+
+    normed = x;
+    normalize(spec, normed.data(), T, w.mlpNorm, w.mlpNormBias);
+    if (layer.mlp == MlpKind::Moe) {
+      Impl::moeBlock(*this, layer, w, normed.data(), T, branch.data());
+    } else {
+      std::vector<float> intermediate;
+      swiglu(w.dense, normed.data(), T, intermediate, branch.data());
+    }
+    for (size_t i = 0; i < x.size(); ++i)
+      x[i] += branch[i];
+    if (observer)
+      observer->onLayerOutput(l, T, x);
+  }
+  cache.length += T;
+
+  const int64_t first = lastOnly ? T - 1 : 0, rows = T - first;
+  normed.assign(x.begin() + first * H, x.end());
+  normalize(spec, normed.data(), rows, globals.finalNorm, globals.finalNormBias);
+  logits.resize(static_cast<size_t>(rows * V));
+  linear(normed.data(), rows, globals.outputProjection(), globals.lmHeadBias, logits.data());
+  return Status::success();
+}
+
+} // namespace moe

@@ -1,0 +1,111 @@
+//===- Router.cpp - Expert selection of every router kind -----------------===//
+//
+// Part of moec. Follows hf-moe-formats.md section 13 and the transformers
+// implementations: softmax or sigmoid scores, plain or group-limited top-k,
+// DeepSeek-V3's correction bias (used for choosing only), renormalisation,
+// routed scaling, and PhiMoE's sparsemixer in evaluation mode.
+//
+//===----------------------------------------------------------------------===//
+
+#include "Router.h"
+#include "Kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+namespace moe::router {
+namespace {
+
+constexpr float kMinusInfinity = -std::numeric_limits<float>::infinity();
+
+/// Indices of the k largest values, largest first (ties: lower index).
+void topK(const std::vector<float> &values, int64_t k, int32_t *out) {
+  std::vector<int32_t> order(values.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
+    return values[a] != values[b] ? values[a] > values[b] : a < b;
+  });
+  std::copy(order.begin(), order.begin() + k, out);
+}
+
+/// PhiMoE sparsemixer, evaluation mode: two experts, each weighted by a
+/// softmax over the logits that lie within 2 * jitter of its own logit
+/// (relative), the first one excluded when choosing the second.
+void sparseMixer(const RouterSpec &router, int64_t numExperts, const float *logits,
+                 int32_t *chosen, float *weights) {
+  std::vector<float> masked(logits, logits + numExperts);
+  const float threshold = static_cast<float>(2.0 * router.jitterEps);
+  for (int pick = 0; pick < 2; ++pick) {
+    // masked holds -inf at experts already picked.
+    int32_t best = static_cast<int32_t>(std::max_element(masked.begin(), masked.end()) - masked.begin());
+    float top = masked[best];
+    std::vector<float> gates(masked);
+    for (int64_t j = 0; j < numExperts; ++j) {
+      float factor = std::max(std::fabs(logits[j]), top);
+      if ((top - logits[j]) / factor > threshold)
+        gates[j] = kMinusInfinity;
+    }
+    kernels::softmax(gates.data(), numExperts);
+    chosen[pick] = best;
+    weights[pick] = gates[best];
+    masked[best] = kMinusInfinity;
+  }
+}
+
+} // namespace
+
+void route(const RouterSpec &router, int64_t numExperts, const float *logits,
+           const float *correctionBias, int32_t *chosen, float *weights) {
+  const int64_t k = router.topK;
+  if (router.scoring == RouterScoring::SparseMixer)
+    return sparseMixer(router, numExperts, logits, chosen, weights);
+
+  std::vector<float> scores(logits, logits + numExperts);
+  if (router.scoring == RouterScoring::Softmax)
+    kernels::softmax(scores.data(), numExperts);
+  else
+    for (float &score : scores)
+      score = kernels::sigmoid(score);
+
+  std::vector<float> choice(scores);
+  if (correctionBias)
+    for (int64_t e = 0; e < numExperts; ++e)
+      choice[e] += correctionBias[e];
+
+  if (router.selection != ExpertSelection::TopK) {
+    const int64_t groups = router.numGroups, perGroup = numExperts / groups;
+    std::vector<float> groupScores(static_cast<size_t>(groups));
+    for (int64_t g = 0; g < groups; ++g) {
+      std::vector<float> members(choice.begin() + g * perGroup, choice.begin() + (g + 1) * perGroup);
+      std::sort(members.begin(), members.end(), std::greater<float>());
+      groupScores[g] = router.selection == ExpertSelection::GroupLimitedMax
+                           ? members[0]
+                           : members[0] + (perGroup > 1 ? members[1] : 0.0f);
+    }
+    std::vector<int32_t> keptGroups(static_cast<size_t>(router.topKGroups));
+    topK(groupScores, router.topKGroups, keptGroups.data());
+    std::vector<bool> kept(static_cast<size_t>(groups), false);
+    for (int32_t g : keptGroups)
+      kept[g] = true;
+    for (int64_t e = 0; e < numExperts; ++e)
+      if (!kept[e / perGroup])
+        choice[e] = kMinusInfinity;
+  }
+
+  topK(choice, k, chosen);
+  float sum = 0.0f;
+  for (int64_t i = 0; i < k; ++i) {
+    weights[i] = scores[chosen[i]];
+    sum += weights[i];
+  }
+  for (int64_t i = 0; i < k; ++i) {
+    if (router.normalizeTopK)
+      weights[i] /= sum + 1e-20f;
+    weights[i] *= static_cast<float>(router.scalingFactor);
+  }
+}
+
+} // namespace moe::router

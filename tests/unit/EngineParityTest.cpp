@@ -1,0 +1,152 @@
+//===- EngineParityTest.cpp - The engine against transformers -------------===//
+//
+// Part of moec. Golden logits come from the Hugging Face transformers
+// implementation of each family in f32 with eager attention
+// (tools/fixtures/make_hf_goldens.py) on tiny checkpoints it saved.
+//
+//===----------------------------------------------------------------------===//
+
+#include "moe/Frontend/Checkpoint.h"
+#include "moe/Runtime/Engine.h"
+
+#include "TestSupport.h"
+
+#include <cmath>
+#include <cstring>
+
+using namespace moe;
+using namespace moe::testing;
+
+namespace {
+
+struct Loaded {
+  ModelSpec spec;
+  std::shared_ptr<const Checkpoint> checkpoint;
+  std::unique_ptr<Engine> engine;
+};
+
+Loaded loadModel(const std::string &dir, EngineOptions options = {}) {
+  Loaded loaded;
+  auto spec = ModelSpec::fromConfigFile(dir + "/config.json");
+  EXPECT_TRUE(spec.ok()) << spec.status().message();
+  auto checkpoint = Checkpoint::open(dir);
+  EXPECT_TRUE(checkpoint.ok()) << checkpoint.status().message();
+  loaded.checkpoint = checkpoint.take();
+  loaded.spec = spec.take();
+  auto report = bindCheckpoint(loaded.spec, *loaded.checkpoint);
+  EXPECT_TRUE(report.ok()) << report.status().message();
+  auto engine = Engine::create(loaded.spec, makeCheckpointWeightProvider(loaded.spec, loaded.checkpoint),
+                               options);
+  EXPECT_TRUE(engine.ok()) << engine.status().message();
+  loaded.engine = engine.take();
+  return loaded;
+}
+
+struct Golden {
+  std::vector<int32_t> ids;
+  std::vector<float> logits;
+};
+
+Golden loadGolden(const std::string &name) {
+  Golden golden;
+  auto file = SafetensorsFile::open(dataDir() + "/hf-goldens/" + name + ".safetensors");
+  EXPECT_TRUE(file.ok()) << file.status().message();
+  const TensorInfo *ids = (*file)->find("input_ids");
+  std::span<const uint8_t> idBytes = (*file)->data(*ids);
+  for (int64_t i = 0; i < ids->numElements(); ++i) {
+    int64_t id;
+    std::memcpy(&id, idBytes.data() + 8 * i, 8);
+    golden.ids.push_back(static_cast<int32_t>(id));
+  }
+  const TensorInfo *logits = (*file)->find("logits");
+  golden.logits.resize(static_cast<size_t>(logits->numElements()));
+  EXPECT_TRUE(convertToF32(DType::F32, (*file)->data(*logits).data(), golden.logits.size(),
+                           golden.logits.data()).ok());
+  return golden;
+}
+
+float maxAbsDifference(const std::vector<float> &a, const float *b, size_t count) {
+  float worst = 0.0f;
+  for (size_t i = 0; i < count; ++i)
+    worst = std::max(worst, std::fabs(a[i] - b[i]));
+  return worst;
+}
+
+} // namespace
+
+class EngineParity : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(EngineParity, PrefillLogitsMatchTransformers) {
+  const std::string name = GetParam();
+  Loaded model = loadModel(dataDir() + "/hf/" + name);
+  ASSERT_TRUE(model.engine);
+  Golden golden = loadGolden(name);
+  KvCache cache = model.engine->newCache();
+  std::vector<float> logits;
+  Status status = model.engine->forward(golden.ids, cache, logits);
+  ASSERT_TRUE(status.ok()) << status.message();
+  ASSERT_EQ(logits.size(), golden.logits.size());
+  float worst = maxAbsDifference(logits, golden.logits.data(), logits.size());
+  EXPECT_LE(worst, 1e-3f) << name << ": max |logit difference| " << worst;
+  RecordProperty("max_abs_logit_difference", std::to_string(worst));
+}
+
+TEST_P(EngineParity, IncrementalDecodeMatchesPrefill) {
+  const std::string name = GetParam();
+  Loaded model = loadModel(dataDir() + "/hf/" + name);
+  ASSERT_TRUE(model.engine);
+  Golden golden = loadGolden(name);
+  const int64_t V = model.spec.vocabSize, T = static_cast<int64_t>(golden.ids.size());
+  KvCache cache = model.engine->newCache();
+  std::vector<float> logits;
+  const int64_t prompt = 9;
+  ASSERT_TRUE(model.engine->forward(std::span(golden.ids).first(prompt), cache, logits).ok());
+  EXPECT_LE(maxAbsDifference(logits, golden.logits.data(), logits.size()), 1e-3f);
+  for (int64_t t = prompt; t < T; ++t) {
+    ASSERT_TRUE(model.engine->forward(std::span(golden.ids).subspan(t, 1), cache, logits, true).ok());
+    ASSERT_EQ(logits.size(), static_cast<size_t>(V));
+    EXPECT_LE(maxAbsDifference(logits, golden.logits.data() + t * V, V), 1e-3f)
+        << name << " position " << t;
+  }
+  EXPECT_EQ(cache.length, T);
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, EngineParity,
+                         ::testing::Values("mixtral", "mixtral_fused", "qwen2_moe", "qwen3_moe",
+                                           "olmoe", "deepseek_v2", "deepseek_v3", "phimoe"));
+
+TEST(Engine, SmallMemoryBudgetStreamsLayersWithIdenticalResults) {
+  const std::string dir = dataDir() + "/hf/deepseek_v2";
+  Loaded whole = loadModel(dir);
+  EngineOptions tight;
+  tight.maxMemoryBytes = 1; // at most one layer resident at a time
+  Loaded streamed = loadModel(dir, tight);
+  Golden golden = loadGolden("deepseek_v2");
+  std::vector<float> a, b;
+  for (int pass = 0; pass < 2; ++pass) {
+    KvCache cacheA = whole.engine->newCache(), cacheB = streamed.engine->newCache();
+    ASSERT_TRUE(whole.engine->forward(golden.ids, cacheA, a).ok());
+    ASSERT_TRUE(streamed.engine->forward(golden.ids, cacheB, b).ok());
+    EXPECT_EQ(a, b);
+  }
+  const int64_t layers = whole.spec.numLayers;
+  EXPECT_EQ(whole.engine->layerCache().loads(), layers) << "whole model stays resident";
+  EXPECT_EQ(streamed.engine->layerCache().loads(), 2 * layers) << "reloaded every pass";
+  size_t largestLayer = 0;
+  for (int64_t l = 0; l < layers; ++l) {
+    LayerWeights weights;
+    auto provider = makeCheckpointWeightProvider(whole.spec, whole.checkpoint);
+    ASSERT_TRUE(provider->loadLayer(l, weights).ok());
+    largestLayer = std::max(largestLayer, weights.bytes());
+  }
+  EXPECT_LE(streamed.engine->layerCache().peakResidentBytes(), largestLayer);
+}
+
+TEST(Engine, RejectsTokensOutsideTheVocabulary) {
+  Loaded model = loadModel(dataDir() + "/hf/mixtral");
+  KvCache cache = model.engine->newCache();
+  std::vector<float> logits;
+  std::vector<int32_t> ids = {1, 128};
+  expectErrorContains(model.engine->forward(ids, cache, logits), {"token id 128", "[0, 128)"});
+  expectErrorContains(model.engine->forward({}, cache, logits), {"no tokens"});
+}
