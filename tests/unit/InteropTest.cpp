@@ -98,4 +98,5 @@ TEST_P(TransformersCheckpoints, BindAndMatchThePythonSums) {
 
 INSTANTIATE_TEST_SUITE_P(Families, TransformersCheckpoints,
                          ::testing::Values("mixtral", "mixtral_fused", "qwen2_moe", "qwen3_moe",
-                                           "olmoe", "deepseek_v2", "deepseek_v3", "phimoe"));
+                                           "olmoe", "deepseek_v2", "deepseek_v3", "phimoe",
+                                           "phimoe_longrope", "deepseek_v2_grouped", "olmoe_clip"));
