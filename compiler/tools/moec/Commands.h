@@ -25,6 +25,11 @@ struct Command {
 /// `moec inspect <dir|config.json> [--json] [--config-only]`.
 Command registerInspect(CLI::App &app);
 
+/// `moec eval <model> --data F [--seq-len L] [--stride S] [--json]`.
+Command registerEval(CLI::App &app);
+/// `moec generate <model> --prompt TEXT [-n N] [--temperature T --seed S]`.
+Command registerGenerate(CLI::App &app);
+
 /// Prints "moec: error: <message>" to stderr.
 void printError(const std::string &message);
 /// Prints "moec: warning: <message>" to stderr.

@@ -1,0 +1,272 @@
+//===- Run.cpp - moec eval and moec generate ------------------------------===//
+//
+// Part of moec. Both run a model through the runtime engine: eval measures
+// perplexity and bits per byte (per domain), generate streams text.
+//
+//===----------------------------------------------------------------------===//
+
+#include "Commands.h"
+
+#include "moe/Runtime/Evaluate.h"
+#include "moe/Runtime/Model.h"
+
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <iostream>
+#include <random>
+
+namespace moe::cli {
+namespace {
+
+using json = nlohmann::json;
+
+/// "4G", "512M", "100000" -> bytes; nullopt when malformed.
+std::optional<size_t> parseBytes(const std::string &text) {
+  if (text.empty())
+    return std::nullopt;
+  size_t used = 0;
+  double value;
+  try {
+    value = std::stod(text, &used);
+  } catch (...) {
+    return std::nullopt;
+  }
+  std::string suffix = text.substr(used);
+  double scale = suffix.empty() || suffix == "B" ? 1.0
+                 : suffix == "K" || suffix == "KiB" ? 1024.0
+                 : suffix == "M" || suffix == "MiB" ? 1024.0 * 1024
+                 : suffix == "G" || suffix == "GiB" ? 1024.0 * 1024 * 1024
+                                                    : -1.0;
+  if (scale < 0 || value <= 0)
+    return std::nullopt;
+  return static_cast<size_t>(value * scale);
+}
+
+struct ModelOptions {
+  std::string path;
+  std::string maxMemory;
+};
+
+void addModelOptions(CLI::App *command, ModelOptions &options) {
+  command->add_option("model", options.path, "Model directory (Hugging Face checkpoint)")->required();
+  command->add_option("--max-memory", options.maxMemory,
+                       "Budget for converted f32 weights, e.g. 2G (default: the whole model when it fits)");
+}
+
+Expected<LoadedModel> openModel(const ModelOptions &options) {
+  EngineOptions engineOptions;
+  if (!options.maxMemory.empty()) {
+    std::optional<size_t> bytes = parseBytes(options.maxMemory);
+    if (!bytes)
+      return Status::error("--max-memory '", options.maxMemory, "': expected a size such as 512M or 4G");
+    engineOptions.maxMemoryBytes = *bytes;
+  }
+  Expected<LoadedModel> model = loadModel(options.path, engineOptions);
+  if (model)
+    for (const std::string &warning : model->warnings)
+      printWarning(warning);
+  return model;
+}
+
+struct EvalCommandOptions {
+  ModelOptions model;
+  std::string data;
+  int64_t sequenceLength = 256;
+  int64_t stride = 0;
+  int64_t maxTokens = 0;
+  bool json = false;
+};
+
+int runEval(const EvalCommandOptions &options) {
+  Expected<LoadedModel> model = openModel(options.model);
+  if (!model) {
+    printError(model.status().message());
+    return 1;
+  }
+  Expected<std::vector<EvalStream>> streams =
+      readEvalData(options.data, model->tokenizer.get(), model->endOfText);
+  if (!streams) {
+    printError(streams.status().message());
+    return 1;
+  }
+  EvalOptions evalOptions{options.sequenceLength, options.stride, options.maxTokens};
+  Expected<EvalResult> result = evaluate(*model->engine, *streams, evalOptions);
+  if (!result) {
+    printError(result.status().message());
+    return 1;
+  }
+  const EvalResult &r = *result;
+  double tokensPerSecond = r.seconds > 0 ? r.overall.targets / r.seconds : 0.0;
+  if (options.json) {
+    auto scoreJson = [](const EvalScore &score) {
+      return json{{"perplexity", score.perplexity()},
+                  {"bits_per_byte", score.bitsPerByte()},
+                  {"targets", score.targets},
+                  {"negative_log_likelihood", score.negativeLogLikelihood}};
+    };
+    json out = scoreJson(r.overall);
+    out["model"] = options.model.path;
+    out["data"] = options.data;
+    out["seq_len"] = options.sequenceLength;
+    out["stride"] = options.stride > 0 ? options.stride : options.sequenceLength;
+    out["seconds"] = r.seconds;
+    out["tokens_per_second"] = tokensPerSecond;
+    out["experts_per_token"] = r.expertsPerToken;
+    json domains = json::object();
+    for (const auto &[name, score] : r.domains)
+      domains[name] = scoreJson(score);
+    out["domains"] = domains;
+    std::cout << out.dump(2) << "\n";
+    return 0;
+  }
+  std::printf("model:        %s\n", options.model.path.c_str());
+  std::printf("data:         %s (%zu %s)\n", options.data.c_str(), streams->size(),
+              streams->size() == 1 ? "stream" : "domains");
+  std::printf("perplexity:   %.4f over %lld targets", r.overall.perplexity(),
+              static_cast<long long>(r.overall.targets));
+  if (r.overall.textBytes > 0)
+    std::printf(", %.4f bits/byte", r.overall.bitsPerByte());
+  std::printf("\n");
+  if (r.domains.size() > 1) {
+    std::printf("\n  %-20s %12s %10s %10s\n", "domain", "perplexity", "bits/byte", "targets");
+    for (const auto &[name, score] : r.domains)
+      std::printf("  %-20s %12.4f %10.4f %10lld\n", name.c_str(), score.perplexity(), score.bitsPerByte(),
+                  static_cast<long long>(score.targets));
+    std::printf("\n");
+  }
+  std::printf("experts/token: %.2f per MoE layer\n", r.expertsPerToken);
+  std::printf("speed:        %.1f tokens/s (%.1f s)\n", tokensPerSecond, r.seconds);
+  return 0;
+}
+
+struct GenerateOptions {
+  ModelOptions model;
+  std::string prompt;
+  int64_t tokens = 64;
+  double temperature = 0.0;
+  int64_t topK = 0;
+  uint64_t seed = 0;
+  bool ignoreEndOfText = false;
+};
+
+/// Greedy (temperature 0) or seeded sampling from softmax(logits / T)
+/// restricted to the top k.
+int32_t sampleToken(const float *logits, int64_t vocab, const GenerateOptions &options,
+                    std::mt19937_64 &rng) {
+  if (options.temperature <= 0.0)
+    return static_cast<int32_t>(std::max_element(logits, logits + vocab) - logits);
+  std::vector<int32_t> order(static_cast<size_t>(vocab));
+  for (int64_t i = 0; i < vocab; ++i)
+    order[i] = static_cast<int32_t>(i);
+  int64_t k = options.topK > 0 ? std::min(options.topK, vocab) : vocab;
+  std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                    [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  std::vector<double> weights(static_cast<size_t>(k));
+  double total = 0.0;
+  for (int64_t i = 0; i < k; ++i) {
+    weights[i] = std::exp((logits[order[i]] - logits[order[0]]) / options.temperature);
+    total += weights[i];
+  }
+  // Uniform in [0, total) from 53 random bits: the same on every platform.
+  double u = static_cast<double>(rng() >> 11) * 0x1.0p-53 * total;
+  for (int64_t i = 0; i < k; ++i) {
+    if (u < weights[i])
+      return order[i];
+    u -= weights[i];
+  }
+  return order[k - 1];
+}
+
+int runGenerate(const GenerateOptions &options) {
+  Expected<LoadedModel> model = openModel(options.model);
+  if (!model) {
+    printError(model.status().message());
+    return 1;
+  }
+  if (!model->tokenizer) {
+    printError(options.model.path + ": no tokenizer.json; generate needs one");
+    return 1;
+  }
+  Expected<std::vector<int32_t>> prompt = model->tokenizer->encode(options.prompt, true);
+  if (!prompt) {
+    printError(prompt.status().message());
+    return 1;
+  }
+  if (prompt->empty() && model->endOfText)
+    prompt->push_back(*model->endOfText);
+  if (prompt->empty()) {
+    printError("the prompt encodes to no tokens");
+    return 1;
+  }
+  std::mt19937_64 rng(options.seed);
+  KvCache cache = model->engine->newCache();
+  std::vector<float> logits;
+  std::vector<int32_t> generated;
+  std::string printed;
+  std::span<const int32_t> next = *prompt;
+  int32_t token;
+  std::fputs(options.prompt.c_str(), stdout);
+  for (int64_t i = 0; i < options.tokens; ++i) {
+    Status status = model->engine->forward(next, cache, logits, /*lastOnly=*/true);
+    if (!status.ok()) {
+      printError(status.message());
+      return 1;
+    }
+    token = sampleToken(logits.data(), model->spec.vocabSize, options, rng);
+    if (!options.ignoreEndOfText && model->endOfText && token == *model->endOfText)
+      break;
+    generated.push_back(token);
+    // Print what the new token adds, holding back a split UTF-8 character.
+    std::string text = model->tokenizer->decode(generated, true);
+    bool partial = text.size() >= 3 && text.compare(text.size() - 3, 3, "\xEF\xBF\xBD") == 0;
+    if (!partial && text.size() > printed.size() && text.compare(0, printed.size(), printed) == 0) {
+      std::fputs(text.c_str() + printed.size(), stdout);
+      std::fflush(stdout);
+      printed = text;
+    }
+    next = std::span<const int32_t>(&generated.back(), 1);
+  }
+  std::string text = model->tokenizer->decode(generated, true);
+  if (text.size() > printed.size() && text.compare(0, printed.size(), printed) == 0)
+    std::fputs(text.c_str() + printed.size(), stdout);
+  std::fputs("\n", stdout);
+  return 0;
+}
+
+} // namespace
+
+Command registerEval(CLI::App &app) {
+  auto options = std::make_shared<EvalCommandOptions>();
+  CLI::App *command = app.add_subcommand("eval", "Perplexity and bits per byte of a model on text or token ids");
+  addModelOptions(command, options->model);
+  command->add_option("--data", options->data,
+                      "Plain text, .jsonl ({\"text\"|\"ids\", \"domain\"}) or .u32 token ids")
+      ->required();
+  command->add_option("--seq-len", options->sequenceLength, "Window length in tokens")
+      ->check(CLI::PositiveNumber);
+  command->add_option("--stride", options->stride, "Overlapping windows every N tokens (default: --seq-len)")
+      ->check(CLI::PositiveNumber);
+  command->add_option("--max-tokens", options->maxTokens, "Stop after this many targets per domain")
+      ->check(CLI::PositiveNumber);
+  command->add_flag("--json", options->json, "Print JSON");
+  return {command, [options] { return runEval(*options); }};
+}
+
+Command registerGenerate(CLI::App &app) {
+  auto options = std::make_shared<GenerateOptions>();
+  CLI::App *command = app.add_subcommand("generate", "Continue a prompt, streaming tokens as they come");
+  addModelOptions(command, options->model);
+  command->add_option("--prompt", options->prompt, "Text to continue")->required();
+  command->add_option("-n,--tokens", options->tokens, "Tokens to generate")->check(CLI::PositiveNumber);
+  command->add_option("--temperature", options->temperature, "0 for greedy (default)")
+      ->check(CLI::NonNegativeNumber);
+  command->add_option("--top-k", options->topK, "Sample among the k most likely tokens (0: all)")
+      ->check(CLI::NonNegativeNumber);
+  command->add_option("--seed", options->seed, "Random seed for sampling");
+  command->add_flag("--ignore-eos", options->ignoreEndOfText, "Keep going past the end-of-text token");
+  return {command, [options] { return runGenerate(*options); }};
+}
+
+} // namespace moe::cli

@@ -1,0 +1,39 @@
+//===- Model.h - Open a model directory for running -------------*- C++ -*-===//
+//
+// Part of moec. The runtime's entry point: a Hugging Face checkpoint
+// directory becomes a bound ModelSpec, an Engine and, when the directory has
+// a tokenizer.json, a Tokenizer.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef MOE_RUNTIME_MODEL_H
+#define MOE_RUNTIME_MODEL_H
+
+#include "moe/Frontend/Checkpoint.h"
+#include "moe/Runtime/Engine.h"
+#include "moe/Runtime/Tokenizer.h"
+
+#include <memory>
+#include <optional>
+#include <string>
+
+namespace moe {
+
+struct LoadedModel {
+  ModelSpec spec;
+  std::shared_ptr<const Checkpoint> checkpoint;
+  std::unique_ptr<Engine> engine;
+  std::unique_ptr<Tokenizer> tokenizer; ///< Null without tokenizer.json.
+  /// End-of-text id from tokenizer_config.json's eos_token or config.json's
+  /// eos_token_id, when either names one.
+  std::optional<int32_t> endOfText;
+  std::vector<std::string> warnings;
+};
+
+/// Opens `directory`: config.json, weights (validated against the spec),
+/// tokenizer.json when present.
+Expected<LoadedModel> loadModel(const std::string &directory, EngineOptions options = {});
+
+} // namespace moe
+
+#endif // MOE_RUNTIME_MODEL_H

@@ -1,0 +1,214 @@
+//===- Evaluate.cpp - Perplexity and bits per byte ------------------------===//
+//
+// Part of moec.
+//
+//===----------------------------------------------------------------------===//
+
+#include "moe/Runtime/Evaluate.h"
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+namespace moe {
+
+double EvalScore::perplexity() const {
+  return targets ? std::exp(negativeLogLikelihood / static_cast<double>(targets)) : 0.0;
+}
+
+double EvalScore::bitsPerByte() const {
+  if (textBytes == 0 || streamTokens <= 1)
+    return 0.0;
+  // The bytes behind the scored targets, in proportion when windows leave
+  // a tail unscored.
+  double scoredBytes = static_cast<double>(textBytes) * static_cast<double>(targets) /
+                       static_cast<double>(streamTokens - 1);
+  return negativeLogLikelihood / std::log(2.0) / scoredBytes;
+}
+
+Expected<std::vector<EvalStream>> readEvalData(const std::string &path, const Tokenizer *tokenizer,
+                                               std::optional<int32_t> endOfText) {
+  std::ifstream stream(path, std::ios::binary);
+  if (!stream)
+    return Status::error(path, ": cannot read: ", std::strerror(errno));
+  std::stringstream buffer;
+  buffer << stream.rdbuf();
+  const std::string content = buffer.str();
+  auto endsWith = [&](const char *suffix) {
+    size_t n = std::strlen(suffix);
+    return path.size() >= n && path.compare(path.size() - n, n, suffix) == 0;
+  };
+  auto needTokenizer = [&]() -> Status {
+    if (!tokenizer)
+      return Status::error(path, ": text data needs the model's tokenizer.json");
+    return Status::success();
+  };
+
+  if (endsWith(".u32")) {
+    if (content.size() % 4 != 0)
+      return Status::error(path, ": size ", content.size(), " is not a multiple of 4 (little-endian uint32 ids)");
+    EvalStream all{"all", {}, 0};
+    all.ids.resize(content.size() / 4);
+    for (size_t i = 0; i < all.ids.size(); ++i) {
+      uint32_t id;
+      std::memcpy(&id, content.data() + 4 * i, 4);
+      if (id > static_cast<uint32_t>(INT32_MAX))
+        return Status::error(path, ": id ", id, " at index ", i, " is out of range");
+      all.ids[i] = static_cast<int32_t>(id);
+    }
+    return std::vector<EvalStream>{std::move(all)};
+  }
+
+  if (endsWith(".jsonl")) {
+    std::map<std::string, EvalStream> byDomain;
+    std::vector<std::string> order;
+    std::istringstream lines(content);
+    std::string line;
+    int64_t lineNumber = 0;
+    while (std::getline(lines, line)) {
+      ++lineNumber;
+      if (line.find_first_not_of(" \t\r") == std::string::npos)
+        continue;
+      nlohmann::json record = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+      if (record.is_discarded() || !record.is_object())
+        return Status::error(path, ":", lineNumber, ": not a JSON object");
+      std::string domain = "all";
+      if (record.contains("domain")) {
+        if (!record["domain"].is_string())
+          return Status::error(path, ":", lineNumber, ": \"domain\" must be a string");
+        domain = record["domain"].get<std::string>();
+      }
+      if (!byDomain.count(domain)) {
+        byDomain[domain].domain = domain;
+        order.push_back(domain);
+      }
+      EvalStream &target = byDomain[domain];
+      if (record.contains("ids")) {
+        if (!record["ids"].is_array())
+          return Status::error(path, ":", lineNumber, ": \"ids\" must be a list of token ids");
+        for (const auto &id : record["ids"]) {
+          if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() > INT32_MAX)
+            return Status::error(path, ":", lineNumber, ": \"ids\" must hold non-negative integers");
+          target.ids.push_back(id.get<int32_t>());
+        }
+      } else if (record.contains("text") && record["text"].is_string()) {
+        MOE_RETURN_IF_ERROR(needTokenizer());
+        const std::string text = record["text"].get<std::string>();
+        Expected<std::vector<int32_t>> ids = tokenizer->encode(text);
+        if (!ids)
+          return ids.status().withContext(concat(path, ":", lineNumber));
+        target.ids.insert(target.ids.end(), ids->begin(), ids->end());
+        target.textBytes += static_cast<int64_t>(text.size());
+      } else {
+        return Status::error(path, ":", lineNumber, ": expected a \"text\" string or an \"ids\" list");
+      }
+      if (endOfText)
+        target.ids.push_back(*endOfText);
+    }
+    std::vector<EvalStream> streams;
+    for (const std::string &domain : order)
+      streams.push_back(std::move(byDomain[domain]));
+    if (streams.empty())
+      return Status::error(path, ": no records");
+    return streams;
+  }
+
+  MOE_RETURN_IF_ERROR(needTokenizer());
+  Expected<std::vector<int32_t>> ids = tokenizer->encode(content);
+  if (!ids)
+    return ids.status().withContext(path);
+  return std::vector<EvalStream>{{"all", ids.take(), static_cast<int64_t>(content.size())}};
+}
+
+namespace {
+
+/// Counts routed experts run per token (the engine runs top-k per token
+/// unless a router says otherwise).
+class ExpertCounter : public EngineObserver {
+public:
+  void onRouter(int64_t, int64_t tokens, std::span<const float>, std::span<const int32_t> chosen,
+                std::span<const float>) override {
+    routerCalls += tokens;
+    expertsRun += static_cast<int64_t>(chosen.size());
+  }
+  int64_t routerCalls = 0, expertsRun = 0;
+};
+
+} // namespace
+
+Expected<EvalResult> evaluate(Engine &engine, const std::vector<EvalStream> &streams,
+                              const EvalOptions &options) {
+  const int64_t L = options.sequenceLength;
+  const int64_t S = options.stride > 0 ? options.stride : L;
+  if (L < 1)
+    return Status::error("--seq-len must be positive, got ", L);
+  if (S > L)
+    return Status::error("--stride (", S, ") must not exceed --seq-len (", L, ")");
+  const int64_t V = engine.spec().vocabSize;
+  EvalResult result;
+  ExpertCounter counter;
+  engine.setObserver(&counter);
+  auto start = std::chrono::steady_clock::now();
+  std::vector<float> logits;
+  for (const EvalStream &stream : streams) {
+    const int64_t N = static_cast<int64_t>(stream.ids.size());
+    for (int32_t id : stream.ids)
+      if (id >= V) {
+        engine.setObserver(nullptr);
+        return Status::error("domain '", stream.domain, "': token id ", id,
+                             " is outside the model's vocabulary of ", V);
+      }
+    EvalScore score;
+    score.streamTokens = N;
+    score.textBytes = stream.textBytes;
+    // Windows: [begin, end) inputs and [begin + 1, end + 1) targets. The
+    // default takes floor((N-1)/L) full windows; a stride S < L slides
+    // windows by S and scores only targets from `scoredFrom` on.
+    int64_t scoredFrom = 1;
+    for (int64_t begin = 0; begin < N - 1; begin += S) {
+      int64_t end = std::min(begin + L, N - 1);
+      if (S == L && end - begin < L)
+        break; // the default windowing drops the incomplete tail
+      KvCache cache = engine.newCache();
+      Status status = engine.forward(std::span(stream.ids).subspan(begin, end - begin), cache, logits);
+      if (!status.ok()) {
+        engine.setObserver(nullptr);
+        return status;
+      }
+      for (int64_t t = std::max(begin, scoredFrom - 1); t < end; ++t) {
+        const float *row = logits.data() + (t - begin) * V;
+        float maximum = *std::max_element(row, row + V);
+        double sum = 0.0;
+        for (int64_t v = 0; v < V; ++v)
+          sum += std::exp(static_cast<double>(row[v] - maximum));
+        score.negativeLogLikelihood -= row[stream.ids[t + 1]] - maximum - std::log(sum);
+        ++score.targets;
+      }
+      scoredFrom = end + 1;
+      if (end == N - 1 || (options.maxTokens > 0 && score.targets >= options.maxTokens))
+        break;
+    }
+    result.domains[stream.domain] = score;
+    result.overall.negativeLogLikelihood += score.negativeLogLikelihood;
+    result.overall.targets += score.targets;
+    result.overall.streamTokens += score.streamTokens;
+    result.overall.textBytes += score.textBytes;
+  }
+  engine.setObserver(nullptr);
+  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  int64_t moeLayers = engine.spec().numMoeLayers();
+  if (counter.routerCalls > 0 && moeLayers > 0)
+    result.expertsPerToken = static_cast<double>(counter.expertsRun) / static_cast<double>(counter.routerCalls);
+  if (result.overall.targets == 0)
+    return Status::error("no complete window of ", L, " tokens in the data (", result.overall.streamTokens,
+                         " tokens); use a smaller --seq-len");
+  return result;
+}
+
+} // namespace moe

@@ -1,0 +1,72 @@
+//===- Model.cpp - Open a model directory for running ---------------------===//
+//
+// Part of moec.
+//
+//===----------------------------------------------------------------------===//
+
+#include "moe/Runtime/Model.h"
+
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+#include <sstream>
+#include <sys/stat.h>
+
+namespace moe {
+
+namespace {
+
+bool fileExists(const std::string &path) {
+  struct stat info;
+  return stat(path.c_str(), &info) == 0 && S_ISREG(info.st_mode);
+}
+
+nlohmann::json readJson(const std::string &path) {
+  std::ifstream stream(path);
+  std::stringstream text;
+  text << stream.rdbuf();
+  return nlohmann::json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
+}
+
+} // namespace
+
+Expected<LoadedModel> loadModel(const std::string &directory, EngineOptions options) {
+  LoadedModel model;
+  Expected<ModelSpec> spec = ModelSpec::fromConfigFile(directory + "/config.json");
+  if (!spec)
+    return spec.status();
+  model.spec = spec.take();
+  Expected<std::unique_ptr<Checkpoint>> checkpoint = Checkpoint::open(directory);
+  if (!checkpoint)
+    return checkpoint.status();
+  model.checkpoint = checkpoint.take();
+  Expected<CheckpointReport> report = bindCheckpoint(model.spec, *model.checkpoint);
+  if (!report)
+    return report.status();
+  model.warnings = report->warnings;
+  Expected<std::unique_ptr<Engine>> engine =
+      Engine::create(model.spec, makeCheckpointWeightProvider(model.spec, model.checkpoint), options);
+  if (!engine)
+    return engine.status();
+  model.engine = engine.take();
+
+  std::string tokenizerPath = directory + "/tokenizer.json";
+  if (fileExists(tokenizerPath)) {
+    Expected<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::fromFile(tokenizerPath);
+    if (!tokenizer)
+      return tokenizer.status();
+    model.tokenizer = tokenizer.take();
+  }
+  nlohmann::json tokenizerConfig = readJson(directory + "/tokenizer_config.json");
+  if (model.tokenizer && tokenizerConfig.is_object() && tokenizerConfig.contains("eos_token") &&
+      tokenizerConfig["eos_token"].is_string())
+    model.endOfText = model.tokenizer->tokenId(tokenizerConfig["eos_token"].get<std::string>());
+  if (!model.endOfText) {
+    nlohmann::json config = readJson(directory + "/config.json");
+    if (config.is_object() && config.contains("eos_token_id") && config["eos_token_id"].is_number_integer())
+      model.endOfText = config["eos_token_id"].get<int32_t>();
+  }
+  return model;
+}
+
+} // namespace moe
