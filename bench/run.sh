@@ -1,14 +1,32 @@
 #!/usr/bin/env bash
-# Runs the benchmarks and prints their JSON. Usage: bench/run.sh BUILD_DIR
-# Generated checkpoints go to ${MOEC_BENCH_DIR:-/tmp/moec-bench} (about 3 GiB).
+# Runs the benchmarks and prints their JSON. Usage: bench/run.sh BUILD_DIR [checkpoint|engine]
+# Generated checkpoints go to ${MOEC_BENCH_DIR:-/tmp/moec-bench} (about 7 GiB).
 set -euo pipefail
 build=${1:-build}
+which=${2:-all}
 dir=${MOEC_BENCH_DIR:-/tmp/moec-bench}
-for dtype in BF16 F16 F8_E4M3; do
-  if [ ! -f "$dir/$dtype/model.safetensors.index.json" ]; then
-    "$build/bench/checkpoint_read" --generate "$dir/$dtype" --dtype "$dtype" --mib 1024
-  fi
-  for threads in 1 2; do
-    "$build/bench/checkpoint_read" "$dir/$dtype" --threads "$threads" --repeat 3
+here=$(cd "$(dirname "$0")" && pwd)
+
+if [ "$which" = all ] || [ "$which" = checkpoint ]; then
+  for dtype in BF16 F16 F8_E4M3; do
+    if [ ! -f "$dir/$dtype/model.safetensors.index.json" ]; then
+      "$build/bench/checkpoint_read" --generate "$dir/$dtype" --dtype "$dtype" --mib 1024
+    fi
+    for threads in 1 2; do
+      "$build/bench/checkpoint_read" "$dir/$dtype" --threads "$threads" --repeat 3
+    done
   done
-done
+fi
+
+if [ "$which" = all ] || [ "$which" = engine ]; then
+  for fixture in tiny-mixtral tiny-deepseek; do
+    "$build/bench/engine_throughput" "$here/../tests/data/fixtures/$fixture" --prompt 256 --decode 64
+  done
+  olmoe="$dir/olmoe-1b-7b-4layers"
+  if [ ! -f "$olmoe/model.safetensors.index.json" ]; then
+    "$build/compiler/tools/moec-synth" --config "$here/configs/olmoe-1b-7b-4layers.json" --shards 8 -o "$olmoe"
+  fi
+  "$build/bench/engine_throughput" "$olmoe" --prompt 256 --decode 32
+  # The same model with a budget of one layer: weights streamed layer by layer.
+  "$build/bench/engine_throughput" "$olmoe" --prompt 256 --decode 8 --max-memory 1
+fi

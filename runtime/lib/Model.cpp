@@ -66,6 +66,13 @@ Expected<LoadedModel> loadModel(const std::string &directory, EngineOptions opti
     if (config.is_object() && config.contains("eos_token_id") && config["eos_token_id"].is_number_integer())
       model.endOfText = config["eos_token_id"].get<int32_t>();
   }
+  // Some configs name an end-of-text id of another vocabulary (OLMoE test
+  // models); such an id cannot be used.
+  if (model.endOfText && (*model.endOfText < 0 || *model.endOfText >= model.spec.vocabSize)) {
+    model.warnings.push_back(concat("end-of-text id ", *model.endOfText, " is outside the vocabulary of ",
+                                    model.spec.vocabSize, "; documents are not separated"));
+    model.endOfText.reset();
+  }
   return model;
 }
 

@@ -109,7 +109,11 @@ public:
 
 private:
   Status load(const TensorSpec &tensor, std::vector<float> &out) {
-    return checkpoint->loadF32(tensor.name, out);
+    MOE_RETURN_IF_ERROR(checkpoint->loadF32(tensor.name, out));
+    // The f32 copy is what the engine uses; let the mapped pages go.
+    if (const TensorLocation *location = checkpoint->find(tensor.name))
+      location->file->releasePages(*location->info);
+    return Status::success();
   }
   Status loadMatrix(const TensorSpec &tensor, Matrix &out) {
     if (tensor.shape.size() != 2)

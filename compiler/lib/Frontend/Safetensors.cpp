@@ -262,6 +262,16 @@ std::span<const uint8_t> SafetensorsFile::data(const TensorInfo &tensor) const {
   return {mapping + header.dataOffset + tensor.dataBegin, tensor.byteSize()};
 }
 
+void SafetensorsFile::releasePages(const TensorInfo &tensor) const {
+  static const uintptr_t pageSize = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  uintptr_t begin = reinterpret_cast<uintptr_t>(data(tensor).data());
+  uintptr_t end = begin + tensor.byteSize();
+  begin = (begin + pageSize - 1) / pageSize * pageSize;
+  end = end / pageSize * pageSize;
+  if (end > begin)
+    madvise(reinterpret_cast<void *>(begin), end - begin, MADV_DONTNEED);
+}
+
 Status SafetensorsWriter::addTensor(std::string name, DType dtype,
                                     std::vector<int64_t> shape,
                                     std::vector<uint8_t> bytes) {

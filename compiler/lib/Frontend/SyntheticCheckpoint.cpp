@@ -237,7 +237,7 @@ std::string syntheticConfigJson(ModelFamily family, bool fp8) {
 
 Status writeSyntheticCheckpoint(const std::string &directory,
                                 const SyntheticOptions &options) {
-  if (options.fp8 && options.family != ModelFamily::DeepseekV3)
+  if (options.fp8 && options.family != ModelFamily::DeepseekV3 && options.configText.empty())
     return Status::error("synthetic checkpoint: fp8 weights are only defined "
                          "for deepseek_v3");
   if (options.shards < 1)
@@ -250,8 +250,12 @@ Status writeSyntheticCheckpoint(const std::string &directory,
     return Status::error(directory, ": cannot create directory: ",
                          std::strerror(errno));
 
-  std::string configText = syntheticConfigJson(options.family, options.fp8);
-  json config = json::parse(configText);
+  std::string configText = options.configText.empty()
+                               ? syntheticConfigJson(options.family, options.fp8)
+                               : options.configText;
+  json config = json::parse(configText, nullptr, /*allow_exceptions=*/false);
+  if (config.is_discarded() || !config.is_object())
+    return Status::error("synthetic checkpoint: the config is not a JSON object");
   config["torch_dtype"] = options.dtype == DType::F32   ? "float32"
                           : options.dtype == DType::F16 ? "float16"
                                                         : "bfloat16";

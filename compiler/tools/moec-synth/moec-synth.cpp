@@ -9,17 +9,18 @@
 
 #include <CLI/CLI.hpp>
 
+#include <fstream>
 #include <iostream>
 
 int main(int argc, char **argv) {
   CLI::App app{"moec-synth: write a tiny random-weight checkpoint of an MoE family"};
-  std::string familyText, output, dtypeText = "BF16";
+  std::string familyText, output, dtypeText = "BF16", configPath;
   bool fused = false, fp8 = false;
   int shards = 1;
   uint64_t seed = 1;
   app.add_option("--family", familyText,
-                 "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, phimoe")
-      ->required();
+                 "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, phimoe");
+  app.add_option("--config", configPath, "Use this config.json (real-model shapes) instead of the tiny one");
   app.add_option("-o,--output", output, "Directory to write")->required();
   app.add_option("--shards", shards, "Number of safetensors shards (>1 writes an index)");
   app.add_flag("--fused", fused, "Store routed experts as fused 3-D tensors");
@@ -28,6 +29,25 @@ int main(int argc, char **argv) {
   app.add_option("--seed", seed, "Random seed");
   CLI11_PARSE(app, argc, argv);
 
+  std::string configText;
+  if (!configPath.empty()) {
+    std::ifstream stream(configPath);
+    if (!stream) {
+      std::cerr << "moec-synth: error: " << configPath << ": cannot read\n";
+      return 1;
+    }
+    configText.assign(std::istreambuf_iterator<char>(stream), {});
+    auto spec = moe::ModelSpec::fromConfigText(configText, configPath);
+    if (!spec) {
+      std::cerr << "moec-synth: error: " << spec.status().message() << "\n";
+      return 1;
+    }
+    familyText = std::string(moe::familyName(spec->family));
+  }
+  if (familyText.empty()) {
+    std::cerr << "moec-synth: error: --family or --config is required\n";
+    return 1;
+  }
   std::optional<moe::ModelFamily> family = moe::parseFamilyName(familyText);
   if (!family) {
     std::cerr << "moec-synth: error: unknown family '" << familyText
@@ -47,6 +67,7 @@ int main(int argc, char **argv) {
   options.fp8 = fp8;
   options.dtype = *dtype;
   options.seed = seed;
+  options.configText = configText;
   moe::Status status = moe::writeSyntheticCheckpoint(output, options);
   if (!status.ok()) {
     std::cerr << "moec-synth: error: " << status.message() << "\n";

@@ -83,6 +83,10 @@ public:
   }
   /// The bytes of `tensor` inside the mapping (no copy; any alignment).
   std::span<const uint8_t> data(const TensorInfo &tensor) const;
+  /// Drops this process's mapping of the whole pages inside `tensor`'s bytes
+  /// (they stay in the page cache and are read again on next use), so that
+  /// streaming through a large checkpoint does not grow the resident set.
+  void releasePages(const TensorInfo &tensor) const;
 
 private:
   SafetensorsFile() = default;

@@ -33,6 +33,9 @@ struct SyntheticOptions {
   uint64_t seed = 1;
   /// Names of extra tensors (shape [4], F32) written beside the model's.
   std::vector<std::string> extraTensors;
+  /// A config.json to use instead of the family's tiny one (real-model
+  /// shapes for benchmarks); `family` is then taken from it.
+  std::string configText;
 };
 
 /// The config.json text of the tiny model of `family`.

@@ -1,0 +1,139 @@
+//===- engine_throughput.cpp - Prefill/decode speed and bandwidth ---------===//
+//
+// Part of moec. Measures the engine's prefill and decode tokens/s on a model
+// directory, the weight bytes one decoded token reads (the engine computes
+// from f32 copies of the weights, so 4 bytes per parameter), the machine's
+// memory bandwidth by a copy and a read benchmark, the fraction of it that
+// decoding reaches, and peak RSS. Prints JSON.
+//
+//   engine_throughput DIR [--prompt P] [--decode D] [--max-memory BYTES]
+//
+//===----------------------------------------------------------------------===//
+
+#include "moe/Frontend/ModelSummary.h"
+#include "moe/Runtime/Model.h"
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cstring>
+#include <iostream>
+#include <random>
+#include <sys/resource.h>
+
+using namespace moe;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+double secondsSince(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+/// STREAM-style copy bandwidth (bytes read + written per second) and read
+/// bandwidth (a sum over the buffer), best of 5, 1 GiB buffers.
+std::pair<double, double> memoryBandwidth() {
+  const size_t count = (size_t(1) << 30) / sizeof(float);
+  std::vector<float> source(count, 1.0f), target(count, 0.0f);
+  double bestCopy = 0, bestRead = 0;
+  volatile float sink = 0;
+  for (int r = 0; r < 5; ++r) {
+    auto start = Clock::now();
+    std::memcpy(target.data(), source.data(), count * sizeof(float));
+    bestCopy = std::max(bestCopy, 2.0 * count * sizeof(float) / secondsSince(start) / 1e9);
+    start = Clock::now();
+    float sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (size_t i = 0; i < count; i += 8)
+      for (int j = 0; j < 8; ++j)
+        sums[j] += target[i + j];
+    sink = sums[0] + sums[7];
+    bestRead = std::max(bestRead, count * sizeof(float) / secondsSince(start) / 1e9);
+  }
+  (void)sink;
+  return {bestCopy, bestRead};
+}
+
+} // namespace
+
+int main(int argc, char **argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty()) {
+    std::cerr << "usage: engine_throughput DIR [--prompt P] [--decode D] [--max-memory BYTES]\n";
+    return 2;
+  }
+  int64_t promptTokens = 256, decodeTokens = 32;
+  EngineOptions options;
+  for (size_t i = 1; i + 1 < args.size(); i += 2) {
+    if (args[i] == "--prompt")
+      promptTokens = std::stoll(args[i + 1]);
+    else if (args[i] == "--decode")
+      decodeTokens = std::stoll(args[i + 1]);
+    else if (args[i] == "--max-memory")
+      options.maxMemoryBytes = std::stoull(args[i + 1]);
+  }
+  auto loadStart = Clock::now();
+  Expected<LoadedModel> model = loadModel(args[0], options);
+  if (!model) {
+    std::cerr << "engine_throughput: error: " << model.status().message() << "\n";
+    return 1;
+  }
+  const ModelSpec &spec = model->spec;
+  std::mt19937 rng(7);
+  std::vector<int32_t> prompt(static_cast<size_t>(promptTokens));
+  for (int32_t &id : prompt)
+    id = static_cast<int32_t>(rng() % spec.vocabSize);
+
+  // Warm-up: converts and caches the weights (first use).
+  KvCache cache = model->engine->newCache();
+  std::vector<float> logits;
+  if (!model->engine->forward(std::span(prompt).first(8), cache, logits, true).ok())
+    return 1;
+  double loadSeconds = secondsSince(loadStart);
+
+  cache = model->engine->newCache();
+  auto start = Clock::now();
+  if (!model->engine->forward(prompt, cache, logits, true).ok())
+    return 1;
+  double prefillSeconds = secondsSince(start);
+  std::vector<int32_t> next = {static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin())};
+  start = Clock::now();
+  for (int64_t i = 0; i < decodeTokens; ++i) {
+    if (!model->engine->forward(next, cache, logits, true).ok())
+      return 1;
+    next[0] = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  }
+  double decodeSeconds = secondsSince(start);
+
+  // Parameters a decoded token reads: active parameters, but only one row
+  // of the embedding table.
+  ModelSummary summary = summarizeFromConfig(spec);
+  int64_t embedding = spec.vocabSize * spec.hiddenSize;
+  double bytesPerToken = 4.0 * static_cast<double>(summary.activeParameters - embedding + spec.hiddenSize);
+  double decodeTokensPerSecond = decodeTokens / decodeSeconds;
+  auto [copyBandwidth, readBandwidth] = memoryBandwidth();
+  struct rusage usage;
+  getrusage(RUSAGE_SELF, &usage);
+
+  nlohmann::json out = {
+      {"benchmark", "engine_throughput"},
+      {"model", args[0]},
+      {"family", familyName(spec.family)},
+      {"total_parameters", summary.totalParameters},
+      {"active_parameters", summary.activeParameters},
+      {"load_seconds", loadSeconds},
+      {"prompt_tokens", promptTokens},
+      {"prefill_tokens_per_second", promptTokens / prefillSeconds},
+      {"decode_tokens", decodeTokens},
+      {"decode_tokens_per_second", decodeTokensPerSecond},
+      {"weight_bytes_per_decoded_token_f32", bytesPerToken},
+      {"decode_weight_gb_per_s", bytesPerToken * decodeTokensPerSecond / 1e9},
+      {"memory_copy_gb_per_s", copyBandwidth},
+      {"memory_read_gb_per_s", readBandwidth},
+      {"decode_fraction_of_read_bandwidth", bytesPerToken * decodeTokensPerSecond / 1e9 / readBandwidth},
+      {"max_memory_bytes", options.maxMemoryBytes},
+      {"resident_layer_bytes_peak", model->engine->layerCache().peakResidentBytes()},
+      {"layer_loads", model->engine->layerCache().loads()},
+      {"peak_rss_bytes", static_cast<int64_t>(usage.ru_maxrss) * 1024}};
+  std::cout << out.dump(2) << "\n";
+  return 0;
+}
