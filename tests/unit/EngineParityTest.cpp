@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <map>
 
 using namespace moe;
 using namespace moe::testing;
@@ -153,4 +154,73 @@ TEST(Engine, RejectsTokensOutsideTheVocabulary) {
   std::vector<int32_t> ids = {1, 128};
   expectErrorContains(model.engine->forward(ids, cache, logits), {"token id 128", "[0, 128)"});
   expectErrorContains(model.engine->forward({}, cache, logits), {"no tokens"});
+}
+
+extern "C" void openblas_set_num_threads(int);
+
+TEST(Engine, ResultsAreIdenticalWhateverTheThreadCount) {
+  Loaded model = loadModel(dataDir() + "/hf/deepseek_v3");
+  Golden golden = loadGolden("deepseek_v3");
+  std::vector<float> one, two;
+  openblas_set_num_threads(1);
+  KvCache cacheOne = model.engine->newCache();
+  ASSERT_TRUE(model.engine->forward(golden.ids, cacheOne, one).ok());
+  openblas_set_num_threads(2);
+  KvCache cacheTwo = model.engine->newCache();
+  ASSERT_TRUE(model.engine->forward(golden.ids, cacheTwo, two).ok());
+  EXPECT_EQ(one, two) << "bitwise identical";
+}
+
+namespace {
+
+/// Records what the hooks see.
+class RecordingObserver : public EngineObserver {
+public:
+  void onRouter(int64_t layer, int64_t tokens, std::span<const float> logits,
+                std::span<const int32_t> chosen, std::span<const float> weights) override {
+    routerTokens += tokens;
+    for (int32_t expert : chosen)
+      ++expertChoices[{layer, expert}];
+    EXPECT_EQ(chosen.size(), weights.size());
+    EXPECT_EQ(logits.size() % static_cast<size_t>(tokens), 0u);
+  }
+  void onExpert(int64_t layer, int64_t expert, std::span<const int32_t> tokenIndices,
+                std::span<const float> input, std::span<const float> intermediate,
+                std::span<const float> output) override {
+    expertTokens[{layer, expert}] += static_cast<int64_t>(tokenIndices.size());
+    EXPECT_EQ(input.size(), output.size());
+    EXPECT_EQ(intermediate.size() % tokenIndices.size(), 0u);
+  }
+  void onMoeBlock(int64_t, int64_t tokens, std::span<const float> input, std::span<const float> output) override {
+    ++blocks;
+    EXPECT_EQ(input.size(), output.size());
+    (void)tokens;
+  }
+  void onLayerOutput(int64_t, int64_t, std::span<const float>) override { ++layers; }
+
+  int64_t routerTokens = 0, blocks = 0, layers = 0;
+  std::map<std::pair<int64_t, int64_t>, int64_t> expertChoices, expertTokens;
+};
+
+} // namespace
+
+TEST(Engine, ObserversSeeEveryRoutingDecisionAndChangeNothing) {
+  Loaded model = loadModel(dataDir() + "/hf/qwen2_moe");
+  Golden golden = loadGolden("qwen2_moe");
+  RecordingObserver observer;
+  model.engine->setObserver(&observer);
+  KvCache cache = model.engine->newCache();
+  std::vector<float> logits;
+  ASSERT_TRUE(model.engine->forward(golden.ids, cache, logits).ok());
+  model.engine->setObserver(nullptr);
+  const int64_t T = static_cast<int64_t>(golden.ids.size()), moeLayers = model.spec.numMoeLayers();
+  EXPECT_EQ(observer.routerTokens, T * moeLayers);
+  EXPECT_EQ(observer.blocks, moeLayers);
+  EXPECT_EQ(observer.layers, model.spec.numLayers);
+  EXPECT_EQ(observer.expertChoices, observer.expertTokens) << "each choice ran its expert once";
+  int64_t total = 0;
+  for (const auto &[key, count] : observer.expertTokens)
+    total += count;
+  EXPECT_EQ(total, T * moeLayers * model.spec.router.topK);
+  EXPECT_LE(maxAbsDifference(logits, golden.logits.data(), logits.size()), 1e-3f);
 }
