@@ -6,7 +6,7 @@ ASAN_BUILD ?= build-asan
 FUZZ_BUILD ?= build-fuzz
 JOBS ?= $(shell nproc)
 FUZZ_SECONDS ?= 600
-DEMO_MODEL ?= tests/data/hf/deepseek_v2
+DEMO_MODEL ?= tests/data/fixtures/tiny-deepseek
 
 .PHONY: all setup configure build demo check check-asan fuzz bench clean
 
@@ -23,8 +23,11 @@ configure: setup $(BUILD)/build.ninja
 build: configure
 	cmake --build $(BUILD) -j $(JOBS)
 
+# Until compression lands: inspect a bundled fixture, measure it, run it.
 demo: build
 	$(BUILD)/compiler/tools/moec inspect $(DEMO_MODEL)
+	$(BUILD)/compiler/tools/moec eval $(DEMO_MODEL) --data tests/data/brown/heldout.jsonl --max-tokens 2048
+	$(BUILD)/compiler/tools/moec generate $(DEMO_MODEL) --prompt "The committee said" -n 40
 
 check: build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
