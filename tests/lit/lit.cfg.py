@@ -17,4 +17,4 @@ config.substitutions.append(("%testdata", os.path.join(config.moec_src_root, "te
 config.substitutions.append(("%inputs", os.path.join(config.test_source_root, "Tools", "Inputs")))
 llvm_config.with_environment("PATH", config.moec_tools_dir, append_path=True)
 llvm_config.with_environment("PATH", config.llvm_tools_dir, append_path=True)
-llvm_config.add_tool_substitutions(["moec", "moec-synth"], [config.moec_tools_dir])
+llvm_config.add_tool_substitutions(["moec", "moec-synth", "moe-opt"], [config.moec_tools_dir])

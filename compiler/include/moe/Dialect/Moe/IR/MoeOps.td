@@ -1,0 +1,172 @@
+//===- MoeOps.td - Operations of the moe dialect -----------*- tablegen -*-===//
+//
+// Part of moec.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef MOE_DIALECT_MOE_IR_MOEOPS_TD
+#define MOE_DIALECT_MOE_IR_MOEOPS_TD
+
+include "moe/Dialect/Moe/IR/MoeDialect.td"
+include "mlir/IR/SymbolInterfaces.td"
+include "mlir/IR/RegionKindInterface.td"
+include "mlir/IR/BuiltinAttributes.td"
+
+def Moe_ModelOp : Moe_Op<"model", [SymbolTable, Symbol, IsolatedFromAbove, NoTerminator,
+                                   SingleBlock, NoRegionArguments]> {
+  let summary = "A Mixture-of-Experts model";
+  let description = [{
+    The whole model: its family, hidden size, the checkpoint files its
+    tensors come from (`sources`, paths relative to the module's directory or
+    absolute), the original config.json text (from which the model's
+    ModelSpec is derived; passes change structure in the IR, exporters
+    update the config), and optionally the WeightStore that holds tensors
+    passes wrote.
+
+    ```mlir
+    moe.model @m family "olmoe" hidden 2048 sources ["model.safetensors"] config "{...}" {
+      ...
+    }
+    ```
+  }];
+  let arguments = (ins SymbolNameAttr:$sym_name, StrAttr:$family, I64Attr:$hidden,
+                       StrArrayAttr:$sources, StrAttr:$config, OptionalAttr<StrAttr>:$store);
+  let regions = (region SizedRegion<1>:$body);
+  let assemblyFormat = [{
+    $sym_name `family` $family `hidden` $hidden `sources` $sources `config` $config
+    (`store` $store^)? attr-dict-with-keyword $body
+  }];
+  let hasVerifier = 1;
+}
+
+def Moe_TensorOp : Moe_Op<"tensor", [Symbol, HasParent<"ModelOp">]> {
+  let summary = "A weight tensor and where its bytes are";
+  let description = [{
+    A symbol with the tensor's type and a reference to its bytes: `key` in
+    source file number `source` of the model, or, without `in`, `key` in the
+    model's WeightStore. An optional `#moe.quant` says how the stored bytes
+    are quantised.
+
+    ```mlir
+    moe.tensor @w : tensor<1024x2048xbf16> = "model.layers.0.mlp.experts.0.up_proj.weight" in 0
+    moe.tensor @w4 : tensor<1024x2048xbf16> = "experts.0.up.q4" quant #moe.quant<bits = 4, group = 128, scheme = "asym", format = "q4_g128_asym">
+    ```
+  }];
+  let arguments = (ins SymbolNameAttr:$sym_name, TypeAttrOf<AnyRankedTensor>:$type, StrAttr:$key,
+                       OptionalAttr<I64Attr>:$source, OptionalAttr<Moe_QuantAttr>:$quant);
+  let assemblyFormat = [{
+    $sym_name `:` $type `=` $key (`in` $source^)? (`quant` $quant^)? attr-dict
+  }];
+  let extraClassDeclaration = [{
+    ::mlir::RankedTensorType getTensorType() {
+      return ::llvm::cast<::mlir::RankedTensorType>(getType());
+    }
+  }];
+  let hasVerifier = 1;
+}
+
+def Moe_LayerOp : Moe_Op<"layer", [HasParent<"ModelOp">, NoTerminator, SingleBlock,
+                                   NoRegionArguments]> {
+  let summary = "One decoder layer";
+  let description = [{
+    Dense parts (`moe.dense`) and, for MoE layers, one `moe.moe_block`.
+
+    ```mlir
+    moe.layer 3 { moe.dense "attention" {...} moe.moe_block {...} }
+    ```
+  }];
+  let arguments = (ins I64Attr:$index);
+  let regions = (region SizedRegion<1>:$body);
+  let assemblyFormat = "$index attr-dict-with-keyword $body";
+  let hasVerifier = 1;
+}
+
+def Moe_DenseOp : Moe_Op<"dense", [HasParent<"ModelOp, LayerOp">]> {
+  let summary = "An opaque dense part: attention, norms, dense MLP, embedding, lm_head";
+  let description = [{
+    A part compression leaves as it is, with its tensors by role.
+
+    ```mlir
+    moe.dense "attention" {k_proj = @k, o_proj = @o, q_proj = @q, v_proj = @v}
+    ```
+  }];
+  let arguments = (ins StrAttr:$part, DictionaryAttr:$tensors);
+  let assemblyFormat = "$part $tensors attr-dict";
+  let hasVerifier = 1;
+}
+
+def Moe_MoeBlockOp : Moe_Op<"moe_block", [HasParent<"LayerOp">, NoTerminator, SingleBlock,
+                                          NoRegionArguments]> {
+  let summary = "A router, its routed experts and an optional shared expert";
+  let description = [{
+    ```mlir
+    moe.moe_block {
+      moe.router @gate top_k 2 scoring "softmax" selection "top-k" {normalize = true}
+      moe.expert 0 width 1024 gate @g0 up @u0 down @d0
+      moe.expert 1 width 1024 gate @g1 up @u1 down @d1
+    }
+    ```
+  }];
+  let regions = (region SizedRegion<1>:$body);
+  let assemblyFormat = "attr-dict-with-keyword $body";
+  let hasVerifier = 1;
+}
+
+def Moe_RouterOp : Moe_Op<"router", [HasParent<"MoeBlockOp">]> {
+  let summary = "How a token's experts and weights are chosen";
+  let description = [{
+    Router logits are `x . weight^T` over the rows of `weight`. `scoring` is
+    softmax, sigmoid or sparsemixer; `selection` is top-k or group-limited
+    (`groups`, `top_k_groups`); `normalize` renormalises the chosen weights,
+    `scaling` multiplies them, `correction_bias` (DeepSeek-V3) biases the
+    choice only. After merging, `remap` maps each router row to the expert
+    id that serves it; `skip_threshold` drops routed experts whose weight is
+    below it at run time.
+
+    ```mlir
+    moe.router @gate top_k 8 scoring "sigmoid" selection "group-top2-sum" {correction_bias = @bias, groups = 8, normalize = true, scaling = 2.5 : f64, top_k_groups = 4}
+    ```
+  }];
+  let arguments = (ins FlatSymbolRefAttr:$weight, I64Attr:$top_k, StrAttr:$scoring, StrAttr:$selection,
+                       DefaultValuedAttr<BoolAttr, "false">:$normalize,
+                       DefaultValuedAttr<F64Attr, "1.0">:$scaling,
+                       DefaultValuedAttr<I64Attr, "1">:$groups,
+                       DefaultValuedAttr<I64Attr, "1">:$top_k_groups,
+                       DefaultValuedAttr<F64Attr, "0.0">:$jitter,
+                       OptionalAttr<FlatSymbolRefAttr>:$correction_bias,
+                       OptionalAttr<DenseI64ArrayAttr>:$remap,
+                       OptionalAttr<F64Attr>:$skip_threshold);
+  let assemblyFormat = "$weight `top_k` $top_k `scoring` $scoring `selection` $selection attr-dict";
+  let hasVerifier = 1;
+}
+
+def Moe_ExpertOp : Moe_Op<"expert", [HasParent<"MoeBlockOp">]> {
+  let summary = "A routed expert: a gated MLP of its own width";
+  let description = [{
+    `y = down(act(gate x) * up x)`; `width` is the intermediate size, which
+    atomic-expert pruning makes differ between experts.
+
+    ```mlir
+    moe.expert 5 width 768 gate @g up @u down @d
+    ```
+  }];
+  let arguments = (ins I64Attr:$id, I64Attr:$width, FlatSymbolRefAttr:$gate, FlatSymbolRefAttr:$up,
+                       FlatSymbolRefAttr:$down, DefaultValuedAttr<StrAttr, "\"silu\"">:$activation);
+  let assemblyFormat = "$id `width` $width `gate` $gate `up` $up `down` $down attr-dict";
+  let hasVerifier = 1;
+}
+
+def Moe_SharedExpertOp : Moe_Op<"shared_expert", [HasParent<"MoeBlockOp">]> {
+  let summary = "An expert every token uses, optionally scaled by a sigmoid gate";
+  let description = [{
+    ```mlir
+    moe.shared_expert width 5632 gate @g up @u down @d gated_by @shared_gate
+    ```
+  }];
+  let arguments = (ins I64Attr:$width, FlatSymbolRefAttr:$gate, FlatSymbolRefAttr:$up,
+                       FlatSymbolRefAttr:$down, OptionalAttr<FlatSymbolRefAttr>:$gated_by);
+  let assemblyFormat = "`width` $width `gate` $gate `up` $up `down` $down (`gated_by` $gated_by^)? attr-dict";
+  let hasVerifier = 1;
+}
+
+#endif // MOE_DIALECT_MOE_IR_MOEOPS_TD

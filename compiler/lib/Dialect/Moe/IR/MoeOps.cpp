@@ -1,0 +1,195 @@
+//===- MoeOps.cpp - Verifiers of the moe dialect --------------------------===//
+//
+// Part of moec. Every invariant a pass could break is checked here: tensor
+// references resolve to `moe.tensor` symbols of the right shape, expert
+// widths agree with their matrices, the router has one row per live expert
+// (or per remap entry), top-k does not exceed the live experts, remap
+// tables point at existing experts.
+//
+//===----------------------------------------------------------------------===//
+
+#include "moe/Dialect/Moe/IR/MoeOps.h"
+
+#include "mlir/IR/Builders.h"
+#include "mlir/IR/OpImplementation.h"
+#include "llvm/ADT/DenseSet.h"
+
+using namespace mlir;
+using namespace moe::ir;
+
+#define GET_OP_CLASSES
+#include "moe/Dialect/Moe/IR/MoeOps.cpp.inc"
+
+namespace {
+
+ModelOp enclosingModel(Operation *op) { return op->getParentOfType<ModelOp>(); }
+
+/// Resolves `symbol` to a moe.tensor in the enclosing model, or emits an
+/// error naming `role` and returns null.
+TensorOp lookupTensor(Operation *op, FlatSymbolRefAttr symbol, StringRef role) {
+  ModelOp model = enclosingModel(op);
+  if (!model) {
+    op->emitOpError("must be inside a moe.model");
+    return nullptr;
+  }
+  auto tensor = dyn_cast_or_null<TensorOp>(SymbolTable::lookupSymbolIn(model, symbol.getAttr()));
+  if (!tensor)
+    op->emitOpError() << role << " " << symbol << " does not name a moe.tensor";
+  return tensor;
+}
+
+/// Checks that the tensor named by `symbol` has `shape`.
+LogicalResult expectShape(Operation *op, FlatSymbolRefAttr symbol, StringRef role,
+                          ArrayRef<int64_t> shape) {
+  TensorOp tensor = lookupTensor(op, symbol, role);
+  if (!tensor)
+    return failure();
+  ArrayRef<int64_t> actual = tensor.getTensorType().getShape();
+  if (actual != shape) {
+    InFlightDiagnostic diagnostic = op->emitOpError() << role << " " << symbol << " has shape [";
+    llvm::interleaveComma(actual, diagnostic);
+    diagnostic << "], expected [";
+    llvm::interleaveComma(shape, diagnostic);
+    return diagnostic << "]";
+  }
+  return success();
+}
+
+LogicalResult verifyMlp(Operation *op, int64_t width, FlatSymbolRefAttr gate, FlatSymbolRefAttr up,
+                        FlatSymbolRefAttr down) {
+  ModelOp model = enclosingModel(op);
+  if (!model)
+    return op->emitOpError("must be inside a moe.model");
+  if (width < 1)
+    return op->emitOpError() << "width must be positive, got " << width;
+  int64_t hidden = static_cast<int64_t>(model.getHidden());
+  if (failed(expectShape(op, gate, "gate", {width, hidden})) ||
+      failed(expectShape(op, up, "up", {width, hidden})) ||
+      failed(expectShape(op, down, "down", {hidden, width})))
+    return failure();
+  return success();
+}
+
+} // namespace
+
+LogicalResult ModelOp::verify() {
+  if (static_cast<int64_t>(getHidden()) < 1)
+    return emitOpError() << "hidden size must be positive, got " << static_cast<int64_t>(getHidden());
+  llvm::DenseSet<int64_t> layers;
+  for (Operation &op : getBody().front())
+    if (auto layer = dyn_cast<LayerOp>(op))
+      if (!layers.insert(static_cast<int64_t>(layer.getIndex())).second)
+        return layer.emitOpError() << "layer " << layer.getIndex() << " appears twice";
+  return success();
+}
+
+LogicalResult TensorOp::verify() {
+  ModelOp model = (*this)->getParentOfType<ModelOp>();
+  if (std::optional<int64_t> source = getSource())
+    if (*source < 0 || *source >= static_cast<int64_t>(model.getSources().size()))
+      return emitOpError() << "source " << *source << " is not one of the model's "
+                           << model.getSources().size() << " source files";
+  if (!getTensorType().hasStaticShape())
+    return emitOpError("tensor type must have a static shape");
+  if (QuantAttr quant = getQuantAttr()) {
+    if (quant.getBits() < 2 || quant.getBits() > 8)
+      return emitOpError() << "quantisation bits must be in [2, 8], got " << quant.getBits();
+    if (quant.getGroup() < 1)
+      return emitOpError() << "quantisation group must be positive, got " << quant.getGroup();
+  }
+  return success();
+}
+
+LogicalResult LayerOp::verify() {
+  int64_t blocks = 0;
+  for (Operation &op : getBody().front())
+    blocks += isa<MoeBlockOp>(op);
+  if (blocks > 1)
+    return emitOpError() << "has " << blocks << " moe.moe_block ops, expected at most one";
+  return success();
+}
+
+LogicalResult DenseOp::verify() {
+  for (NamedAttribute entry : getTensors()) {
+    auto symbol = dyn_cast<FlatSymbolRefAttr>(entry.getValue());
+    if (!symbol)
+      return emitOpError() << "tensor '" << entry.getName().getValue() << "' must be a symbol reference";
+    if (!lookupTensor(*this, symbol, entry.getName().getValue()))
+      return failure();
+  }
+  return success();
+}
+
+LogicalResult MoeBlockOp::verify() {
+  RouterOp router;
+  llvm::DenseSet<int64_t> ids;
+  int64_t experts = 0, shared = 0;
+  for (Operation &op : getBody().front()) {
+    if (auto r = dyn_cast<RouterOp>(op)) {
+      if (router)
+        return r.emitOpError("is the second router of its moe.moe_block");
+      router = r;
+    } else if (auto expert = dyn_cast<ExpertOp>(op)) {
+      if (!ids.insert(static_cast<int64_t>(expert.getId())).second)
+        return expert.emitOpError() << "expert id " << expert.getId() << " appears twice";
+      ++experts;
+    } else if (isa<SharedExpertOp>(op)) {
+      ++shared;
+    }
+  }
+  if (!router)
+    return emitOpError("needs a moe.router");
+  if (experts == 0)
+    return emitOpError("needs at least one moe.expert");
+  if (shared > 1)
+    return emitOpError() << "has " << shared << " moe.shared_expert ops, expected at most one";
+  if (static_cast<int64_t>(router.getTopK()) > experts)
+    return router.emitOpError() << "top_k " << router.getTopK() << " exceeds the " << experts
+                                << " live experts";
+  if (std::optional<ArrayRef<int64_t>> remap = router.getRemap())
+    for (int64_t target : *remap)
+      if (!ids.contains(target))
+        return router.emitOpError() << "remap entry " << target << " is not a live expert id";
+  return success();
+}
+
+LogicalResult RouterOp::verify() {
+  ModelOp model = enclosingModel(*this);
+  auto block = (*this)->getParentOfType<MoeBlockOp>();
+  if (!model || !block)
+    return emitOpError("must be inside a moe.moe_block of a moe.model");
+  if (static_cast<int64_t>(getTopK()) < 1)
+    return emitOpError() << "top_k must be positive, got " << getTopK();
+  StringRef scoring = getScoring(), selection = getSelection();
+  if (scoring != "softmax" && scoring != "sigmoid" && scoring != "sparsemixer")
+    return emitOpError() << "scoring '" << scoring << "' is not softmax, sigmoid or sparsemixer";
+  if (selection != "top-k" && selection != "group-max" && selection != "group-top2-sum")
+    return emitOpError() << "selection '" << selection << "' is not top-k, group-max or group-top2-sum";
+  int64_t experts = 0;
+  for (Operation &op : block.getBody().front())
+    experts += isa<ExpertOp>(op);
+  // One router row per expert, or per remap entry after merging.
+  int64_t rows = getRemap() ? static_cast<int64_t>(getRemap()->size()) : experts;
+  if (failed(expectShape(*this, getWeightAttr(), "weight", {rows, static_cast<int64_t>(model.getHidden())})))
+    return failure();
+  if (FlatSymbolRefAttr bias = getCorrectionBiasAttr())
+    if (failed(expectShape(*this, bias, "correction_bias", {rows})))
+      return failure();
+  const int64_t groups = static_cast<int64_t>(getGroups()), topKGroups = static_cast<int64_t>(getTopKGroups());
+  if (selection != "top-k" && (groups < 1 || rows % groups != 0 || topKGroups < 1 || topKGroups > groups))
+    return emitOpError() << "group-limited selection needs groups dividing the " << rows
+                         << " router rows and 1 <= top_k_groups <= groups";
+  return success();
+}
+
+LogicalResult ExpertOp::verify() {
+  return verifyMlp(*this, static_cast<int64_t>(getWidth()), getGateAttr(), getUpAttr(), getDownAttr());
+}
+
+LogicalResult SharedExpertOp::verify() {
+  if (failed(verifyMlp(*this, static_cast<int64_t>(getWidth()), getGateAttr(), getUpAttr(), getDownAttr())))
+    return failure();
+  if (FlatSymbolRefAttr gate = getGatedByAttr())
+    return expectShape(*this, gate, "gated_by", {1, static_cast<int64_t>(enclosingModel(*this).getHidden())});
+  return success();
+}

@@ -1,0 +1,153 @@
+// RUN: moe-opt %s -split-input-file -verify-diagnostics
+
+moe.model @m family "mixtral" hidden 8 sources ["a.safetensors"] config "{}" {
+  // expected-error @+1 {{'moe.tensor' op source 1 is not one of the model's 1 source files}}
+  moe.tensor @t : tensor<8xbf16> = "t" in 1
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<2x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x5xbf16> = "d"
+  moe.layer 0 {
+    moe.moe_block {
+      moe.router @r top_k 1 scoring "softmax" selection "top-k"
+      // expected-error @+1 {{'moe.expert' op down @d has shape [8, 5], expected [8, 4]}}
+      moe.expert 0 width 4 gate @g up @u down @d
+      moe.expert 1 width 4 gate @g up @u down @d
+    }
+  }
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<1x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.layer 0 {
+    moe.moe_block {
+      // expected-error @+1 {{'moe.router' op top_k 2 exceeds the 1 live experts}}
+      moe.router @r top_k 2 scoring "softmax" selection "top-k"
+      moe.expert 0 width 4 gate @g up @u down @d
+    }
+  }
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<3x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.layer 0 {
+    moe.moe_block {
+      // expected-error @+1 {{'moe.router' op remap entry 7 is not a live expert id}}
+      moe.router @r top_k 1 scoring "softmax" selection "top-k" {remap = array<i64: 0, 1, 7>}
+      moe.expert 0 width 4 gate @g up @u down @d
+      moe.expert 1 width 4 gate @g up @u down @d
+    }
+  }
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<3x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.layer 0 {
+    moe.moe_block {
+      // expected-error @+1 {{'moe.router' op weight @r has shape [3, 8], expected [2, 8]}}
+      moe.router @r top_k 1 scoring "softmax" selection "top-k"
+      moe.expert 0 width 4 gate @g up @u down @d
+      moe.expert 1 width 4 gate @g up @u down @d
+    }
+  }
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.layer 0 {
+    moe.moe_block {
+      // expected-error @+1 {{'moe.router' op weight @missing does not name a moe.tensor}}
+      moe.router @missing top_k 1 scoring "softmax" selection "top-k"
+      moe.expert 0 width 4 gate @g up @u down @d
+    }
+  }
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<2x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.layer 0 {
+    moe.moe_block {
+      // expected-error @+1 {{'moe.router' op scoring 'magic' is not softmax, sigmoid or sparsemixer}}
+      moe.router @r top_k 1 scoring "magic" selection "top-k"
+      moe.expert 0 width 4 gate @g up @u down @d
+      moe.expert 1 width 4 gate @g up @u down @d
+    }
+  }
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<2x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.layer 0 {
+    moe.moe_block {
+      moe.router @r top_k 1 scoring "softmax" selection "top-k"
+      moe.expert 0 width 4 gate @g up @u down @d
+      // expected-error @+1 {{'moe.expert' op expert id 0 appears twice}}
+      moe.expert 0 width 4 gate @g up @u down @d
+    }
+  }
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.layer 0 {
+    // expected-error @+1 {{'moe.moe_block' op needs a moe.router}}
+    moe.moe_block {
+      moe.expert 0 width 4 gate @g up @u down @d
+    }
+  }
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  // expected-error @+1 {{'moe.tensor' op quantisation bits must be in [2, 8], got 12}}
+  moe.tensor @q : tensor<4x8xbf16> = "q" quant #moe.quant<bits = 12, group = 32, scheme = "sym", format = "x">
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.layer 0 {
+  }
+  // expected-error @+1 {{'moe.layer' op layer 0 appears twice}}
+  moe.layer 0 {
+  }
+}
