@@ -25,6 +25,8 @@ struct Command {
 /// `moec inspect <dir|config.json> [--json] [--config-only]`.
 Command registerInspect(CLI::App &app);
 
+/// `moec import <dir> -o model.mlir`.
+Command registerImport(CLI::App &app);
 /// `moec eval <model> --data F [--seq-len L] [--stride S] [--json]`.
 Command registerEval(CLI::App &app);
 /// `moec generate <model> --prompt TEXT [-n N] [--temperature T --seed S]`.

@@ -1,0 +1,176 @@
+//===- Importer.cpp - Checkpoint to moe dialect ---------------------------===//
+//
+// Part of moec.
+//
+//===----------------------------------------------------------------------===//
+
+#include "moe/Importer/Importer.h"
+#include "moe/Dialect/Moe/IR/MoeOps.h"
+
+#include "mlir/IR/Builders.h"
+#include "mlir/IR/BuiltinTypes.h"
+#include "mlir/IR/Verifier.h"
+
+#include <climits>
+#include <cstdlib>
+#include <map>
+
+namespace moe {
+
+using namespace mlir;
+
+namespace {
+
+Type elementType(OpBuilder &builder, DType dtype) {
+  switch (dtype) {
+  case DType::F32: return builder.getF32Type();
+  case DType::F16: return builder.getF16Type();
+  case DType::BF16: return builder.getBF16Type();
+  case DType::F64: return builder.getF64Type();
+  case DType::F8E4M3: return builder.getFloat8E4M3FNType();
+  case DType::F8E5M2: return builder.getFloat8E5M2Type();
+  case DType::Bool: return builder.getI1Type();
+  case DType::U8:
+  case DType::I8: return builder.getIntegerType(8);
+  case DType::U16:
+  case DType::I16: return builder.getIntegerType(16);
+  case DType::U32:
+  case DType::I32: return builder.getIntegerType(32);
+  case DType::U64:
+  case DType::I64: return builder.getIntegerType(64);
+  }
+  return builder.getF32Type();
+}
+
+std::string_view scoringName(RouterScoring scoring) { return routerScoringName(scoring); }
+
+std::string_view selectionName(ExpertSelection selection) {
+  switch (selection) {
+  case ExpertSelection::TopK: return "top-k";
+  case ExpertSelection::GroupLimitedMax: return "group-max";
+  case ExpertSelection::GroupLimitedTopTwoSum: return "group-top2-sum";
+  }
+  return "top-k";
+}
+
+std::string absolutePath(const std::string &path) {
+  char resolved[PATH_MAX];
+  return realpath(path.c_str(), resolved) ? std::string(resolved) : path;
+}
+
+} // namespace
+
+Expected<OwningOpRef<ModuleOp>> importModel(MLIRContext &context, const ModelSpec &spec,
+                                            const Checkpoint &checkpoint, const std::string &configText) {
+  context.loadDialect<ir::MoeDialect>();
+  for (const LayerSpec &layer : spec.layers)
+    if (layer.mlp == MlpKind::Moe && layer.expertLayout == ExpertLayout::Fused)
+      return Status::error(checkpoint.directory(), ": layer ", layer.index,
+                           " stores its experts fused (3-D); the importer reads per-expert "
+                           "checkpoints only (re-save with transformers' original format)");
+  OpBuilder builder(&context);
+  Location location = FileLineColLoc::get(&context, checkpoint.configPath(), 0, 0);
+  OwningOpRef<ModuleOp> module = ModuleOp::create(location);
+  builder.setInsertionPointToEnd(module->getBody());
+
+  std::vector<std::string> sources;
+  std::map<const SafetensorsFile *, int64_t> sourceIndex;
+  for (const auto &shard : checkpoint.shards()) {
+    sourceIndex[shard.get()] = static_cast<int64_t>(sources.size());
+    sources.push_back(absolutePath(shard->path()));
+  }
+  auto model = builder.create<ir::ModelOp>(
+      location, builder.getStringAttr("model"), builder.getStringAttr(familyName(spec.family)),
+      builder.getI64IntegerAttr(spec.hiddenSize), builder.getStrArrayAttr(std::vector<StringRef>(sources.begin(), sources.end())),
+      builder.getStringAttr(configText), StringAttr());
+  Block *body = new Block();
+  model.getBody().push_back(body);
+  builder.setInsertionPointToEnd(body);
+
+  // Tensor symbols, named after their checkpoint keys.
+  const std::vector<TensorSpec> tensors = spec.tensors();
+  auto symbol = [&](const std::string &name) { return FlatSymbolRefAttr::get(&context, name); };
+  auto addTensor = [&](const std::string &name) -> Status {
+    const TensorLocation *where = checkpoint.find(name);
+    if (!where)
+      return Status::error(checkpoint.directory(), ": tensor '", name, "' not found");
+    auto type = RankedTensorType::get(where->info->shape, elementType(builder, where->info->dtype));
+    builder.create<ir::TensorOp>(location, builder.getStringAttr(name), TypeAttr::get(type),
+                                 builder.getStringAttr(name),
+                                 builder.getI64IntegerAttr(sourceIndex.at(where->file)), ir::QuantAttr());
+    return Status::success();
+  };
+  for (const TensorSpec &tensor : tensors) {
+    MOE_RETURN_IF_ERROR(addTensor(tensor.name));
+    if (tensor.isLinearWeight && checkpoint.find(scaleInvName(tensor.name)))
+      MOE_RETURN_IF_ERROR(addTensor(scaleInvName(tensor.name)));
+  }
+
+  // Dense parts grouped by part name, per layer (-1: model level).
+  std::map<int64_t, std::map<std::string, std::vector<NamedAttribute>>> dense;
+  for (const TensorSpec &tensor : tensors) {
+    RoleGroup group = roleGroup(tensor.role);
+    if (group == RoleGroup::Router || group == RoleGroup::RoutedExperts || group == RoleGroup::SharedExperts)
+      continue;
+    dense[tensor.layer][std::string(roleGroupName(group))].push_back(
+        builder.getNamedAttr(tensorRoleName(tensor.role), symbol(tensor.name)));
+  }
+  auto emitDense = [&](int64_t layer) {
+    for (auto &[part, entries] : dense[layer])
+      builder.create<ir::DenseOp>(location, builder.getStringAttr(part), builder.getDictionaryAttr(entries));
+  };
+  emitDense(-1);
+
+  for (const LayerSpec &layer : spec.layers) {
+    auto layerOp = builder.create<ir::LayerOp>(location, builder.getI64IntegerAttr(layer.index));
+    layerOp.getBody().push_back(new Block());
+    OpBuilder::InsertionGuard guard(builder);
+    builder.setInsertionPointToEnd(&layerOp.getBody().front());
+    emitDense(layer.index);
+    if (layer.mlp != MlpKind::Moe)
+      continue;
+    auto block = builder.create<ir::MoeBlockOp>(location);
+    block.getBody().push_back(new Block());
+    builder.setInsertionPointToEnd(&block.getBody().front());
+    std::string routerName, biasName, sharedGate, sharedUp, sharedDown, sharedGateWeight;
+    std::map<int64_t, std::array<std::string, 3>> experts;
+    for (const TensorSpec &tensor : tensors) {
+      if (tensor.layer != layer.index)
+        continue;
+      switch (tensor.role) {
+      case TensorRole::Router: routerName = tensor.name; break;
+      case TensorRole::RouterCorrectionBias: biasName = tensor.name; break;
+      case TensorRole::ExpertGate: experts[tensor.expert][0] = tensor.name; break;
+      case TensorRole::ExpertUp: experts[tensor.expert][1] = tensor.name; break;
+      case TensorRole::ExpertDown: experts[tensor.expert][2] = tensor.name; break;
+      case TensorRole::SharedGate: sharedGate = tensor.name; break;
+      case TensorRole::SharedUp: sharedUp = tensor.name; break;
+      case TensorRole::SharedDown: sharedDown = tensor.name; break;
+      case TensorRole::SharedExpertGate: sharedGateWeight = tensor.name; break;
+      default: break;
+      }
+    }
+    const RouterSpec &router = spec.router;
+    auto routerOp = builder.create<ir::RouterOp>(
+        location, symbol(routerName), builder.getI64IntegerAttr(router.topK),
+        builder.getStringAttr(scoringName(router.scoring)), builder.getStringAttr(selectionName(router.selection)),
+        builder.getBoolAttr(router.normalizeTopK), builder.getF64FloatAttr(router.scalingFactor),
+        builder.getI64IntegerAttr(router.numGroups), builder.getI64IntegerAttr(router.topKGroups),
+        builder.getF64FloatAttr(router.jitterEps), biasName.empty() ? FlatSymbolRefAttr() : symbol(biasName),
+        DenseI64ArrayAttr(), FloatAttr());
+    (void)routerOp;
+    for (const auto &[id, names] : experts)
+      builder.create<ir::ExpertOp>(location, builder.getI64IntegerAttr(id),
+                                   builder.getI64IntegerAttr(layer.expertIntermediateSize), symbol(names[0]),
+                                   symbol(names[1]), symbol(names[2]), builder.getStringAttr("silu"));
+    if (layer.shared.intermediateSize > 0)
+      builder.create<ir::SharedExpertOp>(location, builder.getI64IntegerAttr(layer.shared.intermediateSize),
+                                         symbol(sharedGate), symbol(sharedUp), symbol(sharedDown),
+                                         sharedGateWeight.empty() ? FlatSymbolRefAttr() : symbol(sharedGateWeight));
+  }
+  if (failed(verify(*module)))
+    return Status::error(checkpoint.directory(), ": the imported module does not verify (see diagnostics)");
+  return module;
+}
+
+} // namespace moe

@@ -1,0 +1,91 @@
+//===- Import.cpp - moec import: a checkpoint as a moe module -------------===//
+//
+// Part of moec.
+//
+//===----------------------------------------------------------------------===//
+
+#include "Commands.h"
+
+#include "moe/Dialect/Moe/IR/MoeDialect.h"
+#include "moe/Frontend/Safetensors.h"
+#include "moe/Importer/Importer.h"
+
+#include "mlir/IR/MLIRContext.h"
+#include "llvm/Support/raw_ostream.h"
+
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+#include <sstream>
+
+namespace moe::cli {
+namespace {
+
+struct ImportOptions {
+  std::string directory;
+  std::string output;
+};
+
+int runImport(const ImportOptions &options) {
+  std::string configPath = options.directory + "/config.json";
+  std::ifstream stream(configPath);
+  if (!stream) {
+    printError(configPath + ": cannot read (expected a Hugging Face checkpoint directory)");
+    return 1;
+  }
+  std::stringstream configText;
+  configText << stream.rdbuf();
+  Expected<ModelSpec> spec = ModelSpec::fromConfigText(configText.str(), configPath);
+  if (!spec) {
+    printError(spec.status().message());
+    return 1;
+  }
+  Expected<std::unique_ptr<Checkpoint>> checkpoint = Checkpoint::open(options.directory);
+  if (!checkpoint) {
+    printError(checkpoint.status().message());
+    return 1;
+  }
+  Expected<CheckpointReport> report = bindCheckpoint(*spec, **checkpoint);
+  if (!report) {
+    printError(report.status().message());
+    return 1;
+  }
+  for (const std::string &warning : report->warnings)
+    printWarning(warning);
+  // The config travels in the module compactly, one line.
+  std::string compactConfig = nlohmann::json::parse(configText.str(), nullptr, false).dump();
+  mlir::MLIRContext context;
+  auto module = importModel(context, *spec, **checkpoint, compactConfig);
+  if (!module) {
+    printError(module.status().message());
+    return 1;
+  }
+  std::string text;
+  llvm::raw_string_ostream os(text);
+  (*module)->print(os);
+  os.flush();
+  if (options.output == "-") {
+    llvm::outs() << text;
+    return 0;
+  }
+  Status status = writeFileAtomically(
+      options.output, std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(text.data()), text.size()));
+  if (!status.ok()) {
+    printError(status.message());
+    return 1;
+  }
+  return 0;
+}
+
+} // namespace
+
+Command registerImport(CLI::App &app) {
+  auto options = std::make_shared<ImportOptions>();
+  CLI::App *command =
+      app.add_subcommand("import", "Write the moe dialect module of a checkpoint (weights referenced, not copied)");
+  command->add_option("model", options->directory, "Hugging Face checkpoint directory")->required();
+  command->add_option("-o,--output", options->output, "Output .mlir file ('-' for stdout)")->required();
+  return {command, [options] { return runImport(*options); }};
+}
+
+} // namespace moe::cli
