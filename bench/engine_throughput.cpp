@@ -20,6 +20,7 @@
 #include <iostream>
 #include <random>
 #include <sys/resource.h>
+#include <thread>
 
 using namespace moe;
 using Clock = std::chrono::steady_clock;
@@ -31,25 +32,38 @@ double secondsSince(Clock::time_point start) {
 }
 
 /// STREAM-style copy bandwidth (bytes read + written per second) and read
-/// bandwidth (a sum over the buffer), best of 5, 1 GiB buffers.
+/// bandwidth (a sum over the buffer), each with one thread per core over
+/// its own slice, best of 5, 1 GiB buffers.
 std::pair<double, double> memoryBandwidth() {
   const size_t count = (size_t(1) << 30) / sizeof(float);
   std::vector<float> source(count, 1.0f), target(count, 0.0f);
+  const unsigned threads = std::max(1u, std::thread::hardware_concurrency());
+  const size_t slice = count / threads;
+  std::vector<float> sinks(threads);
+  auto parallel = [&](auto &&work) {
+    std::vector<std::thread> workers;
+    for (unsigned t = 0; t < threads; ++t)
+      workers.emplace_back([&, t] { work(t * slice, slice, t); });
+    for (std::thread &worker : workers)
+      worker.join();
+  };
   double bestCopy = 0, bestRead = 0;
-  volatile float sink = 0;
   for (int r = 0; r < 5; ++r) {
     auto start = Clock::now();
-    std::memcpy(target.data(), source.data(), count * sizeof(float));
+    parallel([&](size_t begin, size_t n, unsigned) {
+      std::memcpy(target.data() + begin, source.data() + begin, n * sizeof(float));
+    });
     bestCopy = std::max(bestCopy, 2.0 * count * sizeof(float) / secondsSince(start) / 1e9);
     start = Clock::now();
-    float sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (size_t i = 0; i < count; i += 8)
-      for (int j = 0; j < 8; ++j)
-        sums[j] += target[i + j];
-    sink = sums[0] + sums[7];
+    parallel([&](size_t begin, size_t n, unsigned t) {
+      float sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (size_t i = begin; i < begin + n; i += 8)
+        for (int j = 0; j < 8; ++j)
+          sums[j] += target[i + j];
+      sinks[t] = sums[0] + sums[7];
+    });
     bestRead = std::max(bestRead, count * sizeof(float) / secondsSince(start) / 1e9);
   }
-  (void)sink;
   return {bestCopy, bestRead};
 }
 
@@ -110,9 +124,10 @@ int main(int argc, char **argv) {
   int64_t embedding = spec.vocabSize * spec.hiddenSize;
   double bytesPerToken = 4.0 * static_cast<double>(summary.activeParameters - embedding + spec.hiddenSize);
   double decodeTokensPerSecond = decodeTokens / decodeSeconds;
-  auto [copyBandwidth, readBandwidth] = memoryBandwidth();
+  // Peak RSS of the model run, before the bandwidth buffers exist.
   struct rusage usage;
   getrusage(RUSAGE_SELF, &usage);
+  auto [copyBandwidth, readBandwidth] = memoryBandwidth();
 
   nlohmann::json out = {
       {"benchmark", "engine_throughput"},

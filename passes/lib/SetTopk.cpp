@@ -24,7 +24,7 @@ struct SetTopkPass : public moe::impl::MoeSetTopkBase<SetTopkPass> {
 
   void runOnOperation() override {
     if (topK < 1) {
-      getOperation().emitError() << "moe-set-topk: top-k must be at least 1, got " << topK;
+      getOperation().emitError() << "moe-set-topk: top-k must be at least 1, got " << static_cast<int64_t>(topK);
       return signalPassFailure();
     }
     std::set<int64_t> selected(layers.begin(), layers.end()), seen;
@@ -38,7 +38,7 @@ struct SetTopkPass : public moe::impl::MoeSetTopkBase<SetTopkPass> {
           int64_t live = std::distance(block.getBody().getOps<ir::ExpertOp>().begin(),
                                        block.getBody().getOps<ir::ExpertOp>().end());
           if (topK > live) {
-            layer.emitError() << "moe-set-topk: top-k " << topK << " exceeds the " << live
+            layer.emitError() << "moe-set-topk: top-k " << static_cast<int64_t>(topK) << " exceeds the " << live
                               << " experts of layer " << index;
             return signalPassFailure();
           }

@@ -61,7 +61,8 @@ std::string absolutePath(const std::string &path) {
 } // namespace
 
 Expected<OwningOpRef<ModuleOp>> importModel(MLIRContext &context, const ModelSpec &spec,
-                                            const Checkpoint &checkpoint, const std::string &configText) {
+                                            const Checkpoint &checkpoint, const std::string &configText,
+                                            const std::string &storePath) {
   context.loadDialect<ir::MoeDialect>();
   for (const LayerSpec &layer : spec.layers)
     if (layer.mlp == MlpKind::Moe && layer.expertLayout == ExpertLayout::Fused)
@@ -82,7 +83,7 @@ Expected<OwningOpRef<ModuleOp>> importModel(MLIRContext &context, const ModelSpe
   auto model = builder.create<ir::ModelOp>(
       location, builder.getStringAttr("model"), builder.getStringAttr(familyName(spec.family)),
       builder.getI64IntegerAttr(spec.hiddenSize), builder.getStrArrayAttr(std::vector<StringRef>(sources.begin(), sources.end())),
-      builder.getStringAttr(configText), StringAttr());
+      builder.getStringAttr(configText), storePath.empty() ? StringAttr() : builder.getStringAttr(storePath));
   Block *body = new Block();
   model.getBody().push_back(body);
   builder.setInsertionPointToEnd(body);

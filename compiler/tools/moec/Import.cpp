@@ -16,10 +16,19 @@
 #include <nlohmann/json.hpp>
 
 #include <fstream>
+#include <unistd.h>
 #include <sstream>
 
 namespace moe::cli {
 namespace {
+
+/// `path` made absolute (its directory must exist).
+std::string absolutePath(const std::string &path) {
+  if (!path.empty() && path[0] == '/')
+    return path;
+  char cwd[4096];
+  return getcwd(cwd, sizeof(cwd)) ? std::string(cwd) + "/" + path : path;
+}
 
 struct ImportOptions {
   std::string directory;
@@ -54,8 +63,16 @@ int runImport(const ImportOptions &options) {
     printWarning(warning);
   // The config travels in the module compactly, one line.
   std::string compactConfig = nlohmann::json::parse(configText.str(), nullptr, false).dump();
+  // Tensors that passes write go to a WeightStore beside the module.
+  std::string store;
+  if (options.output != "-") {
+    std::string base = options.output;
+    if (base.size() > 5 && base.compare(base.size() - 5, 5, ".mlir") == 0)
+      base.resize(base.size() - 5);
+    store = absolutePath(base + ".moestore");
+  }
   mlir::MLIRContext context;
-  auto module = importModel(context, *spec, **checkpoint, compactConfig);
+  auto module = importModel(context, *spec, **checkpoint, compactConfig, store);
   if (!module) {
     printError(module.status().message());
     return 1;
@@ -63,6 +80,7 @@ int runImport(const ImportOptions &options) {
   std::string text;
   llvm::raw_string_ostream os(text);
   (*module)->print(os);
+  os << "\n";
   os.flush();
   if (options.output == "-") {
     llvm::outs() << text;

@@ -34,6 +34,7 @@ int main(int argc, char **argv) {
   std::vector<moe::cli::Command> commands = {
       moe::cli::registerInspect(app),
       moe::cli::registerImport(app),
+      moe::cli::registerOpt(app),
       moe::cli::registerEval(app),
       moe::cli::registerGenerate(app),
   };

@@ -22,10 +22,12 @@
 namespace moe {
 
 /// The module of `checkpoint` (opened from `directory`, bound to `spec`).
-/// `configText` is the config.json the spec came from.
+/// `configText` is the config.json the spec came from; `storePath`, when
+/// not empty, is the WeightStore passes write new tensors to.
 Expected<mlir::OwningOpRef<mlir::ModuleOp>> importModel(mlir::MLIRContext &context, const ModelSpec &spec,
                                                         const Checkpoint &checkpoint,
-                                                        const std::string &configText);
+                                                        const std::string &configText,
+                                                        const std::string &storePath = "");
 
 } // namespace moe
 

@@ -1,0 +1,83 @@
+//===- Opt.cpp - moec opt: run a pass pipeline on a moe module ------------===//
+//
+// Part of moec. The same textual pipelines as moe-opt, e.g.
+//   moec opt model.mlir --pipeline "moe-drop-experts{experts=1:0,3},moe-set-topk{top-k=1}" -o out.mlir
+//
+//===----------------------------------------------------------------------===//
+
+#include "Commands.h"
+
+#include "moe/Dialect/Moe/IR/MoeDialect.h"
+#include "moe/Frontend/Safetensors.h"
+#include "moe/Transforms/Passes.h"
+
+#include "mlir/IR/MLIRContext.h"
+#include "mlir/Parser/Parser.h"
+#include "mlir/Pass/PassManager.h"
+#include "mlir/Pass/PassRegistry.h"
+#include "mlir/Support/FileUtilities.h"
+#include "llvm/Support/SourceMgr.h"
+#include "llvm/Support/raw_ostream.h"
+
+namespace moe::cli {
+namespace {
+
+struct OptOptions {
+  std::string input;
+  std::string pipeline;
+  std::string output;
+};
+
+int runOpt(const OptOptions &options) {
+  static const bool registered = [] {
+    registerMoePasses();
+    return true;
+  }();
+  (void)registered;
+  mlir::MLIRContext context;
+  context.loadDialect<ir::MoeDialect>();
+  llvm::SourceMgr sourceManager;
+  mlir::SourceMgrDiagnosticHandler diagnostics(sourceManager, &context);
+  mlir::OwningOpRef<mlir::ModuleOp> module = mlir::parseSourceFile<mlir::ModuleOp>(options.input, &context);
+  if (!module) {
+    printError(options.input + ": cannot parse the module (see the diagnostics above)");
+    return 1;
+  }
+  mlir::PassManager manager(&context);
+  std::string errors;
+  llvm::raw_string_ostream errorStream(errors);
+  if (mlir::failed(mlir::parsePassPipeline(options.pipeline, manager, errorStream))) {
+    printError("--pipeline '" + options.pipeline + "': " + errorStream.str());
+    return 1;
+  }
+  if (mlir::failed(manager.run(*module))) {
+    printError(options.input + ": the pipeline failed (see the diagnostics above); nothing was written");
+    return 1;
+  }
+  std::string text;
+  llvm::raw_string_ostream os(text);
+  module->print(os);
+  os << "\n";
+  os.flush();
+  Status status = writeFileAtomically(
+      options.output, std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(text.data()), text.size()));
+  if (!status.ok()) {
+    printError(status.message());
+    return 1;
+  }
+  return 0;
+}
+
+} // namespace
+
+Command registerOpt(CLI::App &app) {
+  auto options = std::make_shared<OptOptions>();
+  CLI::App *command = app.add_subcommand("opt", "Run a pass pipeline on a moe module (as moe-opt does)");
+  command->add_option("module", options->input, "Input .mlir module")->required();
+  command->add_option("--pipeline", options->pipeline, "Textual pass pipeline, e.g. \"moe-set-topk{top-k=1}\"")
+      ->required();
+  command->add_option("-o,--output", options->output, "Output .mlir module")->required();
+  return {command, [options] { return runOpt(*options); }};
+}
+
+} // namespace moe::cli
