@@ -185,17 +185,24 @@ Expected<std::shared_ptr<const LayerWeights>> LayerCache::get(int64_t layer) {
     recent.push_front(layer);
     return slot;
   }
+  // Evict least recently used layers first, so that the new layer (assumed
+  // as large as the largest seen) fits: peak memory stays one layer under a
+  // one-layer budget. A layer still in use by a caller stays alive through
+  // its shared_ptr.
+  auto evictUntil = [&](size_t incoming) {
+    while (!recent.empty() && resident + incoming > budget) {
+      int64_t victim = recent.back();
+      recent.pop_back();
+      resident -= layers[static_cast<size_t>(victim)]->bytes();
+      layers[static_cast<size_t>(victim)].reset();
+    }
+  };
+  evictUntil(largestLayer);
   auto weights = std::make_shared<LayerWeights>();
   MOE_RETURN_IF_ERROR(provider.loadLayer(layer, *weights));
   size_t size = weights->bytes();
-  // Evict least recently used layers until the new one fits (a layer in use
-  // by a caller stays alive through its shared_ptr).
-  while (!recent.empty() && resident + size > budget) {
-    int64_t victim = recent.back();
-    recent.pop_back();
-    resident -= layers[static_cast<size_t>(victim)]->bytes();
-    layers[static_cast<size_t>(victim)].reset();
-  }
+  largestLayer = std::max(largestLayer, size);
+  evictUntil(size);
   slot = std::move(weights);
   resident += size;
   peak = std::max(peak, resident);

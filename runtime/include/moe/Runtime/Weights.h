@@ -96,7 +96,7 @@ public:
 private:
   WeightProvider &provider;
   size_t budget;
-  size_t resident = 0, peak = 0;
+  size_t resident = 0, peak = 0, largestLayer = 0;
   int64_t loadCount = 0;
   std::vector<std::shared_ptr<const LayerWeights>> layers;
   std::list<int64_t> recent; ///< Most recent first.

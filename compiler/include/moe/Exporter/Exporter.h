@@ -1,0 +1,27 @@
+//===- Exporter.h - moe module to a Hugging Face checkpoint -----*- C++ -*-===//
+//
+// Part of moec. Writes a standard checkpoint other runtimes load: every
+// tensor of the module (copied from its source checkpoint or the
+// WeightStore) under its Hugging Face name, experts renumbered as in the IR,
+// config.json updated, tokenizer files copied.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef MOE_EXPORTER_EXPORTER_H
+#define MOE_EXPORTER_EXPORTER_H
+
+#include "moe/Dialect/Moe/IR/MoeOps.h"
+#include "moe/Support/Status.h"
+
+#include <string>
+
+namespace moe {
+
+/// Exports `model` to `directory` (created). Fails with a message naming
+/// the layer when the result cannot be expressed in the family's
+/// config.json (e.g. different expert counts or widths per layer).
+Status exportHuggingFace(ir::ModelOp model, const std::string &directory);
+
+} // namespace moe
+
+#endif // MOE_EXPORTER_EXPORTER_H

@@ -1,0 +1,156 @@
+//===- Exporter.cpp - moe module to a Hugging Face checkpoint -------------===//
+//
+// Part of moec.
+//
+//===----------------------------------------------------------------------===//
+
+#include "moe/Exporter/Exporter.h"
+#include "moe/Frontend/ModelSpec.h"
+#include "moe/Frontend/Safetensors.h"
+#include "moe/Transforms/TensorAccess.h"
+
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <regex>
+
+namespace moe {
+
+using json = nlohmann::json;
+using namespace mlir;
+
+namespace {
+
+/// The Hugging Face name of a tensor: its symbol without the ".drop"
+/// suffixes passes add, with "experts.<old>." rewritten to `expertId`.
+std::string outputName(StringRef symbol, std::optional<int64_t> expertId) {
+  std::string name = symbol.str();
+  while (name.size() > 5 && name.compare(name.size() - 5, 5, ".drop") == 0)
+    name.resize(name.size() - 5);
+  if (expertId) {
+    static const std::regex expert(R"(\.experts\.[0-9]+\.)");
+    name = std::regex_replace(name, expert, ".experts." + std::to_string(*expertId) + ".",
+                              std::regex_constants::format_first_only);
+  }
+  return name;
+}
+
+/// Config keys of a family's expert count and routed-expert width.
+std::pair<const char *, const char *> expertKeys(ModelFamily family, const json &config) {
+  switch (family) {
+  case ModelFamily::Mixtral:
+  case ModelFamily::PhiMoe: return {"num_local_experts", "intermediate_size"};
+  case ModelFamily::Olmoe: return {config.contains("num_experts") ? "num_experts" : "num_local_experts", "intermediate_size"};
+  case ModelFamily::Qwen2Moe:
+  case ModelFamily::Qwen3Moe:
+    return {config.contains("num_experts") ? "num_experts" : "num_local_experts", "moe_intermediate_size"};
+  case ModelFamily::DeepseekV2:
+  case ModelFamily::DeepseekV3: return {"n_routed_experts", "moe_intermediate_size"};
+  }
+  return {"num_experts", "moe_intermediate_size"};
+}
+
+Status writeText(const std::string &path, const std::string &text) {
+  return writeFileAtomically(path, std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(text.data()), text.size()));
+}
+
+} // namespace
+
+Status exportHuggingFace(ir::ModelOp model, const std::string &directory) {
+  json config = json::parse(model.getConfig().str(), nullptr, false);
+  if (config.is_discarded() || !config.is_object())
+    return Status::error("moe.model @", model.getSymName().str(), ": its config is not a JSON object");
+  Expected<ModelSpec> spec = ModelSpec::fromConfigText(model.getConfig(), "config of moe.model");
+  if (!spec)
+    return spec.status();
+
+  // The per-layer structure must be uniform to fit a config.json.
+  std::optional<int64_t> experts, width, topK, groups, topKGroups;
+  std::map<std::string, std::optional<int64_t>> renamed; // symbol -> expert id
+  for (ir::LayerOp layer : model.getBody().getOps<ir::LayerOp>())
+    for (ir::MoeBlockOp block : layer.getBody().getOps<ir::MoeBlockOp>()) {
+      ir::RouterOp router = *block.getBody().getOps<ir::RouterOp>().begin();
+      int64_t count = 0;
+      for (ir::ExpertOp expert : block.getBody().getOps<ir::ExpertOp>()) {
+        ++count;
+        int64_t w = static_cast<int64_t>(expert.getWidth());
+        if (width && *width != w)
+          return Status::error("layer ", layer.getIndex(), " expert ", expert.getId(), " has width ", w,
+                               " but others have ", *width, "; a ", spec->architecture,
+                               " config.json has one expert width: use the package backend (moec emit)");
+        width = w;
+        for (FlatSymbolRefAttr symbol : {expert.getGateAttr(), expert.getUpAttr(), expert.getDownAttr()})
+          renamed[symbol.getValue().str()] = static_cast<int64_t>(expert.getId());
+      }
+      auto uniform = [&](std::optional<int64_t> &slot, int64_t value, const char *what) -> Status {
+        if (slot && *slot != value)
+          return Status::error("layer ", layer.getIndex(), " has ", value, " ", what, " but an earlier layer has ",
+                               *slot, "; a ", spec->architecture,
+                               " config.json cannot express per-layer values: use the package backend (moec emit)");
+        slot = value;
+        return Status::success();
+      };
+      MOE_RETURN_IF_ERROR(uniform(experts, count, "routed experts"));
+      MOE_RETURN_IF_ERROR(uniform(topK, static_cast<int64_t>(router.getTopK()), "experts per token"));
+      MOE_RETURN_IF_ERROR(uniform(groups, static_cast<int64_t>(router.getGroups()), "routing groups"));
+      MOE_RETURN_IF_ERROR(uniform(topKGroups, static_cast<int64_t>(router.getTopKGroups()), "selected groups"));
+      if (router.getRemap())
+        return Status::error("layer ", layer.getIndex(), " routes through a remap table (merged experts); a ",
+                             spec->architecture, " config.json cannot express it: use the package backend (moec emit)");
+    }
+  if (experts) {
+    auto [countKey, widthKey] = expertKeys(spec->family, config);
+    config[countKey] = *experts;
+    config[widthKey] = *width;
+    config["num_experts_per_tok"] = *topK;
+    if (spec->family == ModelFamily::DeepseekV2 || spec->family == ModelFamily::DeepseekV3) {
+      config["n_group"] = *groups;
+      config["topk_group"] = *topKGroups;
+    }
+  }
+
+  std::error_code error;
+  std::filesystem::create_directories(directory, error);
+  if (error)
+    return Status::error(directory, ": cannot create: ", error.message());
+  TensorAccess access(model);
+  SafetensorsWriter writer;
+  for (ir::TensorOp tensor : model.getBody().getOps<ir::TensorOp>()) {
+    std::string symbol = tensor.getSymName().str();
+    std::optional<int64_t> expertId;
+    std::string base = symbol;
+    if (base.size() > 10 && base.compare(base.size() - 10, 10, "_scale_inv") == 0)
+      base.resize(base.size() - 10);
+    if (auto it = renamed.find(base); it != renamed.end())
+      expertId = it->second;
+    DType dtype;
+    std::vector<uint8_t> bytes;
+    MOE_RETURN_IF_ERROR(access.read(tensor, dtype, bytes));
+    std::vector<int64_t> shape(tensor.getTensorType().getShape().begin(), tensor.getTensorType().getShape().end());
+    MOE_RETURN_IF_ERROR(writer.addTensor(outputName(symbol, expertId), dtype, shape, std::move(bytes)));
+  }
+  writer.setMetadata("format", "pt");
+  MOE_RETURN_IF_ERROR(writer.write(directory + "/model.safetensors"));
+  MOE_RETURN_IF_ERROR(writeText(directory + "/config.json", config.dump(2) + "\n"));
+
+  // Tokenizer and generation files travel with the weights.
+  if (!model.getSources().empty()) {
+    std::filesystem::path sourceDir =
+        std::filesystem::path(llvm::cast<StringAttr>(model.getSources()[0]).getValue().str()).parent_path();
+    for (const char *name : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                             "generation_config.json", "tokenizer.model"}) {
+      std::filesystem::path from = sourceDir / name;
+      if (std::filesystem::exists(from)) {
+        std::filesystem::copy_file(from, std::filesystem::path(directory) / name,
+                                   std::filesystem::copy_options::overwrite_existing, error);
+        if (error)
+          return Status::error(from.string(), ": cannot copy: ", error.message());
+      }
+    }
+  }
+  return Status::success();
+}
+
+} // namespace moe
