@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <unistd.h>
 
 namespace moe {
@@ -203,6 +204,10 @@ struct Engine::Impl {
     const int64_t H = spec.hiddenSize, E = layer.numExperts, K = spec.router.topK;
     std::vector<float> logits(static_cast<size_t>(tokens * E));
     linear(x, tokens, w.router, logits.data());
+    if (auto masked = engine.maskedExperts.find(layer.index); masked != engine.maskedExperts.end())
+      for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t e : masked->second)
+          logits[t * E + e] = -std::numeric_limits<float>::infinity();
     std::vector<int32_t> chosen(static_cast<size_t>(tokens * K));
     std::vector<float> weights(static_cast<size_t>(tokens * K));
     const float *bias = w.routerCorrectionBias.empty() ? nullptr : w.routerCorrectionBias.data();
@@ -270,6 +275,17 @@ Expected<std::unique_ptr<Engine>> Engine::create(const ModelSpec &spec,
   std::unique_ptr<Engine> engine(new Engine());
   engine->modelSpec = spec;
   engine->provider = std::move(provider);
+  for (const auto &[layer, experts] : options.maskedExperts) {
+    if (layer < 0 || layer >= spec.numLayers || spec.layers[static_cast<size_t>(layer)].mlp != MlpKind::Moe)
+      return Status::error("masked experts: layer ", layer, " is not an MoE layer");
+    const LayerSpec &layerSpec = spec.layers[static_cast<size_t>(layer)];
+    for (int64_t e : experts)
+      if (e < 0 || e >= layerSpec.numExperts)
+        return Status::error("masked experts: layer ", layer, " has no expert ", e);
+    if (layerSpec.numExperts - static_cast<int64_t>(experts.size()) < spec.router.topK)
+      return Status::error("masked experts: layer ", layer, " would keep fewer experts than top-k");
+  }
+  engine->maskedExperts = options.maskedExperts;
   MOE_RETURN_IF_ERROR(engine->provider->loadGlobals(engine->globals));
   size_t budget = options.maxMemoryBytes ? options.maxMemoryBytes : defaultBudget();
   engine->layers = std::make_unique<LayerCache>(*engine->provider, spec.numLayers, budget);

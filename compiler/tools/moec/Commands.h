@@ -27,6 +27,8 @@ Command registerInspect(CLI::App &app);
 
 /// `moec import <dir> -o model.mlir`.
 Command registerImport(CLI::App &app);
+/// `moec export model.mlir --format hf -o dir`.
+Command registerExport(CLI::App &app);
 /// `moec opt model.mlir --pipeline P -o out.mlir`.
 Command registerOpt(CLI::App &app);
 /// `moec eval <model> --data F [--seq-len L] [--stride S] [--json]`.

@@ -35,6 +35,7 @@ int main(int argc, char **argv) {
       moe::cli::registerInspect(app),
       moe::cli::registerImport(app),
       moe::cli::registerOpt(app),
+      moe::cli::registerExport(app),
       moe::cli::registerEval(app),
       moe::cli::registerGenerate(app),
   };

@@ -14,6 +14,8 @@
 #include "moe/Runtime/Weights.h"
 
 #include <cstdint>
+#include <map>
+#include <set>
 #include <memory>
 #include <span>
 #include <vector>
@@ -48,6 +50,9 @@ public:
 };
 
 struct EngineOptions {
+  /// Routed experts switched off, by layer: their router logits become
+  /// -inf before routing, as if they were not in the model.
+  std::map<int64_t, std::set<int64_t>> maskedExperts;
   /// Budget for converted f32 layer weights; 0 means 3/4 of physical memory
   /// (the whole model when it fits).
   size_t maxMemoryBytes = 0;
@@ -82,6 +87,7 @@ private:
   std::unique_ptr<WeightProvider> provider;
   std::unique_ptr<LayerCache> layers;
   GlobalWeights globals;
+  std::map<int64_t, std::set<int64_t>> maskedExperts;
   std::vector<float> inverseFrequencies;
   EngineObserver *observer = nullptr;
 };
