@@ -5,6 +5,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Runtime/Evaluate.h"
+#include "moe/Support/File.h"
 
 #include <nlohmann/json.hpp>
 
@@ -34,12 +35,10 @@ double EvalScore::bitsPerByte() const {
 
 Expected<std::vector<EvalStream>> readEvalData(const std::string &path, const Tokenizer *tokenizer,
                                                std::optional<int32_t> endOfText) {
-  std::ifstream stream(path, std::ios::binary);
-  if (!stream)
-    return Status::error(path, ": cannot read: ", std::strerror(errno));
-  std::stringstream buffer;
-  buffer << stream.rdbuf();
-  const std::string content = buffer.str();
+  Expected<std::string> read = readWholeFile(path);
+  if (!read)
+    return read.status();
+  const std::string content = read.take();
   auto endsWith = [&](const char *suffix) {
     size_t n = std::strlen(suffix);
     return path.size() >= n && path.compare(path.size() - n, n, suffix) == 0;

@@ -5,6 +5,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Runtime/Model.h"
+#include "moe/Support/File.h"
 
 #include <nlohmann/json.hpp>
 
@@ -22,10 +23,8 @@ bool fileExists(const std::string &path) {
 }
 
 nlohmann::json readJson(const std::string &path) {
-  std::ifstream stream(path);
-  std::stringstream text;
-  text << stream.rdbuf();
-  return nlohmann::json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
+  Expected<std::string> text = readWholeFile(path);
+  return text ? nlohmann::json::parse(*text, nullptr, /*allow_exceptions=*/false) : nlohmann::json();
 }
 
 } // namespace

@@ -8,6 +8,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Runtime/Tokenizer.h"
+#include "moe/Support/File.h"
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
@@ -925,12 +926,10 @@ Expected<std::unique_ptr<Tokenizer>> Tokenizer::fromJson(std::string_view text, 
 }
 
 Expected<std::unique_ptr<Tokenizer>> Tokenizer::fromFile(const std::string &path) {
-  std::ifstream stream(path);
-  if (!stream)
-    return Status::error(path, ": cannot read: ", std::strerror(errno));
-  std::stringstream text;
-  text << stream.rdbuf();
-  return fromJson(text.str(), path);
+  Expected<std::string> text = readWholeFile(path);
+  if (!text)
+    return text.status();
+  return fromJson(*text, path);
 }
 
 Expected<std::vector<int32_t>> Tokenizer::encode(std::string_view text, bool addSpecialTokens) const {

@@ -5,6 +5,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Frontend/Checkpoint.h"
+#include "moe/Support/File.h"
 
 #include <nlohmann/json.hpp>
 
@@ -45,12 +46,10 @@ Checkpoint::open(const std::string &directory) {
 
   if (isFile(indexPath)) {
     checkpoint->sharded = true;
-    std::ifstream stream(indexPath);
-    std::stringstream text;
-    text << stream.rdbuf();
-    if (!stream)
-      return Status::error(indexPath, ": cannot read: ", std::strerror(errno));
-    json index = json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
+    Expected<std::string> text = readWholeFile(indexPath);
+    if (!text)
+      return text.status();
+    json index = json::parse(*text, nullptr, /*allow_exceptions=*/false);
     if (index.is_discarded() || !index.is_object())
       return Status::error(indexPath, ": not a JSON object");
     auto weightMap = index.find("weight_map");

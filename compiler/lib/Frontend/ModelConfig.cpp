@@ -8,6 +8,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Frontend/ModelSpec.h"
+#include "moe/Support/File.h"
 
 #include <nlohmann/json.hpp>
 
@@ -651,12 +652,10 @@ Expected<ModelSpec> ModelSpec::fromConfigText(std::string_view text,
 }
 
 Expected<ModelSpec> ModelSpec::fromConfigFile(const std::string &path) {
-  std::ifstream stream(path);
-  if (!stream)
-    return Status::error(path, ": cannot read: ", std::strerror(errno));
-  std::stringstream text;
-  text << stream.rdbuf();
-  return fromConfigText(text.str(), path);
+  Expected<std::string> text = readWholeFile(path);
+  if (!text)
+    return text.status();
+  return fromConfigText(*text, path);
 }
 
 } // namespace moe

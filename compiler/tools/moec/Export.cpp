@@ -5,6 +5,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "Commands.h"
+#include "ModuleFiles.h"
 
 #include "moe/Dialect/Moe/IR/MoeDialect.h"
 #include "moe/Exporter/Exporter.h"
@@ -29,14 +30,9 @@ int runExport(const ExportOptions &options) {
     return 1;
   }
   mlir::MLIRContext context;
-  context.loadDialect<ir::MoeDialect>();
-  llvm::SourceMgr sourceManager;
-  mlir::SourceMgrDiagnosticHandler diagnostics(sourceManager, &context);
-  mlir::OwningOpRef<mlir::ModuleOp> module = mlir::parseSourceFile<mlir::ModuleOp>(options.input, &context);
-  if (!module) {
-    printError(options.input + ": cannot parse the module (see the diagnostics above)");
+  mlir::OwningOpRef<mlir::ModuleOp> module = readModuleFile(options.input, context);
+  if (!module)
     return 1;
-  }
   auto models = module->getOps<ir::ModelOp>();
   if (models.empty()) {
     printError(options.input + ": no moe.model in the module");

@@ -5,6 +5,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "Commands.h"
+#include "ModuleFiles.h"
 
 #include "moe/Dialect/Moe/IR/MoeDialect.h"
 #include "moe/Frontend/Safetensors.h"
@@ -77,22 +78,7 @@ int runImport(const ImportOptions &options) {
     printError(module.status().message());
     return 1;
   }
-  std::string text;
-  llvm::raw_string_ostream os(text);
-  (*module)->print(os);
-  os << "\n";
-  os.flush();
-  if (options.output == "-") {
-    llvm::outs() << text;
-    return 0;
-  }
-  Status status = writeFileAtomically(
-      options.output, std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(text.data()), text.size()));
-  if (!status.ok()) {
-    printError(status.message());
-    return 1;
-  }
-  return 0;
+  return writeModuleFile(**module, options.output);
 }
 
 } // namespace

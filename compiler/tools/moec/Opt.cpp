@@ -6,6 +6,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "Commands.h"
+#include "ModuleFiles.h"
 
 #include "moe/Dialect/Moe/IR/MoeDialect.h"
 #include "moe/Frontend/Safetensors.h"
@@ -35,14 +36,9 @@ int runOpt(const OptOptions &options) {
   }();
   (void)registered;
   mlir::MLIRContext context;
-  context.loadDialect<ir::MoeDialect>();
-  llvm::SourceMgr sourceManager;
-  mlir::SourceMgrDiagnosticHandler diagnostics(sourceManager, &context);
-  mlir::OwningOpRef<mlir::ModuleOp> module = mlir::parseSourceFile<mlir::ModuleOp>(options.input, &context);
-  if (!module) {
-    printError(options.input + ": cannot parse the module (see the diagnostics above)");
+  mlir::OwningOpRef<mlir::ModuleOp> module = readModuleFile(options.input, context);
+  if (!module)
     return 1;
-  }
   mlir::PassManager manager(&context);
   std::string errors;
   llvm::raw_string_ostream errorStream(errors);
@@ -54,18 +50,7 @@ int runOpt(const OptOptions &options) {
     printError(options.input + ": the pipeline failed (see the diagnostics above); nothing was written");
     return 1;
   }
-  std::string text;
-  llvm::raw_string_ostream os(text);
-  module->print(os);
-  os << "\n";
-  os.flush();
-  Status status = writeFileAtomically(
-      options.output, std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(text.data()), text.size()));
-  if (!status.ok()) {
-    printError(status.message());
-    return 1;
-  }
-  return 0;
+  return writeModuleFile(*module, options.output);
 }
 
 } // namespace

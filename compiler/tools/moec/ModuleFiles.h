@@ -1,0 +1,28 @@
+//===- ModuleFiles.h - Reading and writing moe modules for moec -*- C++ -*-===//
+//
+// Part of moec.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef MOEC_TOOLS_MOEC_MODULEFILES_H
+#define MOEC_TOOLS_MOEC_MODULEFILES_H
+
+#include "mlir/IR/BuiltinOps.h"
+#include "mlir/IR/MLIRContext.h"
+#include "mlir/IR/OwningOpRef.h"
+
+#include <string>
+
+namespace moe::cli {
+
+/// Parses the module at `path` with the moe dialect loaded; on failure
+/// prints the diagnostics and an error, and returns null.
+mlir::OwningOpRef<mlir::ModuleOp> readModuleFile(const std::string &path, mlir::MLIRContext &context);
+
+/// Prints `module` to `output` ("-" for stdout) through a temporary file
+/// and a rename; returns the process exit code.
+int writeModuleFile(mlir::ModuleOp module, const std::string &output);
+
+} // namespace moe::cli
+
+#endif // MOEC_TOOLS_MOEC_MODULEFILES_H
