@@ -31,6 +31,8 @@ Command registerImport(CLI::App &app);
 Command registerExport(CLI::App &app);
 /// `moec opt model.mlir --pipeline P -o out.mlir`.
 Command registerOpt(CLI::App &app);
+/// `moec calibrate <model> --data F -o stats.safetensors`.
+Command registerCalibrate(CLI::App &app);
 /// `moec eval <model> --data F [--seq-len L] [--stride S] [--json]`.
 Command registerEval(CLI::App &app);
 /// `moec generate <model> --prompt TEXT [-n N] [--temperature T --seed S]`.

@@ -1,0 +1,61 @@
+//===- Statistics.h - Calibration statistics of MoE layers ------*- C++ -*-===//
+//
+// Part of moec. The runtime engine plus an observer: one calibration pass
+// records, per MoE layer and expert, everything the compression passes
+// interpret (DESIGN.md "Calibration statistics"). This library knows no
+// pass and no method; it records statistics, passes interpret them.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef MOE_CALIBRATION_STATISTICS_H
+#define MOE_CALIBRATION_STATISTICS_H
+
+#include "moe/Runtime/Engine.h"
+#include "moe/Runtime/Evaluate.h"
+
+#include <string>
+#include <vector>
+
+namespace moe {
+
+struct CalibrationOptions {
+  int64_t sequenceLength = 256;
+  int64_t maxTokens = 0;          ///< 0: all of the data.
+  bool inputMoments = false;      ///< X^T X of each expert's routed inputs (H x H each; large).
+  bool progress = false;          ///< Progress and ETA on stderr.
+};
+
+/// Statistics of one MoE layer; per-expert vectors are indexed by expert.
+struct LayerStatistics {
+  int64_t layer = 0;
+  int64_t tokens = 0;                          ///< Tokens seen by the router.
+  std::vector<int64_t> routedTokens;           ///< Tokens routed to each expert.
+  std::vector<double> routerScoreSum;          ///< Sum of softmax/sigmoid scores (all tokens).
+  std::vector<double> gateWeightSum;           ///< Sum of routing weights where chosen.
+  std::vector<double> easyEpScore;             ///< Sum of w * ||y_e|| / ||block output||.
+  std::vector<double> maxAbsOutput;            ///< Max |element| of the expert's output.
+  std::vector<double> routerLogitGram;         ///< [E, E] sum of logits^T logits.
+  std::vector<std::vector<double>> neuronSquareSum; ///< [E][width] sum of intermediate^2.
+  std::vector<std::vector<double>> neuronSquareMax; ///< [E][width] max of intermediate^2.
+  std::vector<std::vector<double>> inputMoments;    ///< [E][H*H] when requested.
+};
+
+struct CalibrationResult {
+  std::vector<LayerStatistics> layers;
+  int64_t tokens = 0;
+  double seconds = 0;
+};
+
+/// Runs `streams` through `engine` (windows of the sequence length, as eval
+/// does) and records the statistics of every MoE layer.
+Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStream> &streams,
+                                      const CalibrationOptions &options);
+
+/// Writes the statistics as named tensors ("layers.<l>.<name>") in a
+/// safetensors file, with the options and token count in its metadata.
+Status writeStatistics(const CalibrationResult &result, const CalibrationOptions &options,
+                       const std::string &path);
+
+} // namespace moe
+
+#endif // MOE_CALIBRATION_STATISTICS_H

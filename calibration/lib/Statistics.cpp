@@ -1,0 +1,246 @@
+//===- Statistics.cpp - Calibration statistics of MoE layers --------------===//
+//
+// Part of moec.
+//
+//===----------------------------------------------------------------------===//
+
+#include "moe/Calibration/Statistics.h"
+#include "moe/Frontend/Safetensors.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <unistd.h>
+
+namespace moe {
+namespace {
+
+class StatisticsObserver : public EngineObserver {
+public:
+  StatisticsObserver(const ModelSpec &spec, bool inputMoments) : spec(spec), withMoments(inputMoments) {
+    for (const LayerSpec &layer : spec.layers) {
+      if (layer.mlp != MlpKind::Moe)
+        continue;
+      LayerStatistics stats;
+      stats.layer = layer.index;
+      const size_t E = static_cast<size_t>(layer.numExperts);
+      stats.routedTokens.assign(E, 0);
+      stats.routerScoreSum.assign(E, 0);
+      stats.gateWeightSum.assign(E, 0);
+      stats.easyEpScore.assign(E, 0);
+      stats.maxAbsOutput.assign(E, 0);
+      stats.routerLogitGram.assign(E * E, 0);
+      stats.neuronSquareSum.assign(E, std::vector<double>(static_cast<size_t>(layer.expertIntermediateSize), 0));
+      stats.neuronSquareMax.assign(E, std::vector<double>(static_cast<size_t>(layer.expertIntermediateSize), 0));
+      if (withMoments)
+        stats.inputMoments.assign(E, std::vector<double>(static_cast<size_t>(spec.hiddenSize * spec.hiddenSize), 0));
+      index[layer.index] = layers.size();
+      layers.push_back(std::move(stats));
+    }
+  }
+
+  void onRouter(int64_t layer, int64_t tokens, std::span<const float> logits, std::span<const int32_t> chosen,
+                std::span<const float> weights) override {
+    LayerStatistics &stats = layers[index.at(layer)];
+    const int64_t E = static_cast<int64_t>(stats.routedTokens.size());
+    const int64_t K = static_cast<int64_t>(chosen.size()) / tokens;
+    stats.tokens += tokens;
+    currentWeights.assign(static_cast<size_t>(tokens * E), 0.0f);
+    std::vector<double> scores(static_cast<size_t>(E));
+    for (int64_t t = 0; t < tokens; ++t) {
+      const float *row = logits.data() + t * E;
+      if (spec.router.scoring == RouterScoring::Sigmoid) {
+        for (int64_t e = 0; e < E; ++e)
+          scores[e] = 1.0 / (1.0 + std::exp(-static_cast<double>(row[e])));
+      } else {
+        // Softmax (also the score of sparsemixer, whose logits are raw);
+        // masked experts (-inf) get 0.
+        double maximum = -INFINITY, sum = 0;
+        for (int64_t e = 0; e < E; ++e)
+          maximum = std::max(maximum, static_cast<double>(row[e]));
+        for (int64_t e = 0; e < E; ++e)
+          sum += scores[e] = std::exp(static_cast<double>(row[e]) - maximum);
+        for (double &score : scores)
+          score /= sum;
+      }
+      for (int64_t e = 0; e < E; ++e) {
+        stats.routerScoreSum[e] += scores[e];
+        if (!std::isfinite(row[e]))
+          continue;
+        for (int64_t f = 0; f < E; ++f)
+          if (std::isfinite(row[f]))
+            stats.routerLogitGram[e * E + f] += static_cast<double>(row[e]) * row[f];
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        int32_t e = chosen[t * K + k];
+        stats.routedTokens[e] += 1;
+        stats.gateWeightSum[e] += weights[t * K + k];
+        currentWeights[t * E + e] = weights[t * K + k];
+      }
+    }
+    pendingContributions.clear();
+  }
+
+  void onExpert(int64_t layer, int64_t expert, std::span<const int32_t> tokenIndices, std::span<const float> input,
+                std::span<const float> intermediate, std::span<const float> output) override {
+    LayerStatistics &stats = layers[index.at(layer)];
+    const int64_t E = static_cast<int64_t>(stats.routedTokens.size());
+    const int64_t n = static_cast<int64_t>(tokenIndices.size());
+    const int64_t H = spec.hiddenSize, I = static_cast<int64_t>(intermediate.size()) / n;
+    std::vector<double> &squareSum = stats.neuronSquareSum[expert];
+    std::vector<double> &squareMax = stats.neuronSquareMax[expert];
+    if (static_cast<int64_t>(squareSum.size()) != I) {
+      squareSum.assign(static_cast<size_t>(I), 0);
+      squareMax.assign(static_cast<size_t>(I), 0);
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      for (int64_t i = 0; i < I; ++i) {
+        double value = intermediate[r * I + i];
+        squareSum[i] += value * value;
+        squareMax[i] = std::max(squareMax[i], value * value);
+      }
+      double norm = 0;
+      for (int64_t h = 0; h < H; ++h) {
+        double y = output[r * H + h];
+        norm += y * y;
+        stats.maxAbsOutput[expert] = std::max(stats.maxAbsOutput[expert], std::fabs(y));
+      }
+      float weight = currentWeights[static_cast<size_t>(tokenIndices[r]) * E + expert];
+      pendingContributions.push_back({tokenIndices[r], expert, weight * std::sqrt(norm)});
+    }
+    if (withMoments) {
+      std::vector<double> &moments = stats.inputMoments[expert];
+      for (int64_t r = 0; r < n; ++r) {
+        const float *x = input.data() + r * H;
+        for (int64_t a = 0; a < H; ++a)
+          for (int64_t b = 0; b < H; ++b)
+            moments[a * H + b] += static_cast<double>(x[a]) * x[b];
+      }
+    }
+  }
+
+  void onMoeBlock(int64_t layer, int64_t tokens, std::span<const float>, std::span<const float> output) override {
+    LayerStatistics &stats = layers[index.at(layer)];
+    const int64_t H = spec.hiddenSize;
+    std::vector<double> outputNorm(static_cast<size_t>(tokens));
+    for (int64_t t = 0; t < tokens; ++t) {
+      double sum = 0;
+      for (int64_t h = 0; h < H; ++h)
+        sum += static_cast<double>(output[t * H + h]) * output[t * H + h];
+      outputNorm[t] = std::sqrt(sum);
+    }
+    // EASY-EP: each expert's weighted output norm relative to the block's.
+    for (const Contribution &c : pendingContributions)
+      if (outputNorm[c.token] > 0)
+        stats.easyEpScore[c.expert] += c.weightedNorm / outputNorm[c.token];
+    pendingContributions.clear();
+  }
+
+  std::vector<LayerStatistics> layers;
+
+private:
+  struct Contribution {
+    int32_t token;
+    int64_t expert;
+    double weightedNorm;
+  };
+  const ModelSpec &spec;
+  bool withMoments;
+  std::map<int64_t, size_t> index;
+  std::vector<float> currentWeights;
+  std::vector<Contribution> pendingContributions;
+};
+
+template <typename T> std::vector<uint8_t> toBytes(const std::vector<T> &values) {
+  std::vector<uint8_t> bytes(values.size() * sizeof(T));
+  if (!values.empty())
+    std::memcpy(bytes.data(), values.data(), bytes.size());
+  return bytes;
+}
+
+} // namespace
+
+Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStream> &streams,
+                                      const CalibrationOptions &options) {
+  StatisticsObserver observer(engine.spec(), options.inputMoments);
+  const int64_t L = options.sequenceLength;
+  if (L < 1)
+    return Status::error("--seq-len must be positive, got ", L);
+  int64_t totalWindows = 0;
+  for (const EvalStream &stream : streams)
+    totalWindows += std::max<int64_t>(0, (static_cast<int64_t>(stream.ids.size()) - 1) / L);
+  if (options.maxTokens > 0)
+    totalWindows = std::min(totalWindows, (options.maxTokens + L - 1) / L);
+  if (totalWindows == 0)
+    return Status::error("no complete window of ", L, " tokens in the calibration data");
+
+  CalibrationResult result;
+  engine.setObserver(&observer);
+  auto start = std::chrono::steady_clock::now();
+  std::vector<float> logits;
+  int64_t done = 0;
+  const bool showProgress = options.progress && isatty(STDERR_FILENO);
+  for (const EvalStream &stream : streams) {
+    const int64_t windows = (static_cast<int64_t>(stream.ids.size()) - 1) / L;
+    for (int64_t w = 0; w < windows && done < totalWindows; ++w, ++done) {
+      KvCache cache = engine.newCache();
+      Status status = engine.forward(std::span(stream.ids).subspan(w * L, L), cache, logits, /*lastOnly=*/true);
+      if (!status.ok()) {
+        engine.setObserver(nullptr);
+        return status;
+      }
+      result.tokens += L;
+      if (showProgress) {
+        double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        double eta = elapsed / static_cast<double>(done + 1) * static_cast<double>(totalWindows - done - 1);
+        std::fprintf(stderr, "\rcalibrating: %lld/%lld windows, %.0f tokens/s, ETA %.0f s   ",
+                     static_cast<long long>(done + 1), static_cast<long long>(totalWindows),
+                     static_cast<double>(result.tokens) / elapsed, eta);
+      }
+    }
+  }
+  if (showProgress)
+    std::fprintf(stderr, "\n");
+  engine.setObserver(nullptr);
+  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  result.layers = std::move(observer.layers);
+  return result;
+}
+
+Status writeStatistics(const CalibrationResult &result, const CalibrationOptions &options, const std::string &path) {
+  SafetensorsWriter writer;
+  for (const LayerStatistics &stats : result.layers) {
+    const std::string prefix = concat("layers.", stats.layer, ".");
+    const int64_t E = static_cast<int64_t>(stats.routedTokens.size());
+    auto addF64 = [&](const std::string &name, std::vector<int64_t> shape, const std::vector<double> &values) {
+      return writer.addTensor(prefix + name, DType::F64, std::move(shape), toBytes(values));
+    };
+    MOE_RETURN_IF_ERROR(writer.addTensor(prefix + "routed_tokens", DType::I64, {E}, toBytes(stats.routedTokens)));
+    MOE_RETURN_IF_ERROR(writer.addTensor(prefix + "tokens", DType::I64, {}, toBytes(std::vector<int64_t>{stats.tokens})));
+    MOE_RETURN_IF_ERROR(addF64("router_score_sum", {E}, stats.routerScoreSum));
+    MOE_RETURN_IF_ERROR(addF64("gate_weight_sum", {E}, stats.gateWeightSum));
+    MOE_RETURN_IF_ERROR(addF64("easy_ep_score", {E}, stats.easyEpScore));
+    MOE_RETURN_IF_ERROR(addF64("max_abs_output", {E}, stats.maxAbsOutput));
+    MOE_RETURN_IF_ERROR(addF64("router_logit_gram", {E, E}, stats.routerLogitGram));
+    for (int64_t e = 0; e < E; ++e) {
+      const std::string expert = concat("experts.", e, ".");
+      int64_t width = static_cast<int64_t>(stats.neuronSquareSum[e].size());
+      MOE_RETURN_IF_ERROR(addF64(expert + "neuron_square_sum", {width}, stats.neuronSquareSum[e]));
+      MOE_RETURN_IF_ERROR(addF64(expert + "neuron_square_max", {width}, stats.neuronSquareMax[e]));
+      if (!stats.inputMoments.empty()) {
+        int64_t H = static_cast<int64_t>(std::sqrt(static_cast<double>(stats.inputMoments[e].size())));
+        MOE_RETURN_IF_ERROR(addF64(expert + "input_moments", {H, H}, stats.inputMoments[e]));
+      }
+    }
+  }
+  writer.setMetadata("format", "moec-calibration-statistics-v1");
+  writer.setMetadata("tokens", std::to_string(result.tokens));
+  writer.setMetadata("seq_len", std::to_string(options.sequenceLength));
+  writer.setMetadata("input_moments", options.inputMoments ? "true" : "false");
+  return writer.write(path);
+}
+
+} // namespace moe

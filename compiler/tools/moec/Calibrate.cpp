@@ -1,0 +1,71 @@
+//===- Calibrate.cpp - moec calibrate: statistics for compression ---------===//
+//
+// Part of moec.
+//
+//===----------------------------------------------------------------------===//
+
+#include "Commands.h"
+
+#include "moe/Calibration/Statistics.h"
+#include "moe/Runtime/Model.h"
+
+#include <cstdio>
+
+namespace moe::cli {
+namespace {
+
+struct CalibrateOptions {
+  std::string model, data, output;
+  int64_t tokens = 0, sequenceLength = 256;
+  bool inputMoments = false;
+};
+
+int runCalibrate(const CalibrateOptions &options) {
+  Expected<LoadedModel> model = loadModel(options.model);
+  if (!model) {
+    printError(model.status().message());
+    return 1;
+  }
+  Expected<std::vector<EvalStream>> streams = readEvalData(options.data, model->tokenizer.get(), model->endOfText);
+  if (!streams) {
+    printError(streams.status().message());
+    return 1;
+  }
+  CalibrationOptions calibration;
+  calibration.sequenceLength = options.sequenceLength;
+  calibration.maxTokens = options.tokens;
+  calibration.inputMoments = options.inputMoments;
+  calibration.progress = true;
+  Expected<CalibrationResult> result = calibrate(*model->engine, *streams, calibration);
+  if (!result) {
+    printError(result.status().message());
+    return 1;
+  }
+  Status status = writeStatistics(*result, calibration, options.output);
+  if (!status.ok()) {
+    printError(status.message());
+    return 1;
+  }
+  std::printf("calibrated %lld tokens through %zu MoE layers in %.1f s -> %s\n",
+              static_cast<long long>(result->tokens), result->layers.size(), result->seconds, options.output.c_str());
+  return 0;
+}
+
+} // namespace
+
+Command registerCalibrate(CLI::App &app) {
+  auto options = std::make_shared<CalibrateOptions>();
+  CLI::App *command = app.add_subcommand(
+      "calibrate", "Run calibration text through a model and record per-expert statistics (safetensors)");
+  command->add_option("model", options->model, "Model directory")->required();
+  command->add_option("--data", options->data, "Calibration data (text, .jsonl or .u32)")->required();
+  command->add_option("-o,--output", options->output, "Statistics file (.safetensors)")->required();
+  command->add_option("--tokens", options->tokens, "Stop after this many tokens (default: all)")
+      ->check(CLI::PositiveNumber);
+  command->add_option("--seq-len", options->sequenceLength, "Window length")->check(CLI::PositiveNumber);
+  command->add_flag("--input-moments", options->inputMoments,
+                    "Also record X^T X of each expert's routed inputs (hidden^2 per expert; for GPTQ)");
+  return {command, [options] { return runCalibrate(*options); }};
+}
+
+} // namespace moe::cli

@@ -1,0 +1,111 @@
+//===- CalibrationTest.cpp - Statistics with known answers ----------------===//
+//
+// Part of moec.
+//
+//===----------------------------------------------------------------------===//
+
+#include "moe/Calibration/Statistics.h"
+#include "moe/Runtime/Model.h"
+
+#include "TestSupport.h"
+
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+using namespace moe;
+using namespace moe::testing;
+
+namespace {
+
+Expected<CalibrationResult> calibrateFixture(const std::string &name, EngineOptions engineOptions,
+                                             CalibrationOptions options) {
+  auto model = loadModel(dataDir() + "/fixtures/" + name, engineOptions);
+  if (!model)
+    return model.status();
+  auto streams = readEvalData(dataDir() + "/brown/calibration.jsonl", model->tokenizer.get(), model->endOfText);
+  if (!streams)
+    return streams.status();
+  return calibrate(*model->engine, *streams, options);
+}
+
+} // namespace
+
+TEST(Calibration, CountsAndWeightsAddUp) {
+  CalibrationOptions options;
+  options.maxTokens = 1024;
+  auto result = calibrateFixture("tiny-mixtral", {}, options);
+  ASSERT_TRUE(result.ok()) << result.status().message();
+  EXPECT_EQ(result->tokens, 1024);
+  ASSERT_EQ(result->layers.size(), 4u);
+  for (const LayerStatistics &stats : result->layers) {
+    EXPECT_EQ(stats.tokens, 1024);
+    EXPECT_EQ(std::accumulate(stats.routedTokens.begin(), stats.routedTokens.end(), int64_t(0)), 2 * 1024)
+        << "top-2 routing";
+    // Mixtral renormalises the chosen weights to 1 per token; softmax
+    // scores sum to 1 per token.
+    EXPECT_NEAR(std::accumulate(stats.gateWeightSum.begin(), stats.gateWeightSum.end(), 0.0), 1024.0, 1e-3);
+    EXPECT_NEAR(std::accumulate(stats.routerScoreSum.begin(), stats.routerScoreSum.end(), 0.0), 1024.0, 1e-6);
+    const size_t E = stats.routedTokens.size();
+    for (size_t a = 0; a < E; ++a)
+      for (size_t b = 0; b < E; ++b)
+        EXPECT_DOUBLE_EQ(stats.routerLogitGram[a * E + b], stats.routerLogitGram[b * E + a]);
+    for (size_t e = 0; e < E; ++e) {
+      EXPECT_EQ(stats.neuronSquareSum[e].size(), 160u);
+      EXPECT_GT(stats.maxAbsOutput[e], 0.0);
+      EXPECT_GT(stats.easyEpScore[e], 0.0);
+    }
+  }
+}
+
+TEST(Calibration, AnExpertThatIsNeverRoutedRecordsNothing) {
+  EngineOptions masked;
+  masked.maskedExperts = {{1, {3}}};
+  CalibrationOptions options;
+  options.maxTokens = 512;
+  options.inputMoments = true;
+  auto result = calibrateFixture("tiny-deepseek", masked, options);
+  ASSERT_TRUE(result.ok()) << result.status().message();
+  ASSERT_EQ(result->layers.size(), 3u);
+  const LayerStatistics &layer1 = result->layers[0];
+  EXPECT_EQ(layer1.layer, 1);
+  EXPECT_EQ(layer1.routedTokens[3], 0);
+  EXPECT_EQ(layer1.gateWeightSum[3], 0.0);
+  EXPECT_EQ(layer1.routerScoreSum[3], 0.0);
+  EXPECT_EQ(layer1.easyEpScore[3], 0.0);
+  for (double value : layer1.neuronSquareSum[3])
+    EXPECT_EQ(value, 0.0);
+  for (double value : layer1.inputMoments[3])
+    EXPECT_EQ(value, 0.0);
+  // Routed experts have positive-semidefinite input moments.
+  const std::vector<double> &moments = layer1.inputMoments[0];
+  const size_t H = 160;
+  double trace = 0;
+  for (size_t i = 0; i < H; ++i) {
+    trace += moments[i * H + i];
+    EXPECT_GE(moments[i * H + i], 0.0);
+  }
+  EXPECT_GT(trace, 0.0);
+  EXPECT_GT(result->layers[1].routedTokens[3], 0) << "other layers unaffected";
+}
+
+TEST(Calibration, StatisticsFileIsSafetensorsWithNamedTensors) {
+  CalibrationOptions options;
+  options.maxTokens = 256;
+  auto result = calibrateFixture("tiny-deepseek", {}, options);
+  ASSERT_TRUE(result.ok());
+  TempDir dir;
+  ASSERT_TRUE(writeStatistics(*result, options, dir.file("stats.safetensors")).ok());
+  auto file = SafetensorsFile::open(dir.file("stats.safetensors"));
+  ASSERT_TRUE(file.ok()) << file.status().message();
+  EXPECT_EQ((*file)->metadata().at("tokens"), "256");
+  const TensorInfo *counts = (*file)->find("layers.2.routed_tokens");
+  ASSERT_NE(counts, nullptr);
+  EXPECT_EQ(counts->dtype, DType::I64);
+  std::vector<int64_t> values(8);
+  std::memcpy(values.data(), (*file)->data(*counts).data(), 64);
+  EXPECT_EQ(values, result->layers[1].routedTokens);
+  ASSERT_NE((*file)->find("layers.3.experts.7.neuron_square_max"), nullptr);
+  EXPECT_EQ((*file)->find("layers.1.router_logit_gram")->shape, (std::vector<int64_t>{8, 8}));
+  EXPECT_EQ((*file)->find("layers.1.experts.0.input_moments"), nullptr) << "only on request";
+}
