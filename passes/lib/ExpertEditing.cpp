@@ -1,0 +1,142 @@
+//===- ExpertEditing.cpp - Removing experts from a moe_block --------------===//
+//
+// Part of moec. Shared by the passes that remove experts (moe-drop-experts,
+// moe-prune-experts): router rows sliced into the WeightStore, experts
+// renumbered, group-limited routing adjusted, orphaned tensors erased.
+//
+//===----------------------------------------------------------------------===//
+
+#include "ExpertEditing.h"
+
+#include "mlir/IR/Builders.h"
+#include "mlir/IR/BuiltinTypes.h"
+
+using namespace mlir;
+
+namespace moe {
+
+/// Writes rows `keep` of the tensor behind `symbol` (dimension 0) to the
+/// store under `key` and returns the new tensor op's symbol.
+FailureOr<FlatSymbolRefAttr> sliceRows(ir::ModelOp model, TensorAccess &access, FlatSymbolRefAttr symbol,
+                                       ArrayRef<int64_t> keep, StringRef suffix) {
+  auto tensor = cast<ir::TensorOp>(SymbolTable::lookupSymbolIn(model, symbol.getAttr()));
+  DType dtype;
+  std::vector<uint8_t> bytes;
+  Status status = access.read(tensor, dtype, bytes);
+  if (!status.ok())
+    return tensor.emitError(status.message()), failure();
+  ArrayRef<int64_t> shape = tensor.getTensorType().getShape();
+  int64_t rowBytes = static_cast<int64_t>(bytes.size()) / shape[0];
+  std::vector<uint8_t> sliced;
+  for (int64_t row : keep)
+    sliced.insert(sliced.end(), bytes.begin() + row * rowBytes, bytes.begin() + (row + 1) * rowBytes);
+  SmallVector<int64_t> newShape(shape);
+  newShape[0] = static_cast<int64_t>(keep.size());
+  std::string name = (tensor.getSymName() + suffix).str();
+  Expected<WeightStore *> store = access.store();
+  if (!store)
+    return model.emitError(store.status().message()), failure();
+  status = (*store)->append(name, dtype, std::vector<int64_t>(newShape.begin(), newShape.end()), sliced);
+  if (!status.ok())
+    return model.emitError(status.message()), failure();
+  OpBuilder builder(tensor);
+  builder.setInsertionPointAfter(tensor);
+  if (SymbolTable::lookupSymbolIn(model, builder.getStringAttr(name)))
+    SymbolTable::lookupSymbolIn(model, builder.getStringAttr(name))->erase();
+  builder.create<ir::TensorOp>(tensor.getLoc(), builder.getStringAttr(name),
+                               TypeAttr::get(RankedTensorType::get(newShape, tensor.getTensorType().getElementType())),
+                               builder.getStringAttr(name), IntegerAttr(), tensor.getQuantAttr());
+  return FlatSymbolRefAttr::get(builder.getContext(), name);
+}
+
+LogicalResult dropExperts(ir::ModelOp model, ir::LayerOp layer, const std::set<int64_t> &drop,
+                        TensorAccess &access, StringRef passName, DropCounts &counts) {
+  auto blocks = layer.getBody().getOps<ir::MoeBlockOp>();
+  if (blocks.empty())
+    return layer.emitError() << passName << ": layer " << layer.getIndex() << " has no experts";
+  ir::MoeBlockOp block = *blocks.begin();
+  ir::RouterOp router = *block.getBody().getOps<ir::RouterOp>().begin();
+  if (router.getRemap())
+    return router.emitError() << passName << ": dropping experts of a merged layer (router remap) is not supported";
+  SmallVector<ir::ExpertOp> experts(block.getBody().getOps<ir::ExpertOp>());
+  std::set<int64_t> ids;
+  for (ir::ExpertOp expert : experts)
+    ids.insert(static_cast<int64_t>(expert.getId()));
+  for (int64_t id : drop)
+    if (!ids.count(id))
+      return layer.emitError() << passName << ": layer " << layer.getIndex() << " has no expert " << id;
+  SmallVector<int64_t> keep;
+  for (ir::ExpertOp expert : experts)
+    if (!drop.count(static_cast<int64_t>(expert.getId())))
+      keep.push_back(static_cast<int64_t>(expert.getId()));
+  if (static_cast<int64_t>(keep.size()) < static_cast<int64_t>(router.getTopK()))
+    return router.emitError() << passName << ": layer " << layer.getIndex() << " would keep " << keep.size()
+                              << " experts, fewer than top_k " << router.getTopK()
+                              << "; lower it with moe-set-topk first";
+
+  // Router rows (and the correction bias) of the kept experts.
+  std::string suffix = ".drop";
+  FailureOr<FlatSymbolRefAttr> weight = sliceRows(model, access, router.getWeightAttr(), keep, suffix);
+  if (failed(weight))
+    return failure();
+  router.setWeightAttr(*weight);
+  if (FlatSymbolRefAttr bias = router.getCorrectionBiasAttr()) {
+    FailureOr<FlatSymbolRefAttr> sliced = sliceRows(model, access, bias, keep, suffix);
+    if (failed(sliced))
+      return failure();
+    router.setCorrectionBiasAttr(*sliced);
+  }
+
+  // Group-limited routing keeps its groups only if they shrink evenly.
+  if (router.getSelection() != "top-k") {
+    int64_t groups = static_cast<int64_t>(router.getGroups());
+    int64_t perGroup = static_cast<int64_t>(experts.size()) / groups;
+    std::vector<int64_t> droppedPerGroup(groups, 0);
+    for (int64_t id : drop)
+      ++droppedPerGroup[id / perGroup];
+    bool even = std::all_of(droppedPerGroup.begin(), droppedPerGroup.end(),
+                            [&](int64_t n) { return n == droppedPerGroup[0]; }) &&
+                droppedPerGroup[0] < perGroup;
+    if (!even) {
+      OpBuilder builder(router);
+      router.setSelection("top-k");
+      router.setGroups(1);
+      router.setTopKGroups(1);
+      router.emitRemark() << "layer " << layer.getIndex()
+                          << ": experts dropped unevenly across routing groups; using ungrouped top-k";
+    }
+  }
+
+  // Remove the experts and their tensors; renumber the rest in order.
+  int64_t newId = 0;
+  for (ir::ExpertOp expert : experts) {
+    if (drop.count(static_cast<int64_t>(expert.getId()))) {
+      for (FlatSymbolRefAttr symbol : {expert.getGateAttr(), expert.getUpAttr(), expert.getDownAttr()}) {
+        auto tensor = cast<ir::TensorOp>(SymbolTable::lookupSymbolIn(model, symbol.getAttr()));
+        counts.parameters += tensor.getTensorType().getNumElements();
+      }
+      expert->erase(); // its tensors go with eraseUnusedTensors below
+      continue;
+    }
+    expert.setId(static_cast<uint64_t>(newId++));
+  }
+  counts.experts += static_cast<int64_t>(drop.size());
+  eraseUnusedTensors(model);
+  return success();
+}
+
+/// Erases tensors no op references any more, with their FP8 scales.
+void eraseUnusedTensors(ir::ModelOp model) {
+  SmallVector<ir::TensorOp> candidates;
+  for (ir::TensorOp tensor : model.getBody().getOps<ir::TensorOp>())
+    if (!tensor.getSymName().ends_with("_scale_inv") && SymbolTable::symbolKnownUseEmpty(tensor, model))
+      candidates.push_back(tensor);
+  for (ir::TensorOp tensor : candidates) {
+    std::string scale = (tensor.getSymName() + "_scale_inv").str();
+    if (Operation *scaleOp = SymbolTable::lookupSymbolIn(model, StringAttr::get(model.getContext(), scale)))
+      scaleOp->erase();
+    tensor->erase();
+  }
+}
+
+} // namespace moe
