@@ -7,6 +7,7 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "moe/Calibration/Statistics.h"
 #include "moe/Dialect/Moe/IR/MoeDialect.h"
 #include "moe/Exporter/Exporter.h"
 #include "moe/Importer/Importer.h"
@@ -20,7 +21,12 @@
 #include "mlir/Pass/PassManager.h"
 #include "mlir/Pass/PassRegistry.h"
 
+#include "mlir/IR/Diagnostics.h"
+#include "llvm/Support/raw_ostream.h"
+
 #include <nlohmann/json.hpp>
+
+#include <cstring>
 
 using namespace moe;
 using namespace moe::testing;
@@ -124,4 +130,131 @@ TEST(Pipeline, ExportRefusesWhatTheConfigCannotExpress) {
   Status status = exportHuggingFace(*(**module).getOps<ir::ModelOp>().begin(), dir.file("out"));
   expectErrorContains(status, {"layer 2 has 7 routed experts but an earlier layer has 8",
                                "use the package backend"});
+}
+
+namespace {
+
+/// Imports `directory` and runs `pipeline`; returns the printed module.
+std::string importAndRun(const std::string &directory, const std::string &pipeline, const std::string &store,
+                         mlir::MLIRContext &context, bool expectSuccess = true) {
+  registerMoePasses();
+  std::string configText = readFile(directory + "/config.json");
+  auto spec = ModelSpec::fromConfigText(configText, "config.json");
+  auto checkpoint = Checkpoint::open(directory);
+  EXPECT_TRUE(bindCheckpoint(*spec, **checkpoint).ok());
+  auto module = importModel(context, *spec, **checkpoint, configText, store);
+  EXPECT_TRUE(module.ok());
+  mlir::PassManager manager(&context);
+  EXPECT_TRUE(mlir::succeeded(mlir::parsePassPipeline(pipeline, manager)));
+  EXPECT_EQ(mlir::succeeded(manager.run(**module)), expectSuccess);
+  std::string text;
+  llvm::raw_string_ostream os(text);
+  (*module)->print(os);
+  return os.str();
+}
+
+/// The expert lines of layer `index` in a printed module.
+std::vector<std::string> expertLines(const std::string &module, int64_t index) {
+  std::vector<std::string> lines;
+  std::string marker = "moe.layer " + std::to_string(index) + " {";
+  size_t begin = module.find(marker);
+  size_t end = module.find("moe.layer " + std::to_string(index + 1) + " {", begin);
+  std::string section = module.substr(begin, end == std::string::npos ? std::string::npos : end - begin);
+  size_t position = 0;
+  while ((position = section.find("moe.expert ", position)) != std::string::npos) {
+    size_t lineEnd = section.find('\n', position);
+    lines.push_back(section.substr(position, lineEnd - position));
+    position = lineEnd;
+  }
+  return lines;
+}
+
+/// Writes a statistics file with the given routed counts and max outputs
+/// for every MoE layer of a model with `layers` layers of `experts` experts.
+void writeStats(const std::string &path, int64_t layers, const std::vector<std::vector<int64_t>> &routed,
+                const std::vector<std::vector<double>> &maxOutputs) {
+  SafetensorsWriter writer;
+  for (int64_t l = 0; l < layers; ++l) {
+    std::vector<uint8_t> counts(routed[l].size() * 8), outputs(maxOutputs[l].size() * 8);
+    std::memcpy(counts.data(), routed[l].data(), counts.size());
+    std::memcpy(outputs.data(), maxOutputs[l].data(), outputs.size());
+    int64_t E = static_cast<int64_t>(routed[l].size());
+    ASSERT_TRUE(writer.addTensor(concat("layers.", l, ".routed_tokens"), DType::I64, {E}, counts).ok());
+    ASSERT_TRUE(writer.addTensor(concat("layers.", l, ".max_abs_output"), DType::F64, {E}, outputs).ok());
+  }
+  ASSERT_TRUE(writer.write(path).ok());
+}
+
+} // namespace
+
+TEST(PruneExperts, AnExpertThatIsNeverRoutedGoesFirst) {
+  TempDir dir;
+  const std::string fixture = dataDir() + "/fixtures/tiny-deepseek";
+  EngineOptions masked;
+  masked.maskedExperts = {{2, {6}}};
+  auto model = loadModel(fixture, masked);
+  ASSERT_TRUE(model.ok());
+  auto streams = readEvalData(dataDir() + "/brown/calibration.jsonl", model->tokenizer.get(), model->endOfText);
+  CalibrationOptions options;
+  options.maxTokens = 1024;
+  auto result = calibrate(*model->engine, *streams, options);
+  ASSERT_TRUE(result.ok());
+  ASSERT_TRUE(writeStatistics(*result, options, dir.file("stats.safetensors")).ok());
+
+  mlir::MLIRContext context;
+  std::string module = importAndRun(
+      fixture, "moe-prune-experts{stats=" + dir.file("stats.safetensors") + " method=frequency keep=7}",
+      dir.file("m.moestore"), context);
+  std::vector<std::string> experts = expertLines(module, 2);
+  ASSERT_EQ(experts.size(), 7u);
+  for (const std::string &line : experts)
+    EXPECT_EQ(line.find("experts.6."), std::string::npos) << line;
+  EXPECT_EQ(expertLines(module, 1).size(), 7u) << "keep=7 in every layer";
+}
+
+TEST(PruneExperts, RatioZeroIsTheIdentity) {
+  TempDir dir;
+  const std::string fixture = dataDir() + "/fixtures/tiny-mixtral";
+  writeStats(dir.file("stats.safetensors"), 4, std::vector<std::vector<int64_t>>(4, {5, 1, 7, 3, 9, 2, 8, 4}),
+             std::vector<std::vector<double>>(4, std::vector<double>(8, 1.0)));
+  mlir::MLIRContext a, b;
+  std::string pruned = importAndRun(fixture, "moe-prune-experts{stats=" + dir.file("stats.safetensors") + " ratio=0}",
+                                    dir.file("m.moestore"), a);
+  std::string original = importAndRun(fixture, "moe-set-topk{top-k=2}", dir.file("m.moestore"), b);
+  EXPECT_EQ(pruned, original);
+}
+
+TEST(PruneExperts, APlantedSuperExpertIsKept) {
+  TempDir dir;
+  const std::string fixture = dataDir() + "/fixtures/tiny-mixtral";
+  // Expert 0 of layer 0 is the least used but has an outlier output.
+  std::vector<std::vector<int64_t>> routed(4, {9, 8, 7, 6, 5, 4, 3, 2});
+  routed[0] = {1, 2, 30, 30, 30, 30, 30, 30};
+  std::vector<std::vector<double>> outputs(4, std::vector<double>(8, 1.0));
+  outputs[0][0] = 1000.0;
+  writeStats(dir.file("stats.safetensors"), 4, routed, outputs);
+  const std::string pipeline = "moe-prune-experts{stats=" + dir.file("stats.safetensors") + " keep=7";
+  mlir::MLIRContext a, b;
+  std::string kept = importAndRun(fixture, pipeline + "}", dir.file("a.moestore"), a);
+  std::vector<std::string> layer0 = expertLines(kept, 0);
+  ASSERT_EQ(layer0.size(), 7u);
+  EXPECT_NE(layer0[0].find("experts.0.w1"), std::string::npos) << "the super expert stays";
+  for (const std::string &line : layer0)
+    EXPECT_EQ(line.find("experts.1.w1"), std::string::npos) << "the next least used goes";
+  std::string unprotected = importAndRun(fixture, pipeline + " protect-super-experts=false}", dir.file("b.moestore"), b);
+  for (const std::string &line : expertLines(unprotected, 0))
+    EXPECT_EQ(line.find("experts.0.w1"), std::string::npos) << line;
+}
+
+TEST(PruneExperts, BadOptionsAreNamed) {
+  TempDir dir;
+  mlir::MLIRContext context;
+  mlir::ScopedDiagnosticHandler capture(&context, [&](mlir::Diagnostic &diagnostic) {
+    EXPECT_NE(diagnostic.str().find("moe-prune-experts"), std::string::npos) << diagnostic.str();
+    return mlir::success();
+  });
+  importAndRun(dataDir() + "/fixtures/tiny-mixtral", "moe-prune-experts{stats=" + dir.file("none") + " ratio=0.5}",
+               dir.file("m.moestore"), context, /*expectSuccess=*/false);
+  importAndRun(dataDir() + "/fixtures/tiny-mixtral", "moe-prune-experts{method=magic stats=x}", dir.file("m.moestore"),
+               context, /*expectSuccess=*/false);
 }

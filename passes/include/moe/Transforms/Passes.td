@@ -38,6 +38,39 @@ def MoeDropExperts : Pass<"moe-drop-experts", "::mlir::ModuleOp"> {
   ];
 }
 
+def MoePruneExperts : Pass<"moe-prune-experts", "::mlir::ModuleOp"> {
+  let summary = "Remove the experts that calibration scores lowest";
+  let description = [{
+    Scores every routed expert from a calibration statistics file
+    (`moec calibrate`) and removes the lowest-scored ones, per layer or
+    across the model, as `moe-drop-experts` does. Methods: `frequency`
+    (tokens routed to the expert), `gate-weight` (sum of its routing
+    weights), `easy-ep` (sum of weight x output norm / block output norm).
+    Super experts (max |output| above the 99.5th percentile of all experts
+    and above a tenth of the largest) are kept unless
+    `protect-super-experts=false`. A layer never keeps fewer experts than
+    its top-k; ties go to the lower expert id being kept.
+
+    ```mlir
+    // moe-opt --moe-prune-experts="stats=stats.safetensors method=easy-ep ratio=0.25"
+    ```
+  }];
+  let options = [
+    Option<"stats", "stats", "std::string", /*default=*/"\"\"", "Calibration statistics file (required)">,
+    Option<"method", "method", "std::string", /*default=*/"\"frequency\"",
+           "frequency, gate-weight or easy-ep">,
+    Option<"ratio", "ratio", "double", /*default=*/"0.0", "Fraction of routed experts to remove">,
+    Option<"keep", "keep", "int64_t", /*default=*/"0", "Experts to keep per layer (instead of ratio)">,
+    Option<"scope", "scope", "std::string", /*default=*/"\"layer\"", "layer or global">,
+    Option<"protectSuperExperts", "protect-super-experts", "bool", /*default=*/"true",
+           "Never remove super experts">,
+  ];
+  let statistics = [
+    Statistic<"expertsPruned", "experts-pruned", "Experts removed">,
+    Statistic<"superExpertsProtected", "super-experts-protected", "Super experts kept">,
+  ];
+}
+
 def MoeSetTopk : Pass<"moe-set-topk", "::mlir::ModuleOp"> {
   let summary = "Set the number of routed experts each token uses";
   let description = [{
