@@ -42,8 +42,4 @@ TEST_P(Fixtures, HeldOutPerplexityMatchesTransformersWithinATenthOfAPercent) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Bundled, Fixtures, ::testing::Values("tiny-mixtral", "tiny-deepseek"),
-                         [](const ::testing::TestParamInfo<std::string> &info) {
-                           std::string name = info.param;
-                           std::replace(name.begin(), name.end(), '-', '_');
-                           return name;
-                         });
+                         [](const ::testing::TestParamInfo<std::string> &info) { return testNameFrom(info.param); });

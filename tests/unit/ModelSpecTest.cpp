@@ -367,12 +367,7 @@ INSTANTIATE_TEST_SUITE_P(
         ConfigErrorCase{"architectures not a list", ModelFamily::Mixtral,
                         [](json &c) { c["architectures"] = "MixtralForCausalLM"; },
                         {"'architectures' must be a non-empty list"}}),
-    [](const ::testing::TestParamInfo<ConfigErrorCase> &info) {
-      std::string name;
-      for (char ch : info.param.description)
-        name += std::isalnum(static_cast<unsigned char>(ch)) ? ch : '_';
-      return name;
-    });
+    [](const ::testing::TestParamInfo<ConfigErrorCase> &info) { return testNameFrom(info.param.description); });
 
 TEST(ModelSpec, ConfigThatIsNotJsonOrMissingIsNamed) {
   expectErrorContains(ModelSpec::fromConfigText("{", "x/config.json").status(),

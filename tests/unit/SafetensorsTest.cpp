@@ -212,12 +212,7 @@ INSTANTIATE_TEST_SUITE_P(
         BadHeaderCase{"invalid UTF-8 in a name",
                       rawSafetensors("{\"w\xff\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}", 1),
                       {"not valid UTF-8 JSON"}}),
-    [](const ::testing::TestParamInfo<BadHeaderCase> &info) {
-      std::string name;
-      for (char ch : info.param.description)
-        name += std::isalnum(static_cast<unsigned char>(ch)) ? ch : '_';
-      return name;
-    });
+    [](const ::testing::TestParamInfo<BadHeaderCase> &info) { return testNameFrom(info.param.description); });
 
 TEST(SafetensorsReader, OpenNamesMissingAndTruncatedFiles) {
   TempDir dir;

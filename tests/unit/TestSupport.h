@@ -9,6 +9,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cctype>
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
@@ -44,6 +45,14 @@ inline void writeFile(const std::string &path, const std::string &bytes) {
 inline std::string readFile(const std::string &path) {
   std::ifstream stream(path, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(stream), {});
+}
+
+/// A GoogleTest parameter name from a description: non-alphanumerics -> '_'.
+inline std::string testNameFrom(const std::string &description) {
+  std::string name;
+  for (char ch : description)
+    name += std::isalnum(static_cast<unsigned char>(ch)) ? ch : '_';
+  return name;
 }
 
 /// A safetensors file from raw header text and a data buffer of `dataBytes`.

@@ -58,11 +58,7 @@ TEST_P(TokenizerGoldens, IdsAndDecodingMatchHuggingFace) {
 INSTANTIATE_TEST_SUITE_P(Styles, TokenizerGoldens,
                          ::testing::Values("fixture", "gpt2-nfc", "split-chain", "sp-metaspace",
                                            "sp-legacy"),
-                         [](const ::testing::TestParamInfo<std::string> &info) {
-                           std::string name = info.param;
-                           std::replace(name.begin(), name.end(), '-', '_');
-                           return name;
-                         });
+                         [](const ::testing::TestParamInfo<std::string> &info) { return testNameFrom(info.param); });
 
 TEST(Tokenizer, ByteLevelRoundTripsAnyText) {
   auto tokenizer = Tokenizer::fromFile(dataDir() + "/tokenizers/fixture/tokenizer.json");

@@ -170,13 +170,19 @@ Status loadBlockScales(const Checkpoint &checkpoint, std::string_view name,
 
 } // namespace
 
-Status Checkpoint::loadF32(std::string_view name, std::vector<float> &out) const {
-  const TensorLocation *location = find(name);
+Status Checkpoint::locateWithScales(std::string_view name, const TensorLocation *&location,
+                                    std::vector<float> &scales) const {
+  location = find(name);
   if (!location)
     return Status::error(root, ": tensor '", name, "' not found");
-  const TensorInfo &info = *location->info;
+  return loadBlockScales(*this, name, *location, scales);
+}
+
+Status Checkpoint::loadF32(std::string_view name, std::vector<float> &out) const {
+  const TensorLocation *location = nullptr;
   std::vector<float> scales;
-  MOE_RETURN_IF_ERROR(loadBlockScales(*this, name, *location, scales));
+  MOE_RETURN_IF_ERROR(locateWithScales(name, location, scales));
+  const TensorInfo &info = *location->info;
   out.resize(static_cast<size_t>(info.numElements()));
   MOE_RETURN_IF_ERROR(
       convertToF32(info.dtype, location->bytes().data(), out.size(), out.data())
@@ -188,12 +194,10 @@ Status Checkpoint::loadF32(std::string_view name, std::vector<float> &out) const
 
 Status Checkpoint::streamF32(std::string_view name, int64_t rowsPerChunk,
                              const RowChunkConsumer &consumer) const {
-  const TensorLocation *location = find(name);
-  if (!location)
-    return Status::error(root, ": tensor '", name, "' not found");
-  const TensorInfo &info = *location->info;
+  const TensorLocation *location = nullptr;
   std::vector<float> scales;
-  MOE_RETURN_IF_ERROR(loadBlockScales(*this, name, *location, scales));
+  MOE_RETURN_IF_ERROR(locateWithScales(name, location, scales));
+  const TensorInfo &info = *location->info;
   int64_t rows = info.shape.empty() || info.shape.size() == 1 ? 1 : info.shape[0];
   int64_t rowElements = rows == 0 ? 0 : info.numElements() / rows;
   rowsPerChunk = std::max<int64_t>(1, std::min(rowsPerChunk, rows));

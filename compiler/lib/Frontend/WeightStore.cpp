@@ -42,6 +42,17 @@ bool readAt(int descriptor, uint64_t offset, void *buffer, size_t size) {
   return true;
 }
 
+/// XXH64 of a record's header JSON followed by its data.
+uint64_t recordChecksum(const std::string &headerText, const uint8_t *data, size_t size) {
+  XXH64_state_t *state = XXH64_createState();
+  XXH64_reset(state, 0);
+  XXH64_update(state, headerText.data(), headerText.size());
+  XXH64_update(state, data, size);
+  uint64_t digest = XXH64_digest(state);
+  XXH64_freeState(state);
+  return digest;
+}
+
 bool writeAll(int descriptor, const uint8_t *bytes, size_t size) {
   while (size > 0) {
     ssize_t n = ::write(descriptor, bytes, size);
@@ -120,13 +131,7 @@ Expected<std::unique_ptr<WeightStore>> WeightStore::open(const std::string &path
     if (!readAt(store->descriptor, tensor.dataOffset, data.data(), data.size()) ||
         !readAt(store->descriptor, tensor.dataOffset + tensor.byteSize, &stored, 8))
       break;
-    XXH64_state_t *state = XXH64_createState();
-    XXH64_reset(state, 0);
-    XXH64_update(state, headerText.data(), headerText.size());
-    XXH64_update(state, data.data(), data.size());
-    uint64_t computed = XXH64_digest(state);
-    XXH64_freeState(state);
-    if (computed != stored)
+    if (recordChecksum(headerText, data.data(), data.size()) != stored)
       break;
     store->index[tensor.key] = std::move(tensor);
     offset = recordEnd;
@@ -162,15 +167,7 @@ Status WeightStore::append(const std::string &key, DType dtype, std::vector<int6
   uint64_t dataOffset = alignUp(validLength + record.size());
   record.resize(dataOffset - validLength, 0);
   record.insert(record.end(), bytes.begin(), bytes.end());
-  uint64_t checksum = [&] {
-    XXH64_state_t *state = XXH64_createState();
-    XXH64_reset(state, 0);
-    XXH64_update(state, headerText.data(), headerText.size());
-    XXH64_update(state, bytes.data(), bytes.size());
-    uint64_t digest = XXH64_digest(state);
-    XXH64_freeState(state);
-    return digest;
-  }();
+  uint64_t checksum = recordChecksum(headerText, bytes.data(), bytes.size());
   const uint8_t *checksumBytes = reinterpret_cast<const uint8_t *>(&checksum);
   record.insert(record.end(), checksumBytes, checksumBytes + 8);
   if (lseek(descriptor, static_cast<off_t>(validLength), SEEK_SET) < 0 ||

@@ -70,6 +70,11 @@ public:
                    const RowChunkConsumer &consumer) const;
 
 private:
+  /// Finds tensor `name` and, for FP8 with a `_scale_inv` sibling, its
+  /// f32 block scales (empty otherwise).
+  Status locateWithScales(std::string_view name, const TensorLocation *&location,
+                          std::vector<float> &scales) const;
+
   std::string root;
   bool sharded = false;
   std::vector<std::unique_ptr<SafetensorsFile>> files;
