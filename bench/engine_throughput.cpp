@@ -1,8 +1,8 @@
 //===- engine_throughput.cpp - Prefill/decode speed and bandwidth ---------===//
 //
 // Part of moec. Measures the engine's prefill and decode tokens/s on a model
-// directory, the weight bytes one decoded token reads (the engine computes
-// from f32 copies of the weights, so 4 bytes per parameter), the machine's
+// directory, the weight bytes one decoded token reads (bf16 checkpoints stay
+// bf16 in memory, 2 bytes per parameter; other dtypes become f32), the machine's
 // memory bandwidth by a copy and a read benchmark, the fraction of it that
 // decoding reaches, and peak RSS. Prints JSON.
 //
@@ -122,7 +122,10 @@ int main(int argc, char **argv) {
   // of the embedding table.
   ModelSummary summary = summarizeFromConfig(spec);
   int64_t embedding = spec.vocabSize * spec.hiddenSize;
-  double bytesPerToken = 4.0 * static_cast<double>(summary.activeParameters - embedding + spec.hiddenSize);
+  // The engine keeps bf16 checkpoints' matrices as bf16 and everything else
+  // (f32, f16, FP8) as f32.
+  const bool bf16 = model->checkpoint->find("model.embed_tokens.weight")->info->dtype == DType::BF16;
+  double bytesPerToken = (bf16 ? 2.0 : 4.0) * static_cast<double>(summary.activeParameters - embedding + spec.hiddenSize);
   double decodeTokensPerSecond = decodeTokens / decodeSeconds;
   // Peak RSS of the model run, before the bandwidth buffers exist.
   struct rusage usage;
@@ -140,7 +143,8 @@ int main(int argc, char **argv) {
       {"prefill_tokens_per_second", promptTokens / prefillSeconds},
       {"decode_tokens", decodeTokens},
       {"decode_tokens_per_second", decodeTokensPerSecond},
-      {"weight_bytes_per_decoded_token_f32", bytesPerToken},
+      {"weight_bytes_per_decoded_token", bytesPerToken},
+      {"weights_in_memory", bf16 ? "bf16" : "f32"},
       {"decode_weight_gb_per_s", bytesPerToken * decodeTokensPerSecond / 1e9},
       {"memory_copy_gb_per_s", copyBandwidth},
       {"memory_read_gb_per_s", readBandwidth},

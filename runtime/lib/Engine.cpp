@@ -315,7 +315,7 @@ Status Engine::forward(std::span<const int32_t> tokens, KvCache &cache, std::vec
 
   std::vector<float> x(static_cast<size_t>(T * H));
   for (int64_t t = 0; t < T; ++t)
-    std::copy_n(globals.embedding.row(tokens[t]), H, x.data() + t * H);
+    globals.embedding.copyRow(tokens[t], x.data() + t * H);
   const rope::Angles angles = rope::computeAngles(spec, cache.length, T);
 
   std::vector<float> normed(x.size()), branch(x.size());

@@ -6,22 +6,169 @@
 
 #include "Kernels.h"
 
+#include "moe/Frontend/DType.h"
+
 #include <cblas.h>
+
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 
+/// Conversion of bf16 to f32 cannot fail; its Status carries nothing.
+#define MOE_RUNTIME_IGNORE(expr) (void)(expr)
+
 namespace moe::kernels {
+
+namespace {
+
+/// Persistent workers, one per core, for the bf16 GEMV: splitting the
+/// output rows (never the reduction) keeps results independent of the
+/// thread count.
+class RowPool {
+public:
+  RowPool() : threads(std::max(1u, std::thread::hardware_concurrency())) {
+    for (unsigned t = 1; t < threads; ++t)
+      workers.emplace_back([this, t] { work(t); });
+  }
+  ~RowPool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      stopping = true;
+    }
+    wake.notify_all();
+    for (std::thread &worker : workers)
+      worker.join();
+  }
+  /// Runs body(begin, end) over [0, rows) split into one range per thread;
+  /// `work` (elements touched) below a threshold runs inline, where waking
+  /// the workers would cost more than it saves.
+  void run(int64_t rows, int64_t work, const std::function<void(int64_t, int64_t)> &body) {
+    if (threads == 1 || rows < 64 || work < (int64_t(1) << 18)) {
+      body(0, rows);
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      task = &body;
+      taskRows = rows;
+      pending = threads - 1;
+      ++generation;
+    }
+    wake.notify_all();
+    body(0, rangeEnd(0, rows));
+    std::unique_lock<std::mutex> lock(mutex);
+    done.wait(lock, [this] { return pending == 0; });
+    task = nullptr;
+  }
+
+private:
+  int64_t rangeEnd(unsigned t, int64_t rows) const { return rows * (t + 1) / threads; }
+  void work(unsigned t) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int64_t, int64_t)> *body;
+      int64_t rows;
+      {
+        std::unique_lock<std::mutex> lock(mutex);
+        wake.wait(lock, [&] { return stopping || generation != seen; });
+        if (stopping)
+          return;
+        seen = generation;
+        body = task;
+        rows = taskRows;
+      }
+      (*body)(rows * t / threads, rangeEnd(t, rows));
+      std::lock_guard<std::mutex> lock(mutex);
+      if (--pending == 0)
+        done.notify_one();
+    }
+  }
+
+  unsigned threads;
+  std::vector<std::thread> workers;
+  std::mutex mutex;
+  std::condition_variable wake, done;
+  const std::function<void(int64_t, int64_t)> *task = nullptr;
+  int64_t taskRows = 0;
+  unsigned pending = 0;
+  uint64_t generation = 0;
+  bool stopping = false;
+};
+
+RowPool &rowPool() {
+  static RowPool pool;
+  return pool;
+}
+
+float dotBf16Scalar(const uint16_t *w, const float *x, int64_t n) {
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i)
+    sum += bfloat16ToFloat(w[i]) * x[i];
+  return sum;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma"))) float dotBf16Avx2(const uint16_t *w, const float *x, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w + i));
+    __m256 low = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(bits)), 16));
+    __m256 high = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(bits, 1)), 16));
+    acc0 = _mm256_fmadd_ps(low, _mm256_loadu_ps(x + i), acc0);
+    acc1 = _mm256_fmadd_ps(high, _mm256_loadu_ps(x + i + 8), acc1);
+  }
+  __m256 acc = _mm256_add_ps(acc0, acc1);
+  __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  sum4 = _mm_hadd_ps(sum4, sum4);
+  sum4 = _mm_hadd_ps(sum4, sum4);
+  return _mm_cvtss_f32(sum4) + dotBf16Scalar(w + i, x + i, n - i);
+}
+#endif
+
+float dotBf16(const uint16_t *w, const float *x, int64_t n) {
+#if defined(__x86_64__)
+  static const bool hasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (hasAvx2)
+    return dotBf16Avx2(w, x, n);
+#endif
+  return dotBf16Scalar(w, x, n);
+}
+
+} // namespace
 
 void linear(const float *x, int64_t tokens, const Matrix &weight, const std::vector<float> &bias,
             float *y) {
   const int64_t out = weight.rows, in = weight.cols;
-  if (tokens == 1)
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(out), static_cast<int>(in), 1.0f,
-                weight.data.data(), static_cast<int>(in), x, 1, 0.0f, y, 1);
-  else
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens),
-                static_cast<int>(out), static_cast<int>(in), 1.0f, x, static_cast<int>(in),
-                weight.data.data(), static_cast<int>(in), 0.0f, y, static_cast<int>(out));
+  if (weight.isBf16() && tokens == 1) {
+    // Decode: read each bf16 weight once, widening in registers.
+    rowPool().run(out, out * in, [&](int64_t begin, int64_t end) {
+      for (int64_t o = begin; o < end; ++o)
+        y[o] = dotBf16(weight.bf16.data() + o * in, x, in);
+    });
+  } else {
+    const float *w = weight.data.data();
+    thread_local std::vector<float> widened;
+    if (weight.isBf16()) {
+      // Prefill: widen once, then one BLAS GEMM for all tokens.
+      widened.resize(weight.bf16.size());
+      MOE_RUNTIME_IGNORE(convertToF32(DType::BF16, weight.bf16.data(), widened.size(), widened.data()));
+      w = widened.data();
+    }
+    if (tokens == 1)
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(out), static_cast<int>(in), 1.0f, w,
+                  static_cast<int>(in), x, 1, 0.0f, y, 1);
+    else
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens), static_cast<int>(out),
+                  static_cast<int>(in), 1.0f, x, static_cast<int>(in), w, static_cast<int>(in), 0.0f, y,
+                  static_cast<int>(out));
+  }
   if (!bias.empty())
     for (int64_t t = 0; t < tokens; ++t)
       for (int64_t o = 0; o < out; ++o)

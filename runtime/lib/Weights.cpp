@@ -8,8 +8,17 @@
 #include "moe/Frontend/Checkpoint.h"
 
 #include <algorithm>
+#include <cstring>
 
 namespace moe {
+
+void Matrix::copyRow(int64_t r, float *out) const {
+  if (isBf16())
+    for (int64_t c = 0; c < cols; ++c)
+      out[c] = bfloat16ToFloat(bf16[static_cast<size_t>(r * cols + c)]);
+  else
+    std::copy_n(data.data() + r * cols, cols, out);
+}
 
 size_t LayerWeights::bytes() const {
   size_t total = 0;
@@ -120,6 +129,15 @@ private:
       return Status::error("tensor '", tensor.name, "' is not a matrix");
     out.rows = tensor.shape[0];
     out.cols = tensor.shape[1];
+    const TensorLocation *location = checkpoint->find(tensor.name);
+    if (location && location->info->dtype == DType::BF16) {
+      // Keep the bf16 bits: exact, and half the bytes of an f32 copy.
+      std::span<const uint8_t> bytes = location->bytes();
+      out.bf16.resize(bytes.size() / 2);
+      std::memcpy(out.bf16.data(), bytes.data(), bytes.size());
+      location->file->releasePages(*location->info);
+      return Status::success();
+    }
     return load(tensor, out.data);
   }
 

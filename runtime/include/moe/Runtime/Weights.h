@@ -24,13 +24,19 @@ namespace moe {
 
 class Checkpoint;
 
-/// A row-major [rows, cols] f32 matrix; a Linear weight is [out, in].
+/// A row-major [rows, cols] matrix; a Linear weight is [out, in]. Stored
+/// as f32, or, when the checkpoint holds bf16, as those bf16 bits (exactly
+/// the same values at half the memory and bandwidth; kernels widen them to
+/// f32 as they compute).
 struct Matrix {
   int64_t rows = 0, cols = 0;
   std::vector<float> data;
-  bool empty() const { return data.empty(); }
-  const float *row(int64_t r) const { return data.data() + r * cols; }
-  size_t bytes() const { return data.size() * sizeof(float); }
+  std::vector<uint16_t> bf16;
+  bool empty() const { return data.empty() && bf16.empty(); }
+  bool isBf16() const { return !bf16.empty(); }
+  size_t bytes() const { return data.size() * sizeof(float) + bf16.size() * sizeof(uint16_t); }
+  /// Copies row `r` as f32 into `out`.
+  void copyRow(int64_t r, float *out) const;
 };
 
 /// gate/up/down of a SwiGLU MLP: y = down(silu(gate x) * up x).
