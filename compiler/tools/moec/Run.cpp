@@ -52,7 +52,7 @@ struct ModelOptions {
 void addModelOptions(CLI::App *command, ModelOptions &options) {
   command->add_option("model", options.path, "Model directory (Hugging Face checkpoint)")->required();
   command->add_option("--max-memory", options.maxMemory,
-                       "Budget for converted f32 weights, e.g. 2G (default: the whole model when it fits)");
+                       "Budget for converted weights, e.g. 2G (default: the whole model when it fits)");
 }
 
 Expected<LoadedModel> openModel(const ModelOptions &options) {

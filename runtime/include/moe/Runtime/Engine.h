@@ -53,7 +53,7 @@ struct EngineOptions {
   /// Routed experts switched off, by layer: their router logits become
   /// -inf before routing, as if they were not in the model.
   std::map<int64_t, std::set<int64_t>> maskedExperts;
-  /// Budget for converted f32 layer weights; 0 means 3/4 of physical memory
+  /// Budget for converted layer weights; 0 means 3/4 of physical memory
   /// (the whole model when it fits).
   size_t maxMemoryBytes = 0;
 };
