@@ -1,4 +1,4 @@
-//===- Weights.cpp - f32 weights of the engine, loaded by layer -----------===//
+//===- Weights.cpp - Weights of the engine, loaded by layer ---------------===//
 //
 // Part of moec.
 //

@@ -1,10 +1,10 @@
-//===- Weights.h - f32 weights of the engine, loaded by layer ---*- C++ -*-===//
+//===- Weights.h - Weights of the engine, loaded by layer -------*- C++ -*-===//
 //
 // Part of moec. The engine computes in f32 from weights stored in any float
-// dtype. A WeightProvider turns a model's stored tensors into these structs
-// one decoder layer at a time; LayerCache keeps converted layers within a
-// memory budget, so a model larger than memory runs with about one layer's
-// f32 weights resident.
+// dtype (bf16 matrices stay bf16 in memory, others become f32). A
+// WeightProvider turns a model's stored tensors into these structs one
+// decoder layer at a time; LayerCache keeps converted layers within a memory
+// budget, so a model larger than memory runs with about one layer resident.
 //
 //===----------------------------------------------------------------------===//
 
