@@ -45,7 +45,8 @@ FailureOr<FlatSymbolRefAttr> sliceRows(ir::ModelOp model, TensorAccess &access, 
     SymbolTable::lookupSymbolIn(model, builder.getStringAttr(name))->erase();
   builder.create<ir::TensorOp>(tensor.getLoc(), builder.getStringAttr(name),
                                TypeAttr::get(RankedTensorType::get(newShape, tensor.getTensorType().getElementType())),
-                               builder.getStringAttr(name), IntegerAttr(), tensor.getQuantAttr());
+                               builder.getStringAttr(name), IntegerAttr(), DenseI64ArrayAttr(),
+                               tensor.getQuantAttr());
   return FlatSymbolRefAttr::get(builder.getContext(), name);
 }
 

@@ -258,3 +258,19 @@ TEST(PruneExperts, BadOptionsAreNamed) {
   importAndRun(dataDir() + "/fixtures/tiny-mixtral", "moe-prune-experts{method=magic stats=x}", dir.file("m.moestore"),
                context, /*expectSuccess=*/false);
 }
+
+TEST(Pipeline, FusedExpertsExportAsPerExpertWithIdenticalLogits) {
+  TempDir dir;
+  const std::string source = dataDir() + "/hf/mixtral_fused";
+  compile(source, "", dir.file("m.moestore"), dir.file("out"));
+  auto original = loadModel(source), exported = loadModel(dir.file("out"));
+  ASSERT_TRUE(original.ok() && exported.ok()) << exported.status().message();
+  EXPECT_EQ(original->spec.layers[0].expertLayout, ExpertLayout::Fused);
+  EXPECT_EQ(exported->spec.layers[0].expertLayout, ExpertLayout::PerExpert);
+  std::vector<int32_t> ids = {3, 17, 99, 4, 42, 8, 127, 0, 55};
+  std::vector<float> a, b;
+  KvCache cacheA = original->engine->newCache(), cacheB = exported->engine->newCache();
+  ASSERT_TRUE(original->engine->forward(ids, cacheA, a).ok());
+  ASSERT_TRUE(exported->engine->forward(ids, cacheB, b).ok());
+  EXPECT_EQ(a, b) << "the same bf16 values, per expert instead of fused";
+}

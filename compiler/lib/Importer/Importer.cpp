@@ -64,11 +64,6 @@ Expected<OwningOpRef<ModuleOp>> importModel(MLIRContext &context, const ModelSpe
                                             const Checkpoint &checkpoint, const std::string &configText,
                                             const std::string &storePath) {
   context.loadDialect<ir::MoeDialect>();
-  for (const LayerSpec &layer : spec.layers)
-    if (layer.mlp == MlpKind::Moe && layer.expertLayout == ExpertLayout::Fused)
-      return Status::error(checkpoint.directory(), ": layer ", layer.index,
-                           " stores its experts fused (3-D); the importer reads per-expert "
-                           "checkpoints only (re-save with transformers' original format)");
   OpBuilder builder(&context);
   Location location = FileLineColLoc::get(&context, checkpoint.configPath(), 0, 0);
   OwningOpRef<ModuleOp> module = ModuleOp::create(location);
@@ -98,10 +93,54 @@ Expected<OwningOpRef<ModuleOp>> importModel(MLIRContext &context, const ModelSpe
     auto type = RankedTensorType::get(where->info->shape, elementType(builder, where->info->dtype));
     builder.create<ir::TensorOp>(location, builder.getStringAttr(name), TypeAttr::get(type),
                                  builder.getStringAttr(name),
-                                 builder.getI64IntegerAttr(sourceIndex.at(where->file)), ir::QuantAttr());
+                                 builder.getI64IntegerAttr(sourceIndex.at(where->file)), DenseI64ArrayAttr(),
+                                 ir::QuantAttr());
+    return Status::success();
+  };
+  // Fused experts become one sliced tensor per expert matrix, named as the
+  // per-expert layout would name it.
+  std::map<int64_t, std::map<int64_t, std::array<std::string, 3>>> slicedExperts;
+  auto addFused = [&](const TensorSpec &tensor) -> Status {
+    const LayerSpec &layer = spec.layers[static_cast<size_t>(tensor.layer)];
+    const TensorLocation *where = checkpoint.find(tensor.name);
+    if (!where)
+      return Status::error(checkpoint.directory(), ": tensor '", tensor.name, "' not found");
+    const int64_t I = layer.expertIntermediateSize, H = spec.hiddenSize;
+    const bool gateUp = tensor.role == TensorRole::ExpertGateUpFused;
+    const std::string prefix = concat("model.layers.", layer.index, ".", layer.moePrefix, "experts.");
+    const bool mixtralNames = spec.family == ModelFamily::Mixtral || spec.family == ModelFamily::PhiMoe;
+    Type element = elementType(builder, where->info->dtype);
+    for (int64_t e = 0; e < layer.numExperts; ++e) {
+      struct Piece {
+        const char *name;
+        int slot;
+        int64_t firstRow, rows, cols;
+      };
+      std::vector<Piece> pieces;
+      if (gateUp) {
+        pieces.push_back({mixtralNames ? "w1" : "gate_proj", 0, 0, I, H});
+        pieces.push_back({mixtralNames ? "w3" : "up_proj", 1, I, I, H});
+      } else {
+        pieces.push_back({mixtralNames ? "w2" : "down_proj", 2, 0, H, I});
+      }
+      for (const Piece &piece : pieces) {
+        std::string name = concat(prefix, e, ".", piece.name, ".weight");
+        int64_t slice[4] = {e, piece.firstRow, piece.rows, layer.fusedTransposed ? 1 : 0};
+        builder.create<ir::TensorOp>(location, builder.getStringAttr(name),
+                                     TypeAttr::get(RankedTensorType::get({piece.rows, piece.cols}, element)),
+                                     builder.getStringAttr(tensor.name),
+                                     builder.getI64IntegerAttr(sourceIndex.at(where->file)),
+                                     builder.getDenseI64ArrayAttr(slice), ir::QuantAttr());
+        slicedExperts[layer.index][e][piece.slot] = name;
+      }
+    }
     return Status::success();
   };
   for (const TensorSpec &tensor : tensors) {
+    if (tensor.role == TensorRole::ExpertGateUpFused || tensor.role == TensorRole::ExpertDownFused) {
+      MOE_RETURN_IF_ERROR(addFused(tensor));
+      continue;
+    }
     MOE_RETURN_IF_ERROR(addTensor(tensor.name));
     if (tensor.isLinearWeight && checkpoint.find(scaleInvName(tensor.name)))
       MOE_RETURN_IF_ERROR(addTensor(scaleInvName(tensor.name)));
@@ -134,7 +173,7 @@ Expected<OwningOpRef<ModuleOp>> importModel(MLIRContext &context, const ModelSpe
     block.getBody().push_back(new Block());
     builder.setInsertionPointToEnd(&block.getBody().front());
     std::string routerName, biasName, sharedGate, sharedUp, sharedDown, sharedGateWeight;
-    std::map<int64_t, std::array<std::string, 3>> experts;
+    std::map<int64_t, std::array<std::string, 3>> experts = slicedExperts[layer.index];
     for (const TensorSpec &tensor : tensors) {
       if (tensor.layer != layer.index)
         continue;

@@ -151,3 +151,17 @@ moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
   moe.layer 0 {
   }
 }
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources ["a.safetensors"] config "{}" {
+  // expected-error @+1 {{'moe.tensor' op a slice of 4 rows needs a 2-D type with 4 rows}}
+  moe.tensor @t : tensor<3x8xbf16> = "fused" in 0 slice [0, 0, 4, 0]
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources ["a.safetensors"] config "{}" {
+  // expected-error @+1 {{'moe.tensor' op slice must be [matrix >= 0, first row >= 0, rows >= 1, transposed 0|1]}}
+  moe.tensor @t : tensor<4x8xbf16> = "fused" in 0 slice [0, 0, 4, 2]
+}

@@ -91,6 +91,14 @@ LogicalResult TensorOp::verify() {
                            << model.getSources().size() << " source files";
   if (!getTensorType().hasStaticShape())
     return emitOpError("tensor type must have a static shape");
+  if (std::optional<ArrayRef<int64_t>> slice = getSlice()) {
+    if (slice->size() != 4 || (*slice)[0] < 0 || (*slice)[1] < 0 || (*slice)[2] < 1 ||
+        ((*slice)[3] != 0 && (*slice)[3] != 1))
+      return emitOpError("slice must be [matrix >= 0, first row >= 0, rows >= 1, transposed 0|1]");
+    if (getTensorType().getRank() != 2 || getTensorType().getShape()[0] != (*slice)[2])
+      return emitOpError() << "a slice of " << (*slice)[2] << " rows needs a 2-D type with " << (*slice)[2]
+                           << " rows";
+  }
   if (QuantAttr quant = getQuantAttr()) {
     if (quant.getBits() < 2 || quant.getBits() > 8)
       return emitOpError() << "quantisation bits must be in [2, 8], got " << quant.getBits();

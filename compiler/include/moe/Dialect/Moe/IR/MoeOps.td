@@ -51,11 +51,20 @@ def Moe_TensorOp : Moe_Op<"tensor", [Symbol, HasParent<"ModelOp">]> {
     moe.tensor @w : tensor<1024x2048xbf16> = "model.layers.0.mlp.experts.0.up_proj.weight" in 0
     moe.tensor @w4 : tensor<1024x2048xbf16> = "experts.0.up.q4" quant #moe.quant<bits = 4, group = 128, scheme = "asym", format = "q4_g128_asym">
     ```
+
+    `slice [i, r, n, t]` takes a 2-D piece of a stored 3-D tensor [N, A, B]
+    (fused experts): rows r .. r+n-1 of matrix i, or of its transpose when
+    t = 1.
+
+    ```mlir
+    moe.tensor @up3 : tensor<1024x2048xbf16> = "model.layers.0.mlp.experts.gate_up_proj" in 0 slice array<i64: 3, 1024, 1024, 0>
+    ```
   }];
   let arguments = (ins SymbolNameAttr:$sym_name, TypeAttrOf<AnyRankedTensor>:$type, StrAttr:$key,
-                       OptionalAttr<I64Attr>:$source, OptionalAttr<Moe_QuantAttr>:$quant);
+                       OptionalAttr<I64Attr>:$source, OptionalAttr<DenseI64ArrayAttr>:$slice,
+                       OptionalAttr<Moe_QuantAttr>:$quant);
   let assemblyFormat = [{
-    $sym_name `:` $type `=` $key (`in` $source^)? (`quant` $quant^)? attr-dict
+    $sym_name `:` $type `=` $key (`in` $source^)? (`slice` $slice^)? (`quant` $quant^)? attr-dict
   }];
   let extraClassDeclaration = [{
     ::mlir::RankedTensorType getTensorType() {
