@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the benchmarks and prints their JSON. Usage: bench/run.sh BUILD_DIR [checkpoint|engine]
+# Runs the benchmarks and prints their JSON. Usage: bench/run.sh BUILD_DIR [checkpoint|engine|prune]
 # Generated checkpoints go to ${MOEC_BENCH_DIR:-/tmp/moec-bench} (about 7 GiB).
 set -euo pipefail
 build=${1:-build}
@@ -29,4 +29,8 @@ if [ "$which" = all ] || [ "$which" = engine ]; then
   "$build/bench/engine_throughput" "$olmoe" --prompt 256 --decode 32
   # The same model with a budget of one layer: weights streamed layer by layer.
   "$build/bench/engine_throughput" "$olmoe" --prompt 256 --decode 8 --max-memory 1
+fi
+
+if [ "$which" = all ] || [ "$which" = prune ]; then
+  bash "$here/prune_quality.sh" "$build"
 fi
