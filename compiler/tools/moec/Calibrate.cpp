@@ -15,13 +15,14 @@ namespace moe::cli {
 namespace {
 
 struct CalibrateOptions {
-  std::string model, data, output;
+  ModelOptions model;
+  std::string data, output;
   int64_t tokens = 0, sequenceLength = 256;
   bool inputMoments = false;
 };
 
 int runCalibrate(const CalibrateOptions &options) {
-  Expected<LoadedModel> model = loadModel(options.model);
+  Expected<LoadedModel> model = openModel(options.model);
   if (!model) {
     printError(model.status().message());
     return 1;
@@ -57,7 +58,7 @@ Command registerCalibrate(CLI::App &app) {
   auto options = std::make_shared<CalibrateOptions>();
   CLI::App *command = app.add_subcommand(
       "calibrate", "Run calibration text through a model and record per-expert statistics (safetensors)");
-  command->add_option("model", options->model, "Model directory")->required();
+  addModelOptions(command, options->model);
   command->add_option("--data", options->data, "Calibration data (text, .jsonl or .u32)")->required();
   command->add_option("-o,--output", options->output, "Statistics file (.safetensors)")->required();
   command->add_option("--tokens", options->tokens, "Stop after this many tokens (default: all)")

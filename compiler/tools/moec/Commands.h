@@ -7,6 +7,8 @@
 #ifndef MOEC_TOOLS_MOEC_COMMANDS_H
 #define MOEC_TOOLS_MOEC_COMMANDS_H
 
+#include "moe/Runtime/Model.h"
+
 #include <CLI/CLI.hpp>
 
 #include <functional>
@@ -21,6 +23,15 @@ struct Command {
   CLI::App *app;
   CommandRunner run;
 };
+
+/// The model argument and --max-memory, shared by the commands that run a model.
+struct ModelOptions {
+  std::string path;
+  std::string maxMemory;
+};
+void addModelOptions(CLI::App *command, ModelOptions &options);
+/// Opens the model (printing its warnings); errors name the file or option.
+Expected<LoadedModel> openModel(const ModelOptions &options);
 
 /// `moec inspect <dir|config.json> [--json] [--config-only]`.
 Command registerInspect(CLI::App &app);

@@ -18,12 +18,9 @@
 #include <random>
 
 namespace moe::cli {
-namespace {
-
-using json = nlohmann::json;
 
 /// "4G", "512M", "100000" -> bytes; nullopt when malformed.
-std::optional<size_t> parseBytes(const std::string &text) {
+static std::optional<size_t> parseBytes(const std::string &text) {
   if (text.empty())
     return std::nullopt;
   size_t used = 0;
@@ -43,11 +40,6 @@ std::optional<size_t> parseBytes(const std::string &text) {
     return std::nullopt;
   return static_cast<size_t>(value * scale);
 }
-
-struct ModelOptions {
-  std::string path;
-  std::string maxMemory;
-};
 
 void addModelOptions(CLI::App *command, ModelOptions &options) {
   command->add_option("model", options.path, "Model directory (Hugging Face checkpoint)")->required();
@@ -69,6 +61,10 @@ Expected<LoadedModel> openModel(const ModelOptions &options) {
       printWarning(warning);
   return model;
 }
+
+namespace {
+
+using json = nlohmann::json;
 
 struct EvalCommandOptions {
   ModelOptions model;
