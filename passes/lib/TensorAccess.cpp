@@ -6,7 +6,6 @@
 
 #include "moe/Transforms/TensorAccess.h"
 
-#include <cstring>
 
 namespace moe {
 
@@ -31,27 +30,7 @@ Status TensorAccess::read(ir::TensorOp tensor, DType &dtype, std::vector<uint8_t
       bytes.assign(data.begin(), data.end());
       return Status::success();
     }
-    // Rows of one matrix of a 3-D [N, A, B] tensor (or of its transpose).
-    if (info->shape.size() != 3)
-      return Status::error(file->path(), ": tensor '", key, "' has shape ", formatShape(info->shape),
-                           "; a slice needs a 3-D tensor");
-    const int64_t index = (*slice)[0], first = (*slice)[1], rows = (*slice)[2];
-    const bool transposed = (*slice)[3] == 1;
-    const int64_t A = info->shape[1], B = info->shape[2];
-    const int64_t rowLength = transposed ? A : B, available = transposed ? B : A;
-    if (index >= info->shape[0] || first + rows > available)
-      return Status::error(file->path(), ": tensor '", key, "' ", formatShape(info->shape),
-                           " has no slice [", index, ", ", first, ", ", rows, "]");
-    const size_t element = dtypeBytes(info->dtype);
-    const uint8_t *matrix = data.data() + static_cast<size_t>(index * A * B) * element;
-    bytes.resize(static_cast<size_t>(rows * rowLength) * element);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < rowLength; ++c) {
-        int64_t stored = transposed ? c * B + (first + r) : (first + r) * B + c;
-        std::memcpy(bytes.data() + static_cast<size_t>(r * rowLength + c) * element,
-                    matrix + static_cast<size_t>(stored) * element, element);
-      }
-    return Status::success();
+    return readTensorSlice(*file, *info, std::span<const int64_t>(slice->data(), slice->size()), bytes);
   }
   Expected<WeightStore *> opened = store();
   if (!opened)

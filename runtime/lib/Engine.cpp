@@ -198,10 +198,13 @@ void swiglu(const MlpWeights &mlp, const float *x, int64_t n, std::vector<float>
 
 struct Engine::Impl {
   /// The routed MoE block (plus shared expert) of one layer: out[T, H].
-  static void moeBlock(const Engine &engine, const LayerSpec &layer, const LayerWeights &w,
+  static void moeBlock(Engine &engine, const LayerSpec &layer, const LayerWeights &w,
                        const float *x, int64_t tokens, float *out) {
     const ModelSpec &spec = engine.modelSpec;
-    const int64_t H = spec.hiddenSize, E = layer.numExperts, K = spec.router.topK;
+    const RouterSpec &routerSpec = w.routing.router ? *w.routing.router : spec.router;
+    // E router rows choose among the expert slots (fewer after merging).
+    const int64_t H = spec.hiddenSize, E = w.router.rows, K = routerSpec.topK;
+    const int64_t slots = static_cast<int64_t>(w.experts.size());
     std::vector<float> logits(static_cast<size_t>(tokens * E));
     linear(x, tokens, w.router, logits.data());
     if (auto masked = engine.maskedExperts.find(layer.index); masked != engine.maskedExperts.end())
@@ -212,22 +215,53 @@ struct Engine::Impl {
     std::vector<float> weights(static_cast<size_t>(tokens * K));
     const float *bias = w.routerCorrectionBias.empty() ? nullptr : w.routerCorrectionBias.data();
     for (int64_t t = 0; t < tokens; ++t)
-      router::route(spec.router, E, logits.data() + t * E, bias, chosen.data() + t * K,
-                    weights.data() + t * K);
+      router::route(routerSpec, E, logits.data() + t * E, bias, chosen.data() + t * K, weights.data() + t * K);
     if (engine.observer)
       engine.observer->onRouter(layer.index, tokens, logits, chosen, weights);
 
-    // Group tokens by expert: one GEMM per expert, experts in id order.
-    std::vector<std::vector<int32_t>> tokensOf(static_cast<size_t>(E));
-    std::vector<std::vector<float>> weightsOf(static_cast<size_t>(E));
-    for (int64_t t = 0; t < tokens; ++t)
-      for (int64_t i = 0; i < K; ++i) {
-        tokensOf[chosen[t * K + i]].push_back(static_cast<int32_t>(t));
-        weightsOf[chosen[t * K + i]].push_back(weights[t * K + i]);
+    // Group tokens by expert slot: one GEMM per expert, slots in order. A
+    // token whose choices share a slot (merged experts) runs it once with
+    // the summed weight; skipped experts are not run.
+    std::vector<std::vector<int32_t>> tokensOf(static_cast<size_t>(slots));
+    std::vector<std::vector<float>> weightsOf(static_cast<size_t>(slots));
+    const double threshold = w.routing.skipThreshold;
+    for (int64_t t = 0; t < tokens; ++t) {
+      float *tokenWeights = weights.data() + t * K;
+      if (threshold > 0 && K > 1) {
+        int64_t first = std::max_element(tokenWeights, tokenWeights + K) - tokenWeights;
+        float before = 0, after = 0;
+        for (int64_t i = 0; i < K; ++i) {
+          before += tokenWeights[i];
+          if (i != first && tokenWeights[i] < threshold * tokenWeights[first])
+            tokenWeights[i] = 0;
+          after += tokenWeights[i];
+        }
+        if (after > 0)
+          for (int64_t i = 0; i < K; ++i)
+            tokenWeights[i] *= before / after;
       }
+      for (int64_t i = 0; i < K; ++i) {
+        if (threshold > 0 && tokenWeights[i] == 0)
+          continue;
+        int32_t row = chosen[t * K + i];
+        int32_t slot = w.routing.remap.empty() ? row : w.routing.remap[static_cast<size_t>(row)];
+        std::vector<int32_t> &slotTokens = tokensOf[static_cast<size_t>(slot)];
+        if (!slotTokens.empty() && slotTokens.back() == static_cast<int32_t>(t)) {
+          weightsOf[static_cast<size_t>(slot)].back() += tokenWeights[i];
+          continue;
+        }
+        slotTokens.push_back(static_cast<int32_t>(t));
+        weightsOf[static_cast<size_t>(slot)].push_back(tokenWeights[i]);
+      }
+    }
+    int64_t calls = 0;
+    for (const std::vector<int32_t> &slotTokens : tokensOf)
+      calls += static_cast<int64_t>(slotTokens.size());
+    engine.counters.routedTokens += tokens;
+    engine.counters.expertCalls += calls;
     std::fill(out, out + tokens * H, 0.0f);
     std::vector<float> input, intermediate, output;
-    for (int64_t e = 0; e < E; ++e) {
+    for (int64_t e = 0; e < slots; ++e) {
       const std::vector<int32_t> &routed = tokensOf[e];
       if (routed.empty())
         continue;

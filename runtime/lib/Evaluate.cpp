@@ -125,22 +125,6 @@ Expected<std::vector<EvalStream>> readEvalData(const std::string &path, const To
   return std::vector<EvalStream>{{"all", ids.take(), static_cast<int64_t>(content.size())}};
 }
 
-namespace {
-
-/// Counts routed experts run per token (the engine runs top-k per token
-/// unless a router says otherwise).
-class ExpertCounter : public EngineObserver {
-public:
-  void onRouter(int64_t, int64_t tokens, std::span<const float>, std::span<const int32_t> chosen,
-                std::span<const float>) override {
-    routerCalls += tokens;
-    expertsRun += static_cast<int64_t>(chosen.size());
-  }
-  int64_t routerCalls = 0, expertsRun = 0;
-};
-
-} // namespace
-
 Expected<EvalResult> evaluate(Engine &engine, const std::vector<EvalStream> &streams,
                               const EvalOptions &options) {
   const int64_t L = options.sequenceLength;
@@ -151,18 +135,15 @@ Expected<EvalResult> evaluate(Engine &engine, const std::vector<EvalStream> &str
     return Status::error("--stride (", S, ") must not exceed --seq-len (", L, ")");
   const int64_t V = engine.spec().vocabSize;
   EvalResult result;
-  ExpertCounter counter;
-  engine.setObserver(&counter);
+  engine.resetRoutingCounters();
   auto start = std::chrono::steady_clock::now();
   std::vector<float> logits;
   for (const EvalStream &stream : streams) {
     const int64_t N = static_cast<int64_t>(stream.ids.size());
     for (int32_t id : stream.ids)
-      if (id >= V) {
-        engine.setObserver(nullptr);
+      if (id >= V)
         return Status::error("domain '", stream.domain, "': token id ", id,
                              " is outside the model's vocabulary of ", V);
-      }
     EvalScore score;
     score.streamTokens = N;
     score.textBytes = stream.textBytes;
@@ -176,10 +157,8 @@ Expected<EvalResult> evaluate(Engine &engine, const std::vector<EvalStream> &str
         break; // the default windowing drops the incomplete tail
       KvCache cache = engine.newCache();
       Status status = engine.forward(std::span(stream.ids).subspan(begin, end - begin), cache, logits);
-      if (!status.ok()) {
-        engine.setObserver(nullptr);
+      if (!status.ok())
         return status;
-      }
       for (int64_t t = std::max(begin, scoredFrom - 1); t < end; ++t) {
         const float *row = logits.data() + (t - begin) * V;
         float maximum = *std::max_element(row, row + V);
@@ -199,11 +178,8 @@ Expected<EvalResult> evaluate(Engine &engine, const std::vector<EvalStream> &str
     result.overall.streamTokens += score.streamTokens;
     result.overall.textBytes += score.textBytes;
   }
-  engine.setObserver(nullptr);
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  int64_t moeLayers = engine.spec().numMoeLayers();
-  if (counter.routerCalls > 0 && moeLayers > 0)
-    result.expertsPerToken = static_cast<double>(counter.expertsRun) / static_cast<double>(counter.routerCalls);
+  result.expertsPerToken = engine.routingCounters().expertsPerToken();
   if (result.overall.targets == 0)
     return Status::error("no complete window of ", L, " tokens in the data (", result.overall.streamTokens,
                          " tokens); use a smaller --seq-len");

@@ -5,6 +5,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Runtime/Model.h"
+#include "moe/Runtime/Description.h"
 #include "moe/Support/File.h"
 
 #include <nlohmann/json.hpp>
@@ -25,6 +26,34 @@ bool fileExists(const std::string &path) {
 nlohmann::json readJson(const std::string &path) {
   Expected<std::string> text = readWholeFile(path);
   return text ? nlohmann::json::parse(*text, nullptr, /*allow_exceptions=*/false) : nlohmann::json();
+}
+
+/// tokenizer.json and the end-of-text id of the model in `directory`.
+Status attachTokenizer(const std::string &directory, LoadedModel &model) {
+  std::string tokenizerPath = directory + "/tokenizer.json";
+  if (fileExists(tokenizerPath)) {
+    Expected<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::fromFile(tokenizerPath);
+    if (!tokenizer)
+      return tokenizer.status();
+    model.tokenizer = tokenizer.take();
+  }
+  nlohmann::json tokenizerConfig = readJson(directory + "/tokenizer_config.json");
+  if (model.tokenizer && tokenizerConfig.is_object() && tokenizerConfig.contains("eos_token") &&
+      tokenizerConfig["eos_token"].is_string())
+    model.endOfText = model.tokenizer->tokenId(tokenizerConfig["eos_token"].get<std::string>());
+  if (!model.endOfText) {
+    nlohmann::json config = readJson(directory + "/config.json");
+    if (config.is_object() && config.contains("eos_token_id") && config["eos_token_id"].is_number_integer())
+      model.endOfText = config["eos_token_id"].get<int32_t>();
+  }
+  // Some configs name an end-of-text id of another vocabulary (OLMoE test
+  // models); such an id cannot be used.
+  if (model.endOfText && (*model.endOfText < 0 || *model.endOfText >= model.spec.vocabSize)) {
+    model.warnings.push_back(concat("end-of-text id ", *model.endOfText, " is outside the vocabulary of ",
+                                    model.spec.vocabSize, "; documents are not separated"));
+    model.endOfText.reset();
+  }
+  return Status::success();
 }
 
 } // namespace
@@ -49,29 +78,21 @@ Expected<LoadedModel> loadModel(const std::string &directory, EngineOptions opti
     return engine.status();
   model.engine = engine.take();
 
-  std::string tokenizerPath = directory + "/tokenizer.json";
-  if (fileExists(tokenizerPath)) {
-    Expected<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::fromFile(tokenizerPath);
-    if (!tokenizer)
-      return tokenizer.status();
-    model.tokenizer = tokenizer.take();
-  }
-  nlohmann::json tokenizerConfig = readJson(directory + "/tokenizer_config.json");
-  if (model.tokenizer && tokenizerConfig.is_object() && tokenizerConfig.contains("eos_token") &&
-      tokenizerConfig["eos_token"].is_string())
-    model.endOfText = model.tokenizer->tokenId(tokenizerConfig["eos_token"].get<std::string>());
-  if (!model.endOfText) {
-    nlohmann::json config = readJson(directory + "/config.json");
-    if (config.is_object() && config.contains("eos_token_id") && config["eos_token_id"].is_number_integer())
-      model.endOfText = config["eos_token_id"].get<int32_t>();
-  }
-  // Some configs name an end-of-text id of another vocabulary (OLMoE test
-  // models); such an id cannot be used.
-  if (model.endOfText && (*model.endOfText < 0 || *model.endOfText >= model.spec.vocabSize)) {
-    model.warnings.push_back(concat("end-of-text id ", *model.endOfText, " is outside the vocabulary of ",
-                                    model.spec.vocabSize, "; documents are not separated"));
-    model.endOfText.reset();
-  }
+  MOE_RETURN_IF_ERROR(attachTokenizer(directory, model));
+  return model;
+}
+
+Expected<LoadedModel> loadDescribedModel(ModelDescription description, EngineOptions options) {
+  LoadedModel model;
+  model.spec = description.spec;
+  std::string assets = description.assetDirectory;
+  Expected<std::unique_ptr<Engine>> engine =
+      Engine::create(model.spec, makeDescriptionWeightProvider(std::move(description)), options);
+  if (!engine)
+    return engine.status();
+  model.engine = engine.take();
+  if (!assets.empty())
+    MOE_RETURN_IF_ERROR(attachTokenizer(assets, model));
   return model;
 }
 

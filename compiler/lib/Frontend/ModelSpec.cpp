@@ -256,6 +256,12 @@ void appendLayerTensors(const ModelSpec &spec, const LayerSpec &layer,
 
 std::string_view tensorRoleName(TensorRole role) { return roleInfo(role).name; }
 RoleGroup roleGroup(TensorRole role) { return roleInfo(role).group; }
+std::optional<TensorRole> parseTensorRole(std::string_view name) {
+  for (const RoleInfo &info : roleTable)
+    if (info.name == name)
+      return info.role;
+  return std::nullopt;
+}
 std::string_view roleGroupName(RoleGroup group) {
   static constexpr std::string_view names[kNumRoleGroups] = {
       "embedding", "lm_head", "attention", "norms",

@@ -394,4 +394,34 @@ Status writeFileAtomically(const std::string &path,
   return Status::success();
 }
 
+Status readTensorSlice(const SafetensorsFile &file, const TensorInfo &tensor,
+                       std::span<const int64_t> slice, std::vector<uint8_t> &bytes) {
+  if (tensor.shape.size() != 3)
+    return Status::error(file.path(), ": tensor '", tensor.name, "' has shape ", formatShape(tensor.shape),
+                         "; a slice needs a 3-D tensor");
+  if (slice.size() != 4)
+    return Status::error(file.path(), ": tensor '", tensor.name, "': a slice is [index, first row, rows, transposed]");
+  const int64_t index = slice[0], first = slice[1], rows = slice[2];
+  const bool transposed = slice[3] == 1;
+  const int64_t A = tensor.shape[1], B = tensor.shape[2];
+  const int64_t rowLength = transposed ? A : B, available = transposed ? B : A;
+  if (index < 0 || first < 0 || rows < 0 || index >= tensor.shape[0] || first + rows > available)
+    return Status::error(file.path(), ": tensor '", tensor.name, "' ", formatShape(tensor.shape), " has no slice [",
+                         index, ", ", first, ", ", rows, "]");
+  const size_t element = dtypeBytes(tensor.dtype);
+  const uint8_t *matrix = file.data(tensor).data() + static_cast<size_t>(index * A * B) * element;
+  bytes.resize(static_cast<size_t>(rows * rowLength) * element);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (!transposed) {
+      std::memcpy(bytes.data() + static_cast<size_t>(r * rowLength) * element,
+                  matrix + static_cast<size_t>((first + r) * B) * element, static_cast<size_t>(B) * element);
+      continue;
+    }
+    for (int64_t c = 0; c < rowLength; ++c)
+      std::memcpy(bytes.data() + static_cast<size_t>(r * rowLength + c) * element,
+                  matrix + static_cast<size_t>(c * B + (first + r)) * element, element);
+  }
+  return Status::success();
+}
+
 } // namespace moe

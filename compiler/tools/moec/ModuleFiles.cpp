@@ -16,6 +16,10 @@
 
 namespace moe::cli {
 
+bool isModuleFile(const std::string &path) {
+  return path.size() > 5 && path.compare(path.size() - 5, 5, ".mlir") == 0;
+}
+
 mlir::OwningOpRef<mlir::ModuleOp> readModuleFile(const std::string &path, mlir::MLIRContext &context) {
   context.loadDialect<ir::MoeDialect>();
   llvm::SourceMgr sourceManager;

@@ -15,6 +15,9 @@
 
 namespace moe::cli {
 
+/// True when `path` names a module file (.mlir) rather than a checkpoint directory.
+bool isModuleFile(const std::string &path);
+
 /// Parses the module at `path` with the moe dialect loaded; on failure
 /// prints the diagnostics and an error, and returns null.
 mlir::OwningOpRef<mlir::ModuleOp> readModuleFile(const std::string &path, mlir::MLIRContext &context);

@@ -7,12 +7,16 @@
 
 #include "Commands.h"
 
+#include "ModuleFiles.h"
+
+#include "moe/Exporter/Lowering.h"
 #include "moe/Runtime/Evaluate.h"
 #include "moe/Runtime/Model.h"
 
 #include <nlohmann/json.hpp>
 
 #include <cmath>
+#include <filesystem>
 #include <cstdio>
 #include <iostream>
 #include <random>
@@ -41,8 +45,26 @@ static std::optional<size_t> parseBytes(const std::string &text) {
   return static_cast<size_t>(value * scale);
 }
 
+/// Lowers the module at `path` and runs it (DESIGN.md: the backend lowers a
+/// module to the description the runtime executes).
+static Expected<LoadedModel> loadModuleModel(const std::string &path, const EngineOptions &options) {
+  mlir::MLIRContext context;
+  mlir::OwningOpRef<mlir::ModuleOp> module = readModuleFile(path, context);
+  if (!module)
+    return Status::error(path, ": not a valid moe module");
+  Expected<ir::ModelOp> found = findModel(*module);
+  if (!found)
+    return found.status().withContext(path);
+  Expected<ModelDescription> description =
+      lowerToDescription(*found, std::filesystem::path(path).parent_path().string());
+  if (!description)
+    return description.status().withContext(path);
+  return loadDescribedModel(description.take(), options);
+}
+
 void addModelOptions(CLI::App *command, ModelOptions &options) {
-  command->add_option("model", options.path, "Model directory (Hugging Face checkpoint)")->required();
+  command->add_option("model", options.path, "Model: a Hugging Face checkpoint directory or a moe module (.mlir)")
+      ->required();
   command->add_option("--max-memory", options.maxMemory,
                        "Budget for converted weights, e.g. 2G (default: the whole model when it fits)");
 }
@@ -55,7 +77,8 @@ Expected<LoadedModel> openModel(const ModelOptions &options) {
       return Status::error("--max-memory '", options.maxMemory, "': expected a size such as 512M or 4G");
     engineOptions.maxMemoryBytes = *bytes;
   }
-  Expected<LoadedModel> model = loadModel(options.path, engineOptions);
+  Expected<LoadedModel> model = isModuleFile(options.path) ? loadModuleModel(options.path, engineOptions)
+                                                           : loadModel(options.path, engineOptions);
   if (model)
     for (const std::string &warning : model->warnings)
       printWarning(warning);

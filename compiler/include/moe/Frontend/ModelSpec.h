@@ -15,6 +15,7 @@
 #include "moe/Support/Status.h"
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -131,6 +132,8 @@ enum class RoleGroup { Embedding, LmHead, Attention, Norms, DenseMlp, Router, Ro
 constexpr int kNumRoleGroups = 8;
 
 std::string_view tensorRoleName(TensorRole role);
+/// The role named `name` (as tensorRoleName spells it), or nullopt.
+std::optional<TensorRole> parseTensorRole(std::string_view name);
 RoleGroup roleGroup(TensorRole role);
 std::string_view roleGroupName(RoleGroup group);
 

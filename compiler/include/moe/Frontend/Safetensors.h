@@ -129,6 +129,13 @@ private:
 Status writeFileAtomically(const std::string &path,
                            std::span<const uint8_t> bytes);
 
+/// Copies 2-D piece `slice` = {index, firstRow, rows, transposed} of the 3-D
+/// [N, A, B] tensor `tensor` of `file` (fused experts): rows
+/// firstRow .. firstRow+rows-1 of matrix `index`, or of its transpose when
+/// `transposed` is 1, into `bytes` in the tensor's dtype.
+Status readTensorSlice(const SafetensorsFile &file, const TensorInfo &tensor,
+                       std::span<const int64_t> slice, std::vector<uint8_t> &bytes);
+
 } // namespace moe
 
 #endif // MOE_FRONTEND_SAFETENSORS_H

@@ -58,6 +58,15 @@ struct EngineOptions {
   size_t maxMemoryBytes = 0;
 };
 
+/// What the MoE layers did since the engine was made (or reset).
+struct RoutingCounters {
+  int64_t routedTokens = 0; ///< Tokens through MoE layers (counted once per layer).
+  int64_t expertCalls = 0;  ///< (token, routed expert) pairs computed.
+  double expertsPerToken() const {
+    return routedTokens ? static_cast<double>(expertCalls) / static_cast<double>(routedTokens) : 0.0;
+  }
+};
+
 /// Runs a model.
 class Engine {
 public:
@@ -78,6 +87,8 @@ public:
   /// Attaches `observer` (not owned; null detaches).
   void setObserver(EngineObserver *observer) { this->observer = observer; }
   const LayerCache &layerCache() const { return *layers; }
+  const RoutingCounters &routingCounters() const { return counters; }
+  void resetRoutingCounters() { counters = {}; }
 
 private:
   Engine() = default;
@@ -90,6 +101,7 @@ private:
   std::map<int64_t, std::set<int64_t>> maskedExperts;
   std::vector<float> inverseFrequencies;
   EngineObserver *observer = nullptr;
+  RoutingCounters counters;
 };
 
 } // namespace moe

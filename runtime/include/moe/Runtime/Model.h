@@ -21,7 +21,7 @@ namespace moe {
 
 struct LoadedModel {
   ModelSpec spec;
-  std::shared_ptr<const Checkpoint> checkpoint;
+  std::shared_ptr<const Checkpoint> checkpoint; ///< Null for described models.
   std::unique_ptr<Engine> engine;
   std::unique_ptr<Tokenizer> tokenizer; ///< Null without tokenizer.json.
   /// End-of-text id from tokenizer_config.json's eos_token or config.json's
@@ -33,6 +33,11 @@ struct LoadedModel {
 /// Opens `directory`: config.json, weights (validated against the spec),
 /// tokenizer.json when present.
 Expected<LoadedModel> loadModel(const std::string &directory, EngineOptions options = {});
+
+struct ModelDescription;
+/// Runs a described model (a lowered moe module); its tokenizer comes
+/// from the description's asset directory when that has tokenizer.json.
+Expected<LoadedModel> loadDescribedModel(ModelDescription description, EngineOptions options = {});
 
 } // namespace moe
 

@@ -18,6 +18,7 @@
 #include <list>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 namespace moe {
@@ -45,6 +46,20 @@ struct MlpWeights {
   size_t bytes() const { return gate.bytes() + up.bytes() + down.bytes(); }
 };
 
+/// How a MoE layer routes when it differs from the ModelSpec's router:
+/// compressed modules give each layer its own.
+struct RoutingPlan {
+  /// The layer's router (top-k, groups); nullopt: the ModelSpec's.
+  std::optional<RouterSpec> router;
+  /// Router row r is served by expert slot remap[r] (merged experts share a
+  /// slot); empty: row r is slot r.
+  std::vector<int32_t> remap;
+  /// Dynamic skipping (NAEE, MC-MoE ODP): a chosen expert other than the
+  /// first is skipped when its weight is below this fraction of the first's;
+  /// the kept weights are rescaled to the sum of all chosen. 0: off.
+  double skipThreshold = 0;
+};
+
 /// Everything one decoder layer needs. Fields a family does not use stay
 /// empty.
 struct LayerWeights {
@@ -62,6 +77,7 @@ struct LayerWeights {
   std::vector<MlpWeights> experts;
   MlpWeights shared;
   std::vector<float> sharedExpertGate; ///< [hidden], Qwen2-MoE.
+  RoutingPlan routing;
 
   size_t bytes() const;
 };

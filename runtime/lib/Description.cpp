@@ -1,0 +1,218 @@
+//===- Description.cpp - Weights of a described model ---------------------===//
+//
+// Part of moec.
+//
+//===----------------------------------------------------------------------===//
+
+#include "moe/Runtime/Description.h"
+#include "moe/Frontend/Checkpoint.h"
+#include "moe/Frontend/Safetensors.h"
+#include "moe/Frontend/WeightStore.h"
+
+#include <cstring>
+#include <map>
+
+namespace moe {
+namespace {
+
+class DescriptionWeightProvider : public WeightProvider {
+public:
+  explicit DescriptionWeightProvider(ModelDescription description) : description(std::move(description)) {}
+
+  Status loadGlobals(GlobalWeights &globals) override {
+    for (const auto &[role, tensor] : description.globals) {
+      switch (role) {
+      case TensorRole::Embedding: MOE_RETURN_IF_ERROR(loadMatrix(tensor, globals.embedding)); break;
+      case TensorRole::LmHead: MOE_RETURN_IF_ERROR(loadMatrix(tensor, globals.lmHead)); break;
+      case TensorRole::LmHeadBias: MOE_RETURN_IF_ERROR(loadVector(tensor, globals.lmHeadBias)); break;
+      case TensorRole::FinalNorm: MOE_RETURN_IF_ERROR(loadVector(tensor, globals.finalNorm)); break;
+      case TensorRole::FinalNormBias: MOE_RETURN_IF_ERROR(loadVector(tensor, globals.finalNormBias)); break;
+      default:
+        return Status::error("tensor '", tensor.name, "': unexpected model-level role ", tensorRoleName(role));
+      }
+    }
+    return Status::success();
+  }
+
+  Status loadLayer(int64_t layer, LayerWeights &w) override {
+    if (layer < 0 || layer >= static_cast<int64_t>(description.layers.size()))
+      return Status::error("layer ", layer, " out of range [0, ", description.layers.size(), ")");
+    const LayerEntry &entry = description.layers[static_cast<size_t>(layer)];
+    for (const auto &[role, tensor] : entry.tensors) {
+      Status status = Status::success();
+      switch (role) {
+      case TensorRole::AttentionNorm: status = loadVector(tensor, w.attentionNorm); break;
+      case TensorRole::AttentionNormBias: status = loadVector(tensor, w.attentionNormBias); break;
+      case TensorRole::MlpNorm: status = loadVector(tensor, w.mlpNorm); break;
+      case TensorRole::MlpNormBias: status = loadVector(tensor, w.mlpNormBias); break;
+      case TensorRole::QueryProj: status = loadMatrix(tensor, w.query); break;
+      case TensorRole::KeyProj: status = loadMatrix(tensor, w.key); break;
+      case TensorRole::ValueProj: status = loadMatrix(tensor, w.value); break;
+      case TensorRole::OutputProj: status = loadMatrix(tensor, w.output); break;
+      case TensorRole::QueryBias: status = loadVector(tensor, w.queryBias); break;
+      case TensorRole::KeyBias: status = loadVector(tensor, w.keyBias); break;
+      case TensorRole::ValueBias: status = loadVector(tensor, w.valueBias); break;
+      case TensorRole::OutputBias: status = loadVector(tensor, w.outputBias); break;
+      case TensorRole::QueryNorm: status = loadVector(tensor, w.queryNorm); break;
+      case TensorRole::KeyNorm: status = loadVector(tensor, w.keyNorm); break;
+      case TensorRole::QueryDownProj: status = loadMatrix(tensor, w.queryDown); break;
+      case TensorRole::QueryDownNorm: status = loadVector(tensor, w.queryDownNorm); break;
+      case TensorRole::QueryUpProj: status = loadMatrix(tensor, w.queryUp); break;
+      case TensorRole::KvDownProj: status = loadMatrix(tensor, w.kvDown); break;
+      case TensorRole::KvDownNorm: status = loadVector(tensor, w.kvDownNorm); break;
+      case TensorRole::KvUpProj: status = loadMatrix(tensor, w.kvUp); break;
+      case TensorRole::DenseGate: status = loadMatrix(tensor, w.dense.gate); break;
+      case TensorRole::DenseUp: status = loadMatrix(tensor, w.dense.up); break;
+      case TensorRole::DenseDown: status = loadMatrix(tensor, w.dense.down); break;
+      case TensorRole::Router: status = loadMatrix(tensor, w.router); break;
+      case TensorRole::RouterCorrectionBias: status = loadVector(tensor, w.routerCorrectionBias); break;
+      case TensorRole::SharedGate: status = loadMatrix(tensor, w.shared.gate); break;
+      case TensorRole::SharedUp: status = loadMatrix(tensor, w.shared.up); break;
+      case TensorRole::SharedDown: status = loadMatrix(tensor, w.shared.down); break;
+      case TensorRole::SharedExpertGate: status = loadVector(tensor, w.sharedExpertGate); break;
+      default:
+        status = Status::error("tensor '", tensor.name, "': unexpected layer role ", tensorRoleName(role));
+      }
+      MOE_RETURN_IF_ERROR(status);
+    }
+    w.experts.assign(entry.experts.size(), MlpWeights());
+    for (size_t slot = 0; slot < entry.experts.size(); ++slot) {
+      const ExpertEntry &expert = entry.experts[slot];
+      MOE_RETURN_IF_ERROR(loadMatrix(expert.gate, w.experts[slot].gate));
+      MOE_RETURN_IF_ERROR(loadMatrix(expert.up, w.experts[slot].up));
+      MOE_RETURN_IF_ERROR(loadMatrix(expert.down, w.experts[slot].down));
+    }
+    w.routing = entry.routing;
+    if (!w.router.empty()) {
+      const int64_t slots = static_cast<int64_t>(w.experts.size());
+      if (w.routing.remap.empty() && w.router.rows != slots)
+        return Status::error("layer ", layer, ": the router has ", w.router.rows, " rows for ", slots,
+                             " experts and no remap table");
+      if (!w.routing.remap.empty() && static_cast<int64_t>(w.routing.remap.size()) != w.router.rows)
+        return Status::error("layer ", layer, ": the remap table has ", w.routing.remap.size(),
+                             " entries for ", w.router.rows, " router rows");
+      for (int32_t slot : w.routing.remap)
+        if (slot < 0 || slot >= slots)
+          return Status::error("layer ", layer, ": remap entry ", slot, " is not an expert slot [0, ", slots, ")");
+    }
+    return Status::success();
+  }
+
+private:
+  /// The raw bytes and dtype of `tensor`; `file`/`info` are set for
+  /// unsliced source tensors (whose pages the caller releases).
+  Status readBytes(const TensorRef &tensor, DType &dtype, std::vector<uint8_t> &bytes,
+                   const SafetensorsFile *&file, const TensorInfo *&info) {
+    file = nullptr;
+    info = nullptr;
+    if (tensor.source < 0) {
+      if (!store) {
+        if (description.store.empty())
+          return Status::error("tensor '", tensor.name, "' is in the WeightStore, but the model names none");
+        Expected<std::unique_ptr<WeightStore>> opened = WeightStore::open(description.store, /*create=*/false);
+        if (!opened)
+          return opened.status();
+        store = opened.take();
+      }
+      const StoredTensor *stored = store->find(tensor.key);
+      if (!stored)
+        return Status::error(store->path(), ": tensor '", tensor.key, "' not in the weight store");
+      dtype = stored->dtype;
+      return store->read(*stored, bytes);
+    }
+    if (tensor.source >= static_cast<int64_t>(description.sources.size()))
+      return Status::error("tensor '", tensor.name, "': source ", tensor.source, " out of range");
+    Expected<const SafetensorsFile *> opened = source(tensor.source);
+    if (!opened)
+      return opened.status();
+    file = *opened;
+    info = file->find(tensor.key);
+    if (!info)
+      return Status::error(file->path(), ": tensor '", tensor.key, "' not found");
+    dtype = info->dtype;
+    if (!tensor.slice.empty()) {
+      MOE_RETURN_IF_ERROR(readTensorSlice(*file, *info, tensor.slice, bytes));
+      file = nullptr;
+      return Status::success();
+    }
+    std::span<const uint8_t> data = file->data(*info);
+    bytes.assign(data.begin(), data.end());
+    return Status::success();
+  }
+
+  Expected<const SafetensorsFile *> source(int64_t index) {
+    std::unique_ptr<SafetensorsFile> &file = sources[index];
+    if (!file) {
+      Expected<std::unique_ptr<SafetensorsFile>> opened =
+          SafetensorsFile::open(description.sources[static_cast<size_t>(index)]);
+      if (!opened)
+        return opened.status();
+      file = opened.take();
+    }
+    return file.get();
+  }
+
+  Status loadF32(const TensorRef &tensor, DType &dtype, std::vector<float> &out, std::vector<uint8_t> &bytes,
+                 bool keepBf16) {
+    const SafetensorsFile *file;
+    const TensorInfo *info;
+    MOE_RETURN_IF_ERROR(readBytes(tensor, dtype, bytes, file, info));
+    if (file)
+      file->releasePages(*info);
+    const int64_t count = numElements(tensor.shape);
+    if (!isFloatDType(dtype))
+      return Status::error("tensor '", tensor.name, "' has dtype ", dtypeName(dtype), "; expected a float dtype");
+    if (bytes.size() != static_cast<size_t>(count) * dtypeBytes(dtype))
+      return Status::error("tensor '", tensor.name, "' holds ", bytes.size() / dtypeBytes(dtype),
+                           " elements; its shape ", formatShape(tensor.shape), " needs ", count);
+    if (keepBf16 && dtype == DType::BF16)
+      return Status::success();
+    out.resize(static_cast<size_t>(count));
+    MOE_RETURN_IF_ERROR(convertToF32(dtype, bytes.data(), out.size(), out.data()));
+    if (!tensor.scaleKey.empty()) {
+      if (tensor.shape.size() != 2)
+        return Status::error("tensor '", tensor.name, "': block scales need a matrix");
+      TensorRef scale{tensor.name + " (scales)", tensor.scaleSource, tensor.scaleKey, {}, fp8ScaleShape(tensor.shape), "", -1};
+      DType scaleType;
+      std::vector<float> scales;
+      std::vector<uint8_t> scaleBytes;
+      MOE_RETURN_IF_ERROR(loadF32(scale, scaleType, scales, scaleBytes, false));
+      applyFp8BlockScales(out.data(), 0, tensor.shape[0], tensor.shape[1], scales.data());
+    }
+    return Status::success();
+  }
+
+  Status loadVector(const TensorRef &tensor, std::vector<float> &out) {
+    DType dtype;
+    std::vector<uint8_t> bytes;
+    return loadF32(tensor, dtype, out, bytes, false);
+  }
+
+  Status loadMatrix(const TensorRef &tensor, Matrix &out) {
+    if (tensor.shape.size() != 2)
+      return Status::error("tensor '", tensor.name, "' has shape ", formatShape(tensor.shape), "; expected a matrix");
+    out.rows = tensor.shape[0];
+    out.cols = tensor.shape[1];
+    DType dtype;
+    std::vector<uint8_t> bytes;
+    MOE_RETURN_IF_ERROR(loadF32(tensor, dtype, out.data, bytes, tensor.scaleKey.empty()));
+    if (out.data.empty() && dtype == DType::BF16 && out.rows * out.cols > 0) {
+      // Keep the bf16 bits: exact, and half the bytes of an f32 copy.
+      out.bf16.resize(bytes.size() / 2);
+      std::memcpy(out.bf16.data(), bytes.data(), bytes.size());
+    }
+    return Status::success();
+  }
+
+  ModelDescription description;
+  std::map<int64_t, std::unique_ptr<SafetensorsFile>> sources;
+  std::unique_ptr<WeightStore> store;
+};
+
+} // namespace
+
+std::unique_ptr<WeightProvider> makeDescriptionWeightProvider(ModelDescription description) {
+  return std::make_unique<DescriptionWeightProvider>(std::move(description));
+}
+
+} // namespace moe
