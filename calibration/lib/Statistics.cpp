@@ -20,7 +20,10 @@ namespace {
 
 class StatisticsObserver : public EngineObserver {
 public:
-  StatisticsObserver(const ModelSpec &spec, bool inputMoments) : spec(spec), withMoments(inputMoments) {
+  StatisticsObserver(const ModelSpec &spec, const CalibrationOptions &options, int64_t totalTokens)
+      : spec(spec), options(options), withMoments(options.inputMoments) {
+    if (options.blockSamples > 0)
+      sampleStride = std::max<int64_t>(1, totalTokens / options.blockSamples);
     for (const LayerSpec &layer : spec.layers) {
       if (layer.mlp != MlpKind::Moe)
         continue;
@@ -35,8 +38,15 @@ public:
       stats.routerLogitGram.assign(E * E, 0);
       stats.neuronSquareSum.assign(E, std::vector<double>(static_cast<size_t>(layer.expertIntermediateSize), 0));
       stats.neuronSquareMax.assign(E, std::vector<double>(static_cast<size_t>(layer.expertIntermediateSize), 0));
+      stats.neuronWeightedSquareSum = stats.neuronSquareSum;
+      stats.neuronWeightedSquareMax = stats.neuronSquareMax;
       if (withMoments)
         stats.inputMoments.assign(E, std::vector<double>(static_cast<size_t>(spec.hiddenSize * spec.hiddenSize), 0));
+      stats.momentTokens.assign(E, 0);
+      if (options.sampleCapRatio > 0)
+        momentCap = std::max<int64_t>(
+            1, static_cast<int64_t>(options.sampleCapRatio * static_cast<double>(spec.router.topK) /
+                                    static_cast<double>(layer.numExperts) * static_cast<double>(totalTokens)));
       index[layer.index] = layers.size();
       layers.push_back(std::move(stats));
     }
@@ -92,15 +102,21 @@ public:
     const int64_t H = spec.hiddenSize, I = static_cast<int64_t>(intermediate.size()) / n;
     std::vector<double> &squareSum = stats.neuronSquareSum[expert];
     std::vector<double> &squareMax = stats.neuronSquareMax[expert];
+    std::vector<double> &weightedSum = stats.neuronWeightedSquareSum[expert];
+    std::vector<double> &weightedMax = stats.neuronWeightedSquareMax[expert];
     if (static_cast<int64_t>(squareSum.size()) != I) {
-      squareSum.assign(static_cast<size_t>(I), 0);
-      squareMax.assign(static_cast<size_t>(I), 0);
+      for (std::vector<double> *values : {&squareSum, &squareMax, &weightedSum, &weightedMax})
+        values->assign(static_cast<size_t>(I), 0);
     }
     for (int64_t r = 0; r < n; ++r) {
+      const double weight = currentWeights[static_cast<size_t>(tokenIndices[r]) * E + expert];
       for (int64_t i = 0; i < I; ++i) {
         double value = intermediate[r * I + i];
         squareSum[i] += value * value;
         squareMax[i] = std::max(squareMax[i], value * value);
+        double weighted = weight * value;
+        weightedSum[i] += weighted * weighted;
+        weightedMax[i] = std::max(weightedMax[i], weighted * weighted);
       }
       double norm = 0;
       for (int64_t h = 0; h < H; ++h) {
@@ -108,12 +124,15 @@ public:
         norm += y * y;
         stats.maxAbsOutput[expert] = std::max(stats.maxAbsOutput[expert], std::fabs(y));
       }
-      float weight = currentWeights[static_cast<size_t>(tokenIndices[r]) * E + expert];
-      pendingContributions.push_back({tokenIndices[r], expert, weight * std::sqrt(norm)});
+      if (weight > 0)
+        pendingContributions.push_back({tokenIndices[r], expert, weight * std::sqrt(norm)});
     }
     if (withMoments) {
       std::vector<double> &moments = stats.inputMoments[expert];
       for (int64_t r = 0; r < n; ++r) {
+        if (momentCap > 0 && stats.momentTokens[expert] >= momentCap)
+          break;
+        ++stats.momentTokens[expert];
         const float *x = input.data() + r * H;
         for (int64_t a = 0; a < H; ++a)
           for (int64_t b = 0; b < H; ++b)
@@ -122,9 +141,23 @@ public:
     }
   }
 
-  void onMoeBlock(int64_t layer, int64_t tokens, std::span<const float>, std::span<const float> output) override {
+  bool computeAllExperts() const override { return options.allExperts; }
+
+  void onMoeBlock(int64_t layer, int64_t tokens, std::span<const float> input, std::span<const float> output) override {
     LayerStatistics &stats = layers[index.at(layer)];
     const int64_t H = spec.hiddenSize;
+    if (sampleStride > 0) {
+      // Evenly spaced tokens of the whole calibration run (stats.tokens
+      // already counts this batch).
+      const int64_t first = stats.tokens - tokens;
+      for (int64_t t = 0; t < tokens && stats.blockSampleCount < options.blockSamples; ++t) {
+        if ((first + t) % sampleStride != 0)
+          continue;
+        stats.blockInput.insert(stats.blockInput.end(), input.begin() + t * H, input.begin() + (t + 1) * H);
+        stats.blockOutput.insert(stats.blockOutput.end(), output.begin() + t * H, output.begin() + (t + 1) * H);
+        ++stats.blockSampleCount;
+      }
+    }
     std::vector<double> outputNorm(static_cast<size_t>(tokens));
     for (int64_t t = 0; t < tokens; ++t) {
       double sum = 0;
@@ -148,7 +181,9 @@ private:
     double weightedNorm;
   };
   const ModelSpec &spec;
+  const CalibrationOptions &options;
   bool withMoments;
+  int64_t sampleStride = 0, momentCap = 0;
   std::map<int64_t, size_t> index;
   std::vector<float> currentWeights;
   std::vector<Contribution> pendingContributions;
@@ -165,10 +200,13 @@ template <typename T> std::vector<uint8_t> toBytes(const std::vector<T> &values)
 
 Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStream> &streams,
                                       const CalibrationOptions &options) {
-  StatisticsObserver observer(engine.spec(), options.inputMoments);
   const int64_t L = options.sequenceLength;
   if (L < 1)
     return Status::error("--seq-len must be positive, got ", L);
+  if (options.sampleCapRatio < 0)
+    return Status::error("--sample-cap-ratio must not be negative, got ", options.sampleCapRatio);
+  if (options.blockSamples < 0)
+    return Status::error("--block-samples must not be negative, got ", options.blockSamples);
   int64_t totalWindows = 0;
   for (const EvalStream &stream : streams)
     totalWindows += std::max<int64_t>(0, (static_cast<int64_t>(stream.ids.size()) - 1) / L);
@@ -177,6 +215,7 @@ Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStre
   if (totalWindows == 0)
     return Status::error("no complete window of ", L, " tokens in the calibration data");
 
+  StatisticsObserver observer(engine.spec(), options, totalWindows * L);
   CalibrationResult result;
   engine.setObserver(&observer);
   auto start = std::chrono::steady_clock::now();
@@ -230,16 +269,30 @@ Status writeStatistics(const CalibrationResult &result, const CalibrationOptions
       int64_t width = static_cast<int64_t>(stats.neuronSquareSum[e].size());
       MOE_RETURN_IF_ERROR(addF64(expert + "neuron_square_sum", {width}, stats.neuronSquareSum[e]));
       MOE_RETURN_IF_ERROR(addF64(expert + "neuron_square_max", {width}, stats.neuronSquareMax[e]));
+      MOE_RETURN_IF_ERROR(addF64(expert + "neuron_weighted_square_sum", {width}, stats.neuronWeightedSquareSum[e]));
+      MOE_RETURN_IF_ERROR(addF64(expert + "neuron_weighted_square_max", {width}, stats.neuronWeightedSquareMax[e]));
       if (!stats.inputMoments.empty()) {
         int64_t H = static_cast<int64_t>(std::sqrt(static_cast<double>(stats.inputMoments[e].size())));
         MOE_RETURN_IF_ERROR(addF64(expert + "input_moments", {H, H}, stats.inputMoments[e]));
       }
+    }
+    if (!stats.inputMoments.empty())
+      MOE_RETURN_IF_ERROR(writer.addTensor(prefix + "moment_tokens", DType::I64, {E}, toBytes(stats.momentTokens)));
+    if (stats.blockSampleCount > 0) {
+      const int64_t H = static_cast<int64_t>(stats.blockInput.size()) / stats.blockSampleCount;
+      MOE_RETURN_IF_ERROR(writer.addTensor(prefix + "block_input", DType::F32, {stats.blockSampleCount, H},
+                                           toBytes(stats.blockInput)));
+      MOE_RETURN_IF_ERROR(writer.addTensor(prefix + "block_output", DType::F32, {stats.blockSampleCount, H},
+                                           toBytes(stats.blockOutput)));
     }
   }
   writer.setMetadata("format", "moec-calibration-statistics-v1");
   writer.setMetadata("tokens", std::to_string(result.tokens));
   writer.setMetadata("seq_len", std::to_string(options.sequenceLength));
   writer.setMetadata("input_moments", options.inputMoments ? "true" : "false");
+  writer.setMetadata("sample_cap_ratio", concat(options.sampleCapRatio));
+  writer.setMetadata("all_experts", options.allExperts ? "true" : "false");
+  writer.setMetadata("block_samples", std::to_string(options.blockSamples));
   return writer.write(path);
 }
 

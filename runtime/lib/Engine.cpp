@@ -196,112 +196,133 @@ void swiglu(const MlpWeights &mlp, const float *x, int64_t n, std::vector<float>
 
 } // namespace
 
-struct Engine::Impl {
-  /// The routed MoE block (plus shared expert) of one layer: out[T, H].
-  static void moeBlock(Engine &engine, const LayerSpec &layer, const LayerWeights &w,
-                       const float *x, int64_t tokens, float *out) {
-    const ModelSpec &spec = engine.modelSpec;
-    const RouterSpec &routerSpec = w.routing.router ? *w.routing.router : spec.router;
-    // E router rows choose among the expert slots (fewer after merging).
-    const int64_t H = spec.hiddenSize, E = w.router.rows, K = routerSpec.topK;
-    const int64_t slots = static_cast<int64_t>(w.experts.size());
-    std::vector<float> logits(static_cast<size_t>(tokens * E));
-    linear(x, tokens, w.router, logits.data());
-    if (auto masked = engine.maskedExperts.find(layer.index); masked != engine.maskedExperts.end())
-      for (int64_t t = 0; t < tokens; ++t)
-        for (int64_t e : masked->second)
-          logits[t * E + e] = -std::numeric_limits<float>::infinity();
-    std::vector<int32_t> chosen(static_cast<size_t>(tokens * K));
-    std::vector<float> weights(static_cast<size_t>(tokens * K));
-    const float *bias = w.routerCorrectionBias.empty() ? nullptr : w.routerCorrectionBias.data();
+void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &w, const float *x,
+                     int64_t tokens, float *out, const MoeBlockHooks &hooks) {
+  EngineObserver *observer = hooks.observer;
+  const RouterSpec &routerSpec = w.routing.router ? *w.routing.router : spec.router;
+  // E router rows choose among the expert slots (fewer after merging).
+  const int64_t H = spec.hiddenSize, E = w.router.rows, K = routerSpec.topK;
+  const int64_t slots = static_cast<int64_t>(w.experts.size());
+  std::vector<float> logits(static_cast<size_t>(tokens * E));
+  linear(x, tokens, w.router, logits.data());
+  if (hooks.maskedRows)
     for (int64_t t = 0; t < tokens; ++t)
-      router::route(routerSpec, E, logits.data() + t * E, bias, chosen.data() + t * K, weights.data() + t * K);
-    if (engine.observer)
-      engine.observer->onRouter(layer.index, tokens, logits, chosen, weights);
+      for (int64_t e : *hooks.maskedRows)
+        logits[t * E + e] = -std::numeric_limits<float>::infinity();
+  std::vector<int32_t> chosen(static_cast<size_t>(tokens * K));
+  std::vector<float> weights(static_cast<size_t>(tokens * K));
+  const float *bias = w.routerCorrectionBias.empty() ? nullptr : w.routerCorrectionBias.data();
+  for (int64_t t = 0; t < tokens; ++t)
+    router::route(routerSpec, E, logits.data() + t * E, bias, chosen.data() + t * K, weights.data() + t * K);
+  if (observer)
+    observer->onRouter(layer.index, tokens, logits, chosen, weights);
 
-    // Group tokens by expert slot: one GEMM per expert, slots in order. A
-    // token whose choices share a slot (merged experts) runs it once with
-    // the summed weight; skipped experts are not run.
-    std::vector<std::vector<int32_t>> tokensOf(static_cast<size_t>(slots));
-    std::vector<std::vector<float>> weightsOf(static_cast<size_t>(slots));
-    const double threshold = w.routing.skipThreshold;
-    for (int64_t t = 0; t < tokens; ++t) {
-      float *tokenWeights = weights.data() + t * K;
-      if (threshold > 0 && K > 1) {
-        int64_t first = std::max_element(tokenWeights, tokenWeights + K) - tokenWeights;
-        float before = 0, after = 0;
-        for (int64_t i = 0; i < K; ++i) {
-          before += tokenWeights[i];
-          if (i != first && tokenWeights[i] < threshold * tokenWeights[first])
-            tokenWeights[i] = 0;
-          after += tokenWeights[i];
-        }
-        if (after > 0)
-          for (int64_t i = 0; i < K; ++i)
-            tokenWeights[i] *= before / after;
-      }
+  // Group tokens by expert slot: one GEMM per expert, slots in order. A
+  // token whose choices share a slot (merged experts) runs it once with
+  // the summed weight; skipped experts are not run.
+  std::vector<std::vector<int32_t>> tokensOf(static_cast<size_t>(slots));
+  std::vector<std::vector<float>> weightsOf(static_cast<size_t>(slots));
+  const double threshold = w.routing.skipThreshold;
+  for (int64_t t = 0; t < tokens; ++t) {
+    float *tokenWeights = weights.data() + t * K;
+    if (threshold > 0 && K > 1) {
+      int64_t first = std::max_element(tokenWeights, tokenWeights + K) - tokenWeights;
+      float before = 0, after = 0;
       for (int64_t i = 0; i < K; ++i) {
-        if (threshold > 0 && tokenWeights[i] == 0)
-          continue;
-        int32_t row = chosen[t * K + i];
-        int32_t slot = w.routing.remap.empty() ? row : w.routing.remap[static_cast<size_t>(row)];
-        std::vector<int32_t> &slotTokens = tokensOf[static_cast<size_t>(slot)];
-        if (!slotTokens.empty() && slotTokens.back() == static_cast<int32_t>(t)) {
-          weightsOf[static_cast<size_t>(slot)].back() += tokenWeights[i];
-          continue;
-        }
-        slotTokens.push_back(static_cast<int32_t>(t));
-        weightsOf[static_cast<size_t>(slot)].push_back(tokenWeights[i]);
+        before += tokenWeights[i];
+        if (i != first && tokenWeights[i] < threshold * tokenWeights[first])
+          tokenWeights[i] = 0;
+        after += tokenWeights[i];
       }
+      if (after > 0)
+        for (int64_t i = 0; i < K; ++i)
+          tokenWeights[i] *= before / after;
     }
-    int64_t calls = 0;
-    for (const std::vector<int32_t> &slotTokens : tokensOf)
-      calls += static_cast<int64_t>(slotTokens.size());
-    engine.counters.routedTokens += tokens;
-    engine.counters.expertCalls += calls;
-    std::fill(out, out + tokens * H, 0.0f);
-    std::vector<float> input, intermediate, output;
-    for (int64_t e = 0; e < slots; ++e) {
-      const std::vector<int32_t> &routed = tokensOf[e];
-      if (routed.empty())
+    for (int64_t i = 0; i < K; ++i) {
+      if (threshold > 0 && tokenWeights[i] == 0)
         continue;
-      const int64_t n = static_cast<int64_t>(routed.size());
-      input.resize(static_cast<size_t>(n * H));
-      for (int64_t r = 0; r < n; ++r)
-        std::copy_n(x + routed[r] * H, H, input.data() + r * H);
-      output.resize(static_cast<size_t>(n * H));
-      swiglu(w.experts[e], input.data(), n, intermediate, output.data());
-      if (engine.observer)
-        engine.observer->onExpert(layer.index, e, routed, input, intermediate, output);
-      for (int64_t r = 0; r < n; ++r) {
+      int32_t row = chosen[t * K + i];
+      int32_t slot = w.routing.remap.empty() ? row : w.routing.remap[static_cast<size_t>(row)];
+      std::vector<int32_t> &slotTokens = tokensOf[static_cast<size_t>(slot)];
+      if (!slotTokens.empty() && slotTokens.back() == static_cast<int32_t>(t)) {
+        weightsOf[static_cast<size_t>(slot)].back() += tokenWeights[i];
+        continue;
+      }
+      slotTokens.push_back(static_cast<int32_t>(t));
+      weightsOf[static_cast<size_t>(slot)].push_back(tokenWeights[i]);
+    }
+  }
+  int64_t calls = 0;
+  for (const std::vector<int32_t> &slotTokens : tokensOf)
+    calls += static_cast<int64_t>(slotTokens.size());
+  if (hooks.counters) {
+    hooks.counters->routedTokens += tokens;
+    hooks.counters->expertCalls += calls;
+  }
+  std::fill(out, out + tokens * H, 0.0f);
+  std::vector<float> input, intermediate, output;
+  // Statistics of every expert on every token (llm-compressor's
+  // calibrate-all-experts): each expert runs on the whole block input and
+  // the observer sees all of it, while the block output below still adds
+  // only the routed tokens.
+  const bool allExperts = observer && observer->computeAllExperts();
+  std::vector<int32_t> everyToken;
+  if (allExperts)
+    for (int64_t t = 0; t < tokens; ++t)
+      everyToken.push_back(static_cast<int32_t>(t));
+  for (int64_t e = 0; e < slots; ++e) {
+    const std::vector<int32_t> &routed = tokensOf[e];
+    if (allExperts) {
+      output.resize(static_cast<size_t>(tokens * H));
+      swiglu(w.experts[e], x, tokens, intermediate, output.data());
+      observer->onExpert(layer.index, e, everyToken, std::span<const float>(x, tokens * H), intermediate, output);
+      for (size_t r = 0; r < routed.size(); ++r) {
         float weight = weightsOf[e][r];
         float *target = out + routed[r] * H;
-        const float *source = output.data() + r * H;
+        const float *source = output.data() + routed[r] * H;
         for (int64_t i = 0; i < H; ++i)
           target[i] += weight * source[i];
       }
+      continue;
     }
-
-    if (layer.shared.intermediateSize > 0) {
-      std::vector<float> shared(static_cast<size_t>(tokens * H));
-      swiglu(w.shared, x, tokens, intermediate, shared.data());
-      for (int64_t t = 0; t < tokens; ++t) {
-        float gate = 1.0f;
-        if (layer.shared.gated) {
-          float dot = 0.0f;
-          for (int64_t i = 0; i < H; ++i)
-            dot += x[t * H + i] * w.sharedExpertGate[i];
-          gate = sigmoid(dot);
-        }
-        for (int64_t i = 0; i < H; ++i)
-          out[t * H + i] += gate * shared[t * H + i];
-      }
+    if (routed.empty())
+      continue;
+    const int64_t n = static_cast<int64_t>(routed.size());
+    input.resize(static_cast<size_t>(n * H));
+    for (int64_t r = 0; r < n; ++r)
+      std::copy_n(x + routed[r] * H, H, input.data() + r * H);
+    output.resize(static_cast<size_t>(n * H));
+    swiglu(w.experts[e], input.data(), n, intermediate, output.data());
+    if (observer)
+      observer->onExpert(layer.index, e, routed, input, intermediate, output);
+    for (int64_t r = 0; r < n; ++r) {
+      float weight = weightsOf[e][r];
+      float *target = out + routed[r] * H;
+      const float *source = output.data() + r * H;
+      for (int64_t i = 0; i < H; ++i)
+        target[i] += weight * source[i];
     }
-    if (engine.observer)
-      engine.observer->onMoeBlock(layer.index, tokens, std::span<const float>(x, tokens * H),
-                                  std::span<const float>(out, tokens * H));
   }
-};
+
+  if (layer.shared.intermediateSize > 0) {
+    std::vector<float> shared(static_cast<size_t>(tokens * H));
+    swiglu(w.shared, x, tokens, intermediate, shared.data());
+    for (int64_t t = 0; t < tokens; ++t) {
+      float gate = 1.0f;
+      if (layer.shared.gated) {
+        float dot = 0.0f;
+        for (int64_t i = 0; i < H; ++i)
+          dot += x[t * H + i] * w.sharedExpertGate[i];
+        gate = sigmoid(dot);
+      }
+      for (int64_t i = 0; i < H; ++i)
+        out[t * H + i] += gate * shared[t * H + i];
+    }
+  }
+  if (observer)
+    observer->onMoeBlock(layer.index, tokens, std::span<const float>(x, tokens * H),
+                                std::span<const float>(out, tokens * H));
+}
 
 Expected<std::unique_ptr<Engine>> Engine::create(const ModelSpec &spec,
                                                   std::unique_ptr<WeightProvider> provider,
@@ -372,7 +393,12 @@ Status Engine::forward(std::span<const int32_t> tokens, KvCache &cache, std::vec
     normed = x;
     normalize(spec, normed.data(), T, w.mlpNorm, w.mlpNormBias);
     if (layer.mlp == MlpKind::Moe) {
-      Impl::moeBlock(*this, layer, w, normed.data(), T, branch.data());
+      MoeBlockHooks hooks;
+      if (auto masked = maskedExperts.find(l); masked != maskedExperts.end())
+        hooks.maskedRows = &masked->second;
+      hooks.observer = observer;
+      hooks.counters = &counters;
+      moeBlockForward(spec, layer, w, normed.data(), T, branch.data(), hooks);
     } else {
       std::vector<float> intermediate;
       swiglu(w.dense, normed.data(), T, intermediate, branch.data());

@@ -194,7 +194,15 @@ makeCheckpointWeightProvider(const ModelSpec &spec, std::shared_ptr<const Checkp
 }
 
 LayerCache::LayerCache(WeightProvider &provider, int64_t numLayers, size_t budgetBytes)
-    : provider(provider), budget(budgetBytes), layers(static_cast<size_t>(numLayers)) {}
+    : provider(provider), budget(budgetBytes), layers(static_cast<size_t>(numLayers)),
+      layerBytes(static_cast<size_t>(numLayers), 0) {}
+
+size_t LayerCache::distinctLayerBytes() const {
+  size_t total = 0;
+  for (size_t bytes : layerBytes)
+    total += bytes;
+  return total;
+}
 
 Expected<std::shared_ptr<const LayerWeights>> LayerCache::get(int64_t layer) {
   std::shared_ptr<const LayerWeights> &slot = layers[static_cast<size_t>(layer)];
@@ -225,6 +233,7 @@ Expected<std::shared_ptr<const LayerWeights>> LayerCache::get(int64_t layer) {
   resident += size;
   peak = std::max(peak, resident);
   ++loadCount;
+  layerBytes[static_cast<size_t>(layer)] = size;
   recent.push_front(layer);
   return slot;
 }

@@ -109,3 +109,82 @@ TEST(Calibration, StatisticsFileIsSafetensorsWithNamedTensors) {
   EXPECT_EQ((*file)->find("layers.1.router_logit_gram")->shape, (std::vector<int64_t>{8, 8}));
   EXPECT_EQ((*file)->find("layers.1.experts.0.input_moments"), nullptr) << "only on request";
 }
+
+TEST(Calibration, AllExpertsModeGivesEveryExpertStatisticsWithoutChangingRouting) {
+  // Expert 3 of layer 1 is never routed; in all-experts mode it still runs
+  // on every token for its statistics, while routing counts stay real.
+  EngineOptions masked;
+  masked.maskedExperts = {{1, {3}}};
+  CalibrationOptions routedOnly;
+  routedOnly.maxTokens = 512;
+  CalibrationOptions all = routedOnly;
+  all.allExperts = true;
+  auto a = calibrateFixture("tiny-deepseek", masked, routedOnly);
+  auto b = calibrateFixture("tiny-deepseek", masked, all);
+  ASSERT_TRUE(a.ok() && b.ok());
+  for (size_t l = 0; l < a->layers.size(); ++l) {
+    EXPECT_EQ(a->layers[l].routedTokens, b->layers[l].routedTokens) << "routing unchanged";
+    for (size_t e = 0; e < a->layers[l].gateWeightSum.size(); ++e)
+      EXPECT_NEAR(a->layers[l].gateWeightSum[e], b->layers[l].gateWeightSum[e], 1e-3);
+  }
+  const LayerStatistics &layer1 = b->layers[0];
+  EXPECT_EQ(layer1.routedTokens[3], 0);
+  double activity = std::accumulate(layer1.neuronSquareSum[3].begin(), layer1.neuronSquareSum[3].end(), 0.0);
+  EXPECT_GT(activity, 0.0) << "the unrouted expert has activation statistics";
+  EXPECT_GT(layer1.maxAbsOutput[3], 0.0);
+  // Gate-weighted statistics stay zero: the expert never contributes.
+  for (double value : layer1.neuronWeightedSquareSum[3])
+    EXPECT_EQ(value, 0.0);
+  // A routed expert sees more tokens than it was routed.
+  EXPECT_GT(std::accumulate(layer1.neuronSquareSum[0].begin(), layer1.neuronSquareSum[0].end(), 0.0),
+            std::accumulate(a->layers[0].neuronSquareSum[0].begin(), a->layers[0].neuronSquareSum[0].end(), 0.0));
+}
+
+TEST(Calibration, BlockSamplesReproduceThroughTheEnginesMoeBlock) {
+  auto model = loadModel(dataDir() + "/fixtures/tiny-mixtral");
+  ASSERT_TRUE(model.ok());
+  auto streams = readEvalData(dataDir() + "/brown/calibration.jsonl", model->tokenizer.get(), model->endOfText);
+  ASSERT_TRUE(streams.ok());
+  CalibrationOptions options;
+  options.maxTokens = 1024;
+  options.blockSamples = 100;
+  auto result = calibrate(*model->engine, *streams, options);
+  ASSERT_TRUE(result.ok());
+  const int64_t H = model->spec.hiddenSize;
+  for (const LayerStatistics &stats : result->layers) {
+    ASSERT_EQ(stats.blockSampleCount, 100);
+    ASSERT_EQ(stats.blockInput.size(), static_cast<size_t>(100 * H));
+  }
+  // Z = MoEBlock(X) row by row, through the engine's own block.
+  auto provider = makeCheckpointWeightProvider(model->spec, model->checkpoint);
+  for (const LayerStatistics &stats : result->layers) {
+    LayerWeights w;
+    ASSERT_TRUE(provider->loadLayer(stats.layer, w).ok());
+    std::vector<float> out(stats.blockOutput.size());
+    moeBlockForward(model->spec, model->spec.layers[static_cast<size_t>(stats.layer)], w, stats.blockInput.data(),
+                    stats.blockSampleCount, out.data());
+    for (size_t i = 0; i < out.size(); ++i)
+      ASSERT_NEAR(out[i], stats.blockOutput[i], 1e-4f) << "layer " << stats.layer << " element " << i;
+  }
+}
+
+TEST(Calibration, SampleCapLimitsPopularExpertsMoments) {
+  CalibrationOptions options;
+  options.maxTokens = 1024;
+  options.inputMoments = true;
+  options.sampleCapRatio = 1.0; // average load: 2/8 x 1024 = 256 tokens
+  auto result = calibrateFixture("tiny-mixtral", {}, options);
+  ASSERT_TRUE(result.ok());
+  bool someCapped = false;
+  for (const LayerStatistics &stats : result->layers)
+    for (size_t e = 0; e < stats.momentTokens.size(); ++e) {
+      EXPECT_EQ(stats.momentTokens[e], std::min<int64_t>(stats.routedTokens[e], 256));
+      someCapped |= stats.routedTokens[e] > 256;
+    }
+  EXPECT_TRUE(someCapped);
+  EXPECT_FALSE(calibrateFixture("tiny-mixtral", {}, [] {
+                 CalibrationOptions bad;
+                 bad.sampleCapRatio = -1;
+                 return bad;
+               }()).ok());
+}

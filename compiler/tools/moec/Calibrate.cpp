@@ -10,6 +10,7 @@
 #include "moe/Runtime/Model.h"
 
 #include <cstdio>
+#include <sys/resource.h>
 
 namespace moe::cli {
 namespace {
@@ -18,8 +19,17 @@ struct CalibrateOptions {
   ModelOptions model;
   std::string data, output;
   int64_t tokens = 0, sequenceLength = 256;
-  bool inputMoments = false;
+  bool inputMoments = false, allExperts = false;
+  double sampleCapRatio = 0;
+  int64_t blockSamples = 0;
 };
+
+/// Peak resident set of this process in bytes.
+size_t peakResidentBytes() {
+  struct rusage usage;
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<size_t>(usage.ru_maxrss) * 1024;
+}
 
 int runCalibrate(const CalibrateOptions &options) {
   Expected<LoadedModel> model = openModel(options.model);
@@ -36,6 +46,9 @@ int runCalibrate(const CalibrateOptions &options) {
   calibration.sequenceLength = options.sequenceLength;
   calibration.maxTokens = options.tokens;
   calibration.inputMoments = options.inputMoments;
+  calibration.allExperts = options.allExperts;
+  calibration.sampleCapRatio = options.sampleCapRatio;
+  calibration.blockSamples = options.blockSamples;
   calibration.progress = true;
   Expected<CalibrationResult> result = calibrate(*model->engine, *streams, calibration);
   if (!result) {
@@ -49,6 +62,10 @@ int runCalibrate(const CalibrateOptions &options) {
   }
   std::printf("calibrated %lld tokens through %zu MoE layers in %.1f s -> %s\n",
               static_cast<long long>(result->tokens), result->layers.size(), result->seconds, options.output.c_str());
+  const LayerCache &cache = model->engine->layerCache();
+  std::printf("memory: peak RSS %.1f MB; layer weights resident at most %.1f MB of the model's %.1f MB (%lld layer loads)\n",
+              static_cast<double>(peakResidentBytes()) / 1e6, static_cast<double>(cache.peakResidentBytes()) / 1e6,
+              static_cast<double>(cache.distinctLayerBytes()) / 1e6, static_cast<long long>(cache.loads()));
   return 0;
 }
 
@@ -66,6 +83,14 @@ Command registerCalibrate(CLI::App &app) {
   command->add_option("--seq-len", options->sequenceLength, "Window length")->check(CLI::PositiveNumber);
   command->add_flag("--input-moments", options->inputMoments,
                     "Also record X^T X of each expert's routed inputs (hidden^2 per expert; for GPTQ)");
+  command->add_option("--sample-cap-ratio", options->sampleCapRatio,
+                      "Cap each expert's moment tokens at this multiple of its average load (EAQuant uses 2)")
+      ->check(CLI::NonNegativeNumber);
+  command->add_flag("--all-experts", options->allExperts,
+                    "Run every expert on every token for its statistics (block output still follows routing)");
+  command->add_option("--block-samples", options->blockSamples,
+                      "Keep this many block input/output rows per MoE layer (for reconstruction and dynamic skip)")
+      ->check(CLI::NonNegativeNumber);
   return {command, [options] { return runCalibrate(*options); }};
 }
 

@@ -9,7 +9,7 @@
 
 #include "ModuleFiles.h"
 
-#include "moe/Exporter/Lowering.h"
+#include "moe/Lowering/Lowering.h"
 #include "moe/Runtime/Evaluate.h"
 #include "moe/Runtime/Model.h"
 

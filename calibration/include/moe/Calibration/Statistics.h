@@ -22,6 +22,16 @@ struct CalibrationOptions {
   int64_t sequenceLength = 256;
   int64_t maxTokens = 0;          ///< 0: all of the data.
   bool inputMoments = false;      ///< X^T X of each expert's routed inputs (H x H each; large).
+  /// EAQuant-style balance: an expert's input moments stop accumulating
+  /// after ratio x its average load (top-k / experts x tokens) tokens. 0: no cap.
+  double sampleCapRatio = 0;
+  /// Every expert also runs on every token for its statistics (neurons,
+  /// moments, max output), so rarely routed experts get them too; routing
+  /// counts and the block output still follow real routing.
+  bool allExperts = false;
+  /// Block input/output rows kept per MoE layer (evenly spaced tokens), for
+  /// reconstruction-error methods. 0: none.
+  int64_t blockSamples = 0;
   bool progress = false;          ///< Progress and ETA on stderr.
 };
 
@@ -37,7 +47,12 @@ struct LayerStatistics {
   std::vector<double> routerLogitGram;         ///< [E, E] sum of logits^T logits.
   std::vector<std::vector<double>> neuronSquareSum; ///< [E][width] sum of intermediate^2.
   std::vector<std::vector<double>> neuronSquareMax; ///< [E][width] max of intermediate^2.
+  std::vector<std::vector<double>> neuronWeightedSquareSum; ///< [E][width] sum of (weight * intermediate)^2.
+  std::vector<std::vector<double>> neuronWeightedSquareMax; ///< [E][width] max of (weight * intermediate)^2.
   std::vector<std::vector<double>> inputMoments;    ///< [E][H*H] when requested.
+  std::vector<int64_t> momentTokens;                ///< Tokens in each expert's moments.
+  int64_t blockSampleCount = 0;
+  std::vector<float> blockInput, blockOutput;       ///< [blockSampleCount, H] each.
 };
 
 struct CalibrationResult {

@@ -47,6 +47,10 @@ public:
                           std::span<const float> output) {}
   /// Hidden state after layer `layer`, [T, H].
   virtual void onLayerOutput(int64_t layer, int64_t tokens, std::span<const float> hidden) {}
+  /// When true, every routed expert also runs on every token of the block
+  /// and onExpert sees all of them (for statistics of rarely routed
+  /// experts); the block output still uses only the routed tokens.
+  virtual bool computeAllExperts() const { return false; }
 };
 
 struct EngineOptions {
@@ -66,6 +70,20 @@ struct RoutingCounters {
     return routedTokens ? static_cast<double>(expertCalls) / static_cast<double>(routedTokens) : 0.0;
   }
 };
+
+/// What a MoE block computation reports to and is changed by.
+struct MoeBlockHooks {
+  const std::set<int64_t> *maskedRows = nullptr; ///< Router rows set to -inf.
+  EngineObserver *observer = nullptr;
+  RoutingCounters *counters = nullptr;
+};
+
+/// The routed MoE block (router, routed experts, shared expert) of `layer`
+/// on x[tokens, H], writing out[tokens, H] (before the residual). This is
+/// the engine's own computation; passes that measure block reconstruction
+/// error (NAEE, dynamic skip) call it on cached block inputs.
+void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &w, const float *x,
+                     int64_t tokens, float *out, const MoeBlockHooks &hooks = {});
 
 /// Runs a model.
 class Engine {
@@ -92,7 +110,6 @@ public:
 
 private:
   Engine() = default;
-  struct Impl;
 
   ModelSpec modelSpec;
   std::unique_ptr<WeightProvider> provider;

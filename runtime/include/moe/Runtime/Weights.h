@@ -114,11 +114,15 @@ public:
   size_t residentBytes() const { return resident; }
   size_t peakResidentBytes() const { return peak; }
   int64_t loads() const { return loadCount; }
+  /// Bytes of every layer loaded at least once (the model's layer weights
+  /// after one full pass).
+  size_t distinctLayerBytes() const;
 
 private:
   WeightProvider &provider;
   size_t budget;
   size_t resident = 0, peak = 0, largestLayer = 0;
+  std::vector<size_t> layerBytes;
   int64_t loadCount = 0;
   std::vector<std::shared_ptr<const LayerWeights>> layers;
   std::list<int64_t> recent; ///< Most recent first.

@@ -7,8 +7,8 @@
 //
 //===----------------------------------------------------------------------===//
 
-#ifndef MOE_EXPORTER_LOWERING_H
-#define MOE_EXPORTER_LOWERING_H
+#ifndef MOE_LOWERING_LOWERING_H
+#define MOE_LOWERING_LOWERING_H
 
 #include "moe/Dialect/Moe/IR/MoeOps.h"
 #include "moe/Runtime/Description.h"
@@ -28,4 +28,4 @@ Expected<ir::ModelOp> findModel(mlir::ModuleOp module);
 
 } // namespace moe
 
-#endif // MOE_EXPORTER_LOWERING_H
+#endif // MOE_LOWERING_LOWERING_H

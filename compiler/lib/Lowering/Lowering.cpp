@@ -4,7 +4,7 @@
 //
 //===----------------------------------------------------------------------===//
 
-#include "moe/Exporter/Lowering.h"
+#include "moe/Lowering/Lowering.h"
 #include "moe/Frontend/Checkpoint.h"
 
 #include <filesystem>
