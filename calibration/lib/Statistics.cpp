@@ -36,6 +36,7 @@ public:
       stats.easyEpScore.assign(E, 0);
       stats.maxAbsOutput.assign(E, 0);
       stats.routerLogitGram.assign(E * E, 0);
+      stats.topLogitSum.assign(E, 0);
       stats.neuronSquareSum.assign(E, std::vector<double>(static_cast<size_t>(layer.expertIntermediateSize), 0));
       stats.neuronSquareMax.assign(E, std::vector<double>(static_cast<size_t>(layer.expertIntermediateSize), 0));
       stats.neuronWeightedSquareSum = stats.neuronSquareSum;
@@ -76,6 +77,12 @@ public:
         for (double &score : scores)
           score /= sum;
       }
+      int64_t top = -1;
+      for (int64_t e = 0; e < E; ++e)
+        if (std::isfinite(row[e]) && (top < 0 || row[e] > row[top]))
+          top = e;
+      if (top >= 0)
+        stats.topLogitSum[top] += row[top];
       for (int64_t e = 0; e < E; ++e) {
         stats.routerScoreSum[e] += scores[e];
         if (!std::isfinite(row[e]))
@@ -264,6 +271,7 @@ Status writeStatistics(const CalibrationResult &result, const CalibrationOptions
     MOE_RETURN_IF_ERROR(addF64("easy_ep_score", {E}, stats.easyEpScore));
     MOE_RETURN_IF_ERROR(addF64("max_abs_output", {E}, stats.maxAbsOutput));
     MOE_RETURN_IF_ERROR(addF64("router_logit_gram", {E, E}, stats.routerLogitGram));
+    MOE_RETURN_IF_ERROR(addF64("top_logit_sum", {E}, stats.topLogitSum));
     for (int64_t e = 0; e < E; ++e) {
       const std::string expert = concat("experts.", e, ".");
       int64_t width = static_cast<int64_t>(stats.neuronSquareSum[e].size());

@@ -8,12 +8,16 @@
 #include "moe/Frontend/Safetensors.h"
 #include "moe/Transforms/TensorAccess.h"
 
+#include "CalibrationStats.h"
 #include "ExpertEditing.h"
+#include "moe/Lowering/Lowering.h"
+#include "moe/Runtime/Engine.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <numeric>
 #include <set>
 
 namespace moe {
@@ -31,28 +35,31 @@ struct Candidate {
   double score;
 };
 
-/// A statistics tensor of `layer` as doubles (I64 or F64).
-FailureOr<std::vector<double>> readStatistic(const SafetensorsFile &file, int64_t layer, StringRef name,
-                                             Operation *op) {
-  std::string key = concat("layers.", layer, ".", name.str());
-  const TensorInfo *info = file.find(key);
-  if (!info || (info->dtype != DType::F64 && info->dtype != DType::I64)) {
-    op->emitError() << "moe-prune-experts: " << file.path() << " has no statistic '" << key
-                    << "' (F64 or I64); was it written by moec calibrate for this model?";
-    return failure();
+/// ||Z - MoEBlock(X) with `dropped` router rows masked||_F: NAEE's loss.
+double reconstructionLoss(const ModelSpec &spec, const LayerSpec &layerSpec, const LayerWeights &weights,
+                          const std::vector<float> &input, const std::vector<float> &target, int64_t samples,
+                          const std::set<int64_t> &dropped, std::vector<float> &scratch) {
+  scratch.resize(target.size());
+  MoeBlockHooks hooks;
+  hooks.maskedRows = &dropped;
+  moeBlockForward(spec, layerSpec, weights, input.data(), samples, scratch.data(), hooks);
+  double loss = 0;
+  for (size_t i = 0; i < target.size(); ++i) {
+    double difference = static_cast<double>(target[i]) - scratch[i];
+    loss += difference * difference;
   }
-  std::vector<double> values(static_cast<size_t>(info->numElements()));
-  const uint8_t *bytes = file.data(*info).data();
-  for (size_t i = 0; i < values.size(); ++i) {
-    if (info->dtype == DType::F64) {
-      std::memcpy(&values[i], bytes + 8 * i, 8);
-    } else {
-      int64_t value;
-      std::memcpy(&value, bytes + 8 * i, 8);
-      values[i] = static_cast<double>(value);
-    }
+  return std::sqrt(loss);
+}
+
+/// Number of k-subsets of n, saturating at `limit` + 1.
+int64_t subsetCount(int64_t n, int64_t k, int64_t limit) {
+  double count = 1;
+  for (int64_t i = 0; i < k; ++i) {
+    count = count * static_cast<double>(n - i) / static_cast<double>(i + 1);
+    if (count > static_cast<double>(limit))
+      return limit + 1;
   }
-  return values;
+  return static_cast<int64_t>(std::llround(count));
 }
 
 struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass> {
@@ -60,32 +67,37 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
 
   void runOnOperation() override {
     ModuleOp module = getOperation();
+    const bool reconstruction = method == "reconstruction";
     std::string statistic = method == "frequency"     ? "routed_tokens"
                             : method == "gate-weight" ? "gate_weight_sum"
                             : method == "easy-ep"     ? "easy_ep_score"
+                            : method == "tcess"       ? "top_logit_sum"
+                            : reconstruction          ? "routed_tokens"
                                                       : "";
     if (statistic.empty()) {
       module.emitError() << "moe-prune-experts: method '" << method.getValue()
-                         << "' is not frequency, gate-weight or easy-ep";
+                         << "' is not frequency, gate-weight, easy-ep, tcess or reconstruction";
       return signalPassFailure();
     }
     if (scope != "layer" && scope != "global") {
       module.emitError() << "moe-prune-experts: scope '" << scope.getValue() << "' is not layer or global";
       return signalPassFailure();
     }
+    if (reconstruction && scope == "global") {
+      module.emitError("moe-prune-experts: method reconstruction searches each layer's subset (NAEE); use scope=layer");
+      return signalPassFailure();
+    }
     if (ratio < 0.0 || ratio >= 1.0 || keep < 0 || (keep > 0 && ratio > 0.0) || (keep > 0 && scope == "global")) {
       module.emitError() << "moe-prune-experts: give ratio in [0, 1) or keep > 0 (per layer), not both";
       return signalPassFailure();
     }
-    if (stats.empty()) {
-      module.emitError("moe-prune-experts: the stats option (a moec calibrate file) is required");
+    if (maxSubsets < 1) {
+      module.emitError() << "moe-prune-experts: max-subsets must be positive, got " << maxSubsets;
       return signalPassFailure();
     }
-    Expected<std::unique_ptr<SafetensorsFile>> file = SafetensorsFile::open(stats);
-    if (!file) {
-      module.emitError() << "moe-prune-experts: " << file.status().message();
+    FailureOr<CalibrationStats> file = CalibrationStats::open(stats, module, getArgument());
+    if (failed(file))
       return signalPassFailure();
-    }
 
     for (ir::ModelOp model : module.getOps<ir::ModelOp>()) {
       // Scores, super experts and per-layer limits.
@@ -93,71 +105,65 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
       std::map<int64_t, ir::LayerOp> layers;
       std::map<int64_t, int64_t> liveExperts, topK;
       std::vector<std::pair<double, std::pair<int64_t, int64_t>>> maxOutputs;
-      for (ir::LayerOp layer : model.getBody().getOps<ir::LayerOp>())
-        for (ir::MoeBlockOp block : layer.getBody().getOps<ir::MoeBlockOp>()) {
-          int64_t index = static_cast<int64_t>(layer.getIndex());
-          layers[index] = layer;
-          topK[index] = static_cast<int64_t>((*block.getBody().getOps<ir::RouterOp>().begin()).getTopK());
-          FailureOr<std::vector<double>> scores = readStatistic(**file, index, statistic, layer);
-          FailureOr<std::vector<double>> outputs = readStatistic(**file, index, "max_abs_output", layer);
-          if (failed(scores) || failed(outputs))
+      for (ir::LayerOp layer : model.getBody().getOps<ir::LayerOp>()) {
+        BlockParts parts = blockParts(layer);
+        if (!parts.block)
+          continue;
+        int64_t index = static_cast<int64_t>(layer.getIndex());
+        layers[index] = layer;
+        topK[index] = static_cast<int64_t>(parts.router.getTopK());
+        FailureOr<std::vector<double>> scores = file->layer(index, statistic, layer);
+        FailureOr<std::vector<double>> outputs = file->layer(index, "max_abs_output", layer);
+        if (failed(scores) || failed(outputs))
+          return signalPassFailure();
+        for (ir::ExpertOp expert : parts.experts) {
+          int64_t id = static_cast<int64_t>(expert.getId());
+          if (id >= static_cast<int64_t>(scores->size())) {
+            expert.emitError() << "moe-prune-experts: the statistics have " << scores->size()
+                               << " experts for layer " << index << "; calibrate the model as it is now";
             return signalPassFailure();
-          for (ir::ExpertOp expert : block.getBody().getOps<ir::ExpertOp>()) {
-            int64_t id = static_cast<int64_t>(expert.getId());
-            if (id >= static_cast<int64_t>(scores->size())) {
-              expert.emitError() << "moe-prune-experts: the statistics have " << scores->size()
-                                 << " experts for layer " << index << "; calibrate the model as it is now";
-              return signalPassFailure();
-            }
-            candidates.push_back({index, id, (*scores)[id]});
-            maxOutputs.push_back({(*outputs)[id], {index, id}});
-            ++liveExperts[index];
           }
+          candidates.push_back({index, id, (*scores)[id]});
+          maxOutputs.push_back({(*outputs)[id], {index, id}});
+          ++liveExperts[index];
         }
+      }
       std::set<std::pair<int64_t, int64_t>> protectedExperts;
-      if (protectSuperExperts && !maxOutputs.empty()) {
-        std::vector<double> sorted;
-        for (const auto &entry : maxOutputs)
-          sorted.push_back(entry.first);
-        std::sort(sorted.begin(), sorted.end());
-        double percentile = sorted[static_cast<size_t>(std::floor(0.995 * static_cast<double>(sorted.size() - 1)))];
-        double largest = sorted.back();
-        for (const auto &[value, where] : maxOutputs)
-          if (value > percentile && value > 0.1 * largest)
-            protectedExperts.insert(where);
-        // With few experts the 99.5th percentile is the maximum itself, so
-        // the largest outlier is protected when it stands far above the rest.
-        if (protectedExperts.empty() && sorted.size() > 1 && largest > 10.0 * sorted[sorted.size() - 2])
-          for (const auto &[value, where] : maxOutputs)
-            if (value == largest)
-              protectedExperts.insert(where);
+      if (protectSuperExperts) {
+        protectedExperts = findSuperExperts(maxOutputs);
         superExpertsProtected += static_cast<int64_t>(protectedExperts.size());
       }
-
-      // Lowest scores first; ties keep the lower id.
-      std::sort(candidates.begin(), candidates.end(), [](const Candidate &a, const Candidate &b) {
-        return a.score != b.score ? a.score < b.score
-                                  : (a.layer != b.layer ? a.layer < b.layer : a.expert > b.expert);
-      });
-      std::map<int64_t, std::set<int64_t>> drop;
       auto budgetFor = [&](int64_t layer) {
-        return keep > 0 ? std::max<int64_t>(0, liveExperts[layer] - keep)
-                        : static_cast<int64_t>(std::llround(ratio * static_cast<double>(liveExperts[layer])));
+        int64_t budget = keep > 0 ? std::max<int64_t>(0, liveExperts[layer] - keep)
+                                  : static_cast<int64_t>(std::llround(ratio * static_cast<double>(liveExperts[layer])));
+        return std::min(budget, liveExperts[layer] - topK[layer]);
       };
-      int64_t globalBudget = static_cast<int64_t>(std::llround(ratio * static_cast<double>(candidates.size())));
-      int64_t dropped = 0;
-      for (const Candidate &candidate : candidates) {
-        if (protectedExperts.count({candidate.layer, candidate.expert}))
-          continue;
-        std::set<int64_t> &layerDrop = drop[candidate.layer];
-        int64_t remaining = liveExperts[candidate.layer] - static_cast<int64_t>(layerDrop.size());
-        if (remaining - 1 < topK[candidate.layer])
-          continue;
-        if (scope == "layer" ? static_cast<int64_t>(layerDrop.size()) >= budgetFor(candidate.layer)
-                             : dropped >= globalBudget)
-          continue;
-        layerDrop.insert(candidate.expert);
-        ++dropped;
+
+      std::map<int64_t, std::set<int64_t>> drop;
+      if (reconstruction) {
+        if (failed(searchReconstruction(model, *file, layers, protectedExperts, budgetFor, drop)))
+          return signalPassFailure();
+      } else {
+        // Lowest scores first; ties keep the lower id.
+        std::sort(candidates.begin(), candidates.end(), [](const Candidate &a, const Candidate &b) {
+          return a.score != b.score ? a.score < b.score
+                                    : (a.layer != b.layer ? a.layer < b.layer : a.expert > b.expert);
+        });
+        int64_t globalBudget = static_cast<int64_t>(std::llround(ratio * static_cast<double>(candidates.size())));
+        int64_t dropped = 0;
+        for (const Candidate &candidate : candidates) {
+          if (protectedExperts.count({candidate.layer, candidate.expert}))
+            continue;
+          std::set<int64_t> &layerDrop = drop[candidate.layer];
+          int64_t remaining = liveExperts[candidate.layer] - static_cast<int64_t>(layerDrop.size());
+          if (remaining - 1 < topK[candidate.layer])
+            continue;
+          if (scope == "layer" ? static_cast<int64_t>(layerDrop.size()) >= budgetFor(candidate.layer)
+                               : dropped >= globalBudget)
+            continue;
+          layerDrop.insert(candidate.expert);
+          ++dropped;
+        }
       }
       TensorAccess access(model);
       for (const auto &[index, ids] : drop) {
@@ -169,6 +175,96 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
         expertsPruned += counts.experts;
       }
     }
+  }
+
+  /// NAEE: per layer, the set of experts whose removal changes the cached
+  /// block outputs least (Frobenius norm over the calibration samples);
+  /// every subset when there are at most max-subsets, else a greedy search
+  /// that removes one expert at a time.
+  template <typename Budget>
+  LogicalResult searchReconstruction(ir::ModelOp model, const CalibrationStats &file,
+                                     const std::map<int64_t, ir::LayerOp> &layers,
+                                     const std::set<std::pair<int64_t, int64_t>> &protectedExperts,
+                                     const Budget &budgetFor, std::map<int64_t, std::set<int64_t>> &drop) {
+    Expected<ModelDescription> description = lowerToDescription(model, "");
+    if (!description)
+      return model.emitError() << "moe-prune-experts: " << description.status().message();
+    const ModelSpec spec = description->spec;
+    std::unique_ptr<WeightProvider> provider = makeDescriptionWeightProvider(description.take());
+    for (auto [index, layer] : layers) {
+      const int64_t budget = budgetFor(index);
+      if (budget <= 0)
+        continue;
+      int64_t samples, width;
+      FailureOr<std::vector<float>> input = file.floats(index, "block_input", layer, samples, width);
+      FailureOr<std::vector<float>> target = file.floats(index, "block_output", layer, samples, width);
+      if (failed(input) || failed(target))
+        return failure();
+      if (width != spec.hiddenSize)
+        return layer.emitError() << "moe-prune-experts: block samples of layer " << index << " have width " << width
+                                 << ", the model's hidden size is " << spec.hiddenSize;
+      LayerWeights weights;
+      Status status = provider->loadLayer(index, weights);
+      if (!status.ok())
+        return layer.emitError() << "moe-prune-experts: " << status.message();
+      if (!weights.routing.remap.empty())
+        return layer.emitError() << "moe-prune-experts: layer " << index << " has merged experts";
+      const LayerSpec &layerSpec = spec.layers[static_cast<size_t>(index)];
+      std::vector<int64_t> choices;
+      for (int64_t e = 0; e < weights.router.rows; ++e)
+        if (!protectedExperts.count({index, e}))
+          choices.push_back(e);
+      const int64_t toDrop = std::min<int64_t>(budget, static_cast<int64_t>(choices.size()));
+      std::vector<float> scratch;
+      std::set<int64_t> best;
+      double bestLoss = INFINITY;
+      if (subsetCount(static_cast<int64_t>(choices.size()), toDrop, maxSubsets) <= maxSubsets) {
+        // Every subset, in lexicographic order (ties keep the first).
+        std::vector<int64_t> pick(static_cast<size_t>(toDrop));
+        std::iota(pick.begin(), pick.end(), 0);
+        const int64_t n = static_cast<int64_t>(choices.size());
+        while (true) {
+          std::set<int64_t> subset;
+          for (int64_t i : pick)
+            subset.insert(choices[static_cast<size_t>(i)]);
+          double loss = reconstructionLoss(spec, layerSpec, weights, *input, *target, samples, subset, scratch);
+          ++subsetsEvaluated;
+          if (loss < bestLoss) {
+            bestLoss = loss;
+            best = subset;
+          }
+          int64_t i = toDrop - 1;
+          while (i >= 0 && pick[static_cast<size_t>(i)] == n - toDrop + i)
+            --i;
+          if (i < 0)
+            break;
+          ++pick[static_cast<size_t>(i)];
+          for (int64_t j = i + 1; j < toDrop; ++j)
+            pick[static_cast<size_t>(j)] = pick[static_cast<size_t>(j - 1)] + 1;
+        }
+      } else {
+        for (int64_t step = 0; step < toDrop; ++step) {
+          int64_t chosen = -1;
+          double chosenLoss = INFINITY;
+          for (int64_t e : choices) {
+            if (best.count(e))
+              continue;
+            std::set<int64_t> subset = best;
+            subset.insert(e);
+            double loss = reconstructionLoss(spec, layerSpec, weights, *input, *target, samples, subset, scratch);
+            ++subsetsEvaluated;
+            if (loss < chosenLoss) {
+              chosenLoss = loss;
+              chosen = e;
+            }
+          }
+          best.insert(chosen);
+          bestLoss = chosenLoss;
+        }
+      }
+      drop[index] = best;
+    }
+    return success();
   }
 };
 

@@ -45,6 +45,7 @@ struct LayerStatistics {
   std::vector<double> easyEpScore;             ///< Sum of w * ||y_e|| / ||block output||.
   std::vector<double> maxAbsOutput;            ///< Max |element| of the expert's output.
   std::vector<double> routerLogitGram;         ///< [E, E] sum of logits^T logits.
+  std::vector<double> topLogitSum;             ///< PreMoe marker: sum of the raw logit where the expert is the top-1.
   std::vector<std::vector<double>> neuronSquareSum; ///< [E][width] sum of intermediate^2.
   std::vector<std::vector<double>> neuronSquareMax; ///< [E][width] max of intermediate^2.
   std::vector<std::vector<double>> neuronWeightedSquareSum; ///< [E][width] sum of (weight * intermediate)^2.

@@ -45,7 +45,13 @@ def MoePruneExperts : Pass<"moe-prune-experts", "::mlir::ModuleOp"> {
     (`moec calibrate`) and removes the lowest-scored ones, per layer or
     across the model, as `moe-drop-experts` does. Methods: `frequency`
     (tokens routed to the expert), `gate-weight` (sum of its routing
-    weights), `easy-ep` (sum of weight x output norm / block output norm).
+    weights), `easy-ep` (sum of weight x output norm / block output norm),
+    `tcess` (PreMoe's released scoring: the mean over tokens of the raw
+    router logit of each token's top-1 expert), `reconstruction` (NAEE:
+    the subset whose removal changes the layer's cached block outputs least
+    in Frobenius norm, recomputed through the engine's own MoE block; every
+    subset when there are at most `max-subsets`, else greedy removal one
+    expert at a time; needs `moec calibrate --block-samples N`; per layer).
     Super experts (max |output| above the 99.5th percentile of all experts
     and above a tenth of the largest) are kept unless
     `protect-super-experts=false`. A layer never keeps fewer experts than
@@ -58,16 +64,19 @@ def MoePruneExperts : Pass<"moe-prune-experts", "::mlir::ModuleOp"> {
   let options = [
     Option<"stats", "stats", "std::string", /*default=*/"\"\"", "Calibration statistics file (required)">,
     Option<"method", "method", "std::string", /*default=*/"\"frequency\"",
-           "frequency, gate-weight or easy-ep">,
+           "frequency, gate-weight, easy-ep, tcess or reconstruction">,
     Option<"ratio", "ratio", "double", /*default=*/"0.0", "Fraction of routed experts to remove">,
     Option<"keep", "keep", "int64_t", /*default=*/"0", "Experts to keep per layer (instead of ratio)">,
     Option<"scope", "scope", "std::string", /*default=*/"\"layer\"", "layer or global">,
     Option<"protectSuperExperts", "protect-super-experts", "bool", /*default=*/"true",
            "Never remove super experts">,
+    Option<"maxSubsets", "max-subsets", "int64_t", /*default=*/"20000",
+           "reconstruction: enumerate every subset up to this many per layer, else search greedily">,
   ];
   let statistics = [
     Statistic<"expertsPruned", "experts-pruned", "Experts removed">,
     Statistic<"superExpertsProtected", "super-experts-protected", "Super experts kept">,
+    Statistic<"subsetsEvaluated", "subsets-evaluated", "Expert subsets scored by reconstruction">,
   ];
 }
 

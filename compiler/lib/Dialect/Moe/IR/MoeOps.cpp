@@ -151,9 +151,12 @@ LogicalResult MoeBlockOp::verify() {
     return emitOpError("needs at least one moe.expert");
   if (shared > 1)
     return emitOpError() << "has " << shared << " moe.shared_expert ops, expected at most one";
-  if (static_cast<int64_t>(router.getTopK()) > experts)
-    return router.emitOpError() << "top_k " << router.getTopK() << " exceeds the " << experts
-                                << " live experts";
+  // Merged experts keep every router row (a remap entry each), so top-k
+  // chooses among rows, and several rows may share an expert.
+  const int64_t choices = router.getRemap() ? static_cast<int64_t>(router.getRemap()->size()) : experts;
+  if (static_cast<int64_t>(router.getTopK()) > choices)
+    return router.emitOpError() << "top_k " << router.getTopK() << " exceeds the " << choices
+                                << (router.getRemap() ? " router rows" : " live experts");
   if (std::optional<ArrayRef<int64_t>> remap = router.getRemap())
     for (int64_t target : *remap)
       if (!ids.contains(target))

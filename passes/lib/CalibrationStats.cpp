@@ -1,0 +1,112 @@
+//===- CalibrationStats.cpp - Reading moec calibrate files in passes ------===//
+//
+// Part of moec.
+//
+//===----------------------------------------------------------------------===//
+
+#include "CalibrationStats.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+using namespace mlir;
+
+namespace moe {
+
+FailureOr<CalibrationStats> CalibrationStats::open(StringRef path, Operation *op, StringRef pass) {
+  if (path.empty())
+    return op->emitError() << pass << ": the stats option (a moec calibrate file) is required", failure();
+  Expected<std::unique_ptr<SafetensorsFile>> file = SafetensorsFile::open(path.str());
+  if (!file)
+    return op->emitError() << pass << ": " << file.status().message(), failure();
+  CalibrationStats stats;
+  stats.file = std::shared_ptr<SafetensorsFile>(file.take());
+  stats.pass = pass.str();
+  return stats;
+}
+
+FailureOr<std::vector<double>> CalibrationStats::read(const std::string &key, Operation *op) const {
+  const TensorInfo *info = file->find(key);
+  if (!info || (info->dtype != DType::F64 && info->dtype != DType::I64 && info->dtype != DType::F32)) {
+    op->emitError() << pass << ": " << file->path() << " has no statistic '" << key
+                    << "'; was it written by moec calibrate for this model (with the options this method needs)?";
+    return failure();
+  }
+  std::vector<double> values(static_cast<size_t>(info->numElements()));
+  const uint8_t *bytes = file->data(*info).data();
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (info->dtype == DType::F64) {
+      std::memcpy(&values[i], bytes + 8 * i, 8);
+    } else if (info->dtype == DType::F32) {
+      float value;
+      std::memcpy(&value, bytes + 4 * i, 4);
+      values[i] = value;
+    } else {
+      int64_t value;
+      std::memcpy(&value, bytes + 8 * i, 8);
+      values[i] = static_cast<double>(value);
+    }
+  }
+  return values;
+}
+
+FailureOr<std::vector<double>> CalibrationStats::layer(int64_t layer, StringRef name, Operation *op) const {
+  return read(concat("layers.", layer, ".", name.str()), op);
+}
+
+FailureOr<std::vector<double>> CalibrationStats::expert(int64_t layer, int64_t expert, StringRef name,
+                                                        Operation *op) const {
+  return read(concat("layers.", layer, ".experts.", expert, ".", name.str()), op);
+}
+
+FailureOr<std::vector<float>> CalibrationStats::floats(int64_t layer, StringRef name, Operation *op, int64_t &rows,
+                                                       int64_t &cols) const {
+  std::string key = concat("layers.", layer, ".", name.str());
+  const TensorInfo *info = file->find(key);
+  if (!info || info->dtype != DType::F32 || info->shape.size() != 2) {
+    op->emitError() << pass << ": " << file->path() << " has no F32 matrix '" << key
+                    << "'; calibrate with --block-samples N";
+    return failure();
+  }
+  rows = info->shape[0];
+  cols = info->shape[1];
+  std::vector<float> values(static_cast<size_t>(rows * cols));
+  std::memcpy(values.data(), file->data(*info).data(), values.size() * sizeof(float));
+  return values;
+}
+
+std::set<std::pair<int64_t, int64_t>>
+findSuperExperts(const std::vector<std::pair<double, std::pair<int64_t, int64_t>>> &maxOutputs) {
+  std::set<std::pair<int64_t, int64_t>> found;
+  if (maxOutputs.empty())
+    return found;
+  std::vector<double> sorted;
+  for (const auto &entry : maxOutputs)
+    sorted.push_back(entry.first);
+  std::sort(sorted.begin(), sorted.end());
+  double percentile = sorted[static_cast<size_t>(std::floor(0.995 * static_cast<double>(sorted.size() - 1)))];
+  double largest = sorted.back();
+  for (const auto &[value, where] : maxOutputs)
+    if (value > percentile && value > 0.1 * largest)
+      found.insert(where);
+  if (found.empty() && sorted.size() > 1 && largest > 10.0 * sorted[sorted.size() - 2])
+    for (const auto &[value, where] : maxOutputs)
+      if (value == largest)
+        found.insert(where);
+  return found;
+}
+
+BlockParts blockParts(ir::LayerOp layer) {
+  BlockParts parts;
+  for (ir::MoeBlockOp block : layer.getBody().getOps<ir::MoeBlockOp>()) {
+    parts.block = block;
+    for (ir::RouterOp router : block.getBody().getOps<ir::RouterOp>())
+      parts.router = router;
+    for (ir::ExpertOp expert : block.getBody().getOps<ir::ExpertOp>())
+      parts.experts.push_back(expert);
+  }
+  return parts;
+}
+
+} // namespace moe
