@@ -5,6 +5,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "CalibrationStats.h"
+#include "moe/Lowering/Lowering.h"
 
 #include <algorithm>
 #include <cmath>
@@ -107,6 +108,25 @@ BlockParts blockParts(ir::LayerOp layer) {
       parts.experts.push_back(expert);
   }
   return parts;
+}
+
+FailureOr<LayerLoader> LayerLoader::create(ir::ModelOp model, StringRef pass) {
+  Expected<ModelDescription> description = lowerToDescription(model, "");
+  if (!description)
+    return model.emitError() << pass << ": " << description.status().message(), failure();
+  LayerLoader loader;
+  loader.modelSpec = description->spec;
+  loader.provider = makeDescriptionWeightProvider(description.take());
+  loader.pass = pass.str();
+  return loader;
+}
+
+FailureOr<LayerWeights> LayerLoader::load(ir::LayerOp layer) {
+  LayerWeights weights;
+  Status status = provider->loadLayer(static_cast<int64_t>(layer.getIndex()), weights);
+  if (!status.ok())
+    return layer.emitError() << pass << ": " << status.message(), failure();
+  return weights;
 }
 
 } // namespace moe

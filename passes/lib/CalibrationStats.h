@@ -12,6 +12,7 @@
 
 #include "moe/Dialect/Moe/IR/MoeOps.h"
 #include "moe/Frontend/Safetensors.h"
+#include "moe/Runtime/Description.h"
 
 #include <memory>
 #include <set>
@@ -55,6 +56,21 @@ struct BlockParts {
   llvm::SmallVector<ir::ExpertOp> experts;
 };
 BlockParts blockParts(ir::LayerOp layer);
+
+/// The engine's weights of one layer of the module as it is now (through
+/// the backend's lowering), for passes that run the engine's MoE block on
+/// cached block inputs.
+class LayerLoader {
+public:
+  static mlir::FailureOr<LayerLoader> create(ir::ModelOp model, llvm::StringRef pass);
+  mlir::FailureOr<LayerWeights> load(ir::LayerOp layer);
+  const ModelSpec &spec() const { return modelSpec; }
+
+private:
+  ModelSpec modelSpec;
+  std::shared_ptr<WeightProvider> provider;
+  std::string pass;
+};
 
 } // namespace moe
 

@@ -10,7 +10,6 @@
 
 #include "CalibrationStats.h"
 #include "ExpertEditing.h"
-#include "moe/Lowering/Lowering.h"
 #include "moe/Runtime/Engine.h"
 
 #include <algorithm>
@@ -186,11 +185,10 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
                                      const std::map<int64_t, ir::LayerOp> &layers,
                                      const std::set<std::pair<int64_t, int64_t>> &protectedExperts,
                                      const Budget &budgetFor, std::map<int64_t, std::set<int64_t>> &drop) {
-    Expected<ModelDescription> description = lowerToDescription(model, "");
-    if (!description)
-      return model.emitError() << "moe-prune-experts: " << description.status().message();
-    const ModelSpec spec = description->spec;
-    std::unique_ptr<WeightProvider> provider = makeDescriptionWeightProvider(description.take());
+    FailureOr<LayerLoader> loader = LayerLoader::create(model, getArgument());
+    if (failed(loader))
+      return failure();
+    const ModelSpec &spec = loader->spec();
     for (auto [index, layer] : layers) {
       const int64_t budget = budgetFor(index);
       if (budget <= 0)
@@ -203,10 +201,10 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
       if (width != spec.hiddenSize)
         return layer.emitError() << "moe-prune-experts: block samples of layer " << index << " have width " << width
                                  << ", the model's hidden size is " << spec.hiddenSize;
-      LayerWeights weights;
-      Status status = provider->loadLayer(index, weights);
-      if (!status.ok())
-        return layer.emitError() << "moe-prune-experts: " << status.message();
+      FailureOr<LayerWeights> loaded = loader->load(layer);
+      if (failed(loaded))
+        return failure();
+      const LayerWeights &weights = *loaded;
       if (!weights.routing.remap.empty())
         return layer.emitError() << "moe-prune-experts: layer " << index << " has merged experts";
       const LayerSpec &layerSpec = spec.layers[static_cast<size_t>(index)];

@@ -93,4 +93,30 @@ def MoeSetTopk : Pass<"moe-set-topk", "::mlir::ModuleOp"> {
   ];
 }
 
+def MoeDynamicSkip : Pass<"moe-dynamic-skip", "::mlir::ModuleOp"> {
+  let summary = "Calibrate per-layer thresholds for skipping weak routed experts at run time";
+  let description = [{
+    NAEE's dynamic skipping (MC-MoE's ODP rule): for each MoE layer with
+    top-k >= 2, beta is the `quantile` (NAEE: the median) over calibration
+    tokens of w2 / w1, the ratio of the second-largest to the largest routing
+    weight, computed by running the layer's router on the cached block inputs
+    (`moec calibrate --block-samples N`). The engine then skips every chosen
+    expert but the first whose weight is below beta x w1 and rescales the
+    kept weights to the chosen total; `moec eval` reports the experts run
+    per token. Stored as the router's `skip_threshold`.
+
+    ```mlir
+    // moe-opt --moe-dynamic-skip="stats=stats.safetensors quantile=0.5"
+    ```
+  }];
+  let options = [
+    Option<"stats", "stats", "std::string", /*default=*/"\"\"", "Calibration statistics with block samples (required)">,
+    Option<"quantile", "quantile", "double", /*default=*/"0.5",
+           "Quantile of w2/w1 used as the threshold (higher skips more)">,
+  ];
+  let statistics = [
+    Statistic<"layersThresholded", "layers-thresholded", "Routers given a skip threshold">,
+  ];
+}
+
 #endif // MOE_TRANSFORMS_PASSES_TD

@@ -1,0 +1,100 @@
+//===- DynamicSkip.cpp - Per-layer thresholds for skipping weak experts ---===//
+//
+// Part of moec.
+//
+//===----------------------------------------------------------------------===//
+
+#include "moe/Transforms/Passes.h"
+#include "moe/Runtime/Engine.h"
+
+#include "CalibrationStats.h"
+
+#include "mlir/IR/Builders.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace moe {
+#define GEN_PASS_DEF_MOEDYNAMICSKIP
+#include "moe/Transforms/Passes.h.inc"
+} // namespace moe
+
+using namespace mlir;
+using namespace moe;
+
+namespace {
+
+/// w2 / w1 of every token the router sees.
+class WeightRatios : public EngineObserver {
+public:
+  void onRouter(int64_t, int64_t tokens, std::span<const float>, std::span<const int32_t> chosen,
+                std::span<const float> weights) override {
+    const int64_t K = static_cast<int64_t>(chosen.size()) / tokens;
+    for (int64_t t = 0; t < tokens; ++t) {
+      std::vector<float> sorted(weights.begin() + t * K, weights.begin() + (t + 1) * K);
+      std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+      ratios.push_back(sorted[0] > 0 ? sorted[1] / sorted[0] : 0.0);
+    }
+  }
+  std::vector<double> ratios;
+};
+
+struct DynamicSkipPass : public moe::impl::MoeDynamicSkipBase<DynamicSkipPass> {
+  using MoeDynamicSkipBase::MoeDynamicSkipBase;
+
+  void runOnOperation() override {
+    ModuleOp module = getOperation();
+    if (!(quantile > 0.0 && quantile < 1.0)) {
+      module.emitError() << "moe-dynamic-skip: quantile must be in (0, 1), got " << quantile;
+      return signalPassFailure();
+    }
+    FailureOr<CalibrationStats> file = CalibrationStats::open(stats, module, getArgument());
+    if (failed(file))
+      return signalPassFailure();
+    for (ir::ModelOp model : module.getOps<ir::ModelOp>()) {
+      FailureOr<LayerLoader> loader = LayerLoader::create(model, getArgument());
+      if (failed(loader))
+        return signalPassFailure();
+      for (ir::LayerOp layer : model.getBody().getOps<ir::LayerOp>()) {
+        BlockParts parts = blockParts(layer);
+        if (!parts.block)
+          continue;
+        if (parts.router.getTopK() < 2) {
+          parts.router.emitRemark() << "moe-dynamic-skip: layer " << layer.getIndex()
+                                    << " routes to one expert; nothing to skip";
+          continue;
+        }
+        const int64_t index = static_cast<int64_t>(layer.getIndex());
+        int64_t samples, width;
+        FailureOr<std::vector<float>> input = file->floats(index, "block_input", layer, samples, width);
+        if (failed(input))
+          return signalPassFailure();
+        if (width != loader->spec().hiddenSize) {
+          layer.emitError() << "moe-dynamic-skip: block samples of layer " << index << " have width " << width
+                            << ", the model's hidden size is " << loader->spec().hiddenSize;
+          return signalPassFailure();
+        }
+        FailureOr<LayerWeights> weights = loader->load(layer);
+        if (failed(weights))
+          return signalPassFailure();
+        WeightRatios ratios;
+        MoeBlockHooks hooks;
+        hooks.observer = &ratios;
+        std::vector<float> output(input->size());
+        moeBlockForward(loader->spec(), loader->spec().layers[static_cast<size_t>(index)], *weights, input->data(),
+                        samples, output.data(), hooks);
+        std::vector<double> &values = ratios.ratios;
+        std::sort(values.begin(), values.end());
+        // The quantile by linear interpolation between order statistics.
+        double position = quantile * static_cast<double>(values.size() - 1);
+        size_t below = static_cast<size_t>(std::floor(position));
+        size_t above = std::min(values.size() - 1, below + 1);
+        double beta = values[below] + (position - static_cast<double>(below)) * (values[above] - values[below]);
+        parts.router.setSkipThresholdAttr(Builder(module.getContext()).getF64FloatAttr(beta));
+        ++layersThresholded;
+      }
+    }
+  }
+};
+
+} // namespace
