@@ -10,6 +10,9 @@
 
 #include "mlir/IR/Builders.h"
 #include "mlir/IR/BuiltinTypes.h"
+#include "moe/Frontend/Checkpoint.h"
+
+#include <cstring>
 
 using namespace mlir;
 
@@ -47,6 +50,71 @@ FailureOr<FlatSymbolRefAttr> sliceRows(ir::ModelOp model, TensorAccess &access, 
                                TypeAttr::get(RankedTensorType::get(newShape, tensor.getTensorType().getElementType())),
                                builder.getStringAttr(name), IntegerAttr(), DenseI64ArrayAttr(),
                                tensor.getQuantAttr());
+  return FlatSymbolRefAttr::get(builder.getContext(), name);
+}
+
+ir::TensorOp lookupTensor(ir::ModelOp model, FlatSymbolRefAttr symbol) {
+  return cast<ir::TensorOp>(SymbolTable::lookupSymbolIn(model, symbol.getAttr()));
+}
+
+FailureOr<std::vector<float>> readF32(ir::ModelOp model, TensorAccess &access, FlatSymbolRefAttr symbol,
+                                      DType &dtype) {
+  ir::TensorOp tensor = lookupTensor(model, symbol);
+  std::vector<uint8_t> bytes;
+  Status status = access.read(tensor, dtype, bytes);
+  if (!status.ok())
+    return tensor.emitError(status.message()), failure();
+  if (!isFloatDType(dtype))
+    return tensor.emitError() << "tensor has dtype " << dtypeName(dtype) << "; expected a float dtype", failure();
+  std::vector<float> values(bytes.size() / dtypeBytes(dtype));
+  if (static_cast<int64_t>(values.size()) != tensor.getTensorType().getNumElements())
+    return tensor.emitError() << "stored tensor has " << values.size() << " elements, its type "
+                              << tensor.getTensorType().getNumElements(), failure();
+  status = convertToF32(dtype, bytes.data(), values.size(), values.data());
+  if (!status.ok())
+    return tensor.emitError(status.message()), failure();
+  std::string scaleName = (tensor.getSymName() + "_scale_inv").str();
+  if (auto scale = dyn_cast_or_null<ir::TensorOp>(
+          SymbolTable::lookupSymbolIn(model, StringAttr::get(model.getContext(), scaleName)))) {
+    DType scaleType;
+    FailureOr<std::vector<float>> scales = readF32(model, access, FlatSymbolRefAttr::get(scale.getSymNameAttr()), scaleType);
+    if (failed(scales))
+      return failure();
+    ArrayRef<int64_t> shape = tensor.getTensorType().getShape();
+    applyFp8BlockScales(values.data(), 0, shape[0], shape[1], scales->data());
+  }
+  return values;
+}
+
+FailureOr<FlatSymbolRefAttr> writeTensor(ir::ModelOp model, TensorAccess &access, ir::TensorOp like, StringRef name,
+                                         ArrayRef<int64_t> shape, const std::vector<float> &values, DType dtype) {
+  if (dtype != DType::F32 && dtype != DType::F16)
+    dtype = DType::BF16;
+  std::vector<uint8_t> bytes(values.size() * dtypeBytes(dtype));
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (dtype == DType::F32) {
+      std::memcpy(bytes.data() + 4 * i, &values[i], 4);
+    } else {
+      uint16_t bits = dtype == DType::F16 ? floatToHalf(values[i]) : floatToBfloat16(values[i]);
+      std::memcpy(bytes.data() + 2 * i, &bits, 2);
+    }
+  }
+  Expected<WeightStore *> store = access.store();
+  if (!store)
+    return model.emitError(store.status().message()), failure();
+  Status status = (*store)->append(name.str(), dtype, std::vector<int64_t>(shape.begin(), shape.end()), bytes);
+  if (!status.ok())
+    return model.emitError(status.message()), failure();
+  OpBuilder builder(like);
+  builder.setInsertionPointAfter(like);
+  StringAttr nameAttr = builder.getStringAttr(name);
+  if (Operation *existing = SymbolTable::lookupSymbolIn(model, nameAttr))
+    existing->erase();
+  Type element = dtype == DType::F32   ? builder.getF32Type()
+                 : dtype == DType::F16 ? builder.getF16Type()
+                                       : builder.getBF16Type();
+  builder.create<ir::TensorOp>(like.getLoc(), nameAttr, TypeAttr::get(RankedTensorType::get(shape, element)), nameAttr,
+                               IntegerAttr(), DenseI64ArrayAttr(), ir::QuantAttr());
   return FlatSymbolRefAttr::get(builder.getContext(), name);
 }
 

@@ -25,6 +25,21 @@ mlir::FailureOr<mlir::FlatSymbolRefAttr> sliceRows(ir::ModelOp model, TensorAcce
                                                    mlir::FlatSymbolRefAttr symbol, llvm::ArrayRef<int64_t> keep,
                                                    llvm::StringRef suffix);
 
+/// The tensor behind `symbol` as f32 (FP8 with its `_scale_inv` block
+/// scales applied); `dtype` receives the stored dtype.
+mlir::FailureOr<std::vector<float>> readF32(ir::ModelOp model, TensorAccess &access, mlir::FlatSymbolRefAttr symbol,
+                                            DType &dtype);
+
+/// Appends `values` (shape `shape`) to the WeightStore as `name` in
+/// `dtype` (bf16, f16 or f32; anything else is stored as bf16), adds or
+/// replaces its moe.tensor op next to `like`, and returns its symbol.
+mlir::FailureOr<mlir::FlatSymbolRefAttr> writeTensor(ir::ModelOp model, TensorAccess &access, ir::TensorOp like,
+                                                     llvm::StringRef name, llvm::ArrayRef<int64_t> shape,
+                                                     const std::vector<float> &values, DType dtype);
+
+/// The moe.tensor op of `symbol`.
+ir::TensorOp lookupTensor(ir::ModelOp model, mlir::FlatSymbolRefAttr symbol);
+
 /// Removes experts `drop` of `layer`: slices the router (and correction
 /// bias), renumbers the remaining experts in order, falls back from
 /// group-limited to plain top-k when groups shrink unevenly (with a remark),

@@ -119,4 +119,58 @@ def MoeDynamicSkip : Pass<"moe-dynamic-skip", "::mlir::ModuleOp"> {
   ];
 }
 
+def MoeMergeExperts : Pass<"moe-merge-experts", "::mlir::ModuleOp"> {
+  let summary = "Merge similar experts (M-SMoE) or recombine dropped experts' neurons (DERN)";
+  let description = [{
+    `method=msmoe` (M-SMoE, Li et al. 2024): per layer, expert usage
+    frequencies from calibration; the number of groups per layer is chosen
+    globally (each layer's most used expert counts as frequency 1, the
+    threshold is the G-th largest frequency over all layers, so every layer
+    keeps at least one group); the most used experts of a layer are the
+    group centres and every other expert joins its most similar centre
+    (`similarity=router-logits`: cosine of router-logit columns from the
+    calibration Gram matrix; `weights`: cosine of the flattened expert
+    weights). Each group becomes one expert, the frequency-weighted average
+    of its members' gate, up and down (optionally after permuting each
+    member's neurons onto the centre's by a Hungarian assignment,
+    `align=permutation`). The router keeps every row; its `remap` sends each
+    row to its group's expert, which the engine runs once per token with the
+    summed weight.
+
+    `method=dern` (DERN, Zhou et al. 2025; no public code, formulas from the
+    abstract): per layer, the experts with the lowest routed gate weight are
+    dropped and the router sliced as `moe-drop-experts` does; every neuron
+    (gate row, up row, down column) of a dropped expert joins the most
+    similar neuron (cosine of the concatenated vectors) of a retained expert
+    when the similarity is at least `threshold`, and each retained neuron
+    becomes the frequency-weighted average of itself and the neurons it
+    received.
+
+    `ratio` is the fraction of routed experts removed (G = (1 - ratio) x
+    experts); `groups` instead gives the average number of groups (msmoe)
+    or experts kept (dern) per layer. Super experts stay unmerged unless
+    `protect-super-experts=false`.
+
+    ```mlir
+    // moe-opt --moe-merge-experts="stats=stats.safetensors method=msmoe ratio=0.5 align=permutation"
+    ```
+  }];
+  let options = [
+    Option<"stats", "stats", "std::string", /*default=*/"\"\"", "Calibration statistics file (required)">,
+    Option<"method", "method", "std::string", /*default=*/"\"msmoe\"", "msmoe or dern">,
+    Option<"similarity", "similarity", "std::string", /*default=*/"\"router-logits\"",
+           "msmoe: router-logits or weights">,
+    Option<"ratio", "ratio", "double", /*default=*/"0.0", "Fraction of routed experts removed">,
+    Option<"groups", "groups", "int64_t", /*default=*/"0", "Average groups (experts kept) per layer, instead of ratio">,
+    Option<"align", "align", "std::string", /*default=*/"\"none\"", "msmoe: none or permutation">,
+    Option<"threshold", "threshold", "double", /*default=*/"0.4", "dern: least neuron cosine similarity to recombine">,
+    Option<"protectSuperExperts", "protect-super-experts", "bool", /*default=*/"true",
+           "Never merge super experts">,
+  ];
+  let statistics = [
+    Statistic<"expertsMerged", "experts-merged", "Experts folded into another">,
+    Statistic<"neuronsRecombined", "neurons-recombined", "Neurons of dropped experts recombined (dern)">,
+  ];
+}
+
 #endif // MOE_TRANSFORMS_PASSES_TD
