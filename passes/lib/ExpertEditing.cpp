@@ -118,6 +118,57 @@ FailureOr<FlatSymbolRefAttr> writeTensor(ir::ModelOp model, TensorAccess &access
   return FlatSymbolRefAttr::get(builder.getContext(), name);
 }
 
+FailureOr<FlatSymbolRefAttr> selectSlices(ir::ModelOp model, TensorAccess &access, FlatSymbolRefAttr symbol,
+                                          ArrayRef<int64_t> keep, int dim, StringRef suffix) {
+  ir::TensorOp tensor = lookupTensor(model, symbol);
+  ArrayRef<int64_t> shape = tensor.getTensorType().getShape();
+  const int64_t rows = shape[0], cols = shape[1];
+  SmallVector<int64_t> newShape(shape);
+  newShape[dim] = static_cast<int64_t>(keep.size());
+  std::string name = (tensor.getSymName() + suffix).str();
+  std::string scaleName = (tensor.getSymName() + "_scale_inv").str();
+  if (SymbolTable::lookupSymbolIn(model, StringAttr::get(model.getContext(), scaleName))) {
+    DType dtype;
+    FailureOr<std::vector<float>> values = readF32(model, access, symbol, dtype);
+    if (failed(values))
+      return failure();
+    std::vector<float> selected;
+    for (int64_t r = 0; r < (dim == 0 ? static_cast<int64_t>(keep.size()) : rows); ++r)
+      for (int64_t c = 0; c < (dim == 1 ? static_cast<int64_t>(keep.size()) : cols); ++c)
+        selected.push_back((*values)[(dim == 0 ? keep[r] : r) * cols + (dim == 1 ? keep[c] : c)]);
+    return writeTensor(model, access, tensor, name, newShape, selected, DType::BF16);
+  }
+  if (dim == 0)
+    return sliceRows(model, access, symbol, keep, suffix);
+  DType dtype;
+  std::vector<uint8_t> bytes;
+  Status status = access.read(tensor, dtype, bytes);
+  if (!status.ok())
+    return tensor.emitError(status.message()), failure();
+  const size_t element = dtypeBytes(dtype);
+  std::vector<uint8_t> selected;
+  selected.reserve(static_cast<size_t>(rows) * keep.size() * element);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c : keep)
+      selected.insert(selected.end(), bytes.begin() + (r * cols + c) * element,
+                      bytes.begin() + (r * cols + c + 1) * element);
+  Expected<WeightStore *> store = access.store();
+  if (!store)
+    return model.emitError(store.status().message()), failure();
+  status = (*store)->append(name, dtype, std::vector<int64_t>(newShape.begin(), newShape.end()), selected);
+  if (!status.ok())
+    return model.emitError(status.message()), failure();
+  OpBuilder builder(tensor);
+  builder.setInsertionPointAfter(tensor);
+  StringAttr nameAttr = builder.getStringAttr(name);
+  if (Operation *existing = SymbolTable::lookupSymbolIn(model, nameAttr))
+    existing->erase();
+  builder.create<ir::TensorOp>(tensor.getLoc(), nameAttr,
+                               TypeAttr::get(RankedTensorType::get(newShape, tensor.getTensorType().getElementType())),
+                               nameAttr, IntegerAttr(), DenseI64ArrayAttr(), tensor.getQuantAttr());
+  return FlatSymbolRefAttr::get(builder.getContext(), name);
+}
+
 LogicalResult dropExperts(ir::ModelOp model, ir::LayerOp layer, const std::set<int64_t> &drop,
                         TensorAccess &access, StringRef passName, DropCounts &counts) {
   auto blocks = layer.getBody().getOps<ir::MoeBlockOp>();

@@ -37,6 +37,14 @@ mlir::FailureOr<mlir::FlatSymbolRefAttr> writeTensor(ir::ModelOp model, TensorAc
                                                      llvm::StringRef name, llvm::ArrayRef<int64_t> shape,
                                                      const std::vector<float> &values, DType dtype);
 
+/// Keeps entries `keep` of dimension `dim` (0: rows, 1: columns) of the
+/// matrix behind `symbol`, written to the WeightStore as
+/// `<symbol><suffix>`: the stored bytes are copied exactly, except FP8 with
+/// block scales, which is dequantised and stored as bf16.
+mlir::FailureOr<mlir::FlatSymbolRefAttr> selectSlices(ir::ModelOp model, TensorAccess &access,
+                                                      mlir::FlatSymbolRefAttr symbol, llvm::ArrayRef<int64_t> keep,
+                                                      int dim, llvm::StringRef suffix);
+
 /// The moe.tensor op of `symbol`.
 ir::TensorOp lookupTensor(ir::ModelOp model, mlir::FlatSymbolRefAttr symbol);
 

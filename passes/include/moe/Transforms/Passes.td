@@ -173,4 +173,42 @@ def MoeMergeExperts : Pass<"moe-merge-experts", "::mlir::ModuleOp"> {
   ];
 }
 
+def MoePruneAtoms : Pass<"moe-prune-atoms", "::mlir::ModuleOp"> {
+  let summary = "Remove the weakest neurons (atomic experts) of routed experts";
+  let description = [{
+    Scores every neuron j of every routed expert (its gate row, up row and
+    down column) and removes the lowest, per layer or across the model,
+    slicing the expert's tensors: experts end up with different widths,
+    which the engine runs as they are. Every expert keeps at least
+    `min-width` neurons. Shared experts are not touched.
+
+    - `camera` (CAMERA-P): ||W_down[:, j]||^2 x ((1 - rho) sum_t a_tj^2 +
+      rho max_t a_tj^2), with a_tj the neuron's activation times the token's
+      routing weight (calibration's gate-weighted neuron statistics).
+    - `heapr` (HEAPr): ||W_down[:, j]||^2 x (1/N_e) sum_t (g_t x_tj)^2 over the
+      expert's N_e routed tokens; experts never routed score -1 (first to
+      go). HEAPr's output-space empirical Fisher M_e = E[grad_y L grad_y L^T]
+      needs a backward pass the engine does not have; it is replaced by the
+      Gauss-Newton matrix of the squared error of the MoE block output, in
+      which expert e's output enters scaled by its routing weight g_t, i.e.
+      g_t^2 I. The 1/N_e normalisation and global selection follow HEAPr.
+    - `magnitude`: ||gate_j|| x ||up_j|| x ||W_down[:, j]|| (no calibration).
+
+    ```mlir
+    // moe-opt --moe-prune-atoms="stats=stats.safetensors method=camera ratio=0.25"
+    ```
+  }];
+  let options = [
+    Option<"stats", "stats", "std::string", /*default=*/"\"\"", "Calibration statistics (camera, heapr)">,
+    Option<"method", "method", "std::string", /*default=*/"\"camera\"", "camera, heapr or magnitude">,
+    Option<"ratio", "ratio", "double", /*default=*/"0.0", "Fraction of routed-expert neurons removed">,
+    Option<"scope", "scope", "std::string", /*default=*/"\"layer\"", "layer or global">,
+    Option<"rho", "rho", "double", /*default=*/"0.9", "camera: weight of the max term">,
+    Option<"minWidth", "min-width", "int64_t", /*default=*/"1", "Neurons every expert keeps">,
+  ];
+  let statistics = [
+    Statistic<"neuronsPruned", "neurons-pruned", "Neurons removed">,
+  ];
+}
+
 #endif // MOE_TRANSFORMS_PASSES_TD
