@@ -1,0 +1,354 @@
+//===- ExpertPassesTest.cpp - Expert passes where the answer is known -----===//
+//
+// Part of moec. Each test builds a model whose right answer is known
+// (identical or permuted experts, dead neurons, an expert nobody routes
+// to), runs a pass, and runs the resulting module directly in the engine
+// through the backend's lowering.
+//
+//===----------------------------------------------------------------------===//
+
+#include "moe/Calibration/Statistics.h"
+#include "moe/Dialect/Moe/IR/MoeDialect.h"
+#include "moe/Exporter/Exporter.h"
+#include "moe/Importer/Importer.h"
+#include "moe/Lowering/Lowering.h"
+#include "moe/Runtime/Evaluate.h"
+#include "moe/Runtime/Model.h"
+#include "moe/Transforms/Passes.h"
+
+#include "../../passes/lib/Assignment.h"
+#include "../unit/TestSupport.h"
+
+#include "mlir/IR/Builders.h"
+#include "mlir/IR/MLIRContext.h"
+#include "mlir/Pass/PassManager.h"
+#include "mlir/Pass/PassRegistry.h"
+
+#include <cstring>
+#include <filesystem>
+#include <functional>
+#include <numeric>
+#include <random>
+
+using namespace moe;
+using namespace moe::testing;
+
+namespace {
+
+/// A module imported from a checkpoint directory, with passes run on it.
+struct Compiled {
+  mlir::MLIRContext context;
+  mlir::OwningOpRef<mlir::ModuleOp> module;
+  ir::ModelOp model() { return *module->getOps<ir::ModelOp>().begin(); }
+};
+
+std::unique_ptr<Compiled> importDirectory(const std::string &directory, const std::string &store) {
+  registerMoePasses();
+  auto compiled = std::make_unique<Compiled>();
+  std::string configText = readFile(directory + "/config.json");
+  auto spec = ModelSpec::fromConfigText(configText, "config.json");
+  EXPECT_TRUE(spec.ok());
+  auto checkpoint = Checkpoint::open(directory);
+  EXPECT_TRUE(checkpoint.ok());
+  EXPECT_TRUE(bindCheckpoint(*spec, **checkpoint).ok());
+  auto module = importModel(compiled->context, *spec, **checkpoint, configText, store);
+  EXPECT_TRUE(module.ok()) << module.status().message();
+  compiled->module = module.take();
+  return compiled;
+}
+
+bool runPipeline(Compiled &compiled, const std::string &pipeline) {
+  mlir::PassManager manager(&compiled.context);
+  if (mlir::failed(mlir::parsePassPipeline(pipeline, manager)))
+    return false;
+  return mlir::succeeded(manager.run(*compiled.module));
+}
+
+/// The module's model in the engine.
+LoadedModel run(Compiled &compiled) {
+  auto description = lowerToDescription(compiled.model(), "");
+  EXPECT_TRUE(description.ok()) << description.status().message();
+  auto model = loadDescribedModel(description.take());
+  EXPECT_TRUE(model.ok()) << model.status().message();
+  return model.take();
+}
+
+const std::vector<int32_t> kIds = {3, 17, 99, 4, 42, 8, 127, 0, 55, 1000, 2047, 12, 7, 300, 64, 9};
+
+std::vector<float> logits(LoadedModel &model) {
+  std::vector<float> out;
+  KvCache cache = model.engine->newCache();
+  EXPECT_TRUE(model.engine->forward(kIds, cache, out).ok());
+  return out;
+}
+
+float maxDifference(const std::vector<float> &a, const std::vector<float> &b) {
+  EXPECT_EQ(a.size(), b.size());
+  float worst = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i)
+    worst = std::max(worst, std::fabs(a[i] - b[i]));
+  return worst;
+}
+
+/// Copies fixture `name` to `directory`, letting `edit` change each
+/// tensor's bf16 values (as f32) before they are written.
+using TensorEdit = std::function<void(const std::string &name, const std::vector<int64_t> &shape,
+                                      std::vector<float> &values, const std::map<std::string, std::vector<float>> &all)>;
+void writeEditedFixture(const std::string &name, const std::string &directory, const TensorEdit &edit) {
+  const std::string source = dataDir() + "/fixtures/" + name;
+  std::filesystem::create_directories(directory);
+  for (const char *file : {"config.json", "tokenizer.json", "tokenizer_config.json"})
+    std::filesystem::copy_file(source + "/" + file, directory + "/" + file);
+  auto file = SafetensorsFile::open(source + "/model.safetensors");
+  ASSERT_TRUE(file.ok());
+  std::map<std::string, std::vector<float>> all;
+  for (const TensorInfo &tensor : (*file)->tensors()) {
+    std::vector<float> &values = all[tensor.name];
+    values.resize(static_cast<size_t>(tensor.numElements()));
+    ASSERT_TRUE(convertToF32(tensor.dtype, (*file)->data(tensor).data(), values.size(), values.data()).ok());
+  }
+  SafetensorsWriter writer;
+  for (const TensorInfo &tensor : (*file)->tensors()) {
+    std::vector<float> values = all[tensor.name];
+    edit(tensor.name, tensor.shape, values, all);
+    ASSERT_TRUE(writer.addF32Tensor(tensor.name, DType::BF16, tensor.shape, values).ok());
+  }
+  ASSERT_TRUE(writer.write(directory + "/model.safetensors").ok());
+}
+
+/// Hand-made statistics for every MoE layer of an 8-expert model.
+void writeLayerStats(const std::string &path, int64_t layers, const std::vector<int64_t> &routed,
+                     const std::vector<double> &gram) {
+  SafetensorsWriter writer;
+  auto f64 = [](const std::vector<double> &values) {
+    std::vector<uint8_t> bytes(values.size() * 8);
+    std::memcpy(bytes.data(), values.data(), bytes.size());
+    return bytes;
+  };
+  std::vector<uint8_t> counts(routed.size() * 8);
+  std::memcpy(counts.data(), routed.data(), counts.size());
+  const int64_t E = static_cast<int64_t>(routed.size());
+  std::vector<double> weights(routed.begin(), routed.end());
+  for (int64_t l = 0; l < layers; ++l) {
+    const std::string prefix = concat("layers.", l, ".");
+    ASSERT_TRUE(writer.addTensor(prefix + "routed_tokens", DType::I64, {E}, counts).ok());
+    ASSERT_TRUE(writer.addTensor(prefix + "gate_weight_sum", DType::F64, {E}, f64(weights)).ok());
+    ASSERT_TRUE(writer.addTensor(prefix + "max_abs_output", DType::F64, {E}, f64(std::vector<double>(E, 1.0))).ok());
+    ASSERT_TRUE(writer.addTensor(prefix + "router_logit_gram", DType::F64, {E, E}, f64(gram)).ok());
+  }
+  ASSERT_TRUE(writer.write(path).ok());
+}
+
+/// Counts, per layer, the tokens each expert slot runs on.
+class SlotTokens : public EngineObserver {
+public:
+  void onExpert(int64_t layer, int64_t expert, std::span<const int32_t> tokens, std::span<const float>,
+                std::span<const float>, std::span<const float>) override {
+    counts[{layer, expert}] += static_cast<int64_t>(tokens.size());
+  }
+  void onRouter(int64_t layer, int64_t tokens, std::span<const float>, std::span<const int32_t> chosen,
+                std::span<const float>) override {
+    const int64_t K = static_cast<int64_t>(chosen.size()) / tokens;
+    for (int64_t t = 0; t < tokens; ++t) {
+      bool first = false;
+      for (int64_t k = 0; k < K; ++k)
+        first |= chosen[t * K + k] == 0 || chosen[t * K + k] == 1;
+      rowsZeroOrOne[layer] += first ? 1 : 0;
+    }
+  }
+  std::map<std::pair<int64_t, int64_t>, int64_t> counts;
+  std::map<int64_t, int64_t> rowsZeroOrOne;
+};
+
+} // namespace
+
+TEST(ModuleExecution, APrunedModuleRunsExactlyAsItsExport) {
+  TempDir dir;
+  const std::string fixture = dataDir() + "/fixtures/tiny-deepseek";
+  auto compiled = importDirectory(fixture, dir.file("m.moestore"));
+  ASSERT_TRUE(runPipeline(*compiled, "moe-drop-experts{experts=1:1,5;2:0,7;3:2,3}"));
+  ASSERT_TRUE(exportHuggingFace(compiled->model(), dir.file("out")).ok());
+  LoadedModel fromModule = run(*compiled);
+  auto exported = loadModel(dir.file("out"));
+  ASSERT_TRUE(exported.ok());
+  EXPECT_EQ(logits(fromModule), logits(*exported));
+}
+
+TEST(MergeExperts, APermutedCopyMergesIntoOneExpertWithUnchangedOutputs) {
+  // Expert 1 of every layer is expert 0 with its neurons in reverse order:
+  // the same function. Expert 1 is the least used and most similar to 0.
+  TempDir dir;
+  writeEditedFixture("tiny-mixtral", dir.file("model"),
+                     [](const std::string &name, const std::vector<int64_t> &shape, std::vector<float> &values,
+                        const std::map<std::string, std::vector<float>> &all) {
+                       size_t at = name.find(".experts.1.");
+                       if (at == std::string::npos)
+                         return;
+                       std::string sibling = name;
+                       sibling.replace(at, 11, ".experts.0.");
+                       const std::vector<float> &copy = all.at(sibling);
+                       const int64_t rows = shape[0], cols = shape[1];
+                       const bool down = name.find(".w2.") != std::string::npos;
+                       for (int64_t r = 0; r < rows; ++r)
+                         for (int64_t c = 0; c < cols; ++c)
+                           values[r * cols + c] = down ? copy[r * cols + (cols - 1 - c)] : copy[(rows - 1 - r) * cols + c];
+                     });
+  std::vector<double> gram(64, 0.0);
+  for (int e = 0; e < 8; ++e)
+    gram[e * 8 + e] = 1.0;
+  gram[0 * 8 + 1] = gram[1 * 8 + 0] = 0.9;
+  writeLayerStats(dir.file("stats.safetensors"), 4, {100, 1, 50, 50, 50, 50, 50, 50}, gram);
+
+  auto original = loadModel(dir.file("model"));
+  ASSERT_TRUE(original.ok());
+  const std::vector<float> expected = logits(*original);
+  SlotTokens before;
+  original->engine->setObserver(&before);
+  logits(*original);
+
+  auto aligned = importDirectory(dir.file("model"), dir.file("a.moestore"));
+  ASSERT_TRUE(runPipeline(*aligned, "moe-merge-experts{stats=" + dir.file("stats.safetensors") +
+                                        " method=msmoe groups=7 align=permutation}"));
+  LoadedModel merged = run(*aligned);
+  for (const auto &layer : merged.engine->spec().layers)
+    EXPECT_EQ(layer.numExperts, 7);
+  EXPECT_LT(maxDifference(logits(merged), expected), 1e-4f);
+  // The merged expert serves both router rows: it runs on every token that
+  // chose expert 0 or 1, once.
+  SlotTokens after;
+  merged.engine->setObserver(&after);
+  logits(merged);
+  for (int64_t l = 0; l < 4; ++l)
+    EXPECT_EQ(after.counts[std::make_pair(l, int64_t(0))], before.rowsZeroOrOne[l]) << "layer " << l;
+
+  // Without alignment the average of a function and its permuted copy is
+  // a different function.
+  auto unaligned = importDirectory(dir.file("model"), dir.file("b.moestore"));
+  ASSERT_TRUE(runPipeline(*unaligned, "moe-merge-experts{stats=" + dir.file("stats.safetensors") + " method=msmoe groups=7}"));
+  LoadedModel averaged = run(*unaligned);
+  EXPECT_GT(maxDifference(logits(averaged), expected), 1e-2f);
+}
+
+TEST(PruneAtoms, DeadNeuronsGoFirstAndOutputsStay) {
+  // Neurons 0..39 of every expert have a zero down column: they never
+  // contribute, so removing a quarter of the neurons removes exactly them.
+  TempDir dir;
+  writeEditedFixture("tiny-mixtral", dir.file("model"),
+                     [](const std::string &name, const std::vector<int64_t> &shape, std::vector<float> &values,
+                        const std::map<std::string, std::vector<float>> &) {
+                       if (name.find(".experts.") == std::string::npos || name.find(".w2.") == std::string::npos)
+                         return;
+                       for (int64_t r = 0; r < shape[0]; ++r)
+                         for (int64_t c = 0; c < 40; ++c)
+                           values[r * shape[1] + c] = 0.0f;
+                     });
+  auto original = loadModel(dir.file("model"));
+  ASSERT_TRUE(original.ok());
+  auto compiled = importDirectory(dir.file("model"), dir.file("m.moestore"));
+  ASSERT_TRUE(runPipeline(*compiled, "moe-prune-atoms{method=magnitude ratio=0.25}"));
+  for (ir::LayerOp layer : compiled->model().getBody().getOps<ir::LayerOp>())
+    for (ir::MoeBlockOp block : layer.getBody().getOps<ir::MoeBlockOp>())
+      for (ir::ExpertOp expert : block.getBody().getOps<ir::ExpertOp>())
+        EXPECT_EQ(expert.getWidth(), 120u);
+  LoadedModel pruned = run(*compiled);
+  EXPECT_LT(maxDifference(logits(pruned), logits(*original)), 1e-4f);
+}
+
+TEST(PruneAtoms, GlobalScopeGivesExpertsDifferentWidthsThatTheEngineRuns) {
+  TempDir dir;
+  const std::string fixture = dataDir() + "/fixtures/tiny-deepseek";
+  auto model = loadModel(fixture);
+  auto streams = readEvalData(dataDir() + "/brown/calibration.jsonl", model->tokenizer.get(), model->endOfText);
+  CalibrationOptions options;
+  options.maxTokens = 2048;
+  auto stats = calibrate(*model->engine, *streams, options);
+  ASSERT_TRUE(stats.ok());
+  ASSERT_TRUE(writeStatistics(*stats, options, dir.file("stats.safetensors")).ok());
+  auto compiled = importDirectory(fixture, dir.file("m.moestore"));
+  ASSERT_TRUE(runPipeline(*compiled, "moe-prune-atoms{stats=" + dir.file("stats.safetensors") +
+                                         " method=heapr ratio=0.5 scope=global}"));
+  std::set<uint64_t> widths;
+  int64_t total = 0;
+  for (ir::LayerOp layer : compiled->model().getBody().getOps<ir::LayerOp>())
+    for (ir::MoeBlockOp block : layer.getBody().getOps<ir::MoeBlockOp>())
+      for (ir::ExpertOp expert : block.getBody().getOps<ir::ExpertOp>()) {
+        widths.insert(expert.getWidth());
+        total += static_cast<int64_t>(expert.getWidth());
+      }
+  EXPECT_GT(widths.size(), 4u) << "experts keep different widths";
+  EXPECT_EQ(total, (3 * 8 * 96) / 2) << "half of 3 layers x 8 experts x 96 neurons remain";
+  LoadedModel pruned = run(*compiled);
+  auto heldout = readEvalData(dataDir() + "/brown/heldout.jsonl", pruned.tokenizer.get(), pruned.endOfText);
+  auto result = evaluate(*pruned.engine, *heldout, EvalOptions{256, 0, 1024});
+  ASSERT_TRUE(result.ok());
+  EXPECT_LT(result->overall.perplexity(), 200.0) << "a real model, not noise";
+}
+
+TEST(DynamicSkip, AThresholdOfOneRunsTheTopExpertOnly) {
+  TempDir dir;
+  const std::string fixture = dataDir() + "/fixtures/tiny-mixtral";
+  auto skipping = importDirectory(fixture, dir.file("a.moestore"));
+  mlir::Builder builder(&skipping->context);
+  skipping->module->walk([&](ir::RouterOp router) { router.setSkipThresholdAttr(builder.getF64FloatAttr(1.0)); });
+  auto topOne = importDirectory(fixture, dir.file("b.moestore"));
+  ASSERT_TRUE(runPipeline(*topOne, "moe-set-topk{top-k=1}"));
+  LoadedModel a = run(*skipping), b = run(*topOne);
+  // Mixtral renormalises: a lone expert gets weight 1 either way.
+  EXPECT_LT(maxDifference(logits(a), logits(b)), 1e-5f);
+  EXPECT_DOUBLE_EQ(a.engine->routingCounters().expertsPerToken(), 1.0);
+}
+
+TEST(PruneExperts, ReconstructionDropsTheExpertNobodyUses) {
+  // Calibrated with expert 6 of layer 2 masked: removing it reproduces the
+  // cached block outputs exactly, so NAEE's search removes it.
+  TempDir dir;
+  const std::string fixture = dataDir() + "/fixtures/tiny-deepseek";
+  EngineOptions masked;
+  masked.maskedExperts = {{2, {6}}};
+  auto model = loadModel(fixture, masked);
+  auto streams = readEvalData(dataDir() + "/brown/calibration.jsonl", model->tokenizer.get(), model->endOfText);
+  CalibrationOptions options;
+  options.maxTokens = 1024;
+  options.blockSamples = 256;
+  auto stats = calibrate(*model->engine, *streams, options);
+  ASSERT_TRUE(stats.ok());
+  ASSERT_TRUE(writeStatistics(*stats, options, dir.file("stats.safetensors")).ok());
+  for (const char *limit : {"20000", "2"}) { // exhaustive, then greedy
+    auto compiled = importDirectory(fixture, dir.file(std::string("m") + limit + ".moestore"));
+    ASSERT_TRUE(runPipeline(*compiled, "moe-prune-experts{stats=" + dir.file("stats.safetensors") +
+                                           " method=reconstruction keep=7 max-subsets=" + limit + "}"));
+    for (ir::LayerOp layer : compiled->model().getBody().getOps<ir::LayerOp>())
+      if (layer.getIndex() == 2)
+        for (ir::MoeBlockOp block : layer.getBody().getOps<ir::MoeBlockOp>())
+          for (ir::ExpertOp expert : block.getBody().getOps<ir::ExpertOp>())
+            EXPECT_EQ(expert.getGate().find("experts.6."), llvm::StringRef::npos) << limit;
+  }
+}
+
+TEST(Assignment, SolvesKnownAndPermutedProblems) {
+  // Classic 3x3: rows take columns 1, 0, 2 at cost 1 + 2 + 2 = 5.
+  std::vector<double> cost = {4, 1, 3, 2, 0, 5, 3, 2, 2};
+  EXPECT_EQ(solveAssignment(cost, 3), (std::vector<int64_t>{1, 0, 2}));
+  // A random permutation is recovered from its negated similarity.
+  std::mt19937 rng(7);
+  const int64_t n = 40;
+  std::vector<int64_t> permutation(n);
+  std::iota(permutation.begin(), permutation.end(), 0);
+  std::shuffle(permutation.begin(), permutation.end(), rng);
+  std::normal_distribution<double> normal;
+  std::vector<std::vector<double>> vectors(n, std::vector<double>(16));
+  for (auto &v : vectors)
+    for (double &x : v)
+      x = normal(rng);
+  std::vector<double> similarity(n * n);
+  for (int64_t a = 0; a < n; ++a)
+    for (int64_t b = 0; b < n; ++b) {
+      double dot = 0;
+      for (int i = 0; i < 16; ++i)
+        dot += vectors[a][i] * vectors[permutation[b]][i];
+      similarity[a * n + b] = -dot;
+    }
+  std::vector<int64_t> assignment = solveAssignment(similarity, n);
+  for (int64_t a = 0; a < n; ++a)
+    EXPECT_EQ(permutation[assignment[a]], a);
+}
