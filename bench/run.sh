@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the benchmarks and prints their JSON. Usage: bench/run.sh BUILD_DIR [checkpoint|engine|prune]
+# Runs the benchmarks and prints their JSON. Usage: bench/run.sh BUILD_DIR [checkpoint|engine|experts]
 # Generated checkpoints go to ${MOEC_BENCH_DIR:-/tmp/moec-bench} (about 7 GiB).
 set -euo pipefail
 build=${1:-build}
@@ -31,6 +31,6 @@ if [ "$which" = all ] || [ "$which" = engine ]; then
   "$build/bench/engine_throughput" "$olmoe" --prompt 256 --decode 8 --max-memory 1
 fi
 
-if [ "$which" = all ] || [ "$which" = prune ]; then
-  bash "$here/prune_quality.sh" "$build"
+if [ "$which" = all ] || [ "$which" = experts ]; then
+  python3 "$here/expert_quality.py" "$build"
 fi
