@@ -1,0 +1,58 @@
+//===- QuantKernels.h - CPU kernels over group-wise integer weights -*- C++ -*-===//
+//
+// Part of moec. Decode (batch 1) multiplies a quantized matrix by an
+// activation vector quantized to int8 once per matmul (blocks of 32 with an
+// f32 scale, as llama.cpp's q8 activations), with integer dot products
+// (AVX2 maddubs/madd) and the min folded in through group sums of the
+// quantized activation, so the result is exactly w^ . x^. Prefill dequantizes rows to f32 for a BLAS GEMM.
+// The ISA is chosen once at run time (AVX2+FMA+F16C, else scalar).
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef MOE_KERNELS_CPU_QUANTKERNELS_H
+#define MOE_KERNELS_CPU_QUANTKERNELS_H
+
+#include "common/QuantFormat.h"
+
+#include <vector>
+
+namespace moe::quant {
+
+/// A quantized [rows, cols] matrix in the layout of QuantFormat.h.
+struct QuantMatrixView {
+  QuantFormat format;
+  const uint8_t *data = nullptr;
+  int64_t rows = 0, cols = 0;
+};
+
+/// An activation vector for integer dot products: int8 values in blocks of
+/// 32 with one f32 scale each (zero-padded to whole groups), and the sum of
+/// the quantized values over each group (for the min term).
+struct QuantizedActivation {
+  int64_t cols = 0;
+  int group = 0;
+  std::vector<int8_t> values;
+  std::vector<float> blockScales;
+  std::vector<float> groupSums;
+};
+
+/// Quantizes x[cols] for a matrix whose format has group `group`.
+void quantizeActivation(const float *x, int64_t cols, int group, QuantizedActivation &out);
+
+/// y[r - rowBegin] = row r . x for r in [rowBegin, rowEnd), with the
+/// quantized activation (the fast decode kernel).
+void gemvRows(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin, int64_t rowEnd, float *y);
+
+/// Scalar reference of gemvRows with the same activation quantization.
+void gemvRowsScalar(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin, int64_t rowEnd,
+                    float *y);
+
+/// Rows [rowBegin, rowEnd) dequantized to f32 ([rowEnd - rowBegin, cols]).
+void dequantizeRows(const QuantMatrixView &w, int64_t rowBegin, int64_t rowEnd, float *out);
+
+/// The instruction set the kernels dispatched to: "avx2" or "scalar".
+const char *kernelIsa();
+
+} // namespace moe::quant
+
+#endif // MOE_KERNELS_CPU_QUANTKERNELS_H

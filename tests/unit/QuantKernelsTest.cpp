@@ -1,0 +1,169 @@
+//===- QuantKernelsTest.cpp - Quant formats and CPU kernels vs reference --===//
+//
+// Part of moec. Every format (2/3/4/8 bits, groups 32/64/128, symmetric
+// and asymmetric, fp16 and bf16 scales) on odd shapes (columns that are not
+// a multiple of the group, few rows), on random and real weights.
+//
+//===----------------------------------------------------------------------===//
+
+#include "common/QuantFormat.h"
+#include "cpu/QuantKernels.h"
+#include "moe/Frontend/Checkpoint.h"
+
+#include "TestSupport.h"
+
+#include <cmath>
+#include <cstring>
+#include <random>
+
+using namespace moe;
+using namespace moe::quant;
+using namespace moe::testing;
+
+namespace {
+
+std::vector<QuantFormat> allFormats() {
+  std::vector<QuantFormat> formats;
+  for (const BitsTraits &traits : kBitsTraits)
+    for (int group : kGroupSizes)
+      for (bool symmetric : {true, false})
+        for (ScaleType scale : {ScaleType::F16, ScaleType::BF16})
+          formats.push_back({traits.bits, group, symmetric, scale});
+  return formats;
+}
+
+std::vector<float> randomMatrix(int64_t rows, int64_t cols, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 0.05f);
+  std::vector<float> values(static_cast<size_t>(rows * cols));
+  for (float &v : values)
+    v = normal(rng);
+  values[3] = 0.4f; // an outlier
+  return values;
+}
+
+/// The largest gap between neighbouring values the group can represent.
+float groupStep(const QuantFormat &format, const uint8_t *data, int64_t cols, int64_t row, int64_t column) {
+  const uint8_t *group = data + row * format.rowBytes(cols) + (column / format.group) * format.groupBytes();
+  uint16_t bits;
+  std::memcpy(&bits, group, 2);
+  return std::fabs(scaleToFloat(bits, format.scaleType));
+}
+
+/// Checks the kernel against the scalar reference (same activation
+/// quantization) and against the dequantized f32 product, whose gap is
+/// bounded by the activation rounding: sum |w| * blockScale / 2.
+void checkKernels(const QuantFormat &format, const std::vector<float> &matrix, int64_t rows, int64_t cols,
+                  uint32_t seed) {
+  std::vector<uint8_t> packed(format.matrixBytes(rows, cols));
+  quantizeReference(format, matrix.data(), rows, cols, packed.data());
+  std::vector<float> dequantized(matrix.size());
+  dequantizeReference(format, packed.data(), rows, cols, dequantized.data());
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> x(static_cast<size_t>(cols));
+  for (float &v : x)
+    v = normal(rng);
+  QuantizedActivation activation;
+  quantizeActivation(x.data(), cols, format.group, activation);
+  QuantMatrixView view{format, packed.data(), rows, cols};
+  std::vector<float> fast(static_cast<size_t>(rows)), scalar(static_cast<size_t>(rows));
+  gemvRows(view, activation, 0, rows, fast.data());
+  gemvRowsScalar(view, activation, 0, rows, scalar.data());
+  std::vector<float> rowsOut(static_cast<size_t>(rows * cols));
+  dequantizeRows(view, 0, rows, rowsOut.data());
+  EXPECT_EQ(rowsOut, dequantized);
+  for (int64_t r = 0; r < rows; ++r) {
+    double exact = 0, magnitude = 0, activationBound = 0;
+    for (int64_t c = 0; c < cols; ++c) {
+      exact += static_cast<double>(dequantized[r * cols + c]) * x[c];
+      magnitude += std::fabs(static_cast<double>(dequantized[r * cols + c]) * x[c]);
+      activationBound += std::fabs(dequantized[r * cols + c]) * activation.blockScales[c / 32] * 0.5;
+    }
+    EXPECT_NEAR(fast[r], scalar[r], 1e-5 * magnitude + 1e-6) << format.name() << " row " << r;
+    EXPECT_NEAR(fast[r], exact, activationBound * 1.01 + 1e-5 * magnitude + 1e-6) << format.name() << " row " << r;
+  }
+}
+
+} // namespace
+
+TEST(QuantFormat, NamesRoundTripAndBadFormatsAreNamed) {
+  for (const QuantFormat &format : allFormats()) {
+    auto parsed = parseQuantFormat(format.name());
+    ASSERT_TRUE(parsed.has_value()) << format.name();
+    EXPECT_EQ(*parsed, format);
+    EXPECT_EQ(validateQuantFormat(format), "");
+  }
+  EXPECT_FALSE(parseQuantFormat("q5_g128_asym").has_value());
+  EXPECT_FALSE(parseQuantFormat("q4_g100_sym").has_value());
+  EXPECT_NE(validateQuantFormat({5, 128, true}).find("bits must be 2, 3, 4 or 8, got 5"), std::string::npos);
+  EXPECT_NE(validateQuantFormat({4, 96, true}).find("group must be 32, 64 or 128, got 96"), std::string::npos);
+  EXPECT_EQ(QuantFormat({4, 128, false}).matrixBytes(3, 200), 3u * 2 * (4 + 64));
+}
+
+TEST(QuantFormat, CodesPackAndUnpackAtEveryWidth) {
+  for (const BitsTraits &traits : kBitsTraits) {
+    std::vector<uint8_t> codes(static_cast<size_t>(128 * traits.bits / 8), 0);
+    for (int i = 0; i < 128; ++i)
+      packCode(codes.data(), traits.bits, i, (i * 7 + 3) % (1 << traits.bits));
+    for (int i = 0; i < 128; ++i)
+      EXPECT_EQ(unpackCode(codes.data(), traits.bits, i), (i * 7 + 3) % (1 << traits.bits)) << traits.bits;
+  }
+}
+
+TEST(QuantFormat, RoundTripErrorIsHalfAStepForEveryFormat) {
+  const int64_t rows = 5, cols = 200; // 200 is not a multiple of any group
+  std::vector<float> matrix = randomMatrix(rows, cols, 1);
+  for (const QuantFormat &format : allFormats()) {
+    std::vector<uint8_t> packed(format.matrixBytes(rows, cols));
+    quantizeReference(format, matrix.data(), rows, cols, packed.data());
+    std::vector<float> back(matrix.size());
+    dequantizeReference(format, packed.data(), rows, cols, back.data());
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) {
+        const float step = groupStep(format, packed.data(), cols, r, c);
+        EXPECT_LE(std::fabs(back[r * cols + c] - matrix[r * cols + c]), 0.5f * step * 1.02f + 1e-6f)
+            << format.name() << " at " << r << "," << c;
+      }
+    // More bits, less error.
+  }
+  auto meanError = [&](int bits) {
+    QuantFormat format{bits, 32, false};
+    std::vector<uint8_t> packed(format.matrixBytes(rows, cols));
+    quantizeReference(format, matrix.data(), rows, cols, packed.data());
+    std::vector<float> back(matrix.size());
+    dequantizeReference(format, packed.data(), rows, cols, back.data());
+    double sum = 0;
+    for (size_t i = 0; i < back.size(); ++i)
+      sum += std::fabs(back[i] - matrix[i]);
+    return sum / static_cast<double>(back.size());
+  };
+  EXPECT_GT(meanError(2), meanError(3));
+  EXPECT_GT(meanError(3), meanError(4));
+  EXPECT_GT(meanError(4), meanError(8));
+}
+
+TEST(QuantKernels, GemvMatchesTheScalarReferenceOnRandomWeights) {
+  for (const QuantFormat &format : allFormats())
+    for (auto [rows, cols] : {std::pair<int64_t, int64_t>{7, 200}, {3, 32}, {9, 129}, {16, 384}})
+      checkKernels(format, randomMatrix(rows, cols, static_cast<uint32_t>(rows * cols)), rows, cols, 5);
+}
+
+TEST(QuantKernels, GemvMatchesTheScalarReferenceOnRealWeights) {
+  auto checkpoint = Checkpoint::open(dataDir() + "/fixtures/tiny-mixtral");
+  ASSERT_TRUE(checkpoint.ok());
+  for (const char *name : {"model.layers.0.block_sparse_moe.experts.3.w1.weight",
+                           "model.layers.2.block_sparse_moe.experts.5.w2.weight"}) {
+    std::vector<float> weights;
+    ASSERT_TRUE((*checkpoint)->loadF32(name, weights).ok());
+    const TensorLocation *where = (*checkpoint)->find(name);
+    const int64_t rows = where->info->shape[0], cols = where->info->shape[1];
+    for (const QuantFormat &format : allFormats())
+      checkKernels(format, weights, rows, cols, 9);
+  }
+}
+
+TEST(QuantKernels, DispatchNamesItsInstructionSet) {
+  std::string isa = kernelIsa();
+  EXPECT_TRUE(isa == "avx2" || isa == "scalar") << isa;
+}
