@@ -188,11 +188,37 @@ private:
     return loadF32(tensor, dtype, out, bytes, false);
   }
 
+  Status loadQuantized(const TensorRef &tensor, Matrix &out) {
+    std::optional<quant::QuantFormat> format = quant::parseQuantFormat(tensor.format);
+    if (!format)
+      return Status::error("tensor '", tensor.name, "': unknown quantisation format '", tensor.format, "'");
+    DType dtype;
+    std::vector<uint8_t> bytes;
+    const SafetensorsFile *file;
+    const TensorInfo *info;
+    MOE_RETURN_IF_ERROR(readBytes(tensor, dtype, bytes, file, info));
+    const size_t expected = format->matrixBytes(out.rows, out.cols);
+    if (bytes.size() != expected)
+      return Status::error("tensor '", tensor.name, "' holds ", bytes.size(), " bytes; ", format->name(), " of ",
+                           formatShape(tensor.shape), " needs ", expected);
+    if (description.dequantizeQuantized) {
+      out.data.resize(static_cast<size_t>(out.rows * out.cols));
+      quant::dequantizeReference(*format, bytes.data(), out.rows, out.cols, out.data.data());
+      return Status::success();
+    }
+    out.quantFormat = format;
+    out.quantStorage = std::move(bytes);
+    out.quantData = out.quantStorage.data();
+    return Status::success();
+  }
+
   Status loadMatrix(const TensorRef &tensor, Matrix &out) {
     if (tensor.shape.size() != 2)
       return Status::error("tensor '", tensor.name, "' has shape ", formatShape(tensor.shape), "; expected a matrix");
     out.rows = tensor.shape[0];
     out.cols = tensor.shape[1];
+    if (!tensor.format.empty())
+      return loadQuantized(tensor, out);
     DType dtype;
     std::vector<uint8_t> bytes;
     MOE_RETURN_IF_ERROR(loadF32(tensor, dtype, out.data, bytes, tensor.scaleKey.empty()));

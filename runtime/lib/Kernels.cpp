@@ -146,7 +146,34 @@ float dotBf16(const uint16_t *w, const float *x, int64_t n) {
 void linear(const float *x, int64_t tokens, const Matrix &weight, const std::vector<float> &bias,
             float *y) {
   const int64_t out = weight.rows, in = weight.cols;
-  if (weight.isBf16() && tokens == 1) {
+  if (weight.isQuantized() && tokens <= 4) {
+    // Decode: activations to int8 once per matmul, integer dot products
+    // over the packed codes, rows split across the pool.
+    const quant::QuantMatrixView view = weight.quantView();
+    // (A thread_local named inside the lambda would be each worker's own:
+    // capture this thread's through a reference.)
+    thread_local quant::QuantizedActivation perThread;
+    quant::QuantizedActivation &activation = perThread;
+    for (int64_t t = 0; t < tokens; ++t) {
+      quant::quantizeActivation(x + t * in, in, view.format.group, activation);
+      float *row = y + t * out;
+      rowPool().run(out, static_cast<int64_t>(view.format.matrixBytes(out, in)),
+                    [&](int64_t begin, int64_t end) { quant::gemvRows(view, activation, begin, end, row + begin); });
+    }
+  } else if (weight.isQuantized()) {
+    // Prefill: dequantize once (rows split across the pool), then one GEMM.
+    thread_local std::vector<float> perThread;
+    std::vector<float> &widened = perThread;
+    widened.resize(static_cast<size_t>(out * in));
+    const quant::QuantMatrixView view = weight.quantView();
+    float *target = widened.data();
+    rowPool().run(out, out * in, [&](int64_t begin, int64_t end) {
+      quant::dequantizeRows(view, begin, end, target + begin * in);
+    });
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens), static_cast<int>(out),
+                static_cast<int>(in), 1.0f, x, static_cast<int>(in), widened.data(), static_cast<int>(in), 0.0f, y,
+                static_cast<int>(out));
+  } else if (weight.isBf16() && tokens == 1) {
     // Decode: read each bf16 weight once, widening in registers.
     rowPool().run(out, out * in, [&](int64_t begin, int64_t end) {
       for (int64_t o = begin; o < end; ++o)

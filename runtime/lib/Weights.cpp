@@ -13,7 +13,9 @@
 namespace moe {
 
 void Matrix::copyRow(int64_t r, float *out) const {
-  if (isBf16())
+  if (isQuantized())
+    quant::dequantizeRows(quantView(), r, r + 1, out);
+  else if (isBf16())
     for (int64_t c = 0; c < cols; ++c)
       out[c] = bfloat16ToFloat(bf16[static_cast<size_t>(r * cols + c)]);
   else

@@ -42,10 +42,9 @@ public:
     if (it == tensors.end())
       return Status::error("moe.model @", model.getSymName().str(), ": no moe.tensor @", symbol.getValue().str());
     ir::TensorOp tensor = it->second;
-    if (tensor.getQuant())
-      return Status::error("tensor @", symbol.getValue().str(),
-                           " is quantised; the engine runs quantised tensors from a package (moec emit)");
     TensorRef out;
+    if (ir::QuantAttr quant = tensor.getQuantAttr())
+      out.format = quant.getFormat().str();
     out.name = symbol.getValue().str();
     out.key = tensor.getKey().str();
     if (std::optional<uint64_t> source = tensor.getSource())

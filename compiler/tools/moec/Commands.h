@@ -28,6 +28,7 @@ struct Command {
 struct ModelOptions {
   std::string path;
   std::string maxMemory;
+  bool simulateQuantized = false;
 };
 void addModelOptions(CLI::App *command, ModelOptions &options);
 /// Opens the model (printing its warnings); errors name the file or option.

@@ -47,7 +47,8 @@ static std::optional<size_t> parseBytes(const std::string &text) {
 
 /// Lowers the module at `path` and runs it (DESIGN.md: the backend lowers a
 /// module to the description the runtime executes).
-static Expected<LoadedModel> loadModuleModel(const std::string &path, const EngineOptions &options) {
+static Expected<LoadedModel> loadModuleModel(const std::string &path, const EngineOptions &options,
+                                             bool simulateQuantized) {
   mlir::MLIRContext context;
   mlir::OwningOpRef<mlir::ModuleOp> module = readModuleFile(path, context);
   if (!module)
@@ -59,6 +60,7 @@ static Expected<LoadedModel> loadModuleModel(const std::string &path, const Engi
       lowerToDescription(*found, std::filesystem::path(path).parent_path().string());
   if (!description)
     return description.status().withContext(path);
+  description->dequantizeQuantized = simulateQuantized;
   return loadDescribedModel(description.take(), options);
 }
 
@@ -67,6 +69,8 @@ void addModelOptions(CLI::App *command, ModelOptions &options) {
       ->required();
   command->add_option("--max-memory", options.maxMemory,
                        "Budget for converted weights, e.g. 2G (default: the whole model when it fits)");
+  command->add_flag("--simulate-quantized", options.simulateQuantized,
+                    "Run quantised tensors as their dequantised f32 values instead of the integer kernels");
 }
 
 Expected<LoadedModel> openModel(const ModelOptions &options) {
@@ -77,7 +81,7 @@ Expected<LoadedModel> openModel(const ModelOptions &options) {
       return Status::error("--max-memory '", options.maxMemory, "': expected a size such as 512M or 4G");
     engineOptions.maxMemoryBytes = *bytes;
   }
-  Expected<LoadedModel> model = isModuleFile(options.path) ? loadModuleModel(options.path, engineOptions)
+  Expected<LoadedModel> model = isModuleFile(options.path) ? loadModuleModel(options.path, engineOptions, options.simulateQuantized)
                                                            : loadModel(options.path, engineOptions);
   if (model)
     for (const std::string &warning : model->warnings)

@@ -211,4 +211,36 @@ def MoePruneAtoms : Pass<"moe-prune-atoms", "::mlir::ModuleOp"> {
   ];
 }
 
+def MoeQuantize : Pass<"moe-quantize", "::mlir::ModuleOp"> {
+  let summary = "Quantize weight matrices to a group-wise integer format";
+  let description = [{
+    Round-to-nearest (`method=rtn`) quantization of every targeted matrix to
+    a format of kernels/common/QuantFormat.h: `bits` 2, 3, 4 or 8, `group`
+    32, 64 or 128 weights along the input dimension, symmetric (GPTQ's zero
+    point) or asymmetric (min and scale), fp16 or bf16 scales. The packed
+    bytes go to the WeightStore and the tensor gets a `#moe.quant` attribute;
+    its symbol and logical type stay, so every use is unchanged. `moec eval`
+    runs the module through the integer kernels (`--simulate-quantized`
+    runs the dequantized values instead). Targets: `experts` (routed),
+    `shared`, `attention`, `dense` (dense-layer MLPs), or `all` of these,
+    comma-separated. Embeddings, lm_head, routers and norms stay as they are.
+
+    ```mlir
+    // moe-opt --moe-quantize="bits=4 group=128 sym=false targets=experts,shared"
+    ```
+  }];
+  let options = [
+    Option<"method", "method", "std::string", /*default=*/"\"rtn\"", "rtn">,
+    Option<"bits", "bits", "int64_t", /*default=*/"4", "Bits per weight: 2, 3, 4 or 8">,
+    Option<"group", "group", "int64_t", /*default=*/"128", "Weights per scale: 32, 64 or 128">,
+    Option<"symmetric", "sym", "bool", /*default=*/"false", "Symmetric (no min) instead of asymmetric">,
+    Option<"scaleType", "scale-type", "std::string", /*default=*/"\"f16\"", "f16 or bf16 scales">,
+    Option<"targets", "targets", "std::string", /*default=*/"\"experts\"",
+           "experts, shared, attention, dense or all (comma-separated)">,
+  ];
+  let statistics = [
+    Statistic<"tensorsQuantized", "tensors-quantized", "Matrices quantized">,
+  ];
+}
+
 #endif // MOE_TRANSFORMS_PASSES_TD

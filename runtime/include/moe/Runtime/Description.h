@@ -33,6 +33,7 @@ struct TensorRef {
   std::vector<int64_t> shape;  ///< The shape the model uses.
   std::string scaleKey;        ///< FP8 block scales (`<key>_scale_inv`), or empty.
   int64_t scaleSource = -1;    ///< The source holding them.
+  std::string format;          ///< Quantisation format (QuantFormat::name()) of the stored bytes, or empty.
 };
 
 struct ExpertEntry {
@@ -54,6 +55,9 @@ struct ModelDescription {
   std::string assetDirectory;       ///< Where tokenizer.json etc. are (the first source's directory).
   std::vector<std::pair<TensorRole, TensorRef>> globals;
   std::vector<LayerEntry> layers;   ///< One per decoder layer.
+  /// Run quantised tensors as their dequantised f32 values (the simulated
+  /// model) instead of through the integer kernels.
+  bool dequantizeQuantized = false;
 };
 
 /// Reads the tensors of `description` (every float dtype, FP8 with block

@@ -12,6 +12,7 @@
 #define MOE_RUNTIME_WEIGHTS_H
 
 #include "moe/Frontend/ModelSpec.h"
+#include "cpu/QuantKernels.h"
 #include "moe/Support/Status.h"
 
 #include <cstdint>
@@ -33,9 +34,20 @@ struct Matrix {
   int64_t rows = 0, cols = 0;
   std::vector<float> data;
   std::vector<uint16_t> bf16;
-  bool empty() const { return data.empty() && bf16.empty(); }
+  /// Group-wise integer codes (kernels/common/QuantFormat.h) at `quantData`,
+  /// owned by `quantStorage` or by the mapping `quantOwner` keeps alive.
+  std::optional<quant::QuantFormat> quantFormat;
+  const uint8_t *quantData = nullptr;
+  std::vector<uint8_t> quantStorage;
+  std::shared_ptr<const void> quantOwner;
+  bool empty() const { return data.empty() && bf16.empty() && !quantData; }
   bool isBf16() const { return !bf16.empty(); }
-  size_t bytes() const { return data.size() * sizeof(float) + bf16.size() * sizeof(uint16_t); }
+  bool isQuantized() const { return quantData != nullptr; }
+  quant::QuantMatrixView quantView() const { return {*quantFormat, quantData, rows, cols}; }
+  size_t bytes() const {
+    return data.size() * sizeof(float) + bf16.size() * sizeof(uint16_t) +
+           (quantData ? quantFormat->matrixBytes(rows, cols) : 0);
+  }
   /// Copies row `r` as f32 into `out`.
   void copyRow(int64_t r, float *out) const;
 };

@@ -9,6 +9,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Dialect/Moe/IR/MoeOps.h"
+#include "common/QuantFormat.h"
 
 #include "mlir/IR/Builders.h"
 #include "mlir/IR/OpImplementation.h"
@@ -104,6 +105,18 @@ LogicalResult TensorOp::verify() {
       return emitOpError() << "quantisation bits must be in [2, 8], got " << quant.getBits();
     if (quant.getGroup() < 1)
       return emitOpError() << "quantisation group must be positive, got " << quant.getGroup();
+    // The format names a layout of kernels/common and must agree with the fields.
+    std::optional<::moe::quant::QuantFormat> format = ::moe::quant::parseQuantFormat(quant.getFormat().str());
+    if (!format)
+      return emitOpError() << "unknown quantisation format '" << quant.getFormat()
+                           << "' (expected e.g. q4_g128_asym; see kernels/common/QuantFormat.h)";
+    if (format->bits != quant.getBits() || format->group != quant.getGroup() ||
+        (format->symmetric ? "sym" : "asym") != quant.getScheme())
+      return emitOpError() << "quantisation format '" << quant.getFormat() << "' disagrees with bits = "
+                           << quant.getBits() << ", group = " << quant.getGroup() << ", scheme = \""
+                           << quant.getScheme() << "\"";
+    if (getTensorType().getRank() != 2)
+      return emitOpError("only matrices can be quantised");
   }
   return success();
 }

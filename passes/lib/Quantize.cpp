@@ -1,0 +1,122 @@
+//===- Quantize.cpp - Group-wise integer quantization of weight matrices --===//
+//
+// Part of moec.
+//
+//===----------------------------------------------------------------------===//
+
+#include "moe/Transforms/Passes.h"
+
+#include "ExpertEditing.h"
+#include "common/QuantFormat.h"
+
+#include "mlir/IR/Builders.h"
+
+#include <set>
+#include <sstream>
+
+namespace moe {
+#define GEN_PASS_DEF_MOEQUANTIZE
+#include "moe/Transforms/Passes.h.inc"
+} // namespace moe
+
+using namespace mlir;
+using namespace moe;
+
+namespace {
+
+struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
+  using MoeQuantizeBase::MoeQuantizeBase;
+
+  void runOnOperation() override {
+    ModuleOp module = getOperation();
+    if (method != "rtn")
+      return fail(module, "method '" + method + "' is not rtn (GPTQ is a later pass)");
+    if (scaleType != "f16" && scaleType != "bf16")
+      return fail(module, "scale-type '" + scaleType + "' is not f16 or bf16");
+    quant::QuantFormat format{static_cast<int>(bits), static_cast<int>(group), symmetric,
+                              scaleType == "bf16" ? quant::ScaleType::BF16 : quant::ScaleType::F16};
+    if (std::string problem = quant::validateQuantFormat(format); !problem.empty())
+      return fail(module, problem);
+    std::set<std::string> kinds;
+    std::stringstream list(targets);
+    for (std::string kind; std::getline(list, kind, ',');) {
+      if (kind == "all") {
+        kinds.insert({"experts", "shared", "attention", "dense"});
+      } else if (kind == "experts" || kind == "shared" || kind == "attention" || kind == "dense") {
+        kinds.insert(kind);
+      } else {
+        return fail(module, "target '" + kind + "' is not experts, shared, attention, dense or all");
+      }
+    }
+    for (ir::ModelOp model : module.getOps<ir::ModelOp>()) {
+      // The matrices to quantize, by symbol (a tensor used twice is done once).
+      std::set<std::string> symbols;
+      auto add = [&](FlatSymbolRefAttr symbol) {
+        if (symbol)
+          symbols.insert(symbol.getValue().str());
+      };
+      model.walk([&](Operation *op) {
+        if (auto expert = dyn_cast<ir::ExpertOp>(op); expert && kinds.count("experts")) {
+          add(expert.getGateAttr());
+          add(expert.getUpAttr());
+          add(expert.getDownAttr());
+        } else if (auto shared = dyn_cast<ir::SharedExpertOp>(op); shared && kinds.count("shared")) {
+          add(shared.getGateAttr());
+          add(shared.getUpAttr());
+          add(shared.getDownAttr());
+        } else if (auto dense = dyn_cast<ir::DenseOp>(op)) {
+          const bool wanted = (dense.getPart() == "attention" && kinds.count("attention")) ||
+                              (dense.getPart() == "dense_mlp" && kinds.count("dense"));
+          if (wanted)
+            for (NamedAttribute entry : dense.getTensors())
+              if (auto symbol = dyn_cast<FlatSymbolRefAttr>(entry.getValue()))
+                if (lookupTensor(model, symbol).getTensorType().getRank() == 2)
+                  add(symbol);
+        }
+      });
+      TensorAccess access(model);
+      Builder builder(model.getContext());
+      const std::string name = format.name();
+      auto quantAttr = ir::QuantAttr::get(model.getContext(), format.bits, format.group,
+                                          format.symmetric ? "sym" : "asym", name);
+      for (const std::string &symbolName : symbols) {
+        FlatSymbolRefAttr symbol = FlatSymbolRefAttr::get(model.getContext(), symbolName);
+        ir::TensorOp tensor = lookupTensor(model, symbol);
+        if (tensor.getQuantAttr()) {
+          tensor.emitRemark() << "moe-quantize: already quantised (" << tensor.getQuantAttr().getFormat()
+                              << "); left as it is";
+          continue;
+        }
+        DType dtype;
+        FailureOr<std::vector<float>> values = readF32(model, access, symbol, dtype);
+        if (failed(values))
+          return signalPassFailure();
+        const int64_t rows = tensor.getTensorType().getShape()[0], cols = tensor.getTensorType().getShape()[1];
+        std::vector<uint8_t> packed(format.matrixBytes(rows, cols));
+        quant::quantizeReference(format, values->data(), rows, cols, packed.data());
+        const std::string key = symbolName + "." + name;
+        Expected<WeightStore *> store = access.store();
+        if (!store)
+          return fail(model, store.status().message());
+        Status status = (*store)->append(key, DType::U8, {static_cast<int64_t>(packed.size())}, packed);
+        if (!status.ok())
+          return fail(model, status.message());
+        // Same symbol and logical type: every use stays valid.
+        tensor.setKey(key);
+        tensor.removeSourceAttr();
+        tensor.removeSliceAttr();
+        tensor.setQuantAttr(quantAttr);
+        if (Operation *scale = SymbolTable::lookupSymbolIn(model, builder.getStringAttr(symbolName + "_scale_inv")))
+          scale->erase();
+        ++tensorsQuantized;
+      }
+    }
+  }
+
+  void fail(Operation *op, const std::string &message) {
+    op->emitError() << "moe-quantize: " << message;
+    signalPassFailure();
+  }
+};
+
+} // namespace
