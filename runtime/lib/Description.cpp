@@ -98,6 +98,24 @@ public:
     return Status::success();
   }
 
+  Status readRaw(const TensorRef &tensor, DType &dtype, std::vector<uint8_t> &bytes) {
+    if (tensor.scaleKey.empty()) {
+      const SafetensorsFile *file;
+      const TensorInfo *info;
+      MOE_RETURN_IF_ERROR(readBytes(tensor, dtype, bytes, file, info));
+      if (file)
+        file->releasePages(*info);
+      return Status::success();
+    }
+    std::vector<float> values;
+    std::vector<uint8_t> raw;
+    MOE_RETURN_IF_ERROR(loadF32(tensor, dtype, values, raw, false));
+    dtype = DType::F32;
+    bytes.resize(values.size() * sizeof(float));
+    std::memcpy(bytes.data(), values.data(), bytes.size());
+    return Status::success();
+  }
+
 private:
   /// The raw bytes and dtype of `tensor`; `file`/`info` are set for
   /// unsliced source tensors (whose pages the caller releases).
@@ -105,6 +123,14 @@ private:
                    const SafetensorsFile *&file, const TensorInfo *&info) {
     file = nullptr;
     info = nullptr;
+    if (tensor.source == kPackageSource) {
+      if (!description.package || tensor.offset + tensor.size > description.package->size)
+        return Status::error("tensor '", tensor.name, "' lies outside the package");
+      dtype = tensor.format.empty() ? tensor.dtype : DType::U8;
+      const uint8_t *begin = description.package->data + tensor.offset;
+      bytes.assign(begin, begin + tensor.size);
+      return Status::success();
+    }
     if (tensor.source < 0) {
       if (!store) {
         if (description.store.empty())
@@ -192,12 +218,22 @@ private:
     std::optional<quant::QuantFormat> format = quant::parseQuantFormat(tensor.format);
     if (!format)
       return Status::error("tensor '", tensor.name, "': unknown quantisation format '", tensor.format, "'");
+    const size_t expected = format->matrixBytes(out.rows, out.cols);
+    if (tensor.source == kPackageSource && !description.dequantizeQuantized) {
+      // Zero-copy: the kernels read the codes from the package mapping.
+      if (tensor.size != expected || tensor.offset + tensor.size > description.package->size)
+        return Status::error("tensor '", tensor.name, "' holds ", tensor.size, " bytes; ", format->name(), " of ",
+                             formatShape(tensor.shape), " needs ", expected);
+      out.quantFormat = format;
+      out.quantData = description.package->data + tensor.offset;
+      out.quantOwner = description.package;
+      return Status::success();
+    }
     DType dtype;
     std::vector<uint8_t> bytes;
     const SafetensorsFile *file;
     const TensorInfo *info;
     MOE_RETURN_IF_ERROR(readBytes(tensor, dtype, bytes, file, info));
-    const size_t expected = format->matrixBytes(out.rows, out.cols);
     if (bytes.size() != expected)
       return Status::error("tensor '", tensor.name, "' holds ", bytes.size(), " bytes; ", format->name(), " of ",
                            formatShape(tensor.shape), " needs ", expected);
@@ -239,6 +275,14 @@ private:
 
 std::unique_ptr<WeightProvider> makeDescriptionWeightProvider(ModelDescription description) {
   return std::make_unique<DescriptionWeightProvider>(std::move(description));
+}
+
+TensorReader::TensorReader(ModelDescription description)
+    : provider(std::make_unique<DescriptionWeightProvider>(std::move(description))) {}
+TensorReader::~TensorReader() = default;
+
+Status TensorReader::read(const TensorRef &tensor, DType &dtype, std::vector<uint8_t> &bytes) {
+  return static_cast<DescriptionWeightProvider &>(*provider).readRaw(tensor, dtype, bytes);
 }
 
 } // namespace moe

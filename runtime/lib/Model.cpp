@@ -6,6 +6,7 @@
 
 #include "moe/Runtime/Model.h"
 #include "moe/Runtime/Description.h"
+#include "moe/Runtime/Package.h"
 #include "moe/Support/File.h"
 
 #include <nlohmann/json.hpp>
@@ -28,21 +29,23 @@ nlohmann::json readJson(const std::string &path) {
   return text ? nlohmann::json::parse(*text, nullptr, /*allow_exceptions=*/false) : nlohmann::json();
 }
 
-/// tokenizer.json and the end-of-text id of the model in `directory`.
-Status attachTokenizer(const std::string &directory, LoadedModel &model) {
-  std::string tokenizerPath = directory + "/tokenizer.json";
-  if (fileExists(tokenizerPath)) {
-    Expected<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::fromFile(tokenizerPath);
+/// The tokenizer and end-of-text id from tokenizer.json and
+/// tokenizer_config.json texts (either may be empty) and the config text.
+Status attachTokenizerTexts(const std::string &tokenizerText, const std::string &tokenizerSource,
+                            const std::string &tokenizerConfigText, const std::string &configText,
+                            LoadedModel &model) {
+  if (!tokenizerText.empty()) {
+    Expected<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::fromJson(tokenizerText, tokenizerSource);
     if (!tokenizer)
       return tokenizer.status();
     model.tokenizer = tokenizer.take();
   }
-  nlohmann::json tokenizerConfig = readJson(directory + "/tokenizer_config.json");
+  nlohmann::json tokenizerConfig = nlohmann::json::parse(tokenizerConfigText, nullptr, false);
   if (model.tokenizer && tokenizerConfig.is_object() && tokenizerConfig.contains("eos_token") &&
       tokenizerConfig["eos_token"].is_string())
     model.endOfText = model.tokenizer->tokenId(tokenizerConfig["eos_token"].get<std::string>());
   if (!model.endOfText) {
-    nlohmann::json config = readJson(directory + "/config.json");
+    nlohmann::json config = nlohmann::json::parse(configText, nullptr, false);
     if (config.is_object() && config.contains("eos_token_id") && config["eos_token_id"].is_number_integer())
       model.endOfText = config["eos_token_id"].get<int32_t>();
   }
@@ -56,9 +59,42 @@ Status attachTokenizer(const std::string &directory, LoadedModel &model) {
   return Status::success();
 }
 
+/// tokenizer.json and the end-of-text id of the model in `directory`.
+Status attachTokenizer(const std::string &directory, LoadedModel &model) {
+  auto text = [](const std::string &path) {
+    Expected<std::string> content = fileExists(path) ? readWholeFile(path) : Expected<std::string>(std::string());
+    return content ? content.take() : std::string();
+  };
+  std::string tokenizerPath = directory + "/tokenizer.json";
+  if (fileExists(tokenizerPath)) {
+    Expected<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::fromFile(tokenizerPath);
+    if (!tokenizer)
+      return tokenizer.status();
+    model.tokenizer = tokenizer.take();
+  }
+  return attachTokenizerTexts("", "", text(directory + "/tokenizer_config.json"), text(directory + "/config.json"),
+                              model);
+}
+
 } // namespace
 
 Expected<LoadedModel> loadModel(const std::string &directory, EngineOptions options) {
+  if (isPackagePath(directory)) {
+    Expected<OpenedPackage> package = openPackage(directory);
+    if (!package)
+      return package.status();
+    LoadedModel model;
+    model.spec = package->description.spec;
+    Expected<std::unique_ptr<Engine>> engine =
+        Engine::create(model.spec, makeDescriptionWeightProvider(package->description), options);
+    if (!engine)
+      return engine.status();
+    model.engine = engine.take();
+    MOE_RETURN_IF_ERROR(attachTokenizerTexts(package->extras.tokenizerJson, directory + " (tokenizer)",
+                                             package->extras.tokenizerConfigJson, package->description.configText,
+                                             model));
+    return model;
+  }
   LoadedModel model;
   Expected<ModelSpec> spec = ModelSpec::fromConfigFile(directory + "/config.json");
   if (!spec)

@@ -82,6 +82,7 @@ public:
     if (!spec)
       return spec.status();
     description.spec = spec.take();
+    description.configText = model.getConfig().str();
     for (Attribute source : model.getSources())
       description.sources.push_back(resolve(cast<StringAttr>(source).getValue().str(), base));
     if (std::optional<StringRef> store = model.getStore())

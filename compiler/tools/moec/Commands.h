@@ -41,6 +41,8 @@ Command registerInspect(CLI::App &app);
 Command registerImport(CLI::App &app);
 /// `moec export model.mlir --format hf -o dir`.
 Command registerExport(CLI::App &app);
+/// `moec emit model.mlir -o out.moepkg`.
+Command registerEmit(CLI::App &app);
 /// `moec opt model.mlir --pipeline P -o out.mlir`.
 Command registerOpt(CLI::App &app);
 /// `moec calibrate <model> --data F -o stats.safetensors`.

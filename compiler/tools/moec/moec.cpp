@@ -36,6 +36,7 @@ int main(int argc, char **argv) {
       moe::cli::registerImport(app),
       moe::cli::registerOpt(app),
       moe::cli::registerExport(app),
+      moe::cli::registerEmit(app),
       moe::cli::registerEval(app),
       moe::cli::registerCalibrate(app),
       moe::cli::registerGenerate(app),

@@ -24,6 +24,20 @@
 
 namespace moe {
 
+/// TensorRef::source of a tensor inside the package the model was loaded from.
+constexpr int64_t kPackageSource = -2;
+
+/// A read-only mapping of a whole .moepkg file.
+struct PackageMapping {
+  std::string path;
+  const uint8_t *data = nullptr;
+  size_t size = 0;
+  PackageMapping() = default;
+  PackageMapping(const PackageMapping &) = delete;
+  PackageMapping &operator=(const PackageMapping &) = delete;
+  ~PackageMapping();
+};
+
 /// Where one tensor's bytes are.
 struct TensorRef {
   std::string name;            ///< For messages (the IR symbol).
@@ -34,6 +48,9 @@ struct TensorRef {
   std::string scaleKey;        ///< FP8 block scales (`<key>_scale_inv`), or empty.
   int64_t scaleSource = -1;    ///< The source holding them.
   std::string format;          ///< Quantisation format (QuantFormat::name()) of the stored bytes, or empty.
+  // In a package (source == kPackageSource): where, and the stored dtype of unquantised tensors.
+  uint64_t offset = 0, size = 0;
+  DType dtype = DType::BF16;
 };
 
 struct ExpertEntry {
@@ -53,11 +70,26 @@ struct ModelDescription {
   std::vector<std::string> sources; ///< Safetensors files, absolute or relative to the process.
   std::string store;                ///< WeightStore path, or empty.
   std::string assetDirectory;       ///< Where tokenizer.json etc. are (the first source's directory).
+  std::string configText;           ///< The original config.json (ModelSpec before per-layer changes).
+  std::shared_ptr<const PackageMapping> package; ///< Set for models loaded from a .moepkg.
   std::vector<std::pair<TensorRole, TensorRef>> globals;
   std::vector<LayerEntry> layers;   ///< One per decoder layer.
   /// Run quantised tensors as their dequantised f32 values (the simulated
   /// model) instead of through the integer kernels.
   bool dequantizeQuantized = false;
+};
+
+/// Reads the stored bytes of a description's tensors (the package writer's
+/// input): raw bytes in the stored dtype, except FP8 with block scales,
+/// which comes back dequantised as F32.
+class TensorReader {
+public:
+  explicit TensorReader(ModelDescription description);
+  ~TensorReader();
+  Status read(const TensorRef &tensor, DType &dtype, std::vector<uint8_t> &bytes);
+
+private:
+  std::unique_ptr<WeightProvider> provider;
 };
 
 /// Reads the tensors of `description` (every float dtype, FP8 with block
