@@ -9,6 +9,10 @@
 
 #include "moe/Runtime/Model.h"
 
+#include "mlir/IR/BuiltinOps.h"
+#include "mlir/IR/MLIRContext.h"
+#include "mlir/IR/OwningOpRef.h"
+
 #include <CLI/CLI.hpp>
 
 #include <functional>
@@ -37,10 +41,17 @@ Expected<LoadedModel> openModel(const ModelOptions &options);
 /// `moec inspect <dir|config.json> [--json] [--config-only]`.
 Command registerInspect(CLI::App &app);
 
+/// Imports the checkpoint in `directory` (warnings printed); passes write
+/// tensors to the WeightStore at `store`.
+Expected<mlir::OwningOpRef<mlir::ModuleOp>> importCheckpoint(const std::string &directory, const std::string &store,
+                                                             mlir::MLIRContext &context);
+
 /// `moec import <dir> -o model.mlir`.
 Command registerImport(CLI::App &app);
 /// `moec export model.mlir --format hf -o dir`.
 Command registerExport(CLI::App &app);
+/// `moec compress <dir> --recipe R -o out.moepkg`.
+Command registerCompress(CLI::App &app);
 /// `moec emit model.mlir -o out.moepkg`.
 Command registerEmit(CLI::App &app);
 /// `moec opt model.mlir --pipeline P -o out.mlir`.

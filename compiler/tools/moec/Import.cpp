@@ -31,39 +31,43 @@ std::string absolutePath(const std::string &path) {
   return getcwd(cwd, sizeof(cwd)) ? std::string(cwd) + "/" + path : path;
 }
 
+} // namespace
+
+Expected<mlir::OwningOpRef<mlir::ModuleOp>> importCheckpoint(const std::string &directory, const std::string &store,
+                                                             mlir::MLIRContext &context) {
+  std::string configPath = directory + "/config.json";
+  std::ifstream stream(configPath);
+  if (!stream)
+    return Status::error(configPath, ": cannot read (expected a Hugging Face checkpoint directory)");
+  std::stringstream configText;
+  configText << stream.rdbuf();
+  Expected<ModelSpec> spec = ModelSpec::fromConfigText(configText.str(), configPath);
+  if (!spec)
+    return spec.status();
+  Expected<std::unique_ptr<Checkpoint>> checkpoint = Checkpoint::open(directory);
+  if (!checkpoint)
+    return checkpoint.status();
+  Expected<CheckpointReport> report = bindCheckpoint(*spec, **checkpoint);
+  if (!report)
+    return report.status();
+  for (const std::string &warning : report->warnings)
+    printWarning(warning);
+  // The config travels in the module compactly, one line.
+  std::string compactConfig = nlohmann::json::parse(configText.str(), nullptr, false).dump();
+  auto module = importModel(context, *spec, **checkpoint, compactConfig, store);
+  if (!module)
+    return module.status();
+  return module.take();
+}
+
+namespace {
+
 struct ImportOptions {
   std::string directory;
   std::string output;
 };
 
 int runImport(const ImportOptions &options) {
-  std::string configPath = options.directory + "/config.json";
-  std::ifstream stream(configPath);
-  if (!stream) {
-    printError(configPath + ": cannot read (expected a Hugging Face checkpoint directory)");
-    return 1;
-  }
-  std::stringstream configText;
-  configText << stream.rdbuf();
-  Expected<ModelSpec> spec = ModelSpec::fromConfigText(configText.str(), configPath);
-  if (!spec) {
-    printError(spec.status().message());
-    return 1;
-  }
-  Expected<std::unique_ptr<Checkpoint>> checkpoint = Checkpoint::open(options.directory);
-  if (!checkpoint) {
-    printError(checkpoint.status().message());
-    return 1;
-  }
-  Expected<CheckpointReport> report = bindCheckpoint(*spec, **checkpoint);
-  if (!report) {
-    printError(report.status().message());
-    return 1;
-  }
-  for (const std::string &warning : report->warnings)
-    printWarning(warning);
-  // The config travels in the module compactly, one line.
-  std::string compactConfig = nlohmann::json::parse(configText.str(), nullptr, false).dump();
   // Tensors that passes write go to a WeightStore beside the module.
   std::string store;
   if (options.output != "-") {
@@ -73,7 +77,7 @@ int runImport(const ImportOptions &options) {
     store = absolutePath(base + ".moestore");
   }
   mlir::MLIRContext context;
-  auto module = importModel(context, *spec, **checkpoint, compactConfig, store);
+  Expected<mlir::OwningOpRef<mlir::ModuleOp>> module = importCheckpoint(options.directory, store, context);
   if (!module) {
     printError(module.status().message());
     return 1;

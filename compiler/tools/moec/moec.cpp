@@ -37,6 +37,7 @@ int main(int argc, char **argv) {
       moe::cli::registerOpt(app),
       moe::cli::registerExport(app),
       moe::cli::registerEmit(app),
+      moe::cli::registerCompress(app),
       moe::cli::registerEval(app),
       moe::cli::registerCalibrate(app),
       moe::cli::registerGenerate(app),

@@ -1,0 +1,371 @@
+//===- Compress.cpp - moec compress: checkpoint to package in one command -===//
+//
+// Part of moec. import -> (calibrate the module as it is whenever the next
+// pass needs statistics) -> the recipe's passes -> emit, with progress on
+// the terminal, a JSON summary, and an optional quality gate for CI
+// (--max-ppl-increase exits with code 3 and a one-line reason).
+//
+//===----------------------------------------------------------------------===//
+
+#include "Commands.h"
+#include "ModuleFiles.h"
+
+#include "moe/Calibration/Statistics.h"
+#include "moe/Lowering/Emit.h"
+#include "moe/Lowering/Lowering.h"
+#include "moe/Runtime/Evaluate.h"
+#include "moe/Runtime/Package.h"
+#include "moe/Support/File.h"
+#include "moe/Transforms/Passes.h"
+
+#include "mlir/Pass/PassManager.h"
+#include "mlir/Pass/PassRegistry.h"
+#include "llvm/Support/raw_ostream.h"
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <unistd.h>
+
+namespace moe::cli {
+namespace {
+
+using json = nlohmann::json;
+
+/// Exit code of a failed quality gate (distinct from errors, which are 1).
+constexpr int kQualityGateFailed = 3;
+
+struct CompressOptions {
+  std::string model, recipe, output, evalData, summary;
+  double maxPplIncrease = -1;
+  int64_t evalTokens = 0;
+};
+
+struct RecipePass {
+  std::string name;
+  json options;
+  bool needsStatistics = false;
+};
+
+struct Recipe {
+  std::vector<RecipePass> passes;
+  std::string calibrationData;
+  int64_t calibrationTokens = 0, sequenceLength = 256, blockSamples = 1024;
+};
+
+double seconds(std::chrono::steady_clock::time_point since) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
+}
+
+std::string optionText(const json &value) {
+  if (value.is_string())
+    return value.get<std::string>();
+  if (value.is_boolean())
+    return value.get<bool>() ? "true" : "false";
+  return value.dump();
+}
+
+/// "pass{k=v k=v}" with `stats` added when the pass needs statistics.
+std::string pipelineOf(const RecipePass &pass, const std::string &stats) {
+  std::string text = pass.name + "{";
+  bool first = true;
+  for (const auto &[key, value] : pass.options.items()) {
+    text += (first ? "" : " ") + key + "=" + optionText(value);
+    first = false;
+  }
+  if (pass.needsStatistics && !pass.options.contains("stats"))
+    text += std::string(first ? "" : " ") + "stats=" + stats;
+  return text + "}";
+}
+
+Expected<Recipe> readRecipe(const std::string &path) {
+  Expected<std::string> text = readWholeFile(path);
+  if (!text)
+    return text.status();
+  json r = json::parse(*text, nullptr, false);
+  if (r.is_discarded() || !r.is_object())
+    return Status::error(path, ": a recipe is a JSON object with \"passes\" (and optionally \"calibration\")");
+  for (const auto &[key, value] : r.items())
+    if (key != "passes" && key != "calibration" && key != "description")
+      return Status::error(path, ": unknown recipe key '", key, "' (expected passes, calibration, description)");
+  if (!r.contains("passes") || !r["passes"].is_array() || r["passes"].empty())
+    return Status::error(path, ": \"passes\" must be a non-empty array");
+  Recipe recipe;
+  const std::string base = std::filesystem::path(path).parent_path().string();
+  if (r.contains("calibration")) {
+    const json &c = r["calibration"];
+    if (!c.is_object())
+      return Status::error(path, ": \"calibration\" must be an object");
+    for (const auto &[key, value] : c.items()) {
+      if (key == "data" && value.is_string()) {
+        std::filesystem::path data = value.get<std::string>();
+        recipe.calibrationData = data.is_absolute() || base.empty() ? data.string() : (base / data).string();
+      } else if (key == "tokens" && value.is_number_integer() && value.get<int64_t>() >= 0) {
+        recipe.calibrationTokens = value.get<int64_t>();
+      } else if (key == "seq_len" && value.is_number_integer() && value.get<int64_t>() > 0) {
+        recipe.sequenceLength = value.get<int64_t>();
+      } else if (key == "block_samples" && value.is_number_integer() && value.get<int64_t>() >= 0) {
+        recipe.blockSamples = value.get<int64_t>();
+      } else {
+        return Status::error(path, ": calibration option '", key, "' is unknown or has the wrong type "
+                                   "(data: path, tokens: int >= 0, seq_len: int > 0, block_samples: int >= 0)");
+      }
+    }
+  }
+  for (size_t i = 0; i < r["passes"].size(); ++i) {
+    const json &entry = r["passes"][i];
+    if (!entry.is_object() || !entry.contains("pass") || !entry["pass"].is_string())
+      return Status::error(path, ": passes[", i, "] must be an object with a \"pass\" name");
+    for (const auto &[key, value] : entry.items())
+      if (key != "pass" && key != "options")
+        return Status::error(path, ": passes[", i, "] has unknown key '", key, "' (expected pass, options)");
+    RecipePass pass;
+    pass.name = entry["pass"].get<std::string>();
+    pass.options = entry.contains("options") ? entry["options"] : json::object();
+    if (!pass.options.is_object())
+      return Status::error(path, ": passes[", i, "].options must be an object");
+    for (const auto &[key, value] : pass.options.items())
+      if (value.is_object() || value.is_array() || value.is_null())
+        return Status::error(path, ": passes[", i, "].options.", key, " must be a string, number or boolean");
+    const std::string method = pass.options.value("method", std::string());
+    pass.needsStatistics = pass.name == "moe-prune-experts" || pass.name == "moe-merge-experts" ||
+                           pass.name == "moe-dynamic-skip" || (pass.name == "moe-prune-atoms" && method != "magnitude");
+    recipe.passes.push_back(std::move(pass));
+  }
+  return recipe;
+}
+
+/// Routed experts and their parameters in the module, for the summary.
+json moduleCounts(ir::ModelOp model) {
+  int64_t experts = 0, parameters = 0;
+  model.walk([&](ir::ExpertOp expert) {
+    ++experts;
+    parameters += 3 * static_cast<int64_t>(expert.getWidth()) * static_cast<int64_t>(model.getHidden());
+  });
+  return {{"routed_experts", experts}, {"routed_expert_parameters", parameters}};
+}
+
+int runCompress(const CompressOptions &options) {
+  static const bool registered = [] {
+    registerMoePasses();
+    return true;
+  }();
+  (void)registered;
+  const auto start = std::chrono::steady_clock::now();
+  const bool terminal = isatty(STDERR_FILENO);
+  auto progress = [&](const std::string &message) {
+    std::fprintf(stderr, "%s[%6.1f s] %s\n", terminal ? "\033[1m" : "", seconds(start), message.c_str());
+    if (terminal)
+      std::fprintf(stderr, "\033[0m");
+  };
+  if (!isPackagePath(options.output)) {
+    printError("-o '" + options.output + "': a package file name ends in .moepkg");
+    return 1;
+  }
+  Expected<Recipe> recipe = readRecipe(options.recipe);
+  if (!recipe) {
+    printError(recipe.status().message());
+    return 1;
+  }
+  const bool needsCalibration =
+      std::any_of(recipe->passes.begin(), recipe->passes.end(), [](const RecipePass &p) { return p.needsStatistics; });
+  if (needsCalibration && recipe->calibrationData.empty()) {
+    printError(options.recipe + ": a pass needs calibration statistics; give \"calibration\": {\"data\": ...}");
+    return 1;
+  }
+  if (options.maxPplIncrease >= 0 && options.evalData.empty()) {
+    printError("--max-ppl-increase needs --eval-data");
+    return 1;
+  }
+
+  // Work files (module store, statistics) live in a temporary directory.
+  std::string work = std::filesystem::temp_directory_path() / "moec-compress-XXXXXX";
+  if (!mkdtemp(work.data())) {
+    printError("cannot create a temporary directory");
+    return 1;
+  }
+  struct Cleanup {
+    std::string path;
+    ~Cleanup() {
+      std::error_code ignored;
+      std::filesystem::remove_all(path, ignored);
+    }
+  } cleanup{work};
+
+  mlir::MLIRContext context;
+  // Every pass must exist and accept its options before any work starts.
+  for (const RecipePass &pass : recipe->passes) {
+    mlir::PassManager check(&context);
+    std::string errors;
+    llvm::raw_string_ostream stream(errors);
+    if (mlir::failed(mlir::parsePassPipeline(pipelineOf(pass, work + "/stats.safetensors"), check, stream))) {
+      printError(options.recipe + ": pass '" + pass.name + "': " + stream.str());
+      return 1;
+    }
+  }
+
+  progress("importing " + options.model);
+  Expected<mlir::OwningOpRef<mlir::ModuleOp>> module = importCheckpoint(options.model, work + "/m.moestore", context);
+  if (!module) {
+    printError(module.status().message());
+    return 1;
+  }
+  ir::ModelOp model = *(**module).getOps<ir::ModelOp>().begin();
+  json summary;
+  summary["model"] = options.model;
+  summary["recipe"] = options.recipe;
+  summary["output"] = options.output;
+  uint64_t bytesBefore = 0;
+  for (mlir::Attribute source : model.getSources())
+    bytesBefore += std::filesystem::file_size(llvm::cast<mlir::StringAttr>(source).getValue().str());
+  summary["bytes_before"] = bytesBefore;
+  summary["before"] = moduleCounts(model);
+
+  auto evaluateModel = [&](LoadedModel &loaded) -> Expected<double> {
+    Expected<std::vector<EvalStream>> streams = readEvalData(options.evalData, loaded.tokenizer.get(), loaded.endOfText);
+    if (!streams)
+      return streams.status();
+    Expected<EvalResult> result = evaluate(*loaded.engine, *streams, EvalOptions{256, 0, options.evalTokens});
+    if (!result)
+      return result.status();
+    return result->overall.perplexity();
+  };
+  std::optional<double> before;
+  if (!options.evalData.empty()) {
+    progress("evaluating the original model on " + options.evalData);
+    Expected<LoadedModel> original = loadModel(options.model);
+    Expected<double> ppl = original ? evaluateModel(*original) : Expected<double>(original.status());
+    if (!ppl) {
+      printError(ppl.status().message());
+      return 1;
+    }
+    before = *ppl;
+    summary["perplexity_before"] = *before;
+  }
+
+  json passes = json::array();
+  const std::string statsPath = work + "/stats.safetensors";
+  bool statsCurrent = false;
+  for (size_t i = 0; i < recipe->passes.size(); ++i) {
+    const RecipePass &pass = recipe->passes[i];
+    json record = {{"pass", pass.name}, {"options", pass.options}};
+    if (pass.needsStatistics && !statsCurrent) {
+      // Statistics of the module as it is now (earlier passes changed it).
+      progress("calibrating on " + recipe->calibrationData);
+      auto calibrationStart = std::chrono::steady_clock::now();
+      Expected<ModelDescription> description = lowerToDescription(model, "");
+      Expected<LoadedModel> loaded =
+          description ? loadDescribedModel(description.take()) : Expected<LoadedModel>(description.status());
+      if (!loaded) {
+        printError(loaded.status().message());
+        return 1;
+      }
+      Expected<std::vector<EvalStream>> streams =
+          readEvalData(recipe->calibrationData, loaded->tokenizer.get(), loaded->endOfText);
+      if (!streams) {
+        printError(streams.status().message());
+        return 1;
+      }
+      CalibrationOptions calibration;
+      calibration.sequenceLength = recipe->sequenceLength;
+      calibration.maxTokens = recipe->calibrationTokens;
+      calibration.blockSamples = recipe->blockSamples;
+      calibration.progress = terminal;
+      Expected<CalibrationResult> result = calibrate(*loaded->engine, *streams, calibration);
+      Status status = result ? writeStatistics(*result, calibration, statsPath) : result.status();
+      if (!status.ok()) {
+        printError(status.message());
+        return 1;
+      }
+      record["calibration"] = {{"tokens", result->tokens}, {"seconds", seconds(calibrationStart)}};
+      statsCurrent = true;
+    }
+    const std::string pipeline = pipelineOf(pass, statsPath);
+    progress(concat("[", i + 1, "/", recipe->passes.size(), "] ", pipeline));
+    auto passStart = std::chrono::steady_clock::now();
+    mlir::PassManager manager(&context);
+    if (mlir::failed(mlir::parsePassPipeline(pipeline, manager)) || mlir::failed(manager.run(**module))) {
+      printError(options.recipe + ": pass '" + pass.name + "' failed (see the diagnostics above); nothing was written");
+      return 1;
+    }
+    record["seconds"] = seconds(passStart);
+    record["after"] = moduleCounts(model);
+    passes.push_back(record);
+    statsCurrent = false;
+  }
+  summary["passes"] = passes;
+
+  progress("emitting " + options.output);
+  json provenance = {{"tool", "moec compress"}, {"model", options.model}, {"recipe", options.recipe},
+                     {"passes", passes}};
+  Status status = emitPackage(model, "", options.output, provenance.dump());
+  if (!status.ok()) {
+    printError(status.message());
+    return 1;
+  }
+  summary["bytes_after"] = std::filesystem::file_size(options.output);
+  summary["after"] = moduleCounts(model);
+
+  int exitCode = 0;
+  std::string gate;
+  if (before) {
+    progress("evaluating the package on " + options.evalData);
+    Expected<LoadedModel> packaged = loadModel(options.output);
+    Expected<double> ppl = packaged ? evaluateModel(*packaged) : Expected<double>(packaged.status());
+    if (!ppl) {
+      printError(ppl.status().message());
+      return 1;
+    }
+    const double increase = (*ppl / *before - 1.0) * 100.0;
+    summary["perplexity_after"] = *ppl;
+    summary["perplexity_increase_percent"] = increase;
+    if (options.maxPplIncrease >= 0) {
+      summary["max_ppl_increase_percent"] = options.maxPplIncrease;
+      summary["quality_gate"] = increase <= options.maxPplIncrease ? "passed" : "failed";
+      if (increase > options.maxPplIncrease) {
+        gate = concat("quality gate failed: perplexity rose ", increase, "% (", *before, " -> ", *ppl,
+                      "), more than the allowed ", options.maxPplIncrease, "%");
+        exitCode = kQualityGateFailed;
+      }
+    }
+  }
+  summary["seconds"] = seconds(start);
+  const std::string text = summary.dump(2);
+  std::cout << text << "\n";
+  if (!options.summary.empty()) {
+    Status written = writeFileAtomically(options.summary, std::span<const uint8_t>(
+                                                              reinterpret_cast<const uint8_t *>(text.data()), text.size()));
+    if (!written.ok()) {
+      printError(written.message());
+      return 1;
+    }
+  }
+  if (exitCode != 0)
+    std::fprintf(stderr, "moec: %s\n", gate.c_str());
+  return exitCode;
+}
+
+} // namespace
+
+Command registerCompress(CLI::App &app) {
+  auto options = std::make_shared<CompressOptions>();
+  CLI::App *command = app.add_subcommand(
+      "compress", "Checkpoint -> calibrate -> recipe passes -> package, in one command (JSON summary on stdout)");
+  command->add_option("model", options->model, "Hugging Face checkpoint directory")->required();
+  command->add_option("--recipe", options->recipe, "Recipe (JSON): passes with options, calibration data")
+      ->required();
+  command->add_option("-o,--output", options->output, "Output package (.moepkg)")->required();
+  command->add_option("--eval-data", options->evalData, "Evaluate before and after on this data (text, .jsonl, .u32)");
+  command->add_option("--eval-tokens", options->evalTokens, "Stop evaluation after this many tokens per domain")
+      ->check(CLI::NonNegativeNumber);
+  command->add_option("--max-ppl-increase", options->maxPplIncrease,
+                      "Fail (exit code 3) when perplexity on --eval-data rises by more than this many percent")
+      ->check(CLI::NonNegativeNumber);
+  command->add_option("--summary", options->summary, "Also write the JSON summary to this file");
+  return {command, [options] { return runCompress(*options); }};
+}
+
+} // namespace moe::cli
