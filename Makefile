@@ -26,8 +26,9 @@ build: configure
 # Until compression lands: inspect a bundled fixture, measure it, run it.
 demo: build
 	$(BUILD)/compiler/tools/moec inspect $(DEMO_MODEL)
-	$(BUILD)/compiler/tools/moec eval $(DEMO_MODEL) --data tests/data/brown/heldout.jsonl --max-tokens 2048
-	$(BUILD)/compiler/tools/moec generate $(DEMO_MODEL) --prompt "The committee said" -n 40
+	$(BUILD)/compiler/tools/moec compress $(DEMO_MODEL) --recipe examples/recipes/default.json \
+	    -o $(BUILD)/demo.moepkg --eval-data tests/data/brown/heldout.jsonl --eval-tokens 2048
+	$(BUILD)/compiler/tools/moec generate $(BUILD)/demo.moepkg --prompt "The committee said" -n 40
 
 check: build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)

@@ -333,8 +333,8 @@ int runCompress(const CompressOptions &options) {
     }
   }
   summary["seconds"] = seconds(start);
-  const std::string text = summary.dump(2);
-  std::cout << text << "\n";
+  const std::string text = summary.dump(2) + "\n";
+  std::cout << text;
   if (!options.summary.empty()) {
     Status written = writeFileAtomically(options.summary, std::span<const uint8_t>(
                                                               reinterpret_cast<const uint8_t *>(text.data()), text.size()));

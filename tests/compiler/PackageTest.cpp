@@ -1,0 +1,194 @@
+//===- PackageTest.cpp - .moepkg: parity, determinism, bad input ----------===//
+//
+// Part of moec.
+//
+//===----------------------------------------------------------------------===//
+
+#include "moe/Importer/Importer.h"
+#include "moe/Lowering/Emit.h"
+#include "moe/Lowering/Lowering.h"
+#include "moe/Runtime/Evaluate.h"
+#include "moe/Runtime/Model.h"
+#include "moe/Runtime/Package.h"
+#include "moe/Transforms/Passes.h"
+
+#include "../unit/TestSupport.h"
+
+#include "mlir/IR/Builders.h"
+#include "mlir/IR/MLIRContext.h"
+#include "mlir/Pass/PassManager.h"
+#include "mlir/Pass/PassRegistry.h"
+
+#include <xxhash.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+using namespace moe;
+using namespace moe::testing;
+
+namespace {
+
+/// Imports a fixture, runs `pipeline`, and emits `package`.
+void buildPackage(const std::string &fixture, const std::string &pipeline, const std::string &store,
+                  const std::string &package, std::string *moduleConfigText = nullptr) {
+  registerMoePasses();
+  const std::string directory = dataDir() + "/fixtures/" + fixture;
+  std::string configText = readFile(directory + "/config.json");
+  auto spec = ModelSpec::fromConfigText(configText, "config.json");
+  auto checkpoint = Checkpoint::open(directory);
+  ASSERT_TRUE(bindCheckpoint(*spec, **checkpoint).ok());
+  mlir::MLIRContext context;
+  auto module = importModel(context, *spec, **checkpoint, configText, store);
+  ASSERT_TRUE(module.ok());
+  mlir::PassManager manager(&context);
+  ASSERT_TRUE(mlir::succeeded(mlir::parsePassPipeline(pipeline, manager)));
+  ASSERT_TRUE(mlir::succeeded(manager.run(**module)));
+  ir::ModelOp model = *(**module).getOps<ir::ModelOp>().begin();
+  Status status = emitPackage(model, "", package, "{\"test\": true}");
+  ASSERT_TRUE(status.ok()) << status.message();
+}
+
+std::vector<uint8_t> readBytes(const std::string &path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::vector<uint8_t>(std::istreambuf_iterator<char>(in), {});
+}
+
+void writeBytes(const std::string &path, const std::vector<uint8_t> &bytes) {
+  std::ofstream out(path, std::ios::binary);
+  out.write(reinterpret_cast<const char *>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+}
+
+/// Held-out perplexity of `model`, tokenized by `text`'s tokenizer.
+double heldOutPerplexity(LoadedModel &model, const LoadedModel &text) {
+  auto streams = readEvalData(dataDir() + "/brown/heldout.jsonl", text.tokenizer.get(), text.endOfText);
+  EXPECT_TRUE(streams.ok());
+  auto result = evaluate(*model.engine, *streams, EvalOptions{256, 0, 512});
+  EXPECT_TRUE(result.ok());
+  return result->overall.perplexity();
+}
+
+/// Logits of a short prompt decoded token by token (the integer GEMV path).
+std::vector<float> decodeLogits(LoadedModel &model) {
+  const std::vector<int32_t> ids = {5, 300, 17, 2000, 42, 9, 77, 1500};
+  KvCache cache = model.engine->newCache();
+  std::vector<float> logits, all;
+  for (int32_t id : ids) {
+    EXPECT_TRUE(model.engine->forward(std::span<const int32_t>(&id, 1), cache, logits).ok());
+    all.insert(all.end(), logits.begin(), logits.end());
+  }
+  return all;
+}
+
+} // namespace
+
+TEST(Package, RunsAsTheSimulatedQuantizedModelOnBothFixtures) {
+  for (const char *fixture : {"tiny-mixtral", "tiny-deepseek"}) {
+    TempDir dir;
+    buildPackage(fixture, "moe-quantize{bits=4 group=64 targets=all}", dir.file("m.moestore"), dir.file("q.moepkg"));
+    auto packaged = loadModel(dir.file("q.moepkg"));
+    ASSERT_TRUE(packaged.ok()) << packaged.status().message();
+    ASSERT_NE(packaged->tokenizer, nullptr) << "the tokenizer travels in the package";
+    auto opened = openPackage(dir.file("q.moepkg"));
+    ASSERT_TRUE(opened.ok());
+    opened->description.dequantizeQuantized = true;
+    auto simulated = loadDescribedModel(opened->description);
+    ASSERT_TRUE(simulated.ok());
+    const double a = heldOutPerplexity(*packaged, *packaged), b = heldOutPerplexity(*simulated, *packaged);
+    EXPECT_NEAR(a, b, 0.005 * b) << fixture;
+    // Decode runs the integer kernels on q8 activations: close, not equal.
+    std::vector<float> fast = decodeLogits(*packaged), exact = decodeLogits(*simulated);
+    double worst = 0, scale = 0;
+    for (size_t i = 0; i < fast.size(); ++i) {
+      worst = std::max(worst, static_cast<double>(std::fabs(fast[i] - exact[i])));
+      scale = std::max(scale, static_cast<double>(std::fabs(exact[i])));
+    }
+    EXPECT_LT(worst, 0.02 * scale) << fixture;
+    // Quantization changed the model, a little.
+    auto original = loadModel(dataDir() + "/fixtures/" + fixture);
+    const double c = heldOutPerplexity(*original, *packaged);
+    EXPECT_GT(a, c * 1.0001);
+    EXPECT_LT(a, c * 1.05);
+  }
+}
+
+TEST(Package, TheSameModuleGivesTheSameBytes) {
+  TempDir dir;
+  buildPackage("tiny-mixtral", "moe-set-topk{top-k=2},moe-quantize{bits=3 group=32 sym=true}", dir.file("a.moestore"),
+               dir.file("a.moepkg"));
+  buildPackage("tiny-mixtral", "moe-set-topk{top-k=2},moe-quantize{bits=3 group=32 sym=true}", dir.file("b.moestore"),
+               dir.file("b.moepkg"));
+  EXPECT_EQ(readBytes(dir.file("a.moepkg")), readBytes(dir.file("b.moepkg")));
+  EXPECT_FALSE(std::filesystem::exists(dir.file("a.moepkg.tmp")));
+  std::vector<uint8_t> bytes = readBytes(dir.file("a.moepkg"));
+  PackageHeader header;
+  std::memcpy(&header, bytes.data(), sizeof(header));
+  EXPECT_EQ(header.dataOffset % kPackageAlignment, 0u);
+  EXPECT_EQ(header.fileBytes, bytes.size());
+}
+
+TEST(Package, BadInputIsNamedAndNeverRuns) {
+  TempDir dir;
+  buildPackage("tiny-deepseek", "moe-quantize{bits=4 group=64}", dir.file("m.moestore"), dir.file("good.moepkg"));
+  const std::vector<uint8_t> good = readBytes(dir.file("good.moepkg"));
+  PackageHeader header;
+  std::memcpy(&header, good.data(), sizeof(header));
+  auto expectOpenError = [&](const std::vector<uint8_t> &bytes, std::initializer_list<std::string> fragments) {
+    writeBytes(dir.file("bad.moepkg"), bytes);
+    expectErrorContains(openPackage(dir.file("bad.moepkg")).status(), fragments);
+    EXPECT_FALSE(loadModel(dir.file("bad.moepkg")).ok());
+  };
+  // Truncated: inside the header, and missing the tail.
+  expectOpenError(std::vector<uint8_t>(good.begin(), good.begin() + 40), {"truncated", "64-byte package header"});
+  expectOpenError(std::vector<uint8_t>(good.begin(), good.end() - 300), {"truncated or extended"});
+  // A flipped byte in a tensor blob, and in the manifest.
+  std::vector<uint8_t> flipped = good;
+  flipped[good.size() - 1000] ^= 0x10;
+  expectOpenError(flipped, {"checksum mismatch", "corrupted"});
+  flipped = good;
+  flipped[header.manifestOffset + 10] ^= 0x01;
+  expectOpenError(flipped, {"manifest checksum mismatch"});
+  // Wrong magic and version.
+  std::vector<uint8_t> patched = good;
+  patched[0] = 'X';
+  expectOpenError(patched, {"not a moec package"});
+  patched = good;
+  uint32_t version = 7;
+  std::memcpy(patched.data() + 8, &version, 4);
+  expectOpenError(patched, {"package version 7", "reads version 1"});
+  // An unknown quantization format, with a manifest checksum that matches.
+  patched = good;
+  std::string manifest(reinterpret_cast<const char *>(patched.data() + header.manifestOffset), header.manifestBytes);
+  size_t at = manifest.find("q4_g64_asym");
+  ASSERT_NE(at, std::string::npos);
+  manifest.replace(at, 11, "q9_g64_asym");
+  std::memcpy(patched.data() + header.manifestOffset, manifest.data(), manifest.size());
+  uint64_t hash = XXH64(manifest.data(), manifest.size(), 0);
+  std::memcpy(patched.data() + offsetof(PackageHeader, manifestHash), &hash, 8);
+  expectOpenError(patched, {"unknown format 'q9_g64_asym'"});
+  // Not a file at all.
+  expectErrorContains(openPackage(dir.file("missing.moepkg")).status(), {"missing.moepkg", "cannot open"});
+}
+
+TEST(Package, AFailedWriteLeavesNothing) {
+  TempDir dir;
+  registerMoePasses();
+  const std::string directory = dataDir() + "/fixtures/tiny-mixtral";
+  std::string configText = readFile(directory + "/config.json");
+  auto spec = ModelSpec::fromConfigText(configText, "config.json");
+  auto checkpoint = Checkpoint::open(directory);
+  ASSERT_TRUE(bindCheckpoint(*spec, **checkpoint).ok());
+  mlir::MLIRContext context;
+  auto module = importModel(context, *spec, **checkpoint, configText, dir.file("m.moestore"));
+  ASSERT_TRUE(module.ok());
+  ir::ModelOp model = *(**module).getOps<ir::ModelOp>().begin();
+  // A tensor whose source file vanished: the emitter fails midway.
+  std::filesystem::copy(directory, dir.file("copy"));
+  model.setSourcesAttr(mlir::Builder(&context).getStrArrayAttr({dir.file("copy/model.safetensors")}));
+  std::filesystem::remove(dir.file("copy/model.safetensors"));
+  Status status = emitPackage(model, "", dir.file("out.moepkg"), "");
+  EXPECT_FALSE(status.ok());
+  EXPECT_FALSE(std::filesystem::exists(dir.file("out.moepkg")));
+  EXPECT_FALSE(std::filesystem::exists(dir.file("out.moepkg.tmp")));
+}
