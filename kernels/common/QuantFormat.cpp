@@ -143,22 +143,48 @@ uint16_t floatToScale(float value, ScaleType type) {
   return floatToHalfBits(value);
 }
 
+namespace {
+
+/// Where bit-plane `plane` of code `index` lives: a byte and a shift, and
+/// how many bits that plane holds (see the layout in QuantFormat.h).
+struct CodePlace {
+  int64_t byte;
+  int shift;
+  int width;
+};
+
+CodePlace placeOf(int bits, int64_t index, int plane) {
+  const int64_t block = index / kCodeBlock, j = index % kCodeBlock;
+  const int64_t base = block * kCodeBlock * bits / 8;
+  switch (bits) {
+  case 8: return {index, 0, 8};
+  case 4: return {base + j % 16, static_cast<int>(4 * (j / 16)), 4};
+  case 2: return {base + j % 8, static_cast<int>(2 * (j / 8)), 2};
+  default: // 3: two low bits as 2-bit codes, then the high bit plane
+    return plane == 0 ? CodePlace{base + j % 8, static_cast<int>(2 * (j / 8)), 2}
+                      : CodePlace{base + 8 + j / 8, static_cast<int>(j % 8), 1};
+  }
+}
+
+} // namespace
+
 int unpackCode(const uint8_t *codes, int bits, int64_t index) {
-  const int64_t bit = index * bits;
-  const int64_t byte = bit / 8, shift = bit % 8;
-  uint32_t window = codes[byte];
-  if (shift + bits > 8)
-    window |= static_cast<uint32_t>(codes[byte + 1]) << 8;
-  return static_cast<int>((window >> shift) & ((1u << bits) - 1));
+  CodePlace low = placeOf(bits, index, 0);
+  int code = (codes[low.byte] >> low.shift) & ((1 << low.width) - 1);
+  if (bits == 3) {
+    CodePlace high = placeOf(bits, index, 1);
+    code |= ((codes[high.byte] >> high.shift) & 1) << 2;
+  }
+  return code;
 }
 
 void packCode(uint8_t *codes, int bits, int64_t index, int code) {
-  const int64_t bit = index * bits;
-  const int64_t byte = bit / 8, shift = bit % 8;
-  const uint32_t value = static_cast<uint32_t>(code) << shift;
-  codes[byte] |= static_cast<uint8_t>(value & 0xff);
-  if (shift + bits > 8)
-    codes[byte + 1] |= static_cast<uint8_t>(value >> 8);
+  CodePlace low = placeOf(bits, index, 0);
+  codes[low.byte] |= static_cast<uint8_t>((code & ((1 << low.width) - 1)) << low.shift);
+  if (bits == 3) {
+    CodePlace high = placeOf(bits, index, 1);
+    codes[high.byte] |= static_cast<uint8_t>(((code >> 2) & 1) << high.shift);
+  }
 }
 
 void quantizeGroupWith(const QuantFormat &format, const float *values, int64_t count, float scale, float min,

@@ -9,12 +9,17 @@
 //
 // Layout of a quantized matrix: rows one after another; a row is
 // ceil(cols / group) groups; a group is a GroupHeader (scale, and min for
-// asymmetric formats) followed by group * bits / 8 bytes of codes, packed
-// little-endian as a bit stream (two 4-bit codes per byte, low nibble
-// first; four 2-bit codes; eight 3-bit codes in three bytes). A code q
-// stands for q * scale + min (asymmetric) or (q - 2^(bits-1)) * scale
-// (symmetric, GPTQ's zero point). The last group of a row is padded with
-// the code of 0.
+// asymmetric formats) followed by group * bits / 8 bytes of codes in blocks
+// of 32 codes (32 * bits / 8 bytes each). Inside a block the codes are
+// planar, so that a SIMD unpack is a few shifts and masks:
+//   8 bits: byte j is code j;
+//   4 bits: byte j % 16 holds code j in its low (j < 16) or high nibble;
+//   2 bits: byte j % 8 holds code j at bits 2 * (j / 8);
+//   3 bits: bytes 0..7 hold the low two bits as the 2-bit layout, bytes
+//           8..11 the high bit of code j at bit j % 8 of byte 8 + j / 8.
+// A code q stands for q * scale + min (asymmetric) or (q - 2^(bits-1)) *
+// scale (symmetric, GPTQ's zero point). The last group of a row is padded
+// with the code of 0.
 //
 //===----------------------------------------------------------------------===//
 
@@ -87,6 +92,9 @@ std::string validateQuantFormat(const QuantFormat &format);
 /// Scale and min conversions of the 16-bit header fields.
 float scaleToFloat(uint16_t bits, ScaleType type);
 uint16_t floatToScale(float value, ScaleType type);
+
+/// Codes per planar block.
+inline constexpr int kCodeBlock = 32;
 
 /// Reads code `index` of a group's packed codes.
 int unpackCode(const uint8_t *codes, int bits, int64_t index);

@@ -20,39 +20,26 @@ namespace {
 
 constexpr int kBlock = 32;
 
-/// Unpacks 32 consecutive codes starting at code `first` of a group.
-void unpack32(const uint8_t *codes, int bits, int64_t first, uint8_t *out) {
+/// Unpacks the 32 codes of planar block `block` of a group.
+void unpack32(const uint8_t *codes, int bits, int64_t block, uint8_t *out) {
+  const uint8_t *bytes = codes + block * kBlock * bits / 8;
   switch (bits) {
   case 8:
-    std::memcpy(out, codes + first, 32);
+    std::memcpy(out, bytes, 32);
     return;
-  case 4: {
-    const uint8_t *bytes = codes + first / 2;
-    for (int i = 0; i < 16; ++i) {
-      out[2 * i] = bytes[i] & 0x0f;
-      out[2 * i + 1] = bytes[i] >> 4;
+  case 4:
+    for (int j = 0; j < 16; ++j) {
+      out[j] = bytes[j] & 0x0f;
+      out[j + 16] = bytes[j] >> 4;
     }
     return;
-  }
-  case 2: {
-    const uint8_t *bytes = codes + first / 4;
-    for (int i = 0; i < 8; ++i)
-      for (int j = 0; j < 4; ++j)
-        out[4 * i + j] = (bytes[i] >> (2 * j)) & 3;
+  case 2:
+    for (int j = 0; j < 32; ++j)
+      out[j] = (bytes[j % 8] >> (2 * (j / 8))) & 3;
     return;
-  }
-  case 3: {
-    const uint8_t *bytes = codes + first * 3 / 8;
-    for (int i = 0; i < 4; ++i) {
-      const uint32_t window = bytes[3 * i] | (bytes[3 * i + 1] << 8) | (bytes[3 * i + 2] << 16);
-      for (int j = 0; j < 8; ++j)
-        out[8 * i + j] = (window >> (3 * j)) & 7;
-    }
-    return;
-  }
-  default:
-    for (int i = 0; i < 32; ++i)
-      out[i] = static_cast<uint8_t>(unpackCode(codes, bits, first + i));
+  default: // 3
+    for (int j = 0; j < 32; ++j)
+      out[j] = static_cast<uint8_t>(((bytes[j % 8] >> (2 * (j / 8))) & 3) | (((bytes[8 + j / 8] >> (j % 8)) & 1) << 2));
   }
 }
 
@@ -69,17 +56,34 @@ void groupHeader(const QuantFormat &format, const uint8_t *group, float &scale, 
 }
 
 #if defined(__x86_64__)
-__attribute__((target("avx2,fma,f16c"))) inline __m256i load32Codes(const uint8_t *codes, int bits, int64_t first) {
+/// The 32 codes of planar block `block` as bytes, in code order.
+__attribute__((target("avx2,fma,f16c"))) inline __m256i load32Codes(const uint8_t *codes, int bits, int64_t block) {
+  const uint8_t *bytes = codes + block * kBlock * bits / 8;
+  if (bits == 8)
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(bytes));
   if (bits == 4) {
-    // 16 bytes hold 32 nibbles, low nibble first: split and interleave.
-    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i *>(codes + first / 2));
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i *>(bytes));
     const __m128i mask = _mm_set1_epi8(0x0f);
-    const __m128i low = _mm_and_si128(packed, mask), high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
-    return _mm256_set_m128i(_mm_unpackhi_epi8(low, high), _mm_unpacklo_epi8(low, high));
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), mask), _mm_and_si128(packed, mask));
   }
-  alignas(32) uint8_t unpacked[32];
-  unpack32(codes, bits, first, unpacked);
-  return _mm256_load_si256(reinterpret_cast<const __m256i *>(unpacked));
+  // Eight bytes of 2-bit planes, replicated per 64-bit lane and shifted by
+  // 0, 2, 4, 6: lane q holds codes 8q .. 8q + 7.
+  uint64_t planes;
+  std::memcpy(&planes, bytes, 8);
+  const __m256i low = _mm256_and_si256(
+      _mm256_srlv_epi64(_mm256_set1_epi64x(static_cast<int64_t>(planes)), _mm256_setr_epi64x(0, 2, 4, 6)),
+      _mm256_set1_epi8(3));
+  if (bits == 2)
+    return low;
+  // 3 bits: byte j takes bit j % 8 of high-plane byte j / 8.
+  uint32_t high;
+  std::memcpy(&high, bytes + 8, 4);
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(static_cast<int32_t>(high)),
+      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+  return _mm256_or_si256(low, _mm256_and_si256(set, _mm256_set1_epi8(4)));
 }
 
 __attribute__((target("avx2,fma,f16c"))) void gemvRowsAvx2(const QuantMatrixView &w, const QuantizedActivation &x,
@@ -97,30 +101,45 @@ __attribute__((target("avx2,fma,f16c"))) void gemvRowsAvx2(const QuantMatrixView
       const uint8_t *group = row + static_cast<size_t>(g) * groupBytes;
       if (g + 1 < groups)
         _mm_prefetch(reinterpret_cast<const char *>(group + groupBytes + 64), _MM_HINT_T0);
+      // Header conversions inline (F16C for fp16; bf16 is a shift).
+      uint16_t scaleBits, minBits = 0;
+      std::memcpy(&scaleBits, group, 2);
+      if (!format.symmetric)
+        std::memcpy(&minBits, group + 2, 2);
       float scale, min;
-      groupHeader(format, group, scale, min);
+      if (format.scaleType == ScaleType::F16) {
+        scale = _cvtsh_ss(scaleBits);
+        min = format.symmetric ? -static_cast<float>(format.zeroPoint()) * scale : _cvtsh_ss(minBits);
+      } else {
+        uint32_t wide = static_cast<uint32_t>(scaleBits) << 16;
+        std::memcpy(&scale, &wide, 4);
+        wide = static_cast<uint32_t>(minBits) << 16;
+        std::memcpy(&min, &wide, 4);
+        if (format.symmetric)
+          min = -static_cast<float>(format.zeroPoint()) * scale;
+      }
       const uint8_t *codes = group + format.headerBytes();
-      __m256 groupAcc = _mm256_setzero_ps();
+      __m256i groupSums = _mm256_setzero_si256();
       for (int b = 0; b < blocksPerGroup; ++b) {
-        const int64_t block = g * blocksPerGroup + b;
-        const __m256i q = load32Codes(codes, format.bits, static_cast<int64_t>(b) * kBlock);
-        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x.values.data() + block * kBlock));
+        const __m256i q = load32Codes(codes, format.bits, b);
+        const __m256i a = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i *>(x.values.data() + g * format.group + b * kBlock));
         __m256i sums;
         if (format.bits == 8) {
-          // Codes up to 255 would saturate maddubs' int16 pairs: widen first.
-          const __m256i q0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q));
-          const __m256i q1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(q, 1));
-          const __m256i a0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(a));
-          const __m256i a1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(a, 1));
-          sums = _mm256_add_epi32(_mm256_madd_epi16(q0, a0), _mm256_madd_epi16(q1, a1));
+          // Codes up to 255 would saturate maddubs' int16 pairs: use q - 128
+          // (|q - 128| <= 128) with the sign trick, and add 128 * sum(a)
+          // back through the min term below.
+          const __m256i centred = _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80)));
+          sums = _mm256_madd_epi16(
+              _mm256_maddubs_epi16(_mm256_sign_epi8(centred, centred), _mm256_sign_epi8(a, centred)), ones);
         } else {
           // Codes < 16 times int8: pairs stay far inside int16.
           sums = _mm256_madd_epi16(_mm256_maddubs_epi16(q, a), ones);
         }
-        groupAcc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(x.blockScales[block]), groupAcc);
+        groupSums = _mm256_add_epi32(groupSums, sums);
       }
-      acc = _mm256_fmadd_ps(groupAcc, _mm256_set1_ps(scale), acc);
-      minTerm += min * x.groupSums[g];
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(groupSums), _mm256_set1_ps(scale * x.blockScales[g]), acc);
+      minTerm += (format.bits == 8 ? min + 128.0f * scale : min) * x.groupSums[g];
     }
     __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
     sum4 = _mm_hadd_ps(sum4, sum4);
@@ -143,30 +162,29 @@ bool useAvx2() {
 } // namespace
 
 void quantizeActivation(const float *x, int64_t cols, int group, QuantizedActivation &out) {
+  // One scale per weight group (as llama.cpp's Q8_K uses one per 256), so
+  // a group's integer products add up in int32 before one float multiply.
   const int64_t groups = (cols + group - 1) / group;
-  const int64_t padded = groups * group, blocks = padded / kBlock;
   out.cols = cols;
   out.group = group;
-  out.values.assign(static_cast<size_t>(padded), 0);
-  out.blockScales.assign(static_cast<size_t>(blocks), 0.0f);
+  out.values.assign(static_cast<size_t>(groups * group), 0);
+  out.blockScales.assign(static_cast<size_t>(groups), 0.0f);
   out.groupSums.assign(static_cast<size_t>(groups), 0.0f);
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t begin = b * kBlock, end = std::min<int64_t>(cols, begin + kBlock);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t begin = g * group, end = std::min<int64_t>(cols, begin + group);
     float absMax = 0.0f;
     for (int64_t i = begin; i < end; ++i)
       absMax = std::max(absMax, std::fabs(x[i]));
     const float scale = absMax / 127.0f, inverse = absMax > 0 ? 127.0f / absMax : 0.0f;
-    out.blockScales[b] = scale;
-    for (int64_t i = begin; i < end; ++i)
-      out.values[i] = static_cast<int8_t>(std::lround(x[i] * inverse));
-  }
-  // Sums of the quantized activation, so that the kernel computes exactly
-  // w^ . x^ and its error is that of x^ alone (sum |w^| * blockScale / 2).
-  for (int64_t b = 0; b < blocks; ++b) {
+    out.blockScales[g] = scale;
     int32_t sum = 0;
-    for (int64_t i = b * kBlock; i < (b + 1) * kBlock; ++i)
+    for (int64_t i = begin; i < end; ++i) {
+      out.values[i] = static_cast<int8_t>(std::lround(x[i] * inverse));
       sum += out.values[i];
-    out.groupSums[(b * kBlock) / group] += static_cast<float>(sum) * out.blockScales[b];
+    }
+    // The sum of the quantized activation, so that the kernel computes
+    // exactly w^ . x^ and its error is that of x^ alone.
+    out.groupSums[g] = static_cast<float>(sum) * scale;
   }
 }
 
@@ -183,16 +201,14 @@ void gemvRowsScalar(const QuantMatrixView &w, const QuantizedActivation &x, int6
       const uint8_t *group = row + static_cast<size_t>(g) * format.groupBytes();
       float scale, min;
       groupHeader(format, group, scale, min);
-      float groupTotal = 0.0f;
+      int32_t sum = 0;
       for (int b = 0; b < blocksPerGroup; ++b) {
-        const int64_t block = g * blocksPerGroup + b;
-        unpack32(group + format.headerBytes(), format.bits, static_cast<int64_t>(b) * kBlock, codes);
-        int32_t sum = 0;
+        unpack32(group + format.headerBytes(), format.bits, b, codes);
+        const int8_t *values = x.values.data() + g * format.group + b * kBlock;
         for (int i = 0; i < kBlock; ++i)
-          sum += static_cast<int32_t>(codes[i]) * x.values[block * kBlock + i];
-        groupTotal += static_cast<float>(sum) * x.blockScales[block];
+          sum += static_cast<int32_t>(codes[i]) * values[i];
       }
-      total += groupTotal * scale + min * x.groupSums[g];
+      total += static_cast<float>(sum) * x.blockScales[g] * scale + min * x.groupSums[g];
     }
     y[r - rowBegin] = total;
   }

@@ -1,8 +1,8 @@
 //===- QuantKernels.h - CPU kernels over group-wise integer weights -*- C++ -*-===//
 //
 // Part of moec. Decode (batch 1) multiplies a quantized matrix by an
-// activation vector quantized to int8 once per matmul (blocks of 32 with an
-// f32 scale, as llama.cpp's q8 activations), with integer dot products
+// activation vector quantized to int8 once per matmul (one f32 scale per
+// weight group, as llama.cpp's Q8_K per 256), with integer dot products
 // (AVX2 maddubs/madd) and the min folded in through group sums of the
 // quantized activation, so the result is exactly w^ . x^. Prefill dequantizes rows to f32 for a BLAS GEMM.
 // The ISA is chosen once at run time (AVX2+FMA+F16C, else scalar).
@@ -25,9 +25,9 @@ struct QuantMatrixView {
   int64_t rows = 0, cols = 0;
 };
 
-/// An activation vector for integer dot products: int8 values in blocks of
-/// 32 with one f32 scale each (zero-padded to whole groups), and the sum of
-/// the quantized values over each group (for the min term).
+/// An activation vector for integer dot products: int8 values with one f32
+/// scale per weight group (zero-padded to whole groups), and the sum of the
+/// quantized values over each group (for the min term).
 struct QuantizedActivation {
   int64_t cols = 0;
   int group = 0;

@@ -78,7 +78,7 @@ void checkKernels(const QuantFormat &format, const std::vector<float> &matrix, i
     for (int64_t c = 0; c < cols; ++c) {
       exact += static_cast<double>(dequantized[r * cols + c]) * x[c];
       magnitude += std::fabs(static_cast<double>(dequantized[r * cols + c]) * x[c]);
-      activationBound += std::fabs(dequantized[r * cols + c]) * activation.blockScales[c / 32] * 0.5;
+      activationBound += std::fabs(dequantized[r * cols + c]) * activation.blockScales[c / format.group] * 0.5;
     }
     EXPECT_NEAR(fast[r], scalar[r], 1e-5 * magnitude + 1e-6) << format.name() << " row " << r;
     EXPECT_NEAR(fast[r], exact, activationBound * 1.01 + 1e-5 * magnitude + 1e-6) << format.name() << " row " << r;

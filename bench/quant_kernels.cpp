@@ -1,0 +1,122 @@
+//===- quant_kernels.cpp - Weight bandwidth of the decode kernels ---------===//
+//
+// Part of moec. For each quant format, the batch-1 GEMV over a matrix much
+// larger than the caches: weight bytes streamed per second, single thread
+// and with every core (rows split), against the machine's measured copy
+// bandwidth (memcpy of a same-sized buffer, read + write counted as the
+// bytes read, as STREAM's copy does) and against the bf16 GEMV the engine
+// uses for unquantized weights. Prints one JSON object per line.
+//
+// Usage: quant_kernels [--rows N] [--cols N] [--repeat N]
+//
+//===----------------------------------------------------------------------===//
+
+#include "common/QuantFormat.h"
+#include "cpu/QuantKernels.h"
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <iostream>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+using namespace moe::quant;
+
+namespace {
+
+double now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+/// Best of `repeat` runs of `body` split over `threads` row ranges.
+template <typename Body> double bestSeconds(int repeat, int threads, int64_t rows, const Body &body) {
+  double best = 1e30;
+  for (int r = 0; r < repeat; ++r) {
+    double start = now();
+    std::vector<std::thread> workers;
+    for (int t = 1; t < threads; ++t)
+      workers.emplace_back([&, t] { body(rows * t / threads, rows * (t + 1) / threads); });
+    body(0, rows / threads);
+    for (std::thread &worker : workers)
+      worker.join();
+    best = std::min(best, now() - start);
+  }
+  return best;
+}
+
+} // namespace
+
+int main(int argc, char **argv) {
+  int64_t rows = 8192, cols = 8192;
+  int repeat = 5;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    std::string flag = argv[i];
+    if (flag == "--rows")
+      rows = std::stoll(argv[i + 1]);
+    else if (flag == "--cols")
+      cols = std::stoll(argv[i + 1]);
+    else if (flag == "--repeat")
+      repeat = std::stoi(argv[i + 1]);
+    else {
+      std::cerr << "quant_kernels: unknown option " << flag << "\n";
+      return 1;
+    }
+  }
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  std::mt19937 rng(1);
+  std::normal_distribution<float> normal(0.0f, 0.02f);
+  std::vector<float> matrix(static_cast<size_t>(rows * cols)), x(static_cast<size_t>(cols));
+  for (float &v : matrix)
+    v = normal(rng);
+  for (float &v : x)
+    v = normal(rng) * 50.0f;
+
+  // Copy bandwidth: one and all cores, 1 GiB-class buffers (larger than caches).
+  const size_t copyBytes = static_cast<size_t>(rows * cols) * 2;
+  std::vector<uint8_t> from(copyBytes, 1), to(copyBytes, 0);
+  for (int threads : {1, cores}) {
+    double seconds = bestSeconds(repeat, threads, static_cast<int64_t>(copyBytes), [&](int64_t begin, int64_t end) {
+      std::memcpy(to.data() + begin, from.data() + begin, static_cast<size_t>(end - begin));
+    });
+    std::cout << nlohmann::json{{"kernel", "memcpy"}, {"threads", threads}, {"bytes", copyBytes},
+                                {"gb_per_s", static_cast<double>(copyBytes) / seconds / 1e9}}
+                     .dump()
+              << std::endl;
+  }
+
+  for (int bits : {2, 3, 4, 8})
+    for (int group : {32, 128})
+      for (bool symmetric : {true, false}) {
+        QuantFormat format{bits, group, symmetric, ScaleType::F16};
+        std::vector<uint8_t> packed(format.matrixBytes(rows, cols));
+        quantizeReference(format, matrix.data(), rows, cols, packed.data());
+        QuantMatrixView view{format, packed.data(), rows, cols};
+        QuantizedActivation activation;
+        std::vector<float> y(static_cast<size_t>(rows));
+        for (int threads : {1, cores}) {
+          // The activation is quantized once per matmul; timed separately.
+          double start = now();
+          quantizeActivation(x.data(), cols, group, activation);
+          double quantizeSeconds = now() - start;
+          double seconds = bestSeconds(repeat, threads, rows, [&](int64_t begin, int64_t end) {
+            gemvRows(view, activation, begin, end, y.data() + begin);
+          });
+          std::cout << nlohmann::json{{"kernel", "gemv"}, {"isa", kernelIsa()}, {"format", format.name()},
+                                      {"threads", threads}, {"rows", rows}, {"cols", cols},
+                                      {"weight_bytes", packed.size()},
+                                      {"bits_per_weight", 8.0 * static_cast<double>(packed.size()) /
+                                                              static_cast<double>(rows * cols)},
+                                      {"seconds", seconds}, {"activation_quantize_seconds", quantizeSeconds},
+                                      {"gb_per_s", static_cast<double>(packed.size()) / seconds / 1e9},
+                                      {"weights_per_s", static_cast<double>(rows * cols) / seconds}}
+                           .dump()
+                    << std::endl;
+        }
+      }
+  return 0;
+}
