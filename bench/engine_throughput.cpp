@@ -13,6 +13,8 @@
 #include "moe/Frontend/ModelSummary.h"
 #include "moe/Runtime/Model.h"
 
+#include "moe/Runtime/Package.h"
+
 #include <nlohmann/json.hpp>
 
 #include <chrono>
@@ -124,8 +126,36 @@ int main(int argc, char **argv) {
   int64_t embedding = spec.vocabSize * spec.hiddenSize;
   // The engine keeps bf16 checkpoints' matrices as bf16 and everything else
   // (f32, f16, FP8) as f32.
-  const bool bf16 = model->checkpoint->find("model.embed_tokens.weight")->info->dtype == DType::BF16;
-  double bytesPerToken = (bf16 ? 2.0 : 4.0) * static_cast<double>(summary.activeParameters - embedding + spec.hiddenSize);
+  std::string weightsInMemory;
+  double bytesPerToken = 0;
+  if (isPackagePath(args[0])) {
+    // A package: the bytes of what one token reads, from the manifest
+    // (quantised blobs are read in place): every dense tensor, one
+    // embedding row, and top-k experts of the layer's average size.
+    Expected<OpenedPackage> package = openPackage(args[0]);
+    if (!package)
+      return 1;
+    weightsInMemory = "package";
+    for (const auto &[role, tensor] : package->description.globals)
+      bytesPerToken += role == TensorRole::Embedding ? static_cast<double>(tensor.size) / spec.vocabSize
+                                                      : static_cast<double>(tensor.size);
+    for (size_t l = 0; l < package->description.layers.size(); ++l) {
+      const LayerEntry &layer = package->description.layers[l];
+      for (const auto &[role, tensor] : layer.tensors)
+        bytesPerToken += static_cast<double>(tensor.size);
+      if (layer.experts.empty())
+        continue;
+      double expertBytes = 0;
+      for (const ExpertEntry &expert : layer.experts)
+        expertBytes += static_cast<double>(expert.gate.size + expert.up.size + expert.down.size);
+      const int64_t topK = layer.routing.router ? layer.routing.router->topK : spec.router.topK;
+      bytesPerToken += expertBytes / static_cast<double>(layer.experts.size()) * static_cast<double>(topK);
+    }
+  } else {
+    const bool bf16 = model->checkpoint->find("model.embed_tokens.weight")->info->dtype == DType::BF16;
+    weightsInMemory = bf16 ? "bf16" : "f32";
+    bytesPerToken = (bf16 ? 2.0 : 4.0) * static_cast<double>(summary.activeParameters - embedding + spec.hiddenSize);
+  }
   double decodeTokensPerSecond = decodeTokens / decodeSeconds;
   // Peak RSS of the model run, before the bandwidth buffers exist.
   struct rusage usage;
@@ -144,7 +174,7 @@ int main(int argc, char **argv) {
       {"decode_tokens", decodeTokens},
       {"decode_tokens_per_second", decodeTokensPerSecond},
       {"weight_bytes_per_decoded_token", bytesPerToken},
-      {"weights_in_memory", bf16 ? "bf16" : "f32"},
+      {"weights_in_memory", weightsInMemory},
       {"decode_weight_gb_per_s", bytesPerToken * decodeTokensPerSecond / 1e9},
       {"memory_copy_gb_per_s", copyBandwidth},
       {"memory_read_gb_per_s", readBandwidth},

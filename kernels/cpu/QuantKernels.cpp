@@ -223,9 +223,29 @@ void gemvRows(const QuantMatrixView &w, const QuantizedActivation &x, int64_t ro
 }
 
 void dequantizeRows(const QuantMatrixView &w, int64_t rowBegin, int64_t rowEnd, float *out) {
+  // Block-wise unpacking (the reference goes code by code); same values.
   const QuantFormat &format = w.format;
-  const size_t rowBytes = format.rowBytes(w.cols);
-  dequantizeReference(format, w.data + static_cast<size_t>(rowBegin) * rowBytes, rowEnd - rowBegin, w.cols, out);
+  const int64_t groups = format.groupsPerRow(w.cols), cols = w.cols;
+  const int blocksPerGroup = format.group / kBlock;
+  uint8_t codes[kBlock];
+  for (int64_t r = rowBegin; r < rowEnd; ++r) {
+    const uint8_t *row = w.data + static_cast<size_t>(r) * format.rowBytes(cols);
+    float *target = out + (r - rowBegin) * cols;
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t *group = row + static_cast<size_t>(g) * format.groupBytes();
+      float scale, min;
+      groupHeader(format, group, scale, min);
+      for (int b = 0; b < blocksPerGroup; ++b) {
+        const int64_t first = g * format.group + b * kBlock;
+        if (first >= cols)
+          break;
+        unpack32(group + format.headerBytes(), format.bits, b, codes);
+        const int64_t count = std::min<int64_t>(kBlock, cols - first);
+        for (int64_t i = 0; i < count; ++i)
+          target[first + i] = static_cast<float>(codes[i]) * scale + min;
+      }
+    }
+  }
 }
 
 const char *kernelIsa() { return useAvx2() ? "avx2" : "scalar"; }

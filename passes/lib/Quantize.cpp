@@ -42,10 +42,11 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     for (std::string kind; std::getline(list, kind, ',');) {
       if (kind == "all") {
         kinds.insert({"experts", "shared", "attention", "dense"});
-      } else if (kind == "experts" || kind == "shared" || kind == "attention" || kind == "dense") {
+      } else if (kind == "experts" || kind == "shared" || kind == "attention" || kind == "dense" ||
+                 kind == "lm_head" || kind == "embedding") {
         kinds.insert(kind);
       } else {
-        return fail(module, "target '" + kind + "' is not experts, shared, attention, dense or all");
+        return fail(module, "target '" + kind + "' is not experts, shared, attention, dense, lm_head, embedding or all");
       }
     }
     for (ir::ModelOp model : module.getOps<ir::ModelOp>()) {
@@ -66,7 +67,9 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
           add(shared.getDownAttr());
         } else if (auto dense = dyn_cast<ir::DenseOp>(op)) {
           const bool wanted = (dense.getPart() == "attention" && kinds.count("attention")) ||
-                              (dense.getPart() == "dense_mlp" && kinds.count("dense"));
+                              (dense.getPart() == "dense_mlp" && kinds.count("dense")) ||
+                              (dense.getPart() == "lm_head" && kinds.count("lm_head")) ||
+                              (dense.getPart() == "embedding" && kinds.count("embedding"));
           if (wanted)
             for (NamedAttribute entry : dense.getTensors())
               if (auto symbol = dyn_cast<FlatSymbolRefAttr>(entry.getValue()))

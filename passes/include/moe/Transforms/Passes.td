@@ -223,7 +223,8 @@ def MoeQuantize : Pass<"moe-quantize", "::mlir::ModuleOp"> {
     runs the module through the integer kernels (`--simulate-quantized`
     runs the dequantized values instead). Targets: `experts` (routed),
     `shared`, `attention`, `dense` (dense-layer MLPs), or `all` of these,
-    comma-separated. Embeddings, lm_head, routers and norms stay as they are.
+    and separately `lm_head` and `embedding` (read one row per token),
+    comma-separated. Routers and norms stay as they are.
 
     ```mlir
     // moe-opt --moe-quantize="bits=4 group=128 sym=false targets=experts,shared"
@@ -236,7 +237,7 @@ def MoeQuantize : Pass<"moe-quantize", "::mlir::ModuleOp"> {
     Option<"symmetric", "sym", "bool", /*default=*/"false", "Symmetric (no min) instead of asymmetric">,
     Option<"scaleType", "scale-type", "std::string", /*default=*/"\"f16\"", "f16 or bf16 scales">,
     Option<"targets", "targets", "std::string", /*default=*/"\"experts\"",
-           "experts, shared, attention, dense or all (comma-separated)">,
+           "experts, shared, attention, dense, all, lm_head, embedding (comma-separated)">,
   ];
   let statistics = [
     Statistic<"tensorsQuantized", "tensors-quantized", "Matrices quantized">,
