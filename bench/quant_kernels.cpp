@@ -98,15 +98,16 @@ int main(int argc, char **argv) {
         QuantMatrixView view{format, packed.data(), rows, cols};
         QuantizedActivation activation;
         std::vector<float> y(static_cast<size_t>(rows));
+        for (const char *isa : availableIsas())
         for (int threads : {1, cores}) {
           // The activation is quantized once per matmul; timed separately.
           double start = now();
           quantizeActivation(x.data(), cols, group, activation);
           double quantizeSeconds = now() - start;
           double seconds = bestSeconds(repeat, threads, rows, [&](int64_t begin, int64_t end) {
-            gemvRows(view, activation, begin, end, y.data() + begin);
+            gemvRowsWithIsa(isa, view, activation, begin, end, y.data() + begin);
           });
-          std::cout << nlohmann::json{{"kernel", "gemv"}, {"isa", kernelIsa()}, {"format", format.name()},
+          std::cout << nlohmann::json{{"kernel", "gemv"}, {"isa", isa}, {"format", format.name()},
                                       {"threads", threads}, {"rows", rows}, {"cols", cols},
                                       {"weight_bytes", packed.size()},
                                       {"bits_per_weight", 8.0 * static_cast<double>(packed.size()) /

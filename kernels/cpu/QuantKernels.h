@@ -5,7 +5,7 @@
 // weight group, as llama.cpp's Q8_K per 256), with integer dot products
 // (AVX2 maddubs/madd) and the min folded in through group sums of the
 // quantized activation, so the result is exactly w^ . x^. Prefill dequantizes rows to f32 for a BLAS GEMM.
-// The ISA is chosen once at run time (AVX2+FMA+F16C, else scalar).
+// The ISA is chosen once at run time (AVX-VNNI, else AVX2+FMA+F16C, else scalar).
 //
 //===----------------------------------------------------------------------===//
 
@@ -50,8 +50,14 @@ void gemvRowsScalar(const QuantMatrixView &w, const QuantizedActivation &x, int6
 /// Rows [rowBegin, rowEnd) dequantized to f32 ([rowEnd - rowBegin, cols]).
 void dequantizeRows(const QuantMatrixView &w, int64_t rowBegin, int64_t rowEnd, float *out);
 
-/// The instruction set the kernels dispatched to: "avx2" or "scalar".
+/// The instruction set gemvRows dispatches to: "avx-vnni", "avx2" or "scalar".
 const char *kernelIsa();
+/// Every instruction set this machine can run, best first.
+std::vector<const char *> availableIsas();
+/// gemvRows with a chosen instruction set (for tests and benchmarks;
+/// falls back to scalar when the machine lacks it).
+void gemvRowsWithIsa(const char *isa, const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin,
+                     int64_t rowEnd, float *y);
 
 } // namespace moe::quant
 

@@ -68,8 +68,15 @@ void checkKernels(const QuantFormat &format, const std::vector<float> &matrix, i
   quantizeActivation(x.data(), cols, format.group, activation);
   QuantMatrixView view{format, packed.data(), rows, cols};
   std::vector<float> fast(static_cast<size_t>(rows)), scalar(static_cast<size_t>(rows));
-  gemvRows(view, activation, 0, rows, fast.data());
   gemvRowsScalar(view, activation, 0, rows, scalar.data());
+  // Every instruction set the machine has agrees with the scalar kernel.
+  for (const char *isa : availableIsas()) {
+    std::vector<float> other(static_cast<size_t>(rows));
+    gemvRowsWithIsa(isa, view, activation, 0, rows, other.data());
+    for (int64_t r = 0; r < rows; ++r)
+      EXPECT_NEAR(other[r], scalar[r], 1e-5 * (std::fabs(scalar[r]) + 1.0)) << format.name() << " " << isa;
+  }
+  gemvRows(view, activation, 0, rows, fast.data());
   std::vector<float> rowsOut(static_cast<size_t>(rows * cols));
   dequantizeRows(view, 0, rows, rowsOut.data());
   EXPECT_EQ(rowsOut, dequantized);
@@ -165,5 +172,7 @@ TEST(QuantKernels, GemvMatchesTheScalarReferenceOnRealWeights) {
 
 TEST(QuantKernels, DispatchNamesItsInstructionSet) {
   std::string isa = kernelIsa();
-  EXPECT_TRUE(isa == "avx2" || isa == "scalar") << isa;
+  EXPECT_TRUE(isa == "avx-vnni" || isa == "avx2" || isa == "scalar") << isa;
+  EXPECT_EQ(std::string(availableIsas().front()), isa);
+  EXPECT_EQ(std::string(availableIsas().back()), "scalar");
 }
