@@ -44,6 +44,8 @@ public:
       if (withMoments)
         stats.inputMoments.assign(E, std::vector<double>(static_cast<size_t>(spec.hiddenSize * spec.hiddenSize), 0));
       stats.momentTokens.assign(E, 0);
+      if (withMoments)
+        stats.intermediateMoments.assign(E, std::vector<double>());
       if (options.sampleCapRatio > 0)
         momentCap = std::max<int64_t>(
             1, static_cast<int64_t>(options.sampleCapRatio * static_cast<double>(spec.router.topK) /
@@ -135,15 +137,26 @@ public:
         pendingContributions.push_back({tokenIndices[r], expert, weight * std::sqrt(norm)});
     }
     if (withMoments) {
+      // X^T X of the expert's gate/up input and of its down input (the
+      // intermediate activation), over the same capped tokens.
       std::vector<double> &moments = stats.inputMoments[expert];
+      std::vector<double> &inner = stats.intermediateMoments[expert];
+      if (static_cast<int64_t>(inner.size()) != I * I)
+        inner.assign(static_cast<size_t>(I * I), 0.0);
+      auto accumulate = [](std::vector<double> &target, const float *v, int64_t width) {
+        for (int64_t a = 0; a < width; ++a) {
+          const double va = v[a];
+          double *row = target.data() + a * width;
+          for (int64_t b = 0; b < width; ++b)
+            row[b] += va * v[b];
+        }
+      };
       for (int64_t r = 0; r < n; ++r) {
         if (momentCap > 0 && stats.momentTokens[expert] >= momentCap)
           break;
         ++stats.momentTokens[expert];
-        const float *x = input.data() + r * H;
-        for (int64_t a = 0; a < H; ++a)
-          for (int64_t b = 0; b < H; ++b)
-            moments[a * H + b] += static_cast<double>(x[a]) * x[b];
+        accumulate(moments, input.data() + r * H, H);
+        accumulate(inner, intermediate.data() + r * I, I);
       }
     }
   }
@@ -282,6 +295,10 @@ Status writeStatistics(const CalibrationResult &result, const CalibrationOptions
       if (!stats.inputMoments.empty()) {
         int64_t H = static_cast<int64_t>(std::sqrt(static_cast<double>(stats.inputMoments[e].size())));
         MOE_RETURN_IF_ERROR(addF64(expert + "input_moments", {H, H}, stats.inputMoments[e]));
+        const int64_t I = static_cast<int64_t>(stats.neuronSquareSum[e].size());
+        std::vector<double> inner = stats.intermediateMoments[e];
+        inner.resize(static_cast<size_t>(I * I), 0.0); // an expert never run has none
+        MOE_RETURN_IF_ERROR(addF64(expert + "intermediate_moments", {I, I}, inner));
       }
     }
     if (!stats.inputMoments.empty())

@@ -6,11 +6,14 @@
 
 #include "moe/Transforms/Passes.h"
 
+#include "CalibrationStats.h"
 #include "ExpertEditing.h"
+#include "Gptq.h"
 #include "common/QuantFormat.h"
 
 #include "mlir/IR/Builders.h"
 
+#include <map>
 #include <set>
 #include <sstream>
 
@@ -29,8 +32,14 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
 
   void runOnOperation() override {
     ModuleOp module = getOperation();
-    if (method != "rtn")
-      return fail(module, "method '" + method + "' is not rtn (GPTQ is a later pass)");
+    if (method != "rtn" && method != "gptq")
+      return fail(module, "method '" + method + "' is not rtn or gptq");
+    FailureOr<CalibrationStats> file = failure();
+    if (method == "gptq") {
+      file = CalibrationStats::open(stats, module, getArgument());
+      if (failed(file))
+        return signalPassFailure();
+    }
     if (scaleType != "f16" && scaleType != "bf16")
       return fail(module, "scale-type '" + scaleType + "' is not f16 or bf16");
     quant::QuantFormat format{static_cast<int>(bits), static_cast<int>(group), symmetric,
@@ -56,11 +65,22 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         if (symbol)
           symbols.insert(symbol.getValue().str());
       };
+      // For GPTQ: which expert matrix a symbol is (layer, expert id, down?).
+      struct ExpertMatrix {
+        int64_t layer, expert;
+        bool down;
+      };
+      std::map<std::string, ExpertMatrix> expertMatrices;
       model.walk([&](Operation *op) {
         if (auto expert = dyn_cast<ir::ExpertOp>(op); expert && kinds.count("experts")) {
           add(expert.getGateAttr());
           add(expert.getUpAttr());
           add(expert.getDownAttr());
+          const int64_t layer = static_cast<int64_t>(expert->getParentOfType<ir::LayerOp>().getIndex());
+          const int64_t id = static_cast<int64_t>(expert.getId());
+          expertMatrices[expert.getGate().str()] = {layer, id, false};
+          expertMatrices[expert.getUp().str()] = {layer, id, false};
+          expertMatrices[expert.getDown().str()] = {layer, id, true};
         } else if (auto shared = dyn_cast<ir::SharedExpertOp>(op); shared && kinds.count("shared")) {
           add(shared.getGateAttr());
           add(shared.getUpAttr());
@@ -96,7 +116,46 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
           return signalPassFailure();
         const int64_t rows = tensor.getTensorType().getShape()[0], cols = tensor.getTensorType().getShape()[1];
         std::vector<uint8_t> packed(format.matrixBytes(rows, cols));
-        quant::quantizeReference(format, values->data(), rows, cols, packed.data());
+        auto where = expertMatrices.find(symbolName);
+        bool quantized = false;
+        if (method == "gptq" && where == expertMatrices.end()) {
+          tensor.emitRemark() << "moe-quantize: GPTQ covers routed experts; this tensor gets RTN";
+        } else if (method == "gptq") {
+          const ExpertMatrix &m = where->second;
+          FailureOr<std::vector<double>> coverage = file->layer(m.layer, "moment_tokens", tensor);
+          FailureOr<std::vector<double>> total = file->layer(m.layer, "tokens", tensor);
+          if (failed(coverage) || failed(total))
+            return signalPassFailure();
+          if (m.expert >= static_cast<int64_t>(coverage->size()))
+            return fail(tensor, concat("the statistics have ", coverage->size(), " experts for layer ", m.layer,
+                                       "; calibrate the model as it is now"));
+          const double seen = (*coverage)[m.expert], tokens = total->empty() ? 0.0 : (*total)[0];
+          if (seen < minCoverage * tokens || seen == 0) {
+            tensor.emitRemark() << concat("moe-quantize: layer ", m.layer, " expert ", m.expert, " saw ",
+                                          static_cast<int64_t>(seen), " calibration tokens (",
+                                          tokens > 0 ? 100.0 * seen / tokens : 0.0, "% of ",
+                                          static_cast<int64_t>(tokens), "), below min-coverage ",
+                                          100.0 * minCoverage, "%: RTN instead of GPTQ");
+            ++rtnFallbacks;
+          } else {
+            FailureOr<std::vector<double>> hessian =
+                file->expert(m.layer, m.expert, m.down ? "intermediate_moments" : "input_moments", tensor);
+            if (failed(hessian))
+              return signalPassFailure();
+            if (static_cast<int64_t>(hessian->size()) != cols * cols)
+              return fail(tensor, concat("the Hessian of layer ", m.layer, " expert ", m.expert, " is ",
+                                         hessian->size(), " values, the matrix has ", cols,
+                                         " columns; calibrate the model as it is now"));
+            GptqOptions gptq{damping, block, actOrder};
+            Status status = quantizeGptq(format, *values, rows, cols, std::move(*hessian), gptq, packed);
+            if (!status.ok())
+              return fail(tensor, concat("layer ", m.layer, " expert ", m.expert, ": ", status.message()));
+            ++gptqMatrices;
+            quantized = true;
+          }
+        }
+        if (!quantized)
+          quant::quantizeReference(format, values->data(), rows, cols, packed.data());
         const std::string key = symbolName + "." + name;
         Expected<WeightStore *> store = access.store();
         if (!store)

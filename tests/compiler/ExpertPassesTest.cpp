@@ -17,6 +17,8 @@
 #include "moe/Transforms/Passes.h"
 
 #include "../../passes/lib/Assignment.h"
+#include "../../passes/lib/Gptq.h"
+#include "common/QuantFormat.h"
 #include "../unit/TestSupport.h"
 
 #include "mlir/IR/Builders.h"
@@ -351,4 +353,66 @@ TEST(Assignment, SolvesKnownAndPermutedProblems) {
   std::vector<int64_t> assignment = solveAssignment(similarity, n);
   for (int64_t a = 0; a < n; ++a)
     EXPECT_EQ(permutation[assignment[a]], a);
+}
+
+TEST(Gptq, LowersTheLayerOutputErrorOfRtnOnTheSameWeightsAndHessian) {
+  // Correlated inputs (the case GPTQ's error feedback exploits) and weights
+  // with an odd number of columns for the groups.
+  std::mt19937 rng(3);
+  std::normal_distribution<double> normal;
+  const int64_t rows = 48, cols = 200, samples = 2048;
+  std::vector<double> mixing(static_cast<size_t>(cols * cols));
+  for (double &v : mixing)
+    v = normal(rng) * 0.2;
+  for (int64_t i = 0; i < cols; ++i)
+    mixing[i * cols + i] += 1.0;
+  std::vector<double> inputs(static_cast<size_t>(samples * cols));
+  for (int64_t s = 0; s < samples; ++s) {
+    std::vector<double> z(static_cast<size_t>(cols));
+    for (double &v : z)
+      v = normal(rng);
+    for (int64_t c = 0; c < cols; ++c) {
+      double sum = 0;
+      for (int64_t k = 0; k < cols; ++k)
+        sum += z[k] * mixing[k * cols + c];
+      inputs[s * cols + c] = sum;
+    }
+  }
+  std::vector<double> hessian(static_cast<size_t>(cols * cols), 0.0);
+  for (int64_t s = 0; s < samples; ++s)
+    for (int64_t a = 0; a < cols; ++a)
+      for (int64_t b = 0; b < cols; ++b)
+        hessian[a * cols + b] += inputs[s * cols + a] * inputs[s * cols + b];
+  std::vector<float> weights(static_cast<size_t>(rows * cols));
+  for (float &w : weights)
+    w = static_cast<float>(normal(rng) * 0.05);
+
+  auto outputError = [&](const quant::QuantFormat &format, const std::vector<uint8_t> &packed) {
+    std::vector<float> dequantized(weights.size());
+    quant::dequantizeReference(format, packed.data(), rows, cols, dequantized.data());
+    double error = 0;
+    for (int64_t s = 0; s < samples; ++s)
+      for (int64_t r = 0; r < rows; ++r) {
+        double difference = 0;
+        for (int64_t c = 0; c < cols; ++c)
+          difference += (static_cast<double>(weights[r * cols + c]) - dequantized[r * cols + c]) * inputs[s * cols + c];
+        error += difference * difference;
+      }
+    return error;
+  };
+  for (int bits : {2, 3, 4})
+    for (bool actOrder : {false, true})
+      for (bool symmetric : {false, true}) {
+        quant::QuantFormat format{bits, 64, symmetric};
+        std::vector<uint8_t> rtn(format.matrixBytes(rows, cols)), gptq;
+        quant::quantizeReference(format, weights.data(), rows, cols, rtn.data());
+        Status status = quantizeGptq(format, weights, rows, cols, hessian, GptqOptions{0.01, 64, actOrder}, gptq);
+        ASSERT_TRUE(status.ok()) << status.message();
+        const double rtnError = outputError(format, rtn), gptqError = outputError(format, gptq);
+        EXPECT_LT(gptqError, 0.9 * rtnError) << format.name() << " act-order " << actOrder;
+      }
+  // A Hessian that does not fit the matrix is named.
+  std::vector<uint8_t> packed;
+  expectErrorContains(quantizeGptq(quant::QuantFormat{}, weights, rows, cols, std::vector<double>(10), {}, packed),
+                      {"48x200 matrix needs a 200x200 Hessian"});
 }

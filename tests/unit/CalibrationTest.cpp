@@ -87,6 +87,14 @@ TEST(Calibration, AnExpertThatIsNeverRoutedRecordsNothing) {
   }
   EXPECT_GT(trace, 0.0);
   EXPECT_GT(result->layers[1].routedTokens[3], 0) << "other layers unaffected";
+  // The down_proj Hessian: X^T X of the intermediate activation, width^2.
+  ASSERT_EQ(layer1.intermediateMoments[0].size(), 96u * 96u);
+  double innerTrace = 0;
+  for (size_t i = 0; i < 96; ++i)
+    innerTrace += layer1.intermediateMoments[0][i * 96 + i];
+  EXPECT_GT(innerTrace, 0.0);
+  EXPECT_TRUE(layer1.intermediateMoments[3].empty()) << "an expert never run has none";
+  EXPECT_EQ(layer1.momentTokens[0], layer1.routedTokens[0]);
 }
 
 TEST(Calibration, StatisticsFileIsSafetensorsWithNamedTensors) {

@@ -51,6 +51,7 @@ struct LayerStatistics {
   std::vector<std::vector<double>> neuronWeightedSquareSum; ///< [E][width] sum of (weight * intermediate)^2.
   std::vector<std::vector<double>> neuronWeightedSquareMax; ///< [E][width] max of (weight * intermediate)^2.
   std::vector<std::vector<double>> inputMoments;    ///< [E][H*H] when requested.
+  std::vector<std::vector<double>> intermediateMoments; ///< [E][width^2] (down_proj input) when requested.
   std::vector<int64_t> momentTokens;                ///< Tokens in each expert's moments.
   int64_t blockSampleCount = 0;
   std::vector<float> blockInput, blockOutput;       ///< [blockSampleCount, H] each.

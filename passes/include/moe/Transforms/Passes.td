@@ -214,7 +214,8 @@ def MoePruneAtoms : Pass<"moe-prune-atoms", "::mlir::ModuleOp"> {
 def MoeQuantize : Pass<"moe-quantize", "::mlir::ModuleOp"> {
   let summary = "Quantize weight matrices to a group-wise integer format";
   let description = [{
-    Round-to-nearest (`method=rtn`) quantization of every targeted matrix to
+    Round-to-nearest (`method=rtn`) or GPTQ (`method=gptq`) quantization of
+    every targeted matrix to
     a format of kernels/common/QuantFormat.h: `bits` 2, 3, 4 or 8, `group`
     32, 64 or 128 weights along the input dimension, symmetric (GPTQ's zero
     point) or asymmetric (min and scale), fp16 or bf16 scales. The packed
@@ -226,12 +227,29 @@ def MoeQuantize : Pass<"moe-quantize", "::mlir::ModuleOp"> {
     and separately `lm_head` and `embedding` (read one row per token),
     comma-separated. Routers and norms stay as they are.
 
+    GPTQ (routed experts; other targets get RTN, with a remark) uses each
+    expert's Hessians from `moec calibrate --input-moments` (X^T X of its
+    routed inputs for gate/up, of its intermediate activation for down),
+    `damping`, lazy blocks of `block` columns and optional `act-order`
+    (static groups, so groups stay contiguous). An expert never silently
+    loses its weights: when its moments saw fewer than `min-coverage` of the
+    calibration tokens (GPTQModel's default 0.5%) it gets RTN and a remark
+    naming its coverage; calibrate with `--all-experts` or
+    `--sample-cap-ratio` to give rare experts statistics instead.
+
     ```mlir
     // moe-opt --moe-quantize="bits=4 group=128 sym=false targets=experts,shared"
     ```
   }];
   let options = [
-    Option<"method", "method", "std::string", /*default=*/"\"rtn\"", "rtn">,
+    Option<"method", "method", "std::string", /*default=*/"\"rtn\"", "rtn or gptq">,
+    Option<"stats", "stats", "std::string", /*default=*/"\"\"",
+           "gptq: calibration statistics with --input-moments">,
+    Option<"damping", "damping", "double", /*default=*/"0.01", "gptq: fraction of mean(diag H) added">,
+    Option<"block", "block", "int64_t", /*default=*/"128", "gptq: columns per lazy-update block">,
+    Option<"actOrder", "act-order", "bool", /*default=*/"false", "gptq: quantize columns by decreasing diag(H)">,
+    Option<"minCoverage", "min-coverage", "double", /*default=*/"0.005",
+           "gptq: experts whose moments saw fewer than this fraction of the calibration tokens get RTN">,
     Option<"bits", "bits", "int64_t", /*default=*/"4", "Bits per weight: 2, 3, 4 or 8">,
     Option<"group", "group", "int64_t", /*default=*/"128", "Weights per scale: 32, 64 or 128">,
     Option<"symmetric", "sym", "bool", /*default=*/"false", "Symmetric (no min) instead of asymmetric">,
@@ -241,6 +259,8 @@ def MoeQuantize : Pass<"moe-quantize", "::mlir::ModuleOp"> {
   ];
   let statistics = [
     Statistic<"tensorsQuantized", "tensors-quantized", "Matrices quantized">,
+    Statistic<"gptqMatrices", "gptq-matrices", "Expert matrices quantized with GPTQ">,
+    Statistic<"rtnFallbacks", "rtn-fallbacks", "Expert matrices given RTN for lack of calibration tokens">,
   ];
 }
 

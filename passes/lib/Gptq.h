@@ -1,0 +1,41 @@
+//===- Gptq.h - GPTQ quantization of one weight matrix ----------*- C++ -*-===//
+//
+// Part of moec. Internal to the passes. GPTQ (Frantar et al. 2023) as
+// AutoGPTQ implements it: columns quantized one by one in blocks of
+// `block`, the rounding error of each column spread over the columns not
+// yet quantized through the upper Cholesky factor of the damped inverse
+// Hessian H = X^T X of the matrix's inputs. Group scales are computed when
+// a group's first column is reached (on the weights as updated so far) or,
+// with act-order, up front on the original weights (GPTQ's static groups)
+// so the groups stay contiguous in kernels/common's layout.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef MOE_PASSES_LIB_GPTQ_H
+#define MOE_PASSES_LIB_GPTQ_H
+
+#include "common/QuantFormat.h"
+#include "moe/Support/Status.h"
+
+#include <vector>
+
+namespace moe {
+
+struct GptqOptions {
+  double damping = 0.01; ///< Fraction of mean(diag H) added to the diagonal.
+  int64_t block = 128;   ///< Columns per lazy-update block.
+  bool actOrder = false; ///< Quantize columns by decreasing diag(H).
+};
+
+/// Quantizes row-major [rows, cols] `weights` with Hessian `hessian`
+/// ([cols, cols], any positive scale) into `packed`
+/// (format.matrixBytes(rows, cols)). Input dimensions that never saw a
+/// signal (zero diagonal) get a unit diagonal, so their weights are rounded
+/// as RTN would (AutoGPTQ zeroes them). Fails when the damped Hessian is
+/// not positive definite.
+Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &weights, int64_t rows, int64_t cols,
+                    std::vector<double> hessian, const GptqOptions &options, std::vector<uint8_t> &packed);
+
+} // namespace moe
+
+#endif // MOE_PASSES_LIB_GPTQ_H
