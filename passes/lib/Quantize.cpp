@@ -42,8 +42,8 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     }
     if (scaleType != "f16" && scaleType != "bf16")
       return fail(module, "scale-type '" + scaleType + "' is not f16 or bf16");
-    quant::QuantFormat format{static_cast<int>(bits), static_cast<int>(group), symmetric,
-                              scaleType == "bf16" ? quant::ScaleType::BF16 : quant::ScaleType::F16};
+    format = quant::QuantFormat{static_cast<int>(bits), static_cast<int>(group), symmetric,
+                                scaleType == "bf16" ? quant::ScaleType::BF16 : quant::ScaleType::F16};
     if (std::string problem = quant::validateQuantFormat(format); !problem.empty())
       return fail(module, problem);
     std::set<std::string> kinds;
@@ -99,9 +99,6 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       });
       TensorAccess access(model);
       Builder builder(model.getContext());
-      const std::string name = format.name();
-      auto quantAttr = ir::QuantAttr::get(model.getContext(), format.bits, format.group,
-                                          format.symmetric ? "sym" : "asym", name);
       for (const std::string &symbolName : symbols) {
         FlatSymbolRefAttr symbol = FlatSymbolRefAttr::get(model.getContext(), symbolName);
         ir::TensorOp tensor = lookupTensor(model, symbol);
@@ -115,6 +112,14 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         if (failed(values))
           return signalPassFailure();
         const int64_t rows = tensor.getTensorType().getShape()[0], cols = tensor.getTensorType().getShape()[1];
+        // moe-allocate-bits' choice overrides `bits` for this tensor.
+        quant::QuantFormat format = this->format;
+        if (auto chosen = tensor->getAttrOfType<IntegerAttr>("moe.bits")) {
+          format.bits = static_cast<int>(chosen.getInt());
+          if (std::string problem = quant::validateQuantFormat(format); !problem.empty())
+            return fail(tensor, "moe.bits: " + problem);
+          tensor->removeAttr("moe.bits");
+        }
         std::vector<uint8_t> packed(format.matrixBytes(rows, cols));
         auto where = expertMatrices.find(symbolName);
         bool quantized = false;
@@ -156,7 +161,10 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         }
         if (!quantized)
           quant::quantizeReference(format, values->data(), rows, cols, packed.data());
+        const std::string name = format.name();
         const std::string key = symbolName + "." + name;
+        auto quantAttr = ir::QuantAttr::get(model.getContext(), format.bits, format.group,
+                                            format.symmetric ? "sym" : "asym", name);
         Expected<WeightStore *> store = access.store();
         if (!store)
           return fail(model, store.status().message());
@@ -179,6 +187,8 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     op->emitError() << "moe-quantize: " << message;
     signalPassFailure();
   }
+
+  quant::QuantFormat format;
 };
 
 } // namespace

@@ -17,6 +17,7 @@
 #include "moe/Transforms/Passes.h"
 
 #include "../../passes/lib/Assignment.h"
+#include "../../passes/lib/BitAllocation.h"
 #include "../../passes/lib/Gptq.h"
 #include "common/QuantFormat.h"
 #include "../unit/TestSupport.h"
@@ -415,4 +416,23 @@ TEST(Gptq, LowersTheLayerOutputErrorOfRtnOnTheSameWeightsAndHessian) {
   std::vector<uint8_t> packed;
   expectErrorContains(quantizeGptq(quant::QuantFormat{}, weights, rows, cols, std::vector<double>(10), {}, packed),
                       {"48x200 matrix needs a 200x200 Hessian"});
+}
+
+TEST(BitAllocation, MoreBitsGoWhereTheLossFallsFastest) {
+  // Same size; A's loss falls steeply with width, B's barely.
+  AllocationUnit a{1000, {10.0, 1.0, 0.5}, 0}, b{1000, {2.0, 1.8, 1.7}, 0};
+  auto result = allocateBits({a, b}, {2, 3, 4}, 3.0);
+  ASSERT_TRUE(result.ok()) << result.status().message();
+  EXPECT_EQ(result->bits, (std::vector<int>{4, 2}));
+  EXPECT_DOUBLE_EQ(result->averageBits, 3.0);
+  // A pinned unit keeps its width and uses budget.
+  AllocationUnit pinned{1000, {}, 4};
+  auto withPin = allocateBits({a, b, pinned}, {2, 3, 4}, 3.0);
+  ASSERT_TRUE(withPin.ok());
+  EXPECT_EQ(withPin->bits[2], 4);
+  EXPECT_LE(withPin->averageBits, 3.0 + 1e-9);
+  EXPECT_EQ(withPin->bits[0], 3) << "the pin leaves 5 bits for two units";
+  // Below the narrowest widths: named, with the closest feasible budget.
+  expectErrorContains(allocateBits({a, b, pinned}, {2, 3, 4}, 2.2).status(),
+                      {"2.2 bits per weight is infeasible", "closest feasible budget is 2.66667"});
 }

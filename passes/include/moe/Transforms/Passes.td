@@ -264,4 +264,47 @@ def MoeQuantize : Pass<"moe-quantize", "::mlir::ModuleOp"> {
   ];
 }
 
+def MoeAllocateBits : Pass<"moe-allocate-bits", "::mlir::ModuleOp"> {
+  let summary = "Choose bits per expert (or expert matrix) under a memory budget";
+  let description = [{
+    MC-MoE's pre-loading mixed-precision allocation as an integer program
+    solved with GLPK: one width from `candidates` per unit (a routed expert,
+    or with `granularity=matrix` one of its three matrices), minimising the
+    summed loss with the parameter-weighted average width at most `budget`
+    bits. Objectives:
+    - `mc-moe`: phi^alpha x w^beta x q^alpha (alpha 1, beta 1.5), with phi
+      the expert's routed-token share and w its router-probability share in
+      its layer (both normalised to sum to 1 and scaled by 1000, as MC-MoE
+      does), and q the Frobenius error of the layer's cached block outputs
+      when only this unit is quantized (RTN at that width, through the
+      engine's MoE block; needs `--block-samples`);
+    - `hessian`: sum_j H_jj ||W[:, j] - Q[:, j]||^2 over the unit's matrices,
+      with H from `--input-moments`.
+    Super experts and shared experts are pinned at `pin-bits` (0: not
+    pinned; shared experts are then left to moe-quantize's own `bits`).
+    The result is a `moe.bits` attribute on each tensor, which
+    `moe-quantize` executes (group and scheme from its own options). A
+    budget below what the narrowest widths and the pins need fails, naming
+    the closest feasible budget. One program for the whole model (MC-MoE
+    solves each layer separately).
+
+    ```mlir
+    // moe-opt --moe-allocate-bits="stats=s.safetensors budget=2.5 candidates=2,3,4" --moe-quantize="group=128"
+    ```
+  }];
+  let options = [
+    Option<"stats", "stats", "std::string", /*default=*/"\"\"", "Calibration statistics (required)">,
+    Option<"budget", "budget", "double", /*default=*/"3.0", "Average bits per weight of the allocated units">,
+    Option<"candidates", "candidates", "std::string", /*default=*/"\"2,3,4\"", "Candidate widths">,
+    Option<"granularity", "granularity", "std::string", /*default=*/"\"expert\"", "expert or matrix">,
+    Option<"objective", "objective", "std::string", /*default=*/"\"mc-moe\"", "mc-moe or hessian">,
+    Option<"group", "group", "int64_t", /*default=*/"128", "Group size of the trial quantization">,
+    Option<"symmetric", "sym", "bool", /*default=*/"false", "Symmetric trial quantization">,
+    Option<"pinBits", "pin-bits", "int64_t", /*default=*/"4", "Width of super and shared experts (0: no pin)">,
+  ];
+  let statistics = [
+    Statistic<"unitsAllocated", "units-allocated", "Units given a width">,
+  ];
+}
+
 #endif // MOE_TRANSFORMS_PASSES_TD

@@ -1,0 +1,38 @@
+//===- BitAllocation.h - Bits per unit under a budget, as an ILP -*- C++ -*-===//
+//
+// Part of moec. Internal to the passes: the integer program of MC-MoE's
+// bit allocation, solved with GLPK: pick one candidate width per unit,
+// minimising the summed loss, with the parameter-weighted average width at
+// most the budget. Pinned units keep their width and count in the budget.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef MOE_PASSES_LIB_BITALLOCATION_H
+#define MOE_PASSES_LIB_BITALLOCATION_H
+
+#include "moe/Support/Status.h"
+
+#include <vector>
+
+namespace moe {
+
+struct AllocationUnit {
+  int64_t parameters = 0;
+  std::vector<double> loss; ///< One per candidate width.
+  int pinnedBits = 0;       ///< Nonzero: this width, whatever the loss.
+};
+
+struct Allocation {
+  std::vector<int> bits;      ///< Per unit.
+  double averageBits = 0;     ///< Parameter-weighted.
+  double loss = 0;
+};
+
+/// Solves the allocation. Fails, naming the closest feasible budget, when
+/// even the narrowest candidates (and the pins) exceed `budgetBits`.
+Expected<Allocation> allocateBits(const std::vector<AllocationUnit> &units, const std::vector<int> &candidates,
+                                  double budgetBits);
+
+} // namespace moe
+
+#endif // MOE_PASSES_LIB_BITALLOCATION_H
