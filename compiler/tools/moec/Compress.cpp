@@ -54,6 +54,7 @@ struct Recipe {
   std::vector<RecipePass> passes;
   std::string calibrationData;
   int64_t calibrationTokens = 0, sequenceLength = 256, blockSamples = 1024;
+  bool inputMoments = false;
 };
 
 double seconds(std::chrono::steady_clock::time_point since) {
@@ -132,7 +133,12 @@ Expected<Recipe> readRecipe(const std::string &path) {
         return Status::error(path, ": passes[", i, "].options.", key, " must be a string, number or boolean");
     const std::string method = pass.options.value("method", std::string());
     pass.needsStatistics = pass.name == "moe-prune-experts" || pass.name == "moe-merge-experts" ||
-                           pass.name == "moe-dynamic-skip" || (pass.name == "moe-prune-atoms" && method != "magnitude");
+                           pass.name == "moe-dynamic-skip" || pass.name == "moe-allocate-bits" ||
+                           (pass.name == "moe-prune-atoms" && method != "magnitude") ||
+                           (pass.name == "moe-quantize" && method == "gptq");
+    // GPTQ and the Hessian objective need the (large) input moments.
+    if ((pass.name == "moe-quantize" && method == "gptq") || pass.name == "moe-allocate-bits")
+      recipe.inputMoments = true;
     recipe.passes.push_back(std::move(pass));
   }
   return recipe;
@@ -273,6 +279,7 @@ int runCompress(const CompressOptions &options) {
       calibration.sequenceLength = recipe->sequenceLength;
       calibration.maxTokens = recipe->calibrationTokens;
       calibration.blockSamples = recipe->blockSamples;
+      calibration.inputMoments = recipe->inputMoments;
       calibration.progress = terminal;
       Expected<CalibrationResult> result = calibrate(*loaded->engine, *streams, calibration);
       Status status = result ? writeStatistics(*result, calibration, statsPath) : result.status();

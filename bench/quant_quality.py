@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Quantization quality on the bundled fixtures (issue 7): held-out perplexity
+of RTN vs GPTQ at 4, 3 and 2 bits (groups of 128 and 64) on the routed
+experts, MC-MoE mixed precision at 2.5 and 3.0 average bits against the
+uniform widths around them (RTN and GPTQ executing the allocation), and the
+combination with 25% NAEE expert pruning (recalibrated after pruning, by
+moec compress). Also the cost of GPTQ: seconds per expert matrix and the
+pass's peak RSS.
+
+Prints one JSON object per line. Usage: bench/quant_quality.py BUILD_DIR
+"""
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "..", "tests", "data")
+
+
+def run(*args):
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+
+
+def main():
+    build = sys.argv[1] if len(sys.argv) > 1 else "build"
+    moec = os.path.join(build, "compiler", "tools", "moec")
+    heldout = os.path.join(DATA, "brown", "heldout.jsonl")
+    calibration = os.path.join(DATA, "brown", "calibration.jsonl")
+
+    def evaluate(model):
+        return json.loads(run(moec, "eval", model, "--data", heldout, "--json"))["perplexity"]
+
+    with tempfile.TemporaryDirectory() as work:
+        for fixture in ("tiny-mixtral", "tiny-deepseek"):
+            model = os.path.join(DATA, "fixtures", fixture)
+            stats = os.path.join(work, fixture + ".stats.safetensors")
+            start = time.time()
+            run(moec, "calibrate", model, "--data", calibration, "--input-moments", "--block-samples", "2048",
+                "-o", stats)
+            calibration_seconds = time.time() - start
+            module = os.path.join(work, fixture + ".mlir")
+            run(moec, "import", model, "-o", module)
+            experts = open(module).read().count("moe.expert ")
+            print(json.dumps({"fixture": fixture, "config": "original", "perplexity": evaluate(model),
+                              "calibration_seconds": calibration_seconds}), flush=True)
+
+            def quantize(label, pipeline):
+                out = os.path.join(work, "%s-%s.mlir" % (fixture, label))
+                before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+                start = time.time()
+                run(moec, "opt", module, "--pipeline", pipeline, "-o", out)
+                seconds = time.time() - start
+                record = {"fixture": fixture, "config": label, "perplexity": evaluate(out), "pass_seconds": seconds}
+                if "gptq" in pipeline:
+                    record["seconds_per_expert_matrix"] = seconds / (3 * experts)
+                    record["peak_rss_kb_of_children"] = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+                print(json.dumps(record), flush=True)
+
+            for group in (128, 64):
+                for bits in (4, 3, 2):
+                    for method in ("rtn", "gptq"):
+                        quantize("%s-q%d-g%d" % (method, bits, group),
+                                 "moe-quantize{method=%s stats=%s bits=%d group=%d targets=experts}"
+                                 % (method, stats, bits, group))
+            for budget in (2.5, 3.0):
+                for method in ("rtn", "gptq"):
+                    quantize("mixed-%s-%s-g64" % (budget, method),
+                             "moe-allocate-bits{stats=%s budget=%s candidates=2,3,4 group=64},"
+                             "moe-quantize{method=%s stats=%s group=64 targets=experts}" % (stats, budget, method, stats))
+            for bits, label in ((3, "prune25-gptq-q3-g64"), (4, "prune25-gptq-q4-g64")):
+                recipe = os.path.join(work, label + ".json")
+                with open(recipe, "w") as f:
+                    json.dump({"calibration": {"data": calibration, "block_samples": 2048},
+                               "passes": [{"pass": "moe-prune-experts", "options": {"method": "reconstruction", "ratio": 0.25}},
+                                          {"pass": "moe-quantize", "options": {"method": "gptq", "bits": bits, "group": 64,
+                                                                              "targets": "experts"}}]}, f)
+                package = os.path.join(work, "%s-%s.moepkg" % (fixture, label))
+                summary = json.loads(run(moec, "compress", model, "--recipe", recipe, "-o", package))
+                print(json.dumps({"fixture": fixture, "config": label, "perplexity": evaluate(package),
+                                  "seconds": summary["seconds"]}), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
