@@ -163,6 +163,43 @@ public:
 
   bool computeAllExperts() const override { return options.allExperts; }
 
+  void onAttention(int64_t layer, int64_t tokens, std::span<const float> input,
+                   std::span<const float> attended) override {
+    if (!withMoments)
+      return;
+    DenseMoments &moments = denseMoments[layer];
+    moments.tokens += tokens;
+    addMoments(moments.attentionInput, input, tokens);
+    addMoments(moments.attentionOutput, attended, tokens);
+  }
+
+  void onSharedExpert(int64_t layer, int64_t tokens, std::span<const float> input,
+                      std::span<const float> intermediate) override {
+    if (!withMoments)
+      return;
+    DenseMoments &moments = denseMoments[layer];
+    addMoments(moments.sharedInput, input, tokens);
+    addMoments(moments.sharedIntermediate, intermediate, tokens);
+  }
+
+  /// target += rows^T rows for `tokens` rows of `values`.
+  static void addMoments(std::vector<double> &target, std::span<const float> values, int64_t tokens) {
+    const int64_t width = static_cast<int64_t>(values.size()) / tokens;
+    if (static_cast<int64_t>(target.size()) != width * width)
+      target.assign(static_cast<size_t>(width * width), 0.0);
+    for (int64_t t = 0; t < tokens; ++t) {
+      const float *v = values.data() + t * width;
+      for (int64_t a = 0; a < width; ++a) {
+        const double va = v[a];
+        double *row = target.data() + a * width;
+        for (int64_t b = 0; b < width; ++b)
+          row[b] += va * v[b];
+      }
+    }
+  }
+
+  std::map<int64_t, DenseMoments> denseMoments;
+
   void onMoeBlock(int64_t layer, int64_t tokens, std::span<const float> input, std::span<const float> output) override {
     LayerStatistics &stats = layers[index.at(layer)];
     const int64_t H = spec.hiddenSize;
@@ -266,6 +303,7 @@ Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStre
   engine.setObserver(nullptr);
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   result.layers = std::move(observer.layers);
+  result.denseMoments = std::move(observer.denseMoments);
   return result;
 }
 
@@ -310,6 +348,19 @@ Status writeStatistics(const CalibrationResult &result, const CalibrationOptions
       MOE_RETURN_IF_ERROR(writer.addTensor(prefix + "block_output", DType::F32, {stats.blockSampleCount, H},
                                            toBytes(stats.blockOutput)));
     }
+  }
+  for (const auto &[layer, moments] : result.denseMoments) {
+    const std::string prefix = concat("layers.", layer, ".");
+    auto addSquare = [&](const std::string &name, const std::vector<double> &values) -> Status {
+      if (values.empty())
+        return Status::success();
+      const int64_t width = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(values.size()))));
+      return writer.addTensor(prefix + name, DType::F64, {width, width}, toBytes(values));
+    };
+    MOE_RETURN_IF_ERROR(addSquare("attention_input_moments", moments.attentionInput));
+    MOE_RETURN_IF_ERROR(addSquare("attention_output_moments", moments.attentionOutput));
+    MOE_RETURN_IF_ERROR(addSquare("shared_input_moments", moments.sharedInput));
+    MOE_RETURN_IF_ERROR(addSquare("shared_intermediate_moments", moments.sharedIntermediate));
   }
   writer.setMetadata("format", "moec-calibration-statistics-v1");
   writer.setMetadata("tokens", std::to_string(result.tokens));

@@ -71,6 +71,9 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         bool down;
       };
       std::map<std::string, ExpertMatrix> expertMatrices;
+      // Attention projections and shared experts: the layer statistic holding
+      // their Hessian (every token reaches them).
+      std::map<std::string, std::pair<int64_t, std::string>> denseMatrices;
       model.walk([&](Operation *op) {
         if (auto expert = dyn_cast<ir::ExpertOp>(op); expert && kinds.count("experts")) {
           add(expert.getGateAttr());
@@ -85,6 +88,10 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
           add(shared.getGateAttr());
           add(shared.getUpAttr());
           add(shared.getDownAttr());
+          const int64_t layer = static_cast<int64_t>(shared->getParentOfType<ir::LayerOp>().getIndex());
+          denseMatrices[shared.getGate().str()] = {layer, "shared_input_moments"};
+          denseMatrices[shared.getUp().str()] = {layer, "shared_input_moments"};
+          denseMatrices[shared.getDown().str()] = {layer, "shared_intermediate_moments"};
         } else if (auto dense = dyn_cast<ir::DenseOp>(op)) {
           const bool wanted = (dense.getPart() == "attention" && kinds.count("attention")) ||
                               (dense.getPart() == "dense_mlp" && kinds.count("dense")) ||
@@ -93,8 +100,19 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
           if (wanted)
             for (NamedAttribute entry : dense.getTensors())
               if (auto symbol = dyn_cast<FlatSymbolRefAttr>(entry.getValue()))
-                if (lookupTensor(model, symbol).getTensorType().getRank() == 2)
+                if (lookupTensor(model, symbol).getTensorType().getRank() == 2) {
                   add(symbol);
+                  auto layerOp = dense->getParentOfType<ir::LayerOp>();
+                  StringRef role = entry.getName().getValue();
+                  if (layerOp && dense.getPart() == "attention") {
+                    const int64_t layer = static_cast<int64_t>(layerOp.getIndex());
+                    if (role == "q_proj" || role == "k_proj" || role == "v_proj" || role == "q_a_proj" ||
+                        role == "kv_a_proj")
+                      denseMatrices[symbol.getValue().str()] = {layer, "attention_input_moments"};
+                    else if (role == "o_proj")
+                      denseMatrices[symbol.getValue().str()] = {layer, "attention_output_moments"};
+                  }
+                }
         }
       });
       TensorAccess access(model);
@@ -123,8 +141,24 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         std::vector<uint8_t> packed(format.matrixBytes(rows, cols));
         auto where = expertMatrices.find(symbolName);
         bool quantized = false;
-        if (method == "gptq" && where == expertMatrices.end()) {
-          tensor.emitRemark() << "moe-quantize: GPTQ covers routed experts; this tensor gets RTN";
+        auto denseWhere = denseMatrices.find(symbolName);
+        if (method == "gptq" && where == expertMatrices.end() && denseWhere != denseMatrices.end()) {
+          const auto &[layer, statistic] = denseWhere->second;
+          FailureOr<std::vector<double>> hessian = file->layer(layer, statistic, tensor);
+          if (failed(hessian))
+            return signalPassFailure();
+          if (static_cast<int64_t>(hessian->size()) != cols * cols)
+            return fail(tensor, concat("the Hessian '", statistic, "' of layer ", layer, " has ", hessian->size(),
+                                       " values, the matrix has ", cols, " columns; calibrate the model as it is now"));
+          GptqOptions gptq{damping, block, actOrder};
+          Status status = quantizeGptq(format, *values, rows, cols, std::move(*hessian), gptq, packed);
+          if (!status.ok())
+            return fail(tensor, concat("layer ", layer, ": ", status.message()));
+          ++gptqMatrices;
+          quantized = true;
+        } else if (method == "gptq" && where == expertMatrices.end()) {
+          tensor.emitRemark() << "moe-quantize: no Hessian is recorded for this tensor's input (MLA's q_b/kv_b, "
+                                 "dense-layer MLPs, lm_head, embeddings); it gets RTN";
         } else if (method == "gptq") {
           const ExpertMatrix &m = where->second;
           FailureOr<std::vector<double>> coverage = file->layer(m.layer, "moment_tokens", tensor);

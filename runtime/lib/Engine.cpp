@@ -95,7 +95,7 @@ void attend(const ModelSpec &spec, const float *q, int64_t tokens, const KvCache
 /// Grouped-query attention; appends keys/values to the cache.
 void groupedQueryAttention(const ModelSpec &spec, const LayerWeights &w, const float *x,
                            int64_t tokens, int64_t layer, const rope::Angles &angles,
-                           KvCache &cache, float *out) {
+                           KvCache &cache, float *out, EngineObserver *observer) {
   const AttentionSpec &a = spec.attention;
   const int64_t hd = a.headDim, qWidth = a.numHeads * hd, kvWidth = a.numKeyValueHeads * hd;
   std::vector<float> q(static_cast<size_t>(tokens * qWidth)), k(static_cast<size_t>(tokens * kvWidth)),
@@ -129,12 +129,15 @@ void groupedQueryAttention(const ModelSpec &spec, const LayerWeights &w, const f
   values.insert(values.end(), v.begin(), v.end());
   std::vector<float> attended(static_cast<size_t>(tokens * a.numHeads * a.valueHeadDim));
   attend(spec, q.data(), tokens, cache, layer, firstPosition, attended.data());
+  if (observer)
+    observer->onAttention(layer, tokens, std::span<const float>(x, tokens * spec.hiddenSize), attended);
   linear(attended.data(), tokens, w.output, w.outputBias, out);
 }
 
 /// DeepSeek multi-head latent attention, caching full per-head keys and values.
 void latentAttention(const ModelSpec &spec, const LayerWeights &w, const float *x, int64_t tokens,
-                     int64_t layer, const rope::Angles &angles, KvCache &cache, float *out) {
+                     int64_t layer, const rope::Angles &angles, KvCache &cache, float *out,
+                     EngineObserver *observer) {
   const AttentionSpec &a = spec.attention;
   const int64_t heads = a.numHeads, dn = a.qkNopeHeadDim, dr = a.qkRopeHeadDim,
                 dv = a.valueHeadDim, qDim = dn + dr, lora = a.kvLoraRank;
@@ -178,6 +181,8 @@ void latentAttention(const ModelSpec &spec, const LayerWeights &w, const float *
   values.insert(values.end(), v.begin(), v.end());
   std::vector<float> attended(static_cast<size_t>(tokens * heads * dv));
   attend(spec, q.data(), tokens, cache, layer, firstPosition, attended.data());
+  if (observer)
+    observer->onAttention(layer, tokens, std::span<const float>(x, tokens * spec.hiddenSize), attended);
   linear(attended.data(), tokens, w.output, out);
 }
 
@@ -307,6 +312,8 @@ void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerW
   if (layer.shared.intermediateSize > 0) {
     std::vector<float> shared(static_cast<size_t>(tokens * H));
     swiglu(w.shared, x, tokens, intermediate, shared.data());
+    if (observer)
+      observer->onSharedExpert(layer.index, tokens, std::span<const float>(x, tokens * H), intermediate);
     for (int64_t t = 0; t < tokens; ++t) {
       float gate = 1.0f;
       if (layer.shared.gated) {
@@ -384,9 +391,9 @@ Status Engine::forward(std::span<const int32_t> tokens, KvCache &cache, std::vec
     normed = x;
     normalize(spec, normed.data(), T, w.attentionNorm, w.attentionNormBias);
     if (spec.attention.kind == AttentionKind::MultiHeadLatent)
-      latentAttention(spec, w, normed.data(), T, l, angles, cache, branch.data());
+      latentAttention(spec, w, normed.data(), T, l, angles, cache, branch.data(), observer);
     else
-      groupedQueryAttention(spec, w, normed.data(), T, l, angles, cache, branch.data());
+      groupedQueryAttention(spec, w, normed.data(), T, l, angles, cache, branch.data(), observer);
     for (size_t i = 0; i < x.size(); ++i)
       x[i] += branch[i];
 

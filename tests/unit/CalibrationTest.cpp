@@ -95,6 +95,14 @@ TEST(Calibration, AnExpertThatIsNeverRoutedRecordsNothing) {
   EXPECT_GT(innerTrace, 0.0);
   EXPECT_TRUE(layer1.intermediateMoments[3].empty()) << "an expert never run has none";
   EXPECT_EQ(layer1.momentTokens[0], layer1.routedTokens[0]);
+  // Attention and shared-expert moments over every token, every layer.
+  ASSERT_EQ(result->denseMoments.size(), 4u) << "a dense first layer and three MoE layers";
+  const DenseMoments &dense = result->denseMoments.at(1);
+  EXPECT_EQ(dense.tokens, 512);
+  EXPECT_EQ(dense.attentionInput.size(), 160u * 160u);
+  EXPECT_FALSE(dense.attentionOutput.empty());
+  EXPECT_FALSE(dense.sharedIntermediate.empty());
+  EXPECT_TRUE(result->denseMoments.at(0).sharedInput.empty()) << "layer 0 is dense";
 }
 
 TEST(Calibration, StatisticsFileIsSafetensorsWithNamedTensors) {

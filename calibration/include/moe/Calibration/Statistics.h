@@ -13,6 +13,7 @@
 #include "moe/Runtime/Engine.h"
 #include "moe/Runtime/Evaluate.h"
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -57,8 +58,19 @@ struct LayerStatistics {
   std::vector<float> blockInput, blockOutput;       ///< [blockSampleCount, H] each.
 };
 
+/// X^T X of the inputs of a layer's attention projections and shared
+/// expert (every token), recorded with --input-moments for GPTQ.
+struct DenseMoments {
+  int64_t tokens = 0;
+  std::vector<double> attentionInput;     ///< [H, H]: q/k/v (and MLA's down projections).
+  std::vector<double> attentionOutput;    ///< [A, A]: the output projection's input.
+  std::vector<double> sharedInput;        ///< [H, H]: shared expert gate/up.
+  std::vector<double> sharedIntermediate; ///< [S, S]: shared expert down.
+};
+
 struct CalibrationResult {
   std::vector<LayerStatistics> layers;
+  std::map<int64_t, DenseMoments> denseMoments; ///< By layer, with input moments.
   int64_t tokens = 0;
   double seconds = 0;
 };

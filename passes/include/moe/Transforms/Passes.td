@@ -227,9 +227,13 @@ def MoeQuantize : Pass<"moe-quantize", "::mlir::ModuleOp"> {
     and separately `lm_head` and `embedding` (read one row per token),
     comma-separated. Routers and norms stay as they are.
 
-    GPTQ (routed experts; other targets get RTN, with a remark) uses each
-    expert's Hessians from `moec calibrate --input-moments` (X^T X of its
-    routed inputs for gate/up, of its intermediate activation for down),
+    GPTQ uses each expert's Hessians from `moec calibrate --input-moments`
+    (X^T X of its routed inputs for gate/up, of its intermediate activation
+    for down); attention projections (q/k/v and MLA's q_a/kv_a from the
+    attention input, o from the attended values) and shared experts use
+    the per-layer moments over every token; tensors without recorded inputs
+    (MLA's q_b/kv_b, dense-layer MLPs, lm_head, embeddings) get RTN with a
+    remark. Options:
     `damping`, lazy blocks of `block` columns and optional `act-order`
     (static groups, so groups stay contiguous). An expert never silently
     loses its weights: when its moments saw fewer than `min-coverage` of the

@@ -45,6 +45,13 @@ public:
   /// MoE block input (after the norm) and output (before the residual), [T, H].
   virtual void onMoeBlock(int64_t layer, int64_t tokens, std::span<const float> input,
                           std::span<const float> output) {}
+  /// Attention input (after the norm) [T, H] and the attended values that
+  /// enter the output projection [T, heads * value dim].
+  virtual void onAttention(int64_t layer, int64_t tokens, std::span<const float> input,
+                           std::span<const float> attended) {}
+  /// Shared expert input [T, H] and its silu(gate)*up [T, width].
+  virtual void onSharedExpert(int64_t layer, int64_t tokens, std::span<const float> input,
+                              std::span<const float> intermediate) {}
   /// Hidden state after layer `layer`, [T, H].
   virtual void onLayerOutput(int64_t layer, int64_t tokens, std::span<const float> hidden) {}
   /// When true, every routed expert also runs on every token of the block
