@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the benchmarks and prints their JSON. Usage: bench/run.sh BUILD_DIR [checkpoint|engine|experts]
+# Runs the benchmarks and prints their JSON.
+# Usage: bench/run.sh BUILD_DIR [checkpoint|engine|experts|kernels|packages|quantization]
 # Generated checkpoints go to ${MOEC_BENCH_DIR:-/tmp/moec-bench} (about 7 GiB).
 set -euo pipefail
 build=${1:-build}
@@ -33,4 +34,16 @@ fi
 
 if [ "$which" = all ] || [ "$which" = experts ]; then
   python3 "$here/expert_quality.py" "$build"
+fi
+
+if [ "$which" = all ] || [ "$which" = kernels ]; then
+  "$build/bench/quant_kernels" --rows 32768 --cols 8192 --repeat 3
+fi
+
+if [ "$which" = all ] || [ "$which" = packages ]; then
+  python3 "$here/package_quality.py" "$build"
+fi
+
+if [ "$which" = all ] || [ "$which" = quantization ]; then
+  python3 "$here/quant_quality.py" "$build"
 fi
