@@ -102,16 +102,13 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
         const double scoreTotal = std::accumulate(scores->begin(), scores->end(), 0.0);
 
         // mc-moe: block-output error with one unit quantized at a time.
-        std::vector<float> input, target;
-        int64_t samples = 0, width = 0;
+        CalibrationStats::BlockSamples blocks;
         FailureOr<LayerWeights> weights = failure();
         if (objective == "mc-moe") {
-          FailureOr<std::vector<float>> x = file->floats(index, "block_input", layer, samples, width);
-          FailureOr<std::vector<float>> z = file->floats(index, "block_output", layer, samples, width);
-          if (failed(x) || failed(z))
+          FailureOr<CalibrationStats::BlockSamples> loaded = file->blockSamples(index, loader->spec().hiddenSize, layer);
+          if (failed(loaded))
             return signalPassFailure();
-          input = std::move(*x);
-          target = std::move(*z);
+          blocks = std::move(*loaded);
           weights = loader->load(layer);
           if (failed(weights))
             return signalPassFailure();
@@ -194,13 +191,10 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
                   matrices[m]->bf16.clear();
                   matrices[m]->data = roundTrip(format, original[m], shapes[m][0], shapes[m][1]);
                 }
-                std::vector<float> output(target.size());
-                moeBlockForward(loader->spec(), *layerSpec, trialWeights, input.data(), samples, output.data());
-                double error = 0;
-                for (size_t i = 0; i < output.size(); ++i)
-                  error += (static_cast<double>(target[i]) - output[i]) * (static_cast<double>(target[i]) - output[i]);
+                std::vector<float> scratch;
+                const double error = blockOutputError(loader->spec(), *layerSpec, trialWeights, blocks, {}, scratch);
                 // MC-MoE: phi^alpha w^beta q^alpha, alpha = 1, beta = 1.5.
-                loss = phi * std::pow(share, 1.5) * std::sqrt(error);
+                loss = phi * std::pow(share, 1.5) * error;
               }
               unit.allocation.loss.push_back(loss);
             }

@@ -77,6 +77,37 @@ FailureOr<std::vector<float>> CalibrationStats::floats(int64_t layer, StringRef 
   return values;
 }
 
+FailureOr<CalibrationStats::BlockSamples> CalibrationStats::blockSamples(int64_t layer, int64_t hiddenSize,
+                                                                        Operation *op) const {
+  BlockSamples samples;
+  int64_t inputRows, inputCols, outputRows, outputCols;
+  FailureOr<std::vector<float>> input = floats(layer, "block_input", op, inputRows, inputCols);
+  FailureOr<std::vector<float>> output = floats(layer, "block_output", op, outputRows, outputCols);
+  if (failed(input) || failed(output))
+    return failure();
+  if (inputCols != hiddenSize || outputCols != hiddenSize || inputRows != outputRows)
+    return op->emitError() << pass << ": block samples of layer " << layer << " have width " << inputCols
+                           << ", the model's hidden size is " << hiddenSize,
+           failure();
+  samples.count = inputRows;
+  samples.input = std::move(*input);
+  samples.output = std::move(*output);
+  return samples;
+}
+
+double blockOutputError(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &weights,
+                        const CalibrationStats::BlockSamples &samples, const MoeBlockHooks &hooks,
+                        std::vector<float> &scratch) {
+  scratch.resize(samples.output.size());
+  moeBlockForward(spec, layer, weights, samples.input.data(), samples.count, scratch.data(), hooks);
+  double error = 0;
+  for (size_t i = 0; i < scratch.size(); ++i) {
+    const double difference = static_cast<double>(samples.output[i]) - scratch[i];
+    error += difference * difference;
+  }
+  return std::sqrt(error);
+}
+
 std::set<std::pair<int64_t, int64_t>>
 findSuperExperts(const std::vector<std::pair<double, std::pair<int64_t, int64_t>>> &maxOutputs) {
   std::set<std::pair<int64_t, int64_t>> found;

@@ -13,6 +13,7 @@
 #include "moe/Dialect/Moe/IR/MoeOps.h"
 #include "moe/Frontend/Safetensors.h"
 #include "moe/Runtime/Description.h"
+#include "moe/Runtime/Engine.h"
 
 #include <memory>
 #include <set>
@@ -31,16 +32,30 @@ public:
   /// `layers.<layer>.experts.<expert>.<name>`.
   mlir::FailureOr<std::vector<double>> expert(int64_t layer, int64_t expert, llvm::StringRef name,
                                               mlir::Operation *op) const;
-  /// An F32 [rows, cols] statistic (block samples) with its shape.
-  mlir::FailureOr<std::vector<float>> floats(int64_t layer, llvm::StringRef name, mlir::Operation *op,
-                                             int64_t &rows, int64_t &cols) const;
+  /// Layer `layer`'s block input and output samples (`--block-samples`),
+  /// checked against the model's hidden size.
+  struct BlockSamples {
+    int64_t count = 0;
+    std::vector<float> input, output; ///< [count, hidden] each.
+  };
+  mlir::FailureOr<BlockSamples> blockSamples(int64_t layer, int64_t hiddenSize, mlir::Operation *op) const;
   const std::string &path() const { return file->path(); }
 
 private:
   mlir::FailureOr<std::vector<double>> read(const std::string &key, mlir::Operation *op) const;
+  /// An F32 [rows, cols] statistic with its shape.
+  mlir::FailureOr<std::vector<float>> floats(int64_t layer, llvm::StringRef name, mlir::Operation *op, int64_t &rows,
+                                             int64_t &cols) const;
   std::shared_ptr<SafetensorsFile> file;
   std::string pass;
 };
+
+/// ||Z - MoEBlock(X)||_F over `samples`, the block recomputed by the
+/// engine's own MoE block with `weights` and `hooks` (e.g. masked router
+/// rows); `scratch` holds the recomputed outputs. NAEE's and MC-MoE's loss.
+double blockOutputError(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &weights,
+                        const CalibrationStats::BlockSamples &samples, const MoeBlockHooks &hooks,
+                        std::vector<float> &scratch);
 
 /// (layer, expert) pairs that are Super Experts: max |output| above the
 /// 99.5th percentile of all experts and above a tenth of the largest (Su et

@@ -65,24 +65,19 @@ struct DynamicSkipPass : public moe::impl::MoeDynamicSkipBase<DynamicSkipPass> {
           continue;
         }
         const int64_t index = static_cast<int64_t>(layer.getIndex());
-        int64_t samples, width;
-        FailureOr<std::vector<float>> input = file->floats(index, "block_input", layer, samples, width);
-        if (failed(input))
+        FailureOr<CalibrationStats::BlockSamples> blocks = file->blockSamples(index, loader->spec().hiddenSize, layer);
+        if (failed(blocks))
           return signalPassFailure();
-        if (width != loader->spec().hiddenSize) {
-          layer.emitError() << "moe-dynamic-skip: block samples of layer " << index << " have width " << width
-                            << ", the model's hidden size is " << loader->spec().hiddenSize;
-          return signalPassFailure();
-        }
+        const std::vector<float> &input = blocks->input;
         FailureOr<LayerWeights> weights = loader->load(layer);
         if (failed(weights))
           return signalPassFailure();
         WeightRatios ratios;
         MoeBlockHooks hooks;
         hooks.observer = &ratios;
-        std::vector<float> output(input->size());
-        moeBlockForward(loader->spec(), loader->spec().layers[static_cast<size_t>(index)], *weights, input->data(),
-                        samples, output.data(), hooks);
+        std::vector<float> output(input.size());
+        moeBlockForward(loader->spec(), loader->spec().layers[static_cast<size_t>(index)], *weights, input.data(),
+                        blocks->count, output.data(), hooks);
         std::vector<double> &values = ratios.ratios;
         std::sort(values.begin(), values.end());
         // The quantile by linear interpolation between order statistics.

@@ -51,6 +51,19 @@ FailureOr<ExpertMatrices> readExpert(ir::ModelOp model, TensorAccess &access, ir
   return m;
 }
 
+/// Every expert of a block, in slot order.
+FailureOr<std::vector<ExpertMatrices>> readExperts(ir::ModelOp model, TensorAccess &access,
+                                                   llvm::ArrayRef<ir::ExpertOp> experts) {
+  std::vector<ExpertMatrices> matrices;
+  for (ir::ExpertOp expert : experts) {
+    FailureOr<ExpertMatrices> m = readExpert(model, access, expert);
+    if (failed(m))
+      return failure();
+    matrices.push_back(std::move(*m));
+  }
+  return matrices;
+}
+
 /// Neuron j as one vector: gate row, up row, down column.
 std::vector<double> neuron(const ExpertMatrices &m, int64_t j) {
   const int64_t H = m.hidden, I = m.width;
@@ -216,13 +229,10 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
       for (int64_t c : centreIds)
         groupOf[c] = c;
 
-      std::vector<ExpertMatrices> matrices;
-      for (ir::ExpertOp expert : info.parts.experts) {
-          FailureOr<ExpertMatrices> m = readExpert(model, access, expert);
-          if (failed(m))
-            return failure();
-          matrices.push_back(std::move(*m));
-        }
+      FailureOr<std::vector<ExpertMatrices>> read = readExperts(model, access, info.parts.experts);
+      if (failed(read))
+        return failure();
+      std::vector<ExpertMatrices> &matrices = *read;
       for (int64_t e = 0; e < E; ++e) {
         if (groupOf[e] >= 0)
           continue;
@@ -341,13 +351,10 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
       });
       std::vector<int64_t> retained(order.begin(), order.begin() + keep);
       std::set<int64_t> dropped(order.begin() + keep, order.end());
-      std::vector<ExpertMatrices> matrices;
-      for (ir::ExpertOp expert : info.parts.experts) {
-        FailureOr<ExpertMatrices> m = readExpert(model, access, expert);
-        if (failed(m))
-          return failure();
-        matrices.push_back(std::move(*m));
-      }
+      FailureOr<std::vector<ExpertMatrices>> read = readExperts(model, access, info.parts.experts);
+      if (failed(read))
+        return failure();
+      std::vector<ExpertMatrices> &matrices = *read;
       // Normalised neuron vectors of the retained experts.
       struct Target {
         int64_t expert, neuron;

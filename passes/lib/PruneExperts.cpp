@@ -34,20 +34,13 @@ struct Candidate {
   double score;
 };
 
-/// ||Z - MoEBlock(X) with `dropped` router rows masked||_F: NAEE's loss.
+/// NAEE's loss: the block output error with `dropped` router rows masked.
 double reconstructionLoss(const ModelSpec &spec, const LayerSpec &layerSpec, const LayerWeights &weights,
-                          const std::vector<float> &input, const std::vector<float> &target, int64_t samples,
-                          const std::set<int64_t> &dropped, std::vector<float> &scratch) {
-  scratch.resize(target.size());
+                          const CalibrationStats::BlockSamples &samples, const std::set<int64_t> &dropped,
+                          std::vector<float> &scratch) {
   MoeBlockHooks hooks;
   hooks.maskedRows = &dropped;
-  moeBlockForward(spec, layerSpec, weights, input.data(), samples, scratch.data(), hooks);
-  double loss = 0;
-  for (size_t i = 0; i < target.size(); ++i) {
-    double difference = static_cast<double>(target[i]) - scratch[i];
-    loss += difference * difference;
-  }
-  return std::sqrt(loss);
+  return blockOutputError(spec, layerSpec, weights, samples, hooks, scratch);
 }
 
 /// Number of k-subsets of n, saturating at `limit` + 1.
@@ -193,14 +186,9 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
       const int64_t budget = budgetFor(index);
       if (budget <= 0)
         continue;
-      int64_t samples, width;
-      FailureOr<std::vector<float>> input = file.floats(index, "block_input", layer, samples, width);
-      FailureOr<std::vector<float>> target = file.floats(index, "block_output", layer, samples, width);
-      if (failed(input) || failed(target))
+      FailureOr<CalibrationStats::BlockSamples> blocks = file.blockSamples(index, spec.hiddenSize, layer);
+      if (failed(blocks))
         return failure();
-      if (width != spec.hiddenSize)
-        return layer.emitError() << "moe-prune-experts: block samples of layer " << index << " have width " << width
-                                 << ", the model's hidden size is " << spec.hiddenSize;
       FailureOr<LayerWeights> loaded = loader->load(layer);
       if (failed(loaded))
         return failure();
@@ -225,7 +213,7 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
           std::set<int64_t> subset;
           for (int64_t i : pick)
             subset.insert(choices[static_cast<size_t>(i)]);
-          double loss = reconstructionLoss(spec, layerSpec, weights, *input, *target, samples, subset, scratch);
+          double loss = reconstructionLoss(spec, layerSpec, weights, *blocks, subset, scratch);
           ++subsetsEvaluated;
           if (loss < bestLoss) {
             bestLoss = loss;
@@ -249,7 +237,7 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
               continue;
             std::set<int64_t> subset = best;
             subset.insert(e);
-            double loss = reconstructionLoss(spec, layerSpec, weights, *input, *target, samples, subset, scratch);
+            double loss = reconstructionLoss(spec, layerSpec, weights, *blocks, subset, scratch);
             ++subsetsEvaluated;
             if (loss < chosenLoss) {
               chosenLoss = loss;

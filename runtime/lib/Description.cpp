@@ -98,6 +98,20 @@ public:
     return Status::success();
   }
 
+  /// The dtype and size readRaw would return, without reading the bytes.
+  Status rawSize(const TensorRef &tensor, DType &dtype, uint64_t &bytes) {
+    if (!tensor.scaleKey.empty()) {
+      dtype = DType::F32;
+      bytes = static_cast<uint64_t>(numElements(tensor.shape)) * sizeof(float);
+      return Status::success();
+    }
+    Located where;
+    MOE_RETURN_IF_ERROR(locate(tensor, where));
+    dtype = where.dtype;
+    bytes = where.bytes;
+    return Status::success();
+  }
+
   Status readRaw(const TensorRef &tensor, DType &dtype, std::vector<uint8_t> &bytes) {
     if (tensor.scaleKey.empty()) {
       const SafetensorsFile *file;
@@ -119,16 +133,22 @@ public:
 private:
   /// The raw bytes and dtype of `tensor`; `file`/`info` are set for
   /// unsliced source tensors (whose pages the caller releases).
-  Status readBytes(const TensorRef &tensor, DType &dtype, std::vector<uint8_t> &bytes,
-                   const SafetensorsFile *&file, const TensorInfo *&info) {
-    file = nullptr;
-    info = nullptr;
+  /// Where `tensor`'s stored bytes are, their dtype and size, without
+  /// reading them.
+  struct Located {
+    const StoredTensor *stored = nullptr;   ///< In the WeightStore.
+    const SafetensorsFile *file = nullptr;  ///< In a source file...
+    const TensorInfo *info = nullptr;
+    DType dtype = DType::U8;
+    uint64_t bytes = 0;
+  };
+  Status locate(const TensorRef &tensor, Located &where) {
+    where = Located();
     if (tensor.source == kPackageSource) {
       if (!description.package || tensor.offset + tensor.size > description.package->size)
         return Status::error("tensor '", tensor.name, "' lies outside the package");
-      dtype = tensor.format.empty() ? tensor.dtype : DType::U8;
-      const uint8_t *begin = description.package->data + tensor.offset;
-      bytes.assign(begin, begin + tensor.size);
+      where.dtype = tensor.format.empty() ? tensor.dtype : DType::U8;
+      where.bytes = tensor.size;
       return Status::success();
     }
     if (tensor.source < 0) {
@@ -140,27 +160,52 @@ private:
           return opened.status();
         store = opened.take();
       }
-      const StoredTensor *stored = store->find(tensor.key);
-      if (!stored)
+      where.stored = store->find(tensor.key);
+      if (!where.stored)
         return Status::error(store->path(), ": tensor '", tensor.key, "' not in the weight store");
-      dtype = stored->dtype;
-      return store->read(*stored, bytes);
+      where.dtype = where.stored->dtype;
+      where.bytes = where.stored->byteSize;
+      return Status::success();
     }
     if (tensor.source >= static_cast<int64_t>(description.sources.size()))
       return Status::error("tensor '", tensor.name, "': source ", tensor.source, " out of range");
     Expected<const SafetensorsFile *> opened = source(tensor.source);
     if (!opened)
       return opened.status();
-    file = *opened;
-    info = file->find(tensor.key);
-    if (!info)
-      return Status::error(file->path(), ": tensor '", tensor.key, "' not found");
-    dtype = info->dtype;
-    if (!tensor.slice.empty()) {
-      MOE_RETURN_IF_ERROR(readTensorSlice(*file, *info, tensor.slice, bytes));
-      file = nullptr;
+    where.file = *opened;
+    where.info = where.file->find(tensor.key);
+    if (!where.info)
+      return Status::error(where.file->path(), ": tensor '", tensor.key, "' not found");
+    where.dtype = where.info->dtype;
+    where.bytes = where.info->byteSize();
+    if (!tensor.slice.empty() && tensor.slice.size() == 4 && where.info->shape.size() == 3) {
+      // {index, first row, rows, transposed}: rows of length A (transposed) or B.
+      const int64_t rowLength = tensor.slice[3] == 1 ? where.info->shape[1] : where.info->shape[2];
+      where.bytes = static_cast<uint64_t>(tensor.slice[2] * rowLength) * dtypeBytes(where.dtype);
+    }
+    return Status::success();
+  }
+
+  /// The raw bytes and dtype of `tensor`; `file`/`info` are set for
+  /// unsliced source tensors (whose pages the caller releases).
+  Status readBytes(const TensorRef &tensor, DType &dtype, std::vector<uint8_t> &bytes,
+                   const SafetensorsFile *&file, const TensorInfo *&info) {
+    Located where;
+    MOE_RETURN_IF_ERROR(locate(tensor, where));
+    dtype = where.dtype;
+    file = nullptr;
+    info = nullptr;
+    if (tensor.source == kPackageSource) {
+      const uint8_t *begin = description.package->data + tensor.offset;
+      bytes.assign(begin, begin + tensor.size);
       return Status::success();
     }
+    if (where.stored)
+      return store->read(*where.stored, bytes);
+    if (!tensor.slice.empty())
+      return readTensorSlice(*where.file, *where.info, tensor.slice, bytes);
+    file = where.file;
+    info = where.info;
     std::span<const uint8_t> data = file->data(*info);
     bytes.assign(data.begin(), data.end());
     return Status::success();
@@ -283,6 +328,10 @@ TensorReader::~TensorReader() = default;
 
 Status TensorReader::read(const TensorRef &tensor, DType &dtype, std::vector<uint8_t> &bytes) {
   return static_cast<DescriptionWeightProvider &>(*provider).readRaw(tensor, dtype, bytes);
+}
+
+Status TensorReader::size(const TensorRef &tensor, DType &dtype, uint64_t &bytes) {
+  return static_cast<DescriptionWeightProvider &>(*provider).rawSize(tensor, dtype, bytes);
 }
 
 } // namespace moe

@@ -41,23 +41,6 @@ std::string hex64(uint64_t value) {
   return text;
 }
 
-std::string_view selectionName(ExpertSelection selection) {
-  switch (selection) {
-  case ExpertSelection::TopK: return "top-k";
-  case ExpertSelection::GroupLimitedMax: return "group-max";
-  case ExpertSelection::GroupLimitedTopTwoSum: return "group-top2-sum";
-  }
-  return "top-k";
-}
-
-std::optional<ExpertSelection> parseSelection(const std::string &name) {
-  for (ExpertSelection selection :
-       {ExpertSelection::TopK, ExpertSelection::GroupLimitedMax, ExpertSelection::GroupLimitedTopTwoSum})
-    if (selectionName(selection) == name)
-      return selection;
-  return std::nullopt;
-}
-
 /// The manifest's description of tensors and tables (offsets filled in by the caller).
 json roleList(const std::vector<std::pair<TensorRole, TensorRef>> &tensors) {
   json list = json::array();
@@ -131,8 +114,9 @@ Status writePackage(const ModelDescription &description, const PackageExtras &ex
       plan[i].dtype = DType::U8;
       plan[i].size = format->matrixBytes(tensor.shape[0], tensor.shape[1]);
     } else {
-      plan[i].dtype = tensor.scaleKey.empty() ? tensor.dtype : DType::F32;
-      plan[i].size = 0; // known once read (the stored dtype decides)
+      // The stored dtype, and the size from the sources' headers: every
+      // tensor's bytes are read once, when written.
+      MOE_RETURN_IF_ERROR(reader.size(tensor, plan[i].dtype, plan[i].size));
     }
   }
 
@@ -161,7 +145,7 @@ Status writePackage(const ModelDescription &description, const PackageExtras &ex
         entry["router"] = {{"top_k", router.topK}, {"normalize", router.normalizeTopK},
                            {"scaling", router.scalingFactor}, {"groups", router.numGroups},
                            {"top_k_groups", router.topKGroups},
-                           {"selection", std::string(selectionName(router.selection))},
+                           {"selection", std::string(expertSelectionKey(router.selection))},
                            {"correction_bias", router.correctionBias}};
       }
       entry["remap"] = layer.routing.remap;
@@ -183,16 +167,6 @@ Status writePackage(const ModelDescription &description, const PackageExtras &ex
     return m.dump();
   };
 
-  // Sizes of unquantised tensors need their stored dtype: read them once
-  // here only for the size (the bytes are read again when written).
-  for (size_t i = 0; i < tensors.size(); ++i)
-    if (plan[i].format.empty()) {
-      DType dtype;
-      std::vector<uint8_t> bytes;
-      MOE_RETURN_IF_ERROR(reader.read(*tensors[i], dtype, bytes));
-      plan[i].dtype = dtype;
-      plan[i].size = bytes.size();
-    }
   // Offsets depend on the data offset, which depends on the manifest's
   // length, which depends on the offsets' digits: iterate to a fixed point
   // (the data offset only grows, so this ends in a few rounds).
@@ -417,7 +391,7 @@ Expected<OpenedPackage> openPackage(const std::string &path) {
         router.numGroups = r.at("groups").get<int64_t>();
         router.topKGroups = r.at("top_k_groups").get<int64_t>();
         router.correctionBias = r.at("correction_bias").get<bool>();
-        std::optional<ExpertSelection> selection = parseSelection(r.at("selection").get<std::string>());
+        std::optional<ExpertSelection> selection = parseExpertSelectionKey(r.at("selection").get<std::string>());
         if (!selection)
           return Status::error(path, ": layer ", l, " has unknown selection '", r.at("selection").get<std::string>(),
                                "'");

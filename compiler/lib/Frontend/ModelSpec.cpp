@@ -69,6 +69,21 @@ std::string_view expertSelectionName(ExpertSelection selection) {
   }
   return "?";
 }
+std::string_view expertSelectionKey(ExpertSelection selection) {
+  switch (selection) {
+  case ExpertSelection::TopK: return "top-k";
+  case ExpertSelection::GroupLimitedMax: return "group-max";
+  case ExpertSelection::GroupLimitedTopTwoSum: return "group-top2-sum";
+  }
+  return "top-k";
+}
+std::optional<ExpertSelection> parseExpertSelectionKey(std::string_view key) {
+  for (ExpertSelection selection :
+       {ExpertSelection::TopK, ExpertSelection::GroupLimitedMax, ExpertSelection::GroupLimitedTopTwoSum})
+    if (expertSelectionKey(selection) == key)
+      return selection;
+  return std::nullopt;
+}
 std::string_view expertLayoutName(ExpertLayout layout) {
   return layout == ExpertLayout::PerExpert ? "per-expert" : "fused";
 }

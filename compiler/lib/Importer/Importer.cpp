@@ -44,15 +44,6 @@ Type elementType(OpBuilder &builder, DType dtype) {
 
 std::string_view scoringName(RouterScoring scoring) { return routerScoringName(scoring); }
 
-std::string_view selectionName(ExpertSelection selection) {
-  switch (selection) {
-  case ExpertSelection::TopK: return "top-k";
-  case ExpertSelection::GroupLimitedMax: return "group-max";
-  case ExpertSelection::GroupLimitedTopTwoSum: return "group-top2-sum";
-  }
-  return "top-k";
-}
-
 std::string absolutePath(const std::string &path) {
   char resolved[PATH_MAX];
   return realpath(path.c_str(), resolved) ? std::string(resolved) : path;
@@ -193,7 +184,7 @@ Expected<OwningOpRef<ModuleOp>> importModel(MLIRContext &context, const ModelSpe
     const RouterSpec &router = spec.router;
     auto routerOp = builder.create<ir::RouterOp>(
         location, symbol(routerName), builder.getI64IntegerAttr(router.topK),
-        builder.getStringAttr(scoringName(router.scoring)), builder.getStringAttr(selectionName(router.selection)),
+        builder.getStringAttr(scoringName(router.scoring)), builder.getStringAttr(expertSelectionKey(router.selection)),
         builder.getBoolAttr(router.normalizeTopK), builder.getF64FloatAttr(router.scalingFactor),
         builder.getI64IntegerAttr(router.numGroups), builder.getI64IntegerAttr(router.topKGroups),
         builder.getF64FloatAttr(router.jitterEps), biasName.empty() ? FlatSymbolRefAttr() : symbol(biasName),

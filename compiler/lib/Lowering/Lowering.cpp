@@ -22,14 +22,6 @@ std::string resolve(const std::string &path, const std::string &base) {
   return (std::filesystem::path(base) / path).string();
 }
 
-ExpertSelection parseSelection(StringRef name) {
-  if (name == "group-max")
-    return ExpertSelection::GroupLimitedMax;
-  if (name == "group-top2-sum")
-    return ExpertSelection::GroupLimitedTopTwoSum;
-  return ExpertSelection::TopK;
-}
-
 class Lowerer {
 public:
   explicit Lowerer(ir::ModelOp model) : model(model) {
@@ -142,7 +134,8 @@ public:
             routing.scalingFactor = router.getScaling().convertToDouble();
             routing.numGroups = static_cast<int64_t>(router.getGroups());
             routing.topKGroups = static_cast<int64_t>(router.getTopKGroups());
-            routing.selection = parseSelection(router.getSelection());
+            // The verifier admits only the three keys.
+            routing.selection = parseExpertSelectionKey(router.getSelection().str()).value_or(ExpertSelection::TopK);
             routing.correctionBias = static_cast<bool>(router.getCorrectionBiasAttr());
             entry.routing.router = routing;
             if (uniformTopK && *uniformTopK != routing.topK)

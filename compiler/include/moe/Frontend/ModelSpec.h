@@ -43,6 +43,11 @@ std::string_view ropeLayoutName(RopeLayout layout);
 std::string_view ropeScalingName(RopeScalingKind kind);
 std::string_view routerScoringName(RouterScoring scoring);
 std::string_view expertSelectionName(ExpertSelection selection);
+/// The short name the moe dialect and packages use: "top-k", "group-max",
+/// "group-top2-sum".
+std::string_view expertSelectionKey(ExpertSelection selection);
+/// The selection whose key is `key`, or nullopt.
+std::optional<ExpertSelection> parseExpertSelectionKey(std::string_view key);
 std::string_view expertLayoutName(ExpertLayout layout);
 
 /// Rotary position embedding.

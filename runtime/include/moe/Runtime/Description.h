@@ -87,6 +87,8 @@ public:
   explicit TensorReader(ModelDescription description);
   ~TensorReader();
   Status read(const TensorRef &tensor, DType &dtype, std::vector<uint8_t> &bytes);
+  /// The dtype and byte count read() would give, from headers only.
+  Status size(const TensorRef &tensor, DType &dtype, uint64_t &bytes);
 
 private:
   std::unique_ptr<WeightProvider> provider;
