@@ -7,6 +7,8 @@
 #include "moe/Calibration/Statistics.h"
 #include "moe/Frontend/Safetensors.h"
 
+#include <cblas.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -24,40 +26,71 @@ public:
       : spec(spec), options(options), withMoments(options.inputMoments) {
     if (options.blockSamples > 0)
       sampleStride = std::max<int64_t>(1, totalTokens / options.blockSamples);
-    for (const LayerSpec &layer : spec.layers) {
-      if (layer.mlp != MlpKind::Moe)
-        continue;
-      LayerStatistics stats;
-      stats.layer = layer.index;
-      const size_t E = static_cast<size_t>(layer.numExperts);
-      stats.routedTokens.assign(E, 0);
-      stats.routerScoreSum.assign(E, 0);
-      stats.gateWeightSum.assign(E, 0);
-      stats.easyEpScore.assign(E, 0);
-      stats.maxAbsOutput.assign(E, 0);
-      stats.routerLogitGram.assign(E * E, 0);
-      stats.topLogitSum.assign(E, 0);
-      stats.neuronSquareSum.assign(E, std::vector<double>(static_cast<size_t>(layer.expertIntermediateSize), 0));
-      stats.neuronSquareMax.assign(E, std::vector<double>(static_cast<size_t>(layer.expertIntermediateSize), 0));
-      stats.neuronWeightedSquareSum = stats.neuronSquareSum;
-      stats.neuronWeightedSquareMax = stats.neuronSquareMax;
-      if (withMoments)
-        stats.inputMoments.assign(E, std::vector<double>(static_cast<size_t>(spec.hiddenSize * spec.hiddenSize), 0));
-      stats.momentTokens.assign(E, 0);
-      if (withMoments)
-        stats.intermediateMoments.assign(E, std::vector<double>());
-      if (options.sampleCapRatio > 0)
-        momentCap = std::max<int64_t>(
-            1, static_cast<int64_t>(options.sampleCapRatio * static_cast<double>(spec.router.topK) /
-                                    static_cast<double>(layer.numExperts) * static_cast<double>(totalTokens)));
-      index[layer.index] = layers.size();
-      layers.push_back(std::move(stats));
+    this->totalTokens = totalTokens;
+  }
+
+  /// The statistics of `layer`, made at its first event: only the layers
+  /// being run hold memory (moments are H x H per expert).
+  LayerStatistics &statsFor(int64_t layer) {
+    auto found = layers.find(layer);
+    if (found != layers.end())
+      return found->second;
+    const LayerSpec &layerSpec = spec.layers[static_cast<size_t>(layer)];
+    LayerStatistics stats;
+    stats.layer = layer;
+    const size_t E = static_cast<size_t>(layerSpec.numExperts);
+    const size_t I = static_cast<size_t>(layerSpec.expertIntermediateSize);
+    stats.routedTokens.assign(E, 0);
+    stats.routerScoreSum.assign(E, 0);
+    stats.gateWeightSum.assign(E, 0);
+    stats.easyEpScore.assign(E, 0);
+    stats.maxAbsOutput.assign(E, 0);
+    stats.routerLogitGram.assign(E * E, 0);
+    stats.topLogitSum.assign(E, 0);
+    stats.neuronSquareSum.assign(E, std::vector<double>(I, 0));
+    stats.neuronSquareMax.assign(E, std::vector<double>(I, 0));
+    stats.neuronWeightedSquareSum = stats.neuronSquareSum;
+    stats.neuronWeightedSquareMax = stats.neuronSquareMax;
+    stats.momentTokens.assign(E, 0);
+    if (options.sampleCapRatio > 0)
+      momentCap[layer] = std::max<int64_t>(
+          1, static_cast<int64_t>(options.sampleCapRatio * static_cast<double>(spec.router.topK) /
+                                  static_cast<double>(layerSpec.numExperts) * static_cast<double>(totalTokens)));
+    if (withMoments) {
+      stats.inputMoments.assign(E, std::vector<double>());
+      stats.intermediateMoments.assign(E, std::vector<double>());
+      pending[layer].assign(E, PendingRows());
+    }
+    return layers.emplace(layer, std::move(stats)).first->second;
+  }
+
+  /// Moves out everything recorded for `layer` (its moments complete).
+  void take(int64_t layer, CalibrationResult &into) {
+    if (auto found = layers.find(layer); found != layers.end()) {
+      LayerStatistics &stats = found->second;
+      if (withMoments) {
+        for (size_t e = 0; e < stats.inputMoments.size(); ++e) {
+          flush(stats, e);
+          symmetrize(stats.inputMoments[e]);
+          symmetrize(stats.intermediateMoments[e]);
+        }
+        pending.erase(layer);
+      }
+      into.layers.push_back(std::move(stats));
+      layers.erase(found);
+    }
+    if (auto found = denseMoments.find(layer); found != denseMoments.end()) {
+      for (std::vector<double> *m : {&found->second.attentionInput, &found->second.attentionOutput,
+                                     &found->second.sharedInput, &found->second.sharedIntermediate})
+        symmetrize(*m);
+      into.denseMoments[layer] = std::move(found->second);
+      denseMoments.erase(found);
     }
   }
 
   void onRouter(int64_t layer, int64_t tokens, std::span<const float> logits, std::span<const int32_t> chosen,
                 std::span<const float> weights) override {
-    LayerStatistics &stats = layers[index.at(layer)];
+    LayerStatistics &stats = statsFor(layer);
     const int64_t E = static_cast<int64_t>(stats.routedTokens.size());
     const int64_t K = static_cast<int64_t>(chosen.size()) / tokens;
     stats.tokens += tokens;
@@ -105,7 +138,7 @@ public:
 
   void onExpert(int64_t layer, int64_t expert, std::span<const int32_t> tokenIndices, std::span<const float> input,
                 std::span<const float> intermediate, std::span<const float> output) override {
-    LayerStatistics &stats = layers[index.at(layer)];
+    LayerStatistics &stats = statsFor(layer);
     const int64_t E = static_cast<int64_t>(stats.routedTokens.size());
     const int64_t n = static_cast<int64_t>(tokenIndices.size());
     const int64_t H = spec.hiddenSize, I = static_cast<int64_t>(intermediate.size()) / n;
@@ -138,25 +171,20 @@ public:
     }
     if (withMoments) {
       // X^T X of the expert's gate/up input and of its down input (the
-      // intermediate activation), over the same capped tokens.
-      std::vector<double> &moments = stats.inputMoments[expert];
-      std::vector<double> &inner = stats.intermediateMoments[expert];
-      if (static_cast<int64_t>(inner.size()) != I * I)
-        inner.assign(static_cast<size_t>(I * I), 0.0);
-      auto accumulate = [](std::vector<double> &target, const float *v, int64_t width) {
-        for (int64_t a = 0; a < width; ++a) {
-          const double va = v[a];
-          double *row = target.data() + a * width;
-          for (int64_t b = 0; b < width; ++b)
-            row[b] += va * v[b];
-        }
-      };
+      // intermediate activation), over the same capped tokens. Rows are
+      // buffered and added kFlushRows at a time with one rank-k update.
+      PendingRows &rows = pending[layer][static_cast<size_t>(expert)];
+      const int64_t cap = options.sampleCapRatio > 0 ? momentCap.at(layer) : 0;
       for (int64_t r = 0; r < n; ++r) {
-        if (momentCap > 0 && stats.momentTokens[expert] >= momentCap)
+        if (cap > 0 && stats.momentTokens[expert] >= cap)
           break;
         ++stats.momentTokens[expert];
-        accumulate(moments, input.data() + r * H, H);
-        accumulate(inner, intermediate.data() + r * I, I);
+        rows.input.insert(rows.input.end(), input.begin() + r * H, input.begin() + (r + 1) * H);
+        rows.intermediate.insert(rows.intermediate.end(), intermediate.begin() + r * I,
+                                 intermediate.begin() + (r + 1) * I);
+        rows.width = I;
+        if (static_cast<int64_t>(rows.input.size()) >= kFlushRows * H)
+          flush(stats, static_cast<size_t>(expert));
       }
     }
   }
@@ -182,26 +210,48 @@ public:
     addMoments(moments.sharedIntermediate, intermediate, tokens);
   }
 
-  /// target += rows^T rows for `tokens` rows of `values`.
+  /// target (upper triangle) += rows^T rows for `tokens` rows of `values`.
   static void addMoments(std::vector<double> &target, std::span<const float> values, int64_t tokens) {
     const int64_t width = static_cast<int64_t>(values.size()) / tokens;
+    std::vector<double> rows(values.begin(), values.end());
+    addRows(target, rows, width);
+  }
+
+  /// target (upper triangle, width x width) += R^T R for R = rows [n, width].
+  static void addRows(std::vector<double> &target, const std::vector<double> &rows, int64_t width) {
+    if (width == 0)
+      return;
     if (static_cast<int64_t>(target.size()) != width * width)
       target.assign(static_cast<size_t>(width * width), 0.0);
-    for (int64_t t = 0; t < tokens; ++t) {
-      const float *v = values.data() + t * width;
-      for (int64_t a = 0; a < width; ++a) {
-        const double va = v[a];
-        double *row = target.data() + a * width;
-        for (int64_t b = 0; b < width; ++b)
-          row[b] += va * v[b];
-      }
-    }
+    const int64_t n = static_cast<int64_t>(rows.size()) / width;
+    if (n == 0)
+      return;
+    cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, static_cast<int>(width), static_cast<int>(n), 1.0,
+                rows.data(), static_cast<int>(width), 1.0, target.data(), static_cast<int>(width));
+  }
+
+  /// Copies the upper triangle to the lower (the rank-k updates fill only the upper).
+  static void symmetrize(std::vector<double> &m) {
+    const int64_t width = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(m.size()))));
+    for (int64_t a = 0; a < width; ++a)
+      for (int64_t b = 0; b < a; ++b)
+        m[a * width + b] = m[b * width + a];
+  }
+
+  void flush(LayerStatistics &stats, size_t expert) {
+    PendingRows &rows = pending[stats.layer][expert];
+    if (rows.input.empty())
+      return;
+    addRows(stats.inputMoments[expert], rows.input, spec.hiddenSize);
+    addRows(stats.intermediateMoments[expert], rows.intermediate, rows.width);
+    rows.input.clear();
+    rows.intermediate.clear();
   }
 
   std::map<int64_t, DenseMoments> denseMoments;
 
   void onMoeBlock(int64_t layer, int64_t tokens, std::span<const float> input, std::span<const float> output) override {
-    LayerStatistics &stats = layers[index.at(layer)];
+    LayerStatistics &stats = statsFor(layer);
     const int64_t H = spec.hiddenSize;
     if (sampleStride > 0) {
       // Evenly spaced tokens of the whole calibration run (stats.tokens
@@ -229,9 +279,16 @@ public:
     pendingContributions.clear();
   }
 
-  std::vector<LayerStatistics> layers;
+  std::map<int64_t, LayerStatistics> layers;
 
 private:
+  /// Rows of one expert's moment inputs not yet added (double, [n, H] and [n, I]).
+  struct PendingRows {
+    std::vector<double> input, intermediate;
+    int64_t width = 0;
+  };
+  static constexpr int64_t kFlushRows = 256;
+  std::map<int64_t, std::vector<PendingRows>> pending;
   struct Contribution {
     int32_t token;
     int64_t expert;
@@ -240,8 +297,8 @@ private:
   const ModelSpec &spec;
   const CalibrationOptions &options;
   bool withMoments;
-  int64_t sampleStride = 0, momentCap = 0;
-  std::map<int64_t, size_t> index;
+  int64_t sampleStride = 0, totalTokens = 0;
+  std::map<int64_t, int64_t> momentCap; ///< By layer, with --sample-cap-ratio.
   std::vector<float> currentWeights;
   std::vector<Contribution> pendingContributions;
 };
@@ -256,7 +313,7 @@ template <typename T> std::vector<uint8_t> toBytes(const std::vector<T> &values)
 } // namespace
 
 Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStream> &streams,
-                                      const CalibrationOptions &options) {
+                                      const CalibrationOptions &options, const LayerVisitor &visitor) {
   const int64_t L = options.sequenceLength;
   if (L < 1)
     return Status::error("--seq-len must be positive, got ", L);
@@ -264,51 +321,86 @@ Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStre
     return Status::error("--sample-cap-ratio must not be negative, got ", options.sampleCapRatio);
   if (options.blockSamples < 0)
     return Status::error("--block-samples must not be negative, got ", options.blockSamples);
-  int64_t totalWindows = 0;
-  for (const EvalStream &stream : streams)
-    totalWindows += std::max<int64_t>(0, (static_cast<int64_t>(stream.ids.size()) - 1) / L);
-  if (options.maxTokens > 0)
-    totalWindows = std::min(totalWindows, (options.maxTokens + L - 1) / L);
-  if (totalWindows == 0)
-    return Status::error("no complete window of ", L, " tokens in the calibration data");
-
-  StatisticsObserver observer(engine.spec(), options, totalWindows * L);
-  CalibrationResult result;
-  engine.setObserver(&observer);
-  auto start = std::chrono::steady_clock::now();
-  std::vector<float> logits;
-  int64_t done = 0;
-  const bool showProgress = options.progress && isatty(STDERR_FILENO);
+  // The windows, as eval takes them: floor((N-1)/L) per stream.
+  std::vector<std::span<const int32_t>> windows;
+  int64_t limit = options.maxTokens > 0 ? (options.maxTokens + L - 1) / L : INT64_MAX;
   for (const EvalStream &stream : streams) {
-    const int64_t windows = (static_cast<int64_t>(stream.ids.size()) - 1) / L;
-    for (int64_t w = 0; w < windows && done < totalWindows; ++w, ++done) {
+    const int64_t count = std::max<int64_t>(0, (static_cast<int64_t>(stream.ids.size()) - 1) / L);
+    for (int64_t w = 0; w < count && static_cast<int64_t>(windows.size()) < limit; ++w)
+      windows.push_back(std::span(stream.ids).subspan(static_cast<size_t>(w * L), static_cast<size_t>(L)));
+  }
+  if (windows.empty())
+    return Status::error("no complete window of ", L, " tokens in the calibration data");
+  const ModelSpec &spec = engine.spec();
+  const int64_t W = static_cast<int64_t>(windows.size()), H = spec.hiddenSize;
+
+  // The residual stream of every window, advanced one layer at a time: one
+  // layer's weights and statistics are live at once, and every layer is
+  // loaded once whatever the memory budget.
+  std::vector<float> hidden(static_cast<size_t>(W * L * H)), window;
+  for (int64_t w = 0; w < W; ++w) {
+    MOE_RETURN_IF_ERROR(engine.embed(windows[static_cast<size_t>(w)], window));
+    std::copy(window.begin(), window.end(), hidden.begin() + w * L * H);
+  }
+  auto runLayer = [&](int64_t layer, std::vector<float> &x) -> Status {
+    for (int64_t w = 0; w < W; ++w) {
       KvCache cache = engine.newCache();
-      Status status = engine.forward(std::span(stream.ids).subspan(w * L, L), cache, logits, /*lastOnly=*/true);
-      if (!status.ok()) {
-        engine.setObserver(nullptr);
-        return status;
+      MOE_RETURN_IF_ERROR(engine.forwardLayer(layer, x.data() + w * L * H, L, cache));
+    }
+    return Status::success();
+  };
+
+  StatisticsObserver observer(spec, options, W * L);
+  CalibrationResult result;
+  result.tokens = W * L;
+  result.hiddenSize = H;
+  auto start = std::chrono::steady_clock::now();
+  const bool showProgress = options.progress && isatty(STDERR_FILENO);
+  std::vector<float> layerInput;
+  for (int64_t l = 0; l < spec.numLayers; ++l) {
+    if (visitor)
+      layerInput = hidden;
+    engine.setObserver(&observer);
+    Status status = runLayer(l, hidden);
+    engine.setObserver(nullptr);
+    MOE_RETURN_IF_ERROR(status);
+    CalibrationResult layerResult;
+    layerResult.tokens = result.tokens;
+    layerResult.hiddenSize = H;
+    observer.take(l, layerResult);
+    if (visitor) {
+      Expected<bool> changed = visitor(l, layerResult);
+      if (!changed)
+        return changed.status();
+      if (*changed) {
+        // The visitor changed the layer (sequential GPTQ): the next layer
+        // sees what the changed layer computes.
+        hidden = std::move(layerInput);
+        MOE_RETURN_IF_ERROR(runLayer(l, hidden));
       }
-      result.tokens += L;
-      if (showProgress) {
-        double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-        double eta = elapsed / static_cast<double>(done + 1) * static_cast<double>(totalWindows - done - 1);
-        std::fprintf(stderr, "\rcalibrating: %lld/%lld windows, %.0f tokens/s, ETA %.0f s   ",
-                     static_cast<long long>(done + 1), static_cast<long long>(totalWindows),
-                     static_cast<double>(result.tokens) / elapsed, eta);
-      }
+    } else {
+      for (LayerStatistics &stats : layerResult.layers)
+        result.layers.push_back(std::move(stats));
+      for (auto &[layer, moments] : layerResult.denseMoments)
+        result.denseMoments[layer] = std::move(moments);
+    }
+    if (showProgress) {
+      double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      double eta = elapsed / static_cast<double>(l + 1) * static_cast<double>(spec.numLayers - l - 1);
+      std::fprintf(stderr, "\rcalibrating: layer %lld/%lld, %lld tokens, %.0f s, ETA %.0f s   ",
+                   static_cast<long long>(l + 1), static_cast<long long>(spec.numLayers),
+                   static_cast<long long>(result.tokens), elapsed, eta);
     }
   }
   if (showProgress)
     std::fprintf(stderr, "\n");
-  engine.setObserver(nullptr);
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  result.layers = std::move(observer.layers);
-  result.denseMoments = std::move(observer.denseMoments);
   return result;
 }
 
 Status writeStatistics(const CalibrationResult &result, const CalibrationOptions &options, const std::string &path) {
   SafetensorsWriter writer;
+  const int64_t hiddenSize = result.hiddenSize;
   for (const LayerStatistics &stats : result.layers) {
     const std::string prefix = concat("layers.", stats.layer, ".");
     const int64_t E = static_cast<int64_t>(stats.routedTokens.size());
@@ -331,8 +423,10 @@ Status writeStatistics(const CalibrationResult &result, const CalibrationOptions
       MOE_RETURN_IF_ERROR(addF64(expert + "neuron_weighted_square_sum", {width}, stats.neuronWeightedSquareSum[e]));
       MOE_RETURN_IF_ERROR(addF64(expert + "neuron_weighted_square_max", {width}, stats.neuronWeightedSquareMax[e]));
       if (!stats.inputMoments.empty()) {
-        int64_t H = static_cast<int64_t>(std::sqrt(static_cast<double>(stats.inputMoments[e].size())));
-        MOE_RETURN_IF_ERROR(addF64(expert + "input_moments", {H, H}, stats.inputMoments[e]));
+        const int64_t H = hiddenSize;
+        std::vector<double> input = stats.inputMoments[e];
+        input.resize(static_cast<size_t>(H * H), 0.0); // an expert never run has none
+        MOE_RETURN_IF_ERROR(addF64(expert + "input_moments", {H, H}, input));
         const int64_t I = static_cast<int64_t>(stats.neuronSquareSum[e].size());
         std::vector<double> inner = stats.intermediateMoments[e];
         inner.resize(static_cast<size_t>(I * I), 0.0); // an expert never run has none

@@ -350,6 +350,7 @@ Expected<std::unique_ptr<Engine>> Engine::create(const ModelSpec &spec,
   engine->maskedExperts = options.maskedExperts;
   MOE_RETURN_IF_ERROR(engine->provider->loadGlobals(engine->globals));
   size_t budget = options.maxMemoryBytes ? options.maxMemoryBytes : defaultBudget();
+  engine->layerBudget = budget;
   engine->layers = std::make_unique<LayerCache>(*engine->provider, spec.numLayers, budget);
   return engine;
 }
@@ -369,60 +370,78 @@ Status Engine::forward(std::span<const int32_t> tokens, KvCache &cache, std::vec
   const int64_t T = static_cast<int64_t>(tokens.size()), H = spec.hiddenSize, V = spec.vocabSize;
   if (T == 0)
     return Status::error("forward: no tokens");
-  if (cache.keys.size() != static_cast<size_t>(spec.numLayers))
-    return Status::error("forward: the KV cache was not made by this engine");
-  for (int32_t token : tokens)
-    if (token < 0 || token >= V)
-      return Status::error("forward: token id ", token, " is outside the vocabulary [0, ", V, ")");
-
-  std::vector<float> x(static_cast<size_t>(T * H));
-  for (int64_t t = 0; t < T; ++t)
-    globals.embedding.copyRow(tokens[t], x.data() + t * H);
-  const rope::Angles angles = rope::computeAngles(spec, cache.length, T);
-
-  std::vector<float> normed(x.size()), branch(x.size());
-  for (int64_t l = 0; l < spec.numLayers; ++l) {
-    Expected<std::shared_ptr<const LayerWeights>> loaded = layers->get(l);
-    if (!loaded)
-      return loaded.status();
-    const LayerWeights &w = **loaded;
-    const LayerSpec &layer = spec.layers[static_cast<size_t>(l)];
-
-    normed = x;
-    normalize(spec, normed.data(), T, w.attentionNorm, w.attentionNormBias);
-    if (spec.attention.kind == AttentionKind::MultiHeadLatent)
-      latentAttention(spec, w, normed.data(), T, l, angles, cache, branch.data(), observer);
-    else
-      groupedQueryAttention(spec, w, normed.data(), T, l, angles, cache, branch.data(), observer);
-    for (size_t i = 0; i < x.size(); ++i)
-      x[i] += branch[i];
-
-    normed = x;
-    normalize(spec, normed.data(), T, w.mlpNorm, w.mlpNormBias);
-    if (layer.mlp == MlpKind::Moe) {
-      MoeBlockHooks hooks;
-      if (auto masked = maskedExperts.find(l); masked != maskedExperts.end())
-        hooks.maskedRows = &masked->second;
-      hooks.observer = observer;
-      hooks.counters = &counters;
-      moeBlockForward(spec, layer, w, normed.data(), T, branch.data(), hooks);
-    } else {
-      std::vector<float> intermediate;
-      swiglu(w.dense, normed.data(), T, intermediate, branch.data());
-    }
-    for (size_t i = 0; i < x.size(); ++i)
-      x[i] += branch[i];
-    if (observer)
-      observer->onLayerOutput(l, T, x);
-  }
+  std::vector<float> x;
+  MOE_RETURN_IF_ERROR(embed(tokens, x));
+  for (int64_t l = 0; l < spec.numLayers; ++l)
+    MOE_RETURN_IF_ERROR(forwardLayer(l, x.data(), T, cache));
   cache.length += T;
 
   const int64_t first = lastOnly ? T - 1 : 0, rows = T - first;
-  normed.assign(x.begin() + first * H, x.end());
+  std::vector<float> normed(x.begin() + first * H, x.end());
   normalize(spec, normed.data(), rows, globals.finalNorm, globals.finalNormBias);
   logits.resize(static_cast<size_t>(rows * V));
   linear(normed.data(), rows, globals.outputProjection(), globals.lmHeadBias, logits.data());
   return Status::success();
+}
+
+Status Engine::embed(std::span<const int32_t> tokens, std::vector<float> &x) const {
+  const int64_t H = modelSpec.hiddenSize, V = modelSpec.vocabSize;
+  x.resize(tokens.size() * static_cast<size_t>(H));
+  for (size_t t = 0; t < tokens.size(); ++t) {
+    if (tokens[t] < 0 || tokens[t] >= V)
+      return Status::error("forward: token id ", tokens[t], " is outside the vocabulary [0, ", V, ")");
+    globals.embedding.copyRow(tokens[t], x.data() + t * static_cast<size_t>(H));
+  }
+  return Status::success();
+}
+
+Status Engine::forwardLayer(int64_t l, float *xData, int64_t T, KvCache &cache) {
+  const ModelSpec &spec = modelSpec;
+  const int64_t H = spec.hiddenSize;
+  if (l < 0 || l >= spec.numLayers)
+    return Status::error("forward: no layer ", l, " (the model has ", spec.numLayers, ")");
+  if (cache.keys.size() != static_cast<size_t>(spec.numLayers))
+    return Status::error("forward: the KV cache was not made by this engine");
+  Expected<std::shared_ptr<const LayerWeights>> loaded = layers->get(l);
+  if (!loaded)
+    return loaded.status();
+  const LayerWeights &w = **loaded;
+  const LayerSpec &layer = spec.layers[static_cast<size_t>(l)];
+  const rope::Angles angles = rope::computeAngles(spec, cache.length, T);
+  std::span<float> x(xData, static_cast<size_t>(T * H));
+  std::vector<float> normed(x.begin(), x.end()), branch(x.size());
+  normalize(spec, normed.data(), T, w.attentionNorm, w.attentionNormBias);
+  if (spec.attention.kind == AttentionKind::MultiHeadLatent)
+    latentAttention(spec, w, normed.data(), T, l, angles, cache, branch.data(), observer);
+  else
+    groupedQueryAttention(spec, w, normed.data(), T, l, angles, cache, branch.data(), observer);
+  for (size_t i = 0; i < x.size(); ++i)
+    x[i] += branch[i];
+
+  normed.assign(x.begin(), x.end());
+  normalize(spec, normed.data(), T, w.mlpNorm, w.mlpNormBias);
+  if (layer.mlp == MlpKind::Moe) {
+    MoeBlockHooks hooks;
+    if (auto masked = maskedExperts.find(l); masked != maskedExperts.end())
+      hooks.maskedRows = &masked->second;
+    hooks.observer = observer;
+    hooks.counters = &counters;
+    moeBlockForward(spec, layer, w, normed.data(), T, branch.data(), hooks);
+  } else {
+    std::vector<float> intermediate;
+    swiglu(w.dense, normed.data(), T, intermediate, branch.data());
+  }
+  for (size_t i = 0; i < x.size(); ++i)
+    x[i] += branch[i];
+  if (observer)
+    observer->onLayerOutput(l, T, x);
+  return Status::success();
+}
+
+void Engine::replaceLayerWeights(std::unique_ptr<WeightProvider> replacement) {
+  layers.reset();
+  provider = std::move(replacement);
+  layers = std::make_unique<LayerCache>(*provider, modelSpec.numLayers, layerBudget);
 }
 
 } // namespace moe

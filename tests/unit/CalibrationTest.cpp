@@ -204,3 +204,120 @@ TEST(Calibration, SampleCapLimitsPopularExpertsMoments) {
                  return bad;
                }()).ok());
 }
+
+namespace {
+
+/// Records each expert's raw inputs and intermediates of one layer while
+/// the model runs window by window (Engine::forward), for a brute-force
+/// X^T X.
+class RawExpertInputs : public EngineObserver {
+public:
+  explicit RawExpertInputs(int64_t layer) : layer(layer) {}
+  void onExpert(int64_t l, int64_t expert, std::span<const int32_t>, std::span<const float> input,
+                std::span<const float> intermediate, std::span<const float>) override {
+    if (l != layer)
+      return;
+    inputs[expert].insert(inputs[expert].end(), input.begin(), input.end());
+    intermediates[expert].insert(intermediates[expert].end(), intermediate.begin(), intermediate.end());
+  }
+  int64_t layer;
+  std::map<int64_t, std::vector<float>> inputs, intermediates;
+};
+
+std::vector<double> gram(const std::vector<float> &rows, int64_t width) {
+  std::vector<double> result(static_cast<size_t>(width * width), 0.0);
+  for (size_t r = 0; r * width < rows.size(); ++r)
+    for (int64_t a = 0; a < width; ++a)
+      for (int64_t b = 0; b < width; ++b)
+        result[a * width + b] += static_cast<double>(rows[r * width + a]) * rows[r * width + b];
+  return result;
+}
+
+} // namespace
+
+// Calibration runs layer at a time (every window through layer l, then
+// l + 1) and adds moments with batched rank-k updates; both must give what
+// a plain window-by-window forward pass and a brute-force X^T X give.
+TEST(Calibration, LayerAtATimeMomentsEqualBruteForceOverTheForwardPass) {
+  auto model = loadModel(dataDir() + "/fixtures/tiny-mixtral");
+  ASSERT_TRUE(model.ok()) << model.status().message();
+  auto streams = readEvalData(dataDir() + "/brown/calibration.jsonl", model->tokenizer.get(), model->endOfText);
+  ASSERT_TRUE(streams.ok());
+  CalibrationOptions options;
+  options.maxTokens = 512;
+  options.sequenceLength = 128;
+  options.inputMoments = true;
+  auto result = calibrate(*model->engine, *streams, options);
+  ASSERT_TRUE(result.ok()) << result.status().message();
+
+  const int64_t layer = 1, H = model->spec.hiddenSize;
+  RawExpertInputs raw(layer);
+  model->engine->setObserver(&raw);
+  std::vector<float> logits;
+  int64_t windows = 0;
+  for (const EvalStream &stream : *streams) {
+    for (size_t w = 0; windows < 4 && (w + 1) * 128 < stream.ids.size(); ++w, ++windows) {
+      KvCache cache = model->engine->newCache();
+      ASSERT_TRUE(model->engine->forward(std::span(stream.ids).subspan(w * 128, 128), cache, logits, true).ok());
+    }
+  }
+  model->engine->setObserver(nullptr);
+  ASSERT_EQ(raw.inputs.size(), 8u); // every expert of the layer was routed some tokens
+  const LayerStatistics &stats = result->layers[layer];
+  ASSERT_EQ(stats.layer, layer);
+  for (const auto &[expert, rows] : raw.inputs) {
+    EXPECT_EQ(stats.momentTokens[expert] * H, static_cast<int64_t>(rows.size()));
+    std::vector<double> expected = gram(rows, H);
+    const int64_t I = static_cast<int64_t>(raw.intermediates[expert].size() * H / rows.size());
+    std::vector<double> expectedInner = gram(raw.intermediates[expert], I);
+    ASSERT_EQ(stats.inputMoments[expert].size(), expected.size());
+    ASSERT_EQ(stats.intermediateMoments[expert].size(), expectedInner.size());
+    for (size_t i = 0; i < expected.size(); ++i)
+      ASSERT_NEAR(stats.inputMoments[expert][i], expected[i], 1e-6 * (1 + std::fabs(expected[i]))) << i;
+    for (size_t i = 0; i < expectedInner.size(); ++i)
+      ASSERT_NEAR(stats.intermediateMoments[expert][i], expectedInner[i], 1e-6 * (1 + std::fabs(expectedInner[i])));
+  }
+}
+
+// A visitor takes each layer's statistics in turn (nothing is left in the
+// result); when it says the layer changed, the windows rerun through it, so
+// with unchanged weights every later layer sees the same statistics.
+TEST(Calibration, LayerVisitorSeesEachLayerOnceAndRerunsChangedLayers) {
+  CalibrationOptions options;
+  options.maxTokens = 512;
+  options.inputMoments = true;
+  auto plain = calibrateFixture("tiny-deepseek", {}, options);
+  ASSERT_TRUE(plain.ok());
+
+  auto model = loadModel(dataDir() + "/fixtures/tiny-deepseek");
+  ASSERT_TRUE(model.ok());
+  auto streams = readEvalData(dataDir() + "/brown/calibration.jsonl", model->tokenizer.get(), model->endOfText);
+  ASSERT_TRUE(streams.ok());
+  std::vector<int64_t> visited;
+  std::vector<LayerStatistics> seen;
+  Engine &engine = *model->engine;
+  auto visited_result = calibrate(engine, *streams, options, [&](int64_t layer, CalibrationResult &stats) {
+    visited.push_back(layer);
+    for (LayerStatistics &s : stats.layers)
+      seen.push_back(std::move(s));
+    EXPECT_TRUE(stats.denseMoments.count(layer)); // attention moments of every layer
+    engine.replaceLayerWeights(makeCheckpointWeightProvider(model->spec, model->checkpoint));
+    return Expected<bool>(true);
+  });
+  ASSERT_TRUE(visited_result.ok()) << visited_result.status().message();
+  EXPECT_TRUE(visited_result->layers.empty());
+  EXPECT_EQ(visited.size(), static_cast<size_t>(model->spec.numLayers));
+  ASSERT_EQ(seen.size(), plain->layers.size());
+  for (size_t i = 0; i < seen.size(); ++i) {
+    EXPECT_EQ(seen[i].routedTokens, plain->layers[i].routedTokens);
+    for (size_t e = 0; e < seen[i].inputMoments.size(); ++e)
+      for (size_t k = 0; k < seen[i].inputMoments[e].size(); k += 97)
+        EXPECT_DOUBLE_EQ(seen[i].inputMoments[e][k], plain->layers[i].inputMoments[e][k]);
+  }
+  // An error from the visitor stops calibration with it.
+  auto failed = calibrate(engine, *streams, options, [](int64_t, CalibrationResult &) {
+    return Expected<bool>(Status::error("visitor refused"));
+  });
+  ASSERT_FALSE(failed.ok());
+  EXPECT_NE(failed.status().message().find("visitor refused"), std::string::npos);
+}

@@ -13,6 +13,7 @@
 #include "moe/Runtime/Engine.h"
 #include "moe/Runtime/Evaluate.h"
 
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -69,16 +70,29 @@ struct DenseMoments {
 };
 
 struct CalibrationResult {
+  int64_t hiddenSize = 0;
   std::vector<LayerStatistics> layers;
   std::map<int64_t, DenseMoments> denseMoments; ///< By layer, with input moments.
   int64_t tokens = 0;
   double seconds = 0;
 };
 
+/// Called with each layer's statistics as soon as every window has passed
+/// the layer; returns whether it changed the layer's weights (through
+/// Engine::replaceLayerWeights), so that the windows are run through the
+/// changed layer before the next one.
+using LayerVisitor = std::function<Expected<bool>(int64_t layer, CalibrationResult &layerStatistics)>;
+
 /// Runs `streams` through `engine` (windows of the sequence length, as eval
-/// does) and records the statistics of every MoE layer.
+/// does) and records the statistics of every MoE layer. Layer at a time:
+/// every window passes layer l before any enters l + 1, so one layer's
+/// weights and statistics are in memory at once (plus the windows'
+/// residual stream, tokens x hidden floats). With a visitor, each layer's
+/// statistics go to it instead of into the result (which then holds only
+/// the token count): sequential GPTQ quantises layer l on them and the
+/// windows continue through the quantised layer.
 Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStream> &streams,
-                                      const CalibrationOptions &options);
+                                      const CalibrationOptions &options, const LayerVisitor &visitor = {});
 
 /// Writes the statistics as named tensors ("layers.<l>.<name>") in a
 /// safetensors file, with the options and token count in its metadata.

@@ -109,6 +109,18 @@ public:
   Status forward(std::span<const int32_t> tokens, KvCache &cache, std::vector<float> &logits,
                  bool lastOnly = false);
 
+  /// Layer at a time (calibration and sequential GPTQ run every window
+  /// through one layer before the next, so one layer is resident at once):
+  /// the embedding rows of `tokens` into x[tokens, H],
+  Status embed(std::span<const int32_t> tokens, std::vector<float> &x) const;
+  /// then layer `layer` on the residual stream x[tokens, H] in place, at
+  /// positions cache.length.. (appending that layer's keys and values; the
+  /// caller advances cache.length once every layer has run).
+  Status forwardLayer(int64_t layer, float *x, int64_t tokens, KvCache &cache);
+  /// Reads layer weights from `provider` from now on (cached layers are
+  /// dropped; the embedding and head are kept): a pass changed the layers.
+  void replaceLayerWeights(std::unique_ptr<WeightProvider> provider);
+
   /// Attaches `observer` (not owned; null detaches).
   void setObserver(EngineObserver *observer) { this->observer = observer; }
   const LayerCache &layerCache() const { return *layers; }
@@ -121,6 +133,7 @@ private:
   ModelSpec modelSpec;
   std::unique_ptr<WeightProvider> provider;
   std::unique_ptr<LayerCache> layers;
+  size_t layerBudget = 0;
   GlobalWeights globals;
   std::map<int64_t, std::set<int64_t>> maskedExperts;
   std::vector<float> inverseFrequencies;
