@@ -69,8 +69,13 @@ public:
     if (auto found = layers.find(layer); found != layers.end()) {
       LayerStatistics &stats = found->second;
       if (withMoments) {
+        const size_t H = static_cast<size_t>(spec.hiddenSize);
         for (size_t e = 0; e < stats.inputMoments.size(); ++e) {
           flush(stats, e);
+          // An expert never run has zero moments (of its recorded width).
+          const size_t I = stats.neuronSquareSum[e].size();
+          stats.inputMoments[e].resize(H * H, 0.0);
+          stats.intermediateMoments[e].resize(I * I, 0.0);
           symmetrize(stats.inputMoments[e]);
           symmetrize(stats.intermediateMoments[e]);
         }
@@ -303,11 +308,9 @@ private:
   std::vector<Contribution> pendingContributions;
 };
 
-template <typename T> std::vector<uint8_t> toBytes(const std::vector<T> &values) {
-  std::vector<uint8_t> bytes(values.size() * sizeof(T));
-  if (!values.empty())
-    std::memcpy(bytes.data(), values.data(), bytes.size());
-  return bytes;
+/// The bytes of `values`, in place (the writer streams them to the file).
+template <typename T> std::span<const uint8_t> toBytes(const std::vector<T> &values) {
+  return {reinterpret_cast<const uint8_t *>(values.data()), values.size() * sizeof(T)};
 }
 
 } // namespace
@@ -405,10 +408,11 @@ Status writeStatistics(const CalibrationResult &result, const CalibrationOptions
     const std::string prefix = concat("layers.", stats.layer, ".");
     const int64_t E = static_cast<int64_t>(stats.routedTokens.size());
     auto addF64 = [&](const std::string &name, std::vector<int64_t> shape, const std::vector<double> &values) {
-      return writer.addTensor(prefix + name, DType::F64, std::move(shape), toBytes(values));
+      return writer.addTensorView(prefix + name, DType::F64, std::move(shape), toBytes(values));
     };
-    MOE_RETURN_IF_ERROR(writer.addTensor(prefix + "routed_tokens", DType::I64, {E}, toBytes(stats.routedTokens)));
-    MOE_RETURN_IF_ERROR(writer.addTensor(prefix + "tokens", DType::I64, {}, toBytes(std::vector<int64_t>{stats.tokens})));
+    MOE_RETURN_IF_ERROR(writer.addTensorView(prefix + "routed_tokens", DType::I64, {E}, toBytes(stats.routedTokens)));
+    MOE_RETURN_IF_ERROR(writer.addTensor(prefix + "tokens", DType::I64, {}, std::vector<uint8_t>(
+        reinterpret_cast<const uint8_t *>(&stats.tokens), reinterpret_cast<const uint8_t *>(&stats.tokens + 1))));
     MOE_RETURN_IF_ERROR(addF64("router_score_sum", {E}, stats.routerScoreSum));
     MOE_RETURN_IF_ERROR(addF64("gate_weight_sum", {E}, stats.gateWeightSum));
     MOE_RETURN_IF_ERROR(addF64("easy_ep_score", {E}, stats.easyEpScore));
@@ -423,23 +427,22 @@ Status writeStatistics(const CalibrationResult &result, const CalibrationOptions
       MOE_RETURN_IF_ERROR(addF64(expert + "neuron_weighted_square_sum", {width}, stats.neuronWeightedSquareSum[e]));
       MOE_RETURN_IF_ERROR(addF64(expert + "neuron_weighted_square_max", {width}, stats.neuronWeightedSquareMax[e]));
       if (!stats.inputMoments.empty()) {
-        const int64_t H = hiddenSize;
-        std::vector<double> input = stats.inputMoments[e];
-        input.resize(static_cast<size_t>(H * H), 0.0); // an expert never run has none
-        MOE_RETURN_IF_ERROR(addF64(expert + "input_moments", {H, H}, input));
-        const int64_t I = static_cast<int64_t>(stats.neuronSquareSum[e].size());
-        std::vector<double> inner = stats.intermediateMoments[e];
-        inner.resize(static_cast<size_t>(I * I), 0.0); // an expert never run has none
-        MOE_RETURN_IF_ERROR(addF64(expert + "intermediate_moments", {I, I}, inner));
+        const int64_t H = hiddenSize, I = static_cast<int64_t>(stats.neuronSquareSum[e].size());
+        if (stats.inputMoments[e].size() != static_cast<size_t>(H * H) ||
+            stats.intermediateMoments[e].size() != static_cast<size_t>(I * I))
+          return Status::error("calibration statistics: layer ", stats.layer, " expert ", e,
+                               " has moments of the wrong size");
+        MOE_RETURN_IF_ERROR(addF64(expert + "input_moments", {H, H}, stats.inputMoments[e]));
+        MOE_RETURN_IF_ERROR(addF64(expert + "intermediate_moments", {I, I}, stats.intermediateMoments[e]));
       }
     }
     if (!stats.inputMoments.empty())
-      MOE_RETURN_IF_ERROR(writer.addTensor(prefix + "moment_tokens", DType::I64, {E}, toBytes(stats.momentTokens)));
+      MOE_RETURN_IF_ERROR(writer.addTensorView(prefix + "moment_tokens", DType::I64, {E}, toBytes(stats.momentTokens)));
     if (stats.blockSampleCount > 0) {
       const int64_t H = static_cast<int64_t>(stats.blockInput.size()) / stats.blockSampleCount;
-      MOE_RETURN_IF_ERROR(writer.addTensor(prefix + "block_input", DType::F32, {stats.blockSampleCount, H},
+      MOE_RETURN_IF_ERROR(writer.addTensorView(prefix + "block_input", DType::F32, {stats.blockSampleCount, H},
                                            toBytes(stats.blockInput)));
-      MOE_RETURN_IF_ERROR(writer.addTensor(prefix + "block_output", DType::F32, {stats.blockSampleCount, H},
+      MOE_RETURN_IF_ERROR(writer.addTensorView(prefix + "block_output", DType::F32, {stats.blockSampleCount, H},
                                            toBytes(stats.blockOutput)));
     }
   }
@@ -449,7 +452,7 @@ Status writeStatistics(const CalibrationResult &result, const CalibrationOptions
       if (values.empty())
         return Status::success();
       const int64_t width = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(values.size()))));
-      return writer.addTensor(prefix + name, DType::F64, {width, width}, toBytes(values));
+      return writer.addTensorView(prefix + name, DType::F64, {width, width}, toBytes(values));
     };
     MOE_RETURN_IF_ERROR(addSquare("attention_input_moments", moments.attentionInput));
     MOE_RETURN_IF_ERROR(addSquare("attention_output_moments", moments.attentionOutput));

@@ -58,7 +58,21 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         return fail(module, "target '" + kind + "' is not experts, shared, attention, dense, lm_head, embedding or all");
       }
     }
+    const std::set<int64_t> scope(layers.begin(), layers.end());
     for (ir::ModelOp model : module.getOps<ir::ModelOp>()) {
+      int64_t numLayers = 0;
+      model.walk([&](ir::LayerOp) { ++numLayers; });
+      for (int64_t layer : scope)
+        if (layer < -1 || layer >= numLayers)
+          return fail(model, concat("layers: the model has no layer ", layer, " (it has ", numLayers,
+                                    "; -1 names the tensors outside layers)"));
+      // The layer an op belongs to, -1 outside layers; `layers` keeps some.
+      auto inScope = [&](Operation *op) {
+        if (scope.empty())
+          return true;
+        auto layerOp = op->getParentOfType<ir::LayerOp>();
+        return scope.count(layerOp ? static_cast<int64_t>(layerOp.getIndex()) : -1) > 0;
+      };
       // The matrices to quantize, by symbol (a tensor used twice is done once).
       std::set<std::string> symbols;
       auto add = [&](FlatSymbolRefAttr symbol) {
@@ -75,6 +89,8 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       // their Hessian (every token reaches them).
       std::map<std::string, std::pair<int64_t, std::string>> denseMatrices;
       model.walk([&](Operation *op) {
+        if (!inScope(op))
+          return;
         if (auto expert = dyn_cast<ir::ExpertOp>(op); expert && kinds.count("experts")) {
           add(expert.getGateAttr());
           add(expert.getUpAttr());

@@ -93,7 +93,9 @@ TEST(Calibration, AnExpertThatIsNeverRoutedRecordsNothing) {
   for (size_t i = 0; i < 96; ++i)
     innerTrace += layer1.intermediateMoments[0][i * 96 + i];
   EXPECT_GT(innerTrace, 0.0);
-  EXPECT_TRUE(layer1.intermediateMoments[3].empty()) << "an expert never run has none";
+  ASSERT_EQ(layer1.intermediateMoments[3].size(), 96u * 96u) << "an expert never run has zero moments";
+  for (double value : layer1.intermediateMoments[3])
+    EXPECT_EQ(value, 0.0);
   EXPECT_EQ(layer1.momentTokens[0], layer1.routedTokens[0]);
   // Attention and shared-expert moments over every token, every layer.
   ASSERT_EQ(result->denseMoments.size(), 4u) << "a dense first layer and three MoE layers";

@@ -272,25 +272,31 @@ void SafetensorsFile::releasePages(const TensorInfo &tensor) const {
     madvise(reinterpret_cast<void *>(begin), end - begin, MADV_DONTNEED);
 }
 
-Status SafetensorsWriter::addTensor(std::string name, DType dtype,
-                                    std::vector<int64_t> shape,
-                                    std::vector<uint8_t> bytes) {
+Status SafetensorsWriter::addTensorView(std::string name, DType dtype, std::vector<int64_t> shape,
+                                        std::span<const uint8_t> bytes) {
   if (name.empty() || name == "__metadata__")
     return Status::error("invalid tensor name '", name, "'");
   for (int64_t dim : shape)
     if (dim < 0)
-      return Status::error("tensor '", name, "': negative dimension in shape ",
-                           formatShape(shape));
-  uint64_t expected =
-      static_cast<uint64_t>(numElements(shape)) * dtypeBytes(dtype);
+      return Status::error("tensor '", name, "': negative dimension in shape ", formatShape(shape));
+  uint64_t expected = static_cast<uint64_t>(numElements(shape)) * dtypeBytes(dtype);
   if (bytes.size() != expected)
-    return Status::error("tensor '", name, "': ", bytes.size(),
-                         " bytes given, shape ", formatShape(shape), " of ",
+    return Status::error("tensor '", name, "': ", bytes.size(), " bytes given, shape ", formatShape(shape), " of ",
                          dtypeName(dtype), " needs ", expected);
   if (entries.count(name))
     return Status::error("tensor '", name, "' added twice");
-  entries.emplace(std::move(name),
-                  Entry{dtype, std::move(shape), std::move(bytes)});
+  entries.emplace(std::move(name), Entry{dtype, std::move(shape), {}, bytes});
+  return Status::success();
+}
+
+Status SafetensorsWriter::addTensor(std::string name, DType dtype, std::vector<int64_t> shape,
+                                    std::vector<uint8_t> bytes) {
+  const std::string key = name;
+  MOE_RETURN_IF_ERROR(addTensorView(std::move(name), dtype, std::move(shape), bytes));
+  // The entry owns the bytes; a moved vector keeps its buffer.
+  Entry &entry = entries.at(key);
+  entry.owned = std::move(bytes);
+  entry.bytes = entry.owned;
   return Status::success();
 }
 
@@ -321,7 +327,7 @@ void SafetensorsWriter::setMetadata(std::string key, std::string value) {
   metadata[std::move(key)] = std::move(value);
 }
 
-std::vector<uint8_t> SafetensorsWriter::serialize() const {
+std::vector<std::span<const uint8_t>> SafetensorsWriter::layout(std::string &head) const {
   std::vector<const std::pair<const std::string, Entry> *> order;
   for (const auto &entry : entries)
     order.push_back(&entry);
@@ -345,45 +351,56 @@ std::vector<uint8_t> SafetensorsWriter::serialize() const {
   // Pad with spaces so the data buffer starts on a 64-byte boundary.
   while ((8 + text.size()) % 64 != 0)
     text.push_back(' ');
-
-  std::vector<uint8_t> out(8 + text.size() + offset);
+  head.assign(8, '\0');
   uint64_t length = text.size();
   for (int i = 0; i < 8; ++i)
-    out[i] = static_cast<uint8_t>(length >> (8 * i));
-  std::memcpy(out.data() + 8, text.data(), text.size());
-  uint8_t *cursor = out.data() + 8 + text.size();
-  for (auto *entry : order) {
-    if (!entry->second.bytes.empty())
-      std::memcpy(cursor, entry->second.bytes.data(), entry->second.bytes.size());
-    cursor += entry->second.bytes.size();
-  }
+    head[static_cast<size_t>(i)] = static_cast<char>(length >> (8 * i));
+  head += text;
+  std::vector<std::span<const uint8_t>> chunks;
+  chunks.emplace_back(reinterpret_cast<const uint8_t *>(head.data()), head.size());
+  for (auto *entry : order)
+    chunks.push_back(entry->second.bytes);
+  return chunks;
+}
+
+std::vector<uint8_t> SafetensorsWriter::serialize() const {
+  std::string head;
+  std::vector<uint8_t> out;
+  for (std::span<const uint8_t> chunk : layout(head))
+    out.insert(out.end(), chunk.begin(), chunk.end());
   return out;
 }
 
 Status SafetensorsWriter::write(const std::string &path) const {
-  return writeFileAtomically(path, serialize());
+  // Streamed chunk by chunk: no second copy of the tensors in memory.
+  std::string head;
+  return writeChunksAtomically(path, layout(head));
 }
 
-Status writeFileAtomically(const std::string &path,
-                           std::span<const uint8_t> bytes) {
+Status writeFileAtomically(const std::string &path, std::span<const uint8_t> bytes) {
+  return writeChunksAtomically(path, {bytes});
+}
+
+Status writeChunksAtomically(const std::string &path, const std::vector<std::span<const uint8_t>> &chunks) {
   std::string temporary = concat(path, ".tmp.", ::getpid());
   int descriptor =
       ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (descriptor < 0)
     return Status::error(path, ": cannot create: ", std::strerror(errno));
-  size_t written = 0;
-  while (written < bytes.size()) {
-    ssize_t n = ::write(descriptor, bytes.data() + written, bytes.size() - written);
-    if (n < 0 && errno == EINTR)
-      continue;
-    if (n <= 0) {
-      Status failure =
-          Status::error(path, ": write failed: ", std::strerror(errno));
-      ::close(descriptor);
-      ::unlink(temporary.c_str());
-      return failure;
+  for (std::span<const uint8_t> bytes : chunks) {
+    size_t written = 0;
+    while (written < bytes.size()) {
+      ssize_t n = ::write(descriptor, bytes.data() + written, bytes.size() - written);
+      if (n < 0 && errno == EINTR)
+        continue;
+      if (n <= 0) {
+        Status failure = Status::error(path, ": write failed: ", std::strerror(errno));
+        ::close(descriptor);
+        ::unlink(temporary.c_str());
+        return failure;
+      }
+      written += static_cast<size_t>(n);
     }
-    written += static_cast<size_t>(n);
   }
   if (::close(descriptor) != 0 || ::rename(temporary.c_str(), path.c_str()) != 0) {
     Status failure = Status::error(path, ": cannot finish writing: ",

@@ -13,6 +13,13 @@
 #include <sys/resource.h>
 
 namespace moe::cli {
+
+size_t peakResidentBytes() {
+  struct rusage usage;
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<size_t>(usage.ru_maxrss) * 1024;
+}
+
 namespace {
 
 struct CalibrateOptions {
@@ -23,13 +30,6 @@ struct CalibrateOptions {
   double sampleCapRatio = 0;
   int64_t blockSamples = 0;
 };
-
-/// Peak resident set of this process in bytes.
-size_t peakResidentBytes() {
-  struct rusage usage;
-  getrusage(RUSAGE_SELF, &usage);
-  return static_cast<size_t>(usage.ru_maxrss) * 1024;
-}
 
 int runCalibrate(const CalibrateOptions &options) {
   Expected<LoadedModel> model = openModel(options.model);

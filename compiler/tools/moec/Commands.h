@@ -65,6 +65,9 @@ Command registerGenerate(CLI::App &app);
 
 /// Prints "moec: error: <message>" to stderr.
 void printError(const std::string &message);
+
+/// Peak resident set of this process in bytes.
+size_t peakResidentBytes();
 /// Prints "moec: warning: <message>" to stderr.
 void printWarning(const std::string &message);
 

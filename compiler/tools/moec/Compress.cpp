@@ -54,6 +54,7 @@ struct Recipe {
   std::vector<RecipePass> passes;
   std::string calibrationData;
   int64_t calibrationTokens = 0, sequenceLength = 256, blockSamples = 1024;
+  double sampleCapRatio = 0;
   bool inputMoments = false;
 };
 
@@ -80,6 +81,12 @@ std::string pipelineOf(const RecipePass &pass, const std::string &stats) {
   if (pass.needsStatistics && !pass.options.contains("stats"))
     text += std::string(first ? "" : " ") + "stats=" + stats;
   return text + "}";
+}
+
+/// GPTQ runs sequentially in compress: calibrate layer l on what the
+/// quantised layers before it compute, quantise it, go on.
+bool isSequentialGptq(const RecipePass &pass) {
+  return pass.name == "moe-quantize" && pass.options.value("method", std::string()) == "gptq";
 }
 
 Expected<Recipe> readRecipe(const std::string &path) {
@@ -110,9 +117,12 @@ Expected<Recipe> readRecipe(const std::string &path) {
         recipe.sequenceLength = value.get<int64_t>();
       } else if (key == "block_samples" && value.is_number_integer() && value.get<int64_t>() >= 0) {
         recipe.blockSamples = value.get<int64_t>();
+      } else if (key == "sample_cap_ratio" && value.is_number() && value.get<double>() >= 0) {
+        recipe.sampleCapRatio = value.get<double>();
       } else {
         return Status::error(path, ": calibration option '", key, "' is unknown or has the wrong type "
-                                   "(data: path, tokens: int >= 0, seq_len: int > 0, block_samples: int >= 0)");
+                                   "(data: path, tokens: int >= 0, seq_len: int > 0, block_samples: int >= 0, "
+                                   "sample_cap_ratio: number >= 0)");
       }
     }
   }
@@ -136,9 +146,13 @@ Expected<Recipe> readRecipe(const std::string &path) {
                            pass.name == "moe-dynamic-skip" || pass.name == "moe-allocate-bits" ||
                            (pass.name == "moe-prune-atoms" && method != "magnitude") ||
                            (pass.name == "moe-quantize" && method == "gptq");
-    // GPTQ and the Hessian objective need the (large) input moments.
-    if ((pass.name == "moe-quantize" && method == "gptq") || pass.name == "moe-allocate-bits")
+    // The Hessian objective needs the (large) input moments; GPTQ records
+    // its own, one layer at a time (runSequentialGptq).
+    if (pass.name == "moe-allocate-bits" && pass.options.value("objective", std::string()) == "hessian")
       recipe.inputMoments = true;
+    if (isSequentialGptq(pass) && pass.options.contains("layers"))
+      return Status::error(path, ": passes[", i, "]: moec compress runs GPTQ layer by layer itself; "
+                                 "drop the \"layers\" option");
     recipe.passes.push_back(std::move(pass));
   }
   return recipe;
@@ -152,6 +166,95 @@ json moduleCounts(ir::ModelOp model) {
     parameters += 3 * static_cast<int64_t>(expert.getWidth()) * static_cast<int64_t>(model.getHidden());
   });
   return {{"routed_experts", experts}, {"routed_expert_parameters", parameters}};
+}
+
+/// Runs one pass pipeline on the module; errors carry MLIR's diagnostics.
+Status runPipeline(mlir::MLIRContext &context, mlir::ModuleOp module, const std::string &pipeline) {
+  mlir::PassManager manager(&context);
+  std::string errors;
+  llvm::raw_string_ostream stream(errors);
+  if (mlir::failed(mlir::parsePassPipeline(pipeline, manager, stream)))
+    return Status::error(stream.str());
+  if (mlir::failed(manager.run(module)))
+    return Status::error("the pass failed (see the diagnostics above)");
+  return Status::success();
+}
+
+/// Sequential GPTQ: the calibration windows pass layer by layer; each
+/// layer's moments (and only they) are written to a work file, the pass
+/// quantises that layer from them, and the windows continue through the
+/// quantised layer, so layer l + 1's Hessians are those of the model it
+/// will run in (GPTQ's sequential order) and one layer's moments are in
+/// memory at a time. Returns per-layer seconds and the peak RSS.
+Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp module, ir::ModelOp model,
+                                 const RecipePass &pass, const Recipe &recipe, const std::string &work,
+                                 bool terminal) {
+  Expected<ModelDescription> description = lowerToDescription(model, "");
+  if (!description)
+    return description.status();
+  Expected<LoadedModel> loaded = loadDescribedModel(description.take());
+  if (!loaded)
+    return loaded.status();
+  Expected<std::vector<EvalStream>> streams =
+      readEvalData(recipe.calibrationData, loaded->tokenizer.get(), loaded->endOfText);
+  if (!streams)
+    return streams.status();
+  CalibrationOptions calibration;
+  calibration.sequenceLength = recipe.sequenceLength;
+  calibration.maxTokens = recipe.calibrationTokens;
+  calibration.inputMoments = true;
+  calibration.sampleCapRatio = recipe.sampleCapRatio;
+  calibration.progress = false;
+  const std::string statsPath = work + "/layer-stats.safetensors";
+  Engine &engine = *loaded->engine;
+  json layers = json::array();
+  double quantizeSeconds = 0;
+  auto layerStart = std::chrono::steady_clock::now();
+  LayerVisitor visitor = [&](int64_t layer, CalibrationResult &stats) -> Expected<bool> {
+    const double calibrated = seconds(layerStart);
+    auto quantizeStart = std::chrono::steady_clock::now();
+    MOE_RETURN_IF_ERROR(writeStatistics(stats, calibration, statsPath));
+    stats = CalibrationResult(); // the moments now live only in the file
+    std::string pipeline = pipelineOf(pass, statsPath);
+    pipeline.insert(pipeline.size() - 1, concat(" layers=", layer));
+    Status status = runPipeline(context, module, pipeline);
+    std::error_code ignored;
+    std::filesystem::remove(statsPath, ignored);
+    if (!status.ok())
+      return Status::error("layer ", layer, ": ", status.message());
+    Expected<ModelDescription> changed = lowerToDescription(model, "");
+    if (!changed)
+      return changed.status();
+    engine.replaceLayerWeights(makeDescriptionWeightProvider(changed.take()));
+    const double quantized = seconds(quantizeStart);
+    quantizeSeconds += quantized;
+    layers.push_back({{"layer", layer}, {"calibrate_seconds", calibrated}, {"quantize_seconds", quantized}});
+    if (terminal)
+      std::fprintf(stderr, "\r  layer %lld/%lld: calibrated in %.1f s, quantised in %.1f s   ",
+                   static_cast<long long>(layer + 1), static_cast<long long>(engine.spec().numLayers), calibrated,
+                   quantized);
+    layerStart = std::chrono::steady_clock::now();
+    return true;
+  };
+  Expected<CalibrationResult> result = calibrate(engine, *streams, calibration, visitor);
+  if (terminal)
+    std::fprintf(stderr, "\n");
+  if (!result)
+    return result.status();
+  // lm_head and embedding (outside layers; GPTQ has no Hessian for them)
+  // take RTN when targeted.
+  const std::string targets = pass.options.value("targets", std::string("experts"));
+  if (targets.find("lm_head") != std::string::npos || targets.find("embedding") != std::string::npos) {
+    RecipePass outside = pass;
+    outside.options["method"] = "rtn";
+    outside.options["layers"] = -1;
+    outside.needsStatistics = false;
+    MOE_RETURN_IF_ERROR(runPipeline(context, module, pipelineOf(outside, "")));
+  }
+  return json{{"tokens", result->tokens},
+              {"quantize_seconds", quantizeSeconds},
+              {"peak_rss_bytes", peakResidentBytes()},
+              {"layers", layers}};
 }
 
 int runCompress(const CompressOptions &options) {
@@ -258,6 +361,23 @@ int runCompress(const CompressOptions &options) {
   for (size_t i = 0; i < recipe->passes.size(); ++i) {
     const RecipePass &pass = recipe->passes[i];
     json record = {{"pass", pass.name}, {"options", pass.options}};
+    if (isSequentialGptq(pass)) {
+      progress(concat("[", i + 1, "/", recipe->passes.size(), "] ", pipelineOf(pass, "<layer statistics>"),
+                      ", layer by layer on ", recipe->calibrationData));
+      auto passStart = std::chrono::steady_clock::now();
+      Expected<json> done = runSequentialGptq(context, **module, model, pass, *recipe, work, terminal);
+      if (!done) {
+        printError(options.recipe + ": pass '" + pass.name + "': " + done.status().message() +
+                   "; nothing was written");
+        return 1;
+      }
+      record["sequential"] = *done;
+      record["seconds"] = seconds(passStart);
+      record["after"] = moduleCounts(model);
+      passes.push_back(record);
+      statsCurrent = false;
+      continue;
+    }
     if (pass.needsStatistics && !statsCurrent) {
       // Statistics of the module as it is now (earlier passes changed it).
       progress("calibrating on " + recipe->calibrationData);
@@ -280,6 +400,7 @@ int runCompress(const CompressOptions &options) {
       calibration.maxTokens = recipe->calibrationTokens;
       calibration.blockSamples = recipe->blockSamples;
       calibration.inputMoments = recipe->inputMoments;
+      calibration.sampleCapRatio = recipe->sampleCapRatio;
       calibration.progress = terminal;
       Expected<CalibrationResult> result = calibrate(*loaded->engine, *streams, calibration);
       Status status = result ? writeStatistics(*result, calibration, statsPath) : result.status();

@@ -103,24 +103,34 @@ private:
 /// and renamed, so a failed write leaves no partial file.
 class SafetensorsWriter {
 public:
+  SafetensorsWriter() = default;
+  SafetensorsWriter(const SafetensorsWriter &) = delete; // views point into entries
+  SafetensorsWriter &operator=(const SafetensorsWriter &) = delete;
   /// Adds a tensor; `bytes` must hold exactly prod(shape) elements.
   Status addTensor(std::string name, DType dtype, std::vector<int64_t> shape,
                    std::vector<uint8_t> bytes);
+  /// Adds a tensor whose bytes stay where they are (they must outlive
+  /// write()): large statistics are written without a copy.
+  Status addTensorView(std::string name, DType dtype, std::vector<int64_t> shape,
+                       std::span<const uint8_t> bytes);
   /// Adds an f32 tensor converted to `dtype` (F32, F16 or BF16).
   Status addF32Tensor(std::string name, DType dtype, std::vector<int64_t> shape,
                       std::span<const float> values);
   void setMetadata(std::string key, std::string value);
   /// Serialises everything to one buffer.
   std::vector<uint8_t> serialize() const;
-  /// Writes to `path` (through `path`.tmp and a rename).
+  /// Writes to `path` (through `path`.tmp and a rename), tensor by tensor.
   Status write(const std::string &path) const;
 
 private:
   struct Entry {
     DType dtype;
     std::vector<int64_t> shape;
-    std::vector<uint8_t> bytes;
+    std::vector<uint8_t> owned; ///< Empty for views.
+    std::span<const uint8_t> bytes;
   };
+  /// The header (into `head`) and the data, in file order.
+  std::vector<std::span<const uint8_t>> layout(std::string &head) const;
   std::map<std::string, Entry> entries;
   std::map<std::string, std::string> metadata;
 };
@@ -128,6 +138,9 @@ private:
 /// Writes `bytes` to `path` through a temporary file and a rename.
 Status writeFileAtomically(const std::string &path,
                            std::span<const uint8_t> bytes);
+/// The same for bytes in several pieces, written one after the other.
+Status writeChunksAtomically(const std::string &path,
+                             const std::vector<std::span<const uint8_t>> &chunks);
 
 /// Copies 2-D piece `slice` = {index, firstRow, rows, transposed} of the 3-D
 /// [N, A, B] tensor `tensor` of `file` (fused experts): rows

@@ -241,6 +241,12 @@ def MoeQuantize : Pass<"moe-quantize", "::mlir::ModuleOp"> {
     naming its coverage; calibrate with `--all-experts` or
     `--sample-cap-ratio` to give rare experts statistics instead.
 
+    `layers` limits the pass to the tensors of some decoder layers (-1 names
+    the tensors outside layers: lm_head, embedding). `moec compress` runs
+    GPTQ this way, one layer at a time: it calibrates layer l on what the
+    already quantised layers before it compute, quantises layer l, and only
+    then moves on (sequential GPTQ, with one layer's moments in memory).
+
     ```mlir
     // moe-opt --moe-quantize="bits=4 group=128 sym=false targets=experts,shared"
     ```
@@ -260,6 +266,8 @@ def MoeQuantize : Pass<"moe-quantize", "::mlir::ModuleOp"> {
     Option<"scaleType", "scale-type", "std::string", /*default=*/"\"f16\"", "f16 or bf16 scales">,
     Option<"targets", "targets", "std::string", /*default=*/"\"experts\"",
            "experts, shared, attention, dense, all, lm_head, embedding (comma-separated)">,
+    ListOption<"layers", "layers", "int64_t",
+               "Only the tensors of these decoder layers (-1: those outside layers); empty: all">,
   ];
   let statistics = [
     Statistic<"tensorsQuantized", "tensors-quantized", "Matrices quantized">,
