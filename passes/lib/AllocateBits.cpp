@@ -211,7 +211,7 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
       std::vector<AllocationUnit> problem;
       for (const Unit &unit : units)
         problem.push_back(unit.allocation);
-      Expected<Allocation> allocation = allocateBits(problem, widths, budget);
+      Expected<Allocation> allocation = allocateBits(problem, widths, budget, tolerance);
       if (!allocation)
         return fail(model, allocation.status().message());
       Builder builder(model.getContext());

@@ -2,8 +2,9 @@
 //
 // Part of moec. Internal to the passes: the integer program of MC-MoE's
 // bit allocation, solved with GLPK: pick one candidate width per unit,
-// minimising the summed loss, with the parameter-weighted average width at
-// most the budget. Pinned units keep their width and count in the budget.
+// minimising the summed loss, with the parameter-weighted average width in
+// [budget - tolerance, budget]. Pinned units keep their width and count in
+// the budget.
 //
 //===----------------------------------------------------------------------===//
 
@@ -28,10 +29,13 @@ struct Allocation {
   double loss = 0;
 };
 
-/// Solves the allocation. Fails, naming the closest feasible budget, when
-/// even the narrowest candidates (and the pins) exceed `budgetBits`.
+/// Solves the allocation: the average lands in [budgetBits - tolerance,
+/// budgetBits] (tolerance 0: exactly the budget). Fails, naming the closest
+/// feasible budget(s), when the narrowest candidates (and the pins) exceed
+/// the budget, the widest fall short of it, or no combination lands in the
+/// window.
 Expected<Allocation> allocateBits(const std::vector<AllocationUnit> &units, const std::vector<int> &candidates,
-                                  double budgetBits);
+                                  double budgetBits, double tolerance = 0.0);
 
 } // namespace moe
 

@@ -104,16 +104,18 @@ Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &
     for (int64_t b = 0; b < cols; ++b)
       Hp(a, b) = H(order[a], order[b]);
 
-  // U: upper Cholesky factor of H^-1.
-  Eigen::LLT<Matrix> llt(Hp);
+  // U: the upper Cholesky factor of H^-1 (H^-1 = U^T U). With V = U^-1,
+  // H = V V^T and V is upper triangular: the lower Cholesky factor of H
+  // with rows and columns reversed, reversed back. One factorisation and
+  // one triangular inverse instead of an inverse and a second factorisation.
+  Matrix reversed = Hp.reverse();
+  Eigen::LLT<Matrix> llt(reversed);
   if (llt.info() != Eigen::Success)
     return Status::error("GPTQ: the damped Hessian is not positive definite (raise damping)");
-  Matrix inverse = llt.solve(Matrix::Identity(cols, cols));
-  inverse = (inverse + inverse.transpose()) * 0.5;
-  Eigen::LLT<Matrix> inverseFactor(inverse);
-  if (inverseFactor.info() != Eigen::Success)
-    return Status::error("GPTQ: the inverse Hessian is not positive definite (raise damping)");
-  const Matrix U = inverseFactor.matrixU();
+  Matrix V = Matrix(llt.matrixL()).reverse();
+  Matrix U = Matrix::Identity(cols, cols);
+  V.triangularView<Eigen::Upper>().solveInPlace(U);
+  reversed.resize(0, 0);
 
   Matrix Q(rows, cols);
   for (int64_t begin = 0; begin < cols; begin += options.block) {

@@ -14,8 +14,10 @@
 #include "mlir/IR/Builders.h"
 
 #include <map>
+#include <optional>
 #include <set>
 #include <sstream>
+#include <thread>
 
 namespace moe {
 #define GEN_PASS_DEF_MOEQUANTIZE
@@ -133,57 +135,72 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       });
       TensorAccess access(model);
       Builder builder(model.getContext());
-      for (const std::string &symbolName : symbols) {
+      // One job per matrix: read (in order), quantise (GPTQ in parallel,
+      // a batch of one matrix per thread at a time, so memory stays at a
+      // few matrices and Hessians), then write (in order).
+      struct Job {
+        std::string symbol;
+        ir::TensorOp tensor;
+        quant::QuantFormat format;
+        std::vector<float> values;
+        int64_t rows = 0, cols = 0;
+        std::optional<std::vector<double>> hessian; ///< Set: GPTQ.
+        std::string where;                          ///< For messages.
+        std::vector<uint8_t> packed;
+        Status status = Status::success();
+      };
+      auto prepare = [&](const std::string &symbolName, Job &job) -> LogicalResult {
         FlatSymbolRefAttr symbol = FlatSymbolRefAttr::get(model.getContext(), symbolName);
         ir::TensorOp tensor = lookupTensor(model, symbol);
-        if (tensor.getQuantAttr()) {
-          tensor.emitRemark() << "moe-quantize: already quantised (" << tensor.getQuantAttr().getFormat()
-                              << "); left as it is";
-          continue;
-        }
+        job.symbol = symbolName;
+        job.tensor = tensor;
         DType dtype;
         FailureOr<std::vector<float>> values = readF32(model, access, symbol, dtype);
         if (failed(values))
-          return signalPassFailure();
-        const int64_t rows = tensor.getTensorType().getShape()[0], cols = tensor.getTensorType().getShape()[1];
+          return failure();
+        job.values = std::move(*values);
+        job.rows = tensor.getTensorType().getShape()[0];
+        job.cols = tensor.getTensorType().getShape()[1];
+        const int64_t cols = job.cols;
         // moe-allocate-bits' choice overrides `bits` for this tensor.
-        quant::QuantFormat format = this->format;
+        job.format = this->format;
         if (auto chosen = tensor->getAttrOfType<IntegerAttr>("moe.bits")) {
-          format.bits = static_cast<int>(chosen.getInt());
-          if (std::string problem = quant::validateQuantFormat(format); !problem.empty())
-            return fail(tensor, "moe.bits: " + problem);
-          tensor->removeAttr("moe.bits");
+          job.format.bits = static_cast<int>(chosen.getInt());
+          if (std::string problem = quant::validateQuantFormat(job.format); !problem.empty()) {
+            fail(tensor, "moe.bits: " + problem);
+            return failure();
+          }
         }
-        std::vector<uint8_t> packed(format.matrixBytes(rows, cols));
+        if (method != "gptq")
+          return success();
         auto where = expertMatrices.find(symbolName);
-        bool quantized = false;
         auto denseWhere = denseMatrices.find(symbolName);
-        if (method == "gptq" && where == expertMatrices.end() && denseWhere != denseMatrices.end()) {
+        if (where == expertMatrices.end() && denseWhere != denseMatrices.end()) {
           const auto &[layer, statistic] = denseWhere->second;
           FailureOr<std::vector<double>> hessian = file->layer(layer, statistic, tensor);
           if (failed(hessian))
-            return signalPassFailure();
-          if (static_cast<int64_t>(hessian->size()) != cols * cols)
-            return fail(tensor, concat("the Hessian '", statistic, "' of layer ", layer, " has ", hessian->size(),
-                                       " values, the matrix has ", cols, " columns; calibrate the model as it is now"));
-          GptqOptions gptq{damping, block, actOrder};
-          Status status = quantizeGptq(format, *values, rows, cols, std::move(*hessian), gptq, packed);
-          if (!status.ok())
-            return fail(tensor, concat("layer ", layer, ": ", status.message()));
-          ++gptqMatrices;
-          quantized = true;
-        } else if (method == "gptq" && where == expertMatrices.end()) {
+            return failure();
+          if (static_cast<int64_t>(hessian->size()) != cols * cols) {
+            fail(tensor, concat("the Hessian '", statistic, "' of layer ", layer, " has ", hessian->size(),
+                                " values, the matrix has ", cols, " columns; calibrate the model as it is now"));
+            return failure();
+          }
+          job.hessian = std::move(*hessian);
+          job.where = concat("layer ", layer);
+        } else if (where == expertMatrices.end()) {
           tensor.emitRemark() << "moe-quantize: no Hessian is recorded for this tensor's input (MLA's q_b/kv_b, "
                                  "dense-layer MLPs, lm_head, embeddings); it gets RTN";
-        } else if (method == "gptq") {
+        } else {
           const ExpertMatrix &m = where->second;
           FailureOr<std::vector<double>> coverage = file->layer(m.layer, "moment_tokens", tensor);
           FailureOr<std::vector<double>> total = file->layer(m.layer, "tokens", tensor);
           if (failed(coverage) || failed(total))
-            return signalPassFailure();
-          if (m.expert >= static_cast<int64_t>(coverage->size()))
-            return fail(tensor, concat("the statistics have ", coverage->size(), " experts for layer ", m.layer,
-                                       "; calibrate the model as it is now"));
+            return failure();
+          if (m.expert >= static_cast<int64_t>(coverage->size())) {
+            fail(tensor, concat("the statistics have ", coverage->size(), " experts for layer ", m.layer,
+                                "; calibrate the model as it is now"));
+            return failure();
+          }
           const double seen = (*coverage)[m.expert], tokens = total->empty() ? 0.0 : (*total)[0];
           if (seen < minCoverage * tokens || seen == 0) {
             tensor.emitRemark() << concat("moe-quantize: layer ", m.layer, " expert ", m.expert, " saw ",
@@ -192,43 +209,97 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
                                           static_cast<int64_t>(tokens), "), below min-coverage ",
                                           100.0 * minCoverage, "%: RTN instead of GPTQ");
             ++rtnFallbacks;
-          } else {
-            FailureOr<std::vector<double>> hessian =
-                file->expert(m.layer, m.expert, m.down ? "intermediate_moments" : "input_moments", tensor);
-            if (failed(hessian))
-              return signalPassFailure();
-            if (static_cast<int64_t>(hessian->size()) != cols * cols)
-              return fail(tensor, concat("the Hessian of layer ", m.layer, " expert ", m.expert, " is ",
-                                         hessian->size(), " values, the matrix has ", cols,
-                                         " columns; calibrate the model as it is now"));
-            GptqOptions gptq{damping, block, actOrder};
-            Status status = quantizeGptq(format, *values, rows, cols, std::move(*hessian), gptq, packed);
-            if (!status.ok())
-              return fail(tensor, concat("layer ", m.layer, " expert ", m.expert, ": ", status.message()));
-            ++gptqMatrices;
-            quantized = true;
+            return success();
           }
+          FailureOr<std::vector<double>> hessian =
+              file->expert(m.layer, m.expert, m.down ? "intermediate_moments" : "input_moments", tensor);
+          if (failed(hessian))
+            return failure();
+          if (static_cast<int64_t>(hessian->size()) != cols * cols) {
+            fail(tensor, concat("the Hessian of layer ", m.layer, " expert ", m.expert, " is ", hessian->size(),
+                                " values, the matrix has ", cols, " columns; calibrate the model as it is now"));
+            return failure();
+          }
+          job.hessian = std::move(*hessian);
+          job.where = concat("layer ", m.layer, " expert ", m.expert);
         }
-        if (!quantized)
-          quant::quantizeReference(format, values->data(), rows, cols, packed.data());
-        const std::string name = format.name();
-        const std::string key = symbolName + "." + name;
-        auto quantAttr = ir::QuantAttr::get(model.getContext(), format.bits, format.group,
-                                            format.symmetric ? "sym" : "asym", name);
+        return success();
+      };
+      auto compute = [&](Job &job) {
+        job.packed.assign(job.format.matrixBytes(job.rows, job.cols), 0);
+        if (job.hessian) {
+          GptqOptions gptq{damping, block, actOrder};
+          job.status = quantizeGptq(job.format, job.values, job.rows, job.cols, std::move(*job.hessian), gptq,
+                                    job.packed);
+          job.hessian.reset();
+        } else {
+          quant::quantizeReference(job.format, job.values.data(), job.rows, job.cols, job.packed.data());
+        }
+      };
+      auto finish = [&](Job &job) -> LogicalResult {
+        if (!job.status.ok()) {
+          fail(job.tensor, concat(job.where, ": ", job.status.message()));
+          return failure();
+        }
+        if (!job.where.empty()) // GPTQ ran
+          ++gptqMatrices;
+        const std::string name = job.format.name();
+        const std::string key = job.symbol + "." + name;
+        auto quantAttr = ir::QuantAttr::get(model.getContext(), job.format.bits, job.format.group,
+                                            job.format.symmetric ? "sym" : "asym", name);
         Expected<WeightStore *> store = access.store();
-        if (!store)
-          return fail(model, store.status().message());
-        Status status = (*store)->append(key, DType::U8, {static_cast<int64_t>(packed.size())}, packed);
-        if (!status.ok())
-          return fail(model, status.message());
+        if (!store) {
+          fail(model, store.status().message());
+          return failure();
+        }
+        Status status = (*store)->append(key, DType::U8, {static_cast<int64_t>(job.packed.size())}, job.packed);
+        if (!status.ok()) {
+          fail(model, status.message());
+          return failure();
+        }
         // Same symbol and logical type: every use stays valid.
+        ir::TensorOp tensor = job.tensor;
+        tensor->removeAttr("moe.bits");
         tensor.setKey(key);
         tensor.removeSourceAttr();
         tensor.removeSliceAttr();
         tensor.setQuantAttr(quantAttr);
-        if (Operation *scale = SymbolTable::lookupSymbolIn(model, builder.getStringAttr(symbolName + "_scale_inv")))
+        if (Operation *scale = SymbolTable::lookupSymbolIn(model, builder.getStringAttr(job.symbol + "_scale_inv")))
           scale->erase();
         ++tensorsQuantized;
+        return success();
+      };
+
+      std::vector<std::string> pending;
+      for (const std::string &symbolName : symbols) {
+        ir::TensorOp tensor = lookupTensor(model, FlatSymbolRefAttr::get(model.getContext(), symbolName));
+        if (tensor.getQuantAttr()) {
+          tensor.emitRemark() << "moe-quantize: already quantised (" << tensor.getQuantAttr().getFormat()
+                              << "); left as it is";
+          continue;
+        }
+        pending.push_back(symbolName);
+      }
+      const size_t threads = std::max(1u, std::thread::hardware_concurrency());
+      for (size_t first = 0; first < pending.size(); first += threads) {
+        std::vector<Job> jobs(std::min(threads, pending.size() - first));
+        for (size_t j = 0; j < jobs.size(); ++j)
+          if (failed(prepare(pending[first + j], jobs[j])))
+            return signalPassFailure();
+        if (jobs.size() == 1 || method != "gptq") {
+          for (Job &job : jobs)
+            compute(job);
+        } else {
+          std::vector<std::thread> workers;
+          for (size_t j = 1; j < jobs.size(); ++j)
+            workers.emplace_back([&, j] { compute(jobs[j]); });
+          compute(jobs[0]);
+          for (std::thread &worker : workers)
+            worker.join();
+        }
+        for (Job &job : jobs)
+          if (failed(finish(job)))
+            return signalPassFailure();
       }
     }
   }

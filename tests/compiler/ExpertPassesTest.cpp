@@ -430,9 +430,33 @@ TEST(BitAllocation, MoreBitsGoWhereTheLossFallsFastest) {
   auto withPin = allocateBits({a, b, pinned}, {2, 3, 4}, 3.0);
   ASSERT_TRUE(withPin.ok());
   EXPECT_EQ(withPin->bits[2], 4);
-  EXPECT_LE(withPin->averageBits, 3.0 + 1e-9);
+  EXPECT_NEAR(withPin->averageBits, 3.0, 1e-12) << "the budget is met exactly";
   EXPECT_EQ(withPin->bits[0], 3) << "the pin leaves 5 bits for two units";
   // Below the narrowest widths: named, with the closest feasible budget.
   expectErrorContains(allocateBits({a, b, pinned}, {2, 3, 4}, 2.2).status(),
                       {"2.2 bits per weight is infeasible", "closest feasible budget is 2.66667"});
+  // Above the widest widths: named too.
+  expectErrorContains(allocateBits({a, b}, {2, 3, 4}, 5.0).status(),
+                      {"5 bits per weight (within 0) is infeasible", "closest feasible budget is 4"});
+}
+
+TEST(BitAllocation, TheBudgetIsMetExactlyOrTheClosestBudgetsAreNamed) {
+  // Unequal units with widths 2 or 4: the averages are 2, 2.5, 3.5 and 4,
+  // so 3.0 cannot be met exactly.
+  AllocationUnit small{1000, {10.0, 1.0}, 0}, large{3000, {5.0, 4.0}, 0};
+  expectErrorContains(allocateBits({small, large}, {2, 4}, 3.0).status(),
+                      {"no choice of widths averages 3 bits per weight (within 0)",
+                       "closest feasible budgets are 2.5 or 3.5"});
+  // Within a tolerance of 0.5 bits below, 2.5 is allowed.
+  auto relaxed = allocateBits({small, large}, {2, 4}, 3.0, 0.5);
+  ASSERT_TRUE(relaxed.ok()) << relaxed.status().message();
+  EXPECT_EQ(relaxed->bits, (std::vector<int>{4, 2}));
+  EXPECT_DOUBLE_EQ(relaxed->averageBits, 2.5);
+  // A budget that can be met is met exactly, even where a lower average
+  // would lose less (here the widest widths lose the most).
+  AllocationUnit odd{1000, {1.0, 2.0}, 0};
+  auto exact = allocateBits({odd, odd}, {2, 4}, 3.0);
+  ASSERT_TRUE(exact.ok());
+  EXPECT_DOUBLE_EQ(exact->averageBits, 3.0);
+  expectErrorContains(allocateBits({odd}, {2, 4}, 3.0, -1).status(), {"tolerance must not be negative"});
 }

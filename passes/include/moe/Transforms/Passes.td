@@ -282,8 +282,8 @@ def MoeAllocateBits : Pass<"moe-allocate-bits", "::mlir::ModuleOp"> {
     MC-MoE's pre-loading mixed-precision allocation as an integer program
     solved with GLPK: one width from `candidates` per unit (a routed expert,
     or with `granularity=matrix` one of its three matrices), minimising the
-    summed loss with the parameter-weighted average width at most `budget`
-    bits. Objectives:
+    summed loss with the parameter-weighted average width equal to `budget`
+    bits (pinned units included), or within `tolerance` below it. Objectives:
     - `mc-moe`: phi^alpha x w^beta x q^alpha (alpha 1, beta 1.5), with phi
       the expert's routed-token share and w its router-probability share in
       its layer (both normalised to sum to 1 and scaled by 1000, as MC-MoE
@@ -296,9 +296,12 @@ def MoeAllocateBits : Pass<"moe-allocate-bits", "::mlir::ModuleOp"> {
     pinned; shared experts are then left to moe-quantize's own `bits`).
     The result is a `moe.bits` attribute on each tensor, which
     `moe-quantize` executes (group and scheme from its own options). A
-    budget below what the narrowest widths and the pins need fails, naming
-    the closest feasible budget. One program for the whole model (MC-MoE
-    solves each layer separately).
+    budget that cannot be met fails and names the closest feasible budget:
+    below what the narrowest widths and the pins need, above what the widest
+    give, or (units of unequal size) when no combination of widths lands in
+    [budget - tolerance, budget]; then the closest averages below and above
+    are named. One program for the whole model (MC-MoE solves each layer
+    separately).
 
     ```mlir
     // moe-opt --moe-allocate-bits="stats=s.safetensors budget=2.5 candidates=2,3,4" --moe-quantize="group=128"
@@ -307,6 +310,8 @@ def MoeAllocateBits : Pass<"moe-allocate-bits", "::mlir::ModuleOp"> {
   let options = [
     Option<"stats", "stats", "std::string", /*default=*/"\"\"", "Calibration statistics (required)">,
     Option<"budget", "budget", "double", /*default=*/"3.0", "Average bits per weight of the allocated units">,
+    Option<"tolerance", "tolerance", "double", /*default=*/"0.0",
+           "How far below the budget the average may land (bits per weight; 0: exactly)">,
     Option<"candidates", "candidates", "std::string", /*default=*/"\"2,3,4\"", "Candidate widths">,
     Option<"granularity", "granularity", "std::string", /*default=*/"\"expert\"", "expert or matrix">,
     Option<"objective", "objective", "std::string", /*default=*/"\"mc-moe\"", "mc-moe or hessian">,
