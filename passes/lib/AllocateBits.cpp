@@ -15,6 +15,7 @@
 #include "mlir/IR/Builders.h"
 
 #include <cmath>
+#include <functional>
 #include <map>
 #include <numeric>
 #include <sstream>
@@ -43,6 +44,9 @@ struct Unit {
   int64_t layer = 0, expert = 0;
   int matrix = -1; ///< -1: the whole expert; 0/1/2: gate/up/down.
   std::vector<std::string> tensors;
+  /// granularity=micro-expert: the unit's neurons (importance order) and its expert op.
+  std::vector<int64_t> neurons;
+  ir::ExpertOp op;
   AllocationUnit allocation;
 };
 
@@ -51,8 +55,11 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
 
   void runOnOperation() override {
     ModuleOp module = getOperation();
-    if (granularity != "expert" && granularity != "matrix")
-      return fail(module, "granularity '" + granularity + "' is not expert or matrix");
+    if (granularity != "expert" && granularity != "matrix" && granularity != "micro-expert")
+      return fail(module, "granularity '" + granularity + "' is not expert, matrix or micro-expert");
+    if (microSize < 0)
+      return fail(module, concat("micro-size must not be negative, got ", static_cast<int64_t>(microSize)));
+    const bool micro = granularity == "micro-expert";
     if (objective != "mc-moe" && objective != "hessian")
       return fail(module, "objective '" + objective + "' is not mc-moe or hessian");
     std::vector<int> widths;
@@ -75,6 +82,8 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
       return signalPassFailure();
 
     for (ir::ModelOp model : module.getOps<ir::ModelOp>()) {
+      if (failed(refuseSplitExperts(model, getArgument())))
+        return signalPassFailure();
       TensorAccess access(model);
       std::vector<Unit> units;
       std::vector<std::pair<double, std::pair<int64_t, int64_t>>> maxOutputs;
@@ -155,6 +164,91 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
           }
           const double phi = routedTotal > 0 ? 1000.0 * (*routed)[id] / routedTotal : 0.0;
           const double share = scoreTotal > 0 ? 1000.0 * (*scores)[id] / scoreTotal : 0.0;
+          if (micro) {
+            // Micro-experts: the expert's neurons ranked by CAMERA's
+            // importance, ||W_down[:, j]||^2 x sum of (gate weight x a_j)^2,
+            // and cut into units of micro-size neurons (importance tiers).
+            FailureOr<std::vector<double>> energy = file->expert(index, id, "neuron_weighted_square_sum", expert);
+            if (failed(energy))
+              return signalPassFailure();
+            const int64_t width = shapes[0][0], H = shapes[0][1];
+            if (static_cast<int64_t>(energy->size()) != width)
+              return fail(expert, concat("the statistics have ", energy->size(), " neurons for layer ", index,
+                                         " expert ", id, ", it has ", width, "; calibrate the model as it is now"));
+            std::vector<double> importance(static_cast<size_t>(width));
+            for (int64_t j = 0; j < width; ++j) {
+              double column = 0;
+              for (int64_t h = 0; h < H; ++h)
+                column += static_cast<double>(original[2][h * width + j]) * original[2][h * width + j];
+              importance[j] = column * (*energy)[j];
+            }
+            std::vector<int64_t> order(static_cast<size_t>(width));
+            std::iota(order.begin(), order.end(), 0);
+            std::stable_sort(order.begin(), order.end(),
+                             [&](int64_t a, int64_t b) { return importance[a] > importance[b]; });
+            const int64_t size = microSize > 0 ? static_cast<int64_t>(microSize) : static_cast<int64_t>(group);
+            for (int64_t first = 0; first < width; first += size) {
+              Unit unit;
+              unit.layer = index;
+              unit.expert = id;
+              unit.op = expert;
+              unit.neurons.assign(order.begin() + first, order.begin() + std::min(width, first + size));
+              const int64_t n = static_cast<int64_t>(unit.neurons.size());
+              unit.allocation.parameters = 3 * n * H;
+              // The unit's gate/up rows [n, H] and down columns [H, n], as
+              // its part will hold them.
+              std::vector<float> rows[2], columns(static_cast<size_t>(H * n));
+              for (int m = 0; m < 2; ++m)
+                for (int64_t j : unit.neurons)
+                  rows[m].insert(rows[m].end(), original[m].begin() + j * H, original[m].begin() + (j + 1) * H);
+              for (int64_t h = 0; h < H; ++h)
+                for (int64_t k = 0; k < n; ++k)
+                  columns[h * n + k] = original[2][h * width + unit.neurons[k]];
+              for (int bits : widths) {
+                quant::QuantFormat format = trial;
+                format.bits = bits;
+                std::vector<float> qRows[2] = {roundTrip(format, rows[0], n, H), roundTrip(format, rows[1], n, H)};
+                std::vector<float> qColumns = roundTrip(format, columns, H, n);
+                double loss = 0;
+                if (objective == "hessian") {
+                  for (int m = 0; m < 2; ++m)
+                    for (int64_t k = 0; k < n; ++k)
+                      for (int64_t c = 0; c < H; ++c) {
+                        const double d = rows[m][k * H + c] - qRows[m][k * H + c];
+                        loss += hessianDiagonal[m][c] * d * d;
+                      }
+                  for (int64_t h = 0; h < H; ++h)
+                    for (int64_t k = 0; k < n; ++k) {
+                      const double d = columns[h * n + k] - qColumns[h * n + k];
+                      loss += hessianDiagonal[2][unit.neurons[k]] * d * d;
+                    }
+                } else {
+                  LayerWeights trialWeights = *weights;
+                  MlpWeights &mlp = trialWeights.experts[slot];
+                  std::vector<float> values[3] = {original[0], original[1], original[2]};
+                  for (int m = 0; m < 2; ++m)
+                    for (int64_t k = 0; k < n; ++k)
+                      std::copy(qRows[m].begin() + k * H, qRows[m].begin() + (k + 1) * H,
+                                values[m].begin() + unit.neurons[k] * H);
+                  for (int64_t h = 0; h < H; ++h)
+                    for (int64_t k = 0; k < n; ++k)
+                      values[2][h * width + unit.neurons[k]] = qColumns[h * n + k];
+                  Matrix *matrices[3] = {&mlp.gate, &mlp.up, &mlp.down};
+                  for (int m = 0; m < 3; ++m) {
+                    matrices[m]->bf16.clear();
+                    matrices[m]->data = std::move(values[m]);
+                  }
+                  std::vector<float> scratch;
+                  const double error =
+                      blockOutputError(loader->spec(), *layerSpec, trialWeights, blocks, {}, scratch);
+                  loss = phi * std::pow(share, 1.5) * error;
+                }
+                unit.allocation.loss.push_back(loss);
+              }
+              units.push_back(std::move(unit));
+            }
+            continue;
+          }
           const int unitsHere = granularity == "expert" ? 1 : 3;
           for (int u = 0; u < unitsHere; ++u) {
             Unit unit;
@@ -223,6 +317,8 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
         ++histogram[allocation->bits[u]];
         ++unitsAllocated;
       }
+      if (micro && failed(splitExperts(model, access, units, allocation->bits)))
+        return signalPassFailure();
       if (pinBits > 0)
         for (const std::string &name : sharedTensors)
           lookupTensor(model, FlatSymbolRefAttr::get(model.getContext(), name))
@@ -233,6 +329,66 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
       model.emitRemark() << concat("moe-allocate-bits: ", units.size(), " units, average ", allocation->averageBits,
                                    " bits (budget ", static_cast<double>(budget), "): ", widthsText);
     }
+  }
+
+  /// Micro-expert widths become parts: each expert's neurons grouped by
+  /// their width (widest first, importance order within), one moe.expert op
+  /// per width with tensors sliced from the originals (stored bytes copied
+  /// exactly) and `moe.bits` on them. An expert whose units agree keeps
+  /// its tensors.
+  LogicalResult splitExperts(ir::ModelOp model, TensorAccess &access, const std::vector<Unit> &units,
+                             const std::vector<int> &bits) {
+    Builder builder(model.getContext());
+    std::map<Operation *, std::map<int, std::vector<int64_t>, std::greater<int>>> byExpert;
+    std::vector<ir::ExpertOp> order;
+    for (size_t u = 0; u < units.size(); ++u) {
+      ir::ExpertOp op = units[u].op;
+      auto &widths = byExpert[op.getOperation()];
+      if (widths.empty())
+        order.push_back(op);
+      widths[bits[u]].insert(widths[bits[u]].end(), units[u].neurons.begin(), units[u].neurons.end());
+    }
+    for (ir::ExpertOp expert : order) {
+      const auto &widths = byExpert[expert.getOperation()];
+      FlatSymbolRefAttr symbols[3] = {expert.getGateAttr(), expert.getUpAttr(), expert.getDownAttr()};
+      if (widths.size() == 1) {
+        for (FlatSymbolRefAttr symbol : symbols)
+          lookupTensor(model, symbol)->setAttr("moe.bits", builder.getI64IntegerAttr(widths.begin()->first));
+        continue;
+      }
+      ir::ExpertOp previous = expert;
+      int64_t offset = 0, part = 0;
+      for (const auto &[width, neurons] : widths) {
+        FlatSymbolRefAttr parts[3];
+        for (int m = 0; m < 3; ++m) {
+          FailureOr<FlatSymbolRefAttr> sliced =
+              selectSlices(model, access, symbols[m], neurons, m == 2 ? 1 : 0, concat(".part", part));
+          if (failed(sliced))
+            return failure();
+          parts[m] = *sliced;
+          lookupTensor(model, parts[m])->setAttr("moe.bits", builder.getI64IntegerAttr(width));
+        }
+        const int64_t count = static_cast<int64_t>(neurons.size());
+        if (part == 0) {
+          expert.setWidth(static_cast<uint64_t>(count));
+          expert.setGateAttr(parts[0]);
+          expert.setUpAttr(parts[1]);
+          expert.setDownAttr(parts[2]);
+          expert.setPartOffset(0);
+        } else {
+          OpBuilder after(previous->getContext());
+          after.setInsertionPointAfter(previous);
+          previous = after.create<ir::ExpertOp>(
+              expert.getLoc(), expert.getIdAttr(), after.getI64IntegerAttr(count), parts[0], parts[1], parts[2],
+              expert.getActivationAttr(), after.getI64IntegerAttr(offset));
+        }
+        offset += count;
+        ++part;
+      }
+      ++expertsSplit;
+    }
+    eraseUnusedTensors(model);
+    return success();
   }
 
   void fail(Operation *op, const std::string &message) {

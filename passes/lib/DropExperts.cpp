@@ -62,6 +62,8 @@ struct DropExpertsPass : public moe::impl::MoeDropExpertsBase<DropExpertsPass> {
       return signalPassFailure();
     }
     for (ir::ModelOp model : getOperation().getOps<ir::ModelOp>()) {
+      if (failed(refuseSplitExperts(model, getArgument())))
+        return signalPassFailure();
       TensorAccess access(model);
       std::set<int64_t> seen;
       for (ir::LayerOp layer : model.getBody().getOps<ir::LayerOp>()) {

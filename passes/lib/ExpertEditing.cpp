@@ -245,6 +245,18 @@ LogicalResult dropExperts(ir::ModelOp model, ir::LayerOp layer, const std::set<i
   return success();
 }
 
+LogicalResult refuseSplitExperts(ir::ModelOp model, StringRef passName) {
+  WalkResult result = model.walk([&](ir::ExpertOp expert) {
+    if (!expert.getPartOffset())
+      return WalkResult::advance();
+    expert.emitError() << passName << ": expert " << expert.getId()
+                       << " is split into parts by moe-allocate-bits granularity=micro-expert; run " << passName
+                       << " before it";
+    return WalkResult::interrupt();
+  });
+  return failure(result.wasInterrupted());
+}
+
 /// Erases tensors no op references any more, with their FP8 scales.
 void eraseUnusedTensors(ir::ModelOp model) {
   SmallVector<ir::TensorOp> candidates;

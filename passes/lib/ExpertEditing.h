@@ -58,6 +58,11 @@ mlir::LogicalResult dropExperts(ir::ModelOp model, ir::LayerOp layer, const std:
 /// Erases tensors no op references, with their FP8 `_scale_inv` siblings.
 void eraseUnusedTensors(ir::ModelOp model);
 
+/// Fails (naming `passName`) when an expert of `model` is split into parts
+/// (moe-allocate-bits granularity=micro-expert): passes that select, merge
+/// or slice experts run before the split.
+mlir::LogicalResult refuseSplitExperts(ir::ModelOp model, llvm::StringRef passName);
+
 } // namespace moe
 
 #endif // MOE_PASSES_LIB_EXPERTEDITING_H

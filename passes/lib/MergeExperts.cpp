@@ -136,6 +136,8 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
     if (failed(file))
       return signalPassFailure();
     for (ir::ModelOp model : module.getOps<ir::ModelOp>()) {
+      if (failed(refuseSplitExperts(model, getArgument())))
+        return signalPassFailure();
       std::vector<LayerInfo> layers;
       std::vector<std::pair<double, std::pair<int64_t, int64_t>>> maxOutputs;
       for (ir::LayerOp layer : model.getBody().getOps<ir::LayerOp>()) {

@@ -61,6 +61,8 @@ struct PruneAtomsPass : public moe::impl::MoePruneAtomsBase<PruneAtomsPass> {
         return signalPassFailure();
     }
     for (ir::ModelOp model : module.getOps<ir::ModelOp>()) {
+      if (failed(refuseSplitExperts(model, getArgument())))
+        return signalPassFailure();
       TensorAccess access(model);
       std::vector<Atom> atoms;
       std::map<std::pair<int64_t, int64_t>, ir::ExpertOp> experts;

@@ -92,6 +92,8 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
       return signalPassFailure();
 
     for (ir::ModelOp model : module.getOps<ir::ModelOp>()) {
+      if (failed(refuseSplitExperts(model, getArgument())))
+        return signalPassFailure();
       // Scores, super experts and per-layer limits.
       std::vector<Candidate> candidates;
       std::map<int64_t, ir::LayerOp> layers;

@@ -13,6 +13,7 @@
 
 #include "mlir/IR/Builders.h"
 
+#include <cmath>
 #include <map>
 #include <optional>
 #include <set>
@@ -85,6 +86,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       struct ExpertMatrix {
         int64_t layer, expert;
         bool down;
+        int64_t partOffset = -1; ///< A split expert's part: its first neuron.
       };
       std::map<std::string, ExpertMatrix> expertMatrices;
       // Attention projections and shared experts: the layer statistic holding
@@ -99,9 +101,10 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
           add(expert.getDownAttr());
           const int64_t layer = static_cast<int64_t>(expert->getParentOfType<ir::LayerOp>().getIndex());
           const int64_t id = static_cast<int64_t>(expert.getId());
-          expertMatrices[expert.getGate().str()] = {layer, id, false};
-          expertMatrices[expert.getUp().str()] = {layer, id, false};
-          expertMatrices[expert.getDown().str()] = {layer, id, true};
+          const int64_t offset = expert.getPartOffset() ? static_cast<int64_t>(*expert.getPartOffset()) : -1;
+          expertMatrices[expert.getGate().str()] = {layer, id, false, offset};
+          expertMatrices[expert.getUp().str()] = {layer, id, false, offset};
+          expertMatrices[expert.getDown().str()] = {layer, id, true, offset};
         } else if (auto shared = dyn_cast<ir::SharedExpertOp>(op); shared && kinds.count("shared")) {
           add(shared.getGateAttr());
           add(shared.getUpAttr());
@@ -215,6 +218,22 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
               file->expert(m.layer, m.expert, m.down ? "intermediate_moments" : "input_moments", tensor);
           if (failed(hessian))
             return failure();
+          if (m.down && m.partOffset >= 0) {
+            // A part's down projection sees the part's neurons: its block of
+            // the expert's intermediate moments (calibrated after the split).
+            const int64_t full = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(hessian->size()))));
+            if (m.partOffset + cols > full) {
+              fail(tensor, concat("the intermediate moments of layer ", m.layer, " expert ", m.expert, " cover ",
+                                  full, " neurons, the part needs ", m.partOffset + cols,
+                                  "; calibrate the model as it is now"));
+              return failure();
+            }
+            std::vector<double> block(static_cast<size_t>(cols * cols));
+            for (int64_t a = 0; a < cols; ++a)
+              for (int64_t b = 0; b < cols; ++b)
+                block[a * cols + b] = (*hessian)[(m.partOffset + a) * full + m.partOffset + b];
+            *hessian = std::move(block);
+          }
           if (static_cast<int64_t>(hessian->size()) != cols * cols) {
             fail(tensor, concat("the Hessian of layer ", m.layer, " expert ", m.expert, " is ", hessian->size(),
                                 " values, the matrix has ", cols, " columns; calibrate the model as it is now"));

@@ -81,6 +81,12 @@ public:
       MOE_RETURN_IF_ERROR(loadMatrix(expert.gate, w.experts[slot].gate));
       MOE_RETURN_IF_ERROR(loadMatrix(expert.up, w.experts[slot].up));
       MOE_RETURN_IF_ERROR(loadMatrix(expert.down, w.experts[slot].down));
+      for (const ExpertPart &part : expert.moreParts) {
+        MlpWeights &loaded = w.experts[slot].moreParts.emplace_back();
+        MOE_RETURN_IF_ERROR(loadMatrix(part.gate, loaded.gate));
+        MOE_RETURN_IF_ERROR(loadMatrix(part.up, loaded.up));
+        MOE_RETURN_IF_ERROR(loadMatrix(part.down, loaded.down));
+      }
     }
     w.routing = entry.routing;
     if (!w.router.empty()) {

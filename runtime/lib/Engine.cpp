@@ -197,6 +197,29 @@ void swiglu(const MlpWeights &mlp, const float *x, int64_t n, std::vector<float>
   for (size_t i = 0; i < up.size(); ++i)
     intermediate[i] = silu(intermediate[i]) * up[i];
   linear(intermediate.data(), n, mlp.down, out);
+  if (mlp.moreParts.empty())
+    return;
+  // An expert split into parts: sum the parts' outputs, and concatenate
+  // their intermediates (the expert's neurons in part order).
+  const int64_t H = mlp.down.rows;
+  int64_t total = width;
+  for (const MlpWeights &part : mlp.moreParts)
+    total += part.gate.rows;
+  std::vector<float> joined(static_cast<size_t>(n * total)), partIntermediate, partOut(static_cast<size_t>(n * H));
+  int64_t offset = 0;
+  auto place = [&](const std::vector<float> &values, int64_t w) {
+    for (int64_t t = 0; t < n; ++t)
+      std::copy(values.begin() + t * w, values.begin() + (t + 1) * w, joined.begin() + t * total + offset);
+    offset += w;
+  };
+  place(intermediate, width);
+  for (const MlpWeights &part : mlp.moreParts) {
+    swiglu(part, x, n, partIntermediate, partOut.data());
+    for (size_t i = 0; i < partOut.size(); ++i)
+      out[i] += partOut[i];
+    place(partIntermediate, part.gate.rows);
+  }
+  intermediate = std::move(joined);
 }
 
 } // namespace

@@ -66,6 +66,11 @@ std::vector<const TensorRef *> allTensors(const ModelDescription &description) {
       add(expert.gate);
       add(expert.up);
       add(expert.down);
+      for (const ExpertPart &part : expert.moreParts) {
+        add(part.gate);
+        add(part.up);
+        add(part.down);
+      }
     }
   }
   return out;
@@ -135,9 +140,14 @@ Status writePackage(const ModelDescription &description, const PackageExtras &ex
       const LayerEntry &layer = description.layers[l];
       const LayerSpec &spec = description.spec.layers[l];
       json entry = {{"tensors", roleList(layer.tensors)}, {"experts", json::array()}};
-      for (const ExpertEntry &expert : layer.experts)
-        entry["experts"].push_back({{"id", expert.id}, {"width", expert.width}, {"gate", expert.gate.name},
-                                    {"up", expert.up.name}, {"down", expert.down.name}});
+      for (const ExpertEntry &expert : layer.experts) {
+        json record = {{"id", expert.id}, {"width", expert.width}, {"gate", expert.gate.name},
+                       {"up", expert.up.name}, {"down", expert.down.name}};
+        for (const ExpertPart &part : expert.moreParts)
+          record["parts"].push_back({{"width", part.width}, {"gate", part.gate.name}, {"up", part.up.name},
+                                     {"down", part.down.name}});
+        entry["experts"].push_back(std::move(record));
+      }
       entry["num_experts"] = spec.numExperts;
       entry["expert_width"] = spec.expertIntermediateSize;
       if (layer.routing.router) {
@@ -374,6 +384,20 @@ Expected<OpenedPackage> openPackage(const std::string &path) {
           if (!tensor)
             return tensor.status();
           *target = tensor.take();
+        }
+        if (expert.contains("parts")) {
+          for (const json &part : expert.at("parts")) {
+            ExpertPart p;
+            p.width = part.at("width").get<int64_t>();
+            for (auto [field, target] : {std::pair<const char *, TensorRef *>{"gate", &p.gate}, {"up", &p.up},
+                                         {"down", &p.down}}) {
+              Expected<TensorRef> tensor = lookup(part.at(field).get<std::string>());
+              if (!tensor)
+                return tensor.status();
+              *target = tensor.take();
+            }
+            e.moreParts.push_back(std::move(p));
+          }
         }
         layer.experts.push_back(std::move(e));
       }

@@ -74,6 +74,10 @@ Status exportHuggingFace(ir::ModelOp model, const std::string &directory) {
       ir::RouterOp router = *block.getBody().getOps<ir::RouterOp>().begin();
       int64_t count = 0;
       for (ir::ExpertOp expert : block.getBody().getOps<ir::ExpertOp>()) {
+        if (expert.getPartOffset())
+          return Status::error("layer ", layer.getIndex(), " expert ", expert.getId(),
+                               " is split into parts (micro-expert mixed precision), which a ", spec->architecture,
+                               " checkpoint cannot hold: use the package backend (moec emit)");
         ++count;
         int64_t w = static_cast<int64_t>(expert.getWidth());
         if (width && *width != w)

@@ -146,14 +146,28 @@ public:
             continue;
           }
           if (auto expert = dyn_cast<ir::ExpertOp>(part)) {
-            ExpertEntry e;
-            e.id = static_cast<int64_t>(expert.getId());
-            e.width = static_cast<int64_t>(expert.getWidth());
             Expected<TensorRef> gate = ref(expert.getGateAttr()), up = ref(expert.getUpAttr()),
                                 down = ref(expert.getDownAttr());
             for (Expected<TensorRef> *tensor : {&gate, &up, &down})
               if (!*tensor)
                 return tensor->status();
+            if (expert.getPartOffset() && *expert.getPartOffset() > 0) {
+              // A further part of the expert just lowered (the verifier
+              // keeps parts consecutive and in order).
+              ExpertEntry &whole = entry.experts.back();
+              ExpertPart more;
+              more.width = static_cast<int64_t>(expert.getWidth());
+              more.gate = gate.take();
+              more.up = up.take();
+              more.down = down.take();
+              whole.width += more.width;
+              whole.moreParts.push_back(std::move(more));
+              maxWidth = std::max(maxWidth, whole.width);
+              continue;
+            }
+            ExpertEntry e;
+            e.id = static_cast<int64_t>(expert.getId());
+            e.width = static_cast<int64_t>(expert.getWidth());
             e.gate = gate.take();
             e.up = up.take();
             e.down = down.take();

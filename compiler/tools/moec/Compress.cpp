@@ -162,7 +162,7 @@ Expected<Recipe> readRecipe(const std::string &path) {
 json moduleCounts(ir::ModelOp model) {
   int64_t experts = 0, parameters = 0;
   model.walk([&](ir::ExpertOp expert) {
-    ++experts;
+    experts += expert.getPartOffset().value_or(0) == 0; // a split expert's parts count once
     parameters += 3 * static_cast<int64_t>(expert.getWidth()) * static_cast<int64_t>(model.getHidden());
   });
   return {{"routed_experts", experts}, {"routed_expert_parameters", parameters}};

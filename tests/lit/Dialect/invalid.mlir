@@ -165,3 +165,57 @@ moe.model @m family "mixtral" hidden 8 sources ["a.safetensors"] config "{}" {
   // expected-error @+1 {{'moe.tensor' op slice must be [matrix >= 0, first row >= 0, rows >= 1, transposed 0|1]}}
   moe.tensor @t : tensor<4x8xbf16> = "fused" in 0 slice [0, 0, 4, 2]
 }
+
+// -----
+
+// The parts of a split expert tile its neurons in order.
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<2x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.layer 0 {
+    moe.moe_block {
+      moe.router @r top_k 1 scoring "softmax" selection "top-k"
+      moe.expert 0 width 4 gate @g up @u down @d {part_offset = 0 : i64}
+      // expected-error @+1 {{'moe.expert' op part_offset 3 of expert 0, expected 4 (the parts tile the neurons in order)}}
+      moe.expert 0 width 4 gate @g up @u down @d {part_offset = 3 : i64}
+      moe.expert 1 width 4 gate @g up @u down @d
+    }
+  }
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<2x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.layer 0 {
+    moe.moe_block {
+      moe.router @r top_k 1 scoring "softmax" selection "top-k"
+      moe.expert 0 width 4 gate @g up @u down @d {part_offset = 0 : i64}
+      // expected-error @+1 {{'moe.expert' op expert id 0 appears twice (the parts of a split expert carry part_offset)}}
+      moe.expert 0 width 4 gate @g up @u down @d
+      moe.expert 1 width 4 gate @g up @u down @d
+    }
+  }
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<2x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.layer 0 {
+    moe.moe_block {
+      moe.router @r top_k 1 scoring "softmax" selection "top-k"
+      // expected-error @+1 {{'moe.expert' op the first part of expert 0 has part_offset 4, expected 0}}
+      moe.expert 0 width 4 gate @g up @u down @d {part_offset = 4 : i64}
+      moe.expert 1 width 4 gate @g up @u down @d
+    }
+  }
+}

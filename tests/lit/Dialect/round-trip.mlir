@@ -34,3 +34,25 @@ moe.model @tiny family "deepseek_v2" hidden 8 sources ["model.safetensors"] conf
     }
   }
 }
+
+// -----
+
+// A split expert (micro-expert mixed precision): one router row, two parts.
+// CHECK-LABEL: moe.model @split
+// CHECK: moe.expert 0 width 4 gate @g up @u down @d {part_offset = 0 : i64}
+// CHECK-NEXT: moe.expert 0 width 4 gate @g up @u down @d {part_offset = 4 : i64}
+// CHECK-NEXT: moe.expert 1 width 4
+moe.model @split family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<2x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.layer 0 {
+    moe.moe_block {
+      moe.router @r top_k 1 scoring "softmax" selection "top-k"
+      moe.expert 0 width 4 gate @g up @u down @d {part_offset = 0 : i64}
+      moe.expert 0 width 4 gate @g up @u down @d {part_offset = 4 : i64}
+      moe.expert 1 width 4 gate @g up @u down @d
+    }
+  }
+}

@@ -280,8 +280,11 @@ def MoeAllocateBits : Pass<"moe-allocate-bits", "::mlir::ModuleOp"> {
   let summary = "Choose bits per expert (or expert matrix) under a memory budget";
   let description = [{
     MC-MoE's pre-loading mixed-precision allocation as an integer program
-    solved with GLPK: one width from `candidates` per unit (a routed expert,
-    or with `granularity=matrix` one of its three matrices), minimising the
+    solved with GLPK: one width from `candidates` per unit (a routed expert;
+    with `granularity=matrix` one of its three matrices; with
+    `granularity=micro-expert` `micro-size` of its neurons, ranked by
+    CAMERA's importance ||W_down[:, j]||^2 x sum of (gate weight x a_j)^2 so
+    that units are importance tiers, as CAMERA-Q), minimising the
     summed loss with the parameter-weighted average width equal to `budget`
     bits (pinned units included), or within `tolerance` below it. Objectives:
     - `mc-moe`: phi^alpha x w^beta x q^alpha (alpha 1, beta 1.5), with phi
@@ -295,7 +298,13 @@ def MoeAllocateBits : Pass<"moe-allocate-bits", "::mlir::ModuleOp"> {
     Super experts and shared experts are pinned at `pin-bits` (0: not
     pinned; shared experts are then left to moe-quantize's own `bits`).
     The result is a `moe.bits` attribute on each tensor, which
-    `moe-quantize` executes (group and scheme from its own options). A
+    `moe-quantize` executes (group and scheme from its own options). With
+    micro-experts, an expert whose units got different widths is split into
+    parts (consecutive `moe.expert` ops with the same id and `part_offset`),
+    one per width, with its neurons regrouped; it computes exactly what it
+    did. Passes that select, merge or slice experts then refuse the module,
+    and GPTQ's down-projection Hessians need statistics calibrated after the
+    split (`moec compress` calibrates GPTQ layer by layer anyway). A
     budget that cannot be met fails and names the closest feasible budget:
     below what the narrowest widths and the pins need, above what the widest
     give, or (units of unequal size) when no combination of widths lands in
@@ -313,7 +322,10 @@ def MoeAllocateBits : Pass<"moe-allocate-bits", "::mlir::ModuleOp"> {
     Option<"tolerance", "tolerance", "double", /*default=*/"0.0",
            "How far below the budget the average may land (bits per weight; 0: exactly)">,
     Option<"candidates", "candidates", "std::string", /*default=*/"\"2,3,4\"", "Candidate widths">,
-    Option<"granularity", "granularity", "std::string", /*default=*/"\"expert\"", "expert or matrix">,
+    Option<"granularity", "granularity", "std::string", /*default=*/"\"expert\"",
+           "expert, matrix or micro-expert">,
+    Option<"microSize", "micro-size", "int64_t", /*default=*/"0",
+           "micro-expert: neurons per unit (0: the trial group size)">,
     Option<"objective", "objective", "std::string", /*default=*/"\"mc-moe\"", "mc-moe or hessian">,
     Option<"group", "group", "int64_t", /*default=*/"128", "Group size of the trial quantization">,
     Option<"symmetric", "sym", "bool", /*default=*/"false", "Symmetric trial quantization">,
@@ -321,6 +333,7 @@ def MoeAllocateBits : Pass<"moe-allocate-bits", "::mlir::ModuleOp"> {
   ];
   let statistics = [
     Statistic<"unitsAllocated", "units-allocated", "Units given a width">,
+    Statistic<"expertsSplit", "experts-split", "Experts split into parts of different widths">,
   ];
 }
 

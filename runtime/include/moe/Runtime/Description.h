@@ -53,9 +53,16 @@ struct TensorRef {
   DType dtype = DType::BF16;
 };
 
-struct ExpertEntry {
-  int64_t id = 0, width = 0;
+/// A further neuron segment of a split expert (micro-expert mixed precision).
+struct ExpertPart {
+  int64_t width = 0;
   TensorRef gate, up, down;
+};
+
+struct ExpertEntry {
+  int64_t id = 0, width = 0; ///< width: all parts together.
+  TensorRef gate, up, down;  ///< The first part (the whole expert unless split).
+  std::vector<ExpertPart> moreParts;
 };
 
 struct LayerEntry {

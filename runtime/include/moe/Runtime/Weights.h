@@ -55,7 +55,16 @@ struct Matrix {
 /// gate/up/down of a SwiGLU MLP: y = down(silu(gate x) * up x).
 struct MlpWeights {
   Matrix gate, up, down;
-  size_t bytes() const { return gate.bytes() + up.bytes() + down.bytes(); }
+  /// Further neuron segments of a routed expert split by micro-expert
+  /// mixed precision (each with its own formats); the expert's output is
+  /// the sum over its parts, its intermediate their concatenation.
+  std::vector<MlpWeights> moreParts;
+  size_t bytes() const {
+    size_t total = gate.bytes() + up.bytes() + down.bytes();
+    for (const MlpWeights &part : moreParts)
+      total += part.bytes();
+    return total;
+  }
 };
 
 /// How a MoE layer routes when it differs from the ModelSpec's router:

@@ -145,15 +145,40 @@ LogicalResult MoeBlockOp::verify() {
   RouterOp router;
   llvm::DenseSet<int64_t> ids;
   int64_t experts = 0, shared = 0;
+  ExpertOp previous;
+  int64_t nextOffset = 0; // where the next part of `previous`'s expert starts
   for (Operation &op : getBody().front()) {
+    if (!isa<ExpertOp>(op))
+      previous = ExpertOp(); // parts are consecutive
     if (auto r = dyn_cast<RouterOp>(op)) {
       if (router)
         return r.emitOpError("is the second router of its moe.moe_block");
       router = r;
     } else if (auto expert = dyn_cast<ExpertOp>(op)) {
-      if (!ids.insert(static_cast<int64_t>(expert.getId())).second)
-        return expert.emitOpError() << "expert id " << expert.getId() << " appears twice";
-      ++experts;
+      const int64_t id = static_cast<int64_t>(expert.getId());
+      const std::optional<uint64_t> offset = expert.getPartOffset();
+      const bool continues = previous && static_cast<int64_t>(previous.getId()) == id;
+      if (continues) {
+        // A further part of a split expert: both carry part_offset, and
+        // the parts tile the expert's neurons in order.
+        if (!offset || !previous.getPartOffset())
+          return expert.emitOpError() << "expert id " << id << " appears twice (the parts of a split expert "
+                                      << "carry part_offset)";
+        if (static_cast<int64_t>(*offset) != nextOffset)
+          return expert.emitOpError() << "part_offset " << *offset << " of expert " << id << ", expected "
+                                      << nextOffset << " (the parts tile the neurons in order)";
+      } else {
+        if (!ids.insert(id).second)
+          return expert.emitOpError() << "expert id " << id << " appears twice";
+        if (offset && *offset != 0)
+          return expert.emitOpError() << "the first part of expert " << id << " has part_offset " << *offset
+                                      << ", expected 0";
+        nextOffset = 0;
+        ++experts;
+      }
+      nextOffset += static_cast<int64_t>(expert.getWidth());
+      previous = expert;
+      continue;
     } else if (isa<SharedExpertOp>(op)) {
       ++shared;
     }
@@ -189,9 +214,12 @@ LogicalResult RouterOp::verify() {
     return emitOpError() << "scoring '" << scoring << "' is not softmax, sigmoid or sparsemixer";
   if (selection != "top-k" && selection != "group-max" && selection != "group-top2-sum")
     return emitOpError() << "selection '" << selection << "' is not top-k, group-max or group-top2-sum";
-  int64_t experts = 0;
+  // Distinct experts (the parts of a split expert count once).
+  llvm::DenseSet<int64_t> expertIds;
   for (Operation &op : block.getBody().front())
-    experts += isa<ExpertOp>(op);
+    if (auto expert = dyn_cast<ExpertOp>(op))
+      expertIds.insert(static_cast<int64_t>(expert.getId()));
+  const int64_t experts = static_cast<int64_t>(expertIds.size());
   // One router row per expert, or per remap entry after merging.
   int64_t rows = getRemap() ? static_cast<int64_t>(getRemap()->size()) : experts;
   if (failed(expectShape(*this, getWeightAttr(), "weight", {rows, static_cast<int64_t>(model.getHidden())})))

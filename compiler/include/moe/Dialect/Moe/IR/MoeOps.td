@@ -155,12 +155,22 @@ def Moe_ExpertOp : Moe_Op<"expert", [HasParent<"MoeBlockOp">]> {
     `y = down(act(gate x) * up x)`; `width` is the intermediate size, which
     atomic-expert pruning makes differ between experts.
 
+    An expert may be split into parts (micro-expert mixed precision gives
+    each part its own quantization format): consecutive `moe.expert` ops
+    with the same id, each holding a segment of the expert's neurons, with
+    `part_offset` the segment's first neuron (0, then the running sum of the
+    parts' widths). The expert's output is the sum of its parts' outputs;
+    the router sees one expert.
+
     ```mlir
     moe.expert 5 width 768 gate @g up @u down @d
+    moe.expert 6 width 128 gate @g0 up @u0 down @d0 {part_offset = 0 : i64}
+    moe.expert 6 width 640 gate @g1 up @u1 down @d1 {part_offset = 128 : i64}
     ```
   }];
   let arguments = (ins I64Attr:$id, I64Attr:$width, FlatSymbolRefAttr:$gate, FlatSymbolRefAttr:$up,
-                       FlatSymbolRefAttr:$down, DefaultValuedAttr<StrAttr, "\"silu\"">:$activation);
+                       FlatSymbolRefAttr:$down, DefaultValuedAttr<StrAttr, "\"silu\"">:$activation,
+                       OptionalAttr<I64Attr>:$part_offset);
   let assemblyFormat = "$id `width` $width `gate` $gate `up` $up `down` $down attr-dict";
   let hasVerifier = 1;
 }
