@@ -4,8 +4,11 @@ of RTN vs GPTQ at 4, 3 and 2 bits (groups of 128 and 64) on the routed
 experts, MC-MoE mixed precision at 2.5 and 3.0 average bits against the
 uniform widths around them (RTN and GPTQ executing the allocation), and the
 combination with 25% NAEE expert pruning (recalibrated after pruning, by
-moec compress). Also the cost of GPTQ: seconds per expert matrix and the
-pass's peak RSS.
+moec compress). Mixed precision per expert and per micro-expert (64-neuron
+importance tiers), and GPTQ both one-shot (moec calibrate, then moec opt)
+and sequential (moec compress: layer by layer, each layer calibrated on the
+quantised layers before it). Also the cost of GPTQ: seconds per expert
+matrix and the pass's peak RSS.
 
 Prints one JSON object per line. Usage: bench/quant_quality.py BUILD_DIR
 """
@@ -71,17 +74,41 @@ def main():
                     quantize("mixed-%s-%s-g64" % (budget, method),
                              "moe-allocate-bits{stats=%s budget=%s candidates=2,3,4 group=64},"
                              "moe-quantize{method=%s stats=%s group=64 targets=experts}" % (stats, budget, method, stats))
-            for bits, label in ((3, "prune25-gptq-q3-g64"), (4, "prune25-gptq-q4-g64")):
+                # Micro-experts (64-neuron importance tiers); RTN needs no
+                # moments, GPTQ runs through compress below.
+                quantize("mixed-micro-%s-rtn-g64" % budget,
+                         "moe-allocate-bits{stats=%s budget=%s candidates=2,3,4 group=64 granularity=micro-expert},"
+                         "moe-quantize{group=64 targets=experts}" % (stats, budget))
+
+            def compress(label, passes):
                 recipe = os.path.join(work, label + ".json")
                 with open(recipe, "w") as f:
-                    json.dump({"calibration": {"data": calibration, "block_samples": 2048},
-                               "passes": [{"pass": "moe-prune-experts", "options": {"method": "reconstruction", "ratio": 0.25}},
-                                          {"pass": "moe-quantize", "options": {"method": "gptq", "bits": bits, "group": 64,
-                                                                              "targets": "experts"}}]}, f)
+                    json.dump({"calibration": {"data": calibration, "block_samples": 2048}, "passes": passes}, f)
                 package = os.path.join(work, "%s-%s.moepkg" % (fixture, label))
                 summary = json.loads(run(moec, "compress", model, "--recipe", recipe, "-o", package))
                 print(json.dumps({"fixture": fixture, "config": label, "perplexity": evaluate(package),
                                   "seconds": summary["seconds"]}), flush=True)
+
+            def gptq(bits=None):
+                options = {"method": "gptq", "group": 64, "targets": "experts"}
+                if bits:
+                    options["bits"] = bits
+                return {"pass": "moe-quantize", "options": options}
+
+            # Sequential GPTQ (moec compress: each layer calibrated on the
+            # quantised layers before it), uniform and mixed.
+            for bits in (4, 3, 2):
+                compress("sequential-gptq-q%d-g64" % bits, [gptq(bits)])
+            for budget in (2.5, 3.0):
+                for granularity in ("expert", "micro-expert"):
+                    compress("sequential-mixed-%s-%s-gptq-g64" % (granularity, budget),
+                             [{"pass": "moe-allocate-bits", "options": {"budget": budget, "candidates": "2,3,4",
+                                                                        "group": 64, "granularity": granularity}},
+                              gptq()])
+            for bits in (3, 4):
+                compress("prune25-gptq-q%d-g64" % bits,
+                         [{"pass": "moe-prune-experts", "options": {"method": "reconstruction", "ratio": 0.25}},
+                          gptq(bits)])
 
 
 if __name__ == "__main__":
