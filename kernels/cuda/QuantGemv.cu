@@ -61,7 +61,7 @@ __global__ void gemvKernel(const uint8_t *__restrict__ weights, int64_t rows, in
   if (row >= rows || first >= last)
     return;
   const int64_t groupBytes = kHeader + static_cast<int64_t>(group) * BITS / 8;
-  static_assert(SYM || (kCodeBytes % 4 == 0), "asymmetric blocks load as 32-bit words");
+  static_assert(kCodeBytes % 4 == 0, "code blocks load as 32-bit words");
   const int blocksPerGroup = group / 32;
   const uint8_t *rowData = weights + row * rowBytes;
   // One block: its group's scale and min, and its codes in registers.
@@ -75,14 +75,31 @@ __global__ void gemvKernel(const uint8_t *__restrict__ weights, int64_t rows, in
     const uint8_t *groupData = rowData + g * groupBytes;
     const uint8_t *codes = groupData + kHeader + inGroup * kCodeBytes;
     if constexpr (SYM) {
-      // 2-byte headers: groups keep 2-byte alignment only.
+      // 2-byte headers: groups keep 2-byte alignment only, so the codes are
+      // read as aligned 32-bit words and shifted into place.
       out.scale = scaleValue<BF16>(__ldg(reinterpret_cast<const unsigned short *>(groupData)));
       out.minimum = -static_cast<float>(1 << (BITS - 1)) * out.scale;
+      const uintptr_t address = reinterpret_cast<uintptr_t>(codes);
+      const unsigned *words = reinterpret_cast<const unsigned *>(address & ~uintptr_t(3));
+      const unsigned shift = static_cast<unsigned>(address & 3) * 8; // 0 or 16
+      // (Never a word past the block: the last may end the matrix.)
+      unsigned previous = __ldg(words);
 #pragma unroll
-      for (int k = 0; k < kCodeBytes / 2; ++k) {
-        const unsigned short word = __ldg(reinterpret_cast<const unsigned short *>(codes) + k);
-        out.bytes[2 * k] = static_cast<uint8_t>(word & 0xFF);
-        out.bytes[2 * k + 1] = static_cast<uint8_t>(word >> 8);
+      for (int k = 0; k < kCodeBytes / 4; ++k) {
+        unsigned word = previous;
+        if (shift != 0) {
+          // The last word only lends its low half (the block's last bytes).
+          const unsigned next = k + 1 < kCodeBytes / 4
+                                    ? __ldg(words + k + 1)
+                                    : __ldg(reinterpret_cast<const unsigned short *>(words + k + 1));
+          word = __funnelshift_r(previous, next, shift);
+          previous = next;
+        } else if (k + 1 < kCodeBytes / 4) {
+          previous = __ldg(words + k + 1);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          out.bytes[4 * k + i] = static_cast<uint8_t>((word >> (8 * i)) & 0xFF);
       }
     } else {
       // 4-byte headers and code blocks of 4n bytes: 32-bit loads.
