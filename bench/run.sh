@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks and prints their JSON.
-# Usage: bench/run.sh BUILD_DIR [checkpoint|engine|experts|kernels|packages|quantization]
+# Usage: bench/run.sh BUILD_DIR [checkpoint|engine|experts|kernels|packages|quantization|gptq-memory|cuda]
 # Generated checkpoints go to ${MOEC_BENCH_DIR:-/tmp/moec-bench} (about 7 GiB).
 set -euo pipefail
 build=${1:-build}
@@ -46,4 +46,25 @@ fi
 
 if [ "$which" = all ] || [ "$which" = quantization ]; then
   python3 "$here/quant_quality.py" "$build"
+fi
+
+# Sequential GPTQ's memory and time at OLMoE-1B-7B layer shapes (~15 min).
+if [ "$which" = all ] || [ "$which" = gptq-memory ]; then
+  olmoe="$dir/olmoe-1b-7b-4layers"
+  if [ ! -f "$olmoe/model.safetensors.index.json" ]; then
+    "$build/compiler/tools/moec-synth" --config "$here/configs/olmoe-1b-7b-4layers.json" --shards 8 -o "$olmoe"
+  fi
+  python3 "$here/gptq_memory.py" "$build" "$olmoe" 2048
+fi
+
+# The CUDA GEMV (needs a GPU; skipped without one).
+if [ "$which" = all ] || [ "$which" = cuda ]; then
+  if [ -x "$build/bench/cuda_gemv" ] && nvidia-smi > /dev/null 2>&1; then
+    for shape in "32768 8192" "4096 14336" "14336 4096" "1024 2048"; do
+      set -- $shape
+      "$build/bench/cuda_gemv" --rows "$1" --cols "$2" --repeat 100
+    done
+  else
+    echo '{"cuda_gemv": "skipped: no GPU or no CUDA build"}'
+  fi
 fi

@@ -6,13 +6,19 @@
 
 #include "Gptq.h"
 
-#include <Eigen/Cholesky>
 #include <Eigen/Dense>
+#include <cblas.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <numeric>
+
+extern "C" {
+// LAPACK (in OpenBLAS): Cholesky factorisation and triangular inverse.
+void dpotrf_(const char *uplo, const int *n, double *a, const int *lda, int *info);
+void dtrtri_(const char *uplo, const char *diag, const int *n, double *a, const int *lda, int *info);
+}
 
 namespace moe {
 
@@ -107,15 +113,23 @@ Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &
   // U: the upper Cholesky factor of H^-1 (H^-1 = U^T U). With V = U^-1,
   // H = V V^T and V is upper triangular: the lower Cholesky factor of H
   // with rows and columns reversed, reversed back. One factorisation and
-  // one triangular inverse instead of an inverse and a second factorisation.
-  Matrix reversed = Hp.reverse();
-  Eigen::LLT<Matrix> llt(reversed);
-  if (llt.info() != Eigen::Success)
+  // one triangular inverse (LAPACK through OpenBLAS, which picks its SIMD
+  // code at run time) instead of an inverse and a second factorisation.
+  Matrix U = Hp.reverse();
+  const int n = static_cast<int>(cols);
+  int info = 0;
+  // Row-major buffers are LAPACK's column-major transposes: "U" on the
+  // symmetric matrix leaves L (R = L L^T) in the row-major lower triangle.
+  dpotrf_("U", &n, U.data(), &n, &info);
+  if (info != 0)
     return Status::error("GPTQ: the damped Hessian is not positive definite (raise damping)");
-  Matrix V = Matrix(llt.matrixL()).reverse();
-  Matrix U = Matrix::Identity(cols, cols);
-  V.triangularView<Eigen::Upper>().solveInPlace(U);
-  reversed.resize(0, 0);
+  U.triangularView<Eigen::StrictlyUpper>().setZero();
+  U = Matrix(U.reverse()); // V, upper triangular
+  // V^-1 in place: the row-major upper triangle is LAPACK's lower one.
+  dtrtri_("L", "N", &n, U.data(), &n, &info);
+  if (info != 0)
+    return Status::error("GPTQ: the inverse Hessian factor is singular (raise damping)");
+  U.triangularView<Eigen::StrictlyLower>().setZero();
 
   Matrix Q(rows, cols);
   for (int64_t begin = 0; begin < cols; begin += options.block) {
@@ -141,8 +155,10 @@ Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &
         Wp.block(0, j + 1, rows, end - j - 1).noalias() -=
             errors.col(j - begin) * U.block(j, j + 1, 1, end - j - 1);
     }
-    if (end < cols)
-      Wp.block(0, end, rows, cols - end).noalias() -= errors * U.block(begin, end, count, cols - end);
+    if (end < cols) // the lazy batch update, the bulk of the work: one GEMM
+      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(rows), static_cast<int>(cols - end),
+                  static_cast<int>(count), -1.0, errors.data(), static_cast<int>(count), U.data() + begin * cols + end,
+                  static_cast<int>(cols), 1.0, Wp.data() + end, static_cast<int>(cols));
   }
 
   // Encode: the chosen values are on their group's grid; recover the codes.
