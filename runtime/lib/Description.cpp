@@ -81,12 +81,26 @@ public:
       MOE_RETURN_IF_ERROR(loadMatrix(expert.gate, w.experts[slot].gate));
       MOE_RETURN_IF_ERROR(loadMatrix(expert.up, w.experts[slot].up));
       MOE_RETURN_IF_ERROR(loadMatrix(expert.down, w.experts[slot].down));
+      // A split expert's parts: each a gated MLP over its own neurons, the
+      // widths adding up to the expert's.
+      int64_t width = w.experts[slot].gate.rows;
       for (const ExpertPart &part : expert.moreParts) {
         MlpWeights &loaded = w.experts[slot].moreParts.emplace_back();
         MOE_RETURN_IF_ERROR(loadMatrix(part.gate, loaded.gate));
         MOE_RETURN_IF_ERROR(loadMatrix(part.up, loaded.up));
         MOE_RETURN_IF_ERROR(loadMatrix(part.down, loaded.down));
+        const MlpWeights &first = w.experts[slot];
+        if (loaded.gate.rows != part.width || loaded.up.rows != part.width || loaded.down.cols != part.width ||
+            loaded.gate.cols != first.gate.cols || loaded.up.cols != first.up.cols ||
+            loaded.down.rows != first.down.rows)
+          return Status::error("layer ", layer, " expert ", expert.id, ": a part of width ", part.width,
+                               " has gate ", loaded.gate.rows, "x", loaded.gate.cols, ", up ", loaded.up.rows, "x",
+                               loaded.up.cols, ", down ", loaded.down.rows, "x", loaded.down.cols);
+        width += part.width;
       }
+      if (!expert.moreParts.empty() && width != expert.width)
+        return Status::error("layer ", layer, " expert ", expert.id, ": its parts have ", width,
+                             " neurons, the expert ", expert.width);
     }
     w.routing = entry.routing;
     if (!w.router.empty()) {

@@ -374,29 +374,27 @@ Expected<OpenedPackage> openPackage(const std::string &path) {
       const json &entry = layers[l];
       LayerEntry &layer = description.layers[l];
       MOE_RETURN_IF_ERROR(roles(entry.at("tensors"), layer.tensors));
-      for (const json &expert : entry.at("experts")) {
-        ExpertEntry e;
-        e.id = expert.at("id").get<int64_t>();
-        e.width = expert.at("width").get<int64_t>();
-        for (auto [field, target] : {std::pair<const char *, TensorRef *>{"gate", &e.gate}, {"up", &e.up},
-                                     {"down", &e.down}}) {
-          Expected<TensorRef> tensor = lookup(expert.at(field).get<std::string>());
+      // An expert's (or part's) gate, up and down tensors, by name.
+      auto matrices = [&](const json &record, TensorRef &gate, TensorRef &up, TensorRef &down) -> Status {
+        for (auto [field, target] : {std::pair<const char *, TensorRef *>{"gate", &gate}, {"up", &up},
+                                     {"down", &down}}) {
+          Expected<TensorRef> tensor = lookup(record.at(field).get<std::string>());
           if (!tensor)
             return tensor.status();
           *target = tensor.take();
         }
+        return Status::success();
+      };
+      for (const json &expert : entry.at("experts")) {
+        ExpertEntry e;
+        e.id = expert.at("id").get<int64_t>();
+        e.width = expert.at("width").get<int64_t>();
+        MOE_RETURN_IF_ERROR(matrices(expert, e.gate, e.up, e.down));
         if (expert.contains("parts")) {
           for (const json &part : expert.at("parts")) {
-            ExpertPart p;
+            ExpertPart &p = e.moreParts.emplace_back();
             p.width = part.at("width").get<int64_t>();
-            for (auto [field, target] : {std::pair<const char *, TensorRef *>{"gate", &p.gate}, {"up", &p.up},
-                                         {"down", &p.down}}) {
-              Expected<TensorRef> tensor = lookup(part.at(field).get<std::string>());
-              if (!tensor)
-                return tensor.status();
-              *target = tensor.take();
-            }
-            e.moreParts.push_back(std::move(p));
+            MOE_RETURN_IF_ERROR(matrices(part, p.gate, p.up, p.down));
           }
         }
         layer.experts.push_back(std::move(e));

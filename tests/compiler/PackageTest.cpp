@@ -171,6 +171,28 @@ TEST(Package, BadInputIsNamedAndNeverRuns) {
   expectErrorContains(openPackage(dir.file("missing.moepkg")).status(), {"missing.moepkg", "cannot open"});
 }
 
+// A split expert's parts must fit it: each part's matrices have its width,
+// and the widths add up to the expert's.
+TEST(Package, ExpertPartsThatDoNotFitAreNamed) {
+  TempDir dir;
+  buildPackage("tiny-deepseek", "moe-quantize{bits=4 group=64}", dir.file("m.moestore"), dir.file("p.moepkg"));
+  auto package = openPackage(dir.file("p.moepkg"));
+  ASSERT_TRUE(package.ok()) << package.status().message();
+  auto loadLayer1 = [&](ModelDescription description) {
+    LayerWeights weights;
+    return makeDescriptionWeightProvider(std::move(description))->loadLayer(1, weights);
+  };
+  ASSERT_TRUE(loadLayer1(package->description).ok());
+  ModelDescription wrongWidth = package->description;
+  ExpertEntry &expert = wrongWidth.layers[1].experts[0];
+  expert.moreParts.push_back({5, expert.gate, expert.up, expert.down}); // 96-row matrices
+  expectErrorContains(loadLayer1(std::move(wrongWidth)), {"layer 1 expert 0: a part of width 5 has gate 96x160"});
+  ModelDescription wrongTotal = package->description;
+  ExpertEntry &whole = wrongTotal.layers[1].experts[0];
+  whole.moreParts.push_back({whole.width, whole.gate, whole.up, whole.down});
+  expectErrorContains(loadLayer1(std::move(wrongTotal)), {"its parts have 192 neurons, the expert 96"});
+}
+
 TEST(Package, AFailedWriteLeavesNothing) {
   TempDir dir;
   registerMoePasses();
