@@ -15,8 +15,10 @@
 #include "mlir/IR/Builders.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <functional>
 #include <map>
+#include <optional>
 #include <numeric>
 #include <sstream>
 
@@ -47,8 +49,26 @@ struct Unit {
   /// granularity=micro-expert: the unit's neurons (importance order) and its expert op.
   std::vector<int64_t> neurons;
   ir::ExpertOp op;
+  /// The [rows, cols] of the matrices the unit's width applies to, as they
+  /// will be quantized (for byte budgets).
+  std::vector<std::pair<int64_t, int64_t>> matrices;
   AllocationUnit allocation;
 };
+
+/// "1290240", "512K", "1.5M", "12G" (powers of 1024) as bytes; nullopt otherwise.
+std::optional<double> parseByteSize(const std::string &text) {
+  char *end = nullptr;
+  const double value = std::strtod(text.c_str(), &end);
+  if (end == text.c_str() || !(value > 0))
+    return std::nullopt;
+  std::string suffix(end);
+  const std::pair<const char *, double> units[] = {{"", 1.0}, {"K", 1024.0}, {"M", 1024.0 * 1024},
+                                                   {"G", 1024.0 * 1024 * 1024}, {"T", 1024.0 * 1024 * 1024 * 1024}};
+  for (const auto &[name, scale] : units)
+    if (suffix == name)
+      return value * scale;
+  return std::nullopt;
+}
 
 struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass> {
   using MoeAllocateBitsBase::MoeAllocateBitsBase;
@@ -195,6 +215,7 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
               unit.neurons.assign(order.begin() + first, order.begin() + std::min(width, first + size));
               const int64_t n = static_cast<int64_t>(unit.neurons.size());
               unit.allocation.parameters = 3 * n * H;
+              unit.matrices = {{n, H}, {n, H}, {H, n}};
               // The unit's gate/up rows [n, H] and down columns [H, n], as
               // its part will hold them.
               std::vector<float> rows[2], columns(static_cast<size_t>(H * n));
@@ -259,6 +280,7 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
               if (unit.matrix < 0 || unit.matrix == m) {
                 unit.tensors.push_back(symbols[m].getValue().str());
                 unit.allocation.parameters += shapes[m][0] * shapes[m][1];
+                unit.matrices.push_back({shapes[m][0], shapes[m][1]});
               }
             for (int bits : widths) {
               quant::QuantFormat format = trial;
@@ -302,10 +324,33 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
           if (superExperts.count({unit.layer, unit.expert}))
             unit.allocation.pinnedBits = static_cast<int>(pinBits);
       }
+      // Bytes of a unit at b bits: its groups' headers plus b/8 bytes per
+      // (padded) weight. A byte budget is the average-bits budget over the
+      // padded weights that leaves those bytes, so both are met the same way.
+      std::vector<int64_t> paddedWeights(units.size(), 0), headerBytes(units.size(), 0);
+      int64_t totalPadded = 0, totalHeaders = 0;
+      for (size_t u = 0; u < units.size(); ++u) {
+        for (const auto &[rows, cols] : units[u].matrices) {
+          paddedWeights[u] += rows * trial.groupsPerRow(cols) * trial.group;
+          headerBytes[u] += rows * trial.groupsPerRow(cols) * static_cast<int64_t>(trial.headerBytes());
+        }
+        totalPadded += paddedWeights[u];
+        totalHeaders += headerBytes[u];
+      }
+      double budgetBits = budget;
       std::vector<AllocationUnit> problem;
-      for (const Unit &unit : units)
-        problem.push_back(unit.allocation);
-      Expected<Allocation> allocation = allocateBits(problem, widths, budget, tolerance);
+      for (size_t u = 0; u < units.size(); ++u) {
+        problem.push_back(units[u].allocation);
+        if (!budgetBytes.empty())
+          problem.back().parameters = paddedWeights[u];
+      }
+      if (!budgetBytes.empty()) {
+        std::optional<double> bytes = parseByteSize(budgetBytes);
+        if (!bytes)
+          return fail(model, "budget-bytes '" + budgetBytes + "': expected a size such as 1290240, 512M or 12G");
+        budgetBits = 8.0 * (*bytes - static_cast<double>(totalHeaders)) / static_cast<double>(totalPadded);
+      }
+      Expected<Allocation> allocation = allocateBits(problem, widths, budgetBits, tolerance);
       if (!allocation)
         return fail(model, allocation.status().message());
       Builder builder(model.getContext());
@@ -326,8 +371,13 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
       std::string widthsText;
       for (const auto &[bits, count] : histogram)
         widthsText += concat(widthsText.empty() ? "" : ", ", count, " at ", bits, " bits");
+      int64_t bytes = totalHeaders;
+      for (size_t u = 0; u < units.size(); ++u)
+        bytes += paddedWeights[u] * allocation->bits[u] / 8;
       model.emitRemark() << concat("moe-allocate-bits: ", units.size(), " units, average ", allocation->averageBits,
-                                   " bits (budget ", static_cast<double>(budget), "): ", widthsText);
+                                   " bits (budget ",
+                                   budgetBytes.empty() ? concat(static_cast<double>(budget)) : budgetBytes + " bytes",
+                                   "), ", bytes, " bytes at group ", trial.group, ": ", widthsText);
     }
   }
 

@@ -286,7 +286,13 @@ def MoeAllocateBits : Pass<"moe-allocate-bits", "::mlir::ModuleOp"> {
     CAMERA's importance ||W_down[:, j]||^2 x sum of (gate weight x a_j)^2 so
     that units are importance tiers, as CAMERA-Q), minimising the
     summed loss with the parameter-weighted average width equal to `budget`
-    bits (pinned units included), or within `tolerance` below it. Objectives:
+    bits (pinned units included), or within `tolerance` below it; or, with
+    `budget-bytes`, the quantized matrices of the allocated units (headers
+    at the trial `group` and scheme included, padded groups counted) taking
+    exactly that many bytes (`tolerance` stays in bits per weight; with
+    micro-experts each unit's down columns are counted as padded on their
+    own, an upper bound when parts join short units).
+    Objectives:
     - `mc-moe`: phi^alpha x w^beta x q^alpha (alpha 1, beta 1.5), with phi
       the expert's routed-token share and w its router-probability share in
       its layer (both normalised to sum to 1 and scaled by 1000, as MC-MoE
@@ -319,6 +325,8 @@ def MoeAllocateBits : Pass<"moe-allocate-bits", "::mlir::ModuleOp"> {
   let options = [
     Option<"stats", "stats", "std::string", /*default=*/"\"\"", "Calibration statistics (required)">,
     Option<"budget", "budget", "double", /*default=*/"3.0", "Average bits per weight of the allocated units">,
+    Option<"budgetBytes", "budget-bytes", "std::string", /*default=*/"\"\"",
+           "Instead of budget: bytes of the allocated units' quantized matrices (1290240, 512M, 12G)">,
     Option<"tolerance", "tolerance", "double", /*default=*/"0.0",
            "How far below the budget the average may land (bits per weight; 0: exactly)">,
     Option<"candidates", "candidates", "std::string", /*default=*/"\"2,3,4\"", "Candidate widths">,
