@@ -26,6 +26,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <unistd.h>
@@ -213,6 +214,21 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
   LayerVisitor visitor = [&](int64_t layer, CalibrationResult &stats) -> Expected<bool> {
     const double calibrated = seconds(layerStart);
     auto quantizeStart = std::chrono::steady_clock::now();
+    // What each expert will get: GPTQ, or RTN below min-coverage (the
+    // pass's rule), and the least coverage, for the summary.
+    double minCoverage = 0.005;
+    if (auto given = pass.options.find("min-coverage"); given != pass.options.end())
+      minCoverage = std::strtod(optionText(*given).c_str(), nullptr);
+    json fallbacks = json::array();
+    double leastCoverage = 1.0;
+    for (const LayerStatistics &layerStats : stats.layers)
+      for (size_t e = 0; e < layerStats.momentTokens.size(); ++e) {
+        const double coverage =
+            stats.tokens > 0 ? static_cast<double>(layerStats.momentTokens[e]) / static_cast<double>(stats.tokens) : 0;
+        leastCoverage = std::min(leastCoverage, coverage);
+        if (coverage < minCoverage || layerStats.momentTokens[e] == 0)
+          fallbacks.push_back(static_cast<int64_t>(e));
+      }
     MOE_RETURN_IF_ERROR(writeStatistics(stats, calibration, statsPath));
     stats = CalibrationResult(); // the moments now live only in the file
     std::string pipeline = pipelineOf(pass, statsPath);
@@ -228,7 +244,12 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
     engine.replaceLayerWeights(makeDescriptionWeightProvider(changed.take()));
     const double quantized = seconds(quantizeStart);
     quantizeSeconds += quantized;
-    layers.push_back({{"layer", layer}, {"calibrate_seconds", calibrated}, {"quantize_seconds", quantized}});
+    json record = {{"layer", layer}, {"calibrate_seconds", calibrated}, {"quantize_seconds", quantized}};
+    if (!fallbacks.empty() || leastCoverage < 1.0) {
+      record["least_expert_coverage"] = leastCoverage;
+      record["rtn_fallback_experts"] = fallbacks;
+    }
+    layers.push_back(std::move(record));
     if (terminal)
       std::fprintf(stderr, "\r  layer %lld/%lld: calibrated in %.1f s, quantised in %.1f s   ",
                    static_cast<long long>(layer + 1), static_cast<long long>(engine.spec().numLayers), calibrated,
