@@ -15,6 +15,7 @@
 #include "mlir/IR/Builders.h"
 
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <functional>
 #include <map>
@@ -409,10 +410,18 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
       ir::ExpertOp previous = expert;
       int64_t offset = 0, part = 0;
       for (const auto &[width, neurons] : widths) {
+        // The name says which neurons the part holds (FNV-1a of their
+        // indices), so another allocation on the same WeightStore cannot
+        // reuse a name for other contents.
+        uint32_t hash = 2166136261u;
+        for (int64_t neuron : neurons)
+          hash = (hash ^ static_cast<uint32_t>(neuron)) * 16777619u;
+        char tag[16];
+        std::snprintf(tag, sizeof(tag), "%08x", hash);
         FlatSymbolRefAttr parts[3];
         for (int m = 0; m < 3; ++m) {
           FailureOr<FlatSymbolRefAttr> sliced =
-              selectSlices(model, access, symbols[m], neurons, m == 2 ? 1 : 0, concat(".part", part));
+              selectSlices(model, access, symbols[m], neurons, m == 2 ? 1 : 0, concat(".part", part, ".", tag));
           if (failed(sliced))
             return failure();
           parts[m] = *sliced;
