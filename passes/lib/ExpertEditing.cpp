@@ -36,21 +36,46 @@ FailureOr<FlatSymbolRefAttr> sliceRows(ir::ModelOp model, TensorAccess &access, 
   SmallVector<int64_t> newShape(shape);
   newShape[0] = static_cast<int64_t>(keep.size());
   std::string name = (tensor.getSymName() + suffix).str();
-  Expected<WeightStore *> store = access.store();
-  if (!store)
-    return model.emitError(store.status().message()), failure();
-  status = (*store)->append(name, dtype, std::vector<int64_t>(newShape.begin(), newShape.end()), sliced);
-  if (!status.ok())
-    return model.emitError(status.message()), failure();
+  FailureOr<std::string> key = appendToStore(model, access, name, dtype, newShape, sliced);
+  if (failed(key))
+    return failure();
   OpBuilder builder(tensor);
   builder.setInsertionPointAfter(tensor);
   if (SymbolTable::lookupSymbolIn(model, builder.getStringAttr(name)))
     SymbolTable::lookupSymbolIn(model, builder.getStringAttr(name))->erase();
   builder.create<ir::TensorOp>(tensor.getLoc(), builder.getStringAttr(name),
                                TypeAttr::get(RankedTensorType::get(newShape, tensor.getTensorType().getElementType())),
-                               builder.getStringAttr(name), IntegerAttr(), DenseI64ArrayAttr(),
+                               builder.getStringAttr(*key), IntegerAttr(), DenseI64ArrayAttr(),
                                tensor.getQuantAttr());
   return FlatSymbolRefAttr::get(builder.getContext(), name);
+}
+
+FailureOr<std::string> appendToStore(ir::ModelOp model, TensorAccess &access, const std::string &name, DType dtype,
+                                     ArrayRef<int64_t> shape, std::span<const uint8_t> bytes) {
+  Expected<WeightStore *> store = access.store();
+  if (!store)
+    return model.emitError(store.status().message()), failure();
+  const std::vector<int64_t> dims(shape.begin(), shape.end());
+  for (int version = 1;; ++version) {
+    const std::string key = version == 1 ? name : concat(name, ".v", version);
+    const StoredTensor *existing = (*store)->find(key);
+    if (existing) {
+      // The same contents: nothing to write. Other contents: next name.
+      if (existing->dtype != dtype || existing->shape != dims || existing->byteSize != bytes.size())
+        continue;
+      std::vector<uint8_t> stored;
+      Status status = (*store)->read(*existing, stored);
+      if (!status.ok())
+        return model.emitError(status.message()), failure();
+      if (!std::equal(stored.begin(), stored.end(), bytes.begin()))
+        continue;
+      return key;
+    }
+    Status status = (*store)->append(key, dtype, dims, bytes);
+    if (!status.ok())
+      return model.emitError(status.message()), failure();
+    return key;
+  }
 }
 
 ir::TensorOp lookupTensor(ir::ModelOp model, FlatSymbolRefAttr symbol) {
@@ -99,12 +124,9 @@ FailureOr<FlatSymbolRefAttr> writeTensor(ir::ModelOp model, TensorAccess &access
       std::memcpy(bytes.data() + 2 * i, &bits, 2);
     }
   }
-  Expected<WeightStore *> store = access.store();
-  if (!store)
-    return model.emitError(store.status().message()), failure();
-  Status status = (*store)->append(name.str(), dtype, std::vector<int64_t>(shape.begin(), shape.end()), bytes);
-  if (!status.ok())
-    return model.emitError(status.message()), failure();
+  FailureOr<std::string> key = appendToStore(model, access, name.str(), dtype, shape, bytes);
+  if (failed(key))
+    return failure();
   OpBuilder builder(like);
   builder.setInsertionPointAfter(like);
   StringAttr nameAttr = builder.getStringAttr(name);
@@ -113,8 +135,8 @@ FailureOr<FlatSymbolRefAttr> writeTensor(ir::ModelOp model, TensorAccess &access
   Type element = dtype == DType::F32   ? builder.getF32Type()
                  : dtype == DType::F16 ? builder.getF16Type()
                                        : builder.getBF16Type();
-  builder.create<ir::TensorOp>(like.getLoc(), nameAttr, TypeAttr::get(RankedTensorType::get(shape, element)), nameAttr,
-                               IntegerAttr(), DenseI64ArrayAttr(), ir::QuantAttr());
+  builder.create<ir::TensorOp>(like.getLoc(), nameAttr, TypeAttr::get(RankedTensorType::get(shape, element)),
+                               builder.getStringAttr(*key), IntegerAttr(), DenseI64ArrayAttr(), ir::QuantAttr());
   return FlatSymbolRefAttr::get(builder.getContext(), name);
 }
 
@@ -152,12 +174,9 @@ FailureOr<FlatSymbolRefAttr> selectSlices(ir::ModelOp model, TensorAccess &acces
     for (int64_t c : keep)
       selected.insert(selected.end(), bytes.begin() + (r * cols + c) * element,
                       bytes.begin() + (r * cols + c + 1) * element);
-  Expected<WeightStore *> store = access.store();
-  if (!store)
-    return model.emitError(store.status().message()), failure();
-  status = (*store)->append(name, dtype, std::vector<int64_t>(newShape.begin(), newShape.end()), selected);
-  if (!status.ok())
-    return model.emitError(status.message()), failure();
+  FailureOr<std::string> key = appendToStore(model, access, name, dtype, newShape, selected);
+  if (failed(key))
+    return failure();
   OpBuilder builder(tensor);
   builder.setInsertionPointAfter(tensor);
   StringAttr nameAttr = builder.getStringAttr(name);
@@ -165,7 +184,7 @@ FailureOr<FlatSymbolRefAttr> selectSlices(ir::ModelOp model, TensorAccess &acces
     existing->erase();
   builder.create<ir::TensorOp>(tensor.getLoc(), nameAttr,
                                TypeAttr::get(RankedTensorType::get(newShape, tensor.getTensorType().getElementType())),
-                               nameAttr, IntegerAttr(), DenseI64ArrayAttr(), tensor.getQuantAttr());
+                               builder.getStringAttr(*key), IntegerAttr(), DenseI64ArrayAttr(), tensor.getQuantAttr());
   return FlatSymbolRefAttr::get(builder.getContext(), name);
 }
 

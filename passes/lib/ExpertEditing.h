@@ -45,6 +45,14 @@ mlir::FailureOr<mlir::FlatSymbolRefAttr> selectSlices(ir::ModelOp model, TensorA
                                                       mlir::FlatSymbolRefAttr symbol, llvm::ArrayRef<int64_t> keep,
                                                       int dim, llvm::StringRef suffix);
 
+/// Appends a tensor to the WeightStore under `name`, or, when the store
+/// already holds different contents under that name (another pipeline run
+/// on the same store), under `name.v2`, `name.v3`, ...: a module written
+/// earlier keeps the weights it was written with. Returns the key used.
+mlir::FailureOr<std::string> appendToStore(ir::ModelOp model, TensorAccess &access, const std::string &name,
+                                           DType dtype, llvm::ArrayRef<int64_t> shape,
+                                           std::span<const uint8_t> bytes);
+
 /// The moe.tensor op of `symbol`.
 ir::TensorOp lookupTensor(ir::ModelOp model, mlir::FlatSymbolRefAttr symbol);
 

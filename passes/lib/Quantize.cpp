@@ -266,20 +266,14 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         const std::string key = job.symbol + "." + name;
         auto quantAttr = ir::QuantAttr::get(model.getContext(), job.format.bits, job.format.group,
                                             job.format.symmetric ? "sym" : "asym", name);
-        Expected<WeightStore *> store = access.store();
-        if (!store) {
-          fail(model, store.status().message());
+        const int64_t size = static_cast<int64_t>(job.packed.size());
+        FailureOr<std::string> stored = appendToStore(model, access, key, DType::U8, {size}, job.packed);
+        if (failed(stored))
           return failure();
-        }
-        Status status = (*store)->append(key, DType::U8, {static_cast<int64_t>(job.packed.size())}, job.packed);
-        if (!status.ok()) {
-          fail(model, status.message());
-          return failure();
-        }
         // Same symbol and logical type: every use stays valid.
         ir::TensorOp tensor = job.tensor;
         tensor->removeAttr("moe.bits");
-        tensor.setKey(key);
+        tensor.setKey(*stored);
         tensor.removeSourceAttr();
         tensor.removeSliceAttr();
         tensor.setQuantAttr(quantAttr);
