@@ -315,6 +315,19 @@ template <typename T> std::span<const uint8_t> toBytes(const std::vector<T> &val
 
 } // namespace
 
+uint64_t inputMomentBytes(const ModelSpec &spec, int64_t layer) {
+  const LayerSpec &l = spec.layers[static_cast<size_t>(layer)];
+  auto square = [](int64_t width) { return static_cast<uint64_t>(width) * static_cast<uint64_t>(width) * 8; };
+  const AttentionSpec &a = spec.attention;
+  uint64_t bytes = square(spec.hiddenSize) + square(a.numHeads * a.valueHeadDim); // attention in and out
+  if (l.mlp == MlpKind::Moe) {
+    bytes += static_cast<uint64_t>(l.numExperts) * (square(spec.hiddenSize) + square(l.expertIntermediateSize));
+    if (l.shared.intermediateSize > 0)
+      bytes += square(spec.hiddenSize) + square(l.shared.intermediateSize);
+  }
+  return bytes;
+}
+
 Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStream> &streams,
                                       const CalibrationOptions &options, const LayerVisitor &visitor) {
   const int64_t L = options.sequenceLength;
@@ -336,6 +349,26 @@ Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStre
     return Status::error("no complete window of ", L, " tokens in the calibration data");
   const ModelSpec &spec = engine.spec();
   const int64_t W = static_cast<int64_t>(windows.size()), H = spec.hiddenSize;
+  if (options.inputMoments) {
+    // Every layer's moments stay until the statistics are written; with a
+    // visitor, one layer's at a time. Refuse up front rather than run out
+    // of memory hours in.
+    uint64_t held = 0;
+    for (int64_t l = 0; l < spec.numLayers; ++l)
+      held = visitor ? std::max(held, inputMomentBytes(spec, l)) : held + inputMomentBytes(spec, l);
+    uint64_t limit = options.memoryLimitBytes;
+    if (limit == 0) {
+      const long pages = sysconf(_SC_PHYS_PAGES), pageSize = sysconf(_SC_PAGE_SIZE);
+      limit = pages > 0 && pageSize > 0 ? static_cast<uint64_t>(pages) * static_cast<uint64_t>(pageSize) / 10 * 9
+                                        : UINT64_MAX;
+    }
+    if (held > limit)
+      return Status::error("--input-moments: this model's moments take ", static_cast<double>(held) / 1e9,
+                           " GB held at once (", visitor ? "one layer" : "every layer until they are written",
+                           "), more than the ", static_cast<double>(limit) / 1e9, " GB available",
+                           visitor ? "" : "; moec compress with a GPTQ recipe calibrates and quantises one layer "
+                                          "at a time");
+  }
 
   // The residual stream of every window, advanced one layer at a time: one
   // layer's weights and statistics are live at once, and every layer is

@@ -323,3 +323,34 @@ TEST(Calibration, LayerVisitorSeesEachLayerOnceAndRerunsChangedLayers) {
   ASSERT_FALSE(failed.ok());
   EXPECT_NE(failed.status().message().find("visitor refused"), std::string::npos);
 }
+
+// Input moments are large (H x H per expert); calibration refuses up front
+// when they would not fit, and says what to use instead.
+TEST(Calibration, InputMomentsThatDoNotFitAreRefusedUpFront) {
+  auto model = loadModel(dataDir() + "/fixtures/tiny-mixtral");
+  ASSERT_TRUE(model.ok());
+  // 2 x 160^2 (attention in and out) + 8 experts x (160^2 + 160^2), in doubles.
+  EXPECT_EQ(inputMomentBytes(model->spec, 1), (2u * 160 * 160 + 8u * 2 * 160 * 160) * 8);
+  auto streams = readEvalData(dataDir() + "/brown/calibration.jsonl", model->tokenizer.get(), model->endOfText);
+  ASSERT_TRUE(streams.ok());
+  CalibrationOptions options;
+  options.maxTokens = 256;
+  options.inputMoments = true;
+  options.memoryLimitBytes = 4 * inputMomentBytes(model->spec, 1) - 1; // four layers need 4x
+  expectErrorContains(calibrate(*model->engine, *streams, options).status(),
+                      {"--input-moments: this model's moments take", "every layer until they are written",
+                       "moec compress with a GPTQ recipe"});
+  // Layer by layer, one layer's moments fit.
+  int visited = 0;
+  auto oneLayer = calibrate(*model->engine, *streams, options, [&](int64_t, CalibrationResult &) {
+    ++visited;
+    return Expected<bool>(false);
+  });
+  ASSERT_TRUE(oneLayer.ok()) << oneLayer.status().message();
+  EXPECT_EQ(visited, 4);
+  options.memoryLimitBytes = 1000;
+  expectErrorContains(calibrate(*model->engine, *streams, options, [](int64_t, CalibrationResult &) {
+                        return Expected<bool>(false);
+                      }).status(),
+                      {"held at once (one layer)"});
+}

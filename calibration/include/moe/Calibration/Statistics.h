@@ -35,7 +35,16 @@ struct CalibrationOptions {
   /// reconstruction-error methods. 0: none.
   int64_t blockSamples = 0;
   bool progress = false;          ///< Progress and ETA on stderr.
+  /// With input moments, refuse to start when the moments held at once
+  /// (every layer's, or one layer's with a visitor) exceed this many bytes.
+  /// 0: 90% of physical memory.
+  uint64_t memoryLimitBytes = 0;
 };
+
+/// Bytes of layer `layer`'s input moments (X^T X of every expert's gate/up
+/// and down inputs, in double, plus the attention and shared-expert ones);
+/// 0 for a dense layer without them.
+uint64_t inputMomentBytes(const ModelSpec &spec, int64_t layer);
 
 /// Statistics of one MoE layer; per-expert vectors are indexed by expert.
 struct LayerStatistics {
