@@ -181,15 +181,15 @@ Status runPipeline(mlir::MLIRContext &context, mlir::ModuleOp module, const std:
   return Status::success();
 }
 
-/// Sequential GPTQ: the calibration windows pass layer by layer; each
-/// layer's moments (and only they) are written to a work file, the pass
-/// quantises that layer from them, and the windows continue through the
-/// quantised layer, so layer l + 1's Hessians are those of the model it
-/// will run in (GPTQ's sequential order) and one layer's moments are in
-/// memory at a time. Returns per-layer seconds and the peak RSS.
-Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp module, ir::ModelOp model,
-                                 const RecipePass &pass, const Recipe &recipe, const std::string &work,
-                                 bool terminal) {
+/// The module as it is now, loaded in the engine, with the recipe's
+/// calibration text and options: what both calibration paths start from.
+struct CalibrationRun {
+  LoadedModel loaded;
+  std::vector<EvalStream> streams;
+  CalibrationOptions options;
+};
+
+Expected<CalibrationRun> prepareCalibration(ir::ModelOp model, const Recipe &recipe) {
   Expected<ModelDescription> description = lowerToDescription(model, "");
   if (!description)
     return description.status();
@@ -200,14 +200,32 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
       readEvalData(recipe.calibrationData, loaded->tokenizer.get(), loaded->endOfText);
   if (!streams)
     return streams.status();
-  CalibrationOptions calibration;
-  calibration.sequenceLength = recipe.sequenceLength;
-  calibration.maxTokens = recipe.calibrationTokens;
+  CalibrationRun run{loaded.take(), streams.take(), CalibrationOptions()};
+  run.options.sequenceLength = recipe.sequenceLength;
+  run.options.maxTokens = recipe.calibrationTokens;
+  run.options.blockSamples = recipe.blockSamples;
+  run.options.inputMoments = recipe.inputMoments;
+  run.options.sampleCapRatio = recipe.sampleCapRatio;
+  return run;
+}
+
+/// Sequential GPTQ: the calibration windows pass layer by layer; each
+/// layer's moments (and only they) are written to a work file, the pass
+/// quantises that layer from them, and the windows continue through the
+/// quantised layer, so layer l + 1's Hessians are those of the model it
+/// will run in (GPTQ's sequential order) and one layer's moments are in
+/// memory at a time. Returns per-layer seconds and the peak RSS.
+Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp module, ir::ModelOp model,
+                                 const RecipePass &pass, const Recipe &recipe, const std::string &work,
+                                 bool terminal) {
+  Expected<CalibrationRun> run = prepareCalibration(model, recipe);
+  if (!run)
+    return run.status();
+  CalibrationOptions &calibration = run->options;
+  calibration.blockSamples = 0; // GPTQ reads only the moments
   calibration.inputMoments = true;
-  calibration.sampleCapRatio = recipe.sampleCapRatio;
-  calibration.progress = false;
   const std::string statsPath = work + "/layer-stats.safetensors";
-  Engine &engine = *loaded->engine;
+  Engine &engine = *run->loaded.engine;
   json layers = json::array();
   double quantizeSeconds = 0;
   auto layerStart = std::chrono::steady_clock::now();
@@ -257,7 +275,7 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
     layerStart = std::chrono::steady_clock::now();
     return true;
   };
-  Expected<CalibrationResult> result = calibrate(engine, *streams, calibration, visitor);
+  Expected<CalibrationResult> result = calibrate(engine, run->streams, calibration, visitor);
   if (terminal)
     std::fprintf(stderr, "\n");
   if (!result)
@@ -403,28 +421,14 @@ int runCompress(const CompressOptions &options) {
       // Statistics of the module as it is now (earlier passes changed it).
       progress("calibrating on " + recipe->calibrationData);
       auto calibrationStart = std::chrono::steady_clock::now();
-      Expected<ModelDescription> description = lowerToDescription(model, "");
-      Expected<LoadedModel> loaded =
-          description ? loadDescribedModel(description.take()) : Expected<LoadedModel>(description.status());
-      if (!loaded) {
-        printError(loaded.status().message());
+      Expected<CalibrationRun> run = prepareCalibration(model, *recipe);
+      if (!run) {
+        printError(run.status().message());
         return 1;
       }
-      Expected<std::vector<EvalStream>> streams =
-          readEvalData(recipe->calibrationData, loaded->tokenizer.get(), loaded->endOfText);
-      if (!streams) {
-        printError(streams.status().message());
-        return 1;
-      }
-      CalibrationOptions calibration;
-      calibration.sequenceLength = recipe->sequenceLength;
-      calibration.maxTokens = recipe->calibrationTokens;
-      calibration.blockSamples = recipe->blockSamples;
-      calibration.inputMoments = recipe->inputMoments;
-      calibration.sampleCapRatio = recipe->sampleCapRatio;
-      calibration.progress = terminal;
-      Expected<CalibrationResult> result = calibrate(*loaded->engine, *streams, calibration);
-      Status status = result ? writeStatistics(*result, calibration, statsPath) : result.status();
+      run->options.progress = terminal;
+      Expected<CalibrationResult> result = calibrate(*run->loaded.engine, run->streams, run->options);
+      Status status = result ? writeStatistics(*result, run->options, statsPath) : result.status();
       if (!status.ok()) {
         printError(status.message());
         return 1;
@@ -435,9 +439,8 @@ int runCompress(const CompressOptions &options) {
     const std::string pipeline = pipelineOf(pass, statsPath);
     progress(concat("[", i + 1, "/", recipe->passes.size(), "] ", pipeline));
     auto passStart = std::chrono::steady_clock::now();
-    mlir::PassManager manager(&context);
-    if (mlir::failed(mlir::parsePassPipeline(pipeline, manager)) || mlir::failed(manager.run(**module))) {
-      printError(options.recipe + ": pass '" + pass.name + "' failed (see the diagnostics above); nothing was written");
+    if (Status status = runPipeline(context, **module, pipeline); !status.ok()) {
+      printError(options.recipe + ": pass '" + pass.name + "': " + status.message() + "; nothing was written");
       return 1;
     }
     record["seconds"] = seconds(passStart);
