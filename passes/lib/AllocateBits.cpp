@@ -147,6 +147,16 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
         }
         const LayerSpec *layerSpec =
             objective == "mc-moe" ? &loader->spec().layers[static_cast<size_t>(index)] : nullptr;
+        // MC-MoE's q: the block-output error with expert `slot` replaced by
+        // `trial` (swapped in and back: one expert copied per trial, not
+        // the layer).
+        auto blockErrorWith = [&](size_t slot, MlpWeights trial) {
+          std::swap(weights->experts[slot], trial);
+          std::vector<float> scratch;
+          const double error = blockOutputError(loader->spec(), *layerSpec, *weights, blocks, {}, scratch);
+          std::swap(weights->experts[slot], trial);
+          return error;
+        };
         for (size_t slot = 0; slot < parts.experts.size(); ++slot) {
           ir::ExpertOp expert = parts.experts[slot];
           const int64_t id = static_cast<int64_t>(expert.getId());
@@ -245,8 +255,7 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
                       loss += hessianDiagonal[2][unit.neurons[k]] * d * d;
                     }
                 } else {
-                  LayerWeights trialWeights = *weights;
-                  MlpWeights &mlp = trialWeights.experts[slot];
+                  MlpWeights mlp = weights->experts[slot];
                   std::vector<float> values[3] = {original[0], original[1], original[2]};
                   for (int m = 0; m < 2; ++m)
                     for (int64_t k = 0; k < n; ++k)
@@ -260,10 +269,7 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
                     matrices[m]->bf16.clear();
                     matrices[m]->data = std::move(values[m]);
                   }
-                  std::vector<float> scratch;
-                  const double error =
-                      blockOutputError(loader->spec(), *layerSpec, trialWeights, blocks, {}, scratch);
-                  loss = phi * std::pow(share, 1.5) * error;
+                  loss = phi * std::pow(share, 1.5) * blockErrorWith(slot, std::move(mlp));
                 }
                 unit.allocation.loss.push_back(loss);
               }
@@ -299,19 +305,16 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
                     }
                 }
               } else {
-                LayerWeights trialWeights = *weights;
-                Matrix *matrices[3] = {&trialWeights.experts[slot].gate, &trialWeights.experts[slot].up,
-                                       &trialWeights.experts[slot].down};
+                MlpWeights mlp = weights->experts[slot];
+                Matrix *matrices[3] = {&mlp.gate, &mlp.up, &mlp.down};
                 for (int m = 0; m < 3; ++m) {
                   if (unit.matrix >= 0 && unit.matrix != m)
                     continue;
                   matrices[m]->bf16.clear();
                   matrices[m]->data = roundTrip(format, original[m], shapes[m][0], shapes[m][1]);
                 }
-                std::vector<float> scratch;
-                const double error = blockOutputError(loader->spec(), *layerSpec, trialWeights, blocks, {}, scratch);
                 // MC-MoE: phi^alpha w^beta q^alpha, alpha = 1, beta = 1.5.
-                loss = phi * std::pow(share, 1.5) * error;
+                loss = phi * std::pow(share, 1.5) * blockErrorWith(slot, std::move(mlp));
               }
               unit.allocation.loss.push_back(loss);
             }
