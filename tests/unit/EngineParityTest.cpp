@@ -156,6 +156,25 @@ TEST(Engine, RejectsTokensOutsideTheVocabulary) {
   expectErrorContains(model.engine->forward({}, cache, logits), {"no tokens"});
 }
 
+// Layer at a time (calibration): the same checks, and a layer the model
+// does not have or a cache of another engine is named.
+TEST(Engine, LayerAtATimeRejectsBadInput) {
+  Loaded model = loadModel(dataDir() + "/hf/mixtral");
+  std::vector<float> x;
+  std::vector<int32_t> ids = {1, 128};
+  expectErrorContains(model.engine->embed(ids, x), {"token id 128", "[0, 128)"});
+  ids = {1, 2};
+  ASSERT_TRUE(model.engine->embed(ids, x).ok());
+  KvCache cache = model.engine->newCache();
+  const int64_t layers = model.spec.numLayers;
+  expectErrorContains(model.engine->forwardLayer(layers, x.data(), 2, cache),
+                      {concat("no layer ", layers), concat("has ", layers, ")")});
+  expectErrorContains(model.engine->forwardLayer(-1, x.data(), 2, cache), {"no layer -1"});
+  KvCache foreign;
+  expectErrorContains(model.engine->forwardLayer(0, x.data(), 2, foreign), {"KV cache was not made by this engine"});
+  EXPECT_TRUE(model.engine->forwardLayer(0, x.data(), 2, cache).ok());
+}
+
 extern "C" void openblas_set_num_threads(int);
 
 TEST(Engine, ResultsAreIdenticalWhateverTheThreadCount) {

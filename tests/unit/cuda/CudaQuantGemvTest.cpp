@@ -52,6 +52,11 @@ void expectMatchesReference(const quant::QuantFormat &format, int64_t rows, int6
   }
 }
 
+void expectError(const Status &status, const std::string &fragment) {
+  ASSERT_FALSE(status.ok()) << "expected an error containing: " << fragment;
+  EXPECT_NE(status.message().find(fragment), std::string::npos) << status.message();
+}
+
 } // namespace
 
 TEST(CudaQuantGemv, EveryFormatMatchesTheReferenceOnOddShapes) {
@@ -78,7 +83,16 @@ TEST(CudaQuantGemv, FewRowsSplitTheColumnsAndStillAddUp) {
 
 TEST(CudaQuantGemv, BadArgumentsAndAMissingDeviceAreErrors) {
   std::vector<float> x(64), y(2);
-  std::vector<uint8_t> w(quant::QuantFormat{}.matrixBytes(2, 64));
+  std::vector<uint8_t> w(quant::QuantFormat{}.matrixBytes(2, 64) + 4);
+  // Arguments are checked before the GPU is touched (so also without one).
+  alignas(16) float aligned[68] = {};
+  expectError(cuda::gemvQuantizedDevice(quant::QuantFormat{}, w.data(), 2, 64, aligned + 1, y.data()),
+              "x must be 16-byte aligned");
+  const uint8_t *odd = reinterpret_cast<const uint8_t *>((reinterpret_cast<uintptr_t>(w.data()) | 3));
+  expectError(cuda::gemvQuantizedDevice(quant::QuantFormat{4, 128, false}, odd, 2, 64, aligned, y.data()),
+              "the weights must be 4-byte aligned");
+  expectError(cuda::gemvQuantizedDevice(quant::QuantFormat{}, w.data(), -1, 64, aligned, y.data()),
+              "negative shape -1x64");
   Status bad = cuda::gemvQuantized(quant::QuantFormat{5, 128, false}, w.data(), 2, 64, x.data(), y.data());
   ASSERT_FALSE(bad.ok());
   if (haveDevice()) {
