@@ -55,27 +55,12 @@ FailureOr<std::string> appendToStore(ir::ModelOp model, TensorAccess &access, co
   Expected<WeightStore *> store = access.store();
   if (!store)
     return model.emitError(store.status().message()), failure();
-  const std::vector<int64_t> dims(shape.begin(), shape.end());
-  for (int version = 1;; ++version) {
-    const std::string key = version == 1 ? name : concat(name, ".v", version);
-    const StoredTensor *existing = (*store)->find(key);
-    if (existing) {
-      // The same contents: nothing to write. Other contents: next name.
-      if (existing->dtype != dtype || existing->shape != dims || existing->byteSize != bytes.size())
-        continue;
-      std::vector<uint8_t> stored;
-      Status status = (*store)->read(*existing, stored);
-      if (!status.ok())
-        return model.emitError(status.message()), failure();
-      if (!std::equal(stored.begin(), stored.end(), bytes.begin()))
-        continue;
-      return key;
-    }
-    Status status = (*store)->append(key, dtype, dims, bytes);
-    if (!status.ok())
-      return model.emitError(status.message()), failure();
-    return key;
-  }
+  // The store picks the key under its lock: a name another writer holds
+  // with other contents becomes <name>.v2, .v3, ...
+  Expected<std::string> key = (*store)->put(name, dtype, std::vector<int64_t>(shape.begin(), shape.end()), bytes);
+  if (!key)
+    return model.emitError(key.status().message()), failure();
+  return key.take();
 }
 
 ir::TensorOp lookupTensor(ir::ModelOp model, FlatSymbolRefAttr symbol) {

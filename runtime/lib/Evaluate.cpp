@@ -61,6 +61,7 @@ Expected<std::vector<EvalStream>> readEvalData(const std::string &path, const To
         return Status::error(path, ": id ", id, " at index ", i, " is out of range");
       all.ids[i] = static_cast<int32_t>(id);
     }
+    all.source = path;
     return std::vector<EvalStream>{std::move(all)};
   }
 
@@ -74,9 +75,20 @@ Expected<std::vector<EvalStream>> readEvalData(const std::string &path, const To
       ++lineNumber;
       if (line.find_first_not_of(" \t\r") == std::string::npos)
         continue;
-      nlohmann::json record = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
-      if (record.is_discarded() || !record.is_object())
-        return Status::error(path, ":", lineNumber, ": not a JSON object");
+      nlohmann::json record;
+      try {
+        record = nlohmann::json::parse(line);
+      } catch (const nlohmann::json::exception &error) {
+        // nlohmann's message says what is wrong (ill-formed UTF-8, a syntax error) and where.
+        std::string reason = error.what();
+        if (size_t at = reason.find("] "); at != std::string::npos)
+          reason = reason.substr(at + 2);
+        return Status::error(path, ":", lineNumber, ": not valid JSON (", reason,
+                             "); each line must be a JSON object in UTF-8");
+      }
+      if (!record.is_object())
+        return Status::error(path, ":", lineNumber, ": not a JSON object; each line must be {\"text\": ...} or "
+                                                    "{\"ids\": [...]}");
       std::string domain = "all";
       if (record.contains("domain")) {
         if (!record["domain"].is_string())
@@ -85,6 +97,7 @@ Expected<std::vector<EvalStream>> readEvalData(const std::string &path, const To
       }
       if (!byDomain.count(domain)) {
         byDomain[domain].domain = domain;
+        byDomain[domain].source = path;
         order.push_back(domain);
       }
       EvalStream &target = byDomain[domain];
@@ -122,7 +135,7 @@ Expected<std::vector<EvalStream>> readEvalData(const std::string &path, const To
   Expected<std::vector<int32_t>> ids = tokenizer->encode(content);
   if (!ids)
     return ids.status().withContext(path);
-  return std::vector<EvalStream>{{"all", ids.take(), static_cast<int64_t>(content.size())}};
+  return std::vector<EvalStream>{{"all", ids.take(), static_cast<int64_t>(content.size()), path}};
 }
 
 Expected<EvalResult> evaluate(Engine &engine, const std::vector<EvalStream> &streams,
@@ -142,8 +155,10 @@ Expected<EvalResult> evaluate(Engine &engine, const std::vector<EvalStream> &str
     const int64_t N = static_cast<int64_t>(stream.ids.size());
     for (int32_t id : stream.ids)
       if (id >= V)
-        return Status::error("domain '", stream.domain, "': token id ", id,
-                             " is outside the model's vocabulary of ", V);
+        return Status::error(stream.source.empty() ? std::string() : stream.source + ": ", "domain '", stream.domain,
+                             "': token id ", id, " is outside the model's vocabulary of ", V,
+                             " (ids must be below config.json's vocab_size; was the data tokenized for another "
+                             "model?)");
     EvalScore score;
     score.streamTokens = N;
     score.textBytes = stream.textBytes;
@@ -168,6 +183,13 @@ Expected<EvalResult> evaluate(Engine &engine, const std::vector<EvalStream> &str
         score.negativeLogLikelihood -= row[stream.ids[t + 1]] - maximum - std::log(sum);
         ++score.targets;
       }
+      // NaN or infinite logits: the model is broken, and a NaN perplexity
+      // must never pass for a result.
+      if (!std::isfinite(score.negativeLogLikelihood))
+        return Status::error(stream.source.empty() ? std::string() : stream.source + ": ", "domain '", stream.domain,
+                             "', window at token ", begin,
+                             ": the model computes non-finite values (NaN or infinity); its weights or config "
+                             "are broken");
       scoredFrom = end + 1;
       if (end == N - 1 || (options.maxTokens > 0 && score.targets >= options.maxTokens))
         break;

@@ -6,6 +6,7 @@
 
 #include "moe/Runtime/Package.h"
 #include "moe/Frontend/Safetensors.h"
+#include "moe/Support/AtomicFile.h"
 
 #include <nlohmann/json.hpp>
 #include <xxhash.h>
@@ -74,21 +75,6 @@ std::vector<const TensorRef *> allTensors(const ModelDescription &description) {
     }
   }
   return out;
-}
-
-Status writeAll(int fd, const uint8_t *data, size_t size, uint64_t offset, const std::string &path) {
-  while (size > 0) {
-    ssize_t written = pwrite(fd, data, size, static_cast<off_t>(offset));
-    if (written < 0) {
-      if (errno == EINTR)
-        continue;
-      return Status::error(path, ": write failed: ", std::strerror(errno));
-    }
-    data += written;
-    size -= static_cast<size_t>(written);
-    offset += static_cast<uint64_t>(written);
-  }
-  return Status::success();
 }
 
 } // namespace
@@ -194,28 +180,20 @@ Status writePackage(const ModelDescription &description, const PackageExtras &ex
       return Status::error(path, ": internal error: the manifest layout does not settle");
     dataOffset = needed;
   }
-  const std::string temporary = path + ".tmp";
-  int fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  if (fd < 0)
-    return Status::error(temporary, ": cannot create: ", std::strerror(errno));
-  auto fail = [&](Status status) {
-    ::close(fd);
-    ::unlink(temporary.c_str());
-    return status;
-  };
+  // A unique temporary beside `path`, renamed into place once complete:
+  // two emits to one path cannot mix their bytes.
+  Expected<std::unique_ptr<AtomicFile>> output = AtomicFile::create(path);
+  if (!output)
+    return output.status();
+  AtomicFile &file = **output;
   for (size_t i = 0; i < tensors.size(); ++i) {
     DType dtype;
     std::vector<uint8_t> bytes;
-    Status status = reader.read(*tensors[i], dtype, bytes);
-    if (!status.ok())
-      return fail(status);
+    MOE_RETURN_IF_ERROR(reader.read(*tensors[i], dtype, bytes));
     if (bytes.size() != plan[i].size)
-      return fail(Status::error("tensor '", tensors[i]->name, "' holds ", bytes.size(), " bytes, expected ",
-                                plan[i].size));
+      return Status::error("tensor '", tensors[i]->name, "' holds ", bytes.size(), " bytes, expected ", plan[i].size);
     plan[i].hash = XXH64(bytes.data(), bytes.size(), 0);
-    status = writeAll(fd, bytes.data(), bytes.size(), plan[i].offset, temporary);
-    if (!status.ok())
-      return fail(status);
+    MOE_RETURN_IF_ERROR(file.writeAt(bytes, plan[i].offset));
   }
   const std::string text = manifest(true);
   PackageHeader header{};
@@ -228,21 +206,10 @@ Status writePackage(const ModelDescription &description, const PackageExtras &ex
   header.fileBytes = offset;
   header.manifestHash = XXH64(text.data(), text.size(), 0);
   // Padding between blobs is zeros; the file ends at the last aligned boundary.
-  if (ftruncate(fd, static_cast<off_t>(offset)) != 0)
-    return fail(Status::error(temporary, ": cannot size: ", std::strerror(errno)));
-  Status status = writeAll(fd, reinterpret_cast<const uint8_t *>(&header), sizeof(header), 0, temporary);
-  if (status.ok())
-    status = writeAll(fd, reinterpret_cast<const uint8_t *>(text.data()), text.size(), sizeof(header), temporary);
-  if (!status.ok())
-    return fail(status);
-  if (fsync(fd) != 0)
-    return fail(Status::error(temporary, ": fsync failed: ", std::strerror(errno)));
-  ::close(fd);
-  if (std::rename(temporary.c_str(), path.c_str()) != 0) {
-    ::unlink(temporary.c_str());
-    return Status::error(path, ": cannot rename the finished package into place: ", std::strerror(errno));
-  }
-  return Status::success();
+  MOE_RETURN_IF_ERROR(file.resize(offset));
+  MOE_RETURN_IF_ERROR(file.writeAt({reinterpret_cast<const uint8_t *>(&header), sizeof(header)}, 0));
+  MOE_RETURN_IF_ERROR(file.writeAt({reinterpret_cast<const uint8_t *>(text.data()), text.size()}, sizeof(header)));
+  return file.commit();
 }
 
 Expected<OpenedPackage> openPackage(const std::string &path) {

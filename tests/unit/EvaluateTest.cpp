@@ -120,7 +120,12 @@ TEST(Evaluate, ReadsEveryDataFormatAndNamesBadInput) {
   EXPECT_EQ((*streams)[0].ids, (std::vector<int32_t>{1, 2, 0, 4, 0})) << "end-of-text after each document";
 
   writeFile(jsonl, "{\"ids\": [1]}\nnot json\n");
-  expectErrorContains(readEvalData(jsonl, nullptr, std::nullopt).status(), {"data.jsonl:2", "not a JSON object"});
+  expectErrorContains(readEvalData(jsonl, nullptr, std::nullopt).status(), {"data.jsonl:2", "not valid JSON"});
+  writeFile(jsonl, "{\"ids\": [1]}\n{\"text\": \"caf\xe9\"}\n");
+  expectErrorContains(readEvalData(jsonl, nullptr, std::nullopt).status(), {"data.jsonl:2", "UTF-8"});
+  writeFile(jsonl, "[1, 2]\n");
+  expectErrorContains(readEvalData(jsonl, nullptr, std::nullopt).status(), {"data.jsonl:1", "not a JSON object"});
+  expectErrorContains(readEvalData(dir.path(), nullptr, std::nullopt).status(), {"is a directory", "expected a file"});
   writeFile(jsonl, "{\"ids\": [-1]}\n");
   expectErrorContains(readEvalData(jsonl, nullptr, std::nullopt).status(), {"data.jsonl:1", "non-negative"});
   writeFile(jsonl, "{\"text\": \"hello\"}\n");

@@ -366,7 +366,20 @@ INSTANTIATE_TEST_SUITE_P(
                         {"'torch_dtype'", "'int4'"}},
         ConfigErrorCase{"architectures not a list", ModelFamily::Mixtral,
                         [](json &c) { c["architectures"] = "MixtralForCausalLM"; },
-                        {"'architectures' must be a non-empty list"}}),
+                        {"'architectures' must be a non-empty list"}},
+        // Numbers that parse but make every result NaN or infinite.
+        ConfigErrorCase{"zero norm epsilon", ModelFamily::Mixtral, [](json &c) { c["rms_norm_eps"] = 0; },
+                        {"rms_norm_eps", "must be a positive finite number"}},
+        ConfigErrorCase{"negative norm epsilon", ModelFamily::DeepseekV2, [](json &c) { c["rms_norm_eps"] = -1e-6; },
+                        {"rms_norm_eps", "positive"}},
+        ConfigErrorCase{"zero rope theta", ModelFamily::Qwen3Moe, [](json &c) { c["rope_theta"] = 0; },
+                        {"rope_theta = 0", "positive finite"}},
+        ConfigErrorCase{"negative rope theta", ModelFamily::Olmoe, [](json &c) { c["rope_theta"] = -10000.0; },
+                        {"rope_theta", "positive finite"}},
+        ConfigErrorCase{"unknown activation", ModelFamily::Mixtral, [](json &c) { c["hidden_act"] = "relu_squared"; },
+                        {"'hidden_act'", "relu_squared", "silu"}},
+        ConfigErrorCase{"negative clip_qkv", ModelFamily::Olmoe, [](json &c) { c["clip_qkv"] = -1.0; },
+                        {"clip_qkv", ">= 0"}}),
     [](const ::testing::TestParamInfo<ConfigErrorCase> &info) { return testNameFrom(info.param.description); });
 
 TEST(ModelSpec, ConfigThatIsNotJsonOrMissingIsNamed) {

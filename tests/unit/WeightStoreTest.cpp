@@ -10,6 +10,8 @@
 
 #include <cstring>
 #include <filesystem>
+#include <sys/wait.h>
+#include <unistd.h>
 
 using namespace moe;
 using namespace moe::testing;
@@ -83,16 +85,93 @@ TEST(WeightStore, CorruptRecordsAndForeignFilesAreDetected) {
     ASSERT_TRUE((*store)->append("a", DType::F32, {2}, floats({1, 2})).ok());
     ASSERT_TRUE((*store)->append("b", DType::F32, {2}, floats({3, 4})).ok());
   }
-  // Flip one data byte of the last record: its checksum no longer matches.
+  // Flip one data byte of the first record: it fails its checksum. That is
+  // damage, not a torn tail: reported with the record and its offset, and
+  // neither dropped nor overwritten by the next writer.
   std::string bytes = readFile(path);
+  const size_t firstData = 8 + 64; // magic, then the first record's data at the next 64-byte boundary
+  bytes[firstData] ^= 0x40;
+  writeFile(path, bytes);
+  expectErrorContains(WeightStore::open(path, false).status(),
+                      {"model.moestore", "record 0 at offset 8 fails its checksum", "damaged"});
+  expectErrorContains(WeightStore::open(path, true).status(), {"record 0 at offset 8"});
+  EXPECT_EQ(readFile(path), bytes);
+
+  // The last record damaged the same way is damage too (it is complete).
+  bytes[firstData] ^= 0x40;
   bytes[bytes.size() - 9] ^= 0x40;
   writeFile(path, bytes);
-  auto store = WeightStore::open(path, false);
-  ASSERT_TRUE(store.ok());
-  EXPECT_EQ((*store)->keys(), (std::vector<std::string>{"a"}));
+  expectErrorContains(WeightStore::open(path, false).status(), {"record 1 at offset", "fails its checksum"});
+
+  // A flipped length byte that makes a record reach past the end, with a
+  // valid record after it, is damage, not a torn tail to cut.
+  bytes[bytes.size() - 9] ^= 0x40;
+  bytes[12] = 0x7f; // the first record's header length
+  writeFile(path, bytes);
+  {
+    auto opened = WeightStore::open(path, false);
+    ASSERT_FALSE(opened.ok());
+    expectErrorContains(opened.status(), {"record 0 at offset 8"});
+  }
+  EXPECT_EQ(readFile(path), bytes);
 
   writeFile(dir.file("other.bin"), "not a store at all");
   expectErrorContains(WeightStore::open(dir.file("other.bin"), false).status(), {"other.bin", "bad magic"});
   expectErrorContains(WeightStore::open(dir.file("absent.moestore"), false).status(),
                       {"absent.moestore", "cannot open"});
+}
+
+TEST(WeightStore, ConcurrentWritersNeverLoseOrShareRecords) {
+  TempDir dir;
+  std::string path = dir.file("model.moestore");
+  // Both writers open the store before either appends (what two `moec opt`
+  // runs on one module do), then put different contents under the same
+  // names, many times: every record survives, and each writer's key reads
+  // back its own bytes.
+  constexpr int kWriters = 4, kRecords = 25;
+  ASSERT_TRUE(WeightStore::open(path, true).ok());
+  std::vector<pid_t> children;
+  for (int writer = 0; writer < kWriters; ++writer) {
+    pid_t child = fork();
+    ASSERT_GE(child, 0);
+    if (child == 0) {
+      auto store = WeightStore::open(path, true);
+      if (!store.ok())
+        _exit(10);
+      usleep(20000); // let every writer open before any appends
+      for (int i = 0; i < kRecords; ++i) {
+        const float value = static_cast<float>(writer * 1000 + i);
+        Expected<std::string> key = (*store)->put(concat("t", i % 5), DType::F32, {2}, floats({value, value}));
+        if (!key.ok())
+          _exit(11);
+        auto check = WeightStore::open(path, false);
+        std::vector<float> back;
+        if (!check.ok() || !(*check)->loadF32(*key, back).ok() || back != std::vector<float>{value, value})
+          _exit(12);
+      }
+      _exit(0);
+    }
+    children.push_back(child);
+  }
+  for (pid_t child : children) {
+    int status = 0;
+    ASSERT_EQ(waitpid(child, &status, 0), child);
+    ASSERT_TRUE(WIFEXITED(status));
+    EXPECT_EQ(WEXITSTATUS(status), 0);
+  }
+  auto store = WeightStore::open(path, false);
+  ASSERT_TRUE(store.ok()) << store.status().message();
+  EXPECT_EQ((*store)->keys().size(), static_cast<size_t>(kWriters * kRecords));
+  EXPECT_EQ((*store)->ignoredTailBytes(), 0u);
+}
+
+TEST(WeightStore, PutReusesIdenticalContentsAndVersionsOthers) {
+  TempDir dir;
+  auto store = WeightStore::open(dir.file("s.moestore"), true);
+  ASSERT_TRUE(store.ok());
+  EXPECT_EQ(*(*store)->put("w", DType::F32, {1}, floats({1})), "w");
+  EXPECT_EQ(*(*store)->put("w", DType::F32, {1}, floats({1})), "w");
+  EXPECT_EQ(*(*store)->put("w", DType::F32, {1}, floats({2})), "w.v2");
+  EXPECT_EQ(*(*store)->put("w", DType::F32, {2}, floats({2, 3})), "w.v3");
+  EXPECT_EQ(*(*store)->put("w", DType::F32, {1}, floats({2})), "w.v2");
 }

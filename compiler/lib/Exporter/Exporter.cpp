@@ -115,10 +115,22 @@ Status exportHuggingFace(ir::ModelOp model, const std::string &directory) {
     }
   }
 
+  // A Hugging Face checkpoint holds float tensors: a quantised module has
+  // codes in moec's own formats, which transformers cannot read.
+  for (ir::TensorOp tensor : model.getBody().getOps<ir::TensorOp>())
+    if (ir::QuantAttr quant = tensor.getQuantAttr())
+      return Status::error("moe.tensor @", tensor.getSymName().str(), " is quantised (", quant.getFormat().str(),
+                           "); --format hf writes float checkpoints. Export the module from before moe-quantize, "
+                           "or write a package with `moec emit`");
+
+  // Everything is written into a temporary directory beside `directory`
+  // and published in one rename: a failed or killed export leaves the
+  // previous output (or none), never a mix.
+  Expected<std::unique_ptr<AtomicDirectory>> output = AtomicDirectory::create(directory);
+  if (!output)
+    return output.status();
+  const std::string staging = (*output)->temporary();
   std::error_code error;
-  std::filesystem::create_directories(directory, error);
-  if (error)
-    return Status::error(directory, ": cannot create: ", error.message());
   TensorAccess access(model);
   SafetensorsWriter writer;
   for (ir::TensorOp tensor : model.getBody().getOps<ir::TensorOp>()) {
@@ -136,8 +148,8 @@ Status exportHuggingFace(ir::ModelOp model, const std::string &directory) {
     MOE_RETURN_IF_ERROR(writer.addTensor(outputName(symbol, expertId), dtype, shape, std::move(bytes)));
   }
   writer.setMetadata("format", "pt");
-  MOE_RETURN_IF_ERROR(writer.write(directory + "/model.safetensors"));
-  MOE_RETURN_IF_ERROR(writeText(directory + "/config.json", config.dump(2) + "\n"));
+  MOE_RETURN_IF_ERROR(writer.write(staging + "/model.safetensors"));
+  MOE_RETURN_IF_ERROR(writeText(staging + "/config.json", config.dump(2) + "\n"));
 
   // Tokenizer and generation files travel with the weights.
   if (!model.getSources().empty()) {
@@ -147,14 +159,14 @@ Status exportHuggingFace(ir::ModelOp model, const std::string &directory) {
                              "generation_config.json", "tokenizer.model"}) {
       std::filesystem::path from = sourceDir / name;
       if (std::filesystem::exists(from)) {
-        std::filesystem::copy_file(from, std::filesystem::path(directory) / name,
+        std::filesystem::copy_file(from, std::filesystem::path(staging) / name,
                                    std::filesystem::copy_options::overwrite_existing, error);
         if (error)
           return Status::error(from.string(), ": cannot copy: ", error.message());
       }
     }
   }
-  return Status::success();
+  return (*output)->commit();
 }
 
 } // namespace moe

@@ -267,6 +267,11 @@ void readCommon(ConfigReader &config, ModelSpec &spec) {
   spec.maxPositions = config.optionalInt("max_position_embeddings", 4096);
   spec.tieWordEmbeddings = config.optionalBool("tie_word_embeddings", false);
   spec.configDType = readConfigDType(config);
+  // Every family's experts and MLPs are SwiGLU; the engine computes SiLU and
+  // nothing else, so another activation would run silently wrong.
+  const std::string activation = config.optionalString("hidden_act", "silu");
+  if (activation != "silu" && activation != "swish")
+    config.fail("key 'hidden_act' is '", activation, "'; moec runs SwiGLU MLPs: expected \"silu\"");
   AttentionSpec &attention = spec.attention;
   attention.numHeads = config.requirePositive("num_attention_heads", kMaxHeads);
   attention.numKeyValueHeads =
@@ -546,6 +551,32 @@ Status checkSizes(const ModelSpec &spec, const std::string &source) {
        })
     if (bound.value < bound.low || bound.value > bound.high)
       return outside(bound.what, bound.value, bound.low, bound.high);
+  // Values that are numbers but make every result NaN or infinite.
+  struct PositiveReal {
+    const char *what;
+    double value;
+  };
+  for (const PositiveReal &real : {
+           PositiveReal{"rms_norm_eps (norm epsilon)", spec.normEps},
+           PositiveReal{"rope_theta", spec.rope.theta},
+           PositiveReal{"rope scaling factor", spec.rope.factor},
+           PositiveReal{"attention softmax scale", a.softmaxScale},
+       })
+    if (!(real.value > 0) || !std::isfinite(real.value))
+      return Status::error(source, ": ", real.what, " = ", real.value, " must be a positive finite number");
+  if (!(spec.normEps < 1))
+    return Status::error(source, ": rms_norm_eps (norm epsilon) = ", spec.normEps, " must be below 1");
+  if (!std::isfinite(spec.router.scalingFactor) || !(spec.router.scalingFactor > 0))
+    return Status::error(source, ": routed_scaling_factor = ", spec.router.scalingFactor,
+                         " must be a positive finite number");
+  if (!std::isfinite(spec.router.jitterEps) || spec.router.jitterEps < 0)
+    return Status::error(source, ": router_jitter_noise = ", spec.router.jitterEps, " must be a finite number >= 0");
+  if (!std::isfinite(a.clipQkv) || a.clipQkv < 0)
+    return Status::error(source, ": clip_qkv = ", a.clipQkv, " must be a finite number >= 0");
+  for (const std::vector<double> *factors : {&spec.rope.shortFactor, &spec.rope.longFactor})
+    for (double factor : *factors)
+      if (!(factor > 0) || !std::isfinite(factor))
+        return Status::error(source, ": longrope factor ", factor, " must be a positive finite number");
   int64_t routedExperts = 0;
   for (const LayerSpec &layer : spec.layers) {
     if (layer.mlp == MlpKind::Dense) {

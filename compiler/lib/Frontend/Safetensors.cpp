@@ -377,40 +377,6 @@ Status SafetensorsWriter::write(const std::string &path) const {
   return writeChunksAtomically(path, layout(head));
 }
 
-Status writeFileAtomically(const std::string &path, std::span<const uint8_t> bytes) {
-  return writeChunksAtomically(path, {bytes});
-}
-
-Status writeChunksAtomically(const std::string &path, const std::vector<std::span<const uint8_t>> &chunks) {
-  std::string temporary = concat(path, ".tmp.", ::getpid());
-  int descriptor =
-      ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (descriptor < 0)
-    return Status::error(path, ": cannot create: ", std::strerror(errno));
-  for (std::span<const uint8_t> bytes : chunks) {
-    size_t written = 0;
-    while (written < bytes.size()) {
-      ssize_t n = ::write(descriptor, bytes.data() + written, bytes.size() - written);
-      if (n < 0 && errno == EINTR)
-        continue;
-      if (n <= 0) {
-        Status failure = Status::error(path, ": write failed: ", std::strerror(errno));
-        ::close(descriptor);
-        ::unlink(temporary.c_str());
-        return failure;
-      }
-      written += static_cast<size_t>(n);
-    }
-  }
-  if (::close(descriptor) != 0 || ::rename(temporary.c_str(), path.c_str()) != 0) {
-    Status failure = Status::error(path, ": cannot finish writing: ",
-                                   std::strerror(errno));
-    ::unlink(temporary.c_str());
-    return failure;
-  }
-  return Status::success();
-}
-
 Status readTensorSlice(const SafetensorsFile &file, const TensorInfo &tensor,
                        std::span<const int64_t> slice, std::vector<uint8_t> &bytes) {
   if (tensor.shape.size() != 3)

@@ -13,9 +13,11 @@
 #include <nlohmann/json.hpp>
 #include <xxhash.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -66,7 +68,144 @@ bool writeAll(int descriptor, const uint8_t *bytes, size_t size) {
   return true;
 }
 
+/// Holds flock(2) on a descriptor for a scope.
+class FileLock {
+public:
+  FileLock(int descriptor, int operation) : descriptor(descriptor) {
+    while (::flock(descriptor, operation) != 0 && errno == EINTR) {
+    }
+  }
+  ~FileLock() { ::flock(descriptor, LOCK_UN); }
+  FileLock(const FileLock &) = delete;
+  FileLock &operator=(const FileLock &) = delete;
+
+private:
+  int descriptor;
+};
+
+/// What reading one record at an offset found.
+enum class RecordState { Valid, Torn, Damaged };
+
+struct RecordRead {
+  RecordState state = RecordState::Valid;
+  StoredTensor tensor;
+  uint64_t end = 0;
+  std::string problem; ///< Why a record is damaged.
+};
+
+/// Reads the record at `offset` of a file of `size` bytes. A record cut
+/// short by the end of the file is torn (what a killed writer leaves); a
+/// complete record that does not parse or fails its checksum is damaged.
+RecordRead readRecord(int descriptor, uint64_t offset, uint64_t size) {
+  RecordRead out;
+  auto torn = [&] {
+    out.state = RecordState::Torn;
+    return out;
+  };
+  auto damaged = [&](std::string problem) {
+    out.state = RecordState::Damaged;
+    out.problem = std::move(problem);
+    return out;
+  };
+  uint32_t head[2];
+  if (offset + 8 > size)
+    return torn();
+  if (!readAt(descriptor, offset, head, sizeof(head)))
+    return damaged("cannot be read");
+  if (head[0] != kRecordMagic)
+    return damaged("does not start with the record magic");
+  const uint64_t headerEnd = offset + 8 + head[1];
+  if (head[1] > (1u << 20))
+    return damaged(concat("declares a ", head[1], "-byte header"));
+  if (headerEnd > size)
+    return torn();
+  std::string headerText(head[1], '\0');
+  if (!readAt(descriptor, offset + 8, headerText.data(), headerText.size()))
+    return damaged("cannot be read");
+  nlohmann::json header = nlohmann::json::parse(headerText, nullptr, false);
+  if (header.is_discarded() || !header.is_object() || !header.contains("key") || !header["key"].is_string() ||
+      !header.contains("dtype") || !header["dtype"].is_string() || !header.contains("shape") ||
+      !header["shape"].is_array() || !header.contains("bytes") || !header["bytes"].is_number_unsigned())
+    return damaged("has a malformed header");
+  StoredTensor &tensor = out.tensor;
+  tensor.key = header["key"].get<std::string>();
+  std::optional<DType> dtype = parseDType(header["dtype"].get<std::string>());
+  if (!dtype)
+    return damaged("has an unknown dtype");
+  tensor.dtype = *dtype;
+  for (const auto &dim : header["shape"]) {
+    if (!dim.is_number_unsigned() || dim.get<uint64_t>() > (uint64_t(1) << 40))
+      return damaged("has a malformed shape");
+    tensor.shape.push_back(dim.get<int64_t>());
+  }
+  tensor.byteSize = header["bytes"].get<uint64_t>();
+  tensor.dataOffset = alignUp(headerEnd);
+  if (tensor.byteSize > size ||
+      tensor.byteSize != static_cast<uint64_t>(numElements(tensor.shape)) * dtypeBytes(tensor.dtype))
+    return damaged("declares a byte count its shape does not need");
+  out.end = tensor.dataOffset + tensor.byteSize + 8;
+  if (out.end > size)
+    return torn();
+  std::vector<uint8_t> data(tensor.byteSize);
+  uint64_t stored = 0;
+  if (!readAt(descriptor, tensor.dataOffset, data.data(), data.size()) ||
+      !readAt(descriptor, tensor.dataOffset + tensor.byteSize, &stored, 8))
+    return damaged("cannot be read");
+  if (recordChecksum(headerText, data.data(), data.size()) != stored)
+    return damaged("fails its checksum");
+  return out;
+}
+
+/// Whether a valid record starts anywhere in (offset, size): a record
+/// "cut short by the end of the file" with valid records after it is a
+/// damaged length field, not a torn tail.
+bool validRecordAfter(int descriptor, uint64_t offset, uint64_t size) {
+  constexpr size_t kChunk = 1 << 20;
+  std::vector<uint8_t> buffer(kChunk + 3);
+  const uint8_t magic[4] = {'T', 'R', 'E', 'C'};
+  for (uint64_t at = offset + 1; at + 4 <= size; at += kChunk) {
+    const size_t length = static_cast<size_t>(std::min<uint64_t>(kChunk + 3, size - at));
+    if (!readAt(descriptor, at, buffer.data(), length))
+      return false;
+    for (size_t i = 0; i + 4 <= length; ++i)
+      if (std::memcmp(buffer.data() + i, magic, 4) == 0 &&
+          readRecord(descriptor, at + i, size).state == RecordState::Valid)
+        return true;
+  }
+  return false;
+}
+
 } // namespace
+
+Status WeightStore::scanNewRecords(bool cut) {
+  struct stat info;
+  if (fstat(descriptor, &info) != 0)
+    return Status::error(filePath, ": cannot stat weight store: ", std::strerror(errno));
+  const uint64_t size = static_cast<uint64_t>(info.st_size);
+  uint64_t offset = validLength;
+  while (offset < size) {
+    RecordRead record = readRecord(descriptor, offset, size);
+    if (record.state == RecordState::Torn && validRecordAfter(descriptor, offset, size))
+      record = RecordRead{RecordState::Damaged, {}, 0, "declares a length past the end of the file"};
+    if (record.state == RecordState::Damaged)
+      return Status::error(filePath, ": record ", recordCount, " at offset ", offset, " ", record.problem,
+                           "; the weight store is damaged (", size - offset,
+                           " bytes from there on are not read, and nothing is appended). Restore it from a "
+                           "copy, or import the model again");
+    if (record.state == RecordState::Torn) {
+      if (cut && ftruncate(descriptor, static_cast<off_t>(offset)) != 0)
+        return Status::error(filePath, ": cannot cut the torn tail a killed writer left: ", std::strerror(errno));
+      ignoredTail = cut ? 0 : size - offset;
+      return Status::success();
+    }
+    index[record.tensor.key] = std::move(record.tensor);
+    ++recordCount;
+    offset = record.end;
+    validLength = offset;
+  }
+  ignoredTail = 0;
+  return Status::success();
+}
 
 Expected<std::unique_ptr<WeightStore>> WeightStore::open(const std::string &path, bool create) {
   std::unique_ptr<WeightStore> store(new WeightStore());
@@ -75,69 +214,23 @@ Expected<std::unique_ptr<WeightStore>> WeightStore::open(const std::string &path
   if (store->descriptor < 0)
     return Status::error(path, ": cannot open weight store: ", std::strerror(errno));
   struct stat info;
-  fstat(store->descriptor, &info);
-  uint64_t size = static_cast<uint64_t>(info.st_size);
-  if (size == 0) {
-    if (!writeAll(store->descriptor, reinterpret_cast<const uint8_t *>(kFileMagic), sizeof(kFileMagic)) ||
-        fsync(store->descriptor) != 0)
+  if (fstat(store->descriptor, &info) != 0 || !S_ISREG(info.st_mode))
+    return Status::error(path, ": not a regular file; a weight store is a file");
+  if (info.st_size == 0) {
+    // Two creators may race: the one holding the lock writes the magic.
+    FileLock lock(store->descriptor, LOCK_EX);
+    if (fstat(store->descriptor, &info) == 0 && info.st_size == 0 &&
+        (!writeAll(store->descriptor, reinterpret_cast<const uint8_t *>(kFileMagic), sizeof(kFileMagic)) ||
+         fsync(store->descriptor) != 0))
       return Status::error(path, ": cannot initialise weight store: ", std::strerror(errno));
-    store->validLength = sizeof(kFileMagic);
-    return store;
   }
+  FileLock lock(store->descriptor, LOCK_SH);
   char magic[8];
-  if (size < sizeof(magic) || !readAt(store->descriptor, 0, magic, sizeof(magic)) ||
-      std::memcmp(magic, kFileMagic, sizeof(magic)) != 0)
-    return Status::error(path, ": not a moec weight store (bad magic)");
-
-  uint64_t offset = sizeof(kFileMagic);
-  while (offset + 8 <= size) {
-    uint32_t head[2];
-    if (!readAt(store->descriptor, offset, head, sizeof(head)) || head[0] != kRecordMagic)
-      break;
-    uint64_t headerEnd = offset + 8 + head[1];
-    if (head[1] > (1u << 20) || headerEnd > size)
-      break;
-    std::string headerText(head[1], '\0');
-    if (!readAt(store->descriptor, offset + 8, headerText.data(), headerText.size()))
-      break;
-    nlohmann::json header = nlohmann::json::parse(headerText, nullptr, false);
-    if (header.is_discarded() || !header.is_object() || !header.contains("key") ||
-        !header["key"].is_string() || !header.contains("dtype") || !header["dtype"].is_string() ||
-        !header.contains("shape") || !header["shape"].is_array() || !header.contains("bytes") ||
-        !header["bytes"].is_number_unsigned())
-      break;
-    StoredTensor tensor;
-    tensor.key = header["key"].get<std::string>();
-    std::optional<DType> dtype = parseDType(header["dtype"].get<std::string>());
-    if (!dtype)
-      break;
-    tensor.dtype = *dtype;
-    bool shapeValid = true;
-    for (const auto &dim : header["shape"]) {
-      if (!dim.is_number_unsigned()) {
-        shapeValid = false;
-        break;
-      }
-      tensor.shape.push_back(dim.get<int64_t>());
-    }
-    tensor.byteSize = header["bytes"].get<uint64_t>();
-    tensor.dataOffset = alignUp(headerEnd);
-    uint64_t recordEnd = tensor.dataOffset + tensor.byteSize + 8;
-    if (!shapeValid || recordEnd > size ||
-        tensor.byteSize != static_cast<uint64_t>(numElements(tensor.shape)) * dtypeBytes(tensor.dtype))
-      break;
-    std::vector<uint8_t> data(tensor.byteSize);
-    uint64_t stored = 0;
-    if (!readAt(store->descriptor, tensor.dataOffset, data.data(), data.size()) ||
-        !readAt(store->descriptor, tensor.dataOffset + tensor.byteSize, &stored, 8))
-      break;
-    if (recordChecksum(headerText, data.data(), data.size()) != stored)
-      break;
-    store->index[tensor.key] = std::move(tensor);
-    offset = recordEnd;
-  }
-  store->validLength = offset;
-  store->ignoredTail = size - offset;
+  if (fstat(store->descriptor, &info) != 0 || static_cast<uint64_t>(info.st_size) < sizeof(magic) ||
+      !readAt(store->descriptor, 0, magic, sizeof(magic)) || std::memcmp(magic, kFileMagic, sizeof(magic)) != 0)
+    return Status::error(path, ": not a moec weight store (bad magic; expected \"MOESTOR1\")");
+  store->validLength = sizeof(kFileMagic);
+  MOE_RETURN_IF_ERROR(store->scanNewRecords(/*cut=*/false));
   return store;
 }
 
@@ -148,16 +241,40 @@ WeightStore::~WeightStore() {
 
 Status WeightStore::append(const std::string &key, DType dtype, std::vector<int64_t> shape,
                            std::span<const uint8_t> bytes) {
+  FileLock lock(descriptor, LOCK_EX);
+  MOE_RETURN_IF_ERROR(scanNewRecords(/*cut=*/true));
+  return appendLocked(key, dtype, std::move(shape), bytes);
+}
+
+Expected<std::string> WeightStore::put(const std::string &name, DType dtype, std::vector<int64_t> shape,
+                                       std::span<const uint8_t> bytes) {
+  FileLock lock(descriptor, LOCK_EX);
+  MOE_RETURN_IF_ERROR(scanNewRecords(/*cut=*/true));
+  for (int version = 1;; ++version) {
+    const std::string key = version == 1 ? name : concat(name, ".v", version);
+    const StoredTensor *existing = find(key);
+    if (!existing) {
+      MOE_RETURN_IF_ERROR(appendLocked(key, dtype, std::move(shape), bytes));
+      return key;
+    }
+    // The same contents: nothing to write. Other contents: next name.
+    if (existing->dtype != dtype || existing->shape != shape || existing->byteSize != bytes.size())
+      continue;
+    std::vector<uint8_t> stored;
+    MOE_RETURN_IF_ERROR(read(*existing, stored));
+    if (std::equal(stored.begin(), stored.end(), bytes.begin()))
+      return key;
+  }
+}
+
+Status WeightStore::appendLocked(const std::string &key, DType dtype, std::vector<int64_t> shape,
+                                 std::span<const uint8_t> bytes) {
   if (key.empty())
     return Status::error(filePath, ": empty tensor key");
   uint64_t expected = static_cast<uint64_t>(numElements(shape)) * dtypeBytes(dtype);
   if (bytes.size() != expected)
     return Status::error(filePath, ": tensor '", key, "': ", bytes.size(), " bytes given, shape ",
                          formatShape(shape), " of ", dtypeName(dtype), " needs ", expected);
-  // Cut a torn tail left by an interrupted writer before appending.
-  if (ftruncate(descriptor, static_cast<off_t>(validLength)) != 0)
-    return Status::error(filePath, ": cannot truncate torn tail: ", std::strerror(errno));
-  ignoredTail = 0;
   std::string headerText =
       nlohmann::json{{"key", key}, {"dtype", dtypeName(dtype)}, {"shape", shape}, {"bytes", bytes.size()}}.dump();
   std::vector<uint8_t> record(8);
@@ -171,11 +288,17 @@ Status WeightStore::append(const std::string &key, DType dtype, std::vector<int6
   const uint8_t *checksumBytes = reinterpret_cast<const uint8_t *>(&checksum);
   record.insert(record.end(), checksumBytes, checksumBytes + 8);
   if (lseek(descriptor, static_cast<off_t>(validLength), SEEK_SET) < 0 ||
-      !writeAll(descriptor, record.data(), record.size()) || fdatasync(descriptor) != 0)
-    return Status::error(filePath, ": cannot append tensor '", key, "': ", std::strerror(errno));
+      !writeAll(descriptor, record.data(), record.size()) || fdatasync(descriptor) != 0) {
+    const std::string reason = std::strerror(errno);
+    // Leave no partial record behind (we hold the lock: nobody appended after it).
+    if (ftruncate(descriptor, static_cast<off_t>(validLength)) != 0) {
+    }
+    return Status::error(filePath, ": cannot append tensor '", key, "': ", reason);
+  }
   StoredTensor tensor{key, dtype, std::move(shape), dataOffset, bytes.size()};
   index[key] = std::move(tensor);
   validLength += record.size();
+  ++recordCount;
   return Status::success();
 }
 

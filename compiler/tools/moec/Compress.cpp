@@ -16,6 +16,7 @@
 #include "moe/Runtime/Evaluate.h"
 #include "moe/Runtime/Package.h"
 #include "moe/Support/File.h"
+#include "moe/Support/Signals.h"
 #include "moe/Transforms/Passes.h"
 
 #include "mlir/Pass/PassManager.h"
@@ -25,6 +26,7 @@
 #include <nlohmann/json.hpp>
 
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -157,6 +159,25 @@ Expected<Recipe> readRecipe(const std::string &path) {
     recipe.passes.push_back(std::move(pass));
   }
   return recipe;
+}
+
+/// `record` without what differs run to run: seconds and memory peaks.
+json withoutTimings(const json &record) {
+  if (record.is_array()) {
+    json out = json::array();
+    for (const json &item : record)
+      out.push_back(withoutTimings(item));
+    return out;
+  }
+  if (!record.is_object())
+    return record;
+  json out = json::object();
+  for (const auto &[key, value] : record.items()) {
+    const bool timing = key == "seconds" || key.ends_with("_seconds") || key == "peak_rss_bytes";
+    if (!timing)
+      out[key] = withoutTimings(value);
+  }
+  return out;
 }
 
 /// Routed experts and their parameters in the module, for the summary.
@@ -335,11 +356,14 @@ int runCompress(const CompressOptions &options) {
     printError("cannot create a temporary directory");
     return 1;
   }
+  // Removed when compress returns, and on SIGINT/SIGTERM (Signals.h).
+  registerTemporaryPath(work);
   struct Cleanup {
     std::string path;
     ~Cleanup() {
       std::error_code ignored;
       std::filesystem::remove_all(path, ignored);
+      unregisterTemporaryPath(path);
     }
   } cleanup{work};
 
@@ -454,8 +478,10 @@ int runCompress(const CompressOptions &options) {
   summary["passes"] = passes;
 
   progress("emitting " + options.output);
+  // The package records what was done, not how long it took: the same
+  // inputs give the same bytes (timings stay in the summary).
   json provenance = {{"tool", "moec compress"}, {"model", options.model}, {"recipe", options.recipe},
-                     {"passes", passes}};
+                     {"passes", withoutTimings(passes)}};
   Status status = emitPackage(model, "", options.output, provenance.dump());
   if (!status.ok()) {
     printError(status.message());
@@ -479,8 +505,10 @@ int runCompress(const CompressOptions &options) {
     summary["perplexity_increase_percent"] = increase;
     if (options.maxPplIncrease >= 0) {
       summary["max_ppl_increase_percent"] = options.maxPplIncrease;
-      summary["quality_gate"] = increase <= options.maxPplIncrease ? "passed" : "failed";
-      if (increase > options.maxPplIncrease) {
+      // NaN compares false both ways: only a finite increase within the bound passes.
+      const bool passed = std::isfinite(increase) && increase <= options.maxPplIncrease;
+      summary["quality_gate"] = passed ? "passed" : "failed";
+      if (!passed) {
         gate = concat("quality gate failed: perplexity rose ", increase, "% (", *before, " -> ", *ppl,
                       "), more than the allowed ", options.maxPplIncrease, "%");
         exitCode = kQualityGateFailed;

@@ -7,7 +7,8 @@
 
 #include "Commands.h"
 
-#include "llvm/Support/InitLLVM.h"
+#include "moe/Support/Signals.h"
+
 #include "llvm/Support/WithColor.h"
 #include "llvm/Support/raw_ostream.h"
 
@@ -26,7 +27,9 @@ void printWarning(const std::string &message) {
 } // namespace moe::cli
 
 int main(int argc, char **argv) {
-  llvm::InitLLVM initLLVM(argc, argv);
+  // Not llvm::InitLLVM: its crash handler can hang after heap corruption
+  // (Signals.h); these end the process and clean up on interrupts.
+  moe::installSignalHandlers("moec");
   CLI::App app{"moec: a compiler that makes Mixture-of-Experts models small and fast"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "moec 0.1.0");

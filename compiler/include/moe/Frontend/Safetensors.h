@@ -9,6 +9,7 @@
 #define MOE_FRONTEND_SAFETENSORS_H
 
 #include "moe/Frontend/DType.h"
+#include "moe/Support/AtomicFile.h"
 #include "moe/Support/Status.h"
 
 #include <cstdint>
@@ -134,13 +135,6 @@ private:
   std::map<std::string, Entry> entries;
   std::map<std::string, std::string> metadata;
 };
-
-/// Writes `bytes` to `path` through a temporary file and a rename.
-Status writeFileAtomically(const std::string &path,
-                           std::span<const uint8_t> bytes);
-/// The same for bytes in several pieces, written one after the other.
-Status writeChunksAtomically(const std::string &path,
-                             const std::vector<std::span<const uint8_t>> &chunks);
 
 /// Copies 2-D piece `slice` = {index, firstRow, rows, transposed} of the 3-D
 /// [N, A, B] tensor `tensor` of `file` (fused experts): rows

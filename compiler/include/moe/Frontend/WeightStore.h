@@ -3,9 +3,16 @@
 // Part of moec. Where passes write new tensors (sliced, merged, quantised).
 // The file is a magic followed by self-contained records, each with its own
 // checksum; records are only ever appended, and a later record with the
-// same key replaces an earlier one. A writer killed mid-record leaves a
-// torn tail that readers ignore and the next writer cuts off, so earlier
-// content always stays readable.
+// same key replaces an earlier one.
+//
+// Several processes may use one store at once: writers hold an exclusive
+// flock(2) while they read what others appended, choose a key and append
+// at the end of the file, so no writer ever overwrites or cuts off another
+// writer's record. A writer killed mid-record leaves a torn tail (a record
+// cut short by the end of the file) that readers ignore and the next writer,
+// holding the lock, cuts off. A complete record that fails its checksum is
+// damage: opening or appending fails naming the record and its offset, and
+// nothing is dropped or overwritten.
 //
 //===----------------------------------------------------------------------===//
 
@@ -45,6 +52,13 @@ public:
   /// Appends (or replaces) tensor `key`; durable when this returns.
   Status append(const std::string &key, DType dtype, std::vector<int64_t> shape,
                 std::span<const uint8_t> bytes);
+  /// Stores `bytes` under `name`, or under `name`.v2, .v3, ... when another
+  /// writer's record holds other contents under that name, reusing a
+  /// record with exactly these contents. The key is chosen and appended
+  /// under the store's lock, so concurrent writers never share a key for
+  /// different contents. Returns the key.
+  Expected<std::string> put(const std::string &name, DType dtype, std::vector<int64_t> shape,
+                            std::span<const uint8_t> bytes);
   /// The newest record of `key`, or null.
   const StoredTensor *find(const std::string &key) const;
   /// Every key, sorted.
@@ -58,6 +72,13 @@ public:
 
 private:
   WeightStore() = default;
+  /// Reads the records in [validLength, end of file) into the index. A
+  /// torn tail is left alone (cut = false) or cut off (cut = true, only
+  /// while holding the exclusive lock); damage is an error.
+  Status scanNewRecords(bool cut);
+  Status appendLocked(const std::string &key, DType dtype, std::vector<int64_t> shape,
+                      std::span<const uint8_t> bytes);
+  size_t recordCount = 0;
   std::string filePath;
   int descriptor = -1;
   uint64_t validLength = 0;

@@ -29,6 +29,7 @@ struct EvalStream {
   std::string domain;
   std::vector<int32_t> ids;
   int64_t textBytes = 0;
+  std::string source; ///< The file the ids came from, for messages.
 };
 
 /// Reads evaluation data: `.u32` (little-endian uint32 ids, one stream),
