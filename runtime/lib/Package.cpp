@@ -87,6 +87,8 @@ Status writePackage(const ModelDescription &description, const PackageExtras &ex
   // The manifest with placeholder checksums has the final length (the
   // checksums are fixed-width hex), which fixes the data offset before any
   // blob is read; blobs stream to the file and the real manifest goes last.
+  // Never write a package that openPackage would reject.
+  MOE_RETURN_IF_ERROR(validateDescription(description, path));
   TensorReader reader(description);
   const std::vector<const TensorRef *> tensors = allTensors(description);
   struct Planned {
@@ -395,6 +397,7 @@ Expected<OpenedPackage> openPackage(const std::string &path) {
   } catch (const json::exception &error) {
     return Status::error(path, ": the manifest is missing or mistypes a field: ", error.what());
   }
+  MOE_RETURN_IF_ERROR(validateDescription(description, path));
   return opened;
 }
 

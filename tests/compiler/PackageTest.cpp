@@ -19,7 +19,10 @@
 #include "mlir/Pass/PassManager.h"
 #include "mlir/Pass/PassRegistry.h"
 
+#include <nlohmann/json.hpp>
 #include <xxhash.h>
+
+#include <functional>
 
 #include <cstring>
 #include <filesystem>
@@ -177,6 +180,99 @@ TEST(Package, BadInputIsNamedAndNeverRuns) {
   expectOpenError(patched, {"unknown format 'q9_g64_asym'"});
   // Not a file at all.
   expectErrorContains(openPackage(dir.file("missing.moepkg")).status(), {"missing.moepkg", "cannot open"});
+}
+
+// Well-formed packages whose contents do not fit their config are rejected
+// where the package is read (validateDescription), naming what is wrong,
+// instead of running out of bounds or printing NaN.
+TEST(Package, InconsistentManifestsAreRejectedOnLoad) {
+  TempDir dir;
+  buildPackage("tiny-deepseek", "moe-quantize{bits=4 group=64}", dir.file("m.moestore"), dir.file("good.moepkg"));
+  const std::vector<uint8_t> good = readBytes(dir.file("good.moepkg"));
+  PackageHeader header;
+  std::memcpy(&header, good.data(), sizeof(header));
+  const nlohmann::json manifest = nlohmann::json::parse(
+      std::string(reinterpret_cast<const char *>(good.data() + header.manifestOffset), header.manifestBytes));
+  // A MoE layer and the index of a role in a role list.
+  size_t moeLayer = 0;
+  while (manifest["layers"][moeLayer]["experts"].empty())
+    ++moeLayer;
+  auto roleIndex = [](const nlohmann::json &list, const std::string &role) {
+    for (size_t i = 0; i < list.size(); ++i)
+      if (list[i]["role"] == role)
+        return i;
+    ADD_FAILURE() << "no role " << role;
+    return size_t(0);
+  };
+  auto expectRejected = [&](const std::function<void(nlohmann::json &)> &edit,
+                            std::initializer_list<std::string> fragments) {
+    nlohmann::json changed = manifest;
+    edit(changed);
+    std::string text = changed.dump();
+    ASSERT_LE(sizeof(PackageHeader) + text.size(), header.dataOffset) << "the edit does not fit the manifest space";
+    std::vector<uint8_t> bytes = good;
+    std::memset(bytes.data() + sizeof(PackageHeader), 0, header.dataOffset - sizeof(PackageHeader));
+    std::memcpy(bytes.data() + sizeof(PackageHeader), text.data(), text.size());
+    PackageHeader patched = header;
+    patched.manifestBytes = text.size();
+    patched.manifestHash = XXH64(text.data(), text.size(), 0);
+    std::memcpy(bytes.data(), &patched, sizeof(patched));
+    writeBytes(dir.file("bad.moepkg"), bytes);
+    expectErrorContains(openPackage(dir.file("bad.moepkg")).status(), fragments);
+    EXPECT_FALSE(loadModel(dir.file("bad.moepkg")).ok());
+  };
+  // Unchanged, the rewritten package loads (the harness itself is sound).
+  {
+    std::string text = manifest.dump();
+    ASSERT_EQ(text.size(), header.manifestBytes);
+  }
+  const std::string layer = concat("layer ", moeLayer);
+  expectRejected(
+      [&](nlohmann::json &m) {
+        auto &list = m["layers"][moeLayer]["tensors"];
+        auto &norm = list[roleIndex(list, "attention_norm")]["tensor"];
+        auto &output = list[roleIndex(list, "o_proj")]["tensor"];
+        std::swap(norm, output);
+      },
+      {"bad.moepkg", layer, "has shape", "needs"});
+  expectRejected(
+      [&](nlohmann::json &m) {
+        auto &globals = m["globals"];
+        auto &list = m["layers"][moeLayer]["tensors"];
+        globals[roleIndex(globals, "embedding")]["tensor"] = list[roleIndex(list, "router")]["tensor"];
+      },
+      {"the model", "embedding", "has shape"});
+  expectRejected(
+      [&](nlohmann::json &m) {
+        nlohmann::json config = nlohmann::json::parse(m["config"].get<std::string>());
+        config["hidden_size"] = config["hidden_size"].get<int64_t>() + 32;
+        m["config"] = config.dump();
+      },
+      {"has shape", "hidden_size"});
+  expectRejected([&](nlohmann::json &m) { m["layers"][moeLayer]["router"]["top_k"] = 1000; },
+                 {layer, "top-k 1000 must be between 1 and the router's"});
+  expectRejected(
+      [&](nlohmann::json &m) {
+        auto &list = m["layers"][moeLayer]["tensors"];
+        list.erase(roleIndex(list, "router"));
+      },
+      {layer, "no router tensor"});
+  expectRejected(
+      [&](nlohmann::json &m) {
+        auto &list = m["layers"][0]["tensors"];
+        list.erase(roleIndex(list, "o_proj"));
+      },
+      {"layer 0 has no o_proj tensor"});
+  expectRejected([&](nlohmann::json &m) { m["layers"][moeLayer]["experts"][0]["id"] = -1; },
+                 {layer, "expert id -1 is outside"});
+  expectRejected([&](nlohmann::json &m) { m["layers"][moeLayer]["experts"][0]["id"] = 1000; },
+                 {layer, "expert id 1000 is outside"});
+  expectRejected(
+      [&](nlohmann::json &m) { m["layers"][moeLayer]["experts"][1]["id"] = m["layers"][moeLayer]["experts"][0]["id"]; },
+      {"appears twice"});
+  expectRejected([&](nlohmann::json &m) { m["layers"][moeLayer]["skip_threshold"] = -0.5; },
+                 {layer, "skip threshold -0.5 must be in [0, 1]"});
+  expectRejected([&](nlohmann::json &m) { m["layers"][moeLayer]["num_experts"] = 3; }, {layer, "declares 3 experts"});
 }
 
 // A split expert's parts must fit it: each part's matrices have its width,

@@ -212,6 +212,7 @@ public:
         return Status::error("moe.model @", model.getSymName().str(), " has no moe.layer ", l);
     if (uniformTopK && topKUniform)
       modelSpec.router.topK = *uniformTopK;
+    MOE_RETURN_IF_ERROR(validateDescription(description, "moe.model @" + model.getSymName().str()));
     return description;
   }
 

@@ -86,6 +86,17 @@ struct ModelDescription {
   bool dequantizeQuantized = false;
 };
 
+/// Checks `description` against its ModelSpec before anything runs or is
+/// written: every role's shape for the family (attention, norms, dense and
+/// shared MLPs, embedding, lm_head), required roles present and none twice,
+/// routed experts' ids in range and unique, widths and part widths
+/// matching their matrices, the router's rows matching the experts (or the
+/// remap table), top-k, groups, scaling and skip thresholds in range. The
+/// package loader, the lowering of modules and the package writer all call
+/// it, so no path reaches the engine unchecked. `where` names the file or
+/// module in messages.
+Status validateDescription(const ModelDescription &description, const std::string &where);
+
 /// Reads the stored bytes of a description's tensors (the package writer's
 /// input): raw bytes in the stored dtype, except FP8 with block scales,
 /// which comes back dequantised as F32.
