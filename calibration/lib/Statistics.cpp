@@ -93,49 +93,71 @@ public:
     }
   }
 
+  /// Statistics are per expert slot, the unit every pass edits. Before any
+  /// merge, slot = router row. After a merge several rows serve one slot:
+  /// a slot's router probability is the sum of its rows', its logit the sum
+  /// of its rows' logits, and a token counts once per slot it reaches.
   void onRouter(int64_t layer, int64_t tokens, std::span<const float> logits, std::span<const int32_t> chosen,
-                std::span<const float> weights) override {
+                std::span<const float> weights, std::span<const int32_t> slotOfRow) override {
     LayerStatistics &stats = statsFor(layer);
-    const int64_t E = static_cast<int64_t>(stats.routedTokens.size());
+    const int64_t E = static_cast<int64_t>(stats.routedTokens.size()); // slots
+    const int64_t R = static_cast<int64_t>(logits.size()) / tokens;    // router rows
     const int64_t K = static_cast<int64_t>(chosen.size()) / tokens;
+    auto slotOf = [&](int64_t row) { return slotOfRow.empty() ? row : static_cast<int64_t>(slotOfRow[row]); };
     stats.tokens += tokens;
     currentWeights.assign(static_cast<size_t>(tokens * E), 0.0f);
-    std::vector<double> scores(static_cast<size_t>(E));
+    std::vector<double> scores(static_cast<size_t>(R)), slotScores(static_cast<size_t>(E)),
+        slotLogits(static_cast<size_t>(E));
+    std::vector<bool> slotLive(static_cast<size_t>(E));
     for (int64_t t = 0; t < tokens; ++t) {
-      const float *row = logits.data() + t * E;
+      const float *row = logits.data() + t * R;
       if (spec.router.scoring == RouterScoring::Sigmoid) {
-        for (int64_t e = 0; e < E; ++e)
-          scores[e] = 1.0 / (1.0 + std::exp(-static_cast<double>(row[e])));
+        for (int64_t r = 0; r < R; ++r)
+          scores[r] = 1.0 / (1.0 + std::exp(-static_cast<double>(row[r])));
       } else {
         // Softmax (also the score of sparsemixer, whose logits are raw);
         // masked experts (-inf) get 0.
         double maximum = -INFINITY, sum = 0;
-        for (int64_t e = 0; e < E; ++e)
-          maximum = std::max(maximum, static_cast<double>(row[e]));
-        for (int64_t e = 0; e < E; ++e)
-          sum += scores[e] = std::exp(static_cast<double>(row[e]) - maximum);
+        for (int64_t r = 0; r < R; ++r)
+          maximum = std::max(maximum, static_cast<double>(row[r]));
+        for (int64_t r = 0; r < R; ++r)
+          sum += scores[r] = std::exp(static_cast<double>(row[r]) - maximum);
         for (double &score : scores)
           score /= sum;
       }
+      std::fill(slotScores.begin(), slotScores.end(), 0.0);
+      std::fill(slotLogits.begin(), slotLogits.end(), 0.0);
+      std::fill(slotLive.begin(), slotLive.end(), false);
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t e = slotOf(r);
+        slotScores[e] += scores[r];
+        if (std::isfinite(row[r])) {
+          slotLogits[e] += row[r];
+          slotLive[e] = true;
+        }
+      }
       int64_t top = -1;
       for (int64_t e = 0; e < E; ++e)
-        if (std::isfinite(row[e]) && (top < 0 || row[e] > row[top]))
+        if (slotLive[e] && (top < 0 || slotLogits[e] > slotLogits[top]))
           top = e;
       if (top >= 0)
-        stats.topLogitSum[top] += row[top];
+        stats.topLogitSum[top] += slotLogits[top];
       for (int64_t e = 0; e < E; ++e) {
-        stats.routerScoreSum[e] += scores[e];
-        if (!std::isfinite(row[e]))
+        stats.routerScoreSum[e] += slotScores[e];
+        if (!slotLive[e])
           continue;
         for (int64_t f = 0; f < E; ++f)
-          if (std::isfinite(row[f]))
-            stats.routerLogitGram[e * E + f] += static_cast<double>(row[e]) * row[f];
+          if (slotLive[f])
+            stats.routerLogitGram[e * E + f] += slotLogits[e] * slotLogits[f];
       }
       for (int64_t k = 0; k < K; ++k) {
-        int32_t e = chosen[t * K + k];
-        stats.routedTokens[e] += 1;
+        const int64_t e = slotOf(chosen[t * K + k]);
+        bool counted = false; // a token reaches a slot once, however many of its rows chose it
+        for (int64_t j = 0; j < k; ++j)
+          counted |= slotOf(chosen[t * K + j]) == e;
+        stats.routedTokens[e] += counted ? 0 : 1;
         stats.gateWeightSum[e] += weights[t * K + k];
-        currentWeights[t * E + e] = weights[t * K + k];
+        currentWeights[t * E + e] += weights[t * K + k];
       }
     }
     pendingContributions.clear();

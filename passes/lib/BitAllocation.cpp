@@ -82,8 +82,10 @@ Expected<Allocation> allocateBits(const std::vector<AllocationUnit> &units, cons
     return Status::error("bit allocation: no units to allocate");
   if (candidates.empty())
     return Status::error("bit allocation: no candidate widths");
-  if (tolerance < 0)
+  if (!(tolerance >= 0) || !std::isfinite(tolerance))
     return Status::error("bit allocation: the tolerance must not be negative, got ", tolerance);
+  if (!std::isfinite(budgetBits) || !(budgetBits > 0))
+    return Status::error("bit allocation: the budget must be a positive number of bits per weight, got ", budgetBits);
   const int narrowest = *std::min_element(candidates.begin(), candidates.end());
   const int widest = *std::max_element(candidates.begin(), candidates.end());
   double parameters = 0, minimum = 0, maximum = 0, pinnedBits = 0;

@@ -28,7 +28,7 @@ namespace {
 class WeightRatios : public EngineObserver {
 public:
   void onRouter(int64_t, int64_t tokens, std::span<const float>, std::span<const int32_t> chosen,
-                std::span<const float> weights) override {
+                std::span<const float> weights, std::span<const int32_t>) override {
     const int64_t K = static_cast<int64_t>(chosen.size()) / tokens;
     for (int64_t t = 0; t < tokens; ++t) {
       std::vector<float> sorted(weights.begin() + t * K, weights.begin() + (t + 1) * K);

@@ -68,7 +68,7 @@ Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &
                     std::vector<double> hessian, const GptqOptions &options, std::vector<uint8_t> &packed) {
   if (static_cast<int64_t>(weights.size()) != rows * cols || static_cast<int64_t>(hessian.size()) != cols * cols)
     return Status::error("GPTQ: a ", rows, "x", cols, " matrix needs a ", cols, "x", cols, " Hessian");
-  if (options.block < 1 || options.damping < 0)
+  if (options.block < 1 || !(options.damping >= 0) || !std::isfinite(options.damping))
     return Status::error("GPTQ: block must be positive and damping non-negative");
   Matrix W = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(
                  weights.data(), rows, cols)

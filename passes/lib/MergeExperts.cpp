@@ -130,8 +130,10 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
       return fail(module, "similarity '" + similarity + "' is not router-logits or weights");
     if (align != "none" && align != "permutation")
       return fail(module, "align '" + align + "' is not none or permutation");
-    if (ratio < 0.0 || ratio >= 1.0 || groups < 0 || (groups > 0) == (ratio > 0.0))
+    if (!(ratio >= 0.0 && ratio < 1.0) || groups < 0 || (groups > 0) == (ratio > 0.0))
       return fail(module, "give ratio in (0, 1) or groups > 0, not both");
+    if (!(threshold >= -1.0 && threshold <= 1.0))
+      return fail(module, "threshold must be a cosine similarity in [-1, 1]");
     FailureOr<CalibrationStats> file = CalibrationStats::open(stats, module, getArgument());
     if (failed(file))
       return signalPassFailure();

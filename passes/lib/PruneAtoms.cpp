@@ -48,9 +48,9 @@ struct PruneAtomsPass : public moe::impl::MoePruneAtomsBase<PruneAtomsPass> {
       return fail(module, "method '" + method + "' is not camera, heapr or magnitude");
     if (scope != "layer" && scope != "global")
       return fail(module, "scope '" + scope + "' is not layer or global");
-    if (ratio < 0.0 || ratio >= 1.0)
+    if (!(ratio >= 0.0 && ratio < 1.0))
       return fail(module, concat("ratio must be in [0, 1), got ", static_cast<double>(ratio)));
-    if (rho < 0.0 || rho > 1.0)
+    if (!(rho >= 0.0 && rho <= 1.0))
       return fail(module, concat("rho must be in [0, 1], got ", static_cast<double>(rho)));
     if (minWidth < 1)
       return fail(module, concat("min-width must be at least 1, got ", static_cast<int64_t>(minWidth)));

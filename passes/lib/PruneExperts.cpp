@@ -79,7 +79,7 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
       module.emitError("moe-prune-experts: method reconstruction searches each layer's subset (NAEE); use scope=layer");
       return signalPassFailure();
     }
-    if (ratio < 0.0 || ratio >= 1.0 || keep < 0 || (keep > 0 && ratio > 0.0) || (keep > 0 && scope == "global")) {
+    if (!(ratio >= 0.0 && ratio < 1.0) || keep < 0 || (keep > 0 && ratio > 0.0) || (keep > 0 && scope == "global")) {
       module.emitError() << "moe-prune-experts: give ratio in [0, 1) or keep > 0 (per layer), not both";
       return signalPassFailure();
     }
@@ -186,7 +186,7 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
     const ModelSpec &spec = loader->spec();
     for (auto [index, layer] : layers) {
       const int64_t budget = budgetFor(index);
-      if (budget <= 0)
+      if (!(budget > 0))
         continue;
       FailureOr<CalibrationStats::BlockSamples> blocks = file.blockSamples(index, spec.hiddenSize, layer);
       if (failed(blocks))

@@ -37,6 +37,8 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     ModuleOp module = getOperation();
     if (method != "rtn" && method != "gptq")
       return fail(module, "method '" + method + "' is not rtn or gptq");
+    if (!(minCoverage >= 0.0 && minCoverage <= 1.0))
+      return fail(module, "min-coverage must be a fraction of the calibration tokens in [0, 1]");
     FailureOr<CalibrationStats> file = failure();
     if (method == "gptq") {
       file = CalibrationStats::open(stats, module, getArgument());

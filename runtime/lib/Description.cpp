@@ -182,7 +182,10 @@ private:
       }
       where.stored = store->find(tensor.key);
       if (!where.stored)
-        return Status::error(store->path(), ": tensor '", tensor.key, "' not in the weight store");
+        return Status::error(store->path(), ": tensor '", tensor.key, "' not in the weight store (it holds ",
+                             store->keys().size(), " tensors); the module '", tensor.name,
+                             "' refers to belongs with another store: was the store replaced, or the module moved "
+                             "without it?");
       where.dtype = where.stored->dtype;
       where.bytes = where.stored->byteSize;
       return Status::success();

@@ -243,7 +243,7 @@ void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerW
   for (int64_t t = 0; t < tokens; ++t)
     router::route(routerSpec, E, logits.data() + t * E, bias, chosen.data() + t * K, weights.data() + t * K);
   if (observer)
-    observer->onRouter(layer.index, tokens, logits, chosen, weights);
+    observer->onRouter(layer.index, tokens, logits, chosen, weights, w.routing.remap);
 
   // Group tokens by expert slot: one GEMM per expert, slots in order. A
   // token whose choices share a slot (merged experts) runs it once with
@@ -425,6 +425,11 @@ Status Engine::forwardLayer(int64_t l, float *xData, int64_t T, KvCache &cache) 
     return Status::error("forward: no layer ", l, " (the model has ", spec.numLayers, ")");
   if (cache.keys.size() != static_cast<size_t>(spec.numLayers))
     return Status::error("forward: the KV cache was not made by this engine");
+  // RoPE tables, and what the model was trained on, end at the context.
+  if (cache.length + T > spec.maxPositions)
+    return Status::error("forward: positions ", cache.length, "..", cache.length + T - 1,
+                         " run past the model's context of ", spec.maxPositions,
+                         " tokens (config.json max_position_embeddings); use a shorter prompt or --seq-len");
   Expected<std::shared_ptr<const LayerWeights>> loaded = layers->get(l);
   if (!loaded)
     return loaded.status();

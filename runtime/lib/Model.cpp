@@ -29,6 +29,15 @@ nlohmann::json readJson(const std::string &path) {
   return text ? nlohmann::json::parse(*text, nullptr, /*allow_exceptions=*/false) : nlohmann::json();
 }
 
+/// A tokenizer whose ids reach past the model's embedding would index
+/// outside it: refuse it where it is read.
+Status checkTokenizerFits(const Tokenizer &tokenizer, const std::string &source, const ModelSpec &spec) {
+  if (tokenizer.vocabSize() > spec.vocabSize)
+    return Status::error(source, ": token id ", tokenizer.vocabSize() - 1, " is outside the model's vocabulary of ",
+                         spec.vocabSize, " (config.json vocab_size); the tokenizer belongs to another model");
+  return Status::success();
+}
+
 /// The tokenizer and end-of-text id from tokenizer.json and
 /// tokenizer_config.json texts (either may be empty) and the config text.
 Status attachTokenizerTexts(const std::string &tokenizerText, const std::string &tokenizerSource,
@@ -38,6 +47,7 @@ Status attachTokenizerTexts(const std::string &tokenizerText, const std::string 
     Expected<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::fromJson(tokenizerText, tokenizerSource);
     if (!tokenizer)
       return tokenizer.status();
+    MOE_RETURN_IF_ERROR(checkTokenizerFits(**tokenizer, tokenizerSource, model.spec));
     model.tokenizer = tokenizer.take();
   }
   nlohmann::json tokenizerConfig = nlohmann::json::parse(tokenizerConfigText, nullptr, false);
@@ -70,6 +80,7 @@ Status attachTokenizer(const std::string &directory, LoadedModel &model) {
     Expected<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::fromFile(tokenizerPath);
     if (!tokenizer)
       return tokenizer.status();
+    MOE_RETURN_IF_ERROR(checkTokenizerFits(**tokenizer, tokenizerPath, model.spec));
     model.tokenizer = tokenizer.take();
   }
   return attachTokenizerTexts("", "", text(directory + "/tokenizer_config.json"), text(directory + "/config.json"),

@@ -792,6 +792,9 @@ Status parseDecoders(const json &root, const std::string &source, Tokenizer::Imp
   return Status::success();
 }
 
+/// The largest token id a tokenizer.json may use (as the config's vocab_size bound).
+constexpr int64_t kMaxTokenId = int64_t(1) << 24;
+
 Status parseModel(const json &root, const std::string &source, Tokenizer::Impl &impl) {
   const json model = root.value("model", json());
   if (!model.is_object() || model.value("type", "BPE") != "BPE" || !model.contains("vocab"))
@@ -804,15 +807,30 @@ Status parseModel(const json &root, const std::string &source, Tokenizer::Impl &
     return Status::error(source, ": model.vocab must be an object of token -> id");
   int32_t maxId = -1;
   for (auto &[token, id] : model["vocab"].items()) {
-    if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() > (1 << 24))
-      return Status::error(source, ": vocab entry '", token, "' has an invalid id");
+    if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() > kMaxTokenId)
+      return Status::error(source, ": vocab entry '", token, "' has id ", id.dump(), "; expected an integer in [0, ",
+                           kMaxTokenId, "]");
     impl.vocab[token] = id.get<int32_t>();
     maxId = std::max(maxId, id.get<int32_t>());
   }
+  // Added tokens are checked before any table is sized by their ids: an id
+  // of -5 or 2^31-1 must be an error, not a wild index or a 3 GB table.
   const json addedTokens = root.value("added_tokens", json::array());
-  for (const json &added : addedTokens)
-    if (added.is_object() && added.contains("id") && added["id"].is_number_integer())
-      maxId = std::max(maxId, added["id"].get<int32_t>());
+  if (!addedTokens.is_array())
+    return Status::error(source, ": added_tokens must be a list");
+  for (size_t i = 0; i < addedTokens.size(); ++i) {
+    const json &added = addedTokens[i];
+    if (!added.is_object() || !added.contains("content") || !added["content"].is_string() || !added.contains("id"))
+      return Status::error(source, ": added_tokens[", i, "] needs a string \"content\" and an integer \"id\"");
+    const json &id = added["id"];
+    if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() > kMaxTokenId)
+      return Status::error(source, ": added_tokens[", i, "] ('", added["content"].get<std::string>(), "') has id ",
+                           id.dump(), "; expected an integer in [0, ", kMaxTokenId, "]");
+    for (const char *flag : {"special", "lstrip", "rstrip", "single_word", "normalized"})
+      if (added.contains(flag) && !added[flag].is_boolean())
+        return Status::error(source, ": added_tokens[", i, "].", flag, " must be true or false");
+    maxId = std::max(maxId, id.get<int32_t>());
+  }
   impl.idToToken.assign(static_cast<size_t>(maxId + 1), "");
   impl.isSpecial.assign(impl.idToToken.size(), false);
   for (const auto &[token, id] : impl.vocab)
@@ -895,8 +913,13 @@ Status parsePostProcessor(const json &root, const std::string &source, Tokenizer
       const json special = p->value("special_tokens", json::object()).value(name, json());
       if (!special.is_object() || !special.contains("ids"))
         return Status::error(source, ": template token '", name, "' has no ids");
-      for (const json &id : special["ids"])
+      for (const json &id : special["ids"]) {
+        if (!id.is_number_integer() || id.get<int64_t>() < 0 ||
+            id.get<int64_t>() >= static_cast<int64_t>(impl.idToToken.size()))
+          return Status::error(source, ": template token '", name, "' has id ", id.dump(), "; expected one of the ",
+                               impl.idToToken.size(), " token ids");
         (afterSequence ? impl.templateAfter : impl.templateBefore).push_back(id.get<int32_t>());
+      }
     }
   }
   return Status::success();

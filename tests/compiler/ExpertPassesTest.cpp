@@ -150,7 +150,7 @@ public:
     counts[{layer, expert}] += static_cast<int64_t>(tokens.size());
   }
   void onRouter(int64_t layer, int64_t tokens, std::span<const float>, std::span<const int32_t> chosen,
-                std::span<const float>) override {
+                std::span<const float>, std::span<const int32_t>) override {
     const int64_t K = static_cast<int64_t>(chosen.size()) / tokens;
     for (int64_t t = 0; t < tokens; ++t) {
       bool first = false;

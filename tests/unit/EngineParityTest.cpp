@@ -196,7 +196,7 @@ namespace {
 class RecordingObserver : public EngineObserver {
 public:
   void onRouter(int64_t layer, int64_t tokens, std::span<const float> logits,
-                std::span<const int32_t> chosen, std::span<const float> weights) override {
+                std::span<const int32_t> chosen, std::span<const float> weights, std::span<const int32_t>) override {
     routerTokens += tokens;
     for (int32_t expert : chosen)
       ++expertChoices[{layer, expert}];

@@ -94,3 +94,29 @@ TEST(Tokenizer, BadInputIsNamed) {
   ASSERT_TRUE(tokenizer.ok());
   expectErrorContains((*tokenizer)->encode("bad \xFF byte").status(), {"not valid UTF-8", "byte offset 4"});
 }
+
+// Added-token ids are checked before anything is sized or indexed by them.
+TEST(Tokenizer, AddedTokenIdsAreChecked) {
+  auto withAdded = [](const std::string &added) {
+    return Tokenizer::fromJson(R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": []},
+                                   "added_tokens": [)" + added + "]}",
+                               "t.json");
+  };
+  expectErrorContains(withAdded(R"({"id": -5, "content": "<s>"})").status(),
+                      {"t.json", "added_tokens[0]", "'<s>'", "id -5"});
+  expectErrorContains(withAdded(R"({"id": 2147483647, "content": "<s>"})").status(), {"id 2147483647", "[0, "});
+  expectErrorContains(withAdded(R"({"id": 100000000, "content": "<s>"})").status(), {"id 100000000"});
+  expectErrorContains(withAdded(R"({"id": 2, "content": 7})").status(), {"added_tokens[0]", "string \"content\""});
+  expectErrorContains(withAdded(R"({"id": 2.5, "content": "x"})").status(), {"id 2.5"});
+  expectErrorContains(withAdded(R"({"id": 2, "content": "x", "special": "yes"})").status(),
+                      {"added_tokens[0].special", "true or false"});
+  auto fine = withAdded(R"({"id": 2, "content": "<s>", "special": true})");
+  ASSERT_TRUE(fine.ok()) << fine.status().message();
+  EXPECT_EQ((*fine)->vocabSize(), 3);
+  EXPECT_EQ((*fine)->tokenId("<s>"), 2);
+  expectErrorContains(
+      Tokenizer::fromJson(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+                             "post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>"}}],
+                                                "special_tokens": {"<s>": {"ids": [-3]}}}})", "t.json").status(),
+      {"template token '<s>'", "id -3"});
+}

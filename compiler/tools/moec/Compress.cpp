@@ -13,6 +13,7 @@
 #include "moe/Calibration/Statistics.h"
 #include "moe/Lowering/Emit.h"
 #include "moe/Lowering/Lowering.h"
+#include "moe/Pipeline/Recipe.h"
 #include "moe/Runtime/Evaluate.h"
 #include "moe/Runtime/Package.h"
 #include "moe/Support/File.h"
@@ -47,118 +48,8 @@ struct CompressOptions {
   int64_t evalTokens = 0;
 };
 
-struct RecipePass {
-  std::string name;
-  json options;
-  bool needsStatistics = false;
-};
-
-struct Recipe {
-  std::vector<RecipePass> passes;
-  std::string calibrationData;
-  int64_t calibrationTokens = 0, sequenceLength = 256, blockSamples = 1024;
-  double sampleCapRatio = 0;
-  bool inputMoments = false;
-};
-
 double seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
-}
-
-std::string optionText(const json &value) {
-  if (value.is_string())
-    return value.get<std::string>();
-  if (value.is_boolean())
-    return value.get<bool>() ? "true" : "false";
-  return value.dump();
-}
-
-/// "pass{k=v k=v}" with `stats` added when the pass needs statistics.
-std::string pipelineOf(const RecipePass &pass, const std::string &stats) {
-  std::string text = pass.name + "{";
-  bool first = true;
-  for (const auto &[key, value] : pass.options.items()) {
-    text += (first ? "" : " ") + key + "=" + optionText(value);
-    first = false;
-  }
-  if (pass.needsStatistics && !pass.options.contains("stats"))
-    text += std::string(first ? "" : " ") + "stats=" + stats;
-  return text + "}";
-}
-
-/// GPTQ runs sequentially in compress: calibrate layer l on what the
-/// quantised layers before it compute, quantise it, go on.
-bool isSequentialGptq(const RecipePass &pass) {
-  return pass.name == "moe-quantize" && pass.options.value("method", std::string()) == "gptq";
-}
-
-Expected<Recipe> readRecipe(const std::string &path) {
-  Expected<std::string> text = readWholeFile(path);
-  if (!text)
-    return text.status();
-  json r = json::parse(*text, nullptr, false);
-  if (r.is_discarded() || !r.is_object())
-    return Status::error(path, ": a recipe is a JSON object with \"passes\" (and optionally \"calibration\")");
-  for (const auto &[key, value] : r.items())
-    if (key != "passes" && key != "calibration" && key != "description")
-      return Status::error(path, ": unknown recipe key '", key, "' (expected passes, calibration, description)");
-  if (!r.contains("passes") || !r["passes"].is_array() || r["passes"].empty())
-    return Status::error(path, ": \"passes\" must be a non-empty array");
-  Recipe recipe;
-  const std::string base = std::filesystem::path(path).parent_path().string();
-  if (r.contains("calibration")) {
-    const json &c = r["calibration"];
-    if (!c.is_object())
-      return Status::error(path, ": \"calibration\" must be an object");
-    for (const auto &[key, value] : c.items()) {
-      if (key == "data" && value.is_string()) {
-        std::filesystem::path data = value.get<std::string>();
-        recipe.calibrationData = data.is_absolute() || base.empty() ? data.string() : (base / data).string();
-      } else if (key == "tokens" && value.is_number_integer() && value.get<int64_t>() >= 0) {
-        recipe.calibrationTokens = value.get<int64_t>();
-      } else if (key == "seq_len" && value.is_number_integer() && value.get<int64_t>() > 0) {
-        recipe.sequenceLength = value.get<int64_t>();
-      } else if (key == "block_samples" && value.is_number_integer() && value.get<int64_t>() >= 0) {
-        recipe.blockSamples = value.get<int64_t>();
-      } else if (key == "sample_cap_ratio" && value.is_number() && value.get<double>() >= 0) {
-        recipe.sampleCapRatio = value.get<double>();
-      } else {
-        return Status::error(path, ": calibration option '", key, "' is unknown or has the wrong type "
-                                   "(data: path, tokens: int >= 0, seq_len: int > 0, block_samples: int >= 0, "
-                                   "sample_cap_ratio: number >= 0)");
-      }
-    }
-  }
-  for (size_t i = 0; i < r["passes"].size(); ++i) {
-    const json &entry = r["passes"][i];
-    if (!entry.is_object() || !entry.contains("pass") || !entry["pass"].is_string())
-      return Status::error(path, ": passes[", i, "] must be an object with a \"pass\" name");
-    for (const auto &[key, value] : entry.items())
-      if (key != "pass" && key != "options")
-        return Status::error(path, ": passes[", i, "] has unknown key '", key, "' (expected pass, options)");
-    RecipePass pass;
-    pass.name = entry["pass"].get<std::string>();
-    pass.options = entry.contains("options") ? entry["options"] : json::object();
-    if (!pass.options.is_object())
-      return Status::error(path, ": passes[", i, "].options must be an object");
-    for (const auto &[key, value] : pass.options.items())
-      if (value.is_object() || value.is_array() || value.is_null())
-        return Status::error(path, ": passes[", i, "].options.", key, " must be a string, number or boolean");
-    const std::string method = pass.options.value("method", std::string());
-    pass.needsStatistics = pass.name == "moe-prune-experts" || pass.name == "moe-merge-experts" ||
-                           pass.name == "moe-dynamic-skip" || pass.name == "moe-allocate-bits" ||
-                           (pass.name == "moe-prune-atoms" && method != "magnitude") ||
-                           (pass.name == "moe-quantize" && method == "gptq");
-    // The Hessian objective needs the (large) input moments; GPTQ records
-    // its own, one layer at a time (runSequentialGptq).
-    if (pass.name == "moe-allocate-bits" && pass.options.value("objective", std::string()) == "hessian")
-      recipe.inputMoments = true;
-    if (isSequentialGptq(pass) && pass.options.contains("layers"))
-      return Status::error(path, ": passes[", i, "]: moec compress runs GPTQ layer by layer itself; "
-                                 "drop the \"layers\" option");
-    recipe.passes.push_back(std::move(pass));
-  }
-  return recipe;
 }
 
 /// `record` without what differs run to run: seconds and memory peaks.
@@ -190,13 +81,13 @@ json moduleCounts(ir::ModelOp model) {
   return {{"routed_experts", experts}, {"routed_expert_parameters", parameters}};
 }
 
-/// Runs one pass pipeline on the module; errors carry MLIR's diagnostics.
-Status runPipeline(mlir::MLIRContext &context, mlir::ModuleOp module, const std::string &pipeline) {
+/// Runs one pass (built from the recipe, never from text) on the module;
+/// errors carry MLIR's diagnostics.
+Status runPass(mlir::MLIRContext &context, mlir::ModuleOp module, Expected<std::unique_ptr<mlir::Pass>> pass) {
+  if (!pass)
+    return pass.status();
   mlir::PassManager manager(&context);
-  std::string errors;
-  llvm::raw_string_ostream stream(errors);
-  if (mlir::failed(mlir::parsePassPipeline(pipeline, manager, stream)))
-    return Status::error(stream.str());
+  manager.addPass(pass.take());
   if (mlir::failed(manager.run(module)))
     return Status::error("the pass failed (see the diagnostics above)");
   return Status::success();
@@ -255,9 +146,7 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
     auto quantizeStart = std::chrono::steady_clock::now();
     // What each expert will get: GPTQ, or RTN below min-coverage (the
     // pass's rule), and the least coverage, for the summary.
-    double minCoverage = 0.005;
-    if (auto given = pass.options.find("min-coverage"); given != pass.options.end())
-      minCoverage = std::strtod(optionText(*given).c_str(), nullptr);
+    const double minCoverage = pass.minCoverage;
     json fallbacks = json::array();
     double leastCoverage = 1.0;
     for (const LayerStatistics &layerStats : stats.layers)
@@ -270,9 +159,7 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
       }
     MOE_RETURN_IF_ERROR(writeStatistics(stats, calibration, statsPath));
     stats = CalibrationResult(); // the moments now live only in the file
-    std::string pipeline = pipelineOf(pass, statsPath);
-    pipeline.insert(pipeline.size() - 1, concat(" layers=", layer));
-    Status status = runPipeline(context, module, pipeline);
+    Status status = runPass(context, module, buildRecipePass(recipe, pass, PassOverrides{statsPath, layer, {}}));
     std::error_code ignored;
     std::filesystem::remove(statsPath, ignored);
     if (!status.ok())
@@ -303,14 +190,9 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
     return result.status();
   // lm_head and embedding (outside layers; GPTQ has no Hessian for them)
   // take RTN when targeted.
-  const std::string targets = pass.options.value("targets", std::string("experts"));
-  if (targets.find("lm_head") != std::string::npos || targets.find("embedding") != std::string::npos) {
-    RecipePass outside = pass;
-    outside.options["method"] = "rtn";
-    outside.options["layers"] = -1;
-    outside.needsStatistics = false;
-    MOE_RETURN_IF_ERROR(runPipeline(context, module, pipelineOf(outside, "")));
-  }
+  const std::string &targets = pass.targets;
+  if (targets.find("lm_head") != std::string::npos || targets.find("embedding") != std::string::npos)
+    MOE_RETURN_IF_ERROR(runPass(context, module, buildRecipePass(recipe, pass, PassOverrides{"", -1, "rtn"})));
   return json{{"tokens", result->tokens},
               {"quantize_seconds", quantizeSeconds},
               {"peak_rss_bytes", peakResidentBytes()},
@@ -367,17 +249,9 @@ int runCompress(const CompressOptions &options) {
     }
   } cleanup{work};
 
+  // readRecipe built every pass once: names and options are checked
+  // before any work starts.
   mlir::MLIRContext context;
-  // Every pass must exist and accept its options before any work starts.
-  for (const RecipePass &pass : recipe->passes) {
-    mlir::PassManager check(&context);
-    std::string errors;
-    llvm::raw_string_ostream stream(errors);
-    if (mlir::failed(mlir::parsePassPipeline(pipelineOf(pass, work + "/stats.safetensors"), check, stream))) {
-      printError(options.recipe + ": pass '" + pass.name + "': " + stream.str());
-      return 1;
-    }
-  }
 
   progress("importing " + options.model);
   Expected<mlir::OwningOpRef<mlir::ModuleOp>> module = importCheckpoint(options.model, work + "/m.moestore", context);
@@ -424,8 +298,8 @@ int runCompress(const CompressOptions &options) {
   for (size_t i = 0; i < recipe->passes.size(); ++i) {
     const RecipePass &pass = recipe->passes[i];
     json record = {{"pass", pass.name}, {"options", pass.options}};
-    if (isSequentialGptq(pass)) {
-      progress(concat("[", i + 1, "/", recipe->passes.size(), "] ", pipelineOf(pass, "<layer statistics>"),
+    if (pass.sequentialGptq) {
+      progress(concat("[", i + 1, "/", recipe->passes.size(), "] ", describeRecipePass(pass),
                       ", layer by layer on ", recipe->calibrationData));
       auto passStart = std::chrono::steady_clock::now();
       Expected<json> done = runSequentialGptq(context, **module, model, pass, *recipe, work, terminal);
@@ -460,10 +334,10 @@ int runCompress(const CompressOptions &options) {
       record["calibration"] = {{"tokens", result->tokens}, {"seconds", seconds(calibrationStart)}};
       statsCurrent = true;
     }
-    const std::string pipeline = pipelineOf(pass, statsPath);
-    progress(concat("[", i + 1, "/", recipe->passes.size(), "] ", pipeline));
+    progress(concat("[", i + 1, "/", recipe->passes.size(), "] ", describeRecipePass(pass)));
     auto passStart = std::chrono::steady_clock::now();
-    if (Status status = runPipeline(context, **module, pipeline); !status.ok()) {
+    if (Status status = runPass(context, **module, buildRecipePass(*recipe, pass, PassOverrides{statsPath, {}, {}}));
+        !status.ok()) {
       printError(options.recipe + ": pass '" + pass.name + "': " + status.message() + "; nothing was written");
       return 1;
     }

@@ -14,13 +14,46 @@
 #include "llvm/Support/SourceMgr.h"
 #include "llvm/Support/raw_ostream.h"
 
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sys/stat.h>
+
 namespace moe::cli {
 
 bool isModuleFile(const std::string &path) {
   return path.size() > 5 && path.compare(path.size() - 5, 5, ".mlir") == 0;
 }
 
+/// Why `path` cannot be a text module, or empty: a package, a weight
+/// store, a safetensors file or any binary would otherwise be echoed to
+/// the terminal line by line by the parser's diagnostics.
+std::string notAModule(const std::string &path) {
+  struct stat info;
+  if (::stat(path.c_str(), &info) != 0)
+    return path + ": cannot read: " + std::strerror(errno);
+  if (S_ISDIR(info.st_mode))
+    return path + ": is a directory; expected a module (.mlir) written by `moec import` or `moec opt` "
+                  "(checkpoint directories are for import, compress, eval and generate)";
+  std::ifstream stream(path, std::ios::binary);
+  char head[4096] = {};
+  stream.read(head, sizeof(head));
+  const std::streamsize size = stream.gcount();
+  if (size >= 6 && std::memcmp(head, "MOEPKG", 6) == 0)
+    return path + ": is a moec package (.moepkg); this command reads a module (.mlir) written by `moec import` or "
+                  "`moec opt`. Packages run with `moec eval` and `moec generate`";
+  if (size >= 8 && std::memcmp(head, "MOESTOR1", 8) == 0)
+    return path + ": is a weight store (.moestore), the tensors beside a module; give the module (.mlir) instead";
+  if (std::memchr(head, 0, static_cast<size_t>(size)))
+    return path + ": is a binary file, not a text module (.mlir); modules are written by `moec import` or `moec opt`";
+  return "";
+}
+
 mlir::OwningOpRef<mlir::ModuleOp> readModuleFile(const std::string &path, mlir::MLIRContext &context) {
+  if (std::string problem = notAModule(path); !problem.empty()) {
+    printError(problem);
+    return nullptr;
+  }
   context.loadDialect<ir::MoeDialect>();
   llvm::SourceMgr sourceManager;
   mlir::SourceMgrDiagnosticHandler diagnostics(sourceManager, &context);

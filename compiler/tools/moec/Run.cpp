@@ -223,6 +223,21 @@ int runGenerate(const GenerateOptions &options) {
     printError("the prompt encodes to no tokens");
     return 1;
   }
+  // Prefill is quadratic in the prompt, and positions past the context
+  // are outside what the model knows: refuse up front, and stop at the end.
+  const int64_t context = model->spec.maxPositions;
+  if (static_cast<int64_t>(prompt->size()) >= context) {
+    printError(concat("the prompt is ", prompt->size(), " tokens; the model's context is ", context,
+                      " tokens (config.json max_position_embeddings), with room for at least one new token. "
+                      "Shorten the prompt"));
+    return 1;
+  }
+  int64_t budget = options.tokens;
+  if (static_cast<int64_t>(prompt->size()) + budget > context) {
+    budget = context - static_cast<int64_t>(prompt->size());
+    printWarning(concat("the prompt (", prompt->size(), " tokens) leaves room for ", budget,
+                        " new tokens in the model's context of ", context, "; generating ", budget));
+  }
   std::mt19937_64 rng(options.seed);
   KvCache cache = model->engine->newCache();
   std::vector<float> logits;
@@ -231,7 +246,7 @@ int runGenerate(const GenerateOptions &options) {
   std::span<const int32_t> next = *prompt;
   int32_t token;
   std::fputs(options.prompt.c_str(), stdout);
-  for (int64_t i = 0; i < options.tokens; ++i) {
+  for (int64_t i = 0; i < budget; ++i) {
     Status status = model->engine->forward(next, cache, logits, /*lastOnly=*/true);
     if (!status.ok()) {
       printError(status.message());

@@ -34,9 +34,13 @@ struct KvCache {
 class EngineObserver {
 public:
   virtual ~EngineObserver() = default;
-  /// Router logits [T, E], and per token the chosen experts and weights [T, K].
+  /// Router logits [T, R] over the R router rows, per token the chosen rows
+  /// and weights [T, K], and the expert slot of each row (`slotOfRow`;
+  /// empty: row r is slot r). After merging, several rows share a slot;
+  /// onExpert's `expert` is a slot.
   virtual void onRouter(int64_t layer, int64_t tokens, std::span<const float> logits,
-                        std::span<const int32_t> chosen, std::span<const float> weights) {}
+                        std::span<const int32_t> chosen, std::span<const float> weights,
+                        std::span<const int32_t> slotOfRow) {}
   /// One expert's batch: the tokens routed to it (indices into the block
   /// input), its input [n, H], intermediate silu(gate)*up [n, I], output [n, H].
   virtual void onExpert(int64_t layer, int64_t expert, std::span<const int32_t> tokenIndices,

@@ -1,0 +1,70 @@
+//===- Recipe.h - Compression recipes, built into passes structurally -*- C++ -*-===//
+//
+// Part of moec. A recipe (JSON) names passes and their options and the
+// calibration data. Each pass is created through its generated
+// create<Pass>(Options) function with every option set from a JSON value
+// of the option's own type, never by pasting text into a pass pipeline: a
+// value holding `}`, `,` or spaces is just a value, a NaN cannot be
+// written, and a wrong type is an error naming the recipe file and the
+// JSON path of the value (passes[1].options.ratio).
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef MOE_PIPELINE_RECIPE_H
+#define MOE_PIPELINE_RECIPE_H
+
+#include "moe/Support/Status.h"
+
+#include "mlir/Pass/Pass.h"
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace moe {
+
+struct RecipePass {
+  std::string name;        ///< The pass flag, e.g. "moe-prune-experts".
+  nlohmann::json options;  ///< As written (for summaries).
+  std::string jsonPath;    ///< "passes[1]", for messages.
+  bool needsStatistics = false;
+  bool sequentialGptq = false; ///< moe-quantize with method=gptq.
+  double minCoverage = 0.005;  ///< moe-quantize's RTN fallback threshold.
+  std::string targets;         ///< moe-quantize's targets.
+};
+
+struct Recipe {
+  std::string path;
+  std::vector<RecipePass> passes;
+  std::string calibrationData;
+  int64_t calibrationTokens = 0, sequenceLength = 256, blockSamples = 1024;
+  double sampleCapRatio = 0;
+  bool inputMoments = false; ///< A pass reads the large input moments.
+};
+
+/// Reads and checks `path`: every key, every pass name and every option's
+/// type and value (each pass is built once to check it).
+Expected<Recipe> readRecipe(const std::string &path);
+
+/// What buildRecipePass may set besides the recipe's options.
+struct PassOverrides {
+  std::string stats;                ///< Statistics file, for passes that read one.
+  std::optional<int64_t> layer;     ///< moe-quantize: only this layer (-1: outside layers).
+  std::optional<std::string> method; ///< moe-quantize: another method (rtn for lm_head).
+};
+
+/// The pass of `pass` with its options set from the recipe and `overrides`.
+Expected<std::unique_ptr<mlir::Pass>> buildRecipePass(const Recipe &recipe, const RecipePass &pass,
+                                                      const PassOverrides &overrides);
+
+/// "moe-prune-experts{method=easy-ep ratio=0.25}", for progress lines only;
+/// never parsed.
+std::string describeRecipePass(const RecipePass &pass);
+
+} // namespace moe
+
+#endif // MOE_PIPELINE_RECIPE_H
