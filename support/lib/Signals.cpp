@@ -6,7 +6,9 @@
 
 #include "moe/Support/Signals.h"
 
+#include <cerrno>
 #include <csignal>
+#include <fcntl.h>
 #include <cstring>
 #include <execinfo.h>
 #include <filesystem>
@@ -75,9 +77,23 @@ void onFatalSignal(int signal) {
     ::raise(signal);
 }
 
-void interruptThread(sigset_t signals) {
+/// The write end of the pipe the interrupt handler signals through.
+int interruptPipe[2] = {-1, -1};
+
+/// Async-signal-safe: hands the signal to the cleanup thread. Any thread
+/// may receive it (libraries start threads before main, so blocking the
+/// signals in main is not enough).
+void onInterrupt(int signal) {
+  const int saved = errno;
+  (void)::write(interruptPipe[1], &signal, sizeof(signal));
+  errno = saved;
+}
+
+void interruptThread() {
   int signal = 0;
-  while (::sigwait(&signals, &signal) != 0) {
+  while (::read(interruptPipe[0], &signal, sizeof(signal)) != static_cast<ssize_t>(sizeof(signal))) {
+    if (errno != EINTR)
+      return;
   }
   {
     std::lock_guard<std::mutex> lock(temporaryMutex());
@@ -113,12 +129,15 @@ void installSignalHandlers(const char *toolName) {
   for (int signal : {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT})
     ::sigaction(signal, &action, nullptr);
 
-  sigset_t interrupts;
-  sigemptyset(&interrupts);
-  for (int signal : {SIGINT, SIGTERM, SIGHUP})
-    sigaddset(&interrupts, signal);
-  ::pthread_sigmask(SIG_BLOCK, &interrupts, nullptr);
-  std::thread(interruptThread, interrupts).detach();
+  if (::pipe2(interruptPipe, O_CLOEXEC) == 0) {
+    std::thread(interruptThread).detach();
+    struct sigaction interrupt {};
+    interrupt.sa_handler = onInterrupt;
+    sigemptyset(&interrupt.sa_mask);
+    interrupt.sa_flags = SA_RESTART;
+    for (int signal : {SIGINT, SIGTERM, SIGHUP})
+      ::sigaction(signal, &interrupt, nullptr);
+  }
 }
 
 void registerTemporaryPath(const std::string &path) {

@@ -8,9 +8,10 @@
 // preloaded unwinder, backtrace_symbols_fd) under an alarm that kills the
 // process should even that stall.
 //
-// SIGINT, SIGTERM and SIGHUP are taken by a thread (sigwait) that removes
-// the registered temporary files and directories and exits with 128 +
-// signal, so an interrupted run leaves nothing behind.
+// SIGINT, SIGTERM and SIGHUP are handed (through a pipe, the only safe way
+// out of a handler) to a thread that removes the registered temporary
+// files and directories and exits with 128 + signal, so an interrupted run
+// leaves nothing behind.
 //
 //===----------------------------------------------------------------------===//
 
@@ -21,8 +22,7 @@
 
 namespace moe {
 
-/// Installs both kinds of handler; call first thing in main, before any
-/// thread starts (the interrupt signals are blocked in every thread).
+/// Installs both kinds of handler; call first thing in main.
 void installSignalHandlers(const char *toolName);
 
 /// A temporary file or directory to remove if the process is interrupted.
