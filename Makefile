@@ -42,12 +42,14 @@ check-asan: setup
 	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	  ctest --output-on-failure -j $(JOBS)
 
-# libFuzzer targets; each runs FUZZ_SECONDS on its seed corpus.
+# libFuzzer targets (files, manifests, modules, tokenizers, recipes); each
+# runs FUZZ_SECONDS on its seed corpus, two at a time.
 fuzz: setup
 	cmake -G Ninja -S . -B $(FUZZ_BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
 	  -DCMAKE_C_COMPILER=clang-19 -DCMAKE_CXX_COMPILER=clang++-19 \
 	  -DMOEC_ENABLE_FUZZERS=ON -DMOEC_ENABLE_CUDA=OFF
-	cmake --build $(FUZZ_BUILD) -j $(JOBS) --target fuzz-safetensors-header fuzz-model-config
+	cmake --build $(FUZZ_BUILD) -j $(JOBS) --target fuzz-safetensors-header fuzz-model-config \
+	  fuzz-package-manifest fuzz-tokenizer fuzz-module fuzz-recipe
 	bash fuzz/run.sh $(FUZZ_BUILD) $(FUZZ_SECONDS)
 
 bench: build

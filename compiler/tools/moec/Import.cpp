@@ -5,6 +5,8 @@
 //===----------------------------------------------------------------------===//
 
 #include "Commands.h"
+
+#include "moe/Lowering/Lowering.h"
 #include "ModuleFiles.h"
 
 #include "moe/Dialect/Moe/IR/MoeDialect.h"
@@ -57,6 +59,14 @@ Expected<mlir::OwningOpRef<mlir::ModuleOp>> importCheckpoint(const std::string &
   auto module = importModel(context, *spec, **checkpoint, compactConfig, store);
   if (!module)
     return module.status();
+  // The same check the package loader runs (validateDescription, through
+  // the lowering): import never writes a module that cannot run.
+  Expected<ir::ModelOp> model = findModel(**module);
+  if (!model)
+    return model.status();
+  Expected<ModelDescription> description = lowerToDescription(*model, "");
+  if (!description)
+    return description.status().withContext(directory);
   return module.take();
 }
 
