@@ -23,7 +23,8 @@ configure: setup $(BUILD)/build.ninja
 build: configure
 	cmake --build $(BUILD) -j $(JOBS)
 
-# Until compression lands: inspect a bundled fixture, measure it, run it.
+# The main job on a bundled model: inspect it, compress it with the default
+# recipe (quality measured before and after), run the package.
 demo: build
 	$(BUILD)/compiler/tools/moec inspect $(DEMO_MODEL)
 	$(BUILD)/compiler/tools/moec compress $(DEMO_MODEL) --recipe examples/recipes/default.json \
