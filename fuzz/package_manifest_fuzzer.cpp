@@ -13,13 +13,14 @@
 #include "moe/Runtime/Model.h"
 #include "moe/Runtime/Package.h"
 
+#include "ScratchFile.h"
+
 #include <nlohmann/json.hpp>
 #include <xxhash.h>
 
 #include <cstdio>
 #include <cstring>
 #include <string>
-#include <unistd.h>
 #include <vector>
 
 namespace {
@@ -88,19 +89,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   std::memcpy(file.data(), &header, sizeof(header));
   std::memcpy(file.data() + sizeof(header), text.data(), text.size());
 
-  static const std::string path = [] {
-    char name[] = "/tmp/moec-fuzz-package-XXXXXX.moepkg";
-    const int fd = ::mkstemps(name, 7);
-    if (fd >= 0)
-      ::close(fd);
-    return std::string(name);
-  }();
-  FILE *out = std::fopen(path.c_str(), "wb");
-  if (!out)
+  const std::string path = writeScratchFile(".moepkg", file.data(), file.size());
+  if (path.empty())
     return 0;
-  std::fwrite(file.data(), 1, file.size(), out);
-  std::fclose(out);
-
   moe::Expected<moe::LoadedModel> model = moe::loadModel(path);
   if (!model)
     return 0;

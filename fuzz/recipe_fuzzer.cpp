@@ -8,23 +8,14 @@
 
 #include "moe/Pipeline/Recipe.h"
 
-#include <cstdio>
+#include "ScratchFile.h"
+
 #include <string>
-#include <unistd.h>
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-  static const std::string path = [] {
-    char name[] = "/tmp/moec-fuzz-recipe-XXXXXX.json";
-    const int fd = ::mkstemps(name, 5);
-    if (fd >= 0)
-      ::close(fd);
-    return std::string(name);
-  }();
-  FILE *out = std::fopen(path.c_str(), "wb");
-  if (!out)
+  const std::string path = writeScratchFile(".json", data, size);
+  if (path.empty())
     return 0;
-  std::fwrite(data, 1, size, out);
-  std::fclose(out);
   moe::Expected<moe::Recipe> recipe = moe::readRecipe(path);
   if (!recipe)
     return 0;
