@@ -14,7 +14,7 @@ for family in mixtral qwen2_moe qwen3_moe olmoe deepseek_v2 deepseek_v3 phimoe; 
   "$moec" import "$root/tests/data/hf/$family" -o "$work/$family.mlir" > /dev/null
   # Paths in the seed are the fuzzer's, not this machine's.
   sed "s|$root/tests/data/hf/$family/||g; s|$work/||g" "$work/$family.mlir" > "$here/corpus/module/$family.mlir"
-  pipeline="moe-set-topk{top-k=1}"
+  pipeline="moe-set-topk{top-k=2}"
   [ "$family" = mixtral ] && pipeline="moe-quantize{bits=4 group=32 targets=experts,attention}"
   [ "$family" = olmoe ] && pipeline="moe-quantize{bits=2 group=32 sym=true}"
   "$moec" opt "$work/$family.mlir" --pipeline "$pipeline" -o "$work/$family-c.mlir"

@@ -17,7 +17,7 @@
 #include "mlir/Parser/Parser.h"
 
 #include <cstdlib>
-#include <string_view>
+#include <string>
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   static mlir::MLIRContext *context = [] {
@@ -27,7 +27,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     created->getDiagEngine().registerHandler([](mlir::Diagnostic &) { return mlir::success(); });
     return created;
   }();
-  std::string_view text(reinterpret_cast<const char *>(data), size);
+  // MLIR's lexer reads up to a terminating NUL, as files and strings have.
+  const std::string text(reinterpret_cast<const char *>(data), size);
   mlir::OwningOpRef<mlir::ModuleOp> module = mlir::parseSourceString<mlir::ModuleOp>(text, context);
   if (!module || mlir::failed(mlir::verify(*module)))
     return 0;

@@ -42,8 +42,14 @@ struct SetTopkPass : public moe::impl::MoeSetTopkBase<SetTopkPass> {
                               << " experts of layer " << index;
             return signalPassFailure();
           }
-          for (ir::RouterOp router : block.getBody().getOps<ir::RouterOp>())
+          for (ir::RouterOp router : block.getBody().getOps<ir::RouterOp>()) {
+            if (router.getScoring() == "sparsemixer" && topK != 2) {
+              layer.emitError() << "moe-set-topk: layer " << index
+                                << " routes with sparsemixer, which selects exactly 2 experts";
+              return signalPassFailure();
+            }
             router.setTopK(static_cast<uint64_t>(topK));
+          }
         }
       }
     for (int64_t index : selected)

@@ -170,6 +170,8 @@ private:
     const RouterSpec &plan = routing.router ? *routing.router : spec.router;
     if (plan.topK < 1 || plan.topK > rows)
       return fail(layerName(l), ": top-k ", plan.topK, " must be between 1 and the router's ", rows, " rows");
+    if (plan.scoring == RouterScoring::SparseMixer && plan.topK != 2)
+      return fail(layerName(l), ": sparsemixer routing selects exactly 2 experts; top-k is ", plan.topK);
     if (plan.numGroups < 1 || plan.topKGroups < 1 || plan.topKGroups > plan.numGroups)
       return fail(layerName(l), ": ", plan.numGroups, " routing groups with ", plan.topKGroups,
                   " selected; expected 1 <= selected <= groups");

@@ -4,6 +4,7 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "moe/Frontend/Checkpoint.h"
 #include "moe/Importer/Importer.h"
 #include "moe/Lowering/Emit.h"
 #include "moe/Lowering/Lowering.h"
@@ -273,6 +274,31 @@ TEST(Package, InconsistentManifestsAreRejectedOnLoad) {
   expectRejected([&](nlohmann::json &m) { m["layers"][moeLayer]["skip_threshold"] = -0.5; },
                  {layer, "skip threshold -0.5 must be in [0, 1]"});
   expectRejected([&](nlohmann::json &m) { m["layers"][moeLayer]["num_experts"] = 3; }, {layer, "declares 3 experts"});
+}
+
+// PhiMoE's sparsemixer picks exactly two experts; a description asking for
+// another top-k (a fuzzer found a package that read past the chosen array)
+// is rejected before it runs.
+TEST(Package, SparsemixerRoutingNeedsTopTwo) {
+  TempDir dir;
+  const std::string directory = dataDir() + "/hf/phimoe";
+  std::string configText = readFile(directory + "/config.json");
+  auto spec = ModelSpec::fromConfigText(configText, "config.json");
+  ASSERT_TRUE(spec.ok());
+  auto checkpoint = Checkpoint::open(directory);
+  ASSERT_TRUE(bindCheckpoint(*spec, **checkpoint).ok());
+  mlir::MLIRContext context;
+  auto module = importModel(context, *spec, **checkpoint, configText, dir.file("m.moestore"));
+  ASSERT_TRUE(module.ok());
+  ir::ModelOp model = *(**module).getOps<ir::ModelOp>().begin();
+  Expected<ModelDescription> description = lowerToDescription(model, "");
+  ASSERT_TRUE(description.ok()) << description.status().message();
+  ModelDescription changed = *description;
+  for (LayerEntry &layer : changed.layers)
+    if (layer.routing.router)
+      layer.routing.router->topK = 1;
+  expectErrorContains(validateDescription(changed, "p.moepkg"),
+                      {"p.moepkg", "sparsemixer routing selects exactly 2 experts; top-k is 1"});
 }
 
 // A split expert's parts must fit it: each part's matrices have its width,

@@ -219,3 +219,20 @@ moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
     }
   }
 }
+
+// -----
+
+moe.model @m family "phimoe" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<2x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.layer 0 {
+    moe.moe_block {
+      // expected-error @+1 {{'moe.router' op sparsemixer scoring selects exactly 2 experts, top_k is 1}}
+      moe.router @r top_k 1 scoring "sparsemixer" selection "top-k"
+      moe.expert 0 width 4 gate @g up @u down @d
+      moe.expert 1 width 4 gate @g up @u down @d
+    }
+  }
+}

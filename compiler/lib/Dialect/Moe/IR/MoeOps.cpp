@@ -227,6 +227,8 @@ LogicalResult RouterOp::verify() {
   if (FlatSymbolRefAttr bias = getCorrectionBiasAttr())
     if (failed(expectShape(*this, bias, "correction_bias", {rows})))
       return failure();
+  if (scoring == "sparsemixer" && getTopK() != 2)
+    return emitOpError() << "sparsemixer scoring selects exactly 2 experts, top_k is " << getTopK();
   const int64_t groups = static_cast<int64_t>(getGroups()), topKGroups = static_cast<int64_t>(getTopKGroups());
   if (selection != "top-k" && (groups < 1 || rows % groups != 0 || topKGroups < 1 || topKGroups > groups))
     return emitOpError() << "group-limited selection needs groups dividing the " << rows
