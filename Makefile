@@ -26,10 +26,10 @@ build: configure
 # The main job on a bundled model: inspect it, compress it with the default
 # recipe (quality measured before and after), run the package.
 demo: build
-	$(BUILD)/compiler/tools/moec inspect $(DEMO_MODEL)
-	$(BUILD)/compiler/tools/moec compress $(DEMO_MODEL) --recipe examples/recipes/default.json \
+	$(BUILD)/tools/moec inspect $(DEMO_MODEL)
+	$(BUILD)/tools/moec compress $(DEMO_MODEL) --recipe examples/recipes/default.json \
 	    -o $(BUILD)/demo.moepkg --eval-data tests/data/brown/heldout.jsonl --eval-tokens 2048
-	$(BUILD)/compiler/tools/moec generate $(BUILD)/demo.moepkg --prompt "The committee said" -n 40
+	$(BUILD)/tools/moec generate $(BUILD)/demo.moepkg --prompt "The committee said" -n 40
 
 check: build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)

@@ -57,7 +57,7 @@ def main():
     parser.add_argument("--markdown")
     parser.add_argument("--fixtures", default="tiny-mixtral,tiny-deepseek")
     args = parser.parse_args()
-    moec = os.path.join(args.build, "compiler", "tools", "moec")
+    moec = os.path.join(args.build, "tools", "moec")
     heldout = os.path.join(DATA, "brown", "heldout.jsonl")
     calibration = os.path.join(DATA, "brown", "calibration.jsonl")
     results = []

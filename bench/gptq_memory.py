@@ -27,7 +27,7 @@ def timed(*args):
 def main():
     build, model = sys.argv[1], sys.argv[2]
     tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 2048
-    moec = os.path.join(build, "compiler", "tools", "moec")
+    moec = os.path.join(build, "tools", "moec")
     config = json.load(open(os.path.join(model, "config.json")))
     hidden, width = config["hidden_size"], config["intermediate_size"]
     experts, layers = config["num_experts"], config["num_hidden_layers"]

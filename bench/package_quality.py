@@ -35,7 +35,7 @@ def run(*args):
 
 def main():
     build = sys.argv[1] if len(sys.argv) > 1 else "build"
-    moec = os.path.join(build, "compiler", "tools", "moec")
+    moec = os.path.join(build, "tools", "moec")
     heldout = os.path.join(DATA, "brown", "heldout.jsonl")
     with tempfile.TemporaryDirectory() as work:
         for fixture in ("tiny-mixtral", "tiny-deepseek"):

@@ -25,7 +25,7 @@ if [ "$which" = all ] || [ "$which" = engine ]; then
   done
   olmoe="$dir/olmoe-1b-7b-4layers"
   if [ ! -f "$olmoe/model.safetensors.index.json" ]; then
-    "$build/compiler/tools/moec-synth" --config "$here/configs/olmoe-1b-7b-4layers.json" --shards 8 -o "$olmoe"
+    "$build/tools/moec-synth" --config "$here/configs/olmoe-1b-7b-4layers.json" --shards 8 -o "$olmoe"
   fi
   "$build/bench/engine_throughput" "$olmoe" --prompt 256 --decode 32
   # The same model with a budget of one layer: weights streamed layer by layer.
@@ -52,7 +52,7 @@ fi
 if [ "$which" = all ] || [ "$which" = gptq-memory ]; then
   olmoe="$dir/olmoe-1b-7b-4layers"
   if [ ! -f "$olmoe/model.safetensors.index.json" ]; then
-    "$build/compiler/tools/moec-synth" --config "$here/configs/olmoe-1b-7b-4layers.json" --shards 8 -o "$olmoe"
+    "$build/tools/moec-synth" --config "$here/configs/olmoe-1b-7b-4layers.json" --shards 8 -o "$olmoe"
   fi
   python3 "$here/gptq_memory.py" "$build" "$olmoe" 2048
 fi

@@ -6,7 +6,7 @@ set -euo pipefail
 build=$1
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
-moec="$build/compiler/tools/moec"
+moec="$build/tools/moec"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$here/corpus/package-manifest" "$here/corpus/module" "$here/corpus/tokenizer" "$here/corpus/recipe"

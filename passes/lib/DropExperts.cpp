@@ -5,7 +5,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Transforms/Passes.h"
-#include "moe/Transforms/TensorAccess.h"
+#include "moe/Lowering/TensorAccess.h"
 
 #include "ExpertEditing.h"
 

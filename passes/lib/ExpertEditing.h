@@ -7,7 +7,7 @@
 #ifndef MOE_PASSES_LIB_EXPERTEDITING_H
 #define MOE_PASSES_LIB_EXPERTEDITING_H
 
-#include "moe/Transforms/TensorAccess.h"
+#include "moe/Lowering/TensorAccess.h"
 
 #include <set>
 

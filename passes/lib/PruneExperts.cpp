@@ -6,7 +6,7 @@
 
 #include "moe/Transforms/Passes.h"
 #include "moe/Frontend/Safetensors.h"
-#include "moe/Transforms/TensorAccess.h"
+#include "moe/Lowering/TensorAccess.h"
 
 #include "CalibrationStats.h"
 #include "ExpertEditing.h"

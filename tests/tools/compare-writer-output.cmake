@@ -8,6 +8,6 @@ execute_process(COMMAND ${CMAKE_COMMAND} -E compare_files ${OUT} ${EXPECTED} RES
 if(NOT same EQUAL 0)
   message(FATAL_ERROR "moec's writer output ${OUT} differs from ${EXPECTED}; "
     "if the change is intended, copy it there and rerun "
-    "tools/fixtures/safetensors_crosscheck.py check on it")
+    "scripts/fixtures/safetensors_crosscheck.py check on it")
 endif()
 message("1 passed, 0 failed")

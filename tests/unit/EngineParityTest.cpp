@@ -2,7 +2,7 @@
 //
 // Part of moec. Golden logits come from the Hugging Face transformers
 // implementation of each family in f32 with eager attention
-// (tools/fixtures/make_hf_goldens.py) on tiny checkpoints it saved.
+// (scripts/fixtures/make_hf_goldens.py) on tiny checkpoints it saved.
 //
 //===----------------------------------------------------------------------===//
 

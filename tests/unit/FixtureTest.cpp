@@ -1,7 +1,7 @@
 //===- FixtureTest.cpp - The bundled fixture models, end to end -----------===//
 //
 // Part of moec. The fixtures are tiny MoE models trained on the Brown corpus
-// (tools/fixtures/train_fixture.py). Their training report holds the
+// (scripts/fixtures/train_fixture.py). Their training report holds the
 // held-out perplexity that transformers computed with the project's
 // windowing; moec's engine, tokenizer and evaluation must reproduce it.
 //

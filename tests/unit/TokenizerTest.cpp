@@ -1,6 +1,6 @@
 //===- TokenizerTest.cpp - Token ids against Hugging Face tokenizers ------===//
 //
-// Part of moec. Goldens from tools/fixtures/make_tokenizer_goldens.py: both
+// Part of moec. Goldens from scripts/fixtures/make_tokenizer_goldens.py: both
 // BPE styles (byte-level with Split regexes and NFC; SentencePiece-style
 // with Metaspace or Prepend+Replace, byte fallback), both merges formats.
 //

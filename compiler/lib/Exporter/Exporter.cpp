@@ -7,7 +7,7 @@
 #include "moe/Exporter/Exporter.h"
 #include "moe/Frontend/ModelSpec.h"
 #include "moe/Frontend/Safetensors.h"
-#include "moe/Transforms/TensorAccess.h"
+#include "moe/Lowering/TensorAccess.h"
 
 #include <nlohmann/json.hpp>
 

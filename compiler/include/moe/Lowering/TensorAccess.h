@@ -1,12 +1,12 @@
 //===- TensorAccess.h - Bytes behind moe.tensor symbols ---------*- C++ -*-===//
 //
-// Part of moec. Passes read tensors from the model's source checkpoint
+// Part of moec. Passes and the exporter read tensors from the model's source checkpoint
 // files or its WeightStore, and write new ones to the WeightStore.
 //
 //===----------------------------------------------------------------------===//
 
-#ifndef MOE_TRANSFORMS_TENSORACCESS_H
-#define MOE_TRANSFORMS_TENSORACCESS_H
+#ifndef MOE_LOWERING_TENSORACCESS_H
+#define MOE_LOWERING_TENSORACCESS_H
 
 #include "moe/Dialect/Moe/IR/MoeOps.h"
 #include "moe/Frontend/Safetensors.h"
@@ -34,4 +34,4 @@ private:
 
 } // namespace moe
 
-#endif // MOE_TRANSFORMS_TENSORACCESS_H
+#endif // MOE_LOWERING_TENSORACCESS_H

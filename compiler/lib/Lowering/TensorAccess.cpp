@@ -4,7 +4,7 @@
 //
 //===----------------------------------------------------------------------===//
 
-#include "moe/Transforms/TensorAccess.h"
+#include "moe/Lowering/TensorAccess.h"
 
 
 namespace moe {
