@@ -223,53 +223,29 @@ Expected<SafetensorsHeader> parseSafetensorsHeader(const uint8_t *file,
 
 Expected<std::unique_ptr<SafetensorsFile>>
 SafetensorsFile::open(const std::string &path) {
-  int descriptor = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (descriptor < 0)
-    return Status::error(path, ": cannot open: ", std::strerror(errno));
-  struct stat info;
-  if (fstat(descriptor, &info) != 0 || !S_ISREG(info.st_mode)) {
-    ::close(descriptor);
-    return Status::error(path, ": not a regular file");
-  }
+  Expected<std::unique_ptr<MappedFile>> mapped = MappedFile::open(path);
+  if (!mapped)
+    return mapped.status();
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
   file->filePath = path;
-  file->mappedSize = static_cast<uint64_t>(info.st_size);
-  if (file->mappedSize > 0) {
-    void *mapped = mmap(nullptr, file->mappedSize, PROT_READ, MAP_PRIVATE,
-                        descriptor, 0);
-    if (mapped == MAP_FAILED) {
-      ::close(descriptor);
-      return Status::error(path, ": cannot mmap: ", std::strerror(errno));
-    }
-    file->mapping = static_cast<const uint8_t *>(mapped);
-  }
-  ::close(descriptor);
+  file->mapping = mapped.take();
   static const uint8_t empty[1] = {0};
   Expected<SafetensorsHeader> header = parseSafetensorsHeader(
-      file->mapping ? file->mapping : empty, file->mappedSize, path);
+      file->mapping->data() ? file->mapping->data() : empty, file->mapping->size(), path);
   if (!header)
     return header.status();
   file->header = header.take();
   return file;
 }
 
-SafetensorsFile::~SafetensorsFile() {
-  if (mapping)
-    munmap(const_cast<uint8_t *>(mapping), mappedSize);
-}
+SafetensorsFile::~SafetensorsFile() = default;
 
 std::span<const uint8_t> SafetensorsFile::data(const TensorInfo &tensor) const {
-  return {mapping + header.dataOffset + tensor.dataBegin, tensor.byteSize()};
+  return {mapping->data() + header.dataOffset + tensor.dataBegin, tensor.byteSize()};
 }
 
 void SafetensorsFile::releasePages(const TensorInfo &tensor) const {
-  static const uintptr_t pageSize = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  uintptr_t begin = reinterpret_cast<uintptr_t>(data(tensor).data());
-  uintptr_t end = begin + tensor.byteSize();
-  begin = (begin + pageSize - 1) / pageSize * pageSize;
-  end = end / pageSize * pageSize;
-  if (end > begin)
-    madvise(reinterpret_cast<void *>(begin), end - begin, MADV_DONTNEED);
+  mapping->releasePages(data(tensor).data(), tensor.byteSize());
 }
 
 Status SafetensorsWriter::addTensorView(std::string name, DType dtype, std::vector<int64_t> shape,

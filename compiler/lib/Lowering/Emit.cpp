@@ -6,7 +6,7 @@
 
 #include "moe/Lowering/Emit.h"
 #include "moe/Lowering/Lowering.h"
-#include "moe/Runtime/Package.h"
+#include "moe/Lowering/PackageWriter.h"
 #include "moe/Support/File.h"
 
 #include <filesystem>

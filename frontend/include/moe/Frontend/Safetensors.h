@@ -10,6 +10,7 @@
 
 #include "moe/Frontend/DType.h"
 #include "moe/Support/AtomicFile.h"
+#include "moe/Support/MappedFile.h"
 #include "moe/Support/Status.h"
 
 #include <cstdint>
@@ -74,7 +75,7 @@ public:
   SafetensorsFile &operator=(const SafetensorsFile &) = delete;
 
   const std::string &path() const { return filePath; }
-  uint64_t fileSize() const { return mappedSize; }
+  uint64_t fileSize() const { return mapping->size(); }
   const std::vector<TensorInfo> &tensors() const { return header.tensors; }
   const std::map<std::string, std::string> &metadata() const {
     return header.metadata;
@@ -92,8 +93,7 @@ public:
 private:
   SafetensorsFile() = default;
   std::string filePath;
-  const uint8_t *mapping = nullptr;
-  uint64_t mappedSize = 0;
+  std::unique_ptr<MappedFile> mapping;
   SafetensorsHeader header;
 };
 

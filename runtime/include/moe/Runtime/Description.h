@@ -16,6 +16,7 @@
 
 #include "moe/Frontend/ModelSpec.h"
 #include "moe/Runtime/Weights.h"
+#include "moe/Support/MappedFile.h"
 
 #include <memory>
 #include <string>
@@ -27,15 +28,13 @@ namespace moe {
 /// TensorRef::source of a tensor inside the package the model was loaded from.
 constexpr int64_t kPackageSource = -2;
 
-/// A read-only mapping of a whole .moepkg file.
+/// A read-only mapping of a whole .moepkg file (kept alive by every
+/// quantised matrix that reads its codes in place).
 struct PackageMapping {
+  std::unique_ptr<MappedFile> file;
   std::string path;
   const uint8_t *data = nullptr;
   size_t size = 0;
-  PackageMapping() = default;
-  PackageMapping(const PackageMapping &) = delete;
-  PackageMapping &operator=(const PackageMapping &) = delete;
-  ~PackageMapping();
 };
 
 /// Where one tensor's bytes are.

@@ -1,4 +1,4 @@
-//===- Package.h - The .moepkg file: write, validate, load ------*- C++ -*-===//
+//===- Package.h - The .moepkg file: layout, validate, load -----*- C++ -*-===//
 //
 // Part of moec. One versioned file (DESIGN.md "Package"):
 //
@@ -13,9 +13,10 @@
 //   [data, end)      tensor blobs, each at a 256-byte boundary, quantised
 //                    ones in the kernels' layout (kernels/common)
 //
-// Written to a temporary name and renamed; the same description gives the
-// same bytes. Loading validates everything before the model runs, and
-// quantised blobs are used in place from the mapping.
+// The backend writes it (moe/Lowering/PackageWriter.h) under a unique
+// temporary name and renames it; the same description gives the same
+// bytes. Loading validates everything before the model runs, and quantised
+// blobs are used in place from the mapping.
 //
 //===----------------------------------------------------------------------===//
 
@@ -31,6 +32,8 @@ namespace moe {
 
 constexpr uint32_t kPackageVersion = 1;
 constexpr uint64_t kPackageAlignment = 256;
+constexpr char kPackageMagic[8] = {'M', 'O', 'E', 'P', 'K', 'G', 0, 0};
+constexpr uint32_t kPackageEndianness = 0x01020304;
 
 struct PackageHeader {
   char magic[8];          ///< "MOEPKG\0\0"
@@ -52,11 +55,6 @@ struct PackageExtras {
   std::string provenanceJson;      ///< A JSON object (passes, options, source), or empty
 };
 
-/// Writes `description` (every tensor read through TensorReader) to `path`.
-/// Quantised tensors keep their codes; FP8 tensors are stored dequantised
-/// as f32; other float tensors keep their dtype.
-Status writePackage(const ModelDescription &description, const PackageExtras &extras, const std::string &path);
-
 struct OpenedPackage {
   ModelDescription description;
   PackageExtras extras;
@@ -66,6 +64,9 @@ struct OpenedPackage {
 /// Maps and validates `path` (header, manifest, every blob's bounds, size
 /// and checksum) and returns the description the runtime runs.
 Expected<OpenedPackage> openPackage(const std::string &path);
+
+/// A blob's or manifest's XXH64 as the manifest spells it (16 hex digits).
+std::string packageChecksumText(uint64_t hash);
 
 /// True when `path` names a package file (by its extension).
 bool isPackagePath(const std::string &path);
