@@ -5,9 +5,12 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Runtime/Evaluate.h"
+#include "moe/Runtime/Sampling.h"
 #include "moe/Runtime/Model.h"
 
 #include "TestSupport.h"
+
+#include <set>
 
 #include <cmath>
 #include <cstring>
@@ -134,4 +137,20 @@ TEST(Evaluate, ReadsEveryDataFormatAndNamesBadInput) {
   expectErrorContains(readEvalData(jsonl, nullptr, std::nullopt).status(), {"data.jsonl:1", "\"text\" string or an \"ids\" list"});
   expectErrorContains(readEvalData(dir.file("missing.txt"), nullptr, std::nullopt).status(),
                       {"missing.txt", "cannot read"});
+}
+
+TEST(Sampling, GreedyTopKAndSeededDraws) {
+  const std::vector<float> logits = {0.1f, 2.0f, -1.0f, 1.9f, 0.0f};
+  std::mt19937_64 rng(7);
+  EXPECT_EQ(sampleToken(logits.data(), 5, SamplingOptions{0.0, 0}, rng), 1);
+  EXPECT_EQ(sampleToken(logits.data(), 5, SamplingOptions{1.0, 1}, rng), 1) << "top-1 is greedy";
+  // Top-2 at a high temperature draws only the two best, both of them.
+  std::set<int32_t> seen;
+  for (int i = 0; i < 200; ++i)
+    seen.insert(sampleToken(logits.data(), 5, SamplingOptions{5.0, 2}, rng));
+  EXPECT_EQ(seen, (std::set<int32_t>{1, 3}));
+  std::mt19937_64 a(3), b(3);
+  for (int i = 0; i < 20; ++i)
+    EXPECT_EQ(sampleToken(logits.data(), 5, SamplingOptions{1.0, 0}, a),
+              sampleToken(logits.data(), 5, SamplingOptions{1.0, 0}, b));
 }

@@ -6,6 +6,8 @@
 
 #include "Commands.h"
 
+#include "moe/Support/Process.h"
+
 #include "moe/Calibration/Statistics.h"
 #include "moe/Runtime/Model.h"
 
@@ -13,12 +15,6 @@
 #include <sys/resource.h>
 
 namespace moe::cli {
-
-size_t peakResidentBytes() {
-  struct rusage usage;
-  getrusage(RUSAGE_SELF, &usage);
-  return static_cast<size_t>(usage.ru_maxrss) * 1024;
-}
 
 namespace {
 

@@ -8,6 +8,7 @@
 #define MOEC_TOOLS_MOEC_COMMANDS_H
 
 #include "moe/Runtime/Model.h"
+#include "moe/Support/Process.h"
 
 #include "mlir/IR/BuiltinOps.h"
 #include "mlir/IR/MLIRContext.h"
@@ -67,7 +68,7 @@ Command registerGenerate(CLI::App &app);
 void printError(const std::string &message);
 
 /// Peak resident set of this process in bytes.
-size_t peakResidentBytes();
+
 /// Prints "moec: warning: <message>" to stderr.
 void printWarning(const std::string &message);
 

@@ -1,203 +1,32 @@
 //===- Compress.cpp - moec compress: checkpoint to package in one command -===//
 //
-// Part of moec. import -> (calibrate the module as it is whenever the next
-// pass needs statistics) -> the recipe's passes -> emit, with progress on
-// the terminal, a JSON summary, and an optional quality gate for CI
-// (--max-ppl-increase exits with code 3 and a one-line reason).
+// Part of moec. Options, progress on the terminal and the JSON summary; the
+// job itself is the pipeline library's (moe/Pipeline/Compress.h). A failed
+// quality gate (--max-ppl-increase) exits with code 3 and a one-line reason.
 //
 //===----------------------------------------------------------------------===//
 
 #include "Commands.h"
-#include "ModuleFiles.h"
 
-#include "moe/Calibration/Statistics.h"
-#include "moe/Lowering/Emit.h"
-#include "moe/Lowering/Lowering.h"
-#include "moe/Pipeline/Recipe.h"
-#include "moe/Runtime/Evaluate.h"
-#include "moe/Runtime/Package.h"
-#include "moe/Support/File.h"
-#include "moe/Support/Signals.h"
+#include "moe/Pipeline/Compress.h"
+#include "moe/Support/AtomicFile.h"
 #include "moe/Transforms/Passes.h"
 
-#include "mlir/Pass/PassManager.h"
-#include "mlir/Pass/PassRegistry.h"
-#include "llvm/Support/raw_ostream.h"
-
-#include <nlohmann/json.hpp>
-
 #include <chrono>
-#include <cmath>
 #include <cstdio>
-#include <cstdlib>
-#include <filesystem>
 #include <iostream>
 #include <unistd.h>
 
 namespace moe::cli {
 namespace {
 
-using json = nlohmann::json;
-
 /// Exit code of a failed quality gate (distinct from errors, which are 1).
 constexpr int kQualityGateFailed = 3;
 
 struct CompressOptions {
-  std::string model, recipe, output, evalData, summary;
-  double maxPplIncrease = -1;
-  int64_t evalTokens = 0;
+  CompressRequest request;
+  std::string summary;
 };
-
-double seconds(std::chrono::steady_clock::time_point since) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
-}
-
-/// `record` without what differs run to run: seconds and memory peaks.
-json withoutTimings(const json &record) {
-  if (record.is_array()) {
-    json out = json::array();
-    for (const json &item : record)
-      out.push_back(withoutTimings(item));
-    return out;
-  }
-  if (!record.is_object())
-    return record;
-  json out = json::object();
-  for (const auto &[key, value] : record.items()) {
-    const bool timing = key == "seconds" || key.ends_with("_seconds") || key == "peak_rss_bytes";
-    if (!timing)
-      out[key] = withoutTimings(value);
-  }
-  return out;
-}
-
-/// Routed experts and their parameters in the module, for the summary.
-json moduleCounts(ir::ModelOp model) {
-  int64_t experts = 0, parameters = 0;
-  model.walk([&](ir::ExpertOp expert) {
-    experts += expert.getPartOffset().value_or(0) == 0; // a split expert's parts count once
-    parameters += 3 * static_cast<int64_t>(expert.getWidth()) * static_cast<int64_t>(model.getHidden());
-  });
-  return {{"routed_experts", experts}, {"routed_expert_parameters", parameters}};
-}
-
-/// Runs one pass (built from the recipe, never from text) on the module;
-/// errors carry MLIR's diagnostics.
-Status runPass(mlir::MLIRContext &context, mlir::ModuleOp module, Expected<std::unique_ptr<mlir::Pass>> pass) {
-  if (!pass)
-    return pass.status();
-  mlir::PassManager manager(&context);
-  manager.addPass(pass.take());
-  if (mlir::failed(manager.run(module)))
-    return Status::error("the pass failed (see the diagnostics above)");
-  return Status::success();
-}
-
-/// The module as it is now, loaded in the engine, with the recipe's
-/// calibration text and options: what both calibration paths start from.
-struct CalibrationRun {
-  LoadedModel loaded;
-  std::vector<EvalStream> streams;
-  CalibrationOptions options;
-};
-
-Expected<CalibrationRun> prepareCalibration(ir::ModelOp model, const Recipe &recipe) {
-  Expected<ModelDescription> description = lowerToDescription(model, "");
-  if (!description)
-    return description.status();
-  Expected<LoadedModel> loaded = loadDescribedModel(description.take());
-  if (!loaded)
-    return loaded.status();
-  Expected<std::vector<EvalStream>> streams =
-      readEvalData(recipe.calibrationData, loaded->tokenizer.get(), loaded->endOfText);
-  if (!streams)
-    return streams.status();
-  CalibrationRun run{loaded.take(), streams.take(), CalibrationOptions()};
-  run.options.sequenceLength = recipe.sequenceLength;
-  run.options.maxTokens = recipe.calibrationTokens;
-  run.options.blockSamples = recipe.blockSamples;
-  run.options.inputMoments = recipe.inputMoments;
-  run.options.sampleCapRatio = recipe.sampleCapRatio;
-  return run;
-}
-
-/// Sequential GPTQ: the calibration windows pass layer by layer; each
-/// layer's moments (and only they) are written to a work file, the pass
-/// quantises that layer from them, and the windows continue through the
-/// quantised layer, so layer l + 1's Hessians are those of the model it
-/// will run in (GPTQ's sequential order) and one layer's moments are in
-/// memory at a time. Returns per-layer seconds and the peak RSS.
-Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp module, ir::ModelOp model,
-                                 const RecipePass &pass, const Recipe &recipe, const std::string &work,
-                                 bool terminal) {
-  Expected<CalibrationRun> run = prepareCalibration(model, recipe);
-  if (!run)
-    return run.status();
-  CalibrationOptions &calibration = run->options;
-  calibration.blockSamples = 0; // GPTQ reads only the moments
-  calibration.inputMoments = true;
-  const std::string statsPath = work + "/layer-stats.safetensors";
-  Engine &engine = *run->loaded.engine;
-  json layers = json::array();
-  double quantizeSeconds = 0;
-  auto layerStart = std::chrono::steady_clock::now();
-  LayerVisitor visitor = [&](int64_t layer, CalibrationResult &stats) -> Expected<bool> {
-    const double calibrated = seconds(layerStart);
-    auto quantizeStart = std::chrono::steady_clock::now();
-    // What each expert will get: GPTQ, or RTN below min-coverage (the
-    // pass's rule), and the least coverage, for the summary.
-    const double minCoverage = pass.minCoverage;
-    json fallbacks = json::array();
-    double leastCoverage = 1.0;
-    for (const LayerStatistics &layerStats : stats.layers)
-      for (size_t e = 0; e < layerStats.momentTokens.size(); ++e) {
-        const double coverage =
-            stats.tokens > 0 ? static_cast<double>(layerStats.momentTokens[e]) / static_cast<double>(stats.tokens) : 0;
-        leastCoverage = std::min(leastCoverage, coverage);
-        if (coverage < minCoverage || layerStats.momentTokens[e] == 0)
-          fallbacks.push_back(static_cast<int64_t>(e));
-      }
-    MOE_RETURN_IF_ERROR(writeStatistics(stats, calibration, statsPath));
-    stats = CalibrationResult(); // the moments now live only in the file
-    Status status = runPass(context, module, buildRecipePass(recipe, pass, PassOverrides{statsPath, layer, {}}));
-    std::error_code ignored;
-    std::filesystem::remove(statsPath, ignored);
-    if (!status.ok())
-      return Status::error("layer ", layer, ": ", status.message());
-    Expected<ModelDescription> changed = lowerToDescription(model, "");
-    if (!changed)
-      return changed.status();
-    engine.replaceLayerWeights(makeDescriptionWeightProvider(changed.take()));
-    const double quantized = seconds(quantizeStart);
-    quantizeSeconds += quantized;
-    json record = {{"layer", layer}, {"calibrate_seconds", calibrated}, {"quantize_seconds", quantized}};
-    if (!fallbacks.empty() || leastCoverage < 1.0) {
-      record["least_expert_coverage"] = leastCoverage;
-      record["rtn_fallback_experts"] = fallbacks;
-    }
-    layers.push_back(std::move(record));
-    if (terminal)
-      std::fprintf(stderr, "\r  layer %lld/%lld: calibrated in %.1f s, quantised in %.1f s   ",
-                   static_cast<long long>(layer + 1), static_cast<long long>(engine.spec().numLayers), calibrated,
-                   quantized);
-    layerStart = std::chrono::steady_clock::now();
-    return true;
-  };
-  Expected<CalibrationResult> result = calibrate(engine, run->streams, calibration, visitor);
-  if (terminal)
-    std::fprintf(stderr, "\n");
-  if (!result)
-    return result.status();
-  // lm_head and embedding (outside layers; GPTQ has no Hessian for them)
-  // take RTN when targeted.
-  const std::string &targets = pass.targets;
-  if (targets.find("lm_head") != std::string::npos || targets.find("embedding") != std::string::npos)
-    MOE_RETURN_IF_ERROR(runPass(context, module, buildRecipePass(recipe, pass, PassOverrides{"", -1, "rtn"})));
-  return json{{"tokens", result->tokens},
-              {"quantize_seconds", quantizeSeconds},
-              {"peak_rss_bytes", peakResidentBytes()},
-              {"layers", layers}};
-}
 
 int runCompress(const CompressOptions &options) {
   static const bool registered = [] {
@@ -207,202 +36,41 @@ int runCompress(const CompressOptions &options) {
   (void)registered;
   const auto start = std::chrono::steady_clock::now();
   const bool terminal = isatty(STDERR_FILENO);
-  auto progress = [&](const std::string &message) {
-    std::fprintf(stderr, "%s[%6.1f s] %s\n", terminal ? "\033[1m" : "", seconds(start), message.c_str());
-    if (terminal)
-      std::fprintf(stderr, "\033[0m");
+  CompressProgress progress;
+  progress.calibrationProgress = terminal;
+  progress.step = [&](const std::string &message) {
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::fprintf(stderr, "%s[%6.1f s] %s%s\n", terminal ? "\033[1m" : "", elapsed, message.c_str(),
+                 terminal ? "\033[0m" : "");
   };
-  if (!isPackagePath(options.output)) {
-    printError("-o '" + options.output + "': a package file name ends in .moepkg");
-    return 1;
-  }
-  Expected<Recipe> recipe = readRecipe(options.recipe);
-  if (!recipe) {
-    printError(recipe.status().message());
-    return 1;
-  }
-  const bool needsCalibration =
-      std::any_of(recipe->passes.begin(), recipe->passes.end(), [](const RecipePass &p) { return p.needsStatistics; });
-  if (needsCalibration && recipe->calibrationData.empty()) {
-    printError(options.recipe + ": a pass needs calibration statistics; give \"calibration\": {\"data\": ...}");
-    return 1;
-  }
-  if (options.maxPplIncrease >= 0 && options.evalData.empty()) {
-    printError("--max-ppl-increase needs --eval-data");
-    return 1;
-  }
-
-  // Work files (module store, statistics) live in a temporary directory.
-  std::string work = std::filesystem::temp_directory_path() / "moec-compress-XXXXXX";
-  if (!mkdtemp(work.data())) {
-    printError("cannot create a temporary directory");
-    return 1;
-  }
-  // Removed when compress returns, and on SIGINT/SIGTERM (Signals.h).
-  registerTemporaryPath(work);
-  struct Cleanup {
-    std::string path;
-    ~Cleanup() {
-      std::error_code ignored;
-      std::filesystem::remove_all(path, ignored);
-      unregisterTemporaryPath(path);
-    }
-  } cleanup{work};
-
-  // readRecipe built every pass once: names and options are checked
-  // before any work starts.
+  progress.layer = [&](int64_t layer, int64_t layers, double calibrated, double quantized) {
+    if (!terminal)
+      return;
+    std::fprintf(stderr, "\r  layer %lld/%lld: calibrated in %.1f s, quantised in %.1f s   %s",
+                 static_cast<long long>(layer + 1), static_cast<long long>(layers), calibrated, quantized,
+                 layer + 1 == layers ? "\n" : "");
+  };
   mlir::MLIRContext context;
-
-  progress("importing " + options.model);
-  Expected<mlir::OwningOpRef<mlir::ModuleOp>> module = importCheckpoint(options.model, work + "/m.moestore", context);
-  if (!module) {
-    printError(module.status().message());
+  Expected<CompressResult> result = compressCheckpoint(options.request, progress, context);
+  if (!result) {
+    printError(result.status().message());
     return 1;
   }
-  ir::ModelOp model = *(**module).getOps<ir::ModelOp>().begin();
-  json summary;
-  summary["model"] = options.model;
-  summary["recipe"] = options.recipe;
-  summary["output"] = options.output;
-  uint64_t bytesBefore = 0;
-  for (mlir::Attribute source : model.getSources())
-    bytesBefore += std::filesystem::file_size(llvm::cast<mlir::StringAttr>(source).getValue().str());
-  summary["bytes_before"] = bytesBefore;
-  summary["before"] = moduleCounts(model);
-
-  auto evaluateModel = [&](LoadedModel &loaded) -> Expected<double> {
-    Expected<std::vector<EvalStream>> streams = readEvalData(options.evalData, loaded.tokenizer.get(), loaded.endOfText);
-    if (!streams)
-      return streams.status();
-    Expected<EvalResult> result = evaluate(*loaded.engine, *streams, EvalOptions{256, 0, options.evalTokens});
-    if (!result)
-      return result.status();
-    return result->overall.perplexity();
-  };
-  std::optional<double> before;
-  if (!options.evalData.empty()) {
-    progress("evaluating the original model on " + options.evalData);
-    Expected<LoadedModel> original = loadModel(options.model);
-    Expected<double> ppl = original ? evaluateModel(*original) : Expected<double>(original.status());
-    if (!ppl) {
-      printError(ppl.status().message());
-      return 1;
-    }
-    before = *ppl;
-    summary["perplexity_before"] = *before;
-  }
-
-  json passes = json::array();
-  const std::string statsPath = work + "/stats.safetensors";
-  bool statsCurrent = false;
-  for (size_t i = 0; i < recipe->passes.size(); ++i) {
-    const RecipePass &pass = recipe->passes[i];
-    json record = {{"pass", pass.name}, {"options", pass.options}};
-    if (pass.sequentialGptq) {
-      progress(concat("[", i + 1, "/", recipe->passes.size(), "] ", describeRecipePass(pass),
-                      ", layer by layer on ", recipe->calibrationData));
-      auto passStart = std::chrono::steady_clock::now();
-      Expected<json> done = runSequentialGptq(context, **module, model, pass, *recipe, work, terminal);
-      if (!done) {
-        printError(options.recipe + ": pass '" + pass.name + "': " + done.status().message() +
-                   "; nothing was written");
-        return 1;
-      }
-      record["sequential"] = *done;
-      record["seconds"] = seconds(passStart);
-      record["after"] = moduleCounts(model);
-      passes.push_back(record);
-      statsCurrent = false;
-      continue;
-    }
-    if (pass.needsStatistics && !statsCurrent) {
-      // Statistics of the module as it is now (earlier passes changed it).
-      progress("calibrating on " + recipe->calibrationData);
-      auto calibrationStart = std::chrono::steady_clock::now();
-      Expected<CalibrationRun> run = prepareCalibration(model, *recipe);
-      if (!run) {
-        printError(run.status().message());
-        return 1;
-      }
-      run->options.progress = terminal;
-      Expected<CalibrationResult> result = calibrate(*run->loaded.engine, run->streams, run->options);
-      Status status = result ? writeStatistics(*result, run->options, statsPath) : result.status();
-      if (!status.ok()) {
-        printError(status.message());
-        return 1;
-      }
-      record["calibration"] = {{"tokens", result->tokens}, {"seconds", seconds(calibrationStart)}};
-      statsCurrent = true;
-    }
-    progress(concat("[", i + 1, "/", recipe->passes.size(), "] ", describeRecipePass(pass)));
-    auto passStart = std::chrono::steady_clock::now();
-    if (Status status = runPass(context, **module, buildRecipePass(*recipe, pass, PassOverrides{statsPath, {}, {}}));
-        !status.ok()) {
-      printError(options.recipe + ": pass '" + pass.name + "': " + status.message() + "; nothing was written");
-      return 1;
-    }
-    record["seconds"] = seconds(passStart);
-    record["after"] = moduleCounts(model);
-    passes.push_back(record);
-    // moe-allocate-bits only annotates tensors; every other pass changes
-    // what calibration would measure.
-    if (pass.name != "moe-allocate-bits")
-      statsCurrent = false;
-  }
-  summary["passes"] = passes;
-
-  progress("emitting " + options.output);
-  // The package records what was done, not how long it took: the same
-  // inputs give the same bytes (timings stay in the summary).
-  json provenance = {{"tool", "moec compress"}, {"model", options.model}, {"recipe", options.recipe},
-                     {"passes", withoutTimings(passes)}};
-  Status status = emitPackage(model, "", options.output, provenance.dump());
-  if (!status.ok()) {
-    printError(status.message());
-    return 1;
-  }
-  summary["bytes_after"] = std::filesystem::file_size(options.output);
-  summary["after"] = moduleCounts(model);
-
-  int exitCode = 0;
-  std::string gate;
-  if (before) {
-    progress("evaluating the package on " + options.evalData);
-    Expected<LoadedModel> packaged = loadModel(options.output);
-    Expected<double> ppl = packaged ? evaluateModel(*packaged) : Expected<double>(packaged.status());
-    if (!ppl) {
-      printError(ppl.status().message());
-      return 1;
-    }
-    const double increase = (*ppl / *before - 1.0) * 100.0;
-    summary["perplexity_after"] = *ppl;
-    summary["perplexity_increase_percent"] = increase;
-    if (options.maxPplIncrease >= 0) {
-      summary["max_ppl_increase_percent"] = options.maxPplIncrease;
-      // NaN compares false both ways: only a finite increase within the bound passes.
-      const bool passed = std::isfinite(increase) && increase <= options.maxPplIncrease;
-      summary["quality_gate"] = passed ? "passed" : "failed";
-      if (!passed) {
-        gate = concat("quality gate failed: perplexity rose ", increase, "% (", *before, " -> ", *ppl,
-                      "), more than the allowed ", options.maxPplIncrease, "%");
-        exitCode = kQualityGateFailed;
-      }
-    }
-  }
-  summary["seconds"] = seconds(start);
-  const std::string text = summary.dump(2) + "\n";
+  const std::string text = result->summary.dump(2) + "\n";
   std::cout << text;
   if (!options.summary.empty()) {
-    Status written = writeFileAtomically(options.summary, std::span<const uint8_t>(
-                                                              reinterpret_cast<const uint8_t *>(text.data()), text.size()));
+    Status written = writeFileAtomically(
+        options.summary, std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(text.data()), text.size()));
     if (!written.ok()) {
       printError(written.message());
       return 1;
     }
   }
-  if (exitCode != 0)
-    std::fprintf(stderr, "moec: %s\n", gate.c_str());
-  return exitCode;
+  if (result->qualityGateFailed) {
+    std::fprintf(stderr, "moec: %s\n", result->qualityGateReason.c_str());
+    return kQualityGateFailed;
+  }
+  return 0;
 }
 
 } // namespace
@@ -411,14 +79,14 @@ Command registerCompress(CLI::App &app) {
   auto options = std::make_shared<CompressOptions>();
   CLI::App *command = app.add_subcommand(
       "compress", "Checkpoint -> calibrate -> recipe passes -> package, in one command (JSON summary on stdout)");
-  command->add_option("model", options->model, "Hugging Face checkpoint directory")->required();
-  command->add_option("--recipe", options->recipe, "Recipe (JSON): passes with options, calibration data")
+  command->add_option("model", options->request.model, "Hugging Face checkpoint directory")->required();
+  command->add_option("--recipe", options->request.recipe, "Recipe (JSON): passes with options, calibration data")
       ->required();
-  command->add_option("-o,--output", options->output, "Output package (.moepkg)")->required();
-  command->add_option("--eval-data", options->evalData, "Evaluate before and after on this data (text, .jsonl, .u32)");
-  command->add_option("--eval-tokens", options->evalTokens, "Stop evaluation after this many tokens per domain")
+  command->add_option("-o,--output", options->request.output, "Output package (.moepkg)")->required();
+  command->add_option("--eval-data", options->request.evalData, "Evaluate before and after on this data (text, .jsonl, .u32)");
+  command->add_option("--eval-tokens", options->request.evalTokens, "Stop evaluation after this many tokens per domain")
       ->check(CLI::NonNegativeNumber);
-  command->add_option("--max-ppl-increase", options->maxPplIncrease,
+  command->add_option("--max-ppl-increase", options->request.maxPplIncrease,
                       "Fail (exit code 3) when perplexity on --eval-data rises by more than this many percent")
       ->check(CLI::NonNegativeNumber);
   command->add_option("--summary", options->summary, "Also write the JSON summary to this file");

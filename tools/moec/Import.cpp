@@ -5,8 +5,6 @@
 //===----------------------------------------------------------------------===//
 
 #include "Commands.h"
-
-#include "moe/Lowering/Lowering.h"
 #include "ModuleFiles.h"
 
 #include "moe/Dialect/Moe/IR/MoeDialect.h"
@@ -37,37 +35,12 @@ std::string absolutePath(const std::string &path) {
 
 Expected<mlir::OwningOpRef<mlir::ModuleOp>> importCheckpoint(const std::string &directory, const std::string &store,
                                                              mlir::MLIRContext &context) {
-  std::string configPath = directory + "/config.json";
-  std::ifstream stream(configPath);
-  if (!stream)
-    return Status::error(configPath, ": cannot read (expected a Hugging Face checkpoint directory)");
-  std::stringstream configText;
-  configText << stream.rdbuf();
-  Expected<ModelSpec> spec = ModelSpec::fromConfigText(configText.str(), configPath);
-  if (!spec)
-    return spec.status();
-  Expected<std::unique_ptr<Checkpoint>> checkpoint = Checkpoint::open(directory);
-  if (!checkpoint)
-    return checkpoint.status();
-  Expected<CheckpointReport> report = bindCheckpoint(*spec, **checkpoint);
-  if (!report)
-    return report.status();
-  for (const std::string &warning : report->warnings)
+  Expected<ImportedCheckpoint> imported = moe::importCheckpoint(directory, store, context);
+  if (!imported)
+    return imported.status();
+  for (const std::string &warning : imported->warnings)
     printWarning(warning);
-  // The config travels in the module compactly, one line.
-  std::string compactConfig = nlohmann::json::parse(configText.str(), nullptr, false).dump();
-  auto module = importModel(context, *spec, **checkpoint, compactConfig, store);
-  if (!module)
-    return module.status();
-  // The same check the package loader runs (validateDescription, through
-  // the lowering): import never writes a module that cannot run.
-  Expected<ir::ModelOp> model = findModel(**module);
-  if (!model)
-    return model.status();
-  Expected<ModelDescription> description = lowerToDescription(*model, "");
-  if (!description)
-    return description.status().withContext(directory);
-  return module.take();
+  return std::move(imported->module);
 }
 
 namespace {

@@ -6,10 +6,14 @@
 
 #include "moe/Importer/Importer.h"
 #include "moe/Dialect/Moe/IR/MoeOps.h"
+#include "moe/Lowering/Lowering.h"
+#include "moe/Support/File.h"
 
 #include "mlir/IR/Builders.h"
 #include "mlir/IR/BuiltinTypes.h"
 #include "mlir/IR/Verifier.h"
+
+#include <nlohmann/json.hpp>
 
 #include <climits>
 #include <cstdlib>
@@ -202,6 +206,38 @@ Expected<OwningOpRef<ModuleOp>> importModel(MLIRContext &context, const ModelSpe
   if (failed(verify(*module)))
     return Status::error(checkpoint.directory(), ": the imported module does not verify (see diagnostics)");
   return module;
+}
+
+Expected<ImportedCheckpoint> importCheckpoint(const std::string &directory, const std::string &storePath,
+                                              mlir::MLIRContext &context) {
+  const std::string configPath = directory + "/config.json";
+  Expected<std::string> configText = readWholeFile(configPath);
+  if (!configText)
+    return Status::error(configPath, ": cannot read (expected a Hugging Face checkpoint directory)");
+  Expected<ModelSpec> spec = ModelSpec::fromConfigText(*configText, configPath);
+  if (!spec)
+    return spec.status();
+  Expected<std::unique_ptr<Checkpoint>> checkpoint = Checkpoint::open(directory);
+  if (!checkpoint)
+    return checkpoint.status();
+  Expected<CheckpointReport> report = bindCheckpoint(*spec, **checkpoint);
+  if (!report)
+    return report.status();
+  // The config travels in the module compactly, one line.
+  const std::string compactConfig = nlohmann::json::parse(*configText, nullptr, false).dump();
+  Expected<mlir::OwningOpRef<mlir::ModuleOp>> module =
+      importModel(context, *spec, **checkpoint, compactConfig, storePath);
+  if (!module)
+    return module.status();
+  // The same check the package loader runs (validateDescription, through
+  // the lowering): import never writes a module that cannot run.
+  Expected<ir::ModelOp> model = findModel(**module);
+  if (!model)
+    return model.status();
+  Expected<ModelDescription> description = lowerToDescription(*model, "");
+  if (!description)
+    return description.status().withContext(directory);
+  return ImportedCheckpoint{module.take(), report->warnings};
 }
 
 } // namespace moe

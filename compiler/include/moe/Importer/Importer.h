@@ -18,6 +18,7 @@
 #include "mlir/IR/OwningOpRef.h"
 
 #include <string>
+#include <vector>
 
 namespace moe {
 
@@ -28,6 +29,16 @@ Expected<mlir::OwningOpRef<mlir::ModuleOp>> importModel(mlir::MLIRContext &conte
                                                         const Checkpoint &checkpoint,
                                                         const std::string &configText,
                                                         const std::string &storePath = "");
+
+/// A checkpoint directory imported: config.json read and checked, the
+/// checkpoint bound to it, the module built and validated through the
+/// lowering (the package loader's check), and the binding's warnings.
+struct ImportedCheckpoint {
+  mlir::OwningOpRef<mlir::ModuleOp> module;
+  std::vector<std::string> warnings;
+};
+Expected<ImportedCheckpoint> importCheckpoint(const std::string &directory, const std::string &storePath,
+                                              mlir::MLIRContext &context);
 
 } // namespace moe
 

@@ -1,0 +1,60 @@
+//===- Compress.h - Checkpoint to package in one call -----------*- C++ -*-===//
+//
+// Part of moec. What `moec compress` does, as a library the CLI and tests
+// call: import -> (calibrate the module as it is whenever the next pass
+// needs statistics) -> the recipe's passes (GPTQ sequentially, layer by
+// layer) -> emit -> optional evaluation before and after, with a quality
+// gate. The CLI only parses options and prints.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef MOE_PIPELINE_COMPRESS_H
+#define MOE_PIPELINE_COMPRESS_H
+
+#include "moe/Pipeline/Recipe.h"
+
+#include "mlir/IR/MLIRContext.h"
+
+#include <nlohmann/json.hpp>
+
+#include <functional>
+#include <string>
+
+namespace moe {
+
+struct CompressRequest {
+  std::string model;    ///< Hugging Face checkpoint directory.
+  std::string recipe;   ///< Recipe file (JSON).
+  std::string output;   ///< Package path (.moepkg).
+  std::string evalData; ///< Evaluate before and after on this data, or empty.
+  int64_t evalTokens = 0;
+  double maxPplIncrease = -1; ///< Percent; < 0: no quality gate.
+};
+
+struct CompressProgress {
+  /// A step begins ("importing ...", "[2/3] moe-quantize{...}").
+  std::function<void(const std::string &)> step = [](const std::string &) {};
+  /// Sequential GPTQ finished a layer.
+  std::function<void(int64_t layer, int64_t layers, double calibrateSeconds, double quantizeSeconds)> layer =
+      [](int64_t, int64_t, double, double) {};
+  /// Calibration prints its own progress line.
+  bool calibrationProgress = false;
+};
+
+struct CompressResult {
+  /// bytes and expert counts before/after, per-pass records, perplexity
+  /// before/after and the gate's verdict when evaluated.
+  nlohmann::json summary;
+  bool qualityGateFailed = false;
+  std::string qualityGateReason;
+};
+
+/// Runs the whole job. Work files live in a temporary directory under
+/// TMPDIR, removed on return and on SIGINT/SIGTERM. The package is written
+/// atomically; nothing is written when any step fails.
+Expected<CompressResult> compressCheckpoint(const CompressRequest &request, const CompressProgress &progress,
+                                            mlir::MLIRContext &context);
+
+} // namespace moe
+
+#endif // MOE_PIPELINE_COMPRESS_H

@@ -1,0 +1,64 @@
+//===- CompressTest.cpp - The compress job as a library -------------------===//
+//
+// Part of moec. compressCheckpoint end to end on a fixture, and its
+// failures: a bad recipe is named at its JSON path before any work, and
+// nothing is written.
+//
+//===----------------------------------------------------------------------===//
+
+#include "moe/Pipeline/Compress.h"
+#include "moe/Runtime/Evaluate.h"
+#include "moe/Runtime/Model.h"
+
+#include "../unit/TestSupport.h"
+
+#include <filesystem>
+
+using namespace moe;
+using namespace moe::testing;
+
+TEST(Compress, QuantizesGatesAndWritesAPackageThatRuns) {
+  TempDir dir;
+  writeFile(dir.file("recipe.json"), R"({"passes": [{"pass": "moe-quantize", "options": {"bits": 8, "group": 64}}]})");
+  CompressRequest request{dataDir() + "/fixtures/tiny-mixtral", dir.file("recipe.json"), dir.file("q.moepkg"),
+                          dataDir() + "/brown/heldout.jsonl", 256, 5.0};
+  std::vector<std::string> steps;
+  CompressProgress progress;
+  progress.step = [&](const std::string &step) { steps.push_back(step); };
+  mlir::MLIRContext context;
+  Expected<CompressResult> result = compressCheckpoint(request, progress, context);
+  ASSERT_TRUE(result.ok()) << result.status().message();
+  const nlohmann::json &summary = result->summary;
+  EXPECT_FALSE(result->qualityGateFailed) << result->qualityGateReason;
+  EXPECT_EQ(summary["quality_gate"], "passed");
+  EXPECT_LT(summary["bytes_after"].get<uint64_t>(), summary["bytes_before"].get<uint64_t>());
+  const double before = summary["perplexity_before"], after = summary["perplexity_after"];
+  EXPECT_LT(std::abs(after / before - 1.0), 0.05) << "8-bit RTN barely moves perplexity";
+  EXPECT_GE(steps.size(), 4u); // import, evaluate, the pass, emit, evaluate
+  Expected<LoadedModel> loaded = loadModel(dir.file("q.moepkg"));
+  ASSERT_TRUE(loaded.ok()) << loaded.status().message();
+
+  // A gate of 0% on 2-bit weights fails, with the numbers in the reason.
+  writeFile(dir.file("two.json"), R"({"passes": [{"pass": "moe-quantize", "options": {"bits": 2, "group": 64}}]})");
+  request.recipe = dir.file("two.json");
+  request.output = dir.file("two.moepkg");
+  request.maxPplIncrease = 0;
+  result = compressCheckpoint(request, CompressProgress(), context);
+  ASSERT_TRUE(result.ok()) << result.status().message();
+  EXPECT_TRUE(result->qualityGateFailed);
+  EXPECT_NE(result->qualityGateReason.find("more than the allowed 0%"), std::string::npos);
+}
+
+TEST(Compress, ABadRecipeIsNamedAndNothingIsWritten) {
+  TempDir dir;
+  writeFile(dir.file("recipe.json"),
+            R"({"passes": [{"pass": "moe-quantize", "options": {"bits": 4}}, {"pass": "moe-prune-atoms", "options": {"ratio": "half"}}]})");
+  CompressRequest request{dataDir() + "/fixtures/tiny-mixtral", dir.file("recipe.json"), dir.file("x.moepkg"), "", 0,
+                          -1};
+  mlir::MLIRContext context;
+  Expected<CompressResult> result = compressCheckpoint(request, CompressProgress(), context);
+  expectErrorContains(result.status(), {"recipe.json", "passes[1].options.ratio", "must be a finite number"});
+  EXPECT_FALSE(std::filesystem::exists(dir.file("x.moepkg")));
+  request.output = dir.file("x.bin");
+  expectErrorContains(compressCheckpoint(request, CompressProgress(), context).status(), {"ends in .moepkg"});
+}
