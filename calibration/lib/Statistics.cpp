@@ -5,6 +5,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Calibration/Statistics.h"
+#include "moe/Calibration/StatisticNames.h"
 #include "moe/Frontend/Safetensors.h"
 
 #include <cblas.h>
@@ -465,39 +466,39 @@ Status writeStatistics(const CalibrationResult &result, const CalibrationOptions
     auto addF64 = [&](const std::string &name, std::vector<int64_t> shape, const std::vector<double> &values) {
       return writer.addTensorView(prefix + name, DType::F64, std::move(shape), toBytes(values));
     };
-    MOE_RETURN_IF_ERROR(writer.addTensorView(prefix + "routed_tokens", DType::I64, {E}, toBytes(stats.routedTokens)));
-    MOE_RETURN_IF_ERROR(writer.addTensor(prefix + "tokens", DType::I64, {}, std::vector<uint8_t>(
+    MOE_RETURN_IF_ERROR(writer.addTensorView(prefix + stats::kRoutedTokens, DType::I64, {E}, toBytes(stats.routedTokens)));
+    MOE_RETURN_IF_ERROR(writer.addTensor(prefix + stats::kTokens, DType::I64, {}, std::vector<uint8_t>(
         reinterpret_cast<const uint8_t *>(&stats.tokens), reinterpret_cast<const uint8_t *>(&stats.tokens + 1))));
-    MOE_RETURN_IF_ERROR(addF64("router_score_sum", {E}, stats.routerScoreSum));
-    MOE_RETURN_IF_ERROR(addF64("gate_weight_sum", {E}, stats.gateWeightSum));
-    MOE_RETURN_IF_ERROR(addF64("easy_ep_score", {E}, stats.easyEpScore));
-    MOE_RETURN_IF_ERROR(addF64("max_abs_output", {E}, stats.maxAbsOutput));
-    MOE_RETURN_IF_ERROR(addF64("router_logit_gram", {E, E}, stats.routerLogitGram));
-    MOE_RETURN_IF_ERROR(addF64("top_logit_sum", {E}, stats.topLogitSum));
+    MOE_RETURN_IF_ERROR(addF64(stats::kRouterScoreSum, {E}, stats.routerScoreSum));
+    MOE_RETURN_IF_ERROR(addF64(stats::kGateWeightSum, {E}, stats.gateWeightSum));
+    MOE_RETURN_IF_ERROR(addF64(stats::kEasyEpScore, {E}, stats.easyEpScore));
+    MOE_RETURN_IF_ERROR(addF64(stats::kMaxAbsOutput, {E}, stats.maxAbsOutput));
+    MOE_RETURN_IF_ERROR(addF64(stats::kRouterLogitGram, {E, E}, stats.routerLogitGram));
+    MOE_RETURN_IF_ERROR(addF64(stats::kTopLogitSum, {E}, stats.topLogitSum));
     for (int64_t e = 0; e < E; ++e) {
       const std::string expert = concat("experts.", e, ".");
       int64_t width = static_cast<int64_t>(stats.neuronSquareSum[e].size());
-      MOE_RETURN_IF_ERROR(addF64(expert + "neuron_square_sum", {width}, stats.neuronSquareSum[e]));
-      MOE_RETURN_IF_ERROR(addF64(expert + "neuron_square_max", {width}, stats.neuronSquareMax[e]));
-      MOE_RETURN_IF_ERROR(addF64(expert + "neuron_weighted_square_sum", {width}, stats.neuronWeightedSquareSum[e]));
-      MOE_RETURN_IF_ERROR(addF64(expert + "neuron_weighted_square_max", {width}, stats.neuronWeightedSquareMax[e]));
+      MOE_RETURN_IF_ERROR(addF64(expert + stats::kNeuronSquareSum, {width}, stats.neuronSquareSum[e]));
+      MOE_RETURN_IF_ERROR(addF64(expert + stats::kNeuronSquareMax, {width}, stats.neuronSquareMax[e]));
+      MOE_RETURN_IF_ERROR(addF64(expert + stats::kNeuronWeightedSquareSum, {width}, stats.neuronWeightedSquareSum[e]));
+      MOE_RETURN_IF_ERROR(addF64(expert + stats::kNeuronWeightedSquareMax, {width}, stats.neuronWeightedSquareMax[e]));
       if (!stats.inputMoments.empty()) {
         const int64_t H = hiddenSize, I = static_cast<int64_t>(stats.neuronSquareSum[e].size());
         if (stats.inputMoments[e].size() != static_cast<size_t>(H * H) ||
             stats.intermediateMoments[e].size() != static_cast<size_t>(I * I))
           return Status::error("calibration statistics: layer ", stats.layer, " expert ", e,
                                " has moments of the wrong size");
-        MOE_RETURN_IF_ERROR(addF64(expert + "input_moments", {H, H}, stats.inputMoments[e]));
-        MOE_RETURN_IF_ERROR(addF64(expert + "intermediate_moments", {I, I}, stats.intermediateMoments[e]));
+        MOE_RETURN_IF_ERROR(addF64(expert + stats::kInputMoments, {H, H}, stats.inputMoments[e]));
+        MOE_RETURN_IF_ERROR(addF64(expert + stats::kIntermediateMoments, {I, I}, stats.intermediateMoments[e]));
       }
     }
     if (!stats.inputMoments.empty())
-      MOE_RETURN_IF_ERROR(writer.addTensorView(prefix + "moment_tokens", DType::I64, {E}, toBytes(stats.momentTokens)));
+      MOE_RETURN_IF_ERROR(writer.addTensorView(prefix + stats::kMomentTokens, DType::I64, {E}, toBytes(stats.momentTokens)));
     if (stats.blockSampleCount > 0) {
       const int64_t H = static_cast<int64_t>(stats.blockInput.size()) / stats.blockSampleCount;
-      MOE_RETURN_IF_ERROR(writer.addTensorView(prefix + "block_input", DType::F32, {stats.blockSampleCount, H},
+      MOE_RETURN_IF_ERROR(writer.addTensorView(prefix + stats::kBlockInput, DType::F32, {stats.blockSampleCount, H},
                                            toBytes(stats.blockInput)));
-      MOE_RETURN_IF_ERROR(writer.addTensorView(prefix + "block_output", DType::F32, {stats.blockSampleCount, H},
+      MOE_RETURN_IF_ERROR(writer.addTensorView(prefix + stats::kBlockOutput, DType::F32, {stats.blockSampleCount, H},
                                            toBytes(stats.blockOutput)));
     }
   }
@@ -509,10 +510,10 @@ Status writeStatistics(const CalibrationResult &result, const CalibrationOptions
       const int64_t width = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(values.size()))));
       return writer.addTensorView(prefix + name, DType::F64, {width, width}, toBytes(values));
     };
-    MOE_RETURN_IF_ERROR(addSquare("attention_input_moments", moments.attentionInput));
-    MOE_RETURN_IF_ERROR(addSquare("attention_output_moments", moments.attentionOutput));
-    MOE_RETURN_IF_ERROR(addSquare("shared_input_moments", moments.sharedInput));
-    MOE_RETURN_IF_ERROR(addSquare("shared_intermediate_moments", moments.sharedIntermediate));
+    MOE_RETURN_IF_ERROR(addSquare(stats::kAttentionInputMoments, moments.attentionInput));
+    MOE_RETURN_IF_ERROR(addSquare(stats::kAttentionOutputMoments, moments.attentionOutput));
+    MOE_RETURN_IF_ERROR(addSquare(stats::kSharedInputMoments, moments.sharedInput));
+    MOE_RETURN_IF_ERROR(addSquare(stats::kSharedIntermediateMoments, moments.sharedIntermediate));
   }
   writer.setMetadata("format", "moec-calibration-statistics-v1");
   writer.setMetadata("tokens", std::to_string(result.tokens));

@@ -5,10 +5,12 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Transforms/Passes.h"
-#include "moe/Runtime/Engine.h"
+#include "moe/Calibration/StatisticNames.h"
 
 #include "BitAllocation.h"
-#include "CalibrationStats.h"
+#include "LayerLoader.h"
+#include "StatisticsReader.h"
+#include "SuperExperts.h"
 #include "ExpertEditing.h"
 #include "common/QuantFormat.h"
 
@@ -98,7 +100,7 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
     quant::QuantFormat trial{2, static_cast<int>(group), symmetric};
     if (std::string problem = quant::validateQuantFormat(trial); !problem.empty())
       return fail(module, problem);
-    FailureOr<CalibrationStats> file = CalibrationStats::open(stats, module, getArgument());
+    FailureOr<StatisticsReader> file = StatisticsReader::open(stats, module, getArgument());
     if (failed(file))
       return signalPassFailure();
 
@@ -123,19 +125,19 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
         for (ir::SharedExpertOp shared : parts.block.getBody().getOps<ir::SharedExpertOp>())
           for (StringRef name : {shared.getGate(), shared.getUp(), shared.getDown()})
             sharedTensors.push_back(name.str());
-        FailureOr<std::vector<double>> routed = file->layer(index, "routed_tokens", layer);
-        FailureOr<std::vector<double>> scores = file->layer(index, "router_score_sum", layer);
-        FailureOr<std::vector<double>> outputs = file->layer(index, "max_abs_output", layer);
+        FailureOr<std::vector<double>> routed = file->layer(index, stats::kRoutedTokens, layer);
+        FailureOr<std::vector<double>> scores = file->layer(index, stats::kRouterScoreSum, layer);
+        FailureOr<std::vector<double>> outputs = file->layer(index, stats::kMaxAbsOutput, layer);
         if (failed(routed) || failed(scores) || failed(outputs))
           return signalPassFailure();
         const double routedTotal = std::accumulate(routed->begin(), routed->end(), 0.0);
         const double scoreTotal = std::accumulate(scores->begin(), scores->end(), 0.0);
 
         // mc-moe: block-output error with one unit quantized at a time.
-        CalibrationStats::BlockSamples blocks;
+        StatisticsReader::BlockSamples blocks;
         FailureOr<LayerWeights> weights = failure();
         if (objective == "mc-moe") {
-          FailureOr<CalibrationStats::BlockSamples> loaded = file->blockSamples(index, loader->spec().hiddenSize, layer);
+          FailureOr<StatisticsReader::BlockSamples> loaded = file->blockSamples(index, loader->spec().hiddenSize, layer);
           if (failed(loaded))
             return signalPassFailure();
           blocks = std::move(*loaded);
@@ -153,7 +155,7 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
         auto blockErrorWith = [&](size_t slot, MlpWeights trial) {
           std::swap(weights->experts[slot], trial);
           std::vector<float> scratch;
-          const double error = blockOutputError(loader->spec(), *layerSpec, *weights, blocks, {}, scratch);
+          const double error = moeBlockOutputError(loader->spec(), *layerSpec, *weights, blocks.view(), nullptr, scratch);
           std::swap(weights->experts[slot], trial);
           return error;
         };
@@ -179,8 +181,8 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
           }
           std::vector<double> hessianDiagonal[3];
           if (objective == "hessian") {
-            FailureOr<std::vector<double>> in = file->expert(index, id, "input_moments", expert);
-            FailureOr<std::vector<double>> inner = file->expert(index, id, "intermediate_moments", expert);
+            FailureOr<std::vector<double>> in = file->expert(index, id, stats::kInputMoments, expert);
+            FailureOr<std::vector<double>> inner = file->expert(index, id, stats::kIntermediateMoments, expert);
             if (failed(in) || failed(inner))
               return signalPassFailure();
             for (int m = 0; m < 3; ++m) {
@@ -199,7 +201,7 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
             // Micro-experts: the expert's neurons ranked by CAMERA's
             // importance, ||W_down[:, j]||^2 x sum of (gate weight x a_j)^2,
             // and cut into units of micro-size neurons (importance tiers).
-            FailureOr<std::vector<double>> energy = file->expert(index, id, "neuron_weighted_square_sum", expert);
+            FailureOr<std::vector<double>> energy = file->expert(index, id, stats::kNeuronWeightedSquareSum, expert);
             if (failed(energy))
               return signalPassFailure();
             const int64_t width = shapes[0][0], H = shapes[0][1];

@@ -5,9 +5,10 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Transforms/Passes.h"
-#include "moe/Runtime/Engine.h"
 
-#include "CalibrationStats.h"
+#include "LayerLoader.h"
+#include "StatisticsReader.h"
+#include "SuperExperts.h"
 
 #include "mlir/IR/Builders.h"
 
@@ -24,21 +25,6 @@ using namespace moe;
 
 namespace {
 
-/// w2 / w1 of every token the router sees.
-class WeightRatios : public EngineObserver {
-public:
-  void onRouter(int64_t, int64_t tokens, std::span<const float>, std::span<const int32_t> chosen,
-                std::span<const float> weights, std::span<const int32_t>) override {
-    const int64_t K = static_cast<int64_t>(chosen.size()) / tokens;
-    for (int64_t t = 0; t < tokens; ++t) {
-      std::vector<float> sorted(weights.begin() + t * K, weights.begin() + (t + 1) * K);
-      std::sort(sorted.begin(), sorted.end(), std::greater<float>());
-      ratios.push_back(sorted[0] > 0 ? sorted[1] / sorted[0] : 0.0);
-    }
-  }
-  std::vector<double> ratios;
-};
-
 struct DynamicSkipPass : public moe::impl::MoeDynamicSkipBase<DynamicSkipPass> {
   using MoeDynamicSkipBase::MoeDynamicSkipBase;
 
@@ -48,7 +34,7 @@ struct DynamicSkipPass : public moe::impl::MoeDynamicSkipBase<DynamicSkipPass> {
       module.emitError() << "moe-dynamic-skip: quantile must be in (0, 1), got " << quantile;
       return signalPassFailure();
     }
-    FailureOr<CalibrationStats> file = CalibrationStats::open(stats, module, getArgument());
+    FailureOr<StatisticsReader> file = StatisticsReader::open(stats, module, getArgument());
     if (failed(file))
       return signalPassFailure();
     for (ir::ModelOp model : module.getOps<ir::ModelOp>()) {
@@ -65,20 +51,14 @@ struct DynamicSkipPass : public moe::impl::MoeDynamicSkipBase<DynamicSkipPass> {
           continue;
         }
         const int64_t index = static_cast<int64_t>(layer.getIndex());
-        FailureOr<CalibrationStats::BlockSamples> blocks = file->blockSamples(index, loader->spec().hiddenSize, layer);
+        FailureOr<StatisticsReader::BlockSamples> blocks = file->blockSamples(index, loader->spec().hiddenSize, layer);
         if (failed(blocks))
           return signalPassFailure();
-        const std::vector<float> &input = blocks->input;
         FailureOr<LayerWeights> weights = loader->load(layer);
         if (failed(weights))
           return signalPassFailure();
-        WeightRatios ratios;
-        MoeBlockHooks hooks;
-        hooks.observer = &ratios;
-        std::vector<float> output(input.size());
-        moeBlockForward(loader->spec(), loader->spec().layers[static_cast<size_t>(index)], *weights, input.data(),
-                        blocks->count, output.data(), hooks);
-        std::vector<double> &values = ratios.ratios;
+        std::vector<double> values = secondToFirstWeightRatios(
+            loader->spec(), loader->spec().layers[static_cast<size_t>(index)], *weights, blocks->view());
         std::sort(values.begin(), values.end());
         // The quantile by linear interpolation between order statistics.
         double position = quantile * static_cast<double>(values.size() - 1);

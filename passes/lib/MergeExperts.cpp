@@ -5,9 +5,12 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Transforms/Passes.h"
+#include "moe/Calibration/StatisticNames.h"
 
 #include "Assignment.h"
-#include "CalibrationStats.h"
+#include "LayerLoader.h"
+#include "StatisticsReader.h"
+#include "SuperExperts.h"
 #include "ExpertEditing.h"
 
 #include "mlir/IR/Builders.h"
@@ -134,7 +137,7 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
       return fail(module, "give ratio in (0, 1) or groups > 0, not both");
     if (!(threshold >= -1.0 && threshold <= 1.0))
       return fail(module, "threshold must be a cosine similarity in [-1, 1]");
-    FailureOr<CalibrationStats> file = CalibrationStats::open(stats, module, getArgument());
+    FailureOr<StatisticsReader> file = StatisticsReader::open(stats, module, getArgument());
     if (failed(file))
       return signalPassFailure();
     for (ir::ModelOp model : module.getOps<ir::ModelOp>()) {
@@ -151,10 +154,10 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
         info.index = static_cast<int64_t>(layer.getIndex());
         if (info.parts.router.getRemap())
           return fail(layer, concat("layer ", info.index, " is already merged"));
-        FailureOr<std::vector<double>> routed = file->layer(info.index, "routed_tokens", layer);
-        FailureOr<std::vector<double>> weight = file->layer(info.index, "gate_weight_sum", layer);
-        FailureOr<std::vector<double>> gram = file->layer(info.index, "router_logit_gram", layer);
-        FailureOr<std::vector<double>> outputs = file->layer(info.index, "max_abs_output", layer);
+        FailureOr<std::vector<double>> routed = file->layer(info.index, stats::kRoutedTokens, layer);
+        FailureOr<std::vector<double>> weight = file->layer(info.index, stats::kGateWeightSum, layer);
+        FailureOr<std::vector<double>> gram = file->layer(info.index, stats::kRouterLogitGram, layer);
+        FailureOr<std::vector<double>> outputs = file->layer(info.index, stats::kMaxAbsOutput, layer);
         if (failed(routed) || failed(weight) || failed(gram) || failed(outputs))
           return signalPassFailure();
         const size_t E = info.parts.experts.size();

@@ -5,8 +5,11 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Transforms/Passes.h"
+#include "moe/Calibration/StatisticNames.h"
 
-#include "CalibrationStats.h"
+#include "LayerLoader.h"
+#include "StatisticsReader.h"
+#include "SuperExperts.h"
 #include "ExpertEditing.h"
 
 #include <algorithm>
@@ -54,9 +57,9 @@ struct PruneAtomsPass : public moe::impl::MoePruneAtomsBase<PruneAtomsPass> {
       return fail(module, concat("rho must be in [0, 1], got ", static_cast<double>(rho)));
     if (minWidth < 1)
       return fail(module, concat("min-width must be at least 1, got ", static_cast<int64_t>(minWidth)));
-    FailureOr<CalibrationStats> file = failure();
+    FailureOr<StatisticsReader> file = failure();
     if (method != "magnitude") {
-      file = CalibrationStats::open(stats, module, getArgument());
+      file = StatisticsReader::open(stats, module, getArgument());
       if (failed(file))
         return signalPassFailure();
     }
@@ -74,7 +77,7 @@ struct PruneAtomsPass : public moe::impl::MoePruneAtomsBase<PruneAtomsPass> {
         const int64_t index = static_cast<int64_t>(layer.getIndex());
         FailureOr<std::vector<double>> routed = failure();
         if (method == "heapr") {
-          routed = file->layer(index, "routed_tokens", layer);
+          routed = file->layer(index, stats::kRoutedTokens, layer);
           if (failed(routed))
             return signalPassFailure();
         }
@@ -100,14 +103,14 @@ struct PruneAtomsPass : public moe::impl::MoePruneAtomsBase<PruneAtomsPass> {
             for (int64_t j = 0; j < width; ++j)
               scores[j] = std::sqrt(gateNorms[j] * upNorms[j] * downNorms[j]);
           } else {
-            FailureOr<std::vector<double>> sum = file->expert(index, id, "neuron_weighted_square_sum", layer);
+            FailureOr<std::vector<double>> sum = file->expert(index, id, stats::kNeuronWeightedSquareSum, layer);
             if (failed(sum))
               return signalPassFailure();
             if (static_cast<int64_t>(sum->size()) != width)
               return fail(expert, concat("the statistics of layer ", index, " expert ", id, " have ", sum->size(),
                                          " neurons, the expert has ", width, "; calibrate the model as it is now"));
             if (method == "camera") {
-              FailureOr<std::vector<double>> max = file->expert(index, id, "neuron_weighted_square_max", layer);
+              FailureOr<std::vector<double>> max = file->expert(index, id, stats::kNeuronWeightedSquareMax, layer);
               if (failed(max))
                 return signalPassFailure();
               for (int64_t j = 0; j < width; ++j)

@@ -5,12 +5,14 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Transforms/Passes.h"
+#include "moe/Calibration/StatisticNames.h"
 #include "moe/Frontend/Safetensors.h"
 #include "moe/Lowering/TensorAccess.h"
 
-#include "CalibrationStats.h"
+#include "LayerLoader.h"
+#include "StatisticsReader.h"
+#include "SuperExperts.h"
 #include "ExpertEditing.h"
-#include "moe/Runtime/Engine.h"
 
 #include <algorithm>
 #include <cmath>
@@ -36,11 +38,9 @@ struct Candidate {
 
 /// NAEE's loss: the block output error with `dropped` router rows masked.
 double reconstructionLoss(const ModelSpec &spec, const LayerSpec &layerSpec, const LayerWeights &weights,
-                          const CalibrationStats::BlockSamples &samples, const std::set<int64_t> &dropped,
+                          const StatisticsReader::BlockSamples &samples, const std::set<int64_t> &dropped,
                           std::vector<float> &scratch) {
-  MoeBlockHooks hooks;
-  hooks.maskedRows = &dropped;
-  return blockOutputError(spec, layerSpec, weights, samples, hooks, scratch);
+  return moeBlockOutputError(spec, layerSpec, weights, samples.view(), &dropped, scratch);
 }
 
 /// Number of k-subsets of n, saturating at `limit` + 1.
@@ -60,11 +60,11 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
   void runOnOperation() override {
     ModuleOp module = getOperation();
     const bool reconstruction = method == "reconstruction";
-    std::string statistic = method == "frequency"     ? "routed_tokens"
-                            : method == "gate-weight" ? "gate_weight_sum"
-                            : method == "easy-ep"     ? "easy_ep_score"
-                            : method == "tcess"       ? "top_logit_sum"
-                            : reconstruction          ? "routed_tokens"
+    std::string statistic = method == "frequency"     ? stats::kRoutedTokens
+                            : method == "gate-weight" ? stats::kGateWeightSum
+                            : method == "easy-ep"     ? stats::kEasyEpScore
+                            : method == "tcess"       ? stats::kTopLogitSum
+                            : reconstruction          ? stats::kRoutedTokens
                                                       : "";
     if (statistic.empty()) {
       module.emitError() << "moe-prune-experts: method '" << method.getValue()
@@ -87,7 +87,7 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
       module.emitError() << "moe-prune-experts: max-subsets must be positive, got " << maxSubsets;
       return signalPassFailure();
     }
-    FailureOr<CalibrationStats> file = CalibrationStats::open(stats, module, getArgument());
+    FailureOr<StatisticsReader> file = StatisticsReader::open(stats, module, getArgument());
     if (failed(file))
       return signalPassFailure();
 
@@ -107,7 +107,7 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
         layers[index] = layer;
         topK[index] = static_cast<int64_t>(parts.router.getTopK());
         FailureOr<std::vector<double>> scores = file->layer(index, statistic, layer);
-        FailureOr<std::vector<double>> outputs = file->layer(index, "max_abs_output", layer);
+        FailureOr<std::vector<double>> outputs = file->layer(index, stats::kMaxAbsOutput, layer);
         if (failed(scores) || failed(outputs))
           return signalPassFailure();
         for (ir::ExpertOp expert : parts.experts) {
@@ -176,7 +176,7 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
   /// every subset when there are at most max-subsets, else a greedy search
   /// that removes one expert at a time.
   template <typename Budget>
-  LogicalResult searchReconstruction(ir::ModelOp model, const CalibrationStats &file,
+  LogicalResult searchReconstruction(ir::ModelOp model, const StatisticsReader &file,
                                      const std::map<int64_t, ir::LayerOp> &layers,
                                      const std::set<std::pair<int64_t, int64_t>> &protectedExperts,
                                      const Budget &budgetFor, std::map<int64_t, std::set<int64_t>> &drop) {
@@ -188,7 +188,7 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
       const int64_t budget = budgetFor(index);
       if (!(budget > 0))
         continue;
-      FailureOr<CalibrationStats::BlockSamples> blocks = file.blockSamples(index, spec.hiddenSize, layer);
+      FailureOr<StatisticsReader::BlockSamples> blocks = file.blockSamples(index, spec.hiddenSize, layer);
       if (failed(blocks))
         return failure();
       FailureOr<LayerWeights> loaded = loader->load(layer);

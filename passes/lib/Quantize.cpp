@@ -5,8 +5,11 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Transforms/Passes.h"
+#include "moe/Calibration/StatisticNames.h"
 
-#include "CalibrationStats.h"
+#include "LayerLoader.h"
+#include "StatisticsReader.h"
+#include "SuperExperts.h"
 #include "ExpertEditing.h"
 #include "Gptq.h"
 #include "common/QuantFormat.h"
@@ -39,9 +42,9 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       return fail(module, "method '" + method + "' is not rtn or gptq");
     if (!(minCoverage >= 0.0 && minCoverage <= 1.0))
       return fail(module, "min-coverage must be a fraction of the calibration tokens in [0, 1]");
-    FailureOr<CalibrationStats> file = failure();
+    FailureOr<StatisticsReader> file = failure();
     if (method == "gptq") {
-      file = CalibrationStats::open(stats, module, getArgument());
+      file = StatisticsReader::open(stats, module, getArgument());
       if (failed(file))
         return signalPassFailure();
     }
@@ -112,9 +115,9 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
           add(shared.getUpAttr());
           add(shared.getDownAttr());
           const int64_t layer = static_cast<int64_t>(shared->getParentOfType<ir::LayerOp>().getIndex());
-          denseMatrices[shared.getGate().str()] = {layer, "shared_input_moments"};
-          denseMatrices[shared.getUp().str()] = {layer, "shared_input_moments"};
-          denseMatrices[shared.getDown().str()] = {layer, "shared_intermediate_moments"};
+          denseMatrices[shared.getGate().str()] = {layer, stats::kSharedInputMoments};
+          denseMatrices[shared.getUp().str()] = {layer, stats::kSharedInputMoments};
+          denseMatrices[shared.getDown().str()] = {layer, stats::kSharedIntermediateMoments};
         } else if (auto dense = dyn_cast<ir::DenseOp>(op)) {
           const bool wanted = (dense.getPart() == "attention" && kinds.count("attention")) ||
                               (dense.getPart() == "dense_mlp" && kinds.count("dense")) ||
@@ -131,9 +134,9 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
                     const int64_t layer = static_cast<int64_t>(layerOp.getIndex());
                     if (role == "q_proj" || role == "k_proj" || role == "v_proj" || role == "q_a_proj" ||
                         role == "kv_a_proj")
-                      denseMatrices[symbol.getValue().str()] = {layer, "attention_input_moments"};
+                      denseMatrices[symbol.getValue().str()] = {layer, stats::kAttentionInputMoments};
                     else if (role == "o_proj")
-                      denseMatrices[symbol.getValue().str()] = {layer, "attention_output_moments"};
+                      denseMatrices[symbol.getValue().str()] = {layer, stats::kAttentionOutputMoments};
                   }
                 }
         }
@@ -197,8 +200,8 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
                                  "dense-layer MLPs, lm_head, embeddings); it gets RTN";
         } else {
           const ExpertMatrix &m = where->second;
-          FailureOr<std::vector<double>> coverage = file->layer(m.layer, "moment_tokens", tensor);
-          FailureOr<std::vector<double>> total = file->layer(m.layer, "tokens", tensor);
+          FailureOr<std::vector<double>> coverage = file->layer(m.layer, stats::kMomentTokens, tensor);
+          FailureOr<std::vector<double>> total = file->layer(m.layer, stats::kTokens, tensor);
           if (failed(coverage) || failed(total))
             return failure();
           if (m.expert >= static_cast<int64_t>(coverage->size())) {
@@ -217,7 +220,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
             return success();
           }
           FailureOr<std::vector<double>> hessian =
-              file->expert(m.layer, m.expert, m.down ? "intermediate_moments" : "input_moments", tensor);
+              file->expert(m.layer, m.expert, m.down ? stats::kIntermediateMoments : stats::kInputMoments, tensor);
           if (failed(hessian))
             return failure();
           if (m.down && m.partOffset >= 0) {

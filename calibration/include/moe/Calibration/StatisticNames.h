@@ -1,0 +1,60 @@
+//===- StatisticNames.h - Names of calibration statistics -------*- C++ -*-===//
+//
+// Part of moec. The one list of statistic names: calibration writes them
+// (`layers.<l>.<name>` and `layers.<l>.experts.<e>.<name>` in a
+// safetensors file) and passes read them. E is the layer's expert slots, I
+// an expert's width, H the hidden size.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef MOE_CALIBRATION_STATISTICNAMES_H
+#define MOE_CALIBRATION_STATISTICNAMES_H
+
+namespace moe::stats {
+
+/// Per layer [E] (I64): tokens routed to each expert slot.
+inline constexpr const char *kRoutedTokens = "routed_tokens";
+/// Per layer [] (I64): tokens that passed the layer's router.
+inline constexpr const char *kTokens = "tokens";
+/// Per layer [E]: router probabilities summed over tokens.
+inline constexpr const char *kRouterScoreSum = "router_score_sum";
+/// Per layer [E]: routed weights summed over the tokens routed to each expert.
+inline constexpr const char *kGateWeightSum = "gate_weight_sum";
+/// Per layer [E]: EASY-EP's token-weighted output-norm score.
+inline constexpr const char *kEasyEpScore = "easy_ep_score";
+/// Per layer [E]: largest |down_proj output| (Super Experts).
+inline constexpr const char *kMaxAbsOutput = "max_abs_output";
+/// Per layer [E, E]: Gram matrix of router logits (merging similarity).
+inline constexpr const char *kRouterLogitGram = "router_logit_gram";
+/// Per layer [E]: the top logit summed over the tokens where it was top (PreMoe).
+inline constexpr const char *kTopLogitSum = "top_logit_sum";
+/// Per expert [I]: sum of squared intermediate activations.
+inline constexpr const char *kNeuronSquareSum = "neuron_square_sum";
+/// Per expert [I]: max of squared intermediate activations.
+inline constexpr const char *kNeuronSquareMax = "neuron_square_max";
+/// Per expert [I]: the same, weighted by the routed weight (CAMERA, HEAPr).
+inline constexpr const char *kNeuronWeightedSquareSum = "neuron_weighted_square_sum";
+/// Per expert [I]: max of the weighted squares.
+inline constexpr const char *kNeuronWeightedSquareMax = "neuron_weighted_square_max";
+/// Per expert [H, H]: X^T X of the routed inputs (GPTQ).
+inline constexpr const char *kInputMoments = "input_moments";
+/// Per expert [I, I]: X^T X of the down-projection inputs.
+inline constexpr const char *kIntermediateMoments = "intermediate_moments";
+/// Per layer [E] (I64): tokens in each expert's moments (after the sample cap).
+inline constexpr const char *kMomentTokens = "moment_tokens";
+/// Per layer [S, H] (F32): sampled MoE-block inputs.
+inline constexpr const char *kBlockInput = "block_input";
+/// Per layer [S, H] (F32): the block's outputs for them.
+inline constexpr const char *kBlockOutput = "block_output";
+/// Per layer [H, H]: X^T X of the attention input.
+inline constexpr const char *kAttentionInputMoments = "attention_input_moments";
+/// Per layer: X^T X of the attended values (o_proj input).
+inline constexpr const char *kAttentionOutputMoments = "attention_output_moments";
+/// Per layer [H, H]: X^T X of the shared experts' input.
+inline constexpr const char *kSharedInputMoments = "shared_input_moments";
+/// Per layer: X^T X of the shared experts' down input.
+inline constexpr const char *kSharedIntermediateMoments = "shared_intermediate_moments";
+
+} // namespace moe::stats
+
+#endif // MOE_CALIBRATION_STATISTICNAMES_H

@@ -1,0 +1,96 @@
+//===- StatisticsReader.cpp - Calibration statistics read by passes -------===//
+//
+// Part of moec.
+//
+//===----------------------------------------------------------------------===//
+
+#include "StatisticsReader.h"
+#include "moe/Calibration/StatisticNames.h"
+
+#include <cstring>
+
+using namespace mlir;
+
+namespace moe {
+
+FailureOr<StatisticsReader> StatisticsReader::open(StringRef path, Operation *op, StringRef pass) {
+  if (path.empty())
+    return op->emitError() << pass << ": the stats option (a moec calibrate file) is required", failure();
+  Expected<std::unique_ptr<SafetensorsFile>> file = SafetensorsFile::open(path.str());
+  if (!file)
+    return op->emitError() << pass << ": " << file.status().message(), failure();
+  StatisticsReader stats;
+  stats.file = std::shared_ptr<SafetensorsFile>(file.take());
+  stats.pass = pass.str();
+  return stats;
+}
+
+FailureOr<std::vector<double>> StatisticsReader::read(const std::string &key, Operation *op) const {
+  const TensorInfo *info = file->find(key);
+  if (!info || (info->dtype != DType::F64 && info->dtype != DType::I64 && info->dtype != DType::F32)) {
+    op->emitError() << pass << ": " << file->path() << " has no statistic '" << key
+                    << "'; was it written by moec calibrate for this model (with the options this method needs)?";
+    return failure();
+  }
+  std::vector<double> values(static_cast<size_t>(info->numElements()));
+  const uint8_t *bytes = file->data(*info).data();
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (info->dtype == DType::F64) {
+      std::memcpy(&values[i], bytes + 8 * i, 8);
+    } else if (info->dtype == DType::F32) {
+      float value;
+      std::memcpy(&value, bytes + 4 * i, 4);
+      values[i] = value;
+    } else {
+      int64_t value;
+      std::memcpy(&value, bytes + 8 * i, 8);
+      values[i] = static_cast<double>(value);
+    }
+  }
+  return values;
+}
+
+FailureOr<std::vector<double>> StatisticsReader::layer(int64_t layer, StringRef name, Operation *op) const {
+  return read(concat("layers.", layer, ".", name.str()), op);
+}
+
+FailureOr<std::vector<double>> StatisticsReader::expert(int64_t layer, int64_t expert, StringRef name,
+                                                        Operation *op) const {
+  return read(concat("layers.", layer, ".experts.", expert, ".", name.str()), op);
+}
+
+FailureOr<std::vector<float>> StatisticsReader::floats(int64_t layer, StringRef name, Operation *op, int64_t &rows,
+                                                       int64_t &cols) const {
+  std::string key = concat("layers.", layer, ".", name.str());
+  const TensorInfo *info = file->find(key);
+  if (!info || info->dtype != DType::F32 || info->shape.size() != 2) {
+    op->emitError() << pass << ": " << file->path() << " has no F32 matrix '" << key
+                    << "'; calibrate with --block-samples N";
+    return failure();
+  }
+  rows = info->shape[0];
+  cols = info->shape[1];
+  std::vector<float> values(static_cast<size_t>(rows * cols));
+  std::memcpy(values.data(), file->data(*info).data(), values.size() * sizeof(float));
+  return values;
+}
+
+FailureOr<StatisticsReader::BlockSamples> StatisticsReader::blockSamples(int64_t layer, int64_t hiddenSize,
+                                                                        Operation *op) const {
+  BlockSamples samples;
+  int64_t inputRows, inputCols, outputRows, outputCols;
+  FailureOr<std::vector<float>> input = floats(layer, stats::kBlockInput, op, inputRows, inputCols);
+  FailureOr<std::vector<float>> output = floats(layer, stats::kBlockOutput, op, outputRows, outputCols);
+  if (failed(input) || failed(output))
+    return failure();
+  if (inputCols != hiddenSize || outputCols != hiddenSize || inputRows != outputRows)
+    return op->emitError() << pass << ": block samples of layer " << layer << " have width " << inputCols
+                           << ", the model's hidden size is " << hiddenSize,
+           failure();
+  samples.count = inputRows;
+  samples.input = std::move(*input);
+  samples.output = std::move(*output);
+  return samples;
+}
+
+} // namespace moe
