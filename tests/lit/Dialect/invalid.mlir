@@ -236,3 +236,163 @@ moe.model @m family "phimoe" hidden 8 sources [] config "{}" {
     }
   }
 }
+
+// -----
+
+// expected-error @+1 {{'moe.model' op hidden size must be positive, got 0}}
+moe.model @m family "mixtral" hidden 0 sources [] config "{}" {
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  // expected-error @+1 {{'moe.tensor' op tensor type must have a static shape}}
+  moe.tensor @t : tensor<?x8xbf16> = "t"
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  // expected-error @+1 {{'moe.tensor' op quantisation group must be positive, got 0}}
+  moe.tensor @q : tensor<4x8xbf16> = "q" quant #moe.quant<bits = 4, group = 0, scheme = "asym", format = "q4_g0_asym">
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<1x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  // expected-error @+1 {{'moe.layer' op has 2 moe.moe_block ops, expected at most one}}
+  moe.layer 0 {
+    moe.moe_block {
+      moe.router @r top_k 1 scoring "softmax" selection "top-k"
+      moe.expert 0 width 4 gate @g up @u down @d
+    }
+    moe.moe_block {
+      moe.router @r top_k 1 scoring "softmax" selection "top-k"
+      moe.expert 0 width 4 gate @g up @u down @d
+    }
+  }
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  // expected-error @+1 {{'moe.dense' op tensor 'weight' must be a symbol reference}}
+  moe.dense "embedding" {weight = 3}
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<1x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.layer 0 {
+    moe.moe_block {
+      moe.router @r top_k 1 scoring "softmax" selection "top-k"
+      // expected-error @+1 {{'moe.router' op is the second router of its moe.moe_block}}
+      moe.router @r top_k 1 scoring "softmax" selection "top-k"
+      moe.expert 0 width 4 gate @g up @u down @d
+    }
+  }
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<0x8xbf16> = "r"
+  moe.layer 0 {
+    // expected-error @+1 {{'moe.moe_block' op needs at least one moe.expert}}
+    moe.moe_block {
+      moe.router @r top_k 1 scoring "softmax" selection "top-k"
+    }
+  }
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<1x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.layer 0 {
+    // expected-error @+1 {{'moe.moe_block' op has 2 moe.shared_expert ops, expected at most one}}
+    moe.moe_block {
+      moe.router @r top_k 1 scoring "softmax" selection "top-k"
+      moe.expert 0 width 4 gate @g up @u down @d
+      moe.shared_expert width 4 gate @g up @u down @d
+      moe.shared_expert width 4 gate @g up @u down @d
+    }
+  }
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<1x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.layer 0 {
+    moe.moe_block {
+      // expected-error @+1 {{'moe.router' op top_k must be positive, got 0}}
+      moe.router @r top_k 0 scoring "softmax" selection "top-k"
+      moe.expert 0 width 4 gate @g up @u down @d
+    }
+  }
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<1x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.layer 0 {
+    moe.moe_block {
+      // expected-error @+1 {{'moe.router' op selection 'magic' is not top-k, group-max or group-top2-sum}}
+      moe.router @r top_k 1 scoring "softmax" selection "magic"
+      moe.expert 0 width 4 gate @g up @u down @d
+    }
+  }
+}
+
+// -----
+
+moe.model @m family "deepseek_v3" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<3x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.layer 0 {
+    moe.moe_block {
+      // expected-error @+1 {{'moe.router' op group-limited selection needs groups dividing the 3 router rows and 1 <= top_k_groups <= groups}}
+      moe.router @r top_k 1 scoring "sigmoid" selection "group-max" {groups = 2 : i64, top_k_groups = 1 : i64}
+      moe.expert 0 width 4 gate @g up @u down @d
+      moe.expert 1 width 4 gate @g up @u down @d
+      moe.expert 2 width 4 gate @g up @u down @d
+    }
+  }
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<1x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.layer 0 {
+    moe.moe_block {
+      moe.router @r top_k 1 scoring "softmax" selection "top-k"
+      // expected-error @+1 {{'moe.expert' op width must be positive, got 0}}
+      moe.expert 0 width 0 gate @g up @u down @d
+    }
+  }
+}
