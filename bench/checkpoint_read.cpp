@@ -22,8 +22,8 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
-#include <filesystem>
 #include <fcntl.h>
+#include <filesystem>
 #include <iostream>
 #include <random>
 #include <sys/stat.h>
@@ -35,9 +35,7 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-double secondsSince(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
+double secondsSince(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
 /// Writes `mib` MiB of random weights as 64 MiB shards of [rows, 4096]
 /// matrices (FP8 ones with 128x128 block scales).
@@ -72,8 +70,7 @@ int generate(const std::string &dir, DType dtype, int64_t mib) {
         std::vector<float> scales(static_cast<size_t>((rows / 128) * (cols / 128)), 0.01f);
         std::vector<uint8_t> scaleBytes(scales.size() * 4);
         std::memcpy(scaleBytes.data(), scales.data(), scaleBytes.size());
-        if (!writer.addTensor(name + "_scale_inv", DType::F32, {rows / 128, cols / 128},
-                              std::move(scaleBytes)).ok())
+        if (!writer.addTensor(name + "_scale_inv", DType::F32, {rows / 128, cols / 128}, std::move(scaleBytes)).ok())
           return 1;
         weightMap[name + "_scale_inv"] = file;
       }
@@ -86,9 +83,9 @@ int generate(const std::string &dir, DType dtype, int64_t mib) {
   }
   nlohmann::json index = {{"metadata", nlohmann::json::object()}, {"weight_map", weightMap}};
   std::string text = index.dump();
-  Status status = writeFileAtomically(
-      dir + "/model.safetensors.index.json",
-      std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(text.data()), text.size()));
+  Status status =
+      writeFileAtomically(dir + "/model.safetensors.index.json",
+                          std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(text.data()), text.size()));
   return status.ok() ? 0 : 1;
 }
 
@@ -162,8 +159,7 @@ int main(int argc, char **argv) {
     bytesByDtype[std::string(dtypeName(info.dtype))] += info.byteSize();
     // Scale tensors are consumed with their weight.
     if (name.size() > kScaleInvSuffix.size() &&
-        name.compare(name.size() - kScaleInvSuffix.size(), kScaleInvSuffix.size(),
-                     kScaleInvSuffix) == 0)
+        name.compare(name.size() - kScaleInvSuffix.size(), kScaleInvSuffix.size(), kScaleInvSuffix) == 0)
       continue;
     names.push_back(name);
   }
@@ -202,11 +198,10 @@ int main(int argc, char **argv) {
       workers.emplace_back([&] {
         for (size_t i = next++; i < names.size(); i = next++) {
           const TensorInfo &info = *checkpoint.find(names[i])->info;
-          int64_t rowElements = info.shape.size() < 2 ? info.numElements()
-                                                      : info.numElements() / info.shape[0];
+          int64_t rowElements = info.shape.size() < 2 ? info.numElements() : info.numElements() / info.shape[0];
           int64_t rows = std::max<int64_t>(1, (256 << 10) / 4 / std::max<int64_t>(1, rowElements));
-          Status status = checkpoint.streamF32(
-              names[i], rows, [](int64_t, int64_t, const float *) { return Status::success(); });
+          Status status =
+              checkpoint.streamF32(names[i], rows, [](int64_t, int64_t, const float *) { return Status::success(); });
           if (!status.ok())
             failed = true;
         }
@@ -219,21 +214,20 @@ int main(int argc, char **argv) {
     }
     bestStream = std::max(bestStream, totalBytes / secondsSince(start) / 1e9);
   }
-  nlohmann::json out = {
-      {"benchmark", "checkpoint_read"},
-      {"checkpoint", args[0]},
-      {"bytes", totalBytes},
-      {"tensors", checkpoint.tensorCount()},
-      {"bytes_by_dtype", bytesByDtype},
-      {"threads", threads},
-      {"repeat", repeat},
-      {"page_cache_read_gb_per_s", bestRead},
-      {"mmap_memcpy_gb_per_s", bestCopy},
-      {"convert_to_f32_gb_per_s", bestConvert},
-      {"convert_vs_page_cache_read", bestConvert / bestRead},
-      {"stream_to_f32_gb_per_s", bestStream},
-      {"stream_vs_page_cache_read", bestStream / bestRead},
-      {"note", "GB/s of checkpoint bytes; best of repeat; page cache warm"}};
+  nlohmann::json out = {{"benchmark", "checkpoint_read"},
+                        {"checkpoint", args[0]},
+                        {"bytes", totalBytes},
+                        {"tensors", checkpoint.tensorCount()},
+                        {"bytes_by_dtype", bytesByDtype},
+                        {"threads", threads},
+                        {"repeat", repeat},
+                        {"page_cache_read_gb_per_s", bestRead},
+                        {"mmap_memcpy_gb_per_s", bestCopy},
+                        {"convert_to_f32_gb_per_s", bestConvert},
+                        {"convert_vs_page_cache_read", bestConvert / bestRead},
+                        {"stream_to_f32_gb_per_s", bestStream},
+                        {"stream_vs_page_cache_read", bestStream / bestRead},
+                        {"note", "GB/s of checkpoint bytes; best of repeat; page cache warm"}};
   std::cout << out.dump(2) << "\n";
   return 0;
 }

@@ -73,7 +73,7 @@ int main(int argc, char **argv) {
     return static_cast<double>(ms) / 1e3 / repeat;
   };
   const char *formats[] = {"q4_g128_asym", "q4_g128_sym", "q4_g64_asym", "q4_g32_sym", "q8_g128_sym",
-                           "q3_g128_asym", "q3_g64_sym", "q2_g64_asym", "q2_g32_asym"};
+                           "q3_g128_asym", "q3_g64_sym",  "q2_g64_asym", "q2_g32_asym"};
   for (const char *name : formats) {
     quant::QuantFormat format = *quant::parseQuantFormat(name);
     const size_t bytes = format.matrixBytes(rows, cols);
@@ -99,9 +99,8 @@ int main(int argc, char **argv) {
     std::printf("{\"device\": \"%s\", \"format\": \"%s\", \"rows\": %lld, \"cols\": %lld, \"bytes\": %zu, "
                 "\"microseconds\": %.2f, \"gb_per_s\": %.1f, \"copy_read_gb_per_s\": %.1f, "
                 "\"fraction_of_copy_read\": %.2f}\n",
-                properties.name, name, static_cast<long long>(rows), static_cast<long long>(cols), bytes,
-                seconds * 1e6, bytes / seconds / 1e9, bytes / copySeconds / 1e9,
-                (bytes / seconds) / (bytes / copySeconds));
+                properties.name, name, static_cast<long long>(rows), static_cast<long long>(cols), bytes, seconds * 1e6,
+                bytes / seconds / 1e9, bytes / copySeconds / 1e9, (bytes / seconds) / (bytes / copySeconds));
     cudaFree(deviceW);
     cudaFree(copy);
   }

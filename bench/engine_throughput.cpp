@@ -29,9 +29,7 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-double secondsSince(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
+double secondsSince(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
 /// STREAM-style copy bandwidth (bytes read + written per second) and read
 /// bandwidth (a sum over the buffer), each with one thread per core over
@@ -138,7 +136,7 @@ int main(int argc, char **argv) {
     weightsInMemory = "package";
     for (const auto &[role, tensor] : package->description.globals)
       bytesPerToken += role == TensorRole::Embedding ? static_cast<double>(tensor.size) / spec.vocabSize
-                                                      : static_cast<double>(tensor.size);
+                                                     : static_cast<double>(tensor.size);
     for (size_t l = 0; l < package->description.layers.size(); ++l) {
       const LayerEntry &layer = package->description.layers[l];
       for (const auto &[role, tensor] : layer.tensors)

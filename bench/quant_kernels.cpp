@@ -29,9 +29,7 @@ using namespace moe::quant;
 
 namespace {
 
-double now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
+double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
 /// Best of `repeat` runs of `body` split over `threads` row ranges.
 template <typename Body> double bestSeconds(int repeat, int threads, int64_t rows, const Body &body) {
@@ -83,7 +81,9 @@ int main(int argc, char **argv) {
     double seconds = bestSeconds(repeat, threads, static_cast<int64_t>(copyBytes), [&](int64_t begin, int64_t end) {
       std::memcpy(to.data() + begin, from.data() + begin, static_cast<size_t>(end - begin));
     });
-    std::cout << nlohmann::json{{"kernel", "memcpy"}, {"threads", threads}, {"bytes", copyBytes},
+    std::cout << nlohmann::json{{"kernel", "memcpy"},
+                                {"threads", threads},
+                                {"bytes", copyBytes},
                                 {"gb_per_s", static_cast<double>(copyBytes) / seconds / 1e9}}
                      .dump()
               << std::endl;
@@ -99,25 +99,30 @@ int main(int argc, char **argv) {
         QuantizedActivation activation;
         std::vector<float> y(static_cast<size_t>(rows));
         for (const char *isa : availableIsas())
-        for (int threads : {1, cores}) {
-          // The activation is quantized once per matmul; timed separately.
-          double start = now();
-          quantizeActivation(x.data(), cols, group, activation);
-          double quantizeSeconds = now() - start;
-          double seconds = bestSeconds(repeat, threads, rows, [&](int64_t begin, int64_t end) {
-            gemvRowsWithIsa(isa, view, activation, begin, end, y.data() + begin);
-          });
-          std::cout << nlohmann::json{{"kernel", "gemv"}, {"isa", isa}, {"format", format.name()},
-                                      {"threads", threads}, {"rows", rows}, {"cols", cols},
-                                      {"weight_bytes", packed.size()},
-                                      {"bits_per_weight", 8.0 * static_cast<double>(packed.size()) /
-                                                              static_cast<double>(rows * cols)},
-                                      {"seconds", seconds}, {"activation_quantize_seconds", quantizeSeconds},
-                                      {"gb_per_s", static_cast<double>(packed.size()) / seconds / 1e9},
-                                      {"weights_per_s", static_cast<double>(rows * cols) / seconds}}
-                           .dump()
-                    << std::endl;
-        }
+          for (int threads : {1, cores}) {
+            // The activation is quantized once per matmul; timed separately.
+            double start = now();
+            quantizeActivation(x.data(), cols, group, activation);
+            double quantizeSeconds = now() - start;
+            double seconds = bestSeconds(repeat, threads, rows, [&](int64_t begin, int64_t end) {
+              gemvRowsWithIsa(isa, view, activation, begin, end, y.data() + begin);
+            });
+            std::cout << nlohmann::json{{"kernel", "gemv"},
+                                        {"isa", isa},
+                                        {"format", format.name()},
+                                        {"threads", threads},
+                                        {"rows", rows},
+                                        {"cols", cols},
+                                        {"weight_bytes", packed.size()},
+                                        {"bits_per_weight",
+                                         8.0 * static_cast<double>(packed.size()) / static_cast<double>(rows * cols)},
+                                        {"seconds", seconds},
+                                        {"activation_quantize_seconds", quantizeSeconds},
+                                        {"gb_per_s", static_cast<double>(packed.size()) / seconds / 1e9},
+                                        {"weights_per_s", static_cast<double>(rows * cols) / seconds}}
+                             .dump()
+                      << std::endl;
+          }
       }
   return 0;
 }

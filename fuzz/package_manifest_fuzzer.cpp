@@ -45,8 +45,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     return 0;
   // Where the data region starts and how long it must be.
   const std::string probe = manifest.dump();
-  const uint64_t dataOffset = (sizeof(moe::PackageHeader) + probe.size() + 1024 + kAlignment - 1) / kAlignment *
-                              kAlignment;
+  const uint64_t dataOffset =
+      (sizeof(moe::PackageHeader) + probe.size() + 1024 + kAlignment - 1) / kAlignment * kAlignment;
   uint64_t end = dataOffset;
   if (manifest.contains("tensors") && manifest["tensors"].is_object())
     for (auto &[name, tensor] : manifest["tensors"].items()) {

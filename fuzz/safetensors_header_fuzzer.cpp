@@ -10,16 +10,14 @@
 #include <cstdlib>
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-  moe::Expected<moe::SafetensorsHeader> header =
-      moe::parseSafetensorsHeader(data, size, "fuzz.safetensors");
+  moe::Expected<moe::SafetensorsHeader> header = moe::parseSafetensorsHeader(data, size, "fuzz.safetensors");
   if (!header)
     return 0;
   uint64_t bufferSize = size - header->dataOffset;
   uint64_t covered = 0;
   for (const moe::TensorInfo &tensor : header->tensors) {
     if (tensor.dataEnd > bufferSize || tensor.dataBegin > tensor.dataEnd ||
-        tensor.byteSize() !=
-            static_cast<uint64_t>(tensor.numElements()) * moe::dtypeBytes(tensor.dtype) ||
+        tensor.byteSize() != static_cast<uint64_t>(tensor.numElements()) * moe::dtypeBytes(tensor.dtype) ||
         header->find(tensor.name) != &tensor)
       std::abort();
     covered += tensor.byteSize();

@@ -16,7 +16,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   moe::Expected<std::unique_ptr<moe::Tokenizer>> tokenizer = moe::Tokenizer::fromJson(text, "fuzz/tokenizer.json");
   if (!tokenizer)
     return 0;
-  for (std::string_view input : {std::string_view("The jury said, \"caf\xC3\xA9 <s> 12345!\"\n"), text.substr(0, 256)}) {
+  for (std::string_view input :
+       {std::string_view("The jury said, \"caf\xC3\xA9 <s> 12345!\"\n"), text.substr(0, 256)}) {
     moe::Expected<std::vector<int32_t>> ids = (*tokenizer)->encode(input, true);
     if (!ids)
       continue;

@@ -254,8 +254,8 @@ public:
     const int64_t n = static_cast<int64_t>(rows.size()) / width;
     if (n == 0)
       return;
-    cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, static_cast<int>(width), static_cast<int>(n), 1.0,
-                rows.data(), static_cast<int>(width), 1.0, target.data(), static_cast<int>(width));
+    cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, static_cast<int>(width), static_cast<int>(n), 1.0, rows.data(),
+                static_cast<int>(width), 1.0, target.data(), static_cast<int>(width));
   }
 
   /// Copies the upper triangle to the lower (the rank-k updates fill only the upper).
@@ -389,8 +389,9 @@ Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStre
       return Status::error("--input-moments: this model's moments take ", static_cast<double>(held) / 1e9,
                            " GB held at once (", visitor ? "one layer" : "every layer until they are written",
                            "), more than the ", static_cast<double>(limit) / 1e9, " GB available",
-                           visitor ? "" : "; moec compress with a GPTQ recipe calibrates and quantises one layer "
-                                          "at a time");
+                           visitor ? ""
+                                   : "; moec compress with a GPTQ recipe calibrates and quantises one layer "
+                                     "at a time");
   }
 
   // The residual stream of every window, advanced one layer at a time: one
@@ -466,9 +467,11 @@ Status writeStatistics(const CalibrationResult &result, const CalibrationOptions
     auto addF64 = [&](const std::string &name, std::vector<int64_t> shape, const std::vector<double> &values) {
       return writer.addTensorView(prefix + name, DType::F64, std::move(shape), toBytes(values));
     };
-    MOE_RETURN_IF_ERROR(writer.addTensorView(prefix + stats::kRoutedTokens, DType::I64, {E}, toBytes(stats.routedTokens)));
-    MOE_RETURN_IF_ERROR(writer.addTensor(prefix + stats::kTokens, DType::I64, {}, std::vector<uint8_t>(
-        reinterpret_cast<const uint8_t *>(&stats.tokens), reinterpret_cast<const uint8_t *>(&stats.tokens + 1))));
+    MOE_RETURN_IF_ERROR(
+        writer.addTensorView(prefix + stats::kRoutedTokens, DType::I64, {E}, toBytes(stats.routedTokens)));
+    MOE_RETURN_IF_ERROR(writer.addTensor(prefix + stats::kTokens, DType::I64, {},
+                                         std::vector<uint8_t>(reinterpret_cast<const uint8_t *>(&stats.tokens),
+                                                              reinterpret_cast<const uint8_t *>(&stats.tokens + 1))));
     MOE_RETURN_IF_ERROR(addF64(stats::kRouterScoreSum, {E}, stats.routerScoreSum));
     MOE_RETURN_IF_ERROR(addF64(stats::kGateWeightSum, {E}, stats.gateWeightSum));
     MOE_RETURN_IF_ERROR(addF64(stats::kEasyEpScore, {E}, stats.easyEpScore));
@@ -493,13 +496,14 @@ Status writeStatistics(const CalibrationResult &result, const CalibrationOptions
       }
     }
     if (!stats.inputMoments.empty())
-      MOE_RETURN_IF_ERROR(writer.addTensorView(prefix + stats::kMomentTokens, DType::I64, {E}, toBytes(stats.momentTokens)));
+      MOE_RETURN_IF_ERROR(
+          writer.addTensorView(prefix + stats::kMomentTokens, DType::I64, {E}, toBytes(stats.momentTokens)));
     if (stats.blockSampleCount > 0) {
       const int64_t H = static_cast<int64_t>(stats.blockInput.size()) / stats.blockSampleCount;
       MOE_RETURN_IF_ERROR(writer.addTensorView(prefix + stats::kBlockInput, DType::F32, {stats.blockSampleCount, H},
-                                           toBytes(stats.blockInput)));
+                                               toBytes(stats.blockInput)));
       MOE_RETURN_IF_ERROR(writer.addTensorView(prefix + stats::kBlockOutput, DType::F32, {stats.blockSampleCount, H},
-                                           toBytes(stats.blockOutput)));
+                                               toBytes(stats.blockOutput)));
     }
   }
   for (const auto &[layer, moments] : result.denseMoments) {

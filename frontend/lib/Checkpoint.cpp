@@ -34,8 +34,7 @@ bool isFile(const std::string &path) {
 
 } // namespace
 
-Expected<std::unique_ptr<Checkpoint>>
-Checkpoint::open(const std::string &directory) {
+Expected<std::unique_ptr<Checkpoint>> Checkpoint::open(const std::string &directory) {
   if (!isDirectory(directory))
     return Status::error(directory, ": not a readable directory (expected a "
                                     "Hugging Face checkpoint directory)");
@@ -54,26 +53,21 @@ Checkpoint::open(const std::string &directory) {
       return Status::error(indexPath, ": not a JSON object");
     auto weightMap = index.find("weight_map");
     if (weightMap == index.end() || !weightMap->is_object())
-      return Status::error(indexPath,
-                           ": missing object 'weight_map' (tensor -> shard)");
+      return Status::error(indexPath, ": missing object 'weight_map' (tensor -> shard)");
     std::map<std::string, SafetensorsFile *> shardByName;
     for (auto &[tensor, shardValue] : weightMap->items()) {
       if (!shardValue.is_string())
-        return Status::error(indexPath, ": weight_map entry '", tensor,
-                             "' must name a shard file");
+        return Status::error(indexPath, ": weight_map entry '", tensor, "' must name a shard file");
       std::string shard = shardValue.get<std::string>();
       if (shard.empty() || shard.find('/') != std::string::npos)
-        return Status::error(indexPath, ": weight_map entry '", tensor,
-                             "' names shard '", shard,
+        return Status::error(indexPath, ": weight_map entry '", tensor, "' names shard '", shard,
                              "'; expected a file name inside the directory");
       if (!shardByName.count(shard)) {
         std::string shardPath = directory + "/" + shard;
         if (!isFile(shardPath))
-          return Status::error(indexPath, ": tensor '", tensor,
-                               "' is mapped to shard '", shard,
+          return Status::error(indexPath, ": tensor '", tensor, "' is mapped to shard '", shard,
                                "', which does not exist in ", directory);
-        Expected<std::unique_ptr<SafetensorsFile>> file =
-            SafetensorsFile::open(shardPath);
+        Expected<std::unique_ptr<SafetensorsFile>> file = SafetensorsFile::open(shardPath);
         if (!file)
           return file.status();
         shardByName[shard] = file->get();
@@ -82,8 +76,7 @@ Checkpoint::open(const std::string &directory) {
       SafetensorsFile *file = shardByName[shard];
       const TensorInfo *info = file->find(tensor);
       if (!info)
-        return Status::error(indexPath, ": tensor '", tensor,
-                             "' is mapped to shard '", shard,
+        return Status::error(indexPath, ": tensor '", tensor, "' is mapped to shard '", shard,
                              "', but that shard does not contain it");
       checkpoint->locations[tensor] = TensorLocation{file, info};
     }
@@ -92,18 +85,16 @@ Checkpoint::open(const std::string &directory) {
     std::sort(checkpoint->files.begin(), checkpoint->files.end(),
               [](const auto &a, const auto &b) { return a->path() < b->path(); });
   } else if (isFile(singlePath)) {
-    Expected<std::unique_ptr<SafetensorsFile>> file =
-        SafetensorsFile::open(singlePath);
+    Expected<std::unique_ptr<SafetensorsFile>> file = SafetensorsFile::open(singlePath);
     if (!file)
       return file.status();
     for (const TensorInfo &info : (*file)->tensors())
       checkpoint->locations[info.name] = TensorLocation{file->get(), &info};
     checkpoint->files.push_back(file.take());
   } else {
-    return Status::error(directory,
-                         ": no model.safetensors or "
-                         "model.safetensors.index.json (only safetensors "
-                         "checkpoints are supported)");
+    return Status::error(directory, ": no model.safetensors or "
+                                    "model.safetensors.index.json (only safetensors "
+                                    "checkpoints are supported)");
   }
   return checkpoint;
 }
@@ -121,8 +112,7 @@ const TensorLocation *Checkpoint::find(std::string_view name) const {
   return it == locations.end() ? nullptr : &it->second;
 }
 
-void applyFp8BlockScales(float *matrix, int64_t firstRow, int64_t rows, int64_t cols,
-                         const float *scales) {
+void applyFp8BlockScales(float *matrix, int64_t firstRow, int64_t rows, int64_t cols, const float *scales) {
   int64_t scaleCols = (cols + kFp8BlockSize - 1) / kFp8BlockSize;
   for (int64_t r = 0; r < rows; ++r) {
     const float *scaleRow = scales + ((firstRow + r) / kFp8BlockSize) * scaleCols;
@@ -141,8 +131,8 @@ namespace {
 
 /// The f32 block scales of FP8 tensor `name`, or an empty vector when it
 /// needs none (not FP8, or FP8 without a `_scale_inv` sibling).
-Status loadBlockScales(const Checkpoint &checkpoint, std::string_view name,
-                       const TensorLocation &location, std::vector<float> &scales) {
+Status loadBlockScales(const Checkpoint &checkpoint, std::string_view name, const TensorLocation &location,
+                       std::vector<float> &scales) {
   scales.clear();
   const TensorInfo &info = *location.info;
   if (info.dtype != DType::F8E4M3 && info.dtype != DType::F8E5M2)
@@ -152,17 +142,14 @@ Status loadBlockScales(const Checkpoint &checkpoint, std::string_view name,
   if (!scale)
     return Status::success(); // FP8 without block scales
   if (info.shape.size() != 2)
-    return Status::error(location.file->path(), ": tensor '", name,
-                         "' has block scales but shape ", formatShape(info.shape),
-                         "; expected a matrix");
+    return Status::error(location.file->path(), ": tensor '", name, "' has block scales but shape ",
+                         formatShape(info.shape), "; expected a matrix");
   std::vector<int64_t> expected = {(info.shape[0] + kFp8BlockSize - 1) / kFp8BlockSize,
                                    (info.shape[1] + kFp8BlockSize - 1) / kFp8BlockSize};
   if (scale->info->shape != expected)
-    return Status::error(scale->file->path(), ": tensor '", scaleName, "' has shape ",
-                         formatShape(scale->info->shape), ", expected ",
-                         formatShape(expected), " for the ", kFp8BlockSize, "x",
-                         kFp8BlockSize, " blocks of '", name, "' ",
-                         formatShape(info.shape));
+    return Status::error(scale->file->path(), ": tensor '", scaleName, "' has shape ", formatShape(scale->info->shape),
+                         ", expected ", formatShape(expected), " for the ", kFp8BlockSize, "x", kFp8BlockSize,
+                         " blocks of '", name, "' ", formatShape(info.shape));
   scales.resize(static_cast<size_t>(numElements(expected)));
   return convertToF32(scale->info->dtype, scale->bytes().data(), scales.size(), scales.data())
       .withContext(concat(scale->file->path(), ": tensor '", scaleName, "'"));
@@ -184,16 +171,14 @@ Status Checkpoint::loadF32(std::string_view name, std::vector<float> &out) const
   MOE_RETURN_IF_ERROR(locateWithScales(name, location, scales));
   const TensorInfo &info = *location->info;
   out.resize(static_cast<size_t>(info.numElements()));
-  MOE_RETURN_IF_ERROR(
-      convertToF32(info.dtype, location->bytes().data(), out.size(), out.data())
-          .withContext(concat(location->file->path(), ": tensor '", name, "'")));
+  MOE_RETURN_IF_ERROR(convertToF32(info.dtype, location->bytes().data(), out.size(), out.data())
+                          .withContext(concat(location->file->path(), ": tensor '", name, "'")));
   if (!scales.empty())
     applyFp8BlockScales(out.data(), 0, info.shape[0], info.shape[1], scales.data());
   return Status::success();
 }
 
-Status Checkpoint::streamF32(std::string_view name, int64_t rowsPerChunk,
-                             const RowChunkConsumer &consumer) const {
+Status Checkpoint::streamF32(std::string_view name, int64_t rowsPerChunk, const RowChunkConsumer &consumer) const {
   const TensorLocation *location = nullptr;
   std::vector<float> scales;
   MOE_RETURN_IF_ERROR(locateWithScales(name, location, scales));

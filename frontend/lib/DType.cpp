@@ -45,8 +45,7 @@ float float8E4M3Compute(uint8_t bits) {
     return std::nanf(""); // e4m3fn has no infinity; only S.1111.111 is NaN.
   if (exponent == 0)
     return sign * std::ldexp(static_cast<float>(mantissa), -9);
-  return sign * std::ldexp(1.0f + mantissa / 8.0f,
-                           static_cast<int>(exponent) - 7);
+  return sign * std::ldexp(1.0f + mantissa / 8.0f, static_cast<int>(exponent) - 7);
 }
 
 struct Float8Tables {
@@ -78,13 +77,11 @@ void convertHalfScalar(const uint8_t *source, size_t count, float *out) {
 }
 
 #ifdef MOE_HAVE_X86
-__attribute__((target("avx,f16c"))) void
-convertHalfF16C(const uint8_t *source, size_t count, float *out) {
+__attribute__((target("avx,f16c"))) void convertHalfF16C(const uint8_t *source, size_t count, float *out) {
   size_t i = 0;
   for (; i + 8 <= count; i += 8) {
     _mm_prefetch(reinterpret_cast<const char *>(source + 2 * i) + 4096, _MM_HINT_T0);
-    __m128i halves =
-        _mm_loadu_si128(reinterpret_cast<const __m128i *>(source + 2 * i));
+    __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i *>(source + 2 * i));
     _mm256_storeu_ps(out + i, _mm256_cvtph_ps(halves));
   }
   convertHalfScalar(source + 2 * i, count - i, out + i);
@@ -93,8 +90,7 @@ convertHalfF16C(const uint8_t *source, size_t count, float *out) {
 
 void convertHalf(const uint8_t *source, size_t count, float *out) {
 #ifdef MOE_HAVE_X86
-  static const bool hasF16C = __builtin_cpu_supports("f16c") &&
-                              __builtin_cpu_supports("avx");
+  static const bool hasF16C = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
   if (hasF16C)
     return convertHalfF16C(source, count, out);
 #endif
@@ -107,8 +103,7 @@ void convertBfloat16Scalar(const uint8_t *source, size_t count, float *out) {
 }
 
 #ifdef MOE_HAVE_X86
-__attribute__((target("avx2"))) void convertBfloat16Avx2(const uint8_t *source, size_t count,
-                                                          float *out) {
+__attribute__((target("avx2"))) void convertBfloat16Avx2(const uint8_t *source, size_t count, float *out) {
   size_t i = 0;
   for (; i + 16 <= count; i += 16) {
     // Hardware prefetchers stop at the 4 KiB page boundaries of a file
@@ -119,10 +114,8 @@ __attribute__((target("avx2"))) void convertBfloat16Avx2(const uint8_t *source, 
     __m256i low = _mm256_unpacklo_epi16(_mm256_setzero_si256(), halves);
     __m256i high = _mm256_unpackhi_epi16(_mm256_setzero_si256(), halves);
     // unpack works per 128-bit lane: reorder to elements 0-7, 8-15.
-    _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + i),
-                        _mm256_permute2x128_si256(low, high, 0x20));
-    _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + i + 8),
-                        _mm256_permute2x128_si256(low, high, 0x31));
+    _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + i), _mm256_permute2x128_si256(low, high, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + i + 8), _mm256_permute2x128_si256(low, high, 0x31));
   }
   convertBfloat16Scalar(source + 2 * i, count - i, out + i);
 }
@@ -142,8 +135,7 @@ void convertBfloat16(const uint8_t *source, size_t count, float *out) {
 // form an IEEE half whose value is the E4M3 value times 2^-8 (exponent
 // bias 15 instead of 7), subnormals included; F16C converts it exactly,
 // a multiply by 256 rebiases, the sign is OR-ed back, and 0x7F becomes NaN.
-__attribute__((target("avx2,f16c"))) void
-convertFloat8E4M3Avx2(const uint8_t *source, size_t count, float *out) {
+__attribute__((target("avx2,f16c"))) void convertFloat8E4M3Avx2(const uint8_t *source, size_t count, float *out) {
   const __m128i magnitudeMask = _mm_set1_epi16(0x7F);
   const __m256 rebias = _mm256_set1_ps(256.0f);
   const __m256 nan = _mm256_set1_ps(std::nanf(""));
@@ -154,9 +146,8 @@ convertFloat8E4M3Avx2(const uint8_t *source, size_t count, float *out) {
     __m128i words = _mm_cvtepu8_epi16(bytes);
     __m128i magnitude = _mm_and_si128(words, magnitudeMask);
     __m256 value = _mm256_mul_ps(_mm256_cvtph_ps(_mm_slli_epi16(magnitude, 7)), rebias);
-    __m256i sign = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_srli_epi16(
-                                         _mm_and_si128(words, _mm_set1_epi16(0x80)), 7)),
-                                     31);
+    __m256i sign =
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_srli_epi16(_mm_and_si128(words, _mm_set1_epi16(0x80)), 7)), 31);
     value = _mm256_or_ps(value, _mm256_castsi256_ps(sign));
     __m256i isNan = _mm256_cvtepi16_epi32(_mm_cmpeq_epi16(magnitude, magnitudeMask));
     value = _mm256_blendv_ps(value, nan, _mm256_castsi256_ps(isNan));
@@ -177,17 +168,14 @@ void convertFloat8E4M3(const uint8_t *source, size_t count, float *out) {
     out[i] = float8Tables().e4m3[source[i]];
 }
 
-void convertByTable(const std::array<float, 256> &table,
-                    const uint8_t *source, size_t count, float *out) {
+void convertByTable(const std::array<float, 256> &table, const uint8_t *source, size_t count, float *out) {
   for (size_t i = 0; i < count; ++i)
     out[i] = table[source[i]];
 }
 
 } // namespace
 
-const DTypeTraits &dtypeTraits(DType dtype) {
-  return traitsTable[static_cast<size_t>(dtype)];
-}
+const DTypeTraits &dtypeTraits(DType dtype) { return traitsTable[static_cast<size_t>(dtype)]; }
 
 std::optional<DType> parseDType(std::string_view name) {
   for (const DTypeTraits &traits : traitsTable)
@@ -232,9 +220,7 @@ float halfToFloat(uint16_t bits) {
   return std::bit_cast<float>(result | sign);
 }
 
-float bfloat16ToFloat(uint16_t bits) {
-  return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16);
-}
+float bfloat16ToFloat(uint16_t bits) { return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16); }
 
 float float8E4M3ToFloat(uint8_t bits) { return float8Tables().e4m3[bits]; }
 float float8E5M2ToFloat(uint8_t bits) { return float8Tables().e5m2[bits]; }
@@ -259,16 +245,14 @@ uint16_t floatToHalf(float value) {
     // Subnormal half: add 0.5 so the float adder rounds to nearest even at
     // the half's last subnormal bit.
     float shifted = std::bit_cast<float>(magnitude) + 0.5f;
-    return sign | static_cast<uint16_t>(std::bit_cast<uint32_t>(shifted) -
-                                        std::bit_cast<uint32_t>(0.5f));
+    return sign | static_cast<uint16_t>(std::bit_cast<uint32_t>(shifted) - std::bit_cast<uint32_t>(0.5f));
   }
   uint32_t roundingBias = 0xFFF + ((magnitude >> 13) & 1);
   magnitude += roundingBias - (112u << 23);
   return sign | static_cast<uint16_t>(magnitude >> 13);
 }
 
-Status convertToF32(DType dtype, const void *source, size_t count,
-                    float *destination) {
+Status convertToF32(DType dtype, const void *source, size_t count, float *destination) {
   const auto *bytes = static_cast<const uint8_t *>(source);
   switch (dtype) {
   case DType::F32:
@@ -282,8 +266,7 @@ Status convertToF32(DType dtype, const void *source, size_t count,
     return Status::success();
   case DType::F64:
     for (size_t i = 0; i < count; ++i)
-      destination[i] =
-          static_cast<float>(loadUnaligned<double>(bytes + 8 * i));
+      destination[i] = static_cast<float>(loadUnaligned<double>(bytes + 8 * i));
     return Status::success();
   case DType::F8E4M3:
     convertFloat8E4M3(bytes, count, destination);
@@ -292,8 +275,7 @@ Status convertToF32(DType dtype, const void *source, size_t count,
     convertByTable(float8Tables().e5m2, bytes, count, destination);
     return Status::success();
   default:
-    return Status::error("cannot convert dtype ", dtypeName(dtype),
-                         " to f32: not a floating-point type");
+    return Status::error("cannot convert dtype ", dtypeName(dtype), " to f32: not a floating-point type");
   }
 }
 

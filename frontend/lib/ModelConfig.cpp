@@ -38,8 +38,7 @@ constexpr int64_t kMaxRoutedExpertsInModel = 262144;
 /// Typed access to config keys; remembers the first error.
 class ConfigReader {
 public:
-  ConfigReader(const json &root, std::string source)
-      : root(root), source(std::move(source)) {}
+  ConfigReader(const json &root, std::string source) : root(root), source(std::move(source)) {}
 
   /// Present and not null.
   bool has(const char *key) const {
@@ -58,9 +57,7 @@ public:
     }
     return intValue(key, *get(key));
   }
-  int64_t optionalInt(const char *key, int64_t fallback) {
-    return has(key) ? intValue(key, *get(key)) : fallback;
-  }
+  int64_t optionalInt(const char *key, int64_t fallback) { return has(key) ? intValue(key, *get(key)) : fallback; }
   double optionalDouble(const char *key, double fallback) {
     if (!has(key))
       return fallback;
@@ -201,9 +198,9 @@ void readRope(ConfigReader &config, RopeSpec &rope, double defaultTheta) {
     }
     return values;
   };
-  rope.originalMaxPositions = static_cast<int64_t>(number(
-      "original_max_position_embeddings",
-      static_cast<double>(config.optionalInt("original_max_position_embeddings", 0))));
+  rope.originalMaxPositions =
+      static_cast<int64_t>(number("original_max_position_embeddings",
+                                  static_cast<double>(config.optionalInt("original_max_position_embeddings", 0))));
   if (type.empty() || type == "default") {
     rope.scaling = RopeScalingKind::None;
   } else if (type == "linear") {
@@ -229,22 +226,18 @@ void readRope(ConfigReader &config, RopeSpec &rope, double defaultTheta) {
     rope.shortMscale = number("short_mscale", 1.0);
     rope.longMscale = number("long_mscale", 1.0);
   } else {
-    config.fail("unsupported rope scaling type '", type,
-                "'; supported: default, linear, dynamic, yarn, longrope");
+    config.fail("unsupported rope scaling type '", type, "'; supported: default, linear, dynamic, yarn, longrope");
   }
   if (rope.scaling == RopeScalingKind::Yarn && rope.originalMaxPositions <= 0)
     config.fail("yarn rope scaling needs original_max_position_embeddings");
-  if ((rope.scaling == RopeScalingKind::Yarn ||
-       rope.scaling == RopeScalingKind::Linear ||
+  if ((rope.scaling == RopeScalingKind::Yarn || rope.scaling == RopeScalingKind::Linear ||
        rope.scaling == RopeScalingKind::Dynamic) &&
       !(rope.factor > 0))
     config.fail("rope scaling factor must be positive");
 }
 
 /// YaRN's attention magnitude correction (DeepSeek's yarn_get_mscale).
-double yarnMscale(double factor, double mscale) {
-  return factor <= 1.0 ? 1.0 : 0.1 * mscale * std::log(factor) + 1.0;
-}
+double yarnMscale(double factor, double mscale) { return factor <= 1.0 ? 1.0 : 0.1 * mscale * std::log(factor) + 1.0; }
 
 DType readConfigDType(ConfigReader &config) {
   for (const char *key : {"torch_dtype", "dtype"}) {
@@ -253,8 +246,7 @@ DType readConfigDType(ConfigReader &config) {
       continue;
     if (std::optional<DType> dtype = parseTorchDType(name))
       return *dtype;
-    config.fail("key '", key, "' names unsupported dtype '", name,
-                "'; expected bfloat16, float16 or float32");
+    config.fail("key '", key, "' names unsupported dtype '", name, "'; expected bfloat16, float16 or float32");
   }
   return DType::BF16;
 }
@@ -274,13 +266,9 @@ void readCommon(ConfigReader &config, ModelSpec &spec) {
     config.fail("key 'hidden_act' is '", activation, "'; moec runs SwiGLU MLPs: expected \"silu\"");
   AttentionSpec &attention = spec.attention;
   attention.numHeads = config.requirePositive("num_attention_heads", kMaxHeads);
-  attention.numKeyValueHeads =
-      config.optionalInt("num_key_value_heads", attention.numHeads);
-  if (config.result().ok() &&
-      (attention.numKeyValueHeads <= 0 ||
-       attention.numHeads % attention.numKeyValueHeads != 0))
-    config.fail("num_attention_heads (", attention.numHeads,
-                ") must be a multiple of num_key_value_heads (",
+  attention.numKeyValueHeads = config.optionalInt("num_key_value_heads", attention.numHeads);
+  if (config.result().ok() && (attention.numKeyValueHeads <= 0 || attention.numHeads % attention.numKeyValueHeads != 0))
+    config.fail("num_attention_heads (", attention.numHeads, ") must be a multiple of num_key_value_heads (",
                 attention.numKeyValueHeads, ")");
 }
 
@@ -288,8 +276,7 @@ void readCommon(ConfigReader &config, ModelSpec &spec) {
 void readGroupedQueryAttention(ConfigReader &config, ModelSpec &spec) {
   AttentionSpec &attention = spec.attention;
   attention.kind = AttentionKind::GroupedQuery;
-  int64_t defaultHeadDim =
-      attention.numHeads > 0 ? spec.hiddenSize / attention.numHeads : 0;
+  int64_t defaultHeadDim = attention.numHeads > 0 ? spec.hiddenSize / attention.numHeads : 0;
   attention.headDim = config.optionalInt("head_dim", defaultHeadDim);
   if (config.result().ok() && (attention.headDim <= 0 || attention.headDim % 2))
     config.fail("head dimension ", attention.headDim,
@@ -300,10 +287,8 @@ void readGroupedQueryAttention(ConfigReader &config, ModelSpec &spec) {
   spec.rope.rotaryDim = attention.headDim;
 }
 
-void fillLayers(const ConfigReader &config, ModelSpec &spec,
-                const std::function<bool(int64_t)> &isMoe,
-                int64_t denseIntermediate, int64_t numExperts,
-                int64_t expertIntermediate, SharedExpertSpec shared,
+void fillLayers(const ConfigReader &config, ModelSpec &spec, const std::function<bool(int64_t)> &isMoe,
+                int64_t denseIntermediate, int64_t numExperts, int64_t expertIntermediate, SharedExpertSpec shared,
                 const std::string &moePrefix) {
   spec.layers.clear();
   // After an error the layer count may be anything; build nothing.
@@ -326,8 +311,7 @@ void fillLayers(const ConfigReader &config, ModelSpec &spec,
 
 void checkTopK(ConfigReader &config, const RouterSpec &router, int64_t experts) {
   if (config.result().ok() && (router.topK < 1 || router.topK > experts))
-    config.fail("num_experts_per_tok (", router.topK,
-                ") must be between 1 and the number of experts (", experts, ")");
+    config.fail("num_experts_per_tok (", router.topK, ") must be between 1 and the number of experts (", experts, ")");
 }
 
 Status parseMixtral(ConfigReader &config, ModelSpec &spec) {
@@ -340,16 +324,15 @@ Status parseMixtral(ConfigReader &config, ModelSpec &spec) {
   spec.router.topK = config.requireInt("num_experts_per_tok");
   spec.router.normalizeTopK = true;
   checkTopK(config, spec.router, experts);
-  fillLayers(config, spec, [](int64_t) { return true; }, 0, experts, width, {},
-             "block_sparse_moe.");
+  fillLayers(
+      config, spec, [](int64_t) { return true; }, 0, experts, width, {}, "block_sparse_moe.");
   return config.result();
 }
 
 Status parsePhiMoe(ConfigReader &config, ModelSpec &spec) {
   MOE_RETURN_IF_ERROR(parseMixtral(config, spec));
   spec.normKind = NormKind::LayerNorm;
-  spec.attention.qkvBias = spec.attention.outputBias =
-      config.optionalBool("attention_bias", false);
+  spec.attention.qkvBias = spec.attention.outputBias = config.optionalBool("attention_bias", false);
   spec.lmHeadBias = config.optionalBool("lm_head_bias", false);
   readRope(config, spec.rope, 1e4);
   spec.router.scoring = RouterScoring::SparseMixer;
@@ -357,14 +340,14 @@ Status parsePhiMoe(ConfigReader &config, ModelSpec &spec) {
   spec.router.jitterEps = config.optionalDouble("router_jitter_noise", 0.01);
   if (config.result().ok() && spec.router.topK != 2)
     config.fail("PhiMoE sparsemixer routing selects exactly 2 experts; "
-                "num_experts_per_tok is ", spec.router.topK);
+                "num_experts_per_tok is ",
+                spec.router.topK);
   const RopeSpec &rope = spec.rope;
   if (config.result().ok() && rope.scaling == RopeScalingKind::LongRope &&
       (static_cast<int64_t>(rope.shortFactor.size()) != rope.rotaryDim / 2 ||
        static_cast<int64_t>(rope.longFactor.size()) != rope.rotaryDim / 2))
-    config.fail("longrope short_factor/long_factor must have head_dim/2 = ",
-                rope.rotaryDim / 2, " entries, got ", rope.shortFactor.size(),
-                "/", rope.longFactor.size());
+    config.fail("longrope short_factor/long_factor must have head_dim/2 = ", rope.rotaryDim / 2, " entries, got ",
+                rope.shortFactor.size(), "/", rope.longFactor.size());
   return config.result();
 }
 
@@ -376,15 +359,13 @@ Status parseQwenMoe(ConfigReader &config, ModelSpec &spec, bool qwen3) {
   spec.normEps = config.optionalDouble("rms_norm_eps", 1e-6);
   if (qwen3) {
     spec.attention.qkNorm = QkNormKind::PerHead;
-    spec.attention.qkvBias = spec.attention.outputBias =
-        config.optionalBool("attention_bias", false);
+    spec.attention.qkvBias = spec.attention.outputBias = config.optionalBool("attention_bias", false);
   } else {
     // transformers v4 hard-codes the q/k/v bias; v5 writes qkv_bias.
     spec.attention.qkvBias = config.optionalBool("qkv_bias", true);
   }
   // transformers v5 writes num_local_experts for Qwen3-MoE.
-  int64_t experts =
-      config.requirePositive(config.firstPresent({"num_experts", "num_local_experts"}));
+  int64_t experts = config.requirePositive(config.firstPresent({"num_experts", "num_local_experts"}));
   int64_t width = config.requirePositive("moe_intermediate_size");
   int64_t denseWidth = config.optionalInt("intermediate_size", 0);
   int64_t sparseStep = config.optionalInt("decoder_sparse_step", 1);
@@ -400,12 +381,11 @@ Status parseQwenMoe(ConfigReader &config, ModelSpec &spec, bool qwen3) {
   if (config.result().ok() && sparseStep <= 0)
     config.fail("decoder_sparse_step must be positive, got ", sparseStep);
   std::set<int64_t> denseLayers(mlpOnly.begin(), mlpOnly.end());
-  auto isMoe = [&](int64_t i) {
-    return !denseLayers.count(i) && (i + 1) % sparseStep == 0;
-  };
+  auto isMoe = [&](int64_t i) { return !denseLayers.count(i) && (i + 1) % sparseStep == 0; };
   for (int64_t i = 0; i < spec.numLayers && config.result().ok(); ++i)
     if (!isMoe(i) && denseWidth <= 0)
-      config.fail("layer ", i, " is dense (mlp_only_layers/decoder_sparse_step) "
+      config.fail("layer ", i,
+                  " is dense (mlp_only_layers/decoder_sparse_step) "
                   "but intermediate_size is missing");
   fillLayers(config, spec, isMoe, denseWidth, experts, width, shared, "mlp.");
   return config.result();
@@ -417,16 +397,15 @@ Status parseOlmoe(ConfigReader &config, ModelSpec &spec) {
   readRope(config, spec.rope, 1e4);
   spec.normEps = config.optionalDouble("rms_norm_eps", 1e-5);
   spec.attention.qkNorm = QkNormKind::FullWidth;
-  spec.attention.qkvBias = spec.attention.outputBias =
-      config.optionalBool("attention_bias", false);
+  spec.attention.qkvBias = spec.attention.outputBias = config.optionalBool("attention_bias", false);
   spec.attention.clipQkv = config.optionalDouble("clip_qkv", 0.0);
-  int64_t experts =
-      config.requirePositive(config.firstPresent({"num_experts", "num_local_experts"}));
+  int64_t experts = config.requirePositive(config.firstPresent({"num_experts", "num_local_experts"}));
   int64_t width = config.requirePositive("intermediate_size");
   spec.router.topK = config.requireInt("num_experts_per_tok");
   spec.router.normalizeTopK = config.optionalBool("norm_topk_prob", false);
   checkTopK(config, spec.router, experts);
-  fillLayers(config, spec, [](int64_t) { return true; }, 0, experts, width, {}, "mlp.");
+  fillLayers(
+      config, spec, [](int64_t) { return true; }, 0, experts, width, {}, "mlp.");
   return config.result();
 }
 
@@ -445,13 +424,10 @@ Status parseDeepseek(ConfigReader &config, ModelSpec &spec, bool v3) {
   attention.qkRopeHeadDim = config.requirePositive("qk_rope_head_dim");
   attention.valueHeadDim = config.requirePositive("v_head_dim");
   attention.headDim = attention.qkNopeHeadDim + attention.qkRopeHeadDim;
-  attention.qkvBias = attention.outputBias =
-      config.optionalBool("attention_bias", false);
+  attention.qkvBias = attention.outputBias = config.optionalBool("attention_bias", false);
   if (config.result().ok() && attention.qkRopeHeadDim % 2)
     config.fail("qk_rope_head_dim must be even, got ", attention.qkRopeHeadDim);
-  spec.rope.layout = config.optionalBool("rope_interleave", true)
-                         ? RopeLayout::Interleaved
-                         : RopeLayout::Half;
+  spec.rope.layout = config.optionalBool("rope_interleave", true) ? RopeLayout::Interleaved : RopeLayout::Half;
   spec.rope.rotaryDim = attention.qkRopeHeadDim;
   attention.softmaxScale = 1.0 / std::sqrt(static_cast<double>(attention.headDim));
   if (spec.rope.scaling == RopeScalingKind::Yarn && spec.rope.mscaleAllDim != 0) {
@@ -487,28 +463,24 @@ Status parseDeepseek(ConfigReader &config, ModelSpec &spec, bool v3) {
     router.selection = ExpertSelection::GroupLimitedTopTwoSum;
     router.correctionBias = true;
   } else {
-    config.fail("unsupported topk_method '", method,
-                "'; expected greedy, group_limited_greedy or noaux_tc");
+    config.fail("unsupported topk_method '", method, "'; expected greedy, group_limited_greedy or noaux_tc");
   }
   checkTopK(config, router, experts);
   if (config.result().ok() && router.selection != ExpertSelection::TopK &&
-      (router.numGroups < 1 || experts % router.numGroups != 0 ||
-       router.topKGroups < 1 || router.topKGroups > router.numGroups ||
-       router.topK > router.topKGroups * (experts / router.numGroups)))
-    config.fail("group-limited routing needs n_group dividing n_routed_experts (",
-                experts, ") and 1 <= topk_group <= n_group, with enough experts "
+      (router.numGroups < 1 || experts % router.numGroups != 0 || router.topKGroups < 1 ||
+       router.topKGroups > router.numGroups || router.topK > router.topKGroups * (experts / router.numGroups)))
+    config.fail("group-limited routing needs n_group dividing n_routed_experts (", experts,
+                ") and 1 <= topk_group <= n_group, with enough experts "
                 "in topk_group groups for num_experts_per_tok; got n_group ",
                 router.numGroups, ", topk_group ", router.topKGroups);
   if (config.result().ok() && (firstDense < 0 || layerFrequency <= 0 || sharedCount < 0))
     config.fail("first_k_dense_replace, moe_layer_freq and n_shared_experts must "
                 "be non-negative (moe_layer_freq positive)");
   if (config.result().ok() && firstDense > 0 && denseWidth <= 0)
-    config.fail("first_k_dense_replace is ", firstDense,
-                " but intermediate_size (dense MLP width) is missing");
+    config.fail("first_k_dense_replace is ", firstDense, " but intermediate_size (dense MLP width) is missing");
 
   if (const json *quantization = config.get("quantization_config")) {
-    std::string quantMethod = quantization->is_object() &&
-                                      quantization->contains("quant_method") &&
+    std::string quantMethod = quantization->is_object() && quantization->contains("quant_method") &&
                                       (*quantization)["quant_method"].is_string()
                                   ? (*quantization)["quant_method"].get<std::string>()
                                   : "";
@@ -522,9 +494,9 @@ Status parseDeepseek(ConfigReader &config, ModelSpec &spec, bool v3) {
 
   SharedExpertSpec shared;
   shared.intermediateSize = sharedCount * width;
-  fillLayers(config, spec,
-             [&](int64_t i) { return i >= firstDense && i % layerFrequency == 0; },
-             denseWidth, experts, width, shared, "mlp.");
+  fillLayers(
+      config, spec, [&](int64_t i) { return i >= firstDense && i % layerFrequency == 0; }, denseWidth, experts, width,
+      shared, "mlp.");
   return config.result();
 }
 
@@ -532,8 +504,7 @@ Status parseDeepseek(ConfigReader &config, ModelSpec &spec, bool v3) {
 /// the adapters check what is specific to their family.
 Status checkSizes(const ModelSpec &spec, const std::string &source) {
   auto outside = [&](const char *what, int64_t value, int64_t low, int64_t high) {
-    return Status::error(source, ": ", what, " = ", value,
-                         " is outside the supported range [", low, ", ", high, "]");
+    return Status::error(source, ": ", what, " = ", value, " is outside the supported range [", low, ", ", high, "]");
   };
   const AttentionSpec &a = spec.attention;
   struct Bound {
@@ -581,8 +552,7 @@ Status checkSizes(const ModelSpec &spec, const std::string &source) {
   for (const LayerSpec &layer : spec.layers) {
     if (layer.mlp == MlpKind::Dense) {
       if (layer.denseIntermediateSize < 1 || layer.denseIntermediateSize > kMaxDimension)
-        return outside("intermediate_size (dense layers)", layer.denseIntermediateSize, 1,
-                       kMaxDimension);
+        return outside("intermediate_size (dense layers)", layer.denseIntermediateSize, 1, kMaxDimension);
       continue;
     }
     if (layer.numExperts < 1 || layer.numExperts > kMaxExperts)
@@ -590,8 +560,7 @@ Status checkSizes(const ModelSpec &spec, const std::string &source) {
     if (layer.expertIntermediateSize < 1 || layer.expertIntermediateSize > kMaxDimension)
       return outside("expert intermediate size", layer.expertIntermediateSize, 1, kMaxDimension);
     if (layer.shared.intermediateSize < 0 || layer.shared.intermediateSize > kMaxDimension)
-      return outside("shared expert intermediate size", layer.shared.intermediateSize, 0,
-                     kMaxDimension);
+      return outside("shared expert intermediate size", layer.shared.intermediateSize, 0, kMaxDimension);
     routedExperts += layer.numExperts;
   }
   if (routedExperts > kMaxRoutedExpertsInModel)
@@ -636,8 +605,7 @@ std::string supportedArchitectureList() {
   return list;
 }
 
-Expected<ModelSpec> ModelSpec::fromConfigText(std::string_view text,
-                                              const std::string &source) {
+Expected<ModelSpec> ModelSpec::fromConfigText(std::string_view text, const std::string &source) {
   json root = json::parse(text.begin(), text.end(), nullptr,
                           /*allow_exceptions=*/false);
   if (root.is_discarded())
@@ -649,8 +617,7 @@ Expected<ModelSpec> ModelSpec::fromConfigText(std::string_view text,
   // Dispatch on architectures[0]; fall back to model_type when absent.
   std::string architecture;
   if (const json *architectures = config.get("architectures")) {
-    if (!architectures->is_array() || architectures->empty() ||
-        !(*architectures)[0].is_string())
+    if (!architectures->is_array() || architectures->empty() || !(*architectures)[0].is_string())
       return Status::error(source, ": key 'architectures' must be a non-empty "
                                    "list of class names");
     architecture = (*architectures)[0].get<std::string>();
@@ -658,19 +625,18 @@ Expected<ModelSpec> ModelSpec::fromConfigText(std::string_view text,
   std::string modelType = config.optionalString("model_type", "");
   MOE_RETURN_IF_ERROR(config.result());
   if (architecture.empty() && modelType.empty())
-    return Status::error(source, ": missing required key 'architectures' (or "
-                                 "'model_type'); supported: ",
+    return Status::error(source,
+                         ": missing required key 'architectures' (or "
+                         "'model_type'); supported: ",
                          supportedArchitectureList());
   const ArchitectureEntry *match = nullptr;
   for (const ArchitectureEntry &entry : architectureTable())
-    if (architecture.empty() ? entry.modelType == modelType
-                             : entry.architecture == architecture) {
+    if (architecture.empty() ? entry.modelType == modelType : entry.architecture == architecture) {
       match = &entry;
       break;
     }
   if (!match)
-    return Status::error(source, ": unsupported architecture ",
-                         architecture.empty() ? modelType : architecture,
+    return Status::error(source, ": unsupported architecture ", architecture.empty() ? modelType : architecture,
                          "; supported: ", supportedArchitectureList());
 
   ModelSpec spec;

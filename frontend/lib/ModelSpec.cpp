@@ -15,65 +15,83 @@ namespace moe {
 
 std::string_view familyName(ModelFamily family) {
   switch (family) {
-  case ModelFamily::Mixtral: return "mixtral";
-  case ModelFamily::Qwen2Moe: return "qwen2_moe";
-  case ModelFamily::Qwen3Moe: return "qwen3_moe";
-  case ModelFamily::Olmoe: return "olmoe";
-  case ModelFamily::DeepseekV2: return "deepseek_v2";
-  case ModelFamily::DeepseekV3: return "deepseek_v3";
-  case ModelFamily::PhiMoe: return "phimoe";
+  case ModelFamily::Mixtral:
+    return "mixtral";
+  case ModelFamily::Qwen2Moe:
+    return "qwen2_moe";
+  case ModelFamily::Qwen3Moe:
+    return "qwen3_moe";
+  case ModelFamily::Olmoe:
+    return "olmoe";
+  case ModelFamily::DeepseekV2:
+    return "deepseek_v2";
+  case ModelFamily::DeepseekV3:
+    return "deepseek_v3";
+  case ModelFamily::PhiMoe:
+    return "phimoe";
   }
   return "?";
 }
 
-std::string_view normKindName(NormKind kind) {
-  return kind == NormKind::RmsNorm ? "rmsnorm" : "layernorm";
-}
-std::string_view attentionKindName(AttentionKind kind) {
-  return kind == AttentionKind::GroupedQuery ? "gqa" : "mla";
-}
+std::string_view normKindName(NormKind kind) { return kind == NormKind::RmsNorm ? "rmsnorm" : "layernorm"; }
+std::string_view attentionKindName(AttentionKind kind) { return kind == AttentionKind::GroupedQuery ? "gqa" : "mla"; }
 std::string_view qkNormKindName(QkNormKind kind) {
   switch (kind) {
-  case QkNormKind::None: return "none";
-  case QkNormKind::PerHead: return "per-head";
-  case QkNormKind::FullWidth: return "full-width";
+  case QkNormKind::None:
+    return "none";
+  case QkNormKind::PerHead:
+    return "per-head";
+  case QkNormKind::FullWidth:
+    return "full-width";
   }
   return "?";
 }
-std::string_view ropeLayoutName(RopeLayout layout) {
-  return layout == RopeLayout::Half ? "half" : "interleaved";
-}
+std::string_view ropeLayoutName(RopeLayout layout) { return layout == RopeLayout::Half ? "half" : "interleaved"; }
 std::string_view ropeScalingName(RopeScalingKind kind) {
   switch (kind) {
-  case RopeScalingKind::None: return "none";
-  case RopeScalingKind::Linear: return "linear";
-  case RopeScalingKind::Dynamic: return "dynamic";
-  case RopeScalingKind::Yarn: return "yarn";
-  case RopeScalingKind::LongRope: return "longrope";
+  case RopeScalingKind::None:
+    return "none";
+  case RopeScalingKind::Linear:
+    return "linear";
+  case RopeScalingKind::Dynamic:
+    return "dynamic";
+  case RopeScalingKind::Yarn:
+    return "yarn";
+  case RopeScalingKind::LongRope:
+    return "longrope";
   }
   return "?";
 }
 std::string_view routerScoringName(RouterScoring scoring) {
   switch (scoring) {
-  case RouterScoring::Softmax: return "softmax";
-  case RouterScoring::Sigmoid: return "sigmoid";
-  case RouterScoring::SparseMixer: return "sparsemixer";
+  case RouterScoring::Softmax:
+    return "softmax";
+  case RouterScoring::Sigmoid:
+    return "sigmoid";
+  case RouterScoring::SparseMixer:
+    return "sparsemixer";
   }
   return "?";
 }
 std::string_view expertSelectionName(ExpertSelection selection) {
   switch (selection) {
-  case ExpertSelection::TopK: return "top-k";
-  case ExpertSelection::GroupLimitedMax: return "group-limited (group max)";
-  case ExpertSelection::GroupLimitedTopTwoSum: return "group-limited (group top-2 sum)";
+  case ExpertSelection::TopK:
+    return "top-k";
+  case ExpertSelection::GroupLimitedMax:
+    return "group-limited (group max)";
+  case ExpertSelection::GroupLimitedTopTwoSum:
+    return "group-limited (group top-2 sum)";
   }
   return "?";
 }
 std::string_view expertSelectionKey(ExpertSelection selection) {
   switch (selection) {
-  case ExpertSelection::TopK: return "top-k";
-  case ExpertSelection::GroupLimitedMax: return "group-max";
-  case ExpertSelection::GroupLimitedTopTwoSum: return "group-top2-sum";
+  case ExpertSelection::TopK:
+    return "top-k";
+  case ExpertSelection::GroupLimitedMax:
+    return "group-max";
+  case ExpertSelection::GroupLimitedTopTwoSum:
+    return "group-top2-sum";
   }
   return "top-k";
 }
@@ -138,9 +156,7 @@ constexpr RoleInfo roleTable[] = {
     {TensorRole::SharedExpertGate, "shared_expert_gate", RoleGroup::SharedExperts},
 };
 
-const RoleInfo &roleInfo(TensorRole role) {
-  return roleTable[static_cast<size_t>(role)];
-}
+const RoleInfo &roleInfo(TensorRole role) { return roleTable[static_cast<size_t>(role)]; }
 
 /// The on-disk projection names of a family's expert MLPs.
 struct ExpertNames {
@@ -153,20 +169,16 @@ ExpertNames expertNames(ModelFamily family) {
   return {"gate_proj", "up_proj", "down_proj"};
 }
 
-std::string layerPrefix(int64_t layer) {
-  return concat("model.layers.", layer, ".");
-}
+std::string layerPrefix(int64_t layer) { return concat("model.layers.", layer, "."); }
 
 /// Appends the tensors of one decoder layer.
-void appendLayerTensors(const ModelSpec &spec, const LayerSpec &layer,
-                        std::vector<TensorSpec> &out) {
+void appendLayerTensors(const ModelSpec &spec, const LayerSpec &layer, std::vector<TensorSpec> &out) {
   const int64_t H = spec.hiddenSize;
   const AttentionSpec &attention = spec.attention;
   const std::string prefix = layerPrefix(layer.index);
-  auto add = [&](std::string name, std::vector<int64_t> shape, TensorRole role,
-                 bool linear = false, int64_t expert = -1) {
-    out.push_back(TensorSpec{prefix + name, std::move(shape), role, layer.index,
-                             expert, linear});
+  auto add = [&](std::string name, std::vector<int64_t> shape, TensorRole role, bool linear = false,
+                 int64_t expert = -1) {
+    out.push_back(TensorSpec{prefix + name, std::move(shape), role, layer.index, expert, linear});
   };
   auto addNorm = [&](const std::string &name, TensorRole weight, TensorRole bias) {
     add(name + ".weight", {H}, weight);
@@ -202,26 +214,19 @@ void appendLayerTensors(const ModelSpec &spec, const LayerSpec &layer,
   } else {
     int64_t qWidth = attention.numHeads * attention.headDim;
     if (attention.queryLoraRank > 0) {
-      add(attn + "q_a_proj.weight", {attention.queryLoraRank, H},
-          TensorRole::QueryDownProj, true);
-      add(attn + "q_a_layernorm.weight", {attention.queryLoraRank},
-          TensorRole::QueryDownNorm);
-      add(attn + "q_b_proj.weight", {qWidth, attention.queryLoraRank},
-          TensorRole::QueryUpProj, true);
+      add(attn + "q_a_proj.weight", {attention.queryLoraRank, H}, TensorRole::QueryDownProj, true);
+      add(attn + "q_a_layernorm.weight", {attention.queryLoraRank}, TensorRole::QueryDownNorm);
+      add(attn + "q_b_proj.weight", {qWidth, attention.queryLoraRank}, TensorRole::QueryUpProj, true);
     } else {
       add(attn + "q_proj.weight", {qWidth, H}, TensorRole::QueryProj, true);
     }
-    add(attn + "kv_a_proj_with_mqa.weight",
-        {attention.kvLoraRank + attention.qkRopeHeadDim, H},
-        TensorRole::KvDownProj, true);
-    add(attn + "kv_a_layernorm.weight", {attention.kvLoraRank},
-        TensorRole::KvDownNorm);
+    add(attn + "kv_a_proj_with_mqa.weight", {attention.kvLoraRank + attention.qkRopeHeadDim, H}, TensorRole::KvDownProj,
+        true);
+    add(attn + "kv_a_layernorm.weight", {attention.kvLoraRank}, TensorRole::KvDownNorm);
     add(attn + "kv_b_proj.weight",
-        {attention.numHeads * (attention.qkNopeHeadDim + attention.valueHeadDim),
-         attention.kvLoraRank},
+        {attention.numHeads * (attention.qkNopeHeadDim + attention.valueHeadDim), attention.kvLoraRank},
         TensorRole::KvUpProj, true);
-    add(attn + "o_proj.weight", {H, attention.numHeads * attention.valueHeadDim},
-        TensorRole::OutputProj, true);
+    add(attn + "o_proj.weight", {H, attention.numHeads * attention.valueHeadDim}, TensorRole::OutputProj, true);
   }
 
   if (layer.mlp == MlpKind::Dense) {
@@ -279,14 +284,11 @@ std::optional<TensorRole> parseTensorRole(std::string_view name) {
 }
 std::string_view roleGroupName(RoleGroup group) {
   static constexpr std::string_view names[kNumRoleGroups] = {
-      "embedding", "lm_head", "attention", "norms",
-      "dense_mlp", "router", "routed_experts", "shared_experts"};
+      "embedding", "lm_head", "attention", "norms", "dense_mlp", "router", "routed_experts", "shared_experts"};
   return names[static_cast<int>(group)];
 }
 
-std::string scaleInvName(const std::string &weightName) {
-  return weightName + std::string(kScaleInvSuffix);
-}
+std::string scaleInvName(const std::string &weightName) { return weightName + std::string(kScaleInvSuffix); }
 
 std::vector<int64_t> fp8ScaleShape(const std::vector<int64_t> &weightShape) {
   std::vector<int64_t> shape;
@@ -296,9 +298,7 @@ std::vector<int64_t> fp8ScaleShape(const std::vector<int64_t> &weightShape) {
 }
 
 int64_t ModelSpec::numMoeLayers() const {
-  return std::count_if(layers.begin(), layers.end(), [](const LayerSpec &layer) {
-    return layer.mlp == MlpKind::Moe;
-  });
+  return std::count_if(layers.begin(), layers.end(), [](const LayerSpec &layer) { return layer.mlp == MlpKind::Moe; });
 }
 
 std::vector<TensorSpec> ModelSpec::tensors() const {
@@ -319,8 +319,7 @@ std::vector<TensorSpec> ModelSpec::tensors() const {
 namespace {
 
 /// Picks the expert layout of one MoE layer from the tensors present.
-Status detectExpertLayout(const ModelSpec &spec, LayerSpec &layer,
-                          const Checkpoint &checkpoint) {
+Status detectExpertLayout(const ModelSpec &spec, LayerSpec &layer, const Checkpoint &checkpoint) {
   const std::string prefix = layerPrefix(layer.index);
   std::vector<std::string> prefixes = {layer.moePrefix};
   if (layer.moePrefix != "mlp.")
@@ -338,29 +337,23 @@ Status detectExpertLayout(const ModelSpec &spec, LayerSpec &layer,
     layer.moePrefix = moe;
     layer.expertLayout = ExpertLayout::Fused;
     const std::vector<int64_t> &shape = fused->info->shape;
-    const int64_t E = layer.numExperts, I = layer.expertIntermediateSize,
-                  H = spec.hiddenSize;
+    const int64_t E = layer.numExperts, I = layer.expertIntermediateSize, H = spec.hiddenSize;
     // The standard orientation is [E, 2I, H]; some exporters store the
     // transpose. When 2I == H the two cannot be told apart: standard wins.
-    layer.fusedTransposed =
-        shape == std::vector<int64_t>{E, H, 2 * I} && 2 * I != H;
+    layer.fusedTransposed = shape == std::vector<int64_t>{E, H, 2 * I} && 2 * I != H;
     return Status::success();
   }
-  return Status::error(
-      checkpoint.directory(), ": layer ", layer.index,
-      " is an MoE layer but has no experts: expected tensor '", prefix,
-      layer.moePrefix, "experts.0.", names.gate, ".weight' (per-expert layout) or '",
-      prefix, layer.moePrefix, "experts.gate_up_proj' (fused layout)");
+  return Status::error(checkpoint.directory(), ": layer ", layer.index,
+                       " is an MoE layer but has no experts: expected tensor '", prefix, layer.moePrefix, "experts.0.",
+                       names.gate, ".weight' (per-expert layout) or '", prefix, layer.moePrefix,
+                       "experts.gate_up_proj' (fused layout)");
 }
 
-std::string tensorFile(const TensorLocation &location) {
-  return location.file->path();
-}
+std::string tensorFile(const TensorLocation &location) { return location.file->path(); }
 
 } // namespace
 
-Expected<CheckpointReport> bindCheckpoint(ModelSpec &spec,
-                                          const Checkpoint &checkpoint) {
+Expected<CheckpointReport> bindCheckpoint(ModelSpec &spec, const Checkpoint &checkpoint) {
   for (LayerSpec &layer : spec.layers)
     if (layer.mlp == MlpKind::Moe)
       MOE_RETURN_IF_ERROR(detectExpertLayout(spec, layer, checkpoint));
@@ -371,16 +364,14 @@ Expected<CheckpointReport> bindCheckpoint(ModelSpec &spec,
     expected.insert(tensor.name);
     const TensorLocation *location = checkpoint.find(tensor.name);
     if (!location)
-      return Status::error(checkpoint.directory(), ": missing tensor '",
-                           tensor.name, "' (", tensorRoleName(tensor.role),
-                           ", expected shape ", formatShape(tensor.shape),
+      return Status::error(checkpoint.directory(), ": missing tensor '", tensor.name, "' (",
+                           tensorRoleName(tensor.role), ", expected shape ", formatShape(tensor.shape),
                            ") required by ", spec.architecture, " config.json");
     const TensorInfo &info = *location->info;
     if (info.shape != tensor.shape)
-      return Status::error(tensorFile(*location), ": tensor '", tensor.name,
-                           "' has shape ", formatShape(info.shape), ", expected ",
-                           formatShape(tensor.shape), " from config.json (",
-                           tensorRoleName(tensor.role), ")");
+      return Status::error(tensorFile(*location), ": tensor '", tensor.name, "' has shape ", formatShape(info.shape),
+                           ", expected ", formatShape(tensor.shape), " from config.json (", tensorRoleName(tensor.role),
+                           ")");
     bool isFp8 = info.dtype == DType::F8E4M3 || info.dtype == DType::F8E5M2;
     if (isFp8 && tensor.isLinearWeight) {
       std::string scale = scaleInvName(tensor.name);
@@ -389,18 +380,15 @@ Expected<CheckpointReport> bindCheckpoint(ModelSpec &spec,
         return Status::error(tensorFile(*location), ": FP8 tensor '", tensor.name,
                              "' has no block scales: expected tensor '", scale, "'");
       std::vector<int64_t> scaleShape = fp8ScaleShape(tensor.shape);
-      if (scaleLocation->info->shape != scaleShape ||
-          !isFloatDType(scaleLocation->info->dtype))
-        return Status::error(tensorFile(*scaleLocation), ": tensor '", scale,
-                             "' has shape ", formatShape(scaleLocation->info->shape),
-                             " and dtype ", dtypeName(scaleLocation->info->dtype),
-                             ", expected float ", formatShape(scaleShape),
+      if (scaleLocation->info->shape != scaleShape || !isFloatDType(scaleLocation->info->dtype))
+        return Status::error(tensorFile(*scaleLocation), ": tensor '", scale, "' has shape ",
+                             formatShape(scaleLocation->info->shape), " and dtype ",
+                             dtypeName(scaleLocation->info->dtype), ", expected float ", formatShape(scaleShape),
                              " (128x128 blocks of '", tensor.name, "')");
       expected.insert(scale);
       report.scaleTensors.push_back(scale);
     } else if (!isFloatDType(info.dtype) || isFp8) {
-      return Status::error(tensorFile(*location), ": tensor '", tensor.name,
-                           "' has dtype ", dtypeName(info.dtype),
+      return Status::error(tensorFile(*location), ": tensor '", tensor.name, "' has dtype ", dtypeName(info.dtype),
                            ", expected F32, F16 or BF16",
                            tensor.isLinearWeight ? " (or F8_E4M3 with a _scale_inv sibling)" : "");
     }
@@ -421,11 +409,9 @@ Expected<CheckpointReport> bindCheckpoint(ModelSpec &spec,
   }
   const size_t shown = 8;
   for (size_t i = 0; i < unexpected.size() && i < shown; ++i)
-    report.warnings.push_back(concat("unexpected tensor '", unexpected[i],
-                                     "' is not used by ", spec.architecture));
+    report.warnings.push_back(concat("unexpected tensor '", unexpected[i], "' is not used by ", spec.architecture));
   if (unexpected.size() > shown)
-    report.warnings.push_back(concat("... and ", unexpected.size() - shown,
-                                     " more unexpected tensors"));
+    report.warnings.push_back(concat("... and ", unexpected.size() - shown, " more unexpected tensors"));
   return report;
 }
 

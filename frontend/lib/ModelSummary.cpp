@@ -11,8 +11,7 @@ namespace moe {
 namespace {
 
 /// Adds one tensor of `parameters` elements stored in `bytes` bytes.
-void addTensor(ModelSummary &summary, const ModelSpec &spec,
-               const TensorSpec &tensor, int64_t bytes, DType dtype) {
+void addTensor(ModelSummary &summary, const ModelSpec &spec, const TensorSpec &tensor, int64_t bytes, DType dtype) {
   int64_t parameters = numElements(tensor.shape);
   RoleGroup group = roleGroup(tensor.role);
   SizeCount &count = summary.groups[static_cast<int>(group)];
@@ -35,8 +34,7 @@ void addTensor(ModelSummary &summary, const ModelSpec &spec,
 }
 
 /// Scale tensors count as bytes of their weight's group, not as parameters.
-void addScaleBytes(ModelSummary &summary, const TensorSpec &tensor,
-                   int64_t bytes, DType dtype) {
+void addScaleBytes(ModelSummary &summary, const TensorSpec &tensor, int64_t bytes, DType dtype) {
   summary.groups[static_cast<int>(roleGroup(tensor.role))].bytes += bytes;
   summary.totalBytes += bytes;
   SizeCount &byDtype = summary.dtypes[std::string(dtypeName(dtype))];
@@ -54,26 +52,21 @@ ModelSummary summarizeFromConfig(const ModelSpec &spec) {
     DType dtype = fp8 ? DType::F8E4M3 : spec.configDType;
     addTensor(summary, spec, tensor, count * dtypeBytes(dtype), dtype);
     if (fp8)
-      addScaleBytes(summary, tensor,
-                    numElements(fp8ScaleShape(tensor.shape)) * 4, DType::F32);
+      addScaleBytes(summary, tensor, numElements(fp8ScaleShape(tensor.shape)) * 4, DType::F32);
   }
   return summary;
 }
 
-ModelSummary summarizeCheckpoint(const ModelSpec &spec,
-                                 const Checkpoint &checkpoint) {
+ModelSummary summarizeCheckpoint(const ModelSpec &spec, const Checkpoint &checkpoint) {
   ModelSummary summary;
   for (const TensorSpec &tensor : spec.tensors()) {
     const TensorLocation *location = checkpoint.find(tensor.name);
     if (!location)
       continue; // bindCheckpoint has rejected this already.
-    addTensor(summary, spec, tensor, static_cast<int64_t>(location->info->byteSize()),
-              location->info->dtype);
+    addTensor(summary, spec, tensor, static_cast<int64_t>(location->info->byteSize()), location->info->dtype);
     if (tensor.isLinearWeight)
       if (const TensorLocation *scale = checkpoint.find(scaleInvName(tensor.name)))
-        addScaleBytes(summary, tensor,
-                      static_cast<int64_t>(scale->info->byteSize()),
-                      scale->info->dtype);
+        addScaleBytes(summary, tensor, static_cast<int64_t>(scale->info->byteSize()), scale->info->dtype);
   }
   return summary;
 }

@@ -39,9 +39,8 @@ std::string formatShape(std::span<const int64_t> shape) {
 }
 
 const TensorInfo *SafetensorsHeader::find(std::string_view name) const {
-  auto it = std::lower_bound(
-      tensors.begin(), tensors.end(), name,
-      [](const TensorInfo &info, std::string_view key) { return info.name < key; });
+  auto it = std::lower_bound(tensors.begin(), tensors.end(), name,
+                             [](const TensorInfo &info, std::string_view key) { return info.name < key; });
   if (it == tensors.end() || it->name != name)
     return nullptr;
   return &*it;
@@ -50,8 +49,7 @@ const TensorInfo *SafetensorsHeader::find(std::string_view name) const {
 namespace {
 
 /// Parses one tensor entry; `where` prefixes every message.
-Status parseTensorEntry(const std::string &name, const json &entry,
-                        const std::string &where, TensorInfo &info) {
+Status parseTensorEntry(const std::string &name, const json &entry, const std::string &where, TensorInfo &info) {
   info.name = name;
   if (!entry.is_object())
     return Status::error(where, ": entry is not a JSON object");
@@ -62,16 +60,13 @@ Status parseTensorEntry(const std::string &name, const json &entry,
     return Status::error(where, ": missing string field 'dtype'");
   if (shapeIt == entry.end() || !shapeIt->is_array())
     return Status::error(where, ": missing array field 'shape'");
-  if (offsetsIt == entry.end() || !offsetsIt->is_array() ||
-      offsetsIt->size() != 2)
-    return Status::error(where,
-                         ": field 'data_offsets' must be an array [begin, end]");
+  if (offsetsIt == entry.end() || !offsetsIt->is_array() || offsetsIt->size() != 2)
+    return Status::error(where, ": field 'data_offsets' must be an array [begin, end]");
 
   const std::string &dtypeName = dtypeIt->get_ref<const std::string &>();
   std::optional<DType> dtype = parseDType(dtypeName);
   if (!dtype)
-    return Status::error(where, ": unknown or unsupported dtype '", dtypeName,
-                         "'; supported: ", supportedDTypeList());
+    return Status::error(where, ": unknown or unsupported dtype '", dtypeName, "'; supported: ", supportedDTypeList());
   info.dtype = *dtype;
 
   // Element count with overflow detection: every dimension is bounded so the
@@ -79,37 +74,30 @@ Status parseTensorEntry(const std::string &name, const json &entry,
   unsigned __int128 elements = 1;
   for (const json &dim : *shapeIt) {
     if (!dim.is_number_unsigned() || dim.get<uint64_t>() > (1ull << 48))
-      return Status::error(where, ": shape ", shapeIt->dump(),
-                           " must hold non-negative integers below 2^48");
+      return Status::error(where, ": shape ", shapeIt->dump(), " must hold non-negative integers below 2^48");
     info.shape.push_back(static_cast<int64_t>(dim.get<uint64_t>()));
     elements *= dim.get<uint64_t>();
     if (elements > (static_cast<unsigned __int128>(1) << 62))
-      return Status::error(where, ": shape ", shapeIt->dump(),
-                           " has too many elements");
+      return Status::error(where, ": shape ", shapeIt->dump(), " has too many elements");
   }
   for (const json &offset : *offsetsIt)
     if (!offset.is_number_unsigned())
-      return Status::error(where, ": data_offsets ", offsetsIt->dump(),
-                           " must be non-negative integers");
+      return Status::error(where, ": data_offsets ", offsetsIt->dump(), " must be non-negative integers");
   info.dataBegin = (*offsetsIt)[0].get<uint64_t>();
   info.dataEnd = (*offsetsIt)[1].get<uint64_t>();
   if (info.dataEnd < info.dataBegin)
-    return Status::error(where, ": data_offsets ", offsetsIt->dump(),
-                         " end before they begin");
+    return Status::error(where, ": data_offsets ", offsetsIt->dump(), " end before they begin");
   unsigned __int128 expectedBytes = elements * dtypeBytes(info.dtype);
   if (expectedBytes != info.dataEnd - info.dataBegin)
-    return Status::error(where, ": data_offsets ", offsetsIt->dump(), " span ",
-                         info.dataEnd - info.dataBegin, " bytes, but shape ",
-                         formatShape(info.shape), " of ", dtypeName, " needs ",
+    return Status::error(where, ": data_offsets ", offsetsIt->dump(), " span ", info.dataEnd - info.dataBegin,
+                         " bytes, but shape ", formatShape(info.shape), " of ", dtypeName, " needs ",
                          static_cast<uint64_t>(expectedBytes), " bytes");
   return Status::success();
 }
 
 } // namespace
 
-Expected<SafetensorsHeader> parseSafetensorsHeader(const uint8_t *file,
-                                                   uint64_t fileSize,
-                                                   std::string_view fileName) {
+Expected<SafetensorsHeader> parseSafetensorsHeader(const uint8_t *file, uint64_t fileSize, std::string_view fileName) {
   std::string name(fileName);
   if (fileSize < 8)
     return Status::error(name, ": file is ", fileSize,
@@ -119,12 +107,10 @@ Expected<SafetensorsHeader> parseSafetensorsHeader(const uint8_t *file,
   for (int i = 7; i >= 0; --i)
     headerLength = (headerLength << 8) | file[i];
   if (headerLength > kMaxSafetensorsHeaderBytes)
-    return Status::error(name, ": header length ", headerLength,
-                         " exceeds the limit of ", kMaxSafetensorsHeaderBytes,
+    return Status::error(name, ": header length ", headerLength, " exceeds the limit of ", kMaxSafetensorsHeaderBytes,
                          " bytes (corrupt or not a safetensors file)");
   if (headerLength > fileSize - 8)
-    return Status::error(name, ": header length ", headerLength,
-                         " extends beyond the end of the file (", fileSize,
+    return Status::error(name, ": header length ", headerLength, " extends beyond the end of the file (", fileSize,
                          " bytes; truncated?)");
   if (headerLength < 2 || file[8] != '{')
     return Status::error(name, ": header does not start with '{' "
@@ -140,10 +126,8 @@ Expected<SafetensorsHeader> parseSafetensorsHeader(const uint8_t *file,
       openObjects.emplace_back();
     else if (event == json::parse_event_t::object_end && !openObjects.empty())
       openObjects.pop_back();
-    else if (event == json::parse_event_t::key && !openObjects.empty() &&
-             parsed.is_string() &&
-             !openObjects.back().insert(parsed.get<std::string>()).second &&
-             duplicateKey.empty())
+    else if (event == json::parse_event_t::key && !openObjects.empty() && parsed.is_string() &&
+             !openObjects.back().insert(parsed.get<std::string>()).second && duplicateKey.empty())
       duplicateKey = parsed.get<std::string>();
     return true;
   };
@@ -151,13 +135,11 @@ Expected<SafetensorsHeader> parseSafetensorsHeader(const uint8_t *file,
   json root = json::parse(text, text + headerLength, trackKeys,
                           /*allow_exceptions=*/false);
   if (root.is_discarded())
-    return Status::error(name, ": header (", headerLength,
-                         " bytes) is not valid UTF-8 JSON");
+    return Status::error(name, ": header (", headerLength, " bytes) is not valid UTF-8 JSON");
   if (!root.is_object())
     return Status::error(name, ": header is not a JSON object");
   if (!duplicateKey.empty())
-    return Status::error(name, ": duplicate key '", duplicateKey,
-                         "' in header");
+    return Status::error(name, ": duplicate key '", duplicateKey, "' in header");
 
   SafetensorsHeader header;
   header.dataOffset = 8 + headerLength;
@@ -169,20 +151,16 @@ Expected<SafetensorsHeader> parseSafetensorsHeader(const uint8_t *file,
                                    "string values");
       for (auto &[metaKey, metaValue] : value.items()) {
         if (!metaValue.is_string())
-          return Status::error(name, ": __metadata__ key '", metaKey,
-                               "' must have a string value");
+          return Status::error(name, ": __metadata__ key '", metaKey, "' must have a string value");
         header.metadata[metaKey] = metaValue.get<std::string>();
       }
       continue;
     }
     TensorInfo info;
-    MOE_RETURN_IF_ERROR(parseTensorEntry(
-        key, value, concat(name, ": tensor '", key, "'"), info));
+    MOE_RETURN_IF_ERROR(parseTensorEntry(key, value, concat(name, ": tensor '", key, "'"), info));
     if (info.dataEnd > bufferSize)
-      return Status::error(name, ": tensor '", key, "': data_offsets [",
-                           info.dataBegin, ", ", info.dataEnd,
-                           "] lie beyond the data buffer of ", bufferSize,
-                           " bytes (truncated file?)");
+      return Status::error(name, ": tensor '", key, "': data_offsets [", info.dataBegin, ", ", info.dataEnd,
+                           "] lie beyond the data buffer of ", bufferSize, " bytes (truncated file?)");
     header.tensors.push_back(std::move(info));
   }
 
@@ -190,39 +168,31 @@ Expected<SafetensorsHeader> parseSafetensorsHeader(const uint8_t *file,
   std::vector<const TensorInfo *> byOffset;
   for (const TensorInfo &info : header.tensors)
     byOffset.push_back(&info);
-  std::sort(byOffset.begin(), byOffset.end(),
-            [](const TensorInfo *a, const TensorInfo *b) {
-              return std::tie(a->dataBegin, a->dataEnd, a->name) <
-                     std::tie(b->dataBegin, b->dataEnd, b->name);
-            });
+  std::sort(byOffset.begin(), byOffset.end(), [](const TensorInfo *a, const TensorInfo *b) {
+    return std::tie(a->dataBegin, a->dataEnd, a->name) < std::tie(b->dataBegin, b->dataEnd, b->name);
+  });
   uint64_t cursor = 0;
   const TensorInfo *previous = nullptr;
   for (const TensorInfo *info : byOffset) {
     if (info->dataBegin < cursor)
-      return Status::error(name, ": tensor '", info->name,
-                           "' data_offsets [", info->dataBegin, ", ",
-                           info->dataEnd, "] overlap tensor '",
-                           previous->name, "' ending at ", cursor);
+      return Status::error(name, ": tensor '", info->name, "' data_offsets [", info->dataBegin, ", ", info->dataEnd,
+                           "] overlap tensor '", previous->name, "' ending at ", cursor);
     if (info->dataBegin > cursor)
-      return Status::error(name, ": hole in the data buffer: bytes [", cursor,
-                           ", ", info->dataBegin,
-                           ") belong to no tensor (before tensor '",
-                           info->name, "')");
+      return Status::error(name, ": hole in the data buffer: bytes [", cursor, ", ", info->dataBegin,
+                           ") belong to no tensor (before tensor '", info->name, "')");
     cursor = info->dataEnd;
     if (info->byteSize() > 0)
       previous = info;
   }
   if (cursor != bufferSize)
-    return Status::error(name, ": data buffer is ", bufferSize,
-                         " bytes but tensors cover only ", cursor,
+    return Status::error(name, ": data buffer is ", bufferSize, " bytes but tensors cover only ", cursor,
                          " (trailing bytes after the last tensor)");
   std::sort(header.tensors.begin(), header.tensors.end(),
             [](const TensorInfo &a, const TensorInfo &b) { return a.name < b.name; });
   return header;
 }
 
-Expected<std::unique_ptr<SafetensorsFile>>
-SafetensorsFile::open(const std::string &path) {
+Expected<std::unique_ptr<SafetensorsFile>> SafetensorsFile::open(const std::string &path) {
   Expected<std::unique_ptr<MappedFile>> mapped = MappedFile::open(path);
   if (!mapped)
     return mapped.status();
@@ -230,8 +200,8 @@ SafetensorsFile::open(const std::string &path) {
   file->filePath = path;
   file->mapping = mapped.take();
   static const uint8_t empty[1] = {0};
-  Expected<SafetensorsHeader> header = parseSafetensorsHeader(
-      file->mapping->data() ? file->mapping->data() : empty, file->mapping->size(), path);
+  Expected<SafetensorsHeader> header =
+      parseSafetensorsHeader(file->mapping->data() ? file->mapping->data() : empty, file->mapping->size(), path);
   if (!header)
     return header.status();
   file->header = header.take();
@@ -276,8 +246,7 @@ Status SafetensorsWriter::addTensor(std::string name, DType dtype, std::vector<i
   return Status::success();
 }
 
-Status SafetensorsWriter::addF32Tensor(std::string name, DType dtype,
-                                       std::vector<int64_t> shape,
+Status SafetensorsWriter::addF32Tensor(std::string name, DType dtype, std::vector<int64_t> shape,
                                        std::span<const float> values) {
   std::vector<uint8_t> bytes(values.size() * dtypeBytes(dtype));
   switch (dtype) {
@@ -287,21 +256,17 @@ Status SafetensorsWriter::addF32Tensor(std::string name, DType dtype,
   case DType::F16:
   case DType::BF16:
     for (size_t i = 0; i < values.size(); ++i) {
-      uint16_t bits = dtype == DType::F16 ? floatToHalf(values[i])
-                                          : floatToBfloat16(values[i]);
+      uint16_t bits = dtype == DType::F16 ? floatToHalf(values[i]) : floatToBfloat16(values[i]);
       std::memcpy(bytes.data() + 2 * i, &bits, 2);
     }
     break;
   default:
-    return Status::error("tensor '", name, "': cannot write f32 values as ",
-                         dtypeName(dtype));
+    return Status::error("tensor '", name, "': cannot write f32 values as ", dtypeName(dtype));
   }
   return addTensor(std::move(name), dtype, std::move(shape), std::move(bytes));
 }
 
-void SafetensorsWriter::setMetadata(std::string key, std::string value) {
-  metadata[std::move(key)] = std::move(value);
-}
+void SafetensorsWriter::setMetadata(std::string key, std::string value) { metadata[std::move(key)] = std::move(value); }
 
 std::vector<std::span<const uint8_t>> SafetensorsWriter::layout(std::string &head) const {
   std::vector<const std::pair<const std::string, Entry> *> order;
@@ -353,8 +318,8 @@ Status SafetensorsWriter::write(const std::string &path) const {
   return writeChunksAtomically(path, layout(head));
 }
 
-Status readTensorSlice(const SafetensorsFile &file, const TensorInfo &tensor,
-                       std::span<const int64_t> slice, std::vector<uint8_t> &bytes) {
+Status readTensorSlice(const SafetensorsFile &file, const TensorInfo &tensor, std::span<const int64_t> slice,
+                       std::vector<uint8_t> &bytes) {
   if (tensor.shape.size() != 3)
     return Status::error(file.path(), ": tensor '", tensor.name, "' has shape ", formatShape(tensor.shape),
                          "; a slice needs a 3-D tensor");

@@ -38,8 +38,7 @@ json baseConfig(const char *architecture, const char *modelType) {
 }
 
 json deepseekConfig(bool v3, bool fp8) {
-  json config = baseConfig(v3 ? "DeepseekV3ForCausalLM" : "DeepseekV2ForCausalLM",
-                           v3 ? "deepseek_v3" : "deepseek_v2");
+  json config = baseConfig(v3 ? "DeepseekV3ForCausalLM" : "DeepseekV2ForCausalLM", v3 ? "deepseek_v3" : "deepseek_v2");
   config["num_hidden_layers"] = 3;
   config["num_key_value_heads"] = 4;
   config["kv_lora_rank"] = 32;
@@ -85,7 +84,6 @@ json deepseekConfig(bool v3, bool fp8) {
   return config;
 }
 
-
 bool makeDirectories(const std::string &path) {
   std::string partial;
   for (size_t i = 0; i <= path.size(); ++i) {
@@ -103,21 +101,18 @@ bool makeDirectories(const std::string &path) {
 std::vector<float> randomValues(const TensorSpec &tensor, std::mt19937_64 &rng) {
   std::vector<float> values(static_cast<size_t>(numElements(tensor.shape)));
   std::normal_distribution<float> normal(0.0f, 0.05f);
-  bool isNormWeight = roleGroup(tensor.role) == RoleGroup::Norms ||
-                      tensor.role == TensorRole::QueryNorm ||
-                      tensor.role == TensorRole::KeyNorm ||
-                      tensor.role == TensorRole::QueryDownNorm ||
+  bool isNormWeight = roleGroup(tensor.role) == RoleGroup::Norms || tensor.role == TensorRole::QueryNorm ||
+                      tensor.role == TensorRole::KeyNorm || tensor.role == TensorRole::QueryDownNorm ||
                       tensor.role == TensorRole::KvDownNorm;
-  bool isBias = tensor.name.size() > 5 &&
-                tensor.name.compare(tensor.name.size() - 5, 5, ".bias") == 0;
+  bool isBias = tensor.name.size() > 5 && tensor.name.compare(tensor.name.size() - 5, 5, ".bias") == 0;
   for (float &value : values)
     value = (isNormWeight && !isBias ? 1.0f : 0.0f) + normal(rng);
   return values;
 }
 
 /// Quantises a [rows, cols] matrix to E4M3 bytes and its block scales.
-void quantizeFp8(const std::vector<float> &values, int64_t rows, int64_t cols,
-                 std::vector<uint8_t> &bytes, std::vector<float> &scales) {
+void quantizeFp8(const std::vector<float> &values, int64_t rows, int64_t cols, std::vector<uint8_t> &bytes,
+                 std::vector<float> &scales) {
   int64_t scaleRows = (rows + kFp8BlockSize - 1) / kFp8BlockSize;
   int64_t scaleCols = (cols + kFp8BlockSize - 1) / kFp8BlockSize;
   scales.assign(static_cast<size_t>(scaleRows * scaleCols), 0.0f);
@@ -157,10 +152,8 @@ uint8_t floatToFloat8E4M3(float value) {
 }
 
 std::optional<ModelFamily> parseFamilyName(std::string_view name) {
-  for (ModelFamily family :
-       {ModelFamily::Mixtral, ModelFamily::Qwen2Moe, ModelFamily::Qwen3Moe,
-        ModelFamily::Olmoe, ModelFamily::DeepseekV2, ModelFamily::DeepseekV3,
-        ModelFamily::PhiMoe})
+  for (ModelFamily family : {ModelFamily::Mixtral, ModelFamily::Qwen2Moe, ModelFamily::Qwen3Moe, ModelFamily::Olmoe,
+                             ModelFamily::DeepseekV2, ModelFamily::DeepseekV3, ModelFamily::PhiMoe})
     if (familyName(family) == name)
       return family;
   return std::nullopt;
@@ -186,13 +179,12 @@ std::string syntheticConfigJson(ModelFamily family, bool fp8) {
     config["lm_head_bias"] = true;
     config["router_jitter_noise"] = 0.01;
     config["rope_theta"] = 10000.0;
-    config["rope_scaling"] = {
-        {"type", "longrope"},
-        {"short_factor", std::vector<double>(8, 1.0)},
-        {"long_factor", {1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0}},
-        {"short_mscale", 1.243163121016122},
-        {"long_mscale", 1.243163121016122},
-        {"original_max_position_embeddings", 128}};
+    config["rope_scaling"] = {{"type", "longrope"},
+                              {"short_factor", std::vector<double>(8, 1.0)},
+                              {"long_factor", {1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0}},
+                              {"short_mscale", 1.243163121016122},
+                              {"long_mscale", 1.243163121016122},
+                              {"original_max_position_embeddings", 128}};
     break;
   case ModelFamily::Qwen2Moe:
     config = baseConfig("Qwen2MoeForCausalLM", "qwen2_moe");
@@ -235,24 +227,19 @@ std::string syntheticConfigJson(ModelFamily family, bool fp8) {
   return config.dump(2) + "\n";
 }
 
-Status writeSyntheticCheckpoint(const std::string &directory,
-                                const SyntheticOptions &options) {
+Status writeSyntheticCheckpoint(const std::string &directory, const SyntheticOptions &options) {
   if (options.fp8 && options.family != ModelFamily::DeepseekV3 && options.configText.empty())
     return Status::error("synthetic checkpoint: fp8 weights are only defined "
                          "for deepseek_v3");
   if (options.shards < 1)
-    return Status::error("synthetic checkpoint: shards must be >= 1, got ",
-                         options.shards);
-  if (!isFloatDType(options.dtype) || dtypeBytes(options.dtype) == 1 ||
-      options.dtype == DType::F64)
+    return Status::error("synthetic checkpoint: shards must be >= 1, got ", options.shards);
+  if (!isFloatDType(options.dtype) || dtypeBytes(options.dtype) == 1 || options.dtype == DType::F64)
     return Status::error("synthetic checkpoint: dtype must be F32, F16 or BF16");
   if (!makeDirectories(directory))
-    return Status::error(directory, ": cannot create directory: ",
-                         std::strerror(errno));
+    return Status::error(directory, ": cannot create directory: ", std::strerror(errno));
 
-  std::string configText = options.configText.empty()
-                               ? syntheticConfigJson(options.family, options.fp8)
-                               : options.configText;
+  std::string configText =
+      options.configText.empty() ? syntheticConfigJson(options.family, options.fp8) : options.configText;
   json config = json::parse(configText, nullptr, /*allow_exceptions=*/false);
   if (config.is_discarded() || !config.is_object())
     return Status::error("synthetic checkpoint: the config is not a JSON object");
@@ -276,16 +263,14 @@ Status writeSyntheticCheckpoint(const std::string &directory,
   std::vector<SafetensorsWriter> writers(static_cast<size_t>(options.shards));
   std::vector<std::pair<std::string, int>> placement;
   auto shardOf = [&](const TensorSpec &tensor) {
-    int64_t layer = tensor.layer < 0 ? (tensor.role == TensorRole::Embedding ? 0 : spec.numLayers - 1)
-                                     : tensor.layer;
+    int64_t layer = tensor.layer < 0 ? (tensor.role == TensorRole::Embedding ? 0 : spec.numLayers - 1) : tensor.layer;
     return static_cast<int>(layer * options.shards / spec.numLayers);
   };
   std::mt19937_64 rng(options.seed);
-  auto add = [&](int shard, const std::string &name, DType dtype,
-                 const std::vector<int64_t> &shape, std::vector<uint8_t> bytes) {
+  auto add = [&](int shard, const std::string &name, DType dtype, const std::vector<int64_t> &shape,
+                 std::vector<uint8_t> bytes) {
     placement.emplace_back(name, shard);
-    return writers[static_cast<size_t>(shard)].addTensor(name, dtype, shape,
-                                                        std::move(bytes));
+    return writers[static_cast<size_t>(shard)].addTensor(name, dtype, shape, std::move(bytes));
   };
   for (const TensorSpec &tensor : spec.tensors()) {
     std::vector<float> values = randomValues(tensor, rng);
@@ -297,28 +282,25 @@ Status writeSyntheticCheckpoint(const std::string &directory,
       MOE_RETURN_IF_ERROR(add(shard, tensor.name, DType::F8E4M3, tensor.shape, std::move(bytes)));
       std::vector<uint8_t> scaleBytes(scales.size() * 4);
       std::memcpy(scaleBytes.data(), scales.data(), scaleBytes.size());
-      MOE_RETURN_IF_ERROR(add((shard + 1) % options.shards, scaleInvName(tensor.name),
-                              DType::F32, fp8ScaleShape(tensor.shape),
-                              std::move(scaleBytes)));
+      MOE_RETURN_IF_ERROR(add((shard + 1) % options.shards, scaleInvName(tensor.name), DType::F32,
+                              fp8ScaleShape(tensor.shape), std::move(scaleBytes)));
       continue;
     }
     // The correction bias is F32 in DeepSeek-V3 checkpoints.
     DType dtype = tensor.role == TensorRole::RouterCorrectionBias ? DType::F32 : options.dtype;
     placement.emplace_back(tensor.name, shard);
-    MOE_RETURN_IF_ERROR(writers[static_cast<size_t>(shard)].addF32Tensor(
-        tensor.name, dtype, tensor.shape, values));
+    MOE_RETURN_IF_ERROR(writers[static_cast<size_t>(shard)].addF32Tensor(tensor.name, dtype, tensor.shape, values));
   }
   // A few multi-token-prediction tensors, which readers must ignore.
   for (int64_t j = 0; j < spec.numMtpLayers; ++j) {
     std::string prefix = concat("model.layers.", spec.numLayers + j, ".");
     std::vector<float> values(static_cast<size_t>(spec.hiddenSize * 2 * spec.hiddenSize), 0.01f);
     placement.emplace_back(prefix + "eh_proj.weight", options.shards - 1);
-    MOE_RETURN_IF_ERROR(writers.back().addF32Tensor(
-        prefix + "eh_proj.weight", options.dtype, {spec.hiddenSize, 2 * spec.hiddenSize}, values));
+    MOE_RETURN_IF_ERROR(writers.back().addF32Tensor(prefix + "eh_proj.weight", options.dtype,
+                                                    {spec.hiddenSize, 2 * spec.hiddenSize}, values));
     std::vector<float> ones(static_cast<size_t>(spec.hiddenSize), 1.0f);
     placement.emplace_back(prefix + "enorm.weight", options.shards - 1);
-    MOE_RETURN_IF_ERROR(writers.back().addF32Tensor(prefix + "enorm.weight", options.dtype,
-                                                    {spec.hiddenSize}, ones));
+    MOE_RETURN_IF_ERROR(writers.back().addF32Tensor(prefix + "enorm.weight", options.dtype, {spec.hiddenSize}, ones));
   }
   for (const std::string &extra : options.extraTensors) {
     std::vector<float> values(4, 0.5f);
@@ -328,8 +310,7 @@ Status writeSyntheticCheckpoint(const std::string &directory,
 
   MOE_RETURN_IF_ERROR(writeFileAtomically(
       directory + "/config.json",
-      std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(configText.data()),
-                               configText.size())));
+      std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(configText.data()), configText.size())));
   if (options.shards == 1) {
     writers[0].setMetadata("format", "pt");
     return writers[0].write(directory + "/model.safetensors");
@@ -338,8 +319,7 @@ Status writeSyntheticCheckpoint(const std::string &directory,
   int64_t totalSize = 0;
   for (int shard = 0; shard < options.shards; ++shard) {
     char name[64];
-    std::snprintf(name, sizeof(name), "model-%05d-of-%05d.safetensors", shard + 1,
-                  options.shards);
+    std::snprintf(name, sizeof(name), "model-%05d-of-%05d.safetensors", shard + 1, options.shards);
     writers[static_cast<size_t>(shard)].setMetadata("format", "pt");
     std::vector<uint8_t> bytes = writers[static_cast<size_t>(shard)].serialize();
     totalSize += static_cast<int64_t>(bytes.size());
@@ -352,8 +332,7 @@ Status writeSyntheticCheckpoint(const std::string &directory,
   std::string indexText = index.dump(2) + "\n";
   return writeFileAtomically(
       directory + "/model.safetensors.index.json",
-      std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(indexText.data()),
-                               indexText.size()));
+      std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(indexText.data()), indexText.size()));
 }
 
 } // namespace moe

@@ -273,8 +273,8 @@ Status WeightStore::appendLocked(const std::string &key, DType dtype, std::vecto
     return Status::error(filePath, ": empty tensor key");
   uint64_t expected = static_cast<uint64_t>(numElements(shape)) * dtypeBytes(dtype);
   if (bytes.size() != expected)
-    return Status::error(filePath, ": tensor '", key, "': ", bytes.size(), " bytes given, shape ",
-                         formatShape(shape), " of ", dtypeName(dtype), " needs ", expected);
+    return Status::error(filePath, ": tensor '", key, "': ", bytes.size(), " bytes given, shape ", formatShape(shape),
+                         " of ", dtypeName(dtype), " needs ", expected);
   std::string headerText =
       nlohmann::json{{"key", key}, {"dtype", dtypeName(dtype)}, {"shape", shape}, {"bytes", bytes.size()}}.dump();
   std::vector<uint8_t> record(8);

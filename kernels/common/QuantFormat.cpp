@@ -157,9 +157,12 @@ CodePlace placeOf(int bits, int64_t index, int plane) {
   const int64_t block = index / kCodeBlock, j = index % kCodeBlock;
   const int64_t base = block * kCodeBlock * bits / 8;
   switch (bits) {
-  case 8: return {index, 0, 8};
-  case 4: return {base + j % 16, static_cast<int>(4 * (j / 16)), 4};
-  case 2: return {base + j % 8, static_cast<int>(2 * (j / 8)), 2};
+  case 8:
+    return {index, 0, 8};
+  case 4:
+    return {base + j % 16, static_cast<int>(4 * (j / 16)), 4};
+  case 2:
+    return {base + j % 8, static_cast<int>(2 * (j / 8)), 2};
   default: // 3: two low bits as 2-bit codes, then the high bit plane
     return plane == 0 ? CodePlace{base + j % 8, static_cast<int>(2 * (j / 8)), 2}
                       : CodePlace{base + 8 + j / 8, static_cast<int>(j % 8), 1};

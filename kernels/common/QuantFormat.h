@@ -61,8 +61,7 @@ struct QuantFormat {
   constexpr int maxCode() const { return (1 << bits) - 1; }
   constexpr int zeroPoint() const { return 1 << (bits - 1); }
   bool operator==(const QuantFormat &other) const {
-    return bits == other.bits && group == other.group && symmetric == other.symmetric &&
-           scaleType == other.scaleType;
+    return bits == other.bits && group == other.group && symmetric == other.symmetric && scaleType == other.scaleType;
   }
 };
 

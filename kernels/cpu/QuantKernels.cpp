@@ -88,59 +88,59 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256i load32Codes(const uint8_
 
 /// The decode GEMV over one row range; DOT(acc, u8 codes, s8 activation)
 /// adds the four-byte dot products of each 32-bit lane to acc.
-#define MOEC_GEMV_ROWS_BODY(DOT) \
-  const QuantFormat &format = w.format; \
-  const int64_t groups = format.groupsPerRow(w.cols); \
-  const int blocksPerGroup = format.group / kBlock; \
-  const size_t rowBytes = format.rowBytes(w.cols), groupBytes = format.groupBytes(); \
-  for (int64_t r = rowBegin; r < rowEnd; ++r) { \
-    const uint8_t *row = w.data + static_cast<size_t>(r) * rowBytes; \
-    __m256 acc = _mm256_setzero_ps(); \
-    float minTerm = 0.0f; \
-    for (int64_t g = 0; g < groups; ++g) { \
-      const uint8_t *group = row + static_cast<size_t>(g) * groupBytes; \
-      if (g + 1 < groups) \
-        _mm_prefetch(reinterpret_cast<const char *>(group + groupBytes + 64), _MM_HINT_T0); \
-      /* Header conversions inline (F16C for fp16; bf16 is a shift). */ \
-      uint16_t scaleBits, minBits = 0; \
-      std::memcpy(&scaleBits, group, 2); \
-      if (!format.symmetric) \
-        std::memcpy(&minBits, group + 2, 2); \
-      float scale, min; \
-      if (format.scaleType == ScaleType::F16) { \
-        scale = _cvtsh_ss(scaleBits); \
-        min = format.symmetric ? -static_cast<float>(format.zeroPoint()) * scale : _cvtsh_ss(minBits); \
-      } else { \
-        uint32_t wide = static_cast<uint32_t>(scaleBits) << 16; \
-        std::memcpy(&scale, &wide, 4); \
-        wide = static_cast<uint32_t>(minBits) << 16; \
-        std::memcpy(&min, &wide, 4); \
-        if (format.symmetric) \
-          min = -static_cast<float>(format.zeroPoint()) * scale; \
-      } \
-      const uint8_t *codes = group + format.headerBytes(); \
-      __m256i groupSums = _mm256_setzero_si256(); \
-      for (int b = 0; b < blocksPerGroup; ++b) { \
-        const __m256i q = load32Codes(codes, format.bits, b); \
-        const __m256i a = _mm256_loadu_si256( \
-            reinterpret_cast<const __m256i *>(x.values.data() + g * format.group + b * kBlock)); \
-        if (format.bits == 8) { \
-          /* Codes up to 255 would overflow the unsigned x signed byte      */ \
-          /* products' pairs: use q - 128 (|q - 128| <= 128) with the sign  */ \
-          /* trick, and add 128 * sum(a) back through the min term below.   */ \
-          const __m256i centred = _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80))); \
-          groupSums = DOT(groupSums, _mm256_sign_epi8(centred, centred), _mm256_sign_epi8(a, centred)); \
-        } else { \
-          groupSums = DOT(groupSums, q, a); \
-        } \
-      } \
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(groupSums), _mm256_set1_ps(scale * x.blockScales[g]), acc); \
-      minTerm += (format.bits == 8 ? min + 128.0f * scale : min) * x.groupSums[g]; \
-    } \
-    __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)); \
-    sum4 = _mm_hadd_ps(sum4, sum4); \
-    sum4 = _mm_hadd_ps(sum4, sum4); \
-    y[r - rowBegin] = _mm_cvtss_f32(sum4) + minTerm; \
+#define MOEC_GEMV_ROWS_BODY(DOT)                                                                                       \
+  const QuantFormat &format = w.format;                                                                                \
+  const int64_t groups = format.groupsPerRow(w.cols);                                                                  \
+  const int blocksPerGroup = format.group / kBlock;                                                                    \
+  const size_t rowBytes = format.rowBytes(w.cols), groupBytes = format.groupBytes();                                   \
+  for (int64_t r = rowBegin; r < rowEnd; ++r) {                                                                        \
+    const uint8_t *row = w.data + static_cast<size_t>(r) * rowBytes;                                                   \
+    __m256 acc = _mm256_setzero_ps();                                                                                  \
+    float minTerm = 0.0f;                                                                                              \
+    for (int64_t g = 0; g < groups; ++g) {                                                                             \
+      const uint8_t *group = row + static_cast<size_t>(g) * groupBytes;                                                \
+      if (g + 1 < groups)                                                                                              \
+        _mm_prefetch(reinterpret_cast<const char *>(group + groupBytes + 64), _MM_HINT_T0);                            \
+      /* Header conversions inline (F16C for fp16; bf16 is a shift). */                                                \
+      uint16_t scaleBits, minBits = 0;                                                                                 \
+      std::memcpy(&scaleBits, group, 2);                                                                               \
+      if (!format.symmetric)                                                                                           \
+        std::memcpy(&minBits, group + 2, 2);                                                                           \
+      float scale, min;                                                                                                \
+      if (format.scaleType == ScaleType::F16) {                                                                        \
+        scale = _cvtsh_ss(scaleBits);                                                                                  \
+        min = format.symmetric ? -static_cast<float>(format.zeroPoint()) * scale : _cvtsh_ss(minBits);                 \
+      } else {                                                                                                         \
+        uint32_t wide = static_cast<uint32_t>(scaleBits) << 16;                                                        \
+        std::memcpy(&scale, &wide, 4);                                                                                 \
+        wide = static_cast<uint32_t>(minBits) << 16;                                                                   \
+        std::memcpy(&min, &wide, 4);                                                                                   \
+        if (format.symmetric)                                                                                          \
+          min = -static_cast<float>(format.zeroPoint()) * scale;                                                       \
+      }                                                                                                                \
+      const uint8_t *codes = group + format.headerBytes();                                                             \
+      __m256i groupSums = _mm256_setzero_si256();                                                                      \
+      for (int b = 0; b < blocksPerGroup; ++b) {                                                                       \
+        const __m256i q = load32Codes(codes, format.bits, b);                                                          \
+        const __m256i a =                                                                                              \
+            _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x.values.data() + g * format.group + b * kBlock));    \
+        if (format.bits == 8) {                                                                                        \
+          /* Codes up to 255 would overflow the unsigned x signed byte      */                                         \
+          /* products' pairs: use q - 128 (|q - 128| <= 128) with the sign  */                                         \
+          /* trick, and add 128 * sum(a) back through the min term below.   */                                         \
+          const __m256i centred = _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80)));                      \
+          groupSums = DOT(groupSums, _mm256_sign_epi8(centred, centred), _mm256_sign_epi8(a, centred));                \
+        } else {                                                                                                       \
+          groupSums = DOT(groupSums, q, a);                                                                            \
+        }                                                                                                              \
+      }                                                                                                                \
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(groupSums), _mm256_set1_ps(scale * x.blockScales[g]), acc);             \
+      minTerm += (format.bits == 8 ? min + 128.0f * scale : min) * x.groupSums[g];                                     \
+    }                                                                                                                  \
+    __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));                              \
+    sum4 = _mm_hadd_ps(sum4, sum4);                                                                                    \
+    sum4 = _mm_hadd_ps(sum4, sum4);                                                                                    \
+    y[r - rowBegin] = _mm_cvtss_f32(sum4) + minTerm;                                                                   \
   }
 
 /// AVX2: unsigned x signed byte products summed in pairs (int16; codes below
@@ -160,9 +160,8 @@ __attribute__((target("avx2,fma,f16c,avxvnni"))) inline __m256i dotVnni(__m256i 
   return _mm256_dpbusd_avx_epi32(acc, u, s);
 }
 
-__attribute__((target("avx2,fma,f16c,avxvnni"))) void gemvRowsVnni(const QuantMatrixView &w,
-                                                                   const QuantizedActivation &x, int64_t rowBegin,
-                                                                   int64_t rowEnd, float *y) {
+__attribute__((target("avx2,fma,f16c,avxvnni"))) void
+gemvRowsVnni(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin, int64_t rowEnd, float *y) {
   MOEC_GEMV_ROWS_BODY(dotVnni)
 }
 #endif

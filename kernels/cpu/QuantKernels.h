@@ -44,8 +44,7 @@ void quantizeActivation(const float *x, int64_t cols, int group, QuantizedActiva
 void gemvRows(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin, int64_t rowEnd, float *y);
 
 /// Scalar reference of gemvRows with the same activation quantization.
-void gemvRowsScalar(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin, int64_t rowEnd,
-                    float *y);
+void gemvRowsScalar(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin, int64_t rowEnd, float *y);
 
 /// Rows [rowBegin, rowEnd) dequantized to f32 ([rowEnd - rowBegin, cols]).
 void dequantizeRows(const QuantMatrixView &w, int64_t rowBegin, int64_t rowEnd, float *out);

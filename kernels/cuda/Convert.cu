@@ -26,9 +26,7 @@ Status check(cudaError_t error, const char *what) {
 /// Device memory freed on scope exit.
 template <typename T> struct DeviceBuffer {
   T *data = nullptr;
-  Status allocate(size_t count) {
-    return check(cudaMalloc(&data, count * sizeof(T)), "malloc");
-  }
+  Status allocate(size_t count) { return check(cudaMalloc(&data, count * sizeof(T)), "malloc"); }
   ~DeviceBuffer() {
     if (data)
       cudaFree(data);
@@ -55,15 +53,12 @@ Status convertBfloat16ToF32(const uint16_t *source, size_t count, float *destina
   DeviceBuffer<float> deviceDestination;
   MOE_RETURN_IF_ERROR(deviceSource.allocate(count));
   MOE_RETURN_IF_ERROR(deviceDestination.allocate(count));
-  MOE_RETURN_IF_ERROR(check(cudaMemcpy(deviceSource.data, source, count * sizeof(uint16_t),
-                                       cudaMemcpyHostToDevice),
-                            "copy to device"));
+  MOE_RETURN_IF_ERROR(
+      check(cudaMemcpy(deviceSource.data, source, count * sizeof(uint16_t), cudaMemcpyHostToDevice), "copy to device"));
   size_t blocks = (count + 255) / 256 < 4096 ? (count + 255) / 256 : 4096;
-  bfloat16ToF32Kernel<<<static_cast<unsigned>(blocks), 256>>>(deviceSource.data, count,
-                                                               deviceDestination.data);
+  bfloat16ToF32Kernel<<<static_cast<unsigned>(blocks), 256>>>(deviceSource.data, count, deviceDestination.data);
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "kernel launch"));
-  return check(cudaMemcpy(destination, deviceDestination.data, count * sizeof(float),
-                          cudaMemcpyDeviceToHost),
+  return check(cudaMemcpy(destination, deviceDestination.data, count * sizeof(float), cudaMemcpyDeviceToHost),
                "copy to host");
 }
 

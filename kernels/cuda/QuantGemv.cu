@@ -47,9 +47,9 @@ template <int BITS> __device__ __forceinline__ int codeAt(const uint8_t (&b)[32]
 }
 
 template <int BITS, bool SYM, bool BF16>
-__global__ void gemvKernel(const uint8_t *__restrict__ weights, int64_t rows, int64_t cols, int group,
-                           int64_t rowBytes, int64_t blocksPerSlice, const float *__restrict__ x,
-                           float *__restrict__ y, bool accumulate) {
+__global__ void gemvKernel(const uint8_t *__restrict__ weights, int64_t rows, int64_t cols, int group, int64_t rowBytes,
+                           int64_t blocksPerSlice, const float *__restrict__ x, float *__restrict__ y,
+                           bool accumulate) {
   constexpr int kCodeBytes = 32 * BITS / 8;
   constexpr int kHeader = SYM ? 2 : 4;
   const int lane = threadIdx.x & 31;
@@ -89,9 +89,8 @@ __global__ void gemvKernel(const uint8_t *__restrict__ weights, int64_t rows, in
         unsigned word = previous;
         if (shift != 0) {
           // The last word only lends its low half (the block's last bytes).
-          const unsigned next = k + 1 < kCodeBytes / 4
-                                    ? __ldg(words + k + 1)
-                                    : __ldg(reinterpret_cast<const unsigned short *>(words + k + 1));
+          const unsigned next = k + 1 < kCodeBytes / 4 ? __ldg(words + k + 1)
+                                                       : __ldg(reinterpret_cast<const unsigned short *>(words + k + 1));
           word = __funnelshift_r(previous, next, shift);
           previous = next;
         } else if (k + 1 < kCodeBytes / 4) {
@@ -167,8 +166,8 @@ Status launch(const quant::QuantFormat &format, const uint8_t *weights, int64_t 
   // the columns when the rows alone do not, down to 8 code blocks a slice.
   int device = 0, multiprocessors = 0;
   MOE_RETURN_IF_ERROR(check(cudaGetDevice(&device), "get device"));
-  MOE_RETURN_IF_ERROR(check(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device),
-                            "device attribute"));
+  MOE_RETURN_IF_ERROR(
+      check(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device), "device attribute"));
   const int64_t wantWarps = static_cast<int64_t>(multiprocessors) * 32;
   int64_t slices = std::clamp<int64_t>(wantWarps / rowWarps, 1, std::max<int64_t>(1, totalBlocks / 8));
   const int64_t blocksPerSlice = (totalBlocks + slices - 1) / slices;
@@ -178,9 +177,8 @@ Status launch(const quant::QuantFormat &format, const uint8_t *weights, int64_t 
     MOE_RETURN_IF_ERROR(check(cudaMemsetAsync(y, 0, static_cast<size_t>(rows) * sizeof(float)), "memset"));
   constexpr int kThreads = 128; // 4 warps, 128 rows
   const dim3 grid(static_cast<unsigned>((rowWarps + 3) / 4), static_cast<unsigned>(slices));
-  gemvKernel<BITS, SYM, BF16><<<grid, kThreads>>>(weights, rows, cols, format.group,
-                                                 static_cast<int64_t>(format.rowBytes(cols)), blocksPerSlice, x, y,
-                                                 accumulate);
+  gemvKernel<BITS, SYM, BF16><<<grid, kThreads>>>(
+      weights, rows, cols, format.group, static_cast<int64_t>(format.rowBytes(cols)), blocksPerSlice, x, y, accumulate);
   return check(cudaGetLastError(), "kernel launch");
 }
 
@@ -218,10 +216,14 @@ Status gemvQuantizedDevice(const quant::QuantFormat &format, const uint8_t *weig
   if (reinterpret_cast<uintptr_t>(weights) % (format.symmetric ? 2 : 4) != 0)
     return Status::error("CUDA GEMV: the weights must be ", format.symmetric ? 2 : 4, "-byte aligned");
   switch (format.bits) {
-  case 2: return dispatchScheme<2>(format, weights, rows, cols, x, y);
-  case 3: return dispatchScheme<3>(format, weights, rows, cols, x, y);
-  case 4: return dispatchScheme<4>(format, weights, rows, cols, x, y);
-  default: return dispatchScheme<8>(format, weights, rows, cols, x, y);
+  case 2:
+    return dispatchScheme<2>(format, weights, rows, cols, x, y);
+  case 3:
+    return dispatchScheme<3>(format, weights, rows, cols, x, y);
+  case 4:
+    return dispatchScheme<4>(format, weights, rows, cols, x, y);
+  default:
+    return dispatchScheme<8>(format, weights, rows, cols, x, y);
   }
 }
 

@@ -4,14 +4,14 @@
 //
 //===----------------------------------------------------------------------===//
 
-#include "moe/Transforms/Passes.h"
 #include "moe/Calibration/StatisticNames.h"
+#include "moe/Transforms/Passes.h"
 
 #include "BitAllocation.h"
+#include "ExpertEditing.h"
 #include "LayerLoader.h"
 #include "StatisticsReader.h"
 #include "SuperExperts.h"
-#include "ExpertEditing.h"
 #include "common/QuantFormat.h"
 
 #include "mlir/IR/Builders.h"
@@ -21,8 +21,8 @@
 #include <cstdlib>
 #include <functional>
 #include <map>
-#include <optional>
 #include <numeric>
+#include <optional>
 #include <sstream>
 
 namespace moe {
@@ -65,8 +65,8 @@ std::optional<double> parseByteSize(const std::string &text) {
   if (end == text.c_str() || !(value > 0))
     return std::nullopt;
   std::string suffix(end);
-  const std::pair<const char *, double> units[] = {{"", 1.0}, {"K", 1024.0}, {"M", 1024.0 * 1024},
-                                                   {"G", 1024.0 * 1024 * 1024}, {"T", 1024.0 * 1024 * 1024 * 1024}};
+  const std::pair<const char *, double> units[] = {
+      {"", 1.0}, {"K", 1024.0}, {"M", 1024.0 * 1024}, {"G", 1024.0 * 1024 * 1024}, {"T", 1024.0 * 1024 * 1024 * 1024}};
   for (const auto &[name, scale] : units)
     if (suffix == name)
       return value * scale;
@@ -137,7 +137,8 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
         StatisticsReader::BlockSamples blocks;
         FailureOr<LayerWeights> weights = failure();
         if (objective == "mc-moe") {
-          FailureOr<StatisticsReader::BlockSamples> loaded = file->blockSamples(index, loader->spec().hiddenSize, layer);
+          FailureOr<StatisticsReader::BlockSamples> loaded =
+              file->blockSamples(index, loader->spec().hiddenSize, layer);
           if (failed(loaded))
             return signalPassFailure();
           blocks = std::move(*loaded);
@@ -155,7 +156,8 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
         auto blockErrorWith = [&](size_t slot, MlpWeights trial) {
           std::swap(weights->experts[slot], trial);
           std::vector<float> scratch;
-          const double error = moeBlockOutputError(loader->spec(), *layerSpec, *weights, blocks.view(), nullptr, scratch);
+          const double error =
+              moeBlockOutputError(loader->spec(), *layerSpec, *weights, blocks.view(), nullptr, scratch);
           std::swap(weights->experts[slot], trial);
           return error;
         };
@@ -189,7 +191,8 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
               const std::vector<double> &full = m == 2 ? *inner : *in;
               const int64_t cols = shapes[m][1];
               if (static_cast<int64_t>(full.size()) != cols * cols)
-                return fail(expert, concat("moments of layer ", index, " expert ", id, " do not match its width; "
+                return fail(expert, concat("moments of layer ", index, " expert ", id,
+                                           " do not match its width; "
                                            "calibrate the model as it is now"));
               for (int64_t j = 0; j < cols; ++j)
                 hessianDiagonal[m].push_back(full[j * cols + j]);
@@ -442,9 +445,9 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
         } else {
           OpBuilder after(previous->getContext());
           after.setInsertionPointAfter(previous);
-          previous = after.create<ir::ExpertOp>(
-              expert.getLoc(), expert.getIdAttr(), after.getI64IntegerAttr(count), parts[0], parts[1], parts[2],
-              expert.getActivationAttr(), after.getI64IntegerAttr(offset));
+          previous = after.create<ir::ExpertOp>(expert.getLoc(), expert.getIdAttr(), after.getI64IntegerAttr(count),
+                                                parts[0], parts[1], parts[2], expert.getActivationAttr(),
+                                                after.getI64IntegerAttr(offset));
         }
         offset += count;
         ++part;

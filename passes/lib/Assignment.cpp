@@ -16,7 +16,8 @@ namespace moe {
 std::vector<int64_t> solveAssignment(const std::vector<double> &cost, int64_t n) {
   const double infinity = std::numeric_limits<double>::infinity();
   // 1-based arrays; column 0 is a virtual start.
-  std::vector<double> rowPotential(static_cast<std::size_t>(n + 1), 0), columnPotential(static_cast<std::size_t>(n + 1), 0);
+  std::vector<double> rowPotential(static_cast<std::size_t>(n + 1), 0),
+      columnPotential(static_cast<std::size_t>(n + 1), 0);
   std::vector<int64_t> rowOfColumn(static_cast<std::size_t>(n + 1), 0), previous(static_cast<std::size_t>(n + 1), 0);
   for (int64_t row = 1; row <= n; ++row) {
     rowOfColumn[0] = row;

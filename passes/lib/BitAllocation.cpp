@@ -24,10 +24,9 @@ namespace {
 /// Returns the chosen candidate index per free unit, or nothing when no
 /// choice fits the bounds.
 template <typename Objective>
-Expected<std::optional<std::vector<int>>> solve(const std::vector<AllocationUnit> &units, const std::vector<int> &free,
-                                                const std::vector<int> &candidates, double parameters,
-                                                double pinnedAverage, double lower, double upper,
-                                                Objective coefficient) {
+Expected<std::optional<std::vector<int>>>
+solve(const std::vector<AllocationUnit> &units, const std::vector<int> &free, const std::vector<int> &candidates,
+      double parameters, double pinnedAverage, double lower, double upper, Objective coefficient) {
   std::unique_ptr<glp_prob, void (*)(glp_prob *)> problem(glp_create_prob(), glp_delete_prob);
   glp_prob *lp = problem.get();
   glp_set_obj_dir(lp, GLP_MIN);
@@ -108,8 +107,10 @@ Expected<Allocation> allocateBits(const std::vector<AllocationUnit> &units, cons
   maximum /= parameters;
   const double lower = budgetBits - tolerance;
   if (minimum > budgetBits + 1e-9)
-    return Status::error("bit allocation: a budget of ", budgetBits, " bits per weight is infeasible; the closest "
-                         "feasible budget is ", minimum, " (every unit at its narrowest candidate or pinned width)");
+    return Status::error("bit allocation: a budget of ", budgetBits,
+                         " bits per weight is infeasible; the closest "
+                         "feasible budget is ",
+                         minimum, " (every unit at its narrowest candidate or pinned width)");
   if (maximum < lower - 1e-9)
     return Status::error("bit allocation: a budget of ", budgetBits, " bits per weight (within ", tolerance,
                          ") is infeasible; the closest feasible budget is ", maximum,
@@ -134,8 +135,8 @@ Expected<Allocation> allocateBits(const std::vector<AllocationUnit> &units, cons
   if (step > 0) {
     const double budgetTotal = budgetBits * static_cast<double>(total);
     const int64_t below =
-        base + step * static_cast<int64_t>(std::floor((budgetTotal - static_cast<double>(base)) /
-                                                          static_cast<double>(step) + 1e-9));
+        base + step * static_cast<int64_t>(
+                          std::floor((budgetTotal - static_cast<double>(base)) / static_cast<double>(step) + 1e-9));
     upper = static_cast<double>(below) / static_cast<double>(total);
     if (upper < lower - 1e-9) {
       std::string closest = concat(upper);
@@ -158,9 +159,7 @@ Expected<Allocation> allocateBits(const std::vector<AllocationUnit> &units, cons
         largest = std::max(largest, std::abs(loss));
     const double scale = largest > 0 ? 1.0 / largest : 1.0;
     const double pinnedAverage = pinnedBits / parameters;
-    auto bitsOf = [&](int u, int b) {
-      return static_cast<double>(units[u].parameters) * candidates[b] / parameters;
-    };
+    auto bitsOf = [&](int u, int b) { return static_cast<double>(units[u].parameters) * candidates[b] / parameters; };
     Expected<std::optional<std::vector<int>>> chosen =
         solve(units, free, candidates, parameters, pinnedAverage, lower, upper,
               [&](int u, int b) { return units[u].loss[b] * scale; });
@@ -193,8 +192,7 @@ Expected<Allocation> allocateBits(const std::vector<AllocationUnit> &units, cons
       if (*above >= 0)
         options += concat(options.empty() ? "" : " or ", *above);
       return Status::error("bit allocation: no choice of widths averages ", budgetBits, " bits per weight (within ",
-                           tolerance, "); the closest feasible budgets are ", options,
-                           " (or raise the tolerance)");
+                           tolerance, "); the closest feasible budgets are ", options, " (or raise the tolerance)");
     }
     for (size_t i = 0; i < free.size(); ++i)
       allocation.bits[free[i]] = candidates[(**chosen)[i]];

@@ -24,8 +24,8 @@ struct AllocationUnit {
 };
 
 struct Allocation {
-  std::vector<int> bits;      ///< Per unit.
-  double averageBits = 0;     ///< Parameter-weighted.
+  std::vector<int> bits;  ///< Per unit.
+  double averageBits = 0; ///< Parameter-weighted.
   double loss = 0;
 };
 

@@ -4,8 +4,8 @@
 //
 //===----------------------------------------------------------------------===//
 
-#include "moe/Transforms/Passes.h"
 #include "moe/Lowering/TensorAccess.h"
+#include "moe/Transforms/Passes.h"
 
 #include "ExpertEditing.h"
 
@@ -85,7 +85,6 @@ struct DropExpertsPass : public moe::impl::MoeDropExpertsBase<DropExpertsPass> {
         }
     }
   }
-
 };
 
 } // namespace

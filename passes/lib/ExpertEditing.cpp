@@ -45,8 +45,7 @@ FailureOr<FlatSymbolRefAttr> sliceRows(ir::ModelOp model, TensorAccess &access, 
     SymbolTable::lookupSymbolIn(model, builder.getStringAttr(name))->erase();
   builder.create<ir::TensorOp>(tensor.getLoc(), builder.getStringAttr(name),
                                TypeAttr::get(RankedTensorType::get(newShape, tensor.getTensorType().getElementType())),
-                               builder.getStringAttr(*key), IntegerAttr(), DenseI64ArrayAttr(),
-                               tensor.getQuantAttr());
+                               builder.getStringAttr(*key), IntegerAttr(), DenseI64ArrayAttr(), tensor.getQuantAttr());
   return FlatSymbolRefAttr::get(builder.getContext(), name);
 }
 
@@ -67,8 +66,7 @@ ir::TensorOp lookupTensor(ir::ModelOp model, FlatSymbolRefAttr symbol) {
   return cast<ir::TensorOp>(SymbolTable::lookupSymbolIn(model, symbol.getAttr()));
 }
 
-FailureOr<std::vector<float>> readF32(ir::ModelOp model, TensorAccess &access, FlatSymbolRefAttr symbol,
-                                      DType &dtype) {
+FailureOr<std::vector<float>> readF32(ir::ModelOp model, TensorAccess &access, FlatSymbolRefAttr symbol, DType &dtype) {
   ir::TensorOp tensor = lookupTensor(model, symbol);
   std::vector<uint8_t> bytes;
   Status status = access.read(tensor, dtype, bytes);
@@ -79,7 +77,8 @@ FailureOr<std::vector<float>> readF32(ir::ModelOp model, TensorAccess &access, F
   std::vector<float> values(bytes.size() / dtypeBytes(dtype));
   if (static_cast<int64_t>(values.size()) != tensor.getTensorType().getNumElements())
     return tensor.emitError() << "stored tensor has " << values.size() << " elements, its type "
-                              << tensor.getTensorType().getNumElements(), failure();
+                              << tensor.getTensorType().getNumElements(),
+           failure();
   status = convertToF32(dtype, bytes.data(), values.size(), values.data());
   if (!status.ok())
     return tensor.emitError(status.message()), failure();
@@ -87,7 +86,8 @@ FailureOr<std::vector<float>> readF32(ir::ModelOp model, TensorAccess &access, F
   if (auto scale = dyn_cast_or_null<ir::TensorOp>(
           SymbolTable::lookupSymbolIn(model, StringAttr::get(model.getContext(), scaleName)))) {
     DType scaleType;
-    FailureOr<std::vector<float>> scales = readF32(model, access, FlatSymbolRefAttr::get(scale.getSymNameAttr()), scaleType);
+    FailureOr<std::vector<float>> scales =
+        readF32(model, access, FlatSymbolRefAttr::get(scale.getSymNameAttr()), scaleType);
     if (failed(scales))
       return failure();
     ArrayRef<int64_t> shape = tensor.getTensorType().getShape();
@@ -173,8 +173,8 @@ FailureOr<FlatSymbolRefAttr> selectSlices(ir::ModelOp model, TensorAccess &acces
   return FlatSymbolRefAttr::get(builder.getContext(), name);
 }
 
-LogicalResult dropExperts(ir::ModelOp model, ir::LayerOp layer, const std::set<int64_t> &drop,
-                        TensorAccess &access, StringRef passName, DropCounts &counts) {
+LogicalResult dropExperts(ir::ModelOp model, ir::LayerOp layer, const std::set<int64_t> &drop, TensorAccess &access,
+                          StringRef passName, DropCounts &counts) {
   auto blocks = layer.getBody().getOps<ir::MoeBlockOp>();
   if (blocks.empty())
     return layer.emitError() << passName << ": layer " << layer.getIndex() << " has no experts";

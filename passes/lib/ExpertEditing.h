@@ -50,8 +50,7 @@ mlir::FailureOr<mlir::FlatSymbolRefAttr> selectSlices(ir::ModelOp model, TensorA
 /// on the same store), under `name.v2`, `name.v3`, ...: a module written
 /// earlier keeps the weights it was written with. Returns the key used.
 mlir::FailureOr<std::string> appendToStore(ir::ModelOp model, TensorAccess &access, const std::string &name,
-                                           DType dtype, llvm::ArrayRef<int64_t> shape,
-                                           std::span<const uint8_t> bytes);
+                                           DType dtype, llvm::ArrayRef<int64_t> shape, std::span<const uint8_t> bytes);
 
 /// The moe.tensor op of `symbol`.
 ir::TensorOp lookupTensor(ir::ModelOp model, mlir::FlatSymbolRefAttr symbol);

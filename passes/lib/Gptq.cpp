@@ -57,8 +57,8 @@ GroupGrid gridOf(const quant::QuantFormat &format, const double *values, int64_t
 double roundToGrid(const quant::QuantFormat &format, const GroupGrid &grid, double value) {
   if (grid.scale == 0.0f)
     return grid.min;
-  const double code = std::clamp(std::nearbyint((value - grid.min) / grid.scale), 0.0,
-                                 static_cast<double>(format.maxCode()));
+  const double code =
+      std::clamp(std::nearbyint((value - grid.min) / grid.scale), 0.0, static_cast<double>(format.maxCode()));
   return code * grid.scale + grid.min;
 }
 
@@ -70,14 +70,15 @@ Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &
     return Status::error("GPTQ: a ", rows, "x", cols, " matrix needs a ", cols, "x", cols, " Hessian");
   if (options.block < 1 || !(options.damping >= 0) || !std::isfinite(options.damping))
     return Status::error("GPTQ: block must be positive and damping non-negative");
-  Matrix W = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(
-                 weights.data(), rows, cols)
+  Matrix W = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(weights.data(),
+                                                                                                     rows, cols)
                  .cast<double>();
   Matrix H = Eigen::Map<Matrix>(hessian.data(), cols, cols);
   // Groups in the original column order (the layout's), fixed up front
   // with act-order, else when each group's first column comes up.
   const int64_t groups = format.groupsPerRow(cols);
-  std::vector<std::vector<GroupGrid>> grids(static_cast<size_t>(rows), std::vector<GroupGrid>(static_cast<size_t>(groups)));
+  std::vector<std::vector<GroupGrid>> grids(static_cast<size_t>(rows),
+                                            std::vector<GroupGrid>(static_cast<size_t>(groups)));
   std::vector<bool> gridReady(static_cast<size_t>(groups), false);
   auto computeGrids = [&](int64_t group) {
     const int64_t first = group * format.group, count = std::min<int64_t>(format.group, cols - first);
@@ -152,8 +153,7 @@ Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &
       }
       // Spread the error over this block's remaining columns.
       if (j + 1 < end)
-        Wp.block(0, j + 1, rows, end - j - 1).noalias() -=
-            errors.col(j - begin) * U.block(j, j + 1, 1, end - j - 1);
+        Wp.block(0, j + 1, rows, end - j - 1).noalias() -= errors.col(j - begin) * U.block(j, j + 1, 1, end - j - 1);
     }
     if (end < cols) // the lazy batch update, the bulk of the work: one GEMM
       cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(rows), static_cast<int>(cols - end),

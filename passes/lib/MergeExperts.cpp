@@ -4,14 +4,14 @@
 //
 //===----------------------------------------------------------------------===//
 
-#include "moe/Transforms/Passes.h"
 #include "moe/Calibration/StatisticNames.h"
+#include "moe/Transforms/Passes.h"
 
 #include "Assignment.h"
+#include "ExpertEditing.h"
 #include "LayerLoader.h"
 #include "StatisticsReader.h"
 #include "SuperExperts.h"
-#include "ExpertEditing.h"
 
 #include "mlir/IR/Builders.h"
 

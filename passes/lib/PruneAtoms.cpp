@@ -4,13 +4,13 @@
 //
 //===----------------------------------------------------------------------===//
 
-#include "moe/Transforms/Passes.h"
 #include "moe/Calibration/StatisticNames.h"
+#include "moe/Transforms/Passes.h"
 
+#include "ExpertEditing.h"
 #include "LayerLoader.h"
 #include "StatisticsReader.h"
 #include "SuperExperts.h"
-#include "ExpertEditing.h"
 
 #include <algorithm>
 #include <cmath>
@@ -140,9 +140,10 @@ struct PruneAtomsPass : public moe::impl::MoePruneAtomsBase<PruneAtomsPass> {
       int64_t removedTotal = 0;
       const int64_t globalBudget = static_cast<int64_t>(std::llround(ratio * static_cast<double>(totalNeurons)));
       for (const Atom &atom : atoms) {
-        if (scope == "global" ? removedTotal >= globalBudget
-                              : layerRemoved[atom.layer] >=
-                                    static_cast<int64_t>(std::llround(ratio * static_cast<double>(layerNeurons[atom.layer]))))
+        if (scope == "global"
+                ? removedTotal >= globalBudget
+                : layerRemoved[atom.layer] >=
+                      static_cast<int64_t>(std::llround(ratio * static_cast<double>(layerNeurons[atom.layer]))))
           continue;
         std::set<int64_t> &expertRemoved = removed[{atom.layer, atom.expert}];
         ir::ExpertOp expert = experts[{atom.layer, atom.expert}];

@@ -4,15 +4,15 @@
 //
 //===----------------------------------------------------------------------===//
 
-#include "moe/Transforms/Passes.h"
 #include "moe/Calibration/StatisticNames.h"
 #include "moe/Frontend/Safetensors.h"
 #include "moe/Lowering/TensorAccess.h"
+#include "moe/Transforms/Passes.h"
 
+#include "ExpertEditing.h"
 #include "LayerLoader.h"
 #include "StatisticsReader.h"
 #include "SuperExperts.h"
-#include "ExpertEditing.h"
 
 #include <algorithm>
 #include <cmath>
@@ -113,8 +113,8 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
         for (ir::ExpertOp expert : parts.experts) {
           int64_t id = static_cast<int64_t>(expert.getId());
           if (id >= static_cast<int64_t>(scores->size())) {
-            expert.emitError() << "moe-prune-experts: the statistics have " << scores->size()
-                               << " experts for layer " << index << "; calibrate the model as it is now";
+            expert.emitError() << "moe-prune-experts: the statistics have " << scores->size() << " experts for layer "
+                               << index << "; calibrate the model as it is now";
             return signalPassFailure();
           }
           candidates.push_back({index, id, (*scores)[id]});

@@ -4,14 +4,14 @@
 //
 //===----------------------------------------------------------------------===//
 
-#include "moe/Transforms/Passes.h"
 #include "moe/Calibration/StatisticNames.h"
+#include "moe/Transforms/Passes.h"
 
+#include "ExpertEditing.h"
+#include "Gptq.h"
 #include "LayerLoader.h"
 #include "StatisticsReader.h"
 #include "SuperExperts.h"
-#include "ExpertEditing.h"
-#include "Gptq.h"
 #include "common/QuantFormat.h"
 
 #include "mlir/IR/Builders.h"
@@ -59,11 +59,12 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     for (std::string kind; std::getline(list, kind, ',');) {
       if (kind == "all") {
         kinds.insert({"experts", "shared", "attention", "dense"});
-      } else if (kind == "experts" || kind == "shared" || kind == "attention" || kind == "dense" ||
-                 kind == "lm_head" || kind == "embedding") {
+      } else if (kind == "experts" || kind == "shared" || kind == "attention" || kind == "dense" || kind == "lm_head" ||
+                 kind == "embedding") {
         kinds.insert(kind);
       } else {
-        return fail(module, "target '" + kind + "' is not experts, shared, attention, dense, lm_head, embedding or all");
+        return fail(module,
+                    "target '" + kind + "' is not experts, shared, attention, dense, lm_head, embedding or all");
       }
     }
     const std::set<int64_t> scope(layers.begin(), layers.end());
@@ -211,11 +212,10 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
           }
           const double seen = (*coverage)[m.expert], tokens = total->empty() ? 0.0 : (*total)[0];
           if (seen < minCoverage * tokens || seen == 0) {
-            tensor.emitRemark() << concat("moe-quantize: layer ", m.layer, " expert ", m.expert, " saw ",
-                                          static_cast<int64_t>(seen), " calibration tokens (",
-                                          tokens > 0 ? 100.0 * seen / tokens : 0.0, "% of ",
-                                          static_cast<int64_t>(tokens), "), below min-coverage ",
-                                          100.0 * minCoverage, "%: RTN instead of GPTQ");
+            tensor.emitRemark() << concat(
+                "moe-quantize: layer ", m.layer, " expert ", m.expert, " saw ", static_cast<int64_t>(seen),
+                " calibration tokens (", tokens > 0 ? 100.0 * seen / tokens : 0.0, "% of ",
+                static_cast<int64_t>(tokens), "), below min-coverage ", 100.0 * minCoverage, "%: RTN instead of GPTQ");
             ++rtnFallbacks;
             return success();
           }
@@ -228,9 +228,9 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
             // the expert's intermediate moments (calibrated after the split).
             const int64_t full = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(hessian->size()))));
             if (m.partOffset + cols > full) {
-              fail(tensor, concat("the intermediate moments of layer ", m.layer, " expert ", m.expert, " cover ",
-                                  full, " neurons, the part needs ", m.partOffset + cols,
-                                  "; calibrate the model as it is now"));
+              fail(tensor,
+                   concat("the intermediate moments of layer ", m.layer, " expert ", m.expert, " cover ", full,
+                          " neurons, the part needs ", m.partOffset + cols, "; calibrate the model as it is now"));
               return failure();
             }
             std::vector<double> block(static_cast<size_t>(cols * cols));
@@ -253,8 +253,8 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         job.packed.assign(job.format.matrixBytes(job.rows, job.cols), 0);
         if (job.hessian) {
           GptqOptions gptq{damping, block, actOrder};
-          job.status = quantizeGptq(job.format, job.values, job.rows, job.cols, std::move(*job.hessian), gptq,
-                                    job.packed);
+          job.status =
+              quantizeGptq(job.format, job.values, job.rows, job.cols, std::move(*job.hessian), gptq, job.packed);
           job.hessian.reset();
         } else {
           quant::quantizeReference(job.format, job.values.data(), job.rows, job.cols, job.packed.data());

@@ -4,8 +4,8 @@
 //
 //===----------------------------------------------------------------------===//
 
-#include "moe/Transforms/Passes.h"
 #include "moe/Dialect/Moe/IR/MoeOps.h"
+#include "moe/Transforms/Passes.h"
 
 #include <set>
 

@@ -76,7 +76,7 @@ FailureOr<std::vector<float>> StatisticsReader::floats(int64_t layer, StringRef 
 }
 
 FailureOr<StatisticsReader::BlockSamples> StatisticsReader::blockSamples(int64_t layer, int64_t hiddenSize,
-                                                                        Operation *op) const {
+                                                                         Operation *op) const {
   BlockSamples samples;
   int64_t inputRows, inputCols, outputRows, outputCols;
   FailureOr<std::vector<float>> input = floats(layer, stats::kBlockInput, op, inputRows, inputCols);

@@ -22,11 +22,21 @@ public:
   Status loadGlobals(GlobalWeights &globals) override {
     for (const auto &[role, tensor] : description.globals) {
       switch (role) {
-      case TensorRole::Embedding: MOE_RETURN_IF_ERROR(loadMatrix(tensor, globals.embedding)); break;
-      case TensorRole::LmHead: MOE_RETURN_IF_ERROR(loadMatrix(tensor, globals.lmHead)); break;
-      case TensorRole::LmHeadBias: MOE_RETURN_IF_ERROR(loadVector(tensor, globals.lmHeadBias)); break;
-      case TensorRole::FinalNorm: MOE_RETURN_IF_ERROR(loadVector(tensor, globals.finalNorm)); break;
-      case TensorRole::FinalNormBias: MOE_RETURN_IF_ERROR(loadVector(tensor, globals.finalNormBias)); break;
+      case TensorRole::Embedding:
+        MOE_RETURN_IF_ERROR(loadMatrix(tensor, globals.embedding));
+        break;
+      case TensorRole::LmHead:
+        MOE_RETURN_IF_ERROR(loadMatrix(tensor, globals.lmHead));
+        break;
+      case TensorRole::LmHeadBias:
+        MOE_RETURN_IF_ERROR(loadVector(tensor, globals.lmHeadBias));
+        break;
+      case TensorRole::FinalNorm:
+        MOE_RETURN_IF_ERROR(loadVector(tensor, globals.finalNorm));
+        break;
+      case TensorRole::FinalNormBias:
+        MOE_RETURN_IF_ERROR(loadVector(tensor, globals.finalNormBias));
+        break;
       default:
         return Status::error("tensor '", tensor.name, "': unexpected model-level role ", tensorRoleName(role));
       }
@@ -41,35 +51,93 @@ public:
     for (const auto &[role, tensor] : entry.tensors) {
       Status status = Status::success();
       switch (role) {
-      case TensorRole::AttentionNorm: status = loadVector(tensor, w.attentionNorm); break;
-      case TensorRole::AttentionNormBias: status = loadVector(tensor, w.attentionNormBias); break;
-      case TensorRole::MlpNorm: status = loadVector(tensor, w.mlpNorm); break;
-      case TensorRole::MlpNormBias: status = loadVector(tensor, w.mlpNormBias); break;
-      case TensorRole::QueryProj: status = loadMatrix(tensor, w.query); break;
-      case TensorRole::KeyProj: status = loadMatrix(tensor, w.key); break;
-      case TensorRole::ValueProj: status = loadMatrix(tensor, w.value); break;
-      case TensorRole::OutputProj: status = loadMatrix(tensor, w.output); break;
-      case TensorRole::QueryBias: status = loadVector(tensor, w.queryBias); break;
-      case TensorRole::KeyBias: status = loadVector(tensor, w.keyBias); break;
-      case TensorRole::ValueBias: status = loadVector(tensor, w.valueBias); break;
-      case TensorRole::OutputBias: status = loadVector(tensor, w.outputBias); break;
-      case TensorRole::QueryNorm: status = loadVector(tensor, w.queryNorm); break;
-      case TensorRole::KeyNorm: status = loadVector(tensor, w.keyNorm); break;
-      case TensorRole::QueryDownProj: status = loadMatrix(tensor, w.queryDown); break;
-      case TensorRole::QueryDownNorm: status = loadVector(tensor, w.queryDownNorm); break;
-      case TensorRole::QueryUpProj: status = loadMatrix(tensor, w.queryUp); break;
-      case TensorRole::KvDownProj: status = loadMatrix(tensor, w.kvDown); break;
-      case TensorRole::KvDownNorm: status = loadVector(tensor, w.kvDownNorm); break;
-      case TensorRole::KvUpProj: status = loadMatrix(tensor, w.kvUp); break;
-      case TensorRole::DenseGate: status = loadMatrix(tensor, w.dense.gate); break;
-      case TensorRole::DenseUp: status = loadMatrix(tensor, w.dense.up); break;
-      case TensorRole::DenseDown: status = loadMatrix(tensor, w.dense.down); break;
-      case TensorRole::Router: status = loadMatrix(tensor, w.router); break;
-      case TensorRole::RouterCorrectionBias: status = loadVector(tensor, w.routerCorrectionBias); break;
-      case TensorRole::SharedGate: status = loadMatrix(tensor, w.shared.gate); break;
-      case TensorRole::SharedUp: status = loadMatrix(tensor, w.shared.up); break;
-      case TensorRole::SharedDown: status = loadMatrix(tensor, w.shared.down); break;
-      case TensorRole::SharedExpertGate: status = loadVector(tensor, w.sharedExpertGate); break;
+      case TensorRole::AttentionNorm:
+        status = loadVector(tensor, w.attentionNorm);
+        break;
+      case TensorRole::AttentionNormBias:
+        status = loadVector(tensor, w.attentionNormBias);
+        break;
+      case TensorRole::MlpNorm:
+        status = loadVector(tensor, w.mlpNorm);
+        break;
+      case TensorRole::MlpNormBias:
+        status = loadVector(tensor, w.mlpNormBias);
+        break;
+      case TensorRole::QueryProj:
+        status = loadMatrix(tensor, w.query);
+        break;
+      case TensorRole::KeyProj:
+        status = loadMatrix(tensor, w.key);
+        break;
+      case TensorRole::ValueProj:
+        status = loadMatrix(tensor, w.value);
+        break;
+      case TensorRole::OutputProj:
+        status = loadMatrix(tensor, w.output);
+        break;
+      case TensorRole::QueryBias:
+        status = loadVector(tensor, w.queryBias);
+        break;
+      case TensorRole::KeyBias:
+        status = loadVector(tensor, w.keyBias);
+        break;
+      case TensorRole::ValueBias:
+        status = loadVector(tensor, w.valueBias);
+        break;
+      case TensorRole::OutputBias:
+        status = loadVector(tensor, w.outputBias);
+        break;
+      case TensorRole::QueryNorm:
+        status = loadVector(tensor, w.queryNorm);
+        break;
+      case TensorRole::KeyNorm:
+        status = loadVector(tensor, w.keyNorm);
+        break;
+      case TensorRole::QueryDownProj:
+        status = loadMatrix(tensor, w.queryDown);
+        break;
+      case TensorRole::QueryDownNorm:
+        status = loadVector(tensor, w.queryDownNorm);
+        break;
+      case TensorRole::QueryUpProj:
+        status = loadMatrix(tensor, w.queryUp);
+        break;
+      case TensorRole::KvDownProj:
+        status = loadMatrix(tensor, w.kvDown);
+        break;
+      case TensorRole::KvDownNorm:
+        status = loadVector(tensor, w.kvDownNorm);
+        break;
+      case TensorRole::KvUpProj:
+        status = loadMatrix(tensor, w.kvUp);
+        break;
+      case TensorRole::DenseGate:
+        status = loadMatrix(tensor, w.dense.gate);
+        break;
+      case TensorRole::DenseUp:
+        status = loadMatrix(tensor, w.dense.up);
+        break;
+      case TensorRole::DenseDown:
+        status = loadMatrix(tensor, w.dense.down);
+        break;
+      case TensorRole::Router:
+        status = loadMatrix(tensor, w.router);
+        break;
+      case TensorRole::RouterCorrectionBias:
+        status = loadVector(tensor, w.routerCorrectionBias);
+        break;
+      case TensorRole::SharedGate:
+        status = loadMatrix(tensor, w.shared.gate);
+        break;
+      case TensorRole::SharedUp:
+        status = loadMatrix(tensor, w.shared.up);
+        break;
+      case TensorRole::SharedDown:
+        status = loadMatrix(tensor, w.shared.down);
+        break;
+      case TensorRole::SharedExpertGate:
+        status = loadVector(tensor, w.sharedExpertGate);
+        break;
       default:
         status = Status::error("tensor '", tensor.name, "': unexpected layer role ", tensorRoleName(role));
       }
@@ -93,9 +161,9 @@ public:
         if (loaded.gate.rows != part.width || loaded.up.rows != part.width || loaded.down.cols != part.width ||
             loaded.gate.cols != first.gate.cols || loaded.up.cols != first.up.cols ||
             loaded.down.rows != first.down.rows)
-          return Status::error("layer ", layer, " expert ", expert.id, ": a part of width ", part.width,
-                               " has gate ", loaded.gate.rows, "x", loaded.gate.cols, ", up ", loaded.up.rows, "x",
-                               loaded.up.cols, ", down ", loaded.down.rows, "x", loaded.down.cols);
+          return Status::error("layer ", layer, " expert ", expert.id, ": a part of width ", part.width, " has gate ",
+                               loaded.gate.rows, "x", loaded.gate.cols, ", up ", loaded.up.rows, "x", loaded.up.cols,
+                               ", down ", loaded.down.rows, "x", loaded.down.cols);
         width += part.width;
       }
       if (!expert.moreParts.empty() && width != expert.width)
@@ -109,8 +177,8 @@ public:
         return Status::error("layer ", layer, ": the router has ", w.router.rows, " rows for ", slots,
                              " experts and no remap table");
       if (!w.routing.remap.empty() && static_cast<int64_t>(w.routing.remap.size()) != w.router.rows)
-        return Status::error("layer ", layer, ": the remap table has ", w.routing.remap.size(),
-                             " entries for ", w.router.rows, " router rows");
+        return Status::error("layer ", layer, ": the remap table has ", w.routing.remap.size(), " entries for ",
+                             w.router.rows, " router rows");
       for (int32_t slot : w.routing.remap)
         if (slot < 0 || slot >= slots)
           return Status::error("layer ", layer, ": remap entry ", slot, " is not an expert slot [0, ", slots, ")");
@@ -156,8 +224,8 @@ private:
   /// Where `tensor`'s stored bytes are, their dtype and size, without
   /// reading them.
   struct Located {
-    const StoredTensor *stored = nullptr;   ///< In the WeightStore.
-    const SafetensorsFile *file = nullptr;  ///< In a source file...
+    const StoredTensor *stored = nullptr;  ///< In the WeightStore.
+    const SafetensorsFile *file = nullptr; ///< In a source file...
     const TensorInfo *info = nullptr;
     DType dtype = DType::U8;
     uint64_t bytes = 0;
@@ -211,8 +279,8 @@ private:
 
   /// The raw bytes and dtype of `tensor`; `file`/`info` are set for
   /// unsliced source tensors (whose pages the caller releases).
-  Status readBytes(const TensorRef &tensor, DType &dtype, std::vector<uint8_t> &bytes,
-                   const SafetensorsFile *&file, const TensorInfo *&info) {
+  Status readBytes(const TensorRef &tensor, DType &dtype, std::vector<uint8_t> &bytes, const SafetensorsFile *&file,
+                   const TensorInfo *&info) {
     Located where;
     MOE_RETURN_IF_ERROR(locate(tensor, where));
     dtype = where.dtype;
@@ -266,7 +334,8 @@ private:
     if (!tensor.scaleKey.empty()) {
       if (tensor.shape.size() != 2)
         return Status::error("tensor '", tensor.name, "': block scales need a matrix");
-      TensorRef scale{tensor.name + " (scales)", tensor.scaleSource, tensor.scaleKey, {}, fp8ScaleShape(tensor.shape), "", -1};
+      TensorRef scale{
+          tensor.name + " (scales)", tensor.scaleSource, tensor.scaleKey, {}, fp8ScaleShape(tensor.shape), "", -1};
       DType scaleType;
       std::vector<float> scales;
       std::vector<uint8_t> scaleBytes;

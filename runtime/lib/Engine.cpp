@@ -35,14 +35,12 @@ size_t defaultBudget() {
 
 int64_t keyWidth(const ModelSpec &spec) {
   const AttentionSpec &a = spec.attention;
-  return a.kind == AttentionKind::MultiHeadLatent ? a.numHeads * a.headDim
-                                                  : a.numKeyValueHeads * a.headDim;
+  return a.kind == AttentionKind::MultiHeadLatent ? a.numHeads * a.headDim : a.numKeyValueHeads * a.headDim;
 }
 
 int64_t valueWidth(const ModelSpec &spec) {
   const AttentionSpec &a = spec.attention;
-  return a.kind == AttentionKind::MultiHeadLatent ? a.numHeads * a.valueHeadDim
-                                                  : a.numKeyValueHeads * a.valueHeadDim;
+  return a.kind == AttentionKind::MultiHeadLatent ? a.numHeads * a.valueHeadDim : a.numKeyValueHeads * a.valueHeadDim;
 }
 
 void normalize(const ModelSpec &spec, float *x, int64_t tokens, const std::vector<float> &weight,
@@ -56,8 +54,8 @@ void normalize(const ModelSpec &spec, float *x, int64_t tokens, const std::vecto
 /// Causal attention of `tokens` new queries over the cache (which already
 /// holds their keys and values). q is [T, heads * qDim], output
 /// [T, heads * vDim]; query head h reads key/value head h / group.
-void attend(const ModelSpec &spec, const float *q, int64_t tokens, const KvCache &cache,
-            int64_t layer, int64_t firstPosition, float *out) {
+void attend(const ModelSpec &spec, const float *q, int64_t tokens, const KvCache &cache, int64_t layer,
+            int64_t firstPosition, float *out) {
   const AttentionSpec &a = spec.attention;
   const int64_t heads = a.numHeads;
   const int64_t kvHeads = a.kind == AttentionKind::MultiHeadLatent ? heads : a.numKeyValueHeads;
@@ -93,9 +91,8 @@ void attend(const ModelSpec &spec, const float *q, int64_t tokens, const KvCache
 }
 
 /// Grouped-query attention; appends keys/values to the cache.
-void groupedQueryAttention(const ModelSpec &spec, const LayerWeights &w, const float *x,
-                           int64_t tokens, int64_t layer, const rope::Angles &angles,
-                           KvCache &cache, float *out, EngineObserver *observer) {
+void groupedQueryAttention(const ModelSpec &spec, const LayerWeights &w, const float *x, int64_t tokens, int64_t layer,
+                           const rope::Angles &angles, KvCache &cache, float *out, EngineObserver *observer) {
   const AttentionSpec &a = spec.attention;
   const int64_t hd = a.headDim, qWidth = a.numHeads * hd, kvWidth = a.numKeyValueHeads * hd;
   std::vector<float> q(static_cast<size_t>(tokens * qWidth)), k(static_cast<size_t>(tokens * kvWidth)),
@@ -135,12 +132,11 @@ void groupedQueryAttention(const ModelSpec &spec, const LayerWeights &w, const f
 }
 
 /// DeepSeek multi-head latent attention, caching full per-head keys and values.
-void latentAttention(const ModelSpec &spec, const LayerWeights &w, const float *x, int64_t tokens,
-                     int64_t layer, const rope::Angles &angles, KvCache &cache, float *out,
-                     EngineObserver *observer) {
+void latentAttention(const ModelSpec &spec, const LayerWeights &w, const float *x, int64_t tokens, int64_t layer,
+                     const rope::Angles &angles, KvCache &cache, float *out, EngineObserver *observer) {
   const AttentionSpec &a = spec.attention;
-  const int64_t heads = a.numHeads, dn = a.qkNopeHeadDim, dr = a.qkRopeHeadDim,
-                dv = a.valueHeadDim, qDim = dn + dr, lora = a.kvLoraRank;
+  const int64_t heads = a.numHeads, dn = a.qkNopeHeadDim, dr = a.qkRopeHeadDim, dv = a.valueHeadDim, qDim = dn + dr,
+                lora = a.kvLoraRank;
   std::vector<float> q(static_cast<size_t>(tokens * heads * qDim));
   if (a.queryLoraRank > 0) {
     std::vector<float> compressed(static_cast<size_t>(tokens * a.queryLoraRank));
@@ -187,8 +183,7 @@ void latentAttention(const ModelSpec &spec, const LayerWeights &w, const float *
 }
 
 /// out[n, H] = SwiGLU MLP of x[n, H]; `intermediate` receives silu(gate)*up.
-void swiglu(const MlpWeights &mlp, const float *x, int64_t n, std::vector<float> &intermediate,
-            float *out) {
+void swiglu(const MlpWeights &mlp, const float *x, int64_t n, std::vector<float> &intermediate, float *out) {
   const int64_t width = mlp.gate.rows;
   intermediate.resize(static_cast<size_t>(n * width));
   std::vector<float> up(static_cast<size_t>(n * width));
@@ -351,12 +346,11 @@ void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerW
   }
   if (observer)
     observer->onMoeBlock(layer.index, tokens, std::span<const float>(x, tokens * H),
-                                std::span<const float>(out, tokens * H));
+                         std::span<const float>(out, tokens * H));
 }
 
-Expected<std::unique_ptr<Engine>> Engine::create(const ModelSpec &spec,
-                                                  std::unique_ptr<WeightProvider> provider,
-                                                  EngineOptions options) {
+Expected<std::unique_ptr<Engine>> Engine::create(const ModelSpec &spec, std::unique_ptr<WeightProvider> provider,
+                                                 EngineOptions options) {
   std::unique_ptr<Engine> engine(new Engine());
   engine->modelSpec = spec;
   engine->provider = std::move(provider);
@@ -387,8 +381,7 @@ KvCache Engine::newCache() const {
   return cache;
 }
 
-Status Engine::forward(std::span<const int32_t> tokens, KvCache &cache, std::vector<float> &logits,
-                       bool lastOnly) {
+Status Engine::forward(std::span<const int32_t> tokens, KvCache &cache, std::vector<float> &logits, bool lastOnly) {
   const ModelSpec &spec = modelSpec;
   const int64_t T = static_cast<int64_t>(tokens.size()), H = spec.hiddenSize, V = spec.vocabSize;
   if (T == 0)

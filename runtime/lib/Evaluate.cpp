@@ -28,8 +28,8 @@ double EvalScore::bitsPerByte() const {
     return 0.0;
   // The bytes behind the scored targets, in proportion when windows leave
   // a tail unscored.
-  double scoredBytes = static_cast<double>(textBytes) * static_cast<double>(targets) /
-                       static_cast<double>(streamTokens - 1);
+  double scoredBytes =
+      static_cast<double>(textBytes) * static_cast<double>(targets) / static_cast<double>(streamTokens - 1);
   return negativeLogLikelihood / std::log(2.0) / scoredBytes;
 }
 
@@ -87,8 +87,9 @@ Expected<std::vector<EvalStream>> readEvalData(const std::string &path, const To
                              "); each line must be a JSON object in UTF-8");
       }
       if (!record.is_object())
-        return Status::error(path, ":", lineNumber, ": not a JSON object; each line must be {\"text\": ...} or "
-                                                    "{\"ids\": [...]}");
+        return Status::error(path, ":", lineNumber,
+                             ": not a JSON object; each line must be {\"text\": ...} or "
+                             "{\"ids\": [...]}");
       std::string domain = "all";
       if (record.contains("domain")) {
         if (!record["domain"].is_string())
@@ -138,8 +139,7 @@ Expected<std::vector<EvalStream>> readEvalData(const std::string &path, const To
   return std::vector<EvalStream>{{"all", ids.take(), static_cast<int64_t>(content.size()), path}};
 }
 
-Expected<EvalResult> evaluate(Engine &engine, const std::vector<EvalStream> &streams,
-                              const EvalOptions &options) {
+Expected<EvalResult> evaluate(Engine &engine, const std::vector<EvalStream> &streams, const EvalOptions &options) {
   const int64_t L = options.sequenceLength;
   const int64_t S = options.stride > 0 ? options.stride : L;
   if (L < 1)

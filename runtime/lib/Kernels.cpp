@@ -143,8 +143,7 @@ float dotBf16(const uint16_t *w, const float *x, int64_t n) {
 
 } // namespace
 
-void linear(const float *x, int64_t tokens, const Matrix &weight, const std::vector<float> &bias,
-            float *y) {
+void linear(const float *x, int64_t tokens, const Matrix &weight, const std::vector<float> &bias, float *y) {
   const int64_t out = weight.rows, in = weight.cols;
   if (weight.isQuantized() && tokens <= 4) {
     // Decode: activations to int8 once per matmul, integer dot products
@@ -167,9 +166,8 @@ void linear(const float *x, int64_t tokens, const Matrix &weight, const std::vec
     widened.resize(static_cast<size_t>(out * in));
     const quant::QuantMatrixView view = weight.quantView();
     float *target = widened.data();
-    rowPool().run(out, out * in, [&](int64_t begin, int64_t end) {
-      quant::dequantizeRows(view, begin, end, target + begin * in);
-    });
+    rowPool().run(out, out * in,
+                  [&](int64_t begin, int64_t end) { quant::dequantizeRows(view, begin, end, target + begin * in); });
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens), static_cast<int>(out),
                 static_cast<int>(in), 1.0f, x, static_cast<int>(in), widened.data(), static_cast<int>(in), 0.0f, y,
                 static_cast<int>(out));
@@ -214,8 +212,8 @@ void rmsNorm(float *x, int64_t rows, int64_t width, const std::vector<float> &we
   }
 }
 
-void layerNorm(float *x, int64_t rows, int64_t width, const std::vector<float> &weight,
-               const std::vector<float> &bias, double eps) {
+void layerNorm(float *x, int64_t rows, int64_t width, const std::vector<float> &weight, const std::vector<float> &bias,
+               double eps) {
   for (int64_t r = 0; r < rows; ++r) {
     float *row = x + r * width;
     double mean = 0.0;

@@ -41,8 +41,7 @@ Status checkTokenizerFits(const Tokenizer &tokenizer, const std::string &source,
 /// The tokenizer and end-of-text id from tokenizer.json and
 /// tokenizer_config.json texts (either may be empty) and the config text.
 Status attachTokenizerTexts(const std::string &tokenizerText, const std::string &tokenizerSource,
-                            const std::string &tokenizerConfigText, const std::string &configText,
-                            LoadedModel &model) {
+                            const std::string &tokenizerConfigText, const std::string &configText, LoadedModel &model) {
   if (!tokenizerText.empty()) {
     Expected<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::fromJson(tokenizerText, tokenizerSource);
     if (!tokenizer)

@@ -48,8 +48,7 @@ Expected<OpenedPackage> openPackage(const std::string &path) {
   if (header.endianness != kPackageEndianness)
     return Status::error(path, ": written with another byte order (endianness mark ", header.endianness, ")");
   if (header.version != kPackageVersion)
-    return Status::error(path, ": package version ", header.version, ", this runtime reads version ",
-                         kPackageVersion);
+    return Status::error(path, ": package version ", header.version, ", this runtime reads version ", kPackageVersion);
   if (header.fileBytes != fileSize)
     return Status::error(path, ": truncated or extended: the header says ", header.fileBytes, " bytes, the file has ",
                          fileSize);
@@ -149,8 +148,8 @@ Expected<OpenedPackage> openPackage(const std::string &path) {
       MOE_RETURN_IF_ERROR(roles(entry.at("tensors"), layer.tensors));
       // An expert's (or part's) gate, up and down tensors, by name.
       auto matrices = [&](const json &record, TensorRef &gate, TensorRef &up, TensorRef &down) -> Status {
-        for (auto [field, target] : {std::pair<const char *, TensorRef *>{"gate", &gate}, {"up", &up},
-                                     {"down", &down}}) {
+        for (auto [field, target] :
+             {std::pair<const char *, TensorRef *>{"gate", &gate}, {"up", &up}, {"down", &down}}) {
           Expected<TensorRef> tensor = lookup(record.at(field).get<std::string>());
           if (!tensor)
             return tensor.status();

@@ -12,15 +12,12 @@
 namespace moe::rope {
 namespace {
 
-double yarnMscale(double factor, double mscale) {
-  return factor <= 1.0 ? 1.0 : 0.1 * mscale * std::log(factor) + 1.0;
-}
+double yarnMscale(double factor, double mscale) { return factor <= 1.0 ? 1.0 : 0.1 * mscale * std::log(factor) + 1.0; }
 
 /// Inverse frequencies (f32, as transformers computes them) and the factor
 /// that multiplies cos/sin, for a forward whose largest position is
 /// `maxPosition`.
-void frequencies(const ModelSpec &spec, int64_t maxPosition, std::vector<float> &inverse,
-                 double &attentionFactor) {
+void frequencies(const ModelSpec &spec, int64_t maxPosition, std::vector<float> &inverse, double &attentionFactor) {
   const RopeSpec &rope = spec.rope;
   const int64_t dim = rope.rotaryDim, half = dim / 2;
   inverse.assign(static_cast<size_t>(half), 0.0f);
@@ -40,8 +37,7 @@ void frequencies(const ModelSpec &spec, int64_t maxPosition, std::vector<float> 
     break;
   case RopeScalingKind::Yarn: {
     auto correctionDim = [&](double rotations) {
-      return dim * std::log(rope.originalMaxPositions / (rotations * 2.0 * M_PI)) /
-             (2.0 * std::log(rope.theta));
+      return dim * std::log(rope.originalMaxPositions / (rotations * 2.0 * M_PI)) / (2.0 * std::log(rope.theta));
     };
     double low = correctionDim(rope.betaFast), high = correctionDim(rope.betaSlow);
     if (rope.truncate) {
@@ -61,8 +57,7 @@ void frequencies(const ModelSpec &spec, int64_t maxPosition, std::vector<float> 
     // transformers: mscale/mscale_all_dim ratio when both are set, else
     // the plain YaRN magnitude.
     attentionFactor = rope.mscale != 0.0 && rope.mscaleAllDim != 0.0
-                          ? yarnMscale(rope.factor, rope.mscale) /
-                                yarnMscale(rope.factor, rope.mscaleAllDim)
+                          ? yarnMscale(rope.factor, rope.mscale) / yarnMscale(rope.factor, rope.mscaleAllDim)
                           : yarnMscale(rope.factor, 1.0);
     break;
   }

@@ -25,17 +25,15 @@ constexpr float kMinusInfinity = -std::numeric_limits<float>::infinity();
 void topK(const std::vector<float> &values, int64_t k, int32_t *out) {
   std::vector<int32_t> order(values.size());
   std::iota(order.begin(), order.end(), 0);
-  std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
-    return values[a] != values[b] ? values[a] > values[b] : a < b;
-  });
+  std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                    [&](int32_t a, int32_t b) { return values[a] != values[b] ? values[a] > values[b] : a < b; });
   std::copy(order.begin(), order.begin() + k, out);
 }
 
 /// PhiMoE sparsemixer, evaluation mode: two experts, each weighted by a
 /// softmax over the logits that lie within 2 * jitter of its own logit
 /// (relative), the first one excluded when choosing the second.
-void sparseMixer(const RouterSpec &router, int64_t numExperts, const float *logits,
-                 int32_t *chosen, float *weights) {
+void sparseMixer(const RouterSpec &router, int64_t numExperts, const float *logits, int32_t *chosen, float *weights) {
   std::vector<float> masked(logits, logits + numExperts);
   const float threshold = static_cast<float>(2.0 * router.jitterEps);
   for (int pick = 0; pick < 2; ++pick) {
@@ -57,8 +55,8 @@ void sparseMixer(const RouterSpec &router, int64_t numExperts, const float *logi
 
 } // namespace
 
-void route(const RouterSpec &router, int64_t numExperts, const float *logits,
-           const float *correctionBias, int32_t *chosen, float *weights) {
+void route(const RouterSpec &router, int64_t numExperts, const float *logits, const float *correctionBias,
+           int32_t *chosen, float *weights) {
   const int64_t k = router.topK;
   if (router.scoring == RouterScoring::SparseMixer)
     return sparseMixer(router, numExperts, logits, chosen, weights);

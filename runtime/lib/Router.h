@@ -16,8 +16,8 @@ namespace moe::router {
 /// Chooses router.topK experts of `numExperts` for one token from its router
 /// `logits`, with the family's scoring, group limits, correction bias (null
 /// when absent), renormalisation and scaling. Writes expert ids and weights.
-void route(const RouterSpec &router, int64_t numExperts, const float *logits,
-           const float *correctionBias, int32_t *chosen, float *weights);
+void route(const RouterSpec &router, int64_t numExperts, const float *logits, const float *correctionBias,
+           int32_t *chosen, float *weights);
 
 } // namespace moe::router
 

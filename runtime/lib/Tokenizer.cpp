@@ -173,8 +173,8 @@ public:
     std::vector<std::pair<size_t, size_t>> matches;
     size_t offset = 0;
     while (offset <= text.size()) {
-      int rc = pcre2_match(code, reinterpret_cast<PCRE2_SPTR>(text.data()), text.size(), offset,
-                           PCRE2_NO_UTF_CHECK, data, nullptr);
+      int rc = pcre2_match(code, reinterpret_cast<PCRE2_SPTR>(text.data()), text.size(), offset, PCRE2_NO_UTF_CHECK,
+                           data, nullptr);
       if (rc < 0)
         break;
       PCRE2_SIZE *vector = pcre2_get_ovector_pointer(data);
@@ -419,8 +419,7 @@ struct Tokenizer::Impl {
       case PreTokenizer::Metaspace: {
         for (Piece &piece : pieces)
           replaceAll(piece.text, " ", p.replacement);
-        if (!pieces.empty() && (p.prepend == PreTokenizer::Always ||
-                                (p.prepend == PreTokenizer::First && atStart)))
+        if (!pieces.empty() && (p.prepend == PreTokenizer::Always || (p.prepend == PreTokenizer::First && atStart)))
           if (pieces[0].text.rfind(p.replacement, 0) != 0)
             pieces[0].text = p.replacement + pieces[0].text;
         if (p.split) {
@@ -465,8 +464,8 @@ struct Tokenizer::Impl {
         continue;
       }
       if (byteFallback) {
-        bool allBytes = std::all_of(ch.begin(), ch.end(),
-                                    [&](char c) { return byteTokens[static_cast<unsigned char>(c)] >= 0; });
+        bool allBytes =
+            std::all_of(ch.begin(), ch.end(), [&](char c) { return byteTokens[static_cast<unsigned char>(c)] >= 0; });
         if (allBytes) {
           for (char c : ch)
             symbols.push_back(byteTokens[static_cast<unsigned char>(c)]);
@@ -525,8 +524,7 @@ struct Tokenizer::Impl {
         continue;
       if (token.singleWord) {
         size_t end = position + token.content.size();
-        if ((position > 0 && isWordCharacter(text[position - 1])) ||
-            (end < text.size() && isWordCharacter(text[end])))
+        if ((position > 0 && isWordCharacter(text[position - 1])) || (end < text.size() && isWordCharacter(text[end])))
           continue;
       }
       return &token;
@@ -687,11 +685,16 @@ Status parseNormalizers(const json &root, const std::string &source, Tokenizer::
   for (const json *n : flatten(component, "normalizers")) {
     std::string type = n->value("type", "");
     Normalizer normalizer{Normalizer::Nfc, "", "", nullptr};
-    if (type == "NFC") normalizer.kind = Normalizer::Nfc;
-    else if (type == "NFD") normalizer.kind = Normalizer::Nfd;
-    else if (type == "NFKC") normalizer.kind = Normalizer::Nfkc;
-    else if (type == "NFKD") normalizer.kind = Normalizer::Nfkd;
-    else if (type == "Lowercase") normalizer.kind = Normalizer::Lowercase;
+    if (type == "NFC")
+      normalizer.kind = Normalizer::Nfc;
+    else if (type == "NFD")
+      normalizer.kind = Normalizer::Nfd;
+    else if (type == "NFKC")
+      normalizer.kind = Normalizer::Nfkc;
+    else if (type == "NFKD")
+      normalizer.kind = Normalizer::Nfkd;
+    else if (type == "Lowercase")
+      normalizer.kind = Normalizer::Lowercase;
     else if (type == "Prepend") {
       normalizer.kind = Normalizer::Prepend;
       normalizer.text = n->value("prepend", "");
@@ -727,10 +730,14 @@ Status parsePreTokenizers(const json &root, const std::string &source, Tokenizer
         return regex.status();
       pre.regex = regex.take();
       std::string behavior = p->value("behavior", "Isolated");
-      if (behavior == "Isolated") pre.behavior = PreTokenizer::Isolated;
-      else if (behavior == "Removed") pre.behavior = PreTokenizer::Removed;
-      else if (behavior == "MergedWithPrevious") pre.behavior = PreTokenizer::MergedWithPrevious;
-      else if (behavior == "MergedWithNext") pre.behavior = PreTokenizer::MergedWithNext;
+      if (behavior == "Isolated")
+        pre.behavior = PreTokenizer::Isolated;
+      else if (behavior == "Removed")
+        pre.behavior = PreTokenizer::Removed;
+      else if (behavior == "MergedWithPrevious")
+        pre.behavior = PreTokenizer::MergedWithPrevious;
+      else if (behavior == "MergedWithNext")
+        pre.behavior = PreTokenizer::MergedWithNext;
       else
         return Status::error(source, ": unsupported Split behavior '", behavior, "'");
       pre.invert = p->value("invert", false);
@@ -742,7 +749,7 @@ Status parsePreTokenizers(const json &root, const std::string &source, Tokenizer
       pre.kind = PreTokenizer::Metaspace;
       pre.replacement = p->value("replacement", "\xE2\x96\x81");
       std::string scheme = p->value("prepend_scheme", p->value("add_prefix_space", true) ? "always" : "never");
-      pre.prepend = scheme == "first" ? PreTokenizer::First
+      pre.prepend = scheme == "first"   ? PreTokenizer::First
                     : scheme == "never" ? PreTokenizer::Never
                                         : PreTokenizer::Always;
       pre.split = p->value("split", true);
@@ -764,9 +771,12 @@ Status parseDecoders(const json &root, const std::string &source, Tokenizer::Imp
   for (const json *d : flatten(component, "decoders")) {
     std::string type = d->value("type", "");
     DecoderStep step{DecoderStep::Fuse};
-    if (type == "ByteLevel") step.kind = DecoderStep::ByteLevel;
-    else if (type == "ByteFallback") step.kind = DecoderStep::ByteFallback;
-    else if (type == "Fuse") step.kind = DecoderStep::Fuse;
+    if (type == "ByteLevel")
+      step.kind = DecoderStep::ByteLevel;
+    else if (type == "ByteFallback")
+      step.kind = DecoderStep::ByteFallback;
+    else if (type == "Fuse")
+      step.kind = DecoderStep::Fuse;
     else if (type == "Strip") {
       step.kind = DecoderStep::Strip;
       step.content = d->value("content", " ");
@@ -856,8 +866,7 @@ Status parseModel(const json &root, const std::string &source, Tokenizer::Impl &
     if (a == impl.vocab.end() || b == impl.vocab.end() || c == impl.vocab.end())
       return Status::error(source, ": merge ", rank, " ('", left, "', '", right,
                            "') uses a token missing from the vocab");
-    impl.merges.emplace(Tokenizer::Impl::pairKey(a->second, b->second),
-                        Tokenizer::Impl::Merge{rank, c->second});
+    impl.merges.emplace(Tokenizer::Impl::pairKey(a->second, b->second), Tokenizer::Impl::Merge{rank, c->second});
     ++rank;
   }
   impl.byteFallback = model.value("byte_fallback", false);
@@ -878,9 +887,9 @@ Status parseModel(const json &root, const std::string &source, Tokenizer::Impl &
   for (const json &added : addedTokens) {
     if (!added.is_object() || !added.contains("content") || !added.contains("id"))
       return Status::error(source, ": added_tokens entries need content and id");
-    AddedToken token{added["id"].get<int32_t>(), added["content"].get<std::string>(),
+    AddedToken token{added["id"].get<int32_t>(),    added["content"].get<std::string>(),
                      added.value("special", false), added.value("lstrip", false),
-                     added.value("rstrip", false), added.value("single_word", false)};
+                     added.value("rstrip", false),  added.value("single_word", false)};
     if (token.content.empty())
       continue;
     impl.idToToken[static_cast<size_t>(token.id)] = token.content;

@@ -6,8 +6,8 @@
 //
 //===----------------------------------------------------------------------===//
 
-#include "moe/Runtime/Description.h"
 #include "moe/Frontend/Safetensors.h"
+#include "moe/Runtime/Description.h"
 
 #include <cmath>
 #include <map>
@@ -75,14 +75,12 @@ private:
         continue; // sized by the experts the layer keeps: checkExperts
       auto it = expected.find({layer, role});
       if (it == expected.end())
-        return fail(layerName(layer), ": tensor '", tensor.name, "' has role ", tensorRoleName(role),
-                    ", which a ", spec.architecture, " ", layer < 0 ? "model" : "layer of this config",
-                    " does not have");
+        return fail(layerName(layer), ": tensor '", tensor.name, "' has role ", tensorRoleName(role), ", which a ",
+                    spec.architecture, " ", layer < 0 ? "model" : "layer of this config", " does not have");
       if (tensor.shape != it->second)
         return fail(layerName(layer), ": tensor '", tensor.name, "' (", tensorRoleName(role), ") has shape ",
                     formatShape(tensor.shape), "; the config (hidden_size ", spec.hiddenSize, ", ",
-                    spec.attention.numHeads, " heads of ", spec.attention.headDim, ") needs ",
-                    formatShape(it->second));
+                    spec.attention.numHeads, " heads of ", spec.attention.headDim, ") needs ", formatShape(it->second));
       if (!tensor.format.empty() && tensor.shape.size() != 2)
         return fail(layerName(layer), ": tensor '", tensor.name, "' is quantised but is not a matrix");
     }
@@ -93,8 +91,7 @@ private:
     return Status::success();
   }
 
-  Status checkMatrix(int64_t layer, int64_t id, const TensorRef &tensor, const char *what,
-                     std::vector<int64_t> shape) {
+  Status checkMatrix(int64_t layer, int64_t id, const TensorRef &tensor, const char *what, std::vector<int64_t> shape) {
     if (tensor.shape != shape)
       return fail(layerName(layer), " expert ", id, ": its ", what, " tensor '", tensor.name, "' has shape ",
                   formatShape(tensor.shape), "; expected ", formatShape(shape));
@@ -137,8 +134,8 @@ private:
         firstWidth -= part.width;
       }
       if (expert.width < 1 || firstWidth < 1)
-        return fail(layerName(l), " expert ", expert.id, ": width ", expert.width,
-                    " (its first part ", firstWidth, ") must be positive");
+        return fail(layerName(l), " expert ", expert.id, ": width ", expert.width, " (its first part ", firstWidth,
+                    ") must be positive");
       MOE_RETURN_IF_ERROR(checkMatrix(l, expert.id, expert.gate, "gate", {firstWidth, H}));
       MOE_RETURN_IF_ERROR(checkMatrix(l, expert.id, expert.up, "up", {firstWidth, H}));
       MOE_RETURN_IF_ERROR(checkMatrix(l, expert.id, expert.down, "down", {H, firstWidth}));
@@ -158,9 +155,9 @@ private:
     const RoutingPlan &routing = layer.routing;
     const int64_t rows = routing.remap.empty() ? slots : static_cast<int64_t>(routing.remap.size());
     if (router->shape != std::vector<int64_t>{rows, H})
-      return fail(layerName(l), ": the router '", router->name, "' has shape ", formatShape(router->shape),
-                  "; ", rows, routing.remap.empty() ? " experts" : " remap entries", " and hidden size ", H, " need [",
-                  rows, ", ", H, "]");
+      return fail(layerName(l), ": the router '", router->name, "' has shape ", formatShape(router->shape), "; ", rows,
+                  routing.remap.empty() ? " experts" : " remap entries", " and hidden size ", H, " need [", rows, ", ",
+                  H, "]");
     if (rows > originalExperts)
       return fail(layerName(l), ": the router has ", rows, " rows, more than the config's ", originalExperts,
                   " experts");

@@ -24,13 +24,11 @@ void Matrix::copyRow(int64_t r, float *out) const {
 
 size_t LayerWeights::bytes() const {
   size_t total = 0;
-  for (const Matrix *matrix : {&query, &key, &value, &output, &queryDown, &queryUp, &kvDown,
-                               &kvUp, &router})
+  for (const Matrix *matrix : {&query, &key, &value, &output, &queryDown, &queryUp, &kvDown, &kvUp, &router})
     total += matrix->bytes();
   for (const std::vector<float> *vector :
-       {&attentionNorm, &attentionNormBias, &mlpNorm, &mlpNormBias, &queryBias, &keyBias,
-        &valueBias, &outputBias, &queryNorm, &keyNorm, &queryDownNorm, &kvDownNorm,
-        &routerCorrectionBias, &sharedExpertGate})
+       {&attentionNorm, &attentionNormBias, &mlpNorm, &mlpNormBias, &queryBias, &keyBias, &valueBias, &outputBias,
+        &queryNorm, &keyNorm, &queryDownNorm, &kvDownNorm, &routerCorrectionBias, &sharedExpertGate})
     total += vector->size() * sizeof(float);
   total += dense.bytes() + shared.bytes();
   for (const MlpWeights &expert : experts)
@@ -43,8 +41,7 @@ namespace {
 class CheckpointWeightProvider : public WeightProvider {
 public:
   CheckpointWeightProvider(const ModelSpec &spec, std::shared_ptr<const Checkpoint> checkpoint)
-      : spec(spec), checkpoint(std::move(checkpoint)),
-        byLayer(static_cast<size_t>(spec.numLayers + 1)) {
+      : spec(spec), checkpoint(std::move(checkpoint)), byLayer(static_cast<size_t>(spec.numLayers + 1)) {
     for (TensorSpec &tensor : this->spec.tensors())
       byLayer[static_cast<size_t>(tensor.layer + 1)].push_back(std::move(tensor));
   }
@@ -52,14 +49,23 @@ public:
   Status loadGlobals(GlobalWeights &globals) override {
     for (const TensorSpec &tensor : byLayer[0]) {
       switch (tensor.role) {
-      case TensorRole::Embedding: MOE_RETURN_IF_ERROR(loadMatrix(tensor, globals.embedding)); break;
-      case TensorRole::LmHead: MOE_RETURN_IF_ERROR(loadMatrix(tensor, globals.lmHead)); break;
-      case TensorRole::LmHeadBias: MOE_RETURN_IF_ERROR(load(tensor, globals.lmHeadBias)); break;
-      case TensorRole::FinalNorm: MOE_RETURN_IF_ERROR(load(tensor, globals.finalNorm)); break;
-      case TensorRole::FinalNormBias: MOE_RETURN_IF_ERROR(load(tensor, globals.finalNormBias)); break;
+      case TensorRole::Embedding:
+        MOE_RETURN_IF_ERROR(loadMatrix(tensor, globals.embedding));
+        break;
+      case TensorRole::LmHead:
+        MOE_RETURN_IF_ERROR(loadMatrix(tensor, globals.lmHead));
+        break;
+      case TensorRole::LmHeadBias:
+        MOE_RETURN_IF_ERROR(load(tensor, globals.lmHeadBias));
+        break;
+      case TensorRole::FinalNorm:
+        MOE_RETURN_IF_ERROR(load(tensor, globals.finalNorm));
+        break;
+      case TensorRole::FinalNormBias:
+        MOE_RETURN_IF_ERROR(load(tensor, globals.finalNormBias));
+        break;
       default:
-        return Status::error("tensor '", tensor.name, "': unexpected model-level role ",
-                             tensorRoleName(tensor.role));
+        return Status::error("tensor '", tensor.name, "': unexpected model-level role ", tensorRoleName(tensor.role));
       }
     }
     return Status::success();
@@ -75,43 +81,110 @@ public:
       Status status = Status::success();
       MlpWeights *expert = tensor.expert >= 0 ? &w.experts[static_cast<size_t>(tensor.expert)] : nullptr;
       switch (tensor.role) {
-      case TensorRole::AttentionNorm: status = load(tensor, w.attentionNorm); break;
-      case TensorRole::AttentionNormBias: status = load(tensor, w.attentionNormBias); break;
-      case TensorRole::MlpNorm: status = load(tensor, w.mlpNorm); break;
-      case TensorRole::MlpNormBias: status = load(tensor, w.mlpNormBias); break;
-      case TensorRole::QueryProj: status = loadMatrix(tensor, w.query); break;
-      case TensorRole::KeyProj: status = loadMatrix(tensor, w.key); break;
-      case TensorRole::ValueProj: status = loadMatrix(tensor, w.value); break;
-      case TensorRole::OutputProj: status = loadMatrix(tensor, w.output); break;
-      case TensorRole::QueryBias: status = load(tensor, w.queryBias); break;
-      case TensorRole::KeyBias: status = load(tensor, w.keyBias); break;
-      case TensorRole::ValueBias: status = load(tensor, w.valueBias); break;
-      case TensorRole::OutputBias: status = load(tensor, w.outputBias); break;
-      case TensorRole::QueryNorm: status = load(tensor, w.queryNorm); break;
-      case TensorRole::KeyNorm: status = load(tensor, w.keyNorm); break;
-      case TensorRole::QueryDownProj: status = loadMatrix(tensor, w.queryDown); break;
-      case TensorRole::QueryDownNorm: status = load(tensor, w.queryDownNorm); break;
-      case TensorRole::QueryUpProj: status = loadMatrix(tensor, w.queryUp); break;
-      case TensorRole::KvDownProj: status = loadMatrix(tensor, w.kvDown); break;
-      case TensorRole::KvDownNorm: status = load(tensor, w.kvDownNorm); break;
-      case TensorRole::KvUpProj: status = loadMatrix(tensor, w.kvUp); break;
-      case TensorRole::DenseGate: status = loadMatrix(tensor, w.dense.gate); break;
-      case TensorRole::DenseUp: status = loadMatrix(tensor, w.dense.up); break;
-      case TensorRole::DenseDown: status = loadMatrix(tensor, w.dense.down); break;
-      case TensorRole::Router: status = loadMatrix(tensor, w.router); break;
-      case TensorRole::RouterCorrectionBias: status = load(tensor, w.routerCorrectionBias); break;
-      case TensorRole::ExpertGate: status = loadMatrix(tensor, expert->gate); break;
-      case TensorRole::ExpertUp: status = loadMatrix(tensor, expert->up); break;
-      case TensorRole::ExpertDown: status = loadMatrix(tensor, expert->down); break;
-      case TensorRole::ExpertGateUpFused: status = loadFusedGateUp(tensor, layerSpec, w); break;
-      case TensorRole::ExpertDownFused: status = loadFusedDown(tensor, layerSpec, w); break;
-      case TensorRole::SharedGate: status = loadMatrix(tensor, w.shared.gate); break;
-      case TensorRole::SharedUp: status = loadMatrix(tensor, w.shared.up); break;
-      case TensorRole::SharedDown: status = loadMatrix(tensor, w.shared.down); break;
-      case TensorRole::SharedExpertGate: status = load(tensor, w.sharedExpertGate); break;
+      case TensorRole::AttentionNorm:
+        status = load(tensor, w.attentionNorm);
+        break;
+      case TensorRole::AttentionNormBias:
+        status = load(tensor, w.attentionNormBias);
+        break;
+      case TensorRole::MlpNorm:
+        status = load(tensor, w.mlpNorm);
+        break;
+      case TensorRole::MlpNormBias:
+        status = load(tensor, w.mlpNormBias);
+        break;
+      case TensorRole::QueryProj:
+        status = loadMatrix(tensor, w.query);
+        break;
+      case TensorRole::KeyProj:
+        status = loadMatrix(tensor, w.key);
+        break;
+      case TensorRole::ValueProj:
+        status = loadMatrix(tensor, w.value);
+        break;
+      case TensorRole::OutputProj:
+        status = loadMatrix(tensor, w.output);
+        break;
+      case TensorRole::QueryBias:
+        status = load(tensor, w.queryBias);
+        break;
+      case TensorRole::KeyBias:
+        status = load(tensor, w.keyBias);
+        break;
+      case TensorRole::ValueBias:
+        status = load(tensor, w.valueBias);
+        break;
+      case TensorRole::OutputBias:
+        status = load(tensor, w.outputBias);
+        break;
+      case TensorRole::QueryNorm:
+        status = load(tensor, w.queryNorm);
+        break;
+      case TensorRole::KeyNorm:
+        status = load(tensor, w.keyNorm);
+        break;
+      case TensorRole::QueryDownProj:
+        status = loadMatrix(tensor, w.queryDown);
+        break;
+      case TensorRole::QueryDownNorm:
+        status = load(tensor, w.queryDownNorm);
+        break;
+      case TensorRole::QueryUpProj:
+        status = loadMatrix(tensor, w.queryUp);
+        break;
+      case TensorRole::KvDownProj:
+        status = loadMatrix(tensor, w.kvDown);
+        break;
+      case TensorRole::KvDownNorm:
+        status = load(tensor, w.kvDownNorm);
+        break;
+      case TensorRole::KvUpProj:
+        status = loadMatrix(tensor, w.kvUp);
+        break;
+      case TensorRole::DenseGate:
+        status = loadMatrix(tensor, w.dense.gate);
+        break;
+      case TensorRole::DenseUp:
+        status = loadMatrix(tensor, w.dense.up);
+        break;
+      case TensorRole::DenseDown:
+        status = loadMatrix(tensor, w.dense.down);
+        break;
+      case TensorRole::Router:
+        status = loadMatrix(tensor, w.router);
+        break;
+      case TensorRole::RouterCorrectionBias:
+        status = load(tensor, w.routerCorrectionBias);
+        break;
+      case TensorRole::ExpertGate:
+        status = loadMatrix(tensor, expert->gate);
+        break;
+      case TensorRole::ExpertUp:
+        status = loadMatrix(tensor, expert->up);
+        break;
+      case TensorRole::ExpertDown:
+        status = loadMatrix(tensor, expert->down);
+        break;
+      case TensorRole::ExpertGateUpFused:
+        status = loadFusedGateUp(tensor, layerSpec, w);
+        break;
+      case TensorRole::ExpertDownFused:
+        status = loadFusedDown(tensor, layerSpec, w);
+        break;
+      case TensorRole::SharedGate:
+        status = loadMatrix(tensor, w.shared.gate);
+        break;
+      case TensorRole::SharedUp:
+        status = loadMatrix(tensor, w.shared.up);
+        break;
+      case TensorRole::SharedDown:
+        status = loadMatrix(tensor, w.shared.down);
+        break;
+      case TensorRole::SharedExpertGate:
+        status = load(tensor, w.sharedExpertGate);
+        break;
       default:
-        status = Status::error("tensor '", tensor.name, "': unexpected layer role ",
-                               tensorRoleName(tensor.role));
+        status = Status::error("tensor '", tensor.name, "': unexpected layer role ", tensorRoleName(tensor.role));
       }
       MOE_RETURN_IF_ERROR(status);
     }
@@ -146,8 +219,8 @@ private:
   /// Copies [rows, cols] block `index` of a 3-D [E, a, b] tensor into
   /// `out`, rows [rowBegin, rowBegin + rows) of the (possibly transposed)
   /// per-expert matrix.
-  static void sliceExpert(const std::vector<float> &fused, int64_t index, int64_t a, int64_t b,
-                          bool transposed, int64_t rowBegin, int64_t rows, Matrix &out) {
+  static void sliceExpert(const std::vector<float> &fused, int64_t index, int64_t a, int64_t b, bool transposed,
+                          int64_t rowBegin, int64_t rows, Matrix &out) {
     // Per-expert matrix M is [a, b] stored, or its transpose [b, a].
     int64_t cols = transposed ? a : b;
     out.rows = rows;
@@ -156,8 +229,7 @@ private:
     const float *base = fused.data() + index * a * b;
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = 0; c < cols; ++c)
-        out.data[r * cols + c] =
-            transposed ? base[c * b + (rowBegin + r)] : base[(rowBegin + r) * b + c];
+        out.data[r * cols + c] = transposed ? base[c * b + (rowBegin + r)] : base[(rowBegin + r) * b + c];
   }
 
   Status loadFusedGateUp(const TensorSpec &tensor, const LayerSpec &layer, LayerWeights &w) {
@@ -165,10 +237,8 @@ private:
     MOE_RETURN_IF_ERROR(load(tensor, fused));
     const int64_t I = layer.expertIntermediateSize;
     for (int64_t e = 0; e < layer.numExperts; ++e) {
-      sliceExpert(fused, e, tensor.shape[1], tensor.shape[2], layer.fusedTransposed, 0, I,
-                  w.experts[e].gate);
-      sliceExpert(fused, e, tensor.shape[1], tensor.shape[2], layer.fusedTransposed, I, I,
-                  w.experts[e].up);
+      sliceExpert(fused, e, tensor.shape[1], tensor.shape[2], layer.fusedTransposed, 0, I, w.experts[e].gate);
+      sliceExpert(fused, e, tensor.shape[1], tensor.shape[2], layer.fusedTransposed, I, I, w.experts[e].up);
     }
     return Status::success();
   }
@@ -177,8 +247,8 @@ private:
     std::vector<float> fused;
     MOE_RETURN_IF_ERROR(load(tensor, fused));
     for (int64_t e = 0; e < layer.numExperts; ++e)
-      sliceExpert(fused, e, tensor.shape[1], tensor.shape[2], layer.fusedTransposed, 0,
-                  spec.hiddenSize, w.experts[e].down);
+      sliceExpert(fused, e, tensor.shape[1], tensor.shape[2], layer.fusedTransposed, 0, spec.hiddenSize,
+                  w.experts[e].down);
     return Status::success();
   }
 
@@ -190,8 +260,8 @@ private:
 
 } // namespace
 
-std::unique_ptr<WeightProvider>
-makeCheckpointWeightProvider(const ModelSpec &spec, std::shared_ptr<const Checkpoint> checkpoint) {
+std::unique_ptr<WeightProvider> makeCheckpointWeightProvider(const ModelSpec &spec,
+                                                             std::shared_ptr<const Checkpoint> checkpoint) {
   return std::make_unique<CheckpointWeightProvider>(spec, std::move(checkpoint));
 }
 

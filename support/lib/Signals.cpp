@@ -8,9 +8,9 @@
 
 #include <cerrno>
 #include <csignal>
-#include <fcntl.h>
 #include <cstring>
 #include <execinfo.h>
+#include <fcntl.h>
 #include <filesystem>
 #include <mutex>
 #include <pthread.h>
@@ -50,12 +50,18 @@ void writeText(const char *text) {
 
 const char *signalName(int signal) {
   switch (signal) {
-  case SIGSEGV: return "SIGSEGV (invalid memory access)";
-  case SIGBUS: return "SIGBUS (bus error; a mapped file may have shrunk)";
-  case SIGILL: return "SIGILL (illegal instruction)";
-  case SIGFPE: return "SIGFPE (arithmetic error)";
-  case SIGABRT: return "SIGABRT (aborted)";
-  default: return "a fatal signal";
+  case SIGSEGV:
+    return "SIGSEGV (invalid memory access)";
+  case SIGBUS:
+    return "SIGBUS (bus error; a mapped file may have shrunk)";
+  case SIGILL:
+    return "SIGILL (illegal instruction)";
+  case SIGFPE:
+    return "SIGFPE (arithmetic error)";
+  case SIGABRT:
+    return "SIGABRT (aborted)";
+  default:
+    return "a fatal signal";
   }
 }
 

@@ -20,8 +20,12 @@ using namespace moe::testing;
 TEST(Compress, QuantizesGatesAndWritesAPackageThatRuns) {
   TempDir dir;
   writeFile(dir.file("recipe.json"), R"({"passes": [{"pass": "moe-quantize", "options": {"bits": 8, "group": 64}}]})");
-  CompressRequest request{dataDir() + "/fixtures/tiny-mixtral", dir.file("recipe.json"), dir.file("q.moepkg"),
-                          dataDir() + "/brown/heldout.jsonl", 256, 5.0};
+  CompressRequest request{dataDir() + "/fixtures/tiny-mixtral",
+                          dir.file("recipe.json"),
+                          dir.file("q.moepkg"),
+                          dataDir() + "/brown/heldout.jsonl",
+                          256,
+                          5.0};
   std::vector<std::string> steps;
   CompressProgress progress;
   progress.step = [&](const std::string &step) { steps.push_back(step); };
@@ -51,10 +55,11 @@ TEST(Compress, QuantizesGatesAndWritesAPackageThatRuns) {
 
 TEST(Compress, ABadRecipeIsNamedAndNothingIsWritten) {
   TempDir dir;
-  writeFile(dir.file("recipe.json"),
-            R"({"passes": [{"pass": "moe-quantize", "options": {"bits": 4}}, {"pass": "moe-prune-atoms", "options": {"ratio": "half"}}]})");
-  CompressRequest request{dataDir() + "/fixtures/tiny-mixtral", dir.file("recipe.json"), dir.file("x.moepkg"), "", 0,
-                          -1};
+  writeFile(
+      dir.file("recipe.json"),
+      R"({"passes": [{"pass": "moe-quantize", "options": {"bits": 4}}, {"pass": "moe-prune-atoms", "options": {"ratio": "half"}}]})");
+  CompressRequest request{
+      dataDir() + "/fixtures/tiny-mixtral", dir.file("recipe.json"), dir.file("x.moepkg"), "", 0, -1};
   mlir::MLIRContext context;
   Expected<CompressResult> result = compressCheckpoint(request, CompressProgress(), context);
   expectErrorContains(result.status(), {"recipe.json", "passes[1].options.ratio", "must be a finite number"});

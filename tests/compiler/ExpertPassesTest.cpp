@@ -19,8 +19,8 @@
 #include "../../passes/lib/Assignment.h"
 #include "../../passes/lib/BitAllocation.h"
 #include "../../passes/lib/Gptq.h"
-#include "common/QuantFormat.h"
 #include "../unit/TestSupport.h"
+#include "common/QuantFormat.h"
 
 #include "mlir/IR/Builders.h"
 #include "mlir/IR/MLIRContext.h"
@@ -95,8 +95,9 @@ float maxDifference(const std::vector<float> &a, const std::vector<float> &b) {
 
 /// Copies fixture `name` to `directory`, letting `edit` change each
 /// tensor's bf16 values (as f32) before they are written.
-using TensorEdit = std::function<void(const std::string &name, const std::vector<int64_t> &shape,
-                                      std::vector<float> &values, const std::map<std::string, std::vector<float>> &all)>;
+using TensorEdit =
+    std::function<void(const std::string &name, const std::vector<int64_t> &shape, std::vector<float> &values,
+                       const std::map<std::string, std::vector<float>> &all)>;
 void writeEditedFixture(const std::string &name, const std::string &directory, const TensorEdit &edit) {
   const std::string source = dataDir() + "/fixtures/" + name;
   std::filesystem::create_directories(directory);
@@ -194,7 +195,8 @@ TEST(MergeExperts, APermutedCopyMergesIntoOneExpertWithUnchangedOutputs) {
                        const bool down = name.find(".w2.") != std::string::npos;
                        for (int64_t r = 0; r < rows; ++r)
                          for (int64_t c = 0; c < cols; ++c)
-                           values[r * cols + c] = down ? copy[r * cols + (cols - 1 - c)] : copy[(rows - 1 - r) * cols + c];
+                           values[r * cols + c] =
+                               down ? copy[r * cols + (cols - 1 - c)] : copy[(rows - 1 - r) * cols + c];
                      });
   std::vector<double> gram(64, 0.0);
   for (int e = 0; e < 8; ++e)
@@ -227,7 +229,8 @@ TEST(MergeExperts, APermutedCopyMergesIntoOneExpertWithUnchangedOutputs) {
   // Without alignment the average of a function and its permuted copy is
   // a different function.
   auto unaligned = importDirectory(dir.file("model"), dir.file("b.moestore"));
-  ASSERT_TRUE(runPipeline(*unaligned, "moe-merge-experts{stats=" + dir.file("stats.safetensors") + " method=msmoe groups=7}"));
+  ASSERT_TRUE(
+      runPipeline(*unaligned, "moe-merge-experts{stats=" + dir.file("stats.safetensors") + " method=msmoe groups=7}"));
   LoadedModel averaged = run(*unaligned);
   EXPECT_GT(maxDifference(logits(averaged), expected), 1e-2f);
 }
@@ -444,9 +447,9 @@ TEST(BitAllocation, TheBudgetIsMetExactlyOrTheClosestBudgetsAreNamed) {
   // Unequal units with widths 2 or 4: the averages are 2, 2.5, 3.5 and 4,
   // so 3.0 cannot be met exactly.
   AllocationUnit small{1000, {10.0, 1.0}, 0}, large{3000, {5.0, 4.0}, 0};
-  expectErrorContains(allocateBits({small, large}, {2, 4}, 3.0).status(),
-                      {"no choice of widths averages 3 bits per weight (within 0)",
-                       "closest feasible budgets are 2.5 or 3.5"});
+  expectErrorContains(
+      allocateBits({small, large}, {2, 4}, 3.0).status(),
+      {"no choice of widths averages 3 bits per weight (within 0)", "closest feasible budgets are 2.5 or 3.5"});
   // Within a tolerance of 0.5 bits below, 2.5 is allowed.
   auto relaxed = allocateBits({small, large}, {2, 4}, 3.0, 0.5);
   ASSERT_TRUE(relaxed.ok()) << relaxed.status().message();

@@ -4,13 +4,13 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "moe/Runtime/Package.h"
 #include "moe/Frontend/Checkpoint.h"
 #include "moe/Importer/Importer.h"
 #include "moe/Lowering/Emit.h"
 #include "moe/Lowering/Lowering.h"
 #include "moe/Runtime/Evaluate.h"
 #include "moe/Runtime/Model.h"
-#include "moe/Runtime/Package.h"
 #include "moe/Transforms/Passes.h"
 
 #include "../unit/TestSupport.h"

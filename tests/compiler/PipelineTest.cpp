@@ -128,8 +128,7 @@ TEST(Pipeline, ExportRefusesWhatTheConfigCannotExpress) {
   ASSERT_TRUE(mlir::succeeded(mlir::parsePassPipeline("moe-drop-experts{experts=2:1}", manager)));
   ASSERT_TRUE(mlir::succeeded(manager.run(**module)));
   Status status = exportHuggingFace(*(**module).getOps<ir::ModelOp>().begin(), dir.file("out"));
-  expectErrorContains(status, {"layer 2 has 7 routed experts but an earlier layer has 8",
-                               "use the package backend"});
+  expectErrorContains(status, {"layer 2 has 7 routed experts but an earlier layer has 8", "use the package backend"});
 }
 
 namespace {
@@ -202,9 +201,9 @@ TEST(PruneExperts, AnExpertThatIsNeverRoutedGoesFirst) {
   ASSERT_TRUE(writeStatistics(*result, options, dir.file("stats.safetensors")).ok());
 
   mlir::MLIRContext context;
-  std::string module = importAndRun(
-      fixture, "moe-prune-experts{stats=" + dir.file("stats.safetensors") + " method=frequency keep=7}",
-      dir.file("m.moestore"), context);
+  std::string module =
+      importAndRun(fixture, "moe-prune-experts{stats=" + dir.file("stats.safetensors") + " method=frequency keep=7}",
+                   dir.file("m.moestore"), context);
   std::vector<std::string> experts = expertLines(module, 2);
   ASSERT_EQ(experts.size(), 7u);
   for (const std::string &line : experts)
@@ -241,7 +240,8 @@ TEST(PruneExperts, APlantedSuperExpertIsKept) {
   EXPECT_NE(layer0[0].find("experts.0.w1"), std::string::npos) << "the super expert stays";
   for (const std::string &line : layer0)
     EXPECT_EQ(line.find("experts.1.w1"), std::string::npos) << "the next least used goes";
-  std::string unprotected = importAndRun(fixture, pipeline + " protect-super-experts=false}", dir.file("b.moestore"), b);
+  std::string unprotected =
+      importAndRun(fixture, pipeline + " protect-super-experts=false}", dir.file("b.moestore"), b);
   for (const std::string &line : expertLines(unprotected, 0))
     EXPECT_EQ(line.find("experts.0.w1"), std::string::npos) << line;
 }

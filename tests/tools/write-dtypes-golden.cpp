@@ -57,18 +57,40 @@ int main(int argc, char **argv) {
     for (const auto &value : spec["values"]) {
       double v = value.get<double>();
       switch (dtype) {
-      case DType::F32: append(bytes, static_cast<float>(v)); break;
-      case DType::F64: append(bytes, v); break;
-      case DType::F16: append(bytes, floatToHalf(static_cast<float>(v))); break;
-      case DType::BF16: append(bytes, floatToBfloat16(static_cast<float>(v))); break;
+      case DType::F32:
+        append(bytes, static_cast<float>(v));
+        break;
+      case DType::F64:
+        append(bytes, v);
+        break;
+      case DType::F16:
+        append(bytes, floatToHalf(static_cast<float>(v)));
+        break;
+      case DType::BF16:
+        append(bytes, floatToBfloat16(static_cast<float>(v)));
+        break;
       case DType::F8E4M3:
-      case DType::F8E5M2: append(bytes, encodeFloat8(dtype, v)); break;
-      case DType::Bool: append(bytes, static_cast<uint8_t>(v != 0)); break;
-      case DType::U8: append(bytes, static_cast<uint8_t>(value.get<int64_t>())); break;
-      case DType::I8: append(bytes, static_cast<int8_t>(value.get<int64_t>())); break;
-      case DType::I16: append(bytes, static_cast<int16_t>(value.get<int64_t>())); break;
-      case DType::I32: append(bytes, static_cast<int32_t>(value.get<int64_t>())); break;
-      case DType::I64: append(bytes, value.get<int64_t>()); break;
+      case DType::F8E5M2:
+        append(bytes, encodeFloat8(dtype, v));
+        break;
+      case DType::Bool:
+        append(bytes, static_cast<uint8_t>(v != 0));
+        break;
+      case DType::U8:
+        append(bytes, static_cast<uint8_t>(value.get<int64_t>()));
+        break;
+      case DType::I8:
+        append(bytes, static_cast<int8_t>(value.get<int64_t>()));
+        break;
+      case DType::I16:
+        append(bytes, static_cast<int16_t>(value.get<int64_t>()));
+        break;
+      case DType::I32:
+        append(bytes, static_cast<int32_t>(value.get<int64_t>()));
+        break;
+      case DType::I64:
+        append(bytes, value.get<int64_t>());
+        break;
       default:
         std::cerr << name << ": dtype not covered\n";
         return 1;

@@ -200,11 +200,13 @@ TEST(Calibration, SampleCapLimitsPopularExpertsMoments) {
       someCapped |= stats.routedTokens[e] > 256;
     }
   EXPECT_TRUE(someCapped);
-  EXPECT_FALSE(calibrateFixture("tiny-mixtral", {}, [] {
-                 CalibrationOptions bad;
-                 bad.sampleCapRatio = -1;
-                 return bad;
-               }()).ok());
+  EXPECT_FALSE(calibrateFixture("tiny-mixtral", {},
+                                [] {
+                                  CalibrationOptions bad;
+                                  bad.sampleCapRatio = -1;
+                                  return bad;
+                                }())
+                   .ok());
 }
 
 namespace {
@@ -349,8 +351,8 @@ TEST(Calibration, InputMomentsThatDoNotFitAreRefusedUpFront) {
   ASSERT_TRUE(oneLayer.ok()) << oneLayer.status().message();
   EXPECT_EQ(visited, 4);
   options.memoryLimitBytes = 1000;
-  expectErrorContains(calibrate(*model->engine, *streams, options, [](int64_t, CalibrationResult &) {
-                        return Expected<bool>(false);
-                      }).status(),
-                      {"held at once (one layer)"});
+  expectErrorContains(
+      calibrate(*model->engine, *streams, options, [](int64_t, CalibrationResult &) { return Expected<bool>(false); })
+          .status(),
+      {"held at once (one layer)"});
 }

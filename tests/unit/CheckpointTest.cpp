@@ -18,8 +18,7 @@ using namespace moe::testing;
 namespace {
 
 void writeIndex(const std::string &dir, const std::string &weightMap) {
-  writeFile(dir + "/model.safetensors.index.json",
-            R"({"metadata":{"total_size":0},"weight_map":)" + weightMap + "}");
+  writeFile(dir + "/model.safetensors.index.json", R"({"metadata":{"total_size":0},"weight_map":)" + weightMap + "}");
 }
 
 void writeShard(const std::string &path, const std::vector<std::string> &names) {
@@ -53,30 +52,25 @@ TEST(Checkpoint, IndexPointingAtAMissingShardIsNamed) {
   writeShard(dir.file("model-00001-of-00002.safetensors"), {"a"});
   writeIndex(dir.path(), R"({"a":"model-00001-of-00002.safetensors",)"
                          R"("layers.3.w":"model-00002-of-00002.safetensors"})");
-  expectErrorContains(Checkpoint::open(dir.path()).status(),
-                      {"model.safetensors.index.json", "'layers.3.w'",
-                       "'model-00002-of-00002.safetensors'", "does not exist"});
+  expectErrorContains(Checkpoint::open(dir.path()).status(), {"model.safetensors.index.json", "'layers.3.w'",
+                                                              "'model-00002-of-00002.safetensors'", "does not exist"});
 }
 
 TEST(Checkpoint, IndexNamingATensorItsShardLacksIsNamed) {
   TempDir dir;
   writeShard(dir.file("s1.safetensors"), {"a"});
   writeIndex(dir.path(), R"({"a":"s1.safetensors","ghost":"s1.safetensors"})");
-  expectErrorContains(Checkpoint::open(dir.path()).status(),
-                      {"'ghost'", "'s1.safetensors'", "does not contain it"});
+  expectErrorContains(Checkpoint::open(dir.path()).status(), {"'ghost'", "'s1.safetensors'", "does not contain it"});
 }
 
 TEST(Checkpoint, MalformedIndexIsNamed) {
   TempDir dir;
   writeFile(dir.file("model.safetensors.index.json"), "{\"weight_map\": 3}");
-  expectErrorContains(Checkpoint::open(dir.path()).status(),
-                      {"model.safetensors.index.json", "'weight_map'"});
+  expectErrorContains(Checkpoint::open(dir.path()).status(), {"model.safetensors.index.json", "'weight_map'"});
   writeFile(dir.file("model.safetensors.index.json"), "not json");
-  expectErrorContains(Checkpoint::open(dir.path()).status(),
-                      {"model.safetensors.index.json", "not a JSON object"});
+  expectErrorContains(Checkpoint::open(dir.path()).status(), {"model.safetensors.index.json", "not a JSON object"});
   writeIndex(dir.path(), R"({"a":"../escape.safetensors"})");
-  expectErrorContains(Checkpoint::open(dir.path()).status(),
-                      {"'../escape.safetensors'", "inside the directory"});
+  expectErrorContains(Checkpoint::open(dir.path()).status(), {"'../escape.safetensors'", "inside the directory"});
 }
 
 TEST(Checkpoint, UnreadableOrEmptyDirectoriesAreNamed) {
@@ -87,8 +81,7 @@ TEST(Checkpoint, UnreadableOrEmptyDirectoriesAreNamed) {
                       {dir.path(), "no model.safetensors or model.safetensors.index.json"});
   // A shard that is corrupt is named by its own path.
   writeFile(dir.file("model.safetensors"), "garbage!garbage!");
-  expectErrorContains(Checkpoint::open(dir.path()).status(),
-                      {dir.file("model.safetensors"), "header"});
+  expectErrorContains(Checkpoint::open(dir.path()).status(), {dir.file("model.safetensors"), "header"});
 }
 
 TEST(Checkpoint, DequantisesFp8WeightsWithBlockScalesFromAnotherShard) {
@@ -120,22 +113,20 @@ TEST(Checkpoint, DequantisesFp8WeightsWithBlockScalesFromAnotherShard) {
   ASSERT_EQ(values.size(), codes.size());
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c)
-      ASSERT_EQ(values[r * cols + c],
-                float8E4M3ToFloat(codes[r * cols + c]) * scales[(r / 128) * 3 + c / 128])
+      ASSERT_EQ(values[r * cols + c], float8E4M3ToFloat(codes[r * cols + c]) * scales[(r / 128) * 3 + c / 128])
           << r << "," << c;
 
   // Streaming in chunks of 7 rows (crossing the 128-row block boundary
   // mid-chunk) gives the same values through one small buffer.
   std::vector<float> streamed;
   int64_t expectedFirst = 0;
-  Status status = (*checkpoint)->streamF32(
-      "w", 7, [&](int64_t first, int64_t count, const float *rowsData) {
-        EXPECT_EQ(first, expectedFirst);
-        EXPECT_LE(count, 7);
-        expectedFirst += count;
-        streamed.insert(streamed.end(), rowsData, rowsData + count * cols);
-        return Status::success();
-      });
+  Status status = (*checkpoint)->streamF32("w", 7, [&](int64_t first, int64_t count, const float *rowsData) {
+    EXPECT_EQ(first, expectedFirst);
+    EXPECT_LE(count, 7);
+    expectedFirst += count;
+    streamed.insert(streamed.end(), rowsData, rowsData + count * cols);
+    return Status::success();
+  });
   ASSERT_TRUE(status.ok()) << status.message();
   EXPECT_EQ(streamed, values);
 }
@@ -165,8 +156,7 @@ TEST(Checkpoint, Fp8ScaleWithTheWrongShapeIsNamed) {
   auto checkpoint = Checkpoint::open(dir.path());
   ASSERT_TRUE(checkpoint.ok());
   std::vector<float> values;
-  expectErrorContains((*checkpoint)->loadF32("w", values),
-                      {"'w_scale_inv'", "[1, 1]", "expected [2, 1]"});
+  expectErrorContains((*checkpoint)->loadF32("w", values), {"'w_scale_inv'", "[1, 1]", "expected [2, 1]"});
   expectErrorContains((*checkpoint)->loadF32("nope", values), {"'nope' not found"});
 }
 

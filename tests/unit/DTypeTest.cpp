@@ -15,10 +15,8 @@
 using namespace moe;
 
 TEST(DType, TraitsTableMatchesEnumOrderAndNames) {
-  for (DType dtype : {DType::Bool, DType::U8, DType::I8, DType::I16, DType::U16,
-                      DType::I32, DType::U32, DType::I64, DType::U64, DType::F16,
-                      DType::BF16, DType::F32, DType::F64, DType::F8E4M3,
-                      DType::F8E5M2}) {
+  for (DType dtype : {DType::Bool, DType::U8, DType::I8, DType::I16, DType::U16, DType::I32, DType::U32, DType::I64,
+                      DType::U64, DType::F16, DType::BF16, DType::F32, DType::F64, DType::F8E4M3, DType::F8E5M2}) {
     EXPECT_EQ(dtypeTraits(dtype).dtype, dtype);
     EXPECT_EQ(parseDType(dtypeName(dtype)), dtype);
   }

@@ -36,8 +36,7 @@ Loaded loadModel(const std::string &dir, EngineOptions options = {}) {
   loaded.spec = spec.take();
   auto report = bindCheckpoint(loaded.spec, *loaded.checkpoint);
   EXPECT_TRUE(report.ok()) << report.status().message();
-  auto engine = Engine::create(loaded.spec, makeCheckpointWeightProvider(loaded.spec, loaded.checkpoint),
-                               options);
+  auto engine = Engine::create(loaded.spec, makeCheckpointWeightProvider(loaded.spec, loaded.checkpoint), options);
   EXPECT_TRUE(engine.ok()) << engine.status().message();
   loaded.engine = engine.take();
   return loaded;
@@ -62,8 +61,7 @@ Golden loadGolden(const std::string &name, const std::string &prefix = "") {
   }
   const TensorInfo *logits = (*file)->find(prefix + "logits");
   golden.logits.resize(static_cast<size_t>(logits->numElements()));
-  EXPECT_TRUE(convertToF32(DType::F32, (*file)->data(*logits).data(), golden.logits.size(),
-                           golden.logits.data()).ok());
+  EXPECT_TRUE(convertToF32(DType::F32, (*file)->data(*logits).data(), golden.logits.size(), golden.logits.data()).ok());
   return golden;
 }
 
@@ -109,16 +107,15 @@ TEST_P(EngineParity, IncrementalDecodeMatchesPrefill) {
   for (int64_t t = prompt; t < T; ++t) {
     ASSERT_TRUE(model.engine->forward(std::span(golden.ids).subspan(t, 1), cache, logits, true).ok());
     ASSERT_EQ(logits.size(), static_cast<size_t>(V));
-    EXPECT_LE(maxAbsDifference(logits, golden.logits.data() + t * V, V), 1e-3f)
-        << name << " position " << t;
+    EXPECT_LE(maxAbsDifference(logits, golden.logits.data() + t * V, V), 1e-3f) << name << " position " << t;
   }
   EXPECT_EQ(cache.length, T);
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, EngineParity,
-                         ::testing::Values("mixtral", "mixtral_fused", "qwen2_moe", "qwen3_moe",
-                                           "olmoe", "deepseek_v2", "deepseek_v3", "phimoe",
-                                           "phimoe_longrope", "deepseek_v2_grouped", "olmoe_clip"));
+                         ::testing::Values("mixtral", "mixtral_fused", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
+                                           "deepseek_v3", "phimoe", "phimoe_longrope", "deepseek_v2_grouped",
+                                           "olmoe_clip"));
 
 TEST(Engine, SmallMemoryBudgetStreamsLayersWithIdenticalResults) {
   const std::string dir = dataDir() + "/hf/deepseek_v2";
@@ -195,17 +192,16 @@ namespace {
 /// Records what the hooks see.
 class RecordingObserver : public EngineObserver {
 public:
-  void onRouter(int64_t layer, int64_t tokens, std::span<const float> logits,
-                std::span<const int32_t> chosen, std::span<const float> weights, std::span<const int32_t>) override {
+  void onRouter(int64_t layer, int64_t tokens, std::span<const float> logits, std::span<const int32_t> chosen,
+                std::span<const float> weights, std::span<const int32_t>) override {
     routerTokens += tokens;
     for (int32_t expert : chosen)
       ++expertChoices[{layer, expert}];
     EXPECT_EQ(chosen.size(), weights.size());
     EXPECT_EQ(logits.size() % static_cast<size_t>(tokens), 0u);
   }
-  void onExpert(int64_t layer, int64_t expert, std::span<const int32_t> tokenIndices,
-                std::span<const float> input, std::span<const float> intermediate,
-                std::span<const float> output) override {
+  void onExpert(int64_t layer, int64_t expert, std::span<const int32_t> tokenIndices, std::span<const float> input,
+                std::span<const float> intermediate, std::span<const float> output) override {
     expertTokens[{layer, expert}] += static_cast<int64_t>(tokenIndices.size());
     EXPECT_EQ(input.size(), output.size());
     EXPECT_EQ(intermediate.size() % tokenIndices.size(), 0u);

@@ -5,8 +5,8 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Runtime/Evaluate.h"
-#include "moe/Runtime/Sampling.h"
 #include "moe/Runtime/Model.h"
+#include "moe/Runtime/Sampling.h"
 
 #include "TestSupport.h"
 
@@ -39,8 +39,7 @@ std::vector<int32_t> readIds(const SafetensorsFile &file, const std::string &nam
 }
 
 /// Mean NLL of ids[1..count] under golden logits rows 0..count-1.
-double goldenMeanNll(const std::vector<float> &logits, const std::vector<int32_t> &ids, int64_t vocab,
-                     int64_t count) {
+double goldenMeanNll(const std::vector<float> &logits, const std::vector<int32_t> &ids, int64_t vocab, int64_t count) {
   double total = 0;
   for (int64_t t = 0; t < count; ++t) {
     const float *row = logits.data() + t * vocab;
@@ -81,8 +80,7 @@ TEST(Evaluate, PerplexityMatchesTheTransformersLogits) {
   ASSERT_TRUE(result.ok());
   EXPECT_EQ(result->overall.targets, 16);
   // The first window's targets equal the prefix of the golden.
-  auto first = evaluate(*model->engine, {{"all", std::vector<int32_t>(ids.begin(), ids.begin() + 9), 0}},
-                        {8, 0, 0});
+  auto first = evaluate(*model->engine, {{"all", std::vector<int32_t>(ids.begin(), ids.begin() + 9), 0}}, {8, 0, 0});
   ASSERT_TRUE(first.ok());
   EXPECT_NEAR(std::log(first->overall.perplexity()), goldenMeanNll(logits, ids, V, 8), 1e-4);
 }
@@ -134,7 +132,8 @@ TEST(Evaluate, ReadsEveryDataFormatAndNamesBadInput) {
   writeFile(jsonl, "{\"text\": \"hello\"}\n");
   expectErrorContains(readEvalData(jsonl, nullptr, std::nullopt).status(), {"data.jsonl", "tokenizer.json"});
   writeFile(jsonl, "{\"words\": 3}\n");
-  expectErrorContains(readEvalData(jsonl, nullptr, std::nullopt).status(), {"data.jsonl:1", "\"text\" string or an \"ids\" list"});
+  expectErrorContains(readEvalData(jsonl, nullptr, std::nullopt).status(),
+                      {"data.jsonl:1", "\"text\" string or an \"ids\" list"});
   expectErrorContains(readEvalData(dir.file("missing.txt"), nullptr, std::nullopt).status(),
                       {"missing.txt", "cannot read"});
 }

@@ -46,12 +46,29 @@ TEST(Interop, ReadsEveryDtypeWrittenByPythonSafetensors) {
         const uint8_t *element = bytes.data() + i * dtypeBytes(info->dtype);
         switch (info->dtype) {
         case DType::Bool:
-        case DType::U8: value = *element; break;
-        case DType::I8: value = static_cast<int8_t>(*element); break;
-        case DType::I16: { int16_t v; std::memcpy(&v, element, 2); value = v; break; }
-        case DType::I32: { int32_t v; std::memcpy(&v, element, 4); value = v; break; }
-        case DType::I64: std::memcpy(&value, element, 8); break;
-        default: FAIL() << name;
+        case DType::U8:
+          value = *element;
+          break;
+        case DType::I8:
+          value = static_cast<int8_t>(*element);
+          break;
+        case DType::I16: {
+          int16_t v;
+          std::memcpy(&v, element, 2);
+          value = v;
+          break;
+        }
+        case DType::I32: {
+          int32_t v;
+          std::memcpy(&v, element, 4);
+          value = v;
+          break;
+        }
+        case DType::I64:
+          std::memcpy(&value, element, 8);
+          break;
+        default:
+          FAIL() << name;
         }
         EXPECT_EQ(value, values[i].get<int64_t>()) << name << "[" << i << "]";
       }
@@ -91,12 +108,11 @@ TEST_P(TransformersCheckpoints, BindAndMatchThePythonSums) {
     double expectedSumSquares = expected["sum_squares"].get<double>();
     EXPECT_NEAR(sum, expected["sum"].get<double>(), 1e-9 * (1 + expectedSumSquares)) << tensor;
     EXPECT_NEAR(sumSquares, expectedSumSquares, 1e-9 * (1 + expectedSumSquares)) << tensor;
-    EXPECT_EQ((*checkpoint)->find(tensor)->info->shape,
-              expected["shape"].get<std::vector<int64_t>>()) << tensor;
+    EXPECT_EQ((*checkpoint)->find(tensor)->info->shape, expected["shape"].get<std::vector<int64_t>>()) << tensor;
   }
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, TransformersCheckpoints,
-                         ::testing::Values("mixtral", "mixtral_fused", "qwen2_moe", "qwen3_moe",
-                                           "olmoe", "deepseek_v2", "deepseek_v3", "phimoe",
-                                           "phimoe_longrope", "deepseek_v2_grouped", "olmoe_clip"));
+                         ::testing::Values("mixtral", "mixtral_fused", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
+                                           "deepseek_v3", "phimoe", "phimoe_longrope", "deepseek_v2_grouped",
+                                           "olmoe_clip"));

@@ -4,8 +4,8 @@
 //
 //===----------------------------------------------------------------------===//
 
-#include "moe/Frontend/Checkpoint.h"
 #include "moe/Frontend/ModelSpec.h"
+#include "moe/Frontend/Checkpoint.h"
 #include "moe/Frontend/ModelSummary.h"
 #include "moe/Frontend/SyntheticCheckpoint.h"
 
@@ -21,14 +21,12 @@ using json = nlohmann::json;
 
 namespace {
 
-const std::vector<ModelFamily> allFamilies = {
-    ModelFamily::Mixtral,    ModelFamily::Qwen2Moe,   ModelFamily::Qwen3Moe,
-    ModelFamily::Olmoe,      ModelFamily::DeepseekV2, ModelFamily::DeepseekV3,
-    ModelFamily::PhiMoe};
+const std::vector<ModelFamily> allFamilies = {ModelFamily::Mixtral, ModelFamily::Qwen2Moe,   ModelFamily::Qwen3Moe,
+                                              ModelFamily::Olmoe,   ModelFamily::DeepseekV2, ModelFamily::DeepseekV3,
+                                              ModelFamily::PhiMoe};
 
 /// Writes a synthetic checkpoint, then lets `edit` change its config.json.
-void writeWithConfig(const std::string &dir, SyntheticOptions options,
-                     const std::function<void(json &)> &edit) {
+void writeWithConfig(const std::string &dir, SyntheticOptions options, const std::function<void(json &)> &edit) {
   ASSERT_TRUE(writeSyntheticCheckpoint(dir, options).ok());
   json config = json::parse(readFile(dir + "/config.json"));
   edit(config);
@@ -52,8 +50,7 @@ Expected<CheckpointReport> openAndBind(const std::string &dir, ModelSpec *specOu
 /// Rewrites the single-file checkpoint in `dir` tensor by tensor: `edit`
 /// may change a tensor's dtype label or shape (same byte count) or return
 /// false to drop it.
-using TensorEdit = std::function<bool(const std::string &name, DType &dtype,
-                                      std::vector<int64_t> &shape)>;
+using TensorEdit = std::function<bool(const std::string &name, DType &dtype, std::vector<int64_t> &shape)>;
 void rewriteCheckpoint(const std::string &dir, const TensorEdit &edit) {
   SafetensorsWriter writer;
   {
@@ -66,8 +63,7 @@ void rewriteCheckpoint(const std::string &dir, const TensorEdit &edit) {
       if (!edit(name, dtype, shape))
         continue;
       std::span<const uint8_t> bytes = location->bytes();
-      ASSERT_TRUE(writer.addTensor(name, dtype, shape,
-                                   std::vector<uint8_t>(bytes.begin(), bytes.end())).ok());
+      ASSERT_TRUE(writer.addTensor(name, dtype, shape, std::vector<uint8_t>(bytes.begin(), bytes.end())).ok());
     }
   }
   ASSERT_TRUE(writer.write(dir + "/model.safetensors").ok());
@@ -127,22 +123,20 @@ TEST_P(SyntheticFamilies, BindWithoutWarningsAndCountEveryTensor) {
   EXPECT_LT(fromWeights.activeParameters, fromWeights.totalParameters);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    AllFamilies, SyntheticFamilies,
-    ::testing::ValuesIn([] {
-      std::vector<LayoutCase> cases;
-      for (ModelFamily family : allFamilies) {
-        cases.push_back({family, ExpertLayout::PerExpert, 1});
-        cases.push_back({family, ExpertLayout::Fused, 1});
-        cases.push_back({family, ExpertLayout::PerExpert, 2});
-      }
-      return cases;
-    }()),
-    [](const ::testing::TestParamInfo<LayoutCase> &info) {
-      return familyTestName(info.param.family) +
-             (info.param.layout == ExpertLayout::Fused ? "_fused" : "_per_expert") +
-             "_" + std::to_string(info.param.shards) + "shards";
-    });
+INSTANTIATE_TEST_SUITE_P(AllFamilies, SyntheticFamilies, ::testing::ValuesIn([] {
+                           std::vector<LayoutCase> cases;
+                           for (ModelFamily family : allFamilies) {
+                             cases.push_back({family, ExpertLayout::PerExpert, 1});
+                             cases.push_back({family, ExpertLayout::Fused, 1});
+                             cases.push_back({family, ExpertLayout::PerExpert, 2});
+                           }
+                           return cases;
+                         }()),
+                         [](const ::testing::TestParamInfo<LayoutCase> &info) {
+                           return familyTestName(info.param.family) +
+                                  (info.param.layout == ExpertLayout::Fused ? "_fused" : "_per_expert") + "_" +
+                                  std::to_string(info.param.shards) + "shards";
+                         });
 
 TEST(ModelSpec, FamilySpecificsAreNormalised) {
   auto parse = [](ModelFamily family) {
@@ -268,8 +262,8 @@ TEST(ModelSpec, UnsupportedArchitecturesAreRejectedWithTheSupportedList) {
   for (const char *name : {"gpt-oss-20b", "granite-3.0-1b-a400m", "dbrx-base", "Llama-3-8B"}) {
     std::string path = dataDir() + "/configs/" + name + ".json";
     auto spec = ModelSpec::fromConfigFile(path);
-    expectErrorContains(spec.status(), {path, "unsupported architecture",
-                                        "supported: MixtralForCausalLM", "DeepseekV3ForCausalLM"});
+    expectErrorContains(spec.status(),
+                        {path, "unsupported architecture", "supported: MixtralForCausalLM", "DeepseekV3ForCausalLM"});
   }
   auto spec = ModelSpec::fromConfigText(R"({"model_type": "gpt_oss"})", "cfg.json");
   expectErrorContains(spec.status(), {"cfg.json", "unsupported architecture gpt_oss"});
@@ -309,84 +303,118 @@ TEST_P(ConfigErrors, NameTheFileAndTheKey) {
 
 INSTANTIATE_TEST_SUITE_P(
     Cases, ConfigErrors,
-    ::testing::Values(
-        ConfigErrorCase{"missing hidden_size", ModelFamily::Mixtral,
-                        [](json &c) { c.erase("hidden_size"); },
-                        {"missing required key 'hidden_size'"}},
-        ConfigErrorCase{"missing expert count", ModelFamily::Qwen3Moe,
-                        [](json &c) { c.erase("num_experts"); },
-                        {"missing required key 'num_experts'"}},
-        ConfigErrorCase{"missing kv_lora_rank", ModelFamily::DeepseekV2,
-                        [](json &c) { c.erase("kv_lora_rank"); },
-                        {"missing required key 'kv_lora_rank'"}},
-        ConfigErrorCase{"string for an integer", ModelFamily::Olmoe,
-                        [](json &c) { c["num_hidden_layers"] = "two"; },
-                        {"'num_hidden_layers' must be an integer"}},
-        ConfigErrorCase{"zero layers", ModelFamily::Mixtral,
-                        [](json &c) { c["num_hidden_layers"] = 0; },
-                        {"'num_hidden_layers' must be between 1 and 1024"}},
-        ConfigErrorCase{"absurd layer count", ModelFamily::Mixtral,
-                        [](json &c) { c["num_hidden_layers"] = 1000000000; },
-                        {"'num_hidden_layers'", "got 1000000000"}},
-        ConfigErrorCase{"negative shared expert width", ModelFamily::Qwen2Moe,
-                        [](json &c) { c["shared_expert_intermediate_size"] = -5; },
-                        {"shared expert intermediate size = -5"}},
-        ConfigErrorCase{"negative q lora rank", ModelFamily::DeepseekV3,
-                        [](json &c) { c["q_lora_rank"] = -1; },
-                        {"q_lora_rank = -1"}},
-        ConfigErrorCase{"top-k above the expert count", ModelFamily::Mixtral,
-                        [](json &c) { c["num_experts_per_tok"] = 9; },
-                        {"num_experts_per_tok (9)", "number of experts (4)"}},
-        ConfigErrorCase{"heads not a multiple of kv heads", ModelFamily::Qwen2Moe,
-                        [](json &c) { c["num_key_value_heads"] = 3; },
-                        {"num_attention_heads (4)", "num_key_value_heads (3)"}},
-        ConfigErrorCase{"unknown rope scaling", ModelFamily::Mixtral,
-                        [](json &c) { c["rope_scaling"] = {{"type", "wild"}}; },
-                        {"unsupported rope scaling type 'wild'"}},
-        ConfigErrorCase{"yarn without its original length", ModelFamily::DeepseekV2,
-                        [](json &c) { c["rope_scaling"].erase("original_max_position_embeddings"); },
-                        {"original_max_position_embeddings"}},
-        ConfigErrorCase{"bad group routing", ModelFamily::DeepseekV3,
-                        [](json &c) { c["n_group"] = 3; },
-                        {"n_group", "n_routed_experts (8)"}},
-        ConfigErrorCase{"unknown topk_method", ModelFamily::DeepseekV3,
-                        [](json &c) { c["topk_method"] = "magic"; },
-                        {"unsupported topk_method 'magic'"}},
-        ConfigErrorCase{"unknown quantization", ModelFamily::DeepseekV3,
-                        [](json &c) { c["quantization_config"] = {{"quant_method", "awq"}}; },
-                        {"quant_method 'awq'"}},
-        ConfigErrorCase{"dense layer without a width", ModelFamily::Qwen2Moe,
-                        [](json &c) { c.erase("intermediate_size"); },
-                        {"layer 1 is dense", "intermediate_size"}},
-        ConfigErrorCase{"longrope factors of the wrong length", ModelFamily::PhiMoe,
-                        [](json &c) { c["rope_scaling"]["long_factor"] = {1.0, 2.0}; },
-                        {"long_factor", "head_dim/2 = 8"}},
-        ConfigErrorCase{"unknown dtype", ModelFamily::Mixtral,
-                        [](json &c) { c["torch_dtype"] = "int4"; },
-                        {"'torch_dtype'", "'int4'"}},
-        ConfigErrorCase{"architectures not a list", ModelFamily::Mixtral,
-                        [](json &c) { c["architectures"] = "MixtralForCausalLM"; },
-                        {"'architectures' must be a non-empty list"}},
-        // Numbers that parse but make every result NaN or infinite.
-        ConfigErrorCase{"zero norm epsilon", ModelFamily::Mixtral, [](json &c) { c["rms_norm_eps"] = 0; },
-                        {"rms_norm_eps", "must be a positive finite number"}},
-        ConfigErrorCase{"negative norm epsilon", ModelFamily::DeepseekV2, [](json &c) { c["rms_norm_eps"] = -1e-6; },
-                        {"rms_norm_eps", "positive"}},
-        ConfigErrorCase{"zero rope theta", ModelFamily::Qwen3Moe, [](json &c) { c["rope_theta"] = 0; },
-                        {"rope_theta = 0", "positive finite"}},
-        ConfigErrorCase{"negative rope theta", ModelFamily::Olmoe, [](json &c) { c["rope_theta"] = -10000.0; },
-                        {"rope_theta", "positive finite"}},
-        ConfigErrorCase{"unknown activation", ModelFamily::Mixtral, [](json &c) { c["hidden_act"] = "relu_squared"; },
-                        {"'hidden_act'", "relu_squared", "silu"}},
-        ConfigErrorCase{"negative clip_qkv", ModelFamily::Olmoe, [](json &c) { c["clip_qkv"] = -1.0; },
-                        {"clip_qkv", ">= 0"}}),
+    ::testing::Values(ConfigErrorCase{"missing hidden_size",
+                                      ModelFamily::Mixtral,
+                                      [](json &c) { c.erase("hidden_size"); },
+                                      {"missing required key 'hidden_size'"}},
+                      ConfigErrorCase{"missing expert count",
+                                      ModelFamily::Qwen3Moe,
+                                      [](json &c) { c.erase("num_experts"); },
+                                      {"missing required key 'num_experts'"}},
+                      ConfigErrorCase{"missing kv_lora_rank",
+                                      ModelFamily::DeepseekV2,
+                                      [](json &c) { c.erase("kv_lora_rank"); },
+                                      {"missing required key 'kv_lora_rank'"}},
+                      ConfigErrorCase{"string for an integer",
+                                      ModelFamily::Olmoe,
+                                      [](json &c) { c["num_hidden_layers"] = "two"; },
+                                      {"'num_hidden_layers' must be an integer"}},
+                      ConfigErrorCase{"zero layers",
+                                      ModelFamily::Mixtral,
+                                      [](json &c) { c["num_hidden_layers"] = 0; },
+                                      {"'num_hidden_layers' must be between 1 and 1024"}},
+                      ConfigErrorCase{"absurd layer count",
+                                      ModelFamily::Mixtral,
+                                      [](json &c) { c["num_hidden_layers"] = 1000000000; },
+                                      {"'num_hidden_layers'", "got 1000000000"}},
+                      ConfigErrorCase{"negative shared expert width",
+                                      ModelFamily::Qwen2Moe,
+                                      [](json &c) { c["shared_expert_intermediate_size"] = -5; },
+                                      {"shared expert intermediate size = -5"}},
+                      ConfigErrorCase{"negative q lora rank",
+                                      ModelFamily::DeepseekV3,
+                                      [](json &c) { c["q_lora_rank"] = -1; },
+                                      {"q_lora_rank = -1"}},
+                      ConfigErrorCase{"top-k above the expert count",
+                                      ModelFamily::Mixtral,
+                                      [](json &c) { c["num_experts_per_tok"] = 9; },
+                                      {"num_experts_per_tok (9)", "number of experts (4)"}},
+                      ConfigErrorCase{"heads not a multiple of kv heads",
+                                      ModelFamily::Qwen2Moe,
+                                      [](json &c) { c["num_key_value_heads"] = 3; },
+                                      {"num_attention_heads (4)", "num_key_value_heads (3)"}},
+                      ConfigErrorCase{"unknown rope scaling",
+                                      ModelFamily::Mixtral,
+                                      [](json &c) {
+                                        c["rope_scaling"] = {{"type", "wild"}};
+                                      },
+                                      {"unsupported rope scaling type 'wild'"}},
+                      ConfigErrorCase{"yarn without its original length",
+                                      ModelFamily::DeepseekV2,
+                                      [](json &c) { c["rope_scaling"].erase("original_max_position_embeddings"); },
+                                      {"original_max_position_embeddings"}},
+                      ConfigErrorCase{"bad group routing",
+                                      ModelFamily::DeepseekV3,
+                                      [](json &c) { c["n_group"] = 3; },
+                                      {"n_group", "n_routed_experts (8)"}},
+                      ConfigErrorCase{"unknown topk_method",
+                                      ModelFamily::DeepseekV3,
+                                      [](json &c) { c["topk_method"] = "magic"; },
+                                      {"unsupported topk_method 'magic'"}},
+                      ConfigErrorCase{"unknown quantization",
+                                      ModelFamily::DeepseekV3,
+                                      [](json &c) {
+                                        c["quantization_config"] = {{"quant_method", "awq"}};
+                                      },
+                                      {"quant_method 'awq'"}},
+                      ConfigErrorCase{"dense layer without a width",
+                                      ModelFamily::Qwen2Moe,
+                                      [](json &c) { c.erase("intermediate_size"); },
+                                      {"layer 1 is dense", "intermediate_size"}},
+                      ConfigErrorCase{"longrope factors of the wrong length",
+                                      ModelFamily::PhiMoe,
+                                      [](json &c) {
+                                        c["rope_scaling"]["long_factor"] = {1.0, 2.0};
+                                      },
+                                      {"long_factor", "head_dim/2 = 8"}},
+                      ConfigErrorCase{"unknown dtype",
+                                      ModelFamily::Mixtral,
+                                      [](json &c) { c["torch_dtype"] = "int4"; },
+                                      {"'torch_dtype'", "'int4'"}},
+                      ConfigErrorCase{"architectures not a list",
+                                      ModelFamily::Mixtral,
+                                      [](json &c) { c["architectures"] = "MixtralForCausalLM"; },
+                                      {"'architectures' must be a non-empty list"}},
+                      // Numbers that parse but make every result NaN or infinite.
+                      ConfigErrorCase{"zero norm epsilon",
+                                      ModelFamily::Mixtral,
+                                      [](json &c) { c["rms_norm_eps"] = 0; },
+                                      {"rms_norm_eps", "must be a positive finite number"}},
+                      ConfigErrorCase{"negative norm epsilon",
+                                      ModelFamily::DeepseekV2,
+                                      [](json &c) { c["rms_norm_eps"] = -1e-6; },
+                                      {"rms_norm_eps", "positive"}},
+                      ConfigErrorCase{"zero rope theta",
+                                      ModelFamily::Qwen3Moe,
+                                      [](json &c) { c["rope_theta"] = 0; },
+                                      {"rope_theta = 0", "positive finite"}},
+                      ConfigErrorCase{"negative rope theta",
+                                      ModelFamily::Olmoe,
+                                      [](json &c) { c["rope_theta"] = -10000.0; },
+                                      {"rope_theta", "positive finite"}},
+                      ConfigErrorCase{"unknown activation",
+                                      ModelFamily::Mixtral,
+                                      [](json &c) { c["hidden_act"] = "relu_squared"; },
+                                      {"'hidden_act'", "relu_squared", "silu"}},
+                      ConfigErrorCase{"negative clip_qkv",
+                                      ModelFamily::Olmoe,
+                                      [](json &c) { c["clip_qkv"] = -1.0; },
+                                      {"clip_qkv", ">= 0"}}),
     [](const ::testing::TestParamInfo<ConfigErrorCase> &info) { return testNameFrom(info.param.description); });
 
 TEST(ModelSpec, ConfigThatIsNotJsonOrMissingIsNamed) {
-  expectErrorContains(ModelSpec::fromConfigText("{", "x/config.json").status(),
-                      {"x/config.json", "not valid JSON"});
-  expectErrorContains(ModelSpec::fromConfigText("[]", "x/config.json").status(),
-                      {"x/config.json", "JSON object"});
+  expectErrorContains(ModelSpec::fromConfigText("{", "x/config.json").status(), {"x/config.json", "not valid JSON"});
+  expectErrorContains(ModelSpec::fromConfigText("[]", "x/config.json").status(), {"x/config.json", "JSON object"});
   expectErrorContains(ModelSpec::fromConfigFile("/nonexistent/config.json").status(),
                       {"/nonexistent/config.json", "cannot read"});
 }
@@ -404,17 +432,16 @@ TEST(CheckpointValidation, MissingTensorIsNamedWithItsExpectedShape) {
   SyntheticOptions options;
   writeWithConfig(dir.path(), options, [](json &c) { c["num_local_experts"] = 5; });
   expectErrorContains(openAndBind(dir.path()).status(),
-                      {"'model.layers.0.block_sparse_moe.gate.weight'", "shape [4, 64]",
-                       "expected [5, 64]"});
+                      {"'model.layers.0.block_sparse_moe.gate.weight'", "shape [4, 64]", "expected [5, 64]"});
   // With the router right but an expert missing, the expert is named.
   TempDir dir2;
   ASSERT_TRUE(writeSyntheticCheckpoint(dir2.path(), options).ok());
   rewriteCheckpoint(dir2.path(), [](const std::string &name, DType &, std::vector<int64_t> &) {
     return name != "model.layers.1.block_sparse_moe.experts.2.w3.weight";
   });
-  expectErrorContains(openAndBind(dir2.path()).status(),
-                      {dir2.path(), "missing tensor 'model.layers.1.block_sparse_moe.experts.2.w3.weight'",
-                       "expert_up", "[48, 64]"});
+  expectErrorContains(
+      openAndBind(dir2.path()).status(),
+      {dir2.path(), "missing tensor 'model.layers.1.block_sparse_moe.experts.2.w3.weight'", "expert_up", "[48, 64]"});
 }
 
 TEST(CheckpointValidation, WrongShapeForTheConfigIsNamed) {
@@ -422,9 +449,9 @@ TEST(CheckpointValidation, WrongShapeForTheConfigIsNamed) {
   SyntheticOptions options;
   options.family = ModelFamily::Qwen3Moe;
   writeWithConfig(dir.path(), options, [](json &c) { c["moe_intermediate_size"] = 20; });
-  expectErrorContains(openAndBind(dir.path()).status(),
-                      {"model.safetensors", "'model.layers.0.mlp.experts.0.gate_proj.weight'",
-                       "shape [24, 64]", "expected [20, 64]"});
+  expectErrorContains(
+      openAndBind(dir.path()).status(),
+      {"model.safetensors", "'model.layers.0.mlp.experts.0.gate_proj.weight'", "shape [24, 64]", "expected [20, 64]"});
 }
 
 TEST(CheckpointValidation, NonFloatWeightIsNamed) {

@@ -6,8 +6,8 @@
 //
 //===----------------------------------------------------------------------===//
 
-#include "common/QuantFormat.h"
 #include "cpu/QuantKernels.h"
+#include "common/QuantFormat.h"
 #include "moe/Frontend/Checkpoint.h"
 
 #include "TestSupport.h"
@@ -159,8 +159,8 @@ TEST(QuantKernels, GemvMatchesTheScalarReferenceOnRandomWeights) {
 TEST(QuantKernels, GemvMatchesTheScalarReferenceOnRealWeights) {
   auto checkpoint = Checkpoint::open(dataDir() + "/fixtures/tiny-mixtral");
   ASSERT_TRUE(checkpoint.ok());
-  for (const char *name : {"model.layers.0.block_sparse_moe.experts.3.w1.weight",
-                           "model.layers.2.block_sparse_moe.experts.5.w2.weight"}) {
+  for (const char *name :
+       {"model.layers.0.block_sparse_moe.experts.3.w1.weight", "model.layers.2.block_sparse_moe.experts.5.w2.weight"}) {
     std::vector<float> weights;
     ASSERT_TRUE((*checkpoint)->loadF32(name, weights).ok());
     const TensorLocation *where = (*checkpoint)->find(name);

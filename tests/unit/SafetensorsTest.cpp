@@ -17,8 +17,7 @@ using namespace moe::testing;
 namespace {
 
 Expected<SafetensorsHeader> parse(const std::string &bytes) {
-  return parseSafetensorsHeader(reinterpret_cast<const uint8_t *>(bytes.data()),
-                                bytes.size(), "bad.safetensors");
+  return parseSafetensorsHeader(reinterpret_cast<const uint8_t *>(bytes.data()), bytes.size(), "bad.safetensors");
 }
 
 std::vector<uint8_t> randomBytes(size_t count, uint64_t seed) {
@@ -40,19 +39,16 @@ TEST(SafetensorsWriter, RoundTripsEveryDtypeBitExactly) {
     std::vector<int64_t> shape;
   };
   std::vector<Case> cases = {
-      {"a.f32", DType::F32, {3, 5}},     {"b.f16", DType::F16, {7}},
-      {"c.bf16", DType::BF16, {2, 3, 3}}, {"d.fp8", DType::F8E4M3, {129, 3}},
-      {"e.fp8e5", DType::F8E5M2, {5}},   {"f.i8", DType::I8, {11}},
-      {"g.u8", DType::U8, {1}},          {"h.i16", DType::I16, {4, 1}},
-      {"i.i32", DType::I32, {9}},        {"j.i64", DType::I64, {2}},
-      {"k.bool", DType::Bool, {6}},      {"l.scalar", DType::F32, {}},
+      {"a.f32", DType::F32, {3, 5}},      {"b.f16", DType::F16, {7}},      {"c.bf16", DType::BF16, {2, 3, 3}},
+      {"d.fp8", DType::F8E4M3, {129, 3}}, {"e.fp8e5", DType::F8E5M2, {5}}, {"f.i8", DType::I8, {11}},
+      {"g.u8", DType::U8, {1}},           {"h.i16", DType::I16, {4, 1}},   {"i.i32", DType::I32, {9}},
+      {"j.i64", DType::I64, {2}},         {"k.bool", DType::Bool, {6}},    {"l.scalar", DType::F32, {}},
       {"m.empty", DType::BF16, {0, 4}},
   };
   std::map<std::string, std::vector<uint8_t>> expected;
   uint64_t seed = 1;
   for (const Case &c : cases) {
-    std::vector<uint8_t> bytes =
-        randomBytes(static_cast<size_t>(numElements(c.shape)) * dtypeBytes(c.dtype), seed++);
+    std::vector<uint8_t> bytes = randomBytes(static_cast<size_t>(numElements(c.shape)) * dtypeBytes(c.dtype), seed++);
     expected[c.name] = bytes;
     ASSERT_TRUE(writer.addTensor(c.name, c.dtype, c.shape, bytes).ok());
   }
@@ -104,8 +100,7 @@ TEST(SafetensorsWriter, RejectsInconsistentTensors) {
   expectErrorContains(writer.addTensor("w", DType::F32, {2, 2}, std::vector<uint8_t>(15)),
                       {"'w'", "15 bytes", "needs 16"});
   ASSERT_TRUE(writer.addTensor("w", DType::F32, {1}, std::vector<uint8_t>(4)).ok());
-  expectErrorContains(writer.addTensor("w", DType::F32, {1}, std::vector<uint8_t>(4)),
-                      {"'w' added twice"});
+  expectErrorContains(writer.addTensor("w", DType::F32, {1}, std::vector<uint8_t>(4)), {"'w' added twice"});
   expectErrorContains(writer.addTensor("__metadata__", DType::F32, {1}, std::vector<uint8_t>(4)),
                       {"invalid tensor name"});
 }
@@ -124,10 +119,10 @@ TEST(SafetensorsReader, AcceptsMinimalValidFiles) {
   ASSERT_TRUE(header.ok()) << header.status().message();
   EXPECT_TRUE(header->tensors.empty());
   // Trailing spaces pad the header; zero-sized tensors may share an offset.
-  header = parse(rawSafetensors(
-      R"({"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},)"
-      R"("b":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}    )",
-      2));
+  header =
+      parse(rawSafetensors(R"({"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},)"
+                           R"("b":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}    )",
+                           2));
   ASSERT_TRUE(header.ok()) << header.status().message();
   EXPECT_EQ(header->tensors.size(), 2u);
   EXPECT_EQ(header->metadata.at("format"), "pt");
@@ -147,8 +142,7 @@ TEST_P(SafetensorsBadInput, NamesTheFileTheTensorAndWhatWasExpected) {
   const BadHeaderCase &c = GetParam();
   auto header = parse(c.file);
   ASSERT_FALSE(header.ok()) << c.description;
-  EXPECT_NE(header.status().message().find("bad.safetensors"), std::string::npos)
-      << header.status().message();
+  EXPECT_NE(header.status().message().find("bad.safetensors"), std::string::npos) << header.status().message();
   for (const std::string &fragment : c.fragments)
     EXPECT_NE(header.status().message().find(fragment), std::string::npos)
         << c.description << ": " << header.status().message() << "\nmissing: " << fragment;
@@ -159,13 +153,11 @@ static const std::string okTensor = R"("w":{"dtype":"F32","shape":[2],"data_offs
 INSTANTIATE_TEST_SUITE_P(
     Cases, SafetensorsBadInput,
     ::testing::Values(
-        BadHeaderCase{"truncated before the length", std::string("\x10\x00\x00", 3),
-                      {"too short", "truncated"}},
+        BadHeaderCase{"truncated before the length", std::string("\x10\x00\x00", 3), {"too short", "truncated"}},
         BadHeaderCase{"header length beyond the file",
                       rawSafetensors("{" + okTensor + "}", 8, 4096),
                       {"header length 4096", "beyond the end of the file"}},
-        BadHeaderCase{"header length over the limit",
-                      rawSafetensors("{}", 0, 200'000'000), {"exceeds the limit"}},
+        BadHeaderCase{"header length over the limit", rawSafetensors("{}", 0, 200'000'000), {"exceeds the limit"}},
         BadHeaderCase{"header not JSON", rawSafetensors("{not json", 0), {"not valid", "JSON"}},
         BadHeaderCase{"header a JSON array", rawSafetensors("[1,2]", 0), {"'{'"}},
         BadHeaderCase{"header JSON but not an object", rawSafetensors("{} 5", 0), {"JSON"}},
@@ -177,17 +169,19 @@ INSTANTIATE_TEST_SUITE_P(
                       {"tensor 'w'", "span 8 bytes", "[3] of BF16 needs 6 bytes"}},
         BadHeaderCase{"overlapping offsets",
                       rawSafetensors(R"({"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},)"
-                                     R"("b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}})", 6),
+                                     R"("b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}})",
+                                     6),
                       {"tensor 'b'", "overlap tensor 'a'"}},
         BadHeaderCase{"hole between tensors",
                       rawSafetensors(R"({"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]},)"
-                                     R"("b":{"dtype":"U8","shape":[2],"data_offsets":[4,6]}})", 6),
+                                     R"("b":{"dtype":"U8","shape":[2],"data_offsets":[4,6]}})",
+                                     6),
                       {"hole", "bytes [2, 4)", "tensor 'b'"}},
         BadHeaderCase{"offsets beyond the buffer (truncated data)",
                       rawSafetensors("{" + okTensor + "}", 5),
                       {"tensor 'w'", "beyond the data buffer of 5 bytes", "truncated"}},
-        BadHeaderCase{"trailing bytes after the last tensor",
-                      rawSafetensors("{" + okTensor + "}", 12), {"trailing bytes"}},
+        BadHeaderCase{
+            "trailing bytes after the last tensor", rawSafetensors("{" + okTensor + "}", 12), {"trailing bytes"}},
         BadHeaderCase{"end before begin",
                       rawSafetensors(R"({"w":{"dtype":"U8","shape":[0],"data_offsets":[4,0]}})", 4),
                       {"tensor 'w'", "end before they begin"}},
@@ -200,14 +194,14 @@ INSTANTIATE_TEST_SUITE_P(
         BadHeaderCase{"offsets not a pair",
                       rawSafetensors(R"({"w":{"dtype":"U8","shape":[1],"data_offsets":[0]}})", 1),
                       {"tensor 'w'", "data_offsets"}},
-        BadHeaderCase{"duplicate tensor names",
-                      rawSafetensors("{" + okTensor + "," + okTensor + "}", 8),
-                      {"duplicate key 'w'"}},
+        BadHeaderCase{
+            "duplicate tensor names", rawSafetensors("{" + okTensor + "," + okTensor + "}", 8), {"duplicate key 'w'"}},
         BadHeaderCase{"metadata with a non-string value",
                       rawSafetensors(R"({"__metadata__":{"format":1}})", 0),
                       {"__metadata__", "'format'", "string"}},
         BadHeaderCase{"overflowing element count",
-                      rawSafetensors(R"({"w":{"dtype":"F64","shape":[281474976710655,281474976710655],"data_offsets":[0,8]}})", 8),
+                      rawSafetensors(
+                          R"({"w":{"dtype":"F64","shape":[281474976710655,281474976710655],"data_offsets":[0,8]}})", 8),
                       {"tensor 'w'", "too many elements"}},
         BadHeaderCase{"invalid UTF-8 in a name",
                       rawSafetensors("{\"w\xff\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]}}", 1),

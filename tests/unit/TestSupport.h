@@ -23,8 +23,7 @@ namespace moe::testing {
 class TempDir {
 public:
   TempDir() {
-    std::string pattern =
-        (std::filesystem::temp_directory_path() / "moec-test-XXXXXX").string();
+    std::string pattern = (std::filesystem::temp_directory_path() / "moec-test-XXXXXX").string();
     path_ = mkdtemp(pattern.data());
   }
   ~TempDir() { std::filesystem::remove_all(path_); }
@@ -56,8 +55,7 @@ inline std::string testNameFrom(const std::string &description) {
 }
 
 /// A safetensors file from raw header text and a data buffer of `dataBytes`.
-inline std::string rawSafetensors(const std::string &header, size_t dataBytes,
-                                  uint64_t declaredLength = UINT64_MAX) {
+inline std::string rawSafetensors(const std::string &header, size_t dataBytes, uint64_t declaredLength = UINT64_MAX) {
   uint64_t length = declaredLength == UINT64_MAX ? header.size() : declaredLength;
   std::string bytes(8, '\0');
   for (int i = 0; i < 8; ++i)
@@ -67,8 +65,7 @@ inline std::string rawSafetensors(const std::string &header, size_t dataBytes,
 
 /// Expects `status` (a Status or the status() of an Expected) to have failed
 /// with a message containing every one of `fragments`.
-template <typename S>
-void expectErrorContains(const S &status, std::initializer_list<std::string> fragments) {
+template <typename S> void expectErrorContains(const S &status, std::initializer_list<std::string> fragments) {
   ASSERT_FALSE(status.ok()) << "expected an error";
   for (const std::string &fragment : fragments)
     EXPECT_NE(status.message().find(fragment), std::string::npos)

@@ -23,9 +23,7 @@ const json &goldens() {
   return data;
 }
 
-std::string shorten(const std::string &text) {
-  return text.size() > 60 ? text.substr(0, 60) + "..." : text;
-}
+std::string shorten(const std::string &text) { return text.size() > 60 ? text.substr(0, 60) + "..." : text; }
 
 } // namespace
 
@@ -56,15 +54,14 @@ TEST_P(TokenizerGoldens, IdsAndDecodingMatchHuggingFace) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Styles, TokenizerGoldens,
-                         ::testing::Values("fixture", "gpt2-nfc", "split-chain", "sp-metaspace",
-                                           "sp-legacy"),
+                         ::testing::Values("fixture", "gpt2-nfc", "split-chain", "sp-metaspace", "sp-legacy"),
                          [](const ::testing::TestParamInfo<std::string> &info) { return testNameFrom(info.param); });
 
 TEST(Tokenizer, ByteLevelRoundTripsAnyText) {
   auto tokenizer = Tokenizer::fromFile(dataDir() + "/tokenizers/fixture/tokenizer.json");
   ASSERT_TRUE(tokenizer.ok());
-  for (const std::string text : {"Plain ASCII.", "caf\xC3\xA9 \xE6\x97\xA5\xE6\x9C\xAC \xF0\x9F\x98\x80",
-                                 "\t\n  \r\n", "<|endoftext|>x", ""}) {
+  for (const std::string text :
+       {"Plain ASCII.", "caf\xC3\xA9 \xE6\x97\xA5\xE6\x9C\xAC \xF0\x9F\x98\x80", "\t\n  \r\n", "<|endoftext|>x", ""}) {
     auto ids = (*tokenizer)->encode(text);
     ASSERT_TRUE(ids.ok());
     EXPECT_EQ((*tokenizer)->decode(*ids), text);
@@ -79,17 +76,19 @@ TEST(Tokenizer, BadInputIsNamed) {
   expectErrorContains(Tokenizer::fromJson("{", "t.json").status(), {"t.json", "not a JSON object"});
   expectErrorContains(Tokenizer::fromJson(R"({"model": {"type": "WordPiece", "vocab": {}}})", "t.json").status(),
                       {"t.json", "model must be BPE", "WordPiece"});
-  expectErrorContains(
-      Tokenizer::fromJson(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
-                             "pre_tokenizer": {"type": "BertPreTokenizer"}})", "t.json").status(),
-      {"t.json", "unsupported pre_tokenizer 'BertPreTokenizer'"});
+  expectErrorContains(Tokenizer::fromJson(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+                             "pre_tokenizer": {"type": "BertPreTokenizer"}})",
+                                          "t.json")
+                          .status(),
+                      {"t.json", "unsupported pre_tokenizer 'BertPreTokenizer'"});
   expectErrorContains(
       Tokenizer::fromJson(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a b"]}})", "t.json").status(),
       {"t.json", "merge 0", "missing from the vocab"});
-  expectErrorContains(
-      Tokenizer::fromJson(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
-                             "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "(unclosed"}}})", "t.json").status(),
-      {"regex '(unclosed'", "does not compile"});
+  expectErrorContains(Tokenizer::fromJson(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+                             "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "(unclosed"}}})",
+                                          "t.json")
+                          .status(),
+                      {"regex '(unclosed'", "does not compile"});
   auto tokenizer = Tokenizer::fromFile(dataDir() + "/tokenizers/fixture/tokenizer.json");
   ASSERT_TRUE(tokenizer.ok());
   expectErrorContains((*tokenizer)->encode("bad \xFF byte").status(), {"not valid UTF-8", "byte offset 4"});
@@ -99,7 +98,8 @@ TEST(Tokenizer, BadInputIsNamed) {
 TEST(Tokenizer, AddedTokenIdsAreChecked) {
   auto withAdded = [](const std::string &added) {
     return Tokenizer::fromJson(R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": []},
-                                   "added_tokens": [)" + added + "]}",
+                                   "added_tokens": [)" +
+                                   added + "]}",
                                "t.json");
   };
   expectErrorContains(withAdded(R"({"id": -5, "content": "<s>"})").status(),
@@ -114,9 +114,10 @@ TEST(Tokenizer, AddedTokenIdsAreChecked) {
   ASSERT_TRUE(fine.ok()) << fine.status().message();
   EXPECT_EQ((*fine)->vocabSize(), 3);
   EXPECT_EQ((*fine)->tokenId("<s>"), 2);
-  expectErrorContains(
-      Tokenizer::fromJson(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+  expectErrorContains(Tokenizer::fromJson(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
                              "post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>"}}],
-                                                "special_tokens": {"<s>": {"ids": [-3]}}}})", "t.json").status(),
-      {"template token '<s>'", "id -3"});
+                                                "special_tokens": {"<s>": {"ids": [-3]}}}})",
+                                          "t.json")
+                          .status(),
+                      {"template token '<s>'", "id -3"});
 }

@@ -18,8 +18,7 @@ int main(int argc, char **argv) {
   bool fused = false, fp8 = false;
   int shards = 1;
   uint64_t seed = 1;
-  app.add_option("--family", familyText,
-                 "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, phimoe");
+  app.add_option("--family", familyText, "mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, phimoe");
   app.add_option("--config", configPath, "Use this config.json (real-model shapes) instead of the tiny one");
   app.add_option("-o,--output", output, "Directory to write")->required();
   app.add_option("--shards", shards, "Number of safetensors shards (>1 writes an index)");

@@ -56,12 +56,13 @@ int runCalibrate(const CalibrateOptions &options) {
     printError(status.message());
     return 1;
   }
-  std::printf("calibrated %lld tokens through %zu MoE layers in %.1f s -> %s\n",
-              static_cast<long long>(result->tokens), result->layers.size(), result->seconds, options.output.c_str());
+  std::printf("calibrated %lld tokens through %zu MoE layers in %.1f s -> %s\n", static_cast<long long>(result->tokens),
+              result->layers.size(), result->seconds, options.output.c_str());
   const LayerCache &cache = model->engine->layerCache();
-  std::printf("memory: peak RSS %.1f MB; layer weights resident at most %.1f MB of the model's %.1f MB (%lld layer loads)\n",
-              static_cast<double>(peakResidentBytes()) / 1e6, static_cast<double>(cache.peakResidentBytes()) / 1e6,
-              static_cast<double>(cache.distinctLayerBytes()) / 1e6, static_cast<long long>(cache.loads()));
+  std::printf(
+      "memory: peak RSS %.1f MB; layer weights resident at most %.1f MB of the model's %.1f MB (%lld layer loads)\n",
+      static_cast<double>(peakResidentBytes()) / 1e6, static_cast<double>(cache.peakResidentBytes()) / 1e6,
+      static_cast<double>(cache.distinctLayerBytes()) / 1e6, static_cast<long long>(cache.loads()));
   return 0;
 }
 
@@ -79,13 +80,15 @@ Command registerCalibrate(CLI::App &app) {
   command->add_option("--seq-len", options->sequenceLength, "Window length")->check(CLI::PositiveNumber);
   command->add_flag("--input-moments", options->inputMoments,
                     "Also record X^T X of each expert's routed inputs (hidden^2 per expert; for GPTQ)");
-  command->add_option("--sample-cap-ratio", options->sampleCapRatio,
-                      "Cap each expert's moment tokens at this multiple of its average load (EAQuant uses 2)")
+  command
+      ->add_option("--sample-cap-ratio", options->sampleCapRatio,
+                   "Cap each expert's moment tokens at this multiple of its average load (EAQuant uses 2)")
       ->check(CLI::NonNegativeNumber);
   command->add_flag("--all-experts", options->allExperts,
                     "Run every expert on every token for its statistics (block output still follows routing)");
-  command->add_option("--block-samples", options->blockSamples,
-                      "Keep this many block input/output rows per MoE layer (for reconstruction and dynamic skip)")
+  command
+      ->add_option("--block-samples", options->blockSamples,
+                   "Keep this many block input/output rows per MoE layer (for reconstruction and dynamic skip)")
       ->check(CLI::NonNegativeNumber);
   return {command, [options] { return runCalibrate(*options); }};
 }

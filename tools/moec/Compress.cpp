@@ -83,11 +83,13 @@ Command registerCompress(CLI::App &app) {
   command->add_option("--recipe", options->request.recipe, "Recipe (JSON): passes with options, calibration data")
       ->required();
   command->add_option("-o,--output", options->request.output, "Output package (.moepkg)")->required();
-  command->add_option("--eval-data", options->request.evalData, "Evaluate before and after on this data (text, .jsonl, .u32)");
+  command->add_option("--eval-data", options->request.evalData,
+                      "Evaluate before and after on this data (text, .jsonl, .u32)");
   command->add_option("--eval-tokens", options->request.evalTokens, "Stop evaluation after this many tokens per domain")
       ->check(CLI::NonNegativeNumber);
-  command->add_option("--max-ppl-increase", options->request.maxPplIncrease,
-                      "Fail (exit code 3) when perplexity on --eval-data rises by more than this many percent")
+  command
+      ->add_option("--max-ppl-increase", options->request.maxPplIncrease,
+                   "Fail (exit code 3) when perplexity on --eval-data rises by more than this many percent")
       ->check(CLI::NonNegativeNumber);
   command->add_option("--summary", options->summary, "Also write the JSON summary to this file");
   return {command, [options] { return runCompress(*options); }};

@@ -17,8 +17,8 @@
 #include <nlohmann/json.hpp>
 
 #include <fstream>
-#include <unistd.h>
 #include <sstream>
+#include <unistd.h>
 
 namespace moe::cli {
 namespace {

@@ -77,8 +77,7 @@ std::string formatBytes(int64_t bytes) {
 }
 
 json layerJson(const LayerSpec &layer) {
-  json out = {{"index", layer.index},
-              {"mlp", layer.mlp == MlpKind::Moe ? "moe" : "dense"}};
+  json out = {{"index", layer.index}, {"mlp", layer.mlp == MlpKind::Moe ? "moe" : "dense"}};
   if (layer.mlp == MlpKind::Dense) {
     out["intermediate_size"] = layer.denseIntermediateSize;
     return out;
@@ -189,26 +188,22 @@ json summaryJson(const ModelSummary &summary) {
           {"dtypes", dtypes}};
 }
 
-void printText(const ModelSpec &spec, const ModelSummary &summary,
-               const std::string &path, const Checkpoint *checkpoint,
-               const CheckpointReport *report) {
+void printText(const ModelSpec &spec, const ModelSummary &summary, const std::string &path,
+               const Checkpoint *checkpoint, const CheckpointReport *report) {
   std::vector<int64_t> moeLayers, denseLayers;
   for (const LayerSpec &layer : spec.layers)
     (layer.mlp == MlpKind::Moe ? moeLayers : denseLayers).push_back(layer.index);
   const AttentionSpec &a = spec.attention;
   const RouterSpec &g = spec.router;
   std::printf("model:       %s\n", path.c_str());
-  std::printf("family:      %s (%s)%s\n", std::string(familyName(spec.family)).c_str(),
-              spec.architecture.c_str(), checkpoint ? "" : "  [config only]");
-  std::printf("layers:      %lld: MoE %s; dense %s\n",
-              static_cast<long long>(spec.numLayers), formatRanges(moeLayers).c_str(),
-              formatRanges(denseLayers).c_str());
-  std::printf("dims:        hidden %lld, vocab %lld, max positions %lld%s\n",
-              static_cast<long long>(spec.hiddenSize), static_cast<long long>(spec.vocabSize),
-              static_cast<long long>(spec.maxPositions),
+  std::printf("family:      %s (%s)%s\n", std::string(familyName(spec.family)).c_str(), spec.architecture.c_str(),
+              checkpoint ? "" : "  [config only]");
+  std::printf("layers:      %lld: MoE %s; dense %s\n", static_cast<long long>(spec.numLayers),
+              formatRanges(moeLayers).c_str(), formatRanges(denseLayers).c_str());
+  std::printf("dims:        hidden %lld, vocab %lld, max positions %lld%s\n", static_cast<long long>(spec.hiddenSize),
+              static_cast<long long>(spec.vocabSize), static_cast<long long>(spec.maxPositions),
               spec.tieWordEmbeddings ? ", tied embeddings" : "");
-  std::printf("norm:        %s, eps %g\n", std::string(normKindName(spec.normKind)).c_str(),
-              spec.normEps);
+  std::printf("norm:        %s, eps %g\n", std::string(normKindName(spec.normKind)).c_str(), spec.normEps);
   if (a.kind == AttentionKind::GroupedQuery)
     std::printf("attention:   gqa, %lld heads / %lld kv heads, head dim %lld, qk-norm %s%s%s\n",
                 static_cast<long long>(a.numHeads), static_cast<long long>(a.numKeyValueHeads),
@@ -217,11 +212,9 @@ void printText(const ModelSpec &spec, const ModelSummary &summary,
   else
     std::printf("attention:   mla, %lld heads, q lora %s, kv lora %lld, nope/rope/v dims %lld/%lld/%lld, "
                 "softmax scale %.6g\n",
-                static_cast<long long>(a.numHeads),
-                a.queryLoraRank ? std::to_string(a.queryLoraRank).c_str() : "none",
+                static_cast<long long>(a.numHeads), a.queryLoraRank ? std::to_string(a.queryLoraRank).c_str() : "none",
                 static_cast<long long>(a.kvLoraRank), static_cast<long long>(a.qkNopeHeadDim),
-                static_cast<long long>(a.qkRopeHeadDim), static_cast<long long>(a.valueHeadDim),
-                a.softmaxScale);
+                static_cast<long long>(a.qkRopeHeadDim), static_cast<long long>(a.valueHeadDim), a.softmaxScale);
   std::printf("rope:        %s, theta %g, scaling %s", std::string(ropeLayoutName(spec.rope.layout)).c_str(),
               spec.rope.theta, std::string(ropeScalingName(spec.rope.scaling)).c_str());
   if (spec.rope.scaling != RopeScalingKind::None && spec.rope.scaling != RopeScalingKind::LongRope)
@@ -241,16 +234,13 @@ void printText(const ModelSpec &spec, const ModelSummary &summary,
     std::printf("router:      %s, %s", std::string(routerScoringName(g.scoring)).c_str(),
                 std::string(expertSelectionName(g.selection)).c_str());
     if (g.selection != ExpertSelection::TopK)
-      std::printf(" (%lld of %lld groups)", static_cast<long long>(g.topKGroups),
-                  static_cast<long long>(g.numGroups));
+      std::printf(" (%lld of %lld groups)", static_cast<long long>(g.topKGroups), static_cast<long long>(g.numGroups));
     std::printf(", renormalize %s, scaling %g%s\n", g.normalizeTopK ? "yes" : "no", g.scalingFactor,
                 g.correctionBias ? ", correction bias" : "");
   }
   std::printf("parameters:  %s total, %s active per token (%lld / %lld)\n",
-              formatCount(summary.totalParameters).c_str(),
-              formatCount(summary.activeParameters).c_str(),
-              static_cast<long long>(summary.totalParameters),
-              static_cast<long long>(summary.activeParameters));
+              formatCount(summary.totalParameters).c_str(), formatCount(summary.activeParameters).c_str(),
+              static_cast<long long>(summary.totalParameters), static_cast<long long>(summary.activeParameters));
   std::printf("size:        %s%s\n", formatBytes(summary.totalBytes).c_str(),
               checkpoint ? "" : " (from the config dtype)");
   std::printf("\n  %-16s %14s %12s %8s\n", "role", "parameters", "bytes", "tensors");
@@ -347,12 +337,9 @@ int runInspect(const InspectOptions &options) {
 
 Command registerInspect(CLI::App &app) {
   auto options = std::make_shared<InspectOptions>();
-  CLI::App *command = app.add_subcommand(
-      "inspect", "Describe a checkpoint: family, layers, experts, router, "
-                 "parameters and bytes per role, dtypes, shards");
-  command->add_option("path", options->path,
-                      "Checkpoint directory (or config.json with --config-only)")
-      ->required();
+  CLI::App *command = app.add_subcommand("inspect", "Describe a checkpoint: family, layers, experts, router, "
+                                                    "parameters and bytes per role, dtypes, shards");
+  command->add_option("path", options->path, "Checkpoint directory (or config.json with --config-only)")->required();
   command->add_flag("--json", options->json, "Print JSON for machines");
   command->add_flag("--config-only", options->configOnly,
                     "Compute everything from config.json alone (no weights needed)");

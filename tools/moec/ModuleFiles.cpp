@@ -21,9 +21,7 @@
 
 namespace moe::cli {
 
-bool isModuleFile(const std::string &path) {
-  return path.size() > 5 && path.compare(path.size() - 5, 5, ".mlir") == 0;
-}
+bool isModuleFile(const std::string &path) { return path.size() > 5 && path.compare(path.size() - 5, 5, ".mlir") == 0; }
 
 /// Why `path` cannot be a text module, or empty: a package, a weight
 /// store, a safetensors file or any binary would otherwise be echoed to
@@ -73,8 +71,8 @@ int writeModuleFile(mlir::ModuleOp module, const std::string &output) {
     llvm::outs() << text;
     return 0;
   }
-  Status status =
-      writeFileAtomically(output, std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(text.data()), text.size()));
+  Status status = writeFileAtomically(
+      output, std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(text.data()), text.size()));
   if (!status.ok()) {
     printError(status.message());
     return 1;

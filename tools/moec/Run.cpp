@@ -18,8 +18,8 @@
 #include <nlohmann/json.hpp>
 
 #include <cmath>
-#include <filesystem>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <random>
 
@@ -37,7 +37,7 @@ static std::optional<size_t> parseBytes(const std::string &text) {
     return std::nullopt;
   }
   std::string suffix = text.substr(used);
-  double scale = suffix.empty() || suffix == "B" ? 1.0
+  double scale = suffix.empty() || suffix == "B"    ? 1.0
                  : suffix == "K" || suffix == "KiB" ? 1024.0
                  : suffix == "M" || suffix == "MiB" ? 1024.0 * 1024
                  : suffix == "G" || suffix == "GiB" ? 1024.0 * 1024 * 1024
@@ -70,7 +70,7 @@ void addModelOptions(CLI::App *command, ModelOptions &options) {
   command->add_option("model", options.path, "Model: a Hugging Face checkpoint directory or a moe module (.mlir)")
       ->required();
   command->add_option("--max-memory", options.maxMemory,
-                       "Budget for converted weights, e.g. 2G (default: the whole model when it fits)");
+                      "Budget for converted weights, e.g. 2G (default: the whole model when it fits)");
   command->add_flag("--simulate-quantized", options.simulateQuantized,
                     "Run quantised tensors as their dequantised f32 values instead of the integer kernels");
 }
@@ -83,8 +83,9 @@ Expected<LoadedModel> openModel(const ModelOptions &options) {
       return Status::error("--max-memory '", options.maxMemory, "': expected a size such as 512M or 4G");
     engineOptions.maxMemoryBytes = *bytes;
   }
-  Expected<LoadedModel> model = isModuleFile(options.path) ? loadModuleModel(options.path, engineOptions, options.simulateQuantized)
-                                                           : loadModel(options.path, engineOptions);
+  Expected<LoadedModel> model = isModuleFile(options.path)
+                                    ? loadModuleModel(options.path, engineOptions, options.simulateQuantized)
+                                    : loadModel(options.path, engineOptions);
   if (model)
     for (const std::string &warning : model->warnings)
       printWarning(warning);
@@ -110,8 +111,7 @@ int runEval(const EvalCommandOptions &options) {
     printError(model.status().message());
     return 1;
   }
-  Expected<std::vector<EvalStream>> streams =
-      readEvalData(options.data, model->tokenizer.get(), model->endOfText);
+  Expected<std::vector<EvalStream>> streams = readEvalData(options.data, model->tokenizer.get(), model->endOfText);
   if (!streams) {
     printError(streams.status().message());
     return 1;
@@ -253,11 +253,9 @@ Command registerEval(CLI::App &app) {
   auto options = std::make_shared<EvalCommandOptions>();
   CLI::App *command = app.add_subcommand("eval", "Perplexity and bits per byte of a model on text or token ids");
   addModelOptions(command, options->model);
-  command->add_option("--data", options->data,
-                      "Plain text, .jsonl ({\"text\"|\"ids\", \"domain\"}) or .u32 token ids")
+  command->add_option("--data", options->data, "Plain text, .jsonl ({\"text\"|\"ids\", \"domain\"}) or .u32 token ids")
       ->required();
-  command->add_option("--seq-len", options->sequenceLength, "Window length in tokens")
-      ->check(CLI::PositiveNumber);
+  command->add_option("--seq-len", options->sequenceLength, "Window length in tokens")->check(CLI::PositiveNumber);
   command->add_option("--stride", options->stride, "Overlapping windows every N tokens (default: --seq-len)")
       ->check(CLI::PositiveNumber);
   command->add_option("--max-tokens", options->maxTokens, "Stop after this many targets per domain")
@@ -272,8 +270,7 @@ Command registerGenerate(CLI::App &app) {
   addModelOptions(command, options->model);
   command->add_option("--prompt", options->prompt, "Text to continue")->required();
   command->add_option("-n,--tokens", options->tokens, "Tokens to generate")->check(CLI::PositiveNumber);
-  command->add_option("--temperature", options->temperature, "0 for greedy (default)")
-      ->check(CLI::NonNegativeNumber);
+  command->add_option("--temperature", options->temperature, "0 for greedy (default)")->check(CLI::NonNegativeNumber);
   command->add_option("--top-k", options->topK, "Sample among the k most likely tokens (0: all)")
       ->check(CLI::NonNegativeNumber);
   command->add_option("--seed", options->seed, "Random seed for sampling");

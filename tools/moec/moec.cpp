@@ -16,13 +16,9 @@
 
 namespace moe::cli {
 
-void printError(const std::string &message) {
-  llvm::WithColor::error(llvm::errs(), "moec") << message << "\n";
-}
+void printError(const std::string &message) { llvm::WithColor::error(llvm::errs(), "moec") << message << "\n"; }
 
-void printWarning(const std::string &message) {
-  llvm::WithColor::warning(llvm::errs(), "moec") << message << "\n";
-}
+void printWarning(const std::string &message) { llvm::WithColor::warning(llvm::errs(), "moec") << message << "\n"; }
 
 } // namespace moe::cli
 
@@ -35,15 +31,9 @@ int main(int argc, char **argv) {
   app.set_version_flag("--version", "moec 0.1.0");
 
   std::vector<moe::cli::Command> commands = {
-      moe::cli::registerInspect(app),
-      moe::cli::registerImport(app),
-      moe::cli::registerOpt(app),
-      moe::cli::registerExport(app),
-      moe::cli::registerEmit(app),
-      moe::cli::registerCompress(app),
-      moe::cli::registerEval(app),
-      moe::cli::registerCalibrate(app),
-      moe::cli::registerGenerate(app),
+      moe::cli::registerInspect(app), moe::cli::registerImport(app),    moe::cli::registerOpt(app),
+      moe::cli::registerExport(app),  moe::cli::registerEmit(app),      moe::cli::registerCompress(app),
+      moe::cli::registerEval(app),    moe::cli::registerCalibrate(app), moe::cli::registerGenerate(app),
   };
 
   try {

@@ -41,19 +41,23 @@ std::string outputName(StringRef symbol, std::optional<int64_t> expertId) {
 std::pair<const char *, const char *> expertKeys(ModelFamily family, const json &config) {
   switch (family) {
   case ModelFamily::Mixtral:
-  case ModelFamily::PhiMoe: return {"num_local_experts", "intermediate_size"};
-  case ModelFamily::Olmoe: return {config.contains("num_experts") ? "num_experts" : "num_local_experts", "intermediate_size"};
+  case ModelFamily::PhiMoe:
+    return {"num_local_experts", "intermediate_size"};
+  case ModelFamily::Olmoe:
+    return {config.contains("num_experts") ? "num_experts" : "num_local_experts", "intermediate_size"};
   case ModelFamily::Qwen2Moe:
   case ModelFamily::Qwen3Moe:
     return {config.contains("num_experts") ? "num_experts" : "num_local_experts", "moe_intermediate_size"};
   case ModelFamily::DeepseekV2:
-  case ModelFamily::DeepseekV3: return {"n_routed_experts", "moe_intermediate_size"};
+  case ModelFamily::DeepseekV3:
+    return {"n_routed_experts", "moe_intermediate_size"};
   }
   return {"num_experts", "moe_intermediate_size"};
 }
 
 Status writeText(const std::string &path, const std::string &text) {
-  return writeFileAtomically(path, std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(text.data()), text.size()));
+  return writeFileAtomically(path,
+                             std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(text.data()), text.size()));
 }
 
 } // namespace

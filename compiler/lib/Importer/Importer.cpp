@@ -27,21 +27,32 @@ namespace {
 
 Type elementType(OpBuilder &builder, DType dtype) {
   switch (dtype) {
-  case DType::F32: return builder.getF32Type();
-  case DType::F16: return builder.getF16Type();
-  case DType::BF16: return builder.getBF16Type();
-  case DType::F64: return builder.getF64Type();
-  case DType::F8E4M3: return builder.getFloat8E4M3FNType();
-  case DType::F8E5M2: return builder.getFloat8E5M2Type();
-  case DType::Bool: return builder.getI1Type();
+  case DType::F32:
+    return builder.getF32Type();
+  case DType::F16:
+    return builder.getF16Type();
+  case DType::BF16:
+    return builder.getBF16Type();
+  case DType::F64:
+    return builder.getF64Type();
+  case DType::F8E4M3:
+    return builder.getFloat8E4M3FNType();
+  case DType::F8E5M2:
+    return builder.getFloat8E5M2Type();
+  case DType::Bool:
+    return builder.getI1Type();
   case DType::U8:
-  case DType::I8: return builder.getIntegerType(8);
+  case DType::I8:
+    return builder.getIntegerType(8);
   case DType::U16:
-  case DType::I16: return builder.getIntegerType(16);
+  case DType::I16:
+    return builder.getIntegerType(16);
   case DType::U32:
-  case DType::I32: return builder.getIntegerType(32);
+  case DType::I32:
+    return builder.getIntegerType(32);
   case DType::U64:
-  case DType::I64: return builder.getIntegerType(64);
+  case DType::I64:
+    return builder.getIntegerType(64);
   }
   return builder.getF32Type();
 }
@@ -55,9 +66,8 @@ std::string absolutePath(const std::string &path) {
 
 } // namespace
 
-Expected<OwningOpRef<ModuleOp>> importModel(MLIRContext &context, const ModelSpec &spec,
-                                            const Checkpoint &checkpoint, const std::string &configText,
-                                            const std::string &storePath) {
+Expected<OwningOpRef<ModuleOp>> importModel(MLIRContext &context, const ModelSpec &spec, const Checkpoint &checkpoint,
+                                            const std::string &configText, const std::string &storePath) {
   context.loadDialect<ir::MoeDialect>();
   OpBuilder builder(&context);
   Location location = FileLineColLoc::get(&context, checkpoint.configPath(), 0, 0);
@@ -72,7 +82,8 @@ Expected<OwningOpRef<ModuleOp>> importModel(MLIRContext &context, const ModelSpe
   }
   auto model = builder.create<ir::ModelOp>(
       location, builder.getStringAttr("model"), builder.getStringAttr(familyName(spec.family)),
-      builder.getI64IntegerAttr(spec.hiddenSize), builder.getStrArrayAttr(std::vector<StringRef>(sources.begin(), sources.end())),
+      builder.getI64IntegerAttr(spec.hiddenSize),
+      builder.getStrArrayAttr(std::vector<StringRef>(sources.begin(), sources.end())),
       builder.getStringAttr(configText), storePath.empty() ? StringAttr() : builder.getStringAttr(storePath));
   Block *body = new Block();
   model.getBody().push_back(body);
@@ -87,9 +98,8 @@ Expected<OwningOpRef<ModuleOp>> importModel(MLIRContext &context, const ModelSpe
       return Status::error(checkpoint.directory(), ": tensor '", name, "' not found");
     auto type = RankedTensorType::get(where->info->shape, elementType(builder, where->info->dtype));
     builder.create<ir::TensorOp>(location, builder.getStringAttr(name), TypeAttr::get(type),
-                                 builder.getStringAttr(name),
-                                 builder.getI64IntegerAttr(sourceIndex.at(where->file)), DenseI64ArrayAttr(),
-                                 ir::QuantAttr());
+                                 builder.getStringAttr(name), builder.getI64IntegerAttr(sourceIndex.at(where->file)),
+                                 DenseI64ArrayAttr(), ir::QuantAttr());
     return Status::success();
   };
   // Fused experts become one sliced tensor per expert matrix, named as the
@@ -173,16 +183,35 @@ Expected<OwningOpRef<ModuleOp>> importModel(MLIRContext &context, const ModelSpe
       if (tensor.layer != layer.index)
         continue;
       switch (tensor.role) {
-      case TensorRole::Router: routerName = tensor.name; break;
-      case TensorRole::RouterCorrectionBias: biasName = tensor.name; break;
-      case TensorRole::ExpertGate: experts[tensor.expert][0] = tensor.name; break;
-      case TensorRole::ExpertUp: experts[tensor.expert][1] = tensor.name; break;
-      case TensorRole::ExpertDown: experts[tensor.expert][2] = tensor.name; break;
-      case TensorRole::SharedGate: sharedGate = tensor.name; break;
-      case TensorRole::SharedUp: sharedUp = tensor.name; break;
-      case TensorRole::SharedDown: sharedDown = tensor.name; break;
-      case TensorRole::SharedExpertGate: sharedGateWeight = tensor.name; break;
-      default: break;
+      case TensorRole::Router:
+        routerName = tensor.name;
+        break;
+      case TensorRole::RouterCorrectionBias:
+        biasName = tensor.name;
+        break;
+      case TensorRole::ExpertGate:
+        experts[tensor.expert][0] = tensor.name;
+        break;
+      case TensorRole::ExpertUp:
+        experts[tensor.expert][1] = tensor.name;
+        break;
+      case TensorRole::ExpertDown:
+        experts[tensor.expert][2] = tensor.name;
+        break;
+      case TensorRole::SharedGate:
+        sharedGate = tensor.name;
+        break;
+      case TensorRole::SharedUp:
+        sharedUp = tensor.name;
+        break;
+      case TensorRole::SharedDown:
+        sharedDown = tensor.name;
+        break;
+      case TensorRole::SharedExpertGate:
+        sharedGateWeight = tensor.name;
+        break;
+      default:
+        break;
       }
     }
     const RouterSpec &router = spec.router;

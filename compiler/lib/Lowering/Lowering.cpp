@@ -177,10 +177,11 @@ public:
             continue;
           }
           if (auto shared = dyn_cast<ir::SharedExpertOp>(part)) {
-            std::pair<TensorRole, FlatSymbolRefAttr> parts[] = {{TensorRole::SharedGate, shared.getGateAttr()},
-                                                                {TensorRole::SharedUp, shared.getUpAttr()},
-                                                                {TensorRole::SharedDown, shared.getDownAttr()},
-                                                                {TensorRole::SharedExpertGate, shared.getGatedByAttr()}};
+            std::pair<TensorRole, FlatSymbolRefAttr> parts[] = {
+                {TensorRole::SharedGate, shared.getGateAttr()},
+                {TensorRole::SharedUp, shared.getUpAttr()},
+                {TensorRole::SharedDown, shared.getDownAttr()},
+                {TensorRole::SharedExpertGate, shared.getGatedByAttr()}};
             for (auto &[role, symbol] : parts) {
               if (!symbol)
                 continue;

@@ -106,19 +106,24 @@ Status writePackage(const ModelDescription &description, const PackageExtras &ex
       const LayerSpec &spec = description.spec.layers[l];
       json entry = {{"tensors", roleList(layer.tensors)}, {"experts", json::array()}};
       for (const ExpertEntry &expert : layer.experts) {
-        json record = {{"id", expert.id}, {"width", expert.width}, {"gate", expert.gate.name},
-                       {"up", expert.up.name}, {"down", expert.down.name}};
+        json record = {{"id", expert.id},
+                       {"width", expert.width},
+                       {"gate", expert.gate.name},
+                       {"up", expert.up.name},
+                       {"down", expert.down.name}};
         for (const ExpertPart &part : expert.moreParts)
-          record["parts"].push_back({{"width", part.width}, {"gate", part.gate.name}, {"up", part.up.name},
-                                     {"down", part.down.name}});
+          record["parts"].push_back(
+              {{"width", part.width}, {"gate", part.gate.name}, {"up", part.up.name}, {"down", part.down.name}});
         entry["experts"].push_back(std::move(record));
       }
       entry["num_experts"] = spec.numExperts;
       entry["expert_width"] = spec.expertIntermediateSize;
       if (layer.routing.router) {
         const RouterSpec &router = *layer.routing.router;
-        entry["router"] = {{"top_k", router.topK}, {"normalize", router.normalizeTopK},
-                           {"scaling", router.scalingFactor}, {"groups", router.numGroups},
+        entry["router"] = {{"top_k", router.topK},
+                           {"normalize", router.normalizeTopK},
+                           {"scaling", router.scalingFactor},
+                           {"groups", router.numGroups},
                            {"top_k_groups", router.topKGroups},
                            {"selection", std::string(expertSelectionKey(router.selection))},
                            {"correction_bias", router.correctionBias}};
@@ -130,7 +135,9 @@ Status writePackage(const ModelDescription &description, const PackageExtras &ex
     m["layers"] = layers;
     json table = json::object();
     for (size_t i = 0; i < tensors.size(); ++i) {
-      json t = {{"shape", tensors[i]->shape}, {"offset", plan[i].offset}, {"bytes", plan[i].size},
+      json t = {{"shape", tensors[i]->shape},
+                {"offset", plan[i].offset},
+                {"bytes", plan[i].size},
                 {"xxh64", packageChecksumText(final ? plan[i].hash : 0)}};
       if (plan[i].format.empty())
         t["dtype"] = std::string(dtypeName(plan[i].dtype));

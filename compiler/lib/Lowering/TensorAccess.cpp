@@ -6,7 +6,6 @@
 
 #include "moe/Lowering/TensorAccess.h"
 
-
 namespace moe {
 
 Status TensorAccess::read(ir::TensorOp tensor, DType &dtype, std::vector<uint8_t> &bytes) {
@@ -38,7 +37,8 @@ Status TensorAccess::read(ir::TensorOp tensor, DType &dtype, std::vector<uint8_t
   const StoredTensor *stored = (*opened)->find(key);
   if (!stored)
     return Status::error((*opened)->path(), ": tensor '", key, "' not in the weight store (it holds ",
-                         (*opened)->keys().size(), " tensors); the module belongs with another store: was the store "
+                         (*opened)->keys().size(),
+                         " tensors); the module belongs with another store: was the store "
                          "replaced, or the module moved without it?");
   dtype = stored->dtype;
   return (*opened)->read(*stored, bytes);

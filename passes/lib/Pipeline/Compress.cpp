@@ -186,7 +186,8 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
   const bool needsCalibration =
       std::any_of(recipe->passes.begin(), recipe->passes.end(), [](const RecipePass &p) { return p.needsStatistics; });
   if (needsCalibration && recipe->calibrationData.empty())
-    return Status::error(options.recipe, ": a pass needs calibration statistics; give \"calibration\": {\"data\": ...}");
+    return Status::error(options.recipe,
+                         ": a pass needs calibration statistics; give \"calibration\": {\"data\": ...}");
   if (options.maxPplIncrease >= 0 && options.evalData.empty())
     return Status::error("--max-ppl-increase needs --eval-data");
 
@@ -225,7 +226,8 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
   summary["before"] = moduleCounts(model);
 
   auto evaluateModel = [&](LoadedModel &loaded) -> Expected<double> {
-    Expected<std::vector<EvalStream>> streams = readEvalData(options.evalData, loaded.tokenizer.get(), loaded.endOfText);
+    Expected<std::vector<EvalStream>> streams =
+        readEvalData(options.evalData, loaded.tokenizer.get(), loaded.endOfText);
     if (!streams)
       return streams.status();
     Expected<EvalResult> result = evaluate(*loaded.engine, *streams, EvalOptions{256, 0, options.evalTokens});
@@ -298,7 +300,9 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
   progress.step("emitting " + options.output);
   // The package records what was done, not how long it took: the same
   // inputs give the same bytes (timings stay in the summary).
-  json provenance = {{"tool", "moec compress"}, {"model", options.model}, {"recipe", options.recipe},
+  json provenance = {{"tool", "moec compress"},
+                     {"model", options.model},
+                     {"recipe", options.recipe},
                      {"passes", withoutTimings(passes)}};
   MOE_RETURN_IF_ERROR(emitPackage(model, "", options.output, provenance.dump()));
   summary["bytes_after"] = std::filesystem::file_size(options.output);

@@ -126,8 +126,7 @@ private:
 };
 
 /// Builds one pass from its reader; fills what compress needs to know.
-using PassBuilder =
-    std::function<std::unique_ptr<mlir::Pass>(OptionReader &, const PassOverrides &, RecipePass &)>;
+using PassBuilder = std::function<std::unique_ptr<mlir::Pass>(OptionReader &, const PassOverrides &, RecipePass &)>;
 
 /// The statistics file: the recipe's own, else the one compress supplies.
 void setStats(OptionReader &read, const PassOverrides &overrides, std::string &stats) {
@@ -254,8 +253,7 @@ Expected<std::unique_ptr<mlir::Pass>> build(const std::string &recipePath, Recip
     std::string names;
     for (const auto &[name, unused] : passBuilders())
       names += (names.empty() ? "" : ", ") + name;
-    return Status::error(recipePath, ": ", pass.jsonPath, ".pass: '", pass.name, "' is not a moec pass (", names,
-                         ")");
+    return Status::error(recipePath, ": ", pass.jsonPath, ".pass: '", pass.name, "' is not a moec pass (", names, ")");
   }
   OptionReader reader(pass.options, recipePath + ": " + pass.jsonPath + ".options");
   std::unique_ptr<mlir::Pass> built = builder->second(reader, overrides, pass);
@@ -300,7 +298,8 @@ Expected<Recipe> readRecipe(const std::string &path) {
       } else {
         return Status::error(path, ": calibration.", key, ": calibration option '", key,
                              "' is unknown or has the wrong type (data: path, tokens: int >= 0, seq_len: int > 0, "
-                             "block_samples: int >= 0, sample_cap_ratio: number >= 0), got ", value.dump());
+                             "block_samples: int >= 0, sample_cap_ratio: number >= 0), got ",
+                             value.dump());
       }
     }
   }
@@ -325,8 +324,9 @@ Expected<Recipe> readRecipe(const std::string &path) {
     if (pass.name == "moe-allocate-bits" && pass.options.value("objective", json("")) == json("hessian"))
       recipe.inputMoments = true; // the Hessian objective reads the (large) input moments
     if (pass.sequentialGptq && pass.options.contains("layers"))
-      return Status::error(path, ": ", where, ": moec compress runs GPTQ layer by layer itself; "
-                                             "drop the \"layers\" option");
+      return Status::error(path, ": ", where,
+                           ": moec compress runs GPTQ layer by layer itself; "
+                           "drop the \"layers\" option");
     recipe.passes.push_back(std::move(pass));
   }
   return recipe;

@@ -47,8 +47,8 @@ void expectMatchesReference(const quant::QuantFormat &format, int64_t rows, int6
       expected += static_cast<double>(dequantized[r * cols + c]) * x[c];
       magnitude += std::fabs(static_cast<double>(dequantized[r * cols + c]) * x[c]);
     }
-    ASSERT_NEAR(y[r], expected, 1e-5 * magnitude + 1e-6) << format.name() << " row " << r << " of " << rows << "x"
-                                                         << cols;
+    ASSERT_NEAR(y[r], expected, 1e-5 * magnitude + 1e-6)
+        << format.name() << " row " << r << " of " << rows << "x" << cols;
   }
 }
 

@@ -22,8 +22,8 @@ namespace moe {
 
 struct CalibrationOptions {
   int64_t sequenceLength = 256;
-  int64_t maxTokens = 0;          ///< 0: all of the data.
-  bool inputMoments = false;      ///< X^T X of each expert's routed inputs (H x H each; large).
+  int64_t maxTokens = 0;     ///< 0: all of the data.
+  bool inputMoments = false; ///< X^T X of each expert's routed inputs (H x H each; large).
   /// EAQuant-style balance: an expert's input moments stop accumulating
   /// after ratio x its average load (top-k / experts x tokens) tokens. 0: no cap.
   double sampleCapRatio = 0;
@@ -34,7 +34,7 @@ struct CalibrationOptions {
   /// Block input/output rows kept per MoE layer (evenly spaced tokens), for
   /// reconstruction-error methods. 0: none.
   int64_t blockSamples = 0;
-  bool progress = false;          ///< Progress and ETA on stderr.
+  bool progress = false; ///< Progress and ETA on stderr.
   /// With input moments, refuse to start when the moments held at once
   /// (every layer's, or one layer's with a visitor) exceed this many bytes.
   /// 0: 90% of physical memory.
@@ -49,23 +49,23 @@ uint64_t inputMomentBytes(const ModelSpec &spec, int64_t layer);
 /// Statistics of one MoE layer; per-expert vectors are indexed by expert.
 struct LayerStatistics {
   int64_t layer = 0;
-  int64_t tokens = 0;                          ///< Tokens seen by the router.
-  std::vector<int64_t> routedTokens;           ///< Tokens routed to each expert.
-  std::vector<double> routerScoreSum;          ///< Sum of softmax/sigmoid scores (all tokens).
-  std::vector<double> gateWeightSum;           ///< Sum of routing weights where chosen.
-  std::vector<double> easyEpScore;             ///< Sum of w * ||y_e|| / ||block output||.
-  std::vector<double> maxAbsOutput;            ///< Max |element| of the expert's output.
-  std::vector<double> routerLogitGram;         ///< [E, E] sum of logits^T logits.
-  std::vector<double> topLogitSum;             ///< PreMoe marker: sum of the raw logit where the expert is the top-1.
-  std::vector<std::vector<double>> neuronSquareSum; ///< [E][width] sum of intermediate^2.
-  std::vector<std::vector<double>> neuronSquareMax; ///< [E][width] max of intermediate^2.
+  int64_t tokens = 0;                  ///< Tokens seen by the router.
+  std::vector<int64_t> routedTokens;   ///< Tokens routed to each expert.
+  std::vector<double> routerScoreSum;  ///< Sum of softmax/sigmoid scores (all tokens).
+  std::vector<double> gateWeightSum;   ///< Sum of routing weights where chosen.
+  std::vector<double> easyEpScore;     ///< Sum of w * ||y_e|| / ||block output||.
+  std::vector<double> maxAbsOutput;    ///< Max |element| of the expert's output.
+  std::vector<double> routerLogitGram; ///< [E, E] sum of logits^T logits.
+  std::vector<double> topLogitSum;     ///< PreMoe marker: sum of the raw logit where the expert is the top-1.
+  std::vector<std::vector<double>> neuronSquareSum;         ///< [E][width] sum of intermediate^2.
+  std::vector<std::vector<double>> neuronSquareMax;         ///< [E][width] max of intermediate^2.
   std::vector<std::vector<double>> neuronWeightedSquareSum; ///< [E][width] sum of (weight * intermediate)^2.
   std::vector<std::vector<double>> neuronWeightedSquareMax; ///< [E][width] max of (weight * intermediate)^2.
-  std::vector<std::vector<double>> inputMoments;    ///< [E][H*H] when requested.
-  std::vector<std::vector<double>> intermediateMoments; ///< [E][width^2] (down_proj input) when requested.
-  std::vector<int64_t> momentTokens;                ///< Tokens in each expert's moments.
+  std::vector<std::vector<double>> inputMoments;            ///< [E][H*H] when requested.
+  std::vector<std::vector<double>> intermediateMoments;     ///< [E][width^2] (down_proj input) when requested.
+  std::vector<int64_t> momentTokens;                        ///< Tokens in each expert's moments.
   int64_t blockSampleCount = 0;
-  std::vector<float> blockInput, blockOutput;       ///< [blockSampleCount, H] each.
+  std::vector<float> blockInput, blockOutput; ///< [blockSampleCount, H] each.
 };
 
 /// X^T X of the inputs of a layer's attention projections and shared
@@ -105,8 +105,7 @@ Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStre
 
 /// Writes the statistics as named tensors ("layers.<l>.<name>") in a
 /// safetensors file, with the options and token count in its metadata.
-Status writeStatistics(const CalibrationResult &result, const CalibrationOptions &options,
-                       const std::string &path);
+Status writeStatistics(const CalibrationResult &result, const CalibrationOptions &options, const std::string &path);
 
 } // namespace moe
 

@@ -26,8 +26,7 @@ namespace moe {
 /// `configText` is the config.json the spec came from; `storePath`, when
 /// not empty, is the WeightStore passes write new tensors to.
 Expected<mlir::OwningOpRef<mlir::ModuleOp>> importModel(mlir::MLIRContext &context, const ModelSpec &spec,
-                                                        const Checkpoint &checkpoint,
-                                                        const std::string &configText,
+                                                        const Checkpoint &checkpoint, const std::string &configText,
                                                         const std::string &storePath = "");
 
 /// A checkpoint directory imported: config.json read and checked, the

@@ -43,9 +43,7 @@ public:
   /// Path of config.json inside the directory.
   std::string configPath() const { return root + "/config.json"; }
   /// Shards in the order of their file names.
-  const std::vector<std::unique_ptr<SafetensorsFile>> &shards() const {
-    return files;
-  }
+  const std::vector<std::unique_ptr<SafetensorsFile>> &shards() const { return files; }
   /// True when the tensors come from an index file.
   bool isSharded() const { return sharded; }
   /// Every tensor name, sorted.
@@ -60,20 +58,17 @@ public:
   Status loadF32(std::string_view name, std::vector<float> &out) const;
 
   /// Receives rows [firstRow, firstRow + rowCount) of a tensor as f32.
-  using RowChunkConsumer =
-      std::function<Status(int64_t firstRow, int64_t rowCount, const float *rows)>;
+  using RowChunkConsumer = std::function<Status(int64_t firstRow, int64_t rowCount, const float *rows)>;
   /// Streams tensor `name` to `consumer` in chunks of at most `rowsPerChunk`
   /// rows (dimension 0; a 1-D tensor is one row), converted to f32 and
   /// dequantised like loadF32, through one reused buffer: peak memory is one
   /// chunk, not the tensor. A failure of `consumer` stops the stream.
-  Status streamF32(std::string_view name, int64_t rowsPerChunk,
-                   const RowChunkConsumer &consumer) const;
+  Status streamF32(std::string_view name, int64_t rowsPerChunk, const RowChunkConsumer &consumer) const;
 
 private:
   /// Finds tensor `name` and, for FP8 with a `_scale_inv` sibling, its
   /// f32 block scales (empty otherwise).
-  Status locateWithScales(std::string_view name, const TensorLocation *&location,
-                          std::vector<float> &scales) const;
+  Status locateWithScales(std::string_view name, const TensorLocation *&location, std::vector<float> &scales) const;
 
   std::string root;
   bool sharded = false;
@@ -84,8 +79,7 @@ private:
 /// Multiplies rows [firstRow, firstRow + rows) of a matrix with `cols`
 /// columns, stored at `matrix`, in place by its FP8 block scales `scales` of
 /// shape [ceil(totalRows/128), ceil(cols/128)].
-void applyFp8BlockScales(float *matrix, int64_t firstRow, int64_t rows, int64_t cols,
-                         const float *scales);
+void applyFp8BlockScales(float *matrix, int64_t firstRow, int64_t rows, int64_t cols, const float *scales);
 
 } // namespace moe
 

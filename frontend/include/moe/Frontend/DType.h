@@ -48,9 +48,7 @@ struct DTypeTraits {
 /// The traits of `dtype`.
 const DTypeTraits &dtypeTraits(DType dtype);
 /// The name used in safetensors headers, e.g. "F8_E4M3".
-inline std::string_view dtypeName(DType dtype) {
-  return dtypeTraits(dtype).name;
-}
+inline std::string_view dtypeName(DType dtype) { return dtypeTraits(dtype).name; }
 inline unsigned dtypeBytes(DType dtype) { return dtypeTraits(dtype).bytes; }
 inline bool isFloatDType(DType dtype) { return dtypeTraits(dtype).isFloat; }
 /// Parses a safetensors dtype string; nullopt when it is not supported.
@@ -62,8 +60,7 @@ std::optional<DType> parseTorchDType(std::string_view name);
 
 /// Converts `count` elements of float type `dtype` at `source` (any
 /// alignment) to f32. Fails for non-float dtypes.
-Status convertToF32(DType dtype, const void *source, size_t count,
-                    float *destination);
+Status convertToF32(DType dtype, const void *source, size_t count, float *destination);
 
 /// Scalar conversions, exposed for kernels and tests.
 float halfToFloat(uint16_t bits);

@@ -121,15 +121,45 @@ struct LayerSpec {
 
 /// What a tensor is for.
 enum class TensorRole {
-  Embedding, LmHead, LmHeadBias, FinalNorm, FinalNormBias,
-  AttentionNorm, AttentionNormBias, MlpNorm, MlpNormBias,
-  QueryProj, QueryBias, KeyProj, KeyBias, ValueProj, ValueBias,
-  OutputProj, OutputBias, QueryNorm, KeyNorm,
-  QueryDownProj, QueryDownNorm, QueryUpProj, KvDownProj, KvDownNorm, KvUpProj,
-  DenseGate, DenseUp, DenseDown,
-  Router, RouterCorrectionBias,
-  ExpertGate, ExpertUp, ExpertDown, ExpertGateUpFused, ExpertDownFused,
-  SharedGate, SharedUp, SharedDown, SharedExpertGate,
+  Embedding,
+  LmHead,
+  LmHeadBias,
+  FinalNorm,
+  FinalNormBias,
+  AttentionNorm,
+  AttentionNormBias,
+  MlpNorm,
+  MlpNormBias,
+  QueryProj,
+  QueryBias,
+  KeyProj,
+  KeyBias,
+  ValueProj,
+  ValueBias,
+  OutputProj,
+  OutputBias,
+  QueryNorm,
+  KeyNorm,
+  QueryDownProj,
+  QueryDownNorm,
+  QueryUpProj,
+  KvDownProj,
+  KvDownNorm,
+  KvUpProj,
+  DenseGate,
+  DenseUp,
+  DenseDown,
+  Router,
+  RouterCorrectionBias,
+  ExpertGate,
+  ExpertUp,
+  ExpertDown,
+  ExpertGateUpFused,
+  ExpertDownFused,
+  SharedGate,
+  SharedUp,
+  SharedDown,
+  SharedExpertGate,
 };
 
 /// Coarse groups of roles used for size reports.
@@ -183,8 +213,7 @@ struct ModelSpec {
   int64_t numMoeLayers() const;
 
   /// Parses the text of a config.json; `source` names it in messages.
-  static Expected<ModelSpec> fromConfigText(std::string_view text,
-                                            const std::string &source);
+  static Expected<ModelSpec> fromConfigText(std::string_view text, const std::string &source);
   /// Reads and parses a config.json file.
   static Expected<ModelSpec> fromConfigFile(const std::string &path);
 };
@@ -210,8 +239,7 @@ struct CheckpointReport {
 /// prefix) in `checkpoint`, records it in `spec`, then checks that every
 /// expected tensor is present with the right shape and a usable dtype.
 /// Unexpected extra tensors become warnings.
-Expected<CheckpointReport> bindCheckpoint(ModelSpec &spec,
-                                          const Checkpoint &checkpoint);
+Expected<CheckpointReport> bindCheckpoint(ModelSpec &spec, const Checkpoint &checkpoint);
 
 } // namespace moe
 

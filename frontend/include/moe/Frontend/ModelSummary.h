@@ -40,8 +40,7 @@ struct ModelSummary {
 /// block scales for linear weights when the spec is FP8 block-scaled).
 ModelSummary summarizeFromConfig(const ModelSpec &spec);
 /// Counts from the tensors of `checkpoint`, which `spec` was bound to.
-ModelSummary summarizeCheckpoint(const ModelSpec &spec,
-                                 const Checkpoint &checkpoint);
+ModelSummary summarizeCheckpoint(const ModelSpec &spec, const Checkpoint &checkpoint);
 
 } // namespace moe
 

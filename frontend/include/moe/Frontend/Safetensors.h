@@ -61,9 +61,7 @@ struct SafetensorsHeader {
 /// valid entries, known dtypes, sizes matching shapes, no duplicate names,
 /// and data offsets tiling the data buffer exactly. `fileName` is used in
 /// messages only.
-Expected<SafetensorsHeader> parseSafetensorsHeader(const uint8_t *file,
-                                                   uint64_t fileSize,
-                                                   std::string_view fileName);
+Expected<SafetensorsHeader> parseSafetensorsHeader(const uint8_t *file, uint64_t fileSize, std::string_view fileName);
 
 /// A read-only, memory-mapped safetensors file.
 class SafetensorsFile {
@@ -77,12 +75,8 @@ public:
   const std::string &path() const { return filePath; }
   uint64_t fileSize() const { return mapping->size(); }
   const std::vector<TensorInfo> &tensors() const { return header.tensors; }
-  const std::map<std::string, std::string> &metadata() const {
-    return header.metadata;
-  }
-  const TensorInfo *find(std::string_view name) const {
-    return header.find(name);
-  }
+  const std::map<std::string, std::string> &metadata() const { return header.metadata; }
+  const TensorInfo *find(std::string_view name) const { return header.find(name); }
   /// The bytes of `tensor` inside the mapping (no copy; any alignment).
   std::span<const uint8_t> data(const TensorInfo &tensor) const;
   /// Drops this process's mapping of the whole pages inside `tensor`'s bytes
@@ -108,15 +102,12 @@ public:
   SafetensorsWriter(const SafetensorsWriter &) = delete; // views point into entries
   SafetensorsWriter &operator=(const SafetensorsWriter &) = delete;
   /// Adds a tensor; `bytes` must hold exactly prod(shape) elements.
-  Status addTensor(std::string name, DType dtype, std::vector<int64_t> shape,
-                   std::vector<uint8_t> bytes);
+  Status addTensor(std::string name, DType dtype, std::vector<int64_t> shape, std::vector<uint8_t> bytes);
   /// Adds a tensor whose bytes stay where they are (they must outlive
   /// write()): large statistics are written without a copy.
-  Status addTensorView(std::string name, DType dtype, std::vector<int64_t> shape,
-                       std::span<const uint8_t> bytes);
+  Status addTensorView(std::string name, DType dtype, std::vector<int64_t> shape, std::span<const uint8_t> bytes);
   /// Adds an f32 tensor converted to `dtype` (F32, F16 or BF16).
-  Status addF32Tensor(std::string name, DType dtype, std::vector<int64_t> shape,
-                      std::span<const float> values);
+  Status addF32Tensor(std::string name, DType dtype, std::vector<int64_t> shape, std::span<const float> values);
   void setMetadata(std::string key, std::string value);
   /// Serialises everything to one buffer.
   std::vector<uint8_t> serialize() const;
@@ -140,8 +131,8 @@ private:
 /// [N, A, B] tensor `tensor` of `file` (fused experts): rows
 /// firstRow .. firstRow+rows-1 of matrix `index`, or of its transpose when
 /// `transposed` is 1, into `bytes` in the tensor's dtype.
-Status readTensorSlice(const SafetensorsFile &file, const TensorInfo &tensor,
-                       std::span<const int64_t> slice, std::vector<uint8_t> &bytes);
+Status readTensorSlice(const SafetensorsFile &file, const TensorInfo &tensor, std::span<const int64_t> slice,
+                       std::vector<uint8_t> &bytes);
 
 } // namespace moe
 

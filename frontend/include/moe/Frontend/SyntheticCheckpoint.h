@@ -45,8 +45,7 @@ std::string syntheticConfigJson(ModelFamily family, bool fp8);
 std::optional<ModelFamily> parseFamilyName(std::string_view name);
 
 /// Writes config.json and the weights into `directory` (created if needed).
-Status writeSyntheticCheckpoint(const std::string &directory,
-                                const SyntheticOptions &options);
+Status writeSyntheticCheckpoint(const std::string &directory, const SyntheticOptions &options);
 
 /// Nearest F8_E4M3 encoding of `value` (saturating at +-448).
 uint8_t floatToFloat8E4M3(float value);

@@ -50,8 +50,7 @@ public:
 
   const std::string &path() const { return filePath; }
   /// Appends (or replaces) tensor `key`; durable when this returns.
-  Status append(const std::string &key, DType dtype, std::vector<int64_t> shape,
-                std::span<const uint8_t> bytes);
+  Status append(const std::string &key, DType dtype, std::vector<int64_t> shape, std::span<const uint8_t> bytes);
   /// Stores `bytes` under `name`, or under `name`.v2, .v3, ... when another
   /// writer's record holds other contents under that name, reusing a
   /// record with exactly these contents. The key is chosen and appended
@@ -76,8 +75,7 @@ private:
   /// torn tail is left alone (cut = false) or cut off (cut = true, only
   /// while holding the exclusive lock); damage is an error.
   Status scanNewRecords(bool cut);
-  Status appendLocked(const std::string &key, DType dtype, std::vector<int64_t> shape,
-                      std::span<const uint8_t> bytes);
+  Status appendLocked(const std::string &key, DType dtype, std::vector<int64_t> shape, std::span<const uint8_t> bytes);
   size_t recordCount = 0;
   std::string filePath;
   int descriptor = -1;

@@ -39,14 +39,14 @@ struct PackageMapping {
 
 /// Where one tensor's bytes are.
 struct TensorRef {
-  std::string name;            ///< For messages (the IR symbol).
-  int64_t source = -1;         ///< Index into ModelDescription::sources; -1: the WeightStore.
-  std::string key;             ///< Key in that file or store.
-  std::vector<int64_t> slice;  ///< Empty, or {index, first row, rows, transposed} of a 3-D tensor.
-  std::vector<int64_t> shape;  ///< The shape the model uses.
-  std::string scaleKey;        ///< FP8 block scales (`<key>_scale_inv`), or empty.
-  int64_t scaleSource = -1;    ///< The source holding them.
-  std::string format;          ///< Quantisation format (QuantFormat::name()) of the stored bytes, or empty.
+  std::string name;           ///< For messages (the IR symbol).
+  int64_t source = -1;        ///< Index into ModelDescription::sources; -1: the WeightStore.
+  std::string key;            ///< Key in that file or store.
+  std::vector<int64_t> slice; ///< Empty, or {index, first row, rows, transposed} of a 3-D tensor.
+  std::vector<int64_t> shape; ///< The shape the model uses.
+  std::string scaleKey;       ///< FP8 block scales (`<key>_scale_inv`), or empty.
+  int64_t scaleSource = -1;   ///< The source holding them.
+  std::string format;         ///< Quantisation format (QuantFormat::name()) of the stored bytes, or empty.
   // In a package (source == kPackageSource): where, and the stored dtype of unquantised tensors.
   uint64_t offset = 0, size = 0;
   DType dtype = DType::BF16;
@@ -73,13 +73,13 @@ struct LayerEntry {
 
 struct ModelDescription {
   ModelSpec spec;
-  std::vector<std::string> sources; ///< Safetensors files, absolute or relative to the process.
-  std::string store;                ///< WeightStore path, or empty.
-  std::string assetDirectory;       ///< Where tokenizer.json etc. are (the first source's directory).
-  std::string configText;           ///< The original config.json (ModelSpec before per-layer changes).
+  std::vector<std::string> sources;              ///< Safetensors files, absolute or relative to the process.
+  std::string store;                             ///< WeightStore path, or empty.
+  std::string assetDirectory;                    ///< Where tokenizer.json etc. are (the first source's directory).
+  std::string configText;                        ///< The original config.json (ModelSpec before per-layer changes).
   std::shared_ptr<const PackageMapping> package; ///< Set for models loaded from a .moepkg.
   std::vector<std::pair<TensorRole, TensorRef>> globals;
-  std::vector<LayerEntry> layers;   ///< One per decoder layer.
+  std::vector<LayerEntry> layers; ///< One per decoder layer.
   /// Run quantised tensors as their dequantised f32 values (the simulated
   /// model) instead of through the integer kernels.
   bool dequantizeQuantized = false;

@@ -15,8 +15,8 @@
 
 #include <cstdint>
 #include <map>
-#include <set>
 #include <memory>
+#include <set>
 #include <span>
 #include <vector>
 
@@ -38,17 +38,15 @@ public:
   /// and weights [T, K], and the expert slot of each row (`slotOfRow`;
   /// empty: row r is slot r). After merging, several rows share a slot;
   /// onExpert's `expert` is a slot.
-  virtual void onRouter(int64_t layer, int64_t tokens, std::span<const float> logits,
-                        std::span<const int32_t> chosen, std::span<const float> weights,
-                        std::span<const int32_t> slotOfRow) {}
+  virtual void onRouter(int64_t layer, int64_t tokens, std::span<const float> logits, std::span<const int32_t> chosen,
+                        std::span<const float> weights, std::span<const int32_t> slotOfRow) {}
   /// One expert's batch: the tokens routed to it (indices into the block
   /// input), its input [n, H], intermediate silu(gate)*up [n, I], output [n, H].
   virtual void onExpert(int64_t layer, int64_t expert, std::span<const int32_t> tokenIndices,
                         std::span<const float> input, std::span<const float> intermediate,
                         std::span<const float> output) {}
   /// MoE block input (after the norm) and output (before the residual), [T, H].
-  virtual void onMoeBlock(int64_t layer, int64_t tokens, std::span<const float> input,
-                          std::span<const float> output) {}
+  virtual void onMoeBlock(int64_t layer, int64_t tokens, std::span<const float> input, std::span<const float> output) {}
   /// Attention input (after the norm) [T, H] and the attended values that
   /// enter the output projection [T, heads * value dim].
   virtual void onAttention(int64_t layer, int64_t tokens, std::span<const float> input,
@@ -99,8 +97,7 @@ void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerW
 /// Runs a model.
 class Engine {
 public:
-  static Expected<std::unique_ptr<Engine>> create(const ModelSpec &spec,
-                                                  std::unique_ptr<WeightProvider> provider,
+  static Expected<std::unique_ptr<Engine>> create(const ModelSpec &spec, std::unique_ptr<WeightProvider> provider,
                                                   EngineOptions options = {});
   ~Engine();
 
@@ -110,8 +107,7 @@ public:
   /// Runs `tokens` at positions cache.length.. and appends them to the
   /// cache. `logits` receives [tokens.size(), vocab] (or only the last row
   /// when `lastOnly`).
-  Status forward(std::span<const int32_t> tokens, KvCache &cache, std::vector<float> &logits,
-                 bool lastOnly = false);
+  Status forward(std::span<const int32_t> tokens, KvCache &cache, std::vector<float> &logits, bool lastOnly = false);
 
   /// Layer at a time (calibration and sequential GPTQ run every window
   /// through one layer before the next, so one layer is resident at once):

@@ -42,8 +42,8 @@ Expected<std::vector<EvalStream>> readEvalData(const std::string &path, const To
 
 struct EvalOptions {
   int64_t sequenceLength = 256;
-  int64_t stride = 0;     ///< 0: equal to the sequence length.
-  int64_t maxTokens = 0;  ///< 0: all; else stop after this many targets per stream.
+  int64_t stride = 0;    ///< 0: equal to the sequence length.
+  int64_t maxTokens = 0; ///< 0: all; else stop after this many targets per stream.
 };
 
 struct EvalScore {
@@ -64,8 +64,7 @@ struct EvalResult {
   double expertsPerToken = 0;
 };
 
-Expected<EvalResult> evaluate(Engine &engine, const std::vector<EvalStream> &streams,
-                              const EvalOptions &options);
+Expected<EvalResult> evaluate(Engine &engine, const std::vector<EvalStream> &streams, const EvalOptions &options);
 
 } // namespace moe
 

@@ -36,14 +36,14 @@ constexpr char kPackageMagic[8] = {'M', 'O', 'E', 'P', 'K', 'G', 0, 0};
 constexpr uint32_t kPackageEndianness = 0x01020304;
 
 struct PackageHeader {
-  char magic[8];          ///< "MOEPKG\0\0"
-  uint32_t version;       ///< kPackageVersion
-  uint32_t endianness;    ///< 0x01020304 as written by a little-endian machine
+  char magic[8];       ///< "MOEPKG\0\0"
+  uint32_t version;    ///< kPackageVersion
+  uint32_t endianness; ///< 0x01020304 as written by a little-endian machine
   uint64_t manifestOffset;
   uint64_t manifestBytes;
   uint64_t dataOffset;
   uint64_t fileBytes;
-  uint64_t manifestHash;  ///< XXH64 (seed 0) of the manifest bytes
+  uint64_t manifestHash; ///< XXH64 (seed 0) of the manifest bytes
   uint64_t reserved;
 };
 static_assert(sizeof(PackageHeader) == 64, "the header is 64 bytes");

@@ -27,8 +27,7 @@ class Tokenizer {
 public:
   /// Reads a tokenizer.json; unsupported components are an error naming them.
   static Expected<std::unique_ptr<Tokenizer>> fromFile(const std::string &path);
-  static Expected<std::unique_ptr<Tokenizer>> fromJson(std::string_view text,
-                                                      const std::string &source);
+  static Expected<std::unique_ptr<Tokenizer>> fromJson(std::string_view text, const std::string &source);
   ~Tokenizer();
 
   /// Token ids of `text`; with `addSpecialTokens`, the post-processor's

@@ -11,8 +11,8 @@
 #ifndef MOE_RUNTIME_WEIGHTS_H
 #define MOE_RUNTIME_WEIGHTS_H
 
-#include "moe/Frontend/ModelSpec.h"
 #include "cpu/QuantKernels.h"
+#include "moe/Frontend/ModelSpec.h"
 #include "moe/Support/Status.h"
 
 #include <cstdint>

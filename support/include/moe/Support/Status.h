@@ -79,11 +79,11 @@ private:
 } // namespace moe
 
 /// Returns the failed Status of `expr` (a Status) from the enclosing function.
-#define MOE_RETURN_IF_ERROR(expr)                                              \
-  do {                                                                         \
-    ::moe::Status moeStatusTmp = (expr);                                       \
-    if (!moeStatusTmp.ok())                                                    \
-      return moeStatusTmp;                                                     \
+#define MOE_RETURN_IF_ERROR(expr)                                                                                      \
+  do {                                                                                                                 \
+    ::moe::Status moeStatusTmp = (expr);                                                                               \
+    if (!moeStatusTmp.ok())                                                                                            \
+      return moeStatusTmp;                                                                                             \
   } while (false)
 
 #endif // MOE_SUPPORT_STATUS_H

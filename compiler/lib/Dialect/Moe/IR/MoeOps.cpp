@@ -40,8 +40,7 @@ TensorOp lookupTensor(Operation *op, FlatSymbolRefAttr symbol, StringRef role) {
 }
 
 /// Checks that the tensor named by `symbol` has `shape`.
-LogicalResult expectShape(Operation *op, FlatSymbolRefAttr symbol, StringRef role,
-                          ArrayRef<int64_t> shape) {
+LogicalResult expectShape(Operation *op, FlatSymbolRefAttr symbol, StringRef role, ArrayRef<int64_t> shape) {
   TensorOp tensor = lookupTensor(op, symbol, role);
   if (!tensor)
     return failure();
@@ -64,8 +63,7 @@ LogicalResult verifyMlp(Operation *op, int64_t width, FlatSymbolRefAttr gate, Fl
   if (width < 1)
     return op->emitOpError() << "width must be positive, got " << width;
   int64_t hidden = static_cast<int64_t>(model.getHidden());
-  if (failed(expectShape(op, gate, "gate", {width, hidden})) ||
-      failed(expectShape(op, up, "up", {width, hidden})) ||
+  if (failed(expectShape(op, gate, "gate", {width, hidden})) || failed(expectShape(op, up, "up", {width, hidden})) ||
       failed(expectShape(op, down, "down", {hidden, width})))
     return failure();
   return success();
@@ -88,8 +86,8 @@ LogicalResult TensorOp::verify() {
   ModelOp model = (*this)->getParentOfType<ModelOp>();
   if (std::optional<int64_t> source = getSource())
     if (*source < 0 || *source >= static_cast<int64_t>(model.getSources().size()))
-      return emitOpError() << "source " << *source << " is not one of the model's "
-                           << model.getSources().size() << " source files";
+      return emitOpError() << "source " << *source << " is not one of the model's " << model.getSources().size()
+                           << " source files";
   if (!getTensorType().hasStaticShape())
     return emitOpError("tensor type must have a static shape");
   if (std::optional<ArrayRef<int64_t>> slice = getSlice()) {
@@ -97,8 +95,7 @@ LogicalResult TensorOp::verify() {
         ((*slice)[3] != 0 && (*slice)[3] != 1))
       return emitOpError("slice must be [matrix >= 0, first row >= 0, rows >= 1, transposed 0|1]");
     if (getTensorType().getRank() != 2 || getTensorType().getShape()[0] != (*slice)[2])
-      return emitOpError() << "a slice of " << (*slice)[2] << " rows needs a 2-D type with " << (*slice)[2]
-                           << " rows";
+      return emitOpError() << "a slice of " << (*slice)[2] << " rows needs a 2-D type with " << (*slice)[2] << " rows";
   }
   if (QuantAttr quant = getQuantAttr()) {
     if (quant.getBits() < 2 || quant.getBits() > 8)
@@ -112,9 +109,9 @@ LogicalResult TensorOp::verify() {
                            << "' (expected e.g. q4_g128_asym; see kernels/common/QuantFormat.h)";
     if (format->bits != quant.getBits() || format->group != quant.getGroup() ||
         (format->symmetric ? "sym" : "asym") != quant.getScheme())
-      return emitOpError() << "quantisation format '" << quant.getFormat() << "' disagrees with bits = "
-                           << quant.getBits() << ", group = " << quant.getGroup() << ", scheme = \""
-                           << quant.getScheme() << "\"";
+      return emitOpError() << "quantisation format '" << quant.getFormat()
+                           << "' disagrees with bits = " << quant.getBits() << ", group = " << quant.getGroup()
+                           << ", scheme = \"" << quant.getScheme() << "\"";
     if (getTensorType().getRank() != 2)
       return emitOpError("only matrices can be quantised");
   }
@@ -165,8 +162,8 @@ LogicalResult MoeBlockOp::verify() {
           return expert.emitOpError() << "expert id " << id << " appears twice (the parts of a split expert "
                                       << "carry part_offset)";
         if (static_cast<int64_t>(*offset) != nextOffset)
-          return expert.emitOpError() << "part_offset " << *offset << " of expert " << id << ", expected "
-                                      << nextOffset << " (the parts tile the neurons in order)";
+          return expert.emitOpError() << "part_offset " << *offset << " of expert " << id << ", expected " << nextOffset
+                                      << " (the parts tile the neurons in order)";
       } else {
         if (!ids.insert(id).second)
           return expert.emitOpError() << "expert id " << id << " appears twice";
