@@ -249,6 +249,11 @@ private:
         store = opened.take();
       }
       where.stored = store->find(tensor.key);
+      if (!where.stored && store->ignoredTailBytes() > 0)
+        return Status::error(store->path(), ": tensor '", tensor.key, "' not in the weight store, which ends in an ",
+                             "incomplete record (", store->ignoredTailBytes(),
+                             " bytes) left by a writer that was stopped mid-write (or a truncated copy): run the "
+                             "pass that wrote '", tensor.name, "' again");
       if (!where.stored)
         return Status::error(store->path(), ": tensor '", tensor.key, "' not in the weight store (it holds ",
                              store->keys().size(), " tensors); the module '", tensor.name,
