@@ -1,0 +1,12 @@
+// RUN: rm -f %t.moestore && sed -e "s|@INPUTS@|%S/Inputs|" -e "s|@STORE@|%t.moestore|" %S/Inputs/four-experts.mlir > %t.mlir
+// RUN: moe-opt %t.mlir --moe-quantize="bits=4 group=32" | FileCheck %s
+// RUN: moe-opt %t.mlir --moe-quantize="bits=2 group=32 sym=true" | FileCheck %s --check-prefix=SYM
+// RUN: not moe-opt %t.mlir --moe-quantize="bits=5" 2>&1 | FileCheck %s --check-prefix=BITS
+
+// Expert matrices get codes in the store and a quant attribute; the router stays.
+// CHECK: moe.tensor @r : tensor<4x8xbf16> = "r" in 0
+// CHECK-NOT: quant
+// CHECK: moe.tensor @g0 : tensor<4x8xbf16> = "g0.q4_g32_asym" quant <bits = 4, group = 32, scheme = "asym", format = "q4_g32_asym">
+// CHECK: moe.tensor @d3 : tensor<8x4xbf16> = "d3.q4_g32_asym" quant
+// SYM: "g0.q2_g32_sym" quant <bits = 2, group = 32, scheme = "sym", format = "q2_g32_sym">
+// BITS: moe-quantize: {{.*}}5
