@@ -77,7 +77,7 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
   using MoeAllocateBitsBase::MoeAllocateBitsBase;
 
   void runOnOperation() override {
-    ModuleOp module = getOperation();
+    ir::ModelOp module = getOperation();
     if (granularity != "expert" && granularity != "matrix" && granularity != "micro-expert")
       return fail(module, "granularity '" + granularity + "' is not expert, matrix or micro-expert");
     if (microSize < 0)
@@ -104,290 +104,286 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
     if (failed(file))
       return signalPassFailure();
 
-    for (ir::ModelOp model : module.getOps<ir::ModelOp>()) {
-      if (failed(refuseSplitExperts(model, getArgument())))
+    ir::ModelOp model = module;
+    if (failed(refuseSplitExperts(model, getArgument())))
+      return signalPassFailure();
+    TensorAccess access(model);
+    std::vector<Unit> units;
+    std::vector<std::pair<double, std::pair<int64_t, int64_t>>> maxOutputs;
+    std::vector<std::string> sharedTensors;
+    FailureOr<LayerLoader> loader = failure();
+    if (objective == "mc-moe") {
+      loader = LayerLoader::create(model, getArgument());
+      if (failed(loader))
         return signalPassFailure();
-      TensorAccess access(model);
-      std::vector<Unit> units;
-      std::vector<std::pair<double, std::pair<int64_t, int64_t>>> maxOutputs;
-      std::vector<std::string> sharedTensors;
-      FailureOr<LayerLoader> loader = failure();
-      if (objective == "mc-moe") {
-        loader = LayerLoader::create(model, getArgument());
-        if (failed(loader))
-          return signalPassFailure();
-      }
-      for (ir::LayerOp layer : model.getBody().getOps<ir::LayerOp>()) {
-        BlockParts parts = blockParts(layer);
-        if (!parts.block)
-          continue;
-        const int64_t index = static_cast<int64_t>(layer.getIndex());
-        for (ir::SharedExpertOp shared : parts.block.getBody().getOps<ir::SharedExpertOp>())
-          for (StringRef name : {shared.getGate(), shared.getUp(), shared.getDown()})
-            sharedTensors.push_back(name.str());
-        FailureOr<std::vector<double>> routed = file->layer(index, stats::kRoutedTokens, layer);
-        FailureOr<std::vector<double>> scores = file->layer(index, stats::kRouterScoreSum, layer);
-        FailureOr<std::vector<double>> outputs = file->layer(index, stats::kMaxAbsOutput, layer);
-        if (failed(routed) || failed(scores) || failed(outputs))
-          return signalPassFailure();
-        const double routedTotal = std::accumulate(routed->begin(), routed->end(), 0.0);
-        const double scoreTotal = std::accumulate(scores->begin(), scores->end(), 0.0);
+    }
+    for (ir::LayerOp layer : model.getBody().getOps<ir::LayerOp>()) {
+      BlockParts parts = blockParts(layer);
+      if (!parts.block)
+        continue;
+      const int64_t index = static_cast<int64_t>(layer.getIndex());
+      for (ir::SharedExpertOp shared : parts.block.getBody().getOps<ir::SharedExpertOp>())
+        for (StringRef name : {shared.getGate(), shared.getUp(), shared.getDown()})
+          sharedTensors.push_back(name.str());
+      FailureOr<std::vector<double>> routed = file->layer(index, stats::kRoutedTokens, layer);
+      FailureOr<std::vector<double>> scores = file->layer(index, stats::kRouterScoreSum, layer);
+      FailureOr<std::vector<double>> outputs = file->layer(index, stats::kMaxAbsOutput, layer);
+      if (failed(routed) || failed(scores) || failed(outputs))
+        return signalPassFailure();
+      const double routedTotal = std::accumulate(routed->begin(), routed->end(), 0.0);
+      const double scoreTotal = std::accumulate(scores->begin(), scores->end(), 0.0);
 
-        // mc-moe: block-output error with one unit quantized at a time.
-        StatisticsReader::BlockSamples blocks;
-        FailureOr<LayerWeights> weights = failure();
-        if (objective == "mc-moe") {
-          FailureOr<StatisticsReader::BlockSamples> loaded =
-              file->blockSamples(index, loader->spec().hiddenSize, layer);
-          if (failed(loaded))
+      // mc-moe: block-output error with one unit quantized at a time.
+      StatisticsReader::BlockSamples blocks;
+      FailureOr<LayerWeights> weights = failure();
+      if (objective == "mc-moe") {
+        FailureOr<StatisticsReader::BlockSamples> loaded = file->blockSamples(index, loader->spec().hiddenSize, layer);
+        if (failed(loaded))
+          return signalPassFailure();
+        blocks = std::move(*loaded);
+        weights = loader->load(layer);
+        if (failed(weights))
+          return signalPassFailure();
+        if (!weights->routing.remap.empty())
+          return fail(layer, concat("layer ", index, " has merged experts; allocate bits before merging"));
+      }
+      const LayerSpec *layerSpec = objective == "mc-moe" ? &loader->spec().layers[static_cast<size_t>(index)] : nullptr;
+      // MC-MoE's q: the block-output error with expert `slot` replaced by
+      // `trial` (swapped in and back: one expert copied per trial, not
+      // the layer).
+      auto blockErrorWith = [&](size_t slot, MlpWeights trial) {
+        std::swap(weights->experts[slot], trial);
+        std::vector<float> scratch;
+        const double error = moeBlockOutputError(loader->spec(), *layerSpec, *weights, blocks.view(), nullptr, scratch);
+        std::swap(weights->experts[slot], trial);
+        return error;
+      };
+      for (size_t slot = 0; slot < parts.experts.size(); ++slot) {
+        ir::ExpertOp expert = parts.experts[slot];
+        const int64_t id = static_cast<int64_t>(expert.getId());
+        if (id >= static_cast<int64_t>(routed->size()))
+          return fail(expert, concat("the statistics have ", routed->size(), " experts for layer ", index,
+                                     "; calibrate the model as it is now"));
+        maxOutputs.push_back({(*outputs)[id], {index, id}});
+        FlatSymbolRefAttr symbols[3] = {expert.getGateAttr(), expert.getUpAttr(), expert.getDownAttr()};
+        std::vector<float> original[3];
+        int64_t shapes[3][2];
+        for (int m = 0; m < 3; ++m) {
+          DType dtype;
+          FailureOr<std::vector<float>> values = readF32(model, access, symbols[m], dtype);
+          if (failed(values))
             return signalPassFailure();
-          blocks = std::move(*loaded);
-          weights = loader->load(layer);
-          if (failed(weights))
-            return signalPassFailure();
-          if (!weights->routing.remap.empty())
-            return fail(layer, concat("layer ", index, " has merged experts; allocate bits before merging"));
+          original[m] = std::move(*values);
+          ir::TensorOp tensor = lookupTensor(model, symbols[m]);
+          shapes[m][0] = tensor.getTensorType().getShape()[0];
+          shapes[m][1] = tensor.getTensorType().getShape()[1];
         }
-        const LayerSpec *layerSpec =
-            objective == "mc-moe" ? &loader->spec().layers[static_cast<size_t>(index)] : nullptr;
-        // MC-MoE's q: the block-output error with expert `slot` replaced by
-        // `trial` (swapped in and back: one expert copied per trial, not
-        // the layer).
-        auto blockErrorWith = [&](size_t slot, MlpWeights trial) {
-          std::swap(weights->experts[slot], trial);
-          std::vector<float> scratch;
-          const double error =
-              moeBlockOutputError(loader->spec(), *layerSpec, *weights, blocks.view(), nullptr, scratch);
-          std::swap(weights->experts[slot], trial);
-          return error;
-        };
-        for (size_t slot = 0; slot < parts.experts.size(); ++slot) {
-          ir::ExpertOp expert = parts.experts[slot];
-          const int64_t id = static_cast<int64_t>(expert.getId());
-          if (id >= static_cast<int64_t>(routed->size()))
-            return fail(expert, concat("the statistics have ", routed->size(), " experts for layer ", index,
-                                       "; calibrate the model as it is now"));
-          maxOutputs.push_back({(*outputs)[id], {index, id}});
-          FlatSymbolRefAttr symbols[3] = {expert.getGateAttr(), expert.getUpAttr(), expert.getDownAttr()};
-          std::vector<float> original[3];
-          int64_t shapes[3][2];
+        std::vector<double> hessianDiagonal[3];
+        if (objective == "hessian") {
+          FailureOr<std::vector<double>> in = file->expert(index, id, stats::kInputMoments, expert);
+          FailureOr<std::vector<double>> inner = file->expert(index, id, stats::kIntermediateMoments, expert);
+          if (failed(in) || failed(inner))
+            return signalPassFailure();
           for (int m = 0; m < 3; ++m) {
-            DType dtype;
-            FailureOr<std::vector<float>> values = readF32(model, access, symbols[m], dtype);
-            if (failed(values))
-              return signalPassFailure();
-            original[m] = std::move(*values);
-            ir::TensorOp tensor = lookupTensor(model, symbols[m]);
-            shapes[m][0] = tensor.getTensorType().getShape()[0];
-            shapes[m][1] = tensor.getTensorType().getShape()[1];
+            const std::vector<double> &full = m == 2 ? *inner : *in;
+            const int64_t cols = shapes[m][1];
+            if (static_cast<int64_t>(full.size()) != cols * cols)
+              return fail(expert, concat("moments of layer ", index, " expert ", id,
+                                         " do not match its width; "
+                                         "calibrate the model as it is now"));
+            for (int64_t j = 0; j < cols; ++j)
+              hessianDiagonal[m].push_back(full[j * cols + j]);
           }
-          std::vector<double> hessianDiagonal[3];
-          if (objective == "hessian") {
-            FailureOr<std::vector<double>> in = file->expert(index, id, stats::kInputMoments, expert);
-            FailureOr<std::vector<double>> inner = file->expert(index, id, stats::kIntermediateMoments, expert);
-            if (failed(in) || failed(inner))
-              return signalPassFailure();
-            for (int m = 0; m < 3; ++m) {
-              const std::vector<double> &full = m == 2 ? *inner : *in;
-              const int64_t cols = shapes[m][1];
-              if (static_cast<int64_t>(full.size()) != cols * cols)
-                return fail(expert, concat("moments of layer ", index, " expert ", id,
-                                           " do not match its width; "
-                                           "calibrate the model as it is now"));
-              for (int64_t j = 0; j < cols; ++j)
-                hessianDiagonal[m].push_back(full[j * cols + j]);
-            }
+        }
+        const double phi = routedTotal > 0 ? 1000.0 * (*routed)[id] / routedTotal : 0.0;
+        const double share = scoreTotal > 0 ? 1000.0 * (*scores)[id] / scoreTotal : 0.0;
+        if (micro) {
+          // Micro-experts: the expert's neurons ranked by CAMERA's
+          // importance, ||W_down[:, j]||^2 x sum of (gate weight x a_j)^2,
+          // and cut into units of micro-size neurons (importance tiers).
+          FailureOr<std::vector<double>> energy = file->expert(index, id, stats::kNeuronWeightedSquareSum, expert);
+          if (failed(energy))
+            return signalPassFailure();
+          const int64_t width = shapes[0][0], H = shapes[0][1];
+          if (static_cast<int64_t>(energy->size()) != width)
+            return fail(expert, concat("the statistics have ", energy->size(), " neurons for layer ", index, " expert ",
+                                       id, ", it has ", width, "; calibrate the model as it is now"));
+          std::vector<double> importance(static_cast<size_t>(width));
+          for (int64_t j = 0; j < width; ++j) {
+            double column = 0;
+            for (int64_t h = 0; h < H; ++h)
+              column += static_cast<double>(original[2][h * width + j]) * original[2][h * width + j];
+            importance[j] = column * (*energy)[j];
           }
-          const double phi = routedTotal > 0 ? 1000.0 * (*routed)[id] / routedTotal : 0.0;
-          const double share = scoreTotal > 0 ? 1000.0 * (*scores)[id] / scoreTotal : 0.0;
-          if (micro) {
-            // Micro-experts: the expert's neurons ranked by CAMERA's
-            // importance, ||W_down[:, j]||^2 x sum of (gate weight x a_j)^2,
-            // and cut into units of micro-size neurons (importance tiers).
-            FailureOr<std::vector<double>> energy = file->expert(index, id, stats::kNeuronWeightedSquareSum, expert);
-            if (failed(energy))
-              return signalPassFailure();
-            const int64_t width = shapes[0][0], H = shapes[0][1];
-            if (static_cast<int64_t>(energy->size()) != width)
-              return fail(expert, concat("the statistics have ", energy->size(), " neurons for layer ", index,
-                                         " expert ", id, ", it has ", width, "; calibrate the model as it is now"));
-            std::vector<double> importance(static_cast<size_t>(width));
-            for (int64_t j = 0; j < width; ++j) {
-              double column = 0;
-              for (int64_t h = 0; h < H; ++h)
-                column += static_cast<double>(original[2][h * width + j]) * original[2][h * width + j];
-              importance[j] = column * (*energy)[j];
-            }
-            std::vector<int64_t> order(static_cast<size_t>(width));
-            std::iota(order.begin(), order.end(), 0);
-            std::stable_sort(order.begin(), order.end(),
-                             [&](int64_t a, int64_t b) { return importance[a] > importance[b]; });
-            const int64_t size = microSize > 0 ? static_cast<int64_t>(microSize) : static_cast<int64_t>(group);
-            for (int64_t first = 0; first < width; first += size) {
-              Unit unit;
-              unit.layer = index;
-              unit.expert = id;
-              unit.op = expert;
-              unit.neurons.assign(order.begin() + first, order.begin() + std::min(width, first + size));
-              const int64_t n = static_cast<int64_t>(unit.neurons.size());
-              unit.allocation.parameters = 3 * n * H;
-              unit.matrices = {{n, H}, {n, H}, {H, n}};
-              // The unit's gate/up rows [n, H] and down columns [H, n], as
-              // its part will hold them.
-              std::vector<float> rows[2], columns(static_cast<size_t>(H * n));
-              for (int m = 0; m < 2; ++m)
-                for (int64_t j : unit.neurons)
-                  rows[m].insert(rows[m].end(), original[m].begin() + j * H, original[m].begin() + (j + 1) * H);
-              for (int64_t h = 0; h < H; ++h)
-                for (int64_t k = 0; k < n; ++k)
-                  columns[h * n + k] = original[2][h * width + unit.neurons[k]];
-              for (int bits : widths) {
-                quant::QuantFormat format = trial;
-                format.bits = bits;
-                std::vector<float> qRows[2] = {roundTrip(format, rows[0], n, H), roundTrip(format, rows[1], n, H)};
-                std::vector<float> qColumns = roundTrip(format, columns, H, n);
-                double loss = 0;
-                if (objective == "hessian") {
-                  for (int m = 0; m < 2; ++m)
-                    for (int64_t k = 0; k < n; ++k)
-                      for (int64_t c = 0; c < H; ++c) {
-                        const double d = rows[m][k * H + c] - qRows[m][k * H + c];
-                        loss += hessianDiagonal[m][c] * d * d;
-                      }
-                  for (int64_t h = 0; h < H; ++h)
-                    for (int64_t k = 0; k < n; ++k) {
-                      const double d = columns[h * n + k] - qColumns[h * n + k];
-                      loss += hessianDiagonal[2][unit.neurons[k]] * d * d;
-                    }
-                } else {
-                  MlpWeights mlp = weights->experts[slot];
-                  std::vector<float> values[3] = {original[0], original[1], original[2]};
-                  for (int m = 0; m < 2; ++m)
-                    for (int64_t k = 0; k < n; ++k)
-                      std::copy(qRows[m].begin() + k * H, qRows[m].begin() + (k + 1) * H,
-                                values[m].begin() + unit.neurons[k] * H);
-                  for (int64_t h = 0; h < H; ++h)
-                    for (int64_t k = 0; k < n; ++k)
-                      values[2][h * width + unit.neurons[k]] = qColumns[h * n + k];
-                  Matrix *matrices[3] = {&mlp.gate, &mlp.up, &mlp.down};
-                  for (int m = 0; m < 3; ++m) {
-                    matrices[m]->bf16.clear();
-                    matrices[m]->data = std::move(values[m]);
-                  }
-                  loss = phi * std::pow(share, 1.5) * blockErrorWith(slot, std::move(mlp));
-                }
-                unit.allocation.loss.push_back(loss);
-              }
-              units.push_back(std::move(unit));
-            }
-            continue;
-          }
-          const int unitsHere = granularity == "expert" ? 1 : 3;
-          for (int u = 0; u < unitsHere; ++u) {
+          std::vector<int64_t> order(static_cast<size_t>(width));
+          std::iota(order.begin(), order.end(), 0);
+          std::stable_sort(order.begin(), order.end(),
+                           [&](int64_t a, int64_t b) { return importance[a] > importance[b]; });
+          const int64_t size = microSize > 0 ? static_cast<int64_t>(microSize) : static_cast<int64_t>(group);
+          for (int64_t first = 0; first < width; first += size) {
             Unit unit;
             unit.layer = index;
             unit.expert = id;
-            unit.matrix = granularity == "expert" ? -1 : u;
-            for (int m = 0; m < 3; ++m)
-              if (unit.matrix < 0 || unit.matrix == m) {
-                unit.tensors.push_back(symbols[m].getValue().str());
-                unit.allocation.parameters += shapes[m][0] * shapes[m][1];
-                unit.matrices.push_back({shapes[m][0], shapes[m][1]});
-              }
+            unit.op = expert;
+            unit.neurons.assign(order.begin() + first, order.begin() + std::min(width, first + size));
+            const int64_t n = static_cast<int64_t>(unit.neurons.size());
+            unit.allocation.parameters = 3 * n * H;
+            unit.matrices = {{n, H}, {n, H}, {H, n}};
+            // The unit's gate/up rows [n, H] and down columns [H, n], as
+            // its part will hold them.
+            std::vector<float> rows[2], columns(static_cast<size_t>(H * n));
+            for (int m = 0; m < 2; ++m)
+              for (int64_t j : unit.neurons)
+                rows[m].insert(rows[m].end(), original[m].begin() + j * H, original[m].begin() + (j + 1) * H);
+            for (int64_t h = 0; h < H; ++h)
+              for (int64_t k = 0; k < n; ++k)
+                columns[h * n + k] = original[2][h * width + unit.neurons[k]];
             for (int bits : widths) {
               quant::QuantFormat format = trial;
               format.bits = bits;
+              std::vector<float> qRows[2] = {roundTrip(format, rows[0], n, H), roundTrip(format, rows[1], n, H)};
+              std::vector<float> qColumns = roundTrip(format, columns, H, n);
               double loss = 0;
               if (objective == "hessian") {
-                for (int m = 0; m < 3; ++m) {
-                  if (unit.matrix >= 0 && unit.matrix != m)
-                    continue;
-                  std::vector<float> q = roundTrip(format, original[m], shapes[m][0], shapes[m][1]);
-                  for (int64_t r = 0; r < shapes[m][0]; ++r)
-                    for (int64_t c = 0; c < shapes[m][1]; ++c) {
-                      const double d = original[m][r * shapes[m][1] + c] - q[r * shapes[m][1] + c];
+                for (int m = 0; m < 2; ++m)
+                  for (int64_t k = 0; k < n; ++k)
+                    for (int64_t c = 0; c < H; ++c) {
+                      const double d = rows[m][k * H + c] - qRows[m][k * H + c];
                       loss += hessianDiagonal[m][c] * d * d;
                     }
-                }
+                for (int64_t h = 0; h < H; ++h)
+                  for (int64_t k = 0; k < n; ++k) {
+                    const double d = columns[h * n + k] - qColumns[h * n + k];
+                    loss += hessianDiagonal[2][unit.neurons[k]] * d * d;
+                  }
               } else {
                 MlpWeights mlp = weights->experts[slot];
+                std::vector<float> values[3] = {original[0], original[1], original[2]};
+                for (int m = 0; m < 2; ++m)
+                  for (int64_t k = 0; k < n; ++k)
+                    std::copy(qRows[m].begin() + k * H, qRows[m].begin() + (k + 1) * H,
+                              values[m].begin() + unit.neurons[k] * H);
+                for (int64_t h = 0; h < H; ++h)
+                  for (int64_t k = 0; k < n; ++k)
+                    values[2][h * width + unit.neurons[k]] = qColumns[h * n + k];
                 Matrix *matrices[3] = {&mlp.gate, &mlp.up, &mlp.down};
                 for (int m = 0; m < 3; ++m) {
-                  if (unit.matrix >= 0 && unit.matrix != m)
-                    continue;
                   matrices[m]->bf16.clear();
-                  matrices[m]->data = roundTrip(format, original[m], shapes[m][0], shapes[m][1]);
+                  matrices[m]->data = std::move(values[m]);
                 }
-                // MC-MoE: phi^alpha w^beta q^alpha, alpha = 1, beta = 1.5.
                 loss = phi * std::pow(share, 1.5) * blockErrorWith(slot, std::move(mlp));
               }
               unit.allocation.loss.push_back(loss);
             }
             units.push_back(std::move(unit));
           }
+          continue;
+        }
+        const int unitsHere = granularity == "expert" ? 1 : 3;
+        for (int u = 0; u < unitsHere; ++u) {
+          Unit unit;
+          unit.layer = index;
+          unit.expert = id;
+          unit.matrix = granularity == "expert" ? -1 : u;
+          for (int m = 0; m < 3; ++m)
+            if (unit.matrix < 0 || unit.matrix == m) {
+              unit.tensors.push_back(symbols[m].getValue().str());
+              unit.allocation.parameters += shapes[m][0] * shapes[m][1];
+              unit.matrices.push_back({shapes[m][0], shapes[m][1]});
+            }
+          for (int bits : widths) {
+            quant::QuantFormat format = trial;
+            format.bits = bits;
+            double loss = 0;
+            if (objective == "hessian") {
+              for (int m = 0; m < 3; ++m) {
+                if (unit.matrix >= 0 && unit.matrix != m)
+                  continue;
+                std::vector<float> q = roundTrip(format, original[m], shapes[m][0], shapes[m][1]);
+                for (int64_t r = 0; r < shapes[m][0]; ++r)
+                  for (int64_t c = 0; c < shapes[m][1]; ++c) {
+                    const double d = original[m][r * shapes[m][1] + c] - q[r * shapes[m][1] + c];
+                    loss += hessianDiagonal[m][c] * d * d;
+                  }
+              }
+            } else {
+              MlpWeights mlp = weights->experts[slot];
+              Matrix *matrices[3] = {&mlp.gate, &mlp.up, &mlp.down};
+              for (int m = 0; m < 3; ++m) {
+                if (unit.matrix >= 0 && unit.matrix != m)
+                  continue;
+                matrices[m]->bf16.clear();
+                matrices[m]->data = roundTrip(format, original[m], shapes[m][0], shapes[m][1]);
+              }
+              // MC-MoE: phi^alpha w^beta q^alpha, alpha = 1, beta = 1.5.
+              loss = phi * std::pow(share, 1.5) * blockErrorWith(slot, std::move(mlp));
+            }
+            unit.allocation.loss.push_back(loss);
+          }
+          units.push_back(std::move(unit));
         }
       }
-      if (pinBits > 0) {
-        std::set<std::pair<int64_t, int64_t>> superExperts = findSuperExperts(maxOutputs);
-        for (Unit &unit : units)
-          if (superExperts.count({unit.layer, unit.expert}))
-            unit.allocation.pinnedBits = static_cast<int>(pinBits);
-      }
-      // Bytes of a unit at b bits: its groups' headers plus b/8 bytes per
-      // (padded) weight. A byte budget is the average-bits budget over the
-      // padded weights that leaves those bytes, so both are met the same way.
-      std::vector<int64_t> paddedWeights(units.size(), 0), headerBytes(units.size(), 0);
-      int64_t totalPadded = 0, totalHeaders = 0;
-      for (size_t u = 0; u < units.size(); ++u) {
-        for (const auto &[rows, cols] : units[u].matrices) {
-          paddedWeights[u] += rows * trial.groupsPerRow(cols) * trial.group;
-          headerBytes[u] += rows * trial.groupsPerRow(cols) * static_cast<int64_t>(trial.headerBytes());
-        }
-        totalPadded += paddedWeights[u];
-        totalHeaders += headerBytes[u];
-      }
-      double budgetBits = budget;
-      std::vector<AllocationUnit> problem;
-      for (size_t u = 0; u < units.size(); ++u) {
-        problem.push_back(units[u].allocation);
-        if (!budgetBytes.empty())
-          problem.back().parameters = paddedWeights[u];
-      }
-      if (!budgetBytes.empty()) {
-        std::optional<double> bytes = parseByteSize(budgetBytes);
-        if (!bytes)
-          return fail(model, "budget-bytes '" + budgetBytes + "': expected a size such as 1290240, 512M or 12G");
-        budgetBits = 8.0 * (*bytes - static_cast<double>(totalHeaders)) / static_cast<double>(totalPadded);
-      }
-      Expected<Allocation> allocation = allocateBits(problem, widths, budgetBits, tolerance);
-      if (!allocation)
-        return fail(model, allocation.status().message());
-      Builder builder(model.getContext());
-      std::map<int, int64_t> histogram;
-      for (size_t u = 0; u < units.size(); ++u) {
-        for (const std::string &name : units[u].tensors)
-          lookupTensor(model, FlatSymbolRefAttr::get(model.getContext(), name))
-              ->setAttr("moe.bits", builder.getI64IntegerAttr(allocation->bits[u]));
-        ++histogram[allocation->bits[u]];
-        ++unitsAllocated;
-      }
-      if (micro && failed(splitExperts(model, access, units, allocation->bits)))
-        return signalPassFailure();
-      if (pinBits > 0)
-        for (const std::string &name : sharedTensors)
-          lookupTensor(model, FlatSymbolRefAttr::get(model.getContext(), name))
-              ->setAttr("moe.bits", builder.getI64IntegerAttr(pinBits));
-      std::string widthsText;
-      for (const auto &[bits, count] : histogram)
-        widthsText += concat(widthsText.empty() ? "" : ", ", count, " at ", bits, " bits");
-      int64_t bytes = totalHeaders;
-      for (size_t u = 0; u < units.size(); ++u)
-        bytes += paddedWeights[u] * allocation->bits[u] / 8;
-      model.emitRemark() << concat("moe-allocate-bits: ", units.size(), " units, average ", allocation->averageBits,
-                                   " bits (budget ",
-                                   budgetBytes.empty() ? concat(static_cast<double>(budget)) : budgetBytes + " bytes",
-                                   "), ", bytes, " bytes at group ", trial.group, ": ", widthsText);
     }
+    if (pinBits > 0) {
+      std::set<std::pair<int64_t, int64_t>> superExperts = findSuperExperts(maxOutputs);
+      for (Unit &unit : units)
+        if (superExperts.count({unit.layer, unit.expert}))
+          unit.allocation.pinnedBits = static_cast<int>(pinBits);
+    }
+    // Bytes of a unit at b bits: its groups' headers plus b/8 bytes per
+    // (padded) weight. A byte budget is the average-bits budget over the
+    // padded weights that leaves those bytes, so both are met the same way.
+    std::vector<int64_t> paddedWeights(units.size(), 0), headerBytes(units.size(), 0);
+    int64_t totalPadded = 0, totalHeaders = 0;
+    for (size_t u = 0; u < units.size(); ++u) {
+      for (const auto &[rows, cols] : units[u].matrices) {
+        paddedWeights[u] += rows * trial.groupsPerRow(cols) * trial.group;
+        headerBytes[u] += rows * trial.groupsPerRow(cols) * static_cast<int64_t>(trial.headerBytes());
+      }
+      totalPadded += paddedWeights[u];
+      totalHeaders += headerBytes[u];
+    }
+    double budgetBits = budget;
+    std::vector<AllocationUnit> problem;
+    for (size_t u = 0; u < units.size(); ++u) {
+      problem.push_back(units[u].allocation);
+      if (!budgetBytes.empty())
+        problem.back().parameters = paddedWeights[u];
+    }
+    if (!budgetBytes.empty()) {
+      std::optional<double> bytes = parseByteSize(budgetBytes);
+      if (!bytes)
+        return fail(model, "budget-bytes '" + budgetBytes + "': expected a size such as 1290240, 512M or 12G");
+      budgetBits = 8.0 * (*bytes - static_cast<double>(totalHeaders)) / static_cast<double>(totalPadded);
+    }
+    Expected<Allocation> allocation = allocateBits(problem, widths, budgetBits, tolerance);
+    if (!allocation)
+      return fail(model, allocation.status().message());
+    Builder builder(model.getContext());
+    std::map<int, int64_t> histogram;
+    for (size_t u = 0; u < units.size(); ++u) {
+      for (const std::string &name : units[u].tensors)
+        lookupTensor(model, FlatSymbolRefAttr::get(model.getContext(), name))
+            ->setAttr("moe.bits", builder.getI64IntegerAttr(allocation->bits[u]));
+      ++histogram[allocation->bits[u]];
+      ++unitsAllocated;
+    }
+    if (micro && failed(splitExperts(model, access, units, allocation->bits)))
+      return signalPassFailure();
+    if (pinBits > 0)
+      for (const std::string &name : sharedTensors)
+        lookupTensor(model, FlatSymbolRefAttr::get(model.getContext(), name))
+            ->setAttr("moe.bits", builder.getI64IntegerAttr(pinBits));
+    std::string widthsText;
+    for (const auto &[bits, count] : histogram)
+      widthsText += concat(widthsText.empty() ? "" : ", ", count, " at ", bits, " bits");
+    int64_t bytes = totalHeaders;
+    for (size_t u = 0; u < units.size(); ++u)
+      bytes += paddedWeights[u] * allocation->bits[u] / 8;
+    model.emitRemark() << concat("moe-allocate-bits: ", units.size(), " units, average ", allocation->averageBits,
+                                 " bits (budget ",
+                                 budgetBytes.empty() ? concat(static_cast<double>(budget)) : budgetBytes + " bytes",
+                                 "), ", bytes, " bytes at group ", trial.group, ": ", widthsText);
   }
 
   /// Micro-expert widths become parts: each expert's neurons grouped by

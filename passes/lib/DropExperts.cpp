@@ -61,29 +61,28 @@ struct DropExpertsPass : public moe::impl::MoeDropExpertsBase<DropExpertsPass> {
       getOperation().emitError("moe-drop-experts: ") << error;
       return signalPassFailure();
     }
-    for (ir::ModelOp model : getOperation().getOps<ir::ModelOp>()) {
-      if (failed(refuseSplitExperts(model, getArgument())))
+    ir::ModelOp model = getOperation();
+    if (failed(refuseSplitExperts(model, getArgument())))
+      return signalPassFailure();
+    TensorAccess access(model);
+    std::set<int64_t> seen;
+    for (ir::LayerOp layer : model.getBody().getOps<ir::LayerOp>()) {
+      int64_t index = static_cast<int64_t>(layer.getIndex());
+      auto found = requested.find(index);
+      if (found == requested.end())
+        continue;
+      seen.insert(index);
+      DropCounts counts;
+      if (failed(dropExperts(model, layer, found->second, access, getArgument(), counts)))
         return signalPassFailure();
-      TensorAccess access(model);
-      std::set<int64_t> seen;
-      for (ir::LayerOp layer : model.getBody().getOps<ir::LayerOp>()) {
-        int64_t index = static_cast<int64_t>(layer.getIndex());
-        auto found = requested.find(index);
-        if (found == requested.end())
-          continue;
-        seen.insert(index);
-        DropCounts counts;
-        if (failed(dropExperts(model, layer, found->second, access, getArgument(), counts)))
-          return signalPassFailure();
-        expertsDropped += counts.experts;
-        parametersDropped += counts.parameters;
-      }
-      for (const auto &[layer, ids] : requested)
-        if (!seen.count(layer)) {
-          model.emitError() << "moe-drop-experts: layer " << layer << " does not exist";
-          return signalPassFailure();
-        }
+      expertsDropped += counts.experts;
+      parametersDropped += counts.parameters;
     }
+    for (const auto &[layer, ids] : requested)
+      if (!seen.count(layer)) {
+        model.emitError() << "moe-drop-experts: layer " << layer << " does not exist";
+        return signalPassFailure();
+      }
   }
 };
 

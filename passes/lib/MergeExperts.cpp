@@ -126,7 +126,7 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
   using MoeMergeExpertsBase::MoeMergeExpertsBase;
 
   void runOnOperation() override {
-    ModuleOp module = getOperation();
+    ir::ModelOp module = getOperation();
     if (method != "msmoe" && method != "dern")
       return fail(module, "method '" + method + "' is not msmoe or dern");
     if (similarity != "router-logits" && similarity != "weights")
@@ -140,47 +140,46 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
     FailureOr<StatisticsReader> file = StatisticsReader::open(stats, module, getArgument());
     if (failed(file))
       return signalPassFailure();
-    for (ir::ModelOp model : module.getOps<ir::ModelOp>()) {
-      if (failed(refuseSplitExperts(model, getArgument())))
+    ir::ModelOp model = module;
+    if (failed(refuseSplitExperts(model, getArgument())))
+      return signalPassFailure();
+    std::vector<LayerInfo> layers;
+    std::vector<std::pair<double, std::pair<int64_t, int64_t>>> maxOutputs;
+    for (ir::LayerOp layer : model.getBody().getOps<ir::LayerOp>()) {
+      LayerInfo info;
+      info.parts = blockParts(layer);
+      if (!info.parts.block)
+        continue;
+      info.layer = layer;
+      info.index = static_cast<int64_t>(layer.getIndex());
+      if (info.parts.router.getRemap())
+        return fail(layer, concat("layer ", info.index, " is already merged"));
+      FailureOr<std::vector<double>> routed = file->layer(info.index, stats::kRoutedTokens, layer);
+      FailureOr<std::vector<double>> weight = file->layer(info.index, stats::kGateWeightSum, layer);
+      FailureOr<std::vector<double>> gram = file->layer(info.index, stats::kRouterLogitGram, layer);
+      FailureOr<std::vector<double>> outputs = file->layer(info.index, stats::kMaxAbsOutput, layer);
+      if (failed(routed) || failed(weight) || failed(gram) || failed(outputs))
         return signalPassFailure();
-      std::vector<LayerInfo> layers;
-      std::vector<std::pair<double, std::pair<int64_t, int64_t>>> maxOutputs;
-      for (ir::LayerOp layer : model.getBody().getOps<ir::LayerOp>()) {
-        LayerInfo info;
-        info.parts = blockParts(layer);
-        if (!info.parts.block)
-          continue;
-        info.layer = layer;
-        info.index = static_cast<int64_t>(layer.getIndex());
-        if (info.parts.router.getRemap())
-          return fail(layer, concat("layer ", info.index, " is already merged"));
-        FailureOr<std::vector<double>> routed = file->layer(info.index, stats::kRoutedTokens, layer);
-        FailureOr<std::vector<double>> weight = file->layer(info.index, stats::kGateWeightSum, layer);
-        FailureOr<std::vector<double>> gram = file->layer(info.index, stats::kRouterLogitGram, layer);
-        FailureOr<std::vector<double>> outputs = file->layer(info.index, stats::kMaxAbsOutput, layer);
-        if (failed(routed) || failed(weight) || failed(gram) || failed(outputs))
-          return signalPassFailure();
-        const size_t E = info.parts.experts.size();
-        if (routed->size() != E || static_cast<uint64_t>(info.parts.experts.back().getId()) != E - 1)
-          return fail(layer, concat("the statistics have ", routed->size(), " experts for layer ", info.index,
-                                    ", the layer has ", E, "; calibrate the model as it is now"));
-        info.routed = std::move(*routed);
-        info.gateWeight = std::move(*weight);
-        info.gram = std::move(*gram);
-        for (size_t e = 0; e < E; ++e)
-          maxOutputs.push_back({(*outputs)[e], {info.index, static_cast<int64_t>(e)}});
-        layers.push_back(std::move(info));
-      }
-      std::set<std::pair<int64_t, int64_t>> superExperts;
-      if (protectSuperExperts)
-        superExperts = findSuperExperts(maxOutputs);
-      TensorAccess access(model);
-      LogicalResult result = method == "msmoe" ? mergeMsmoe(model, access, layers, superExperts)
-                                               : recombineDern(model, access, layers, superExperts);
-      if (failed(result))
-        return signalPassFailure();
-      eraseUnusedTensors(model);
+      const size_t E = info.parts.experts.size();
+      if (routed->size() != E || static_cast<uint64_t>(info.parts.experts.back().getId()) != E - 1)
+        return fail(layer, concat("the statistics have ", routed->size(), " experts for layer ", info.index,
+                                  ", the layer has ", E, "; calibrate the model as it is now"));
+      info.routed = std::move(*routed);
+      info.gateWeight = std::move(*weight);
+      info.gram = std::move(*gram);
+      for (size_t e = 0; e < E; ++e)
+        maxOutputs.push_back({(*outputs)[e], {info.index, static_cast<int64_t>(e)}});
+      layers.push_back(std::move(info));
     }
+    std::set<std::pair<int64_t, int64_t>> superExperts;
+    if (protectSuperExperts)
+      superExperts = findSuperExperts(maxOutputs);
+    TensorAccess access(model);
+    LogicalResult result = method == "msmoe" ? mergeMsmoe(model, access, layers, superExperts)
+                                             : recombineDern(model, access, layers, superExperts);
+    if (failed(result))
+      return signalPassFailure();
+    eraseUnusedTensors(model);
   }
 
   void fail(Operation *op, const std::string &message) {

@@ -46,7 +46,7 @@ struct PruneAtomsPass : public moe::impl::MoePruneAtomsBase<PruneAtomsPass> {
   using MoePruneAtomsBase::MoePruneAtomsBase;
 
   void runOnOperation() override {
-    ModuleOp module = getOperation();
+    ir::ModelOp module = getOperation();
     if (method != "camera" && method != "heapr" && method != "magnitude")
       return fail(module, "method '" + method + "' is not camera, heapr or magnitude");
     if (scope != "layer" && scope != "global")
@@ -63,118 +63,117 @@ struct PruneAtomsPass : public moe::impl::MoePruneAtomsBase<PruneAtomsPass> {
       if (failed(file))
         return signalPassFailure();
     }
-    for (ir::ModelOp model : module.getOps<ir::ModelOp>()) {
-      if (failed(refuseSplitExperts(model, getArgument())))
-        return signalPassFailure();
-      TensorAccess access(model);
-      std::vector<Atom> atoms;
-      std::map<std::pair<int64_t, int64_t>, ir::ExpertOp> experts;
-      std::map<int64_t, int64_t> layerNeurons;
-      for (ir::LayerOp layer : model.getBody().getOps<ir::LayerOp>()) {
-        BlockParts parts = blockParts(layer);
-        if (!parts.block)
-          continue;
-        const int64_t index = static_cast<int64_t>(layer.getIndex());
-        FailureOr<std::vector<double>> routed = failure();
-        if (method == "heapr") {
-          routed = file->layer(index, stats::kRoutedTokens, layer);
-          if (failed(routed))
-            return signalPassFailure();
-        }
-        for (ir::ExpertOp expert : parts.experts) {
-          const int64_t id = static_cast<int64_t>(expert.getId());
-          const int64_t width = static_cast<int64_t>(expert.getWidth());
-          experts[{index, id}] = expert;
-          layerNeurons[index] += width;
-          DType dtype;
-          FailureOr<std::vector<float>> down = readF32(model, access, expert.getDownAttr(), dtype);
-          if (failed(down))
-            return signalPassFailure();
-          const int64_t hidden = static_cast<int64_t>(down->size()) / width;
-          std::vector<double> downNorms = squaredNorms(*down, hidden, width, 1);
-          std::vector<double> scores(static_cast<size_t>(width));
-          if (method == "magnitude") {
-            FailureOr<std::vector<float>> gate = readF32(model, access, expert.getGateAttr(), dtype);
-            FailureOr<std::vector<float>> up = readF32(model, access, expert.getUpAttr(), dtype);
-            if (failed(gate) || failed(up))
-              return signalPassFailure();
-            std::vector<double> gateNorms = squaredNorms(*gate, width, hidden, 0);
-            std::vector<double> upNorms = squaredNorms(*up, width, hidden, 0);
-            for (int64_t j = 0; j < width; ++j)
-              scores[j] = std::sqrt(gateNorms[j] * upNorms[j] * downNorms[j]);
-          } else {
-            FailureOr<std::vector<double>> sum = file->expert(index, id, stats::kNeuronWeightedSquareSum, layer);
-            if (failed(sum))
-              return signalPassFailure();
-            if (static_cast<int64_t>(sum->size()) != width)
-              return fail(expert, concat("the statistics of layer ", index, " expert ", id, " have ", sum->size(),
-                                         " neurons, the expert has ", width, "; calibrate the model as it is now"));
-            if (method == "camera") {
-              FailureOr<std::vector<double>> max = file->expert(index, id, stats::kNeuronWeightedSquareMax, layer);
-              if (failed(max))
-                return signalPassFailure();
-              for (int64_t j = 0; j < width; ++j)
-                scores[j] = downNorms[j] * ((1.0 - rho) * (*sum)[j] + rho * (*max)[j]);
-            } else {
-              const double tokens = id < static_cast<int64_t>(routed->size()) ? (*routed)[id] : 0.0;
-              for (int64_t j = 0; j < width; ++j)
-                scores[j] = tokens > 0 ? downNorms[j] * (*sum)[j] / tokens : -1.0;
-            }
-          }
-          for (int64_t j = 0; j < width; ++j)
-            atoms.push_back({index, id, j, scores[j]});
-        }
-      }
-
-      // Lowest first; ties remove the later neuron.
-      std::stable_sort(atoms.begin(), atoms.end(), [](const Atom &a, const Atom &b) {
-        if (a.score != b.score)
-          return a.score < b.score;
-        return std::tie(a.layer, a.expert, a.neuron) > std::tie(b.layer, b.expert, b.neuron);
-      });
-      int64_t totalNeurons = 0;
-      for (const auto &[layer, neurons] : layerNeurons)
-        totalNeurons += neurons;
-      std::map<int64_t, int64_t> layerRemoved;
-      std::map<std::pair<int64_t, int64_t>, std::set<int64_t>> removed;
-      int64_t removedTotal = 0;
-      const int64_t globalBudget = static_cast<int64_t>(std::llround(ratio * static_cast<double>(totalNeurons)));
-      for (const Atom &atom : atoms) {
-        if (scope == "global"
-                ? removedTotal >= globalBudget
-                : layerRemoved[atom.layer] >=
-                      static_cast<int64_t>(std::llround(ratio * static_cast<double>(layerNeurons[atom.layer]))))
-          continue;
-        std::set<int64_t> &expertRemoved = removed[{atom.layer, atom.expert}];
-        ir::ExpertOp expert = experts[{atom.layer, atom.expert}];
-        if (static_cast<int64_t>(expert.getWidth()) - static_cast<int64_t>(expertRemoved.size()) <= minWidth)
-          continue;
-        expertRemoved.insert(atom.neuron);
-        ++layerRemoved[atom.layer];
-        ++removedTotal;
-      }
-
-      for (const auto &[where, neurons] : removed) {
-        if (neurons.empty())
-          continue;
-        ir::ExpertOp expert = experts[where];
-        SmallVector<int64_t> keep;
-        for (int64_t j = 0; j < static_cast<int64_t>(expert.getWidth()); ++j)
-          if (!neurons.count(j))
-            keep.push_back(j);
-        FailureOr<FlatSymbolRefAttr> gate = selectSlices(model, access, expert.getGateAttr(), keep, 0, ".atoms");
-        FailureOr<FlatSymbolRefAttr> up = selectSlices(model, access, expert.getUpAttr(), keep, 0, ".atoms");
-        FailureOr<FlatSymbolRefAttr> down = selectSlices(model, access, expert.getDownAttr(), keep, 1, ".atoms");
-        if (failed(gate) || failed(up) || failed(down))
+    ir::ModelOp model = module;
+    if (failed(refuseSplitExperts(model, getArgument())))
+      return signalPassFailure();
+    TensorAccess access(model);
+    std::vector<Atom> atoms;
+    std::map<std::pair<int64_t, int64_t>, ir::ExpertOp> experts;
+    std::map<int64_t, int64_t> layerNeurons;
+    for (ir::LayerOp layer : model.getBody().getOps<ir::LayerOp>()) {
+      BlockParts parts = blockParts(layer);
+      if (!parts.block)
+        continue;
+      const int64_t index = static_cast<int64_t>(layer.getIndex());
+      FailureOr<std::vector<double>> routed = failure();
+      if (method == "heapr") {
+        routed = file->layer(index, stats::kRoutedTokens, layer);
+        if (failed(routed))
           return signalPassFailure();
-        expert.setGateAttr(*gate);
-        expert.setUpAttr(*up);
-        expert.setDownAttr(*down);
-        expert.setWidth(static_cast<uint64_t>(keep.size()));
-        neuronsPruned += static_cast<int64_t>(neurons.size());
       }
-      eraseUnusedTensors(model);
+      for (ir::ExpertOp expert : parts.experts) {
+        const int64_t id = static_cast<int64_t>(expert.getId());
+        const int64_t width = static_cast<int64_t>(expert.getWidth());
+        experts[{index, id}] = expert;
+        layerNeurons[index] += width;
+        DType dtype;
+        FailureOr<std::vector<float>> down = readF32(model, access, expert.getDownAttr(), dtype);
+        if (failed(down))
+          return signalPassFailure();
+        const int64_t hidden = static_cast<int64_t>(down->size()) / width;
+        std::vector<double> downNorms = squaredNorms(*down, hidden, width, 1);
+        std::vector<double> scores(static_cast<size_t>(width));
+        if (method == "magnitude") {
+          FailureOr<std::vector<float>> gate = readF32(model, access, expert.getGateAttr(), dtype);
+          FailureOr<std::vector<float>> up = readF32(model, access, expert.getUpAttr(), dtype);
+          if (failed(gate) || failed(up))
+            return signalPassFailure();
+          std::vector<double> gateNorms = squaredNorms(*gate, width, hidden, 0);
+          std::vector<double> upNorms = squaredNorms(*up, width, hidden, 0);
+          for (int64_t j = 0; j < width; ++j)
+            scores[j] = std::sqrt(gateNorms[j] * upNorms[j] * downNorms[j]);
+        } else {
+          FailureOr<std::vector<double>> sum = file->expert(index, id, stats::kNeuronWeightedSquareSum, layer);
+          if (failed(sum))
+            return signalPassFailure();
+          if (static_cast<int64_t>(sum->size()) != width)
+            return fail(expert, concat("the statistics of layer ", index, " expert ", id, " have ", sum->size(),
+                                       " neurons, the expert has ", width, "; calibrate the model as it is now"));
+          if (method == "camera") {
+            FailureOr<std::vector<double>> max = file->expert(index, id, stats::kNeuronWeightedSquareMax, layer);
+            if (failed(max))
+              return signalPassFailure();
+            for (int64_t j = 0; j < width; ++j)
+              scores[j] = downNorms[j] * ((1.0 - rho) * (*sum)[j] + rho * (*max)[j]);
+          } else {
+            const double tokens = id < static_cast<int64_t>(routed->size()) ? (*routed)[id] : 0.0;
+            for (int64_t j = 0; j < width; ++j)
+              scores[j] = tokens > 0 ? downNorms[j] * (*sum)[j] / tokens : -1.0;
+          }
+        }
+        for (int64_t j = 0; j < width; ++j)
+          atoms.push_back({index, id, j, scores[j]});
+      }
     }
+
+    // Lowest first; ties remove the later neuron.
+    std::stable_sort(atoms.begin(), atoms.end(), [](const Atom &a, const Atom &b) {
+      if (a.score != b.score)
+        return a.score < b.score;
+      return std::tie(a.layer, a.expert, a.neuron) > std::tie(b.layer, b.expert, b.neuron);
+    });
+    int64_t totalNeurons = 0;
+    for (const auto &[layer, neurons] : layerNeurons)
+      totalNeurons += neurons;
+    std::map<int64_t, int64_t> layerRemoved;
+    std::map<std::pair<int64_t, int64_t>, std::set<int64_t>> removed;
+    int64_t removedTotal = 0;
+    const int64_t globalBudget = static_cast<int64_t>(std::llround(ratio * static_cast<double>(totalNeurons)));
+    for (const Atom &atom : atoms) {
+      if (scope == "global"
+              ? removedTotal >= globalBudget
+              : layerRemoved[atom.layer] >=
+                    static_cast<int64_t>(std::llround(ratio * static_cast<double>(layerNeurons[atom.layer]))))
+        continue;
+      std::set<int64_t> &expertRemoved = removed[{atom.layer, atom.expert}];
+      ir::ExpertOp expert = experts[{atom.layer, atom.expert}];
+      if (static_cast<int64_t>(expert.getWidth()) - static_cast<int64_t>(expertRemoved.size()) <= minWidth)
+        continue;
+      expertRemoved.insert(atom.neuron);
+      ++layerRemoved[atom.layer];
+      ++removedTotal;
+    }
+
+    for (const auto &[where, neurons] : removed) {
+      if (neurons.empty())
+        continue;
+      ir::ExpertOp expert = experts[where];
+      SmallVector<int64_t> keep;
+      for (int64_t j = 0; j < static_cast<int64_t>(expert.getWidth()); ++j)
+        if (!neurons.count(j))
+          keep.push_back(j);
+      FailureOr<FlatSymbolRefAttr> gate = selectSlices(model, access, expert.getGateAttr(), keep, 0, ".atoms");
+      FailureOr<FlatSymbolRefAttr> up = selectSlices(model, access, expert.getUpAttr(), keep, 0, ".atoms");
+      FailureOr<FlatSymbolRefAttr> down = selectSlices(model, access, expert.getDownAttr(), keep, 1, ".atoms");
+      if (failed(gate) || failed(up) || failed(down))
+        return signalPassFailure();
+      expert.setGateAttr(*gate);
+      expert.setUpAttr(*up);
+      expert.setDownAttr(*down);
+      expert.setWidth(static_cast<uint64_t>(keep.size()));
+      neuronsPruned += static_cast<int64_t>(neurons.size());
+    }
+    eraseUnusedTensors(model);
   }
 
   void fail(Operation *op, const std::string &message) {

@@ -58,7 +58,7 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
   using MoePruneExpertsBase::MoePruneExpertsBase;
 
   void runOnOperation() override {
-    ModuleOp module = getOperation();
+    ir::ModelOp module = getOperation();
     const bool reconstruction = method == "reconstruction";
     std::string statistic = method == "frequency"     ? stats::kRoutedTokens
                             : method == "gate-weight" ? stats::kGateWeightSum
@@ -91,83 +91,81 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
     if (failed(file))
       return signalPassFailure();
 
-    for (ir::ModelOp model : module.getOps<ir::ModelOp>()) {
-      if (failed(refuseSplitExperts(model, getArgument())))
+    ir::ModelOp model = module;
+    if (failed(refuseSplitExperts(model, getArgument())))
+      return signalPassFailure();
+    // Scores, super experts and per-layer limits.
+    std::vector<Candidate> candidates;
+    std::map<int64_t, ir::LayerOp> layers;
+    std::map<int64_t, int64_t> liveExperts, topK;
+    std::vector<std::pair<double, std::pair<int64_t, int64_t>>> maxOutputs;
+    for (ir::LayerOp layer : model.getBody().getOps<ir::LayerOp>()) {
+      BlockParts parts = blockParts(layer);
+      if (!parts.block)
+        continue;
+      int64_t index = static_cast<int64_t>(layer.getIndex());
+      layers[index] = layer;
+      topK[index] = static_cast<int64_t>(parts.router.getTopK());
+      FailureOr<std::vector<double>> scores = file->layer(index, statistic, layer);
+      FailureOr<std::vector<double>> outputs = file->layer(index, stats::kMaxAbsOutput, layer);
+      if (failed(scores) || failed(outputs))
         return signalPassFailure();
-      // Scores, super experts and per-layer limits.
-      std::vector<Candidate> candidates;
-      std::map<int64_t, ir::LayerOp> layers;
-      std::map<int64_t, int64_t> liveExperts, topK;
-      std::vector<std::pair<double, std::pair<int64_t, int64_t>>> maxOutputs;
-      for (ir::LayerOp layer : model.getBody().getOps<ir::LayerOp>()) {
-        BlockParts parts = blockParts(layer);
-        if (!parts.block)
-          continue;
-        int64_t index = static_cast<int64_t>(layer.getIndex());
-        layers[index] = layer;
-        topK[index] = static_cast<int64_t>(parts.router.getTopK());
-        FailureOr<std::vector<double>> scores = file->layer(index, statistic, layer);
-        FailureOr<std::vector<double>> outputs = file->layer(index, stats::kMaxAbsOutput, layer);
-        if (failed(scores) || failed(outputs))
+      for (ir::ExpertOp expert : parts.experts) {
+        int64_t id = static_cast<int64_t>(expert.getId());
+        if (id >= static_cast<int64_t>(scores->size())) {
+          expert.emitError() << "moe-prune-experts: the statistics have " << scores->size() << " experts for layer "
+                             << index << "; calibrate the model as it is now";
           return signalPassFailure();
-        for (ir::ExpertOp expert : parts.experts) {
-          int64_t id = static_cast<int64_t>(expert.getId());
-          if (id >= static_cast<int64_t>(scores->size())) {
-            expert.emitError() << "moe-prune-experts: the statistics have " << scores->size() << " experts for layer "
-                               << index << "; calibrate the model as it is now";
-            return signalPassFailure();
-          }
-          candidates.push_back({index, id, (*scores)[id]});
-          maxOutputs.push_back({(*outputs)[id], {index, id}});
-          ++liveExperts[index];
         }
+        candidates.push_back({index, id, (*scores)[id]});
+        maxOutputs.push_back({(*outputs)[id], {index, id}});
+        ++liveExperts[index];
       }
-      std::set<std::pair<int64_t, int64_t>> protectedExperts;
-      if (protectSuperExperts) {
-        protectedExperts = findSuperExperts(maxOutputs);
-        superExpertsProtected += static_cast<int64_t>(protectedExperts.size());
-      }
-      auto budgetFor = [&](int64_t layer) {
-        int64_t budget = keep > 0 ? std::max<int64_t>(0, liveExperts[layer] - keep)
-                                  : static_cast<int64_t>(std::llround(ratio * static_cast<double>(liveExperts[layer])));
-        return std::min(budget, liveExperts[layer] - topK[layer]);
-      };
+    }
+    std::set<std::pair<int64_t, int64_t>> protectedExperts;
+    if (protectSuperExperts) {
+      protectedExperts = findSuperExperts(maxOutputs);
+      superExpertsProtected += static_cast<int64_t>(protectedExperts.size());
+    }
+    auto budgetFor = [&](int64_t layer) {
+      int64_t budget = keep > 0 ? std::max<int64_t>(0, liveExperts[layer] - keep)
+                                : static_cast<int64_t>(std::llround(ratio * static_cast<double>(liveExperts[layer])));
+      return std::min(budget, liveExperts[layer] - topK[layer]);
+    };
 
-      std::map<int64_t, std::set<int64_t>> drop;
-      if (reconstruction) {
-        if (failed(searchReconstruction(model, *file, layers, protectedExperts, budgetFor, drop)))
-          return signalPassFailure();
-      } else {
-        // Lowest scores first; ties keep the lower id.
-        std::sort(candidates.begin(), candidates.end(), [](const Candidate &a, const Candidate &b) {
-          return a.score != b.score ? a.score < b.score
-                                    : (a.layer != b.layer ? a.layer < b.layer : a.expert > b.expert);
-        });
-        int64_t globalBudget = static_cast<int64_t>(std::llround(ratio * static_cast<double>(candidates.size())));
-        int64_t dropped = 0;
-        for (const Candidate &candidate : candidates) {
-          if (protectedExperts.count({candidate.layer, candidate.expert}))
-            continue;
-          std::set<int64_t> &layerDrop = drop[candidate.layer];
-          int64_t remaining = liveExperts[candidate.layer] - static_cast<int64_t>(layerDrop.size());
-          if (remaining - 1 < topK[candidate.layer])
-            continue;
-          if (scope == "layer" ? static_cast<int64_t>(layerDrop.size()) >= budgetFor(candidate.layer)
-                               : dropped >= globalBudget)
-            continue;
-          layerDrop.insert(candidate.expert);
-          ++dropped;
-        }
-      }
-      TensorAccess access(model);
-      for (const auto &[index, ids] : drop) {
-        if (ids.empty())
+    std::map<int64_t, std::set<int64_t>> drop;
+    if (reconstruction) {
+      if (failed(searchReconstruction(model, *file, layers, protectedExperts, budgetFor, drop)))
+        return signalPassFailure();
+    } else {
+      // Lowest scores first; ties keep the lower id.
+      std::sort(candidates.begin(), candidates.end(), [](const Candidate &a, const Candidate &b) {
+        return a.score != b.score ? a.score < b.score : (a.layer != b.layer ? a.layer < b.layer : a.expert > b.expert);
+      });
+      int64_t globalBudget = static_cast<int64_t>(std::llround(ratio * static_cast<double>(candidates.size())));
+      int64_t dropped = 0;
+      for (const Candidate &candidate : candidates) {
+        if (protectedExperts.count({candidate.layer, candidate.expert}))
           continue;
-        DropCounts counts;
-        if (failed(dropExperts(model, layers[index], ids, access, getArgument(), counts)))
-          return signalPassFailure();
-        expertsPruned += counts.experts;
+        std::set<int64_t> &layerDrop = drop[candidate.layer];
+        int64_t remaining = liveExperts[candidate.layer] - static_cast<int64_t>(layerDrop.size());
+        if (remaining - 1 < topK[candidate.layer])
+          continue;
+        if (scope == "layer" ? static_cast<int64_t>(layerDrop.size()) >= budgetFor(candidate.layer)
+                             : dropped >= globalBudget)
+          continue;
+        layerDrop.insert(candidate.expert);
+        ++dropped;
       }
+    }
+    TensorAccess access(model);
+    for (const auto &[index, ids] : drop) {
+      if (ids.empty())
+        continue;
+      DropCounts counts;
+      if (failed(dropExperts(model, layers[index], ids, access, getArgument(), counts)))
+        return signalPassFailure();
+      expertsPruned += counts.experts;
     }
   }
 

@@ -28,7 +28,8 @@ struct SetTopkPass : public moe::impl::MoeSetTopkBase<SetTopkPass> {
       return signalPassFailure();
     }
     std::set<int64_t> selected(layers.begin(), layers.end()), seen;
-    for (ir::ModelOp model : getOperation().getOps<ir::ModelOp>())
+    ir::ModelOp model = getOperation();
+    {
       for (ir::LayerOp layer : model.getBody().getOps<ir::LayerOp>()) {
         int64_t index = static_cast<int64_t>(layer.getIndex());
         if (!selected.empty() && !selected.count(index))
@@ -52,6 +53,7 @@ struct SetTopkPass : public moe::impl::MoeSetTopkBase<SetTopkPass> {
           }
         }
       }
+    }
     for (int64_t index : selected)
       if (!seen.count(index)) {
         getOperation().emitError() << "moe-set-topk: layer " << index << " is not an MoE layer of the model";

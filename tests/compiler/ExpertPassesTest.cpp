@@ -62,7 +62,7 @@ std::unique_ptr<Compiled> importDirectory(const std::string &directory, const st
 
 bool runPipeline(Compiled &compiled, const std::string &pipeline) {
   mlir::PassManager manager(&compiled.context);
-  if (mlir::failed(mlir::parsePassPipeline(pipeline, manager)))
+  if (mlir::failed(mlir::parsePassPipeline(pipeline, manager.nest<moe::ir::ModelOp>())))
     return false;
   return mlir::succeeded(manager.run(*compiled.module));
 }

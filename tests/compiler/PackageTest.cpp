@@ -47,7 +47,7 @@ void buildPackage(const std::string &fixture, const std::string &pipeline, const
   auto module = importModel(context, *spec, **checkpoint, configText, store);
   ASSERT_TRUE(module.ok());
   mlir::PassManager manager(&context);
-  ASSERT_TRUE(mlir::succeeded(mlir::parsePassPipeline(pipeline, manager)));
+  ASSERT_TRUE(mlir::succeeded(mlir::parsePassPipeline(pipeline, manager.nest<moe::ir::ModelOp>())));
   ASSERT_TRUE(mlir::succeeded(manager.run(**module)));
   ir::ModelOp model = *(**module).getOps<ir::ModelOp>().begin();
   Status status = emitPackage(model, "", package, "{\"test\": true}");

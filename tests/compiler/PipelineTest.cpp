@@ -52,7 +52,7 @@ void compile(const std::string &directory, const std::string &pipeline, const st
   ASSERT_TRUE(module.ok()) << module.status().message();
   if (!pipeline.empty()) {
     mlir::PassManager manager(&context);
-    ASSERT_TRUE(mlir::succeeded(mlir::parsePassPipeline(pipeline, manager)));
+    ASSERT_TRUE(mlir::succeeded(mlir::parsePassPipeline(pipeline, manager.nest<moe::ir::ModelOp>())));
     ASSERT_TRUE(mlir::succeeded(manager.run(**module)));
   }
   ir::ModelOp model = *(**module).getOps<ir::ModelOp>().begin();
@@ -125,7 +125,7 @@ TEST(Pipeline, ExportRefusesWhatTheConfigCannotExpress) {
   auto module = importModel(context, *spec, **checkpoint, configText, dir.file("m.moestore"));
   ASSERT_TRUE(module.ok());
   mlir::PassManager manager(&context);
-  ASSERT_TRUE(mlir::succeeded(mlir::parsePassPipeline("moe-drop-experts{experts=2:1}", manager)));
+  ASSERT_TRUE(mlir::succeeded(mlir::parsePassPipeline("moe-drop-experts{experts=2:1}", manager.nest<moe::ir::ModelOp>())));
   ASSERT_TRUE(mlir::succeeded(manager.run(**module)));
   Status status = exportHuggingFace(*(**module).getOps<ir::ModelOp>().begin(), dir.file("out"));
   expectErrorContains(status, {"layer 2 has 7 routed experts but an earlier layer has 8", "use the package backend"});
@@ -144,7 +144,7 @@ std::string importAndRun(const std::string &directory, const std::string &pipeli
   auto module = importModel(context, *spec, **checkpoint, configText, store);
   EXPECT_TRUE(module.ok());
   mlir::PassManager manager(&context);
-  EXPECT_TRUE(mlir::succeeded(mlir::parsePassPipeline(pipeline, manager)));
+  EXPECT_TRUE(mlir::succeeded(mlir::parsePassPipeline(pipeline, manager.nest<moe::ir::ModelOp>())));
   EXPECT_EQ(mlir::succeeded(manager.run(**module)), expectSuccess);
   std::string text;
   llvm::raw_string_ostream os(text);

@@ -39,21 +39,24 @@ int runOpt(const OptOptions &options) {
   mlir::OwningOpRef<mlir::ModuleOp> module = readModuleFile(options.input, context);
   if (!module)
     return 1;
+  // The passes are anchored on moe.model: "moe-x{..},moe-y" runs on every
+  // moe.model of the module; an explicit "builtin.module(...)" pipeline is
+  // taken as written.
   mlir::PassManager manager(&context);
   std::string errors;
   llvm::raw_string_ostream errorStream(errors);
-  // Both "moe-x{..},moe-y" and the anchored "builtin.module(moe-x{..})"
-  // run on the module (parsing the anchored form into the module's pass
-  // manager would nest it and silently run nothing).
-  std::string text = llvm::StringRef(options.pipeline).trim().str();
-  if (!llvm::StringRef(text).starts_with("builtin.module("))
-    text = "builtin.module(" + text + ")";
-  mlir::FailureOr<mlir::OpPassManager> parsed = mlir::parsePassPipeline(text, errorStream);
-  if (mlir::failed(parsed)) {
+  const std::string text = llvm::StringRef(options.pipeline).trim().str();
+  if (llvm::StringRef(text).starts_with("builtin.module(")) {
+    mlir::FailureOr<mlir::OpPassManager> parsed = mlir::parsePassPipeline(text, errorStream);
+    if (mlir::failed(parsed)) {
+      printError("--pipeline '" + options.pipeline + "': " + errorStream.str());
+      return 1;
+    }
+    static_cast<mlir::OpPassManager &>(manager) = *parsed;
+  } else if (mlir::failed(mlir::parsePassPipeline(text, manager.nest<ir::ModelOp>(), errorStream))) {
     printError("--pipeline '" + options.pipeline + "': " + errorStream.str());
     return 1;
   }
-  static_cast<mlir::OpPassManager &>(manager) = *parsed;
   if (mlir::failed(manager.run(*module))) {
     printError(options.input + ": the pipeline failed (see the diagnostics above); nothing was written");
     return 1;

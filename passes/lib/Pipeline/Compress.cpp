@@ -66,7 +66,7 @@ Status runPass(mlir::MLIRContext &context, mlir::ModuleOp module, Expected<std::
   if (!pass)
     return pass.status();
   mlir::PassManager manager(&context);
-  manager.addPass(pass.take());
+  manager.nest<ir::ModelOp>().addPass(pass.take()); // passes are anchored on moe.model
   if (mlir::failed(manager.run(module)))
     return Status::error("the pass failed (see the diagnostics above)");
   return Status::success();

@@ -9,7 +9,7 @@
 
 include "mlir/Pass/PassBase.td"
 
-def MoeDropExperts : Pass<"moe-drop-experts", "::mlir::ModuleOp"> {
+def MoeDropExperts : Pass<"moe-drop-experts", "::moe::ir::ModelOp"> {
   let summary = "Remove the listed experts of the listed layers";
   let description = [{
     Switches experts off for good ("Mixture of Tunable Experts"-style expert
@@ -38,7 +38,7 @@ def MoeDropExperts : Pass<"moe-drop-experts", "::mlir::ModuleOp"> {
   ];
 }
 
-def MoePruneExperts : Pass<"moe-prune-experts", "::mlir::ModuleOp"> {
+def MoePruneExperts : Pass<"moe-prune-experts", "::moe::ir::ModelOp"> {
   let summary = "Remove the experts that calibration scores lowest";
   let description = [{
     Scores every routed expert from a calibration statistics file
@@ -80,7 +80,7 @@ def MoePruneExperts : Pass<"moe-prune-experts", "::mlir::ModuleOp"> {
   ];
 }
 
-def MoeSetTopk : Pass<"moe-set-topk", "::mlir::ModuleOp"> {
+def MoeSetTopk : Pass<"moe-set-topk", "::moe::ir::ModelOp"> {
   let summary = "Set the number of routed experts each token uses";
   let description = [{
     ```mlir
@@ -93,7 +93,7 @@ def MoeSetTopk : Pass<"moe-set-topk", "::mlir::ModuleOp"> {
   ];
 }
 
-def MoeDynamicSkip : Pass<"moe-dynamic-skip", "::mlir::ModuleOp"> {
+def MoeDynamicSkip : Pass<"moe-dynamic-skip", "::moe::ir::ModelOp"> {
   let summary = "Calibrate per-layer thresholds for skipping weak routed experts at run time";
   let description = [{
     NAEE's dynamic skipping (MC-MoE's ODP rule): for each MoE layer with
@@ -119,7 +119,7 @@ def MoeDynamicSkip : Pass<"moe-dynamic-skip", "::mlir::ModuleOp"> {
   ];
 }
 
-def MoeMergeExperts : Pass<"moe-merge-experts", "::mlir::ModuleOp"> {
+def MoeMergeExperts : Pass<"moe-merge-experts", "::moe::ir::ModelOp"> {
   let summary = "Merge similar experts (M-SMoE) or recombine dropped experts' neurons (DERN)";
   let description = [{
     `method=msmoe` (M-SMoE, Li et al. 2024): per layer, expert usage
@@ -173,7 +173,7 @@ def MoeMergeExperts : Pass<"moe-merge-experts", "::mlir::ModuleOp"> {
   ];
 }
 
-def MoePruneAtoms : Pass<"moe-prune-atoms", "::mlir::ModuleOp"> {
+def MoePruneAtoms : Pass<"moe-prune-atoms", "::moe::ir::ModelOp"> {
   let summary = "Remove the weakest neurons (atomic experts) of routed experts";
   let description = [{
     Scores every neuron j of every routed expert (its gate row, up row and
@@ -211,7 +211,7 @@ def MoePruneAtoms : Pass<"moe-prune-atoms", "::mlir::ModuleOp"> {
   ];
 }
 
-def MoeQuantize : Pass<"moe-quantize", "::mlir::ModuleOp"> {
+def MoeQuantize : Pass<"moe-quantize", "::moe::ir::ModelOp"> {
   let summary = "Quantize weight matrices to a group-wise integer format";
   let description = [{
     Round-to-nearest (`method=rtn`) or GPTQ (`method=gptq`) quantization of
@@ -276,7 +276,7 @@ def MoeQuantize : Pass<"moe-quantize", "::mlir::ModuleOp"> {
   ];
 }
 
-def MoeAllocateBits : Pass<"moe-allocate-bits", "::mlir::ModuleOp"> {
+def MoeAllocateBits : Pass<"moe-allocate-bits", "::moe::ir::ModelOp"> {
   let summary = "Choose bits per expert (or expert matrix) under a memory budget";
   let description = [{
     MC-MoE's pre-loading mixed-precision allocation as an integer program
