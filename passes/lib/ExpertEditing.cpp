@@ -212,7 +212,7 @@ LogicalResult dropExperts(ir::ModelOp model, ir::LayerOp layer, const std::set<i
   }
 
   // Group-limited routing keeps its groups only if they shrink evenly.
-  if (router.getSelection() != "top-k") {
+  if (router.getSelection() != ir::SelectionKind::TopK) {
     int64_t groups = static_cast<int64_t>(router.getGroups());
     int64_t perGroup = static_cast<int64_t>(experts.size()) / groups;
     std::vector<int64_t> droppedPerGroup(groups, 0);
@@ -223,7 +223,7 @@ LogicalResult dropExperts(ir::ModelOp model, ir::LayerOp layer, const std::set<i
                 droppedPerGroup[0] < perGroup;
     if (!even) {
       OpBuilder builder(router);
-      router.setSelection("top-k");
+      router.setSelection(ir::SelectionKind::TopK);
       router.setGroups(1);
       router.setTopKGroups(1);
       router.emitRemark() << "layer " << layer.getIndex()

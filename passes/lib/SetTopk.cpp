@@ -44,7 +44,7 @@ struct SetTopkPass : public moe::impl::MoeSetTopkBase<SetTopkPass> {
             return signalPassFailure();
           }
           for (ir::RouterOp router : block.getBody().getOps<ir::RouterOp>()) {
-            if (router.getScoring() == "sparsemixer" && topK != 2) {
+            if (router.getScoring() == ir::ScoringKind::SparseMixer && topK != 2) {
               layer.emitError() << "moe-set-topk: layer " << index
                                 << " routes with sparsemixer, which selects exactly 2 experts";
               return signalPassFailure();

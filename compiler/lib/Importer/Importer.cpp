@@ -57,7 +57,23 @@ Type elementType(OpBuilder &builder, DType dtype) {
   return builder.getF32Type();
 }
 
-std::string_view scoringName(RouterScoring scoring) { return routerScoringName(scoring); }
+ir::ScoringKind scoringKind(RouterScoring scoring) {
+  switch (scoring) {
+  case RouterScoring::Softmax: return ir::ScoringKind::Softmax;
+  case RouterScoring::Sigmoid: return ir::ScoringKind::Sigmoid;
+  case RouterScoring::SparseMixer: return ir::ScoringKind::SparseMixer;
+  }
+  return ir::ScoringKind::Softmax;
+}
+
+ir::SelectionKind selectionKind(ExpertSelection selection) {
+  switch (selection) {
+  case ExpertSelection::TopK: return ir::SelectionKind::TopK;
+  case ExpertSelection::GroupLimitedMax: return ir::SelectionKind::GroupMax;
+  case ExpertSelection::GroupLimitedTopTwoSum: return ir::SelectionKind::GroupTopTwoSum;
+  }
+  return ir::SelectionKind::TopK;
+}
 
 std::string absolutePath(const std::string &path) {
   char resolved[PATH_MAX];
@@ -217,7 +233,8 @@ Expected<OwningOpRef<ModuleOp>> importModel(MLIRContext &context, const ModelSpe
     const RouterSpec &router = spec.router;
     auto routerOp = builder.create<ir::RouterOp>(
         location, symbol(routerName), builder.getI64IntegerAttr(router.topK),
-        builder.getStringAttr(scoringName(router.scoring)), builder.getStringAttr(expertSelectionKey(router.selection)),
+        ir::ScoringKindAttr::get(builder.getContext(), scoringKind(router.scoring)),
+        ir::SelectionKindAttr::get(builder.getContext(), selectionKind(router.selection)),
         builder.getBoolAttr(router.normalizeTopK), builder.getF64FloatAttr(router.scalingFactor),
         builder.getI64IntegerAttr(router.numGroups), builder.getI64IntegerAttr(router.topKGroups),
         builder.getF64FloatAttr(router.jitterEps), biasName.empty() ? FlatSymbolRefAttr() : symbol(biasName),

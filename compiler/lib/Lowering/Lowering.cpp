@@ -134,8 +134,11 @@ public:
             routing.scalingFactor = router.getScaling().convertToDouble();
             routing.numGroups = static_cast<int64_t>(router.getGroups());
             routing.topKGroups = static_cast<int64_t>(router.getTopKGroups());
-            // The verifier admits only the three keys.
-            routing.selection = parseExpertSelectionKey(router.getSelection().str()).value_or(ExpertSelection::TopK);
+            switch (router.getSelection()) {
+            case ir::SelectionKind::TopK: routing.selection = ExpertSelection::TopK; break;
+            case ir::SelectionKind::GroupMax: routing.selection = ExpertSelection::GroupLimitedMax; break;
+            case ir::SelectionKind::GroupTopTwoSum: routing.selection = ExpertSelection::GroupLimitedTopTwoSum; break;
+            }
             routing.correctionBias = static_cast<bool>(router.getCorrectionBiasAttr());
             entry.routing.router = routing;
             if (uniformTopK && *uniformTopK != routing.topK)

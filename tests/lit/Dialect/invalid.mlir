@@ -96,7 +96,7 @@ moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
   moe.tensor @d : tensor<8x4xbf16> = "d"
   moe.layer 0 {
     moe.moe_block {
-      // expected-error @+1 {{'moe.router' op scoring 'magic' is not softmax, sigmoid or sparsemixer}}
+      // expected-error @+1 {{custom op 'moe.router' scoring 'magic' is not softmax, sigmoid or sparsemixer}}
       moe.router @r top_k 1 scoring "magic" selection "top-k"
       moe.expert 0 width 4 gate @g up @u down @d
       moe.expert 1 width 4 gate @g up @u down @d
@@ -356,7 +356,7 @@ moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
   moe.tensor @d : tensor<8x4xbf16> = "d"
   moe.layer 0 {
     moe.moe_block {
-      // expected-error @+1 {{'moe.router' op selection 'magic' is not top-k, group-max or group-top2-sum}}
+      // expected-error @+1 {{custom op 'moe.router' selection 'magic' is not top-k, group-max or group-top2-sum}}
       moe.router @r top_k 1 scoring "softmax" selection "magic"
       moe.expert 0 width 4 gate @g up @u down @d
     }

@@ -18,6 +18,38 @@
 using namespace mlir;
 using namespace moe::ir;
 
+#include "moe/Dialect/Moe/IR/MoeOpsEnums.cpp.inc"
+
+/// A router kind is written as its quoted name (`scoring "softmax"`); an
+/// unknown name is a parse error listing the known ones.
+template <typename Kind, typename KindAttr>
+static ParseResult parseKind(OpAsmParser &parser, KindAttr &attr, StringRef what,
+                             std::optional<Kind> (*symbolize)(StringRef), StringRef known) {
+  SMLoc loc = parser.getCurrentLocation();
+  std::string text;
+  if (parser.parseString(&text))
+    return failure();
+  std::optional<Kind> kind = symbolize(text);
+  if (!kind)
+    return parser.emitError(loc) << what << " '" << text << "' is not " << known;
+  attr = KindAttr::get(parser.getContext(), *kind);
+  return success();
+}
+
+static ParseResult parseScoringKind(OpAsmParser &parser, ScoringKindAttr &attr) {
+  return parseKind<ScoringKind>(parser, attr, "scoring", symbolizeScoringKind, "softmax, sigmoid or sparsemixer");
+}
+static void printScoringKind(OpAsmPrinter &printer, Operation *, ScoringKindAttr attr) {
+  printer << '"' << stringifyScoringKind(attr.getValue()) << '"';
+}
+static ParseResult parseSelectionKind(OpAsmParser &parser, SelectionKindAttr &attr) {
+  return parseKind<SelectionKind>(parser, attr, "selection", symbolizeSelectionKind,
+                                  "top-k, group-max or group-top2-sum");
+}
+static void printSelectionKind(OpAsmPrinter &printer, Operation *, SelectionKindAttr attr) {
+  printer << '"' << stringifySelectionKind(attr.getValue()) << '"';
+}
+
 #define GET_OP_CLASSES
 #include "moe/Dialect/Moe/IR/MoeOps.cpp.inc"
 
@@ -206,11 +238,6 @@ LogicalResult RouterOp::verify() {
     return emitOpError("must be inside a moe.moe_block of a moe.model");
   if (static_cast<int64_t>(getTopK()) < 1)
     return emitOpError() << "top_k must be positive, got " << getTopK();
-  StringRef scoring = getScoring(), selection = getSelection();
-  if (scoring != "softmax" && scoring != "sigmoid" && scoring != "sparsemixer")
-    return emitOpError() << "scoring '" << scoring << "' is not softmax, sigmoid or sparsemixer";
-  if (selection != "top-k" && selection != "group-max" && selection != "group-top2-sum")
-    return emitOpError() << "selection '" << selection << "' is not top-k, group-max or group-top2-sum";
   // Distinct experts (the parts of a split expert count once).
   llvm::DenseSet<int64_t> expertIds;
   for (Operation &op : block.getBody().front())
@@ -224,10 +251,10 @@ LogicalResult RouterOp::verify() {
   if (FlatSymbolRefAttr bias = getCorrectionBiasAttr())
     if (failed(expectShape(*this, bias, "correction_bias", {rows})))
       return failure();
-  if (scoring == "sparsemixer" && getTopK() != 2)
+  if (getScoring() == ScoringKind::SparseMixer && getTopK() != 2)
     return emitOpError() << "sparsemixer scoring selects exactly 2 experts, top_k is " << getTopK();
   const int64_t groups = static_cast<int64_t>(getGroups()), topKGroups = static_cast<int64_t>(getTopKGroups());
-  if (selection != "top-k" && (groups < 1 || rows % groups != 0 || topKGroups < 1 || topKGroups > groups))
+  if (getSelection() != SelectionKind::TopK && (groups < 1 || rows % groups != 0 || topKGroups < 1 || topKGroups > groups))
     return emitOpError() << "group-limited selection needs groups dividing the " << rows
                          << " router rows and 1 <= top_k_groups <= groups";
   return success();

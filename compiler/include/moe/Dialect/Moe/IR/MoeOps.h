@@ -15,6 +15,8 @@
 #include "mlir/IR/RegionKindInterface.h"
 #include "mlir/IR/SymbolTable.h"
 
+#include "moe/Dialect/Moe/IR/MoeOpsEnums.h.inc"
+
 #define GET_OP_CLASSES
 #include "moe/Dialect/Moe/IR/MoeOps.h.inc"
 

@@ -11,6 +11,25 @@ include "moe/Dialect/Moe/IR/MoeDialect.td"
 include "mlir/IR/SymbolInterfaces.td"
 include "mlir/IR/RegionKindInterface.td"
 include "mlir/IR/BuiltinAttributes.td"
+include "mlir/IR/EnumAttr.td"
+
+//===----------------------------------------------------------------------===//
+// Router kinds (enum attributes, written as the quoted names)
+//===----------------------------------------------------------------------===//
+
+def Moe_ScoringKind : I32EnumAttr<"ScoringKind", "how router logits become expert scores", [
+    I32EnumAttrCase<"Softmax", 0, "softmax">,
+    I32EnumAttrCase<"Sigmoid", 1, "sigmoid">,
+    I32EnumAttrCase<"SparseMixer", 2, "sparsemixer">]> {
+  let cppNamespace = "::moe::ir";
+}
+
+def Moe_SelectionKind : I32EnumAttr<"SelectionKind", "how a token's experts are chosen from the scores", [
+    I32EnumAttrCase<"TopK", 0, "top-k">,
+    I32EnumAttrCase<"GroupMax", 1, "group-max">,
+    I32EnumAttrCase<"GroupTopTwoSum", 2, "group-top2-sum">]> {
+  let cppNamespace = "::moe::ir";
+}
 
 def Moe_ModelOp : Moe_Op<"model", [SymbolTable, Symbol, IsolatedFromAbove, NoTerminator,
                                    SingleBlock, NoRegionArguments]> {
@@ -136,7 +155,7 @@ def Moe_RouterOp : Moe_Op<"router", [HasParent<"MoeBlockOp">]> {
     moe.router @gate top_k 8 scoring "sigmoid" selection "group-top2-sum" {correction_bias = @bias, groups = 8, normalize = true, scaling = 2.5 : f64, top_k_groups = 4}
     ```
   }];
-  let arguments = (ins FlatSymbolRefAttr:$weight, I64Attr:$top_k, StrAttr:$scoring, StrAttr:$selection,
+  let arguments = (ins FlatSymbolRefAttr:$weight, I64Attr:$top_k, Moe_ScoringKind:$scoring, Moe_SelectionKind:$selection,
                        DefaultValuedAttr<BoolAttr, "false">:$normalize,
                        DefaultValuedAttr<F64Attr, "1.0">:$scaling,
                        DefaultValuedAttr<I64Attr, "1">:$groups,
@@ -145,7 +164,10 @@ def Moe_RouterOp : Moe_Op<"router", [HasParent<"MoeBlockOp">]> {
                        OptionalAttr<FlatSymbolRefAttr>:$correction_bias,
                        OptionalAttr<DenseI64ArrayAttr>:$remap,
                        OptionalAttr<F64Attr>:$skip_threshold);
-  let assemblyFormat = "$weight `top_k` $top_k `scoring` $scoring `selection` $selection attr-dict";
+  let assemblyFormat = [{
+    $weight `top_k` $top_k `scoring` custom<ScoringKind>($scoring) `selection` custom<SelectionKind>($selection)
+    attr-dict
+  }];
   let hasVerifier = 1;
 }
 
