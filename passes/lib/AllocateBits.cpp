@@ -4,6 +4,7 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "PassSupport.h"
 #include "moe/Calibration/StatisticNames.h"
 #include "moe/Transforms/Passes.h"
 
@@ -455,7 +456,7 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
   }
 
   void fail(Operation *op, const std::string &message) {
-    op->emitError() << "moe-allocate-bits: " << message;
+    passError(op, getArgument()) << message;
     signalPassFailure();
   }
 };

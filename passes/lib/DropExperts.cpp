@@ -4,6 +4,7 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "PassSupport.h"
 #include "moe/Lowering/TensorAccess.h"
 #include "moe/Transforms/Passes.h"
 
@@ -80,7 +81,7 @@ struct DropExpertsPass : public moe::impl::MoeDropExpertsBase<DropExpertsPass> {
     }
     for (const auto &[layer, ids] : requested)
       if (!seen.count(layer)) {
-        model.emitError() << "moe-drop-experts: layer " << layer << " does not exist";
+        passError(model, getArgument()) << "layer " << layer << " does not exist";
         return signalPassFailure();
       }
   }

@@ -4,6 +4,7 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "PassSupport.h"
 #include "moe/Transforms/Passes.h"
 
 #include "LayerLoader.h"
@@ -31,7 +32,7 @@ struct DynamicSkipPass : public moe::impl::MoeDynamicSkipBase<DynamicSkipPass> {
   void runOnOperation() override {
     ir::ModelOp module = getOperation();
     if (!(quantile > 0.0 && quantile < 1.0)) {
-      module.emitError() << "moe-dynamic-skip: quantile must be in (0, 1), got " << quantile;
+      passError(module, getArgument()) << "quantile must be in (0, 1), got " << quantile;
       return signalPassFailure();
     }
     FailureOr<StatisticsReader> file = StatisticsReader::open(stats, module, getArgument());

@@ -4,6 +4,7 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "PassSupport.h"
 #include "moe/Calibration/StatisticNames.h"
 #include "moe/Transforms/Passes.h"
 
@@ -183,7 +184,7 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
   }
 
   void fail(Operation *op, const std::string &message) {
-    op->emitError() << "moe-merge-experts: " << message;
+    passError(op, getArgument()) << message;
     signalPassFailure();
   }
 
@@ -285,8 +286,8 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
           std::fill(values->begin(), values->end(), 0.0f);
         for (int64_t e : members) {
           if (matrices[e].width != matrices[c].width)
-            return info.layer.emitError() << "moe-merge-experts: experts " << c << " and " << e << " of layer "
-                                          << info.index << " have different widths; merge before moe-prune-atoms";
+            return passError(info.layer, getArgument()) << "experts " << c << " and " << e << " of layer " << info.index
+                                                        << " have different widths; merge before moe-prune-atoms";
           ExpertMatrices member = matrices[e];
           if (align == "permutation" && e != c)
             alignNeurons(matrices[c], member);

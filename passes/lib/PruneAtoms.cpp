@@ -4,6 +4,7 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "PassSupport.h"
 #include "moe/Calibration/StatisticNames.h"
 #include "moe/Transforms/Passes.h"
 
@@ -177,7 +178,7 @@ struct PruneAtomsPass : public moe::impl::MoePruneAtomsBase<PruneAtomsPass> {
   }
 
   void fail(Operation *op, const std::string &message) {
-    op->emitError() << "moe-prune-atoms: " << message;
+    passError(op, getArgument()) << message;
     signalPassFailure();
   }
 };

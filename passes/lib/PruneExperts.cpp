@@ -4,6 +4,7 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "PassSupport.h"
 #include "moe/Calibration/StatisticNames.h"
 #include "moe/Frontend/Safetensors.h"
 #include "moe/Lowering/TensorAccess.h"
@@ -67,12 +68,12 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
                             : reconstruction          ? stats::kRoutedTokens
                                                       : "";
     if (statistic.empty()) {
-      module.emitError() << "moe-prune-experts: method '" << method.getValue()
-                         << "' is not frequency, gate-weight, easy-ep, tcess or reconstruction";
+      passError(module, getArgument()) << "method '" << method.getValue()
+                                       << "' is not frequency, gate-weight, easy-ep, tcess or reconstruction";
       return signalPassFailure();
     }
     if (scope != "layer" && scope != "global") {
-      module.emitError() << "moe-prune-experts: scope '" << scope.getValue() << "' is not layer or global";
+      passError(module, getArgument()) << "scope '" << scope.getValue() << "' is not layer or global";
       return signalPassFailure();
     }
     if (reconstruction && scope == "global") {
@@ -80,11 +81,11 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
       return signalPassFailure();
     }
     if (!(ratio >= 0.0 && ratio < 1.0) || keep < 0 || (keep > 0 && ratio > 0.0) || (keep > 0 && scope == "global")) {
-      module.emitError() << "moe-prune-experts: give ratio in [0, 1) or keep > 0 (per layer), not both";
+      passError(module, getArgument()) << "give ratio in [0, 1) or keep > 0 (per layer), not both";
       return signalPassFailure();
     }
     if (maxSubsets < 1) {
-      module.emitError() << "moe-prune-experts: max-subsets must be positive, got " << maxSubsets;
+      passError(module, getArgument()) << "max-subsets must be positive, got " << maxSubsets;
       return signalPassFailure();
     }
     FailureOr<StatisticsReader> file = StatisticsReader::open(stats, module, getArgument());
@@ -113,8 +114,8 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
       for (ir::ExpertOp expert : parts.experts) {
         int64_t id = static_cast<int64_t>(expert.getId());
         if (id >= static_cast<int64_t>(scores->size())) {
-          expert.emitError() << "moe-prune-experts: the statistics have " << scores->size() << " experts for layer "
-                             << index << "; calibrate the model as it is now";
+          passError(expert, getArgument()) << "the statistics have " << scores->size() << " experts for layer " << index
+                                           << "; calibrate the model as it is now";
           return signalPassFailure();
         }
         candidates.push_back({index, id, (*scores)[id]});
@@ -194,7 +195,7 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
         return failure();
       const LayerWeights &weights = *loaded;
       if (!weights.routing.remap.empty())
-        return layer.emitError() << "moe-prune-experts: layer " << index << " has merged experts";
+        return passError(layer, getArgument()) << "layer " << index << " has merged experts";
       const LayerSpec &layerSpec = spec.layers[static_cast<size_t>(index)];
       std::vector<int64_t> choices;
       for (int64_t e = 0; e < weights.router.rows; ++e)

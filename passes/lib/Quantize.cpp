@@ -4,6 +4,7 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "PassSupport.h"
 #include "moe/Calibration/StatisticNames.h"
 #include "moe/Transforms/Passes.h"
 
@@ -322,7 +323,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
   }
 
   void fail(Operation *op, const std::string &message) {
-    op->emitError() << "moe-quantize: " << message;
+    passError(op, getArgument()) << message;
     signalPassFailure();
   }
 

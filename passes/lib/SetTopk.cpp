@@ -4,6 +4,7 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "PassSupport.h"
 #include "moe/Dialect/Moe/IR/MoeOps.h"
 #include "moe/Transforms/Passes.h"
 
@@ -24,7 +25,7 @@ struct SetTopkPass : public moe::impl::MoeSetTopkBase<SetTopkPass> {
 
   void runOnOperation() override {
     if (topK < 1) {
-      getOperation().emitError() << "moe-set-topk: top-k must be at least 1, got " << static_cast<int64_t>(topK);
+      passError(getOperation(), getArgument()) << "top-k must be at least 1, got " << static_cast<int64_t>(topK);
       return signalPassFailure();
     }
     std::set<int64_t> selected(layers.begin(), layers.end()), seen;
@@ -39,14 +40,14 @@ struct SetTopkPass : public moe::impl::MoeSetTopkBase<SetTopkPass> {
           int64_t live = std::distance(block.getBody().getOps<ir::ExpertOp>().begin(),
                                        block.getBody().getOps<ir::ExpertOp>().end());
           if (topK > live) {
-            layer.emitError() << "moe-set-topk: top-k " << static_cast<int64_t>(topK) << " exceeds the " << live
-                              << " experts of layer " << index;
+            passError(layer, getArgument())
+                << "top-k " << static_cast<int64_t>(topK) << " exceeds the " << live << " experts of layer " << index;
             return signalPassFailure();
           }
           for (ir::RouterOp router : block.getBody().getOps<ir::RouterOp>()) {
             if (router.getScoring() == ir::ScoringKind::SparseMixer && topK != 2) {
-              layer.emitError() << "moe-set-topk: layer " << index
-                                << " routes with sparsemixer, which selects exactly 2 experts";
+              passError(layer, getArgument())
+                  << "layer " << index << " routes with sparsemixer, which selects exactly 2 experts";
               return signalPassFailure();
             }
             router.setTopK(static_cast<uint64_t>(topK));
@@ -56,7 +57,7 @@ struct SetTopkPass : public moe::impl::MoeSetTopkBase<SetTopkPass> {
     }
     for (int64_t index : selected)
       if (!seen.count(index)) {
-        getOperation().emitError() << "moe-set-topk: layer " << index << " is not an MoE layer of the model";
+        passError(getOperation(), getArgument()) << "layer " << index << " is not an MoE layer of the model";
         return signalPassFailure();
       }
   }
