@@ -15,6 +15,7 @@
 #include "moe/Support/Process.h"
 #include "moe/Support/Signals.h"
 
+#include "mlir/IR/Diagnostics.h"
 #include "mlir/Pass/PassManager.h"
 
 #include <chrono>
@@ -60,15 +61,24 @@ json moduleCounts(ir::ModelOp model) {
   return {{"routed_experts", experts}, {"routed_expert_parameters", parameters}};
 }
 
-/// Runs one pass (built from the recipe, never from text) on the module;
-/// errors carry MLIR's diagnostics.
+/// Runs one pass (built from the recipe, never from text) on the module.
+/// Its errors are the recipe's: collected from MLIR's diagnostics (which
+/// would point at the checkpoint's config.json, the module's location) and
+/// returned as one message; remarks and warnings still print.
 Status runPass(mlir::MLIRContext &context, mlir::ModuleOp module, Expected<std::unique_ptr<mlir::Pass>> pass) {
   if (!pass)
     return pass.status();
+  std::string errors;
+  mlir::ScopedDiagnosticHandler collect(&context, [&](mlir::Diagnostic &diagnostic) {
+    if (diagnostic.getSeverity() != mlir::DiagnosticSeverity::Error)
+      return mlir::failure(); // not handled here: printed as before
+    errors += (errors.empty() ? "" : "; ") + diagnostic.str();
+    return mlir::success();
+  });
   mlir::PassManager manager(&context);
   manager.nest<ir::ModelOp>().addPass(pass.take()); // passes are anchored on moe.model
   if (mlir::failed(manager.run(module)))
-    return Status::error("the pass failed (see the diagnostics above)");
+    return Status::error(errors.empty() ? std::string("the pass failed with no message") : errors);
   return Status::success();
 }
 
@@ -258,7 +268,7 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
       auto passStart = std::chrono::steady_clock::now();
       Expected<json> done = runSequentialGptq(context, *module, model, pass, *recipe, work, progress);
       if (!done)
-        return Status::error(options.recipe, ": pass '", pass.name, "': ", done.status().message(),
+        return Status::error(options.recipe, ": ", pass.jsonPath, ": ", done.status().message(),
                              "; nothing was written");
       record["sequential"] = *done;
       record["seconds"] = seconds(passStart);
@@ -286,7 +296,8 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
     auto passStart = std::chrono::steady_clock::now();
     if (Status status = runPass(context, *module, buildRecipePass(*recipe, pass, PassOverrides{statsPath, {}, {}}));
         !status.ok())
-      return Status::error(options.recipe, ": pass '", pass.name, "': ", status.message(), "; nothing was written");
+      return Status::error(options.recipe, ": ", pass.jsonPath, ": ", status.message(),
+                           "; nothing was written");
     record["seconds"] = seconds(passStart);
     record["after"] = moduleCounts(model);
     passes.push_back(record);
