@@ -37,260 +37,45 @@ namespace {
 struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
   using MoeQuantizeBase::MoeQuantizeBase;
 
-  void runOnOperation() override {
-    ir::ModelOp module = getOperation();
-    if (method != "rtn" && method != "gptq")
-      return fail(module, "method '" + method + "' is not rtn or gptq");
-    if (!(minCoverage >= 0.0 && minCoverage <= 1.0))
-      return fail(module, "min-coverage must be a fraction of the calibration tokens in [0, 1]");
-    FailureOr<StatisticsReader> file = failure();
-    if (method == "gptq") {
-      file = StatisticsReader::open(stats, module, getArgument());
-      if (failed(file))
-        return signalPassFailure();
-    }
-    if (scaleType != "f16" && scaleType != "bf16")
-      return fail(module, "scale-type '" + scaleType + "' is not f16 or bf16");
-    format = quant::QuantFormat{static_cast<int>(bits), static_cast<int>(group), symmetric,
-                                scaleType == "bf16" ? quant::ScaleType::BF16 : quant::ScaleType::F16};
-    if (std::string problem = quant::validateQuantFormat(format); !problem.empty())
-      return fail(module, problem);
-    std::set<std::string> kinds;
-    std::stringstream list(targets);
-    for (std::string kind; std::getline(list, kind, ',');) {
-      if (kind == "all") {
-        kinds.insert({"experts", "shared", "attention", "dense"});
-      } else if (kind == "experts" || kind == "shared" || kind == "attention" || kind == "dense" || kind == "lm_head" ||
-                 kind == "embedding") {
-        kinds.insert(kind);
-      } else {
-        return fail(module,
-                    "target '" + kind + "' is not experts, shared, attention, dense, lm_head, embedding or all");
-      }
-    }
-    const std::set<int64_t> scope(layers.begin(), layers.end());
-    ir::ModelOp model = module;
-    int64_t numLayers = 0;
-    model.walk([&](ir::LayerOp) { ++numLayers; });
-    for (int64_t layer : scope)
-      if (layer < -1 || layer >= numLayers)
-        return fail(model, concat("layers: the model has no layer ", layer, " (it has ", numLayers,
-                                  "; -1 names the tensors outside layers)"));
-    // The layer an op belongs to, -1 outside layers; `layers` keeps some.
-    auto inScope = [&](Operation *op) {
-      if (scope.empty())
-        return true;
-      auto layerOp = op->getParentOfType<ir::LayerOp>();
-      return scope.count(layerOp ? static_cast<int64_t>(layerOp.getIndex()) : -1) > 0;
-    };
-    // The matrices to quantize, by symbol (a tensor used twice is done once).
-    std::set<std::string> symbols;
-    auto add = [&](FlatSymbolRefAttr symbol) {
-      if (symbol)
-        symbols.insert(symbol.getValue().str());
-    };
-    // For GPTQ: which expert matrix a symbol is (layer, expert id, down?).
-    struct ExpertMatrix {
-      int64_t layer, expert;
-      bool down;
-      int64_t partOffset = -1; ///< A split expert's part: its first neuron.
-    };
+  /// For GPTQ: which expert matrix a symbol is (layer, expert id, down?).
+  struct ExpertMatrix {
+    int64_t layer, expert;
+    bool down;
+    int64_t partOffset = -1; ///< A split expert's part: its first neuron.
+  };
+  /// What one run quantises, and where GPTQ finds each matrix's Hessian.
+  struct Plan {
+    std::set<std::string> kinds;   ///< The targets (experts, shared, attention, ...).
+    std::set<std::string> symbols; ///< Matrices to quantise (a tensor used twice once).
     std::map<std::string, ExpertMatrix> expertMatrices;
-    // Attention projections and shared experts: the layer statistic holding
-    // their Hessian (every token reaches them).
+    /// Attention projections and shared experts: the layer statistic holding
+    /// their Hessian (every token reaches them).
     std::map<std::string, std::pair<int64_t, std::string>> denseMatrices;
-    model.walk([&](Operation *op) {
-      if (!inScope(op))
-        return;
-      if (auto expert = dyn_cast<ir::ExpertOp>(op); expert && kinds.count("experts")) {
-        add(expert.getGateAttr());
-        add(expert.getUpAttr());
-        add(expert.getDownAttr());
-        const int64_t layer = static_cast<int64_t>(expert->getParentOfType<ir::LayerOp>().getIndex());
-        const int64_t id = static_cast<int64_t>(expert.getId());
-        const int64_t offset = expert.getPartOffset() ? static_cast<int64_t>(*expert.getPartOffset()) : -1;
-        expertMatrices[expert.getGate().str()] = {layer, id, false, offset};
-        expertMatrices[expert.getUp().str()] = {layer, id, false, offset};
-        expertMatrices[expert.getDown().str()] = {layer, id, true, offset};
-      } else if (auto shared = dyn_cast<ir::SharedExpertOp>(op); shared && kinds.count("shared")) {
-        add(shared.getGateAttr());
-        add(shared.getUpAttr());
-        add(shared.getDownAttr());
-        const int64_t layer = static_cast<int64_t>(shared->getParentOfType<ir::LayerOp>().getIndex());
-        denseMatrices[shared.getGate().str()] = {layer, stats::kSharedInputMoments};
-        denseMatrices[shared.getUp().str()] = {layer, stats::kSharedInputMoments};
-        denseMatrices[shared.getDown().str()] = {layer, stats::kSharedIntermediateMoments};
-      } else if (auto dense = dyn_cast<ir::DenseOp>(op)) {
-        const bool wanted = (dense.getPart() == "attention" && kinds.count("attention")) ||
-                            (dense.getPart() == "dense_mlp" && kinds.count("dense")) ||
-                            (dense.getPart() == "lm_head" && kinds.count("lm_head")) ||
-                            (dense.getPart() == "embedding" && kinds.count("embedding"));
-        if (wanted)
-          for (NamedAttribute entry : dense.getTensors())
-            if (auto symbol = dyn_cast<FlatSymbolRefAttr>(entry.getValue()))
-              if (lookupTensor(model, symbol).getTensorType().getRank() == 2) {
-                add(symbol);
-                auto layerOp = dense->getParentOfType<ir::LayerOp>();
-                StringRef role = entry.getName().getValue();
-                if (layerOp && dense.getPart() == "attention") {
-                  const int64_t layer = static_cast<int64_t>(layerOp.getIndex());
-                  if (role == "q_proj" || role == "k_proj" || role == "v_proj" || role == "q_a_proj" ||
-                      role == "kv_a_proj")
-                    denseMatrices[symbol.getValue().str()] = {layer, stats::kAttentionInputMoments};
-                  else if (role == "o_proj")
-                    denseMatrices[symbol.getValue().str()] = {layer, stats::kAttentionOutputMoments};
-                }
-              }
-      }
-    });
-    TensorAccess access(model);
-    Builder builder(model.getContext());
-    // One job per matrix: read (in order), quantise (GPTQ in parallel,
-    // a batch of one matrix per thread at a time, so memory stays at a
-    // few matrices and Hessians), then write (in order).
-    struct Job {
-      std::string symbol;
-      ir::TensorOp tensor;
-      quant::QuantFormat format;
-      std::vector<float> values;
-      int64_t rows = 0, cols = 0;
-      std::optional<std::vector<double>> hessian; ///< Set: GPTQ.
-      std::string where;                          ///< For messages.
-      std::vector<uint8_t> packed;
-      Status status = Status::success();
-    };
-    auto prepare = [&](const std::string &symbolName, Job &job) -> LogicalResult {
-      FlatSymbolRefAttr symbol = FlatSymbolRefAttr::get(model.getContext(), symbolName);
-      ir::TensorOp tensor = lookupTensor(model, symbol);
-      job.symbol = symbolName;
-      job.tensor = tensor;
-      DType dtype;
-      FailureOr<std::vector<float>> values = readF32(model, access, symbol, dtype);
-      if (failed(values))
-        return failure();
-      job.values = std::move(*values);
-      job.rows = tensor.getTensorType().getShape()[0];
-      job.cols = tensor.getTensorType().getShape()[1];
-      const int64_t cols = job.cols;
-      // moe-allocate-bits' choice overrides `bits` for this tensor.
-      job.format = this->format;
-      if (auto chosen = tensor->getAttrOfType<IntegerAttr>("moe.bits")) {
-        job.format.bits = static_cast<int>(chosen.getInt());
-        if (std::string problem = quant::validateQuantFormat(job.format); !problem.empty()) {
-          fail(tensor, "moe.bits: " + problem);
-          return failure();
-        }
-      }
-      if (method != "gptq")
-        return success();
-      auto where = expertMatrices.find(symbolName);
-      auto denseWhere = denseMatrices.find(symbolName);
-      if (where == expertMatrices.end() && denseWhere != denseMatrices.end()) {
-        const auto &[layer, statistic] = denseWhere->second;
-        FailureOr<std::vector<double>> hessian = file->layer(layer, statistic, tensor);
-        if (failed(hessian))
-          return failure();
-        if (static_cast<int64_t>(hessian->size()) != cols * cols) {
-          fail(tensor, concat("the Hessian '", statistic, "' of layer ", layer, " has ", hessian->size(),
-                              " values, the matrix has ", cols, " columns; calibrate the model as it is now"));
-          return failure();
-        }
-        job.hessian = std::move(*hessian);
-        job.where = concat("layer ", layer);
-      } else if (where == expertMatrices.end()) {
-        tensor.emitRemark() << "moe-quantize: no Hessian is recorded for this tensor's input (MLA's q_b/kv_b, "
-                               "dense-layer MLPs, lm_head, embeddings); it gets RTN";
-      } else {
-        const ExpertMatrix &m = where->second;
-        FailureOr<std::vector<double>> coverage = file->layer(m.layer, stats::kMomentTokens, tensor);
-        FailureOr<std::vector<double>> total = file->layer(m.layer, stats::kTokens, tensor);
-        if (failed(coverage) || failed(total))
-          return failure();
-        if (m.expert >= static_cast<int64_t>(coverage->size())) {
-          fail(tensor, concat("the statistics have ", coverage->size(), " experts for layer ", m.layer,
-                              "; calibrate the model as it is now"));
-          return failure();
-        }
-        const double seen = (*coverage)[m.expert], tokens = total->empty() ? 0.0 : (*total)[0];
-        if (seen < minCoverage * tokens || seen == 0) {
-          tensor.emitRemark() << concat("moe-quantize: layer ", m.layer, " expert ", m.expert, " saw ",
-                                        static_cast<int64_t>(seen), " calibration tokens (",
-                                        tokens > 0 ? 100.0 * seen / tokens : 0.0, "% of ", static_cast<int64_t>(tokens),
-                                        "), below min-coverage ", 100.0 * minCoverage, "%: RTN instead of GPTQ");
-          ++rtnFallbacks;
-          return success();
-        }
-        FailureOr<std::vector<double>> hessian =
-            file->expert(m.layer, m.expert, m.down ? stats::kIntermediateMoments : stats::kInputMoments, tensor);
-        if (failed(hessian))
-          return failure();
-        if (m.down && m.partOffset >= 0) {
-          // A part's down projection sees the part's neurons: its block of
-          // the expert's intermediate moments (calibrated after the split).
-          const int64_t full = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(hessian->size()))));
-          if (m.partOffset + cols > full) {
-            fail(tensor,
-                 concat("the intermediate moments of layer ", m.layer, " expert ", m.expert, " cover ", full,
-                        " neurons, the part needs ", m.partOffset + cols, "; calibrate the model as it is now"));
-            return failure();
-          }
-          std::vector<double> block(static_cast<size_t>(cols * cols));
-          for (int64_t a = 0; a < cols; ++a)
-            for (int64_t b = 0; b < cols; ++b)
-              block[a * cols + b] = (*hessian)[(m.partOffset + a) * full + m.partOffset + b];
-          *hessian = std::move(block);
-        }
-        if (static_cast<int64_t>(hessian->size()) != cols * cols) {
-          fail(tensor, concat("the Hessian of layer ", m.layer, " expert ", m.expert, " is ", hessian->size(),
-                              " values, the matrix has ", cols, " columns; calibrate the model as it is now"));
-          return failure();
-        }
-        job.hessian = std::move(*hessian);
-        job.where = concat("layer ", m.layer, " expert ", m.expert);
-      }
-      return success();
-    };
-    auto compute = [&](Job &job) {
-      job.packed.assign(job.format.matrixBytes(job.rows, job.cols), 0);
-      if (job.hessian) {
-        GptqOptions gptq{damping, block, actOrder};
-        job.status =
-            quantizeGptq(job.format, job.values, job.rows, job.cols, std::move(*job.hessian), gptq, job.packed);
-        job.hessian.reset();
-      } else {
-        quant::quantizeReference(job.format, job.values.data(), job.rows, job.cols, job.packed.data());
-      }
-    };
-    auto finish = [&](Job &job) -> LogicalResult {
-      if (!job.status.ok()) {
-        fail(job.tensor, concat(job.where, ": ", job.status.message()));
-        return failure();
-      }
-      if (!job.where.empty()) // GPTQ ran
-        ++gptqMatrices;
-      const std::string name = job.format.name();
-      const std::string key = job.symbol + "." + name;
-      auto quantAttr = ir::QuantAttr::get(model.getContext(), job.format.bits, job.format.group,
-                                          job.format.symmetric ? "sym" : "asym", name);
-      const int64_t size = static_cast<int64_t>(job.packed.size());
-      FailureOr<std::string> stored = appendToStore(model, access, key, DType::U8, {size}, job.packed);
-      if (failed(stored))
-        return failure();
-      // Same symbol and logical type: every use stays valid.
-      ir::TensorOp tensor = job.tensor;
-      tensor->removeAttr("moe.bits");
-      tensor.setKey(*stored);
-      tensor.removeSourceAttr();
-      tensor.removeSliceAttr();
-      tensor.setQuantAttr(quantAttr);
-      if (Operation *scale = SymbolTable::lookupSymbolIn(model, builder.getStringAttr(job.symbol + "_scale_inv")))
-        scale->erase();
-      ++tensorsQuantized;
-      return success();
-    };
+    std::optional<StatisticsReader> file; ///< GPTQ's statistics.
+  };
+  /// One matrix: read (in order), quantised (GPTQ in parallel, a batch of
+  /// one matrix per thread at a time, so memory stays at a few matrices and
+  /// Hessians), then written (in order).
+  struct Job {
+    std::string symbol;
+    ir::TensorOp tensor;
+    quant::QuantFormat format;
+    std::vector<float> values;
+    int64_t rows = 0, cols = 0;
+    std::optional<std::vector<double>> hessian; ///< Set: GPTQ.
+    std::string where;                          ///< For messages.
+    std::vector<uint8_t> packed;
+    Status status = Status::success();
+  };
 
+  void runOnOperation() override {
+    ir::ModelOp model = getOperation();
+    FailureOr<Plan> plan = planRun(model);
+    if (failed(plan))
+      return;
+    TensorAccess access(model);
     std::vector<std::string> pending;
-    for (const std::string &symbolName : symbols) {
+    for (const std::string &symbolName : plan->symbols) {
       ir::TensorOp tensor = lookupTensor(model, FlatSymbolRefAttr::get(model.getContext(), symbolName));
       if (tensor.getQuantAttr()) {
         tensor.emitRemark() << "moe-quantize: already quantised (" << tensor.getQuantAttr().getFormat()
@@ -303,7 +88,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     for (size_t first = 0; first < pending.size(); first += threads) {
       std::vector<Job> jobs(std::min(threads, pending.size() - first));
       for (size_t j = 0; j < jobs.size(); ++j)
-        if (failed(prepare(pending[first + j], jobs[j])))
+        if (failed(prepare(model, access, *plan, pending[first + j], jobs[j])))
           return signalPassFailure();
       if (jobs.size() == 1 || method != "gptq") {
         for (Job &job : jobs)
@@ -317,9 +102,245 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
           worker.join();
       }
       for (Job &job : jobs)
-        if (failed(finish(job)))
+        if (failed(finish(model, access, job)))
           return signalPassFailure();
     }
+  }
+
+  /// Checks the options and collects the matrices to quantise.
+  FailureOr<Plan> planRun(ir::ModelOp model) {
+    ir::ModelOp module = model;
+    Plan plan;
+    if (method != "rtn" && method != "gptq")
+      return fail(module, "method '" + method + "' is not rtn or gptq"), failure();
+    if (!(minCoverage >= 0.0 && minCoverage <= 1.0))
+      return fail(module, "min-coverage must be a fraction of the calibration tokens in [0, 1]"), failure();
+    if (method == "gptq") {
+      FailureOr<StatisticsReader> opened = StatisticsReader::open(stats, module, getArgument());
+      if (failed(opened))
+        return signalPassFailure(), failure();
+      plan.file = std::move(*opened);
+    }
+    if (scaleType != "f16" && scaleType != "bf16")
+      return fail(module, "scale-type '" + scaleType + "' is not f16 or bf16"), failure();
+    format = quant::QuantFormat{static_cast<int>(bits), static_cast<int>(group), symmetric,
+                                scaleType == "bf16" ? quant::ScaleType::BF16 : quant::ScaleType::F16};
+    if (std::string problem = quant::validateQuantFormat(format); !problem.empty())
+      return fail(module, problem), failure();
+    std::stringstream list(targets);
+    for (std::string kind; std::getline(list, kind, ',');) {
+      if (kind == "all") {
+        plan.kinds.insert({"experts", "shared", "attention", "dense"});
+      } else if (kind == "experts" || kind == "shared" || kind == "attention" || kind == "dense" || kind == "lm_head" ||
+                 kind == "embedding") {
+        plan.kinds.insert(kind);
+      } else {
+        return fail(module,
+                    "target '" + kind + "' is not experts, shared, attention, dense, lm_head, embedding or all"),
+               failure();
+      }
+    }
+    const std::set<int64_t> scope(layers.begin(), layers.end());
+    int64_t numLayers = 0;
+    model.walk([&](ir::LayerOp) { ++numLayers; });
+    for (int64_t layer : scope)
+      if (layer < -1 || layer >= numLayers)
+        return fail(model, concat("layers: the model has no layer ", layer, " (it has ", numLayers,
+                                  "; -1 names the tensors outside layers)")),
+               failure();
+    // The layer an op belongs to, -1 outside layers; `layers` keeps some.
+    auto inScope = [&](Operation *op) {
+      if (scope.empty())
+        return true;
+      auto layerOp = op->getParentOfType<ir::LayerOp>();
+      return scope.count(layerOp ? static_cast<int64_t>(layerOp.getIndex()) : -1) > 0;
+    };
+    // The matrices to quantize, by symbol (a tensor used twice is done once).
+    auto add = [&](FlatSymbolRefAttr symbol) {
+      if (symbol)
+        plan.symbols.insert(symbol.getValue().str());
+    };
+    model.walk([&](Operation *op) {
+      if (!inScope(op))
+        return;
+      if (auto expert = dyn_cast<ir::ExpertOp>(op); expert && plan.kinds.count("experts")) {
+        add(expert.getGateAttr());
+        add(expert.getUpAttr());
+        add(expert.getDownAttr());
+        const int64_t layer = static_cast<int64_t>(expert->getParentOfType<ir::LayerOp>().getIndex());
+        const int64_t id = static_cast<int64_t>(expert.getId());
+        const int64_t offset = expert.getPartOffset() ? static_cast<int64_t>(*expert.getPartOffset()) : -1;
+        plan.expertMatrices[expert.getGate().str()] = {layer, id, false, offset};
+        plan.expertMatrices[expert.getUp().str()] = {layer, id, false, offset};
+        plan.expertMatrices[expert.getDown().str()] = {layer, id, true, offset};
+      } else if (auto shared = dyn_cast<ir::SharedExpertOp>(op); shared && plan.kinds.count("shared")) {
+        add(shared.getGateAttr());
+        add(shared.getUpAttr());
+        add(shared.getDownAttr());
+        const int64_t layer = static_cast<int64_t>(shared->getParentOfType<ir::LayerOp>().getIndex());
+        plan.denseMatrices[shared.getGate().str()] = {layer, stats::kSharedInputMoments};
+        plan.denseMatrices[shared.getUp().str()] = {layer, stats::kSharedInputMoments};
+        plan.denseMatrices[shared.getDown().str()] = {layer, stats::kSharedIntermediateMoments};
+      } else if (auto dense = dyn_cast<ir::DenseOp>(op)) {
+        const bool wanted = (dense.getPart() == "attention" && plan.kinds.count("attention")) ||
+                            (dense.getPart() == "dense_mlp" && plan.kinds.count("dense")) ||
+                            (dense.getPart() == "lm_head" && plan.kinds.count("lm_head")) ||
+                            (dense.getPart() == "embedding" && plan.kinds.count("embedding"));
+        if (wanted)
+          for (NamedAttribute entry : dense.getTensors())
+            if (auto symbol = dyn_cast<FlatSymbolRefAttr>(entry.getValue()))
+              if (lookupTensor(model, symbol).getTensorType().getRank() == 2) {
+                add(symbol);
+                auto layerOp = dense->getParentOfType<ir::LayerOp>();
+                StringRef role = entry.getName().getValue();
+                if (layerOp && dense.getPart() == "attention") {
+                  const int64_t layer = static_cast<int64_t>(layerOp.getIndex());
+                  if (role == "q_proj" || role == "k_proj" || role == "v_proj" || role == "q_a_proj" ||
+                      role == "kv_a_proj")
+                    plan.denseMatrices[symbol.getValue().str()] = {layer, stats::kAttentionInputMoments};
+                  else if (role == "o_proj")
+                    plan.denseMatrices[symbol.getValue().str()] = {layer, stats::kAttentionOutputMoments};
+                }
+              }
+      }
+    });
+    return plan;
+  }
+
+  /// Reads a matrix, its format (moe-allocate-bits' choice overrides
+  /// `bits`) and, for GPTQ, its Hessian; a rarely routed expert gets RTN.
+  LogicalResult prepare(ir::ModelOp model, TensorAccess &access, const Plan &plan, const std::string &symbolName,
+                        Job &job) {
+    FlatSymbolRefAttr symbol = FlatSymbolRefAttr::get(model.getContext(), symbolName);
+    ir::TensorOp tensor = lookupTensor(model, symbol);
+    job.symbol = symbolName;
+    job.tensor = tensor;
+    DType dtype;
+    FailureOr<std::vector<float>> values = readF32(model, access, symbol, dtype);
+    if (failed(values))
+      return failure();
+    job.values = std::move(*values);
+    job.rows = tensor.getTensorType().getShape()[0];
+    job.cols = tensor.getTensorType().getShape()[1];
+    const int64_t cols = job.cols;
+    // moe-allocate-bits' choice overrides `bits` for this tensor.
+    job.format = this->format;
+    if (auto chosen = tensor->getAttrOfType<IntegerAttr>("moe.bits")) {
+      job.format.bits = static_cast<int>(chosen.getInt());
+      if (std::string problem = quant::validateQuantFormat(job.format); !problem.empty()) {
+        fail(tensor, "moe.bits: " + problem);
+        return failure();
+      }
+    }
+    if (method != "gptq")
+      return success();
+    auto where = plan.expertMatrices.find(symbolName);
+    auto denseWhere = plan.denseMatrices.find(symbolName);
+    if (where == plan.expertMatrices.end() && denseWhere != plan.denseMatrices.end()) {
+      const auto &[layer, statistic] = denseWhere->second;
+      FailureOr<std::vector<double>> hessian = plan.file->layer(layer, statistic, tensor);
+      if (failed(hessian))
+        return failure();
+      if (static_cast<int64_t>(hessian->size()) != cols * cols) {
+        fail(tensor, concat("the Hessian '", statistic, "' of layer ", layer, " has ", hessian->size(),
+                            " values, the matrix has ", cols, " columns; calibrate the model as it is now"));
+        return failure();
+      }
+      job.hessian = std::move(*hessian);
+      job.where = concat("layer ", layer);
+    } else if (where == plan.expertMatrices.end()) {
+      tensor.emitRemark() << "moe-quantize: no Hessian is recorded for this tensor's input (MLA's q_b/kv_b, "
+                             "dense-layer MLPs, lm_head, embeddings); it gets RTN";
+    } else {
+      const ExpertMatrix &m = where->second;
+      FailureOr<std::vector<double>> coverage = plan.file->layer(m.layer, stats::kMomentTokens, tensor);
+      FailureOr<std::vector<double>> total = plan.file->layer(m.layer, stats::kTokens, tensor);
+      if (failed(coverage) || failed(total))
+        return failure();
+      if (m.expert >= static_cast<int64_t>(coverage->size())) {
+        fail(tensor, concat("the statistics have ", coverage->size(), " experts for layer ", m.layer,
+                            "; calibrate the model as it is now"));
+        return failure();
+      }
+      const double seen = (*coverage)[m.expert], tokens = total->empty() ? 0.0 : (*total)[0];
+      if (seen < minCoverage * tokens || seen == 0) {
+        tensor.emitRemark() << concat("moe-quantize: layer ", m.layer, " expert ", m.expert, " saw ",
+                                      static_cast<int64_t>(seen), " calibration tokens (",
+                                      tokens > 0 ? 100.0 * seen / tokens : 0.0, "% of ", static_cast<int64_t>(tokens),
+                                      "), below min-coverage ", 100.0 * minCoverage, "%: RTN instead of GPTQ");
+        ++rtnFallbacks;
+        return success();
+      }
+      FailureOr<std::vector<double>> hessian =
+          plan.file->expert(m.layer, m.expert, m.down ? stats::kIntermediateMoments : stats::kInputMoments, tensor);
+      if (failed(hessian))
+        return failure();
+      if (m.down && m.partOffset >= 0) {
+        // A part's down projection sees the part's neurons: its block of
+        // the expert's intermediate moments (calibrated after the split).
+        const int64_t full = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(hessian->size()))));
+        if (m.partOffset + cols > full) {
+          fail(tensor, concat("the intermediate moments of layer ", m.layer, " expert ", m.expert, " cover ", full,
+                              " neurons, the part needs ", m.partOffset + cols, "; calibrate the model as it is now"));
+          return failure();
+        }
+        std::vector<double> block(static_cast<size_t>(cols * cols));
+        for (int64_t a = 0; a < cols; ++a)
+          for (int64_t b = 0; b < cols; ++b)
+            block[a * cols + b] = (*hessian)[(m.partOffset + a) * full + m.partOffset + b];
+        *hessian = std::move(block);
+      }
+      if (static_cast<int64_t>(hessian->size()) != cols * cols) {
+        fail(tensor, concat("the Hessian of layer ", m.layer, " expert ", m.expert, " is ", hessian->size(),
+                            " values, the matrix has ", cols, " columns; calibrate the model as it is now"));
+        return failure();
+      }
+      job.hessian = std::move(*hessian);
+      job.where = concat("layer ", m.layer, " expert ", m.expert);
+    }
+    return success();
+  }
+
+  /// Quantises one matrix (thread-safe: touches only `job`).
+  void compute(Job &job) const {
+    job.packed.assign(job.format.matrixBytes(job.rows, job.cols), 0);
+    if (job.hessian) {
+      GptqOptions gptq{damping, block, actOrder};
+      job.status = quantizeGptq(job.format, job.values, job.rows, job.cols, std::move(*job.hessian), gptq, job.packed);
+      job.hessian.reset();
+    } else {
+      quant::quantizeReference(job.format, job.values.data(), job.rows, job.cols, job.packed.data());
+    }
+  }
+
+  /// Writes the codes to the store and points the tensor at them.
+  LogicalResult finish(ir::ModelOp model, TensorAccess &access, Job &job) {
+    if (!job.status.ok()) {
+      fail(job.tensor, concat(job.where, ": ", job.status.message()));
+      return failure();
+    }
+    if (!job.where.empty()) // GPTQ ran
+      ++gptqMatrices;
+    const std::string name = job.format.name();
+    const std::string key = job.symbol + "." + name;
+    auto quantAttr = ir::QuantAttr::get(model.getContext(), job.format.bits, job.format.group,
+                                        job.format.symmetric ? "sym" : "asym", name);
+    const int64_t size = static_cast<int64_t>(job.packed.size());
+    FailureOr<std::string> stored = appendToStore(model, access, key, DType::U8, {size}, job.packed);
+    if (failed(stored))
+      return failure();
+    // Same symbol and logical type: every use stays valid.
+    ir::TensorOp tensor = job.tensor;
+    tensor->removeAttr("moe.bits");
+    tensor.setKey(*stored);
+    tensor.removeSourceAttr();
+    tensor.removeSliceAttr();
+    tensor.setQuantAttr(quantAttr);
+    if (Operation *scale =
+            SymbolTable::lookupSymbolIn(model, StringAttr::get(model.getContext(), job.symbol + "_scale_inv")))
+      scale->erase();
+    ++tensorsQuantized;
+    return success();
   }
 
   void fail(Operation *op, const std::string &message) {
