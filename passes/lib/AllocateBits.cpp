@@ -78,45 +78,72 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
   using MoeAllocateBitsBase::MoeAllocateBitsBase;
 
   void runOnOperation() override {
-    ir::ModelOp module = getOperation();
+    ir::ModelOp model = getOperation();
+    FailureOr<std::vector<int>> widths = checkOptions(model);
+    if (failed(widths) || failed(refuseSplitExperts(model, getArgument())))
+      return signalPassFailure();
+    TensorAccess access(model);
+    Collected collected;
+    if (failed(collectUnits(model, access, *widths, collected)) ||
+        failed(allocateAndAnnotate(model, access, *widths, collected)))
+      return signalPassFailure();
+  }
+
+  /// What collectUnits finds: the units with their loss per candidate width,
+  /// every expert's max |output| (for Super Experts), the shared experts' tensors.
+  struct Collected {
+    std::vector<Unit> units;
+    std::vector<std::pair<double, std::pair<int64_t, int64_t>>> maxOutputs;
+    std::vector<std::string> sharedTensors;
+  };
+
+  /// The trial quantization (its width is replaced by each candidate).
+  quant::QuantFormat trialFormat() const { return quant::QuantFormat{2, static_cast<int>(group), symmetric}; }
+
+  /// The options, checked; the candidate widths.
+  FailureOr<std::vector<int>> checkOptions(ir::ModelOp module) {
     if (granularity != "expert" && granularity != "matrix" && granularity != "micro-expert")
-      return fail(module, "granularity '" + granularity + "' is not expert, matrix or micro-expert");
+      return fail(module, "granularity '" + granularity + "' is not expert, matrix or micro-expert"), failure();
     if (microSize < 0)
-      return fail(module, concat("micro-size must not be negative, got ", static_cast<int64_t>(microSize)));
-    const bool micro = granularity == "micro-expert";
+      return fail(module, concat("micro-size must not be negative, got ", static_cast<int64_t>(microSize))), failure();
     if (objective != "mc-moe" && objective != "hessian")
-      return fail(module, "objective '" + objective + "' is not mc-moe or hessian");
+      return fail(module, "objective '" + objective + "' is not mc-moe or hessian"), failure();
     std::vector<int> widths;
     std::stringstream list(candidates);
     for (std::string item; std::getline(list, item, ',');) {
       int bits = std::atoi(item.c_str());
       if (!quant::bitsTraits(bits))
-        return fail(module, "candidate '" + item + "' is not 2, 3, 4 or 8 bits");
+        return fail(module, "candidate '" + item + "' is not 2, 3, 4 or 8 bits"), failure();
       widths.push_back(bits);
     }
     if (widths.empty())
-      return fail(module, "no candidate widths");
+      return fail(module, "no candidate widths"), failure();
     if (pinBits != 0 && !quant::bitsTraits(static_cast<int>(pinBits)))
-      return fail(module, concat("pin-bits must be 0, 2, 3, 4 or 8, got ", static_cast<int64_t>(pinBits)));
-    quant::QuantFormat trial{2, static_cast<int>(group), symmetric};
+      return fail(module, concat("pin-bits must be 0, 2, 3, 4 or 8, got ", static_cast<int64_t>(pinBits))), failure();
+    const quant::QuantFormat trial = trialFormat();
     if (std::string problem = quant::validateQuantFormat(trial); !problem.empty())
-      return fail(module, problem);
-    FailureOr<StatisticsReader> file = StatisticsReader::open(stats, module, getArgument());
-    if (failed(file))
-      return signalPassFailure();
+      return fail(module, problem), failure();
+    return widths;
+  }
 
-    ir::ModelOp model = module;
-    if (failed(refuseSplitExperts(model, getArgument())))
-      return signalPassFailure();
-    TensorAccess access(model);
-    std::vector<Unit> units;
-    std::vector<std::pair<double, std::pair<int64_t, int64_t>>> maxOutputs;
-    std::vector<std::string> sharedTensors;
+  /// Every unit (an expert, one of its matrices, or a micro-expert of its
+  /// neurons) with its loss at each candidate width: MC-MoE's weighted
+  /// block-output error, or the Hessian-diagonal-weighted error.
+  LogicalResult collectUnits(ir::ModelOp model, TensorAccess &access, const std::vector<int> &widths,
+                             Collected &collected) {
+    std::vector<Unit> &units = collected.units;
+    std::vector<std::pair<double, std::pair<int64_t, int64_t>>> &maxOutputs = collected.maxOutputs;
+    std::vector<std::string> &sharedTensors = collected.sharedTensors;
+    const bool micro = granularity == "micro-expert";
+    const quant::QuantFormat trial = trialFormat();
+    FailureOr<StatisticsReader> file = StatisticsReader::open(stats, model, getArgument());
+    if (failed(file))
+      return signalPassFailure(), failure();
     FailureOr<LayerLoader> loader = failure();
     if (objective == "mc-moe") {
       loader = LayerLoader::create(model, getArgument());
       if (failed(loader))
-        return signalPassFailure();
+        return signalPassFailure(), failure();
     }
     for (ir::LayerOp layer : model.getBody().getOps<ir::LayerOp>()) {
       BlockParts parts = blockParts(layer);
@@ -130,7 +157,7 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
       FailureOr<std::vector<double>> scores = file->layer(index, stats::kRouterScoreSum, layer);
       FailureOr<std::vector<double>> outputs = file->layer(index, stats::kMaxAbsOutput, layer);
       if (failed(routed) || failed(scores) || failed(outputs))
-        return signalPassFailure();
+        return signalPassFailure(), failure();
       const double routedTotal = std::accumulate(routed->begin(), routed->end(), 0.0);
       const double scoreTotal = std::accumulate(scores->begin(), scores->end(), 0.0);
 
@@ -140,13 +167,13 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
       if (objective == "mc-moe") {
         FailureOr<StatisticsReader::BlockSamples> loaded = file->blockSamples(index, loader->spec().hiddenSize, layer);
         if (failed(loaded))
-          return signalPassFailure();
+          return signalPassFailure(), failure();
         blocks = std::move(*loaded);
         weights = loader->load(layer);
         if (failed(weights))
-          return signalPassFailure();
+          return signalPassFailure(), failure();
         if (!weights->routing.remap.empty())
-          return fail(layer, concat("layer ", index, " has merged experts; allocate bits before merging"));
+          return fail(layer, concat("layer ", index, " has merged experts; allocate bits before merging")), failure();
       }
       const LayerSpec *layerSpec = objective == "mc-moe" ? &loader->spec().layers[static_cast<size_t>(index)] : nullptr;
       // MC-MoE's q: the block-output error with expert `slot` replaced by
@@ -164,7 +191,8 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
         const int64_t id = static_cast<int64_t>(expert.getId());
         if (id >= static_cast<int64_t>(routed->size()))
           return fail(expert, concat("the statistics have ", routed->size(), " experts for layer ", index,
-                                     "; calibrate the model as it is now"));
+                                     "; calibrate the model as it is now")),
+                 failure();
         maxOutputs.push_back({(*outputs)[id], {index, id}});
         FlatSymbolRefAttr symbols[3] = {expert.getGateAttr(), expert.getUpAttr(), expert.getDownAttr()};
         std::vector<float> original[3];
@@ -173,7 +201,7 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
           DType dtype;
           FailureOr<std::vector<float>> values = readF32(model, access, symbols[m], dtype);
           if (failed(values))
-            return signalPassFailure();
+            return signalPassFailure(), failure();
           original[m] = std::move(*values);
           ir::TensorOp tensor = lookupTensor(model, symbols[m]);
           shapes[m][0] = tensor.getTensorType().getShape()[0];
@@ -184,14 +212,15 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
           FailureOr<std::vector<double>> in = file->expert(index, id, stats::kInputMoments, expert);
           FailureOr<std::vector<double>> inner = file->expert(index, id, stats::kIntermediateMoments, expert);
           if (failed(in) || failed(inner))
-            return signalPassFailure();
+            return signalPassFailure(), failure();
           for (int m = 0; m < 3; ++m) {
             const std::vector<double> &full = m == 2 ? *inner : *in;
             const int64_t cols = shapes[m][1];
             if (static_cast<int64_t>(full.size()) != cols * cols)
               return fail(expert, concat("moments of layer ", index, " expert ", id,
                                          " do not match its width; "
-                                         "calibrate the model as it is now"));
+                                         "calibrate the model as it is now")),
+                     failure();
             for (int64_t j = 0; j < cols; ++j)
               hessianDiagonal[m].push_back(full[j * cols + j]);
           }
@@ -204,11 +233,12 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
           // and cut into units of micro-size neurons (importance tiers).
           FailureOr<std::vector<double>> energy = file->expert(index, id, stats::kNeuronWeightedSquareSum, expert);
           if (failed(energy))
-            return signalPassFailure();
+            return signalPassFailure(), failure();
           const int64_t width = shapes[0][0], H = shapes[0][1];
           if (static_cast<int64_t>(energy->size()) != width)
             return fail(expert, concat("the statistics have ", energy->size(), " neurons for layer ", index, " expert ",
-                                       id, ", it has ", width, "; calibrate the model as it is now"));
+                                       id, ", it has ", width, "; calibrate the model as it is now")),
+                   failure();
           std::vector<double> importance(static_cast<size_t>(width));
           for (int64_t j = 0; j < width; ++j) {
             double column = 0;
@@ -325,8 +355,19 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
         }
       }
     }
+    return success();
+  }
+
+  /// Super experts pinned, the integer program solved under the budget
+  /// (bits or bytes), `moe.bits` set (micro-experts split into parts), and
+  /// a remark with the result.
+  LogicalResult allocateAndAnnotate(ir::ModelOp model, TensorAccess &access, const std::vector<int> &widths,
+                                    Collected &collected) {
+    std::vector<Unit> &units = collected.units;
+    const quant::QuantFormat trial = trialFormat();
+    const bool micro = granularity == "micro-expert";
     if (pinBits > 0) {
-      std::set<std::pair<int64_t, int64_t>> superExperts = findSuperExperts(maxOutputs);
+      std::set<std::pair<int64_t, int64_t>> superExperts = findSuperExperts(collected.maxOutputs);
       for (Unit &unit : units)
         if (superExperts.count({unit.layer, unit.expert}))
           unit.allocation.pinnedBits = static_cast<int>(pinBits);
@@ -354,12 +395,13 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
     if (!budgetBytes.empty()) {
       std::optional<double> bytes = parseByteSize(budgetBytes);
       if (!bytes)
-        return fail(model, "budget-bytes '" + budgetBytes + "': expected a size such as 1290240, 512M or 12G");
+        return fail(model, "budget-bytes '" + budgetBytes + "': expected a size such as 1290240, 512M or 12G"),
+               failure();
       budgetBits = 8.0 * (*bytes - static_cast<double>(totalHeaders)) / static_cast<double>(totalPadded);
     }
     Expected<Allocation> allocation = allocateBits(problem, widths, budgetBits, tolerance);
     if (!allocation)
-      return fail(model, allocation.status().message());
+      return fail(model, allocation.status().message()), failure();
     Builder builder(model.getContext());
     std::map<int, int64_t> histogram;
     for (size_t u = 0; u < units.size(); ++u) {
@@ -370,9 +412,9 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
       ++unitsAllocated;
     }
     if (micro && failed(splitExperts(model, access, units, allocation->bits)))
-      return signalPassFailure();
+      return signalPassFailure(), failure();
     if (pinBits > 0)
-      for (const std::string &name : sharedTensors)
+      for (const std::string &name : collected.sharedTensors)
         lookupTensor(model, FlatSymbolRefAttr::get(model.getContext(), name))
             ->setAttr("moe.bits", builder.getI64IntegerAttr(pinBits));
     std::string widthsText;
@@ -385,6 +427,7 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
                                  " bits (budget ",
                                  budgetBytes.empty() ? concat(static_cast<double>(budget)) : budgetBytes + " bytes",
                                  "), ", bytes, " bytes at group ", trial.group, ": ", widthsText);
+    return success();
   }
 
   /// Micro-expert widths become parts: each expert's neurons grouped by
