@@ -12,10 +12,11 @@
 
 namespace moe {
 
-/// Writes `description` (every tensor read through TensorReader) to `path`,
-/// after validateDescription: a package this writes is one openPackage
-/// accepts. Quantised tensors keep their codes; FP8 tensors are stored
-/// dequantised as f32; other float tensors keep their dtype.
+/// Writes `description` (every tensor read through TensorReader) to `path`.
+/// Descriptions are validated where they are made (the lowering, the
+/// package reader), so what this writes is what openPackage accepts.
+/// Quantised tensors keep their codes; FP8 tensors are stored dequantised
+/// as f32; other float tensors keep their dtype.
 Status writePackage(const ModelDescription &description, const PackageExtras &extras, const std::string &path);
 
 } // namespace moe

@@ -91,8 +91,9 @@ struct ModelDescription {
 /// routed experts' ids in range and unique, widths and part widths
 /// matching their matrices, the router's rows matching the experts (or the
 /// remap table), top-k, groups, scaling and skip thresholds in range. The
-/// package loader, the lowering of modules and the package writer all call
-/// it, so no path reaches the engine unchecked. `where` names the file or
+/// package loader and the lowering of modules (every place a description
+/// is made) call it, so no path reaches the engine, or the package
+/// writer, unchecked. `where` names the file or
 /// module in messages.
 Status validateDescription(const ModelDescription &description, const std::string &where);
 
