@@ -156,7 +156,6 @@ def main():
             else:
                 data = flip(good["module"], rng, 2)
             path = os.path.join(work, "bad.mlir")
-            open(path, "wb").write(data)
             shutil.copy(os.path.join(work, "m.moestore"), os.path.join(work, "bad.moestore"))
             open(path, "wb").write(data.replace(b"m.moestore", b"bad.moestore"))
             outcome, err = run([moec, "eval", path] + eval_args)

@@ -153,10 +153,12 @@ Expected<EvalResult> evaluate(Engine &engine, const std::vector<EvalStream> &str
   std::vector<float> logits;
   for (const EvalStream &stream : streams) {
     const int64_t N = static_cast<int64_t>(stream.ids.size());
+    // Messages name the data file and the domain.
+    const std::string where =
+        concat(stream.source.empty() ? std::string() : stream.source + ": ", "domain '", stream.domain, "'");
     for (int32_t id : stream.ids)
       if (id >= V)
-        return Status::error(stream.source.empty() ? std::string() : stream.source + ": ", "domain '", stream.domain,
-                             "': token id ", id, " is outside the model's vocabulary of ", V,
+        return Status::error(where, ": token id ", id, " is outside the model's vocabulary of ", V,
                              " (ids must be below config.json's vocab_size; was the data tokenized for another "
                              "model?)");
     EvalScore score;
@@ -186,8 +188,7 @@ Expected<EvalResult> evaluate(Engine &engine, const std::vector<EvalStream> &str
       // NaN or infinite logits: the model is broken, and a NaN perplexity
       // must never pass for a result.
       if (!std::isfinite(score.negativeLogLikelihood))
-        return Status::error(stream.source.empty() ? std::string() : stream.source + ": ", "domain '", stream.domain,
-                             "', window at token ", begin,
+        return Status::error(where, ", window at token ", begin,
                              ": the model computes non-finite values (NaN or infinity); its weights or config "
                              "are broken");
       scoredFrom = end + 1;
