@@ -67,3 +67,29 @@ TEST(Compress, ABadRecipeIsNamedAndNothingIsWritten) {
   request.output = dir.file("x.bin");
   expectErrorContains(compressCheckpoint(request, CompressProgress(), context).status(), {"ends in .moepkg"});
 }
+
+// Every kind of recipe mistake is named at its JSON path, before any work.
+TEST(Recipe, MistakesAreNamedAtTheirJsonPath) {
+  TempDir dir;
+  auto expectRecipeError = [&](const std::string &text, std::initializer_list<std::string> fragments) {
+    writeFile(dir.file("r.json"), text);
+    expectErrorContains(readRecipe(dir.file("r.json")).status(), fragments);
+  };
+  expectRecipeError(R"({"passes": [3]})", {"r.json", "passes[0] must be an object with a \"pass\" name"});
+  expectRecipeError(R"({"passes": [{"pass": "moe-quantize", "opts": {}}]})", {"passes[0] has unknown key 'opts'"});
+  expectRecipeError(R"({"passes": [{"pass": "moe-quantize", "options": [1]}]})", {"passes[0].options must be an object"});
+  expectRecipeError(R"({"passes": [{"pass": "moe-quantize", "options": {"bits": 4.5}}]})",
+                    {"passes[0].options.bits: must be an integer, got 4.5"});
+  expectRecipeError(R"({"passes": [{"pass": "moe-quantize", "options": {"sym": "yes"}}]})",
+                    {"passes[0].options.sym: must be true or false, got \"yes\""});
+  expectRecipeError(R"({"passes": [{"pass": "moe-set-topk", "options": {"top-k": 1, "layers": [0, "x"]}}]})",
+                    {"passes[0].options.layers: must be a list of integers"});
+  expectRecipeError(R"({"calibration": {"tokens": "many"}, "passes": [{"pass": "moe-quantize"}]})",
+                    {"calibration.tokens", "got \"many\""});
+  expectRecipeError(R"({"passes": [{"pass": "moe-quantize", "options": {"method": "gptq", "layers": "1"}}]})",
+                    {"passes[0]: moec compress runs GPTQ layer by layer itself"});
+  // Integral floats are integers, lists may be text: both are accepted.
+  writeFile(dir.file("ok.json"),
+            R"({"passes": [{"pass": "moe-set-topk", "options": {"top-k": 2.0, "layers": "0,1"}}]})");
+  EXPECT_TRUE(readRecipe(dir.file("ok.json")).ok());
+}

@@ -27,6 +27,7 @@
 #include "mlir/Pass/PassManager.h"
 #include "mlir/Pass/PassRegistry.h"
 
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <functional>
@@ -441,6 +442,10 @@ TEST(BitAllocation, MoreBitsGoWhereTheLossFallsFastest) {
   // Above the widest widths: named too.
   expectErrorContains(allocateBits({a, b}, {2, 3, 4}, 5.0).status(),
                       {"5 bits per weight (within 0) is infeasible", "closest feasible budget is 4"});
+  // NaN compares false both ways: it is named, never taken for a budget.
+  expectErrorContains(allocateBits({a, b}, {2, 3, 4}, std::nan("")).status(),
+                      {"the budget must be a positive number of bits per weight, got nan"});
+  expectErrorContains(allocateBits({a, b}, {2, 3, 4}, 3.0, std::nan("")).status(), {"tolerance must not be negative"});
 }
 
 TEST(BitAllocation, TheBudgetIsMetExactlyOrTheClosestBudgetsAreNamed) {

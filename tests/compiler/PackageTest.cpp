@@ -25,6 +25,7 @@
 
 #include <functional>
 
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -274,6 +275,80 @@ TEST(Package, InconsistentManifestsAreRejectedOnLoad) {
   expectRejected([&](nlohmann::json &m) { m["layers"][moeLayer]["skip_threshold"] = -0.5; },
                  {layer, "skip threshold -0.5 must be in [0, 1]"});
   expectRejected([&](nlohmann::json &m) { m["layers"][moeLayer]["num_experts"] = 3; }, {layer, "declares 3 experts"});
+}
+
+// The rules of validateDescription the manifest test above does not reach,
+// each on a description loaded from a real package.
+TEST(Package, EveryDescriptionRuleNamesWhatIsWrong) {
+  TempDir dir;
+  buildPackage("tiny-deepseek", "moe-quantize{bits=4 group=64}", dir.file("m.moestore"), dir.file("p.moepkg"));
+  auto package = openPackage(dir.file("p.moepkg"));
+  ASSERT_TRUE(package.ok()) << package.status().message();
+  const ModelDescription &good = package->description;
+  ASSERT_TRUE(validateDescription(good, "p.moepkg").ok());
+  size_t moe = 0, dense = 0;
+  while (good.layers[moe].experts.empty())
+    ++moe;
+  while (!good.layers[dense].experts.empty())
+    ++dense;
+  auto tensorOf = [](const LayerEntry &layer, TensorRole role) {
+    for (const auto &[r, tensor] : layer.tensors)
+      if (r == role)
+        return tensor;
+    ADD_FAILURE() << "no " << tensorRoleName(role);
+    return TensorRef();
+  };
+  auto expectInvalid = [&](const std::function<void(ModelDescription &)> &edit,
+                           std::initializer_list<std::string> fragments) {
+    ModelDescription changed = good;
+    edit(changed);
+    expectErrorContains(validateDescription(changed, "p.moepkg"), fragments);
+  };
+  const std::string layer = concat("layer ", moe);
+  expectInvalid([&](ModelDescription &d) { d.layers[moe].tensors.emplace_back(TensorRole::KeyProj, d.globals[0].second); },
+                {"p.moepkg", layer, "has role k_proj, which a DeepseekV2ForCausalLM layer of this config does not have"});
+  expectInvalid(
+      [&](ModelDescription &d) {
+        d.layers[moe].tensors.emplace_back(TensorRole::AttentionNorm,
+                                           tensorOf(d.layers[moe], TensorRole::AttentionNorm));
+      },
+      {layer, "has two attention_norm tensors"});
+  expectInvalid(
+      [&](ModelDescription &d) {
+        d.layers[moe].tensors.emplace_back(TensorRole::ExpertGate, d.layers[moe].experts[0].gate);
+      },
+      {"routed-expert role expert_gate outside the expert table"});
+  expectInvalid([&](ModelDescription &d) { d.layers[dense].experts.push_back(d.layers[moe].experts[0]); },
+                {concat("layer ", dense, " is dense in the config but has routed experts or a router")});
+  expectInvalid([&](ModelDescription &d) { d.layers[moe].experts.clear(); },
+                {layer, "is an MoE layer with no routed experts"});
+  expectInvalid([&](ModelDescription &d) { d.layers[moe].experts[0].width = 1; },
+                {layer, "expert", "its gate tensor", "expected [1, "});
+  expectInvalid([&](ModelDescription &d) { d.spec.layers[moe].expertIntermediateSize = 1; },
+                {layer, "declares expert width 1 but an expert has"});
+  expectInvalid(
+      [&](ModelDescription &d) {
+        d.layers[moe].routing.remap.assign(d.layers[moe].experts.size(), 0);
+        d.layers[moe].routing.remap[1] = 99;
+      },
+      {layer, "remap entry 99 is not an expert slot"});
+  expectInvalid([&](ModelDescription &d) { d.layers[moe].routing.remap = {0}; },
+                {layer, "the router", "has shape", "1 remap entries"});
+  expectInvalid(
+      [&](ModelDescription &d) {
+        RouterSpec &router = *d.layers[moe].routing.router;
+        router.selection = ExpertSelection::GroupLimitedMax;
+        router.numGroups = 3;
+      },
+      {layer, "router rows do not split into 3 groups"});
+  expectInvalid([&](ModelDescription &d) { d.layers[moe].routing.router->topKGroups = 5; },
+                {layer, "routing groups with 5 selected"});
+  expectInvalid([&](ModelDescription &d) { d.layers[moe].routing.router->scalingFactor = std::nan(""); },
+                {layer, "routed scaling nan must be a positive finite number"});
+  expectInvalid([&](ModelDescription &d) { d.layers[moe].routing.router->correctionBias = true; },
+                {layer, "uses a correction bias, and the layer has no correction-bias tensor"});
+  expectInvalid([&](ModelDescription &d) { d.spec.hiddenSize += 8; }, {"disagrees with its config"});
+  expectInvalid([&](ModelDescription &d) { d.layers.pop_back(); }, {"layers; its config has num_hidden_layers"});
 }
 
 // PhiMoE's sparsemixer picks exactly two experts; a description asking for

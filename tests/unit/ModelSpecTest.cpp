@@ -409,7 +409,15 @@ INSTANTIATE_TEST_SUITE_P(
                       ConfigErrorCase{"negative clip_qkv",
                                       ModelFamily::Olmoe,
                                       [](json &c) { c["clip_qkv"] = -1.0; },
-                                      {"clip_qkv", ">= 0"}}),
+                                      {"clip_qkv", ">= 0"}},
+                      ConfigErrorCase{"zero routed scaling",
+                                      ModelFamily::DeepseekV2,
+                                      [](json &c) { c["routed_scaling_factor"] = 0.0; },
+                                      {"routed_scaling_factor = 0", "positive finite"}},
+                      ConfigErrorCase{"negative jitter",
+                                      ModelFamily::PhiMoe,
+                                      [](json &c) { c["router_jitter_noise"] = -0.5; },
+                                      {"router_jitter_noise = -0.5", ">= 0"}}),
     [](const ::testing::TestParamInfo<ConfigErrorCase> &info) { return testNameFrom(info.param.description); });
 
 TEST(ModelSpec, ConfigThatIsNotJsonOrMissingIsNamed) {

@@ -102,6 +102,11 @@ TEST(Tokenizer, AddedTokenIdsAreChecked) {
                                    added + "]}",
                                "t.json");
   };
+  expectErrorContains(Tokenizer::fromJson(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+                                             "added_tokens": {"id": 1}})",
+                                          "t.json")
+                          .status(),
+                      {"t.json", "added_tokens must be a list"});
   expectErrorContains(withAdded(R"({"id": -5, "content": "<s>"})").status(),
                       {"t.json", "added_tokens[0]", "'<s>'", "id -5"});
   expectErrorContains(withAdded(R"({"id": 2147483647, "content": "<s>"})").status(), {"id 2147483647", "[0, "});

@@ -2,6 +2,7 @@
 // RUN: moe-opt %t.mlir --moe-quantize="bits=4 group=32" | FileCheck %s
 // RUN: moe-opt %t.mlir --moe-quantize="bits=2 group=32 sym=true" | FileCheck %s --check-prefix=SYM
 // RUN: not moe-opt %t.mlir --moe-quantize="bits=5" 2>&1 | FileCheck %s --check-prefix=BITS
+// RUN: not moe-opt %t.mlir --moe-quantize="min-coverage=2" 2>&1 | FileCheck %s --check-prefix=COVERAGE
 
 // Expert matrices get codes in the store and a quant attribute; the router stays.
 // CHECK: moe.tensor @r : tensor<4x8xbf16> = "r" in 0
@@ -10,3 +11,4 @@
 // CHECK: moe.tensor @d3 : tensor<8x4xbf16> = "d3.q4_g32_asym" quant
 // SYM: "g0.q2_g32_sym" quant <bits = 2, group = 32, scheme = "sym", format = "q2_g32_sym">
 // BITS: moe-quantize: {{.*}}5
+// COVERAGE: moe-quantize: min-coverage must be a fraction of the calibration tokens in [0, 1]
