@@ -102,19 +102,13 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
 
   /// The options, checked; the candidate widths.
   FailureOr<std::vector<int>> checkOptions(ir::ModelOp module) {
-    if (granularity != "expert" && granularity != "matrix" && granularity != "micro-expert")
-      return fail(module, "granularity '" + granularity + "' is not expert, matrix or micro-expert"), failure();
     if (microSize < 0)
       return fail(module, concat("micro-size must not be negative, got ", static_cast<int64_t>(microSize))), failure();
-    if (objective != "mc-moe" && objective != "hessian")
-      return fail(module, "objective '" + objective + "' is not mc-moe or hessian"), failure();
     std::vector<int> widths;
-    std::stringstream list(candidates);
-    for (std::string item; std::getline(list, item, ',');) {
-      int bits = std::atoi(item.c_str());
-      if (!quant::bitsTraits(bits))
-        return fail(module, "candidate '" + item + "' is not 2, 3, 4 or 8 bits"), failure();
-      widths.push_back(bits);
+    for (int64_t bits : candidates.empty() ? std::vector<int64_t>{2, 3, 4} : std::vector<int64_t>(candidates)) {
+      if (!quant::bitsTraits(static_cast<int>(bits)))
+        return fail(module, concat("candidate ", bits, " is not 2, 3, 4 or 8 bits")), failure();
+      widths.push_back(static_cast<int>(bits));
     }
     if (widths.empty())
       return fail(module, "no candidate widths"), failure();
@@ -134,13 +128,13 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
     std::vector<Unit> &units = collected.units;
     std::vector<std::pair<double, std::pair<int64_t, int64_t>>> &maxOutputs = collected.maxOutputs;
     std::vector<std::string> &sharedTensors = collected.sharedTensors;
-    const bool micro = granularity == "micro-expert";
+    const bool micro = granularity == Granularity::MicroExpert;
     const quant::QuantFormat trial = trialFormat();
     FailureOr<StatisticsReader> file = StatisticsReader::open(stats, model, getArgument());
     if (failed(file))
       return signalPassFailure(), failure();
     FailureOr<LayerLoader> loader = failure();
-    if (objective == "mc-moe") {
+    if (objective == AllocationObjective::McMoe) {
       loader = LayerLoader::create(model, getArgument());
       if (failed(loader))
         return signalPassFailure(), failure();
@@ -164,7 +158,7 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
       // mc-moe: block-output error with one unit quantized at a time.
       StatisticsReader::BlockSamples blocks;
       FailureOr<LayerWeights> weights = failure();
-      if (objective == "mc-moe") {
+      if (objective == AllocationObjective::McMoe) {
         FailureOr<StatisticsReader::BlockSamples> loaded = file->blockSamples(index, loader->spec().hiddenSize, layer);
         if (failed(loaded))
           return signalPassFailure(), failure();
@@ -175,7 +169,7 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
         if (!weights->routing.remap.empty())
           return fail(layer, concat("layer ", index, " has merged experts; allocate bits before merging")), failure();
       }
-      const LayerSpec *layerSpec = objective == "mc-moe" ? &loader->spec().layers[static_cast<size_t>(index)] : nullptr;
+      const LayerSpec *layerSpec = objective == AllocationObjective::McMoe ? &loader->spec().layers[static_cast<size_t>(index)] : nullptr;
       // MC-MoE's q: the block-output error with expert `slot` replaced by
       // `trial` (swapped in and back: one expert copied per trial, not
       // the layer).
@@ -208,7 +202,7 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
           shapes[m][1] = tensor.getTensorType().getShape()[1];
         }
         std::vector<double> hessianDiagonal[3];
-        if (objective == "hessian") {
+        if (objective == AllocationObjective::Hessian) {
           FailureOr<std::vector<double>> in = file->expert(index, id, stats::kInputMoments, expert);
           FailureOr<std::vector<double>> inner = file->expert(index, id, stats::kIntermediateMoments, expert);
           if (failed(in) || failed(inner))
@@ -275,7 +269,7 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
               std::vector<float> qRows[2] = {roundTrip(format, rows[0], n, H), roundTrip(format, rows[1], n, H)};
               std::vector<float> qColumns = roundTrip(format, columns, H, n);
               double loss = 0;
-              if (objective == "hessian") {
+              if (objective == AllocationObjective::Hessian) {
                 for (int m = 0; m < 2; ++m)
                   for (int64_t k = 0; k < n; ++k)
                     for (int64_t c = 0; c < H; ++c) {
@@ -310,12 +304,12 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
           }
           continue;
         }
-        const int unitsHere = granularity == "expert" ? 1 : 3;
+        const int unitsHere = granularity == Granularity::Expert ? 1 : 3;
         for (int u = 0; u < unitsHere; ++u) {
           Unit unit;
           unit.layer = index;
           unit.expert = id;
-          unit.matrix = granularity == "expert" ? -1 : u;
+          unit.matrix = granularity == Granularity::Expert ? -1 : u;
           for (int m = 0; m < 3; ++m)
             if (unit.matrix < 0 || unit.matrix == m) {
               unit.tensors.push_back(symbols[m].getValue().str());
@@ -326,7 +320,7 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
             quant::QuantFormat format = trial;
             format.bits = bits;
             double loss = 0;
-            if (objective == "hessian") {
+            if (objective == AllocationObjective::Hessian) {
               for (int m = 0; m < 3; ++m) {
                 if (unit.matrix >= 0 && unit.matrix != m)
                   continue;
@@ -365,7 +359,7 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
                                     Collected &collected) {
     std::vector<Unit> &units = collected.units;
     const quant::QuantFormat trial = trialFormat();
-    const bool micro = granularity == "micro-expert";
+    const bool micro = granularity == Granularity::MicroExpert;
     if (pinBits > 0) {
       std::set<std::pair<int64_t, int64_t>> superExperts = findSuperExperts(collected.maxOutputs);
       for (Unit &unit : units)

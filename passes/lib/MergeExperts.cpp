@@ -128,21 +128,13 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
 
   void runOnOperation() override {
     ir::ModelOp module = getOperation();
-    if (method != "msmoe" && method != "dern")
-      return fail(module, "method '" + method + "' is not msmoe or dern");
-    if (similarity != "router-logits" && similarity != "weights")
-      return fail(module, "similarity '" + similarity + "' is not router-logits or weights");
-    if (align != "none" && align != "permutation")
-      return fail(module, "align '" + align + "' is not none or permutation");
     if (!(ratio >= 0.0 && ratio < 1.0) || groups < 0 || (groups > 0) == (ratio > 0.0))
       return fail(module, "give ratio in (0, 1) or groups > 0, not both");
     if (!(threshold >= -1.0 && threshold <= 1.0))
       return fail(module, "threshold must be a cosine similarity in [-1, 1]");
-    FailureOr<StatisticsReader> file = StatisticsReader::open(stats, module, getArgument());
-    if (failed(file))
-      return signalPassFailure();
     ir::ModelOp model = module;
-    if (failed(refuseSplitExperts(model, getArgument())))
+    FailureOr<StatisticsReader> file = StatisticsReader::openForExperts(stats, model, getArgument());
+    if (failed(file))
       return signalPassFailure();
     std::vector<LayerInfo> layers;
     std::vector<std::pair<double, std::pair<int64_t, int64_t>>> maxOutputs;
@@ -176,7 +168,7 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
     if (protectSuperExperts)
       superExperts = findSuperExperts(maxOutputs);
     TensorAccess access(model);
-    LogicalResult result = method == "msmoe" ? mergeMsmoe(model, access, layers, superExperts)
+    LogicalResult result = method == MergeMethod::Msmoe ? mergeMsmoe(model, access, layers, superExperts)
                                              : recombineDern(model, access, layers, superExperts);
     if (failed(result))
       return signalPassFailure();
@@ -251,7 +243,7 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
             if (pass == 0 && superExperts.count({info.index, c}))
               continue;
             double s;
-            if (similarity == "router-logits") {
+            if (similarity == MergeSimilarity::RouterLogits) {
               double a = info.gram[e * E + e], b = info.gram[c * E + c];
               s = a > 0 && b > 0 ? info.gram[e * E + c] / std::sqrt(a * b) : 0.0;
             } else {
@@ -289,7 +281,7 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
             return passError(info.layer, getArgument()) << "experts " << c << " and " << e << " of layer " << info.index
                                                         << " have different widths; merge before moe-prune-atoms";
           ExpertMatrices member = matrices[e];
-          if (align == "permutation" && e != c)
+          if (align == MergeAlign::Permutation && e != c)
             alignNeurons(matrices[c], member);
           const float w = static_cast<float>(weightSum > 0 ? info.routed[e] / weightSum
                                                            : 1.0 / static_cast<double>(members.size()));

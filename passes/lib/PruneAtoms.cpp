@@ -48,24 +48,16 @@ struct PruneAtomsPass : public moe::impl::MoePruneAtomsBase<PruneAtomsPass> {
 
   void runOnOperation() override {
     ir::ModelOp module = getOperation();
-    if (method != "camera" && method != "heapr" && method != "magnitude")
-      return fail(module, "method '" + method + "' is not camera, heapr or magnitude");
-    if (scope != "layer" && scope != "global")
-      return fail(module, "scope '" + scope + "' is not layer or global");
     if (!(ratio >= 0.0 && ratio < 1.0))
       return fail(module, concat("ratio must be in [0, 1), got ", static_cast<double>(ratio)));
     if (!(rho >= 0.0 && rho <= 1.0))
       return fail(module, concat("rho must be in [0, 1], got ", static_cast<double>(rho)));
     if (minWidth < 1)
       return fail(module, concat("min-width must be at least 1, got ", static_cast<int64_t>(minWidth)));
-    FailureOr<StatisticsReader> file = failure();
-    if (method != "magnitude") {
-      file = StatisticsReader::open(stats, module, getArgument());
-      if (failed(file))
-        return signalPassFailure();
-    }
     ir::ModelOp model = module;
-    if (failed(refuseSplitExperts(model, getArgument())))
+    FailureOr<StatisticsReader> file = failure();
+    if (method != AtomScore::Magnitude ? failed(file = StatisticsReader::openForExperts(stats, model, getArgument()))
+                                       : failed(refuseSplitExperts(model, getArgument())))
       return signalPassFailure();
     TensorAccess access(model);
     std::vector<Atom> atoms;
@@ -77,7 +69,7 @@ struct PruneAtomsPass : public moe::impl::MoePruneAtomsBase<PruneAtomsPass> {
         continue;
       const int64_t index = static_cast<int64_t>(layer.getIndex());
       FailureOr<std::vector<double>> routed = failure();
-      if (method == "heapr") {
+      if (method == AtomScore::Heapr) {
         routed = file->layer(index, stats::kRoutedTokens, layer);
         if (failed(routed))
           return signalPassFailure();
@@ -94,7 +86,7 @@ struct PruneAtomsPass : public moe::impl::MoePruneAtomsBase<PruneAtomsPass> {
         const int64_t hidden = static_cast<int64_t>(down->size()) / width;
         std::vector<double> downNorms = squaredNorms(*down, hidden, width, 1);
         std::vector<double> scores(static_cast<size_t>(width));
-        if (method == "magnitude") {
+        if (method == AtomScore::Magnitude) {
           FailureOr<std::vector<float>> gate = readF32(model, access, expert.getGateAttr(), dtype);
           FailureOr<std::vector<float>> up = readF32(model, access, expert.getUpAttr(), dtype);
           if (failed(gate) || failed(up))
@@ -110,7 +102,7 @@ struct PruneAtomsPass : public moe::impl::MoePruneAtomsBase<PruneAtomsPass> {
           if (static_cast<int64_t>(sum->size()) != width)
             return fail(expert, concat("the statistics of layer ", index, " expert ", id, " have ", sum->size(),
                                        " neurons, the expert has ", width, "; calibrate the model as it is now"));
-          if (method == "camera") {
+          if (method == AtomScore::Camera) {
             FailureOr<std::vector<double>> max = file->expert(index, id, stats::kNeuronWeightedSquareMax, layer);
             if (failed(max))
               return signalPassFailure();
@@ -141,7 +133,7 @@ struct PruneAtomsPass : public moe::impl::MoePruneAtomsBase<PruneAtomsPass> {
     int64_t removedTotal = 0;
     const int64_t globalBudget = static_cast<int64_t>(std::llround(ratio * static_cast<double>(totalNeurons)));
     for (const Atom &atom : atoms) {
-      if (scope == "global"
+      if (scope == PruneScope::Global
               ? removedTotal >= globalBudget
               : layerRemoved[atom.layer] >=
                     static_cast<int64_t>(std::llround(ratio * static_cast<double>(layerNeurons[atom.layer]))))

@@ -60,27 +60,17 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
 
   void runOnOperation() override {
     ir::ModelOp module = getOperation();
-    const bool reconstruction = method == "reconstruction";
-    std::string statistic = method == "frequency"     ? stats::kRoutedTokens
-                            : method == "gate-weight" ? stats::kGateWeightSum
-                            : method == "easy-ep"     ? stats::kEasyEpScore
-                            : method == "tcess"       ? stats::kTopLogitSum
-                            : reconstruction          ? stats::kRoutedTokens
-                                                      : "";
-    if (statistic.empty()) {
-      passError(module, getArgument()) << "method '" << method.getValue()
-                                       << "' is not frequency, gate-weight, easy-ep, tcess or reconstruction";
-      return signalPassFailure();
-    }
-    if (scope != "layer" && scope != "global") {
-      passError(module, getArgument()) << "scope '" << scope.getValue() << "' is not layer or global";
-      return signalPassFailure();
-    }
-    if (reconstruction && scope == "global") {
+    const bool reconstruction = method == ExpertScore::Reconstruction;
+    const bool global = scope == PruneScope::Global;
+    const char *statistic = method == ExpertScore::GateWeight ? stats::kGateWeightSum
+                            : method == ExpertScore::EasyEp   ? stats::kEasyEpScore
+                            : method == ExpertScore::Tcess    ? stats::kTopLogitSum
+                                                              : stats::kRoutedTokens;
+    if (reconstruction && global) {
       module.emitError("moe-prune-experts: method reconstruction searches each layer's subset (NAEE); use scope=layer");
       return signalPassFailure();
     }
-    if (!(ratio >= 0.0 && ratio < 1.0) || keep < 0 || (keep > 0 && ratio > 0.0) || (keep > 0 && scope == "global")) {
+    if (!(ratio >= 0.0 && ratio < 1.0) || keep < 0 || (keep > 0 && ratio > 0.0) || (keep > 0 && global)) {
       passError(module, getArgument()) << "give ratio in [0, 1) or keep > 0 (per layer), not both";
       return signalPassFailure();
     }
@@ -88,12 +78,9 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
       passError(module, getArgument()) << "max-subsets must be positive, got " << maxSubsets;
       return signalPassFailure();
     }
-    FailureOr<StatisticsReader> file = StatisticsReader::open(stats, module, getArgument());
-    if (failed(file))
-      return signalPassFailure();
-
     ir::ModelOp model = module;
-    if (failed(refuseSplitExperts(model, getArgument())))
+    FailureOr<StatisticsReader> file = StatisticsReader::openForExperts(stats, model, getArgument());
+    if (failed(file))
       return signalPassFailure();
     // Scores, super experts and per-layer limits.
     std::vector<Candidate> candidates;
@@ -152,7 +139,7 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
         int64_t remaining = liveExperts[candidate.layer] - static_cast<int64_t>(layerDrop.size());
         if (remaining - 1 < topK[candidate.layer])
           continue;
-        if (scope == "layer" ? static_cast<int64_t>(layerDrop.size()) >= budgetFor(candidate.layer)
+        if (!global ? static_cast<int64_t>(layerDrop.size()) >= budgetFor(candidate.layer)
                              : dropped >= globalBudget)
           continue;
         layerDrop.insert(candidate.expert);

@@ -45,7 +45,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
   };
   /// What one run quantises, and where GPTQ finds each matrix's Hessian.
   struct Plan {
-    std::set<std::string> kinds;   ///< The targets (experts, shared, attention, ...).
+    std::set<QuantizeTarget> kinds; ///< The targets, with All spelled out.
     std::set<std::string> symbols; ///< Matrices to quantise (a tensor used twice once).
     std::map<std::string, ExpertMatrix> expertMatrices;
     /// Attention projections and shared experts: the layer statistic holding
@@ -90,7 +90,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       for (size_t j = 0; j < jobs.size(); ++j)
         if (failed(prepare(model, access, *plan, pending[first + j], jobs[j])))
           return signalPassFailure();
-      if (jobs.size() == 1 || method != "gptq") {
+      if (jobs.size() == 1 || method != QuantizeMethod::Gptq) {
         for (Job &job : jobs)
           compute(job);
       } else {
@@ -111,34 +111,26 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
   FailureOr<Plan> planRun(ir::ModelOp model) {
     ir::ModelOp module = model;
     Plan plan;
-    if (method != "rtn" && method != "gptq")
-      return fail(module, "method '" + method + "' is not rtn or gptq"), failure();
     if (!(minCoverage >= 0.0 && minCoverage <= 1.0))
       return fail(module, "min-coverage must be a fraction of the calibration tokens in [0, 1]"), failure();
-    if (method == "gptq") {
+    if (method == QuantizeMethod::Gptq) {
       FailureOr<StatisticsReader> opened = StatisticsReader::open(stats, module, getArgument());
       if (failed(opened))
         return signalPassFailure(), failure();
       plan.file = std::move(*opened);
     }
-    if (scaleType != "f16" && scaleType != "bf16")
-      return fail(module, "scale-type '" + scaleType + "' is not f16 or bf16"), failure();
     format = quant::QuantFormat{static_cast<int>(bits), static_cast<int>(group), symmetric,
-                                scaleType == "bf16" ? quant::ScaleType::BF16 : quant::ScaleType::F16};
+                                scaleType == ScaleKind::BF16 ? quant::ScaleType::BF16 : quant::ScaleType::F16};
     if (std::string problem = quant::validateQuantFormat(format); !problem.empty())
       return fail(module, problem), failure();
-    std::stringstream list(targets);
-    for (std::string kind; std::getline(list, kind, ',');) {
-      if (kind == "all") {
-        plan.kinds.insert({"experts", "shared", "attention", "dense"});
-      } else if (kind == "experts" || kind == "shared" || kind == "attention" || kind == "dense" || kind == "lm_head" ||
-                 kind == "embedding") {
-        plan.kinds.insert(kind);
-      } else {
-        return fail(module,
-                    "target '" + kind + "' is not experts, shared, attention, dense, lm_head, embedding or all"),
-               failure();
-      }
+    const std::vector<QuantizeTarget> wanted =
+        targets.empty() ? std::vector<QuantizeTarget>{QuantizeTarget::Experts} : std::vector<QuantizeTarget>(targets);
+    for (QuantizeTarget target : wanted) {
+      if (target == QuantizeTarget::All)
+        plan.kinds.insert({QuantizeTarget::Experts, QuantizeTarget::Shared, QuantizeTarget::Attention,
+                           QuantizeTarget::Dense});
+      else
+        plan.kinds.insert(target);
     }
     const std::set<int64_t> scope(layers.begin(), layers.end());
     int64_t numLayers = 0;
@@ -163,7 +155,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     model.walk([&](Operation *op) {
       if (!inScope(op))
         return;
-      if (auto expert = dyn_cast<ir::ExpertOp>(op); expert && plan.kinds.count("experts")) {
+      if (auto expert = dyn_cast<ir::ExpertOp>(op); expert && plan.kinds.count(QuantizeTarget::Experts)) {
         add(expert.getGateAttr());
         add(expert.getUpAttr());
         add(expert.getDownAttr());
@@ -173,7 +165,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         plan.expertMatrices[expert.getGate().str()] = {layer, id, false, offset};
         plan.expertMatrices[expert.getUp().str()] = {layer, id, false, offset};
         plan.expertMatrices[expert.getDown().str()] = {layer, id, true, offset};
-      } else if (auto shared = dyn_cast<ir::SharedExpertOp>(op); shared && plan.kinds.count("shared")) {
+      } else if (auto shared = dyn_cast<ir::SharedExpertOp>(op); shared && plan.kinds.count(QuantizeTarget::Shared)) {
         add(shared.getGateAttr());
         add(shared.getUpAttr());
         add(shared.getDownAttr());
@@ -182,10 +174,10 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         plan.denseMatrices[shared.getUp().str()] = {layer, stats::kSharedInputMoments};
         plan.denseMatrices[shared.getDown().str()] = {layer, stats::kSharedIntermediateMoments};
       } else if (auto dense = dyn_cast<ir::DenseOp>(op)) {
-        const bool wanted = (dense.getPart() == "attention" && plan.kinds.count("attention")) ||
-                            (dense.getPart() == "dense_mlp" && plan.kinds.count("dense")) ||
-                            (dense.getPart() == "lm_head" && plan.kinds.count("lm_head")) ||
-                            (dense.getPart() == "embedding" && plan.kinds.count("embedding"));
+        const bool wanted = (dense.getPart() == "attention" && plan.kinds.count(QuantizeTarget::Attention)) ||
+                            (dense.getPart() == "dense_mlp" && plan.kinds.count(QuantizeTarget::Dense)) ||
+                            (dense.getPart() == "lm_head" && plan.kinds.count(QuantizeTarget::LmHead)) ||
+                            (dense.getPart() == "embedding" && plan.kinds.count(QuantizeTarget::Embedding));
         if (wanted)
           for (NamedAttribute entry : dense.getTensors())
             if (auto symbol = dyn_cast<FlatSymbolRefAttr>(entry.getValue()))
@@ -232,7 +224,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         return failure();
       }
     }
-    if (method != "gptq")
+    if (method != QuantizeMethod::Gptq)
       return success();
     auto where = plan.expertMatrices.find(symbolName);
     auto denseWhere = plan.denseMatrices.find(symbolName);

@@ -5,6 +5,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "StatisticsReader.h"
+#include "ExpertEditing.h"
 #include "moe/Calibration/StatisticNames.h"
 
 #include <cstring>
@@ -23,6 +24,12 @@ FailureOr<StatisticsReader> StatisticsReader::open(StringRef path, Operation *op
   stats.file = std::shared_ptr<SafetensorsFile>(file.take());
   stats.pass = pass.str();
   return stats;
+}
+
+FailureOr<StatisticsReader> StatisticsReader::openForExperts(StringRef path, ir::ModelOp model, StringRef pass) {
+  if (failed(refuseSplitExperts(model, pass)))
+    return failure();
+  return open(path, model, pass);
 }
 
 FailureOr<std::vector<double>> StatisticsReader::read(const std::string &key, Operation *op) const {

@@ -10,6 +10,7 @@
 #define MOE_PASSES_LIB_STATISTICSREADER_H
 
 #include "moe/Frontend/Safetensors.h"
+#include "moe/Dialect/Moe/IR/MoeOps.h"
 #include "moe/Runtime/MoeBlock.h"
 
 #include "mlir/IR/Operation.h"
@@ -25,6 +26,12 @@ class StatisticsReader {
 public:
   /// Opens `path`; on failure emits an error on `op` naming `pass`.
   static mlir::FailureOr<StatisticsReader> open(llvm::StringRef path, mlir::Operation *op, llvm::StringRef pass);
+  /// The prologue of every pass that scores, selects, merges or slices
+  /// routed experts from calibration: `path` opened, and a module whose
+  /// experts moe-allocate-bits split into parts refused (their statistics
+  /// and ids no longer describe one expert each). Errors name `pass`.
+  static mlir::FailureOr<StatisticsReader> openForExperts(llvm::StringRef path, ir::ModelOp model,
+                                                          llvm::StringRef pass);
 
   /// `layers.<layer>.<name>` as doubles (F64, F32 or I64).
   mlir::FailureOr<std::vector<double>> layer(int64_t layer, llvm::StringRef name, mlir::Operation *op) const;

@@ -88,6 +88,22 @@ TEST(Recipe, MistakesAreNamedAtTheirJsonPath) {
                     {"calibration.tokens", "got \"many\""});
   expectRecipeError(R"({"passes": [{"pass": "moe-quantize", "options": {"method": "gptq", "layers": "1"}}]})",
                     {"passes[0]: moec compress runs GPTQ layer by layer itself"});
+  // Enumerated options take one of their words; lists of them, every word.
+  expectRecipeError(R"({"passes": [{"pass": "moe-prune-experts", "options": {"method": "random"}}]})",
+                    {"passes[0].options.method: must be frequency, gate-weight, easy-ep, tcess or reconstruction",
+                     "got \"random\""});
+  expectRecipeError(R"({"passes": [{"pass": "moe-quantize", "options": {"targets": ["experts", "router"]}}]})",
+                    {"passes[0].options.targets: must be a list of experts, shared"});
+  expectRecipeError(R"({"passes": [{"pass": "moe-quantize", "options": {"targets": ""}}]})",
+                    {"passes[0].options.targets: must be a list of"});
+  expectRecipeError(R"({"passes": [{"pass": "moe-allocate-bits", "options": {"candidates": "2,x"}}]})",
+                    {"passes[0].options.candidates: must be a list of integers"});
+  writeFile(dir.file("words.json"), R"({"passes": [{"pass": "moe-quantize", "options": {"targets": ["experts", "lm_head"],
+            "scale-type": "bf16", "method": "rtn"}}, {"pass": "moe-merge-experts", "options": {"ratio": 0.5,
+            "method": "dern", "similarity": "weights", "align": "permutation"}}]})");
+  Expected<Recipe> words = readRecipe(dir.file("words.json"));
+  ASSERT_TRUE(words.ok()) << words.status().message();
+  EXPECT_TRUE(words->passes[0].quantizesOutsideLayers);
   // Integral floats are integers, lists may be text: both are accepted.
   writeFile(dir.file("ok.json"),
             R"({"passes": [{"pass": "moe-set-topk", "options": {"top-k": 2.0, "layers": "0,1"}}]})");

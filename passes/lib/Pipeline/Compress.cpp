@@ -174,9 +174,9 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
     return result.status();
   // lm_head and embedding (outside layers; GPTQ has no Hessian for them)
   // take RTN when targeted.
-  const std::string &targets = pass.targets;
-  if (targets.find("lm_head") != std::string::npos || targets.find("embedding") != std::string::npos)
-    MOE_RETURN_IF_ERROR(runPass(context, module, buildRecipePass(recipe, pass, PassOverrides{"", -1, "rtn"})));
+  if (pass.quantizesOutsideLayers)
+    MOE_RETURN_IF_ERROR(
+        runPass(context, module, buildRecipePass(recipe, pass, PassOverrides{"", -1, QuantizeMethod::Rtn})));
   return json{{"tokens", result->tokens},
               {"quantize_seconds", quantizeSeconds},
               {"peak_rss_bytes", peakResidentBytes()},

@@ -61,6 +61,44 @@ public:
       out = value->get<bool>();
     }
   }
+  /// One of an enum's spellings (moe/Transforms/PassOptions.h).
+  template <typename E> void choice(const char *key, E &out) {
+    if (const json *value = find(key)) {
+      std::optional<E> parsed = value->is_string() ? parseChoice<E>(value->get<std::string>()) : std::nullopt;
+      if (!parsed)
+        return fail(key, ("must be " + choiceList<E>()).c_str(), *value);
+      out = *parsed;
+    }
+  }
+  /// A list of an enum's spellings: ["experts", "shared"], one of them, or
+  /// the text "experts,shared".
+  template <typename E> void choices(const char *key, std::vector<E> &out) {
+    const json *value = find(key);
+    if (!value)
+      return;
+    std::vector<std::string> words;
+    if (value->is_string()) {
+      std::string list = value->get<std::string>();
+      for (size_t start = 0;;) {
+        size_t comma = list.find(',', start);
+        words.push_back(list.substr(start, comma == std::string::npos ? std::string::npos : comma - start));
+        if (comma == std::string::npos)
+          break;
+        start = comma + 1;
+      }
+    } else if (value->is_array()) {
+      for (const json &item : *value)
+        words.push_back(item.is_string() ? item.get<std::string>() : std::string());
+    }
+    out.clear();
+    for (const std::string &word : words)
+      if (std::optional<E> parsed = parseChoice<E>(word))
+        out.push_back(*parsed);
+      else
+        return fail(key, ("must be a list of " + choiceList<E>()).c_str(), *value);
+    if (out.empty())
+      fail(key, ("must be a list of " + choiceList<E>()).c_str(), *value);
+  }
   /// A list of integers: [0, 2], one integer, or the text "0,2".
   void integers(const char *key, std::vector<int64_t> &out) {
     const json *value = find(key);
@@ -156,10 +194,10 @@ const std::map<std::string, PassBuilder> &passBuilders() {
        [](OptionReader &read, const PassOverrides &overrides, RecipePass &meta) {
          MoePruneExpertsOptions o;
          setStats(read, overrides, o.stats);
-         read.text("method", o.method);
+         read.choice("method", o.method);
          read.real("ratio", o.ratio);
          read.integer("keep", o.keep);
-         read.text("scope", o.scope);
+         read.choice("scope", o.scope);
          read.flag("protect-super-experts", o.protectSuperExperts);
          read.integer("max-subsets", o.maxSubsets);
          meta.needsStatistics = true;
@@ -177,11 +215,11 @@ const std::map<std::string, PassBuilder> &passBuilders() {
        [](OptionReader &read, const PassOverrides &overrides, RecipePass &meta) {
          MoeMergeExpertsOptions o;
          setStats(read, overrides, o.stats);
-         read.text("method", o.method);
-         read.text("similarity", o.similarity);
+         read.choice("method", o.method);
+         read.choice("similarity", o.similarity);
          read.real("ratio", o.ratio);
          read.integer("groups", o.groups);
-         read.text("align", o.align);
+         read.choice("align", o.align);
          read.real("threshold", o.threshold);
          read.flag("protect-super-experts", o.protectSuperExperts);
          meta.needsStatistics = true;
@@ -190,12 +228,12 @@ const std::map<std::string, PassBuilder> &passBuilders() {
       {"moe-prune-atoms",
        [](OptionReader &read, const PassOverrides &overrides, RecipePass &meta) {
          MoePruneAtomsOptions o;
-         read.text("method", o.method);
+         read.choice("method", o.method);
          read.real("ratio", o.ratio);
-         read.text("scope", o.scope);
+         read.choice("scope", o.scope);
          read.real("rho", o.rho);
          read.integer("min-width", o.minWidth);
-         meta.needsStatistics = o.method != "magnitude";
+         meta.needsStatistics = o.method != AtomScore::Magnitude;
          setStats(read, meta.needsStatistics ? overrides : PassOverrides(), o.stats);
          return createMoePruneAtoms(o);
        }},
@@ -203,7 +241,8 @@ const std::map<std::string, PassBuilder> &passBuilders() {
        [](OptionReader &read, const PassOverrides &overrides, RecipePass &meta) {
          MoeQuantizeOptions o;
          std::vector<int64_t> layers;
-         read.text("method", o.method);
+         std::vector<QuantizeTarget> targets;
+         read.choice("method", o.method);
          read.real("damping", o.damping);
          read.integer("block", o.block);
          read.flag("act-order", o.actOrder);
@@ -211,15 +250,17 @@ const std::map<std::string, PassBuilder> &passBuilders() {
          read.integer("bits", o.bits);
          read.integer("group", o.group);
          read.flag("sym", o.symmetric);
-         read.text("scale-type", o.scaleType);
-         read.text("targets", o.targets);
+         read.choice("scale-type", o.scaleType);
+         read.choices("targets", targets);
+         o.targets = targets;
          read.integers("layers", layers);
-         meta.sequentialGptq = meta.needsStatistics = o.method == "gptq";
+         meta.sequentialGptq = meta.needsStatistics = o.method == QuantizeMethod::Gptq;
          meta.minCoverage = o.minCoverage;
-         meta.targets = o.targets;
+         meta.quantizesOutsideLayers = llvm::is_contained(targets, QuantizeTarget::LmHead) ||
+                                       llvm::is_contained(targets, QuantizeTarget::Embedding);
          if (overrides.method)
            o.method = *overrides.method;
-         setStats(read, o.method == "gptq" ? overrides : PassOverrides(), o.stats);
+         setStats(read, o.method == QuantizeMethod::Gptq ? overrides : PassOverrides(), o.stats);
          if (overrides.layer)
            layers = {*overrides.layer};
          o.layers = layers;
@@ -228,14 +269,16 @@ const std::map<std::string, PassBuilder> &passBuilders() {
       {"moe-allocate-bits",
        [](OptionReader &read, const PassOverrides &overrides, RecipePass &meta) {
          MoeAllocateBitsOptions o;
+         std::vector<int64_t> candidates;
          setStats(read, overrides, o.stats);
          read.real("budget", o.budget);
          read.text("budget-bytes", o.budgetBytes);
          read.real("tolerance", o.tolerance);
-         read.text("candidates", o.candidates);
-         read.text("granularity", o.granularity);
+         read.integers("candidates", candidates);
+         o.candidates = candidates;
+         read.choice("granularity", o.granularity);
          read.integer("micro-size", o.microSize);
-         read.text("objective", o.objective);
+         read.choice("objective", o.objective);
          read.integer("group", o.group);
          read.flag("sym", o.symmetric);
          read.integer("pin-bits", o.pinBits);

@@ -17,6 +17,8 @@
 
 #include "mlir/Pass/Pass.h"
 
+#include "moe/Transforms/PassOptions.h"
+
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
@@ -34,7 +36,7 @@ struct RecipePass {
   bool needsStatistics = false;
   bool sequentialGptq = false; ///< moe-quantize with method=gptq.
   double minCoverage = 0.005;  ///< moe-quantize's RTN fallback threshold.
-  std::string targets;         ///< moe-quantize's targets.
+  bool quantizesOutsideLayers = false; ///< moe-quantize targets lm_head or embedding.
 };
 
 struct Recipe {
@@ -54,7 +56,7 @@ Expected<Recipe> readRecipe(const std::string &path);
 struct PassOverrides {
   std::string stats;                 ///< Statistics file, for passes that read one.
   std::optional<int64_t> layer;      ///< moe-quantize: only this layer (-1: outside layers).
-  std::optional<std::string> method; ///< moe-quantize: another method (rtn for lm_head).
+  std::optional<QuantizeMethod> method; ///< moe-quantize: another method (rtn for lm_head).
 };
 
 /// The pass of `pass` with its options set from the recipe and `overrides`.

@@ -8,6 +8,7 @@
 #define MOE_TRANSFORMS_PASSES_H
 
 #include "moe/Dialect/Moe/IR/MoeOps.h"
+#include "moe/Transforms/PassOptions.h"
 
 #include "mlir/IR/BuiltinOps.h"
 #include "mlir/Pass/Pass.h"

@@ -63,11 +63,11 @@ def MoePruneExperts : Pass<"moe-prune-experts", "::moe::ir::ModelOp"> {
   }];
   let options = [
     Option<"stats", "stats", "std::string", /*default=*/"\"\"", "Calibration statistics file (required)">,
-    Option<"method", "method", "std::string", /*default=*/"\"frequency\"",
+    Option<"method", "method", "::moe::ExpertScore", /*default=*/"::moe::ExpertScore::Frequency",
            "frequency, gate-weight, easy-ep, tcess or reconstruction">,
     Option<"ratio", "ratio", "double", /*default=*/"0.0", "Fraction of routed experts to remove">,
     Option<"keep", "keep", "int64_t", /*default=*/"0", "Experts to keep per layer (instead of ratio)">,
-    Option<"scope", "scope", "std::string", /*default=*/"\"layer\"", "layer or global">,
+    Option<"scope", "scope", "::moe::PruneScope", /*default=*/"::moe::PruneScope::Layer", "layer or global">,
     Option<"protectSuperExperts", "protect-super-experts", "bool", /*default=*/"true",
            "Never remove super experts">,
     Option<"maxSubsets", "max-subsets", "int64_t", /*default=*/"20000",
@@ -157,12 +157,12 @@ def MoeMergeExperts : Pass<"moe-merge-experts", "::moe::ir::ModelOp"> {
   }];
   let options = [
     Option<"stats", "stats", "std::string", /*default=*/"\"\"", "Calibration statistics file (required)">,
-    Option<"method", "method", "std::string", /*default=*/"\"msmoe\"", "msmoe or dern">,
-    Option<"similarity", "similarity", "std::string", /*default=*/"\"router-logits\"",
+    Option<"method", "method", "::moe::MergeMethod", /*default=*/"::moe::MergeMethod::Msmoe", "msmoe or dern">,
+    Option<"similarity", "similarity", "::moe::MergeSimilarity", /*default=*/"::moe::MergeSimilarity::RouterLogits",
            "msmoe: router-logits or weights">,
     Option<"ratio", "ratio", "double", /*default=*/"0.0", "Fraction of routed experts removed">,
     Option<"groups", "groups", "int64_t", /*default=*/"0", "Average groups (experts kept) per layer, instead of ratio">,
-    Option<"align", "align", "std::string", /*default=*/"\"none\"", "msmoe: none or permutation">,
+    Option<"align", "align", "::moe::MergeAlign", /*default=*/"::moe::MergeAlign::None", "msmoe: none or permutation">,
     Option<"threshold", "threshold", "double", /*default=*/"0.4", "dern: least neuron cosine similarity to recombine">,
     Option<"protectSuperExperts", "protect-super-experts", "bool", /*default=*/"true",
            "Never merge super experts">,
@@ -200,9 +200,9 @@ def MoePruneAtoms : Pass<"moe-prune-atoms", "::moe::ir::ModelOp"> {
   }];
   let options = [
     Option<"stats", "stats", "std::string", /*default=*/"\"\"", "Calibration statistics (camera, heapr)">,
-    Option<"method", "method", "std::string", /*default=*/"\"camera\"", "camera, heapr or magnitude">,
+    Option<"method", "method", "::moe::AtomScore", /*default=*/"::moe::AtomScore::Camera", "camera, heapr or magnitude">,
     Option<"ratio", "ratio", "double", /*default=*/"0.0", "Fraction of routed-expert neurons removed">,
-    Option<"scope", "scope", "std::string", /*default=*/"\"layer\"", "layer or global">,
+    Option<"scope", "scope", "::moe::PruneScope", /*default=*/"::moe::PruneScope::Layer", "layer or global">,
     Option<"rho", "rho", "double", /*default=*/"0.9", "camera: weight of the max term">,
     Option<"minWidth", "min-width", "int64_t", /*default=*/"1", "Neurons every expert keeps">,
   ];
@@ -252,7 +252,7 @@ def MoeQuantize : Pass<"moe-quantize", "::moe::ir::ModelOp"> {
     ```
   }];
   let options = [
-    Option<"method", "method", "std::string", /*default=*/"\"rtn\"", "rtn or gptq">,
+    Option<"method", "method", "::moe::QuantizeMethod", /*default=*/"::moe::QuantizeMethod::Rtn", "rtn or gptq">,
     Option<"stats", "stats", "std::string", /*default=*/"\"\"",
            "gptq: calibration statistics with --input-moments">,
     Option<"damping", "damping", "double", /*default=*/"0.01", "gptq: fraction of mean(diag H) added">,
@@ -263,9 +263,9 @@ def MoeQuantize : Pass<"moe-quantize", "::moe::ir::ModelOp"> {
     Option<"bits", "bits", "int64_t", /*default=*/"4", "Bits per weight: 2, 3, 4 or 8">,
     Option<"group", "group", "int64_t", /*default=*/"128", "Weights per scale: 32, 64 or 128">,
     Option<"symmetric", "sym", "bool", /*default=*/"false", "Symmetric (no min) instead of asymmetric">,
-    Option<"scaleType", "scale-type", "std::string", /*default=*/"\"f16\"", "f16 or bf16 scales">,
-    Option<"targets", "targets", "std::string", /*default=*/"\"experts\"",
-           "experts, shared, attention, dense, all, lm_head, embedding (comma-separated)">,
+    Option<"scaleType", "scale-type", "::moe::ScaleKind", /*default=*/"::moe::ScaleKind::F16", "f16 or bf16 scales">,
+    ListOption<"targets", "targets", "::moe::QuantizeTarget",
+               "experts, shared, attention, dense, all, lm_head, embedding (comma-separated; default experts)">,
     ListOption<"layers", "layers", "int64_t",
                "Only the tensors of these decoder layers (-1: those outside layers); empty: all">,
   ];
@@ -329,12 +329,13 @@ def MoeAllocateBits : Pass<"moe-allocate-bits", "::moe::ir::ModelOp"> {
            "Instead of budget: bytes of the allocated units' quantized matrices (1290240, 512M, 12G)">,
     Option<"tolerance", "tolerance", "double", /*default=*/"0.0",
            "How far below the budget the average may land (bits per weight; 0: exactly)">,
-    Option<"candidates", "candidates", "std::string", /*default=*/"\"2,3,4\"", "Candidate widths">,
-    Option<"granularity", "granularity", "std::string", /*default=*/"\"expert\"",
+    ListOption<"candidates", "candidates", "int64_t", "Candidate widths (default 2,3,4)">,
+    Option<"granularity", "granularity", "::moe::Granularity", /*default=*/"::moe::Granularity::Expert",
            "expert, matrix or micro-expert">,
     Option<"microSize", "micro-size", "int64_t", /*default=*/"0",
            "micro-expert: neurons per unit (0: the trial group size)">,
-    Option<"objective", "objective", "std::string", /*default=*/"\"mc-moe\"", "mc-moe or hessian">,
+    Option<"objective", "objective", "::moe::AllocationObjective", /*default=*/"::moe::AllocationObjective::McMoe",
+           "mc-moe or hessian">,
     Option<"group", "group", "int64_t", /*default=*/"128", "Group size of the trial quantization">,
     Option<"symmetric", "sym", "bool", /*default=*/"false", "Symmetric trial quantization">,
     Option<"pinBits", "pin-bits", "int64_t", /*default=*/"4", "Width of super and shared experts (0: no pin)">,
