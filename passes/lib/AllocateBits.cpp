@@ -169,7 +169,8 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
         if (!weights->routing.remap.empty())
           return fail(layer, concat("layer ", index, " has merged experts; allocate bits before merging")), failure();
       }
-      const LayerSpec *layerSpec = objective == AllocationObjective::McMoe ? &loader->spec().layers[static_cast<size_t>(index)] : nullptr;
+      const LayerSpec *layerSpec =
+          objective == AllocationObjective::McMoe ? &loader->spec().layers[static_cast<size_t>(index)] : nullptr;
       // MC-MoE's q: the block-output error with expert `slot` replaced by
       // `trial` (swapped in and back: one expert copied per trial, not
       // the layer).

@@ -169,7 +169,7 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
       superExperts = findSuperExperts(maxOutputs);
     TensorAccess access(model);
     LogicalResult result = method == MergeMethod::Msmoe ? mergeMsmoe(model, access, layers, superExperts)
-                                             : recombineDern(model, access, layers, superExperts);
+                                                        : recombineDern(model, access, layers, superExperts);
     if (failed(result))
       return signalPassFailure();
     eraseUnusedTensors(model);

@@ -139,8 +139,7 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
         int64_t remaining = liveExperts[candidate.layer] - static_cast<int64_t>(layerDrop.size());
         if (remaining - 1 < topK[candidate.layer])
           continue;
-        if (!global ? static_cast<int64_t>(layerDrop.size()) >= budgetFor(candidate.layer)
-                             : dropped >= globalBudget)
+        if (!global ? static_cast<int64_t>(layerDrop.size()) >= budgetFor(candidate.layer) : dropped >= globalBudget)
           continue;
         layerDrop.insert(candidate.expert);
         ++dropped;

@@ -46,7 +46,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
   /// What one run quantises, and where GPTQ finds each matrix's Hessian.
   struct Plan {
     std::set<QuantizeTarget> kinds; ///< The targets, with All spelled out.
-    std::set<std::string> symbols; ///< Matrices to quantise (a tensor used twice once).
+    std::set<std::string> symbols;  ///< Matrices to quantise (a tensor used twice once).
     std::map<std::string, ExpertMatrix> expertMatrices;
     /// Attention projections and shared experts: the layer statistic holding
     /// their Hessian (every token reaches them).
@@ -127,8 +127,8 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         targets.empty() ? std::vector<QuantizeTarget>{QuantizeTarget::Experts} : std::vector<QuantizeTarget>(targets);
     for (QuantizeTarget target : wanted) {
       if (target == QuantizeTarget::All)
-        plan.kinds.insert({QuantizeTarget::Experts, QuantizeTarget::Shared, QuantizeTarget::Attention,
-                           QuantizeTarget::Dense});
+        plan.kinds.insert(
+            {QuantizeTarget::Experts, QuantizeTarget::Shared, QuantizeTarget::Attention, QuantizeTarget::Dense});
       else
         plan.kinds.insert(target);
     }

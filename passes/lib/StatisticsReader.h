@@ -9,8 +9,8 @@
 #ifndef MOE_PASSES_LIB_STATISTICSREADER_H
 #define MOE_PASSES_LIB_STATISTICSREADER_H
 
-#include "moe/Frontend/Safetensors.h"
 #include "moe/Dialect/Moe/IR/MoeOps.h"
+#include "moe/Frontend/Safetensors.h"
 #include "moe/Runtime/MoeBlock.h"
 
 #include "mlir/IR/Operation.h"

@@ -77,7 +77,8 @@ TEST(Recipe, MistakesAreNamedAtTheirJsonPath) {
   };
   expectRecipeError(R"({"passes": [3]})", {"r.json", "passes[0] must be an object with a \"pass\" name"});
   expectRecipeError(R"({"passes": [{"pass": "moe-quantize", "opts": {}}]})", {"passes[0] has unknown key 'opts'"});
-  expectRecipeError(R"({"passes": [{"pass": "moe-quantize", "options": [1]}]})", {"passes[0].options must be an object"});
+  expectRecipeError(R"({"passes": [{"pass": "moe-quantize", "options": [1]}]})",
+                    {"passes[0].options must be an object"});
   expectRecipeError(R"({"passes": [{"pass": "moe-quantize", "options": {"bits": 4.5}}]})",
                     {"passes[0].options.bits: must be an integer, got 4.5"});
   expectRecipeError(R"({"passes": [{"pass": "moe-quantize", "options": {"sym": "yes"}}]})",
@@ -89,16 +90,17 @@ TEST(Recipe, MistakesAreNamedAtTheirJsonPath) {
   expectRecipeError(R"({"passes": [{"pass": "moe-quantize", "options": {"method": "gptq", "layers": "1"}}]})",
                     {"passes[0]: moec compress runs GPTQ layer by layer itself"});
   // Enumerated options take one of their words; lists of them, every word.
-  expectRecipeError(R"({"passes": [{"pass": "moe-prune-experts", "options": {"method": "random"}}]})",
-                    {"passes[0].options.method: must be frequency, gate-weight, easy-ep, tcess or reconstruction",
-                     "got \"random\""});
+  expectRecipeError(
+      R"({"passes": [{"pass": "moe-prune-experts", "options": {"method": "random"}}]})",
+      {"passes[0].options.method: must be frequency, gate-weight, easy-ep, tcess or reconstruction", "got \"random\""});
   expectRecipeError(R"({"passes": [{"pass": "moe-quantize", "options": {"targets": ["experts", "router"]}}]})",
                     {"passes[0].options.targets: must be a list of experts, shared"});
   expectRecipeError(R"({"passes": [{"pass": "moe-quantize", "options": {"targets": ""}}]})",
                     {"passes[0].options.targets: must be a list of"});
   expectRecipeError(R"({"passes": [{"pass": "moe-allocate-bits", "options": {"candidates": "2,x"}}]})",
                     {"passes[0].options.candidates: must be a list of integers"});
-  writeFile(dir.file("words.json"), R"({"passes": [{"pass": "moe-quantize", "options": {"targets": ["experts", "lm_head"],
+  writeFile(dir.file("words.json"),
+            R"({"passes": [{"pass": "moe-quantize", "options": {"targets": ["experts", "lm_head"],
             "scale-type": "bf16", "method": "rtn"}}, {"pass": "moe-merge-experts", "options": {"ratio": 0.5,
             "method": "dern", "similarity": "weights", "align": "permutation"}}]})");
   Expected<Recipe> words = readRecipe(dir.file("words.json"));

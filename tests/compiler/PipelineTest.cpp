@@ -125,7 +125,8 @@ TEST(Pipeline, ExportRefusesWhatTheConfigCannotExpress) {
   auto module = importModel(context, *spec, **checkpoint, configText, dir.file("m.moestore"));
   ASSERT_TRUE(module.ok());
   mlir::PassManager manager(&context);
-  ASSERT_TRUE(mlir::succeeded(mlir::parsePassPipeline("moe-drop-experts{experts=2:1}", manager.nest<moe::ir::ModelOp>())));
+  ASSERT_TRUE(
+      mlir::succeeded(mlir::parsePassPipeline("moe-drop-experts{experts=2:1}", manager.nest<moe::ir::ModelOp>())));
   ASSERT_TRUE(mlir::succeeded(manager.run(**module)));
   Status status = exportHuggingFace(*(**module).getOps<ir::ModelOp>().begin(), dir.file("out"));
   expectErrorContains(status, {"layer 2 has 7 routed experts but an earlier layer has 8", "use the package backend"});
@@ -305,6 +306,7 @@ TEST(PassOptions, EnumeratedOptionsRoundTripThroughPipelineText) {
   // The word's message goes to stderr (llvm::cl); the lit tests check it.
   std::string errors;
   llvm::raw_string_ostream errorStream(errors);
-  EXPECT_TRUE(mlir::failed(mlir::parsePassPipeline("builtin.module(moe.model(moe-prune-atoms{scope=model}))", errorStream)));
+  EXPECT_TRUE(
+      mlir::failed(mlir::parsePassPipeline("builtin.module(moe.model(moe-prune-atoms{scope=model}))", errorStream)));
   EXPECT_NE(errors.find("failed to add `moe-prune-atoms` with options `scope=model`"), std::string::npos) << errors;
 }

@@ -296,8 +296,7 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
     auto passStart = std::chrono::steady_clock::now();
     if (Status status = runPass(context, *module, buildRecipePass(*recipe, pass, PassOverrides{statsPath, {}, {}}));
         !status.ok())
-      return Status::error(options.recipe, ": ", pass.jsonPath, ": ", status.message(),
-                           "; nothing was written");
+      return Status::error(options.recipe, ": ", pass.jsonPath, ": ", status.message(), "; nothing was written");
     record["seconds"] = seconds(passStart);
     record["after"] = moduleCounts(model);
     passes.push_back(record);

@@ -34,8 +34,8 @@ struct RecipePass {
   nlohmann::json options; ///< As written (for summaries).
   std::string jsonPath;   ///< "passes[1]", for messages.
   bool needsStatistics = false;
-  bool sequentialGptq = false; ///< moe-quantize with method=gptq.
-  double minCoverage = 0.005;  ///< moe-quantize's RTN fallback threshold.
+  bool sequentialGptq = false;         ///< moe-quantize with method=gptq.
+  double minCoverage = 0.005;          ///< moe-quantize's RTN fallback threshold.
   bool quantizesOutsideLayers = false; ///< moe-quantize targets lm_head or embedding.
 };
 
@@ -54,8 +54,8 @@ Expected<Recipe> readRecipe(const std::string &path);
 
 /// What buildRecipePass may set besides the recipe's options.
 struct PassOverrides {
-  std::string stats;                 ///< Statistics file, for passes that read one.
-  std::optional<int64_t> layer;      ///< moe-quantize: only this layer (-1: outside layers).
+  std::string stats;                    ///< Statistics file, for passes that read one.
+  std::optional<int64_t> layer;         ///< moe-quantize: only this layer (-1: outside layers).
   std::optional<QuantizeMethod> method; ///< moe-quantize: another method (rtn for lm_head).
 };
 
