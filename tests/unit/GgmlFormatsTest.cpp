@@ -1,0 +1,157 @@
+//===- GgmlFormatsTest.cpp - llama.cpp's block formats against gguf -------===//
+//
+// Part of moec. The dequantization of every ggml block format equals the
+// Python gguf package's bit for bit (goldens from
+// scripts/fixtures/ggml_goldens.py); the quantizer's error stays within
+// what each width allows; GPTQ's two steps equal the row quantizer.
+//
+//===----------------------------------------------------------------------===//
+
+#include "common/GgmlFormats.h"
+#include "moe/Frontend/Safetensors.h"
+
+#include "TestSupport.h"
+
+#include <cmath>
+#include <cstring>
+#include <random>
+
+using namespace moe;
+using namespace moe::quant;
+using namespace moe::testing;
+
+namespace {
+
+const GgmlType kBlockTypes[] = {GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0,
+                                GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K};
+
+std::vector<float> randomRow(int64_t n, uint32_t seed, float offset = 0.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> row(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i)
+    row[i] = normal(rng) * (1.0f + static_cast<float>(i % 7) * 0.3f) * 0.02f + offset;
+  return row;
+}
+
+} // namespace
+
+TEST(GgmlFormats, DequantizationEqualsPythonGgufBitForBit) {
+  auto file = SafetensorsFile::open(dataDir() + "/ggml/goldens.safetensors");
+  ASSERT_TRUE(file.ok()) << file.status().message();
+  for (GgmlType type : kBlockTypes) {
+    const GgmlTraits *traits = ggmlTraits(type);
+    const TensorInfo *blocks = (*file)->find(std::string(traits->name) + ".blocks");
+    const TensorInfo *values = (*file)->find(std::string(traits->name) + ".values");
+    ASSERT_TRUE(blocks && values) << traits->name;
+    const int64_t count = values->numElements();
+    ASSERT_EQ(static_cast<size_t>(blocks->numElements()), ggmlRowBytes(type, count)) << traits->name;
+    std::vector<float> out(static_cast<size_t>(count));
+    ggmlDequantizeRow(type, (*file)->data(*blocks).data(), count, out.data());
+    const uint8_t *expected = (*file)->data(*values).data();
+    int64_t different = 0;
+    for (int64_t i = 0; i < count; ++i)
+      different += std::memcmp(&out[i], expected + 4 * i, 4) != 0;
+    EXPECT_EQ(different, 0) << traits->name << ": " << different << " of " << count << " values differ";
+  }
+}
+
+TEST(GgmlFormats, TraitsAndNames) {
+  for (GgmlType type : kBlockTypes) {
+    const GgmlTraits *traits = ggmlTraits(type);
+    ASSERT_NE(traits, nullptr);
+    EXPECT_EQ(ggmlBlockFormat(traits->name), traits);
+    EXPECT_EQ(ggmlRowBytes(type, 512), static_cast<size_t>(512 / traits->blockSize * traits->blockBytes));
+  }
+  EXPECT_EQ(ggmlBlockFormat("q4_g32_sym"), nullptr);
+  EXPECT_EQ(ggmlBlockFormat("f16"), nullptr);
+}
+
+// Relative RMS error of quantize -> dequantize on Gaussian rows with a
+// per-column spread, for each format: within what its width allows, and
+// ordered by bits where the formats are alike.
+TEST(GgmlFormats, QuantizerErrorFitsEachWidth) {
+  const int64_t n = 4096;
+  std::map<GgmlType, double> error;
+  for (GgmlType type : kBlockTypes)
+    for (float offset : {0.0f, 0.01f}) {
+      std::vector<float> row = randomRow(n, 7, offset), back(n);
+      std::vector<uint8_t> packed(ggmlRowBytes(type, n));
+      ggmlQuantizeRow(type, row.data(), n, packed.data());
+      ggmlDequantizeRow(type, packed.data(), n, back.data());
+      double num = 0, den = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        num += (back[i] - row[i]) * (back[i] - row[i]);
+        den += row[i] * row[i];
+      }
+      error[type] = std::max(error[type], std::sqrt(num / den));
+    }
+  const std::map<GgmlType, double> bound = {{GgmlType::Q2_K, 0.45}, {GgmlType::Q3_K, 0.22}, {GgmlType::Q4_0, 0.13},
+                                            {GgmlType::Q4_1, 0.12}, {GgmlType::Q4_K, 0.10}, {GgmlType::Q5_0, 0.065},
+                                            {GgmlType::Q5_1, 0.06}, {GgmlType::Q5_K, 0.05}, {GgmlType::Q6_K, 0.03},
+                                            {GgmlType::Q8_0, 0.006}};
+  for (GgmlType type : kBlockTypes)
+    EXPECT_LT(error[type], bound.at(type)) << ggmlTraits(type)->name;
+  EXPECT_LT(error[GgmlType::Q3_K], error[GgmlType::Q2_K]);
+  EXPECT_LT(error[GgmlType::Q4_K], error[GgmlType::Q3_K]);
+  EXPECT_LT(error[GgmlType::Q5_K], error[GgmlType::Q4_K]);
+  EXPECT_LT(error[GgmlType::Q6_K], error[GgmlType::Q5_K]);
+  EXPECT_LT(error[GgmlType::Q8_0], error[GgmlType::Q6_K]);
+}
+
+// Importance weights move error to the unimportant values.
+TEST(GgmlFormats, ImportanceWeightsLowerTheWeightedError) {
+  const int64_t n = 2048;
+  std::vector<float> row = randomRow(n, 11), importance(n), back(n);
+  for (int64_t i = 0; i < n; ++i)
+    importance[i] = (i % 5 == 0) ? 50.0f : 1.0f;
+  for (GgmlType type : kBlockTypes) {
+    double weighted[2];
+    for (int use = 0; use < 2; ++use) {
+      std::vector<uint8_t> packed(ggmlRowBytes(type, n));
+      ggmlQuantizeRow(type, row.data(), n, packed.data(), use ? importance.data() : nullptr);
+      ggmlDequantizeRow(type, packed.data(), n, back.data());
+      weighted[use] = 0;
+      for (int64_t i = 0; i < n; ++i)
+        weighted[use] += importance[i] * (back[i] - row[i]) * (back[i] - row[i]);
+    }
+    EXPECT_LE(weighted[1], weighted[0] * 1.0001) << ggmlTraits(type)->name;
+  }
+}
+
+// GPTQ quantizes a block in two steps; together they are the row quantizer,
+// and each value's returned reconstruction is what dequantization reads.
+TEST(GgmlFormats, ChooseThenQuantizeEqualsTheRowQuantizer) {
+  for (GgmlType type : kBlockTypes) {
+    const GgmlTraits *traits = ggmlTraits(type);
+    const int64_t n = 2 * traits->blockSize;
+    std::vector<float> row = randomRow(n, 3, 0.004f), returned(n), back(n);
+    std::vector<uint8_t> whole(ggmlRowBytes(type, n)), steps(whole.size());
+    ggmlQuantizeRow(type, row.data(), n, whole.data());
+    for (int64_t b = 0; b < 2; ++b) {
+      uint8_t *block = steps.data() + b * traits->blockBytes;
+      ggmlChooseScales(type, row.data() + b * traits->blockSize, nullptr, block);
+      for (int i = 0; i < traits->blockSize; ++i)
+        returned[b * traits->blockSize + i] = ggmlQuantizeValue(type, block, i, row[b * traits->blockSize + i]);
+    }
+    EXPECT_EQ(whole, steps) << traits->name;
+    ggmlDequantizeRow(type, steps.data(), n, back.data());
+    EXPECT_EQ(returned, back) << traits->name;
+  }
+}
+
+// Zeros stay zero in every format (padding, pruned neurons).
+TEST(GgmlFormats, ZerosStayZero) {
+  for (GgmlType type : kBlockTypes) {
+    const int64_t n = 256;
+    std::vector<float> row = randomRow(n, 5), back(n);
+    for (int64_t i = 0; i < n; i += 3)
+      row[i] = 0.0f;
+    std::vector<float> zeros(n, 0.0f);
+    std::vector<uint8_t> packed(ggmlRowBytes(type, n));
+    ggmlQuantizeRow(type, zeros.data(), n, packed.data());
+    ggmlDequantizeRow(type, packed.data(), n, back.data());
+    for (float v : back)
+      ASSERT_EQ(v, 0.0f) << ggmlTraits(type)->name;
+  }
+}
