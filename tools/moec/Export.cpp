@@ -38,11 +38,14 @@ int runExport(const ExportOptions &options) {
     printError(options.input + ": no moe.model in the module");
     return 1;
   }
-  Status status = exportHuggingFace(*models.begin(), options.output);
+  std::vector<std::string> remarks;
+  Status status = exportHuggingFace(*models.begin(), options.output, &remarks);
   if (!status.ok()) {
     printError(status.message());
     return 1;
   }
+  for (const std::string &remark : remarks)
+    std::fprintf(stderr, "remark: %s\n", remark.c_str());
   return 0;
 }
 

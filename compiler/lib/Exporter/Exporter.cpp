@@ -9,7 +9,11 @@
 #include "moe/Frontend/Safetensors.h"
 #include "moe/Lowering/TensorAccess.h"
 
+#include "common/QuantFormat.h"
+
 #include <nlohmann/json.hpp>
+
+#include <cstring>
 
 #include <filesystem>
 #include <fstream>
@@ -55,6 +59,28 @@ std::pair<const char *, const char *> expertKeys(ModelFamily family, const json 
   return {"num_experts", "moe_intermediate_size"};
 }
 
+/// The bf16 bytes of the values a quantised tensor's codes stand for.
+Expected<std::vector<uint8_t>> dequantizeToBf16(ir::TensorOp tensor, ir::QuantAttr quant,
+                                                const std::vector<int64_t> &shape, const std::vector<uint8_t> &codes) {
+  const std::string where = "moe.tensor @" + tensor.getSymName().str();
+  std::optional<quant::QuantFormat> format = quant::parseQuantFormat(quant.getFormat().str());
+  if (!format || shape.size() != 2)
+    return Status::error(where, ": format '", quant.getFormat().str(), "' of a ", shape.size(),
+                         "-D tensor cannot be dequantised");
+  const int64_t rows = shape[0], cols = shape[1];
+  if (codes.size() != format->matrixBytes(rows, cols))
+    return Status::error(where, ": ", codes.size(), " bytes of codes, ", format->name(), " [", rows, ", ", cols,
+                         "] needs ", format->matrixBytes(rows, cols));
+  std::vector<float> values(static_cast<size_t>(rows * cols));
+  quant::dequantizeReference(*format, codes.data(), rows, cols, values.data());
+  std::vector<uint8_t> bytes(values.size() * 2);
+  for (size_t i = 0; i < values.size(); ++i) {
+    const uint16_t bits = quant::floatToScale(values[i], quant::ScaleType::BF16);
+    std::memcpy(&bytes[2 * i], &bits, 2);
+  }
+  return bytes;
+}
+
 Status writeText(const std::string &path, const std::string &text) {
   return writeFileAtomically(path,
                              std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(text.data()), text.size()));
@@ -62,7 +88,7 @@ Status writeText(const std::string &path, const std::string &text) {
 
 } // namespace
 
-Status exportHuggingFace(ir::ModelOp model, const std::string &directory) {
+Status exportHuggingFace(ir::ModelOp model, const std::string &directory, std::vector<std::string> *remarks) {
   json config = json::parse(model.getConfig().str(), nullptr, false);
   if (config.is_discarded() || !config.is_object())
     return Status::error("moe.model @", model.getSymName().str(), ": its config is not a JSON object");
@@ -119,14 +145,6 @@ Status exportHuggingFace(ir::ModelOp model, const std::string &directory) {
     }
   }
 
-  // A Hugging Face checkpoint holds float tensors: a quantised module has
-  // codes in moec's own formats, which transformers cannot read.
-  for (ir::TensorOp tensor : model.getBody().getOps<ir::TensorOp>())
-    if (ir::QuantAttr quant = tensor.getQuantAttr())
-      return Status::error("moe.tensor @", tensor.getSymName().str(), " is quantised (", quant.getFormat().str(),
-                           "); --format hf writes float checkpoints. Export the module from before moe-quantize, "
-                           "or write a package with `moec emit`");
-
   // Everything is written into a temporary directory beside `directory`
   // and published in one rename: a failed or killed export leaves the
   // previous output (or none), never a mix.
@@ -149,6 +167,17 @@ Status exportHuggingFace(ir::ModelOp model, const std::string &directory) {
     std::vector<uint8_t> bytes;
     MOE_RETURN_IF_ERROR(access.read(tensor, dtype, bytes));
     std::vector<int64_t> shape(tensor.getTensorType().getShape().begin(), tensor.getTensorType().getShape().end());
+    // A Hugging Face checkpoint holds float tensors: quantised codes are
+    // written as the bf16 values they stand for.
+    if (ir::QuantAttr quant = tensor.getQuantAttr()) {
+      Expected<std::vector<uint8_t>> values = dequantizeToBf16(tensor, quant, shape, bytes);
+      if (!values)
+        return values.status();
+      bytes = std::move(*values);
+      dtype = DType::BF16;
+      if (remarks)
+        remarks->push_back(concat(symbol, ": ", quant.getFormat().str(), " written as the bf16 values of its codes"));
+    }
     MOE_RETURN_IF_ERROR(writer.addTensor(outputName(symbol, expertId), dtype, shape, std::move(bytes)));
   }
   writer.setMetadata("format", "pt");

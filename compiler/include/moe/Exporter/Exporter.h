@@ -14,13 +14,16 @@
 #include "moe/Support/Status.h"
 
 #include <string>
+#include <vector>
 
 namespace moe {
 
 /// Exports `model` to `directory` (created). Fails with a message naming
 /// the layer when the result cannot be expressed in the family's
 /// config.json (e.g. different expert counts or widths per layer).
-Status exportHuggingFace(ir::ModelOp model, const std::string &directory);
+/// Quantized tensors are written as the bf16 values their codes stand for
+/// (transformers reads no moec format), each with a line in `remarks`.
+Status exportHuggingFace(ir::ModelOp model, const std::string &directory, std::vector<std::string> *remarks = nullptr);
 
 } // namespace moe
 
