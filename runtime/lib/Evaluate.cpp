@@ -170,10 +170,19 @@ Expected<EvalResult> evaluate(Engine &engine, const std::vector<EvalStream> &str
     int64_t scoredFrom = 1;
     for (int64_t begin = 0; begin < N - 1; begin += S) {
       int64_t end = std::min(begin + L, N - 1);
-      if (S == L && end - begin < L)
+      if (options.secondHalfOnly) {
+        // Inputs [begin, begin + L); targets of positions L/2 .. L-2.
+        if (begin + L > N)
+          break;
+        end = begin + L - 1;
+        scoredFrom = begin + L / 2 + 1;
+      }
+      if (S == L && end - begin < L && !options.secondHalfOnly)
         break; // the default windowing drops the incomplete tail
       KvCache cache = engine.newCache();
       Status status = engine.forward(std::span(stream.ids).subspan(begin, end - begin), cache, logits);
+      // (secondHalfOnly: the window's last input predicts nothing inside it
+      // and is not run; llama-perplexity computes but never reads it.)
       if (!status.ok())
         return status;
       for (int64_t t = std::max(begin, scoredFrom - 1); t < end; ++t) {
@@ -192,7 +201,7 @@ Expected<EvalResult> evaluate(Engine &engine, const std::vector<EvalStream> &str
                              ": the model computes non-finite values (NaN or infinity); its weights or config "
                              "are broken");
       scoredFrom = end + 1;
-      if (end == N - 1 || (options.maxTokens > 0 && score.targets >= options.maxTokens))
+      if ((end == N - 1 && !options.secondHalfOnly) || (options.maxTokens > 0 && score.targets >= options.maxTokens))
         break;
     }
     result.domains[stream.domain] = score;

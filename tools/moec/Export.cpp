@@ -9,11 +9,16 @@
 
 #include "moe/Dialect/Moe/IR/MoeDialect.h"
 #include "moe/Exporter/Exporter.h"
+#include "moe/Exporter/GgufExport.h"
+#include "moe/Lowering/Lowering.h"
+#include "moe/Runtime/Package.h"
 
 #include "mlir/IR/BuiltinOps.h"
+
 #include "mlir/IR/MLIRContext.h"
 #include "mlir/Parser/Parser.h"
 #include "llvm/Support/SourceMgr.h"
+#include <filesystem>
 
 namespace moe::cli {
 namespace {
@@ -22,11 +27,65 @@ struct ExportOptions {
   std::string input;
   std::string format = "hf";
   std::string output;
+  bool noExpandMerged = false;
 };
 
+void printRemarks(const std::vector<std::string> &remarks) {
+  for (const std::string &remark : remarks)
+    std::fprintf(stderr, "remark: %s\n", remark.c_str());
+}
+
+/// --format gguf: from a module (lowered as the runtime would run it) or a package.
+int runGgufExport(const ExportOptions &options) {
+  GgufExportOptions gguf;
+  gguf.expandMerged = !options.noExpandMerged;
+  std::vector<std::string> remarks;
+  Status status = Status::success();
+  if (isPackagePath(options.input)) {
+    Expected<OpenedPackage> package = openPackage(options.input);
+    if (!package) {
+      printError(package.status().message());
+      return 1;
+    }
+    if (package->extras.tokenizerJson.empty()) {
+      printError(options.input + ": the package carries no tokenizer.json, which a GGUF file needs");
+      return 1;
+    }
+    status =
+        exportGguf(package->description, GgufAssets{package->extras.tokenizerJson, package->extras.tokenizerConfigJson},
+                   options.input, options.output, gguf, remarks);
+  } else {
+    mlir::MLIRContext context;
+    mlir::OwningOpRef<mlir::ModuleOp> module = readModuleFile(options.input, context);
+    if (!module)
+      return 1;
+    Expected<ir::ModelOp> model = findModel(*module);
+    if (!model) {
+      printError(options.input + ": " + model.status().message());
+      return 1;
+    }
+    Expected<ModelDescription> description =
+        lowerToDescription(*model, std::filesystem::path(options.input).parent_path().string());
+    if (!description) {
+      printError(description.status().message());
+      return 1;
+    }
+    Expected<GgufAssets> assets = readGgufAssets(*description);
+    status = assets ? exportGguf(*description, *assets, options.input, options.output, gguf, remarks) : assets.status();
+  }
+  printRemarks(remarks);
+  if (!status.ok()) {
+    printError(status.message());
+    return 1;
+  }
+  return 0;
+}
+
 int runExport(const ExportOptions &options) {
+  if (options.format == "gguf")
+    return runGgufExport(options);
   if (options.format != "hf") {
-    printError("--format '" + options.format + "': only 'hf' (a Hugging Face checkpoint) exists so far");
+    printError("--format '" + options.format + "': expected hf (a Hugging Face checkpoint) or gguf (llama.cpp)");
     return 1;
   }
   mlir::MLIRContext context;
@@ -44,8 +103,7 @@ int runExport(const ExportOptions &options) {
     printError(status.message());
     return 1;
   }
-  for (const std::string &remark : remarks)
-    std::fprintf(stderr, "remark: %s\n", remark.c_str());
+  printRemarks(remarks);
   return 0;
 }
 
@@ -54,9 +112,11 @@ int runExport(const ExportOptions &options) {
 Command registerExport(CLI::App &app) {
   auto options = std::make_shared<ExportOptions>();
   CLI::App *command = app.add_subcommand("export", "Write a moe module as a checkpoint other runtimes load");
-  command->add_option("module", options->input, "Input .mlir module")->required();
-  command->add_option("--format", options->format, "Output format: hf");
-  command->add_option("-o,--output", options->output, "Output directory")->required();
+  command->add_option("module", options->input, "Input .mlir module (or, for gguf, a .moepkg package)")->required();
+  command->add_option("--format", options->format, "Output format: hf (a directory) or gguf (a file for llama.cpp)");
+  command->add_option("-o,--output", options->output, "Output directory (hf) or file (gguf)")->required();
+  command->add_flag("--no-expand-merged", options->noExpandMerged,
+                    "gguf: refuse merged experts instead of writing them into each member's slot");
   return {command, [options] { return runExport(*options); }};
 }
 

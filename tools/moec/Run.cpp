@@ -102,6 +102,7 @@ struct EvalCommandOptions {
   int64_t sequenceLength = 256;
   int64_t stride = 0;
   int64_t maxTokens = 0;
+  bool llamaPerplexity = false;
   bool json = false;
 };
 
@@ -116,7 +117,7 @@ int runEval(const EvalCommandOptions &options) {
     printError(streams.status().message());
     return 1;
   }
-  EvalOptions evalOptions{options.sequenceLength, options.stride, options.maxTokens};
+  EvalOptions evalOptions{options.sequenceLength, options.stride, options.maxTokens, options.llamaPerplexity};
   Expected<EvalResult> result = evaluate(*model->engine, *streams, evalOptions);
   if (!result) {
     printError(result.status().message());
@@ -260,6 +261,8 @@ Command registerEval(CLI::App &app) {
       ->check(CLI::PositiveNumber);
   command->add_option("--max-tokens", options->maxTokens, "Stop after this many targets per domain")
       ->check(CLI::PositiveNumber);
+  command->add_flag("--llama-perplexity", options->llamaPerplexity,
+                    "Windows as llama-perplexity takes them: side by side, each scoring its second half");
   command->add_flag("--json", options->json, "Print JSON");
   return {command, [options] { return runEval(*options); }};
 }

@@ -44,6 +44,10 @@ struct EvalOptions {
   int64_t sequenceLength = 256;
   int64_t stride = 0;    ///< 0: equal to the sequence length.
   int64_t maxTokens = 0; ///< 0: all; else stop after this many targets per stream.
+  /// llama-perplexity's protocol: windows of sequenceLength tokens side by
+  /// side, each scoring only the targets of its second half (the first
+  /// half is context), so numbers compare with llama.cpp's.
+  bool secondHalfOnly = false;
 };
 
 struct EvalScore {
