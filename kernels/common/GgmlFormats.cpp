@@ -38,6 +38,21 @@ const GgmlTraits *ggmlBlockFormat(std::string_view name) {
   return nullptr;
 }
 
+GgmlType ggmlTypeForBits(double bits, int64_t cols) {
+  const bool k = cols % kSuperBlock == 0;
+  if (bits <= 2.5)
+    return k ? GgmlType::Q2_K : GgmlType::Q4_0;
+  if (bits <= 3.5)
+    return k ? GgmlType::Q3_K : GgmlType::Q4_0;
+  if (bits <= 4.5)
+    return k ? GgmlType::Q4_K : GgmlType::Q4_0;
+  if (bits <= 5.5)
+    return k ? GgmlType::Q5_K : GgmlType::Q5_0;
+  if (bits <= 6.5)
+    return k ? GgmlType::Q6_K : GgmlType::Q8_0;
+  return GgmlType::Q8_0;
+}
+
 size_t ggmlRowBytes(GgmlType type, int64_t n) {
   const GgmlTraits *traits = ggmlTraits(type);
   return static_cast<size_t>(n / traits->blockSize) * static_cast<size_t>(traits->blockBytes);

@@ -128,6 +128,11 @@ inline bool isGgmlBlockFormat(GgmlType type) {
   return type != GgmlType::F32 && type != GgmlType::F16 && type != GgmlType::BF16;
 }
 
+/// The block format of about `bits` per weight for rows of `cols` values:
+/// the K-quant of that width when rows are whole super-blocks, else the
+/// nearest 32-value format at or above it (Q4_0, Q5_0, Q8_0).
+GgmlType ggmlTypeForBits(double bits, int64_t cols);
+
 /// Bytes of a row of `n` values (n a multiple of the block size).
 size_t ggmlRowBytes(GgmlType type, int64_t n);
 

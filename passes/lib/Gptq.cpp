@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <numeric>
 
 extern "C" {
@@ -62,30 +63,22 @@ double roundToGrid(const quant::QuantFormat &format, const GroupGrid &grid, doub
   return code * grid.scale + grid.min;
 }
 
-} // namespace
+/// A grid GPTQ rounds to: chosen per group of columns (on the weights as
+/// updated so far, or up front with act-order), then one value at a time.
+struct Grid {
+  int64_t groupSize;
+  /// Chooses the grids of every row for `group` from `W` (original column
+  /// order) and the damped Hessian's diagonal `importance`.
+  std::function<void(int64_t group, const Matrix &W, const std::vector<double> &importance)> choose;
+  /// The grid value nearest `value` at (row, column).
+  std::function<double(int64_t row, int64_t column, double value)> round;
+};
 
-Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &weights, int64_t rows, int64_t cols,
-                    std::vector<double> hessian, const GptqOptions &options, std::vector<uint8_t> &packed) {
-  if (static_cast<int64_t>(weights.size()) != rows * cols || static_cast<int64_t>(hessian.size()) != cols * cols)
-    return Status::error("GPTQ: a ", rows, "x", cols, " matrix needs a ", cols, "x", cols, " Hessian");
-  if (options.block < 1 || !(options.damping >= 0) || !std::isfinite(options.damping))
-    return Status::error("GPTQ: block must be positive and damping non-negative");
-  Matrix W = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(weights.data(),
-                                                                                                     rows, cols)
-                 .cast<double>();
-  Matrix H = Eigen::Map<Matrix>(hessian.data(), cols, cols);
-  // Groups in the original column order (the layout's), fixed up front
-  // with act-order, else when each group's first column comes up.
-  const int64_t groups = format.groupsPerRow(cols);
-  std::vector<std::vector<GroupGrid>> grids(static_cast<size_t>(rows),
-                                            std::vector<GroupGrid>(static_cast<size_t>(groups)));
+/// GPTQ proper: Q (original column order) from W and H.
+Status runGptq(Matrix W, Matrix H, const GptqOptions &options, const Grid &grid, Matrix &Q) {
+  const int64_t rows = W.rows(), cols = W.cols();
+  const int64_t groups = (cols + grid.groupSize - 1) / grid.groupSize;
   std::vector<bool> gridReady(static_cast<size_t>(groups), false);
-  auto computeGrids = [&](int64_t group) {
-    const int64_t first = group * format.group, count = std::min<int64_t>(format.group, cols - first);
-    for (int64_t r = 0; r < rows; ++r)
-      grids[r][group] = gridOf(format, W.data() + r * cols + first, count, 1);
-    gridReady[group] = true;
-  };
 
   for (int64_t i = 0; i < cols; ++i)
     if (H(i, i) <= 0) {
@@ -95,6 +88,13 @@ Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &
     }
   const double damp = options.damping * H.diagonal().mean();
   H.diagonal().array() += damp;
+  std::vector<double> importance(static_cast<size_t>(cols));
+  for (int64_t i = 0; i < cols; ++i)
+    importance[i] = H(i, i);
+  auto computeGrids = [&](int64_t group) {
+    grid.choose(group, W, importance);
+    gridReady[group] = true;
+  };
 
   std::vector<int64_t> order(static_cast<size_t>(cols));
   std::iota(order.begin(), order.end(), 0);
@@ -132,23 +132,23 @@ Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &
     return Status::error("GPTQ: the inverse Hessian factor is singular (raise damping)");
   U.triangularView<Eigen::StrictlyLower>().setZero();
 
-  Matrix Q(rows, cols);
+  Q.resize(rows, cols);
   for (int64_t begin = 0; begin < cols; begin += options.block) {
     const int64_t end = std::min(cols, begin + options.block), count = end - begin;
     Matrix errors(rows, count);
     for (int64_t j = begin; j < end; ++j) {
-      const int64_t column = order[j], group = column / format.group;
+      const int64_t column = order[j], group = column / grid.groupSize;
       if (!gridReady[group]) {
         // The group's columns as updated so far (no act-order: in order).
-        for (int64_t c = column; c < std::min(cols, (group + 1) * format.group); ++c)
+        for (int64_t c = column; c < std::min(cols, (group + 1) * grid.groupSize); ++c)
           W.col(c) = Wp.col(c);
         computeGrids(group);
       }
       const double d = U(j, j);
       for (int64_t r = 0; r < rows; ++r) {
         const double w = Wp(r, j);
-        const double q = roundToGrid(format, grids[r][group], w);
-        Q(r, j) = q;
+        const double q = grid.round(r, column, w);
+        Q(r, column) = q;
         errors(r, j - begin) = (w - q) / d;
       }
       // Spread the error over this block's remaining columns.
@@ -160,29 +160,101 @@ Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &
                   static_cast<int>(count), -1.0, errors.data(), static_cast<int>(count), U.data() + begin * cols + end,
                   static_cast<int>(cols), 1.0, Wp.data() + end, static_cast<int>(cols));
   }
+  return Status::success();
+}
+
+Status checkInputs(const std::vector<float> &weights, int64_t rows, int64_t cols, const std::vector<double> &hessian,
+                   const GptqOptions &options) {
+  if (static_cast<int64_t>(weights.size()) != rows * cols || static_cast<int64_t>(hessian.size()) != cols * cols)
+    return Status::error("GPTQ: a ", rows, "x", cols, " matrix needs a ", cols, "x", cols, " Hessian");
+  if (options.block < 1 || !(options.damping >= 0) || !std::isfinite(options.damping))
+    return Status::error("GPTQ: block must be positive and damping non-negative");
+  return Status::success();
+}
+
+Matrix toMatrix(const std::vector<float> &weights, int64_t rows, int64_t cols) {
+  return Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(weights.data(), rows,
+                                                                                                 cols)
+      .cast<double>();
+}
+
+} // namespace
+
+Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &weights, int64_t rows, int64_t cols,
+                    std::vector<double> hessian, const GptqOptions &options, std::vector<uint8_t> &packed) {
+  MOE_RETURN_IF_ERROR(checkInputs(weights, rows, cols, hessian, options));
+  const int64_t groups = format.groupsPerRow(cols);
+  std::vector<std::vector<GroupGrid>> grids(static_cast<size_t>(rows),
+                                            std::vector<GroupGrid>(static_cast<size_t>(groups)));
+  Grid grid;
+  grid.groupSize = format.group;
+  grid.choose = [&](int64_t group, const Matrix &W, const std::vector<double> &) {
+    const int64_t first = group * format.group, count = std::min<int64_t>(format.group, cols - first);
+    for (int64_t r = 0; r < rows; ++r)
+      grids[r][group] = gridOf(format, W.data() + r * cols + first, count, 1);
+  };
+  grid.round = [&](int64_t r, int64_t column, double value) {
+    return roundToGrid(format, grids[r][column / format.group], value);
+  };
+  Matrix Q;
+  MOE_RETURN_IF_ERROR(
+      runGptq(toMatrix(weights, rows, cols), Eigen::Map<Matrix>(hessian.data(), cols, cols), options, grid, Q));
 
   // Encode: the chosen values are on their group's grid; recover the codes.
   packed.assign(format.matrixBytes(rows, cols), 0);
-  std::vector<int64_t> position(static_cast<size_t>(cols));
-  for (int64_t j = 0; j < cols; ++j)
-    position[order[j]] = j;
   std::vector<float> values(static_cast<size_t>(format.group));
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t first = g * format.group, count = std::min<int64_t>(format.group, cols - first);
       uint8_t *target = packed.data() + r * format.rowBytes(cols) + g * format.groupBytes();
-      const GroupGrid &grid = grids[r][g];
-      const uint16_t scaleBits = quant::floatToScale(grid.scale, format.scaleType);
+      const GroupGrid &cell = grids[r][g];
+      const uint16_t scaleBits = quant::floatToScale(cell.scale, format.scaleType);
       std::memcpy(target, &scaleBits, 2);
       if (!format.symmetric) {
-        const uint16_t minBits = quant::floatToScale(grid.min, format.scaleType);
+        const uint16_t minBits = quant::floatToScale(cell.min, format.scaleType);
         std::memcpy(target + 2, &minBits, 2);
       }
       for (int64_t i = 0; i < count; ++i)
-        values[i] = static_cast<float>(Q(r, position[first + i]));
-      quant::quantizeGroupWith(format, values.data(), count, grid.scale, grid.min, target + format.headerBytes());
+        values[i] = static_cast<float>(Q(r, first + i));
+      quant::quantizeGroupWith(format, values.data(), count, cell.scale, cell.min, target + format.headerBytes());
     }
   return Status::success();
+}
+
+Status quantizeGptqGgml(quant::GgmlType type, const std::vector<float> &weights, int64_t rows, int64_t cols,
+                        std::vector<double> hessian, const GptqOptions &options, std::vector<uint8_t> &packed) {
+  MOE_RETURN_IF_ERROR(checkInputs(weights, rows, cols, hessian, options));
+  const quant::GgmlTraits *traits = quant::ggmlTraits(type);
+  if (!traits || !quant::isGgmlBlockFormat(type) || cols % traits->blockSize != 0)
+    return Status::error("GPTQ: rows of ", cols, " values are not whole blocks of the ggml format");
+  const size_t rowBytes = quant::ggmlRowBytes(type, cols);
+  packed.assign(rowBytes * static_cast<size_t>(rows), 0);
+  // The grid is the format's own: a block's scales (K-quants: the
+  // super-block's quantized sub-block scales) chosen from the weights as
+  // updated so far, weighted by the Hessian's diagonal; each value then
+  // rounded under them, its code written in place.
+  Grid grid;
+  grid.groupSize = traits->blockSize;
+  std::vector<float> values(static_cast<size_t>(traits->blockSize)), importance(values.size());
+  grid.choose = [&](int64_t block, const Matrix &W, const std::vector<double> &diagonal) {
+    const int64_t first = block * traits->blockSize;
+    for (int64_t i = 0; i < traits->blockSize; ++i)
+      importance[i] = static_cast<float>(diagonal[first + i]);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t i = 0; i < traits->blockSize; ++i)
+        values[i] = static_cast<float>(W(r, first + i));
+      quant::ggmlChooseScales(type, values.data(), importance.data(),
+                              packed.data() + r * rowBytes + block * traits->blockBytes);
+    }
+  };
+  grid.round = [&](int64_t r, int64_t column, double value) {
+    const int64_t block = column / traits->blockSize;
+    return static_cast<double>(quant::ggmlQuantizeValue(type, packed.data() + r * rowBytes + block * traits->blockBytes,
+                                                        static_cast<int>(column % traits->blockSize),
+                                                        static_cast<float>(value)));
+  };
+  Matrix Q;
+  return runGptq(toMatrix(weights, rows, cols), Eigen::Map<Matrix>(hessian.data(), cols, cols), options, grid, Q);
 }
 
 } // namespace moe

@@ -14,6 +14,7 @@
 #ifndef MOE_PASSES_LIB_GPTQ_H
 #define MOE_PASSES_LIB_GPTQ_H
 
+#include "common/GgmlFormats.h"
 #include "common/QuantFormat.h"
 #include "moe/Support/Status.h"
 
@@ -35,6 +36,14 @@ struct GptqOptions {
 /// not positive definite.
 Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &weights, int64_t rows, int64_t cols,
                     std::vector<double> hessian, const GptqOptions &options, std::vector<uint8_t> &packed);
+
+/// GPTQ whose grid is a ggml block format's own quantizer (`cols` a whole
+/// number of blocks): each block's scales (a K-quant's quantized sub-block
+/// scales) are chosen when its first column comes up, from the weights as
+/// updated so far and weighted by the damped Hessian's diagonal, then each
+/// column is rounded under them. `packed` gets the format's rows.
+Status quantizeGptqGgml(quant::GgmlType type, const std::vector<float> &weights, int64_t rows, int64_t cols,
+                        std::vector<double> hessian, const GptqOptions &options, std::vector<uint8_t> &packed);
 
 } // namespace moe
 

@@ -24,6 +24,10 @@ MOE_CHOICES(MergeAlign, {"none", MergeAlign::None}, {"permutation", MergeAlign::
 MOE_CHOICES(AtomScore, {"camera", AtomScore::Camera}, {"heapr", AtomScore::Heapr}, {"magnitude", AtomScore::Magnitude})
 MOE_CHOICES(QuantizeMethod, {"rtn", QuantizeMethod::Rtn}, {"gptq", QuantizeMethod::Gptq})
 MOE_CHOICES(ScaleKind, {"f16", ScaleKind::F16}, {"bf16", ScaleKind::BF16})
+MOE_CHOICES(QuantizeFormat, {"group", QuantizeFormat::Group}, {"q4_0", QuantizeFormat::Q4_0},
+            {"q4_1", QuantizeFormat::Q4_1}, {"q5_0", QuantizeFormat::Q5_0}, {"q5_1", QuantizeFormat::Q5_1},
+            {"q8_0", QuantizeFormat::Q8_0}, {"q2_k", QuantizeFormat::Q2_K}, {"q3_k", QuantizeFormat::Q3_K},
+            {"q4_k", QuantizeFormat::Q4_K}, {"q5_k", QuantizeFormat::Q5_K}, {"q6_k", QuantizeFormat::Q6_K})
 MOE_CHOICES(QuantizeTarget, {"experts", QuantizeTarget::Experts}, {"shared", QuantizeTarget::Shared},
             {"attention", QuantizeTarget::Attention}, {"dense", QuantizeTarget::Dense}, {"all", QuantizeTarget::All},
             {"lm_head", QuantizeTarget::LmHead}, {"embedding", QuantizeTarget::Embedding})

@@ -14,6 +14,7 @@
 #include "StatisticsReader.h"
 #include "SuperExperts.h"
 #include "common/QuantFormat.h"
+#include "common/WeightFormat.h"
 
 #include "mlir/IR/Builders.h"
 
@@ -59,7 +60,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
   struct Job {
     std::string symbol;
     ir::TensorOp tensor;
-    quant::QuantFormat format;
+    quant::WeightFormat format;
     std::vector<float> values;
     int64_t rows = 0, cols = 0;
     std::optional<std::vector<double>> hessian; ///< Set: GPTQ.
@@ -119,10 +120,12 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         return signalPassFailure(), failure();
       plan.file = std::move(*opened);
     }
-    format = quant::QuantFormat{static_cast<int>(bits), static_cast<int>(group), symmetric,
-                                scaleType == ScaleKind::BF16 ? quant::ScaleType::BF16 : quant::ScaleType::F16};
-    if (std::string problem = quant::validateQuantFormat(format); !problem.empty())
+    groupFormat = quant::QuantFormat{static_cast<int>(bits), static_cast<int>(group), symmetric,
+                                     scaleType == ScaleKind::BF16 ? quant::ScaleType::BF16 : quant::ScaleType::F16};
+    if (std::string problem = quant::validateQuantFormat(groupFormat); !problem.empty())
       return fail(module, problem), failure();
+    if (this->format.getValue() != QuantizeFormat::Group)
+      ggmlFormat = quant::ggmlBlockFormat(choiceName(this->format.getValue()).str())->type;
     const std::vector<QuantizeTarget> wanted =
         targets.empty() ? std::vector<QuantizeTarget>{QuantizeTarget::Experts} : std::vector<QuantizeTarget>(targets);
     for (QuantizeTarget target : wanted) {
@@ -216,13 +219,27 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     job.cols = tensor.getTensorType().getShape()[1];
     const int64_t cols = job.cols;
     // moe-allocate-bits' choice overrides `bits` for this tensor.
-    job.format = this->format;
-    if (auto chosen = tensor->getAttrOfType<IntegerAttr>("moe.bits")) {
-      job.format.bits = static_cast<int>(chosen.getInt());
-      if (std::string problem = quant::validateQuantFormat(job.format); !problem.empty()) {
+    job.format = quant::WeightFormat{groupFormat, std::nullopt};
+    auto chosen = tensor->getAttrOfType<IntegerAttr>("moe.bits");
+    if (chosen && !ggmlFormat) {
+      job.format.group->bits = static_cast<int>(chosen.getInt());
+      if (std::string problem = quant::validateQuantFormat(*job.format.group); !problem.empty()) {
         fail(tensor, "moe.bits: " + problem);
         return failure();
       }
+    }
+    if (ggmlFormat) {
+      // A llama.cpp block format: moe.bits picks the K-quant of its width;
+      // rows that are not whole blocks take the nearest 32-value format.
+      quant::GgmlType type = chosen ? quant::ggmlTypeForBits(static_cast<int>(chosen.getInt()), cols) : *ggmlFormat;
+      if (cols % quant::ggmlTraits(type)->blockSize != 0) {
+        const quant::GgmlType fallback = quant::ggmlTypeForBits(quant::ggmlTraits(type)->bits, cols);
+        tensor.emitRemark() << "moe-quantize: rows of " << cols << " values are not whole "
+                            << quant::ggmlTraits(type)->ggmlName << " blocks of " << quant::ggmlTraits(type)->blockSize
+                            << "; " << quant::ggmlTraits(fallback)->ggmlName << " instead";
+        type = fallback;
+      }
+      job.format = quant::WeightFormat{std::nullopt, type};
     }
     if (method != QuantizeMethod::Gptq)
       return success();
@@ -298,10 +315,18 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     job.packed.assign(job.format.matrixBytes(job.rows, job.cols), 0);
     if (job.hessian) {
       GptqOptions gptq{damping, block, actOrder};
-      job.status = quantizeGptq(job.format, job.values, job.rows, job.cols, std::move(*job.hessian), gptq, job.packed);
+      job.status = job.format.group ? quantizeGptq(*job.format.group, job.values, job.rows, job.cols,
+                                                   std::move(*job.hessian), gptq, job.packed)
+                                    : quantizeGptqGgml(*job.format.ggml, job.values, job.rows, job.cols,
+                                                       std::move(*job.hessian), gptq, job.packed);
       job.hessian.reset();
+    } else if (job.format.group) {
+      quant::quantizeReference(*job.format.group, job.values.data(), job.rows, job.cols, job.packed.data());
     } else {
-      quant::quantizeReference(job.format, job.values.data(), job.rows, job.cols, job.packed.data());
+      const size_t rowBytes = quant::ggmlRowBytes(*job.format.ggml, job.cols);
+      for (int64_t r = 0; r < job.rows; ++r)
+        quant::ggmlQuantizeRow(*job.format.ggml, job.values.data() + r * job.cols, job.cols,
+                               job.packed.data() + r * rowBytes);
     }
   }
 
@@ -315,8 +340,8 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       ++gptqMatrices;
     const std::string name = job.format.name();
     const std::string key = job.symbol + "." + name;
-    auto quantAttr = ir::QuantAttr::get(model.getContext(), job.format.bits, job.format.group,
-                                        job.format.symmetric ? "sym" : "asym", name);
+    auto quantAttr =
+        ir::QuantAttr::get(model.getContext(), job.format.bits(), job.format.block(), job.format.scheme(), name);
     const int64_t size = static_cast<int64_t>(job.packed.size());
     FailureOr<std::string> stored = appendToStore(model, access, key, DType::U8, {size}, job.packed);
     if (failed(stored))
@@ -340,7 +365,8 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     signalPassFailure();
   }
 
-  quant::QuantFormat format;
+  quant::QuantFormat groupFormat;            ///< bits, group, sym, scale-type.
+  std::optional<quant::GgmlType> ggmlFormat; ///< format=q4_k etc.
 };
 
 } // namespace

@@ -5,6 +5,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Runtime/Description.h"
+#include "common/WeightFormat.h"
 #include "moe/Frontend/Checkpoint.h"
 #include "moe/Frontend/Safetensors.h"
 #include "moe/Frontend/WeightStore.h"
@@ -253,7 +254,8 @@ private:
         return Status::error(store->path(), ": tensor '", tensor.key, "' not in the weight store, which ends in an ",
                              "incomplete record (", store->ignoredTailBytes(),
                              " bytes) left by a writer that was stopped mid-write (or a truncated copy): run the "
-                             "pass that wrote '", tensor.name, "' again");
+                             "pass that wrote '",
+                             tensor.name, "' again");
       if (!where.stored)
         return Status::error(store->path(), ": tensor '", tensor.key, "' not in the weight store (it holds ",
                              store->keys().size(), " tensors); the module '", tensor.name,
@@ -357,10 +359,36 @@ private:
   }
 
   Status loadQuantized(const TensorRef &tensor, Matrix &out) {
-    std::optional<quant::QuantFormat> format = quant::parseQuantFormat(tensor.format);
-    if (!format)
+    std::optional<quant::WeightFormat> any = quant::parseWeightFormat(tensor.format);
+    if (!any)
       return Status::error("tensor '", tensor.name, "': unknown quantisation format '", tensor.format, "'");
-    const size_t expected = format->matrixBytes(out.rows, out.cols);
+    if (std::string problem = any->checkColumns(out.cols); !problem.empty())
+      return Status::error("tensor '", tensor.name, "': ", tensor.format, ": ", problem);
+    const size_t expected = any->matrixBytes(out.rows, out.cols);
+    if (any->ggml) {
+      // llama.cpp's block formats run as the f32 values they stand for (the
+      // CPU kernels read moec's group formats).
+      DType dtype;
+      std::vector<uint8_t> bytes;
+      const SafetensorsFile *file;
+      const TensorInfo *info;
+      if (tensor.source == kPackageSource) {
+        if (tensor.size != expected || tensor.offset + tensor.size > description.package->size)
+          return Status::error("tensor '", tensor.name, "' holds ", tensor.size, " bytes; ", any->name(), " of ",
+                               formatShape(tensor.shape), " needs ", expected);
+        bytes.assign(description.package->data + tensor.offset,
+                     description.package->data + tensor.offset + tensor.size);
+      } else {
+        MOE_RETURN_IF_ERROR(readBytes(tensor, dtype, bytes, file, info));
+      }
+      if (bytes.size() != expected)
+        return Status::error("tensor '", tensor.name, "' holds ", bytes.size(), " bytes; ", any->name(), " of ",
+                             formatShape(tensor.shape), " needs ", expected);
+      out.data.resize(static_cast<size_t>(out.rows * out.cols));
+      any->dequantize(bytes.data(), out.rows, out.cols, out.data.data());
+      return Status::success();
+    }
+    const std::optional<quant::QuantFormat> format = any->group;
     if (tensor.source == kPackageSource && !description.dequantizeQuantized) {
       // Zero-copy: the kernels read the codes from the package mapping.
       if (tensor.size != expected || tensor.offset + tensor.size > description.package->size)

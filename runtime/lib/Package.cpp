@@ -5,6 +5,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Runtime/Package.h"
+#include "common/WeightFormat.h"
 #include "moe/Frontend/Safetensors.h"
 
 #include <nlohmann/json.hpp>
@@ -96,11 +97,13 @@ Expected<OpenedPackage> openPackage(const std::string &path) {
       uint64_t expected;
       if (t.contains("format")) {
         ref.format = t.at("format").get<std::string>();
-        std::optional<quant::QuantFormat> format = quant::parseQuantFormat(ref.format);
+        std::optional<quant::WeightFormat> format = quant::parseWeightFormat(ref.format);
         if (!format)
           return Status::error(path, ": tensor '", name, "' has unknown format '", ref.format, "'");
         if (ref.shape.size() != 2)
           return Status::error(path, ": quantised tensor '", name, "' is not a matrix");
+        if (std::string problem = format->checkColumns(ref.shape[1]); !problem.empty())
+          return Status::error(path, ": tensor '", name, "': ", ref.format, ": ", problem);
         expected = format->matrixBytes(ref.shape[0], ref.shape[1]);
       } else {
         std::optional<DType> dtype = parseDType(t.at("dtype").get<std::string>());

@@ -422,6 +422,60 @@ TEST(Gptq, LowersTheLayerOutputErrorOfRtnOnTheSameWeightsAndHessian) {
                       {"48x200 matrix needs a 200x200 Hessian"});
 }
 
+// GPTQ with a ggml block format's own grid (K-quants' quantized sub-block
+// scales included) beats that format's row quantizer on the layer output.
+TEST(Gptq, GgmlGridsLowerTheLayerOutputErrorOfTheirRowQuantizer) {
+  std::mt19937 rng(5);
+  std::normal_distribution<double> normal;
+  const int64_t rows = 24, cols = 512, samples = 1024;
+  std::vector<double> inputs(static_cast<size_t>(samples * cols));
+  for (int64_t s = 0; s < samples; ++s) {
+    double shared = normal(rng);
+    for (int64_t c = 0; c < cols; ++c) // correlated neighbours
+      inputs[s * cols + c] = shared = 0.8 * shared + 0.6 * normal(rng);
+  }
+  std::vector<double> hessian(static_cast<size_t>(cols * cols), 0.0);
+  for (int64_t s = 0; s < samples; ++s)
+    for (int64_t a = 0; a < cols; ++a)
+      for (int64_t b = 0; b < cols; ++b)
+        hessian[a * cols + b] += inputs[s * cols + a] * inputs[s * cols + b];
+  std::vector<float> weights(static_cast<size_t>(rows * cols));
+  for (float &w : weights)
+    w = static_cast<float>(normal(rng) * 0.05);
+  auto outputError = [&](quant::GgmlType type, const std::vector<uint8_t> &packed) {
+    std::vector<float> dequantized(weights.size());
+    for (int64_t r = 0; r < rows; ++r)
+      quant::ggmlDequantizeRow(type, packed.data() + r * quant::ggmlRowBytes(type, cols), cols,
+                               dequantized.data() + r * cols);
+    double error = 0;
+    for (int64_t s = 0; s < samples; ++s)
+      for (int64_t r = 0; r < rows; ++r) {
+        double difference = 0;
+        for (int64_t c = 0; c < cols; ++c)
+          difference += (static_cast<double>(weights[r * cols + c]) - dequantized[r * cols + c]) * inputs[s * cols + c];
+        error += difference * difference;
+      }
+    return error;
+  };
+  for (quant::GgmlType type : {quant::GgmlType::Q4_0, quant::GgmlType::Q4_1, quant::GgmlType::Q2_K,
+                               quant::GgmlType::Q3_K, quant::GgmlType::Q4_K, quant::GgmlType::Q6_K})
+    for (bool actOrder : {false, true}) {
+      const size_t rowBytes = quant::ggmlRowBytes(type, cols);
+      std::vector<uint8_t> rtn(rowBytes * rows), gptq;
+      for (int64_t r = 0; r < rows; ++r)
+        quant::ggmlQuantizeRow(type, weights.data() + r * cols, cols, rtn.data() + r * rowBytes);
+      Status status = quantizeGptqGgml(type, weights, rows, cols, hessian, GptqOptions{0.01, 128, actOrder}, gptq);
+      ASSERT_TRUE(status.ok()) << status.message();
+      ASSERT_EQ(gptq.size(), rtn.size());
+      const double rtnError = outputError(type, rtn), gptqError = outputError(type, gptq);
+      EXPECT_LT(gptqError, 0.9 * rtnError) << quant::ggmlTraits(type)->name << " act-order " << actOrder;
+    }
+  std::vector<uint8_t> packed;
+  expectErrorContains(quantizeGptqGgml(quant::GgmlType::Q4_K, std::vector<float>(rows * 200), rows, 200,
+                                       std::vector<double>(200 * 200, 0.0), {}, packed),
+                      {"not whole blocks"});
+}
+
 TEST(BitAllocation, MoreBitsGoWhereTheLossFallsFastest) {
   // Same size; A's loss falls steeply with width, B's barely.
   AllocationUnit a{1000, {10.0, 1.0, 0.5}, 0}, b{1000, {2.0, 1.8, 1.7}, 0};

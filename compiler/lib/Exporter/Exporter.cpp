@@ -9,7 +9,7 @@
 #include "moe/Frontend/Safetensors.h"
 #include "moe/Lowering/TensorAccess.h"
 
-#include "common/QuantFormat.h"
+#include "common/WeightFormat.h"
 
 #include <nlohmann/json.hpp>
 
@@ -63,7 +63,7 @@ std::pair<const char *, const char *> expertKeys(ModelFamily family, const json 
 Expected<std::vector<uint8_t>> dequantizeToBf16(ir::TensorOp tensor, ir::QuantAttr quant,
                                                 const std::vector<int64_t> &shape, const std::vector<uint8_t> &codes) {
   const std::string where = "moe.tensor @" + tensor.getSymName().str();
-  std::optional<quant::QuantFormat> format = quant::parseQuantFormat(quant.getFormat().str());
+  std::optional<quant::WeightFormat> format = quant::parseWeightFormat(quant.getFormat().str());
   if (!format || shape.size() != 2)
     return Status::error(where, ": format '", quant.getFormat().str(), "' of a ", shape.size(),
                          "-D tensor cannot be dequantised");
@@ -72,7 +72,7 @@ Expected<std::vector<uint8_t>> dequantizeToBf16(ir::TensorOp tensor, ir::QuantAt
     return Status::error(where, ": ", codes.size(), " bytes of codes, ", format->name(), " [", rows, ", ", cols,
                          "] needs ", format->matrixBytes(rows, cols));
   std::vector<float> values(static_cast<size_t>(rows * cols));
-  quant::dequantizeReference(*format, codes.data(), rows, cols, values.data());
+  format->dequantize(codes.data(), rows, cols, values.data());
   std::vector<uint8_t> bytes(values.size() * 2);
   for (size_t i = 0; i < values.size(); ++i) {
     const uint16_t bits = quant::floatToScale(values[i], quant::ScaleType::BF16);

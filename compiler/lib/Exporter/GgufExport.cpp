@@ -9,6 +9,7 @@
 #include "moe/Exporter/GgufExport.h"
 #include "common/GgmlFormats.h"
 #include "common/QuantFormat.h"
+#include "common/WeightFormat.h"
 #include "moe/Frontend/DType.h"
 #include "moe/Runtime/Gguf.h"
 #include "moe/Support/File.h"
@@ -151,31 +152,14 @@ std::optional<GgmlType> losslessType(const quant::QuantFormat &format) {
 }
 
 /// moec's bytes of a lossless format as ggml's: the same bytes, but for
-/// Q8_0 whose codes are signed (moec's 8-bit codes are q + 128).
-void toGgmlBytes(GgmlType type, std::vector<uint8_t> &bytes) {
-  if (type != GgmlType::Q8_0)
+/// Q8_0 whose codes are signed (moec's 8-bit codes are q + 128). Bytes
+/// already in a ggml format (`format` names one) stay as they are.
+void toGgmlBytes(GgmlType type, const std::string &format, std::vector<uint8_t> &bytes) {
+  if (type != GgmlType::Q8_0 || quant::ggmlBlockFormat(format))
     return;
   for (size_t block = 0; block + 34 <= bytes.size(); block += 34)
     for (size_t i = 2; i < 34; ++i)
       bytes[block + i] ^= 0x80;
-}
-
-/// The ggml type for a tensor of about `bits` per weight whose rows are
-/// `cols` long: a K-quant when rows are whole super-blocks, else the
-/// nearest 32-value format at or above the width.
-GgmlType nearestType(double bits, int64_t cols) {
-  const bool k = cols % quant::kSuperBlock == 0;
-  if (bits <= 2.5)
-    return k ? GgmlType::Q2_K : GgmlType::Q4_0;
-  if (bits <= 3.5)
-    return k ? GgmlType::Q3_K : GgmlType::Q4_0;
-  if (bits <= 4.5)
-    return k ? GgmlType::Q4_K : GgmlType::Q4_0;
-  if (bits <= 5.5)
-    return k ? GgmlType::Q5_K : GgmlType::Q5_0;
-  if (bits <= 6.5)
-    return k ? GgmlType::Q6_K : GgmlType::Q8_0;
-  return GgmlType::Q8_0;
 }
 
 /// The ggml type of an unquantised tensor stored as `dtype`.
@@ -236,11 +220,11 @@ public:
     const int64_t count = elementsOf(ref.shape);
     values.resize(static_cast<size_t>(count));
     if (!ref.format.empty()) {
-      std::optional<quant::QuantFormat> format = quant::parseQuantFormat(ref.format);
+      std::optional<quant::WeightFormat> format = quant::parseWeightFormat(ref.format);
       if (!format || ref.shape.size() != 2 || bytes.size() != format->matrixBytes(ref.shape[0], ref.shape[1]))
         return Status::error("tensor '", ref.name, "': ", bytes.size(), " bytes of '", ref.format,
                              "' codes do not make its shape");
-      quant::dequantizeReference(*format, bytes.data(), ref.shape[0], ref.shape[1], values.data());
+      format->dequantize(bytes.data(), ref.shape[0], ref.shape[1], values.data());
       return Status::success();
     }
     if (bytes.size() != static_cast<size_t>(count) * dtypeBytes(dtype))
@@ -667,6 +651,9 @@ Status exportGguf(const ModelDescription &description, const GgufAssets &assets,
     bool copy = false;
     if (keptInF32(role, shape)) {
       type = GgmlType::F32;
+    } else if (quant::ggmlBlockFormat(ref.format)) {
+      type = quant::ggmlBlockFormat(ref.format)->type; // already llama.cpp's bytes
+      copy = true;
     } else if (!ref.format.empty()) {
       std::optional<quant::QuantFormat> format = quant::parseQuantFormat(ref.format);
       if (!format)
@@ -676,7 +663,7 @@ Status exportGguf(const ModelDescription &description, const GgufAssets &assets,
         type = *lossless;
         copy = true;
       } else {
-        type = nearestType(format->bits, cols);
+        type = quant::ggmlTypeForBits(format->bits, cols);
         notes.push_back(concat(name, ": ", ref.format, " requantized to ", quant::ggmlTraits(type)->ggmlName,
                                " from the values its codes stand for"));
       }
@@ -695,7 +682,7 @@ Status exportGguf(const ModelDescription &description, const GgufAssets &assets,
                 if (copy) {
                   DType dtype;
                   MOE_RETURN_IF_ERROR(reader->raw(source, dtype, bytes));
-                  toGgmlBytes(type, bytes);
+                  toGgmlBytes(type, source.format, bytes);
                 } else {
                   std::vector<float> values;
                   MOE_RETURN_IF_ERROR(reader->floats(source, values));
@@ -756,8 +743,8 @@ Status exportGguf(const ModelDescription &description, const GgufAssets &assets,
         const int64_t target = width * sharedCount;
         const bool down = role == TensorRole::SharedDown;
         const int64_t rows = down ? ref.shape[0] : target, cols = down ? target : ref.shape[1];
-        GgmlType type =
-            ref.format.empty() ? GgmlType::BF16 : nearestType(quant::parseQuantFormat(ref.format)->bits, cols);
+        GgmlType type = ref.format.empty() ? GgmlType::BF16
+                                           : quant::ggmlTypeForBits(quant::parseWeightFormat(ref.format)->bits(), cols);
         const TensorRef source = ref;
         plan.add({blk + name, {cols, rows}, type, [reader, source, type, rows, cols](std::vector<uint8_t> &bytes) {
                     std::vector<float> values, out(static_cast<size_t>(rows * cols), 0.0f);
@@ -806,16 +793,29 @@ Status exportGguf(const ModelDescription &description, const GgufAssets &assets,
         for (const TensorRef *part : partsOf(*expert)) {
           formats.insert(part->format);
           split |= !expert->moreParts.empty();
-          std::optional<quant::QuantFormat> format = quant::parseQuantFormat(part->format);
+          std::optional<quant::WeightFormat> format = quant::parseWeightFormat(part->format);
           const double parameters = static_cast<double>(elementsOf(part->shape));
-          bitSum += parameters * (format ? format->bits : 16);
+          bitSum += parameters * (format ? format->bits() : 16);
           parameterSum += parameters;
         }
       GgmlType type;
       bool copy = false;
       const std::string only = formats.size() == 1 ? *formats.begin() : std::string("?");
       std::optional<quant::QuantFormat> onlyFormat = quant::parseQuantFormat(only);
-      if (formats.size() == 1 && only.empty()) {
+      const quant::GgmlTraits *onlyGgml = quant::ggmlBlockFormat(only);
+      if (onlyGgml && !split) {
+        // Already llama.cpp's blocks: copied; down rows padded with zero
+        // blocks when the width is whole blocks, else requantized.
+        type = onlyGgml->type;
+        copy = true;
+        for (const ExpertEntry *expert : slots)
+          copy &= !down || expert->width % onlyGgml->blockSize == 0;
+        if (!copy) {
+          type = quant::ggmlTypeForBits(onlyGgml->bits, cols);
+          notes.push_back(concat(blk, name, ": ", only, " requantized to ", quant::ggmlTraits(type)->ggmlName,
+                                 " (an atom-pruned width that is not whole blocks)"));
+        }
+      } else if (formats.size() == 1 && only.empty()) {
         DType dtype;
         uint64_t bytes;
         TensorReader sizes(description);
@@ -831,7 +831,7 @@ Status exportGguf(const ModelDescription &description, const GgufAssets &assets,
           notes.push_back(concat(blk, name, ": ", only, " requantized to ", quant::ggmlTraits(type)->ggmlName,
                                  " (padding a width that is not whole blocks)"));
       } else {
-        type = nearestType(bitSum / parameterSum, cols);
+        type = quant::ggmlTypeForBits(bitSum / parameterSum, cols);
         std::string list;
         for (const std::string &format : formats)
           list += (list.empty() ? "" : ", ") + (format.empty() ? std::string("float") : format);
@@ -867,7 +867,7 @@ Status exportGguf(const ModelDescription &description, const GgufAssets &assets,
                  DType dtype;
                  std::vector<uint8_t> raw;
                  MOE_RETURN_IF_ERROR(reader->raw(expertParts[e][0], dtype, raw));
-                 toGgmlBytes(type, raw);
+                 toGgmlBytes(type, expertParts[e][0].format, raw);
                  const int64_t partRows = expertParts[e][0].shape[0];
                  const size_t partRowBytes = raw.size() / static_cast<size_t>(partRows);
                  for (int64_t r = 0; r < partRows; ++r)

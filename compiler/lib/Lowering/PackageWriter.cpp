@@ -7,6 +7,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Lowering/PackageWriter.h"
+#include "common/WeightFormat.h"
 #include "moe/Support/AtomicFile.h"
 
 #include <nlohmann/json.hpp>
@@ -76,7 +77,7 @@ Status writePackage(const ModelDescription &description, const PackageExtras &ex
     const TensorRef &tensor = *tensors[i];
     plan[i].format = tensor.format;
     if (!tensor.format.empty()) {
-      std::optional<quant::QuantFormat> format = quant::parseQuantFormat(tensor.format);
+      std::optional<quant::WeightFormat> format = quant::parseWeightFormat(tensor.format);
       if (!format)
         return Status::error("tensor '", tensor.name, "': unknown quantisation format '", tensor.format, "'");
       plan[i].dtype = DType::U8;

@@ -37,6 +37,9 @@ enum class AtomScore { Camera, Heapr, Magnitude };
 enum class QuantizeMethod { Rtn, Gptq };
 /// moe-quantize: the type of group scales.
 enum class ScaleKind { F16, BF16 };
+/// moe-quantize: moec's group format (bits, group, sym, scale-type) or one
+/// of llama.cpp's block formats, which GGUF exports copy byte for byte.
+enum class QuantizeFormat { Group, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K };
 /// moe-quantize: which matrices (All is experts, shared, attention, dense).
 enum class QuantizeTarget { Experts, Shared, Attention, Dense, All, LmHead, Embedding };
 /// moe-allocate-bits: what one unit of the allocation is.
@@ -116,6 +119,7 @@ MOE_CHOICE_PARSER(moe::MergeAlign)
 MOE_CHOICE_PARSER(moe::AtomScore)
 MOE_CHOICE_PARSER(moe::QuantizeMethod)
 MOE_CHOICE_PARSER(moe::ScaleKind)
+MOE_CHOICE_PARSER(moe::QuantizeFormat)
 MOE_CHOICE_PARSER(moe::QuantizeTarget)
 MOE_CHOICE_PARSER(moe::Granularity)
 MOE_CHOICE_PARSER(moe::AllocationObjective)

@@ -227,6 +227,17 @@ def MoeQuantize : Pass<"moe-quantize", "::moe::ir::ModelOp"> {
     and separately `lm_head` and `embedding` (read one row per token),
     comma-separated. Routers and norms stay as they are.
 
+    `format=q4_k` (or q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q5_k, q6_k)
+    quantizes to llama.cpp's block format instead (kernels/common/
+    GgmlFormats.h): RTN with its weighted scale search, GPTQ with the
+    format's own grid (a K-quant's quantized sub-block scales chosen when
+    the super-block's first column comes up, weighted by the Hessian's
+    diagonal). `moec export --format gguf` copies these bytes. A matrix whose
+    rows are not whole blocks (K-quants: 256 values) gets the nearest
+    32-value format instead, with a remark; a `moe.bits` width from
+    moe-allocate-bits picks the K-quant of that width. The engine runs these
+    formats as their dequantized values.
+
     GPTQ uses each expert's Hessians from `moec calibrate --input-moments`
     (X^T X of its routed inputs for gate/up, of its intermediate activation
     for down); attention projections (q/k/v and MLA's q_a/kv_a from the
@@ -264,6 +275,9 @@ def MoeQuantize : Pass<"moe-quantize", "::moe::ir::ModelOp"> {
     Option<"group", "group", "int64_t", /*default=*/"128", "Weights per scale: 32, 64 or 128">,
     Option<"symmetric", "sym", "bool", /*default=*/"false", "Symmetric (no min) instead of asymmetric">,
     Option<"scaleType", "scale-type", "::moe::ScaleKind", /*default=*/"::moe::ScaleKind::F16", "f16 or bf16 scales">,
+    Option<"format", "format", "::moe::QuantizeFormat", /*default=*/"::moe::QuantizeFormat::Group",
+           "group (moec's: bits, group, sym, scale-type) or a llama.cpp block format: q4_0, q4_1, q5_0, q5_1, "
+           "q8_0, q2_k, q3_k, q4_k, q5_k, q6_k">,
     ListOption<"targets", "targets", "::moe::QuantizeTarget",
                "experts, shared, attention, dense, all, lm_head, embedding (comma-separated; default experts)">,
     ListOption<"layers", "layers", "int64_t",

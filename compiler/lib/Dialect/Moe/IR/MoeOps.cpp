@@ -9,7 +9,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Dialect/Moe/IR/MoeOps.h"
-#include "common/QuantFormat.h"
+#include "common/WeightFormat.h"
 
 #include "mlir/IR/Builders.h"
 #include "mlir/IR/OpImplementation.h"
@@ -135,17 +135,19 @@ LogicalResult TensorOp::verify() {
     if (quant.getGroup() < 1)
       return emitOpError() << "quantisation group must be positive, got " << quant.getGroup();
     // The format names a layout of kernels/common and must agree with the fields.
-    std::optional<::moe::quant::QuantFormat> format = ::moe::quant::parseQuantFormat(quant.getFormat().str());
+    std::optional<::moe::quant::WeightFormat> format = ::moe::quant::parseWeightFormat(quant.getFormat().str());
     if (!format)
       return emitOpError() << "unknown quantisation format '" << quant.getFormat()
-                           << "' (expected e.g. q4_g128_asym; see kernels/common/QuantFormat.h)";
-    if (format->bits != quant.getBits() || format->group != quant.getGroup() ||
-        (format->symmetric ? "sym" : "asym") != quant.getScheme())
+                           << "' (expected e.g. q4_g128_asym or q4_k; see kernels/common/WeightFormat.h)";
+    if (format->bits() != quant.getBits() || format->block() != quant.getGroup() ||
+        format->scheme() != quant.getScheme())
       return emitOpError() << "quantisation format '" << quant.getFormat()
                            << "' disagrees with bits = " << quant.getBits() << ", group = " << quant.getGroup()
                            << ", scheme = \"" << quant.getScheme() << "\"";
     if (getTensorType().getRank() != 2)
       return emitOpError("only matrices can be quantised");
+    if (std::string problem = format->checkColumns(getTensorType().getShape()[1]); !problem.empty())
+      return emitOpError() << "quantisation format '" << quant.getFormat() << "': " << problem;
   }
   return success();
 }
@@ -254,7 +256,8 @@ LogicalResult RouterOp::verify() {
   if (getScoring() == ScoringKind::SparseMixer && getTopK() != 2)
     return emitOpError() << "sparsemixer scoring selects exactly 2 experts, top_k is " << getTopK();
   const int64_t groups = static_cast<int64_t>(getGroups()), topKGroups = static_cast<int64_t>(getTopKGroups());
-  if (getSelection() != SelectionKind::TopK && (groups < 1 || rows % groups != 0 || topKGroups < 1 || topKGroups > groups))
+  if (getSelection() != SelectionKind::TopK &&
+      (groups < 1 || rows % groups != 0 || topKGroups < 1 || topKGroups > groups))
     return emitOpError() << "group-limited selection needs groups dividing the " << rows
                          << " router rows and 1 <= top_k_groups <= groups";
   return success();
