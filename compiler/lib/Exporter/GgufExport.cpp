@@ -711,6 +711,17 @@ Status exportGguf(const ModelDescription &description, const GgufAssets &assets,
   }
   if (!hasLmHead && arch.outputRequired && embedding)
     MOE_RETURN_IF_ERROR(planTensor("output.weight", TensorRole::LmHead, *embedding, 0, notes));
+  // Biases llama.cpp's phimoe requires: zeros when the model has none (exact).
+  auto zeros = [&](const std::string &name, int64_t count) {
+    plan.add({name, {count}, GgmlType::F32, [count](std::vector<uint8_t> &bytes) {
+                bytes.assign(static_cast<size_t>(count) * 4, 0);
+                return Status::success();
+              }});
+  };
+  const bool phimoe = spec.family == ModelFamily::PhiMoe;
+  if (phimoe && std::none_of(description.globals.begin(), description.globals.end(),
+                             [](const auto &global) { return global.first == TensorRole::LmHeadBias; }))
+    zeros("output.bias", spec.vocabSize);
   if (spec.family == ModelFamily::PhiMoe && spec.rope.scaling == RopeScalingKind::LongRope)
     for (const auto &[name, factors] :
          {std::pair<std::string, std::vector<double>>{"rope_factors_long.weight", spec.rope.longFactor},
@@ -759,6 +770,9 @@ Status exportGguf(const ModelDescription &description, const GgufAssets &assets,
       }
       MOE_RETURN_IF_ERROR(planTensor(blk + name, role, padded, heads, notes));
     }
+    if (phimoe && std::none_of(layer.tensors.begin(), layer.tensors.end(),
+                               [](const auto &tensor) { return tensor.first == TensorRole::OutputBias; }))
+      zeros(blk + "attn_output.bias", spec.hiddenSize);
     if (spec.layers[l].mlp != MlpKind::Moe)
       continue;
 
