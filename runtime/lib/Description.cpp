@@ -355,7 +355,24 @@ private:
   Status loadVector(const TensorRef &tensor, std::vector<float> &out) {
     DType dtype;
     std::vector<uint8_t> bytes;
-    return loadF32(tensor, dtype, out, bytes, false);
+    MOE_RETURN_IF_ERROR(loadF32(tensor, dtype, out, bytes, false));
+    if (tensor.interleavedHeads > 0)
+      MOE_RETURN_IF_ERROR(deinterleave(tensor, out.data(), static_cast<int64_t>(out.size()), 1));
+    return Status::success();
+  }
+
+  /// Puts rows stored interleaved per head (TensorRef::interleavedHeads)
+  /// back in order: stored row h*D + 2i + j is row h*D + j*D/2 + i.
+  template <typename T> Status deinterleave(const TensorRef &tensor, T *rows, int64_t count, int64_t width) {
+    const int64_t heads = tensor.interleavedHeads, d = heads > 0 ? count / heads : 0;
+    if (heads <= 0 || count % heads != 0 || d % 2 != 0)
+      return Status::error("tensor '", tensor.name, "': ", count, " rows are not ", heads, " heads of an even size");
+    std::vector<T> stored(rows, rows + count * width);
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < d / 2; ++i)
+        for (int64_t j = 0; j < 2; ++j)
+          std::copy_n(stored.data() + (h * d + 2 * i + j) * width, width, rows + (h * d + j * (d / 2) + i) * width);
+    return Status::success();
   }
 
   Status loadQuantized(const TensorRef &tensor, Matrix &out) {
@@ -419,6 +436,17 @@ private:
   }
 
   Status loadMatrix(const TensorRef &tensor, Matrix &out) {
+    MOE_RETURN_IF_ERROR(loadStoredMatrix(tensor, out));
+    if (tensor.interleavedHeads == 0)
+      return Status::success();
+    if (!out.data.empty())
+      return deinterleave(tensor, out.data.data(), out.rows, out.cols);
+    if (!out.bf16.empty())
+      return deinterleave(tensor, out.bf16.data(), out.rows, out.cols);
+    return Status::error("tensor '", tensor.name, "': interleaved rows of quantised codes cannot be put back in place");
+  }
+
+  Status loadStoredMatrix(const TensorRef &tensor, Matrix &out) {
     if (tensor.shape.size() != 2)
       return Status::error("tensor '", tensor.name, "' has shape ", formatShape(tensor.shape), "; expected a matrix");
     out.rows = tensor.shape[0];

@@ -520,6 +520,86 @@ Expected<std::unique_ptr<GgufFile>> GgufFile::open(const std::string &path) {
   return file;
 }
 
+uint64_t GgufFile::fileOffset(const GgufTensorInfo &tensor) const {
+  return static_cast<uint64_t>(dataStart - mapping->data()) + tensor.offset;
+}
+
+// llama.cpp's name of a non-expert role (after "blk.N." for layer roles).
+const char *ggufRoleName(TensorRole role) {
+  switch (role) {
+  case TensorRole::Embedding:
+    return "token_embd.weight";
+  case TensorRole::LmHead:
+    return "output.weight";
+  case TensorRole::LmHeadBias:
+    return "output.bias";
+  case TensorRole::FinalNorm:
+    return "output_norm.weight";
+  case TensorRole::FinalNormBias:
+    return "output_norm.bias";
+  case TensorRole::AttentionNorm:
+    return "attn_norm.weight";
+  case TensorRole::AttentionNormBias:
+    return "attn_norm.bias";
+  case TensorRole::MlpNorm:
+    return "ffn_norm.weight";
+  case TensorRole::MlpNormBias:
+    return "ffn_norm.bias";
+  case TensorRole::QueryProj:
+    return "attn_q.weight";
+  case TensorRole::QueryBias:
+    return "attn_q.bias";
+  case TensorRole::KeyProj:
+    return "attn_k.weight";
+  case TensorRole::KeyBias:
+    return "attn_k.bias";
+  case TensorRole::ValueProj:
+    return "attn_v.weight";
+  case TensorRole::ValueBias:
+    return "attn_v.bias";
+  case TensorRole::OutputProj:
+    return "attn_output.weight";
+  case TensorRole::OutputBias:
+    return "attn_output.bias";
+  case TensorRole::QueryNorm:
+    return "attn_q_norm.weight";
+  case TensorRole::KeyNorm:
+    return "attn_k_norm.weight";
+  case TensorRole::QueryDownProj:
+    return "attn_q_a.weight";
+  case TensorRole::QueryDownNorm:
+    return "attn_q_a_norm.weight";
+  case TensorRole::QueryUpProj:
+    return "attn_q_b.weight";
+  case TensorRole::KvDownProj:
+    return "attn_kv_a_mqa.weight";
+  case TensorRole::KvDownNorm:
+    return "attn_kv_a_norm.weight";
+  case TensorRole::KvUpProj:
+    return "attn_kv_b.weight";
+  case TensorRole::DenseGate:
+    return "ffn_gate.weight";
+  case TensorRole::DenseUp:
+    return "ffn_up.weight";
+  case TensorRole::DenseDown:
+    return "ffn_down.weight";
+  case TensorRole::Router:
+    return "ffn_gate_inp.weight";
+  case TensorRole::RouterCorrectionBias:
+    return "exp_probs_b.bias";
+  case TensorRole::SharedGate:
+    return "ffn_gate_shexp.weight";
+  case TensorRole::SharedUp:
+    return "ffn_up_shexp.weight";
+  case TensorRole::SharedDown:
+    return "ffn_down_shexp.weight";
+  case TensorRole::SharedExpertGate:
+    return "ffn_gate_inp_shexp.weight";
+  default:
+    return nullptr;
+  }
+}
+
 const GgufValue *GgufFile::find(const std::string &key) const {
   auto it = keyIndex.find(key);
   return it == keyIndex.end() ? nullptr : &keyValues[it->second].second;

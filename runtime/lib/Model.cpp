@@ -6,6 +6,7 @@
 
 #include "moe/Runtime/Model.h"
 #include "moe/Runtime/Description.h"
+#include "moe/Runtime/GgufModel.h"
 #include "moe/Runtime/Package.h"
 #include "moe/Support/File.h"
 
@@ -89,8 +90,8 @@ Status attachTokenizer(const std::string &directory, LoadedModel &model) {
 } // namespace
 
 Expected<LoadedModel> loadModel(const std::string &directory, EngineOptions options) {
-  if (isPackagePath(directory)) {
-    Expected<OpenedPackage> package = openPackage(directory);
+  if (isPackagePath(directory) || isGgufPath(directory)) {
+    Expected<OpenedPackage> package = isGgufPath(directory) ? openGgufModel(directory) : openPackage(directory);
     if (!package)
       return package.status();
     LoadedModel model;

@@ -41,24 +41,6 @@ std::string outputName(StringRef symbol, std::optional<int64_t> expertId) {
   return name;
 }
 
-/// Config keys of a family's expert count and routed-expert width.
-std::pair<const char *, const char *> expertKeys(ModelFamily family, const json &config) {
-  switch (family) {
-  case ModelFamily::Mixtral:
-  case ModelFamily::PhiMoe:
-    return {"num_local_experts", "intermediate_size"};
-  case ModelFamily::Olmoe:
-    return {config.contains("num_experts") ? "num_experts" : "num_local_experts", "intermediate_size"};
-  case ModelFamily::Qwen2Moe:
-  case ModelFamily::Qwen3Moe:
-    return {config.contains("num_experts") ? "num_experts" : "num_local_experts", "moe_intermediate_size"};
-  case ModelFamily::DeepseekV2:
-  case ModelFamily::DeepseekV3:
-    return {"n_routed_experts", "moe_intermediate_size"};
-  }
-  return {"num_experts", "moe_intermediate_size"};
-}
-
 /// The bf16 bytes of the values a quantised tensor's codes stand for.
 Expected<std::vector<uint8_t>> dequantizeToBf16(ir::TensorOp tensor, ir::QuantAttr quant,
                                                 const std::vector<int64_t> &shape, const std::vector<uint8_t> &codes) {
@@ -87,6 +69,24 @@ Status writeText(const std::string &path, const std::string &text) {
 }
 
 } // namespace
+
+/// Config keys of a family's expert count and routed-expert width.
+std::pair<const char *, const char *> configExpertKeys(ModelFamily family, const nlohmann::json &config) {
+  switch (family) {
+  case ModelFamily::Mixtral:
+  case ModelFamily::PhiMoe:
+    return {"num_local_experts", "intermediate_size"};
+  case ModelFamily::Olmoe:
+    return {config.contains("num_experts") ? "num_experts" : "num_local_experts", "intermediate_size"};
+  case ModelFamily::Qwen2Moe:
+  case ModelFamily::Qwen3Moe:
+    return {config.contains("num_experts") ? "num_experts" : "num_local_experts", "moe_intermediate_size"};
+  case ModelFamily::DeepseekV2:
+  case ModelFamily::DeepseekV3:
+    return {"n_routed_experts", "moe_intermediate_size"};
+  }
+  return {"num_experts", "moe_intermediate_size"};
+}
 
 Status exportHuggingFace(ir::ModelOp model, const std::string &directory, std::vector<std::string> *remarks) {
   json config = json::parse(model.getConfig().str(), nullptr, false);
@@ -135,7 +135,7 @@ Status exportHuggingFace(ir::ModelOp model, const std::string &directory, std::v
                              spec->architecture, " config.json cannot express it: use the package backend (moec emit)");
     }
   if (experts) {
-    auto [countKey, widthKey] = expertKeys(spec->family, config);
+    auto [countKey, widthKey] = configExpertKeys(spec->family, config);
     config[countKey] = *experts;
     config[widthKey] = *width;
     config["num_experts_per_tok"] = *topK;

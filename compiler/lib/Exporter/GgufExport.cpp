@@ -10,6 +10,7 @@
 #include "common/GgmlFormats.h"
 #include "common/QuantFormat.h"
 #include "common/WeightFormat.h"
+#include "moe/Exporter/Exporter.h"
 #include "moe/Frontend/DType.h"
 #include "moe/Runtime/Gguf.h"
 #include "moe/Support/File.h"
@@ -55,82 +56,6 @@ Arch archOf(ModelFamily family) {
     return {"phimoe", false, true};
   }
   return {"llama", true, false};
-}
-
-/// llama.cpp's name of a non-expert role (after "blk.N." for layer roles).
-const char *ggufRoleName(TensorRole role) {
-  switch (role) {
-  case TensorRole::Embedding:
-    return "token_embd.weight";
-  case TensorRole::LmHead:
-    return "output.weight";
-  case TensorRole::LmHeadBias:
-    return "output.bias";
-  case TensorRole::FinalNorm:
-    return "output_norm.weight";
-  case TensorRole::FinalNormBias:
-    return "output_norm.bias";
-  case TensorRole::AttentionNorm:
-    return "attn_norm.weight";
-  case TensorRole::AttentionNormBias:
-    return "attn_norm.bias";
-  case TensorRole::MlpNorm:
-    return "ffn_norm.weight";
-  case TensorRole::MlpNormBias:
-    return "ffn_norm.bias";
-  case TensorRole::QueryProj:
-    return "attn_q.weight";
-  case TensorRole::QueryBias:
-    return "attn_q.bias";
-  case TensorRole::KeyProj:
-    return "attn_k.weight";
-  case TensorRole::KeyBias:
-    return "attn_k.bias";
-  case TensorRole::ValueProj:
-    return "attn_v.weight";
-  case TensorRole::ValueBias:
-    return "attn_v.bias";
-  case TensorRole::OutputProj:
-    return "attn_output.weight";
-  case TensorRole::OutputBias:
-    return "attn_output.bias";
-  case TensorRole::QueryNorm:
-    return "attn_q_norm.weight";
-  case TensorRole::KeyNorm:
-    return "attn_k_norm.weight";
-  case TensorRole::QueryDownProj:
-    return "attn_q_a.weight";
-  case TensorRole::QueryDownNorm:
-    return "attn_q_a_norm.weight";
-  case TensorRole::QueryUpProj:
-    return "attn_q_b.weight";
-  case TensorRole::KvDownProj:
-    return "attn_kv_a_mqa.weight";
-  case TensorRole::KvDownNorm:
-    return "attn_kv_a_norm.weight";
-  case TensorRole::KvUpProj:
-    return "attn_kv_b.weight";
-  case TensorRole::DenseGate:
-    return "ffn_gate.weight";
-  case TensorRole::DenseUp:
-    return "ffn_up.weight";
-  case TensorRole::DenseDown:
-    return "ffn_down.weight";
-  case TensorRole::Router:
-    return "ffn_gate_inp.weight";
-  case TensorRole::RouterCorrectionBias:
-    return "exp_probs_b.bias";
-  case TensorRole::SharedGate:
-    return "ffn_gate_shexp.weight";
-  case TensorRole::SharedUp:
-    return "ffn_up_shexp.weight";
-  case TensorRole::SharedDown:
-    return "ffn_down_shexp.weight";
-  case TensorRole::SharedExpertGate:
-    return "ffn_gate_inp_shexp.weight";
-  default:
-    return nullptr;
-  }
 }
 
 /// Roles llama.cpp keeps in F32 whatever the model's dtype (norms, biases,
@@ -637,6 +562,21 @@ Status exportGguf(const ModelDescription &description, const GgufAssets &assets,
       remarks.push_back("llama.cpp's olmoe graph does not clamp q, k and v (clip_qkv); perplexities may differ");
   }
   MOE_RETURN_IF_ERROR(writeTokenizer(assets, description, writer, remarks));
+  // What moec needs to run the file again (llama.cpp ignores these keys):
+  // the config with the structure as exported (expert count and padded
+  // width, top-k), and the tokenizer files as they were.
+  json exportedConfig = config;
+  auto [countKey, widthKey] = configExpertKeys(spec.family, config);
+  exportedConfig[countKey] = experts;
+  exportedConfig[widthKey] = width;
+  exportedConfig["num_experts_per_tok"] = topKs[static_cast<size_t>(firstMoe)];
+  if (spec.family == ModelFamily::Qwen2Moe)
+    exportedConfig["shared_expert_intermediate_size"] =
+        spec.layers[static_cast<size_t>(firstMoe)].shared.intermediateSize;
+  writer.set("moec.config_json", GgufValue::string(exportedConfig.dump()));
+  writer.set("moec.tokenizer_json", GgufValue::string(assets.tokenizerJson));
+  if (!assets.tokenizerConfigJson.empty())
+    writer.set("moec.tokenizer_config_json", GgufValue::string(assets.tokenizerConfigJson));
 
   // --- Tensors ------------------------------------------------------------
   auto reader = std::make_shared<Reader>(description);

@@ -11,7 +11,10 @@
 #define MOE_EXPORTER_EXPORTER_H
 
 #include "moe/Dialect/Moe/IR/MoeOps.h"
+#include "moe/Frontend/ModelSpec.h"
 #include "moe/Support/Status.h"
+
+#include <nlohmann/json.hpp>
 
 #include <string>
 #include <vector>
@@ -23,6 +26,9 @@ namespace moe {
 /// config.json (e.g. different expert counts or widths per layer).
 /// Quantized tensors are written as the bf16 values their codes stand for
 /// (transformers reads no moec format), each with a line in `remarks`.
+/// The config.json keys of a family's routed-expert count and width.
+std::pair<const char *, const char *> configExpertKeys(ModelFamily family, const nlohmann::json &config);
+
 Status exportHuggingFace(ir::ModelOp model, const std::string &directory, std::vector<std::string> *remarks = nullptr);
 
 } // namespace moe

@@ -46,7 +46,11 @@ struct TensorRef {
   std::vector<int64_t> shape; ///< The shape the model uses.
   std::string scaleKey;       ///< FP8 block scales (`<key>_scale_inv`), or empty.
   int64_t scaleSource = -1;   ///< The source holding them.
-  std::string format;         ///< Quantisation format (QuantFormat::name()) of the stored bytes, or empty.
+  std::string format;         ///< Quantisation format (WeightFormat::name()) of the stored bytes, or empty.
+  /// Rows stored interleaved per head, as llama.cpp's rope for "llama" wants
+  /// (GGUF): within each of this many heads of D rows, stored row 2i + j is
+  /// row j * D/2 + i. Undone when loaded; 0: rows in order.
+  int64_t interleavedHeads = 0;
   // In a package (source == kPackageSource): where, and the stored dtype of unquantised tensors.
   uint64_t offset = 0, size = 0;
   DType dtype = DType::BF16;

@@ -21,6 +21,7 @@
 #define MOE_RUNTIME_GGUF_H
 
 #include "common/GgmlFormats.h"
+#include "moe/Frontend/ModelSpec.h"
 #include "moe/Support/MappedFile.h"
 #include "moe/Support/Status.h"
 
@@ -116,6 +117,8 @@ public:
   const GgufTensorInfo *tensor(const std::string &name) const;
   /// The tensor's bytes in the mapped file.
   const uint8_t *data(const GgufTensorInfo &tensor) const { return dataStart + tensor.offset; }
+  /// Where the tensor's bytes start, from the start of the file.
+  uint64_t fileOffset(const GgufTensorInfo &tensor) const;
 
 private:
   std::string filePath;
@@ -127,6 +130,10 @@ private:
   std::vector<GgufTensorInfo> infos;
   std::map<std::string, size_t> tensorIndex;
 };
+
+/// llama.cpp's tensor name of a moec role ("attn_q.weight"; after "blk.N."
+/// for layer roles), or null for the routed experts' roles (stacked).
+const char *ggufRoleName(TensorRole role);
 
 } // namespace moe
 
