@@ -84,8 +84,9 @@ int runGgufExport(const ExportOptions &options) {
 int runExport(const ExportOptions &options) {
   if (options.format == "gguf")
     return runGgufExport(options);
-  if (options.format != "hf") {
-    printError("--format '" + options.format + "': expected hf (a Hugging Face checkpoint) or gguf (llama.cpp)");
+  if (options.format != "hf" && options.format != "compressed-tensors") {
+    printError("--format '" + options.format +
+               "': expected hf (a Hugging Face checkpoint), compressed-tensors (vLLM, transformers) or gguf (llama.cpp)");
     return 1;
   }
   mlir::MLIRContext context;
@@ -98,7 +99,9 @@ int runExport(const ExportOptions &options) {
     return 1;
   }
   std::vector<std::string> remarks;
-  Status status = exportHuggingFace(*models.begin(), options.output, &remarks);
+  Status status = exportHuggingFace(*models.begin(), options.output, &remarks,
+                                    options.format == "compressed-tensors" ? QuantizedWeights::CompressedTensors
+                                                                           : QuantizedWeights::Dequantized);
   if (!status.ok()) {
     printError(status.message());
     return 1;
@@ -113,8 +116,10 @@ Command registerExport(CLI::App &app) {
   auto options = std::make_shared<ExportOptions>();
   CLI::App *command = app.add_subcommand("export", "Write a moe module as a checkpoint other runtimes load");
   command->add_option("module", options->input, "Input .mlir module (or, for gguf, a .moepkg package)")->required();
-  command->add_option("--format", options->format, "Output format: hf (a directory) or gguf (a file for llama.cpp)");
-  command->add_option("-o,--output", options->output, "Output directory (hf) or file (gguf)")->required();
+  command->add_option("--format", options->format,
+                      "Output format: hf or compressed-tensors (a directory), gguf (a file for llama.cpp)");
+  command->add_option("-o,--output", options->output, "Output directory (hf, compressed-tensors) or file (gguf)")
+      ->required();
   command->add_flag("--no-expand-merged", options->noExpandMerged,
                     "gguf: refuse merged experts instead of writing them into each member's slot");
   return {command, [options] { return runExport(*options); }};

@@ -5,6 +5,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Exporter/Exporter.h"
+#include "CompressedTensors.h"
 #include "moe/Frontend/ModelSpec.h"
 #include "moe/Frontend/Safetensors.h"
 #include "moe/Lowering/TensorAccess.h"
@@ -63,6 +64,38 @@ Expected<std::vector<uint8_t>> dequantizeToBf16(ir::TensorOp tensor, ir::QuantAt
   return bytes;
 }
 
+/// config.json's quantization_config: one group per scheme, targets named
+/// exactly (disjoint, so every loader agrees), unquantised Linear modules
+/// ignored (vLLM refuses a Linear that matches nothing).
+json compressedTensorsConfig(const std::map<CtScheme, std::vector<std::string>> &schemes,
+                             const std::vector<std::string> &ignore) {
+  json groups = json::object();
+  int index = 0;
+  for (const auto &[scheme, modules] : schemes) {
+    json weights = {{"dynamic", false},
+                    {"num_bits", scheme.bits},
+                    {"symmetric", scheme.symmetric},
+                    {"type", "int"},
+                    {"strategy", scheme.group > 0 ? "group" : "channel"},
+                    {"group_size", scheme.group > 0 ? json(scheme.group) : json(nullptr)}};
+    groups[concat("group_", index++)] = {{"format", "pack-quantized"},
+                                         {"input_activations", nullptr},
+                                         {"output_activations", nullptr},
+                                         {"targets", modules},
+                                         {"weights", weights}};
+  }
+  return {{"quant_method", "compressed-tensors"},
+          {"format", "pack-quantized"},
+          {"config_groups", groups},
+          {"ignore", ignore},
+          {"quantization_status", "compressed"},
+          {"kv_cache_scheme", nullptr},
+          {"global_compression_ratio", nullptr},
+          {"sparsity_config", json::object()},
+          {"transform_config", json::object()},
+          {"version", "0.20.1"}};
+}
+
 Status writeText(const std::string &path, const std::string &text) {
   return writeFileAtomically(path,
                              std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(text.data()), text.size()));
@@ -88,7 +121,8 @@ std::pair<const char *, const char *> configExpertKeys(ModelFamily family, const
   return {"num_experts", "moe_intermediate_size"};
 }
 
-Status exportHuggingFace(ir::ModelOp model, const std::string &directory, std::vector<std::string> *remarks) {
+Status exportHuggingFace(ir::ModelOp model, const std::string &directory, std::vector<std::string> *remarks,
+                         QuantizedWeights quantized) {
   json config = json::parse(model.getConfig().str(), nullptr, false);
   if (config.is_discarded() || !config.is_object())
     return Status::error("moe.model @", model.getSymName().str(), ": its config is not a JSON object");
@@ -155,6 +189,8 @@ Status exportHuggingFace(ir::ModelOp model, const std::string &directory, std::v
   std::error_code error;
   TensorAccess access(model);
   SafetensorsWriter writer;
+  std::map<CtScheme, std::vector<std::string>> schemes; // compressed-tensors: modules per scheme
+  std::vector<std::string> unquantizedLinear;
   for (ir::TensorOp tensor : model.getBody().getOps<ir::TensorOp>()) {
     std::string symbol = tensor.getSymName().str();
     std::optional<int64_t> expertId;
@@ -167,9 +203,35 @@ Status exportHuggingFace(ir::ModelOp model, const std::string &directory, std::v
     std::vector<uint8_t> bytes;
     MOE_RETURN_IF_ERROR(access.read(tensor, dtype, bytes));
     std::vector<int64_t> shape(tensor.getTensorType().getShape().begin(), tensor.getTensorType().getShape().end());
+    const std::string name = outputName(symbol, expertId);
+    const bool linear = shape.size() == 2 && name.size() > 7 && name.compare(name.size() - 7, 7, ".weight") == 0 &&
+                        name.find("embed_tokens") == std::string::npos;
+    const std::string module = linear ? name.substr(0, name.size() - 7) : std::string();
+    ir::QuantAttr quant = tensor.getQuantAttr();
+    if (quantized == QuantizedWeights::CompressedTensors && quant && linear) {
+      std::optional<quant::WeightFormat> format = quant::parseWeightFormat(quant.getFormat().str());
+      if (!format)
+        return Status::error("moe.tensor @", symbol, ": unknown format '", quant.getFormat().str(), "'");
+      if (bytes.size() != format->matrixBytes(shape[0], shape[1]))
+        return Status::error("moe.tensor @", symbol, ": ", bytes.size(), " bytes of ", format->name(), " codes, [",
+                             shape[0], ", ", shape[1], "] needs ", format->matrixBytes(shape[0], shape[1]));
+      CtScheme scheme;
+      std::vector<CtTensor> packed;
+      std::string remark;
+      MOE_RETURN_IF_ERROR(toCompressedTensors(*format, bytes.data(), shape[0], shape[1], scheme, packed, remark));
+      for (CtTensor &part : packed)
+        MOE_RETURN_IF_ERROR(
+            writer.addTensor(module + "." + part.suffix, part.dtype, std::move(part.shape), std::move(part.bytes)));
+      schemes[scheme].push_back(module);
+      if (remarks && !remark.empty())
+        remarks->push_back(symbol + ": " + remark);
+      continue;
+    }
+    if (linear)
+      unquantizedLinear.push_back(module);
     // A Hugging Face checkpoint holds float tensors: quantised codes are
     // written as the bf16 values they stand for.
-    if (ir::QuantAttr quant = tensor.getQuantAttr()) {
+    if (quant) {
       Expected<std::vector<uint8_t>> values = dequantizeToBf16(tensor, quant, shape, bytes);
       if (!values)
         return values.status();
@@ -178,7 +240,14 @@ Status exportHuggingFace(ir::ModelOp model, const std::string &directory, std::v
       if (remarks)
         remarks->push_back(concat(symbol, ": ", quant.getFormat().str(), " written as the bf16 values of its codes"));
     }
-    MOE_RETURN_IF_ERROR(writer.addTensor(outputName(symbol, expertId), dtype, shape, std::move(bytes)));
+    MOE_RETURN_IF_ERROR(writer.addTensor(name, dtype, shape, std::move(bytes)));
+  }
+  if (quantized == QuantizedWeights::CompressedTensors) {
+    if (schemes.empty())
+      return Status::error("moe.model @", model.getSymName().str(),
+                           ": nothing is quantised; --format compressed-tensors writes the quantised Linear modules "
+                           "of a module after moe-quantize (use --format hf for a float checkpoint)");
+    config["quantization_config"] = compressedTensorsConfig(schemes, unquantizedLinear);
   }
   writer.setMetadata("format", "pt");
   MOE_RETURN_IF_ERROR(writer.write(staging + "/model.safetensors"));

@@ -21,15 +21,25 @@
 
 namespace moe {
 
-/// Exports `model` to `directory` (created). Fails with a message naming
-/// the layer when the result cannot be expressed in the family's
-/// config.json (e.g. different expert counts or widths per layer).
-/// Quantized tensors are written as the bf16 values their codes stand for
-/// (transformers reads no moec format), each with a line in `remarks`.
 /// The config.json keys of a family's routed-expert count and width.
 std::pair<const char *, const char *> configExpertKeys(ModelFamily family, const nlohmann::json &config);
 
-Status exportHuggingFace(ir::ModelOp model, const std::string &directory, std::vector<std::string> *remarks = nullptr);
+/// How quantised tensors are written.
+enum class QuantizedWeights {
+  /// As the bf16 values their codes stand for (transformers reads no moec
+  /// format), each with a line in `remarks`.
+  Dequantized,
+  /// As compressed-tensors' "pack-quantized" weights (vLLM, transformers),
+  /// with its quantization_config in config.json; unquantised Linear
+  /// modules (lm_head, routers) are listed in its "ignore".
+  CompressedTensors,
+};
+
+/// Exports `model` to `directory` (created). Fails with a message naming
+/// the layer when the result cannot be expressed in the family's
+/// config.json (e.g. different expert counts or widths per layer).
+Status exportHuggingFace(ir::ModelOp model, const std::string &directory, std::vector<std::string> *remarks = nullptr,
+                         QuantizedWeights quantized = QuantizedWeights::Dequantized);
 
 } // namespace moe
 
