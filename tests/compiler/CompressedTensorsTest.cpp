@@ -71,8 +71,8 @@ TEST(CompressedTensors, ExportsHoldTheModulesValues) {
   };
   for (const auto &[name, pipeline] : cases) {
     mlir::MLIRContext context;
-    auto imported = importCheckpoint(dataDir() + "/fixtures/tiny-mixtral", dir.file(std::string(name) + ".moestore"),
-                                     context);
+    auto imported =
+        importCheckpoint(dataDir() + "/fixtures/tiny-mixtral", dir.file(std::string(name) + ".moestore"), context);
     ASSERT_TRUE(imported.ok()) << imported.status().message();
     mlir::PassManager manager(&context);
     ASSERT_TRUE(mlir::succeeded(mlir::parsePassPipeline(pipeline, manager.nest<ir::ModelOp>())));

@@ -85,8 +85,9 @@ int runExport(const ExportOptions &options) {
   if (options.format == "gguf")
     return runGgufExport(options);
   if (options.format != "hf" && options.format != "compressed-tensors") {
-    printError("--format '" + options.format +
-               "': expected hf (a Hugging Face checkpoint), compressed-tensors (vLLM, transformers) or gguf (llama.cpp)");
+    printError(
+        "--format '" + options.format +
+        "': expected hf (a Hugging Face checkpoint), compressed-tensors (vLLM, transformers) or gguf (llama.cpp)");
     return 1;
   }
   mlir::MLIRContext context;

@@ -62,9 +62,12 @@ Status toCompressedTensors(const quant::WeightFormat &format, const uint8_t *cod
           q[r * cols + g * f.group + i] = quant::unpackCode(group + f.headerBytes(), f.bits, i) - f.zeroPoint();
       }
     scheme = CtScheme{f.bits, f.group, true};
-    tensors.push_back({"weight_packed", DType::I32, {rows, wordsFor(cols, f.bits)}, bytesOf(packInt32(q, rows, cols, f.bits))});
-    tensors.push_back({"weight_scale", f.scaleType == quant::ScaleType::BF16 ? DType::BF16 : DType::F16,
-                       {rows, groups}, bytesOf(scales)});
+    tensors.push_back(
+        {"weight_packed", DType::I32, {rows, wordsFor(cols, f.bits)}, bytesOf(packInt32(q, rows, cols, f.bits))});
+    tensors.push_back({"weight_scale",
+                       f.scaleType == quant::ScaleType::BF16 ? DType::BF16 : DType::F16,
+                       {rows, groups},
+                       bytesOf(scales)});
     tensors.push_back({"weight_shape", DType::I64, {2}, bytesOf(shapeValues)});
     return Status::success();
   }
@@ -87,7 +90,8 @@ Status toCompressedTensors(const quant::WeightFormat &format, const uint8_t *cod
         lo = std::min(lo, x[i]);
         hi = std::max(hi, x[i]);
       }
-      float scale = symmetric ? std::max(-lo, hi) / ((qmax - qmin) / 2.0f) : (hi - lo) / static_cast<float>(qmax - qmin);
+      float scale =
+          symmetric ? std::max(-lo, hi) / ((qmax - qmin) / 2.0f) : (hi - lo) / static_cast<float>(qmax - qmin);
       // The scale as stored (bf16) is the one the codes are rounded with.
       uint16_t stored = quant::floatToScale(scale, quant::ScaleType::BF16);
       scale = quant::scaleToFloat(stored, quant::ScaleType::BF16);
@@ -101,11 +105,11 @@ Status toCompressedTensors(const quant::WeightFormat &format, const uint8_t *cod
         zp = std::clamp(static_cast<int32_t>(std::nearbyint(static_cast<float>(qmin) - lo / scale)), qmin, qmax);
       zeros[r * groups + g] = zp;
       for (int64_t i = 0; i < group; ++i)
-        q[r * cols + g * group + i] =
-            std::clamp(static_cast<int32_t>(std::nearbyint(x[i] / scale)) + zp, qmin, qmax);
+        q[r * cols + g * group + i] = std::clamp(static_cast<int32_t>(std::nearbyint(x[i] / scale)) + zp, qmin, qmax);
     }
   scheme = CtScheme{bits, group == cols ? 0 : group, symmetric};
-  tensors.push_back({"weight_packed", DType::I32, {rows, wordsFor(cols, bits)}, bytesOf(packInt32(q, rows, cols, bits))});
+  tensors.push_back(
+      {"weight_packed", DType::I32, {rows, wordsFor(cols, bits)}, bytesOf(packInt32(q, rows, cols, bits))});
   tensors.push_back({"weight_scale", DType::BF16, {rows, groups}, bytesOf(scales)});
   if (!symmetric) {
     // Zero points are packed down each column: transpose, pack, transpose.
@@ -122,9 +126,10 @@ Status toCompressedTensors(const quant::WeightFormat &format, const uint8_t *cod
     tensors.push_back({"weight_zero_point", DType::I32, {words, groups}, bytesOf(packed)});
   }
   tensors.push_back({"weight_shape", DType::I64, {2}, bytesOf(shapeValues)});
-  remark = concat(format.name(), " requantized to compressed-tensors int", bits, symmetric ? " symmetric" : " asymmetric",
-                  group == cols ? " per channel" : concat(" in groups of ", group),
-                  " (its codes have no exact compressed-tensors form)");
+  remark =
+      concat(format.name(), " requantized to compressed-tensors int", bits, symmetric ? " symmetric" : " asymmetric",
+             group == cols ? " per channel" : concat(" in groups of ", group),
+             " (its codes have no exact compressed-tensors form)");
   return Status::success();
 }
 
