@@ -394,6 +394,93 @@ int nearestLevel(float value, float unit, int lo, int hi) {
 
 } // namespace
 
+namespace {
+
+/// One block's values with valueAt's arithmetic, in its order, but each
+/// (sub-)block's scales converted once; `T` constant, so codeAt's switch
+/// folds away.
+template <GgmlType T> void decodeBlock(const uint8_t *block, float *out) {
+  if constexpr (T == GgmlType::Q4_0 || T == GgmlType::Q5_0) {
+    const float d = half(reinterpret_cast<const BlockQ4_0 *>(block)->d); // d first in both
+    const int zero = T == GgmlType::Q4_0 ? 8 : 16;
+    for (int i = 0; i < 32; ++i)
+      out[i] = d * static_cast<float>(codeAt(T, block, i) - zero);
+  } else if constexpr (T == GgmlType::Q4_1 || T == GgmlType::Q5_1) {
+    const auto &b = *reinterpret_cast<const BlockQ4_1 *>(block); // d, m first in both
+    const float d = half(b.d), m = half(b.m);
+    for (int i = 0; i < 32; ++i)
+      out[i] = d * static_cast<float>(codeAt(T, block, i)) + m;
+  } else if constexpr (T == GgmlType::Q8_0) {
+    const auto &b = *reinterpret_cast<const BlockQ8_0 *>(block);
+    const float d = half(b.d);
+    for (int i = 0; i < 32; ++i)
+      out[i] = static_cast<float>(b.qs[i]) * d;
+  } else if constexpr (T == GgmlType::Q2_K) {
+    const auto &b = *reinterpret_cast<const BlockQ2_K *>(block);
+    const float d = half(b.d), dmin = half(b.dmin);
+    for (int s = 0; s < 16; ++s) {
+      const float dl = d * static_cast<float>(b.scales[s] & 0x0F), ml = dmin * static_cast<float>(b.scales[s] >> 4);
+      for (int i = 16 * s; i < 16 * s + 16; ++i)
+        out[i] = dl * static_cast<float>(twoBits(b.qs, i)) - ml;
+    }
+  } else if constexpr (T == GgmlType::Q3_K) {
+    const auto &b = *reinterpret_cast<const BlockQ3_K *>(block);
+    const float d = half(b.d);
+    for (int s = 0; s < 16; ++s) {
+      const float dl = d * static_cast<float>(scaleQ3K(b.scales, s) - 32);
+      for (int i = 16 * s; i < 16 * s + 16; ++i)
+        out[i] = dl * static_cast<float>(codeAt(T, block, i));
+    }
+  } else if constexpr (T == GgmlType::Q4_K || T == GgmlType::Q5_K) {
+    const auto &b = *reinterpret_cast<const BlockQ4_K *>(block); // d, dmin, scales first in both
+    const float d = half(b.d), dmin = half(b.dmin);
+    for (int s = 0; s < 8; ++s) {
+      int sc, m;
+      scaleMinK4(b.scales, s, sc, m);
+      const float d1 = d * static_cast<float>(sc), m1 = dmin * static_cast<float>(m);
+      for (int i = 32 * s; i < 32 * s + 32; ++i)
+        out[i] = d1 * static_cast<float>(codeAt(T, block, i)) - m1;
+    }
+  } else {
+    const auto &b = *reinterpret_cast<const BlockQ6_K *>(block);
+    const float d = half(b.d);
+    for (int s = 0; s < 16; ++s) {
+      const float dl = d * static_cast<float>(b.scales[s]);
+      for (int i = 16 * s; i < 16 * s + 16; ++i)
+        out[i] = dl * static_cast<float>(codeQ6K(b, i) - 32);
+    }
+  }
+}
+
+} // namespace
+
+void ggmlDequantizeBlock(GgmlType type, const uint8_t *block, float *out) {
+  switch (type) {
+  case GgmlType::Q4_0:
+    return decodeBlock<GgmlType::Q4_0>(block, out);
+  case GgmlType::Q4_1:
+    return decodeBlock<GgmlType::Q4_1>(block, out);
+  case GgmlType::Q5_0:
+    return decodeBlock<GgmlType::Q5_0>(block, out);
+  case GgmlType::Q5_1:
+    return decodeBlock<GgmlType::Q5_1>(block, out);
+  case GgmlType::Q8_0:
+    return decodeBlock<GgmlType::Q8_0>(block, out);
+  case GgmlType::Q2_K:
+    return decodeBlock<GgmlType::Q2_K>(block, out);
+  case GgmlType::Q3_K:
+    return decodeBlock<GgmlType::Q3_K>(block, out);
+  case GgmlType::Q4_K:
+    return decodeBlock<GgmlType::Q4_K>(block, out);
+  case GgmlType::Q5_K:
+    return decodeBlock<GgmlType::Q5_K>(block, out);
+  case GgmlType::Q6_K:
+    return decodeBlock<GgmlType::Q6_K>(block, out);
+  default:
+    return;
+  }
+}
+
 void ggmlDequantizeRow(GgmlType type, const uint8_t *row, int64_t n, float *out) {
   const GgmlTraits *traits = ggmlTraits(type);
   if (type == GgmlType::F32) {
@@ -408,11 +495,8 @@ void ggmlDequantizeRow(GgmlType type, const uint8_t *row, int64_t n, float *out)
     }
     return;
   }
-  for (int64_t b = 0; b < n / traits->blockSize; ++b) {
-    const uint8_t *block = row + b * traits->blockBytes;
-    for (int i = 0; i < traits->blockSize; ++i)
-      out[b * traits->blockSize + i] = valueAt(type, block, i, codeAt(type, block, i));
-  }
+  for (int64_t b = 0; b < n / traits->blockSize; ++b)
+    ggmlDequantizeBlock(type, row + b * traits->blockBytes, out + b * traits->blockSize);
 }
 
 void ggmlChooseScales(GgmlType type, const float *x, const float *w, uint8_t *block) {

@@ -136,6 +136,9 @@ GgmlType ggmlTypeForBits(double bits, int64_t cols);
 /// Bytes of a row of `n` values (n a multiple of the block size).
 size_t ggmlRowBytes(GgmlType type, int64_t n);
 
+/// The values of one block (blockSize of them).
+void ggmlDequantizeBlock(GgmlType type, const uint8_t *block, float *out);
+
 /// Scalar reference: `n` values of a row (n a multiple of the block size).
 void ggmlDequantizeRow(GgmlType type, const uint8_t *row, int64_t n, float *out);
 

@@ -383,26 +383,40 @@ private:
       return Status::error("tensor '", tensor.name, "': ", tensor.format, ": ", problem);
     const size_t expected = any->matrixBytes(out.rows, out.cols);
     if (any->ggml) {
-      // llama.cpp's block formats run as the f32 values they stand for (the
-      // CPU kernels read moec's group formats).
-      DType dtype;
-      std::vector<uint8_t> bytes;
-      const SafetensorsFile *file;
-      const TensorInfo *info;
+      // llama.cpp's block formats: read in place from a package or GGUF
+      // mapping (the GEMV decodes blocks as it goes), else copied; rows
+      // stored interleaved or a simulated model get f32 values.
+      const bool asValues = description.dequantizeQuantized || tensor.interleavedHeads > 0;
       if (tensor.source == kPackageSource) {
         if (tensor.size != expected || tensor.offset + tensor.size > description.package->size)
           return Status::error("tensor '", tensor.name, "' holds ", tensor.size, " bytes; ", any->name(), " of ",
                                formatShape(tensor.shape), " needs ", expected);
-        bytes.assign(description.package->data + tensor.offset,
-                     description.package->data + tensor.offset + tensor.size);
-      } else {
-        MOE_RETURN_IF_ERROR(readBytes(tensor, dtype, bytes, file, info));
+        if (!asValues) {
+          out.ggmlType = any->ggml;
+          out.quantData = description.package->data + tensor.offset;
+          out.quantOwner = description.package;
+          return Status::success();
+        }
+        out.data.resize(static_cast<size_t>(out.rows * out.cols));
+        any->dequantize(description.package->data + tensor.offset, out.rows, out.cols, out.data.data());
+        return Status::success();
       }
+      DType dtype;
+      std::vector<uint8_t> bytes;
+      const SafetensorsFile *file;
+      const TensorInfo *info;
+      MOE_RETURN_IF_ERROR(readBytes(tensor, dtype, bytes, file, info));
       if (bytes.size() != expected)
         return Status::error("tensor '", tensor.name, "' holds ", bytes.size(), " bytes; ", any->name(), " of ",
                              formatShape(tensor.shape), " needs ", expected);
-      out.data.resize(static_cast<size_t>(out.rows * out.cols));
-      any->dequantize(bytes.data(), out.rows, out.cols, out.data.data());
+      if (asValues) {
+        out.data.resize(static_cast<size_t>(out.rows * out.cols));
+        any->dequantize(bytes.data(), out.rows, out.cols, out.data.data());
+        return Status::success();
+      }
+      out.ggmlType = any->ggml;
+      out.quantStorage = std::move(bytes);
+      out.quantData = out.quantStorage.data();
       return Status::success();
     }
     const std::optional<quant::QuantFormat> format = any->group;

@@ -145,7 +145,28 @@ float dotBf16(const uint16_t *w, const float *x, int64_t n) {
 
 void linear(const float *x, int64_t tokens, const Matrix &weight, const std::vector<float> &bias, float *y) {
   const int64_t out = weight.rows, in = weight.cols;
-  if (weight.isQuantized() && tokens <= 4) {
+  if (weight.ggmlType && tokens <= 4) {
+    // Decode over llama.cpp's blocks, read in place, rows across the pool.
+    const quant::GgmlType type = *weight.ggmlType;
+    for (int64_t t = 0; t < tokens; ++t) {
+      float *row = y + t * out;
+      const float *input = x + t * in;
+      rowPool().run(out, static_cast<int64_t>(weight.bytes()), [&](int64_t begin, int64_t end) {
+        quant::ggmlGemvRows(type, weight.quantData, in, input, begin, end, row + begin);
+      });
+    }
+  } else if (weight.ggmlType) {
+    thread_local std::vector<float> perThread;
+    std::vector<float> &widened = perThread;
+    widened.resize(static_cast<size_t>(out * in));
+    float *target = widened.data();
+    rowPool().run(out, out * in, [&](int64_t begin, int64_t end) {
+      quant::ggmlDequantizeRows(*weight.ggmlType, weight.quantData, in, begin, end, target + begin * in);
+    });
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens), static_cast<int>(out),
+                static_cast<int>(in), 1.0f, x, static_cast<int>(in), widened.data(), static_cast<int>(in), 0.0f, y,
+                static_cast<int>(out));
+  } else if (weight.isQuantized() && tokens <= 4) {
     // Decode: activations to int8 once per matmul, integer dot products
     // over the packed codes, rows split across the pool.
     const quant::QuantMatrixView view = weight.quantView();

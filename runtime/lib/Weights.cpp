@@ -13,7 +13,9 @@
 namespace moe {
 
 void Matrix::copyRow(int64_t r, float *out) const {
-  if (isQuantized())
+  if (ggmlType)
+    quant::ggmlDequantizeRows(*ggmlType, quantData, cols, r, r + 1, out);
+  else if (isQuantized())
     quant::dequantizeRows(quantView(), r, r + 1, out);
   else if (isBf16())
     for (int64_t c = 0; c < cols; ++c)

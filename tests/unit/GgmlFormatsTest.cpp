@@ -8,6 +8,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "common/GgmlFormats.h"
+#include "cpu/GgmlKernels.h"
 #include "moe/Frontend/Safetensors.h"
 
 #include "TestSupport.h"
@@ -153,5 +154,34 @@ TEST(GgmlFormats, ZerosStayZero) {
     ggmlDequantizeRow(type, packed.data(), n, back.data());
     for (float v : back)
       ASSERT_EQ(v, 0.0f) << ggmlTraits(type)->name;
+  }
+}
+
+// The GEMV over blocks read in place equals the dot products of the
+// reference's values (up to float summation order), on odd row counts.
+TEST(GgmlKernels, GemvMatchesTheReferenceValues) {
+  for (GgmlType type : kBlockTypes) {
+    const GgmlTraits *traits = ggmlTraits(type);
+    const int64_t rows = 7, cols = 3 * traits->blockSize;
+    std::vector<float> matrix = randomRow(rows * cols, 21), x = randomRow(cols, 22), values(rows * cols);
+    const size_t rowBytes = ggmlRowBytes(type, cols);
+    std::vector<uint8_t> packed(rowBytes * rows);
+    for (int64_t r = 0; r < rows; ++r)
+      ggmlQuantizeRow(type, matrix.data() + r * cols, cols, packed.data() + r * rowBytes);
+    ggmlDequantizeRows(type, packed.data(), cols, 0, rows, values.data());
+    std::vector<float> y(rows);
+    ggmlGemvRows(type, packed.data(), cols, x.data(), 2, rows, y.data());
+    for (int64_t r = 2; r < rows; ++r) {
+      double expected = 0, magnitude = 0;
+      for (int64_t c = 0; c < cols; ++c) {
+        expected += static_cast<double>(values[r * cols + c]) * x[c];
+        magnitude += std::fabs(static_cast<double>(values[r * cols + c]) * x[c]);
+      }
+      EXPECT_NEAR(y[r - 2], expected, 1e-5 * magnitude)
+          << traits->name << " row " << r << " (" << ggmlKernelIsa() << ")";
+    }
+    std::vector<float> row(cols);
+    ggmlDequantizeRow(type, packed.data() + 4 * rowBytes, cols, row.data());
+    EXPECT_TRUE(std::equal(row.begin(), row.end(), values.begin() + 4 * cols)) << traits->name;
   }
 }

@@ -236,7 +236,7 @@ def MoeQuantize : Pass<"moe-quantize", "::moe::ir::ModelOp"> {
     rows are not whole blocks (K-quants: 256 values) gets the nearest
     32-value format instead, with a remark; a `moe.bits` width from
     moe-allocate-bits picks the K-quant of that width. The engine runs these
-    formats as their dequantized values.
+    formats in place (kernels/cpu/GgmlKernels.h).
 
     GPTQ uses each expert's Hessians from `moec calibrate --input-moments`
     (X^T X of its routed inputs for gate/up, of its intermediate activation

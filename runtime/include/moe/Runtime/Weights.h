@@ -11,6 +11,7 @@
 #ifndef MOE_RUNTIME_WEIGHTS_H
 #define MOE_RUNTIME_WEIGHTS_H
 
+#include "cpu/GgmlKernels.h"
 #include "cpu/QuantKernels.h"
 #include "moe/Frontend/ModelSpec.h"
 #include "moe/Support/Status.h"
@@ -37,6 +38,8 @@ struct Matrix {
   /// Group-wise integer codes (kernels/common/QuantFormat.h) at `quantData`,
   /// owned by `quantStorage` or by the mapping `quantOwner` keeps alive.
   std::optional<quant::QuantFormat> quantFormat;
+  /// Or llama.cpp's block codes (kernels/common/GgmlFormats.h) at `quantData`.
+  std::optional<quant::GgmlType> ggmlType;
   const uint8_t *quantData = nullptr;
   std::vector<uint8_t> quantStorage;
   std::shared_ptr<const void> quantOwner;
@@ -46,7 +49,9 @@ struct Matrix {
   quant::QuantMatrixView quantView() const { return {*quantFormat, quantData, rows, cols}; }
   size_t bytes() const {
     return data.size() * sizeof(float) + bf16.size() * sizeof(uint16_t) +
-           (quantData ? quantFormat->matrixBytes(rows, cols) : 0);
+           (!quantData ? 0
+            : ggmlType ? static_cast<size_t>(rows) * quant::ggmlRowBytes(*ggmlType, cols)
+                       : quantFormat->matrixBytes(rows, cols));
   }
   /// Copies row `r` as f32 into `out`.
   void copyRow(int64_t r, float *out) const;
