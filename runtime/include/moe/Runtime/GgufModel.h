@@ -3,8 +3,8 @@
 // Part of moec. `moec eval model.gguf` and `moec generate model.gguf` run a
 // file `moec export --format gguf` wrote: its config.json and tokenizer
 // travel in moec.* keys (which llama.cpp ignores), its tensors are read in
-// place from the mapped file (ggml block formats as their dequantized
-// values, llama's interleaved q/k rows put back), and the description is
+// place from the mapped file (ggml block formats decoded by the GEMV as it
+// goes; llama's interleaved q/k rows put back as values), and the description is
 // validated like a package's. GGUF files from elsewhere lack those keys and
 // are refused with a message that says so.
 //
