@@ -206,7 +206,8 @@ TEST(GgufExport, TensorsAreTheModulesValues) {
 }
 
 // Atom-pruned experts are padded with zero neurons to the widest; a format
-// that is no ggml type is requantized with a remark.
+// that is no ggml type is requantized with a remark, and one whose groups
+// are whole ggml blocks (q4_g128_asym: four Q4_1 blocks a group) is not.
 TEST(GgufExport, AtomPrunedExpertsArePaddedWithZeroNeurons) {
   TempDir dir;
   auto exported = exportFixture("tiny-mixtral", "moe-prune-atoms{method=magnitude ratio=0.3 scope=global}", dir, "p");
@@ -236,13 +237,21 @@ TEST(GgufExport, AtomPrunedExpertsArePaddedWithZeroNeurons) {
   }
   EXPECT_GT(checked, 0) << "some experts were narrower than the widest";
   TempDir again;
-  auto requantized = exportFixture("tiny-mixtral", "moe-quantize{bits=4 group=128}", again, "r");
+  auto requantized = exportFixture("tiny-mixtral", "moe-quantize{bits=3 group=64}", again, "r");
   ASSERT_TRUE(requantized->status.ok());
   bool said = false;
   for (const std::string &remark : requantized->remarks)
-    said |= remark.find("blk.0.ffn_gate_exps.weight: q4_g128_asym is no ggml type: requantized to Q4_0") !=
+    said |= remark.find("blk.0.ffn_gate_exps.weight: q3_g64_asym is no ggml type: requantized to Q4_0") !=
             std::string::npos;
   EXPECT_TRUE(said);
+  TempDir third;
+  auto split = exportFixture("tiny-mixtral", "moe-quantize{bits=4 group=128 targets=experts}", third, "s");
+  ASSERT_TRUE(split->status.ok());
+  EXPECT_TRUE(split->remarks.empty()) << split->remarks.front();
+  EXPECT_EQ(split->gguf->tensor("blk.0.ffn_up_exps.weight")->type, quant::GgmlType::Q4_1);
+  const std::vector<float> up = values(*split->gguf, "blk.0.ffn_up_exps.weight");
+  const std::vector<float> expected = moduleValues(split->description, split->description.layers[0].experts[3].up);
+  EXPECT_TRUE(std::equal(expected.begin(), expected.end(), up.begin() + 3 * expected.size()));
 }
 
 // Merged experts (M-SMoE) are written into each router slot they serve;

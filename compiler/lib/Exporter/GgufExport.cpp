@@ -64,10 +64,11 @@ bool keptInF32(TensorRole role, const std::vector<int64_t> &shape) {
   return shape.size() == 1 || role == TensorRole::Router || role == TensorRole::SharedExpertGate;
 }
 
-/// The ggml type a moec format converts to without changing a value
-/// (fp16 scales, groups of 32), if any.
+/// The ggml type a moec format converts to without changing a value, if
+/// any: with fp16 scales, every 32 codes of a group (groups of 32, 64 or
+/// 128) are a ggml block with the group's scale (and min).
 std::optional<GgmlType> losslessType(const quant::QuantFormat &format) {
-  if (format.group != 32 || format.scaleType != quant::ScaleType::F16)
+  if (format.group % 32 != 0 || format.scaleType != quant::ScaleType::F16)
     return std::nullopt;
   if (format.bits == 4)
     return format.symmetric ? GgmlType::Q4_0 : GgmlType::Q4_1;
@@ -76,15 +77,28 @@ std::optional<GgmlType> losslessType(const quant::QuantFormat &format) {
   return std::nullopt;
 }
 
-/// moec's bytes of a lossless format as ggml's: the same bytes, but for
-/// Q8_0 whose codes are signed (moec's 8-bit codes are q + 128). Bytes
-/// already in a ggml format (`format` names one) stay as they are.
-void toGgmlBytes(GgmlType type, const std::string &format, std::vector<uint8_t> &bytes) {
-  if (type != GgmlType::Q8_0 || quant::ggmlBlockFormat(format))
+/// A [rows, cols] matrix's bytes in a lossless moec format (`format`) as
+/// ggml blocks of `type`: each 32 codes of a group with the group's header
+/// (Q8_0's codes are signed, moec's are q + 128). Bytes already in a ggml
+/// format stay as they are.
+void toGgmlBytes(GgmlType type, const std::string &format, std::vector<uint8_t> &bytes, int64_t rows, int64_t cols) {
+  std::optional<quant::QuantFormat> moec = quant::parseQuantFormat(format);
+  if (!moec)
     return;
-  for (size_t block = 0; block + 34 <= bytes.size(); block += 34)
-    for (size_t i = 2; i < 34; ++i)
-      bytes[block + i] ^= 0x80;
+  const size_t header = moec->headerBytes(), codeBytes = 32 * static_cast<size_t>(moec->bits) / 8;
+  const size_t blockBytes = static_cast<size_t>(quant::ggmlTraits(type)->blockBytes);
+  std::vector<uint8_t> out(static_cast<size_t>(rows * (cols / 32)) * blockBytes);
+  uint8_t *target = out.data();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = 0; b < cols / 32; ++b, target += blockBytes) {
+      const uint8_t *group = bytes.data() + r * moec->rowBytes(cols) + (b * 32 / moec->group) * moec->groupBytes();
+      std::memcpy(target, group, header);
+      std::memcpy(target + header, group + header + ((b * 32) % moec->group) / 32 * codeBytes, codeBytes);
+      if (type == GgmlType::Q8_0)
+        for (size_t i = header; i < blockBytes; ++i)
+          target[i] ^= 0x80;
+    }
+  bytes = std::move(out);
 }
 
 /// The ggml type of an unquantised tensor stored as `dtype`.
@@ -622,7 +636,7 @@ Status exportGguf(const ModelDescription &description, const GgufAssets &assets,
                 if (copy) {
                   DType dtype;
                   MOE_RETURN_IF_ERROR(reader->raw(source, dtype, bytes));
-                  toGgmlBytes(type, source.format, bytes);
+                  toGgmlBytes(type, source.format, bytes, rows, cols);
                 } else {
                   std::vector<float> values;
                   MOE_RETURN_IF_ERROR(reader->floats(source, values));
@@ -821,7 +835,8 @@ Status exportGguf(const ModelDescription &description, const GgufAssets &assets,
                  DType dtype;
                  std::vector<uint8_t> raw;
                  MOE_RETURN_IF_ERROR(reader->raw(expertParts[e][0], dtype, raw));
-                 toGgmlBytes(type, expertParts[e][0].format, raw);
+                 toGgmlBytes(type, expertParts[e][0].format, raw, expertParts[e][0].shape[0],
+                             expertParts[e][0].shape[1]);
                  const int64_t partRows = expertParts[e][0].shape[0];
                  const size_t partRowBytes = raw.size() / static_cast<size_t>(partRows);
                  for (int64_t r = 0; r < partRows; ++r)

@@ -14,8 +14,9 @@
 //     member run with its own), unless expandMerged is false;
 //   - different expert counts per layer and dynamic skipping are refused;
 //   - moec formats that coincide with a ggml type are converted losslessly
-//     (q4_g32_sym -> Q4_0, q4_g32_asym -> Q4_1, q8_g32_sym -> Q8_0, all
-//     with fp16 scales); the others, split experts, and a layer whose
+//     (4-bit sym -> Q4_0, 4-bit asym -> Q4_1, 8-bit sym -> Q8_0, fp16
+//     scales, groups of 32/64/128: every 32 codes of a group are a block
+//     with the group's header); the others, split experts, and a layer whose
 //     experts have different formats are requantized to one ggml type per
 //     tensor (from the source checkpoint's weights where the tensor is
 //     unchanged there, else from the values its codes stand for), each
