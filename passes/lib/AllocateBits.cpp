@@ -13,6 +13,7 @@
 #include "LayerLoader.h"
 #include "StatisticsReader.h"
 #include "SuperExperts.h"
+#include "common/GgmlFormats.h"
 #include "common/QuantFormat.h"
 
 #include "mlir/IR/Builders.h"
@@ -43,6 +44,17 @@ std::vector<float> roundTrip(const quant::QuantFormat &format, const std::vector
   quant::quantizeReference(format, values.data(), rows, cols, packed.data());
   std::vector<float> out(values.size());
   quant::dequantizeReference(format, packed.data(), rows, cols, out.data());
+  return out;
+}
+
+/// The same at a ggml block format (rows of `cols` whole blocks).
+std::vector<float> roundTrip(quant::GgmlType type, const std::vector<float> &values, int64_t rows, int64_t cols) {
+  std::vector<uint8_t> packed(quant::ggmlRowBytes(type, cols));
+  std::vector<float> out(values.size());
+  for (int64_t r = 0; r < rows; ++r) {
+    quant::ggmlQuantizeRow(type, values.data() + r * cols, cols, packed.data());
+    quant::ggmlDequantizeRow(type, packed.data(), cols, out.data() + r * cols);
+  }
   return out;
 }
 
@@ -87,6 +99,26 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
     if (failed(collectUnits(model, access, *widths, collected)) ||
         failed(allocateAndAnnotate(model, access, *widths, collected)))
       return signalPassFailure();
+    if (!ggmlByBits.empty())
+      annotateFormats(model);
+  }
+
+  /// With llama.cpp candidates: each allocated tensor's `moe.format`, the
+  /// format of its width that its rows hold (moe-quantize writes it).
+  void annotateFormats(ir::ModelOp model) {
+    Builder builder(model.getContext());
+    for (ir::TensorOp tensor : model.getBody().getOps<ir::TensorOp>()) {
+      auto bits = tensor->getAttrOfType<IntegerAttr>("moe.bits");
+      if (!bits)
+        continue;
+      const int64_t cols = tensor.getTensorType().getShape()[1];
+      if (std::optional<quant::GgmlType> type = ggmlFormatFor(static_cast<int>(bits.getInt()), cols))
+        tensor->setAttr("moe.format", builder.getStringAttr(quant::ggmlTraits(*type)->name));
+      else
+        tensor.emitRemark() << getArgument() << ": rows of " << cols
+                            << " values are whole blocks of no llama.cpp format; moe-quantize writes moec's "
+                            << bits.getInt() << "-bit group format";
+    }
   }
 
   /// What collectUnits finds: the units with their loss per candidate width,
@@ -100,18 +132,63 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
   /// The trial quantization (its width is replaced by each candidate).
   quant::QuantFormat trialFormat() const { return quant::QuantFormat{2, static_cast<int>(group), symmetric}; }
 
-  /// The options, checked; the candidate widths.
+  /// The ggml format of width `bits` for rows of `cols` values: the
+  /// candidate's, or the nearest 32-value format where its blocks do not
+  /// fit (as moe-quantize falls back); nullopt when none fits.
+  std::optional<quant::GgmlType> ggmlFormatFor(int bits, int64_t cols) const {
+    auto it = ggmlByBits.find(bits);
+    quant::GgmlType type = it != ggmlByBits.end() ? it->second : quant::ggmlTypeForBits(bits, cols);
+    if (cols % quant::ggmlTraits(type)->blockSize != 0)
+      type = quant::ggmlTypeForBits(quant::ggmlTraits(type)->bits, cols);
+    if (cols % quant::ggmlTraits(type)->blockSize != 0)
+      return std::nullopt;
+    return type;
+  }
+
+  /// The trial round trip of a [rows, cols] matrix at candidate width `bits`.
+  std::vector<float> roundTripAt(int bits, const std::vector<float> &values, int64_t rows, int64_t cols) const {
+    if (!ggmlByBits.empty())
+      if (std::optional<quant::GgmlType> type = ggmlFormatFor(bits, cols))
+        return roundTrip(*type, values, rows, cols);
+    quant::QuantFormat format = trialFormat();
+    format.bits = bits;
+    return roundTrip(format, values, rows, cols);
+  }
+
+  /// The options, checked; the candidate widths (a ggml format's is its
+  /// nominal width, remembered in ggmlByBits).
   FailureOr<std::vector<int>> checkOptions(ir::ModelOp module) {
     if (microSize < 0)
       return fail(module, concat("micro-size must not be negative, got ", static_cast<int64_t>(microSize))), failure();
     std::vector<int> widths;
-    for (int64_t bits : candidates.empty() ? std::vector<int64_t>{2, 3, 4} : std::vector<int64_t>(candidates)) {
-      if (!quant::bitsTraits(static_cast<int>(bits)))
-        return fail(module, concat("candidate ", bits, " is not 2, 3, 4 or 8 bits")), failure();
-      widths.push_back(static_cast<int>(bits));
+    ggmlByBits.clear();
+    for (const std::string &word :
+         candidates.empty() ? std::vector<std::string>{"2", "3", "4"} : std::vector<std::string>(candidates)) {
+      int bits = 0;
+      if (const quant::GgmlTraits *ggml = quant::ggmlBlockFormat(word)) {
+        bits = ggml->bits;
+        if (ggmlByBits.count(bits))
+          return fail(module, concat("two candidates have the width ", bits, "; each must have its own")), failure();
+        ggmlByBits[bits] = ggml->type;
+      } else if (!word.empty() && word.size() < 3 && word.find_first_not_of("0123456789") == std::string::npos) {
+        bits = std::stoi(word);
+        if (!quant::bitsTraits(bits))
+          bits = 0;
+      }
+      if (bits == 0)
+        return fail(module, "candidate '" + word +
+                                "' is not 2, 3, 4 or 8 bits nor a llama.cpp format (q2_k, q3_k, q4_k, q5_k, q6_k, "
+                                "q4_0, q4_1, q5_0, q5_1, q8_0)"),
+               failure();
+      if (std::find(widths.begin(), widths.end(), bits) != widths.end())
+        return fail(module, concat("two candidates have the width ", bits, "; each must have its own")), failure();
+      widths.push_back(bits);
     }
-    if (widths.empty())
-      return fail(module, "no candidate widths"), failure();
+    if (!ggmlByBits.empty() && ggmlByBits.size() != widths.size())
+      return fail(module, "candidates are either widths or llama.cpp formats, not both"), failure();
+    if (!ggmlByBits.empty() && !budgetBytes.empty())
+      return fail(module, "budget-bytes counts moec's group formats; with llama.cpp formats give budget in bits"),
+             failure();
     if (pinBits != 0 && !quant::bitsTraits(static_cast<int>(pinBits)))
       return fail(module, concat("pin-bits must be 0, 2, 3, 4 or 8, got ", static_cast<int64_t>(pinBits))), failure();
     const quant::QuantFormat trial = trialFormat();
@@ -265,10 +342,8 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
               for (int64_t k = 0; k < n; ++k)
                 columns[h * n + k] = original[2][h * width + unit.neurons[k]];
             for (int bits : widths) {
-              quant::QuantFormat format = trial;
-              format.bits = bits;
-              std::vector<float> qRows[2] = {roundTrip(format, rows[0], n, H), roundTrip(format, rows[1], n, H)};
-              std::vector<float> qColumns = roundTrip(format, columns, H, n);
+              std::vector<float> qRows[2] = {roundTripAt(bits, rows[0], n, H), roundTripAt(bits, rows[1], n, H)};
+              std::vector<float> qColumns = roundTripAt(bits, columns, H, n);
               double loss = 0;
               if (objective == AllocationObjective::Hessian) {
                 for (int m = 0; m < 2; ++m)
@@ -318,14 +393,12 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
               unit.matrices.push_back({shapes[m][0], shapes[m][1]});
             }
           for (int bits : widths) {
-            quant::QuantFormat format = trial;
-            format.bits = bits;
             double loss = 0;
             if (objective == AllocationObjective::Hessian) {
               for (int m = 0; m < 3; ++m) {
                 if (unit.matrix >= 0 && unit.matrix != m)
                   continue;
-                std::vector<float> q = roundTrip(format, original[m], shapes[m][0], shapes[m][1]);
+                std::vector<float> q = roundTripAt(bits, original[m], shapes[m][0], shapes[m][1]);
                 for (int64_t r = 0; r < shapes[m][0]; ++r)
                   for (int64_t c = 0; c < shapes[m][1]; ++c) {
                     const double d = original[m][r * shapes[m][1] + c] - q[r * shapes[m][1] + c];
@@ -339,7 +412,7 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
                 if (unit.matrix >= 0 && unit.matrix != m)
                   continue;
                 matrices[m]->bf16.clear();
-                matrices[m]->data = roundTrip(format, original[m], shapes[m][0], shapes[m][1]);
+                matrices[m]->data = roundTripAt(bits, original[m], shapes[m][0], shapes[m][1]);
               }
               // MC-MoE: phi^alpha w^beta q^alpha, alpha = 1, beta = 1.5.
               loss = phi * std::pow(share, 1.5) * blockErrorWith(slot, std::move(mlp));
@@ -418,10 +491,23 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
     int64_t bytes = totalHeaders;
     for (size_t u = 0; u < units.size(); ++u)
       bytes += paddedWeights[u] * allocation->bits[u] / 8;
+    std::string layout = concat("at group ", trial.group);
+    if (!ggmlByBits.empty()) {
+      // llama.cpp formats: their own bytes (scales included).
+      bytes = 0;
+      for (size_t u = 0; u < units.size(); ++u)
+        for (const auto &[rows, cols] : units[u].matrices) {
+          std::optional<quant::GgmlType> type = ggmlFormatFor(allocation->bits[u], cols);
+          bytes += type ? rows * static_cast<int64_t>(quant::ggmlRowBytes(*type, cols))
+                        : rows * trial.groupsPerRow(cols) *
+                              static_cast<int64_t>(trial.headerBytes() + trial.group * allocation->bits[u] / 8);
+        }
+      layout = "in llama.cpp's formats";
+    }
     model.emitRemark() << concat("moe-allocate-bits: ", units.size(), " units, average ", allocation->averageBits,
                                  " bits (budget ",
                                  budgetBytes.empty() ? concat(static_cast<double>(budget)) : budgetBytes + " bytes",
-                                 "), ", bytes, " bytes at group ", trial.group, ": ", widthsText);
+                                 "), ", bytes, " bytes ", layout, ": ", widthsText);
     return success();
   }
 
@@ -497,6 +583,9 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
     passError(op, getArgument()) << message;
     signalPassFailure();
   }
+
+  /// llama.cpp candidates by nominal width; empty: moec's group formats.
+  std::map<int, quant::GgmlType> ggmlByBits;
 };
 
 } // namespace

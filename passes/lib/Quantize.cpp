@@ -228,7 +228,19 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         return failure();
       }
     }
-    if (ggmlFormat) {
+    if (auto named = tensor->getAttrOfType<StringAttr>("moe.format")) {
+      // moe-allocate-bits named the format (llama.cpp candidates).
+      std::optional<quant::WeightFormat> chosenFormat = quant::parseWeightFormat(named.getValue());
+      if (!chosenFormat) {
+        fail(tensor, "moe.format: '" + named.getValue().str() + "' is not a format moec knows");
+        return failure();
+      }
+      if (std::string problem = chosenFormat->checkColumns(cols); !problem.empty()) {
+        fail(tensor, "moe.format: " + problem);
+        return failure();
+      }
+      job.format = *chosenFormat;
+    } else if (ggmlFormat) {
       // A llama.cpp block format: moe.bits picks the K-quant of its width;
       // rows that are not whole blocks take the nearest 32-value format.
       quant::GgmlType type = chosen ? quant::ggmlTypeForBits(static_cast<int>(chosen.getInt()), cols) : *ggmlFormat;
@@ -349,6 +361,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     // Same symbol and logical type: every use stays valid.
     ir::TensorOp tensor = job.tensor;
     tensor->removeAttr("moe.bits");
+    tensor->removeAttr("moe.format");
     tensor.setKey(*stored);
     tensor.removeSourceAttr();
     tensor.removeSliceAttr();

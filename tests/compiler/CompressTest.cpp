@@ -98,7 +98,7 @@ TEST(Recipe, MistakesAreNamedAtTheirJsonPath) {
   expectRecipeError(R"({"passes": [{"pass": "moe-quantize", "options": {"targets": ""}}]})",
                     {"passes[0].options.targets: must be a list of"});
   expectRecipeError(R"({"passes": [{"pass": "moe-allocate-bits", "options": {"candidates": "2,x"}}]})",
-                    {"passes[0].options.candidates: must be a list of integers"});
+                    {"passes[0].options.candidates: must be a list of widths (2, 3, 4, 8) or of llama.cpp formats"});
   writeFile(dir.file("words.json"),
             R"({"passes": [{"pass": "moe-quantize", "options": {"targets": ["experts", "lm_head"],
             "scale-type": "bf16", "method": "rtn"}}, {"pass": "moe-merge-experts", "options": {"ratio": 0.5,

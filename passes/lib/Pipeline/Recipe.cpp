@@ -5,6 +5,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Pipeline/Recipe.h"
+#include "common/GgmlFormats.h"
 #include "moe/Support/File.h"
 #include "moe/Transforms/Passes.h"
 
@@ -98,6 +99,44 @@ public:
         return fail(key, ("must be a list of " + choiceList<E>()).c_str(), *value);
     if (out.empty())
       fail(key, ("must be a list of " + choiceList<E>()).c_str(), *value);
+  }
+  /// A list of words or integers: ["q2_k", "q4_k"], [2, 4], one of them, or
+  /// the text "2,4"; each item as text.
+  void words(const char *key, std::vector<std::string> &out, const std::function<bool(const std::string &)> &valid,
+             const char *expected) {
+    const json *value = find(key);
+    if (!value)
+      return;
+    out.clear();
+    auto item = [&](const json &v) -> bool {
+      if (v.is_string() && !v.get<std::string>().empty())
+        out.push_back(v.get<std::string>());
+      else if (v.is_number_integer())
+        out.push_back(std::to_string(v.get<int64_t>()));
+      else
+        return false;
+      return true;
+    };
+    bool ok = true;
+    if (value->is_string()) {
+      const std::string list = value->get<std::string>();
+      for (size_t start = 0;;) {
+        size_t comma = list.find(',', start);
+        ok &= item(json(list.substr(start, comma == std::string::npos ? std::string::npos : comma - start)));
+        if (comma == std::string::npos)
+          break;
+        start = comma + 1;
+      }
+    } else if (value->is_array()) {
+      for (const json &v : *value)
+        ok &= item(v);
+    } else {
+      ok = item(*value);
+    }
+    for (const std::string &word : out)
+      ok &= valid(word);
+    if (!ok || out.empty())
+      fail(key, expected, *value);
   }
   /// A list of integers: [0, 2], one integer, or the text "0,2".
   void integers(const char *key, std::vector<int64_t> &out) {
@@ -270,12 +309,18 @@ const std::map<std::string, PassBuilder> &passBuilders() {
       {"moe-allocate-bits",
        [](OptionReader &read, const PassOverrides &overrides, RecipePass &meta) {
          MoeAllocateBitsOptions o;
-         std::vector<int64_t> candidates;
+         std::vector<std::string> candidates;
          setStats(read, overrides, o.stats);
          read.real("budget", o.budget);
          read.text("budget-bytes", o.budgetBytes);
          read.real("tolerance", o.tolerance);
-         read.integers("candidates", candidates);
+         read.words(
+             "candidates", candidates,
+             [](const std::string &word) {
+               return word == "2" || word == "3" || word == "4" || word == "8" ||
+                      quant::ggmlBlockFormat(word) != nullptr;
+             },
+             "must be a list of widths (2, 3, 4, 8) or of llama.cpp formats (q2_k .. q6_k, q4_0 .. q8_0)");
          o.candidates = candidates;
          read.choice("granularity", o.granularity);
          read.integer("micro-size", o.microSize);

@@ -332,6 +332,15 @@ def MoeAllocateBits : Pass<"moe-allocate-bits", "::moe::ir::ModelOp"> {
     are named. One program for the whole model (MC-MoE solves each layer
     separately).
 
+    Candidates may name llama.cpp's block formats instead of widths
+    (`candidates=q2_k,q3_k,q4_k`, each of a different width): the trial
+    quantization of each unit is then that format's own quantizer (the
+    nearest 32-value format where a matrix's rows are not whole blocks, as
+    moe-quantize does), and every allocated tensor gets a `moe.format`
+    attribute naming the format moe-quantize then writes. Budgets count
+    the formats' nominal widths (Q4_K's 4, not its 4.5 bits per weight with
+    scales); `budget-bytes` is refused with them.
+
     ```mlir
     // moe-opt --moe-allocate-bits="stats=s.safetensors budget=2.5 candidates=2,3,4" --moe-quantize="group=128"
     ```
@@ -343,7 +352,8 @@ def MoeAllocateBits : Pass<"moe-allocate-bits", "::moe::ir::ModelOp"> {
            "Instead of budget: bytes of the allocated units' quantized matrices (1290240, 512M, 12G)">,
     Option<"tolerance", "tolerance", "double", /*default=*/"0.0",
            "How far below the budget the average may land (bits per weight; 0: exactly)">,
-    ListOption<"candidates", "candidates", "int64_t", "Candidate widths (default 2,3,4)">,
+    ListOption<"candidates", "candidates", "std::string",
+               "Candidate widths 2, 3, 4, 8 (moec's group formats) or llama.cpp formats q2_k .. q8_0 (default 2,3,4)">,
     Option<"granularity", "granularity", "::moe::Granularity", /*default=*/"::moe::Granularity::Expert",
            "expert, matrix or micro-expert">,
     Option<"microSize", "micro-size", "int64_t", /*default=*/"0",
