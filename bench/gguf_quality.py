@@ -108,6 +108,27 @@ def main():
                 print(json.dumps({"fixture": fixture, "model": f"moec sequential GPTQ {qtype.upper()}",
                                   "bpw": round(bits_per_weight(out), 3),
                                   "llama_perplexity": llama_ppl(llama, out, heldout)}), flush=True)
+            # Bit allocation (MC-MoE, experts between Q4_0 and Q8_0) executed by sequential GPTQ.
+            for budget in [5, 6]:
+                recipe = base + "-alloc.json"
+                with open(recipe, "w") as f:
+                    json.dump({"calibration": {"data": os.path.join(DATA, "brown", "calibration.jsonl"),
+                                               "tokens": 8192, "block_samples": 1024},
+                               "passes": [{"pass": "moe-quantize", "options": {"format": "q8_0", "targets": "lm_head"}},
+                                          {"pass": "moe-allocate-bits",
+                                           "options": {"budget": budget, "candidates": "q4_0,q8_0", "pin-bits": 0,
+                                                       "granularity": "layer"}},
+                                          {"pass": "moe-quantize",
+                                           "options": {"method": "gptq", "format": "q4_0", "act-order": True,
+                                                       "targets": "all,embedding"}}]}, f)
+                package = base + "-alloc.moepkg"
+                run(moec, "compress", os.path.join(DATA, "fixtures", fixture), "--recipe", recipe, "-o", package)
+                out = base + "-alloc.gguf"
+                run(moec, "export", package, "--format", "gguf", "-o", out)
+                print(json.dumps({"fixture": fixture,
+                                  "model": f"moec allocate-bits {budget} (Q4_0/Q8_0 experts) + sequential GPTQ",
+                                  "bpw": round(bits_per_weight(out), 3),
+                                  "llama_perplexity": llama_ppl(llama, out, heldout)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -96,11 +96,36 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
       return signalPassFailure();
     TensorAccess access(model);
     Collected collected;
-    if (failed(collectUnits(model, access, *widths, collected)) ||
-        failed(allocateAndAnnotate(model, access, *widths, collected)))
+    if (failed(collectUnits(model, access, *widths, collected)))
+      return signalPassFailure();
+    if (granularity == Granularity::Layer)
+      mergeByLayer(collected.units);
+    if (failed(allocateAndAnnotate(model, access, *widths, collected)))
       return signalPassFailure();
     if (!ggmlByBits.empty())
       annotateFormats(model);
+  }
+
+  /// granularity=layer: the matrix units of one layer and kind become one
+  /// unit (parameters and losses summed, tensors together).
+  static void mergeByLayer(std::vector<Unit> &units) {
+    std::map<std::pair<int64_t, int>, size_t> index;
+    std::vector<Unit> merged;
+    for (Unit &unit : units) {
+      auto [it, fresh] = index.try_emplace({unit.layer, unit.matrix}, merged.size());
+      if (fresh) {
+        unit.expert = -1;
+        merged.push_back(std::move(unit));
+        continue;
+      }
+      Unit &into = merged[it->second];
+      into.allocation.parameters += unit.allocation.parameters;
+      for (size_t b = 0; b < into.allocation.loss.size(); ++b)
+        into.allocation.loss[b] += unit.allocation.loss[b];
+      into.tensors.insert(into.tensors.end(), unit.tensors.begin(), unit.tensors.end());
+      into.matrices.insert(into.matrices.end(), unit.matrices.begin(), unit.matrices.end());
+    }
+    units = std::move(merged);
   }
 
   /// With llama.cpp candidates: each allocated tensor's `moe.format`, the
@@ -380,7 +405,7 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
           }
           continue;
         }
-        const int unitsHere = granularity == Granularity::Expert ? 1 : 3;
+        const int unitsHere = granularity == Granularity::Expert ? 1 : 3; // matrix, layer: per matrix
         for (int u = 0; u < unitsHere; ++u) {
           Unit unit;
           unit.layer = index;

@@ -32,7 +32,7 @@ MOE_CHOICES(QuantizeTarget, {"experts", QuantizeTarget::Experts}, {"shared", Qua
             {"attention", QuantizeTarget::Attention}, {"dense", QuantizeTarget::Dense}, {"all", QuantizeTarget::All},
             {"lm_head", QuantizeTarget::LmHead}, {"embedding", QuantizeTarget::Embedding})
 MOE_CHOICES(Granularity, {"expert", Granularity::Expert}, {"matrix", Granularity::Matrix},
-            {"micro-expert", Granularity::MicroExpert})
+            {"micro-expert", Granularity::MicroExpert}, {"layer", Granularity::Layer})
 MOE_CHOICES(AllocationObjective, {"mc-moe", AllocationObjective::McMoe}, {"hessian", AllocationObjective::Hessian})
 
 #undef MOE_CHOICES

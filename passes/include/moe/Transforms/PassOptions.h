@@ -43,7 +43,7 @@ enum class QuantizeFormat { Group, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_
 /// moe-quantize: which matrices (All is experts, shared, attention, dense).
 enum class QuantizeTarget { Experts, Shared, Attention, Dense, All, LmHead, Embedding };
 /// moe-allocate-bits: what one unit of the allocation is.
-enum class Granularity { Expert, Matrix, MicroExpert };
+enum class Granularity { Expert, Matrix, MicroExpert, Layer };
 /// moe-allocate-bits: the loss of a unit at a width.
 enum class AllocationObjective { McMoe, Hessian };
 

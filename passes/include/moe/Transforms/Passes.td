@@ -332,6 +332,11 @@ def MoeAllocateBits : Pass<"moe-allocate-bits", "::moe::ir::ModelOp"> {
     are named. One program for the whole model (MC-MoE solves each layer
     separately).
 
+    `granularity=layer` gives one width to each matrix kind (gate, up,
+    down) of a layer's routed experts together, the unit a GGUF file's
+    stacked expert tensor holds (its loss is the sum of its experts'; super
+    experts are not pinned apart).
+
     Candidates may name llama.cpp's block formats instead of widths
     (`candidates=q2_k,q3_k,q4_k`, each of a different width): the trial
     quantization of each unit is then that format's own quantizer (the
@@ -355,7 +360,7 @@ def MoeAllocateBits : Pass<"moe-allocate-bits", "::moe::ir::ModelOp"> {
     ListOption<"candidates", "candidates", "std::string",
                "Candidate widths 2, 3, 4, 8 (moec's group formats) or llama.cpp formats q2_k .. q8_0 (default 2,3,4)">,
     Option<"granularity", "granularity", "::moe::Granularity", /*default=*/"::moe::Granularity::Expert",
-           "expert, matrix or micro-expert">,
+           "expert, matrix, micro-expert or layer">,
     Option<"microSize", "micro-size", "int64_t", /*default=*/"0",
            "micro-expert: neurons per unit (0: the trial group size)">,
     Option<"objective", "objective", "::moe::AllocationObjective", /*default=*/"::moe::AllocationObjective::McMoe",
