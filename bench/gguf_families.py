@@ -78,6 +78,35 @@ def main():
             if found:
                 row["relative_difference"] = abs(row["llama_perplexity"] - row["moec_perplexity"]) / row["moec_perplexity"]
             print(json.dumps(row), flush=True)
+        # SentencePiece-style tokenizers (Mixtral's, PhiMoE's): a random
+        # Mixtral of their vocabulary, exported as llama.cpp's "llama" vocab.
+        config = json.load(open(os.path.join(DATA, "hf", "mixtral", "config.json")))
+        config.update({"vocab_size": 1256, "max_position_embeddings": 512})
+        json.dump(config, open(os.path.join(work, "spm-config.json"), "w"))
+        base = os.path.join(work, "spm-model")
+        subprocess.run([moec + "-synth", "--family", "mixtral", "--config", os.path.join(work, "spm-config.json"),
+                        "-o", base], check=True, capture_output=True)
+        for style in ["sp-metaspace", "sp-legacy"]:
+            model = os.path.join(work, style)
+            shutil.copytree(base, model)
+            shutil.copy(os.path.join(DATA, "tokenizers", style, "tokenizer.json"), model)
+            with open(os.path.join(model, "tokenizer_config.json"), "w") as out:
+                json.dump({"add_bos_token": False, "bos_token": "<s>", "eos_token": "</s>"}, out)
+            subprocess.run([moec, "import", model, "-o", model + ".mlir"], check=True, capture_output=True)
+            subprocess.run([moec, "export", model + ".mlir", "--format", "gguf", "-o", model + ".gguf"], check=True,
+                           capture_output=True)
+            theirs = subprocess.run([os.path.join(llama, "llama-perplexity"), "-m", model + ".gguf", "-f", ascii_text,
+                                     "-c", "128", "-t", str(os.cpu_count())], capture_output=True, text=True)
+            found = re.search(r"Final estimate: PPL = ([0-9.]+)", theirs.stdout + theirs.stderr)
+            chunks = re.search(r"over ([0-9]+) chunks", theirs.stdout + theirs.stderr)
+            ours = json.loads(subprocess.run([moec, "eval", model + ".mlir", "--data", ascii_text, "--llama-perplexity",
+                                              "--seq-len", "128", "--json"], check=True, capture_output=True,
+                                             text=True).stdout)
+            print(json.dumps({"model": f"mixtral, {style} tokenizer", "llama_perplexity": float(found.group(1)),
+                              "llama_windows": int(chunks.group(1)), "moec_perplexity": ours["perplexity"],
+                              "moec_windows": ours["targets"] // 63,
+                              "relative_difference": abs(float(found.group(1)) - ours["perplexity"]) /
+                              ours["perplexity"], "remarks": []}), flush=True)
 
 
 if __name__ == "__main__":

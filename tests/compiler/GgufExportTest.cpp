@@ -336,3 +336,44 @@ TEST(GgufExport, RunsInMoecAsTheModuleDoes) {
   EXPECT_NE(foreign.status().message().find("no 'moec.config_json' key"), std::string::npos)
       << foreign.status().message();
 }
+
+// A SentencePiece-style tokenizer (BPE over "▁" words with byte fallback:
+// Mixtral's, PhiMoE's) becomes llama.cpp's "llama" vocabulary: scores that
+// order merges as BPE's ranks do, byte and unknown token types, the space
+// prefix. (llama.cpp tokenizes the same text into the same windows:
+// BENCHMARKS.md, bench/gguf_families.py.)
+TEST(GgufExport, SentencePieceTokenizersBecomeLlamaVocabularies) {
+  TempDir dir;
+  auto exported = exportFixture("tiny-mixtral", "", dir, "m");
+  ASSERT_TRUE(exported->status.ok());
+  for (const char *style : {"sp-metaspace", "sp-legacy"}) {
+    GgufAssets assets{readFile(dataDir() + "/tokenizers/" + std::string(style) + "/tokenizer.json"),
+                      R"({"add_bos_token": false, "bos_token": "<s>", "eos_token": "</s>"})"};
+    std::vector<std::string> remarks;
+    const std::string path = dir.file(std::string(style) + ".gguf");
+    ASSERT_TRUE(exportGguf(exported->description, assets, style, path, {}, remarks).ok());
+    auto file = GgufFile::open(path);
+    ASSERT_TRUE(file.ok());
+    EXPECT_EQ((*file)->find("tokenizer.ggml.model")->text, "llama");
+    EXPECT_EQ((*file)->find("tokenizer.ggml.unknown_token_id")->integer, 0);
+    EXPECT_EQ((*file)->find("tokenizer.ggml.bos_token_id")->integer, 1);
+    EXPECT_EQ((*file)->find("tokenizer.ggml.add_space_prefix")->integer, 1);
+    const GgufValue *tokens = (*file)->find("tokenizer.ggml.tokens"),
+                    *types = (*file)->find("tokenizer.ggml.token_type"),
+                    *scores = (*file)->find("tokenizer.ggml.scores");
+    ASSERT_TRUE(tokens && types && scores);
+    EXPECT_EQ(scores->size(), 4096u);
+    EXPECT_EQ(tokens->strings[3], "<0x00>");
+    EXPECT_EQ(types->integers[3], 6); // BYTE
+    EXPECT_EQ(types->integers[0], 2); // UNKNOWN
+    EXPECT_EQ(types->integers[1], 3); // CONTROL
+    // The first merge's piece scores 0, later merges lower.
+    const json tokenizer = json::parse(assets.tokenizerJson);
+    const json &first = tokenizer["model"]["merges"][0];
+    const std::string piece = first.is_string() ? first.get<std::string>().erase(first.get<std::string>().find(' '), 1)
+                                                : first[0].get<std::string>() + first[1].get<std::string>();
+    const int64_t id = tokenizer["model"]["vocab"][piece].get<int64_t>();
+    EXPECT_EQ(scores->reals[static_cast<size_t>(id)], 0.0);
+    EXPECT_EQ(*std::max_element(scores->reals.begin(), scores->reals.end()), 0.0);
+  }
+}

@@ -278,12 +278,21 @@ Status writeTokenizer(const GgufAssets &assets, const ModelDescription &descript
       !tokenizer["model"].is_object())
     return Status::error("tokenizer.json: not a Hugging Face tokenizer (no \"model\" object)");
   const json &model = tokenizer["model"];
-  if (model.value("type", "") != "BPE" || !hasByteLevel(tokenizer.value("pre_tokenizer", json())) ||
-      !model.contains("vocab") || !model["vocab"].is_object() || !model.contains("merges") ||
-      !model["merges"].is_array())
-    return Status::error("tokenizer.json: moec writes GGUF tokenizers for byte-level BPE (model.type \"BPE\" with a "
-                         "ByteLevel pre-tokenizer, vocab and merges); this one is '",
-                         model.value("type", "?"), "' (SentencePiece-style tokenizers need their tokenizer.model)");
+  // Byte-level BPE (GPT-2 style: llama.cpp's "gpt2"), or SentencePiece-style
+  // BPE over "▁"-joined words with byte fallback (Mixtral's, PhiMoE's:
+  // llama.cpp's "llama", whose merges follow scores).
+  const std::string metaspace = "\xe2\x96\x81";
+  const bool byteLevel = hasByteLevel(tokenizer.value("pre_tokenizer", json()));
+  const std::string normalizerText = tokenizer.value("normalizer", json()).dump();
+  const std::string preText = tokenizer.value("pre_tokenizer", json()).dump();
+  const bool sentencePiece =
+      !byteLevel && (model.value("byte_fallback", false) || preText.find("Metaspace") != std::string::npos ||
+                     normalizerText.find(metaspace) != std::string::npos);
+  if (model.value("type", "") != "BPE" || !(byteLevel || sentencePiece) || !model.contains("vocab") ||
+      !model["vocab"].is_object() || !model.contains("merges") || !model["merges"].is_array())
+    return Status::error("tokenizer.json: moec writes GGUF tokenizers for BPE (model.type \"BPE\" with vocab and "
+                         "merges), byte-level or SentencePiece-style; this one is '",
+                         model.value("type", "?"), "'");
   const int64_t vocabSize = description.spec.vocabSize;
   std::vector<std::string> tokens(static_cast<size_t>(vocabSize));
   std::vector<int64_t> types(static_cast<size_t>(vocabSize), 5); // UNUSED until named
@@ -318,6 +327,73 @@ Status writeTokenizer(const GgufAssets &assets, const ModelDescription &descript
                            " (expected \"a b\" or [\"a\", \"b\"])");
   }
 
+  json config = json::parse(assets.tokenizerConfigJson.empty() ? "{}" : assets.tokenizerConfigJson, nullptr, false);
+  json modelConfig = json::parse(description.configText.empty() ? "{}" : description.configText, nullptr, false);
+  auto special = [&](const char *tokenKey, const char *idKey) -> std::optional<int64_t> {
+    if (config.is_object() && config.contains(tokenKey)) {
+      auto it = ids.find(tokenText(config[tokenKey]));
+      if (it != ids.end())
+        return it->second;
+    }
+    if (modelConfig.is_object() && modelConfig.contains(idKey) && modelConfig[idKey].is_number_integer()) {
+      const int64_t id = modelConfig[idKey].get<int64_t>();
+      if (id >= 0 && id < vocabSize)
+        return id;
+    }
+    return std::nullopt;
+  };
+  auto specialIds = [&] {
+    if (std::optional<int64_t> bos = special("bos_token", "bos_token_id"))
+      writer.set("tokenizer.ggml.bos_token_id", GgufValue::u32(static_cast<uint32_t>(*bos)));
+    if (std::optional<int64_t> eos = special("eos_token", "eos_token_id"))
+      writer.set("tokenizer.ggml.eos_token_id", GgufValue::u32(static_cast<uint32_t>(*eos)));
+    if (std::optional<int64_t> pad = special("pad_token", "pad_token_id"))
+      writer.set("tokenizer.ggml.padding_token_id", GgufValue::u32(static_cast<uint32_t>(*pad)));
+  };
+  const json addBosValue = config.is_object() ? config.value("add_bos_token", json()) : json();
+
+  if (sentencePiece) {
+    // llama.cpp's SentencePiece tokenizer merges the adjacent pair whose
+    // joined piece scores highest: a piece's score is minus the rank of the
+    // merge that makes it, so merges happen in BPE's order. Byte-fallback
+    // pieces <0xNN> are BYTE tokens, the unknown piece UNKNOWN.
+    std::vector<double> scores(static_cast<size_t>(vocabSize), -1e9);
+    for (size_t rank = 0; rank < merges.size(); ++rank) {
+      const std::string &merge = merges[rank];
+      const size_t space = merge.find(' ', 1);
+      if (space == std::string::npos)
+        continue;
+      auto it = ids.find(merge.substr(0, space) + merge.substr(space + 1));
+      if (it != ids.end() && scores[static_cast<size_t>(it->second)] == -1e9)
+        scores[static_cast<size_t>(it->second)] = -static_cast<double>(rank);
+    }
+    for (int64_t i = 0; i < vocabSize; ++i) {
+      const std::string &text = tokens[static_cast<size_t>(i)];
+      if (types[static_cast<size_t>(i)] == 1 && text.size() == 6 && text.compare(0, 3, "<0x") == 0 && text[5] == '>')
+        types[static_cast<size_t>(i)] = 6;
+    }
+    if (model.contains("unk_token") && model["unk_token"].is_string())
+      if (auto it = ids.find(model["unk_token"].get<std::string>()); it != ids.end()) {
+        types[static_cast<size_t>(it->second)] = 2;
+        writer.set("tokenizer.ggml.unknown_token_id", GgufValue::u32(static_cast<uint32_t>(it->second)));
+      }
+    // A "▁" before the first word: Metaspace's prepend, or a normalizer's.
+    const bool prefix =
+        preText.find("\"prepend_scheme\":\"never\"") == std::string::npos &&
+        (preText.find("Metaspace") != std::string::npos || normalizerText.find("Prepend") != std::string::npos);
+    writer.set("tokenizer.ggml.model", GgufValue::string("llama"));
+    writer.set("tokenizer.ggml.pre", GgufValue::string("default"));
+    writer.set("tokenizer.ggml.tokens", GgufValue::stringArray(std::move(tokens)));
+    writer.set("tokenizer.ggml.scores", GgufValue::f32Array(std::move(scores)));
+    writer.set("tokenizer.ggml.token_type", GgufValue::i32Array(std::move(types)));
+    specialIds();
+    writer.set("tokenizer.ggml.add_bos_token",
+               GgufValue::boolean(addBosValue.is_boolean() ? addBosValue.get<bool>() : true));
+    writer.set("tokenizer.ggml.add_eos_token", GgufValue::boolean(false));
+    writer.set("tokenizer.ggml.add_space_prefix", GgufValue::boolean(prefix));
+    return Status::success();
+  }
+
   // llama.cpp knows pre-tokenizers by name; these are the regexes moec's
   // tokenizer reads.
   const std::string regex = splitRegex(tokenizer.value("pre_tokenizer", json()));
@@ -343,36 +419,13 @@ Status writeTokenizer(const GgufAssets &assets, const ModelDescription &descript
                       "(llama.cpp may split text differently from moec)");
   }
 
-  json config = json::parse(assets.tokenizerConfigJson.empty() ? "{}" : assets.tokenizerConfigJson, nullptr, false);
-  json modelConfig = json::parse(description.configText.empty() ? "{}" : description.configText, nullptr, false);
-  auto special = [&](const char *tokenKey, const char *idKey) -> std::optional<int64_t> {
-    if (config.is_object() && config.contains(tokenKey)) {
-      auto it = ids.find(tokenText(config[tokenKey]));
-      if (it != ids.end())
-        return it->second;
-    }
-    if (modelConfig.is_object() && modelConfig.contains(idKey) && modelConfig[idKey].is_number_integer()) {
-      const int64_t id = modelConfig[idKey].get<int64_t>();
-      if (id >= 0 && id < vocabSize)
-        return id;
-    }
-    return std::nullopt;
-  };
-
   writer.set("tokenizer.ggml.model", GgufValue::string("gpt2"));
   writer.set("tokenizer.ggml.pre", GgufValue::string(pre));
   writer.set("tokenizer.ggml.tokens", GgufValue::stringArray(std::move(tokens)));
   writer.set("tokenizer.ggml.token_type", GgufValue::i32Array(std::move(types)));
   writer.set("tokenizer.ggml.merges", GgufValue::stringArray(std::move(merges)));
-  if (std::optional<int64_t> bos = special("bos_token", "bos_token_id"))
-    writer.set("tokenizer.ggml.bos_token_id", GgufValue::u32(static_cast<uint32_t>(*bos)));
-  if (std::optional<int64_t> eos = special("eos_token", "eos_token_id"))
-    writer.set("tokenizer.ggml.eos_token_id", GgufValue::u32(static_cast<uint32_t>(*eos)));
-  if (std::optional<int64_t> pad = special("pad_token", "pad_token_id"))
-    writer.set("tokenizer.ggml.padding_token_id", GgufValue::u32(static_cast<uint32_t>(*pad)));
-  const bool addBos = config.is_object() && config.value("add_bos_token", json(false)).is_boolean() &&
-                      config.value("add_bos_token", false);
-  writer.set("tokenizer.ggml.add_bos_token", GgufValue::boolean(addBos));
+  specialIds();
+  writer.set("tokenizer.ggml.add_bos_token", GgufValue::boolean(addBosValue.is_boolean() && addBosValue.get<bool>()));
   writer.set("tokenizer.ggml.add_eos_token", GgufValue::boolean(false));
   return Status::success();
 }
