@@ -376,57 +376,38 @@ private:
   }
 
   Status loadQuantized(const TensorRef &tensor, Matrix &out) {
-    std::optional<quant::WeightFormat> any = quant::parseWeightFormat(tensor.format);
-    if (!any)
+    std::optional<quant::WeightFormat> format = quant::parseWeightFormat(tensor.format);
+    if (!format)
       return Status::error("tensor '", tensor.name, "': unknown quantisation format '", tensor.format, "'");
-    if (std::string problem = any->checkColumns(out.cols); !problem.empty())
+    if (std::string problem = format->checkColumns(out.cols); !problem.empty())
       return Status::error("tensor '", tensor.name, "': ", tensor.format, ": ", problem);
-    const size_t expected = any->matrixBytes(out.rows, out.cols);
-    if (any->ggml) {
-      // llama.cpp's block formats: read in place from a package or GGUF
-      // mapping (the GEMV decodes blocks as it goes), else copied; rows
-      // stored interleaved or a simulated model get f32 values.
-      const bool asValues = description.dequantizeQuantized || tensor.interleavedHeads > 0;
-      if (tensor.source == kPackageSource) {
-        if (tensor.size != expected || tensor.offset + tensor.size > description.package->size)
-          return Status::error("tensor '", tensor.name, "' holds ", tensor.size, " bytes; ", any->name(), " of ",
-                               formatShape(tensor.shape), " needs ", expected);
-        if (!asValues) {
-          out.ggmlType = any->ggml;
-          out.quantData = description.package->data + tensor.offset;
-          out.quantOwner = description.package;
-          return Status::success();
-        }
-        out.data.resize(static_cast<size_t>(out.rows * out.cols));
-        any->dequantize(description.package->data + tensor.offset, out.rows, out.cols, out.data.data());
-        return Status::success();
-      }
-      DType dtype;
-      std::vector<uint8_t> bytes;
-      const SafetensorsFile *file;
-      const TensorInfo *info;
-      MOE_RETURN_IF_ERROR(readBytes(tensor, dtype, bytes, file, info));
-      if (bytes.size() != expected)
-        return Status::error("tensor '", tensor.name, "' holds ", bytes.size(), " bytes; ", any->name(), " of ",
-                             formatShape(tensor.shape), " needs ", expected);
-      if (asValues) {
-        out.data.resize(static_cast<size_t>(out.rows * out.cols));
-        any->dequantize(bytes.data(), out.rows, out.cols, out.data.data());
-        return Status::success();
-      }
-      out.ggmlType = any->ggml;
-      out.quantStorage = std::move(bytes);
-      out.quantData = out.quantStorage.data();
+    const size_t expected = format->matrixBytes(out.rows, out.cols);
+    auto wrongSize = [&](uint64_t bytes) {
+      return Status::error("tensor '", tensor.name, "' holds ", bytes, " bytes; ", format->name(), " of ",
+                           formatShape(tensor.shape), " needs ", expected);
+    };
+    // The codes stay codes (the kernels read them: moec's group formats by
+    // integer dot products, ggml's blocks decoded as they go), read in place
+    // from a package or GGUF mapping; a simulated model, or rows stored
+    // interleaved, get f32 values.
+    const bool asValues = description.dequantizeQuantized || tensor.interleavedHeads > 0;
+    auto keep = [&](const uint8_t *codes) {
+      out.quantFormat = format->group;
+      out.ggmlType = format->ggml;
+      out.quantData = codes;
+    };
+    auto values = [&](const uint8_t *codes) {
+      out.data.resize(static_cast<size_t>(out.rows * out.cols));
+      format->dequantize(codes, out.rows, out.cols, out.data.data());
       return Status::success();
-    }
-    const std::optional<quant::QuantFormat> format = any->group;
-    if (tensor.source == kPackageSource && !description.dequantizeQuantized) {
-      // Zero-copy: the kernels read the codes from the package mapping.
+    };
+    if (tensor.source == kPackageSource) {
       if (tensor.size != expected || tensor.offset + tensor.size > description.package->size)
-        return Status::error("tensor '", tensor.name, "' holds ", tensor.size, " bytes; ", format->name(), " of ",
-                             formatShape(tensor.shape), " needs ", expected);
-      out.quantFormat = format;
-      out.quantData = description.package->data + tensor.offset;
+        return wrongSize(tensor.size);
+      const uint8_t *codes = description.package->data + tensor.offset;
+      if (asValues)
+        return values(codes);
+      keep(codes);
       out.quantOwner = description.package;
       return Status::success();
     }
@@ -436,16 +417,11 @@ private:
     const TensorInfo *info;
     MOE_RETURN_IF_ERROR(readBytes(tensor, dtype, bytes, file, info));
     if (bytes.size() != expected)
-      return Status::error("tensor '", tensor.name, "' holds ", bytes.size(), " bytes; ", format->name(), " of ",
-                           formatShape(tensor.shape), " needs ", expected);
-    if (description.dequantizeQuantized) {
-      out.data.resize(static_cast<size_t>(out.rows * out.cols));
-      quant::dequantizeReference(*format, bytes.data(), out.rows, out.cols, out.data.data());
-      return Status::success();
-    }
-    out.quantFormat = format;
+      return wrongSize(bytes.size());
+    if (asValues)
+      return values(bytes.data());
     out.quantStorage = std::move(bytes);
-    out.quantData = out.quantStorage.data();
+    keep(out.quantStorage.data());
     return Status::success();
   }
 
