@@ -42,40 +42,11 @@ std::vector<int32_t> packInt32(const std::vector<int32_t> &values, int64_t rows,
   return out;
 }
 
-Status toCompressedTensors(const quant::WeightFormat &format, const uint8_t *codes, int64_t rows, int64_t cols,
-                           CtScheme &scheme, std::vector<CtTensor> &tensors, std::string &remark) {
+void ctFromValues(const std::vector<float> &values, int64_t rows, int64_t cols, int bits, bool symmetric, int64_t group,
+                  CtScheme &scheme, std::vector<CtTensor> &tensors) {
   tensors.clear();
-  remark.clear();
-  const int bits = std::clamp(format.bits(), 2, 8);
   std::vector<int32_t> q(static_cast<size_t>(rows * cols));
   const std::vector<int64_t> shapeValues = {rows, cols};
-  if (format.group && format.group->symmetric && cols % format.group->group == 0) {
-    // Exact: a symmetric moec code c stands for (c - 2^(b-1)) * scale.
-    const quant::QuantFormat &f = *format.group;
-    const int64_t groups = cols / f.group;
-    std::vector<uint16_t> scales(static_cast<size_t>(rows * groups));
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t g = 0; g < groups; ++g) {
-        const uint8_t *group = codes + r * f.rowBytes(cols) + g * f.groupBytes();
-        std::memcpy(&scales[r * groups + g], group, 2);
-        for (int64_t i = 0; i < f.group; ++i)
-          q[r * cols + g * f.group + i] = quant::unpackCode(group + f.headerBytes(), f.bits, i) - f.zeroPoint();
-      }
-    scheme = CtScheme{f.bits, f.group, true};
-    tensors.push_back(
-        {"weight_packed", DType::I32, {rows, wordsFor(cols, f.bits)}, bytesOf(packInt32(q, rows, cols, f.bits))});
-    tensors.push_back({"weight_scale",
-                       f.scaleType == quant::ScaleType::BF16 ? DType::BF16 : DType::F16,
-                       {rows, groups},
-                       bytesOf(scales)});
-    tensors.push_back({"weight_shape", DType::I64, {2}, bytesOf(shapeValues)});
-    return Status::success();
-  }
-  // Requantized with compressed-tensors' min-max rule from the values.
-  std::vector<float> values(static_cast<size_t>(rows * cols));
-  format.dequantize(codes, rows, cols, values.data());
-  const bool symmetric = format.group ? format.group->symmetric : true;
-  int64_t group = format.block();
   if (group <= 0 || cols % group != 0)
     group = cols % 32 == 0 ? 32 : cols;
   const int64_t groups = cols / group;
@@ -126,6 +97,43 @@ Status toCompressedTensors(const quant::WeightFormat &format, const uint8_t *cod
     tensors.push_back({"weight_zero_point", DType::I32, {words, groups}, bytesOf(packed)});
   }
   tensors.push_back({"weight_shape", DType::I64, {2}, bytesOf(shapeValues)});
+}
+
+Status toCompressedTensors(const quant::WeightFormat &format, const uint8_t *codes, int64_t rows, int64_t cols,
+                           CtScheme &scheme, std::vector<CtTensor> &tensors, std::string &remark) {
+  tensors.clear();
+  remark.clear();
+  const int bits = std::clamp(format.bits(), 2, 8);
+  std::vector<int32_t> q(static_cast<size_t>(rows * cols));
+  const std::vector<int64_t> shapeValues = {rows, cols};
+  if (format.group && format.group->symmetric && cols % format.group->group == 0) {
+    // Exact: a symmetric moec code c stands for (c - 2^(b-1)) * scale.
+    const quant::QuantFormat &f = *format.group;
+    const int64_t groups = cols / f.group;
+    std::vector<uint16_t> scales(static_cast<size_t>(rows * groups));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint8_t *group = codes + r * f.rowBytes(cols) + g * f.groupBytes();
+        std::memcpy(&scales[r * groups + g], group, 2);
+        for (int64_t i = 0; i < f.group; ++i)
+          q[r * cols + g * f.group + i] = quant::unpackCode(group + f.headerBytes(), f.bits, i) - f.zeroPoint();
+      }
+    scheme = CtScheme{f.bits, f.group, true};
+    tensors.push_back(
+        {"weight_packed", DType::I32, {rows, wordsFor(cols, f.bits)}, bytesOf(packInt32(q, rows, cols, f.bits))});
+    tensors.push_back({"weight_scale",
+                       f.scaleType == quant::ScaleType::BF16 ? DType::BF16 : DType::F16,
+                       {rows, groups},
+                       bytesOf(scales)});
+    tensors.push_back({"weight_shape", DType::I64, {2}, bytesOf(shapeValues)});
+    return Status::success();
+  }
+  // Requantized with compressed-tensors' min-max rule from the values.
+  std::vector<float> values(static_cast<size_t>(rows * cols));
+  format.dequantize(codes, rows, cols, values.data());
+  const bool symmetric = format.group ? format.group->symmetric : true;
+  ctFromValues(values, rows, cols, bits, symmetric, format.block(), scheme, tensors);
+  const int64_t group = scheme.group == 0 ? cols : scheme.group;
   remark =
       concat(format.name(), " requantized to compressed-tensors int", bits, symmetric ? " symmetric" : " asymmetric",
              group == cols ? " per channel" : concat(" in groups of ", group),

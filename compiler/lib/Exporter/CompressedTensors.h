@@ -55,6 +55,12 @@ struct CtTensor {
 Status toCompressedTensors(const quant::WeightFormat &format, const uint8_t *codes, int64_t rows, int64_t cols,
                            CtScheme &scheme, std::vector<CtTensor> &tensors, std::string &remark);
 
+/// The compressed-tensors tensors of a [rows, cols] matrix of `values`,
+/// quantized with compressed-tensors' min-max rule at `bits`, `symmetric`,
+/// in groups of `group` (0 or not dividing the rows: per channel).
+void ctFromValues(const std::vector<float> &values, int64_t rows, int64_t cols, int bits, bool symmetric, int64_t group,
+                  CtScheme &scheme, std::vector<CtTensor> &tensors);
+
 /// Packs signed `values` ([rows, count], in [-2^(b-1), 2^(b-1))) row by row.
 std::vector<int32_t> packInt32(const std::vector<int32_t> &values, int64_t rows, int64_t count, int bits);
 
