@@ -8,14 +8,24 @@
 
 #include "Commands.h"
 
+#include "ModuleFiles.h"
 #include "moe/Frontend/Checkpoint.h"
 #include "moe/Frontend/ModelSpec.h"
 #include "moe/Frontend/ModelSummary.h"
+#include "moe/Lowering/Lowering.h"
+#include "moe/Runtime/DescriptionSummary.h"
+#include "moe/Runtime/GgufModel.h"
+#include "moe/Runtime/Package.h"
+
+#include "mlir/IR/MLIRContext.h"
 
 #include <nlohmann/json.hpp>
 
 #include <cstdio>
+#include <cstring>
+#include <filesystem>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <sys/stat.h>
 
@@ -273,7 +283,100 @@ bool isDirectory(const std::string &path) {
   return stat(path.c_str(), &info) == 0 && S_ISDIR(info.st_mode);
 }
 
+bool endsWith(const std::string &text, const char *suffix) {
+  const size_t n = std::strlen(suffix);
+  return text.size() >= n && text.compare(text.size() - n, n, suffix) == 0;
+}
+
+/// A module, package or GGUF file moec wrote: what the runtime would run.
+int runInspectCompiled(const InspectOptions &options) {
+  Expected<ModelDescription> description = Status::error("");
+  std::string kind, provenance;
+  if (isPackagePath(options.path) || isGgufPath(options.path)) {
+    kind = isGgufPath(options.path) ? "GGUF file" : "package";
+    Expected<OpenedPackage> opened = isGgufPath(options.path) ? openGgufModel(options.path) : openPackage(options.path);
+    if (!opened) {
+      printError(opened.status().message());
+      return 1;
+    }
+    provenance = opened->extras.provenanceJson;
+    description = std::move(opened->description);
+  } else {
+    kind = "module";
+    mlir::MLIRContext context;
+    mlir::OwningOpRef<mlir::ModuleOp> module = readModuleFile(options.path, context);
+    if (!module)
+      return 1;
+    Expected<ir::ModelOp> model = findModel(*module);
+    if (!model) {
+      printError(options.path + ": " + model.status().message());
+      return 1;
+    }
+    description = lowerToDescription(*model, std::filesystem::path(options.path).parent_path().string());
+  }
+  if (!description) {
+    printError(description.status().message());
+    return 1;
+  }
+  Expected<json> summary = summarizeDescription(*description);
+  if (!summary) {
+    printError(options.path + ": " + summary.status().message());
+    return 1;
+  }
+  (*summary)["path"] = options.path;
+  (*summary)["kind"] = kind;
+  if (!provenance.empty())
+    (*summary)["provenance"] = json::parse(provenance, nullptr, false);
+  if (options.json) {
+    std::cout << summary->dump(2) << "\n";
+    return 0;
+  }
+  const json &s = *summary;
+  std::printf("%s: %s of a %s model, %zu layers, %s\n", options.path.c_str(), kind.c_str(),
+              s["family"].get<std::string>().c_str(), s["layers"].size(),
+              formatBytes(static_cast<int64_t>(s["bytes"].get<uint64_t>())).c_str());
+  std::printf("bytes by role:");
+  for (const auto &[role, bytes] : s["bytes_by_role"].items())
+    std::printf("  %s %s", role.c_str(), formatBytes(bytes.get<int64_t>()).c_str());
+  std::printf("\nbytes by format:");
+  for (const auto &[format, bytes] : s["bytes_by_format"].items())
+    std::printf("  %s %s", format.c_str(), formatBytes(bytes.get<int64_t>()).c_str());
+  std::printf("\n%-6s %-8s %-8s %-22s %-28s %s\n", "layer", "mlp", "experts", "widths", "formats", "routing");
+  for (const json &layer : s["layers"]) {
+    if (layer["mlp"] != "moe") {
+      std::printf("%-6d %-8s\n", layer["index"].get<int>(), "dense");
+      continue;
+    }
+    std::map<int64_t, int> widths;
+    std::map<std::string, int> formats;
+    for (const json &expert : layer["experts"]) {
+      ++widths[expert["width"].get<int64_t>()];
+      for (const json &format : expert["formats"])
+        ++formats[format.get<std::string>()];
+    }
+    std::string widthText, formatText;
+    for (const auto &[width, count] : widths)
+      widthText += (widthText.empty() ? "" : " ") + std::to_string(width) + "x" + std::to_string(count);
+    for (const auto &[format, count] : formats)
+      formatText += (formatText.empty() ? "" : " ") + format + "x" + std::to_string(count);
+    std::string routing = "top-" + std::to_string(layer["top_k"].get<int64_t>());
+    if (layer.contains("remap"))
+      routing += ", " + std::to_string(layer["router_rows"].get<int64_t>()) + " rows onto " +
+                 std::to_string(layer["experts"].size()) + " merged experts";
+    if (layer.contains("skip_threshold"))
+      routing += ", skip below " + std::to_string(layer["skip_threshold"].get<double>());
+    std::printf("%-6d %-8s %-8zu %-22s %-28s %s\n", layer["index"].get<int>(), "moe", layer["experts"].size(),
+                widthText.c_str(), formatText.c_str(), routing.c_str());
+  }
+  if (s.contains("provenance") && s["provenance"].is_object())
+    std::printf("provenance: %s\n", s["provenance"].dump().c_str());
+  return 0;
+}
+
 int runInspect(const InspectOptions &options) {
+  if (!options.configOnly &&
+      (isPackagePath(options.path) || isGgufPath(options.path) || endsWith(options.path, ".mlir")))
+    return runInspectCompiled(options);
   std::unique_ptr<Checkpoint> checkpoint;
   std::string configPath = options.path;
   if (isDirectory(options.path)) {
@@ -339,7 +442,11 @@ Command registerInspect(CLI::App &app) {
   auto options = std::make_shared<InspectOptions>();
   CLI::App *command = app.add_subcommand("inspect", "Describe a checkpoint: family, layers, experts, router, "
                                                     "parameters and bytes per role, dtypes, shards");
-  command->add_option("path", options->path, "Checkpoint directory (or config.json with --config-only)")->required();
+  command
+      ->add_option("path", options->path,
+                   "Checkpoint directory (or config.json with --config-only), module (.mlir), package (.moepkg) "
+                   "or GGUF file moec wrote")
+      ->required();
   command->add_flag("--json", options->json, "Print JSON for machines");
   command->add_flag("--config-only", options->configOnly,
                     "Compute everything from config.json alone (no weights needed)");

@@ -1,0 +1,101 @@
+//===- DescriptionSummary.cpp - What a compiled model holds ---------------===//
+//
+// Part of moec.
+//
+//===----------------------------------------------------------------------===//
+
+#include "moe/Runtime/DescriptionSummary.h"
+
+#include <algorithm>
+#include <cctype>
+
+namespace moe {
+
+using json = nlohmann::json;
+
+Expected<json> summarizeDescription(const ModelDescription &description) {
+  TensorReader reader(description);
+  json byRole = json::object(), byFormat = json::object();
+  uint64_t total = 0;
+  // Stored bytes and format name of one tensor, added to the totals.
+  auto account = [&](const TensorRef &ref, TensorRole role, std::string &format) -> Expected<uint64_t> {
+    DType dtype;
+    uint64_t bytes = 0;
+    MOE_RETURN_IF_ERROR(reader.size(ref, dtype, bytes));
+    format = ref.format;
+    if (format.empty()) {
+      format = std::string(dtypeName(dtype));
+      std::transform(format.begin(), format.end(), format.begin(), [](unsigned char c) { return std::tolower(c); });
+    }
+    const std::string group(roleGroupName(roleGroup(role)));
+    byRole[group] = byRole.value(group, uint64_t(0)) + bytes;
+    byFormat[format] = byFormat.value(format, uint64_t(0)) + bytes;
+    total += bytes;
+    return bytes;
+  };
+  std::string format;
+  for (const auto &[role, ref] : description.globals) {
+    Expected<uint64_t> bytes = account(ref, role, format);
+    if (!bytes)
+      return bytes.status();
+  }
+  json layers = json::array();
+  for (size_t l = 0; l < description.layers.size(); ++l) {
+    const LayerEntry &layer = description.layers[l];
+    const LayerSpec &spec = description.spec.layers[l];
+    json out = {{"index", l}, {"mlp", spec.mlp == MlpKind::Moe ? "moe" : "dense"}};
+    uint64_t layerBytes = 0;
+    for (const auto &[role, ref] : layer.tensors) {
+      Expected<uint64_t> bytes = account(ref, role, format);
+      if (!bytes)
+        return bytes.status();
+      layerBytes += *bytes;
+    }
+    if (spec.mlp == MlpKind::Moe) {
+      const RouterSpec &router = layer.routing.router ? *layer.routing.router : description.spec.router;
+      out["top_k"] = router.topK;
+      out["router_rows"] = layer.routing.remap.empty() ? layer.experts.size() : layer.routing.remap.size();
+      if (!layer.routing.remap.empty())
+        out["remap"] = layer.routing.remap;
+      if (layer.routing.skipThreshold > 0)
+        out["skip_threshold"] = layer.routing.skipThreshold;
+      json experts = json::array();
+      for (const ExpertEntry &expert : layer.experts) {
+        json formats = json::array();
+        uint64_t expertBytes = 0;
+        std::vector<std::pair<const TensorRef *, TensorRole>> parts = {{&expert.gate, TensorRole::ExpertGate},
+                                                                       {&expert.up, TensorRole::ExpertUp},
+                                                                       {&expert.down, TensorRole::ExpertDown}};
+        for (const ExpertPart &part : expert.moreParts)
+          for (const auto &pair :
+               std::vector<std::pair<const TensorRef *, TensorRole>>{{&part.gate, TensorRole::ExpertGate},
+                                                                     {&part.up, TensorRole::ExpertUp},
+                                                                     {&part.down, TensorRole::ExpertDown}})
+            parts.push_back(pair);
+        for (const auto &[ref, role] : parts) {
+          Expected<uint64_t> bytes = account(*ref, role, format);
+          if (!bytes)
+            return bytes.status();
+          expertBytes += *bytes;
+          formats.push_back(format);
+        }
+        experts.push_back({{"id", expert.id},
+                           {"width", expert.width},
+                           {"parts", 1 + expert.moreParts.size()},
+                           {"formats", formats},
+                           {"bytes", expertBytes}});
+        layerBytes += expertBytes;
+      }
+      out["experts"] = experts;
+    }
+    out["bytes"] = layerBytes;
+    layers.push_back(out);
+  }
+  return json{{"family", std::string(familyName(description.spec.family))},
+              {"layers", layers},
+              {"bytes_by_role", byRole},
+              {"bytes_by_format", byFormat},
+              {"bytes", total}};
+}
+
+} // namespace moe
