@@ -55,17 +55,7 @@ int runGgufExport(const ExportOptions &options) {
         exportGguf(package->description, GgufAssets{package->extras.tokenizerJson, package->extras.tokenizerConfigJson},
                    options.input, options.output, gguf, remarks);
   } else {
-    mlir::MLIRContext context;
-    mlir::OwningOpRef<mlir::ModuleOp> module = readModuleFile(options.input, context);
-    if (!module)
-      return 1;
-    Expected<ir::ModelOp> model = findModel(*module);
-    if (!model) {
-      printError(options.input + ": " + model.status().message());
-      return 1;
-    }
-    Expected<ModelDescription> description =
-        lowerToDescription(*model, std::filesystem::path(options.input).parent_path().string());
+    Expected<ModelDescription> description = readModuleDescription(options.input);
     if (!description) {
       printError(description.status().message());
       return 1;

@@ -303,16 +303,7 @@ int runInspectCompiled(const InspectOptions &options) {
     description = std::move(opened->description);
   } else {
     kind = "module";
-    mlir::MLIRContext context;
-    mlir::OwningOpRef<mlir::ModuleOp> module = readModuleFile(options.path, context);
-    if (!module)
-      return 1;
-    Expected<ir::ModelOp> model = findModel(*module);
-    if (!model) {
-      printError(options.path + ": " + model.status().message());
-      return 1;
-    }
-    description = lowerToDescription(*model, std::filesystem::path(options.path).parent_path().string());
+    description = readModuleDescription(options.path);
   }
   if (!description) {
     printError(description.status().message());

@@ -9,6 +9,7 @@
 
 #include "moe/Dialect/Moe/IR/MoeDialect.h"
 #include "moe/Frontend/Safetensors.h"
+#include "moe/Lowering/Lowering.h"
 
 #include "mlir/Parser/Parser.h"
 #include "llvm/Support/SourceMgr.h"
@@ -16,6 +17,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sys/stat.h>
 
@@ -78,6 +80,21 @@ int writeModuleFile(mlir::ModuleOp module, const std::string &output) {
     return 1;
   }
   return 0;
+}
+
+Expected<ModelDescription> readModuleDescription(const std::string &path) {
+  mlir::MLIRContext context;
+  mlir::OwningOpRef<mlir::ModuleOp> module = readModuleFile(path, context);
+  if (!module)
+    return Status::error(path, ": not a valid moe module");
+  Expected<ir::ModelOp> found = findModel(*module);
+  if (!found)
+    return found.status().withContext(path);
+  Expected<ModelDescription> description =
+      lowerToDescription(*found, std::filesystem::path(path).parent_path().string());
+  if (!description)
+    return description.status().withContext(path);
+  return description;
 }
 
 } // namespace moe::cli

@@ -7,6 +7,8 @@
 #ifndef MOEC_TOOLS_MOEC_MODULEFILES_H
 #define MOEC_TOOLS_MOEC_MODULEFILES_H
 
+#include "moe/Runtime/Description.h"
+
 #include "mlir/IR/BuiltinOps.h"
 #include "mlir/IR/MLIRContext.h"
 #include "mlir/IR/OwningOpRef.h"
@@ -21,6 +23,11 @@ bool isModuleFile(const std::string &path);
 /// Parses the module at `path` with the moe dialect loaded; on failure
 /// prints the diagnostics and an error, and returns null.
 mlir::OwningOpRef<mlir::ModuleOp> readModuleFile(const std::string &path, mlir::MLIRContext &context);
+
+/// What the runtime would run of the module at `path`: its first moe.model,
+/// lowered (relative sources and store taken from the module's folder).
+/// Errors name the file.
+Expected<ModelDescription> readModuleDescription(const std::string &path);
 
 /// Prints `module` to `output` ("-" for stdout) through a temporary file
 /// and a rename; returns the process exit code.

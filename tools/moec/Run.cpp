@@ -51,17 +51,9 @@ static std::optional<size_t> parseBytes(const std::string &text) {
 /// module to the description the runtime executes).
 static Expected<LoadedModel> loadModuleModel(const std::string &path, const EngineOptions &options,
                                              bool simulateQuantized) {
-  mlir::MLIRContext context;
-  mlir::OwningOpRef<mlir::ModuleOp> module = readModuleFile(path, context);
-  if (!module)
-    return Status::error(path, ": not a valid moe module");
-  Expected<ir::ModelOp> found = findModel(*module);
-  if (!found)
-    return found.status().withContext(path);
-  Expected<ModelDescription> description =
-      lowerToDescription(*found, std::filesystem::path(path).parent_path().string());
+  Expected<ModelDescription> description = readModuleDescription(path);
   if (!description)
-    return description.status().withContext(path);
+    return description.status();
   description->dequantizeQuantized = simulateQuantized;
   return loadDescribedModel(description.take(), options);
 }
