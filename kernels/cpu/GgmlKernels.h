@@ -3,7 +3,8 @@
 // Part of moec. Decode-time matrix-vector products over rows of ggml blocks
 // (kernels/common/GgmlFormats.h) read in place: each block is decoded into
 // registers-sized buffers with the reference's arithmetic and dotted with
-// the activation (AVX2/FMA chosen at run time, else scalar), so a model in
+// the activation (AVX2/FMA chosen at run time, else scalar; Q4_0, Q4_1 and
+// Q8_0 dotted straight from their codes), so a model in
 // these formats runs at their size. Activations stay f32.
 //
 //===----------------------------------------------------------------------===//
