@@ -652,4 +652,10 @@ void ggmlQuantizeRow(GgmlType type, const float *values, int64_t n, uint8_t *out
   }
 }
 
+void ggmlQuantizeRows(GgmlType type, const float *values, int64_t rows, int64_t cols, uint8_t *out) {
+  const size_t rowBytes = ggmlRowBytes(type, cols);
+  for (int64_t r = 0; r < rows; ++r)
+    ggmlQuantizeRow(type, values + r * cols, cols, out + static_cast<size_t>(r) * rowBytes);
+}
+
 } // namespace moe::quant

@@ -149,6 +149,9 @@ void ggmlDequantizeRow(GgmlType type, const uint8_t *row, int64_t n, float *out)
 /// scales), and every code is the nearest under the stored scales.
 void ggmlQuantizeRow(GgmlType type, const float *values, int64_t n, uint8_t *out, const float *importance = nullptr);
 
+/// ggmlQuantizeRow over the `rows` rows of a row-major [rows, cols] matrix.
+void ggmlQuantizeRows(GgmlType type, const float *values, int64_t rows, int64_t cols, uint8_t *out);
+
 /// The two steps of ggmlQuantizeRow for one block, for GPTQ (whose grid is
 /// the format's own quantizer): choose and store the block's scales from
 /// `values` (blockSize of them; codes zeroed), then quantize value `index`

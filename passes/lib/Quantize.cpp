@@ -335,10 +335,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     } else if (job.format.group) {
       quant::quantizeReference(*job.format.group, job.values.data(), job.rows, job.cols, job.packed.data());
     } else {
-      const size_t rowBytes = quant::ggmlRowBytes(*job.format.ggml, job.cols);
-      for (int64_t r = 0; r < job.rows; ++r)
-        quant::ggmlQuantizeRow(*job.format.ggml, job.values.data() + r * job.cols, job.cols,
-                               job.packed.data() + r * rowBytes);
+      quant::ggmlQuantizeRows(*job.format.ggml, job.values.data(), job.rows, job.cols, job.packed.data());
     }
   }
 

@@ -5,6 +5,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Runtime/Gguf.h"
+#include "moe/Frontend/Safetensors.h"
 #include "moe/Support/AtomicFile.h"
 
 #include <algorithm>
@@ -330,12 +331,7 @@ size_t GgufValue::size() const {
   return elementType == GgufType::String ? strings.size() : isFloat(elementType) ? reals.size() : integers.size();
 }
 
-int64_t GgufTensorInfo::elements() const {
-  int64_t count = 1;
-  for (int64_t n : ne)
-    count *= n;
-  return count;
-}
+int64_t GgufTensorInfo::elements() const { return numElements(ne); }
 
 Expected<uint64_t> ggufTensorBytes(GgmlType type, const std::vector<int64_t> &ne) {
   const quant::GgmlTraits *traits = quant::ggmlTraits(type);

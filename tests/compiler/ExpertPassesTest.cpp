@@ -462,8 +462,7 @@ TEST(Gptq, GgmlGridsLowerTheLayerOutputErrorOfTheirRowQuantizer) {
     for (bool actOrder : {false, true}) {
       const size_t rowBytes = quant::ggmlRowBytes(type, cols);
       std::vector<uint8_t> rtn(rowBytes * rows), gptq;
-      for (int64_t r = 0; r < rows; ++r)
-        quant::ggmlQuantizeRow(type, weights.data() + r * cols, cols, rtn.data() + r * rowBytes);
+      quant::ggmlQuantizeRows(type, weights.data(), rows, cols, rtn.data());
       Status status = quantizeGptqGgml(type, weights, rows, cols, hessian, GptqOptions{0.01, 128, actOrder}, gptq);
       ASSERT_TRUE(status.ok()) << status.message();
       ASSERT_EQ(gptq.size(), rtn.size());

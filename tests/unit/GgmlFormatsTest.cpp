@@ -166,8 +166,7 @@ TEST(GgmlKernels, GemvMatchesTheReferenceValues) {
     std::vector<float> matrix = randomRow(rows * cols, 21), x = randomRow(cols, 22), values(rows * cols);
     const size_t rowBytes = ggmlRowBytes(type, cols);
     std::vector<uint8_t> packed(rowBytes * rows);
-    for (int64_t r = 0; r < rows; ++r)
-      ggmlQuantizeRow(type, matrix.data() + r * cols, cols, packed.data() + r * rowBytes);
+    ggmlQuantizeRows(type, matrix.data(), rows, cols, packed.data());
     ggmlDequantizeRows(type, packed.data(), cols, 0, rows, values.data());
     std::vector<float> y(rows);
     ggmlGemvRows(type, packed.data(), cols, x.data(), 2, rows, y.data());

@@ -47,6 +47,16 @@ std::string outputName(StringRef symbol, std::optional<int64_t> expertId) {
 }
 
 /// The bf16 bytes of the values a quantised tensor's codes stand for.
+/// The bf16 bytes of `values`.
+std::vector<uint8_t> bf16Bytes(const std::vector<float> &values) {
+  std::vector<uint8_t> bytes(values.size() * 2);
+  for (size_t i = 0; i < values.size(); ++i) {
+    const uint16_t bits = floatToBfloat16(values[i]);
+    std::memcpy(&bytes[2 * i], &bits, 2);
+  }
+  return bytes;
+}
+
 Expected<std::vector<uint8_t>> dequantizeToBf16(ir::TensorOp tensor, ir::QuantAttr quant,
                                                 const std::vector<int64_t> &shape, const std::vector<uint8_t> &codes) {
   const std::string where = "moe.tensor @" + tensor.getSymName().str();
@@ -60,12 +70,7 @@ Expected<std::vector<uint8_t>> dequantizeToBf16(ir::TensorOp tensor, ir::QuantAt
                          "] needs ", format->matrixBytes(rows, cols));
   std::vector<float> values(static_cast<size_t>(rows * cols));
   format->dequantize(codes.data(), rows, cols, values.data());
-  std::vector<uint8_t> bytes(values.size() * 2);
-  for (size_t i = 0; i < values.size(); ++i) {
-    const uint16_t bits = quant::floatToScale(values[i], quant::ScaleType::BF16);
-    std::memcpy(&bytes[2 * i], &bits, 2);
-  }
-  return bytes;
+  return bf16Bytes(values);
 }
 
 /// config.json's quantization_config: one group per scheme, targets named
@@ -153,11 +158,7 @@ Status padExpert(ir::TensorOp tensor, ir::QuantAttr quant, bool down, int64_t wi
     values = std::move(padded);
     return Status::success();
   }
-  bytes.resize(padded.size() * 2);
-  for (size_t i = 0; i < padded.size(); ++i) {
-    const uint16_t bits = quant::floatToScale(padded[i], quant::ScaleType::BF16);
-    std::memcpy(&bytes[2 * i], &bits, 2);
-  }
+  bytes = bf16Bytes(padded);
   dtype = DType::BF16;
   return Status::success();
 }

@@ -12,6 +12,7 @@
 #include "common/WeightFormat.h"
 #include "moe/Exporter/Exporter.h"
 #include "moe/Frontend/DType.h"
+#include "moe/Frontend/Safetensors.h"
 #include "moe/Runtime/Gguf.h"
 #include "moe/Support/File.h"
 
@@ -115,10 +116,8 @@ GgmlType floatType(DType dtype) {
 
 /// `rows` x `cols` values encoded row by row as `type`.
 std::vector<uint8_t> encode(GgmlType type, const std::vector<float> &values, int64_t rows, int64_t cols) {
-  const size_t rowBytes = *ggufTensorBytes(type, {cols});
-  std::vector<uint8_t> bytes(rowBytes * static_cast<size_t>(rows));
-  for (int64_t r = 0; r < rows; ++r)
-    quant::ggmlQuantizeRow(type, values.data() + r * cols, cols, bytes.data() + r * rowBytes);
+  std::vector<uint8_t> bytes(quant::ggmlRowBytes(type, cols) * static_cast<size_t>(rows));
+  quant::ggmlQuantizeRows(type, values.data(), rows, cols, bytes.data());
   return bytes;
 }
 
@@ -137,26 +136,21 @@ void interleaveHeads(std::vector<uint8_t> &bytes, int64_t rows, int64_t heads) {
   bytes = std::move(out);
 }
 
-int64_t elementsOf(const std::vector<int64_t> &shape) {
-  int64_t n = 1;
-  for (int64_t d : shape)
-    n *= d;
-  return n;
-}
-
 /// Reads tensors of the description as stored bytes or float values.
 class Reader {
 public:
   explicit Reader(const ModelDescription &description) : reader(description) {}
 
   Status raw(const TensorRef &ref, DType &dtype, std::vector<uint8_t> &bytes) { return reader.read(ref, dtype, bytes); }
+  /// The dtype and byte count raw() would give, from headers only.
+  Status size(const TensorRef &ref, DType &dtype, uint64_t &bytes) { return reader.size(ref, dtype, bytes); }
 
   /// The values the tensor holds ([rows, cols] row-major), dequantising codes.
   Status floats(const TensorRef &ref, std::vector<float> &values) {
     DType dtype;
     std::vector<uint8_t> bytes;
     MOE_RETURN_IF_ERROR(reader.read(ref, dtype, bytes));
-    const int64_t count = elementsOf(ref.shape);
+    const int64_t count = numElements(ref.shape);
     values.resize(static_cast<size_t>(count));
     if (!ref.format.empty()) {
       std::optional<quant::WeightFormat> format = quant::parseWeightFormat(ref.format);
@@ -188,7 +182,7 @@ struct Plan {
   std::vector<Planned> tensors;
   std::map<GgmlType, int64_t> elementsByType;
   void add(Planned planned) {
-    elementsByType[planned.type] += elementsOf(planned.ne);
+    elementsByType[planned.type] += numElements(planned.ne);
     tensors.push_back(std::move(planned));
   }
 };
@@ -677,8 +671,7 @@ Status exportGguf(const ModelDescription &description, const GgufAssets &assets,
     } else {
       DType dtype;
       uint64_t bytes;
-      TensorReader sizes(description);
-      MOE_RETURN_IF_ERROR(sizes.size(ref, dtype, bytes));
+      MOE_RETURN_IF_ERROR(reader->size(ref, dtype, bytes));
       type = floatType(dtype);
       if (dtype != DType::BF16 && dtype != DType::F16 && dtype != DType::F32)
         notes.push_back(concat(name, ": ", dtypeName(dtype), " written as BF16"));
@@ -815,7 +808,7 @@ Status exportGguf(const ModelDescription &description, const GgufAssets &assets,
           formats.insert(part->format);
           split |= !expert->moreParts.empty();
           std::optional<quant::WeightFormat> format = quant::parseWeightFormat(part->format);
-          const double parameters = static_cast<double>(elementsOf(part->shape));
+          const double parameters = static_cast<double>(numElements(part->shape));
           bitSum += parameters * (format ? format->bits() : 16);
           parameterSum += parameters;
         }
@@ -839,8 +832,7 @@ Status exportGguf(const ModelDescription &description, const GgufAssets &assets,
       } else if (formats.size() == 1 && only.empty()) {
         DType dtype;
         uint64_t bytes;
-        TensorReader sizes(description);
-        MOE_RETURN_IF_ERROR(sizes.size(slots[0]->gate, dtype, bytes));
+        MOE_RETURN_IF_ERROR(reader->size(slots[0]->gate, dtype, bytes));
         type = floatType(dtype);
       } else if (onlyFormat && losslessType(*onlyFormat) && !split) {
         type = *losslessType(*onlyFormat);
@@ -864,56 +856,53 @@ Status exportGguf(const ModelDescription &description, const GgufAssets &assets,
                                  " requantized to one ", quant::ggmlTraits(type)->ggmlName, " (", bitSum / parameterSum,
                                  " bits on average; a GGUF tensor has one type)"));
       }
-      const size_t rowBytes = *ggufTensorBytes(type, {cols});
+      const size_t rowBytes = quant::ggmlRowBytes(type, cols);
       std::vector<std::vector<TensorRef>> expertParts;
-      std::vector<int64_t> expertWidths;
       for (const ExpertEntry *expert : slots) {
         std::vector<TensorRef> parts;
         for (const TensorRef *part : partsOf(*expert))
           parts.push_back(*part);
         expertParts.push_back(std::move(parts));
-        expertWidths.push_back(expert->width);
       }
-      plan.add(
-          {blk + name,
-           {cols, rows, static_cast<int64_t>(slots.size())},
-           type,
-           [reader, expertParts, expertWidths, type, rows, cols, down, copy, rowBytes](std::vector<uint8_t> &bytes) {
-             bytes.assign(rowBytes * static_cast<size_t>(rows) * expertParts.size(), 0);
-             for (size_t e = 0; e < expertParts.size(); ++e) {
-               uint8_t *out = bytes.data() + e * rowBytes * static_cast<size_t>(rows);
-               if (copy) {
-                 // One part in a lossless format: rows copied; gate/up
-                 // gain zero rows, down rows gain zero blocks.
-                 DType dtype;
-                 std::vector<uint8_t> raw;
-                 MOE_RETURN_IF_ERROR(reader->raw(expertParts[e][0], dtype, raw));
-                 toGgmlBytes(type, expertParts[e][0].format, raw, expertParts[e][0].shape[0],
-                             expertParts[e][0].shape[1]);
-                 const int64_t partRows = expertParts[e][0].shape[0];
-                 const size_t partRowBytes = raw.size() / static_cast<size_t>(partRows);
-                 for (int64_t r = 0; r < partRows; ++r)
-                   std::memcpy(out + static_cast<size_t>(r) * rowBytes, raw.data() + r * partRowBytes, partRowBytes);
-                 continue;
-               }
-               // Values of every part, neurons concatenated, zero-padded.
-               std::vector<float> values(static_cast<size_t>(rows * cols), 0.0f), part;
-               int64_t offset = 0;
-               for (const TensorRef &ref : expertParts[e]) {
-                 MOE_RETURN_IF_ERROR(reader->floats(ref, part));
-                 const int64_t partRows = ref.shape[0], partCols = ref.shape[1];
-                 for (int64_t r = 0; r < partRows; ++r)
-                   for (int64_t c = 0; c < partCols; ++c)
-                     values[static_cast<size_t>(down ? r * cols + offset + c : (offset + r) * cols + c)] =
-                         part[static_cast<size_t>(r * partCols + c)];
-                 offset += down ? partCols : partRows;
-               }
-               (void)expertWidths;
-               std::vector<uint8_t> encoded = encode(type, values, rows, cols);
-               std::memcpy(out, encoded.data(), encoded.size());
-             }
-             return Status::success();
-           }});
+      plan.add({blk + name,
+                {cols, rows, static_cast<int64_t>(slots.size())},
+                type,
+                [reader, expertParts, type, rows, cols, down, copy, rowBytes](std::vector<uint8_t> &bytes) {
+                  bytes.assign(rowBytes * static_cast<size_t>(rows) * expertParts.size(), 0);
+                  for (size_t e = 0; e < expertParts.size(); ++e) {
+                    uint8_t *out = bytes.data() + e * rowBytes * static_cast<size_t>(rows);
+                    if (copy) {
+                      // One part in a lossless format: rows copied; gate/up
+                      // gain zero rows, down rows gain zero blocks.
+                      DType dtype;
+                      std::vector<uint8_t> raw;
+                      MOE_RETURN_IF_ERROR(reader->raw(expertParts[e][0], dtype, raw));
+                      toGgmlBytes(type, expertParts[e][0].format, raw, expertParts[e][0].shape[0],
+                                  expertParts[e][0].shape[1]);
+                      const int64_t partRows = expertParts[e][0].shape[0];
+                      const size_t partRowBytes = raw.size() / static_cast<size_t>(partRows);
+                      for (int64_t r = 0; r < partRows; ++r)
+                        std::memcpy(out + static_cast<size_t>(r) * rowBytes, raw.data() + r * partRowBytes,
+                                    partRowBytes);
+                      continue;
+                    }
+                    // Values of every part, neurons concatenated, zero-padded.
+                    std::vector<float> values(static_cast<size_t>(rows * cols), 0.0f), part;
+                    int64_t offset = 0;
+                    for (const TensorRef &ref : expertParts[e]) {
+                      MOE_RETURN_IF_ERROR(reader->floats(ref, part));
+                      const int64_t partRows = ref.shape[0], partCols = ref.shape[1];
+                      for (int64_t r = 0; r < partRows; ++r)
+                        for (int64_t c = 0; c < partCols; ++c)
+                          values[static_cast<size_t>(down ? r * cols + offset + c : (offset + r) * cols + c)] =
+                              part[static_cast<size_t>(r * partCols + c)];
+                      offset += down ? partCols : partRows;
+                    }
+                    std::vector<uint8_t> encoded = encode(type, values, rows, cols);
+                    std::memcpy(out, encoded.data(), encoded.size());
+                  }
+                  return Status::success();
+                }});
     }
   }
   for (std::string &note : notes)
