@@ -21,6 +21,18 @@ using json = nlohmann::json;
 
 namespace {
 
+/// The items of "a,b,c" (an empty text is one empty item).
+std::vector<std::string> splitCommas(const std::string &list) {
+  std::vector<std::string> items;
+  for (size_t start = 0;;) {
+    const size_t comma = list.find(',', start);
+    items.push_back(list.substr(start, comma == std::string::npos ? std::string::npos : comma - start));
+    if (comma == std::string::npos)
+      return items;
+    start = comma + 1;
+  }
+}
+
 /// Reads a pass's options from a recipe's JSON object, each by its own
 /// type; remembers the first error, naming the JSON path.
 class OptionReader {
@@ -79,14 +91,7 @@ public:
       return;
     std::vector<std::string> words;
     if (value->is_string()) {
-      std::string list = value->get<std::string>();
-      for (size_t start = 0;;) {
-        size_t comma = list.find(',', start);
-        words.push_back(list.substr(start, comma == std::string::npos ? std::string::npos : comma - start));
-        if (comma == std::string::npos)
-          break;
-        start = comma + 1;
-      }
+      words = splitCommas(value->get<std::string>());
     } else if (value->is_array()) {
       for (const json &item : *value)
         words.push_back(item.is_string() ? item.get<std::string>() : std::string());
@@ -119,14 +124,8 @@ public:
     };
     bool ok = true;
     if (value->is_string()) {
-      const std::string list = value->get<std::string>();
-      for (size_t start = 0;;) {
-        size_t comma = list.find(',', start);
-        ok &= item(json(list.substr(start, comma == std::string::npos ? std::string::npos : comma - start)));
-        if (comma == std::string::npos)
-          break;
-        start = comma + 1;
-      }
+      for (const std::string &word : splitCommas(value->get<std::string>()))
+        ok &= item(json(word));
     } else if (value->is_array()) {
       for (const json &v : *value)
         ok &= item(v);
@@ -154,17 +153,10 @@ public:
         out.push_back(item.get<int64_t>());
       }
     } else if (value->is_string()) {
-      const std::string list = value->get<std::string>();
-      size_t start = 0;
-      while (start <= list.size()) {
-        size_t comma = list.find(',', start);
-        std::string item = list.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+      for (const std::string &item : splitCommas(value->get<std::string>())) {
         if (item.empty() || item.find_first_not_of("-0123456789") != std::string::npos || item.size() > 18)
           return bad();
         out.push_back(std::stoll(item));
-        if (comma == std::string::npos)
-          break;
-        start = comma + 1;
       }
     } else {
       return bad();
