@@ -22,25 +22,13 @@ public:
 
   Status loadGlobals(GlobalWeights &globals) override {
     for (const auto &[role, tensor] : description.globals) {
-      switch (role) {
-      case TensorRole::Embedding:
-        MOE_RETURN_IF_ERROR(loadMatrix(tensor, globals.embedding));
-        break;
-      case TensorRole::LmHead:
-        MOE_RETURN_IF_ERROR(loadMatrix(tensor, globals.lmHead));
-        break;
-      case TensorRole::LmHeadBias:
-        MOE_RETURN_IF_ERROR(loadVector(tensor, globals.lmHeadBias));
-        break;
-      case TensorRole::FinalNorm:
-        MOE_RETURN_IF_ERROR(loadVector(tensor, globals.finalNorm));
-        break;
-      case TensorRole::FinalNormBias:
-        MOE_RETURN_IF_ERROR(loadVector(tensor, globals.finalNormBias));
-        break;
-      default:
+      const WeightSlot slot = globalSlot(globals, role);
+      if (slot.matrix)
+        MOE_RETURN_IF_ERROR(loadMatrix(tensor, *slot.matrix));
+      else if (slot.vector)
+        MOE_RETURN_IF_ERROR(loadVector(tensor, *slot.vector));
+      else
         return Status::error("tensor '", tensor.name, "': unexpected model-level role ", tensorRoleName(role));
-      }
     }
     return Status::success();
   }
@@ -50,98 +38,11 @@ public:
       return Status::error("layer ", layer, " out of range [0, ", description.layers.size(), ")");
     const LayerEntry &entry = description.layers[static_cast<size_t>(layer)];
     for (const auto &[role, tensor] : entry.tensors) {
-      Status status = Status::success();
-      switch (role) {
-      case TensorRole::AttentionNorm:
-        status = loadVector(tensor, w.attentionNorm);
-        break;
-      case TensorRole::AttentionNormBias:
-        status = loadVector(tensor, w.attentionNormBias);
-        break;
-      case TensorRole::MlpNorm:
-        status = loadVector(tensor, w.mlpNorm);
-        break;
-      case TensorRole::MlpNormBias:
-        status = loadVector(tensor, w.mlpNormBias);
-        break;
-      case TensorRole::QueryProj:
-        status = loadMatrix(tensor, w.query);
-        break;
-      case TensorRole::KeyProj:
-        status = loadMatrix(tensor, w.key);
-        break;
-      case TensorRole::ValueProj:
-        status = loadMatrix(tensor, w.value);
-        break;
-      case TensorRole::OutputProj:
-        status = loadMatrix(tensor, w.output);
-        break;
-      case TensorRole::QueryBias:
-        status = loadVector(tensor, w.queryBias);
-        break;
-      case TensorRole::KeyBias:
-        status = loadVector(tensor, w.keyBias);
-        break;
-      case TensorRole::ValueBias:
-        status = loadVector(tensor, w.valueBias);
-        break;
-      case TensorRole::OutputBias:
-        status = loadVector(tensor, w.outputBias);
-        break;
-      case TensorRole::QueryNorm:
-        status = loadVector(tensor, w.queryNorm);
-        break;
-      case TensorRole::KeyNorm:
-        status = loadVector(tensor, w.keyNorm);
-        break;
-      case TensorRole::QueryDownProj:
-        status = loadMatrix(tensor, w.queryDown);
-        break;
-      case TensorRole::QueryDownNorm:
-        status = loadVector(tensor, w.queryDownNorm);
-        break;
-      case TensorRole::QueryUpProj:
-        status = loadMatrix(tensor, w.queryUp);
-        break;
-      case TensorRole::KvDownProj:
-        status = loadMatrix(tensor, w.kvDown);
-        break;
-      case TensorRole::KvDownNorm:
-        status = loadVector(tensor, w.kvDownNorm);
-        break;
-      case TensorRole::KvUpProj:
-        status = loadMatrix(tensor, w.kvUp);
-        break;
-      case TensorRole::DenseGate:
-        status = loadMatrix(tensor, w.dense.gate);
-        break;
-      case TensorRole::DenseUp:
-        status = loadMatrix(tensor, w.dense.up);
-        break;
-      case TensorRole::DenseDown:
-        status = loadMatrix(tensor, w.dense.down);
-        break;
-      case TensorRole::Router:
-        status = loadMatrix(tensor, w.router);
-        break;
-      case TensorRole::RouterCorrectionBias:
-        status = loadVector(tensor, w.routerCorrectionBias);
-        break;
-      case TensorRole::SharedGate:
-        status = loadMatrix(tensor, w.shared.gate);
-        break;
-      case TensorRole::SharedUp:
-        status = loadMatrix(tensor, w.shared.up);
-        break;
-      case TensorRole::SharedDown:
-        status = loadMatrix(tensor, w.shared.down);
-        break;
-      case TensorRole::SharedExpertGate:
-        status = loadVector(tensor, w.sharedExpertGate);
-        break;
-      default:
-        status = Status::error("tensor '", tensor.name, "': unexpected layer role ", tensorRoleName(role));
-      }
+      const WeightSlot slot = layerSlot(w, role);
+      Status status = slot.matrix ? loadMatrix(tensor, *slot.matrix)
+                      : slot.vector
+                          ? loadVector(tensor, *slot.vector)
+                          : Status::error("tensor '", tensor.name, "': unexpected layer role ", tensorRoleName(role));
       MOE_RETURN_IF_ERROR(status);
     }
     w.experts.assign(entry.experts.size(), MlpWeights());

@@ -12,6 +12,88 @@
 
 namespace moe {
 
+WeightSlot globalSlot(GlobalWeights &g, TensorRole role) {
+  switch (role) {
+  case TensorRole::Embedding:
+    return {&g.embedding, nullptr};
+  case TensorRole::LmHead:
+    return {&g.lmHead, nullptr};
+  case TensorRole::LmHeadBias:
+    return {nullptr, &g.lmHeadBias};
+  case TensorRole::FinalNorm:
+    return {nullptr, &g.finalNorm};
+  case TensorRole::FinalNormBias:
+    return {nullptr, &g.finalNormBias};
+  default:
+    return {};
+  }
+}
+
+WeightSlot layerSlot(LayerWeights &w, TensorRole role) {
+  switch (role) {
+  case TensorRole::AttentionNorm:
+    return {nullptr, &w.attentionNorm};
+  case TensorRole::AttentionNormBias:
+    return {nullptr, &w.attentionNormBias};
+  case TensorRole::MlpNorm:
+    return {nullptr, &w.mlpNorm};
+  case TensorRole::MlpNormBias:
+    return {nullptr, &w.mlpNormBias};
+  case TensorRole::QueryProj:
+    return {&w.query, nullptr};
+  case TensorRole::KeyProj:
+    return {&w.key, nullptr};
+  case TensorRole::ValueProj:
+    return {&w.value, nullptr};
+  case TensorRole::OutputProj:
+    return {&w.output, nullptr};
+  case TensorRole::QueryBias:
+    return {nullptr, &w.queryBias};
+  case TensorRole::KeyBias:
+    return {nullptr, &w.keyBias};
+  case TensorRole::ValueBias:
+    return {nullptr, &w.valueBias};
+  case TensorRole::OutputBias:
+    return {nullptr, &w.outputBias};
+  case TensorRole::QueryNorm:
+    return {nullptr, &w.queryNorm};
+  case TensorRole::KeyNorm:
+    return {nullptr, &w.keyNorm};
+  case TensorRole::QueryDownProj:
+    return {&w.queryDown, nullptr};
+  case TensorRole::QueryDownNorm:
+    return {nullptr, &w.queryDownNorm};
+  case TensorRole::QueryUpProj:
+    return {&w.queryUp, nullptr};
+  case TensorRole::KvDownProj:
+    return {&w.kvDown, nullptr};
+  case TensorRole::KvDownNorm:
+    return {nullptr, &w.kvDownNorm};
+  case TensorRole::KvUpProj:
+    return {&w.kvUp, nullptr};
+  case TensorRole::DenseGate:
+    return {&w.dense.gate, nullptr};
+  case TensorRole::DenseUp:
+    return {&w.dense.up, nullptr};
+  case TensorRole::DenseDown:
+    return {&w.dense.down, nullptr};
+  case TensorRole::Router:
+    return {&w.router, nullptr};
+  case TensorRole::RouterCorrectionBias:
+    return {nullptr, &w.routerCorrectionBias};
+  case TensorRole::SharedGate:
+    return {&w.shared.gate, nullptr};
+  case TensorRole::SharedUp:
+    return {&w.shared.up, nullptr};
+  case TensorRole::SharedDown:
+    return {&w.shared.down, nullptr};
+  case TensorRole::SharedExpertGate:
+    return {nullptr, &w.sharedExpertGate};
+  default:
+    return {};
+  }
+}
+
 void Matrix::copyRow(int64_t r, float *out) const {
   if (ggmlType)
     quant::ggmlDequantizeRows(*ggmlType, quantData, cols, r, r + 1, out);
@@ -50,25 +132,13 @@ public:
 
   Status loadGlobals(GlobalWeights &globals) override {
     for (const TensorSpec &tensor : byLayer[0]) {
-      switch (tensor.role) {
-      case TensorRole::Embedding:
-        MOE_RETURN_IF_ERROR(loadMatrix(tensor, globals.embedding));
-        break;
-      case TensorRole::LmHead:
-        MOE_RETURN_IF_ERROR(loadMatrix(tensor, globals.lmHead));
-        break;
-      case TensorRole::LmHeadBias:
-        MOE_RETURN_IF_ERROR(load(tensor, globals.lmHeadBias));
-        break;
-      case TensorRole::FinalNorm:
-        MOE_RETURN_IF_ERROR(load(tensor, globals.finalNorm));
-        break;
-      case TensorRole::FinalNormBias:
-        MOE_RETURN_IF_ERROR(load(tensor, globals.finalNormBias));
-        break;
-      default:
+      const WeightSlot slot = globalSlot(globals, tensor.role);
+      if (slot.matrix)
+        MOE_RETURN_IF_ERROR(loadMatrix(tensor, *slot.matrix));
+      else if (slot.vector)
+        MOE_RETURN_IF_ERROR(load(tensor, *slot.vector));
+      else
         return Status::error("tensor '", tensor.name, "': unexpected model-level role ", tensorRoleName(tensor.role));
-      }
     }
     return Status::success();
   }
@@ -83,81 +153,6 @@ public:
       Status status = Status::success();
       MlpWeights *expert = tensor.expert >= 0 ? &w.experts[static_cast<size_t>(tensor.expert)] : nullptr;
       switch (tensor.role) {
-      case TensorRole::AttentionNorm:
-        status = load(tensor, w.attentionNorm);
-        break;
-      case TensorRole::AttentionNormBias:
-        status = load(tensor, w.attentionNormBias);
-        break;
-      case TensorRole::MlpNorm:
-        status = load(tensor, w.mlpNorm);
-        break;
-      case TensorRole::MlpNormBias:
-        status = load(tensor, w.mlpNormBias);
-        break;
-      case TensorRole::QueryProj:
-        status = loadMatrix(tensor, w.query);
-        break;
-      case TensorRole::KeyProj:
-        status = loadMatrix(tensor, w.key);
-        break;
-      case TensorRole::ValueProj:
-        status = loadMatrix(tensor, w.value);
-        break;
-      case TensorRole::OutputProj:
-        status = loadMatrix(tensor, w.output);
-        break;
-      case TensorRole::QueryBias:
-        status = load(tensor, w.queryBias);
-        break;
-      case TensorRole::KeyBias:
-        status = load(tensor, w.keyBias);
-        break;
-      case TensorRole::ValueBias:
-        status = load(tensor, w.valueBias);
-        break;
-      case TensorRole::OutputBias:
-        status = load(tensor, w.outputBias);
-        break;
-      case TensorRole::QueryNorm:
-        status = load(tensor, w.queryNorm);
-        break;
-      case TensorRole::KeyNorm:
-        status = load(tensor, w.keyNorm);
-        break;
-      case TensorRole::QueryDownProj:
-        status = loadMatrix(tensor, w.queryDown);
-        break;
-      case TensorRole::QueryDownNorm:
-        status = load(tensor, w.queryDownNorm);
-        break;
-      case TensorRole::QueryUpProj:
-        status = loadMatrix(tensor, w.queryUp);
-        break;
-      case TensorRole::KvDownProj:
-        status = loadMatrix(tensor, w.kvDown);
-        break;
-      case TensorRole::KvDownNorm:
-        status = load(tensor, w.kvDownNorm);
-        break;
-      case TensorRole::KvUpProj:
-        status = loadMatrix(tensor, w.kvUp);
-        break;
-      case TensorRole::DenseGate:
-        status = loadMatrix(tensor, w.dense.gate);
-        break;
-      case TensorRole::DenseUp:
-        status = loadMatrix(tensor, w.dense.up);
-        break;
-      case TensorRole::DenseDown:
-        status = loadMatrix(tensor, w.dense.down);
-        break;
-      case TensorRole::Router:
-        status = loadMatrix(tensor, w.router);
-        break;
-      case TensorRole::RouterCorrectionBias:
-        status = load(tensor, w.routerCorrectionBias);
-        break;
       case TensorRole::ExpertGate:
         status = loadMatrix(tensor, expert->gate);
         break;
@@ -173,20 +168,13 @@ public:
       case TensorRole::ExpertDownFused:
         status = loadFusedDown(tensor, layerSpec, w);
         break;
-      case TensorRole::SharedGate:
-        status = loadMatrix(tensor, w.shared.gate);
-        break;
-      case TensorRole::SharedUp:
-        status = loadMatrix(tensor, w.shared.up);
-        break;
-      case TensorRole::SharedDown:
-        status = loadMatrix(tensor, w.shared.down);
-        break;
-      case TensorRole::SharedExpertGate:
-        status = load(tensor, w.sharedExpertGate);
-        break;
       default:
-        status = Status::error("tensor '", tensor.name, "': unexpected layer role ", tensorRoleName(tensor.role));
+        if (const WeightSlot slot = layerSlot(w, tensor.role); slot.matrix)
+          status = loadMatrix(tensor, *slot.matrix);
+        else if (slot.vector)
+          status = load(tensor, *slot.vector);
+        else
+          status = Status::error("tensor '", tensor.name, "': unexpected layer role ", tensorRoleName(tensor.role));
       }
       MOE_RETURN_IF_ERROR(status);
     }

@@ -117,6 +117,16 @@ struct GlobalWeights {
   const Matrix &outputProjection() const { return lmHead.empty() ? embedding : lmHead; }
 };
 
+/// Where a tensor of a role goes: a matrix or a vector (one set), or
+/// neither for roles these structs do not hold one by one (routed experts,
+/// fused experts) or that are not model-level (resp. layer) roles.
+struct WeightSlot {
+  Matrix *matrix = nullptr;
+  std::vector<float> *vector = nullptr;
+};
+WeightSlot globalSlot(GlobalWeights &globals, TensorRole role);
+WeightSlot layerSlot(LayerWeights &layer, TensorRole role);
+
 /// Where weights come from: a checkpoint today; packages and simulated-
 /// quantised modules implement the same interface later.
 class WeightProvider {
