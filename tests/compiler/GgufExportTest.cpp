@@ -377,3 +377,46 @@ TEST(GgufExport, SentencePieceTokenizersBecomeLlamaVocabularies) {
     EXPECT_EQ(*std::max_element(scores->reals.begin(), scores->reals.end()), 0.0);
   }
 }
+
+// A GGUF file with moec's keys but a tensor missing or of the wrong shape is
+// refused where it is read, naming the tensor.
+TEST(GgufExport, GgufFilesWithMissingOrMisshapenTensorsAreRefused) {
+  TempDir dir;
+  auto exported = exportFixture("tiny-mixtral", "", dir, "m");
+  ASSERT_TRUE(exported->status.ok());
+  const GgufFile &good = *exported->gguf;
+  auto rewrite = [&](const std::string &path, const std::string &skip, const std::string &reshape) {
+    GgufWriter writer;
+    for (const auto &[key, value] : good.keys())
+      writer.set(key, value);
+    std::vector<const GgufTensorInfo *> kept;
+    for (const GgufTensorInfo &info : good.tensors()) {
+      if (info.name == skip)
+        continue;
+      std::vector<int64_t> ne = info.ne;
+      if (info.name == reshape)
+        ne.back() -= 1;
+      ASSERT_TRUE(writer.addTensor(info.name, ne, info.type).ok());
+      kept.push_back(&info);
+    }
+    ASSERT_TRUE(writer
+                    .write(path,
+                           [&](size_t index, std::vector<uint8_t> &bytes) {
+                             bytes.assign(good.data(*kept[index]),
+                                          good.data(*kept[index]) + writer.tensors()[index].bytes);
+                             return Status::success();
+                           })
+                    .ok());
+  };
+  rewrite(dir.file("missing.gguf"), "blk.1.attn_k.weight", "");
+  auto missing = loadModel(dir.file("missing.gguf"));
+  ASSERT_FALSE(missing.ok());
+  EXPECT_NE(missing.status().message().find("missing.gguf: no tensor 'blk.1.attn_k.weight'"), std::string::npos)
+      << missing.status().message();
+  rewrite(dir.file("shape.gguf"), "", "blk.2.ffn_up_exps.weight");
+  auto shape = loadModel(dir.file("shape.gguf"));
+  ASSERT_FALSE(shape.ok());
+  EXPECT_NE(shape.status().message().find("'blk.2.ffn_up_exps.weight' is missing or not {160, 160, 8}"),
+            std::string::npos)
+      << shape.status().message();
+}

@@ -3,6 +3,11 @@
 // RUN: moe-opt %t.mlir --moe-quantize="bits=2 group=32 sym=true" | FileCheck %s --check-prefix=SYM
 // RUN: not moe-opt %t.mlir --moe-quantize="bits=5" 2>&1 | FileCheck %s --check-prefix=BITS
 // RUN: not moe-opt %t.mlir --moe-quantize="min-coverage=2" 2>&1 | FileCheck %s --check-prefix=COVERAGE
+// moe.format (from moe-allocate-bits) is checked where moe-quantize reads it.
+// RUN: sed -e 's|= "g0" in 0|= "g0" in 0 {moe.format = "q9_z"}|' %t.mlir > %t.badformat.mlir
+// RUN: not moe-opt %t.badformat.mlir --moe-quantize 2>&1 | FileCheck %s --check-prefix=BADFORMAT
+// RUN: sed -e 's|= "g0" in 0|= "g0" in 0 {moe.format = "q4_0"}|' %t.mlir > %t.blocks.mlir
+// RUN: not moe-opt %t.blocks.mlir --moe-quantize 2>&1 | FileCheck %s --check-prefix=BLOCKS
 
 // Expert matrices get codes in the store and a quant attribute; the router stays.
 // CHECK: moe.tensor @r : tensor<4x8xbf16> = "r" in 0
@@ -12,3 +17,5 @@
 // SYM: "g0.q2_g32_sym" quant <bits = 2, group = 32, scheme = "sym", format = "q2_g32_sym">
 // BITS: moe-quantize: {{.*}}5
 // COVERAGE: moe-quantize: min-coverage must be a fraction of the calibration tokens in [0, 1]
+// BADFORMAT: moe-quantize: moe.format: 'q9_z' is not a format moec knows
+// BLOCKS: moe-quantize: moe.format: rows of 8 values are not whole Q4_0 blocks of 32
