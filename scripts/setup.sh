@@ -12,7 +12,9 @@ packages=(
   clang-19 libclang-rt-19-dev
   # libraries
   libcli11-dev nlohmann-json3-dev libgtest-dev libgmock-dev
-  libopenblas-dev libeigen3-dev libpcre2-dev libutf8proc-dev libglpk-dev libxxhash-dev
+  libopenblas-dev libeigen3-dev libpcre2-dev libutf8proc-dev libglpk-dev libxxhash-dev libyaml-cpp-dev
+  # headless browser: the test that renders moec's HTML report (skips without it)
+  chromium
 )
 
 missing=()

@@ -7,6 +7,7 @@
 #include "moe/Calibration/Statistics.h"
 #include "moe/Calibration/StatisticNames.h"
 #include "moe/Frontend/Safetensors.h"
+#include "moe/Support/Progress.h"
 
 #include <cblas.h>
 
@@ -415,7 +416,7 @@ Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStre
   result.tokens = W * L;
   result.hiddenSize = H;
   auto start = std::chrono::steady_clock::now();
-  const bool showProgress = options.progress && isatty(STDERR_FILENO);
+  Progress progress(concat("calibrating (", result.tokens, " tokens)"), spec.numLayers, "layers");
   std::vector<float> layerInput;
   for (int64_t l = 0; l < spec.numLayers; ++l) {
     if (visitor)
@@ -444,16 +445,9 @@ Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStre
       for (auto &[layer, moments] : layerResult.denseMoments)
         result.denseMoments[layer] = std::move(moments);
     }
-    if (showProgress) {
-      double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      double eta = elapsed / static_cast<double>(l + 1) * static_cast<double>(spec.numLayers - l - 1);
-      std::fprintf(stderr, "\rcalibrating: layer %lld/%lld, %lld tokens, %.0f s, ETA %.0f s   ",
-                   static_cast<long long>(l + 1), static_cast<long long>(spec.numLayers),
-                   static_cast<long long>(result.tokens), elapsed, eta);
-    }
+    progress.update(l + 1);
   }
-  if (showProgress)
-    std::fprintf(stderr, "\n");
+  progress.finish();
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return result;
 }

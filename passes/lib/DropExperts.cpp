@@ -5,6 +5,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "PassSupport.h"
+#include "moe/Lowering/History.h"
 #include "moe/Lowering/TensorAccess.h"
 #include "moe/Transforms/Passes.h"
 
@@ -73,6 +74,15 @@ struct DropExpertsPass : public moe::impl::MoeDropExpertsBase<DropExpertsPass> {
       if (found == requested.end())
         continue;
       seen.insert(index);
+      LayerDecision decision{getArgument().str(), "manual", index};
+      layer.walk([&](ir::ExpertOp expert) {
+        if (expert.getPartOffset().value_or(0) != 0)
+          return;
+        decision.experts.push_back(expert.getOriginalId());
+        if (found->second.count(static_cast<int64_t>(expert.getId())))
+          decision.removed.push_back(expert.getOriginalId());
+      });
+      recordDecision(model, decision);
       DropCounts counts;
       if (failed(dropExperts(model, layer, found->second, access, getArgument(), counts)))
         return signalPassFailure();

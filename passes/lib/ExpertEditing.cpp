@@ -242,7 +242,7 @@ LogicalResult dropExperts(ir::ModelOp model, ir::LayerOp layer, const std::set<i
       expert->erase(); // its tensors go with eraseUnusedTensors below
       continue;
     }
-    expert.setId(static_cast<uint64_t>(newId++));
+    renumberExpert(expert, newId++);
   }
   counts.experts += static_cast<int64_t>(drop.size());
   eraseUnusedTensors(model);
@@ -259,6 +259,13 @@ LogicalResult refuseSplitExperts(ir::ModelOp model, StringRef passName) {
     return WalkResult::interrupt();
   });
   return failure(result.wasInterrupted());
+}
+
+void renumberExpert(ir::ExpertOp expert, int64_t id) {
+  if (static_cast<int64_t>(expert.getId()) == id)
+    return;
+  expert.setOrigin(static_cast<uint64_t>(expert.getOriginalId()));
+  expert.setId(static_cast<uint64_t>(id));
 }
 
 /// Erases tensors no op references any more, with their FP8 scales.

@@ -62,6 +62,10 @@ ir::TensorOp lookupTensor(ir::ModelOp model, mlir::FlatSymbolRefAttr symbol);
 mlir::LogicalResult dropExperts(ir::ModelOp model, ir::LayerOp layer, const std::set<int64_t> &drop,
                                 TensorAccess &access, llvm::StringRef passName, DropCounts &counts);
 
+/// Gives `expert` the id `id`, remembering the id it was imported with
+/// (`origin`) so reports can still name it.
+void renumberExpert(ir::ExpertOp expert, int64_t id);
+
 /// Erases tensors no op references, with their FP8 `_scale_inv` siblings.
 void eraseUnusedTensors(ir::ModelOp model);
 

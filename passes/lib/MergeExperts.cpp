@@ -121,6 +121,7 @@ struct LayerInfo {
   BlockParts parts;
   int64_t index = 0;
   std::vector<double> routed, gateWeight, gram;
+  LayerDecision history; ///< Routing and coverage; the method fills the rest.
 };
 
 struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass> {
@@ -158,6 +159,13 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
         return fail(layer, concat("the statistics have ", routed->size(), " experts for layer ", info.index,
                                   ", the layer has ", E, "; calibrate the model as it is now"));
       info.routed = std::move(*routed);
+      if (failed(file->fillRouting(info.index, layer, info.history)))
+        return signalPassFailure();
+      info.history.pass = getArgument().str();
+      info.history.method = choiceName(static_cast<MergeMethod>(method)).str();
+      info.history.layer = info.index;
+      for (ir::ExpertOp expert : info.parts.experts)
+        info.history.experts.push_back(expert.getOriginalId());
       info.gateWeight = std::move(*weight);
       info.gram = std::move(*gram);
       for (size_t e = 0; e < E; ++e)
@@ -224,6 +232,7 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
       if (centres == E)
         continue;
       std::vector<int64_t> groupOf(static_cast<size_t>(E), -1);
+      std::vector<double> similarityOf(static_cast<size_t>(E), 1.0); // to the group's centre
       std::vector<int64_t> centreIds(order.begin(), order.begin() + centres);
       for (int64_t c : centreIds)
         groupOf[c] = c;
@@ -261,6 +270,7 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
             }
           }
         groupOf[e] = best;
+        similarityOf[e] = bestSimilarity;
       }
       // Frequency-weighted average of each group's members.
       for (int64_t c : centreIds) {
@@ -308,6 +318,19 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
         centre.setDownAttr(*symbols[2]);
       }
 
+      LayerDecision &decision = info.history;
+      decision.scoreName = similarity == MergeSimilarity::RouterLogits ? "router-logit cosine to the group's centre"
+                                                                       : "weight cosine to the group's centre";
+      decision.scores = similarityOf;
+      for (int64_t e = 0; e < E; ++e) {
+        decision.into.push_back(decision.experts[static_cast<size_t>(groupOf[e])]);
+        if (groupOf[e] != e)
+          decision.removed.push_back(decision.experts[static_cast<size_t>(e)]);
+        if (superExperts.count({info.index, e}))
+          decision.protectedExperts.push_back(decision.experts[static_cast<size_t>(e)]);
+      }
+      recordDecision(model, decision);
+
       // Members go; centres are renumbered in id order; every router row
       // maps to its group's expert.
       std::vector<int64_t> newId(static_cast<size_t>(E), -1);
@@ -324,7 +347,7 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
           expert->erase();
           ++expertsMerged;
         } else {
-          expert.setId(static_cast<uint64_t>(newId[e]));
+          renumberExpert(expert, newId[e]);
         }
       }
       info.parts.router.setRemapAttr(Builder(model.getContext()).getDenseI64ArrayAttr(remap));
@@ -421,6 +444,15 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
         expert.setUpAttr(*symbols[1]);
         expert.setDownAttr(*symbols[2]);
       }
+      LayerDecision &decision = info.history;
+      decision.scoreName = "gate weight sum (the largest are retained)";
+      decision.scores = info.gateWeight;
+      for (int64_t d : dropped)
+        decision.removed.push_back(decision.experts[static_cast<size_t>(d)]);
+      for (int64_t e = 0; e < E; ++e)
+        if (superExperts.count({info.index, e}))
+          decision.protectedExperts.push_back(decision.experts[static_cast<size_t>(e)]);
+      recordDecision(model, decision);
       DropCounts counts;
       if (failed(dropExperts(model, info.layer, dropped, access, getArgument(), counts)))
         return failure();

@@ -147,6 +147,42 @@ struct PruneAtomsPass : public moe::impl::MoePruneAtomsBase<PruneAtomsPass> {
       ++removedTotal;
     }
 
+    // The history (History.h): per layer, each expert's widths and the
+    // share of its neurons' importance that went.
+    std::map<std::pair<int64_t, int64_t>, std::pair<double, double>> importance; // removed, total
+    for (const Atom &atom : atoms) {
+      auto &[gone, total] = importance[{atom.layer, atom.expert}];
+      const double score = std::max(0.0, atom.score);
+      total += score;
+      auto it = removed.find({atom.layer, atom.expert});
+      if (it != removed.end() && it->second.count(atom.neuron))
+        gone += score;
+    }
+    // (A pass that removes nothing leaves the module as it was.)
+    for (ir::LayerOp layer : model.getBody().getOps<ir::LayerOp>()) {
+      BlockParts parts = blockParts(layer);
+      if (!parts.block || removedTotal == 0)
+        continue;
+      LayerDecision decision;
+      decision.pass = getArgument().str();
+      decision.method = choiceName(static_cast<AtomScore>(method)).str();
+      decision.layer = static_cast<int64_t>(layer.getIndex());
+      decision.scoreName = "share of the expert's neuron importance removed";
+      if (method != AtomScore::Magnitude && failed(file->fillRouting(decision.layer, layer, decision)))
+        return signalPassFailure();
+      for (ir::ExpertOp expert : parts.experts) {
+        const std::pair<int64_t, int64_t> where = {decision.layer, static_cast<int64_t>(expert.getId())};
+        const int64_t width = static_cast<int64_t>(expert.getWidth());
+        auto it = removed.find(where);
+        const auto &[gone, total] = importance[where];
+        decision.experts.push_back(expert.getOriginalId());
+        decision.widthsBefore.push_back(width);
+        decision.widthsAfter.push_back(width - (it == removed.end() ? 0 : static_cast<int64_t>(it->second.size())));
+        decision.scores.push_back(total > 0 ? gone / total : 0.0);
+      }
+      recordDecision(model, decision);
+    }
+
     for (const auto &[where, neurons] : removed) {
       if (neurons.empty())
         continue;

@@ -145,6 +145,36 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
         ++dropped;
       }
     }
+    // What was decided and why, in the module (History.h), before the
+    // drop renumbers the experts. A pass that removes nothing leaves the
+    // module as it was.
+    const bool removesAny = std::any_of(drop.begin(), drop.end(), [](const auto &d) { return !d.second.empty(); });
+    for (const auto &[index, layer] : layers) {
+      if (!removesAny)
+        break;
+      LayerDecision decision;
+      decision.pass = getArgument().str();
+      decision.method = choiceName(static_cast<ExpertScore>(method)).str();
+      decision.layer = index;
+      decision.scoreName = reconstruction ? "" : statistic;
+      if (failed(file->fillRouting(index, layer, decision)))
+        return signalPassFailure();
+      std::map<int64_t, double> scoreOf;
+      for (const Candidate &candidate : candidates)
+        if (candidate.layer == index)
+          scoreOf[candidate.expert] = candidate.score;
+      for (ir::ExpertOp expert : blockParts(layer).experts) {
+        const int64_t id = static_cast<int64_t>(expert.getId());
+        decision.experts.push_back(expert.getOriginalId());
+        if (!reconstruction)
+          decision.scores.push_back(scoreOf[id]);
+        if (drop[index].count(id))
+          decision.removed.push_back(expert.getOriginalId());
+        if (protectedExperts.count({index, id}))
+          decision.protectedExperts.push_back(expert.getOriginalId());
+      }
+      recordDecision(model, decision);
+    }
     TensorAccess access(model);
     for (const auto &[index, ids] : drop) {
       if (ids.empty())

@@ -6,6 +6,7 @@
 
 #include "PassSupport.h"
 #include "moe/Calibration/StatisticNames.h"
+#include "moe/Support/Threads.h"
 #include "moe/Transforms/Passes.h"
 
 #include "ExpertEditing.h"
@@ -85,7 +86,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       }
       pending.push_back(symbolName);
     }
-    const size_t threads = std::max(1u, std::thread::hardware_concurrency());
+    const size_t threads = threadCount();
     for (size_t first = 0; first < pending.size(); first += threads) {
       std::vector<Job> jobs(std::min(threads, pending.size() - first));
       for (size_t j = 0; j < jobs.size(); ++j)

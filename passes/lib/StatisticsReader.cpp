@@ -100,4 +100,26 @@ FailureOr<StatisticsReader::BlockSamples> StatisticsReader::blockSamples(int64_t
   return samples;
 }
 
+LogicalResult StatisticsReader::fillRouting(int64_t index, ir::LayerOp layer, LayerDecision &decision) const {
+  FailureOr<std::vector<double>> routed = this->layer(index, stats::kRoutedTokens, layer);
+  if (failed(routed))
+    return failure();
+  // The token count is optional (statistics written by other tools).
+  decision.calibrationTokens = 0;
+  if (file->find(concat("layers.", index, ".", stats::kTokens))) {
+    FailureOr<std::vector<double>> tokens = this->layer(index, stats::kTokens, layer);
+    if (failed(tokens))
+      return failure();
+    decision.calibrationTokens = tokens->empty() ? 0 : static_cast<int64_t>((*tokens)[0]);
+  }
+  decision.routed.clear();
+  layer.walk([&](ir::ExpertOp expert) {
+    if (expert.getPartOffset().value_or(0) != 0)
+      return;
+    const size_t id = static_cast<size_t>(expert.getId());
+    decision.routed.push_back(id < routed->size() ? (*routed)[id] : 0.0);
+  });
+  return success();
+}
+
 } // namespace moe

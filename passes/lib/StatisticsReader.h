@@ -11,6 +11,7 @@
 
 #include "moe/Dialect/Moe/IR/MoeOps.h"
 #include "moe/Frontend/Safetensors.h"
+#include "moe/Lowering/History.h"
 #include "moe/Runtime/MoeBlock.h"
 
 #include "mlir/IR/Operation.h"
@@ -47,6 +48,10 @@ public:
   };
   mlir::FailureOr<BlockSamples> blockSamples(int64_t layer, int64_t hiddenSize, mlir::Operation *op) const;
   const std::string &path() const { return file->path(); }
+
+  /// Fills `decision.routed` (per expert op of `layer`, in order) and
+  /// `calibrationTokens` from the statistics, for the module's history.
+  mlir::LogicalResult fillRouting(int64_t index, ir::LayerOp layer, LayerDecision &decision) const;
 
 private:
   mlir::FailureOr<std::vector<double>> read(const std::string &key, mlir::Operation *op) const;

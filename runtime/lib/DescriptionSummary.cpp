@@ -80,6 +80,7 @@ Expected<json> summarizeDescription(const ModelDescription &description) {
           formats.push_back(format);
         }
         experts.push_back({{"id", expert.id},
+                           {"origin", expert.origin},
                            {"width", expert.width},
                            {"parts", 1 + expert.moreParts.size()},
                            {"formats", formats},
@@ -92,6 +93,7 @@ Expected<json> summarizeDescription(const ModelDescription &description) {
     layers.push_back(out);
   }
   return json{{"family", std::string(familyName(description.spec.family))},
+              {"hidden", description.spec.hiddenSize},
               {"layers", layers},
               {"bytes_by_role", byRole},
               {"bytes_by_format", byFormat},

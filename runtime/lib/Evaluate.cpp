@@ -6,6 +6,7 @@
 
 #include "moe/Runtime/Evaluate.h"
 #include "moe/Support/File.h"
+#include "moe/Support/Progress.h"
 
 #include <nlohmann/json.hpp>
 
@@ -139,6 +140,38 @@ Expected<std::vector<EvalStream>> readEvalData(const std::string &path, const To
   return std::vector<EvalStream>{{"all", ids.take(), static_cast<int64_t>(content.size()), path}};
 }
 
+namespace {
+
+/// Counts the router rows each token chose, per layer.
+class RoutingCounter : public EngineObserver {
+public:
+  std::vector<std::vector<int64_t>> counts;
+  void onRouter(int64_t layer, int64_t tokens, std::span<const float> logits, std::span<const int32_t> chosen,
+                std::span<const float>, std::span<const int32_t>) override {
+    if (tokens <= 0)
+      return;
+    const size_t rows = logits.size() / static_cast<size_t>(tokens);
+    if (counts.size() <= static_cast<size_t>(layer))
+      counts.resize(static_cast<size_t>(layer) + 1);
+    std::vector<int64_t> &row = counts[static_cast<size_t>(layer)];
+    row.resize(std::max(row.size(), rows), 0);
+    for (int32_t c : chosen)
+      if (c >= 0 && static_cast<size_t>(c) < rows)
+        ++row[static_cast<size_t>(c)];
+  }
+};
+
+/// log-softmax normaliser of a row: max + log(sum exp(x - max)).
+double logNormaliser(const float *row, int64_t V) {
+  const float maximum = *std::max_element(row, row + V);
+  double sum = 0.0;
+  for (int64_t v = 0; v < V; ++v)
+    sum += std::exp(static_cast<double>(row[v] - maximum));
+  return maximum + std::log(sum);
+}
+
+} // namespace
+
 Expected<EvalResult> evaluate(Engine &engine, const std::vector<EvalStream> &streams, const EvalOptions &options) {
   const int64_t L = options.sequenceLength;
   const int64_t S = options.stride > 0 ? options.stride : L;
@@ -147,11 +180,38 @@ Expected<EvalResult> evaluate(Engine &engine, const std::vector<EvalStream> &str
   if (S > L)
     return Status::error("--stride (", S, ") must not exceed --seq-len (", L, ")");
   const int64_t V = engine.spec().vocabSize;
+  if (options.reference && options.reference->spec().vocabSize != V)
+    return Status::error("the original model's vocabulary (", options.reference->spec().vocabSize,
+                         ") differs from the model's (", V, "); they cannot be compared token by token");
   EvalResult result;
   engine.resetRoutingCounters();
   auto start = std::chrono::steady_clock::now();
-  std::vector<float> logits;
+  std::vector<float> logits, referenceLogits;
+  std::vector<float> divergences; // per target, for the percentiles
+  int64_t agreements = 0;
+  double referenceNll = 0;
+  RoutingCounter counter;
+  int64_t plannedTargets = 0;
   for (const EvalStream &stream : streams) {
+    const int64_t targets = std::max<int64_t>(0, static_cast<int64_t>(stream.ids.size()) - 1);
+    // maxTokens stops after the window that reaches it.
+    plannedTargets += options.maxTokens > 0 ? std::min(targets, (options.maxTokens + L - 1) / L * L) : targets;
+  }
+  Progress progress(options.progressLabel, plannedTargets, "tokens");
+  if (options.reference)
+    result.comparison.emplace();
+  for (const EvalStream &stream : streams) {
+    counter.counts.clear();
+    if (options.countRouting)
+      engine.setObserver(&counter);
+    struct Detach {
+      Engine &engine;
+      bool attached;
+      ~Detach() {
+        if (attached)
+          engine.setObserver(nullptr);
+      }
+    } detach{engine, options.countRouting};
     const int64_t N = static_cast<int64_t>(stream.ids.size());
     // Messages name the data file and the domain.
     const std::string where =
@@ -180,20 +240,39 @@ Expected<EvalResult> evaluate(Engine &engine, const std::vector<EvalStream> &str
       if (S == L && end - begin < L && !options.secondHalfOnly)
         break; // the default windowing drops the incomplete tail
       KvCache cache = engine.newCache();
-      Status status = engine.forward(std::span(stream.ids).subspan(begin, end - begin), cache, logits);
+      const std::span<const int32_t> inputs = std::span(stream.ids).subspan(begin, end - begin);
+      Status status = engine.forward(inputs, cache, logits);
       // (secondHalfOnly: the window's last input predicts nothing inside it
       // and is not run; llama-perplexity computes but never reads it.)
       if (!status.ok())
         return status;
+      if (options.reference) {
+        KvCache referenceCache = options.reference->newCache();
+        MOE_RETURN_IF_ERROR(options.reference->forward(inputs, referenceCache, referenceLogits));
+      }
+      result.routingTokens[stream.domain] += end - begin;
+      const int64_t targetsBefore = score.targets;
       for (int64_t t = std::max(begin, scoredFrom - 1); t < end; ++t) {
         const float *row = logits.data() + (t - begin) * V;
-        float maximum = *std::max_element(row, row + V);
-        double sum = 0.0;
-        for (int64_t v = 0; v < V; ++v)
-          sum += std::exp(static_cast<double>(row[v] - maximum));
-        score.negativeLogLikelihood -= row[stream.ids[t + 1]] - maximum - std::log(sum);
+        const double normaliser = logNormaliser(row, V);
+        score.negativeLogLikelihood -= row[stream.ids[t + 1]] - normaliser;
         ++score.targets;
+        if (options.reference) {
+          // KL(P_ref || P) = sum_v p_ref(v) (log p_ref(v) - log p(v)).
+          const float *reference = referenceLogits.data() + (t - begin) * V;
+          const double referenceNormaliser = logNormaliser(reference, V);
+          double kl = 0;
+          for (int64_t v = 0; v < V; ++v) {
+            const double logRef = reference[v] - referenceNormaliser;
+            kl += std::exp(logRef) * (logRef - (row[v] - normaliser));
+          }
+          divergences.push_back(static_cast<float>(std::max(0.0, kl)));
+          result.comparison->domainKlMean[stream.domain] += std::max(0.0, kl);
+          agreements += std::max_element(row, row + V) - row == std::max_element(reference, reference + V) - reference;
+          referenceNll -= reference[stream.ids[t + 1]] - referenceNormaliser;
+        }
       }
+      progress.advance(score.targets - targetsBefore);
       // NaN or infinite logits: the model is broken, and a NaN perplexity
       // must never pass for a result.
       if (!std::isfinite(score.negativeLogLikelihood))
@@ -205,17 +284,82 @@ Expected<EvalResult> evaluate(Engine &engine, const std::vector<EvalStream> &str
         break;
     }
     result.domains[stream.domain] = score;
+    if (options.countRouting) {
+      std::vector<std::vector<int64_t>> &counts = result.routing[stream.domain];
+      counts.resize(std::max(counts.size(), counter.counts.size()));
+      for (size_t l = 0; l < counter.counts.size(); ++l) {
+        counts[l].resize(std::max(counts[l].size(), counter.counts[l].size()), 0);
+        for (size_t r = 0; r < counter.counts[l].size(); ++r)
+          counts[l][r] += counter.counts[l][r];
+      }
+    }
+    if (options.reference && score.targets > 0)
+      result.comparison->domainKlMean[stream.domain] /= static_cast<double>(score.targets);
     result.overall.negativeLogLikelihood += score.negativeLogLikelihood;
     result.overall.targets += score.targets;
     result.overall.streamTokens += score.streamTokens;
     result.overall.textBytes += score.textBytes;
+  }
+  progress.finish();
+  if (options.reference && !divergences.empty()) {
+    EvalComparison &c = *result.comparison;
+    c.tokens = static_cast<int64_t>(divergences.size());
+    double sum = 0;
+    for (float d : divergences)
+      sum += d;
+    c.klMean = sum / static_cast<double>(c.tokens);
+    std::vector<float> sorted = divergences;
+    std::sort(sorted.begin(), sorted.end());
+    // Percentiles by linear interpolation between order statistics.
+    auto percentile = [&](double p) {
+      const double position = p * static_cast<double>(sorted.size() - 1);
+      const size_t below = static_cast<size_t>(std::floor(position));
+      const size_t above = std::min(below + 1, sorted.size() - 1);
+      return sorted[below] + (position - static_cast<double>(below)) * (sorted[above] - sorted[below]);
+    };
+    c.klMedian = percentile(0.5);
+    c.klP99 = percentile(0.99);
+    c.klMax = sorted.back();
+    c.top1Agreement = static_cast<double>(agreements) / static_cast<double>(c.tokens);
+    c.referencePerplexity = std::exp(referenceNll / static_cast<double>(c.tokens));
   }
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   result.expertsPerToken = engine.routingCounters().expertsPerToken();
   if (result.overall.targets == 0)
     return Status::error("no complete window of ", L, " tokens in the data (", result.overall.streamTokens,
                          " tokens); use a smaller --seq-len");
+  if (result.comparison)
+    result.comparison->perplexityRatio = result.overall.perplexity() / result.comparison->referencePerplexity;
   return result;
+}
+
+nlohmann::json evalResultToJson(const EvalResult &result) {
+  using json = nlohmann::json;
+  auto scoreJson = [](const EvalScore &score) {
+    return json{{"perplexity", score.perplexity()},
+                {"bits_per_byte", score.bitsPerByte()},
+                {"targets", score.targets},
+                {"negative_log_likelihood", score.negativeLogLikelihood}};
+  };
+  json out = scoreJson(result.overall);
+  json domains = json::object();
+  for (const auto &[name, score] : result.domains)
+    domains[name] = scoreJson(score);
+  out["domains"] = domains;
+  out["experts_per_token"] = result.expertsPerToken;
+  if (result.comparison) {
+    const EvalComparison &c = *result.comparison;
+    out["compare"] = {{"tokens", c.tokens},
+                      {"kl_mean", c.klMean},
+                      {"kl_median", c.klMedian},
+                      {"kl_p99", c.klP99},
+                      {"kl_max", c.klMax},
+                      {"top1_agreement", c.top1Agreement},
+                      {"original_perplexity", c.referencePerplexity},
+                      {"perplexity_ratio", c.perplexityRatio},
+                      {"domain_kl_mean", c.domainKlMean}};
+  }
+  return out;
 }
 
 } // namespace moe

@@ -166,7 +166,7 @@ Expected<OpenedPackage> openGgufModel(const std::string &path) {
     }
     for (int64_t e = 0; e < experts; ++e) {
       ExpertEntry expert;
-      expert.id = e;
+      expert.id = expert.origin = e;
       expert.width = width;
       expert.gate = stacked[0][static_cast<size_t>(e)];
       expert.up = stacked[1][static_cast<size_t>(e)];

@@ -10,6 +10,8 @@
 
 #include <cblas.h>
 
+#include "moe/Support/Threads.h"
+
 #include <condition_variable>
 #include <functional>
 #include <mutex>
@@ -30,9 +32,19 @@ namespace {
 /// Persistent workers, one per core, for the bf16 GEMV: splitting the
 /// output rows (never the reduction) keeps results independent of the
 /// thread count.
+/// The thread count (moe/Support/Threads.h), applied to OpenBLAS once.
+unsigned computeThreads() {
+  static const unsigned count = [] {
+    const unsigned n = threadCount();
+    openblas_set_num_threads(static_cast<int>(n));
+    return n;
+  }();
+  return count;
+}
+
 class RowPool {
 public:
-  RowPool() : threads(std::max(1u, std::thread::hardware_concurrency())) {
+  RowPool() : threads(computeThreads()) {
     for (unsigned t = 1; t < threads; ++t)
       workers.emplace_back([this, t] { work(t); });
   }
@@ -163,6 +175,7 @@ void linear(const float *x, int64_t tokens, const Matrix &weight, const std::vec
     rowPool().run(out, out * in, [&](int64_t begin, int64_t end) {
       quant::ggmlDequantizeRows(*weight.ggmlType, weight.quantData, in, begin, end, target + begin * in);
     });
+    computeThreads();
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens), static_cast<int>(out),
                 static_cast<int>(in), 1.0f, x, static_cast<int>(in), widened.data(), static_cast<int>(in), 0.0f, y,
                 static_cast<int>(out));
@@ -189,6 +202,7 @@ void linear(const float *x, int64_t tokens, const Matrix &weight, const std::vec
     float *target = widened.data();
     rowPool().run(out, out * in,
                   [&](int64_t begin, int64_t end) { quant::dequantizeRows(view, begin, end, target + begin * in); });
+    computeThreads();
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens), static_cast<int>(out),
                 static_cast<int>(in), 1.0f, x, static_cast<int>(in), widened.data(), static_cast<int>(in), 0.0f, y,
                 static_cast<int>(out));
@@ -207,6 +221,7 @@ void linear(const float *x, int64_t tokens, const Matrix &weight, const std::vec
       MOE_RUNTIME_IGNORE(convertToF32(DType::BF16, weight.bf16.data(), widened.size(), widened.data()));
       w = widened.data();
     }
+    computeThreads();
     if (tokens == 1)
       cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(out), static_cast<int>(in), 1.0f, w,
                   static_cast<int>(in), x, 1, 0.0f, y, 1);

@@ -163,6 +163,7 @@ Expected<OpenedPackage> openPackage(const std::string &path) {
       for (const json &expert : entry.at("experts")) {
         ExpertEntry e;
         e.id = expert.at("id").get<int64_t>();
+        e.origin = expert.contains("origin") ? expert.at("origin").get<int64_t>() : e.id;
         e.width = expert.at("width").get<int64_t>();
         MOE_RETURN_IF_ERROR(matrices(expert, e.gate, e.up, e.down));
         if (expert.contains("parts")) {

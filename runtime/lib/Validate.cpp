@@ -119,7 +119,7 @@ private:
     if (layerSpec.numExperts != slots)
       return fail(layerName(l), " declares ", layerSpec.numExperts, " experts and holds ", slots);
     const int64_t originalExperts = original.layers[static_cast<size_t>(l)].numExperts;
-    std::set<int64_t> ids;
+    std::set<int64_t> ids, origins;
     int64_t widest = 0;
     for (const ExpertEntry &expert : layer.experts) {
       if (expert.id < 0 || expert.id >= originalExperts)
@@ -127,6 +127,11 @@ private:
                     ") (the config's experts)");
       if (!ids.insert(expert.id).second)
         return fail(layerName(l), ": expert id ", expert.id, " appears twice");
+      if (expert.origin < 0 || expert.origin >= originalExperts)
+        return fail(layerName(l), ": expert ", expert.id, " has origin ", expert.origin, ", outside [0, ",
+                    originalExperts, ") (the config's experts)");
+      if (!origins.insert(expert.origin).second)
+        return fail(layerName(l), ": origin ", expert.origin, " appears twice");
       int64_t firstWidth = expert.width;
       for (const ExpertPart &part : expert.moreParts) {
         if (part.width < 1)

@@ -18,3 +18,11 @@ config.substitutions.append(("%inputs", os.path.join(config.test_source_root, "T
 llvm_config.with_environment("PATH", config.moec_tools_dir, append_path=True)
 llvm_config.with_environment("PATH", config.llvm_tools_dir, append_path=True)
 llvm_config.add_tool_substitutions(["moec", "moec-synth", "moe-opt"], [config.moec_tools_dir])
+
+# The report's rendering test runs where Debian's headless Chromium is installed.
+import shutil
+for browser in ("chromium", "chromium-browser"):
+    if shutil.which(browser):
+        config.available_features.add("chromium")
+        config.substitutions.append(("%chromium", shutil.which(browser)))
+        break

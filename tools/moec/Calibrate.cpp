@@ -45,7 +45,6 @@ int runCalibrate(const CalibrateOptions &options) {
   calibration.allExperts = options.allExperts;
   calibration.sampleCapRatio = options.sampleCapRatio;
   calibration.blockSamples = options.blockSamples;
-  calibration.progress = true;
   Expected<CalibrationResult> result = calibrate(*model->engine, *streams, calibration);
   if (!result) {
     printError(result.status().message());

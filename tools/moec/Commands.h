@@ -15,6 +15,7 @@
 #include "mlir/IR/OwningOpRef.h"
 
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 
 #include <functional>
 
@@ -63,6 +64,12 @@ Command registerCalibrate(CLI::App &app);
 Command registerEval(CLI::App &app);
 /// `moec generate <model> --prompt TEXT [-n N] [--temperature T --seed S]`.
 Command registerGenerate(CLI::App &app);
+
+/// `moec report model.mlir|pkg [-o report.html] [--json report.json]`.
+Command registerReport(CLI::App &app);
+/// Writes a report's JSON to `json` (default: beside `html`, .json) and its
+/// HTML to `html`; either may be empty.
+Status writeReportFiles(const nlohmann::json &report, const std::string &html, const std::string &json);
 
 /// Prints "moec: error: <message>" to stderr.
 void printError(const std::string &message);

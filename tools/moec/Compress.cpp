@@ -10,6 +10,7 @@
 
 #include "moe/Pipeline/Compress.h"
 #include "moe/Support/AtomicFile.h"
+#include "moe/Support/Progress.h"
 #include "moe/Transforms/Passes.h"
 
 #include <chrono>
@@ -36,15 +37,17 @@ int runCompress(const CompressOptions &options) {
   (void)registered;
   const auto start = std::chrono::steady_clock::now();
   const bool terminal = isatty(STDERR_FILENO);
+  const bool quiet = progressMode() == ProgressMode::Never;
   CompressProgress progress;
-  progress.calibrationProgress = terminal;
   progress.step = [&](const std::string &message) {
+    if (quiet)
+      return;
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     std::fprintf(stderr, "%s[%6.1f s] %s%s\n", terminal ? "\033[1m" : "", elapsed, message.c_str(),
                  terminal ? "\033[0m" : "");
   };
   progress.layer = [&](int64_t layer, int64_t layers, double calibrated, double quantized) {
-    if (!terminal)
+    if (!progressEnabled())
       return;
     std::fprintf(stderr, "\r  layer %lld/%lld: calibrated in %.1f s, quantised in %.1f s   %s",
                  static_cast<long long>(layer + 1), static_cast<long long>(layers), calibrated, quantized,
@@ -92,6 +95,14 @@ Command registerCompress(CLI::App &app) {
                    "Fail (exit code 3) when perplexity on --eval-data rises by more than this many percent")
       ->check(CLI::NonNegativeNumber);
   command->add_option("--summary", options->summary, "Also write the JSON summary to this file");
+  command->add_option("--report", options->request.reportHtml,
+                      "Write the HTML report here: per layer and expert what was kept, pruned or merged and why, "
+                      "routing, widths, formats, bits and bytes, perplexity and KL divergence before and after");
+  command->add_option("--report-json", options->request.reportJson,
+                      "Where the JSON report goes (default: beside the package, NAME.report.json)");
+  command->add_option("--seq-len", options->request.evalSequenceLength, "Evaluation window length")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   return {command, [options] { return runCompress(*options); }};
 }
 

@@ -290,40 +290,26 @@ bool endsWith(const std::string &text, const char *suffix) {
 
 /// A module, package or GGUF file moec wrote: what the runtime would run.
 int runInspectCompiled(const InspectOptions &options) {
-  Expected<ModelDescription> description = Status::error("");
-  std::string kind, provenance;
-  if (isPackagePath(options.path) || isGgufPath(options.path)) {
-    kind = isGgufPath(options.path) ? "GGUF file" : "package";
-    Expected<OpenedPackage> opened = isGgufPath(options.path) ? openGgufModel(options.path) : openPackage(options.path);
-    if (!opened) {
-      printError(opened.status().message());
-      return 1;
-    }
-    provenance = opened->extras.provenanceJson;
-    description = std::move(opened->description);
-  } else {
-    kind = "module";
-    description = readModuleDescription(options.path);
-  }
-  if (!description) {
-    printError(description.status().message());
+  Expected<CompiledModel> compiled = readCompiledModel(options.path);
+  if (!compiled) {
+    printError(compiled.status().message());
     return 1;
   }
-  Expected<json> summary = summarizeDescription(*description);
+  Expected<json> summary = summarizeDescription(compiled->description);
   if (!summary) {
     printError(options.path + ": " + summary.status().message());
     return 1;
   }
   (*summary)["path"] = options.path;
-  (*summary)["kind"] = kind;
-  if (!provenance.empty())
-    (*summary)["provenance"] = json::parse(provenance, nullptr, false);
+  (*summary)["kind"] = compiled->kind;
+  if (!compiled->provenance.is_null())
+    (*summary)["provenance"] = compiled->provenance;
   if (options.json) {
     std::cout << summary->dump(2) << "\n";
     return 0;
   }
   const json &s = *summary;
-  std::printf("%s: %s of a %s model, %zu layers, %s\n", options.path.c_str(), kind.c_str(),
+  std::printf("%s: %s of a %s model, %zu layers, %s\n", options.path.c_str(), compiled->kind.c_str(),
               s["family"].get<std::string>().c_str(), s["layers"].size(),
               formatBytes(static_cast<int64_t>(s["bytes"].get<uint64_t>())).c_str());
   std::printf("bytes by role:");
@@ -359,8 +345,22 @@ int runInspectCompiled(const InspectOptions &options) {
     std::printf("%-6d %-8s %-8zu %-22s %-28s %s\n", layer["index"].get<int>(), "moe", layer["experts"].size(),
                 widthText.c_str(), formatText.c_str(), routing.c_str());
   }
-  if (s.contains("provenance") && s["provenance"].is_object())
-    std::printf("provenance: %s\n", s["provenance"].dump().c_str());
+  if (s.contains("provenance") && s["provenance"].is_object()) {
+    json shown = s["provenance"];
+    shown.erase("original"); // the history is `moec report`'s to show
+    shown.erase("decisions");
+    std::printf("provenance: %s\n", shown.dump().c_str());
+  }
+  const json &decisions = compiled->history.is_object() ? compiled->history["decisions"] : json();
+  if (decisions.is_array() && !decisions.empty()) {
+    std::map<std::string, int> passes;
+    for (const json &d : decisions)
+      ++passes[d.value("pass", "?") + "{method=" + d.value("method", "?") + "}"];
+    std::string text;
+    for (const auto &[pass, layers] : passes)
+      text += (text.empty() ? "" : ", ") + pass + " on " + std::to_string(layers) + " layers";
+    std::printf("decisions: %s (moec report shows each expert's)\n", text.c_str());
+  }
   return 0;
 }
 

@@ -9,7 +9,10 @@
 
 #include "moe/Dialect/Moe/IR/MoeDialect.h"
 #include "moe/Frontend/Safetensors.h"
+#include "moe/Lowering/History.h"
 #include "moe/Lowering/Lowering.h"
+#include "moe/Runtime/GgufModel.h"
+#include "moe/Runtime/Package.h"
 
 #include "mlir/Parser/Parser.h"
 #include "llvm/Support/SourceMgr.h"
@@ -83,6 +86,30 @@ int writeModuleFile(mlir::ModuleOp module, const std::string &output) {
 }
 
 Expected<ModelDescription> readModuleDescription(const std::string &path) {
+  Expected<CompiledModel> compiled = readCompiledModel(path);
+  if (!compiled)
+    return compiled.status();
+  return std::move(compiled->description);
+}
+
+Expected<CompiledModel> readCompiledModel(const std::string &path) {
+  CompiledModel out;
+  if (isPackagePath(path) || isGgufPath(path)) {
+    out.kind = isGgufPath(path) ? "GGUF file" : "package";
+    Expected<OpenedPackage> opened = isGgufPath(path) ? openGgufModel(path) : openPackage(path);
+    if (!opened)
+      return opened.status();
+    out.description = std::move(opened->description);
+    out.provenance = nlohmann::json::parse(
+        opened->extras.provenanceJson.empty() ? "null" : opened->extras.provenanceJson, nullptr, false);
+    if (out.provenance.is_discarded())
+      out.provenance = nullptr;
+    if (out.provenance.is_object())
+      out.history = {{"original", out.provenance.value("original", nlohmann::json())},
+                     {"decisions", out.provenance.value("decisions", nlohmann::json::array())}};
+    return out;
+  }
+  out.kind = "module";
   mlir::MLIRContext context;
   mlir::OwningOpRef<mlir::ModuleOp> module = readModuleFile(path, context);
   if (!module)
@@ -94,7 +121,9 @@ Expected<ModelDescription> readModuleDescription(const std::string &path) {
       lowerToDescription(*found, std::filesystem::path(path).parent_path().string());
   if (!description)
     return description.status().withContext(path);
-  return description;
+  out.description = description.take();
+  out.history = historyToJson(*found);
+  return out;
 }
 
 } // namespace moe::cli

@@ -9,6 +9,8 @@
 
 #include "moe/Runtime/Description.h"
 
+#include <nlohmann/json.hpp>
+
 #include "mlir/IR/BuiltinOps.h"
 #include "mlir/IR/MLIRContext.h"
 #include "mlir/IR/OwningOpRef.h"
@@ -28,6 +30,16 @@ mlir::OwningOpRef<mlir::ModuleOp> readModuleFile(const std::string &path, mlir::
 /// lowered (relative sources and store taken from the module's folder).
 /// Errors name the file.
 Expected<ModelDescription> readModuleDescription(const std::string &path);
+
+/// A module, a package or a GGUF file moec wrote, as the runtime would run
+/// it, with what compression did (History.h) where the file carries it.
+struct CompiledModel {
+  std::string kind; ///< "module", "package" or "GGUF file".
+  ModelDescription description;
+  nlohmann::json history;    ///< {"original", "decisions"}, or null.
+  nlohmann::json provenance; ///< A package's provenance, or null.
+};
+Expected<CompiledModel> readCompiledModel(const std::string &path);
 
 /// Prints `module` to `output` ("-" for stdout) through a temporary file
 /// and a rename; returns the process exit code.

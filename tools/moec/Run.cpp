@@ -96,6 +96,7 @@ struct EvalCommandOptions {
   int64_t maxTokens = 0;
   bool llamaPerplexity = false;
   bool json = false;
+  std::string compare; ///< The original model, for KL divergence and top-1 agreement.
 };
 
 int runEval(const EvalCommandOptions &options) {
@@ -110,6 +111,19 @@ int runEval(const EvalCommandOptions &options) {
     return 1;
   }
   EvalOptions evalOptions{options.sequenceLength, options.stride, options.maxTokens, options.llamaPerplexity};
+  std::optional<LoadedModel> original;
+  if (!options.compare.empty()) {
+    ModelOptions originalOptions = options.model;
+    originalOptions.path = options.compare;
+    originalOptions.simulateQuantized = false;
+    Expected<LoadedModel> opened = openModel(originalOptions);
+    if (!opened) {
+      printError("--compare: " + opened.status().message());
+      return 1;
+    }
+    original = opened.take();
+    evalOptions.reference = original->engine.get();
+  }
   Expected<EvalResult> result = evaluate(*model->engine, *streams, evalOptions);
   if (!result) {
     printError(result.status().message());
@@ -118,24 +132,15 @@ int runEval(const EvalCommandOptions &options) {
   const EvalResult &r = *result;
   double tokensPerSecond = r.seconds > 0 ? r.overall.targets / r.seconds : 0.0;
   if (options.json) {
-    auto scoreJson = [](const EvalScore &score) {
-      return json{{"perplexity", score.perplexity()},
-                  {"bits_per_byte", score.bitsPerByte()},
-                  {"targets", score.targets},
-                  {"negative_log_likelihood", score.negativeLogLikelihood}};
-    };
-    json out = scoreJson(r.overall);
+    json out = evalResultToJson(r);
     out["model"] = options.model.path;
     out["data"] = options.data;
     out["seq_len"] = options.sequenceLength;
     out["stride"] = options.stride > 0 ? options.stride : options.sequenceLength;
     out["seconds"] = r.seconds;
     out["tokens_per_second"] = tokensPerSecond;
-    out["experts_per_token"] = r.expertsPerToken;
-    json domains = json::object();
-    for (const auto &[name, score] : r.domains)
-      domains[name] = scoreJson(score);
-    out["domains"] = domains;
+    if (!options.compare.empty())
+      out["original"] = options.compare;
     std::cout << out.dump(2) << "\n";
     return 0;
   }
@@ -153,6 +158,14 @@ int runEval(const EvalCommandOptions &options) {
       std::printf("  %-20s %12.4f %10.4f %10lld\n", name.c_str(), score.perplexity(), score.bitsPerByte(),
                   static_cast<long long>(score.targets));
     std::printf("\n");
+  }
+  if (r.comparison) {
+    const EvalComparison &c = *r.comparison;
+    std::printf("against:      %s (perplexity %.4f; ratio %.4f)\n", options.compare.c_str(), c.referencePerplexity,
+                c.perplexityRatio);
+    std::printf("KL divergence: mean %.5f, median %.5f, 99th percentile %.5f, max %.4f nats per token\n", c.klMean,
+                c.klMedian, c.klP99, c.klMax);
+    std::printf("top-1 agreement: %.2f%% of %lld tokens\n", 100 * c.top1Agreement, static_cast<long long>(c.tokens));
   }
   std::printf("experts/token: %.2f per MoE layer\n", r.expertsPerToken);
   std::printf("speed:        %.1f tokens/s (%.1f s)\n", tokensPerSecond, r.seconds);
@@ -255,6 +268,10 @@ Command registerEval(CLI::App &app) {
       ->check(CLI::PositiveNumber);
   command->add_flag("--llama-perplexity", options->llamaPerplexity,
                     "Windows as llama-perplexity takes them: side by side, each scoring its second half");
+  command->add_option("--compare", options->compare,
+                      "The original model (checkpoint, module or package): also report KL divergence of the "
+                      "next-token distributions (mean, median, 99th percentile), top-1 agreement and the perplexity "
+                      "ratio, over the same windows");
   command->add_flag("--json", options->json, "Print JSON");
   return {command, [options] { return runEval(*options); }};
 }

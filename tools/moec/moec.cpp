@@ -7,7 +7,9 @@
 
 #include "Commands.h"
 
+#include "moe/Support/Progress.h"
 #include "moe/Support/Signals.h"
+#include "moe/Support/Threads.h"
 
 #include "llvm/Support/WithColor.h"
 #include "llvm/Support/raw_ostream.h"
@@ -29,18 +31,57 @@ int main(int argc, char **argv) {
   CLI::App app{"moec: a compiler that makes Mixture-of-Experts models small and fast"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "moec 0.1.0");
+  // Options every command takes, before or after the command's name.
+  app.fallthrough();
+  unsigned threads = 0;
+  bool progress = false, quiet = false;
+  app.add_option("--threads", threads, "Threads to compute with (default: every core)")->check(CLI::PositiveNumber);
+  app.add_flag("--progress", progress, "Progress lines with rate and ETA on stderr even when it is not a terminal");
+  app.add_flag("-q,--quiet", quiet, "No progress lines or step messages (errors and warnings still print)");
 
   std::vector<moe::cli::Command> commands = {
       moe::cli::registerInspect(app), moe::cli::registerImport(app),    moe::cli::registerOpt(app),
       moe::cli::registerExport(app),  moe::cli::registerEmit(app),      moe::cli::registerCompress(app),
       moe::cli::registerEval(app),    moe::cli::registerCalibrate(app), moe::cli::registerGenerate(app),
+      moe::cli::registerReport(app),
   };
 
+  // A mistyped command gets the nearest one.
+  if (argc > 1 && argv[1][0] != '-') {
+    const std::string word = argv[1];
+    std::string best;
+    unsigned bestDistance = ~0u;
+    bool known = false;
+    for (const moe::cli::Command &command : commands) {
+      const std::string name = command.app->get_name();
+      known |= name == word;
+      const unsigned distance = llvm::StringRef(name).edit_distance(word);
+      if (distance < bestDistance) {
+        bestDistance = distance;
+        best = name;
+      }
+    }
+    if (!known) {
+      std::string message = "'" + word + "' is not a moec command";
+      if (bestDistance <= std::max<size_t>(2, word.size() / 3))
+        message += "; did you mean '" + best + "'?";
+      moe::cli::printError(message + " (moec --help lists them)");
+      return 2;
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError &error) {
     return app.exit(error);
   }
+  if (progress && quiet) {
+    moe::cli::printError("--progress and --quiet contradict each other; give one");
+    return 2;
+  }
+  moe::setProgressMode(quiet      ? moe::ProgressMode::Never
+                       : progress ? moe::ProgressMode::Always
+                                  : moe::ProgressMode::Auto);
+  moe::setThreadCount(threads);
   for (moe::cli::Command &command : commands)
     if (command.app->parsed())
       return command.run();

@@ -6,6 +6,7 @@
 
 #include "moe/Importer/Importer.h"
 #include "moe/Dialect/Moe/IR/MoeOps.h"
+#include "moe/Lowering/History.h"
 #include "moe/Lowering/Lowering.h"
 #include "moe/Support/File.h"
 
@@ -243,7 +244,8 @@ Expected<OwningOpRef<ModuleOp>> importModel(MLIRContext &context, const ModelSpe
     for (const auto &[id, names] : experts)
       builder.create<ir::ExpertOp>(location, builder.getI64IntegerAttr(id),
                                    builder.getI64IntegerAttr(layer.expertIntermediateSize), symbol(names[0]),
-                                   symbol(names[1]), symbol(names[2]), builder.getStringAttr("silu"), IntegerAttr());
+                                   symbol(names[1]), symbol(names[2]), builder.getStringAttr("silu"), IntegerAttr(),
+                                   IntegerAttr());
     if (layer.shared.intermediateSize > 0)
       builder.create<ir::SharedExpertOp>(location, builder.getI64IntegerAttr(layer.shared.intermediateSize),
                                          symbol(sharedGate), symbol(sharedUp), symbol(sharedDown),
@@ -283,6 +285,7 @@ Expected<ImportedCheckpoint> importCheckpoint(const std::string &directory, cons
   Expected<ModelDescription> description = lowerToDescription(*model, "");
   if (!description)
     return description.status().withContext(directory);
+  MOE_RETURN_IF_ERROR(recordOriginal(*model, *description));
   return ImportedCheckpoint{module.take(), report->warnings};
 }
 

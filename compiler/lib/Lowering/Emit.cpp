@@ -5,6 +5,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Lowering/Emit.h"
+#include "moe/Lowering/History.h"
 #include "moe/Lowering/Lowering.h"
 #include "moe/Lowering/PackageWriter.h"
 #include "moe/Support/File.h"
@@ -19,7 +20,15 @@ Status emitPackage(ir::ModelOp model, const std::string &baseDirectory, const st
   if (!description)
     return description.status();
   PackageExtras extras;
-  extras.provenanceJson = provenanceJson;
+  // The module's history (History.h) travels in the provenance, so a
+  // report of the package says what the passes decided.
+  nlohmann::json provenance = nlohmann::json::parse(provenanceJson.empty() ? "{}" : provenanceJson, nullptr, false);
+  if (!provenance.is_object())
+    provenance = nlohmann::json::object();
+  nlohmann::json history = historyToJson(model);
+  provenance["original"] = history["original"];
+  provenance["decisions"] = history["decisions"];
+  extras.provenanceJson = provenance.dump();
   if (!description->assetDirectory.empty()) {
     auto read = [&](const char *name) {
       std::filesystem::path file = std::filesystem::path(description->assetDirectory) / name;

@@ -170,6 +170,7 @@ public:
             }
             ExpertEntry e;
             e.id = static_cast<int64_t>(expert.getId());
+            e.origin = expert.getOriginalId();
             e.width = static_cast<int64_t>(expert.getWidth());
             e.gate = gate.take();
             e.up = up.take();

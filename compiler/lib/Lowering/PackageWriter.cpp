@@ -110,6 +110,8 @@ Status writePackage(const ModelDescription &description, const PackageExtras &ex
                        {"gate", expert.gate.name},
                        {"up", expert.up.name},
                        {"down", expert.down.name}};
+        if (expert.origin != expert.id)
+          record["origin"] = expert.origin;
         for (const ExpertPart &part : expert.moreParts)
           record["parts"].push_back(
               {{"width", part.width}, {"gate", part.gate.name}, {"up", part.up.name}, {"down", part.down.name}});

@@ -8,11 +8,16 @@
 #include "moe/Calibration/Statistics.h"
 #include "moe/Importer/Importer.h"
 #include "moe/Lowering/Emit.h"
+#include "moe/Lowering/History.h"
 #include "moe/Lowering/Lowering.h"
+#include "moe/Pipeline/Report.h"
+#include "moe/Runtime/DescriptionSummary.h"
 #include "moe/Runtime/Evaluate.h"
 #include "moe/Runtime/Model.h"
 #include "moe/Runtime/Package.h"
+#include "moe/Support/AtomicFile.h"
 #include "moe/Support/Process.h"
+#include "moe/Support/Progress.h"
 #include "moe/Support/Signals.h"
 
 #include "mlir/IR/Diagnostics.h"
@@ -235,25 +240,33 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
   summary["bytes_before"] = bytesBefore;
   summary["before"] = moduleCounts(model);
 
-  auto evaluateModel = [&](LoadedModel &loaded) -> Expected<double> {
+  // Evaluation: the original once (perplexity per domain and which experts
+  // each domain routes to, for the report), and at the end the package
+  // against the original over the same windows (KL divergence, top-1).
+  auto evaluateModel = [&](LoadedModel &loaded, Engine *reference, const char *label) -> Expected<EvalResult> {
     Expected<std::vector<EvalStream>> streams =
         readEvalData(options.evalData, loaded.tokenizer.get(), loaded.endOfText);
     if (!streams)
       return streams.status();
-    Expected<EvalResult> result = evaluate(*loaded.engine, *streams, EvalOptions{256, 0, options.evalTokens});
-    if (!result)
-      return result.status();
-    return result->overall.perplexity();
+    EvalOptions evalOptions{options.evalSequenceLength, 0, options.evalTokens};
+    evalOptions.reference = reference;
+    evalOptions.countRouting = reference == nullptr;
+    evalOptions.progressLabel = label;
+    return evaluate(*loaded.engine, *streams, evalOptions);
   };
   std::optional<double> before;
+  json quality = nullptr, routing = nullptr;
   if (!options.evalData.empty()) {
     progress.step("evaluating the original model on " + options.evalData);
     Expected<LoadedModel> original = loadModel(options.model);
-    Expected<double> ppl = original ? evaluateModel(*original) : Expected<double>(original.status());
-    if (!ppl)
-      return ppl.status();
-    before = *ppl;
+    Expected<EvalResult> result = original ? evaluateModel(*original, nullptr, "evaluating the original")
+                                           : Expected<EvalResult>(original.status());
+    if (!result)
+      return result.status();
+    before = result->overall.perplexity();
     summary["perplexity_before"] = *before;
+    quality = {{"data", options.evalData}, {"before", evalResultToJson(*result)}};
+    routing = {{"domains", result->routing}, {"tokens", result->routingTokens}};
   }
 
   json passes = json::array();
@@ -284,7 +297,6 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
       Expected<CalibrationRun> run = prepareCalibration(model, *recipe);
       if (!run)
         return run.status();
-      run->options.progress = progress.calibrationProgress;
       Expected<CalibrationResult> result = calibrate(*run->loaded.engine, run->streams, run->options);
       Status status = result ? writeStatistics(*result, run->options, statsPath) : result.status();
       if (!status.ok())
@@ -319,13 +331,22 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
   summary["after"] = moduleCounts(model);
 
   if (before) {
-    progress.step("evaluating the package on " + options.evalData);
+    progress.step("evaluating the package against the original on " + options.evalData);
     Expected<LoadedModel> packaged = loadModel(options.output);
-    Expected<double> ppl = packaged ? evaluateModel(*packaged) : Expected<double>(packaged.status());
-    if (!ppl)
-      return ppl.status();
-    const double increase = (*ppl / *before - 1.0) * 100.0;
-    summary["perplexity_after"] = *ppl;
+    Expected<LoadedModel> original = packaged ? loadModel(options.model) : Expected<LoadedModel>(packaged.status());
+    Expected<EvalResult> result = original ? evaluateModel(*packaged, original->engine.get(), "evaluating the package")
+                                           : Expected<EvalResult>(original.status());
+    if (!result)
+      return result.status();
+    const double ppl = result->overall.perplexity();
+    const double increase = (ppl / *before - 1.0) * 100.0;
+    quality["after"] = evalResultToJson(*result);
+    if (quality["after"].contains("compare")) {
+      quality["compare"] = quality["after"]["compare"];
+      quality["after"].erase("compare");
+      summary["compare"] = quality["compare"];
+    }
+    summary["perplexity_after"] = ppl;
     summary["perplexity_increase_percent"] = increase;
     if (options.maxPplIncrease >= 0) {
       summary["max_ppl_increase_percent"] = options.maxPplIncrease;
@@ -334,9 +355,47 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
       summary["quality_gate"] = passed ? "passed" : "failed";
       if (!passed) {
         out.qualityGateFailed = true;
-        out.qualityGateReason = concat("quality gate failed: perplexity rose ", increase, "% (", *before, " -> ", *ppl,
+        out.qualityGateReason = concat("quality gate failed: perplexity rose ", increase, "% (", *before, " -> ", ppl,
                                        "), more than the allowed ", options.maxPplIncrease, "%");
       }
+    }
+  }
+  // The report: the package as written, the module's history, the
+  // measurements. Written beside the package (atomically) like the
+  // package itself.
+  {
+    Expected<OpenedPackage> written = openPackage(options.output);
+    if (!written)
+      return written.status();
+    Expected<json> packageSummary = summarizeDescription(written->description);
+    if (!packageSummary)
+      return packageSummary.status();
+    ReportInputs inputs;
+    inputs.model = options.output;
+    inputs.summary = packageSummary.take();
+    inputs.history = historyToJson(model);
+    inputs.quality = quality;
+    inputs.routing = routing;
+    Expected<json> report = buildReport(inputs);
+    if (!report)
+      return report.status();
+    (*report)["source"] = options.model;
+    (*report)["recipe"] = options.recipe;
+    out.report = report.take();
+    std::string jsonPath = options.reportJson;
+    if (jsonPath.empty()) {
+      jsonPath = options.output;
+      jsonPath = jsonPath.substr(0, jsonPath.size() - std::string(".moepkg").size()) + ".report.json";
+    }
+    const std::string jsonText = out.report.dump(2) + "\n";
+    MOE_RETURN_IF_ERROR(writeFileAtomically(
+        jsonPath, std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(jsonText.data()), jsonText.size())));
+    summary["report_json"] = jsonPath;
+    if (!options.reportHtml.empty()) {
+      const std::string html = renderReportHtml(out.report);
+      MOE_RETURN_IF_ERROR(writeFileAtomically(
+          options.reportHtml, std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(html.data()), html.size())));
+      summary["report_html"] = options.reportHtml;
     }
   }
   summary["seconds"] = seconds(start);

@@ -34,7 +34,6 @@ struct CalibrationOptions {
   /// Block input/output rows kept per MoE layer (evenly spaced tokens), for
   /// reconstruction-error methods. 0: none.
   int64_t blockSamples = 0;
-  bool progress = false; ///< Progress and ETA on stderr.
   /// With input moments, refuse to start when the moments held at once
   /// (every layer's, or one layer's with a visitor) exceed this many bytes.
   /// 0: 90% of physical memory.

@@ -29,6 +29,11 @@ struct CompressRequest {
   std::string evalData; ///< Evaluate before and after on this data, or empty.
   int64_t evalTokens = 0;
   double maxPplIncrease = -1; ///< Percent; < 0: no quality gate.
+  int64_t evalSequenceLength = 256;
+  /// The report (moe/Pipeline/Report.h): JSON always, beside the package
+  /// (<output without .moepkg>.report.json) unless `reportJson` says where;
+  /// HTML when `reportHtml` is given.
+  std::string reportJson, reportHtml;
 };
 
 struct CompressProgress {
@@ -37,8 +42,6 @@ struct CompressProgress {
   /// Sequential GPTQ finished a layer.
   std::function<void(int64_t layer, int64_t layers, double calibrateSeconds, double quantizeSeconds)> layer =
       [](int64_t, int64_t, double, double) {};
-  /// Calibration prints its own progress line.
-  bool calibrationProgress = false;
 };
 
 struct CompressResult {
@@ -47,6 +50,7 @@ struct CompressResult {
   nlohmann::json summary;
   bool qualityGateFailed = false;
   std::string qualityGateReason;
+  nlohmann::json report;
 };
 
 /// Runs the whole job. Work files live in a temporary directory under

@@ -64,6 +64,7 @@ struct ExpertPart {
 
 struct ExpertEntry {
   int64_t id = 0, width = 0; ///< width: all parts together.
+  int64_t origin = 0;        ///< The id it had in the imported checkpoint (equal to id unless renumbered).
   TensorRef gate, up, down;  ///< The first part (the whole expert unless split).
   std::vector<ExpertPart> moreParts;
 };

@@ -16,6 +16,8 @@
 #include "moe/Runtime/Engine.h"
 #include "moe/Runtime/Tokenizer.h"
 
+#include <nlohmann/json.hpp>
+
 #include <map>
 #include <optional>
 #include <string>
@@ -48,6 +50,25 @@ struct EvalOptions {
   /// side, each scoring only the targets of its second half (the first
   /// half is context), so numbers compare with llama.cpp's.
   bool secondHalfOnly = false;
+  /// When set, every window also runs through this model (the original),
+  /// and the result compares the two next-token distributions
+  /// (llama-perplexity's KL-divergence mode). Same tokenizer and vocabulary.
+  Engine *reference = nullptr;
+  /// Count, per domain, the router rows each token chose (routing frequency).
+  bool countRouting = false;
+  /// The progress line's label (moe/Support/Progress.h).
+  std::string progressLabel = "evaluating";
+};
+
+/// The evaluated model against the reference, over the same targets.
+struct EvalComparison {
+  int64_t tokens = 0;
+  double klMean = 0;         ///< Mean KL(P_reference || P_model), nats.
+  double klMedian = 0, klP99 = 0, klMax = 0;
+  double top1Agreement = 0;  ///< Share of targets where both argmaxes agree.
+  double referencePerplexity = 0;
+  double perplexityRatio = 0; ///< Model perplexity / reference perplexity.
+  std::map<std::string, double> domainKlMean;
 };
 
 struct EvalScore {
@@ -66,9 +87,21 @@ struct EvalResult {
   double seconds = 0;
   /// Routed experts that ran per token per MoE layer, on average.
   double expertsPerToken = 0;
+  std::optional<EvalComparison> comparison; ///< With EvalOptions::reference.
+  /// With countRouting: per domain, per layer, tokens that chose each
+  /// router row; and the tokens run per domain.
+  std::map<std::string, std::vector<std::vector<int64_t>>> routing;
+  std::map<std::string, int64_t> routingTokens;
 };
 
 Expected<EvalResult> evaluate(Engine &engine, const std::vector<EvalStream> &streams, const EvalOptions &options);
+
+/// {"perplexity", "bits_per_byte", "targets", "negative_log_likelihood",
+/// "domains": {name: {...}}, "experts_per_token", "compare": {"kl_mean",
+/// "kl_median", "kl_p99", "kl_max", "top1_agreement",
+/// "original_perplexity", "perplexity_ratio", "tokens", "domain_kl_mean"}
+/// (with a reference)}: what `moec eval --json` prints and reports hold.
+nlohmann::json evalResultToJson(const EvalResult &result);
 
 } // namespace moe
 

@@ -174,7 +174,7 @@ LogicalResult DenseOp::verify() {
 
 LogicalResult MoeBlockOp::verify() {
   RouterOp router;
-  llvm::DenseSet<int64_t> ids;
+  llvm::DenseSet<int64_t> ids, origins;
   int64_t experts = 0, shared = 0;
   ExpertOp previous;
   int64_t nextOffset = 0; // where the next part of `previous`'s expert starts
@@ -198,9 +198,15 @@ LogicalResult MoeBlockOp::verify() {
         if (static_cast<int64_t>(*offset) != nextOffset)
           return expert.emitOpError() << "part_offset " << *offset << " of expert " << id << ", expected " << nextOffset
                                       << " (the parts tile the neurons in order)";
+        if (expert.getOriginalId() != previous.getOriginalId())
+          return expert.emitOpError() << "the parts of expert " << id << " have different origins ("
+                                      << previous.getOriginalId() << ", " << expert.getOriginalId() << ")";
       } else {
         if (!ids.insert(id).second)
           return expert.emitOpError() << "expert id " << id << " appears twice";
+        if (!origins.insert(expert.getOriginalId()).second)
+          return expert.emitOpError() << "origin " << expert.getOriginalId() << " of expert " << id
+                                      << " is another expert's (an imported expert has one id)";
         if (offset && *offset != 0)
           return expert.emitOpError() << "the first part of expert " << id << " has part_offset " << *offset
                                       << ", expected 0";
@@ -264,6 +270,8 @@ LogicalResult RouterOp::verify() {
 }
 
 LogicalResult ExpertOp::verify() {
+  if (getOriginalId() < 0)
+    return emitOpError() << "origin " << getOriginalId() << " is negative";
   return verifyMlp(*this, static_cast<int64_t>(getWidth()), getGateAttr(), getUpAttr(), getDownAttr());
 }
 

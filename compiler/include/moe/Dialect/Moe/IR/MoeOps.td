@@ -189,10 +189,24 @@ def Moe_ExpertOp : Moe_Op<"expert", [HasParent<"MoeBlockOp">]> {
     moe.expert 6 width 128 gate @g0 up @u0 down @d0 {part_offset = 0 : i64}
     moe.expert 6 width 640 gate @g1 up @u1 down @d1 {part_offset = 128 : i64}
     ```
+
+    `origin` is the expert's id in the imported checkpoint once passes have
+    renumbered experts (pruning, merging); absent, it equals `id`. Reports
+    and `moec inspect` name experts by it.
+
+    ```mlir
+    moe.expert 2 width 768 gate @g up @u down @d {origin = 5 : i64}
+    ```
   }];
   let arguments = (ins I64Attr:$id, I64Attr:$width, FlatSymbolRefAttr:$gate, FlatSymbolRefAttr:$up,
                        FlatSymbolRefAttr:$down, DefaultValuedAttr<StrAttr, "\"silu\"">:$activation,
-                       OptionalAttr<I64Attr>:$part_offset);
+                       OptionalAttr<I64Attr>:$part_offset, OptionalAttr<I64Attr>:$origin);
+  let extraClassDeclaration = [{
+    /// The id this expert had in the imported checkpoint.
+    int64_t getOriginalId() {
+      return static_cast<int64_t>(getOrigin().value_or(getId()));
+    }
+  }];
   let assemblyFormat = "$id `width` $width `gate` $gate `up` $up `down` $down attr-dict";
   let hasVerifier = 1;
 }

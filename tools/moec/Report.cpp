@@ -1,0 +1,88 @@
+//===- Report.cpp - moec report: what compression did, as JSON and HTML ---===//
+//
+// Part of moec. The report of a module or package (moe/Pipeline/Report.h):
+// per layer and expert what the passes decided and why, what is stored
+// now, and bytes by role before and after. `moec compress --report` writes
+// the same with perplexity and the comparison with the original added.
+//
+//===----------------------------------------------------------------------===//
+
+#include "Commands.h"
+#include "ModuleFiles.h"
+
+#include "moe/Pipeline/Report.h"
+#include "moe/Runtime/DescriptionSummary.h"
+#include "moe/Support/AtomicFile.h"
+
+#include <filesystem>
+#include <iostream>
+
+namespace moe::cli {
+namespace {
+
+struct ReportOptions {
+  std::string model;
+  std::string html;
+  std::string json;
+};
+
+int runReport(const ReportOptions &options) {
+  Expected<CompiledModel> compiled = readCompiledModel(options.model);
+  if (!compiled) {
+    printError(compiled.status().message());
+    return 1;
+  }
+  Expected<nlohmann::json> summary = summarizeDescription(compiled->description);
+  if (!summary) {
+    printError(options.model + ": " + summary.status().message());
+    return 1;
+  }
+  ReportInputs inputs;
+  inputs.model = options.model;
+  inputs.summary = summary.take();
+  inputs.history = compiled->history;
+  Expected<nlohmann::json> report = buildReport(inputs);
+  if (!report) {
+    printError(options.model + ": " + report.status().message());
+    return 1;
+  }
+  Status status = writeReportFiles(*report, options.html, options.json);
+  if (!status.ok()) {
+    printError(status.message());
+    return 1;
+  }
+  if (options.html.empty() && options.json.empty())
+    std::cout << report->dump(2) << "\n";
+  return 0;
+}
+
+} // namespace
+
+Status writeReportFiles(const nlohmann::json &report, const std::string &html, const std::string &jsonPath) {
+  auto write = [](const std::string &path, const std::string &text) {
+    return writeFileAtomically(path,
+                               std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(text.data()), text.size()));
+  };
+  std::string json = jsonPath;
+  if (json.empty() && !html.empty())
+    json = (std::filesystem::path(html).replace_extension(".json")).string();
+  if (!json.empty())
+    MOE_RETURN_IF_ERROR(write(json, report.dump(2) + "\n"));
+  if (!html.empty())
+    MOE_RETURN_IF_ERROR(write(html, renderReportHtml(report)));
+  return Status::success();
+}
+
+Command registerReport(CLI::App &app) {
+  auto options = std::make_shared<ReportOptions>();
+  CLI::App *command = app.add_subcommand(
+      "report", "What compression did to a module or package: per layer and expert the decision, its score and "
+                "method, width, format, bits and bytes; bytes by role before and after (HTML with pictures, JSON)");
+  command->add_option("model", options->model, "Module (.mlir), package (.moepkg) or GGUF file moec wrote")->required();
+  command->add_option("-o,--html", options->html,
+                      "Write the HTML report here (and the JSON beside it, same name with .json)");
+  command->add_option("--json", options->json, "Write the JSON report here (default: stdout when no -o)");
+  return {command, [options] { return runReport(*options); }};
+}
+
+} // namespace moe::cli
