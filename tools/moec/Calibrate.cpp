@@ -74,7 +74,9 @@ Command registerCalibrate(CLI::App &app) {
   addModelOptions(command, options->model);
   command->add_option("--data", options->data, "Calibration data (text, .jsonl or .u32)")->required();
   command->add_option("-o,--output", options->output, "Statistics file (.safetensors)")->required();
-  command->add_option("--tokens", options->tokens, "Stop after this many tokens (default: all)")
+  command
+      ->add_option("--max-tokens,--tokens", options->tokens,
+                   "Stop after this many tokens (default: all; the name eval uses)")
       ->check(CLI::PositiveNumber);
   command->add_option("--seq-len", options->sequenceLength, "Window length")->check(CLI::PositiveNumber);
   command->add_flag("--input-moments", options->inputMoments,

@@ -65,6 +65,8 @@ Command registerEval(CLI::App &app);
 /// `moec generate <model> --prompt TEXT [-n N] [--temperature T --seed S]`.
 Command registerGenerate(CLI::App &app);
 
+/// `moec passes [PASS]`: passes, options, defaults; presets.
+Command registerPasses(CLI::App &app);
 /// `moec report model.mlir|pkg [-o report.html] [--json report.json]`.
 Command registerReport(CLI::App &app);
 /// Writes a report's JSON to `json` (default: beside `html`, .json) and its

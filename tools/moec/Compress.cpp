@@ -83,8 +83,18 @@ Command registerCompress(CLI::App &app) {
   CLI::App *command = app.add_subcommand(
       "compress", "Checkpoint -> calibrate -> recipe passes -> package, in one command (JSON summary on stdout)");
   command->add_option("model", options->request.model, "Hugging Face checkpoint directory")->required();
-  command->add_option("--recipe", options->request.recipe, "Recipe (JSON): passes with options, calibration data")
-      ->required();
+  CLI::Option *recipe = command->add_option("--recipe", options->request.recipe,
+                                            "Recipe (JSON, or YAML ending in .yaml): passes with options, calibration");
+  command
+      ->add_option("--preset", options->request.preset,
+                   "A recipe that ships with moec: q8, q4, q4-gptq, q3-mixed, prune25-q4, merge-q4 (moec passes lists "
+                   "them)")
+      ->excludes(recipe);
+  command->add_option("--calib-data", options->request.calibrationData,
+                      "Calibration data (text, .jsonl, .u32); overrides the recipe's");
+  command
+      ->add_option("--calib-tokens", options->request.calibrationTokens, "Calibration tokens; overrides the recipe's")
+      ->check(CLI::PositiveNumber);
   command->add_option("-o,--output", options->request.output, "Output package (.moepkg)")->required();
   command->add_option("--eval-data", options->request.evalData,
                       "Evaluate before and after on this data (text, .jsonl, .u32)");

@@ -33,6 +33,7 @@ int main(int argc, char **argv) {
   app.set_version_flag("--version", "moec 0.1.0");
   // Options every command takes, before or after the command's name.
   app.fallthrough();
+  app.option_defaults()->always_capture_default(); // --help shows each option's default
   unsigned threads = 0;
   bool progress = false, quiet = false;
   app.add_option("--threads", threads, "Threads to compute with (default: every core)")->check(CLI::PositiveNumber);
@@ -43,7 +44,7 @@ int main(int argc, char **argv) {
       moe::cli::registerInspect(app), moe::cli::registerImport(app),    moe::cli::registerOpt(app),
       moe::cli::registerExport(app),  moe::cli::registerEmit(app),      moe::cli::registerCompress(app),
       moe::cli::registerEval(app),    moe::cli::registerCalibrate(app), moe::cli::registerGenerate(app),
-      moe::cli::registerReport(app),
+      moe::cli::registerReport(app),  moe::cli::registerPasses(app),
   };
 
   // A mistyped command gets the nearest one.

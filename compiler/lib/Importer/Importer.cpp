@@ -18,6 +18,7 @@
 
 #include <climits>
 #include <cstdlib>
+#include <filesystem>
 #include <map>
 
 namespace moe {
@@ -60,18 +61,24 @@ Type elementType(OpBuilder &builder, DType dtype) {
 
 ir::ScoringKind scoringKind(RouterScoring scoring) {
   switch (scoring) {
-  case RouterScoring::Softmax: return ir::ScoringKind::Softmax;
-  case RouterScoring::Sigmoid: return ir::ScoringKind::Sigmoid;
-  case RouterScoring::SparseMixer: return ir::ScoringKind::SparseMixer;
+  case RouterScoring::Softmax:
+    return ir::ScoringKind::Softmax;
+  case RouterScoring::Sigmoid:
+    return ir::ScoringKind::Sigmoid;
+  case RouterScoring::SparseMixer:
+    return ir::ScoringKind::SparseMixer;
   }
   return ir::ScoringKind::Softmax;
 }
 
 ir::SelectionKind selectionKind(ExpertSelection selection) {
   switch (selection) {
-  case ExpertSelection::TopK: return ir::SelectionKind::TopK;
-  case ExpertSelection::GroupLimitedMax: return ir::SelectionKind::GroupMax;
-  case ExpertSelection::GroupLimitedTopTwoSum: return ir::SelectionKind::GroupTopTwoSum;
+  case ExpertSelection::TopK:
+    return ir::SelectionKind::TopK;
+  case ExpertSelection::GroupLimitedMax:
+    return ir::SelectionKind::GroupMax;
+  case ExpertSelection::GroupLimitedTopTwoSum:
+    return ir::SelectionKind::GroupTopTwoSum;
   }
   return ir::SelectionKind::TopK;
 }
@@ -258,6 +265,23 @@ Expected<OwningOpRef<ModuleOp>> importModel(MLIRContext &context, const ModelSpe
 
 Expected<ImportedCheckpoint> importCheckpoint(const std::string &directory, const std::string &storePath,
                                               mlir::MLIRContext &context) {
+  // A compiled model given where a checkpoint belongs: say which command
+  // takes it.
+  std::error_code ignored;
+  if (std::filesystem::is_regular_file(directory, ignored)) {
+    const std::string extension = std::filesystem::path(directory).extension().string();
+    if (extension == ".moepkg")
+      return Status::error(directory, ": is a moec package; this command takes a Hugging Face checkpoint directory. "
+                                      "Run a package with `moec eval` or `moec generate`, describe it with `moec "
+                                      "inspect` or `moec report`, convert it with `moec export`");
+    if (extension == ".mlir")
+      return Status::error(directory, ": is a moe module; this command takes a Hugging Face checkpoint directory. "
+                                      "Run passes on a module with `moec opt`, package it with `moec emit`");
+    if (extension == ".gguf")
+      return Status::error(directory, ": is a GGUF file; this command takes a Hugging Face checkpoint directory");
+    return Status::error(directory, ": is a file; expected a Hugging Face checkpoint directory (config.json and "
+                                    "safetensors)");
+  }
   const std::string configPath = directory + "/config.json";
   Expected<std::string> configText = readWholeFile(configPath);
   if (!configText)

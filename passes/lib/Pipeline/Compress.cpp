@@ -195,14 +195,20 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
   const auto start = std::chrono::steady_clock::now();
   if (!isPackagePath(options.output))
     return Status::error("-o '", options.output, "': a package file name ends in .moepkg");
-  Expected<Recipe> recipe = readRecipe(options.recipe);
+  if (options.recipe.empty() == options.preset.empty())
+    return Status::error("give a recipe (--recipe FILE) or a preset (--preset NAME), one of them");
+  Expected<Recipe> recipe = options.preset.empty() ? readRecipe(options.recipe) : presetRecipe(options.preset);
   if (!recipe)
     return recipe.status();
+  if (!options.calibrationData.empty())
+    recipe->calibrationData = options.calibrationData;
+  if (options.calibrationTokens > 0)
+    recipe->calibrationTokens = options.calibrationTokens;
   const bool needsCalibration =
       std::any_of(recipe->passes.begin(), recipe->passes.end(), [](const RecipePass &p) { return p.needsStatistics; });
   if (needsCalibration && recipe->calibrationData.empty())
-    return Status::error(options.recipe,
-                         ": a pass needs calibration statistics; give \"calibration\": {\"data\": ...}");
+    return Status::error(recipe->path, ": a pass needs calibration statistics; give --calib-data FILE",
+                         options.preset.empty() ? " or \"calibration\": {\"data\": ...} in the recipe" : "");
   if (options.maxPplIncrease >= 0 && options.evalData.empty())
     return Status::error("--max-ppl-increase needs --eval-data");
 
@@ -230,7 +236,7 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
   CompressResult out;
   json &summary = out.summary;
   summary["model"] = options.model;
-  summary["recipe"] = options.recipe;
+  summary["recipe"] = recipe->path;
   summary["output"] = options.output;
   if (!imported->warnings.empty())
     summary["warnings"] = imported->warnings;
@@ -281,7 +287,7 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
       auto passStart = std::chrono::steady_clock::now();
       Expected<json> done = runSequentialGptq(context, *module, model, pass, *recipe, work, progress);
       if (!done)
-        return Status::error(options.recipe, ": ", pass.jsonPath, ": ", done.status().message(),
+        return Status::error(recipe->path, ": ", pass.jsonPath, ": ", done.status().message(),
                              "; nothing was written");
       record["sequential"] = *done;
       record["seconds"] = seconds(passStart);
@@ -308,7 +314,7 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
     auto passStart = std::chrono::steady_clock::now();
     if (Status status = runPass(context, *module, buildRecipePass(*recipe, pass, PassOverrides{statsPath, {}, {}}));
         !status.ok())
-      return Status::error(options.recipe, ": ", pass.jsonPath, ": ", status.message(), "; nothing was written");
+      return Status::error(recipe->path, ": ", pass.jsonPath, ": ", status.message(), "; nothing was written");
     record["seconds"] = seconds(passStart);
     record["after"] = moduleCounts(model);
     passes.push_back(record);
@@ -324,7 +330,7 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
   // inputs give the same bytes (timings stay in the summary).
   json provenance = {{"tool", "moec compress"},
                      {"model", options.model},
-                     {"recipe", options.recipe},
+                     {"recipe", recipe->path},
                      {"passes", withoutTimings(passes)}};
   MOE_RETURN_IF_ERROR(emitPackage(model, "", options.output, provenance.dump()));
   summary["bytes_after"] = std::filesystem::file_size(options.output);
@@ -380,7 +386,7 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
     if (!report)
       return report.status();
     (*report)["source"] = options.model;
-    (*report)["recipe"] = options.recipe;
+    (*report)["recipe"] = recipe->path;
     out.report = report.take();
     std::string jsonPath = options.reportJson;
     if (jsonPath.empty()) {

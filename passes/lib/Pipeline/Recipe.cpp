@@ -9,6 +9,8 @@
 #include "moe/Support/File.h"
 #include "moe/Transforms/Passes.h"
 
+#include <yaml-cpp/yaml.h>
+
 #include <cmath>
 #include <filesystem>
 #include <functional>
@@ -19,7 +21,29 @@ namespace moe {
 
 using json = nlohmann::json;
 
+std::string didYouMean(const std::string &word, const std::vector<std::string> &candidates) {
+  std::string best;
+  unsigned bestDistance = ~0u;
+  for (const std::string &candidate : candidates) {
+    const unsigned distance = llvm::StringRef(candidate).edit_distance(word);
+    if (distance < bestDistance) {
+      bestDistance = distance;
+      best = candidate;
+    }
+  }
+  if (best.empty() || bestDistance > std::max<size_t>(2, word.size() / 3))
+    return "";
+  return "; did you mean '" + best + "'?";
+}
+
 namespace {
+
+std::string joinWords(const std::vector<std::string> &words) {
+  std::string out;
+  for (const std::string &word : words)
+    out += (out.empty() ? "" : ", ") + word;
+  return out;
+}
 
 /// The items of "a,b,c" (an empty text is one empty item).
 std::vector<std::string> splitCommas(const std::string &list) {
@@ -169,10 +193,9 @@ public:
       return status;
     for (const auto &[key, value] : options.items())
       if (!asked.count(key)) {
-        std::string names;
-        for (const std::string &name : asked)
-          names += (names.empty() ? "" : ", ") + name;
-        return Status::error(where, ".", key, ": ", passName, " has no such option (it has: ", names, ")");
+        const std::vector<std::string> names(asked.begin(), asked.end());
+        return Status::error(where, ".", key, ": ", passName, " has no such option", didYouMean(key, names),
+                             " (it has: ", joinWords(names), ")");
       }
     return Status::success();
   }
@@ -327,14 +350,73 @@ const std::map<std::string, PassBuilder> &passBuilders() {
   return builders;
 }
 
+} // namespace
+
+const std::vector<Preset> &presets() {
+  // Measured on the fixtures in BENCHMARKS.md ("Presets"). Calibration data
+  // comes from --calib-data; the token counts are what the recipes in
+  // examples/ use.
+  static const std::vector<Preset> list = {
+      {"q8", "8-bit round-to-nearest of experts, shared experts and attention (groups of 32); no calibration",
+       R"({"passes": [{"pass": "moe-quantize", "options": {"bits": 8, "group": 32,
+           "targets": "experts,shared,attention"}}]})"},
+      {"q4", "4-bit round-to-nearest of experts, shared experts and attention (groups of 32); no calibration",
+       R"({"passes": [{"pass": "moe-quantize", "options": {"bits": 4, "group": 32,
+           "targets": "experts,shared,attention"}}]})"},
+      {"q4-gptq", "4-bit GPTQ of experts, shared experts and attention (groups of 32), layer by layer",
+       R"({"calibration": {"tokens": 32768},
+           "passes": [{"pass": "moe-quantize", "options": {"method": "gptq", "bits": 4, "group": 32,
+           "targets": "experts,shared,attention"}}]})"},
+      {"q3-mixed", "3.0 bits on average: MC-MoE's allocation over 2/3/4-bit experts, then GPTQ (groups of 32)",
+       R"({"calibration": {"tokens": 32768, "block_samples": 1024},
+           "passes": [{"pass": "moe-allocate-bits", "options": {"budget": 3.0, "candidates": "2,3,4", "group": 32}},
+                      {"pass": "moe-quantize", "options": {"method": "gptq", "group": 32,
+                       "targets": "experts,shared,attention"}}]})"},
+      {"prune25-q4", "a quarter of the routed-expert neurons pruned (HEAPr scores, across layers), then q4",
+       R"({"calibration": {"tokens": 32768},
+           "passes": [{"pass": "moe-prune-atoms", "options": {"method": "heapr", "ratio": 0.25, "scope": "global"}},
+                      {"pass": "moe-quantize", "options": {"bits": 4, "group": 32,
+                       "targets": "experts,shared,attention"}}]})"},
+      {"merge-q4", "a quarter of the routed experts merged (M-SMoE with neuron alignment), then q4",
+       R"({"calibration": {"tokens": 32768},
+           "passes": [{"pass": "moe-merge-experts", "options": {"method": "msmoe", "ratio": 0.25,
+                       "align": "permutation"}},
+                      {"pass": "moe-quantize", "options": {"bits": 4, "group": 32,
+                       "targets": "experts,shared,attention"}}]})"},
+  };
+  return list;
+}
+
+std::vector<std::string> recipePassNames() {
+  std::vector<std::string> names;
+  for (const auto &[name, unused] : passBuilders())
+    names.push_back(name);
+  return names;
+}
+
+std::string passDefaults(const std::string &name) {
+  auto builder = passBuilders().find(name);
+  if (builder == passBuilders().end())
+    return "";
+  const json none = json::object();
+  OptionReader reader(none, name);
+  RecipePass meta;
+  std::unique_ptr<mlir::Pass> pass = builder->second(reader, PassOverrides(), meta);
+  std::string text;
+  llvm::raw_string_ostream os(text);
+  pass->printAsTextualPipeline(os);
+  return os.str();
+}
+
+namespace {
+
 Expected<std::unique_ptr<mlir::Pass>> build(const std::string &recipePath, RecipePass &pass,
                                             const PassOverrides &overrides) {
   auto builder = passBuilders().find(pass.name);
   if (builder == passBuilders().end()) {
-    std::string names;
-    for (const auto &[name, unused] : passBuilders())
-      names += (names.empty() ? "" : ", ") + name;
-    return Status::error(recipePath, ": ", pass.jsonPath, ".pass: '", pass.name, "' is not a moec pass (", names, ")");
+    const std::vector<std::string> names = recipePassNames();
+    return Status::error(recipePath, ": ", pass.jsonPath, ".pass: '", pass.name, "' is not a moec pass",
+                         didYouMean(pass.name, names), " (", joinWords(names), ")");
   }
   OptionReader reader(pass.options, recipePath + ": " + pass.jsonPath + ".options");
   std::unique_ptr<mlir::Pass> built = builder->second(reader, overrides, pass);
@@ -344,13 +426,109 @@ Expected<std::unique_ptr<mlir::Pass>> build(const std::string &recipePath, Recip
 
 } // namespace
 
+namespace {
+
+/// A YAML document as JSON, with the line of every value by its path
+/// ("passes[1].options.ratio"), so errors can point into the file. Plain
+/// scalars become booleans, integers, numbers or null as YAML 1.2's core
+/// schema reads them; quoted ones stay strings.
+json yamlToJson(const YAML::Node &node, const std::string &path, std::map<std::string, int> &lines) {
+  lines[path] = node.Mark().line + 1;
+  switch (node.Type()) {
+  case YAML::NodeType::Map: {
+    json out = json::object();
+    for (const auto &item : node) {
+      const std::string key = item.first.Scalar();
+      out[key] = yamlToJson(item.second, path.empty() ? key : path + "." + key, lines);
+    }
+    return out;
+  }
+  case YAML::NodeType::Sequence: {
+    json out = json::array();
+    for (size_t i = 0; i < node.size(); ++i)
+      out.push_back(yamlToJson(node[i], concat(path, "[", i, "]"), lines));
+    return out;
+  }
+  case YAML::NodeType::Scalar: {
+    const std::string &text = node.Scalar();
+    if (node.Tag() == "!")
+      return text; // quoted
+    if (text == "true" || text == "True" || text == "TRUE")
+      return true;
+    if (text == "false" || text == "False" || text == "FALSE")
+      return false;
+    if (text == "null" || text == "~" || text == "Null" || text == "NULL")
+      return nullptr;
+    json number = json::parse(text, nullptr, false);
+    if (!number.is_discarded() && number.is_number())
+      return number;
+    return text;
+  }
+  default:
+    return nullptr;
+  }
+}
+
+/// `status` with the line of the value its message names, for YAML files:
+/// "r.yaml: passes[1].options.ratio: ..." becomes "r.yaml:7: passes[1]...".
+Status withLine(Status status, const std::string &path, const std::map<std::string, int> &lines) {
+  if (status.ok() || lines.empty())
+    return status;
+  const std::string &message = status.message();
+  std::string best;
+  for (const auto &[where, line] : lines)
+    if (!where.empty() && where.size() > best.size() && message.find(" " + where) != std::string::npos)
+      best = where;
+  const std::string prefix = path + ": ";
+  if (message.rfind(prefix, 0) != 0)
+    return status;
+  const int line = best.empty() ? 1 : lines.at(best);
+  return Status::error(path, ":", line, ": ", message.substr(prefix.size()));
+}
+
+Expected<Recipe> parseRecipe(const std::string &path, json r);
+
+} // namespace
+
 Expected<Recipe> readRecipe(const std::string &path) {
   Expected<std::string> text = readWholeFile(path);
   if (!text)
     return text.status();
+  const std::string extension = std::filesystem::path(path).extension().string();
+  if (extension == ".yaml" || extension == ".yml") {
+    std::map<std::string, int> lines;
+    json r;
+    try {
+      r = yamlToJson(YAML::Load(*text), "", lines);
+    } catch (const YAML::Exception &error) {
+      return Status::error(path, ":", error.mark.line + 1, ":", error.mark.column + 1, ": not valid YAML: ", error.msg);
+    }
+    Expected<Recipe> recipe = parseRecipe(path, std::move(r));
+    if (!recipe)
+      return withLine(recipe.status(), path, lines);
+    return recipe;
+  }
   json r = json::parse(*text, nullptr, /*allow_exceptions=*/false);
-  if (r.is_discarded() || !r.is_object())
-    return Status::error(path, ": a recipe is a JSON object with \"passes\" (and optionally \"calibration\")");
+  if (r.is_discarded())
+    return Status::error(path, ": not valid JSON (recipes are JSON, or YAML with a .yaml extension)");
+  return parseRecipe(path, std::move(r));
+}
+
+Expected<Recipe> presetRecipe(const std::string &name) {
+  for (const Preset &preset : presets())
+    if (preset.name == name)
+      return parseRecipe("preset '" + name + "'", json::parse(preset.recipe));
+  std::vector<std::string> names;
+  for (const Preset &preset : presets())
+    names.push_back(preset.name);
+  return Status::error("--preset '", name, "' is not a preset", didYouMean(name, names), " (", joinWords(names), ")");
+}
+
+namespace {
+
+Expected<Recipe> parseRecipe(const std::string &path, json r) {
+  if (!r.is_object())
+    return Status::error(path, ": a recipe is an object with \"passes\" (and optionally \"calibration\")");
   for (const auto &[key, value] : r.items())
     if (key != "passes" && key != "calibration" && key != "description")
       return Status::error(path, ": unknown recipe key '", key, "' (expected passes, calibration, description)");
@@ -358,7 +536,8 @@ Expected<Recipe> readRecipe(const std::string &path) {
     return Status::error(path, ": \"passes\" must be a non-empty array");
   Recipe recipe;
   recipe.path = path;
-  const std::string base = std::filesystem::path(path).parent_path().string();
+  const bool preset = path.rfind("preset ", 0) == 0;
+  const std::string base = preset ? std::string() : std::filesystem::path(path).parent_path().string();
   if (r.contains("calibration")) {
     const json &c = r["calibration"];
     if (!c.is_object())
@@ -412,6 +591,8 @@ Expected<Recipe> readRecipe(const std::string &path) {
   }
   return recipe;
 }
+
+} // namespace
 
 Expected<std::unique_ptr<mlir::Pass>> buildRecipePass(const Recipe &recipe, const RecipePass &pass,
                                                       const PassOverrides &overrides) {

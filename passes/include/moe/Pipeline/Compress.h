@@ -24,7 +24,7 @@ namespace moe {
 
 struct CompressRequest {
   std::string model;    ///< Hugging Face checkpoint directory.
-  std::string recipe;   ///< Recipe file (JSON).
+  std::string recipe;   ///< Recipe file (JSON or YAML), or `preset`.
   std::string output;   ///< Package path (.moepkg).
   std::string evalData; ///< Evaluate before and after on this data, or empty.
   int64_t evalTokens = 0;
@@ -34,6 +34,9 @@ struct CompressRequest {
   /// (<output without .moepkg>.report.json) unless `reportJson` says where;
   /// HTML when `reportHtml` is given.
   std::string reportJson, reportHtml;
+  std::string preset;            ///< The name of a preset (Recipe.h) instead of a recipe file.
+  std::string calibrationData;   ///< Overrides the recipe's calibration data.
+  int64_t calibrationTokens = 0; ///< > 0: overrides the recipe's token count.
 };
 
 struct CompressProgress {

@@ -48,9 +48,30 @@ struct Recipe {
   bool inputMoments = false; ///< A pass reads the large input moments.
 };
 
-/// Reads and checks `path`: every key, every pass name and every option's
-/// type and value (each pass is built once to check it).
+/// Reads and checks `path` (JSON, or YAML when it ends in .yaml or .yml):
+/// every key, every pass name and every option's type and value (each pass
+/// is built once to check it). Errors name the file, the JSON path of the
+/// bad value and, in YAML files, its line.
 Expected<Recipe> readRecipe(const std::string &path);
+
+/// A recipe that ships with moec (`moec compress --preset NAME`).
+struct Preset {
+  const char *name;
+  const char *description;
+  const char *recipe; ///< JSON; calibration data comes from --calib-data.
+};
+const std::vector<Preset> &presets();
+/// The preset `name` as a recipe, or an error listing the presets.
+Expected<Recipe> presetRecipe(const std::string &name);
+
+/// The passes a recipe may name.
+std::vector<std::string> recipePassNames();
+/// The pass `name` with every option at its default, as pipeline text
+/// (`moec passes` shows it; never parsed back).
+std::string passDefaults(const std::string &name);
+
+/// "; did you mean 'x'?" for the candidate nearest `word`, or "".
+std::string didYouMean(const std::string &word, const std::vector<std::string> &candidates);
 
 /// What buildRecipePass may set besides the recipe's options.
 struct PassOverrides {
