@@ -92,6 +92,10 @@ Command registerCompress(CLI::App &app) {
       ->excludes(recipe);
   command->add_option("--calib-data", options->request.calibrationData,
                       "Calibration data (text, .jsonl, .u32); overrides the recipe's");
+  command->add_option("--stats-cache", options->request.statsCache,
+                      "Keep calibration statistics in this directory, keyed by a hash of the checkpoint, data, "
+                      "options and earlier passes, and reuse them (a second recipe on the same model does not "
+                      "calibrate again)");
   command
       ->add_option("--calib-tokens", options->request.calibrationTokens, "Calibration tokens; overrides the recipe's")
       ->check(CLI::PositiveNumber);

@@ -16,9 +16,13 @@
 #include "moe/Runtime/Model.h"
 #include "moe/Runtime/Package.h"
 #include "moe/Support/AtomicFile.h"
+#include "moe/Support/File.h"
 #include "moe/Support/Process.h"
 #include "moe/Support/Progress.h"
+
 #include "moe/Support/Signals.h"
+#include <unistd.h>
+#include <xxhash.h>
 
 #include "mlir/IR/Diagnostics.h"
 #include "mlir/Pass/PassManager.h"
@@ -49,7 +53,9 @@ json withoutTimings(const json &record) {
     return record;
   json out = json::object();
   for (const auto &[key, value] : record.items()) {
-    const bool timing = key == "seconds" || key.ends_with("_seconds") || key == "peak_rss_bytes";
+    // (and where statistics came from: a cached run makes the same bytes)
+    const bool timing =
+        key == "seconds" || key.ends_with("_seconds") || key == "peak_rss_bytes" || key == "cached" || key == "stored";
     if (!timing)
       out[key] = withoutTimings(value);
   }
@@ -64,6 +70,54 @@ json moduleCounts(ir::ModelOp model) {
     parameters += 3 * static_cast<int64_t>(expert.getWidth()) * static_cast<int64_t>(model.getHidden());
   });
   return {{"routed_experts", experts}, {"routed_expert_parameters", parameters}};
+}
+
+/// A file's identity for the statistics cache: its contents' XXH64 when it
+/// is small (config, tokenizer, calibration data), else its name, size and
+/// modification time (weights are too large to hash on every run).
+json fileIdentity(const std::filesystem::path &path) {
+  std::error_code error;
+  const uintmax_t size = std::filesystem::file_size(path, error);
+  if (error)
+    return nullptr;
+  if (size <= (uintmax_t(256) << 20)) {
+    Expected<std::string> text = readWholeFile(path.string());
+    if (text)
+      return {{"name", path.filename().string()}, {"xxh64", XXH64(text->data(), text->size(), 0)}};
+  }
+  const auto time = std::filesystem::last_write_time(path, error).time_since_epoch().count();
+  return {{"name", path.filename().string()}, {"size", size}, {"mtime", static_cast<int64_t>(time)}};
+}
+
+/// The statistics cache key of calibration before pass `passIndex`: the
+/// checkpoint's files, the calibration data and options, and the passes
+/// already run (which made the module the statistics describe).
+std::string statisticsKey(const CompressRequest &request, const Recipe &recipe, size_t passIndex) {
+  json model = json::array();
+  std::vector<std::filesystem::path> files;
+  std::error_code error;
+  for (const auto &entry : std::filesystem::directory_iterator(request.model, error))
+    if (entry.is_regular_file())
+      files.push_back(entry.path());
+  std::sort(files.begin(), files.end());
+  for (const std::filesystem::path &file : files)
+    model.push_back(fileIdentity(file));
+  json before = json::array();
+  for (size_t i = 0; i < passIndex; ++i)
+    before.push_back({{"pass", recipe.passes[i].name}, {"options", recipe.passes[i].options}});
+  const json key = {{"format", 1},
+                    {"model", model},
+                    {"data", fileIdentity(recipe.calibrationData)},
+                    {"tokens", recipe.calibrationTokens},
+                    {"seq_len", recipe.sequenceLength},
+                    {"block_samples", recipe.blockSamples},
+                    {"sample_cap_ratio", recipe.sampleCapRatio},
+                    {"input_moments", recipe.inputMoments},
+                    {"passes_before", before}};
+  const std::string text = key.dump();
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(XXH64(text.data(), text.size(), 0)));
+  return hex;
 }
 
 /// Runs one pass (built from the recipe, never from text) on the module.
@@ -287,8 +341,7 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
       auto passStart = std::chrono::steady_clock::now();
       Expected<json> done = runSequentialGptq(context, *module, model, pass, *recipe, work, progress);
       if (!done)
-        return Status::error(recipe->path, ": ", pass.jsonPath, ": ", done.status().message(),
-                             "; nothing was written");
+        return Status::error(recipe->path, ": ", pass.jsonPath, ": ", done.status().message(), "; nothing was written");
       record["sequential"] = *done;
       record["seconds"] = seconds(passStart);
       record["after"] = moduleCounts(model);
@@ -297,17 +350,55 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
       continue;
     }
     if (pass.needsStatistics && !statsCurrent) {
-      // Statistics of the module as it is now (earlier passes changed it).
-      progress.step("calibrating on " + recipe->calibrationData);
+      // Statistics of the module as it is now (earlier passes changed it),
+      // from the cache when the same model, data, options and earlier
+      // passes were calibrated before.
       auto calibrationStart = std::chrono::steady_clock::now();
-      Expected<CalibrationRun> run = prepareCalibration(model, *recipe);
-      if (!run)
-        return run.status();
-      Expected<CalibrationResult> result = calibrate(*run->loaded.engine, run->streams, run->options);
-      Status status = result ? writeStatistics(*result, run->options, statsPath) : result.status();
-      if (!status.ok())
-        return status;
-      record["calibration"] = {{"tokens", result->tokens}, {"seconds", seconds(calibrationStart)}};
+      std::string cached;
+      if (!options.statsCache.empty()) {
+        std::error_code error;
+        std::filesystem::create_directories(options.statsCache, error);
+        if (error)
+          return Status::error("--stats-cache ", options.statsCache,
+                               ": cannot create the directory: ", error.message());
+        cached = options.statsCache + "/" + statisticsKey(options, *recipe, i) + ".safetensors";
+      }
+      if (!cached.empty() && std::filesystem::exists(cached)) {
+        progress.step("calibration statistics from the cache: " + cached);
+        std::error_code error;
+        std::filesystem::copy_file(cached, statsPath, std::filesystem::copy_options::overwrite_existing, error);
+        if (error)
+          return Status::error(cached, ": cannot copy the cached statistics: ", error.message());
+        Expected<std::string> about = readWholeFile(cached + ".json");
+        const json tokens = about ? json::parse(*about, nullptr, false).value("tokens", json(nullptr)) : json(nullptr);
+        record["calibration"] = {{"tokens", tokens}, {"cached", cached}, {"seconds", seconds(calibrationStart)}};
+      } else {
+        progress.step("calibrating on " + recipe->calibrationData);
+        Expected<CalibrationRun> run = prepareCalibration(model, *recipe);
+        if (!run)
+          return run.status();
+        Expected<CalibrationResult> result = calibrate(*run->loaded.engine, run->streams, run->options);
+        Status status = result ? writeStatistics(*result, run->options, statsPath) : result.status();
+        if (!status.ok())
+          return status;
+        record["calibration"] = {{"tokens", result->tokens}, {"seconds", seconds(calibrationStart)}};
+        if (!cached.empty()) {
+          // Into the cache under a unique name, then renamed: a concurrent
+          // run never reads half a file.
+          const std::string about = json{{"tokens", result->tokens}}.dump();
+          MOE_RETURN_IF_ERROR(writeFileAtomically(
+              cached + ".json",
+              std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(about.data()), about.size())));
+          const std::string temporary = cached + ".tmp" + std::to_string(::getpid());
+          std::error_code error;
+          std::filesystem::copy_file(statsPath, temporary, std::filesystem::copy_options::overwrite_existing, error);
+          if (!error)
+            std::filesystem::rename(temporary, cached, error);
+          if (error)
+            return Status::error(cached, ": cannot store the statistics in the cache: ", error.message());
+          record["calibration"]["stored"] = cached;
+        }
+      }
       statsCurrent = true;
     }
     progress.step(concat("[", i + 1, "/", recipe->passes.size(), "] ", describeRecipePass(pass)));

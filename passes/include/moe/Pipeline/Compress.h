@@ -37,6 +37,9 @@ struct CompressRequest {
   std::string preset;            ///< The name of a preset (Recipe.h) instead of a recipe file.
   std::string calibrationData;   ///< Overrides the recipe's calibration data.
   int64_t calibrationTokens = 0; ///< > 0: overrides the recipe's token count.
+  /// Calibration statistics are kept here under a hash of the checkpoint,
+  /// the data, the calibration options and the passes before, and reused.
+  std::string statsCache;
 };
 
 struct CompressProgress {
