@@ -92,6 +92,9 @@ Command registerCompress(CLI::App &app) {
       ->excludes(recipe);
   command->add_option("--calib-data", options->request.calibrationData,
                       "Calibration data (text, .jsonl, .u32); overrides the recipe's");
+  command->add_flag("--resume", options->request.resume,
+                    "Keep the work beside the package (NAME.work/), saved after every pass and GPTQ layer; run the "
+                    "same command again to continue a killed run from its last saved step");
   command->add_option("--stats-cache", options->request.statsCache,
                       "Keep calibration statistics in this directory, keyed by a hash of the checkpoint, data, "
                       "options and earlier passes, and reuse them (a second recipe on the same model does not "

@@ -25,10 +25,14 @@
 #include <xxhash.h>
 
 #include "mlir/IR/Diagnostics.h"
+#include "mlir/Parser/Parser.h"
 #include "mlir/Pass/PassManager.h"
+#include "moe/Dialect/Moe/IR/MoeDialect.h"
+#include "moe/Lowering/Lowering.h"
 
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdlib>
 #include <filesystem>
 
@@ -54,8 +58,8 @@ json withoutTimings(const json &record) {
   json out = json::object();
   for (const auto &[key, value] : record.items()) {
     // (and where statistics came from: a cached run makes the same bytes)
-    const bool timing =
-        key == "seconds" || key.ends_with("_seconds") || key == "peak_rss_bytes" || key == "cached" || key == "stored";
+    const bool timing = key == "seconds" || key.ends_with("_seconds") || key == "peak_rss_bytes" || key == "cached" ||
+                        key == "stored" || key == "resumed_after_layers";
     if (!timing)
       out[key] = withoutTimings(value);
   }
@@ -175,9 +179,13 @@ Expected<CalibrationRun> prepareCalibration(ir::ModelOp model, const Recipe &rec
 /// quantised layer, so layer l + 1's Hessians are those of the model it
 /// will run in (GPTQ's sequential order) and one layer's moments are in
 /// memory at a time. Returns per-layer seconds and the peak RSS.
+/// Layers below `layersDone` were quantised by a run that --resume
+/// continues: their windows still pass through them (as quantised), the
+/// pass is not run again. `layerDone` is called after each new layer.
 Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp module, ir::ModelOp model,
                                  const RecipePass &pass, const Recipe &recipe, const std::string &work,
-                                 const CompressProgress &progress) {
+                                 const CompressProgress &progress, int64_t layersDone, json earlierLayers,
+                                 const std::function<Status(int64_t, const json &)> &layerDone) {
   Expected<CalibrationRun> run = prepareCalibration(model, recipe);
   if (!run)
     return run.status();
@@ -186,10 +194,14 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
   calibration.inputMoments = true;
   const std::string statsPath = work + "/layer-stats.safetensors";
   Engine &engine = *run->loaded.engine;
-  json layers = json::array();
+  json layers = earlierLayers.is_array() ? earlierLayers : json::array();
   double quantizeSeconds = 0;
   auto layerStart = std::chrono::steady_clock::now();
   LayerVisitor visitor = [&](int64_t layer, CalibrationResult &stats) -> Expected<bool> {
+    if (layer < layersDone) {
+      layerStart = std::chrono::steady_clock::now();
+      return false; // quantised before the interruption
+    }
     const double calibrated = seconds(layerStart);
     auto quantizeStart = std::chrono::steady_clock::now();
     // What each expert will get: GPTQ, or RTN below min-coverage (the
@@ -225,6 +237,7 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
     }
     layers.push_back(std::move(record));
     progress.layer(layer, engine.spec().numLayers, calibrated, quantized);
+    MOE_RETURN_IF_ERROR(layerDone(layer, layers));
     layerStart = std::chrono::steady_clock::now();
     return true;
   };
@@ -236,10 +249,13 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
   if (pass.quantizesOutsideLayers)
     MOE_RETURN_IF_ERROR(
         runPass(context, module, buildRecipePass(recipe, pass, PassOverrides{"", -1, QuantizeMethod::Rtn})));
-  return json{{"tokens", result->tokens},
-              {"quantize_seconds", quantizeSeconds},
-              {"peak_rss_bytes", peakResidentBytes()},
-              {"layers", layers}};
+  json done = {{"tokens", result->tokens},
+               {"quantize_seconds", quantizeSeconds},
+               {"peak_rss_bytes", peakResidentBytes()},
+               {"layers", layers}};
+  if (layersDone > 0)
+    done["resumed_after_layers"] = layersDone;
+  return done;
 }
 
 } // namespace
@@ -267,38 +283,107 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
     return Status::error("--max-ppl-increase needs --eval-data");
 
   // Work files (module store, statistics) live in a temporary directory,
-  // removed when this returns and on SIGINT/SIGTERM (Signals.h).
-  std::string work = std::filesystem::temp_directory_path() / "moec-compress-XXXXXX";
-  if (!mkdtemp(work.data()))
-    return Status::error(work, ": cannot create a temporary directory");
-  registerTemporaryPath(work);
+  // removed when this returns and on SIGINT/SIGTERM (Signals.h). With
+  // --resume they live beside the package (NAME.work/) and stay until the
+  // package is written, with the module and how far the run got saved
+  // after every pass and every GPTQ layer.
+  std::string work;
+  if (options.resume) {
+    work = options.output.substr(0, options.output.size() - std::string(".moepkg").size()) + ".work";
+    std::error_code error;
+    std::filesystem::create_directories(work, error);
+    if (error)
+      return Status::error(work, ": cannot create the --resume work directory: ", error.message());
+  } else {
+    work = std::filesystem::temp_directory_path() / "moec-compress-XXXXXX";
+    if (!mkdtemp(work.data()))
+      return Status::error(work, ": cannot create a temporary directory");
+    registerTemporaryPath(work);
+  }
   struct Cleanup {
     std::string path;
+    bool keep;
     ~Cleanup() {
+      if (keep)
+        return;
       std::error_code ignored;
       std::filesystem::remove_all(path, ignored);
       unregisterTemporaryPath(path);
     }
-  } cleanup{work};
+  } cleanup{work, options.resume};
 
-  progress.step("importing " + options.model);
-  Expected<ImportedCheckpoint> imported = importCheckpoint(options.model, work + "/m.moestore", context);
-  if (!imported)
-    return imported.status();
-  mlir::OwningOpRef<mlir::ModuleOp> module = std::move(imported->module);
-  ir::ModelOp model = *module->getOps<ir::ModelOp>().begin();
+  // What an interrupted --resume run left: the module after its last
+  // finished step, and which step that was.
+  const std::string runKey = statisticsKey(options, *recipe, recipe->passes.size());
+  const std::string statePath = work + "/state.json", modulePath = work + "/module.mlir";
+  json state = nullptr;
+  if (options.resume && std::filesystem::exists(statePath)) {
+    Expected<std::string> text = readWholeFile(statePath);
+    if (!text)
+      return text.status();
+    state = json::parse(*text, nullptr, false);
+    if (!state.is_object() || !state.contains("key") || !state["pass"].is_number_integer() ||
+        !state["layers_done"].is_number_integer() || !state["passes"].is_array())
+      return Status::error(statePath, ": not a moec compress state file; remove ", work, " to start again");
+    if (state["key"] != runKey)
+      return Status::error(work, ": holds an interrupted run of another model, recipe or calibration; remove it to "
+                                 "start this one, or give the same inputs to resume that one");
+  }
+
+  mlir::OwningOpRef<mlir::ModuleOp> module;
   CompressResult out;
   json &summary = out.summary;
   summary["model"] = options.model;
   summary["recipe"] = recipe->path;
   summary["output"] = options.output;
-  if (!imported->warnings.empty())
-    summary["warnings"] = imported->warnings;
+  if (state.is_object()) {
+    progress.step(concat("resuming from ", work, " (", state["pass"].get<int64_t>(), " passes and ",
+                         state["layers_done"].get<int64_t>(), " GPTQ layers done)"));
+    context.loadDialect<ir::MoeDialect>();
+    module = mlir::parseSourceFile<mlir::ModuleOp>(modulePath, &context);
+    if (!module)
+      return Status::error(modulePath, ": cannot read the saved module; remove ", work, " to start again");
+    summary["resumed"] = {{"pass", state["pass"]}, {"layers_done", state["layers_done"]}};
+  } else {
+    progress.step("importing " + options.model);
+    Expected<ImportedCheckpoint> imported = importCheckpoint(options.model, work + "/m.moestore", context);
+    if (!imported)
+      return imported.status();
+    module = std::move(imported->module);
+    if (!imported->warnings.empty())
+      summary["warnings"] = imported->warnings;
+  }
+  Expected<ir::ModelOp> found = findModel(*module);
+  if (!found)
+    return found.status();
+  ir::ModelOp model = *found;
+  // Saves the module and how far the run got (atomically, module first).
+  auto saveState = [&](size_t pass, int64_t layersDone, const json &passes, const json &layers) -> Status {
+    if (!options.resume)
+      return Status::success();
+    std::string text;
+    llvm::raw_string_ostream os(text);
+    module->print(os);
+    os.flush();
+    MOE_RETURN_IF_ERROR(writeFileAtomically(
+        modulePath, std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(text.data()), text.size())));
+    const std::string record = json{{"key", runKey},    {"pass", pass},     {"layers_done", layersDone},
+                                    {"passes", passes}, {"layers", layers}, {"before", summary["before"]}}
+                                   .dump();
+    MOE_RETURN_IF_ERROR(writeFileAtomically(
+        statePath, std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(record.data()), record.size())));
+    // Test hook: simulate a kill after this many saved GPTQ layers.
+    static int64_t saves = 0;
+    if (const char *stop = std::getenv("MOEC_TEST_KILL_AFTER_LAYERS");
+        stop && layersDone > 0 && ++saves >= std::atoll(stop))
+      std::raise(SIGKILL);
+    return Status::success();
+  };
   uint64_t bytesBefore = 0;
   for (mlir::Attribute source : model.getSources())
     bytesBefore += std::filesystem::file_size(llvm::cast<mlir::StringAttr>(source).getValue().str());
   summary["bytes_before"] = bytesBefore;
-  summary["before"] = moduleCounts(model);
+  summary["before"] = state.is_object() ? state["before"] : moduleCounts(model);
 
   // Evaluation: the original once (perplexity per domain and which experts
   // each domain routes to, for the report), and at the end the package
@@ -329,17 +414,24 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
     routing = {{"domains", result->routing}, {"tokens", result->routingTokens}};
   }
 
-  json passes = json::array();
+  json passes = state.is_object() ? state["passes"] : json::array();
+  const size_t firstPass = state.is_object() ? static_cast<size_t>(state["pass"].get<int64_t>()) : 0;
   const std::string statsPath = work + "/stats.safetensors";
   bool statsCurrent = false;
-  for (size_t i = 0; i < recipe->passes.size(); ++i) {
+  MOE_RETURN_IF_ERROR(saveState(firstPass, state.is_object() ? state["layers_done"].get<int64_t>() : 0, passes,
+                                state.is_object() ? state.value("layers", json::array()) : json::array()));
+  for (size_t i = firstPass; i < recipe->passes.size(); ++i) {
     const RecipePass &pass = recipe->passes[i];
     json record = {{"pass", pass.name}, {"options", pass.options}};
     if (pass.sequentialGptq) {
       progress.step(concat("[", i + 1, "/", recipe->passes.size(), "] ", describeRecipePass(pass),
                            ", layer by layer on ", recipe->calibrationData));
       auto passStart = std::chrono::steady_clock::now();
-      Expected<json> done = runSequentialGptq(context, *module, model, pass, *recipe, work, progress);
+      const int64_t layersDone = i == firstPass && state.is_object() ? state["layers_done"].get<int64_t>() : 0;
+      Expected<json> done =
+          runSequentialGptq(context, *module, model, pass, *recipe, work, progress, layersDone,
+                            layersDone > 0 ? state.value("layers", json::array()) : json::array(),
+                            [&](int64_t layer, const json &layers) { return saveState(i, layer + 1, passes, layers); });
       if (!done)
         return Status::error(recipe->path, ": ", pass.jsonPath, ": ", done.status().message(), "; nothing was written");
       record["sequential"] = *done;
@@ -347,6 +439,7 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
       record["after"] = moduleCounts(model);
       passes.push_back(record);
       statsCurrent = false;
+      MOE_RETURN_IF_ERROR(saveState(i + 1, 0, passes, json::array()));
       continue;
     }
     if (pass.needsStatistics && !statsCurrent) {
@@ -413,6 +506,7 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
     // what calibration would measure.
     if (pass.name != "moe-allocate-bits")
       statsCurrent = false;
+    MOE_RETURN_IF_ERROR(saveState(i + 1, 0, passes, json::array()));
   }
   summary["passes"] = passes;
 
@@ -496,6 +590,7 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
     }
   }
   summary["seconds"] = seconds(start);
+  cleanup.keep = false; // the package is written: the work directory goes
   return out;
 }
 

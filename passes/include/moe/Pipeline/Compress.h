@@ -40,6 +40,10 @@ struct CompressRequest {
   /// Calibration statistics are kept here under a hash of the checkpoint,
   /// the data, the calibration options and the passes before, and reused.
   std::string statsCache;
+  /// Keep the work in NAME.work/ beside the package, saved after every pass
+  /// and every GPTQ layer; a rerun with the same inputs continues from the
+  /// last saved step.
+  bool resume = false;
 };
 
 struct CompressProgress {
