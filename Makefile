@@ -28,8 +28,10 @@ build: configure
 demo: build
 	$(BUILD)/tools/moec inspect $(DEMO_MODEL)
 	$(BUILD)/tools/moec compress $(DEMO_MODEL) --recipe examples/recipes/default.json \
-	    -o $(BUILD)/demo.moepkg --eval-data tests/data/brown/heldout.jsonl --eval-tokens 2048
+	    -o $(BUILD)/demo.moepkg --eval-data tests/data/brown/heldout.jsonl --eval-tokens 2048 \
+	    --report $(BUILD)/demo-report.html
 	$(BUILD)/tools/moec generate $(BUILD)/demo.moepkg --prompt "The committee said" -n 40
+	@echo "report: $(BUILD)/demo-report.html (open it in a browser; JSON beside the package: $(BUILD)/demo.report.json)"
 
 check: build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)

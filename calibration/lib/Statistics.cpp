@@ -416,7 +416,9 @@ Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStre
   result.tokens = W * L;
   result.hiddenSize = H;
   auto start = std::chrono::steady_clock::now();
-  Progress progress(concat("calibrating (", result.tokens, " tokens)"), spec.numLayers, "layers");
+  Progress progress(
+      concat(visitor ? "calibrating and quantising layer by layer (" : "calibrating (", result.tokens, " tokens)"),
+      spec.numLayers, "layers");
   std::vector<float> layerInput;
   for (int64_t l = 0; l < spec.numLayers; ++l) {
     if (visitor)

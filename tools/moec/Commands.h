@@ -73,6 +73,10 @@ Command registerReport(CLI::App &app);
 /// HTML to `html`; either may be empty.
 Status writeReportFiles(const nlohmann::json &report, const std::string &html, const std::string &json);
 
+/// Registers the moe passes with MLIR's registry (once per process): for
+/// pipelines, recipes and `moec passes`.
+void registerPassesOnce();
+
 /// Prints "moec: error: <message>" to stderr.
 void printError(const std::string &message);
 

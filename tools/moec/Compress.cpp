@@ -30,11 +30,7 @@ struct CompressOptions {
 };
 
 int runCompress(const CompressOptions &options) {
-  static const bool registered = [] {
-    registerMoePasses();
-    return true;
-  }();
-  (void)registered;
+  registerPassesOnce();
   const auto start = std::chrono::steady_clock::now();
   const bool terminal = isatty(STDERR_FILENO);
   const bool quiet = progressMode() == ProgressMode::Never;
@@ -46,13 +42,8 @@ int runCompress(const CompressOptions &options) {
     std::fprintf(stderr, "%s[%6.1f s] %s%s\n", terminal ? "\033[1m" : "", elapsed, message.c_str(),
                  terminal ? "\033[0m" : "");
   };
-  progress.layer = [&](int64_t layer, int64_t layers, double calibrated, double quantized) {
-    if (!progressEnabled())
-      return;
-    std::fprintf(stderr, "\r  layer %lld/%lld: calibrated in %.1f s, quantised in %.1f s   %s",
-                 static_cast<long long>(layer + 1), static_cast<long long>(layers), calibrated, quantized,
-                 layer + 1 == layers ? "\n" : "");
-  };
+  // Sequential GPTQ's layers show in calibration's progress line (rate and
+  // ETA per layer); per-layer seconds are in the summary.
   mlir::MLIRContext context;
   Expected<CompressResult> result = compressCheckpoint(options.request, progress, context);
   if (!result) {

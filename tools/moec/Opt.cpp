@@ -30,11 +30,7 @@ struct OptOptions {
 };
 
 int runOpt(const OptOptions &options) {
-  static const bool registered = [] {
-    registerMoePasses();
-    return true;
-  }();
-  (void)registered;
+  registerPassesOnce();
   mlir::MLIRContext context;
   mlir::OwningOpRef<mlir::ModuleOp> module = readModuleFile(options.input, context);
   if (!module)

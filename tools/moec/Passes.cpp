@@ -26,11 +26,7 @@ struct PassesOptions {
 };
 
 int runPasses(const PassesOptions &options) {
-  static const bool registered = [] {
-    registerMoePasses();
-    return true;
-  }();
-  (void)registered;
+  registerPassesOnce();
   const std::vector<std::string> names = recipePassNames();
   if (!options.name.empty() && std::find(names.begin(), names.end(), options.name) == names.end()) {
     printError("'" + options.name + "' is not a moec pass" + didYouMean(options.name, names));

@@ -59,7 +59,10 @@ static Expected<LoadedModel> loadModuleModel(const std::string &path, const Engi
 }
 
 void addModelOptions(CLI::App *command, ModelOptions &options) {
-  command->add_option("model", options.path, "Model: a Hugging Face checkpoint directory, a moe module (.mlir), a package (.moepkg) or a GGUF file moec wrote")
+  command
+      ->add_option("model", options.path,
+                   "Model: a Hugging Face checkpoint directory, a moe module (.mlir), a package (.moepkg) or a GGUF "
+                   "file moec wrote")
       ->required();
   command->add_option("--max-memory", options.maxMemory,
                       "Budget for converted weights, e.g. 2G (default: the whole model when it fits)");

@@ -7,6 +7,8 @@
 
 #include "Commands.h"
 
+#include "moe/Transforms/Passes.h"
+
 #include "moe/Support/Progress.h"
 #include "moe/Support/Signals.h"
 #include "moe/Support/Threads.h"
@@ -17,6 +19,14 @@
 #include <vector>
 
 namespace moe::cli {
+
+void registerPassesOnce() {
+  static const bool registered = [] {
+    registerMoePasses();
+    return true;
+  }();
+  (void)registered;
+}
 
 void printError(const std::string &message) { llvm::WithColor::error(llvm::errs(), "moec") << message << "\n"; }
 

@@ -42,6 +42,13 @@ def Moe_ModelOp : Moe_Op<"model", [SymbolTable, Symbol, IsolatedFromAbove, NoTer
     update the config), and optionally the WeightStore that holds tensors
     passes wrote.
 
+    Two discardable attributes hold the model's history: `moe.original`
+    (set at import: experts and width per layer, stored bytes by role) and
+    `moe.decisions` (appended by the passes that remove, merge or narrow
+    experts: per pass and layer the experts seen by origin, their scores,
+    routed tokens, and what was removed or merged into what). Reports read
+    them; packages carry them in their provenance.
+
     ```mlir
     moe.model @m family "olmoe" hidden 2048 sources ["model.safetensors"] config "{...}" {
       ...
