@@ -8,6 +8,7 @@
 #include "moe/Calibration/StatisticNames.h"
 #include "moe/Frontend/Safetensors.h"
 #include "moe/Lowering/TensorAccess.h"
+#include "moe/Support/Progress.h"
 #include "moe/Transforms/Passes.h"
 
 #include "ExpertEditing.h"
@@ -221,7 +222,12 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
       std::vector<float> scratch;
       std::set<int64_t> best;
       double bestLoss = INFINITY;
-      if (subsetCount(static_cast<int64_t>(choices.size()), toDrop, maxSubsets) <= maxSubsets) {
+      const int64_t subsets = subsetCount(static_cast<int64_t>(choices.size()), toDrop, maxSubsets);
+      const bool exhaustive = subsets <= maxSubsets;
+      const int64_t greedySteps = toDrop * static_cast<int64_t>(choices.size()); // an upper bound
+      Progress progress(concat("NAEE search, layer ", index, exhaustive ? " (every subset)" : " (greedy)"),
+                        exhaustive ? subsets : greedySteps, "subsets");
+      if (exhaustive) {
         // Every subset, in lexicographic order (ties keep the first).
         std::vector<int64_t> pick(static_cast<size_t>(toDrop));
         std::iota(pick.begin(), pick.end(), 0);
@@ -232,6 +238,7 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
             subset.insert(choices[static_cast<size_t>(i)]);
           double loss = reconstructionLoss(spec, layerSpec, weights, *blocks, subset, scratch);
           ++subsetsEvaluated;
+          progress.advance();
           if (loss < bestLoss) {
             bestLoss = loss;
             best = subset;
@@ -256,6 +263,7 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
             subset.insert(e);
             double loss = reconstructionLoss(spec, layerSpec, weights, *blocks, subset, scratch);
             ++subsetsEvaluated;
+            progress.advance();
             if (loss < chosenLoss) {
               chosenLoss = loss;
               chosen = e;

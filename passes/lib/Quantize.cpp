@@ -6,6 +6,7 @@
 
 #include "PassSupport.h"
 #include "moe/Calibration/StatisticNames.h"
+#include "moe/Support/Progress.h"
 #include "moe/Support/Threads.h"
 #include "moe/Transforms/Passes.h"
 
@@ -87,6 +88,8 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       pending.push_back(symbolName);
     }
     const size_t threads = threadCount();
+    Progress progress(concat(getArgument().str(), method == QuantizeMethod::Gptq ? " (GPTQ)" : " (RTN)"),
+                      static_cast<int64_t>(pending.size()), "matrices");
     for (size_t first = 0; first < pending.size(); first += threads) {
       std::vector<Job> jobs(std::min(threads, pending.size() - first));
       for (size_t j = 0; j < jobs.size(); ++j)
@@ -106,6 +109,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       for (Job &job : jobs)
         if (failed(finish(model, access, job)))
           return signalPassFailure();
+      progress.advance(static_cast<int64_t>(jobs.size()));
     }
   }
 
