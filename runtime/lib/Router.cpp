@@ -72,6 +72,12 @@ void route(const RouterSpec &router, int64_t numExperts, const float *logits, co
   if (correctionBias)
     for (int64_t e = 0; e < numExperts; ++e)
       choice[e] += correctionBias[e];
+  // A masked row (logit -inf: an expert switched off, as if absent) is
+  // never chosen, whatever its correction bias: sigmoid(-inf) + bias would
+  // otherwise let it take a top-k slot with weight 0.
+  for (int64_t e = 0; e < numExperts; ++e)
+    if (logits[e] == kMinusInfinity)
+      choice[e] = kMinusInfinity;
 
   if (router.selection != ExpertSelection::TopK) {
     const int64_t groups = router.numGroups, perGroup = numExperts / groups;
@@ -79,9 +85,12 @@ void route(const RouterSpec &router, int64_t numExperts, const float *logits, co
     for (int64_t g = 0; g < groups; ++g) {
       std::vector<float> members(choice.begin() + g * perGroup, choice.begin() + (g + 1) * perGroup);
       std::sort(members.begin(), members.end(), std::greater<float>());
-      groupScores[g] = router.selection == ExpertSelection::GroupLimitedMax
-                           ? members[0]
-                           : members[0] + (perGroup > 1 ? members[1] : 0.0f);
+      // A group scores by its present experts: a masked member adds nothing
+      // to the top-two sum (a group with none left is never kept).
+      groupScores[g] =
+          router.selection == ExpertSelection::GroupLimitedMax || perGroup == 1 || members[1] == kMinusInfinity
+              ? members[0]
+              : members[0] + members[1];
     }
     std::vector<int32_t> keptGroups(static_cast<size_t>(router.topKGroups));
     topK(groupScores, router.topKGroups, keptGroups.data());

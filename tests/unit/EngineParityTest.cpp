@@ -13,6 +13,8 @@
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <map>
 
 using namespace moe;
@@ -238,4 +240,57 @@ TEST(Engine, ObserversSeeEveryRoutingDecisionAndChangeNothing) {
     total += count;
   EXPECT_EQ(total, T * moeLayers * model.spec.router.topK);
   EXPECT_LE(maxAbsDifference(logits, golden.logits.data(), logits.size()), 1e-3f);
+}
+
+TEST(Engine, MaskedExpertsAreNeverChosenWhateverTheirCorrectionBias) {
+  // DeepSeek-V3 chooses by sigmoid(logit) + correction bias. A masked
+  // expert's logit is -inf, so its sigmoid is 0 and, with a large bias, it
+  // used to take a top-k slot with weight 0: the subset NAEE scored was not
+  // the routing of the sliced model. Give expert 3 of layer 1 a bias that
+  // wins every token, then mask it.
+  TempDir dir;
+  const std::string source = dataDir() + "/hf/deepseek_v3";
+  for (const auto &entry : std::filesystem::directory_iterator(source))
+    std::filesystem::copy_file(entry.path(), dir.file(entry.path().filename().string()));
+  std::string shard;
+  for (const auto &entry : std::filesystem::directory_iterator(dir.path()))
+    if (entry.path().extension() == ".safetensors")
+      shard = entry.path().string();
+  {
+    auto file = SafetensorsFile::open(shard);
+    ASSERT_TRUE(file.ok()) << file.status().message();
+    const TensorInfo *bias = (*file)->find("model.layers.1.mlp.gate.e_score_correction_bias");
+    ASSERT_NE(bias, nullptr);
+    ASSERT_EQ(bias->dtype, DType::BF16);
+    std::fstream patch(shard, std::ios::in | std::ios::out | std::ios::binary);
+    uint64_t headerLength = 0; // the data buffer starts after it
+    patch.read(reinterpret_cast<char *>(&headerLength), 8);
+    const uint64_t offset = 8 + headerLength + bias->dataBegin + 3 * 2; // expert 3
+    patch.seekp(static_cast<std::streamoff>(offset));
+    const uint8_t ten[2] = {0x20, 0x41}; // bf16 10.0
+    patch.write(reinterpret_cast<const char *>(ten), 2);
+  }
+  Golden golden = loadGolden("deepseek_v3");
+  auto choices = [&](EngineOptions options) {
+    Loaded model = loadModel(dir.path(), options);
+    RecordingObserver observer;
+    model.engine->setObserver(&observer);
+    KvCache cache = model.engine->newCache();
+    std::vector<float> logits;
+    EXPECT_TRUE(model.engine->forward(golden.ids, cache, logits).ok());
+    for (float value : logits)
+      EXPECT_TRUE(std::isfinite(value));
+    return observer.expertChoices;
+  };
+  const int64_t T = static_cast<int64_t>(golden.ids.size());
+  const std::pair<int64_t, int64_t> biased = {1, 3};
+  EXPECT_EQ(choices({})[biased], T) << "the bias makes every token choose expert 3";
+  EngineOptions masked;
+  masked.maskedExperts = {{1, {3}}};
+  auto chosen = choices(masked);
+  EXPECT_EQ(chosen.count(biased), 0u) << "a masked expert is never chosen";
+  int64_t layer1 = 0;
+  for (const auto &[key, count] : chosen)
+    layer1 += key.first == 1 ? count : 0;
+  EXPECT_EQ(layer1, 2 * T) << "every token still gets top-2 present experts";
 }
