@@ -532,7 +532,10 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
     model.emitRemark() << concat("moe-allocate-bits: ", units.size(), " units, average ", allocation->averageBits,
                                  " bits (budget ",
                                  budgetBytes.empty() ? concat(static_cast<double>(budget)) : budgetBytes + " bytes",
-                                 "), ", bytes, " bytes ", layout, ": ", widthsText);
+                                 "), ", bytes, " bytes ", layout, ": ", widthsText,
+                                 allocation->proven ? ""
+                                                    : "; not proven optimal: GLPK stopped at its time limit with "
+                                                      "the best allocation it had found");
     return success();
   }
 

@@ -24,9 +24,10 @@ namespace {
 /// Returns the chosen candidate index per free unit, or nothing when no
 /// choice fits the bounds.
 template <typename Objective>
-Expected<std::optional<std::vector<int>>>
-solve(const std::vector<AllocationUnit> &units, const std::vector<int> &free, const std::vector<int> &candidates,
-      double parameters, double pinnedAverage, double lower, double upper, Objective coefficient) {
+Expected<std::optional<std::vector<int>>> solve(const std::vector<AllocationUnit> &units, const std::vector<int> &free,
+                                                const std::vector<int> &candidates, double parameters,
+                                                double pinnedAverage, double lower, double upper, Objective coefficient,
+                                                int timeLimitMs, bool *stoppedEarly = nullptr) {
   std::unique_ptr<glp_prob, void (*)(glp_prob *)> problem(glp_create_prob(), glp_delete_prob);
   glp_prob *lp = problem.get();
   glp_set_obj_dir(lp, GLP_MIN);
@@ -57,12 +58,17 @@ solve(const std::vector<AllocationUnit> &units, const std::vector<int> &free, co
   control.presolve = GLP_ON;
   control.msg_lev = GLP_MSG_OFF;
   // Branch and bound can take long to prove that no combination exists;
-  // past the limit the best combination found so far stands.
-  control.tm_lim = 30000;
+  // past the limit the best combination found so far stands, said so.
+  control.tm_lim = timeLimitMs;
   const int status = glp_intopt(lp, &control);
-  if (status == GLP_ENOPFS || status == GLP_ENODFS || glp_mip_status(lp) == GLP_NOFEAS ||
-      (status == GLP_ETMLIM && glp_mip_status(lp) != GLP_FEAS))
+  if (status == GLP_ETMLIM && glp_mip_status(lp) != GLP_FEAS && glp_mip_status(lp) != GLP_OPT)
+    return Status::error("bit allocation: GLPK reached its time limit (", timeLimitMs / 1000.0,
+                         " s) before finding any allocation; none is proven impossible (fewer units, e.g. "
+                         "granularity=expert, or a tolerance make the problem easier)");
+  if (status == GLP_ENOPFS || status == GLP_ENODFS || glp_mip_status(lp) == GLP_NOFEAS)
     return std::optional<std::vector<int>>();
+  if (stoppedEarly)
+    *stoppedEarly = status == GLP_ETMLIM;
   if ((status != 0 && status != GLP_ETMLIM) || (glp_mip_status(lp) != GLP_OPT && glp_mip_status(lp) != GLP_FEAS))
     return Status::error("bit allocation: GLPK found no solution (status ", status, ")");
   std::vector<int> chosen(free.size(), 0);
@@ -76,7 +82,7 @@ solve(const std::vector<AllocationUnit> &units, const std::vector<int> &free, co
 } // namespace
 
 Expected<Allocation> allocateBits(const std::vector<AllocationUnit> &units, const std::vector<int> &candidates,
-                                  double budgetBits, double tolerance) {
+                                  double budgetBits, double tolerance, int timeLimitMs) {
   if (units.empty())
     return Status::error("bit allocation: no units to allocate");
   if (candidates.empty())
@@ -160,18 +166,20 @@ Expected<Allocation> allocateBits(const std::vector<AllocationUnit> &units, cons
     const double scale = largest > 0 ? 1.0 / largest : 1.0;
     const double pinnedAverage = pinnedBits / parameters;
     auto bitsOf = [&](int u, int b) { return static_cast<double>(units[u].parameters) * candidates[b] / parameters; };
-    Expected<std::optional<std::vector<int>>> chosen =
-        solve(units, free, candidates, parameters, pinnedAverage, lower, upper,
-              [&](int u, int b) { return units[u].loss[b] * scale; });
+    bool stoppedEarly = false;
+    Expected<std::optional<std::vector<int>>> chosen = solve(
+        units, free, candidates, parameters, pinnedAverage, lower, upper,
+        [&](int u, int b) { return units[u].loss[b] * scale; }, timeLimitMs, &stoppedEarly);
+    allocation.proven = !stoppedEarly;
     if (!chosen)
       return chosen.status();
     if (!*chosen) {
       // No choice lands in [budget - tolerance, budget]: name the closest
       // averages that can be met on either side.
       auto closest = [&](double low, double high, double sign) -> Expected<double> {
-        Expected<std::optional<std::vector<int>>> extreme =
-            solve(units, free, candidates, parameters, pinnedAverage, low, high,
-                  [&](int u, int b) { return sign * bitsOf(u, b); });
+        Expected<std::optional<std::vector<int>>> extreme = solve(
+            units, free, candidates, parameters, pinnedAverage, low, high,
+            [&](int u, int b) { return sign * bitsOf(u, b); }, timeLimitMs);
         if (!extreme)
           return extreme.status();
         if (!*extreme)

@@ -27,15 +27,20 @@ struct Allocation {
   std::vector<int> bits;  ///< Per unit.
   double averageBits = 0; ///< Parameter-weighted.
   double loss = 0;
+  /// False when GLPK stopped at its time limit: the allocation meets the
+  /// budget but is the best found, not proven the best.
+  bool proven = true;
 };
 
 /// Solves the allocation: the average lands in [budgetBits - tolerance,
 /// budgetBits] (tolerance 0: exactly the budget). Fails, naming the closest
 /// feasible budget(s), when the narrowest candidates (and the pins) exceed
 /// the budget, the widest fall short of it, or no combination lands in the
-/// window.
+/// window. GLPK searches for at most `timeLimitMs`; past it the best
+/// allocation found stands (`proven` false), and when none was found yet
+/// the error says so rather than calling the budget infeasible.
 Expected<Allocation> allocateBits(const std::vector<AllocationUnit> &units, const std::vector<int> &candidates,
-                                  double budgetBits, double tolerance = 0.0);
+                                  double budgetBits, double tolerance = 0.0, int timeLimitMs = 30000);
 
 } // namespace moe
 

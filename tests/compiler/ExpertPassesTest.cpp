@@ -501,6 +501,33 @@ TEST(BitAllocation, MoreBitsGoWhereTheLossFallsFastest) {
   expectErrorContains(allocateBits({a, b}, {2, 3, 4}, 3.0, std::nan("")).status(), {"tolerance must not be negative"});
 }
 
+TEST(BitAllocation, StoppingAtTheTimeLimitIsSaidNeverPassedOffAsProvenOrInfeasible) {
+  // 20000 units of unequal sizes: GLPK cannot prove an optimum in 1 ms.
+  // Whatever it had by then is either an allocation marked unproven that
+  // meets the budget, or an error that names the time limit; never a
+  // proven optimum and never "no choice of widths" (which would be false).
+  std::vector<AllocationUnit> units;
+  std::mt19937 random(7);
+  std::uniform_real_distribution<double> loss(0.5, 1.5);
+  for (int u = 0; u < 20000; ++u) {
+    const double scale = loss(random);
+    units.push_back({1000 + u % 7, {4.0 * scale * loss(random), 2.0 * scale, scale}, 0});
+  }
+  auto limited = allocateBits(units, {2, 3, 4}, 3.0, 0.01, /*timeLimitMs=*/1);
+  if (limited.ok()) {
+    EXPECT_FALSE(limited->proven);
+    EXPECT_LE(limited->averageBits, 3.0 + 1e-9);
+    EXPECT_GE(limited->averageBits, 2.99 - 1e-9);
+  } else {
+    expectErrorContains(limited.status(), {"time limit", "none is proven impossible"});
+  }
+  // With time, the same problem is solved and proven.
+  std::vector<AllocationUnit> few(units.begin(), units.begin() + 50);
+  auto solved = allocateBits(few, {2, 3, 4}, 3.0, 0.01);
+  ASSERT_TRUE(solved.ok()) << solved.status().message();
+  EXPECT_TRUE(solved->proven);
+}
+
 TEST(BitAllocation, TheBudgetIsMetExactlyOrTheClosestBudgetsAreNamed) {
   // Unequal units with widths 2 or 4: the averages are 2, 2.5, 3.5 and 4,
   // so 3.0 cannot be met exactly.
