@@ -294,18 +294,33 @@ public:
         ++stats.blockSampleCount;
       }
     }
-    std::vector<double> outputNorm(static_cast<size_t>(tokens));
-    for (int64_t t = 0; t < tokens; ++t) {
-      double sum = 0;
-      for (int64_t h = 0; h < H; ++h)
-        sum += static_cast<double>(output[t * H + h]) * output[t * H + h];
-      outputNorm[t] = std::sqrt(sum);
-    }
-    // EASY-EP: each expert's weighted output norm relative to the block's.
+    // EASY-EP (arXiv 2504.06792, RUCAIBox/EASYEP): S_i = sum over tokens
+    // routed to i of g_{t,i} ||E_i(x_t)|| c_t, with the token's
+    // contribution c_t from onMoeResidual.
     for (const Contribution &c : pendingContributions)
-      if (outputNorm[c.token] > 0)
-        stats.easyEpScore[c.expert] += c.weightedNorm / outputNorm[c.token];
+      if (static_cast<size_t>(c.token) < tokenContribution.size())
+        stats.easyEpScore[c.expert] += c.weightedNorm * tokenContribution[static_cast<size_t>(c.token)];
     pendingContributions.clear();
+    tokenContribution.clear();
+  }
+
+  /// c_t = max(1 - cos(h_t, h_t + r_t), 0): how much the routed experts
+  /// turn the residual stream h_t (r_t: their weighted output, shared
+  /// experts excluded).
+  void onMoeResidual(int64_t, int64_t tokens, std::span<const float> residual, std::span<const float> routed) override {
+    const int64_t H = spec.hiddenSize;
+    tokenContribution.assign(static_cast<size_t>(tokens), 0.0);
+    for (int64_t t = 0; t < tokens; ++t) {
+      double dot = 0, hh = 0, nn = 0;
+      for (int64_t i = 0; i < H; ++i) {
+        const double h = residual[t * H + i], n = h + static_cast<double>(routed[t * H + i]);
+        dot += h * n;
+        hh += h * h;
+        nn += n * n;
+      }
+      const double cosine = hh > 0 && nn > 0 ? dot / std::sqrt(hh * nn) : 1.0;
+      tokenContribution[static_cast<size_t>(t)] = std::max(0.0, 1.0 - cosine);
+    }
   }
 
   std::map<int64_t, LayerStatistics> layers;
@@ -330,6 +345,7 @@ private:
   std::map<int64_t, int64_t> momentCap; ///< By layer, with --sample-cap-ratio.
   std::vector<float> currentWeights;
   std::vector<Contribution> pendingContributions;
+  std::vector<double> tokenContribution; ///< c_t of the block being run.
 };
 
 /// The bytes of `values`, in place (the writer streams them to the file).

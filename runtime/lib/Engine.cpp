@@ -327,6 +327,9 @@ void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerW
     }
   }
 
+  if (observer && hooks.residual)
+    observer->onMoeResidual(layer.index, tokens, std::span<const float>(hooks.residual, tokens * H),
+                            std::span<const float>(out, tokens * H));
   if (layer.shared.intermediateSize > 0) {
     std::vector<float> shared(static_cast<size_t>(tokens * H));
     swiglu(w.shared, x, tokens, intermediate, shared.data());
@@ -447,6 +450,7 @@ Status Engine::forwardLayer(int64_t l, float *xData, int64_t T, KvCache &cache) 
       hooks.maskedRows = &masked->second;
     hooks.observer = observer;
     hooks.counters = &counters;
+    hooks.residual = x.data();
     moeBlockForward(spec, layer, w, normed.data(), T, branch.data(), hooks);
   } else {
     std::vector<float> intermediate;

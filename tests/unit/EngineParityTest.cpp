@@ -294,3 +294,77 @@ TEST(Engine, MaskedExpertsAreNeverChosenWhateverTheirCorrectionBias) {
     layer1 += key.first == 1 ? count : 0;
   EXPECT_EQ(layer1, 2 * T) << "every token still gets top-2 present experts";
 }
+
+TEST(Engine, MoeResidualHookGivesTheResidualAndTheRoutedOutputAlone) {
+  // EASY-EP's token contribution needs the residual stream entering the MoE
+  // block and the routed experts' output without the shared experts
+  // (DeepSeek-V2 has both). Checked against the other hooks: the routed
+  // output is the sum of g x E(x) over the chosen experts, and the residual
+  // plus the whole block output is the layer's output.
+  class Check : public EngineObserver {
+  public:
+    int64_t H = 0, K = 0;
+    std::vector<float> weights, routedSum, residual, routedHook, block;
+    std::vector<int32_t> chosen;
+    std::map<int64_t, std::vector<float>> layerOutput;
+    int64_t calls = 0, layer = -1;
+    void onRouter(int64_t l, int64_t tokens, std::span<const float>, std::span<const int32_t> c,
+                  std::span<const float> w, std::span<const int32_t>) override {
+      if (l != layer)
+        return;
+      chosen.assign(c.begin(), c.end());
+      weights.assign(w.begin(), w.end());
+      K = static_cast<int64_t>(c.size()) / tokens;
+      routedSum.assign(static_cast<size_t>(tokens * H), 0.0f);
+    }
+    void onExpert(int64_t l, int64_t expert, std::span<const int32_t> tokenIndices, std::span<const float>,
+                  std::span<const float>, std::span<const float> output) override {
+      if (l != layer)
+        return;
+      for (size_t r = 0; r < tokenIndices.size(); ++r) {
+        const int32_t t = tokenIndices[r];
+        float g = 0;
+        for (int64_t k = 0; k < K; ++k)
+          if (chosen[t * K + k] == expert)
+            g += weights[t * K + k];
+        for (int64_t i = 0; i < H; ++i)
+          routedSum[t * H + i] += g * output[r * H + i];
+      }
+    }
+    void onMoeResidual(int64_t l, int64_t, std::span<const float> h, std::span<const float> r) override {
+      if (l != layer)
+        return;
+      ++calls;
+      residual.assign(h.begin(), h.end());
+      routedHook.assign(r.begin(), r.end());
+    }
+    void onMoeBlock(int64_t l, int64_t, std::span<const float>, std::span<const float> output) override {
+      if (l == layer)
+        block.assign(output.begin(), output.end());
+    }
+    void onLayerOutput(int64_t l, int64_t, std::span<const float> hidden) override {
+      layerOutput[l].assign(hidden.begin(), hidden.end());
+    }
+  } check;
+  Loaded model = loadModel(dataDir() + "/hf/deepseek_v2");
+  ASSERT_GT(model.spec.layers[1].shared.intermediateSize, 0);
+  check.H = model.spec.hiddenSize;
+  check.layer = 1;
+  Golden golden = loadGolden("deepseek_v2");
+  model.engine->setObserver(&check);
+  KvCache cache = model.engine->newCache();
+  std::vector<float> logits;
+  ASSERT_TRUE(model.engine->forward(golden.ids, cache, logits).ok());
+  model.engine->setObserver(nullptr);
+  ASSERT_EQ(check.calls, 1);
+  ASSERT_EQ(check.routedHook.size(), check.routedSum.size());
+  float routedError = 0, residualError = 0, sharedPart = 0;
+  for (size_t i = 0; i < check.routedHook.size(); ++i) {
+    routedError = std::max(routedError, std::fabs(check.routedHook[i] - check.routedSum[i]));
+    sharedPart = std::max(sharedPart, std::fabs(check.block[i] - check.routedHook[i]));
+    residualError = std::max(residualError, std::fabs(check.residual[i] + check.block[i] - check.layerOutput[1][i]));
+  }
+  EXPECT_LT(routedError, 1e-5f);
+  EXPECT_GT(sharedPart, 1e-3f) << "the shared expert is not in the routed output";
+  EXPECT_LT(residualError, 1e-5f);
+}

@@ -20,7 +20,7 @@ inline constexpr const char *kTokens = "tokens";
 inline constexpr const char *kRouterScoreSum = "router_score_sum";
 /// Per layer [E]: routed weights summed over the tokens routed to each expert.
 inline constexpr const char *kGateWeightSum = "gate_weight_sum";
-/// Per layer [E]: EASY-EP's token-weighted output-norm score.
+/// Per layer [E]: EASY-EP's score, sum of g ||E(x)|| max(1 - cos(h, h + r), 0).
 inline constexpr const char *kEasyEpScore = "easy_ep_score";
 /// Per layer [E]: largest |down_proj output| (Super Experts).
 inline constexpr const char *kMaxAbsOutput = "max_abs_output";

@@ -45,7 +45,11 @@ def MoePruneExperts : Pass<"moe-prune-experts", "::moe::ir::ModelOp"> {
     (`moec calibrate`) and removes the lowest-scored ones, per layer or
     across the model, as `moe-drop-experts` does. Methods: `frequency`
     (tokens routed to the expert), `gate-weight` (sum of its routing
-    weights), `easy-ep` (sum of weight x output norm / block output norm),
+    weights), `easy-ep` (EASY-EP as published: the sum over routed tokens of
+    g x ||E(x)|| x c_t, with c_t = max(1 - cos(h, h + r), 0) for the
+    residual stream h entering the block and the routed experts' output r,
+    shared experts excluded; it deviates from the paper only in scoring the
+    calibration data given rather than its 25 longest domain samples),
     `tcess` (PreMoe's released scoring: the mean over tokens of the raw
     router logit of each token's top-1 expert), `reconstruction` (NAEE:
     the subset whose removal changes the layer's cached block outputs least

@@ -45,6 +45,12 @@ public:
   virtual void onExpert(int64_t layer, int64_t expert, std::span<const int32_t> tokenIndices,
                         std::span<const float> input, std::span<const float> intermediate,
                         std::span<const float> output) {}
+  /// The residual stream entering the MoE block (before its norm) and the
+  /// routed experts' weighted output alone (shared experts not added), both
+  /// [T, H]: EASY-EP's token contribution max(1 - cos(h, h + r), 0). Called
+  /// before onMoeBlock, during the engine's forward pass only.
+  virtual void onMoeResidual(int64_t layer, int64_t tokens, std::span<const float> residual,
+                             std::span<const float> routed) {}
   /// MoE block input (after the norm) and output (before the residual), [T, H].
   virtual void onMoeBlock(int64_t layer, int64_t tokens, std::span<const float> input, std::span<const float> output) {}
   /// Attention input (after the norm) [T, H] and the attended values that
@@ -83,6 +89,7 @@ struct RoutingCounters {
 /// What a MoE block computation reports to and is changed by.
 struct MoeBlockHooks {
   const std::set<int64_t> *maskedRows = nullptr; ///< Router rows set to -inf.
+  const float *residual = nullptr;               ///< [T, H] entering the block, for onMoeResidual.
   EngineObserver *observer = nullptr;
   RoutingCounters *counters = nullptr;
 };
