@@ -83,9 +83,7 @@ int generate(const std::string &dir, DType dtype, int64_t mib) {
   }
   nlohmann::json index = {{"metadata", nlohmann::json::object()}, {"weight_map", weightMap}};
   std::string text = index.dump();
-  Status status =
-      writeFileAtomically(dir + "/model.safetensors.index.json",
-                          std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(text.data()), text.size()));
+  Status status = writeTextAtomically(dir + "/model.safetensors.index.json", text);
   return status.ok() ? 0 : 1;
 }
 

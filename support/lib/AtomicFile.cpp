@@ -105,6 +105,11 @@ Status writeFileAtomically(const std::string &path, std::span<const uint8_t> byt
   return writeChunksAtomically(path, {bytes});
 }
 
+Status writeTextAtomically(const std::string &path, std::string_view text) {
+  return writeFileAtomically(path,
+                             std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(text.data()), text.size()));
+}
+
 Expected<std::unique_ptr<AtomicDirectory>> AtomicDirectory::create(const std::string &path) {
   struct stat info;
   if (::stat(path.c_str(), &info) == 0 && !S_ISDIR(info.st_mode))

@@ -69,9 +69,6 @@ Command registerGenerate(CLI::App &app);
 Command registerPasses(CLI::App &app);
 /// `moec report model.mlir|pkg [-o report.html] [--json report.json]`.
 Command registerReport(CLI::App &app);
-/// Writes a report's JSON to `json` (default: beside `html`, .json) and its
-/// HTML to `html`; either may be empty.
-Status writeReportFiles(const nlohmann::json &report, const std::string &html, const std::string &json);
 
 /// Registers the moe passes with MLIR's registry (once per process): for
 /// pipelines, recipes and `moec passes`.

@@ -53,8 +53,7 @@ int runCompress(const CompressOptions &options) {
   const std::string text = result->summary.dump(2) + "\n";
   std::cout << text;
   if (!options.summary.empty()) {
-    Status written = writeFileAtomically(
-        options.summary, std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(text.data()), text.size()));
+    Status written = writeTextAtomically(options.summary, text);
     if (!written.ok()) {
       printError(written.message());
       return 1;

@@ -76,8 +76,7 @@ int writeModuleFile(mlir::ModuleOp module, const std::string &output) {
     llvm::outs() << text;
     return 0;
   }
-  Status status = writeFileAtomically(
-      output, std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(text.data()), text.size()));
+  Status status = writeTextAtomically(output, text);
   if (!status.ok()) {
     printError(status.message());
     return 1;

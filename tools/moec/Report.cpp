@@ -12,9 +12,7 @@
 
 #include "moe/Pipeline/Report.h"
 #include "moe/Runtime/DescriptionSummary.h"
-#include "moe/Support/AtomicFile.h"
 
-#include <filesystem>
 #include <iostream>
 
 namespace moe::cli {
@@ -57,21 +55,6 @@ int runReport(const ReportOptions &options) {
 }
 
 } // namespace
-
-Status writeReportFiles(const nlohmann::json &report, const std::string &html, const std::string &jsonPath) {
-  auto write = [](const std::string &path, const std::string &text) {
-    return writeFileAtomically(path,
-                               std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(text.data()), text.size()));
-  };
-  std::string json = jsonPath;
-  if (json.empty() && !html.empty())
-    json = (std::filesystem::path(html).replace_extension(".json")).string();
-  if (!json.empty())
-    MOE_RETURN_IF_ERROR(write(json, report.dump(2) + "\n"));
-  if (!html.empty())
-    MOE_RETURN_IF_ERROR(write(html, renderReportHtml(report)));
-  return Status::success();
-}
 
 Command registerReport(CLI::App &app) {
   auto options = std::make_shared<ReportOptions>();

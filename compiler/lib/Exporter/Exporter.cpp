@@ -163,10 +163,7 @@ Status padExpert(ir::TensorOp tensor, ir::QuantAttr quant, bool down, int64_t wi
   return Status::success();
 }
 
-Status writeText(const std::string &path, const std::string &text) {
-  return writeFileAtomically(path,
-                             std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(text.data()), text.size()));
-}
+Status writeText(const std::string &path, const std::string &text) { return writeTextAtomically(path, text); }
 
 /// Where an expert tensor goes: the expert ids (router rows) it is written
 /// as, whether it is a down projection (padded in columns), its width.

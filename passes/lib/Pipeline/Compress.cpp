@@ -365,13 +365,11 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
     llvm::raw_string_ostream os(text);
     module->print(os);
     os.flush();
-    MOE_RETURN_IF_ERROR(writeFileAtomically(
-        modulePath, std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(text.data()), text.size())));
+    MOE_RETURN_IF_ERROR(writeTextAtomically(modulePath, text));
     const std::string record = json{{"key", runKey},    {"pass", pass},     {"layers_done", layersDone},
                                     {"passes", passes}, {"layers", layers}, {"before", summary["before"]}}
                                    .dump();
-    MOE_RETURN_IF_ERROR(writeFileAtomically(
-        statePath, std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(record.data()), record.size())));
+    MOE_RETURN_IF_ERROR(writeTextAtomically(statePath, record));
     // Test hook: simulate a kill after this many saved GPTQ layers.
     static int64_t saves = 0;
     if (const char *stop = std::getenv("MOEC_TEST_KILL_AFTER_LAYERS");
@@ -479,9 +477,7 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
           // Into the cache under a unique name, then renamed: a concurrent
           // run never reads half a file.
           const std::string about = json{{"tokens", result->tokens}}.dump();
-          MOE_RETURN_IF_ERROR(writeFileAtomically(
-              cached + ".json",
-              std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(about.data()), about.size())));
+          MOE_RETURN_IF_ERROR(writeTextAtomically(cached + ".json", about));
           const std::string temporary = cached + ".tmp" + std::to_string(::getpid());
           std::error_code error;
           std::filesystem::copy_file(statsPath, temporary, std::filesystem::copy_options::overwrite_existing, error);
@@ -578,16 +574,10 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
       jsonPath = options.output;
       jsonPath = jsonPath.substr(0, jsonPath.size() - std::string(".moepkg").size()) + ".report.json";
     }
-    const std::string jsonText = out.report.dump(2) + "\n";
-    MOE_RETURN_IF_ERROR(writeFileAtomically(
-        jsonPath, std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(jsonText.data()), jsonText.size())));
+    MOE_RETURN_IF_ERROR(writeReportFiles(out.report, options.reportHtml, jsonPath));
     summary["report_json"] = jsonPath;
-    if (!options.reportHtml.empty()) {
-      const std::string html = renderReportHtml(out.report);
-      MOE_RETURN_IF_ERROR(writeFileAtomically(
-          options.reportHtml, std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(html.data()), html.size())));
+    if (!options.reportHtml.empty())
       summary["report_html"] = options.reportHtml;
-    }
   }
   summary["seconds"] = seconds(start);
   cleanup.keep = false; // the package is written: the work directory goes

@@ -5,10 +5,12 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Pipeline/Report.h"
+#include "moe/Support/AtomicFile.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <map>
 #include <set>
 
@@ -542,6 +544,17 @@ std::string renderReportHtml(const json &report) {
   html += "<p style=\"font-size:11px;color:#777\">Written by moec report. Scores are each method's own (see "
           "docs/MoePasses.md); frequency is the share of calibration tokens routed to the expert.</p></body></html>\n";
   return html;
+}
+
+Status writeReportFiles(const json &report, const std::string &html, const std::string &jsonPath) {
+  std::string path = jsonPath;
+  if (path.empty() && !html.empty())
+    path = std::filesystem::path(html).replace_extension(".json").string();
+  if (!path.empty())
+    MOE_RETURN_IF_ERROR(writeTextAtomically(path, report.dump(2) + "\n"));
+  if (!html.empty())
+    MOE_RETURN_IF_ERROR(writeTextAtomically(html, renderReportHtml(report)));
+  return Status::success();
 }
 
 } // namespace moe

@@ -396,3 +396,39 @@ moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
     }
   }
 }
+
+// -----
+
+// Renumbered experts keep their checkpoint id as origin; two experts with
+// one origin would make reports name the wrong expert.
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<2x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.layer 0 {
+    moe.moe_block {
+      moe.router @r top_k 1 scoring "softmax" selection "top-k"
+      moe.expert 0 width 4 gate @g up @u down @d {origin = 3 : i64}
+      // expected-error @+1 {{'moe.expert' op origin 3 of expert 1 is another expert's}}
+      moe.expert 1 width 4 gate @g up @u down @d {origin = 3 : i64}
+    }
+  }
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<2x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.layer 0 {
+    moe.moe_block {
+      moe.router @r top_k 1 scoring "softmax" selection "top-k"
+      // expected-error @+1 {{'moe.expert' op origin -2 is negative}}
+      moe.expert 0 width 4 gate @g up @u down @d {origin = -2 : i64}
+      moe.expert 1 width 4 gate @g up @u down @d
+    }
+  }
+}

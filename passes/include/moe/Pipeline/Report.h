@@ -49,6 +49,10 @@ Expected<nlohmann::json> buildReport(const ReportInputs &inputs);
 /// The report as one HTML page with inline SVG.
 std::string renderReportHtml(const nlohmann::json &report);
 
+/// Writes the report's JSON to `json` (default: beside `html`, with .json)
+/// and its HTML to `html`, each atomically; either may be empty.
+Status writeReportFiles(const nlohmann::json &report, const std::string &html, const std::string &json);
+
 } // namespace moe
 
 #endif // MOE_PIPELINE_REPORT_H

@@ -18,6 +18,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace moe {
@@ -50,6 +51,8 @@ private:
 
 /// Writes `bytes` to `path` through an AtomicFile.
 Status writeFileAtomically(const std::string &path, std::span<const uint8_t> bytes);
+/// Writes `text` to `path` through an AtomicFile.
+Status writeTextAtomically(const std::string &path, std::string_view text);
 /// The same for bytes in several pieces, written one after the other.
 Status writeChunksAtomically(const std::string &path, const std::vector<std::span<const uint8_t>> &chunks);
 
