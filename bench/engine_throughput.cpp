@@ -24,48 +24,14 @@
 #include <sys/resource.h>
 #include <thread>
 
+#include "Bandwidth.h"
+
 using namespace moe;
 using Clock = std::chrono::steady_clock;
 
 namespace {
 
 double secondsSince(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
-
-/// STREAM-style copy bandwidth (bytes read + written per second) and read
-/// bandwidth (a sum over the buffer), each with one thread per core over
-/// its own slice, best of 5, 1 GiB buffers.
-std::pair<double, double> memoryBandwidth() {
-  const size_t count = (size_t(1) << 30) / sizeof(float);
-  std::vector<float> source(count, 1.0f), target(count, 0.0f);
-  const unsigned threads = std::max(1u, std::thread::hardware_concurrency());
-  const size_t slice = count / threads;
-  std::vector<float> sinks(threads);
-  auto parallel = [&](auto &&work) {
-    std::vector<std::thread> workers;
-    for (unsigned t = 0; t < threads; ++t)
-      workers.emplace_back([&, t] { work(t * slice, slice, t); });
-    for (std::thread &worker : workers)
-      worker.join();
-  };
-  double bestCopy = 0, bestRead = 0;
-  for (int r = 0; r < 5; ++r) {
-    auto start = Clock::now();
-    parallel([&](size_t begin, size_t n, unsigned) {
-      std::memcpy(target.data() + begin, source.data() + begin, n * sizeof(float));
-    });
-    bestCopy = std::max(bestCopy, 2.0 * count * sizeof(float) / secondsSince(start) / 1e9);
-    start = Clock::now();
-    parallel([&](size_t begin, size_t n, unsigned t) {
-      float sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (size_t i = begin; i < begin + n; i += 8)
-        for (int j = 0; j < 8; ++j)
-          sums[j] += target[i + j];
-      sinks[t] = sums[0] + sums[7];
-    });
-    bestRead = std::max(bestRead, count * sizeof(float) / secondsSince(start) / 1e9);
-  }
-  return {bestCopy, bestRead};
-}
 
 } // namespace
 
@@ -158,7 +124,8 @@ int main(int argc, char **argv) {
   // Peak RSS of the model run, before the bandwidth buffers exist.
   struct rusage usage;
   getrusage(RUSAGE_SELF, &usage);
-  auto [copyBandwidth, readBandwidth] = memoryBandwidth();
+  const moe::bench::Bandwidth measured = moe::bench::memoryBandwidth(std::thread::hardware_concurrency());
+  const double copyBandwidth = measured.copyGbPerS, readBandwidth = measured.readGbPerS;
 
   nlohmann::json out = {
       {"benchmark", "engine_throughput"},

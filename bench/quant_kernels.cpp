@@ -7,12 +7,15 @@
 // bytes read, as STREAM's copy does) and against the bf16 GEMV the engine
 // uses for unquantized weights. Prints one JSON object per line.
 //
-// Usage: quant_kernels [--rows N] [--cols N] [--repeat N]
+// Usage: quant_kernels [--rows N] [--cols N] [--repeat N] [--formats a,b]
+//                      [--isas a,b]   (default: every format and ISA)
 //
 //===----------------------------------------------------------------------===//
 
 #include "common/QuantFormat.h"
 #include "cpu/QuantKernels.h"
+
+#include "Bandwidth.h"
 
 #include <nlohmann/json.hpp>
 
@@ -52,6 +55,10 @@ template <typename Body> double bestSeconds(int repeat, int threads, int64_t row
 int main(int argc, char **argv) {
   int64_t rows = 8192, cols = 8192;
   int repeat = 5;
+  std::string formats, isas;
+  auto listed = [](const std::string &list, const std::string &name) {
+    return list.empty() || ("," + list + ",").find("," + name + ",") != std::string::npos;
+  };
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string flag = argv[i];
     if (flag == "--rows")
@@ -60,6 +67,10 @@ int main(int argc, char **argv) {
       cols = std::stoll(argv[i + 1]);
     else if (flag == "--repeat")
       repeat = std::stoi(argv[i + 1]);
+    else if (flag == "--formats")
+      formats = argv[i + 1];
+    else if (flag == "--isas")
+      isas = argv[i + 1];
     else {
       std::cerr << "quant_kernels: unknown option " << flag << "\n";
       return 1;
@@ -74,6 +85,16 @@ int main(int argc, char **argv) {
   for (float &v : x)
     v = normal(rng) * 50.0f;
 
+  // Read and copy bandwidth of this machine in this run, one and all cores.
+  for (int threads : {1, cores}) {
+    const moe::bench::Bandwidth measured = moe::bench::memoryBandwidth(static_cast<unsigned>(threads));
+    std::cout << nlohmann::json{{"kernel", "memory"},
+                                {"threads", threads},
+                                {"read_gb_per_s", measured.readGbPerS},
+                                {"copy_gb_per_s", measured.copyGbPerS}}
+                     .dump()
+              << std::endl;
+  }
   // Copy bandwidth: one and all cores, 1 GiB-class buffers (larger than caches).
   const size_t copyBytes = static_cast<size_t>(rows * cols) * 2;
   std::vector<uint8_t> from(copyBytes, 1), to(copyBytes, 0);
@@ -93,6 +114,8 @@ int main(int argc, char **argv) {
     for (int group : {32, 128})
       for (bool symmetric : {true, false}) {
         QuantFormat format{bits, group, symmetric, ScaleType::F16};
+        if (!listed(formats, format.name()))
+          continue;
         std::vector<uint8_t> packed(format.matrixBytes(rows, cols));
         quantizeReference(format, matrix.data(), rows, cols, packed.data());
         QuantMatrixView view{format, packed.data(), rows, cols};
@@ -100,6 +123,8 @@ int main(int argc, char **argv) {
         std::vector<float> y(static_cast<size_t>(rows));
         for (const char *isa : availableIsas())
           for (int threads : {1, cores}) {
+            if (!listed(isas, isa))
+              continue;
             // The activation is quantized once per matmul; timed separately.
             double start = now();
             quantizeActivation(x.data(), cols, group, activation);

@@ -24,6 +24,23 @@ const GgmlTraits kGgmlTraits[13] = {
     {GgmlType::BF16, "bf16", "BF16", 1, 2, 16},
 };
 
+std::optional<GgmlGroupLayout> ggmlGroupLayout(GgmlType type) {
+  static_assert(sizeof(BlockQ4_0) == QuantFormat{4, 32, true}.groupBytes() &&
+                    sizeof(BlockQ4_1) == QuantFormat{4, 32, false}.groupBytes() &&
+                    sizeof(BlockQ8_0) == QuantFormat{8, 32, true}.groupBytes(),
+                "the block formats' bytes are the group formats'");
+  switch (type) {
+  case GgmlType::Q4_0:
+    return GgmlGroupLayout{{4, 32, true, ScaleType::F16}, false};
+  case GgmlType::Q4_1:
+    return GgmlGroupLayout{{4, 32, false, ScaleType::F16}, false};
+  case GgmlType::Q8_0:
+    return GgmlGroupLayout{{8, 32, true, ScaleType::F16}, true};
+  default:
+    return std::nullopt;
+  }
+}
+
 const GgmlTraits *ggmlTraits(GgmlType type) {
   for (const GgmlTraits &traits : kGgmlTraits)
     if (traits.type == type)

@@ -27,8 +27,11 @@
 #ifndef MOE_KERNELS_COMMON_GGMLFORMATS_H
 #define MOE_KERNELS_COMMON_GGMLFORMATS_H
 
+#include "common/QuantFormat.h"
+
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <string_view>
 
 namespace moe::quant {
@@ -132,6 +135,17 @@ inline bool isGgmlBlockFormat(GgmlType type) {
 /// the K-quant of that width when rows are whole super-blocks, else the
 /// nearest 32-value format at or above it (Q4_0, Q5_0, Q8_0).
 GgmlType ggmlTypeForBits(double bits, int64_t cols);
+
+/// A block format whose bytes are those of a moec group format: Q4_0 is
+/// q4_g32_sym, Q4_1 is q4_g32_asym (fp16 scale and min, the same nibble
+/// order) and Q8_0 is q8_g32_sym with two's complement codes. The group
+/// kernels (cpu/QuantKernels.h) run such rows in place.
+struct GgmlGroupLayout {
+  QuantFormat format;
+  bool signedCodes = false;
+};
+/// The group layout of `type`, or nullopt when it has none (K-quants, Q5_*).
+std::optional<GgmlGroupLayout> ggmlGroupLayout(GgmlType type);
 
 /// Bytes of a row of `n` values (n a multiple of the block size).
 size_t ggmlRowBytes(GgmlType type, int64_t n);

@@ -128,7 +128,8 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256i load32Codes(const uint8_
           /* Codes up to 255 would overflow the unsigned x signed byte      */                                         \
           /* products' pairs: use q - 128 (|q - 128| <= 128) with the sign  */                                         \
           /* trick, and add 128 * sum(a) back through the min term below.   */                                         \
-          const __m256i centred = _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80)));                      \
+          /* (Two's complement codes are centred already.)                 */                                          \
+          const __m256i centred = w.signedCodes ? q : _mm256_xor_si256(q, _mm256_set1_epi8(static_cast<char>(0x80)));  \
           groupSums = DOT(groupSums, _mm256_sign_epi8(centred, centred), _mm256_sign_epi8(a, centred));                \
         } else {                                                                                                       \
           groupSums = DOT(groupSums, q, a);                                                                            \
@@ -164,7 +165,169 @@ __attribute__((target("avx2,fma,f16c,avxvnni"))) void
 gemvRowsVnni(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin, int64_t rowEnd, float *y) {
   MOEC_GEMV_ROWS_BODY(dotVnni)
 }
+
+/// AVX-512 with VNNI (Ice Lake / Sapphire Rapids Xeons, Zen 4): 64 codes per
+/// zmm, one vpdpbusd each. Unsigned codes of every width, 8 bits included,
+/// go straight into vpdpbusd (it sums four products in int32 without the
+/// int16 pair saturation that forces AVX2's sign trick); two's complement
+/// codes (ggml's Q8_0) take |q| against the activation negated where q < 0.
+#define MOEC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+/// The 64 codes of two planar blocks (at b0 and b1) as bytes, in code order.
+template <int Bits> MOEC_AVX512 inline __m512i load64Codes(const uint8_t *b0, const uint8_t *b1) {
+  if constexpr (Bits == 8) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(b0))),
+                              _mm256_loadu_si256(reinterpret_cast<const __m256i *>(b1)), 1);
+  } else if constexpr (Bits == 4) {
+    // Each block's 16 bytes twice (low nibbles: codes 0..15, high: 16..31).
+    const __m256i packed =
+        _mm256_loadu2_m128i(reinterpret_cast<const __m128i *>(b1), reinterpret_cast<const __m128i *>(b0));
+    const __m512i spread =
+        _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3), _mm512_castsi256_si512(packed));
+    return _mm512_and_si512(_mm512_srlv_epi64(spread, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)),
+                            _mm512_set1_epi8(0x0f));
+  } else {
+    // 2-bit planes: each block's eight bytes in four qwords shifted by 0, 2, 4, 6.
+    uint64_t p0, p1;
+    std::memcpy(&p0, b0, 8);
+    std::memcpy(&p1, b1, 8);
+    const __m512i spread = _mm512_permutexvar_epi64(
+        _mm512_setr_epi64(0, 0, 0, 0, 1, 1, 1, 1),
+        _mm512_castsi128_si512(_mm_set_epi64x(static_cast<int64_t>(p1), static_cast<int64_t>(p0))));
+    const __m512i low =
+        _mm512_and_si512(_mm512_srlv_epi64(spread, _mm512_setr_epi64(0, 2, 4, 6, 0, 2, 4, 6)), _mm512_set1_epi8(3));
+    if constexpr (Bits == 2)
+      return low;
+    // 3 bits: code j's high bit is bit j of the block's 32-bit high plane,
+    // so the two planes are the byte mask of the codes that add 4.
+    uint32_t h0, h1;
+    std::memcpy(&h0, b0 + 8, 4);
+    std::memcpy(&h1, b1 + 8, 4);
+    const __mmask64 high = static_cast<__mmask64>(h0) | (static_cast<__mmask64>(h1) << 32);
+    return _mm512_mask_add_epi8(low, high, low, _mm512_set1_epi8(4));
+  }
+}
+
+template <bool SignedCodes> MOEC_AVX512 inline __m512i dot512(__m512i acc, __m512i codes, __m512i a) {
+  if constexpr (SignedCodes) {
+    const __mmask64 negative = _mm512_movepi8_mask(codes);
+    return _mm512_dpbusd_epi32(acc, _mm512_abs_epi8(codes),
+                               _mm512_mask_sub_epi8(a, negative, _mm512_setzero_si512(), a));
+  } else {
+    return _mm512_dpbusd_epi32(acc, codes, a);
+  }
+}
+
+/// Scale and min of a group header (min 0 for two's complement codes).
+template <bool SignedCodes>
+MOEC_AVX512 inline void header512(const QuantFormat &format, const uint8_t *group, float &scale, float &min) {
+  uint16_t scaleBits, minBits = 0;
+  std::memcpy(&scaleBits, group, 2);
+  if (!format.symmetric)
+    std::memcpy(&minBits, group + 2, 2);
+  if (format.scaleType == ScaleType::F16) {
+    scale = _cvtsh_ss(scaleBits);
+    min = format.symmetric ? 0.0f : _cvtsh_ss(minBits);
+  } else {
+    uint32_t wide = static_cast<uint32_t>(scaleBits) << 16;
+    std::memcpy(&scale, &wide, 4);
+    wide = static_cast<uint32_t>(minBits) << 16;
+    std::memcpy(&min, &wide, 4);
+  }
+  if (format.symmetric)
+    min = SignedCodes ? 0.0f : -static_cast<float>(format.zeroPoint()) * scale;
+}
+
+template <int Bits, bool SignedCodes>
+MOEC_AVX512 void gemvRowsAvx512(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin,
+                                int64_t rowEnd, float *y) {
+  const QuantFormat &format = w.format;
+  const int64_t groups = format.groupsPerRow(w.cols);
+  const size_t rowBytes = format.rowBytes(w.cols), groupBytes = format.groupBytes(), headerBytes = format.headerBytes();
+  constexpr size_t blockBytes = kBlock * Bits / 8;
+  const int8_t *activation = x.values.data();
+  const float *activationScales = x.blockScales.data(), *activationSums = x.groupSums.data();
+  for (int64_t r = rowBegin; r < rowEnd; ++r) {
+    const uint8_t *row = w.data + static_cast<size_t>(r) * rowBytes;
+    __m512 acc = _mm512_setzero_ps();
+    float minTerm = 0.0f;
+    if (format.group == kBlock) {
+      // Two groups per zmm: lanes 0..7 carry the first group's sums, 8..15 the second's.
+      int64_t g = 0;
+      for (; g + 2 <= groups; g += 2) {
+        const uint8_t *g0 = row + static_cast<size_t>(g) * groupBytes, *g1 = g0 + groupBytes;
+        _mm_prefetch(reinterpret_cast<const char *>(g0 + 4 * groupBytes), _MM_HINT_T0);
+        float s0, m0, s1, m1;
+        header512<SignedCodes>(format, g0, s0, m0);
+        header512<SignedCodes>(format, g1, s1, m1);
+        const __m512i codes = load64Codes<Bits>(g0 + headerBytes, g1 + headerBytes);
+        const __m512i a = _mm512_loadu_si512(activation + g * kBlock);
+        const __m512i sums = dot512<SignedCodes>(_mm512_setzero_si512(), codes, a);
+        const __m512 scales = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(s0 * activationScales[g]),
+                                                   _mm512_set1_ps(s1 * activationScales[g + 1]));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scales, acc);
+        minTerm += m0 * activationSums[g] + m1 * activationSums[g + 1];
+      }
+      if (g < groups) {
+        // The odd last group: its codes twice, the activation's upper half masked off.
+        const uint8_t *g0 = row + static_cast<size_t>(g) * groupBytes;
+        float s0, m0;
+        header512<SignedCodes>(format, g0, s0, m0);
+        const __m512i codes = load64Codes<Bits>(g0 + headerBytes, g0 + headerBytes);
+        const __m512i a = _mm512_maskz_loadu_epi8(0xffffffffULL, activation + g * kBlock);
+        const __m512i sums = dot512<SignedCodes>(_mm512_setzero_si512(), codes, a);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(s0 * activationScales[g]), acc);
+        minTerm += m0 * activationSums[g];
+      }
+    } else {
+      const int pairs = format.group / (2 * kBlock);
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint8_t *group = row + static_cast<size_t>(g) * groupBytes;
+        _mm_prefetch(reinterpret_cast<const char *>(group + 2 * groupBytes), _MM_HINT_T0);
+        float scale, min;
+        header512<SignedCodes>(format, group, scale, min);
+        const uint8_t *codes = group + headerBytes;
+        const int8_t *a = activation + g * format.group;
+        __m512i sums = _mm512_setzero_si512();
+        for (int p = 0; p < pairs; ++p)
+          sums =
+              dot512<SignedCodes>(sums, load64Codes<Bits>(codes + 2 * p * blockBytes, codes + (2 * p + 1) * blockBytes),
+                                  _mm512_loadu_si512(a + p * 2 * kBlock));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(scale * activationScales[g]), acc);
+        minTerm += min * activationSums[g];
+      }
+    }
+    y[r - rowBegin] = _mm512_reduce_add_ps(acc) + minTerm;
+  }
+}
+
+MOEC_AVX512 void gemvRowsAvx512Vnni(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin,
+                                    int64_t rowEnd, float *y) {
+  if (w.signedCodes)
+    return gemvRowsAvx512<8, true>(w, x, rowBegin, rowEnd, y);
+  switch (w.format.bits) {
+  case 2:
+    return gemvRowsAvx512<2, false>(w, x, rowBegin, rowEnd, y);
+  case 3:
+    return gemvRowsAvx512<3, false>(w, x, rowBegin, rowEnd, y);
+  case 4:
+    return gemvRowsAvx512<4, false>(w, x, rowBegin, rowEnd, y);
+  default:
+    return gemvRowsAvx512<8, false>(w, x, rowBegin, rowEnd, y);
+  }
+}
 #endif
+
+bool useAvx512Vnni() {
+#if defined(__x86_64__)
+  static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+                                __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return supported;
+#else
+  return false;
+#endif
+}
 
 bool useVnni() {
 #if defined(__x86_64__)
@@ -228,12 +391,16 @@ void gemvRowsScalar(const QuantMatrixView &w, const QuantizedActivation &x, int6
       const uint8_t *group = row + static_cast<size_t>(g) * format.groupBytes();
       float scale, min;
       groupHeader(format, group, scale, min);
+      if (w.signedCodes)
+        min = 0.0f;
       int32_t sum = 0;
       for (int b = 0; b < blocksPerGroup; ++b) {
         unpack32(group + format.headerBytes(), format.bits, b, codes);
         const int8_t *values = x.values.data() + g * format.group + b * kBlock;
         for (int i = 0; i < kBlock; ++i)
-          sum += static_cast<int32_t>(codes[i]) * values[i];
+          sum +=
+              (w.signedCodes ? static_cast<int32_t>(static_cast<int8_t>(codes[i])) : static_cast<int32_t>(codes[i])) *
+              values[i];
       }
       total += static_cast<float>(sum) * x.blockScales[g] * scale + min * x.groupSums[g];
     }
@@ -243,6 +410,8 @@ void gemvRowsScalar(const QuantMatrixView &w, const QuantizedActivation &x, int6
 
 void gemvRows(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin, int64_t rowEnd, float *y) {
 #if defined(__x86_64__)
+  if (useAvx512Vnni())
+    return gemvRowsAvx512Vnni(w, x, rowBegin, rowEnd, y);
   if (useVnni())
     return gemvRowsVnni(w, x, rowBegin, rowEnd, y);
   if (useAvx2())
@@ -264,6 +433,8 @@ void dequantizeRows(const QuantMatrixView &w, int64_t rowBegin, int64_t rowEnd, 
       const uint8_t *group = row + static_cast<size_t>(g) * format.groupBytes();
       float scale, min;
       groupHeader(format, group, scale, min);
+      if (w.signedCodes)
+        min = 0.0f;
       for (int b = 0; b < blocksPerGroup; ++b) {
         const int64_t first = g * format.group + b * kBlock;
         if (first >= cols)
@@ -271,17 +442,21 @@ void dequantizeRows(const QuantMatrixView &w, int64_t rowBegin, int64_t rowEnd, 
         unpack32(group + format.headerBytes(), format.bits, b, codes);
         const int64_t count = std::min<int64_t>(kBlock, cols - first);
         for (int64_t i = 0; i < count; ++i)
-          target[first + i] = static_cast<float>(codes[i]) * scale + min;
+          target[first + i] =
+              static_cast<float>(w.signedCodes ? static_cast<int8_t>(codes[i]) : static_cast<int>(codes[i])) * scale +
+              min;
       }
     }
   }
 }
 
-const char *kernelIsa() { return useVnni() ? "avx-vnni" : useAvx2() ? "avx2" : "scalar"; }
+const char *kernelIsa() { return availableIsas().front(); }
 
 void gemvRowsWithIsa(const char *isa, const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin,
                      int64_t rowEnd, float *y) {
 #if defined(__x86_64__)
+  if (std::strcmp(isa, "avx512-vnni") == 0 && useAvx512Vnni())
+    return gemvRowsAvx512Vnni(w, x, rowBegin, rowEnd, y);
   if (std::strcmp(isa, "avx-vnni") == 0 && useVnni())
     return gemvRowsVnni(w, x, rowBegin, rowEnd, y);
   if (std::strcmp(isa, "avx2") == 0 && useAvx2())
@@ -292,6 +467,8 @@ void gemvRowsWithIsa(const char *isa, const QuantMatrixView &w, const QuantizedA
 
 std::vector<const char *> availableIsas() {
   std::vector<const char *> isas;
+  if (useAvx512Vnni())
+    isas.push_back("avx512-vnni");
   if (useVnni())
     isas.push_back("avx-vnni");
   if (useAvx2())

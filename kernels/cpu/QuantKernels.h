@@ -5,7 +5,8 @@
 // weight group, as llama.cpp's Q8_K per 256), with integer dot products
 // (AVX2 maddubs/madd) and the min folded in through group sums of the
 // quantized activation, so the result is exactly w^ . x^. Prefill dequantizes rows to f32 for a BLAS GEMM.
-// The ISA is chosen once at run time (AVX-VNNI, else AVX2+FMA+F16C, else scalar).
+// The ISA is chosen once at run time: AVX-512 VNNI (zmm vpdpbusd), else
+// AVX-VNNI, else AVX2+FMA+F16C, else scalar.
 //
 //===----------------------------------------------------------------------===//
 
@@ -23,6 +24,10 @@ struct QuantMatrixView {
   QuantFormat format;
   const uint8_t *data = nullptr;
   int64_t rows = 0, cols = 0;
+  /// 8-bit codes that are two's complement values, q * scale (ggml's Q8_0,
+  /// q8_g32_sym's bytes with each code's top bit flipped); false for every
+  /// moec format.
+  bool signedCodes = false;
 };
 
 /// An activation vector for integer dot products: int8 values with one f32
@@ -49,7 +54,8 @@ void gemvRowsScalar(const QuantMatrixView &w, const QuantizedActivation &x, int6
 /// Rows [rowBegin, rowEnd) dequantized to f32 ([rowEnd - rowBegin, cols]).
 void dequantizeRows(const QuantMatrixView &w, int64_t rowBegin, int64_t rowEnd, float *out);
 
-/// The instruction set gemvRows dispatches to: "avx-vnni", "avx2" or "scalar".
+/// The instruction set gemvRows dispatches to: "avx512-vnni", "avx-vnni",
+/// "avx2" or "scalar".
 const char *kernelIsa();
 /// Every instruction set this machine can run, best first.
 std::vector<const char *> availableIsas();

@@ -65,29 +65,70 @@ void attend(const ModelSpec &spec, const float *q, int64_t tokens, const KvCache
   const float *keys = cache.keys[static_cast<size_t>(layer)].data();
   const float *values = cache.values[static_cast<size_t>(layer)].data();
   const float scale = static_cast<float>(a.softmaxScale);
-  std::vector<float> scores(static_cast<size_t>(firstPosition + tokens));
   for (int64_t t = 0; t < tokens; ++t) {
     const int64_t visible = firstPosition + t + 1;
-    for (int64_t h = 0; h < heads; ++h) {
-      const float *query = q + t * heads * qDim + h * qDim;
-      const int64_t kvHead = h / group;
-      for (int64_t s = 0; s < visible; ++s) {
-        const float *key = keys + s * kWidth + kvHead * qDim;
-        float dot = 0.0f;
-        for (int64_t i = 0; i < qDim; ++i)
-          dot += query[i] * key[i];
-        scores[s] = dot * scale;
+    // Heads split across the pool (each head's sums stay on one thread).
+    parallelRows(heads, heads * visible * (qDim + vDim), [&](int64_t headBegin, int64_t headEnd) {
+      thread_local std::vector<float> perThread;
+      std::vector<float> &scores = perThread;
+      scores.resize(static_cast<size_t>(visible));
+      for (int64_t h = headBegin; h < headEnd; ++h) {
+        const float *query = q + t * heads * qDim + h * qDim;
+        const int64_t kvHead = h / group;
+        for (int64_t s = 0; s < visible; ++s) {
+          const float *key = keys + s * kWidth + kvHead * qDim;
+          float dot = 0.0f;
+          for (int64_t i = 0; i < qDim; ++i)
+            dot += query[i] * key[i];
+          scores[s] = dot * scale;
+        }
+        softmax(scores.data(), visible);
+        float *result = out + t * heads * vDim + h * vDim;
+        std::fill(result, result + vDim, 0.0f);
+        for (int64_t s = 0; s < visible; ++s) {
+          const float *value = values + s * vWidth + kvHead * vDim;
+          for (int64_t i = 0; i < vDim; ++i)
+            result[i] += scores[s] * value[i];
+        }
       }
-      softmax(scores.data(), visible);
-      float *result = out + t * heads * vDim + h * vDim;
-      std::fill(result, result + vDim, 0.0f);
-      for (int64_t s = 0; s < visible; ++s) {
-        const float *value = values + s * vWidth + kvHead * vDim;
-        for (int64_t i = 0; i < vDim; ++i)
-          result[i] += scores[s] * value[i];
-      }
-    }
+    });
   }
+}
+
+/// Decode: matrices that read the same input (q, k and v) in one parallel
+/// region over their concatenated rows; false (nothing done) when one of
+/// them has no decode kernel.
+bool linearTogether(const float *x, int64_t in, std::initializer_list<std::pair<const Matrix *, float *>> jobs) {
+  int64_t rows = 0, bytes = 0;
+  thread_local DecodeInput perThread;
+  DecodeInput &input = perThread;
+  input.reset(x, in);
+  for (const auto &[matrix, y] : jobs) {
+    if (!hasDecodeKernel(*matrix))
+      return false;
+    input.prepareFor(*matrix);
+    rows += matrix->rows;
+    bytes += static_cast<int64_t>(matrix->bytes());
+  }
+  parallelRows(rows, bytes, [&](int64_t begin, int64_t end) {
+    int64_t offset = 0;
+    for (const auto &[matrix, y] : jobs) {
+      const int64_t low = std::max(begin, offset), high = std::min(end, offset + matrix->rows);
+      if (low < high)
+        gemvRange(*matrix, input, low - offset, high - offset, y + (low - offset));
+      offset += matrix->rows;
+    }
+  });
+  return true;
+}
+
+void addBias(float *y, int64_t tokens, const std::vector<float> &bias) {
+  if (bias.empty())
+    return;
+  const int64_t width = static_cast<int64_t>(bias.size());
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t o = 0; o < width; ++o)
+      y[t * width + o] += bias[o];
 }
 
 /// Grouped-query attention; appends keys/values to the cache.
@@ -97,9 +138,16 @@ void groupedQueryAttention(const ModelSpec &spec, const LayerWeights &w, const f
   const int64_t hd = a.headDim, qWidth = a.numHeads * hd, kvWidth = a.numKeyValueHeads * hd;
   std::vector<float> q(static_cast<size_t>(tokens * qWidth)), k(static_cast<size_t>(tokens * kvWidth)),
       v(static_cast<size_t>(tokens * kvWidth));
-  linear(x, tokens, w.query, w.queryBias, q.data());
-  linear(x, tokens, w.key, w.keyBias, k.data());
-  linear(x, tokens, w.value, w.valueBias, v.data());
+  if (tokens == 1 &&
+      linearTogether(x, spec.hiddenSize, {{&w.query, q.data()}, {&w.key, k.data()}, {&w.value, v.data()}})) {
+    addBias(q.data(), tokens, w.queryBias);
+    addBias(k.data(), tokens, w.keyBias);
+    addBias(v.data(), tokens, w.valueBias);
+  } else {
+    linear(x, tokens, w.query, w.queryBias, q.data());
+    linear(x, tokens, w.key, w.keyBias, k.data());
+    linear(x, tokens, w.value, w.valueBias, v.data());
+  }
   if (a.qkNorm == QkNormKind::FullWidth) {
     rmsNorm(q.data(), tokens, qWidth, w.queryNorm, spec.normEps);
     rmsNorm(k.data(), tokens, kvWidth, w.keyNorm, spec.normEps);
@@ -217,6 +265,74 @@ void swiglu(const MlpWeights &mlp, const float *x, int64_t n, std::vector<float>
   intermediate = std::move(joined);
 }
 
+/// One token's routed experts (slots in order, each with its summed
+/// routing weight) and the shared expert (weight: its gate), in two
+/// parallel regions: gate and up of every expert over the concatenated
+/// neurons with SiLU-and-multiply fused, then every down projection over
+/// split output rows, each thread summing the experts' weighted outputs for
+/// its rows in slot order. The same kernels and order of additions as the
+/// expert-by-expert path, so the same result, with two hand-offs instead of
+/// three per expert. False (nothing done) when an expert is split into
+/// parts or has a matrix without a decode kernel.
+bool decodeExperts(const std::vector<std::pair<const MlpWeights *, float>> &mlps, const float *x, int64_t H,
+                   float *out) {
+  struct Scratch {
+    std::vector<int64_t> offsets;
+    std::vector<float> gate, up;
+    std::vector<DecodeInput> downInputs;
+    DecodeInput input;
+  };
+  thread_local Scratch scratch;
+  Scratch &s = scratch;
+  s.offsets.assign(1, 0);
+  s.input.reset(x, H);
+  int64_t firstBytes = 0, secondBytes = 0;
+  for (const auto &[mlp, weight] : mlps) {
+    if (!mlp->moreParts.empty() || !hasDecodeKernel(mlp->gate) || !hasDecodeKernel(mlp->up) ||
+        !hasDecodeKernel(mlp->down))
+      return false;
+    s.input.prepareFor(mlp->gate);
+    s.input.prepareFor(mlp->up);
+    s.offsets.push_back(s.offsets.back() + mlp->gate.rows);
+    firstBytes += static_cast<int64_t>(mlp->gate.bytes() + mlp->up.bytes());
+    secondBytes += static_cast<int64_t>(mlp->down.bytes());
+  }
+  const size_t count = mlps.size();
+  s.gate.resize(static_cast<size_t>(s.offsets.back()));
+  s.up.resize(static_cast<size_t>(s.offsets.back()));
+  parallelRows(s.offsets.back(), firstBytes, [&](int64_t begin, int64_t end) {
+    for (size_t i = 0; i < count; ++i) {
+      const int64_t offset = s.offsets[i], low = std::max(begin, offset), high = std::min(end, s.offsets[i + 1]);
+      if (low >= high)
+        continue;
+      const MlpWeights &mlp = *mlps[i].first;
+      gemvRange(mlp.gate, s.input, low - offset, high - offset, s.gate.data() + low);
+      gemvRange(mlp.up, s.input, low - offset, high - offset, s.up.data() + low);
+      for (int64_t j = low; j < high; ++j)
+        s.gate[j] = silu(s.gate[j]) * s.up[j];
+    }
+  });
+  if (s.downInputs.size() < count)
+    s.downInputs.resize(count);
+  for (size_t i = 0; i < count; ++i) {
+    s.downInputs[i].reset(s.gate.data() + s.offsets[i], s.offsets[i + 1] - s.offsets[i]);
+    s.downInputs[i].prepareFor(mlps[i].first->down);
+  }
+  parallelRows(H, secondBytes, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> perThread;
+    std::vector<float> &part = perThread;
+    part.resize(static_cast<size_t>(end - begin));
+    std::fill(out + begin, out + end, 0.0f);
+    for (size_t i = 0; i < count; ++i) {
+      gemvRange(mlps[i].first->down, s.downInputs[i], begin, end, part.data());
+      const float weight = mlps[i].second;
+      for (int64_t j = begin; j < end; ++j)
+        out[j] += weight * part[j - begin];
+    }
+  });
+  return true;
+}
+
 } // namespace
 
 void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &w, const float *x,
@@ -281,6 +397,27 @@ void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerW
   if (hooks.counters) {
     hooks.counters->routedTokens += tokens;
     hooks.counters->expertCalls += calls;
+  }
+  if (tokens == 1 && !observer) {
+    // Decode: the chosen experts and the shared expert together.
+    thread_local std::vector<std::pair<const MlpWeights *, float>> perThread;
+    std::vector<std::pair<const MlpWeights *, float>> &mlps = perThread;
+    mlps.clear();
+    for (int64_t e = 0; e < slots; ++e)
+      if (!tokensOf[e].empty())
+        mlps.emplace_back(&w.experts[e], weightsOf[e][0]);
+    if (layer.shared.intermediateSize > 0) {
+      float gate = 1.0f;
+      if (layer.shared.gated) {
+        float dot = 0.0f;
+        for (int64_t i = 0; i < H; ++i)
+          dot += x[i] * w.sharedExpertGate[i];
+        gate = sigmoid(dot);
+      }
+      mlps.emplace_back(&w.shared, gate);
+    }
+    if (decodeExperts(mlps, x, H, out))
+      return;
   }
   std::fill(out, out + tokens * H, 0.0f);
   std::vector<float> input, intermediate, output;

@@ -155,63 +155,91 @@ float dotBf16(const uint16_t *w, const float *x, int64_t n) {
 
 } // namespace
 
+void DecodeInput::reset(const float *values, int64_t count) {
+  x = values;
+  cols = count;
+  std::fill(std::begin(ready), std::end(ready), false);
+}
+
+void DecodeInput::prepareFor(const Matrix &weight) {
+  const std::optional<quant::QuantMatrixView> view = weight.groupView();
+  if (!view)
+    return;
+  const int group = view->format.group, index = slot(group);
+  if (!ready[index]) {
+    quant::quantizeActivation(x, cols, group, byGroup[index]);
+    ready[index] = true;
+  }
+}
+
+bool hasDecodeKernel(const Matrix &weight) { return weight.isBf16() || weight.isQuantized(); }
+
+void gemvRange(const Matrix &weight, const DecodeInput &input, int64_t begin, int64_t end, float *y) {
+  if (const std::optional<quant::QuantMatrixView> view = weight.groupView()) {
+    // Integer dot products over the packed codes.
+    quant::gemvRows(*view, input.quantized(view->format.group), begin, end, y);
+  } else if (weight.ggmlType) {
+    // The other ggml blocks (K-quants, Q5_*), decoded in registers.
+    quant::ggmlGemvRows(*weight.ggmlType, weight.quantData, weight.cols, input.values(), begin, end, y);
+  } else {
+    // bf16: each weight read once, widened in registers.
+    for (int64_t o = begin; o < end; ++o)
+      y[o - begin] = dotBf16(weight.bf16.data() + o * weight.cols, input.values(), weight.cols);
+  }
+}
+
+void parallelRows(int64_t rows, int64_t work, const std::function<void(int64_t, int64_t)> &body) {
+  rowPool().run(rows, work, body);
+}
+
+namespace {
+
+/// Prefill of a quantized matrix: rows dequantized a tile at a time (about
+/// 2 MiB of f32, split across the pool) into one reused buffer, each tile
+/// one BLAS GEMM into its columns of y; never the whole matrix in f32.
+void tiledGemm(const float *x, int64_t tokens, const Matrix &weight, float *y) {
+  const int64_t out = weight.rows, in = weight.cols;
+  const int64_t tileRows = std::min<int64_t>(out, std::max<int64_t>(16, (int64_t(1) << 19) / std::max<int64_t>(in, 1)));
+  thread_local std::vector<float> perThread;
+  std::vector<float> &tile = perThread;
+  tile.resize(static_cast<size_t>(tileRows * in));
+  float *target = tile.data();
+  const std::optional<quant::QuantMatrixView> view = weight.groupView();
+  for (int64_t first = 0; first < out; first += tileRows) {
+    const int64_t count = std::min(tileRows, out - first);
+    rowPool().run(count, count * in, [&](int64_t begin, int64_t end) {
+      if (view)
+        quant::dequantizeRows(*view, first + begin, first + end, target + begin * in);
+      else
+        quant::ggmlDequantizeRows(*weight.ggmlType, weight.quantData, in, first + begin, first + end,
+                                  target + begin * in);
+    });
+    computeThreads();
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens), static_cast<int>(count),
+                static_cast<int>(in), 1.0f, x, static_cast<int>(in), target, static_cast<int>(in), 0.0f, y + first,
+                static_cast<int>(out));
+  }
+}
+
+} // namespace
+
 void linear(const float *x, int64_t tokens, const Matrix &weight, const std::vector<float> &bias, float *y) {
   const int64_t out = weight.rows, in = weight.cols;
-  if (weight.ggmlType && tokens <= 4) {
-    // Decode over llama.cpp's blocks, read in place, rows across the pool.
-    const quant::GgmlType type = *weight.ggmlType;
+  if (hasDecodeKernel(weight) && (weight.isBf16() ? tokens == 1 : tokens <= 4)) {
+    // Decode: rows split across the pool; a quantized matrix's activation
+    // goes to int8 once per token. (A thread_local named inside the lambda
+    // would be each worker's own: capture this thread's by reference.)
+    thread_local DecodeInput perThread;
+    DecodeInput &input = perThread;
     for (int64_t t = 0; t < tokens; ++t) {
+      input.reset(x + t * in, in);
+      input.prepareFor(weight);
       float *row = y + t * out;
-      const float *input = x + t * in;
-      rowPool().run(out, static_cast<int64_t>(weight.bytes()), [&](int64_t begin, int64_t end) {
-        quant::ggmlGemvRows(type, weight.quantData, in, input, begin, end, row + begin);
-      });
-    }
-  } else if (weight.ggmlType) {
-    thread_local std::vector<float> perThread;
-    std::vector<float> &widened = perThread;
-    widened.resize(static_cast<size_t>(out * in));
-    float *target = widened.data();
-    rowPool().run(out, out * in, [&](int64_t begin, int64_t end) {
-      quant::ggmlDequantizeRows(*weight.ggmlType, weight.quantData, in, begin, end, target + begin * in);
-    });
-    computeThreads();
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens), static_cast<int>(out),
-                static_cast<int>(in), 1.0f, x, static_cast<int>(in), widened.data(), static_cast<int>(in), 0.0f, y,
-                static_cast<int>(out));
-  } else if (weight.isQuantized() && tokens <= 4) {
-    // Decode: activations to int8 once per matmul, integer dot products
-    // over the packed codes, rows split across the pool.
-    const quant::QuantMatrixView view = weight.quantView();
-    // (A thread_local named inside the lambda would be each worker's own:
-    // capture this thread's through a reference.)
-    thread_local quant::QuantizedActivation perThread;
-    quant::QuantizedActivation &activation = perThread;
-    for (int64_t t = 0; t < tokens; ++t) {
-      quant::quantizeActivation(x + t * in, in, view.format.group, activation);
-      float *row = y + t * out;
-      rowPool().run(out, static_cast<int64_t>(view.format.matrixBytes(out, in)),
-                    [&](int64_t begin, int64_t end) { quant::gemvRows(view, activation, begin, end, row + begin); });
+      rowPool().run(out, static_cast<int64_t>(weight.bytes()),
+                    [&](int64_t begin, int64_t end) { gemvRange(weight, input, begin, end, row + begin); });
     }
   } else if (weight.isQuantized()) {
-    // Prefill: dequantize once (rows split across the pool), then one GEMM.
-    thread_local std::vector<float> perThread;
-    std::vector<float> &widened = perThread;
-    widened.resize(static_cast<size_t>(out * in));
-    const quant::QuantMatrixView view = weight.quantView();
-    float *target = widened.data();
-    rowPool().run(out, out * in,
-                  [&](int64_t begin, int64_t end) { quant::dequantizeRows(view, begin, end, target + begin * in); });
-    computeThreads();
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens), static_cast<int>(out),
-                static_cast<int>(in), 1.0f, x, static_cast<int>(in), widened.data(), static_cast<int>(in), 0.0f, y,
-                static_cast<int>(out));
-  } else if (weight.isBf16() && tokens == 1) {
-    // Decode: read each bf16 weight once, widening in registers.
-    rowPool().run(out, out * in, [&](int64_t begin, int64_t end) {
-      for (int64_t o = begin; o < end; ++o)
-        y[o] = dotBf16(weight.bf16.data() + o * in, x, in);
-    });
+    tiledGemm(x, tokens, weight, y);
   } else {
     const float *w = weight.data.data();
     thread_local std::vector<float> widened;

@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 namespace moe::kernels {
@@ -21,6 +22,37 @@ inline void linear(const float *x, int64_t tokens, const Matrix &weight, float *
   static const std::vector<float> none;
   linear(x, tokens, weight, none, y);
 }
+
+/// Decode (one token): a vector prepared once for every matrix it meets,
+/// f32 and, for group-format matrices, quantized to int8 at each group
+/// size they use (prepare before a parallel region; reads are then free).
+class DecodeInput {
+public:
+  /// Points at x[cols] (kept by the caller) and forgets earlier quantizations.
+  void reset(const float *x, int64_t cols);
+  /// Makes ready what `weight`'s kernel reads.
+  void prepareFor(const Matrix &weight);
+  const float *values() const { return x; }
+  /// The int8 activation at `group` (prepared).
+  const quant::QuantizedActivation &quantized(int group) const { return byGroup[slot(group)]; }
+
+private:
+  static int slot(int group) { return group == 32 ? 0 : group == 64 ? 1 : 2; }
+  const float *x = nullptr;
+  int64_t cols = 0;
+  quant::QuantizedActivation byGroup[3];
+  bool ready[3] = {false, false, false};
+};
+
+/// Whether gemvRange runs `weight` (bf16, group formats, ggml blocks; f32
+/// matrices go through BLAS in linear()).
+bool hasDecodeKernel(const Matrix &weight);
+/// y[r - begin] = row r . x for r in [begin, end); `input` prepared for weight.
+void gemvRange(const Matrix &weight, const DecodeInput &input, int64_t begin, int64_t end, float *y);
+/// body(begin, end) over [0, rows), one range per thread of the persistent
+/// pool (inline when `work`, elements or bytes touched, is too small to
+/// pay for waking the workers). Ranges split output rows, never a sum.
+void parallelRows(int64_t rows, int64_t work, const std::function<void(int64_t, int64_t)> &body);
 
 /// RMSNorm of `rows` vectors of `width` in place: x * rsqrt(mean(x^2) + eps) * weight.
 void rmsNorm(float *x, int64_t rows, int64_t width, const std::vector<float> &weight, double eps);

@@ -9,6 +9,7 @@
 
 #include "common/GgmlFormats.h"
 #include "cpu/GgmlKernels.h"
+#include "cpu/QuantKernels.h"
 #include "moe/Frontend/Safetensors.h"
 
 #include "TestSupport.h"
@@ -183,4 +184,44 @@ TEST(GgmlKernels, GemvMatchesTheReferenceValues) {
     ggmlDequantizeRow(type, packed.data() + 4 * rowBytes, cols, row.data());
     EXPECT_TRUE(std::equal(row.begin(), row.end(), values.begin() + 4 * cols)) << traits->name;
   }
+}
+
+// Q4_0, Q4_1 and Q8_0 rows are group-format rows: the group kernels read
+// them in place, and every instruction set agrees with the scalar kernel
+// and with the gguf reference's values, on an odd number of blocks.
+TEST(GgmlKernels, SmallBlockFormatsRunInTheGroupKernels) {
+  for (GgmlType type : {GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0}) {
+    const std::optional<GgmlGroupLayout> layout = ggmlGroupLayout(type);
+    ASSERT_TRUE(layout.has_value()) << ggmlTraits(type)->name;
+    const int64_t rows = 5, cols = 7 * 32;
+    std::vector<float> matrix = randomRow(rows * cols, 31, 0.01f), x = randomRow(cols, 32), values(rows * cols);
+    std::vector<uint8_t> packed(ggmlRowBytes(type, cols) * rows);
+    ASSERT_EQ(packed.size(), layout->format.matrixBytes(rows, cols));
+    ggmlQuantizeRows(type, matrix.data(), rows, cols, packed.data());
+    ggmlDequantizeRows(type, packed.data(), cols, 0, rows, values.data());
+    QuantMatrixView view{layout->format, packed.data(), rows, cols, layout->signedCodes};
+    std::vector<float> asGroups(values.size());
+    dequantizeRows(view, 0, rows, asGroups.data());
+    EXPECT_EQ(asGroups, values) << ggmlTraits(type)->name;
+    QuantizedActivation activation;
+    quantizeActivation(x.data(), cols, 32, activation);
+    std::vector<float> scalar(rows);
+    gemvRowsScalar(view, activation, 0, rows, scalar.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      double exact = 0, bound = 0, magnitude = 0;
+      for (int64_t c = 0; c < cols; ++c) {
+        exact += static_cast<double>(values[r * cols + c]) * x[c];
+        magnitude += std::fabs(static_cast<double>(values[r * cols + c]) * x[c]);
+        bound += std::fabs(values[r * cols + c]) * activation.blockScales[c / 32] * 0.5;
+      }
+      EXPECT_NEAR(scalar[r], exact, bound * 1.01 + 1e-5 * magnitude) << ggmlTraits(type)->name << " row " << r;
+    }
+    for (const char *isa : availableIsas()) {
+      std::vector<float> y(rows);
+      gemvRowsWithIsa(isa, view, activation, 0, rows, y.data());
+      for (int64_t r = 0; r < rows; ++r)
+        EXPECT_NEAR(y[r], scalar[r], 1e-5 * (std::fabs(scalar[r]) + 1.0)) << ggmlTraits(type)->name << " " << isa;
+    }
+  }
+  EXPECT_FALSE(ggmlGroupLayout(GgmlType::Q4_K).has_value());
 }

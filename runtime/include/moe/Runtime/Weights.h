@@ -47,6 +47,17 @@ struct Matrix {
   bool isBf16() const { return !bf16.empty(); }
   bool isQuantized() const { return quantData != nullptr; }
   quant::QuantMatrixView quantView() const { return {*quantFormat, quantData, rows, cols}; }
+  /// The matrix as rows of a group format the integer kernels run: moec's
+  /// formats, and ggml's Q4_0, Q4_1 and Q8_0 (the same bytes); nullopt for
+  /// float matrices and the other ggml formats.
+  std::optional<quant::QuantMatrixView> groupView() const {
+    if (quantFormat && !ggmlType)
+      return quantView();
+    if (ggmlType)
+      if (std::optional<quant::GgmlGroupLayout> layout = quant::ggmlGroupLayout(*ggmlType))
+        return quant::QuantMatrixView{layout->format, quantData, rows, cols, layout->signedCodes};
+    return std::nullopt;
+  }
   size_t bytes() const {
     return data.size() * sizeof(float) + bf16.size() * sizeof(uint16_t) +
            (!quantData ? 0
