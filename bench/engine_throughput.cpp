@@ -13,7 +13,9 @@
 #include "moe/Frontend/ModelSummary.h"
 #include "moe/Runtime/Model.h"
 
+#include "moe/Runtime/GgufModel.h"
 #include "moe/Runtime/Package.h"
+#include "moe/Support/Threads.h"
 
 #include <nlohmann/json.hpp>
 
@@ -38,11 +40,16 @@ double secondsSince(Clock::time_point start) { return std::chrono::duration<doub
 int main(int argc, char **argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty()) {
-    std::cerr << "usage: engine_throughput DIR [--prompt P] [--decode D] [--max-memory BYTES]\n";
+    std::cerr
+        << "usage: engine_throughput DIR|.moepkg|.gguf [--prompt P] [--decode D] [--max-memory BYTES] [--threads N]\n"
+           "                         [--decode-start prompt|empty] [--bandwidth yes|no]\n";
     return 2;
   }
   int64_t promptTokens = 256, decodeTokens = 32;
   EngineOptions options;
+  // Decode after the prompt (default), or from an empty cache as
+  // llama-bench's tg does; the bandwidth measurement takes a few seconds.
+  bool decodeFromEmpty = false, measureBandwidth = true;
   for (size_t i = 1; i + 1 < args.size(); i += 2) {
     if (args[i] == "--prompt")
       promptTokens = std::stoll(args[i + 1]);
@@ -50,6 +57,12 @@ int main(int argc, char **argv) {
       decodeTokens = std::stoll(args[i + 1]);
     else if (args[i] == "--max-memory")
       options.maxMemoryBytes = std::stoull(args[i + 1]);
+    else if (args[i] == "--decode-start")
+      decodeFromEmpty = args[i + 1] == "empty";
+    else if (args[i] == "--bandwidth")
+      measureBandwidth = args[i + 1] != "no";
+    else if (args[i] == "--threads")
+      setThreadCount(static_cast<unsigned>(std::stoul(args[i + 1])));
   }
   auto loadStart = Clock::now();
   Expected<LoadedModel> model = loadModel(args[0], options);
@@ -76,6 +89,8 @@ int main(int argc, char **argv) {
     return 1;
   double prefillSeconds = secondsSince(start);
   std::vector<int32_t> next = {static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin())};
+  if (decodeFromEmpty)
+    cache = model->engine->newCache();
   start = Clock::now();
   for (int64_t i = 0; i < decodeTokens; ++i) {
     if (!model->engine->forward(next, cache, logits, true).ok())
@@ -92,14 +107,14 @@ int main(int argc, char **argv) {
   // (f32, f16, FP8) as f32.
   std::string weightsInMemory;
   double bytesPerToken = 0;
-  if (isPackagePath(args[0])) {
+  if (isPackagePath(args[0]) || isGgufPath(args[0])) {
     // A package: the bytes of what one token reads, from the manifest
     // (quantised blobs are read in place): every dense tensor, one
     // embedding row, and top-k experts of the layer's average size.
-    Expected<OpenedPackage> package = openPackage(args[0]);
+    Expected<OpenedPackage> package = isGgufPath(args[0]) ? openGgufModel(args[0]) : openPackage(args[0]);
     if (!package)
       return 1;
-    weightsInMemory = "package";
+    weightsInMemory = isGgufPath(args[0]) ? "gguf" : "package";
     for (const auto &[role, tensor] : package->description.globals)
       bytesPerToken += role == TensorRole::Embedding ? static_cast<double>(tensor.size) / spec.vocabSize
                                                      : static_cast<double>(tensor.size);
@@ -124,30 +139,33 @@ int main(int argc, char **argv) {
   // Peak RSS of the model run, before the bandwidth buffers exist.
   struct rusage usage;
   getrusage(RUSAGE_SELF, &usage);
-  const moe::bench::Bandwidth measured = moe::bench::memoryBandwidth(std::thread::hardware_concurrency());
+  const moe::bench::Bandwidth measured =
+      measureBandwidth ? moe::bench::memoryBandwidth(threadCount()) : moe::bench::Bandwidth{};
   const double copyBandwidth = measured.copyGbPerS, readBandwidth = measured.readGbPerS;
 
-  nlohmann::json out = {
-      {"benchmark", "engine_throughput"},
-      {"model", args[0]},
-      {"family", familyName(spec.family)},
-      {"total_parameters", summary.totalParameters},
-      {"active_parameters", summary.activeParameters},
-      {"load_seconds", loadSeconds},
-      {"prompt_tokens", promptTokens},
-      {"prefill_tokens_per_second", promptTokens / prefillSeconds},
-      {"decode_tokens", decodeTokens},
-      {"decode_tokens_per_second", decodeTokensPerSecond},
-      {"weight_bytes_per_decoded_token", bytesPerToken},
-      {"weights_in_memory", weightsInMemory},
-      {"decode_weight_gb_per_s", bytesPerToken * decodeTokensPerSecond / 1e9},
-      {"memory_copy_gb_per_s", copyBandwidth},
-      {"memory_read_gb_per_s", readBandwidth},
-      {"decode_fraction_of_read_bandwidth", bytesPerToken * decodeTokensPerSecond / 1e9 / readBandwidth},
-      {"max_memory_bytes", options.maxMemoryBytes},
-      {"resident_layer_bytes_peak", model->engine->layerCache().peakResidentBytes()},
-      {"layer_loads", model->engine->layerCache().loads()},
-      {"peak_rss_bytes", static_cast<int64_t>(usage.ru_maxrss) * 1024}};
+  nlohmann::json out = {{"benchmark", "engine_throughput"},
+                        {"model", args[0]},
+                        {"family", familyName(spec.family)},
+                        {"total_parameters", summary.totalParameters},
+                        {"active_parameters", summary.activeParameters},
+                        {"load_seconds", loadSeconds},
+                        {"threads", threadCount()},
+                        {"prompt_tokens", promptTokens},
+                        {"prefill_tokens_per_second", promptTokens / prefillSeconds},
+                        {"decode_tokens", decodeTokens},
+                        {"decode_start", decodeFromEmpty ? "empty" : "prompt"},
+                        {"decode_tokens_per_second", decodeTokensPerSecond},
+                        {"weight_bytes_per_decoded_token", bytesPerToken},
+                        {"weights_in_memory", weightsInMemory},
+                        {"decode_weight_gb_per_s", bytesPerToken * decodeTokensPerSecond / 1e9},
+                        {"memory_copy_gb_per_s", copyBandwidth},
+                        {"memory_read_gb_per_s", readBandwidth},
+                        {"decode_fraction_of_read_bandwidth",
+                         readBandwidth > 0 ? bytesPerToken * decodeTokensPerSecond / 1e9 / readBandwidth : 0.0},
+                        {"max_memory_bytes", options.maxMemoryBytes},
+                        {"resident_layer_bytes_peak", model->engine->layerCache().peakResidentBytes()},
+                        {"layer_loads", model->engine->layerCache().loads()},
+                        {"peak_rss_bytes", static_cast<int64_t>(usage.ru_maxrss) * 1024}};
   std::cout << out.dump(2) << "\n";
   return 0;
 }

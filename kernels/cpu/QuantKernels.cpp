@@ -208,6 +208,26 @@ template <int Bits> MOEC_AVX512 inline __m512i load64Codes(const uint8_t *b0, co
   }
 }
 
+/// load64Codes of two consecutive blocks (b1 = b0 + one block), one load.
+template <int Bits> MOEC_AVX512 inline __m512i load64CodesContiguous(const uint8_t *b0) {
+  if constexpr (Bits == 8) {
+    return _mm512_loadu_si512(b0);
+  } else if constexpr (Bits == 4) {
+    const __m512i spread =
+        _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3),
+                                 _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(b0))));
+    return _mm512_and_si512(_mm512_srlv_epi64(spread, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)),
+                            _mm512_set1_epi8(0x0f));
+  } else if constexpr (Bits == 2) {
+    const __m512i spread =
+        _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 0, 0, 0, 1, 1, 1, 1),
+                                 _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i *>(b0))));
+    return _mm512_and_si512(_mm512_srlv_epi64(spread, _mm512_setr_epi64(0, 2, 4, 6, 0, 2, 4, 6)), _mm512_set1_epi8(3));
+  } else {
+    return load64Codes<Bits>(b0, b0 + kBlock * Bits / 8);
+  }
+}
+
 template <bool SignedCodes> MOEC_AVX512 inline __m512i dot512(__m512i acc, __m512i codes, __m512i a) {
   if constexpr (SignedCodes) {
     const __mmask64 negative = _mm512_movepi8_mask(codes);
@@ -219,26 +239,43 @@ template <bool SignedCodes> MOEC_AVX512 inline __m512i dot512(__m512i acc, __m51
 }
 
 /// Scale and min of a group header (min 0 for two's complement codes).
-template <bool SignedCodes>
-MOEC_AVX512 inline void header512(const QuantFormat &format, const uint8_t *group, float &scale, float &min) {
+template <int Bits, bool SignedCodes, bool Symmetric, bool F16Scales>
+MOEC_AVX512 inline void header512(const uint8_t *group, float &scale, float &min) {
   uint16_t scaleBits, minBits = 0;
   std::memcpy(&scaleBits, group, 2);
-  if (!format.symmetric)
+  if constexpr (!Symmetric)
     std::memcpy(&minBits, group + 2, 2);
-  if (format.scaleType == ScaleType::F16) {
+  if constexpr (F16Scales) {
     scale = _cvtsh_ss(scaleBits);
-    min = format.symmetric ? 0.0f : _cvtsh_ss(minBits);
+    min = Symmetric ? 0.0f : _cvtsh_ss(minBits);
   } else {
     uint32_t wide = static_cast<uint32_t>(scaleBits) << 16;
     std::memcpy(&scale, &wide, 4);
     wide = static_cast<uint32_t>(minBits) << 16;
     std::memcpy(&min, &wide, 4);
   }
-  if (format.symmetric)
-    min = SignedCodes ? 0.0f : -static_cast<float>(format.zeroPoint()) * scale;
+  if constexpr (Symmetric)
+    min = SignedCodes ? 0.0f : -static_cast<float>(1 << (Bits - 1)) * scale;
 }
 
-template <int Bits, bool SignedCodes>
+/// The 16-bit header field at `offset` of four consecutive groups, as floats.
+template <bool Symmetric, bool F16Scales>
+MOEC_AVX512 inline __m128 headers4(const uint8_t *group, size_t groupBytes, size_t offset) {
+  uint16_t h[4];
+  for (int i = 0; i < 4; ++i)
+    std::memcpy(&h[i], group + i * groupBytes + offset, 2);
+  uint64_t packed;
+  std::memcpy(&packed, h, 8);
+  const __m128i bits = _mm_cvtsi64_si128(static_cast<int64_t>(packed));
+  if constexpr (F16Scales)
+    return _mm_cvtph_ps(bits);
+  else
+    return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(bits), 16));
+}
+
+/// Pairs: zmm per group (1 for groups of 64, 2 for 128), or 0 for groups of
+/// 32 (two groups per zmm).
+template <int Bits, bool SignedCodes, bool Symmetric, bool F16Scales, int Pairs>
 MOEC_AVX512 void gemvRowsAvx512(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin,
                                 int64_t rowEnd, float *y) {
   const QuantFormat &format = w.format;
@@ -251,15 +288,45 @@ MOEC_AVX512 void gemvRowsAvx512(const QuantMatrixView &w, const QuantizedActivat
     const uint8_t *row = w.data + static_cast<size_t>(r) * rowBytes;
     __m512 acc = _mm512_setzero_ps();
     float minTerm = 0.0f;
-    if (format.group == kBlock) {
-      // Two groups per zmm: lanes 0..7 carry the first group's sums, 8..15 the second's.
+    if constexpr (Pairs == 0) {
+      // Two groups per zmm: lanes 0..7 carry the first group's sums, 8..15
+      // the second's. Four groups per step: their headers converted and
+      // scaled as one vector, the min terms summed in one too.
       int64_t g = 0;
+      __m512 acc1 = _mm512_setzero_ps();
+      __m128 minAcc = _mm_setzero_ps();
+      const __m512i firstPair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+      const __m512i secondPair = _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+      for (; g + 4 <= groups; g += 4) {
+        const uint8_t *g0 = row + static_cast<size_t>(g) * groupBytes;
+        _mm_prefetch(reinterpret_cast<const char *>(g0 + 8 * groupBytes), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char *>(g0 + 8 * groupBytes + 64), _MM_HINT_T0);
+        const __m128 scales = headers4<Symmetric, F16Scales>(g0, groupBytes, 0);
+        if constexpr (!SignedCodes) {
+          const __m128 mins = Symmetric ? _mm_mul_ps(scales, _mm_set1_ps(-static_cast<float>(1 << (Bits - 1))))
+                                        : headers4<Symmetric, F16Scales>(g0, groupBytes, 2);
+          minAcc = _mm_fmadd_ps(mins, _mm_loadu_ps(activationSums + g), minAcc);
+        }
+        const __m512 products = _mm512_castps128_ps512(_mm_mul_ps(scales, _mm_loadu_ps(activationScales + g)));
+        const __m512i codes01 = load64Codes<Bits>(g0 + headerBytes, g0 + groupBytes + headerBytes);
+        const __m512i codes23 = load64Codes<Bits>(g0 + 2 * groupBytes + headerBytes, g0 + 3 * groupBytes + headerBytes);
+        const __m512i sums01 =
+            dot512<SignedCodes>(_mm512_setzero_si512(), codes01, _mm512_loadu_si512(activation + g * kBlock));
+        const __m512i sums23 =
+            dot512<SignedCodes>(_mm512_setzero_si512(), codes23, _mm512_loadu_si512(activation + g * kBlock + 64));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums01), _mm512_permutexvar_ps(firstPair, products), acc);
+        acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums23), _mm512_permutexvar_ps(secondPair, products), acc1);
+      }
+      acc = _mm512_add_ps(acc, acc1);
+      minAcc = _mm_add_ps(minAcc, _mm_movehl_ps(minAcc, minAcc));
+      minAcc = _mm_add_ss(minAcc, _mm_movehdup_ps(minAcc));
+      minTerm += _mm_cvtss_f32(minAcc);
       for (; g + 2 <= groups; g += 2) {
         const uint8_t *g0 = row + static_cast<size_t>(g) * groupBytes, *g1 = g0 + groupBytes;
         _mm_prefetch(reinterpret_cast<const char *>(g0 + 4 * groupBytes), _MM_HINT_T0);
         float s0, m0, s1, m1;
-        header512<SignedCodes>(format, g0, s0, m0);
-        header512<SignedCodes>(format, g1, s1, m1);
+        header512<Bits, SignedCodes, Symmetric, F16Scales>(g0, s0, m0);
+        header512<Bits, SignedCodes, Symmetric, F16Scales>(g1, s1, m1);
         const __m512i codes = load64Codes<Bits>(g0 + headerBytes, g1 + headerBytes);
         const __m512i a = _mm512_loadu_si512(activation + g * kBlock);
         const __m512i sums = dot512<SignedCodes>(_mm512_setzero_si512(), codes, a);
@@ -272,7 +339,7 @@ MOEC_AVX512 void gemvRowsAvx512(const QuantMatrixView &w, const QuantizedActivat
         // The odd last group: its codes twice, the activation's upper half masked off.
         const uint8_t *g0 = row + static_cast<size_t>(g) * groupBytes;
         float s0, m0;
-        header512<SignedCodes>(format, g0, s0, m0);
+        header512<Bits, SignedCodes, Symmetric, F16Scales>(g0, s0, m0);
         const __m512i codes = load64Codes<Bits>(g0 + headerBytes, g0 + headerBytes);
         const __m512i a = _mm512_maskz_loadu_epi8(0xffffffffULL, activation + g * kBlock);
         const __m512i sums = dot512<SignedCodes>(_mm512_setzero_si512(), codes, a);
@@ -280,19 +347,18 @@ MOEC_AVX512 void gemvRowsAvx512(const QuantMatrixView &w, const QuantizedActivat
         minTerm += m0 * activationSums[g];
       }
     } else {
-      const int pairs = format.group / (2 * kBlock);
+      // Groups of 64 or 128: one or two zmm per group (unrolled).
       for (int64_t g = 0; g < groups; ++g) {
         const uint8_t *group = row + static_cast<size_t>(g) * groupBytes;
         _mm_prefetch(reinterpret_cast<const char *>(group + 2 * groupBytes), _MM_HINT_T0);
         float scale, min;
-        header512<SignedCodes>(format, group, scale, min);
+        header512<Bits, SignedCodes, Symmetric, F16Scales>(group, scale, min);
         const uint8_t *codes = group + headerBytes;
-        const int8_t *a = activation + g * format.group;
+        const int8_t *a = activation + g * 2 * kBlock * Pairs;
         __m512i sums = _mm512_setzero_si512();
-        for (int p = 0; p < pairs; ++p)
-          sums =
-              dot512<SignedCodes>(sums, load64Codes<Bits>(codes + 2 * p * blockBytes, codes + (2 * p + 1) * blockBytes),
-                                  _mm512_loadu_si512(a + p * 2 * kBlock));
+        for (int p = 0; p < Pairs; ++p)
+          sums = dot512<SignedCodes>(sums, load64CodesContiguous<Bits>(codes + 2 * p * blockBytes),
+                                     _mm512_loadu_si512(a + p * 2 * kBlock));
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(scale * activationScales[g]), acc);
         minTerm += min * activationSums[g];
       }
@@ -301,19 +367,43 @@ MOEC_AVX512 void gemvRowsAvx512(const QuantMatrixView &w, const QuantizedActivat
   }
 }
 
+template <int Bits, bool SignedCodes, bool Symmetric, bool F16Scales>
+MOEC_AVX512 void gemvRowsAvx512ByGroup(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin,
+                                       int64_t rowEnd, float *y) {
+  switch (w.format.group) {
+  case 32:
+    return gemvRowsAvx512<Bits, SignedCodes, Symmetric, F16Scales, 0>(w, x, rowBegin, rowEnd, y);
+  case 64:
+    return gemvRowsAvx512<Bits, SignedCodes, Symmetric, F16Scales, 1>(w, x, rowBegin, rowEnd, y);
+  default:
+    return gemvRowsAvx512<Bits, SignedCodes, Symmetric, F16Scales, 2>(w, x, rowBegin, rowEnd, y);
+  }
+}
+
+template <int Bits>
+MOEC_AVX512 void gemvRowsAvx512Of(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin,
+                                  int64_t rowEnd, float *y) {
+  const bool f16 = w.format.scaleType == ScaleType::F16;
+  if (w.format.symmetric)
+    return f16 ? gemvRowsAvx512ByGroup<Bits, false, true, true>(w, x, rowBegin, rowEnd, y)
+               : gemvRowsAvx512ByGroup<Bits, false, true, false>(w, x, rowBegin, rowEnd, y);
+  return f16 ? gemvRowsAvx512ByGroup<Bits, false, false, true>(w, x, rowBegin, rowEnd, y)
+             : gemvRowsAvx512ByGroup<Bits, false, false, false>(w, x, rowBegin, rowEnd, y);
+}
+
 MOEC_AVX512 void gemvRowsAvx512Vnni(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin,
                                     int64_t rowEnd, float *y) {
   if (w.signedCodes)
-    return gemvRowsAvx512<8, true>(w, x, rowBegin, rowEnd, y);
+    return gemvRowsAvx512<8, true, true, true, 0>(w, x, rowBegin, rowEnd, y);
   switch (w.format.bits) {
   case 2:
-    return gemvRowsAvx512<2, false>(w, x, rowBegin, rowEnd, y);
+    return gemvRowsAvx512Of<2>(w, x, rowBegin, rowEnd, y);
   case 3:
-    return gemvRowsAvx512<3, false>(w, x, rowBegin, rowEnd, y);
+    return gemvRowsAvx512Of<3>(w, x, rowBegin, rowEnd, y);
   case 4:
-    return gemvRowsAvx512<4, false>(w, x, rowBegin, rowEnd, y);
+    return gemvRowsAvx512Of<4>(w, x, rowBegin, rowEnd, y);
   default:
-    return gemvRowsAvx512<8, false>(w, x, rowBegin, rowEnd, y);
+    return gemvRowsAvx512Of<8>(w, x, rowBegin, rowEnd, y);
   }
 }
 #endif

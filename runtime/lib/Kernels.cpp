@@ -61,7 +61,7 @@ public:
   /// `work` (elements touched) below a threshold runs inline, where waking
   /// the workers would cost more than it saves.
   void run(int64_t rows, int64_t work, const std::function<void(int64_t, int64_t)> &body) {
-    if (threads == 1 || rows < 64 || work < (int64_t(1) << 18)) {
+    if (threads == 1 || rows < static_cast<int64_t>(threads) || work < (int64_t(1) << 18)) {
       body(0, rows);
       return;
     }
