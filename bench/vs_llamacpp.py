@@ -25,29 +25,54 @@ def run(command, **kwargs):
     return subprocess.run(command, check=True, capture_output=True, text=True, **kwargs).stdout
 
 
+def byte_level_tokenizer(vocab_size):
+    """Byte-level BPE over the 256 bytes, then filler tokens up to the model's
+    vocabulary (never produced by merges; the benchmarks feed token ids)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    mapping, extra = {}, 0
+    for b in range(256):
+        mapping[b] = chr(b) if b in printable else chr(256 + extra)
+        extra += b not in printable
+    vocab = {mapping[b]: b for b in range(256)}
+    for i in range(256, vocab_size):
+        vocab[f"tok{i}"] = i
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    return {"version": "1.0", "added_tokens": [], "normalizer": None, "pre_tokenizer": byte_level,
+            "post_processor": None, "decoder": byte_level,
+            "model": {"type": "BPE", "vocab": vocab, "merges": []}}
+
+
 def model_dir(name, build, work):
     if name in SYNTHETIC:
         directory = os.path.join(work, name)
         if not os.path.exists(os.path.join(directory, "config.json")):
             run([os.path.join(build, "tools", "moec-synth"), "--config", os.path.join(HERE, "configs", SYNTHETIC[name]),
                  "--shards", "4", "-o", directory])
+        tokenizer = os.path.join(directory, "tokenizer.json")
+        if not os.path.exists(tokenizer):
+            vocab_size = json.load(open(os.path.join(directory, "config.json")))["vocab_size"]
+            with open(tokenizer, "w") as out:
+                json.dump(byte_level_tokenizer(vocab_size), out)
         return directory
     return os.path.join(ROOT, "tests", "data", "fixtures", name)
 
 
-def gguf_file(name, directory, gguf_type, build, work):
-    """Every matrix (embedding and lm_head included) in `gguf_type`."""
+def gguf_file(name, directory, gguf_type, build, bin_dir, work):
+    """moec's GGUF export of the checkpoint, every matrix then quantized to
+    `gguf_type` by llama-quantize --pure (embedding and output included), so
+    both engines read the very same bytes; moec's keys travel through."""
     path = os.path.join(work, f"{name}-{gguf_type}.gguf")
     if os.path.exists(path):
         return path
     moec = os.path.join(build, "tools", "moec")
-    module, quantized = os.path.join(work, f"{name}.mlir"), os.path.join(work, f"{name}-{gguf_type}.mlir")
-    run([moec, "-q", "import", directory, "-o", module])
-    run([moec, "-q", "opt", module, "--pipeline", f"moe-quantize{{format={gguf_type} targets=all,lm_head,embedding}}",
-         "-o", quantized])
-    run([moec, "-q", "export", quantized, "--format", "gguf", "-o", path])
-    for leftover in (module, quantized):
-        os.remove(leftover)
+    module, full = os.path.join(work, f"{name}.mlir"), os.path.join(work, f"{name}-bf16.gguf")
+    if not os.path.exists(full):
+        run([moec, "-q", "import", directory, "-o", module])
+        run([moec, "-q", "export", module, "--format", "gguf", "-o", full])
+        for leftover in (module, module.replace(".mlir", ".moestore")):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+    run([os.path.join(bin_dir, "llama-quantize"), "--pure", full, path, gguf_type.upper(), str(os.cpu_count())])
     return path
 
 
@@ -123,7 +148,7 @@ def main():
             directory = model_dir(name, build, work)
             prompt, decode = 512, 128
             for gguf_type in types:
-                path = gguf_file(name, directory, gguf_type, build, work)
+                path = gguf_file(name, directory, gguf_type, build, bin_dir, work)
                 for threads in (1, 2):
                     samples = {"llama.cpp": [], "moec": []}
                     for _ in range(rounds):  # alternated

@@ -391,6 +391,169 @@ MOEC_AVX512 void gemvRowsAvx512Of(const QuantMatrixView &w, const QuantizedActiv
              : gemvRowsAvx512ByGroup<Bits, false, false, false>(w, x, rowBegin, rowEnd, y);
 }
 
+/// Tokens per pass of the integer GEMM: each row's codes are unpacked once
+/// and dotted with this many activations (eight float accumulators).
+constexpr int kGemmTokens = 8;
+
+/// One group's scale times the eight tokens' activation scales (token-minor
+/// `scales`) into `out`, and its min times their group sums added to `mins`.
+template <int Bits, bool SignedCodes, bool Symmetric, bool F16Scales>
+MOEC_AVX512 inline void groupScales(const uint8_t *group, const float *scales, const float *sums, float *out,
+                                    __m256 &mins) {
+  float scale, min;
+  header512<Bits, SignedCodes, Symmetric, F16Scales>(group, scale, min);
+  _mm256_store_ps(out, _mm256_mul_ps(_mm256_set1_ps(scale), _mm256_loadu_ps(scales)));
+  if constexpr (!SignedCodes)
+    mins = _mm256_fmadd_ps(_mm256_set1_ps(min), _mm256_loadu_ps(sums), mins);
+}
+
+/// Prefill: `count` (<= kGemmTokens) activations against rows [rowBegin,
+/// rowEnd). Per group: the header once, the codes unpacked once, then one
+/// vpdpbusd per token and zmm; the activation scales and group sums are
+/// laid out token-minor so a group's eight scale products and min terms
+/// are one vector operation each.
+template <int Bits, bool SignedCodes, bool Symmetric, bool F16Scales, int Pairs>
+MOEC_AVX512 void gemmRowsAvx512(const QuantMatrixView &w, const QuantizedActivation *x, int count, int64_t rowBegin,
+                                int64_t rowEnd, float *y, int64_t ldy) {
+  const QuantFormat &format = w.format;
+  const int64_t groups = format.groupsPerRow(w.cols);
+  const size_t rowBytes = format.rowBytes(w.cols), groupBytes = format.groupBytes(), headerBytes = format.headerBytes();
+  constexpr size_t blockBytes = kBlock * Bits / 8;
+  // Missing tokens read a zero activation (their results are dropped).
+  thread_local std::vector<int8_t> zeros;
+  thread_local std::vector<float> scalesT, sumsT;
+  zeros.assign(static_cast<size_t>(groups * format.group), 0);
+  scalesT.assign(static_cast<size_t>(groups * kGemmTokens), 0.0f);
+  sumsT.assign(static_cast<size_t>(groups * kGemmTokens), 0.0f);
+  const int8_t *activation[kGemmTokens];
+  for (int t = 0; t < kGemmTokens; ++t) {
+    activation[t] = t < count ? x[t].values.data() : zeros.data();
+    if (t < count)
+      for (int64_t g = 0; g < groups; ++g) {
+        scalesT[g * kGemmTokens + t] = x[t].blockScales[g];
+        sumsT[g * kGemmTokens + t] = x[t].groupSums[g];
+      }
+  }
+  // Groups of 32: per pair of groups and token, the 16 lanes' activation
+  // scales (the first group's in lanes 0..7, the second's in 8..15).
+  thread_local std::vector<float> pairScales;
+  if constexpr (Pairs == 0) {
+    const int64_t pairs = (groups + 1) / 2;
+    pairScales.assign(static_cast<size_t>(pairs * kGemmTokens * 16), 0.0f);
+    for (int64_t p = 0; p < pairs; ++p)
+      for (int t = 0; t < count; ++t)
+        for (int lane = 0; lane < 16; ++lane) {
+          const int64_t g = 2 * p + lane / 8;
+          if (g < groups)
+            pairScales[static_cast<size_t>((p * kGemmTokens + t) * 16 + lane)] = x[t].blockScales[g];
+        }
+  }
+  alignas(32) float products[kGemmTokens];
+  for (int64_t r = rowBegin; r < rowEnd; ++r) {
+    const uint8_t *row = w.data + static_cast<size_t>(r) * rowBytes;
+    __m512 acc[kGemmTokens];
+    for (__m512 &a : acc)
+      a = _mm512_setzero_ps();
+    __m256 minTerms = _mm256_setzero_ps();
+    if constexpr (Pairs == 0) {
+      // Two groups per zmm; per token the lanes' activation scales come
+      // precomputed (pairScales), so a token costs one load, vpdpbusd,
+      // convert, multiply and fma per 64 codes.
+      for (int64_t g = 0; g < groups; g += 2) {
+        const bool pair = g + 1 < groups;
+        const uint8_t *g0 = row + static_cast<size_t>(g) * groupBytes, *g1 = pair ? g0 + groupBytes : g0;
+        float s0, m0, s1 = 0.0f, m1 = 0.0f;
+        header512<Bits, SignedCodes, Symmetric, F16Scales>(g0, s0, m0);
+        if (pair)
+          header512<Bits, SignedCodes, Symmetric, F16Scales>(g1, s1, m1);
+        if constexpr (!SignedCodes) {
+          minTerms = _mm256_fmadd_ps(_mm256_set1_ps(m0), _mm256_loadu_ps(&sumsT[g * kGemmTokens]), minTerms);
+          if (pair)
+            minTerms = _mm256_fmadd_ps(_mm256_set1_ps(m1), _mm256_loadu_ps(&sumsT[(g + 1) * kGemmTokens]), minTerms);
+        }
+        const __m512 weightScales = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(s0), _mm512_set1_ps(s1));
+        const __m512i codes = load64Codes<Bits>(g0 + headerBytes, g1 + headerBytes);
+        const float *lanes = &pairScales[static_cast<size_t>(g / 2) * kGemmTokens * 16];
+        if (pair) {
+          for (int t = 0; t < kGemmTokens; ++t) {
+            const __m512i sums =
+                dot512<SignedCodes>(_mm512_setzero_si512(), codes, _mm512_loadu_si512(activation[t] + g * kBlock));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums),
+                                     _mm512_mul_ps(weightScales, _mm512_loadu_ps(lanes + t * 16)), acc[t]);
+          }
+        } else {
+          for (int t = 0; t < kGemmTokens; ++t) {
+            const __m512i sums = dot512<SignedCodes>(
+                _mm512_setzero_si512(), codes, _mm512_maskz_loadu_epi8(0xffffffffULL, activation[t] + g * kBlock));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums),
+                                     _mm512_mul_ps(weightScales, _mm512_loadu_ps(lanes + t * 16)), acc[t]);
+          }
+        }
+      }
+    } else {
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint8_t *group = row + static_cast<size_t>(g) * groupBytes;
+        groupScales<Bits, SignedCodes, Symmetric, F16Scales>(group, &scalesT[g * kGemmTokens], &sumsT[g * kGemmTokens],
+                                                             products, minTerms);
+        __m512i codes[Pairs];
+        for (int p = 0; p < Pairs; ++p)
+          codes[p] = load64CodesContiguous<Bits>(group + headerBytes + 2 * p * blockBytes);
+        for (int t = 0; t < kGemmTokens; ++t) {
+          const int8_t *a = activation[t] + g * 2 * kBlock * Pairs;
+          __m512i sums = _mm512_setzero_si512();
+          for (int p = 0; p < Pairs; ++p)
+            sums = dot512<SignedCodes>(sums, codes[p], _mm512_loadu_si512(a + p * 2 * kBlock));
+          acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(products[t]), acc[t]);
+        }
+      }
+    }
+    alignas(32) float mins[kGemmTokens];
+    _mm256_store_ps(mins, minTerms);
+    for (int t = 0; t < count; ++t)
+      y[t * ldy + (r - rowBegin)] = _mm512_reduce_add_ps(acc[t]) + mins[t];
+  }
+}
+
+template <int Bits, bool SignedCodes, bool Symmetric, bool F16Scales>
+MOEC_AVX512 void gemmRowsAvx512ByGroup(const QuantMatrixView &w, const QuantizedActivation *x, int count,
+                                       int64_t rowBegin, int64_t rowEnd, float *y, int64_t ldy) {
+  switch (w.format.group) {
+  case 32:
+    return gemmRowsAvx512<Bits, SignedCodes, Symmetric, F16Scales, 0>(w, x, count, rowBegin, rowEnd, y, ldy);
+  case 64:
+    return gemmRowsAvx512<Bits, SignedCodes, Symmetric, F16Scales, 1>(w, x, count, rowBegin, rowEnd, y, ldy);
+  default:
+    return gemmRowsAvx512<Bits, SignedCodes, Symmetric, F16Scales, 2>(w, x, count, rowBegin, rowEnd, y, ldy);
+  }
+}
+
+template <int Bits>
+MOEC_AVX512 void gemmRowsAvx512Of(const QuantMatrixView &w, const QuantizedActivation *x, int count, int64_t rowBegin,
+                                  int64_t rowEnd, float *y, int64_t ldy) {
+  const bool f16 = w.format.scaleType == ScaleType::F16;
+  if (w.format.symmetric)
+    return f16 ? gemmRowsAvx512ByGroup<Bits, false, true, true>(w, x, count, rowBegin, rowEnd, y, ldy)
+               : gemmRowsAvx512ByGroup<Bits, false, true, false>(w, x, count, rowBegin, rowEnd, y, ldy);
+  return f16 ? gemmRowsAvx512ByGroup<Bits, false, false, true>(w, x, count, rowBegin, rowEnd, y, ldy)
+             : gemmRowsAvx512ByGroup<Bits, false, false, false>(w, x, count, rowBegin, rowEnd, y, ldy);
+}
+
+MOEC_AVX512 void gemmRowsAvx512Vnni(const QuantMatrixView &w, const QuantizedActivation *x, int count, int64_t rowBegin,
+                                    int64_t rowEnd, float *y, int64_t ldy) {
+  if (w.signedCodes)
+    return gemmRowsAvx512<8, true, true, true, 0>(w, x, count, rowBegin, rowEnd, y, ldy);
+  switch (w.format.bits) {
+  case 2:
+    return gemmRowsAvx512Of<2>(w, x, count, rowBegin, rowEnd, y, ldy);
+  case 3:
+    return gemmRowsAvx512Of<3>(w, x, count, rowBegin, rowEnd, y, ldy);
+  case 4:
+    return gemmRowsAvx512Of<4>(w, x, count, rowBegin, rowEnd, y, ldy);
+  default:
+    return gemmRowsAvx512Of<8>(w, x, count, rowBegin, rowEnd, y, ldy);
+  }
+}
+
 MOEC_AVX512 void gemvRowsAvx512Vnni(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin,
                                     int64_t rowEnd, float *y) {
   if (w.signedCodes)
@@ -495,6 +658,26 @@ void gemvRowsScalar(const QuantMatrixView &w, const QuantizedActivation &x, int6
       total += static_cast<float>(sum) * x.blockScales[g] * scale + min * x.groupSums[g];
     }
     y[r - rowBegin] = total;
+  }
+}
+
+void gemmRows(const QuantMatrixView &w, const QuantizedActivation *x, int64_t count, int64_t rowBegin, int64_t rowEnd,
+              float *y, int64_t ldy) {
+#if defined(__x86_64__)
+  if (useAvx512Vnni()) {
+    for (int64_t first = 0; first < count; first += kGemmTokens)
+      gemmRowsAvx512Vnni(w, x + first, static_cast<int>(std::min<int64_t>(kGemmTokens, count - first)), rowBegin,
+                         rowEnd, y + first * ldy, ldy);
+    return;
+  }
+#endif
+  // Elsewhere: the decode kernel token by token.
+  thread_local std::vector<float> perThread;
+  std::vector<float> &column = perThread;
+  column.resize(static_cast<size_t>(rowEnd - rowBegin));
+  for (int64_t t = 0; t < count; ++t) {
+    gemvRows(w, x[t], rowBegin, rowEnd, column.data());
+    std::copy(column.begin(), column.end(), y + t * ldy);
   }
 }
 

@@ -4,7 +4,8 @@
 // activation vector quantized to int8 once per matmul (one f32 scale per
 // weight group, as llama.cpp's Q8_K per 256), with integer dot products
 // (AVX2 maddubs/madd) and the min folded in through group sums of the
-// quantized activation, so the result is exactly w^ . x^. Prefill dequantizes rows to f32 for a BLAS GEMM.
+// quantized activation, so the result is exactly w^ . x^. Prefill runs the
+// same integer products over several tokens per pass (gemmRows).
 // The ISA is chosen once at run time: AVX-512 VNNI (zmm vpdpbusd), else
 // AVX-VNNI, else AVX2+FMA+F16C, else scalar.
 //
@@ -47,6 +48,14 @@ void quantizeActivation(const float *x, int64_t cols, int group, QuantizedActiva
 /// y[r - rowBegin] = row r . x for r in [rowBegin, rowEnd), with the
 /// quantized activation (the fast decode kernel).
 void gemvRows(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin, int64_t rowEnd, float *y);
+
+/// Prefill: y[t * ldy + (r - rowBegin)] = row r . x[t] for the `count`
+/// activations x[0 .. count) and r in [rowBegin, rowEnd): an integer GEMM
+/// (AVX-512 VNNI: each row's codes unpacked once per eight tokens; other
+/// machines: gemvRows token by token). Equals gemvRows up to float
+/// summation order.
+void gemmRows(const QuantMatrixView &w, const QuantizedActivation *x, int64_t count, int64_t rowBegin, int64_t rowEnd,
+              float *y, int64_t ldy);
 
 /// Scalar reference of gemvRows with the same activation quantization.
 void gemvRowsScalar(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin, int64_t rowEnd, float *y);

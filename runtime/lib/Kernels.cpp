@@ -12,6 +12,7 @@
 
 #include "moe/Support/Threads.h"
 
+#include <atomic>
 #include <condition_variable>
 #include <functional>
 #include <mutex>
@@ -42,6 +43,11 @@ unsigned computeThreads() {
   return count;
 }
 
+/// Persistent workers, one per thread of the count. A region hands each
+/// worker a range through an atomic generation counter; workers spin on it
+/// for a short while (decode runs a region every ~100 microseconds, and a
+/// futex wake-up costs tens of them) before sleeping on a condition
+/// variable, and the caller spins for their completion the same way.
 class RowPool {
 public:
   RowPool() : threads(computeThreads()) {
@@ -52,6 +58,7 @@ public:
     {
       std::lock_guard<std::mutex> lock(mutex);
       stopping = true;
+      generation.fetch_add(1, std::memory_order_release);
     }
     wake.notify_all();
     for (std::thread &worker : workers)
@@ -65,51 +72,66 @@ public:
       body(0, rows);
       return;
     }
+    task = &body;
+    taskRows = rows;
+    pending.store(threads - 1, std::memory_order_relaxed);
     {
+      // Under the mutex, so a worker about to sleep sees the new generation.
       std::lock_guard<std::mutex> lock(mutex);
-      task = &body;
-      taskRows = rows;
-      pending = threads - 1;
-      ++generation;
+      generation.fetch_add(1, std::memory_order_release);
     }
-    wake.notify_all();
+    if (sleepers.load(std::memory_order_acquire) > 0)
+      wake.notify_all();
     body(0, rangeEnd(0, rows));
-    std::unique_lock<std::mutex> lock(mutex);
-    done.wait(lock, [this] { return pending == 0; });
+    for (unsigned spins = 0; pending.load(std::memory_order_acquire) != 0; ++spins)
+      pause(spins);
     task = nullptr;
   }
 
 private:
+  static void pause(unsigned spins) {
+#if defined(__x86_64__)
+    if (spins < (1u << 16)) {
+      _mm_pause();
+      return;
+    }
+#endif
+    std::this_thread::yield();
+  }
   int64_t rangeEnd(unsigned t, int64_t rows) const { return rows * (t + 1) / threads; }
   void work(unsigned t) {
     uint64_t seen = 0;
     for (;;) {
-      const std::function<void(int64_t, int64_t)> *body;
-      int64_t rows;
-      {
-        std::unique_lock<std::mutex> lock(mutex);
-        wake.wait(lock, [&] { return stopping || generation != seen; });
-        if (stopping)
-          return;
-        seen = generation;
-        body = task;
-        rows = taskRows;
+      // Spin first (about 100 microseconds), then sleep.
+      unsigned spins = 0;
+      while (generation.load(std::memory_order_acquire) == seen && spins < (1u << 12)) {
+#if defined(__x86_64__)
+        _mm_pause();
+#endif
+        ++spins;
       }
-      (*body)(rows * t / threads, rangeEnd(t, rows));
-      std::lock_guard<std::mutex> lock(mutex);
-      if (--pending == 0)
-        done.notify_one();
+      if (generation.load(std::memory_order_acquire) == seen) {
+        std::unique_lock<std::mutex> lock(mutex);
+        sleepers.fetch_add(1, std::memory_order_acq_rel);
+        wake.wait(lock, [&] { return generation.load(std::memory_order_acquire) != seen; });
+        sleepers.fetch_sub(1, std::memory_order_acq_rel);
+      }
+      if (stopping)
+        return;
+      seen = generation.load(std::memory_order_acquire);
+      (*task)(taskRows * t / threads, rangeEnd(t, taskRows));
+      pending.fetch_sub(1, std::memory_order_acq_rel);
     }
   }
 
   unsigned threads;
   std::vector<std::thread> workers;
   std::mutex mutex;
-  std::condition_variable wake, done;
+  std::condition_variable wake;
   const std::function<void(int64_t, int64_t)> *task = nullptr;
   int64_t taskRows = 0;
-  unsigned pending = 0;
-  uint64_t generation = 0;
+  std::atomic<unsigned> pending{0}, sleepers{0};
+  std::atomic<uint64_t> generation{0};
   bool stopping = false;
 };
 
@@ -194,7 +216,7 @@ void parallelRows(int64_t rows, int64_t work, const std::function<void(int64_t, 
 
 namespace {
 
-/// Prefill of a quantized matrix: rows dequantized a tile at a time (about
+/// Prefill of ggml's K-quants and Q5_*: rows dequantized a tile at a time (about
 /// 2 MiB of f32, split across the pool) into one reused buffer, each tile
 /// one BLAS GEMM into its columns of y; never the whole matrix in f32.
 void tiledGemm(const float *x, int64_t tokens, const Matrix &weight, float *y) {
@@ -204,15 +226,11 @@ void tiledGemm(const float *x, int64_t tokens, const Matrix &weight, float *y) {
   std::vector<float> &tile = perThread;
   tile.resize(static_cast<size_t>(tileRows * in));
   float *target = tile.data();
-  const std::optional<quant::QuantMatrixView> view = weight.groupView();
   for (int64_t first = 0; first < out; first += tileRows) {
     const int64_t count = std::min(tileRows, out - first);
     rowPool().run(count, count * in, [&](int64_t begin, int64_t end) {
-      if (view)
-        quant::dequantizeRows(*view, first + begin, first + end, target + begin * in);
-      else
-        quant::ggmlDequantizeRows(*weight.ggmlType, weight.quantData, in, first + begin, first + end,
-                                  target + begin * in);
+      quant::ggmlDequantizeRows(*weight.ggmlType, weight.quantData, in, first + begin, first + end,
+                                target + begin * in);
     });
     computeThreads();
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens), static_cast<int>(count),
@@ -238,6 +256,19 @@ void linear(const float *x, int64_t tokens, const Matrix &weight, const std::vec
       rowPool().run(out, static_cast<int64_t>(weight.bytes()),
                     [&](int64_t begin, int64_t end) { gemvRange(weight, input, begin, end, row + begin); });
     }
+  } else if (const std::optional<quant::QuantMatrixView> view = weight.groupView()) {
+    // Prefill over group formats: every token's activation to int8 once,
+    // then the integer GEMM over rows split across the pool.
+    thread_local std::vector<quant::QuantizedActivation> perThread;
+    std::vector<quant::QuantizedActivation> &activations = perThread;
+    if (activations.size() < static_cast<size_t>(tokens))
+      activations.resize(static_cast<size_t>(tokens));
+    for (int64_t t = 0; t < tokens; ++t)
+      quant::quantizeActivation(x + t * in, in, view->format.group, activations[t]);
+    quant::QuantizedActivation *first = activations.data();
+    rowPool().run(out, tokens * out * in, [&](int64_t begin, int64_t end) {
+      quant::gemmRows(*view, first, tokens, begin, end, y + begin, out);
+    });
   } else if (weight.isQuantized()) {
     tiledGemm(x, tokens, weight, y);
   } else {

@@ -222,6 +222,13 @@ TEST(GgmlKernels, SmallBlockFormatsRunInTheGroupKernels) {
       for (int64_t r = 0; r < rows; ++r)
         EXPECT_NEAR(y[r], scalar[r], 1e-5 * (std::fabs(scalar[r]) + 1.0)) << ggmlTraits(type)->name << " " << isa;
     }
+    // Prefill's integer GEMM over three tokens (the same activation).
+    const std::vector<QuantizedActivation> three(3, activation);
+    std::vector<float> block(3 * rows);
+    gemmRows(view, three.data(), 3, 0, rows, block.data(), rows);
+    for (int64_t t = 0; t < 3; ++t)
+      for (int64_t r = 0; r < rows; ++r)
+        EXPECT_NEAR(block[t * rows + r], scalar[r], 1e-5 * (std::fabs(scalar[r]) + 1.0)) << ggmlTraits(type)->name;
   }
   EXPECT_FALSE(ggmlGroupLayout(GgmlType::Q4_K).has_value());
 }
