@@ -395,18 +395,6 @@ MOEC_AVX512 void gemvRowsAvx512Of(const QuantMatrixView &w, const QuantizedActiv
 /// and dotted with this many activations (eight float accumulators).
 constexpr int kGemmTokens = 8;
 
-/// One group's scale times the eight tokens' activation scales (token-minor
-/// `scales`) into `out`, and its min times their group sums added to `mins`.
-template <int Bits, bool SignedCodes, bool Symmetric, bool F16Scales>
-MOEC_AVX512 inline void groupScales(const uint8_t *group, const float *scales, const float *sums, float *out,
-                                    __m256 &mins) {
-  float scale, min;
-  header512<Bits, SignedCodes, Symmetric, F16Scales>(group, scale, min);
-  _mm256_store_ps(out, _mm256_mul_ps(_mm256_set1_ps(scale), _mm256_loadu_ps(scales)));
-  if constexpr (!SignedCodes)
-    mins = _mm256_fmadd_ps(_mm256_set1_ps(min), _mm256_loadu_ps(sums), mins);
-}
-
 /// Prefill: `count` (<= kGemmTokens) activations against rows [rowBegin,
 /// rowEnd). Per group: the header once, the codes unpacked once, then one
 /// vpdpbusd per token and zmm; the activation scales and group sums are
@@ -448,12 +436,19 @@ MOEC_AVX512 void gemmRowsAvx512(const QuantMatrixView &w, const QuantizedActivat
             pairScales[static_cast<size_t>((p * kGemmTokens + t) * 16 + lane)] = x[t].blockScales[g];
         }
   }
-  alignas(32) float products[kGemmTokens];
+  // Plain pointers: a thread_local named in the loop is a call to the TLS
+  // resolver for the compiler, which then keeps every zmm in memory.
+  const float *const lanesOfPairs = pairScales.data(), *const tokenScales = scalesT.data(),
+                     *const tokenSums = sumsT.data();
+  // Eight named accumulators.
+  const int8_t *const a0 = activation[0], *const a1 = activation[1], *const a2 = activation[2],
+                      *const a3 = activation[3], *const a4 = activation[4], *const a5 = activation[5],
+                      *const a6 = activation[6], *const a7 = activation[7];
+#define MOEC_EIGHT_TOKENS(STEP) STEP(0) STEP(1) STEP(2) STEP(3) STEP(4) STEP(5) STEP(6) STEP(7)
   for (int64_t r = rowBegin; r < rowEnd; ++r) {
     const uint8_t *row = w.data + static_cast<size_t>(r) * rowBytes;
-    __m512 acc[kGemmTokens];
-    for (__m512 &a : acc)
-      a = _mm512_setzero_ps();
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0, acc4 = acc0, acc5 = acc0, acc6 = acc0,
+           acc7 = acc0;
     __m256 minTerms = _mm256_setzero_ps();
     if constexpr (Pairs == 0) {
       // Two groups per zmm; per token the lanes' activation scales come
@@ -467,51 +462,59 @@ MOEC_AVX512 void gemmRowsAvx512(const QuantMatrixView &w, const QuantizedActivat
         if (pair)
           header512<Bits, SignedCodes, Symmetric, F16Scales>(g1, s1, m1);
         if constexpr (!SignedCodes) {
-          minTerms = _mm256_fmadd_ps(_mm256_set1_ps(m0), _mm256_loadu_ps(&sumsT[g * kGemmTokens]), minTerms);
+          minTerms = _mm256_fmadd_ps(_mm256_set1_ps(m0), _mm256_loadu_ps(&tokenSums[g * kGemmTokens]), minTerms);
           if (pair)
-            minTerms = _mm256_fmadd_ps(_mm256_set1_ps(m1), _mm256_loadu_ps(&sumsT[(g + 1) * kGemmTokens]), minTerms);
+            minTerms =
+                _mm256_fmadd_ps(_mm256_set1_ps(m1), _mm256_loadu_ps(&tokenSums[(g + 1) * kGemmTokens]), minTerms);
         }
         const __m512 weightScales = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(s0), _mm512_set1_ps(s1));
         const __m512i codes = load64Codes<Bits>(g0 + headerBytes, g1 + headerBytes);
-        const float *lanes = &pairScales[static_cast<size_t>(g / 2) * kGemmTokens * 16];
-        if (pair) {
-          for (int t = 0; t < kGemmTokens; ++t) {
-            const __m512i sums =
-                dot512<SignedCodes>(_mm512_setzero_si512(), codes, _mm512_loadu_si512(activation[t] + g * kBlock));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums),
-                                     _mm512_mul_ps(weightScales, _mm512_loadu_ps(lanes + t * 16)), acc[t]);
-          }
-        } else {
-          for (int t = 0; t < kGemmTokens; ++t) {
-            const __m512i sums = dot512<SignedCodes>(
-                _mm512_setzero_si512(), codes, _mm512_maskz_loadu_epi8(0xffffffffULL, activation[t] + g * kBlock));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums),
-                                     _mm512_mul_ps(weightScales, _mm512_loadu_ps(lanes + t * 16)), acc[t]);
-          }
-        }
+        const float *lanes = &lanesOfPairs[static_cast<size_t>(g / 2) * kGemmTokens * 16];
+        // The odd last group reads only its own 32 activation bytes.
+        const __mmask64 valid = pair ? ~0ULL : 0xffffffffULL;
+#define MOEC_PAIR_STEP(T)                                                                                              \
+  {                                                                                                                    \
+    const __m512i sums =                                                                                               \
+        dot512<SignedCodes>(_mm512_setzero_si512(), codes, _mm512_maskz_loadu_epi8(valid, a##T + g * kBlock));         \
+    acc##T = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(weightScales, _mm512_loadu_ps(lanes + T * 16)),   \
+                             acc##T);                                                                                  \
+  }
+        MOEC_EIGHT_TOKENS(MOEC_PAIR_STEP)
+#undef MOEC_PAIR_STEP
       }
     } else {
       for (int64_t g = 0; g < groups; ++g) {
         const uint8_t *group = row + static_cast<size_t>(g) * groupBytes;
-        groupScales<Bits, SignedCodes, Symmetric, F16Scales>(group, &scalesT[g * kGemmTokens], &sumsT[g * kGemmTokens],
-                                                             products, minTerms);
-        __m512i codes[Pairs];
-        for (int p = 0; p < Pairs; ++p)
-          codes[p] = load64CodesContiguous<Bits>(group + headerBytes + 2 * p * blockBytes);
-        for (int t = 0; t < kGemmTokens; ++t) {
-          const int8_t *a = activation[t] + g * 2 * kBlock * Pairs;
-          __m512i sums = _mm512_setzero_si512();
-          for (int p = 0; p < Pairs; ++p)
-            sums = dot512<SignedCodes>(sums, codes[p], _mm512_loadu_si512(a + p * 2 * kBlock));
-          acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(products[t]), acc[t]);
-        }
+        float scale, min;
+        header512<Bits, SignedCodes, Symmetric, F16Scales>(group, scale, min);
+        const __m256 products = _mm256_mul_ps(_mm256_set1_ps(scale), _mm256_loadu_ps(&tokenScales[g * kGemmTokens]));
+        if constexpr (!SignedCodes)
+          minTerms = _mm256_fmadd_ps(_mm256_set1_ps(min), _mm256_loadu_ps(&tokenSums[g * kGemmTokens]), minTerms);
+        const __m512 wide = _mm512_castps256_ps512(products);
+        const __m512i codes0 = load64CodesContiguous<Bits>(group + headerBytes);
+        const __m512i codes1 = Pairs == 2 ? load64CodesContiguous<Bits>(group + headerBytes + 2 * blockBytes) : codes0;
+        const int64_t offset = g * 2 * kBlock * Pairs;
+#define MOEC_GROUP_STEP(T)                                                                                             \
+  {                                                                                                                    \
+    __m512i sums = dot512<SignedCodes>(_mm512_setzero_si512(), codes0, _mm512_loadu_si512(a##T + offset));             \
+    if constexpr (Pairs == 2)                                                                                          \
+      sums = dot512<SignedCodes>(sums, codes1, _mm512_loadu_si512(a##T + offset + 2 * kBlock));                        \
+    acc##T = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_permutexvar_ps(_mm512_set1_epi32(T), wide), acc##T);     \
+  }
+        MOEC_EIGHT_TOKENS(MOEC_GROUP_STEP)
+#undef MOEC_GROUP_STEP
       }
     }
-    alignas(32) float mins[kGemmTokens];
-    _mm256_store_ps(mins, minTerms);
+    // The eight sums (horizontal adds of the accumulators) plus min terms.
+    alignas(32) float sums[kGemmTokens];
+#define MOEC_SUM_STEP(T) sums[T] = _mm512_reduce_add_ps(acc##T);
+    MOEC_EIGHT_TOKENS(MOEC_SUM_STEP)
+#undef MOEC_SUM_STEP
+    _mm256_store_ps(sums, _mm256_add_ps(_mm256_load_ps(sums), minTerms));
     for (int t = 0; t < count; ++t)
-      y[t * ldy + (r - rowBegin)] = _mm512_reduce_add_ps(acc[t]) + mins[t];
+      y[t * ldy + (r - rowBegin)] = sums[t];
   }
+#undef MOEC_EIGHT_TOKENS
 }
 
 template <int Bits, bool SignedCodes, bool Symmetric, bool F16Scales>

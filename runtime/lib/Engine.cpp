@@ -14,6 +14,8 @@
 #include "Rope.h"
 #include "Router.h"
 
+#include <cblas.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -65,6 +67,31 @@ void attend(const ModelSpec &spec, const float *q, int64_t tokens, const KvCache
   const float *keys = cache.keys[static_cast<size_t>(layer)].data();
   const float *values = cache.values[static_cast<size_t>(layer)].data();
   const float scale = static_cast<float>(a.softmaxScale);
+  if (tokens > 1) {
+    // Prefill: per head, the scores of every new query against every
+    // cached key as one GEMM, the causal softmax row by row (later keys
+    // weighted 0), then the weighted values as a second GEMM.
+    const int64_t total = firstPosition + tokens;
+    thread_local std::vector<float> perThread;
+    std::vector<float> &scores = perThread;
+    scores.resize(static_cast<size_t>(tokens * total));
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t kvHead = h / group;
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens), static_cast<int>(total),
+                  static_cast<int>(qDim), scale, q + h * qDim, static_cast<int>(heads * qDim), keys + kvHead * qDim,
+                  static_cast<int>(kWidth), 0.0f, scores.data(), static_cast<int>(total));
+      for (int64_t t = 0; t < tokens; ++t) {
+        float *row = scores.data() + t * total;
+        const int64_t visible = firstPosition + t + 1;
+        softmax(row, visible);
+        std::fill(row + visible, row + total, 0.0f);
+      }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(tokens), static_cast<int>(vDim),
+                  static_cast<int>(total), 1.0f, scores.data(), static_cast<int>(total), values + kvHead * vDim,
+                  static_cast<int>(vWidth), 0.0f, out + h * vDim, static_cast<int>(heads * vDim));
+    }
+    return;
+  }
   for (int64_t t = 0; t < tokens; ++t) {
     const int64_t visible = firstPosition + t + 1;
     // Heads split across the pool (each head's sums stay on one thread).
