@@ -175,6 +175,40 @@ float dotBf16(const uint16_t *w, const float *x, int64_t n) {
   return dotBf16Scalar(w, x, n);
 }
 
+float dotF32Scalar(const float *w, const float *x, int64_t n) {
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i)
+    sum += w[i] * x[i];
+  return sum;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma"))) float dotF32Avx2(const float *w, const float *x, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), acc1);
+  }
+  __m256 acc = _mm256_add_ps(acc0, acc1);
+  __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  sum4 = _mm_hadd_ps(sum4, sum4);
+  sum4 = _mm_hadd_ps(sum4, sum4);
+  return _mm_cvtss_f32(sum4) + dotF32Scalar(w + i, x + i, n - i);
+}
+#endif
+
+/// f32 rows (routers, norms' neighbours, f32 checkpoints) in the decode
+/// pool rather than OpenBLAS's own threads, which would spin beside it.
+float dotF32(const float *w, const float *x, int64_t n) {
+#if defined(__x86_64__)
+  static const bool hasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (hasAvx2)
+    return dotF32Avx2(w, x, n);
+#endif
+  return dotF32Scalar(w, x, n);
+}
+
 } // namespace
 
 void DecodeInput::reset(const float *values, int64_t count) {
@@ -194,7 +228,7 @@ void DecodeInput::prepareFor(const Matrix &weight) {
   }
 }
 
-bool hasDecodeKernel(const Matrix &weight) { return weight.isBf16() || weight.isQuantized(); }
+bool hasDecodeKernel(const Matrix &weight) { return !weight.empty(); }
 
 void gemvRange(const Matrix &weight, const DecodeInput &input, int64_t begin, int64_t end, float *y) {
   if (const std::optional<quant::QuantMatrixView> view = weight.groupView()) {
@@ -203,10 +237,13 @@ void gemvRange(const Matrix &weight, const DecodeInput &input, int64_t begin, in
   } else if (weight.ggmlType) {
     // The other ggml blocks (K-quants, Q5_*), decoded in registers.
     quant::ggmlGemvRows(*weight.ggmlType, weight.quantData, weight.cols, input.values(), begin, end, y);
-  } else {
+  } else if (weight.isBf16()) {
     // bf16: each weight read once, widened in registers.
     for (int64_t o = begin; o < end; ++o)
       y[o - begin] = dotBf16(weight.bf16.data() + o * weight.cols, input.values(), weight.cols);
+  } else {
+    for (int64_t o = begin; o < end; ++o)
+      y[o - begin] = dotF32(weight.data.data() + o * weight.cols, input.values(), weight.cols);
   }
 }
 
@@ -243,7 +280,7 @@ void tiledGemm(const float *x, int64_t tokens, const Matrix &weight, float *y) {
 
 void linear(const float *x, int64_t tokens, const Matrix &weight, const std::vector<float> &bias, float *y) {
   const int64_t out = weight.rows, in = weight.cols;
-  if (hasDecodeKernel(weight) && (weight.isBf16() ? tokens == 1 : tokens <= 4)) {
+  if (hasDecodeKernel(weight) && (weight.isQuantized() ? tokens <= 4 : tokens == 1)) {
     // Decode: rows split across the pool; a quantized matrix's activation
     // goes to int8 once per token. (A thread_local named inside the lambda
     // would be each worker's own: capture this thread's by reference.)
@@ -281,13 +318,9 @@ void linear(const float *x, int64_t tokens, const Matrix &weight, const std::vec
       w = widened.data();
     }
     computeThreads();
-    if (tokens == 1)
-      cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(out), static_cast<int>(in), 1.0f, w,
-                  static_cast<int>(in), x, 1, 0.0f, y, 1);
-    else
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens), static_cast<int>(out),
-                  static_cast<int>(in), 1.0f, x, static_cast<int>(in), w, static_cast<int>(in), 0.0f, y,
-                  static_cast<int>(out));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens), static_cast<int>(out),
+                static_cast<int>(in), 1.0f, x, static_cast<int>(in), w, static_cast<int>(in), 0.0f, y,
+                static_cast<int>(out));
   }
   if (!bias.empty())
     for (int64_t t = 0; t < tokens; ++t)

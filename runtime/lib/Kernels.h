@@ -44,8 +44,8 @@ private:
   bool ready[3] = {false, false, false};
 };
 
-/// Whether gemvRange runs `weight` (bf16, group formats, ggml blocks; f32
-/// matrices go through BLAS in linear()).
+/// Whether gemvRange runs `weight` (every stored matrix: f32, bf16, group
+/// formats, ggml blocks).
 bool hasDecodeKernel(const Matrix &weight);
 /// y[r - begin] = row r . x for r in [begin, end); `input` prepared for weight.
 void gemvRange(const Matrix &weight, const DecodeInput &input, int64_t begin, int64_t end, float *y);
