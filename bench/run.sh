@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the benchmarks and prints their JSON.
-# Usage: bench/run.sh BUILD_DIR [checkpoint|engine|experts|kernels|packages|quantization|gptq-memory|cuda]
+# Usage: bench/run.sh BUILD_DIR [checkpoint|engine|experts|kernels|packages|quantization|gptq-memory|cuda|vs-llamacpp]
+# (vs-llamacpp, about 30 minutes, runs only when named.)
 # Generated checkpoints go to ${MOEC_BENCH_DIR:-/tmp/moec-bench} (about 7 GiB).
 set -euo pipefail
 build=${1:-build}
@@ -67,4 +68,8 @@ if [ "$which" = all ] || [ "$which" = cuda ]; then
   else
     echo '{"cuda_gemv": "skipped: no GPU or no CUDA build"}'
   fi
+fi
+
+if [ "$which" = vs-llamacpp ]; then
+  bash "$here/vs_llamacpp.sh" "$build"
 fi
