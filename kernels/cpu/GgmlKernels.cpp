@@ -16,17 +16,17 @@ namespace moe::quant {
 
 namespace {
 
-float dotScalar(const float *a, const float *b, int n) {
+float dotScalar(const float *a, const float *b, int64_t n) {
   float sum = 0.0f;
-  for (int i = 0; i < n; ++i)
+  for (int64_t i = 0; i < n; ++i)
     sum += a[i] * b[i];
   return sum;
 }
 
 #if defined(__x86_64__)
-__attribute__((target("avx2,fma"))) float dotAvx2(const float *a, const float *b, int n) {
+__attribute__((target("avx2,fma"))) float dotAvx2(const float *a, const float *b, int64_t n) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int i = 0;
+  int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
     acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
@@ -107,7 +107,7 @@ __attribute__((target("avx2,fma,f16c"))) void gemvSmallBlocksAvx2(GgmlType type,
 }
 #endif
 
-using Dot = float (*)(const float *, const float *, int);
+using Dot = float (*)(const float *, const float *, int64_t);
 
 Dot chooseDot() {
 #if defined(__x86_64__)
@@ -147,6 +147,8 @@ void ggmlDequantizeRows(GgmlType type, const uint8_t *data, int64_t cols, int64_
   for (int64_t r = begin; r < end; ++r)
     ggmlDequantizeRow(type, data + static_cast<size_t>(r) * rowBytes, cols, out + (r - begin) * cols);
 }
+
+float dotF32(const float *a, const float *b, int64_t n) { return kDot(a, b, n); }
 
 const char *ggmlKernelIsa() { return kDot == dotScalar ? "scalar" : "avx2"; }
 

@@ -24,6 +24,9 @@ void ggmlGemvRows(GgmlType type, const uint8_t *data, int64_t cols, const float 
                   float *y);
 /// Rows [begin, end) as f32 ([end - begin, cols]).
 void ggmlDequantizeRows(GgmlType type, const uint8_t *data, int64_t cols, int64_t begin, int64_t end, float *out);
+/// a . b over n f32 values (AVX2/FMA when the machine has it); also the
+/// runtime's decode kernel for f32 rows.
+float dotF32(const float *a, const float *b, int64_t n);
 /// "avx2" or "scalar": what ggmlGemvRows's dot products run on.
 const char *ggmlKernelIsa();
 

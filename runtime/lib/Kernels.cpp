@@ -175,40 +175,6 @@ float dotBf16(const uint16_t *w, const float *x, int64_t n) {
   return dotBf16Scalar(w, x, n);
 }
 
-float dotF32Scalar(const float *w, const float *x, int64_t n) {
-  float sum = 0.0f;
-  for (int64_t i = 0; i < n; ++i)
-    sum += w[i] * x[i];
-  return sum;
-}
-
-#if defined(__x86_64__)
-__attribute__((target("avx2,fma"))) float dotF32Avx2(const float *w, const float *x, int64_t n) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), acc1);
-  }
-  __m256 acc = _mm256_add_ps(acc0, acc1);
-  __m128 sum4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  sum4 = _mm_hadd_ps(sum4, sum4);
-  sum4 = _mm_hadd_ps(sum4, sum4);
-  return _mm_cvtss_f32(sum4) + dotF32Scalar(w + i, x + i, n - i);
-}
-#endif
-
-/// f32 rows (routers, norms' neighbours, f32 checkpoints) in the decode
-/// pool rather than OpenBLAS's own threads, which would spin beside it.
-float dotF32(const float *w, const float *x, int64_t n) {
-#if defined(__x86_64__)
-  static const bool hasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (hasAvx2)
-    return dotF32Avx2(w, x, n);
-#endif
-  return dotF32Scalar(w, x, n);
-}
-
 } // namespace
 
 void DecodeInput::reset(const float *values, int64_t count) {
@@ -243,7 +209,7 @@ void gemvRange(const Matrix &weight, const DecodeInput &input, int64_t begin, in
       y[o - begin] = dotBf16(weight.bf16.data() + o * weight.cols, input.values(), weight.cols);
   } else {
     for (int64_t o = begin; o < end; ++o)
-      y[o - begin] = dotF32(weight.data.data() + o * weight.cols, input.values(), weight.cols);
+      y[o - begin] = quant::dotF32(weight.data.data() + o * weight.cols, input.values(), weight.cols);
   }
 }
 
