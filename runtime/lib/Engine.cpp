@@ -45,6 +45,12 @@ int64_t valueWidth(const ModelSpec &spec) {
   return a.kind == AttentionKind::MultiHeadLatent ? a.numHeads * a.valueHeadDim : a.numKeyValueHeads * a.valueHeadDim;
 }
 
+/// `buffer` resized to `count` values (its capacity kept between calls).
+template <typename T> std::vector<T> &sized(std::vector<T> &buffer, int64_t count) {
+  buffer.resize(static_cast<size_t>(count));
+  return buffer;
+}
+
 void normalize(const ModelSpec &spec, float *x, int64_t tokens, const std::vector<float> &weight,
                const std::vector<float> &bias) {
   if (spec.normKind == NormKind::LayerNorm)
@@ -163,8 +169,10 @@ void groupedQueryAttention(const ModelSpec &spec, const LayerWeights &w, const f
                            const rope::Angles &angles, KvCache &cache, float *out, EngineObserver *observer) {
   const AttentionSpec &a = spec.attention;
   const int64_t hd = a.headDim, qWidth = a.numHeads * hd, kvWidth = a.numKeyValueHeads * hd;
-  std::vector<float> q(static_cast<size_t>(tokens * qWidth)), k(static_cast<size_t>(tokens * kvWidth)),
-      v(static_cast<size_t>(tokens * kvWidth));
+  // Buffers reused from call to call (no allocation per decoded token).
+  thread_local std::vector<float> qBuffer, kBuffer, vBuffer, attendedBuffer;
+  std::vector<float> &q = sized(qBuffer, tokens * qWidth), &k = sized(kBuffer, tokens * kvWidth),
+                     &v = sized(vBuffer, tokens * kvWidth);
   if (tokens == 1 &&
       linearTogether(x, spec.hiddenSize, {{&w.query, q.data()}, {&w.key, k.data()}, {&w.value, v.data()}})) {
     addBias(q.data(), tokens, w.queryBias);
@@ -199,7 +207,7 @@ void groupedQueryAttention(const ModelSpec &spec, const LayerWeights &w, const f
   auto &values = cache.values[static_cast<size_t>(layer)];
   keys.insert(keys.end(), k.begin(), k.end());
   values.insert(values.end(), v.begin(), v.end());
-  std::vector<float> attended(static_cast<size_t>(tokens * a.numHeads * a.valueHeadDim));
+  std::vector<float> &attended = sized(attendedBuffer, tokens * a.numHeads * a.valueHeadDim);
   attend(spec, q.data(), tokens, cache, layer, firstPosition, attended.data());
   if (observer)
     observer->onAttention(layer, tokens, std::span<const float>(x, tokens * spec.hiddenSize), attended);
@@ -369,14 +377,16 @@ void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerW
   // E router rows choose among the expert slots (fewer after merging).
   const int64_t H = spec.hiddenSize, E = w.router.rows, K = routerSpec.topK;
   const int64_t slots = static_cast<int64_t>(w.experts.size());
-  std::vector<float> logits(static_cast<size_t>(tokens * E));
+  thread_local std::vector<float> logitsBuffer, weightsBuffer;
+  thread_local std::vector<int32_t> chosenBuffer;
+  std::vector<float> &logits = sized(logitsBuffer, tokens * E);
   linear(x, tokens, w.router, logits.data());
   if (hooks.maskedRows)
     for (int64_t t = 0; t < tokens; ++t)
       for (int64_t e : *hooks.maskedRows)
         logits[t * E + e] = -std::numeric_limits<float>::infinity();
-  std::vector<int32_t> chosen(static_cast<size_t>(tokens * K));
-  std::vector<float> weights(static_cast<size_t>(tokens * K));
+  std::vector<int32_t> &chosen = sized(chosenBuffer, tokens * K);
+  std::vector<float> &weights = sized(weightsBuffer, tokens * K);
   const float *bias = w.routerCorrectionBias.empty() ? nullptr : w.routerCorrectionBias.data();
   for (int64_t t = 0; t < tokens; ++t)
     router::route(routerSpec, E, logits.data() + t * E, bias, chosen.data() + t * K, weights.data() + t * K);
@@ -386,8 +396,16 @@ void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerW
   // Group tokens by expert slot: one GEMM per expert, slots in order. A
   // token whose choices share a slot (merged experts) runs it once with
   // the summed weight; skipped experts are not run.
-  std::vector<std::vector<int32_t>> tokensOf(static_cast<size_t>(slots));
-  std::vector<std::vector<float>> weightsOf(static_cast<size_t>(slots));
+  thread_local std::vector<std::vector<int32_t>> tokensBuffer;
+  thread_local std::vector<std::vector<float>> slotWeightsBuffer;
+  std::vector<std::vector<int32_t>> &tokensOf = tokensBuffer;
+  std::vector<std::vector<float>> &weightsOf = slotWeightsBuffer;
+  tokensOf.resize(static_cast<size_t>(slots));
+  weightsOf.resize(static_cast<size_t>(slots));
+  for (int64_t e = 0; e < slots; ++e) {
+    tokensOf[e].clear();
+    weightsOf[e].clear();
+  }
   const double threshold = w.routing.skipThreshold;
   for (int64_t t = 0; t < tokens; ++t) {
     float *tokenWeights = weights.data() + t * K;
@@ -597,7 +615,9 @@ Status Engine::forwardLayer(int64_t l, float *xData, int64_t T, KvCache &cache) 
   const LayerSpec &layer = spec.layers[static_cast<size_t>(l)];
   const rope::Angles angles = rope::computeAngles(spec, cache.length, T);
   std::span<float> x(xData, static_cast<size_t>(T * H));
-  std::vector<float> normed(x.begin(), x.end()), branch(x.size());
+  thread_local std::vector<float> normedBuffer, branchBuffer;
+  std::vector<float> &normed = normedBuffer, &branch = sized(branchBuffer, T * H);
+  normed.assign(x.begin(), x.end());
   normalize(spec, normed.data(), T, w.attentionNorm, w.attentionNormBias);
   if (spec.attention.kind == AttentionKind::MultiHeadLatent)
     latentAttention(spec, w, normed.data(), T, l, angles, cache, branch.data(), observer);
