@@ -607,15 +607,66 @@ bool useAvx2() {
 
 } // namespace
 
-void quantizeActivation(const float *x, int64_t cols, int group, QuantizedActivation &out) {
-  // One scale per weight group (as llama.cpp's Q8_K uses one per 256), so
-  // a group's integer products add up in int32 before one float multiply.
+namespace {
+
+void prepareActivation(int64_t cols, int group, QuantizedActivation &out) {
   const int64_t groups = (cols + group - 1) / group;
   out.cols = cols;
   out.group = group;
   out.values.assign(static_cast<size_t>(groups * group), 0);
   out.blockScales.assign(static_cast<size_t>(groups), 0.0f);
   out.groupSums.assign(static_cast<size_t>(groups), 0.0f);
+}
+
+#if defined(__x86_64__)
+/// quantizeActivationScalar's arithmetic 16 values at a time: the same
+/// absolute maximum, the same scale and inverse, the same product, and
+/// lround's rounding (half away from zero) done exactly as trunc(|v|) plus
+/// one when the exact fraction is at least a half.
+MOEC_AVX512 void quantizeActivationAvx512(const float *x, int64_t cols, int group, QuantizedActivation &out) {
+  prepareActivation(cols, group, out);
+  const int64_t groups = (cols + group - 1) / group;
+  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+  const __m512i signBit = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u));
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t begin = g * group, end = std::min<int64_t>(cols, begin + group);
+    __m512 maximum = _mm512_setzero_ps();
+    for (int64_t i = begin; i < end; i += 16) {
+      const __mmask16 valid = end - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (end - i)) - 1);
+      const __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(valid, x + i));
+      maximum = _mm512_max_ps(v, maximum);
+    }
+    const float absMax = _mm512_reduce_max_ps(maximum);
+    const float scale = absMax / 127.0f, inverse = absMax > 0 ? 127.0f / absMax : 0.0f;
+    out.blockScales[g] = scale;
+    const __m512 factor = _mm512_set1_ps(inverse);
+    __m512i sums = _mm512_setzero_si512();
+    for (int64_t i = begin; i < end; i += 16) {
+      const __mmask16 valid = end - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (end - i)) - 1);
+      const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, x + i), factor);
+      const __m512 magnitude = _mm512_abs_ps(v);
+      const __m512 whole = _mm512_roundscale_ps(magnitude, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+      const __mmask16 up = _mm512_cmp_ps_mask(_mm512_sub_ps(magnitude, whole), half, _CMP_GE_OQ);
+      // The sign bit of v on the rounded magnitude (integer ops: AVX512F).
+      const __m512 rounded =
+          _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(_mm512_mask_add_ps(whole, up, whole, one)),
+                                              _mm512_and_si512(_mm512_castps_si512(v), signBit)));
+      const __m512i q = _mm512_cvttps_epi32(rounded);
+      sums = _mm512_add_epi32(sums, q);
+      _mm_mask_storeu_epi8(out.values.data() + i, valid, _mm512_cvtepi32_epi8(q));
+    }
+    out.groupSums[g] = static_cast<float>(_mm512_reduce_add_epi32(sums)) * scale;
+  }
+}
+#endif
+
+} // namespace
+
+void quantizeActivationScalar(const float *x, int64_t cols, int group, QuantizedActivation &out) {
+  // One scale per weight group (as llama.cpp's Q8_K uses one per 256), so
+  // a group's integer products add up in int32 before one float multiply.
+  prepareActivation(cols, group, out);
+  const int64_t groups = (cols + group - 1) / group;
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t begin = g * group, end = std::min<int64_t>(cols, begin + group);
     float absMax = 0.0f;
@@ -632,6 +683,14 @@ void quantizeActivation(const float *x, int64_t cols, int group, QuantizedActiva
     // exactly w^ . x^ and its error is that of x^ alone.
     out.groupSums[g] = static_cast<float>(sum) * scale;
   }
+}
+
+void quantizeActivation(const float *x, int64_t cols, int group, QuantizedActivation &out) {
+#if defined(__x86_64__)
+  if (useAvx512Vnni())
+    return quantizeActivationAvx512(x, cols, group, out);
+#endif
+  quantizeActivationScalar(x, cols, group, out);
 }
 
 void gemvRowsScalar(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin, int64_t rowEnd,

@@ -42,8 +42,11 @@ struct QuantizedActivation {
   std::vector<float> groupSums;
 };
 
-/// Quantizes x[cols] for a matrix whose format has group `group`.
+/// Quantizes x[cols] for a matrix whose format has group `group` (AVX-512
+/// where the kernels use it; the same values as the scalar reference).
 void quantizeActivation(const float *x, int64_t cols, int group, QuantizedActivation &out);
+/// Scalar reference of quantizeActivation.
+void quantizeActivationScalar(const float *x, int64_t cols, int group, QuantizedActivation &out);
 
 /// y[r - rowBegin] = row r . x for r in [rowBegin, rowEnd), with the
 /// quantized activation (the fast decode kernel).

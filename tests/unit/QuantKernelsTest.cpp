@@ -210,3 +210,35 @@ TEST(QuantKernels, GemmMatchesTheScalarGemvTokenByToken) {
       }
     }
 }
+
+// The activation quantizer the kernels use (AVX-512 where they use it)
+// gives the scalar reference's values, scales and sums exactly: on odd
+// lengths, a zero group, and products that land on halves (lround rounds
+// them away from zero).
+TEST(QuantKernels, ActivationQuantizationEqualsTheScalarReference) {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int group : kGroupSizes)
+    for (int64_t cols : {int64_t(1), int64_t(17), int64_t(200), int64_t(384), int64_t(1000)}) {
+      std::vector<float> x(static_cast<size_t>(cols));
+      for (float &v : x)
+        v = normal(rng);
+      // Halves: with a maximum of 127 the inverse scale is 1, so k + 0.5
+      // stays k + 0.5 after the multiply.
+      x[0] = 127.0f;
+      for (int64_t i = 1; i < std::min<int64_t>(cols, 8); ++i)
+        x[i] = (i % 2 ? 1.0f : -1.0f) * (static_cast<float>(2 * (i - 1)) + 0.5f); // 0.5, -2.5, 4.5, ...
+      if (cols > group)
+        std::fill(x.begin() + group, x.begin() + std::min<int64_t>(cols, 2 * group), 0.0f);
+      QuantizedActivation fast, reference;
+      quantizeActivation(x.data(), cols, group, fast);
+      quantizeActivationScalar(x.data(), cols, group, reference);
+      EXPECT_EQ(fast.values, reference.values) << group << " " << cols;
+      EXPECT_EQ(fast.blockScales, reference.blockScales) << group << " " << cols;
+      EXPECT_EQ(fast.groupSums, reference.groupSums) << group << " " << cols;
+      if (cols >= 8)
+        EXPECT_EQ(reference.values[1], 1) << "0.5 rounds away from zero (not to even)";
+      if (cols >= 8)
+        EXPECT_EQ(reference.values[2], -3) << "-2.5 rounds away from zero (not to even)";
+    }
+}
