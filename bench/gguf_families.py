@@ -23,7 +23,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "tests", "data")
 
 
-def byte_level_tokenizer():
+def byte_level_tokenizer(vocab_size=128):
+    """Byte-level BPE without merges: the first min(vocab_size, 256) bytes,
+    then filler tokens up to vocab_size (never produced by tokenizing)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
     mapping, extra = {}, 0
     for b in range(256):
@@ -32,10 +34,12 @@ def byte_level_tokenizer():
         else:
             mapping[b] = chr(256 + extra)
             extra += 1
+    vocab = {mapping[b]: b for b in range(min(vocab_size, 256))}
+    vocab.update({f"tok{i}": i for i in range(256, vocab_size)})
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     return {"version": "1.0", "added_tokens": [], "normalizer": None, "pre_tokenizer": byte_level,
             "post_processor": None, "decoder": byte_level,
-            "model": {"type": "BPE", "vocab": {mapping[b]: b for b in range(128)}, "merges": []}}
+            "model": {"type": "BPE", "vocab": vocab, "merges": []}}
 
 
 def main():

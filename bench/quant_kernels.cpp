@@ -2,10 +2,10 @@
 //
 // Part of moec. For each quant format, the batch-1 GEMV over a matrix much
 // larger than the caches: weight bytes streamed per second, single thread
-// and with every core (rows split), against the machine's measured copy
-// bandwidth (memcpy of a same-sized buffer, read + write counted as the
-// bytes read, as STREAM's copy does) and against the bf16 GEMV the engine
-// uses for unquantized weights. Prints one JSON object per line.
+// and with every core (rows split), against the machine's read bandwidth
+// ("memory" lines, bench/Bandwidth.h: the goal's reference) and its copy
+// bandwidth (memcpy of a same-sized buffer, bytes copied per second, which
+// the issue 6 tables quote). Prints one JSON object per line.
 //
 // Usage: quant_kernels [--rows N] [--cols N] [--repeat N] [--formats a,b]
 //                      [--isas a,b]   (default: every format and ISA)

@@ -10,6 +10,8 @@ import statistics
 import subprocess
 import sys
 
+from gguf_families import byte_level_tokenizer
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SYNTHETIC = {
@@ -23,23 +25,6 @@ KERNEL_TWINS = {"q4_0": "q4_g32_sym", "q8_0": "q8_g32_sym", "q4_K": "q4_g128_asy
 
 def run(command, **kwargs):
     return subprocess.run(command, check=True, capture_output=True, text=True, **kwargs).stdout
-
-
-def byte_level_tokenizer(vocab_size):
-    """Byte-level BPE over the 256 bytes, then filler tokens up to the model's
-    vocabulary (never produced by merges; the benchmarks feed token ids)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    mapping, extra = {}, 0
-    for b in range(256):
-        mapping[b] = chr(b) if b in printable else chr(256 + extra)
-        extra += b not in printable
-    vocab = {mapping[b]: b for b in range(256)}
-    for i in range(256, vocab_size):
-        vocab[f"tok{i}"] = i
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    return {"version": "1.0", "added_tokens": [], "normalizer": None, "pre_tokenizer": byte_level,
-            "post_processor": None, "decoder": byte_level,
-            "model": {"type": "BPE", "vocab": vocab, "merges": []}}
 
 
 def model_dir(name, build, work):

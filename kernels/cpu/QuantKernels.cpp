@@ -173,29 +173,35 @@ gemvRowsVnni(const QuantMatrixView &w, const QuantizedActivation &x, int64_t row
 /// codes (ggml's Q8_0) take |q| against the activation negated where q < 0.
 #define MOEC_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
+/// Two 4-bit blocks' 32 bytes (block 0 in the low half) as their 64 codes:
+/// each block's 16 bytes twice, low nibbles (codes 0..15) then high (16..31).
+MOEC_AVX512 inline __m512i spreadNibbles(__m256i packed) {
+  const __m512i spread =
+      _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3), _mm512_castsi256_si512(packed));
+  return _mm512_and_si512(_mm512_srlv_epi64(spread, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)), _mm512_set1_epi8(0x0f));
+}
+
+/// Two blocks' eight bytes of 2-bit planes (block 0 in the low qword) as
+/// their 64 low code bits: each block's qword four times, shifted by 0, 2, 4, 6.
+MOEC_AVX512 inline __m512i spreadCrumbs(__m128i packed) {
+  const __m512i spread =
+      _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 0, 0, 0, 1, 1, 1, 1), _mm512_castsi128_si512(packed));
+  return _mm512_and_si512(_mm512_srlv_epi64(spread, _mm512_setr_epi64(0, 2, 4, 6, 0, 2, 4, 6)), _mm512_set1_epi8(3));
+}
+
 /// The 64 codes of two planar blocks (at b0 and b1) as bytes, in code order.
 template <int Bits> MOEC_AVX512 inline __m512i load64Codes(const uint8_t *b0, const uint8_t *b1) {
   if constexpr (Bits == 8) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(b0))),
                               _mm256_loadu_si256(reinterpret_cast<const __m256i *>(b1)), 1);
   } else if constexpr (Bits == 4) {
-    // Each block's 16 bytes twice (low nibbles: codes 0..15, high: 16..31).
-    const __m256i packed =
-        _mm256_loadu2_m128i(reinterpret_cast<const __m128i *>(b1), reinterpret_cast<const __m128i *>(b0));
-    const __m512i spread =
-        _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3), _mm512_castsi256_si512(packed));
-    return _mm512_and_si512(_mm512_srlv_epi64(spread, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)),
-                            _mm512_set1_epi8(0x0f));
+    return spreadNibbles(
+        _mm256_loadu2_m128i(reinterpret_cast<const __m128i *>(b1), reinterpret_cast<const __m128i *>(b0)));
   } else {
-    // 2-bit planes: each block's eight bytes in four qwords shifted by 0, 2, 4, 6.
     uint64_t p0, p1;
     std::memcpy(&p0, b0, 8);
     std::memcpy(&p1, b1, 8);
-    const __m512i spread = _mm512_permutexvar_epi64(
-        _mm512_setr_epi64(0, 0, 0, 0, 1, 1, 1, 1),
-        _mm512_castsi128_si512(_mm_set_epi64x(static_cast<int64_t>(p1), static_cast<int64_t>(p0))));
-    const __m512i low =
-        _mm512_and_si512(_mm512_srlv_epi64(spread, _mm512_setr_epi64(0, 2, 4, 6, 0, 2, 4, 6)), _mm512_set1_epi8(3));
+    const __m512i low = spreadCrumbs(_mm_set_epi64x(static_cast<int64_t>(p1), static_cast<int64_t>(p0)));
     if constexpr (Bits == 2)
       return low;
     // 3 bits: code j's high bit is bit j of the block's 32-bit high plane,
@@ -210,22 +216,14 @@ template <int Bits> MOEC_AVX512 inline __m512i load64Codes(const uint8_t *b0, co
 
 /// load64Codes of two consecutive blocks (b1 = b0 + one block), one load.
 template <int Bits> MOEC_AVX512 inline __m512i load64CodesContiguous(const uint8_t *b0) {
-  if constexpr (Bits == 8) {
+  if constexpr (Bits == 8)
     return _mm512_loadu_si512(b0);
-  } else if constexpr (Bits == 4) {
-    const __m512i spread =
-        _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 0, 1, 2, 3, 2, 3),
-                                 _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(b0))));
-    return _mm512_and_si512(_mm512_srlv_epi64(spread, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4)),
-                            _mm512_set1_epi8(0x0f));
-  } else if constexpr (Bits == 2) {
-    const __m512i spread =
-        _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 0, 0, 0, 1, 1, 1, 1),
-                                 _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i *>(b0))));
-    return _mm512_and_si512(_mm512_srlv_epi64(spread, _mm512_setr_epi64(0, 2, 4, 6, 0, 2, 4, 6)), _mm512_set1_epi8(3));
-  } else {
+  else if constexpr (Bits == 4)
+    return spreadNibbles(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(b0)));
+  else if constexpr (Bits == 2)
+    return spreadCrumbs(_mm_loadu_si128(reinterpret_cast<const __m128i *>(b0)));
+  else
     return load64Codes<Bits>(b0, b0 + kBlock * Bits / 8);
-  }
 }
 
 template <bool SignedCodes> MOEC_AVX512 inline __m512i dot512(__m512i acc, __m512i codes, __m512i a) {
@@ -367,30 +365,6 @@ MOEC_AVX512 void gemvRowsAvx512(const QuantMatrixView &w, const QuantizedActivat
   }
 }
 
-template <int Bits, bool SignedCodes, bool Symmetric, bool F16Scales>
-MOEC_AVX512 void gemvRowsAvx512ByGroup(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin,
-                                       int64_t rowEnd, float *y) {
-  switch (w.format.group) {
-  case 32:
-    return gemvRowsAvx512<Bits, SignedCodes, Symmetric, F16Scales, 0>(w, x, rowBegin, rowEnd, y);
-  case 64:
-    return gemvRowsAvx512<Bits, SignedCodes, Symmetric, F16Scales, 1>(w, x, rowBegin, rowEnd, y);
-  default:
-    return gemvRowsAvx512<Bits, SignedCodes, Symmetric, F16Scales, 2>(w, x, rowBegin, rowEnd, y);
-  }
-}
-
-template <int Bits>
-MOEC_AVX512 void gemvRowsAvx512Of(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin,
-                                  int64_t rowEnd, float *y) {
-  const bool f16 = w.format.scaleType == ScaleType::F16;
-  if (w.format.symmetric)
-    return f16 ? gemvRowsAvx512ByGroup<Bits, false, true, true>(w, x, rowBegin, rowEnd, y)
-               : gemvRowsAvx512ByGroup<Bits, false, true, false>(w, x, rowBegin, rowEnd, y);
-  return f16 ? gemvRowsAvx512ByGroup<Bits, false, false, true>(w, x, rowBegin, rowEnd, y)
-             : gemvRowsAvx512ByGroup<Bits, false, false, false>(w, x, rowBegin, rowEnd, y);
-}
-
 /// Tokens per pass of the integer GEMM: each row's codes are unpacked once
 /// and dotted with this many activations (eight float accumulators).
 constexpr int kGemmTokens = 8;
@@ -410,7 +384,8 @@ MOEC_AVX512 void gemmRowsAvx512(const QuantMatrixView &w, const QuantizedActivat
   // Missing tokens read a zero activation (their results are dropped).
   thread_local std::vector<int8_t> zeros;
   thread_local std::vector<float> scalesT, sumsT;
-  zeros.assign(static_cast<size_t>(groups * format.group), 0);
+  if (count < kGemmTokens)
+    zeros.assign(static_cast<size_t>(groups * format.group), 0);
   scalesT.assign(static_cast<size_t>(groups * kGemmTokens), 0.0f);
   sumsT.assign(static_cast<size_t>(groups * kGemmTokens), 0.0f);
   const int8_t *activation[kGemmTokens];
@@ -517,60 +492,70 @@ MOEC_AVX512 void gemmRowsAvx512(const QuantMatrixView &w, const QuantizedActivat
 #undef MOEC_EIGHT_TOKENS
 }
 
-template <int Bits, bool SignedCodes, bool Symmetric, bool F16Scales>
-MOEC_AVX512 void gemmRowsAvx512ByGroup(const QuantMatrixView &w, const QuantizedActivation *x, int count,
-                                       int64_t rowBegin, int64_t rowEnd, float *y, int64_t ldy) {
+/// The AVX-512 instantiation for w's format: Kernel<Bits, SignedCodes,
+/// Symmetric, F16Scales, Pairs>::run(w, args...), two's complement codes
+/// (Q8_0) as 8-bit symmetric fp16 groups of 32.
+template <template <int, bool, bool, bool, int> class Kernel, int Bits, bool SignedCodes, bool Symmetric,
+          bool F16Scales, typename... Args>
+MOEC_AVX512 void dispatchByGroup(const QuantMatrixView &w, Args... args) {
   switch (w.format.group) {
   case 32:
-    return gemmRowsAvx512<Bits, SignedCodes, Symmetric, F16Scales, 0>(w, x, count, rowBegin, rowEnd, y, ldy);
+    return Kernel<Bits, SignedCodes, Symmetric, F16Scales, 0>::run(w, args...);
   case 64:
-    return gemmRowsAvx512<Bits, SignedCodes, Symmetric, F16Scales, 1>(w, x, count, rowBegin, rowEnd, y, ldy);
+    return Kernel<Bits, SignedCodes, Symmetric, F16Scales, 1>::run(w, args...);
   default:
-    return gemmRowsAvx512<Bits, SignedCodes, Symmetric, F16Scales, 2>(w, x, count, rowBegin, rowEnd, y, ldy);
+    return Kernel<Bits, SignedCodes, Symmetric, F16Scales, 2>::run(w, args...);
   }
 }
 
-template <int Bits>
-MOEC_AVX512 void gemmRowsAvx512Of(const QuantMatrixView &w, const QuantizedActivation *x, int count, int64_t rowBegin,
-                                  int64_t rowEnd, float *y, int64_t ldy) {
+template <template <int, bool, bool, bool, int> class Kernel, int Bits, typename... Args>
+MOEC_AVX512 void dispatchByScheme(const QuantMatrixView &w, Args... args) {
   const bool f16 = w.format.scaleType == ScaleType::F16;
   if (w.format.symmetric)
-    return f16 ? gemmRowsAvx512ByGroup<Bits, false, true, true>(w, x, count, rowBegin, rowEnd, y, ldy)
-               : gemmRowsAvx512ByGroup<Bits, false, true, false>(w, x, count, rowBegin, rowEnd, y, ldy);
-  return f16 ? gemmRowsAvx512ByGroup<Bits, false, false, true>(w, x, count, rowBegin, rowEnd, y, ldy)
-             : gemmRowsAvx512ByGroup<Bits, false, false, false>(w, x, count, rowBegin, rowEnd, y, ldy);
+    return f16 ? dispatchByGroup<Kernel, Bits, false, true, true>(w, args...)
+               : dispatchByGroup<Kernel, Bits, false, true, false>(w, args...);
+  return f16 ? dispatchByGroup<Kernel, Bits, false, false, true>(w, args...)
+             : dispatchByGroup<Kernel, Bits, false, false, false>(w, args...);
 }
+
+template <template <int, bool, bool, bool, int> class Kernel, typename... Args>
+MOEC_AVX512 void dispatchAvx512(const QuantMatrixView &w, Args... args) {
+  if (w.signedCodes)
+    return Kernel<8, true, true, true, 0>::run(w, args...);
+  switch (w.format.bits) {
+  case 2:
+    return dispatchByScheme<Kernel, 2>(w, args...);
+  case 3:
+    return dispatchByScheme<Kernel, 3>(w, args...);
+  case 4:
+    return dispatchByScheme<Kernel, 4>(w, args...);
+  default:
+    return dispatchByScheme<Kernel, 8>(w, args...);
+  }
+}
+
+template <int Bits, bool SignedCodes, bool Symmetric, bool F16Scales, int Pairs> struct GemvAvx512 {
+  MOEC_AVX512 static void run(const QuantMatrixView &w, const QuantizedActivation *x, int64_t rowBegin, int64_t rowEnd,
+                              float *y) {
+    gemvRowsAvx512<Bits, SignedCodes, Symmetric, F16Scales, Pairs>(w, *x, rowBegin, rowEnd, y);
+  }
+};
+
+template <int Bits, bool SignedCodes, bool Symmetric, bool F16Scales, int Pairs> struct GemmAvx512 {
+  MOEC_AVX512 static void run(const QuantMatrixView &w, const QuantizedActivation *x, int count, int64_t rowBegin,
+                              int64_t rowEnd, float *y, int64_t ldy) {
+    gemmRowsAvx512<Bits, SignedCodes, Symmetric, F16Scales, Pairs>(w, x, count, rowBegin, rowEnd, y, ldy);
+  }
+};
 
 MOEC_AVX512 void gemmRowsAvx512Vnni(const QuantMatrixView &w, const QuantizedActivation *x, int count, int64_t rowBegin,
                                     int64_t rowEnd, float *y, int64_t ldy) {
-  if (w.signedCodes)
-    return gemmRowsAvx512<8, true, true, true, 0>(w, x, count, rowBegin, rowEnd, y, ldy);
-  switch (w.format.bits) {
-  case 2:
-    return gemmRowsAvx512Of<2>(w, x, count, rowBegin, rowEnd, y, ldy);
-  case 3:
-    return gemmRowsAvx512Of<3>(w, x, count, rowBegin, rowEnd, y, ldy);
-  case 4:
-    return gemmRowsAvx512Of<4>(w, x, count, rowBegin, rowEnd, y, ldy);
-  default:
-    return gemmRowsAvx512Of<8>(w, x, count, rowBegin, rowEnd, y, ldy);
-  }
+  dispatchAvx512<GemmAvx512>(w, x, count, rowBegin, rowEnd, y, ldy);
 }
 
 MOEC_AVX512 void gemvRowsAvx512Vnni(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin,
                                     int64_t rowEnd, float *y) {
-  if (w.signedCodes)
-    return gemvRowsAvx512<8, true, true, true, 0>(w, x, rowBegin, rowEnd, y);
-  switch (w.format.bits) {
-  case 2:
-    return gemvRowsAvx512Of<2>(w, x, rowBegin, rowEnd, y);
-  case 3:
-    return gemvRowsAvx512Of<3>(w, x, rowBegin, rowEnd, y);
-  case 4:
-    return gemvRowsAvx512Of<4>(w, x, rowBegin, rowEnd, y);
-  default:
-    return gemvRowsAvx512Of<8>(w, x, rowBegin, rowEnd, y);
-  }
+  dispatchAvx512<GemvAvx512>(w, &x, rowBegin, rowEnd, y);
 }
 #endif
 
@@ -609,13 +594,15 @@ bool useAvx2() {
 
 namespace {
 
-void prepareActivation(int64_t cols, int group, QuantizedActivation &out) {
+/// Sizes `out` for x[cols] at `group` (zeroed); returns the group count.
+int64_t prepareActivation(int64_t cols, int group, QuantizedActivation &out) {
   const int64_t groups = (cols + group - 1) / group;
   out.cols = cols;
   out.group = group;
   out.values.assign(static_cast<size_t>(groups * group), 0);
   out.blockScales.assign(static_cast<size_t>(groups), 0.0f);
   out.groupSums.assign(static_cast<size_t>(groups), 0.0f);
+  return groups;
 }
 
 #if defined(__x86_64__)
@@ -623,17 +610,20 @@ void prepareActivation(int64_t cols, int group, QuantizedActivation &out) {
 /// absolute maximum, the same scale and inverse, the same product, and
 /// lround's rounding (half away from zero) done exactly as trunc(|v|) plus
 /// one when the exact fraction is at least a half.
+/// The mask of the first min(count, 16) lanes.
+inline __mmask16 firstOf16(int64_t count) {
+  return count >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << count) - 1);
+}
+
 MOEC_AVX512 void quantizeActivationAvx512(const float *x, int64_t cols, int group, QuantizedActivation &out) {
-  prepareActivation(cols, group, out);
-  const int64_t groups = (cols + group - 1) / group;
+  const int64_t groups = prepareActivation(cols, group, out);
   const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
   const __m512i signBit = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u));
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t begin = g * group, end = std::min<int64_t>(cols, begin + group);
     __m512 maximum = _mm512_setzero_ps();
     for (int64_t i = begin; i < end; i += 16) {
-      const __mmask16 valid = end - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (end - i)) - 1);
-      const __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(valid, x + i));
+      const __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(firstOf16(end - i), x + i));
       maximum = _mm512_max_ps(v, maximum);
     }
     const float absMax = _mm512_reduce_max_ps(maximum);
@@ -642,7 +632,7 @@ MOEC_AVX512 void quantizeActivationAvx512(const float *x, int64_t cols, int grou
     const __m512 factor = _mm512_set1_ps(inverse);
     __m512i sums = _mm512_setzero_si512();
     for (int64_t i = begin; i < end; i += 16) {
-      const __mmask16 valid = end - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (end - i)) - 1);
+      const __mmask16 valid = firstOf16(end - i);
       const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, x + i), factor);
       const __m512 magnitude = _mm512_abs_ps(v);
       const __m512 whole = _mm512_roundscale_ps(magnitude, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
@@ -665,8 +655,7 @@ MOEC_AVX512 void quantizeActivationAvx512(const float *x, int64_t cols, int grou
 void quantizeActivationScalar(const float *x, int64_t cols, int group, QuantizedActivation &out) {
   // One scale per weight group (as llama.cpp's Q8_K uses one per 256), so
   // a group's integer products add up in int32 before one float multiply.
-  prepareActivation(cols, group, out);
-  const int64_t groups = (cols + group - 1) / group;
+  const int64_t groups = prepareActivation(cols, group, out);
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t begin = g * group, end = std::min<int64_t>(cols, begin + group);
     float absMax = 0.0f;

@@ -129,16 +129,13 @@ void attend(const ModelSpec &spec, const float *q, int64_t tokens, const KvCache
 }
 
 /// Decode: matrices that read the same input (q, k and v) in one parallel
-/// region over their concatenated rows; false (nothing done) when one of
-/// them has no decode kernel.
-bool linearTogether(const float *x, int64_t in, std::initializer_list<std::pair<const Matrix *, float *>> jobs) {
+/// region over their concatenated rows.
+void linearTogether(const float *x, int64_t in, std::initializer_list<std::pair<const Matrix *, float *>> jobs) {
   int64_t rows = 0, bytes = 0;
   thread_local DecodeInput perThread;
   DecodeInput &input = perThread;
   input.reset(x, in);
   for (const auto &[matrix, y] : jobs) {
-    if (!hasDecodeKernel(*matrix))
-      return false;
     input.prepareFor(*matrix);
     rows += matrix->rows;
     bytes += static_cast<int64_t>(matrix->bytes());
@@ -152,16 +149,6 @@ bool linearTogether(const float *x, int64_t in, std::initializer_list<std::pair<
       offset += matrix->rows;
     }
   });
-  return true;
-}
-
-void addBias(float *y, int64_t tokens, const std::vector<float> &bias) {
-  if (bias.empty())
-    return;
-  const int64_t width = static_cast<int64_t>(bias.size());
-  for (int64_t t = 0; t < tokens; ++t)
-    for (int64_t o = 0; o < width; ++o)
-      y[t * width + o] += bias[o];
 }
 
 /// Grouped-query attention; appends keys/values to the cache.
@@ -173,8 +160,8 @@ void groupedQueryAttention(const ModelSpec &spec, const LayerWeights &w, const f
   thread_local std::vector<float> qBuffer, kBuffer, vBuffer, attendedBuffer;
   std::vector<float> &q = sized(qBuffer, tokens * qWidth), &k = sized(kBuffer, tokens * kvWidth),
                      &v = sized(vBuffer, tokens * kvWidth);
-  if (tokens == 1 &&
-      linearTogether(x, spec.hiddenSize, {{&w.query, q.data()}, {&w.key, k.data()}, {&w.value, v.data()}})) {
+  if (tokens == 1) {
+    linearTogether(x, spec.hiddenSize, {{&w.query, q.data()}, {&w.key, k.data()}, {&w.value, v.data()}});
     addBias(q.data(), tokens, w.queryBias);
     addBias(k.data(), tokens, w.keyBias);
     addBias(v.data(), tokens, w.valueBias);
@@ -300,6 +287,17 @@ void swiglu(const MlpWeights &mlp, const float *x, int64_t n, std::vector<float>
   intermediate = std::move(joined);
 }
 
+/// The weight of the shared expert's output for one token: 1, or
+/// sigmoid(x . gate) when it is gated (Qwen2-MoE).
+float sharedExpertGate(const LayerSpec &layer, const LayerWeights &w, const float *x, int64_t H) {
+  if (!layer.shared.gated)
+    return 1.0f;
+  float dot = 0.0f;
+  for (int64_t i = 0; i < H; ++i)
+    dot += x[i] * w.sharedExpertGate[i];
+  return sigmoid(dot);
+}
+
 /// One token's routed experts (slots in order, each with its summed
 /// routing weight) and the shared expert (weight: its gate), in two
 /// parallel regions: gate and up of every expert over the concatenated
@@ -308,7 +306,7 @@ void swiglu(const MlpWeights &mlp, const float *x, int64_t n, std::vector<float>
 /// its rows in slot order. The same kernels and order of additions as the
 /// expert-by-expert path, so the same result, with two hand-offs instead of
 /// three per expert. False (nothing done) when an expert is split into
-/// parts or has a matrix without a decode kernel.
+/// parts.
 bool decodeExperts(const std::vector<std::pair<const MlpWeights *, float>> &mlps, const float *x, int64_t H,
                    float *out) {
   struct Scratch {
@@ -323,8 +321,7 @@ bool decodeExperts(const std::vector<std::pair<const MlpWeights *, float>> &mlps
   s.input.reset(x, H);
   int64_t firstBytes = 0, secondBytes = 0;
   for (const auto &[mlp, weight] : mlps) {
-    if (!mlp->moreParts.empty() || !hasDecodeKernel(mlp->gate) || !hasDecodeKernel(mlp->up) ||
-        !hasDecodeKernel(mlp->down))
+    if (!mlp->moreParts.empty())
       return false;
     s.input.prepareFor(mlp->gate);
     s.input.prepareFor(mlp->up);
@@ -451,16 +448,8 @@ void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerW
     for (int64_t e = 0; e < slots; ++e)
       if (!tokensOf[e].empty())
         mlps.emplace_back(&w.experts[e], weightsOf[e][0]);
-    if (layer.shared.intermediateSize > 0) {
-      float gate = 1.0f;
-      if (layer.shared.gated) {
-        float dot = 0.0f;
-        for (int64_t i = 0; i < H; ++i)
-          dot += x[i] * w.sharedExpertGate[i];
-        gate = sigmoid(dot);
-      }
-      mlps.emplace_back(&w.shared, gate);
-    }
+    if (layer.shared.intermediateSize > 0)
+      mlps.emplace_back(&w.shared, sharedExpertGate(layer, w, x, H));
     if (decodeExperts(mlps, x, H, out))
       return;
   }
@@ -518,13 +507,7 @@ void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerW
     if (observer)
       observer->onSharedExpert(layer.index, tokens, std::span<const float>(x, tokens * H), intermediate);
     for (int64_t t = 0; t < tokens; ++t) {
-      float gate = 1.0f;
-      if (layer.shared.gated) {
-        float dot = 0.0f;
-        for (int64_t i = 0; i < H; ++i)
-          dot += x[t * H + i] * w.sharedExpertGate[i];
-        gate = sigmoid(dot);
-      }
+      const float gate = sharedExpertGate(layer, w, x + t * H, H);
       for (int64_t i = 0; i < H; ++i)
         out[t * H + i] += gate * shared[t * H + i];
     }

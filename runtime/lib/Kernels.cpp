@@ -194,8 +194,6 @@ void DecodeInput::prepareFor(const Matrix &weight) {
   }
 }
 
-bool hasDecodeKernel(const Matrix &weight) { return !weight.empty(); }
-
 void gemvRange(const Matrix &weight, const DecodeInput &input, int64_t begin, int64_t end, float *y) {
   if (const std::optional<quant::QuantMatrixView> view = weight.groupView()) {
     // Integer dot products over the packed codes.
@@ -246,7 +244,7 @@ void tiledGemm(const float *x, int64_t tokens, const Matrix &weight, float *y) {
 
 void linear(const float *x, int64_t tokens, const Matrix &weight, const std::vector<float> &bias, float *y) {
   const int64_t out = weight.rows, in = weight.cols;
-  if (hasDecodeKernel(weight) && (weight.isQuantized() ? tokens <= 4 : tokens == 1)) {
+  if (weight.isQuantized() ? tokens <= 4 : tokens == 1) {
     // Decode: rows split across the pool; a quantized matrix's activation
     // goes to int8 once per token. (A thread_local named inside the lambda
     // would be each worker's own: capture this thread's by reference.)
@@ -288,10 +286,14 @@ void linear(const float *x, int64_t tokens, const Matrix &weight, const std::vec
                 static_cast<int>(in), 1.0f, x, static_cast<int>(in), w, static_cast<int>(in), 0.0f, y,
                 static_cast<int>(out));
   }
-  if (!bias.empty())
-    for (int64_t t = 0; t < tokens; ++t)
-      for (int64_t o = 0; o < out; ++o)
-        y[t * out + o] += bias[o];
+  addBias(y, tokens, bias);
+}
+
+void addBias(float *y, int64_t tokens, const std::vector<float> &bias) {
+  const int64_t width = static_cast<int64_t>(bias.size());
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t o = 0; o < width; ++o)
+      y[t * width + o] += bias[o];
 }
 
 void rmsNorm(float *x, int64_t rows, int64_t width, const std::vector<float> &weight, double eps) {

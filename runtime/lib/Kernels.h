@@ -44,15 +44,16 @@ private:
   bool ready[3] = {false, false, false};
 };
 
-/// Whether gemvRange runs `weight` (every stored matrix: f32, bf16, group
-/// formats, ggml blocks).
-bool hasDecodeKernel(const Matrix &weight);
-/// y[r - begin] = row r . x for r in [begin, end); `input` prepared for weight.
+/// y[r - begin] = row r . x for r in [begin, end), for any stored matrix (f32,
+/// bf16, group formats, ggml blocks); `input` prepared for weight.
 void gemvRange(const Matrix &weight, const DecodeInput &input, int64_t begin, int64_t end, float *y);
 /// body(begin, end) over [0, rows), one range per thread of the persistent
 /// pool (inline when `work`, elements or bytes touched, is too small to
 /// pay for waking the workers). Ranges split output rows, never a sum.
 void parallelRows(int64_t rows, int64_t work, const std::function<void(int64_t, int64_t)> &body);
+
+/// y[t, o] += bias[o] for `tokens` rows of bias.size() values (none when empty).
+void addBias(float *y, int64_t tokens, const std::vector<float> &bias);
 
 /// RMSNorm of `rows` vectors of `width` in place: x * rsqrt(mean(x^2) + eps) * weight.
 void rmsNorm(float *x, int64_t rows, int64_t width, const std::vector<float> &weight, double eps);
