@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the benchmarks and prints their JSON.
-# Usage: bench/run.sh BUILD_DIR [checkpoint|engine|experts|kernels|packages|quantization|gptq-memory|cuda|vs-llamacpp]
+# Usage: bench/run.sh BUILD_DIR [checkpoint|engine|experts|kernels|packages|quantization|gptq-memory|naee|cuda|vs-llamacpp]
 # (vs-llamacpp, about 30 minutes, runs only when named.)
 # Generated checkpoints go to ${MOEC_BENCH_DIR:-/tmp/moec-bench} (about 7 GiB).
 set -euo pipefail
@@ -47,6 +47,25 @@ fi
 
 if [ "$which" = all ] || [ "$which" = quantization ]; then
   python3 "$here/quant_quality.py" "$build"
+fi
+
+# NAEE's subset search on 16 experts per layer: one subset scored by
+# recomputing the block vs from expert-output products, then the whole pass
+# (moe-opt, every subset) at 25% and 50%.
+if [ "$which" = all ] || [ "$which" = naee ]; then
+  m16="$dir/mixtral-16experts-4layers"
+  if [ ! -f "$m16/model.safetensors" ]; then
+    "$build/tools/moec-synth" --config "$here/configs/mixtral-16experts-4layers.json" -o "$m16"
+  fi
+  python3 -c "import random, struct, sys; random.seed(1); sys.stdout.buffer.write(struct.pack('<8192I', *[random.randrange(1024) for _ in range(8192)]))" >"$dir/random-8192.u32"
+  "$build/bench/naee_search" "$m16" "$dir/random-8192.u32" --samples 2048
+  "$build/tools/moec" import "$m16" -o "$dir/m16.mlir" --quiet
+  "$build/tools/moec" calibrate "$m16" --data "$dir/random-8192.u32" --block-samples 2048 -o "$dir/m16.stats.safetensors" --quiet
+  for ratio in 0.25 0.5; do
+    start=$(date +%s.%N)
+    "$build/tools/moe-opt" "$dir/m16.mlir" --moe-prune-experts="stats=$dir/m16.stats.safetensors method=reconstruction ratio=$ratio" -o /dev/null
+    python3 -c "import sys; print('{\"bench\": \"naee_pass\", \"ratio\": %s, \"seconds\": %.2f}' % (sys.argv[1], float(sys.argv[3]) - float(sys.argv[2])))" "$ratio" "$start" "$(date +%s.%N)"
+  done
 fi
 
 # Sequential GPTQ's memory and time at OLMoE-1B-7B layer shapes (~15 min).

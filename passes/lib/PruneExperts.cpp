@@ -8,7 +8,9 @@
 #include "moe/Calibration/StatisticNames.h"
 #include "moe/Frontend/Safetensors.h"
 #include "moe/Lowering/TensorAccess.h"
+#include "moe/Runtime/MoeBlock.h"
 #include "moe/Support/Progress.h"
+#include "moe/Support/Threads.h"
 #include "moe/Transforms/Passes.h"
 
 #include "ExpertEditing.h"
@@ -38,12 +40,9 @@ struct Candidate {
   double score;
 };
 
-/// NAEE's loss: the block output error with `dropped` router rows masked.
-double reconstructionLoss(const ModelSpec &spec, const LayerSpec &layerSpec, const LayerWeights &weights,
-                          const StatisticsReader::BlockSamples &samples, const std::set<int64_t> &dropped,
-                          std::vector<float> &scratch) {
-  return moeBlockOutputError(spec, layerSpec, weights, samples.view(), &dropped, scratch);
-}
+/// Memory for NAEE's search: one chunk's expert outputs, and the products
+/// of every sample kept between searches when they fit.
+constexpr size_t kSearchBytes = size_t{512} << 20;
 
 /// Number of k-subsets of n, saturating at `limit` + 1.
 int64_t subsetCount(int64_t n, int64_t k, int64_t limit) {
@@ -75,8 +74,9 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
       passError(module, getArgument()) << "give ratio in [0, 1) or keep > 0 (per layer), not both";
       return signalPassFailure();
     }
-    if (maxSubsets < 1) {
-      passError(module, getArgument()) << "max-subsets must be positive, got " << maxSubsets;
+    if (maxSubsets < 1 || searchBudget < 0) {
+      passError(module, getArgument()) << "max-subsets must be positive and search-budget not negative, got "
+                                       << maxSubsets << " and " << searchBudget;
       return signalPassFailure();
     }
     ir::ModelOp model = module;
@@ -219,30 +219,66 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
         if (!protectedExperts.count({index, e}))
           choices.push_back(e);
       const int64_t toDrop = std::min<int64_t>(budget, static_cast<int64_t>(choices.size()));
-      std::vector<float> scratch;
-      std::set<int64_t> best;
-      double bestLoss = INFINITY;
-      const int64_t subsets = subsetCount(static_cast<int64_t>(choices.size()), toDrop, maxSubsets);
-      const bool exhaustive = subsets <= maxSubsets;
-      const int64_t greedySteps = toDrop * static_cast<int64_t>(choices.size()); // an upper bound
+      const int64_t n = static_cast<int64_t>(choices.size()), E = weights.router.rows;
+      const int64_t subsets = subsetCount(n, toDrop, maxSubsets);
+      const int64_t samples = blocks->count;
+      // The exhaustive search costs one routing per subset and sample.
+      const bool exhaustive = subsets <= maxSubsets && static_cast<double>(subsets) * static_cast<double>(samples) <=
+                                                           static_cast<double>(searchBudget) * 1e6;
+      // Samples per chunk, so the expert outputs of one chunk stay within
+      // kSearchBytes; the products of every chunk are kept when they fit.
+      const size_t perSample = MaskedBlockErrors::bytesPerSample(E, spec.hiddenSize);
+      const int64_t chunkSize = std::clamp<int64_t>(static_cast<int64_t>(kSearchBytes / perSample), 1, samples);
+      const bool keepChunks =
+          static_cast<size_t>(samples) * static_cast<size_t>(1 + E + E * E) * sizeof(double) <= kSearchBytes;
+      std::vector<MaskedBlockErrors> kept;
+      auto forEachChunk = [&](const auto &body) {
+        if (keepChunks && !kept.empty()) {
+          for (const MaskedBlockErrors &chunk : kept)
+            body(chunk);
+          return;
+        }
+        for (int64_t first = 0; first < samples; first += chunkSize) {
+          const int64_t size = std::min(chunkSize, samples - first);
+          BlockSamplesView view{blocks->input.data() + first * spec.hiddenSize,
+                                blocks->output.data() + first * spec.hiddenSize, size};
+          MaskedBlockErrors chunk(spec, layerSpec, weights, view);
+          body(chunk);
+          if (keepChunks)
+            kept.push_back(std::move(chunk));
+        }
+      };
+      // Squared block-output error of each candidate set of dropped rows
+      // (`sets` rows of `width` choices), summed over every chunk.
+      auto errorsOf = [&](const std::vector<int32_t> &sets, int64_t width) {
+        const int64_t count = static_cast<int64_t>(sets.size()) / std::max<int64_t>(width, 1);
+        std::vector<double> errors(static_cast<size_t>(count), 0.0);
+        forEachChunk([&](const MaskedBlockErrors &chunk) {
+          splitAcrossThreads(count, [&](int64_t begin, int64_t end) {
+            std::vector<uint8_t> masked(static_cast<size_t>(E));
+            for (int64_t i = begin; i < end; ++i) {
+              std::fill(masked.begin(), masked.end(), 0);
+              for (int64_t j = 0; j < width; ++j)
+                masked[static_cast<size_t>(sets[static_cast<size_t>(i * width + j)])] = 1;
+              errors[static_cast<size_t>(i)] += chunk.squaredError(masked.data());
+            }
+          });
+        });
+        subsetsEvaluated += count;
+        return errors;
+      };
       Progress progress(concat("NAEE search, layer ", index, exhaustive ? " (every subset)" : " (greedy)"),
-                        exhaustive ? subsets : greedySteps, "subsets");
+                        exhaustive ? 1 : toDrop, exhaustive ? "searches" : "steps");
+      std::set<int64_t> best;
       if (exhaustive) {
         // Every subset, in lexicographic order (ties keep the first).
+        std::vector<int32_t> sets;
+        sets.reserve(static_cast<size_t>(subsets * toDrop));
         std::vector<int64_t> pick(static_cast<size_t>(toDrop));
         std::iota(pick.begin(), pick.end(), 0);
-        const int64_t n = static_cast<int64_t>(choices.size());
         while (true) {
-          std::set<int64_t> subset;
           for (int64_t i : pick)
-            subset.insert(choices[static_cast<size_t>(i)]);
-          double loss = reconstructionLoss(spec, layerSpec, weights, *blocks, subset, scratch);
-          ++subsetsEvaluated;
-          progress.advance();
-          if (loss < bestLoss) {
-            bestLoss = loss;
-            best = subset;
-          }
+            sets.push_back(static_cast<int32_t>(choices[static_cast<size_t>(i)]));
           int64_t i = toDrop - 1;
           while (i >= 0 && pick[static_cast<size_t>(i)] == n - toDrop + i)
             --i;
@@ -252,25 +288,28 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
           for (int64_t j = i + 1; j < toDrop; ++j)
             pick[static_cast<size_t>(j)] = pick[static_cast<size_t>(j - 1)] + 1;
         }
+        std::vector<double> errors = errorsOf(sets, toDrop);
+        const size_t argmin = static_cast<size_t>(std::min_element(errors.begin(), errors.end()) - errors.begin());
+        best.insert(sets.begin() + static_cast<std::ptrdiff_t>(argmin * toDrop),
+                    sets.begin() + static_cast<std::ptrdiff_t>((argmin + 1) * toDrop));
+        progress.advance();
       } else {
+        // One expert at a time: the one whose removal, with those already
+        // removed, changes the outputs least.
         for (int64_t step = 0; step < toDrop; ++step) {
-          int64_t chosen = -1;
-          double chosenLoss = INFINITY;
+          std::vector<int32_t> sets;
+          std::vector<int64_t> candidates;
           for (int64_t e : choices) {
             if (best.count(e))
               continue;
-            std::set<int64_t> subset = best;
-            subset.insert(e);
-            double loss = reconstructionLoss(spec, layerSpec, weights, *blocks, subset, scratch);
-            ++subsetsEvaluated;
-            progress.advance();
-            if (loss < chosenLoss) {
-              chosenLoss = loss;
-              chosen = e;
-            }
+            candidates.push_back(e);
+            for (int64_t removed : best)
+              sets.push_back(static_cast<int32_t>(removed));
+            sets.push_back(static_cast<int32_t>(e));
           }
-          best.insert(chosen);
-          bestLoss = chosenLoss;
+          std::vector<double> errors = errorsOf(sets, step + 1);
+          best.insert(candidates[static_cast<size_t>(std::min_element(errors.begin(), errors.end()) - errors.begin())]);
+          progress.advance();
         }
       }
       drop[index] = best;

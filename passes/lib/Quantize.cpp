@@ -25,7 +25,6 @@
 #include <optional>
 #include <set>
 #include <sstream>
-#include <thread>
 
 namespace moe {
 #define GEN_PASS_DEF_MOEQUANTIZE
@@ -99,12 +98,10 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         for (Job &job : jobs)
           compute(job);
       } else {
-        std::vector<std::thread> workers;
-        for (size_t j = 1; j < jobs.size(); ++j)
-          workers.emplace_back([&, j] { compute(jobs[j]); });
-        compute(jobs[0]);
-        for (std::thread &worker : workers)
-          worker.join();
+        splitAcrossThreads(static_cast<int64_t>(jobs.size()), [&](int64_t begin, int64_t end) {
+          for (int64_t j = begin; j < end; ++j)
+            compute(jobs[static_cast<size_t>(j)]);
+        });
       }
       for (Job &job : jobs)
         if (failed(finish(model, access, job)))

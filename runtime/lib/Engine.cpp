@@ -367,6 +367,22 @@ bool decodeExperts(const std::vector<std::pair<const MlpWeights *, float>> &mlps
 
 } // namespace
 
+void addSharedExpert(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &w, const float *x,
+                     int64_t tokens, float *out, EngineObserver *observer) {
+  if (layer.shared.intermediateSize <= 0)
+    return;
+  const int64_t H = spec.hiddenSize;
+  std::vector<float> shared(static_cast<size_t>(tokens * H)), intermediate;
+  swiglu(w.shared, x, tokens, intermediate, shared.data());
+  if (observer)
+    observer->onSharedExpert(layer.index, tokens, std::span<const float>(x, tokens * H), intermediate);
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float gate = sharedExpertGate(layer, w, x + t * H, H);
+    for (int64_t i = 0; i < H; ++i)
+      out[t * H + i] += gate * shared[t * H + i];
+  }
+}
+
 void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &w, const float *x,
                      int64_t tokens, float *out, const MoeBlockHooks &hooks) {
   EngineObserver *observer = hooks.observer;
@@ -406,19 +422,7 @@ void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerW
   const double threshold = w.routing.skipThreshold;
   for (int64_t t = 0; t < tokens; ++t) {
     float *tokenWeights = weights.data() + t * K;
-    if (threshold > 0 && K > 1) {
-      int64_t first = std::max_element(tokenWeights, tokenWeights + K) - tokenWeights;
-      float before = 0, after = 0;
-      for (int64_t i = 0; i < K; ++i) {
-        before += tokenWeights[i];
-        if (i != first && tokenWeights[i] < threshold * tokenWeights[first])
-          tokenWeights[i] = 0;
-        after += tokenWeights[i];
-      }
-      if (after > 0)
-        for (int64_t i = 0; i < K; ++i)
-          tokenWeights[i] *= before / after;
-    }
+    router::skipWeakChoices(threshold, K, tokenWeights);
     for (int64_t i = 0; i < K; ++i) {
       if (threshold > 0 && tokenWeights[i] == 0)
         continue;
@@ -501,17 +505,7 @@ void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerW
   if (observer && hooks.residual)
     observer->onMoeResidual(layer.index, tokens, std::span<const float>(hooks.residual, tokens * H),
                             std::span<const float>(out, tokens * H));
-  if (layer.shared.intermediateSize > 0) {
-    std::vector<float> shared(static_cast<size_t>(tokens * H));
-    swiglu(w.shared, x, tokens, intermediate, shared.data());
-    if (observer)
-      observer->onSharedExpert(layer.index, tokens, std::span<const float>(x, tokens * H), intermediate);
-    for (int64_t t = 0; t < tokens; ++t) {
-      const float gate = sharedExpertGate(layer, w, x + t * H, H);
-      for (int64_t i = 0; i < H; ++i)
-        out[t * H + i] += gate * shared[t * H + i];
-    }
-  }
+  addSharedExpert(spec, layer, w, x, tokens, out, observer);
   if (observer)
     observer->onMoeBlock(layer.index, tokens, std::span<const float>(x, tokens * H),
                          std::span<const float>(out, tokens * H));

@@ -23,7 +23,9 @@ constexpr float kMinusInfinity = -std::numeric_limits<float>::infinity();
 
 /// Indices of the k largest values, largest first (ties: lower index).
 void topK(const std::vector<float> &values, int64_t k, int32_t *out) {
-  std::vector<int32_t> order(values.size());
+  thread_local std::vector<int32_t> orderBuffer;
+  std::vector<int32_t> &order = orderBuffer;
+  order.resize(values.size());
   std::iota(order.begin(), order.end(), 0);
   std::partial_sort(order.begin(), order.begin() + k, order.end(),
                     [&](int32_t a, int32_t b) { return values[a] != values[b] ? values[a] > values[b] : a < b; });
@@ -61,14 +63,17 @@ void route(const RouterSpec &router, int64_t numExperts, const float *logits, co
   if (router.scoring == RouterScoring::SparseMixer)
     return sparseMixer(router, numExperts, logits, chosen, weights);
 
-  std::vector<float> scores(logits, logits + numExperts);
+  // Reused per thread: NAEE's search routes millions of times.
+  thread_local std::vector<float> scoresBuffer, choiceBuffer;
+  std::vector<float> &scores = scoresBuffer, &choice = choiceBuffer;
+  scores.assign(logits, logits + numExperts);
   if (router.scoring == RouterScoring::Softmax)
     kernels::softmax(scores.data(), numExperts);
   else
     for (float &score : scores)
       score = kernels::sigmoid(score);
 
-  std::vector<float> choice(scores);
+  choice.assign(scores.begin(), scores.end());
   if (correctionBias)
     for (int64_t e = 0; e < numExperts; ++e)
       choice[e] += correctionBias[e];
@@ -113,6 +118,22 @@ void route(const RouterSpec &router, int64_t numExperts, const float *logits, co
       weights[i] /= sum + 1e-20f;
     weights[i] *= static_cast<float>(router.scalingFactor);
   }
+}
+
+void skipWeakChoices(double threshold, int64_t K, float *weights) {
+  if (!(threshold > 0) || K < 2)
+    return;
+  const int64_t first = std::max_element(weights, weights + K) - weights;
+  float before = 0, after = 0;
+  for (int64_t i = 0; i < K; ++i) {
+    before += weights[i];
+    if (i != first && weights[i] < threshold * weights[first])
+      weights[i] = 0;
+    after += weights[i];
+  }
+  if (after > 0)
+    for (int64_t i = 0; i < K; ++i)
+      weights[i] *= before / after;
 }
 
 } // namespace moe::router

@@ -19,6 +19,10 @@ namespace moe::router {
 void route(const RouterSpec &router, int64_t numExperts, const float *logits, const float *correctionBias,
            int32_t *chosen, float *weights);
 
+/// NAEE's dynamic skipping (`threshold` > 0, K > 1): zeroes every weight
+/// below threshold times the largest and rescales the rest to the old sum.
+void skipWeakChoices(double threshold, int64_t K, float *weights);
+
 } // namespace moe::router
 
 #endif // MOE_RUNTIME_LIB_ROUTER_H

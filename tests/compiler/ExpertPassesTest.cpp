@@ -320,10 +320,11 @@ TEST(PruneExperts, ReconstructionDropsTheExpertNobodyUses) {
   auto stats = calibrate(*model->engine, *streams, options);
   ASSERT_TRUE(stats.ok());
   ASSERT_TRUE(writeStatistics(*stats, options, dir.file("stats.safetensors")).ok());
-  for (const char *limit : {"20000", "2"}) { // exhaustive, then greedy
-    auto compiled = importDirectory(fixture, dir.file(std::string("m") + limit + ".moestore"));
+  // Exhaustive, then greedy by the subset limit and by the cost estimate.
+  for (std::string limit : {"max-subsets=20000", "max-subsets=2", "search-budget=0"}) {
+    auto compiled = importDirectory(fixture, dir.file(limit + ".moestore"));
     ASSERT_TRUE(runPipeline(*compiled, "moe-prune-experts{stats=" + dir.file("stats.safetensors") +
-                                           " method=reconstruction keep=7 max-subsets=" + limit + "}"));
+                                           " method=reconstruction keep=7 " + limit + "}"));
     for (ir::LayerOp layer : compiled->model().getBody().getOps<ir::LayerOp>())
       if (layer.getIndex() == 2)
         for (ir::MoeBlockOp block : layer.getBody().getOps<ir::MoeBlockOp>())

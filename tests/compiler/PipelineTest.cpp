@@ -258,6 +258,9 @@ TEST(PruneExperts, BadOptionsAreNamed) {
                dir.file("m.moestore"), context, /*expectSuccess=*/false);
   importAndRun(dataDir() + "/fixtures/tiny-mixtral", "moe-prune-experts{ratio=1.5 stats=x}", dir.file("m.moestore"),
                context, /*expectSuccess=*/false);
+  importAndRun(dataDir() + "/fixtures/tiny-mixtral",
+               "moe-prune-experts{ratio=0.25 stats=x method=reconstruction search-budget=-1}", dir.file("m.moestore"),
+               context, /*expectSuccess=*/false);
 }
 
 TEST(Pipeline, FusedExpertsExportAsPerExpertWithIdenticalLogits) {

@@ -8,6 +8,7 @@
 
 #include "moe/Frontend/Checkpoint.h"
 #include "moe/Runtime/Engine.h"
+#include "moe/Runtime/MoeBlock.h"
 
 #include "TestSupport.h"
 
@@ -367,4 +368,75 @@ TEST(Engine, MoeResidualHookGivesTheResidualAndTheRoutedOutputAlone) {
   EXPECT_LT(routedError, 1e-5f);
   EXPECT_GT(sharedPart, 1e-3f) << "the shared expert is not in the routed output";
   EXPECT_LT(residualError, 1e-5f);
+}
+
+TEST(MoeBlock, MaskedErrorsFromProductsEqualTheEngineRecomputingTheBlock) {
+  // NAEE's search evaluates a masked routing from products of expert
+  // outputs computed once. For every family's router (softmax with and
+  // without renormalisation, group-limited sigmoid with correction bias,
+  // sparsemixer) and shared experts, gated or not, it must give the error
+  // the engine's MoE block gives when run with the mask, also under
+  // dynamic skipping.
+  class Blocks : public EngineObserver {
+  public:
+    void onMoeBlock(int64_t layer, int64_t, std::span<const float> input, std::span<const float> output) override {
+      if (inputs.count(layer))
+        return;
+      inputs[layer].assign(input.begin(), input.end());
+      outputs[layer].assign(output.begin(), output.end());
+    }
+    std::map<int64_t, std::vector<float>> inputs, outputs;
+  };
+  for (const char *family :
+       {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2_grouped", "deepseek_v3", "phimoe"}) {
+    SCOPED_TRACE(family);
+    const std::string dir = dataDir() + "/hf/" + family;
+    Loaded model = loadModel(dir);
+    Blocks blocks;
+    Golden golden = loadGolden(family);
+    model.engine->setObserver(&blocks);
+    KvCache cache = model.engine->newCache();
+    std::vector<float> logits;
+    ASSERT_TRUE(model.engine->forward(golden.ids, cache, logits).ok());
+    ASSERT_FALSE(blocks.inputs.empty());
+    auto provider = makeCheckpointWeightProvider(model.spec, model.checkpoint);
+    for (const auto &[layer, input] : blocks.inputs) {
+      LayerWeights weights;
+      ASSERT_TRUE(provider->loadLayer(layer, weights).ok());
+      const LayerSpec &layerSpec = model.spec.layers[static_cast<size_t>(layer)];
+      const std::vector<float> &output = blocks.outputs[layer];
+      // The cached output perturbed, so the unmasked error is not zero.
+      std::vector<float> target(output);
+      for (size_t i = 0; i < target.size(); ++i)
+        target[i] += 0.01f * static_cast<float>((i * 7919) % 13) - 0.06f;
+      const BlockSamplesView samples{input.data(), target.data(),
+                                     static_cast<int64_t>(input.size()) / model.spec.hiddenSize};
+      const int64_t E = weights.router.rows, K = model.spec.router.topK;
+      for (double skip : {0.0, 0.3}) {
+        weights.routing.skipThreshold = skip;
+        MaskedBlockErrors errors(model.spec, layerSpec, weights, samples);
+        std::vector<float> scratch;
+        // No mask, each expert alone, and masks of E - K experts.
+        std::vector<std::set<int64_t>> masks = {{}};
+        for (int64_t e = 0; e < E; ++e)
+          masks.push_back({e});
+        for (int64_t start = 0; start < E; ++start) {
+          std::set<int64_t> many;
+          for (int64_t i = 0; i < E - K; ++i)
+            many.insert((start + 3 * i) % E);
+          if (static_cast<int64_t>(many.size()) == E - K)
+            masks.push_back(many);
+        }
+        for (const std::set<int64_t> &mask : masks) {
+          std::vector<uint8_t> flags(static_cast<size_t>(E), 0);
+          for (int64_t e : mask)
+            flags[static_cast<size_t>(e)] = 1;
+          const double engine = moeBlockOutputError(model.spec, layerSpec, weights, samples, &mask, scratch);
+          const double fast = std::sqrt(errors.squaredError(flags.data()));
+          EXPECT_NEAR(fast, engine, 1e-4 * engine + 1e-6)
+              << "layer " << layer << ", skip " << skip << ", " << mask.size() << " masked";
+        }
+      }
+    }
+  }
 }

@@ -254,6 +254,7 @@ const std::map<std::string, PassBuilder> &passBuilders() {
          read.choice("scope", o.scope);
          read.flag("protect-super-experts", o.protectSuperExperts);
          read.integer("max-subsets", o.maxSubsets);
+         read.integer("search-budget", o.searchBudget);
          meta.needsStatistics = true;
          return createMoePruneExperts(o);
        }},

@@ -53,9 +53,16 @@ def MoePruneExperts : Pass<"moe-prune-experts", "::moe::ir::ModelOp"> {
     `tcess` (PreMoe's released scoring: the mean over tokens of the raw
     router logit of each token's top-1 expert), `reconstruction` (NAEE:
     the subset whose removal changes the layer's cached block outputs least
-    in Frobenius norm, recomputed through the engine's own MoE block; every
-    subset when there are at most `max-subsets`, else greedy removal one
-    expert at a time; needs `moec calibrate --block-samples N`; per layer).
+    in Frobenius norm, with the dropped experts' router rows masked, as the
+    released code does; needs `moec calibrate --block-samples N`; per
+    layer). Every expert runs once on the samples; a masked routing's error
+    then comes from products of the expert outputs (one routing and K^2
+    products per sample), so the search is exact and cheap. Every subset is
+    scored when there are at most `max-subsets` and subsets x samples is at
+    most `search-budget` million routings, else experts are removed greedily
+    one at a time. Deviation: NAEE sums each calibration batch's Frobenius
+    norm; moec takes the norm over all samples at once (the same argmin
+    when there is one batch).
     Super experts (max |output| above the 99.5th percentile of all experts
     and above a tenth of the largest) are kept unless
     `protect-super-experts=false`. A layer never keeps fewer experts than
@@ -76,6 +83,9 @@ def MoePruneExperts : Pass<"moe-prune-experts", "::moe::ir::ModelOp"> {
            "Never remove super experts">,
     Option<"maxSubsets", "max-subsets", "int64_t", /*default=*/"20000",
            "reconstruction: enumerate every subset up to this many per layer, else search greedily">,
+    Option<"searchBudget", "search-budget", "int64_t", /*default=*/"400",
+           "reconstruction: enumerate every subset only when subsets x block samples is at most this many million "
+           "routings, else search greedily">,
   ];
   let statistics = [
     Statistic<"expertsPruned", "experts-pruned", "Experts removed">,

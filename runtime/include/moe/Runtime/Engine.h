@@ -101,6 +101,11 @@ struct MoeBlockHooks {
 void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &w, const float *x,
                      int64_t tokens, float *out, const MoeBlockHooks &hooks = {});
 
+/// Adds the shared expert's output (gated for Qwen2-MoE) of x[tokens, H]
+/// to out[tokens, H]; nothing when `layer` has no shared expert.
+void addSharedExpert(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &w, const float *x,
+                     int64_t tokens, float *out, EngineObserver *observer = nullptr);
+
 /// Runs a model.
 class Engine {
 public:

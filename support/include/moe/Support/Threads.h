@@ -11,7 +11,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <thread>
+#include <vector>
 
 namespace moe {
 
@@ -28,6 +30,24 @@ inline void setThreadCount(unsigned count) { detail::threadSetting() = count; }
 inline unsigned threadCount() {
   const unsigned set = detail::threadSetting();
   return set > 0 ? set : std::max(1u, std::thread::hardware_concurrency());
+}
+
+/// Runs body(begin, end) on threadCount() threads (fewer when `count` is
+/// small), over [0, count) split into contiguous parts; returns when all
+/// are done.
+template <typename Body> void splitAcrossThreads(int64_t count, const Body &body) {
+  const int64_t threads = std::min<int64_t>(threadCount(), count);
+  if (threads <= 1) {
+    if (count > 0)
+      body(int64_t{0}, count);
+    return;
+  }
+  std::vector<std::thread> workers;
+  for (int64_t i = 1; i < threads; ++i)
+    workers.emplace_back([&body, count, threads, i] { body(count * i / threads, count * (i + 1) / threads); });
+  body(int64_t{0}, count / threads);
+  for (std::thread &worker : workers)
+    worker.join();
 }
 
 } // namespace moe
