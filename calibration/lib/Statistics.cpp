@@ -189,11 +189,15 @@ public:
         weightedSum[i] += weighted * weighted;
         weightedMax[i] = std::max(weightedMax[i], weighted * weighted);
       }
+      // Super Experts measure the expert's output where the router sends
+      // tokens to it; --all-experts runs it on the others too.
+      const bool routed = !options.allExperts || weight > 0;
       double norm = 0;
       for (int64_t h = 0; h < H; ++h) {
         double y = output[r * H + h];
         norm += y * y;
-        stats.maxAbsOutput[expert] = std::max(stats.maxAbsOutput[expert], std::fabs(y));
+        if (routed)
+          stats.maxAbsOutput[expert] = std::max(stats.maxAbsOutput[expert], std::fabs(y));
       }
       if (weight > 0)
         pendingContributions.push_back({tokenIndices[r], expert, weight * std::sqrt(norm)});
@@ -230,8 +234,12 @@ public:
     addMoments(moments.attentionOutput, attended, tokens);
   }
 
-  void onSharedExpert(int64_t layer, int64_t tokens, std::span<const float> input,
-                      std::span<const float> intermediate) override {
+  void onSharedExpert(int64_t layer, int64_t tokens, std::span<const float> input, std::span<const float> intermediate,
+                      std::span<const float> output) override {
+    std::vector<double> &largest = statsFor(layer).sharedMaxAbsOutput;
+    largest.resize(1, 0.0);
+    for (float y : output)
+      largest[0] = std::max(largest[0], static_cast<double>(std::fabs(y)));
     if (!withMoments)
       return;
     DenseMoments &moments = denseMoments[layer];
@@ -488,6 +496,8 @@ Status writeStatistics(const CalibrationResult &result, const CalibrationOptions
     MOE_RETURN_IF_ERROR(addF64(stats::kGateWeightSum, {E}, stats.gateWeightSum));
     MOE_RETURN_IF_ERROR(addF64(stats::kEasyEpScore, {E}, stats.easyEpScore));
     MOE_RETURN_IF_ERROR(addF64(stats::kMaxAbsOutput, {E}, stats.maxAbsOutput));
+    if (!stats.sharedMaxAbsOutput.empty())
+      MOE_RETURN_IF_ERROR(addF64(stats::kSharedMaxAbsOutput, {1}, stats.sharedMaxAbsOutput));
     MOE_RETURN_IF_ERROR(addF64(stats::kRouterLogitGram, {E, E}, stats.routerLogitGram));
     MOE_RETURN_IF_ERROR(addF64(stats::kTopLogitSum, {E}, stats.topLogitSum));
     for (int64_t e = 0; e < E; ++e) {

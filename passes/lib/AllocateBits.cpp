@@ -147,10 +147,10 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
   }
 
   /// What collectUnits finds: the units with their loss per candidate width,
-  /// every expert's max |output| (for Super Experts), the shared experts' tensors.
+  /// the Super Experts (with pin-bits), the shared experts' tensors.
   struct Collected {
     std::vector<Unit> units;
-    std::vector<std::pair<double, std::pair<int64_t, int64_t>>> maxOutputs;
+    std::set<std::pair<int64_t, int64_t>> superExperts; ///< When pin-bits is set.
     std::vector<std::string> sharedTensors;
   };
 
@@ -228,13 +228,18 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
   LogicalResult collectUnits(ir::ModelOp model, TensorAccess &access, const std::vector<int> &widths,
                              Collected &collected) {
     std::vector<Unit> &units = collected.units;
-    std::vector<std::pair<double, std::pair<int64_t, int64_t>>> &maxOutputs = collected.maxOutputs;
     std::vector<std::string> &sharedTensors = collected.sharedTensors;
     const bool micro = granularity == Granularity::MicroExpert;
     const quant::QuantFormat trial = trialFormat();
     FailureOr<StatisticsReader> file = StatisticsReader::open(stats, model, getArgument());
     if (failed(file))
       return signalPassFailure(), failure();
+    if (pinBits > 0) {
+      FailureOr<std::set<std::pair<int64_t, int64_t>>> found = findSuperExperts(*file, model, getArgument());
+      if (failed(found))
+        return signalPassFailure(), failure();
+      collected.superExperts = std::move(*found);
+    }
     FailureOr<LayerLoader> loader = failure();
     if (objective == AllocationObjective::McMoe) {
       loader = LayerLoader::create(model, getArgument());
@@ -251,8 +256,7 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
           sharedTensors.push_back(name.str());
       FailureOr<std::vector<double>> routed = file->layer(index, stats::kRoutedTokens, layer);
       FailureOr<std::vector<double>> scores = file->layer(index, stats::kRouterScoreSum, layer);
-      FailureOr<std::vector<double>> outputs = file->layer(index, stats::kMaxAbsOutput, layer);
-      if (failed(routed) || failed(scores) || failed(outputs))
+      if (failed(routed) || failed(scores))
         return signalPassFailure(), failure();
       const double routedTotal = std::accumulate(routed->begin(), routed->end(), 0.0);
       const double scoreTotal = std::accumulate(scores->begin(), scores->end(), 0.0);
@@ -290,7 +294,6 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
           return fail(expert, concat("the statistics have ", routed->size(), " experts for layer ", index,
                                      "; calibrate the model as it is now")),
                  failure();
-        maxOutputs.push_back({(*outputs)[id], {index, id}});
         FlatSymbolRefAttr symbols[3] = {expert.getGateAttr(), expert.getUpAttr(), expert.getDownAttr()};
         std::vector<float> original[3];
         int64_t shapes[3][2];
@@ -460,9 +463,8 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
     const quant::QuantFormat trial = trialFormat();
     const bool micro = granularity == Granularity::MicroExpert;
     if (pinBits > 0) {
-      std::set<std::pair<int64_t, int64_t>> superExperts = findSuperExperts(collected.maxOutputs);
       for (Unit &unit : units)
-        if (superExperts.count({unit.layer, unit.expert}))
+        if (collected.superExperts.count({unit.layer, unit.expert}))
           unit.allocation.pinnedBits = static_cast<int>(pinBits);
     }
     // Bytes of a unit at b bits: its groups' headers plus b/8 bytes per

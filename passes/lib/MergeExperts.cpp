@@ -138,7 +138,6 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
     if (failed(file))
       return signalPassFailure();
     std::vector<LayerInfo> layers;
-    std::vector<std::pair<double, std::pair<int64_t, int64_t>>> maxOutputs;
     for (ir::LayerOp layer : model.getBody().getOps<ir::LayerOp>()) {
       LayerInfo info;
       info.parts = blockParts(layer);
@@ -151,8 +150,7 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
       FailureOr<std::vector<double>> routed = file->layer(info.index, stats::kRoutedTokens, layer);
       FailureOr<std::vector<double>> weight = file->layer(info.index, stats::kGateWeightSum, layer);
       FailureOr<std::vector<double>> gram = file->layer(info.index, stats::kRouterLogitGram, layer);
-      FailureOr<std::vector<double>> outputs = file->layer(info.index, stats::kMaxAbsOutput, layer);
-      if (failed(routed) || failed(weight) || failed(gram) || failed(outputs))
+      if (failed(routed) || failed(weight) || failed(gram))
         return signalPassFailure();
       const size_t E = info.parts.experts.size();
       if (routed->size() != E || static_cast<uint64_t>(info.parts.experts.back().getId()) != E - 1)
@@ -168,13 +166,15 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
         info.history.experts.push_back(expert.getOriginalId());
       info.gateWeight = std::move(*weight);
       info.gram = std::move(*gram);
-      for (size_t e = 0; e < E; ++e)
-        maxOutputs.push_back({(*outputs)[e], {info.index, static_cast<int64_t>(e)}});
       layers.push_back(std::move(info));
     }
     std::set<std::pair<int64_t, int64_t>> superExperts;
-    if (protectSuperExperts)
-      superExperts = findSuperExperts(maxOutputs);
+    if (protectSuperExperts) {
+      FailureOr<std::set<std::pair<int64_t, int64_t>>> found = findSuperExperts(*file, model, getArgument());
+      if (failed(found))
+        return signalPassFailure();
+      superExperts = std::move(*found);
+    }
     TensorAccess access(model);
     LogicalResult result = method == MergeMethod::Msmoe ? mergeMsmoe(model, access, layers, superExperts)
                                                         : recombineDern(model, access, layers, superExperts);

@@ -87,7 +87,6 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
     std::vector<Candidate> candidates;
     std::map<int64_t, ir::LayerOp> layers;
     std::map<int64_t, int64_t> liveExperts, topK;
-    std::vector<std::pair<double, std::pair<int64_t, int64_t>>> maxOutputs;
     for (ir::LayerOp layer : model.getBody().getOps<ir::LayerOp>()) {
       BlockParts parts = blockParts(layer);
       if (!parts.block)
@@ -96,8 +95,7 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
       layers[index] = layer;
       topK[index] = static_cast<int64_t>(parts.router.getTopK());
       FailureOr<std::vector<double>> scores = file->layer(index, statistic, layer);
-      FailureOr<std::vector<double>> outputs = file->layer(index, stats::kMaxAbsOutput, layer);
-      if (failed(scores) || failed(outputs))
+      if (failed(scores))
         return signalPassFailure();
       for (ir::ExpertOp expert : parts.experts) {
         int64_t id = static_cast<int64_t>(expert.getId());
@@ -107,13 +105,15 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
           return signalPassFailure();
         }
         candidates.push_back({index, id, (*scores)[id]});
-        maxOutputs.push_back({(*outputs)[id], {index, id}});
         ++liveExperts[index];
       }
     }
     std::set<std::pair<int64_t, int64_t>> protectedExperts;
     if (protectSuperExperts) {
-      protectedExperts = findSuperExperts(maxOutputs);
+      FailureOr<std::set<std::pair<int64_t, int64_t>>> found = findSuperExperts(*file, model, getArgument());
+      if (failed(found))
+        return signalPassFailure();
+      protectedExperts = std::move(*found);
       superExpertsProtected += static_cast<int64_t>(protectedExperts.size());
     }
     auto budgetFor = [&](int64_t layer) {

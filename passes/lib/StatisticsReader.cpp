@@ -57,6 +57,10 @@ FailureOr<std::vector<double>> StatisticsReader::read(const std::string &key, Op
   return values;
 }
 
+bool StatisticsReader::has(int64_t layer, StringRef name) const {
+  return file->find(concat("layers.", layer, ".", name.str())) != nullptr;
+}
+
 FailureOr<std::vector<double>> StatisticsReader::layer(int64_t layer, StringRef name, Operation *op) const {
   return read(concat("layers.", layer, ".", name.str()), op);
 }

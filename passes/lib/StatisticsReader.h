@@ -36,6 +36,9 @@ public:
 
   /// `layers.<layer>.<name>` as doubles (F64, F32 or I64).
   mlir::FailureOr<std::vector<double>> layer(int64_t layer, llvm::StringRef name, mlir::Operation *op) const;
+  /// Whether the file holds `layers.<layer>.<name>` (statistics that newer
+  /// calibrations add).
+  bool has(int64_t layer, llvm::StringRef name) const;
   /// `layers.<layer>.experts.<expert>.<name>`.
   mlir::FailureOr<std::vector<double>> expert(int64_t layer, int64_t expert, llvm::StringRef name,
                                               mlir::Operation *op) const;

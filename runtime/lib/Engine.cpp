@@ -375,7 +375,7 @@ void addSharedExpert(const ModelSpec &spec, const LayerSpec &layer, const LayerW
   std::vector<float> shared(static_cast<size_t>(tokens * H)), intermediate;
   swiglu(w.shared, x, tokens, intermediate, shared.data());
   if (observer)
-    observer->onSharedExpert(layer.index, tokens, std::span<const float>(x, tokens * H), intermediate);
+    observer->onSharedExpert(layer.index, tokens, std::span<const float>(x, tokens * H), intermediate, shared);
   for (int64_t t = 0; t < tokens; ++t) {
     const float gate = sharedExpertGate(layer, w, x + t * H, H);
     for (int64_t i = 0; i < H; ++i)

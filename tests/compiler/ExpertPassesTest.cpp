@@ -19,6 +19,7 @@
 #include "../../passes/lib/Assignment.h"
 #include "../../passes/lib/BitAllocation.h"
 #include "../../passes/lib/Gptq.h"
+#include "../../passes/lib/SuperExperts.h"
 #include "../unit/TestSupport.h"
 #include "common/QuantFormat.h"
 
@@ -548,4 +549,37 @@ TEST(BitAllocation, TheBudgetIsMetExactlyOrTheClosestBudgetsAreNamed) {
   ASSERT_TRUE(exact.ok());
   EXPECT_DOUBLE_EQ(exact->averageBits, 3.0);
   expectErrorContains(allocateBits({odd}, {2, 4}, 3.0, -1).status(), {"tolerance must not be negative"});
+}
+
+TEST(SuperExperts, TheRuleIsTheReleasedCodes) {
+  // Expected sets from the released code's expressions in numpy:
+  // pool = layers < round(0.75 * L); p = np.percentile(pool, 99.5);
+  // value > p and value > np.max(pool) // 10.
+  std::vector<ExpertMaximum> maxima;
+  const std::map<std::pair<int64_t, int64_t>, double> planted = {
+      {{1, 7}, 480.0}, {{2, -1}, 95.0}, {{3, 12}, 47.5}, {{7, 3}, 900.0}, {{0, 0}, 49.0}};
+  for (int64_t layer = 0; layer < 8; ++layer)
+    for (int64_t expert = -1; expert < 40; ++expert) {
+      auto found = planted.find({layer, expert});
+      maxima.push_back({layer, expert,
+                        found != planted.end() ? found->second
+                                               : static_cast<double>((layer * 41 + expert + 1) * 7919 % 1000) / 100.0});
+    }
+  using Set = std::set<std::pair<int64_t, int64_t>>;
+  // 8 layers: the first 6 count (p = 84.65); layer 7's 900 is not looked at,
+  // and a shared expert can be one.
+  EXPECT_EQ(superExpertRule(maxima, 8), (Set{{1, 7}, {2, -1}}));
+  // 6 layers: round(4.5) = 4 (half to even), p = 166.2.
+  EXPECT_EQ(superExpertRule(maxima, 6), (Set{{1, 7}}));
+  // The largest over ten is floored: with a largest of 19, values of 1.51
+  // to 1.54 above the percentile (1.50005) pass "> 19 // 10 = 1".
+  std::vector<ExpertMaximum> floored;
+  for (int64_t e = 0; e < 994; ++e)
+    floored.push_back({0, e, 1.0});
+  for (int64_t i = 0; i < 5; ++i)
+    floored.push_back({0, 994 + i, 1.5 + 0.01 * static_cast<double>(i)});
+  floored.push_back({0, 999, 19.0});
+  EXPECT_EQ(superExpertRule(floored, 1), (Set{{0, 995}, {0, 996}, {0, 997}, {0, 998}, {0, 999}}));
+  // All equal: nothing stands out.
+  EXPECT_TRUE(superExpertRule(std::vector<ExpertMaximum>(50, ExpertMaximum{0, 0, 2.0}), 4).empty());
 }

@@ -171,9 +171,15 @@ std::vector<std::string> expertLines(const std::string &module, int64_t index) {
 
 /// Writes a statistics file with the given routed counts and max outputs
 /// for every MoE layer of a model with `layers` layers of `experts` experts.
+/// `sharedOutputs`, when given, is every layer's shared_max_abs_output.
 void writeStats(const std::string &path, int64_t layers, const std::vector<std::vector<int64_t>> &routed,
-                const std::vector<std::vector<double>> &maxOutputs) {
+                const std::vector<std::vector<double>> &maxOutputs, const std::vector<double> &sharedOutputs = {}) {
   SafetensorsWriter writer;
+  for (int64_t l = 0; l < static_cast<int64_t>(sharedOutputs.size()); ++l) {
+    std::vector<uint8_t> bytes(8);
+    std::memcpy(bytes.data(), &sharedOutputs[l], 8);
+    ASSERT_TRUE(writer.addTensor(concat("layers.", l, ".shared_max_abs_output"), DType::F64, {1}, bytes).ok());
+  }
   for (int64_t l = 0; l < layers; ++l) {
     std::vector<uint8_t> counts(routed[l].size() * 8), outputs(maxOutputs[l].size() * 8);
     std::memcpy(counts.data(), routed[l].data(), counts.size());
@@ -247,6 +253,24 @@ TEST(PruneExperts, APlantedSuperExpertIsKept) {
     EXPECT_EQ(line.find("experts.0.w1"), std::string::npos) << line;
 }
 
+TEST(PruneExperts, SharedExpertsCountInTheSuperExpertPercentile) {
+  // Expert 0 of layer 0 is the least used and has the largest routed
+  // output, but a shared expert's output is ten times larger still: the
+  // rule's floor(largest / 10) then leaves expert 0 unprotected.
+  TempDir dir;
+  const std::string fixture = dataDir() + "/fixtures/tiny-mixtral";
+  std::vector<std::vector<int64_t>> routed(4, {9, 8, 7, 6, 5, 4, 3, 2});
+  routed[0] = {1, 2, 30, 30, 30, 30, 30, 30};
+  std::vector<std::vector<double>> outputs(4, std::vector<double>(8, 1.0));
+  outputs[0][0] = 1000.0;
+  writeStats(dir.file("stats.safetensors"), 4, routed, outputs, {1.0, 20000.0, 1.0, 1.0});
+  mlir::MLIRContext context;
+  std::string module = importAndRun(fixture, "moe-prune-experts{stats=" + dir.file("stats.safetensors") + " keep=7}",
+                                    dir.file("m.moestore"), context);
+  for (const std::string &line : expertLines(module, 0))
+    EXPECT_EQ(line.find("experts.0.w1"), std::string::npos) << line;
+}
+
 TEST(PruneExperts, BadOptionsAreNamed) {
   TempDir dir;
   mlir::MLIRContext context;
@@ -261,6 +285,23 @@ TEST(PruneExperts, BadOptionsAreNamed) {
   importAndRun(dataDir() + "/fixtures/tiny-mixtral",
                "moe-prune-experts{ratio=0.25 stats=x method=reconstruction search-budget=-1}", dir.file("m.moestore"),
                context, /*expectSuccess=*/false);
+  // A shared expert statistic that is not one value.
+  writeStats(dir.file("stats.safetensors"), 4, std::vector<std::vector<int64_t>>(4, {5, 1, 7, 3, 9, 2, 8, 4}),
+             std::vector<std::vector<double>>(4, std::vector<double>(8, 1.0)));
+  {
+    SafetensorsWriter writer;
+    auto original = SafetensorsFile::open(dir.file("stats.safetensors"));
+    ASSERT_TRUE(original.ok());
+    for (const TensorInfo &info : (*original)->tensors()) {
+      std::span<const uint8_t> bytes = (*original)->data(info);
+      ASSERT_TRUE(writer.addTensor(info.name, info.dtype, info.shape, {bytes.begin(), bytes.end()}).ok());
+    }
+    ASSERT_TRUE(writer.addTensor("layers.1.shared_max_abs_output", DType::F64, {2}, std::vector<uint8_t>(16, 0)).ok());
+    ASSERT_TRUE(writer.write(dir.file("bad.safetensors")).ok());
+  }
+  importAndRun(dataDir() + "/fixtures/tiny-mixtral",
+               "moe-prune-experts{stats=" + dir.file("bad.safetensors") + " keep=7}", dir.file("m.moestore"), context,
+               /*expectSuccess=*/false);
 }
 
 TEST(Pipeline, FusedExpertsExportAsPerExpertWithIdenticalLogits) {

@@ -126,6 +126,9 @@ TEST(Calibration, StatisticsFileIsSafetensorsWithNamedTensors) {
   ASSERT_NE((*file)->find("layers.3.experts.7.neuron_square_max"), nullptr);
   EXPECT_EQ((*file)->find("layers.1.router_logit_gram")->shape, (std::vector<int64_t>{8, 8}));
   EXPECT_EQ((*file)->find("layers.1.experts.0.input_moments"), nullptr) << "only on request";
+  const TensorInfo *shared = (*file)->find("layers.1.shared_max_abs_output");
+  ASSERT_NE(shared, nullptr);
+  EXPECT_EQ(shared->shape, (std::vector<int64_t>{1}));
 }
 
 TEST(Calibration, AllExpertsModeGivesEveryExpertStatisticsWithoutChangingRouting) {
@@ -149,7 +152,18 @@ TEST(Calibration, AllExpertsModeGivesEveryExpertStatisticsWithoutChangingRouting
   EXPECT_EQ(layer1.routedTokens[3], 0);
   double activity = std::accumulate(layer1.neuronSquareSum[3].begin(), layer1.neuronSquareSum[3].end(), 0.0);
   EXPECT_GT(activity, 0.0) << "the unrouted expert has activation statistics";
-  EXPECT_GT(layer1.maxAbsOutput[3], 0.0);
+  // Super Experts look at the tokens the router sends: the unrouted
+  // expert's max |output| stays 0 and the others' are those of routing.
+  EXPECT_EQ(layer1.maxAbsOutput[3], 0.0);
+  for (size_t l = 0; l < a->layers.size(); ++l)
+    for (size_t e = 0; e < a->layers[l].maxAbsOutput.size(); ++e)
+      EXPECT_NEAR(b->layers[l].maxAbsOutput[e], a->layers[l].maxAbsOutput[e], 1e-5 * a->layers[l].maxAbsOutput[e])
+          << "layer " << l << " expert " << e;
+  // The shared expert's max |output| is recorded too (it is in the pool).
+  for (const LayerStatistics &layer : a->layers) {
+    ASSERT_EQ(layer.sharedMaxAbsOutput.size(), 1u);
+    EXPECT_GT(layer.sharedMaxAbsOutput[0], 0.0);
+  }
   // Gate-weighted statistics stay zero: the expert never contributes.
   for (double value : layer1.neuronWeightedSquareSum[3])
     EXPECT_EQ(value, 0.0);

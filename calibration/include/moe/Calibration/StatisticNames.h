@@ -22,8 +22,12 @@ inline constexpr const char *kRouterScoreSum = "router_score_sum";
 inline constexpr const char *kGateWeightSum = "gate_weight_sum";
 /// Per layer [E]: EASY-EP's score, sum of g ||E(x)|| max(1 - cos(h, h + r), 0).
 inline constexpr const char *kEasyEpScore = "easy_ep_score";
-/// Per layer [E]: largest |down_proj output| (Super Experts).
+/// Per layer [E]: largest |down_proj output| over the tokens routed to
+/// the expert (Super Experts; with --all-experts still routed tokens only).
 inline constexpr const char *kMaxAbsOutput = "max_abs_output";
+/// Per layer with a shared expert [1]: largest |down_proj output| of the
+/// shared expert (it counts in the Super Experts percentile).
+inline constexpr const char *kSharedMaxAbsOutput = "shared_max_abs_output";
 /// Per layer [E, E]: Gram matrix of router logits (merging similarity).
 inline constexpr const char *kRouterLogitGram = "router_logit_gram";
 /// Per layer [E]: the top logit summed over the tokens where it was top (PreMoe).

@@ -48,14 +48,15 @@ uint64_t inputMomentBytes(const ModelSpec &spec, int64_t layer);
 /// Statistics of one MoE layer; per-expert vectors are indexed by expert.
 struct LayerStatistics {
   int64_t layer = 0;
-  int64_t tokens = 0;                  ///< Tokens seen by the router.
-  std::vector<int64_t> routedTokens;   ///< Tokens routed to each expert.
-  std::vector<double> routerScoreSum;  ///< Sum of softmax/sigmoid scores (all tokens).
-  std::vector<double> gateWeightSum;   ///< Sum of routing weights where chosen.
-  std::vector<double> easyEpScore;     ///< Sum of w * ||y_e|| / ||block output||.
-  std::vector<double> maxAbsOutput;    ///< Max |element| of the expert's output.
-  std::vector<double> routerLogitGram; ///< [E, E] sum of logits^T logits.
-  std::vector<double> topLogitSum;     ///< PreMoe marker: sum of the raw logit where the expert is the top-1.
+  int64_t tokens = 0;                     ///< Tokens seen by the router.
+  std::vector<int64_t> routedTokens;      ///< Tokens routed to each expert.
+  std::vector<double> routerScoreSum;     ///< Sum of softmax/sigmoid scores (all tokens).
+  std::vector<double> gateWeightSum;      ///< Sum of routing weights where chosen.
+  std::vector<double> easyEpScore;        ///< Sum of w * ||y_e|| / ||block output||.
+  std::vector<double> maxAbsOutput;       ///< Max |element| of the expert's output (routed tokens).
+  std::vector<double> sharedMaxAbsOutput; ///< [1]: the same of the shared expert; empty: none.
+  std::vector<double> routerLogitGram;    ///< [E, E] sum of logits^T logits.
+  std::vector<double> topLogitSum;        ///< PreMoe marker: sum of the raw logit where the expert is the top-1.
   std::vector<std::vector<double>> neuronSquareSum;         ///< [E][width] sum of intermediate^2.
   std::vector<std::vector<double>> neuronSquareMax;         ///< [E][width] max of intermediate^2.
   std::vector<std::vector<double>> neuronWeightedSquareSum; ///< [E][width] sum of (weight * intermediate)^2.

@@ -57,9 +57,10 @@ public:
   /// enter the output projection [T, heads * value dim].
   virtual void onAttention(int64_t layer, int64_t tokens, std::span<const float> input,
                            std::span<const float> attended) {}
-  /// Shared expert input [T, H] and its silu(gate)*up [T, width].
+  /// Shared expert input [T, H], its silu(gate)*up [T, width] and its
+  /// down projection's output [T, H] (before its gate).
   virtual void onSharedExpert(int64_t layer, int64_t tokens, std::span<const float> input,
-                              std::span<const float> intermediate) {}
+                              std::span<const float> intermediate, std::span<const float> output) {}
   /// Hidden state after layer `layer`, [T, H].
   virtual void onLayerOutput(int64_t layer, int64_t tokens, std::span<const float> hidden) {}
   /// When true, every routed expert also runs on every token of the block
