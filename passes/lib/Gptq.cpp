@@ -98,11 +98,11 @@ Status runGptq(Matrix W, Matrix H, const GptqOptions &options, const Grid &grid,
 
   std::vector<int64_t> order(static_cast<size_t>(cols));
   std::iota(order.begin(), order.end(), 0);
-  if (options.actOrder) {
+  if (options.actOrder)
     std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return H(a, a) > H(b, b); });
+  if (options.actOrder || options.groupScales == GptqGroupScales::Static)
     for (int64_t g = 0; g < groups; ++g)
       computeGrids(g);
-  }
   // Permute to quantization order.
   Matrix Wp(rows, cols), Hp(cols, cols);
   for (int64_t j = 0; j < cols; ++j)
@@ -133,15 +133,20 @@ Status runGptq(Matrix W, Matrix H, const GptqOptions &options, const Grid &grid,
   U.triangularView<Eigen::StrictlyLower>().setZero();
 
   Q.resize(rows, cols);
+  Matrix blockStart;
   for (int64_t begin = 0; begin < cols; begin += options.block) {
     const int64_t end = std::min(cols, begin + options.block), count = end - begin;
+    if (options.groupScales == GptqGroupScales::Block && !options.actOrder)
+      blockStart = Wp.middleCols(begin, count);
     Matrix errors(rows, count);
     for (int64_t j = begin; j < end; ++j) {
       const int64_t column = order[j], group = column / grid.groupSize;
       if (!gridReady[group]) {
-        // The group's columns as updated so far (no act-order: in order).
+        // The group's columns (no act-order: in order) as updated so far,
+        // or as of this block's start; columns past the block have had no
+        // update since.
         for (int64_t c = column; c < std::min(cols, (group + 1) * grid.groupSize); ++c)
-          W.col(c) = Wp.col(c);
+          W.col(c) = options.groupScales == GptqGroupScales::Block && c < end ? blockStart.col(c - begin) : Wp.col(c);
         computeGrids(group);
       }
       const double d = U(j, j);

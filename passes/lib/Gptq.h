@@ -5,9 +5,9 @@
 // `block`, the rounding error of each column spread over the columns not
 // yet quantized through the upper Cholesky factor of the damped inverse
 // Hessian H = X^T X of the matrix's inputs. Group scales are computed when
-// a group's first column is reached (on the weights as updated so far) or,
-// with act-order, up front on the original weights (GPTQ's static groups)
-// so the groups stay contiguous in kernels/common's layout.
+// a group's first column is reached (GptqGroupScales says on which weights)
+// or, with act-order, up front on the original weights (GPTQ's static
+// groups) so the groups stay contiguous in kernels/common's layout.
 //
 //===----------------------------------------------------------------------===//
 
@@ -17,6 +17,7 @@
 #include "common/GgmlFormats.h"
 #include "common/QuantFormat.h"
 #include "moe/Support/Status.h"
+#include "moe/Transforms/PassOptions.h"
 
 #include <vector>
 
@@ -26,6 +27,7 @@ struct GptqOptions {
   double damping = 0.01; ///< Fraction of mean(diag H) added to the diagonal.
   int64_t block = 128;   ///< Columns per lazy-update block.
   bool actOrder = false; ///< Quantize columns by decreasing diag(H).
+  GptqGroupScales groupScales = GptqGroupScales::Static;
 };
 
 /// Quantizes row-major [rows, cols] `weights` with Hessian `hessian`

@@ -23,6 +23,8 @@ MOE_CHOICES(MergeSimilarity, {"router-logits", MergeSimilarity::RouterLogits}, {
 MOE_CHOICES(MergeAlign, {"none", MergeAlign::None}, {"permutation", MergeAlign::Permutation})
 MOE_CHOICES(AtomScore, {"camera", AtomScore::Camera}, {"heapr", AtomScore::Heapr}, {"magnitude", AtomScore::Magnitude})
 MOE_CHOICES(QuantizeMethod, {"rtn", QuantizeMethod::Rtn}, {"gptq", QuantizeMethod::Gptq})
+MOE_CHOICES(GptqGroupScales, {"running", GptqGroupScales::Running}, {"block", GptqGroupScales::Block},
+            {"static", GptqGroupScales::Static})
 MOE_CHOICES(ScaleKind, {"f16", ScaleKind::F16}, {"bf16", ScaleKind::BF16})
 MOE_CHOICES(QuantizeFormat, {"group", QuantizeFormat::Group}, {"q4_0", QuantizeFormat::Q4_0},
             {"q4_1", QuantizeFormat::Q4_1}, {"q5_0", QuantizeFormat::Q5_0}, {"q5_1", QuantizeFormat::Q5_1},

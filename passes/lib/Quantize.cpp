@@ -328,7 +328,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
   void compute(Job &job) const {
     job.packed.assign(job.format.matrixBytes(job.rows, job.cols), 0);
     if (job.hessian) {
-      GptqOptions gptq{damping, block, actOrder};
+      GptqOptions gptq{damping, block, actOrder, groupScales};
       job.status = job.format.group ? quantizeGptq(*job.format.group, job.values, job.rows, job.cols,
                                                    std::move(*job.hessian), gptq, job.packed)
                                     : quantizeGptqGgml(*job.format.ggml, job.values, job.rows, job.cols,

@@ -301,6 +301,7 @@ const std::map<std::string, PassBuilder> &passBuilders() {
          read.real("damping", o.damping);
          read.integer("block", o.block);
          read.flag("act-order", o.actOrder);
+         read.choice("group-scales", o.groupScales);
          read.real("min-coverage", o.minCoverage);
          read.integer("bits", o.bits);
          read.integer("group", o.group);

@@ -35,6 +35,20 @@ enum class MergeAlign { None, Permutation };
 enum class AtomScore { Camera, Heapr, Magnitude };
 /// moe-quantize: round to nearest or GPTQ.
 enum class QuantizeMethod { Rtn, Gptq };
+/// moe-quantize, GPTQ: which weights a group's scales are computed from
+/// when groups are smaller than the lazy-update block (all agree when the
+/// group is the block).
+enum class GptqGroupScales {
+  /// The weights with every update so far, earlier columns of the same
+  /// block included (moec's first choice).
+  Running,
+  /// The weights as of the start of the group's block: AutoGPTQ's
+  /// find_params on W, which the lazy batch update refreshes per block.
+  Block,
+  /// The original weights, every group up front (GPTQModel's
+  /// static_groups; always so with act-order).
+  Static,
+};
 /// moe-quantize: the type of group scales.
 enum class ScaleKind { F16, BF16 };
 /// moe-quantize: moec's group format (bits, group, sym, scale-type) or one
@@ -113,6 +127,7 @@ public:
   };
 MOE_CHOICE_PARSER(moe::ExpertScore)
 MOE_CHOICE_PARSER(moe::PruneScope)
+MOE_CHOICE_PARSER(moe::GptqGroupScales)
 MOE_CHOICE_PARSER(moe::MergeMethod)
 MOE_CHOICE_PARSER(moe::MergeSimilarity)
 MOE_CHOICE_PARSER(moe::MergeAlign)
