@@ -9,6 +9,7 @@
 #include "moe/Transforms/Passes.h"
 
 #include "Assignment.h"
+#include "Clustering.h"
 #include "ExpertEditing.h"
 #include "LayerLoader.h"
 #include "StatisticsReader.h"
@@ -20,6 +21,7 @@
 #include <cmath>
 #include <map>
 #include <numeric>
+#include <set>
 
 namespace moe {
 #define GEN_PASS_DEF_MOEMERGEEXPERTS
@@ -78,16 +80,6 @@ std::vector<double> neuron(const ExpertMatrices &m, int64_t j) {
     v[2 * H + h] = m.down[h * I + j];
   }
   return v;
-}
-
-double cosine(const std::vector<double> &a, const std::vector<double> &b) {
-  double dot = 0, na = 0, nb = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    dot += a[i] * b[i];
-    na += a[i] * a[i];
-    nb += b[i] * b[i];
-  }
-  return na > 0 && nb > 0 ? dot / std::sqrt(na * nb) : 0.0;
 }
 
 /// Permutes `member`'s neurons to line up with `centre`'s: the assignment
@@ -386,9 +378,11 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
       for (int64_t e : retained)
         for (int64_t j = 0; j < matrices[e].width; ++j)
           targets.push_back({e, j, neuron(matrices[e], j)});
-      std::map<std::pair<int64_t, int64_t>, std::pair<std::vector<double>, double>> received;
-      double total = std::accumulate(info.routed.begin(), info.routed.end(), 0.0);
-      auto frequency = [&](int64_t e) { return total > 0 ? info.routed[e] / total : 0.0; };
+      // Each dropped neuron goes to the retained expert holding its most
+      // similar neuron, when that similarity reaches the threshold, with
+      // its expert's importance (the score that dropped it) as weight.
+      auto importance = [&](int64_t e) { return std::max(info.gateWeight[e], 0.0) + 1e-12; };
+      std::map<int64_t, std::vector<Segment>> incoming;
       for (int64_t d : dropped)
         for (int64_t j = 0; j < matrices[d].width; ++j) {
           std::vector<double> v = neuron(matrices[d], j);
@@ -403,29 +397,27 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
           }
           if (!best)
             continue;
-          auto &[sum, weight] = received[{best->expert, best->neuron}];
-          if (sum.empty())
-            sum.assign(v.size(), 0.0);
-          for (size_t i = 0; i < v.size(); ++i)
-            sum[i] += frequency(d) * v[i];
-          weight += frequency(d);
+          incoming[best->expert].push_back({std::move(v), importance(d)});
           ++neuronsRecombined;
         }
+      // Each expert that received neurons: its own and the received ones
+      // clustered back to its width by weighted spherical k-means.
       std::set<int64_t> changed;
-      for (const auto &[where, contribution] : received) {
-        auto [e, j] = where;
-        const auto &[sum, weight] = contribution;
-        const double own = frequency(e), denominator = own + weight;
-        if (denominator <= 0)
-          continue;
+      for (auto &[e, segments] : incoming) {
         ExpertMatrices &m = matrices[e];
         const int64_t H = m.hidden, I = m.width;
-        std::vector<double> current = neuron(m, j);
-        for (int64_t h = 0; h < H; ++h) {
-          m.gate[j * H + h] = static_cast<float>((own * current[h] + sum[h]) / denominator);
-          m.up[j * H + h] = static_cast<float>((own * current[H + h] + sum[H + h]) / denominator);
-          m.down[h * I + j] = static_cast<float>((own * current[2 * H + h] + sum[2 * H + h]) / denominator);
-        }
+        std::vector<Segment> members;
+        for (int64_t j = 0; j < I; ++j)
+          members.push_back({neuron(m, j), importance(e)});
+        for (Segment &segment : segments)
+          members.push_back(std::move(segment));
+        std::vector<std::vector<double>> centroids = sphericalKMeans(members, I, H);
+        for (int64_t j = 0; j < I; ++j)
+          for (int64_t h = 0; h < H; ++h) {
+            m.gate[j * H + h] = static_cast<float>(centroids[j][h]);
+            m.up[j * H + h] = static_cast<float>(centroids[j][H + h]);
+            m.down[h * I + j] = static_cast<float>(centroids[j][2 * H + h]);
+          }
         changed.insert(e);
       }
       for (int64_t e : changed) {

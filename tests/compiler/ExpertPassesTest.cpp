@@ -18,6 +18,7 @@
 
 #include "../../passes/lib/Assignment.h"
 #include "../../passes/lib/BitAllocation.h"
+#include "../../passes/lib/Clustering.h"
 #include "../../passes/lib/Gptq.h"
 #include "../../passes/lib/SuperExperts.h"
 #include "../unit/TestSupport.h"
@@ -418,6 +419,32 @@ TEST(Gptq, LowersTheLayerOutputErrorOfRtnOnTheSameWeightsAndHessian) {
         const double rtnError = outputError(format, rtn), gptqError = outputError(format, gptq);
         EXPECT_LT(gptqError, 0.9 * rtnError) << format.name() << " act-order " << actOrder;
       }
+  // Groups smaller than the block: each choice of the weights that group
+  // scales come from beats RTN, and they differ. With the group equal to
+  // the block, the running weights at a group's first column are the
+  // block's start, so those two agree byte for byte.
+  for (int64_t group : {32, 64}) {
+    quant::QuantFormat format{2, static_cast<int>(group), false};
+    std::vector<uint8_t> rtn(format.matrixBytes(rows, cols));
+    quant::quantizeReference(format, weights.data(), rows, cols, rtn.data());
+    std::map<GptqGroupScales, std::vector<uint8_t>> packed;
+    for (GptqGroupScales scales : {GptqGroupScales::Running, GptqGroupScales::Block, GptqGroupScales::Static}) {
+      GptqOptions options{0.01, 128, false, scales};
+      ASSERT_TRUE(quantizeGptq(format, weights, rows, cols, hessian, options, packed[scales]).ok());
+      EXPECT_LT(outputError(format, packed[scales]), 0.9 * outputError(format, rtn))
+          << "group " << group << " " << choiceName(scales).str();
+    }
+    EXPECT_NE(packed[GptqGroupScales::Running], packed[GptqGroupScales::Block]);
+    EXPECT_NE(packed[GptqGroupScales::Block], packed[GptqGroupScales::Static]);
+    std::vector<uint8_t> running, block;
+    ASSERT_TRUE(quantizeGptq(format, weights, rows, cols, hessian,
+                             GptqOptions{0.01, group, false, GptqGroupScales::Running}, running)
+                    .ok());
+    ASSERT_TRUE(quantizeGptq(format, weights, rows, cols, hessian,
+                             GptqOptions{0.01, group, false, GptqGroupScales::Block}, block)
+                    .ok());
+    EXPECT_EQ(running, block) << "group " << group << " = block";
+  }
   // A Hessian that does not fit the matrix is named.
   std::vector<uint8_t> packed;
   expectErrorContains(quantizeGptq(quant::QuantFormat{}, weights, rows, cols, std::vector<double>(10), {}, packed),
@@ -582,4 +609,60 @@ TEST(SuperExperts, TheRuleIsTheReleasedCodes) {
   EXPECT_EQ(superExpertRule(floored, 1), (Set{{0, 995}, {0, 996}, {0, 997}, {0, 998}, {0, 999}}));
   // All equal: nothing stands out.
   EXPECT_TRUE(superExpertRule(std::vector<ExpertMaximum>(50, ExpertMaximum{0, 0, 2.0}), 4).empty());
+}
+
+TEST(Clustering, SphericalKMeansPairsNearCopiesAndWeighsThem) {
+  // Four neurons and a noisy copy of each, worth three times as much:
+  // four clusters pair each neuron with its copy, and each centroid points
+  // between them, nearer the copy, at their weighted mean norm.
+  std::mt19937 rng(11);
+  std::normal_distribution<double> normal;
+  const int64_t hidden = 8, clusters = 4;
+  std::vector<Segment> members;
+  for (int64_t i = 0; i < clusters; ++i) {
+    std::vector<double> v(static_cast<size_t>(3 * hidden));
+    for (double &x : v)
+      x = normal(rng);
+    members.push_back({v, 1.0});
+  }
+  for (int64_t i = 0; i < clusters; ++i) {
+    std::vector<double> copy = members[static_cast<size_t>(i)].vector;
+    for (double &x : copy)
+      x = 2.0 * (x + 0.1 * normal(rng));
+    members.push_back({copy, 3.0});
+  }
+  std::vector<std::vector<double>> centroids = sphericalKMeans(members, clusters, hidden);
+  ASSERT_EQ(centroids.size(), static_cast<size_t>(clusters));
+  auto norm = [](const std::vector<double> &v) {
+    double square = 0;
+    for (double x : v)
+      square += x * x;
+    return std::sqrt(square);
+  };
+  std::set<int64_t> matched;
+  for (const std::vector<double> &centroid : centroids) {
+    int64_t which = -1;
+    for (int64_t i = 0; i < clusters; ++i)
+      if (cosine(centroid, members[static_cast<size_t>(i)].vector) > 0.95)
+        which = i;
+    ASSERT_GE(which, 0);
+    matched.insert(which);
+    const Segment &own = members[static_cast<size_t>(which)], &copy = members[static_cast<size_t>(which + clusters)];
+    EXPECT_GT(cosine(centroid, copy.vector), cosine(centroid, own.vector)) << "the heavier copy pulls harder";
+    EXPECT_NEAR(norm(centroid), (1.0 * norm(own.vector) + 3.0 * norm(copy.vector)) / 4.0, 1e-9);
+  }
+  EXPECT_EQ(matched.size(), static_cast<size_t>(clusters)) << "one cluster per pair";
+  // As many clusters as members: every member is its own centroid.
+  std::vector<Segment> alone(members.begin(), members.begin() + clusters);
+  std::vector<std::vector<double>> same = sphericalKMeans(alone, clusters, hidden);
+  for (int64_t i = 0; i < clusters; ++i) {
+    bool found = false;
+    for (const std::vector<double> &centroid : same) {
+      double largest = 0;
+      for (size_t k = 0; k < centroid.size(); ++k)
+        largest = std::max(largest, std::fabs(centroid[k] - alone[static_cast<size_t>(i)].vector[k]));
+      found |= largest < 1e-12;
+    }
+    EXPECT_TRUE(found) << i;
+  }
 }

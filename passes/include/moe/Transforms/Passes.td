@@ -63,9 +63,17 @@ def MoePruneExperts : Pass<"moe-prune-experts", "::moe::ir::ModelOp"> {
     one at a time. Deviation: NAEE sums each calibration batch's Frobenius
     norm; moec takes the norm over all samples at once (the same argmin
     when there is one batch).
-    Super experts (max |output| above the 99.5th percentile of all experts
-    and above a tenth of the largest) are kept unless
-    `protect-super-experts=false`. A layer never keeps fewer experts than
+    Super experts are kept unless `protect-super-experts=false`. The rule
+    is the released code's (Su et al., Super-Experts-Profilling): among the
+    routed and shared experts of the first round(0.75 x layers) layers, an
+    expert whose largest |down_proj output| over the calibration tokens
+    routed to it is above the 99.5th percentile of all of them (numpy's
+    linear interpolation) and above floor(largest / 10). Deviations: the
+    maximum is over every routed token, where the released hook reads only
+    the first row of a 2-D expert output; shared experts of every family
+    count, where its name filter ("experts") misses Qwen2-MoE's
+    `shared_expert`; statistics written before shared maxima were recorded
+    leave shared experts out of the pool. A layer never keeps fewer experts than
     its top-k; ties go to the lower expert id being kept.
 
     ```mlir
@@ -151,19 +159,27 @@ def MoeMergeExperts : Pass<"moe-merge-experts", "::moe::ir::ModelOp"> {
     row to its group's expert, which the engine runs once per token with the
     summed weight.
 
-    `method=dern` (DERN, Zhou et al. 2025; no public code, formulas from the
-    abstract): per layer, the experts with the lowest routed gate weight are
-    dropped and the router sliced as `moe-drop-experts` does; every neuron
-    (gate row, up row, down column) of a dropped expert joins the most
-    similar neuron (cosine of the concatenated vectors) of a retained expert
-    when the similarity is at least `threshold`, and each retained neuron
-    becomes the frequency-weighted average of itself and the neurons it
-    received.
+    `method=dern` (DERN, Zhou et al. 2025). No code was released and only
+    the abstract and a second-hand summary of the paper were available, so
+    the steps follow that description: per layer, the experts with the
+    lowest routed gate weight are dropped and the router sliced as
+    `moe-drop-experts` does; every neuron segment (gate row, up row, down
+    column, compared by the cosine of their concatenation) of a dropped
+    expert goes to the retained expert holding its most similar neuron
+    when that similarity reaches `threshold`, and is discarded otherwise;
+    each retained expert that received segments clusters its own and the
+    received ones back to its width by weighted spherical k-means (weights:
+    each segment's expert's routed gate weight; centroids start at the
+    segments with the largest max |gate|; a centroid is its members'
+    weighted mean direction, each member normalised first, at their
+    weighted mean norm). Unknowns filled in here: the norm equalisation
+    (as just described), 20 rounds at most, and the default `threshold`
+    (0.2, measured on the fixtures; the paper sweeps 0 to about 0.6).
 
     `ratio` is the fraction of routed experts removed (G = (1 - ratio) x
     experts); `groups` instead gives the average number of groups (msmoe)
-    or experts kept (dern) per layer. Super experts stay unmerged unless
-    `protect-super-experts=false`.
+    or experts kept (dern) per layer. Super experts (the rule of
+    `moe-prune-experts`) stay unmerged unless `protect-super-experts=false`.
 
     ```mlir
     // moe-opt --moe-merge-experts="stats=stats.safetensors method=msmoe ratio=0.5 align=permutation"
@@ -177,7 +193,7 @@ def MoeMergeExperts : Pass<"moe-merge-experts", "::moe::ir::ModelOp"> {
     Option<"ratio", "ratio", "double", /*default=*/"0.0", "Fraction of routed experts removed">,
     Option<"groups", "groups", "int64_t", /*default=*/"0", "Average groups (experts kept) per layer, instead of ratio">,
     Option<"align", "align", "::moe::MergeAlign", /*default=*/"::moe::MergeAlign::None", "msmoe: none or permutation">,
-    Option<"threshold", "threshold", "double", /*default=*/"0.4", "dern: least neuron cosine similarity to recombine">,
+    Option<"threshold", "threshold", "double", /*default=*/"0.2", "dern: least neuron cosine similarity to recombine">,
     Option<"protectSuperExperts", "protect-super-experts", "bool", /*default=*/"true",
            "Never merge super experts">,
   ];
@@ -260,7 +276,13 @@ def MoeQuantize : Pass<"moe-quantize", "::moe::ir::ModelOp"> {
     (MLA's q_b/kv_b, dense-layer MLPs, lm_head, embeddings) get RTN with a
     remark. Options:
     `damping`, lazy blocks of `block` columns and optional `act-order`
-    (static groups, so groups stay contiguous). An expert never silently
+    (static groups, so groups stay contiguous). `group-scales` chooses the
+    weights a group's scales come from: `static` (the default: the original
+    weights, GPTQModel's static_groups), `block` (the weights as of the
+    group's lazy block: AutoGPTQ's find_params on W) or `running` (every
+    update so far). They differ only when groups are smaller than `block`;
+    at 2 bits with groups of 32 and 64 static gave the lowest KL on both
+    fixtures (BENCHMARKS.md). An expert never silently
     loses its weights: when its moments saw fewer than `min-coverage` of the
     calibration tokens (GPTQModel's default 0.5%) it gets RTN and a remark
     naming its coverage; calibrate with `--all-experts` or
@@ -283,6 +305,9 @@ def MoeQuantize : Pass<"moe-quantize", "::moe::ir::ModelOp"> {
     Option<"damping", "damping", "double", /*default=*/"0.01", "gptq: fraction of mean(diag H) added">,
     Option<"block", "block", "int64_t", /*default=*/"128", "gptq: columns per lazy-update block">,
     Option<"actOrder", "act-order", "bool", /*default=*/"false", "gptq: quantize columns by decreasing diag(H)">,
+    Option<"groupScales", "group-scales", "::moe::GptqGroupScales", /*default=*/"::moe::GptqGroupScales::Static",
+           "gptq, groups smaller than the block: scales from the weights as of the block's start (block, AutoGPTQ), "
+           "with every update so far (running) or the original weights (static, GPTQModel's static_groups)">,
     Option<"minCoverage", "min-coverage", "double", /*default=*/"0.005",
            "gptq: experts whose moments saw fewer than this fraction of the calibration tokens get RTN">,
     Option<"bits", "bits", "int64_t", /*default=*/"4", "Bits per weight: 2, 3, 4 or 8">,
@@ -329,7 +354,8 @@ def MoeAllocateBits : Pass<"moe-allocate-bits", "::moe::ir::ModelOp"> {
       engine's MoE block; needs `--block-samples`);
     - `hessian`: sum_j H_jj ||W[:, j] - Q[:, j]||^2 over the unit's matrices,
       with H from `--input-moments`.
-    Super experts and shared experts are pinned at `pin-bits` (0: not
+    Super experts (the rule of `moe-prune-experts`) and shared experts are
+    pinned at `pin-bits` (0: not
     pinned; shared experts are then left to moe-quantize's own `bits`).
     The result is a `moe.bits` attribute on each tensor, which
     `moe-quantize` executes (group and scheme from its own options). With
