@@ -3,16 +3,18 @@
 (issue 18, item 5): moe-quantize's group-scales=running (every update so
 far), block (the weights as of the block's start: AutoGPTQ) and static (the
 original weights: GPTQModel's static_groups), on the routed experts of both
-fixtures at 2, 3 and 4 bits with groups of 32 and 64 (block 128).
+fixtures at 2, 3 and 4 bits with groups of 32 and 64 (block 128), or the
+groups and choices given (--groups 128 --scales block,static: with groups of
+the block size, block and running are the same).
 
 Held-out perplexity (4096 targets per genre) and KL divergence against the
 original over the same windows. Prints one JSON object per line.
-Usage: bench/gptq_group_scales.py BUILD_DIR
+Usage: bench/gptq_group_scales.py BUILD_DIR [--groups 32,64] [--scales running,block,static]
 """
+import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -24,7 +26,12 @@ def run(*args):
 
 
 def main():
-    build = sys.argv[1] if len(sys.argv) > 1 else "build"
+    parser = argparse.ArgumentParser()
+    parser.add_argument("build", nargs="?", default="build")
+    parser.add_argument("--groups", default="32,64")
+    parser.add_argument("--scales", default="running,block,static")
+    args = parser.parse_args()
+    build = args.build
     moec = os.path.join(build, "tools", "moec")
     heldout = os.path.join(DATA, "brown", "heldout.jsonl")
     calibration = os.path.join(DATA, "brown", "calibration.jsonl")
@@ -36,8 +43,8 @@ def main():
             module = os.path.join(work, fixture + ".mlir")
             run(moec, "import", model, "-o", module, "--quiet")
             for bits in (2, 3, 4):
-                for group in (32, 64):
-                    for scales in ("running", "block", "static"):
+                for group in [int(g) for g in args.groups.split(",")]:
+                    for scales in args.scales.split(","):
                         out = os.path.join(work, "q.mlir")
                         run(moec, "opt", module, "--quiet", "--pipeline",
                             "moe-quantize{method=gptq stats=%s bits=%d group=%d block=128 targets=experts "

@@ -25,6 +25,9 @@ double cosine(const std::vector<double> &a, const std::vector<double> &b) {
 std::vector<std::vector<double>> sphericalKMeans(const std::vector<Segment> &members, int64_t clusters,
                                                  int64_t hidden) {
   const size_t n = members.size();
+  clusters = std::min<int64_t>(clusters, static_cast<int64_t>(n));
+  if (clusters <= 0)
+    return {};
   std::vector<double> norms(n), peaks(n, 0.0);
   for (size_t i = 0; i < n; ++i) {
     double square = 0;

@@ -28,7 +28,8 @@ struct Segment {
 /// values of each vector are its gate row; ties: the first member);
 /// a centroid is the weighted mean direction of its members, each
 /// normalised first so that large norms do not dominate, scaled to their
-/// weighted mean norm. Stops when no member moves (at most 20 rounds).
+/// weighted mean norm; an empty cluster keeps its centroid. Stops when no
+/// member moves (at most 20 rounds). At most members.size() clusters.
 std::vector<std::vector<double>> sphericalKMeans(const std::vector<Segment> &members, int64_t clusters, int64_t hidden);
 
 } // namespace moe

@@ -63,8 +63,9 @@ double roundToGrid(const quant::QuantFormat &format, const GroupGrid &grid, doub
   return code * grid.scale + grid.min;
 }
 
-/// A grid GPTQ rounds to: chosen per group of columns (on the weights as
-/// updated so far, or up front with act-order), then one value at a time.
+/// A grid GPTQ rounds to: chosen per group of columns (on the weights that
+/// GptqGroupScales names, or up front with act-order), then one value at a
+/// time.
 struct Grid {
   int64_t groupSize;
   /// Chooses the grids of every row for `group` from `W` (original column
@@ -235,9 +236,9 @@ Status quantizeGptqGgml(quant::GgmlType type, const std::vector<float> &weights,
   const size_t rowBytes = quant::ggmlRowBytes(type, cols);
   packed.assign(rowBytes * static_cast<size_t>(rows), 0);
   // The grid is the format's own: a block's scales (K-quants: the
-  // super-block's quantized sub-block scales) chosen from the weights as
-  // updated so far, weighted by the Hessian's diagonal; each value then
-  // rounded under them, its code written in place.
+  // super-block's quantized sub-block scales) chosen from the weights that
+  // GptqGroupScales names, weighted by the Hessian's diagonal; each value
+  // then rounded under them, its code written in place.
   Grid grid;
   grid.groupSize = traits->blockSize;
   std::vector<float> values(static_cast<size_t>(traits->blockSize)), importance(values.size());

@@ -41,9 +41,9 @@ Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &
 
 /// GPTQ whose grid is a ggml block format's own quantizer (`cols` a whole
 /// number of blocks): each block's scales (a K-quant's quantized sub-block
-/// scales) are chosen when its first column comes up, from the weights as
-/// updated so far and weighted by the damped Hessian's diagonal, then each
-/// column is rounded under them. `packed` gets the format's rows.
+/// scales) are chosen from the weights that GptqGroupScales names (when
+/// its first column comes up, or all up front for static), weighted by the
+/// damped Hessian's diagonal; each column is then rounded under them. `packed` gets the format's rows.
 Status quantizeGptqGgml(quant::GgmlType type, const std::vector<float> &weights, int64_t rows, int64_t cols,
                         std::vector<double> hessian, const GptqOptions &options, std::vector<uint8_t> &packed);
 

@@ -369,15 +369,20 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
       if (failed(read))
         return failure();
       std::vector<ExpertMatrices> &matrices = *read;
-      // Normalised neuron vectors of the retained experts.
+      // Neuron vectors of the retained experts (cosine compares them).
       struct Target {
         int64_t expert, neuron;
         std::vector<double> vector;
       };
       std::vector<Target> targets;
-      for (int64_t e : retained)
+      // Super experts receive nothing: re-clustering would average their
+      // outlier neurons with others.
+      for (int64_t e : retained) {
+        if (superExperts.count({info.index, e}))
+          continue;
         for (int64_t j = 0; j < matrices[e].width; ++j)
           targets.push_back({e, j, neuron(matrices[e], j)});
+      }
       // Each dropped neuron goes to the retained expert holding its most
       // similar neuron, when that similarity reaches the threshold, with
       // its expert's importance (the score that dropped it) as weight.

@@ -188,9 +188,10 @@ struct PruneExpertsPass : public moe::impl::MoePruneExpertsBase<PruneExpertsPass
   }
 
   /// NAEE: per layer, the set of experts whose removal changes the cached
-  /// block outputs least (Frobenius norm over the calibration samples);
-  /// every subset when there are at most max-subsets, else a greedy search
-  /// that removes one expert at a time.
+  /// block outputs least (Frobenius norm over the calibration samples,
+  /// from MaskedBlockErrors' products); every subset when there are at most
+  /// max-subsets and subsets x samples fits search-budget, else a greedy
+  /// search that removes one expert at a time.
   template <typename Budget>
   LogicalResult searchReconstruction(ir::ModelOp model, const StatisticsReader &file,
                                      const std::map<int64_t, ir::LayerOp> &layers,

@@ -98,6 +98,10 @@ FailureOr<StatisticsReader::BlockSamples> StatisticsReader::blockSamples(int64_t
     return op->emitError() << pass << ": block samples of layer " << layer << " have width " << inputCols
                            << ", the model's hidden size is " << hiddenSize,
            failure();
+  if (inputRows <= 0)
+    return op->emitError() << pass << ": " << file->path() << " has no block samples for layer " << layer
+                           << "; calibrate with --block-samples N (N > 0)",
+           failure();
   samples.count = inputRows;
   samples.input = std::move(*input);
   samples.output = std::move(*output);

@@ -57,6 +57,8 @@ mlir::FailureOr<std::set<std::pair<int64_t, int64_t>>> findSuperExperts(const St
     if (failed(outputs))
       return mlir::failure();
     for (ir::ExpertOp expert : parts.experts) {
+      if (expert.getPartOffset().value_or(0) != 0)
+        continue; // a later part of an expert split by width: counted once
       const int64_t id = static_cast<int64_t>(expert.getId());
       if (id >= static_cast<int64_t>(outputs->size())) {
         passError(expert, pass) << "the statistics have " << outputs->size() << " experts for layer " << index

@@ -302,6 +302,30 @@ TEST(PruneExperts, BadOptionsAreNamed) {
   importAndRun(dataDir() + "/fixtures/tiny-mixtral",
                "moe-prune-experts{stats=" + dir.file("bad.safetensors") + " keep=7}", dir.file("m.moestore"), context,
                /*expectSuccess=*/false);
+  // Block samples with no rows: NAEE's search has nothing to score.
+  {
+    SafetensorsWriter writer;
+    auto original = SafetensorsFile::open(dir.file("stats.safetensors"));
+    ASSERT_TRUE(original.ok());
+    for (const TensorInfo &info : (*original)->tensors()) {
+      std::span<const uint8_t> bytes = (*original)->data(info);
+      ASSERT_TRUE(writer.addTensor(info.name, info.dtype, info.shape, {bytes.begin(), bytes.end()}).ok());
+    }
+    for (int layer = 0; layer < 4; ++layer)
+      for (const char *name : {"block_input", "block_output"})
+        ASSERT_TRUE(writer.addTensor(concat("layers.", layer, ".", name), DType::F32, {0, 160}, {}).ok());
+    ASSERT_TRUE(writer.write(dir.file("empty.safetensors")).ok());
+  }
+  std::string message;
+  mlir::MLIRContext empty;
+  mlir::ScopedDiagnosticHandler record(&empty, [&](mlir::Diagnostic &diagnostic) {
+    message += diagnostic.str();
+    return mlir::success();
+  });
+  importAndRun(dataDir() + "/fixtures/tiny-mixtral",
+               "moe-prune-experts{stats=" + dir.file("empty.safetensors") + " method=reconstruction keep=7}",
+               dir.file("m.moestore"), empty, /*expectSuccess=*/false);
+  EXPECT_NE(message.find("has no block samples for layer"), std::string::npos) << message;
 }
 
 TEST(Pipeline, FusedExpertsExportAsPerExpertWithIdenticalLogits) {

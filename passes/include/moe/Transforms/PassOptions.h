@@ -35,9 +35,10 @@ enum class MergeAlign { None, Permutation };
 enum class AtomScore { Camera, Heapr, Magnitude };
 /// moe-quantize: round to nearest or GPTQ.
 enum class QuantizeMethod { Rtn, Gptq };
-/// moe-quantize, GPTQ: which weights a group's scales are computed from
-/// when groups are smaller than the lazy-update block (all agree when the
-/// group is the block).
+/// moe-quantize, GPTQ: which weights a group's scales are computed from.
+/// Static differs from the others whenever a row has more than one group;
+/// block and running differ only when groups are smaller than the
+/// lazy-update block.
 enum class GptqGroupScales {
   /// The weights with every update so far, earlier columns of the same
   /// block included (moec's first choice).

@@ -280,9 +280,11 @@ def MoeQuantize : Pass<"moe-quantize", "::moe::ir::ModelOp"> {
     weights a group's scales come from: `static` (the default: the original
     weights, GPTQModel's static_groups), `block` (the weights as of the
     group's lazy block: AutoGPTQ's find_params on W) or `running` (every
-    update so far). They differ only when groups are smaller than `block`;
-    at 2 bits with groups of 32 and 64 static gave the lowest KL on both
-    fixtures (BENCHMARKS.md). An expert never silently
+    update so far). `block` and `running` differ only when groups are
+    smaller than `block`; `static` differs whenever a row has more than one
+    group. At 2 bits with groups of 32, 64 and 128 static gave the lowest
+    KL on both fixtures, and at 3-4 bits all three are within 0.05%
+    perplexity (BENCHMARKS.md). An expert never silently
     loses its weights: when its moments saw fewer than `min-coverage` of the
     calibration tokens (GPTQModel's default 0.5%) it gets RTN and a remark
     naming its coverage; calibrate with `--all-experts` or
@@ -306,8 +308,8 @@ def MoeQuantize : Pass<"moe-quantize", "::moe::ir::ModelOp"> {
     Option<"block", "block", "int64_t", /*default=*/"128", "gptq: columns per lazy-update block">,
     Option<"actOrder", "act-order", "bool", /*default=*/"false", "gptq: quantize columns by decreasing diag(H)">,
     Option<"groupScales", "group-scales", "::moe::GptqGroupScales", /*default=*/"::moe::GptqGroupScales::Static",
-           "gptq, groups smaller than the block: scales from the weights as of the block's start (block, AutoGPTQ), "
-           "with every update so far (running) or the original weights (static, GPTQModel's static_groups)">,
+           "gptq: group scales from the original weights (static, GPTQModel's static_groups), the weights as of "
+           "the lazy block's start (block, AutoGPTQ) or with every update so far (running)">,
     Option<"minCoverage", "min-coverage", "double", /*default=*/"0.005",
            "gptq: experts whose moments saw fewer than this fraction of the calibration tokens get RTN">,
     Option<"bits", "bits", "int64_t", /*default=*/"4", "Bits per weight: 2, 3, 4 or 8">,

@@ -44,7 +44,8 @@ double moeBlockOutputError(const ModelSpec &spec, const LayerSpec &layer, const 
 class MaskedBlockErrors {
 public:
   /// Runs every expert of `layer` on `samples` (a layer without merged
-  /// experts). Memory: bytesPerSample(...) per sample.
+  /// experts: the caller checks). Keeps pointers into `spec` and `weights`,
+  /// which must outlive it. Memory: bytesPerSample(...) per sample.
   MaskedBlockErrors(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &weights,
                     const BlockSamplesView &samples);
   /// Sum over the samples of ||output - MoEBlock(input)||^2 with the router
