@@ -27,6 +27,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cstring>
+#include <functional>
 
 using namespace moe;
 using namespace moe::testing;
@@ -251,23 +252,11 @@ TEST(PruneExperts, APlantedSuperExpertIsKept) {
       importAndRun(fixture, pipeline + " protect-super-experts=false}", dir.file("b.moestore"), b);
   for (const std::string &line : expertLines(unprotected, 0))
     EXPECT_EQ(line.find("experts.0.w1"), std::string::npos) << line;
-}
-
-TEST(PruneExperts, SharedExpertsCountInTheSuperExpertPercentile) {
-  // Expert 0 of layer 0 is the least used and has the largest routed
-  // output, but a shared expert's output is ten times larger still: the
-  // rule's floor(largest / 10) then leaves expert 0 unprotected.
-  TempDir dir;
-  const std::string fixture = dataDir() + "/fixtures/tiny-mixtral";
-  std::vector<std::vector<int64_t>> routed(4, {9, 8, 7, 6, 5, 4, 3, 2});
-  routed[0] = {1, 2, 30, 30, 30, 30, 30, 30};
-  std::vector<std::vector<double>> outputs(4, std::vector<double>(8, 1.0));
-  outputs[0][0] = 1000.0;
+  // Shared experts count in the pool: one twenty times larger makes the
+  // rule's floor(largest / 10) leave expert 0 unprotected.
   writeStats(dir.file("stats.safetensors"), 4, routed, outputs, {1.0, 20000.0, 1.0, 1.0});
-  mlir::MLIRContext context;
-  std::string module = importAndRun(fixture, "moe-prune-experts{stats=" + dir.file("stats.safetensors") + " keep=7}",
-                                    dir.file("m.moestore"), context);
-  for (const std::string &line : expertLines(module, 0))
+  mlir::MLIRContext c;
+  for (const std::string &line : expertLines(importAndRun(fixture, pipeline + "}", dir.file("c.moestore"), c), 0))
     EXPECT_EQ(line.find("experts.0.w1"), std::string::npos) << line;
 }
 
@@ -288,7 +277,8 @@ TEST(PruneExperts, BadOptionsAreNamed) {
   // A shared expert statistic that is not one value.
   writeStats(dir.file("stats.safetensors"), 4, std::vector<std::vector<int64_t>>(4, {5, 1, 7, 3, 9, 2, 8, 4}),
              std::vector<std::vector<double>>(4, std::vector<double>(8, 1.0)));
-  {
+  // The valid file plus `extra` tensors, as `name`.
+  auto copyWith = [&](const std::string &name, const std::function<void(SafetensorsWriter &)> &extra) {
     SafetensorsWriter writer;
     auto original = SafetensorsFile::open(dir.file("stats.safetensors"));
     ASSERT_TRUE(original.ok());
@@ -296,26 +286,21 @@ TEST(PruneExperts, BadOptionsAreNamed) {
       std::span<const uint8_t> bytes = (*original)->data(info);
       ASSERT_TRUE(writer.addTensor(info.name, info.dtype, info.shape, {bytes.begin(), bytes.end()}).ok());
     }
+    extra(writer);
+    ASSERT_TRUE(writer.write(dir.file(name)).ok());
+  };
+  copyWith("bad.safetensors", [](SafetensorsWriter &writer) {
     ASSERT_TRUE(writer.addTensor("layers.1.shared_max_abs_output", DType::F64, {2}, std::vector<uint8_t>(16, 0)).ok());
-    ASSERT_TRUE(writer.write(dir.file("bad.safetensors")).ok());
-  }
+  });
   importAndRun(dataDir() + "/fixtures/tiny-mixtral",
                "moe-prune-experts{stats=" + dir.file("bad.safetensors") + " keep=7}", dir.file("m.moestore"), context,
                /*expectSuccess=*/false);
   // Block samples with no rows: NAEE's search has nothing to score.
-  {
-    SafetensorsWriter writer;
-    auto original = SafetensorsFile::open(dir.file("stats.safetensors"));
-    ASSERT_TRUE(original.ok());
-    for (const TensorInfo &info : (*original)->tensors()) {
-      std::span<const uint8_t> bytes = (*original)->data(info);
-      ASSERT_TRUE(writer.addTensor(info.name, info.dtype, info.shape, {bytes.begin(), bytes.end()}).ok());
-    }
+  copyWith("empty.safetensors", [](SafetensorsWriter &writer) {
     for (int layer = 0; layer < 4; ++layer)
       for (const char *name : {"block_input", "block_output"})
         ASSERT_TRUE(writer.addTensor(concat("layers.", layer, ".", name), DType::F32, {0, 160}, {}).ok());
-    ASSERT_TRUE(writer.write(dir.file("empty.safetensors")).ok());
-  }
+  });
   std::string message;
   mlir::MLIRContext empty;
   mlir::ScopedDiagnosticHandler record(&empty, [&](mlir::Diagnostic &diagnostic) {
