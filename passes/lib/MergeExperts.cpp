@@ -371,7 +371,7 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
       std::vector<ExpertMatrices> &matrices = *read;
       // Neuron vectors of the retained experts (cosine compares them).
       struct Target {
-        int64_t expert, neuron;
+        int64_t expert;
         std::vector<double> vector;
       };
       std::vector<Target> targets;
@@ -381,7 +381,7 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
         if (superExperts.count({info.index, e}))
           continue;
         for (int64_t j = 0; j < matrices[e].width; ++j)
-          targets.push_back({e, j, neuron(matrices[e], j)});
+          targets.push_back({e, neuron(matrices[e], j)});
       }
       // Each dropped neuron goes to the retained expert holding its most
       // similar neuron, when that similarity reaches the threshold, with
@@ -407,7 +407,6 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
         }
       // Each expert that received neurons: its own and the received ones
       // clustered back to its width by weighted spherical k-means.
-      std::set<int64_t> changed;
       for (auto &[e, segments] : incoming) {
         ExpertMatrices &m = matrices[e];
         const int64_t H = m.hidden, I = m.width;
@@ -423,9 +422,8 @@ struct MergeExpertsPass : public moe::impl::MoeMergeExpertsBase<MergeExpertsPass
             m.up[j * H + h] = static_cast<float>(centroids[j][H + h]);
             m.down[h * I + j] = static_cast<float>(centroids[j][2 * H + h]);
           }
-        changed.insert(e);
       }
-      for (int64_t e : changed) {
+      for (const auto &[e, segments] : incoming) {
         ir::ExpertOp expert = info.parts.experts[static_cast<size_t>(e)];
         const std::vector<float> *values[3] = {&matrices[e].gate, &matrices[e].up, &matrices[e].down};
         FlatSymbolRefAttr old[3] = {expert.getGateAttr(), expert.getUpAttr(), expert.getDownAttr()};

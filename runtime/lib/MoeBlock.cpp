@@ -5,10 +5,9 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Runtime/MoeBlock.h"
-#include "moe/Runtime/Engine.h"
-#include "moe/Support/Threads.h"
-
+#include "Kernels.h"
 #include "Router.h"
+#include "moe/Runtime/Engine.h"
 
 #include <algorithm>
 #include <cmath>
@@ -74,16 +73,18 @@ MaskedBlockErrors::MaskedBlockErrors(const ModelSpec &spec, const LayerSpec &lay
   AllExpertOutputs all(E, T, H);
   MoeBlockHooks hooks;
   hooks.observer = &all;
+  // The routed experts only (the block's output here is scratch); the
+  // shared expert, which no mask changes, once, into `target`.
+  LayerSpec routedOnly = layer;
+  routedOnly.shared.intermediateSize = 0;
   std::vector<float> target(static_cast<size_t>(T * H));
-  moeBlockForward(spec, layer, weights, samples.input, T, target.data(), hooks);
+  moeBlockForward(spec, routedOnly, weights, samples.input, T, target.data(), hooks);
   logits = std::move(all.logits);
-  // The target: the cached output less the shared expert's part, which no
-  // mask changes.
   std::fill(target.begin(), target.end(), 0.0f);
   addSharedExpert(spec, layer, weights, samples.input, T, target.data());
   const size_t stride = static_cast<size_t>(1 + E + E * E);
   products.assign(static_cast<size_t>(T) * stride, 0.0);
-  splitAcrossThreads(T, [&](int64_t begin, int64_t end) {
+  kernels::parallelRows(T, T * E * E * H, [&](int64_t begin, int64_t end) {
     std::vector<double> r(static_cast<size_t>(H));
     for (int64_t t = begin; t < end; ++t) {
       double *p = products.data() + static_cast<size_t>(t) * stride;
