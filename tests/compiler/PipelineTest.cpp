@@ -311,6 +311,30 @@ TEST(PruneExperts, BadOptionsAreNamed) {
                "moe-prune-experts{stats=" + dir.file("empty.safetensors") + " method=reconstruction keep=7}",
                dir.file("m.moestore"), empty, /*expectSuccess=*/false);
   EXPECT_NE(message.find("has no block samples for layer"), std::string::npos) << message;
+  // Super Experts' maxima for fewer experts than the layer holds.
+  {
+    SafetensorsWriter writer;
+    for (int layer = 0; layer < 4; ++layer) {
+      std::vector<int64_t> counts(8, 5);
+      std::vector<double> maxima(4, 1.0);
+      ASSERT_TRUE(
+          writer
+              .addTensor(concat("layers.", layer, ".routed_tokens"), DType::I64, {8},
+                         {reinterpret_cast<uint8_t *>(counts.data()), reinterpret_cast<uint8_t *>(counts.data()) + 64})
+              .ok());
+      ASSERT_TRUE(
+          writer
+              .addTensor(concat("layers.", layer, ".max_abs_output"), DType::F64, {4},
+                         {reinterpret_cast<uint8_t *>(maxima.data()), reinterpret_cast<uint8_t *>(maxima.data()) + 32})
+              .ok());
+    }
+    ASSERT_TRUE(writer.write(dir.file("short.safetensors")).ok());
+  }
+  message.clear();
+  importAndRun(dataDir() + "/fixtures/tiny-mixtral",
+               "moe-prune-experts{stats=" + dir.file("short.safetensors") + " keep=7}", dir.file("m.moestore"), empty,
+               /*expectSuccess=*/false);
+  EXPECT_NE(message.find("the statistics have 4 experts for layer"), std::string::npos) << message;
 }
 
 TEST(Pipeline, FusedExpertsExportAsPerExpertWithIdenticalLogits) {
