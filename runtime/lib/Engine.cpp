@@ -10,6 +10,7 @@
 
 #include "moe/Runtime/Engine.h"
 
+#include "EngineParts.h"
 #include "Kernels.h"
 #include "Rope.h"
 #include "Router.h"
@@ -25,6 +26,25 @@
 namespace moe {
 
 using namespace kernels;
+using detail::normalize;
+using detail::sharedExpertGate;
+
+void detail::normalize(const ModelSpec &spec, float *x, int64_t tokens, const std::vector<float> &weight,
+                       const std::vector<float> &bias) {
+  if (spec.normKind == NormKind::LayerNorm)
+    layerNorm(x, tokens, spec.hiddenSize, weight, bias, spec.normEps);
+  else
+    rmsNorm(x, tokens, spec.hiddenSize, weight, spec.normEps);
+}
+
+float detail::sharedExpertGate(const LayerSpec &layer, const LayerWeights &w, const float *x, int64_t H) {
+  if (!layer.shared.gated)
+    return 1.0f;
+  float dot = 0.0f;
+  for (int64_t i = 0; i < H; ++i)
+    dot += x[i] * w.sharedExpertGate[i];
+  return sigmoid(dot);
+}
 
 namespace {
 
@@ -49,14 +69,6 @@ int64_t valueWidth(const ModelSpec &spec) {
 template <typename T> std::vector<T> &sized(std::vector<T> &buffer, int64_t count) {
   buffer.resize(static_cast<size_t>(count));
   return buffer;
-}
-
-void normalize(const ModelSpec &spec, float *x, int64_t tokens, const std::vector<float> &weight,
-               const std::vector<float> &bias) {
-  if (spec.normKind == NormKind::LayerNorm)
-    layerNorm(x, tokens, spec.hiddenSize, weight, bias, spec.normEps);
-  else
-    rmsNorm(x, tokens, spec.hiddenSize, weight, spec.normEps);
 }
 
 /// Causal attention of `tokens` new queries over the cache (which already
@@ -285,17 +297,6 @@ void swiglu(const MlpWeights &mlp, const float *x, int64_t n, std::vector<float>
     place(partIntermediate, part.gate.rows);
   }
   intermediate = std::move(joined);
-}
-
-/// The weight of the shared expert's output for one token: 1, or
-/// sigmoid(x . gate) when it is gated (Qwen2-MoE).
-float sharedExpertGate(const LayerSpec &layer, const LayerWeights &w, const float *x, int64_t H) {
-  if (!layer.shared.gated)
-    return 1.0f;
-  float dot = 0.0f;
-  for (int64_t i = 0; i < H; ++i)
-    dot += x[i] * w.sharedExpertGate[i];
-  return sigmoid(dot);
 }
 
 /// One token's routed experts (slots in order, each with its summed

@@ -93,23 +93,35 @@ Angles computeAngles(const ModelSpec &spec, int64_t firstPosition, int64_t token
   return angles;
 }
 
-void apply(float *x, RopeLayout layout, const Angles &angles, int64_t token) {
+namespace {
+
+/// Rotates pairs by the token's angles, or by their negatives (the
+/// transpose: cos and sin scaled alike, so R^T is R with sin negated).
+void rotate(float *x, RopeLayout layout, const Angles &angles, int64_t token, float sign) {
   const float *cos = angles.cos.data() + token * angles.half;
   const float *sin = angles.sin.data() + token * angles.half;
   const int64_t half = angles.half;
   if (layout == RopeLayout::Half) {
     for (int64_t i = 0; i < half; ++i) {
-      float a = x[i], b = x[i + half];
-      x[i] = a * cos[i] - b * sin[i];
-      x[i + half] = b * cos[i] + a * sin[i];
+      float a = x[i], b = x[i + half], s = sign * sin[i];
+      x[i] = a * cos[i] - b * s;
+      x[i + half] = b * cos[i] + a * s;
     }
   } else {
     for (int64_t i = 0; i < half; ++i) {
-      float a = x[2 * i], b = x[2 * i + 1];
-      x[2 * i] = a * cos[i] - b * sin[i];
-      x[2 * i + 1] = a * sin[i] + b * cos[i];
+      float a = x[2 * i], b = x[2 * i + 1], s = sign * sin[i];
+      x[2 * i] = a * cos[i] - b * s;
+      x[2 * i + 1] = a * s + b * cos[i];
     }
   }
+}
+
+} // namespace
+
+void apply(float *x, RopeLayout layout, const Angles &angles, int64_t token) { rotate(x, layout, angles, token, 1.0f); }
+
+void applyTranspose(float *x, RopeLayout layout, const Angles &angles, int64_t token) {
+  rotate(x, layout, angles, token, -1.0f);
 }
 
 } // namespace moe::rope

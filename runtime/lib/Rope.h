@@ -27,6 +27,8 @@ Angles computeAngles(const ModelSpec &spec, int64_t firstPosition, int64_t token
 /// Rotates one head vector `x` (rotary part of width 2 * angles.half) of
 /// token `token` in place.
 void apply(float *x, RopeLayout layout, const Angles &angles, int64_t token);
+/// The transpose of apply (its backward): x <- R^T x for the token's angles.
+void applyTranspose(float *x, RopeLayout layout, const Angles &angles, int64_t token);
 
 } // namespace moe::rope
 

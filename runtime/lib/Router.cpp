@@ -34,8 +34,12 @@ void topK(const std::vector<float> &values, int64_t k, int32_t *out) {
 
 /// PhiMoE sparsemixer, evaluation mode: two experts, each weighted by a
 /// softmax over the logits that lie within 2 * jitter of its own logit
-/// (relative), the first one excluded when choosing the second.
-void sparseMixer(const RouterSpec &router, int64_t numExperts, const float *logits, int32_t *chosen, float *weights) {
+/// (relative), the first one excluded when choosing the second. With
+/// `weightGradients`, adds the gradient of the weights' loss with respect
+/// to the logits to `logitGradients` instead (the choices and the sets they
+/// were weighted over are fixed: piecewise constant in the logits).
+void sparseMixer(const RouterSpec &router, int64_t numExperts, const float *logits, int32_t *chosen, float *weights,
+                 const float *weightGradients = nullptr, float *logitGradients = nullptr) {
   std::vector<float> masked(logits, logits + numExperts);
   const float threshold = static_cast<float>(2.0 * router.jitterEps);
   for (int pick = 0; pick < 2; ++pick) {
@@ -49,12 +53,18 @@ void sparseMixer(const RouterSpec &router, int64_t numExperts, const float *logi
         gates[j] = kMinusInfinity;
     }
     kernels::softmax(gates.data(), numExperts);
-    chosen[pick] = best;
-    weights[pick] = gates[best];
+    if (weightGradients) {
+      // w = softmax(gates)[best]: dw/dlogit_j = w (delta_j,best - p_j).
+      const float w = gates[best], g = weightGradients[pick];
+      for (int64_t j = 0; j < numExperts; ++j)
+        logitGradients[j] += g * w * ((j == best ? 1.0f : 0.0f) - gates[j]);
+    } else {
+      chosen[pick] = best;
+      weights[pick] = gates[best];
+    }
     masked[best] = kMinusInfinity;
   }
 }
-
 } // namespace
 
 void route(const RouterSpec &router, int64_t numExperts, const float *logits, const float *correctionBias,
@@ -134,6 +144,68 @@ void skipWeakChoices(double threshold, int64_t K, float *weights) {
   if (after > 0)
     for (int64_t i = 0; i < K; ++i)
       weights[i] *= before / after;
+}
+
+void routeBackward(const RouterSpec &router, int64_t numExperts, const float *logits, const int32_t *chosen,
+                   const float *weightGradients, float *logitGradients) {
+  std::fill(logitGradients, logitGradients + numExperts, 0.0f);
+  if (router.scoring == RouterScoring::SparseMixer)
+    return sparseMixer(router, numExperts, logits, nullptr, nullptr, weightGradients, logitGradients);
+  const int64_t k = router.topK;
+  thread_local std::vector<float> scoresBuffer, scoreGradientsBuffer;
+  std::vector<float> &scores = scoresBuffer, &scoreGradients = scoreGradientsBuffer;
+  scores.assign(logits, logits + numExperts);
+  if (router.scoring == RouterScoring::Softmax)
+    kernels::softmax(scores.data(), numExperts);
+  else
+    for (float &score : scores)
+      score = kernels::sigmoid(score);
+  // weights_i = scale * s_ci (/ (sum_k s_ck + 1e-20) when renormalised).
+  const float scale = static_cast<float>(router.scalingFactor);
+  scoreGradients.assign(static_cast<size_t>(numExperts), 0.0f);
+  float sum = 0.0f, weighted = 0.0f;
+  for (int64_t i = 0; i < k; ++i) {
+    sum += scores[chosen[i]];
+    weighted += scores[chosen[i]] * weightGradients[i];
+  }
+  sum += 1e-20f;
+  for (int64_t i = 0; i < k; ++i)
+    scoreGradients[chosen[i]] +=
+        router.normalizeTopK ? scale * (weightGradients[i] / sum - weighted / (sum * sum)) : scale * weightGradients[i];
+  if (router.scoring == RouterScoring::Softmax) {
+    float dot = 0.0f;
+    for (int64_t e = 0; e < numExperts; ++e)
+      dot += scores[e] * scoreGradients[e];
+    for (int64_t e = 0; e < numExperts; ++e)
+      logitGradients[e] = scores[e] * (scoreGradients[e] - dot);
+  } else {
+    for (int64_t e = 0; e < numExperts; ++e)
+      logitGradients[e] = scoreGradients[e] * scores[e] * (1.0f - scores[e]);
+  }
+}
+
+void skipWeakChoicesBackward(double threshold, int64_t K, const float *weights, const float *skippedGradients,
+                             float *weightGradients) {
+  std::copy_n(skippedGradients, K, weightGradients);
+  if (!(threshold > 0) || K < 2)
+    return;
+  // skipped_i = m_i w_i S / S' with S = sum w, S' = sum m w (m: kept).
+  const int64_t first = std::max_element(weights, weights + K) - weights;
+  float before = 0, after = 0, keptDot = 0;
+  std::vector<bool> kept(static_cast<size_t>(K));
+  for (int64_t i = 0; i < K; ++i) {
+    kept[i] = !(i != first && weights[i] < threshold * weights[first]);
+    before += weights[i];
+    if (kept[i]) {
+      after += weights[i];
+      keptDot += weights[i] * skippedGradients[i];
+    }
+  }
+  if (!(after > 0))
+    return;
+  for (int64_t i = 0; i < K; ++i)
+    weightGradients[i] = (kept[i] ? skippedGradients[i] * before / after : 0.0f) + keptDot / after -
+                         (kept[i] ? keptDot * before / (after * after) : 0.0f);
 }
 
 } // namespace moe::router

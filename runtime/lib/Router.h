@@ -23,6 +23,20 @@ void route(const RouterSpec &router, int64_t numExperts, const float *logits, co
 /// below threshold times the largest and rescales the rest to the old sum.
 void skipWeakChoices(double threshold, int64_t K, float *weights);
 
+/// The backward of route for one token: the gradient of a loss with respect
+/// to the `logits` (written to logitGradients[numExperts]) from its
+/// gradient with respect to the K weights route gave for `chosen`. The
+/// choices are piecewise constant in the logits (top-k, groups, correction
+/// bias, sparsemixer's sets), so only the weights carry a gradient, as in
+/// autograd through the transformers routers.
+void routeBackward(const RouterSpec &router, int64_t numExperts, const float *logits, const int32_t *chosen,
+                   const float *weightGradients, float *logitGradients);
+
+/// The backward of skipWeakChoices: from the gradient with respect to the
+/// weights after skipping to that before, given the weights before.
+void skipWeakChoicesBackward(double threshold, int64_t K, const float *weights, const float *skippedGradients,
+                             float *weightGradients);
+
 } // namespace moe::router
 
 #endif // MOE_RUNTIME_LIB_ROUTER_H

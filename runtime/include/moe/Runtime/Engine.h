@@ -69,6 +69,25 @@ public:
   virtual bool computeAllExperts() const { return false; }
 };
 
+/// Hooks of the activation backward (Engine::lossGradients). Gradients are
+/// of the window's mean next-token cross-entropy; spans are [tokens, width]
+/// row-major and valid only during the call.
+class GradientObserver {
+public:
+  virtual ~GradientObserver() = default;
+  /// dL/d(output of layer `layer`'s MLP block: MoE block with its shared
+  /// expert, or dense MLP), before the residual add; equal to dL/d(hidden
+  /// state after the layer). Called from the last layer down.
+  virtual void onBlockOutputGradient(int64_t layer, int64_t tokens, std::span<const float> gradient) {}
+  /// One routed expert slot's tokens (indices into the block input), its
+  /// intermediate silu(gate)*up [n, I] and dL/d(intermediate) [n, I]: the
+  /// gradient at its down projection's input, routing weight included.
+  virtual void onExpertGradient(int64_t layer, int64_t expert, std::span<const int32_t> tokenIndices,
+                                std::span<const float> intermediate, std::span<const float> intermediateGradient) {}
+  /// dL/d(embedding output), the input of layer 0, [T, H].
+  virtual void onInputGradient(int64_t tokens, std::span<const float> gradient) {}
+};
+
 struct EngineOptions {
   /// Routed experts switched off, by layer: their router logits become
   /// -inf before routing, as if they were not in the model.
@@ -130,6 +149,16 @@ public:
   /// positions cache.length.. (appending that layer's keys and values; the
   /// caller advances cache.length once every layer has run).
   Status forwardLayer(int64_t layer, float *x, int64_t tokens, KvCache &cache);
+  /// The backward pass for activations (no weight gradients): runs
+  /// `tokens` as one window from position 0 (the embedding rows, or
+  /// `embeddings` [T, H] when given), returns the mean cross-entropy of
+  /// predicting tokens[1..] and reports the gradients of that loss to
+  /// `observer`, layer by layer from the last. Each layer is recomputed
+  /// from its saved input with the engine's kernels (activation
+  /// checkpointing); top-k choices carry no gradient (autograd's
+  /// convention). The attached EngineObserver sees nothing of it.
+  Expected<double> lossGradients(std::span<const int32_t> tokens, GradientObserver &observer,
+                                 std::span<const float> embeddings = {});
   /// Reads layer weights from `provider` from now on (cached layers are
   /// dropped; the embedding and head are kept): a pass changed the layers.
   void replaceLayerWeights(std::unique_ptr<WeightProvider> provider);
