@@ -376,6 +376,34 @@ uint64_t inputMomentBytes(const ModelSpec &spec, int64_t layer) {
   return bytes;
 }
 
+namespace {
+
+/// Sums of squared activation gradients per routed expert neuron, into the
+/// statistics of the layers the forward calibration recorded.
+class GradientStatistics : public GradientObserver {
+public:
+  explicit GradientStatistics(CalibrationResult &result) {
+    for (LayerStatistics &stats : result.layers) {
+      byLayer[stats.layer] = &stats;
+      stats.neuronGradientSquareSum.resize(stats.neuronSquareSum.size());
+    }
+  }
+  void onExpertGradient(int64_t layer, int64_t expert, std::span<const int32_t> tokens, std::span<const float>,
+                        std::span<const float> gradient) override {
+    std::vector<double> &sums = byLayer.at(layer)->neuronGradientSquareSum.at(static_cast<size_t>(expert));
+    const size_t width = gradient.size() / tokens.size();
+    if (sums.size() != width)
+      sums.assign(width, 0.0);
+    for (size_t i = 0; i < gradient.size(); ++i)
+      sums[i % width] += static_cast<double>(gradient[i]) * gradient[i];
+  }
+
+private:
+  std::map<int64_t, LayerStatistics *> byLayer;
+};
+
+} // namespace
+
 Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStream> &streams,
                                       const CalibrationOptions &options, const LayerVisitor &visitor) {
   const int64_t L = options.sequenceLength;
@@ -385,6 +413,11 @@ Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStre
     return Status::error("--sample-cap-ratio must not be negative, got ", options.sampleCapRatio);
   if (options.blockSamples < 0)
     return Status::error("--block-samples must not be negative, got ", options.blockSamples);
+  if (options.gradients && visitor)
+    return Status::error("--gradients runs the whole model per window (forward and backward) and cannot be combined "
+                         "with layer-by-layer quantisation");
+  if (options.gradients && L < 2)
+    return Status::error("--gradients needs windows of at least 2 tokens (--seq-len), got ", L);
   // The windows, as eval takes them: floor((N-1)/L) per stream.
   std::vector<std::span<const int32_t>> windows;
   int64_t limit = options.maxTokens > 0 ? (options.maxTokens + L - 1) / L : INT64_MAX;
@@ -474,6 +507,22 @@ Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStre
     progress.update(l + 1);
   }
   progress.finish();
+  if (options.gradients) {
+    // HEAPr's backward pass: per window, the gradient of its next-token
+    // loss at every routed expert's down-projection input.
+    GradientStatistics gradients(result);
+    Progress backward(concat("gradients (", result.tokens, " tokens)"), W, "windows");
+    double loss = 0;
+    for (int64_t w = 0; w < W; ++w) {
+      Expected<double> windowLoss = engine.lossGradients(windows[static_cast<size_t>(w)], gradients);
+      if (!windowLoss)
+        return windowLoss.status();
+      loss += *windowLoss;
+      backward.update(w + 1);
+    }
+    backward.finish();
+    result.gradientLoss = loss / static_cast<double>(W);
+  }
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return result;
 }
@@ -507,6 +556,12 @@ Status writeStatistics(const CalibrationResult &result, const CalibrationOptions
       MOE_RETURN_IF_ERROR(addF64(expert + stats::kNeuronSquareMax, {width}, stats.neuronSquareMax[e]));
       MOE_RETURN_IF_ERROR(addF64(expert + stats::kNeuronWeightedSquareSum, {width}, stats.neuronWeightedSquareSum[e]));
       MOE_RETURN_IF_ERROR(addF64(expert + stats::kNeuronWeightedSquareMax, {width}, stats.neuronWeightedSquareMax[e]));
+      if (!stats.neuronGradientSquareSum.empty()) {
+        // An expert no window routed to has no gradient: zeros of its width.
+        std::vector<double> gradient = stats.neuronGradientSquareSum[e];
+        gradient.resize(static_cast<size_t>(width), 0.0);
+        MOE_RETURN_IF_ERROR(addF64(expert + stats::kNeuronGradientSquareSum, {width}, gradient));
+      }
       if (!stats.inputMoments.empty()) {
         const int64_t H = hiddenSize, I = static_cast<int64_t>(stats.neuronSquareSum[e].size());
         if (stats.inputMoments[e].size() != static_cast<size_t>(H * H) ||
@@ -548,6 +603,7 @@ Status writeStatistics(const CalibrationResult &result, const CalibrationOptions
   writer.setMetadata("sample_cap_ratio", concat(options.sampleCapRatio));
   writer.setMetadata("all_experts", options.allExperts ? "true" : "false");
   writer.setMetadata("block_samples", std::to_string(options.blockSamples));
+  writer.setMetadata("gradients", options.gradients ? "true" : "false");
   return writer.write(path);
 }
 

@@ -21,7 +21,8 @@ MOE_CHOICES(PruneScope, {"layer", PruneScope::Layer}, {"global", PruneScope::Glo
 MOE_CHOICES(MergeMethod, {"msmoe", MergeMethod::Msmoe}, {"dern", MergeMethod::Dern})
 MOE_CHOICES(MergeSimilarity, {"router-logits", MergeSimilarity::RouterLogits}, {"weights", MergeSimilarity::Weights})
 MOE_CHOICES(MergeAlign, {"none", MergeAlign::None}, {"permutation", MergeAlign::Permutation})
-MOE_CHOICES(AtomScore, {"camera", AtomScore::Camera}, {"heapr", AtomScore::Heapr}, {"magnitude", AtomScore::Magnitude})
+MOE_CHOICES(AtomScore, {"camera", AtomScore::Camera}, {"heapr", AtomScore::Heapr}, {"camera-sum", AtomScore::CameraSum},
+            {"magnitude", AtomScore::Magnitude})
 MOE_CHOICES(QuantizeMethod, {"rtn", QuantizeMethod::Rtn}, {"gptq", QuantizeMethod::Gptq})
 MOE_CHOICES(GptqGroupScales, {"running", GptqGroupScales::Running}, {"block", GptqGroupScales::Block},
             {"static", GptqGroupScales::Static})

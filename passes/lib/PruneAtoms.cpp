@@ -69,11 +69,17 @@ struct PruneAtomsPass : public moe::impl::MoePruneAtomsBase<PruneAtomsPass> {
         continue;
       const int64_t index = static_cast<int64_t>(layer.getIndex());
       FailureOr<std::vector<double>> routed = failure();
-      if (method == AtomScore::Heapr) {
+      if (method == AtomScore::Heapr || method == AtomScore::CameraSum) {
         routed = file->layer(index, stats::kRoutedTokens, layer);
         if (failed(routed))
           return signalPassFailure();
       }
+      if (method == AtomScore::Heapr && !parts.experts.empty() &&
+          !file->has(index, concat("experts.", static_cast<int64_t>(parts.experts.front().getId()), ".",
+                                   stats::kNeuronGradientSquareSum)))
+        return fail(layer, concat("method=heapr needs the loss gradients of layer ", index, "'s experts (",
+                                  stats::kNeuronGradientSquareSum, ") in '", stats.getValue(),
+                                  "': calibrate with moec calibrate --gradients (moec compress does so itself)"));
       for (ir::ExpertOp expert : parts.experts) {
         const int64_t id = static_cast<int64_t>(expert.getId());
         const int64_t width = static_cast<int64_t>(expert.getWidth());
@@ -95,6 +101,20 @@ struct PruneAtomsPass : public moe::impl::MoePruneAtomsBase<PruneAtomsPass> {
           std::vector<double> upNorms = squaredNorms(*up, width, hidden, 0);
           for (int64_t j = 0; j < width; ++j)
             scores[j] = std::sqrt(gateNorms[j] * upNorms[j] * downNorms[j]);
+        } else if (method == AtomScore::Heapr) {
+          // HEAPr: (1/N_e) sum_t x_tj^2 . w_j^T M_e w_j with M_e the
+          // empirical Fisher (1/N_e) sum_t g_t g_t^T in the expert's output
+          // space, and w_j^T g_t = dL/dx_tj.
+          FailureOr<std::vector<double>> squares = file->expert(index, id, stats::kNeuronSquareSum, layer);
+          FailureOr<std::vector<double>> gradients = file->expert(index, id, stats::kNeuronGradientSquareSum, layer);
+          if (failed(squares) || failed(gradients))
+            return signalPassFailure();
+          if (static_cast<int64_t>(squares->size()) != width || static_cast<int64_t>(gradients->size()) != width)
+            return fail(expert, concat("the statistics of layer ", index, " expert ", id, " have ", squares->size(),
+                                       " neurons, the expert has ", width, "; calibrate the model as it is now"));
+          const double tokens = id < static_cast<int64_t>(routed->size()) ? (*routed)[id] : 0.0;
+          for (int64_t j = 0; j < width; ++j)
+            scores[j] = tokens > 0 ? ((*squares)[j] / tokens) * ((*gradients)[j] / tokens) : -1.0;
         } else {
           FailureOr<std::vector<double>> sum = file->expert(index, id, stats::kNeuronWeightedSquareSum, layer);
           if (failed(sum))

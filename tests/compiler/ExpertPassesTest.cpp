@@ -21,6 +21,7 @@
 #include "../../passes/lib/Clustering.h"
 #include "../../passes/lib/Gptq.h"
 #include "../../passes/lib/SuperExperts.h"
+#include "../unit/GradientCheck.h"
 #include "../unit/TestSupport.h"
 #include "common/QuantFormat.h"
 
@@ -270,6 +271,7 @@ TEST(PruneAtoms, GlobalScopeGivesExpertsDifferentWidthsThatTheEngineRuns) {
   auto streams = readEvalData(dataDir() + "/brown/calibration.jsonl", model->tokenizer.get(), model->endOfText);
   CalibrationOptions options;
   options.maxTokens = 2048;
+  options.gradients = true;
   auto stats = calibrate(*model->engine, *streams, options);
   ASSERT_TRUE(stats.ok());
   ASSERT_TRUE(writeStatistics(*stats, options, dir.file("stats.safetensors")).ok());
@@ -665,4 +667,48 @@ TEST(Clustering, SphericalKMeansPairsNearCopiesAndWeighsThem) {
     }
     EXPECT_TRUE(found) << i;
   }
+}
+
+// The backward pass through what only moec's compiled models hold, against
+// finite differences of the engine's own loss: merged experts (router rows
+// remapped to shared slots) with dynamic skipping on tiny-deepseek (MLA,
+// shared experts), and experts split into parts of different widths by
+// micro-expert bit allocation (before quantisation: quantised matrices run
+// with int8 activations, whose rounding finite differences cannot see
+// through; the backward reads them dequantised).
+TEST(Gradients, MergedSkippingAndSplitExpertsAgreeWithFiniteDifferences) {
+  TempDir dir;
+  const std::string fixture = dataDir() + "/fixtures/tiny-deepseek";
+  auto model = loadModel(fixture);
+  auto streams = readEvalData(dataDir() + "/brown/calibration.jsonl", model->tokenizer.get(), model->endOfText);
+  CalibrationOptions options;
+  options.maxTokens = 1024;
+  options.blockSamples = 256; // for micro-expert bit allocation
+  auto stats = calibrate(*model->engine, *streams, options);
+  ASSERT_TRUE(stats.ok());
+  ASSERT_TRUE(writeStatistics(*stats, options, dir.file("stats.safetensors")).ok());
+  std::vector<int32_t> ids((*streams)[0].ids.begin(), (*streams)[0].ids.begin() + 24);
+
+  auto merged = importDirectory(fixture, dir.file("m.moestore"));
+  ASSERT_TRUE(
+      runPipeline(*merged, "moe-merge-experts{stats=" + dir.file("stats.safetensors") + " method=msmoe ratio=0.25}"));
+  mlir::Builder builder(&merged->context);
+  merged->module->walk([&](ir::RouterOp router) { router.setSkipThresholdAttr(builder.getF64FloatAttr(0.6)); });
+  auto description = lowerToDescription(merged->model(), "");
+  ASSERT_TRUE(description.ok());
+  bool remapped = false;
+  for (const LayerEntry &layer : description->layers)
+    remapped = remapped || (!layer.routing.remap.empty() && layer.routing.skipThreshold == 0.6);
+  EXPECT_TRUE(remapped) << "merging leaves router rows sharing slots";
+  LoadedModel mergedModel = run(*merged);
+  expectFiniteDifferencesAgree(*mergedModel.engine, ids, "merged, skipping");
+
+  auto split = importDirectory(fixture, dir.file("s.moestore"));
+  ASSERT_TRUE(runPipeline(*split, "moe-allocate-bits{stats=" + dir.file("stats.safetensors") +
+                                      " budget=3 group=64 granularity=micro-expert}"));
+  int64_t parts = 0;
+  split->module->walk([&](ir::ExpertOp expert) { parts += expert->hasAttr("part_offset") ? 1 : 0; });
+  EXPECT_GT(parts, 0) << "some experts are split into parts";
+  LoadedModel splitModel = run(*split);
+  expectFiniteDifferencesAgree(*splitModel.engine, ids, "split parts");
 }

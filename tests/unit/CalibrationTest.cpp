@@ -370,3 +370,102 @@ TEST(Calibration, InputMomentsThatDoNotFitAreRefusedUpFront) {
           .status(),
       {"held at once (one layer)"});
 }
+
+namespace {
+
+/// Sums of squared expert-activation gradients and the block-output
+/// gradients, straight from the engine's backward pass.
+class DirectGradients : public GradientObserver {
+public:
+  std::map<std::pair<int64_t, int64_t>, std::vector<double>> sums;
+  double blockGradientNorm = 0;
+  void onBlockOutputGradient(int64_t, int64_t, std::span<const float> gradient) override {
+    for (float value : gradient)
+      blockGradientNorm += static_cast<double>(value) * value;
+  }
+  void onExpertGradient(int64_t layer, int64_t expert, std::span<const int32_t> tokens, std::span<const float>,
+                        std::span<const float> gradient) override {
+    std::vector<double> &target = sums[{layer, expert}];
+    const size_t width = gradient.size() / tokens.size();
+    target.resize(width, 0.0);
+    for (size_t i = 0; i < gradient.size(); ++i)
+      target[i % width] += static_cast<double>(gradient[i]) * gradient[i];
+  }
+};
+
+} // namespace
+
+// HEAPr's statistic: per routed-expert neuron, the sum over windows and
+// routed tokens of the squared loss gradient at the down projection's
+// input; zeros for an expert no token reaches; only when asked for.
+TEST(Calibration, GradientsSumTheBackwardPassOverWindows) {
+  EngineOptions masked;
+  masked.maskedExperts = {{1, {3}}};
+  CalibrationOptions options;
+  options.maxTokens = 512;
+  options.gradients = true;
+  auto result = calibrateFixture("tiny-deepseek", masked, options);
+  ASSERT_TRUE(result.ok()) << result.status().message();
+  EXPECT_GT(result->gradientLoss, 3.0);
+  EXPECT_LT(result->gradientLoss, 6.0) << "a trained model's next-token loss on real text";
+
+  auto model = loadModel(dataDir() + "/fixtures/tiny-deepseek", masked);
+  ASSERT_TRUE(model.ok());
+  auto streams = readEvalData(dataDir() + "/brown/calibration.jsonl", model->tokenizer.get(), model->endOfText);
+  ASSERT_TRUE(streams.ok());
+  DirectGradients direct;
+  const std::vector<int32_t> &ids = (*streams)[0].ids;
+  ASSERT_GE(ids.size(), 513u) << "both windows come from the first document";
+  double loss = 0;
+  for (int w = 0; w < 2; ++w) {
+    auto windowLoss = model->engine->lossGradients(std::span(ids).subspan(256 * w, 256), direct);
+    ASSERT_TRUE(windowLoss.ok()) << windowLoss.status().message();
+    loss += *windowLoss / 2;
+  }
+  EXPECT_NEAR(result->gradientLoss, loss, 1e-9);
+  EXPECT_GT(direct.blockGradientNorm, 0.0);
+  for (const LayerStatistics &stats : result->layers) {
+    ASSERT_EQ(stats.neuronGradientSquareSum.size(), stats.routedTokens.size());
+    for (size_t e = 0; e < stats.routedTokens.size(); ++e) {
+      auto it = direct.sums.find({stats.layer, static_cast<int64_t>(e)});
+      if (stats.routedTokens[e] == 0) {
+        EXPECT_TRUE(it == direct.sums.end());
+        for (double value : stats.neuronGradientSquareSum[e])
+          EXPECT_EQ(value, 0.0);
+        continue;
+      }
+      ASSERT_TRUE(it != direct.sums.end()) << "layer " << stats.layer << " expert " << e;
+      ASSERT_EQ(stats.neuronGradientSquareSum[e].size(), it->second.size());
+      for (size_t j = 0; j < it->second.size(); ++j)
+        EXPECT_NEAR(stats.neuronGradientSquareSum[e][j], it->second[j], 1e-9 * it->second[j] + 1e-30);
+      EXPECT_GT(*std::max_element(it->second.begin(), it->second.end()), 0.0);
+    }
+  }
+  EXPECT_EQ(result->layers[0].routedTokens[3], 0) << "the masked expert";
+
+  TempDir dir;
+  ASSERT_TRUE(writeStatistics(*result, options, dir.file("g.safetensors")).ok());
+  auto file = SafetensorsFile::open(dir.file("g.safetensors"));
+  ASSERT_TRUE(file.ok());
+  EXPECT_NE((*file)->find("layers.1.experts.0.neuron_gradient_square_sum"), nullptr);
+  EXPECT_NE((*file)->find("layers.1.experts.3.neuron_gradient_square_sum"), nullptr) << "zeros, not missing";
+  options.gradients = false;
+  auto plain = calibrateFixture("tiny-deepseek", masked, options);
+  ASSERT_TRUE(plain.ok());
+  EXPECT_TRUE(plain->layers[0].neuronGradientSquareSum.empty());
+}
+
+TEST(Calibration, GradientsAreRefusedLayerByLayer) {
+  CalibrationOptions options;
+  options.maxTokens = 256;
+  options.gradients = true;
+  auto model = loadModel(dataDir() + "/fixtures/tiny-deepseek");
+  ASSERT_TRUE(model.ok());
+  auto streams = readEvalData(dataDir() + "/brown/calibration.jsonl", model->tokenizer.get(), model->endOfText);
+  ASSERT_TRUE(streams.ok());
+  LayerVisitor visitor = [](int64_t, CalibrationResult &) -> Expected<bool> { return false; };
+  expectErrorContains(calibrate(*model->engine, *streams, options, visitor).status(),
+                      {"--gradients", "layer-by-layer"});
+  options.sequenceLength = 1;
+  expectErrorContains(calibrate(*model->engine, *streams, options).status(), {"at least 2 tokens", "got 1"});
+}

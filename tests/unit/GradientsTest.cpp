@@ -12,6 +12,7 @@
 #include "moe/Frontend/Checkpoint.h"
 #include "moe/Runtime/Engine.h"
 
+#include "GradientCheck.h"
 #include "TestSupport.h"
 
 #include <cmath>
@@ -143,62 +144,6 @@ INSTANTIATE_TEST_SUITE_P(Families, GradientParity,
                                            "deepseek_v3", "phimoe", "phimoe_longrope", "deepseek_v2_grouped",
                                            "olmoe_clip", "tiny-mixtral", "tiny-deepseek"),
                          [](const auto &info) { return testNameFrom(info.param); });
-
-namespace {
-
-/// <gradient, d> against (L(x + e d) - L(x - e d)) / 2e along random
-/// directions d over the input embeddings.
-void expectFiniteDifferencesAgree(Engine &engine, const std::vector<int32_t> &ids, const std::string &what) {
-  std::vector<float> x;
-  ASSERT_TRUE(engine.embed(ids, x).ok());
-  Recorder recorder;
-  Expected<double> loss = engine.lossGradients(ids, recorder, x);
-  ASSERT_TRUE(loss.ok()) << loss.status().message();
-  std::mt19937 random(7);
-  std::normal_distribution<float> normal;
-  int agreed = 0;
-  const int directions = 6;
-  for (int trial = 0; trial < directions; ++trial) {
-    std::vector<float> d(x.size());
-    for (float &value : d)
-      value = normal(random);
-    double analytic = 0;
-    for (size_t i = 0; i < d.size(); ++i)
-      analytic += static_cast<double>(recorder.input[i]) * d[i];
-    // Steps of small fractions of the embeddings' own size; a step that
-    // crosses a top-k tie or a clamp makes a jump, so the smallest that
-    // agrees counts.
-    double xNorm = 0, dNorm = 0;
-    for (size_t i = 0; i < d.size(); ++i) {
-      xNorm += static_cast<double>(x[i]) * x[i];
-      dNorm += static_cast<double>(d[i]) * d[i];
-    }
-    bool agrees = false;
-    std::string seen;
-    for (double relativeStep : {1e-3, 3e-4, 1e-4}) {
-      const double step = relativeStep * std::sqrt(xNorm / dNorm);
-      std::vector<float> plus(x), minus(x);
-      for (size_t i = 0; i < d.size(); ++i) {
-        plus[i] += static_cast<float>(step) * d[i];
-        minus[i] -= static_cast<float>(step) * d[i];
-      }
-      GradientObserver none;
-      Expected<double> up = engine.lossGradients(ids, none, plus), down = engine.lossGradients(ids, none, minus);
-      ASSERT_TRUE(up.ok() && down.ok());
-      const double numeric = (*up - *down) / (2 * step);
-      seen += concat(" ", numeric);
-      agrees = agrees || std::fabs(numeric - analytic) <= 1e-2 * std::max(std::fabs(analytic), 1.0);
-    }
-    if (agrees)
-      ++agreed;
-    if (std::getenv("MOEC_TEST_VERBOSE") || !agrees)
-      std::cerr << what << " direction " << trial << ": gradient " << analytic << ", finite differences" << seen
-                << "\n";
-  }
-  EXPECT_GE(agreed, directions - 1) << what;
-}
-
-} // namespace
 
 TEST(Gradients, FiniteDifferencesAgreeForEveryRouterAndAttention) {
   for (const std::string name : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe_clip", "deepseek_v2_grouped",

@@ -22,7 +22,7 @@ struct CalibrateOptions {
   ModelOptions model;
   std::string data, output;
   int64_t tokens = 0, sequenceLength = 256;
-  bool inputMoments = false, allExperts = false;
+  bool inputMoments = false, allExperts = false, gradients = false;
   double sampleCapRatio = 0;
   int64_t blockSamples = 0;
 };
@@ -45,6 +45,7 @@ int runCalibrate(const CalibrateOptions &options) {
   calibration.allExperts = options.allExperts;
   calibration.sampleCapRatio = options.sampleCapRatio;
   calibration.blockSamples = options.blockSamples;
+  calibration.gradients = options.gradients;
   Expected<CalibrationResult> result = calibrate(*model->engine, *streams, calibration);
   if (!result) {
     printError(result.status().message());
@@ -57,6 +58,9 @@ int runCalibrate(const CalibrateOptions &options) {
   }
   std::printf("calibrated %lld tokens through %zu MoE layers in %.1f s -> %s\n", static_cast<long long>(result->tokens),
               result->layers.size(), result->seconds, options.output.c_str());
+  if (options.gradients)
+    std::printf("backward pass: mean next-token loss %.4f over %lld windows\n", result->gradientLoss,
+                static_cast<long long>(result->tokens / options.sequenceLength));
   const LayerCache &cache = model->engine->layerCache();
   std::printf(
       "memory: peak RSS %.1f MB; layer weights resident at most %.1f MB of the model's %.1f MB (%lld layer loads)\n",
@@ -91,6 +95,9 @@ Command registerCalibrate(CLI::App &app) {
       ->add_option("--block-samples", options->blockSamples,
                    "Keep this many block input/output rows per MoE layer (for reconstruction and dynamic skip)")
       ->check(CLI::NonNegativeNumber);
+  command->add_flag("--gradients", options->gradients,
+                    "Also run the backward pass per window and record each expert neuron's squared loss gradient "
+                    "(HEAPr; needs the whole model per window)");
   return {command, [options] { return runCalibrate(*options); }};
 }
 

@@ -117,6 +117,7 @@ std::string statisticsKey(const CompressRequest &request, const Recipe &recipe, 
                     {"block_samples", recipe.blockSamples},
                     {"sample_cap_ratio", recipe.sampleCapRatio},
                     {"input_moments", recipe.inputMoments},
+                    {"gradients", recipe.gradients},
                     {"passes_before", before}};
   const std::string text = key.dump();
   char hex[17];
@@ -170,6 +171,7 @@ Expected<CalibrationRun> prepareCalibration(ir::ModelOp model, const Recipe &rec
   run.options.blockSamples = recipe.blockSamples;
   run.options.inputMoments = recipe.inputMoments;
   run.options.sampleCapRatio = recipe.sampleCapRatio;
+  run.options.gradients = recipe.gradients;
   return run;
 }
 
@@ -192,6 +194,7 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
   CalibrationOptions &calibration = run->options;
   calibration.blockSamples = 0; // GPTQ reads only the moments
   calibration.inputMoments = true;
+  calibration.gradients = false; // the visitor quantises layer by layer; GPTQ reads no gradients
   const std::string statsPath = work + "/layer-stats.safetensors";
   Engine &engine = *run->loaded.engine;
   json layers = earlierLayers.is_array() ? earlierLayers : json::array();

@@ -374,9 +374,10 @@ const std::vector<Preset> &presets() {
            "passes": [{"pass": "moe-allocate-bits", "options": {"budget": 3.0, "candidates": "2,3,4", "group": 32}},
                       {"pass": "moe-quantize", "options": {"method": "gptq", "group": 32,
                        "targets": "experts,shared,attention"}}]})"},
-      {"prune25-q4", "a quarter of the routed-expert neurons pruned (HEAPr scores, across layers), then q4",
+      {"prune25-q4",
+       "a quarter of the routed-expert neurons pruned (CAMERA sum scores per routed token, across layers), then q4",
        R"({"calibration": {"tokens": 32768},
-           "passes": [{"pass": "moe-prune-atoms", "options": {"method": "heapr", "ratio": 0.25, "scope": "global"}},
+           "passes": [{"pass": "moe-prune-atoms", "options": {"method": "camera-sum", "ratio": 0.25, "scope": "global"}},
                       {"pass": "moe-quantize", "options": {"bits": 4, "group": 32,
                        "targets": "experts,shared,attention"}}]})"},
       {"merge-q4", "a quarter of the routed experts merged (M-SMoE with neuron alignment), then q4",
@@ -585,6 +586,8 @@ Expected<Recipe> parseRecipe(const std::string &path, json r) {
       return checked.status();
     if (pass.name == "moe-allocate-bits" && pass.options.value("objective", json("")) == json("hessian"))
       recipe.inputMoments = true; // the Hessian objective reads the (large) input moments
+    if (pass.name == "moe-prune-atoms" && pass.options.value("method", json("")) == json("heapr"))
+      recipe.gradients = true; // HEAPr's Fisher term needs the backward pass
     if (pass.sequentialGptq && pass.options.contains("layers"))
       return Status::error(path, ": ", where,
                            ": moec compress runs GPTQ layer by layer itself; "

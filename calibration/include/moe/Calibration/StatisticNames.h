@@ -40,6 +40,11 @@ inline constexpr const char *kNeuronSquareMax = "neuron_square_max";
 inline constexpr const char *kNeuronWeightedSquareSum = "neuron_weighted_square_sum";
 /// Per expert [I]: max of the weighted squares.
 inline constexpr const char *kNeuronWeightedSquareMax = "neuron_weighted_square_max";
+/// Per expert [I] (with --gradients): sum over routed tokens of the squared
+/// gradient of the language-model loss with respect to the neuron's
+/// activation (the down projection's input, routing weight included):
+/// w_j^T (sum_t g_t g_t^T) w_j, HEAPr's output-space Fisher term.
+inline constexpr const char *kNeuronGradientSquareSum = "neuron_gradient_square_sum";
 /// Per expert [H, H]: X^T X of the routed inputs (GPTQ).
 inline constexpr const char *kInputMoments = "input_moments";
 /// Per expert [I, I]: X^T X of the down-projection inputs.

@@ -34,6 +34,11 @@ struct CalibrationOptions {
   /// Block input/output rows kept per MoE layer (evenly spaced tokens), for
   /// reconstruction-error methods. 0: none.
   int64_t blockSamples = 0;
+  /// Also run the backward pass of the engine on every window (its mean
+  /// next-token loss) and record per neuron the squared gradient at each
+  /// expert's down-projection input (HEAPr). Needs the whole model per
+  /// window, so not with a layer visitor.
+  bool gradients = false;
   /// With input moments, refuse to start when the moments held at once
   /// (every layer's, or one layer's with a visitor) exceed this many bytes.
   /// 0: 90% of physical memory.
@@ -61,6 +66,7 @@ struct LayerStatistics {
   std::vector<std::vector<double>> neuronSquareMax;         ///< [E][width] max of intermediate^2.
   std::vector<std::vector<double>> neuronWeightedSquareSum; ///< [E][width] sum of (weight * intermediate)^2.
   std::vector<std::vector<double>> neuronWeightedSquareMax; ///< [E][width] max of (weight * intermediate)^2.
+  std::vector<std::vector<double>> neuronGradientSquareSum; ///< [E][width] with gradients: sum of (dL/da)^2.
   std::vector<std::vector<double>> inputMoments;            ///< [E][H*H] when requested.
   std::vector<std::vector<double>> intermediateMoments;     ///< [E][width^2] (down_proj input) when requested.
   std::vector<int64_t> momentTokens;                        ///< Tokens in each expert's moments.
@@ -84,6 +90,7 @@ struct CalibrationResult {
   std::map<int64_t, DenseMoments> denseMoments; ///< By layer, with input moments.
   int64_t tokens = 0;
   double seconds = 0;
+  double gradientLoss = 0; ///< With gradients: the windows' mean next-token loss.
 };
 
 /// Called with each layer's statistics as soon as every window has passed

@@ -46,6 +46,7 @@ struct Recipe {
   int64_t calibrationTokens = 0, sequenceLength = 256, blockSamples = 1024;
   double sampleCapRatio = 0;
   bool inputMoments = false; ///< A pass reads the large input moments.
+  bool gradients = false;    ///< A pass reads backward-pass statistics (HEAPr).
 };
 
 /// Reads and checks `path` (JSON, or YAML when it ends in .yaml or .yml):

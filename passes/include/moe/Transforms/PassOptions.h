@@ -32,7 +32,7 @@ enum class MergeSimilarity { RouterLogits, Weights };
 /// moe-merge-experts (msmoe): neuron alignment before averaging.
 enum class MergeAlign { None, Permutation };
 /// moe-prune-atoms: how a neuron is scored.
-enum class AtomScore { Camera, Heapr, Magnitude };
+enum class AtomScore { Camera, Heapr, CameraSum, Magnitude };
 /// moe-quantize: round to nearest or GPTQ.
 enum class QuantizeMethod { Rtn, Gptq };
 /// moe-quantize, GPTQ: which weights a group's scales are computed from.

@@ -215,13 +215,23 @@ def MoePruneAtoms : Pass<"moe-prune-atoms", "::moe::ir::ModelOp"> {
     - `camera` (CAMERA-P): ||W_down[:, j]||^2 x ((1 - rho) sum_t a_tj^2 +
       rho max_t a_tj^2), with a_tj the neuron's activation times the token's
       routing weight (calibration's gate-weighted neuron statistics).
-    - `heapr` (HEAPr): ||W_down[:, j]||^2 x (1/N_e) sum_t (g_t x_tj)^2 over the
-      expert's N_e routed tokens; experts never routed score -1 (first to
-      go). HEAPr's output-space empirical Fisher M_e = E[grad_y L grad_y L^T]
-      needs a backward pass the engine does not have; it is replaced by the
-      Gauss-Newton matrix of the squared error of the MoE block output, in
-      which expert e's output enters scaled by its routing weight g_t, i.e.
-      g_t^2 I. The 1/N_e normalisation and global selection follow HEAPr.
+    - `heapr` (HEAPr, as published): S_ej = (1/N_e) sum_t x_tj^2 x
+      w_j^T M_e w_j over the expert's N_e routed tokens, with x_tj the
+      neuron's activation (the down projection's input), w_j its down
+      column and M_e = (1/N_e) sum_t g_t g_t^T the empirical Fisher of the
+      language-model loss in the expert's output space (g_t: the loss
+      gradient at the expert's down output, routing weight included). As
+      w_j^T g_t is the loss gradient at x_tj, the term is the mean squared
+      activation gradient: the engine's backward pass records it
+      (`moec calibrate --gradients`, which `moec compress` runs for this
+      method), so no d x d matrix is ever held. Experts never routed score
+      -1 (first to go); selection per `scope` (HEAPr's own is global). With
+      `--all-experts` statistics the activation term counts every token
+      (HEAPr's counts routed ones); calibrate without it to follow the paper.
+    - `camera-sum`: ||W_down[:, j]||^2 x (1/N_e) sum_t (g_t x_tj)^2 with g_t
+      the routing weight: what moec called HEAPr before it had a backward
+      pass (the Gauss-Newton matrix of the block's squared output error,
+      g_t^2 I, in place of the loss's Fisher); CAMERA's sum term over N_e.
     - `magnitude`: ||gate_j|| x ||up_j|| x ||W_down[:, j]|| (no calibration).
 
     ```mlir
@@ -229,8 +239,8 @@ def MoePruneAtoms : Pass<"moe-prune-atoms", "::moe::ir::ModelOp"> {
     ```
   }];
   let options = [
-    Option<"stats", "stats", "std::string", /*default=*/"\"\"", "Calibration statistics (camera, heapr)">,
-    Option<"method", "method", "::moe::AtomScore", /*default=*/"::moe::AtomScore::Camera", "camera, heapr or magnitude">,
+    Option<"stats", "stats", "std::string", /*default=*/"\"\"", "Calibration statistics (camera, heapr, camera-sum)">,
+    Option<"method", "method", "::moe::AtomScore", /*default=*/"::moe::AtomScore::Camera", "camera, heapr, camera-sum or magnitude">,
     Option<"ratio", "ratio", "double", /*default=*/"0.0", "Fraction of routed-expert neurons removed">,
     Option<"scope", "scope", "::moe::PruneScope", /*default=*/"::moe::PruneScope::Layer", "layer or global">,
     Option<"rho", "rho", "double", /*default=*/"0.9", "camera: weight of the max term">,
