@@ -36,7 +36,9 @@ METHODS = [
     ("merge dern", "moe-merge-experts{{stats={stats} method=dern ratio={r}}}"),
     ("atoms magnitude", "moe-prune-atoms{{method=magnitude ratio={r}}}"),
     ("atoms camera", "moe-prune-atoms{{stats={stats} method=camera ratio={r}}}"),
+    ("atoms camera-sum (global)", "moe-prune-atoms{{stats={stats} method=camera-sum ratio={r} scope=global}}"),
     ("atoms heapr (global)", "moe-prune-atoms{{stats={stats} method=heapr ratio={r} scope=global}}"),
+    ("atoms heapr (layer)", "moe-prune-atoms{{stats={stats} method=heapr ratio={r} scope=layer}}"),
 ]
 
 
@@ -77,7 +79,8 @@ def main():
             model = os.path.join(DATA, "fixtures", fixture)
             stats = os.path.join(work, fixture + ".stats.safetensors")
             start = time.time()
-            run(moec, "calibrate", model, "--data", calibration, "--block-samples", "2048", "-o", stats)
+            run(moec, "calibrate", model, "--data", calibration, "--block-samples", "2048", "--gradients",
+                "-o", stats)
             calibration_seconds = time.time() - start
             module = os.path.join(work, fixture + ".mlir")
             run(moec, "import", model, "-o", module)
