@@ -65,6 +65,16 @@ void sparseMixer(const RouterSpec &router, int64_t numExperts, const float *logi
     masked[best] = kMinusInfinity;
   }
 }
+/// Every row's score: softmax over the logits or sigmoid of each.
+void computeScores(const RouterSpec &router, int64_t numExperts, const float *logits, std::vector<float> &scores) {
+  scores.assign(logits, logits + numExperts);
+  if (router.scoring == RouterScoring::Softmax)
+    kernels::softmax(scores.data(), numExperts);
+  else
+    for (float &score : scores)
+      score = kernels::sigmoid(score);
+}
+
 } // namespace
 
 void route(const RouterSpec &router, int64_t numExperts, const float *logits, const float *correctionBias,
@@ -76,12 +86,7 @@ void route(const RouterSpec &router, int64_t numExperts, const float *logits, co
   // Reused per thread: NAEE's search routes millions of times.
   thread_local std::vector<float> scoresBuffer, choiceBuffer;
   std::vector<float> &scores = scoresBuffer, &choice = choiceBuffer;
-  scores.assign(logits, logits + numExperts);
-  if (router.scoring == RouterScoring::Softmax)
-    kernels::softmax(scores.data(), numExperts);
-  else
-    for (float &score : scores)
-      score = kernels::sigmoid(score);
+  computeScores(router, numExperts, logits, scores);
 
   choice.assign(scores.begin(), scores.end());
   if (correctionBias)
@@ -154,12 +159,7 @@ void routeBackward(const RouterSpec &router, int64_t numExperts, const float *lo
   const int64_t k = router.topK;
   thread_local std::vector<float> scoresBuffer, scoreGradientsBuffer;
   std::vector<float> &scores = scoresBuffer, &scoreGradients = scoreGradientsBuffer;
-  scores.assign(logits, logits + numExperts);
-  if (router.scoring == RouterScoring::Softmax)
-    kernels::softmax(scores.data(), numExperts);
-  else
-    for (float &score : scores)
-      score = kernels::sigmoid(score);
+  computeScores(router, numExperts, logits, scores);
   // weights_i = scale * s_ci (/ (sum_k s_ck + 1e-20) when renormalised).
   const float scale = static_cast<float>(router.scalingFactor);
   scoreGradients.assign(static_cast<size_t>(numExperts), 0.0f);

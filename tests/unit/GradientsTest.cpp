@@ -9,8 +9,8 @@
 //
 //===----------------------------------------------------------------------===//
 
-#include "moe/Frontend/Checkpoint.h"
 #include "moe/Runtime/Engine.h"
+#include "moe/Runtime/Model.h"
 
 #include "GradientCheck.h"
 #include "TestSupport.h"
@@ -25,26 +25,10 @@ using namespace moe::testing;
 
 namespace {
 
-struct Loaded {
-  ModelSpec spec;
-  std::shared_ptr<const Checkpoint> checkpoint;
-  std::unique_ptr<Engine> engine;
-};
-
-Loaded loadModel(const std::string &dir, EngineOptions options = {}) {
-  Loaded loaded;
-  auto spec = ModelSpec::fromConfigFile(dir + "/config.json");
-  EXPECT_TRUE(spec.ok()) << spec.status().message();
-  auto checkpoint = Checkpoint::open(dir);
-  EXPECT_TRUE(checkpoint.ok()) << checkpoint.status().message();
-  loaded.checkpoint = checkpoint.take();
-  loaded.spec = spec.take();
-  auto report = bindCheckpoint(loaded.spec, *loaded.checkpoint);
-  EXPECT_TRUE(report.ok()) << report.status().message();
-  auto engine = Engine::create(loaded.spec, makeCheckpointWeightProvider(loaded.spec, loaded.checkpoint), options);
-  EXPECT_TRUE(engine.ok()) << engine.status().message();
-  loaded.engine = engine.take();
-  return loaded;
+LoadedModel load(const std::string &dir, EngineOptions options = {}) {
+  auto model = loadModel(dir, options);
+  EXPECT_TRUE(model.ok()) << model.status().message();
+  return model.take();
 }
 
 std::string modelDir(const std::string &name) {
@@ -118,7 +102,7 @@ class GradientParity : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(GradientParity, ActivationGradientsMatchPyTorchAutograd) {
   const std::string name = GetParam();
-  Loaded model = loadModel(modelDir(name));
+  LoadedModel model = load(modelDir(name));
   ASSERT_TRUE(model.engine);
   std::unique_ptr<SafetensorsFile> file = openGolden(name);
   ASSERT_TRUE(file);
@@ -148,7 +132,7 @@ INSTANTIATE_TEST_SUITE_P(Families, GradientParity,
 TEST(Gradients, FiniteDifferencesAgreeForEveryRouterAndAttention) {
   for (const std::string name : {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe_clip", "deepseek_v2_grouped",
                                  "deepseek_v3", "phimoe", "tiny-deepseek"}) {
-    Loaded model = loadModel(modelDir(name));
+    LoadedModel model = load(modelDir(name));
     std::vector<int32_t> ids;
     for (int32_t t = 0; t < 12; ++t)
       ids.push_back((t * 37 + 11) % 100);
@@ -169,7 +153,7 @@ TEST(Gradients, MaskedExpertsAreAbsentFromTheGradient) {
   EngineOptions options;
   options.maskedExperts[1] = {0, 3};
   for (const std::string name : {"mixtral", "deepseek_v3"}) {
-    Loaded masked = loadModel(modelDir(name), options), full = loadModel(modelDir(name));
+    LoadedModel masked = load(modelDir(name), options), full = load(modelDir(name));
     std::vector<int32_t> ids;
     for (int32_t t = 0; t < 10; ++t)
       ids.push_back((t * 29 + 5) % 100);
@@ -182,7 +166,7 @@ TEST(Gradients, MaskedExpertsAreAbsentFromTheGradient) {
 }
 
 TEST(Gradients, RejectsWindowsItCannotDifferentiate) {
-  Loaded model = loadModel(modelDir("mixtral"));
+  LoadedModel model = load(modelDir("mixtral"));
   GradientObserver none;
   std::vector<int32_t> one = {3};
   expectErrorContains(model.engine->lossGradients(one, none).status(), {"at least 2 tokens", "got 1"});
