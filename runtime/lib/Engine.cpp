@@ -46,6 +46,57 @@ float detail::sharedExpertGate(const LayerSpec &layer, const LayerWeights &w, co
   return sigmoid(dot);
 }
 
+void detail::routeBlock(const ModelSpec &spec, const LayerWeights &w, const float *x, int64_t tokens,
+                        const std::set<int64_t> *maskedRows, BlockRouting &routing) {
+  const RouterSpec &routerSpec = w.routing.router ? *w.routing.router : spec.router;
+  // E router rows choose among the expert slots (fewer after merging).
+  const int64_t E = w.router.rows, K = routerSpec.topK;
+  const int64_t slots = static_cast<int64_t>(w.experts.size());
+  routing.logits.resize(static_cast<size_t>(tokens * E));
+  linear(x, tokens, w.router, routing.logits.data());
+  if (maskedRows)
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t e : *maskedRows)
+        routing.logits[t * E + e] = -std::numeric_limits<float>::infinity();
+  routing.chosen.resize(static_cast<size_t>(tokens * K));
+  routing.weights.resize(static_cast<size_t>(tokens * K));
+  const float *bias = w.routerCorrectionBias.empty() ? nullptr : w.routerCorrectionBias.data();
+  for (int64_t t = 0; t < tokens; ++t)
+    router::route(routerSpec, E, routing.logits.data() + t * E, bias, routing.chosen.data() + t * K,
+                  routing.weights.data() + t * K);
+
+  // Group tokens by expert slot: one GEMM per expert, slots in order. A
+  // token whose choices share a slot (merged experts) runs it once with
+  // the summed weight; skipped experts are not run.
+  routing.tokensOf.resize(static_cast<size_t>(slots));
+  routing.weightsOf.resize(static_cast<size_t>(slots));
+  for (int64_t e = 0; e < slots; ++e) {
+    routing.tokensOf[e].clear();
+    routing.weightsOf[e].clear();
+  }
+  routing.skipped.assign(routing.weights.begin(), routing.weights.end());
+  routing.slotOfChoice.assign(static_cast<size_t>(tokens * K), -1);
+  const double threshold = w.routing.skipThreshold;
+  for (int64_t t = 0; t < tokens; ++t) {
+    float *tokenWeights = routing.skipped.data() + t * K;
+    router::skipWeakChoices(threshold, K, tokenWeights);
+    for (int64_t i = 0; i < K; ++i) {
+      if (threshold > 0 && tokenWeights[i] == 0)
+        continue;
+      int32_t row = routing.chosen[t * K + i];
+      int32_t slot = w.routing.remap.empty() ? row : w.routing.remap[static_cast<size_t>(row)];
+      routing.slotOfChoice[t * K + i] = slot;
+      std::vector<int32_t> &slotTokens = routing.tokensOf[static_cast<size_t>(slot)];
+      if (!slotTokens.empty() && slotTokens.back() == static_cast<int32_t>(t)) {
+        routing.weightsOf[static_cast<size_t>(slot)].back() += tokenWeights[i];
+        continue;
+      }
+      slotTokens.push_back(static_cast<int32_t>(t));
+      routing.weightsOf[static_cast<size_t>(slot)].push_back(tokenWeights[i]);
+    }
+  }
+}
+
 namespace {
 
 size_t defaultBudget() {
@@ -387,57 +438,15 @@ void addSharedExpert(const ModelSpec &spec, const LayerSpec &layer, const LayerW
 void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &w, const float *x,
                      int64_t tokens, float *out, const MoeBlockHooks &hooks) {
   EngineObserver *observer = hooks.observer;
-  const RouterSpec &routerSpec = w.routing.router ? *w.routing.router : spec.router;
-  // E router rows choose among the expert slots (fewer after merging).
-  const int64_t H = spec.hiddenSize, E = w.router.rows, K = routerSpec.topK;
+  const int64_t H = spec.hiddenSize;
   const int64_t slots = static_cast<int64_t>(w.experts.size());
-  thread_local std::vector<float> logitsBuffer, weightsBuffer;
-  thread_local std::vector<int32_t> chosenBuffer;
-  std::vector<float> &logits = sized(logitsBuffer, tokens * E);
-  linear(x, tokens, w.router, logits.data());
-  if (hooks.maskedRows)
-    for (int64_t t = 0; t < tokens; ++t)
-      for (int64_t e : *hooks.maskedRows)
-        logits[t * E + e] = -std::numeric_limits<float>::infinity();
-  std::vector<int32_t> &chosen = sized(chosenBuffer, tokens * K);
-  std::vector<float> &weights = sized(weightsBuffer, tokens * K);
-  const float *bias = w.routerCorrectionBias.empty() ? nullptr : w.routerCorrectionBias.data();
-  for (int64_t t = 0; t < tokens; ++t)
-    router::route(routerSpec, E, logits.data() + t * E, bias, chosen.data() + t * K, weights.data() + t * K);
+  thread_local detail::BlockRouting perThreadRouting;
+  detail::BlockRouting &routing = perThreadRouting;
+  detail::routeBlock(spec, w, x, tokens, hooks.maskedRows, routing);
   if (observer)
-    observer->onRouter(layer.index, tokens, logits, chosen, weights, w.routing.remap);
-
-  // Group tokens by expert slot: one GEMM per expert, slots in order. A
-  // token whose choices share a slot (merged experts) runs it once with
-  // the summed weight; skipped experts are not run.
-  thread_local std::vector<std::vector<int32_t>> tokensBuffer;
-  thread_local std::vector<std::vector<float>> slotWeightsBuffer;
-  std::vector<std::vector<int32_t>> &tokensOf = tokensBuffer;
-  std::vector<std::vector<float>> &weightsOf = slotWeightsBuffer;
-  tokensOf.resize(static_cast<size_t>(slots));
-  weightsOf.resize(static_cast<size_t>(slots));
-  for (int64_t e = 0; e < slots; ++e) {
-    tokensOf[e].clear();
-    weightsOf[e].clear();
-  }
-  const double threshold = w.routing.skipThreshold;
-  for (int64_t t = 0; t < tokens; ++t) {
-    float *tokenWeights = weights.data() + t * K;
-    router::skipWeakChoices(threshold, K, tokenWeights);
-    for (int64_t i = 0; i < K; ++i) {
-      if (threshold > 0 && tokenWeights[i] == 0)
-        continue;
-      int32_t row = chosen[t * K + i];
-      int32_t slot = w.routing.remap.empty() ? row : w.routing.remap[static_cast<size_t>(row)];
-      std::vector<int32_t> &slotTokens = tokensOf[static_cast<size_t>(slot)];
-      if (!slotTokens.empty() && slotTokens.back() == static_cast<int32_t>(t)) {
-        weightsOf[static_cast<size_t>(slot)].back() += tokenWeights[i];
-        continue;
-      }
-      slotTokens.push_back(static_cast<int32_t>(t));
-      weightsOf[static_cast<size_t>(slot)].push_back(tokenWeights[i]);
-    }
-  }
+    observer->onRouter(layer.index, tokens, routing.logits, routing.chosen, routing.weights, w.routing.remap);
+  const std::vector<std::vector<int32_t>> &tokensOf = routing.tokensOf;
+  const std::vector<std::vector<float>> &weightsOf = routing.weightsOf;
   int64_t calls = 0;
   for (const std::vector<int32_t> &slotTokens : tokensOf)
     calls += static_cast<int64_t>(slotTokens.size());

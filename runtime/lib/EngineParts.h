@@ -13,6 +13,7 @@
 #include "moe/Runtime/Weights.h"
 
 #include <cstdint>
+#include <set>
 #include <vector>
 
 namespace moe::detail {
@@ -24,6 +25,26 @@ void normalize(const ModelSpec &spec, float *x, int64_t tokens, const std::vecto
 /// The weight of the shared expert's output for one token: 1, or
 /// sigmoid(x . gate) when it is gated (Qwen2-MoE).
 float sharedExpertGate(const LayerSpec &layer, const LayerWeights &w, const float *x, int64_t H);
+
+/// A MoE block's routing of `tokens` inputs: what the router chose and how
+/// the engine groups it per expert slot.
+struct BlockRouting {
+  std::vector<float> logits;   ///< [T, E] router logits (masked rows -inf).
+  std::vector<int32_t> chosen; ///< [T, K] router rows chosen.
+  std::vector<float> weights;  ///< [T, K] their weights as route gave them.
+  std::vector<float> skipped;  ///< [T, K] after dynamic skipping.
+  /// [T, K] the slot each choice runs as; -1 where skipping dropped it.
+  std::vector<int32_t> slotOfChoice;
+  /// Per slot: its tokens in order, and each one's summed weight (a token
+  /// whose choices share a merged slot runs it once).
+  std::vector<std::vector<int32_t>> tokensOf;
+  std::vector<std::vector<float>> weightsOf;
+};
+
+/// The router of a MoE layer on x[tokens, H]: logits, `maskedRows` set to
+/// -inf, route per token, skipping, grouping by slot. Buffers are reused.
+void routeBlock(const ModelSpec &spec, const LayerWeights &w, const float *x, int64_t tokens,
+                const std::set<int64_t> *maskedRows, BlockRouting &routing);
 
 } // namespace moe::detail
 

@@ -10,8 +10,8 @@
 // skipping, masked rows, every router kind) with its shared expert (gated
 // or not), and dense MLPs. The forward runs through the engine
 // (forwardLayer), keeping each layer's input; the backward recomputes a
-// layer from it with the engine's kernels (the MoE block through
-// moeBlockForward itself, so routing is the engine's), then walks it back.
+// layer from it with the engine's kernels (the MoE block's routing and
+// grouping through the engine's routeBlock), then walks it back.
 // Top-k choices are piecewise constant and carry no gradient, as in
 // autograd through the transformers implementations; a clamped value
 // passes none where it was clamped.
@@ -40,21 +40,31 @@ using Buffer = std::vector<float>;
 
 Buffer zeros(int64_t count) { return Buffer(static_cast<size_t>(count), 0.0f); }
 
-/// dx[T, in] += dy[T, out] . W[out, in] for any stored matrix, read as f32
-/// a tile of rows at a time (quantised matrices are never widened whole).
+/// dx[T, in] += dy[T, out] . W[out, in] for any stored matrix: f32 in
+/// place, others widened a tile of rows at a time (at least 512 rows or
+/// 16 MiB, rows spread over the worker pool), never whole.
 void linearBackward(const float *dy, int64_t tokens, const Matrix &weight, float *dx) {
   const int64_t rows = weight.rows, cols = weight.cols;
-  const int64_t tileRows = std::clamp<int64_t>((int64_t(1) << 20) / std::max<int64_t>(cols, 1), 1, rows);
+  if (rows == 0 || cols == 0 || tokens == 0)
+    return;
+  auto gemm = [&](int64_t first, int64_t count, const float *tile) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(tokens), static_cast<int>(cols),
+                static_cast<int>(count), 1.0f, dy + first, static_cast<int>(rows), tile, static_cast<int>(cols), 1.0f,
+                dx, static_cast<int>(cols));
+  };
+  if (!weight.data.empty())
+    return gemm(0, rows, weight.data.data());
+  const int64_t tileRows = std::min(rows, std::max<int64_t>(512, (int64_t(4) << 20) / cols));
   thread_local Buffer tileBuffer;
   Buffer &tile = tileBuffer;
   tile.resize(static_cast<size_t>(tileRows * cols));
   for (int64_t first = 0; first < rows; first += tileRows) {
     const int64_t count = std::min(tileRows, rows - first);
-    for (int64_t r = 0; r < count; ++r)
-      weight.copyRow(first + r, tile.data() + r * cols);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(tokens), static_cast<int>(cols),
-                static_cast<int>(count), 1.0f, dy + first, static_cast<int>(rows), tile.data(), static_cast<int>(cols),
-                1.0f, dx, static_cast<int>(cols));
+    parallelRows(count, count * cols, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        weight.copyRow(first + r, tile.data() + r * cols);
+    });
+    gemm(first, count, tile.data());
   }
 }
 
@@ -408,61 +418,23 @@ void latentBackward(const ModelSpec &spec, const LayerWeights &w, int64_t T, con
   }
 }
 
-/// The router's logits, choices and weights (before skipping) of one
-/// moeBlockForward call.
-class RoutingCapture : public EngineObserver {
-public:
-  Buffer logits, weights;
-  std::vector<int32_t> chosen;
-  void onRouter(int64_t, int64_t, std::span<const float> l, std::span<const int32_t> c, std::span<const float> w,
-                std::span<const int32_t>) override {
-    logits.assign(l.begin(), l.end());
-    chosen.assign(c.begin(), c.end());
-    weights.assign(w.begin(), w.end());
-  }
-};
-
 /// dx += the backward of layer `layer`'s MoE block on x[T, H] from the
 /// gradient g[T, H] of its output.
 void moeBackward(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &w, const float *x, int64_t T,
                  const std::set<int64_t> *maskedRows, const float *g, float *dx, GradientObserver &observer) {
   const int64_t H = spec.hiddenSize;
-  RoutingCapture capture;
-  MoeBlockHooks hooks;
-  hooks.maskedRows = maskedRows;
-  hooks.observer = &capture;
-  Buffer out(static_cast<size_t>(T * H));
-  moeBlockForward(spec, layer, w, x, T, out.data(), hooks);
+  // The engine's own routing and grouping (its experts run once, below).
+  detail::BlockRouting routing;
+  detail::routeBlock(spec, w, x, T, maskedRows, routing);
   const RouterSpec &routerSpec = w.routing.router ? *w.routing.router : spec.router;
   const int64_t E = w.router.rows, K = routerSpec.topK, slots = static_cast<int64_t>(w.experts.size());
   const double threshold = w.routing.skipThreshold;
-  // The engine's grouping: per slot its tokens and summed weights; per
-  // choice the slot it ran as (-1: skipped).
-  Buffer skipped = capture.weights;
-  std::vector<std::vector<int32_t>> tokensOf(static_cast<size_t>(slots));
-  std::vector<Buffer> weightsOf(static_cast<size_t>(slots));
-  std::vector<int32_t> slotOfChoice(static_cast<size_t>(T * K), -1);
-  for (int64_t t = 0; t < T; ++t) {
-    float *tokenWeights = skipped.data() + t * K;
-    router::skipWeakChoices(threshold, K, tokenWeights);
-    for (int64_t i = 0; i < K; ++i) {
-      if (threshold > 0 && tokenWeights[i] == 0)
-        continue;
-      const int32_t row = capture.chosen[t * K + i];
-      const int32_t slot = w.routing.remap.empty() ? row : w.routing.remap[static_cast<size_t>(row)];
-      slotOfChoice[t * K + i] = slot;
-      std::vector<int32_t> &slotTokens = tokensOf[slot];
-      if (!slotTokens.empty() && slotTokens.back() == static_cast<int32_t>(t)) {
-        weightsOf[slot].back() += tokenWeights[i];
-        continue;
-      }
-      slotTokens.push_back(static_cast<int32_t>(t));
-      weightsOf[slot].push_back(tokenWeights[i]);
-    }
-  }
+  const std::vector<std::vector<int32_t>> &tokensOf = routing.tokensOf;
+  const std::vector<std::vector<float>> &weightsOf = routing.weightsOf;
   // Routed experts: their inputs' gradients, and <g_t, expert output> for
   // the routing weights.
-  Buffer slotDot = zeros(T * slots), intermediate, intermediateGradient;
+  // <g_t, output of the slot choice i ran as>, per choice.
+  Buffer choiceDot = zeros(T * K), intermediate, intermediateGradient;
   for (int64_t e = 0; e < slots; ++e) {
     const std::vector<int32_t> &routed = tokensOf[e];
     if (routed.empty())
@@ -478,23 +450,23 @@ void moeBackward(const ModelSpec &spec, const LayerSpec &layer, const LayerWeigh
                    intermediateGradient);
     observer.onExpertGradient(layer.index, e, routed, intermediate, intermediateGradient);
     for (int64_t r = 0; r < n; ++r) {
+      const int64_t t = routed[r];
       double dot = 0.0;
       for (int64_t i = 0; i < H; ++i) {
-        dx[routed[r] * H + i] += dInput[r * H + i];
-        dot += static_cast<double>(g[routed[r] * H + i]) * output[r * H + i];
+        dx[t * H + i] += dInput[r * H + i];
+        dot += static_cast<double>(g[t * H + i]) * output[r * H + i];
       }
-      slotDot[routed[r] * slots + e] = static_cast<float>(dot);
+      for (int64_t i = 0; i < K; ++i)
+        if (routing.slotOfChoice[t * K + i] == e)
+          choiceDot[t * K + i] = static_cast<float>(dot);
     }
   }
   // The router: weights after skipping -> before -> logits -> x.
-  Buffer dSkipped(static_cast<size_t>(K)), dWeights(static_cast<size_t>(K)), dLogits(static_cast<size_t>(T * E));
+  Buffer dWeights(static_cast<size_t>(K)), dLogits(static_cast<size_t>(T * E));
   for (int64_t t = 0; t < T; ++t) {
-    for (int64_t i = 0; i < K; ++i) {
-      const int32_t slot = slotOfChoice[t * K + i];
-      dSkipped[i] = slot < 0 ? 0.0f : slotDot[t * slots + slot];
-    }
-    router::skipWeakChoicesBackward(threshold, K, capture.weights.data() + t * K, dSkipped.data(), dWeights.data());
-    router::routeBackward(routerSpec, E, capture.logits.data() + t * E, capture.chosen.data() + t * K, dWeights.data(),
+    router::skipWeakChoicesBackward(threshold, K, routing.weights.data() + t * K, choiceDot.data() + t * K,
+                                    dWeights.data());
+    router::routeBackward(routerSpec, E, routing.logits.data() + t * E, routing.chosen.data() + t * K, dWeights.data(),
                           dLogits.data() + t * E);
   }
   linearBackward(dLogits.data(), T, w.router, dx);
@@ -535,8 +507,12 @@ Expected<double> Engine::lossGradients(std::span<const int32_t> tokens, Gradient
   // calibration, not these.
   struct Detach {
     EngineObserver *&slot, *saved;
-    ~Detach() { slot = saved; }
-  } detach{observer, observer};
+    RoutingCounters &counters, savedCounters;
+    ~Detach() {
+      slot = saved;
+      counters = savedCounters;
+    }
+  } detach{observer, observer, counters, counters};
   observer = nullptr;
 
   Buffer x;
@@ -552,6 +528,9 @@ Expected<double> Engine::lossGradients(std::span<const int32_t> tokens, Gradient
   for (int64_t l = 0; l < spec.numLayers; ++l) {
     inputs[l] = x;
     MOE_RETURN_IF_ERROR(forwardLayer(l, x.data(), T, cache));
+    // The backward recomputes attention; the layer's keys and values go.
+    std::vector<float>().swap(cache.keys[static_cast<size_t>(l)]);
+    std::vector<float>().swap(cache.values[static_cast<size_t>(l)]);
   }
 
   // Head and loss: mean cross-entropy of tokens[1..]; the last row predicts nothing.
