@@ -28,16 +28,13 @@ struct CalibrateOptions {
 };
 
 int runCalibrate(const CalibrateOptions &options) {
-  Expected<LoadedModel> model = openModel(options.model);
-  if (!model) {
-    printError(model.status().message());
+  Expected<ModelAndData> opened = openModelAndData(options.model, options.data);
+  if (!opened) {
+    printError(opened.status().message());
     return 1;
   }
-  Expected<std::vector<EvalStream>> streams = readEvalData(options.data, model->tokenizer.get(), model->endOfText);
-  if (!streams) {
-    printError(streams.status().message());
-    return 1;
-  }
+  LoadedModel &model = opened->model;
+  const std::vector<EvalStream> &streams = opened->streams;
   CalibrationOptions calibration;
   calibration.sequenceLength = options.sequenceLength;
   calibration.maxTokens = options.tokens;
@@ -46,7 +43,7 @@ int runCalibrate(const CalibrateOptions &options) {
   calibration.sampleCapRatio = options.sampleCapRatio;
   calibration.blockSamples = options.blockSamples;
   calibration.gradients = options.gradients;
-  Expected<CalibrationResult> result = calibrate(*model->engine, *streams, calibration);
+  Expected<CalibrationResult> result = calibrate(*model.engine, streams, calibration);
   if (!result) {
     printError(result.status().message());
     return 1;
@@ -61,7 +58,7 @@ int runCalibrate(const CalibrateOptions &options) {
   if (options.gradients)
     std::printf("backward pass: mean next-token loss %.4f over %lld windows\n", result->gradientLoss,
                 static_cast<long long>(result->tokens / options.sequenceLength));
-  const LayerCache &cache = model->engine->layerCache();
+  const LayerCache &cache = model.engine->layerCache();
   std::printf(
       "memory: peak RSS %.1f MB; layer weights resident at most %.1f MB of the model's %.1f MB (%lld layer loads)\n",
       static_cast<double>(peakResidentBytes()) / 1e6, static_cast<double>(cache.peakResidentBytes()) / 1e6,

@@ -7,6 +7,7 @@
 #ifndef MOEC_TOOLS_MOEC_COMMANDS_H
 #define MOEC_TOOLS_MOEC_COMMANDS_H
 
+#include "moe/Runtime/Evaluate.h"
 #include "moe/Runtime/Model.h"
 #include "moe/Support/Process.h"
 
@@ -39,6 +40,12 @@ struct ModelOptions {
 void addModelOptions(CLI::App *command, ModelOptions &options);
 /// Opens the model (printing its warnings); errors name the file or option.
 Expected<LoadedModel> openModel(const ModelOptions &options);
+/// The model and the data read with its tokenizer (readEvalData).
+struct ModelAndData {
+  LoadedModel model;
+  std::vector<EvalStream> streams;
+};
+Expected<ModelAndData> openModelAndData(const ModelOptions &options, const std::string &data);
 
 /// `moec inspect <dir|config.json> [--json] [--config-only]`.
 Command registerInspect(CLI::App &app);
@@ -64,6 +71,13 @@ Command registerCalibrate(CLI::App &app);
 Command registerEval(CLI::App &app);
 /// `moec generate <model> --prompt TEXT [-n N] [--temperature T --seed S]`.
 Command registerGenerate(CLI::App &app);
+
+/// The report of a module, package or GGUF file moec wrote (what `moec
+/// report` prints); errors name the file.
+Expected<nlohmann::json> compiledModelReport(const std::string &path);
+
+/// `moec analyze <model> --data F [-o report.html]`: routing consistency.
+Command registerAnalyze(CLI::App &app);
 
 /// `moec passes [PASS]`: passes, options, defaults; presets.
 Command registerPasses(CLI::App &app);

@@ -16,6 +16,24 @@
 #include <iostream>
 
 namespace moe::cli {
+
+Expected<nlohmann::json> compiledModelReport(const std::string &path) {
+  Expected<CompiledModel> compiled = readCompiledModel(path);
+  if (!compiled)
+    return compiled.status();
+  Expected<nlohmann::json> summary = summarizeDescription(compiled->description);
+  if (!summary)
+    return Status::error(path, ": ", summary.status().message());
+  ReportInputs inputs;
+  inputs.model = path;
+  inputs.summary = summary.take();
+  inputs.history = compiled->history;
+  Expected<nlohmann::json> report = buildReport(inputs);
+  if (!report)
+    return Status::error(path, ": ", report.status().message());
+  return report;
+}
+
 namespace {
 
 struct ReportOptions {
@@ -25,23 +43,9 @@ struct ReportOptions {
 };
 
 int runReport(const ReportOptions &options) {
-  Expected<CompiledModel> compiled = readCompiledModel(options.model);
-  if (!compiled) {
-    printError(compiled.status().message());
-    return 1;
-  }
-  Expected<nlohmann::json> summary = summarizeDescription(compiled->description);
-  if (!summary) {
-    printError(options.model + ": " + summary.status().message());
-    return 1;
-  }
-  ReportInputs inputs;
-  inputs.model = options.model;
-  inputs.summary = summary.take();
-  inputs.history = compiled->history;
-  Expected<nlohmann::json> report = buildReport(inputs);
+  Expected<nlohmann::json> report = compiledModelReport(options.model);
   if (!report) {
-    printError(options.model + ": " + report.status().message());
+    printError(report.status().message());
     return 1;
   }
   Status status = writeReportFiles(*report, options.html, options.json);

@@ -87,6 +87,16 @@ Expected<LoadedModel> openModel(const ModelOptions &options) {
   return model;
 }
 
+Expected<ModelAndData> openModelAndData(const ModelOptions &options, const std::string &data) {
+  Expected<LoadedModel> model = openModel(options);
+  if (!model)
+    return model.status();
+  Expected<std::vector<EvalStream>> streams = readEvalData(data, model->tokenizer.get(), model->endOfText);
+  if (!streams)
+    return streams.status();
+  return ModelAndData{model.take(), streams.take()};
+}
+
 namespace {
 
 using json = nlohmann::json;
@@ -103,16 +113,13 @@ struct EvalCommandOptions {
 };
 
 int runEval(const EvalCommandOptions &options) {
-  Expected<LoadedModel> model = openModel(options.model);
-  if (!model) {
-    printError(model.status().message());
+  Expected<ModelAndData> input = openModelAndData(options.model, options.data);
+  if (!input) {
+    printError(input.status().message());
     return 1;
   }
-  Expected<std::vector<EvalStream>> streams = readEvalData(options.data, model->tokenizer.get(), model->endOfText);
-  if (!streams) {
-    printError(streams.status().message());
-    return 1;
-  }
+  LoadedModel &model = input->model;
+  const std::vector<EvalStream> &streams = input->streams;
   EvalOptions evalOptions{options.sequenceLength, options.stride, options.maxTokens, options.llamaPerplexity};
   std::optional<LoadedModel> original;
   if (!options.compare.empty()) {
@@ -127,7 +134,7 @@ int runEval(const EvalCommandOptions &options) {
     original = opened.take();
     evalOptions.reference = original->engine.get();
   }
-  Expected<EvalResult> result = evaluate(*model->engine, *streams, evalOptions);
+  Expected<EvalResult> result = evaluate(*model.engine, streams, evalOptions);
   if (!result) {
     printError(result.status().message());
     return 1;
@@ -148,8 +155,8 @@ int runEval(const EvalCommandOptions &options) {
     return 0;
   }
   std::printf("model:        %s\n", options.model.path.c_str());
-  std::printf("data:         %s (%zu %s)\n", options.data.c_str(), streams->size(),
-              streams->size() == 1 ? "stream" : "domains");
+  std::printf("data:         %s (%zu %s)\n", options.data.c_str(), streams.size(),
+              streams.size() == 1 ? "stream" : "domains");
   std::printf("perplexity:   %.4f over %lld targets", r.overall.perplexity(),
               static_cast<long long>(r.overall.targets));
   if (r.overall.textBytes > 0)

@@ -295,59 +295,76 @@ std::string bitsColour(double bits) {
   return mix(t, 0xd7, 0x30, 0x27, 0x45, 0x75, 0xb4);
 }
 
-/// A layer x expert grid; `cell` gives each cell's fill and tooltip.
-template <typename Cell> std::string heatmap(const json &layers, const std::string &title, const Cell &cell) {
-  int64_t columns = 0, rows = 0;
-  for (const json &layer : layers)
-    if (layer.contains("experts")) {
-      columns = std::max<int64_t>(columns, static_cast<int64_t>(layer["experts"].size()));
-      ++rows;
-    }
-  if (rows == 0)
+/// A grid of rows x columns squares; `cell(row, column)` gives each fill
+/// and tooltip (an empty fill leaves the square out).
+template <typename Cell>
+std::string grid(const std::string &title, const std::vector<std::string> &rowLabels, int64_t columns,
+                 const std::string &axis, const Cell &cell) {
+  const int64_t rows = static_cast<int64_t>(rowLabels.size());
+  if (rows == 0 || columns == 0)
     return "";
   const int size = columns > 64 ? 6 : columns > 32 ? 10 : columns > 16 ? 16 : 22;
-  const int left = 60, top = 24;
+  const int left = 110, top = 24;
   const int width = std::max(left + static_cast<int>(columns) * size + 10, 300),
             height = top + static_cast<int>(rows) * size + 24;
-  std::string svg = "<figure><figcaption>" + escape(title) +
-                    "</figcaption><svg "
-                    "width=\"" +
-                    std::to_string(width) + "\" height=\"" + std::to_string(height) + "\" class=\"heat\">";
-  int row = 0;
-  for (const json &layer : layers) {
-    if (!layer.contains("experts"))
-      continue;
-    const int y = top + row * size;
+  std::string svg = "<figure><figcaption>" + escape(title) + "</figcaption><svg width=\"" + std::to_string(width) +
+                    "\" height=\"" + std::to_string(height) + "\" class=\"heat\">";
+  for (int64_t r = 0; r < rows; ++r) {
+    const int y = top + static_cast<int>(r) * size;
     svg += "<text x=\"" + std::to_string(left - 6) + "\" y=\"" + std::to_string(y + size - 4) +
-           "\" text-anchor=\"end\" font-size=\"11\">layer " + std::to_string(layer["index"].get<int64_t>()) + "</text>";
-    for (const json &expert : layer["experts"]) {
-      const int64_t origin = expert["origin"].get<int64_t>();
-      auto [fill, tip] = cell(layer, expert);
-      svg += "<rect x=\"" + std::to_string(left + origin * size) + "\" y=\"" + std::to_string(y) + "\" width=\"" +
-             std::to_string(size - 1) + "\" height=\"" + std::to_string(size - 1) + "\" fill=\"" + fill +
-             "\"><title>layer " + std::to_string(layer["index"].get<int64_t>()) + " expert " + std::to_string(origin) +
-             ": " + escape(tip) + "</title></rect>";
+           "\" text-anchor=\"end\" font-size=\"11\">" + escape(rowLabels[static_cast<size_t>(r)]) + "</text>";
+    for (int64_t c = 0; c < columns; ++c) {
+      auto [fill, tip] = cell(r, c);
+      if (fill.empty())
+        continue;
+      svg += "<rect x=\"" + std::to_string(left + c * size) + "\" y=\"" + std::to_string(y) + "\" width=\"" +
+             std::to_string(size - 1) + "\" height=\"" + std::to_string(size - 1) + "\" fill=\"" + fill + "\"><title>" +
+             escape(rowLabels[static_cast<size_t>(r)]) + ", " + escape(tip) + "</title></rect>";
     }
-    ++row;
   }
-  svg += "<text x=\"" + std::to_string(left) + "\" y=\"" + std::to_string(height - 6) +
-         "\" font-size=\"11\">experts (by id in the original checkpoint) &#8594;</text></svg></figure>";
+  svg += "<text x=\"" + std::to_string(left) + "\" y=\"" + std::to_string(height - 6) + "\" font-size=\"11\">" +
+         escape(axis) + " &#8594;</text></svg></figure>";
   return svg;
 }
 
-/// Horizontal grouped bars: one group per label, bars before and after.
-std::string barChart(const std::string &title, const std::vector<std::string> &labels,
-                     const std::vector<std::pair<double, double>> &values, const std::string &unit, bool bytes) {
+/// A layer x expert grid of the report's layers; `cell` gives each
+/// expert's fill and tooltip.
+template <typename Cell> std::string heatmap(const json &layers, const std::string &title, const Cell &cell) {
+  std::vector<const json *> rows;
+  std::vector<std::string> labels;
+  int64_t columns = 0;
+  for (const json &layer : layers)
+    if (layer.contains("experts")) {
+      rows.push_back(&layer);
+      labels.push_back("layer " + std::to_string(layer["index"].get<int64_t>()));
+      for (const json &expert : layer["experts"])
+        columns = std::max(columns, expert["origin"].get<int64_t>() + 1);
+    }
+  return grid(title, labels, columns, "experts (by id in the original checkpoint)", [&](int64_t r, int64_t c) {
+    const json &layer = *rows[static_cast<size_t>(r)];
+    for (const json &expert : layer["experts"])
+      if (expert["origin"].get<int64_t>() == c) {
+        auto [fill, tip] = cell(layer, expert);
+        return std::pair<std::string, std::string>(fill, "expert " + std::to_string(c) + ": " + tip);
+      }
+    return std::pair<std::string, std::string>();
+  });
+}
+
+/// Horizontal bars, one group per label and one bar per series.
+std::string seriesChart(const std::string &title, const std::vector<std::string> &labels,
+                        const std::vector<std::string> &series, const std::vector<std::vector<double>> &values,
+                        const std::vector<std::string> &colours, const std::string &unit, bool bytes) {
   double largest = 0;
-  for (const auto &[a, b] : values)
-    largest = std::max({largest, std::isfinite(a) ? a : 0.0, std::isfinite(b) ? b : 0.0});
+  for (const std::vector<double> &group : values)
+    for (double v : group)
+      largest = std::max(largest, std::isfinite(v) ? v : 0.0);
   if (labels.empty() || largest <= 0)
     return "";
-  const int left = 130, barWidth = 420, rowHeight = 34;
+  const int left = 130, barWidth = 420, barHeight = 12;
+  const int rowHeight = static_cast<int>(series.size()) * (barHeight + 1) + 8;
   const int height = 30 + static_cast<int>(labels.size()) * rowHeight;
-  std::string svg = "<figure><figcaption>" + escape(title) +
-                    "</figcaption><svg "
-                    "width=\"" +
+  std::string svg = "<figure><figcaption>" + escape(title) + "</figcaption><svg width=\"" +
                     std::to_string(left + barWidth + 150) + "\" height=\"" + std::to_string(height) +
                     "\" class=\"bars\">";
   auto label = [&](double v) {
@@ -357,40 +374,194 @@ std::string barChart(const std::string &title, const std::vector<std::string> &l
     const int y = 10 + static_cast<int>(i) * rowHeight;
     svg += "<text x=\"" + std::to_string(left - 6) + "\" y=\"" + std::to_string(y + 18) +
            "\" text-anchor=\"end\" font-size=\"12\">" + escape(labels[i]) + "</text>";
-    const double pair[2] = {values[i].first, values[i].second};
-    const char *colours[2] = {"#9aa7b8", "#2c7fb8"};
-    const char *names[2] = {"before", "after"};
-    for (int k = 0; k < 2; ++k) {
-      const double v = std::isfinite(pair[k]) ? pair[k] : 0.0;
+    for (size_t k = 0; k < series.size(); ++k) {
+      const double raw = k < values[i].size() ? values[i][k] : NAN;
+      const double v = std::isfinite(raw) ? raw : 0.0;
       const int w = static_cast<int>(std::round(v / largest * barWidth));
-      const int by = y + k * 13;
+      const int by = y + static_cast<int>(k) * (barHeight + 1);
       svg += "<rect x=\"" + std::to_string(left) + "\" y=\"" + std::to_string(by) + "\" width=\"" +
-             std::to_string(std::max(w, 1)) + "\" height=\"12\" fill=\"" + colours[k] + "\"><title>" + names[k] + ": " +
-             escape(label(pair[k])) + "</title></rect>";
+             std::to_string(std::max(w, 1)) + "\" height=\"" + std::to_string(barHeight) + "\" fill=\"" +
+             colours[k % colours.size()] + "\"><title>" + escape(series[k]) + ": " + escape(label(raw)) +
+             "</title></rect>";
       svg += "<text x=\"" + std::to_string(left + w + 4) + "\" y=\"" + std::to_string(by + 10) +
-             "\" font-size=\"10\">" + names[k] + " " + escape(label(pair[k])) + "</text>";
+             "\" font-size=\"10\">" + escape(series[k]) + " " + escape(label(raw)) + "</text>";
     }
   }
   return svg + "</svg></figure>";
 }
 
-} // namespace
+/// Grouped bars before and after.
+std::string barChart(const std::string &title, const std::vector<std::string> &labels,
+                     const std::vector<std::pair<double, double>> &values, const std::string &unit, bool bytes) {
+  std::vector<std::vector<double>> groups;
+  for (const auto &[a, b] : values)
+    groups.push_back({a, b});
+  return seriesChart(title, labels, {"before", "after"}, groups, {"#9aa7b8", "#2c7fb8"}, unit, bytes);
+}
 
-std::string renderReportHtml(const json &report) {
+/// The `moec analyze` section: local routing consistency, caches, usage,
+/// co-activation and domains.
+std::string routingAnalysisHtml(const json &a) {
+  std::string html = "<h2>Routing analysis</h2>";
+  const json &model = a["model"];
+  const std::vector<int64_t> lengths = a["segment_lengths"].get<std::vector<int64_t>>();
+  const std::vector<double> ratios = a["cache_ratios"].get<std::vector<double>>();
+  std::string m = std::to_string(lengths.front());
+  for (int64_t length : lengths)
+    if (length == 16)
+      m = "16";
+  const std::string ratio = format("%g", ratios.back());
+  html += "<p>" + std::to_string(a["tokens"].get<int64_t>()) + " tokens in " +
+          std::to_string(a["samples"].get<int64_t>()) + " samples of " +
+          std::to_string(a["sequence_length"].get<int64_t>()) + " from " + escape(a.value("data", "")) +
+          ". SRP (segment routing best performance) is the best F1 with which one expert set per segment of m "
+          "tokens predicts every token's experts; SCH (segment cache best hit rate) is the hit rate of a cache of "
+          "ratio &#215; top-k experts per layer that evicts the expert used least in the next m tokens; LRU is the "
+          "same cache without foresight (Liang et al. 2025, as their released code computes them).</p><div>";
+  html += "<div class=\"kpi\">SRP, m = " + m + "<b>" + format("%.4f", real(model["srp"][m]["srp"])) +
+          "</b>expert sets " + format("%.2f", real(model["srp"][m]["set_ratio"])) + " &#215; top-k</div>";
+  html += "<div class=\"kpi\">SCH, m = " + m + ", cache " + ratio + " &#215; top-k<b>" +
+          format("%.4f", real(model["sch"][m][ratio])) + "</b>" +
+          std::to_string(model["cache_experts"][ratio].get<int64_t>()) + " experts over all layers</div>";
+  html += "<div class=\"kpi\">LRU, same cache<b>" + format("%.4f", real(model["lru"][ratio])) + "</b></div>";
+  html += "<div class=\"kpi\">experts active per token<b>" + format("%.2f%%", 100 * real(model["activation_ratio"])) +
+          "</b>of each layer's experts</div></div>";
+
+  std::vector<std::string> labels;
+  std::vector<std::vector<double>> values;
+  for (const json &layer : a["layers"]) {
+    labels.push_back("layer " + std::to_string(layer["index"].get<int64_t>()));
+    values.push_back({real(layer["srp"][m]["srp"]), real(layer["sch"][m][ratio]), real(layer["lru"][ratio])});
+  }
+  labels.push_back("model");
+  values.push_back({real(model["srp"][m]["srp"]), real(model["sch"][m][ratio]), real(model["lru"][ratio])});
+  html += seriesChart("per layer: SRP (m = " + m + "), SCH and LRU (cache " + ratio + " x top-k)", labels,
+                      {"SRP", "SCH", "LRU"}, values, {"#2c7fb8", "#31a354", "#9aa7b8"}, "", false);
+
+  // Every measure at every m and ratio.
+  html += "<table><tr><th>layer</th><th>experts</th><th>top-k</th><th>active per token</th>";
+  for (int64_t length : lengths)
+    html += "<th>SRP m=" + std::to_string(length) + "</th>";
+  for (int64_t length : lengths)
+    for (double r : ratios)
+      html += "<th>SCH m=" + std::to_string(length) + " x" + format("%g", r) + "</th>";
+  for (double r : ratios)
+    html += "<th>LRU x" + format("%g", r) + "</th>";
+  html += "</tr>";
+  auto tableRow = [&](const std::string &name, const json &entry, const std::string &experts, const std::string &topK,
+                      double active) {
+    html += "<tr><td class=\"l\">" + escape(name) + "</td><td>" + experts + "</td><td>" + topK + "</td><td>" +
+            (std::isfinite(active) ? format("%.2f", active) : "") + "</td>";
+    for (int64_t length : lengths)
+      html += "<td>" + format("%.4f", real(entry["srp"][std::to_string(length)]["srp"])) + "</td>";
+    for (int64_t length : lengths)
+      for (double r : ratios)
+        html += "<td>" + format("%.4f", real(entry["sch"][std::to_string(length)][format("%g", r)])) + "</td>";
+    for (double r : ratios)
+      html += "<td>" + format("%.4f", real(entry["lru"][format("%g", r)])) + "</td>";
+    html += "</tr>";
+  };
+  for (const json &layer : a["layers"])
+    tableRow("layer " + std::to_string(layer["index"].get<int64_t>()), layer,
+             std::to_string(layer["experts"].get<int64_t>()), std::to_string(layer["top_k"].get<int64_t>()),
+             real(layer["activations_per_token"]));
+  tableRow("model", model, "", "", NAN);
+  html += "</table>";
+
+  // Usage per layer and slot.
+  int64_t columns = 0;
+  std::vector<std::string> layerLabels;
+  for (const json &layer : a["layers"]) {
+    columns = std::max(columns, layer["experts"].get<int64_t>());
+    layerLabels.push_back("layer " + std::to_string(layer["index"].get<int64_t>()));
+  }
+  html += "<div style=\"display:flex;flex-wrap:wrap;gap:24px\">";
+  html += grid("share of each layer's activations (white 0 .. dark 2/experts)", layerLabels, columns, "experts",
+               [&](int64_t r, int64_t c) {
+                 const json &layer = a["layers"][static_cast<size_t>(r)];
+                 const json &usage = layer["usage"];
+                 if (c >= static_cast<int64_t>(usage.size()))
+                   return std::pair<std::string, std::string>();
+                 double total = 0;
+                 for (const json &u : usage)
+                   total += u.get<double>();
+                 const double share = total > 0 ? usage[static_cast<size_t>(c)].get<double>() / total : 0.0;
+                 return std::pair<std::string, std::string>(
+                     mix(share * static_cast<double>(usage.size()) / 2, 0xff, 0xff, 0xff, 0x08, 0x30, 0x6b),
+                     "expert " + std::to_string(c) + ": " + format("%.2f%% of activations", 100 * share));
+               });
+  const std::vector<std::string> domains = a["domains"]["names"].get<std::vector<std::string>>();
+  if (domains.size() > 1) {
+    const json &divergence = a["domains"]["js_divergence"];
+    double largest = 1e-12;
+    for (const json &row : divergence)
+      for (const json &v : row)
+        largest = std::max(largest, v.get<double>());
+    html +=
+        grid("Jensen-Shannon divergence of expert usage between domains, mean over layers (white 0 .. dark " +
+                 format("%.3f", largest) + ")",
+             domains, static_cast<int64_t>(domains.size()), "domains (same order)", [&](int64_t r, int64_t c) {
+               const double v = divergence[static_cast<size_t>(r)][static_cast<size_t>(c)].get<double>();
+               return std::pair<std::string, std::string>(mix(v / largest, 0xff, 0xff, 0xff, 0xb3, 0x00, 0x00),
+                                                          domains[static_cast<size_t>(c)] + format(": %.4f bits", v));
+             });
+  }
+  html += "</div><h2>Per layer: co-activation and domains</h2>";
+  bool first = true;
+  for (const json &layer : a["layers"]) {
+    const std::string name = "layer " + std::to_string(layer["index"].get<int64_t>());
+    const int64_t experts = layer["experts"].get<int64_t>();
+    html += std::string(first ? "<details open>" : "<details>") + "<summary>" + name + "</summary>";
+    first = false;
+    html += "<div style=\"display:flex;flex-wrap:wrap;gap:24px\">";
+    if (layer.contains("coactivation")) {
+      const json &matrix = layer["coactivation"];
+      double largest = 1e-12;
+      for (int64_t i = 0; i < experts; ++i)
+        for (int64_t j = 0; j < experts; ++j)
+          if (i != j)
+            largest = std::max(largest, matrix[static_cast<size_t>(i)][static_cast<size_t>(j)].get<double>());
+      std::vector<std::string> rows;
+      for (int64_t i = 0; i < experts; ++i)
+        rows.push_back("expert " + std::to_string(i));
+      html += grid(name + ": tokens that ran both experts (white 0 .. dark " + format("%.0f", largest) + ")", rows,
+                   experts, "experts", [&](int64_t r, int64_t c) {
+                     if (r == c)
+                       return std::pair<std::string, std::string>("#eeeeee", "itself");
+                     const double v = matrix[static_cast<size_t>(r)][static_cast<size_t>(c)].get<double>();
+                     return std::pair<std::string, std::string>(mix(v / largest, 0xff, 0xff, 0xff, 0x54, 0x27, 0x88),
+                                                                "with expert " + std::to_string(c) +
+                                                                    format(": %.0f tokens", v));
+                   });
+    }
+    if (domains.size() > 1) {
+      html += grid(name + ": share of each domain's activations (white 0 .. dark 2/experts)", domains, experts,
+                   "experts", [&](int64_t r, int64_t c) {
+                     const json &usage = layer["domains"][domains[static_cast<size_t>(r)]];
+                     double total = 0;
+                     for (const json &u : usage)
+                       total += u.get<double>();
+                     const double share = total > 0 ? usage[static_cast<size_t>(c)].get<double>() / total : 0.0;
+                     return std::pair<std::string, std::string>(
+                         mix(share * static_cast<double>(experts) / 2, 0xff, 0xff, 0xff, 0x08, 0x30, 0x6b),
+                         "expert " + std::to_string(c) + format(": %.2f%%", 100 * share));
+                   });
+    }
+    html += "</div><table><tr><th>expert pair</th><th>tokens</th><th>lift over independence</th></tr>";
+    for (const json &pair : layer["top_pairs"])
+      html += "<tr><td>" + std::to_string(pair["a"].get<int64_t>()) + " + " + std::to_string(pair["b"].get<int64_t>()) +
+              "</td><td>" + format("%.0f", real(pair["tokens"])) + "</td><td>" + format("%.2f", real(pair["lift"])) +
+              "</td></tr>";
+    html += "</table></details>";
+  }
+  return html;
+}
+
+/// What compression did: headline numbers, bytes, perplexity, the expert
+/// grids and the tables (a report from buildReport).
+std::string compressionHtml(const json &report) {
   const json &layers = report["layers"];
-  std::string html =
-      "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>moec report: " +
-      escape(report.value("model", "")) +
-      "</title><style>body{font-family:sans-serif;margin:24px;color:#222;max-width:1200px}"
-      "h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}"
-      "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}"
-      "th{background:#f4f4f4}td.l{text-align:left}figure{margin:10px 0}figcaption{font-weight:bold;font-size:13px}"
-      ".kpi{display:inline-block;margin:0 28px 10px 0}.kpi b{display:block;font-size:20px}"
-      ".legend span{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px;vertical-align:middle}"
-      "details{margin:6px 0}</style></head><body>\n";
-  html +=
-      "<h1>moec report: " + escape(report.value("model", "")) + " (" + escape(report.value("family", "")) + ")</h1>\n";
-
+  std::string html;
   // Headline numbers.
   const json &bytes = report["bytes"];
   html += "<div>";
@@ -541,8 +712,34 @@ std::string renderReportHtml(const json &report) {
     html += "</table></details>";
     firstTable = false;
   }
-  html += "<p style=\"font-size:11px;color:#777\">Written by moec report. Scores are each method's own (see "
-          "docs/MoePasses.md); frequency is the share of calibration tokens routed to the expert.</p></body></html>\n";
+  return html;
+}
+
+} // namespace
+
+std::string renderReportHtml(const json &report) {
+  std::string html =
+      "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>moec report: " +
+      escape(report.value("model", "")) +
+      "</title><style>body{font-family:sans-serif;margin:24px;color:#222;max-width:1200px}"
+      "h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}"
+      "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ddd;padding:2px 6px;text-align:right}"
+      "th{background:#f4f4f4}td.l{text-align:left}figure{margin:10px 0}figcaption{font-weight:bold;font-size:13px}"
+      ".kpi{display:inline-block;margin:0 28px 10px 0}.kpi b{display:block;font-size:20px}"
+      ".legend span{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px;vertical-align:middle}"
+      "details{margin:6px 0}</style></head><body>\n";
+  html +=
+      "<h1>moec report: " + escape(report.value("model", "")) + " (" + escape(report.value("family", "")) + ")</h1>\n";
+
+  if (report.contains("layers"))
+    html += compressionHtml(report);
+  if (report.contains("routing_analysis"))
+    html += routingAnalysisHtml(report["routing_analysis"]);
+  html += "<p style=\"font-size:11px;color:#777\">Written by moec.";
+  if (report.contains("layers"))
+    html += " Scores are each method's own (see docs/MoePasses.md); frequency is the share of calibration tokens "
+            "routed to the expert.";
+  html += "</p></body></html>\n";
   return html;
 }
 

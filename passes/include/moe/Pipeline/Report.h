@@ -46,7 +46,10 @@ struct ReportInputs {
 /// history removed is still there, or one it kept is missing).
 Expected<nlohmann::json> buildReport(const ReportInputs &inputs);
 
-/// The report as one HTML page with inline SVG.
+/// The report as one HTML page with inline SVG. A report may also (or
+/// only, with just "model" and "family") hold "routing_analysis", what
+/// `moec analyze` measured (moe/Calibration/RoutingAnalysis.h); the page
+/// then has a section for it.
 std::string renderReportHtml(const nlohmann::json &report);
 
 /// Writes the report's JSON to `json` (default: beside `html`, with .json)
