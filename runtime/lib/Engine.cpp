@@ -521,12 +521,9 @@ void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerW
                          std::span<const float>(out, tokens * H));
 }
 
-Expected<std::unique_ptr<Engine>> Engine::create(const ModelSpec &spec, std::unique_ptr<WeightProvider> provider,
-                                                 EngineOptions options) {
-  std::unique_ptr<Engine> engine(new Engine());
-  engine->modelSpec = spec;
-  engine->provider = std::move(provider);
-  for (const auto &[layer, experts] : options.maskedExperts) {
+Status Engine::setMaskedExperts(const std::map<int64_t, std::set<int64_t>> &masked) {
+  const ModelSpec &spec = modelSpec;
+  for (const auto &[layer, experts] : masked) {
     if (layer < 0 || layer >= spec.numLayers || spec.layers[static_cast<size_t>(layer)].mlp != MlpKind::Moe)
       return Status::error("masked experts: layer ", layer, " is not an MoE layer");
     const LayerSpec &layerSpec = spec.layers[static_cast<size_t>(layer)];
@@ -536,7 +533,16 @@ Expected<std::unique_ptr<Engine>> Engine::create(const ModelSpec &spec, std::uni
     if (layerSpec.numExperts - static_cast<int64_t>(experts.size()) < spec.router.topK)
       return Status::error("masked experts: layer ", layer, " would keep fewer experts than top-k");
   }
-  engine->maskedExperts = options.maskedExperts;
+  maskedExperts = masked;
+  return Status::success();
+}
+
+Expected<std::unique_ptr<Engine>> Engine::create(const ModelSpec &spec, std::unique_ptr<WeightProvider> provider,
+                                                 EngineOptions options) {
+  std::unique_ptr<Engine> engine(new Engine());
+  engine->modelSpec = spec;
+  engine->provider = std::move(provider);
+  MOE_RETURN_IF_ERROR(engine->setMaskedExperts(options.maskedExperts));
   MOE_RETURN_IF_ERROR(engine->provider->loadGlobals(engine->globals));
   size_t budget = options.maxMemoryBytes ? options.maxMemoryBytes : defaultBudget();
   engine->layerBudget = budget;

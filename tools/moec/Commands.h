@@ -79,6 +79,9 @@ Expected<nlohmann::json> compiledModelReport(const std::string &path);
 /// `moec analyze <model> --data F [-o report.html]`: routing consistency.
 Command registerAnalyze(CLI::App &app);
 
+/// `moec search <model> --data F --ratio R -o recipe.json`: EEP's search.
+Command registerSearch(CLI::App &app);
+
 /// `moec passes [PASS]`: passes, options, defaults; presets.
 Command registerPasses(CLI::App &app);
 /// `moec report model.mlir|pkg [-o report.html] [--json report.json]`.

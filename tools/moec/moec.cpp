@@ -55,6 +55,7 @@ int main(int argc, char **argv) {
       moe::cli::registerExport(app),  moe::cli::registerEmit(app),      moe::cli::registerCompress(app),
       moe::cli::registerEval(app),    moe::cli::registerCalibrate(app), moe::cli::registerGenerate(app),
       moe::cli::registerReport(app),  moe::cli::registerPasses(app),    moe::cli::registerAnalyze(app),
+      moe::cli::registerSearch(app),
   };
 
   // A mistyped command gets the nearest one.

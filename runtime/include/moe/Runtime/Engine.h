@@ -163,6 +163,10 @@ public:
   /// dropped; the embedding and head are kept): a pass changed the layers.
   void replaceLayerWeights(std::unique_ptr<WeightProvider> provider);
 
+  /// Replaces the masked experts (EngineOptions::maskedExperts): from the
+  /// next forward on, these router rows are -inf. Fails, changing nothing,
+  /// on a layer that is not MoE, an expert it lacks, or fewer than top-k left.
+  Status setMaskedExperts(const std::map<int64_t, std::set<int64_t>> &masked);
   /// Attaches `observer` (not owned; null detaches).
   void setObserver(EngineObserver *observer) { this->observer = observer; }
   const LayerCache &layerCache() const { return *layers; }
