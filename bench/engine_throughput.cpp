@@ -13,6 +13,7 @@
 #include "moe/Frontend/ModelSummary.h"
 #include "moe/Runtime/Model.h"
 
+#include "moe/Runtime/Evaluate.h"
 #include "moe/Runtime/GgufModel.h"
 #include "moe/Runtime/Package.h"
 #include "moe/Support/Threads.h"
@@ -42,7 +43,8 @@ int main(int argc, char **argv) {
   if (args.empty()) {
     std::cerr
         << "usage: engine_throughput DIR|.moepkg|.gguf [--prompt P] [--decode D] [--max-memory BYTES] [--threads N]\n"
-           "                         [--decode-start prompt|empty] [--bandwidth yes|no]\n";
+           "                         [--decode-start prompt|empty] [--bandwidth yes|no]\n"
+           "                         [--expert-cache BYTES] [--expert-policy lru|frequency] [--text FILE]\n";
     return 2;
   }
   int64_t promptTokens = 256, decodeTokens = 32;
@@ -50,6 +52,10 @@ int main(int argc, char **argv) {
   // Decode after the prompt (default), or from an empty cache as
   // llama-bench's tg does; the bandwidth measurement takes a few seconds.
   bool decodeFromEmpty = false, measureBandwidth = true;
+  // Real text instead of random ids: the prompt is its first tokens and
+  // decode is fed the following ones (teacher forcing), so routing is the
+  // model's routing on text.
+  std::string textPath;
   for (size_t i = 1; i + 1 < args.size(); i += 2) {
     if (args[i] == "--prompt")
       promptTokens = std::stoll(args[i + 1]);
@@ -57,6 +63,12 @@ int main(int argc, char **argv) {
       decodeTokens = std::stoll(args[i + 1]);
     else if (args[i] == "--max-memory")
       options.maxMemoryBytes = std::stoull(args[i + 1]);
+    else if (args[i] == "--text")
+      textPath = args[i + 1];
+    else if (args[i] == "--expert-cache")
+      options.expertCacheBytes = std::stoull(args[i + 1]);
+    else if (args[i] == "--expert-policy")
+      options.expertCachePolicy = args[i + 1] == "frequency" ? ExpertCachePolicy::Frequency : ExpertCachePolicy::Lru;
     else if (args[i] == "--decode-start")
       decodeFromEmpty = args[i + 1] == "empty";
     else if (args[i] == "--bandwidth")
@@ -72,9 +84,29 @@ int main(int argc, char **argv) {
   }
   const ModelSpec &spec = model->spec;
   std::mt19937 rng(7);
-  std::vector<int32_t> prompt(static_cast<size_t>(promptTokens));
+  std::vector<int32_t> prompt(static_cast<size_t>(promptTokens)), text;
   for (int32_t &id : prompt)
     id = static_cast<int32_t>(rng() % spec.vocabSize);
+  if (!textPath.empty()) {
+    Expected<std::vector<EvalStream>> streams = readEvalData(textPath, model->tokenizer.get(), model->endOfText);
+    if (!streams) {
+      std::cerr << "engine_throughput: error: " << streams.status().message() << "\n";
+      return 1;
+    }
+    for (const EvalStream &stream : *streams)
+      text.insert(text.end(), stream.ids.begin(), stream.ids.end());
+    if (static_cast<int64_t>(text.size()) < promptTokens + decodeTokens + 1) {
+      std::cerr << "engine_throughput: error: " << textPath << " has " << text.size() << " tokens, fewer than --prompt "
+                << promptTokens << " + --decode " << decodeTokens << "\n";
+      return 1;
+    }
+    for (int32_t id : text)
+      if (id < 0 || id >= spec.vocabSize) {
+        std::cerr << "engine_throughput: error: " << textPath << ": token id " << id << " outside the vocabulary\n";
+        return 1;
+      }
+    std::copy_n(text.begin(), promptTokens, prompt.begin());
+  }
 
   // Warm-up: converts and caches the weights (first use).
   KvCache cache = model->engine->newCache();
@@ -91,10 +123,18 @@ int main(int argc, char **argv) {
   std::vector<int32_t> next = {static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin())};
   if (decodeFromEmpty)
     cache = model->engine->newCache();
+  const int64_t loadsBeforeDecode = model->engine->layerCache().loads();
+  const size_t layerBytesBeforeDecode = model->engine->layerCache().loadedBytes();
+  if (ExpertCache *experts = model->engine->expertCache())
+    experts->resetCounters();
   start = Clock::now();
   for (int64_t i = 0; i < decodeTokens; ++i) {
-    if (!model->engine->forward(next, cache, logits, true).ok())
+    if (!text.empty())
+      next[0] = text[static_cast<size_t>(promptTokens + i)];
+    if (Status status = model->engine->forward(next, cache, logits, true); !status.ok()) {
+      std::cerr << "engine_throughput: error: " << status.message() << "\n";
       return 1;
+    }
     next[0] = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
   }
   double decodeSeconds = secondsSince(start);
@@ -143,29 +183,44 @@ int main(int argc, char **argv) {
       measureBandwidth ? moe::bench::memoryBandwidth(threadCount()) : moe::bench::Bandwidth{};
   const double copyBandwidth = measured.copyGbPerS, readBandwidth = measured.readGbPerS;
 
-  nlohmann::json out = {{"benchmark", "engine_throughput"},
-                        {"model", args[0]},
-                        {"family", familyName(spec.family)},
-                        {"total_parameters", summary.totalParameters},
-                        {"active_parameters", summary.activeParameters},
-                        {"load_seconds", loadSeconds},
-                        {"threads", threadCount()},
-                        {"prompt_tokens", promptTokens},
-                        {"prefill_tokens_per_second", promptTokens / prefillSeconds},
-                        {"decode_tokens", decodeTokens},
-                        {"decode_start", decodeFromEmpty ? "empty" : "prompt"},
-                        {"decode_tokens_per_second", decodeTokensPerSecond},
-                        {"weight_bytes_per_decoded_token", bytesPerToken},
-                        {"weights_in_memory", weightsInMemory},
-                        {"decode_weight_gb_per_s", bytesPerToken * decodeTokensPerSecond / 1e9},
-                        {"memory_copy_gb_per_s", copyBandwidth},
-                        {"memory_read_gb_per_s", readBandwidth},
-                        {"decode_fraction_of_read_bandwidth",
-                         readBandwidth > 0 ? bytesPerToken * decodeTokensPerSecond / 1e9 / readBandwidth : 0.0},
-                        {"max_memory_bytes", options.maxMemoryBytes},
-                        {"resident_layer_bytes_peak", model->engine->layerCache().peakResidentBytes()},
-                        {"layer_loads", model->engine->layerCache().loads()},
-                        {"peak_rss_bytes", static_cast<int64_t>(usage.ru_maxrss) * 1024}};
+  nlohmann::json out = {
+      {"benchmark", "engine_throughput"},
+      {"model", args[0]},
+      {"family", familyName(spec.family)},
+      {"total_parameters", summary.totalParameters},
+      {"active_parameters", summary.activeParameters},
+      {"load_seconds", loadSeconds},
+      {"threads", threadCount()},
+      {"prompt_tokens", promptTokens},
+      {"prefill_tokens_per_second", promptTokens / prefillSeconds},
+      {"decode_tokens", decodeTokens},
+      {"decode_start", decodeFromEmpty ? "empty" : "prompt"},
+      {"text", textPath.empty() ? nlohmann::json(nullptr) : nlohmann::json(textPath)},
+      {"decode_tokens_per_second", decodeTokensPerSecond},
+      {"weight_bytes_per_decoded_token", bytesPerToken},
+      {"weights_in_memory", weightsInMemory},
+      {"decode_weight_gb_per_s", bytesPerToken * decodeTokensPerSecond / 1e9},
+      {"memory_copy_gb_per_s", copyBandwidth},
+      {"memory_read_gb_per_s", readBandwidth},
+      {"decode_fraction_of_read_bandwidth",
+       readBandwidth > 0 ? bytesPerToken * decodeTokensPerSecond / 1e9 / readBandwidth : 0.0},
+      {"max_memory_bytes", options.maxMemoryBytes},
+      {"resident_layer_bytes_peak", model->engine->layerCache().peakResidentBytes()},
+      {"layer_loads", model->engine->layerCache().loads()},
+      {"decode_layer_loads", model->engine->layerCache().loads() - loadsBeforeDecode},
+      {"decode_bytes_loaded_per_token",
+       static_cast<double>(model->engine->layerCache().loadedBytes() - layerBytesBeforeDecode +
+                           (model->engine->expertCache() ? model->engine->expertCache()->counters().bytesLoaded : 0)) /
+           static_cast<double>(std::max<int64_t>(decodeTokens, 1))},
+      {"peak_rss_bytes", static_cast<int64_t>(usage.ru_maxrss) * 1024}};
+  if (const ExpertCache *experts = model->engine->expertCache()) {
+    out["expert_cache_bytes"] = options.expertCacheBytes;
+    out["expert_policy"] = options.expertCachePolicy == ExpertCachePolicy::Frequency ? "frequency" : "lru";
+    out["decode_expert_hits"] = experts->counters().hits;
+    out["decode_expert_misses"] = experts->counters().misses;
+    out["decode_expert_hit_rate"] = experts->counters().hitRate();
+    out["expert_resident_bytes_peak"] = experts->peakResidentBytes();
+  }
   std::cout << out.dump(2) << "\n";
   return 0;
 }

@@ -33,7 +33,7 @@ public:
     return Status::success();
   }
 
-  Status loadLayer(int64_t layer, LayerWeights &w) override {
+  Status loadLayer(int64_t layer, LayerWeights &w, bool routedExperts) override {
     if (layer < 0 || layer >= static_cast<int64_t>(description.layers.size()))
       return Status::error("layer ", layer, " out of range [0, ", description.layers.size(), ")");
     const LayerEntry &entry = description.layers[static_cast<size_t>(layer)];
@@ -46,32 +46,9 @@ public:
       MOE_RETURN_IF_ERROR(status);
     }
     w.experts.assign(entry.experts.size(), MlpWeights());
-    for (size_t slot = 0; slot < entry.experts.size(); ++slot) {
-      const ExpertEntry &expert = entry.experts[slot];
-      MOE_RETURN_IF_ERROR(loadMatrix(expert.gate, w.experts[slot].gate));
-      MOE_RETURN_IF_ERROR(loadMatrix(expert.up, w.experts[slot].up));
-      MOE_RETURN_IF_ERROR(loadMatrix(expert.down, w.experts[slot].down));
-      // A split expert's parts: each a gated MLP over its own neurons, the
-      // widths adding up to the expert's.
-      int64_t width = w.experts[slot].gate.rows;
-      for (const ExpertPart &part : expert.moreParts) {
-        MlpWeights &loaded = w.experts[slot].moreParts.emplace_back();
-        MOE_RETURN_IF_ERROR(loadMatrix(part.gate, loaded.gate));
-        MOE_RETURN_IF_ERROR(loadMatrix(part.up, loaded.up));
-        MOE_RETURN_IF_ERROR(loadMatrix(part.down, loaded.down));
-        const MlpWeights &first = w.experts[slot];
-        if (loaded.gate.rows != part.width || loaded.up.rows != part.width || loaded.down.cols != part.width ||
-            loaded.gate.cols != first.gate.cols || loaded.up.cols != first.up.cols ||
-            loaded.down.rows != first.down.rows)
-          return Status::error("layer ", layer, " expert ", expert.id, ": a part of width ", part.width, " has gate ",
-                               loaded.gate.rows, "x", loaded.gate.cols, ", up ", loaded.up.rows, "x", loaded.up.cols,
-                               ", down ", loaded.down.rows, "x", loaded.down.cols);
-        width += part.width;
-      }
-      if (!expert.moreParts.empty() && width != expert.width)
-        return Status::error("layer ", layer, " expert ", expert.id, ": its parts have ", width,
-                             " neurons, the expert ", expert.width);
-    }
+    if (routedExperts)
+      for (size_t slot = 0; slot < entry.experts.size(); ++slot)
+        MOE_RETURN_IF_ERROR(loadExpert(layer, static_cast<int64_t>(slot), w.experts[slot]));
     w.routing = entry.routing;
     if (!w.router.empty()) {
       const int64_t slots = static_cast<int64_t>(w.experts.size());
@@ -85,6 +62,36 @@ public:
         if (slot < 0 || slot >= slots)
           return Status::error("layer ", layer, ": remap entry ", slot, " is not an expert slot [0, ", slots, ")");
     }
+    return Status::success();
+  }
+
+  Status loadExpert(int64_t layer, int64_t slot, MlpWeights &out) override {
+    if (layer < 0 || layer >= static_cast<int64_t>(description.layers.size()) || slot < 0 ||
+        slot >= static_cast<int64_t>(description.layers[static_cast<size_t>(layer)].experts.size()))
+      return Status::error("layer ", layer, " has no routed expert slot ", slot);
+    const ExpertEntry &expert = description.layers[static_cast<size_t>(layer)].experts[static_cast<size_t>(slot)];
+    MOE_RETURN_IF_ERROR(loadMatrix(expert.gate, out.gate));
+    MOE_RETURN_IF_ERROR(loadMatrix(expert.up, out.up));
+    MOE_RETURN_IF_ERROR(loadMatrix(expert.down, out.down));
+    // A split expert's parts: each a gated MLP over its own neurons, the
+    // widths adding up to the expert's.
+    int64_t width = out.gate.rows;
+    for (const ExpertPart &part : expert.moreParts) {
+      MlpWeights &loaded = out.moreParts.emplace_back();
+      MOE_RETURN_IF_ERROR(loadMatrix(part.gate, loaded.gate));
+      MOE_RETURN_IF_ERROR(loadMatrix(part.up, loaded.up));
+      MOE_RETURN_IF_ERROR(loadMatrix(part.down, loaded.down));
+      const MlpWeights &first = out;
+      if (loaded.gate.rows != part.width || loaded.up.rows != part.width || loaded.down.cols != part.width ||
+          loaded.gate.cols != first.gate.cols || loaded.up.cols != first.up.cols || loaded.down.rows != first.down.rows)
+        return Status::error("layer ", layer, " expert ", expert.id, ": a part of width ", part.width, " has gate ",
+                             loaded.gate.rows, "x", loaded.gate.cols, ", up ", loaded.up.rows, "x", loaded.up.cols,
+                             ", down ", loaded.down.rows, "x", loaded.down.cols);
+      width += part.width;
+    }
+    if (!expert.moreParts.empty() && width != expert.width)
+      return Status::error("layer ", layer, " expert ", expert.id, ": its parts have ", width, " neurons, the expert ",
+                           expert.width);
     return Status::success();
   }
 

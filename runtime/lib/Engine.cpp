@@ -437,6 +437,13 @@ void addSharedExpert(const ModelSpec &spec, const LayerSpec &layer, const LayerW
 
 void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &w, const float *x,
                      int64_t tokens, float *out, const MoeBlockHooks &hooks) {
+  // Without an expert cache nothing is loaded, so nothing can fail.
+  Status done = detail::moeBlock(spec, layer, w, x, tokens, out, hooks, nullptr);
+  (void)done;
+}
+
+Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &w, const float *x,
+                        int64_t tokens, float *out, const MoeBlockHooks &hooks, ExpertCache *cache) {
   EngineObserver *observer = hooks.observer;
   const int64_t H = spec.hiddenSize;
   const int64_t slots = static_cast<int64_t>(w.experts.size());
@@ -447,6 +454,23 @@ void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerW
     observer->onRouter(layer.index, tokens, routing.logits, routing.chosen, routing.weights, w.routing.remap);
   const std::vector<std::vector<int32_t>> &tokensOf = routing.tokensOf;
   const std::vector<std::vector<float>> &weightsOf = routing.weightsOf;
+  // Offloaded experts: the ones this block runs, from the cache (held
+  // until the block is done).
+  const bool allExperts = observer && observer->computeAllExperts();
+  std::vector<std::shared_ptr<const MlpWeights>> held;
+  if (cache) {
+    held.resize(static_cast<size_t>(slots));
+    for (int64_t e = 0; e < slots; ++e)
+      if (allExperts || !tokensOf[static_cast<size_t>(e)].empty()) {
+        Expected<std::shared_ptr<const MlpWeights>> loaded = cache->get(layer.index, e);
+        if (!loaded)
+          return loaded.status();
+        held[static_cast<size_t>(e)] = loaded.take();
+      }
+  }
+  auto expert = [&](int64_t e) -> const MlpWeights & {
+    return cache ? *held[static_cast<size_t>(e)] : w.experts[static_cast<size_t>(e)];
+  };
   int64_t calls = 0;
   for (const std::vector<int32_t> &slotTokens : tokensOf)
     calls += static_cast<int64_t>(slotTokens.size());
@@ -461,11 +485,11 @@ void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerW
     mlps.clear();
     for (int64_t e = 0; e < slots; ++e)
       if (!tokensOf[e].empty())
-        mlps.emplace_back(&w.experts[e], weightsOf[e][0]);
+        mlps.emplace_back(&expert(e), weightsOf[e][0]);
     if (layer.shared.intermediateSize > 0)
       mlps.emplace_back(&w.shared, sharedExpertGate(layer, w, x, H));
     if (decodeExperts(mlps, x, H, out))
-      return;
+      return Status::success();
   }
   std::fill(out, out + tokens * H, 0.0f);
   std::vector<float> input, intermediate, output;
@@ -473,7 +497,6 @@ void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerW
   // calibrate-all-experts): each expert runs on the whole block input and
   // the observer sees all of it, while the block output below still adds
   // only the routed tokens.
-  const bool allExperts = observer && observer->computeAllExperts();
   std::vector<int32_t> everyToken;
   if (allExperts)
     for (int64_t t = 0; t < tokens; ++t)
@@ -482,7 +505,7 @@ void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerW
     const std::vector<int32_t> &routed = tokensOf[e];
     if (allExperts) {
       output.resize(static_cast<size_t>(tokens * H));
-      swiglu(w.experts[e], x, tokens, intermediate, output.data());
+      swiglu(expert(e), x, tokens, intermediate, output.data());
       observer->onExpert(layer.index, e, everyToken, std::span<const float>(x, tokens * H), intermediate, output);
       for (size_t r = 0; r < routed.size(); ++r) {
         float weight = weightsOf[e][r];
@@ -500,7 +523,7 @@ void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerW
     for (int64_t r = 0; r < n; ++r)
       std::copy_n(x + routed[r] * H, H, input.data() + r * H);
     output.resize(static_cast<size_t>(n * H));
-    swiglu(w.experts[e], input.data(), n, intermediate, output.data());
+    swiglu(expert(e), input.data(), n, intermediate, output.data());
     if (observer)
       observer->onExpert(layer.index, e, routed, input, intermediate, output);
     for (int64_t r = 0; r < n; ++r) {
@@ -519,6 +542,7 @@ void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerW
   if (observer)
     observer->onMoeBlock(layer.index, tokens, std::span<const float>(x, tokens * H),
                          std::span<const float>(out, tokens * H));
+  return Status::success();
 }
 
 Status Engine::setMaskedExperts(const std::map<int64_t, std::set<int64_t>> &masked) {
@@ -546,7 +570,13 @@ Expected<std::unique_ptr<Engine>> Engine::create(const ModelSpec &spec, std::uni
   MOE_RETURN_IF_ERROR(engine->provider->loadGlobals(engine->globals));
   size_t budget = options.maxMemoryBytes ? options.maxMemoryBytes : defaultBudget();
   engine->layerBudget = budget;
-  engine->layers = std::make_unique<LayerCache>(*engine->provider, spec.numLayers, budget);
+  engine->layers =
+      std::make_unique<LayerCache>(*engine->provider, spec.numLayers, budget, options.expertCacheBytes == 0);
+  engine->expertCacheBytes = options.expertCacheBytes;
+  engine->expertCachePolicy = options.expertCachePolicy;
+  if (options.expertCacheBytes > 0)
+    engine->experts =
+        std::make_unique<ExpertCache>(*engine->provider, options.expertCacheBytes, options.expertCachePolicy);
   return engine;
 }
 
@@ -628,7 +658,7 @@ Status Engine::forwardLayer(int64_t l, float *xData, int64_t T, KvCache &cache) 
     hooks.observer = observer;
     hooks.counters = &counters;
     hooks.residual = x.data();
-    moeBlockForward(spec, layer, w, normed.data(), T, branch.data(), hooks);
+    MOE_RETURN_IF_ERROR(detail::moeBlock(spec, layer, w, normed.data(), T, branch.data(), hooks, experts.get()));
   } else {
     std::vector<float> intermediate;
     swiglu(w.dense, normed.data(), T, intermediate, branch.data());
@@ -642,8 +672,11 @@ Status Engine::forwardLayer(int64_t l, float *xData, int64_t T, KvCache &cache) 
 
 void Engine::replaceLayerWeights(std::unique_ptr<WeightProvider> replacement) {
   layers.reset();
+  experts.reset();
   provider = std::move(replacement);
-  layers = std::make_unique<LayerCache>(*provider, modelSpec.numLayers, layerBudget);
+  layers = std::make_unique<LayerCache>(*provider, modelSpec.numLayers, layerBudget, expertCacheBytes == 0);
+  if (expertCacheBytes > 0)
+    experts = std::make_unique<ExpertCache>(*provider, expertCacheBytes, expertCachePolicy);
 }
 
 } // namespace moe

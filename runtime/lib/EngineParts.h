@@ -46,6 +46,11 @@ struct BlockRouting {
 void routeBlock(const ModelSpec &spec, const LayerWeights &w, const float *x, int64_t tokens,
                 const std::set<int64_t> *maskedRows, BlockRouting &routing);
 
+/// moeBlockForward with routed experts taken from `cache` when it is not
+/// null (expert offloading; loading may fail).
+Status moeBlock(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &w, const float *x, int64_t tokens,
+                float *out, const MoeBlockHooks &hooks, ExpertCache *cache);
+
 } // namespace moe::detail
 
 #endif // MOE_RUNTIME_LIB_ENGINEPARTS_H

@@ -500,6 +500,9 @@ Expected<double> Engine::lossGradients(std::span<const int32_t> tokens, Gradient
   const int64_t T = static_cast<int64_t>(tokens.size()), H = spec.hiddenSize, V = spec.vocabSize;
   if (T < 2)
     return Status::error("gradients: a window needs at least 2 tokens (one to predict), got ", T);
+  if (experts)
+    return Status::error("gradients: the backward pass reads every layer's experts directly and does not run with "
+                         "an expert cache (offloading)");
   for (int32_t token : tokens)
     if (token < 0 || token >= V)
       return Status::error("gradients: token id ", token, " is outside the vocabulary [0, ", V, ")");

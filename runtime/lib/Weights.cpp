@@ -143,13 +143,15 @@ public:
     return Status::success();
   }
 
-  Status loadLayer(int64_t layer, LayerWeights &w) override {
+  Status loadLayer(int64_t layer, LayerWeights &w, bool routedExperts) override {
     if (layer < 0 || layer >= spec.numLayers)
       return Status::error("layer ", layer, " out of range [0, ", spec.numLayers, ")");
     const LayerSpec &layerSpec = spec.layers[static_cast<size_t>(layer)];
     if (layerSpec.mlp == MlpKind::Moe)
       w.experts.assign(static_cast<size_t>(layerSpec.numExperts), MlpWeights());
     for (const TensorSpec &tensor : byLayer[static_cast<size_t>(layer + 1)]) {
+      if (!routedExperts && isRoutedExpertRole(tensor.role))
+        continue;
       Status status = Status::success();
       MlpWeights *expert = tensor.expert >= 0 ? &w.experts[static_cast<size_t>(tensor.expert)] : nullptr;
       switch (tensor.role) {
@@ -181,7 +183,46 @@ public:
     return Status::success();
   }
 
+  Status loadExpert(int64_t layer, int64_t slot, MlpWeights &expert) override {
+    if (layer < 0 || layer >= spec.numLayers || spec.layers[static_cast<size_t>(layer)].mlp != MlpKind::Moe ||
+        slot < 0 || slot >= spec.layers[static_cast<size_t>(layer)].numExperts)
+      return Status::error("layer ", layer, " has no routed expert ", slot);
+    const LayerSpec &layerSpec = spec.layers[static_cast<size_t>(layer)];
+    for (const TensorSpec &tensor : byLayer[static_cast<size_t>(layer + 1)]) {
+      if (tensor.role == TensorRole::ExpertGateUpFused || tensor.role == TensorRole::ExpertDownFused) {
+        // Fused [E, ...] tensors: every expert is converted to take one
+        // (a package stores experts one by one and reads only its own).
+        LayerWeights all;
+        all.experts.assign(static_cast<size_t>(layerSpec.numExperts), MlpWeights());
+        MOE_RETURN_IF_ERROR(tensor.role == TensorRole::ExpertGateUpFused ? loadFusedGateUp(tensor, layerSpec, all)
+                                                                         : loadFusedDown(tensor, layerSpec, all));
+        MlpWeights &mine = all.experts[static_cast<size_t>(slot)];
+        if (tensor.role == TensorRole::ExpertGateUpFused) {
+          expert.gate = std::move(mine.gate);
+          expert.up = std::move(mine.up);
+        } else {
+          expert.down = std::move(mine.down);
+        }
+        continue;
+      }
+      if (tensor.expert != slot)
+        continue;
+      if (tensor.role == TensorRole::ExpertGate)
+        MOE_RETURN_IF_ERROR(loadMatrix(tensor, expert.gate));
+      else if (tensor.role == TensorRole::ExpertUp)
+        MOE_RETURN_IF_ERROR(loadMatrix(tensor, expert.up));
+      else if (tensor.role == TensorRole::ExpertDown)
+        MOE_RETURN_IF_ERROR(loadMatrix(tensor, expert.down));
+    }
+    return Status::success();
+  }
+
 private:
+  static bool isRoutedExpertRole(TensorRole role) {
+    return role == TensorRole::ExpertGate || role == TensorRole::ExpertUp || role == TensorRole::ExpertDown ||
+           role == TensorRole::ExpertGateUpFused || role == TensorRole::ExpertDownFused;
+  }
+
   Status load(const TensorSpec &tensor, std::vector<float> &out) {
     MOE_RETURN_IF_ERROR(checkpoint->loadF32(tensor.name, out));
     // The f32 copy is what the engine uses; let the mapped pages go.
@@ -255,9 +296,46 @@ std::unique_ptr<WeightProvider> makeCheckpointWeightProvider(const ModelSpec &sp
   return std::make_unique<CheckpointWeightProvider>(spec, std::move(checkpoint));
 }
 
-LayerCache::LayerCache(WeightProvider &provider, int64_t numLayers, size_t budgetBytes)
-    : provider(provider), budget(budgetBytes), layers(static_cast<size_t>(numLayers)),
+LayerCache::LayerCache(WeightProvider &provider, int64_t numLayers, size_t budgetBytes, bool routedExperts)
+    : provider(provider), budget(budgetBytes), routedExperts(routedExperts), layers(static_cast<size_t>(numLayers)),
       layerBytes(static_cast<size_t>(numLayers), 0) {}
+
+ExpertCache::ExpertCache(WeightProvider &provider, size_t budgetBytes, ExpertCachePolicy policy)
+    : provider(provider), budget(budgetBytes), policy(policy) {}
+
+Expected<std::shared_ptr<const MlpWeights>> ExpertCache::get(int64_t layer, int64_t slot) {
+  const std::pair<int64_t, int64_t> key{layer, slot};
+  ++uses[key];
+  ++clock;
+  if (auto found = entries.find(key); found != entries.end()) {
+    ++stats.hits;
+    found->second.lastUse = clock;
+    return found->second.weights;
+  }
+  auto weights = std::make_shared<MlpWeights>();
+  MOE_RETURN_IF_ERROR(provider.loadExpert(layer, slot, *weights));
+  const size_t size = weights->bytes();
+  ++stats.misses;
+  stats.bytesLoaded += size;
+  // Evict until the newcomer fits (or nothing is left: an expert larger
+  // than the budget still runs, alone).
+  while (!entries.empty() && resident + size > budget) {
+    auto victim = entries.begin();
+    for (auto it = entries.begin(); it != entries.end(); ++it) {
+      const bool lessUsed = uses[it->first] < uses[victim->first];
+      const bool sameUse = uses[it->first] == uses[victim->first];
+      const bool older = it->second.lastUse < victim->second.lastUse;
+      if (policy == ExpertCachePolicy::Frequency ? (lessUsed || (sameUse && older)) : older)
+        victim = it;
+    }
+    resident -= victim->second.bytes;
+    entries.erase(victim);
+  }
+  entries[key] = {weights, size, clock};
+  resident += size;
+  peak = std::max(peak, resident);
+  return std::shared_ptr<const MlpWeights>(std::move(weights));
+}
 
 size_t LayerCache::distinctLayerBytes() const {
   size_t total = 0;
@@ -287,7 +365,7 @@ Expected<std::shared_ptr<const LayerWeights>> LayerCache::get(int64_t layer) {
   };
   evictUntil(largestLayer);
   auto weights = std::make_shared<LayerWeights>();
-  MOE_RETURN_IF_ERROR(provider.loadLayer(layer, *weights));
+  MOE_RETURN_IF_ERROR(provider.loadLayer(layer, *weights, routedExperts));
   size_t size = weights->bytes();
   largestLayer = std::max(largestLayer, size);
   evictUntil(size);
@@ -295,6 +373,7 @@ Expected<std::shared_ptr<const LayerWeights>> LayerCache::get(int64_t layer) {
   resident += size;
   peak = std::max(peak, resident);
   ++loadCount;
+  loaded += size;
   layerBytes[static_cast<size_t>(layer)] = size;
   recent.push_front(layer);
   return slot;

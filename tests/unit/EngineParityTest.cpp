@@ -147,6 +147,111 @@ TEST(Engine, SmallMemoryBudgetStreamsLayersWithIdenticalResults) {
   EXPECT_LE(streamed.engine->layerCache().peakResidentBytes(), largestLayer);
 }
 
+// Expert offloading: layers held without their routed experts, experts
+// loaded one by one into a small cache. Logits equal the resident engine's
+// bit for bit (per-expert and fused checkpoints, prefill and decode); the
+// cache never holds more than its budget plus the one expert in hand; a
+// cache that fits every expert loads each once.
+TEST(Engine, OffloadedExpertsGiveIdenticalLogits) {
+  for (const char *name : {"mixtral", "mixtral_fused", "deepseek_v3", "qwen2_moe"}) {
+    const std::string dir = dataDir() + "/hf/" + name;
+    Loaded whole = loadModel(dir);
+    size_t expertBytes = 0, expertCount = 0;
+    {
+      auto provider = makeCheckpointWeightProvider(whole.spec, whole.checkpoint);
+      for (int64_t l = 0; l < whole.spec.numLayers; ++l) {
+        LayerWeights weights;
+        ASSERT_TRUE(provider->loadLayer(l, weights).ok());
+        for (const MlpWeights &expert : weights.experts) {
+          expertBytes = std::max(expertBytes, expert.bytes());
+          ++expertCount;
+        }
+        LayerWeights without;
+        ASSERT_TRUE(provider->loadLayer(l, without, false).ok());
+        EXPECT_EQ(without.experts.size(), weights.experts.size());
+        EXPECT_EQ(
+            without.bytes() +
+                [&] {
+                  size_t total = 0;
+                  for (const MlpWeights &expert : weights.experts)
+                    total += expert.bytes();
+                  return total;
+                }(),
+            weights.bytes())
+            << name << " layer " << l << ": the layer without experts lacks exactly them";
+      }
+    }
+    Golden golden = loadGolden(name);
+    for (ExpertCachePolicy policy : {ExpertCachePolicy::Lru, ExpertCachePolicy::Frequency}) {
+      EngineOptions small;
+      small.expertCacheBytes = 3 * expertBytes; // three experts of the whole model
+      small.expertCachePolicy = policy;
+      Loaded offloaded = loadModel(dir, small);
+      std::vector<float> a, b;
+      KvCache cacheA = whole.engine->newCache(), cacheB = offloaded.engine->newCache();
+      const size_t prompt = 9;
+      ASSERT_TRUE(whole.engine->forward(std::span(golden.ids).first(prompt), cacheA, a).ok());
+      ASSERT_TRUE(offloaded.engine->forward(std::span(golden.ids).first(prompt), cacheB, b).ok());
+      EXPECT_EQ(a, b) << name << " prefill";
+      for (size_t t = prompt; t < golden.ids.size(); ++t) {
+        ASSERT_TRUE(whole.engine->forward(std::span(golden.ids).subspan(t, 1), cacheA, a, true).ok());
+        ASSERT_TRUE(offloaded.engine->forward(std::span(golden.ids).subspan(t, 1), cacheB, b, true).ok());
+        EXPECT_EQ(a, b) << name << " decode position " << t;
+      }
+      const ExpertCache *cache = offloaded.engine->expertCache();
+      ASSERT_NE(cache, nullptr);
+      EXPECT_GT(cache->counters().misses, 0);
+      EXPECT_LE(cache->peakResidentBytes(), 4 * expertBytes) << name;
+      EXPECT_EQ(cache->counters().bytesLoaded > 0, true);
+    }
+    // Room for every expert: each is loaded once, and a second pass hits.
+    EngineOptions roomy;
+    roomy.expertCacheBytes = (expertCount + 1) * expertBytes;
+    Loaded offloaded = loadModel(dir, roomy);
+    std::vector<float> b;
+    for (int pass = 0; pass < 2; ++pass) {
+      KvCache cache = offloaded.engine->newCache();
+      ASSERT_TRUE(offloaded.engine->forward(golden.ids, cache, b).ok());
+    }
+    const ExpertCacheCounters &counters = offloaded.engine->expertCache()->counters();
+    EXPECT_LE(counters.misses, static_cast<int64_t>(expertCount)) << name;
+    EXPECT_GE(counters.hits, counters.misses) << name << ": the second pass hits every expert the first loaded";
+  }
+}
+
+// Which expert goes: LRU evicts the least recent; frequency keeps the one
+// asked for most often.
+TEST(Engine, ExpertCachePoliciesEvictAsDocumented) {
+  const std::string dir = dataDir() + "/hf/mixtral";
+  Loaded model = loadModel(dir);
+  auto provider = makeCheckpointWeightProvider(model.spec, model.checkpoint);
+  MlpWeights one;
+  ASSERT_TRUE(provider->loadExpert(0, 0, one).ok());
+  const size_t size = one.bytes();
+  for (ExpertCachePolicy policy : {ExpertCachePolicy::Lru, ExpertCachePolicy::Frequency}) {
+    ExpertCache cache(*provider, 2 * size, policy);
+    // 0, 0, 0, 1, then 2: LRU evicts 0 (least recent), frequency evicts 1.
+    for (int64_t slot : {0, 0, 0, 1, 2})
+      ASSERT_TRUE(cache.get(0, slot).ok());
+    EXPECT_EQ(cache.counters().hits, 2);
+    EXPECT_EQ(cache.counters().misses, 3);
+    ASSERT_TRUE(cache.get(0, 0).ok());
+    EXPECT_EQ(cache.counters().hits, policy == ExpertCachePolicy::Frequency ? 3 : 2);
+    EXPECT_LE(cache.peakResidentBytes(), 2 * size);
+  }
+  MlpWeights missing;
+  expectErrorContains(provider->loadExpert(0, 99, missing), {"no routed expert 99"});
+  EngineOptions offload;
+  offload.expertCacheBytes = size;
+  Loaded offloaded = loadModel(dir, offload);
+  class Nothing : public GradientObserver {
+  } nothing;
+  std::vector<int32_t> ids = {1, 2, 3};
+  auto refused = offloaded.engine->lossGradients(ids, nothing);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("expert cache"), std::string::npos);
+}
+
 TEST(Engine, RejectsTokensOutsideTheVocabulary) {
   Loaded model = loadModel(dataDir() + "/hf/mixtral");
   KvCache cache = model.engine->newCache();

@@ -36,6 +36,8 @@ struct ModelOptions {
   std::string path;
   std::string maxMemory;
   bool simulateQuantized = false;
+  std::string expertCache;          ///< --expert-cache SIZE: offload routed experts.
+  std::string expertPolicy = "lru"; ///< --expert-policy lru|frequency.
 };
 void addModelOptions(CLI::App *command, ModelOptions &options);
 /// Opens the model (printing its warnings); errors name the file or option.

@@ -68,6 +68,12 @@ void addModelOptions(CLI::App *command, ModelOptions &options) {
                       "Budget for converted weights, e.g. 2G (default: the whole model when it fits)");
   command->add_flag("--simulate-quantized", options.simulateQuantized,
                     "Run quantised tensors as their dequantised f32 values instead of the integer kernels");
+  command->add_option("--expert-cache", options.expertCache,
+                      "Offload routed experts: keep at most this many bytes of them (e.g. 1G), loading the others "
+                      "on demand; the rest of each layer stays under --max-memory");
+  command->add_option("--expert-policy", options.expertPolicy, "Which cached expert to evict: lru or frequency")
+      ->check(CLI::IsMember({"lru", "frequency"}))
+      ->capture_default_str();
 }
 
 Expected<LoadedModel> openModel(const ModelOptions &options) {
@@ -77,6 +83,14 @@ Expected<LoadedModel> openModel(const ModelOptions &options) {
     if (!bytes)
       return Status::error("--max-memory '", options.maxMemory, "': expected a size such as 512M or 4G");
     engineOptions.maxMemoryBytes = *bytes;
+  }
+  if (!options.expertCache.empty()) {
+    std::optional<size_t> bytes = parseBytes(options.expertCache);
+    if (!bytes || *bytes == 0)
+      return Status::error("--expert-cache '", options.expertCache, "': expected a size such as 512M or 4G");
+    engineOptions.expertCacheBytes = *bytes;
+    engineOptions.expertCachePolicy =
+        options.expertPolicy == "frequency" ? ExpertCachePolicy::Frequency : ExpertCachePolicy::Lru;
   }
   Expected<LoadedModel> model = isModuleFile(options.path)
                                     ? loadModuleModel(options.path, engineOptions, options.simulateQuantized)
@@ -151,6 +165,11 @@ int runEval(const EvalCommandOptions &options) {
     out["tokens_per_second"] = tokensPerSecond;
     if (!options.compare.empty())
       out["original"] = options.compare;
+    if (const ExpertCache *experts = model.engine->expertCache())
+      out["expert_cache"] = {
+          {"bytes", experts->residentBytes()},         {"peak_bytes", experts->peakResidentBytes()},
+          {"hits", experts->counters().hits},          {"misses", experts->counters().misses},
+          {"hit_rate", experts->counters().hitRate()}, {"bytes_loaded", experts->counters().bytesLoaded}};
     std::cout << out.dump(2) << "\n";
     return 0;
   }
@@ -178,6 +197,12 @@ int runEval(const EvalCommandOptions &options) {
     std::printf("top-1 agreement: %.2f%% of %lld tokens\n", 100 * c.top1Agreement, static_cast<long long>(c.tokens));
   }
   std::printf("experts/token: %.2f per MoE layer\n", r.expertsPerToken);
+  if (const ExpertCache *experts = model.engine->expertCache())
+    std::printf("expert cache: %.1f%% hits (%lld of %lld), %.1f MB loaded, at most %.1f MB resident\n",
+                100 * experts->counters().hitRate(), static_cast<long long>(experts->counters().hits),
+                static_cast<long long>(experts->counters().hits + experts->counters().misses),
+                static_cast<double>(experts->counters().bytesLoaded) / 1e6,
+                static_cast<double>(experts->peakResidentBytes()) / 1e6);
   std::printf("speed:        %.1f tokens/s (%.1f s)\n", tokensPerSecond, r.seconds);
   return 0;
 }

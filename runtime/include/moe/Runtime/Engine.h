@@ -95,6 +95,11 @@ struct EngineOptions {
   /// Budget for converted layer weights; 0 means 3/4 of physical memory
   /// (the whole model when it fits).
   size_t maxMemoryBytes = 0;
+  /// Expert offloading: when non-zero, layers are held without their
+  /// routed experts (under maxMemoryBytes), and routed experts are loaded
+  /// one by one on demand into an ExpertCache of this many bytes.
+  size_t expertCacheBytes = 0;
+  ExpertCachePolicy expertCachePolicy = ExpertCachePolicy::Lru;
 };
 
 /// What the MoE layers did since the engine was made (or reset).
@@ -170,6 +175,9 @@ public:
   /// Attaches `observer` (not owned; null detaches).
   void setObserver(EngineObserver *observer) { this->observer = observer; }
   const LayerCache &layerCache() const { return *layers; }
+  /// The expert cache (EngineOptions::expertCacheBytes), or null.
+  const ExpertCache *expertCache() const { return experts.get(); }
+  ExpertCache *expertCache() { return experts.get(); }
   const RoutingCounters &routingCounters() const { return counters; }
   void resetRoutingCounters() { counters = {}; }
 
@@ -180,6 +188,9 @@ private:
   std::unique_ptr<WeightProvider> provider;
   std::unique_ptr<LayerCache> layers;
   size_t layerBudget = 0;
+  std::unique_ptr<ExpertCache> experts;
+  size_t expertCacheBytes = 0;
+  ExpertCachePolicy expertCachePolicy = ExpertCachePolicy::Lru;
   GlobalWeights globals;
   std::map<int64_t, std::set<int64_t>> maskedExperts;
   std::vector<float> inverseFrequencies;

@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <list>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -144,7 +145,12 @@ class WeightProvider {
 public:
   virtual ~WeightProvider() = default;
   virtual Status loadGlobals(GlobalWeights &globals) = 0;
-  virtual Status loadLayer(int64_t layer, LayerWeights &weights) = 0;
+  /// Decoder layer `layer`. With `routedExperts` false, `weights.experts`
+  /// holds one empty MlpWeights per slot: an ExpertCache loads them.
+  virtual Status loadLayer(int64_t layer, LayerWeights &weights, bool routedExperts) = 0;
+  Status loadLayer(int64_t layer, LayerWeights &weights) { return loadLayer(layer, weights, true); }
+  /// Routed expert slot `slot` of layer `layer` alone (with its split parts).
+  virtual Status loadExpert(int64_t layer, int64_t slot, MlpWeights &expert) = 0;
 };
 
 /// Reads a Hugging Face checkpoint bound to `spec` (bindCheckpoint), in any
@@ -152,15 +158,63 @@ public:
 std::unique_ptr<WeightProvider> makeCheckpointWeightProvider(const ModelSpec &spec,
                                                              std::shared_ptr<const Checkpoint> checkpoint);
 
+/// How an ExpertCache chooses what to evict.
+enum class ExpertCachePolicy {
+  Lru,       ///< The least recently used expert.
+  Frequency, ///< The expert routed to least often so far (ties: least recent).
+};
+
+/// What an ExpertCache did.
+struct ExpertCacheCounters {
+  int64_t hits = 0, misses = 0;
+  uint64_t bytesLoaded = 0;
+  double hitRate() const {
+    return hits + misses > 0 ? static_cast<double>(hits) / static_cast<double>(hits + misses) : 0;
+  }
+};
+
+/// Routed experts within a byte budget, loaded one by one on demand (expert
+/// offloading: the rest of each layer stays in the LayerCache). An expert
+/// still in use by a caller stays alive through its shared_ptr.
+class ExpertCache {
+public:
+  ExpertCache(WeightProvider &provider, size_t budgetBytes, ExpertCachePolicy policy);
+  /// Expert `slot` of layer `layer`, loading it (and evicting others) if needed.
+  Expected<std::shared_ptr<const MlpWeights>> get(int64_t layer, int64_t slot);
+  const ExpertCacheCounters &counters() const { return stats; }
+  void resetCounters() { stats = {}; }
+  size_t residentBytes() const { return resident; }
+  size_t peakResidentBytes() const { return peak; }
+
+private:
+  struct Entry {
+    std::shared_ptr<const MlpWeights> weights;
+    size_t bytes = 0;
+    int64_t lastUse = 0;
+  };
+  WeightProvider &provider;
+  size_t budget;
+  ExpertCachePolicy policy;
+  size_t resident = 0, peak = 0;
+  int64_t clock = 0;
+  std::map<std::pair<int64_t, int64_t>, Entry> entries;
+  std::map<std::pair<int64_t, int64_t>, int64_t> uses; ///< Requests per expert since the start.
+  ExpertCacheCounters stats;
+};
+
 /// Converted layers within a byte budget, least recently used evicted first.
 class LayerCache {
 public:
-  LayerCache(WeightProvider &provider, int64_t numLayers, size_t budgetBytes);
+  /// With `routedExperts` false, layers are loaded without their routed
+  /// experts (an ExpertCache holds those).
+  LayerCache(WeightProvider &provider, int64_t numLayers, size_t budgetBytes, bool routedExperts = true);
   /// Layer `layer`, loading it (and evicting others) if needed.
   Expected<std::shared_ptr<const LayerWeights>> get(int64_t layer);
   size_t residentBytes() const { return resident; }
   size_t peakResidentBytes() const { return peak; }
   int64_t loads() const { return loadCount; }
+  /// Bytes converted by every load so far (a layer loaded twice counts twice).
+  size_t loadedBytes() const { return loaded; }
   /// Bytes of every layer loaded at least once (the model's layer weights
   /// after one full pass).
   size_t distinctLayerBytes() const;
@@ -168,7 +222,8 @@ public:
 private:
   WeightProvider &provider;
   size_t budget;
-  size_t resident = 0, peak = 0, largestLayer = 0;
+  bool routedExperts = true;
+  size_t resident = 0, peak = 0, largestLayer = 0, loaded = 0;
   std::vector<size_t> layerBytes;
   int64_t loadCount = 0;
   std::vector<std::shared_ptr<const LayerWeights>> layers;
