@@ -92,12 +92,25 @@ Expected<json> summarizeDescription(const ModelDescription &description) {
     out["bytes"] = layerBytes;
     layers.push_back(out);
   }
-  return json{{"family", std::string(familyName(description.spec.family))},
+  json out = {{"family", std::string(familyName(description.spec.family))},
               {"hidden", description.spec.hiddenSize},
               {"layers", layers},
               {"bytes_by_role", byRole},
               {"bytes_by_format", byFormat},
               {"bytes", total}};
+  // Task sets: per set the experts it keeps in each MoE layer.
+  for (const TaskExpertSet &set : description.taskSets) {
+    json kept = json::object();
+    for (size_t l = 0; l < description.layers.size(); ++l) {
+      if (description.spec.layers[l].mlp != MlpKind::Moe)
+        continue;
+      auto masked = set.masked.find(static_cast<int64_t>(l));
+      const size_t off = masked == set.masked.end() ? 0 : masked->second.size();
+      kept[std::to_string(l)] = description.layers[l].experts.size() - off;
+    }
+    out["task_sets"].push_back({{"name", set.name}, {"tokens", set.tokens}, {"kept", kept}});
+  }
+  return out;
 }
 
 } // namespace moe

@@ -557,6 +557,13 @@ Status Engine::setMaskedExperts(const std::map<int64_t, std::set<int64_t>> &mask
     if (layerSpec.numExperts - static_cast<int64_t>(experts.size()) < spec.router.topK)
       return Status::error("masked experts: layer ", layer, " would keep fewer experts than top-k");
   }
+  for (const auto &[layer, experts] : unloadedExperts) {
+    auto kept = masked.find(layer);
+    for (int64_t e : experts)
+      if (kept == masked.end() || !kept->second.count(e))
+        return Status::error("masked experts: expert ", e, " of layer ", layer,
+                             " was not loaded (the task set chosen at load leaves it out)");
+  }
   maskedExperts = masked;
   return Status::success();
 }
@@ -570,8 +577,10 @@ Expected<std::unique_ptr<Engine>> Engine::create(const ModelSpec &spec, std::uni
   MOE_RETURN_IF_ERROR(engine->provider->loadGlobals(engine->globals));
   size_t budget = options.maxMemoryBytes ? options.maxMemoryBytes : defaultBudget();
   engine->layerBudget = budget;
-  engine->layers =
-      std::make_unique<LayerCache>(*engine->provider, spec.numLayers, budget, options.expertCacheBytes == 0);
+  if (!options.loadMaskedExperts)
+    engine->unloadedExperts = options.maskedExperts;
+  engine->layers = std::make_unique<LayerCache>(*engine->provider, spec.numLayers, budget,
+                                                options.expertCacheBytes == 0, &engine->unloadedExperts);
   engine->expertCacheBytes = options.expertCacheBytes;
   engine->expertCachePolicy = options.expertCachePolicy;
   if (options.expertCacheBytes > 0)

@@ -241,6 +241,8 @@ Expected<EvalResult> evaluate(Engine &engine, const std::vector<EvalStream> &str
         break; // the default windowing drops the incomplete tail
       KvCache cache = engine.newCache();
       const std::span<const int32_t> inputs = std::span(stream.ids).subspan(begin, end - begin);
+      if (options.beforeWindow)
+        MOE_RETURN_IF_ERROR(options.beforeWindow(inputs));
       Status status = engine.forward(inputs, cache, logits);
       // (secondHalfOnly: the window's last input predicts nothing inside it
       // and is not run; llama-perplexity computes but never reads it.)

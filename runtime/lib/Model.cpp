@@ -89,13 +89,19 @@ Status attachTokenizer(const std::string &directory, LoadedModel &model) {
 
 } // namespace
 
-Expected<LoadedModel> loadModel(const std::string &directory, EngineOptions options) {
+Expected<LoadedModel> loadModel(const std::string &directory, EngineOptions options, const std::string &task) {
+  const bool namedTask = !task.empty() && task != "auto" && task != "all";
   if (isPackagePath(directory) || isGgufPath(directory)) {
     Expected<OpenedPackage> package = isGgufPath(directory) ? openGgufModel(directory) : openPackage(directory);
     if (!package)
       return package.status();
     LoadedModel model;
     model.spec = package->description.spec;
+    model.taskSets = package->description.taskSets;
+    if (Status status = applyTaskAtLoad(model.taskSets, task, options); !status.ok())
+      return Status::error(directory, ": ", status.message());
+    if (namedTask)
+      model.task = task;
     Expected<std::unique_ptr<Engine>> engine =
         Engine::create(model.spec, makeDescriptionWeightProvider(package->description), options);
     if (!engine)
@@ -106,6 +112,9 @@ Expected<LoadedModel> loadModel(const std::string &directory, EngineOptions opti
                                              model));
     return model;
   }
+  if (namedTask)
+    return Status::error("--task ", task, ": ", directory,
+                         " is a checkpoint; task sets live in packages (moec compress with \"tasks\")");
   LoadedModel model;
   Expected<ModelSpec> spec = ModelSpec::fromConfigFile(directory + "/config.json");
   if (!spec)
@@ -129,9 +138,13 @@ Expected<LoadedModel> loadModel(const std::string &directory, EngineOptions opti
   return model;
 }
 
-Expected<LoadedModel> loadDescribedModel(ModelDescription description, EngineOptions options) {
+Expected<LoadedModel> loadDescribedModel(ModelDescription description, EngineOptions options, const std::string &task) {
   LoadedModel model;
   model.spec = description.spec;
+  model.taskSets = description.taskSets;
+  MOE_RETURN_IF_ERROR(applyTaskAtLoad(model.taskSets, task, options));
+  if (!task.empty() && task != "auto" && task != "all")
+    model.task = task;
   std::string assets = description.assetDirectory;
   Expected<std::unique_ptr<Engine>> engine =
       Engine::create(model.spec, makeDescriptionWeightProvider(std::move(description)), options);

@@ -201,6 +201,12 @@ Expected<OpenedPackage> openPackage(const std::string &path) {
       layer.routing.remap = entry.at("remap").get<std::vector<int32_t>>();
       layer.routing.skipThreshold = entry.at("skip_threshold").get<double>();
     }
+    if (m.contains("task_sets")) {
+      Expected<std::vector<TaskExpertSet>> sets = taskSetsFromJson(m.at("task_sets"), path);
+      if (!sets)
+        return sets.status();
+      description.taskSets = sets.take();
+    }
   } catch (const json::exception &error) {
     return Status::error(path, ": the manifest is missing or mistypes a field: ", error.what());
   }

@@ -54,7 +54,7 @@ public:
       MOE_RETURN_IF_ERROR(checkRoles(l, layer.tensors));
       MOE_RETURN_IF_ERROR(checkExperts(l, layer));
     }
-    return Status::success();
+    return validateTaskSets(description.taskSets, description, where);
   }
 
 private:

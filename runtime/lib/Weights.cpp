@@ -296,9 +296,10 @@ std::unique_ptr<WeightProvider> makeCheckpointWeightProvider(const ModelSpec &sp
   return std::make_unique<CheckpointWeightProvider>(spec, std::move(checkpoint));
 }
 
-LayerCache::LayerCache(WeightProvider &provider, int64_t numLayers, size_t budgetBytes, bool routedExperts)
-    : provider(provider), budget(budgetBytes), routedExperts(routedExperts), layers(static_cast<size_t>(numLayers)),
-      layerBytes(static_cast<size_t>(numLayers), 0) {}
+LayerCache::LayerCache(WeightProvider &provider, int64_t numLayers, size_t budgetBytes, bool routedExperts,
+                       const std::map<int64_t, std::set<int64_t>> *skipped)
+    : provider(provider), budget(budgetBytes), routedExperts(routedExperts), skipped(skipped),
+      layers(static_cast<size_t>(numLayers)), layerBytes(static_cast<size_t>(numLayers), 0) {}
 
 ExpertCache::ExpertCache(WeightProvider &provider, size_t budgetBytes, ExpertCachePolicy policy)
     : provider(provider), budget(budgetBytes), policy(policy) {}
@@ -365,7 +366,15 @@ Expected<std::shared_ptr<const LayerWeights>> LayerCache::get(int64_t layer) {
   };
   evictUntil(largestLayer);
   auto weights = std::make_shared<LayerWeights>();
-  MOE_RETURN_IF_ERROR(provider.loadLayer(layer, *weights, routedExperts));
+  const std::set<int64_t> *skip = nullptr;
+  if (skipped && routedExperts)
+    if (auto found = skipped->find(layer); found != skipped->end() && !found->second.empty())
+      skip = &found->second;
+  MOE_RETURN_IF_ERROR(provider.loadLayer(layer, *weights, routedExperts && !skip));
+  if (skip)
+    for (size_t e = 0; e < weights->experts.size(); ++e)
+      if (!weights->routing.remap.empty() || !skip->count(static_cast<int64_t>(e)))
+        MOE_RETURN_IF_ERROR(provider.loadExpert(layer, static_cast<int64_t>(e), weights->experts[e]));
   size_t size = weights->bytes();
   largestLayer = std::max(largestLayer, size);
   evictUntil(size);

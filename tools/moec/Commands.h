@@ -19,6 +19,8 @@
 #include <nlohmann/json.hpp>
 
 #include <functional>
+#include <map>
+#include <span>
 
 namespace moe::cli {
 
@@ -38,7 +40,18 @@ struct ModelOptions {
   bool simulateQuantized = false;
   std::string expertCache;          ///< --expert-cache SIZE: offload routed experts.
   std::string expertPolicy = "lru"; ///< --expert-policy lru|frequency.
+  std::string task;                 ///< --task NAME|auto|all (task expert sets).
 };
+/// --task auto (or no --task) on a model with task sets: retrieves a set
+/// for each request (eval's windows, generate's prompt) from its first
+/// `promptTokens` tokens, and counts the choices.
+struct TaskRetrieval {
+  bool active = false;
+  int64_t promptTokens = 64;
+  std::map<std::string, int64_t> chosen;
+  Status choose(LoadedModel &model, std::span<const int32_t> request);
+};
+TaskRetrieval taskRetrieval(const ModelOptions &options, const LoadedModel &model);
 void addModelOptions(CLI::App *command, ModelOptions &options);
 /// Opens the model (printing its warnings); errors name the file or option.
 Expected<LoadedModel> openModel(const ModelOptions &options);

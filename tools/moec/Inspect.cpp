@@ -345,6 +345,16 @@ int runInspectCompiled(const InspectOptions &options) {
     std::printf("%-6d %-8s %-8zu %-22s %-28s %s\n", layer["index"].get<int>(), "moe", layer["experts"].size(),
                 widthText.c_str(), formatText.c_str(), routing.c_str());
   }
+  if (s.contains("task_sets")) {
+    std::printf("task sets (experts kept per MoE layer; moec eval/generate --task NAME|auto|all):\n");
+    for (const json &set : s["task_sets"]) {
+      std::string kept;
+      for (const auto &[layer, count] : set["kept"].items())
+        kept += (kept.empty() ? "" : " ") + layer + ":" + std::to_string(count.get<int64_t>());
+      std::printf("  %-16s %s (calibrated on %lld tokens)\n", set["name"].get<std::string>().c_str(), kept.c_str(),
+                  static_cast<long long>(set["tokens"].get<int64_t>()));
+    }
+  }
   if (s.contains("provenance") && s["provenance"].is_object()) {
     json shown = s["provenance"];
     shown.erase("original"); // the history is `moec report`'s to show

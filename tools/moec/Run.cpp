@@ -50,12 +50,12 @@ static std::optional<size_t> parseBytes(const std::string &text) {
 /// Lowers the module at `path` and runs it (DESIGN.md: the backend lowers a
 /// module to the description the runtime executes).
 static Expected<LoadedModel> loadModuleModel(const std::string &path, const EngineOptions &options,
-                                             bool simulateQuantized) {
+                                             bool simulateQuantized, const std::string &task) {
   Expected<ModelDescription> description = readModuleDescription(path);
   if (!description)
     return description.status();
   description->dequantizeQuantized = simulateQuantized;
-  return loadDescribedModel(description.take(), options);
+  return loadDescribedModel(description.take(), options, task);
 }
 
 void addModelOptions(CLI::App *command, ModelOptions &options) {
@@ -74,6 +74,10 @@ void addModelOptions(CLI::App *command, ModelOptions &options) {
   command->add_option("--expert-policy", options.expertPolicy, "Which cached expert to evict: lru or frequency")
       ->check(CLI::IsMember({"lru", "frequency"}))
       ->capture_default_str();
+  command->add_option("--task", options.task,
+                      "A package with task expert sets (moec compress with \"tasks\"): run the set NAME (its other "
+                      "experts never loaded), auto (eval and generate: the set nearest each request's routing "
+                      "signature; the default) or all (every expert)");
 }
 
 Expected<LoadedModel> openModel(const ModelOptions &options) {
@@ -92,13 +96,29 @@ Expected<LoadedModel> openModel(const ModelOptions &options) {
     engineOptions.expertCachePolicy =
         options.expertPolicy == "frequency" ? ExpertCachePolicy::Frequency : ExpertCachePolicy::Lru;
   }
-  Expected<LoadedModel> model = isModuleFile(options.path)
-                                    ? loadModuleModel(options.path, engineOptions, options.simulateQuantized)
-                                    : loadModel(options.path, engineOptions);
+  Expected<LoadedModel> model =
+      isModuleFile(options.path) ? loadModuleModel(options.path, engineOptions, options.simulateQuantized, options.task)
+                                 : loadModel(options.path, engineOptions, options.task);
   if (model)
     for (const std::string &warning : model->warnings)
       printWarning(warning);
   return model;
+}
+
+TaskRetrieval taskRetrieval(const ModelOptions &options, const LoadedModel &model) {
+  TaskRetrieval retrieval;
+  retrieval.active = !model.taskSets.empty() && (options.task.empty() || options.task == "auto");
+  return retrieval;
+}
+
+Status TaskRetrieval::choose(LoadedModel &model, std::span<const int32_t> request) {
+  const std::span<const int32_t> prompt =
+      request.first(std::min<size_t>(request.size(), static_cast<size_t>(promptTokens)));
+  Expected<size_t> index = retrieveTaskSet(*model.engine, model.taskSets, prompt);
+  if (!index)
+    return index.status();
+  ++chosen[model.taskSets[*index].name];
+  return Status::success();
 }
 
 Expected<ModelAndData> openModelAndData(const ModelOptions &options, const std::string &data) {
@@ -124,6 +144,7 @@ struct EvalCommandOptions {
   bool llamaPerplexity = false;
   bool json = false;
   std::string compare; ///< The original model, for KL divergence and top-1 agreement.
+  int64_t taskPrompt = 64;
 };
 
 int runEval(const EvalCommandOptions &options) {
@@ -135,11 +156,17 @@ int runEval(const EvalCommandOptions &options) {
   LoadedModel &model = input->model;
   const std::vector<EvalStream> &streams = input->streams;
   EvalOptions evalOptions{options.sequenceLength, options.stride, options.maxTokens, options.llamaPerplexity};
+  // Task expert sets: a set chosen at load, or one retrieved per window.
+  TaskRetrieval retrieval = taskRetrieval(options.model, model);
+  retrieval.promptTokens = options.taskPrompt;
+  if (retrieval.active)
+    evalOptions.beforeWindow = [&](std::span<const int32_t> inputs) { return retrieval.choose(model, inputs); };
   std::optional<LoadedModel> original;
   if (!options.compare.empty()) {
     ModelOptions originalOptions = options.model;
     originalOptions.path = options.compare;
     originalOptions.simulateQuantized = false;
+    originalOptions.task = "all";
     Expected<LoadedModel> opened = openModel(originalOptions);
     if (!opened) {
       printError("--compare: " + opened.status().message());
@@ -165,6 +192,11 @@ int runEval(const EvalCommandOptions &options) {
     out["tokens_per_second"] = tokensPerSecond;
     if (!options.compare.empty())
       out["original"] = options.compare;
+    out["layer_weight_bytes"] = model.engine->layerCache().peakResidentBytes();
+    if (!model.task.empty())
+      out["task"] = model.task;
+    if (retrieval.active)
+      out["task"] = {{"mode", "auto"}, {"prompt_tokens", retrieval.promptTokens}, {"windows", retrieval.chosen}};
     if (const ExpertCache *experts = model.engine->expertCache())
       out["expert_cache"] = {
           {"bytes", experts->residentBytes()},         {"peak_bytes", experts->peakResidentBytes()},
@@ -197,6 +229,15 @@ int runEval(const EvalCommandOptions &options) {
     std::printf("top-1 agreement: %.2f%% of %lld tokens\n", 100 * c.top1Agreement, static_cast<long long>(c.tokens));
   }
   std::printf("experts/token: %.2f per MoE layer\n", r.expertsPerToken);
+  if (!model.task.empty())
+    std::printf("task set:     %s (chosen at load)\n", model.task.c_str());
+  if (retrieval.active) {
+    std::printf("task sets:    retrieved per window from its first %lld tokens:",
+                static_cast<long long>(retrieval.promptTokens));
+    for (const auto &[name, windows] : retrieval.chosen)
+      std::printf(" %s %lld", name.c_str(), static_cast<long long>(windows));
+    std::printf("\n");
+  }
   if (const ExpertCache *experts = model.engine->expertCache())
     std::printf("expert cache: %.1f%% hits (%lld of %lld), %.1f MB loaded, at most %.1f MB resident\n",
                 100 * experts->counters().hitRate(), static_cast<long long>(experts->counters().hits),
@@ -253,6 +294,15 @@ int runGenerate(const GenerateOptions &options) {
     printWarning(concat("the prompt (", prompt->size(), " tokens) leaves room for ", budget,
                         " new tokens in the model's context of ", context, "; generating ", budget));
   }
+  // Task expert sets: the prompt's routing signature picks one.
+  if (TaskRetrieval retrieval = taskRetrieval(options.model, *model); retrieval.active) {
+    retrieval.promptTokens = static_cast<int64_t>(prompt->size());
+    if (Status status = retrieval.choose(*model, *prompt); !status.ok()) {
+      printError(status.message());
+      return 1;
+    }
+    std::fprintf(stderr, "task set: %s (retrieved from the prompt)\n", retrieval.chosen.begin()->first.c_str());
+  }
   std::mt19937_64 rng(options.seed);
   KvCache cache = model->engine->newCache();
   std::vector<float> logits;
@@ -307,6 +357,12 @@ Command registerEval(CLI::App &app) {
                       "The original model (checkpoint, module or package): also report KL divergence of the "
                       "next-token distributions (mean, median, 99th percentile), top-1 agreement and the perplexity "
                       "ratio, over the same windows");
+  command
+      ->add_option("--task-prompt", options->taskPrompt,
+                   "With task sets retrieved per window (--task auto): the window's first N tokens are the "
+                   "request whose routing signature picks the set")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   command->add_flag("--json", options->json, "Print JSON");
   return {command, [options] { return runEval(*options); }};
 }

@@ -20,6 +20,7 @@ namespace {
 
 constexpr const char *kDecisions = "moe.decisions";
 constexpr const char *kOriginal = "moe.original";
+constexpr const char *kTaskSets = "moe.task_sets";
 
 json number(double value) { return std::isfinite(value) ? json(value) : json(nullptr); }
 
@@ -111,6 +112,35 @@ Status recordOriginal(ir::ModelOp model, const ModelDescription &description) {
                                       b.getNamedAttr("experts", b.getDenseI64ArrayAttr(experts)),
                                       b.getNamedAttr("expert_widths", b.getDenseI64ArrayAttr(widths))}));
   return Status::success();
+}
+
+void setTaskSets(ir::ModelOp model, const std::vector<TaskExpertSet> &sets) {
+  mlir::Builder b(model.getContext());
+  llvm::SmallVector<mlir::Attribute> entries;
+  for (const TaskExpertSet &set : sets) {
+    llvm::SmallVector<mlir::NamedAttribute> masked;
+    for (const auto &[layer, rows] : set.masked)
+      masked.push_back(b.getNamedAttr(std::to_string(layer),
+                                      b.getDenseI64ArrayAttr(std::vector<int64_t>(rows.begin(), rows.end()))));
+    entries.push_back(b.getDictionaryAttr({
+        b.getNamedAttr("name", b.getStringAttr(set.name)),
+        b.getNamedAttr("signature_layer", b.getI64IntegerAttr(set.signatureLayer)),
+        b.getNamedAttr("signature", b.getDenseF64ArrayAttr(set.signature)),
+        b.getNamedAttr("tokens", b.getI64IntegerAttr(set.tokens)),
+        b.getNamedAttr("masked", b.getDictionaryAttr(masked)),
+    }));
+  }
+  if (entries.empty())
+    model->removeAttr(kTaskSets);
+  else
+    model->setAttr(kTaskSets, b.getArrayAttr(entries));
+}
+
+Expected<std::vector<TaskExpertSet>> readTaskSets(ir::ModelOp model) {
+  mlir::Attribute attribute = model->getAttr(kTaskSets);
+  if (!attribute)
+    return std::vector<TaskExpertSet>();
+  return taskSetsFromJson(attributeToJson(attribute), "moe.model @" + model.getSymName().str() + " moe.task_sets");
 }
 
 json historyToJson(ir::ModelOp model) {

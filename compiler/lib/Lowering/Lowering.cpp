@@ -6,6 +6,7 @@
 
 #include "moe/Lowering/Lowering.h"
 #include "moe/Frontend/Checkpoint.h"
+#include "moe/Lowering/History.h"
 
 #include <filesystem>
 #include <map>
@@ -135,9 +136,15 @@ public:
             routing.numGroups = static_cast<int64_t>(router.getGroups());
             routing.topKGroups = static_cast<int64_t>(router.getTopKGroups());
             switch (router.getSelection()) {
-            case ir::SelectionKind::TopK: routing.selection = ExpertSelection::TopK; break;
-            case ir::SelectionKind::GroupMax: routing.selection = ExpertSelection::GroupLimitedMax; break;
-            case ir::SelectionKind::GroupTopTwoSum: routing.selection = ExpertSelection::GroupLimitedTopTwoSum; break;
+            case ir::SelectionKind::TopK:
+              routing.selection = ExpertSelection::TopK;
+              break;
+            case ir::SelectionKind::GroupMax:
+              routing.selection = ExpertSelection::GroupLimitedMax;
+              break;
+            case ir::SelectionKind::GroupTopTwoSum:
+              routing.selection = ExpertSelection::GroupLimitedTopTwoSum;
+              break;
             }
             routing.correctionBias = static_cast<bool>(router.getCorrectionBiasAttr());
             entry.routing.router = routing;
@@ -217,6 +224,10 @@ public:
         return Status::error("moe.model @", model.getSymName().str(), " has no moe.layer ", l);
     if (uniformTopK && topKUniform)
       modelSpec.router.topK = *uniformTopK;
+    Expected<std::vector<TaskExpertSet>> taskSets = readTaskSets(model);
+    if (!taskSets)
+      return taskSets.status();
+    description.taskSets = taskSets.take();
     MOE_RETURN_IF_ERROR(validateDescription(description, "moe.model @" + model.getSymName().str()));
     return description;
   }

@@ -134,6 +134,8 @@ Status writePackage(const ModelDescription &description, const PackageExtras &ex
       layers.push_back(entry);
     }
     m["layers"] = layers;
+    if (!description.taskSets.empty())
+      m["task_sets"] = taskSetsToJson(description.taskSets);
     json table = json::object();
     for (size_t i = 0; i < tensors.size(); ++i) {
       json t = {{"shape", tensors[i]->shape},

@@ -35,6 +35,7 @@
 #include <csignal>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 
 namespace moe {
 namespace {
@@ -107,8 +108,12 @@ std::string statisticsKey(const CompressRequest &request, const Recipe &recipe, 
   for (const std::filesystem::path &file : files)
     model.push_back(fileIdentity(file));
   json before = json::array();
-  for (size_t i = 0; i < passIndex; ++i)
-    before.push_back({{"pass", recipe.passes[i].name}, {"options", recipe.passes[i].options}});
+  for (size_t i = 0; i < passIndex; ++i) {
+    json entry = {{"pass", recipe.passes[i].name}, {"options", recipe.passes[i].options}};
+    for (const auto &[name, data] : recipe.passes[i].tasks)
+      entry["tasks"].push_back({name, fileIdentity(data)});
+    before.push_back(entry);
+  }
   const json key = {{"format", 1},
                     {"model", model},
                     {"data", fileIdentity(recipe.calibrationData)},
@@ -261,6 +266,155 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
   return done;
 }
 
+/// Task-adaptive expert sets (PreMoe): the prune pass runs once per task,
+/// on a copy of the module, with statistics calibrated on the task's data;
+/// what it would remove becomes the task's masked router rows, and the
+/// first MoE layer's TCESS pattern (the mean over the task's tokens of the
+/// top-1 expert's raw logit, zeros elsewhere) its signature. Experts no
+/// task keeps leave the model (moe-drop-experts); the rest stay, and the
+/// sets (rows and signatures renumbered past that drop) go into the
+/// module's moe.task_sets.
+Expected<json> runTaskSets(mlir::MLIRContext &context, mlir::ModuleOp module, ir::ModelOp model, const RecipePass &pass,
+                           const Recipe &recipe, const std::string &work, const CompressProgress &progress) {
+  Expected<ModelDescription> description = lowerToDescription(model, "");
+  if (!description)
+    return description.status();
+  if (!description->taskSets.empty())
+    return Status::error("the model already carries task sets; one task step per recipe");
+  int64_t signatureLayer = -1;
+  for (int64_t l = 0; l < description->spec.numLayers; ++l) {
+    const LayerEntry &layer = description->layers[static_cast<size_t>(l)];
+    if (description->spec.layers[static_cast<size_t>(l)].mlp != MlpKind::Moe)
+      continue;
+    if (!layer.routing.remap.empty())
+      return Status::error("layer ", l, " has merged experts; task sets need one router row per expert, so ",
+                           "put the task step before moe-merge-experts");
+    if (signatureLayer < 0)
+      signatureLayer = l;
+  }
+  if (signatureLayer < 0)
+    return Status::error("the model has no MoE layer");
+  // Expert origins (ids in the imported checkpoint) by layer and slot.
+  auto origins = [](ir::ModelOp of) {
+    std::map<int64_t, std::vector<int64_t>> out;
+    of.walk([&](ir::ExpertOp expert) {
+      // Parts of a split expert repeat its id; the first part stands for it.
+      if (expert.getPartOffset() && *expert.getPartOffset() != 0)
+        return;
+      auto layer = expert->getParentOfType<ir::LayerOp>();
+      std::vector<int64_t> &ids = out[static_cast<int64_t>(layer.getIndex())];
+      const int64_t id = static_cast<int64_t>(expert.getId());
+      if (static_cast<int64_t>(ids.size()) <= id)
+        ids.resize(static_cast<size_t>(id + 1), -1);
+      ids[static_cast<size_t>(id)] = expert.getOriginalId();
+    });
+    return out;
+  };
+  const std::map<int64_t, std::vector<int64_t>> before = origins(model);
+  const std::string statsPath = work + "/task-stats.safetensors";
+  std::vector<TaskExpertSet> sets;
+  json records = json::array();
+  for (const auto &[name, data] : pass.tasks) {
+    progress.step(concat("task '", name, "': calibrating on ", data));
+    Recipe taskRecipe = recipe;
+    taskRecipe.calibrationData = data;
+    Expected<CalibrationRun> run = prepareCalibration(model, taskRecipe);
+    if (!run)
+      return Status::error("task '", name, "': ", run.status().message());
+    Expected<CalibrationResult> result = calibrate(*run->loaded.engine, run->streams, run->options);
+    if (!result)
+      return Status::error("task '", name, "': ", result.status().message());
+    TaskExpertSet set;
+    set.name = name;
+    set.signatureLayer = signatureLayer;
+    set.tokens = result->tokens;
+    for (const LayerStatistics &stats : result->layers)
+      if (stats.layer == signatureLayer) {
+        if (stats.tokens <= 0)
+          return Status::error("task '", name, "': ", data, " gave no calibration tokens");
+        for (double sum : stats.topLogitSum)
+          set.signature.push_back(sum / static_cast<double>(stats.tokens));
+      }
+    MOE_RETURN_IF_ERROR(writeStatistics(*result, run->options, statsPath));
+    // The pass as the recipe gives it, on a copy: what would it remove?
+    mlir::OwningOpRef<mlir::ModuleOp> copy = module.clone();
+    Expected<ir::ModelOp> copied = findModel(*copy);
+    if (!copied)
+      return copied.status();
+    if (Status status = runPass(context, *copy, buildRecipePass(recipe, pass, PassOverrides{statsPath, {}, {}}));
+        !status.ok())
+      return Status::error("task '", name, "': ", status.message());
+    const std::map<int64_t, std::vector<int64_t>> after = origins(*copied);
+    json kept = json::object();
+    for (const auto &[layer, ids] : before) {
+      std::set<int64_t> survivors;
+      if (auto found = after.find(layer); found != after.end())
+        survivors.insert(found->second.begin(), found->second.end());
+      for (size_t slot = 0; slot < ids.size(); ++slot)
+        if (!survivors.count(ids[slot]))
+          set.masked[layer].insert(static_cast<int64_t>(slot));
+      kept[std::to_string(layer)] = static_cast<int64_t>(ids.size() - set.masked[layer].size());
+    }
+    records.push_back({{"task", name}, {"data", data}, {"tokens", set.tokens}, {"kept", kept}});
+    sets.push_back(std::move(set));
+  }
+  std::error_code ignored;
+  std::filesystem::remove(statsPath, ignored);
+
+  // Experts every task masks leave the model; the sets' rows follow the
+  // renumbering (the drop keeps the others in order).
+  std::string dropText;
+  for (const auto &[layer, ids] : before) {
+    std::set<int64_t> everywhere = sets.front().masked[layer];
+    for (const TaskExpertSet &set : sets) {
+      std::set<int64_t> both;
+      auto found = set.masked.find(layer);
+      if (found != set.masked.end())
+        std::set_intersection(everywhere.begin(), everywhere.end(), found->second.begin(), found->second.end(),
+                              std::inserter(both, both.begin()));
+      everywhere = std::move(both);
+    }
+    if (everywhere.empty())
+      continue;
+    dropText += concat(dropText.empty() ? "" : ";", layer, ":");
+    bool first = true;
+    for (int64_t slot : everywhere) {
+      dropText += concat(first ? "" : ",", slot);
+      first = false;
+    }
+    for (TaskExpertSet &set : sets) {
+      std::set<int64_t> renumbered;
+      for (int64_t slot : set.masked[layer])
+        if (!everywhere.count(slot))
+          renumbered.insert(slot -
+                            static_cast<int64_t>(std::distance(everywhere.begin(), everywhere.lower_bound(slot))));
+      set.masked[layer] = std::move(renumbered);
+      if (layer == set.signatureLayer) {
+        std::vector<double> kept;
+        for (size_t row = 0; row < set.signature.size(); ++row)
+          if (!everywhere.count(static_cast<int64_t>(row)))
+            kept.push_back(set.signature[row]);
+        set.signature = std::move(kept);
+      }
+    }
+  }
+  for (TaskExpertSet &set : sets)
+    std::erase_if(set.masked, [](const auto &entry) { return entry.second.empty(); });
+  if (!dropText.empty()) {
+    RecipePass drop;
+    drop.name = "moe-drop-experts";
+    drop.jsonPath = pass.jsonPath;
+    drop.options = {{"experts", dropText}};
+    MOE_RETURN_IF_ERROR(runPass(context, module, buildRecipePass(recipe, drop, PassOverrides{})));
+  }
+  setTaskSets(model, sets);
+  // Checked now against the model they will run on.
+  Expected<ModelDescription> checked = lowerToDescription(model, "");
+  if (!checked)
+    return checked.status();
+  return json{{"tasks", records}, {"dropped_by_every_task", dropText}, {"signature_layer", signatureLayer}};
+}
+
 } // namespace
 
 Expected<CompressResult> compressCheckpoint(const CompressRequest &options, const CompressProgress &progress,
@@ -277,8 +431,8 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
     recipe->calibrationData = options.calibrationData;
   if (options.calibrationTokens > 0)
     recipe->calibrationTokens = options.calibrationTokens;
-  const bool needsCalibration =
-      std::any_of(recipe->passes.begin(), recipe->passes.end(), [](const RecipePass &p) { return p.needsStatistics; });
+  const bool needsCalibration = std::any_of(recipe->passes.begin(), recipe->passes.end(),
+                                            [](const RecipePass &p) { return p.needsStatistics && p.tasks.empty(); });
   if (needsCalibration && recipe->calibrationData.empty())
     return Status::error(recipe->path, ": a pass needs calibration statistics; give --calib-data FILE",
                          options.preset.empty() ? " or \"calibration\": {\"data\": ...} in the recipe" : "");
@@ -424,23 +578,37 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
   for (size_t i = firstPass; i < recipe->passes.size(); ++i) {
     const RecipePass &pass = recipe->passes[i];
     json record = {{"pass", pass.name}, {"options", pass.options}};
-    if (pass.sequentialGptq) {
-      progress.step(concat("[", i + 1, "/", recipe->passes.size(), "] ", describeRecipePass(pass),
-                           ", layer by layer on ", recipe->calibrationData));
+    // Steps that calibrate for themselves (sequential GPTQ, task sets):
+    // their record under `key`, then the state saved after them.
+    auto ownCalibration = [&](const char *key, const std::function<Expected<json>()> &step) -> Status {
       auto passStart = std::chrono::steady_clock::now();
-      const int64_t layersDone = i == firstPass && state.is_object() ? state["layers_done"].get<int64_t>() : 0;
-      Expected<json> done =
-          runSequentialGptq(context, *module, model, pass, *recipe, work, progress, layersDone,
-                            layersDone > 0 ? state.value("layers", json::array()) : json::array(),
-                            [&](int64_t layer, const json &layers) { return saveState(i, layer + 1, passes, layers); });
+      Expected<json> done = step();
       if (!done)
         return Status::error(recipe->path, ": ", pass.jsonPath, ": ", done.status().message(), "; nothing was written");
-      record["sequential"] = *done;
+      record[key] = *done;
       record["seconds"] = seconds(passStart);
       record["after"] = moduleCounts(model);
       passes.push_back(record);
       statsCurrent = false;
-      MOE_RETURN_IF_ERROR(saveState(i + 1, 0, passes, json::array()));
+      return saveState(i + 1, 0, passes, json::array());
+    };
+    if (pass.sequentialGptq) {
+      progress.step(concat("[", i + 1, "/", recipe->passes.size(), "] ", describeRecipePass(pass),
+                           ", layer by layer on ", recipe->calibrationData));
+      const int64_t layersDone = i == firstPass && state.is_object() ? state["layers_done"].get<int64_t>() : 0;
+      MOE_RETURN_IF_ERROR(ownCalibration("sequential", [&] {
+        return runSequentialGptq(
+            context, *module, model, pass, *recipe, work, progress, layersDone,
+            layersDone > 0 ? state.value("layers", json::array()) : json::array(),
+            [&](int64_t layer, const json &layers) { return saveState(i, layer + 1, passes, layers); });
+      }));
+      continue;
+    }
+    if (!pass.tasks.empty()) {
+      progress.step(concat("[", i + 1, "/", recipe->passes.size(), "] ", describeRecipePass(pass), " for ",
+                           pass.tasks.size(), " tasks"));
+      MOE_RETURN_IF_ERROR(ownCalibration(
+          "task_sets", [&] { return runTaskSets(context, *module, model, pass, *recipe, work, progress); }));
       continue;
     }
     if (pass.needsStatistics && !statsCurrent) {

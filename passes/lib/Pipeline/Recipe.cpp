@@ -11,6 +11,8 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <filesystem>
 #include <functional>
@@ -572,11 +574,39 @@ Expected<Recipe> parseRecipe(const std::string &path, json r) {
     if (!entry.is_object() || !entry.contains("pass") || !entry["pass"].is_string())
       return Status::error(path, ": ", where, " must be an object with a \"pass\" name (a string)");
     for (const auto &[key, value] : entry.items())
-      if (key != "pass" && key != "options")
-        return Status::error(path, ": ", where, " has unknown key '", key, "' (expected pass, options)");
+      if (key != "pass" && key != "options" && key != "tasks")
+        return Status::error(path, ": ", where, " has unknown key '", key, "' (expected pass, options, tasks)");
     RecipePass pass;
     pass.name = entry["pass"].get<std::string>();
     pass.jsonPath = where;
+    if (entry.contains("tasks")) {
+      const json &tasks = entry["tasks"];
+      if (pass.name != "moe-prune-experts")
+        return Status::error(path, ": ", where, ".tasks: only moe-prune-experts makes task expert sets, not ",
+                             pass.name);
+      if (!tasks.is_array() || tasks.empty())
+        return Status::error(path, ": ", where,
+                             ".tasks must be a non-empty array of {\"name\": string, \"data\": path}");
+      for (size_t t = 0; t < tasks.size(); ++t) {
+        const json &task = tasks[t];
+        const std::string at = concat(where, ".tasks[", t, "]");
+        if (!task.is_object() || task.size() != 2 || !task.contains("name") || !task["name"].is_string() ||
+            !task.contains("data") || !task["data"].is_string())
+          return Status::error(path, ": ", at, " must be {\"name\": string, \"data\": path}, got ", task.dump());
+        const std::string name = task["name"].get<std::string>();
+        const bool plain = !name.empty() && std::all_of(name.begin(), name.end(), [](char c) {
+          return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.';
+        });
+        if (!plain || name == "auto" || name == "all")
+          return Status::error(path, ": ", at, ".name: '", name,
+                               "' must be letters, digits, '-', '_' or '.', and not auto or all");
+        for (const auto &[other, data] : pass.tasks)
+          if (other == name)
+            return Status::error(path, ": ", at, ".name: '", name, "' is given twice");
+        std::filesystem::path data = task["data"].get<std::string>();
+        pass.tasks.emplace_back(name, data.is_absolute() || base.empty() ? data.string() : (base / data).string());
+      }
+    }
     pass.options = entry.contains("options") ? entry["options"] : json::object();
     if (!pass.options.is_object())
       return Status::error(path, ": ", where, ".options must be an object");
@@ -592,6 +622,14 @@ Expected<Recipe> parseRecipe(const std::string &path, json r) {
       return Status::error(path, ": ", where,
                            ": moec compress runs GPTQ layer by layer itself; "
                            "drop the \"layers\" option");
+    // Task sets are router rows of the model after their pass: a later pass
+    // that removes, merges or renumbers experts would make them point at
+    // other experts.
+    for (const RecipePass &earlier : recipe.passes)
+      if (!earlier.tasks.empty() &&
+          (pass.name == "moe-prune-experts" || pass.name == "moe-merge-experts" || pass.name == "moe-drop-experts"))
+        return Status::error(path, ": ", where, ": ", pass.name, " may not follow ", earlier.jsonPath,
+                             " (task expert sets): it would change the experts the sets name; put it before");
     recipe.passes.push_back(std::move(pass));
   }
   return recipe;

@@ -37,6 +37,10 @@ struct RecipePass {
   bool sequentialGptq = false;         ///< moe-quantize with method=gptq.
   double minCoverage = 0.005;          ///< moe-quantize's RTN fallback threshold.
   bool quantizesOutsideLayers = false; ///< moe-quantize targets lm_head or embedding.
+  /// moe-prune-experts with "tasks": one pruned expert set per task (its
+  /// own calibration data), stored side by side (TaskSets.h) instead of
+  /// pruning the model once. Name and data path, in the recipe's order.
+  std::vector<std::pair<std::string, std::string>> tasks;
 };
 
 struct Recipe {

@@ -15,6 +15,7 @@
 #define MOE_RUNTIME_DESCRIPTION_H
 
 #include "moe/Frontend/ModelSpec.h"
+#include "moe/Runtime/TaskSets.h"
 #include "moe/Runtime/Weights.h"
 #include "moe/Support/MappedFile.h"
 
@@ -85,6 +86,8 @@ struct ModelDescription {
   std::shared_ptr<const PackageMapping> package; ///< Set for models loaded from a .moepkg.
   std::vector<std::pair<TensorRole, TensorRef>> globals;
   std::vector<LayerEntry> layers; ///< One per decoder layer.
+  /// Task-adaptive expert sets (TaskSets.h), or none.
+  std::vector<TaskExpertSet> taskSets;
   /// Run quantised tensors as their dequantised f32 values (the simulated
   /// model) instead of through the integer kernels.
   bool dequantizeQuantized = false;

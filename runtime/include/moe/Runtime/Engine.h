@@ -100,6 +100,10 @@ struct EngineOptions {
   /// one by one on demand into an ExpertCache of this many bytes.
   size_t expertCacheBytes = 0;
   ExpertCachePolicy expertCachePolicy = ExpertCachePolicy::Lru;
+  /// False: the experts masked at creation are never loaded (a task set
+  /// chosen at load, TaskSets.h), and setMaskedExperts refuses to unmask
+  /// them. Layers with merged experts (a remap table) load every expert.
+  bool loadMaskedExperts = true;
 };
 
 /// What the MoE layers did since the engine was made (or reset).
@@ -172,8 +176,10 @@ public:
   /// next forward on, these router rows are -inf. Fails, changing nothing,
   /// on a layer that is not MoE, an expert it lacks, or fewer than top-k left.
   Status setMaskedExperts(const std::map<int64_t, std::set<int64_t>> &masked);
+  const std::map<int64_t, std::set<int64_t>> &maskedExpertSets() const { return maskedExperts; }
   /// Attaches `observer` (not owned; null detaches).
   void setObserver(EngineObserver *observer) { this->observer = observer; }
+  EngineObserver *attachedObserver() const { return observer; }
   const LayerCache &layerCache() const { return *layers; }
   /// The expert cache (EngineOptions::expertCacheBytes), or null.
   const ExpertCache *expertCache() const { return experts.get(); }
@@ -193,6 +199,7 @@ private:
   ExpertCachePolicy expertCachePolicy = ExpertCachePolicy::Lru;
   GlobalWeights globals;
   std::map<int64_t, std::set<int64_t>> maskedExperts;
+  std::map<int64_t, std::set<int64_t>> unloadedExperts; ///< EngineOptions::loadMaskedExperts false.
   std::vector<float> inverseFrequencies;
   EngineObserver *observer = nullptr;
   RoutingCounters counters;

@@ -18,8 +18,10 @@
 
 #include <nlohmann/json.hpp>
 
+#include <functional>
 #include <map>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -58,14 +60,18 @@ struct EvalOptions {
   bool countRouting = false;
   /// The progress line's label (moe/Support/Progress.h).
   std::string progressLabel = "evaluating";
+  /// Called with each window's inputs before the window runs (each window
+  /// is a request from an empty cache): `--task auto` retrieves a task set
+  /// for it here. An error ends the evaluation.
+  std::function<Status(std::span<const int32_t> inputs)> beforeWindow;
 };
 
 /// The evaluated model against the reference, over the same targets.
 struct EvalComparison {
   int64_t tokens = 0;
-  double klMean = 0;         ///< Mean KL(P_reference || P_model), nats.
+  double klMean = 0; ///< Mean KL(P_reference || P_model), nats.
   double klMedian = 0, klP99 = 0, klMax = 0;
-  double top1Agreement = 0;  ///< Share of targets where both argmaxes agree.
+  double top1Agreement = 0; ///< Share of targets where both argmaxes agree.
   double referencePerplexity = 0;
   double perplexityRatio = 0; ///< Model perplexity / reference perplexity.
   std::map<std::string, double> domainKlMean;

@@ -11,6 +11,7 @@
 
 #include "moe/Frontend/Checkpoint.h"
 #include "moe/Runtime/Engine.h"
+#include "moe/Runtime/TaskSets.h"
 #include "moe/Runtime/Tokenizer.h"
 
 #include <memory>
@@ -28,16 +29,24 @@ struct LoadedModel {
   /// eos_token_id, when either names one.
   std::optional<int32_t> endOfText;
   std::vector<std::string> warnings;
+  /// Task-adaptive expert sets the package carries (TaskSets.h).
+  std::vector<TaskExpertSet> taskSets;
+  /// The set chosen at load (its other experts never loaded), or empty.
+  std::string task;
 };
 
 /// Opens `directory`: config.json, weights (validated against the spec),
-/// tokenizer.json when present.
-Expected<LoadedModel> loadModel(const std::string &directory, EngineOptions options = {});
+/// tokenizer.json when present. A package with task sets runs the set
+/// named `task` (its other experts masked and never loaded); "", "auto" and
+/// "all" load every expert (auto: the caller retrieves a set per request).
+Expected<LoadedModel> loadModel(const std::string &directory, EngineOptions options = {}, const std::string &task = "");
 
 struct ModelDescription;
 /// Runs a described model (a lowered moe module); its tokenizer comes
 /// from the description's asset directory when that has tokenizer.json.
-Expected<LoadedModel> loadDescribedModel(ModelDescription description, EngineOptions options = {});
+/// `task` as for loadModel.
+Expected<LoadedModel> loadDescribedModel(ModelDescription description, EngineOptions options = {},
+                                         const std::string &task = "");
 
 } // namespace moe
 

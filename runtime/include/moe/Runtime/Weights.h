@@ -22,6 +22,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <vector>
 
 namespace moe {
@@ -206,8 +207,11 @@ private:
 class LayerCache {
 public:
   /// With `routedExperts` false, layers are loaded without their routed
-  /// experts (an ExpertCache holds those).
-  LayerCache(WeightProvider &provider, int64_t numLayers, size_t budgetBytes, bool routedExperts = true);
+  /// experts (an ExpertCache holds those). `skipped` (optional, outliving
+  /// the cache): per layer, expert slots never loaded (left empty), unless
+  /// the layer has merged experts (a remap table).
+  LayerCache(WeightProvider &provider, int64_t numLayers, size_t budgetBytes, bool routedExperts = true,
+             const std::map<int64_t, std::set<int64_t>> *skipped = nullptr);
   /// Layer `layer`, loading it (and evicting others) if needed.
   Expected<std::shared_ptr<const LayerWeights>> get(int64_t layer);
   size_t residentBytes() const { return resident; }
@@ -223,6 +227,7 @@ private:
   WeightProvider &provider;
   size_t budget;
   bool routedExperts = true;
+  const std::map<int64_t, std::set<int64_t>> *skipped = nullptr;
   size_t resident = 0, peak = 0, largestLayer = 0, loaded = 0;
   std::vector<size_t> layerBytes;
   int64_t loadCount = 0;
