@@ -44,7 +44,8 @@ int main(int argc, char **argv) {
     std::cerr
         << "usage: engine_throughput DIR|.moepkg|.gguf [--prompt P] [--decode D] [--max-memory BYTES] [--threads N]\n"
            "                         [--decode-start prompt|empty] [--bandwidth yes|no]\n"
-           "                         [--expert-cache BYTES] [--expert-policy lru|frequency] [--text FILE]\n";
+           "                         [--expert-cache BYTES] [--expert-policy lru|frequency] [--text FILE]\n"
+           "                         [--expert-fallback FORMAT] [--expert-fallback-below SHARE]\n";
     return 2;
   }
   int64_t promptTokens = 256, decodeTokens = 32;
@@ -69,6 +70,14 @@ int main(int argc, char **argv) {
       options.expertCacheBytes = std::stoull(args[i + 1]);
     else if (args[i] == "--expert-policy")
       options.expertCachePolicy = args[i + 1] == "frequency" ? ExpertCachePolicy::Frequency : ExpertCachePolicy::Lru;
+    else if (args[i] == "--expert-fallback") {
+      options.expertFallbackFormat = quant::parseQuantFormat(args[i + 1]);
+      if (!options.expertFallbackFormat) {
+        std::cerr << "engine_throughput: --expert-fallback " << args[i + 1] << ": not a quant format\n";
+        return 2;
+      }
+    } else if (args[i] == "--expert-fallback-below")
+      options.expertFallbackBelow = std::stod(args[i + 1]);
     else if (args[i] == "--decode-start")
       decodeFromEmpty = args[i + 1] == "empty";
     else if (args[i] == "--bandwidth")
@@ -127,6 +136,11 @@ int main(int argc, char **argv) {
   const size_t layerBytesBeforeDecode = model->engine->layerCache().loadedBytes();
   if (ExpertCache *experts = model->engine->expertCache())
     experts->resetCounters();
+  // With --text, the negative log-likelihood of each next text token as
+  // decoding predicts it (the quality of what decoding computed, e.g. with
+  // low-bit expert fallbacks), after the timing.
+  double decodeNll = 0;
+  int64_t decodeTargets = 0;
   start = Clock::now();
   for (int64_t i = 0; i < decodeTokens; ++i) {
     if (!text.empty())
@@ -134,6 +148,14 @@ int main(int argc, char **argv) {
     if (Status status = model->engine->forward(next, cache, logits, true); !status.ok()) {
       std::cerr << "engine_throughput: error: " << status.message() << "\n";
       return 1;
+    }
+    if (!text.empty() && static_cast<size_t>(promptTokens + i + 1) < text.size()) {
+      const float top = *std::max_element(logits.begin(), logits.end());
+      double sum = 0;
+      for (float value : logits)
+        sum += std::exp(static_cast<double>(value - top));
+      decodeNll += std::log(sum) + top - logits[static_cast<size_t>(text[static_cast<size_t>(promptTokens + i + 1)])];
+      ++decodeTargets;
     }
     next[0] = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
   }
@@ -213,6 +235,8 @@ int main(int argc, char **argv) {
                            (model->engine->expertCache() ? model->engine->expertCache()->counters().bytesLoaded : 0)) /
            static_cast<double>(std::max<int64_t>(decodeTokens, 1))},
       {"peak_rss_bytes", static_cast<int64_t>(usage.ru_maxrss) * 1024}};
+  if (decodeTargets > 0)
+    out["decode_text_perplexity"] = std::exp(decodeNll / static_cast<double>(decodeTargets));
   if (const ExpertCache *experts = model->engine->expertCache()) {
     out["expert_cache_bytes"] = options.expertCacheBytes;
     out["expert_policy"] = options.expertCachePolicy == ExpertCachePolicy::Frequency ? "frequency" : "lru";
@@ -220,6 +244,12 @@ int main(int argc, char **argv) {
     out["decode_expert_misses"] = experts->counters().misses;
     out["decode_expert_hit_rate"] = experts->counters().hitRate();
     out["expert_resident_bytes_peak"] = experts->peakResidentBytes();
+    if (experts->hasFallbacks()) {
+      out["expert_fallback"] = options.expertFallbackFormat->name();
+      out["expert_fallback_below"] = options.expertFallbackBelow;
+      out["expert_fallback_bytes"] = experts->fallbackBytes();
+      out["decode_expert_fallbacks"] = experts->counters().fallbacks;
+    }
   }
   std::cout << out.dump(2) << "\n";
   return 0;

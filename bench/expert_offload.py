@@ -5,7 +5,9 @@ For each fixture: `moec analyze` predicts hit rates (SCH and LRU, one cache
 over all layers of ratio x the summed top-k experts); then
 `engine_throughput --text` decodes held-out text token by token (teacher
 forcing) with an expert cache of that many experts, LRU and frequency
-policies, and with plain layer streaming under the same total budget
+policies, LRU with HOBBIT's 4-bit fallback for missing experts that get less
+than 30% or 50% of a token's routing weight (decoded text's perplexity beside
+it), and with plain layer streaming under the same total budget
 (`--max-memory`: the cache plus every layer's non-expert weights), and with
 everything resident. Prints one JSON object per line.
 Usage: bench/expert_offload.py [BUILD_DIR] [--decode N]
@@ -48,7 +50,9 @@ def main():
                                      str(args.decode), "--bandwidth", "no", *extra))
                 return {k: out.get(k) for k in ("decode_tokens_per_second", "decode_bytes_loaded_per_token",
                                                 "decode_expert_hit_rate", "expert_resident_bytes_peak",
-                                                "resident_layer_bytes_peak", "decode_layer_loads")}
+                                                "resident_layer_bytes_peak", "decode_layer_loads",
+                                                "decode_text_perplexity", "decode_expert_fallbacks",
+                                                "expert_fallback_bytes")}
 
             resident = decode()
             for ratio in ("1", "2"):
@@ -59,6 +63,12 @@ def main():
                        "resident": resident}
                 for policy in ("lru", "frequency"):
                     row[policy] = decode("--expert-cache", str(cache), "--expert-policy", policy)
+                # HOBBIT's low-precision replacement of missing experts no
+                # token leans on (4-bit copies of every expert kept apart).
+                for below in ("0.3", "0.5"):
+                    row["lru_fallback_q4_below_" + below] = decode(
+                        "--expert-cache", str(cache), "--expert-fallback", "q4_g32_asym",
+                        "--expert-fallback-below", below)
                 # Layer streaming under the same total: the cache plus the
                 # non-expert weights the offloading run keeps resident.
                 total = cache + row["lru"]["resident_layer_bytes_peak"]

@@ -9,8 +9,9 @@ documents) and one generic package pruned the same way on the whole
 calibration split (the same number of experts kept). Each genre group's
 held-out documents are evaluated with the task's own set (`--task NAME`),
 with retrieval (`--task auto`, one set per 256-token window from its first
-64 tokens) and with the generic package. Also: how often retrieval picked the
-window's own task, and the layer weight bytes a set loads against all experts.
+64 tokens, by PreMoe's first-layer signature and by every layer's) and with
+the generic package. Also: how often retrieval picked the window's own task,
+and the layer weight bytes a set loads against all experts.
 
 Prints one JSON object per line. Usage: bench/task_sets.py BUILD_DIR
 """
@@ -71,16 +72,18 @@ def main():
                         run(moec, "compress", model, "--recipe", path + ".json", "-o", path + ".moepkg")
                         paths[label] = path + ".moepkg"
                     record = {"fixture": fixture, "method": method, "ratio": ratio, "own": {}, "auto": {},
-                              "generic": {}, "retrieved_own": {}}
+                              "auto_all_layers": {}, "generic": {}, "retrieved_own": {},
+                              "retrieved_own_all_layers": {}}
                     for task in TASKS:
                         data = os.path.join(work, task + "-heldout.jsonl")
                         own = evaluate(paths["tasks"], data, "--task", task)
-                        auto = evaluate(paths["tasks"], data, "--task", "auto")
                         record["own"][task] = own["perplexity"]
-                        record["auto"][task] = auto["perplexity"]
                         record["generic"][task] = evaluate(paths["generic"], data)["perplexity"]
-                        windows = auto["task"]["windows"]
-                        record["retrieved_own"][task] = windows.get(task, 0) / sum(windows.values())
+                        for key, scope in (("", "first"), ("_all_layers", "all")):
+                            auto = evaluate(paths["tasks"], data, "--task", "auto", "--task-signature", scope)
+                            record["auto" + key][task] = auto["perplexity"]
+                            windows = auto["task"]["windows"]
+                            record["retrieved_own" + key][task] = windows.get(task, 0) / sum(windows.values())
                         record["set_layer_bytes"] = own["layer_weight_bytes"]
                     record["all_layer_bytes"] = evaluate(paths["tasks"], data, "--task", "all",
                                                          "--max-tokens", "256")["layer_weight_bytes"]

@@ -460,8 +460,30 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
   std::vector<std::shared_ptr<const MlpWeights>> held;
   if (cache) {
     held.resize(static_cast<size_t>(slots));
+    // HOBBIT: a missing expert that no token leans on (its share of each
+    // token's routing weight below the threshold) runs from its low-bit
+    // copy instead of being loaded.
+    std::vector<float> tokenWeight;
+    if (cache->hasFallbacks() && !allExperts) {
+      const int64_t K = static_cast<int64_t>(routing.weights.size()) / std::max<int64_t>(tokens, 1);
+      tokenWeight.assign(static_cast<size_t>(tokens), 0.0f);
+      for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t k = 0; k < K; ++k)
+          tokenWeight[t] += routing.weights[t * K + k];
+    }
     for (int64_t e = 0; e < slots; ++e)
       if (allExperts || !tokensOf[static_cast<size_t>(e)].empty()) {
+        if (!tokenWeight.empty() && !cache->contains(layer.index, e)) {
+          double most = 0;
+          for (size_t r = 0; r < tokensOf[e].size(); ++r) {
+            const float total = tokenWeight[tokensOf[e][r]];
+            most = std::max(most, total > 0 ? static_cast<double>(weightsOf[e][r]) / total : 1.0);
+          }
+          if (most < cache->fallbackBelow() || cache->fallbackBelow() >= 1) {
+            held[static_cast<size_t>(e)] = cache->fallback(layer.index, e);
+            continue;
+          }
+        }
         Expected<std::shared_ptr<const MlpWeights>> loaded = cache->get(layer.index, e);
         if (!loaded)
           return loaded.status();
@@ -586,6 +608,24 @@ Expected<std::unique_ptr<Engine>> Engine::create(const ModelSpec &spec, std::uni
   if (options.expertCacheBytes > 0)
     engine->experts =
         std::make_unique<ExpertCache>(*engine->provider, options.expertCacheBytes, options.expertCachePolicy);
+  if (options.expertFallbackFormat) {
+    if (!engine->experts)
+      return Status::error("--expert-fallback needs --expert-cache (the low-bit copies stand in for missing experts)");
+    if (!(options.expertFallbackBelow >= 0 && options.expertFallbackBelow <= 1))
+      return Status::error("--expert-fallback-below ", options.expertFallbackBelow,
+                           ": a share of a token's routing weight lies in [0, 1]");
+    std::map<int64_t, int64_t> slots;
+    for (int64_t l = 0; l < spec.numLayers; ++l) {
+      if (spec.layers[static_cast<size_t>(l)].mlp != MlpKind::Moe)
+        continue;
+      Expected<std::shared_ptr<const LayerWeights>> layer = engine->layers->get(l);
+      if (!layer)
+        return layer.status();
+      slots[l] = static_cast<int64_t>((*layer)->experts.size());
+    }
+    MOE_RETURN_IF_ERROR(
+        engine->experts->buildFallbacks(slots, *options.expertFallbackFormat, options.expertFallbackBelow));
+  }
   return engine;
 }
 

@@ -17,14 +17,12 @@ using json = nlohmann::json;
 json taskSetsToJson(const std::vector<TaskExpertSet> &sets) {
   json out = json::array();
   for (const TaskExpertSet &set : sets) {
-    json masked = json::object();
+    json masked = json::object(), signatures = json::object();
     for (const auto &[layer, rows] : set.masked)
       masked[std::to_string(layer)] = std::vector<int64_t>(rows.begin(), rows.end());
-    out.push_back({{"name", set.name},
-                   {"signature_layer", set.signatureLayer},
-                   {"signature", set.signature},
-                   {"tokens", set.tokens},
-                   {"masked", masked}});
+    for (const auto &[layer, signature] : set.signatures)
+      signatures[std::to_string(layer)] = signature;
+    out.push_back({{"name", set.name}, {"signatures", signatures}, {"tokens", set.tokens}, {"masked", masked}});
   }
   return out;
 }
@@ -36,33 +34,40 @@ Expected<std::vector<TaskExpertSet>> taskSetsFromJson(const json &value, const s
   for (size_t i = 0; i < value.size(); ++i) {
     const json &entry = value[i];
     const std::string field = concat(where, ": task_sets[", i, "]");
-    if (!entry.is_object() || !entry.contains("name") || !entry["name"].is_string() ||
-        !entry.contains("signature_layer") || !entry["signature_layer"].is_number_integer() ||
-        !entry.contains("signature") || !entry["signature"].is_array() || !entry.contains("tokens") ||
-        !entry["tokens"].is_number_integer() || !entry.contains("masked") || !entry["masked"].is_object())
-      return Status::error(field, ": expected {\"name\": string, \"signature_layer\": int, \"signature\": [numbers], "
+    if (!entry.is_object() || !entry.contains("name") || !entry["name"].is_string() || !entry.contains("signatures") ||
+        !entry["signatures"].is_object() || !entry.contains("tokens") || !entry["tokens"].is_number_integer() ||
+        !entry.contains("masked") || !entry["masked"].is_object())
+      return Status::error(field, ": expected {\"name\": string, \"signatures\": {\"<layer>\": [numbers]}, "
                                   "\"tokens\": int, \"masked\": {\"<layer>\": [rows]}}");
     TaskExpertSet set;
     set.name = entry["name"].get<std::string>();
-    set.signatureLayer = entry["signature_layer"].get<int64_t>();
     set.tokens = entry["tokens"].get<int64_t>();
-    for (const json &number : entry["signature"]) {
-      if (!number.is_number())
-        return Status::error(field, ".signature: expected numbers, got ", number.dump());
-      set.signature.push_back(number.get<double>());
-    }
-    for (const auto &[key, rows] : entry["masked"].items()) {
-      char *end = nullptr;
-      const long long layer = std::strtoll(key.c_str(), &end, 10);
-      if (key.empty() || *end != '\0' || !rows.is_array())
-        return Status::error(field, ".masked: expected layer numbers mapping to arrays of rows, got \"", key, "\"");
-      std::set<int64_t> &target = set.masked[layer];
-      for (const json &row : rows) {
-        if (!row.is_number_integer())
-          return Status::error(field, ".masked.", key, ": expected integer rows, got ", row.dump());
-        target.insert(row.get<int64_t>());
+    // {"<layer>": [values]} into `out`, each value checked by `accept`.
+    auto byLayer = [&](const char *key, auto &out, auto accept) -> Status {
+      for (const auto &[layerText, values] : entry[key].items()) {
+        char *end = nullptr;
+        const long long layer = std::strtoll(layerText.c_str(), &end, 10);
+        if (layerText.empty() || *end != '\0' || !values.is_array())
+          return Status::error(field, ".", key, ": expected layer numbers mapping to arrays, got \"", layerText, "\"");
+        auto &target = out[layer];
+        for (const json &value : values)
+          if (!accept(value, target))
+            return Status::error(field, ".", key, ".", layerText, ": unexpected entry ", value.dump());
       }
-    }
+      return Status::success();
+    };
+    MOE_RETURN_IF_ERROR(byLayer("signatures", set.signatures, [](const json &value, std::vector<double> &target) {
+      if (!value.is_number())
+        return false;
+      target.push_back(value.get<double>());
+      return true;
+    }));
+    MOE_RETURN_IF_ERROR(byLayer("masked", set.masked, [](const json &value, std::set<int64_t> &target) {
+      if (!value.is_number_integer())
+        return false;
+      target.insert(value.get<int64_t>());
+      return true;
+    }));
     sets.push_back(std::move(set));
   }
   return sets;
@@ -88,14 +93,24 @@ Status validateTaskSets(const std::vector<TaskExpertSet> &sets, const ModelDescr
                            "'; names must be non-empty and not auto or all (those are --task's choices)");
     if (!names.insert(set.name).second)
       return Status::error(where, ": two task sets are named '", set.name, "'");
-    if (!isMoe(set.signatureLayer))
-      return Status::error(field, ": signature_layer ", set.signatureLayer, " is not a MoE layer");
-    if (static_cast<int64_t>(set.signature.size()) != routerRows(set.signatureLayer))
-      return Status::error(field, ": the signature has ", set.signature.size(), " entries; layer ", set.signatureLayer,
-                           " has ", routerRows(set.signatureLayer), " router rows");
-    for (double value : set.signature)
-      if (!std::isfinite(value))
-        return Status::error(field, ": the signature has a non-finite entry");
+    if (set.signatures.empty())
+      return Status::error(field, ": no signature");
+    for (const auto &[layer, signature] : set.signatures) {
+      if (!isMoe(layer))
+        return Status::error(field, ": signature layer ", layer, " is not a MoE layer");
+      if (static_cast<int64_t>(signature.size()) != routerRows(layer))
+        return Status::error(field, ": the signature of layer ", layer, " has ", signature.size(),
+                             " entries; the layer has ", routerRows(layer), " router rows");
+      for (double value : signature)
+        if (!std::isfinite(value))
+          return Status::error(field, ": the signature of layer ", layer, " has a non-finite entry");
+      if (!sets.front().signatures.count(layer))
+        return Status::error(field, ": has a signature of layer ", layer, ", task set '", sets.front().name,
+                             "' does not; every set needs the same layers");
+    }
+    if (set.signatures.size() != sets.front().signatures.size())
+      return Status::error(field, ": has signatures of ", set.signatures.size(), " layers, task set '",
+                           sets.front().name, "' of ", sets.front().signatures.size());
     if (set.tokens < 0)
       return Status::error(field, ": tokens is negative");
     for (const auto &[layer, rows] : set.masked) {
@@ -133,16 +148,18 @@ Expected<const TaskExpertSet *> findTaskSet(const std::vector<TaskExpertSet> &se
 
 namespace {
 
-/// PreMoe's marker at one layer: per token the top-1 row's raw logit.
+/// PreMoe's marker at some layers: per token the top-1 row's raw logit.
 class SignatureRecorder : public EngineObserver {
 public:
-  SignatureRecorder(int64_t layer, std::vector<double> &sum, int64_t &tokens)
-      : layer(layer), sum(sum), tokens(tokens) {}
+  SignatureRecorder(const std::set<int64_t> &layers, std::map<int64_t, std::vector<double>> &sums,
+                    std::map<int64_t, int64_t> &tokens)
+      : layers(layers), sums(sums), tokens(tokens) {}
   void onRouter(int64_t at, int64_t count, std::span<const float> logits, std::span<const int32_t>,
                 std::span<const float>, std::span<const int32_t>) override {
-    if (at != layer || count == 0)
+    if (!layers.count(at) || count == 0)
       return;
     const int64_t rows = static_cast<int64_t>(logits.size()) / count;
+    std::vector<double> &sum = sums[at];
     if (sum.empty())
       sum.assign(static_cast<size_t>(rows), 0.0);
     for (int64_t t = 0; t < count; ++t) {
@@ -154,23 +171,26 @@ public:
       if (top >= 0)
         sum[static_cast<size_t>(top)] += row[top];
     }
-    tokens += count;
+    tokens[at] += count;
   }
 
 private:
-  int64_t layer;
-  std::vector<double> &sum;
-  int64_t &tokens;
+  const std::set<int64_t> &layers;
+  std::map<int64_t, std::vector<double>> &sums;
+  std::map<int64_t, int64_t> &tokens;
 };
 
 } // namespace
 
-Expected<std::vector<double>> routingSignature(Engine &engine, std::span<const int32_t> tokens, int64_t layer) {
+Expected<std::map<int64_t, std::vector<double>>> routingSignatures(Engine &engine, std::span<const int32_t> tokens,
+                                                                   const std::set<int64_t> &layers) {
   if (tokens.empty())
     return Status::error("a routing signature needs at least one token");
-  std::vector<double> sum;
-  int64_t counted = 0;
-  SignatureRecorder recorder(layer, sum, counted);
+  if (layers.empty())
+    return Status::error("a routing signature needs a layer");
+  std::map<int64_t, std::vector<double>> sums;
+  std::map<int64_t, int64_t> counted;
+  SignatureRecorder recorder(layers, sums, counted);
   // The signature is measured on the whole model (no set applied), as the
   // stored ones were; the caller's masks and observer come back after.
   const std::map<int64_t, std::set<int64_t>> masks = engine.maskedExpertSets();
@@ -182,26 +202,44 @@ Expected<std::vector<double>> routingSignature(Engine &engine, std::span<const i
   KvCache cache = engine.newCache();
   std::vector<float> x;
   Status status = engine.embed(tokens, x);
-  for (int64_t l = 0; status.ok() && l <= layer && l < engine.spec().numLayers; ++l)
+  for (int64_t l = 0; status.ok() && l <= *layers.rbegin() && l < engine.spec().numLayers; ++l)
     status = engine.forwardLayer(l, x.data(), static_cast<int64_t>(tokens.size()), cache);
   engine.setObserver(previous);
   MOE_RETURN_IF_ERROR(engine.setMaskedExperts(masks));
   MOE_RETURN_IF_ERROR(status);
-  if (counted == 0)
-    return Status::error("layer ", layer, " routed no tokens (is it a MoE layer?)");
-  for (double &value : sum)
-    value /= static_cast<double>(counted);
-  return sum;
+  for (int64_t layer : layers) {
+    if (counted[layer] == 0)
+      return Status::error("layer ", layer, " routed no tokens (is it a MoE layer?)");
+    for (double &value : sums[layer])
+      value /= static_cast<double>(counted[layer]);
+  }
+  return sums;
 }
 
-size_t nearestTaskSet(const std::vector<TaskExpertSet> &sets, const std::vector<double> &signature) {
+std::set<int64_t> signatureLayers(const std::vector<TaskExpertSet> &sets, TaskSignatureScope scope) {
+  std::set<int64_t> layers;
+  if (sets.empty() || sets.front().signatures.empty())
+    return layers;
+  for (const auto &[layer, signature] : sets.front().signatures) {
+    layers.insert(layer);
+    if (scope == TaskSignatureScope::FirstLayer)
+      break;
+  }
+  return layers;
+}
+
+size_t nearestTaskSet(const std::vector<TaskExpertSet> &sets,
+                      const std::map<int64_t, std::vector<double>> &signatures) {
   size_t best = 0;
   double bestDistance = std::numeric_limits<double>::infinity();
   for (size_t i = 0; i < sets.size(); ++i) {
     double distance = 0;
-    for (size_t r = 0; r < signature.size(); ++r) {
-      const double d = signature[r] - (r < sets[i].signature.size() ? sets[i].signature[r] : 0.0);
-      distance += d * d;
+    for (const auto &[layer, signature] : signatures) {
+      auto stored = sets[i].signatures.find(layer);
+      for (size_t r = 0; r < signature.size(); ++r) {
+        const double theirs = stored != sets[i].signatures.end() && r < stored->second.size() ? stored->second[r] : 0.0;
+        distance += (signature[r] - theirs) * (signature[r] - theirs);
+      }
     }
     if (distance < bestDistance) {
       bestDistance = distance;
@@ -212,10 +250,11 @@ size_t nearestTaskSet(const std::vector<TaskExpertSet> &sets, const std::vector<
 }
 
 Expected<size_t> retrieveTaskSet(Engine &engine, const std::vector<TaskExpertSet> &sets,
-                                 std::span<const int32_t> prompt) {
+                                 std::span<const int32_t> prompt, TaskSignatureScope scope) {
   if (sets.empty())
     return Status::error("--task auto: the model carries no task sets");
-  Expected<std::vector<double>> signature = routingSignature(engine, prompt, sets.front().signatureLayer);
+  Expected<std::map<int64_t, std::vector<double>>> signature =
+      routingSignatures(engine, prompt, signatureLayers(sets, scope));
   if (!signature)
     return signature.status();
   const size_t chosen = nearestTaskSet(sets, *signature);

@@ -304,6 +304,58 @@ LayerCache::LayerCache(WeightProvider &provider, int64_t numLayers, size_t budge
 ExpertCache::ExpertCache(WeightProvider &provider, size_t budgetBytes, ExpertCachePolicy policy)
     : provider(provider), budget(budgetBytes), policy(policy) {}
 
+namespace {
+
+/// `matrix`'s values rounded to `format` (RTN, the scalar reference).
+Status requantize(const Matrix &matrix, const quant::QuantFormat &format, Matrix &out) {
+  std::vector<float> values(static_cast<size_t>(matrix.rows * matrix.cols));
+  for (int64_t r = 0; r < matrix.rows; ++r)
+    matrix.copyRow(r, values.data() + r * matrix.cols);
+  out = Matrix();
+  out.rows = matrix.rows;
+  out.cols = matrix.cols;
+  out.quantFormat = format;
+  out.quantStorage.resize(format.matrixBytes(matrix.rows, matrix.cols));
+  quant::quantizeReference(format, values.data(), matrix.rows, matrix.cols, out.quantStorage.data());
+  out.quantData = out.quantStorage.data();
+  return Status::success();
+}
+
+Status requantize(const MlpWeights &expert, const quant::QuantFormat &format, MlpWeights &out) {
+  MOE_RETURN_IF_ERROR(requantize(expert.gate, format, out.gate));
+  MOE_RETURN_IF_ERROR(requantize(expert.up, format, out.up));
+  MOE_RETURN_IF_ERROR(requantize(expert.down, format, out.down));
+  out.moreParts.resize(expert.moreParts.size());
+  for (size_t p = 0; p < expert.moreParts.size(); ++p)
+    MOE_RETURN_IF_ERROR(requantize(expert.moreParts[p], format, out.moreParts[p]));
+  return Status::success();
+}
+
+} // namespace
+
+Status ExpertCache::buildFallbacks(const std::map<int64_t, int64_t> &slots, const quant::QuantFormat &format,
+                                   double threshold) {
+  below = threshold;
+  for (const auto &[layer, count] : slots)
+    for (int64_t slot = 0; slot < count; ++slot) {
+      MlpWeights stored;
+      MOE_RETURN_IF_ERROR(provider.loadExpert(layer, slot, stored));
+      auto low = std::make_shared<MlpWeights>();
+      if (Status status = requantize(stored, format, *low); !status.ok())
+        return Status::error("--expert-fallback ", status.message(), " (layer ", layer, ", expert ", slot, ")");
+      lowBitBytes += low->bytes();
+      fallbacks[{layer, slot}] = std::move(low);
+    }
+  return Status::success();
+}
+
+std::shared_ptr<const MlpWeights> ExpertCache::fallback(int64_t layer, int64_t slot) {
+  ++uses[{layer, slot}];
+  ++clock;
+  ++stats.fallbacks;
+  return fallbacks.at({layer, slot});
+}
+
 Expected<std::shared_ptr<const MlpWeights>> ExpertCache::get(int64_t layer, int64_t slot) {
   const std::pair<int64_t, int64_t> key{layer, slot};
   ++uses[key];

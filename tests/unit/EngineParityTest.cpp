@@ -252,6 +252,97 @@ TEST(Engine, ExpertCachePoliciesEvictAsDocumented) {
   EXPECT_NE(refused.status().message().find("expert cache"), std::string::npos);
 }
 
+/// A checkpoint whose routed experts come back rounded to a quant format
+/// (RTN by the scalar reference): what a low-bit fallback computes.
+class RoundedExperts : public WeightProvider {
+public:
+  RoundedExperts(std::unique_ptr<WeightProvider> inner, quant::QuantFormat format)
+      : inner(std::move(inner)), format(format) {}
+  Status loadGlobals(GlobalWeights &globals) override { return inner->loadGlobals(globals); }
+  Status loadLayer(int64_t layer, LayerWeights &weights, bool routedExperts) override {
+    MOE_RETURN_IF_ERROR(inner->loadLayer(layer, weights, false));
+    if (routedExperts)
+      for (size_t e = 0; e < weights.experts.size(); ++e)
+        MOE_RETURN_IF_ERROR(loadExpert(layer, static_cast<int64_t>(e), weights.experts[e]));
+    return Status::success();
+  }
+  Status loadExpert(int64_t layer, int64_t slot, MlpWeights &expert) override {
+    MOE_RETURN_IF_ERROR(inner->loadExpert(layer, slot, expert));
+    for (Matrix *m : {&expert.gate, &expert.up, &expert.down}) {
+      std::vector<float> values(static_cast<size_t>(m->rows * m->cols));
+      for (int64_t r = 0; r < m->rows; ++r)
+        m->copyRow(r, values.data() + r * m->cols);
+      Matrix rounded;
+      rounded.rows = m->rows;
+      rounded.cols = m->cols;
+      rounded.quantFormat = format;
+      rounded.quantStorage.resize(format.matrixBytes(m->rows, m->cols));
+      quant::quantizeReference(format, values.data(), m->rows, m->cols, rounded.quantStorage.data());
+      rounded.quantData = rounded.quantStorage.data();
+      *m = std::move(rounded);
+    }
+    return Status::success();
+  }
+
+private:
+  std::unique_ptr<WeightProvider> inner;
+  quant::QuantFormat format;
+};
+
+// HOBBIT's low-bit fallback: a missing expert no token leans on runs from
+// its low-bit copy. Below 0 nothing falls back (logits identical); below 1
+// everything does (nothing loaded, every expert call a fallback), and the
+// latter equals the model with RTN 4-bit experts exactly (here, and in
+// lit/Tools/offload.test against a package moe-quantize made).
+TEST(Engine, LowBitFallbackReplacesMissingExperts) {
+  const std::string dir = dataDir() + "/hf/mixtral";
+  Golden golden = loadGolden("mixtral");
+  Loaded whole = loadModel(dir);
+  std::vector<float> expected;
+  KvCache wholeCache = whole.engine->newCache();
+  ASSERT_TRUE(whole.engine->forward(golden.ids, wholeCache, expected).ok());
+  for (double below : {0.0, 1.0}) {
+    EngineOptions options;
+    options.expertCacheBytes = below == 0 ? 100000000 : 1;
+    options.expertFallbackFormat = quant::parseQuantFormat("q4_g32_asym");
+    options.expertFallbackBelow = below;
+    Loaded offloaded = loadModel(dir, options);
+    std::vector<float> logits;
+    KvCache cache = offloaded.engine->newCache();
+    ASSERT_TRUE(offloaded.engine->forward(golden.ids, cache, logits).ok());
+    const ExpertCache &experts = *offloaded.engine->expertCache();
+    EXPECT_GT(experts.fallbackBytes(), 0u);
+    if (below == 0) {
+      EXPECT_EQ(logits, expected);
+      EXPECT_EQ(experts.counters().fallbacks, 0);
+      continue;
+    }
+    EXPECT_EQ(experts.counters().misses, 0);
+    EXPECT_EQ(experts.counters().bytesLoaded, 0u);
+    EXPECT_GT(experts.counters().fallbacks, 0);
+    EXPECT_NE(logits, expected) << "the low-bit copies ran";
+    auto rounded = Engine::create(
+        whole.spec, std::make_unique<RoundedExperts>(makeCheckpointWeightProvider(whole.spec, whole.checkpoint),
+                                                     *options.expertFallbackFormat));
+    ASSERT_TRUE(rounded.ok());
+    std::vector<float> reference;
+    KvCache referenceCache = (*rounded)->newCache();
+    ASSERT_TRUE((*rounded)->forward(golden.ids, referenceCache, reference).ok());
+    EXPECT_EQ(logits, reference) << "every expert ran from its RTN copy";
+  }
+  EngineOptions noCache;
+  noCache.expertFallbackFormat = quant::parseQuantFormat("q4_g32_asym");
+  auto refused = Engine::create(whole.spec, makeCheckpointWeightProvider(whole.spec, whole.checkpoint), noCache);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("--expert-fallback needs --expert-cache"), std::string::npos);
+  EngineOptions badShare = noCache;
+  badShare.expertCacheBytes = 1000;
+  badShare.expertFallbackBelow = 1.5;
+  refused = Engine::create(whole.spec, makeCheckpointWeightProvider(whole.spec, whole.checkpoint), badShare);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("--expert-fallback-below 1.5"), std::string::npos);
+}
+
 TEST(Engine, RejectsTokensOutsideTheVocabulary) {
   Loaded model = loadModel(dataDir() + "/hf/mixtral");
   KvCache cache = model.engine->newCache();

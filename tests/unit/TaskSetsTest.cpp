@@ -26,8 +26,7 @@ TaskExpertSet makeSet(const std::string &name, std::vector<double> signature,
                       std::map<int64_t, std::set<int64_t>> masked) {
   TaskExpertSet set;
   set.name = name;
-  set.signatureLayer = 0;
-  set.signature = std::move(signature);
+  set.signatures[1] = std::move(signature);
   set.tokens = 100;
   set.masked = std::move(masked);
   return set;
@@ -40,7 +39,7 @@ TEST(TaskSets, JsonRoundTripsAndNamesBadFields) {
   ASSERT_TRUE(back) << back.status().message();
   ASSERT_EQ(back->size(), 2u);
   EXPECT_EQ((*back)[0].name, "fiction");
-  EXPECT_EQ((*back)[0].signature, sets[0].signature);
+  EXPECT_EQ((*back)[0].signatures, sets[0].signatures);
   EXPECT_EQ((*back)[0].masked, sets[0].masked);
   EXPECT_EQ((*back)[1].tokens, 100);
 
@@ -51,7 +50,7 @@ TEST(TaskSets, JsonRoundTripsAndNamesBadFields) {
   EXPECT_NE(failed.status().message().find("p.moepkg: task_sets[1].masked"), std::string::npos)
       << failed.status().message();
   bad = taskSetsToJson(sets);
-  bad[0].erase("signature");
+  bad[0].erase("signatures");
   failed = taskSetsFromJson(bad, "p.moepkg");
   ASSERT_FALSE(failed);
   EXPECT_NE(failed.status().message().find("task_sets[0]: expected"), std::string::npos);
@@ -60,9 +59,16 @@ TEST(TaskSets, JsonRoundTripsAndNamesBadFields) {
 TEST(TaskSets, NearestSetInL2) {
   std::vector<TaskExpertSet> sets = {makeSet("a", {1, 0, 0}, {}), makeSet("b", {0, 1, 0}, {}),
                                      makeSet("c", {0, 0, 1}, {})};
-  EXPECT_EQ(nearestTaskSet(sets, {0.1, 0.9, 0.2}), 1u);
-  EXPECT_EQ(nearestTaskSet(sets, {0.1, 0.2, 0.3}), 2u);
-  EXPECT_EQ(nearestTaskSet(sets, {0.5, 0.5, 0}), 0u); // a tie goes to the first
+  EXPECT_EQ(nearestTaskSet(sets, {{1, {0.1, 0.9, 0.2}}}), 1u);
+  EXPECT_EQ(nearestTaskSet(sets, {{1, {0.1, 0.2, 0.3}}}), 2u);
+  EXPECT_EQ(nearestTaskSet(sets, {{1, {0.5, 0.5, 0}}}), 0u); // a tie goes to the first
+  // Over several layers the distances add up.
+  sets[0].signatures[2] = {5, 5};
+  sets[1].signatures[2] = {0, 0};
+  sets[2].signatures[2] = {0, 0};
+  EXPECT_EQ(nearestTaskSet(sets, {{1, {0.9, 0.1, 0}}, {2, {0, 0}}}), 1u);
+  EXPECT_EQ(signatureLayers(sets, TaskSignatureScope::FirstLayer), (std::set<int64_t>{1}));
+  EXPECT_EQ(signatureLayers(sets, TaskSignatureScope::AllLayers), (std::set<int64_t>{1, 2}));
 }
 
 // Validation against a described model (tiny-deepseek: layer 0 dense,
@@ -77,15 +83,20 @@ TEST(TaskSets, ValidationNamesTheSetAndTheField) {
     description.layers[static_cast<size_t>(l)].experts.resize(8);
   auto check = [&](TaskExpertSet set) { return validateTaskSets({std::move(set)}, description, "m.moepkg").message(); };
   TaskExpertSet good = makeSet("fiction", std::vector<double>(8, 0.1), {{1, {0, 1, 2, 3, 4, 5}}});
-  good.signatureLayer = 1;
   EXPECT_EQ(check(good), "");
   TaskExpertSet dense = good;
-  dense.signatureLayer = 0;
-  EXPECT_EQ(check(dense), "m.moepkg: task set 'fiction': signature_layer 0 is not a MoE layer");
+  dense.signatures[0] = std::vector<double>(8, 0.0);
+  EXPECT_EQ(check(dense), "m.moepkg: task set 'fiction': signature layer 0 is not a MoE layer");
   TaskExpertSet shortSignature = good;
-  shortSignature.signature.pop_back();
+  shortSignature.signatures[1].pop_back();
   EXPECT_EQ(check(shortSignature),
-            "m.moepkg: task set 'fiction': the signature has 7 entries; layer 1 has 8 router rows");
+            "m.moepkg: task set 'fiction': the signature of layer 1 has 7 entries; the layer has 8 router rows");
+  TaskExpertSet moreLayers = good;
+  moreLayers.name = "press";
+  moreLayers.signatures[2] = std::vector<double>(8, 0.0);
+  EXPECT_EQ(validateTaskSets({good, moreLayers}, description, "m.moepkg").message(),
+            "m.moepkg: task set 'press': has a signature of layer 2, task set 'fiction' does not; every set needs "
+            "the same layers");
   TaskExpertSet tooMany = good;
   tooMany.masked[2] = {0, 1, 2, 3, 4, 5, 6};
   EXPECT_EQ(check(tooMany), "m.moepkg: task set 'fiction': layer 2 keeps 1 experts, fewer than top-k 2");
@@ -113,28 +124,29 @@ TEST(TaskSets, SignatureIsThePatternCalibrationRecords) {
   options.sequenceLength = L;
   Expected<CalibrationResult> stats = calibrate(*model->engine, {one}, options);
   ASSERT_TRUE(stats) << stats.status().message();
-  const LayerStatistics *first = nullptr;
+  ASSERT_EQ(stats->layers.size(), 3u); // layers 1-3
+  std::set<int64_t> layers;
   for (const LayerStatistics &layer : stats->layers)
-    if (!first || layer.layer < first->layer)
-      first = &layer;
-  ASSERT_NE(first, nullptr);
-  ASSERT_EQ(first->layer, 1);
-  Expected<std::vector<double>> signature =
-      routingSignature(*model->engine, std::span<const int32_t>(one.ids).first(static_cast<size_t>(L)), 1);
-  ASSERT_TRUE(signature) << signature.status().message();
-  ASSERT_EQ(signature->size(), first->topLogitSum.size());
-  double total = 0;
-  for (size_t e = 0; e < signature->size(); ++e) {
-    EXPECT_NEAR((*signature)[e], first->topLogitSum[e] / static_cast<double>(first->tokens), 1e-6) << "expert " << e;
-    total += std::abs((*signature)[e]);
+    layers.insert(layer.layer);
+  const std::span<const int32_t> window = std::span<const int32_t>(one.ids).first(static_cast<size_t>(L));
+  Expected<std::map<int64_t, std::vector<double>>> signatures = routingSignatures(*model->engine, window, layers);
+  ASSERT_TRUE(signatures) << signatures.status().message();
+  for (const LayerStatistics &layer : stats->layers) {
+    const std::vector<double> &signature = signatures->at(layer.layer);
+    ASSERT_EQ(signature.size(), layer.topLogitSum.size());
+    double total = 0;
+    for (size_t e = 0; e < signature.size(); ++e) {
+      EXPECT_NEAR(signature[e], layer.topLogitSum[e] / static_cast<double>(layer.tokens), 1e-5)
+          << "layer " << layer.layer << " expert " << e;
+      total += std::abs(signature[e]);
+    }
+    EXPECT_GT(total, 0.0);
   }
-  EXPECT_GT(total, 0.0);
   // Measured without the engine's masks, which come back after.
-  ASSERT_TRUE(model->engine->setMaskedExperts({{1, {0, 1, 2}}}).ok());
-  Expected<std::vector<double>> masked =
-      routingSignature(*model->engine, std::span<const int32_t>(one.ids).first(static_cast<size_t>(L)), 1);
+  ASSERT_TRUE(model->engine->setMaskedExperts({{1, {0, 1, 2}}, {3, {4}}}).ok());
+  Expected<std::map<int64_t, std::vector<double>>> masked = routingSignatures(*model->engine, window, layers);
   ASSERT_TRUE(masked);
-  EXPECT_EQ(*masked, *signature);
+  EXPECT_EQ(*masked, *signatures);
   EXPECT_EQ(model->engine->maskedExpertSets().at(1), (std::set<int64_t>{0, 1, 2}));
 }
 

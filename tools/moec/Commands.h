@@ -38,9 +38,12 @@ struct ModelOptions {
   std::string path;
   std::string maxMemory;
   bool simulateQuantized = false;
-  std::string expertCache;          ///< --expert-cache SIZE: offload routed experts.
-  std::string expertPolicy = "lru"; ///< --expert-policy lru|frequency.
-  std::string task;                 ///< --task NAME|auto|all (task expert sets).
+  std::string expertCache;             ///< --expert-cache SIZE: offload routed experts.
+  std::string expertPolicy = "lru";    ///< --expert-policy lru|frequency.
+  std::string expertFallback;          ///< --expert-fallback FORMAT (HOBBIT's low-bit copies).
+  double expertFallbackBelow = 0.5;    ///< --expert-fallback-below SHARE.
+  std::string task;                    ///< --task NAME|auto|all (task expert sets).
+  std::string taskSignature = "first"; ///< --task-signature first|all.
 };
 /// --task auto (or no --task) on a model with task sets: retrieves a set
 /// for each request (eval's windows, generate's prompt) from its first
@@ -48,6 +51,7 @@ struct ModelOptions {
 struct TaskRetrieval {
   bool active = false;
   int64_t promptTokens = 64;
+  TaskSignatureScope scope = TaskSignatureScope::FirstLayer;
   std::map<std::string, int64_t> chosen;
   Status choose(LoadedModel &model, std::span<const int32_t> request);
 };

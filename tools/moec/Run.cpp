@@ -74,10 +74,24 @@ void addModelOptions(CLI::App *command, ModelOptions &options) {
   command->add_option("--expert-policy", options.expertPolicy, "Which cached expert to evict: lru or frequency")
       ->check(CLI::IsMember({"lru", "frequency"}))
       ->capture_default_str();
+  command->add_option("--expert-fallback", options.expertFallback,
+                      "With --expert-cache, HOBBIT's low-precision replacement: keep every routed expert also in "
+                      "this quant format (e.g. q4_g32_asym, made at load) and run a missing expert from it when no "
+                      "token gives it --expert-fallback-below of its routing weight");
+  command
+      ->add_option("--expert-fallback-below", options.expertFallbackBelow,
+                   "Share of a token's routing weight under which a missing expert runs in low precision")
+      ->capture_default_str();
   command->add_option("--task", options.task,
                       "A package with task expert sets (moec compress with \"tasks\"): run the set NAME (its other "
                       "experts never loaded), auto (eval and generate: the set nearest each request's routing "
                       "signature; the default) or all (every expert)");
+  command
+      ->add_option("--task-signature", options.taskSignature,
+                   "--task auto compares routing signatures at the first MoE layer (PreMoe's) or at all of them "
+                   "(a request then runs through every layer once more)")
+      ->check(CLI::IsMember({"first", "all"}))
+      ->capture_default_str();
 }
 
 Expected<LoadedModel> openModel(const ModelOptions &options) {
@@ -96,6 +110,13 @@ Expected<LoadedModel> openModel(const ModelOptions &options) {
     engineOptions.expertCachePolicy =
         options.expertPolicy == "frequency" ? ExpertCachePolicy::Frequency : ExpertCachePolicy::Lru;
   }
+  if (!options.expertFallback.empty()) {
+    engineOptions.expertFallbackFormat = quant::parseQuantFormat(options.expertFallback);
+    if (!engineOptions.expertFallbackFormat)
+      return Status::error("--expert-fallback '", options.expertFallback,
+                           "': expected a quant format such as q4_g32_asym or q8_g32_sym");
+    engineOptions.expertFallbackBelow = options.expertFallbackBelow;
+  }
   Expected<LoadedModel> model =
       isModuleFile(options.path) ? loadModuleModel(options.path, engineOptions, options.simulateQuantized, options.task)
                                  : loadModel(options.path, engineOptions, options.task);
@@ -108,13 +129,14 @@ Expected<LoadedModel> openModel(const ModelOptions &options) {
 TaskRetrieval taskRetrieval(const ModelOptions &options, const LoadedModel &model) {
   TaskRetrieval retrieval;
   retrieval.active = !model.taskSets.empty() && (options.task.empty() || options.task == "auto");
+  retrieval.scope = options.taskSignature == "all" ? TaskSignatureScope::AllLayers : TaskSignatureScope::FirstLayer;
   return retrieval;
 }
 
 Status TaskRetrieval::choose(LoadedModel &model, std::span<const int32_t> request) {
   const std::span<const int32_t> prompt =
       request.first(std::min<size_t>(request.size(), static_cast<size_t>(promptTokens)));
-  Expected<size_t> index = retrieveTaskSet(*model.engine, model.taskSets, prompt);
+  Expected<size_t> index = retrieveTaskSet(*model.engine, model.taskSets, prompt, scope);
   if (!index)
     return index.status();
   ++chosen[model.taskSets[*index].name];
@@ -199,9 +221,10 @@ int runEval(const EvalCommandOptions &options) {
       out["task"] = {{"mode", "auto"}, {"prompt_tokens", retrieval.promptTokens}, {"windows", retrieval.chosen}};
     if (const ExpertCache *experts = model.engine->expertCache())
       out["expert_cache"] = {
-          {"bytes", experts->residentBytes()},         {"peak_bytes", experts->peakResidentBytes()},
-          {"hits", experts->counters().hits},          {"misses", experts->counters().misses},
-          {"hit_rate", experts->counters().hitRate()}, {"bytes_loaded", experts->counters().bytesLoaded}};
+          {"bytes", experts->residentBytes()},          {"peak_bytes", experts->peakResidentBytes()},
+          {"hits", experts->counters().hits},           {"misses", experts->counters().misses},
+          {"hit_rate", experts->counters().hitRate()},  {"bytes_loaded", experts->counters().bytesLoaded},
+          {"fallbacks", experts->counters().fallbacks}, {"fallback_bytes", experts->fallbackBytes()}};
     std::cout << out.dump(2) << "\n";
     return 0;
   }
@@ -244,6 +267,10 @@ int runEval(const EvalCommandOptions &options) {
                 static_cast<long long>(experts->counters().hits + experts->counters().misses),
                 static_cast<double>(experts->counters().bytesLoaded) / 1e6,
                 static_cast<double>(experts->peakResidentBytes()) / 1e6);
+  if (const ExpertCache *experts = model.engine->expertCache(); experts && experts->hasFallbacks())
+    std::printf("low-bit fallback: %lld experts run from low-bit copies instead of loading (%.1f MB of copies)\n",
+                static_cast<long long>(experts->counters().fallbacks),
+                static_cast<double>(experts->fallbackBytes()) / 1e6);
   std::printf("speed:        %.1f tokens/s (%.1f s)\n", tokensPerSecond, r.seconds);
   return 0;
 }

@@ -118,14 +118,15 @@ void setTaskSets(ir::ModelOp model, const std::vector<TaskExpertSet> &sets) {
   mlir::Builder b(model.getContext());
   llvm::SmallVector<mlir::Attribute> entries;
   for (const TaskExpertSet &set : sets) {
-    llvm::SmallVector<mlir::NamedAttribute> masked;
+    llvm::SmallVector<mlir::NamedAttribute> masked, signatures;
     for (const auto &[layer, rows] : set.masked)
       masked.push_back(b.getNamedAttr(std::to_string(layer),
                                       b.getDenseI64ArrayAttr(std::vector<int64_t>(rows.begin(), rows.end()))));
+    for (const auto &[layer, signature] : set.signatures)
+      signatures.push_back(b.getNamedAttr(std::to_string(layer), b.getDenseF64ArrayAttr(signature)));
     entries.push_back(b.getDictionaryAttr({
         b.getNamedAttr("name", b.getStringAttr(set.name)),
-        b.getNamedAttr("signature_layer", b.getI64IntegerAttr(set.signatureLayer)),
-        b.getNamedAttr("signature", b.getDenseF64ArrayAttr(set.signature)),
+        b.getNamedAttr("signatures", b.getDictionaryAttr(signatures)),
         b.getNamedAttr("tokens", b.getI64IntegerAttr(set.tokens)),
         b.getNamedAttr("masked", b.getDictionaryAttr(masked)),
     }));

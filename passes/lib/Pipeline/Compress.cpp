@@ -268,9 +268,9 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
 
 /// Task-adaptive expert sets (PreMoe): the prune pass runs once per task,
 /// on a copy of the module, with statistics calibrated on the task's data;
-/// what it would remove becomes the task's masked router rows, and the
-/// first MoE layer's TCESS pattern (the mean over the task's tokens of the
-/// top-1 expert's raw logit, zeros elsewhere) its signature. Experts no
+/// what it would remove becomes the task's masked router rows, and each
+/// MoE layer's TCESS pattern (the mean over the task's tokens of the top-1
+/// expert's raw logit, zeros elsewhere) its signature. Experts no
 /// task keeps leave the model (moe-drop-experts); the rest stay, and the
 /// sets (rows and signatures renumbered past that drop) go into the
 /// module's moe.task_sets.
@@ -281,19 +281,10 @@ Expected<json> runTaskSets(mlir::MLIRContext &context, mlir::ModuleOp module, ir
     return description.status();
   if (!description->taskSets.empty())
     return Status::error("the model already carries task sets; one task step per recipe");
-  int64_t signatureLayer = -1;
-  for (int64_t l = 0; l < description->spec.numLayers; ++l) {
-    const LayerEntry &layer = description->layers[static_cast<size_t>(l)];
-    if (description->spec.layers[static_cast<size_t>(l)].mlp != MlpKind::Moe)
-      continue;
-    if (!layer.routing.remap.empty())
+  for (int64_t l = 0; l < description->spec.numLayers; ++l)
+    if (!description->layers[static_cast<size_t>(l)].routing.remap.empty())
       return Status::error("layer ", l, " has merged experts; task sets need one router row per expert, so ",
                            "put the task step before moe-merge-experts");
-    if (signatureLayer < 0)
-      signatureLayer = l;
-  }
-  if (signatureLayer < 0)
-    return Status::error("the model has no MoE layer");
   // Expert origins (ids in the imported checkpoint) by layer and slot.
   auto origins = [](ir::ModelOp of) {
     std::map<int64_t, std::vector<int64_t>> out;
@@ -326,15 +317,14 @@ Expected<json> runTaskSets(mlir::MLIRContext &context, mlir::ModuleOp module, ir
       return Status::error("task '", name, "': ", result.status().message());
     TaskExpertSet set;
     set.name = name;
-    set.signatureLayer = signatureLayer;
     set.tokens = result->tokens;
-    for (const LayerStatistics &stats : result->layers)
-      if (stats.layer == signatureLayer) {
-        if (stats.tokens <= 0)
-          return Status::error("task '", name, "': ", data, " gave no calibration tokens");
-        for (double sum : stats.topLogitSum)
-          set.signature.push_back(sum / static_cast<double>(stats.tokens));
-      }
+    for (const LayerStatistics &stats : result->layers) {
+      if (stats.tokens <= 0)
+        return Status::error("task '", name, "': ", data, " gave no calibration tokens");
+      std::vector<double> &signature = set.signatures[stats.layer];
+      for (double sum : stats.topLogitSum)
+        signature.push_back(sum / static_cast<double>(stats.tokens));
+    }
     MOE_RETURN_IF_ERROR(writeStatistics(*result, run->options, statsPath));
     // The pass as the recipe gives it, on a copy: what would it remove?
     mlir::OwningOpRef<mlir::ModuleOp> copy = module.clone();
@@ -389,13 +379,11 @@ Expected<json> runTaskSets(mlir::MLIRContext &context, mlir::ModuleOp module, ir
           renumbered.insert(slot -
                             static_cast<int64_t>(std::distance(everywhere.begin(), everywhere.lower_bound(slot))));
       set.masked[layer] = std::move(renumbered);
-      if (layer == set.signatureLayer) {
-        std::vector<double> kept;
-        for (size_t row = 0; row < set.signature.size(); ++row)
-          if (!everywhere.count(static_cast<int64_t>(row)))
-            kept.push_back(set.signature[row]);
-        set.signature = std::move(kept);
-      }
+      std::vector<double> kept;
+      for (size_t row = 0; row < set.signatures[layer].size(); ++row)
+        if (!everywhere.count(static_cast<int64_t>(row)))
+          kept.push_back(set.signatures[layer][row]);
+      set.signatures[layer] = std::move(kept);
     }
   }
   for (TaskExpertSet &set : sets)
@@ -412,7 +400,7 @@ Expected<json> runTaskSets(mlir::MLIRContext &context, mlir::ModuleOp module, ir
   Expected<ModelDescription> checked = lowerToDescription(model, "");
   if (!checked)
     return checked.status();
-  return json{{"tasks", records}, {"dropped_by_every_task", dropText}, {"signature_layer", signatureLayer}};
+  return json{{"tasks", records}, {"dropped_by_every_task", dropText}};
 }
 
 } // namespace

@@ -54,8 +54,8 @@ Status recordOriginal(ir::ModelOp model, const ModelDescription &description);
 
 /// `moe.task_sets` on moe.model: task-adaptive expert sets (TaskSets.h),
 /// set by moec compress's task step, lowered into the description (and so
-/// into packages). An array of {name, signature_layer, signature (f64
-/// array), tokens, masked: {"<layer>": i64 array of router rows}}.
+/// into packages). An array of {name, signatures: {"<layer>": f64 array},
+/// tokens, masked: {"<layer>": i64 array of router rows}}.
 void setTaskSets(ir::ModelOp model, const std::vector<TaskExpertSet> &sets);
 /// The model's task sets (none without the attribute); errors name the field.
 Expected<std::vector<TaskExpertSet>> readTaskSets(ir::ModelOp model);

@@ -100,6 +100,12 @@ struct EngineOptions {
   /// one by one on demand into an ExpertCache of this many bytes.
   size_t expertCacheBytes = 0;
   ExpertCachePolicy expertCachePolicy = ExpertCachePolicy::Lru;
+  /// With an expert cache, HOBBIT's low-precision replacement
+  /// (ExpertCache::buildFallbacks): every routed expert also kept in this
+  /// format, used for a missing expert whose share of each of its tokens'
+  /// routing weight is below expertFallbackBelow.
+  std::optional<quant::QuantFormat> expertFallbackFormat;
+  double expertFallbackBelow = 0.5;
   /// False: the experts masked at creation are never loaded (a task set
   /// chosen at load, TaskSets.h), and setMaskedExperts refuses to unmask
   /// them. Layers with merged experts (a remap table) load every expert.

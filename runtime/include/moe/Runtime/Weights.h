@@ -168,6 +168,7 @@ enum class ExpertCachePolicy {
 /// What an ExpertCache did.
 struct ExpertCacheCounters {
   int64_t hits = 0, misses = 0;
+  int64_t fallbacks = 0; ///< Missing experts run from their low-bit copy instead (HOBBIT).
   uint64_t bytesLoaded = 0;
   double hitRate() const {
     return hits + misses > 0 ? static_cast<double>(hits) / static_cast<double>(hits + misses) : 0;
@@ -182,6 +183,20 @@ public:
   ExpertCache(WeightProvider &provider, size_t budgetBytes, ExpertCachePolicy policy);
   /// Expert `slot` of layer `layer`, loading it (and evicting others) if needed.
   Expected<std::shared_ptr<const MlpWeights>> get(int64_t layer, int64_t slot);
+  bool contains(int64_t layer, int64_t slot) const { return entries.count({layer, slot}) > 0; }
+
+  /// HOBBIT's low-precision replacement: each expert of `slots` (per layer,
+  /// the slot count) is read once and kept, apart from the budget, in
+  /// `format` (RTN of its values); a missing expert whose largest share of
+  /// a token's routing weight is below `below` (1: every missing expert)
+  /// then runs from that copy (fallback()) instead of being loaded.
+  Status buildFallbacks(const std::map<int64_t, int64_t> &slots, const quant::QuantFormat &format, double below);
+  bool hasFallbacks() const { return !fallbacks.empty(); }
+  double fallbackBelow() const { return below; }
+  /// The low-bit copy of an expert (buildFallbacks), counted as a fallback.
+  std::shared_ptr<const MlpWeights> fallback(int64_t layer, int64_t slot);
+  size_t fallbackBytes() const { return lowBitBytes; }
+
   const ExpertCacheCounters &counters() const { return stats; }
   void resetCounters() { stats = {}; }
   size_t residentBytes() const { return resident; }
@@ -200,6 +215,9 @@ private:
   int64_t clock = 0;
   std::map<std::pair<int64_t, int64_t>, Entry> entries;
   std::map<std::pair<int64_t, int64_t>, int64_t> uses; ///< Requests per expert since the start.
+  std::map<std::pair<int64_t, int64_t>, std::shared_ptr<const MlpWeights>> fallbacks;
+  double below = 0;
+  size_t lowBitBytes = 0;
   ExpertCacheCounters stats;
 };
 
