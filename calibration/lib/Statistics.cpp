@@ -416,6 +416,9 @@ Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStre
   if (options.gradients && visitor)
     return Status::error("--gradients runs the whole model per window (forward and backward) and cannot be combined "
                          "with layer-by-layer quantisation");
+  if (options.allExperts && engine.hasUnloadedExperts())
+    return Status::error("--all-experts runs every expert on every token, but the task set chosen at load left some "
+                         "unloaded; give --task all");
   if (options.gradients && L < 2)
     return Status::error("--gradients needs windows of at least 2 tokens (--seq-len), got ", L);
   // The windows, as eval takes them: floor((N-1)/L) per stream.

@@ -201,6 +201,9 @@ Status exportHuggingFace(ir::ModelOp model, const std::string &directory, std::v
   Expected<ModelSpec> spec = ModelSpec::fromConfigText(model.getConfig(), "config of moe.model");
   if (!spec)
     return spec.status();
+  if (remarks && model->getAttr("moe.task_sets"))
+    remarks->push_back("the model's task expert sets do not carry into the checkpoint: it has every expert the sets "
+                       "keep, routed over all of them");
 
   // The per-layer structure must be uniform to fit a config.json.
   // A config.json has one expert count and width: atom-pruned experts are

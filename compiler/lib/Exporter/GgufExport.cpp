@@ -447,6 +447,10 @@ Status exportGguf(const ModelDescription &description, const GgufAssets &assets,
   const ModelSpec &spec = description.spec;
   const Arch arch = archOf(spec.family);
   const std::string prefix = std::string(arch.name) + ".";
+  if (!description.taskSets.empty())
+    remarks.push_back(concat(where, ": its ", description.taskSets.size(),
+                             " task expert sets do not carry into GGUF: the file has every expert the sets keep, and "
+                             "llama.cpp routes over all of them"));
   json config = json::parse(description.configText.empty() ? "{}" : description.configText, nullptr, false);
   if (!config.is_object())
     config = json::object();

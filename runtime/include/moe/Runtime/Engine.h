@@ -183,6 +183,8 @@ public:
   /// on a layer that is not MoE, an expert it lacks, or fewer than top-k left.
   Status setMaskedExperts(const std::map<int64_t, std::set<int64_t>> &masked);
   const std::map<int64_t, std::set<int64_t>> &maskedExpertSets() const { return maskedExperts; }
+  /// Whether some experts were never loaded (EngineOptions::loadMaskedExperts).
+  bool hasUnloadedExperts() const { return !unloadedExperts.empty(); }
   /// Attaches `observer` (not owned; null detaches).
   void setObserver(EngineObserver *observer) { this->observer = observer; }
   EngineObserver *attachedObserver() const { return observer; }
