@@ -540,6 +540,14 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
     evalOptions.reference = reference;
     evalOptions.countRouting = reference == nullptr;
     evalOptions.progressLabel = label;
+    // A package with task sets is measured as it runs by default: each
+    // window retrieves its set from its first tokens (--task auto).
+    if (!loaded.taskSets.empty())
+      evalOptions.beforeWindow = [&](std::span<const int32_t> inputs) -> Status {
+        Expected<size_t> chosen =
+            retrieveTaskSet(*loaded.engine, loaded.taskSets, inputs.first(std::min<size_t>(inputs.size(), 64)));
+        return chosen ? Status::success() : chosen.status();
+      };
     return evaluate(*loaded.engine, *streams, evalOptions);
   };
   std::optional<double> before;
