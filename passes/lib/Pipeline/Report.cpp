@@ -210,6 +210,8 @@ Expected<json> buildReport(const ReportInputs &inputs) {
   }
   report["layers"] = layers;
   report["bytes_by_format"] = summary.value("bytes_by_format", json::object());
+  if (summary.contains("task_sets"))
+    report["task_sets"] = summary["task_sets"];
   if (!inputs.quality.is_null())
     report["quality"] = inputs.quality;
   std::set<std::string> passes;
@@ -673,6 +675,20 @@ std::string compressionHtml(const json &report) {
   });
 
   html += "</div>";
+
+  // Task expert sets: per set, the experts it keeps in each MoE layer.
+  if (report.contains("task_sets")) {
+    html += "<h2>Task expert sets</h2><table><tr><th>task</th><th>calibration tokens</th><th>experts kept "
+            "per MoE layer</th></tr>";
+    for (const json &set : report["task_sets"]) {
+      std::string kept;
+      for (const auto &[layer, count] : set["kept"].items())
+        kept += (kept.empty() ? "" : ", ") + layer + ": " + std::to_string(count.get<int64_t>());
+      html += "<tr><td class=\"l\">" + escape(set["name"].get<std::string>()) + "</td><td>" +
+              std::to_string(set["tokens"].get<int64_t>()) + "</td><td class=\"l\">" + escape(kept) + "</td></tr>";
+    }
+    html += "</table>";
+  }
 
   // Tables.
   html += "<h2>Every expert</h2>";
