@@ -100,13 +100,13 @@ Expected<json> summarizeDescription(const ModelDescription &description) {
               {"bytes", total}};
   // Task sets: per set the experts it keeps in each MoE layer.
   for (const TaskExpertSet &set : description.taskSets) {
-    json kept = json::object();
+    json kept = json::array();
     for (size_t l = 0; l < description.layers.size(); ++l) {
       if (description.spec.layers[l].mlp != MlpKind::Moe)
         continue;
       auto masked = set.masked.find(static_cast<int64_t>(l));
       const size_t off = masked == set.masked.end() ? 0 : masked->second.size();
-      kept[std::to_string(l)] = description.layers[l].experts.size() - off;
+      kept.push_back({{"layer", l}, {"experts", description.layers[l].experts.size() - off}});
     }
     out["task_sets"].push_back({{"name", set.name}, {"tokens", set.tokens}, {"kept", kept}});
   }

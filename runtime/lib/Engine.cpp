@@ -84,6 +84,10 @@ void detail::routeBlock(const ModelSpec &spec, const LayerWeights &w, const floa
       if (threshold > 0 && tokenWeights[i] == 0)
         continue;
       int32_t row = routing.chosen[t * K + i];
+      // A masked row chosen anyway (group-limited routing whose chosen
+      // groups hold fewer than top-k live rows) has weight 0: not run.
+      if (maskedRows && maskedRows->count(row))
+        continue;
       int32_t slot = w.routing.remap.empty() ? row : w.routing.remap[static_cast<size_t>(row)];
       routing.slotOfChoice[t * K + i] = slot;
       std::vector<int32_t> &slotTokens = routing.tokensOf[static_cast<size_t>(slot)];
@@ -623,8 +627,8 @@ Expected<std::unique_ptr<Engine>> Engine::create(const ModelSpec &spec, std::uni
         return layer.status();
       slots[l] = static_cast<int64_t>((*layer)->experts.size());
     }
-    MOE_RETURN_IF_ERROR(
-        engine->experts->buildFallbacks(slots, *options.expertFallbackFormat, options.expertFallbackBelow));
+    MOE_RETURN_IF_ERROR(engine->experts->buildFallbacks(slots, engine->unloadedExperts, *options.expertFallbackFormat,
+                                                        options.expertFallbackBelow));
   }
   return engine;
 }

@@ -125,9 +125,9 @@ Status validateTaskSets(const std::vector<TaskExpertSet> &sets, const ModelDescr
         if (row < 0 || row >= count)
           return Status::error(field, ": layer ", layer, " masks row ", row, "; the layer has ", count, " experts");
       const int64_t topK = entry.routing.router ? entry.routing.router->topK : spec.router.topK;
-      if (count - static_cast<int64_t>(rows.size()) < std::max(topK, spec.router.topK))
+      if (count - static_cast<int64_t>(rows.size()) < topK)
         return Status::error(field, ": layer ", layer, " keeps ", count - static_cast<int64_t>(rows.size()),
-                             " experts, fewer than top-k ", std::max(topK, spec.router.topK));
+                             " experts, fewer than its top-k ", topK);
     }
   }
   return Status::success();
@@ -195,6 +195,7 @@ Expected<std::map<int64_t, std::vector<double>>> routingSignatures(Engine &engin
   // stored ones were; the caller's masks and observer come back after.
   const std::map<int64_t, std::set<int64_t>> masks = engine.maskedExpertSets();
   EngineObserver *previous = engine.attachedObserver();
+  const RoutingCounters routed = engine.routingCounters(); // retrieval is not the request's work
   MOE_RETURN_IF_ERROR(engine.setMaskedExperts({}));
   engine.setObserver(&recorder);
   // Only the layers up to the signature layer run (its router sees
@@ -205,6 +206,7 @@ Expected<std::map<int64_t, std::vector<double>>> routingSignatures(Engine &engin
   for (int64_t l = 0; status.ok() && l <= *layers.rbegin() && l < engine.spec().numLayers; ++l)
     status = engine.forwardLayer(l, x.data(), static_cast<int64_t>(tokens.size()), cache);
   engine.setObserver(previous);
+  engine.restoreRoutingCounters(routed);
   MOE_RETURN_IF_ERROR(engine.setMaskedExperts(masks));
   MOE_RETURN_IF_ERROR(status);
   for (int64_t layer : layers) {

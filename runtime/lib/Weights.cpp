@@ -307,7 +307,7 @@ ExpertCache::ExpertCache(WeightProvider &provider, size_t budgetBytes, ExpertCac
 namespace {
 
 /// `matrix`'s values rounded to `format` (RTN, the scalar reference).
-Status requantize(const Matrix &matrix, const quant::QuantFormat &format, Matrix &out) {
+void requantize(const Matrix &matrix, const quant::QuantFormat &format, Matrix &out) {
   std::vector<float> values(static_cast<size_t>(matrix.rows * matrix.cols));
   for (int64_t r = 0; r < matrix.rows; ++r)
     matrix.copyRow(r, values.data() + r * matrix.cols);
@@ -318,31 +318,31 @@ Status requantize(const Matrix &matrix, const quant::QuantFormat &format, Matrix
   out.quantStorage.resize(format.matrixBytes(matrix.rows, matrix.cols));
   quant::quantizeReference(format, values.data(), matrix.rows, matrix.cols, out.quantStorage.data());
   out.quantData = out.quantStorage.data();
-  return Status::success();
 }
 
-Status requantize(const MlpWeights &expert, const quant::QuantFormat &format, MlpWeights &out) {
-  MOE_RETURN_IF_ERROR(requantize(expert.gate, format, out.gate));
-  MOE_RETURN_IF_ERROR(requantize(expert.up, format, out.up));
-  MOE_RETURN_IF_ERROR(requantize(expert.down, format, out.down));
+void requantize(const MlpWeights &expert, const quant::QuantFormat &format, MlpWeights &out) {
+  requantize(expert.gate, format, out.gate);
+  requantize(expert.up, format, out.up);
+  requantize(expert.down, format, out.down);
   out.moreParts.resize(expert.moreParts.size());
   for (size_t p = 0; p < expert.moreParts.size(); ++p)
-    MOE_RETURN_IF_ERROR(requantize(expert.moreParts[p], format, out.moreParts[p]));
-  return Status::success();
+    requantize(expert.moreParts[p], format, out.moreParts[p]);
 }
 
 } // namespace
 
-Status ExpertCache::buildFallbacks(const std::map<int64_t, int64_t> &slots, const quant::QuantFormat &format,
-                                   double threshold) {
+Status ExpertCache::buildFallbacks(const std::map<int64_t, int64_t> &slots,
+                                   const std::map<int64_t, std::set<int64_t>> &skipped,
+                                   const quant::QuantFormat &format, double threshold) {
   below = threshold;
   for (const auto &[layer, count] : slots)
     for (int64_t slot = 0; slot < count; ++slot) {
+      if (auto left = skipped.find(layer); left != skipped.end() && left->second.count(slot))
+        continue; // never loaded (a task set chosen at load)
       MlpWeights stored;
       MOE_RETURN_IF_ERROR(provider.loadExpert(layer, slot, stored));
       auto low = std::make_shared<MlpWeights>();
-      if (Status status = requantize(stored, format, *low); !status.ok())
-        return Status::error("--expert-fallback ", status.message(), " (layer ", layer, ", expert ", slot, ")");
+      requantize(stored, format, *low);
       lowBitBytes += low->bytes();
       fallbacks[{layer, slot}] = std::move(low);
     }

@@ -330,6 +330,48 @@ TEST(Engine, LowBitFallbackReplacesMissingExperts) {
     ASSERT_TRUE((*rounded)->forward(golden.ids, referenceCache, reference).ok());
     EXPECT_EQ(logits, reference) << "every expert ran from its RTN copy";
   }
+  // At 0.5, over one prefill with a one-byte cache (no expert is resident
+  // when its block runs): exactly the (layer, expert) pairs whose largest
+  // share of a token's routing weight is below 0.5 fall back, counted here
+  // from the routing an observer sees.
+  {
+    class Shares : public EngineObserver {
+    public:
+      void onRouter(int64_t layer, int64_t tokens, std::span<const float>, std::span<const int32_t> chosen,
+                    std::span<const float> weights, std::span<const int32_t>) override {
+        const int64_t K = static_cast<int64_t>(chosen.size()) / tokens;
+        for (int64_t t = 0; t < tokens; ++t) {
+          double total = 0;
+          for (int64_t k = 0; k < K; ++k)
+            total += weights[t * K + k];
+          for (int64_t k = 0; k < K; ++k) {
+            double &most = largest[{layer, chosen[t * K + k]}];
+            most = std::max(most, total > 0 ? weights[t * K + k] / total : 1.0);
+          }
+        }
+      }
+      std::map<std::pair<int64_t, int64_t>, double> largest;
+    } shares;
+    KvCache cache = whole.engine->newCache();
+    std::vector<float> unused;
+    whole.engine->setObserver(&shares);
+    ASSERT_TRUE(whole.engine->forward(golden.ids, cache, unused).ok());
+    whole.engine->setObserver(nullptr);
+    int64_t expectedFallbacks = 0, expectedLoads = 0;
+    for (const auto &[expert, most] : shares.largest)
+      ++(most < 0.5 ? expectedFallbacks : expectedLoads);
+    EngineOptions options;
+    options.expertCacheBytes = 1;
+    options.expertFallbackFormat = quant::parseQuantFormat("q4_g32_asym");
+    Loaded offloaded = loadModel(dir, options);
+    KvCache offloadedCache = offloaded.engine->newCache();
+    ASSERT_TRUE(offloaded.engine->forward(golden.ids, offloadedCache, unused).ok());
+    const ExpertCacheCounters &counters = offloaded.engine->expertCache()->counters();
+    EXPECT_GT(expectedFallbacks, 0);
+    EXPECT_GT(expectedLoads, 0);
+    EXPECT_EQ(counters.fallbacks, expectedFallbacks);
+    EXPECT_EQ(counters.misses, expectedLoads);
+  }
   EngineOptions noCache;
   noCache.expertFallbackFormat = quant::parseQuantFormat("q4_g32_asym");
   auto refused = Engine::create(whole.spec, makeCheckpointWeightProvider(whole.spec, whole.checkpoint), noCache);

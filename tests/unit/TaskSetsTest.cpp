@@ -16,6 +16,8 @@
 #include "TestSupport.h"
 
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 
 using namespace moe;
 using namespace moe::testing;
@@ -99,7 +101,7 @@ TEST(TaskSets, ValidationNamesTheSetAndTheField) {
             "the same layers");
   TaskExpertSet tooMany = good;
   tooMany.masked[2] = {0, 1, 2, 3, 4, 5, 6};
-  EXPECT_EQ(check(tooMany), "m.moepkg: task set 'fiction': layer 2 keeps 1 experts, fewer than top-k 2");
+  EXPECT_EQ(check(tooMany), "m.moepkg: task set 'fiction': layer 2 keeps 1 experts, fewer than its top-k 2");
   TaskExpertSet outOfRange = good;
   outOfRange.masked[3] = {8};
   EXPECT_EQ(check(outOfRange), "m.moepkg: task set 'fiction': layer 3 masks row 8; the layer has 8 experts");
@@ -173,6 +175,51 @@ TEST(TaskSets, ExpertsOutsideTheSetAreNotLoaded) {
   EXPECT_EQ(unmask.message(), "masked experts: expert 5 of layer 1 was not loaded (the task set chosen at load "
                               "leaves it out)");
   EXPECT_TRUE(b->engine->setMaskedExperts({{1, {0, 1, 3, 5}}, {2, {1, 2, 6, 7}}, {3, {4}}}).ok());
+}
+
+// Group-limited routing keeps its groups under a mask, so the kept groups
+// can hold fewer than top-k live rows and top-k then picks a masked one.
+// DeepSeek-V3's tiny checkpoint with one group kept (4 groups of 2, top-2)
+// and one live expert per group: that choice has weight 0 and is not run,
+// so an expert a set left unloaded is never touched.
+TEST(TaskSets, MaskedRowsChosenByGroupsAreNotRun) {
+  const std::string dir = ::testing::TempDir() + "/moec-deepseek-one-group";
+  std::filesystem::remove_all(dir);
+  std::filesystem::copy(dataDir() + "/hf/deepseek_v3", dir);
+  {
+    std::ifstream in(dir + "/config.json");
+    nlohmann::json config = nlohmann::json::parse(in);
+    config["topk_group"] = 1;
+    std::ofstream(dir + "/config.json") << config.dump();
+  }
+  const std::map<int64_t, std::set<int64_t>> masked = {{1, {0, 2, 4, 6}}, {2, {0, 2, 4, 6}}};
+  EngineOptions whole;
+  whole.maskedExperts = masked;
+  EngineOptions partial = whole;
+  partial.loadMaskedExperts = false;
+  Expected<LoadedModel> a = loadModel(dir, whole);
+  Expected<LoadedModel> b = loadModel(dir, partial);
+  ASSERT_TRUE(a && b) << (a ? b.status().message() : a.status().message());
+  const std::vector<int32_t> tokens = {1, 17, 23, 44, 9, 31, 5, 80, 12, 64};
+  for (bool decode : {false, true}) {
+    KvCache ca = a->engine->newCache(), cb = b->engine->newCache();
+    std::vector<float> la, lb;
+    if (!decode) {
+      ASSERT_TRUE(a->engine->forward(tokens, ca, la).ok());
+      ASSERT_TRUE(b->engine->forward(tokens, cb, lb).ok());
+    } else {
+      for (size_t t = 0; t < tokens.size(); ++t) {
+        ASSERT_TRUE(a->engine->forward(std::span(tokens).subspan(t, 1), ca, la, true).ok());
+        ASSERT_TRUE(b->engine->forward(std::span(tokens).subspan(t, 1), cb, lb, true).ok());
+      }
+    }
+    EXPECT_EQ(la, lb) << (decode ? "decode" : "prefill");
+    for (float value : lb)
+      ASSERT_TRUE(std::isfinite(value));
+  }
+  // One live expert per token and layer runs: the masked second choice does not.
+  EXPECT_EQ(b->engine->routingCounters().expertCalls, b->engine->routingCounters().routedTokens);
+  std::filesystem::remove_all(dir);
 }
 
 } // namespace

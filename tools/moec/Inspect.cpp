@@ -349,8 +349,9 @@ int runInspectCompiled(const InspectOptions &options) {
     std::printf("task sets (experts kept per MoE layer; moec eval/generate --task NAME|auto|all):\n");
     for (const json &set : s["task_sets"]) {
       std::string kept;
-      for (const auto &[layer, count] : set["kept"].items())
-        kept += (kept.empty() ? "" : " ") + layer + ":" + std::to_string(count.get<int64_t>());
+      for (const json &layer : set["kept"])
+        kept += (kept.empty() ? "" : " ") + std::to_string(layer["layer"].get<int64_t>()) + ":" +
+                std::to_string(layer["experts"].get<int64_t>());
       std::printf("  %-16s %s (calibrated on %lld tokens)\n", set["name"].get<std::string>().c_str(), kept.c_str(),
                   static_cast<long long>(set["tokens"].get<int64_t>()));
     }

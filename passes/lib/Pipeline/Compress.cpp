@@ -268,12 +268,12 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
 
 /// Task-adaptive expert sets (PreMoe): the prune pass runs once per task,
 /// on a copy of the module, with statistics calibrated on the task's data;
-/// what it would remove becomes the task's masked router rows, and each
-/// MoE layer's TCESS pattern (the mean over the task's tokens of the top-1
-/// expert's raw logit, zeros elsewhere) its signature. Experts no
+/// what it would remove becomes the task's masked router rows. Experts no
 /// task keeps leave the model (moe-drop-experts); the rest stay, and the
-/// sets (rows and signatures renumbered past that drop) go into the
-/// module's moe.task_sets.
+/// sets (rows renumbered past that drop) go into the module's
+/// moe.task_sets, with each MoE layer's TCESS pattern (the mean over the
+/// task's tokens of the top-1 expert's raw logit, zeros elsewhere) measured
+/// on the model after the drop as their signatures.
 Expected<json> runTaskSets(mlir::MLIRContext &context, mlir::ModuleOp module, ir::ModelOp model, const RecipePass &pass,
                            const Recipe &recipe, const std::string &work, const CompressProgress &progress) {
   Expected<ModelDescription> description = lowerToDescription(model, "");
@@ -318,13 +318,6 @@ Expected<json> runTaskSets(mlir::MLIRContext &context, mlir::ModuleOp module, ir
     TaskExpertSet set;
     set.name = name;
     set.tokens = result->tokens;
-    for (const LayerStatistics &stats : result->layers) {
-      if (stats.tokens <= 0)
-        return Status::error("task '", name, "': ", data, " gave no calibration tokens");
-      std::vector<double> &signature = set.signatures[stats.layer];
-      for (double sum : stats.topLogitSum)
-        signature.push_back(sum / static_cast<double>(stats.tokens));
-    }
     MOE_RETURN_IF_ERROR(writeStatistics(*result, run->options, statsPath));
     // The pass as the recipe gives it, on a copy: what would it remove?
     mlir::OwningOpRef<mlir::ModuleOp> copy = module.clone();
@@ -379,11 +372,6 @@ Expected<json> runTaskSets(mlir::MLIRContext &context, mlir::ModuleOp module, ir
           renumbered.insert(slot -
                             static_cast<int64_t>(std::distance(everywhere.begin(), everywhere.lower_bound(slot))));
       set.masked[layer] = std::move(renumbered);
-      std::vector<double> kept;
-      for (size_t row = 0; row < set.signatures[layer].size(); ++row)
-        if (!everywhere.count(static_cast<int64_t>(row)))
-          kept.push_back(set.signatures[layer][row]);
-      set.signatures[layer] = std::move(kept);
     }
   }
   for (TaskExpertSet &set : sets)
@@ -394,6 +382,47 @@ Expected<json> runTaskSets(mlir::MLIRContext &context, mlir::ModuleOp module, ir
     drop.jsonPath = pass.jsonPath;
     drop.options = {{"experts", dropText}};
     MOE_RETURN_IF_ERROR(runPass(context, module, buildRecipePass(recipe, drop, PassOverrides{})));
+  }
+  // Signatures of the model the sets run on (after that drop, every expert
+  // live, as retrieval measures a prompt): each task's windows, as
+  // calibration takes them, through routingSignatures.
+  Expected<ModelDescription> described = lowerToDescription(model, "");
+  if (!described)
+    return described.status();
+  Expected<LoadedModel> dropped = loadDescribedModel(described.take());
+  if (!dropped)
+    return dropped.status();
+  for (size_t t = 0; t < sets.size(); ++t) {
+    progress.step(concat("task '", sets[t].name, "': routing signature"));
+    Expected<std::vector<EvalStream>> streams =
+        readEvalData(pass.tasks[t].second, dropped->tokenizer.get(), dropped->endOfText);
+    if (!streams)
+      return Status::error("task '", sets[t].name, "': ", streams.status().message());
+    std::set<int64_t> layers;
+    for (const auto &[layer, ids] : before)
+      layers.insert(layer);
+    const int64_t L = recipe.sequenceLength;
+    int64_t windows = recipe.calibrationTokens > 0 ? (recipe.calibrationTokens + L - 1) / L : INT64_MAX;
+    int64_t tokens = 0;
+    for (const EvalStream &stream : *streams)
+      for (int64_t w = 0; w < (static_cast<int64_t>(stream.ids.size()) - 1) / L && windows > 0; ++w, --windows) {
+        Expected<std::map<int64_t, std::vector<double>>> signature = routingSignatures(
+            *dropped->engine, std::span<const int32_t>(stream.ids).subspan(static_cast<size_t>(w * L), L), layers);
+        if (!signature)
+          return Status::error("task '", sets[t].name, "': ", signature.status().message());
+        for (const auto &[layer, values] : *signature) {
+          std::vector<double> &sum = sets[t].signatures[layer];
+          sum.resize(values.size(), 0.0);
+          for (size_t r = 0; r < values.size(); ++r)
+            sum[r] += values[r] * static_cast<double>(L);
+        }
+        tokens += L;
+      }
+    if (tokens == 0)
+      return Status::error("task '", sets[t].name, "': ", pass.tasks[t].second, " has no window of ", L, " tokens");
+    for (auto &[layer, sum] : sets[t].signatures)
+      for (double &value : sum)
+        value /= static_cast<double>(tokens);
   }
   setTaskSets(model, sets);
   // Checked now against the model they will run on.

@@ -624,10 +624,10 @@ Expected<Recipe> parseRecipe(const std::string &path, json r) {
                            "drop the \"layers\" option");
     // Task sets are router rows of the model after their pass: a later pass
     // that removes, merges or renumbers experts would make them point at
-    // other experts.
+    // other experts, and a larger top-k could exceed what a set keeps.
     for (const RecipePass &earlier : recipe.passes)
-      if (!earlier.tasks.empty() &&
-          (pass.name == "moe-prune-experts" || pass.name == "moe-merge-experts" || pass.name == "moe-drop-experts"))
+      if (!earlier.tasks.empty() && (pass.name == "moe-prune-experts" || pass.name == "moe-merge-experts" ||
+                                     pass.name == "moe-drop-experts" || pass.name == "moe-set-topk"))
         return Status::error(path, ": ", where, ": ", pass.name, " may not follow ", earlier.jsonPath,
                              " (task expert sets): it would change the experts the sets name; put it before");
     recipe.passes.push_back(std::move(pass));

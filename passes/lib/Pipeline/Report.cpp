@@ -682,8 +682,9 @@ std::string compressionHtml(const json &report) {
             "per MoE layer</th></tr>";
     for (const json &set : report["task_sets"]) {
       std::string kept;
-      for (const auto &[layer, count] : set["kept"].items())
-        kept += (kept.empty() ? "" : ", ") + layer + ": " + std::to_string(count.get<int64_t>());
+      for (const json &layer : set["kept"])
+        kept += (kept.empty() ? "" : ", ") + std::to_string(layer["layer"].get<int64_t>()) + ": " +
+                std::to_string(layer["experts"].get<int64_t>());
       html += "<tr><td class=\"l\">" + escape(set["name"].get<std::string>()) + "</td><td>" +
               std::to_string(set["tokens"].get<int64_t>()) + "</td><td class=\"l\">" + escape(kept) + "</td></tr>";
     }

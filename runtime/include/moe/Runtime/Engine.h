@@ -194,6 +194,7 @@ public:
   ExpertCache *expertCache() { return experts.get(); }
   const RoutingCounters &routingCounters() const { return counters; }
   void resetRoutingCounters() { counters = {}; }
+  void restoreRoutingCounters(const RoutingCounters &saved) { counters = saved; }
 
 private:
   Engine() = default;

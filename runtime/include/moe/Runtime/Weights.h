@@ -186,11 +186,13 @@ public:
   bool contains(int64_t layer, int64_t slot) const { return entries.count({layer, slot}) > 0; }
 
   /// HOBBIT's low-precision replacement: each expert of `slots` (per layer,
-  /// the slot count) is read once and kept, apart from the budget, in
-  /// `format` (RTN of its values); a missing expert whose largest share of
+  /// the slot count; those in `skipped` excepted) is read once and kept,
+  /// apart from the budget, in `format` (RTN of its values, as stored or
+  /// dequantised); a missing expert whose largest share of
   /// a token's routing weight is below `below` (1: every missing expert)
   /// then runs from that copy (fallback()) instead of being loaded.
-  Status buildFallbacks(const std::map<int64_t, int64_t> &slots, const quant::QuantFormat &format, double below);
+  Status buildFallbacks(const std::map<int64_t, int64_t> &slots, const std::map<int64_t, std::set<int64_t>> &skipped,
+                        const quant::QuantFormat &format, double below);
   bool hasFallbacks() const { return !fallbacks.empty(); }
   double fallbackBelow() const { return below; }
   /// The low-bit copy of an expert (buildFallbacks), counted as a fallback.
