@@ -15,15 +15,9 @@ Usage: bench/expert_offload.py [BUILD_DIR] [--decode N]
 import argparse
 import json
 import os
-import subprocess
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(HERE, "..", "tests", "data")
-
-
-def run(*args):
-    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+from benchlib import DATA, run
 
 
 def main():

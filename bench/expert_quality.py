@@ -20,8 +20,8 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(HERE, "..", "tests", "data")
+from benchlib import DATA, run
+
 FICTION = {"general-fiction", "mystery", "science-fiction", "adventure", "romance", "humour"}
 
 # (label, pass pipeline template); {stats} and {r} are filled in.
@@ -40,10 +40,6 @@ METHODS = [
     ("atoms heapr (global)", "moe-prune-atoms{{stats={stats} method=heapr ratio={r} scope=global}}"),
     ("atoms heapr (layer)", "moe-prune-atoms{{stats={stats} method=heapr ratio={r} scope=layer}}"),
 ]
-
-
-def run(*args):
-    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
 
 
 def write_subset(source, target, keep):

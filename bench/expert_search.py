@@ -12,16 +12,10 @@ import json
 import math
 import os
 import re
-import subprocess
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(HERE, "..", "tests", "data")
-
-
-def run(*args):
-    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+from benchlib import DATA, run
 
 
 def main():

@@ -10,12 +10,11 @@ object per line. Usage: bench/package_quality.py BUILD_DIR
 """
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(HERE, "..", "tests", "data")
+from benchlib import DATA, run
+
 
 PIPELINES = [
     ("q8_g64_asym", "moe-quantize{bits=8 group=64 targets=all}", 8 + 32 / 64),
@@ -27,10 +26,6 @@ PIPELINES = [
      "moe-prune-experts{stats=STATS method=reconstruction ratio=0.25},moe-quantize{bits=4 group=128 targets=experts}",
      4 + 32 / 128),
 ]
-
-
-def run(*args):
-    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
 
 
 def main():

@@ -15,17 +15,11 @@ Prints one JSON object per line. Usage: bench/quant_quality.py BUILD_DIR
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(HERE, "..", "tests", "data")
-
-
-def run(*args):
-    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+from benchlib import DATA, run
 
 
 def main():

@@ -18,21 +18,16 @@ Prints one JSON object per line. Usage: bench/task_sets.py BUILD_DIR
 import argparse
 import json
 import os
-import subprocess
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(HERE, "..", "tests", "data")
+from benchlib import DATA, run
+
 TASKS = {
     "press": {"press-reportage", "press-editorial", "press-reviews"},
     "fiction": {"general-fiction", "mystery", "science-fiction", "adventure", "romance", "humour"},
     "learned": {"learned", "government"},
     "general": {"belles-lettres", "popular-lore", "religion", "skills-hobbies"},
 }
-
-
-def run(*args):
-    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
 
 
 def main():
