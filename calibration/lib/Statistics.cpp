@@ -404,6 +404,18 @@ private:
 
 } // namespace
 
+std::vector<std::span<const int32_t>> calibrationWindows(const std::vector<EvalStream> &streams, int64_t L,
+                                                         int64_t maxTokens) {
+  std::vector<std::span<const int32_t>> windows;
+  const int64_t limit = maxTokens > 0 ? (maxTokens + L - 1) / L : INT64_MAX;
+  for (const EvalStream &stream : streams) {
+    const int64_t count = std::max<int64_t>(0, (static_cast<int64_t>(stream.ids.size()) - 1) / L);
+    for (int64_t w = 0; w < count && static_cast<int64_t>(windows.size()) < limit; ++w)
+      windows.push_back(std::span(stream.ids).subspan(static_cast<size_t>(w * L), static_cast<size_t>(L)));
+  }
+  return windows;
+}
+
 Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStream> &streams,
                                       const CalibrationOptions &options, const LayerVisitor &visitor) {
   const int64_t L = options.sequenceLength;
@@ -421,14 +433,7 @@ Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStre
                          "unloaded; give --task all");
   if (options.gradients && L < 2)
     return Status::error("--gradients needs windows of at least 2 tokens (--seq-len), got ", L);
-  // The windows, as eval takes them: floor((N-1)/L) per stream.
-  std::vector<std::span<const int32_t>> windows;
-  int64_t limit = options.maxTokens > 0 ? (options.maxTokens + L - 1) / L : INT64_MAX;
-  for (const EvalStream &stream : streams) {
-    const int64_t count = std::max<int64_t>(0, (static_cast<int64_t>(stream.ids.size()) - 1) / L);
-    for (int64_t w = 0; w < count && static_cast<int64_t>(windows.size()) < limit; ++w)
-      windows.push_back(std::span(stream.ids).subspan(static_cast<size_t>(w * L), static_cast<size_t>(L)));
-  }
+  const std::vector<std::span<const int32_t>> windows = calibrationWindows(streams, L, options.maxTokens);
   if (windows.empty())
     return Status::error("no complete window of ", L, " tokens in the calibration data");
   const ModelSpec &spec = engine.spec();

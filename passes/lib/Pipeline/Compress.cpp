@@ -159,11 +159,16 @@ struct CalibrationRun {
   CalibrationOptions options;
 };
 
-Expected<CalibrationRun> prepareCalibration(ir::ModelOp model, const Recipe &recipe) {
+/// The module as the runtime runs it (lowered, then loaded).
+Expected<LoadedModel> loadModule(ir::ModelOp model) {
   Expected<ModelDescription> description = lowerToDescription(model, "");
   if (!description)
     return description.status();
-  Expected<LoadedModel> loaded = loadDescribedModel(description.take());
+  return loadDescribedModel(description.take());
+}
+
+Expected<CalibrationRun> prepareCalibration(ir::ModelOp model, const Recipe &recipe) {
+  Expected<LoadedModel> loaded = loadModule(model);
   if (!loaded)
     return loaded.status();
   Expected<std::vector<EvalStream>> streams =
@@ -386,43 +391,36 @@ Expected<json> runTaskSets(mlir::MLIRContext &context, mlir::ModuleOp module, ir
   // Signatures of the model the sets run on (after that drop, every expert
   // live, as retrieval measures a prompt): each task's windows, as
   // calibration takes them, through routingSignatures.
-  Expected<ModelDescription> described = lowerToDescription(model, "");
-  if (!described)
-    return described.status();
-  Expected<LoadedModel> dropped = loadDescribedModel(described.take());
+  Expected<LoadedModel> dropped = loadModule(model);
   if (!dropped)
     return dropped.status();
+  std::set<int64_t> layers;
+  for (const auto &[layer, ids] : before)
+    layers.insert(layer);
   for (size_t t = 0; t < sets.size(); ++t) {
     progress.step(concat("task '", sets[t].name, "': routing signature"));
     Expected<std::vector<EvalStream>> streams =
         readEvalData(pass.tasks[t].second, dropped->tokenizer.get(), dropped->endOfText);
     if (!streams)
       return Status::error("task '", sets[t].name, "': ", streams.status().message());
-    std::set<int64_t> layers;
-    for (const auto &[layer, ids] : before)
-      layers.insert(layer);
-    const int64_t L = recipe.sequenceLength;
-    int64_t windows = recipe.calibrationTokens > 0 ? (recipe.calibrationTokens + L - 1) / L : INT64_MAX;
-    int64_t tokens = 0;
-    for (const EvalStream &stream : *streams)
-      for (int64_t w = 0; w < (static_cast<int64_t>(stream.ids.size()) - 1) / L && windows > 0; ++w, --windows) {
-        Expected<std::map<int64_t, std::vector<double>>> signature = routingSignatures(
-            *dropped->engine, std::span<const int32_t>(stream.ids).subspan(static_cast<size_t>(w * L), L), layers);
-        if (!signature)
-          return Status::error("task '", sets[t].name, "': ", signature.status().message());
-        for (const auto &[layer, values] : *signature) {
-          std::vector<double> &sum = sets[t].signatures[layer];
-          sum.resize(values.size(), 0.0);
-          for (size_t r = 0; r < values.size(); ++r)
-            sum[r] += values[r] * static_cast<double>(L);
-        }
-        tokens += L;
+    // The windows the task's calibration ran on (so not empty), all L
+    // tokens long: the mean over tokens is the mean of the windows' means.
+    const std::vector<std::span<const int32_t>> windows =
+        calibrationWindows(*streams, recipe.sequenceLength, recipe.calibrationTokens);
+    for (std::span<const int32_t> window : windows) {
+      Expected<std::map<int64_t, std::vector<double>>> signature = routingSignatures(*dropped->engine, window, layers);
+      if (!signature)
+        return Status::error("task '", sets[t].name, "': ", signature.status().message());
+      for (const auto &[layer, values] : *signature) {
+        std::vector<double> &sum = sets[t].signatures[layer];
+        sum.resize(values.size(), 0.0);
+        for (size_t r = 0; r < values.size(); ++r)
+          sum[r] += values[r];
       }
-    if (tokens == 0)
-      return Status::error("task '", sets[t].name, "': ", pass.tasks[t].second, " has no window of ", L, " tokens");
+    }
     for (auto &[layer, sum] : sets[t].signatures)
       for (double &value : sum)
-        value /= static_cast<double>(tokens);
+        value /= static_cast<double>(windows.size());
   }
   setTaskSets(model, sets);
   // Checked now against the model they will run on.

@@ -15,6 +15,7 @@
 
 #include <functional>
 #include <map>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -98,6 +99,12 @@ struct CalibrationResult {
 /// Engine::replaceLayerWeights), so that the windows are run through the
 /// changed layer before the next one.
 using LayerVisitor = std::function<Expected<bool>(int64_t layer, CalibrationResult &layerStatistics)>;
+
+/// The windows calibration takes from `streams`, as eval takes them:
+/// floor((N-1)/L) windows of L tokens per stream, in order, at most
+/// ceil(maxTokens / L) in all (maxTokens 0: no limit).
+std::vector<std::span<const int32_t>> calibrationWindows(const std::vector<EvalStream> &streams, int64_t L,
+                                                         int64_t maxTokens);
 
 /// Runs `streams` through `engine` (windows of the sequence length, as eval
 /// does) and records the statistics of every MoE layer. Layer at a time:
