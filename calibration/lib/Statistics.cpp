@@ -25,7 +25,7 @@ namespace {
 class StatisticsObserver : public EngineObserver {
 public:
   StatisticsObserver(const ModelSpec &spec, const CalibrationOptions &options, int64_t totalTokens)
-      : spec(spec), options(options), withMoments(options.inputMoments) {
+      : spec(spec), options(options), withMoments(options.inputMoments), recordDense(options.denseMoments) {
     if (options.blockSamples > 0)
       sampleStride = std::max<int64_t>(1, totalTokens / options.blockSamples);
     this->totalTokens = totalTokens;
@@ -59,8 +59,13 @@ public:
           1, static_cast<int64_t>(options.sampleCapRatio * static_cast<double>(spec.router.topK) /
                                   static_cast<double>(layerSpec.numExperts) * static_cast<double>(totalTokens)));
     if (withMoments) {
-      stats.inputMoments.assign(E, std::vector<double>());
-      stats.intermediateMoments.assign(E, std::vector<double>());
+      if (options.floatMoments) {
+        stats.inputMomentsF32.assign(E, std::vector<float>());
+        stats.intermediateMomentsF32.assign(E, std::vector<float>());
+      } else {
+        stats.inputMoments.assign(E, std::vector<double>());
+        stats.intermediateMoments.assign(E, std::vector<double>());
+      }
       pending[layer].assign(E, PendingRows());
     }
     return layers.emplace(layer, std::move(stats)).first->second;
@@ -72,14 +77,24 @@ public:
       LayerStatistics &stats = found->second;
       if (withMoments) {
         const size_t H = static_cast<size_t>(spec.hiddenSize);
-        for (size_t e = 0; e < stats.inputMoments.size(); ++e) {
+        const size_t E = stats.routedTokens.size();
+        for (size_t e = 0; e < E; ++e) {
+          if (!inChunk(static_cast<int64_t>(e)))
+            continue; // another chunk's: no moments here
           flush(stats, e);
           // An expert never run has zero moments (of its recorded width).
           const size_t I = stats.neuronSquareSum[e].size();
-          stats.inputMoments[e].resize(H * H, 0.0);
-          stats.intermediateMoments[e].resize(I * I, 0.0);
-          symmetrize(stats.inputMoments[e]);
-          symmetrize(stats.intermediateMoments[e]);
+          if (options.floatMoments) {
+            stats.inputMomentsF32[e].resize(H * H, 0.0f);
+            stats.intermediateMomentsF32[e].resize(I * I, 0.0f);
+            symmetrize(stats.inputMomentsF32[e]);
+            symmetrize(stats.intermediateMomentsF32[e]);
+          } else {
+            stats.inputMoments[e].resize(H * H, 0.0);
+            stats.intermediateMoments[e].resize(I * I, 0.0);
+            symmetrize(stats.inputMoments[e]);
+            symmetrize(stats.intermediateMoments[e]);
+          }
         }
         pending.erase(layer);
       }
@@ -205,28 +220,44 @@ public:
     if (withMoments) {
       // X^T X of the expert's gate/up input and of its down input (the
       // intermediate activation), over the same capped tokens. Rows are
-      // buffered and added kFlushRows at a time with one rank-k update.
+      // buffered and added kMomentFlushRows at a time with one rank-k update.
       PendingRows &rows = pending[layer][static_cast<size_t>(expert)];
       const int64_t cap = options.sampleCapRatio > 0 ? momentCap.at(layer) : 0;
       for (int64_t r = 0; r < n; ++r) {
         if (cap > 0 && stats.momentTokens[expert] >= cap)
           break;
         ++stats.momentTokens[expert];
-        rows.input.insert(rows.input.end(), input.begin() + r * H, input.begin() + (r + 1) * H);
-        rows.intermediate.insert(rows.intermediate.end(), intermediate.begin() + r * I,
-                                 intermediate.begin() + (r + 1) * I);
+        if (options.floatMoments) {
+          rows.inputF32.insert(rows.inputF32.end(), input.begin() + r * H, input.begin() + (r + 1) * H);
+          rows.intermediateF32.insert(rows.intermediateF32.end(), intermediate.begin() + r * I,
+                                      intermediate.begin() + (r + 1) * I);
+        } else {
+          rows.input.insert(rows.input.end(), input.begin() + r * H, input.begin() + (r + 1) * H);
+          rows.intermediate.insert(rows.intermediate.end(), intermediate.begin() + r * I,
+                                   intermediate.begin() + (r + 1) * I);
+        }
         rows.width = I;
-        if (static_cast<int64_t>(rows.input.size()) >= kFlushRows * H)
+        if (static_cast<int64_t>(rows.input.size() + rows.inputF32.size()) >= kMomentFlushRows * H)
           flush(stats, static_cast<size_t>(expert));
       }
     }
   }
 
   bool computeAllExperts() const override { return options.allExperts; }
+  bool runsExpert(int64_t, int64_t slot) const override { return inChunk(slot); }
+
+  /// The chunk of expert slots [first, end) the next replay records moments
+  /// of (end -1: all), and whether it records the dense moments too.
+  void setChunk(int64_t first, int64_t end, bool dense) {
+    chunkFirst = first;
+    chunkEnd = end;
+    recordDense = dense;
+  }
+  bool inChunk(int64_t slot) const { return slot >= chunkFirst && (chunkEnd < 0 || slot < chunkEnd); }
 
   void onAttention(int64_t layer, int64_t tokens, std::span<const float> input,
                    std::span<const float> attended) override {
-    if (!withMoments)
+    if (!withMoments || !recordDense)
       return;
     DenseMoments &moments = denseMoments[layer];
     moments.tokens += tokens;
@@ -240,7 +271,7 @@ public:
     largest.resize(1, 0.0);
     for (float y : output)
       largest[0] = std::max(largest[0], static_cast<double>(std::fabs(y)));
-    if (!withMoments)
+    if (!withMoments || !recordDense)
       return;
     DenseMoments &moments = denseMoments[layer];
     addMoments(moments.sharedInput, input, tokens);
@@ -255,20 +286,24 @@ public:
   }
 
   /// target (upper triangle, width x width) += R^T R for R = rows [n, width].
-  static void addRows(std::vector<double> &target, const std::vector<double> &rows, int64_t width) {
+  template <typename T> static void addRows(std::vector<T> &target, const std::vector<T> &rows, int64_t width) {
     if (width == 0)
       return;
     if (static_cast<int64_t>(target.size()) != width * width)
-      target.assign(static_cast<size_t>(width * width), 0.0);
+      target.assign(static_cast<size_t>(width * width), T(0));
     const int64_t n = static_cast<int64_t>(rows.size()) / width;
     if (n == 0)
       return;
-    cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, static_cast<int>(width), static_cast<int>(n), 1.0, rows.data(),
-                static_cast<int>(width), 1.0, target.data(), static_cast<int>(width));
+    if constexpr (std::is_same_v<T, double>)
+      cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, static_cast<int>(width), static_cast<int>(n), 1.0, rows.data(),
+                  static_cast<int>(width), 1.0, target.data(), static_cast<int>(width));
+    else
+      cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, static_cast<int>(width), static_cast<int>(n), 1.0f,
+                  rows.data(), static_cast<int>(width), 1.0f, target.data(), static_cast<int>(width));
   }
 
   /// Copies the upper triangle to the lower (the rank-k updates fill only the upper).
-  static void symmetrize(std::vector<double> &m) {
+  template <typename T> static void symmetrize(std::vector<T> &m) {
     const int64_t width = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(m.size()))));
     for (int64_t a = 0; a < width; ++a)
       for (int64_t b = 0; b < a; ++b)
@@ -277,12 +312,18 @@ public:
 
   void flush(LayerStatistics &stats, size_t expert) {
     PendingRows &rows = pending[stats.layer][expert];
-    if (rows.input.empty())
+    if (rows.input.empty() && rows.inputF32.empty())
       return;
-    addRows(stats.inputMoments[expert], rows.input, spec.hiddenSize);
-    addRows(stats.intermediateMoments[expert], rows.intermediate, rows.width);
-    rows.input.clear();
-    rows.intermediate.clear();
+    if (options.floatMoments) {
+      addRows(stats.inputMomentsF32[expert], rows.inputF32, spec.hiddenSize);
+      addRows(stats.intermediateMomentsF32[expert], rows.intermediateF32, rows.width);
+    } else {
+      addRows(stats.inputMoments[expert], rows.input, spec.hiddenSize);
+      addRows(stats.intermediateMoments[expert], rows.intermediate, rows.width);
+    }
+    // Released, not kept: with many experts the buffers of all of them
+    // would outweigh a chunk's moments.
+    rows = PendingRows{{}, {}, {}, {}, rows.width};
   }
 
   std::map<int64_t, DenseMoments> denseMoments;
@@ -334,12 +375,13 @@ public:
   std::map<int64_t, LayerStatistics> layers;
 
 private:
-  /// Rows of one expert's moment inputs not yet added (double, [n, H] and [n, I]).
+  /// Rows of one expert's moment inputs not yet added ([n, H] and [n, I]),
+  /// in the moments' precision.
   struct PendingRows {
     std::vector<double> input, intermediate;
+    std::vector<float> inputF32, intermediateF32;
     int64_t width = 0;
   };
-  static constexpr int64_t kFlushRows = 256;
   std::map<int64_t, std::vector<PendingRows>> pending;
   struct Contribution {
     int32_t token;
@@ -352,6 +394,8 @@ private:
   int64_t sampleStride = 0, totalTokens = 0;
   std::map<int64_t, int64_t> momentCap; ///< By layer, with --sample-cap-ratio.
   std::vector<float> currentWeights;
+  int64_t chunkFirst = 0, chunkEnd = -1; ///< Expert slots run and recorded (end -1: all).
+  bool recordDense = true;
   std::vector<Contribution> pendingContributions;
   std::vector<double> tokenContribution; ///< c_t of the block being run.
 };
@@ -363,17 +407,29 @@ template <typename T> std::span<const uint8_t> toBytes(const std::vector<T> &val
 
 } // namespace
 
-uint64_t inputMomentBytes(const ModelSpec &spec, int64_t layer) {
+uint64_t expertMomentBytes(const ModelSpec &spec, int64_t layer, bool floatMoments) {
+  const LayerSpec &l = spec.layers[static_cast<size_t>(layer)];
+  if (l.mlp != MlpKind::Moe)
+    return 0;
+  const uint64_t H = static_cast<uint64_t>(spec.hiddenSize), I = static_cast<uint64_t>(l.expertIntermediateSize);
+  return (H * H + I * I) * (floatMoments ? 4 : 8);
+}
+
+uint64_t denseMomentBytes(const ModelSpec &spec, int64_t layer) {
   const LayerSpec &l = spec.layers[static_cast<size_t>(layer)];
   auto square = [](int64_t width) { return static_cast<uint64_t>(width) * static_cast<uint64_t>(width) * 8; };
   const AttentionSpec &a = spec.attention;
   uint64_t bytes = square(spec.hiddenSize) + square(a.numHeads * a.valueHeadDim); // attention in and out
-  if (l.mlp == MlpKind::Moe) {
-    bytes += static_cast<uint64_t>(l.numExperts) * (square(spec.hiddenSize) + square(l.expertIntermediateSize));
-    if (l.shared.intermediateSize > 0)
-      bytes += square(spec.hiddenSize) + square(l.shared.intermediateSize);
-  }
+  if (l.mlp == MlpKind::Moe && l.shared.intermediateSize > 0)
+    bytes += square(spec.hiddenSize) + square(l.shared.intermediateSize);
   return bytes;
+}
+
+uint64_t inputMomentBytes(const ModelSpec &spec, int64_t layer, const CalibrationOptions &options) {
+  const LayerSpec &l = spec.layers[static_cast<size_t>(layer)];
+  return (options.denseMoments ? denseMomentBytes(spec, layer) : 0) +
+         static_cast<uint64_t>(l.mlp == MlpKind::Moe ? l.numExperts : 0) *
+             expertMomentBytes(spec, layer, options.floatMoments);
 }
 
 namespace {
@@ -438,13 +494,13 @@ Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStre
     return Status::error("no complete window of ", L, " tokens in the calibration data");
   const ModelSpec &spec = engine.spec();
   const int64_t W = static_cast<int64_t>(windows.size()), H = spec.hiddenSize;
-  if (options.inputMoments) {
+  if (options.inputMoments && !(visitor && options.expertsPerChunk)) {
     // Every layer's moments stay until the statistics are written; with a
-    // visitor, one layer's at a time. Refuse up front rather than run out
-    // of memory hours in.
+    // visitor, one layer's at a time (with chunks, whoever sizes them
+    // checks). Refuse up front rather than run out of memory hours in.
     uint64_t held = 0;
     for (int64_t l = 0; l < spec.numLayers; ++l)
-      held = visitor ? std::max(held, inputMomentBytes(spec, l)) : held + inputMomentBytes(spec, l);
+      held = visitor ? std::max(held, inputMomentBytes(spec, l, options)) : held + inputMomentBytes(spec, l, options);
     uint64_t limit = options.memoryLimitBytes;
     if (limit == 0) {
       const long pages = sysconf(_SC_PHYS_PAGES), pageSize = sysconf(_SC_PAGE_SIZE);
@@ -484,18 +540,60 @@ Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStre
   Progress progress(
       concat(visitor ? "calibrating and quantising layer by layer (" : "calibrating (", result.tokens, " tokens)"),
       spec.numLayers, "layers");
-  std::vector<float> layerInput;
-  for (int64_t l = 0; l < spec.numLayers; ++l) {
-    if (visitor)
-      layerInput = hidden;
+  std::vector<float> layerInput, replay;
+  // Layer l on x with the observer attached; what it recorded into `into`.
+  auto observeLayer = [&](int64_t l, std::vector<float> &x, CalibrationResult &into) -> Status {
     engine.setObserver(&observer);
-    Status status = runLayer(l, hidden);
+    Status status = runLayer(l, x);
     engine.setObserver(nullptr);
     MOE_RETURN_IF_ERROR(status);
+    into.tokens = result.tokens;
+    into.hiddenSize = H;
+    observer.take(l, into);
+    return Status::success();
+  };
+  for (int64_t l = 0; l < spec.numLayers; ++l) {
+    const LayerSpec &layerSpec = spec.layers[static_cast<size_t>(l)];
+    int64_t perChunk = 0;
+    if (visitor && options.inputMoments && options.expertsPerChunk && layerSpec.mlp == MlpKind::Moe) {
+      Expected<int64_t> size = options.expertsPerChunk(l);
+      if (!size)
+        return size.status();
+      perChunk = *size;
+    }
+    if (perChunk > 0 && perChunk < layerSpec.numExperts) {
+      // The layer's experts' moments a chunk at a time: each chunk replays
+      // the layer from its input, running only the chunk's experts (the
+      // replay's output is not used), and goes to the visitor; then the
+      // windows pass the layer, as the visitor left it, once.
+      const int64_t chunks = (layerSpec.numExperts + perChunk - 1) / perChunk;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t first = c * perChunk, end = std::min(layerSpec.numExperts, first + perChunk);
+        observer.setChunk(first, end, options.denseMoments && c == 0);
+        replay = hidden;
+        CalibrationResult chunkResult;
+        chunkResult.momentFirst = first;
+        chunkResult.momentEnd = end;
+        chunkResult.chunk = c;
+        chunkResult.chunks = chunks;
+        Status observed = observeLayer(l, replay, chunkResult); // the chunk's experts' moments
+        observer.setChunk(0, -1, options.denseMoments);
+        MOE_RETURN_IF_ERROR(observed);
+        // Changed or not, the replays' outputs were partial: the windows
+        // pass the layer below in any case.
+        Expected<bool> visited = visitor(l, chunkResult);
+        if (!visited)
+          return visited.status();
+      }
+      replay = std::vector<float>();
+      MOE_RETURN_IF_ERROR(runLayer(l, hidden));
+      progress.update(l + 1);
+      continue;
+    }
+    if (visitor)
+      layerInput = hidden;
     CalibrationResult layerResult;
-    layerResult.tokens = result.tokens;
-    layerResult.hiddenSize = H;
-    observer.take(l, layerResult);
+    MOE_RETURN_IF_ERROR(observeLayer(l, hidden, layerResult));
     if (visitor) {
       Expected<bool> changed = visitor(l, layerResult);
       if (!changed)
@@ -570,17 +668,23 @@ Status writeStatistics(const CalibrationResult &result, const CalibrationOptions
         gradient.resize(static_cast<size_t>(width), 0.0);
         MOE_RETURN_IF_ERROR(addF64(expert + stats::kNeuronGradientSquareSum, {width}, gradient));
       }
-      if (!stats.inputMoments.empty()) {
-        const int64_t H = hiddenSize, I = static_cast<int64_t>(stats.neuronSquareSum[e].size());
-        if (stats.inputMoments[e].size() != static_cast<size_t>(H * H) ||
-            stats.intermediateMoments[e].size() != static_cast<size_t>(I * I))
+      // Moments in double or float; an expert of another chunk has none.
+      const int64_t H = hiddenSize, I = static_cast<int64_t>(stats.neuronSquareSum[e].size());
+      auto addMoments = [&](const auto &input, const auto &intermediate, DType dtype) -> Status {
+        if (input.empty() || input[e].empty())
+          return Status::success();
+        if (input[e].size() != static_cast<size_t>(H * H) || intermediate[e].size() != static_cast<size_t>(I * I))
           return Status::error("calibration statistics: layer ", stats.layer, " expert ", e,
                                " has moments of the wrong size");
-        MOE_RETURN_IF_ERROR(addF64(expert + stats::kInputMoments, {H, H}, stats.inputMoments[e]));
-        MOE_RETURN_IF_ERROR(addF64(expert + stats::kIntermediateMoments, {I, I}, stats.intermediateMoments[e]));
-      }
+        MOE_RETURN_IF_ERROR(
+            writer.addTensorView(prefix + expert + stats::kInputMoments, dtype, {H, H}, toBytes(input[e])));
+        return writer.addTensorView(prefix + expert + stats::kIntermediateMoments, dtype, {I, I},
+                                    toBytes(intermediate[e]));
+      };
+      MOE_RETURN_IF_ERROR(addMoments(stats.inputMoments, stats.intermediateMoments, DType::F64));
+      MOE_RETURN_IF_ERROR(addMoments(stats.inputMomentsF32, stats.intermediateMomentsF32, DType::F32));
     }
-    if (!stats.inputMoments.empty())
+    if (!stats.inputMoments.empty() || !stats.inputMomentsF32.empty())
       MOE_RETURN_IF_ERROR(
           writer.addTensorView(prefix + stats::kMomentTokens, DType::I64, {E}, toBytes(stats.momentTokens)));
     if (stats.blockSampleCount > 0) {
@@ -608,6 +712,7 @@ Status writeStatistics(const CalibrationResult &result, const CalibrationOptions
   writer.setMetadata("tokens", std::to_string(result.tokens));
   writer.setMetadata("seq_len", std::to_string(options.sequenceLength));
   writer.setMetadata("input_moments", options.inputMoments ? "true" : "false");
+  writer.setMetadata("moment_dtype", options.floatMoments ? "f32" : "f64");
   writer.setMetadata("sample_cap_ratio", concat(options.sampleCapRatio));
   writer.setMetadata("all_experts", options.allExperts ? "true" : "false");
   writer.setMetadata("block_samples", std::to_string(options.blockSamples));

@@ -6,6 +6,7 @@
 
 #include "PassSupport.h"
 #include "moe/Calibration/StatisticNames.h"
+#include "moe/Support/ByteSize.h"
 #include "moe/Transforms/Passes.h"
 
 #include "BitAllocation.h"
@@ -70,21 +71,6 @@ struct Unit {
   std::vector<std::pair<int64_t, int64_t>> matrices;
   AllocationUnit allocation;
 };
-
-/// "1290240", "512K", "1.5M", "12G" (powers of 1024) as bytes; nullopt otherwise.
-std::optional<double> parseByteSize(const std::string &text) {
-  char *end = nullptr;
-  const double value = std::strtod(text.c_str(), &end);
-  if (end == text.c_str() || !(value > 0))
-    return std::nullopt;
-  std::string suffix(end);
-  const std::pair<const char *, double> units[] = {
-      {"", 1.0}, {"K", 1024.0}, {"M", 1024.0 * 1024}, {"G", 1024.0 * 1024 * 1024}, {"T", 1024.0 * 1024 * 1024 * 1024}};
-  for (const auto &[name, scale] : units)
-    if (suffix == name)
-      return value * scale;
-  return std::nullopt;
-}
 
 struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass> {
   using MoeAllocateBitsBase::MoeAllocateBitsBase;

@@ -157,8 +157,13 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       if (symbol)
         plan.symbols.insert(symbol.getValue().str());
     };
+    // `experts`: of the routed experts, these slots only.
+    const std::set<int64_t> someExperts(experts.begin(), experts.end());
     model.walk([&](Operation *op) {
       if (!inScope(op))
+        return;
+      if (auto expert = dyn_cast<ir::ExpertOp>(op);
+          expert && !someExperts.empty() && !someExperts.count(static_cast<int64_t>(expert.getId())))
         return;
       if (auto expert = dyn_cast<ir::ExpertOp>(op); expert && plan.kinds.count(QuantizeTarget::Experts)) {
         add(expert.getGateAttr());

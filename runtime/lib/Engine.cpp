@@ -461,6 +461,7 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
   // Offloaded experts: the ones this block runs, from the cache (held
   // until the block is done).
   const bool allExperts = observer && observer->computeAllExperts();
+  auto runs = [&](int64_t e) { return !observer || observer->runsExpert(layer.index, e); };
   std::vector<std::shared_ptr<const MlpWeights>> held;
   if (cache) {
     held.resize(static_cast<size_t>(slots));
@@ -476,7 +477,7 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
           tokenWeight[t] += routing.weights[t * K + k];
     }
     for (int64_t e = 0; e < slots; ++e)
-      if (allExperts || !tokensOf[static_cast<size_t>(e)].empty()) {
+      if ((allExperts || !tokensOf[static_cast<size_t>(e)].empty()) && runs(e)) {
         if (!tokenWeight.empty() && !cache->contains(layer.index, e)) {
           double most = 0;
           for (size_t r = 0; r < tokensOf[e].size(); ++r) {
@@ -529,6 +530,8 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
       everyToken.push_back(static_cast<int32_t>(t));
   for (int64_t e = 0; e < slots; ++e) {
     const std::vector<int32_t> &routed = tokensOf[e];
+    if (!runs(e))
+      continue;
     if (allExperts) {
       output.resize(static_cast<size_t>(tokens * H));
       swiglu(expert(e), x, tokens, intermediate, output.data());
@@ -730,6 +733,14 @@ void Engine::replaceLayerWeights(std::unique_ptr<WeightProvider> replacement) {
   layers = std::make_unique<LayerCache>(*provider, modelSpec.numLayers, layerBudget, expertCacheBytes == 0);
   if (expertCacheBytes > 0)
     experts = std::make_unique<ExpertCache>(*provider, expertCacheBytes, expertCachePolicy);
+}
+
+Status Engine::setExpertCacheBytes(size_t bytes) {
+  if (!experts || bytes == 0)
+    return Status::error("the expert cache can be resized, not made or removed, after the engine is made");
+  expertCacheBytes = bytes;
+  experts = std::make_unique<ExpertCache>(*provider, expertCacheBytes, expertCachePolicy);
+  return Status::success();
 }
 
 } // namespace moe

@@ -5,6 +5,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Calibration/Statistics.h"
+#include "moe/Frontend/Safetensors.h"
 #include "moe/Runtime/Model.h"
 
 #include "TestSupport.h"
@@ -338,6 +339,135 @@ TEST(Calibration, LayerVisitorSeesEachLayerOnceAndRerunsChangedLayers) {
   });
   ASSERT_FALSE(failed.ok());
   EXPECT_NE(failed.status().message().find("visitor refused"), std::string::npos);
+}
+
+// With expertsPerChunk, a layer's experts' moments come a chunk at a time,
+// each chunk from a replay of the layer that runs only its experts (through
+// an expert cache, loading only those): every chunk's moments equal the ones
+// gathered all at once, bit for bit; other chunks' experts have none; the
+// dense moments come with the first chunk only; and the windows pass each
+// layer once after its last chunk, so later layers see what they saw before.
+TEST(Calibration, ExpertChunksGiveTheSameMomentsAsOneLayerAtOnce) {
+  CalibrationOptions options;
+  options.maxTokens = 512;
+  options.inputMoments = true;
+  auto plain = calibrateFixture("tiny-deepseek", {}, options);
+  ASSERT_TRUE(plain.ok()) << plain.status().message();
+
+  EngineOptions offloaded;
+  offloaded.maxMemoryBytes = 1;
+  offloaded.expertCacheBytes = 1; // resized below
+  auto model = loadModel(dataDir() + "/fixtures/tiny-deepseek", offloaded);
+  ASSERT_TRUE(model.ok());
+  auto streams = readEvalData(dataDir() + "/brown/calibration.jsonl", model->tokenizer.get(), model->endOfText);
+  ASSERT_TRUE(streams.ok());
+  ASSERT_TRUE(model->engine->setExpertCacheBytes(3 * 3 * 160 * 96 * 4).ok()); // three experts in f32
+  options.expertsPerChunk = [](int64_t) -> Expected<int64_t> { return 3; };
+  struct Call {
+    int64_t layer, first, end, chunk, chunks;
+    bool dense;
+  };
+  std::vector<Call> calls;
+  auto chunked = calibrate(*model->engine, *streams, options, [&](int64_t layer, CalibrationResult &stats) {
+    calls.push_back(
+        {layer, stats.momentFirst, stats.momentEnd, stats.chunk, stats.chunks, stats.denseMoments.count(layer) > 0});
+    if (stats.layers.empty())
+      return Expected<bool>(false); // the dense layer 0
+    const LayerStatistics *reference = nullptr;
+    for (const LayerStatistics &r : plain->layers)
+      if (r.layer == layer)
+        reference = &r;
+    EXPECT_TRUE(reference);
+    if (!reference)
+      return Expected<bool>(false);
+    EXPECT_EQ(stats.layers.size(), 1u);
+    const LayerStatistics &got = stats.layers.front();
+    EXPECT_EQ(got.routedTokens, reference->routedTokens); // routing runs in every replay
+    for (size_t e = 0; e < got.inputMoments.size(); ++e) {
+      const bool mine = static_cast<int64_t>(e) >= stats.momentFirst && static_cast<int64_t>(e) < stats.momentEnd;
+      if (!mine) {
+        EXPECT_TRUE(got.inputMoments[e].empty()) << "layer " << layer << " expert " << e;
+        EXPECT_EQ(got.momentTokens[e], 0);
+        continue;
+      }
+      EXPECT_EQ(got.momentTokens[e], reference->momentTokens[e]);
+      EXPECT_EQ(got.inputMoments[e], reference->inputMoments[e]) << "layer " << layer << " expert " << e;
+      EXPECT_EQ(got.intermediateMoments[e], reference->intermediateMoments[e]);
+    }
+    if (stats.chunk == 0) {
+      EXPECT_EQ(stats.denseMoments.at(layer).attentionInput, plain->denseMoments.at(layer).attentionInput);
+      EXPECT_EQ(stats.denseMoments.at(layer).sharedIntermediate, plain->denseMoments.at(layer).sharedIntermediate);
+    }
+    return Expected<bool>(false);
+  });
+  ASSERT_TRUE(chunked.ok()) << chunked.status().message();
+  // Layer 0 is dense (one call); layers 1-3 have 8 experts: 0-2, 3-5, 6-7.
+  ASSERT_EQ(calls.size(), 1u + 3 * 3);
+  EXPECT_EQ(calls[0].layer, 0);
+  EXPECT_EQ(calls[0].chunks, 1);
+  for (size_t i = 1; i < calls.size(); ++i) {
+    const int64_t c = static_cast<int64_t>(i - 1) % 3;
+    EXPECT_EQ(calls[i].layer, 1 + static_cast<int64_t>(i - 1) / 3);
+    EXPECT_EQ(calls[i].chunk, c);
+    EXPECT_EQ(calls[i].chunks, 3);
+    EXPECT_EQ(calls[i].first, 3 * c);
+    EXPECT_EQ(calls[i].end, std::min<int64_t>(8, 3 * c + 3));
+    EXPECT_EQ(calls[i].dense, c == 0) << "dense moments with the first chunk only";
+  }
+  // The chunk's experts, not the layer's, were held at once.
+  EXPECT_LE(model->engine->expertCache()->peakResidentBytes(), size_t(3 * 3 * 160 * 96 * 4));
+
+  // A chunk size the caller cannot give stops calibration with its reason.
+  options.expertsPerChunk = [](int64_t layer) -> Expected<int64_t> {
+    return Status::error("no room for layer ", layer);
+  };
+  expectErrorContains(
+      calibrate(*model->engine, *streams, options, [](int64_t, CalibrationResult &) { return Expected<bool>(false); })
+          .status(),
+      {"no room for layer 1"});
+}
+
+// Float moments (CalibrationOptions::floatMoments) are the double ones to
+// float precision, in half the bytes, and are written as F32.
+TEST(Calibration, FloatMomentsMatchDoubleToFloatPrecision) {
+  CalibrationOptions options;
+  options.maxTokens = 512;
+  options.inputMoments = true;
+  auto exact = calibrateFixture("tiny-mixtral", {}, options);
+  ASSERT_TRUE(exact.ok());
+  options.floatMoments = true;
+  auto single = calibrateFixture("tiny-mixtral", {}, options);
+  ASSERT_TRUE(single.ok());
+  auto model = loadModel(dataDir() + "/fixtures/tiny-mixtral");
+  ASSERT_TRUE(model.ok());
+  EXPECT_EQ(expertMomentBytes(model->spec, 1, true), (160u * 160 + 160u * 160) * 4);
+  EXPECT_EQ(expertMomentBytes(model->spec, 1, false), 2 * expertMomentBytes(model->spec, 1, true));
+  for (size_t l = 0; l < exact->layers.size(); ++l) {
+    const LayerStatistics &a = exact->layers[l], &b = single->layers[l];
+    EXPECT_TRUE(b.inputMoments.empty());
+    ASSERT_EQ(b.inputMomentsF32.size(), a.inputMoments.size());
+    for (size_t e = 0; e < a.inputMoments.size(); ++e) {
+      ASSERT_EQ(b.inputMomentsF32[e].size(), a.inputMoments[e].size());
+      double worst = 0, scale = 0;
+      for (size_t i = 0; i < a.inputMoments[e].size(); ++i) {
+        worst = std::max(worst, std::fabs(a.inputMoments[e][i] - b.inputMomentsF32[e][i]));
+        scale = std::max(scale, std::fabs(a.inputMoments[e][i]));
+      }
+      EXPECT_LE(worst, 1e-5 * scale) << "layer " << l << " expert " << e;
+      EXPECT_GT(scale, 0.0);
+      for (size_t i = 0; i < b.intermediateMomentsF32[e].size(); i += 7)
+        EXPECT_NEAR(b.intermediateMomentsF32[e][i], a.intermediateMoments[e][i],
+                    1e-5 * (1 + std::fabs(a.intermediateMoments[e][i])));
+    }
+  }
+  const std::string path = ::testing::TempDir() + "/float-moments.safetensors";
+  ASSERT_TRUE(writeStatistics(*single, options, path).ok());
+  auto file = SafetensorsFile::open(path);
+  ASSERT_TRUE(file.ok()) << file.status().message();
+  const TensorInfo *info = (*file)->find("layers.1.experts.2.input_moments");
+  ASSERT_TRUE(info);
+  EXPECT_EQ(info->dtype, DType::F32);
+  EXPECT_EQ((*file)->metadata().at("moment_dtype"), "f32");
 }
 
 // Input moments are large (H x H per expert); calibration refuses up front

@@ -10,6 +10,7 @@
 
 #include "moe/Pipeline/Compress.h"
 #include "moe/Support/AtomicFile.h"
+#include "moe/Support/ByteSize.h"
 #include "moe/Support/Progress.h"
 #include "moe/Transforms/Passes.h"
 
@@ -26,11 +27,19 @@ constexpr int kQualityGateFailed = 3;
 
 struct CompressOptions {
   CompressRequest request;
-  std::string summary;
+  std::string summary, maxMemory;
 };
 
-int runCompress(const CompressOptions &options) {
+int runCompress(CompressOptions &options) {
   registerPassesOnce();
+  if (!options.maxMemory.empty()) {
+    std::optional<double> bytes = parseByteSize(options.maxMemory);
+    if (!bytes) {
+      printError("--max-memory '" + options.maxMemory + "': expected a size such as 16G or 512M");
+      return 1;
+    }
+    options.request.maxMemoryBytes = static_cast<uint64_t>(*bytes);
+  }
   const auto start = std::chrono::steady_clock::now();
   const bool terminal = isatty(STDERR_FILENO);
   const bool quiet = progressMode() == ProgressMode::Never;
@@ -107,6 +116,15 @@ Command registerCompress(CLI::App &app) {
                       "routing, widths, formats, bits and bytes, perplexity and KL divergence before and after");
   command->add_option("--report-json", options->request.reportJson,
                       "Where the JSON report goes (default: beside the package, NAME.report.json)");
+  command->add_option("--max-memory", options->maxMemory,
+                      "Keep resident memory under this size (16G, 512M): every engine holds one layer at a time; "
+                      "sequential GPTQ loads routed experts on demand and gathers and quantises a layer's experts a "
+                      "chunk at a time (the same package, byte for byte)");
+  command
+      ->add_option("--experts-per-chunk", options->request.expertsPerChunk,
+                   "Sequential GPTQ gathers and quantises at most this many of a layer's experts at a time (loaded "
+                   "on demand, as under --max-memory)")
+      ->check(CLI::PositiveNumber);
   command->add_option("--seq-len", options->request.evalSequenceLength, "Evaluation window length")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();

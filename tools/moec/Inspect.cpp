@@ -7,6 +7,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "Commands.h"
+#include "moe/Support/ByteSize.h"
 
 #include "ModuleFiles.h"
 #include "moe/Frontend/Checkpoint.h"
@@ -69,20 +70,6 @@ std::string formatCount(int64_t value) {
     std::snprintf(buffer, sizeof(buffer), "%.2fK", v / 1e3);
   else
     std::snprintf(buffer, sizeof(buffer), "%lld", static_cast<long long>(value));
-  return buffer;
-}
-
-std::string formatBytes(int64_t bytes) {
-  char buffer[32];
-  double v = static_cast<double>(bytes);
-  if (v >= 1024.0 * 1024 * 1024)
-    std::snprintf(buffer, sizeof(buffer), "%.2f GiB", v / (1024.0 * 1024 * 1024));
-  else if (v >= 1024.0 * 1024)
-    std::snprintf(buffer, sizeof(buffer), "%.2f MiB", v / (1024.0 * 1024));
-  else if (v >= 1024.0)
-    std::snprintf(buffer, sizeof(buffer), "%.2f KiB", v / 1024.0);
-  else
-    std::snprintf(buffer, sizeof(buffer), "%lld B", static_cast<long long>(bytes));
   return buffer;
 }
 

@@ -14,6 +14,7 @@
 #include "moe/Lowering/Lowering.h"
 #include "moe/Runtime/Evaluate.h"
 #include "moe/Runtime/Model.h"
+#include "moe/Support/ByteSize.h"
 
 #include <nlohmann/json.hpp>
 
@@ -25,26 +26,12 @@
 
 namespace moe::cli {
 
-/// "4G", "512M", "100000" -> bytes; nullopt when malformed.
+/// A size (moe/Support/ByteSize.h) as whole bytes.
 static std::optional<size_t> parseBytes(const std::string &text) {
-  if (text.empty())
+  std::optional<double> bytes = parseByteSize(text);
+  if (!bytes)
     return std::nullopt;
-  size_t used = 0;
-  double value;
-  try {
-    value = std::stod(text, &used);
-  } catch (...) {
-    return std::nullopt;
-  }
-  std::string suffix = text.substr(used);
-  double scale = suffix.empty() || suffix == "B"    ? 1.0
-                 : suffix == "K" || suffix == "KiB" ? 1024.0
-                 : suffix == "M" || suffix == "MiB" ? 1024.0 * 1024
-                 : suffix == "G" || suffix == "GiB" ? 1024.0 * 1024 * 1024
-                                                    : -1.0;
-  if (scale < 0 || value <= 0)
-    return std::nullopt;
-  return static_cast<size_t>(value * scale);
+  return static_cast<size_t>(*bytes);
 }
 
 /// Lowers the module at `path` and runs it (DESIGN.md: the backend lowers a

@@ -16,11 +16,13 @@
 #include "moe/Runtime/Model.h"
 #include "moe/Runtime/Package.h"
 #include "moe/Support/AtomicFile.h"
+#include "moe/Support/ByteSize.h"
 #include "moe/Support/File.h"
 #include "moe/Support/Process.h"
 #include "moe/Support/Progress.h"
 
 #include "moe/Support/Signals.h"
+#include "moe/Support/Threads.h"
 #include <unistd.h>
 #include <xxhash.h>
 
@@ -46,7 +48,8 @@ double seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
 }
 
-/// `record` without what differs run to run: seconds and memory peaks.
+/// `record` without what differs run to run (seconds, memory peaks) or
+/// with how it was run (--max-memory's plan and chunks: the same bytes).
 json withoutTimings(const json &record) {
   if (record.is_array()) {
     json out = json::array();
@@ -60,7 +63,7 @@ json withoutTimings(const json &record) {
   for (const auto &[key, value] : record.items()) {
     // (and where statistics came from: a cached run makes the same bytes)
     const bool timing = key == "seconds" || key.ends_with("_seconds") || key == "peak_rss_bytes" || key == "cached" ||
-                        key == "stored" || key == "resumed_after_layers";
+                        key == "stored" || key == "resumed_after_layers" || key == "memory_plan" || key == "chunks";
     if (!timing)
       out[key] = withoutTimings(value);
   }
@@ -122,6 +125,7 @@ std::string statisticsKey(const CompressRequest &request, const Recipe &recipe, 
                     {"block_samples", recipe.blockSamples},
                     {"sample_cap_ratio", recipe.sampleCapRatio},
                     {"input_moments", recipe.inputMoments},
+                    {"float_moments", recipe.floatMoments},
                     {"gradients", recipe.gradients},
                     {"passes_before", before}};
   const std::string text = key.dump();
@@ -160,15 +164,16 @@ struct CalibrationRun {
 };
 
 /// The module as the runtime runs it (lowered, then loaded).
-Expected<LoadedModel> loadModule(ir::ModelOp model) {
+Expected<LoadedModel> loadModule(ir::ModelOp model, const EngineOptions &engineOptions = {}) {
   Expected<ModelDescription> description = lowerToDescription(model, "");
   if (!description)
     return description.status();
-  return loadDescribedModel(description.take());
+  return loadDescribedModel(description.take(), engineOptions);
 }
 
-Expected<CalibrationRun> prepareCalibration(ir::ModelOp model, const Recipe &recipe) {
-  Expected<LoadedModel> loaded = loadModule(model);
+Expected<CalibrationRun> prepareCalibration(ir::ModelOp model, const Recipe &recipe,
+                                            const EngineOptions &engineOptions = {}) {
+  Expected<LoadedModel> loaded = loadModule(model, engineOptions);
   if (!loaded)
     return loaded.status();
   Expected<std::vector<EvalStream>> streams =
@@ -182,8 +187,93 @@ Expected<CalibrationRun> prepareCalibration(ir::ModelOp model, const Recipe &rec
   run.options.inputMoments = recipe.inputMoments;
   run.options.sampleCapRatio = recipe.sampleCapRatio;
   run.options.gradients = recipe.gradients;
+  run.options.floatMoments = recipe.floatMoments;
   return run;
 }
+
+/// How sequential GPTQ keeps within --max-memory, planned when the first
+/// MoE layer starts (the embedding, head and residual streams are then
+/// resident and measured). Per MoE layer, what stays besides the chunk:
+/// the layer without its routed experts and its dense moments (GPTQ of
+/// attention or shared experts), one replay of the residual stream, and
+/// GPTQ's working set (per thread, four cols x cols and three rows x cols
+/// doubles of the largest matrix: the Hessian as read, damped, permuted
+/// and its inverse factor; W, its permutation and Q). Per expert of the
+/// chunk: its moments (and rows waiting to be added) and its weights in the
+/// expert cache, counted at 4 bytes a parameter (f32, an upper bound of
+/// what the engine converts to). Estimates, not a hard limit: the summary
+/// reports the peak measured.
+struct ChunkPlan {
+  uint64_t budget = 0, heldAtStart = 0, expertCacheBytes = 0;
+  std::map<int64_t, int64_t> expertsPerChunk; ///< By MoE layer.
+
+  static Expected<ChunkPlan> make(const ModelDescription &description, uint64_t budget, uint64_t held,
+                                  const CalibrationOptions &options, bool denseMoments, int64_t replayTokens,
+                                  int64_t chunkLimit) {
+    const ModelSpec &spec = description.spec;
+    const uint64_t H = static_cast<uint64_t>(spec.hiddenSize);
+    const uint64_t threads = std::max<uint64_t>(1, threadCount());
+    auto elements = [](const TensorRef &tensor) {
+      uint64_t count = 1;
+      for (int64_t size : tensor.shape)
+        count *= static_cast<uint64_t>(size);
+      return count;
+    };
+    auto gptqWork = [](uint64_t rows, uint64_t cols) {
+      return (4 * cols * cols + 3 * rows * cols) * 8 + rows * cols * 4;
+    };
+    ChunkPlan plan;
+    plan.budget = budget;
+    plan.heldAtStart = held;
+    for (int64_t l = 0; l < spec.numLayers; ++l) {
+      const LayerSpec &layer = spec.layers[static_cast<size_t>(l)];
+      if (layer.mlp != MlpKind::Moe)
+        continue;
+      const LayerEntry &entry = description.layers[static_cast<size_t>(l)];
+      uint64_t rest = 0, expertWeights = 0, width = 0;
+      for (const auto &[role, tensor] : entry.tensors)
+        rest += 4 * elements(tensor);
+      for (const ExpertEntry &expert : entry.experts) {
+        uint64_t bytes = 4 * (elements(expert.gate) + elements(expert.up) + elements(expert.down));
+        for (const ExpertPart &part : expert.moreParts)
+          bytes += 4 * (elements(part.gate) + elements(part.up) + elements(part.down));
+        expertWeights = std::max(expertWeights, bytes);
+        width = std::max(width, static_cast<uint64_t>(expert.width));
+      }
+      const uint64_t moments = expertMomentBytes(spec, l, options.floatMoments) +
+                               kMomentFlushRows * (H + width) * (options.floatMoments ? 4 : 8); // rows waiting
+      const uint64_t fixed = held + rest + (denseMoments ? denseMomentBytes(spec, l) : 0) +
+                             static_cast<uint64_t>(replayTokens) * H * 4 +
+                             threads * std::max(gptqWork(width, H), gptqWork(H, width));
+      const uint64_t perExpert = moments + expertWeights;
+      if (fixed + perExpert > budget)
+        return Status::error("--max-memory ", formatBytes(static_cast<double>(budget)), " is too small for layer ", l,
+                             ": the run holds ", formatBytes(static_cast<double>(held)),
+                             " already, and quantising one expert at a time needs about ",
+                             formatBytes(static_cast<double>(fixed + perExpert - held)),
+                             " more (the layer, GPTQ's working set on ", threads, " threads, one expert's weights and ",
+                             options.floatMoments ? "float" : "double", " moments); give at least ",
+                             formatBytes(static_cast<double>(fixed + perExpert) * 1.05));
+      const int64_t fit = static_cast<int64_t>((budget - fixed) / perExpert);
+      int64_t chunk = std::min<int64_t>(fit, static_cast<int64_t>(entry.experts.size()));
+      if (chunkLimit > 0)
+        chunk = std::min(chunk, chunkLimit);
+      plan.expertsPerChunk[l] = chunk;
+      plan.expertCacheBytes = std::max(plan.expertCacheBytes, static_cast<uint64_t>(chunk) * expertWeights);
+    }
+    return plan;
+  }
+
+  json toJson() const {
+    json layers = json::object();
+    for (const auto &[layer, chunk] : expertsPerChunk)
+      layers[std::to_string(layer)] = chunk;
+    return {{"max_memory_bytes", budget < UINT64_MAX / 4 ? json(budget) : json(nullptr)},
+            {"held_at_start_bytes", heldAtStart},
+            {"expert_cache_bytes", expertCacheBytes},
+            {"experts_per_chunk", layers}};
+  }
+};
 
 /// Sequential GPTQ: the calibration windows pass layer by layer; each
 /// layer's moments (and only they) are written to a work file, the pass
@@ -194,28 +284,71 @@ Expected<CalibrationRun> prepareCalibration(ir::ModelOp model, const Recipe &rec
 /// Layers below `layersDone` were quantised by a run that --resume
 /// continues: their windows still pass through them (as quantised), the
 /// pass is not run again. `layerDone` is called after each new layer.
+/// With `maxMemory`, layers are held one at a time without their routed
+/// experts, which an expert cache loads on demand, and each layer's experts
+/// are gathered and quantised in chunks (ChunkPlan); the package is the
+/// same byte for byte.
 Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp module, ir::ModelOp model,
                                  const RecipePass &pass, const Recipe &recipe, const std::string &work,
                                  const CompressProgress &progress, int64_t layersDone, json earlierLayers,
-                                 const std::function<Status(int64_t, const json &)> &layerDone) {
-  Expected<CalibrationRun> run = prepareCalibration(model, recipe);
+                                 const std::function<Status(int64_t, const json &)> &layerDone, uint64_t maxMemory,
+                                 int64_t chunkLimit) {
+  EngineOptions engineOptions;
+  if (maxMemory > 0 || chunkLimit > 0) {
+    engineOptions.maxMemoryBytes = 1;   // one layer at a time
+    engineOptions.expertCacheBytes = 1; // sized by the plan
+  }
+  Expected<CalibrationRun> run = prepareCalibration(model, recipe, engineOptions);
   if (!run)
     return run.status();
   CalibrationOptions &calibration = run->options;
   calibration.blockSamples = 0; // GPTQ reads only the moments
   calibration.inputMoments = true;
   calibration.gradients = false; // the visitor quantises layer by layer; GPTQ reads no gradients
+  calibration.denseMoments = pass.quantizesDenseMoments;
   const std::string statsPath = work + "/layer-stats.safetensors";
   Engine &engine = *run->loaded.engine;
+  std::optional<ChunkPlan> plan;
+  if (maxMemory > 0 || chunkLimit > 0) {
+    if (maxMemory > 0)
+      calibration.memoryLimitBytes = maxMemory;
+    const int64_t replayTokens = static_cast<int64_t>(
+        calibrationWindows(run->streams, calibration.sequenceLength, calibration.maxTokens).size() *
+        static_cast<size_t>(calibration.sequenceLength));
+    calibration.expertsPerChunk = [&, replayTokens](int64_t layer) -> Expected<int64_t> {
+      if (!plan) {
+        Expected<ModelDescription> description = lowerToDescription(model, "");
+        if (!description)
+          return description.status();
+        Expected<ChunkPlan> made =
+            ChunkPlan::make(*description, maxMemory > 0 ? maxMemory : UINT64_MAX / 4, currentResidentBytes(),
+                            calibration, pass.quantizesDenseMoments, replayTokens, chunkLimit);
+        if (!made)
+          return made.status();
+        plan = made.take();
+        MOE_RETURN_IF_ERROR(engine.setExpertCacheBytes(std::max<uint64_t>(plan->expertCacheBytes, 1)));
+      }
+      return plan->expertsPerChunk.at(layer);
+    };
+  }
   json layers = earlierLayers.is_array() ? earlierLayers : json::array();
-  double quantizeSeconds = 0;
+  double quantizeSeconds = 0, layerQuantizeSeconds = 0;
   auto layerStart = std::chrono::steady_clock::now();
+  double calibrated = 0;
   LayerVisitor visitor = [&](int64_t layer, CalibrationResult &stats) -> Expected<bool> {
     if (layer < layersDone) {
       layerStart = std::chrono::steady_clock::now();
       return false; // quantised before the interruption
     }
-    const double calibrated = seconds(layerStart);
+    if (stats.chunk == 0) {
+      calibrated = 0;
+      layerQuantizeSeconds = 0;
+    }
+    calibrated += seconds(layerStart);
+    const bool lastChunk = stats.chunk + 1 == stats.chunks;
+    if (stats.chunks > 1)
+      progress.step(concat("layer ", layer, ": experts ", stats.momentFirst, "..", stats.momentEnd - 1, " (chunk ",
+                           stats.chunk + 1, "/", stats.chunks, ")"));
     auto quantizeStart = std::chrono::steady_clock::now();
     // What each expert will get: GPTQ, or RTN below min-coverage (the
     // pass's rule), and the least coverage, for the summary.
@@ -224,6 +357,9 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
     double leastCoverage = 1.0;
     for (const LayerStatistics &layerStats : stats.layers)
       for (size_t e = 0; e < layerStats.momentTokens.size(); ++e) {
+        const int64_t slot = static_cast<int64_t>(e);
+        if (slot < stats.momentFirst || (stats.momentEnd >= 0 && slot >= stats.momentEnd))
+          continue; // another chunk's
         const double coverage =
             stats.tokens > 0 ? static_cast<double>(layerStats.momentTokens[e]) / static_cast<double>(stats.tokens) : 0;
         leastCoverage = std::min(leastCoverage, coverage);
@@ -231,24 +367,41 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
           fallbacks.push_back(static_cast<int64_t>(e));
       }
     MOE_RETURN_IF_ERROR(writeStatistics(stats, calibration, statsPath));
+    // A chunk: its experts only, and the layer's other tensors with the first.
+    PassOverrides overrides{statsPath, layer, {}};
+    if (stats.chunks > 1) {
+      for (int64_t e = stats.momentFirst; e < stats.momentEnd; ++e)
+        overrides.experts.push_back(e);
+      overrides.routedOnly = stats.chunk > 0;
+    }
+    const int64_t chunk = stats.chunk, chunks = stats.chunks;
     stats = CalibrationResult(); // the moments now live only in the file
-    Status status = runPass(context, module, buildRecipePass(recipe, pass, PassOverrides{statsPath, layer, {}}));
+    Status status = runPass(context, module, buildRecipePass(recipe, pass, overrides));
     std::error_code ignored;
     std::filesystem::remove(statsPath, ignored);
     if (!status.ok())
       return Status::error("layer ", layer, ": ", status.message());
+    json &record = chunk == 0 ? layers.emplace_back(json{{"layer", layer}}) : layers.back();
+    if (!fallbacks.empty() || leastCoverage < 1.0) {
+      record["least_expert_coverage"] = std::min(leastCoverage, record.value("least_expert_coverage", 1.0));
+      for (const json &expert : fallbacks)
+        record["rtn_fallback_experts"].push_back(expert);
+    }
+    if (!lastChunk) {
+      layerQuantizeSeconds += seconds(quantizeStart);
+      layerStart = std::chrono::steady_clock::now();
+      return false; // the windows pass the layer once every chunk is quantised
+    }
     Expected<ModelDescription> changed = lowerToDescription(model, "");
     if (!changed)
       return changed.status();
     engine.replaceLayerWeights(makeDescriptionWeightProvider(changed.take()));
-    const double quantized = seconds(quantizeStart);
+    const double quantized = layerQuantizeSeconds + seconds(quantizeStart);
     quantizeSeconds += quantized;
-    json record = {{"layer", layer}, {"calibrate_seconds", calibrated}, {"quantize_seconds", quantized}};
-    if (!fallbacks.empty() || leastCoverage < 1.0) {
-      record["least_expert_coverage"] = leastCoverage;
-      record["rtn_fallback_experts"] = fallbacks;
-    }
-    layers.push_back(std::move(record));
+    record["calibrate_seconds"] = calibrated;
+    record["quantize_seconds"] = quantized;
+    if (chunks > 1)
+      record["chunks"] = chunks;
     progress.layer(layer, engine.spec().numLayers, calibrated, quantized);
     MOE_RETURN_IF_ERROR(layerDone(layer, layers));
     layerStart = std::chrono::steady_clock::now();
@@ -266,6 +419,10 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
                {"quantize_seconds", quantizeSeconds},
                {"peak_rss_bytes", peakResidentBytes()},
                {"layers", layers}};
+  if (plan)
+    done["memory_plan"] = plan->toJson();
+  if (calibration.floatMoments)
+    done["moments"] = "f32";
   if (layersDone > 0)
     done["resumed_after_layers"] = layersDone;
   return done;
@@ -280,7 +437,8 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
 /// task's tokens of the top-1 expert's raw logit, zeros elsewhere) measured
 /// on the model after the drop as their signatures.
 Expected<json> runTaskSets(mlir::MLIRContext &context, mlir::ModuleOp module, ir::ModelOp model, const RecipePass &pass,
-                           const Recipe &recipe, const std::string &work, const CompressProgress &progress) {
+                           const Recipe &recipe, const std::string &work, const CompressProgress &progress,
+                           const EngineOptions &streaming) {
   Expected<ModelDescription> description = lowerToDescription(model, "");
   if (!description)
     return description.status();
@@ -314,7 +472,7 @@ Expected<json> runTaskSets(mlir::MLIRContext &context, mlir::ModuleOp module, ir
     progress.step(concat("task '", name, "': calibrating on ", data));
     Recipe taskRecipe = recipe;
     taskRecipe.calibrationData = data;
-    Expected<CalibrationRun> run = prepareCalibration(model, taskRecipe);
+    Expected<CalibrationRun> run = prepareCalibration(model, taskRecipe, streaming);
     if (!run)
       return Status::error("task '", name, "': ", run.status().message());
     Expected<CalibrationResult> result = calibrate(*run->loaded.engine, run->streams, run->options);
@@ -391,7 +549,7 @@ Expected<json> runTaskSets(mlir::MLIRContext &context, mlir::ModuleOp module, ir
   // Signatures of the model the sets run on (after that drop, every expert
   // live, as retrieval measures a prompt): each task's windows, as
   // calibration takes them, through routingSignatures.
-  Expected<LoadedModel> dropped = loadModule(model);
+  Expected<LoadedModel> dropped = loadModule(model, streaming);
   if (!dropped)
     return dropped.status();
   std::set<int64_t> layers;
@@ -453,6 +611,14 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
                          options.preset.empty() ? " or \"calibration\": {\"data\": ...} in the recipe" : "");
   if (options.maxPplIncrease >= 0 && options.evalData.empty())
     return Status::error("--max-ppl-increase needs --eval-data");
+  // Under --max-memory every engine of the run holds one layer at a time.
+  EngineOptions streaming;
+  if (options.maxMemoryBytes > 0) {
+    streaming.maxMemoryBytes = 1;
+    if (const size_t held = currentResidentBytes(); held >= options.maxMemoryBytes)
+      return Status::error("--max-memory ", formatBytes(static_cast<double>(options.maxMemoryBytes)),
+                           ": the process holds ", formatBytes(static_cast<double>(held)), " before it starts");
+  }
 
   // Work files (module store, statistics) live in a temporary directory,
   // removed when this returns and on SIGINT/SIGTERM (Signals.h). With
@@ -581,7 +747,7 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
   json quality = nullptr, routing = nullptr;
   if (!options.evalData.empty()) {
     progress.step("evaluating the original model on " + options.evalData);
-    Expected<LoadedModel> original = loadModel(options.model);
+    Expected<LoadedModel> original = loadModel(options.model, streaming);
     Expected<EvalResult> result = original ? evaluateModel(*original, nullptr, "evaluating the original")
                                            : Expected<EvalResult>(original.status());
     if (!result)
@@ -623,7 +789,8 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
         return runSequentialGptq(
             context, *module, model, pass, *recipe, work, progress, layersDone,
             layersDone > 0 ? state.value("layers", json::array()) : json::array(),
-            [&](int64_t layer, const json &layers) { return saveState(i, layer + 1, passes, layers); });
+            [&](int64_t layer, const json &layers) { return saveState(i, layer + 1, passes, layers); },
+            options.maxMemoryBytes, options.expertsPerChunk);
       }));
       continue;
     }
@@ -631,7 +798,7 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
       progress.step(concat("[", i + 1, "/", recipe->passes.size(), "] ", describeRecipePass(pass), " for ",
                            pass.tasks.size(), " tasks"));
       MOE_RETURN_IF_ERROR(ownCalibration(
-          "task_sets", [&] { return runTaskSets(context, *module, model, pass, *recipe, work, progress); }));
+          "task_sets", [&] { return runTaskSets(context, *module, model, pass, *recipe, work, progress, streaming); }));
       continue;
     }
     if (pass.needsStatistics && !statsCurrent) {
@@ -659,7 +826,7 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
         record["calibration"] = {{"tokens", tokens}, {"cached", cached}, {"seconds", seconds(calibrationStart)}};
       } else {
         progress.step("calibrating on " + recipe->calibrationData);
-        Expected<CalibrationRun> run = prepareCalibration(model, *recipe);
+        Expected<CalibrationRun> run = prepareCalibration(model, *recipe, streaming);
         if (!run)
           return run.status();
         Expected<CalibrationResult> result = calibrate(*run->loaded.engine, run->streams, run->options);
@@ -713,8 +880,9 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
 
   if (before) {
     progress.step("evaluating the package against the original on " + options.evalData);
-    Expected<LoadedModel> packaged = loadModel(options.output);
-    Expected<LoadedModel> original = packaged ? loadModel(options.model) : Expected<LoadedModel>(packaged.status());
+    Expected<LoadedModel> packaged = loadModel(options.output, streaming);
+    Expected<LoadedModel> original =
+        packaged ? loadModel(options.model, streaming) : Expected<LoadedModel>(packaged.status());
     Expected<EvalResult> result = original ? evaluateModel(*packaged, original->engine.get(), "evaluating the package")
                                            : Expected<EvalResult>(original.status());
     if (!result)

@@ -317,12 +317,20 @@ const std::map<std::string, PassBuilder> &passBuilders() {
          meta.minCoverage = o.minCoverage;
          meta.quantizesOutsideLayers = llvm::is_contained(targets, QuantizeTarget::LmHead) ||
                                        llvm::is_contained(targets, QuantizeTarget::Embedding);
+         const bool all = llvm::is_contained(targets, QuantizeTarget::All);
+         meta.quantizesExperts = targets.empty() || all || llvm::is_contained(targets, QuantizeTarget::Experts);
+         meta.quantizesDenseMoments = all || llvm::is_contained(targets, QuantizeTarget::Attention) ||
+                                      llvm::is_contained(targets, QuantizeTarget::Shared);
          if (overrides.method)
            o.method = *overrides.method;
          setStats(read, o.method == QuantizeMethod::Gptq ? overrides : PassOverrides(), o.stats);
          if (overrides.layer)
            layers = {*overrides.layer};
          o.layers = layers;
+         o.experts = overrides.experts;
+         const std::vector<QuantizeTarget> routed = {QuantizeTarget::Experts};
+         if (overrides.routedOnly)
+           o.targets = routed; // (an ArrayRef: the vector outlives the pass's creation)
          return createMoeQuantize(o);
        }},
       {"moe-allocate-bits",
@@ -560,11 +568,14 @@ Expected<Recipe> parseRecipe(const std::string &path, json r) {
       } else if (key == "sample_cap_ratio" && value.is_number() && std::isfinite(value.get<double>()) &&
                  value.get<double>() >= 0) {
         recipe.sampleCapRatio = value.get<double>();
+      } else if (key == "moments" && value.is_string() && (value == "f64" || value == "f32")) {
+        recipe.floatMoments = value == "f32";
       } else {
-        return Status::error(path, ": calibration.", key, ": calibration option '", key,
-                             "' is unknown or has the wrong type (data: path, tokens: int >= 0, seq_len: int > 0, "
-                             "block_samples: int >= 0, sample_cap_ratio: number >= 0), got ",
-                             value.dump());
+        return Status::error(
+            path, ": calibration.", key, ": calibration option '", key,
+            "' is unknown or has the wrong type (data: path, tokens: int >= 0, seq_len: int > 0, "
+            "block_samples: int >= 0, sample_cap_ratio: number >= 0, moments: \"f64\" or \"f32\"), got ",
+            value.dump());
       }
     }
   }

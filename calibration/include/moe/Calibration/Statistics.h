@@ -44,12 +44,40 @@ struct CalibrationOptions {
   /// (every layer's, or one layer's with a visitor) exceed this many bytes.
   /// 0: 90% of physical memory.
   uint64_t memoryLimitBytes = 0;
+  /// With input moments: also the per-layer moments of the attention
+  /// projections' and the shared expert's inputs (DenseMoments), which GPTQ
+  /// of those matrices needs. MLA's attended width makes them large.
+  bool denseMoments = true;
+  /// With input moments: accumulate them in float (single-precision rank-k
+  /// updates, written F32), half the memory of double.
+  bool floatMoments = false;
+  /// With input moments and a visitor: a layer's routed experts' moments
+  /// are gathered this many consecutive slots at a time. The layer is
+  /// replayed from its cached input once per chunk, running only that
+  /// chunk's experts (EngineObserver::runsExpert), and the visitor is called
+  /// per chunk (CalibrationResult::momentFirst/momentEnd), so the moments
+  /// of one chunk, not of the layer, are in memory. Called as each MoE layer
+  /// starts; an error stops calibration. Null, or 0 or at least the layer's
+  /// experts: the whole layer at once. Without a visitor: ignored.
+  std::function<Expected<int64_t>(int64_t layer)> expertsPerChunk;
 };
 
-/// Bytes of layer `layer`'s input moments (X^T X of every expert's gate/up
-/// and down inputs, in double, plus the attention and shared-expert ones);
-/// 0 for a dense layer without them.
-uint64_t inputMomentBytes(const ModelSpec &spec, int64_t layer);
+/// Rows of an expert's moment inputs buffered before one rank-k update adds
+/// them (and the buffer is released).
+constexpr int64_t kMomentFlushRows = 256;
+
+/// Bytes of one routed expert's input moments in layer `layer` (X^T X of
+/// its gate/up and of its down inputs), in double or float.
+uint64_t expertMomentBytes(const ModelSpec &spec, int64_t layer, bool floatMoments = false);
+
+/// Bytes of layer `layer`'s per-layer moments (DenseMoments: attention
+/// input and output, shared expert), in double.
+uint64_t denseMomentBytes(const ModelSpec &spec, int64_t layer);
+
+/// Bytes of layer `layer`'s input moments held at once under `options`
+/// without chunks: every expert's, plus the attention and shared-expert
+/// ones when recorded; 0 for a dense layer without them.
+uint64_t inputMomentBytes(const ModelSpec &spec, int64_t layer, const CalibrationOptions &options = {});
 
 /// Statistics of one MoE layer; per-expert vectors are indexed by expert.
 struct LayerStatistics {
@@ -70,7 +98,10 @@ struct LayerStatistics {
   std::vector<std::vector<double>> neuronGradientSquareSum; ///< [E][width] with gradients: sum of (dL/da)^2.
   std::vector<std::vector<double>> inputMoments;            ///< [E][H*H] when requested.
   std::vector<std::vector<double>> intermediateMoments;     ///< [E][width^2] (down_proj input) when requested.
-  std::vector<int64_t> momentTokens;                        ///< Tokens in each expert's moments.
+  /// The same two in float (CalibrationOptions::floatMoments); then the
+  /// double ones are empty. An expert outside the chunk has neither.
+  std::vector<std::vector<float>> inputMomentsF32, intermediateMomentsF32;
+  std::vector<int64_t> momentTokens; ///< Tokens in each expert's moments.
   int64_t blockSampleCount = 0;
   std::vector<float> blockInput, blockOutput; ///< [blockSampleCount, H] each.
 };
@@ -92,10 +123,15 @@ struct CalibrationResult {
   int64_t tokens = 0;
   double seconds = 0;
   double gradientLoss = 0; ///< With gradients: the windows' mean next-token loss.
+  /// With expertsPerChunk, the expert slots [first, end) whose moments a
+  /// visitor's call holds, and which chunk of how many that is; without,
+  /// every expert in one chunk (end -1: all).
+  int64_t momentFirst = 0, momentEnd = -1, chunk = 0, chunks = 1;
 };
 
 /// Called with each layer's statistics as soon as every window has passed
-/// the layer; returns whether it changed the layer's weights (through
+/// the layer (with expertsPerChunk, once per chunk of its experts); returns
+/// whether it changed the layer's weights (through
 /// Engine::replaceLayerWeights), so that the windows are run through the
 /// changed layer before the next one.
 using LayerVisitor = std::function<Expected<bool>(int64_t layer, CalibrationResult &layerStatistics)>;

@@ -44,6 +44,14 @@ struct CompressRequest {
   /// and every GPTQ layer; a rerun with the same inputs continues from the
   /// last saved step.
   bool resume = false;
+  /// > 0: sequential GPTQ keeps the process's resident memory under this
+  /// many bytes: one layer's weights at a time, routed experts loaded on
+  /// demand, and a layer's experts' moments gathered and quantised a chunk
+  /// at a time (as many experts as fit beside what the run already holds).
+  uint64_t maxMemoryBytes = 0;
+  /// > 0: sequential GPTQ gathers and quantises at most this many experts
+  /// of a layer at a time (as under maxMemoryBytes, which may lower it).
+  int64_t expertsPerChunk = 0;
 };
 
 struct CompressProgress {

@@ -37,6 +37,9 @@ struct RecipePass {
   bool sequentialGptq = false;         ///< moe-quantize with method=gptq.
   double minCoverage = 0.005;          ///< moe-quantize's RTN fallback threshold.
   bool quantizesOutsideLayers = false; ///< moe-quantize targets lm_head or embedding.
+  bool quantizesExperts = false;       ///< moe-quantize targets routed experts.
+  bool quantizesDenseMoments =
+      false; ///< moe-quantize targets matrices GPTQ reads per-layer moments for (attention, shared).
   /// moe-prune-experts with "tasks": one pruned expert set per task (its
   /// own calibration data), stored side by side (TaskSets.h) instead of
   /// pruning the model once. Name and data path, in the recipe's order.
@@ -50,6 +53,7 @@ struct Recipe {
   int64_t calibrationTokens = 0, sequenceLength = 256, blockSamples = 1024;
   double sampleCapRatio = 0;
   bool inputMoments = false; ///< A pass reads the large input moments.
+  bool floatMoments = false; ///< calibration.moments "f32": input moments accumulated in float.
   bool gradients = false;    ///< A pass reads backward-pass statistics (HEAPr).
 };
 
@@ -83,6 +87,8 @@ struct PassOverrides {
   std::string stats;                    ///< Statistics file, for passes that read one.
   std::optional<int64_t> layer;         ///< moe-quantize: only this layer (-1: outside layers).
   std::optional<QuantizeMethod> method; ///< moe-quantize: another method (rtn for lm_head).
+  std::vector<int64_t> experts;         ///< moe-quantize: of the routed experts only these slots; empty: all.
+  bool routedOnly = false;              ///< moe-quantize: routed experts only, whatever the targets.
 };
 
 /// The pass of `pass` with its options set from the recipe and `overrides`.

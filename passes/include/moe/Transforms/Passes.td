@@ -305,6 +305,9 @@ def MoeQuantize : Pass<"moe-quantize", "::moe::ir::ModelOp"> {
     GPTQ this way, one layer at a time: it calibrates layer l on what the
     already quantised layers before it compute, quantises layer l, and only
     then moves on (sequential GPTQ, with one layer's moments in memory).
+    `experts` limits the routed experts to some slots: under
+    `--max-memory`, `moec compress` gathers and quantises a layer's experts
+    a chunk at a time.
 
     ```mlir
     // moe-opt --moe-quantize="bits=4 group=128 sym=false targets=experts,shared"
@@ -333,6 +336,8 @@ def MoeQuantize : Pass<"moe-quantize", "::moe::ir::ModelOp"> {
                "experts, shared, attention, dense, all, lm_head, embedding (comma-separated; default experts)">,
     ListOption<"layers", "layers", "int64_t",
                "Only the tensors of these decoder layers (-1: those outside layers); empty: all">,
+    ListOption<"experts", "experts", "int64_t",
+               "Of the routed experts, only these slots (with every part of a split one); empty: all">,
   ];
   let statistics = [
     Statistic<"tensorsQuantized", "tensors-quantized", "Matrices quantized">,

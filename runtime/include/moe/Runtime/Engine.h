@@ -67,6 +67,11 @@ public:
   /// and onExpert sees all of them (for statistics of rarely routed
   /// experts); the block output still uses only the routed tokens.
   virtual bool computeAllExperts() const { return false; }
+  /// When false for a routed expert slot, the block neither loads nor runs
+  /// it: its onExpert call is not wanted, and the block output lacks its
+  /// share. Calibration's replays of one layer for a chunk of experts'
+  /// moments (CalibrationOptions::expertsPerChunk) read onExpert only.
+  virtual bool runsExpert(int64_t layer, int64_t slot) const { return true; }
 };
 
 /// Hooks of the activation backward (Engine::lossGradients). Gradients are
@@ -177,6 +182,10 @@ public:
   /// Reads layer weights from `provider` from now on (cached layers are
   /// dropped; the embedding and head are kept): a pass changed the layers.
   void replaceLayerWeights(std::unique_ptr<WeightProvider> provider);
+  /// Gives the expert cache of an engine made with one
+  /// (EngineOptions::expertCacheBytes) a new budget, dropping what it held:
+  /// for a run that sizes it once it knows what else it holds.
+  Status setExpertCacheBytes(size_t bytes);
 
   /// Replaces the masked experts (EngineOptions::maskedExperts): from the
   /// next forward on, these router rows are -inf. Fails, changing nothing,
