@@ -13,6 +13,8 @@ packages=(
   # libraries
   libcli11-dev nlohmann-json3-dev libgtest-dev libgmock-dev
   libopenblas-dev libeigen3-dev libpcre2-dev libutf8proc-dev libglpk-dev libxxhash-dev libyaml-cpp-dev
+  # Open MPI: distributed moec compress (mpirun -n N; its tests skip without it)
+  libopenmpi-dev openmpi-bin
   # headless browser: the test that renders moec's HTML report (skips without it)
   chromium
 )

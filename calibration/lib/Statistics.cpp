@@ -494,7 +494,7 @@ Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStre
     return Status::error("no complete window of ", L, " tokens in the calibration data");
   const ModelSpec &spec = engine.spec();
   const int64_t W = static_cast<int64_t>(windows.size()), H = spec.hiddenSize;
-  if (options.inputMoments && !(visitor && options.expertsPerChunk)) {
+  if (options.inputMoments && !(visitor && options.expertChunks)) {
     // Every layer's moments stay until the statistics are written; with a
     // visitor, one layer's at a time (with chunks, whoever sizes them
     // checks). Refuse up front rather than run out of memory hours in.
@@ -554,21 +554,25 @@ Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStre
   };
   for (int64_t l = 0; l < spec.numLayers; ++l) {
     const LayerSpec &layerSpec = spec.layers[static_cast<size_t>(l)];
-    int64_t perChunk = 0;
-    if (visitor && options.inputMoments && options.expertsPerChunk && layerSpec.mlp == MlpKind::Moe) {
-      Expected<int64_t> size = options.expertsPerChunk(l);
-      if (!size)
-        return size.status();
-      perChunk = *size;
+    CalibrationOptions::ExpertChunks chunkList;
+    if (visitor && options.inputMoments && options.expertChunks && layerSpec.mlp == MlpKind::Moe) {
+      Expected<CalibrationOptions::ExpertChunks> planned = options.expertChunks(l);
+      if (!planned)
+        return planned.status();
+      chunkList = planned.take();
+      for (const auto &[first, end] : chunkList)
+        if (first < 0 || end <= first || end > layerSpec.numExperts)
+          return Status::error("layer ", l, ": expert chunk [", first, ", ", end, ") is not within its ",
+                               layerSpec.numExperts, " experts");
     }
-    if (perChunk > 0 && perChunk < layerSpec.numExperts) {
+    if (!chunkList.empty()) {
       // The layer's experts' moments a chunk at a time: each chunk replays
       // the layer from its input, running only the chunk's experts (the
       // replay's output is not used), and goes to the visitor; then the
       // windows pass the layer, as the visitor left it, once.
-      const int64_t chunks = (layerSpec.numExperts + perChunk - 1) / perChunk;
+      const int64_t chunks = static_cast<int64_t>(chunkList.size());
       for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t first = c * perChunk, end = std::min(layerSpec.numExperts, first + perChunk);
+        const auto [first, end] = chunkList[static_cast<size_t>(c)];
         observer.setChunk(first, end, options.denseMoments && c == 0);
         replay = hidden;
         CalibrationResult chunkResult;

@@ -53,7 +53,8 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     /// Attention projections and shared experts: the layer statistic holding
     /// their Hessian (every token reaches them).
     std::map<std::string, std::pair<int64_t, std::string>> denseMatrices;
-    std::optional<StatisticsReader> file; ///< GPTQ's statistics.
+    std::optional<StatisticsReader> file;   ///< GPTQ's statistics.
+    std::shared_ptr<SafetensorsFile> codes; ///< `codes`: packed codes to take instead.
   };
   /// One matrix: read (in order), quantised (GPTQ in parallel, a batch of
   /// one matrix per thread at a time, so memory stays at a few matrices and
@@ -67,6 +68,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     std::optional<std::vector<double>> hessian; ///< Set: GPTQ.
     std::string where;                          ///< For messages.
     std::vector<uint8_t> packed;
+    bool taken = false; ///< The codes came from `codes`.
     Status status = Status::success();
   };
 
@@ -116,7 +118,12 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     Plan plan;
     if (!(minCoverage >= 0.0 && minCoverage <= 1.0))
       return fail(module, "min-coverage must be a fraction of the calibration tokens in [0, 1]"), failure();
-    if (method == QuantizeMethod::Gptq) {
+    if (!codes.empty()) {
+      Expected<std::unique_ptr<SafetensorsFile>> opened = SafetensorsFile::open(codes);
+      if (!opened)
+        return fail(module, "codes: " + opened.status().message()), failure();
+      plan.codes = opened.take();
+    } else if (method == QuantizeMethod::Gptq) {
       FailureOr<StatisticsReader> opened = StatisticsReader::open(stats, module, getArgument());
       if (failed(opened))
         return signalPassFailure(), failure();
@@ -217,11 +224,13 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     ir::TensorOp tensor = lookupTensor(model, symbol);
     job.symbol = symbolName;
     job.tensor = tensor;
-    DType dtype;
-    FailureOr<std::vector<float>> values = readF32(model, access, symbol, dtype);
-    if (failed(values))
-      return failure();
-    job.values = std::move(*values);
+    if (!plan.codes) {
+      DType dtype;
+      FailureOr<std::vector<float>> values = readF32(model, access, symbol, dtype);
+      if (failed(values))
+        return failure();
+      job.values = std::move(*values);
+    }
     job.rows = tensor.getTensorType().getShape()[0];
     job.cols = tensor.getTensorType().getShape()[1];
     const int64_t cols = job.cols;
@@ -259,6 +268,20 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         type = fallback;
       }
       job.format = quant::WeightFormat{std::nullopt, type};
+    }
+    if (plan.codes) {
+      // Another process's codes: in this format, of this size.
+      const TensorInfo *info = plan.codes->find(symbolName);
+      const size_t expected = job.format.matrixBytes(job.rows, job.cols);
+      if (!info || info->dtype != DType::U8 || info->byteSize() != expected) {
+        fail(tensor, concat("codes: ", codes, " has no U8 tensor '", symbolName, "' of ", expected, " bytes (",
+                            job.format.name(), ")"));
+        return failure();
+      }
+      std::span<const uint8_t> bytes = plan.codes->data(*info);
+      job.packed.assign(bytes.begin(), bytes.end());
+      job.taken = true;
+      return success();
     }
     if (method != QuantizeMethod::Gptq)
       return success();
@@ -331,6 +354,8 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
 
   /// Quantises one matrix (thread-safe: touches only `job`).
   void compute(Job &job) const {
+    if (job.taken)
+      return;
     job.packed.assign(job.format.matrixBytes(job.rows, job.cols), 0);
     if (job.hessian) {
       GptqOptions gptq{damping, block, actOrder, groupScales};

@@ -26,3 +26,12 @@ for browser in ("chromium", "chromium-browser"):
         config.available_features.add("chromium")
         config.substitutions.append(("%chromium", shutil.which(browser)))
         break
+
+# Distributed compress (mpirun) where moec was built with MPI: local ranks
+# only, over shared memory and loopback, as root in CI.
+if config.moec_have_mpi == "ON" and shutil.which("mpirun"):
+    config.available_features.add("mpi")
+    config.substitutions.append(("%mpirun", shutil.which("mpirun") +
+                                 " --oversubscribe --mca btl self,vader --mca oob_tcp_if_include lo"))
+    for name in ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"):
+        config.environment[name] = "1"

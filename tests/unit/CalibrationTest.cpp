@@ -341,7 +341,7 @@ TEST(Calibration, LayerVisitorSeesEachLayerOnceAndRerunsChangedLayers) {
   EXPECT_NE(failed.status().message().find("visitor refused"), std::string::npos);
 }
 
-// With expertsPerChunk, a layer's experts' moments come a chunk at a time,
+// With expertChunks, a layer's experts' moments come a chunk at a time,
 // each chunk from a replay of the layer that runs only its experts (through
 // an expert cache, loading only those): every chunk's moments equal the ones
 // gathered all at once, bit for bit; other chunks' experts have none; the
@@ -362,7 +362,9 @@ TEST(Calibration, ExpertChunksGiveTheSameMomentsAsOneLayerAtOnce) {
   auto streams = readEvalData(dataDir() + "/brown/calibration.jsonl", model->tokenizer.get(), model->endOfText);
   ASSERT_TRUE(streams.ok());
   ASSERT_TRUE(model->engine->setExpertCacheBytes(3 * 3 * 160 * 96 * 4).ok()); // three experts in f32
-  options.expertsPerChunk = [](int64_t) -> Expected<int64_t> { return 3; };
+  options.expertChunks = [](int64_t) -> Expected<CalibrationOptions::ExpertChunks> {
+    return CalibrationOptions::ExpertChunks{{0, 3}, {3, 6}, {6, 8}};
+  };
   struct Call {
     int64_t layer, first, end, chunk, chunks;
     bool dense;
@@ -418,13 +420,35 @@ TEST(Calibration, ExpertChunksGiveTheSameMomentsAsOneLayerAtOnce) {
   EXPECT_LE(model->engine->expertCache()->peakResidentBytes(), size_t(3 * 3 * 160 * 96 * 4));
 
   // A chunk size the caller cannot give stops calibration with its reason.
-  options.expertsPerChunk = [](int64_t layer) -> Expected<int64_t> {
+  auto visitNothing = [](int64_t, CalibrationResult &) { return Expected<bool>(false); };
+  options.expertChunks = [](int64_t layer) -> Expected<CalibrationOptions::ExpertChunks> {
     return Status::error("no room for layer ", layer);
   };
-  expectErrorContains(
-      calibrate(*model->engine, *streams, options, [](int64_t, CalibrationResult &) { return Expected<bool>(false); })
-          .status(),
-      {"no room for layer 1"});
+  expectErrorContains(calibrate(*model->engine, *streams, options, visitNothing).status(), {"no room for layer 1"});
+  // Chunks outside the layer's experts are refused.
+  options.expertChunks = [](int64_t) -> Expected<CalibrationOptions::ExpertChunks> {
+    return CalibrationOptions::ExpertChunks{{6, 9}};
+  };
+  expectErrorContains(calibrate(*model->engine, *streams, options, visitNothing).status(),
+                      {"layer 1: expert chunk [6, 9) is not within its 8 experts"});
+  // A process that gathers only some experts (a rank of a distributed
+  // run) gets only theirs.
+  options.expertChunks = [](int64_t) -> Expected<CalibrationOptions::ExpertChunks> {
+    return CalibrationOptions::ExpertChunks{{4, 6}, {6, 7}};
+  };
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  auto some = calibrate(*model->engine, *streams, options, [&](int64_t layer, CalibrationResult &stats) {
+    if (layer == 2) {
+      ranges.emplace_back(stats.momentFirst, stats.momentEnd);
+      const LayerStatistics &got = stats.layers.front();
+      for (size_t e = 0; e < got.inputMoments.size(); ++e)
+        EXPECT_EQ(got.inputMoments[e].empty(),
+                  !(static_cast<int64_t>(e) >= stats.momentFirst && static_cast<int64_t>(e) < stats.momentEnd));
+    }
+    return Expected<bool>(false);
+  });
+  ASSERT_TRUE(some.ok()) << some.status().message();
+  EXPECT_EQ(ranges, (std::vector<std::pair<int64_t, int64_t>>{{4, 6}, {6, 7}}));
 }
 
 // Float moments (CalibrationOptions::floatMoments) are the double ones to

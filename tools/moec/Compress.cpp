@@ -11,6 +11,7 @@
 #include "moe/Pipeline/Compress.h"
 #include "moe/Support/AtomicFile.h"
 #include "moe/Support/ByteSize.h"
+#include "moe/Support/Distributed.h"
 #include "moe/Support/Progress.h"
 #include "moe/Transforms/Passes.h"
 
@@ -59,6 +60,8 @@ int runCompress(CompressOptions &options) {
     printError(result.status().message());
     return 1;
   }
+  if (distributed::rank() != 0)
+    return 0; // rank 0 prints and writes for the job
   const std::string text = result->summary.dump(2) + "\n";
   std::cout << text;
   if (!options.summary.empty()) {

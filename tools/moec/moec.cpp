@@ -6,6 +6,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "Commands.h"
+#include "moe/Support/Distributed.h"
 
 #include "moe/Transforms/Passes.h"
 
@@ -38,6 +39,11 @@ int main(int argc, char **argv) {
   // Not llvm::InitLLVM: its crash handler can hang after heap corruption
   // (Signals.h); these end the process and clean up on interrupts.
   moe::installSignalHandlers("moec");
+  // Under mpirun, one rank of a distributed job (Distributed.h).
+  if (moe::Status joined = moe::distributed::initialize(&argc, &argv); !joined.ok()) {
+    moe::cli::printError(joined.message());
+    return 1;
+  }
   CLI::App app{"moec: a compiler that makes Mixture-of-Experts models small and fast"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "moec 0.1.0");
@@ -95,7 +101,28 @@ int main(int argc, char **argv) {
                                   : moe::ProgressMode::Auto);
   moe::setThreadCount(threads);
   for (moe::cli::Command &command : commands)
-    if (command.app->parsed())
-      return command.run();
+    if (command.app->parsed()) {
+      if (moe::distributed::size() == 1)
+        return command.run();
+      // A distributed job: compress spreads its GPTQ over the ranks; rank 0
+      // alone prints and writes. A rank that fails ends every rank, so no
+      // output is left half made.
+      if (command.app->get_name() != "compress") {
+        if (moe::distributed::rank() == 0)
+          moe::cli::printError("only moec compress runs under mpirun (its GPTQ spread over the ranks), not " +
+                               command.app->get_name());
+        moe::distributed::abortJob(2);
+      }
+      if (moe::distributed::rank() != 0)
+        moe::setProgressMode(moe::ProgressMode::Never);
+      const int code = command.run();
+      if (code != 0) {
+        std::fprintf(stderr, "moec: rank %d of %d failed (exit %d); ending the job\n", moe::distributed::rank(),
+                     moe::distributed::size(), code);
+        moe::distributed::abortJob(code);
+      }
+      moe::distributed::finalize();
+      return 0;
+    }
   return 2;
 }

@@ -6,11 +6,13 @@
 
 #include "moe/Pipeline/Compress.h"
 #include "moe/Calibration/Statistics.h"
+#include "moe/Frontend/Safetensors.h"
 #include "moe/Importer/Importer.h"
 #include "moe/Lowering/Emit.h"
 #include "moe/Lowering/History.h"
 #include "moe/Lowering/Lowering.h"
 #include "moe/Pipeline/Report.h"
+#include "moe/Runtime/Description.h"
 #include "moe/Runtime/DescriptionSummary.h"
 #include "moe/Runtime/Evaluate.h"
 #include "moe/Runtime/Model.h"
@@ -21,6 +23,7 @@
 #include "moe/Support/Process.h"
 #include "moe/Support/Progress.h"
 
+#include "moe/Support/Distributed.h"
 #include "moe/Support/Signals.h"
 #include "moe/Support/Threads.h"
 #include <unistd.h>
@@ -36,6 +39,7 @@
 #include <cmath>
 #include <csignal>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <functional>
 
@@ -275,6 +279,103 @@ struct ChunkPlan {
   }
 };
 
+/// A distributed run's swap after layer `layer`: each rank sends the codes
+/// of the expert matrices it quantised (by IR symbol, as the module stores
+/// them) with its RTN fallbacks, and takes every other rank's codes into
+/// its module through moe-quantize{codes=...} (the same attributes and
+/// store keys as quantising them itself). Returns the fallbacks of all
+/// ranks in slot order and the least coverage.
+Expected<json> exchangeLayerCodes(mlir::MLIRContext &context, mlir::ModuleOp module, ir::ModelOp model,
+                                  const Recipe &recipe, const RecipePass &pass, const std::string &work, int64_t layer,
+                                  const std::function<std::pair<int64_t, int64_t>(int64_t, int)> &rankRange,
+                                  const json &fallbacks, double leastCoverage) {
+  // Tests make one rank fail here: the job must end with no output.
+  if (const char *failing = std::getenv("MOEC_TEST_FAIL_RANK"); failing && std::atoi(failing) == distributed::rank())
+    return Status::error("rank ", distributed::rank(), " failed on purpose (MOEC_TEST_FAIL_RANK)");
+  Expected<ModelDescription> description = lowerToDescription(model, "");
+  if (!description)
+    return description.status();
+  const std::vector<ExpertEntry> &experts = description->layers[static_cast<size_t>(layer)].experts;
+  const int64_t count = static_cast<int64_t>(experts.size());
+  // Mine: a JSON header (fallbacks, coverage, tensors and sizes), its
+  // length first, then the codes in the header's order.
+  TensorReader reader(*description);
+  json header = {{"fallbacks", fallbacks}, {"least_coverage", leastCoverage}, {"tensors", json::array()}};
+  std::vector<uint8_t> codes;
+  const auto [first, end] = rankRange(count, distributed::rank());
+  for (int64_t slot = first; slot < end; ++slot) {
+    const ExpertEntry &expert = experts[static_cast<size_t>(slot)];
+    std::vector<const TensorRef *> refs = {&expert.gate, &expert.up, &expert.down};
+    for (const ExpertPart &part : expert.moreParts)
+      refs.insert(refs.end(), {&part.gate, &part.up, &part.down});
+    for (const TensorRef *ref : refs) {
+      if (ref->format.empty())
+        continue; // not quantised: every rank holds the same
+      DType dtype;
+      std::vector<uint8_t> bytes;
+      MOE_RETURN_IF_ERROR(reader.read(*ref, dtype, bytes));
+      header["tensors"].push_back({{"symbol", ref->name}, {"size", bytes.size()}});
+      codes.insert(codes.end(), bytes.begin(), bytes.end());
+    }
+  }
+  const std::string text = header.dump();
+  std::vector<uint8_t> mine(8);
+  const uint64_t length = text.size();
+  std::memcpy(mine.data(), &length, 8);
+  mine.insert(mine.end(), text.begin(), text.end());
+  mine.insert(mine.end(), codes.begin(), codes.end());
+  codes = std::vector<uint8_t>();
+  Expected<std::vector<std::vector<uint8_t>>> all = distributed::allGather(mine);
+  if (!all)
+    return all.status();
+  mine = std::vector<uint8_t>();
+
+  // Theirs: into one codes file for the pass; fallbacks in rank order.
+  json merged = {{"fallbacks", json::array()}, {"least_coverage", 1.0}};
+  SafetensorsWriter writer;
+  PassOverrides overrides{"", layer, {}};
+  overrides.routedOnly = true;
+  for (int r = 0; r < static_cast<int>(all->size()); ++r) {
+    const std::vector<uint8_t> &bytes = (*all)[static_cast<size_t>(r)];
+    uint64_t size = 0;
+    if (bytes.size() >= 8)
+      std::memcpy(&size, bytes.data(), 8);
+    if (bytes.size() < 8 || size > bytes.size() - 8)
+      return Status::error("rank ", r, " sent a malformed layer record");
+    const json theirs =
+        json::parse(bytes.begin() + 8, bytes.begin() + 8 + static_cast<std::ptrdiff_t>(size), nullptr, false);
+    if (theirs.is_discarded() || !theirs.contains("tensors"))
+      return Status::error("rank ", r, " sent a malformed layer record");
+    for (const json &slot : theirs["fallbacks"])
+      merged["fallbacks"].push_back(slot);
+    merged["least_coverage"] = std::min(merged["least_coverage"].get<double>(), theirs["least_coverage"].get<double>());
+    if (r == distributed::rank())
+      continue;
+    const auto [theirFirst, theirEnd] = rankRange(count, r);
+    for (int64_t slot = theirFirst; slot < theirEnd; ++slot)
+      overrides.experts.push_back(slot);
+    uint64_t offset = 8 + size;
+    for (const json &tensor : theirs["tensors"]) {
+      const uint64_t tensorSize = tensor["size"].get<uint64_t>();
+      if (tensorSize > bytes.size() - offset)
+        return Status::error("rank ", r, " sent fewer codes than its record lists");
+      MOE_RETURN_IF_ERROR(
+          writer.addTensor(tensor["symbol"].get<std::string>(), DType::U8, {static_cast<int64_t>(tensorSize)},
+                           std::vector<uint8_t>(bytes.begin() + static_cast<std::ptrdiff_t>(offset),
+                                                bytes.begin() + static_cast<std::ptrdiff_t>(offset + tensorSize))));
+      offset += tensorSize;
+    }
+  }
+  all = std::vector<std::vector<uint8_t>>();
+  overrides.codes = work + "/layer-codes.safetensors";
+  MOE_RETURN_IF_ERROR(writer.write(overrides.codes));
+  Status status = runPass(context, module, buildRecipePass(recipe, pass, overrides));
+  std::error_code ignored;
+  std::filesystem::remove(overrides.codes, ignored);
+  MOE_RETURN_IF_ERROR(status);
+  return merged;
+}
+
 /// Sequential GPTQ: the calibration windows pass layer by layer; each
 /// layer's moments (and only they) are written to a work file, the pass
 /// quantises that layer from them, and the windows continue through the
@@ -293,8 +394,13 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
                                  const CompressProgress &progress, int64_t layersDone, json earlierLayers,
                                  const std::function<Status(int64_t, const json &)> &layerDone, uint64_t maxMemory,
                                  int64_t chunkLimit) {
+  // A distributed run (mpirun -n N): rank r gathers and quantises the r-th
+  // of N consecutive ranges of each layer's experts, and the ranks swap
+  // their codes once a layer is done (exchangeLayerCodes).
+  const int ranks = distributed::size(), rank = distributed::rank();
+  const bool chunked = maxMemory > 0 || chunkLimit > 0 || ranks > 1;
   EngineOptions engineOptions;
-  if (maxMemory > 0 || chunkLimit > 0) {
+  if (chunked) {
     engineOptions.maxMemoryBytes = 1;   // one layer at a time
     engineOptions.expertCacheBytes = 1; // sized by the plan
   }
@@ -309,13 +415,17 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
   const std::string statsPath = work + "/layer-stats.safetensors";
   Engine &engine = *run->loaded.engine;
   std::optional<ChunkPlan> plan;
-  if (maxMemory > 0 || chunkLimit > 0) {
+  // This rank's experts of a layer with `experts` of them: [first, end).
+  auto rankRange = [&](int64_t experts, int r) {
+    return std::pair<int64_t, int64_t>{experts * r / ranks, experts * (r + 1) / ranks};
+  };
+  if (chunked) {
     if (maxMemory > 0)
       calibration.memoryLimitBytes = maxMemory;
     const int64_t replayTokens = static_cast<int64_t>(
         calibrationWindows(run->streams, calibration.sequenceLength, calibration.maxTokens).size() *
         static_cast<size_t>(calibration.sequenceLength));
-    calibration.expertsPerChunk = [&, replayTokens](int64_t layer) -> Expected<int64_t> {
+    calibration.expertChunks = [&, replayTokens](int64_t layer) -> Expected<CalibrationOptions::ExpertChunks> {
       if (!plan) {
         Expected<ModelDescription> description = lowerToDescription(model, "");
         if (!description)
@@ -328,10 +438,21 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
         plan = made.take();
         MOE_RETURN_IF_ERROR(engine.setExpertCacheBytes(std::max<uint64_t>(plan->expertCacheBytes, 1)));
       }
-      return plan->expertsPerChunk.at(layer);
+      const int64_t experts = engine.spec().layers[static_cast<size_t>(layer)].numExperts;
+      if (experts < ranks)
+        return Status::error("layer ", layer, " has ", experts, " experts, fewer than the ", ranks,
+                             " processes of this job; run fewer (mpirun -n)");
+      const auto [first, end] = rankRange(experts, rank);
+      const int64_t size = plan->expertsPerChunk.at(layer);
+      CalibrationOptions::ExpertChunks chunks;
+      for (int64_t begin = first; begin < end; begin += size)
+        chunks.emplace_back(begin, std::min(end, begin + size));
+      return chunks;
     };
   }
   json layers = earlierLayers.is_array() ? earlierLayers : json::array();
+  json layerFallbacks = json::array();
+  double layerLeastCoverage = 1.0;
   double quantizeSeconds = 0, layerQuantizeSeconds = 0;
   auto layerStart = std::chrono::steady_clock::now();
   double calibrated = 0;
@@ -343,6 +464,8 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
     if (stats.chunk == 0) {
       calibrated = 0;
       layerQuantizeSeconds = 0;
+      layerFallbacks = json::array();
+      layerLeastCoverage = 1.0;
     }
     calibrated += seconds(layerStart);
     const bool lastChunk = stats.chunk + 1 == stats.chunks;
@@ -353,8 +476,8 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
     // What each expert will get: GPTQ, or RTN below min-coverage (the
     // pass's rule), and the least coverage, for the summary.
     const double minCoverage = pass.minCoverage;
-    json fallbacks = json::array();
-    double leastCoverage = 1.0;
+    json &fallbacks = layerFallbacks;
+    double &leastCoverage = layerLeastCoverage;
     for (const LayerStatistics &layerStats : stats.layers)
       for (size_t e = 0; e < layerStats.momentTokens.size(); ++e) {
         const int64_t slot = static_cast<int64_t>(e);
@@ -369,28 +492,37 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
     MOE_RETURN_IF_ERROR(writeStatistics(stats, calibration, statsPath));
     // A chunk: its experts only, and the layer's other tensors with the first.
     PassOverrides overrides{statsPath, layer, {}};
-    if (stats.chunks > 1) {
+    if (stats.momentEnd >= 0) {
       for (int64_t e = stats.momentFirst; e < stats.momentEnd; ++e)
         overrides.experts.push_back(e);
       overrides.routedOnly = stats.chunk > 0;
     }
-    const int64_t chunk = stats.chunk, chunks = stats.chunks;
+    const int64_t chunks = stats.chunks;
     stats = CalibrationResult(); // the moments now live only in the file
     Status status = runPass(context, module, buildRecipePass(recipe, pass, overrides));
     std::error_code ignored;
     std::filesystem::remove(statsPath, ignored);
     if (!status.ok())
       return Status::error("layer ", layer, ": ", status.message());
-    json &record = chunk == 0 ? layers.emplace_back(json{{"layer", layer}}) : layers.back();
-    if (!fallbacks.empty() || leastCoverage < 1.0) {
-      record["least_expert_coverage"] = std::min(leastCoverage, record.value("least_expert_coverage", 1.0));
-      for (const json &expert : fallbacks)
-        record["rtn_fallback_experts"].push_back(expert);
-    }
     if (!lastChunk) {
       layerQuantizeSeconds += seconds(quantizeStart);
       layerStart = std::chrono::steady_clock::now();
       return false; // the windows pass the layer once every chunk is quantised
+    }
+    if (ranks > 1) {
+      // The other ranks' experts of this layer: their codes, and their
+      // RTN fallbacks for the summary, in rank (so slot) order.
+      Expected<json> others =
+          exchangeLayerCodes(context, module, model, recipe, pass, work, layer, rankRange, fallbacks, leastCoverage);
+      if (!others)
+        return Status::error("layer ", layer, ": ", others.status().message());
+      fallbacks = (*others)["fallbacks"];
+      leastCoverage = (*others)["least_coverage"].get<double>();
+    }
+    json record = {{"layer", layer}};
+    if (!fallbacks.empty() || leastCoverage < 1.0) {
+      record["least_expert_coverage"] = leastCoverage;
+      record["rtn_fallback_experts"] = fallbacks;
     }
     Expected<ModelDescription> changed = lowerToDescription(model, "");
     if (!changed)
@@ -402,6 +534,7 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
     record["quantize_seconds"] = quantized;
     if (chunks > 1)
       record["chunks"] = chunks;
+    layers.push_back(std::move(record));
     progress.layer(layer, engine.spec().numLayers, calibrated, quantized);
     MOE_RETURN_IF_ERROR(layerDone(layer, layers));
     layerStart = std::chrono::steady_clock::now();
@@ -611,6 +744,8 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
                          options.preset.empty() ? " or \"calibration\": {\"data\": ...} in the recipe" : "");
   if (options.maxPplIncrease >= 0 && options.evalData.empty())
     return Status::error("--max-ppl-increase needs --eval-data");
+  if (distributed::size() > 1 && options.resume)
+    return Status::error("--resume is not supported under mpirun (the ranks would share one work directory)");
   // Under --max-memory every engine of the run holds one layer at a time.
   EngineOptions streaming;
   if (options.maxMemoryBytes > 0) {
@@ -745,7 +880,7 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
   };
   std::optional<double> before;
   json quality = nullptr, routing = nullptr;
-  if (!options.evalData.empty()) {
+  if (!options.evalData.empty() && distributed::rank() == 0) {
     progress.step("evaluating the original model on " + options.evalData);
     Expected<LoadedModel> original = loadModel(options.model, streaming);
     Expected<EvalResult> result = original ? evaluateModel(*original, nullptr, "evaluating the original")
@@ -866,6 +1001,13 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
     MOE_RETURN_IF_ERROR(saveState(i + 1, 0, passes, json::array()));
   }
   summary["passes"] = passes;
+  if (distributed::rank() != 0) {
+    // A distributed run: rank 0 alone writes (and evaluates); the others
+    // end here, their work in its module.
+    cleanup.keep = false;
+    out.summary = summary;
+    return out;
+  }
 
   progress.step("emitting " + options.output);
   // The package records what was done, not how long it took: the same

@@ -328,6 +328,7 @@ const std::map<std::string, PassBuilder> &passBuilders() {
            layers = {*overrides.layer};
          o.layers = layers;
          o.experts = overrides.experts;
+         o.codes = overrides.codes;
          const std::vector<QuantizeTarget> routed = {QuantizeTarget::Experts};
          if (overrides.routedOnly)
            o.targets = routed; // (an ArrayRef: the vector outlives the pass's creation)

@@ -51,15 +51,18 @@ struct CalibrationOptions {
   /// With input moments: accumulate them in float (single-precision rank-k
   /// updates, written F32), half the memory of double.
   bool floatMoments = false;
-  /// With input moments and a visitor: a layer's routed experts' moments
-  /// are gathered this many consecutive slots at a time. The layer is
-  /// replayed from its cached input once per chunk, running only that
-  /// chunk's experts (EngineObserver::runsExpert), and the visitor is called
-  /// per chunk (CalibrationResult::momentFirst/momentEnd), so the moments
-  /// of one chunk, not of the layer, are in memory. Called as each MoE layer
-  /// starts; an error stops calibration. Null, or 0 or at least the layer's
-  /// experts: the whole layer at once. Without a visitor: ignored.
-  std::function<Expected<int64_t>(int64_t layer)> expertsPerChunk;
+  /// With input moments and a visitor: a MoE layer's routed experts'
+  /// moments are gathered in these chunks of expert slots [first, end), in
+  /// order. The layer is replayed from its cached input once per chunk,
+  /// running only that chunk's experts (EngineObserver::runsExpert), and the
+  /// visitor is called per chunk (CalibrationResult::momentFirst/momentEnd),
+  /// so the moments of one chunk, not of the layer, are in memory. The
+  /// chunks may leave experts out (another process of a distributed run
+  /// gathers those). Called as each MoE layer starts; an error stops
+  /// calibration. Null or empty: the whole layer at once. Without a
+  /// visitor: ignored.
+  using ExpertChunks = std::vector<std::pair<int64_t, int64_t>>;
+  std::function<Expected<ExpertChunks>(int64_t layer)> expertChunks;
 };
 
 /// Rows of an expert's moment inputs buffered before one rank-k update adds
@@ -123,14 +126,14 @@ struct CalibrationResult {
   int64_t tokens = 0;
   double seconds = 0;
   double gradientLoss = 0; ///< With gradients: the windows' mean next-token loss.
-  /// With expertsPerChunk, the expert slots [first, end) whose moments a
+  /// With expertChunks, the expert slots [first, end) whose moments a
   /// visitor's call holds, and which chunk of how many that is; without,
   /// every expert in one chunk (end -1: all).
   int64_t momentFirst = 0, momentEnd = -1, chunk = 0, chunks = 1;
 };
 
 /// Called with each layer's statistics as soon as every window has passed
-/// the layer (with expertsPerChunk, once per chunk of its experts); returns
+/// the layer (with expertChunks, once per chunk of its experts); returns
 /// whether it changed the layer's weights (through
 /// Engine::replaceLayerWeights), so that the windows are run through the
 /// changed layer before the next one.

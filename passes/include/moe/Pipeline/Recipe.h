@@ -89,6 +89,7 @@ struct PassOverrides {
   std::optional<QuantizeMethod> method; ///< moe-quantize: another method (rtn for lm_head).
   std::vector<int64_t> experts;         ///< moe-quantize: of the routed experts only these slots; empty: all.
   bool routedOnly = false;              ///< moe-quantize: routed experts only, whatever the targets.
+  std::string codes;                    ///< moe-quantize: take the matrices' codes from this file.
 };
 
 /// The pass of `pass` with its options set from the recipe and `overrides`.

@@ -307,7 +307,10 @@ def MoeQuantize : Pass<"moe-quantize", "::moe::ir::ModelOp"> {
     then moves on (sequential GPTQ, with one layer's moments in memory).
     `experts` limits the routed experts to some slots: under
     `--max-memory`, `moec compress` gathers and quantises a layer's experts
-    a chunk at a time.
+    a chunk at a time. `codes` takes the packed codes of the selected
+    matrices from a file instead (their format still from the options and
+    `moe.bits`/`moe.format`, sizes checked): under `mpirun`, each process of
+    `moec compress` quantises some experts and takes the others' codes so.
 
     ```mlir
     // moe-opt --moe-quantize="bits=4 group=128 sym=false targets=experts,shared"
@@ -338,6 +341,9 @@ def MoeQuantize : Pass<"moe-quantize", "::moe::ir::ModelOp"> {
                "Only the tensors of these decoder layers (-1: those outside layers); empty: all">,
     ListOption<"experts", "experts", "int64_t",
                "Of the routed experts, only these slots (with every part of a split one); empty: all">,
+    Option<"codes", "codes", "std::string", /*default=*/"\"\"",
+           "Take each selected matrix's packed codes from this safetensors file (U8, named by the matrix's "
+           "symbol; what another process of a distributed moec compress quantised) instead of quantising it">,
   ];
   let statistics = [
     Statistic<"tensorsQuantized", "tensors-quantized", "Matrices quantized">,

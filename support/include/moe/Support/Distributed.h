@@ -1,0 +1,38 @@
+//===- Distributed.h - The processes of one job -----------------*- C++ -*-===//
+//
+// Part of moec. `mpirun -n N moec compress ...` runs N processes (ranks) of
+// one job over MPI (Open MPI, optional at build time: MOEC_ENABLE_MPI). This
+// is all moec asks of it: who am I, how many are we, everyone's bytes to
+// everyone, and end the whole job. Launched without mpirun, or built without
+// MPI, a process is a job of one and nothing here talks to anyone.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef MOE_SUPPORT_DISTRIBUTED_H
+#define MOE_SUPPORT_DISTRIBUTED_H
+
+#include "moe/Support/Status.h"
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+namespace moe::distributed {
+
+/// Joins the job when mpirun (or another PMI launcher) started this
+/// process; a build without MPI launched so with more than one process is
+/// refused (each would write the same output on its own).
+Status initialize(int *argc, char ***argv);
+/// This process's rank and the job's size (0 and 1 outside a job).
+int rank();
+int size();
+/// Every rank's `mine`, in rank order; collective: every rank calls it.
+Expected<std::vector<std::vector<uint8_t>>> allGather(std::span<const uint8_t> mine);
+/// Ends every process of the job with `code` (MPI_Abort), or this one.
+[[noreturn]] void abortJob(int code);
+/// Leaves the job (MPI_Finalize) after a successful command.
+void finalize();
+
+} // namespace moe::distributed
+
+#endif // MOE_SUPPORT_DISTRIBUTED_H
