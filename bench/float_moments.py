@@ -3,9 +3,8 @@
 (`moec compress`) of the routed experts at 2, 3 and 4 bits (groups of 64)
 on both fixtures, with the experts' input moments accumulated in double
 (the default) and in float (calibration "moments": "f32", half the memory).
-For each pair: whether the packages are byte-identical, the share of expert
-matrices whose bytes differ, and held-out perplexity and KL divergence
-against the original model (moec eval --compare).
+For each pair: held-out perplexity and KL divergence against the original
+model (moec eval --compare).
 
 Prints one JSON object per line. Usage: bench/float_moments.py BUILD_DIR [TOKENS]
 """
@@ -28,7 +27,6 @@ def main():
             model = os.path.join(DATA, "fixtures", fixture)
             for bits in (4, 3, 2):
                 record = {"fixture": fixture, "bits": bits, "group": 64, "calibration_tokens": tokens}
-                packages = {}
                 for moments in ("f64", "f32"):
                     recipe = os.path.join(work, "r.json")
                     json.dump({"calibration": {"data": calibration, "tokens": tokens, "moments": moments},
@@ -40,10 +38,6 @@ def main():
                     result = json.loads(run(moec, "eval", package, "--data", heldout, "--compare", model, "--json"))
                     record["perplexity_" + moments] = result["perplexity"]
                     record["kl_" + moments] = result["compare"]["kl_mean"]
-                    packages[moments] = open(package, "rb").read()
-                a, b = packages["f64"], packages["f32"]
-                record["identical"] = a == b
-                record["bytes_differing"] = sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
                 record["perplexity_change_percent"] = 100 * (record["perplexity_f32"] / record["perplexity_f64"] - 1)
                 print(json.dumps(record), flush=True)
 

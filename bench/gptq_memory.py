@@ -8,7 +8,13 @@ calibrate-then-quantise pipeline needs). The model is the OLMoE-1B-7B-shaped
 cost, not quality); calibration tokens are random ids.
 
 Prints one JSON object per line.
-Usage: bench/gptq_memory.py BUILD_DIR MODEL_DIR [TOKENS]
+Also, with --max-memory SIZE (repeatable), the same compress under that
+budget (issue 19: layers one at a time, experts loaded on demand, moments a
+chunk of experts at a time), with the package compared byte for byte.
+--only-budgets skips the two unbounded runs (the budget runs then compare
+among themselves).
+
+Usage: bench/gptq_memory.py BUILD_DIR MODEL_DIR [TOKENS] [--max-memory SIZE]... [--only-budgets]
 """
 import json
 import os
@@ -25,8 +31,12 @@ def timed(*args):
 
 
 def main():
-    build, model = sys.argv[1], sys.argv[2]
-    tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 2048
+    args = sys.argv[1:]
+    budgets = [args[i + 1] for i, a in enumerate(args) if a == "--max-memory"]
+    only_budgets = "--only-budgets" in args
+    positional = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or args[i - 1] != "--max-memory")]
+    build, model = positional[0], positional[1]
+    tokens = int(positional[2]) if len(positional) > 2 else 2048
     moec = os.path.join(build, "tools", "moec")
     config = json.load(open(os.path.join(model, "config.json")))
     hidden, width = config["hidden_size"], config["intermediate_size"]
@@ -43,28 +53,38 @@ def main():
         base = {"model": os.path.basename(model.rstrip("/")), "tokens": tokens, "layers": layers,
                 "moments_bytes_per_layer": moments_per_layer}
 
-        rss, seconds = timed(moec, "calibrate", model, "--data", ids, "--tokens", str(tokens), "--input-moments",
-                             "-o", os.path.join(work, "stats.safetensors"))
-        print(json.dumps(dict(base, run="moec calibrate --input-moments (every layer's moments)",
-                              peak_rss_bytes=rss, seconds=seconds)), flush=True)
-        os.remove(os.path.join(work, "stats.safetensors"))
+        if not only_budgets:
+            rss, seconds = timed(moec, "calibrate", model, "--data", ids, "--tokens", str(tokens), "--input-moments",
+                                 "-o", os.path.join(work, "stats.safetensors"))
+            print(json.dumps(dict(base, run="moec calibrate --input-moments (every layer's moments)",
+                                  peak_rss_bytes=rss, seconds=seconds)), flush=True)
+            os.remove(os.path.join(work, "stats.safetensors"))
 
         recipe = os.path.join(work, "gptq.json")
         json.dump({"calibration": {"data": ids, "tokens": tokens},
                    "passes": [{"pass": "moe-quantize", "options": {"method": "gptq", "bits": 4, "group": 128}}]},
                   open(recipe, "w"))
-        summary = os.path.join(work, "summary.json")
-        rss, seconds = timed(moec, "compress", model, "--recipe", recipe, "-o", os.path.join(work, "q.moepkg"),
-                             "--summary", summary)
-        sequential = json.load(open(summary))["passes"][0]["sequential"]
-        matrices = 3 * experts * layers
-        quantize = sum(layer["quantize_seconds"] for layer in sequential["layers"])
-        calibrate = sum(layer["calibrate_seconds"] for layer in sequential["layers"])
-        print(json.dumps(dict(base, run="moec compress, sequential GPTQ q4_g128 (one layer's moments)",
-                              peak_rss_bytes=rss, seconds=seconds, calibrate_seconds=calibrate,
-                              quantize_seconds=quantize, expert_matrices=matrices,
-                              seconds_per_expert_matrix=quantize / matrices)), flush=True)
-
+        reference = None
+        for budget in ([] if only_budgets else [None]) + budgets:
+            summary = os.path.join(work, "summary.json")
+            package = os.path.join(work, "q.moepkg")
+            extra = ["--max-memory", budget] if budget else []
+            rss, seconds = timed(moec, "compress", model, "--recipe", recipe, "-o", package, "--summary", summary,
+                                 *extra)
+            sequential = json.load(open(summary))["passes"][0]["sequential"]
+            matrices = 3 * experts * layers
+            quantize = sum(layer["quantize_seconds"] for layer in sequential["layers"])
+            calibrate = sum(layer["calibrate_seconds"] for layer in sequential["layers"])
+            body = open(package, "rb").read()
+            reference = body if reference is None else reference
+            label = ("moec compress --max-memory %s, sequential GPTQ q4_g128 (a chunk of experts' moments)" % budget
+                     if budget else "moec compress, sequential GPTQ q4_g128 (one layer's moments)")
+            record = dict(base, run=label, peak_rss_bytes=rss, seconds=seconds, calibrate_seconds=calibrate,
+                          quantize_seconds=quantize, expert_matrices=matrices,
+                          seconds_per_expert_matrix=quantize / matrices, same_package=body == reference)
+            if "memory_plan" in sequential:
+                record["memory_plan"] = sequential["memory_plan"]
+            print(json.dumps(record), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -205,8 +205,10 @@ Expected<CalibrationRun> prepareCalibration(ir::ModelOp model, const Recipe &rec
 /// and its inverse factor; W, its permutation and Q). Per expert of the
 /// chunk: its moments (and rows waiting to be added) and its weights in the
 /// expert cache, counted at 4 bytes a parameter (f32, an upper bound of
-/// what the engine converts to). Estimates, not a hard limit: the summary
-/// reports the peak measured.
+/// what the engine converts to). These are estimates, so the plan fills
+/// 90% of the budget: the rest is for what it does not count (allocator
+/// slack, the statistics file's pages while the pass reads them). The
+/// summary reports the peak measured.
 struct ChunkPlan {
   uint64_t budget = 0, heldAtStart = 0, expertCacheBytes = 0;
   std::map<int64_t, int64_t> expertsPerChunk; ///< By MoE layer.
@@ -228,6 +230,7 @@ struct ChunkPlan {
     };
     ChunkPlan plan;
     plan.budget = budget;
+    const uint64_t fill = budget / 10 * 9;
     plan.heldAtStart = held;
     for (int64_t l = 0; l < spec.numLayers; ++l) {
       const LayerSpec &layer = spec.layers[static_cast<size_t>(l)];
@@ -250,15 +253,15 @@ struct ChunkPlan {
                              static_cast<uint64_t>(replayTokens) * H * 4 +
                              threads * std::max(gptqWork(width, H), gptqWork(H, width));
       const uint64_t perExpert = moments + expertWeights;
-      if (fixed + perExpert > budget)
+      if (fixed + perExpert > fill)
         return Status::error("--max-memory ", formatBytes(static_cast<double>(budget)), " is too small for layer ", l,
                              ": the run holds ", formatBytes(static_cast<double>(held)),
                              " already, and quantising one expert at a time needs about ",
                              formatBytes(static_cast<double>(fixed + perExpert - held)),
                              " more (the layer, GPTQ's working set on ", threads, " threads, one expert's weights and ",
                              options.floatMoments ? "float" : "double", " moments); give at least ",
-                             formatBytes(static_cast<double>(fixed + perExpert) * 1.05));
-      const int64_t fit = static_cast<int64_t>((budget - fixed) / perExpert);
+                             formatBytes(static_cast<double>(fixed + perExpert) / 0.9));
+      const int64_t fit = static_cast<int64_t>((fill - fixed) / perExpert);
       int64_t chunk = std::min<int64_t>(fit, static_cast<int64_t>(entry.experts.size()));
       if (chunkLimit > 0)
         chunk = std::min(chunk, chunkLimit);
