@@ -458,13 +458,18 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
     observer->onRouter(layer.index, tokens, routing.logits, routing.chosen, routing.weights, w.routing.remap);
   const std::vector<std::vector<int32_t>> &tokensOf = routing.tokensOf;
   const std::vector<std::vector<float>> &weightsOf = routing.weightsOf;
-  // Offloaded experts: the ones this block runs, from the cache (held
-  // until the block is done).
+  // Offloaded experts: the ones this block runs, from the cache. Decode
+  // (one token) holds its few until the block is done; longer blocks take
+  // each one as its turn comes and let it go after, so a block never holds
+  // more than the cache (plus the expert running) however many it routes to.
   const bool allExperts = observer && observer->computeAllExperts();
+  const bool decode = tokens == 1 && !observer;
   auto runs = [&](int64_t e) { return !observer || observer->runsExpert(layer.index, e); };
   std::vector<std::shared_ptr<const MlpWeights>> held;
+  std::vector<bool> toLoad;
   if (cache) {
     held.resize(static_cast<size_t>(slots));
+    toLoad.assign(static_cast<size_t>(slots), false);
     // HOBBIT: a missing expert that no token leans on (its share of each
     // token's routing weight below the threshold) runs from its low-bit
     // copy instead of being loaded.
@@ -489,12 +494,29 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
             continue;
           }
         }
+        toLoad[static_cast<size_t>(e)] = true;
+        if (!decode)
+          continue;
         Expected<std::shared_ptr<const MlpWeights>> loaded = cache->get(layer.index, e);
         if (!loaded)
           return loaded.status();
         held[static_cast<size_t>(e)] = loaded.take();
       }
   }
+  // A longer block's expert `e`, loaded for its turn; release() after.
+  auto take = [&](int64_t e) -> Status {
+    if (!cache || !toLoad[static_cast<size_t>(e)] || held[static_cast<size_t>(e)])
+      return Status::success();
+    Expected<std::shared_ptr<const MlpWeights>> loaded = cache->get(layer.index, e);
+    if (!loaded)
+      return loaded.status();
+    held[static_cast<size_t>(e)] = loaded.take();
+    return Status::success();
+  };
+  auto release = [&](int64_t e) {
+    if (cache)
+      held[static_cast<size_t>(e)].reset();
+  };
   auto expert = [&](int64_t e) -> const MlpWeights & {
     return cache ? *held[static_cast<size_t>(e)] : w.experts[static_cast<size_t>(e)];
   };
@@ -505,7 +527,7 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
     hooks.counters->routedTokens += tokens;
     hooks.counters->expertCalls += calls;
   }
-  if (tokens == 1 && !observer) {
+  if (decode) {
     // Decode: the chosen experts and the shared expert together.
     thread_local std::vector<std::pair<const MlpWeights *, float>> perThread;
     std::vector<std::pair<const MlpWeights *, float>> &mlps = perThread;
@@ -533,8 +555,10 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
     if (!runs(e))
       continue;
     if (allExperts) {
+      MOE_RETURN_IF_ERROR(take(e));
       output.resize(static_cast<size_t>(tokens * H));
       swiglu(expert(e), x, tokens, intermediate, output.data());
+      release(e);
       observer->onExpert(layer.index, e, everyToken, std::span<const float>(x, tokens * H), intermediate, output);
       for (size_t r = 0; r < routed.size(); ++r) {
         float weight = weightsOf[e][r];
@@ -552,7 +576,9 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
     for (int64_t r = 0; r < n; ++r)
       std::copy_n(x + routed[r] * H, H, input.data() + r * H);
     output.resize(static_cast<size_t>(n * H));
+    MOE_RETURN_IF_ERROR(take(e));
     swiglu(expert(e), input.data(), n, intermediate, output.data());
+    release(e);
     if (observer)
       observer->onExpert(layer.index, e, routed, input, intermediate, output);
     for (int64_t r = 0; r < n; ++r) {

@@ -58,47 +58,43 @@ Status initialize(int *argc, char ***argv) {
 int rank() { return jobRank; }
 int size() { return jobSize; }
 
-Expected<std::vector<std::vector<uint8_t>>> allGather(std::span<const uint8_t> mine) {
+Status broadcastEach(std::span<const uint8_t> mine, const std::function<Status(int, std::span<const uint8_t>)> &take) {
   if (jobSize == 1)
-    return std::vector<std::vector<uint8_t>>{std::vector<uint8_t>(mine.begin(), mine.end())};
+    return take(0, mine);
 #ifdef MOEC_HAVE_MPI
-  // Sizes first, then the bytes; counts are ints, so large payloads go in
-  // pieces of at most 1 GiB per rank.
-  const unsigned long long count = mine.size();
-  std::vector<unsigned long long> counts(static_cast<size_t>(jobSize));
-  if (MPI_Allgather(&count, 1, MPI_UNSIGNED_LONG_LONG, counts.data(), 1, MPI_UNSIGNED_LONG_LONG, MPI_COMM_WORLD) !=
-      MPI_SUCCESS)
-    return Status::error("MPI_Allgather of sizes failed");
-  std::vector<std::vector<uint8_t>> all(static_cast<size_t>(jobSize));
-  unsigned long long longest = 0;
-  for (int r = 0; r < jobSize; ++r) {
-    all[static_cast<size_t>(r)].resize(static_cast<size_t>(counts[static_cast<size_t>(r)]));
-    longest = std::max(longest, counts[static_cast<size_t>(r)]);
-  }
-  constexpr unsigned long long kPiece = 1ull << 30;
-  std::vector<uint8_t> receive;
-  for (unsigned long long offset = 0; offset < longest; offset += kPiece) {
-    std::vector<int> pieceCounts(static_cast<size_t>(jobSize)), displacements(static_cast<size_t>(jobSize));
-    int total = 0;
-    for (int r = 0; r < jobSize; ++r) {
-      const unsigned long long have = counts[static_cast<size_t>(r)];
-      pieceCounts[static_cast<size_t>(r)] = static_cast<int>(have > offset ? std::min(kPiece, have - offset) : 0);
-      displacements[static_cast<size_t>(r)] = total;
-      total += pieceCounts[static_cast<size_t>(r)];
+  std::vector<uint8_t> theirs;
+  for (int root = 0; root < jobSize; ++root) {
+    unsigned long long count = root == jobRank ? mine.size() : 0;
+    if (MPI_Bcast(&count, 1, MPI_UNSIGNED_LONG_LONG, root, MPI_COMM_WORLD) != MPI_SUCCESS)
+      return Status::error("MPI_Bcast of a size from rank ", root, " failed");
+    uint8_t *data = nullptr;
+    if (root == jobRank) {
+      data = const_cast<uint8_t *>(mine.data()); // only sent from
+    } else {
+      theirs.resize(static_cast<size_t>(count));
+      data = theirs.data();
     }
-    receive.resize(static_cast<size_t>(total));
-    const int send = pieceCounts[static_cast<size_t>(jobRank)];
-    if (MPI_Allgatherv(send > 0 ? mine.data() + offset : nullptr, send, MPI_BYTE, receive.data(), pieceCounts.data(),
-                       displacements.data(), MPI_BYTE, MPI_COMM_WORLD) != MPI_SUCCESS)
-      return Status::error("MPI_Allgatherv failed");
-    for (int r = 0; r < jobSize; ++r)
-      std::copy_n(receive.data() + displacements[static_cast<size_t>(r)], pieceCounts[static_cast<size_t>(r)],
-                  all[static_cast<size_t>(r)].data() + offset);
+    // Counts are ints: pieces of at most 1 GiB.
+    constexpr unsigned long long kPiece = 1ull << 30;
+    for (unsigned long long offset = 0; offset < count; offset += kPiece) {
+      const int piece = static_cast<int>(std::min(kPiece, count - offset));
+      if (MPI_Bcast(data + offset, piece, MPI_BYTE, root, MPI_COMM_WORLD) != MPI_SUCCESS)
+        return Status::error("MPI_Bcast from rank ", root, " failed");
+    }
+    MOE_RETURN_IF_ERROR(take(root, root == jobRank ? mine : std::span<const uint8_t>(theirs.data(), count)));
   }
-  return all;
+  return Status::success();
 #else
-  return Status::error("allGather: a job of more than one process without MPI");
+  return Status::error("broadcastEach: a job of more than one process without MPI");
 #endif
+}
+
+Status barrier() {
+#ifdef MOEC_HAVE_MPI
+  if (joined && jobSize > 1 && MPI_Barrier(MPI_COMM_WORLD) != MPI_SUCCESS)
+    return Status::error("MPI_Barrier failed");
+#endif
+  return Status::success();
 }
 
 void abortJob(int code) {

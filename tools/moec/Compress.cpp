@@ -35,7 +35,7 @@ int runCompress(CompressOptions &options) {
   registerPassesOnce();
   if (!options.maxMemory.empty()) {
     std::optional<double> bytes = parseByteSize(options.maxMemory);
-    if (!bytes) {
+    if (!bytes || *bytes < 1) {
       printError("--max-memory '" + options.maxMemory + "': expected a size such as 16G or 512M");
       return 1;
     }

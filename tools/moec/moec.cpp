@@ -102,8 +102,11 @@ int main(int argc, char **argv) {
   moe::setThreadCount(threads);
   for (moe::cli::Command &command : commands)
     if (command.app->parsed()) {
-      if (moe::distributed::size() == 1)
-        return command.run();
+      if (moe::distributed::size() == 1) {
+        const int code = command.run();
+        moe::distributed::finalize(); // (mpirun -n 1)
+        return code;
+      }
       // A distributed job: compress spreads its GPTQ over the ranks; rank 0
       // alone prints and writes. A rank that fails ends every rank, so no
       // output is left half made.
@@ -116,13 +119,14 @@ int main(int argc, char **argv) {
       if (moe::distributed::rank() != 0)
         moe::setProgressMode(moe::ProgressMode::Never);
       const int code = command.run();
-      if (code != 0) {
+      // Rank 0's failed quality gate (3) comes after everything is written.
+      if (code != 0 && !(code == 3 && moe::distributed::rank() == 0)) {
         std::fprintf(stderr, "moec: rank %d of %d failed (exit %d); ending the job\n", moe::distributed::rank(),
                      moe::distributed::size(), code);
         moe::distributed::abortJob(code);
       }
       moe::distributed::finalize();
-      return 0;
+      return code;
     }
   return 2;
 }

@@ -201,8 +201,10 @@ Expected<CalibrationRun> prepareCalibration(ir::ModelOp model, const Recipe &rec
 /// the layer without its routed experts and its dense moments (GPTQ of
 /// attention or shared experts), one replay of the residual stream, and
 /// GPTQ's working set (per thread, four cols x cols and three rows x cols
-/// doubles of the largest matrix: the Hessian as read, damped, permuted
-/// and its inverse factor; W, its permutation and Q). Per expert of the
+/// doubles of the largest matrix it quantises, attention's included when
+/// targeted: the Hessian as read, damped, permuted and its inverse factor;
+/// W, its permutation and Q), and under MPI the codes being swapped. Per
+/// expert of the
 /// chunk: its moments (and rows waiting to be added) and its weights in the
 /// expert cache, counted at 4 bytes a parameter (f32, an upper bound of
 /// what the engine converts to). These are estimates, so the plan fills
@@ -215,7 +217,7 @@ struct ChunkPlan {
 
   static Expected<ChunkPlan> make(const ModelDescription &description, uint64_t budget, uint64_t held,
                                   const CalibrationOptions &options, bool denseMoments, int64_t replayTokens,
-                                  int64_t chunkLimit) {
+                                  int64_t chunkLimit, int ranks) {
     const ModelSpec &spec = description.spec;
     const uint64_t H = static_cast<uint64_t>(spec.hiddenSize);
     const uint64_t threads = std::max<uint64_t>(1, threadCount());
@@ -238,8 +240,13 @@ struct ChunkPlan {
         continue;
       const LayerEntry &entry = description.layers[static_cast<size_t>(l)];
       uint64_t rest = 0, expertWeights = 0, width = 0;
-      for (const auto &[role, tensor] : entry.tensors)
+      uint64_t gptq = 0; // per thread, the largest matrix GPTQ runs on
+      for (const auto &[role, tensor] : entry.tensors) {
         rest += 4 * elements(tensor);
+        if (denseMoments && tensor.shape.size() == 2)
+          gptq =
+              std::max(gptq, gptqWork(static_cast<uint64_t>(tensor.shape[0]), static_cast<uint64_t>(tensor.shape[1])));
+      }
       for (const ExpertEntry &expert : entry.experts) {
         uint64_t bytes = 4 * (elements(expert.gate) + elements(expert.up) + elements(expert.down));
         for (const ExpertPart &part : expert.moreParts)
@@ -249,9 +256,12 @@ struct ChunkPlan {
       }
       const uint64_t moments = expertMomentBytes(spec, l, options.floatMoments) +
                                kMomentFlushRows * (H + width) * (options.floatMoments ? 4 : 8); // rows waiting
+      gptq = std::max({gptq, gptqWork(width, H), gptqWork(H, width)});
+      // A distributed run swaps codes one rank's share at a time: its own,
+      // one received and the file the pass reads (8-bit codes at most).
+      const uint64_t share = (entry.experts.size() + ranks - 1) / ranks * expertWeights / 4 * 17 / 16;
       const uint64_t fixed = held + rest + (denseMoments ? denseMomentBytes(spec, l) : 0) +
-                             static_cast<uint64_t>(replayTokens) * H * 4 +
-                             threads * std::max(gptqWork(width, H), gptqWork(H, width));
+                             static_cast<uint64_t>(replayTokens) * H * 4 + threads * gptq + (ranks > 1 ? 3 * share : 0);
       const uint64_t perExpert = moments + expertWeights;
       if (fixed + perExpert > fill)
         return Status::error("--max-memory ", formatBytes(static_cast<double>(budget)), " is too small for layer ", l,
@@ -284,16 +294,18 @@ struct ChunkPlan {
 
 /// A distributed run's swap after layer `layer`: each rank sends the codes
 /// of the expert matrices it quantised (by IR symbol, as the module stores
-/// them) with its RTN fallbacks, and takes every other rank's codes into
-/// its module through moe-quantize{codes=...} (the same attributes and
-/// store keys as quantising them itself). Returns the fallbacks of all
+/// them) with its RTN fallbacks to every other (one rank's share at a time),
+/// and takes each other rank's codes into its module through
+/// moe-quantize{codes=...} (the same attributes and store keys as
+/// quantising them itself). Returns the fallbacks of all
 /// ranks in slot order and the least coverage.
 Expected<json> exchangeLayerCodes(mlir::MLIRContext &context, mlir::ModuleOp module, ir::ModelOp model,
                                   const Recipe &recipe, const RecipePass &pass, const std::string &work, int64_t layer,
                                   const std::function<std::pair<int64_t, int64_t>(int64_t, int)> &rankRange,
                                   const json &fallbacks, double leastCoverage) {
   // Tests make one rank fail here: the job must end with no output.
-  if (const char *failing = std::getenv("MOEC_TEST_FAIL_RANK"); failing && std::atoi(failing) == distributed::rank())
+  if (const char *failing = std::getenv("MOEC_TEST_FAIL_RANK");
+      failing && std::string(failing) == std::to_string(distributed::rank()))
     return Status::error("rank ", distributed::rank(), " failed on purpose (MOEC_TEST_FAIL_RANK)");
   Expected<ModelDescription> description = lowerToDescription(model, "");
   if (!description)
@@ -328,18 +340,11 @@ Expected<json> exchangeLayerCodes(mlir::MLIRContext &context, mlir::ModuleOp mod
   mine.insert(mine.end(), text.begin(), text.end());
   mine.insert(mine.end(), codes.begin(), codes.end());
   codes = std::vector<uint8_t>();
-  Expected<std::vector<std::vector<uint8_t>>> all = distributed::allGather(mine);
-  if (!all)
-    return all.status();
-  mine = std::vector<uint8_t>();
-
-  // Theirs: into one codes file for the pass; fallbacks in rank order.
+  // Theirs, one rank at a time: into a codes file for the pass; the
+  // fallbacks of every rank in rank (so slot) order.
   json merged = {{"fallbacks", json::array()}, {"least_coverage", 1.0}};
-  SafetensorsWriter writer;
-  PassOverrides overrides{"", layer, {}};
-  overrides.routedOnly = true;
-  for (int r = 0; r < static_cast<int>(all->size()); ++r) {
-    const std::vector<uint8_t> &bytes = (*all)[static_cast<size_t>(r)];
+  const std::string codesPath = work + "/layer-codes.safetensors";
+  MOE_RETURN_IF_ERROR(distributed::broadcastEach(mine, [&](int r, std::span<const uint8_t> bytes) -> Status {
     uint64_t size = 0;
     if (bytes.size() >= 8)
       std::memcpy(&size, bytes.data(), 8);
@@ -347,13 +352,17 @@ Expected<json> exchangeLayerCodes(mlir::MLIRContext &context, mlir::ModuleOp mod
       return Status::error("rank ", r, " sent a malformed layer record");
     const json theirs =
         json::parse(bytes.begin() + 8, bytes.begin() + 8 + static_cast<std::ptrdiff_t>(size), nullptr, false);
-    if (theirs.is_discarded() || !theirs.contains("tensors"))
+    if (theirs.is_discarded() || !theirs.contains("tensors") || !theirs.contains("fallbacks"))
       return Status::error("rank ", r, " sent a malformed layer record");
     for (const json &slot : theirs["fallbacks"])
       merged["fallbacks"].push_back(slot);
     merged["least_coverage"] = std::min(merged["least_coverage"].get<double>(), theirs["least_coverage"].get<double>());
     if (r == distributed::rank())
-      continue;
+      return Status::success();
+    SafetensorsWriter writer;
+    PassOverrides overrides{"", layer, {}};
+    overrides.routedOnly = true;
+    overrides.codes = codesPath;
     const auto [theirFirst, theirEnd] = rankRange(count, r);
     for (int64_t slot = theirFirst; slot < theirEnd; ++slot)
       overrides.experts.push_back(slot);
@@ -362,20 +371,16 @@ Expected<json> exchangeLayerCodes(mlir::MLIRContext &context, mlir::ModuleOp mod
       const uint64_t tensorSize = tensor["size"].get<uint64_t>();
       if (tensorSize > bytes.size() - offset)
         return Status::error("rank ", r, " sent fewer codes than its record lists");
-      MOE_RETURN_IF_ERROR(
-          writer.addTensor(tensor["symbol"].get<std::string>(), DType::U8, {static_cast<int64_t>(tensorSize)},
-                           std::vector<uint8_t>(bytes.begin() + static_cast<std::ptrdiff_t>(offset),
-                                                bytes.begin() + static_cast<std::ptrdiff_t>(offset + tensorSize))));
+      MOE_RETURN_IF_ERROR(writer.addTensorView(tensor["symbol"].get<std::string>(), DType::U8,
+                                               {static_cast<int64_t>(tensorSize)}, bytes.subspan(offset, tensorSize)));
       offset += tensorSize;
     }
-  }
-  all = std::vector<std::vector<uint8_t>>();
-  overrides.codes = work + "/layer-codes.safetensors";
-  MOE_RETURN_IF_ERROR(writer.write(overrides.codes));
-  Status status = runPass(context, module, buildRecipePass(recipe, pass, overrides));
-  std::error_code ignored;
-  std::filesystem::remove(overrides.codes, ignored);
-  MOE_RETURN_IF_ERROR(status);
+    MOE_RETURN_IF_ERROR(writer.write(codesPath));
+    Status status = runPass(context, module, buildRecipePass(recipe, pass, overrides));
+    std::error_code ignored;
+    std::filesystem::remove(codesPath, ignored);
+    return status;
+  }));
   return merged;
 }
 
@@ -435,12 +440,14 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
           return description.status();
         Expected<ChunkPlan> made =
             ChunkPlan::make(*description, maxMemory > 0 ? maxMemory : UINT64_MAX / 4, currentResidentBytes(),
-                            calibration, pass.quantizesDenseMoments, replayTokens, chunkLimit);
+                            calibration, pass.quantizesDenseMoments, replayTokens, chunkLimit, ranks);
         if (!made)
           return made.status();
         plan = made.take();
         MOE_RETURN_IF_ERROR(engine.setExpertCacheBytes(std::max<uint64_t>(plan->expertCacheBytes, 1)));
       }
+      if (!pass.quantizesExperts)
+        return CalibrationOptions::ExpertChunks{}; // nothing to split: the layer at once, every rank
       const int64_t experts = engine.spec().layers[static_cast<size_t>(layer)].numExperts;
       if (experts < ranks)
         return Status::error("layer ", layer, " has ", experts, " experts, fewer than the ", ranks,
@@ -501,7 +508,8 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
       overrides.routedOnly = stats.chunk > 0;
     }
     const int64_t chunks = stats.chunks;
-    stats = CalibrationResult(); // the moments now live only in the file
+    const bool someExperts = stats.momentEnd >= 0; // chunked: this rank's experts (a swap follows)
+    stats = CalibrationResult();                   // the moments now live only in the file
     Status status = runPass(context, module, buildRecipePass(recipe, pass, overrides));
     std::error_code ignored;
     std::filesystem::remove(statsPath, ignored);
@@ -512,7 +520,7 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
       layerStart = std::chrono::steady_clock::now();
       return false; // the windows pass the layer once every chunk is quantised
     }
-    if (ranks > 1) {
+    if (ranks > 1 && someExperts) {
       // The other ranks' experts of this layer: their codes, and their
       // RTN fallbacks for the summary, in rank (so slot) order.
       Expected<json> others =
@@ -1004,12 +1012,18 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
     MOE_RETURN_IF_ERROR(saveState(i + 1, 0, passes, json::array()));
   }
   summary["passes"] = passes;
-  if (distributed::rank() != 0) {
-    // A distributed run: rank 0 alone writes (and evaluates); the others
-    // end here, their work in its module.
-    cleanup.keep = false;
-    out.summary = summary;
-    return out;
+  if (distributed::size() > 1) {
+    // A distributed run: rank 0 alone writes (and evaluates), once every
+    // rank got here (a rank that failed ends the job instead).
+    if (const char *failing = std::getenv("MOEC_TEST_FAIL_RANK");
+        failing && std::string(failing) == concat(distributed::rank(), ":end"))
+      return Status::error("rank ", distributed::rank(), " failed on purpose at the end (MOEC_TEST_FAIL_RANK)");
+    MOE_RETURN_IF_ERROR(distributed::barrier());
+    if (distributed::rank() != 0) {
+      cleanup.keep = false;
+      out.summary = summary;
+      return out;
+    }
   }
 
   progress.step("emitting " + options.output);

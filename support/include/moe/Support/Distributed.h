@@ -14,6 +14,7 @@
 #include "moe/Support/Status.h"
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <vector>
 
@@ -26,8 +27,14 @@ Status initialize(int *argc, char ***argv);
 /// This process's rank and the job's size (0 and 1 outside a job).
 int rank();
 int size();
-/// Every rank's `mine`, in rank order; collective: every rank calls it.
-Expected<std::vector<std::vector<uint8_t>>> allGather(std::span<const uint8_t> mine);
+/// Every rank's `mine`, one rank at a time in rank order (a broadcast from
+/// each): `take(rank, bytes)` sees each, its own too, and the bytes live
+/// only during the call, so one rank's share is held at a time.
+/// Collective: every rank calls it. `take`'s error is returned.
+Status broadcastEach(std::span<const uint8_t> mine, const std::function<Status(int, std::span<const uint8_t>)> &take);
+/// Waits for every rank (collective): a rank that failed before ends the
+/// job instead.
+Status barrier();
 /// Ends every process of the job with `code` (MPI_Abort), or this one.
 [[noreturn]] void abortJob(int code);
 /// Leaves the job (MPI_Finalize) after a successful command.
