@@ -9,3 +9,11 @@ DATA = os.path.join(HERE, "..", "tests", "data")
 
 def run(*args):
     return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+
+# The bundled Brown text (held-out and calibration splits) and fixtures.
+HELDOUT = os.path.join(DATA, "brown", "heldout.jsonl")
+CALIBRATION = os.path.join(DATA, "brown", "calibration.jsonl")
+
+
+def fixture_dir(name):
+    return os.path.join(DATA, "fixtures", name)

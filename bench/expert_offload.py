@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 
-from benchlib import DATA, run
+from benchlib import HELDOUT, fixture_dir, run
 
 
 def main():
@@ -28,10 +28,10 @@ def main():
     args = parser.parse_args()
     moec = os.path.join(args.build, "tools", "moec")
     throughput = os.path.join(args.build, "bench", "engine_throughput")
-    heldout = os.path.join(DATA, "brown", "heldout.jsonl")
+    heldout = HELDOUT
     with tempfile.TemporaryDirectory() as work:
         for fixture in args.fixtures.split(","):
-            model = os.path.join(DATA, "fixtures", fixture)
+            model = fixture_dir(fixture)
             config = json.load(open(os.path.join(model, "config.json")))
             width = config.get("moe_intermediate_size") or config["intermediate_size"]
             expert_bytes = 3 * config["hidden_size"] * width * 2  # bf16

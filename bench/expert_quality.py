@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import DATA, run
+from benchlib import HELDOUT, CALIBRATION, fixture_dir, run
 
 FICTION = {"general-fiction", "mystery", "science-fiction", "adventure", "romance", "humour"}
 
@@ -56,8 +56,8 @@ def main():
     parser.add_argument("--fixtures", default="tiny-mixtral,tiny-deepseek")
     args = parser.parse_args()
     moec = os.path.join(args.build, "tools", "moec")
-    heldout = os.path.join(DATA, "brown", "heldout.jsonl")
-    calibration = os.path.join(DATA, "brown", "calibration.jsonl")
+    heldout = HELDOUT
+    calibration = CALIBRATION
     results = []
     with tempfile.TemporaryDirectory() as work:
         def evaluate(model, data=heldout):
@@ -72,7 +72,7 @@ def main():
         write_subset(calibration, fiction_cal, lambda d: d in FICTION)
         write_subset(heldout, fiction_heldout, lambda d: d in FICTION)
         for fixture in args.fixtures.split(","):
-            model = os.path.join(DATA, "fixtures", fixture)
+            model = fixture_dir(fixture)
             stats = os.path.join(work, fixture + ".stats.safetensors")
             start = time.time()
             run(moec, "calibrate", model, "--data", calibration, "--block-samples", "2048", "--gradients",

@@ -15,7 +15,7 @@ import re
 import tempfile
 import time
 
-from benchlib import DATA, run
+from benchlib import HELDOUT, CALIBRATION, fixture_dir, run
 
 
 def main():
@@ -28,11 +28,11 @@ def main():
     parser.add_argument("--seed", type=int, default=11450)
     args = parser.parse_args()
     moec = os.path.join(args.build, "tools", "moec")
-    calibration = os.path.join(DATA, "brown", "calibration.jsonl")
-    heldout = os.path.join(DATA, "brown", "heldout.jsonl")
+    calibration = CALIBRATION
+    heldout = HELDOUT
     with tempfile.TemporaryDirectory() as work:
         for fixture in args.fixtures.split(","):
-            model = os.path.join(DATA, "fixtures", fixture)
+            model = fixture_dir(fixture)
             for ratio in args.ratios.split(","):
                 recipe = os.path.join(work, f"{fixture}-{ratio}.json")
                 start = time.time()

@@ -13,18 +13,18 @@ import os
 import sys
 import tempfile
 
-from benchlib import DATA, run
+from benchlib import HELDOUT, CALIBRATION, fixture_dir, run
 
 
 def main():
     build = sys.argv[1] if len(sys.argv) > 1 else "build"
     tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 16384
     moec = os.path.join(build, "tools", "moec")
-    heldout = os.path.join(DATA, "brown", "heldout.jsonl")
-    calibration = os.path.join(DATA, "brown", "calibration.jsonl")
+    heldout = HELDOUT
+    calibration = CALIBRATION
     with tempfile.TemporaryDirectory() as work:
         for fixture in ("tiny-mixtral", "tiny-deepseek"):
-            model = os.path.join(DATA, "fixtures", fixture)
+            model = fixture_dir(fixture)
             for bits in (4, 3, 2):
                 record = {"fixture": fixture, "bits": bits, "group": 64, "calibration_tokens": tokens}
                 for moments in ("f64", "f32"):

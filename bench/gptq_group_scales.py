@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 
-from benchlib import DATA, run
+from benchlib import HELDOUT, CALIBRATION, fixture_dir, run
 
 
 def main():
@@ -27,11 +27,11 @@ def main():
     args = parser.parse_args()
     build = args.build
     moec = os.path.join(build, "tools", "moec")
-    heldout = os.path.join(DATA, "brown", "heldout.jsonl")
-    calibration = os.path.join(DATA, "brown", "calibration.jsonl")
+    heldout = HELDOUT
+    calibration = CALIBRATION
     with tempfile.TemporaryDirectory() as work:
         for fixture in ("tiny-mixtral", "tiny-deepseek"):
-            model = os.path.join(DATA, "fixtures", fixture)
+            model = fixture_dir(fixture)
             stats = os.path.join(work, fixture + ".stats.safetensors")
             run(moec, "calibrate", model, "--data", calibration, "--input-moments", "-o", stats, "--quiet")
             module = os.path.join(work, fixture + ".mlir")

@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 
-from benchlib import DATA, run
+from benchlib import HELDOUT, CALIBRATION, fixture_dir, run
 
 
 PIPELINES = [
@@ -31,12 +31,12 @@ PIPELINES = [
 def main():
     build = sys.argv[1] if len(sys.argv) > 1 else "build"
     moec = os.path.join(build, "tools", "moec")
-    heldout = os.path.join(DATA, "brown", "heldout.jsonl")
+    heldout = HELDOUT
     with tempfile.TemporaryDirectory() as work:
         for fixture in ("tiny-mixtral", "tiny-deepseek"):
-            model = os.path.join(DATA, "fixtures", fixture)
+            model = fixture_dir(fixture)
             stats = os.path.join(work, fixture + ".stats.safetensors")
-            run(moec, "calibrate", model, "--data", os.path.join(DATA, "brown", "calibration.jsonl"),
+            run(moec, "calibrate", model, "--data", CALIBRATION,
                 "--block-samples", "2048", "-o", stats)
             module = os.path.join(work, fixture + ".mlir")
             run(moec, "import", model, "-o", module)

@@ -19,21 +19,21 @@ import sys
 import tempfile
 import time
 
-from benchlib import DATA, run
+from benchlib import HELDOUT, CALIBRATION, fixture_dir, run
 
 
 def main():
     build = sys.argv[1] if len(sys.argv) > 1 else "build"
     moec = os.path.join(build, "tools", "moec")
-    heldout = os.path.join(DATA, "brown", "heldout.jsonl")
-    calibration = os.path.join(DATA, "brown", "calibration.jsonl")
+    heldout = HELDOUT
+    calibration = CALIBRATION
 
     def evaluate(model):
         return json.loads(run(moec, "eval", model, "--data", heldout, "--json"))["perplexity"]
 
     with tempfile.TemporaryDirectory() as work:
         for fixture in ("tiny-mixtral", "tiny-deepseek"):
-            model = os.path.join(DATA, "fixtures", fixture)
+            model = fixture_dir(fixture)
             stats = os.path.join(work, fixture + ".stats.safetensors")
             start = time.time()
             run(moec, "calibrate", model, "--data", calibration, "--input-moments", "--block-samples", "2048",

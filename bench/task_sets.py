@@ -20,7 +20,7 @@ import json
 import os
 import tempfile
 
-from benchlib import DATA, run
+from benchlib import DATA, CALIBRATION, fixture_dir, run
 
 TASKS = {
     "press": {"press-reportage", "press-editorial", "press-reviews"},
@@ -49,7 +49,7 @@ def main():
             return json.loads(run(moec, "eval", model, "--data", data, "--json", *extra))
 
         for fixture in args.fixtures.split(","):
-            model = os.path.join(DATA, "fixtures", fixture)
+            model = fixture_dir(fixture)
             original = {t: evaluate(model, os.path.join(work, t + "-heldout.jsonl"))["perplexity"] for t in TASKS}
             print(json.dumps({"fixture": fixture, "method": "original", "perplexity": original}), flush=True)
             for method in args.methods.split(","):
@@ -57,7 +57,7 @@ def main():
                     prune = {"pass": "moe-prune-experts", "options": {"method": method, "ratio": ratio}}
                     tasks = dict(prune, tasks=[{"name": t, "data": os.path.join(work, t + "-calibration.jsonl")}
                                                for t in TASKS])
-                    generic = {"calibration": {"data": os.path.join(DATA, "brown", "calibration.jsonl")},
+                    generic = {"calibration": {"data": CALIBRATION},
                                "passes": [prune]}
                     paths = {}
                     for label, recipe in (("tasks", {"passes": [tasks]}), ("generic", generic)):
