@@ -85,15 +85,11 @@ public:
           // An expert never run has zero moments (of its recorded width).
           const size_t I = stats.neuronSquareSum[e].size();
           if (options.floatMoments) {
-            stats.inputMomentsF32[e].resize(H * H, 0.0f);
-            stats.intermediateMomentsF32[e].resize(I * I, 0.0f);
-            symmetrize(stats.inputMomentsF32[e]);
-            symmetrize(stats.intermediateMomentsF32[e]);
+            complete(stats.inputMomentsF32[e], H);
+            complete(stats.intermediateMomentsF32[e], I);
           } else {
-            stats.inputMoments[e].resize(H * H, 0.0);
-            stats.intermediateMoments[e].resize(I * I, 0.0);
-            symmetrize(stats.inputMoments[e]);
-            symmetrize(stats.intermediateMoments[e]);
+            complete(stats.inputMoments[e], H);
+            complete(stats.intermediateMoments[e], I);
           }
         }
         pending.erase(layer);
@@ -300,6 +296,13 @@ public:
     else
       cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, static_cast<int>(width), static_cast<int>(n), 1.0f,
                   rows.data(), static_cast<int>(width), 1.0f, target.data(), static_cast<int>(width));
+  }
+
+  /// Moments of `width` made whole: zeros if nothing was added, then the
+  /// lower triangle filled.
+  template <typename T> static void complete(std::vector<T> &m, size_t width) {
+    m.resize(width * width, T(0));
+    symmetrize(m);
   }
 
   /// Copies the upper triangle to the lower (the rank-k updates fill only the upper).

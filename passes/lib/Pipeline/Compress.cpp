@@ -221,12 +221,7 @@ struct ChunkPlan {
     const ModelSpec &spec = description.spec;
     const uint64_t H = static_cast<uint64_t>(spec.hiddenSize);
     const uint64_t threads = std::max<uint64_t>(1, threadCount());
-    auto elements = [](const TensorRef &tensor) {
-      uint64_t count = 1;
-      for (int64_t size : tensor.shape)
-        count *= static_cast<uint64_t>(size);
-      return count;
-    };
+    auto elements = [](const TensorRef &tensor) { return static_cast<uint64_t>(numElements(tensor.shape)); };
     auto gptqWork = [](uint64_t rows, uint64_t cols) {
       return (4 * cols * cols + 3 * rows * cols) * 8 + rows * cols * 4;
     };
