@@ -13,6 +13,7 @@
 #include "moe/Frontend/ModelSummary.h"
 #include "moe/Runtime/Model.h"
 
+#include "moe/Runtime/Device.h"
 #include "moe/Runtime/Evaluate.h"
 #include "moe/Runtime/GgufModel.h"
 #include "moe/Runtime/Package.h"
@@ -45,7 +46,8 @@ int main(int argc, char **argv) {
         << "usage: engine_throughput DIR|.moepkg|.gguf [--prompt P] [--decode D] [--max-memory BYTES] [--threads N]\n"
            "                         [--decode-start prompt|empty] [--bandwidth yes|no]\n"
            "                         [--expert-cache BYTES] [--expert-policy lru|frequency] [--text FILE]\n"
-           "                         [--expert-fallback FORMAT] [--expert-fallback-below SHARE]\n";
+           "                         [--expert-fallback FORMAT] [--expert-fallback-below SHARE]\n"
+           "                         [--device cpu|cuda|auto (default cpu)]\n";
     return 2;
   }
   int64_t promptTokens = 256, decodeTokens = 32;
@@ -84,6 +86,16 @@ int main(int argc, char **argv) {
       measureBandwidth = args[i + 1] != "no";
     else if (args[i] == "--threads")
       setThreadCount(static_cast<unsigned>(std::stoul(args[i + 1])));
+    else if (args[i] == "--device") {
+      Expected<DeviceChoice> choice = parseDeviceChoice(args[i + 1]);
+      Expected<std::shared_ptr<Device>> device =
+          choice ? openDevice(*choice) : Expected<std::shared_ptr<Device>>(choice.status());
+      if (!device) {
+        std::cerr << "engine_throughput: " << device.status().message() << "\n";
+        return 2;
+      }
+      options.device = device.take();
+    }
   }
   auto loadStart = Clock::now();
   Expected<LoadedModel> model = loadModel(args[0], options);

@@ -198,6 +198,10 @@ void attend(const ModelSpec &spec, const float *q, int64_t tokens, const KvCache
 /// Decode: matrices that read the same input (q, k and v) in one parallel
 /// region over their concatenated rows.
 void linearTogether(const float *x, int64_t in, std::initializer_list<std::pair<const Matrix *, float *>> jobs) {
+  if (std::all_of(jobs.begin(), jobs.end(), [](const auto &job) { return job.first->device != nullptr; })) {
+    jobs.begin()->first->device->device().linearTogether(x, in, std::span(jobs.begin(), jobs.size()));
+    return;
+  }
   int64_t rows = 0, bytes = 0;
   thread_local DecodeInput perThread;
   DecodeInput &input = perThread;
@@ -371,6 +375,14 @@ bool decodeExperts(const std::vector<std::pair<const MlpWeights *, float>> &mlps
     std::vector<DecodeInput> downInputs;
     DecodeInput input;
   };
+  // On a device: the same sum there, when it holds every expert.
+  if (!mlps.empty() && std::all_of(mlps.begin(), mlps.end(), [](const auto &mlp) {
+        return mlp.first->moreParts.empty() && mlp.first->gate.device && mlp.first->up.device &&
+               mlp.first->down.device;
+      })) {
+    mlps.front().first->gate.device->device().experts(mlps, x, H, out);
+    return true;
+  }
   thread_local Scratch scratch;
   Scratch &s = scratch;
   s.offsets.assign(1, 0);
@@ -630,12 +642,16 @@ Expected<std::unique_ptr<Engine>> Engine::create(const ModelSpec &spec, std::uni
   engine->provider = std::move(provider);
   MOE_RETURN_IF_ERROR(engine->setMaskedExperts(options.maskedExperts));
   MOE_RETURN_IF_ERROR(engine->provider->loadGlobals(engine->globals));
+  engine->onDevice = options.device;
+  if (engine->onDevice)
+    MOE_RETURN_IF_ERROR(engine->onDevice->uploadGlobals(engine->globals));
   size_t budget = options.maxMemoryBytes ? options.maxMemoryBytes : defaultBudget();
   engine->layerBudget = budget;
   if (!options.loadMaskedExperts)
     engine->unloadedExperts = options.maskedExperts;
   engine->layers = std::make_unique<LayerCache>(*engine->provider, spec.numLayers, budget,
                                                 options.expertCacheBytes == 0, &engine->unloadedExperts);
+  engine->layers->setDevice(engine->onDevice);
   engine->expertCacheBytes = options.expertCacheBytes;
   engine->expertCachePolicy = options.expertCachePolicy;
   if (options.expertCacheBytes > 0)
@@ -687,6 +703,8 @@ Status Engine::forward(std::span<const int32_t> tokens, KvCache &cache, std::vec
   normalize(spec, normed.data(), rows, globals.finalNorm, globals.finalNormBias);
   logits.resize(static_cast<size_t>(rows * V));
   linear(normed.data(), rows, globals.outputProjection(), globals.lmHeadBias, logits.data());
+  if (onDevice)
+    MOE_RETURN_IF_ERROR(onDevice->takeError());
   return Status::success();
 }
 
@@ -747,6 +765,9 @@ Status Engine::forwardLayer(int64_t l, float *xData, int64_t T, KvCache &cache) 
   }
   for (size_t i = 0; i < x.size(); ++i)
     x[i] += branch[i];
+  // A product that failed on the device left garbage behind: say so.
+  if (onDevice)
+    MOE_RETURN_IF_ERROR(onDevice->takeError());
   if (observer)
     observer->onLayerOutput(l, T, x);
   return Status::success();
@@ -757,6 +778,7 @@ void Engine::replaceLayerWeights(std::unique_ptr<WeightProvider> replacement) {
   experts.reset();
   provider = std::move(replacement);
   layers = std::make_unique<LayerCache>(*provider, modelSpec.numLayers, layerBudget, expertCacheBytes == 0);
+  layers->setDevice(onDevice);
   if (expertCacheBytes > 0)
     experts = std::make_unique<ExpertCache>(*provider, expertCacheBytes, expertCachePolicy);
 }

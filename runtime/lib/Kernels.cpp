@@ -244,7 +244,9 @@ void tiledGemm(const float *x, int64_t tokens, const Matrix &weight, float *y) {
 
 void linear(const float *x, int64_t tokens, const Matrix &weight, const std::vector<float> &bias, float *y) {
   const int64_t out = weight.rows, in = weight.cols;
-  if (weight.isQuantized() ? tokens <= 4 : tokens == 1) {
+  if (weight.device) {
+    weight.device->device().linear(weight, x, tokens, y);
+  } else if (weight.isQuantized() ? tokens <= 4 : tokens == 1) {
     // Decode: rows split across the pool; a quantized matrix's activation
     // goes to int8 once per token. (A thread_local named inside the lambda
     // would be each worker's own: capture this thread's by reference.)

@@ -427,6 +427,8 @@ Expected<std::shared_ptr<const LayerWeights>> LayerCache::get(int64_t layer) {
     for (size_t e = 0; e < weights->experts.size(); ++e)
       if (!weights->routing.remap.empty() || !skip->count(static_cast<int64_t>(e)))
         MOE_RETURN_IF_ERROR(provider.loadExpert(layer, static_cast<int64_t>(e), weights->experts[e]));
+  if (device)
+    MOE_RETURN_IF_ERROR(device->uploadLayer(*weights));
   size_t size = weights->bytes();
   largestLayer = std::max(largestLayer, size);
   evictUntil(size);

@@ -35,3 +35,16 @@ if config.moec_have_mpi == "ON" and shutil.which("mpirun"):
                                  " --oversubscribe --mca btl self,vader --mca oob_tcp_if_include lo"))
     for name in ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"):
         config.environment[name] = "1"
+
+# The CLI's printed numbers are the CPU engine's: a machine with a GPU would
+# otherwise run eval and generate on it (--device auto). A GPU in reach
+# (nvidia-smi lists one) is the feature the device tests leave to
+# moec-cuda-tests and bench/device-check.sh.
+config.environment["MOEC_DEVICE"] = "cpu"
+import subprocess
+if shutil.which("nvidia-smi"):
+    try:
+        if subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0:
+            config.available_features.add("cuda-device")
+    except (OSError, subprocess.TimeoutExpired):
+        pass

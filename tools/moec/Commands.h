@@ -44,6 +44,7 @@ struct ModelOptions {
   double expertFallbackBelow = 0.5;    ///< --expert-fallback-below SHARE.
   std::string task;                    ///< --task NAME|auto|all (task expert sets).
   std::string taskSignature = "first"; ///< --task-signature first|all.
+  std::string device;                  ///< --device cpu|cuda|auto (empty: $MOEC_DEVICE, else auto).
 };
 /// --task auto (or no --task) on a model with task sets: retrieves a set
 /// for each request (eval's windows, generate's prompt) from its first

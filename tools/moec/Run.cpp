@@ -20,6 +20,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <random>
@@ -79,10 +80,24 @@ void addModelOptions(CLI::App *command, ModelOptions &options) {
                    "(a request then runs through every layer once more)")
       ->check(CLI::IsMember({"first", "all"}))
       ->capture_default_str();
+  command->add_option("--device", options.device,
+                      "Where matrix products run: cpu, cuda (an NVIDIA GPU; the build must have CUDA) or auto (the "
+                      "GPU when there is one; the default, or $MOEC_DEVICE when set)");
 }
 
 Expected<LoadedModel> openModel(const ModelOptions &options) {
   EngineOptions engineOptions;
+  const char *deviceDefault = std::getenv("MOEC_DEVICE");
+  const std::string deviceName = !options.device.empty() ? options.device
+                                 : deviceDefault         ? std::string(deviceDefault)
+                                                         : std::string("auto");
+  Expected<DeviceChoice> choice = parseDeviceChoice(deviceName);
+  if (!choice)
+    return choice.status();
+  Expected<std::shared_ptr<Device>> device = openDevice(*choice);
+  if (!device)
+    return device.status();
+  engineOptions.device = device.take();
   if (!options.maxMemory.empty()) {
     std::optional<size_t> bytes = parseBytes(options.maxMemory);
     if (!bytes)

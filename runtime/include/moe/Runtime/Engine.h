@@ -115,6 +115,9 @@ struct EngineOptions {
   /// chosen at load, TaskSets.h), and setMaskedExperts refuses to unmask
   /// them. Layers with merged experts (a remap table) load every expert.
   bool loadMaskedExperts = true;
+  /// Where matrix products run (Device.h; openDevice): null for the CPU.
+  /// Every layer and the output projection are copied to it once loaded.
+  std::shared_ptr<Device> device;
 };
 
 /// What the MoE layers did since the engine was made (or reset).
@@ -201,6 +204,8 @@ public:
   /// The expert cache (EngineOptions::expertCacheBytes), or null.
   const ExpertCache *expertCache() const { return experts.get(); }
   ExpertCache *expertCache() { return experts.get(); }
+  /// The device matrix products run on, or null (the CPU).
+  Device *device() const { return onDevice.get(); }
   const RoutingCounters &routingCounters() const { return counters; }
   void resetRoutingCounters() { counters = {}; }
   void restoreRoutingCounters(const RoutingCounters &saved) { counters = saved; }
@@ -211,6 +216,7 @@ private:
   ModelSpec modelSpec;
   std::unique_ptr<WeightProvider> provider;
   std::unique_ptr<LayerCache> layers;
+  std::shared_ptr<Device> onDevice;
   size_t layerBudget = 0;
   std::unique_ptr<ExpertCache> experts;
   size_t expertCacheBytes = 0;

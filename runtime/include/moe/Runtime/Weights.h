@@ -14,6 +14,7 @@
 #include "cpu/GgmlKernels.h"
 #include "cpu/QuantKernels.h"
 #include "moe/Frontend/ModelSpec.h"
+#include "moe/Runtime/Device.h"
 #include "moe/Support/Status.h"
 
 #include <cstdint>
@@ -45,6 +46,8 @@ struct Matrix {
   const uint8_t *quantData = nullptr;
   std::vector<uint8_t> quantStorage;
   std::shared_ptr<const void> quantOwner;
+  /// Its copy in a Device's memory (Device.h), when the engine runs on one.
+  std::shared_ptr<const DeviceMatrix> device;
   bool empty() const { return data.empty() && bf16.empty() && !quantData; }
   bool isBf16() const { return !bf16.empty(); }
   bool isQuantized() const { return quantData != nullptr; }
@@ -232,6 +235,8 @@ public:
   /// the layer has merged experts (a remap table).
   LayerCache(WeightProvider &provider, int64_t numLayers, size_t budgetBytes, bool routedExperts = true,
              const std::map<int64_t, std::set<int64_t>> *skipped = nullptr);
+  /// Copies each layer, once loaded, to `device` (null: none).
+  void setDevice(std::shared_ptr<Device> device) { this->device = std::move(device); }
   /// Layer `layer`, loading it (and evicting others) if needed.
   Expected<std::shared_ptr<const LayerWeights>> get(int64_t layer);
   size_t residentBytes() const { return resident; }
@@ -245,6 +250,7 @@ public:
 
 private:
   WeightProvider &provider;
+  std::shared_ptr<Device> device;
   size_t budget;
   bool routedExperts = true;
   const std::map<int64_t, std::set<int64_t>> *skipped = nullptr;

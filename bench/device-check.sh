@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The GPU checks of moec in one run (about 8 minutes on an H100/H200):
+# builds the CUDA code (or uses the binaries scripts/pack-device.sh packed
+# into .device/device.tar.xz), runs the CUDA tests (kernels against the CPU's reference,
+# engine parity on both fixtures and on a package per recipe of examples/),
+# compute-sanitizer's memcheck over the kernel and fixture tests, and
+# bench/cuda_engine on real shapes. Logs and JSON go to OUT (default
+# build-device/results); record the card, driver and numbers in
+# BENCHMARKS.md.
+#
+#   bench/device-check.sh [OUT]
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=${1:-$root/build-device/results}
+mkdir -p "$out"
+log() { echo "== $*" | tee -a "$out/summary.txt"; }
+
+if [ -f "$root/.device/device.tar.xz" ]; then
+  stage=/tmp/moec-device
+  rm -rf "$stage" && mkdir -p "$stage" && xz -dc "$root/.device/device.tar.xz" | tar -C "$stage" -xf -
+  export LD_LIBRARY_PATH=$stage/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  tests=$stage/bin/moec-cuda-tests
+  engine=$stage/bin/cuda_engine
+  packages=$stage/packages
+else
+  build=$root/build-device
+  cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DMOEC_ENABLE_CUDA=ON >"$out/configure.log" 2>&1 &&
+    cmake --build "$build" -j"$(nproc)" --target moec moec-cuda-tests cuda_engine >"$out/build.log" 2>&1 ||
+    { log "build failed (see build.log)"; exit 1; }
+  tests=$build/tests/moec-cuda-tests
+  engine=$build/bench/cuda_engine
+  packages=$build/device-packages
+  mkdir -p "$packages"
+  for fixture in tiny-mixtral tiny-deepseek; do
+    for recipe in "$root"/examples/recipes/*.json; do
+      "$build/tools/moec" compress "$root/tests/data/fixtures/$fixture" --recipe "$recipe" --quiet \
+        -o "$packages/$fixture-$(basename "$recipe" .json).moepkg" >/dev/null
+    done
+  done
+fi
+
+nvidia-smi >"$out/nvidia-smi.txt" 2>&1
+log "$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
+
+export MOEC_TEST_DATA_DIR=$root/tests/data
+log "CUDA tests (packages: $(ls "$packages" | wc -l))"
+MOEC_DEVICE_PACKAGES=$packages timeout 150 "$tests" >"$out/tests.log" 2>&1
+status=$?
+grep -E "^(device|parity)|PASSED|FAILED|SKIPPED" "$out/tests.log" | tee -a "$out/summary.txt"
+log "tests exit $status"
+
+run_bench() { # name config layers format
+  log "cuda_engine $1 $4"
+  timeout 60 "$engine" --config "$root/bench/configs/$2" --layers "$3" --format "$4" --device cuda \
+    --prompt 512 --decode 64 --step 8 >"$out/bench-$1-$4.json" 2>"$out/bench-$1-$4.err"
+  log "exit $? $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('decode %.0f tok/s (%.1f%% of copy bandwidth), 8-token steps %.0f tok/s, prefill %.0f tok/s' % (r['decode_tokens_per_second'], 100*r['decode_fraction_of_copy_bandwidth'], r['step_tokens_per_second'], r['prefill_tokens_per_second']))" "$out/bench-$1-$4.json" 2>&1 | tail -1)"
+  tail -2 "$out/bench-$1-$4.err" >>"$out/summary.txt"
+}
+run_bench olmoe-1b-7b olmoe-1b-7b-4layers.json 16 q4_g128_asym
+run_bench olmoe-1b-7b olmoe-1b-7b-4layers.json 16 bf16
+run_bench qwen3-30b-a3b qwen3-30b-a3b-2layers.json 48 q4_g128_asym
+run_bench deepseek-v2-lite deepseek-v2-lite.json 27 q4_g128_asym
+run_bench mixtral-8x7b mixtral-8x7b.json 32 q4_g128_asym
+if command -v compute-sanitizer >/dev/null; then
+  log "compute-sanitizer memcheck (kernels, fixtures)"
+  timeout 100 compute-sanitizer --tool memcheck --error-exitcode 9 "$tests" \
+    --gtest_filter='CudaMatrixProducts.*:CudaEngine.*' >"$out/memcheck.log" 2>&1
+  log "memcheck exit $? ($(grep -c 'Invalid\|uninitialized' "$out/memcheck.log") errors reported)"
+  tail -3 "$out/memcheck.log" >>"$out/summary.txt"
+fi
+
+log "done"

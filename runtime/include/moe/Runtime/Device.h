@@ -1,0 +1,93 @@
+//===- Device.h - Where the engine's matrix products run --------*- C++ -*-===//
+//
+// Part of moec. The engine is one forward pass (DESIGN.md principle 2); a
+// Device runs its matrix products elsewhere than the CPU. When the engine
+// has one, every matrix a layer loads (attention, dense and shared MLPs,
+// routed experts, split parts, lm_head) is copied to device memory once,
+// in its stored format, and `kernels::linear`, the decode of q/k/v together
+// and the decode of a token's experts run there; routing, norms, RoPE,
+// attention scores and the KV cache stay on the host. Matrices without a
+// device kernel (ggml's K-quants and Q5_*) and experts an expert cache
+// loads on demand stay on the CPU.
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef MOE_RUNTIME_DEVICE_H
+#define MOE_RUNTIME_DEVICE_H
+
+#include "moe/Support/Status.h"
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+
+namespace moe {
+
+struct Matrix;
+struct MlpWeights;
+struct LayerWeights;
+struct GlobalWeights;
+class Device;
+
+/// A matrix's copy in device memory (Matrix::device), owned by its Device.
+class DeviceMatrix {
+public:
+  virtual ~DeviceMatrix() = default;
+  virtual Device &device() const = 0;
+};
+
+/// Runs matrix products on an accelerator. Calls come from one host thread
+/// at a time. A product that fails leaves its output undefined and records
+/// the error, which the engine collects with takeError() after each layer.
+class Device : public std::enable_shared_from_this<Device> {
+public:
+  virtual ~Device() = default;
+  /// "cuda: NVIDIA H200 (sm_90, 139.8 GiB, driver 13.0)".
+  virtual std::string description() const = 0;
+  /// Copies `matrix` to the device and sets matrix.device; leaves it on the
+  /// CPU (no error) when the device has no kernel for its format.
+  virtual Status upload(Matrix &matrix) = 0;
+  /// y[T, rows] = x[T, cols] W^T (no bias); host buffers.
+  virtual void linear(const Matrix &weight, const float *x, int64_t tokens, float *y) = 0;
+  /// One token through several matrices that read the same x[cols].
+  virtual void linearTogether(const float *x, int64_t cols,
+                              std::span<const std::pair<const Matrix *, float *>> products) = 0;
+  /// out[H] = sum_i weight_i * mlp_i(x) over one token's experts (no split
+  /// parts), added in order.
+  virtual void experts(std::span<const std::pair<const MlpWeights *, float>> mlps, const float *x, int64_t hidden,
+                       float *out) = 0;
+  /// The first error since the last call, then clear.
+  virtual Status takeError() = 0;
+  /// Bytes of matrices in device memory now.
+  virtual size_t residentBytes() const = 0;
+  /// Seconds the device spent (transfers included) since the last reset.
+  virtual double busySeconds() const = 0;
+  virtual void resetBusySeconds() = 0;
+  /// Device-to-device copy bandwidth (bytes read + written per second).
+  virtual Expected<double> copyBandwidth() = 0;
+
+  /// Uploads every matrix of a layer except the router (routing stays on
+  /// the host, with the CPU's arithmetic).
+  Status uploadLayer(LayerWeights &layer);
+  /// Uploads the output projection (lm_head, or the tied embedding).
+  Status uploadGlobals(GlobalWeights &globals);
+};
+
+/// What `--device` names: cpu, cuda, or auto (cuda when this build has
+/// CUDA and a device is usable, else cpu).
+enum class DeviceChoice { Cpu, Cuda, Auto };
+Expected<DeviceChoice> parseDeviceChoice(std::string_view name);
+
+/// Whether this build has the CUDA device.
+bool cudaBuilt();
+
+/// The device for a choice: null for the CPU (and for auto without a usable
+/// GPU); an error for cuda in a build without CUDA or without a device.
+Expected<std::shared_ptr<Device>> openDevice(DeviceChoice choice);
+
+} // namespace moe
+
+#endif // MOE_RUNTIME_DEVICE_H

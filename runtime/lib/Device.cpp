@@ -1,0 +1,77 @@
+//===- Device.cpp - Choosing a device and what it holds -------------------===//
+//
+// Part of moec.
+//
+//===----------------------------------------------------------------------===//
+
+#include "moe/Runtime/Device.h"
+
+#include "moe/Runtime/Weights.h"
+
+namespace moe {
+
+#if MOEC_HAVE_CUDA
+/// runtime/lib/CudaDevice.cpp: the CUDA device, or why there is none.
+Expected<std::shared_ptr<Device>> openCudaDevice();
+bool cudaBuilt() { return true; }
+#else
+bool cudaBuilt() { return false; }
+#endif
+
+namespace {
+
+Status uploadMlp(Device &device, MlpWeights &mlp) {
+  for (Matrix *matrix : {&mlp.gate, &mlp.up, &mlp.down})
+    if (!matrix->empty())
+      MOE_RETURN_IF_ERROR(device.upload(*matrix));
+  for (MlpWeights &part : mlp.moreParts)
+    MOE_RETURN_IF_ERROR(uploadMlp(device, part));
+  return Status::success();
+}
+
+} // namespace
+
+Status Device::uploadLayer(LayerWeights &layer) {
+  for (Matrix *matrix : {&layer.query, &layer.key, &layer.value, &layer.output, &layer.queryDown, &layer.queryUp,
+                         &layer.kvDown, &layer.kvUp})
+    if (!matrix->empty())
+      MOE_RETURN_IF_ERROR(upload(*matrix));
+  MOE_RETURN_IF_ERROR(uploadMlp(*this, layer.dense));
+  MOE_RETURN_IF_ERROR(uploadMlp(*this, layer.shared));
+  for (MlpWeights &expert : layer.experts)
+    MOE_RETURN_IF_ERROR(uploadMlp(*this, expert));
+  return Status::success();
+}
+
+Status Device::uploadGlobals(GlobalWeights &globals) {
+  Matrix &projection = globals.lmHead.empty() ? globals.embedding : globals.lmHead;
+  return projection.empty() ? Status::success() : upload(projection);
+}
+
+Expected<DeviceChoice> parseDeviceChoice(std::string_view name) {
+  if (name == "cpu")
+    return DeviceChoice::Cpu;
+  if (name == "cuda")
+    return DeviceChoice::Cuda;
+  if (name == "auto")
+    return DeviceChoice::Auto;
+  return Status::error("--device '", std::string(name), "': expected cpu, cuda or auto");
+}
+
+Expected<std::shared_ptr<Device>> openDevice(DeviceChoice choice) {
+  if (choice == DeviceChoice::Cpu)
+    return std::shared_ptr<Device>();
+#if MOEC_HAVE_CUDA
+  Expected<std::shared_ptr<Device>> device = openCudaDevice();
+  if (!device && choice == DeviceChoice::Auto)
+    return std::shared_ptr<Device>();
+  return device;
+#else
+  if (choice == DeviceChoice::Auto)
+    return std::shared_ptr<Device>();
+  return Status::error("--device cuda: this moec was built without CUDA (configure with the CUDA toolkit installed, "
+                       "or -DMOEC_ENABLE_CUDA=ON); use --device cpu");
+#endif
+}
+
+} // namespace moe

@@ -1,0 +1,394 @@
+//===- CudaEngineTest.cpp - The engine's products on a GPU vs the CPU -----===//
+//
+// Part of moec. Every weight layout the device runs (f32, bf16, moec's group
+// formats at every width, group and scale type, ggml's signed Q8_0) against
+// the CPU's scalar reference on odd shapes and token counts; a token's
+// experts of mixed formats and widths against the CPU's arithmetic; and
+// whole models: logits of the engine on the GPU against the engine on the
+// CPU (prefill and decode) and held-out perplexity, on both fixtures and on
+// every package in $MOEC_DEVICE_PACKAGES (bench/device-check.sh makes one
+// per recipe of examples/). Without a GPU the device cases skip and the
+// error a user sees is checked instead.
+//
+//===----------------------------------------------------------------------===//
+
+#include "cpu/QuantKernels.h"
+#include "cuda/MatrixProducts.h"
+#include "moe/Frontend/DType.h"
+#include "moe/Runtime/Device.h"
+#include "moe/Runtime/Evaluate.h"
+#include "moe/Runtime/Model.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <random>
+#include <vector>
+
+using namespace moe;
+
+namespace {
+
+std::shared_ptr<cuda::Context> context() {
+  static std::shared_ptr<cuda::Context> opened = [] {
+    Expected<std::shared_ptr<cuda::Context>> made = cuda::Context::open();
+    return made ? made.take() : std::shared_ptr<cuda::Context>();
+  }();
+  return opened;
+}
+
+#define REQUIRE_GPU()                                                                                                  \
+  if (!context())                                                                                                      \
+  GTEST_SKIP() << "no CUDA device"
+
+std::string dataDir() {
+  if (const char *dir = std::getenv("MOEC_TEST_DATA_DIR"))
+    return dir;
+  return MOEC_TEST_DATA_DIR;
+}
+
+/// A random [rows, cols] matrix in `format` (quantizeReference of normal
+/// values) and its host bytes.
+std::vector<uint8_t> randomGroupMatrix(const quant::QuantFormat &format, int64_t rows, int64_t cols, std::mt19937 &rng) {
+  std::normal_distribution<float> normal;
+  std::vector<float> values(static_cast<size_t>(rows * cols));
+  for (float &v : values)
+    v = 0.05f * normal(rng);
+  std::vector<uint8_t> packed(format.matrixBytes(rows, cols));
+  quant::quantizeReference(format, values.data(), rows, cols, packed.data());
+  return packed;
+}
+
+/// ggml's Q8_0 as a group view: signed codes, f16 scales.
+std::vector<uint8_t> randomSignedMatrix(int64_t rows, int64_t cols, std::mt19937 &rng) {
+  const quant::QuantFormat format{8, 32, true, quant::ScaleType::F16};
+  std::vector<uint8_t> packed(format.matrixBytes(rows, cols));
+  for (uint8_t &b : packed)
+    b = static_cast<uint8_t>(rng());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < format.groupsPerRow(cols); ++g) {
+      const uint16_t scale = floatToHalf(0.001f * static_cast<float>(1 + rng() % 7));
+      std::memcpy(packed.data() + r * format.rowBytes(cols) + g * format.groupBytes(), &scale, 2);
+    }
+  return packed;
+}
+
+/// The CPU's y for one token: its activation rounded at the matrix's group
+/// size by the scalar reference, then the scalar integer kernel.
+std::vector<float> cpuGroupProduct(const quant::QuantMatrixView &view, const float *x) {
+  quant::QuantizedActivation activation;
+  quant::quantizeActivationScalar(x, view.cols, view.format.group, activation);
+  std::vector<float> y(static_cast<size_t>(view.rows));
+  quant::gemvRowsScalar(view, activation, 0, view.rows, y.data());
+  return y;
+}
+
+/// sum |w x| over a row from the dequantised matrix: the scale of a row's
+/// rounding error.
+double rowMagnitude(const std::vector<float> &dequantized, int64_t cols, int64_t r, const float *x) {
+  double total = 0;
+  for (int64_t c = 0; c < cols; ++c)
+    total += std::fabs(static_cast<double>(dequantized[r * cols + c]) * x[c]);
+  return total;
+}
+
+struct Shape {
+  int64_t rows, cols, tokens;
+};
+const Shape kShapes[] = {{1, 32, 1}, {37, 200, 3}, {130, 96, 9}, {19, 4099, 17}, {64, 1024, 8}};
+
+std::vector<float> randomActivations(int64_t count, std::mt19937 &rng) {
+  std::normal_distribution<float> normal;
+  std::vector<float> x(static_cast<size_t>(count));
+  for (float &v : x)
+    v = normal(rng);
+  return x;
+}
+
+void expectGroupFormatMatches(const quant::QuantFormat &format, bool signedCodes, uint32_t seed) {
+  std::mt19937 rng(seed);
+  for (const Shape &shape : kShapes) {
+    const std::vector<uint8_t> packed = signedCodes ? randomSignedMatrix(shape.rows, shape.cols, rng)
+                                                    : randomGroupMatrix(format, shape.rows, shape.cols, rng);
+    const quant::QuantMatrixView view{format, packed.data(), shape.rows, shape.cols, signedCodes};
+    Expected<std::shared_ptr<const cuda::DeviceWeight>> weight = context()->upload(
+        cuda::WeightLayout::Group, format, signedCodes, shape.rows, shape.cols, packed.data(), packed.size());
+    ASSERT_TRUE(weight) << weight.status().message();
+    const std::vector<float> x = randomActivations(shape.tokens * shape.cols, rng);
+    std::vector<float> y(static_cast<size_t>(shape.tokens * shape.rows));
+    const std::pair<const cuda::DeviceWeight *, float *> product{weight->get(), y.data()};
+    Status status = context()->multiply(x.data(), shape.tokens, shape.cols, &product, 1);
+    ASSERT_TRUE(status.ok()) << status.message();
+    std::vector<float> dequantized(static_cast<size_t>(shape.rows * shape.cols));
+    quant::dequantizeRows(view, 0, shape.rows, dequantized.data());
+    for (int64_t t = 0; t < shape.tokens; ++t) {
+      const std::vector<float> expected = cpuGroupProduct(view, x.data() + t * shape.cols);
+      for (int64_t r = 0; r < shape.rows; ++r)
+        ASSERT_NEAR(y[t * shape.rows + r], expected[r],
+                    1e-5 * rowMagnitude(dequantized, shape.cols, r, x.data() + t * shape.cols) + 1e-6)
+            << format.name() << (signedCodes ? " signed" : "") << " " << shape.rows << "x" << shape.cols
+            << " token " << t << " row " << r;
+    }
+  }
+}
+
+} // namespace
+
+TEST(CudaMatrixProducts, EveryGroupFormatMatchesTheCpuKernel) {
+  REQUIRE_GPU();
+  uint32_t seed = 1;
+  for (int bits : {2, 3, 4, 8})
+    for (int group : {32, 64, 128})
+      for (bool symmetric : {false, true})
+        for (quant::ScaleType scale : {quant::ScaleType::F16, quant::ScaleType::BF16})
+          expectGroupFormatMatches(quant::QuantFormat{bits, group, symmetric, scale}, false, seed++);
+}
+
+TEST(CudaMatrixProducts, SignedCodesMatchTheCpuKernel) {
+  REQUIRE_GPU();
+  expectGroupFormatMatches(quant::QuantFormat{8, 32, true, quant::ScaleType::F16}, true, 99);
+}
+
+TEST(CudaMatrixProducts, FloatMatricesMatchDoubleProducts) {
+  REQUIRE_GPU();
+  std::mt19937 rng(5);
+  for (bool bf16 : {false, true})
+    for (const Shape &shape : kShapes) {
+      std::vector<float> values = randomActivations(shape.rows * shape.cols, rng);
+      std::vector<uint16_t> bits(values.size());
+      for (size_t i = 0; i < values.size(); ++i) {
+        bits[i] = floatToBfloat16(values[i]);
+        if (bf16)
+          values[i] = bfloat16ToFloat(bits[i]);
+      }
+      Expected<std::shared_ptr<const cuda::DeviceWeight>> weight =
+          bf16 ? context()->upload(cuda::WeightLayout::BF16, {}, false, shape.rows, shape.cols, bits.data(),
+                                   bits.size() * 2)
+               : context()->upload(cuda::WeightLayout::F32, {}, false, shape.rows, shape.cols, values.data(),
+                                   values.size() * 4);
+      ASSERT_TRUE(weight) << weight.status().message();
+      const std::vector<float> x = randomActivations(shape.tokens * shape.cols, rng);
+      std::vector<float> y(static_cast<size_t>(shape.tokens * shape.rows));
+      const std::pair<const cuda::DeviceWeight *, float *> product{weight->get(), y.data()};
+      Status status = context()->multiply(x.data(), shape.tokens, shape.cols, &product, 1);
+      ASSERT_TRUE(status.ok()) << status.message();
+      for (int64_t t = 0; t < shape.tokens; ++t)
+        for (int64_t r = 0; r < shape.rows; ++r) {
+          double expected = 0, magnitude = 0;
+          for (int64_t c = 0; c < shape.cols; ++c) {
+            const double term = static_cast<double>(values[r * shape.cols + c]) * x[t * shape.cols + c];
+            expected += term;
+            magnitude += std::fabs(term);
+          }
+          ASSERT_NEAR(y[t * shape.rows + r], expected, 1e-5 * magnitude + 1e-6)
+              << (bf16 ? "bf16 " : "f32 ") << shape.rows << "x" << shape.cols << " token " << t << " row " << r;
+        }
+    }
+}
+
+TEST(CudaMatrixProducts, SeveralMatricesOnOneInput) {
+  REQUIRE_GPU();
+  std::mt19937 rng(11);
+  const int64_t cols = 160;
+  const quant::QuantFormat q4{4, 32, false, quant::ScaleType::F16}, q8{8, 128, true, quant::ScaleType::BF16};
+  const std::vector<uint8_t> a = randomGroupMatrix(q4, 48, cols, rng), b = randomGroupMatrix(q8, 17, cols, rng);
+  auto wa = context()->upload(cuda::WeightLayout::Group, q4, false, 48, cols, a.data(), a.size());
+  auto wb = context()->upload(cuda::WeightLayout::Group, q8, false, 17, cols, b.data(), b.size());
+  ASSERT_TRUE(wa && wb);
+  const std::vector<float> x = randomActivations(cols, rng);
+  std::vector<float> ya(48), yb(17);
+  const std::pair<const cuda::DeviceWeight *, float *> products[] = {{wa->get(), ya.data()}, {wb->get(), yb.data()}};
+  ASSERT_TRUE(context()->multiply(x.data(), 1, cols, products, 2).ok());
+  const std::vector<float> ea = cpuGroupProduct({q4, a.data(), 48, cols}, x.data());
+  const std::vector<float> eb = cpuGroupProduct({q8, b.data(), 17, cols}, x.data());
+  for (int64_t r = 0; r < 48; ++r)
+    EXPECT_NEAR(ya[r], ea[r], 1e-4 * (1 + std::fabs(ea[r])));
+  for (int64_t r = 0; r < 17; ++r)
+    EXPECT_NEAR(yb[r], eb[r], 1e-4 * (1 + std::fabs(eb[r])));
+}
+
+TEST(CudaMatrixProducts, ExpertsOfMixedFormatsAndWidthsMatchTheCpu) {
+  REQUIRE_GPU();
+  std::mt19937 rng(21);
+  const int64_t H = 160;
+  struct Spec {
+    std::optional<quant::QuantFormat> format; // nullopt: bf16
+    int64_t width;
+    float weight;
+  };
+  const Spec specs[] = {{quant::QuantFormat{4, 128, false, quant::ScaleType::F16}, 96, 0.6f},
+                        {quant::QuantFormat{2, 32, true, quant::ScaleType::BF16}, 64, 0.3f},
+                        {std::nullopt, 80, 0.1f},
+                        {quant::QuantFormat{3, 64, false, quant::ScaleType::F16}, 128, 1.0f}};
+  std::vector<std::shared_ptr<const cuda::DeviceWeight>> held;
+  std::map<const cuda::DeviceWeight *, std::vector<uint8_t>> packedOf;
+  std::vector<cuda::ExpertProduct> experts;
+  const std::vector<float> x = randomActivations(H, rng);
+  std::vector<double> expected(H, 0.0), magnitude(H, 0.0);
+  for (const Spec &spec : specs) {
+    // Host copies, the device's, and the CPU's result of this expert.
+    auto make = [&](int64_t rows, int64_t cols, std::vector<float> &dense) -> std::shared_ptr<const cuda::DeviceWeight> {
+      dense.assign(static_cast<size_t>(rows * cols), 0);
+      if (spec.format) {
+        std::vector<uint8_t> packed = randomGroupMatrix(*spec.format, rows, cols, rng);
+        quant::dequantizeReference(*spec.format, packed.data(), rows, cols, dense.data());
+        auto w = context()->upload(cuda::WeightLayout::Group, *spec.format, false, rows, cols, packed.data(),
+                                   packed.size());
+        EXPECT_TRUE(w) << w.status().message();
+        // Keep the packed bytes for the CPU's integer product.
+        packedOf[w->get()] = std::move(packed);
+        return w.take();
+      }
+      std::vector<uint16_t> bits(dense.size());
+      std::normal_distribution<float> normal;
+      for (size_t i = 0; i < bits.size(); ++i) {
+        bits[i] = floatToBfloat16(0.05f * normal(rng));
+        dense[i] = bfloat16ToFloat(bits[i]);
+      }
+      auto w = context()->upload(cuda::WeightLayout::BF16, {}, false, rows, cols, bits.data(), bits.size() * 2);
+      EXPECT_TRUE(w) << w.status().message();
+      return w.take();
+    };
+    std::vector<float> gateDense, upDense, downDense;
+    auto gate = make(spec.width, H, gateDense), up = make(spec.width, H, upDense), down = make(H, spec.width, downDense);
+    held.insert(held.end(), {gate, up, down});
+    experts.push_back({gate.get(), up.get(), down.get(), spec.weight});
+    auto product = [&](const std::shared_ptr<const cuda::DeviceWeight> &w, const std::vector<float> &dense,
+                       const float *input) {
+      if (spec.format)
+        return cpuGroupProduct({*spec.format, packedOf[w.get()].data(), w->rows, w->cols}, input);
+      std::vector<float> y(static_cast<size_t>(w->rows));
+      for (int64_t r = 0; r < w->rows; ++r) {
+        float sum = 0;
+        for (int64_t c = 0; c < w->cols; ++c)
+          sum += dense[r * w->cols + c] * input[c];
+        y[r] = sum;
+      }
+      return y;
+    };
+    const std::vector<float> g = product(gate, gateDense, x.data()), u = product(up, upDense, x.data());
+    std::vector<float> h(static_cast<size_t>(spec.width));
+    for (int64_t i = 0; i < spec.width; ++i)
+      h[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    const std::vector<float> d = product(down, downDense, h.data());
+    for (int64_t r = 0; r < H; ++r) {
+      expected[r] += spec.weight * d[r];
+      magnitude[r] += std::fabs(spec.weight * rowMagnitude(downDense, spec.width, r, h.data()));
+    }
+  }
+  std::vector<float> out(H);
+  Status status = context()->experts(x.data(), H, experts.data(), experts.size(), out.data());
+  ASSERT_TRUE(status.ok()) << status.message();
+  for (int64_t r = 0; r < H; ++r)
+    EXPECT_NEAR(out[r], expected[r], 2e-3 * magnitude[r] + 1e-6) << "row " << r;
+}
+
+TEST(CudaMatrixProducts, UploadChecksShapesAndBytes) {
+  REQUIRE_GPU();
+  std::vector<uint8_t> bytes(100);
+  EXPECT_FALSE(context()->upload(cuda::WeightLayout::F32, {}, false, 5, 5, bytes.data(), 99));
+  EXPECT_FALSE(context()->upload(cuda::WeightLayout::F32, {}, false, 0, 5, bytes.data(), 0));
+  EXPECT_FALSE(context()->upload(cuda::WeightLayout::Group, quant::QuantFormat{5, 32, false, quant::ScaleType::F16},
+                                 false, 1, 32, bytes.data(), 20));
+  EXPECT_FALSE(context()->upload(cuda::WeightLayout::Group, quant::QuantFormat{4, 32, true, quant::ScaleType::F16},
+                                 true, 1, 32, bytes.data(), 18));
+  auto w = context()->upload(cuda::WeightLayout::F32, {}, false, 5, 5, bytes.data(), 100);
+  ASSERT_TRUE(w);
+  std::vector<float> x(4), y(5);
+  const std::pair<const cuda::DeviceWeight *, float *> product{w->get(), y.data()};
+  Status status = context()->multiply(x.data(), 1, 4, &product, 1);
+  ASSERT_FALSE(status.ok());
+  EXPECT_NE(status.message().find("columns"), std::string::npos) << status.message();
+}
+
+TEST(CudaDevice, WithoutAGpuTheErrorSaysSo) {
+  if (context())
+    GTEST_SKIP() << "a CUDA device is present";
+  Expected<std::shared_ptr<Device>> device = openDevice(DeviceChoice::Cuda);
+  ASSERT_FALSE(device);
+  EXPECT_NE(device.status().message().find("--device cuda: no CUDA device is usable"), std::string::npos)
+      << device.status().message();
+  Expected<std::shared_ptr<Device>> automatic = openDevice(DeviceChoice::Auto);
+  ASSERT_TRUE(automatic) << automatic.status().message();
+  EXPECT_EQ(automatic->get(), nullptr);
+}
+
+namespace {
+
+/// The models whole-engine parity runs on: both fixtures, and the packages
+/// in $MOEC_DEVICE_PACKAGES.
+std::vector<std::string> parityModels() {
+  std::vector<std::string> models = {dataDir() + "/fixtures/tiny-mixtral", dataDir() + "/fixtures/tiny-deepseek"};
+  if (const char *dir = std::getenv("MOEC_DEVICE_PACKAGES"))
+    for (const auto &entry : std::filesystem::directory_iterator(dir))
+      if (entry.path().extension() == ".moepkg")
+        models.push_back(entry.path().string());
+  std::sort(models.begin() + 2, models.end());
+  return models;
+}
+
+double maxDifference(const std::vector<float> &a, const std::vector<float> &b) {
+  double most = a.size() == b.size() ? 0 : INFINITY;
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i)
+    most = std::max(most, static_cast<double>(std::fabs(a[i] - b[i])));
+  return most;
+}
+
+} // namespace
+
+TEST(CudaEngine, LogitsAndPerplexityMatchTheCpuEngine) {
+  REQUIRE_GPU();
+  Expected<std::shared_ptr<Device>> device = openDevice(DeviceChoice::Cuda);
+  ASSERT_TRUE(device) << device.status().message();
+  std::printf("device: %s\n", (*device)->description().c_str());
+  for (const std::string &path : parityModels()) {
+    SCOPED_TRACE(path);
+    Expected<LoadedModel> cpu = loadModel(path);
+    ASSERT_TRUE(cpu) << cpu.status().message();
+    EngineOptions options;
+    options.device = *device;
+    Expected<LoadedModel> gpu = loadModel(path, options);
+    ASSERT_TRUE(gpu) << gpu.status().message();
+    Expected<std::vector<EvalStream>> streams =
+        readEvalData(dataDir() + "/brown/heldout.jsonl", cpu->tokenizer.get(), cpu->endOfText);
+    ASSERT_TRUE(streams) << streams.status().message();
+    const std::vector<int32_t> &ids = streams->front().ids;
+    ASSERT_GE(ids.size(), 128u);
+    // Prefill of 96 tokens, then 8 tokens decoded one at a time.
+    KvCache cpuCache = cpu->engine->newCache(), gpuCache = gpu->engine->newCache();
+    std::vector<float> cpuLogits, gpuLogits;
+    const std::span<const int32_t> prompt(ids.data(), 96);
+    ASSERT_TRUE(cpu->engine->forward(prompt, cpuCache, cpuLogits).ok());
+    Status status = gpu->engine->forward(prompt, gpuCache, gpuLogits);
+    ASSERT_TRUE(status.ok()) << status.message();
+    const double prefill = maxDifference(cpuLogits, gpuLogits);
+    double decode = 0;
+    for (size_t t = 96; t < 104; ++t) {
+      const std::span<const int32_t> token(ids.data() + t, 1);
+      ASSERT_TRUE(cpu->engine->forward(token, cpuCache, cpuLogits).ok());
+      status = gpu->engine->forward(token, gpuCache, gpuLogits);
+      ASSERT_TRUE(status.ok()) << status.message();
+      decode = std::max(decode, maxDifference(cpuLogits, gpuLogits));
+    }
+    EvalOptions evalOptions;
+    evalOptions.sequenceLength = 128;
+    evalOptions.maxTokens = 1024;
+    evalOptions.progressLabel = "";
+    Expected<EvalResult> cpuScore = evaluate(*cpu->engine, *streams, evalOptions);
+    Expected<EvalResult> gpuScore = evaluate(*gpu->engine, *streams, evalOptions);
+    ASSERT_TRUE(cpuScore && gpuScore) << (gpuScore ? cpuScore.status().message() : gpuScore.status().message());
+    const double cpuPpl = cpuScore->overall.perplexity(), gpuPpl = gpuScore->overall.perplexity();
+    std::printf("parity %s: max |logit difference| prefill %.3g decode %.3g; perplexity cpu %.6f cuda %.6f (%+.4f%%); "
+                "%zu bytes on the device\n",
+                std::filesystem::path(path).filename().c_str(), prefill, decode, cpuPpl, gpuPpl,
+                100.0 * (gpuPpl / cpuPpl - 1), (*device)->residentBytes());
+    EXPECT_LE(prefill, 1e-3);
+    EXPECT_LE(decode, 1e-3);
+    EXPECT_NEAR(gpuPpl / cpuPpl, 1.0, 1e-3);
+  }
+}
