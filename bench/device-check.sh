@@ -49,15 +49,17 @@ status=$?
 grep -E "^(device|parity)|PASSED|FAILED|SKIPPED" "$out/tests.log" | tee -a "$out/summary.txt"
 log "tests exit $status"
 
-run_bench() { # name config layers format
-  log "cuda_engine $1 $4"
+run_bench() { # name config layers format [more options]
+  log "cuda_engine $1 $4 ${*:5}"
   timeout 60 "$engine" --config "$root/bench/configs/$2" --layers "$3" --format "$4" --device cuda \
-    --prompt 512 --decode 64 --step 8 >"$out/bench-$1-$4.json" 2>"$out/bench-$1-$4.err"
+    --prompt 512 --decode 64 --step 8 "${@:5}" >"$out/bench-$1-$4.json" 2>"$out/bench-$1-$4.err"
   log "exit $? $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('decode %.0f tok/s (%.1f%% of copy bandwidth), 8-token steps %.0f tok/s, prefill %.0f tok/s' % (r['decode_tokens_per_second'], 100*r['decode_fraction_of_copy_bandwidth'], r['step_tokens_per_second'], r['prefill_tokens_per_second']))" "$out/bench-$1-$4.json" 2>&1 | tail -1)"
   tail -2 "$out/bench-$1-$4.err" >>"$out/summary.txt"
 }
 run_bench olmoe-1b-7b olmoe-1b-7b-4layers.json 16 q4_g128_asym
 run_bench olmoe-1b-7b olmoe-1b-7b-4layers.json 16 bf16
+# The host's share: the same with one CPU thread (no pool hand-offs).
+run_bench olmoe-1b-7b-1thread olmoe-1b-7b-4layers.json 16 q4_g128_asym --threads 1
 run_bench qwen3-30b-a3b qwen3-30b-a3b-2layers.json 48 q4_g128_asym
 run_bench deepseek-v2-lite deepseek-v2-lite.json 27 q4_g128_asym
 run_bench mixtral-8x7b mixtral-8x7b.json 32 q4_g128_asym

@@ -5,8 +5,10 @@
 # libstdc++, and packages made by the recipes of examples/ into one archive,
 # .device/device.tar.xz (ignored by git), which device-check.sh unpacks and
 # uses when present. Every recipe kind is there (pruned, merged, atoms,
-# mixed precision, dynamic skip, plain RTN) on one fixture or the other, to
-# stay within what a device run carries (64 MiB with the repository).
+# mixed precision, dynamic skip, plain RTN) on one fixture or the other
+# (tiny-mixtral's decode runs with the residual stream on the device,
+# tiny-deepseek's MLA through the products alone), within what a device run
+# carries (64 MiB with the repository).
 # Run after `make build`; the CUDA toolkit must be installed here.
 #
 #   scripts/pack-device.sh [BUILD_DIR]
@@ -23,13 +25,23 @@ for binary in "$out"/bin/*; do
   ldd "$binary" | awk '$3 ~ /^\// {print $3}'
 done | sort -u | grep -Ev '/(libc|libm|libdl|librt|libpthread|libstdc\+\+|libgcc_s|ld-linux[^/]*)\.so' |
   while read -r library; do cp -L "$library" "$out/lib/"; done
-for made in tiny-deepseek:merge-experts tiny-deepseek:prune-atoms tiny-deepseek:dynamic-skip \
-  tiny-deepseek:quantize tiny-mixtral:gptq-mixed tiny-mixtral:prune-experts; do
+for made in tiny-deepseek:quantize \
+  tiny-mixtral:gptq-mixed tiny-mixtral:prune-experts tiny-mixtral:merge-experts tiny-mixtral:dynamic-skip \
+  tiny-mixtral:prune-atoms; do
   fixture=${made%%:*} name=${made#*:}
   "$build/tools/moec" compress "$root/tests/data/fixtures/$fixture" --recipe "$root/examples/recipes/$name.json" \
     -o "$out/packages/$fixture-$name.moepkg" --quiet >/dev/null
 done
-rm -f "$out"/packages/*.json
+# Experts split into parts of different formats (micro-expert bit allocation).
+cat >"$out/micro.json" <<RECIPE
+{"calibration": {"data": "$root/tests/data/brown/calibration.jsonl", "tokens": 8192, "block_samples": 512},
+ "passes": [{"pass": "moe-allocate-bits", "options": {"budget": 3.0, "candidates": "2,3,4", "group": 64,
+                                                      "granularity": "micro-expert"}},
+            {"pass": "moe-quantize", "options": {"group": 64, "targets": "experts"}}]}
+RECIPE
+"$build/tools/moec" compress "$root/tests/data/fixtures/tiny-mixtral" --recipe "$out/micro.json" \
+  -o "$out/packages/tiny-mixtral-micro-experts.moepkg" --quiet >/dev/null
+rm -f "$out"/packages/*.json "$out/micro.json"
 tar -C "$out" -cf - bin lib packages | xz -T2 -6 >"$root/.device/device.tar.xz"
 rm -rf "$out"
 du -sh "$root/.device/device.tar.xz"

@@ -64,7 +64,8 @@ struct ProductJob {
   int64_t groups;
   float *y;
   int64_t ldy;
-  int64_t first; ///< Rows before this job.
+  int64_t tokens; ///< Rows of x and y.
+  int64_t first;  ///< Rows before this job.
 };
 
 __device__ __forceinline__ float warpSum(float v) {
@@ -129,11 +130,7 @@ __device__ __forceinline__ int dotUnsigned(unsigned codes, int activations, int 
 
 /// The 32 codes of a planar block (kernels/common/QuantFormat.h) as eight
 /// words of four byte-sized codes: word m holds codes 4m .. 4m + 3.
-template <int BITS> __device__ __forceinline__ void unpackBlock(const unsigned short *p, unsigned (&c)[8]) {
-  unsigned w[BITS];
-#pragma unroll
-  for (int k = 0; k < BITS; ++k)
-    w[k] = static_cast<unsigned>(__ldg(p + 2 * k)) | (static_cast<unsigned>(__ldg(p + 2 * k + 1)) << 16);
+template <int BITS> __device__ __forceinline__ void unpackBlock(const unsigned (&w)[BITS], unsigned (&c)[8]) {
   if constexpr (BITS == 8) {
 #pragma unroll
     for (int m = 0; m < 8; ++m)
@@ -163,30 +160,55 @@ template <int BITS> __device__ __forceinline__ void unpackBlock(const unsigned s
   }
 }
 
+/// A 32-code block of a row: its group's scale and min and its code words.
+template <int BITS> struct CodeBlock {
+  float scale, minimum;
+  unsigned words[BITS];
+};
+
 template <int BITS> __device__ void groupRow(const ProductJob &job, int64_t row, int lane, int tokens) {
+  // Asymmetric groups (4-byte headers, codes of 4n bytes) keep 4-byte
+  // alignment: 32-bit loads. Symmetric ones (2-byte headers) 16-bit loads.
+  const bool words32 = !job.symmetric;
   const int headerBytes = job.symmetric ? 2 : 4;
   const int64_t groupBytes = headerBytes + static_cast<int64_t>(job.group) * BITS / 8;
   const int blocksPerGroup = job.group / 32;
   const int64_t blocks = job.groups * blocksPerGroup;
   const uint8_t *rowData = job.w + row * job.groups * groupBytes;
   const int64_t activationStride = job.groups * job.group;
+  auto load = [&](int64_t b, CodeBlock<BITS> &out) {
+    const int64_t g = b / blocksPerGroup;
+    const int inGroup = static_cast<int>(b - g * blocksPerGroup);
+    const uint8_t *groupData = rowData + g * groupBytes;
+    const uint8_t *codes = groupData + headerBytes + inGroup * 4 * BITS;
+    if (words32) {
+      const unsigned header = __ldg(reinterpret_cast<const unsigned *>(groupData));
+      out.scale = scaleValue(static_cast<unsigned short>(header & 0xFFFFu), job.bf16Scale);
+      out.minimum = scaleValue(static_cast<unsigned short>(header >> 16), job.bf16Scale);
+#pragma unroll
+      for (int k = 0; k < BITS; ++k)
+        out.words[k] = __ldg(reinterpret_cast<const unsigned *>(codes) + k);
+    } else {
+      out.scale = scaleValue(__ldg(reinterpret_cast<const unsigned short *>(groupData)), job.bf16Scale);
+      out.minimum = job.signedCodes ? 0.0f : -static_cast<float>(1 << (BITS - 1)) * out.scale;
+      const unsigned short *halves = reinterpret_cast<const unsigned short *>(codes);
+#pragma unroll
+      for (int k = 0; k < BITS; ++k)
+        out.words[k] =
+            static_cast<unsigned>(__ldg(halves + 2 * k)) | (static_cast<unsigned>(__ldg(halves + 2 * k + 1)) << 16);
+    }
+  };
   for (int t0 = 0; t0 < tokens; t0 += kTile) {
     const int n = min(kTile, tokens - t0);
     float acc[kTile];
 #pragma unroll
     for (int t = 0; t < kTile; ++t)
       acc[t] = 0.0f;
-    for (int64_t b = lane; b < blocks; b += 32) {
+    auto apply = [&](int64_t b, const CodeBlock<BITS> &block) {
       const int64_t g = b / blocksPerGroup;
       const int inGroup = static_cast<int>(b - g * blocksPerGroup);
-      const uint8_t *groupData = rowData + g * groupBytes;
-      const unsigned short *header = reinterpret_cast<const unsigned short *>(groupData);
-      const float scale = scaleValue(__ldg(header), job.bf16Scale);
-      float minimum = 0.0f;
-      if (!job.signedCodes)
-        minimum = job.symmetric ? -static_cast<float>(1 << (BITS - 1)) * scale : scaleValue(__ldg(header + 1), job.bf16Scale);
       unsigned codes[8];
-      unpackBlock<BITS>(reinterpret_cast<const unsigned short *>(groupData + headerBytes + inGroup * 4 * BITS), codes);
+      unpackBlock<BITS>(block.words, codes);
 #pragma unroll
       for (int t = 0; t < kTile; ++t) {
         if (t >= n)
@@ -206,10 +228,24 @@ template <int BITS> __device__ void groupRow(const ProductJob &job, int64_t row,
             sum = dotUnsigned(codes[m], activations[m], sum);
         }
         // The CPU's order: (sum * activation scale) * weight scale.
-        acc[t] += static_cast<float>(sum) * __ldg(job.qScales + token * job.groups + g) * scale;
+        acc[t] += static_cast<float>(sum) * __ldg(job.qScales + token * job.groups + g) * block.scale;
         if (inGroup == 0 && !job.signedCodes)
-          acc[t] += minimum * __ldg(job.qSums + token * job.groups + g);
+          acc[t] += block.minimum * __ldg(job.qSums + token * job.groups + g);
       }
+    };
+    // Two blocks in flight per lane: both loads issue before either is used.
+    int64_t b = lane;
+    for (; b + 32 < blocks; b += 64) {
+      CodeBlock<BITS> first, second;
+      load(b, first);
+      load(b + 32, second);
+      apply(b, first);
+      apply(b + 32, second);
+    }
+    if (b < blocks) {
+      CodeBlock<BITS> last;
+      load(b, last);
+      apply(b, last);
     }
 #pragma unroll
     for (int t = 0; t < kTile; ++t) {
@@ -276,7 +312,7 @@ template <bool BF16> __device__ void denseRow(const ProductJob &job, int64_t row
   }
 }
 
-__global__ void productKernel(const ProductJob *jobs, int count, int64_t totalRows, int tokens) {
+__global__ void productKernel(const ProductJob *jobs, int count, int64_t totalRows) {
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (warp >= totalRows)
@@ -291,6 +327,7 @@ __global__ void productKernel(const ProductJob *jobs, int count, int64_t totalRo
   }
   const ProductJob &job = jobs[low];
   const int64_t row = warp - job.first;
+  const int tokens = static_cast<int>(job.tokens);
   switch (job.layout) {
   case static_cast<int>(WeightLayout::F32):
     denseRow<false>(job, row, lane, tokens);
@@ -334,6 +371,150 @@ __global__ void combineKernel(const float *parts, const float *weights, int coun
   for (int i = 0; i < count; ++i)
     total += weights[i] * parts[i * hidden + r];
   out[r] = total;
+}
+
+/// Sum over a block (blockDim a multiple of 32, at most 1024).
+template <typename T> __device__ T blockSum(T value) {
+  __shared__ T partial[32];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1)
+    value += __shfl_xor_sync(0xffffffffu, value, offset);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0)
+    partial[warp] = value;
+  __syncthreads();
+  T total = 0;
+  for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w)
+    total += partial[w];
+  return total;
+}
+
+__device__ float blockMax(float value) {
+  __shared__ float partial[32];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1)
+    value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0)
+    partial[warp] = value;
+  __syncthreads();
+  float most = -INFINITY;
+  for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w)
+    most = fmaxf(most, partial[w]);
+  return most;
+}
+
+/// One row per block, in place allowed: RMSNorm (x * rsqrt(mean(x^2) + eps)
+/// * weight, in float as the CPU) or LayerNorm (mean and variance in double).
+__global__ void normKernel(const float *in, float *out, int64_t width, const float *weight, const float *bias,
+                           double eps, int layerNorm) {
+  const float *x = in + blockIdx.x * width;
+  float *y = out + blockIdx.x * width;
+  if (!layerNorm) {
+    float squares = 0.0f;
+    for (int64_t i = threadIdx.x; i < width; i += blockDim.x)
+      squares += x[i] * x[i];
+    squares = blockSum(squares);
+    const float scale = 1.0f / sqrtf(squares / static_cast<float>(width) + static_cast<float>(eps));
+    for (int64_t i = threadIdx.x; i < width; i += blockDim.x)
+      y[i] = weight[i] * (x[i] * scale);
+    return;
+  }
+  double sum = 0.0;
+  for (int64_t i = threadIdx.x; i < width; i += blockDim.x)
+    sum += x[i];
+  const double mean = blockSum(sum) / static_cast<double>(width);
+  double squares = 0.0;
+  for (int64_t i = threadIdx.x; i < width; i += blockDim.x)
+    squares += (x[i] - mean) * (x[i] - mean);
+  const double variance = blockSum(squares) / static_cast<double>(width);
+  const float scale = static_cast<float>(1.0 / sqrt(variance + eps));
+  for (int64_t i = threadIdx.x; i < width; i += blockDim.x)
+    y[i] = (x[i] - static_cast<float>(mean)) * scale * weight[i] + (bias ? bias[i] : 0.0f);
+}
+
+/// y += b, then (clip > 0) clamp to +-clip.
+__global__ void biasClampKernel(float *y, const float *b, int64_t count, float clip) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= count)
+    return;
+  float value = y[i] + (b ? b[i] : 0.0f);
+  if (clip > 0)
+    value = fminf(fmaxf(value, -clip), clip);
+  y[i] = value;
+}
+
+/// x += y.
+__global__ void addKernel(float *x, const float *y, int64_t count) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < count)
+    x[i] += y[i];
+}
+
+/// RoPE of one token: head blockIdx.x of x (stride headDim), pairs (i, i + half)
+/// or (2i, 2i + 1), as rope::apply.
+__global__ void ropeKernel(float *x, int headDim, int half, int interleaved, const float *cos, const float *sin) {
+  float *head = x + static_cast<int64_t>(blockIdx.x) * headDim;
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    const float c = cos[i], s = sin[i];
+    if (!interleaved) {
+      const float a = head[i], b = head[i + half];
+      head[i] = a * c - b * s;
+      head[i + half] = b * c + a * s;
+    } else {
+      const float a = head[2 * i], b = head[2 * i + 1];
+      head[2 * i] = a * c - b * s;
+      head[2 * i + 1] = a * s + b * c;
+    }
+  }
+}
+
+/// One query head per block over `visible` cached rows: scores, softmax
+/// (max-subtracted, as the CPU), weighted values, each sum in the CPU's order.
+__global__ void attendKernel(const float *q, const float *keys, const float *values, int64_t visible, int group,
+                             int qDim, int vDim, int64_t keyWidth, int64_t valueWidth, float scale, float *scores,
+                             int64_t scoreStride, float *out) {
+  const int h = blockIdx.x, kvHead = h / group;
+  const float *query = q + static_cast<int64_t>(h) * qDim;
+  float *score = scores + h * scoreStride;
+  float most = -INFINITY;
+  for (int64_t s = threadIdx.x; s < visible; s += blockDim.x) {
+    const float *key = keys + s * keyWidth + static_cast<int64_t>(kvHead) * qDim;
+    float dot = 0.0f;
+    for (int i = 0; i < qDim; ++i)
+      dot += query[i] * key[i];
+    score[s] = dot * scale;
+    most = fmaxf(most, score[s]);
+  }
+  most = blockMax(most);
+  float sum = 0.0f;
+  for (int64_t s = threadIdx.x; s < visible; s += blockDim.x) {
+    score[s] = expf(score[s] - most);
+    sum += score[s];
+  }
+  sum = blockSum(sum);
+  for (int64_t s = threadIdx.x; s < visible; s += blockDim.x)
+    score[s] /= sum;
+  __syncthreads();
+  for (int i = threadIdx.x; i < vDim; i += blockDim.x) {
+    float acc = 0.0f;
+    for (int64_t s = 0; s < visible; ++s)
+      acc += score[s] * values[s * valueWidth + static_cast<int64_t>(kvHead) * vDim + i];
+    out[static_cast<int64_t>(h) * vDim + i] = acc;
+  }
+}
+
+/// x[r] += sum_i weights[i] * parts[i * hidden + r], added in order of i.
+__global__ void combineAddKernel(const float *parts, const float *weights, int count, int64_t hidden, float *x) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= hidden)
+    return;
+  float total = 0.0f;
+  for (int i = 0; i < count; ++i)
+    total += weights[i] * parts[i * hidden + r];
+  x[r] += total;
 }
 
 unsigned blocksFor(int64_t threads, int perBlock) { return static_cast<unsigned>((threads + perBlock - 1) / perBlock); }
@@ -383,6 +564,20 @@ bool aligned16(const void *p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 } // namespace
 
+struct KvMirror {
+  struct Layer {
+    float *keys = nullptr, *values = nullptr;
+    int64_t rows = 0, capacity = 0, keyWidth = 0, valueWidth = 0;
+  };
+  std::vector<Layer> layers;
+  ~KvMirror() {
+    for (Layer &layer : layers) {
+      cudaFree(layer.keys);
+      cudaFree(layer.values);
+    }
+  }
+};
+
 struct Context::State {
   std::mutex mutex;
   DeviceFacts facts;
@@ -391,9 +586,9 @@ struct Context::State {
   Buffer input, scratch, output, hostInput{true}, hostOutput{true};
   std::shared_ptr<std::atomic<size_t>> resident = std::make_shared<std::atomic<size_t>>(0);
   double kernelSeconds = 0;
-
   ~State() {
-    for (Buffer *buffer : {&input, &scratch, &output, &hostInput, &hostOutput})
+    for (Buffer *buffer : {&input, &scratch, &output, &hostInput, &hostOutput, &x, &handover, &q, &attended, &branch,
+                           &scores, &logits, &tables, &weights, &rope, &arena})
       buffer->release();
     if (start)
       cudaEventDestroy(start);
@@ -436,8 +631,8 @@ struct Context::State {
   }
 
   /// A product job of `w` on activation `x` (device) writing y (device).
-  void addProduct(Plan &plan, Layout &scratchLayout, const DeviceWeight &w, const float *x, int64_t ldx,
-                  int64_t tokens, float *y, int64_t ldy) {
+  void addProduct(Plan &plan, Layout &scratchLayout, const DeviceWeight &w, const float *x, int64_t ldx, int64_t tokens,
+                  float *y, int64_t ldy) {
     ProductJob job{};
     job.w = static_cast<const uint8_t *>(w.data);
     job.rows = w.rows;
@@ -447,6 +642,7 @@ struct Context::State {
     job.ldx = ldx;
     job.y = y;
     job.ldy = ldy;
+    job.tokens = tokens;
     job.first = plan.rows;
     if (w.layout == WeightLayout::Group) {
       job.bits = w.format.bits;
@@ -489,12 +685,77 @@ struct Context::State {
     return check(cudaGetLastError(), "quantize launch");
   }
 
-  Status launchProducts(const ProductJob *deviceJobs, size_t count, int64_t rows, int64_t tokens) {
+  Status launchProducts(const ProductJob *deviceJobs, size_t count, int64_t rows) {
     if (count == 0)
       return Status::success();
     productKernel<<<blocksFor(rows * 32, 32 * kWarpsPerBlock), 32 * kWarpsPerBlock, 0, stream>>>(
-        deviceJobs, static_cast<int>(count), rows, static_cast<int>(tokens));
+        deviceJobs, static_cast<int>(count), rows);
     return check(cudaGetLastError(), "product launch");
+  }
+
+  // Decode: the residual stream and a token's intermediates on the device,
+  // job tables, and a pinned arena for what the host hands over between
+  // two waits (an async copy reads it later, so it is not reused before).
+  // `handover` holds the MLP input, then the new key and value rows, so
+  // that one copy hands all three to the host.
+  Buffer x, handover, q, attended, branch, scores, logits, tables, weights, rope, arena{true};
+  int64_t hidden = 0;
+  int64_t ropePosition = -1; ///< The position whose angles `rope` holds (this token's).
+  float *normedPointer() const { return handover.at<float>(0); }
+  size_t arenaUsed = 0;
+
+  Expected<void *> arenaTake(size_t bytes) {
+    const size_t offset = alignUp(arenaUsed, 256);
+    if (offset + bytes > arena.capacity)
+      return Status::error("CUDA decode: ", offset + bytes, " bytes of staging between two waits, more than the ",
+                           arena.capacity, " reserved");
+    arenaUsed = offset + bytes;
+    return static_cast<void *>(arena.at<char>(offset));
+  }
+
+  /// Copies `bytes` from host `source` to device `target` through the arena.
+  Status stage(void *target, const void *source, size_t bytes) {
+    Expected<void *> staged = arenaTake(bytes);
+    if (!staged)
+      return staged.status();
+    std::memcpy(*staged, source, bytes);
+    return check(cudaMemcpyAsync(target, *staged, bytes, cudaMemcpyHostToDevice, stream), "copy in");
+  }
+
+  /// Launches a plan whose x and y are device pointers and whose quantized
+  /// areas are offsets into scratch (reserved by the caller): its tables
+  /// go through the arena into `tables` (stream order makes reuse safe).
+  Status enqueue(Plan &plan) {
+    resolve(plan, 0);
+    Layout layout;
+    const size_t quantOffset = layout.take(plan.quant.size() * sizeof(QuantJob));
+    const size_t productOffset = layout.take(plan.products.size() * sizeof(ProductJob));
+    MOE_RETURN_IF_ERROR(tables.reserve(layout.size));
+    Expected<void *> staged = arenaTake(layout.size);
+    if (!staged)
+      return staged.status();
+    std::memcpy(static_cast<char *>(*staged) + quantOffset, plan.quant.data(), plan.quant.size() * sizeof(QuantJob));
+    std::memcpy(static_cast<char *>(*staged) + productOffset, plan.products.data(),
+                plan.products.size() * sizeof(ProductJob));
+    MOE_RETURN_IF_ERROR(
+        check(cudaMemcpyAsync(tables.data, *staged, layout.size, cudaMemcpyHostToDevice, stream), "copy tables"));
+    MOE_RETURN_IF_ERROR(launchQuant(tables.at<QuantJob>(quantOffset), plan.quant.size(), plan.quantWarps));
+    return launchProducts(tables.at<ProductJob>(productOffset), plan.products.size(), plan.rows);
+  }
+
+  /// y = W x on the device for one token, W's quantized input in scratch.
+  Status product(const DeviceWeight &w, const float *deviceX, float *deviceY) {
+    Plan plan;
+    Layout scratchLayout;
+    addProduct(plan, scratchLayout, w, deviceX, w.cols, 1, deviceY, w.rows);
+    MOE_RETURN_IF_ERROR(scratch.reserve(std::max<size_t>(scratchLayout.size, 256)));
+    return enqueue(plan);
+  }
+
+  Status waitAndReset() {
+    MOE_RETURN_IF_ERROR(check(cudaStreamSynchronize(stream), "decode"));
+    arenaUsed = 0;
+    return Status::success();
   }
 
   Status finish() {
@@ -572,8 +833,8 @@ Expected<std::shared_ptr<const DeviceWeight>> Context::upload(WeightLayout layou
     cudaGetLastError();
     size_t free = 0, total = 0;
     cudaMemGetInfo(&free, &total);
-    return Status::error("CUDA out of memory: ", bytes, " bytes for a ", rows, "x", cols, " matrix with ", free,
-                         " of ", total, " bytes free (", cudaGetErrorString(error), ")");
+    return Status::error("CUDA out of memory: ", bytes, " bytes for a ", rows, "x", cols, " matrix with ", free, " of ",
+                         total, " bytes free (", cudaGetErrorString(error), ")");
   }
   if (cudaError_t error = cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice); error != cudaSuccess) {
     cudaFree(device);
@@ -611,8 +872,8 @@ Status Context::multiply(const float *x, int64_t tokens, int64_t cols,
   MOE_RETURN_IF_ERROR(s.input.reserve(in.size));
   deviceX = s.input.at<float>(xOffset);
   for (size_t i = 0; i < products.size(); ++i)
-    s.addProduct(plan, scratch, *products[i].first, deviceX, cols, tokens,
-                 reinterpret_cast<float *>(yOffsets[i]), products[i].first->rows);
+    s.addProduct(plan, scratch, *products[i].first, deviceX, cols, tokens, reinterpret_cast<float *>(yOffsets[i]),
+                 products[i].first->rows);
   const size_t quantOffset = in.take(plan.quant.size() * sizeof(QuantJob));
   const size_t productOffset = in.take(plan.products.size() * sizeof(ProductJob));
   MOE_RETURN_IF_ERROR(s.input.reserve(in.size));
@@ -635,7 +896,7 @@ Status Context::multiply(const float *x, int64_t tokens, int64_t cols,
   MOE_RETURN_IF_ERROR(
       check(cudaMemcpyAsync(s.input.data, s.hostInput.data, in.size, cudaMemcpyHostToDevice, s.stream), "copy in"));
   MOE_RETURN_IF_ERROR(s.launchQuant(s.input.at<QuantJob>(quantOffset), plan.quant.size(), plan.quantWarps));
-  MOE_RETURN_IF_ERROR(s.launchProducts(s.input.at<ProductJob>(productOffset), plan.products.size(), plan.rows, tokens));
+  MOE_RETURN_IF_ERROR(s.launchProducts(s.input.at<ProductJob>(productOffset), plan.products.size(), plan.rows));
   MOE_RETURN_IF_ERROR(
       check(cudaMemcpyAsync(s.hostOutput.data, s.output.data, out.size, cudaMemcpyDeviceToHost, s.stream), "copy out"));
   MOE_RETURN_IF_ERROR(s.finish());
@@ -720,24 +981,389 @@ Status Context::experts(const float *x, int64_t hidden, const ExpertProduct *exp
   MOE_RETURN_IF_ERROR(
       check(cudaMemcpyAsync(s.input.data, s.hostInput.data, in.size, cudaMemcpyHostToDevice, s.stream), "copy in"));
   MOE_RETURN_IF_ERROR(s.launchQuant(s.input.at<QuantJob>(quantFirstOffset), first.quant.size(), first.quantWarps));
-  MOE_RETURN_IF_ERROR(
-      s.launchProducts(s.input.at<ProductJob>(productFirstOffset), first.products.size(), first.rows, 1));
-  swigluKernel<<<blocksFor(width, 256), 256, 0, s.stream>>>(s.scratch.at<float>(gateOffset),
-                                                            s.scratch.at<float>(upOffset),
-                                                            s.scratch.at<float>(hOffset), width);
+  MOE_RETURN_IF_ERROR(s.launchProducts(s.input.at<ProductJob>(productFirstOffset), first.products.size(), first.rows));
+  swigluKernel<<<blocksFor(width, 256), 256, 0, s.stream>>>(
+      s.scratch.at<float>(gateOffset), s.scratch.at<float>(upOffset), s.scratch.at<float>(hOffset), width);
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "swiglu launch"));
   MOE_RETURN_IF_ERROR(s.launchQuant(s.input.at<QuantJob>(quantSecondOffset), second.quant.size(), second.quantWarps));
   MOE_RETURN_IF_ERROR(
-      s.launchProducts(s.input.at<ProductJob>(productSecondOffset), second.products.size(), second.rows, 1));
+      s.launchProducts(s.input.at<ProductJob>(productSecondOffset), second.products.size(), second.rows));
   combineKernel<<<blocksFor(hidden, 256), 256, 0, s.stream>>>(s.scratch.at<float>(partsOffset),
-                                                              s.input.at<float>(weightOffset),
-                                                              static_cast<int>(count), hidden,
-                                                              s.output.at<float>(outOffset));
+                                                              s.input.at<float>(weightOffset), static_cast<int>(count),
+                                                              hidden, s.output.at<float>(outOffset));
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "combine launch"));
   MOE_RETURN_IF_ERROR(
       check(cudaMemcpyAsync(s.hostOutput.data, s.output.data, out.size, cudaMemcpyDeviceToHost, s.stream), "copy out"));
   MOE_RETURN_IF_ERROR(s.finish());
   std::memcpy(result, s.hostOutput.at<char>(outOffset), static_cast<size_t>(hidden) * 4);
+  return Status::success();
+}
+
+Status Context::expertBatches(const ExpertBatch *batchArray, size_t count, int64_t hidden) {
+  const std::vector<ExpertBatch> batches(batchArray, batchArray + count);
+  for (const ExpertBatch &b : batches)
+    if (!b.gate || !b.up || !b.down || b.gate->cols != hidden || b.up->cols != hidden || b.down->rows != hidden ||
+        b.up->rows != b.gate->rows || b.down->cols != b.gate->rows || b.tokens <= 0)
+      return Status::error("CUDA expert batches: an expert's gate, up and down do not fit a hidden size of ", hidden);
+  if (batches.empty())
+    return Status::success();
+  std::lock_guard<std::mutex> lock(state->mutex);
+  State &s = *state;
+  // Every pointer is first an offset: inputs in `input`, intermediates and
+  // quantized activations in `scratch`, outputs in `output`; the buffers
+  // are sized once the plans are made, then the offsets become pointers.
+  Layout in, scratch, out;
+  struct Offsets {
+    size_t x, gate, up, h, y;
+  };
+  std::vector<Offsets> at(count);
+  int64_t width = 0;
+  for (size_t i = 0; i < count; ++i) {
+    const int64_t n = batches[i].tokens, I = batches[i].gate->rows;
+    at[i].x = in.take(static_cast<size_t>(n * hidden) * 4);
+    at[i].y = out.take(static_cast<size_t>(n * hidden) * 4);
+    width += n * I;
+  }
+  // gate, up and h of all experts side by side, each expert's [n, I].
+  const size_t gateBase = scratch.take(static_cast<size_t>(width) * 4);
+  const size_t upBase = scratch.take(static_cast<size_t>(width) * 4);
+  const size_t hBase = scratch.take(static_cast<size_t>(width) * 4);
+  int64_t offset = 0;
+  for (size_t i = 0; i < count; ++i) {
+    at[i].gate = gateBase + offset * 4;
+    at[i].up = upBase + offset * 4;
+    at[i].h = hBase + offset * 4;
+    offset += batches[i].tokens * batches[i].gate->rows;
+  }
+  auto offsetPointer = [](size_t value) { return reinterpret_cast<float *>(value); };
+  State::Plan first, second;
+  for (size_t i = 0; i < count; ++i) {
+    const ExpertBatch &b = batches[i];
+    s.addProduct(first, scratch, *b.gate, offsetPointer(at[i].x), hidden, b.tokens, offsetPointer(at[i].gate),
+                 b.gate->rows);
+    s.addProduct(first, scratch, *b.up, offsetPointer(at[i].x), hidden, b.tokens, offsetPointer(at[i].up), b.up->rows);
+  }
+  for (size_t i = 0; i < count; ++i) {
+    const ExpertBatch &b = batches[i];
+    s.addProduct(second, scratch, *b.down, offsetPointer(at[i].h), b.down->cols, b.tokens, offsetPointer(at[i].y),
+                 hidden);
+  }
+  const size_t quantFirst = in.take(first.quant.size() * sizeof(QuantJob));
+  const size_t productFirst = in.take(first.products.size() * sizeof(ProductJob));
+  const size_t quantSecond = in.take(second.quant.size() * sizeof(QuantJob));
+  const size_t productSecond = in.take(second.products.size() * sizeof(ProductJob));
+  MOE_RETURN_IF_ERROR(s.input.reserve(in.size));
+  MOE_RETURN_IF_ERROR(s.scratch.reserve(scratch.size));
+  MOE_RETURN_IF_ERROR(s.output.reserve(out.size));
+  MOE_RETURN_IF_ERROR(s.hostInput.reserve(in.size));
+  MOE_RETURN_IF_ERROR(s.hostOutput.reserve(out.size));
+  // Offsets to pointers: x of the first plan in input, of the second in
+  // scratch; y of the first in scratch, of the second in output.
+  auto place = [](const Buffer &buffer, const float *value) {
+    return buffer.at<float>(reinterpret_cast<size_t>(value));
+  };
+  for (ProductJob &job : first.products) {
+    job.x = place(s.input, job.x);
+    job.y = place(s.scratch, job.y);
+  }
+  for (QuantJob &job : first.quant)
+    job.x = place(s.input, job.x);
+  for (ProductJob &job : second.products) {
+    job.x = place(s.scratch, job.x);
+    job.y = place(s.output, job.y);
+  }
+  for (QuantJob &job : second.quant)
+    job.x = place(s.scratch, job.x);
+  s.resolve(first, 0);
+  s.resolve(second, 0);
+  for (size_t i = 0; i < count; ++i)
+    std::memcpy(s.hostInput.at<char>(at[i].x), batches[i].x, static_cast<size_t>(batches[i].tokens * hidden) * 4);
+  std::memcpy(s.hostInput.at<char>(quantFirst), first.quant.data(), first.quant.size() * sizeof(QuantJob));
+  std::memcpy(s.hostInput.at<char>(productFirst), first.products.data(), first.products.size() * sizeof(ProductJob));
+  std::memcpy(s.hostInput.at<char>(quantSecond), second.quant.data(), second.quant.size() * sizeof(QuantJob));
+  std::memcpy(s.hostInput.at<char>(productSecond), second.products.data(), second.products.size() * sizeof(ProductJob));
+  MOE_RETURN_IF_ERROR(check(cudaEventRecord(s.start, s.stream), "event"));
+  MOE_RETURN_IF_ERROR(
+      check(cudaMemcpyAsync(s.input.data, s.hostInput.data, in.size, cudaMemcpyHostToDevice, s.stream), "copy in"));
+  MOE_RETURN_IF_ERROR(s.launchQuant(s.input.at<QuantJob>(quantFirst), first.quant.size(), first.quantWarps));
+  MOE_RETURN_IF_ERROR(s.launchProducts(s.input.at<ProductJob>(productFirst), first.products.size(), first.rows));
+  swigluKernel<<<blocksFor(width, 256), 256, 0, s.stream>>>(s.scratch.at<float>(gateBase), s.scratch.at<float>(upBase),
+                                                            s.scratch.at<float>(hBase), width);
+  MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "swiglu launch"));
+  MOE_RETURN_IF_ERROR(s.launchQuant(s.input.at<QuantJob>(quantSecond), second.quant.size(), second.quantWarps));
+  MOE_RETURN_IF_ERROR(s.launchProducts(s.input.at<ProductJob>(productSecond), second.products.size(), second.rows));
+  MOE_RETURN_IF_ERROR(
+      check(cudaMemcpyAsync(s.hostOutput.data, s.output.data, out.size, cudaMemcpyDeviceToHost, s.stream), "copy out"));
+  MOE_RETURN_IF_ERROR(s.finish());
+  for (size_t i = 0; i < count; ++i)
+    std::memcpy(batches[i].out, s.hostOutput.at<char>(at[i].y), static_cast<size_t>(batches[i].tokens * hidden) * 4);
+  return Status::success();
+}
+
+Expected<std::shared_ptr<const DeviceWeight>> Context::uploadVector(const float *values, int64_t count) {
+  return upload(WeightLayout::F32, {}, false, 1, count, values, static_cast<size_t>(count) * 4);
+}
+
+std::shared_ptr<KvMirror> Context::newKvMirror(int64_t layers) {
+  auto mirror = std::make_shared<KvMirror>();
+  mirror->layers.resize(static_cast<size_t>(layers));
+  return mirror;
+}
+
+Status Context::decodeBegin(const float *x, int64_t hidden) {
+  if (hidden <= 0)
+    return Status::error("CUDA decode: hidden size ", hidden);
+  std::lock_guard<std::mutex> lock(state->mutex);
+  State &s = *state;
+  MOE_RETURN_IF_ERROR(s.waitAndReset());
+  MOE_RETURN_IF_ERROR(s.arena.reserve(size_t(16) << 20));
+  s.hidden = hidden;
+  s.ropePosition = -1;
+  for (Buffer *buffer : {&s.x, &s.handover, &s.branch})
+    MOE_RETURN_IF_ERROR(buffer->reserve(static_cast<size_t>(hidden) * 4));
+  return s.stage(s.x.data, x, static_cast<size_t>(hidden) * 4);
+}
+
+Status Context::decodeSyncCache(KvMirror &mirror, int64_t layerIndex, const float *keys, const float *values,
+                                int64_t rows, int64_t keyWidth, int64_t valueWidth) {
+  if (layerIndex < 0 || layerIndex >= static_cast<int64_t>(mirror.layers.size()))
+    return Status::error("CUDA decode: no layer ", layerIndex, " in the KV mirror");
+  std::lock_guard<std::mutex> lock(state->mutex);
+  State &s = *state;
+  KvMirror::Layer &layer = mirror.layers[static_cast<size_t>(layerIndex)];
+  if (layer.capacity > 0 && (layer.keyWidth != keyWidth || layer.valueWidth != valueWidth))
+    return Status::error("CUDA decode: the KV cache's widths changed");
+  if (layer.rows > rows)
+    layer.rows = 0; // Not this cache's rows: upload them again.
+  if (rows + 1 > layer.capacity) {
+    // Grow by doubling, keeping the rows already there.
+    const int64_t capacity = std::max<int64_t>(rows + 1, std::max<int64_t>(256, 2 * layer.capacity));
+    float *newKeys = nullptr, *newValues = nullptr;
+    if (cudaMalloc(&newKeys, static_cast<size_t>(capacity * keyWidth) * 4) != cudaSuccess ||
+        cudaMalloc(&newValues, static_cast<size_t>(capacity * valueWidth) * 4) != cudaSuccess) {
+      cudaGetLastError();
+      cudaFree(newKeys);
+      return Status::error("CUDA out of memory for a KV cache of ", capacity, " positions");
+    }
+    MOE_RETURN_IF_ERROR(s.waitAndReset());
+    if (layer.rows > 0) {
+      MOE_RETURN_IF_ERROR(check(
+          cudaMemcpy(newKeys, layer.keys, static_cast<size_t>(layer.rows * keyWidth) * 4, cudaMemcpyDeviceToDevice),
+          "KV copy"));
+      MOE_RETURN_IF_ERROR(check(cudaMemcpy(newValues, layer.values, static_cast<size_t>(layer.rows * valueWidth) * 4,
+                                           cudaMemcpyDeviceToDevice),
+                                "KV copy"));
+    }
+    cudaFree(layer.keys);
+    cudaFree(layer.values);
+    layer.keys = newKeys;
+    layer.values = newValues;
+    layer.capacity = capacity;
+    layer.keyWidth = keyWidth;
+    layer.valueWidth = valueWidth;
+  }
+  if (layer.rows < rows) {
+    // Rows the host wrote (a prefill on the host): copied once.
+    MOE_RETURN_IF_ERROR(s.waitAndReset());
+    MOE_RETURN_IF_ERROR(
+        check(cudaMemcpy(layer.keys + layer.rows * keyWidth, keys + layer.rows * keyWidth,
+                         static_cast<size_t>((rows - layer.rows) * keyWidth) * 4, cudaMemcpyHostToDevice),
+              "KV upload"));
+    MOE_RETURN_IF_ERROR(
+        check(cudaMemcpy(layer.values + layer.rows * valueWidth, values + layer.rows * valueWidth,
+                         static_cast<size_t>((rows - layer.rows) * valueWidth) * 4, cudaMemcpyHostToDevice),
+              "KV upload"));
+    layer.rows = rows;
+  }
+  return Status::success();
+}
+
+Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int64_t layerIndex, int64_t position,
+                                float *mlpInput, float *keyRow, float *valueRow) {
+  if (!a.query || !a.key || !a.value || !a.output || !a.attentionNorm || !a.mlpNorm)
+    return Status::error("CUDA decode: a layer without its attention weights on the device");
+  std::lock_guard<std::mutex> lock(state->mutex);
+  State &s = *state;
+  const int64_t H = s.hidden;
+  const int64_t qWidth = static_cast<int64_t>(a.heads) * a.headDim,
+                kWidth = static_cast<int64_t>(a.kvHeads) * a.headDim,
+                vWidth = static_cast<int64_t>(a.kvHeads) * a.valueDim,
+                attendedWidth = static_cast<int64_t>(a.heads) * a.valueDim;
+  KvMirror::Layer &cache = mirror.layers[static_cast<size_t>(layerIndex)];
+  if (a.query->cols != H || a.query->rows != qWidth || a.key->rows != kWidth || a.value->rows != vWidth ||
+      a.output->cols != attendedWidth || a.output->rows != H || cache.keyWidth != kWidth ||
+      cache.valueWidth != vWidth || cache.rows != position || position + 1 > cache.capacity)
+    return Status::error("CUDA decode: layer ", layerIndex, "'s attention shapes or KV cache do not fit");
+  const size_t kOffset = alignUp(static_cast<size_t>(H) * 4, 256);
+  const size_t vOffset = kOffset + alignUp(static_cast<size_t>(kWidth) * 4, 256);
+  const size_t handoverBytes = vOffset + static_cast<size_t>(vWidth) * 4;
+  MOE_RETURN_IF_ERROR(s.q.reserve(static_cast<size_t>(qWidth) * 4));
+  MOE_RETURN_IF_ERROR(s.handover.reserve(handoverBytes));
+  MOE_RETURN_IF_ERROR(s.attended.reserve(static_cast<size_t>(attendedWidth) * 4));
+  MOE_RETURN_IF_ERROR(s.scores.reserve(static_cast<size_t>(a.heads * (position + 1)) * 4));
+  MOE_RETURN_IF_ERROR(s.rope.reserve(static_cast<size_t>(2 * std::max(a.ropeHalf, 1)) * 4));
+  float *x = s.x.at<float>(0), *normed = s.normedPointer(), *q = s.q.at<float>(0), *k = s.handover.at<float>(kOffset),
+        *v = s.handover.at<float>(vOffset), *attended = s.attended.at<float>(0), *branch = s.branch.at<float>(0);
+  // Bias and clamp launches only where a layer has them.
+  auto biasClamp = [&](float *y, const float *bias, int64_t count, float clip) {
+    if (bias || clip > 0)
+      biasClampKernel<<<blocksFor(count, 256), 256, 0, s.stream>>>(y, bias, count, clip);
+  };
+  const double eps = a.eps;
+  normKernel<<<1, 1024, 0, s.stream>>>(x, normed, H, a.attentionNorm, a.attentionNormBias, eps, a.layerNorm);
+  {
+    State::Plan plan;
+    Layout scratchLayout;
+    s.addProduct(plan, scratchLayout, *a.query, normed, H, 1, q, qWidth);
+    s.addProduct(plan, scratchLayout, *a.key, normed, H, 1, k, kWidth);
+    s.addProduct(plan, scratchLayout, *a.value, normed, H, 1, v, vWidth);
+    MOE_RETURN_IF_ERROR(s.scratch.reserve(std::max<size_t>(scratchLayout.size, 256)));
+    MOE_RETURN_IF_ERROR(s.enqueue(plan));
+  }
+  // As the CPU engine: biases, then qk-norm, then the clamp, then RoPE.
+  biasClamp(q, a.queryBias, qWidth, 0.0f);
+  biasClamp(k, a.keyBias, kWidth, 0.0f);
+  biasClamp(v, a.valueBias, vWidth, 0.0f);
+  if (a.qkNorm == 2) {
+    normKernel<<<1, 1024, 0, s.stream>>>(q, q, qWidth, a.queryNorm, nullptr, eps, 0);
+    normKernel<<<1, 1024, 0, s.stream>>>(k, k, kWidth, a.keyNorm, nullptr, eps, 0);
+  } else if (a.qkNorm == 1) {
+    normKernel<<<a.heads, 128, 0, s.stream>>>(q, q, a.headDim, a.queryNorm, nullptr, eps, 0);
+    normKernel<<<a.kvHeads, 128, 0, s.stream>>>(k, k, a.headDim, a.keyNorm, nullptr, eps, 0);
+  }
+  if (a.clip > 0) {
+    biasClamp(q, nullptr, qWidth, a.clip);
+    biasClamp(k, nullptr, kWidth, a.clip);
+    biasClamp(v, nullptr, vWidth, a.clip);
+  }
+  if (a.ropeHalf > 0) {
+    // Every layer of a token has the same angles: copied once per token.
+    if (s.ropePosition != position) {
+      std::vector<float> angles(a.cos, a.cos + a.ropeHalf);
+      angles.insert(angles.end(), a.sin, a.sin + a.ropeHalf);
+      MOE_RETURN_IF_ERROR(s.stage(s.rope.data, angles.data(), angles.size() * 4));
+      s.ropePosition = position;
+    }
+    const float *cos = s.rope.at<float>(0), *sin = s.rope.at<float>(static_cast<size_t>(a.ropeHalf) * 4);
+    ropeKernel<<<a.heads, 64, 0, s.stream>>>(q, a.headDim, a.ropeHalf, a.ropeInterleaved, cos, sin);
+    ropeKernel<<<a.kvHeads, 64, 0, s.stream>>>(k, a.headDim, a.ropeHalf, a.ropeInterleaved, cos, sin);
+  }
+  MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(cache.keys + position * kWidth, k, static_cast<size_t>(kWidth) * 4,
+                                            cudaMemcpyDeviceToDevice, s.stream),
+                            "KV append"));
+  MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(cache.values + position * vWidth, v, static_cast<size_t>(vWidth) * 4,
+                                            cudaMemcpyDeviceToDevice, s.stream),
+                            "KV append"));
+  cache.rows = position + 1;
+  attendKernel<<<a.heads, 256, 0, s.stream>>>(q, cache.keys, cache.values, position + 1, a.heads / a.kvHeads, a.headDim,
+                                              a.valueDim, kWidth, vWidth, a.softmaxScale, s.scores.at<float>(0),
+                                              position + 1, attended);
+  MOE_RETURN_IF_ERROR(s.product(*a.output, attended, branch));
+  biasClamp(branch, a.outputBias, H, 0.0f);
+  addKernel<<<blocksFor(H, 256), 256, 0, s.stream>>>(x, branch, H);
+  normKernel<<<1, 1024, 0, s.stream>>>(x, normed, H, a.mlpNorm, a.mlpNormBias, eps, a.layerNorm);
+  MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "decode launch"));
+  // The host's share: the MLP input (routing) and the new cache rows.
+  Expected<void *> staged = s.arenaTake(handoverBytes);
+  if (!staged)
+    return staged.status();
+  char *host = static_cast<char *>(*staged);
+  MOE_RETURN_IF_ERROR(
+      check(cudaMemcpyAsync(host, s.handover.data, handoverBytes, cudaMemcpyDeviceToHost, s.stream), "copy out"));
+  MOE_RETURN_IF_ERROR(s.waitAndReset());
+  std::memcpy(mlpInput, host, static_cast<size_t>(H) * 4);
+  std::memcpy(keyRow, host + kOffset, static_cast<size_t>(kWidth) * 4);
+  std::memcpy(valueRow, host + vOffset, static_cast<size_t>(vWidth) * 4);
+  return Status::success();
+}
+
+Status Context::decodeExperts(const ExpertProduct *expertArray, size_t count) {
+  std::lock_guard<std::mutex> lock(state->mutex);
+  State &s = *state;
+  const int64_t hidden = s.hidden;
+  if (count == 0)
+    return Status::success();
+  std::vector<int64_t> offsets{0};
+  for (size_t i = 0; i < count; ++i) {
+    const ExpertProduct &e = expertArray[i];
+    if (!e.gate || !e.up || !e.down || e.gate->cols != hidden || e.up->cols != hidden || e.down->rows != hidden ||
+        e.up->rows != e.gate->rows || e.down->cols != e.gate->rows)
+      return Status::error("CUDA decode: an expert's gate, up and down do not fit a hidden size of ", hidden);
+    offsets.push_back(offsets.back() + e.gate->rows);
+  }
+  const int64_t width = offsets.back();
+  Layout scratchLayout;
+  const size_t gateOffset = scratchLayout.take(static_cast<size_t>(width) * 4);
+  const size_t upOffset = scratchLayout.take(static_cast<size_t>(width) * 4);
+  const size_t hOffset = scratchLayout.take(static_cast<size_t>(width) * 4);
+  const size_t partsOffset = scratchLayout.take(static_cast<size_t>(count) * hidden * 4);
+  // Outputs and the down projections' inputs are scratch offsets until
+  // scratch is sized for every quantized area too.
+  auto offset = [](size_t value) { return reinterpret_cast<float *>(value); };
+  State::Plan first, second;
+  const float *normed = s.normedPointer();
+  for (size_t i = 0; i < count; ++i) {
+    s.addProduct(first, scratchLayout, *expertArray[i].gate, normed, hidden, 1, offset(gateOffset + offsets[i] * 4),
+                 expertArray[i].gate->rows);
+    s.addProduct(first, scratchLayout, *expertArray[i].up, normed, hidden, 1, offset(upOffset + offsets[i] * 4),
+                 expertArray[i].up->rows);
+  }
+  for (size_t i = 0; i < count; ++i)
+    s.addProduct(second, scratchLayout, *expertArray[i].down, offset(hOffset + offsets[i] * 4),
+                 expertArray[i].down->cols, 1, offset(partsOffset + i * hidden * 4), hidden);
+  MOE_RETURN_IF_ERROR(s.scratch.reserve(scratchLayout.size));
+  for (ProductJob &job : first.products)
+    job.y = s.scratch.at<float>(reinterpret_cast<size_t>(job.y));
+  for (ProductJob &job : second.products) {
+    job.x = s.scratch.at<float>(reinterpret_cast<size_t>(job.x));
+    job.y = s.scratch.at<float>(reinterpret_cast<size_t>(job.y));
+  }
+  for (QuantJob &job : second.quant)
+    job.x = s.scratch.at<float>(reinterpret_cast<size_t>(job.x));
+  std::vector<float> weights(count);
+  for (size_t i = 0; i < count; ++i)
+    weights[i] = expertArray[i].weight;
+  MOE_RETURN_IF_ERROR(s.weights.reserve(count * 4));
+  MOE_RETURN_IF_ERROR(s.stage(s.weights.data, weights.data(), count * 4));
+  MOE_RETURN_IF_ERROR(s.enqueue(first));
+  swigluKernel<<<blocksFor(width, 256), 256, 0, s.stream>>>(
+      s.scratch.at<float>(gateOffset), s.scratch.at<float>(upOffset), s.scratch.at<float>(hOffset), width);
+  MOE_RETURN_IF_ERROR(s.enqueue(second));
+  combineAddKernel<<<blocksFor(hidden, 256), 256, 0, s.stream>>>(
+      s.scratch.at<float>(partsOffset), s.weights.at<float>(0), static_cast<int>(count), hidden, s.x.at<float>(0));
+  return check(cudaGetLastError(), "decode experts launch");
+}
+
+Status Context::decodeAddBranch(const float *branch) {
+  std::lock_guard<std::mutex> lock(state->mutex);
+  State &s = *state;
+  MOE_RETURN_IF_ERROR(s.stage(s.branch.data, branch, static_cast<size_t>(s.hidden) * 4));
+  addKernel<<<blocksFor(s.hidden, 256), 256, 0, s.stream>>>(s.x.at<float>(0), s.branch.at<float>(0), s.hidden);
+  return check(cudaGetLastError(), "decode launch");
+}
+
+Status Context::decodeEnd(const float *norm, const float *normBias, bool layerNorm, float eps, const DeviceWeight &head,
+                          const float *headBias, float *logits) {
+  std::lock_guard<std::mutex> lock(state->mutex);
+  State &s = *state;
+  if (head.cols != s.hidden)
+    return Status::error("CUDA decode: an output projection of ", head.cols, " columns for a hidden size of ",
+                         s.hidden);
+  const int64_t V = head.rows;
+  MOE_RETURN_IF_ERROR(s.logits.reserve(static_cast<size_t>(V) * 4));
+  normKernel<<<1, 1024, 0, s.stream>>>(s.x.at<float>(0), s.normedPointer(), s.hidden, norm, normBias, eps, layerNorm);
+  MOE_RETURN_IF_ERROR(s.product(head, s.normedPointer(), s.logits.at<float>(0)));
+  if (headBias)
+    biasClampKernel<<<blocksFor(V, 256), 256, 0, s.stream>>>(s.logits.at<float>(0), headBias, V, 0.0f);
+  MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "decode launch"));
+  Expected<void *> staged = s.arenaTake(static_cast<size_t>(V) * 4);
+  if (!staged)
+    return staged.status();
+  MOE_RETURN_IF_ERROR(
+      check(cudaMemcpyAsync(*staged, s.logits.data, static_cast<size_t>(V) * 4, cudaMemcpyDeviceToHost, s.stream),
+            "copy out"));
+  MOE_RETURN_IF_ERROR(s.waitAndReset());
+  std::memcpy(logits, *staged, static_cast<size_t>(V) * 4);
   return Status::success();
 }
 
@@ -748,7 +1374,8 @@ Expected<double> Context::copyBandwidth(size_t bytes, int repeats) {
   MOE_RETURN_IF_ERROR(source.reserve(bytes));
   MOE_RETURN_IF_ERROR(target.reserve(bytes));
   MOE_RETURN_IF_ERROR(check(cudaMemsetAsync(source.data, 1, bytes, s.stream), "memset"));
-  MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(target.data, source.data, bytes, cudaMemcpyDeviceToDevice, s.stream), "copy"));
+  MOE_RETURN_IF_ERROR(
+      check(cudaMemcpyAsync(target.data, source.data, bytes, cudaMemcpyDeviceToDevice, s.stream), "copy"));
   MOE_RETURN_IF_ERROR(check(cudaEventRecord(s.start, s.stream), "event"));
   for (int i = 0; i < repeats; ++i)
     MOE_RETURN_IF_ERROR(

@@ -35,8 +35,8 @@ enum class WeightLayout : uint8_t { F32, BF16, Group };
 /// A row-major [rows, cols] matrix in device memory.
 struct DeviceWeight {
   WeightLayout layout = WeightLayout::F32;
-  quant::QuantFormat format;  ///< Group layout only.
-  bool signedCodes = false;   ///< Group layout: ggml's Q8_0 (two's complement codes, no min).
+  quant::QuantFormat format; ///< Group layout only.
+  bool signedCodes = false;  ///< Group layout: ggml's Q8_0 (two's complement codes, no min).
   int64_t rows = 0, cols = 0;
   const void *data = nullptr; ///< Device memory.
   size_t bytes = 0;
@@ -46,6 +46,38 @@ struct DeviceWeight {
 struct ExpertProduct {
   const DeviceWeight *gate = nullptr, *up = nullptr, *down = nullptr;
   float weight = 0.0f;
+};
+
+/// One expert over its tokens: out[tokens, H] = down(silu(gate x) * up x)
+/// for x[tokens, H]; x and out are host memory.
+struct ExpertBatch {
+  const DeviceWeight *gate = nullptr, *up = nullptr, *down = nullptr;
+  const float *x = nullptr;
+  int64_t tokens = 0;
+  float *out = nullptr;
+};
+
+/// Keys and values of one KV cache on the device, per layer (Context::
+/// newKvMirror); grown as tokens come.
+struct KvMirror;
+
+/// The attention half of a decoder layer for one token (grouped-query
+/// attention), every pointer device memory unless said otherwise; null
+/// vectors are absent (no bias, no qk-norm).
+struct DecodeAttention {
+  const float *attentionNorm = nullptr, *attentionNormBias = nullptr, *mlpNorm = nullptr, *mlpNormBias = nullptr;
+  bool layerNorm = false; ///< LayerNorm (with bias) instead of RMSNorm.
+  float eps = 0;
+  const DeviceWeight *query = nullptr, *key = nullptr, *value = nullptr, *output = nullptr;
+  const float *queryBias = nullptr, *keyBias = nullptr, *valueBias = nullptr, *outputBias = nullptr;
+  const float *queryNorm = nullptr, *keyNorm = nullptr;
+  int qkNorm = 0; ///< 0 none, 1 RMSNorm per head, 2 over the full width.
+  float clip = 0; ///< 0: no clamp.
+  int heads = 0, kvHeads = 0, headDim = 0, valueDim = 0;
+  int ropeHalf = 0; ///< Rotated pairs per head.
+  bool ropeInterleaved = false;
+  const float *cos = nullptr, *sin = nullptr; ///< Host, [ropeHalf] each, for this token.
+  float softmaxScale = 1;
 };
 
 /// The device's copy bandwidth and what a kernel read, for benchmarks.
@@ -72,17 +104,49 @@ public:
   /// Copies a matrix of `bytes` bytes from host memory; freed when the
   /// returned pointer is released. Checks that the bytes match the shape.
   Expected<std::shared_ptr<const DeviceWeight>> upload(WeightLayout layout, const quant::QuantFormat &format,
-                                                       bool signedCodes, int64_t rows, int64_t cols,
-                                                       const void *host, size_t bytes);
+                                                       bool signedCodes, int64_t rows, int64_t cols, const void *host,
+                                                       size_t bytes);
 
   /// For each of `count` (W, y): y[T, W.rows] = x[T, cols] W^T; x and every y are host
   /// memory, every W has `cols` columns.
-  Status multiply(const float *x, int64_t tokens, int64_t cols, const std::pair<const DeviceWeight *, float *> *products,
-                  size_t count);
+  Status multiply(const float *x, int64_t tokens, int64_t cols,
+                  const std::pair<const DeviceWeight *, float *> *products, size_t count);
 
   /// out[H] = sum_i weight_i * down_i(silu(gate_i x) * up_i x) over `count` experts of one token
   /// x[H] (host memory), the experts' outputs added in the given order.
   Status experts(const float *x, int64_t hidden, const ExpertProduct *experts, size_t count, float *out);
+
+  /// Several experts, each over its own tokens, in one transfer each way
+  /// and five launches (a MoE block's prefill).
+  Status expertBatches(const ExpertBatch *batches, size_t count, int64_t hidden);
+
+  // Decode of one token with the residual stream on the device: one wait
+  // per layer (decodeAttention hands the MLP input to the host, whose
+  // router chooses the experts) and one for the logits.
+
+  /// A vector (norm weights, biases) in device memory, F32 layout, 1 row.
+  Expected<std::shared_ptr<const DeviceWeight>> uploadVector(const float *values, int64_t count);
+  /// An empty mirror of a KV cache of `layers` layers.
+  std::shared_ptr<KvMirror> newKvMirror(int64_t layers);
+  /// The token x[hidden] (host) becomes the residual stream.
+  Status decodeBegin(const float *x, int64_t hidden);
+  /// Layer `layer` of `mirror` holds the host cache's first `rows` rows
+  /// (uploading those it lacks) and room for one more.
+  Status decodeSyncCache(KvMirror &mirror, int64_t layer, const float *keys, const float *values, int64_t rows,
+                         int64_t keyWidth, int64_t valueWidth);
+  /// Norm, q/k/v (biases, qk-norm, clamp), RoPE, the cache append at row
+  /// `position`, attention over rows 0..position, output projection and
+  /// residual add, then the MLP's norm; waits, and gives the host the MLP
+  /// input [hidden] and the new key and value rows.
+  Status decodeAttention(const DecodeAttention &layer, KvMirror &mirror, int64_t layerIndex, int64_t position,
+                         float *mlpInput, float *keyRow, float *valueRow);
+  /// Residual += sum_i weight_i * expert_i(MLP input), added in order.
+  Status decodeExperts(const ExpertProduct *experts, size_t count);
+  /// Residual += branch[hidden] (host): an MLP the host computed.
+  Status decodeAddBranch(const float *branch);
+  /// The final norm and the output projection (+ bias): logits (host), waits.
+  Status decodeEnd(const float *norm, const float *normBias, bool layerNorm, float eps, const DeviceWeight &head,
+                   const float *headBias, float *logits);
 
   /// Bytes of matrices held now.
   size_t residentBytes() const;

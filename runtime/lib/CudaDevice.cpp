@@ -9,6 +9,7 @@
 #include "moe/Runtime/Device.h"
 
 #include "cuda/MatrixProducts.h"
+#include "moe/Runtime/Engine.h"
 #include "moe/Runtime/Weights.h"
 
 #include <cstdio>
@@ -36,6 +37,24 @@ const cuda::DeviceWeight &deviceWeight(const Matrix &matrix) {
   return static_cast<const CudaMatrix &>(*matrix.device).get();
 }
 
+/// Device copies of a layer's or the model's vectors (LayerWeights::
+/// deviceVectors): null where the host vector is empty.
+struct CudaVectors {
+  std::vector<std::shared_ptr<const cuda::DeviceWeight>> held;
+  const float *attentionNorm = nullptr, *attentionNormBias = nullptr, *mlpNorm = nullptr, *mlpNormBias = nullptr;
+  const float *queryBias = nullptr, *keyBias = nullptr, *valueBias = nullptr, *outputBias = nullptr;
+  const float *queryNorm = nullptr, *keyNorm = nullptr;
+  const float *finalNorm = nullptr, *finalNormBias = nullptr, *lmHeadBias = nullptr;
+};
+
+/// The MLPs' device copies when the device holds all of them (no split parts).
+bool holdsMlps(std::span<const std::pair<const MlpWeights *, float>> mlps) {
+  for (const auto &[mlp, weight] : mlps)
+    if (!mlp->moreParts.empty() || !mlp->gate.device || !mlp->up.device || !mlp->down.device)
+      return false;
+  return true;
+}
+
 class CudaDevice final : public Device {
 public:
   explicit CudaDevice(std::shared_ptr<cuda::Context> context) : context(std::move(context)) {}
@@ -43,10 +62,10 @@ public:
   std::string description() const override {
     const cuda::DeviceFacts &f = context->facts();
     char text[256];
-    std::snprintf(text, sizeof text, "cuda: %s (sm_%d, %d SMs, %.1f GiB, driver %d.%d, runtime %d.%d)",
-                  f.name.c_str(), f.computeCapability, f.multiprocessors,
-                  static_cast<double>(f.totalMemory) / (1 << 30), f.driverVersion / 1000,
-                  f.driverVersion % 1000 / 10, f.runtimeVersion / 1000, f.runtimeVersion % 1000 / 10);
+    std::snprintf(text, sizeof text, "cuda: %s (sm_%d, %d SMs, %.1f GiB, driver %d.%d, runtime %d.%d)", f.name.c_str(),
+                  f.computeCapability, f.multiprocessors, static_cast<double>(f.totalMemory) / (1 << 30),
+                  f.driverVersion / 1000, f.driverVersion % 1000 / 10, f.runtimeVersion / 1000,
+                  f.runtimeVersion % 1000 / 10);
     return text;
   }
 
@@ -106,6 +125,99 @@ public:
     record(context->experts(x, hidden, jobs.data(), jobs.size(), out));
   }
 
+  void expertBatches(std::span<const DeviceExpertBatch> batches, int64_t hidden) override {
+    thread_local std::vector<cuda::ExpertBatch> jobs;
+    jobs.clear();
+    for (const DeviceExpertBatch &b : batches)
+      jobs.push_back(
+          {&deviceWeight(b.mlp->gate), &deviceWeight(b.mlp->up), &deviceWeight(b.mlp->down), b.x, b.tokens, b.out});
+    record(context->expertBatches(jobs.data(), jobs.size(), hidden));
+  }
+
+  bool decodesOnDevice() const override { return true; }
+
+  bool holdsAttention(const LayerWeights &w) const override {
+    return w.deviceVectors && w.query.device && w.key.device && w.value.device && w.output.device;
+  }
+
+  Status decodeBegin(const float *x, int64_t hidden) override { return context->decodeBegin(x, hidden); }
+
+  Status decodeAttention(const ModelSpec &spec, const LayerWeights &w, int64_t index, const float *cos,
+                         const float *sin, int64_t ropeHalf, KvCache &cache, float *mlpInput) override {
+    if (!holdsAttention(w))
+      return Status::error("CUDA decode: layer ", index, "'s attention is not on the device");
+    const AttentionSpec &a = spec.attention;
+    const auto &v = *static_cast<const CudaVectors *>(w.deviceVectors.get());
+    if (!cache.device)
+      cache.device = context->newKvMirror(spec.numLayers);
+    auto &mirror = *static_cast<cuda::KvMirror *>(cache.device.get());
+    const int64_t keyWidth = a.numKeyValueHeads * a.headDim, valueWidth = a.numKeyValueHeads * a.valueHeadDim;
+    std::vector<float> &keys = cache.keys[static_cast<size_t>(index)],
+                       &values = cache.values[static_cast<size_t>(index)];
+    const int64_t rows = static_cast<int64_t>(keys.size()) / keyWidth;
+    if (rows != cache.length)
+      return Status::error("CUDA decode: layer ", index, " caches ", rows, " positions, not ", cache.length);
+    MOE_RETURN_IF_ERROR(
+        context->decodeSyncCache(mirror, index, keys.data(), values.data(), rows, keyWidth, valueWidth));
+    cuda::DecodeAttention d;
+    d.attentionNorm = v.attentionNorm;
+    d.attentionNormBias = v.attentionNormBias;
+    d.mlpNorm = v.mlpNorm;
+    d.mlpNormBias = v.mlpNormBias;
+    d.layerNorm = spec.normKind == NormKind::LayerNorm;
+    d.eps = static_cast<float>(spec.normEps);
+    d.query = &deviceWeight(w.query);
+    d.key = &deviceWeight(w.key);
+    d.value = &deviceWeight(w.value);
+    d.output = &deviceWeight(w.output);
+    d.queryBias = v.queryBias;
+    d.keyBias = v.keyBias;
+    d.valueBias = v.valueBias;
+    d.outputBias = v.outputBias;
+    d.queryNorm = v.queryNorm;
+    d.keyNorm = v.keyNorm;
+    d.qkNorm = a.qkNorm == QkNormKind::PerHead ? 1 : a.qkNorm == QkNormKind::FullWidth ? 2 : 0;
+    d.clip = static_cast<float>(a.clipQkv);
+    d.heads = static_cast<int>(a.numHeads);
+    d.kvHeads = static_cast<int>(a.numKeyValueHeads);
+    d.headDim = static_cast<int>(a.headDim);
+    d.valueDim = static_cast<int>(a.valueHeadDim);
+    d.ropeHalf = static_cast<int>(ropeHalf);
+    d.ropeInterleaved = spec.rope.layout == RopeLayout::Interleaved;
+    d.cos = cos;
+    d.sin = sin;
+    d.softmaxScale = static_cast<float>(a.softmaxScale);
+    thread_local std::vector<float> keyRow, valueRow;
+    keyRow.resize(static_cast<size_t>(keyWidth));
+    valueRow.resize(static_cast<size_t>(valueWidth));
+    MOE_RETURN_IF_ERROR(
+        context->decodeAttention(d, mirror, index, cache.length, mlpInput, keyRow.data(), valueRow.data()));
+    keys.insert(keys.end(), keyRow.begin(), keyRow.end());
+    values.insert(values.end(), valueRow.begin(), valueRow.end());
+    return Status::success();
+  }
+
+  Status decodeMlp(std::span<const std::pair<const MlpWeights *, float>> mlps) override {
+    if (!holdsMlps(mlps))
+      return Status::error("CUDA decode: an MLP is not on the device");
+    thread_local std::vector<cuda::ExpertProduct> jobs;
+    jobs.clear();
+    for (const auto &[mlp, weight] : mlps)
+      jobs.push_back({&deviceWeight(mlp->gate), &deviceWeight(mlp->up), &deviceWeight(mlp->down), weight});
+    return context->decodeExperts(jobs.data(), jobs.size());
+  }
+
+  Status decodeAddBranch(const float *branch) override { return context->decodeAddBranch(branch); }
+
+  Status decodeEnd(const ModelSpec &spec, const GlobalWeights &globals, float *logits) override {
+    const Matrix &head = globals.outputProjection();
+    if (!head.device || !globals.deviceVectors)
+      return Status::error("CUDA decode: the output projection is not on the device");
+    const auto &v = *static_cast<const CudaVectors *>(globals.deviceVectors.get());
+    return context->decodeEnd(v.finalNorm, v.finalNormBias, spec.normKind == NormKind::LayerNorm,
+                              static_cast<float>(spec.normEps), deviceWeight(head), v.lmHeadBias, logits);
+  }
+
   Status takeError() override {
     Status taken = std::move(error);
     error = Status::success();
@@ -116,7 +228,44 @@ public:
   void resetBusySeconds() override { context->resetKernelSeconds(); }
   Expected<double> copyBandwidth() override { return context->copyBandwidth(size_t(1) << 30, 10); }
 
+protected:
+  Status uploadVectors(LayerWeights &w) override {
+    auto vectors = std::make_shared<CudaVectors>();
+    MOE_RETURN_IF_ERROR(copy(*vectors, w.attentionNorm, vectors->attentionNorm));
+    MOE_RETURN_IF_ERROR(copy(*vectors, w.attentionNormBias, vectors->attentionNormBias));
+    MOE_RETURN_IF_ERROR(copy(*vectors, w.mlpNorm, vectors->mlpNorm));
+    MOE_RETURN_IF_ERROR(copy(*vectors, w.mlpNormBias, vectors->mlpNormBias));
+    MOE_RETURN_IF_ERROR(copy(*vectors, w.queryBias, vectors->queryBias));
+    MOE_RETURN_IF_ERROR(copy(*vectors, w.keyBias, vectors->keyBias));
+    MOE_RETURN_IF_ERROR(copy(*vectors, w.valueBias, vectors->valueBias));
+    MOE_RETURN_IF_ERROR(copy(*vectors, w.outputBias, vectors->outputBias));
+    MOE_RETURN_IF_ERROR(copy(*vectors, w.queryNorm, vectors->queryNorm));
+    MOE_RETURN_IF_ERROR(copy(*vectors, w.keyNorm, vectors->keyNorm));
+    w.deviceVectors = std::move(vectors);
+    return Status::success();
+  }
+  Status uploadVectors(GlobalWeights &globals) override {
+    auto vectors = std::make_shared<CudaVectors>();
+    MOE_RETURN_IF_ERROR(copy(*vectors, globals.finalNorm, vectors->finalNorm));
+    MOE_RETURN_IF_ERROR(copy(*vectors, globals.finalNormBias, vectors->finalNormBias));
+    MOE_RETURN_IF_ERROR(copy(*vectors, globals.lmHeadBias, vectors->lmHeadBias));
+    globals.deviceVectors = std::move(vectors);
+    return Status::success();
+  }
+
 private:
+  Status copy(CudaVectors &vectors, const std::vector<float> &host, const float *&device) {
+    if (host.empty())
+      return Status::success();
+    Expected<std::shared_ptr<const cuda::DeviceWeight>> copied =
+        context->uploadVector(host.data(), static_cast<int64_t>(host.size()));
+    if (!copied)
+      return copied.status();
+    device = static_cast<const float *>((*copied)->data);
+    vectors.held.push_back(copied.take());
+    return Status::success();
+  }
+
   void record(Status status) {
     if (!status.ok() && error.ok())
       error = std::move(status);

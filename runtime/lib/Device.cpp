@@ -40,13 +40,28 @@ Status Device::uploadLayer(LayerWeights &layer) {
   MOE_RETURN_IF_ERROR(uploadMlp(*this, layer.shared));
   for (MlpWeights &expert : layer.experts)
     MOE_RETURN_IF_ERROR(uploadMlp(*this, expert));
-  return Status::success();
+  return uploadVectors(layer);
 }
 
 Status Device::uploadGlobals(GlobalWeights &globals) {
   Matrix &projection = globals.lmHead.empty() ? globals.embedding : globals.lmHead;
-  return projection.empty() ? Status::success() : upload(projection);
+  if (!projection.empty())
+    MOE_RETURN_IF_ERROR(upload(projection));
+  return uploadVectors(globals);
 }
+
+namespace {
+Status noDecode() { return Status::error("this device does not decode with the residual stream on it"); }
+} // namespace
+
+Status Device::decodeBegin(const float *, int64_t) { return noDecode(); }
+Status Device::decodeAttention(const ModelSpec &, const LayerWeights &, int64_t, const float *, const float *, int64_t,
+                               KvCache &, float *) {
+  return noDecode();
+}
+Status Device::decodeMlp(std::span<const std::pair<const MlpWeights *, float>>) { return noDecode(); }
+Status Device::decodeAddBranch(const float *) { return noDecode(); }
+Status Device::decodeEnd(const ModelSpec &, const GlobalWeights &, float *) { return noDecode(); }
 
 Expected<DeviceChoice> parseDeviceChoice(std::string_view name) {
   if (name == "cpu")

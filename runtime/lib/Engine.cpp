@@ -377,8 +377,7 @@ bool decodeExperts(const std::vector<std::pair<const MlpWeights *, float>> &mlps
   };
   // On a device: the same sum there, when it holds every expert.
   if (!mlps.empty() && std::all_of(mlps.begin(), mlps.end(), [](const auto &mlp) {
-        return mlp.first->moreParts.empty() && mlp.first->gate.device && mlp.first->up.device &&
-               mlp.first->down.device;
+        return mlp.first->moreParts.empty() && mlp.first->gate.device && mlp.first->up.device && mlp.first->down.device;
       })) {
     mlps.front().first->gate.device->device().experts(mlps, x, H, out);
     return true;
@@ -552,6 +551,54 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
     if (decodeExperts(mlps, x, H, out))
       return Status::success();
   }
+  // On a device that holds every routed expert this block runs: all of
+  // them in one call, then the same weighted sums in the same order as the
+  // loop below.
+  if (!observer && !cache && !allExperts) {
+    bool onDevice = true;
+    int64_t rows = 0;
+    for (int64_t e = 0; e < slots && onDevice; ++e)
+      if (!tokensOf[e].empty()) {
+        const MlpWeights &mlp = w.experts[static_cast<size_t>(e)];
+        onDevice = mlp.moreParts.empty() && mlp.gate.device && mlp.up.device && mlp.down.device;
+        rows += static_cast<int64_t>(tokensOf[e].size());
+      }
+    if (onDevice && rows > 0) {
+      thread_local std::vector<float> inputs, outputs;
+      thread_local std::vector<DeviceExpertBatch> batches;
+      inputs.resize(static_cast<size_t>(rows * H));
+      outputs.resize(static_cast<size_t>(rows * H));
+      batches.clear();
+      int64_t row = 0;
+      for (int64_t e = 0; e < slots; ++e) {
+        const std::vector<int32_t> &routed = tokensOf[e];
+        if (routed.empty())
+          continue;
+        for (size_t r = 0; r < routed.size(); ++r)
+          std::copy_n(x + routed[r] * H, H, inputs.data() + (row + static_cast<int64_t>(r)) * H);
+        batches.push_back({&w.experts[static_cast<size_t>(e)], inputs.data() + row * H,
+                           static_cast<int64_t>(routed.size()), outputs.data() + row * H});
+        row += static_cast<int64_t>(routed.size());
+      }
+      batches.front().mlp->gate.device->device().expertBatches(batches, H);
+      std::fill(out, out + tokens * H, 0.0f);
+      size_t batch = 0;
+      for (int64_t e = 0; e < slots; ++e) {
+        const std::vector<int32_t> &routed = tokensOf[e];
+        if (routed.empty())
+          continue;
+        const float *source = batches[batch++].out;
+        for (size_t r = 0; r < routed.size(); ++r) {
+          const float weight = weightsOf[e][r];
+          float *target = out + routed[r] * H;
+          for (int64_t i = 0; i < H; ++i)
+            target[i] += weight * source[static_cast<int64_t>(r) * H + i];
+        }
+      }
+      addSharedExpert(spec, layer, w, x, tokens, out, observer);
+      return Status::success();
+    }
+  }
   std::fill(out, out + tokens * H, 0.0f);
   std::vector<float> input, intermediate, output;
   // Statistics of every expert on every token (llm-compressor's
@@ -692,6 +739,8 @@ Status Engine::forward(std::span<const int32_t> tokens, KvCache &cache, std::vec
   const int64_t T = static_cast<int64_t>(tokens.size()), H = spec.hiddenSize, V = spec.vocabSize;
   if (T == 0)
     return Status::error("forward: no tokens");
+  if (T == 1 && onDevice && !observer && devicePathReady())
+    return decodeOnDevice(tokens[0], cache, logits);
   std::vector<float> x;
   MOE_RETURN_IF_ERROR(embed(tokens, x));
   for (int64_t l = 0; l < spec.numLayers; ++l)
@@ -706,6 +755,92 @@ Status Engine::forward(std::span<const int32_t> tokens, KvCache &cache, std::vec
   if (onDevice)
     MOE_RETURN_IF_ERROR(onDevice->takeError());
   return Status::success();
+}
+
+bool Engine::devicePathReady() {
+  if (!deviceDecodes) {
+    // Grouped-query attention, every layer's attention and the output
+    // projection on the device, and no expert cache (whose experts the
+    // device does not hold); the MLPs may stay on the host (decodeAddBranch).
+    bool ready = onDevice->decodesOnDevice() && !experts &&
+                 modelSpec.attention.kind != AttentionKind::MultiHeadLatent &&
+                 globals.outputProjection().device != nullptr && globals.deviceVectors != nullptr;
+    for (int64_t l = 0; ready && l < modelSpec.numLayers; ++l) {
+      Expected<std::shared_ptr<const LayerWeights>> layer = layers->get(l);
+      ready = layer && onDevice->holdsAttention(**layer);
+    }
+    deviceDecodes = ready;
+  }
+  return *deviceDecodes;
+}
+
+Status Engine::decodeOnDevice(int32_t token, KvCache &cache, std::vector<float> &logits) {
+  const ModelSpec &spec = modelSpec;
+  const int64_t H = spec.hiddenSize;
+  if (cache.keys.size() != static_cast<size_t>(spec.numLayers))
+    return Status::error("forward: the KV cache was not made by this engine");
+  if (cache.length + 1 > spec.maxPositions)
+    return Status::error("forward: position ", cache.length, " runs past the model's context of ", spec.maxPositions,
+                         " tokens (config.json max_position_embeddings); use a shorter prompt or --seq-len");
+  std::vector<float> x;
+  MOE_RETURN_IF_ERROR(embed(std::span<const int32_t>(&token, 1), x));
+  MOE_RETURN_IF_ERROR(onDevice->decodeBegin(x.data(), H));
+  thread_local std::vector<float> normedBuffer, branchBuffer;
+  std::vector<float> &normed = sized(normedBuffer, H), &branch = sized(branchBuffer, H);
+  thread_local detail::BlockRouting perThreadRouting;
+  thread_local std::vector<std::pair<const MlpWeights *, float>> mlps;
+  for (int64_t l = 0; l < spec.numLayers; ++l) {
+    Expected<std::shared_ptr<const LayerWeights>> loaded = layers->get(l);
+    if (!loaded)
+      return loaded.status();
+    const LayerWeights &w = **loaded;
+    const LayerSpec &layer = spec.layers[static_cast<size_t>(l)];
+    const rope::Angles angles = rope::computeAngles(spec, cache.length, 1);
+    MOE_RETURN_IF_ERROR(
+        onDevice->decodeAttention(spec, w, l, angles.cos.data(), angles.sin.data(), angles.half, cache, normed.data()));
+    // The MLP: routed on the host from the device's input, as moeBlock does.
+    mlps.clear();
+    if (layer.mlp == MlpKind::Moe) {
+      const std::set<int64_t> *masked = nullptr;
+      if (auto found = maskedExperts.find(l); found != maskedExperts.end())
+        masked = &found->second;
+      detail::BlockRouting &routing = perThreadRouting;
+      detail::routeBlock(spec, w, normed.data(), 1, masked, routing);
+      counters.routedTokens += 1;
+      for (size_t e = 0; e < routing.tokensOf.size(); ++e)
+        if (!routing.tokensOf[e].empty()) {
+          mlps.emplace_back(&w.experts[e], routing.weightsOf[e][0]);
+          counters.expertCalls += 1;
+        }
+      if (layer.shared.intermediateSize > 0)
+        mlps.emplace_back(&w.shared, sharedExpertGate(layer, w, normed.data(), H));
+    } else {
+      mlps.emplace_back(&w.dense, 1.0f);
+    }
+    bool held = true;
+    for (const auto &[mlp, weight] : mlps)
+      held = held && mlp->moreParts.empty() && mlp->gate.device && mlp->up.device && mlp->down.device;
+    if (held) {
+      MOE_RETURN_IF_ERROR(onDevice->decodeMlp(mlps));
+    } else {
+      // Split experts (or matrices the device has no kernel for): the
+      // host's block, then its output onto the device's residual stream.
+      if (layer.mlp == MlpKind::Moe) {
+        MoeBlockHooks hooks;
+        if (auto found = maskedExperts.find(l); found != maskedExperts.end())
+          hooks.maskedRows = &found->second;
+        MOE_RETURN_IF_ERROR(detail::moeBlock(spec, layer, w, normed.data(), 1, branch.data(), hooks, nullptr));
+      } else {
+        std::vector<float> intermediate;
+        swiglu(w.dense, normed.data(), 1, intermediate, branch.data());
+      }
+      MOE_RETURN_IF_ERROR(onDevice->takeError());
+      MOE_RETURN_IF_ERROR(onDevice->decodeAddBranch(branch.data()));
+    }
+  }
+  cache.length += 1;
+  logits.resize(static_cast<size_t>(spec.vocabSize));
+  return onDevice->decodeEnd(spec, globals, logits.data());
 }
 
 Status Engine::embed(std::span<const int32_t> tokens, std::vector<float> &x) const {
@@ -779,6 +914,7 @@ void Engine::replaceLayerWeights(std::unique_ptr<WeightProvider> replacement) {
   provider = std::move(replacement);
   layers = std::make_unique<LayerCache>(*provider, modelSpec.numLayers, layerBudget, expertCacheBytes == 0);
   layers->setDevice(onDevice);
+  deviceDecodes.reset();
   if (expertCacheBytes > 0)
     experts = std::make_unique<ExpertCache>(*provider, expertCacheBytes, expertCachePolicy);
 }

@@ -28,6 +28,8 @@ namespace moe {
 
 struct Matrix;
 struct MlpWeights;
+struct ModelSpec;
+struct KvCache;
 struct LayerWeights;
 struct GlobalWeights;
 class Device;
@@ -37,6 +39,14 @@ class DeviceMatrix {
 public:
   virtual ~DeviceMatrix() = default;
   virtual Device &device() const = 0;
+};
+
+/// One routed expert over its tokens: out[tokens, H] = mlp(x[tokens, H]).
+struct DeviceExpertBatch {
+  const MlpWeights *mlp = nullptr;
+  const float *x = nullptr;
+  int64_t tokens = 0;
+  float *out = nullptr;
 };
 
 /// Runs matrix products on an accelerator. Calls come from one host thread
@@ -59,6 +69,9 @@ public:
   /// parts), added in order.
   virtual void experts(std::span<const std::pair<const MlpWeights *, float>> mlps, const float *x, int64_t hidden,
                        float *out) = 0;
+  /// Several experts (no split parts), each over its own tokens: a MoE
+  /// block's prefill in one call.
+  virtual void expertBatches(std::span<const DeviceExpertBatch> batches, int64_t hidden) = 0;
   /// The first error since the last call, then clear.
   virtual Status takeError() = 0;
   /// Bytes of matrices in device memory now.
@@ -69,11 +82,34 @@ public:
   /// Device-to-device copy bandwidth (bytes read + written per second).
   virtual Expected<double> copyBandwidth() = 0;
 
+  // Decode of one token with the residual stream on the device (models with
+  // grouped-query attention): the engine calls decodeBegin, then per layer
+  // decodeAttention (which hands back the MLP input for routing on the host
+  // and appends the token's keys and values to the host cache as well) and
+  // decodeMlp or decodeAddBranch, then decodeEnd. Devices without it answer
+  // false to decodesOnDevice and the engine uses the products above.
+  virtual bool decodesOnDevice() const { return false; }
+  /// Whether the device holds all that decodeAttention reads of `layer`.
+  virtual bool holdsAttention(const LayerWeights &layer) const { return false; }
+  virtual Status decodeBegin(const float *x, int64_t hidden);
+  virtual Status decodeAttention(const ModelSpec &spec, const LayerWeights &layer, int64_t index, const float *cos,
+                                 const float *sin, int64_t ropeHalf, KvCache &cache, float *mlpInput);
+  /// Residual += sum_i weight_i * mlp_i(MLP input), for MLPs the device holds.
+  virtual Status decodeMlp(std::span<const std::pair<const MlpWeights *, float>> mlps);
+  /// Residual += branch[hidden] (host).
+  virtual Status decodeAddBranch(const float *branch);
+  virtual Status decodeEnd(const ModelSpec &spec, const GlobalWeights &globals, float *logits);
+
   /// Uploads every matrix of a layer except the router (routing stays on
   /// the host, with the CPU's arithmetic).
   Status uploadLayer(LayerWeights &layer);
   /// Uploads the output projection (lm_head, or the tied embedding).
   Status uploadGlobals(GlobalWeights &globals);
+
+protected:
+  /// Copies a layer's (the model's) vectors, for decode on the device.
+  virtual Status uploadVectors(LayerWeights &layer) { return Status::success(); }
+  virtual Status uploadVectors(GlobalWeights &globals) { return Status::success(); }
 };
 
 /// What `--device` names: cpu, cuda, or auto (cuda when this build has

@@ -27,6 +27,8 @@ struct KvCache {
   int64_t length = 0;
   /// Per layer, [length, keyWidth] and [length, valueWidth] row-major.
   std::vector<std::vector<float>> keys, values;
+  /// A Device's mirror of these rows (decode on the device keeps both).
+  std::shared_ptr<void> device;
 };
 
 /// Hooks the engine calls while it runs; calibration attaches one. Spans
@@ -212,11 +214,17 @@ public:
 
 private:
   Engine() = default;
+  /// One token with the residual stream on the device (Device::decodeBegin
+  /// and on): attention there, routing on the host, experts there.
+  Status decodeOnDevice(int32_t token, KvCache &cache, std::vector<float> &logits);
+  /// Whether decodeOnDevice can run this model: decided at its first use.
+  bool devicePathReady();
 
   ModelSpec modelSpec;
   std::unique_ptr<WeightProvider> provider;
   std::unique_ptr<LayerCache> layers;
   std::shared_ptr<Device> onDevice;
+  std::optional<bool> deviceDecodes;
   size_t layerBudget = 0;
   std::unique_ptr<ExpertCache> experts;
   size_t expertCacheBytes = 0;

@@ -120,6 +120,9 @@ struct LayerWeights {
   MlpWeights shared;
   std::vector<float> sharedExpertGate; ///< [hidden], Qwen2-MoE.
   RoutingPlan routing;
+  /// A Device's copies of the vectors above (norms, biases), when the
+  /// engine decodes on one (Device::uploadLayer).
+  std::shared_ptr<const void> deviceVectors;
 
   size_t bytes() const;
 };
@@ -130,6 +133,7 @@ struct GlobalWeights {
   std::vector<float> finalNorm, finalNormBias;
   Matrix lmHead; ///< Empty when tied to the embedding.
   std::vector<float> lmHeadBias;
+  std::shared_ptr<const void> deviceVectors; ///< A Device's copies of the vectors.
   const Matrix &outputProjection() const { return lmHead.empty() ? embedding : lmHead; }
 };
 
