@@ -6,6 +6,8 @@
 
 #include "Convert.h"
 
+#include "Check.h"
+
 #include <cuda_runtime.h>
 
 namespace moe::cuda {
@@ -15,12 +17,6 @@ __global__ void bfloat16ToF32Kernel(const uint16_t *source, size_t count, float 
   size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
   for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride)
     destination[i] = __uint_as_float(static_cast<uint32_t>(source[i]) << 16);
-}
-
-Status check(cudaError_t error, const char *what) {
-  if (error == cudaSuccess)
-    return Status::success();
-  return Status::error("CUDA ", what, ": ", cudaGetErrorString(error));
 }
 
 /// Device memory freed on scope exit.

@@ -19,6 +19,8 @@
 
 #include "MatrixProducts.h"
 
+#include "Check.h"
+
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -30,12 +32,6 @@
 
 namespace moe::cuda {
 namespace {
-
-Status check(cudaError_t error, const char *what) {
-  if (error == cudaSuccess)
-    return Status::success();
-  return Status::error("CUDA ", what, ": ", cudaGetErrorString(error));
-}
 
 constexpr int kTile = 8;          ///< Tokens per pass over a row.
 constexpr int kWarpsPerBlock = 8; ///< 256 threads.
@@ -362,15 +358,17 @@ __global__ void swigluKernel(const float *gate, const float *up, float *h, int64
   }
 }
 
-/// out[r] = sum_i weights[i] * parts[i * hidden + r], added in order of i.
-__global__ void combineKernel(const float *parts, const float *weights, int count, int64_t hidden, float *out) {
+/// out[r] = sum_i weights[i] * parts[i * hidden + r], added in order of i
+/// (or out[r] += that sum when `accumulate`: the residual stream).
+__global__ void combineKernel(const float *parts, const float *weights, int count, int64_t hidden, float *out,
+                              bool accumulate) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= hidden)
     return;
   float total = 0.0f;
   for (int i = 0; i < count; ++i)
     total += weights[i] * parts[i * hidden + r];
-  out[r] = total;
+  out[r] = accumulate ? out[r] + total : total;
 }
 
 /// Sum over a block (blockDim a multiple of 32, at most 1024).
@@ -504,17 +502,6 @@ __global__ void attendKernel(const float *q, const float *keys, const float *val
       acc += score[s] * values[s * valueWidth + static_cast<int64_t>(kvHead) * vDim + i];
     out[static_cast<int64_t>(h) * vDim + i] = acc;
   }
-}
-
-/// x[r] += sum_i weights[i] * parts[i * hidden + r], added in order of i.
-__global__ void combineAddKernel(const float *parts, const float *weights, int count, int64_t hidden, float *x) {
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r >= hidden)
-    return;
-  float total = 0.0f;
-  for (int i = 0; i < count; ++i)
-    total += weights[i] * parts[i * hidden + r];
-  x[r] += total;
 }
 
 unsigned blocksFor(int64_t threads, int perBlock) { return static_cast<unsigned>((threads + perBlock - 1) / perBlock); }
@@ -990,7 +977,7 @@ Status Context::experts(const float *x, int64_t hidden, const ExpertProduct *exp
       s.launchProducts(s.input.at<ProductJob>(productSecondOffset), second.products.size(), second.rows));
   combineKernel<<<blocksFor(hidden, 256), 256, 0, s.stream>>>(s.scratch.at<float>(partsOffset),
                                                               s.input.at<float>(weightOffset), static_cast<int>(count),
-                                                              hidden, s.output.at<float>(outOffset));
+                                                              hidden, s.output.at<float>(outOffset), false);
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "combine launch"));
   MOE_RETURN_IF_ERROR(
       check(cudaMemcpyAsync(s.hostOutput.data, s.output.data, out.size, cudaMemcpyDeviceToHost, s.stream), "copy out"));
@@ -1329,8 +1316,8 @@ Status Context::decodeExperts(const ExpertProduct *expertArray, size_t count) {
   swigluKernel<<<blocksFor(width, 256), 256, 0, s.stream>>>(
       s.scratch.at<float>(gateOffset), s.scratch.at<float>(upOffset), s.scratch.at<float>(hOffset), width);
   MOE_RETURN_IF_ERROR(s.enqueue(second));
-  combineAddKernel<<<blocksFor(hidden, 256), 256, 0, s.stream>>>(
-      s.scratch.at<float>(partsOffset), s.weights.at<float>(0), static_cast<int>(count), hidden, s.x.at<float>(0));
+  combineKernel<<<blocksFor(hidden, 256), 256, 0, s.stream>>>(s.scratch.at<float>(partsOffset), s.weights.at<float>(0),
+                                                              static_cast<int>(count), hidden, s.x.at<float>(0), true);
   return check(cudaGetLastError(), "decode experts launch");
 }
 

@@ -13,6 +13,8 @@
 
 #include "QuantGemv.h"
 
+#include "Check.h"
+
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -20,12 +22,6 @@
 
 namespace moe::cuda {
 namespace {
-
-Status check(cudaError_t error, const char *what) {
-  if (error == cudaSuccess)
-    return Status::success();
-  return Status::error("CUDA ", what, ": ", cudaGetErrorString(error));
-}
 
 template <bool BF16> __device__ __forceinline__ float scaleValue(uint16_t bits) {
   if constexpr (BF16)
