@@ -513,6 +513,10 @@ struct Buffer {
   bool host = false;
   void *data = nullptr;
   size_t capacity = 0;
+  explicit Buffer(bool host = false) : host(host) {}
+  Buffer(const Buffer &) = delete;
+  Buffer &operator=(const Buffer &) = delete;
+  ~Buffer() { release(); }
   Status reserve(size_t bytes) {
     if (bytes <= capacity)
       return Status::success();
@@ -823,7 +827,11 @@ Expected<std::shared_ptr<const DeviceWeight>> Context::upload(WeightLayout layou
     return Status::error("CUDA out of memory: ", bytes, " bytes for a ", rows, "x", cols, " matrix with ", free, " of ",
                          total, " bytes free (", cudaGetErrorString(error), ")");
   }
-  if (cudaError_t error = cudaMemcpy(device, host, bytes, cudaMemcpyHostToDevice); error != cudaSuccess) {
+  // On the context's stream (not the legacy one, which a non-blocking stream
+  // does not wait for), so every later kernel sees the bytes; from pageable
+  // memory the call returns once the host bytes are staged.
+  if (cudaError_t error = cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, state->stream);
+      error != cudaSuccess) {
     cudaFree(device);
     return check(error, "upload copy");
   }
@@ -1133,13 +1141,17 @@ Status Context::decodeSyncCache(KvMirror &mirror, int64_t layerIndex, const floa
       return Status::error("CUDA out of memory for a KV cache of ", capacity, " positions");
     }
     MOE_RETURN_IF_ERROR(s.waitAndReset());
+    // On the context's stream, which the legacy stream's copies would not
+    // be ordered with; the old buffers are freed only once they are done.
     if (layer.rows > 0) {
-      MOE_RETURN_IF_ERROR(check(
-          cudaMemcpy(newKeys, layer.keys, static_cast<size_t>(layer.rows * keyWidth) * 4, cudaMemcpyDeviceToDevice),
-          "KV copy"));
-      MOE_RETURN_IF_ERROR(check(cudaMemcpy(newValues, layer.values, static_cast<size_t>(layer.rows * valueWidth) * 4,
-                                           cudaMemcpyDeviceToDevice),
+      MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(newKeys, layer.keys, static_cast<size_t>(layer.rows * keyWidth) * 4,
+                                                cudaMemcpyDeviceToDevice, s.stream),
                                 "KV copy"));
+      MOE_RETURN_IF_ERROR(
+          check(cudaMemcpyAsync(newValues, layer.values, static_cast<size_t>(layer.rows * valueWidth) * 4,
+                                cudaMemcpyDeviceToDevice, s.stream),
+                "KV copy"));
+      MOE_RETURN_IF_ERROR(s.waitAndReset());
     }
     cudaFree(layer.keys);
     cudaFree(layer.values);
@@ -1152,14 +1164,15 @@ Status Context::decodeSyncCache(KvMirror &mirror, int64_t layerIndex, const floa
   if (layer.rows < rows) {
     // Rows the host wrote (a prefill on the host): copied once.
     MOE_RETURN_IF_ERROR(s.waitAndReset());
-    MOE_RETURN_IF_ERROR(
-        check(cudaMemcpy(layer.keys + layer.rows * keyWidth, keys + layer.rows * keyWidth,
-                         static_cast<size_t>((rows - layer.rows) * keyWidth) * 4, cudaMemcpyHostToDevice),
-              "KV upload"));
-    MOE_RETURN_IF_ERROR(
-        check(cudaMemcpy(layer.values + layer.rows * valueWidth, values + layer.rows * valueWidth,
-                         static_cast<size_t>((rows - layer.rows) * valueWidth) * 4, cudaMemcpyHostToDevice),
-              "KV upload"));
+    MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(layer.keys + layer.rows * keyWidth, keys + layer.rows * keyWidth,
+                                              static_cast<size_t>((rows - layer.rows) * keyWidth) * 4,
+                                              cudaMemcpyHostToDevice, s.stream),
+                              "KV upload"));
+    MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(layer.values + layer.rows * valueWidth, values + layer.rows * valueWidth,
+                                              static_cast<size_t>((rows - layer.rows) * valueWidth) * 4,
+                                              cudaMemcpyHostToDevice, s.stream),
+                              "KV upload"));
+    MOE_RETURN_IF_ERROR(s.waitAndReset());
     layer.rows = rows;
   }
   return Status::success();

@@ -90,7 +90,9 @@ struct DeviceFacts {
 };
 
 /// A device, its stream and its scratch buffers. Calls are serialised by a
-/// mutex; each returns once its results are in host memory.
+/// mutex. multiply, experts, expertBatches, decodeAttention and decodeEnd
+/// return once their results are in host memory; decodeBegin, decodeExperts
+/// and decodeAddBranch only enqueue (the stream keeps them in order).
 class Context {
 public:
   /// Device 0; an error when the build has no usable device or driver.

@@ -17,7 +17,7 @@
 
 namespace moe {
 
-Expected<std::shared_ptr<Device>> openCudaDevice();
+Expected<std::shared_ptr<Device>> openCudaDevice(bool lenient);
 
 namespace {
 
@@ -57,7 +57,7 @@ bool holdsMlps(std::span<const std::pair<const MlpWeights *, float>> mlps) {
 
 class CudaDevice final : public Device {
 public:
-  explicit CudaDevice(std::shared_ptr<cuda::Context> context) : context(std::move(context)) {}
+  CudaDevice(std::shared_ptr<cuda::Context> context, bool lenient) : context(std::move(context)), lenient(lenient) {}
 
   std::string description() const override {
     const cuda::DeviceFacts &f = context->facts();
@@ -96,8 +96,13 @@ public:
     }
     Expected<std::shared_ptr<const cuda::DeviceWeight>> weight =
         context->upload(layout, format, signedCodes, matrix.rows, matrix.cols, data, bytes);
-    if (!weight)
-      return Status::error(weight.status().message(), " (run with --device cpu, or a smaller --max-memory)");
+    if (!weight) {
+      // --device auto: what does not fit stays on the CPU (slower, never a
+      // failed run); --device cuda: the user asked for the GPU, say why not.
+      if (lenient)
+        return Status::success();
+      return Status::error(weight.status().message(), " (run with --device cpu or auto, or a smaller --max-memory)");
+    }
     matrix.device = std::make_shared<CudaMatrix>(shared_from_this(), weight.take());
     return Status::success();
   }
@@ -231,24 +236,35 @@ public:
 protected:
   Status uploadVectors(LayerWeights &w) override {
     auto vectors = std::make_shared<CudaVectors>();
-    MOE_RETURN_IF_ERROR(copy(*vectors, w.attentionNorm, vectors->attentionNorm));
-    MOE_RETURN_IF_ERROR(copy(*vectors, w.attentionNormBias, vectors->attentionNormBias));
-    MOE_RETURN_IF_ERROR(copy(*vectors, w.mlpNorm, vectors->mlpNorm));
-    MOE_RETURN_IF_ERROR(copy(*vectors, w.mlpNormBias, vectors->mlpNormBias));
-    MOE_RETURN_IF_ERROR(copy(*vectors, w.queryBias, vectors->queryBias));
-    MOE_RETURN_IF_ERROR(copy(*vectors, w.keyBias, vectors->keyBias));
-    MOE_RETURN_IF_ERROR(copy(*vectors, w.valueBias, vectors->valueBias));
-    MOE_RETURN_IF_ERROR(copy(*vectors, w.outputBias, vectors->outputBias));
-    MOE_RETURN_IF_ERROR(copy(*vectors, w.queryNorm, vectors->queryNorm));
-    MOE_RETURN_IF_ERROR(copy(*vectors, w.keyNorm, vectors->keyNorm));
+    Status status = Status::success();
+    for (auto [host, device] : {std::pair{&w.attentionNorm, &vectors->attentionNorm},
+                                {&w.attentionNormBias, &vectors->attentionNormBias},
+                                {&w.mlpNorm, &vectors->mlpNorm},
+                                {&w.mlpNormBias, &vectors->mlpNormBias},
+                                {&w.queryBias, &vectors->queryBias},
+                                {&w.keyBias, &vectors->keyBias},
+                                {&w.valueBias, &vectors->valueBias},
+                                {&w.outputBias, &vectors->outputBias},
+                                {&w.queryNorm, &vectors->queryNorm},
+                                {&w.keyNorm, &vectors->keyNorm}})
+      if (status.ok())
+        status = copy(*vectors, *host, *device);
+    // Without its vectors a layer decodes through the products alone.
+    if (!status.ok())
+      return lenient ? Status::success() : status;
     w.deviceVectors = std::move(vectors);
     return Status::success();
   }
   Status uploadVectors(GlobalWeights &globals) override {
     auto vectors = std::make_shared<CudaVectors>();
-    MOE_RETURN_IF_ERROR(copy(*vectors, globals.finalNorm, vectors->finalNorm));
-    MOE_RETURN_IF_ERROR(copy(*vectors, globals.finalNormBias, vectors->finalNormBias));
-    MOE_RETURN_IF_ERROR(copy(*vectors, globals.lmHeadBias, vectors->lmHeadBias));
+    Status status = Status::success();
+    for (auto [host, device] : {std::pair{&globals.finalNorm, &vectors->finalNorm},
+                                {&globals.finalNormBias, &vectors->finalNormBias},
+                                {&globals.lmHeadBias, &vectors->lmHeadBias}})
+      if (status.ok())
+        status = copy(*vectors, *host, *device);
+    if (!status.ok())
+      return lenient ? Status::success() : status;
     globals.deviceVectors = std::move(vectors);
     return Status::success();
   }
@@ -272,16 +288,17 @@ private:
   }
 
   std::shared_ptr<cuda::Context> context;
+  bool lenient = false;
   Status error = Status::success();
 };
 
 } // namespace
 
-Expected<std::shared_ptr<Device>> openCudaDevice() {
+Expected<std::shared_ptr<Device>> openCudaDevice(bool lenient) {
   Expected<std::shared_ptr<cuda::Context>> context = cuda::Context::open();
   if (!context)
     return Status::error("--device cuda: ", context.status().message());
-  return std::shared_ptr<Device>(std::make_shared<CudaDevice>(context.take()));
+  return std::shared_ptr<Device>(std::make_shared<CudaDevice>(context.take(), lenient));
 }
 
 } // namespace moe

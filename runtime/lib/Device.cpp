@@ -11,8 +11,9 @@
 namespace moe {
 
 #if MOEC_HAVE_CUDA
-/// runtime/lib/CudaDevice.cpp: the CUDA device, or why there is none.
-Expected<std::shared_ptr<Device>> openCudaDevice();
+/// runtime/lib/CudaDevice.cpp: the CUDA device, or why there is none. A
+/// lenient one leaves a matrix it cannot hold (device memory full) on the CPU.
+Expected<std::shared_ptr<Device>> openCudaDevice(bool lenient);
 bool cudaBuilt() { return true; }
 #else
 bool cudaBuilt() { return false; }
@@ -77,7 +78,7 @@ Expected<std::shared_ptr<Device>> openDevice(DeviceChoice choice) {
   if (choice == DeviceChoice::Cpu)
     return std::shared_ptr<Device>();
 #if MOEC_HAVE_CUDA
-  Expected<std::shared_ptr<Device>> device = openCudaDevice();
+  Expected<std::shared_ptr<Device>> device = openCudaDevice(choice == DeviceChoice::Auto);
   if (!device && choice == DeviceChoice::Auto)
     return std::shared_ptr<Device>();
   return device;

@@ -559,7 +559,9 @@ Expected<double> Engine::lossGradients(std::span<const int32_t> tokens, Gradient
     row[label] -= static_cast<float>(1.0 / predicted);
   }
   if (!std::isfinite(loss))
-    return Status::error("gradients: the loss is not finite (the model produced non-finite logits)");
+    return onDevice && !onDevice->takeError().ok()
+               ? Status::error("gradients: a product on the device failed")
+               : Status::error("gradients: the loss is not finite (the model produced non-finite logits)");
   Buffer dNormed = zeros(T * H), g = zeros(T * H);
   linearBackward(logits.data(), T, globals.outputProjection(), dNormed.data());
   normBackward(spec, x.data(), T, globals.finalNorm, dNormed.data(), g.data());
@@ -611,6 +613,9 @@ Expected<double> Engine::lossGradients(std::span<const int32_t> tokens, Gradient
     inputs[l] = Buffer();
   }
   gradients.onInputGradient(T, g);
+  // A product that failed on a device left its output undefined.
+  if (onDevice)
+    MOE_RETURN_IF_ERROR(onDevice->takeError());
   return loss / predicted;
 }
 

@@ -678,3 +678,25 @@ TEST(MoeBlock, MaskedErrorsFromProductsEqualTheEngineRecomputingTheBlock) {
     }
   }
 }
+
+// A device's mirror of a KV cache counts the cache's rows, so two caches
+// must never share one: a copy starts without it, a move takes it along.
+TEST(KvCache, ACopyStartsWithoutTheDeviceMirror) {
+  moe::KvCache a;
+  a.length = 3;
+  a.keys = {{1.0f, 2.0f, 3.0f}};
+  a.values = {{4.0f, 5.0f, 6.0f}};
+  a.device = std::make_shared<int>(7);
+  moe::KvCache copied(a);
+  EXPECT_EQ(copied.length, 3);
+  EXPECT_EQ(copied.keys, a.keys);
+  EXPECT_EQ(copied.values, a.values);
+  EXPECT_EQ(copied.device, nullptr);
+  moe::KvCache assigned;
+  assigned.device = std::make_shared<int>(8);
+  assigned = a;
+  EXPECT_EQ(assigned.keys, a.keys);
+  EXPECT_EQ(assigned.device, nullptr);
+  moe::KvCache moved(std::move(a));
+  EXPECT_NE(moved.device, nullptr);
+}

@@ -44,7 +44,10 @@ struct ModelOptions {
   double expertFallbackBelow = 0.5;    ///< --expert-fallback-below SHARE.
   std::string task;                    ///< --task NAME|auto|all (task expert sets).
   std::string taskSignature = "first"; ///< --task-signature first|all.
-  std::string device;                  ///< --device cpu|cuda|auto (empty: $MOEC_DEVICE, else auto).
+  std::string device;                  ///< --device cpu|cuda|auto (empty: $MOEC_DEVICE, else deviceDefault).
+  /// auto for eval and generate; cpu where statistics are made (calibrate,
+  /// analyze, search), so they do not depend on the machine.
+  std::string deviceDefault = "cpu";
 };
 /// --task auto (or no --task) on a model with task sets: retrieves a set
 /// for each request (eval's windows, generate's prompt) from its first

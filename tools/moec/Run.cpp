@@ -82,7 +82,8 @@ void addModelOptions(CLI::App *command, ModelOptions &options) {
       ->capture_default_str();
   command->add_option("--device", options.device,
                       "Where matrix products run: cpu, cuda (an NVIDIA GPU; the build must have CUDA) or auto (the "
-                      "GPU when there is one; the default, or $MOEC_DEVICE when set)");
+                      "GPU when there is one). Default: auto for eval and generate, cpu for the commands that make "
+                      "statistics; $MOEC_DEVICE replaces the default");
 }
 
 Expected<LoadedModel> openModel(const ModelOptions &options) {
@@ -90,7 +91,7 @@ Expected<LoadedModel> openModel(const ModelOptions &options) {
   const char *deviceDefault = std::getenv("MOEC_DEVICE");
   const std::string deviceName = !options.device.empty() ? options.device
                                  : deviceDefault         ? std::string(deviceDefault)
-                                                         : std::string("auto");
+                                                         : options.deviceDefault;
   Expected<DeviceChoice> choice = parseDeviceChoice(deviceName);
   if (!choice)
     return choice.status();
@@ -372,6 +373,7 @@ int runGenerate(const GenerateOptions &options) {
 Command registerEval(CLI::App &app) {
   auto options = std::make_shared<EvalCommandOptions>();
   CLI::App *command = app.add_subcommand("eval", "Perplexity and bits per byte of a model on text or token ids");
+  options->model.deviceDefault = "auto";
   addModelOptions(command, options->model);
   command->add_option("--data", options->data, "Plain text, .jsonl ({\"text\"|\"ids\", \"domain\"}) or .u32 token ids")
       ->required();
@@ -399,6 +401,7 @@ Command registerEval(CLI::App &app) {
 Command registerGenerate(CLI::App &app) {
   auto options = std::make_shared<GenerateOptions>();
   CLI::App *command = app.add_subcommand("generate", "Continue a prompt, streaming tokens as they come");
+  options->model.deviceDefault = "auto";
   addModelOptions(command, options->model);
   command->add_option("--prompt", options->prompt, "Text to continue")->required();
   command->add_option("-n,--tokens", options->tokens, "Tokens to generate")->check(CLI::PositiveNumber);

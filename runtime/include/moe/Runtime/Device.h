@@ -4,11 +4,12 @@
 // Device runs its matrix products elsewhere than the CPU. When the engine
 // has one, every matrix a layer loads (attention, dense and shared MLPs,
 // routed experts, split parts, lm_head) is copied to device memory once,
-// in its stored format, and `kernels::linear`, the decode of q/k/v together
-// and the decode of a token's experts run there; routing, norms, RoPE,
-// attention scores and the KV cache stay on the host. Matrices without a
-// device kernel (ggml's K-quants and Q5_*) and experts an expert cache
-// loads on demand stay on the CPU.
+// in its stored format, and `kernels::linear`, the decode of q/k/v together,
+// a token's experts and a MoE block's prefill run there. A device that
+// decodes with the residual stream on it (decodesOnDevice) also runs a
+// token's norms, RoPE, attention and a mirror of the KV cache; routing stays
+// on the host. Matrices without a device kernel (ggml's K-quants and Q5_*)
+// and experts an expert cache loads on demand stay on the CPU.
 //
 //===----------------------------------------------------------------------===//
 

@@ -22,13 +22,28 @@
 
 namespace moe {
 
-/// Keys and values of the tokens seen so far, per layer.
+/// Keys and values of the tokens seen so far, per layer. Rows are only
+/// appended (the engine never cuts a cache back); a device's mirror of them
+/// relies on that and counts rows.
 struct KvCache {
   int64_t length = 0;
   /// Per layer, [length, keyWidth] and [length, valueWidth] row-major.
   std::vector<std::vector<float>> keys, values;
-  /// A Device's mirror of these rows (decode on the device keeps both).
+  /// A Device's mirror of these rows (decode on the device keeps both). A
+  /// copy of the cache starts without one: two caches never share a mirror.
   std::shared_ptr<void> device;
+
+  KvCache() = default;
+  KvCache(const KvCache &other) : length(other.length), keys(other.keys), values(other.values) {}
+  KvCache &operator=(const KvCache &other) {
+    length = other.length;
+    keys = other.keys;
+    values = other.values;
+    device.reset();
+    return *this;
+  }
+  KvCache(KvCache &&) = default;
+  KvCache &operator=(KvCache &&) = default;
 };
 
 /// Hooks the engine calls while it runs; calibration attaches one. Spans
