@@ -71,4 +71,14 @@ if command -v compute-sanitizer >/dev/null; then
   tail -3 "$out/memcheck.log" >>"$out/summary.txt"
 fi
 
+# Where the product kernel stands against the hardware (Nsight Compute):
+# throughput and occupancy of a few launches on Mixtral's large matrices.
+if command -v ncu >/dev/null; then
+  log "ncu: productKernel on Mixtral shapes"
+  timeout 120 ncu --kernel-name productKernel --launch-skip 200 --launch-count 4 --section SpeedOfLight \
+    --section Occupancy --section MemoryWorkloadAnalysis "$engine" --config "$root/bench/configs/mixtral-8x7b.json" \
+    --layers 2 --format q4_g128_asym --device cuda --prompt 16 --decode 4 --step 1 >"$out/ncu.txt" 2>&1
+  log "ncu exit $?"
+  grep -E "Memory Throughput|DRAM Throughput|Achieved Occupancy|Duration" "$out/ncu.txt" | head -16 >>"$out/summary.txt"
+fi
 log "done"
