@@ -12,6 +12,7 @@
 #include "moe/Runtime/Engine.h"
 #include "moe/Runtime/Weights.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <vector>
 
@@ -46,14 +47,6 @@ struct CudaVectors {
   const float *queryNorm = nullptr, *keyNorm = nullptr;
   const float *finalNorm = nullptr, *finalNormBias = nullptr, *lmHeadBias = nullptr;
 };
-
-/// The MLPs' device copies when the device holds all of them (no split parts).
-bool holdsMlps(std::span<const std::pair<const MlpWeights *, float>> mlps) {
-  for (const auto &[mlp, weight] : mlps)
-    if (!mlp->moreParts.empty() || !mlp->gate.device || !mlp->up.device || !mlp->down.device)
-      return false;
-  return true;
-}
 
 class CudaDevice final : public Device {
 public:
@@ -203,7 +196,7 @@ public:
   }
 
   Status decodeMlp(std::span<const std::pair<const MlpWeights *, float>> mlps) override {
-    if (!holdsMlps(mlps))
+    if (!std::all_of(mlps.begin(), mlps.end(), [](const auto &mlp) { return deviceHolds(*mlp.first); }))
       return Status::error("CUDA decode: an MLP is not on the device");
     thread_local std::vector<cuda::ExpertProduct> jobs;
     jobs.clear();

@@ -64,6 +64,10 @@ Status Device::decodeMlp(std::span<const std::pair<const MlpWeights *, float>>) 
 Status Device::decodeAddBranch(const float *) { return noDecode(); }
 Status Device::decodeEnd(const ModelSpec &, const GlobalWeights &, float *) { return noDecode(); }
 
+bool deviceHolds(const MlpWeights &mlp) {
+  return mlp.moreParts.empty() && mlp.gate.device && mlp.up.device && mlp.down.device;
+}
+
 Expected<DeviceChoice> parseDeviceChoice(std::string_view name) {
   if (name == "cpu")
     return DeviceChoice::Cpu;

@@ -120,6 +120,18 @@ int64_t valueWidth(const ModelSpec &spec) {
   return a.kind == AttentionKind::MultiHeadLatent ? a.numHeads * a.valueHeadDim : a.numKeyValueHeads * a.valueHeadDim;
 }
 
+/// A cache this engine made, with room for `tokens` more positions (RoPE
+/// tables, and what the model was trained on, end at the context).
+Status checkCache(const ModelSpec &spec, const KvCache &cache, int64_t tokens) {
+  if (cache.keys.size() != static_cast<size_t>(spec.numLayers))
+    return Status::error("forward: the KV cache was not made by this engine");
+  if (cache.length + tokens > spec.maxPositions)
+    return Status::error("forward: positions ", cache.length, "..", cache.length + tokens - 1,
+                         " run past the model's context of ", spec.maxPositions,
+                         " tokens (config.json max_position_embeddings); use a shorter prompt or --seq-len");
+  return Status::success();
+}
+
 /// `buffer` resized to `count` values (its capacity kept between calls).
 template <typename T> std::vector<T> &sized(std::vector<T> &buffer, int64_t count) {
   buffer.resize(static_cast<size_t>(count));
@@ -376,9 +388,7 @@ bool decodeExperts(const std::vector<std::pair<const MlpWeights *, float>> &mlps
     DecodeInput input;
   };
   // On a device: the same sum there, when it holds every expert.
-  if (!mlps.empty() && std::all_of(mlps.begin(), mlps.end(), [](const auto &mlp) {
-        return mlp.first->moreParts.empty() && mlp.first->gate.device && mlp.first->up.device && mlp.first->down.device;
-      })) {
+  if (!mlps.empty() && std::all_of(mlps.begin(), mlps.end(), [](const auto &mlp) { return deviceHolds(*mlp.first); })) {
     mlps.front().first->gate.device->device().experts(mlps, x, H, out);
     return true;
   }
@@ -559,8 +569,7 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
     int64_t rows = 0;
     for (int64_t e = 0; e < slots && onDevice; ++e)
       if (!tokensOf[e].empty()) {
-        const MlpWeights &mlp = w.experts[static_cast<size_t>(e)];
-        onDevice = mlp.moreParts.empty() && mlp.gate.device && mlp.up.device && mlp.down.device;
+        onDevice = deviceHolds(w.experts[static_cast<size_t>(e)]);
         rows += static_cast<int64_t>(tokensOf[e].size());
       }
     if (onDevice && rows > 0) {
@@ -777,11 +786,7 @@ bool Engine::devicePathReady() {
 Status Engine::decodeOnDevice(int32_t token, KvCache &cache, std::vector<float> &logits) {
   const ModelSpec &spec = modelSpec;
   const int64_t H = spec.hiddenSize;
-  if (cache.keys.size() != static_cast<size_t>(spec.numLayers))
-    return Status::error("forward: the KV cache was not made by this engine");
-  if (cache.length + 1 > spec.maxPositions)
-    return Status::error("forward: position ", cache.length, " runs past the model's context of ", spec.maxPositions,
-                         " tokens (config.json max_position_embeddings); use a shorter prompt or --seq-len");
+  MOE_RETURN_IF_ERROR(checkCache(spec, cache, 1));
   std::vector<float> x;
   MOE_RETURN_IF_ERROR(embed(std::span<const int32_t>(&token, 1), x));
   MOE_RETURN_IF_ERROR(onDevice->decodeBegin(x.data(), H));
@@ -800,10 +805,10 @@ Status Engine::decodeOnDevice(int32_t token, KvCache &cache, std::vector<float> 
         onDevice->decodeAttention(spec, w, l, angles.cos.data(), angles.sin.data(), angles.half, cache, normed.data()));
     // The MLP: routed on the host from the device's input, as moeBlock does.
     mlps.clear();
+    const std::set<int64_t> *masked = nullptr;
+    if (auto found = maskedExperts.find(l); found != maskedExperts.end())
+      masked = &found->second;
     if (layer.mlp == MlpKind::Moe) {
-      const std::set<int64_t> *masked = nullptr;
-      if (auto found = maskedExperts.find(l); found != maskedExperts.end())
-        masked = &found->second;
       detail::BlockRouting &routing = perThreadRouting;
       detail::routeBlock(spec, w, normed.data(), 1, masked, routing);
       counters.routedTokens += 1;
@@ -817,18 +822,14 @@ Status Engine::decodeOnDevice(int32_t token, KvCache &cache, std::vector<float> 
     } else {
       mlps.emplace_back(&w.dense, 1.0f);
     }
-    bool held = true;
-    for (const auto &[mlp, weight] : mlps)
-      held = held && mlp->moreParts.empty() && mlp->gate.device && mlp->up.device && mlp->down.device;
-    if (held) {
+    if (std::all_of(mlps.begin(), mlps.end(), [](const auto &mlp) { return deviceHolds(*mlp.first); })) {
       MOE_RETURN_IF_ERROR(onDevice->decodeMlp(mlps));
     } else {
       // Split experts (or matrices the device has no kernel for): the
       // host's block, then its output onto the device's residual stream.
       if (layer.mlp == MlpKind::Moe) {
         MoeBlockHooks hooks;
-        if (auto found = maskedExperts.find(l); found != maskedExperts.end())
-          hooks.maskedRows = &found->second;
+        hooks.maskedRows = masked;
         MOE_RETURN_IF_ERROR(detail::moeBlock(spec, layer, w, normed.data(), 1, branch.data(), hooks, nullptr));
       } else {
         std::vector<float> intermediate;
@@ -859,13 +860,7 @@ Status Engine::forwardLayer(int64_t l, float *xData, int64_t T, KvCache &cache) 
   const int64_t H = spec.hiddenSize;
   if (l < 0 || l >= spec.numLayers)
     return Status::error("forward: no layer ", l, " (the model has ", spec.numLayers, ")");
-  if (cache.keys.size() != static_cast<size_t>(spec.numLayers))
-    return Status::error("forward: the KV cache was not made by this engine");
-  // RoPE tables, and what the model was trained on, end at the context.
-  if (cache.length + T > spec.maxPositions)
-    return Status::error("forward: positions ", cache.length, "..", cache.length + T - 1,
-                         " run past the model's context of ", spec.maxPositions,
-                         " tokens (config.json max_position_embeddings); use a shorter prompt or --seq-len");
+  MOE_RETURN_IF_ERROR(checkCache(spec, cache, T));
   Expected<std::shared_ptr<const LayerWeights>> loaded = layers->get(l);
   if (!loaded)
     return loaded.status();

@@ -98,6 +98,15 @@ double rowMagnitude(const std::vector<float> &dequantized, int64_t cols, int64_t
   return total;
 }
 
+/// y[tokens, W.rows] = x[tokens, W.cols] W^T on the device.
+std::vector<float> multiplyOnDevice(const cuda::DeviceWeight &weight, const std::vector<float> &x, int64_t tokens) {
+  std::vector<float> y(static_cast<size_t>(tokens * weight.rows));
+  const std::pair<const cuda::DeviceWeight *, float *> product{&weight, y.data()};
+  Status status = context()->multiply(x.data(), tokens, weight.cols, &product, 1);
+  EXPECT_TRUE(status.ok()) << status.message();
+  return y;
+}
+
 struct Shape {
   int64_t rows, cols, tokens;
 };
@@ -121,10 +130,8 @@ void expectGroupFormatMatches(const quant::QuantFormat &format, bool signedCodes
         cuda::WeightLayout::Group, format, signedCodes, shape.rows, shape.cols, packed.data(), packed.size());
     ASSERT_TRUE(weight) << weight.status().message();
     const std::vector<float> x = randomActivations(shape.tokens * shape.cols, rng);
-    std::vector<float> y(static_cast<size_t>(shape.tokens * shape.rows));
-    const std::pair<const cuda::DeviceWeight *, float *> product{weight->get(), y.data()};
-    Status status = context()->multiply(x.data(), shape.tokens, shape.cols, &product, 1);
-    ASSERT_TRUE(status.ok()) << status.message();
+    const std::vector<float> y = multiplyOnDevice(**weight, x, shape.tokens);
+    ASSERT_FALSE(::testing::Test::HasFailure());
     std::vector<float> dequantized(static_cast<size_t>(shape.rows * shape.cols));
     quant::dequantizeRows(view, 0, shape.rows, dequantized.data());
     for (int64_t t = 0; t < shape.tokens; ++t) {
@@ -174,10 +181,8 @@ TEST(CudaMatrixProducts, FloatMatricesMatchDoubleProducts) {
                                    values.size() * 4);
       ASSERT_TRUE(weight) << weight.status().message();
       const std::vector<float> x = randomActivations(shape.tokens * shape.cols, rng);
-      std::vector<float> y(static_cast<size_t>(shape.tokens * shape.rows));
-      const std::pair<const cuda::DeviceWeight *, float *> product{weight->get(), y.data()};
-      Status status = context()->multiply(x.data(), shape.tokens, shape.cols, &product, 1);
-      ASSERT_TRUE(status.ok()) << status.message();
+      const std::vector<float> y = multiplyOnDevice(**weight, x, shape.tokens);
+      ASSERT_FALSE(::testing::Test::HasFailure());
       for (int64_t t = 0; t < shape.tokens; ++t)
         for (int64_t r = 0; r < shape.rows; ++r) {
           double expected = 0, magnitude = 0;

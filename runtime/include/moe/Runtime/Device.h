@@ -113,6 +113,10 @@ protected:
   virtual Status uploadVectors(GlobalWeights &globals) { return Status::success(); }
 };
 
+/// Whether a device holds all of `mlp` (gate, up and down, no split parts):
+/// what its expert calls need.
+bool deviceHolds(const MlpWeights &mlp);
+
 /// What `--device` names: cpu, cuda, or auto (cuda when this build has
 /// CUDA and a device is usable, else cpu).
 enum class DeviceChoice { Cpu, Cuda, Auto };
