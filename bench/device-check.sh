@@ -9,7 +9,12 @@
 # BENCHMARKS.md.
 #
 #   bench/device-check.sh [OUT]
+#
+# STEPS (default "tests bench memcheck ncu") picks the steps of a shorter
+# run; "quickbench" in place of "bench" runs three 4-bit models alone.
 set -uo pipefail
+steps=" ${STEPS:-tests bench memcheck ncu} "
+want() { [[ $steps == *" $1 "* ]]; }
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-$root/build-device/results}
 mkdir -p "$out"
@@ -43,11 +48,13 @@ nvidia-smi >"$out/nvidia-smi.txt" 2>&1
 log "$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)"
 
 export MOEC_TEST_DATA_DIR=$root/tests/data
+if want tests; then
 log "CUDA tests (packages: $(ls "$packages" | wc -l))"
 MOEC_DEVICE_PACKAGES=$packages timeout 150 "$tests" >"$out/tests.log" 2>&1
 status=$?
 grep -E "^(device|parity)|PASSED|FAILED|SKIPPED" "$out/tests.log" | tee -a "$out/summary.txt"
 log "tests exit $status"
+fi
 
 run_bench() { # name config layers format [more options]
   log "cuda_engine $1 $4 ${*:5}"
@@ -56,6 +63,7 @@ run_bench() { # name config layers format [more options]
   log "exit $? $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('decode %.0f tok/s (%.1f%% of copy bandwidth), 8-token steps %.0f tok/s, prefill %.0f tok/s' % (r['decode_tokens_per_second'], 100*r['decode_fraction_of_copy_bandwidth'], r['step_tokens_per_second'], r['prefill_tokens_per_second']))" "$out/bench-$1-$4.json" 2>&1 | tail -1)"
   tail -2 "$out/bench-$1-$4.err" >>"$out/summary.txt"
 }
+if want bench; then
 run_bench olmoe-1b-7b olmoe-1b-7b-4layers.json 16 q4_g128_asym
 run_bench olmoe-1b-7b olmoe-1b-7b-4layers.json 16 bf16
 # The host's share: the same with one CPU thread (no pool hand-offs).
@@ -63,7 +71,12 @@ run_bench olmoe-1b-7b-1thread olmoe-1b-7b-4layers.json 16 q4_g128_asym --threads
 run_bench qwen3-30b-a3b qwen3-30b-a3b-2layers.json 48 q4_g128_asym
 run_bench deepseek-v2-lite deepseek-v2-lite.json 27 q4_g128_asym
 run_bench mixtral-8x7b mixtral-8x7b.json 32 q4_g128_asym
-if command -v compute-sanitizer >/dev/null; then
+elif want quickbench; then
+run_bench olmoe-1b-7b olmoe-1b-7b-4layers.json 16 q4_g128_asym
+run_bench qwen3-30b-a3b qwen3-30b-a3b-2layers.json 48 q4_g128_asym
+run_bench mixtral-8x7b mixtral-8x7b.json 32 q4_g128_asym
+fi
+if want memcheck && command -v compute-sanitizer >/dev/null; then
   log "compute-sanitizer memcheck (kernels, fixtures)"
   timeout 100 compute-sanitizer --tool memcheck --error-exitcode 9 "$tests" \
     --gtest_filter='CudaMatrixProducts.*:CudaEngine.*' >"$out/memcheck.log" 2>&1
@@ -73,10 +86,10 @@ fi
 
 # Where the product kernel stands against the hardware (Nsight Compute):
 # throughput and occupancy of a few launches on Mixtral's large matrices.
-if command -v ncu >/dev/null; then
+if want ncu && command -v ncu >/dev/null; then
   log "ncu: productKernel on Mixtral shapes"
-  timeout 120 ncu --kernel-name productKernel --launch-skip 200 --launch-count 4 --section SpeedOfLight \
-    --section Occupancy --section MemoryWorkloadAnalysis "$engine" --config "$root/bench/configs/mixtral-8x7b.json" \
+  timeout 120 ncu --clock-control none --kernel-name productKernel --launch-skip 24 --launch-count 4 --section SpeedOfLight \
+    --section Occupancy --section MemoryWorkloadAnalysis --section LaunchStats "$engine" --config "$root/bench/configs/mixtral-8x7b.json" \
     --layers 2 --format q4_g128_asym --device cuda --prompt 16 --decode 4 --step 1 >"$out/ncu.txt" 2>&1
   log "ncu exit $?"
   grep -E "Memory Throughput|DRAM Throughput|Achieved Occupancy|Duration" "$out/ncu.txt" | head -16 >>"$out/summary.txt"

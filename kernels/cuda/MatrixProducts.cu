@@ -5,9 +5,11 @@
 //     activation to int8 with the CPU's arithmetic (absmax / 127, round half
 //     away from zero), its scale and the group's sum;
 //   - productKernel: one warp per output row of any matrix in a batch of
-//     jobs, over up to eight tokens at a time. Group formats: each lane
-//     takes 32-code blocks of the row, unpacks the planar codes into four
-//     codes per 32-bit word with shifts and masks and dots them with the int8
+//     jobs, over up to eight tokens at a time. Group formats, held as a code
+//     plane and a header plane (common/GroupPlanes.h, split at upload): each
+//     lane takes 32-code blocks of the row (one 16-byte load for 4 bits,
+//     four blocks in flight), unpacks the planar codes into four codes per
+//     32-bit word with shifts and masks and dots them with the int8
 //     activation by dp4a; f32 and bf16 rows dot the f32 activation. Lanes'
 //     sums meet by warp shuffles;
 //   - swigluKernel and combineKernel: silu(gate) * up, and the experts'
@@ -20,6 +22,7 @@
 #include "MatrixProducts.h"
 
 #include "Check.h"
+#include "common/GroupPlanes.h"
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -33,7 +36,7 @@
 namespace moe::cuda {
 namespace {
 
-constexpr int kTile = 8;          ///< Tokens per pass over a row.
+constexpr int kTile = 8;          ///< Tokens per pass over a row (TILE), above one token.
 constexpr int kWarpsPerBlock = 8; ///< 256 threads.
 
 /// Rounds x[t, 0..cols) to int8 per group of `group` (zero-padded).
@@ -53,7 +56,9 @@ struct ProductJob {
   int64_t rows, cols;
   int layout; ///< WeightLayout
   int bits, group, symmetric, bf16Scale, signedCodes, vectorized;
-  const float *x; ///< Dense layouts: f32 activations, row stride ldx.
+  int blockShift;                     ///< Group layout: log2(blocks of 32 codes per group).
+  int64_t codeRowBytes, headerOffset; ///< Group layout: the planes (common/GroupPlanes.h).
+  const float *x;                     ///< Dense layouts: f32 activations, row stride ldx.
   int64_t ldx;
   const int8_t *q; ///< Group layout: quantized activation (QuantJob).
   const float *qScales, *qSums;
@@ -162,89 +167,96 @@ template <int BITS> struct CodeBlock {
   unsigned words[BITS];
 };
 
-template <int BITS> __device__ void groupRow(const ProductJob &job, int64_t row, int lane, int tokens) {
-  // Asymmetric groups (4-byte headers, codes of 4n bytes) keep 4-byte
-  // alignment: 32-bit loads. Symmetric ones (2-byte headers) 16-bit loads.
-  const bool words32 = !job.symmetric;
-  const int headerBytes = job.symmetric ? 2 : 4;
-  const int64_t groupBytes = headerBytes + static_cast<int64_t>(job.group) * BITS / 8;
-  const int blocksPerGroup = job.group / 32;
-  const int64_t blocks = job.groups * blocksPerGroup;
-  const uint8_t *rowData = job.w + row * job.groups * groupBytes;
+/// Blocks in flight per lane (64 bytes of codes at 4 and 8 bits): all their
+/// loads issue before any is used.
+template <int BITS> constexpr int kBlocksInFlight = BITS == 8 ? 2 : 4;
+
+/// A row of a matrix in planes (common/GroupPlanes.h): lane l takes blocks
+/// l, l + 32, ..., so a warp's loads of a block's codes cover 32 * 4 * BITS
+/// contiguous bytes; a block's group header is one broadcast load.
+template <int BITS, int TILE> __device__ void groupRow(const ProductJob &job, int64_t row, int lane, int tokens) {
+  const int blockShift = job.blockShift; // log2(blocks per group)
+  const int blocks = static_cast<int>(job.groups) << blockShift;
+  const uint8_t *codes = job.w + row * job.codeRowBytes;
+  const uint8_t *headers = job.w + job.headerOffset + row * job.groups * (job.symmetric ? 2 : 4);
   const int64_t activationStride = job.groups * job.group;
-  auto load = [&](int64_t b, CodeBlock<BITS> &out) {
-    const int64_t g = b / blocksPerGroup;
-    const int inGroup = static_cast<int>(b - g * blocksPerGroup);
-    const uint8_t *groupData = rowData + g * groupBytes;
-    const uint8_t *codes = groupData + headerBytes + inGroup * 4 * BITS;
-    if (words32) {
-      const unsigned header = __ldg(reinterpret_cast<const unsigned *>(groupData));
+  const float symmetricMin = -static_cast<float>(1 << (BITS - 1));
+  auto load = [&](int b, CodeBlock<BITS> &out) {
+    const int g = b >> blockShift;
+    const uint8_t *block = codes + b * (4 * BITS);
+    if constexpr (BITS == 4) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4 *>(block));
+      out.words[0] = v.x, out.words[1] = v.y, out.words[2] = v.z, out.words[3] = v.w;
+    } else if constexpr (BITS == 8) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4 *>(block)),
+                  w = __ldg(reinterpret_cast<const uint4 *>(block) + 1);
+      out.words[0] = v.x, out.words[1] = v.y, out.words[2] = v.z, out.words[3] = v.w;
+      out.words[4] = w.x, out.words[5] = w.y, out.words[6] = w.z, out.words[7] = w.w;
+    } else if constexpr (BITS == 2) {
+      const uint2 v = __ldg(reinterpret_cast<const uint2 *>(block));
+      out.words[0] = v.x, out.words[1] = v.y;
+    } else {
+#pragma unroll
+      for (int k = 0; k < BITS; ++k)
+        out.words[k] = __ldg(reinterpret_cast<const unsigned *>(block) + k);
+    }
+    if (job.symmetric) {
+      out.scale = scaleValue(__ldg(reinterpret_cast<const unsigned short *>(headers) + g), job.bf16Scale);
+      out.minimum = job.signedCodes ? 0.0f : symmetricMin * out.scale;
+    } else {
+      const unsigned header = __ldg(reinterpret_cast<const unsigned *>(headers) + g);
       out.scale = scaleValue(static_cast<unsigned short>(header & 0xFFFFu), job.bf16Scale);
       out.minimum = scaleValue(static_cast<unsigned short>(header >> 16), job.bf16Scale);
-#pragma unroll
-      for (int k = 0; k < BITS; ++k)
-        out.words[k] = __ldg(reinterpret_cast<const unsigned *>(codes) + k);
-    } else {
-      out.scale = scaleValue(__ldg(reinterpret_cast<const unsigned short *>(groupData)), job.bf16Scale);
-      out.minimum = job.signedCodes ? 0.0f : -static_cast<float>(1 << (BITS - 1)) * out.scale;
-      const unsigned short *halves = reinterpret_cast<const unsigned short *>(codes);
-#pragma unroll
-      for (int k = 0; k < BITS; ++k)
-        out.words[k] =
-            static_cast<unsigned>(__ldg(halves + 2 * k)) | (static_cast<unsigned>(__ldg(halves + 2 * k + 1)) << 16);
     }
   };
-  for (int t0 = 0; t0 < tokens; t0 += kTile) {
-    const int n = min(kTile, tokens - t0);
-    float acc[kTile];
+  for (int t0 = 0; t0 < tokens; t0 += TILE) {
+    const int n = min(TILE, tokens - t0);
+    float acc[TILE];
 #pragma unroll
-    for (int t = 0; t < kTile; ++t)
+    for (int t = 0; t < TILE; ++t)
       acc[t] = 0.0f;
-    auto apply = [&](int64_t b, const CodeBlock<BITS> &block) {
-      const int64_t g = b / blocksPerGroup;
-      const int inGroup = static_cast<int>(b - g * blocksPerGroup);
-      unsigned codes[8];
-      unpackBlock<BITS>(block.words, codes);
+    auto apply = [&](int b, const CodeBlock<BITS> &block) {
+      const int g = b >> blockShift;
+      const bool groupStart = (b & ((1 << blockShift) - 1)) == 0;
+      unsigned unpacked[8];
+      unpackBlock<BITS>(block.words, unpacked);
 #pragma unroll
-      for (int t = 0; t < kTile; ++t) {
+      for (int t = 0; t < TILE; ++t) {
         if (t >= n)
           break;
         const int64_t token = t0 + t;
-        const int4 *a = reinterpret_cast<const int4 *>(job.q + token * activationStride + g * job.group + inGroup * 32);
+        const int4 *a = reinterpret_cast<const int4 *>(job.q + token * activationStride + b * 32);
         const int4 a0 = __ldg(a), a1 = __ldg(a + 1);
         const int activations[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
         int sum = 0;
         if (job.signedCodes) {
 #pragma unroll
           for (int m = 0; m < 8; ++m)
-            sum = __dp4a(static_cast<int>(codes[m]), activations[m], sum);
+            sum = __dp4a(static_cast<int>(unpacked[m]), activations[m], sum);
         } else {
 #pragma unroll
           for (int m = 0; m < 8; ++m)
-            sum = dotUnsigned(codes[m], activations[m], sum);
+            sum = dotUnsigned(unpacked[m], activations[m], sum);
         }
         // The CPU's order: (sum * activation scale) * weight scale.
         acc[t] += static_cast<float>(sum) * __ldg(job.qScales + token * job.groups + g) * block.scale;
-        if (inGroup == 0 && !job.signedCodes)
+        if (groupStart && !job.signedCodes)
           acc[t] += block.minimum * __ldg(job.qSums + token * job.groups + g);
       }
     };
-    // Two blocks in flight per lane: both loads issue before either is used.
-    int64_t b = lane;
-    for (; b + 32 < blocks; b += 64) {
-      CodeBlock<BITS> first, second;
-      load(b, first);
-      load(b + 32, second);
-      apply(b, first);
-      apply(b + 32, second);
-    }
-    if (b < blocks) {
-      CodeBlock<BITS> last;
-      load(b, last);
-      apply(b, last);
+    for (int base = lane; base < blocks; base += 32 * kBlocksInFlight<BITS>) {
+      CodeBlock<BITS> inFlight[kBlocksInFlight<BITS>];
+#pragma unroll
+      for (int u = 0; u < kBlocksInFlight<BITS>; ++u)
+        if (base + 32 * u < blocks)
+          load(base + 32 * u, inFlight[u]);
+#pragma unroll
+      for (int u = 0; u < kBlocksInFlight<BITS>; ++u)
+        if (base + 32 * u < blocks)
+          apply(base + 32 * u, inFlight[u]);
     }
 #pragma unroll
-    for (int t = 0; t < kTile; ++t) {
+    for (int t = 0; t < TILE; ++t) {
       const float total = warpSum(acc[t]);
       if (lane == 0 && t < n)
         job.y[(t0 + t) * job.ldy + row] = total;
@@ -269,19 +281,19 @@ template <bool BF16> __device__ __forceinline__ float loadOne(const uint8_t *w, 
     return __ldg(reinterpret_cast<const float *>(w) + index);
 }
 
-template <bool BF16> __device__ void denseRow(const ProductJob &job, int64_t row, int lane, int tokens) {
+template <bool BF16, int TILE> __device__ void denseRow(const ProductJob &job, int64_t row, int lane, int tokens) {
   const uint8_t *rowData = job.w + row * job.cols * (BF16 ? 2 : 4);
-  for (int t0 = 0; t0 < tokens; t0 += kTile) {
-    const int n = min(kTile, tokens - t0);
-    float acc[kTile];
+  for (int t0 = 0; t0 < tokens; t0 += TILE) {
+    const int n = min(TILE, tokens - t0);
+    float acc[TILE];
 #pragma unroll
-    for (int t = 0; t < kTile; ++t)
+    for (int t = 0; t < TILE; ++t)
       acc[t] = 0.0f;
     if (job.vectorized) {
       for (int64_t c = 4 * lane; c < job.cols; c += 128) {
         const float4 w = loadFour<BF16>(rowData, c);
 #pragma unroll
-        for (int t = 0; t < kTile; ++t) {
+        for (int t = 0; t < TILE; ++t) {
           if (t >= n)
             break;
           const float4 x = __ldg(reinterpret_cast<const float4 *>(job.x + (t0 + t) * job.ldx + c));
@@ -292,7 +304,7 @@ template <bool BF16> __device__ void denseRow(const ProductJob &job, int64_t row
       for (int64_t c = lane; c < job.cols; c += 32) {
         const float w = loadOne<BF16>(rowData, c);
 #pragma unroll
-        for (int t = 0; t < kTile; ++t) {
+        for (int t = 0; t < TILE; ++t) {
           if (t >= n)
             break;
           acc[t] += w * __ldg(job.x + (t0 + t) * job.ldx + c);
@@ -300,7 +312,7 @@ template <bool BF16> __device__ void denseRow(const ProductJob &job, int64_t row
       }
     }
 #pragma unroll
-    for (int t = 0; t < kTile; ++t) {
+    for (int t = 0; t < TILE; ++t) {
       const float total = warpSum(acc[t]);
       if (lane == 0 && t < n)
         job.y[(t0 + t) * job.ldy + row] = total;
@@ -308,7 +320,11 @@ template <bool BF16> __device__ void denseRow(const ProductJob &job, int64_t row
   }
 }
 
-__global__ void productKernel(const ProductJob *jobs, int count, int64_t totalRows) {
+/// TILE tokens per pass over a row: 1 when every job has one token (decode),
+/// whose few registers let more warps wait on memory.
+template <int TILE>
+__global__ void __launch_bounds__(32 * kWarpsPerBlock, TILE == 1 ? 2 : 1)
+    productKernel(const ProductJob *jobs, int count, int64_t totalRows) {
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (warp >= totalRows)
@@ -321,29 +337,29 @@ __global__ void productKernel(const ProductJob *jobs, int count, int64_t totalRo
     else
       high = middle - 1;
   }
-  const ProductJob &job = jobs[low];
+  const ProductJob job = jobs[low]; // In registers: the loops read its fields often.
   const int64_t row = warp - job.first;
   const int tokens = static_cast<int>(job.tokens);
   switch (job.layout) {
   case static_cast<int>(WeightLayout::F32):
-    denseRow<false>(job, row, lane, tokens);
+    denseRow<false, TILE>(job, row, lane, tokens);
     break;
   case static_cast<int>(WeightLayout::BF16):
-    denseRow<true>(job, row, lane, tokens);
+    denseRow<true, TILE>(job, row, lane, tokens);
     break;
   default:
     switch (job.bits) {
     case 2:
-      groupRow<2>(job, row, lane, tokens);
+      groupRow<2, TILE>(job, row, lane, tokens);
       break;
     case 3:
-      groupRow<3>(job, row, lane, tokens);
+      groupRow<3, TILE>(job, row, lane, tokens);
       break;
     case 4:
-      groupRow<4>(job, row, lane, tokens);
+      groupRow<4, TILE>(job, row, lane, tokens);
       break;
     default:
-      groupRow<8>(job, row, lane, tokens);
+      groupRow<8, TILE>(job, row, lane, tokens);
       break;
     }
   }
@@ -579,7 +595,7 @@ struct Context::State {
   double kernelSeconds = 0;
   ~State() {
     for (Buffer *buffer : {&input, &scratch, &output, &hostInput, &hostOutput, &x, &handover, &q, &attended, &branch,
-                           &scores, &logits, &tables, &weights, &rope, &arena})
+                           &scores, &logits, &tables, &rope, &arena})
       buffer->release();
     if (start)
       cudaEventDestroy(start);
@@ -642,6 +658,10 @@ struct Context::State {
       job.bf16Scale = w.format.scaleType == quant::ScaleType::BF16;
       job.signedCodes = w.signedCodes;
       job.groups = w.format.groupsPerRow(w.cols);
+      const quant::GroupPlanes planes = quant::groupPlanes(w.format, w.rows, w.cols);
+      job.codeRowBytes = static_cast<int64_t>(planes.codeRowBytes);
+      job.headerOffset = static_cast<int64_t>(planes.headerOffset);
+      job.blockShift = w.format.group == 128 ? 2 : w.format.group == 64 ? 1 : 0;
       // The quantization's index, resolved to pointers later.
       job.q = reinterpret_cast<const int8_t *>(addQuant(plan, scratchLayout, x, ldx, w.cols, tokens, w.format.group));
     } else {
@@ -676,11 +696,19 @@ struct Context::State {
     return check(cudaGetLastError(), "quantize launch");
   }
 
-  Status launchProducts(const ProductJob *deviceJobs, size_t count, int64_t rows) {
+  /// The products of `plan`, whose jobs are at `deviceJobs`.
+  Status launchProducts(const Plan &plan, const ProductJob *deviceJobs) {
+    const size_t count = plan.products.size();
     if (count == 0)
       return Status::success();
-    productKernel<<<blocksFor(rows * 32, 32 * kWarpsPerBlock), 32 * kWarpsPerBlock, 0, stream>>>(
-        deviceJobs, static_cast<int>(count), rows);
+    const int64_t rows = plan.rows;
+    const bool single =
+        std::all_of(plan.products.begin(), plan.products.end(), [](const ProductJob &job) { return job.tokens == 1; });
+    const unsigned blocks = blocksFor(rows * 32, 32 * kWarpsPerBlock);
+    if (single)
+      productKernel<1><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(deviceJobs, static_cast<int>(count), rows);
+    else
+      productKernel<kTile><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(deviceJobs, static_cast<int>(count), rows);
     return check(cudaGetLastError(), "product launch");
   }
 
@@ -689,7 +717,7 @@ struct Context::State {
   // two waits (an async copy reads it later, so it is not reused before).
   // `handover` holds the MLP input, then the new key and value rows, so
   // that one copy hands all three to the host.
-  Buffer x, handover, q, attended, branch, scores, logits, tables, weights, rope, arena{true};
+  Buffer x, handover, q, attended, branch, scores, logits, tables, rope, arena{true};
   int64_t hidden = 0;
   int64_t ropePosition = -1; ///< The position whose angles `rope` holds (this token's).
   float *normedPointer() const { return handover.at<float>(0); }
@@ -713,25 +741,56 @@ struct Context::State {
     return check(cudaMemcpyAsync(target, *staged, bytes, cudaMemcpyHostToDevice, stream), "copy in");
   }
 
-  /// Launches a plan whose x and y are device pointers and whose quantized
-  /// areas are offsets into scratch (reserved by the caller): its tables
-  /// go through the arena into `tables` (stream order makes reuse safe).
-  Status enqueue(Plan &plan) {
-    resolve(plan, 0);
+  /// Where a plan's job tables lie on the device.
+  struct PlanTables {
+    const QuantJob *quant = nullptr;
+    const ProductJob *products = nullptr;
+  };
+
+  /// Copies the job tables of `count` plans (and `extraBytes` of `extra`,
+  /// to `extraTarget`) in one transfer through the arena into `tables`;
+  /// the plans' x and y are device pointers and their quantized areas
+  /// offsets into scratch, reserved by the caller. Stream order makes the
+  /// reuse of `tables` by a later call safe.
+  Status stageTables(Plan *const *plans, size_t count, PlanTables *placed, const void *extra = nullptr,
+                     size_t extraBytes = 0, void **extraTarget = nullptr) {
     Layout layout;
-    const size_t quantOffset = layout.take(plan.quant.size() * sizeof(QuantJob));
-    const size_t productOffset = layout.take(plan.products.size() * sizeof(ProductJob));
-    MOE_RETURN_IF_ERROR(tables.reserve(layout.size));
+    std::vector<std::pair<size_t, size_t>> offsets;
+    for (size_t i = 0; i < count; ++i) {
+      resolve(*plans[i], 0);
+      const size_t quantOffset = layout.take(plans[i]->quant.size() * sizeof(QuantJob));
+      offsets.emplace_back(quantOffset, layout.take(plans[i]->products.size() * sizeof(ProductJob)));
+    }
+    const size_t extraOffset = layout.take(extraBytes);
+    MOE_RETURN_IF_ERROR(tables.reserve(std::max<size_t>(layout.size, 256)));
     Expected<void *> staged = arenaTake(layout.size);
     if (!staged)
       return staged.status();
-    std::memcpy(static_cast<char *>(*staged) + quantOffset, plan.quant.data(), plan.quant.size() * sizeof(QuantJob));
-    std::memcpy(static_cast<char *>(*staged) + productOffset, plan.products.data(),
-                plan.products.size() * sizeof(ProductJob));
-    MOE_RETURN_IF_ERROR(
-        check(cudaMemcpyAsync(tables.data, *staged, layout.size, cudaMemcpyHostToDevice, stream), "copy tables"));
-    MOE_RETURN_IF_ERROR(launchQuant(tables.at<QuantJob>(quantOffset), plan.quant.size(), plan.quantWarps));
-    return launchProducts(tables.at<ProductJob>(productOffset), plan.products.size(), plan.rows);
+    char *host = static_cast<char *>(*staged);
+    for (size_t i = 0; i < count; ++i) {
+      std::memcpy(host + offsets[i].first, plans[i]->quant.data(), plans[i]->quant.size() * sizeof(QuantJob));
+      std::memcpy(host + offsets[i].second, plans[i]->products.data(), plans[i]->products.size() * sizeof(ProductJob));
+      placed[i] = {tables.at<QuantJob>(offsets[i].first), tables.at<ProductJob>(offsets[i].second)};
+    }
+    if (extraBytes > 0) {
+      std::memcpy(host + extraOffset, extra, extraBytes);
+      *extraTarget = tables.at<char>(extraOffset);
+    }
+    return check(cudaMemcpyAsync(tables.data, host, layout.size, cudaMemcpyHostToDevice, stream), "copy tables");
+  }
+
+  /// The quantization and product launches of a staged plan.
+  Status launch(const Plan &plan, const PlanTables &placed) {
+    MOE_RETURN_IF_ERROR(launchQuant(placed.quant, plan.quant.size(), plan.quantWarps));
+    return launchProducts(plan, placed.products);
+  }
+
+  /// Stages a plan's tables and launches it.
+  Status enqueue(Plan &plan) {
+    Plan *plans[] = {&plan};
+    PlanTables placed;
+    MOE_RETURN_IF_ERROR(stageTables(plans, 1, &placed));
+    return launch(plan, placed);
   }
 
   /// y = W x on the device for one token, W's quantized input in scratch.
@@ -818,6 +877,15 @@ Expected<std::shared_ptr<const DeviceWeight>> Context::upload(WeightLayout layou
   }
   if (bytes != expected)
     return Status::error("CUDA upload: a ", rows, "x", cols, " matrix holds ", expected, " bytes, not ", bytes);
+  // Group formats travel as planes (common/GroupPlanes.h), which the
+  // product kernel reads with aligned, contiguous loads.
+  std::vector<uint8_t> planes;
+  if (layout == WeightLayout::Group) {
+    planes.resize(quant::groupPlanes(format, rows, cols).totalBytes);
+    quant::splitIntoPlanes(format, rows, cols, static_cast<const uint8_t *>(host), planes.data());
+    host = planes.data();
+    bytes = planes.size();
+  }
   std::lock_guard<std::mutex> lock(state->mutex);
   void *device = nullptr;
   if (cudaError_t error = cudaMalloc(&device, bytes); error != cudaSuccess) {
@@ -891,7 +959,7 @@ Status Context::multiply(const float *x, int64_t tokens, int64_t cols,
   MOE_RETURN_IF_ERROR(
       check(cudaMemcpyAsync(s.input.data, s.hostInput.data, in.size, cudaMemcpyHostToDevice, s.stream), "copy in"));
   MOE_RETURN_IF_ERROR(s.launchQuant(s.input.at<QuantJob>(quantOffset), plan.quant.size(), plan.quantWarps));
-  MOE_RETURN_IF_ERROR(s.launchProducts(s.input.at<ProductJob>(productOffset), plan.products.size(), plan.rows));
+  MOE_RETURN_IF_ERROR(s.launchProducts(plan, s.input.at<ProductJob>(productOffset)));
   MOE_RETURN_IF_ERROR(
       check(cudaMemcpyAsync(s.hostOutput.data, s.output.data, out.size, cudaMemcpyDeviceToHost, s.stream), "copy out"));
   MOE_RETURN_IF_ERROR(s.finish());
@@ -976,13 +1044,12 @@ Status Context::experts(const float *x, int64_t hidden, const ExpertProduct *exp
   MOE_RETURN_IF_ERROR(
       check(cudaMemcpyAsync(s.input.data, s.hostInput.data, in.size, cudaMemcpyHostToDevice, s.stream), "copy in"));
   MOE_RETURN_IF_ERROR(s.launchQuant(s.input.at<QuantJob>(quantFirstOffset), first.quant.size(), first.quantWarps));
-  MOE_RETURN_IF_ERROR(s.launchProducts(s.input.at<ProductJob>(productFirstOffset), first.products.size(), first.rows));
+  MOE_RETURN_IF_ERROR(s.launchProducts(first, s.input.at<ProductJob>(productFirstOffset)));
   swigluKernel<<<blocksFor(width, 256), 256, 0, s.stream>>>(
       s.scratch.at<float>(gateOffset), s.scratch.at<float>(upOffset), s.scratch.at<float>(hOffset), width);
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "swiglu launch"));
   MOE_RETURN_IF_ERROR(s.launchQuant(s.input.at<QuantJob>(quantSecondOffset), second.quant.size(), second.quantWarps));
-  MOE_RETURN_IF_ERROR(
-      s.launchProducts(s.input.at<ProductJob>(productSecondOffset), second.products.size(), second.rows));
+  MOE_RETURN_IF_ERROR(s.launchProducts(second, s.input.at<ProductJob>(productSecondOffset)));
   combineKernel<<<blocksFor(hidden, 256), 256, 0, s.stream>>>(s.scratch.at<float>(partsOffset),
                                                               s.input.at<float>(weightOffset), static_cast<int>(count),
                                                               hidden, s.output.at<float>(outOffset), false);
@@ -1081,12 +1148,12 @@ Status Context::expertBatches(const ExpertBatch *batchArray, size_t count, int64
   MOE_RETURN_IF_ERROR(
       check(cudaMemcpyAsync(s.input.data, s.hostInput.data, in.size, cudaMemcpyHostToDevice, s.stream), "copy in"));
   MOE_RETURN_IF_ERROR(s.launchQuant(s.input.at<QuantJob>(quantFirst), first.quant.size(), first.quantWarps));
-  MOE_RETURN_IF_ERROR(s.launchProducts(s.input.at<ProductJob>(productFirst), first.products.size(), first.rows));
+  MOE_RETURN_IF_ERROR(s.launchProducts(first, s.input.at<ProductJob>(productFirst)));
   swigluKernel<<<blocksFor(width, 256), 256, 0, s.stream>>>(s.scratch.at<float>(gateBase), s.scratch.at<float>(upBase),
                                                             s.scratch.at<float>(hBase), width);
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "swiglu launch"));
   MOE_RETURN_IF_ERROR(s.launchQuant(s.input.at<QuantJob>(quantSecond), second.quant.size(), second.quantWarps));
-  MOE_RETURN_IF_ERROR(s.launchProducts(s.input.at<ProductJob>(productSecond), second.products.size(), second.rows));
+  MOE_RETURN_IF_ERROR(s.launchProducts(second, s.input.at<ProductJob>(productSecond)));
   MOE_RETURN_IF_ERROR(
       check(cudaMemcpyAsync(s.hostOutput.data, s.output.data, out.size, cudaMemcpyDeviceToHost, s.stream), "copy out"));
   MOE_RETURN_IF_ERROR(s.finish());
@@ -1179,7 +1246,7 @@ Status Context::decodeSyncCache(KvMirror &mirror, int64_t layerIndex, const floa
 }
 
 Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int64_t layerIndex, int64_t position,
-                                float *mlpInput, float *keyRow, float *valueRow) {
+                                float *mlpInput, float *keyRow, float *valueRow, float *routerLogits) {
   if (!a.query || !a.key || !a.value || !a.output || !a.attentionNorm || !a.mlpNorm)
     return Status::error("CUDA decode: a layer without its attention weights on the device");
   std::lock_guard<std::mutex> lock(state->mutex);
@@ -1192,11 +1259,14 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
   KvMirror::Layer &cache = mirror.layers[static_cast<size_t>(layerIndex)];
   if (a.query->cols != H || a.query->rows != qWidth || a.key->rows != kWidth || a.value->rows != vWidth ||
       a.output->cols != attendedWidth || a.output->rows != H || cache.keyWidth != kWidth ||
-      cache.valueWidth != vWidth || cache.rows != position || position + 1 > cache.capacity)
+      cache.valueWidth != vWidth || cache.rows != position || position + 1 > cache.capacity ||
+      (routerLogits && (!a.router || a.router->cols != H)))
     return Status::error("CUDA decode: layer ", layerIndex, "'s attention shapes or KV cache do not fit");
+  const int64_t routerRows = routerLogits ? a.router->rows : 0;
   const size_t kOffset = alignUp(static_cast<size_t>(H) * 4, 256);
   const size_t vOffset = kOffset + alignUp(static_cast<size_t>(kWidth) * 4, 256);
-  const size_t handoverBytes = vOffset + static_cast<size_t>(vWidth) * 4;
+  const size_t rOffset = vOffset + alignUp(static_cast<size_t>(vWidth) * 4, 256);
+  const size_t handoverBytes = rOffset + static_cast<size_t>(routerRows) * 4;
   MOE_RETURN_IF_ERROR(s.q.reserve(static_cast<size_t>(qWidth) * 4));
   MOE_RETURN_IF_ERROR(s.handover.reserve(handoverBytes));
   MOE_RETURN_IF_ERROR(s.attended.reserve(static_cast<size_t>(attendedWidth) * 4));
@@ -1210,16 +1280,22 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
       biasClampKernel<<<blocksFor(count, 256), 256, 0, s.stream>>>(y, bias, count, clip);
   };
   const double eps = a.eps;
+  // The layer's three plans (q/k/v, output projection, router), their
+  // tables in one transfer, scratch areas apart.
+  State::Plan projections, output, router;
+  Layout scratchLayout;
+  s.addProduct(projections, scratchLayout, *a.query, normed, H, 1, q, qWidth);
+  s.addProduct(projections, scratchLayout, *a.key, normed, H, 1, k, kWidth);
+  s.addProduct(projections, scratchLayout, *a.value, normed, H, 1, v, vWidth);
+  s.addProduct(output, scratchLayout, *a.output, attended, attendedWidth, 1, branch, H);
+  if (routerLogits)
+    s.addProduct(router, scratchLayout, *a.router, normed, H, 1, s.handover.at<float>(rOffset), routerRows);
+  MOE_RETURN_IF_ERROR(s.scratch.reserve(std::max<size_t>(scratchLayout.size, 256)));
+  State::Plan *plans[] = {&projections, &output, &router};
+  State::PlanTables placed[3];
+  MOE_RETURN_IF_ERROR(s.stageTables(plans, routerLogits ? 3 : 2, placed));
   normKernel<<<1, 1024, 0, s.stream>>>(x, normed, H, a.attentionNorm, a.attentionNormBias, eps, a.layerNorm);
-  {
-    State::Plan plan;
-    Layout scratchLayout;
-    s.addProduct(plan, scratchLayout, *a.query, normed, H, 1, q, qWidth);
-    s.addProduct(plan, scratchLayout, *a.key, normed, H, 1, k, kWidth);
-    s.addProduct(plan, scratchLayout, *a.value, normed, H, 1, v, vWidth);
-    MOE_RETURN_IF_ERROR(s.scratch.reserve(std::max<size_t>(scratchLayout.size, 256)));
-    MOE_RETURN_IF_ERROR(s.enqueue(plan));
-  }
+  MOE_RETURN_IF_ERROR(s.launch(projections, placed[0]));
   // As the CPU engine: biases, then qk-norm, then the clamp, then RoPE.
   biasClamp(q, a.queryBias, qWidth, 0.0f);
   biasClamp(k, a.keyBias, kWidth, 0.0f);
@@ -1258,10 +1334,12 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
   attendKernel<<<a.heads, 256, 0, s.stream>>>(q, cache.keys, cache.values, position + 1, a.heads / a.kvHeads, a.headDim,
                                               a.valueDim, kWidth, vWidth, a.softmaxScale, s.scores.at<float>(0),
                                               position + 1, attended);
-  MOE_RETURN_IF_ERROR(s.product(*a.output, attended, branch));
+  MOE_RETURN_IF_ERROR(s.launch(output, placed[1]));
   biasClamp(branch, a.outputBias, H, 0.0f);
   addKernel<<<blocksFor(H, 256), 256, 0, s.stream>>>(x, branch, H);
   normKernel<<<1, 1024, 0, s.stream>>>(x, normed, H, a.mlpNorm, a.mlpNormBias, eps, a.layerNorm);
+  if (routerLogits)
+    MOE_RETURN_IF_ERROR(s.launch(router, placed[2]));
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "decode launch"));
   // The host's share: the MLP input (routing) and the new cache rows.
   Expected<void *> staged = s.arenaTake(handoverBytes);
@@ -1274,6 +1352,8 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
   std::memcpy(mlpInput, host, static_cast<size_t>(H) * 4);
   std::memcpy(keyRow, host + kOffset, static_cast<size_t>(kWidth) * 4);
   std::memcpy(valueRow, host + vOffset, static_cast<size_t>(vWidth) * 4);
+  if (routerLogits)
+    std::memcpy(routerLogits, host + rOffset, static_cast<size_t>(routerRows) * 4);
   return Status::success();
 }
 
@@ -1323,13 +1403,17 @@ Status Context::decodeExperts(const ExpertProduct *expertArray, size_t count) {
   std::vector<float> weights(count);
   for (size_t i = 0; i < count; ++i)
     weights[i] = expertArray[i].weight;
-  MOE_RETURN_IF_ERROR(s.weights.reserve(count * 4));
-  MOE_RETURN_IF_ERROR(s.stage(s.weights.data, weights.data(), count * 4));
-  MOE_RETURN_IF_ERROR(s.enqueue(first));
+  // Both plans' tables and the weights in one transfer.
+  State::Plan *plans[] = {&first, &second};
+  State::PlanTables placed[2];
+  void *deviceWeights = nullptr;
+  MOE_RETURN_IF_ERROR(s.stageTables(plans, 2, placed, weights.data(), count * 4, &deviceWeights));
+  MOE_RETURN_IF_ERROR(s.launch(first, placed[0]));
   swigluKernel<<<blocksFor(width, 256), 256, 0, s.stream>>>(
       s.scratch.at<float>(gateOffset), s.scratch.at<float>(upOffset), s.scratch.at<float>(hOffset), width);
-  MOE_RETURN_IF_ERROR(s.enqueue(second));
-  combineKernel<<<blocksFor(hidden, 256), 256, 0, s.stream>>>(s.scratch.at<float>(partsOffset), s.weights.at<float>(0),
+  MOE_RETURN_IF_ERROR(s.launch(second, placed[1]));
+  combineKernel<<<blocksFor(hidden, 256), 256, 0, s.stream>>>(s.scratch.at<float>(partsOffset),
+                                                              static_cast<const float *>(deviceWeights),
                                                               static_cast<int>(count), hidden, s.x.at<float>(0), true);
   return check(cudaGetLastError(), "decode experts launch");
 }

@@ -38,8 +38,8 @@ struct DeviceWeight {
   quant::QuantFormat format; ///< Group layout only.
   bool signedCodes = false;  ///< Group layout: ggml's Q8_0 (two's complement codes, no min).
   int64_t rows = 0, cols = 0;
-  const void *data = nullptr; ///< Device memory.
-  size_t bytes = 0;
+  const void *data = nullptr; ///< Device memory; group formats as planes (common/GroupPlanes.h).
+  size_t bytes = 0;           ///< Bytes held on the device.
 };
 
 /// One routed (or shared) expert of a token: y += weight * down(silu(gate x) * up x).
@@ -78,6 +78,9 @@ struct DecodeAttention {
   bool ropeInterleaved = false;
   const float *cos = nullptr, *sin = nullptr; ///< Host, [ropeHalf] each, for this token.
   float softmaxScale = 1;
+  /// The MoE router [experts, hidden], or null: decodeAttention hands its
+  /// logits of the MLP input back with that input.
+  const DeviceWeight *router = nullptr;
 };
 
 /// The device's copy bandwidth and what a kernel read, for benchmarks.
@@ -103,8 +106,9 @@ public:
 
   const DeviceFacts &facts() const;
 
-  /// Copies a matrix of `bytes` bytes from host memory; freed when the
-  /// returned pointer is released. Checks that the bytes match the shape.
+  /// Copies a matrix of `bytes` bytes from host memory (group formats split
+  /// into planes, common/GroupPlanes.h); freed when the returned pointer is
+  /// released. Checks that the bytes match the shape.
   Expected<std::shared_ptr<const DeviceWeight>> upload(WeightLayout layout, const quant::QuantFormat &format,
                                                        bool signedCodes, int64_t rows, int64_t cols, const void *host,
                                                        size_t bytes);
@@ -139,9 +143,10 @@ public:
   /// Norm, q/k/v (biases, qk-norm, clamp), RoPE, the cache append at row
   /// `position`, attention over rows 0..position, output projection and
   /// residual add, then the MLP's norm; waits, and gives the host the MLP
-  /// input [hidden] and the new key and value rows.
+  /// input [hidden], the new key and value rows and, when routerLogits is
+  /// not null, the router's logits of the MLP input [layer.router->rows].
   Status decodeAttention(const DecodeAttention &layer, KvMirror &mirror, int64_t layerIndex, int64_t position,
-                         float *mlpInput, float *keyRow, float *valueRow);
+                         float *mlpInput, float *keyRow, float *valueRow, float *routerLogits = nullptr);
   /// Residual += sum_i weight_i * expert_i(MLP input), added in order.
   Status decodeExperts(const ExpertProduct *experts, size_t count);
   /// Residual += branch[hidden] (host): an MLP the host computed.

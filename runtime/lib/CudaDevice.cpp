@@ -46,6 +46,7 @@ struct CudaVectors {
   const float *queryBias = nullptr, *keyBias = nullptr, *valueBias = nullptr, *outputBias = nullptr;
   const float *queryNorm = nullptr, *keyNorm = nullptr;
   const float *finalNorm = nullptr, *finalNormBias = nullptr, *lmHeadBias = nullptr;
+  const cuda::DeviceWeight *router = nullptr; ///< A MoE layer's router, for decode.
 };
 
 class CudaDevice final : public Device {
@@ -65,30 +66,7 @@ public:
   Status upload(Matrix &matrix) override {
     if (matrix.device || matrix.empty())
       return Status::success();
-    cuda::WeightLayout layout;
-    quant::QuantFormat format;
-    bool signedCodes = false;
-    const void *data = nullptr;
-    size_t bytes = 0;
-    if (const std::optional<quant::QuantMatrixView> view = matrix.groupView()) {
-      layout = cuda::WeightLayout::Group;
-      format = view->format;
-      signedCodes = view->signedCodes;
-      data = matrix.quantData;
-      bytes = format.matrixBytes(matrix.rows, matrix.cols);
-    } else if (matrix.isQuantized()) {
-      return Status::success(); // K-quants and Q5_*: the CPU's kernels.
-    } else if (matrix.isBf16()) {
-      layout = cuda::WeightLayout::BF16;
-      data = matrix.bf16.data();
-      bytes = matrix.bf16.size() * sizeof(uint16_t);
-    } else {
-      layout = cuda::WeightLayout::F32;
-      data = matrix.data.data();
-      bytes = matrix.data.size() * sizeof(float);
-    }
-    Expected<std::shared_ptr<const cuda::DeviceWeight>> weight =
-        context->upload(layout, format, signedCodes, matrix.rows, matrix.cols, data, bytes);
+    Expected<std::shared_ptr<const cuda::DeviceWeight>> weight = copyMatrix(matrix);
     if (!weight) {
       // --device auto: what does not fit stays on the CPU (slower, never a
       // failed run); --device cuda: the user asked for the GPU, say why not.
@@ -96,7 +74,8 @@ public:
         return Status::success();
       return Status::error(weight.status().message(), " (run with --device cpu or auto, or a smaller --max-memory)");
     }
-    matrix.device = std::make_shared<CudaMatrix>(shared_from_this(), weight.take());
+    if (*weight)
+      matrix.device = std::make_shared<CudaMatrix>(shared_from_this(), weight.take());
     return Status::success();
   }
 
@@ -138,10 +117,15 @@ public:
     return w.deviceVectors && w.query.device && w.key.device && w.value.device && w.output.device;
   }
 
+  bool holdsRouter(const LayerWeights &w) const override {
+    return w.deviceVectors && static_cast<const CudaVectors *>(w.deviceVectors.get())->router;
+  }
+
   Status decodeBegin(const float *x, int64_t hidden) override { return context->decodeBegin(x, hidden); }
 
   Status decodeAttention(const ModelSpec &spec, const LayerWeights &w, int64_t index, const float *cos,
-                         const float *sin, int64_t ropeHalf, KvCache &cache, float *mlpInput) override {
+                         const float *sin, int64_t ropeHalf, KvCache &cache, float *mlpInput,
+                         float *routerLogits) override {
     if (!holdsAttention(w))
       return Status::error("CUDA decode: layer ", index, "'s attention is not on the device");
     const AttentionSpec &a = spec.attention;
@@ -185,11 +169,14 @@ public:
     d.cos = cos;
     d.sin = sin;
     d.softmaxScale = static_cast<float>(a.softmaxScale);
+    d.router = v.router;
+    if (routerLogits && !v.router)
+      return Status::error("CUDA decode: layer ", index, "'s router is not on the device");
     thread_local std::vector<float> keyRow, valueRow;
     keyRow.resize(static_cast<size_t>(keyWidth));
     valueRow.resize(static_cast<size_t>(valueWidth));
-    MOE_RETURN_IF_ERROR(
-        context->decodeAttention(d, mirror, index, cache.length, mlpInput, keyRow.data(), valueRow.data()));
+    MOE_RETURN_IF_ERROR(context->decodeAttention(d, mirror, index, cache.length, mlpInput, keyRow.data(),
+                                                 valueRow.data(), routerLogits));
     keys.insert(keys.end(), keyRow.begin(), keyRow.end());
     values.insert(values.end(), valueRow.begin(), valueRow.end());
     return Status::success();
@@ -242,6 +229,17 @@ protected:
                                 {&w.keyNorm, &vectors->keyNorm}})
       if (status.ok())
         status = copy(*vectors, *host, *device);
+    // The router, for decode alone (decodeAttention hands its logits back
+    // with the MLP input); prefill routes with the CPU's products.
+    if (status.ok() && !w.router.empty()) {
+      Expected<std::shared_ptr<const cuda::DeviceWeight>> router = copyMatrix(w.router);
+      if (!router)
+        status = router.status();
+      else if (*router) {
+        vectors->router = router->get();
+        vectors->held.push_back(router.take());
+      }
+    }
     // Without its vectors a layer decodes through the products alone.
     if (!status.ok())
       return lenient ? Status::success() : status;
@@ -263,6 +261,34 @@ protected:
   }
 
 private:
+  /// A device copy of `matrix`, or null for formats the device has no
+  /// kernel for (K-quants and Q5_*: the CPU's kernels).
+  Expected<std::shared_ptr<const cuda::DeviceWeight>> copyMatrix(const Matrix &matrix) {
+    cuda::WeightLayout layout;
+    quant::QuantFormat format;
+    bool signedCodes = false;
+    const void *data = nullptr;
+    size_t bytes = 0;
+    if (const std::optional<quant::QuantMatrixView> view = matrix.groupView()) {
+      layout = cuda::WeightLayout::Group;
+      format = view->format;
+      signedCodes = view->signedCodes;
+      data = matrix.quantData;
+      bytes = format.matrixBytes(matrix.rows, matrix.cols);
+    } else if (matrix.isQuantized()) {
+      return std::shared_ptr<const cuda::DeviceWeight>();
+    } else if (matrix.isBf16()) {
+      layout = cuda::WeightLayout::BF16;
+      data = matrix.bf16.data();
+      bytes = matrix.bf16.size() * sizeof(uint16_t);
+    } else {
+      layout = cuda::WeightLayout::F32;
+      data = matrix.data.data();
+      bytes = matrix.data.size() * sizeof(float);
+    }
+    return context->upload(layout, format, signedCodes, matrix.rows, matrix.cols, data, bytes);
+  }
+
   Status copy(CudaVectors &vectors, const std::vector<float> &host, const float *&device) {
     if (host.empty())
       return Status::success();

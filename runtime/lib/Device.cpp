@@ -57,7 +57,7 @@ Status noDecode() { return Status::error("this device does not decode with the r
 
 Status Device::decodeBegin(const float *, int64_t) { return noDecode(); }
 Status Device::decodeAttention(const ModelSpec &, const LayerWeights &, int64_t, const float *, const float *, int64_t,
-                               KvCache &, float *) {
+                               KvCache &, float *, float *) {
   return noDecode();
 }
 Status Device::decodeMlp(std::span<const std::pair<const MlpWeights *, float>>) { return noDecode(); }

@@ -47,13 +47,16 @@ float detail::sharedExpertGate(const LayerSpec &layer, const LayerWeights &w, co
 }
 
 void detail::routeBlock(const ModelSpec &spec, const LayerWeights &w, const float *x, int64_t tokens,
-                        const std::set<int64_t> *maskedRows, BlockRouting &routing) {
+                        const std::set<int64_t> *maskedRows, BlockRouting &routing, const float *logits) {
   const RouterSpec &routerSpec = w.routing.router ? *w.routing.router : spec.router;
   // E router rows choose among the expert slots (fewer after merging).
   const int64_t E = w.router.rows, K = routerSpec.topK;
   const int64_t slots = static_cast<int64_t>(w.experts.size());
   routing.logits.resize(static_cast<size_t>(tokens * E));
-  linear(x, tokens, w.router, routing.logits.data());
+  if (logits)
+    std::copy_n(logits, tokens * E, routing.logits.data());
+  else
+    linear(x, tokens, w.router, routing.logits.data());
   if (maskedRows)
     for (int64_t t = 0; t < tokens; ++t)
       for (int64_t e : *maskedRows)
@@ -790,7 +793,7 @@ Status Engine::decodeOnDevice(int32_t token, KvCache &cache, std::vector<float> 
   std::vector<float> x;
   MOE_RETURN_IF_ERROR(embed(std::span<const int32_t>(&token, 1), x));
   MOE_RETURN_IF_ERROR(onDevice->decodeBegin(x.data(), H));
-  thread_local std::vector<float> normedBuffer, branchBuffer;
+  thread_local std::vector<float> normedBuffer, branchBuffer, routerBuffer;
   std::vector<float> &normed = sized(normedBuffer, H), &branch = sized(branchBuffer, H);
   thread_local detail::BlockRouting perThreadRouting;
   thread_local std::vector<std::pair<const MlpWeights *, float>> mlps;
@@ -801,8 +804,12 @@ Status Engine::decodeOnDevice(int32_t token, KvCache &cache, std::vector<float> 
     const LayerWeights &w = **loaded;
     const LayerSpec &layer = spec.layers[static_cast<size_t>(l)];
     const rope::Angles angles = rope::computeAngles(spec, cache.length, 1);
-    MOE_RETURN_IF_ERROR(
-        onDevice->decodeAttention(spec, w, l, angles.cos.data(), angles.sin.data(), angles.half, cache, normed.data()));
+    // The router's logits come back with the MLP input where the device
+    // holds the router: no product on the host between two device calls.
+    const bool deviceRouter = layer.mlp == MlpKind::Moe && onDevice->holdsRouter(w);
+    float *routerLogits = deviceRouter ? sized(routerBuffer, w.router.rows).data() : nullptr;
+    MOE_RETURN_IF_ERROR(onDevice->decodeAttention(spec, w, l, angles.cos.data(), angles.sin.data(), angles.half, cache,
+                                                  normed.data(), routerLogits));
     // The MLP: routed on the host from the device's input, as moeBlock does.
     mlps.clear();
     const std::set<int64_t> *masked = nullptr;
@@ -810,7 +817,7 @@ Status Engine::decodeOnDevice(int32_t token, KvCache &cache, std::vector<float> 
       masked = &found->second;
     if (layer.mlp == MlpKind::Moe) {
       detail::BlockRouting &routing = perThreadRouting;
-      detail::routeBlock(spec, w, normed.data(), 1, masked, routing);
+      detail::routeBlock(spec, w, normed.data(), 1, masked, routing, routerLogits);
       counters.routedTokens += 1;
       for (size_t e = 0; e < routing.tokensOf.size(); ++e)
         if (!routing.tokensOf[e].empty()) {

@@ -41,10 +41,11 @@ struct BlockRouting {
   std::vector<std::vector<float>> weightsOf;
 };
 
-/// The router of a MoE layer on x[tokens, H]: logits, `maskedRows` set to
-/// -inf, route per token, skipping, grouping by slot. Buffers are reused.
+/// The router of a MoE layer on x[tokens, H]: logits (computed, or the
+/// given `logits` [tokens, router rows]), `maskedRows` set to -inf, route
+/// per token, skipping, grouping by slot. Buffers are reused.
 void routeBlock(const ModelSpec &spec, const LayerWeights &w, const float *x, int64_t tokens,
-                const std::set<int64_t> *maskedRows, BlockRouting &routing);
+                const std::set<int64_t> *maskedRows, BlockRouting &routing, const float *logits = nullptr);
 
 /// moeBlockForward with routed experts taken from `cache` when it is not
 /// null (expert offloading; loading may fail).

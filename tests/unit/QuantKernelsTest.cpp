@@ -7,6 +7,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "cpu/QuantKernels.h"
+#include "common/GroupPlanes.h"
 #include "common/QuantFormat.h"
 #include "moe/Frontend/Checkpoint.h"
 
@@ -148,6 +149,38 @@ TEST(QuantFormat, RoundTripErrorIsHalfAStepForEveryFormat) {
   EXPECT_GT(meanError(2), meanError(3));
   EXPECT_GT(meanError(3), meanError(4));
   EXPECT_GT(meanError(4), meanError(8));
+}
+
+// The CUDA products' layout: the same values at every (row, col), bit for
+// bit, on shapes whose last group is short and whose rows are not 16-byte
+// multiples; planes aligned for 16-byte loads.
+TEST(GroupPlanes, SplittingKeepsEveryValueForEveryFormat) {
+  const std::pair<int64_t, int64_t> shapes[] = {{1, 32}, {3, 200}, {5, 4099}, {2, 96}};
+  for (const QuantFormat &format : allFormats())
+    for (const auto &[rows, cols] : shapes) {
+      SCOPED_TRACE(format.name() + " " + std::to_string(rows) + "x" + std::to_string(cols));
+      const std::vector<float> weights = randomMatrix(rows, cols, static_cast<uint32_t>(rows * cols + format.bits));
+      std::vector<uint8_t> packed(format.matrixBytes(rows, cols));
+      quantizeReference(format, weights.data(), rows, cols, packed.data());
+      std::vector<float> reference(static_cast<size_t>(rows * cols));
+      dequantizeReference(format, packed.data(), rows, cols, reference.data());
+      const GroupPlanes planes = groupPlanes(format, rows, cols);
+      EXPECT_EQ(planes.codeRowBytes % 16, 0u);
+      EXPECT_EQ(planes.headerOffset % 16, 0u);
+      EXPECT_GE(planes.codeRowBytes, static_cast<size_t>(planes.groups) * format.codeBytes());
+      EXPECT_EQ(planes.blockBytes * static_cast<size_t>(format.group / kCodeBlock), format.codeBytes());
+      std::vector<uint8_t> split(planes.totalBytes, 0xAB);
+      splitIntoPlanes(format, rows, cols, packed.data(), split.data());
+      size_t mismatches = 0;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c)
+          mismatches += planesValue(format, planes, split.data(), r, c) != reference[static_cast<size_t>(r * cols + c)];
+      EXPECT_EQ(mismatches, 0u);
+      // Padding is zeros, not what the buffer held.
+      for (int64_t r = 0; r < rows; ++r)
+        for (size_t i = static_cast<size_t>(planes.groups) * format.codeBytes(); i < planes.codeRowBytes; ++i)
+          ASSERT_EQ(split[static_cast<size_t>(r) * planes.codeRowBytes + i], 0);
+    }
 }
 
 TEST(QuantKernels, GemvMatchesTheScalarReferenceOnRandomWeights) {

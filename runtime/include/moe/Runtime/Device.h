@@ -85,24 +85,31 @@ public:
 
   // Decode of one token with the residual stream on the device (models with
   // grouped-query attention): the engine calls decodeBegin, then per layer
-  // decodeAttention (which hands back the MLP input for routing on the host
-  // and appends the token's keys and values to the host cache as well) and
+  // decodeAttention (which hands back the MLP input, and the router's logits
+  // of it where the device holds the router, for routing on the host, and
+  // appends the token's keys and values to the host cache as well) and
   // decodeMlp or decodeAddBranch, then decodeEnd. Devices without it answer
   // false to decodesOnDevice and the engine uses the products above.
   virtual bool decodesOnDevice() const { return false; }
   /// Whether the device holds all that decodeAttention reads of `layer`.
   virtual bool holdsAttention(const LayerWeights &layer) const { return false; }
+  /// Whether decodeAttention can hand back `layer`'s router logits.
+  virtual bool holdsRouter(const LayerWeights &layer) const { return false; }
   virtual Status decodeBegin(const float *x, int64_t hidden);
+  /// routerLogits: null, or [router rows] for the router's logits of the
+  /// MLP input (holdsRouter only).
   virtual Status decodeAttention(const ModelSpec &spec, const LayerWeights &layer, int64_t index, const float *cos,
-                                 const float *sin, int64_t ropeHalf, KvCache &cache, float *mlpInput);
+                                 const float *sin, int64_t ropeHalf, KvCache &cache, float *mlpInput,
+                                 float *routerLogits);
   /// Residual += sum_i weight_i * mlp_i(MLP input), for MLPs the device holds.
   virtual Status decodeMlp(std::span<const std::pair<const MlpWeights *, float>> mlps);
   /// Residual += branch[hidden] (host).
   virtual Status decodeAddBranch(const float *branch);
   virtual Status decodeEnd(const ModelSpec &spec, const GlobalWeights &globals, float *logits);
 
-  /// Uploads every matrix of a layer except the router (routing stays on
-  /// the host, with the CPU's arithmetic).
+  /// Uploads every matrix of a layer except the router (prefill routes on
+  /// the host with the CPU's arithmetic; a device may keep a copy of its own
+  /// for decode, holdsRouter).
   Status uploadLayer(LayerWeights &layer);
   /// Uploads the output projection (lm_head, or the tied embedding).
   Status uploadGlobals(GlobalWeights &globals);
