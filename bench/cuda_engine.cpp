@@ -225,7 +225,7 @@ private:
 
 int main(int argc, char **argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
-  std::string configPath, formatName = "q4_g128_asym", deviceName = "auto";
+  std::string configPath, formatName = "q4_g128_asym", deviceName = "auto", productKernel;
   int64_t layers = 0, promptTokens = 512, decodeTokens = 64, step = 8;
   for (size_t i = 0; i + 1 < args.size(); i += 2) {
     const std::string &flag = args[i], &value = args[i + 1];
@@ -243,6 +243,8 @@ int main(int argc, char **argv) {
       step = std::stoll(value);
     else if (flag == "--device")
       deviceName = value;
+    else if (flag == "--product-kernel")
+      productKernel = value;
     else if (flag == "--threads")
       setThreadCount(static_cast<unsigned>(std::stoul(value)));
     else {
@@ -252,7 +254,8 @@ int main(int argc, char **argv) {
   }
   if (configPath.empty() || args.size() % 2 != 0) {
     std::cerr << "usage: cuda_engine --config FILE [--layers N] [--format FORMAT|bf16] [--prompt P] [--decode D]\n"
-                 "                   [--step S] [--device auto|cuda|cpu] [--threads N]\n";
+                 "                   [--step S] [--device auto|cuda|cpu] [--threads N]\n"
+                 "                   [--product-kernel auto|streamed|warp-per-row]\n";
     return 2;
   }
   auto fail = [](const std::string &message) {
@@ -282,6 +285,12 @@ int main(int argc, char **argv) {
   Expected<std::shared_ptr<Device>> device = openDevice(*choice);
   if (!device)
     return fail(device.status().message());
+  if (!productKernel.empty()) {
+    if (!*device)
+      return fail("--product-kernel needs a device");
+    if (Status chosen = (*device)->chooseProductKernel(productKernel); !chosen.ok())
+      return fail(chosen.message());
+  }
   EngineOptions options;
   options.device = *device;
   auto loadStart = Clock::now();
@@ -326,6 +335,7 @@ int main(int argc, char **argv) {
   result["format"] = formatName;
   result["device"] = *device ? (*device)->description() : "cpu";
   result["threads"] = threadCount();
+  result["product_kernel"] = productKernel.empty() ? "default" : productKernel;
   result["load_seconds"] = loadSeconds;
   if (*device)
     result["device_resident_bytes"] = (*device)->residentBytes();

@@ -76,6 +76,10 @@ run_bench olmoe-1b-7b olmoe-1b-7b-4layers.json 16 q4_g128_asym
 run_bench qwen3-30b-a3b qwen3-30b-a3b-2layers.json 48 q4_g128_asym
 run_bench mixtral-8x7b mixtral-8x7b.json 32 q4_g128_asym
 fi
+if want bench || want quickbench; then
+# One token's products in registers instead of streamed through shared memory.
+run_bench mixtral-8x7b-warp-per-row mixtral-8x7b.json 32 q4_g128_asym --product-kernel warp-per-row
+fi
 if want memcheck && command -v compute-sanitizer >/dev/null; then
   log "compute-sanitizer memcheck (kernels, fixtures)"
   timeout 100 compute-sanitizer --tool memcheck --error-exitcode 9 "$tests" \
@@ -87,9 +91,9 @@ fi
 # Where the product kernel stands against the hardware (Nsight Compute):
 # throughput and occupancy of a few launches on Mixtral's large matrices.
 if want ncu && command -v ncu >/dev/null; then
-  log "ncu: productKernel on Mixtral shapes"
-  timeout 120 ncu --clock-control none --kernel-name productKernel --launch-skip 24 --launch-count 4 --section SpeedOfLight \
-    --section Occupancy --section MemoryWorkloadAnalysis --section LaunchStats "$engine" --config "$root/bench/configs/mixtral-8x7b.json" \
+  log "ncu: the streamed product kernel on Mixtral shapes"
+  timeout 120 ncu --clock-control none --kernel-name streamedKernel --launch-skip 24 --launch-count 4 --section SpeedOfLight \
+    --section Occupancy --section MemoryWorkloadAnalysis --section LaunchStats --section WarpStateStats "$engine" --config "$root/bench/configs/mixtral-8x7b.json" \
     --layers 2 --format q4_g128_asym --device cuda --prompt 16 --decode 4 --step 1 >"$out/ncu.txt" 2>&1
   log "ncu exit $?"
   grep -E "Memory Throughput|DRAM Throughput|Achieved Occupancy|Duration" "$out/ncu.txt" | head -16 >>"$out/summary.txt"

@@ -167,6 +167,32 @@ template <int BITS> struct CodeBlock {
   unsigned words[BITS];
 };
 
+/// acc += one 32-code block's dot with its 32 int8 activations `a` (16-byte
+/// aligned) in the CPU's order: (sum * activation scale) * weight scale,
+/// then, at a group's first block, min * the group's activation sum.
+template <int BITS>
+__device__ __forceinline__ void accumulateBlock(float &acc, const unsigned (&words)[BITS], float scale, float minimum,
+                                                bool groupStart, bool signedCodes, const int8_t *a,
+                                                float activationScale, const float *activationSum) {
+  unsigned unpacked[8];
+  unpackBlock<BITS>(words, unpacked);
+  const int4 a0 = __ldg(reinterpret_cast<const int4 *>(a)), a1 = __ldg(reinterpret_cast<const int4 *>(a) + 1);
+  const int activations[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+  int sum = 0;
+  if (signedCodes) {
+#pragma unroll
+    for (int m = 0; m < 8; ++m)
+      sum = __dp4a(static_cast<int>(unpacked[m]), activations[m], sum);
+  } else {
+#pragma unroll
+    for (int m = 0; m < 8; ++m)
+      sum = dotUnsigned(unpacked[m], activations[m], sum);
+  }
+  acc += static_cast<float>(sum) * activationScale * scale;
+  if (groupStart && !signedCodes)
+    acc += minimum * __ldg(activationSum);
+}
+
 /// Blocks in flight per lane (64 bytes of codes at 4 and 8 bits): all their
 /// loads issue before any is used.
 template <int BITS> constexpr int kBlocksInFlight = BITS == 8 ? 2 : 4;
@@ -218,30 +244,14 @@ template <int BITS, int TILE> __device__ void groupRow(const ProductJob &job, in
     auto apply = [&](int b, const CodeBlock<BITS> &block) {
       const int g = b >> blockShift;
       const bool groupStart = (b & ((1 << blockShift) - 1)) == 0;
-      unsigned unpacked[8];
-      unpackBlock<BITS>(block.words, unpacked);
 #pragma unroll
       for (int t = 0; t < TILE; ++t) {
         if (t >= n)
           break;
         const int64_t token = t0 + t;
-        const int4 *a = reinterpret_cast<const int4 *>(job.q + token * activationStride + b * 32);
-        const int4 a0 = __ldg(a), a1 = __ldg(a + 1);
-        const int activations[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-        int sum = 0;
-        if (job.signedCodes) {
-#pragma unroll
-          for (int m = 0; m < 8; ++m)
-            sum = __dp4a(static_cast<int>(unpacked[m]), activations[m], sum);
-        } else {
-#pragma unroll
-          for (int m = 0; m < 8; ++m)
-            sum = dotUnsigned(unpacked[m], activations[m], sum);
-        }
-        // The CPU's order: (sum * activation scale) * weight scale.
-        acc[t] += static_cast<float>(sum) * __ldg(job.qScales + token * job.groups + g) * block.scale;
-        if (groupStart && !job.signedCodes)
-          acc[t] += block.minimum * __ldg(job.qSums + token * job.groups + g);
+        accumulateBlock<BITS>(acc[t], block.words, block.scale, block.minimum, groupStart, job.signedCodes,
+                              job.q + token * activationStride + b * 32, __ldg(job.qScales + token * job.groups + g),
+                              job.qSums + token * job.groups + g);
       }
     };
     for (int base = lane; base < blocks; base += 32 * kBlocksInFlight<BITS>) {
@@ -290,6 +300,9 @@ template <bool BF16, int TILE> __device__ void denseRow(const ProductJob &job, i
     for (int t = 0; t < TILE; ++t)
       acc[t] = 0.0f;
     if (job.vectorized) {
+      // Unrolled so that a row of few matrices' rows (a router) has several
+      // loads in flight per lane.
+#pragma unroll 4
       for (int64_t c = 4 * lane; c < job.cols; c += 128) {
         const float4 w = loadFour<BF16>(rowData, c);
 #pragma unroll
@@ -363,6 +376,193 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, TILE == 1 ? 2 : 1)
       break;
     }
   }
+}
+
+// The streamed kernel: one token, group layouts only. Each warp walks its
+// rows (warp w of W takes rows w, w + W, ...) in chunks of 32 blocks, a
+// block per lane, and copies the chunks ahead of use into a private ring
+// in shared memory with cp.async (kStreamStages - 1 chunks in flight per
+// warp, held by no register), so a multiprocessor keeps far more bytes in
+// flight than warps holding their loads in registers can. Each lane reads
+// back only what it copied itself: no barrier between lanes. The
+// arithmetic per block, and the order of a lane's blocks, are
+// productKernel's: the results are the same bits.
+constexpr int kStreamWarps = 4;  ///< Warps per block.
+constexpr int kStreamStages = 8; ///< Ring slots per warp.
+
+__device__ __forceinline__ unsigned sharedAddress(const void *p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void copyAsync16(void *shared, const void *global) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sharedAddress(shared)), "l"(global) : "memory");
+}
+__device__ __forceinline__ void copyAsync8(void *shared, const void *global) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(sharedAddress(shared)), "l"(global) : "memory");
+}
+__device__ __forceinline__ void copyAsync4(void *shared, const void *global) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(sharedAddress(shared)), "l"(global) : "memory");
+}
+__device__ __forceinline__ void commitCopies() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+/// Waits until at most N of this thread's copy groups are still in flight.
+template <int N> __device__ __forceinline__ void waitCopies() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+/// One lane's ring slot: a block's codes (up to 32 bytes) and the 32-bit
+/// word that holds its group header, in two arrays of shared memory.
+struct StreamSlot {
+  uint4 *codes; ///< Two.
+  unsigned *header;
+};
+
+/// A warp's place in its rows: which row, which chunk of it, and its job.
+struct StreamCursor {
+  int64_t row;
+  int chunk, chunks, job;
+};
+
+__device__ __forceinline__ int rowBlocks(const ProductJob &job) {
+  return static_cast<int>(job.groups) << job.blockShift;
+}
+
+/// Moves `c` to row `row` (or past the end): finds its job (rows only grow).
+__device__ __forceinline__ void seekRow(StreamCursor &c, int64_t row, const ProductJob *jobs, int64_t totalRows) {
+  c.row = row;
+  c.chunk = 0;
+  if (row >= totalRows)
+    return;
+  while (row >= jobs[c.job].first + jobs[c.job].rows)
+    ++c.job;
+  c.chunks = (rowBlocks(jobs[c.job]) + 31) / 32;
+}
+
+__device__ __forceinline__ void advance(StreamCursor &c, int64_t stride, const ProductJob *jobs, int64_t totalRows) {
+  if (++c.chunk == c.chunks)
+    seekRow(c, c.row + stride, jobs, totalRows);
+}
+
+/// Issues the copies of this lane's block of the chunk at `c` into `slot`,
+/// and commits them as one group (an empty one past the end, so that every
+/// iteration commits one group and the waits count alike).
+__device__ __forceinline__ void copyChunk(const StreamCursor &c, int lane, const ProductJob *jobs, int64_t totalRows,
+                                          const StreamSlot &slot) {
+  if (c.row < totalRows) {
+    const ProductJob &job = jobs[c.job];
+    const int64_t row = c.row - job.first;
+    const int b = c.chunk * 32 + lane;
+    if (b < rowBlocks(job)) {
+      const uint8_t *block = job.w + row * job.codeRowBytes + static_cast<int64_t>(b) * (4 * job.bits);
+      switch (job.bits) {
+      case 2:
+        copyAsync8(slot.codes, block);
+        break;
+      case 3:
+        for (int k = 0; k < 3; ++k)
+          copyAsync4(reinterpret_cast<unsigned *>(slot.codes) + k, block + 4 * k);
+        break;
+      case 4:
+        copyAsync16(slot.codes, block);
+        break;
+      default:
+        copyAsync16(slot.codes, block);
+        copyAsync16(slot.codes + 1, block + 16);
+        break;
+      }
+      // The aligned word holding the header (2-byte symmetric headers sit
+      // in either half; the header plane is padded to 16 bytes).
+      const int64_t offset = job.headerOffset + (row * job.groups + (b >> job.blockShift)) * (job.symmetric ? 2 : 4);
+      copyAsync4(slot.header, job.w + (offset & ~int64_t(3)));
+    }
+  }
+  commitCopies();
+}
+
+template <int BITS>
+__device__ __forceinline__ void consumeBlock(float &acc, const ProductJob &job, int64_t row, int b,
+                                             const StreamSlot &slot) {
+  unsigned words[BITS];
+  if constexpr (BITS == 4 || BITS == 8) {
+#pragma unroll
+    for (int k = 0; k < BITS / 4; ++k) {
+      const uint4 v = slot.codes[k];
+      words[4 * k] = v.x, words[4 * k + 1] = v.y, words[4 * k + 2] = v.z, words[4 * k + 3] = v.w;
+    }
+  } else if constexpr (BITS == 2) {
+    const uint2 v = *reinterpret_cast<const uint2 *>(slot.codes);
+    words[0] = v.x, words[1] = v.y;
+  } else {
+#pragma unroll
+    for (int k = 0; k < BITS; ++k)
+      words[k] = reinterpret_cast<const unsigned *>(slot.codes)[k];
+  }
+  const unsigned header = *slot.header;
+  const int g = b >> job.blockShift;
+  float scale, minimum;
+  if (job.symmetric) {
+    const int64_t offset = job.headerOffset + (row * job.groups + g) * 2;
+    scale = scaleValue(static_cast<unsigned short>((offset & 2) ? header >> 16 : header & 0xFFFFu), job.bf16Scale);
+    minimum = job.signedCodes ? 0.0f : -static_cast<float>(1 << (BITS - 1)) * scale;
+  } else {
+    scale = scaleValue(static_cast<unsigned short>(header & 0xFFFFu), job.bf16Scale);
+    minimum = scaleValue(static_cast<unsigned short>(header >> 16), job.bf16Scale);
+  }
+  const bool groupStart = (b & ((1 << job.blockShift) - 1)) == 0;
+  accumulateBlock<BITS>(acc, words, scale, minimum, groupStart, job.signedCodes, job.q + static_cast<int64_t>(b) * 32,
+                        __ldg(job.qScales + g), job.qSums + g);
+}
+
+__global__ void __launch_bounds__(32 * kStreamWarps) streamedKernel(const ProductJob *jobs, int64_t totalRows) {
+  __shared__ uint4 ringCodes[kStreamWarps][kStreamStages][32][2];
+  __shared__ unsigned ringHeaders[kStreamWarps][kStreamStages][32];
+  const int lane = threadIdx.x & 31, warpInBlock = threadIdx.x >> 5;
+  auto slot = [&](int stage) {
+    return StreamSlot{ringCodes[warpInBlock][stage][lane], &ringHeaders[warpInBlock][stage][lane]};
+  };
+  const int64_t stride = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  StreamCursor producer{0, 0, 0, 0}, consumer{0, 0, 0, 0};
+  seekRow(producer, first, jobs, totalRows);
+  seekRow(consumer, first, jobs, totalRows);
+  for (int s = 0; s < kStreamStages - 1; ++s) {
+    copyChunk(producer, lane, jobs, totalRows, slot(s));
+    advance(producer, stride, jobs, totalRows);
+  }
+  float acc = 0.0f;
+  for (int i = 0; consumer.row < totalRows; ++i) {
+    // The slot consumed last iteration takes the chunk kStreamStages - 1
+    // ahead; then this iteration's chunk is complete.
+    copyChunk(producer, lane, jobs, totalRows, slot((i + kStreamStages - 1) % kStreamStages));
+    advance(producer, stride, jobs, totalRows);
+    waitCopies<kStreamStages - 1>();
+    const ProductJob &job = jobs[consumer.job];
+    const int64_t row = consumer.row - job.first;
+    const int b = consumer.chunk * 32 + lane;
+    if (b < rowBlocks(job)) {
+      const StreamSlot current = slot(i % kStreamStages);
+      switch (job.bits) {
+      case 2:
+        consumeBlock<2>(acc, job, row, b, current);
+        break;
+      case 3:
+        consumeBlock<3>(acc, job, row, b, current);
+        break;
+      case 4:
+        consumeBlock<4>(acc, job, row, b, current);
+        break;
+      default:
+        consumeBlock<8>(acc, job, row, b, current);
+        break;
+      }
+    }
+    if (consumer.chunk == consumer.chunks - 1) {
+      const float total = warpSum(acc);
+      if (lane == 0)
+        job.y[row] = total;
+      acc = 0.0f;
+    }
+    advance(consumer, stride, jobs, totalRows);
+  }
+  waitCopies<0>();
 }
 
 /// h[i] = silu(gate[i]) * up[i], silu as the CPU engine writes it.
@@ -704,6 +904,24 @@ struct Context::State {
     const int64_t rows = plan.rows;
     const bool single =
         std::all_of(plan.products.begin(), plan.products.end(), [](const ProductJob &job) { return job.tokens == 1; });
+    const bool groups = std::all_of(plan.products.begin(), plan.products.end(), [](const ProductJob &job) {
+      return job.layout == static_cast<int>(WeightLayout::Group);
+    });
+    // Auto: streamed for rows of under 2 KiB of codes on average, where a
+    // warp per row spends much of its life finding its job and waiting on
+    // its first loads (on the H200: OLMoE and Qwen3-30B-A3B shapes decode
+    // 11-12% faster streamed, Mixtral's 2-7 KiB rows 7% slower).
+    int64_t codeBytes = 0;
+    for (const ProductJob &job : plan.products)
+      codeBytes += job.rows * job.codeRowBytes;
+    const bool streamed =
+        oneTokenKernel == ProductKernel::Streamed || (oneTokenKernel == ProductKernel::Auto && codeBytes < 2048 * rows);
+    if (single && groups && streamed) {
+      // One wave of resident blocks, fewer where the rows are fewer.
+      const unsigned streamed = std::min<unsigned>(blocksFor(rows * 32, 32 * kStreamWarps), streamedBlocks);
+      streamedKernel<<<streamed, 32 * kStreamWarps, 0, stream>>>(deviceJobs, rows);
+      return check(cudaGetLastError(), "product launch");
+    }
     const unsigned blocks = blocksFor(rows * 32, 32 * kWarpsPerBlock);
     if (single)
       productKernel<1><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(deviceJobs, static_cast<int>(count), rows);
@@ -711,6 +929,9 @@ struct Context::State {
       productKernel<kTile><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(deviceJobs, static_cast<int>(count), rows);
     return check(cudaGetLastError(), "product launch");
   }
+
+  ProductKernel oneTokenKernel = ProductKernel::Auto;
+  unsigned streamedBlocks = 1; ///< streamedKernel's blocks resident on the device at once.
 
   // Decode: the residual stream and a token's intermediates on the device,
   // job tables, and a pinned arena for what the host hands over between
@@ -836,6 +1057,11 @@ Expected<std::shared_ptr<Context>> Context::open() {
   s.facts.computeCapability = properties.major * 10 + properties.minor;
   s.facts.totalMemory = properties.totalGlobalMem;
   s.facts.multiprocessors = properties.multiProcessorCount;
+  int streamedPerMultiprocessor = 0;
+  MOE_RETURN_IF_ERROR(check(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&streamedPerMultiprocessor, streamedKernel, 32 * kStreamWarps, 0),
+      "occupancy"));
+  s.streamedBlocks = static_cast<unsigned>(std::max(1, streamedPerMultiprocessor) * properties.multiProcessorCount);
   cudaDriverGetVersion(&s.facts.driverVersion);
   cudaRuntimeGetVersion(&s.facts.runtimeVersion);
   MOE_RETURN_IF_ERROR(check(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking), "stream"));
@@ -849,6 +1075,11 @@ Context::~Context() = default;
 const DeviceFacts &Context::facts() const { return state->facts; }
 
 size_t Context::residentBytes() const { return state->resident->load(); }
+
+void Context::setProductKernel(ProductKernel kernel) {
+  std::lock_guard<std::mutex> lock(state->mutex);
+  state->oneTokenKernel = kernel;
+}
 
 double Context::kernelSeconds() const { return state->kernelSeconds; }
 

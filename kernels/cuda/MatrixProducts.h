@@ -83,6 +83,13 @@ struct DecodeAttention {
   const DeviceWeight *router = nullptr;
 };
 
+/// How one token's products over group-format matrices run: Streamed
+/// copies each warp's blocks ahead into shared memory with cp.async;
+/// WarpPerRow loads them into registers (the kernel of several tokens, and
+/// of f32/bf16 matrices, in any case); Auto (the default) streams launches
+/// whose rows hold under 2 KiB of codes on average. All give the same bits.
+enum class ProductKernel : uint8_t { Auto, Streamed, WarpPerRow };
+
 /// The device's copy bandwidth and what a kernel read, for benchmarks.
 struct DeviceFacts {
   std::string name;
@@ -154,6 +161,10 @@ public:
   /// The final norm and the output projection (+ bias): logits (host), waits.
   Status decodeEnd(const float *norm, const float *normBias, bool layerNorm, float eps, const DeviceWeight &head,
                    const float *headBias, float *logits);
+
+  /// The kernel of one token's group-format products (benchmarks and
+  /// tests compare them).
+  void setProductKernel(ProductKernel kernel);
 
   /// Bytes of matrices held now.
   size_t residentBytes() const;

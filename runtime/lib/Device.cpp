@@ -55,6 +55,10 @@ namespace {
 Status noDecode() { return Status::error("this device does not decode with the residual stream on it"); }
 } // namespace
 
+Status Device::chooseProductKernel(std::string_view name) {
+  return Status::error("this device has one product kernel, not a choice of '", name, "'");
+}
+
 Status Device::decodeBegin(const float *, int64_t) { return noDecode(); }
 Status Device::decodeAttention(const ModelSpec &, const LayerWeights &, int64_t, const float *, const float *, int64_t,
                                KvCache &, float *, float *) {

@@ -120,9 +120,26 @@ std::vector<float> randomActivations(int64_t count, std::mt19937 &rng) {
   return x;
 }
 
+/// Runs `body` under each kernel of one token's group products, then
+/// puts the default (Auto) back.
+template <typename Body> void forEachProductKernel(Body body) {
+  for (cuda::ProductKernel kernel : {cuda::ProductKernel::WarpPerRow, cuda::ProductKernel::Streamed}) {
+    SCOPED_TRACE(kernel == cuda::ProductKernel::Streamed ? "streamed kernel" : "warp-per-row kernel");
+    context()->setProductKernel(kernel);
+    body();
+  }
+  context()->setProductKernel(cuda::ProductKernel::Auto);
+}
+
 void expectGroupFormatMatches(const quant::QuantFormat &format, bool signedCodes, uint32_t seed) {
   std::mt19937 rng(seed);
+  // Each shape over its tokens and over one token (the kernel of decode).
+  std::vector<Shape> shapes;
   for (const Shape &shape : kShapes) {
+    shapes.push_back(shape);
+    shapes.push_back({shape.rows, shape.cols, 1});
+  }
+  for (const Shape &shape : shapes) {
     const std::vector<uint8_t> packed = signedCodes ? randomSignedMatrix(shape.rows, shape.cols, rng)
                                                     : randomGroupMatrix(format, shape.rows, shape.cols, rng);
     const quant::QuantMatrixView view{format, packed.data(), shape.rows, shape.cols, signedCodes};
@@ -149,17 +166,65 @@ void expectGroupFormatMatches(const quant::QuantFormat &format, bool signedCodes
 
 TEST(CudaMatrixProducts, EveryGroupFormatMatchesTheCpuKernel) {
   REQUIRE_GPU();
-  uint32_t seed = 1;
-  for (int bits : {2, 3, 4, 8})
-    for (int group : {32, 64, 128})
-      for (bool symmetric : {false, true})
-        for (quant::ScaleType scale : {quant::ScaleType::F16, quant::ScaleType::BF16})
-          expectGroupFormatMatches(quant::QuantFormat{bits, group, symmetric, scale}, false, seed++);
+  forEachProductKernel([] {
+    uint32_t seed = 1;
+    for (int bits : {2, 3, 4, 8})
+      for (int group : {32, 64, 128})
+        for (bool symmetric : {false, true})
+          for (quant::ScaleType scale : {quant::ScaleType::F16, quant::ScaleType::BF16})
+            expectGroupFormatMatches(quant::QuantFormat{bits, group, symmetric, scale}, false, seed++);
+  });
+}
+
+// One token's kernels give the same bits: the same blocks per lane, in the
+// same order, with the same arithmetic. Many rows (more than one wave of
+// warps) of mixed formats and widths in one launch.
+TEST(CudaMatrixProducts, OneTokenKernelsAgreeBitForBit) {
+  REQUIRE_GPU();
+  std::mt19937 rng(99);
+  const int64_t cols = 1000;
+  struct Made {
+    std::shared_ptr<const cuda::DeviceWeight> weight;
+    std::vector<float> y;
+  };
+  std::vector<Made> made;
+  const std::pair<quant::QuantFormat, int64_t> kinds[] = {{{4, 128, false, quant::ScaleType::F16}, 20000},
+                                                          {{3, 64, true, quant::ScaleType::BF16}, 333},
+                                                          {{2, 32, false, quant::ScaleType::F16}, 4097},
+                                                          {{8, 128, true, quant::ScaleType::F16}, 17}};
+  for (const auto &[format, rows] : kinds) {
+    const std::vector<uint8_t> packed = randomGroupMatrix(format, rows, cols, rng);
+    Expected<std::shared_ptr<const cuda::DeviceWeight>> weight =
+        context()->upload(cuda::WeightLayout::Group, format, false, rows, cols, packed.data(), packed.size());
+    ASSERT_TRUE(weight) << weight.status().message();
+    made.push_back({weight.take(), std::vector<float>(static_cast<size_t>(rows))});
+  }
+  const std::vector<float> x = randomActivations(cols, rng);
+  std::vector<std::vector<float>> results;
+  forEachProductKernel([&] {
+    std::vector<std::pair<const cuda::DeviceWeight *, float *>> products;
+    for (Made &m : made)
+      products.emplace_back(m.weight.get(), m.y.data());
+    Status status = context()->multiply(x.data(), 1, cols, products.data(), products.size());
+    ASSERT_TRUE(status.ok()) << status.message();
+    std::vector<float> all;
+    for (const Made &m : made)
+      all.insert(all.end(), m.y.begin(), m.y.end());
+    results.push_back(std::move(all));
+  });
+  ASSERT_EQ(results.size(), 2u);
+  ASSERT_EQ(results[0].size(), results[1].size());
+  size_t differing = 0;
+  for (size_t i = 0; i < results[0].size(); ++i)
+    differing += std::memcmp(&results[0][i], &results[1][i], sizeof(float)) != 0;
+  EXPECT_EQ(differing, 0u);
 }
 
 TEST(CudaMatrixProducts, SignedCodesMatchTheCpuKernel) {
   REQUIRE_GPU();
-  expectGroupFormatMatches(quant::QuantFormat{8, 32, true, quant::ScaleType::F16}, true, 99);
+  forEachProductKernel([] {
+    expectGroupFormatMatches(quant::QuantFormat{8, 32, true, quant::ScaleType::F16}, true, 99);
+  });
 }
 
 TEST(CudaMatrixProducts, FloatMatricesMatchDoubleProducts) {

@@ -82,6 +82,10 @@ public:
   virtual void resetBusySeconds() = 0;
   /// Device-to-device copy bandwidth (bytes read + written per second).
   virtual Expected<double> copyBandwidth() = 0;
+  /// Benchmarks: the kernel of one token's products by name (CUDA: "auto",
+  /// the default, "streamed" or "warp-per-row"); an error for a name the
+  /// device does not know.
+  virtual Status chooseProductKernel(std::string_view name);
 
   // Decode of one token with the residual stream on the device (models with
   // grouped-query attention): the engine calls decodeBegin, then per layer
