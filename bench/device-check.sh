@@ -77,8 +77,12 @@ run_bench qwen3-30b-a3b qwen3-30b-a3b-2layers.json 48 q4_g128_asym
 run_bench mixtral-8x7b mixtral-8x7b.json 32 q4_g128_asym
 fi
 if want bench || want quickbench; then
-# One token's products in registers instead of streamed through shared memory.
-run_bench mixtral-8x7b-warp-per-row mixtral-8x7b.json 32 q4_g128_asym --product-kernel warp-per-row
+# Each one-token kernel alone, beside the default (auto) above: what
+# ProductKernel::Auto's row-size threshold rests on.
+for kernel in streamed warp-per-row; do
+  run_bench olmoe-1b-7b-$kernel olmoe-1b-7b-4layers.json 16 q4_g128_asym --product-kernel $kernel
+  run_bench mixtral-8x7b-$kernel mixtral-8x7b.json 32 q4_g128_asym --product-kernel $kernel
+done
 fi
 if want memcheck && command -v compute-sanitizer >/dev/null; then
   log "compute-sanitizer memcheck (kernels, fixtures)"
