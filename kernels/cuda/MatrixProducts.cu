@@ -393,19 +393,43 @@ constexpr int kStreamStages = 8; ///< Ring slots per warp.
 __device__ __forceinline__ unsigned sharedAddress(const void *p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
+// cp.async exists from sm_80; older targets (a build for sm_75, say) copy
+// synchronously: the same results, nothing in flight.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define MOEC_SYNCHRONOUS_COPIES 1
+#endif
+
 __device__ __forceinline__ void copyAsync16(void *shared, const void *global) {
+#ifdef MOEC_SYNCHRONOUS_COPIES
+  *static_cast<uint4 *>(shared) = __ldg(static_cast<const uint4 *>(global));
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sharedAddress(shared)), "l"(global) : "memory");
+#endif
 }
 __device__ __forceinline__ void copyAsync8(void *shared, const void *global) {
+#ifdef MOEC_SYNCHRONOUS_COPIES
+  *static_cast<uint2 *>(shared) = __ldg(static_cast<const uint2 *>(global));
+#else
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(sharedAddress(shared)), "l"(global) : "memory");
+#endif
 }
 __device__ __forceinline__ void copyAsync4(void *shared, const void *global) {
+#ifdef MOEC_SYNCHRONOUS_COPIES
+  *static_cast<unsigned *>(shared) = __ldg(static_cast<const unsigned *>(global));
+#else
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(sharedAddress(shared)), "l"(global) : "memory");
+#endif
 }
-__device__ __forceinline__ void commitCopies() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void commitCopies() {
+#ifndef MOEC_SYNCHRONOUS_COPIES
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
 /// Waits until at most N of this thread's copy groups are still in flight.
 template <int N> __device__ __forceinline__ void waitCopies() {
+#ifndef MOEC_SYNCHRONOUS_COPIES
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
 }
 
 /// One lane's ring slot: a block's codes (up to 32 bytes) and the 32-bit

@@ -805,8 +805,12 @@ Status Engine::decodeOnDevice(int32_t token, KvCache &cache, std::vector<float> 
     const LayerSpec &layer = spec.layers[static_cast<size_t>(l)];
     const rope::Angles angles = rope::computeAngles(spec, cache.length, 1);
     // The router's logits come back with the MLP input where the device
-    // holds the router: no product on the host between two device calls.
-    const bool deviceRouter = layer.mlp == MlpKind::Moe && onDevice->holdsRouter(w);
+    // holds the router and every MLP of the layer (else the host's block
+    // below routes again, and must see the same logits: the CPU's).
+    const bool deviceRouter =
+        layer.mlp == MlpKind::Moe && onDevice->holdsRouter(w) &&
+        std::all_of(w.experts.begin(), w.experts.end(), [](const MlpWeights &e) { return deviceHolds(e); }) &&
+        (layer.shared.intermediateSize == 0 || deviceHolds(w.shared));
     float *routerLogits = deviceRouter ? sized(routerBuffer, w.router.rows).data() : nullptr;
     MOE_RETURN_IF_ERROR(onDevice->decodeAttention(spec, w, l, angles.cos.data(), angles.sin.data(), angles.half, cache,
                                                   normed.data(), routerLogits));
