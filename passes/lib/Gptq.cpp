@@ -75,12 +75,27 @@ struct Grid {
   std::function<double(int64_t row, int64_t column, double value)> round;
 };
 
-/// GPTQ proper: Q (original column order) from W and H.
-Status runGptq(Matrix W, Matrix H, const GptqOptions &options, const Grid &grid, Matrix &Q) {
-  const int64_t rows = W.rows(), cols = W.cols();
-  const int64_t groups = (cols + grid.groupSize - 1) / grid.groupSize;
-  std::vector<bool> gridReady(static_cast<size_t>(groups), false);
+} // namespace
 
+/// What GPTQ derives from a Hessian alone: the damped diagonal (column
+/// importance), the quantization order, and U, the upper Cholesky factor
+/// of the damped inverse Hessian in that order.
+struct GptqFactor {
+  int64_t cols = 0;
+  std::vector<double> importance;
+  std::vector<int64_t> order;
+  Matrix U;
+};
+
+Expected<std::shared_ptr<const GptqFactor>> factorGptqHessian(std::vector<double> hessian, int64_t cols,
+                                                              const GptqOptions &options) {
+  if (cols <= 0 || static_cast<int64_t>(hessian.size()) != cols * cols)
+    return Status::error("GPTQ: a Hessian of ", hessian.size(), " values for ", cols, " columns");
+  if (options.block < 1 || !(options.damping >= 0) || !std::isfinite(options.damping))
+    return Status::error("GPTQ: block must be positive and damping non-negative");
+  Eigen::Map<Matrix> H(hessian.data(), cols, cols);
+  auto factor = std::make_shared<GptqFactor>();
+  factor->cols = cols;
   for (int64_t i = 0; i < cols; ++i)
     if (H(i, i) <= 0) {
       H.row(i).setZero();
@@ -89,25 +104,15 @@ Status runGptq(Matrix W, Matrix H, const GptqOptions &options, const Grid &grid,
     }
   const double damp = options.damping * H.diagonal().mean();
   H.diagonal().array() += damp;
-  std::vector<double> importance(static_cast<size_t>(cols));
+  factor->importance.resize(static_cast<size_t>(cols));
   for (int64_t i = 0; i < cols; ++i)
-    importance[i] = H(i, i);
-  auto computeGrids = [&](int64_t group) {
-    grid.choose(group, W, importance);
-    gridReady[group] = true;
-  };
-
-  std::vector<int64_t> order(static_cast<size_t>(cols));
+    factor->importance[i] = H(i, i);
+  std::vector<int64_t> &order = factor->order;
+  order.resize(static_cast<size_t>(cols));
   std::iota(order.begin(), order.end(), 0);
   if (options.actOrder)
     std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return H(a, a) > H(b, b); });
-  if (options.actOrder || options.groupScales == GptqGroupScales::Static)
-    for (int64_t g = 0; g < groups; ++g)
-      computeGrids(g);
-  // Permute to quantization order.
-  Matrix Wp(rows, cols), Hp(cols, cols);
-  for (int64_t j = 0; j < cols; ++j)
-    Wp.col(j) = W.col(order[j]);
+  Matrix Hp(cols, cols);
   for (int64_t a = 0; a < cols; ++a)
     for (int64_t b = 0; b < cols; ++b)
       Hp(a, b) = H(order[a], order[b]);
@@ -117,7 +122,8 @@ Status runGptq(Matrix W, Matrix H, const GptqOptions &options, const Grid &grid,
   // with rows and columns reversed, reversed back. One factorisation and
   // one triangular inverse (LAPACK through OpenBLAS, which picks its SIMD
   // code at run time) instead of an inverse and a second factorisation.
-  Matrix U = Hp.reverse();
+  Matrix &U = factor->U;
+  U = Hp.reverse();
   const int n = static_cast<int>(cols);
   int info = 0;
   // Row-major buffers are LAPACK's column-major transposes: "U" on the
@@ -132,6 +138,32 @@ Status runGptq(Matrix W, Matrix H, const GptqOptions &options, const Grid &grid,
   if (info != 0)
     return Status::error("GPTQ: the inverse Hessian factor is singular (raise damping)");
   U.triangularView<Eigen::StrictlyLower>().setZero();
+  return std::shared_ptr<const GptqFactor>(std::move(factor));
+}
+
+namespace {
+
+/// GPTQ proper: Q (original column order) from W and the Hessian's factor.
+Status runGptq(Matrix W, const GptqFactor &factor, const GptqOptions &options, const Grid &grid, Matrix &Q) {
+  const int64_t rows = W.rows(), cols = W.cols();
+  if (cols != factor.cols)
+    return Status::error("GPTQ: a Hessian factor of ", factor.cols, " columns for a matrix of ", cols);
+  const int64_t groups = (cols + grid.groupSize - 1) / grid.groupSize;
+  std::vector<bool> gridReady(static_cast<size_t>(groups), false);
+  const std::vector<double> &importance = factor.importance;
+  const std::vector<int64_t> &order = factor.order;
+  const Matrix &U = factor.U;
+  auto computeGrids = [&](int64_t group) {
+    grid.choose(group, W, importance);
+    gridReady[group] = true;
+  };
+  if (options.actOrder || options.groupScales == GptqGroupScales::Static)
+    for (int64_t g = 0; g < groups; ++g)
+      computeGrids(g);
+  // Permute to quantization order.
+  Matrix Wp(rows, cols);
+  for (int64_t j = 0; j < cols; ++j)
+    Wp.col(j) = W.col(order[j]);
 
   Q.resize(rows, cols);
   Matrix blockStart;
@@ -169,9 +201,9 @@ Status runGptq(Matrix W, Matrix H, const GptqOptions &options, const Grid &grid,
   return Status::success();
 }
 
-Status checkInputs(const std::vector<float> &weights, int64_t rows, int64_t cols, const std::vector<double> &hessian,
+Status checkInputs(const std::vector<float> &weights, int64_t rows, int64_t cols, const GptqFactor &factor,
                    const GptqOptions &options) {
-  if (static_cast<int64_t>(weights.size()) != rows * cols || static_cast<int64_t>(hessian.size()) != cols * cols)
+  if (static_cast<int64_t>(weights.size()) != rows * cols || factor.cols != cols)
     return Status::error("GPTQ: a ", rows, "x", cols, " matrix needs a ", cols, "x", cols, " Hessian");
   if (options.block < 1 || !(options.damping >= 0) || !std::isfinite(options.damping))
     return Status::error("GPTQ: block must be positive and damping non-negative");
@@ -188,7 +220,17 @@ Matrix toMatrix(const std::vector<float> &weights, int64_t rows, int64_t cols) {
 
 Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &weights, int64_t rows, int64_t cols,
                     std::vector<double> hessian, const GptqOptions &options, std::vector<uint8_t> &packed) {
-  MOE_RETURN_IF_ERROR(checkInputs(weights, rows, cols, hessian, options));
+  if (static_cast<int64_t>(hessian.size()) != cols * cols)
+    return Status::error("GPTQ: a ", rows, "x", cols, " matrix needs a ", cols, "x", cols, " Hessian");
+  Expected<std::shared_ptr<const GptqFactor>> factor = factorGptqHessian(std::move(hessian), cols, options);
+  if (!factor)
+    return factor.status();
+  return quantizeGptq(format, weights, rows, cols, **factor, options, packed);
+}
+
+Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &weights, int64_t rows, int64_t cols,
+                    const GptqFactor &factor, const GptqOptions &options, std::vector<uint8_t> &packed) {
+  MOE_RETURN_IF_ERROR(checkInputs(weights, rows, cols, factor, options));
   const int64_t groups = format.groupsPerRow(cols);
   std::vector<std::vector<GroupGrid>> grids(static_cast<size_t>(rows),
                                             std::vector<GroupGrid>(static_cast<size_t>(groups)));
@@ -203,8 +245,7 @@ Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &
     return roundToGrid(format, grids[r][column / format.group], value);
   };
   Matrix Q;
-  MOE_RETURN_IF_ERROR(
-      runGptq(toMatrix(weights, rows, cols), Eigen::Map<Matrix>(hessian.data(), cols, cols), options, grid, Q));
+  MOE_RETURN_IF_ERROR(runGptq(toMatrix(weights, rows, cols), factor, options, grid, Q));
 
   // Encode: the chosen values are on their group's grid; recover the codes.
   packed.assign(format.matrixBytes(rows, cols), 0);
@@ -229,7 +270,17 @@ Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &
 
 Status quantizeGptqGgml(quant::GgmlType type, const std::vector<float> &weights, int64_t rows, int64_t cols,
                         std::vector<double> hessian, const GptqOptions &options, std::vector<uint8_t> &packed) {
-  MOE_RETURN_IF_ERROR(checkInputs(weights, rows, cols, hessian, options));
+  if (static_cast<int64_t>(hessian.size()) != cols * cols)
+    return Status::error("GPTQ: a ", rows, "x", cols, " matrix needs a ", cols, "x", cols, " Hessian");
+  Expected<std::shared_ptr<const GptqFactor>> factor = factorGptqHessian(std::move(hessian), cols, options);
+  if (!factor)
+    return factor.status();
+  return quantizeGptqGgml(type, weights, rows, cols, **factor, options, packed);
+}
+
+Status quantizeGptqGgml(quant::GgmlType type, const std::vector<float> &weights, int64_t rows, int64_t cols,
+                        const GptqFactor &factor, const GptqOptions &options, std::vector<uint8_t> &packed) {
+  MOE_RETURN_IF_ERROR(checkInputs(weights, rows, cols, factor, options));
   const quant::GgmlTraits *traits = quant::ggmlTraits(type);
   if (!traits || !quant::isGgmlBlockFormat(type) || cols % traits->blockSize != 0)
     return Status::error("GPTQ: rows of ", cols, " values are not whole blocks of the ggml format");
@@ -260,7 +311,7 @@ Status quantizeGptqGgml(quant::GgmlType type, const std::vector<float> &weights,
                                                         static_cast<float>(value)));
   };
   Matrix Q;
-  return runGptq(toMatrix(weights, rows, cols), Eigen::Map<Matrix>(hessian.data(), cols, cols), options, grid, Q);
+  return runGptq(toMatrix(weights, rows, cols), factor, options, grid, Q);
 }
 
 } // namespace moe

@@ -19,6 +19,7 @@
 #include "moe/Support/Status.h"
 #include "moe/Transforms/PassOptions.h"
 
+#include <memory>
 #include <vector>
 
 namespace moe {
@@ -30,6 +31,17 @@ struct GptqOptions {
   GptqGroupScales groupScales = GptqGroupScales::Static;
 };
 
+/// What GPTQ derives from a Hessian alone (the damped diagonal, the column
+/// order, the Cholesky factor of the damped inverse): matrices that read
+/// one input (an expert's gate and up) share it, and get the same codes as
+/// each with its own copy of the Hessian.
+struct GptqFactor;
+
+/// The factor of `hessian` ([cols, cols]) under `options` (damping,
+/// act-order). Fails when the damped Hessian is not positive definite.
+Expected<std::shared_ptr<const GptqFactor>> factorGptqHessian(std::vector<double> hessian, int64_t cols,
+                                                              const GptqOptions &options);
+
 /// Quantizes row-major [rows, cols] `weights` with Hessian `hessian`
 /// ([cols, cols], any positive scale) into `packed`
 /// (format.matrixBytes(rows, cols)). Input dimensions that never saw a
@@ -38,6 +50,9 @@ struct GptqOptions {
 /// not positive definite.
 Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &weights, int64_t rows, int64_t cols,
                     std::vector<double> hessian, const GptqOptions &options, std::vector<uint8_t> &packed);
+/// The same with the Hessian's factor (factorGptqHessian, same options).
+Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &weights, int64_t rows, int64_t cols,
+                    const GptqFactor &factor, const GptqOptions &options, std::vector<uint8_t> &packed);
 
 /// GPTQ whose grid is a ggml block format's own quantizer (`cols` a whole
 /// number of blocks): each block's scales (a K-quant's quantized sub-block
@@ -46,6 +61,8 @@ Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &
 /// damped Hessian's diagonal; each column is then rounded under them. `packed` gets the format's rows.
 Status quantizeGptqGgml(quant::GgmlType type, const std::vector<float> &weights, int64_t rows, int64_t cols,
                         std::vector<double> hessian, const GptqOptions &options, std::vector<uint8_t> &packed);
+Status quantizeGptqGgml(quant::GgmlType type, const std::vector<float> &weights, int64_t rows, int64_t cols,
+                        const GptqFactor &factor, const GptqOptions &options, std::vector<uint8_t> &packed);
 
 } // namespace moe
 

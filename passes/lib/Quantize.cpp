@@ -22,6 +22,8 @@
 
 #include <cmath>
 #include <map>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <set>
 #include <sstream>
@@ -59,8 +61,20 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
   /// One matrix: read (in order), quantised (GPTQ in parallel, a batch of
   /// one matrix per thread at a time, so memory stays at a few matrices and
   /// Hessians), then written (in order).
+  /// The Hessian factor an expert's gate and up (and their split parts)
+  /// share: they read one input, so one factorisation serves them all
+  /// (the codes are those each would get alone). The first job to need it
+  /// computes it; `users` counts the jobs still to come.
+  struct SharedFactor {
+    std::mutex mutex;
+    std::shared_ptr<const GptqFactor> factor;
+    Status status = Status::success();
+    int64_t users = 0;
+  };
+
   struct Job {
     std::string symbol;
+    std::shared_ptr<SharedFactor> shared; ///< Gate and up of a routed expert.
     ir::TensorOp tensor;
     quant::WeightFormat format;
     std::vector<float> values;
@@ -88,6 +102,21 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       }
       pending.push_back(symbolName);
     }
+    // The shared factors: one per routed expert whose gate and up are both
+    // to be quantised, released after its last user.
+    factors.clear();
+    if (method == QuantizeMethod::Gptq) {
+      std::map<std::pair<int64_t, int64_t>, int64_t> users;
+      for (const std::string &symbolName : pending)
+        if (auto where = plan->expertMatrices.find(symbolName);
+            where != plan->expertMatrices.end() && !where->second.down)
+          ++users[{where->second.layer, where->second.expert}];
+      for (const auto &[key, count] : users)
+        if (count > 1) {
+          factors[key] = std::make_shared<SharedFactor>();
+          factors[key]->users = count;
+        }
+    }
     const size_t threads = threadCount();
     Progress progress(concat(getArgument().str(), method == QuantizeMethod::Gptq ? " (GPTQ)" : " (RTN)"),
                       static_cast<int64_t>(pending.size()), "matrices");
@@ -105,9 +134,17 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
             compute(jobs[static_cast<size_t>(j)]);
         });
       }
-      for (Job &job : jobs)
+      for (Job &job : jobs) {
+        if (job.shared && --job.shared->users == 0)
+          for (auto it = factors.begin(); it != factors.end(); ++it)
+            if (it->second == job.shared) {
+              factors.erase(it);
+              break;
+            }
+        job.shared.reset();
         if (failed(finish(model, access, job)))
           return signalPassFailure();
+      }
       progress.advance(static_cast<int64_t>(jobs.size()));
     }
   }
@@ -348,6 +385,9 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       }
       job.hessian = std::move(*hessian);
       job.where = concat("layer ", m.layer, " expert ", m.expert);
+      if (!m.down)
+        if (auto shared = factors.find({m.layer, m.expert}); shared != factors.end())
+          job.shared = shared->second;
     }
     return success();
   }
@@ -359,11 +399,32 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     job.packed.assign(job.format.matrixBytes(job.rows, job.cols), 0);
     if (job.hessian) {
       GptqOptions gptq{damping, block, actOrder, groupScales};
-      job.status = job.format.group ? quantizeGptq(*job.format.group, job.values, job.rows, job.cols,
-                                                   std::move(*job.hessian), gptq, job.packed)
-                                    : quantizeGptqGgml(*job.format.ggml, job.values, job.rows, job.cols,
-                                                       std::move(*job.hessian), gptq, job.packed);
+      std::shared_ptr<const GptqFactor> factor;
+      if (job.shared) {
+        // The first of the expert's jobs factors; the others wait and share.
+        std::lock_guard<std::mutex> lock(job.shared->mutex);
+        if (!job.shared->factor && job.shared->status.ok()) {
+          Expected<std::shared_ptr<const GptqFactor>> made = factorGptqHessian(std::move(*job.hessian), job.cols, gptq);
+          if (made)
+            job.shared->factor = made.take();
+          else
+            job.shared->status = made.status();
+        }
+        factor = job.shared->factor;
+        job.status = job.shared->status;
+      } else {
+        Expected<std::shared_ptr<const GptqFactor>> made = factorGptqHessian(std::move(*job.hessian), job.cols, gptq);
+        if (made)
+          factor = made.take();
+        else
+          job.status = made.status();
+      }
       job.hessian.reset();
+      if (!factor)
+        return;
+      job.status = job.format.group
+                       ? quantizeGptq(*job.format.group, job.values, job.rows, job.cols, *factor, gptq, job.packed)
+                       : quantizeGptqGgml(*job.format.ggml, job.values, job.rows, job.cols, *factor, gptq, job.packed);
     } else if (job.format.group) {
       quant::quantizeReference(*job.format.group, job.values.data(), job.rows, job.cols, job.packed.data());
     } else {
@@ -409,6 +470,8 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
 
   quant::QuantFormat groupFormat;            ///< bits, group, sym, scale-type.
   std::optional<quant::GgmlType> ggmlFormat; ///< format=q4_k etc.
+  /// (layer, expert) -> the factor its gate and up share (runOnOperation).
+  std::map<std::pair<int64_t, int64_t>, std::shared_ptr<SharedFactor>> factors;
 };
 
 } // namespace

@@ -453,6 +453,50 @@ TEST(Gptq, LowersTheLayerOutputErrorOfRtnOnTheSameWeightsAndHessian) {
                       {"48x200 matrix needs a 200x200 Hessian"});
 }
 
+// An expert's gate and up read one input: one factorisation of its Hessian
+// serves both and gives each the codes it gets with its own copy (what
+// moe-quantize does), for moec's formats and ggml's, with and without
+// act-order; a factor of another width is refused.
+TEST(Gptq, ASharedHessianFactorGivesTheSameCodes) {
+  std::mt19937 rng(8);
+  std::normal_distribution<double> normal;
+  const int64_t cols = 256, samples = 600;
+  std::vector<double> hessian(static_cast<size_t>(cols * cols), 0.0);
+  for (int64_t s = 0; s < samples; ++s) {
+    std::vector<double> x(static_cast<size_t>(cols));
+    for (int64_t c = 0; c < cols; ++c)
+      x[c] = normal(rng) * (1.0 + static_cast<double>(c % 7)) + (c > 0 ? 0.5 * x[c - 1] : 0.0);
+    for (int64_t a = 0; a < cols; ++a)
+      for (int64_t b = 0; b < cols; ++b)
+        hessian[a * cols + b] += x[a] * x[b];
+  }
+  for (bool actOrder : {false, true}) {
+    const GptqOptions options{0.01, 64, actOrder};
+    Expected<std::shared_ptr<const GptqFactor>> factor = factorGptqHessian(hessian, cols, options);
+    ASSERT_TRUE(factor) << factor.status().message();
+    for (int64_t rows : {24, 40}) { // gate and up of different widths (split parts)
+      std::vector<float> weights(static_cast<size_t>(rows * cols));
+      for (float &w : weights)
+        w = static_cast<float>(normal(rng) * 0.05);
+      const quant::QuantFormat format{3, 64, false};
+      std::vector<uint8_t> alone, shared;
+      ASSERT_TRUE(quantizeGptq(format, weights, rows, cols, hessian, options, alone).ok());
+      ASSERT_TRUE(quantizeGptq(format, weights, rows, cols, **factor, options, shared).ok());
+      EXPECT_EQ(alone, shared) << "rows " << rows << (actOrder ? " act-order" : "");
+      std::vector<uint8_t> ggmlAlone, ggmlShared;
+      ASSERT_TRUE(quantizeGptqGgml(quant::GgmlType::Q4_K, weights, rows, cols, hessian, options, ggmlAlone).ok());
+      ASSERT_TRUE(quantizeGptqGgml(quant::GgmlType::Q4_K, weights, rows, cols, **factor, options, ggmlShared).ok());
+      EXPECT_EQ(ggmlAlone, ggmlShared) << "rows " << rows << (actOrder ? " act-order" : "");
+    }
+  }
+  Expected<std::shared_ptr<const GptqFactor>> factor = factorGptqHessian(hessian, cols, {});
+  ASSERT_TRUE(factor);
+  std::vector<uint8_t> packed;
+  expectErrorContains(quantizeGptq(quant::QuantFormat{}, std::vector<float>(8 * 128), 8, 128, **factor, {}, packed),
+                      {"Hessian"});
+  expectErrorContains(factorGptqHessian(std::vector<double>(10), cols, {}).status(), {"Hessian"});
+}
+
 // GPTQ with a ggml block format's own grid (K-quants' quantized sub-block
 // scales included) beats that format's row quantizer on the layer output.
 TEST(Gptq, GgmlGridsLowerTheLayerOutputErrorOfTheirRowQuantizer) {
