@@ -61,10 +61,10 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
   /// One matrix: read (in order), quantised (GPTQ in parallel, a batch of
   /// one matrix per thread at a time, so memory stays at a few matrices and
   /// Hessians), then written (in order).
-  /// The Hessian factor an expert's gate and up (and their split parts)
-  /// share: they read one input, so one factorisation serves them all
-  /// (the codes are those each would get alone). The first job to need it
-  /// computes it; `users` counts the jobs still to come.
+  /// The Hessian factor matrices with one input share (an expert's gate
+  /// and up and their split parts; q, k and v): one factorisation serves
+  /// them all (the codes are those each would get alone). The first job to
+  /// need it computes it; `users` counts the jobs still to come.
   struct SharedFactor {
     std::mutex mutex;
     std::shared_ptr<const GptqFactor> factor;
@@ -102,15 +102,14 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       }
       pending.push_back(symbolName);
     }
-    // The shared factors: one per routed expert whose gate and up are both
-    // to be quantised, released after its last user.
+    // The shared factors: one per Hessian that two or more matrices to be
+    // quantised read, released after its last user.
     factors.clear();
     if (method == QuantizeMethod::Gptq) {
-      std::map<std::pair<int64_t, int64_t>, int64_t> users;
+      std::map<std::string, int64_t> users;
       for (const std::string &symbolName : pending)
-        if (auto where = plan->expertMatrices.find(symbolName);
-            where != plan->expertMatrices.end() && !where->second.down)
-          ++users[{where->second.layer, where->second.expert}];
+        if (std::optional<std::string> key = hessianKey(*plan, symbolName))
+          ++users[*key];
       for (const auto &[key, count] : users)
         if (count > 1) {
           factors[key] = std::make_shared<SharedFactor>();
@@ -336,6 +335,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       }
       job.hessian = std::move(*hessian);
       job.where = concat("layer ", layer);
+      shareFactor(plan, symbolName, job);
     } else if (where == plan.expertMatrices.end()) {
       tensor.emitRemark() << "moe-quantize: no Hessian is recorded for this tensor's input (MLA's q_b/kv_b, "
                              "dense-layer MLPs, lm_head, embeddings); it gets RTN";
@@ -385,11 +385,31 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       }
       job.hessian = std::move(*hessian);
       job.where = concat("layer ", m.layer, " expert ", m.expert);
-      if (!m.down)
-        if (auto shared = factors.find({m.layer, m.expert}); shared != factors.end())
-          job.shared = shared->second;
+      shareFactor(plan, symbolName, job);
     }
     return success();
+  }
+
+  /// Which Hessian GPTQ reads for `symbolName`, when one may be shared: a
+  /// layer statistic (q, k and v read the attention's input; a shared
+  /// expert's gate and up the MLP's), or a routed expert's input moments
+  /// (its gate and up, and their split parts). Down projections read their
+  /// own expert's intermediate moments (or a part's block of them): none.
+  static std::optional<std::string> hessianKey(const Plan &plan, const std::string &symbolName) {
+    if (auto where = plan.expertMatrices.find(symbolName); where != plan.expertMatrices.end()) {
+      if (where->second.down)
+        return std::nullopt;
+      return concat("expert ", where->second.layer, " ", where->second.expert);
+    }
+    if (auto where = plan.denseMatrices.find(symbolName); where != plan.denseMatrices.end())
+      return concat("layer ", where->second.first, " ", where->second.second);
+    return std::nullopt;
+  }
+
+  void shareFactor(const Plan &plan, const std::string &symbolName, Job &job) {
+    if (std::optional<std::string> key = hessianKey(plan, symbolName))
+      if (auto shared = factors.find(*key); shared != factors.end())
+        job.shared = shared->second;
   }
 
   /// Quantises one matrix (thread-safe: touches only `job`).
@@ -470,8 +490,9 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
 
   quant::QuantFormat groupFormat;            ///< bits, group, sym, scale-type.
   std::optional<quant::GgmlType> ggmlFormat; ///< format=q4_k etc.
-  /// (layer, expert) -> the factor its gate and up share (runOnOperation).
-  std::map<std::pair<int64_t, int64_t>, std::shared_ptr<SharedFactor>> factors;
+  /// hessianKey -> the factor the matrices reading that Hessian share
+  /// (runOnOperation).
+  std::map<std::string, std::shared_ptr<SharedFactor>> factors;
 };
 
 } // namespace
