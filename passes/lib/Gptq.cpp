@@ -218,14 +218,27 @@ Matrix toMatrix(const std::vector<float> &weights, int64_t rows, int64_t cols) {
 
 } // namespace
 
-Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &weights, int64_t rows, int64_t cols,
-                    std::vector<double> hessian, const GptqOptions &options, std::vector<uint8_t> &packed) {
+namespace {
+
+/// The factor of a matrix's own Hessian, then `quantize` with it.
+template <typename Quantize>
+Status withOwnFactor(int64_t rows, int64_t cols, std::vector<double> hessian, const GptqOptions &options,
+                     Quantize quantize) {
   if (static_cast<int64_t>(hessian.size()) != cols * cols)
     return Status::error("GPTQ: a ", rows, "x", cols, " matrix needs a ", cols, "x", cols, " Hessian");
   Expected<std::shared_ptr<const GptqFactor>> factor = factorGptqHessian(std::move(hessian), cols, options);
   if (!factor)
     return factor.status();
-  return quantizeGptq(format, weights, rows, cols, **factor, options, packed);
+  return quantize(**factor);
+}
+
+} // namespace
+
+Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &weights, int64_t rows, int64_t cols,
+                    std::vector<double> hessian, const GptqOptions &options, std::vector<uint8_t> &packed) {
+  return withOwnFactor(rows, cols, std::move(hessian), options, [&](const GptqFactor &factor) {
+    return quantizeGptq(format, weights, rows, cols, factor, options, packed);
+  });
 }
 
 Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &weights, int64_t rows, int64_t cols,
@@ -270,12 +283,9 @@ Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &
 
 Status quantizeGptqGgml(quant::GgmlType type, const std::vector<float> &weights, int64_t rows, int64_t cols,
                         std::vector<double> hessian, const GptqOptions &options, std::vector<uint8_t> &packed) {
-  if (static_cast<int64_t>(hessian.size()) != cols * cols)
-    return Status::error("GPTQ: a ", rows, "x", cols, " matrix needs a ", cols, "x", cols, " Hessian");
-  Expected<std::shared_ptr<const GptqFactor>> factor = factorGptqHessian(std::move(hessian), cols, options);
-  if (!factor)
-    return factor.status();
-  return quantizeGptqGgml(type, weights, rows, cols, **factor, options, packed);
+  return withOwnFactor(rows, cols, std::move(hessian), options, [&](const GptqFactor &factor) {
+    return quantizeGptqGgml(type, weights, rows, cols, factor, options, packed);
+  });
 }
 
 Status quantizeGptqGgml(quant::GgmlType type, const std::vector<float> &weights, int64_t rows, int64_t cols,
