@@ -69,12 +69,12 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     std::mutex mutex;
     std::shared_ptr<const GptqFactor> factor;
     Status status = Status::success();
-    int64_t users = 0;
+    int64_t users = 0; ///< Shared ones: the jobs still to come.
   };
 
   struct Job {
     std::string symbol;
-    std::shared_ptr<SharedFactor> shared; ///< Gate and up of a routed expert.
+    std::shared_ptr<SharedFactor> shared; ///< GPTQ: the Hessian's factor (shareFactor).
     ir::TensorOp tensor;
     quant::WeightFormat format;
     std::vector<float> values;
@@ -134,16 +134,13 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         });
       }
       for (Job &job : jobs) {
-        if (job.shared && --job.shared->users == 0)
-          for (auto it = factors.begin(); it != factors.end(); ++it)
-            if (it->second == job.shared) {
-              factors.erase(it);
-              break;
-            }
+        if (job.shared)
+          --job.shared->users;
         job.shared.reset();
         if (failed(finish(model, access, job)))
           return signalPassFailure();
       }
+      std::erase_if(factors, [](const auto &entry) { return entry.second->users <= 0; });
       progress.advance(static_cast<int64_t>(jobs.size()));
     }
   }
@@ -406,10 +403,15 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     return std::nullopt;
   }
 
+  /// The job's factor: the one its Hessian's other readers share, or its
+  /// own.
   void shareFactor(const Plan &plan, const std::string &symbolName, Job &job) {
     if (std::optional<std::string> key = hessianKey(plan, symbolName))
-      if (auto shared = factors.find(*key); shared != factors.end())
+      if (auto shared = factors.find(*key); shared != factors.end()) {
         job.shared = shared->second;
+        return;
+      }
+    job.shared = std::make_shared<SharedFactor>();
   }
 
   /// Quantises one matrix (thread-safe: touches only `job`).
@@ -420,8 +422,8 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     if (job.hessian) {
       GptqOptions gptq{damping, block, actOrder, groupScales};
       std::shared_ptr<const GptqFactor> factor;
-      if (job.shared) {
-        // The first of the expert's jobs factors; the others wait and share.
+      {
+        // The first of the factor's readers computes it; the others wait and share.
         std::lock_guard<std::mutex> lock(job.shared->mutex);
         if (!job.shared->factor && job.shared->status.ok()) {
           Expected<std::shared_ptr<const GptqFactor>> made = factorGptqHessian(std::move(*job.hessian), job.cols, gptq);
@@ -432,12 +434,6 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         }
         factor = job.shared->factor;
         job.status = job.shared->status;
-      } else {
-        Expected<std::shared_ptr<const GptqFactor>> made = factorGptqHessian(std::move(*job.hessian), job.cols, gptq);
-        if (made)
-          factor = made.take();
-        else
-          job.status = made.status();
       }
       job.hessian.reset();
       if (!factor)

@@ -441,6 +441,18 @@ TEST(CudaDevice, WithoutAGpuTheErrorSaysSo) {
   EXPECT_EQ(automatic->get(), nullptr);
 }
 
+// bench/cuda_engine --product-kernel: a name the device does not know is
+// refused with the names it does.
+TEST(CudaDevice, AnUnknownProductKernelIsNamed) {
+  REQUIRE_GPU();
+  Expected<std::shared_ptr<Device>> device = openDevice(DeviceChoice::Cuda);
+  ASSERT_TRUE(device) << device.status().message();
+  Status status = (*device)->chooseProductKernel("fastest");
+  ASSERT_FALSE(status.ok());
+  EXPECT_NE(status.message().find("'fastest' (auto, streamed or warp-per-row)"), std::string::npos) << status.message();
+  EXPECT_TRUE((*device)->chooseProductKernel("auto").ok());
+}
+
 namespace {
 
 /// The models whole-engine parity runs on: both fixtures, the packages in
