@@ -7,8 +7,12 @@
 // bandwidth (memcpy of a same-sized buffer, bytes copied per second, which
 // the issue 6 tables quote). Prints one JSON object per line.
 //
+// With --tokens N, also prefill's integer GEMM (gemmRows) over N tokens:
+// weight-token products per second, one thread and every core.
+//
 // Usage: quant_kernels [--rows N] [--cols N] [--repeat N] [--formats a,b]
 //                      [--isas a,b]   (default: every format and ISA)
+//                      [--tokens N]   (default 0: no GEMM)
 //
 //===----------------------------------------------------------------------===//
 
@@ -55,6 +59,7 @@ template <typename Body> double bestSeconds(int repeat, int threads, int64_t row
 int main(int argc, char **argv) {
   int64_t rows = 8192, cols = 8192;
   int repeat = 5;
+  int64_t tokens = 0;
   std::string formats, isas;
   auto listed = [](const std::string &list, const std::string &name) {
     return list.empty() || ("," + list + ",").find("," + name + ",") != std::string::npos;
@@ -71,6 +76,8 @@ int main(int argc, char **argv) {
       formats = argv[i + 1];
     else if (flag == "--isas")
       isas = argv[i + 1];
+    else if (flag == "--tokens")
+      tokens = std::stoll(argv[i + 1]);
     else {
       std::cerr << "quant_kernels: unknown option " << flag << "\n";
       return 1;
@@ -148,6 +155,34 @@ int main(int argc, char **argv) {
                              .dump()
                       << std::endl;
           }
+        if (tokens <= 0)
+          continue;
+        // Prefill: every token's activation quantized (untimed), then the
+        // GEMM over rows split across the threads.
+        std::vector<QuantizedActivation> activations(static_cast<size_t>(tokens));
+        std::vector<float> xt(static_cast<size_t>(cols));
+        for (QuantizedActivation &each : activations) {
+          for (float &v : xt)
+            v = normal(rng) * 50.0f;
+          quantizeActivation(xt.data(), cols, group, each);
+        }
+        std::vector<float> out(static_cast<size_t>(tokens * rows));
+        for (int threads : {1, cores}) {
+          double seconds = bestSeconds(repeat, threads, rows, [&](int64_t begin, int64_t end) {
+            gemmRows(view, activations.data(), tokens, begin, end, out.data() + begin, rows);
+          });
+          std::cout << nlohmann::json{{"kernel", "gemm"},
+                                      {"isa", kernelIsa()},
+                                      {"format", format.name()},
+                                      {"threads", threads},
+                                      {"rows", rows},
+                                      {"cols", cols},
+                                      {"tokens", tokens},
+                                      {"seconds", seconds},
+                                      {"products_per_s", static_cast<double>(rows * cols * tokens) / seconds}}
+                           .dump()
+                    << std::endl;
+        }
       }
   return 0;
 }

@@ -365,131 +365,293 @@ MOEC_AVX512 void gemvRowsAvx512(const QuantMatrixView &w, const QuantizedActivat
   }
 }
 
-/// Tokens per pass of the integer GEMM: each row's codes are unpacked once
-/// and dotted with this many activations (eight float accumulators).
+/// Tokens per pass of the integer GEMM: a tile's lines are read once per
+/// pass and dotted with this many activations (eight int32 and eight float
+/// accumulators stay in registers).
 constexpr int kGemmTokens = 8;
 
-/// Prefill: `count` (<= kGemmTokens) activations against rows [rowBegin,
-/// rowEnd). Per group: the header once, the codes unpacked once, then one
-/// vpdpbusd per token and zmm; the activation scales and group sums are
-/// laid out token-minor so a group's eight scale products and min terms
-/// are one vector operation each.
-template <int Bits, bool SignedCodes, bool Symmetric, bool F16Scales, int Pairs>
-MOEC_AVX512 void gemmRowsAvx512(const QuantMatrixView &w, const QuantizedActivation *x, int count, int64_t rowBegin,
-                                int64_t rowEnd, float *y, int64_t ldy) {
+/// Prefill by row tiles (AVX-512 VNNI). Sixteen rows at a time are laid out
+/// once per call for vpdpbusd across rows: one 64-byte line holds the 16
+/// rows' codes of one 4-code chunk (chunk k of group g), so one vpdpbusd
+/// against a token's four activation bytes, broadcast from memory, adds that
+/// chunk's products for 16 rows. 2-, 4- and 8-bit codes stay as stored: in
+/// the planar layout of QuantFormat.h a block's 32-bit word d holds chunks
+/// d, d + W, d + 2W, ... (W = the block's words) in its successive bit
+/// fields, so a line is the 16 rows' word d and the product takes its
+/// fields apart with a shift and a mask. 3-bit codes are unpacked to bytes,
+/// and two's complement codes are offset by 128. Each
+/// group's 16 scales and 16 mins follow as floats (every format becomes
+/// code * scale + min; two's complement's min is -128 * scale). The product
+/// is then one loop for every format, and each group's int32 sums cost one
+/// convert and two multiply-adds per token for 16 rows, where the per-row
+/// kernel paid that per row. Tokens go eight at a time with the tile in
+/// cache; the next tile's rows are prefetched during the products.
+constexpr int kTileRows = 16;
+
+/// A tile's code lines ([line][row][4 bytes]) and its per-group scales and
+/// mins ([group][row]).
+struct RowTile {
+  uint8_t *codes;
+  float *scales, *mins;
+};
+
+/// The 16 x 16 transpose of 32-bit elements: out[c] lane i = in[i] lane c.
+MOEC_AVX512 inline void transpose16x16(__m512i (&v)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+  }
+  // u[4q + j], per 128-bit lane L: rows 4q .. 4q + 3, column 4L + j.
+  __m512i u[16];
+  for (int q = 0; q < 4; ++q) {
+    const __m512i *p = t + 4 * q;
+    u[4 * q + 0] = _mm512_unpacklo_epi64(p[0], p[2]);
+    u[4 * q + 1] = _mm512_unpackhi_epi64(p[0], p[2]);
+    u[4 * q + 2] = _mm512_unpacklo_epi64(p[1], p[3]);
+    u[4 * q + 3] = _mm512_unpackhi_epi64(p[1], p[3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512i even = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88), odd = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xdd);
+    const __m512i evenHigh = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88),
+                  oddHigh = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xdd);
+    v[j] = _mm512_shuffle_i32x4(even, evenHigh, 0x88);
+    v[8 + j] = _mm512_shuffle_i32x4(even, evenHigh, 0xdd);
+    v[4 + j] = _mm512_shuffle_i32x4(odd, oddHigh, 0x88);
+    v[12 + j] = _mm512_shuffle_i32x4(odd, oddHigh, 0xdd);
+  }
+}
+
+/// Chunks per line of a tile: the bit fields of a stored word (2 and 4
+/// bits), else one (8-bit words, unpacked 3-bit codes).
+template <int Bits> constexpr int kChunksPerLine = Bits == 2 || Bits == 4 ? 8 / Bits : 1;
+
+/// The line position of chunk c of a row in a tile's order.
+template <int Bits> constexpr int64_t linePosition(int64_t c) {
+  constexpr int perLine = kChunksPerLine<Bits>;
+  if constexpr (perLine == 1)
+    return c;
+  // Chunk j of a block is field j / W of word j % W (W = 8 / perLine words).
+  constexpr int words = 8 / perLine;
+  const int64_t j = c & 7;
+  return (c & ~int64_t(7)) + perLine * (j % words) + j / words;
+}
+
+/// Lays out rows [first, first + valid) (valid <= 16; the rest of the tile
+/// is zero) of w in `tile`.
+template <int Bits, bool SignedCodes, bool Symmetric, bool F16Scales>
+MOEC_AVX512 void unpackTile(const QuantMatrixView &w, int64_t first, int valid, const RowTile &tile) {
   const QuantFormat &format = w.format;
   const int64_t groups = format.groupsPerRow(w.cols);
   const size_t rowBytes = format.rowBytes(w.cols), groupBytes = format.groupBytes(), headerBytes = format.headerBytes();
   constexpr size_t blockBytes = kBlock * Bits / 8;
-  // Missing tokens read a zero activation (their results are dropped).
-  thread_local std::vector<int8_t> zeros;
-  thread_local std::vector<float> scalesT, sumsT;
-  if (count < kGemmTokens)
-    zeros.assign(static_cast<size_t>(groups * format.group), 0);
-  scalesT.assign(static_cast<size_t>(groups * kGemmTokens), 0.0f);
-  sumsT.assign(static_cast<size_t>(groups * kGemmTokens), 0.0f);
-  const int8_t *activation[kGemmTokens];
-  for (int t = 0; t < kGemmTokens; ++t) {
-    activation[t] = t < count ? x[t].values.data() : zeros.data();
-    if (t < count)
-      for (int64_t g = 0; g < groups; ++g) {
-        scalesT[g * kGemmTokens + t] = x[t].blockScales[g];
-        sumsT[g * kGemmTokens + t] = x[t].groupSums[g];
-      }
-  }
-  // Groups of 32: per pair of groups and token, the 16 lanes' activation
-  // scales (the first group's in lanes 0..7, the second's in 8..15).
-  thread_local std::vector<float> pairScales;
-  if constexpr (Pairs == 0) {
-    const int64_t pairs = (groups + 1) / 2;
-    pairScales.assign(static_cast<size_t>(pairs * kGemmTokens * 16), 0.0f);
-    for (int64_t p = 0; p < pairs; ++p)
-      for (int t = 0; t < count; ++t)
-        for (int lane = 0; lane < 16; ++lane) {
-          const int64_t g = 2 * p + lane / 8;
-          if (g < groups)
-            pairScales[static_cast<size_t>((p * kGemmTokens + t) * 16 + lane)] = x[t].blockScales[g];
-        }
-  }
-  // Plain pointers: a thread_local named in the loop is a call to the TLS
-  // resolver for the compiler, which then keeps every zmm in memory.
-  const float *const lanesOfPairs = pairScales.data(), *const tokenScales = scalesT.data(),
-                     *const tokenSums = sumsT.data();
-  // Eight named accumulators.
-  const int8_t *const a0 = activation[0], *const a1 = activation[1], *const a2 = activation[2],
-                      *const a3 = activation[3], *const a4 = activation[4], *const a5 = activation[5],
-                      *const a6 = activation[6], *const a7 = activation[7];
-#define MOEC_EIGHT_TOKENS(STEP) STEP(0) STEP(1) STEP(2) STEP(3) STEP(4) STEP(5) STEP(6) STEP(7)
-  for (int64_t r = rowBegin; r < rowEnd; ++r) {
-    const uint8_t *row = w.data + static_cast<size_t>(r) * rowBytes;
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0, acc4 = acc0, acc5 = acc0, acc6 = acc0,
-           acc7 = acc0;
-    __m256 minTerms = _mm256_setzero_ps();
-    if constexpr (Pairs == 0) {
-      // Two groups per zmm; per token the lanes' activation scales come
-      // precomputed (pairScales), so a token costs one load, vpdpbusd,
-      // convert, multiply and fma per 64 codes.
-      for (int64_t g = 0; g < groups; g += 2) {
-        const bool pair = g + 1 < groups;
-        const uint8_t *g0 = row + static_cast<size_t>(g) * groupBytes, *g1 = pair ? g0 + groupBytes : g0;
-        float s0, m0, s1 = 0.0f, m1 = 0.0f;
-        header512<Bits, SignedCodes, Symmetric, F16Scales>(g0, s0, m0);
-        if (pair)
-          header512<Bits, SignedCodes, Symmetric, F16Scales>(g1, s1, m1);
-        if constexpr (!SignedCodes) {
-          minTerms = _mm256_fmadd_ps(_mm256_set1_ps(m0), _mm256_loadu_ps(&tokenSums[g * kGemmTokens]), minTerms);
-          if (pair)
-            minTerms =
-                _mm256_fmadd_ps(_mm256_set1_ps(m1), _mm256_loadu_ps(&tokenSums[(g + 1) * kGemmTokens]), minTerms);
-        }
-        const __m512 weightScales = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(s0), _mm512_set1_ps(s1));
-        const __m512i codes = load64Codes<Bits>(g0 + headerBytes, g1 + headerBytes);
-        const float *lanes = &lanesOfPairs[static_cast<size_t>(g / 2) * kGemmTokens * 16];
-        // The odd last group reads only its own 32 activation bytes.
-        const __mmask64 valid = pair ? ~0ULL : 0xffffffffULL;
-#define MOEC_PAIR_STEP(T)                                                                                              \
-  {                                                                                                                    \
-    const __m512i sums =                                                                                               \
-        dot512<SignedCodes>(_mm512_setzero_si512(), codes, _mm512_maskz_loadu_epi8(valid, a##T + g * kBlock));         \
-    acc##T = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(weightScales, _mm512_loadu_ps(lanes + T * 16)),   \
-                             acc##T);                                                                                  \
-  }
-        MOEC_EIGHT_TOKENS(MOEC_PAIR_STEP)
-#undef MOEC_PAIR_STEP
-      }
+  const int blocksPerGroup = format.group / kBlock;
+  const int64_t blocks = groups * blocksPerGroup;
+  const uint8_t *base = w.data + static_cast<size_t>(first) * rowBytes;
+  const __mmask16 rows = static_cast<__mmask16>((1u << valid) - 1);
+  // Headers: one gather of the 16 rows' first header words per group.
+  const __m512i rowOffsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                _mm512_set1_epi32(static_cast<int32_t>(rowBytes)));
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512i words =
+        _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, rowOffsets, base + g * groupBytes, 1);
+    __m512 scale, min;
+    if constexpr (F16Scales) {
+      scale = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words));
+      min = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(words, 16)));
     } else {
-      for (int64_t g = 0; g < groups; ++g) {
-        const uint8_t *group = row + static_cast<size_t>(g) * groupBytes;
-        float scale, min;
-        header512<Bits, SignedCodes, Symmetric, F16Scales>(group, scale, min);
-        const __m256 products = _mm256_mul_ps(_mm256_set1_ps(scale), _mm256_loadu_ps(&tokenScales[g * kGemmTokens]));
-        if constexpr (!SignedCodes)
-          minTerms = _mm256_fmadd_ps(_mm256_set1_ps(min), _mm256_loadu_ps(&tokenSums[g * kGemmTokens]), minTerms);
-        const __m512 wide = _mm512_castps256_ps512(products);
-        const __m512i codes0 = load64CodesContiguous<Bits>(group + headerBytes);
-        const __m512i codes1 = Pairs == 2 ? load64CodesContiguous<Bits>(group + headerBytes + 2 * blockBytes) : codes0;
-        const int64_t offset = g * 2 * kBlock * Pairs;
-#define MOEC_GROUP_STEP(T)                                                                                             \
-  {                                                                                                                    \
-    __m512i sums = dot512<SignedCodes>(_mm512_setzero_si512(), codes0, _mm512_loadu_si512(a##T + offset));             \
-    if constexpr (Pairs == 2)                                                                                          \
-      sums = dot512<SignedCodes>(sums, codes1, _mm512_loadu_si512(a##T + offset + 2 * kBlock));                        \
-    acc##T = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_permutexvar_ps(_mm512_set1_epi32(T), wide), acc##T);     \
+      scale = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
+      min = _mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u))));
+    }
+    if constexpr (SignedCodes)
+      min = _mm512_mul_ps(scale, _mm512_set1_ps(-128.0f));
+    else if constexpr (Symmetric)
+      min = _mm512_mul_ps(scale, _mm512_set1_ps(-static_cast<float>(1 << (Bits - 1))));
+    _mm512_store_ps(tile.scales + g * kTileRows, scale);
+    _mm512_store_ps(tile.mins + g * kTileRows, min);
   }
-        MOEC_EIGHT_TOKENS(MOEC_GROUP_STEP)
-#undef MOEC_GROUP_STEP
+  // Codes: 16 words of each row (64 stored bytes, or two 3-bit blocks
+  // unpacked), transposed into 16 lines. Past the last block, a row's first
+  // block again (its lines are never read).
+  auto block = [&](const uint8_t *row, int64_t b) {
+    if (b >= blocks)
+      b = 0;
+    return row + static_cast<size_t>(b / blocksPerGroup) * groupBytes + headerBytes +
+           static_cast<size_t>(b % blocksPerGroup) * blockBytes;
+  };
+  constexpr bool stored = Bits != 3;
+  constexpr int64_t blocksPerStep = stored ? 64 / blockBytes : 2;
+  // Stored bytes come in pieces of a group's codes, at most 64 contiguous.
+  const size_t piece = std::min<size_t>(64, static_cast<size_t>(blocksPerGroup) * blockBytes);
+  const int64_t blocksPerPiece = static_cast<int64_t>(piece / blockBytes);
+  for (int64_t b = 0; b < blocks; b += blocksPerStep) {
+    __m512i v[16];
+    for (int i = 0; i < kTileRows; ++i) {
+      if (i >= valid) {
+        v[i] = _mm512_setzero_si512();
+        continue;
+      }
+      const uint8_t *row = base + static_cast<size_t>(i) * rowBytes;
+      if constexpr (stored) {
+        auto at = [&](int k) { return block(row, b + k * blocksPerPiece); };
+        if (piece == 64) {
+          v[i] = _mm512_loadu_si512(at(0));
+        } else if (piece == 32) {
+          v[i] =
+              _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(at(0)))),
+                                 _mm256_loadu_si256(reinterpret_cast<const __m256i *>(at(1))), 1);
+        } else if (piece == 16) {
+          v[i] = _mm512_inserti64x4(
+              _mm512_castsi256_si512(_mm256_loadu2_m128i(reinterpret_cast<const __m128i *>(at(1)),
+                                                         reinterpret_cast<const __m128i *>(at(0)))),
+              _mm256_loadu2_m128i(reinterpret_cast<const __m128i *>(at(3)), reinterpret_cast<const __m128i *>(at(2))),
+              1);
+        } else {
+          int64_t q[8];
+          for (int k = 0; k < 8; ++k)
+            std::memcpy(&q[k], at(k), 8);
+          v[i] = _mm512_loadu_si512(q);
+        }
+        if constexpr (SignedCodes)
+          v[i] = _mm512_xor_si512(v[i], _mm512_set1_epi8(static_cast<char>(0x80)));
+      } else {
+        v[i] = load64Codes<Bits>(block(row, b), block(row, b + 1));
       }
     }
-    // The eight sums (horizontal adds of the accumulators) plus min terms.
-    alignas(32) float sums[kGemmTokens];
-#define MOEC_SUM_STEP(T) sums[T] = _mm512_reduce_add_ps(acc##T);
-    MOEC_EIGHT_TOKENS(MOEC_SUM_STEP)
-#undef MOEC_SUM_STEP
-    _mm256_store_ps(sums, _mm256_add_ps(_mm256_load_ps(sums), minTerms));
-    for (int t = 0; t < count; ++t)
-      y[t * ldy + (r - rowBegin)] = sums[t];
+    transpose16x16(v);
+    uint8_t *out = tile.codes + static_cast<size_t>(b / blocksPerStep) * 16 * 64;
+    for (int c = 0; c < 16; ++c)
+      _mm512_store_si512(out + c * 64, v[c]);
   }
-#undef MOEC_EIGHT_TOKENS
+}
+
+/// Tokens as the tile product reads them: per 4-code chunk in the order
+/// the tile's lines hold them, the T tokens' four activation bytes side by
+/// side ([chunk][token] int32), then per group the T scales and T sums.
+struct PackedTokens {
+  const int32_t *values;
+  const float *scales, *sums;
+};
+
+/// Bytes to bring into the cache while a product runs (the next tile's rows).
+struct Prefetch {
+  const uint8_t *bytes = nullptr;
+  size_t size = 0;
+};
+
+/// y[t * ldy + i] = row i of the tile . x_t for t < T and the `rows` lanes,
+/// with PerLine chunks per line; `next` is prefetched a slice per group.
+template <int T, int PerLine>
+MOEC_AVX512 void tileProduct(const RowTile &tile, int64_t groups, int group, const PackedTokens &x, float *y,
+                             int64_t ldy, __mmask16 rows, Prefetch next) {
+  const int lines = group / 4 / PerLine;
+  const size_t linesPerGroup = (next.size / 64 + static_cast<size_t>(groups) - 1) / static_cast<size_t>(groups);
+  __m512 acc[T];
+  for (int t = 0; t < T; ++t)
+    acc[t] = _mm512_setzero_ps();
+  const uint8_t *line = tile.codes;
+  const int32_t *values = x.values;
+  const __m512i field = _mm512_set1_epi8(static_cast<char>((1 << (8 / PerLine)) - 1));
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i dot[T];
+    for (int t = 0; t < T; ++t)
+      dot[t] = _mm512_setzero_si512();
+    for (int k = 0; k < lines; ++k, line += 64) {
+      const __m512i codes = _mm512_load_si512(line);
+#pragma GCC unroll 4
+      for (int f = 0; f < PerLine; ++f, values += T) {
+        const __m512i chunk =
+            PerLine == 1 ? codes : _mm512_and_si512(_mm512_srli_epi16(codes, f * (8 / PerLine)), field);
+#pragma GCC unroll 16
+        for (int t = 0; t < T; ++t)
+          dot[t] = _mm512_dpbusd_epi32(dot[t], chunk, _mm512_set1_epi32(values[t]));
+      }
+    }
+    for (size_t i = 0; i < linesPerGroup; ++i) {
+      const size_t offset = (static_cast<size_t>(g) * linesPerGroup + i) * 64;
+      if (offset < next.size)
+        _mm_prefetch(reinterpret_cast<const char *>(next.bytes + offset), _MM_HINT_T1);
+    }
+    const __m512 scale = _mm512_load_ps(tile.scales + g * kTileRows), min = _mm512_load_ps(tile.mins + g * kTileRows);
+    const float *tokenScales = x.scales + g * T, *tokenSums = x.sums + g * T;
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) {
+      acc[t] =
+          _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot[t]), _mm512_set1_ps(tokenScales[t])), scale, acc[t]);
+      acc[t] = _mm512_fmadd_ps(min, _mm512_set1_ps(tokenSums[t]), acc[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    _mm512_mask_storeu_ps(y + t * ldy, rows, acc[t]);
+}
+
+using TileProduct = void (*)(const RowTile &, int64_t, int, const PackedTokens &, float *, int64_t, __mmask16,
+                             Prefetch);
+template <int PerLine>
+constexpr TileProduct kTileProducts[kGemmTokens] = {
+    tileProduct<1, PerLine>, tileProduct<2, PerLine>, tileProduct<3, PerLine>, tileProduct<4, PerLine>,
+    tileProduct<5, PerLine>, tileProduct<6, PerLine>, tileProduct<7, PerLine>, tileProduct<8, PerLine>};
+
+/// Prefill over rows [rowBegin, rowEnd) for `count` tokens: the tokens packed
+/// once, then per tile of 16 rows one layout pass and a product per eight
+/// tokens.
+template <int Bits, bool SignedCodes, bool Symmetric, bool F16Scales>
+MOEC_AVX512 void gemmTilesAvx512(const QuantMatrixView &w, const QuantizedActivation *x, int64_t count,
+                                 int64_t rowBegin, int64_t rowEnd, float *y, int64_t ldy) {
+  constexpr int perLine = kChunksPerLine<Bits>;
+  const QuantFormat &format = w.format;
+  const int64_t groups = format.groupsPerRow(w.cols), chunks = groups * format.group / 4;
+  const size_t rowBytes = format.rowBytes(w.cols);
+  // Whole transposes: 16 lines each.
+  const int64_t lines = (chunks + perLine - 1) / perLine, tileLines = (lines + 15) / 16 * 16;
+  thread_local std::vector<int32_t> packedValues;
+  thread_local std::vector<float> packedFloats, tileFloats;
+  thread_local std::vector<uint8_t> tileCodes;
+  packedValues.resize(static_cast<size_t>(count * chunks));
+  packedFloats.resize(static_cast<size_t>(2 * count * groups));
+  tileCodes.resize(static_cast<size_t>(tileLines * 64 + 64));
+  tileFloats.resize(static_cast<size_t>(2 * groups * kTileRows + 16));
+  // Pointers taken once: a thread_local named in a loop is a TLS call.
+  int32_t *const values = packedValues.data();
+  float *const floats = packedFloats.data();
+  auto aligned = [](auto *p) {
+    return reinterpret_cast<decltype(p)>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+  };
+  const RowTile tile{aligned(tileCodes.data()), aligned(tileFloats.data()),
+                     aligned(tileFloats.data()) + groups * kTileRows};
+  // Tokens in passes of eight: a pass's values chunk-major in the tile's
+  // line order, then its scales and sums group-major.
+  for (int64_t first = 0; first < count; first += kGemmTokens) {
+    const int n = static_cast<int>(std::min<int64_t>(kGemmTokens, count - first));
+    int32_t *v = values + first * chunks;
+    float *scales = floats + 2 * first * groups, *sums = scales + n * groups;
+    for (int t = 0; t < n; ++t) {
+      const int32_t *source = reinterpret_cast<const int32_t *>(x[first + t].values.data());
+      for (int64_t c = 0; c < chunks; ++c)
+        v[linePosition<Bits>(c) * n + t] = source[c];
+      for (int64_t g = 0; g < groups; ++g) {
+        scales[g * n + t] = x[first + t].blockScales[g];
+        sums[g * n + t] = x[first + t].groupSums[g];
+      }
+    }
+  }
+  for (int64_t r = rowBegin; r < rowEnd; r += kTileRows) {
+    const int valid = static_cast<int>(std::min<int64_t>(kTileRows, rowEnd - r));
+    unpackTile<Bits, SignedCodes, Symmetric, F16Scales>(w, r, valid, tile);
+    const __mmask16 rows = static_cast<__mmask16>((1u << valid) - 1);
+    // The next tile's rows stream in during the first pass's products.
+    Prefetch next;
+    if (r + kTileRows < rowEnd)
+      next = {w.data + static_cast<size_t>(r + kTileRows) * rowBytes,
+              static_cast<size_t>(std::min<int64_t>(kTileRows, rowEnd - r - kTileRows)) * rowBytes};
+    for (int64_t first = 0; first < count; first += kGemmTokens) {
+      const int n = static_cast<int>(std::min<int64_t>(kGemmTokens, count - first));
+      const float *scales = floats + 2 * first * groups;
+      const PackedTokens tokens{values + first * chunks, scales, scales + n * groups};
+      kTileProducts<perLine>[n - 1](tile, groups, format.group, tokens, y + first * ldy + (r - rowBegin), ldy, rows,
+                                    first == 0 ? next : Prefetch{});
+    }
+  }
 }
 
 /// The AVX-512 instantiation for w's format: Kernel<Bits, SignedCodes,
@@ -541,16 +703,16 @@ template <int Bits, bool SignedCodes, bool Symmetric, bool F16Scales, int Pairs>
   }
 };
 
-template <int Bits, bool SignedCodes, bool Symmetric, bool F16Scales, int Pairs> struct GemmAvx512 {
-  MOEC_AVX512 static void run(const QuantMatrixView &w, const QuantizedActivation *x, int count, int64_t rowBegin,
+template <int Bits, bool SignedCodes, bool Symmetric, bool F16Scales, int Pairs> struct GemmTiles {
+  MOEC_AVX512 static void run(const QuantMatrixView &w, const QuantizedActivation *x, int64_t count, int64_t rowBegin,
                               int64_t rowEnd, float *y, int64_t ldy) {
-    gemmRowsAvx512<Bits, SignedCodes, Symmetric, F16Scales, Pairs>(w, x, count, rowBegin, rowEnd, y, ldy);
+    gemmTilesAvx512<Bits, SignedCodes, Symmetric, F16Scales>(w, x, count, rowBegin, rowEnd, y, ldy);
   }
 };
 
-MOEC_AVX512 void gemmRowsAvx512Vnni(const QuantMatrixView &w, const QuantizedActivation *x, int count, int64_t rowBegin,
-                                    int64_t rowEnd, float *y, int64_t ldy) {
-  dispatchAvx512<GemmAvx512>(w, x, count, rowBegin, rowEnd, y, ldy);
+MOEC_AVX512 void gemmTilesAvx512Vnni(const QuantMatrixView &w, const QuantizedActivation *x, int64_t count,
+                                     int64_t rowBegin, int64_t rowEnd, float *y, int64_t ldy) {
+  dispatchAvx512<GemmTiles>(w, x, count, rowBegin, rowEnd, y, ldy);
 }
 
 MOEC_AVX512 void gemvRowsAvx512Vnni(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin,
@@ -715,12 +877,8 @@ void gemvRowsScalar(const QuantMatrixView &w, const QuantizedActivation &x, int6
 void gemmRows(const QuantMatrixView &w, const QuantizedActivation *x, int64_t count, int64_t rowBegin, int64_t rowEnd,
               float *y, int64_t ldy) {
 #if defined(__x86_64__)
-  if (useAvx512Vnni()) {
-    for (int64_t first = 0; first < count; first += kGemmTokens)
-      gemmRowsAvx512Vnni(w, x + first, static_cast<int>(std::min<int64_t>(kGemmTokens, count - first)), rowBegin,
-                         rowEnd, y + first * ldy, ldy);
-    return;
-  }
+  if (useAvx512Vnni())
+    return gemmTilesAvx512Vnni(w, x, count, rowBegin, rowEnd, y, ldy);
 #endif
   // Elsewhere: the decode kernel token by token.
   thread_local std::vector<float> perThread;

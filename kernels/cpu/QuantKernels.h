@@ -54,8 +54,9 @@ void gemvRows(const QuantMatrixView &w, const QuantizedActivation &x, int64_t ro
 
 /// Prefill: y[t * ldy + (r - rowBegin)] = row r . x[t] for the `count`
 /// activations x[0 .. count) and r in [rowBegin, rowEnd): an integer GEMM
-/// (AVX-512 VNNI: each row's codes unpacked once per eight tokens; other
-/// machines: gemvRows token by token). Equals gemvRows up to float
+/// (AVX-512 VNNI: 16 rows at a time laid out once per call so that one
+/// vpdpbusd covers four codes of 16 rows, eight tokens per pass over them;
+/// other machines: gemvRows token by token). Equals gemvRows up to float
 /// summation order.
 void gemmRows(const QuantMatrixView &w, const QuantizedActivation *x, int64_t count, int64_t rowBegin, int64_t rowEnd,
               float *y, int64_t ldy);

@@ -211,37 +211,39 @@ TEST(QuantKernels, DispatchNamesItsInstructionSet) {
 }
 
 // Prefill's integer GEMM (eight tokens per pass, here 11 so a pass is
-// partial) equals the scalar GEMV token by token, for every format on odd
-// shapes, written at a row stride wider than the row range.
+// partial, and one; tiles of 16 rows, here whole, partial and alone) equals
+// the scalar GEMV token by token, for every format on odd shapes, written at
+// a row stride wider than the row range.
 TEST(QuantKernels, GemmMatchesTheScalarGemvTokenByToken) {
-  const int64_t count = 11;
-  for (const QuantFormat &format : allFormats())
-    for (auto [rows, cols] : {std::pair<int64_t, int64_t>{7, 200}, {5, 129}, {3, 384}, {4, 32}}) {
-      const std::vector<float> matrix = randomMatrix(rows, cols, 5);
-      std::vector<uint8_t> packed(format.matrixBytes(rows, cols));
-      quantizeReference(format, matrix.data(), rows, cols, packed.data());
-      const QuantMatrixView view{format, packed.data(), rows, cols};
-      std::vector<QuantizedActivation> activations(count);
-      std::mt19937 rng(9);
-      std::normal_distribution<float> normal(0.0f, 1.0f);
-      for (QuantizedActivation &activation : activations) {
-        std::vector<float> x(static_cast<size_t>(cols));
-        for (float &v : x)
-          v = normal(rng);
-        quantizeActivation(x.data(), cols, format.group, activation);
+  for (const int64_t count : {int64_t(11), int64_t(1)})
+    for (const QuantFormat &format : allFormats())
+      for (auto [rows, cols] :
+           {std::pair<int64_t, int64_t>{7, 200}, {5, 129}, {3, 384}, {4, 32}, {38, 200}, {18, 1000}}) {
+        const std::vector<float> matrix = randomMatrix(rows, cols, 5);
+        std::vector<uint8_t> packed(format.matrixBytes(rows, cols));
+        quantizeReference(format, matrix.data(), rows, cols, packed.data());
+        const QuantMatrixView view{format, packed.data(), rows, cols};
+        std::vector<QuantizedActivation> activations(count);
+        std::mt19937 rng(9);
+        std::normal_distribution<float> normal(0.0f, 1.0f);
+        for (QuantizedActivation &activation : activations) {
+          std::vector<float> x(static_cast<size_t>(cols));
+          for (float &v : x)
+            v = normal(rng);
+          quantizeActivation(x.data(), cols, format.group, activation);
+        }
+        const int64_t ldy = rows + 3;
+        std::vector<float> y(static_cast<size_t>(count * ldy), -1.0f), expected(static_cast<size_t>(rows));
+        gemmRows(view, activations.data(), count, 1, rows, y.data(), ldy);
+        for (int64_t t = 0; t < count; ++t) {
+          gemvRowsScalar(view, activations[t], 1, rows, expected.data());
+          for (int64_t r = 1; r < rows; ++r)
+            EXPECT_NEAR(y[t * ldy + r - 1], expected[r - 1], 1e-5 * (std::fabs(expected[r - 1]) + 1.0))
+                << format.name() << " " << rows << "x" << cols << " token " << t << " row " << r;
+          for (int64_t r = rows - 1; r < ldy; ++r)
+            EXPECT_EQ(y[t * ldy + r], -1.0f) << "beyond the row range";
+        }
       }
-      const int64_t ldy = rows + 3;
-      std::vector<float> y(static_cast<size_t>(count * ldy), -1.0f), expected(static_cast<size_t>(rows));
-      gemmRows(view, activations.data(), count, 1, rows, y.data(), ldy);
-      for (int64_t t = 0; t < count; ++t) {
-        gemvRowsScalar(view, activations[t], 1, rows, expected.data());
-        for (int64_t r = 1; r < rows; ++r)
-          EXPECT_NEAR(y[t * ldy + r - 1], expected[r - 1], 1e-5 * (std::fabs(expected[r - 1]) + 1.0))
-              << format.name() << " " << rows << "x" << cols << " token " << t << " row " << r;
-        for (int64_t r = rows - 1; r < ldy; ++r)
-          EXPECT_EQ(y[t * ldy + r], -1.0f) << "beyond the row range";
-      }
-    }
 }
 
 // The activation quantizer the kernels use (AVX-512 where they use it)
