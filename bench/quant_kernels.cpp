@@ -7,16 +7,22 @@
 // bandwidth (memcpy of a same-sized buffer, bytes copied per second, which
 // the issue 6 tables quote). Prints one JSON object per line.
 //
-// With --tokens N, also prefill's integer GEMM (gemmRows) over N tokens:
+// Where the machine reads them faster (rowTilesHelp), the GEMV also runs
+// from row tiles made once (common/RowTiles.h; "layout": "tiles", the ISA
+// the dispatcher picks), beside the stored rows ("layout": "rows"). With
+// --tokens N, also prefill's integer GEMM (gemmRows) over N tokens, from
+// the stored rows (tiles laid out per call) and from tiles made once:
 // weight-token products per second, one thread and every core.
 //
 // Usage: quant_kernels [--rows N] [--cols N] [--repeat N] [--formats a,b]
-//                      [--isas a,b]   (default: every format and ISA)
-//                      [--tokens N]   (default 0: no GEMM)
+//                      [--isas a,b]     (default: every format and ISA)
+//                      [--layouts a,b]  (rows, tiles; default both)
+//                      [--tokens N]     (default 0: no GEMM)
 //
 //===----------------------------------------------------------------------===//
 
 #include "common/QuantFormat.h"
+#include "common/RowTiles.h"
 #include "cpu/QuantKernels.h"
 
 #include "Bandwidth.h"
@@ -60,7 +66,7 @@ int main(int argc, char **argv) {
   int64_t rows = 8192, cols = 8192;
   int repeat = 5;
   int64_t tokens = 0;
-  std::string formats, isas;
+  std::string formats, isas, layouts;
   auto listed = [](const std::string &list, const std::string &name) {
     return list.empty() || ("," + list + ",").find("," + name + ",") != std::string::npos;
   };
@@ -76,6 +82,8 @@ int main(int argc, char **argv) {
       formats = argv[i + 1];
     else if (flag == "--isas")
       isas = argv[i + 1];
+    else if (flag == "--layouts")
+      layouts = argv[i + 1];
     else if (flag == "--tokens")
       tokens = std::stoll(argv[i + 1]);
     else {
@@ -128,19 +136,44 @@ int main(int argc, char **argv) {
         QuantMatrixView view{format, packed.data(), rows, cols};
         QuantizedActivation activation;
         std::vector<float> y(static_cast<size_t>(rows));
-        for (const char *isa : availableIsas())
+        // Row tiles, made once (as the engine does at load) and timed.
+        std::vector<uint8_t> tiles;
+        double packSeconds = 0;
+        if (rowTilesHelp(format)) {
+          tiles.resize(rowTileLayout(format, rows, cols).totalBytes);
+          double start = now();
+          packRowTiles(view, tiles.data());
+          packSeconds = now() - start;
+        }
+        QuantMatrixView tiled = view;
+        tiled.tiles = tiles.empty() ? nullptr : tiles.data();
+        std::vector<std::pair<std::string, const QuantMatrixView *>> forms;
+        if (listed(layouts, "rows"))
+          forms.push_back({"rows", &view});
+        if (tiled.tiles && listed(layouts, "tiles"))
+          forms.push_back({"tiles", &tiled});
+        std::vector<std::pair<std::string, std::string>> runs; // layout, isa
+        for (const auto &form : forms)
+          for (const char *isa : availableIsas())
+            if (listed(isas, isa) && (form.first == "rows" || isa == std::string(kernelIsa())))
+              runs.push_back({form.first, isa});
+        for (const auto &[layout, isa] : runs)
           for (int threads : {1, cores}) {
-            if (!listed(isas, isa))
-              continue;
+            const QuantMatrixView &matrix = layout == "tiles" ? tiled : view;
             // The activation is quantized once per matmul; timed separately.
             double start = now();
             quantizeActivation(x.data(), cols, group, activation);
             double quantizeSeconds = now() - start;
             double seconds = bestSeconds(repeat, threads, rows, [&](int64_t begin, int64_t end) {
-              gemvRowsWithIsa(isa, view, activation, begin, end, y.data() + begin);
+              if (layout == "tiles")
+                gemvRows(matrix, activation, begin, end, y.data() + begin);
+              else
+                gemvRowsWithIsa(isa.c_str(), matrix, activation, begin, end, y.data() + begin);
             });
             std::cout << nlohmann::json{{"kernel", "gemv"},
                                         {"isa", isa},
+                                        {"layout", layout},
+                                        {"tile_pack_seconds", layout == "tiles" ? packSeconds : 0.0},
                                         {"format", format.name()},
                                         {"threads", threads},
                                         {"rows", rows},
@@ -167,22 +200,24 @@ int main(int argc, char **argv) {
           quantizeActivation(xt.data(), cols, group, each);
         }
         std::vector<float> out(static_cast<size_t>(tokens * rows));
-        for (int threads : {1, cores}) {
-          double seconds = bestSeconds(repeat, threads, rows, [&](int64_t begin, int64_t end) {
-            gemmRows(view, activations.data(), tokens, begin, end, out.data() + begin, rows);
-          });
-          std::cout << nlohmann::json{{"kernel", "gemm"},
-                                      {"isa", kernelIsa()},
-                                      {"format", format.name()},
-                                      {"threads", threads},
-                                      {"rows", rows},
-                                      {"cols", cols},
-                                      {"tokens", tokens},
-                                      {"seconds", seconds},
-                                      {"products_per_s", static_cast<double>(rows * cols * tokens) / seconds}}
-                           .dump()
-                    << std::endl;
-        }
+        for (const auto &[layout, matrix] : forms)
+          for (int threads : {1, cores}) {
+            double seconds = bestSeconds(repeat, threads, rows, [&](int64_t begin, int64_t end) {
+              gemmRows(*matrix, activations.data(), tokens, begin, end, out.data() + begin, rows);
+            });
+            std::cout << nlohmann::json{{"kernel", "gemm"},
+                                        {"isa", kernelIsa()},
+                                        {"layout", layout},
+                                        {"format", format.name()},
+                                        {"threads", threads},
+                                        {"rows", rows},
+                                        {"cols", cols},
+                                        {"tokens", tokens},
+                                        {"seconds", seconds},
+                                        {"products_per_s", static_cast<double>(rows * cols * tokens) / seconds}}
+                             .dump()
+                      << std::endl;
+          }
       }
   return 0;
 }

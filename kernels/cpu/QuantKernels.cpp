@@ -6,6 +6,8 @@
 
 #include "cpu/QuantKernels.h"
 
+#include "common/RowTiles.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -370,30 +372,15 @@ MOEC_AVX512 void gemvRowsAvx512(const QuantMatrixView &w, const QuantizedActivat
 /// accumulators stay in registers).
 constexpr int kGemmTokens = 8;
 
-/// Prefill by row tiles (AVX-512 VNNI). Sixteen rows at a time are laid out
-/// once per call for vpdpbusd across rows: one 64-byte line holds the 16
-/// rows' codes of one 4-code chunk (chunk k of group g), so one vpdpbusd
-/// against a token's four activation bytes, broadcast from memory, adds that
-/// chunk's products for 16 rows. 2-, 4- and 8-bit codes stay as stored: in
-/// the planar layout of QuantFormat.h a block's 32-bit word d holds chunks
-/// d, d + W, d + 2W, ... (W = the block's words) in its successive bit
-/// fields, so a line is the 16 rows' word d and the product takes its
-/// fields apart with a shift and a mask. 3-bit codes are unpacked to bytes,
-/// and two's complement codes are offset by 128. Each
-/// group's 16 scales and 16 mins follow as floats (every format becomes
-/// code * scale + min; two's complement's min is -128 * scale). The product
-/// is then one loop for every format, and each group's int32 sums cost one
-/// convert and two multiply-adds per token for 16 rows, where the per-row
-/// kernel paid that per row. Tokens go eight at a time with the tile in
-/// cache; the next tile's rows are prefetched during the products.
-constexpr int kTileRows = 16;
-
-/// A tile's code lines ([line][row][4 bytes]) and its per-group scales and
-/// mins ([group][row]).
-struct RowTile {
-  uint8_t *codes;
-  float *scales, *mins;
-};
+/// Products by row tiles (AVX-512 VNNI), in the layout of common/RowTiles.h:
+/// prefill lays out each tile of 16 rows once per call (unless the matrix
+/// carries tiles made at load), then one vpdpbusd against a token's four
+/// activation bytes, broadcast from memory, adds four codes of 16 rows, and
+/// each group's int32 sums cost a convert and two multiply-adds per token
+/// for 16 rows, where the per-row kernel paid the header per row. Tokens go
+/// eight at a time with the tile in cache; the next tile's bytes are
+/// prefetched during the products. Decode runs the same product for one
+/// token when the matrix carries tiles.
 
 /// The 16 x 16 transpose of 32-bit elements: out[c] lane i = in[i] lane c.
 MOEC_AVX512 inline void transpose16x16(__m512i (&v)[16]) {
@@ -422,27 +409,26 @@ MOEC_AVX512 inline void transpose16x16(__m512i (&v)[16]) {
   }
 }
 
-/// Chunks per line of a tile: the bit fields of a stored word (2 and 4
-/// bits), else one (8-bit words, unpacked 3-bit codes).
-template <int Bits> constexpr int kChunksPerLine = Bits == 2 || Bits == 4 ? 8 / Bits : 1;
+/// Chunks per line (RowTileLayout::chunksPerLine) for a width.
+template <int Bits> constexpr int kChunksPerLine = Bits == 3 ? 1 : 8 / Bits;
 
-/// The line position of chunk c of a row in a tile's order.
+/// tileLinePosition for a width, at compile time.
 template <int Bits> constexpr int64_t linePosition(int64_t c) {
   constexpr int perLine = kChunksPerLine<Bits>;
   if constexpr (perLine == 1)
     return c;
-  // Chunk j of a block is field j / W of word j % W (W = 8 / perLine words).
   constexpr int words = 8 / perLine;
   const int64_t j = c & 7;
   return (c & ~int64_t(7)) + perLine * (j % words) + j / words;
 }
 
-/// Lays out rows [first, first + valid) (valid <= 16; the rest of the tile
-/// is zero) of w in `tile`.
-template <int Bits, bool SignedCodes, bool Symmetric, bool F16Scales>
-MOEC_AVX512 void unpackTile(const QuantMatrixView &w, int64_t first, int valid, const RowTile &tile) {
+/// Lays out rows [first, first + valid) of w (valid <= 16) as the tile at
+/// `out`, rows past `valid` zero: packRowTilesReference's bytes.
+template <int Bits>
+MOEC_AVX512 void layOutTile(const QuantMatrixView &w, const RowTileLayout &layout, int64_t first, int valid,
+                            uint8_t *out) {
   const QuantFormat &format = w.format;
-  const int64_t groups = format.groupsPerRow(w.cols);
+  const int64_t groups = layout.groups;
   const size_t rowBytes = format.rowBytes(w.cols), groupBytes = format.groupBytes(), headerBytes = format.headerBytes();
   constexpr size_t blockBytes = kBlock * Bits / 8;
   const int blocksPerGroup = format.group / kBlock;
@@ -455,27 +441,18 @@ MOEC_AVX512 void unpackTile(const QuantMatrixView &w, int64_t first, int valid, 
   for (int64_t g = 0; g < groups; ++g) {
     const __m512i words =
         _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), rows, rowOffsets, base + g * groupBytes, 1);
-    __m512 scale, min;
-    if constexpr (F16Scales) {
-      scale = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words));
-      min = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(words, 16)));
-    } else {
-      scale = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
-      min = _mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u))));
-    }
-    if constexpr (SignedCodes)
-      min = _mm512_mul_ps(scale, _mm512_set1_ps(-128.0f));
-    else if constexpr (Symmetric)
-      min = _mm512_mul_ps(scale, _mm512_set1_ps(-static_cast<float>(1 << (Bits - 1))));
-    _mm512_store_ps(tile.scales + g * kTileRows, scale);
-    _mm512_store_ps(tile.mins + g * kTileRows, min);
+    uint8_t *header = out + static_cast<size_t>(g) * layout.groupStride;
+    _mm256_storeu_si256(reinterpret_cast<__m256i *>(header), _mm512_cvtepi32_epi16(words));
+    if (!format.symmetric)
+      _mm256_storeu_si256(reinterpret_cast<__m256i *>(header + 32),
+                          _mm512_cvtepi32_epi16(_mm512_srli_epi32(words, 16)));
   }
-  // Codes: 16 words of each row (64 stored bytes, or two 3-bit blocks
-  // unpacked), transposed into 16 lines. Past the last block, a row's first
-  // block again (its lines are never read).
+  // Codes: each row's stream of group words (64 stored bytes, or two 3-bit
+  // blocks unpacked, per step), transposed into 16 lines, line j of the
+  // stream going to its group's line j % linesPerGroup.
   auto block = [&](const uint8_t *row, int64_t b) {
     if (b >= blocks)
-      b = 0;
+      b = 0; // past the last block: lines never stored
     return row + static_cast<size_t>(b / blocksPerGroup) * groupBytes + headerBytes +
            static_cast<size_t>(b % blocksPerGroup) * blockBytes;
   };
@@ -484,7 +461,9 @@ MOEC_AVX512 void unpackTile(const QuantMatrixView &w, int64_t first, int valid, 
   // Stored bytes come in pieces of a group's codes, at most 64 contiguous.
   const size_t piece = std::min<size_t>(64, static_cast<size_t>(blocksPerGroup) * blockBytes);
   const int64_t blocksPerPiece = static_cast<int64_t>(piece / blockBytes);
-  for (int64_t b = 0; b < blocks; b += blocksPerStep) {
+  const __m512i offset = _mm512_set1_epi8(static_cast<char>(w.signedCodes ? 0x80 : 0));
+  const int64_t lines = groups * layout.linesPerGroup;
+  for (int64_t b = 0, line = 0; b < blocks; b += blocksPerStep, line += 16) {
     __m512i v[16];
     for (int i = 0; i < kTileRows; ++i) {
       if (i >= valid) {
@@ -512,114 +491,149 @@ MOEC_AVX512 void unpackTile(const QuantMatrixView &w, int64_t first, int valid, 
             std::memcpy(&q[k], at(k), 8);
           v[i] = _mm512_loadu_si512(q);
         }
-        if constexpr (SignedCodes)
-          v[i] = _mm512_xor_si512(v[i], _mm512_set1_epi8(static_cast<char>(0x80)));
+        v[i] = _mm512_xor_si512(v[i], offset);
       } else {
         v[i] = load64Codes<Bits>(block(row, b), block(row, b + 1));
       }
     }
     transpose16x16(v);
-    uint8_t *out = tile.codes + static_cast<size_t>(b / blocksPerStep) * 16 * 64;
-    for (int c = 0; c < 16; ++c)
-      _mm512_store_si512(out + c * 64, v[c]);
+    for (int c = 0; c < 16 && line + c < lines; ++c) {
+      const int64_t g = (line + c) / layout.linesPerGroup, k = (line + c) % layout.linesPerGroup;
+      _mm512_storeu_si512(out + static_cast<size_t>(g) * layout.groupStride + layout.headerBytes + 64 * k, v[c]);
+    }
   }
 }
 
-/// Tokens as the tile product reads them: per 4-code chunk in the order
-/// the tile's lines hold them, the T tokens' four activation bytes side by
-/// side ([chunk][token] int32), then per group the T scales and T sums.
+/// How a tile's 16-bit headers become scales and mins.
+struct TileHeaders {
+  bool f16 = true, symmetric = true;
+  float zeroMin = 0; ///< A symmetric format's min / scale: minus its zero point.
+};
+
+TileHeaders tileHeaders(const QuantMatrixView &w) {
+  return {w.format.scaleType == ScaleType::F16, w.format.symmetric,
+          w.signedCodes ? -128.0f : -static_cast<float>(w.format.zeroPoint())};
+}
+
+MOEC_AVX512 inline __m512 headerFloats(const uint8_t *at, bool f16) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(at));
+  return f16 ? _mm512_cvtph_ps(bits) : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+/// Tokens as the tile product reads them: per 4-code chunk in the tiles'
+/// line order, the T tokens' four activation bytes side by side ([chunk]
+/// [token] int32), then per group the T scales and T sums.
 struct PackedTokens {
   const int32_t *values;
   const float *scales, *sums;
 };
 
-/// Bytes to bring into the cache while a product runs (the next tile's rows).
+/// Bytes to bring into the cache while a product runs (the next tile).
 struct Prefetch {
   const uint8_t *bytes = nullptr;
   size_t size = 0;
 };
 
-/// y[t * ldy + i] = row i of the tile . x_t for t < T and the `rows` lanes,
-/// with PerLine chunks per line; `next` is prefetched a slice per group.
+/// y[t * ldy + (i - lo)] = row i of the tile . x_t for t < T and rows
+/// lo <= i < hi of the tile, PerLine chunks per line; `next` is prefetched
+/// a slice per group.
 template <int T, int PerLine>
-MOEC_AVX512 void tileProduct(const RowTile &tile, int64_t groups, int group, const PackedTokens &x, float *y,
-                             int64_t ldy, __mmask16 rows, Prefetch next) {
-  const int lines = group / 4 / PerLine;
+MOEC_AVX512 void tileProduct(const uint8_t *tile, const RowTileLayout &layout, TileHeaders headers,
+                             const PackedTokens &x, float *y, int64_t ldy, int lo, int hi, Prefetch next) {
+  const int64_t groups = layout.groups;
+  const int lines = layout.linesPerGroup;
   const size_t linesPerGroup = (next.size / 64 + static_cast<size_t>(groups) - 1) / static_cast<size_t>(groups);
-  __m512 acc[T];
+  // Few tokens leave few independent chains: then lines alternate between
+  // two int32 sums, and the min terms go to their own float sums.
+  constexpr int Chains = T < 4 ? 2 : 1;
+  constexpr bool SplitMins = T < 4;
+  __m512 acc[T], mins[T];
   for (int t = 0; t < T; ++t)
-    acc[t] = _mm512_setzero_ps();
-  const uint8_t *line = tile.codes;
+    acc[t] = mins[t] = _mm512_setzero_ps();
   const int32_t *values = x.values;
   const __m512i field = _mm512_set1_epi8(static_cast<char>((1 << (8 / PerLine)) - 1));
+  const __m512 zeroMin = _mm512_set1_ps(headers.zeroMin);
   for (int64_t g = 0; g < groups; ++g) {
-    __m512i dot[T];
-    for (int t = 0; t < T; ++t)
-      dot[t] = _mm512_setzero_si512();
-    for (int k = 0; k < lines; ++k, line += 64) {
-      const __m512i codes = _mm512_load_si512(line);
+    const uint8_t *group = tile + static_cast<size_t>(g) * layout.groupStride;
+    const uint8_t *line = group + layout.headerBytes;
+    __m512i dot[Chains][T];
+    for (int c = 0; c < Chains; ++c)
+      for (int t = 0; t < T; ++t)
+        dot[c][t] = _mm512_setzero_si512();
+    // Lines per group are even for every format.
+    for (int k = 0; k < lines; k += Chains)
+#pragma GCC unroll 2
+      for (int c = 0; c < Chains; ++c, line += 64) {
+        const __m512i codes = _mm512_loadu_si512(line);
 #pragma GCC unroll 4
-      for (int f = 0; f < PerLine; ++f, values += T) {
-        const __m512i chunk =
-            PerLine == 1 ? codes : _mm512_and_si512(_mm512_srli_epi16(codes, f * (8 / PerLine)), field);
+        for (int f = 0; f < PerLine; ++f, values += T) {
+          const __m512i chunk =
+              PerLine == 1 ? codes : _mm512_and_si512(_mm512_srli_epi16(codes, f * (8 / PerLine)), field);
 #pragma GCC unroll 16
-        for (int t = 0; t < T; ++t)
-          dot[t] = _mm512_dpbusd_epi32(dot[t], chunk, _mm512_set1_epi32(values[t]));
+          for (int t = 0; t < T; ++t)
+            dot[c][t] = _mm512_dpbusd_epi32(dot[c][t], chunk, _mm512_set1_epi32(values[t]));
+        }
       }
-    }
     for (size_t i = 0; i < linesPerGroup; ++i) {
       const size_t offset = (static_cast<size_t>(g) * linesPerGroup + i) * 64;
       if (offset < next.size)
         _mm_prefetch(reinterpret_cast<const char *>(next.bytes + offset), _MM_HINT_T1);
     }
-    const __m512 scale = _mm512_load_ps(tile.scales + g * kTileRows), min = _mm512_load_ps(tile.mins + g * kTileRows);
+    const __m512 scale = headerFloats(group, headers.f16);
+    const __m512 min = headers.symmetric ? _mm512_mul_ps(scale, zeroMin) : headerFloats(group + 32, headers.f16);
     const float *tokenScales = x.scales + g * T, *tokenSums = x.sums + g * T;
 #pragma GCC unroll 16
     for (int t = 0; t < T; ++t) {
-      acc[t] =
-          _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot[t]), _mm512_set1_ps(tokenScales[t])), scale, acc[t]);
-      acc[t] = _mm512_fmadd_ps(min, _mm512_set1_ps(tokenSums[t]), acc[t]);
+      const __m512i sums = Chains == 2 ? _mm512_add_epi32(dot[0][t], dot[Chains - 1][t]) : dot[0][t];
+      acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(tokenScales[t])), scale, acc[t]);
+      if constexpr (SplitMins)
+        mins[t] = _mm512_fmadd_ps(min, _mm512_set1_ps(tokenSums[t]), mins[t]);
+      else
+        acc[t] = _mm512_fmadd_ps(min, _mm512_set1_ps(tokenSums[t]), acc[t]);
     }
   }
+  if constexpr (SplitMins)
+    for (int t = 0; t < T; ++t)
+      acc[t] = _mm512_add_ps(acc[t], mins[t]);
+  // Lanes lo .. hi - 1 moved down to 0 .. hi - lo - 1.
+  const __mmask16 keep = static_cast<__mmask16>((1u << (hi - lo)) - 1);
+  const __m512i from =
+      _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(lo));
   for (int t = 0; t < T; ++t)
-    _mm512_mask_storeu_ps(y + t * ldy, rows, acc[t]);
+    _mm512_mask_storeu_ps(y + t * ldy, keep, lo ? _mm512_permutexvar_ps(from, acc[t]) : acc[t]);
 }
 
-using TileProduct = void (*)(const RowTile &, int64_t, int, const PackedTokens &, float *, int64_t, __mmask16,
-                             Prefetch);
+using TileProduct = void (*)(const uint8_t *, const RowTileLayout &, TileHeaders, const PackedTokens &, float *,
+                             int64_t, int, int, Prefetch);
 template <int PerLine>
 constexpr TileProduct kTileProducts[kGemmTokens] = {
     tileProduct<1, PerLine>, tileProduct<2, PerLine>, tileProduct<3, PerLine>, tileProduct<4, PerLine>,
     tileProduct<5, PerLine>, tileProduct<6, PerLine>, tileProduct<7, PerLine>, tileProduct<8, PerLine>};
 
-/// Prefill over rows [rowBegin, rowEnd) for `count` tokens: the tokens packed
-/// once, then per tile of 16 rows one layout pass and a product per eight
-/// tokens.
-template <int Bits, bool SignedCodes, bool Symmetric, bool F16Scales>
-MOEC_AVX512 void gemmTilesAvx512(const QuantMatrixView &w, const QuantizedActivation *x, int64_t count,
-                                 int64_t rowBegin, int64_t rowEnd, float *y, int64_t ldy) {
+/// Products over rows [rowBegin, rowEnd) for `count` tokens: the tokens
+/// packed once, then per tile one layout pass (none with tiles made at
+/// load) and a product per eight tokens.
+template <int Bits>
+MOEC_AVX512 void tiledProducts(const QuantMatrixView &w, const QuantizedActivation *x, int64_t count, int64_t rowBegin,
+                               int64_t rowEnd, float *y, int64_t ldy) {
   constexpr int perLine = kChunksPerLine<Bits>;
   const QuantFormat &format = w.format;
-  const int64_t groups = format.groupsPerRow(w.cols), chunks = groups * format.group / 4;
+  const RowTileLayout layout = rowTileLayout(format, w.rows, w.cols);
+  const int64_t groups = layout.groups, chunks = groups * format.group / 4;
   const size_t rowBytes = format.rowBytes(w.cols);
-  // Whole transposes: 16 lines each.
-  const int64_t lines = (chunks + perLine - 1) / perLine, tileLines = (lines + 15) / 16 * 16;
   thread_local std::vector<int32_t> packedValues;
-  thread_local std::vector<float> packedFloats, tileFloats;
-  thread_local std::vector<uint8_t> tileCodes;
+  thread_local std::vector<float> packedFloats;
+  thread_local std::vector<uint8_t> tileBuffer;
   packedValues.resize(static_cast<size_t>(count * chunks));
   packedFloats.resize(static_cast<size_t>(2 * count * groups));
-  tileCodes.resize(static_cast<size_t>(tileLines * 64 + 64));
-  tileFloats.resize(static_cast<size_t>(2 * groups * kTileRows + 16));
+  if (!w.tiles)
+    tileBuffer.resize(layout.tileBytes + 64);
   // Pointers taken once: a thread_local named in a loop is a TLS call.
   int32_t *const values = packedValues.data();
   float *const floats = packedFloats.data();
-  auto aligned = [](auto *p) {
-    return reinterpret_cast<decltype(p)>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
-  };
-  const RowTile tile{aligned(tileCodes.data()), aligned(tileFloats.data()),
-                     aligned(tileFloats.data()) + groups * kTileRows};
-  // Tokens in passes of eight: a pass's values chunk-major in the tile's
+  uint8_t *const buffer =
+      reinterpret_cast<uint8_t *>((reinterpret_cast<uintptr_t>(tileBuffer.data()) + 63) & ~uintptr_t(63));
+  // Tokens in passes of eight: a pass's values chunk-major in the tiles'
   // line order, then its scales and sums group-major.
   for (int64_t first = 0; first < count; first += kGemmTokens) {
     const int n = static_cast<int>(std::min<int64_t>(kGemmTokens, count - first));
@@ -635,21 +649,65 @@ MOEC_AVX512 void gemmTilesAvx512(const QuantMatrixView &w, const QuantizedActiva
       }
     }
   }
-  for (int64_t r = rowBegin; r < rowEnd; r += kTileRows) {
-    const int valid = static_cast<int>(std::min<int64_t>(kTileRows, rowEnd - r));
-    unpackTile<Bits, SignedCodes, Symmetric, F16Scales>(w, r, valid, tile);
-    const __mmask16 rows = static_cast<__mmask16>((1u << valid) - 1);
-    // The next tile's rows stream in during the first pass's products.
+  const TileHeaders headers = tileHeaders(w);
+  for (int64_t tile = rowBegin / kTileRows; tile * kTileRows < rowEnd; ++tile) {
+    const int64_t r0 = tile * kTileRows;
+    const int lo = static_cast<int>(std::max<int64_t>(rowBegin - r0, 0)),
+              hi = static_cast<int>(std::min<int64_t>(rowEnd - r0, kTileRows));
+    const uint8_t *bytes = buffer;
     Prefetch next;
-    if (r + kTileRows < rowEnd)
-      next = {w.data + static_cast<size_t>(r + kTileRows) * rowBytes,
-              static_cast<size_t>(std::min<int64_t>(kTileRows, rowEnd - r - kTileRows)) * rowBytes};
+    const bool more = r0 + kTileRows < rowEnd;
+    if (w.tiles) {
+      // Tiles are one sequential stream: the hardware prefetcher's.
+      bytes = w.tiles + static_cast<size_t>(tile) * layout.tileBytes;
+    } else {
+      layOutTile<Bits>(w, layout, r0, static_cast<int>(std::min<int64_t>(kTileRows, w.rows - r0)), buffer);
+      if (more)
+        next = {w.data + static_cast<size_t>(r0 + kTileRows) * rowBytes,
+                static_cast<size_t>(std::min<int64_t>(kTileRows, w.rows - r0 - kTileRows)) * rowBytes};
+    }
     for (int64_t first = 0; first < count; first += kGemmTokens) {
       const int n = static_cast<int>(std::min<int64_t>(kGemmTokens, count - first));
       const float *scales = floats + 2 * first * groups;
       const PackedTokens tokens{values + first * chunks, scales, scales + n * groups};
-      kTileProducts<perLine>[n - 1](tile, groups, format.group, tokens, y + first * ldy + (r - rowBegin), ldy, rows,
+      kTileProducts<perLine>[n - 1](bytes, layout, headers, tokens, y + first * ldy + (r0 + lo - rowBegin), ldy, lo, hi,
                                     first == 0 ? next : Prefetch{});
+    }
+  }
+}
+
+MOEC_AVX512 void tiledProductsAvx512(const QuantMatrixView &w, const QuantizedActivation *x, int64_t count,
+                                     int64_t rowBegin, int64_t rowEnd, float *y, int64_t ldy) {
+  switch (w.format.bits) {
+  case 2:
+    return tiledProducts<2>(w, x, count, rowBegin, rowEnd, y, ldy);
+  case 3:
+    return tiledProducts<3>(w, x, count, rowBegin, rowEnd, y, ldy);
+  case 4:
+    return tiledProducts<4>(w, x, count, rowBegin, rowEnd, y, ldy);
+  default:
+    return tiledProducts<8>(w, x, count, rowBegin, rowEnd, y, ldy);
+  }
+}
+
+MOEC_AVX512 void packRowTilesAvx512(const QuantMatrixView &w, uint8_t *out) {
+  const RowTileLayout layout = rowTileLayout(w.format, w.rows, w.cols);
+  for (int64_t tile = 0; tile < layout.tiles; ++tile) {
+    const int64_t r0 = tile * kTileRows;
+    const int valid = static_cast<int>(std::min<int64_t>(kTileRows, w.rows - r0));
+    uint8_t *target = out + static_cast<size_t>(tile) * layout.tileBytes;
+    switch (w.format.bits) {
+    case 2:
+      layOutTile<2>(w, layout, r0, valid, target);
+      break;
+    case 3:
+      layOutTile<3>(w, layout, r0, valid, target);
+      break;
+    case 4:
+      layOutTile<4>(w, layout, r0, valid, target);
+      break;
+    default:
+      layOutTile<8>(w, layout, r0, valid, target);
     }
   }
 }
@@ -702,18 +760,6 @@ template <int Bits, bool SignedCodes, bool Symmetric, bool F16Scales, int Pairs>
     gemvRowsAvx512<Bits, SignedCodes, Symmetric, F16Scales, Pairs>(w, *x, rowBegin, rowEnd, y);
   }
 };
-
-template <int Bits, bool SignedCodes, bool Symmetric, bool F16Scales, int Pairs> struct GemmTiles {
-  MOEC_AVX512 static void run(const QuantMatrixView &w, const QuantizedActivation *x, int64_t count, int64_t rowBegin,
-                              int64_t rowEnd, float *y, int64_t ldy) {
-    gemmTilesAvx512<Bits, SignedCodes, Symmetric, F16Scales>(w, x, count, rowBegin, rowEnd, y, ldy);
-  }
-};
-
-MOEC_AVX512 void gemmTilesAvx512Vnni(const QuantMatrixView &w, const QuantizedActivation *x, int64_t count,
-                                     int64_t rowBegin, int64_t rowEnd, float *y, int64_t ldy) {
-  dispatchAvx512<GemmTiles>(w, x, count, rowBegin, rowEnd, y, ldy);
-}
 
 MOEC_AVX512 void gemvRowsAvx512Vnni(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin,
                                     int64_t rowEnd, float *y) {
@@ -878,7 +924,7 @@ void gemmRows(const QuantMatrixView &w, const QuantizedActivation *x, int64_t co
               float *y, int64_t ldy) {
 #if defined(__x86_64__)
   if (useAvx512Vnni())
-    return gemmTilesAvx512Vnni(w, x, count, rowBegin, rowEnd, y, ldy);
+    return tiledProductsAvx512(w, x, count, rowBegin, rowEnd, y, ldy);
 #endif
   // Elsewhere: the decode kernel token by token.
   thread_local std::vector<float> perThread;
@@ -892,6 +938,8 @@ void gemmRows(const QuantMatrixView &w, const QuantizedActivation *x, int64_t co
 
 void gemvRows(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin, int64_t rowEnd, float *y) {
 #if defined(__x86_64__)
+  if (w.tiles && useAvx512Vnni())
+    return tiledProductsAvx512(w, &x, 1, rowBegin, rowEnd, y, 0);
   if (useAvx512Vnni())
     return gemvRowsAvx512Vnni(w, x, rowBegin, rowEnd, y);
   if (useVnni())
@@ -930,6 +978,20 @@ void dequantizeRows(const QuantMatrixView &w, int64_t rowBegin, int64_t rowEnd, 
       }
     }
   }
+}
+
+bool rowTilesHelp(const QuantFormat &format) {
+  // 8-bit decode reads its stored rows faster (tiles at 0.8-0.9x in
+  // bench/quant_kernels); 3-bit tiles would be larger than the codes.
+  return useAvx512Vnni() && (format.bits == 2 || format.bits == 4);
+}
+
+void packRowTiles(const QuantMatrixView &w, uint8_t *out) {
+#if defined(__x86_64__)
+  if (useAvx512Vnni())
+    return packRowTilesAvx512(w, out);
+#endif
+  packRowTilesReference(w.format, w.signedCodes, w.data, w.rows, w.cols, out);
 }
 
 const char *kernelIsa() { return availableIsas().front(); }

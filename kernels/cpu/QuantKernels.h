@@ -29,6 +29,9 @@ struct QuantMatrixView {
   /// q8_g32_sym's bytes with each code's top bit flipped); false for every
   /// moec format.
   bool signedCodes = false;
+  /// The same matrix as row tiles (common/RowTiles.h, packRowTiles), which
+  /// the products read instead where rowTilesHelp; null: none.
+  const uint8_t *tiles = nullptr;
 };
 
 /// An activation vector for integer dot products: int8 values with one f32
@@ -49,17 +52,25 @@ void quantizeActivation(const float *x, int64_t cols, int group, QuantizedActiva
 void quantizeActivationScalar(const float *x, int64_t cols, int group, QuantizedActivation &out);
 
 /// y[r - rowBegin] = row r . x for r in [rowBegin, rowEnd), with the
-/// quantized activation (the fast decode kernel).
+/// quantized activation (the fast decode kernel; from w.tiles when set).
 void gemvRows(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin, int64_t rowEnd, float *y);
 
 /// Prefill: y[t * ldy + (r - rowBegin)] = row r . x[t] for the `count`
 /// activations x[0 .. count) and r in [rowBegin, rowEnd): an integer GEMM
-/// (AVX-512 VNNI: 16 rows at a time laid out once per call so that one
-/// vpdpbusd covers four codes of 16 rows, eight tokens per pass over them;
-/// other machines: gemvRows token by token). Equals gemvRows up to float
-/// summation order.
+/// (AVX-512 VNNI: by row tiles, common/RowTiles.h, laid out once per call
+/// unless w.tiles holds them, one vpdpbusd per four codes of 16 rows, eight
+/// tokens per pass; other machines: gemvRows token by token). Equals
+/// gemvRows up to float summation order.
 void gemmRows(const QuantMatrixView &w, const QuantizedActivation *x, int64_t count, int64_t rowBegin, int64_t rowEnd,
               float *y, int64_t ldy);
+
+/// Whether the products read `format` faster from row tiles made once
+/// (packRowTiles) than from the stored rows: on AVX-512 VNNI, for 2- and
+/// 4-bit codes (the tiles hold their stored bytes, moved).
+bool rowTilesHelp(const QuantFormat &format);
+/// Lays out w as row tiles: rowTileLayout(w.format, w.rows, w.cols).
+/// totalBytes at `out`, packRowTilesReference's bytes.
+void packRowTiles(const QuantMatrixView &w, uint8_t *out);
 
 /// Scalar reference of gemvRows with the same activation quantization.
 void gemvRowsScalar(const QuantMatrixView &w, const QuantizedActivation &x, int64_t rowBegin, int64_t rowEnd, float *y);

@@ -317,6 +317,7 @@ private:
         return values(codes);
       keep(codes);
       out.quantOwner = description.package;
+      out.quantMapping = description.package->file.get();
       return Status::success();
     }
     DType dtype;

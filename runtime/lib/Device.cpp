@@ -19,28 +19,8 @@ bool cudaBuilt() { return true; }
 bool cudaBuilt() { return false; }
 #endif
 
-namespace {
-
-Status uploadMlp(Device &device, MlpWeights &mlp) {
-  for (Matrix *matrix : {&mlp.gate, &mlp.up, &mlp.down})
-    if (!matrix->empty())
-      MOE_RETURN_IF_ERROR(device.upload(*matrix));
-  for (MlpWeights &part : mlp.moreParts)
-    MOE_RETURN_IF_ERROR(uploadMlp(device, part));
-  return Status::success();
-}
-
-} // namespace
-
 Status Device::uploadLayer(LayerWeights &layer) {
-  for (Matrix *matrix : {&layer.query, &layer.key, &layer.value, &layer.output, &layer.queryDown, &layer.queryUp,
-                         &layer.kvDown, &layer.kvUp})
-    if (!matrix->empty())
-      MOE_RETURN_IF_ERROR(upload(*matrix));
-  MOE_RETURN_IF_ERROR(uploadMlp(*this, layer.dense));
-  MOE_RETURN_IF_ERROR(uploadMlp(*this, layer.shared));
-  for (MlpWeights &expert : layer.experts)
-    MOE_RETURN_IF_ERROR(uploadMlp(*this, expert));
+  MOE_RETURN_IF_ERROR(forEachMatrix(layer, [&](Matrix &matrix) { return upload(matrix); }));
   return uploadVectors(layer);
 }
 

@@ -704,6 +704,8 @@ Expected<std::unique_ptr<Engine>> Engine::create(const ModelSpec &spec, std::uni
   engine->onDevice = options.device;
   if (engine->onDevice)
     MOE_RETURN_IF_ERROR(engine->onDevice->uploadGlobals(engine->globals));
+  else
+    makeRowTiles(engine->globals.lmHead.empty() ? engine->globals.embedding : engine->globals.lmHead);
   size_t budget = options.maxMemoryBytes ? options.maxMemoryBytes : defaultBudget();
   engine->layerBudget = budget;
   if (!options.loadMaskedExperts)

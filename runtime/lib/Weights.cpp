@@ -7,7 +7,11 @@
 #include "moe/Runtime/Weights.h"
 #include "moe/Frontend/Checkpoint.h"
 
+#include "common/RowTiles.h"
+#include "moe/Support/MappedFile.h"
+
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 
 namespace moe {
@@ -118,6 +122,60 @@ size_t LayerWeights::bytes() const {
   for (const MlpWeights &expert : experts)
     total += expert.bytes();
   return total;
+}
+
+Status forEachMatrix(MlpWeights &mlp, const std::function<Status(Matrix &)> &visit) {
+  for (Matrix *matrix : {&mlp.gate, &mlp.up, &mlp.down})
+    if (!matrix->empty())
+      MOE_RETURN_IF_ERROR(visit(*matrix));
+  for (MlpWeights &part : mlp.moreParts)
+    MOE_RETURN_IF_ERROR(forEachMatrix(part, visit));
+  return Status::success();
+}
+
+Status forEachMatrix(LayerWeights &layer, const std::function<Status(Matrix &)> &visit) {
+  for (Matrix *matrix : {&layer.query, &layer.key, &layer.value, &layer.output, &layer.queryDown, &layer.queryUp,
+                         &layer.kvDown, &layer.kvUp})
+    if (!matrix->empty())
+      MOE_RETURN_IF_ERROR(visit(*matrix));
+  MOE_RETURN_IF_ERROR(forEachMatrix(layer.dense, visit));
+  MOE_RETURN_IF_ERROR(forEachMatrix(layer.shared, visit));
+  for (MlpWeights &expert : layer.experts)
+    MOE_RETURN_IF_ERROR(forEachMatrix(expert, visit));
+  return Status::success();
+}
+
+void makeRowTiles(Matrix &matrix) {
+  const std::optional<quant::QuantMatrixView> view = matrix.groupView();
+  if (!view || view->tiles || !quant::rowTilesHelp(view->format))
+    return;
+  const size_t bytes = quant::rowTileLayout(view->format, matrix.rows, matrix.cols).totalBytes;
+  // 64-byte aligned, so that no code line straddles two cache lines.
+  const size_t rounded = (bytes + 63) / 64 * 64;
+  std::shared_ptr<uint8_t[]> tiles(static_cast<uint8_t *>(std::aligned_alloc(64, rounded)),
+                                   [](uint8_t *p) { std::free(p); });
+  if (!tiles)
+    return; // the stored rows serve as before
+  quant::packRowTiles(*view, tiles.get());
+  const size_t codeBytes = matrix.bytes();
+  matrix.rowTiles = std::move(tiles);
+  matrix.rowTileBytes = bytes;
+  if (matrix.quantMapping)
+    matrix.quantMapping->releasePages(matrix.quantData, codeBytes);
+}
+
+void makeRowTiles(MlpWeights &mlp) {
+  (void)forEachMatrix(mlp, [](Matrix &matrix) {
+    makeRowTiles(matrix);
+    return Status::success();
+  });
+}
+
+void makeRowTiles(LayerWeights &layer) {
+  (void)forEachMatrix(layer, [](Matrix &matrix) {
+    makeRowTiles(matrix);
+    return Status::success();
+  });
 }
 
 namespace {
@@ -343,6 +401,7 @@ Status ExpertCache::buildFallbacks(const std::map<int64_t, int64_t> &slots,
       MOE_RETURN_IF_ERROR(provider.loadExpert(layer, slot, stored));
       auto low = std::make_shared<MlpWeights>();
       requantize(stored, format, *low);
+      makeRowTiles(*low); // as every expert that runs on the CPU
       lowBitBytes += low->bytes();
       fallbacks[{layer, slot}] = std::move(low);
     }
@@ -367,6 +426,7 @@ Expected<std::shared_ptr<const MlpWeights>> ExpertCache::get(int64_t layer, int6
   }
   auto weights = std::make_shared<MlpWeights>();
   MOE_RETURN_IF_ERROR(provider.loadExpert(layer, slot, *weights));
+  makeRowTiles(*weights); // experts from this cache run on the CPU
   const size_t size = weights->bytes();
   ++stats.misses;
   stats.bytesLoaded += size;
@@ -429,6 +489,8 @@ Expected<std::shared_ptr<const LayerWeights>> LayerCache::get(int64_t layer) {
         MOE_RETURN_IF_ERROR(provider.loadExpert(layer, static_cast<int64_t>(e), weights->experts[e]));
   if (device)
     MOE_RETURN_IF_ERROR(device->uploadLayer(*weights));
+  else
+    makeRowTiles(*weights);
   size_t size = weights->bytes();
   largestLayer = std::max(largestLayer, size);
   evictUntil(size);

@@ -9,6 +9,7 @@
 #include "cpu/QuantKernels.h"
 #include "common/GroupPlanes.h"
 #include "common/QuantFormat.h"
+#include "common/RowTiles.h"
 #include "moe/Frontend/Checkpoint.h"
 
 #include "TestSupport.h"
@@ -78,6 +79,19 @@ void checkKernels(const QuantFormat &format, const std::vector<float> &matrix, i
       EXPECT_NEAR(other[r], scalar[r], 1e-5 * (std::fabs(scalar[r]) + 1.0)) << format.name() << " " << isa;
   }
   gemvRows(view, activation, 0, rows, fast.data());
+  // From row tiles made once (common/RowTiles.h), where the machine reads
+  // them, over ranges that start and end inside a tile.
+  std::vector<uint8_t> tiles(rowTileLayout(format, rows, cols).totalBytes);
+  packRowTiles(view, tiles.data());
+  QuantMatrixView tiled = view;
+  tiled.tiles = tiles.data();
+  for (auto [begin, end] : {std::pair<int64_t, int64_t>{0, rows}, {rows / 3, rows - rows / 5}}) {
+    std::vector<float> fromTiles(static_cast<size_t>(end - begin), -1.0f);
+    gemvRows(tiled, activation, begin, end, fromTiles.data());
+    for (int64_t r = begin; r < end; ++r)
+      EXPECT_NEAR(fromTiles[r - begin], scalar[r], 1e-5 * (std::fabs(scalar[r]) + 1.0))
+          << format.name() << " from tiles, row " << r << " of [" << begin << ", " << end << ")";
+  }
   std::vector<float> rowsOut(static_cast<size_t>(rows * cols));
   dequantizeRows(view, 0, rows, rowsOut.data());
   EXPECT_EQ(rowsOut, dequantized);
@@ -183,6 +197,29 @@ TEST(GroupPlanes, SplittingKeepsEveryValueForEveryFormat) {
     }
 }
 
+// Row tiles hold the package's bytes moved (two's complement codes offset
+// by 128; 3-bit codes a byte each): the kernels' layout pass writes the scalar reference's bytes for
+// every format, with and without signed codes, on shapes that leave a
+// partial last tile and a short last group.
+TEST(RowTiles, PackingEqualsTheScalarReference) {
+  for (const QuantFormat &format : allFormats())
+    for (bool signedCodes : {false, true})
+      for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 32}, {17, 200}, {38, 1000}, {16, 4096}}) {
+        if (signedCodes && format.name() != "q8_g32_sym")
+          continue;
+        const std::vector<float> matrix = randomMatrix(rows, cols, 13);
+        std::vector<uint8_t> packed(format.matrixBytes(rows, cols));
+        quantizeReference(format, matrix.data(), rows, cols, packed.data());
+        const RowTileLayout layout = rowTileLayout(format, rows, cols);
+        if (format.bits != 3) // 3-bit tiles hold a byte per code
+          EXPECT_EQ(layout.tileBytes, format.rowBytes(cols) * kTileRows) << "the same bytes, moved";
+        std::vector<uint8_t> fast(layout.totalBytes, 0xee), reference(layout.totalBytes, 0x11);
+        packRowTiles(QuantMatrixView{format, packed.data(), rows, cols, signedCodes}, fast.data());
+        packRowTilesReference(format, signedCodes, packed.data(), rows, cols, reference.data());
+        EXPECT_EQ(fast, reference) << format.name() << (signedCodes ? " signed " : " ") << rows << "x" << cols;
+      }
+}
+
 TEST(QuantKernels, GemvMatchesTheScalarReferenceOnRandomWeights) {
   for (const QuantFormat &format : allFormats())
     for (auto [rows, cols] : {std::pair<int64_t, int64_t>{7, 200}, {3, 32}, {9, 129}, {16, 384}})
@@ -233,15 +270,22 @@ TEST(QuantKernels, GemmMatchesTheScalarGemvTokenByToken) {
           quantizeActivation(x.data(), cols, format.group, activation);
         }
         const int64_t ldy = rows + 3;
-        std::vector<float> y(static_cast<size_t>(count * ldy), -1.0f), expected(static_cast<size_t>(rows));
-        gemmRows(view, activations.data(), count, 1, rows, y.data(), ldy);
-        for (int64_t t = 0; t < count; ++t) {
-          gemvRowsScalar(view, activations[t], 1, rows, expected.data());
-          for (int64_t r = 1; r < rows; ++r)
-            EXPECT_NEAR(y[t * ldy + r - 1], expected[r - 1], 1e-5 * (std::fabs(expected[r - 1]) + 1.0))
-                << format.name() << " " << rows << "x" << cols << " token " << t << " row " << r;
-          for (int64_t r = rows - 1; r < ldy; ++r)
-            EXPECT_EQ(y[t * ldy + r], -1.0f) << "beyond the row range";
+        std::vector<uint8_t> tiles(rowTileLayout(format, rows, cols).totalBytes);
+        packRowTiles(view, tiles.data());
+        QuantMatrixView tiled = view;
+        tiled.tiles = tiles.data();
+        for (const QuantMatrixView *matrix : {&view, static_cast<const QuantMatrixView *>(&tiled)}) {
+          std::vector<float> y(static_cast<size_t>(count * ldy), -1.0f), expected(static_cast<size_t>(rows));
+          gemmRows(*matrix, activations.data(), count, 1, rows, y.data(), ldy);
+          for (int64_t t = 0; t < count; ++t) {
+            gemvRowsScalar(view, activations[t], 1, rows, expected.data());
+            for (int64_t r = 1; r < rows; ++r)
+              EXPECT_NEAR(y[t * ldy + r - 1], expected[r - 1], 1e-5 * (std::fabs(expected[r - 1]) + 1.0))
+                  << format.name() << " " << rows << "x" << cols << " token " << t << " row " << r
+                  << (matrix->tiles ? " from tiles" : "");
+            for (int64_t r = rows - 1; r < ldy; ++r)
+              EXPECT_EQ(y[t * ldy + r], -1.0f) << "beyond the row range";
+          }
         }
       }
 }

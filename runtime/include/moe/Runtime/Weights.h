@@ -18,6 +18,7 @@
 #include "moe/Support/Status.h"
 
 #include <cstdint>
+#include <functional>
 #include <list>
 #include <map>
 #include <memory>
@@ -29,6 +30,7 @@
 namespace moe {
 
 class Checkpoint;
+class MappedFile;
 
 /// A row-major [rows, cols] matrix; a Linear weight is [out, in]. Stored
 /// as f32, or, when the checkpoint holds bf16, as those bf16 bits (exactly
@@ -46,6 +48,14 @@ struct Matrix {
   const uint8_t *quantData = nullptr;
   std::vector<uint8_t> quantStorage;
   std::shared_ptr<const void> quantOwner;
+  /// The mapped file `quantData` lies in (kept alive by quantOwner), if any.
+  const MappedFile *quantMapping = nullptr;
+  /// The group codes again as row tiles (kernels/common/RowTiles.h), which
+  /// the CPU products read instead: made by makeRowTiles when a layer is
+  /// loaded for the CPU and the kernels read tiles faster
+  /// (quant::rowTilesHelp). Immutable, so copies share them.
+  std::shared_ptr<const uint8_t[]> rowTiles;
+  size_t rowTileBytes = 0;
   /// Its copy in a Device's memory (Device.h), when the engine runs on one.
   std::shared_ptr<const DeviceMatrix> device;
   bool empty() const { return data.empty() && bf16.empty() && !quantData; }
@@ -56,18 +66,24 @@ struct Matrix {
   /// formats, and ggml's Q4_0, Q4_1 and Q8_0 (the same bytes); nullopt for
   /// float matrices and the other ggml formats.
   std::optional<quant::QuantMatrixView> groupView() const {
+    std::optional<quant::QuantMatrixView> view;
     if (quantFormat && !ggmlType)
-      return quantView();
-    if (ggmlType)
+      view = quantView();
+    else if (ggmlType)
       if (std::optional<quant::GgmlGroupLayout> layout = quant::ggmlGroupLayout(*ggmlType))
-        return quant::QuantMatrixView{layout->format, quantData, rows, cols, layout->signedCodes};
-    return std::nullopt;
+        view = quant::QuantMatrixView{layout->format, quantData, rows, cols, layout->signedCodes};
+    if (view)
+      view->tiles = rowTiles.get();
+    return view;
   }
+  /// Bytes held: values, or codes (where tiles are made, the tiles and any
+  /// codes held in quantStorage: mapped codes' pages are given back).
   size_t bytes() const {
     return data.size() * sizeof(float) + bf16.size() * sizeof(uint16_t) +
-           (!quantData ? 0
-            : ggmlType ? static_cast<size_t>(rows) * quant::ggmlRowBytes(*ggmlType, cols)
-                       : quantFormat->matrixBytes(rows, cols));
+           (rowTiles     ? rowTileBytes + quantStorage.size()
+            : !quantData ? 0
+            : ggmlType   ? static_cast<size_t>(rows) * quant::ggmlRowBytes(*ggmlType, cols)
+                         : quantFormat->matrixBytes(rows, cols));
   }
   /// Copies row `r` as f32 into `out`.
   void copyRow(int64_t r, float *out) const;
@@ -126,6 +142,20 @@ struct LayerWeights {
 
   size_t bytes() const;
 };
+
+/// Calls `visit` on every matrix of the layer that is not empty (attention,
+/// dense, shared and routed experts with their split parts; not the router,
+/// which devices copy with the vectors), stopping at the first error.
+Status forEachMatrix(LayerWeights &layer, const std::function<Status(Matrix &)> &visit);
+Status forEachMatrix(MlpWeights &mlp, const std::function<Status(Matrix &)> &visit);
+
+/// For the CPU: gives each group-format matrix of these weights row tiles
+/// where the kernels read those faster (quant::rowTilesHelp), then lets the
+/// kernel drop the mapped pages of its codes (they are read again if
+/// touched: an embedding row, a device upload).
+void makeRowTiles(Matrix &matrix);
+void makeRowTiles(LayerWeights &layer);
+void makeRowTiles(MlpWeights &mlp);
 
 /// Model-level weights.
 struct GlobalWeights {
