@@ -97,6 +97,10 @@ int main(int argc, char **argv) {
       options.device = device.take();
     }
   }
+  if (promptTokens < 1 || decodeTokens < 0) {
+    std::cerr << "engine_throughput: --prompt needs at least one token and --decode none or more\n";
+    return 2;
+  }
   auto loadStart = Clock::now();
   Expected<LoadedModel> model = loadModel(args[0], options);
   if (!model) {
@@ -130,16 +134,22 @@ int main(int argc, char **argv) {
   }
 
   // Warm-up: converts and caches the weights (first use).
+  auto failed = [](const Status &status) {
+    std::cerr << "engine_throughput: error: " << status.message() << "\n";
+    return 1;
+  };
   KvCache cache = model->engine->newCache();
   std::vector<float> logits;
-  if (!model->engine->forward(std::span(prompt).first(8), cache, logits, true).ok())
-    return 1;
+  if (Status status =
+          model->engine->forward(std::span(prompt).first(std::min<size_t>(8, prompt.size())), cache, logits, true);
+      !status.ok())
+    return failed(status);
   double loadSeconds = secondsSince(loadStart);
 
   cache = model->engine->newCache();
   auto start = Clock::now();
-  if (!model->engine->forward(prompt, cache, logits, true).ok())
-    return 1;
+  if (Status status = model->engine->forward(prompt, cache, logits, true); !status.ok())
+    return failed(status);
   double prefillSeconds = secondsSince(start);
   std::vector<int32_t> next = {static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin())};
   if (decodeFromEmpty)
@@ -157,10 +167,8 @@ int main(int argc, char **argv) {
   for (int64_t i = 0; i < decodeTokens; ++i) {
     if (!text.empty())
       next[0] = text[static_cast<size_t>(promptTokens + i)];
-    if (Status status = model->engine->forward(next, cache, logits, true); !status.ok()) {
-      std::cerr << "engine_throughput: error: " << status.message() << "\n";
-      return 1;
-    }
+    if (Status status = model->engine->forward(next, cache, logits, true); !status.ok())
+      return failed(status);
     if (!text.empty() && static_cast<size_t>(promptTokens + i + 1) < text.size()) {
       const float top = *std::max_element(logits.begin(), logits.end());
       double sum = 0;
@@ -187,7 +195,7 @@ int main(int argc, char **argv) {
     // embedding row, and top-k experts of the layer's average size.
     Expected<OpenedPackage> package = isGgufPath(args[0]) ? openGgufModel(args[0]) : openPackage(args[0]);
     if (!package)
-      return 1;
+      return failed(package.status());
     weightsInMemory = isGgufPath(args[0]) ? "gguf" : "package";
     for (const auto &[role, tensor] : package->description.globals)
       bytesPerToken += role == TensorRole::Embedding ? static_cast<double>(tensor.size) / spec.vocabSize

@@ -535,17 +535,17 @@ struct Prefetch {
 };
 
 /// y[t * ldy + (i - lo)] = row i of the tile . x_t for t < T and rows
-/// lo <= i < hi of the tile, PerLine chunks per line; `next` is prefetched
-/// a slice per group.
-template <int T, int PerLine>
+/// lo <= i < hi of the tile, PerLine chunks per line, each group's lines
+/// summed in Chains independent int32 sums (it must divide the lines per
+/// group); `next` is prefetched a slice per group.
+template <int T, int PerLine, int Chains>
 MOEC_AVX512 void tileProduct(const uint8_t *tile, const RowTileLayout &layout, TileHeaders headers,
                              const PackedTokens &x, float *y, int64_t ldy, int lo, int hi, Prefetch next) {
   const int64_t groups = layout.groups;
   const int lines = layout.linesPerGroup;
   const size_t linesPerGroup = (next.size / 64 + static_cast<size_t>(groups) - 1) / static_cast<size_t>(groups);
   // Few tokens leave few independent chains: then lines alternate between
-  // two int32 sums, and the min terms go to their own float sums.
-  constexpr int Chains = T < 4 ? 2 : 1;
+  // int32 sums, and the min terms go to their own float sums.
   constexpr bool SplitMins = T < 4;
   __m512 acc[T], mins[T];
   for (int t = 0; t < T; ++t)
@@ -560,9 +560,8 @@ MOEC_AVX512 void tileProduct(const uint8_t *tile, const RowTileLayout &layout, T
     for (int c = 0; c < Chains; ++c)
       for (int t = 0; t < T; ++t)
         dot[c][t] = _mm512_setzero_si512();
-    // Lines per group are even for every format.
     for (int k = 0; k < lines; k += Chains)
-#pragma GCC unroll 2
+#pragma GCC unroll 4
       for (int c = 0; c < Chains; ++c, line += 64) {
         const __m512i codes = _mm512_loadu_si512(line);
 #pragma GCC unroll 4
@@ -584,7 +583,9 @@ MOEC_AVX512 void tileProduct(const uint8_t *tile, const RowTileLayout &layout, T
     const float *tokenScales = x.scales + g * T, *tokenSums = x.sums + g * T;
 #pragma GCC unroll 16
     for (int t = 0; t < T; ++t) {
-      const __m512i sums = Chains == 2 ? _mm512_add_epi32(dot[0][t], dot[Chains - 1][t]) : dot[0][t];
+      __m512i sums = dot[0][t];
+      for (int c = 1; c < Chains; ++c)
+        sums = _mm512_add_epi32(sums, dot[c][t]);
       acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sums), _mm512_set1_ps(tokenScales[t])), scale, acc[t]);
       if constexpr (SplitMins)
         mins[t] = _mm512_fmadd_ps(min, _mm512_set1_ps(tokenSums[t]), mins[t]);
@@ -605,10 +606,15 @@ MOEC_AVX512 void tileProduct(const uint8_t *tile, const RowTileLayout &layout, T
 
 using TileProduct = void (*)(const uint8_t *, const RowTileLayout &, TileHeaders, const PackedTokens &, float *,
                              int64_t, int, int, Prefetch);
+/// Per token count: two chains below four tokens (lines per group are even
+/// for every format), else one.
 template <int PerLine>
 constexpr TileProduct kTileProducts[kGemmTokens] = {
-    tileProduct<1, PerLine>, tileProduct<2, PerLine>, tileProduct<3, PerLine>, tileProduct<4, PerLine>,
-    tileProduct<5, PerLine>, tileProduct<6, PerLine>, tileProduct<7, PerLine>, tileProduct<8, PerLine>};
+    tileProduct<1, PerLine, 2>, tileProduct<2, PerLine, 2>, tileProduct<3, PerLine, 2>, tileProduct<4, PerLine, 1>,
+    tileProduct<5, PerLine, 1>, tileProduct<6, PerLine, 1>, tileProduct<7, PerLine, 1>, tileProduct<8, PerLine, 1>};
+/// One token over groups of four lines or more (a multiple of four): four
+/// chains, as a group of 128 4-bit codes is 32 dependent vpdpbusd.
+template <int PerLine> constexpr TileProduct kOneTokenLongGroups = tileProduct<1, PerLine, 4>;
 
 /// Products over rows [rowBegin, rowEnd) for `count` tokens: the tokens
 /// packed once, then per tile one layout pass (none with tiles made at
@@ -670,8 +676,10 @@ MOEC_AVX512 void tiledProducts(const QuantMatrixView &w, const QuantizedActivati
       const int n = static_cast<int>(std::min<int64_t>(kGemmTokens, count - first));
       const float *scales = floats + 2 * first * groups;
       const PackedTokens tokens{values + first * chunks, scales, scales + n * groups};
-      kTileProducts<perLine>[n - 1](bytes, layout, headers, tokens, y + first * ldy + (r0 + lo - rowBegin), ldy, lo, hi,
-                                    first == 0 ? next : Prefetch{});
+      const TileProduct product =
+          n == 1 && layout.linesPerGroup % 4 == 0 ? kOneTokenLongGroups<perLine> : kTileProducts<perLine>[n - 1];
+      product(bytes, layout, headers, tokens, y + first * ldy + (r0 + lo - rowBegin), ldy, lo, hi,
+              first == 0 ? next : Prefetch{});
     }
   }
 }
