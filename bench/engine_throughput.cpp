@@ -44,7 +44,7 @@ int main(int argc, char **argv) {
   if (args.empty()) {
     std::cerr
         << "usage: engine_throughput DIR|.moepkg|.gguf [--prompt P] [--decode D] [--max-memory BYTES] [--threads N]\n"
-           "                         [--decode-start prompt|empty] [--bandwidth yes|no]\n"
+           "                         [--decode-start prompt|empty] [--bandwidth yes|no] [--row-tiles yes|no]\n"
            "                         [--expert-cache BYTES] [--expert-policy lru|frequency] [--text FILE]\n"
            "                         [--expert-fallback FORMAT] [--expert-fallback-below SHARE]\n"
            "                         [--device cpu|cuda|auto (default cpu)]\n";
@@ -84,7 +84,14 @@ int main(int argc, char **argv) {
       decodeFromEmpty = args[i + 1] == "empty";
     else if (args[i] == "--bandwidth")
       measureBandwidth = args[i + 1] != "no";
-    else if (args[i] == "--threads")
+    else if (args[i] == "--row-tiles") {
+      // The CPU's row tiles made at load (the default), or the stored rows.
+      if (args[i + 1] != "yes" && args[i + 1] != "no") {
+        std::cerr << "engine_throughput: --row-tiles " << args[i + 1] << ": expected yes or no\n";
+        return 2;
+      }
+      options.rowTiles = args[i + 1] == "yes";
+    } else if (args[i] == "--threads")
       setThreadCount(static_cast<unsigned>(std::stoul(args[i + 1])));
     else if (args[i] == "--device") {
       Expected<DeviceChoice> choice = parseDeviceChoice(args[i + 1]);
@@ -237,6 +244,7 @@ int main(int argc, char **argv) {
       {"prefill_tokens_per_second", promptTokens / prefillSeconds},
       {"decode_tokens", decodeTokens},
       {"decode_start", decodeFromEmpty ? "empty" : "prompt"},
+      {"row_tiles", options.rowTiles},
       {"text", textPath.empty() ? nlohmann::json(nullptr) : nlohmann::json(textPath)},
       {"decode_tokens_per_second", decodeTokensPerSecond},
       {"weight_bytes_per_decoded_token", bytesPerToken},

@@ -704,8 +704,9 @@ Expected<std::unique_ptr<Engine>> Engine::create(const ModelSpec &spec, std::uni
   engine->onDevice = options.device;
   if (engine->onDevice)
     MOE_RETURN_IF_ERROR(engine->onDevice->uploadGlobals(engine->globals));
-  else
+  else if (options.rowTiles)
     makeRowTiles(engine->globals.lmHead.empty() ? engine->globals.embedding : engine->globals.lmHead);
+  engine->rowTiles = options.rowTiles;
   size_t budget = options.maxMemoryBytes ? options.maxMemoryBytes : defaultBudget();
   engine->layerBudget = budget;
   if (!options.loadMaskedExperts)
@@ -713,11 +714,12 @@ Expected<std::unique_ptr<Engine>> Engine::create(const ModelSpec &spec, std::uni
   engine->layers = std::make_unique<LayerCache>(*engine->provider, spec.numLayers, budget,
                                                 options.expertCacheBytes == 0, &engine->unloadedExperts);
   engine->layers->setDevice(engine->onDevice);
+  engine->layers->setRowTiles(options.rowTiles);
   engine->expertCacheBytes = options.expertCacheBytes;
   engine->expertCachePolicy = options.expertCachePolicy;
   if (options.expertCacheBytes > 0)
-    engine->experts =
-        std::make_unique<ExpertCache>(*engine->provider, options.expertCacheBytes, options.expertCachePolicy);
+    engine->experts = std::make_unique<ExpertCache>(*engine->provider, options.expertCacheBytes,
+                                                    options.expertCachePolicy, options.rowTiles);
   if (options.expertFallbackFormat) {
     if (!engine->experts)
       return Status::error("--expert-fallback needs --expert-cache (the low-bit copies stand in for missing experts)");
@@ -922,16 +924,17 @@ void Engine::replaceLayerWeights(std::unique_ptr<WeightProvider> replacement) {
   provider = std::move(replacement);
   layers = std::make_unique<LayerCache>(*provider, modelSpec.numLayers, layerBudget, expertCacheBytes == 0);
   layers->setDevice(onDevice);
+  layers->setRowTiles(rowTiles);
   deviceDecodes.reset();
   if (expertCacheBytes > 0)
-    experts = std::make_unique<ExpertCache>(*provider, expertCacheBytes, expertCachePolicy);
+    experts = std::make_unique<ExpertCache>(*provider, expertCacheBytes, expertCachePolicy, rowTiles);
 }
 
 Status Engine::setExpertCacheBytes(size_t bytes) {
   if (!experts || bytes == 0)
     return Status::error("the expert cache can be resized, not made or removed, after the engine is made");
   expertCacheBytes = bytes;
-  experts = std::make_unique<ExpertCache>(*provider, expertCacheBytes, expertCachePolicy);
+  experts = std::make_unique<ExpertCache>(*provider, expertCacheBytes, expertCachePolicy, rowTiles);
   return Status::success();
 }
 

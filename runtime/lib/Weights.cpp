@@ -359,8 +359,8 @@ LayerCache::LayerCache(WeightProvider &provider, int64_t numLayers, size_t budge
     : provider(provider), budget(budgetBytes), routedExperts(routedExperts), skipped(skipped),
       layers(static_cast<size_t>(numLayers)), layerBytes(static_cast<size_t>(numLayers), 0) {}
 
-ExpertCache::ExpertCache(WeightProvider &provider, size_t budgetBytes, ExpertCachePolicy policy)
-    : provider(provider), budget(budgetBytes), policy(policy) {}
+ExpertCache::ExpertCache(WeightProvider &provider, size_t budgetBytes, ExpertCachePolicy policy, bool rowTiles)
+    : provider(provider), budget(budgetBytes), policy(policy), rowTiles(rowTiles) {}
 
 namespace {
 
@@ -401,7 +401,8 @@ Status ExpertCache::buildFallbacks(const std::map<int64_t, int64_t> &slots,
       MOE_RETURN_IF_ERROR(provider.loadExpert(layer, slot, stored));
       auto low = std::make_shared<MlpWeights>();
       requantize(stored, format, *low);
-      makeRowTiles(*low); // as every expert that runs on the CPU
+      if (rowTiles)
+        makeRowTiles(*low); // as every expert that runs on the CPU
       lowBitBytes += low->bytes();
       fallbacks[{layer, slot}] = std::move(low);
     }
@@ -426,7 +427,8 @@ Expected<std::shared_ptr<const MlpWeights>> ExpertCache::get(int64_t layer, int6
   }
   auto weights = std::make_shared<MlpWeights>();
   MOE_RETURN_IF_ERROR(provider.loadExpert(layer, slot, *weights));
-  makeRowTiles(*weights); // experts from this cache run on the CPU
+  if (rowTiles)
+    makeRowTiles(*weights); // experts from this cache run on the CPU
   const size_t size = weights->bytes();
   ++stats.misses;
   stats.bytesLoaded += size;
@@ -489,7 +491,7 @@ Expected<std::shared_ptr<const LayerWeights>> LayerCache::get(int64_t layer) {
         MOE_RETURN_IF_ERROR(provider.loadExpert(layer, static_cast<int64_t>(e), weights->experts[e]));
   if (device)
     MOE_RETURN_IF_ERROR(device->uploadLayer(*weights));
-  else
+  else if (rowTiles)
     makeRowTiles(*weights);
   size_t size = weights->bytes();
   largestLayer = std::max(largestLayer, size);

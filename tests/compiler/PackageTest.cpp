@@ -5,6 +5,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Runtime/Package.h"
+#include "common/RowTiles.h"
 #include "moe/Frontend/Checkpoint.h"
 #include "moe/Importer/Importer.h"
 #include "moe/Lowering/Emit.h"
@@ -151,6 +152,51 @@ TEST(Package, DecodingAllExpertsAtOnceEqualsExpertByExpert) {
       ASSERT_TRUE(packaged.ok()) << packaged.status().message();
       check(*packaged, format);
     }
+  }
+}
+
+// On the CPU the LayerCache lays 2- and 4-bit group matrices out in row
+// tiles (kernels/common/RowTiles.h) when it loads a layer, where the kernels
+// read those faster; the layer's bytes then count the tiles. Prefill and
+// decode from tiles give the stored rows' logits up to summation order.
+TEST(Package, RowTilesMadeAtLoadGiveTheStoredRowsLogits) {
+  for (const char *fixture : {"tiny-mixtral", "tiny-deepseek"}) {
+    TempDir dir;
+    buildPackage(fixture, "moe-quantize{bits=4 group=32 sym=true targets=all}", dir.file("m.moestore"),
+                 dir.file("q.moepkg"));
+    EngineOptions untiled;
+    untiled.rowTiles = false;
+    auto tiled = loadModel(dir.file("q.moepkg")), stored = loadModel(dir.file("q.moepkg"), untiled);
+    ASSERT_TRUE(tiled.ok() && stored.ok());
+    std::vector<int32_t> prompt(40);
+    for (size_t i = 0; i < prompt.size(); ++i)
+      prompt[i] = static_cast<int32_t>((i * 7919 + 13) % 4000);
+    auto run = [&](LoadedModel &model) {
+      KvCache cache = model.engine->newCache();
+      std::vector<float> logits, all;
+      EXPECT_TRUE(model.engine->forward(prompt, cache, logits).ok()); // prefill: the GEMM
+      all = logits;
+      std::vector<float> decoded = decodeLogits(model); // decode: the GEMV
+      all.insert(all.end(), decoded.begin(), decoded.end());
+      return all;
+    };
+    const std::vector<float> fromTiles = run(*tiled), fromRows = run(*stored);
+    ASSERT_EQ(fromTiles.size(), fromRows.size());
+    for (size_t i = 0; i < fromTiles.size(); ++i)
+      ASSERT_NEAR(fromTiles[i], fromRows[i], 1e-4 * (std::fabs(fromRows[i]) + 1.0)) << fixture << " logit " << i;
+    // The last layer (an MoE layer in both) as each engine holds it
+    // (resident: get() only looks it up).
+    const int64_t last = tiled->spec.numLayers - 1;
+    auto layer = const_cast<LayerCache &>(tiled->engine->layerCache()).get(last);
+    auto storedLayer = const_cast<LayerCache &>(stored->engine->layerCache()).get(last);
+    ASSERT_TRUE(layer.ok() && storedLayer.ok());
+    ASSERT_FALSE((*layer)->experts.empty() || (*storedLayer)->experts.empty()) << fixture;
+    const Matrix &gate = (*layer)->experts[0].gate;
+    ASSERT_TRUE(gate.quantFormat);
+    EXPECT_EQ(static_cast<bool>(gate.rowTiles), quant::rowTilesHelp(*gate.quantFormat)) << fixture;
+    EXPECT_FALSE((*storedLayer)->experts[0].gate.rowTiles) << fixture;
+    if (gate.rowTiles)
+      EXPECT_EQ(gate.bytes(), quant::rowTileLayout(*gate.quantFormat, gate.rows, gate.cols).totalBytes) << fixture;
   }
 }
 

@@ -135,6 +135,10 @@ struct EngineOptions {
   /// Where matrix products run (Device.h; openDevice): null for the CPU.
   /// Every layer and the output projection are copied to it once loaded.
   std::shared_ptr<Device> device;
+  /// On the CPU, lay group matrices out in row tiles at load where the
+  /// kernels read those faster (makeRowTiles); false: the stored rows (for
+  /// comparisons; the same values, summed in another order).
+  bool rowTiles = true;
 };
 
 /// What the MoE layers did since the engine was made (or reset).
@@ -244,6 +248,7 @@ private:
   std::unique_ptr<ExpertCache> experts;
   size_t expertCacheBytes = 0;
   ExpertCachePolicy expertCachePolicy = ExpertCachePolicy::Lru;
+  bool rowTiles = true;
   GlobalWeights globals;
   std::map<int64_t, std::set<int64_t>> maskedExperts;
   std::map<int64_t, std::set<int64_t>> unloadedExperts; ///< EngineOptions::loadMaskedExperts false.

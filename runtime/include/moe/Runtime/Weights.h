@@ -217,7 +217,8 @@ struct ExpertCacheCounters {
 /// still in use by a caller stays alive through its shared_ptr.
 class ExpertCache {
 public:
-  ExpertCache(WeightProvider &provider, size_t budgetBytes, ExpertCachePolicy policy);
+  /// `rowTiles`: loaded experts (and low-bit copies) get row tiles.
+  ExpertCache(WeightProvider &provider, size_t budgetBytes, ExpertCachePolicy policy, bool rowTiles = true);
   /// Expert `slot` of layer `layer`, loading it (and evicting others) if needed.
   Expected<std::shared_ptr<const MlpWeights>> get(int64_t layer, int64_t slot);
   bool contains(int64_t layer, int64_t slot) const { return entries.count({layer, slot}) > 0; }
@@ -250,6 +251,7 @@ private:
   WeightProvider &provider;
   size_t budget;
   ExpertCachePolicy policy;
+  bool rowTiles = true;
   size_t resident = 0, peak = 0;
   int64_t clock = 0;
   std::map<std::pair<int64_t, int64_t>, Entry> entries;
@@ -271,6 +273,8 @@ public:
              const std::map<int64_t, std::set<int64_t>> *skipped = nullptr);
   /// Copies each layer, once loaded, to `device` (null: none).
   void setDevice(std::shared_ptr<Device> device) { this->device = std::move(device); }
+  /// Without a device, whether loaded layers get row tiles (makeRowTiles).
+  void setRowTiles(bool on) { rowTiles = on; }
   /// Layer `layer`, loading it (and evicting others) if needed.
   Expected<std::shared_ptr<const LayerWeights>> get(int64_t layer);
   size_t residentBytes() const { return resident; }
@@ -287,6 +291,7 @@ private:
   std::shared_ptr<Device> device;
   size_t budget;
   bool routedExperts = true;
+  bool rowTiles = true;
   const std::map<int64_t, std::set<int64_t>> *skipped = nullptr;
   size_t resident = 0, peak = 0, largestLayer = 0, loaded = 0;
   std::vector<size_t> layerBytes;
