@@ -664,8 +664,11 @@ MOEC_AVX512 void tiledProducts(const QuantMatrixView &w, const QuantizedActivati
     Prefetch next;
     const bool more = r0 + kTileRows < rowEnd;
     if (w.tiles) {
-      // Tiles are one sequential stream: the hardware prefetcher's.
       bytes = w.tiles + static_cast<size_t>(tile) * layout.tileBytes;
+      // Several passes over a tile: the next one's bytes come in meanwhile
+      // (one token streams them faster on the hardware prefetcher alone).
+      if (more && count > 1)
+        next = {bytes + layout.tileBytes, layout.tileBytes};
     } else {
       layOutTile<Bits>(w, layout, r0, static_cast<int>(std::min<int64_t>(kTileRows, w.rows - r0)), buffer);
       if (more)
