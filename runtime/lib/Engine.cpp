@@ -183,27 +183,34 @@ void attend(const ModelSpec &spec, const float *q, int64_t tokens, const KvCache
   for (int64_t t = 0; t < tokens; ++t) {
     const int64_t visible = firstPosition + t + 1;
     // Heads split across the pool (each head's sums stay on one thread).
+    // Positions outer, heads inner: the cache is read once, row after row
+    // (head by head it was read in strides of a row per position); each
+    // head's sums still add positions in order, so the values are the same.
     parallelRows(heads, heads * visible * (qDim + vDim), [&](int64_t headBegin, int64_t headEnd) {
       thread_local std::vector<float> perThread;
       std::vector<float> &scores = perThread;
-      scores.resize(static_cast<size_t>(visible));
-      for (int64_t h = headBegin; h < headEnd; ++h) {
-        const float *query = q + t * heads * qDim + h * qDim;
-        const int64_t kvHead = h / group;
-        for (int64_t s = 0; s < visible; ++s) {
-          const float *key = keys + s * kWidth + kvHead * qDim;
-          float dot = 0.0f;
-          for (int64_t i = 0; i < qDim; ++i)
-            dot += query[i] * key[i];
-          scores[s] = dot * scale;
-        }
-        softmax(scores.data(), visible);
-        float *result = out + t * heads * vDim + h * vDim;
-        std::fill(result, result + vDim, 0.0f);
-        for (int64_t s = 0; s < visible; ++s) {
-          const float *value = values + s * vWidth + kvHead * vDim;
+      const int64_t count = headEnd - headBegin;
+      scores.resize(static_cast<size_t>(count * visible));
+      const float *query = q + t * heads * qDim;
+      for (int64_t s = 0; s < visible; ++s) {
+        const float *keyRow = keys + s * kWidth;
+        for (int64_t h = headBegin; h < headEnd; ++h)
+          // The vector dot of f32 rows (a plain loop stays one scalar chain).
+          scores[static_cast<size_t>((h - headBegin) * visible + s)] =
+              quant::dotF32(query + h * qDim, keyRow + (h / group) * qDim, qDim) * scale;
+      }
+      for (int64_t h = 0; h < count; ++h)
+        softmax(scores.data() + h * visible, visible);
+      float *result = out + t * heads * vDim;
+      std::fill(result + headBegin * vDim, result + headEnd * vDim, 0.0f);
+      for (int64_t s = 0; s < visible; ++s) {
+        const float *valueRow = values + s * vWidth;
+        for (int64_t h = headBegin; h < headEnd; ++h) {
+          const float weight = scores[static_cast<size_t>((h - headBegin) * visible + s)];
+          const float *value = valueRow + (h / group) * vDim;
+          float *target = result + h * vDim;
           for (int64_t i = 0; i < vDim; ++i)
-            result[i] += scores[s] * value[i];
+            target[i] += weight * value[i];
         }
       }
     });
