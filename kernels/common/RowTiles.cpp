@@ -10,18 +10,11 @@
 
 namespace moe::quant {
 
-namespace {
-
-/// Whether lines hold the stored words (2, 4 and 8 bits) rather than bytes.
-bool storedWords(const QuantFormat &format) { return format.bits != 3; }
-
-} // namespace
-
 RowTileLayout rowTileLayout(const QuantFormat &format, int64_t rows, int64_t cols) {
   RowTileLayout layout;
   layout.tiles = (rows + kTileRows - 1) / kTileRows;
   layout.groups = format.groupsPerRow(cols);
-  layout.chunksPerLine = storedWords(format) ? 8 / format.bits : 1;
+  layout.chunksPerLine = tileChunksPerLine(format.bits);
   // A row's words per group: its code bytes / 4 (stored), or codes / 4.
   layout.linesPerGroup = format.group / 4 / layout.chunksPerLine;
   layout.headerBytes = format.symmetric ? 32 : 64;
@@ -29,16 +22,6 @@ RowTileLayout rowTileLayout(const QuantFormat &format, int64_t rows, int64_t col
   layout.tileBytes = static_cast<size_t>(layout.groups) * layout.groupStride;
   layout.totalBytes = static_cast<size_t>(layout.tiles) * layout.tileBytes;
   return layout;
-}
-
-int64_t tileLinePosition(const QuantFormat &format, int64_t chunk) {
-  const int perLine = storedWords(format) ? 8 / format.bits : 1;
-  if (perLine == 1)
-    return chunk;
-  // Chunk j of a block is field j / W of the block's word j % W (W words).
-  const int words = 8 / perLine;
-  const int64_t j = chunk % 8;
-  return chunk - j + perLine * (j % words) + j / words;
 }
 
 void packRowTilesReference(const QuantFormat &format, bool signedCodes, const uint8_t *packed, int64_t rows,
@@ -59,7 +42,7 @@ void packRowTilesReference(const QuantFormat &format, bool signedCodes, const ui
       uint8_t *lines = target + layout.headerBytes;
       for (int k = 0; k < layout.linesPerGroup; ++k) {
         uint8_t *word = lines + 64 * k + 4 * i;
-        if (storedWords(format)) {
+        if (format.bits != 3) { // the stored word
           std::memcpy(word, codes + 4 * k, 4);
           if (signedCodes)
             for (int b = 0; b < 4; ++b)

@@ -46,9 +46,22 @@ struct RowTileLayout {
 
 RowTileLayout rowTileLayout(const QuantFormat &format, int64_t rows, int64_t cols);
 
+/// 4-code chunks a line holds per row for a code width: the bit fields of a
+/// stored word (8 / bits), or one byte-sized chunk of unpacked 3-bit codes.
+constexpr int tileChunksPerLine(int bits) { return bits == 3 ? 1 : 8 / bits; }
+
 /// Chunk c (codes 4c .. 4c + 3) of a group lies at position p = this: in
 /// line p / chunksPerLine, bit field p % chunksPerLine of each row's word.
-int64_t tileLinePosition(const QuantFormat &format, int64_t chunk);
+/// (Chunk j of a 32-code block is field j / W of the block's word j % W,
+/// W = 8 / chunksPerLine words per block.)
+constexpr int64_t tileLinePosition(int bits, int64_t chunk) {
+  const int perLine = tileChunksPerLine(bits);
+  if (perLine == 1)
+    return chunk;
+  const int words = 8 / perLine;
+  const int64_t j = chunk % 8;
+  return chunk - j + perLine * (j % words) + j / words;
+}
 
 /// Scalar reference: the matrix in the package layout at `packed` (two's
 /// complement codes when `signedCodes`) as tiles (rowTileLayout(...).

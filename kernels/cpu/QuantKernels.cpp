@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -409,17 +410,18 @@ MOEC_AVX512 inline void transpose16x16(__m512i (&v)[16]) {
   }
 }
 
-/// Chunks per line (RowTileLayout::chunksPerLine) for a width.
-template <int Bits> constexpr int kChunksPerLine = Bits == 3 ? 1 : 8 / Bits;
-
-/// tileLinePosition for a width, at compile time.
-template <int Bits> constexpr int64_t linePosition(int64_t c) {
-  constexpr int perLine = kChunksPerLine<Bits>;
-  if constexpr (perLine == 1)
-    return c;
-  constexpr int words = 8 / perLine;
-  const int64_t j = c & 7;
-  return (c & ~int64_t(7)) + perLine * (j % words) + j / words;
+/// f(std::integral_constant<int, bits>{}) for a group format's code width.
+template <typename F> MOEC_AVX512 inline void byWidth(int bits, F &&f) {
+  switch (bits) {
+  case 2:
+    return f(std::integral_constant<int, 2>{});
+  case 3:
+    return f(std::integral_constant<int, 3>{});
+  case 4:
+    return f(std::integral_constant<int, 4>{});
+  default:
+    return f(std::integral_constant<int, 8>{});
+  }
 }
 
 /// Lays out rows [first, first + valid) of w (valid <= 16) as the tile at
@@ -622,7 +624,7 @@ template <int PerLine> constexpr TileProduct kOneTokenLongGroups = tileProduct<1
 template <int Bits>
 MOEC_AVX512 void tiledProducts(const QuantMatrixView &w, const QuantizedActivation *x, int64_t count, int64_t rowBegin,
                                int64_t rowEnd, float *y, int64_t ldy) {
-  constexpr int perLine = kChunksPerLine<Bits>;
+  constexpr int perLine = tileChunksPerLine(Bits);
   const QuantFormat &format = w.format;
   const RowTileLayout layout = rowTileLayout(format, w.rows, w.cols);
   const int64_t groups = layout.groups, chunks = groups * format.group / 4;
@@ -648,7 +650,7 @@ MOEC_AVX512 void tiledProducts(const QuantMatrixView &w, const QuantizedActivati
     for (int t = 0; t < n; ++t) {
       const int32_t *source = reinterpret_cast<const int32_t *>(x[first + t].values.data());
       for (int64_t c = 0; c < chunks; ++c)
-        v[linePosition<Bits>(c) * n + t] = source[c];
+        v[tileLinePosition(Bits, c) * n + t] = source[c];
       for (int64_t g = 0; g < groups; ++g) {
         scales[g * n + t] = x[first + t].blockScales[g];
         sums[g * n + t] = x[first + t].groupSums[g];
@@ -689,38 +691,19 @@ MOEC_AVX512 void tiledProducts(const QuantMatrixView &w, const QuantizedActivati
 
 MOEC_AVX512 void tiledProductsAvx512(const QuantMatrixView &w, const QuantizedActivation *x, int64_t count,
                                      int64_t rowBegin, int64_t rowEnd, float *y, int64_t ldy) {
-  switch (w.format.bits) {
-  case 2:
-    return tiledProducts<2>(w, x, count, rowBegin, rowEnd, y, ldy);
-  case 3:
-    return tiledProducts<3>(w, x, count, rowBegin, rowEnd, y, ldy);
-  case 4:
-    return tiledProducts<4>(w, x, count, rowBegin, rowEnd, y, ldy);
-  default:
-    return tiledProducts<8>(w, x, count, rowBegin, rowEnd, y, ldy);
-  }
+  byWidth(w.format.bits,
+          [&](auto bits) { tiledProducts<decltype(bits)::value>(w, x, count, rowBegin, rowEnd, y, ldy); });
 }
 
 MOEC_AVX512 void packRowTilesAvx512(const QuantMatrixView &w, uint8_t *out) {
   const RowTileLayout layout = rowTileLayout(w.format, w.rows, w.cols);
-  for (int64_t tile = 0; tile < layout.tiles; ++tile) {
-    const int64_t r0 = tile * kTileRows;
-    const int valid = static_cast<int>(std::min<int64_t>(kTileRows, w.rows - r0));
-    uint8_t *target = out + static_cast<size_t>(tile) * layout.tileBytes;
-    switch (w.format.bits) {
-    case 2:
-      layOutTile<2>(w, layout, r0, valid, target);
-      break;
-    case 3:
-      layOutTile<3>(w, layout, r0, valid, target);
-      break;
-    case 4:
-      layOutTile<4>(w, layout, r0, valid, target);
-      break;
-    default:
-      layOutTile<8>(w, layout, r0, valid, target);
+  byWidth(w.format.bits, [&](auto bits) {
+    for (int64_t tile = 0; tile < layout.tiles; ++tile) {
+      const int64_t r0 = tile * kTileRows;
+      layOutTile<decltype(bits)::value>(w, layout, r0, static_cast<int>(std::min<int64_t>(kTileRows, w.rows - r0)),
+                                        out + static_cast<size_t>(tile) * layout.tileBytes);
     }
-  }
+  });
 }
 
 /// The AVX-512 instantiation for w's format: Kernel<Bits, SignedCodes,

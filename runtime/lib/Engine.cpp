@@ -185,7 +185,7 @@ void attend(const ModelSpec &spec, const float *q, int64_t tokens, const KvCache
     // Heads split across the pool (each head's sums stay on one thread).
     // Positions outer, heads inner: the cache is read once, row after row
     // (head by head it was read in strides of a row per position); each
-    // head's sums still add positions in order, so the values are the same.
+    // head's weighted values still add up in position order.
     parallelRows(heads, heads * visible * (qDim + vDim), [&](int64_t headBegin, int64_t headEnd) {
       thread_local std::vector<float> perThread;
       std::vector<float> &scores = perThread;
