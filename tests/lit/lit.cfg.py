@@ -15,6 +15,7 @@ config.excludes = ["CMakeLists.txt", "lit.cfg.py", "lit.site.cfg.py", "Inputs"]
 llvm_config.use_default_substitutions()  # FileCheck, not, count
 config.substitutions.append(("%testdata", os.path.join(config.moec_src_root, "tests", "data")))
 config.substitutions.append(("%inputs", os.path.join(config.test_source_root, "Tools", "Inputs")))
+config.substitutions.append(("%bench", os.path.join(config.moec_obj_root, "bench")))
 llvm_config.with_environment("PATH", config.moec_tools_dir, append_path=True)
 llvm_config.with_environment("PATH", config.llvm_tools_dir, append_path=True)
 llvm_config.add_tool_substitutions(["moec", "moec-synth", "moe-opt"], [config.moec_tools_dir])
