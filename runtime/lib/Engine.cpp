@@ -549,6 +549,9 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
       held[static_cast<size_t>(e)].reset();
   };
   auto expert = [&](int64_t e) -> const MlpWeights & {
+    if (hooks.replacedExperts)
+      if (auto found = hooks.replacedExperts->find(e); found != hooks.replacedExperts->end())
+        return *found->second;
     return cache ? *held[static_cast<size_t>(e)] : w.experts[static_cast<size_t>(e)];
   };
   int64_t calls = 0;
@@ -574,7 +577,7 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
   // On a device that holds every routed expert this block runs: all of
   // them in one call, then the same weighted sums in the same order as the
   // loop below.
-  if (!observer && !cache && !allExperts) {
+  if (!observer && !cache && !allExperts && !hooks.replacedExperts) {
     bool onDevice = true;
     int64_t rows = 0;
     for (int64_t e = 0; e < slots && onDevice; ++e)
@@ -699,6 +702,35 @@ Status Engine::setMaskedExperts(const std::map<int64_t, std::set<int64_t>> &mask
   }
   maskedExperts = masked;
   return Status::success();
+}
+
+Status Engine::setReplacedExperts(std::map<int64_t, std::map<int64_t, std::shared_ptr<const MlpWeights>>> replaced) {
+  const ModelSpec &spec = modelSpec;
+  if (!replaced.empty() && (onDevice || experts))
+    return Status::error("replaced experts: the engine runs with ", onDevice ? "a device" : "an expert cache",
+                         ", which would not see them");
+  const int64_t H = spec.hiddenSize;
+  for (const auto &[layer, slots] : replaced) {
+    if (layer < 0 || layer >= spec.numLayers || spec.layers[static_cast<size_t>(layer)].mlp != MlpKind::Moe)
+      return Status::error("replaced experts: layer ", layer, " is not an MoE layer");
+    for (const auto &[slot, weights] : slots) {
+      if (slot < 0 || slot >= spec.layers[static_cast<size_t>(layer)].numExperts)
+        return Status::error("replaced experts: layer ", layer, " has no expert ", slot);
+      const int64_t width = weights ? weights->gate.rows : 0;
+      if (!weights || width <= 0 || !weights->moreParts.empty() || weights->gate.cols != H ||
+          weights->up.rows != width || weights->up.cols != H || weights->down.rows != H || weights->down.cols != width)
+        return Status::error("replaced experts: expert ", slot, " of layer ", layer, " is not one gate [I, ", H,
+                             "], up [I, ", H, "] and down [", H, ", I]");
+    }
+  }
+  replacedExperts = std::move(replaced);
+  return Status::success();
+}
+
+Expected<std::shared_ptr<const LayerWeights>> Engine::layerWeights(int64_t layer) {
+  if (layer < 0 || layer >= modelSpec.numLayers)
+    return Status::error("no layer ", layer, " (the model has ", modelSpec.numLayers, ")");
+  return layers->get(layer);
 }
 
 Expected<std::unique_ptr<Engine>> Engine::create(const ModelSpec &spec, std::unique_ptr<WeightProvider> provider,
@@ -907,6 +939,8 @@ Status Engine::forwardLayer(int64_t l, float *xData, int64_t T, KvCache &cache) 
     MoeBlockHooks hooks;
     if (auto masked = maskedExperts.find(l); masked != maskedExperts.end())
       hooks.maskedRows = &masked->second;
+    if (auto replaced = replacedExperts.find(l); replaced != replacedExperts.end())
+      hooks.replacedExperts = &replaced->second;
     hooks.observer = observer;
     hooks.counters = &counters;
     hooks.residual = x.data();

@@ -500,6 +500,8 @@ Expected<double> Engine::lossGradients(std::span<const int32_t> tokens, Gradient
   const int64_t T = static_cast<int64_t>(tokens.size()), H = spec.hiddenSize, V = spec.vocabSize;
   if (T < 2)
     return Status::error("gradients: a window needs at least 2 tokens (one to predict), got ", T);
+  if (!replacedExperts.empty())
+    return Status::error("gradients: the engine runs replaced experts, which the backward would not see");
   if (experts)
     return Status::error("gradients: the backward pass reads every layer's experts directly and does not run with "
                          "an expert cache (offloading)");

@@ -124,6 +124,15 @@ void writeEditedFixture(const std::string &name, const std::string &directory, c
   ASSERT_TRUE(writer.write(directory + "/model.safetensors").ok());
 }
 
+/// The values of expert 0's tensor matching expert tensor `name`, whose
+/// ".experts.N." part (one digit) starts at `at`.
+const std::vector<float> &expertZeroOf(const std::string &name, size_t at,
+                                       const std::map<std::string, std::vector<float>> &all) {
+  std::string sibling = name;
+  sibling.replace(at, 11, ".experts.0.");
+  return all.at(sibling);
+}
+
 /// Hand-made statistics for every MoE layer of an 8-expert model.
 void writeLayerStats(const std::string &path, int64_t layers, const std::vector<int64_t> &routed,
                      const std::vector<double> &gram) {
@@ -192,9 +201,7 @@ TEST(MergeExperts, APermutedCopyMergesIntoOneExpertWithUnchangedOutputs) {
                        size_t at = name.find(".experts.1.");
                        if (at == std::string::npos)
                          return;
-                       std::string sibling = name;
-                       sibling.replace(at, 11, ".experts.0.");
-                       const std::vector<float> &copy = all.at(sibling);
+                       const std::vector<float> &copy = expertZeroOf(name, at, all);
                        const int64_t rows = shape[0], cols = shape[1];
                        const bool down = name.find(".w2.") != std::string::npos;
                        for (int64_t r = 0; r < rows; ++r)
@@ -237,6 +244,47 @@ TEST(MergeExperts, APermutedCopyMergesIntoOneExpertWithUnchangedOutputs) {
       runPipeline(*unaligned, "moe-merge-experts{stats=" + dir.file("stats.safetensors") + " method=msmoe groups=7}"));
   LoadedModel averaged = run(*unaligned);
   EXPECT_GT(maxDifference(logits(averaged), expected), 1e-2f);
+}
+
+TEST(MixExperts, EveryTermReadsTheExpertsAsTheyWereBeforeThePass) {
+  // Expert 1 of every layer is expert 0 doubled (its gate, up and down):
+  // half of it is expert 0 again, and so is a quarter of it plus half of
+  // expert 0, provided expert 1 is read before it is replaced.
+  auto doubled = [](const std::string &name, const std::vector<int64_t> &, std::vector<float> &values,
+                    const std::map<std::string, std::vector<float>> &all) {
+    size_t at = name.find(".experts.1.");
+    if (at == std::string::npos)
+      return;
+    values = expertZeroOf(name, at, all);
+    for (float &v : values)
+      v *= 2;
+  };
+  // The answer: experts 1 and 2 are copies of expert 0.
+  auto copies = [](const std::string &name, const std::vector<int64_t> &, std::vector<float> &values,
+                   const std::map<std::string, std::vector<float>> &all) {
+    for (const char *copy : {".experts.1.", ".experts.2."}) {
+      size_t at = name.find(copy);
+      if (at != std::string::npos)
+        values = expertZeroOf(name, at, all);
+    }
+  };
+  TempDir dir;
+  writeEditedFixture("tiny-mixtral", dir.file("doubled"), doubled);
+  writeEditedFixture("tiny-mixtral", dir.file("copies"), copies);
+  auto expected = loadModel(dir.file("copies"));
+  ASSERT_TRUE(expected.ok());
+  auto compiled = importDirectory(dir.file("doubled"), dir.file("m.moestore"));
+  ASSERT_TRUE(runPipeline(*compiled, "moe-mix-experts{mix=0:1=0.5*1,2=0.25*1|0.5*0;1:1=0.5*1,2=0.25*1|0.5*0;"
+                                     "2:1=0.5*1,2=0.25*1|0.5*0;3:1=0.5*1,2=0.25*1|0.5*0}"));
+  LoadedModel mixed = run(*compiled);
+  EXPECT_EQ(logits(mixed), logits(*expected));
+
+  // Bad mixes fail naming what is wrong.
+  for (const char *bad : {"moe-mix-experts{mix=0:9=1*0}", "moe-mix-experts{mix=0:1=1*9}",
+                          "moe-mix-experts{mix=7:1=1*0}", "moe-mix-experts{mix=0:1=x*0}"}) {
+    auto again = importDirectory(dir.file("doubled"), dir.file("b.moestore"));
+    EXPECT_FALSE(runPipeline(*again, bad)) << bad;
+  }
 }
 
 TEST(PruneAtoms, DeadNeuronsGoFirstAndOutputsStay) {

@@ -1,8 +1,9 @@
 //===- Search.cpp - moec search: EEP's evolutionary expert-pruning search -===//
 //
-// Part of moec. Searches which experts each layer keeps by the engine's loss
-// on calibration windows (moe/Pipeline/ExpertSearch.h) and writes the best
-// so far, after every improvement, as a recipe `moec compress` replays.
+// Part of moec. Searches which experts each layer keeps, and optionally how
+// dropped experts are merged into kept ones, by the engine's loss on
+// calibration windows (moe/Pipeline/ExpertSearch.h), and writes the best so
+// far, after every improvement, as a recipe `moec compress` replays.
 //
 //===----------------------------------------------------------------------===//
 
@@ -72,8 +73,12 @@ int runSearch(SearchCommandOptions options) {
   }
   std::printf("searched %zu candidates: best loss %.6f (perplexity %.4f); most-routed experts kept %.6f (%.4f); "
               "original %.6f (%.4f)\n",
-              result->archive.size(), result->best.loss, std::exp(result->best.loss), result->frequencyLoss,
-              std::exp(result->frequencyLoss), result->originalLoss, std::exp(result->originalLoss));
+              result->archive.size() + result->mergeArchive.size(), result->best.loss, std::exp(result->best.loss),
+              result->frequencyLoss, std::exp(result->frequencyLoss), result->originalLoss,
+              std::exp(result->originalLoss));
+  if (!result->mergeArchive.empty())
+    std::printf("merge stage: %zu candidates from the pruning stage's best %.6f (perplexity %.4f)\n",
+                result->mergeArchive.size() - 1, result->pruningLoss, std::exp(result->pruningLoss));
   std::printf("recipe: %s (moec compress MODEL --recipe %s -o OUT.moepkg)\n", options.output.c_str(),
               options.output.c_str());
   return 0;
@@ -99,6 +104,10 @@ Command registerSearch(CLI::App &app) {
       ->capture_default_str();
   command->add_option("--initial", s.initial, "Random candidates that start the archive (EEP: ~30)")
       ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  command
+      ->add_option("--merge-evaluations", s.mergeEvaluations,
+                   "EEP's second stage: candidate expert merges evaluated after pruning (EEP: 300; 0: none)")
       ->capture_default_str();
   command->add_option("--seed", s.seed, "Random seed (the same seed gives the same search)")->capture_default_str();
   command

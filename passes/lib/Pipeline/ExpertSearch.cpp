@@ -5,9 +5,12 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Pipeline/ExpertSearch.h"
+#include "moe/Frontend/DType.h"
+#include "moe/Transforms/ExpertMix.h"
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <numeric>
 #include <random>
 #include <set>
@@ -25,6 +28,11 @@ public:
   int64_t below(int64_t n) { return static_cast<int64_t>(engine() % static_cast<uint64_t>(n)); }
   /// Uniform in [0, 1).
   double unit() { return static_cast<double>(engine() >> 11) * 0x1.0p-53; }
+  /// Standard normal (Box-Muller).
+  double gauss() {
+    const double u = 1.0 - unit(), v = unit();
+    return std::sqrt(-2.0 * std::log(u)) * std::cos(2.0 * M_PI * v);
+  }
 
 private:
   std::mt19937_64 engine;
@@ -98,6 +106,40 @@ void mutateLayer(const SearchLayer &layer, std::vector<int64_t> &kept, double p,
   std::sort(kept.begin(), kept.end());
 }
 
+/// Which of `count` layers a child changes: each with probability `p`,
+/// drawn again until at least one does (EEP's group_change).
+std::vector<bool> layersThatChange(size_t count, double p, Draws &draws) {
+  std::vector<bool> changes(count, false);
+  bool any = false;
+  while (!any)
+    for (size_t l = 0; l < count; ++l) {
+      changes[l] = draws.unit() < p;
+      any = any || changes[l];
+    }
+  return changes;
+}
+
+/// How many of a sorted archive's first candidates parents are drawn
+/// from: those within `threshold` (a fraction) of the best loss, at least
+/// `least` (and at most all).
+int64_t parentsWithin(const std::vector<SearchCandidate> &archive, double threshold, int64_t least) {
+  const double limit = archive.front().loss * (1 + threshold);
+  int64_t within = 1;
+  while (within < static_cast<int64_t>(archive.size()) && archive[static_cast<size_t>(within)].loss <= limit)
+    ++within;
+  return std::min<int64_t>(std::max(within, least), static_cast<int64_t>(archive.size()));
+}
+
+/// Inserts `candidate` into the loss-sorted `archive` (after equal
+/// losses); whether it is the new best.
+bool insertSorted(std::vector<SearchCandidate> &archive, SearchCandidate candidate) {
+  const bool improved = archive.empty() || candidate.loss < archive.front().loss;
+  auto at = std::upper_bound(archive.begin(), archive.end(), candidate.loss,
+                             [](double loss, const SearchCandidate &c) { return loss < c.loss; });
+  archive.insert(at, std::move(candidate));
+  return improved;
+}
+
 std::map<int64_t, std::set<int64_t>> masksOf(const std::vector<SearchLayer> &layers, const SearchCandidate &candidate) {
   std::map<int64_t, std::set<int64_t>> masks;
   for (const SearchLayer &layer : layers) {
@@ -125,6 +167,106 @@ public:
   }
 };
 
+/// The mix of `candidate` as the pass option spells it: per layer, each
+/// kept expert whose row is not one-hot on itself, with its non-zero
+/// coefficients in expert order (an all-zero row: its own, times zero).
+ExpertMixes mixesOf(const SearchCandidate &candidate) {
+  ExpertMixes mixes;
+  for (const auto &[layer, rows] : candidate.mix) {
+    const std::vector<int64_t> &kept = candidate.kept.at(layer);
+    for (size_t j = 0; j < rows.size(); ++j) {
+      std::vector<ExpertMixTerm> terms;
+      for (size_t i = 0; i < rows[j].size(); ++i)
+        if (rows[j][i] != 0.0f)
+          terms.push_back({static_cast<int64_t>(i), rows[j][i]});
+      if (terms.empty())
+        terms.push_back({kept[j], 0.0f});
+      if (terms.size() == 1 && terms[0].source == kept[j] && terms[0].coefficient == 1.0f)
+        continue;
+      mixes[layer][kept[j]] = std::move(terms);
+    }
+  }
+  return mixes;
+}
+
+/// A searched layer's experts must be float matrices of one width, whole,
+/// for the merge stage to mix them.
+Status checkMergeable(Engine &engine, const std::vector<SearchLayer> &layers) {
+  if (engine.device() || engine.expertCache())
+    return Status::error("--merge-evaluations: the merge stage runs on the host with every expert resident (no "
+                         "device, no expert cache)");
+  for (const SearchLayer &layer : layers) {
+    Expected<std::shared_ptr<const LayerWeights>> weights = engine.layerWeights(layer.index);
+    if (!weights)
+      return weights.status();
+    const std::vector<MlpWeights> &experts = (*weights)->experts;
+    for (size_t e = 0; e < experts.size(); ++e) {
+      const MlpWeights &expert = experts[e];
+      for (const Matrix *m : {&expert.gate, &expert.up, &expert.down})
+        if (m->isQuantized() || m->empty())
+          return Status::error("--merge-evaluations: expert ", e, " of layer ", layer.index,
+                               " is not a float matrix (the merge stage mixes float experts; search before "
+                               "quantizing)");
+      if (!expert.moreParts.empty() || expert.gate.rows != experts.front().gate.rows)
+        return Status::error("--merge-evaluations: the experts of layer ", layer.index,
+                             " differ in width (the merge stage mixes experts of one width; search before "
+                             "moe-prune-atoms)");
+    }
+  }
+  return Status::success();
+}
+
+/// The mix of `sources` as mixMatrix makes it, row by row, stored as the
+/// target `like` stores its matrix (bf16 or f32), so the candidate holds
+/// the values moe-mix-experts writes.
+Matrix mixedMatrix(std::span<const ExpertMixTerm> terms, std::span<const Matrix *const> sources, const Matrix &like) {
+  Matrix out;
+  out.rows = like.rows;
+  out.cols = like.cols;
+  const size_t cols = static_cast<size_t>(like.cols);
+  std::vector<std::vector<float>> rows(sources.size(), std::vector<float>(cols));
+  std::vector<std::span<const float>> spans(rows.begin(), rows.end());
+  std::vector<float> mixed(cols);
+  if (like.isBf16())
+    out.bf16.resize(static_cast<size_t>(like.rows) * cols);
+  else
+    out.data.resize(static_cast<size_t>(like.rows) * cols);
+  for (int64_t r = 0; r < like.rows; ++r) {
+    for (size_t s = 0; s < sources.size(); ++s)
+      sources[s]->copyRow(r, rows[s].data());
+    mixMatrix(terms, spans, mixed);
+    if (like.isBf16())
+      for (size_t c = 0; c < cols; ++c)
+        out.bf16[static_cast<size_t>(r) * cols + c] = floatToBfloat16(mixed[c]);
+    else
+      std::copy(mixed.begin(), mixed.end(), out.data.begin() + static_cast<ptrdiff_t>(static_cast<size_t>(r) * cols));
+  }
+  return out;
+}
+
+/// The engine's replaced experts for `candidate`'s mix.
+Expected<std::map<int64_t, std::map<int64_t, std::shared_ptr<const MlpWeights>>>>
+replacedExperts(Engine &engine, const SearchCandidate &candidate) {
+  std::map<int64_t, std::map<int64_t, std::shared_ptr<const MlpWeights>>> replaced;
+  for (const auto &[layer, targets] : mixesOf(candidate)) {
+    Expected<std::shared_ptr<const LayerWeights>> weights = engine.layerWeights(layer);
+    if (!weights)
+      return weights.status();
+    const std::vector<MlpWeights> &experts = (*weights)->experts;
+    for (const auto &[target, terms] : targets) {
+      auto mlp = std::make_shared<MlpWeights>();
+      for (auto member : {&MlpWeights::gate, &MlpWeights::up, &MlpWeights::down}) {
+        std::vector<const Matrix *> sources;
+        for (const ExpertMixTerm &term : terms)
+          sources.push_back(&(experts[static_cast<size_t>(term.source)].*member));
+        (*mlp).*member = mixedMatrix(terms, sources, experts[static_cast<size_t>(target)].*member);
+      }
+      replaced[layer][target] = std::move(mlp);
+    }
+  }
+  return replaced;
+}
+
 } // namespace
 
 Status checkExpertSearchOptions(const ModelSpec &spec, const ExpertSearchOptions &options) {
@@ -135,6 +277,8 @@ Status checkExpertSearchOptions(const ModelSpec &spec, const ExpertSearchOptions
       return Status::error("--layers: layer ", l, " is not an MoE layer of this model");
   if (options.evaluations < 1 || options.initial < 1)
     return Status::error("--evaluations and --initial must be positive");
+  if (options.mergeEvaluations < 0)
+    return Status::error("--merge-evaluations must not be negative, got ", options.mergeEvaluations);
   if (options.sequenceLength < 2)
     return Status::error("--seq-len must be at least 2, got ", options.sequenceLength);
   std::vector<SearchLayer> layers = searchLayers(spec, options);
@@ -155,16 +299,98 @@ Status checkExpertSearchOptions(const ModelSpec &spec, const ExpertSearchOptions
   return Status::success();
 }
 
+namespace {
+
+/// EEP's second stage from the pruning stage's best (see ExpertSearch.h).
+Status searchMerges(Engine &engine, const std::vector<SearchLayer> &layers,
+                    const std::function<Expected<double>(const std::map<int64_t, std::set<int64_t>> &)> &lossOf,
+                    Draws &draws, int64_t evaluation, const ExpertSearchOptions &options, ExpertSearchResult &result) {
+  std::vector<SearchCandidate> &population = result.mergeArchive;
+  SearchCandidate start = result.best;
+  for (const SearchLayer &layer : layers) {
+    std::vector<std::vector<float>> &rows = start.mix[layer.index];
+    for (int64_t kept : start.kept.at(layer.index)) {
+      rows.emplace_back(static_cast<size_t>(layer.experts), 0.0f);
+      rows.back()[static_cast<size_t>(kept)] = 1.0f;
+    }
+  }
+  population.push_back(start);
+  const std::map<int64_t, std::set<int64_t>> masks = masksOf(layers, start);
+  for (int64_t merged = 0; merged < options.mergeEvaluations; ++merged) {
+    const std::vector<bool> changes = layersThatChange(layers.size(), options.mergeLayerProbability, draws);
+    SearchCandidate child;
+    if (population.size() >= 2 && draws.unit() < options.crossoverProbability) {
+      const int64_t within = parentsWithin(population, options.parentThreshold, options.crossoverParents);
+      const int64_t a = draws.below(within);
+      int64_t b = draws.below(within - 1);
+      b += b >= a ? 1 : 0;
+      const SearchCandidate &first = population[static_cast<size_t>(a)], &second = population[static_cast<size_t>(b)];
+      child = first;
+      for (size_t l = 0; l < layers.size(); ++l) {
+        const int64_t index = layers[l].index;
+        std::vector<std::vector<float>> &rows = child.mix[index];
+        if (changes[l]) {
+          for (size_t j = 0; j < rows.size(); ++j)
+            if (draws.unit() >= options.crossoverFromFirst)
+              rows[j] = second.mix.at(index)[j];
+        } else if (draws.unit() >= options.crossoverFromFirst) {
+          rows = second.mix.at(index);
+        }
+      }
+    } else {
+      child = population[static_cast<size_t>(draws.below(parentsWithin(population, options.mergeParentThreshold, 1)))];
+    }
+    for (size_t l = 0; l < layers.size(); ++l)
+      if (changes[l])
+        for (std::vector<float> &row : child.mix[layers[l].index])
+          for (float &c : row)
+            if (draws.unit() < options.mergeEntryProbability)
+              c = static_cast<float>(static_cast<double>(c) + draws.gauss() * options.mergeScale);
+    if (draws.unit() < options.normalizeProbability)
+      for (auto &[layer, rows] : child.mix)
+        for (std::vector<float> &row : rows) {
+          double sum = 0;
+          for (float c : row)
+            sum += c;
+          if (std::fabs(sum) > 1e-6)
+            for (float &c : row)
+              c = static_cast<float>(static_cast<double>(c) / sum);
+        }
+    Expected<std::map<int64_t, std::map<int64_t, std::shared_ptr<const MlpWeights>>>> replaced =
+        replacedExperts(engine, child);
+    if (!replaced)
+      return replaced.status();
+    MOE_RETURN_IF_ERROR(engine.setReplacedExperts(replaced.take()));
+    Expected<double> loss = lossOf(masks);
+    MOE_RETURN_IF_ERROR(engine.setReplacedExperts({}));
+    if (!loss)
+      return loss.status();
+    child.loss = *loss;
+    const bool improved = insertSorted(population, std::move(child));
+    if (options.onEvaluation)
+      options.onEvaluation(evaluation + merged + 1, population.front(), improved);
+  }
+  result.best = population.front();
+  return Status::success();
+}
+
+} // namespace
+
 Expected<ExpertSearchResult> searchExpertPruning(Engine &engine, const std::vector<EvalStream> &streams,
                                                  const ExpertSearchOptions &options) {
   const ModelSpec &spec = engine.spec();
   MOE_RETURN_IF_ERROR(checkExpertSearchOptions(spec, options));
   const std::vector<SearchLayer> layers = searchLayers(spec, options);
+  if (options.mergeEvaluations > 0)
+    MOE_RETURN_IF_ERROR(checkMergeable(engine, layers));
   EvalOptions evalOptions{options.sequenceLength, 0, options.maxTokens};
   evalOptions.progressLabel = "search";
   struct Restore {
     Engine &engine;
-    ~Restore() { (void)engine.setMaskedExperts({}); }
+    ~Restore() {
+      (void)engine.setMaskedExperts({});
+      (void)engine.setReplacedExperts({});
+    }
   } restore{engine};
   auto lossOf = [&](const std::map<int64_t, std::set<int64_t>> &masks) -> Expected<double> {
     MOE_RETURN_IF_ERROR(engine.setMaskedExperts(masks));
@@ -195,10 +421,7 @@ Expected<ExpertSearchResult> searchExpertPruning(Engine &engine, const std::vect
     if (!loss)
       return loss.status();
     candidate.loss = *loss;
-    const bool improved = archive.empty() || candidate.loss < archive.front().loss;
-    auto at = std::upper_bound(archive.begin(), archive.end(), candidate.loss,
-                               [](double loss, const SearchCandidate &c) { return loss < c.loss; });
-    archive.insert(at, std::move(candidate));
+    const bool improved = insertSorted(archive, std::move(candidate));
     ++evaluation;
     if (options.onEvaluation)
       options.onEvaluation(evaluation, archive.front(), improved);
@@ -240,18 +463,8 @@ Expected<ExpertSearchResult> searchExpertPruning(Engine &engine, const std::vect
           child.kept[layer.index] = randomKeep(layer, draws);
       } else {
         // The parent: uniform among those within the threshold of the best.
-        const double limit = archive.front().loss * (1 + options.parentThreshold);
-        int64_t within = 1;
-        while (within < static_cast<int64_t>(archive.size()) && archive[static_cast<size_t>(within)].loss <= limit)
-          ++within;
-        child.kept = archive[static_cast<size_t>(draws.below(within))].kept;
-        std::vector<bool> changes(layers.size(), false);
-        bool any = false;
-        while (!any)
-          for (size_t l = 0; l < layers.size(); ++l) {
-            changes[l] = draws.unit() < options.layerProbability;
-            any = any || changes[l];
-          }
+        child.kept = archive[static_cast<size_t>(draws.below(parentsWithin(archive, options.parentThreshold, 1)))].kept;
+        const std::vector<bool> changes = layersThatChange(layers.size(), options.layerProbability, draws);
         for (size_t l = 0; l < layers.size(); ++l)
           if (changes[l])
             mutateLayer(layers[l], child.kept[layers[l].index], options.swapProbability, draws);
@@ -263,6 +476,9 @@ Expected<ExpertSearchResult> searchExpertPruning(Engine &engine, const std::vect
     MOE_RETURN_IF_ERROR(add(child));
   }
   result.best = archive.front();
+  result.pruningLoss = archive.front().loss;
+  if (options.mergeEvaluations > 0)
+    MOE_RETURN_IF_ERROR(searchMerges(engine, layers, lossOf, draws, evaluation, options, result));
   return result;
 }
 
@@ -277,15 +493,25 @@ nlohmann::json expertSearchRecipe(const ModelSpec &spec, const ExpertSearchResul
         ids += (ids.empty() ? "" : ",") + std::to_string(e);
     experts += (experts.empty() ? "" : ";") + std::to_string(layer) + ":" + ids;
   }
-  char figures[256];
+  char figures[384];
   std::snprintf(figures, sizeof figures,
                 "mean loss %.6f (perplexity %.4f) on the search windows after %zu evaluations; original %.6f, "
                 "most-routed experts kept %.6f",
-                result.best.loss, std::exp(result.best.loss), result.archive.size(), result.originalLoss,
-                result.frequencyLoss);
-  return {{"description", "EEP pruning search (moec search, seed " + std::to_string(options.seed) + ", ratio " +
-                              std::to_string(options.ratio) + "): " + figures},
-          {"passes", nlohmann::json::array({{{"pass", "moe-drop-experts"}, {"options", {{"experts", experts}}}}})}};
+                result.best.loss, std::exp(result.best.loss), result.archive.size() + result.mergeArchive.size(),
+                result.originalLoss, result.frequencyLoss);
+  std::string description = "EEP pruning search (moec search, seed " + std::to_string(options.seed) + ", ratio " +
+                            std::to_string(options.ratio) + "): " + figures;
+  nlohmann::json passes = nlohmann::json::array();
+  const ExpertMixes mixes = mixesOf(result.best);
+  if (!result.mergeArchive.empty()) {
+    char merge[160];
+    std::snprintf(merge, sizeof merge, "; merge stage from pruning's best %.6f", result.pruningLoss);
+    description = "EEP pruning and merge search" + description.substr(std::string("EEP pruning search").size()) + merge;
+  }
+  if (!mixes.empty())
+    passes.push_back({{"pass", "moe-mix-experts"}, {"options", {{"mix", formatExpertMixes(mixes)}}}});
+  passes.push_back({{"pass", "moe-drop-experts"}, {"options", {{"experts", experts}}}});
+  return {{"description", description}, {"passes", passes}};
 }
 
 } // namespace moe

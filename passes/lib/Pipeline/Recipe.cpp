@@ -237,6 +237,12 @@ const std::map<std::string, PassBuilder> &passBuilders() {
          read.text("experts", o.experts);
          return createMoeDropExperts(o);
        }},
+      {"moe-mix-experts",
+       [](OptionReader &read, const PassOverrides &, RecipePass &) {
+         MoeMixExpertsOptions o;
+         read.text("mix", o.mix);
+         return createMoeMixExperts(o);
+       }},
       {"moe-set-topk",
        [](OptionReader &read, const PassOverrides &, RecipePass &) {
          MoeSetTopkOptions o;

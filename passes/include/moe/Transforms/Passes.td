@@ -203,6 +203,32 @@ def MoeMergeExperts : Pass<"moe-merge-experts", "::moe::ir::ModelOp"> {
   ];
 }
 
+def MoeMixExperts : Pass<"moe-mix-experts", "::moe::ir::ModelOp"> {
+  let summary = "Replace experts by weighted sums of their layer's experts (EEP's expert merging)";
+  let description = [{
+    Each listed target expert of a layer becomes sum_i c_i x expert i, its
+    gate, up and down alike (EEP's merge matrix, one row per target), with
+    every source read as it was before the pass, so targets may name each
+    other. Experts not listed keep their weights, and the router is not
+    touched: `moec search --merge-evaluations` writes this pass before the
+    `moe-drop-experts` of the experts it folded in. Sources and targets are
+    expert ids of the layer as the pass finds them; they must have one
+    width (mix before moe-prune-atoms, and before moe-allocate-bits splits
+    experts). The mixed tensors keep the target's dtype.
+
+    ```mlir
+    // moe-opt --moe-mix-experts="mix=1:0=0.94*0|0.06*5,2=1.01*2;3:4=0.5*4|0.5*7"
+    ```
+  }];
+  let options = [
+    Option<"mix", "mix", "std::string", /*default=*/"\"\"",
+           "Per layer, per target: 'layer:target=c*source|c*source,target=...;layer:...'">,
+  ];
+  let statistics = [
+    Statistic<"expertsMixed", "experts-mixed", "Experts replaced by a weighted sum">,
+  ];
+}
+
 def MoePruneAtoms : Pass<"moe-prune-atoms", "::moe::ir::ModelOp"> {
   let summary = "Remove the weakest neurons (atomic experts) of routed experts";
   let description = [{

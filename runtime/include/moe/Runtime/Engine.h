@@ -156,6 +156,9 @@ struct MoeBlockHooks {
   const float *residual = nullptr;               ///< [T, H] entering the block, for onMoeResidual.
   EngineObserver *observer = nullptr;
   RoutingCounters *counters = nullptr;
+  /// Expert slots run with these weights instead of the layer's own (a
+  /// search's candidate experts, Engine::setReplacedExperts).
+  const std::map<int64_t, std::shared_ptr<const MlpWeights>> *replacedExperts = nullptr;
 };
 
 /// The routed MoE block (router, routed experts, shared expert) of `layer`
@@ -216,6 +219,15 @@ public:
   /// on a layer that is not MoE, an expert it lacks, or fewer than top-k left.
   Status setMaskedExperts(const std::map<int64_t, std::set<int64_t>> &masked);
   const std::map<int64_t, std::set<int64_t>> &maskedExpertSets() const { return maskedExperts; }
+  /// Runs expert slot s of layer l with replaced[l][s] instead of its own
+  /// weights (the same shapes, float or bf16 matrices), until replaced
+  /// again; empty: every expert its own. For searches that score candidate
+  /// experts without rebuilding the model; refused with a device or an
+  /// expert cache (neither would see the replacement).
+  Status setReplacedExperts(std::map<int64_t, std::map<int64_t, std::shared_ptr<const MlpWeights>>> replaced);
+  /// Decoder layer `layer`'s weights as the engine runs them (loaded if
+  /// needed).
+  Expected<std::shared_ptr<const LayerWeights>> layerWeights(int64_t layer);
   /// Whether some experts were never loaded (EngineOptions::loadMaskedExperts).
   bool hasUnloadedExperts() const { return !unloadedExperts.empty(); }
   /// Attaches `observer` (not owned; null detaches).
@@ -251,6 +263,7 @@ private:
   bool rowTiles = true;
   GlobalWeights globals;
   std::map<int64_t, std::set<int64_t>> maskedExperts;
+  std::map<int64_t, std::map<int64_t, std::shared_ptr<const MlpWeights>>> replacedExperts;
   std::map<int64_t, std::set<int64_t>> unloadedExperts; ///< EngineOptions::loadMaskedExperts false.
   std::vector<float> inverseFrequencies;
   EngineObserver *observer = nullptr;
