@@ -168,6 +168,12 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       return fail(module, problem), failure();
     if (this->format.getValue() != QuantizeFormat::Group)
       ggmlFormat = quant::ggmlBlockFormat(choiceName(this->format.getValue()).str())->type;
+    if (nestedBits != 0 && (ggmlFormat || (bits != 4 && bits != 8) || nestedBits * 2 != bits))
+      return fail(module, concat("nested-bits=", nestedBits,
+                                 " needs a group format of 4 or 8 bits and half of them "
+                                 "(nested-bits=2 with bits=4, nested-bits=4 with bits=8), got ",
+                                 ggmlFormat ? choiceName(this->format.getValue()).str() : concat("bits=", bits))),
+             failure();
     const std::vector<QuantizeTarget> wanted =
         targets.empty() ? std::vector<QuantizeTarget>{QuantizeTarget::Experts} : std::vector<QuantizeTarget>(targets);
     for (QuantizeTarget target : wanted) {
@@ -456,6 +462,14 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     }
     if (!job.where.empty()) // GPTQ ran
       ++gptqMatrices;
+    if (nestedBits != 0 && job.format.group && job.format.group->bits == 2 * nestedBits) {
+      const quant::NestedFormat nested{*job.format.group, static_cast<int>(nestedBits)};
+      std::vector<uint8_t> bytes(nested.matrixBytes(job.rows, job.cols));
+      quant::nestCodes(nested, job.packed.data(), job.values.empty() ? nullptr : job.values.data(), job.rows, job.cols,
+                       bytes.data());
+      job.packed = std::move(bytes);
+      job.format = quant::WeightFormat{std::nullopt, std::nullopt, nested};
+    }
     const std::string name = job.format.name();
     const std::string key = job.symbol + "." + name;
     auto quantAttr =

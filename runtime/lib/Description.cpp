@@ -70,6 +70,11 @@ public:
         slot >= static_cast<int64_t>(description.layers[static_cast<size_t>(layer)].experts.size()))
       return Status::error("layer ", layer, " has no routed expert slot ", slot);
     const ExpertEntry &expert = description.layers[static_cast<size_t>(layer)].experts[static_cast<size_t>(slot)];
+    // Nested matrices of this expert load at their low or high bits.
+    struct Precision {
+      bool &low;
+      ~Precision() { low = false; }
+    } precision{nestedLow = description.nestedLow.count({layer, slot}) > 0};
     MOE_RETURN_IF_ERROR(loadMatrix(expert.gate, out.gate));
     MOE_RETURN_IF_ERROR(loadMatrix(expert.up, out.up));
     MOE_RETURN_IF_ERROR(loadMatrix(expert.down, out.down));
@@ -304,6 +309,43 @@ private:
       out.ggmlType = format->ggml;
       out.quantData = codes;
     };
+    // A nested matrix at its low bits is the low part, read in place; at
+    // its high bits, the high codes put back together (held).
+    if (format->nested && !asValues) {
+      const uint8_t *codes = nullptr;
+      std::vector<uint8_t> bytes;
+      if (tensor.source == kPackageSource) {
+        if (tensor.size != expected || tensor.offset + tensor.size > description.package->size)
+          return wrongSize(tensor.size);
+        codes = description.package->data + tensor.offset;
+      } else {
+        DType dtype;
+        const SafetensorsFile *file;
+        const TensorInfo *info;
+        MOE_RETURN_IF_ERROR(readBytes(tensor, dtype, bytes, file, info));
+        if (bytes.size() != expected)
+          return wrongSize(bytes.size());
+        codes = bytes.data();
+      }
+      if (nestedLow) {
+        out.quantFormat = format->nested->low();
+        if (bytes.empty()) {
+          out.quantData = codes;
+          out.quantOwner = description.package;
+          out.quantMapping = description.package->file.get();
+        } else {
+          bytes.resize(out.quantFormat->matrixBytes(out.rows, out.cols));
+          out.quantStorage = std::move(bytes);
+          out.quantData = out.quantStorage.data();
+        }
+      } else {
+        out.quantFormat = format->nested->high;
+        out.quantStorage.resize(format->nested->high.matrixBytes(out.rows, out.cols));
+        quant::unnestCodes(*format->nested, codes, out.rows, out.cols, out.quantStorage.data());
+        out.quantData = out.quantStorage.data();
+      }
+      return Status::success();
+    }
     auto values = [&](const uint8_t *codes) {
       out.data.resize(static_cast<size_t>(out.rows * out.cols));
       format->dequantize(codes, out.rows, out.cols, out.data.data());
@@ -364,11 +406,94 @@ private:
   }
 
   ModelDescription description;
+  bool nestedLow = false; ///< While an expert in description.nestedLow loads.
   std::map<int64_t, std::unique_ptr<SafetensorsFile>> sources;
   std::unique_ptr<WeightStore> store;
 };
 
 } // namespace
+
+namespace {
+
+/// Bytes `tensor` takes once loaded (nested: at the given bits).
+uint64_t loadedBytes(const TensorRef &tensor, bool low) {
+  int64_t count = 1;
+  for (int64_t dim : tensor.shape)
+    count *= dim;
+  if (tensor.format.empty())
+    return static_cast<uint64_t>(count) * (tensor.shape.size() == 2 && tensor.dtype == DType::BF16 ? 2 : 4);
+  std::optional<quant::WeightFormat> format = quant::parseWeightFormat(tensor.format);
+  if (!format || tensor.shape.size() != 2)
+    return 0;
+  if (format->nested)
+    return (low ? format->nested->low() : format->nested->high).matrixBytes(tensor.shape[0], tensor.shape[1]);
+  return format->matrixBytes(tensor.shape[0], tensor.shape[1]);
+}
+
+} // namespace
+
+NestedPrecisions chooseNestedPrecisions(const ModelDescription &description, uint64_t budgetBytes) {
+  NestedPrecisions chosen;
+  struct Candidate {
+    std::pair<int64_t, int64_t> expert;
+    uint64_t saved = 0;
+    double error = 0;
+  };
+  std::vector<Candidate> candidates;
+  for (size_t l = 0; l < description.layers.size(); ++l) {
+    const LayerEntry &layer = description.layers[l];
+    for (const auto &[role, tensor] : layer.tensors)
+      chosen.highBytes += loadedBytes(tensor, false);
+    for (size_t e = 0; e < layer.experts.size(); ++e) {
+      std::vector<const TensorRef *> matrices;
+      const ExpertEntry &expert = layer.experts[e];
+      for (const TensorRef *t : {&expert.gate, &expert.up, &expert.down})
+        matrices.push_back(t);
+      for (const ExpertPart &part : expert.moreParts)
+        for (const TensorRef *t : {&part.gate, &part.up, &part.down})
+          matrices.push_back(t);
+      Candidate candidate{{static_cast<int64_t>(l), static_cast<int64_t>(e)}};
+      bool nested = false;
+      for (const TensorRef *t : matrices) {
+        const uint64_t high = loadedBytes(*t, false), low = loadedBytes(*t, true);
+        chosen.highBytes += high;
+        candidate.saved += high - low;
+        std::optional<quant::WeightFormat> format = quant::parseWeightFormat(t->format);
+        if (!format || !format->nested)
+          continue;
+        nested = true;
+        // What going low costs: the squared difference of the two values.
+        if (!description.package || t->source != kPackageSource ||
+            t->offset + format->matrixBytes(t->shape[0], t->shape[1]) > description.package->size)
+          continue;
+        const int64_t rows = t->shape[0], cols = t->shape[1];
+        std::vector<float> highValues(static_cast<size_t>(rows * cols)), lowValues(highValues.size());
+        const uint8_t *bytes = description.package->data + t->offset;
+        format->dequantize(bytes, rows, cols, highValues.data());
+        quant::dequantizeReference(format->nested->low(), bytes, rows, cols, lowValues.data());
+        for (size_t i = 0; i < highValues.size(); ++i) {
+          const double difference = highValues[i] - lowValues[i];
+          candidate.error += difference * difference;
+        }
+      }
+      if (nested) {
+        ++chosen.nestedExperts;
+        candidates.push_back(candidate);
+      }
+    }
+  }
+  chosen.bytes = chosen.highBytes;
+  std::stable_sort(candidates.begin(), candidates.end(), [](const Candidate &a, const Candidate &b) {
+    return a.error * static_cast<double>(b.saved) < b.error * static_cast<double>(a.saved);
+  });
+  for (const Candidate &candidate : candidates) {
+    if (chosen.bytes <= budgetBytes)
+      break;
+    chosen.low.insert(candidate.expert);
+    chosen.bytes -= candidate.saved;
+  }
+  return chosen;
+}
 
 std::unique_ptr<WeightProvider> makeDescriptionWeightProvider(ModelDescription description) {
   return std::make_unique<DescriptionWeightProvider>(std::move(description));

@@ -12,6 +12,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cstdio>
 #include <fstream>
 #include <sstream>
 #include <sys/stat.h>
@@ -102,6 +103,22 @@ Expected<LoadedModel> loadModel(const std::string &directory, EngineOptions opti
       return Status::error(directory, ": ", status.message());
     if (namedTask)
       model.task = task;
+    if (options.maxMemoryBytes > 0) {
+      NestedPrecisions precisions = chooseNestedPrecisions(package->description, options.maxMemoryBytes);
+      if (precisions.nestedExperts > 0) {
+        package->description.nestedLow = precisions.low;
+        char line[256];
+        std::snprintf(line, sizeof line,
+                      "nested experts: %zu of %lld at their low bits; layer weights %.2f MiB (%.2f MiB at high bits) "
+                      "for --max-memory %.2f MiB",
+                      precisions.low.size(), static_cast<long long>(precisions.nestedExperts),
+                      static_cast<double>(precisions.bytes) / 1048576.0,
+                      static_cast<double>(precisions.highBytes) / 1048576.0,
+                      static_cast<double>(options.maxMemoryBytes) / 1048576.0);
+        model.notes.push_back(line);
+        model.nestedPrecisions = std::move(precisions);
+      }
+    }
     Expected<std::unique_ptr<Engine>> engine =
         Engine::create(model.spec, makeDescriptionWeightProvider(package->description), options);
     if (!engine)

@@ -200,6 +200,66 @@ TEST(Package, RowTilesMadeAtLoadGiveTheStoredRowsLogits) {
   }
 }
 
+TEST(Package, NestedExpertsServeTwoBudgetsFromOneFile) {
+  TempDir dir;
+  buildPackage("tiny-mixtral", "moe-quantize{bits=4 group=32 nested-bits=2}", dir.file("n.moestore"),
+               dir.file("n.moepkg"));
+  buildPackage("tiny-mixtral", "moe-quantize{bits=4 group=32}", dir.file("p.moestore"), dir.file("p.moepkg"));
+  buildPackage("tiny-mixtral", "moe-quantize{bits=2 group=32}", dir.file("l.moestore"), dir.file("l.moepkg"));
+  // Without a budget every expert runs its 4-bit codes: the plain package's model.
+  auto nested = loadModel(dir.file("n.moepkg")), plain = loadModel(dir.file("p.moepkg"));
+  ASSERT_TRUE(nested.ok() && plain.ok()) << nested.status().message();
+  EXPECT_FALSE(nested->nestedPrecisions);
+  EXPECT_EQ(decodeLogits(*nested), decodeLogits(*plain));
+  const double high = heldOutPerplexity(*nested, *nested);
+
+  auto opened = openPackage(dir.file("n.moepkg"));
+  ASSERT_TRUE(opened.ok());
+  NestedPrecisions roomy = chooseNestedPrecisions(opened->description, uint64_t(1) << 40);
+  EXPECT_EQ(roomy.nestedExperts, 32);
+  EXPECT_TRUE(roomy.low.empty());
+  EXPECT_EQ(roomy.bytes, roomy.highBytes);
+  NestedPrecisions tight = chooseNestedPrecisions(opened->description, 0);
+  EXPECT_EQ(tight.low.size(), 32u) << "nothing fits: every expert low";
+  // Each expert going low saves 8 bytes a group of 32 (q4_g32_asym's 20, q2_g32_asym's 12).
+  const int64_t H = nested->spec.hiddenSize, I = nested->spec.layers[0].expertIntermediateSize;
+  const uint64_t expertSaving = static_cast<uint64_t>(8 * 3 * I * H / 32);
+  EXPECT_EQ(tight.highBytes - tight.bytes, 32 * expertSaving);
+  const uint64_t budget = tight.highBytes - 12 * expertSaving;
+  NestedPrecisions middle = chooseNestedPrecisions(opened->description, budget);
+  EXPECT_EQ(middle.low.size(), 12u);
+  EXPECT_LE(middle.bytes, budget);
+
+  // Under --max-memory the engine loads those experts' low part: 2-bit codes.
+  EngineOptions options;
+  options.maxMemoryBytes = budget;
+  auto mixed = loadModel(dir.file("n.moepkg"), options);
+  ASSERT_TRUE(mixed.ok());
+  ASSERT_TRUE(mixed->nestedPrecisions);
+  EXPECT_EQ(mixed->nestedPrecisions->low, middle.low);
+  ASSERT_EQ(mixed->notes.size(), 1u);
+  EXPECT_NE(mixed->notes[0].find("nested experts: 12 of 32 at their low bits"), std::string::npos) << mixed->notes[0];
+  for (int64_t l = 0; l < mixed->spec.numLayers; ++l) {
+    auto layer = mixed->engine->layerWeights(l);
+    ASSERT_TRUE(layer.ok());
+    for (size_t e = 0; e < (*layer)->experts.size(); ++e)
+      for (const Matrix *m : {&(*layer)->experts[e].gate, &(*layer)->experts[e].up, &(*layer)->experts[e].down}) {
+        ASSERT_TRUE(m->quantFormat);
+        EXPECT_EQ(m->quantFormat->bits, middle.low.count({l, static_cast<int64_t>(e)}) ? 2 : 4)
+            << "layer " << l << " expert " << e;
+      }
+  }
+  options.maxMemoryBytes = 1;
+  auto low = loadModel(dir.file("n.moepkg"), options);
+  auto direct = loadModel(dir.file("l.moepkg"));
+  ASSERT_TRUE(low.ok() && direct.ok());
+  const double between = heldOutPerplexity(*mixed, *mixed), lowest = heldOutPerplexity(*low, *low),
+               twoBits = heldOutPerplexity(*direct, *direct);
+  EXPECT_LT(high, between);
+  EXPECT_LT(between, lowest);
+  EXPECT_LT(lowest, 1.25 * twoBits) << "the nested 2 bits against RTN at 2 bits: " << lowest << " vs " << twoBits;
+}
+
 TEST(Package, TheSameModuleGivesTheSameBytes) {
   TempDir dir;
   buildPackage("tiny-mixtral", "moe-set-topk{top-k=2},moe-quantize{bits=3 group=32 sym=true}", dir.file("a.moestore"),

@@ -10,6 +10,7 @@
 #include "common/GroupPlanes.h"
 #include "common/QuantFormat.h"
 #include "common/RowTiles.h"
+#include "common/WeightFormat.h"
 #include "moe/Frontend/Checkpoint.h"
 
 #include "TestSupport.h"
@@ -168,6 +169,65 @@ TEST(QuantFormat, RoundTripErrorIsHalfAStepForEveryFormat) {
 // The CUDA products' layout: the same values at every (row, col), bit for
 // bit, on shapes whose last group is short and whose rows are not 16-byte
 // multiples; planes aligned for 16-byte loads.
+TEST(NestedFormat, TheHighCodesComeBackExactlyAndTheLowPartIsAFittedLowBitMatrix) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  EXPECT_FALSE(quant::parseWeightFormat("q4_g32_asym_n3"));
+  EXPECT_FALSE(quant::parseWeightFormat("q2_g32_asym_n1"));
+  EXPECT_FALSE(quant::parseWeightFormat("q8_g32_sym_n2"));
+  for (const char *name : {"q4_g32_asym_n2", "q4_g128_sym_n2", "q8_g64_asym_bf16_n4", "q8_g32_sym_n4"}) {
+    std::optional<quant::WeightFormat> format = quant::parseWeightFormat(name);
+    ASSERT_TRUE(format && format->nested) << name;
+    EXPECT_EQ(format->name(), name);
+    const quant::NestedFormat &nested = *format->nested;
+    const int64_t rows = 5, cols = 200; // a short last group
+    std::vector<float> values(static_cast<size_t>(rows * cols));
+    for (float &v : values)
+      v = normal(rng);
+    std::vector<uint8_t> high(nested.high.matrixBytes(rows, cols)), bytes(format->matrixBytes(rows, cols)),
+        back(high.size());
+    quant::quantizeReference(nested.high, values.data(), rows, cols, high.data());
+    quant::nestCodes(nested, high.data(), values.data(), rows, cols, bytes.data());
+    quant::unnestCodes(nested, bytes.data(), rows, cols, back.data());
+    EXPECT_EQ(back, high) << name << ": the high codes, byte for byte";
+    std::vector<float> fromHigh(values.size()), fromNested(values.size());
+    quant::dequantizeReference(nested.high, high.data(), rows, cols, fromHigh.data());
+    format->dequantize(bytes.data(), rows, cols, fromNested.data());
+    EXPECT_EQ(fromNested, fromHigh) << name;
+    // The low part alone is a matrix of the low format: its codes are the
+    // high codes' top bits, and its fitted scales do at least as well as
+    // the high scales stretched to the low step, and within 1.6x of
+    // quantizing to the low format directly.
+    const quant::QuantFormat low = nested.low();
+    std::vector<float> fromLow(values.size()), direct(values.size());
+    quant::dequantizeReference(low, bytes.data(), rows, cols, fromLow.data());
+    std::vector<uint8_t> lowDirect(low.matrixBytes(rows, cols));
+    quant::quantizeReference(low, values.data(), rows, cols, lowDirect.data());
+    quant::dequantizeReference(low, lowDirect.data(), rows, cols, direct.data());
+    double nestedError = 0, directError = 0, stretchedError = 0;
+    const int shift = nested.high.bits - low.bits;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) {
+        const size_t i = static_cast<size_t>(r * cols + c);
+        const int64_t g = c / low.group;
+        const uint8_t *highGroup = high.data() + r * nested.high.rowBytes(cols) + g * nested.high.groupBytes();
+        const uint8_t *lowGroup = bytes.data() + r * low.rowBytes(cols) + g * low.groupBytes();
+        const int code = quant::unpackCode(highGroup + nested.high.headerBytes(), nested.high.bits, c % low.group);
+        EXPECT_EQ(quant::unpackCode(lowGroup + low.headerBytes(), low.bits, c % low.group), code >> shift);
+        // The high step times 2^shift, centred in the codes the top bits cover.
+        uint16_t scaleBits;
+        std::memcpy(&scaleBits, highGroup, 2);
+        const float scale = quant::scaleToFloat(scaleBits, nested.high.scaleType);
+        const float stretched = fromHigh[i] + scale * (((1 << shift) - 1) / 2.0f - (code & ((1 << shift) - 1)));
+        nestedError += (fromLow[i] - values[i]) * (fromLow[i] - values[i]);
+        directError += (direct[i] - values[i]) * (direct[i] - values[i]);
+        stretchedError += (stretched - values[i]) * (stretched - values[i]);
+      }
+    EXPECT_LE(nestedError, stretchedError * 1.0001) << name;
+    EXPECT_LT(nestedError, 1.6 * directError) << name << ": nested " << nestedError << ", direct " << directError;
+  }
+}
+
 TEST(GroupPlanes, SplittingKeepsEveryValueForEveryFormat) {
   const std::pair<int64_t, int64_t> shapes[] = {{1, 32}, {3, 200}, {5, 4099}, {2, 96}};
   for (const QuantFormat &format : allFormats())

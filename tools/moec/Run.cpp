@@ -123,9 +123,12 @@ Expected<LoadedModel> openModel(const ModelOptions &options) {
   Expected<LoadedModel> model =
       isModuleFile(options.path) ? loadModuleModel(options.path, engineOptions, options.simulateQuantized, options.task)
                                  : loadModel(options.path, engineOptions, options.task);
-  if (model)
+  if (model) {
     for (const std::string &warning : model->warnings)
       printWarning(warning);
+    for (const std::string &note : model->notes)
+      std::fprintf(stderr, "moec: %s\n", note.c_str());
+  }
   return model;
 }
 

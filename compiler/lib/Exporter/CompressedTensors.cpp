@@ -101,6 +101,13 @@ void ctFromValues(const std::vector<float> &values, int64_t rows, int64_t cols, 
 
 Status toCompressedTensors(const quant::WeightFormat &format, const uint8_t *codes, int64_t rows, int64_t cols,
                            CtScheme &scheme, std::vector<CtTensor> &tensors, std::string &remark) {
+  if (format.nested) {
+    // Nested codes are the high format's codes, put back together.
+    std::vector<uint8_t> high(format.nested->high.matrixBytes(rows, cols));
+    quant::unnestCodes(*format.nested, codes, rows, cols, high.data());
+    return toCompressedTensors(quant::WeightFormat{format.nested->high, std::nullopt, std::nullopt}, high.data(), rows,
+                               cols, scheme, tensors, remark);
+  }
   tensors.clear();
   remark.clear();
   const int bits = std::clamp(format.bits(), 2, 8);

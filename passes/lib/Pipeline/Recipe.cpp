@@ -315,6 +315,7 @@ const std::map<std::string, PassBuilder> &passBuilders() {
          read.integer("group", o.group);
          read.flag("sym", o.symmetric);
          read.choice("scale-type", o.scaleType);
+         read.integer("nested-bits", o.nestedBits);
          read.choice("format", o.format);
          read.choices("targets", targets);
          o.targets = targets;

@@ -338,6 +338,17 @@ def MoeQuantize : Pass<"moe-quantize", "::moe::ir::ModelOp"> {
     `moe.bits`/`moe.format`, sizes checked): under `mpirun`, each process of
     `moec compress` quantises some experts and takes the others' codes so.
 
+    `nested-bits` (D2MoE's matryoshka / HOBBIT's mixed precision at run
+    time): a group format of 4 or 8 bits is stored nested
+    ("q4_g32_asym_n2", kernels/common/WeightFormat.h), its codes' top
+    `nested-bits` bits (half of `bits`) first, as a complete low-bit matrix
+    whose group scales are the least-squares fit of those top codes to the
+    original weights, then the remaining bits with the high format's scales.
+    One package then serves two budgets: `--max-memory` makes the engine
+    load some experts' matrices at the low bits (reading only the first
+    part) and the rest at the high bits (Description.h). Matrices that
+    moe-allocate-bits gave another width stay plain.
+
     ```mlir
     // moe-opt --moe-quantize="bits=4 group=128 sym=false targets=experts,shared"
     ```
@@ -358,6 +369,8 @@ def MoeQuantize : Pass<"moe-quantize", "::moe::ir::ModelOp"> {
     Option<"group", "group", "int64_t", /*default=*/"128", "Weights per scale: 32, 64 or 128">,
     Option<"symmetric", "sym", "bool", /*default=*/"false", "Symmetric (no min) instead of asymmetric">,
     Option<"scaleType", "scale-type", "::moe::ScaleKind", /*default=*/"::moe::ScaleKind::F16", "f16 or bf16 scales">,
+    Option<"nestedBits", "nested-bits", "int64_t", /*default=*/"0",
+           "Store 4- or 8-bit group codes nested, their top bits (half) a low-bit matrix of their own; 0: plain">,
     Option<"format", "format", "::moe::QuantizeFormat", /*default=*/"::moe::QuantizeFormat::Group",
            "group (moec's: bits, group, sym, scale-type) or a llama.cpp block format: q4_0, q4_1, q5_0, q5_1, "
            "q8_0, q2_k, q3_k, q4_k, q5_k, q6_k">,

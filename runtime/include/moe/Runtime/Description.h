@@ -20,6 +20,7 @@
 #include "moe/Support/MappedFile.h"
 
 #include <memory>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -91,7 +92,28 @@ struct ModelDescription {
   /// Run quantised tensors as their dequantised f32 values (the simulated
   /// model) instead of through the integer kernels.
   bool dequantizeQuantized = false;
+  /// Routed experts (layer, slot) whose nested-format matrices
+  /// (quant::NestedFormat) load at their low bits, reading only the low
+  /// part; every other nested matrix loads at its high bits.
+  std::set<std::pair<int64_t, int64_t>> nestedLow;
 };
+
+/// Per routed expert, the precision of its nested matrices that fits a
+/// memory budget (HOBBIT's mixed precision, D2MoE's matryoshka budgets).
+struct NestedPrecisions {
+  std::set<std::pair<int64_t, int64_t>> low; ///< Experts at their low bits.
+  int64_t nestedExperts = 0;                 ///< Experts with nested matrices.
+  uint64_t highBytes = 0;                    ///< Layer weights with every expert high.
+  uint64_t bytes = 0;                        ///< Layer weights as chosen.
+};
+
+/// Chooses which experts of a package (`description.package`) load their
+/// nested matrices at the low bits so that the layer weights fit in
+/// `budgetBytes`: every expert high when that fits; else experts go low in
+/// increasing order of what it costs, the squared difference between their
+/// matrices' high and low values per byte saved, until the rest fits (all
+/// low when even that does not: the layer cache streams the rest).
+NestedPrecisions chooseNestedPrecisions(const ModelDescription &description, uint64_t budgetBytes);
 
 /// Checks `description` against its ModelSpec before anything runs or is
 /// written: every role's shape for the family (attention, norms, dense and

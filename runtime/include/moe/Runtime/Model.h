@@ -10,6 +10,7 @@
 #define MOE_RUNTIME_MODEL_H
 
 #include "moe/Frontend/Checkpoint.h"
+#include "moe/Runtime/Description.h"
 #include "moe/Runtime/Engine.h"
 #include "moe/Runtime/TaskSets.h"
 #include "moe/Runtime/Tokenizer.h"
@@ -29,6 +30,11 @@ struct LoadedModel {
   /// eos_token_id, when either names one.
   std::optional<int32_t> endOfText;
   std::vector<std::string> warnings;
+  /// What loading chose for the user to know (nested experts' precisions).
+  std::vector<std::string> notes;
+  /// The nested precisions chosen under EngineOptions::maxMemoryBytes (a
+  /// package with nested formats), or none.
+  std::optional<NestedPrecisions> nestedPrecisions;
   /// Task-adaptive expert sets the package carries (TaskSets.h).
   std::vector<TaskExpertSet> taskSets;
   /// The set chosen at load (its other experts never loaded), or empty.
