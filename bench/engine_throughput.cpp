@@ -73,9 +73,10 @@ int main(int argc, char **argv) {
     else if (args[i] == "--expert-policy")
       options.expertCachePolicy = args[i + 1] == "frequency" ? ExpertCachePolicy::Frequency : ExpertCachePolicy::Lru;
     else if (args[i] == "--expert-fallback") {
+      options.expertFallbackNested = args[i + 1] == "nested";
       options.expertFallbackFormat = quant::parseQuantFormat(args[i + 1]);
-      if (!options.expertFallbackFormat) {
-        std::cerr << "engine_throughput: --expert-fallback " << args[i + 1] << ": not a quant format\n";
+      if (!options.expertFallbackFormat && !options.expertFallbackNested) {
+        std::cerr << "engine_throughput: --expert-fallback " << args[i + 1] << ": not a quant format or nested\n";
         return 2;
       }
     } else if (args[i] == "--expert-fallback-below")
@@ -273,7 +274,7 @@ int main(int argc, char **argv) {
     out["decode_expert_hit_rate"] = experts->counters().hitRate();
     out["expert_resident_bytes_peak"] = experts->peakResidentBytes();
     if (experts->hasFallbacks()) {
-      out["expert_fallback"] = options.expertFallbackFormat->name();
+      out["expert_fallback"] = options.expertFallbackNested ? "nested" : options.expertFallbackFormat->name();
       out["expert_fallback_below"] = options.expertFallbackBelow;
       out["expert_fallback_bytes"] = experts->fallbackBytes();
       out["decode_expert_fallbacks"] = experts->counters().fallbacks;

@@ -66,15 +66,37 @@ public:
   }
 
   Status loadExpert(int64_t layer, int64_t slot, MlpWeights &out) override {
+    return loadExpertAt(layer, slot, out, description.nestedLow.count({layer, slot}) > 0);
+  }
+
+  Status loadNestedLow(int64_t layer, int64_t slot, MlpWeights &out) override {
+    if (layer >= 0 && layer < static_cast<int64_t>(description.layers.size()) && slot >= 0 &&
+        slot < static_cast<int64_t>(description.layers[static_cast<size_t>(layer)].experts.size())) {
+      const ExpertEntry &expert = description.layers[static_cast<size_t>(layer)].experts[static_cast<size_t>(slot)];
+      std::vector<const TensorRef *> matrices = {&expert.gate, &expert.up, &expert.down};
+      for (const ExpertPart &part : expert.moreParts)
+        matrices.insert(matrices.end(), {&part.gate, &part.up, &part.down});
+      for (const TensorRef *matrix : matrices) {
+        std::optional<quant::WeightFormat> format = quant::parseWeightFormat(matrix->format);
+        if (!format || !format->nested)
+          return Status::error("tensor '", matrix->name, "' (layer ", layer, " expert ", expert.id, ") is ",
+                               matrix->format.empty() ? "not quantised" : matrix->format,
+                               ", not nested: its low bits are not stored (moe-quantize nested-bits)");
+      }
+    }
+    return loadExpertAt(layer, slot, out, true);
+  }
+
+  /// The expert, its nested matrices at their low bits or high.
+  Status loadExpertAt(int64_t layer, int64_t slot, MlpWeights &out, bool low) {
     if (layer < 0 || layer >= static_cast<int64_t>(description.layers.size()) || slot < 0 ||
         slot >= static_cast<int64_t>(description.layers[static_cast<size_t>(layer)].experts.size()))
       return Status::error("layer ", layer, " has no routed expert slot ", slot);
     const ExpertEntry &expert = description.layers[static_cast<size_t>(layer)].experts[static_cast<size_t>(slot)];
-    // Nested matrices of this expert load at their low or high bits.
     struct Precision {
       bool &low;
       ~Precision() { low = false; }
-    } precision{nestedLow = description.nestedLow.count({layer, slot}) > 0};
+    } precision{nestedLow = low};
     MOE_RETURN_IF_ERROR(loadMatrix(expert.gate, out.gate));
     MOE_RETURN_IF_ERROR(loadMatrix(expert.up, out.up));
     MOE_RETURN_IF_ERROR(loadMatrix(expert.down, out.down));

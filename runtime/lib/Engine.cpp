@@ -759,7 +759,9 @@ Expected<std::unique_ptr<Engine>> Engine::create(const ModelSpec &spec, std::uni
   if (options.expertCacheBytes > 0)
     engine->experts = std::make_unique<ExpertCache>(*engine->provider, options.expertCacheBytes,
                                                     options.expertCachePolicy, options.rowTiles);
-  if (options.expertFallbackFormat) {
+  if (options.expertFallbackFormat && options.expertFallbackNested)
+    return Status::error("--expert-fallback: one low-bit copy, a format or the nested low part, not both");
+  if (options.expertFallbackFormat || options.expertFallbackNested) {
     if (!engine->experts)
       return Status::error("--expert-fallback needs --expert-cache (the low-bit copies stand in for missing experts)");
     if (!(options.expertFallbackBelow >= 0 && options.expertFallbackBelow <= 1))
@@ -774,7 +776,7 @@ Expected<std::unique_ptr<Engine>> Engine::create(const ModelSpec &spec, std::uni
         return layer.status();
       slots[l] = static_cast<int64_t>((*layer)->experts.size());
     }
-    MOE_RETURN_IF_ERROR(engine->experts->buildFallbacks(slots, engine->unloadedExperts, *options.expertFallbackFormat,
+    MOE_RETURN_IF_ERROR(engine->experts->buildFallbacks(slots, engine->unloadedExperts, options.expertFallbackFormat,
                                                         options.expertFallbackBelow));
   }
   return engine;

@@ -391,16 +391,20 @@ void requantize(const MlpWeights &expert, const quant::QuantFormat &format, MlpW
 
 Status ExpertCache::buildFallbacks(const std::map<int64_t, int64_t> &slots,
                                    const std::map<int64_t, std::set<int64_t>> &skipped,
-                                   const quant::QuantFormat &format, double threshold) {
+                                   const std::optional<quant::QuantFormat> &format, double threshold) {
   below = threshold;
   for (const auto &[layer, count] : slots)
     for (int64_t slot = 0; slot < count; ++slot) {
       if (auto left = skipped.find(layer); left != skipped.end() && left->second.count(slot))
         continue; // never loaded (a task set chosen at load)
-      MlpWeights stored;
-      MOE_RETURN_IF_ERROR(provider.loadExpert(layer, slot, stored));
       auto low = std::make_shared<MlpWeights>();
-      requantize(stored, format, *low);
+      if (format) {
+        MlpWeights stored;
+        MOE_RETURN_IF_ERROR(provider.loadExpert(layer, slot, stored));
+        requantize(stored, *format, *low);
+      } else {
+        MOE_RETURN_IF_ERROR(provider.loadNestedLow(layer, slot, *low));
+      }
       if (rowTiles)
         makeRowTiles(*low); // as every expert that runs on the CPU
       lowBitBytes += low->bytes();

@@ -258,6 +258,24 @@ TEST(Package, NestedExpertsServeTwoBudgetsFromOneFile) {
   EXPECT_LT(high, between);
   EXPECT_LT(between, lowest);
   EXPECT_LT(lowest, 1.25 * twoBits) << "the nested 2 bits against RTN at 2 bits: " << lowest << " vs " << twoBits;
+
+  // HOBBIT's fallback from the nested low parts: with every missing expert
+  // falling back (below 1), nothing is ever loaded whole, so the model is
+  // the all-low one, bit for bit.
+  EngineOptions offload;
+  offload.expertCacheBytes = 1 << 20;
+  offload.expertFallbackNested = true;
+  offload.expertFallbackBelow = 1;
+  auto fallback = loadModel(dir.file("n.moepkg"), offload);
+  ASSERT_TRUE(fallback.ok()) << fallback.status().message();
+  EXPECT_EQ(decodeLogits(*fallback), decodeLogits(*low));
+  EXPECT_EQ(fallback->engine->expertCache()->counters().misses, 0);
+  EXPECT_GT(fallback->engine->expertCache()->counters().fallbacks, 0);
+  // A package without nested matrices has no low parts to fall back to.
+  auto refused = loadModel(dir.file("p.moepkg"), offload);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("q4_g32_asym, not nested"), std::string::npos)
+      << refused.status().message();
 }
 
 TEST(Package, TheSameModuleGivesTheSameBytes) {

@@ -64,8 +64,9 @@ void addModelOptions(CLI::App *command, ModelOptions &options) {
       ->capture_default_str();
   command->add_option("--expert-fallback", options.expertFallback,
                       "With --expert-cache, HOBBIT's low-precision replacement: keep every routed expert also in "
-                      "this quant format (e.g. q4_g32_asym, made at load) and run a missing expert from it when no "
-                      "token gives it --expert-fallback-below of its routing weight");
+                      "this quant format (e.g. q4_g32_asym, made at load), or `nested` (the low part of a nested "
+                      "package's experts, as stored), and run a missing expert from it when no token gives it "
+                      "--expert-fallback-below of its routing weight");
   command
       ->add_option("--expert-fallback-below", options.expertFallbackBelow,
                    "Share of a token's routing weight under which a missing expert runs in low precision")
@@ -113,11 +114,14 @@ Expected<LoadedModel> openModel(const ModelOptions &options) {
     engineOptions.expertCachePolicy =
         options.expertPolicy == "frequency" ? ExpertCachePolicy::Frequency : ExpertCachePolicy::Lru;
   }
-  if (!options.expertFallback.empty()) {
+  if (options.expertFallback == "nested") {
+    engineOptions.expertFallbackNested = true;
+    engineOptions.expertFallbackBelow = options.expertFallbackBelow;
+  } else if (!options.expertFallback.empty()) {
     engineOptions.expertFallbackFormat = quant::parseQuantFormat(options.expertFallback);
     if (!engineOptions.expertFallbackFormat)
       return Status::error("--expert-fallback '", options.expertFallback,
-                           "': expected a quant format such as q4_g32_asym or q8_g32_sym");
+                           "': expected a quant format such as q4_g32_asym or q8_g32_sym, or nested");
     engineOptions.expertFallbackBelow = options.expertFallbackBelow;
   }
   Expected<LoadedModel> model =

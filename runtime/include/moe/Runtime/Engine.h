@@ -127,6 +127,9 @@ struct EngineOptions {
   /// format, used for a missing expert whose share of each of its tokens'
   /// routing weight is below expertFallbackBelow.
   std::optional<quant::QuantFormat> expertFallbackFormat;
+  /// Or the low part of each expert's nested matrices (a package quantised
+  /// with nested bit widths): no requantisation, and no second rounding.
+  bool expertFallbackNested = false;
   double expertFallbackBelow = 0.5;
   /// False: the experts masked at creation are never loaded (a task set
   /// chosen at load, TaskSets.h), and setMaskedExperts refuses to unmask

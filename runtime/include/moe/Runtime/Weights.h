@@ -189,6 +189,12 @@ public:
   Status loadLayer(int64_t layer, LayerWeights &weights) { return loadLayer(layer, weights, true); }
   /// Routed expert slot `slot` of layer `layer` alone (with its split parts).
   virtual Status loadExpert(int64_t layer, int64_t slot, MlpWeights &expert) = 0;
+  /// The same expert at the low bits of its nested matrices
+  /// (quant::NestedFormat); an error where it has none.
+  virtual Status loadNestedLow(int64_t layer, int64_t slot, MlpWeights &expert) {
+    return Status::error("layer ", layer, " expert slot ", slot,
+                         ": the model has no nested bit widths (moe-quantize nested-bits)");
+  }
 };
 
 /// Reads a Hugging Face checkpoint bound to `spec` (bindCheckpoint), in any
@@ -226,11 +232,12 @@ public:
   /// HOBBIT's low-precision replacement: each expert of `slots` (per layer,
   /// the slot count; those in `skipped` excepted) is read once and kept,
   /// apart from the budget, in `format` (RTN of its values, as stored or
-  /// dequantised); a missing expert whose largest share of
+  /// dequantised; nullopt: the low part of its nested matrices, as stored);
+  /// a missing expert whose largest share of
   /// a token's routing weight is below `below` (1: every missing expert)
   /// then runs from that copy (fallback()) instead of being loaded.
   Status buildFallbacks(const std::map<int64_t, int64_t> &slots, const std::map<int64_t, std::set<int64_t>> &skipped,
-                        const quant::QuantFormat &format, double below);
+                        const std::optional<quant::QuantFormat> &format, double below);
   bool hasFallbacks() const { return !fallbacks.empty(); }
   double fallbackBelow() const { return below; }
   /// The low-bit copy of an expert (buildFallbacks), counted as a fallback.
