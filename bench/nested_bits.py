@@ -8,7 +8,8 @@ of the experts at 2 bits (those whose 2-bit values differ least from their
 4-bit ones per byte saved). Against: plain 4-bit and 2-bit packages, and the
 closest existing method at the same resident bytes, moe-allocate-bits
 (MC-MoE's allocation over 2/4-bit experts from calibration) at the same
-average width. Held-out perplexity over the whole split. Prints one JSON
+average width. `nested_cost_ppl`: the same budgets from a package quantised
+with `nested-cost` (each expert's cost recorded from 32 K calibration tokens). Held-out perplexity over the whole split. Prints one JSON
 object per line.
 Usage: bench/nested_bits.py [BUILD_DIR]
 """
@@ -52,6 +53,10 @@ def main():
                 {"pass": "moe-quantize", "options": {"bits": 4, "group": 32, "nested-bits": 2}}]})
             plain4 = package(fixture, "q4", {"passes": [quantize]})
             plain2 = package(fixture, "q2", {"passes": [{"pass": "moe-quantize", "options": {"bits": 2, "group": 32}}]})
+            costed = package(fixture, "nested-cost", {
+                "calibration": {"data": CALIBRATION, "tokens": 32768},
+                "passes": [{"pass": "moe-quantize", "options": {"bits": 4, "group": 32, "nested-bits": 2,
+                                                                "nested-cost": True}}]})
             high, _ = perplexity(nested)
             q4, _ = perplexity(plain4)
             q2, _ = perplexity(plain2)
@@ -66,6 +71,8 @@ def main():
                 # The budget that sends this share of the experts low (MiB, a little slack for rounding).
                 budget = high_bytes - share * (high_bytes - low_bytes) + 0.001
                 ppl, note = perplexity(nested, "--max-memory", f"{budget * 1048576:.0f}")
+                cost_ppl, cost_note = perplexity(costed, "--max-memory", f"{budget * 1048576:.0f}")
+                assert cost_note.group(1) == note.group(1), "the same number of experts low"
                 bits = 4 - 2 * share
                 allocated = package(fixture, f"alloc{bits}", {
                     "calibration": {"data": CALIBRATION, "tokens": 32768, "block_samples": 1024},
@@ -75,7 +82,8 @@ def main():
                 alloc_ppl, _ = perplexity(allocated)
                 row["budgets"].append({"low_share": share, "average_bits": bits, "max_memory_mib": budget,
                                        "experts_low": int(note.group(1)), "layer_mib": float(note.group(3)),
-                                       "nested_ppl": ppl, "allocate_bits_ppl": alloc_ppl})
+                                       "nested_ppl": ppl, "nested_cost_ppl": cost_ppl,
+                                       "allocate_bits_ppl": alloc_ppl})
             print(json.dumps(row), flush=True)
 
 

@@ -137,7 +137,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         if (job.shared)
           --job.shared->users;
         job.shared.reset();
-        if (failed(finish(model, access, job)))
+        if (failed(finish(model, access, *plan, job)))
           return signalPassFailure();
       }
       std::erase_if(factors, [](const auto &entry) { return entry.second->users <= 0; });
@@ -156,7 +156,9 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       if (!opened)
         return fail(module, "codes: " + opened.status().message()), failure();
       plan.codes = opened.take();
-    } else if (method == QuantizeMethod::Gptq) {
+    } else if (method == QuantizeMethod::Gptq || nestedCost) {
+      if (nestedCost && nestedBits == 0)
+        return fail(module, "nested-cost needs nested-bits"), failure();
       FailureOr<StatisticsReader> opened = StatisticsReader::open(stats, module, getArgument());
       if (failed(opened))
         return signalPassFailure(), failure();
@@ -455,7 +457,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
   }
 
   /// Writes the codes to the store and points the tensor at them.
-  LogicalResult finish(ir::ModelOp model, TensorAccess &access, Job &job) {
+  LogicalResult finish(ir::ModelOp model, TensorAccess &access, const Plan &plan, Job &job) {
     if (!job.status.ok()) {
       fail(job.tensor, concat(job.where, ": ", job.status.message()));
       return failure();
@@ -469,6 +471,28 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
                        bytes.data());
       job.packed = std::move(bytes);
       job.format = quant::WeightFormat{std::nullopt, std::nullopt, nested};
+      if (nestedCost)
+        if (auto where = plan.expertMatrices.find(job.symbol); where != plan.expertMatrices.end()) {
+          // Routed tokens x the squared difference of the two precisions.
+          FailureOr<std::vector<double>> routed =
+              plan.file->layer(where->second.layer, stats::kRoutedTokens, job.tensor);
+          if (failed(routed))
+            return failure();
+          const int64_t expert = where->second.expert;
+          if (expert < 0 || expert >= static_cast<int64_t>(routed->size())) {
+            fail(job.tensor, concat("nested-cost: ", plan.file->path(), " has no routed-token count for expert ",
+                                    expert, " of layer ", where->second.layer, "; calibrate the model as it is now"));
+            return failure();
+          }
+          std::vector<float> high(static_cast<size_t>(job.rows * job.cols)), low(high.size());
+          job.format.dequantize(job.packed.data(), job.rows, job.cols, high.data());
+          quant::dequantizeReference(nested.low(), job.packed.data(), job.rows, job.cols, low.data());
+          double squared = 0;
+          for (size_t i = 0; i < high.size(); ++i)
+            squared += static_cast<double>(high[i] - low[i]) * (high[i] - low[i]);
+          job.tensor->setAttr("moe.nested_cost",
+                              FloatAttr::get(Float64Type::get(model.getContext()), (*routed)[expert] * squared));
+        }
     }
     const std::string name = job.format.name();
     const std::string key = job.symbol + "." + name;

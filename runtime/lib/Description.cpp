@@ -16,6 +16,14 @@
 namespace moe {
 namespace {
 
+/// An expert's matrices: gate, up, down, then each further part's.
+std::vector<const TensorRef *> matricesOf(const ExpertEntry &expert) {
+  std::vector<const TensorRef *> matrices = {&expert.gate, &expert.up, &expert.down};
+  for (const ExpertPart &part : expert.moreParts)
+    matrices.insert(matrices.end(), {&part.gate, &part.up, &part.down});
+  return matrices;
+}
+
 class DescriptionWeightProvider : public WeightProvider {
 public:
   explicit DescriptionWeightProvider(ModelDescription description) : description(std::move(description)) {}
@@ -73,10 +81,7 @@ public:
     if (layer >= 0 && layer < static_cast<int64_t>(description.layers.size()) && slot >= 0 &&
         slot < static_cast<int64_t>(description.layers[static_cast<size_t>(layer)].experts.size())) {
       const ExpertEntry &expert = description.layers[static_cast<size_t>(layer)].experts[static_cast<size_t>(slot)];
-      std::vector<const TensorRef *> matrices = {&expert.gate, &expert.up, &expert.down};
-      for (const ExpertPart &part : expert.moreParts)
-        matrices.insert(matrices.end(), {&part.gate, &part.up, &part.down});
-      for (const TensorRef *matrix : matrices) {
+      for (const TensorRef *matrix : matricesOf(expert)) {
         std::optional<quant::WeightFormat> format = quant::parseWeightFormat(matrix->format);
         if (!format || !format->nested)
           return Status::error("tensor '", matrix->name, "' (layer ", layer, " expert ", expert.id, ") is ",
@@ -459,21 +464,23 @@ NestedPrecisions chooseNestedPrecisions(const ModelDescription &description, uin
   struct Candidate {
     std::pair<int64_t, int64_t> expert;
     uint64_t saved = 0;
-    double error = 0;
+    double error = 0, recorded = 0;
   };
   std::vector<Candidate> candidates;
+  // Recorded costs when every nested matrix has one (else none is used).
+  bool recorded = true;
+  for (const LayerEntry &layer : description.layers)
+    for (const ExpertEntry &expert : layer.experts)
+      for (const TensorRef *t : matricesOf(expert))
+        if (std::optional<quant::WeightFormat> format = quant::parseWeightFormat(t->format);
+            format && format->nested && t->nestedCost < 0)
+          recorded = false;
   for (size_t l = 0; l < description.layers.size(); ++l) {
     const LayerEntry &layer = description.layers[l];
     for (const auto &[role, tensor] : layer.tensors)
       chosen.highBytes += loadedBytes(tensor, false);
     for (size_t e = 0; e < layer.experts.size(); ++e) {
-      std::vector<const TensorRef *> matrices;
-      const ExpertEntry &expert = layer.experts[e];
-      for (const TensorRef *t : {&expert.gate, &expert.up, &expert.down})
-        matrices.push_back(t);
-      for (const ExpertPart &part : expert.moreParts)
-        for (const TensorRef *t : {&part.gate, &part.up, &part.down})
-          matrices.push_back(t);
+      const std::vector<const TensorRef *> matrices = matricesOf(layer.experts[e]);
       Candidate candidate{{static_cast<int64_t>(l), static_cast<int64_t>(e)}};
       bool nested = false;
       for (const TensorRef *t : matrices) {
@@ -484,8 +491,9 @@ NestedPrecisions chooseNestedPrecisions(const ModelDescription &description, uin
         if (!format || !format->nested)
           continue;
         nested = true;
-        // What going low costs: the squared difference of the two values.
-        if (!description.package || t->source != kPackageSource ||
+        candidate.recorded += std::max(t->nestedCost, 0.0);
+        // Else what going low costs: the squared difference of the two values.
+        if (recorded || !description.package || t->source != kPackageSource ||
             t->offset + format->matrixBytes(t->shape[0], t->shape[1]) > description.package->size)
           continue;
         const int64_t rows = t->shape[0], cols = t->shape[1];
@@ -505,6 +513,10 @@ NestedPrecisions chooseNestedPrecisions(const ModelDescription &description, uin
     }
   }
   chosen.bytes = chosen.highBytes;
+  chosen.recordedCosts = recorded && !candidates.empty();
+  if (chosen.recordedCosts)
+    for (Candidate &candidate : candidates)
+      candidate.error = candidate.recorded;
   std::stable_sort(candidates.begin(), candidates.end(), [](const Candidate &a, const Candidate &b) {
     return a.error * static_cast<double>(b.saved) < b.error * static_cast<double>(a.saved);
   });

@@ -110,11 +110,12 @@ Expected<LoadedModel> loadModel(const std::string &directory, EngineOptions opti
         char line[256];
         std::snprintf(line, sizeof line,
                       "nested experts: %zu of %lld at their low bits; layer weights %.2f MiB (%.2f MiB at high bits) "
-                      "for --max-memory %.2f MiB",
+                      "for --max-memory %.2f MiB; chosen by %s",
                       precisions.low.size(), static_cast<long long>(precisions.nestedExperts),
                       static_cast<double>(precisions.bytes) / 1048576.0,
                       static_cast<double>(precisions.highBytes) / 1048576.0,
-                      static_cast<double>(options.maxMemoryBytes) / 1048576.0);
+                      static_cast<double>(options.maxMemoryBytes) / 1048576.0,
+                      precisions.recordedCosts ? "recorded costs" : "value difference");
         model.notes.push_back(line);
         model.nestedPrecisions = std::move(precisions);
       }

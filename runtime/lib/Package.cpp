@@ -6,7 +6,9 @@
 
 #include "moe/Runtime/Package.h"
 #include "common/WeightFormat.h"
+
 #include "moe/Frontend/Safetensors.h"
+#include <cmath>
 
 #include <nlohmann/json.hpp>
 #include <xxhash.h>
@@ -105,6 +107,13 @@ Expected<OpenedPackage> openPackage(const std::string &path) {
         if (std::string problem = format->checkColumns(ref.shape[1]); !problem.empty())
           return Status::error(path, ": tensor '", name, "': ", ref.format, ": ", problem);
         expected = format->matrixBytes(ref.shape[0], ref.shape[1]);
+        if (t.contains("nested_cost")) {
+          const json &cost = t.at("nested_cost");
+          if (!format->nested || !cost.is_number() || !std::isfinite(cost.get<double>()) || cost.get<double>() < 0)
+            return Status::error(path, ": tensor '", name, "' has nested_cost ", cost.dump(),
+                                 "; expected a finite number >= 0 on a nested matrix");
+          ref.nestedCost = cost.get<double>();
+        }
       } else {
         std::optional<DType> dtype = parseDType(t.at("dtype").get<std::string>());
         if (!dtype || !isFloatDType(*dtype))

@@ -427,6 +427,10 @@ TEST(Package, InconsistentManifestsAreRejectedOnLoad) {
   expectRejected([&](nlohmann::json &m) { m["layers"][moeLayer]["skip_threshold"] = -0.5; },
                  {layer, "skip threshold -0.5 must be in [0, 1]"});
   expectRejected([&](nlohmann::json &m) { m["layers"][moeLayer]["num_experts"] = 3; }, {layer, "declares 3 experts"});
+  // A recorded nested cost belongs on a nested matrix, finite and >= 0.
+  const std::string gate = manifest["layers"][moeLayer]["experts"][0]["gate"].get<std::string>();
+  expectRejected([&](nlohmann::json &m) { m["tensors"][gate]["nested_cost"] = 1.5; },
+                 {gate, "nested_cost 1.5; expected a finite number >= 0 on a nested matrix"});
 }
 
 // The rules of validateDescription the manifest test above does not reach,

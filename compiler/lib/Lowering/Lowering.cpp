@@ -38,6 +38,8 @@ public:
     TensorRef out;
     if (ir::QuantAttr quant = tensor.getQuantAttr())
       out.format = quant.getFormat().str();
+    if (auto cost = tensor->getAttrOfType<FloatAttr>("moe.nested_cost"))
+      out.nestedCost = cost.getValueAsDouble();
     out.name = symbol.getValue().str();
     out.key = tensor.getKey().str();
     if (std::optional<uint64_t> source = tensor.getSource())

@@ -146,6 +146,8 @@ Status writePackage(const ModelDescription &description, const PackageExtras &ex
         t["dtype"] = std::string(dtypeName(plan[i].dtype));
       else
         t["format"] = plan[i].format;
+      if (tensors[i]->nestedCost >= 0)
+        t["nested_cost"] = tensors[i]->nestedCost;
       table[tensors[i]->name] = t;
     }
     m["tensors"] = table;

@@ -316,11 +316,13 @@ const std::map<std::string, PassBuilder> &passBuilders() {
          read.flag("sym", o.symmetric);
          read.choice("scale-type", o.scaleType);
          read.integer("nested-bits", o.nestedBits);
+         read.flag("nested-cost", o.nestedCost);
          read.choice("format", o.format);
          read.choices("targets", targets);
          o.targets = targets;
          read.integers("layers", layers);
-         meta.sequentialGptq = meta.needsStatistics = o.method == QuantizeMethod::Gptq;
+         meta.sequentialGptq = o.method == QuantizeMethod::Gptq;
+         meta.needsStatistics = meta.sequentialGptq || o.nestedCost;
          meta.minCoverage = o.minCoverage;
          meta.quantizesOutsideLayers = llvm::is_contained(targets, QuantizeTarget::LmHead) ||
                                        llvm::is_contained(targets, QuantizeTarget::Embedding);
@@ -330,7 +332,7 @@ const std::map<std::string, PassBuilder> &passBuilders() {
                                       llvm::is_contained(targets, QuantizeTarget::Shared);
          if (overrides.method)
            o.method = *overrides.method;
-         setStats(read, o.method == QuantizeMethod::Gptq ? overrides : PassOverrides(), o.stats);
+         setStats(read, o.method == QuantizeMethod::Gptq || o.nestedCost ? overrides : PassOverrides(), o.stats);
          if (overrides.layer)
            layers = {*overrides.layer};
          o.layers = layers;

@@ -347,7 +347,13 @@ def MoeQuantize : Pass<"moe-quantize", "::moe::ir::ModelOp"> {
     One package then serves two budgets: `--max-memory` makes the engine
     load some experts' matrices at the low bits (reading only the first
     part) and the rest at the high bits (Description.h). Matrices that
-    moe-allocate-bits gave another width stay plain.
+    moe-allocate-bits gave another width stay plain. With `nested-cost`
+    each routed expert matrix records, from the calibration statistics
+    (`stats`), what its low bits cost: the tokens routed to the expert times
+    the squared difference between its high and low values
+    (`moe.nested_cost`, carried into packages); `--max-memory` then sends the
+    cheapest experts low first. Without it the engine ranks experts by the
+    squared difference alone.
 
     ```mlir
     // moe-opt --moe-quantize="bits=4 group=128 sym=false targets=experts,shared"
@@ -371,6 +377,9 @@ def MoeQuantize : Pass<"moe-quantize", "::moe::ir::ModelOp"> {
     Option<"scaleType", "scale-type", "::moe::ScaleKind", /*default=*/"::moe::ScaleKind::F16", "f16 or bf16 scales">,
     Option<"nestedBits", "nested-bits", "int64_t", /*default=*/"0",
            "Store 4- or 8-bit group codes nested, their top bits (half) a low-bit matrix of their own; 0: plain">,
+    Option<"nestedCost", "nested-cost", "bool", /*default=*/"false",
+           "nested-bits: record each routed expert matrix's cost of its low bits from `stats` (routed tokens x "
+           "squared value difference) for --max-memory to choose by">,
     Option<"format", "format", "::moe::QuantizeFormat", /*default=*/"::moe::QuantizeFormat::Group",
            "group (moec's: bits, group, sym, scale-type) or a llama.cpp block format: q4_0, q4_1, q5_0, q5_1, "
            "q8_0, q2_k, q3_k, q4_k, q5_k, q6_k">,

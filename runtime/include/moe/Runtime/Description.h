@@ -49,6 +49,9 @@ struct TensorRef {
   std::string scaleKey;       ///< FP8 block scales (`<key>_scale_inv`), or empty.
   int64_t scaleSource = -1;   ///< The source holding them.
   std::string format;         ///< Quantisation format (WeightFormat::name()) of the stored bytes, or empty.
+  /// A nested matrix's recorded cost of its low bits (moe-quantize
+  /// nested-cost: routed tokens x squared value difference), or -1.
+  double nestedCost = -1;
   /// Rows stored interleaved per head, as llama.cpp's rope for "llama" wants
   /// (GGUF): within each of this many heads of D rows, stored row 2i + j is
   /// row j * D/2 + i. Undone when loaded; 0: rows in order.
@@ -105,14 +108,17 @@ struct NestedPrecisions {
   int64_t nestedExperts = 0;                 ///< Experts with nested matrices.
   uint64_t highBytes = 0;                    ///< Layer weights with every expert high.
   uint64_t bytes = 0;                        ///< Layer weights as chosen.
+  bool recordedCosts = false;                ///< Chosen by recorded costs (nested-cost).
 };
 
 /// Chooses which experts of a package (`description.package`) load their
 /// nested matrices at the low bits so that the layer weights fit in
 /// `budgetBytes`: every expert high when that fits; else experts go low in
-/// increasing order of what it costs, the squared difference between their
-/// matrices' high and low values per byte saved, until the rest fits (all
-/// low when even that does not: the layer cache streams the rest).
+/// increasing order of what it costs per byte saved, until the rest fits
+/// (all low when even that does not: the layer cache streams the rest).
+/// The cost is the recorded one (TensorRef::nestedCost) when every nested
+/// matrix has it, else the squared difference between their high and low
+/// values.
 NestedPrecisions chooseNestedPrecisions(const ModelDescription &description, uint64_t budgetBytes);
 
 /// Checks `description` against its ModelSpec before anything runs or is
