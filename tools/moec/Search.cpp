@@ -109,6 +109,14 @@ Command registerSearch(CLI::App &app) {
       ->add_option("--merge-evaluations", s.mergeEvaluations,
                    "EEP's second stage: candidate expert merges evaluated after pruning (EEP: 300; 0: none)")
       ->capture_default_str();
+  command
+      ->add_option("--merge-scale", s.mergeScale,
+                   "Merge stage: the standard deviation of the noise added to a coefficient (EEP: 0.065)")
+      ->capture_default_str();
+  command
+      ->add_option("--merge-entry-probability", s.mergeEntryProbability,
+                   "Merge stage: the chance that a coefficient of a changing layer gets noise (EEP: 0.25)")
+      ->capture_default_str();
   command->add_option("--seed", s.seed, "Random seed (the same seed gives the same search)")->capture_default_str();
   command
       ->add_option("--max-tokens,--tokens", s.maxTokens,

@@ -279,6 +279,10 @@ Status checkExpertSearchOptions(const ModelSpec &spec, const ExpertSearchOptions
     return Status::error("--evaluations and --initial must be positive");
   if (options.mergeEvaluations < 0)
     return Status::error("--merge-evaluations must not be negative, got ", options.mergeEvaluations);
+  if (!(options.mergeScale > 0 && std::isfinite(options.mergeScale)))
+    return Status::error("--merge-scale must be a positive number, got ", options.mergeScale);
+  if (!(options.mergeEntryProbability > 0 && options.mergeEntryProbability <= 1))
+    return Status::error("--merge-entry-probability must lie in (0, 1], got ", options.mergeEntryProbability);
   if (options.sequenceLength < 2)
     return Status::error("--seq-len must be at least 2, got ", options.sequenceLength);
   std::vector<SearchLayer> layers = searchLayers(spec, options);
