@@ -10,13 +10,16 @@
 #include "moe/Runtime/Engine.h"
 #include "moe/Runtime/MoeBlock.h"
 
+#include "../../runtime/lib/Kernels.h"
 #include "TestSupport.h"
 
 #include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
+#include <random>
 
 using namespace moe;
 using namespace moe::testing;
@@ -699,4 +702,43 @@ TEST(KvCache, ACopyStartsWithoutTheDeviceMirror) {
   EXPECT_EQ(assigned.device, nullptr);
   moe::KvCache moved(std::move(a));
   EXPECT_NE(moved.device, nullptr);
+}
+
+TEST(Softmax, TheVectorLanesAreWithinAFewUlpsOfTheExactValue) {
+  // The reference: e^(x - max) in double of the same f32 differences both
+  // take, normalised in double. The vector softmax's partial sums make it
+  // at least as close as the sequential scalar sum on long rows.
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal(0.0f, 6.0f);
+  for (int64_t count : {1, 7, 16, 17, 33, 300, 1024}) {
+    std::vector<float> values(static_cast<size_t>(count));
+    for (float &v : values)
+      v = normal(rng);
+    if (count > 2) {
+      values[1] = -std::numeric_limits<float>::infinity(); // a masked row or position: exactly 0
+      values[2] = values[0] - 100.0f;                      // e^x below f32's normal range
+    }
+    const float maximum = *std::max_element(values.begin(), values.end());
+    std::vector<double> exact(values.size());
+    double total = 0;
+    for (size_t i = 0; i < values.size(); ++i)
+      total += exact[i] = std::exp(static_cast<double>(values[i] - maximum));
+    std::vector<float> fast = values, scalar = values;
+    kernels::softmax(fast.data(), count);
+    kernels::softmaxScalar(scalar.data(), count);
+    double fastWorst = 0, scalarWorst = 0;
+    for (size_t i = 0; i < values.size(); ++i) {
+      const double want = exact[i] / total;
+      if (want < 1e-36) {
+        EXPECT_LE(std::fabs(fast[i] - want), 1e-44) << count << " " << i;
+        continue;
+      }
+      fastWorst = std::max(fastWorst, std::fabs(fast[i] - want) / want);
+      scalarWorst = std::max(scalarWorst, std::fabs(scalar[i] - want) / want);
+    }
+    EXPECT_LT(fastWorst, 4e-7) << count;
+    EXPECT_LE(fastWorst, std::max(scalarWorst, 2.4e-7)) << count << ": no worse than the C library's";
+    if (count > 2)
+      EXPECT_EQ(fast[1], 0.0f);
+  }
 }
