@@ -26,10 +26,10 @@ using namespace moe;
 
 namespace {
 
-/// An expert's gate, up and down as f32, and the gate's stored dtype.
+/// An expert's gate, up and down as f32, and their stored dtypes.
 struct ExpertValues {
   std::array<std::vector<float>, 3> matrices;
-  DType dtype = DType::BF16;
+  std::array<DType, 3> dtypes = {DType::BF16, DType::BF16, DType::BF16};
 };
 
 struct MixExpertsPass : public moe::impl::MoeMixExpertsBase<MixExpertsPass> {
@@ -103,8 +103,7 @@ struct MixExpertsPass : public moe::impl::MoeMixExpertsBase<MixExpertsPass> {
         if (failed(read))
           return failure();
         v.matrices[m] = std::move(*read);
-        if (m == 0)
-          v.dtype = dtype;
+        v.dtypes[m] = dtype;
       }
     }
     LayerDecision decision{getArgument().str(), "eep-merge", index};
@@ -144,7 +143,7 @@ struct MixExpertsPass : public moe::impl::MoeMixExpertsBase<MixExpertsPass> {
         mixMatrix(terms, sources, mixed);
         FailureOr<FlatSymbolRefAttr> symbol =
             writeTensor(model, access, like, (like.getSymName() + ".mix").str(), like.getTensorType().getShape(), mixed,
-                        values.at(target).dtype);
+                        values.at(target).dtypes[static_cast<size_t>(m)]);
         if (failed(symbol))
           return failure();
         written[m] = *symbol;

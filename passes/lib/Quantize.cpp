@@ -149,6 +149,8 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
   FailureOr<Plan> planRun(ir::ModelOp model) {
     ir::ModelOp module = model;
     Plan plan;
+    if (nestedCost && nestedBits == 0)
+      return fail(module, "nested-cost needs nested-bits"), failure();
     if (!(minCoverage >= 0.0 && minCoverage <= 1.0))
       return fail(module, "min-coverage must be a fraction of the calibration tokens in [0, 1]"), failure();
     if (!codes.empty()) {
@@ -157,8 +159,6 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         return fail(module, "codes: " + opened.status().message()), failure();
       plan.codes = opened.take();
     } else if (method == QuantizeMethod::Gptq || nestedCost) {
-      if (nestedCost && nestedBits == 0)
-        return fail(module, "nested-cost needs nested-bits"), failure();
       FailureOr<StatisticsReader> opened = StatisticsReader::open(stats, module, getArgument());
       if (failed(opened))
         return signalPassFailure(), failure();
@@ -311,7 +311,11 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       job.format = quant::WeightFormat{std::nullopt, type};
     }
     if (plan.codes) {
-      // Another process's codes: in this format, of this size.
+      // Another process's codes: in this format (nested, as that process
+      // stored them, when nested-bits applies), of this size.
+      if (nestedBits != 0 && job.format.group && job.format.group->bits == 2 * nestedBits)
+        job.format = quant::WeightFormat{std::nullopt, std::nullopt,
+                                         quant::NestedFormat{*job.format.group, static_cast<int>(nestedBits)}};
       const TensorInfo *info = plan.codes->find(symbolName);
       const size_t expected = job.format.matrixBytes(job.rows, job.cols);
       if (!info || info->dtype != DType::U8 || info->byteSize() != expected) {
@@ -471,7 +475,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
                        bytes.data());
       job.packed = std::move(bytes);
       job.format = quant::WeightFormat{std::nullopt, std::nullopt, nested};
-      if (nestedCost)
+      if (nestedCost && plan.file)
         if (auto where = plan.expertMatrices.find(job.symbol); where != plan.expertMatrices.end()) {
           // Routed tokens x the squared difference of the two precisions.
           FailureOr<std::vector<double>> routed =

@@ -10,6 +10,7 @@
 #include "moe/Frontend/Safetensors.h"
 #include "moe/Frontend/WeightStore.h"
 
+#include <cmath>
 #include <cstring>
 #include <map>
 
@@ -517,8 +518,14 @@ NestedPrecisions chooseNestedPrecisions(const ModelDescription &description, uin
   if (chosen.recordedCosts)
     for (Candidate &candidate : candidates)
       candidate.error = candidate.recorded;
-  std::stable_sort(candidates.begin(), candidates.end(), [](const Candidate &a, const Candidate &b) {
-    return a.error * static_cast<double>(b.saved) < b.error * static_cast<double>(a.saved);
+  // Cost per byte saved; a non-finite cost (a hostile package's scales) sorts last.
+  auto perByte = [](const Candidate &c) {
+    const double ratio = c.saved ? c.error / static_cast<double>(c.saved) : INFINITY;
+    return std::isfinite(ratio) ? ratio : INFINITY;
+  };
+  std::stable_sort(candidates.begin(), candidates.end(), [&](const Candidate &a, const Candidate &b) {
+    const double x = perByte(a), y = perByte(b);
+    return x != y ? x < y : a.expert < b.expert;
   });
   for (const Candidate &candidate : candidates) {
     if (chosen.bytes <= budgetBytes)

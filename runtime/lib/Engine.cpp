@@ -713,14 +713,23 @@ Status Engine::setReplacedExperts(std::map<int64_t, std::map<int64_t, std::share
   for (const auto &[layer, slots] : replaced) {
     if (layer < 0 || layer >= spec.numLayers || spec.layers[static_cast<size_t>(layer)].mlp != MlpKind::Moe)
       return Status::error("replaced experts: layer ", layer, " is not an MoE layer");
+    Expected<std::shared_ptr<const LayerWeights>> loaded = layers->get(layer);
+    if (!loaded)
+      return loaded.status();
+    const int64_t slotCount = static_cast<int64_t>((*loaded)->experts.size());
+    auto filled = [](const Matrix &m) {
+      const size_t count = static_cast<size_t>(m.rows * m.cols);
+      return m.isQuantized() || m.data.size() == count || m.bf16.size() == count;
+    };
     for (const auto &[slot, weights] : slots) {
-      if (slot < 0 || slot >= spec.layers[static_cast<size_t>(layer)].numExperts)
+      if (slot < 0 || slot >= slotCount)
         return Status::error("replaced experts: layer ", layer, " has no expert ", slot);
       const int64_t width = weights ? weights->gate.rows : 0;
       if (!weights || width <= 0 || !weights->moreParts.empty() || weights->gate.cols != H ||
-          weights->up.rows != width || weights->up.cols != H || weights->down.rows != H || weights->down.cols != width)
+          weights->up.rows != width || weights->up.cols != H || weights->down.rows != H ||
+          weights->down.cols != width || !filled(weights->gate) || !filled(weights->up) || !filled(weights->down))
         return Status::error("replaced experts: expert ", slot, " of layer ", layer, " is not one gate [I, ", H,
-                             "], up [I, ", H, "] and down [", H, ", I]");
+                             "], up [I, ", H, "] and down [", H, ", I] with its values");
     }
   }
   replacedExperts = std::move(replaced);

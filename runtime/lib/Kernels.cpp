@@ -349,7 +349,7 @@ namespace {
 /// (denormal results included). Lanes below -104, where f32 e^x is 0, are 0.
 __attribute__((target("avx512f"))) __m512 exp16(__m512 x) {
   const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-104.0f), _CMP_LT_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x); // a NaN lane stays NaN
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -365,9 +365,16 @@ __attribute__((target("avx512f"))) __m512 exp16(__m512 x) {
 __attribute__((target("avx512f"))) void softmaxAvx512(float *x, int64_t count) {
   const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 maxima = lowest;
+  __mmask16 nan = 0;
   for (int64_t i = 0; i < count; i += 16) {
     const __mmask16 lanes = count - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (count - i)) - 1);
-    maxima = _mm512_max_ps(maxima, _mm512_mask_loadu_ps(lowest, lanes, x + i));
+    const __m512 v = _mm512_mask_loadu_ps(lowest, lanes, x + i);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    maxima = _mm512_max_ps(maxima, v);
+  }
+  if (nan) { // as the scalar softmax: a NaN anywhere makes the row NaN
+    std::fill(x, x + count, std::numeric_limits<float>::quiet_NaN());
+    return;
   }
   const __m512 maximum = _mm512_set1_ps(_mm512_reduce_max_ps(maxima));
   __m512 sums = _mm512_setzero_ps();

@@ -103,8 +103,8 @@ Expected<LoadedModel> loadModel(const std::string &directory, EngineOptions opti
       return Status::error(directory, ": ", status.message());
     if (namedTask)
       model.task = task;
-    if (options.maxMemoryBytes > 0) {
-      NestedPrecisions precisions = chooseNestedPrecisions(package->description, options.maxMemoryBytes);
+    if (options.nestedBudgetBytes > 0) {
+      NestedPrecisions precisions = chooseNestedPrecisions(package->description, options.nestedBudgetBytes);
       if (precisions.nestedExperts > 0) {
         package->description.nestedLow = precisions.low;
         char line[256];
@@ -114,7 +114,7 @@ Expected<LoadedModel> loadModel(const std::string &directory, EngineOptions opti
                       precisions.low.size(), static_cast<long long>(precisions.nestedExperts),
                       static_cast<double>(precisions.bytes) / 1048576.0,
                       static_cast<double>(precisions.highBytes) / 1048576.0,
-                      static_cast<double>(options.maxMemoryBytes) / 1048576.0,
+                      static_cast<double>(options.nestedBudgetBytes) / 1048576.0,
                       precisions.recordedCosts ? "recorded costs" : "value difference");
         model.notes.push_back(line);
         model.nestedPrecisions = std::move(precisions);

@@ -232,7 +232,7 @@ TEST(Package, NestedExpertsServeTwoBudgetsFromOneFile) {
 
   // Under --max-memory the engine loads those experts' low part: 2-bit codes.
   EngineOptions options;
-  options.maxMemoryBytes = budget;
+  options.nestedBudgetBytes = budget;
   auto mixed = loadModel(dir.file("n.moepkg"), options);
   ASSERT_TRUE(mixed.ok());
   ASSERT_TRUE(mixed->nestedPrecisions);
@@ -249,8 +249,15 @@ TEST(Package, NestedExpertsServeTwoBudgetsFromOneFile) {
             << "layer " << l << " expert " << e;
       }
   }
-  options.maxMemoryBytes = 1;
+  options.nestedBudgetBytes = 1;
   auto low = loadModel(dir.file("n.moepkg"), options);
+  // The layer-streaming budget alone (moec compress under --max-memory) keeps every expert high.
+  EngineOptions streaming;
+  streaming.maxMemoryBytes = 1;
+  auto streamed = loadModel(dir.file("n.moepkg"), streaming);
+  ASSERT_TRUE(streamed.ok());
+  EXPECT_FALSE(streamed->nestedPrecisions);
+  EXPECT_EQ(decodeLogits(*streamed), decodeLogits(*plain));
   auto direct = loadModel(dir.file("l.moepkg"));
   ASSERT_TRUE(low.ok() && direct.ok());
   const double between = heldOutPerplexity(*mixed, *mixed), lowest = heldOutPerplexity(*low, *low),

@@ -740,5 +740,10 @@ TEST(Softmax, TheVectorLanesAreWithinAFewUlpsOfTheExactValue) {
     EXPECT_LE(fastWorst, std::max(scalarWorst, 2.4e-7)) << count << ": no worse than the C library's";
     if (count > 2)
       EXPECT_EQ(fast[1], 0.0f);
+    // A NaN anywhere makes the row NaN, as the scalar softmax does.
+    std::vector<float> poisoned = values;
+    poisoned[static_cast<size_t>(count - 1)] = std::numeric_limits<float>::quiet_NaN();
+    kernels::softmax(poisoned.data(), count);
+    EXPECT_TRUE(std::isnan(poisoned[0])) << count;
   }
 }

@@ -105,6 +105,7 @@ Expected<LoadedModel> openModel(const ModelOptions &options) {
     if (!bytes)
       return Status::error("--max-memory '", options.maxMemory, "': expected a size such as 512M or 4G");
     engineOptions.maxMemoryBytes = *bytes;
+    engineOptions.nestedBudgetBytes = *bytes;
   }
   if (!options.expertCache.empty()) {
     std::optional<size_t> bytes = parseBytes(options.expertCache);

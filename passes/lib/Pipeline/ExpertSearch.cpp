@@ -200,6 +200,10 @@ Status checkMergeable(Engine &engine, const std::vector<SearchLayer> &layers) {
     if (!weights)
       return weights.status();
     const std::vector<MlpWeights> &experts = (*weights)->experts;
+    if (!(*weights)->routing.remap.empty() || static_cast<int64_t>(experts.size()) != layer.experts)
+      return Status::error("--merge-evaluations: layer ", layer.index,
+                           " has merged experts (router rows sharing a slot); the merge stage mixes a layer whose "
+                           "every router row is its own expert");
     for (size_t e = 0; e < experts.size(); ++e) {
       const MlpWeights &expert = experts[e];
       for (const Matrix *m : {&expert.gate, &expert.up, &expert.down})
@@ -283,6 +287,14 @@ Status checkExpertSearchOptions(const ModelSpec &spec, const ExpertSearchOptions
     return Status::error("--merge-scale must be a positive number, got ", options.mergeScale);
   if (!(options.mergeEntryProbability > 0 && options.mergeEntryProbability <= 1))
     return Status::error("--merge-entry-probability must lie in (0, 1], got ", options.mergeEntryProbability);
+  auto fraction = [](double p) { return p >= 0 && p <= 1; };
+  if (!(options.mergeLayerProbability > 0 && options.mergeLayerProbability <= 1) ||
+      !(options.layerProbability > 0 && options.layerProbability <= 1) || !fraction(options.crossoverProbability) ||
+      !fraction(options.crossoverFromFirst) || !fraction(options.normalizeProbability) ||
+      !fraction(options.swapProbability) || !(options.parentThreshold >= 0) || !(options.mergeParentThreshold >= 0) ||
+      options.crossoverParents < 2)
+    return Status::error("the search's probabilities must lie in [0, 1] (a layer's chance of changing in (0, 1]), "
+                         "its thresholds be >= 0 and crossover draw from at least 2 parents");
   if (options.sequenceLength < 2)
     return Status::error("--seq-len must be at least 2, got ", options.sequenceLength);
   std::vector<SearchLayer> layers = searchLayers(spec, options);

@@ -117,6 +117,11 @@ struct EngineOptions {
   /// Budget for converted layer weights; 0 means 3/4 of physical memory
   /// (the whole model when it fits).
   size_t maxMemoryBytes = 0;
+  /// A package with nested bit widths loads some experts at their low bits
+  /// so that its layer weights fit in this (chooseNestedPrecisions; `moec
+  /// eval/generate --max-memory` sets it with maxMemoryBytes); 0: every
+  /// expert at its high bits.
+  size_t nestedBudgetBytes = 0;
   /// Expert offloading: when non-zero, layers are held without their
   /// routed experts (under maxMemoryBytes), and routed experts are loaded
   /// one by one on demand into an ExpertCache of this many bytes.
