@@ -85,6 +85,20 @@ void unnestCodes(const NestedFormat &format, const uint8_t *nested, int64_t rows
     }
 }
 
+double nestedSquaredDifference(const NestedFormat &format, const uint8_t *nested, int64_t rows, int64_t cols) {
+  std::vector<uint8_t> highCodes(format.high.matrixBytes(rows, cols));
+  unnestCodes(format, nested, rows, cols, highCodes.data());
+  std::vector<float> high(static_cast<size_t>(rows * cols)), low(high.size());
+  dequantizeReference(format.high, highCodes.data(), rows, cols, high.data());
+  dequantizeReference(format.low(), nested, rows, cols, low.data());
+  double sum = 0;
+  for (size_t i = 0; i < high.size(); ++i) {
+    const double difference = static_cast<double>(high[i]) - low[i];
+    sum += difference * difference;
+  }
+  return sum;
+}
+
 std::string WeightFormat::name() const {
   return group ? group->name() : nested ? nested->name() : ggmlTraits(*ggml)->name;
 }

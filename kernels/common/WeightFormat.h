@@ -51,6 +51,10 @@ void nestCodes(const NestedFormat &format, const uint8_t *highCodes, const float
                uint8_t *out);
 /// The high matrix again (format.high's bytes) from nested bytes.
 void unnestCodes(const NestedFormat &format, const uint8_t *nested, int64_t rows, int64_t cols, uint8_t *highCodes);
+/// The sum over the matrix of (high value - low value)^2: what running a
+/// nested matrix at its low bits changes (the order of --max-memory's
+/// choice, and moe-quantize nested-cost's recorded cost).
+double nestedSquaredDifference(const NestedFormat &format, const uint8_t *nested, int64_t rows, int64_t cols);
 
 struct WeightFormat {
   std::optional<QuantFormat> group;   ///< moec's group format, or

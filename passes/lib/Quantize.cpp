@@ -313,9 +313,8 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     if (plan.codes) {
       // Another process's codes: in this format (nested, as that process
       // stored them, when nested-bits applies), of this size.
-      if (nestedBits != 0 && job.format.group && job.format.group->bits == 2 * nestedBits)
-        job.format = quant::WeightFormat{std::nullopt, std::nullopt,
-                                         quant::NestedFormat{*job.format.group, static_cast<int>(nestedBits)}};
+      if (std::optional<quant::NestedFormat> nested = nestedFormatOf(job.format))
+        job.format = quant::WeightFormat{std::nullopt, std::nullopt, *nested};
       const TensorInfo *info = plan.codes->find(symbolName);
       const size_t expected = job.format.matrixBytes(job.rows, job.cols);
       if (!info || info->dtype != DType::U8 || info->byteSize() != expected) {
@@ -460,6 +459,15 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     }
   }
 
+  /// The nested format `format`'s codes are stored in: nested-bits given
+  /// and `format` a group format of twice as many bits (matrices that
+  /// moe-allocate-bits gave another width stay plain); else none.
+  std::optional<quant::NestedFormat> nestedFormatOf(const quant::WeightFormat &format) const {
+    if (nestedBits == 0 || !format.group || format.group->bits != 2 * nestedBits)
+      return std::nullopt;
+    return quant::NestedFormat{*format.group, static_cast<int>(nestedBits)};
+  }
+
   /// Writes the codes to the store and points the tensor at them.
   LogicalResult finish(ir::ModelOp model, TensorAccess &access, const Plan &plan, Job &job) {
     if (!job.status.ok()) {
@@ -468,8 +476,8 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     }
     if (!job.where.empty()) // GPTQ ran
       ++gptqMatrices;
-    if (nestedBits != 0 && job.format.group && job.format.group->bits == 2 * nestedBits) {
-      const quant::NestedFormat nested{*job.format.group, static_cast<int>(nestedBits)};
+    if (std::optional<quant::NestedFormat> nestedOf = nestedFormatOf(job.format)) {
+      const quant::NestedFormat nested = *nestedOf;
       std::vector<uint8_t> bytes(nested.matrixBytes(job.rows, job.cols));
       quant::nestCodes(nested, job.packed.data(), job.values.empty() ? nullptr : job.values.data(), job.rows, job.cols,
                        bytes.data());
@@ -488,12 +496,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
                                     expert, " of layer ", where->second.layer, "; calibrate the model as it is now"));
             return failure();
           }
-          std::vector<float> high(static_cast<size_t>(job.rows * job.cols)), low(high.size());
-          job.format.dequantize(job.packed.data(), job.rows, job.cols, high.data());
-          quant::dequantizeReference(nested.low(), job.packed.data(), job.rows, job.cols, low.data());
-          double squared = 0;
-          for (size_t i = 0; i < high.size(); ++i)
-            squared += static_cast<double>(high[i] - low[i]) * (high[i] - low[i]);
+          const double squared = quant::nestedSquaredDifference(nested, job.packed.data(), job.rows, job.cols);
           job.tensor->setAttr("moe.nested_cost",
                               FloatAttr::get(Float64Type::get(model.getContext()), (*routed)[expert] * squared));
         }

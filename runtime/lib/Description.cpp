@@ -332,48 +332,28 @@ private:
     // from a package or GGUF mapping; a simulated model, or rows stored
     // interleaved, get f32 values.
     const bool asValues = description.dequantizeQuantized || tensor.interleavedHeads > 0;
-    auto keep = [&](const uint8_t *codes) {
-      out.quantFormat = format->group;
+    // Points `out` at codes in the package mapping (`mapped`) or in
+    // out.quantStorage. A nested matrix at its low bits is its low part, read
+    // in place; at its high bits, the high codes put back together and held.
+    auto keep = [&](const uint8_t *codes, bool mapped) {
+      if (format->nested && !nestedLow) {
+        std::vector<uint8_t> high(format->nested->high.matrixBytes(out.rows, out.cols));
+        quant::unnestCodes(*format->nested, codes, out.rows, out.cols, high.data());
+        out.quantFormat = format->nested->high;
+        out.quantStorage = std::move(high);
+        out.quantData = out.quantStorage.data();
+        return;
+      }
+      out.quantFormat = format->nested ? format->nested->low() : format->group;
       out.ggmlType = format->ggml;
       out.quantData = codes;
+      if (mapped) {
+        out.quantOwner = description.package;
+        out.quantMapping = description.package->file.get();
+      } else if (format->nested) {
+        out.quantStorage.resize(out.quantFormat->matrixBytes(out.rows, out.cols)); // the low part alone
+      }
     };
-    // A nested matrix at its low bits is the low part, read in place; at
-    // its high bits, the high codes put back together (held).
-    if (format->nested && !asValues) {
-      const uint8_t *codes = nullptr;
-      std::vector<uint8_t> bytes;
-      if (tensor.source == kPackageSource) {
-        if (tensor.size != expected || tensor.offset + tensor.size > description.package->size)
-          return wrongSize(tensor.size);
-        codes = description.package->data + tensor.offset;
-      } else {
-        DType dtype;
-        const SafetensorsFile *file;
-        const TensorInfo *info;
-        MOE_RETURN_IF_ERROR(readBytes(tensor, dtype, bytes, file, info));
-        if (bytes.size() != expected)
-          return wrongSize(bytes.size());
-        codes = bytes.data();
-      }
-      if (nestedLow) {
-        out.quantFormat = format->nested->low();
-        if (bytes.empty()) {
-          out.quantData = codes;
-          out.quantOwner = description.package;
-          out.quantMapping = description.package->file.get();
-        } else {
-          bytes.resize(out.quantFormat->matrixBytes(out.rows, out.cols));
-          out.quantStorage = std::move(bytes);
-          out.quantData = out.quantStorage.data();
-        }
-      } else {
-        out.quantFormat = format->nested->high;
-        out.quantStorage.resize(format->nested->high.matrixBytes(out.rows, out.cols));
-        quant::unnestCodes(*format->nested, codes, out.rows, out.cols, out.quantStorage.data());
-        out.quantData = out.quantStorage.data();
-      }
-      return Status::success();
-    }
     auto values = [&](const uint8_t *codes) {
       out.data.resize(static_cast<size_t>(out.rows * out.cols));
       format->dequantize(codes, out.rows, out.cols, out.data.data());
@@ -385,9 +365,7 @@ private:
       const uint8_t *codes = description.package->data + tensor.offset;
       if (asValues)
         return values(codes);
-      keep(codes);
-      out.quantOwner = description.package;
-      out.quantMapping = description.package->file.get();
+      keep(codes, true);
       return Status::success();
     }
     DType dtype;
@@ -400,7 +378,7 @@ private:
     if (asValues)
       return values(bytes.data());
     out.quantStorage = std::move(bytes);
-    keep(out.quantStorage.data());
+    keep(out.quantStorage.data(), false);
     return Status::success();
   }
 
@@ -497,15 +475,8 @@ NestedPrecisions chooseNestedPrecisions(const ModelDescription &description, uin
         if (recorded || !description.package || t->source != kPackageSource ||
             t->offset + format->matrixBytes(t->shape[0], t->shape[1]) > description.package->size)
           continue;
-        const int64_t rows = t->shape[0], cols = t->shape[1];
-        std::vector<float> highValues(static_cast<size_t>(rows * cols)), lowValues(highValues.size());
-        const uint8_t *bytes = description.package->data + t->offset;
-        format->dequantize(bytes, rows, cols, highValues.data());
-        quant::dequantizeReference(format->nested->low(), bytes, rows, cols, lowValues.data());
-        for (size_t i = 0; i < highValues.size(); ++i) {
-          const double difference = highValues[i] - lowValues[i];
-          candidate.error += difference * difference;
-        }
+        candidate.error += quant::nestedSquaredDifference(*format->nested, description.package->data + t->offset,
+                                                          t->shape[0], t->shape[1]);
       }
       if (nested) {
         ++chosen.nestedExperts;
