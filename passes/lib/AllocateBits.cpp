@@ -584,7 +584,7 @@ struct AllocateBitsPass : public moe::impl::MoeAllocateBitsBase<AllocateBitsPass
           after.setInsertionPointAfter(previous);
           previous = after.create<ir::ExpertOp>(expert.getLoc(), expert.getIdAttr(), after.getI64IntegerAttr(count),
                                                 parts[0], parts[1], parts[2], expert.getActivationAttr(),
-                                                after.getI64IntegerAttr(offset), expert.getOriginAttr());
+                                                after.getI64IntegerAttr(offset), expert.getOriginAttr(), ArrayAttr());
         }
         offset += count;
         ++part;

@@ -251,6 +251,12 @@ LogicalResult dropExperts(ir::ModelOp model, ir::LayerOp layer, const std::set<i
 
 LogicalResult refuseSplitExperts(ir::ModelOp model, StringRef passName) {
   WalkResult result = model.walk([&](ir::ExpertOp expert) {
+    if (expert.getLowRank()) {
+      expert.emitError() << passName << ": expert " << expert.getId()
+                         << " is factored into a base and low-rank deltas by moe-factor-experts; run " << passName
+                         << " before it";
+      return WalkResult::interrupt();
+    }
     if (!expert.getPartOffset())
       return WalkResult::advance();
     expert.emitError() << passName << ": expert " << expert.getId()

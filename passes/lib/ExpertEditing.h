@@ -70,8 +70,9 @@ void renumberExpert(ir::ExpertOp expert, int64_t id);
 void eraseUnusedTensors(ir::ModelOp model);
 
 /// Fails (naming `passName`) when an expert of `model` is split into parts
-/// (moe-allocate-bits granularity=micro-expert): passes that select, merge
-/// or slice experts run before the split.
+/// (moe-allocate-bits granularity=micro-expert) or factored
+/// (moe-factor-experts): passes that select, merge or slice experts run
+/// before either.
 mlir::LogicalResult refuseSplitExperts(ir::ModelOp model, llvm::StringRef passName);
 
 } // namespace moe

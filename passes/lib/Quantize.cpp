@@ -220,9 +220,27 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         const int64_t layer = static_cast<int64_t>(expert->getParentOfType<ir::LayerOp>().getIndex());
         const int64_t id = static_cast<int64_t>(expert.getId());
         const int64_t offset = expert.getPartOffset() ? static_cast<int64_t>(*expert.getPartOffset()) : -1;
-        plan.expertMatrices[expert.getGate().str()] = {layer, id, false, offset};
-        plan.expertMatrices[expert.getUp().str()] = {layer, id, false, offset};
-        plan.expertMatrices[expert.getDown().str()] = {layer, id, true, offset};
+        if (std::optional<ArrayAttr> lowRank = expert.getLowRank()) {
+          // Factored (moe-factor-experts): the right factors read the
+          // expert's own input (gate, up) and intermediate (down), so GPTQ
+          // has their Hessians; the left factors read a rank-wide
+          // projection, which has none recorded (RTN).
+          for (size_t f = 0; f < lowRank->size(); ++f) {
+            auto symbol = cast<FlatSymbolRefAttr>((*lowRank)[f]);
+            add(symbol);
+            plan.expertMatrices[symbol.getValue().str()] = {layer, id, f == 2, -1};
+          }
+        } else {
+          plan.expertMatrices[expert.getGate().str()] = {layer, id, false, offset};
+          plan.expertMatrices[expert.getUp().str()] = {layer, id, false, offset};
+          plan.expertMatrices[expert.getDown().str()] = {layer, id, true, offset};
+        }
+      } else if (auto base = dyn_cast<ir::ExpertBaseOp>(op); base && plan.kinds.count(QuantizeTarget::Experts)) {
+        // The factored experts' base (RTN: no Hessian is recorded for its
+        // inputs, every token's and the routing-weighted sum).
+        add(base.getGateAttr());
+        add(base.getUpAttr());
+        add(base.getDownAttr());
       } else if (auto shared = dyn_cast<ir::SharedExpertOp>(op); shared && plan.kinds.count(QuantizeTarget::Shared)) {
         add(shared.getGateAttr());
         add(shared.getUpAttr());
@@ -346,7 +364,8 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       shareFactor(plan, symbolName, job);
     } else if (where == plan.expertMatrices.end()) {
       tensor.emitRemark() << "moe-quantize: no Hessian is recorded for this tensor's input (MLA's q_b/kv_b, "
-                             "dense-layer MLPs, lm_head, embeddings); it gets RTN";
+                             "dense-layer MLPs, lm_head, embeddings, factored experts' base and left factors); it "
+                             "gets RTN";
     } else {
       const ExpertMatrix &m = where->second;
       FailureOr<std::vector<double>> coverage = plan.file->layer(m.layer, stats::kMomentTokens, tensor);

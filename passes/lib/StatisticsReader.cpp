@@ -61,6 +61,10 @@ bool StatisticsReader::has(int64_t layer, StringRef name) const {
   return file->find(concat("layers.", layer, ".", name.str())) != nullptr;
 }
 
+bool StatisticsReader::hasExpert(int64_t layer, int64_t expert, StringRef name) const {
+  return file->find(concat("layers.", layer, ".experts.", expert, ".", name.str())) != nullptr;
+}
+
 FailureOr<std::vector<double>> StatisticsReader::layer(int64_t layer, StringRef name, Operation *op) const {
   return read(concat("layers.", layer, ".", name.str()), op);
 }

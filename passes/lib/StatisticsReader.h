@@ -39,6 +39,8 @@ public:
   /// Whether the file holds `layers.<layer>.<name>` (statistics that newer
   /// calibrations add).
   bool has(int64_t layer, llvm::StringRef name) const;
+  /// Whether the file holds `layers.<layer>.experts.<expert>.<name>`.
+  bool hasExpert(int64_t layer, int64_t expert, llvm::StringRef name) const;
   /// `layers.<layer>.experts.<expert>.<name>`.
   mlir::FailureOr<std::vector<double>> expert(int64_t layer, int64_t expert, llvm::StringRef name,
                                               mlir::Operation *op) const;

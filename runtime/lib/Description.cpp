@@ -22,6 +22,8 @@ std::vector<const TensorRef *> matricesOf(const ExpertEntry &expert) {
   std::vector<const TensorRef *> matrices = {&expert.gate, &expert.up, &expert.down};
   for (const ExpertPart &part : expert.moreParts)
     matrices.insert(matrices.end(), {&part.gate, &part.up, &part.down});
+  for (const TensorRef &factor : expert.lowRank)
+    matrices.push_back(&factor);
   return matrices;
 }
 
@@ -53,6 +55,11 @@ public:
                           ? loadVector(tensor, *slot.vector)
                           : Status::error("tensor '", tensor.name, "': unexpected layer role ", tensorRoleName(role));
       MOE_RETURN_IF_ERROR(status);
+    }
+    if (entry.expertBase) {
+      MOE_RETURN_IF_ERROR(loadMatrix(entry.expertBase->gate, w.expertBase.gate));
+      MOE_RETURN_IF_ERROR(loadMatrix(entry.expertBase->up, w.expertBase.up));
+      MOE_RETURN_IF_ERROR(loadMatrix(entry.expertBase->down, w.expertBase.down));
     }
     w.experts.assign(entry.experts.size(), MlpWeights());
     if (routedExperts)
@@ -106,6 +113,19 @@ public:
     MOE_RETURN_IF_ERROR(loadMatrix(expert.gate, out.gate));
     MOE_RETURN_IF_ERROR(loadMatrix(expert.up, out.up));
     MOE_RETURN_IF_ERROR(loadMatrix(expert.down, out.down));
+    if (!expert.lowRank.empty()) {
+      // Factored: {gate a, gate b, up a, up b, down a, down b}.
+      out.lowRank.resize(6);
+      out.lowRank[0] = std::move(out.gate);
+      out.lowRank[2] = std::move(out.up);
+      out.lowRank[4] = std::move(out.down);
+      out.gate = Matrix();
+      out.up = Matrix();
+      out.down = Matrix();
+      for (size_t f = 0; f < 3; ++f)
+        MOE_RETURN_IF_ERROR(loadMatrix(expert.lowRank[f], out.lowRank[2 * f + 1]));
+      return Status::success();
+    }
     // A split expert's parts: each a gated MLP over its own neurons, the
     // widths adding up to the expert's.
     int64_t width = out.gate.rows;

@@ -72,6 +72,10 @@ Expected<json> summarizeDescription(const ModelDescription &description) {
                                                                      {&part.up, TensorRole::ExpertUp},
                                                                      {&part.down, TensorRole::ExpertDown}})
             parts.push_back(pair);
+        if (!expert.lowRank.empty())
+          parts.insert(parts.end(), {{&expert.lowRank[0], TensorRole::ExpertGate},
+                                     {&expert.lowRank[1], TensorRole::ExpertUp},
+                                     {&expert.lowRank[2], TensorRole::ExpertDown}});
         for (const auto &[ref, role] : parts) {
           Expected<uint64_t> bytes = account(*ref, role, format);
           if (!bytes)
@@ -79,15 +83,31 @@ Expected<json> summarizeDescription(const ModelDescription &description) {
           expertBytes += *bytes;
           formats.push_back(format);
         }
-        experts.push_back({{"id", expert.id},
-                           {"origin", expert.origin},
-                           {"width", expert.width},
-                           {"parts", 1 + expert.moreParts.size()},
-                           {"formats", formats},
-                           {"bytes", expertBytes}});
+        json record = {{"id", expert.id},       {"origin", expert.origin},
+                       {"width", expert.width}, {"parts", 1 + expert.moreParts.size()},
+                       {"formats", formats},    {"bytes", expertBytes}};
+        if (!expert.lowRank.empty())
+          record["ranks"] = {expert.gate.shape.at(1), expert.up.shape.at(1), expert.down.shape.at(1)};
+        experts.push_back(std::move(record));
         layerBytes += expertBytes;
       }
       out["experts"] = experts;
+      if (layer.expertBase) {
+        // The factored experts' base: stored once for the layer.
+        uint64_t baseBytes = 0;
+        json formats = json::array();
+        for (const auto &[ref, role] : {std::pair{&layer.expertBase->gate, TensorRole::ExpertGate},
+                                        std::pair{&layer.expertBase->up, TensorRole::ExpertUp},
+                                        std::pair{&layer.expertBase->down, TensorRole::ExpertDown}}) {
+          Expected<uint64_t> bytes = account(*ref, role, format);
+          if (!bytes)
+            return bytes.status();
+          baseBytes += *bytes;
+          formats.push_back(format);
+        }
+        out["expert_base"] = {{"width", layer.expertBase->width}, {"formats", formats}, {"bytes", baseBytes}};
+        layerBytes += baseBytes;
+      }
     }
     out["bytes"] = layerBytes;
     layers.push_back(out);

@@ -380,6 +380,37 @@ void swiglu(const MlpWeights &mlp, const float *x, int64_t n, std::vector<float>
   intermediate = std::move(joined);
 }
 
+/// out[n, Out] = a b in[n, In] (a: [Out, rank], b: [rank, In]), through
+/// `low` ([n, rank]).
+void lowRankProduct(const Matrix &a, const Matrix &b, const float *in, int64_t n, std::vector<float> &low, float *out) {
+  low.resize(static_cast<size_t>(n * b.rows));
+  linear(in, n, b, low.data());
+  linear(low.data(), n, a, out);
+}
+
+/// out[n, H] = a factored expert (moe-factor-experts: the layer's `base`
+/// plus the expert's low-rank deltas) on x[n, H]; `intermediate` receives
+/// silu(gate)*up. The path for observers, which see each expert whole.
+void factoredSwiglu(const MlpWeights &base, const MlpWeights &expert, const float *x, int64_t n,
+                    std::vector<float> &intermediate, float *out) {
+  const int64_t width = base.gate.rows, H = base.down.rows;
+  std::vector<float> up(static_cast<size_t>(n * width)), delta(static_cast<size_t>(n * std::max(width, H))), low;
+  intermediate.resize(static_cast<size_t>(n * width));
+  auto add = [&](const Matrix &a, const Matrix &b, const float *in, float *target, int64_t count) {
+    lowRankProduct(a, b, in, n, low, delta.data());
+    for (int64_t i = 0; i < count; ++i)
+      target[i] += delta[static_cast<size_t>(i)];
+  };
+  linear(x, n, base.gate, intermediate.data());
+  add(expert.lowRank[0], expert.lowRank[1], x, intermediate.data(), n * width);
+  linear(x, n, base.up, up.data());
+  add(expert.lowRank[2], expert.lowRank[3], x, up.data(), n * width);
+  for (size_t i = 0; i < up.size(); ++i)
+    intermediate[i] = silu(intermediate[i]) * up[i];
+  linear(intermediate.data(), n, base.down, out);
+  add(expert.lowRank[4], expert.lowRank[5], intermediate.data(), out, n * H);
+}
+
 /// One token's routed experts (slots in order, each with its summed
 /// routing weight) and the shared expert (weight: its gate), in two
 /// parallel regions: gate and up of every expert over the concatenated
@@ -408,7 +439,7 @@ bool decodeExperts(const std::vector<std::pair<const MlpWeights *, float>> &mlps
   s.input.reset(x, H);
   int64_t firstBytes = 0, secondBytes = 0;
   for (const auto &[mlp, weight] : mlps) {
-    if (!mlp->moreParts.empty())
+    if (!mlp->moreParts.empty() || mlp->factored())
       return false;
     s.input.prepareFor(mlp->gate);
     s.input.prepareFor(mlp->up);
@@ -469,6 +500,72 @@ void addSharedExpert(const ModelSpec &spec, const LayerSpec &layer, const LayerW
       out[t * H + i] += gate * shared[t * H + i];
   }
 }
+
+namespace {
+
+/// A MoE block whose experts are factored (moe-factor-experts), without
+/// observers: the base's gate and up once for every token, each expert's
+/// low-rank deltas over its own tokens, and the base's down once over the
+/// routing-weighted sum of the experts' intermediates (down is linear, so
+/// that adds the base's share of every expert's output). `expert`, `take`
+/// and `release` are moeBlock's (masks, the expert cache, fallbacks).
+template <typename Expert, typename Take, typename Release>
+Status factoredBlock(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &w, const float *x,
+                     int64_t tokens, float *out, const std::vector<std::vector<int32_t>> &tokensOf,
+                     const std::vector<std::vector<float>> &weightsOf, Expert &expert, Take &take, Release &release) {
+  const int64_t H = spec.hiddenSize;
+  const MlpWeights &base = w.expertBase;
+  const int64_t W = base.gate.rows;
+  thread_local std::vector<float> baseGate, baseUp, mixed, input, low, gate, up, output;
+  baseGate.resize(static_cast<size_t>(tokens * W));
+  baseUp.resize(static_cast<size_t>(tokens * W));
+  linear(x, tokens, base.gate, baseGate.data());
+  linear(x, tokens, base.up, baseUp.data());
+  mixed.assign(static_cast<size_t>(tokens * W), 0.0f);
+  std::fill(out, out + tokens * H, 0.0f);
+  for (size_t e = 0; e < tokensOf.size(); ++e) {
+    const std::vector<int32_t> &routed = tokensOf[e];
+    if (routed.empty())
+      continue;
+    const int64_t n = static_cast<int64_t>(routed.size());
+    input.resize(static_cast<size_t>(n * H));
+    for (int64_t r = 0; r < n; ++r)
+      std::copy_n(x + routed[r] * H, H, input.data() + r * H);
+    MOE_RETURN_IF_ERROR(take(static_cast<int64_t>(e)));
+    const MlpWeights &m = expert(static_cast<int64_t>(e));
+    if (!m.factored() || m.lowRank[0].rows != W)
+      return Status::error("layer ", layer.index, " expert slot ", e,
+                           " is not factored like its layer's base (moe-factor-experts)");
+    gate.resize(static_cast<size_t>(n * W));
+    up.resize(static_cast<size_t>(n * W));
+    output.resize(static_cast<size_t>(n * H));
+    lowRankProduct(m.lowRank[0], m.lowRank[1], input.data(), n, low, gate.data());
+    lowRankProduct(m.lowRank[2], m.lowRank[3], input.data(), n, low, up.data());
+    for (int64_t r = 0; r < n; ++r) {
+      const float *g = baseGate.data() + routed[r] * W, *u = baseUp.data() + routed[r] * W;
+      for (int64_t j = 0; j < W; ++j)
+        gate[r * W + j] = silu(g[j] + gate[r * W + j]) * (u[j] + up[r * W + j]);
+    }
+    lowRankProduct(m.lowRank[4], m.lowRank[5], gate.data(), n, low, output.data());
+    release(static_cast<int64_t>(e));
+    for (int64_t r = 0; r < n; ++r) {
+      const float weight = weightsOf[e][static_cast<size_t>(r)];
+      float *target = out + routed[r] * H, *sum = mixed.data() + routed[r] * W;
+      for (int64_t i = 0; i < H; ++i)
+        target[i] += weight * output[r * H + i];
+      for (int64_t j = 0; j < W; ++j)
+        sum[j] += weight * gate[r * W + j];
+    }
+  }
+  output.resize(static_cast<size_t>(tokens * H));
+  linear(mixed.data(), tokens, base.down, output.data());
+  for (int64_t i = 0; i < tokens * H; ++i)
+    out[i] += output[static_cast<size_t>(i)];
+  addSharedExpert(spec, layer, w, x, tokens, out, nullptr);
+  return Status::success();
+}
+
+} // namespace
 
 void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &w, const float *x,
                      int64_t tokens, float *out, const MoeBlockHooks &hooks) {
@@ -561,6 +658,9 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
     hooks.counters->routedTokens += tokens;
     hooks.counters->expertCalls += calls;
   }
+  const bool factored = !w.expertBase.gate.empty();
+  if (factored && !observer)
+    return factoredBlock(spec, layer, w, x, tokens, out, tokensOf, weightsOf, expert, take, release);
   if (decode) {
     // Decode: the chosen experts and the shared expert together.
     thread_local std::vector<std::pair<const MlpWeights *, float>> perThread;
@@ -638,7 +738,10 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
     if (allExperts) {
       MOE_RETURN_IF_ERROR(take(e));
       output.resize(static_cast<size_t>(tokens * H));
-      swiglu(expert(e), x, tokens, intermediate, output.data());
+      if (factored)
+        factoredSwiglu(w.expertBase, expert(e), x, tokens, intermediate, output.data());
+      else
+        swiglu(expert(e), x, tokens, intermediate, output.data());
       release(e);
       observer->onExpert(layer.index, e, everyToken, std::span<const float>(x, tokens * H), intermediate, output);
       for (size_t r = 0; r < routed.size(); ++r) {
@@ -658,7 +761,10 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
       std::copy_n(x + routed[r] * H, H, input.data() + r * H);
     output.resize(static_cast<size_t>(n * H));
     MOE_RETURN_IF_ERROR(take(e));
-    swiglu(expert(e), input.data(), n, intermediate, output.data());
+    if (factored)
+      factoredSwiglu(w.expertBase, expert(e), input.data(), n, intermediate, output.data());
+    else
+      swiglu(expert(e), input.data(), n, intermediate, output.data());
     release(e);
     if (observer)
       observer->onExpert(layer.index, e, routed, input, intermediate, output);
@@ -716,6 +822,9 @@ Status Engine::setReplacedExperts(std::map<int64_t, std::map<int64_t, std::share
     Expected<std::shared_ptr<const LayerWeights>> loaded = layers->get(layer);
     if (!loaded)
       return loaded.status();
+    if (!(*loaded)->expertBase.gate.empty())
+      return Status::error("replaced experts: layer ", layer,
+                           "'s experts are factored (moe-factor-experts); replace experts before factoring");
     const int64_t slotCount = static_cast<int64_t>((*loaded)->experts.size());
     auto filled = [](const Matrix &m) {
       const size_t count = static_cast<size_t>(m.rows * m.cols);

@@ -574,6 +574,9 @@ Expected<double> Engine::lossGradients(std::span<const int32_t> tokens, Gradient
     if (!loaded)
       return loaded.status();
     const LayerWeights &w = **loaded;
+    if (!w.expertBase.gate.empty())
+      return Status::error("gradients: layer ", l,
+                           "'s experts are factored (moe-factor-experts); the backward pass reads dense experts");
     const LayerSpec &layer = spec.layers[static_cast<size_t>(l)];
     const Buffer &input = inputs[l];
     // Recompute: h = x + Attn(Norm1(x)), the MLP's input Norm2(h).

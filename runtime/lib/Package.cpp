@@ -182,7 +182,16 @@ Expected<OpenedPackage> openPackage(const std::string &path) {
             MOE_RETURN_IF_ERROR(matrices(part, p.gate, p.up, p.down));
           }
         }
+        if (expert.contains("low_rank")) {
+          e.lowRank.resize(3);
+          MOE_RETURN_IF_ERROR(matrices(expert.at("low_rank"), e.lowRank[0], e.lowRank[1], e.lowRank[2]));
+        }
         layer.experts.push_back(std::move(e));
+      }
+      if (entry.contains("expert_base")) {
+        ExpertPart &base = layer.expertBase.emplace();
+        base.width = entry.at("expert_base").at("width").get<int64_t>();
+        MOE_RETURN_IF_ERROR(matrices(entry.at("expert_base"), base.gate, base.up, base.down));
       }
       LayerSpec &spec = description.spec.layers[l];
       if (spec.mlp == MlpKind::Moe) {

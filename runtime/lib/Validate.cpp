@@ -93,8 +93,9 @@ private:
 
   Status checkMatrix(int64_t layer, int64_t id, const TensorRef &tensor, const char *what, std::vector<int64_t> shape) {
     if (tensor.shape != shape)
-      return fail(layerName(layer), " expert ", id, ": its ", what, " tensor '", tensor.name, "' has shape ",
-                  formatShape(tensor.shape), "; expected ", formatShape(shape));
+      return fail(layerName(layer), id >= 0 ? " expert " + std::to_string(id) : std::string(" (experts' base)"),
+                  ": its ", what, " tensor '", tensor.name, "' has shape ", formatShape(tensor.shape), "; expected ",
+                  formatShape(shape));
     return Status::success();
   }
 
@@ -141,6 +142,35 @@ private:
       if (expert.width < 1 || firstWidth < 1)
         return fail(layerName(l), " expert ", expert.id, ": width ", expert.width, " (its first part ", firstWidth,
                     ") must be positive");
+      if (layer.expertBase.has_value() != !expert.lowRank.empty())
+        return fail(layerName(l), " expert ", expert.id,
+                    layer.expertBase ? " is not factored, but the layer has a factored experts' base"
+                                     : " has low-rank factors, but the layer has no experts' base");
+      if (!expert.lowRank.empty()) {
+        // Factored (moe-factor-experts): left factors [out, rank], right
+        // factors [rank, in], a rank of at least 1 each.
+        if (expert.lowRank.size() != 3 || !expert.moreParts.empty())
+          return fail(layerName(l), " expert ", expert.id, ": a factored expert has three right factors and no parts");
+        if (expert.width != layer.expertBase->width)
+          return fail(layerName(l), " expert ", expert.id, ": width ", expert.width, ", its base's ",
+                      layer.expertBase->width);
+        const TensorRef *left[3] = {&expert.gate, &expert.up, &expert.down};
+        const char *names[3] = {"gate", "up", "down"};
+        const int64_t outs[3] = {firstWidth, firstWidth, H}, ins[3] = {H, H, firstWidth};
+        for (int m = 0; m < 3; ++m) {
+          const std::vector<int64_t> &shape = left[m]->shape;
+          const int64_t rank = shape.size() == 2 ? shape[1] : 0;
+          if (rank < 1 || rank > std::min(outs[m], ins[m]))
+            return fail(layerName(l), " expert ", expert.id, ": the ", names[m], " left factor '", left[m]->name,
+                        "' has shape ", formatShape(shape), "; expected [", outs[m],
+                        ", rank] with 1 <= rank <= ", std::min(outs[m], ins[m]));
+          MOE_RETURN_IF_ERROR(checkMatrix(l, expert.id, *left[m], names[m], {outs[m], rank}));
+          MOE_RETURN_IF_ERROR(checkMatrix(l, expert.id, expert.lowRank[static_cast<size_t>(m)],
+                                          (std::string(names[m]) + " right factor").c_str(), {rank, ins[m]}));
+        }
+        widest = std::max(widest, expert.width);
+        continue;
+      }
       MOE_RETURN_IF_ERROR(checkMatrix(l, expert.id, expert.gate, "gate", {firstWidth, H}));
       MOE_RETURN_IF_ERROR(checkMatrix(l, expert.id, expert.up, "up", {firstWidth, H}));
       MOE_RETURN_IF_ERROR(checkMatrix(l, expert.id, expert.down, "down", {H, firstWidth}));
@@ -150,6 +180,14 @@ private:
         MOE_RETURN_IF_ERROR(checkMatrix(l, expert.id, part.down, "part down", {H, part.width}));
       }
       widest = std::max(widest, expert.width);
+    }
+    if (layer.expertBase) {
+      const int64_t W = layer.expertBase->width;
+      if (W < 1)
+        return fail(layerName(l), ": the experts' base has width ", W);
+      MOE_RETURN_IF_ERROR(checkMatrix(l, -1, layer.expertBase->gate, "gate", {W, H}));
+      MOE_RETURN_IF_ERROR(checkMatrix(l, -1, layer.expertBase->up, "up", {W, H}));
+      MOE_RETURN_IF_ERROR(checkMatrix(l, -1, layer.expertBase->down, "down", {H, W}));
     }
     if (layerSpec.expertIntermediateSize < widest)
       return fail(layerName(l), " declares expert width ", layerSpec.expertIntermediateSize, " but an expert has ",

@@ -118,7 +118,7 @@ size_t LayerWeights::bytes() const {
        {&attentionNorm, &attentionNormBias, &mlpNorm, &mlpNormBias, &queryBias, &keyBias, &valueBias, &outputBias,
         &queryNorm, &keyNorm, &queryDownNorm, &kvDownNorm, &routerCorrectionBias, &sharedExpertGate})
     total += vector->size() * sizeof(float);
-  total += dense.bytes() + shared.bytes();
+  total += dense.bytes() + shared.bytes() + expertBase.bytes();
   for (const MlpWeights &expert : experts)
     total += expert.bytes();
   return total;
@@ -130,6 +130,8 @@ Status forEachMatrix(MlpWeights &mlp, const std::function<Status(Matrix &)> &vis
       MOE_RETURN_IF_ERROR(visit(*matrix));
   for (MlpWeights &part : mlp.moreParts)
     MOE_RETURN_IF_ERROR(forEachMatrix(part, visit));
+  for (Matrix &factor : mlp.lowRank)
+    MOE_RETURN_IF_ERROR(visit(factor));
   return Status::success();
 }
 
@@ -140,6 +142,7 @@ Status forEachMatrix(LayerWeights &layer, const std::function<Status(Matrix &)> 
       MOE_RETURN_IF_ERROR(visit(*matrix));
   MOE_RETURN_IF_ERROR(forEachMatrix(layer.dense, visit));
   MOE_RETURN_IF_ERROR(forEachMatrix(layer.shared, visit));
+  MOE_RETURN_IF_ERROR(forEachMatrix(layer.expertBase, visit));
   for (MlpWeights &expert : layer.experts)
     MOE_RETURN_IF_ERROR(forEachMatrix(expert, visit));
   return Status::success();
@@ -379,6 +382,13 @@ void requantize(const Matrix &matrix, const quant::QuantFormat &format, Matrix &
 }
 
 void requantize(const MlpWeights &expert, const quant::QuantFormat &format, MlpWeights &out) {
+  if (expert.factored()) {
+    // A factored expert's copy: its low-rank factors rounded (the base stays).
+    out.lowRank.resize(expert.lowRank.size());
+    for (size_t f = 0; f < expert.lowRank.size(); ++f)
+      requantize(expert.lowRank[f], format, out.lowRank[f]);
+    return;
+  }
   requantize(expert.gate, format, out.gate);
   requantize(expert.up, format, out.up);
   requantize(expert.down, format, out.down);

@@ -287,6 +287,187 @@ TEST(MixExperts, EveryTermReadsTheExpertsAsTheyWereBeforeThePass) {
   }
 }
 
+/// Every expert's matrices whole (base + a b), in f32, from a factored
+/// engine's layer: what the factored experts stand for.
+std::map<int64_t, std::map<int64_t, std::shared_ptr<const MlpWeights>>> denseOfFactored(Engine &engine,
+                                                                                        const ModelSpec &spec) {
+  std::map<int64_t, std::map<int64_t, std::shared_ptr<const MlpWeights>>> out;
+  auto values = [](const Matrix &m) {
+    std::vector<float> v(static_cast<size_t>(m.rows * m.cols));
+    for (int64_t r = 0; r < m.rows; ++r)
+      m.copyRow(r, v.data() + r * m.cols);
+    return v;
+  };
+  for (int64_t l = 0; l < spec.numLayers; ++l) {
+    if (spec.layers[static_cast<size_t>(l)].mlp != MlpKind::Moe)
+      continue;
+    auto layer = engine.layerWeights(l);
+    EXPECT_TRUE(layer.ok());
+    const LayerWeights &w = **layer;
+    EXPECT_FALSE(w.expertBase.gate.empty()) << "layer " << l << " is factored";
+    for (size_t e = 0; e < w.experts.size(); ++e) {
+      auto dense = std::make_shared<MlpWeights>();
+      const Matrix *bases[3] = {&w.expertBase.gate, &w.expertBase.up, &w.expertBase.down};
+      Matrix *targets[3] = {&dense->gate, &dense->up, &dense->down};
+      for (int m = 0; m < 3; ++m) {
+        const Matrix &a = w.experts[e].lowRank[2 * m], &b = w.experts[e].lowRank[2 * m + 1];
+        std::vector<float> sum = values(*bases[m]), av = values(a), bv = values(b);
+        for (int64_t i = 0; i < a.rows; ++i)
+          for (int64_t j = 0; j < b.cols; ++j) {
+            double dot = 0;
+            for (int64_t k = 0; k < a.cols; ++k)
+              dot += static_cast<double>(av[i * a.cols + k]) * bv[k * b.cols + j];
+            sum[i * b.cols + j] += static_cast<float>(dot);
+          }
+        targets[m]->rows = a.rows;
+        targets[m]->cols = b.cols;
+        targets[m]->data = std::move(sum);
+      }
+      out[l][static_cast<int64_t>(e)] = dense;
+    }
+  }
+  return out;
+}
+
+TEST(FactorExperts, ExpertsThatDifferByLowRankTermsComeBackWhole) {
+  // Every expert is expert 0 plus one rank-1 term per matrix, so each one's
+  // difference from any weighted mean of them has rank at most 7: eight
+  // ranks per matrix restore the experts up to bf16 rounding of the factors.
+  float amplitude = 0.05f;
+  auto perturbed = [&](const std::string &name, const std::vector<int64_t> &shape, std::vector<float> &values,
+                       const std::map<std::string, std::vector<float>> &all) {
+    size_t at = name.find(".experts.");
+    if (at == std::string::npos)
+      return;
+    const int e = name[at + 9] - '0';
+    values = expertZeroOf(name, at, all);
+    if (e == 0)
+      return;
+    for (int64_t r = 0; r < shape[0]; ++r)
+      for (int64_t c = 0; c < shape[1]; ++c)
+        values[r * shape[1] + c] += amplitude * std::sin(0.37f * static_cast<float>(r * e + 1)) *
+                                    std::cos(0.11f * static_cast<float>(c + 3 * e));
+  };
+  TempDir dir;
+  writeEditedFixture("tiny-mixtral", dir.file("model"), perturbed);
+  auto original = loadModel(dir.file("model"));
+  ASSERT_TRUE(original.ok());
+  const std::vector<float> expected = logits(*original);
+  writeLayerStats(dir.file("stats.safetensors"), 4, {90, 10, 40, 60, 20, 30, 70, 80}, std::vector<double>(64, 0.0));
+  auto factorAt = [&](const std::string &directory, const std::string &options) {
+    auto compiled = importDirectory(directory, dir.file("f.moestore"));
+    EXPECT_TRUE(
+        runPipeline(*compiled, "moe-factor-experts{stats=" + dir.file("stats.safetensors") + " " + options + "}"));
+    return compiled;
+  };
+  auto compiled = factorAt(dir.file("model"), "ratio=0.25 rank-multiple=8");
+  int64_t bases = 0;
+  for (ir::LayerOp layer : compiled->model().getBody().getOps<ir::LayerOp>())
+    for (ir::MoeBlockOp block : layer.getBody().getOps<ir::MoeBlockOp>()) {
+      bases += std::distance(block.getBody().getOps<ir::ExpertBaseOp>().begin(),
+                             block.getBody().getOps<ir::ExpertBaseOp>().end());
+      for (ir::ExpertOp expert : block.getBody().getOps<ir::ExpertOp>())
+        EXPECT_TRUE(expert.getLowRank().has_value());
+    }
+  EXPECT_EQ(bases, 4);
+  LoadedModel factored = run(*compiled);
+  // What is left is the bf16 rounding of the base (a weighted mean of the
+  // experts, stored in their dtype), the same whatever the terms' size.
+  const float restored = maxDifference(logits(factored), expected);
+  EXPECT_LT(restored, 0.05f);
+  // One rank each cannot hold the seven terms: the same pass visibly fails.
+  auto starved = factorAt(dir.file("model"), "ratio=0.14 rank-multiple=1");
+  LoadedModel truncated = run(*starved);
+  EXPECT_GT(maxDifference(logits(truncated), expected), 5 * restored);
+
+  // Identical experts: the base is each of them exactly, every delta zero,
+  // and the factored engine computes the same function (float order aside).
+  amplitude = 0;
+  writeEditedFixture("tiny-mixtral", dir.file("same"), perturbed);
+  auto same = loadModel(dir.file("same"));
+  ASSERT_TRUE(same.ok());
+  auto sameFactored = factorAt(dir.file("same"), "ratio=0.25 rank-multiple=8");
+  LoadedModel sameRun = run(*sameFactored);
+  EXPECT_LT(maxDifference(logits(sameRun), logits(*same)), 1e-4f);
+}
+
+TEST(FactorExperts, TheEngineRunsTheFactoredFormAsTheDenseExpertsItStandsFor) {
+  // tiny-deepseek (a dense first layer, shared experts), calibrated with
+  // moments for the whitened SVD; half of the experts' parameters kept.
+  TempDir dir;
+  const std::string fixture = dataDir() + "/fixtures/tiny-deepseek";
+  auto model = loadModel(fixture);
+  ASSERT_TRUE(model.ok());
+  auto streams = readEvalData(dataDir() + "/brown/calibration.jsonl", model->tokenizer.get(), model->endOfText);
+  CalibrationOptions options;
+  options.maxTokens = 2048;
+  options.inputMoments = true;
+  auto stats = calibrate(*model->engine, *streams, options);
+  ASSERT_TRUE(stats.ok());
+  ASSERT_TRUE(writeStatistics(*stats, options, dir.file("stats.safetensors")).ok());
+  auto compiled = importDirectory(fixture, dir.file("m.moestore"));
+  ASSERT_TRUE(runPipeline(*compiled, "moe-factor-experts{stats=" + dir.file("stats.safetensors") + " ratio=0.5}"));
+  LoadedModel factored = run(*compiled);
+  const std::vector<float> fast = logits(factored);
+
+  // The dense experts it stands for, run in place of the original experts.
+  ASSERT_TRUE(model->engine->setReplacedExperts(denseOfFactored(*factored.engine, factored.spec)).ok());
+  const std::vector<float> dense = logits(*model);
+  EXPECT_LT(maxDifference(fast, dense), 1e-3f);
+  EXPECT_GT(maxDifference(fast, logits(*loadModel(fixture))), 1e-2f) << "factoring changed the model";
+
+  // Token by token (decode: one token a block) as the whole window.
+  {
+    KvCache cache = factored.engine->newCache();
+    std::vector<float> step;
+    for (int32_t id : kIds)
+      ASSERT_TRUE(factored.engine->forward(std::span<const int32_t>(&id, 1), cache, step).ok());
+    const size_t V = step.size();
+    EXPECT_LT(maxDifference(step, std::vector<float>(fast.end() - static_cast<std::ptrdiff_t>(V), fast.end())), 1e-3f);
+  }
+  // Offloaded experts (an expert cache of two experts' size): bit for bit.
+  EngineOptions cacheOptions;
+  cacheOptions.expertCacheBytes = 20000;
+  auto offloaded = loadDescribedModel(lowerToDescription(compiled->model(), "").take(), cacheOptions);
+  ASSERT_TRUE(offloaded.ok()) << offloaded.status().message();
+  EXPECT_EQ(logits(*offloaded), fast);
+  EXPECT_GT(offloaded->engine->expertCache()->counters().misses, 0);
+  // Calibration (observers: each expert run whole) works on it.
+  CalibrationOptions again;
+  again.maxTokens = 256;
+  auto restats = calibrate(*factored.engine, *streams, again);
+  ASSERT_TRUE(restats.ok()) << restats.status().message();
+  // What cannot see factored experts says so.
+  EXPECT_FALSE(factored.engine->setReplacedExperts(denseOfFactored(*factored.engine, factored.spec)).ok());
+  EXPECT_FALSE(runPipeline(*compiled, "moe-prune-atoms{method=magnitude ratio=0.25}"));
+  EXPECT_FALSE(runPipeline(*compiled, "moe-factor-experts{stats=" + dir.file("stats.safetensors") + " ratio=0.5}"));
+  // Quantised afterwards, base and factors alike.
+  ASSERT_TRUE(runPipeline(*compiled, "moe-quantize{bits=8 group=32}"));
+  int64_t plain = 0;
+  compiled->model().walk([&](ir::TensorOp tensor) {
+    plain += tensor.getSymName().contains("lr_") && !tensor.getQuantAttr();
+    plain += tensor.getSymName().contains("expert_base") && !tensor.getQuantAttr();
+  });
+  EXPECT_EQ(plain, 0);
+  LoadedModel quantized = run(*compiled);
+  EXPECT_LT(maxDifference(logits(quantized), fast), 0.1f);
+}
+
+TEST(FactorExperts, ImpossibleOptionsAreNamed) {
+  TempDir dir;
+  writeLayerStats(dir.file("stats.safetensors"), 4, {1, 1, 1, 1, 1, 1, 1, 1}, std::vector<double>(64, 0.0));
+  const std::string fixture = dataDir() + "/fixtures/tiny-mixtral";
+  for (const std::string bad :
+       {"moe-factor-experts{ratio=0.5}", "moe-factor-experts{stats=S ratio=0}", "moe-factor-experts{stats=S ratio=1}",
+        "moe-factor-experts{stats=S rank-multiple=0}", "moe-factor-experts{stats=S ratio=0.01}"}) {
+    std::string pipeline = bad;
+    if (size_t at = pipeline.find("=S"); at != std::string::npos)
+      pipeline.replace(at + 1, 1, dir.file("stats.safetensors"));
+    auto compiled = importDirectory(fixture, dir.file("m.moestore"));
+    EXPECT_FALSE(runPipeline(*compiled, pipeline)) << bad;
+  }
+}
+
 TEST(PruneAtoms, DeadNeuronsGoFirstAndOutputsStay) {
   // Neurons 0..39 of every expert have a zero down column: they never
   // contribute, so removing a quarter of the neurons removes exactly them.

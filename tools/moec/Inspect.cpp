@@ -329,6 +329,17 @@ int runInspectCompiled(const InspectOptions &options) {
                  std::to_string(layer["experts"].size()) + " merged experts";
     if (layer.contains("skip_threshold"))
       routing += ", skip below " + std::to_string(layer["skip_threshold"].get<double>());
+    if (layer.contains("expert_base")) {
+      // Factored experts: the shared base and the deltas' ranks.
+      int64_t lowest = -1, highest = 0;
+      for (const json &expert : layer["experts"])
+        for (const json &rank : expert.value("ranks", json::array())) {
+          lowest = lowest < 0 ? rank.get<int64_t>() : std::min(lowest, rank.get<int64_t>());
+          highest = std::max(highest, rank.get<int64_t>());
+        }
+      routing += ", factored: base " + formatBytes(layer["expert_base"]["bytes"].get<int64_t>()) +
+                 " + deltas of rank " + std::to_string(lowest) + "-" + std::to_string(highest);
+    }
     std::printf("%-6d %-8s %-8zu %-22s %-28s %s\n", layer["index"].get<int>(), "moe", layer["experts"].size(),
                 widthText.c_str(), formatText.c_str(), routing.c_str());
   }

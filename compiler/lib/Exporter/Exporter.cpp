@@ -220,6 +220,12 @@ Status exportHuggingFace(ir::ModelOp model, const std::string &directory, std::v
       ir::RouterOp router = *block.getBody().getOps<ir::RouterOp>().begin();
       std::vector<ir::ExpertOp> slots;
       for (ir::ExpertOp expert : block.getBody().getOps<ir::ExpertOp>()) {
+        if (expert.getLowRank())
+          return Status::error("layer ", layer.getIndex(), " expert ", expert.getId(),
+                               " is factored into a shared base and low-rank deltas (moe-factor-experts), which a ",
+                               spec->architecture,
+                               " checkpoint cannot hold: use the package backend (moec emit), or export the module "
+                               "from before moe-factor-experts");
         if (expert.getPartOffset())
           return Status::error("layer ", layer.getIndex(), " expert ", expert.getId(),
                                " is split into parts (micro-expert mixed precision), which a ", spec->architecture,

@@ -468,6 +468,10 @@ Status exportGguf(const ModelDescription &description, const GgufAssets &assets,
     }
     if (firstMoe < 0)
       firstMoe = static_cast<int64_t>(l);
+    if (layer.expertBase)
+      return Status::error(where, ": layer ", l, " has factored experts (moe-factor-experts: a shared base plus ",
+                           "low-rank deltas), which no llama.cpp tensor layout holds; run the package (moec emit), ",
+                           "or export the module from before moe-factor-experts");
     if (layer.routing.skipThreshold > 0)
       return Status::error(where, ": layer ", l, " skips experts dynamically (threshold ", layer.routing.skipThreshold,
                            "); llama.cpp runs every chosen expert, so the GGUF model ",

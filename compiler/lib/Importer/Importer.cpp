@@ -252,7 +252,7 @@ Expected<OwningOpRef<ModuleOp>> importModel(MLIRContext &context, const ModelSpe
       builder.create<ir::ExpertOp>(location, builder.getI64IntegerAttr(id),
                                    builder.getI64IntegerAttr(layer.expertIntermediateSize), symbol(names[0]),
                                    symbol(names[1]), symbol(names[2]), builder.getStringAttr("silu"), IntegerAttr(),
-                                   IntegerAttr());
+                                   IntegerAttr(), ArrayAttr());
     if (layer.shared.intermediateSize > 0)
       builder.create<ir::SharedExpertOp>(location, builder.getI64IntegerAttr(layer.shared.intermediateSize),
                                          symbol(sharedGate), symbol(sharedUp), symbol(sharedDown),

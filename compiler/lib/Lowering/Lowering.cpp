@@ -178,6 +178,13 @@ public:
               continue;
             }
             ExpertEntry e;
+            if (std::optional<ArrayAttr> lowRank = expert.getLowRank())
+              for (Attribute factor : *lowRank) {
+                Expected<TensorRef> tensor = ref(cast<FlatSymbolRefAttr>(factor));
+                if (!tensor)
+                  return tensor.status();
+                e.lowRank.push_back(tensor.take());
+              }
             e.id = static_cast<int64_t>(expert.getId());
             e.origin = expert.getOriginalId();
             e.width = static_cast<int64_t>(expert.getWidth());
@@ -187,6 +194,19 @@ public:
             slotOf[e.id] = static_cast<int32_t>(entry.experts.size());
             maxWidth = std::max(maxWidth, e.width);
             entry.experts.push_back(std::move(e));
+            continue;
+          }
+          if (auto base = dyn_cast<ir::ExpertBaseOp>(part)) {
+            Expected<TensorRef> gate = ref(base.getGateAttr()), up = ref(base.getUpAttr()),
+                                down = ref(base.getDownAttr());
+            for (Expected<TensorRef> *tensor : {&gate, &up, &down})
+              if (!*tensor)
+                return tensor->status();
+            ExpertPart &entryBase = entry.expertBase.emplace();
+            entryBase.width = static_cast<int64_t>(base.getWidth());
+            entryBase.gate = gate.take();
+            entryBase.up = up.take();
+            entryBase.down = down.take();
             continue;
           }
           if (auto shared = dyn_cast<ir::SharedExpertOp>(part)) {

@@ -54,6 +54,13 @@ std::vector<const TensorRef *> allTensors(const ModelDescription &description) {
         add(part.up);
         add(part.down);
       }
+      for (const TensorRef &factor : expert.lowRank)
+        add(factor);
+    }
+    if (layer.expertBase) {
+      add(layer.expertBase->gate);
+      add(layer.expertBase->up);
+      add(layer.expertBase->down);
     }
   }
   return out;
@@ -115,8 +122,16 @@ Status writePackage(const ModelDescription &description, const PackageExtras &ex
         for (const ExpertPart &part : expert.moreParts)
           record["parts"].push_back(
               {{"width", part.width}, {"gate", part.gate.name}, {"up", part.up.name}, {"down", part.down.name}});
+        if (!expert.lowRank.empty())
+          record["low_rank"] = {
+              {"gate", expert.lowRank[0].name}, {"up", expert.lowRank[1].name}, {"down", expert.lowRank[2].name}};
         entry["experts"].push_back(std::move(record));
       }
+      if (layer.expertBase)
+        entry["expert_base"] = {{"width", layer.expertBase->width},
+                                {"gate", layer.expertBase->gate.name},
+                                {"up", layer.expertBase->up.name},
+                                {"down", layer.expertBase->down.name}};
       entry["num_experts"] = spec.numExperts;
       entry["expert_width"] = spec.expertIntermediateSize;
       if (layer.routing.router) {

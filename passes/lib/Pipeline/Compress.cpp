@@ -77,9 +77,23 @@ json withoutTimings(const json &record) {
 /// Routed experts and their parameters in the module, for the summary.
 json moduleCounts(ir::ModelOp model) {
   int64_t experts = 0, parameters = 0;
+  auto elements = [&](mlir::Attribute symbol) -> int64_t {
+    mlir::Operation *tensor =
+        mlir::SymbolTable::lookupSymbolIn(model, mlir::cast<mlir::FlatSymbolRefAttr>(symbol).getAttr());
+    return tensor ? mlir::cast<ir::TensorOp>(tensor).getTensorType().getNumElements() : 0;
+  };
   model.walk([&](ir::ExpertOp expert) {
     experts += expert.getPartOffset().value_or(0) == 0; // a split expert's parts count once
-    parameters += 3 * static_cast<int64_t>(expert.getWidth()) * static_cast<int64_t>(model.getHidden());
+    // Stored parameters: a factored expert's are its low-rank factors.
+    for (mlir::Attribute symbol : {expert.getGateAttr(), expert.getUpAttr(), expert.getDownAttr()})
+      parameters += elements(symbol);
+    if (std::optional<mlir::ArrayAttr> lowRank = expert.getLowRank())
+      for (mlir::Attribute symbol : *lowRank)
+        parameters += elements(symbol);
+  });
+  model.walk([&](ir::ExpertBaseOp base) {
+    for (mlir::Attribute symbol : {base.getGateAttr(), base.getUpAttr(), base.getDownAttr()})
+      parameters += elements(symbol);
   });
   return {{"routed_experts", experts}, {"routed_expert_parameters", parameters}};
 }
@@ -246,6 +260,8 @@ struct ChunkPlan {
         uint64_t bytes = 4 * (elements(expert.gate) + elements(expert.up) + elements(expert.down));
         for (const ExpertPart &part : expert.moreParts)
           bytes += 4 * (elements(part.gate) + elements(part.up) + elements(part.down));
+        for (const TensorRef &factor : expert.lowRank)
+          bytes += 4 * elements(factor);
         expertWeights = std::max(expertWeights, bytes);
         width = std::max(width, static_cast<uint64_t>(expert.width));
       }
@@ -318,6 +334,8 @@ Expected<json> exchangeLayerCodes(mlir::MLIRContext &context, mlir::ModuleOp mod
     std::vector<const TensorRef *> refs = {&expert.gate, &expert.up, &expert.down};
     for (const ExpertPart &part : expert.moreParts)
       refs.insert(refs.end(), {&part.gate, &part.up, &part.down});
+    for (const TensorRef &factor : expert.lowRank)
+      refs.push_back(&factor);
     for (const TensorRef *ref : refs) {
       if (ref->format.empty())
         continue; // not quantised: every rank holds the same

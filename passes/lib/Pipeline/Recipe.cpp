@@ -243,6 +243,16 @@ const std::map<std::string, PassBuilder> &passBuilders() {
          read.text("mix", o.mix);
          return createMoeMixExperts(o);
        }},
+      {"moe-factor-experts",
+       [](OptionReader &read, const PassOverrides &overrides, RecipePass &meta) {
+         MoeFactorExpertsOptions o;
+         setStats(read, overrides, o.stats);
+         read.real("ratio", o.ratio);
+         read.integer("rank-multiple", o.rankMultiple);
+         read.flag("whiten", o.whiten);
+         meta.needsStatistics = true;
+         return createMoeFactorExperts(o);
+       }},
       {"moe-set-topk",
        [](OptionReader &read, const PassOverrides &, RecipePass &) {
          MoeSetTopkOptions o;
@@ -637,6 +647,8 @@ Expected<Recipe> parseRecipe(const std::string &path, json r) {
       return checked.status();
     if (pass.name == "moe-allocate-bits" && pass.options.value("objective", json("")) == json("hessian"))
       recipe.inputMoments = true; // the Hessian objective reads the (large) input moments
+    if (pass.name == "moe-factor-experts" && pass.options.value("whiten", json(true)) != json(false))
+      recipe.inputMoments = true; // the whitened SVD reads each expert's input and intermediate moments
     if (pass.name == "moe-prune-atoms" && pass.options.value("method", json("")) == json("heapr"))
       recipe.gradients = true; // HEAPr's Fisher term needs the backward pass
     if (pass.sequentialGptq && pass.options.contains("layers"))

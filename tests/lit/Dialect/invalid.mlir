@@ -432,3 +432,99 @@ moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
     }
   }
 }
+
+// -----
+
+// Factored experts (moe-factor-experts): a base needs factored experts.
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<2x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.layer 0 {
+    moe.moe_block {
+      moe.router @r top_k 1 scoring "softmax" selection "top-k"
+      moe.expert_base width 4 gate @g up @u down @d
+      // expected-error @+1 {{'moe.expert' op expert 0 is not factored, but its block has a moe.expert_base}}
+      moe.expert 0 width 4 gate @g up @u down @d
+      moe.expert 1 width 4 gate @g up @u down @d
+    }
+  }
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<1x8xbf16> = "r"
+  moe.tensor @ga : tensor<4x2xbf16> = "ga"
+  moe.tensor @gb : tensor<2x8xbf16> = "gb"
+  moe.tensor @da : tensor<8x2xbf16> = "da"
+  moe.tensor @db : tensor<2x4xbf16> = "db"
+  moe.layer 0 {
+    moe.moe_block {
+      moe.router @r top_k 1 scoring "softmax" selection "top-k"
+      // expected-error @+1 {{'moe.expert' op expert 0 has low_rank factors, but its block has no moe.expert_base}}
+      moe.expert 0 width 4 gate @ga up @ga down @da {low_rank = [@gb, @gb, @db]}
+    }
+  }
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<1x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.tensor @ga : tensor<4x2xbf16> = "ga"
+  moe.tensor @gb : tensor<3x8xbf16> = "gb"
+  moe.tensor @da : tensor<8x2xbf16> = "da"
+  moe.tensor @db : tensor<2x4xbf16> = "db"
+  moe.layer 0 {
+    moe.moe_block {
+      moe.router @r top_k 1 scoring "softmax" selection "top-k"
+      moe.expert_base width 4 gate @g up @u down @d
+      // expected-error @+1 {{'moe.expert' op gate right factor @gb has shape [3, 8], expected [2, 8]}}
+      moe.expert 0 width 4 gate @ga up @ga down @da {low_rank = [@gb, @gb, @db]}
+    }
+  }
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<1x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.tensor @ga : tensor<4x5xbf16> = "ga"
+  moe.layer 0 {
+    moe.moe_block {
+      moe.router @r top_k 1 scoring "softmax" selection "top-k"
+      moe.expert_base width 4 gate @g up @u down @d
+      // expected-error @+1 {{'moe.expert' op gate left factor @ga must be [4, rank] with 1 <= rank <= 4}}
+      moe.expert 0 width 4 gate @ga up @ga down @ga {low_rank = [@ga, @ga, @ga]}
+    }
+  }
+}
+
+// -----
+
+moe.model @m family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<1x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.tensor @ga : tensor<4x2xbf16> = "ga"
+  moe.tensor @gb : tensor<2x8xbf16> = "gb"
+  moe.tensor @da : tensor<8x2xbf16> = "da"
+  moe.tensor @db : tensor<2x4xbf16> = "db"
+  moe.layer 0 {
+    moe.moe_block {
+      moe.router @r top_k 1 scoring "softmax" selection "top-k"
+      moe.expert_base width 4 gate @g up @u down @d
+      // expected-error @+1 {{'moe.expert' op low_rank names 2 right factors, expected 3 (gate, up, down)}}
+      moe.expert 0 width 4 gate @ga up @ga down @da {low_rank = [@gb, @gb]}
+    }
+  }
+}

@@ -56,3 +56,29 @@ moe.model @split family "mixtral" hidden 8 sources [] config "{}" {
     }
   }
 }
+
+// -----
+
+// Factored experts (moe-factor-experts): a base, and per expert left factors
+// in gate/up/down with the right factors in low_rank.
+// CHECK-LABEL: moe.model @factored
+// CHECK: moe.expert_base width 4 gate @g up @u down @d
+// CHECK-NEXT: moe.expert 0 width 4 gate @ga up @ga down @da {low_rank = [@gb, @gb, @db]}
+moe.model @factored family "mixtral" hidden 8 sources [] config "{}" {
+  moe.tensor @r : tensor<2x8xbf16> = "r"
+  moe.tensor @g : tensor<4x8xbf16> = "g"
+  moe.tensor @u : tensor<4x8xbf16> = "u"
+  moe.tensor @d : tensor<8x4xbf16> = "d"
+  moe.tensor @ga : tensor<4x2xbf16> = "ga"
+  moe.tensor @gb : tensor<2x8xbf16> = "gb"
+  moe.tensor @da : tensor<8x2xbf16> = "da"
+  moe.tensor @db : tensor<2x4xbf16> = "db"
+  moe.layer 0 {
+    moe.moe_block {
+      moe.router @r top_k 1 scoring "softmax" selection "top-k"
+      moe.expert_base width 4 gate @g up @u down @d
+      moe.expert 0 width 4 gate @ga up @ga down @da {low_rank = [@gb, @gb, @db]}
+      moe.expert 1 width 4 gate @ga up @ga down @da {low_rank = [@gb, @gb, @db]}
+    }
+  }
+}

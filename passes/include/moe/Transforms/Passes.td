@@ -229,6 +229,57 @@ def MoeMixExperts : Pass<"moe-mix-experts", "::moe::ir::ModelOp"> {
   ];
 }
 
+def MoeFactorExperts : Pass<"moe-factor-experts", "::moe::ir::ModelOp"> {
+  let summary = "Factor each layer's experts into a shared base plus low-rank deltas (D2MoE)";
+  let description = [{
+    D2MoE's delta decomposition, per MoE layer and per matrix (gate, up,
+    down): the base is the experts' mean weighted by their calibration
+    routing counts (D2MoE's frequency merge; its Fisher weighting needs
+    weight gradients, which moec's backward pass does not make), and each
+    expert's difference from it, W_i - base, is truncated by an SVD
+    whitened with the expert's calibration input moments X^T X (SVD-LLM's
+    truncation-aware whitening, as D2MoE's code does it: the SVD of
+    (W_i - base) S with S S^T = X^T X, then a = U sqrt(Sigma) and
+    b = sqrt(Sigma) V^T S^-1), so that a truncated singular value is the
+    output error it costs on the expert's own routed tokens. Without moments
+    in the statistics the SVD is plain and each expert's error is weighted
+    by its routed tokens (a remark says so).
+
+    Ranks (deviation from D2MoE, which gives every matrix the same rank):
+    chosen per expert and matrix by one greedy budget per layer, in steps
+    of `rank-multiple`. Every matrix starts at one step; then the step that
+    removes the most calibration-weighted squared error per parameter goes
+    next, until the layer's factored experts (base plus every factor) hold
+    `ratio` of its routed experts' parameters. D2MoE's semi-dynamic
+    pruning of the base is not done.
+
+    The runtime runs the factored form directly: the base's gate and up
+    once for every token of a batch, each expert's deltas as two thin
+    products over its own tokens, and the base's down once over the
+    routing-weighted sum of the experts' intermediates. Factors and base
+    keep the experts' dtype; moe-quantize then quantises them too. Run it
+    after passes that select, merge or slice experts; every expert of a
+    layer must have one width.
+
+    ```mlir
+    // moe-opt --moe-factor-experts="stats=s.safetensors ratio=0.5"
+    ```
+  }];
+  let options = [
+    Option<"stats", "stats", "std::string", /*default=*/"\"\"",
+           "Calibration statistics (required; with --input-moments for the whitened SVD)">,
+    Option<"ratio", "ratio", "double", /*default=*/"0.5",
+           "Fraction of each layer's routed-expert parameters the base and factors keep, in (0, 1)">,
+    Option<"rankMultiple", "rank-multiple", "int64_t", /*default=*/"8", "Ranks are multiples of this">,
+    Option<"whiten", "whiten", "bool", /*default=*/"true",
+           "Whiten the SVD with the calibration input moments when the statistics have them">,
+  ];
+  let statistics = [
+    Statistic<"expertsFactored", "experts-factored", "Experts replaced by a base plus low-rank deltas">,
+    Statistic<"rankTotal", "rank-total", "Sum of the factors' ranks">,
+  ];
+}
+
 def MoePruneAtoms : Pass<"moe-prune-atoms", "::moe::ir::ModelOp"> {
   let summary = "Remove the weakest neurons (atomic experts) of routed experts";
   let description = [{

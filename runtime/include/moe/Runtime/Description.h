@@ -20,6 +20,7 @@
 #include "moe/Support/MappedFile.h"
 
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <utility>
@@ -72,12 +73,18 @@ struct ExpertEntry {
   int64_t origin = 0;        ///< The id it had in the imported checkpoint (equal to id unless renumbered).
   TensorRef gate, up, down;  ///< The first part (the whole expert unless split).
   std::vector<ExpertPart> moreParts;
+  /// A factored expert (moe-factor-experts): empty, or the right factors
+  /// {gate b, up b, down b}. Then gate, up and down above are the left
+  /// factors a ([out, rank]) and each matrix is the layer's base plus a b.
+  std::vector<TensorRef> lowRank;
 };
 
 struct LayerEntry {
   /// Every tensor of the layer but the routed experts, by role.
   std::vector<std::pair<TensorRole, TensorRef>> tensors;
   std::vector<ExpertEntry> experts; ///< In slot order; RoutingPlan::remap indexes slots.
+  /// The base of factored experts (width: every expert's), or none.
+  std::optional<ExpertPart> expertBase;
   RoutingPlan routing;
 };
 

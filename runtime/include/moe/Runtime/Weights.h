@@ -96,10 +96,18 @@ struct MlpWeights {
   /// mixed precision (each with its own formats); the expert's output is
   /// the sum over its parts, its intermediate their concatenation.
   std::vector<MlpWeights> moreParts;
+  /// A factored routed expert (moe-factor-experts): gate, up and down are
+  /// empty, and each is the layer's base (LayerWeights::expertBase) plus a
+  /// low-rank product a b, held here as {gate a, gate b, up a, up b, down a,
+  /// down b} (a: [out, rank], b: [rank, in]).
+  std::vector<Matrix> lowRank;
+  bool factored() const { return !lowRank.empty(); }
   size_t bytes() const {
     size_t total = gate.bytes() + up.bytes() + down.bytes();
     for (const MlpWeights &part : moreParts)
       total += part.bytes();
+    for (const Matrix &factor : lowRank)
+      total += factor.bytes();
     return total;
   }
 };
@@ -133,6 +141,9 @@ struct LayerWeights {
   Matrix router;
   std::vector<float> routerCorrectionBias;
   std::vector<MlpWeights> experts;
+  /// The base every factored expert adds its low-rank deltas to
+  /// (moe-factor-experts); empty unless the layer's experts are factored.
+  MlpWeights expertBase;
   MlpWeights shared;
   std::vector<float> sharedExpertGate; ///< [hidden], Qwen2-MoE.
   RoutingPlan routing;

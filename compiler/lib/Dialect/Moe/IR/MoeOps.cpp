@@ -174,6 +174,7 @@ LogicalResult DenseOp::verify() {
 
 LogicalResult MoeBlockOp::verify() {
   RouterOp router;
+  ExpertBaseOp base;
   llvm::DenseSet<int64_t> ids, origins;
   int64_t experts = 0, shared = 0;
   ExpertOp previous;
@@ -218,8 +219,21 @@ LogicalResult MoeBlockOp::verify() {
       continue;
     } else if (isa<SharedExpertOp>(op)) {
       ++shared;
+    } else if (auto b = dyn_cast<ExpertBaseOp>(op)) {
+      if (base)
+        return b.emitOpError("is the second expert_base of its moe.moe_block");
+      base = b;
     }
   }
+  // A base serves factored experts of its width, and only those.
+  for (ExpertOp expert : getBody().getOps<ExpertOp>())
+    if (static_cast<bool>(base) != static_cast<bool>(expert.getLowRank()))
+      return expert.emitOpError() << "expert " << expert.getId()
+                                  << (base ? " is not factored, but its block has a moe.expert_base"
+                                           : " has low_rank factors, but its block has no moe.expert_base");
+    else if (base && expert.getWidth() != base.getWidth())
+      return expert.emitOpError() << "expert " << expert.getId() << " has width " << expert.getWidth()
+                                  << ", its block's base " << base.getWidth();
   if (!router)
     return emitOpError("needs a moe.router");
   if (experts == 0)
@@ -272,6 +286,37 @@ LogicalResult RouterOp::verify() {
 LogicalResult ExpertOp::verify() {
   if (getOriginalId() < 0)
     return emitOpError() << "origin " << getOriginalId() << " is negative";
+  std::optional<ArrayAttr> lowRank = getLowRank();
+  if (!lowRank)
+    return verifyMlp(*this, static_cast<int64_t>(getWidth()), getGateAttr(), getUpAttr(), getDownAttr());
+  // Factored: left factors [out, rank], right factors [rank, in].
+  ModelOp model = enclosingModel(*this);
+  if (!model)
+    return emitOpError("must be inside a moe.model");
+  if (lowRank->size() != 3)
+    return emitOpError() << "low_rank names " << lowRank->size() << " right factors, expected 3 (gate, up, down)";
+  if (getPartOffset())
+    return emitOpError("a factored expert is not split into parts");
+  const int64_t width = static_cast<int64_t>(getWidth()), hidden = static_cast<int64_t>(model.getHidden());
+  const FlatSymbolRefAttr left[3] = {getGateAttr(), getUpAttr(), getDownAttr()};
+  const char *names[3] = {"gate", "up", "down"};
+  const int64_t outs[3] = {width, width, hidden}, ins[3] = {hidden, hidden, width};
+  for (int m = 0; m < 3; ++m) {
+    TensorOp tensor = lookupTensor(*this, left[m], names[m]);
+    if (!tensor)
+      return failure();
+    ArrayRef<int64_t> shape = tensor.getTensorType().getShape();
+    if (shape.size() != 2 || shape[0] != outs[m] || shape[1] < 1 || shape[1] > std::min(outs[m], ins[m]))
+      return emitOpError() << names[m] << " left factor " << left[m] << " must be [" << outs[m]
+                           << ", rank] with 1 <= rank <= " << std::min(outs[m], ins[m]);
+    if (failed(expectShape(*this, cast<FlatSymbolRefAttr>((*lowRank)[m]), (names[m] + std::string(" right factor")),
+                           {shape[1], ins[m]})))
+      return failure();
+  }
+  return success();
+}
+
+LogicalResult ExpertBaseOp::verify() {
   return verifyMlp(*this, static_cast<int64_t>(getWidth()), getGateAttr(), getUpAttr(), getDownAttr());
 }
 

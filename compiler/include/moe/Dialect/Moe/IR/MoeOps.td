@@ -204,10 +204,22 @@ def Moe_ExpertOp : Moe_Op<"expert", [HasParent<"MoeBlockOp">]> {
     ```mlir
     moe.expert 2 width 768 gate @g up @u down @d {origin = 5 : i64}
     ```
+
+    A factored expert (`moe-factor-experts`) carries `low_rank`, the right
+    factors `[@gate_b, @up_b, @down_b]` (each `[rank, in]`); `gate`, `up`
+    and `down` are then the left factors (`[out, rank]`), and each of its
+    matrices is the block's `moe.expert_base` matrix plus the product of
+    its two factors. Every expert of a block with a base is factored, none
+    is split into parts.
+
+    ```mlir
+    moe.expert 0 width 768 gate @ga up @ua down @da {low_rank = [@gb, @ub, @db]}
+    ```
   }];
   let arguments = (ins I64Attr:$id, I64Attr:$width, FlatSymbolRefAttr:$gate, FlatSymbolRefAttr:$up,
                        FlatSymbolRefAttr:$down, DefaultValuedAttr<StrAttr, "\"silu\"">:$activation,
-                       OptionalAttr<I64Attr>:$part_offset, OptionalAttr<I64Attr>:$origin);
+                       OptionalAttr<I64Attr>:$part_offset, OptionalAttr<I64Attr>:$origin,
+                       OptionalAttr<FlatSymbolRefArrayAttr>:$low_rank);
   let extraClassDeclaration = [{
     /// The id this expert had in the imported checkpoint.
     int64_t getOriginalId() {
@@ -215,6 +227,23 @@ def Moe_ExpertOp : Moe_Op<"expert", [HasParent<"MoeBlockOp">]> {
     }
   }];
   let assemblyFormat = "$id `width` $width `gate` $gate `up` $up `down` $down attr-dict";
+  let hasVerifier = 1;
+}
+
+def Moe_ExpertBaseOp : Moe_Op<"expert_base", [HasParent<"MoeBlockOp">]> {
+  let summary = "The shared base of a block's factored experts";
+  let description = [{
+    `moe-factor-experts` replaces a block's routed experts by one base MLP
+    (gate, up, down of the experts' width) and per expert a low-rank delta
+    (`moe.expert`'s `low_rank`): expert i's gate is `gate + a_i b_i`, and so
+    on. The runtime computes the base's products once per token batch.
+
+    ```mlir
+    moe.expert_base width 768 gate @bg up @bu down @bd
+    ```
+  }];
+  let arguments = (ins I64Attr:$width, FlatSymbolRefAttr:$gate, FlatSymbolRefAttr:$up, FlatSymbolRefAttr:$down);
+  let assemblyFormat = "`width` $width `gate` $gate `up` $up `down` $down attr-dict";
   let hasVerifier = 1;
 }
 
