@@ -215,10 +215,18 @@ int main(int argc, char **argv) {
       if (layer.experts.empty())
         continue;
       double expertBytes = 0;
-      for (const ExpertEntry &expert : layer.experts)
+      for (const ExpertEntry &expert : layer.experts) {
         expertBytes += static_cast<double>(expert.gate.size + expert.up.size + expert.down.size);
+        for (const ExpertPart &part : expert.moreParts)
+          expertBytes += static_cast<double>(part.gate.size + part.up.size + part.down.size);
+        for (const TensorRef &factor : expert.lowRank) // factored: the right factors too
+          expertBytes += static_cast<double>(factor.size);
+      }
       const int64_t topK = layer.routing.router ? layer.routing.router->topK : spec.router.topK;
       bytesPerToken += expertBytes / static_cast<double>(layer.experts.size()) * static_cast<double>(topK);
+      if (layer.expertBase) // factored experts' base: read once for every token
+        bytesPerToken += static_cast<double>(layer.expertBase->gate.size + layer.expertBase->up.size +
+                                             layer.expertBase->down.size);
     }
   } else {
     const bool bf16 = model->checkpoint->find("model.embed_tokens.weight")->info->dtype == DType::BF16;
