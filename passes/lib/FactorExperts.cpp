@@ -41,12 +41,12 @@ using Dense = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMa
 const char *const kRoles[3] = {"gate", "up", "down"};
 
 /// One expert matrix's difference from the base, decomposed: the whitened
-/// SVD's singular values and vectors, and the whitening's factor.
+/// SVD's singular values and left singular vectors (the right factor is
+/// computed from them and the difference itself, so neither the whitening
+/// nor the right singular vectors are kept).
 struct Decomposed {
   Eigen::VectorXd sigma; ///< Decreasing.
-  Dense u, v;            ///< Thin: [out, k], [in, k].
-  Dense whitening;       ///< Lower-triangular S with S S^T = X^T X; empty: scale * I.
-  double scale = 1.0;    ///< The plain SVD's weight (sqrt of routed tokens).
+  Dense u;               ///< Thin: [out, k].
   int64_t out = 0, in = 0;
   int64_t rank = 0; ///< Chosen.
 };
@@ -168,41 +168,62 @@ struct FactorExpertsPass : public moe::impl::MoeFactorExpertsBase<FactorExpertsP
     std::vector<Decomposed> parts(static_cast<size_t>(E * 3));
     for (int64_t e = 0; e < E; ++e)
       for (int m = 0; m < 3; ++m) {
-        Decomposed &d = parts[e * 3 + m];
-        d.out = outs[m];
-        d.in = ins[m];
-        if (whitened) {
+        parts[e * 3 + m].out = outs[m];
+        parts[e * 3 + m].in = ins[m];
+      }
+    auto difference = [&](int64_t e, int m) {
+      Dense delta(outs[m], ins[m]);
+      for (int64_t i = 0; i < outs[m] * ins[m]; ++i)
+        delta.data()[i] = static_cast<double>(values[e][m][i]) - static_cast<double>(storedBase[m][i]);
+      return delta;
+    };
+    // A batch of experts at a time, so that only a batch's whitening factors
+    // are held: one for gate and up (the same input), one for down.
+    const int64_t batch = 8;
+    for (int64_t first = 0; first < E; first += batch) {
+      const int64_t end = std::min(E, first + batch);
+      struct Whitening {
+        Dense factor[2]; ///< Input, intermediate; empty: scale x identity.
+        double scale[2] = {1.0, 1.0};
+      };
+      std::vector<Whitening> whitening(static_cast<size_t>(end - first));
+      for (int64_t e = first; e < end; ++e) {
+        Whitening &w = whitening[static_cast<size_t>(e - first)];
+        const int64_t id = static_cast<int64_t>(experts[e].getId());
+        for (int kind = 0; kind < 2; ++kind) {
+          if (!whitened) {
+            w.scale[kind] = std::sqrt(std::max((*routed)[id], 1e-6));
+            continue;
+          }
+          const int64_t n = kind == 0 ? H : W;
           FailureOr<std::vector<double>> moments =
-              file.expert(index, static_cast<int64_t>(experts[e].getId()),
-                          m == 2 ? stats::kIntermediateMoments : stats::kInputMoments, experts[e]);
+              file.expert(index, id, kind == 0 ? stats::kInputMoments : stats::kIntermediateMoments, experts[e]);
           if (failed(moments))
             return failure();
-          if (static_cast<int64_t>(moments->size()) != d.in * d.in)
+          if (static_cast<int64_t>(moments->size()) != n * n)
             return passError(experts[e], getArgument())
-                   << "the " << (m == 2 ? "intermediate" : "input") << " moments of layer " << index << " expert "
-                   << experts[e].getId() << " hold " << moments->size() << " values, not " << d.in << " x " << d.in
+                   << "the " << (kind == 0 ? "input" : "intermediate") << " moments of layer " << index << " expert "
+                   << id << " hold " << moments->size() << " values, not " << n << " x " << n
                    << "; calibrate the model as it is now";
-          d.whitening = whiteningOf(std::move(*moments), d.in);
-          if (d.whitening.size() == 0)
-            d.scale = 1e-3; // never routed: its error weighs (almost) nothing
-        } else {
-          d.scale = std::sqrt(std::max((*routed)[experts[e].getId()], 1e-6));
+          w.factor[kind] = whiteningOf(std::move(*moments), n);
+          if (w.factor[kind].size() == 0)
+            w.scale[kind] = 1e-3; // never routed: its error weighs (almost) nothing
         }
       }
-    // The SVDs, independent of each other.
-    mlir::parallelFor(model.getContext(), 0, static_cast<size_t>(E * 3), [&](size_t job) {
-      Decomposed &d = parts[job];
-      const int64_t e = static_cast<int64_t>(job / 3);
-      const int m = static_cast<int>(job % 3);
-      Dense delta(d.out, d.in);
-      for (int64_t i = 0; i < d.out * d.in; ++i)
-        delta.data()[i] = static_cast<double>(values[e][m][i]) - static_cast<double>(storedBase[m][i]);
-      Dense whitenedDelta = d.whitening.size() ? Dense(delta * d.whitening) : Dense(delta * d.scale);
-      Eigen::BDCSVD<Dense> svd(whitenedDelta, Eigen::ComputeThinU | Eigen::ComputeThinV);
-      d.sigma = svd.singularValues();
-      d.u = svd.matrixU();
-      d.v = svd.matrixV();
-    });
+      // The SVDs, independent of each other.
+      mlir::parallelFor(model.getContext(), 0, static_cast<size_t>((end - first) * 3), [&](size_t job) {
+        const int64_t e = first + static_cast<int64_t>(job / 3);
+        const int m = static_cast<int>(job % 3);
+        Decomposed &d = parts[e * 3 + m];
+        const Whitening &w = whitening[static_cast<size_t>(e - first)];
+        const int kind = m == 2 ? 1 : 0;
+        const Dense delta = difference(e, m);
+        Dense whitenedDelta = w.factor[kind].size() ? Dense(delta * w.factor[kind]) : Dense(delta * w.scale[kind]);
+        Eigen::BDCSVD<Dense> svd(whitenedDelta, Eigen::ComputeThinU);
+        d.sigma = svd.singularValues();
+        d.u = svd.matrixU();
+      });
+    }
 
     // Ranks: one step each, then greedily the step that removes the most
     // weighted squared error per parameter, within the layer's budget.
@@ -278,24 +299,23 @@ struct FactorExpertsPass : public moe::impl::MoeFactorExpertsBase<FactorExpertsP
       for (int m = 0; m < 3; ++m) {
         const Decomposed &d = parts[e * 3 + m];
         const int64_t r = d.rank;
-        Eigen::VectorXd root = d.sigma.head(std::min<int64_t>(r, d.sigma.size())).cwiseSqrt();
-        root.conservativeResize(r);
-        for (int64_t k = d.sigma.size(); k < r; ++k)
-          root[k] = 0;
-        Dense a = Dense::Zero(d.out, r), vr = Dense::Zero(d.in, r);
-        const int64_t have = std::min<int64_t>(r, d.u.cols());
-        a.leftCols(have) = d.u.leftCols(have) * root.head(have).asDiagonal();
-        vr.leftCols(have) = d.v.leftCols(have) * root.head(have).asDiagonal();
-        // b^T = S^-T V_r sqrt(Sigma_r).
-        Dense bt = d.whitening.size() ? Dense(d.whitening.transpose().triangularView<Eigen::Upper>().solve(vr))
-                                      : Dense(vr / d.scale);
-        std::vector<float> aValues(static_cast<size_t>(d.out * r)), bValues(static_cast<size_t>(r * d.in));
-        for (int64_t i = 0; i < d.out; ++i)
-          for (int64_t k = 0; k < r; ++k)
-            aValues[i * r + k] = static_cast<float>(a(i, k));
-        for (int64_t k = 0; k < r; ++k)
+        // With (W_i - base) S = U Sigma V^T: a = U_r sqrt(Sigma_r), and
+        // b = sqrt(Sigma_r) V_r^T S^-1 = Sigma_r^-1/2 U_r^T (W_i - base).
+        // Directions whose singular value is nil add nothing: zero.
+        const Dense delta = difference(e, m);
+        const double floor = 1e-12 * (d.sigma.size() ? d.sigma[0] : 0.0);
+        std::vector<float> aValues(static_cast<size_t>(d.out * r), 0.0f), bValues(static_cast<size_t>(r * d.in), 0.0f);
+        for (int64_t k = 0; k < r && k < d.sigma.size(); ++k) {
+          const double sigma = d.sigma[k];
+          if (!(sigma > floor))
+            continue;
+          const double root = std::sqrt(sigma);
+          for (int64_t i = 0; i < d.out; ++i)
+            aValues[i * r + k] = static_cast<float>(d.u(i, k) * root);
+          const Eigen::RowVectorXd row = d.u.col(k).transpose() * delta / root;
           for (int64_t j = 0; j < d.in; ++j)
-            bValues[k * d.in + j] = static_cast<float>(bt(j, k));
+            bValues[k * d.in + j] = static_cast<float>(row[j]);
+        }
         ir::TensorOp expertTensor = lookupTensor(model, m == 0   ? experts[e].getGateAttr()
                                                         : m == 1 ? experts[e].getUpAttr()
                                                                  : experts[e].getDownAttr());

@@ -52,6 +52,9 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     std::set<QuantizeTarget> kinds; ///< The targets, with All spelled out.
     std::set<std::string> symbols;  ///< Matrices to quantise (a tensor used twice once).
     std::map<std::string, ExpertMatrix> expertMatrices;
+    /// Every routed expert's matrix (a factored expert's six factors too):
+    /// its layer and expert, for nested-cost.
+    std::map<std::string, std::pair<int64_t, int64_t>> expertOf;
     /// Attention projections and shared experts: the layer statistic holding
     /// their Hessian (every token reaches them).
     std::map<std::string, std::pair<int64_t, std::string>> denseMatrices;
@@ -98,6 +101,15 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       if (tensor.getQuantAttr()) {
         tensor.emitRemark() << "moe-quantize: already quantised (" << tensor.getQuantAttr().getFormat()
                             << "); left as it is";
+        continue;
+      }
+      // llama.cpp's formats hold whole blocks of 32 values (K-quants 256,
+      // which fall back to 32-value formats): a shorter or ragged row (a
+      // low-rank factor of rank 8, an atom-pruned width of 120) has none.
+      if (const int64_t cols = tensor.getTensorType().getShape()[1];
+          ggmlFormat && !tensor->hasAttr("moe.format") && cols % 32 != 0) {
+        tensor.emitRemark() << "moe-quantize: rows of " << cols
+                            << " values are not whole blocks of any llama.cpp format (32 values); left unquantised";
         continue;
       }
       pending.push_back(symbolName);
@@ -220,6 +232,8 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         const int64_t layer = static_cast<int64_t>(expert->getParentOfType<ir::LayerOp>().getIndex());
         const int64_t id = static_cast<int64_t>(expert.getId());
         const int64_t offset = expert.getPartOffset() ? static_cast<int64_t>(*expert.getPartOffset()) : -1;
+        for (StringRef name : {expert.getGate(), expert.getUp(), expert.getDown()})
+          plan.expertOf[name.str()] = {layer, id};
         if (std::optional<ArrayAttr> lowRank = expert.getLowRank()) {
           // Factored (moe-factor-experts): the right factors read the
           // expert's own input (gate, up) and intermediate (down), so GPTQ
@@ -229,6 +243,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
             auto symbol = cast<FlatSymbolRefAttr>((*lowRank)[f]);
             add(symbol);
             plan.expertMatrices[symbol.getValue().str()] = {layer, id, f == 2, -1};
+            plan.expertOf[symbol.getValue().str()] = {layer, id};
           }
         } else {
           plan.expertMatrices[expert.getGate().str()] = {layer, id, false, offset};
@@ -503,16 +518,15 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       job.packed = std::move(bytes);
       job.format = quant::WeightFormat{std::nullopt, std::nullopt, nested};
       if (nestedCost && plan.file)
-        if (auto where = plan.expertMatrices.find(job.symbol); where != plan.expertMatrices.end()) {
+        if (auto where = plan.expertOf.find(job.symbol); where != plan.expertOf.end()) {
           // Routed tokens x the squared difference of the two precisions.
-          FailureOr<std::vector<double>> routed =
-              plan.file->layer(where->second.layer, stats::kRoutedTokens, job.tensor);
+          const auto [layer, expert] = where->second;
+          FailureOr<std::vector<double>> routed = plan.file->layer(layer, stats::kRoutedTokens, job.tensor);
           if (failed(routed))
             return failure();
-          const int64_t expert = where->second.expert;
           if (expert < 0 || expert >= static_cast<int64_t>(routed->size())) {
             fail(job.tensor, concat("nested-cost: ", plan.file->path(), " has no routed-token count for expert ",
-                                    expert, " of layer ", where->second.layer, "; calibrate the model as it is now"));
+                                    expert, " of layer ", layer, "; calibrate the model as it is now"));
             return failure();
           }
           const double squared = quant::nestedSquaredDifference(nested, job.packed.data(), job.rows, job.cols);

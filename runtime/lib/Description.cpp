@@ -478,6 +478,9 @@ NestedPrecisions chooseNestedPrecisions(const ModelDescription &description, uin
     const LayerEntry &layer = description.layers[l];
     for (const auto &[role, tensor] : layer.tensors)
       chosen.highBytes += loadedBytes(tensor, false);
+    if (layer.expertBase) // factored experts' base: always loaded, at its high bits
+      for (const TensorRef *t : {&layer.expertBase->gate, &layer.expertBase->up, &layer.expertBase->down})
+        chosen.highBytes += loadedBytes(*t, false);
     for (size_t e = 0; e < layer.experts.size(); ++e) {
       const std::vector<const TensorRef *> matrices = matricesOf(layer.experts[e]);
       Candidate candidate{{static_cast<int64_t>(l), static_cast<int64_t>(e)}};

@@ -110,8 +110,8 @@ private:
         bias = &tensor;
     }
     if (layerSpec.mlp == MlpKind::Dense) {
-      if (!layer.experts.empty() || router)
-        return fail(layerName(l), " is dense in the config but has routed experts or a router");
+      if (!layer.experts.empty() || router || layer.expertBase)
+        return fail(layerName(l), " is dense in the config but has routed experts, an experts' base or a router");
       return Status::success();
     }
     const int64_t slots = static_cast<int64_t>(layer.experts.size());

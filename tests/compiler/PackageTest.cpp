@@ -486,10 +486,52 @@ TEST(Package, EveryDescriptionRuleNamesWhatIsWrong) {
         d.layers[moe].tensors.emplace_back(TensorRole::ExpertGate, d.layers[moe].experts[0].gate);
       },
       {"routed-expert role expert_gate outside the expert table"});
-  expectInvalid([&](ModelDescription &d) { d.layers[dense].experts.push_back(d.layers[moe].experts[0]); },
-                {concat("layer ", dense, " is dense in the config but has routed experts or a router")});
+  expectInvalid(
+      [&](ModelDescription &d) { d.layers[dense].experts.push_back(d.layers[moe].experts[0]); },
+      {concat("layer ", dense, " is dense in the config but has routed experts, an experts' base or a router")});
   expectInvalid([&](ModelDescription &d) { d.layers[moe].experts.clear(); },
                 {layer, "is an MoE layer with no routed experts"});
+  // Factored experts (moe-factor-experts): a base only with factored
+  // experts and the reverse, factors of consistent ranks, no base on a
+  // dense layer.
+  auto baseOf = [](const ExpertEntry &expert) {
+    ExpertPart base;
+    base.width = expert.width;
+    base.gate = expert.gate;
+    base.up = expert.up;
+    base.down = expert.down;
+    return base;
+  };
+  expectInvalid([&](ModelDescription &d) { d.layers[moe].expertBase = baseOf(d.layers[moe].experts[0]); },
+                {layer, "is not factored, but the layer has a factored experts' base"});
+  expectInvalid([&](ModelDescription &d) { d.layers[dense].expertBase = baseOf(d.layers[moe].experts[0]); },
+                {concat("layer ", dense, " is dense in the config but has routed experts, an experts' base")});
+  expectInvalid(
+      [&](ModelDescription &d) {
+        ExpertEntry &e = d.layers[moe].experts[0];
+        e.lowRank = {e.gate, e.up, e.down};
+      },
+      {layer, "has low-rank factors, but the layer has no experts' base"});
+  expectInvalid(
+      [&](ModelDescription &d) {
+        LayerEntry &l = d.layers[moe];
+        l.expertBase = baseOf(l.experts[0]);
+        for (ExpertEntry &e : l.experts)
+          e.lowRank = {e.gate, e.up, e.down}; // right factors of a full-width "rank"
+      },
+      {layer, "the gate left factor", "expected [96, rank] with 1 <= rank <= 96"});
+  expectInvalid(
+      [&](ModelDescription &d) {
+        LayerEntry &l = d.layers[moe];
+        l.expertBase = baseOf(l.experts[0]);
+        for (ExpertEntry &e : l.experts) {
+          e.lowRank = {e.gate, e.up, e.down};
+          e.gate.shape = {e.width, 4}; // a rank-4 left factor whose right factor is not [4, hidden]
+          e.up.shape = {e.width, 4};
+          e.down.shape = {d.spec.hiddenSize, 4};
+        }
+      },
+      {layer, "its gate right factor tensor", "expected [4, "});
   expectInvalid([&](ModelDescription &d) { d.layers[moe].experts[0].width = 1; },
                 {layer, "expert", "its gate tensor", "expected [1, "});
   expectInvalid([&](ModelDescription &d) { d.spec.layers[moe].expertIntermediateSize = 1; },

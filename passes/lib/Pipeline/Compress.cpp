@@ -256,6 +256,9 @@ struct ChunkPlan {
           gptq =
               std::max(gptq, gptqWork(static_cast<uint64_t>(tensor.shape[0]), static_cast<uint64_t>(tensor.shape[1])));
       }
+      if (entry.expertBase) // factored experts' base: held with the layer
+        rest +=
+            4 * (elements(entry.expertBase->gate) + elements(entry.expertBase->up) + elements(entry.expertBase->down));
       for (const ExpertEntry &expert : entry.experts) {
         uint64_t bytes = 4 * (elements(expert.gate) + elements(expert.up) + elements(expert.down));
         for (const ExpertPart &part : expert.moreParts)
