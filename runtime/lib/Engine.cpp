@@ -141,6 +141,14 @@ template <typename T> std::vector<T> &sized(std::vector<T> &buffer, int64_t coun
   return buffer;
 }
 
+/// Per-head score GEMMs (queries x keys x head dimension) up to this size
+/// run in the worker pool; larger ones through OpenBLAS. Measured
+/// (BENCHMARKS.md, "Prefill attention in the pool"): on the fixtures (4 heads
+/// of 40, 512 tokens: 10.5 M) OpenBLAS's own threads handing off beside the
+/// pool's made two-thread prefill 1.5x slower; on OLMoE's shapes (16 heads
+/// of 128: 33.5 M) OpenBLAS is 5-8% faster.
+constexpr int64_t kPoolAttentionWork = int64_t(1) << 24;
+
 /// Causal attention of `tokens` new queries over the cache (which already
 /// holds their keys and values). q is [T, heads * qDim], output
 /// [T, heads * vDim]; query head h reads key/value head h / group.
@@ -155,11 +163,46 @@ void attend(const ModelSpec &spec, const float *q, int64_t tokens, const KvCache
   const float *keys = cache.keys[static_cast<size_t>(layer)].data();
   const float *values = cache.values[static_cast<size_t>(layer)].data();
   const float scale = static_cast<float>(a.softmaxScale);
+  const int64_t total = firstPosition + tokens;
+  if (tokens > 1 && tokens * total * qDim <= kPoolAttentionWork) {
+    // Small prefill in the worker pool: the keys transposed per key/value
+    // head (so sixteen scores come from one vector per dimension), then
+    // tasks of (head, block of queries), each query's scores, causal
+    // softmax and weighted values. Blocks are ordered short-long-short-long
+    // so that the pool's even split of tasks is an even split of work.
+    thread_local std::vector<float> transposedBuffer;
+    std::vector<float> &transposed = transposedBuffer;
+    transposed.resize(static_cast<size_t>(kvHeads * qDim * total));
+    for (int64_t s = 0; s < total; ++s)
+      for (int64_t kv = 0; kv < kvHeads; ++kv)
+        for (int64_t d = 0; d < qDim; ++d)
+          transposed[static_cast<size_t>((kv * qDim + d) * total + s)] = keys[s * kWidth + kv * qDim + d];
+    constexpr int64_t kBlock = 16;
+    const int64_t blocks = (tokens + kBlock - 1) / kBlock;
+    const float *keysT = transposed.data();
+    parallelRows(heads * blocks, heads * tokens * total * (qDim + vDim) / 2, [&](int64_t begin, int64_t end) {
+      thread_local std::vector<float> perThread;
+      std::vector<float> &scores = perThread;
+      scores.resize(static_cast<size_t>(total));
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t h = task / blocks, i = task % blocks;
+        const int64_t block = i % 2 == 0 ? i / 2 : blocks - 1 - i / 2;
+        const int64_t kvHead = h / group;
+        for (int64_t t = block * kBlock; t < std::min(tokens, (block + 1) * kBlock); ++t) {
+          const int64_t visible = firstPosition + t + 1;
+          scoresOfTransposedKeys(q + t * heads * qDim + h * qDim, keysT + kvHead * qDim * total, total, qDim, visible,
+                                 scale, scores.data());
+          softmax(scores.data(), visible);
+          weightedRows(scores.data(), values + kvHead * vDim, vWidth, vDim, visible, out + t * heads * vDim + h * vDim);
+        }
+      }
+    });
+    return;
+  }
   if (tokens > 1) {
     // Prefill: per head, the scores of every new query against every
     // cached key as one GEMM, the causal softmax row by row (later keys
     // weighted 0), then the weighted values as a second GEMM.
-    const int64_t total = firstPosition + tokens;
     thread_local std::vector<float> perThread;
     std::vector<float> &scores = perThread;
     scores.resize(static_cast<size_t>(tokens * total));

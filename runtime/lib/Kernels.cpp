@@ -394,6 +394,101 @@ __attribute__((target("avx512f"))) void softmaxAvx512(float *x, int64_t count) {
 } // namespace
 #endif
 
+namespace {
+
+void scoresScalar(const float *q, const float *keysT, int64_t stride, int64_t dim, int64_t visible, float scale,
+                  float *scores) {
+  for (int64_t s = 0; s < visible; ++s) {
+    float sum = 0.0f;
+    for (int64_t d = 0; d < dim; ++d)
+      sum += q[d] * keysT[d * stride + s];
+    scores[s] = sum * scale;
+  }
+}
+
+#if defined(__x86_64__)
+/// Four blocks of sixteen keys in flight (independent FMA chains), then
+/// single blocks, then a masked tail.
+__attribute__((target("avx512f"))) void scoresAvx512(const float *q, const float *keysT, int64_t stride, int64_t dim,
+                                                     int64_t visible, float scale, float *scores) {
+  const __m512 scaled = _mm512_set1_ps(scale);
+  int64_t s = 0;
+  for (; s + 64 <= visible; s += 64) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; ++d) {
+      const __m512 x = _mm512_set1_ps(q[d]);
+      const float *row = keysT + d * stride + s;
+      a0 = _mm512_fmadd_ps(x, _mm512_loadu_ps(row), a0);
+      a1 = _mm512_fmadd_ps(x, _mm512_loadu_ps(row + 16), a1);
+      a2 = _mm512_fmadd_ps(x, _mm512_loadu_ps(row + 32), a2);
+      a3 = _mm512_fmadd_ps(x, _mm512_loadu_ps(row + 48), a3);
+    }
+    _mm512_storeu_ps(scores + s, _mm512_mul_ps(a0, scaled));
+    _mm512_storeu_ps(scores + s + 16, _mm512_mul_ps(a1, scaled));
+    _mm512_storeu_ps(scores + s + 32, _mm512_mul_ps(a2, scaled));
+    _mm512_storeu_ps(scores + s + 48, _mm512_mul_ps(a3, scaled));
+  }
+  for (; s < visible; s += 16) {
+    const __mmask16 mask =
+        visible - s >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (visible - s)) - 1);
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; ++d)
+      a = _mm512_fmadd_ps(_mm512_set1_ps(q[d]), _mm512_maskz_loadu_ps(mask, keysT + d * stride + s), a);
+    _mm512_mask_storeu_ps(scores + s, mask, _mm512_mul_ps(a, scaled));
+  }
+}
+
+/// Sixty-four outputs at a time in four registers, positions in order.
+__attribute__((target("avx512f"))) void weightedRowsAvx512(const float *weights, const float *values, int64_t stride,
+                                                           int64_t dim, int64_t visible, float *out) {
+  for (int64_t c = 0; c < dim; c += 64) {
+    const int64_t width = std::min<int64_t>(64, dim - c);
+    __mmask16 masks[4];
+    for (int i = 0; i < 4; ++i) {
+      const int64_t left = std::clamp<int64_t>(width - 16 * i, 0, 16);
+      masks[i] = left == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+    }
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int64_t s = 0; s < visible; ++s) {
+      const __m512 w = _mm512_set1_ps(weights[s]);
+      const float *row = values + s * stride + c;
+      a0 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(masks[0], row), a0);
+      a1 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(masks[1], row + 16), a1);
+      a2 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(masks[2], row + 32), a2);
+      a3 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(masks[3], row + 48), a3);
+    }
+    _mm512_mask_storeu_ps(out + c, masks[0], a0);
+    _mm512_mask_storeu_ps(out + c + 16, masks[1], a1);
+    _mm512_mask_storeu_ps(out + c + 32, masks[2], a2);
+    _mm512_mask_storeu_ps(out + c + 48, masks[3], a3);
+  }
+}
+#endif
+
+} // namespace
+
+void scoresOfTransposedKeys(const float *q, const float *keysT, int64_t stride, int64_t dim, int64_t visible,
+                            float scale, float *scores) {
+#if defined(__x86_64__)
+  static const bool hasAvx512 = __builtin_cpu_supports("avx512f");
+  if (hasAvx512)
+    return scoresAvx512(q, keysT, stride, dim, visible, scale, scores);
+#endif
+  scoresScalar(q, keysT, stride, dim, visible, scale, scores);
+}
+
+void weightedRows(const float *weights, const float *values, int64_t stride, int64_t dim, int64_t visible, float *out) {
+#if defined(__x86_64__)
+  static const bool hasAvx512 = __builtin_cpu_supports("avx512f");
+  if (hasAvx512)
+    return weightedRowsAvx512(weights, values, stride, dim, visible, out);
+#endif
+  std::fill(out, out + dim, 0.0f);
+  for (int64_t s = 0; s < visible; ++s)
+    for (int64_t d = 0; d < dim; ++d)
+      out[d] += weights[s] * values[s * stride + d];
+}
+
 void softmax(float *x, int64_t count) {
 #if defined(__x86_64__)
   static const bool hasAvx512 = __builtin_cpu_supports("avx512f");

@@ -68,6 +68,15 @@ void softmax(float *x, int64_t count);
 /// The same with the C library's expf, one value at a time.
 void softmaxScalar(float *x, int64_t count);
 
+/// scores[s] = scale * (q . key s) for s in [0, visible), the keys given
+/// transposed (`keysT[d * stride + s]`, d < dim): sixteen keys per vector
+/// on AVX-512, else scalar.
+void scoresOfTransposedKeys(const float *q, const float *keysT, int64_t stride, int64_t dim, int64_t visible,
+                            float scale, float *scores);
+/// out[dim] = sum over s < visible of weights[s] * values[s * stride ..],
+/// positions added in order.
+void weightedRows(const float *weights, const float *values, int64_t stride, int64_t dim, int64_t visible, float *out);
+
 inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
 inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 

@@ -182,8 +182,21 @@ TEST(Package, RowTilesMadeAtLoadGiveTheStoredRowsLogits) {
     };
     const std::vector<float> fromTiles = run(*tiled), fromRows = run(*stored);
     ASSERT_EQ(fromTiles.size(), fromRows.size());
-    for (size_t i = 0; i < fromTiles.size(); ++i)
-      ASSERT_NEAR(fromTiles[i], fromRows[i], 1e-4 * (std::fabs(fromRows[i]) + 1.0)) << fixture << " logit " << i;
+    // The same products in another order of float additions: equal within
+    // 1e-4, except where an activation lies on an int8 rounding boundary and
+    // moves one step in one engine (DESIGN.md): one position's logits may
+    // then differ by more, never by much.
+    const size_t vocabulary = static_cast<size_t>(tiled->spec.vocabSize);
+    int64_t flipped = 0;
+    for (size_t row = 0; row * vocabulary < fromTiles.size(); ++row) {
+      bool near = true;
+      for (size_t i = row * vocabulary; i < std::min((row + 1) * vocabulary, fromTiles.size()); ++i) {
+        near &= std::fabs(fromTiles[i] - fromRows[i]) <= 1e-4 * (std::fabs(fromRows[i]) + 1.0);
+        ASSERT_NEAR(fromTiles[i], fromRows[i], 2e-2 * (std::fabs(fromRows[i]) + 1.0)) << fixture << " logit " << i;
+      }
+      flipped += !near;
+    }
+    EXPECT_LE(flipped, 1) << fixture << ": positions whose logits differ by more than 1e-4";
     // The last layer (an MoE layer in both) as each engine holds it
     // (resident: get() only looks it up).
     const int64_t last = tiled->spec.numLayers - 1;
