@@ -14,6 +14,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <sys/stat.h>
 
@@ -259,22 +260,53 @@ Status writeSyntheticCheckpoint(const std::string &directory, const SyntheticOpt
       layer.moePrefix = "mlp.";
   }
 
-  // Each tensor's shard follows its layer, so shards hold whole layers.
-  std::vector<SafetensorsWriter> writers(static_cast<size_t>(options.shards));
+  // Each tensor's shard follows its layer, so shards hold whole layers, and
+  // a shard is written as soon as the tensors reach the next one: memory
+  // holds one shard (plus the first, which FP8 block scales of the last
+  // layer wrap around to), so a checkpoint larger than RAM can be written.
+  std::vector<std::unique_ptr<SafetensorsWriter>> writers(static_cast<size_t>(options.shards));
+  for (std::unique_ptr<SafetensorsWriter> &writer : writers)
+    writer = std::make_unique<SafetensorsWriter>();
+  std::vector<bool> written(static_cast<size_t>(options.shards), false);
   std::vector<std::pair<std::string, int>> placement;
   auto shardOf = [&](const TensorSpec &tensor) {
     int64_t layer = tensor.layer < 0 ? (tensor.role == TensorRole::Embedding ? 0 : spec.numLayers - 1) : tensor.layer;
     return static_cast<int>(layer * options.shards / spec.numLayers);
   };
+  auto shardName = [&](int shard) {
+    char name[64];
+    std::snprintf(name, sizeof(name), "model-%05d-of-%05d.safetensors", shard + 1, options.shards);
+    return std::string(name);
+  };
+  int64_t totalSize = 0;
+  auto flush = [&](int shard) -> Status {
+    std::unique_ptr<SafetensorsWriter> &writer = writers[static_cast<size_t>(shard)];
+    writer->setMetadata("format", "pt");
+    std::vector<uint8_t> bytes = writer->serialize();
+    totalSize += static_cast<int64_t>(bytes.size());
+    MOE_RETURN_IF_ERROR(writeFileAtomically(directory + "/" + shardName(shard), bytes));
+    writer = std::make_unique<SafetensorsWriter>(); // its tensors go now, not at the end
+    written[static_cast<size_t>(shard)] = true;
+    return Status::success();
+  };
   std::mt19937_64 rng(options.seed);
   auto add = [&](int shard, const std::string &name, DType dtype, const std::vector<int64_t> &shape,
                  std::vector<uint8_t> bytes) {
     placement.emplace_back(name, shard);
-    return writers[static_cast<size_t>(shard)].addTensor(name, dtype, shape, std::move(bytes));
+    return writers[static_cast<size_t>(shard)]->addTensor(name, dtype, shape, std::move(bytes));
   };
+  for (const std::string &extra : options.extraTensors) {
+    std::vector<float> values(4, 0.5f);
+    placement.emplace_back(extra, 0);
+    MOE_RETURN_IF_ERROR(writers[0]->addF32Tensor(extra, DType::F32, {4}, values));
+  }
   for (const TensorSpec &tensor : spec.tensors()) {
-    std::vector<float> values = randomValues(tensor, rng);
     int shard = shardOf(tensor);
+    if (options.shards > 1)
+      for (int earlier = options.fp8 ? 1 : 0; earlier < shard; ++earlier)
+        if (!written[static_cast<size_t>(earlier)])
+          MOE_RETURN_IF_ERROR(flush(earlier));
+    std::vector<float> values = randomValues(tensor, rng);
     if (options.fp8 && tensor.isLinearWeight) {
       std::vector<uint8_t> bytes;
       std::vector<float> scales;
@@ -289,44 +321,34 @@ Status writeSyntheticCheckpoint(const std::string &directory, const SyntheticOpt
     // The correction bias is F32 in DeepSeek-V3 checkpoints.
     DType dtype = tensor.role == TensorRole::RouterCorrectionBias ? DType::F32 : options.dtype;
     placement.emplace_back(tensor.name, shard);
-    MOE_RETURN_IF_ERROR(writers[static_cast<size_t>(shard)].addF32Tensor(tensor.name, dtype, tensor.shape, values));
+    MOE_RETURN_IF_ERROR(writers[static_cast<size_t>(shard)]->addF32Tensor(tensor.name, dtype, tensor.shape, values));
   }
   // A few multi-token-prediction tensors, which readers must ignore.
   for (int64_t j = 0; j < spec.numMtpLayers; ++j) {
     std::string prefix = concat("model.layers.", spec.numLayers + j, ".");
     std::vector<float> values(static_cast<size_t>(spec.hiddenSize * 2 * spec.hiddenSize), 0.01f);
     placement.emplace_back(prefix + "eh_proj.weight", options.shards - 1);
-    MOE_RETURN_IF_ERROR(writers.back().addF32Tensor(prefix + "eh_proj.weight", options.dtype,
-                                                    {spec.hiddenSize, 2 * spec.hiddenSize}, values));
+    MOE_RETURN_IF_ERROR(writers.back()->addF32Tensor(prefix + "eh_proj.weight", options.dtype,
+                                                     {spec.hiddenSize, 2 * spec.hiddenSize}, values));
     std::vector<float> ones(static_cast<size_t>(spec.hiddenSize), 1.0f);
     placement.emplace_back(prefix + "enorm.weight", options.shards - 1);
-    MOE_RETURN_IF_ERROR(writers.back().addF32Tensor(prefix + "enorm.weight", options.dtype, {spec.hiddenSize}, ones));
-  }
-  for (const std::string &extra : options.extraTensors) {
-    std::vector<float> values(4, 0.5f);
-    placement.emplace_back(extra, 0);
-    MOE_RETURN_IF_ERROR(writers[0].addF32Tensor(extra, DType::F32, {4}, values));
+    MOE_RETURN_IF_ERROR(writers.back()->addF32Tensor(prefix + "enorm.weight", options.dtype, {spec.hiddenSize}, ones));
   }
 
   MOE_RETURN_IF_ERROR(writeFileAtomically(
       directory + "/config.json",
       std::span<const uint8_t>(reinterpret_cast<const uint8_t *>(configText.data()), configText.size())));
   if (options.shards == 1) {
-    writers[0].setMetadata("format", "pt");
-    return writers[0].write(directory + "/model.safetensors");
+    writers[0]->setMetadata("format", "pt");
+    return writers[0]->write(directory + "/model.safetensors");
   }
   json weightMap = json::object();
-  int64_t totalSize = 0;
   for (int shard = 0; shard < options.shards; ++shard) {
-    char name[64];
-    std::snprintf(name, sizeof(name), "model-%05d-of-%05d.safetensors", shard + 1, options.shards);
-    writers[static_cast<size_t>(shard)].setMetadata("format", "pt");
-    std::vector<uint8_t> bytes = writers[static_cast<size_t>(shard)].serialize();
-    totalSize += static_cast<int64_t>(bytes.size());
-    MOE_RETURN_IF_ERROR(writeFileAtomically(directory + "/" + name, bytes));
+    if (!written[static_cast<size_t>(shard)])
+      MOE_RETURN_IF_ERROR(flush(shard));
     for (const auto &[tensor, tensorShard] : placement)
       if (tensorShard == shard)
-        weightMap[tensor] = name;
+        weightMap[tensor] = shardName(shard);
   }
   json index = {{"metadata", {{"total_size", totalSize}}}, {"weight_map", weightMap}};
   std::string indexText = index.dump(2) + "\n";
