@@ -54,6 +54,10 @@ FailureOr<std::vector<double>> StatisticsReader::read(const std::string &key, Op
       values[i] = static_cast<double>(value);
     }
   }
+  // The values are copied: the file's pages need not stay resident (a
+  // layer's moments are read once, and under --max-memory they would
+  // count twice).
+  file->releasePages(*info);
   return values;
 }
 
@@ -87,6 +91,7 @@ FailureOr<std::vector<float>> StatisticsReader::floats(int64_t layer, StringRef 
   cols = info->shape[1];
   std::vector<float> values(static_cast<size_t>(rows * cols));
   std::memcpy(values.data(), file->data(*info).data(), values.size() * sizeof(float));
+  file->releasePages(*info);
   return values;
 }
 

@@ -128,6 +128,11 @@ Expected<OpenedPackage> openPackage(const std::string &path) {
       const std::string hash = t.at("xxh64").get<std::string>();
       if (packageChecksumText(XXH64(mapping->data + ref.offset, ref.size, 0)) != hash)
         return Status::error(path, ": tensor '", name, "' checksum mismatch (the file is corrupted)");
+      // Checking read every page; what the engine uses it faults back in
+      // (from the page cache), the rest need not stay resident: opening a
+      // package larger than memory, or after writing one under
+      // --max-memory, costs no more than its manifest.
+      mapping->file->releasePages(mapping->data + ref.offset, ref.size);
       tensors[name] = std::move(ref);
     }
     auto lookup = [&](const std::string &name) -> Expected<TensorRef> {

@@ -313,6 +313,45 @@ TEST(Package, TheSameModuleGivesTheSameBytes) {
   EXPECT_EQ(header.fileBytes, bytes.size());
 }
 
+/// Bytes of `path` that this process's mappings hold resident
+/// (/proc/self/smaps; 0 where there is none).
+uint64_t residentBytesOf(const std::string &path) {
+  std::ifstream smaps("/proc/self/smaps");
+  const std::string canonical = std::filesystem::canonical(path).string();
+  std::string line;
+  bool inside = false;
+  uint64_t total = 0;
+  while (std::getline(smaps, line)) {
+    if (!line.empty() && std::isxdigit(static_cast<unsigned char>(line[0])) && line.find('-') != std::string::npos &&
+        line.find(':') > line.find(' ')) {
+      inside = line.size() >= canonical.size() &&
+               line.compare(line.size() - canonical.size(), std::string::npos, canonical) == 0;
+    } else if (inside && line.rfind("Rss:", 0) == 0) {
+      total += std::stoull(line.substr(4)) * 1024;
+    }
+  }
+  return total;
+}
+
+// Opening a package reads every blob once (its checksum) and leaves the
+// pages it read non-resident: what the engine uses it maps back in, so
+// opening a package larger than memory (or reopening the one `moec
+// compress --max-memory` just wrote) costs its manifest, not its size.
+TEST(Package, OpeningReleasesThePagesItChecked) {
+  TempDir dir;
+  buildPackage("tiny-mixtral", "moe-set-topk{top-k=2}", dir.file("a.moestore"), dir.file("a.moepkg"));
+  const uint64_t size = std::filesystem::file_size(dir.file("a.moepkg"));
+  ASSERT_GT(size, 4u << 20);
+  Expected<OpenedPackage> opened = openPackage(dir.file("a.moepkg"));
+  ASSERT_TRUE(opened) << opened.status().message();
+  const uint64_t resident = residentBytesOf(dir.file("a.moepkg"));
+  EXPECT_LT(resident, size / 10) << resident << " of " << size << " bytes resident after opening";
+  // The package still runs: the engine faults in what it reads.
+  Expected<LoadedModel> loaded = loadModel(dir.file("a.moepkg"));
+  ASSERT_TRUE(loaded) << loaded.status().message();
+  EXPECT_TRUE(std::isfinite(decodeLogits(*loaded).back()));
+}
+
 TEST(Package, BadInputIsNamedAndNeverRuns) {
   TempDir dir;
   buildPackage("tiny-deepseek", "moe-quantize{bits=4 group=64}", dir.file("m.moestore"), dir.file("good.moepkg"));
