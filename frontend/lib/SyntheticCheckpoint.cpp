@@ -269,7 +269,21 @@ Status writeSyntheticCheckpoint(const std::string &directory, const SyntheticOpt
     writer = std::make_unique<SafetensorsWriter>();
   std::vector<bool> written(static_cast<size_t>(options.shards), false);
   std::vector<std::pair<std::string, int>> placement;
+  // With fewer layers than shards (one DeepSeek-V3 layer is 15 GB), by
+  // bytes instead: tensor i goes to the shard its first byte falls in, so
+  // the shards are of about equal size and memory still holds about one.
+  const std::vector<TensorSpec> tensors = spec.tensors();
+  auto storedBytes = [&](const TensorSpec &tensor) {
+    const int64_t count = numElements(tensor.shape);
+    return count * (options.fp8 && tensor.isLinearWeight ? 1 : static_cast<int64_t>(dtypeBytes(options.dtype)));
+  };
+  int64_t allBytes = 0, bytesBefore = 0;
+  for (const TensorSpec &tensor : tensors)
+    allBytes += storedBytes(tensor);
+  const bool byBytes = spec.numLayers < options.shards && allBytes > 0;
   auto shardOf = [&](const TensorSpec &tensor) {
+    if (byBytes)
+      return static_cast<int>(std::min<int64_t>(options.shards - 1, bytesBefore * options.shards / allBytes));
     int64_t layer = tensor.layer < 0 ? (tensor.role == TensorRole::Embedding ? 0 : spec.numLayers - 1) : tensor.layer;
     return static_cast<int>(layer * options.shards / spec.numLayers);
   };
@@ -300,8 +314,9 @@ Status writeSyntheticCheckpoint(const std::string &directory, const SyntheticOpt
     placement.emplace_back(extra, 0);
     MOE_RETURN_IF_ERROR(writers[0]->addF32Tensor(extra, DType::F32, {4}, values));
   }
-  for (const TensorSpec &tensor : spec.tensors()) {
+  for (const TensorSpec &tensor : tensors) {
     int shard = shardOf(tensor);
+    bytesBefore += storedBytes(tensor);
     if (options.shards > 1)
       for (int earlier = options.fp8 ? 1 : 0; earlier < shard; ++earlier)
         if (!written[static_cast<size_t>(earlier)])

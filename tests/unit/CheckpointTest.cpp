@@ -9,7 +9,11 @@
 
 #include "TestSupport.h"
 
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
 #include <cstring>
+#include <filesystem>
 #include <random>
 
 using namespace moe;
@@ -182,4 +186,37 @@ TEST(Checkpoint, LoadsSyntheticFp8CheckpointCloseToTheF32Weights) {
     sumSquares += value * value;
   double rms = std::sqrt(sumSquares / values.size());
   EXPECT_NEAR(rms, 0.05, 0.005) << "synthetic weights are N(0, 0.05)";
+}
+
+// A model with fewer layers than shards (one DeepSeek-V3 layer is 15 GB)
+// is sharded by bytes: every shard written, none holding most of the
+// checkpoint (by layer, the one layer's shard would hold it all, in
+// memory until written), and the checkpoint reads back whole.
+TEST(Checkpoint, SyntheticShardsOfAOneLayerModelSplitItsBytes) {
+  TempDir dir;
+  SyntheticOptions options;
+  options.family = ModelFamily::DeepseekV3;
+  options.fp8 = true;
+  options.shards = 4;
+  nlohmann::json config = nlohmann::json::parse(syntheticConfigJson(ModelFamily::DeepseekV3, true));
+  config["num_hidden_layers"] = 1;
+  config["first_k_dense_replace"] = 0;
+  options.configText = config.dump();
+  ASSERT_TRUE(writeSyntheticCheckpoint(dir.path(), options).ok());
+  uint64_t total = 0, largest = 0;
+  for (int shard = 1; shard <= 4; ++shard) {
+    char name[64];
+    std::snprintf(name, sizeof(name), "model-%05d-of-00004.safetensors", shard);
+    ASSERT_TRUE(std::filesystem::exists(dir.file(name))) << name;
+    const uint64_t size = std::filesystem::file_size(dir.file(name));
+    total += size;
+    largest = std::max(largest, size);
+  }
+  EXPECT_LT(largest, total / 2) << "one shard holds most of the checkpoint";
+  auto checkpoint = Checkpoint::open(dir.path());
+  ASSERT_TRUE(checkpoint.ok()) << checkpoint.status().message();
+  std::vector<float> values;
+  for (const char *name :
+       {"model.embed_tokens.weight", "lm_head.weight", "model.layers.0.mlp.experts.0.up_proj.weight"})
+    EXPECT_TRUE((*checkpoint)->loadF32(name, values).ok()) << name;
 }
