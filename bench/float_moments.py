@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""Do float moments change GPTQ's result? (issue 19, item 1.) Sequential GPTQ
-(`moec compress`) of the routed experts at 2, 3 and 4 bits (groups of 64)
-on both fixtures, with the experts' input moments accumulated in double
-(the default) and in float (calibration "moments": "f32", half the memory).
-For each pair: held-out perplexity and KL divergence against the original
-model (moec eval --compare).
+"""Do float moments, or float GPTQ arithmetic, change GPTQ's result? (issue
+19, item 1.) Sequential GPTQ (`moec compress`) of the routed experts at 2, 3
+and 4 bits (groups of 64) on both fixtures, four ways: everything in double
+(the default, "f64"); the experts' input moments accumulated in float
+(calibration "moments": "f32", half the memory: "f32"); GPTQ's
+factorisation and updates in float (moe-quantize precision=f32, about
+twice the rate: "gptq_f32"); both ("all_f32", what AutoGPTQ does). For
+each: held-out perplexity and KL divergence against the original model
+(moec eval --compare).
 
 Prints one JSON object per line. Usage: bench/float_moments.py BUILD_DIR [TOKENS]
 """
@@ -27,18 +30,22 @@ def main():
             model = fixture_dir(fixture)
             for bits in (4, 3, 2):
                 record = {"fixture": fixture, "bits": bits, "group": 64, "calibration_tokens": tokens}
-                for moments in ("f64", "f32"):
+                for name, moments, precision in (("f64", "f64", "f64"), ("f32", "f32", "f64"),
+                                                 ("gptq_f32", "f64", "f32"), ("all_f32", "f32", "f32")):
                     recipe = os.path.join(work, "r.json")
                     json.dump({"calibration": {"data": calibration, "tokens": tokens, "moments": moments},
                                "passes": [{"pass": "moe-quantize",
-                                           "options": {"method": "gptq", "bits": bits, "group": 64}}]},
+                                           "options": {"method": "gptq", "bits": bits, "group": 64,
+                                                       "precision": precision}}]},
                               open(recipe, "w"))
-                    package = os.path.join(work, "%s-%d-%s.moepkg" % (fixture, bits, moments))
+                    package = os.path.join(work, "%s-%d-%s.moepkg" % (fixture, bits, name))
                     run(moec, "compress", model, "--recipe", recipe, "-o", package, "-q")
                     result = json.loads(run(moec, "eval", package, "--data", heldout, "--compare", model, "--json"))
-                    record["perplexity_" + moments] = result["perplexity"]
-                    record["kl_" + moments] = result["compare"]["kl_mean"]
+                    record["perplexity_" + name] = result["perplexity"]
+                    record["kl_" + name] = result["compare"]["kl_mean"]
                 record["perplexity_change_percent"] = 100 * (record["perplexity_f32"] / record["perplexity_f64"] - 1)
+                record["gptq_f32_change_percent"] = 100 * (record["perplexity_gptq_f32"] / record["perplexity_f64"] - 1)
+                record["all_f32_change_percent"] = 100 * (record["perplexity_all_f32"] / record["perplexity_f64"] - 1)
                 print(json.dumps(record), flush=True)
 
 

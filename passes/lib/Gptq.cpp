@@ -19,13 +19,29 @@ extern "C" {
 // LAPACK (in OpenBLAS): Cholesky factorisation and triangular inverse.
 void dpotrf_(const char *uplo, const int *n, double *a, const int *lda, int *info);
 void dtrtri_(const char *uplo, const char *diag, const int *n, double *a, const int *lda, int *info);
+void spotrf_(const char *uplo, const int *n, float *a, const int *lda, int *info);
+void strtri_(const char *uplo, const char *diag, const int *n, float *a, const int *lda, int *info);
 }
 
 namespace moe {
 
 namespace {
 
-using Matrix = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <typename Scalar> using MatrixOf = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using Matrix = MatrixOf<double>;
+
+// LAPACK and BLAS by element type.
+void potrf(const char *uplo, const int *n, double *a, int *info) { dpotrf_(uplo, n, a, n, info); }
+void potrf(const char *uplo, const int *n, float *a, int *info) { spotrf_(uplo, n, a, n, info); }
+void trtri(const char *uplo, const int *n, double *a, int *info) { dtrtri_(uplo, "N", n, a, n, info); }
+void trtri(const char *uplo, const int *n, float *a, int *info) { strtri_(uplo, "N", n, a, n, info); }
+/// C -= A B (row-major; A [m, k], B [k, n] of leading dimension ldb, C of ldc).
+void subtractProduct(int m, int n, int k, const double *a, const double *b, int ldb, double *c, int ldc) {
+  cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, k, -1.0, a, k, b, ldb, 1.0, c, ldc);
+}
+void subtractProduct(int m, int n, int k, const float *a, const float *b, int ldb, float *c, int ldc) {
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, k, -1.0f, a, k, b, ldb, 1.0f, c, ldc);
+}
 
 /// A group's scale and min as the format stores them (rounded to 16 bits
 /// so that the codes computed here are the codes the kernels decode).
@@ -33,7 +49,8 @@ struct GroupGrid {
   float scale = 0, min = 0;
 };
 
-GroupGrid gridOf(const quant::QuantFormat &format, const double *values, int64_t count, int64_t stride) {
+template <typename Scalar>
+GroupGrid gridOf(const quant::QuantFormat &format, const Scalar *values, int64_t count, int64_t stride) {
   std::vector<float> column(static_cast<size_t>(count));
   for (int64_t i = 0; i < count; ++i)
     column[i] = static_cast<float>(values[i * stride]);
@@ -66,11 +83,11 @@ double roundToGrid(const quant::QuantFormat &format, const GroupGrid &grid, doub
 /// A grid GPTQ rounds to: chosen per group of columns (on the weights that
 /// GptqGroupScales names, or up front with act-order), then one value at a
 /// time.
-struct Grid {
+template <typename Scalar> struct Grid {
   int64_t groupSize;
   /// Chooses the grids of every row for `group` from `W` (original column
   /// order) and the damped Hessian's diagonal `importance`.
-  std::function<void(int64_t group, const Matrix &W, const std::vector<double> &importance)> choose;
+  std::function<void(int64_t group, const MatrixOf<Scalar> &W, const std::vector<double> &importance)> choose;
   /// The grid value nearest `value` at (row, column).
   std::function<double(int64_t row, int64_t column, double value)> round;
 };
@@ -79,13 +96,52 @@ struct Grid {
 
 /// What GPTQ derives from a Hessian alone: the damped diagonal (column
 /// importance), the quantization order, and U, the upper Cholesky factor
-/// of the damped inverse Hessian in that order.
+/// of the damped inverse Hessian in that order, in the options' precision
+/// (the other matrix stays empty).
 struct GptqFactor {
   int64_t cols = 0;
+  GptqPrecision precision = GptqPrecision::F64;
   std::vector<double> importance;
   std::vector<int64_t> order;
-  Matrix U;
+  MatrixOf<double> U;
+  MatrixOf<float> singleU;
+  template <typename Scalar> const MatrixOf<Scalar> &u() const {
+    if constexpr (std::is_same_v<Scalar, double>)
+      return U;
+    else
+      return singleU;
+  }
 };
+
+namespace {
+
+/// U from the damped, permuted Hessian `Hp` (see factorGptqHessian).
+template <typename Scalar> Status factorInPrecision(MatrixOf<Scalar> &U, const Matrix &Hp) {
+  const int64_t cols = Hp.rows();
+  // U: the upper Cholesky factor of H^-1 (H^-1 = U^T U). With V = U^-1,
+  // H = V V^T and V is upper triangular: the lower Cholesky factor of H
+  // with rows and columns reversed, reversed back. One factorisation and
+  // one triangular inverse (LAPACK through OpenBLAS, which picks its SIMD
+  // code at run time) instead of an inverse and a second factorisation.
+  U = Hp.reverse().template cast<Scalar>();
+  const int n = static_cast<int>(cols);
+  int info = 0;
+  // Row-major buffers are LAPACK's column-major transposes: "U" on the
+  // symmetric matrix leaves L (R = L L^T) in the row-major lower triangle.
+  potrf("U", &n, U.data(), &info);
+  if (info != 0)
+    return Status::error("GPTQ: the damped Hessian is not positive definite (raise damping)");
+  U.template triangularView<Eigen::StrictlyUpper>().setZero();
+  U = MatrixOf<Scalar>(U.reverse()); // V, upper triangular
+  // V^-1 in place: the row-major upper triangle is LAPACK's lower one.
+  trtri("L", &n, U.data(), &info);
+  if (info != 0)
+    return Status::error("GPTQ: the inverse Hessian factor is singular (raise damping)");
+  U.template triangularView<Eigen::StrictlyLower>().setZero();
+  return Status::success();
+}
+
+} // namespace
 
 Expected<std::shared_ptr<const GptqFactor>> factorGptqHessian(std::vector<double> hessian, int64_t cols,
                                                               const GptqOptions &options) {
@@ -116,35 +172,18 @@ Expected<std::shared_ptr<const GptqFactor>> factorGptqHessian(std::vector<double
   for (int64_t a = 0; a < cols; ++a)
     for (int64_t b = 0; b < cols; ++b)
       Hp(a, b) = H(order[a], order[b]);
-
-  // U: the upper Cholesky factor of H^-1 (H^-1 = U^T U). With V = U^-1,
-  // H = V V^T and V is upper triangular: the lower Cholesky factor of H
-  // with rows and columns reversed, reversed back. One factorisation and
-  // one triangular inverse (LAPACK through OpenBLAS, which picks its SIMD
-  // code at run time) instead of an inverse and a second factorisation.
-  Matrix &U = factor->U;
-  U = Hp.reverse();
-  const int n = static_cast<int>(cols);
-  int info = 0;
-  // Row-major buffers are LAPACK's column-major transposes: "U" on the
-  // symmetric matrix leaves L (R = L L^T) in the row-major lower triangle.
-  dpotrf_("U", &n, U.data(), &n, &info);
-  if (info != 0)
-    return Status::error("GPTQ: the damped Hessian is not positive definite (raise damping)");
-  U.triangularView<Eigen::StrictlyUpper>().setZero();
-  U = Matrix(U.reverse()); // V, upper triangular
-  // V^-1 in place: the row-major upper triangle is LAPACK's lower one.
-  dtrtri_("L", "N", &n, U.data(), &n, &info);
-  if (info != 0)
-    return Status::error("GPTQ: the inverse Hessian factor is singular (raise damping)");
-  U.triangularView<Eigen::StrictlyLower>().setZero();
+  factor->precision = options.precision;
+  MOE_RETURN_IF_ERROR(options.precision == GptqPrecision::F32 ? factorInPrecision(factor->singleU, Hp)
+                                                              : factorInPrecision(factor->U, Hp));
   return std::shared_ptr<const GptqFactor>(std::move(factor));
 }
 
 namespace {
 
 /// GPTQ proper: Q (original column order) from W and the Hessian's factor.
-Status runGptq(Matrix W, const GptqFactor &factor, const GptqOptions &options, const Grid &grid, Matrix &Q) {
+template <typename Scalar>
+Status runGptq(MatrixOf<Scalar> W, const GptqFactor &factor, const GptqOptions &options, const Grid<Scalar> &grid,
+               MatrixOf<Scalar> &Q) {
   const int64_t rows = W.rows(), cols = W.cols();
   if (cols != factor.cols)
     return Status::error("GPTQ: a Hessian factor of ", factor.cols, " columns for a matrix of ", cols);
@@ -152,7 +191,7 @@ Status runGptq(Matrix W, const GptqFactor &factor, const GptqOptions &options, c
   std::vector<bool> gridReady(static_cast<size_t>(groups), false);
   const std::vector<double> &importance = factor.importance;
   const std::vector<int64_t> &order = factor.order;
-  const Matrix &U = factor.U;
+  const MatrixOf<Scalar> &U = factor.u<Scalar>();
   auto computeGrids = [&](int64_t group) {
     grid.choose(group, W, importance);
     gridReady[group] = true;
@@ -161,17 +200,17 @@ Status runGptq(Matrix W, const GptqFactor &factor, const GptqOptions &options, c
     for (int64_t g = 0; g < groups; ++g)
       computeGrids(g);
   // Permute to quantization order.
-  Matrix Wp(rows, cols);
+  MatrixOf<Scalar> Wp(rows, cols);
   for (int64_t j = 0; j < cols; ++j)
     Wp.col(j) = W.col(order[j]);
 
   Q.resize(rows, cols);
-  Matrix blockStart;
+  MatrixOf<Scalar> blockStart;
   for (int64_t begin = 0; begin < cols; begin += options.block) {
     const int64_t end = std::min(cols, begin + options.block), count = end - begin;
     if (options.groupScales == GptqGroupScales::Block && !options.actOrder)
       blockStart = Wp.middleCols(begin, count);
-    Matrix errors(rows, count);
+    MatrixOf<Scalar> errors(rows, count);
     for (int64_t j = begin; j < end; ++j) {
       const int64_t column = order[j], group = column / grid.groupSize;
       if (!gridReady[group]) {
@@ -182,10 +221,10 @@ Status runGptq(Matrix W, const GptqFactor &factor, const GptqOptions &options, c
           W.col(c) = options.groupScales == GptqGroupScales::Block && c < end ? blockStart.col(c - begin) : Wp.col(c);
         computeGrids(group);
       }
-      const double d = U(j, j);
+      const Scalar d = U(j, j);
       for (int64_t r = 0; r < rows; ++r) {
-        const double w = Wp(r, j);
-        const double q = grid.round(r, column, w);
+        const Scalar w = Wp(r, j);
+        const Scalar q = static_cast<Scalar>(grid.round(r, column, w));
         Q(r, column) = q;
         errors(r, j - begin) = (w - q) / d;
       }
@@ -194,9 +233,8 @@ Status runGptq(Matrix W, const GptqFactor &factor, const GptqOptions &options, c
         Wp.block(0, j + 1, rows, end - j - 1).noalias() -= errors.col(j - begin) * U.block(j, j + 1, 1, end - j - 1);
     }
     if (end < cols) // the lazy batch update, the bulk of the work: one GEMM
-      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(rows), static_cast<int>(cols - end),
-                  static_cast<int>(count), -1.0, errors.data(), static_cast<int>(count), U.data() + begin * cols + end,
-                  static_cast<int>(cols), 1.0, Wp.data() + end, static_cast<int>(cols));
+      subtractProduct(static_cast<int>(rows), static_cast<int>(cols - end), static_cast<int>(count), errors.data(),
+                      U.data() + begin * cols + end, static_cast<int>(cols), Wp.data() + end, static_cast<int>(cols));
   }
   return Status::success();
 }
@@ -210,10 +248,15 @@ Status checkInputs(const std::vector<float> &weights, int64_t rows, int64_t cols
   return Status::success();
 }
 
-Matrix toMatrix(const std::vector<float> &weights, int64_t rows, int64_t cols) {
-  return Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(weights.data(), rows,
-                                                                                                 cols)
-      .cast<double>();
+template <typename Scalar> MatrixOf<Scalar> toMatrix(const std::vector<float> &weights, int64_t rows, int64_t cols) {
+  return Eigen::Map<const MatrixOf<float>>(weights.data(), rows, cols).template cast<Scalar>();
+}
+
+/// Calls `run` with a double or float tag: the factor's precision.
+template <typename Run> Status inPrecision(const GptqFactor &factor, Run run) {
+  if (factor.precision == GptqPrecision::F32)
+    return run(float{});
+  return run(double{});
 }
 
 } // namespace
@@ -247,38 +290,40 @@ Status quantizeGptq(const quant::QuantFormat &format, const std::vector<float> &
   const int64_t groups = format.groupsPerRow(cols);
   std::vector<std::vector<GroupGrid>> grids(static_cast<size_t>(rows),
                                             std::vector<GroupGrid>(static_cast<size_t>(groups)));
-  Grid grid;
-  grid.groupSize = format.group;
-  grid.choose = [&](int64_t group, const Matrix &W, const std::vector<double> &) {
-    const int64_t first = group * format.group, count = std::min<int64_t>(format.group, cols - first);
-    for (int64_t r = 0; r < rows; ++r)
-      grids[r][group] = gridOf(format, W.data() + r * cols + first, count, 1);
-  };
-  grid.round = [&](int64_t r, int64_t column, double value) {
-    return roundToGrid(format, grids[r][column / format.group], value);
-  };
-  Matrix Q;
-  MOE_RETURN_IF_ERROR(runGptq(toMatrix(weights, rows, cols), factor, options, grid, Q));
+  return inPrecision(factor, [&]<typename Scalar>(Scalar) -> Status {
+    Grid<Scalar> grid;
+    grid.groupSize = format.group;
+    grid.choose = [&](int64_t group, const MatrixOf<Scalar> &W, const std::vector<double> &) {
+      const int64_t first = group * format.group, count = std::min<int64_t>(format.group, cols - first);
+      for (int64_t r = 0; r < rows; ++r)
+        grids[r][group] = gridOf(format, W.data() + r * cols + first, count, 1);
+    };
+    grid.round = [&](int64_t r, int64_t column, double value) {
+      return roundToGrid(format, grids[r][column / format.group], value);
+    };
+    MatrixOf<Scalar> Q;
+    MOE_RETURN_IF_ERROR(runGptq(toMatrix<Scalar>(weights, rows, cols), factor, options, grid, Q));
 
-  // Encode: the chosen values are on their group's grid; recover the codes.
-  packed.assign(format.matrixBytes(rows, cols), 0);
-  std::vector<float> values(static_cast<size_t>(format.group));
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t first = g * format.group, count = std::min<int64_t>(format.group, cols - first);
-      uint8_t *target = packed.data() + r * format.rowBytes(cols) + g * format.groupBytes();
-      const GroupGrid &cell = grids[r][g];
-      const uint16_t scaleBits = quant::floatToScale(cell.scale, format.scaleType);
-      std::memcpy(target, &scaleBits, 2);
-      if (!format.symmetric) {
-        const uint16_t minBits = quant::floatToScale(cell.min, format.scaleType);
-        std::memcpy(target + 2, &minBits, 2);
+    // Encode: the chosen values are on their group's grid; recover the codes.
+    packed.assign(format.matrixBytes(rows, cols), 0);
+    std::vector<float> values(static_cast<size_t>(format.group));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t first = g * format.group, count = std::min<int64_t>(format.group, cols - first);
+        uint8_t *target = packed.data() + r * format.rowBytes(cols) + g * format.groupBytes();
+        const GroupGrid &cell = grids[r][g];
+        const uint16_t scaleBits = quant::floatToScale(cell.scale, format.scaleType);
+        std::memcpy(target, &scaleBits, 2);
+        if (!format.symmetric) {
+          const uint16_t minBits = quant::floatToScale(cell.min, format.scaleType);
+          std::memcpy(target + 2, &minBits, 2);
+        }
+        for (int64_t i = 0; i < count; ++i)
+          values[i] = static_cast<float>(Q(r, first + i));
+        quant::quantizeGroupWith(format, values.data(), count, cell.scale, cell.min, target + format.headerBytes());
       }
-      for (int64_t i = 0; i < count; ++i)
-        values[i] = static_cast<float>(Q(r, first + i));
-      quant::quantizeGroupWith(format, values.data(), count, cell.scale, cell.min, target + format.headerBytes());
-    }
-  return Status::success();
+    return Status::success();
+  });
 }
 
 Status quantizeGptqGgml(quant::GgmlType type, const std::vector<float> &weights, int64_t rows, int64_t cols,
@@ -300,28 +345,30 @@ Status quantizeGptqGgml(quant::GgmlType type, const std::vector<float> &weights,
   // super-block's quantized sub-block scales) chosen from the weights that
   // GptqGroupScales names, weighted by the Hessian's diagonal; each value
   // then rounded under them, its code written in place.
-  Grid grid;
-  grid.groupSize = traits->blockSize;
   std::vector<float> values(static_cast<size_t>(traits->blockSize)), importance(values.size());
-  grid.choose = [&](int64_t block, const Matrix &W, const std::vector<double> &diagonal) {
-    const int64_t first = block * traits->blockSize;
-    for (int64_t i = 0; i < traits->blockSize; ++i)
-      importance[i] = static_cast<float>(diagonal[first + i]);
-    for (int64_t r = 0; r < rows; ++r) {
+  return inPrecision(factor, [&]<typename Scalar>(Scalar) -> Status {
+    Grid<Scalar> grid;
+    grid.groupSize = traits->blockSize;
+    grid.choose = [&](int64_t block, const MatrixOf<Scalar> &W, const std::vector<double> &diagonal) {
+      const int64_t first = block * traits->blockSize;
       for (int64_t i = 0; i < traits->blockSize; ++i)
-        values[i] = static_cast<float>(W(r, first + i));
-      quant::ggmlChooseScales(type, values.data(), importance.data(),
-                              packed.data() + r * rowBytes + block * traits->blockBytes);
-    }
-  };
-  grid.round = [&](int64_t r, int64_t column, double value) {
-    const int64_t block = column / traits->blockSize;
-    return static_cast<double>(quant::ggmlQuantizeValue(type, packed.data() + r * rowBytes + block * traits->blockBytes,
-                                                        static_cast<int>(column % traits->blockSize),
-                                                        static_cast<float>(value)));
-  };
-  Matrix Q;
-  return runGptq(toMatrix(weights, rows, cols), factor, options, grid, Q);
+        importance[i] = static_cast<float>(diagonal[first + i]);
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t i = 0; i < traits->blockSize; ++i)
+          values[i] = static_cast<float>(W(r, first + i));
+        quant::ggmlChooseScales(type, values.data(), importance.data(),
+                                packed.data() + r * rowBytes + block * traits->blockBytes);
+      }
+    };
+    grid.round = [&](int64_t r, int64_t column, double value) {
+      const int64_t block = column / traits->blockSize;
+      return static_cast<double>(
+          quant::ggmlQuantizeValue(type, packed.data() + r * rowBytes + block * traits->blockBytes,
+                                   static_cast<int>(column % traits->blockSize), static_cast<float>(value)));
+    };
+    MatrixOf<Scalar> Q;
+    return runGptq(toMatrix<Scalar>(weights, rows, cols), factor, options, grid, Q);
+  });
 }
 
 } // namespace moe

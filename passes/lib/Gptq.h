@@ -29,6 +29,9 @@ struct GptqOptions {
   int64_t block = 128;   ///< Columns per lazy-update block.
   bool actOrder = false; ///< Quantize columns by decreasing diag(H).
   GptqGroupScales groupScales = GptqGroupScales::Static;
+  /// The arithmetic of the factorisation and the updates: double (moec's
+  /// default) or float (as AutoGPTQ and GPTQModel run it, twice as fast).
+  GptqPrecision precision = GptqPrecision::F64;
 };
 
 /// What GPTQ derives from a Hessian alone (the damped diagonal, the column

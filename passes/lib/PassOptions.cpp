@@ -26,6 +26,7 @@ MOE_CHOICES(AtomScore, {"camera", AtomScore::Camera}, {"heapr", AtomScore::Heapr
 MOE_CHOICES(QuantizeMethod, {"rtn", QuantizeMethod::Rtn}, {"gptq", QuantizeMethod::Gptq})
 MOE_CHOICES(GptqGroupScales, {"running", GptqGroupScales::Running}, {"block", GptqGroupScales::Block},
             {"static", GptqGroupScales::Static})
+MOE_CHOICES(GptqPrecision, {"f64", GptqPrecision::F64}, {"f32", GptqPrecision::F32})
 MOE_CHOICES(ScaleKind, {"f16", ScaleKind::F16}, {"bf16", ScaleKind::BF16})
 MOE_CHOICES(QuantizeFormat, {"group", QuantizeFormat::Group}, {"q4_0", QuantizeFormat::Q4_0},
             {"q4_1", QuantizeFormat::Q4_1}, {"q5_0", QuantizeFormat::Q5_0}, {"q5_1", QuantizeFormat::Q5_1},

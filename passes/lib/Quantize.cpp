@@ -465,7 +465,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       return;
     job.packed.assign(job.format.matrixBytes(job.rows, job.cols), 0);
     if (job.hessian) {
-      GptqOptions gptq{damping, block, actOrder, groupScales};
+      GptqOptions gptq{damping, block, actOrder, groupScales, precision};
       std::shared_ptr<const GptqFactor> factor;
       {
         // The first of the factor's readers computes it; the others wait and share.

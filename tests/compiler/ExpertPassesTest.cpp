@@ -726,6 +726,80 @@ TEST(Gptq, ASharedHessianFactorGivesTheSameCodes) {
   expectErrorContains(factorGptqHessian(std::vector<double>(10), cols, {}).status(), {"Hessian"});
 }
 
+// GPTQ in float arithmetic (AutoGPTQ's) gives codes within rounding of
+// double's. On a well-conditioned Hessian the two rarely differ by a single
+// code, so this one is ill-conditioned: fewer inputs than columns (an
+// expert that saw few tokens), input scales spread over two orders of
+// magnitude, damping 0.05%. Some codes differ (0.4-1.2%: the float path
+// ran), fewer than 2%, and the output error on the inputs is the same to
+// 2%, for moec's formats and ggml's, with and without act-order.
+TEST(Gptq, FloatArithmeticGivesCodesWithinRoundingOfDouble) {
+  std::mt19937 rng(11);
+  std::normal_distribution<double> normal;
+  const int64_t rows = 128, cols = 512, samples = 192;
+  std::vector<double> scale(static_cast<size_t>(cols)), inputs(static_cast<size_t>(samples * cols));
+  for (double &s : scale)
+    s = std::exp(1.2 * normal(rng));
+  for (int64_t s = 0; s < samples; ++s) {
+    double shared = normal(rng);
+    for (int64_t c = 0; c < cols; ++c)
+      inputs[s * cols + c] = (shared = 0.7 * shared + 0.7 * normal(rng)) * scale[c];
+  }
+  std::vector<double> hessian(static_cast<size_t>(cols * cols), 0.0);
+  for (int64_t s = 0; s < samples; ++s)
+    for (int64_t a = 0; a < cols; ++a)
+      for (int64_t b = 0; b < cols; ++b)
+        hessian[a * cols + b] += inputs[s * cols + a] * inputs[s * cols + b];
+  std::vector<float> weights(static_cast<size_t>(rows * cols));
+  for (float &w : weights)
+    w = static_cast<float>(normal(rng) * 0.05);
+  auto outputError = [&](const std::vector<float> &decoded) {
+    double error = 0;
+    for (int64_t s = 0; s < samples; ++s)
+      for (int64_t r = 0; r < rows; ++r) {
+        double difference = 0;
+        for (int64_t c = 0; c < cols; ++c)
+          difference += (static_cast<double>(weights[r * cols + c]) - decoded[r * cols + c]) * inputs[s * cols + c];
+        error += difference * difference;
+      }
+    return error;
+  };
+  auto differing = [](const std::vector<uint8_t> &a, const std::vector<uint8_t> &b) {
+    int64_t count = 0;
+    for (size_t i = 0; i < a.size(); ++i)
+      count += a[i] != b[i];
+    return static_cast<double>(count) / static_cast<double>(a.size());
+  };
+  int64_t anyDifference = 0;
+  for (bool actOrder : {false, true}) {
+    GptqOptions f64{0.0005, 128, actOrder}, f32 = f64;
+    f32.precision = GptqPrecision::F32;
+    const quant::QuantFormat format{3, 64, false};
+    std::vector<uint8_t> a, b;
+    ASSERT_TRUE(quantizeGptq(format, weights, rows, cols, hessian, f64, a).ok());
+    ASSERT_TRUE(quantizeGptq(format, weights, rows, cols, hessian, f32, b).ok());
+    std::vector<float> da(weights.size()), db(weights.size());
+    quant::dequantizeReference(format, a.data(), rows, cols, da.data());
+    quant::dequantizeReference(format, b.data(), rows, cols, db.data());
+    EXPECT_LT(differing(a, b), 0.02) << (actOrder ? "act-order" : "");
+    EXPECT_NEAR(outputError(db) / outputError(da), 1.0, 0.02) << (actOrder ? "act-order" : "");
+    anyDifference += a != b;
+
+    std::vector<uint8_t> ga, gb;
+    ASSERT_TRUE(quantizeGptqGgml(quant::GgmlType::Q4_K, weights, rows, cols, hessian, f64, ga).ok());
+    ASSERT_TRUE(quantizeGptqGgml(quant::GgmlType::Q4_K, weights, rows, cols, hessian, f32, gb).ok());
+    for (const std::vector<uint8_t> *packed : {&ga, &gb})
+      for (int64_t r = 0; r < rows; ++r)
+        quant::ggmlDequantizeRow(quant::GgmlType::Q4_K,
+                                 packed->data() + r * quant::ggmlRowBytes(quant::GgmlType::Q4_K, cols), cols,
+                                 (packed == &ga ? da : db).data() + r * cols);
+    EXPECT_LT(differing(ga, gb), 0.02) << "Q4_K " << (actOrder ? "act-order" : "");
+    EXPECT_NEAR(outputError(db) / outputError(da), 1.0, 0.02) << "Q4_K " << (actOrder ? "act-order" : "");
+    anyDifference += ga != gb;
+  }
+  EXPECT_GT(anyDifference, 0) << "float arithmetic ran as double";
+}
+
 // GPTQ with a ggml block format's own grid (K-quants' quantized sub-block
 // scales included) beats that format's row quantizer on the layer output.
 TEST(Gptq, GgmlGridsLowerTheLayerOutputErrorOfTheirRowQuantizer) {

@@ -320,6 +320,7 @@ const std::map<std::string, PassBuilder> &passBuilders() {
          read.integer("block", o.block);
          read.flag("act-order", o.actOrder);
          read.choice("group-scales", o.groupScales);
+         read.choice("precision", o.precision);
          read.real("min-coverage", o.minCoverage);
          read.integer("bits", o.bits);
          read.integer("group", o.group);

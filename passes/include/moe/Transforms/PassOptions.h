@@ -50,6 +50,9 @@ enum class GptqGroupScales {
   /// static_groups; always so with act-order).
   Static,
 };
+/// moe-quantize: GPTQ's arithmetic (the Hessian's factorisation and the
+/// error updates): double, or float as AutoGPTQ and GPTQModel run it.
+enum class GptqPrecision { F64, F32 };
 /// moe-quantize: the type of group scales.
 enum class ScaleKind { F16, BF16 };
 /// moe-quantize: moec's group format (bits, group, sym, scale-type) or one
@@ -129,6 +132,7 @@ public:
 MOE_CHOICE_PARSER(moe::ExpertScore)
 MOE_CHOICE_PARSER(moe::PruneScope)
 MOE_CHOICE_PARSER(moe::GptqGroupScales)
+MOE_CHOICE_PARSER(moe::GptqPrecision)
 MOE_CHOICE_PARSER(moe::MergeMethod)
 MOE_CHOICE_PARSER(moe::MergeSimilarity)
 MOE_CHOICE_PARSER(moe::MergeAlign)
