@@ -138,18 +138,21 @@ uint8_t floatToFloat8E4M3(float value) {
   if (std::isnan(value))
     return 0x7F;
   uint8_t sign = std::signbit(value) ? 0x80 : 0x00;
-  float magnitude = std::min(std::fabs(value), 448.0f);
-  // Codes 0x00..0x7E are the non-negative values in increasing order.
-  uint8_t best = 0;
-  float bestError = INFINITY;
-  for (uint8_t code = 0; code < 0x7F; ++code) {
-    float error = std::fabs(float8E4M3ToFloat(code) - magnitude);
-    if (error < bestError || (error == bestError && (code & 1) == 0)) {
-      best = code;
-      bestError = error;
-    }
-  }
-  return sign | best;
+  const float magnitude = std::min(std::fabs(value), 448.0f);
+  // Codes 0x00..0x7E are the non-negative values in increasing order, and
+  // their last bit is the mantissa's: the nearest code, ties to the even
+  // one, is the value rounded to nearest-even on E4M3's grid (a DeepSeek-V3
+  // layer has 11 billion weights to round).
+  if (magnitude < 0.015625f) // below the smallest normal, 2^-6: steps of 2^-9
+    return static_cast<uint8_t>(sign | static_cast<uint8_t>(std::nearbyint(magnitude * 512.0f)));
+  uint32_t bits;
+  std::memcpy(&bits, &magnitude, 4);
+  const uint32_t exponent = ((bits >> 23) & 0xFF) - 127 + 7, mantissa = bits & 0x7FFFFF;
+  uint32_t code = (exponent << 3) | (mantissa >> 20);
+  const uint32_t half = 1u << 19, rest = mantissa & ((1u << 20) - 1);
+  if (rest > half || (rest == half && (code & 1) != 0))
+    ++code; // a carry into the exponent is the next code up
+  return static_cast<uint8_t>(sign | std::min<uint32_t>(code, 0x7E));
 }
 
 std::optional<ModelFamily> parseFamilyName(std::string_view name) {

@@ -220,3 +220,41 @@ TEST(Checkpoint, SyntheticShardsOfAOneLayerModelSplitItsBytes) {
        {"model.embed_tokens.weight", "lm_head.weight", "model.layers.0.mlp.experts.0.up_proj.weight"})
     EXPECT_TRUE((*checkpoint)->loadF32(name, values).ok()) << name;
 }
+
+// FP8 E4M3 rounding (moec-synth's) is the nearest code, ties to the even
+// one: the same as a search of every code, on every code's value, the
+// midpoints between neighbours, and values spread over the range.
+TEST(Checkpoint, Fp8RoundingIsTheNearestCodeTiesToEven) {
+  auto bySearch = [](float value) {
+    const uint8_t sign = std::signbit(value) ? 0x80 : 0x00;
+    const float magnitude = std::min(std::fabs(value), 448.0f);
+    uint8_t best = 0;
+    float bestError = INFINITY;
+    for (uint8_t code = 0; code < 0x7F; ++code) {
+      const float error = std::fabs(float8E4M3ToFloat(code) - magnitude);
+      if (error < bestError || (error == bestError && (code & 1) == 0)) {
+        best = code;
+        bestError = error;
+      }
+    }
+    return static_cast<uint8_t>(sign | best);
+  };
+  std::vector<float> values = {0.0f, -0.0f, 448.0f, 500.0f, -1e9f, 1e-12f};
+  for (int code = 0; code < 0x7F; ++code) {
+    const float v = float8E4M3ToFloat(static_cast<uint8_t>(code));
+    values.push_back(v);
+    values.push_back(-v);
+    if (code + 1 < 0x7F) {
+      const float next = float8E4M3ToFloat(static_cast<uint8_t>(code + 1));
+      values.push_back((v + next) / 2);
+      values.push_back(std::nextafter((v + next) / 2, 0.0f));
+      values.push_back(std::nextafter((v + next) / 2, 1000.0f));
+    }
+  }
+  std::mt19937 rng(4);
+  std::uniform_real_distribution<float> exponent(-12.0f, 9.5f);
+  for (int i = 0; i < 20000; ++i)
+    values.push_back((i % 2 ? -1.0f : 1.0f) * std::exp2(exponent(rng)));
+  for (float v : values)
+    ASSERT_EQ(floatToFloat8E4M3(v), bySearch(v)) << v;
+}
