@@ -67,6 +67,22 @@ Status quantizeGptqGgml(quant::GgmlType type, const std::vector<float> &weights,
 Status quantizeGptqGgml(quant::GgmlType type, const std::vector<float> &weights, int64_t rows, int64_t cols,
                         const GptqFactor &factor, const GptqOptions &options, std::vector<uint8_t> &packed);
 
+/// While one lives, BLAS calls (OpenBLAS) run on their calling thread
+/// alone: matrices quantised concurrently, one per thread, would otherwise
+/// each start every BLAS thread and oversubscribe the cores (1.4-1.5x
+/// slower, bench/gptq_expert). BLAS partitions its outputs, not its sums,
+/// so results do not depend on its thread count.
+class SingleThreadedBlas {
+public:
+  SingleThreadedBlas();
+  ~SingleThreadedBlas();
+  SingleThreadedBlas(const SingleThreadedBlas &) = delete;
+  SingleThreadedBlas &operator=(const SingleThreadedBlas &) = delete;
+
+private:
+  int previous;
+};
+
 } // namespace moe
 
 #endif // MOE_PASSES_LIB_GPTQ_H

@@ -140,6 +140,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         for (Job &job : jobs)
           compute(job);
       } else {
+        SingleThreadedBlas oneThreadEach; // the jobs are the parallelism
         splitAcrossThreads(static_cast<int64_t>(jobs.size()), [&](int64_t begin, int64_t end) {
           for (int64_t j = begin; j < end; ++j)
             compute(jobs[static_cast<size_t>(j)]);
