@@ -5,7 +5,8 @@ Runs COMMAND, samples /proc/PID/status every INTERVAL seconds (VmRSS and
 its parts: RssAnon, the process's own memory; RssFile, pages of mapped
 files; RssShmem) and reads the command's stderr, whose progress lines
 (moec's "[moec] ..." steps) name the step each sample falls in. Prints
-JSON: the peak of each part, the step the peak fell in, and per step the
+JSON: the peak of each part, the step the peak fell in, the kernel's own peak
+(max_rss, from wait4: it sees a spike between samples), and per step the
 largest RSS and its anon/file split; --samples FILE also writes every
 sample (one JSON object per line).
 
@@ -64,7 +65,12 @@ def main():
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
     samples = []
-    while process.poll() is None:
+    # wait4 reaps the process with its own peak (ru_maxrss), which a spike
+    # in the last interval before exit would escape from the samples.
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid == process.pid:
+            break
         parts = read_status(process.pid)
         if parts:
             parts["t"] = round(time.monotonic() - start, 2)
@@ -72,12 +78,14 @@ def main():
             samples.append(parts)
         time.sleep(interval)
     reader.join(timeout=5)
-    code = process.wait()
+    code = os.waitstatus_to_exitcode(status)
+    process.returncode = code
     if samples_path:
         with open(samples_path, "w") as out:
             for s in samples:
                 out.write(json.dumps(s) + "\n")
-    result = {"command": command, "exit": code, "seconds": round(time.monotonic() - start, 1), "samples": len(samples)}
+    result = {"command": command, "exit": code, "seconds": round(time.monotonic() - start, 1), "samples": len(samples),
+              "max_rss": usage.ru_maxrss * 1024}
     if samples:
         peak = max(samples, key=lambda s: s.get("VmRSS", 0))
         result["peak"] = {k: peak.get(k) for k in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "t", "step")}

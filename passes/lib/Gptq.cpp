@@ -103,6 +103,7 @@ template <typename Scalar> struct Grid {
 struct GptqFactor {
   int64_t cols = 0;
   GptqPrecision precision = GptqPrecision::F64;
+  bool inDoubleInstead = false; ///< Asked for float; float's factorisation failed.
   std::vector<double> importance;
   std::vector<int64_t> order;
   MatrixOf<double> U;
@@ -145,6 +146,8 @@ template <typename Scalar> Status factorInPrecision(MatrixOf<Scalar> &U, const M
 
 } // namespace
 
+bool factoredInDoubleInstead(const GptqFactor &factor) { return factor.inDoubleInstead; }
+
 SingleThreadedBlas::SingleThreadedBlas() : previous(openblas_get_num_threads()) { openblas_set_num_threads(1); }
 SingleThreadedBlas::~SingleThreadedBlas() { openblas_set_num_threads(previous); }
 
@@ -178,8 +181,15 @@ Expected<std::shared_ptr<const GptqFactor>> factorGptqHessian(std::vector<double
     for (int64_t b = 0; b < cols; ++b)
       Hp(a, b) = H(order[a], order[b]);
   factor->precision = options.precision;
-  MOE_RETURN_IF_ERROR(options.precision == GptqPrecision::F32 ? factorInPrecision(factor->singleU, Hp)
-                                                              : factorInPrecision(factor->U, Hp));
+  if (options.precision == GptqPrecision::F32) {
+    if (factorInPrecision(factor->singleU, Hp).ok())
+      return std::shared_ptr<const GptqFactor>(std::move(factor));
+    // Positive definite only to double's precision: this one in double.
+    factor->singleU.resize(0, 0);
+    factor->precision = GptqPrecision::F64;
+    factor->inDoubleInstead = true;
+  }
+  MOE_RETURN_IF_ERROR(factorInPrecision(factor->U, Hp));
   return std::shared_ptr<const GptqFactor>(std::move(factor));
 }
 

@@ -30,7 +30,9 @@ struct GptqOptions {
   bool actOrder = false; ///< Quantize columns by decreasing diag(H).
   GptqGroupScales groupScales = GptqGroupScales::Static;
   /// The arithmetic of the factorisation and the updates: double (moec's
-  /// default) or float (as AutoGPTQ and GPTQModel run it, twice as fast).
+  /// default) or float (as AutoGPTQ and GPTQModel run it: twice the BLAS
+  /// rate, 1.6x per DeepSeek-V3 expert; where float's factorisation fails,
+  /// that Hessian's falls back to double, factoredInDoubleInstead).
   GptqPrecision precision = GptqPrecision::F64;
 };
 
@@ -44,6 +46,11 @@ struct GptqFactor;
 /// act-order). Fails when the damped Hessian is not positive definite.
 Expected<std::shared_ptr<const GptqFactor>> factorGptqHessian(std::vector<double> hessian, int64_t cols,
                                                               const GptqOptions &options);
+
+/// Whether `factor` was asked for in float but made in double: float's
+/// Cholesky factorisation failed where double's succeeds (a Hessian that
+/// is positive definite only to double's precision).
+bool factoredInDoubleInstead(const GptqFactor &factor);
 
 /// Quantizes row-major [rows, cols] `weights` with Hessian `hessian`
 /// ([cols, cols], any positive scale) into `packed`
@@ -70,8 +77,10 @@ Status quantizeGptqGgml(quant::GgmlType type, const std::vector<float> &weights,
 /// While one lives, BLAS calls (OpenBLAS) run on their calling thread
 /// alone: matrices quantised concurrently, one per thread, would otherwise
 /// each start every BLAS thread and oversubscribe the cores (1.4-1.5x
-/// slower, bench/gptq_expert). BLAS partitions its outputs, not its sums,
-/// so results do not depend on its thread count.
+/// slower, bench/gptq_expert). It also keeps results independent of how
+/// work is threaded: OpenBLAS's potrf/trtri choose another blocking with
+/// more than one thread. (OpenBLAS's pthreads build, Debian's default; an
+/// OpenMP build ignores the setting from other threads.)
 class SingleThreadedBlas {
 public:
   SingleThreadedBlas();

@@ -85,7 +85,8 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     std::optional<std::vector<double>> hessian; ///< Set: GPTQ.
     std::string where;                          ///< For messages.
     std::vector<uint8_t> packed;
-    bool taken = false; ///< The codes came from `codes`.
+    bool taken = false;            ///< The codes came from `codes`.
+    bool factoredInDouble = false; ///< precision=f32, but float's Cholesky failed.
     Status status = Status::success();
   };
 
@@ -129,6 +130,14 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         }
     }
     const size_t threads = threadCount();
+    // GPTQ's jobs are the parallelism, one per thread, and each calls BLAS
+    // on its own thread, batch of one included: OpenBLAS factors a matrix
+    // with another blocking (so other roundings) when it has more threads,
+    // and the codes must not depend on how jobs fall into batches, on
+    // --threads or on the MPI ranks.
+    std::optional<SingleThreadedBlas> oneBlasThread;
+    if (method == QuantizeMethod::Gptq)
+      oneBlasThread.emplace();
     Progress progress(concat(getArgument().str(), method == QuantizeMethod::Gptq ? " (GPTQ)" : " (RTN)"),
                       static_cast<int64_t>(pending.size()), "matrices");
     for (size_t first = 0; first < pending.size(); first += threads) {
@@ -140,7 +149,6 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         for (Job &job : jobs)
           compute(job);
       } else {
-        SingleThreadedBlas oneThreadEach; // the jobs are the parallelism
         splitAcrossThreads(static_cast<int64_t>(jobs.size()), [&](int64_t begin, int64_t end) {
           for (int64_t j = begin; j < end; ++j)
             compute(jobs[static_cast<size_t>(j)]);
@@ -481,6 +489,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         factor = job.shared->factor;
         job.status = job.shared->status;
       }
+      job.factoredInDouble = factor && precision == GptqPrecision::F32 && factoredInDoubleInstead(*factor);
       job.hessian.reset();
       if (!factor)
         return;
@@ -511,6 +520,10 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     }
     if (!job.where.empty()) // GPTQ ran
       ++gptqMatrices;
+    if (job.factoredInDouble)
+      job.tensor.emitRemark() << "moe-quantize: " << job.where
+                              << ": the damped Hessian's float Cholesky factorisation failed; GPTQ ran in double "
+                                 "for this matrix";
     if (std::optional<quant::NestedFormat> nestedOf = nestedFormatOf(job.format)) {
       const quant::NestedFormat nested = *nestedOf;
       std::vector<uint8_t> bytes(nested.matrixBytes(job.rows, job.cols));

@@ -90,6 +90,8 @@ TEST(Recipe, MistakesAreNamedAtTheirJsonPath) {
   expectRecipeError(R"({"passes": [{"pass": "moe-quantize", "options": {"method": "gptq", "layers": "1"}}]})",
                     {"passes[0]: moec compress runs GPTQ layer by layer itself"});
   // Enumerated options take one of their words; lists of them, every word.
+  expectRecipeError(R"({"passes": [{"pass": "moe-quantize", "options": {"method": "gptq", "precision": "f16"}}]})",
+                    {"passes[0].options.precision: must be f64 or f32", "got \"f16\""});
   expectRecipeError(
       R"({"passes": [{"pass": "moe-prune-experts", "options": {"method": "random"}}]})",
       {"passes[0].options.method: must be frequency, gate-weight, easy-ep, tcess or reconstruction", "got \"random\""});

@@ -798,6 +798,32 @@ TEST(Gptq, FloatArithmeticGivesCodesWithinRoundingOfDouble) {
     anyDifference += ga != gb;
   }
   EXPECT_GT(anyDifference, 0) << "float arithmetic ran as double";
+
+  // A Hessian positive definite only to double's precision (all ones but
+  // 1e-9 off the diagonal, no damping): float's Cholesky fails, so that
+  // factor is made in double, said by factoredInDoubleInstead; double's
+  // own and a well-conditioned float one are not.
+  const int64_t n = 64;
+  std::vector<double> nearlySingular(static_cast<size_t>(n * n), 1.0 - 1e-9);
+  for (int64_t i = 0; i < n; ++i)
+    nearlySingular[i * n + i] = 1.0;
+  GptqOptions undamped{0.0, 128, false};
+  undamped.precision = GptqPrecision::F32;
+  Expected<std::shared_ptr<const GptqFactor>> fallback = factorGptqHessian(nearlySingular, n, undamped);
+  ASSERT_TRUE(fallback) << fallback.status().message();
+  EXPECT_TRUE(factoredInDoubleInstead(**fallback));
+  std::vector<float> few(static_cast<size_t>(8 * n), 0.01f);
+  std::vector<uint8_t> packed;
+  EXPECT_TRUE(quantizeGptq(quant::QuantFormat{4, 32, false}, few, 8, n, **fallback, undamped, packed).ok());
+  undamped.precision = GptqPrecision::F64;
+  Expected<std::shared_ptr<const GptqFactor>> inDouble = factorGptqHessian(nearlySingular, n, undamped);
+  ASSERT_TRUE(inDouble) << inDouble.status().message();
+  EXPECT_FALSE(factoredInDoubleInstead(**inDouble));
+  GptqOptions f32;
+  f32.precision = GptqPrecision::F32;
+  Expected<std::shared_ptr<const GptqFactor>> wellConditioned = factorGptqHessian(hessian, cols, f32);
+  ASSERT_TRUE(wellConditioned);
+  EXPECT_FALSE(factoredInDoubleInstead(**wellConditioned));
 }
 
 // GPTQ with a ggml block format's own grid (K-quants' quantized sub-block

@@ -366,9 +366,12 @@ def MoeQuantize : Pass<"moe-quantize", "::moe::ir::ModelOp"> {
     (static groups, so groups stay contiguous). `precision` chooses the
     arithmetic of the Hessian's factorisation and of the error updates:
     `f64` (the default) or `f32`, as AutoGPTQ and GPTQModel run it (BLAS
-    sgemm and LAPACK spotrf/strtri: about twice the rate; codes agree
-    with f64's but for rare flips, BENCHMARKS.md). The Hessian is
-    accumulated and damped in double either way. `group-scales` chooses the
+    sgemm and LAPACK spotrf/strtri: twice the BLAS rate, 1.6x per
+    DeepSeek-V3 expert; codes agree with f64's but for rare flips,
+    BENCHMARKS.md). The Hessian is accumulated and damped in double
+    either way; where float's factorisation fails (a Hessian positive
+    definite only to double's precision), that Hessian is factored in
+    double, said in a remark. `group-scales` chooses the
     weights a group's scales come from: `static` (the default: the original
     weights, GPTQModel's static_groups), `block` (the weights as of the
     group's lazy block: AutoGPTQ's find_params on W) or `running` (every
@@ -426,8 +429,8 @@ def MoeQuantize : Pass<"moe-quantize", "::moe::ir::ModelOp"> {
            "gptq: group scales from the original weights (static, GPTQModel's static_groups), the weights as of "
            "the lazy block's start (block, AutoGPTQ) or with every update so far (running)">,
     Option<"precision", "precision", "::moe::GptqPrecision", /*default=*/"::moe::GptqPrecision::F64",
-           "gptq: arithmetic of the Hessian's factorisation and the error updates, f64 or f32 (AutoGPTQ's; about "
-           "twice as fast, codes within rounding of f64's)">,
+           "gptq: arithmetic of the Hessian's factorisation and the error updates, f64 or f32 (AutoGPTQ's; 1.6x "
+           "faster per DeepSeek-V3 expert, codes within rounding of f64's)">,
     Option<"minCoverage", "min-coverage", "double", /*default=*/"0.005",
            "gptq: experts whose moments saw fewer than this fraction of the calibration tokens get RTN">,
     Option<"bits", "bits", "int64_t", /*default=*/"4", "Bits per weight: 2, 3, 4 or 8">,
