@@ -177,6 +177,31 @@ public:
   std::map<int64_t, int64_t> rowsZeroOrOne;
 };
 
+/// X^T X of `samples` rows of `cols` inputs (row-major): GPTQ's Hessian.
+std::vector<double> gramOf(const std::vector<double> &inputs, int64_t samples, int64_t cols) {
+  std::vector<double> gram(static_cast<size_t>(cols * cols), 0.0);
+  for (int64_t s = 0; s < samples; ++s)
+    for (int64_t a = 0; a < cols; ++a)
+      for (int64_t b = 0; b < cols; ++b)
+        gram[a * cols + b] += inputs[s * cols + a] * inputs[s * cols + b];
+  return gram;
+}
+
+/// The layer output error of `decoded` against `weights` ([rows, cols])
+/// on `samples` inputs: the sum over inputs x and rows of ((W - Q) x)^2.
+double layerOutputError(const std::vector<float> &weights, const std::vector<float> &decoded,
+                        const std::vector<double> &inputs, int64_t samples, int64_t rows, int64_t cols) {
+  double error = 0;
+  for (int64_t s = 0; s < samples; ++s)
+    for (int64_t r = 0; r < rows; ++r) {
+      double difference = 0;
+      for (int64_t c = 0; c < cols; ++c)
+        difference += (static_cast<double>(weights[r * cols + c]) - decoded[r * cols + c]) * inputs[s * cols + c];
+      error += difference * difference;
+    }
+  return error;
+}
+
 } // namespace
 
 TEST(ModuleExecution, APrunedModuleRunsExactlyAsItsExport) {
@@ -617,11 +642,7 @@ TEST(Gptq, LowersTheLayerOutputErrorOfRtnOnTheSameWeightsAndHessian) {
       inputs[s * cols + c] = sum;
     }
   }
-  std::vector<double> hessian(static_cast<size_t>(cols * cols), 0.0);
-  for (int64_t s = 0; s < samples; ++s)
-    for (int64_t a = 0; a < cols; ++a)
-      for (int64_t b = 0; b < cols; ++b)
-        hessian[a * cols + b] += inputs[s * cols + a] * inputs[s * cols + b];
+  const std::vector<double> hessian = gramOf(inputs, samples, cols);
   std::vector<float> weights(static_cast<size_t>(rows * cols));
   for (float &w : weights)
     w = static_cast<float>(normal(rng) * 0.05);
@@ -629,15 +650,7 @@ TEST(Gptq, LowersTheLayerOutputErrorOfRtnOnTheSameWeightsAndHessian) {
   auto outputError = [&](const quant::QuantFormat &format, const std::vector<uint8_t> &packed) {
     std::vector<float> dequantized(weights.size());
     quant::dequantizeReference(format, packed.data(), rows, cols, dequantized.data());
-    double error = 0;
-    for (int64_t s = 0; s < samples; ++s)
-      for (int64_t r = 0; r < rows; ++r) {
-        double difference = 0;
-        for (int64_t c = 0; c < cols; ++c)
-          difference += (static_cast<double>(weights[r * cols + c]) - dequantized[r * cols + c]) * inputs[s * cols + c];
-        error += difference * difference;
-      }
-    return error;
+    return layerOutputError(weights, dequantized, inputs, samples, rows, cols);
   };
   for (int bits : {2, 3, 4})
     for (bool actOrder : {false, true})
@@ -745,24 +758,12 @@ TEST(Gptq, FloatArithmeticGivesCodesWithinRoundingOfDouble) {
     for (int64_t c = 0; c < cols; ++c)
       inputs[s * cols + c] = (shared = 0.7 * shared + 0.7 * normal(rng)) * scale[c];
   }
-  std::vector<double> hessian(static_cast<size_t>(cols * cols), 0.0);
-  for (int64_t s = 0; s < samples; ++s)
-    for (int64_t a = 0; a < cols; ++a)
-      for (int64_t b = 0; b < cols; ++b)
-        hessian[a * cols + b] += inputs[s * cols + a] * inputs[s * cols + b];
+  const std::vector<double> hessian = gramOf(inputs, samples, cols);
   std::vector<float> weights(static_cast<size_t>(rows * cols));
   for (float &w : weights)
     w = static_cast<float>(normal(rng) * 0.05);
   auto outputError = [&](const std::vector<float> &decoded) {
-    double error = 0;
-    for (int64_t s = 0; s < samples; ++s)
-      for (int64_t r = 0; r < rows; ++r) {
-        double difference = 0;
-        for (int64_t c = 0; c < cols; ++c)
-          difference += (static_cast<double>(weights[r * cols + c]) - decoded[r * cols + c]) * inputs[s * cols + c];
-        error += difference * difference;
-      }
-    return error;
+    return layerOutputError(weights, decoded, inputs, samples, rows, cols);
   };
   auto differing = [](const std::vector<uint8_t> &a, const std::vector<uint8_t> &b) {
     int64_t count = 0;
@@ -838,11 +839,7 @@ TEST(Gptq, GgmlGridsLowerTheLayerOutputErrorOfTheirRowQuantizer) {
     for (int64_t c = 0; c < cols; ++c) // correlated neighbours
       inputs[s * cols + c] = shared = 0.8 * shared + 0.6 * normal(rng);
   }
-  std::vector<double> hessian(static_cast<size_t>(cols * cols), 0.0);
-  for (int64_t s = 0; s < samples; ++s)
-    for (int64_t a = 0; a < cols; ++a)
-      for (int64_t b = 0; b < cols; ++b)
-        hessian[a * cols + b] += inputs[s * cols + a] * inputs[s * cols + b];
+  const std::vector<double> hessian = gramOf(inputs, samples, cols);
   std::vector<float> weights(static_cast<size_t>(rows * cols));
   for (float &w : weights)
     w = static_cast<float>(normal(rng) * 0.05);
@@ -851,15 +848,7 @@ TEST(Gptq, GgmlGridsLowerTheLayerOutputErrorOfTheirRowQuantizer) {
     for (int64_t r = 0; r < rows; ++r)
       quant::ggmlDequantizeRow(type, packed.data() + r * quant::ggmlRowBytes(type, cols), cols,
                                dequantized.data() + r * cols);
-    double error = 0;
-    for (int64_t s = 0; s < samples; ++s)
-      for (int64_t r = 0; r < rows; ++r) {
-        double difference = 0;
-        for (int64_t c = 0; c < cols; ++c)
-          difference += (static_cast<double>(weights[r * cols + c]) - dequantized[r * cols + c]) * inputs[s * cols + c];
-        error += difference * difference;
-      }
-    return error;
+    return layerOutputError(weights, dequantized, inputs, samples, rows, cols);
   };
   for (quant::GgmlType type : {quant::GgmlType::Q4_0, quant::GgmlType::Q4_1, quant::GgmlType::Q2_K,
                                quant::GgmlType::Q3_K, quant::GgmlType::Q4_K, quant::GgmlType::Q6_K})
