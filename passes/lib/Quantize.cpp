@@ -489,7 +489,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         factor = job.shared->factor;
         job.status = job.shared->status;
       }
-      job.factoredInDouble = factor && precision == GptqPrecision::F32 && factoredInDoubleInstead(*factor);
+      job.factoredInDouble = factor && factoredInDoubleInstead(*factor);
       job.hessian.reset();
       if (!factor)
         return;
