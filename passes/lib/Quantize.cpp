@@ -20,6 +20,7 @@
 
 #include "mlir/IR/Builders.h"
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <memory>
@@ -58,6 +59,9 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     /// Attention projections and shared experts: the layer statistic holding
     /// their Hessian (every token reaches them).
     std::map<std::string, std::pair<int64_t, std::string>> denseMatrices;
+    /// The matrices of decoder layers outside routed experts (attention,
+    /// shared experts, dense MLPs): what `shares` splits.
+    std::set<std::string> layerDense;
     std::optional<StatisticsReader> file;   ///< GPTQ's statistics.
     std::shared_ptr<SafetensorsFile> codes; ///< `codes`: packed codes to take instead.
   };
@@ -96,8 +100,12 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     if (failed(plan))
       return;
     TensorAccess access(model);
+    const std::set<std::string> otherShares =
+        shares > 1 ? matricesOfOtherShares(model, *plan) : std::set<std::string>();
     std::vector<std::string> pending;
     for (const std::string &symbolName : plan->symbols) {
+      if (otherShares.count(symbolName))
+        continue;
       ir::TensorOp tensor = lookupTensor(model, FlatSymbolRefAttr::get(model.getContext(), symbolName));
       if (tensor.getQuantAttr()) {
         tensor.emitRemark() << "moe-quantize: already quantised (" << tensor.getQuantAttr().getFormat()
@@ -140,10 +148,10 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       oneBlasThread.emplace();
     Progress progress(concat(getArgument().str(), method == QuantizeMethod::Gptq ? " (GPTQ)" : " (RTN)"),
                       static_cast<int64_t>(pending.size()), "matrices");
-    for (size_t first = 0; first < pending.size(); first += threads) {
-      std::vector<Job> jobs(std::min(threads, pending.size() - first));
+    for (const std::vector<std::string> &batch : batchesOf(*plan, pending, threads)) {
+      std::vector<Job> jobs(batch.size());
       for (size_t j = 0; j < jobs.size(); ++j)
-        if (failed(prepare(model, access, *plan, pending[first + j], jobs[j])))
+        if (failed(prepare(model, access, *plan, batch[j], jobs[j])))
           return signalPassFailure();
       if (jobs.size() == 1 || method != QuantizeMethod::Gptq) {
         for (Job &job : jobs)
@@ -166,12 +174,96 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     }
   }
 
+  /// The matrices to quantise in batches of up to `threads`, which run at
+  /// once and wait for the slowest. Routed experts' matrices come after the
+  /// rest, `threads` experts at a time and a role at a time (the gates of
+  /// those experts, then their ups, then their downs, in the order their
+  /// symbols sort), so that a batch holds like matrices of different
+  /// experts. Taken in symbol order, an expert's up would often share a
+  /// batch with its own gate and wait while the gate factors the Hessian
+  /// both read. The codes do not depend on the order.
+  static std::vector<std::vector<std::string>> batchesOf(const Plan &plan, const std::vector<std::string> &pending,
+                                                         size_t threads) {
+    std::vector<std::vector<std::string>> batches;
+    std::vector<std::vector<std::string>> experts; // each expert's matrices, in symbol order
+    std::map<std::pair<int64_t, int64_t>, size_t> expertIndex;
+    for (const std::string &symbolName : pending) {
+      auto where = plan.expertOf.find(symbolName);
+      if (where == plan.expertOf.end()) {
+        if (batches.empty() || batches.back().size() == threads)
+          batches.emplace_back();
+        batches.back().push_back(symbolName);
+        continue;
+      }
+      auto [index, added] = expertIndex.try_emplace(where->second, experts.size());
+      if (added)
+        experts.emplace_back();
+      experts[index->second].push_back(symbolName);
+    }
+    for (size_t first = 0; first < experts.size(); first += threads) {
+      const size_t end = std::min(experts.size(), first + threads);
+      for (size_t role = 0;; ++role) {
+        std::vector<std::string> batch;
+        for (size_t e = first; e < end; ++e)
+          if (role < experts[e].size())
+            batch.push_back(experts[e][role]);
+        if (batch.empty())
+          break;
+        batches.push_back(std::move(batch));
+      }
+    }
+    return batches;
+  }
+
+  /// With `shares` > 1: the layer matrices outside routed experts that the
+  /// other shares quantise. A Hessian's readers stay together (one
+  /// factorisation serves them) and each group costs what GPTQ's arithmetic
+  /// does: rows x columns^2 per matrix for its updates, columns^3 once for
+  /// the factor (RTN: rows x columns). The costliest group goes first, each
+  /// to the share with the least so far (ties: the lower share, then the
+  /// first group in symbol order). It reads only the module's shapes, so
+  /// every process of a distributed run, at any point of its layer,
+  /// computes the same split.
+  std::set<std::string> matricesOfOtherShares(ir::ModelOp model, const Plan &plan) const {
+    std::map<std::string, std::pair<double, std::vector<std::string>>> groups; // by Hessian
+    for (const std::string &symbolName : plan.layerDense) {
+      ArrayRef<int64_t> shape =
+          lookupTensor(model, FlatSymbolRefAttr::get(model.getContext(), symbolName)).getTensorType().getShape();
+      const double rows = static_cast<double>(shape[0]), cols = static_cast<double>(shape[1]);
+      const bool gptq = method == QuantizeMethod::Gptq && plan.denseMatrices.count(symbolName);
+      auto &[cost, members] = groups[hessianKey(plan, symbolName).value_or(symbolName)];
+      if (gptq && members.empty())
+        cost += cols * cols * cols;
+      cost += gptq ? rows * cols * cols : rows * cols;
+      members.push_back(symbolName);
+    }
+    std::vector<const std::pair<double, std::vector<std::string>> *> order;
+    for (const auto &entry : groups)
+      order.push_back(&entry.second);
+    std::stable_sort(order.begin(), order.end(), [](const auto *a, const auto *b) {
+      return a->first != b->first ? a->first > b->first : a->second.front() < b->second.front();
+    });
+    std::vector<double> load(static_cast<size_t>(shares), 0.0);
+    std::set<std::string> others;
+    for (const auto *group : order) {
+      const size_t least = static_cast<size_t>(std::min_element(load.begin(), load.end()) - load.begin());
+      load[least] += group->first;
+      if (static_cast<int64_t>(least) != share)
+        others.insert(group->second.begin(), group->second.end());
+    }
+    return others;
+  }
+
   /// Checks the options and collects the matrices to quantise.
   FailureOr<Plan> planRun(ir::ModelOp model) {
     ir::ModelOp module = model;
     Plan plan;
     if (nestedCost && nestedBits == 0)
       return fail(module, "nested-cost needs nested-bits"), failure();
+    if (shares < 1 || share < 0 || share >= shares)
+      return fail(module, concat("share must be in [0, shares) and shares at least 1, got share=", share.getValue(),
+                                 " shares=", shares.getValue())),
+             failure();
     if (!(minCoverage >= 0.0 && minCoverage <= 1.0))
       return fail(module, "min-coverage must be a fraction of the calibration tokens in [0, 1]"), failure();
     if (!codes.empty()) {
@@ -273,6 +365,8 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         plan.denseMatrices[shared.getGate().str()] = {layer, stats::kSharedInputMoments};
         plan.denseMatrices[shared.getUp().str()] = {layer, stats::kSharedInputMoments};
         plan.denseMatrices[shared.getDown().str()] = {layer, stats::kSharedIntermediateMoments};
+        for (StringRef name : {shared.getGate(), shared.getUp(), shared.getDown()})
+          plan.layerDense.insert(name.str());
       } else if (auto dense = dyn_cast<ir::DenseOp>(op)) {
         const bool wanted = (dense.getPart() == "attention" && plan.kinds.count(QuantizeTarget::Attention)) ||
                             (dense.getPart() == "dense_mlp" && plan.kinds.count(QuantizeTarget::Dense)) ||
@@ -284,6 +378,8 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
               if (lookupTensor(model, symbol).getTensorType().getRank() == 2) {
                 add(symbol);
                 auto layerOp = dense->getParentOfType<ir::LayerOp>();
+                if (layerOp)
+                  plan.layerDense.insert(symbol.getValue().str());
                 StringRef role = entry.getName().getValue();
                 if (layerOp && dense.getPart() == "attention") {
                   const int64_t layer = static_cast<int64_t>(layerOp.getIndex());

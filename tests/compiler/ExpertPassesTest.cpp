@@ -36,6 +36,7 @@
 #include <functional>
 #include <numeric>
 #include <random>
+#include <set>
 
 using namespace moe;
 using namespace moe::testing;
@@ -214,6 +215,45 @@ TEST(ModuleExecution, APrunedModuleRunsExactlyAsItsExport) {
   auto exported = loadModel(dir.file("out"));
   ASSERT_TRUE(exported.ok());
   EXPECT_EQ(logits(fromModule), logits(*exported));
+}
+
+TEST(QuantizeShares, EachLayerMatrixOutsideTheExpertsFallsToExactlyOneShare) {
+  // A distributed moec compress gives each process one share of the
+  // attention and shared-expert matrices; together the shares must be what
+  // one process quantises, each matrix once, and a Hessian's readers (MLA's
+  // q_proj and kv_a_proj) in one share so that one factorisation serves them.
+  TempDir dir;
+  const std::string fixture = dataDir() + "/fixtures/tiny-deepseek";
+  auto quantised = [&](const std::string &options, const std::string &store) {
+    auto compiled = importDirectory(fixture, dir.file(store));
+    EXPECT_TRUE(runPipeline(*compiled, "moe-quantize{targets=attention,shared " + options + "}"));
+    std::set<std::string> names;
+    compiled->model().walk([&](ir::TensorOp tensor) {
+      if (tensor.getQuantAttr())
+        names.insert(tensor.getSymName().str());
+    });
+    return names;
+  };
+  const std::set<std::string> all = quantised("", "all.moestore");
+  ASSERT_GT(all.size(), 10u);
+  std::map<std::string, int> shareOf;
+  for (int share = 0; share < 3; ++share) {
+    const std::set<std::string> mine =
+        quantised("shares=3 share=" + std::to_string(share), "s" + std::to_string(share) + ".moestore");
+    EXPECT_FALSE(mine.empty()) << "share " << share;
+    for (const std::string &name : mine) {
+      EXPECT_TRUE(all.count(name)) << name;
+      EXPECT_TRUE(shareOf.emplace(name, share).second) << name << " is in two shares";
+    }
+  }
+  EXPECT_EQ(shareOf.size(), all.size());
+  for (const char *layer : {"1", "2", "3"}) {
+    const std::string prefix = std::string("model.layers.") + layer + ".self_attn.";
+    ASSERT_TRUE(shareOf.count(prefix + "q_proj.weight")) << prefix;
+    EXPECT_EQ(shareOf[prefix + "q_proj.weight"], shareOf[prefix + "kv_a_proj_with_mqa.weight"]) << prefix;
+  }
+  auto compiled = importDirectory(fixture, dir.file("bad.moestore"));
+  EXPECT_FALSE(runPipeline(*compiled, "moe-quantize{shares=2 share=2}"));
 }
 
 TEST(MergeExperts, APermutedCopyMergesIntoOneExpertWithUnchangedOutputs) {

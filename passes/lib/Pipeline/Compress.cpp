@@ -42,6 +42,7 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <set>
 
 namespace moe {
 namespace {
@@ -306,17 +307,32 @@ struct ChunkPlan {
   }
 };
 
+/// The layer's tensors outside routed experts that are quantised now.
+Expected<std::set<std::string>> quantisedLayerTensors(ir::ModelOp model, int64_t layer) {
+  Expected<ModelDescription> description = lowerToDescription(model, "");
+  if (!description)
+    return description.status();
+  std::set<std::string> names;
+  for (const auto &[role, ref] : description->layers[static_cast<size_t>(layer)].tensors)
+    if (!ref.format.empty())
+      names.insert(ref.name);
+  return names;
+}
+
 /// A distributed run's swap after layer `layer`: each rank sends the codes
 /// of the expert matrices it quantised (by IR symbol, as the module stores
-/// them) with its RTN fallbacks to every other (one rank's share at a time),
-/// and takes each other rank's codes into its module through
+/// them), and with `quantisedBefore` (the layer's other tensors quantised
+/// before this rank's pass) its share of the layer's other matrices, with
+/// its RTN fallbacks to every other (one rank's share at a time), and takes
+/// each other rank's codes into its module through
 /// moe-quantize{codes=...} (the same attributes and store keys as
 /// quantising them itself). Returns the fallbacks of all
 /// ranks in slot order and the least coverage.
 Expected<json> exchangeLayerCodes(mlir::MLIRContext &context, mlir::ModuleOp module, ir::ModelOp model,
                                   const Recipe &recipe, const RecipePass &pass, const std::string &work, int64_t layer,
                                   const std::function<std::pair<int64_t, int64_t>(int64_t, int)> &rankRange,
-                                  const json &fallbacks, double leastCoverage) {
+                                  const std::set<std::string> *quantisedBefore, const json &fallbacks,
+                                  double leastCoverage) {
   // Tests make one rank fail here: the job must end with no output.
   if (const char *failing = std::getenv("MOEC_TEST_FAIL_RANK");
       failing && std::string(failing) == std::to_string(distributed::rank()))
@@ -349,6 +365,16 @@ Expected<json> exchangeLayerCodes(mlir::MLIRContext &context, mlir::ModuleOp mod
       codes.insert(codes.end(), bytes.begin(), bytes.end());
     }
   }
+  if (quantisedBefore)
+    for (const auto &[role, ref] : description->layers[static_cast<size_t>(layer)].tensors) {
+      if (ref.format.empty() || quantisedBefore->count(ref.name))
+        continue; // not this rank's share
+      DType dtype;
+      std::vector<uint8_t> bytes;
+      MOE_RETURN_IF_ERROR(reader.read(ref, dtype, bytes));
+      header["tensors"].push_back({{"symbol", ref.name}, {"size", bytes.size()}});
+      codes.insert(codes.end(), bytes.begin(), bytes.end());
+    }
   const std::string text = header.dump();
   std::vector<uint8_t> mine(8);
   const uint64_t length = text.size();
@@ -377,7 +403,11 @@ Expected<json> exchangeLayerCodes(mlir::MLIRContext &context, mlir::ModuleOp mod
       return Status::success();
     SafetensorsWriter writer;
     PassOverrides overrides{"", layer, {}};
-    overrides.routedOnly = true;
+    overrides.routedOnly = quantisedBefore == nullptr;
+    if (quantisedBefore) {
+      overrides.share = r;
+      overrides.shares = distributed::size();
+    }
     overrides.codes = codesPath;
     const auto [theirFirst, theirEnd] = rankRange(count, r);
     for (int64_t slot = theirFirst; slot < theirEnd; ++slot)
@@ -479,6 +509,7 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
   json layers = earlierLayers.is_array() ? earlierLayers : json::array();
   json layerFallbacks = json::array();
   double layerLeastCoverage = 1.0;
+  std::set<std::string> layerQuantisedBefore; // a distributed run's: see exchangeLayerCodes
   double quantizeSeconds = 0, layerQuantizeSeconds = 0;
   auto layerStart = std::chrono::steady_clock::now();
   double calibrated = 0;
@@ -516,16 +547,25 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
           fallbacks.push_back(static_cast<int64_t>(e));
       }
     MOE_RETURN_IF_ERROR(writeStatistics(stats, calibration, statsPath));
-    // A chunk: its experts only, and the layer's other tensors with the first.
+    // A chunk: its experts only, and the layer's other tensors with the
+    // first (a distributed run's: this rank's share of them, swapped too).
     PassOverrides overrides{statsPath, layer, {}};
-    if (stats.momentEnd >= 0) {
+    const bool someExperts = stats.momentEnd >= 0; // chunked: this rank's experts (a swap follows)
+    if (someExperts) {
       for (int64_t e = stats.momentFirst; e < stats.momentEnd; ++e)
         overrides.experts.push_back(e);
       overrides.routedOnly = stats.chunk > 0;
+      if (ranks > 1 && stats.chunk == 0) {
+        Expected<std::set<std::string>> before = quantisedLayerTensors(model, layer);
+        if (!before)
+          return before.status();
+        layerQuantisedBefore = before.take();
+        overrides.share = rank;
+        overrides.shares = ranks;
+      }
     }
     const int64_t chunks = stats.chunks;
-    const bool someExperts = stats.momentEnd >= 0; // chunked: this rank's experts (a swap follows)
-    stats = CalibrationResult();                   // the moments now live only in the file
+    stats = CalibrationResult(); // the moments now live only in the file
     Status status = runPass(context, module, buildRecipePass(recipe, pass, overrides));
     std::error_code ignored;
     std::filesystem::remove(statsPath, ignored);
@@ -539,8 +579,8 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
     if (ranks > 1 && someExperts) {
       // The other ranks' experts of this layer: their codes, and their
       // RTN fallbacks for the summary, in rank (so slot) order.
-      Expected<json> others =
-          exchangeLayerCodes(context, module, model, recipe, pass, work, layer, rankRange, fallbacks, leastCoverage);
+      Expected<json> others = exchangeLayerCodes(context, module, model, recipe, pass, work, layer, rankRange,
+                                                 &layerQuantisedBefore, fallbacks, leastCoverage);
       if (!others)
         return Status::error("layer ", layer, ": ", others.status().message());
       fallbacks = (*others)["fallbacks"];

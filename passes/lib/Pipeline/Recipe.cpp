@@ -349,6 +349,8 @@ const std::map<std::string, PassBuilder> &passBuilders() {
          o.layers = layers;
          o.experts = overrides.experts;
          o.codes = overrides.codes;
+         o.share = overrides.share;
+         o.shares = overrides.shares;
          const std::vector<QuantizeTarget> routed = {QuantizeTarget::Experts};
          if (overrides.routedOnly)
            o.targets = routed; // (an ArrayRef: the vector outlives the pass's creation)

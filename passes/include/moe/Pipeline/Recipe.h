@@ -90,6 +90,9 @@ struct PassOverrides {
   std::vector<int64_t> experts;         ///< moe-quantize: of the routed experts only these slots; empty: all.
   bool routedOnly = false;              ///< moe-quantize: routed experts only, whatever the targets.
   std::string codes;                    ///< moe-quantize: take the matrices' codes from this file.
+  /// moe-quantize: of the layer matrices outside routed experts, only share
+  /// `share` of `shares` (one per process of a distributed run).
+  int64_t share = 0, shares = 1;
 };
 
 /// The pass of `pass` with its options set from the recipe and `overrides`.
