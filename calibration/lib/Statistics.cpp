@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <unistd.h>
 
@@ -527,10 +528,12 @@ Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStre
     MOE_RETURN_IF_ERROR(engine.embed(windows[static_cast<size_t>(w)], window));
     std::copy(window.begin(), window.end(), hidden.begin() + w * L * H);
   }
-  auto runLayer = [&](int64_t layer, std::vector<float> &x) -> Status {
+  // With `moeInputs`, what enters the layer's MLP block is copied there.
+  auto runLayer = [&](int64_t layer, std::vector<float> &x, float *moeInputs = nullptr) -> Status {
     for (int64_t w = 0; w < W; ++w) {
       KvCache cache = engine.newCache();
-      MOE_RETURN_IF_ERROR(engine.forwardLayer(layer, x.data() + w * L * H, L, cache));
+      MOE_RETURN_IF_ERROR(
+          engine.forwardLayer(layer, x.data() + w * L * H, L, cache, moeInputs ? moeInputs + w * L * H : nullptr));
     }
     return Status::success();
   };
@@ -543,17 +546,20 @@ Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStre
   Progress progress(
       concat(visitor ? "calibrating and quantising layer by layer (" : "calibrating (", result.tokens, " tokens)"),
       spec.numLayers, "layers");
-  std::vector<float> layerInput, replay;
-  // Layer l on x with the observer attached; what it recorded into `into`.
-  auto observeLayer = [&](int64_t l, std::vector<float> &x, CalibrationResult &into) -> Status {
+  std::vector<float> layerInput, replay, moeInputs;
+  // `run` with the observer attached; what it recorded of layer l into `into`.
+  auto observe = [&](int64_t l, CalibrationResult &into, const std::function<Status()> &run) -> Status {
     engine.setObserver(&observer);
-    Status status = runLayer(l, x);
+    Status status = run();
     engine.setObserver(nullptr);
     MOE_RETURN_IF_ERROR(status);
     into.tokens = result.tokens;
     into.hiddenSize = H;
     observer.take(l, into);
     return Status::success();
+  };
+  auto observeLayer = [&](int64_t l, std::vector<float> &x, CalibrationResult &into) -> Status {
+    return observe(l, into, [&] { return runLayer(l, x); });
   };
   for (int64_t l = 0; l < spec.numLayers; ++l) {
     const LayerSpec &layerSpec = spec.layers[static_cast<size_t>(l)];
@@ -570,20 +576,36 @@ Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStre
     }
     if (!chunkList.empty()) {
       // The layer's experts' moments a chunk at a time: each chunk replays
-      // the layer from its input, running only the chunk's experts (the
-      // replay's output is not used), and goes to the visitor; then the
-      // windows pass the layer, as the visitor left it, once.
+      // the layer, running only the chunk's experts (the replay's output
+      // is not used), and goes to the visitor; then the windows pass the
+      // layer, as the visitor left it, once. The first replay runs the
+      // whole layer from its input (the dense moments too) and keeps what
+      // enters the MoE block; the others run that block alone on it, the
+      // same computation without the attention.
       const int64_t chunks = static_cast<int64_t>(chunkList.size());
       for (int64_t c = 0; c < chunks; ++c) {
         const auto [first, end] = chunkList[static_cast<size_t>(c)];
         observer.setChunk(first, end, options.denseMoments && c == 0);
-        replay = hidden;
         CalibrationResult chunkResult;
         chunkResult.momentFirst = first;
         chunkResult.momentEnd = end;
         chunkResult.chunk = c;
         chunkResult.chunks = chunks;
-        Status observed = observeLayer(l, replay, chunkResult); // the chunk's experts' moments
+        Status observed = Status::success(); // the chunk's experts' moments
+        if (c == 0) {
+          replay = hidden;
+          if (chunks > 1)
+            moeInputs.resize(hidden.size());
+          observed =
+              observe(l, chunkResult, [&] { return runLayer(l, replay, chunks > 1 ? moeInputs.data() : nullptr); });
+          replay = std::vector<float>();
+        } else {
+          observed = observe(l, chunkResult, [&]() -> Status {
+            for (int64_t w = 0; w < W; ++w)
+              MOE_RETURN_IF_ERROR(engine.observeMoeBlock(l, moeInputs.data() + w * L * H, L));
+            return Status::success();
+          });
+        }
         observer.setChunk(0, -1, options.denseMoments);
         MOE_RETURN_IF_ERROR(observed);
         // Changed or not, the replays' outputs were partial: the windows
@@ -592,7 +614,7 @@ Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStre
         if (!visited)
           return visited.status();
       }
-      replay = std::vector<float>();
+      moeInputs = std::vector<float>();
       MOE_RETURN_IF_ERROR(runLayer(l, hidden));
       progress.update(l + 1);
       continue;

@@ -1072,7 +1072,39 @@ Status Engine::embed(std::span<const int32_t> tokens, std::vector<float> &x) con
   return Status::success();
 }
 
-Status Engine::forwardLayer(int64_t l, float *xData, int64_t T, KvCache &cache) {
+Status Engine::runMoeBlock(int64_t l, const LayerWeights &w, const float *normed, const float *residual, int64_t T,
+                           float *out) {
+  MoeBlockHooks hooks;
+  if (auto masked = maskedExperts.find(l); masked != maskedExperts.end())
+    hooks.maskedRows = &masked->second;
+  if (auto replaced = replacedExperts.find(l); replaced != replacedExperts.end())
+    hooks.replacedExperts = &replaced->second;
+  hooks.observer = observer;
+  hooks.counters = &counters;
+  hooks.residual = residual;
+  return detail::moeBlock(modelSpec, modelSpec.layers[static_cast<size_t>(l)], w, normed, T, out, hooks, experts.get());
+}
+
+Status Engine::observeMoeBlock(int64_t l, const float *moeInput, int64_t T) {
+  const ModelSpec &spec = modelSpec;
+  if (l < 0 || l >= spec.numLayers || spec.layers[static_cast<size_t>(l)].mlp != MlpKind::Moe)
+    return Status::error("observeMoeBlock: layer ", l, " is not a MoE layer of this model");
+  Expected<std::shared_ptr<const LayerWeights>> loaded = layers->get(l);
+  if (!loaded)
+    return loaded.status();
+  const LayerWeights &w = **loaded;
+  const int64_t H = spec.hiddenSize;
+  thread_local std::vector<float> normedBuffer, branchBuffer;
+  std::vector<float> &normed = normedBuffer, &branch = sized(branchBuffer, T * H);
+  normed.assign(moeInput, moeInput + T * H);
+  normalize(spec, normed.data(), T, w.mlpNorm, w.mlpNormBias);
+  MOE_RETURN_IF_ERROR(runMoeBlock(l, w, normed.data(), moeInput, T, branch.data()));
+  if (onDevice)
+    MOE_RETURN_IF_ERROR(onDevice->takeError());
+  return Status::success();
+}
+
+Status Engine::forwardLayer(int64_t l, float *xData, int64_t T, KvCache &cache, float *moeInput) {
   const ModelSpec &spec = modelSpec;
   const int64_t H = spec.hiddenSize;
   if (l < 0 || l >= spec.numLayers)
@@ -1095,19 +1127,13 @@ Status Engine::forwardLayer(int64_t l, float *xData, int64_t T, KvCache &cache) 
     groupedQueryAttention(spec, w, normed.data(), T, l, angles, cache, branch.data(), observer);
   for (size_t i = 0; i < x.size(); ++i)
     x[i] += branch[i];
+  if (moeInput)
+    std::copy(x.begin(), x.end(), moeInput);
 
   normed.assign(x.begin(), x.end());
   normalize(spec, normed.data(), T, w.mlpNorm, w.mlpNormBias);
   if (layer.mlp == MlpKind::Moe) {
-    MoeBlockHooks hooks;
-    if (auto masked = maskedExperts.find(l); masked != maskedExperts.end())
-      hooks.maskedRows = &masked->second;
-    if (auto replaced = replacedExperts.find(l); replaced != replacedExperts.end())
-      hooks.replacedExperts = &replaced->second;
-    hooks.observer = observer;
-    hooks.counters = &counters;
-    hooks.residual = x.data();
-    MOE_RETURN_IF_ERROR(detail::moeBlock(spec, layer, w, normed.data(), T, branch.data(), hooks, experts.get()));
+    MOE_RETURN_IF_ERROR(runMoeBlock(l, w, normed.data(), x.data(), T, branch.data()));
   } else {
     std::vector<float> intermediate;
     swiglu(w.dense, normed.data(), T, intermediate, branch.data());

@@ -414,6 +414,40 @@ TEST(Engine, LayerAtATimeRejectsBadInput) {
   KvCache foreign;
   expectErrorContains(model.engine->forwardLayer(0, x.data(), 2, foreign), {"KV cache was not made by this engine"});
   EXPECT_TRUE(model.engine->forwardLayer(0, x.data(), 2, cache).ok());
+  expectErrorContains(model.engine->observeMoeBlock(layers, x.data(), 2), {"not a MoE layer"});
+}
+
+// Sequential GPTQ's chunk replays run the MoE block alone on what entered
+// it: the observer must see exactly what the whole layer showed it.
+TEST(Engine, TheMoeBlockAloneShowsTheObserverWhatTheLayerDid) {
+  struct Blocks : EngineObserver {
+    std::vector<std::vector<float>> inputs, outputs;
+    void onMoeBlock(int64_t, int64_t, std::span<const float> input, std::span<const float> output) override {
+      inputs.emplace_back(input.begin(), input.end());
+      outputs.emplace_back(output.begin(), output.end());
+    }
+  };
+  Loaded model = loadModel(dataDir() + "/hf/mixtral");
+  const int64_t H = model.spec.hiddenSize;
+  std::vector<int32_t> ids = {1, 7, 42, 3, 99};
+  const int64_t T = static_cast<int64_t>(ids.size());
+  std::vector<float> x;
+  ASSERT_TRUE(model.engine->embed(ids, x).ok());
+  KvCache cache = model.engine->newCache();
+  Blocks layer, alone;
+  std::vector<float> moeInput(static_cast<size_t>(T * H), -1.0f);
+  model.engine->setObserver(&layer);
+  ASSERT_TRUE(model.engine->forwardLayer(0, x.data(), T, cache, moeInput.data()).ok());
+  model.engine->setObserver(&alone);
+  ASSERT_TRUE(model.engine->observeMoeBlock(0, moeInput.data(), T).ok());
+  model.engine->setObserver(nullptr);
+  ASSERT_EQ(layer.outputs.size(), 1u);
+  EXPECT_EQ(alone.inputs, layer.inputs);
+  EXPECT_EQ(alone.outputs, layer.outputs);
+  // What entered the block is not the layer's input: the attention ran.
+  std::vector<float> embedded;
+  ASSERT_TRUE(model.engine->embed(ids, embedded).ok());
+  EXPECT_NE(moeInput, embedded);
 }
 
 extern "C" void openblas_set_num_threads(int);

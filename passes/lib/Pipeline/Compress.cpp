@@ -275,8 +275,11 @@ struct ChunkPlan {
       // A distributed run swaps codes one rank's share at a time: its own,
       // one received and the file the pass reads (8-bit codes at most).
       const uint64_t share = (entry.experts.size() + ranks - 1) / ranks * expertWeights / 4 * 17 / 16;
+      // Beside the windows' stream (held): the first replay's copy of it
+      // and what enters the MoE block, which the other replays start from.
       const uint64_t fixed = held + rest + (denseMoments ? denseMomentBytes(spec, l) : 0) +
-                             static_cast<uint64_t>(replayTokens) * H * 4 + threads * gptq + (ranks > 1 ? 3 * share : 0);
+                             2 * static_cast<uint64_t>(replayTokens) * H * 4 + threads * gptq +
+                             (ranks > 1 ? 3 * share : 0);
       const uint64_t perExpert = moments + expertWeights;
       if (fixed + perExpert > fill)
         return Status::error("--max-memory ", formatBytes(static_cast<double>(budget)), " is too small for layer ", l,

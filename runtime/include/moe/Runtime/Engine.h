@@ -203,7 +203,15 @@ public:
   /// then layer `layer` on the residual stream x[tokens, H] in place, at
   /// positions cache.length.. (appending that layer's keys and values; the
   /// caller advances cache.length once every layer has run).
-  Status forwardLayer(int64_t layer, float *x, int64_t tokens, KvCache &cache);
+  /// With `moeInput`, the stream entering the layer's MLP block (after the
+  /// attention's residual add, before the norm) is copied there [tokens, H].
+  Status forwardLayer(int64_t layer, float *x, int64_t tokens, KvCache &cache, float *moeInput = nullptr);
+  /// The MoE block of `layer` alone, exactly as forwardLayer runs it
+  /// (masks, replaced experts, the expert cache, the observer), on the
+  /// stream entering it, moeInput[tokens, H] as forwardLayer copied it; its
+  /// output is not kept. Sequential GPTQ's chunk replays need only the
+  /// routed experts' moments, so they skip the attention this way.
+  Status observeMoeBlock(int64_t layer, const float *moeInput, int64_t tokens);
   /// The backward pass for activations (no weight gradients): runs
   /// `tokens` as one window from position 0 (the embedding rows, or
   /// `embeddings` [T, H] when given), returns the mean cross-entropy of
@@ -258,6 +266,10 @@ private:
   Status decodeOnDevice(int32_t token, KvCache &cache, std::vector<float> &logits);
   /// Whether decodeOnDevice can run this model: decided at its first use.
   bool devicePathReady();
+  /// The MoE block of layer `l` on normed[T, H] (the norm of `residual`,
+  /// the stream entering it) into out[T, H], with the engine's hooks.
+  Status runMoeBlock(int64_t l, const LayerWeights &w, const float *normed, const float *residual, int64_t T,
+                     float *out);
 
   ModelSpec modelSpec;
   std::unique_ptr<WeightProvider> provider;
