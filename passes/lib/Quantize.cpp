@@ -176,10 +176,10 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
 
   /// The matrices to quantise in batches of up to `threads`, which run at
   /// once and wait for the slowest. Routed experts' matrices come after the
-  /// rest, `threads` experts at a time and a role at a time (the gates of
-  /// those experts, then their ups, then their downs, in the order their
-  /// symbols sort), so that a batch holds like matrices of different
-  /// experts. Taken in symbol order, an expert's up would often share a
+  /// rest, `threads` experts at a time and a role at a time (in the order
+  /// their symbols sort: with Hugging Face's names the downs of those
+  /// experts, then their gates, then their ups), so that a batch holds like
+  /// matrices of different experts. Taken in symbol order, an expert's up would often share a
   /// batch with its own gate and wait while the gate factors the Hessian
   /// both read. The codes do not depend on the order.
   static std::vector<std::vector<std::string>> batchesOf(const Plan &plan, const std::vector<std::string> &pending,

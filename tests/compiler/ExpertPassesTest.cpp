@@ -224,8 +224,10 @@ TEST(QuantizeShares, EachLayerMatrixOutsideTheExpertsFallsToExactlyOneShare) {
   // q_proj and kv_a_proj) in one share so that one factorisation serves them.
   TempDir dir;
   const std::string fixture = dataDir() + "/fixtures/tiny-deepseek";
-  auto quantised = [&](const std::string &options, const std::string &store) {
+  auto quantised = [&](const std::string &options, const std::string &store, const std::string &before = "") {
     auto compiled = importDirectory(fixture, dir.file(store));
+    if (!before.empty())
+      EXPECT_TRUE(runPipeline(*compiled, "moe-quantize{targets=attention,shared " + before + "}"));
     EXPECT_TRUE(runPipeline(*compiled, "moe-quantize{targets=attention,shared " + options + "}"));
     std::set<std::string> names;
     compiled->model().walk([&](ir::TensorOp tensor) {
@@ -247,6 +249,15 @@ TEST(QuantizeShares, EachLayerMatrixOutsideTheExpertsFallsToExactlyOneShare) {
     }
   }
   EXPECT_EQ(shareOf.size(), all.size());
+  // A process that took its own share first (the receiver of a swap) still
+  // computes the same split for another's: share 2 after share 0 is shares
+  // 0 and 2.
+  const std::set<std::string> both = quantised("shares=3 share=2", "s02.moestore", "shares=3 share=0");
+  std::set<std::string> expected;
+  for (const auto &[name, share] : shareOf)
+    if (share == 0 || share == 2)
+      expected.insert(name);
+  EXPECT_EQ(both, expected);
   for (const char *layer : {"1", "2", "3"}) {
     const std::string prefix = std::string("model.layers.") + layer + ".self_attn.";
     ASSERT_TRUE(shareOf.count(prefix + "q_proj.weight")) << prefix;

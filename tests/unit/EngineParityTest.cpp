@@ -418,36 +418,59 @@ TEST(Engine, LayerAtATimeRejectsBadInput) {
 }
 
 // Sequential GPTQ's chunk replays run the MoE block alone on what entered
-// it: the observer must see exactly what the whole layer showed it.
+// it: the observer must see exactly what the whole layer showed it (router,
+// routed experts, shared expert, residual, block), here on a MoE layer with
+// a shared expert.
 TEST(Engine, TheMoeBlockAloneShowsTheObserverWhatTheLayerDid) {
-  struct Blocks : EngineObserver {
-    std::vector<std::vector<float>> inputs, outputs;
+  struct Record : EngineObserver {
+    std::vector<std::vector<float>> floats;
+    std::vector<std::vector<int32_t>> ints;
+    void add(std::span<const float> values) { floats.emplace_back(values.begin(), values.end()); }
+    void add(std::span<const int32_t> values) { ints.emplace_back(values.begin(), values.end()); }
+    void onRouter(int64_t, int64_t, std::span<const float> logits, std::span<const int32_t> chosen,
+                  std::span<const float> weights, std::span<const int32_t> slotOfRow) override {
+      add(logits), add(chosen), add(weights), add(slotOfRow);
+    }
+    void onExpert(int64_t, int64_t expert, std::span<const int32_t> tokens, std::span<const float> input,
+                  std::span<const float> intermediate, std::span<const float> output) override {
+      ints.push_back({static_cast<int32_t>(expert)});
+      add(tokens), add(input), add(intermediate), add(output);
+    }
+    void onSharedExpert(int64_t, int64_t, std::span<const float> input, std::span<const float> intermediate,
+                        std::span<const float> output) override {
+      add(input), add(intermediate), add(output);
+    }
+    void onMoeResidual(int64_t, int64_t, std::span<const float> residual, std::span<const float> routed) override {
+      add(residual), add(routed);
+    }
     void onMoeBlock(int64_t, int64_t, std::span<const float> input, std::span<const float> output) override {
-      inputs.emplace_back(input.begin(), input.end());
-      outputs.emplace_back(output.begin(), output.end());
+      add(input), add(output);
     }
   };
-  Loaded model = loadModel(dataDir() + "/hf/mixtral");
+  Loaded model = loadModel(dataDir() + "/hf/deepseek_v3");
   const int64_t H = model.spec.hiddenSize;
+  const int64_t layer = 1; // layer 0 is dense (first_k_dense_replace)
+  ASSERT_EQ(model.spec.layers[layer].mlp, MlpKind::Moe);
   std::vector<int32_t> ids = {1, 7, 42, 3, 99};
   const int64_t T = static_cast<int64_t>(ids.size());
   std::vector<float> x;
   ASSERT_TRUE(model.engine->embed(ids, x).ok());
   KvCache cache = model.engine->newCache();
-  Blocks layer, alone;
+  ASSERT_TRUE(model.engine->forwardLayer(0, x.data(), T, cache).ok());
+  const std::vector<float> enteringLayer = x;
+  Record whole, alone;
   std::vector<float> moeInput(static_cast<size_t>(T * H), -1.0f);
-  model.engine->setObserver(&layer);
-  ASSERT_TRUE(model.engine->forwardLayer(0, x.data(), T, cache, moeInput.data()).ok());
+  model.engine->setObserver(&whole);
+  ASSERT_TRUE(model.engine->forwardLayer(layer, x.data(), T, cache, moeInput.data()).ok());
   model.engine->setObserver(&alone);
-  ASSERT_TRUE(model.engine->observeMoeBlock(0, moeInput.data(), T).ok());
+  ASSERT_TRUE(model.engine->observeMoeBlock(layer, moeInput.data(), T).ok());
   model.engine->setObserver(nullptr);
-  ASSERT_EQ(layer.outputs.size(), 1u);
-  EXPECT_EQ(alone.inputs, layer.inputs);
-  EXPECT_EQ(alone.outputs, layer.outputs);
+  EXPECT_GE(whole.floats.size(), 10u); // router, experts, shared expert, residual, block
+  EXPECT_EQ(alone.floats, whole.floats);
+  EXPECT_EQ(alone.ints, whole.ints);
   // What entered the block is not the layer's input: the attention ran.
-  std::vector<float> embedded;
-  ASSERT_TRUE(model.engine->embed(ids, embedded).ok());
-  EXPECT_NE(moeInput, embedded);
+  EXPECT_NE(moeInput, enteringLayer);
+  expectErrorContains(model.engine->observeMoeBlock(0, moeInput.data(), T), {"not a MoE layer"});
 }
 
 extern "C" void openblas_set_num_threads(int);

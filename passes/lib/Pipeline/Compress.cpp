@@ -273,8 +273,9 @@ struct ChunkPlan {
                                kMomentFlushRows * (H + width) * (options.floatMoments ? 4 : 8); // rows waiting
       gptq = std::max({gptq, gptqWork(width, H), gptqWork(H, width)});
       // A distributed run swaps codes one rank's share at a time: its own,
-      // one received and the file the pass reads (8-bit codes at most).
-      const uint64_t share = (entry.experts.size() + ranks - 1) / ranks * expertWeights / 4 * 17 / 16;
+      // one received and the file the pass reads (8-bit codes at most): its
+      // experts' and at most all of the layer's other matrices.
+      const uint64_t share = ((entry.experts.size() + ranks - 1) / ranks * expertWeights + rest) / 4 * 17 / 16;
       // Beside the windows' stream (held): the first replay's copy of it
       // and what enters the MoE block, which the other replays start from.
       const uint64_t fixed = held + rest + (denseMoments ? denseMomentBytes(spec, l) : 0) +

@@ -396,8 +396,8 @@ def MoeQuantize : Pass<"moe-quantize", "::moe::ir::ModelOp"> {
     matrices from a file instead (their format still from the options and
     `moe.bits`/`moe.format`, sizes checked): under `mpirun`, each process of
     `moec compress` quantises some experts and takes the others' codes so.
-    `shares`/`share` split the matrices outside routed experts (attention,
-    shared experts) the same way: each process of a distributed `moec
+    `shares`/`share` split a layer's matrices outside routed experts
+    (attention, shared experts, dense MLPs) the same way: each process of a distributed `moec
     compress` quantises one share, chosen by estimated GPTQ cost, the
     matrices that read one Hessian kept together.
 
@@ -459,9 +459,9 @@ def MoeQuantize : Pass<"moe-quantize", "::moe::ir::ModelOp"> {
            "Take each selected matrix's packed codes from this safetensors file (U8, named by the matrix's "
            "symbol; what another process of a distributed moec compress quantised) instead of quantising it">,
     Option<"shares", "shares", "int64_t", /*default=*/"1",
-           "Split the matrices of decoder layers outside routed experts (attention, shared experts) into this "
-           "many shares of about equal GPTQ cost, and select only share `share` of them (a distributed moec "
-           "compress gives one share to each process); 1: all">,
+           "Split the matrices of decoder layers outside routed experts (attention, shared experts, dense MLPs) "
+           "into this many shares of about equal GPTQ cost, and select only share `share` of them (a distributed "
+           "moec compress gives one share to each process); 1: all">,
     Option<"share", "share", "int64_t", /*default=*/"0", "With shares > 1: the share selected, from 0">,
   ];
   let statistics = [

@@ -65,7 +65,7 @@ public:
   /// The residual stream entering the MoE block (before its norm) and the
   /// routed experts' weighted output alone (shared experts not added), both
   /// [T, H]: EASY-EP's token contribution max(1 - cos(h, h + r), 0). Called
-  /// before onMoeBlock, during the engine's forward pass only.
+  /// before onMoeBlock, during the engine's forward pass and observeMoeBlock only.
   virtual void onMoeResidual(int64_t layer, int64_t tokens, std::span<const float> residual,
                              std::span<const float> routed) {}
   /// MoE block input (after the norm) and output (before the residual), [T, H].
