@@ -14,6 +14,12 @@
 //
 //   gptq_expert [--hidden H] [--width W] [--tokens T] [--bits B] [--group G]
 //               [--experts E] [--threads N]
+//   gptq_expert --rows R --cols C [--tokens T] [--bits B] [--group G]
+//
+// --rows/--cols: one matrix instead (an attention projection: DeepSeek-V3's
+// o_proj is --rows 7168 --cols 16384), its own Hessian factored and the
+// matrix quantised, on one BLAS thread as a moe-quantize job runs it, in
+// double and in float: the seconds of each.
 //
 // --experts E: experts quantised concurrently (one thread and one BLAS
 // thread each) in the "parallel" timing; the "serial" timing runs them one
@@ -174,8 +180,41 @@ double differingShare(const std::vector<uint8_t> &a, const std::vector<uint8_t> 
 
 } // namespace
 
+/// --rows/--cols: one matrix's GPTQ (factor and quantise) on one BLAS thread.
+int timeOneMatrix(const quant::QuantFormat &format, int64_t rows, int64_t cols, int64_t tokens) {
+  std::mt19937_64 random(4321);
+  const std::vector<float> weights = randomWeights(rows * cols, random);
+  const std::vector<double> hessian = randomHessian(cols, tokens, random);
+  const double flops = 2.0 * rows * double(cols) * cols + 2.0 / 3.0 * double(cols) * cols * cols;
+  nlohmann::json out = {{"rows", rows},        {"cols", cols},          {"tokens", tokens},
+                        {"bits", format.bits}, {"group", format.group}, {"gflop", flops / 1e9}};
+  openblas_set_num_threads(1);
+  for (GptqPrecision precision : {GptqPrecision::F32, GptqPrecision::F64}) {
+    GptqOptions options;
+    options.precision = precision;
+    std::vector<uint8_t> codes;
+    const Clock::time_point start = Clock::now();
+    Expected<std::shared_ptr<const GptqFactor>> factor = factorGptqHessian(hessian, cols, options);
+    if (!factor) {
+      std::cerr << "gptq_expert: " << factor.status().message() << "\n";
+      return 1;
+    }
+    const double factored = secondsSince(start);
+    if (Status s = quantizeGptq(format, weights, rows, cols, **factor, options, codes); !s.ok()) {
+      std::cerr << "gptq_expert: " << s.message() << "\n";
+      return 1;
+    }
+    const double seconds = secondsSince(start);
+    out[precision == GptqPrecision::F64 ? "f64" : "f32"] = {
+        {"seconds", seconds}, {"factor_seconds", factored}, {"gflops", flops / seconds / 1e9}};
+  }
+  out["sgemm_one_thread_gflops"] = gemmRate<float>(std::min<int64_t>(rows, 2048), cols, 128, 1);
+  std::cout << out.dump(2) << std::endl;
+  return 0;
+}
+
 int main(int argc, char **argv) {
-  int64_t hidden = 7168, width = 2048, tokens = 256, bits = 4, group = 128, experts = 2;
+  int64_t hidden = 7168, width = 2048, tokens = 256, bits = 4, group = 128, experts = 2, rows = 0, cols = 0;
   int threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i];
@@ -194,6 +233,10 @@ int main(int argc, char **argv) {
       experts = value;
     else if (flag == "--threads")
       threads = static_cast<int>(value);
+    else if (flag == "--rows")
+      rows = value;
+    else if (flag == "--cols")
+      cols = value;
     else {
       std::cerr << "gptq_expert: unknown option " << flag << "\n";
       return 2;
@@ -207,6 +250,13 @@ int main(int argc, char **argv) {
   if (std::string error = quant::validateQuantFormat(format); !error.empty()) {
     std::cerr << "gptq_expert: " << error << "\n";
     return 2;
+  }
+  if (rows != 0 || cols != 0) {
+    if (rows <= 0 || cols <= 0 || cols % group) {
+      std::cerr << "gptq_expert: --rows and --cols must be positive, --cols whole groups\n";
+      return 2;
+    }
+    return timeOneMatrix(format, rows, cols, tokens);
   }
   std::vector<Expert> set;
   for (int64_t e = 0; e < experts; ++e)
