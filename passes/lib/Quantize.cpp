@@ -22,12 +22,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <set>
 #include <sstream>
+#include <thread>
 
 namespace moe {
 #define GEN_PASS_DEF_MOEQUANTIZE
@@ -148,40 +150,127 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       oneBlasThread.emplace();
     Progress progress(concat(getArgument().str(), method == QuantizeMethod::Gptq ? " (GPTQ)" : " (RTN)"),
                       static_cast<int64_t>(pending.size()), "matrices");
-    for (const std::vector<std::string> &batch : batchesOf(*plan, pending, threads)) {
-      std::vector<Job> jobs(batch.size());
-      for (size_t j = 0; j < jobs.size(); ++j)
-        if (failed(prepare(model, access, *plan, batch[j], jobs[j])))
-          return signalPassFailure();
-      if (jobs.size() == 1 || method != QuantizeMethod::Gptq) {
-        for (Job &job : jobs)
-          compute(job);
-      } else {
-        splitAcrossThreads(static_cast<int64_t>(jobs.size()), [&](int64_t begin, int64_t end) {
-          for (int64_t j = begin; j < end; ++j)
-            compute(jobs[static_cast<size_t>(j)]);
-        });
-      }
-      for (Job &job : jobs) {
-        if (job.shared)
-          --job.shared->users;
-        job.shared.reset();
-        if (failed(finish(model, access, *plan, job)))
-          return signalPassFailure();
-      }
-      std::erase_if(factors, [](const auto &entry) { return entry.second->users <= 0; });
-      progress.advance(static_cast<int64_t>(jobs.size()));
-    }
+    std::vector<std::string> order;
+    for (const std::vector<std::string> &batch : batchesOf(*plan, pending, threads))
+      order.insert(order.end(), batch.begin(), batch.end());
+    if (failed(method == QuantizeMethod::Gptq && threads > 1 ? runQueued(model, access, *plan, order, threads, progress)
+                                                             : runInOrder(model, access, *plan, order, progress)))
+      return signalPassFailure();
   }
 
-  /// The matrices to quantise in batches of up to `threads`, which run at
-  /// once and wait for the slowest. Routed experts' matrices come after the
-  /// rest, `threads` experts at a time and a role at a time (in the order
-  /// their symbols sort: with Hugging Face's names the downs of those
-  /// experts, then their gates, then their ups), so that a batch holds like
-  /// matrices of different experts. Taken in symbol order, an expert's up would often share a
-  /// batch with its own gate and wait while the gate factors the Hessian
-  /// both read. The codes do not depend on the order.
+  /// The matrix's shared factor has one user fewer; factors nobody will
+  /// read again go.
+  void released(Job &job) {
+    if (job.shared)
+      --job.shared->users;
+    job.shared.reset();
+    std::erase_if(factors, [](const auto &entry) { return entry.second->users <= 0; });
+  }
+
+  /// One matrix after another on this thread.
+  LogicalResult runInOrder(ir::ModelOp model, TensorAccess &access, const Plan &plan,
+                           const std::vector<std::string> &order, Progress &progress) {
+    for (const std::string &symbolName : order) {
+      Job job;
+      if (failed(prepare(model, access, plan, symbolName, job)))
+        return failure();
+      compute(job);
+      released(job);
+      if (failed(finish(model, access, plan, job)))
+        return failure();
+      progress.advance(1);
+    }
+    return success();
+  }
+
+  /// GPTQ on `threads` workers, each taking the next prepared matrix when
+  /// it is free (a long matrix, DeepSeek-V3's o_proj, runs beside many
+  /// short ones instead of holding a batch). This thread prepares matrices
+  /// (at most `threads` not yet computed, so memory stays at what a batch
+  /// held) and finishes them in order, so the module and the codes are
+  /// those of one thread. A computed matrix keeps its codes only (and its
+  /// values when nesting needs them) until its turn to be finished.
+  LogicalResult runQueued(ir::ModelOp model, TensorAccess &access, const Plan &plan,
+                          const std::vector<std::string> &order, size_t threads, Progress &progress) {
+    struct Slot {
+      Job job;
+      bool computed = false;
+    };
+    std::vector<std::unique_ptr<Slot>> slots(order.size());
+    std::mutex mutex;
+    std::condition_variable changed;
+    size_t prepared = 0, claimed = 0, computed = 0, finished = 0;
+    bool stopping = false;
+    std::vector<std::thread> workers;
+    for (size_t t = 0; t < threads; ++t)
+      workers.emplace_back([&] {
+        std::unique_lock<std::mutex> lock(mutex); // (BLAS is single-threaded for the whole pass)
+        while (true) {
+          changed.wait(lock, [&] { return stopping || claimed < prepared; });
+          if (claimed >= prepared)
+            return; // stopping
+          Slot &slot = *slots[claimed++];
+          lock.unlock();
+          compute(slot.job);
+          if (!nestedFormatOf(slot.job.format))
+            slot.job.values = std::vector<float>(); // finish reads only the codes
+          lock.lock();
+          slot.computed = true;
+          ++computed;
+          changed.notify_all();
+        }
+      });
+    LogicalResult result = success();
+    while (finished < order.size()) {
+      std::unique_lock<std::mutex> lock(mutex);
+      changed.wait(lock, [&] {
+        return (slots[finished] && slots[finished]->computed) ||
+               (prepared < order.size() && prepared - computed < threads);
+      });
+      if (slots[finished] && slots[finished]->computed) {
+        std::unique_ptr<Slot> slot = std::move(slots[finished]);
+        lock.unlock();
+        released(slot->job);
+        if (failed(finish(model, access, plan, slot->job))) {
+          result = failure();
+          break;
+        }
+        ++finished; // only this thread reads it
+        progress.advance(1);
+        continue;
+      }
+      const size_t next = prepared;
+      lock.unlock();
+      auto slot = std::make_unique<Slot>();
+      if (failed(prepare(model, access, plan, order[next], slot->job))) {
+        result = failure();
+        break;
+      }
+      lock.lock();
+      slots[next] = std::move(slot);
+      ++prepared;
+      changed.notify_all();
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      stopping = true;
+      claimed = prepared; // a failure leaves the rest uncomputed
+    }
+    changed.notify_all();
+    for (std::thread &worker : workers)
+      worker.join();
+    return result;
+  }
+
+  /// The matrices to quantise in groups of up to `threads` that the
+  /// workers take at about the same time. Routed experts' matrices come
+  /// after the rest, `threads` experts at a time and a role at a time (in
+  /// the order their symbols sort: with Hugging Face's names the downs of
+  /// those experts, then their gates, then their ups), so that the workers
+  /// hold like matrices of different experts. Taken in symbol order, an
+  /// expert's up would often start beside its own gate and wait while the
+  /// gate factors the Hessian both read. The codes do not depend on the
+  /// order.
   static std::vector<std::vector<std::string>> batchesOf(const Plan &plan, const std::vector<std::string> &pending,
                                                          size_t threads) {
     std::vector<std::vector<std::string>> batches;
