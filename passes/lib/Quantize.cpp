@@ -79,6 +79,9 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     std::shared_ptr<const GptqFactor> factor;
     Status status = Status::success();
     int64_t users = 0; ///< Shared ones: the jobs still to come.
+    /// The jobs still to compute with it: the last frees the factor (a
+    /// computed job may wait a while to be finished, runQueued).
+    int64_t computesLeft = 1;
   };
 
   struct Job {
@@ -137,6 +140,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         if (count > 1) {
           factors[key] = std::make_shared<SharedFactor>();
           factors[key]->users = count;
+          factors[key]->computesLeft = count;
         }
     }
     const size_t threads = threadCount();
@@ -184,12 +188,13 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
   }
 
   /// GPTQ on `threads` workers, each taking the next prepared matrix when
-  /// it is free (a long matrix, DeepSeek-V3's o_proj, runs beside many
-  /// short ones instead of holding a batch). This thread prepares matrices
-  /// (at most `threads` not yet computed, so memory stays at what a batch
-  /// held) and finishes them in order, so the module and the codes are
-  /// those of one thread. A computed matrix keeps its codes only (and its
-  /// values when nesting needs them) until its turn to be finished.
+  /// it is free (a long matrix, DeepSeek-V3's o_proj, runs beside shorter
+  /// ones instead of holding a batch). This thread prepares matrices (at
+  /// most `threads` not yet computed, the inputs a batch held, and at most
+  /// 4 x `threads` not yet finished) and finishes them in order, so the
+  /// module and the codes are those of one thread. A computed matrix keeps
+  /// its codes only (and its values when nesting needs them) until its
+  /// turn to be finished; the last job to compute with a factor frees it.
   LogicalResult runQueued(ir::ModelOp model, TensorAccess &access, const Plan &plan,
                           const std::vector<std::string> &order, size_t threads, Progress &progress) {
     struct Slot {
@@ -225,7 +230,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       std::unique_lock<std::mutex> lock(mutex);
       changed.wait(lock, [&] {
         return (slots[finished] && slots[finished]->computed) ||
-               (prepared < order.size() && prepared - computed < threads);
+               (prepared < order.size() && prepared - computed < threads && prepared - finished < 4 * threads);
       });
       if (slots[finished] && slots[finished]->computed) {
         std::unique_ptr<Slot> slot = std::move(slots[finished]);
@@ -676,11 +681,14 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       }
       job.factoredInDouble = factor && factoredInDoubleInstead(*factor);
       job.hessian.reset();
-      if (!factor)
-        return;
-      job.status = job.format.group
-                       ? quantizeGptq(*job.format.group, job.values, job.rows, job.cols, *factor, gptq, job.packed)
-                       : quantizeGptqGgml(*job.format.ggml, job.values, job.rows, job.cols, *factor, gptq, job.packed);
+      if (factor)
+        job.status =
+            job.format.group
+                ? quantizeGptq(*job.format.group, job.values, job.rows, job.cols, *factor, gptq, job.packed)
+                : quantizeGptqGgml(*job.format.ggml, job.values, job.rows, job.cols, *factor, gptq, job.packed);
+      std::lock_guard<std::mutex> lock(job.shared->mutex);
+      if (--job.shared->computesLeft <= 0)
+        job.shared->factor.reset();
     } else if (job.format.group) {
       quant::quantizeReference(*job.format.group, job.values.data(), job.rows, job.cols, job.packed.data());
     } else {
