@@ -144,19 +144,17 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         }
     }
     const size_t threads = threadCount();
-    // GPTQ's jobs are the parallelism, one per thread, and each calls BLAS
-    // on its own thread, batch of one included: OpenBLAS factors a matrix
+    // GPTQ's jobs are the parallelism, one per worker, and each calls BLAS
+    // on its own thread, a lone job included: OpenBLAS factors a matrix
     // with another blocking (so other roundings) when it has more threads,
-    // and the codes must not depend on how jobs fall into batches, on
+    // and the codes must not depend on which jobs run together, on
     // --threads or on the MPI ranks.
     std::optional<SingleThreadedBlas> oneBlasThread;
     if (method == QuantizeMethod::Gptq)
       oneBlasThread.emplace();
     Progress progress(concat(getArgument().str(), method == QuantizeMethod::Gptq ? " (GPTQ)" : " (RTN)"),
                       static_cast<int64_t>(pending.size()), "matrices");
-    std::vector<std::string> order;
-    for (const std::vector<std::string> &batch : batchesOf(*plan, pending, threads))
-      order.insert(order.end(), batch.begin(), batch.end());
+    const std::vector<std::string> order = orderOf(*plan, pending, threads);
     if (failed(method == QuantizeMethod::Gptq && threads > 1 ? runQueued(model, access, *plan, order, threads, progress)
                                                              : runInOrder(model, access, *plan, order, progress)))
       return signalPassFailure();
@@ -267,8 +265,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     return result;
   }
 
-  /// The matrices to quantise in groups of up to `threads` that the
-  /// workers take at about the same time. Routed experts' matrices come
+  /// The order the matrices are quantised in: routed experts' matrices
   /// after the rest, `threads` experts at a time and a role at a time (in
   /// the order their symbols sort: with Hugging Face's names the downs of
   /// those experts, then their gates, then their ups), so that the workers
@@ -276,17 +273,14 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
   /// expert's up would often start beside its own gate and wait while the
   /// gate factors the Hessian both read. The codes do not depend on the
   /// order.
-  static std::vector<std::vector<std::string>> batchesOf(const Plan &plan, const std::vector<std::string> &pending,
-                                                         size_t threads) {
-    std::vector<std::vector<std::string>> batches;
+  static std::vector<std::string> orderOf(const Plan &plan, const std::vector<std::string> &pending, size_t threads) {
+    std::vector<std::string> order;
     std::vector<std::vector<std::string>> experts; // each expert's matrices, in symbol order
     std::map<std::pair<int64_t, int64_t>, size_t> expertIndex;
     for (const std::string &symbolName : pending) {
       auto where = plan.expertOf.find(symbolName);
       if (where == plan.expertOf.end()) {
-        if (batches.empty() || batches.back().size() == threads)
-          batches.emplace_back();
-        batches.back().push_back(symbolName);
+        order.push_back(symbolName);
         continue;
       }
       auto [index, added] = expertIndex.try_emplace(where->second, experts.size());
@@ -296,17 +290,15 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     }
     for (size_t first = 0; first < experts.size(); first += threads) {
       const size_t end = std::min(experts.size(), first + threads);
-      for (size_t role = 0;; ++role) {
-        std::vector<std::string> batch;
+      size_t roles = 0;
+      for (size_t e = first; e < end; ++e)
+        roles = std::max(roles, experts[e].size());
+      for (size_t role = 0; role < roles; ++role)
         for (size_t e = first; e < end; ++e)
           if (role < experts[e].size())
-            batch.push_back(experts[e][role]);
-        if (batch.empty())
-          break;
-        batches.push_back(std::move(batch));
-      }
+            order.push_back(experts[e][role]);
     }
-    return batches;
+    return order;
   }
 
   /// With `shares` > 1: the layer matrices outside routed experts that the

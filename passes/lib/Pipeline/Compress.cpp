@@ -325,8 +325,8 @@ Expected<std::set<std::string>> quantisedLayerTensors(ir::ModelOp model, int64_t
 
 /// A distributed run's swap after layer `layer`: each rank sends the codes
 /// of the expert matrices it quantised (by IR symbol, as the module stores
-/// them), and with `quantisedBefore` (the layer's other tensors quantised
-/// before this rank's pass) its share of the layer's other matrices, with
+/// them) and its share of the layer's other matrices (those quantised since
+/// `quantisedBefore` was taken, before this rank's first chunk), with
 /// its RTN fallbacks to every other (one rank's share at a time), and takes
 /// each other rank's codes into its module through
 /// moe-quantize{codes=...} (the same attributes and store keys as
@@ -335,7 +335,7 @@ Expected<std::set<std::string>> quantisedLayerTensors(ir::ModelOp model, int64_t
 Expected<json> exchangeLayerCodes(mlir::MLIRContext &context, mlir::ModuleOp module, ir::ModelOp model,
                                   const Recipe &recipe, const RecipePass &pass, const std::string &work, int64_t layer,
                                   const std::function<std::pair<int64_t, int64_t>(int64_t, int)> &rankRange,
-                                  const std::set<std::string> *quantisedBefore, const json &fallbacks,
+                                  const std::set<std::string> &quantisedBefore, const json &fallbacks,
                                   double leastCoverage) {
   // Tests make one rank fail here: the job must end with no output.
   if (const char *failing = std::getenv("MOEC_TEST_FAIL_RANK");
@@ -352,33 +352,27 @@ Expected<json> exchangeLayerCodes(mlir::MLIRContext &context, mlir::ModuleOp mod
   json header = {{"fallbacks", fallbacks}, {"least_coverage", leastCoverage}, {"tensors", json::array()}};
   std::vector<uint8_t> codes;
   const auto [first, end] = rankRange(count, distributed::rank());
+  std::vector<const TensorRef *> refs;
   for (int64_t slot = first; slot < end; ++slot) {
     const ExpertEntry &expert = experts[static_cast<size_t>(slot)];
-    std::vector<const TensorRef *> refs = {&expert.gate, &expert.up, &expert.down};
+    refs.insert(refs.end(), {&expert.gate, &expert.up, &expert.down});
     for (const ExpertPart &part : expert.moreParts)
       refs.insert(refs.end(), {&part.gate, &part.up, &part.down});
     for (const TensorRef &factor : expert.lowRank)
       refs.push_back(&factor);
-    for (const TensorRef *ref : refs) {
-      if (ref->format.empty())
-        continue; // not quantised: every rank holds the same
-      DType dtype;
-      std::vector<uint8_t> bytes;
-      MOE_RETURN_IF_ERROR(reader.read(*ref, dtype, bytes));
-      header["tensors"].push_back({{"symbol", ref->name}, {"size", bytes.size()}});
-      codes.insert(codes.end(), bytes.begin(), bytes.end());
-    }
   }
-  if (quantisedBefore)
-    for (const auto &[role, ref] : description->layers[static_cast<size_t>(layer)].tensors) {
-      if (ref.format.empty() || quantisedBefore->count(ref.name))
-        continue; // not this rank's share
-      DType dtype;
-      std::vector<uint8_t> bytes;
-      MOE_RETURN_IF_ERROR(reader.read(ref, dtype, bytes));
-      header["tensors"].push_back({{"symbol", ref.name}, {"size", bytes.size()}});
-      codes.insert(codes.end(), bytes.begin(), bytes.end());
-    }
+  for (const auto &[role, ref] : description->layers[static_cast<size_t>(layer)].tensors)
+    if (!quantisedBefore.count(ref.name)) // this rank's share (or not quantised: skipped below)
+      refs.push_back(&ref);
+  for (const TensorRef *ref : refs) {
+    if (ref->format.empty())
+      continue; // not quantised: every rank holds the same
+    DType dtype;
+    std::vector<uint8_t> bytes;
+    MOE_RETURN_IF_ERROR(reader.read(*ref, dtype, bytes));
+    header["tensors"].push_back({{"symbol", ref->name}, {"size", bytes.size()}});
+    codes.insert(codes.end(), bytes.begin(), bytes.end());
+  }
   const std::string text = header.dump();
   std::vector<uint8_t> mine(8);
   const uint64_t length = text.size();
@@ -407,11 +401,8 @@ Expected<json> exchangeLayerCodes(mlir::MLIRContext &context, mlir::ModuleOp mod
       return Status::success();
     SafetensorsWriter writer;
     PassOverrides overrides{"", layer, {}};
-    overrides.routedOnly = quantisedBefore == nullptr;
-    if (quantisedBefore) {
-      overrides.share = r;
-      overrides.shares = distributed::size();
-    }
+    overrides.share = r;
+    overrides.shares = distributed::size();
     overrides.codes = codesPath;
     const auto [theirFirst, theirEnd] = rankRange(count, r);
     for (int64_t slot = theirFirst; slot < theirEnd; ++slot)
@@ -584,7 +575,7 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
       // The other ranks' experts of this layer: their codes, and their
       // RTN fallbacks for the summary, in rank (so slot) order.
       Expected<json> others = exchangeLayerCodes(context, module, model, recipe, pass, work, layer, rankRange,
-                                                 &layerQuantisedBefore, fallbacks, leastCoverage);
+                                                 layerQuantisedBefore, fallbacks, leastCoverage);
       if (!others)
         return Status::error("layer ", layer, ": ", others.status().message());
       fallbacks = (*others)["fallbacks"];
