@@ -9,6 +9,7 @@
 #include "moe/Support/Progress.h"
 #include "moe/Support/Threads.h"
 #include "moe/Transforms/Passes.h"
+#include "moe/Transforms/QuantizeWork.h"
 
 #include "ExpertEditing.h"
 #include "Gptq.h"
@@ -41,32 +42,243 @@ using namespace moe;
 
 namespace {
 
+/// For GPTQ: which expert matrix a symbol is (layer, expert id, down?).
+struct ExpertMatrix {
+  int64_t layer, expert;
+  bool down;
+  int64_t partOffset = -1; ///< A split expert's part: its first neuron.
+};
+/// What one run quantises, and where GPTQ finds each matrix's Hessian.
+struct Plan {
+  std::set<QuantizeTarget> kinds; ///< The targets, with All spelled out.
+  std::set<std::string> symbols;  ///< Matrices to quantise (a tensor used twice once).
+  std::map<std::string, ExpertMatrix> expertMatrices;
+  /// Every routed expert's matrix (a factored expert's six factors too):
+  /// its layer and expert, for nested-cost.
+  std::map<std::string, std::pair<int64_t, int64_t>> expertOf;
+  /// Attention projections and shared experts: the layer statistic holding
+  /// their Hessian (every token reaches them).
+  std::map<std::string, std::pair<int64_t, std::string>> denseMatrices;
+  /// The matrices of decoder layers outside routed experts (attention,
+  /// shared experts, dense MLPs): what `shares` splits.
+  std::set<std::string> layerDense;
+  /// Every matrix's layer (-1: outside layers).
+  std::map<std::string, int64_t> layerOf;
+  std::optional<StatisticsReader> file;   ///< GPTQ's statistics.
+  std::shared_ptr<SafetensorsFile> codes; ///< `codes`: packed codes to take instead.
+};
+
+/// The targets with All spelled out (none: routed experts).
+std::set<QuantizeTarget> targetKinds(ArrayRef<QuantizeTarget> targets) {
+  static const QuantizeTarget routed[] = {QuantizeTarget::Experts};
+  std::set<QuantizeTarget> kinds;
+  for (QuantizeTarget target : targets.empty() ? ArrayRef<QuantizeTarget>(routed) : targets) {
+    if (target == QuantizeTarget::All)
+      kinds.insert({QuantizeTarget::Experts, QuantizeTarget::Shared, QuantizeTarget::Attention, QuantizeTarget::Dense});
+    else
+      kinds.insert(target);
+  }
+  return kinds;
+}
+
+/// The matrices moe-quantize would quantise for `kinds` in the layers of
+/// `scope` (empty: all; -1 names the tensors outside layers), of the
+/// routed experts only the slots `someExperts` (empty: all), and where
+/// GPTQ finds their Hessians. Reads the module's structure alone.
+Plan collectMatrices(ir::ModelOp model, const std::set<QuantizeTarget> &kinds, const std::set<int64_t> &scope,
+                     const std::set<int64_t> &someExperts) {
+  Plan plan;
+  plan.kinds = kinds;
+  auto layerIndex = [](Operation *op) {
+    auto layerOp = op->getParentOfType<ir::LayerOp>();
+    return layerOp ? static_cast<int64_t>(layerOp.getIndex()) : int64_t{-1};
+  };
+  auto add = [&](FlatSymbolRefAttr symbol, int64_t layer) {
+    if (symbol) {
+      plan.symbols.insert(symbol.getValue().str());
+      plan.layerOf[symbol.getValue().str()] = layer;
+    }
+  };
+  model.walk([&](Operation *op) {
+    const int64_t layer = layerIndex(op);
+    if (!scope.empty() && !scope.count(layer))
+      return;
+    if (auto expert = dyn_cast<ir::ExpertOp>(op);
+        expert && !someExperts.empty() && !someExperts.count(static_cast<int64_t>(expert.getId())))
+      return;
+    if (auto expert = dyn_cast<ir::ExpertOp>(op); expert && kinds.count(QuantizeTarget::Experts)) {
+      add(expert.getGateAttr(), layer);
+      add(expert.getUpAttr(), layer);
+      add(expert.getDownAttr(), layer);
+      const int64_t id = static_cast<int64_t>(expert.getId());
+      const int64_t offset = expert.getPartOffset() ? static_cast<int64_t>(*expert.getPartOffset()) : -1;
+      for (StringRef name : {expert.getGate(), expert.getUp(), expert.getDown()})
+        plan.expertOf[name.str()] = {layer, id};
+      if (std::optional<ArrayAttr> lowRank = expert.getLowRank()) {
+        // Factored (moe-factor-experts): the right factors read the
+        // expert's own input (gate, up) and intermediate (down), so GPTQ
+        // has their Hessians; the left factors read a rank-wide
+        // projection, which has none recorded (RTN).
+        for (size_t f = 0; f < lowRank->size(); ++f) {
+          auto symbol = cast<FlatSymbolRefAttr>((*lowRank)[f]);
+          add(symbol, layer);
+          plan.expertMatrices[symbol.getValue().str()] = {layer, id, f == 2, -1};
+          plan.expertOf[symbol.getValue().str()] = {layer, id};
+        }
+      } else {
+        plan.expertMatrices[expert.getGate().str()] = {layer, id, false, offset};
+        plan.expertMatrices[expert.getUp().str()] = {layer, id, false, offset};
+        plan.expertMatrices[expert.getDown().str()] = {layer, id, true, offset};
+      }
+    } else if (auto base = dyn_cast<ir::ExpertBaseOp>(op); base && kinds.count(QuantizeTarget::Experts)) {
+      // The factored experts' base (RTN: no Hessian is recorded for its
+      // inputs, every token's and the routing-weighted sum).
+      add(base.getGateAttr(), layer);
+      add(base.getUpAttr(), layer);
+      add(base.getDownAttr(), layer);
+    } else if (auto shared = dyn_cast<ir::SharedExpertOp>(op); shared && kinds.count(QuantizeTarget::Shared)) {
+      add(shared.getGateAttr(), layer);
+      add(shared.getUpAttr(), layer);
+      add(shared.getDownAttr(), layer);
+      plan.denseMatrices[shared.getGate().str()] = {layer, stats::kSharedInputMoments};
+      plan.denseMatrices[shared.getUp().str()] = {layer, stats::kSharedInputMoments};
+      plan.denseMatrices[shared.getDown().str()] = {layer, stats::kSharedIntermediateMoments};
+      for (StringRef name : {shared.getGate(), shared.getUp(), shared.getDown()})
+        plan.layerDense.insert(name.str());
+    } else if (auto dense = dyn_cast<ir::DenseOp>(op)) {
+      const bool wanted = (dense.getPart() == "attention" && kinds.count(QuantizeTarget::Attention)) ||
+                          (dense.getPart() == "dense_mlp" && kinds.count(QuantizeTarget::Dense)) ||
+                          (dense.getPart() == "lm_head" && kinds.count(QuantizeTarget::LmHead)) ||
+                          (dense.getPart() == "embedding" && kinds.count(QuantizeTarget::Embedding));
+      if (!wanted)
+        return;
+      for (NamedAttribute entry : dense.getTensors()) {
+        auto symbol = dyn_cast<FlatSymbolRefAttr>(entry.getValue());
+        if (!symbol || lookupTensor(model, symbol).getTensorType().getRank() != 2)
+          continue;
+        add(symbol, layer);
+        if (layer < 0)
+          continue;
+        plan.layerDense.insert(symbol.getValue().str());
+        StringRef role = entry.getName().getValue();
+        if (dense.getPart() == "attention") {
+          if (role == "q_proj" || role == "k_proj" || role == "v_proj" || role == "q_a_proj" || role == "kv_a_proj")
+            plan.denseMatrices[symbol.getValue().str()] = {layer, stats::kAttentionInputMoments};
+          else if (role == "o_proj")
+            plan.denseMatrices[symbol.getValue().str()] = {layer, stats::kAttentionOutputMoments};
+        }
+      }
+    }
+  });
+  return plan;
+}
+
+/// Which Hessian GPTQ reads for `symbolName`, when one may be shared: a
+/// layer statistic (q, k and v read the attention's input; a shared
+/// expert's gate and up the MLP's), or a routed expert's input moments
+/// (its gate and up, and their split parts). Down projections read their
+/// own expert's intermediate moments (or a part's block of them): none.
+std::optional<std::string> hessianKey(const Plan &plan, const std::string &symbolName) {
+  if (auto where = plan.expertMatrices.find(symbolName); where != plan.expertMatrices.end()) {
+    if (where->second.down)
+      return std::nullopt;
+    return concat("expert ", where->second.layer, " ", where->second.expert);
+  }
+  if (auto where = plan.denseMatrices.find(symbolName); where != plan.denseMatrices.end())
+    return concat("layer ", where->second.first, " ", where->second.second);
+  return std::nullopt;
+}
+
+/// Matrices that one Hessian's factorisation serves (or one matrix alone)
+/// and their estimated cost: GPTQ's arithmetic, rows x columns^2 per
+/// matrix for its updates and columns^3 once for the factor (RTN, or no
+/// Hessian recorded: rows x columns). `largest` is the costliest matrix's,
+/// factor included: the longest single job.
+struct CostGroup {
+  double cost = 0, largest = 0;
+  std::vector<std::string> members; ///< In symbol order.
+};
+
+/// `symbols` (in `plan`) grouped by Hessian, by key (hessianKey, else the
+/// symbol).
+std::map<std::string, CostGroup> costGroups(ir::ModelOp model, const Plan &plan, const std::set<std::string> &symbols,
+                                            bool gptq) {
+  std::map<std::string, CostGroup> groups;
+  for (const std::string &symbolName : symbols) {
+    ArrayRef<int64_t> shape =
+        lookupTensor(model, FlatSymbolRefAttr::get(model.getContext(), symbolName)).getTensorType().getShape();
+    const double rows = static_cast<double>(shape[0]), cols = static_cast<double>(shape[1]);
+    const bool withHessian =
+        gptq && (plan.denseMatrices.count(symbolName) || plan.expertMatrices.count(symbolName));
+    CostGroup &group = groups[hessianKey(plan, symbolName).value_or(symbolName)];
+    if (withHessian && group.members.empty())
+      group.cost += cols * cols * cols;
+    const double own = withHessian ? rows * cols * cols : rows * cols;
+    group.cost += own;
+    group.largest = std::max(group.largest, own + (withHessian ? cols * cols * cols : 0.0));
+    group.members.push_back(symbolName);
+  }
+  return groups;
+}
+
+/// Which of `shares` shares each group goes to: the costliest first, each
+/// to the share with the least so far (ties: the lower share, then the
+/// first group in symbol order). Returns the share per group (by key) and
+/// fills each share's cost and longest job.
+std::map<std::string, int64_t> assignShares(const std::map<std::string, CostGroup> &groups, int64_t shares,
+                                            std::vector<double> &load, std::vector<double> &longest) {
+  std::vector<std::pair<const std::string *, const CostGroup *>> order;
+  for (const auto &[key, group] : groups)
+    order.push_back({&key, &group});
+  std::stable_sort(order.begin(), order.end(), [](const auto &a, const auto &b) {
+    return a.second->cost != b.second->cost ? a.second->cost > b.second->cost
+                                            : a.second->members.front() < b.second->members.front();
+  });
+  load.assign(static_cast<size_t>(shares), 0.0);
+  longest.assign(static_cast<size_t>(shares), 0.0);
+  std::map<std::string, int64_t> shareOf;
+  for (const auto &[key, group] : order) {
+    const size_t least = static_cast<size_t>(std::min_element(load.begin(), load.end()) - load.begin());
+    load[least] += group->cost;
+    longest[least] = std::max(longest[least], group->largest);
+    shareOf[*key] = static_cast<int64_t>(least);
+  }
+  return shareOf;
+}
+
+} // namespace
+
+QuantizeWork moe::estimateQuantizeWork(ir::ModelOp model, ArrayRef<QuantizeTarget> targets, bool gptq, int64_t layer,
+                                       int64_t shares) {
+  const Plan plan = collectMatrices(model, targetKinds(targets), {layer}, {});
+  QuantizeWork work;
+  std::set<std::string> routed;
+  for (const auto &[symbol, where] : plan.expertOf)
+    if (plan.symbols.count(symbol))
+      routed.insert(symbol);
+  for (const auto &[key, group] : costGroups(model, plan, routed, gptq)) {
+    const int64_t slot = plan.expertOf.at(group.members.front()).second;
+    if (static_cast<int64_t>(work.expertCost.size()) <= slot)
+      work.expertCost.resize(static_cast<size_t>(slot + 1), 0.0);
+    work.expertCost[static_cast<size_t>(slot)] += group.cost;
+    work.expertLongest = std::max(work.expertLongest, group.largest);
+  }
+  assignShares(costGroups(model, plan, plan.layerDense, gptq), std::max<int64_t>(shares, 1), work.shareCost,
+               work.shareLongest);
+  for (const std::string &symbol : plan.layerDense)
+    if (gptq && plan.denseMatrices.count(symbol)) {
+      ArrayRef<int64_t> shape =
+          lookupTensor(model, FlatSymbolRefAttr::get(model.getContext(), symbol)).getTensorType().getShape();
+      work.gptqOutsideExperts.emplace_back(shape[0], shape[1]);
+    }
+  return work;
+}
+
+namespace {
+
 struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
   using MoeQuantizeBase::MoeQuantizeBase;
 
-  /// For GPTQ: which expert matrix a symbol is (layer, expert id, down?).
-  struct ExpertMatrix {
-    int64_t layer, expert;
-    bool down;
-    int64_t partOffset = -1; ///< A split expert's part: its first neuron.
-  };
-  /// What one run quantises, and where GPTQ finds each matrix's Hessian.
-  struct Plan {
-    std::set<QuantizeTarget> kinds; ///< The targets, with All spelled out.
-    std::set<std::string> symbols;  ///< Matrices to quantise (a tensor used twice once).
-    std::map<std::string, ExpertMatrix> expertMatrices;
-    /// Every routed expert's matrix (a factored expert's six factors too):
-    /// its layer and expert, for nested-cost.
-    std::map<std::string, std::pair<int64_t, int64_t>> expertOf;
-    /// Attention projections and shared experts: the layer statistic holding
-    /// their Hessian (every token reaches them).
-    std::map<std::string, std::pair<int64_t, std::string>> denseMatrices;
-    /// The matrices of decoder layers outside routed experts (attention,
-    /// shared experts, dense MLPs): what `shares` splits.
-    std::set<std::string> layerDense;
-    std::optional<StatisticsReader> file;   ///< GPTQ's statistics.
-    std::shared_ptr<SafetensorsFile> codes; ///< `codes`: packed codes to take instead.
-  };
   /// One matrix: read (in order), quantised (GPTQ in parallel, a batch of
   /// one matrix per thread at a time, so memory stays at a few matrices and
   /// Hessians), then written (in order).
@@ -303,40 +515,19 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
 
   /// With `shares` > 1: the layer matrices outside routed experts that the
   /// other shares quantise. A Hessian's readers stay together (one
-  /// factorisation serves them) and each group costs what GPTQ's arithmetic
-  /// does: rows x columns^2 per matrix for its updates, columns^3 once for
-  /// the factor (RTN: rows x columns). The costliest group goes first, each
-  /// to the share with the least so far (ties: the lower share, then the
-  /// first group in symbol order). It reads only the module's shapes, so
+  /// factorisation serves them), and the groups are split by estimated cost
+  /// (costGroups, assignShares). It reads only the module's shapes, so
   /// every process of a distributed run, at any point of its layer,
   /// computes the same split.
   std::set<std::string> matricesOfOtherShares(ir::ModelOp model, const Plan &plan) const {
-    std::map<std::string, std::pair<double, std::vector<std::string>>> groups; // by Hessian
-    for (const std::string &symbolName : plan.layerDense) {
-      ArrayRef<int64_t> shape =
-          lookupTensor(model, FlatSymbolRefAttr::get(model.getContext(), symbolName)).getTensorType().getShape();
-      const double rows = static_cast<double>(shape[0]), cols = static_cast<double>(shape[1]);
-      const bool gptq = method == QuantizeMethod::Gptq && plan.denseMatrices.count(symbolName);
-      auto &[cost, members] = groups[hessianKey(plan, symbolName).value_or(symbolName)];
-      if (gptq && members.empty())
-        cost += cols * cols * cols;
-      cost += gptq ? rows * cols * cols : rows * cols;
-      members.push_back(symbolName);
-    }
-    std::vector<const std::pair<double, std::vector<std::string>> *> order;
-    for (const auto &entry : groups)
-      order.push_back(&entry.second);
-    std::stable_sort(order.begin(), order.end(), [](const auto *a, const auto *b) {
-      return a->first != b->first ? a->first > b->first : a->second.front() < b->second.front();
-    });
-    std::vector<double> load(static_cast<size_t>(shares), 0.0);
+    const std::map<std::string, CostGroup> groups =
+        costGroups(model, plan, plan.layerDense, method == QuantizeMethod::Gptq);
+    std::vector<double> load, longest;
+    const std::map<std::string, int64_t> shareOf = assignShares(groups, shares, load, longest);
     std::set<std::string> others;
-    for (const auto *group : order) {
-      const size_t least = static_cast<size_t>(std::min_element(load.begin(), load.end()) - load.begin());
-      load[least] += group->first;
-      if (static_cast<int64_t>(least) != share)
-        others.insert(group->second.begin(), group->second.end());
-    }
+    for (const auto &[key, group] : groups)
+      if (shareOf.at(key) != share)
+        others.insert(group.members.begin(), group.members.end());
     return others;
   }
 
@@ -375,15 +566,7 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
                                  "(nested-bits=2 with bits=4, nested-bits=4 with bits=8), got ",
                                  ggmlFormat ? choiceName(this->format.getValue()).str() : concat("bits=", bits))),
              failure();
-    const std::vector<QuantizeTarget> wanted =
-        targets.empty() ? std::vector<QuantizeTarget>{QuantizeTarget::Experts} : std::vector<QuantizeTarget>(targets);
-    for (QuantizeTarget target : wanted) {
-      if (target == QuantizeTarget::All)
-        plan.kinds.insert(
-            {QuantizeTarget::Experts, QuantizeTarget::Shared, QuantizeTarget::Attention, QuantizeTarget::Dense});
-      else
-        plan.kinds.insert(target);
-    }
+    plan.kinds = targetKinds(targets);
     const std::set<int64_t> scope(layers.begin(), layers.end());
     int64_t numLayers = 0;
     model.walk([&](ir::LayerOp) { ++numLayers; });
@@ -392,92 +575,11 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         return fail(model, concat("layers: the model has no layer ", layer, " (it has ", numLayers,
                                   "; -1 names the tensors outside layers)")),
                failure();
-    // The layer an op belongs to, -1 outside layers; `layers` keeps some.
-    auto inScope = [&](Operation *op) {
-      if (scope.empty())
-        return true;
-      auto layerOp = op->getParentOfType<ir::LayerOp>();
-      return scope.count(layerOp ? static_cast<int64_t>(layerOp.getIndex()) : -1) > 0;
-    };
-    // The matrices to quantize, by symbol (a tensor used twice is done once).
-    auto add = [&](FlatSymbolRefAttr symbol) {
-      if (symbol)
-        plan.symbols.insert(symbol.getValue().str());
-    };
-    // `experts`: of the routed experts, these slots only.
     const std::set<int64_t> someExperts(experts.begin(), experts.end());
-    model.walk([&](Operation *op) {
-      if (!inScope(op))
-        return;
-      if (auto expert = dyn_cast<ir::ExpertOp>(op);
-          expert && !someExperts.empty() && !someExperts.count(static_cast<int64_t>(expert.getId())))
-        return;
-      if (auto expert = dyn_cast<ir::ExpertOp>(op); expert && plan.kinds.count(QuantizeTarget::Experts)) {
-        add(expert.getGateAttr());
-        add(expert.getUpAttr());
-        add(expert.getDownAttr());
-        const int64_t layer = static_cast<int64_t>(expert->getParentOfType<ir::LayerOp>().getIndex());
-        const int64_t id = static_cast<int64_t>(expert.getId());
-        const int64_t offset = expert.getPartOffset() ? static_cast<int64_t>(*expert.getPartOffset()) : -1;
-        for (StringRef name : {expert.getGate(), expert.getUp(), expert.getDown()})
-          plan.expertOf[name.str()] = {layer, id};
-        if (std::optional<ArrayAttr> lowRank = expert.getLowRank()) {
-          // Factored (moe-factor-experts): the right factors read the
-          // expert's own input (gate, up) and intermediate (down), so GPTQ
-          // has their Hessians; the left factors read a rank-wide
-          // projection, which has none recorded (RTN).
-          for (size_t f = 0; f < lowRank->size(); ++f) {
-            auto symbol = cast<FlatSymbolRefAttr>((*lowRank)[f]);
-            add(symbol);
-            plan.expertMatrices[symbol.getValue().str()] = {layer, id, f == 2, -1};
-            plan.expertOf[symbol.getValue().str()] = {layer, id};
-          }
-        } else {
-          plan.expertMatrices[expert.getGate().str()] = {layer, id, false, offset};
-          plan.expertMatrices[expert.getUp().str()] = {layer, id, false, offset};
-          plan.expertMatrices[expert.getDown().str()] = {layer, id, true, offset};
-        }
-      } else if (auto base = dyn_cast<ir::ExpertBaseOp>(op); base && plan.kinds.count(QuantizeTarget::Experts)) {
-        // The factored experts' base (RTN: no Hessian is recorded for its
-        // inputs, every token's and the routing-weighted sum).
-        add(base.getGateAttr());
-        add(base.getUpAttr());
-        add(base.getDownAttr());
-      } else if (auto shared = dyn_cast<ir::SharedExpertOp>(op); shared && plan.kinds.count(QuantizeTarget::Shared)) {
-        add(shared.getGateAttr());
-        add(shared.getUpAttr());
-        add(shared.getDownAttr());
-        const int64_t layer = static_cast<int64_t>(shared->getParentOfType<ir::LayerOp>().getIndex());
-        plan.denseMatrices[shared.getGate().str()] = {layer, stats::kSharedInputMoments};
-        plan.denseMatrices[shared.getUp().str()] = {layer, stats::kSharedInputMoments};
-        plan.denseMatrices[shared.getDown().str()] = {layer, stats::kSharedIntermediateMoments};
-        for (StringRef name : {shared.getGate(), shared.getUp(), shared.getDown()})
-          plan.layerDense.insert(name.str());
-      } else if (auto dense = dyn_cast<ir::DenseOp>(op)) {
-        const bool wanted = (dense.getPart() == "attention" && plan.kinds.count(QuantizeTarget::Attention)) ||
-                            (dense.getPart() == "dense_mlp" && plan.kinds.count(QuantizeTarget::Dense)) ||
-                            (dense.getPart() == "lm_head" && plan.kinds.count(QuantizeTarget::LmHead)) ||
-                            (dense.getPart() == "embedding" && plan.kinds.count(QuantizeTarget::Embedding));
-        if (wanted)
-          for (NamedAttribute entry : dense.getTensors())
-            if (auto symbol = dyn_cast<FlatSymbolRefAttr>(entry.getValue()))
-              if (lookupTensor(model, symbol).getTensorType().getRank() == 2) {
-                add(symbol);
-                auto layerOp = dense->getParentOfType<ir::LayerOp>();
-                if (layerOp)
-                  plan.layerDense.insert(symbol.getValue().str());
-                StringRef role = entry.getName().getValue();
-                if (layerOp && dense.getPart() == "attention") {
-                  const int64_t layer = static_cast<int64_t>(layerOp.getIndex());
-                  if (role == "q_proj" || role == "k_proj" || role == "v_proj" || role == "q_a_proj" ||
-                      role == "kv_a_proj")
-                    plan.denseMatrices[symbol.getValue().str()] = {layer, stats::kAttentionInputMoments};
-                  else if (role == "o_proj")
-                    plan.denseMatrices[symbol.getValue().str()] = {layer, stats::kAttentionOutputMoments};
-                }
-              }
-      }
-    });
+    Plan collected = collectMatrices(model, plan.kinds, scope, someExperts);
+    collected.file = std::move(plan.file);
+    collected.codes = std::move(plan.codes);
+    plan = std::move(collected);
     return plan;
   }
 
@@ -621,22 +723,6 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
       shareFactor(plan, symbolName, job);
     }
     return success();
-  }
-
-  /// Which Hessian GPTQ reads for `symbolName`, when one may be shared: a
-  /// layer statistic (q, k and v read the attention's input; a shared
-  /// expert's gate and up the MLP's), or a routed expert's input moments
-  /// (its gate and up, and their split parts). Down projections read their
-  /// own expert's intermediate moments (or a part's block of them): none.
-  static std::optional<std::string> hessianKey(const Plan &plan, const std::string &symbolName) {
-    if (auto where = plan.expertMatrices.find(symbolName); where != plan.expertMatrices.end()) {
-      if (where->second.down)
-        return std::nullopt;
-      return concat("expert ", where->second.layer, " ", where->second.expert);
-    }
-    if (auto where = plan.denseMatrices.find(symbolName); where != plan.denseMatrices.end())
-      return concat("layer ", where->second.first, " ", where->second.second);
-    return std::nullopt;
   }
 
   /// The job's factor: the one its Hessian's other readers share, or its
