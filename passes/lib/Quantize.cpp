@@ -208,8 +208,7 @@ std::map<std::string, CostGroup> costGroups(ir::ModelOp model, const Plan &plan,
     ArrayRef<int64_t> shape =
         lookupTensor(model, FlatSymbolRefAttr::get(model.getContext(), symbolName)).getTensorType().getShape();
     const double rows = static_cast<double>(shape[0]), cols = static_cast<double>(shape[1]);
-    const bool withHessian =
-        gptq && (plan.denseMatrices.count(symbolName) || plan.expertMatrices.count(symbolName));
+    const bool withHessian = gptq && (plan.denseMatrices.count(symbolName) || plan.expertMatrices.count(symbolName));
     CostGroup &group = groups[hessianKey(plan, symbolName).value_or(symbolName)];
     if (withHessian && group.members.empty())
       group.cost += cols * cols * cols;
@@ -252,6 +251,10 @@ QuantizeWork moe::estimateQuantizeWork(ir::ModelOp model, ArrayRef<QuantizeTarge
                                        int64_t shares) {
   const Plan plan = collectMatrices(model, targetKinds(targets), {layer}, {});
   QuantizeWork work;
+  model.walk([&](ir::ExpertOp expert) { // every slot of the layer, quantised or not
+    if (static_cast<int64_t>(expert->getParentOfType<ir::LayerOp>().getIndex()) == layer)
+      work.expertCost.resize(std::max<size_t>(work.expertCost.size(), expert.getId() + 1), 0.0);
+  });
   std::set<std::string> routed;
   for (const auto &[symbol, where] : plan.expertOf)
     if (plan.symbols.count(symbol))
@@ -263,15 +266,73 @@ QuantizeWork moe::estimateQuantizeWork(ir::ModelOp model, ArrayRef<QuantizeTarge
     work.expertCost[static_cast<size_t>(slot)] += group.cost;
     work.expertLongest = std::max(work.expertLongest, group.largest);
   }
-  assignShares(costGroups(model, plan, plan.layerDense, gptq), std::max<int64_t>(shares, 1), work.shareCost,
-               work.shareLongest);
-  for (const std::string &symbol : plan.layerDense)
-    if (gptq && plan.denseMatrices.count(symbol)) {
-      ArrayRef<int64_t> shape =
-          lookupTensor(model, FlatSymbolRefAttr::get(model.getContext(), symbol)).getTensorType().getShape();
-      work.gptqOutsideExperts.emplace_back(shape[0], shape[1]);
-    }
+  const std::map<std::string, CostGroup> groups = costGroups(model, plan, plan.layerDense, gptq);
+  const std::map<std::string, int64_t> shareOf =
+      assignShares(groups, std::max<int64_t>(shares, 1), work.shareCost, work.shareLongest);
+  if (gptq)
+    for (const auto &[key, group] : groups)
+      for (const std::string &symbol : group.members)
+        if (plan.denseMatrices.count(symbol)) {
+          ArrayRef<int64_t> shape =
+              lookupTensor(model, FlatSymbolRefAttr::get(model.getContext(), symbol)).getTensorType().getShape();
+          work.gptqOutsideExperts.push_back({shape[0], shape[1], shareOf.at(key)});
+        }
   return work;
+}
+
+std::vector<int64_t> moe::splitExpertsOverRanks(const QuantizeWork &work, int64_t ranks) {
+  const int64_t slots = static_cast<int64_t>(work.expertCost.size());
+  if (ranks <= 1)
+    return {0, slots};
+  if (slots < ranks)
+    return {}; // no split gives each rank one
+  auto fixed = [&](int64_t r) {
+    return r < static_cast<int64_t>(work.shareCost.size()) ? work.shareCost[static_cast<size_t>(r)] : 0.0;
+  };
+  std::vector<double> before(static_cast<size_t>(slots + 1), 0.0); // prefix sums of the experts' costs
+  for (int64_t e = 0; e < slots; ++e)
+    before[static_cast<size_t>(e + 1)] = before[static_cast<size_t>(e)] + work.expertCost[static_cast<size_t>(e)];
+  // least[r][j]: the least largest work of ranks 0..r-1 holding slots
+  // [0, j), one at least each.
+  // Exact (ranks x slots^2, a few million steps for DeepSeek-V3's 256 over
+  // 64 ranks); a greedy bound search is not, once experts' costs differ.
+  const size_t width = static_cast<size_t>(slots + 1);
+  std::vector<double> least(static_cast<size_t>(ranks + 1) * width, HUGE_VAL);
+  least[0] = 0;
+  for (int64_t r = 1; r <= ranks; ++r)
+    for (int64_t j = r; j <= slots - (ranks - r); ++j)
+      for (int64_t i = r - 1; i < j; ++i) {
+        const double previous = least[static_cast<size_t>(r - 1) * width + static_cast<size_t>(i)];
+        const double mine = fixed(r - 1) + before[static_cast<size_t>(j)] - before[static_cast<size_t>(i)];
+        const double largest = std::max(previous, mine);
+        least[static_cast<size_t>(r) * width + static_cast<size_t>(j)] =
+            std::min(least[static_cast<size_t>(r) * width + static_cast<size_t>(j)], largest);
+      }
+  // Of the splits with that least largest work, the most even: the least
+  // sum of squared works (ranks within the bound, which the optimum's
+  // ranks meet with the same arithmetic).
+  const double bound = least[static_cast<size_t>(ranks) * width + static_cast<size_t>(slots)];
+  std::vector<double> squares(least.size(), HUGE_VAL);
+  std::vector<int64_t> from(least.size(), 0); // where rank r-1's slots begin
+  squares[0] = 0;
+  for (int64_t r = 1; r <= ranks; ++r)
+    for (int64_t j = r; j <= slots - (ranks - r); ++j)
+      for (int64_t i = r - 1; i < j; ++i) {
+        const double previous = squares[static_cast<size_t>(r - 1) * width + static_cast<size_t>(i)];
+        const double mine = fixed(r - 1) + before[static_cast<size_t>(j)] - before[static_cast<size_t>(i)];
+        if (previous == HUGE_VAL || mine > bound)
+          continue;
+        if (previous + mine * mine < squares[static_cast<size_t>(r) * width + static_cast<size_t>(j)]) {
+          squares[static_cast<size_t>(r) * width + static_cast<size_t>(j)] = previous + mine * mine;
+          from[static_cast<size_t>(r) * width + static_cast<size_t>(j)] = i;
+        }
+      }
+  std::vector<int64_t> bounds(static_cast<size_t>(ranks + 1));
+  bounds[static_cast<size_t>(ranks)] = slots;
+  for (int64_t r = ranks; r >= 1; --r)
+    bounds[static_cast<size_t>(r - 1)] =
+        from[static_cast<size_t>(r) * width + static_cast<size_t>(bounds[static_cast<size_t>(r)])];
+  return bounds;
 }
 
 namespace {
@@ -367,8 +428,17 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     Progress progress(concat(getArgument().str(), method == QuantizeMethod::Gptq ? " (GPTQ)" : " (RTN)"),
                       static_cast<int64_t>(pending.size()), "matrices");
     const std::vector<std::string> order = orderOf(*plan, pending, threads);
-    if (failed(method == QuantizeMethod::Gptq && threads > 1 ? runQueued(model, access, *plan, order, threads, progress)
-                                                             : runInOrder(model, access, *plan, order, progress)))
+    std::vector<bool> deferred;
+    const std::vector<size_t> finishing = finishOrder(*plan, order, deferred);
+    if (method == QuantizeMethod::Gptq && threads > 1) {
+      if (failed(runQueued(model, access, *plan, order, finishing, deferred, threads, progress)))
+        return signalPassFailure();
+      return;
+    }
+    std::vector<std::string> inOrder;
+    for (size_t index : finishing)
+      inOrder.push_back(order[index]);
+    if (failed(runInOrder(model, access, *plan, inOrder, progress)))
       return signalPassFailure();
   }
 
@@ -399,14 +469,19 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
 
   /// GPTQ on `threads` workers, each taking the next prepared matrix when
   /// it is free (a long matrix, DeepSeek-V3's o_proj, runs beside shorter
-  /// ones instead of holding a batch). This thread prepares matrices (at
-  /// most `threads` not yet computed, the inputs a batch held, and at most
-  /// 4 x `threads` not yet finished) and finishes them in order, so the
-  /// module and the codes are those of one thread. A computed matrix keeps
-  /// its codes only (and its values when nesting needs them) until its
-  /// turn to be finished; the last job to compute with a factor frees it.
+  /// ones instead of holding a batch). This thread prepares matrices in
+  /// `order` (at most `threads` not yet computed, the inputs a batch held)
+  /// and finishes them in `finishing`'s order (finishOrder), so the module
+  /// and the codes are those of one thread. A computed matrix keeps its
+  /// codes only (and its values when nesting needs them) until its turn to
+  /// be finished; the last job to compute with a factor frees it. At most
+  /// 4 x `threads` matrices wait to be finished, not counting the
+  /// `deferred` ones (a layer's few matrices outside its experts, prepared
+  /// before them and finished after them), so experts run on through
+  /// o_proj's minute.
   LogicalResult runQueued(ir::ModelOp model, TensorAccess &access, const Plan &plan,
-                          const std::vector<std::string> &order, size_t threads, Progress &progress) {
+                          const std::vector<std::string> &order, const std::vector<size_t> &finishing,
+                          const std::vector<bool> &deferred, size_t threads, Progress &progress) {
     struct Slot {
       Job job;
       bool computed = false;
@@ -414,7 +489,8 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     std::vector<std::unique_ptr<Slot>> slots(order.size());
     std::mutex mutex;
     std::condition_variable changed;
-    size_t prepared = 0, claimed = 0, computed = 0, finished = 0;
+    // `waiting`: matrices prepared and not yet finished, but the deferred.
+    size_t prepared = 0, claimed = 0, computed = 0, finished = 0, waiting = 0;
     bool stopping = false;
     std::vector<std::thread> workers;
     for (size_t t = 0; t < threads; ++t)
@@ -438,12 +514,14 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     LogicalResult result = success();
     while (finished < order.size()) {
       std::unique_lock<std::mutex> lock(mutex);
+      const size_t next = finishing[finished];
       changed.wait(lock, [&] {
-        return (slots[finished] && slots[finished]->computed) ||
-               (prepared < order.size() && prepared - computed < threads && prepared - finished < 4 * threads);
+        return (slots[next] && slots[next]->computed) ||
+               (prepared < order.size() && prepared - computed < threads && waiting < 4 * threads);
       });
-      if (slots[finished] && slots[finished]->computed) {
-        std::unique_ptr<Slot> slot = std::move(slots[finished]);
+      if (slots[next] && slots[next]->computed) {
+        std::unique_ptr<Slot> slot = std::move(slots[next]);
+        waiting -= deferred[next] ? 0 : 1;
         lock.unlock();
         released(slot->job);
         if (failed(finish(model, access, plan, slot->job))) {
@@ -454,15 +532,16 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
         progress.advance(1);
         continue;
       }
-      const size_t next = prepared;
+      const size_t index = prepared;
       lock.unlock();
       auto slot = std::make_unique<Slot>();
-      if (failed(prepare(model, access, plan, order[next], slot->job))) {
+      if (failed(prepare(model, access, plan, order[index], slot->job))) {
         result = failure();
         break;
       }
       lock.lock();
-      slots[next] = std::move(slot);
+      slots[index] = std::move(slot);
+      waiting += deferred[index] ? 0 : 1;
       ++prepared;
       changed.notify_all();
     }
@@ -477,8 +556,10 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
     return result;
   }
 
-  /// The order the matrices are quantised in: routed experts' matrices
-  /// after the rest, `threads` experts at a time and a role at a time (in
+  /// The order the matrices are prepared and quantised in: layer by layer
+  /// (the tensors outside layers first), in each the matrices outside
+  /// routed experts first (a long one, o_proj, starts early), then the
+  /// routed experts' `threads` experts at a time and a role at a time (in
   /// the order their symbols sort: with Hugging Face's names the downs of
   /// those experts, then their gates, then their ups), so that the workers
   /// hold like matrices of different experts. Taken in symbol order, an
@@ -486,31 +567,70 @@ struct QuantizePass : public moe::impl::MoeQuantizeBase<QuantizePass> {
   /// gate factors the Hessian both read. The codes do not depend on the
   /// order.
   static std::vector<std::string> orderOf(const Plan &plan, const std::vector<std::string> &pending, size_t threads) {
-    std::vector<std::string> order;
-    std::vector<std::vector<std::string>> experts; // each expert's matrices, in symbol order
-    std::map<std::pair<int64_t, int64_t>, size_t> expertIndex;
+    struct LayerJobs {
+      std::vector<std::string> others;
+      std::vector<std::vector<std::string>> experts; // each expert's matrices, in symbol order
+      std::map<int64_t, size_t> expertIndex;
+    };
+    std::map<int64_t, LayerJobs> layers;
     for (const std::string &symbolName : pending) {
+      LayerJobs &jobs = layers[plan.layerOf.at(symbolName)];
       auto where = plan.expertOf.find(symbolName);
       if (where == plan.expertOf.end()) {
-        order.push_back(symbolName);
+        jobs.others.push_back(symbolName);
         continue;
       }
-      auto [index, added] = expertIndex.try_emplace(where->second, experts.size());
+      auto [index, added] = jobs.expertIndex.try_emplace(where->second.second, jobs.experts.size());
       if (added)
-        experts.emplace_back();
-      experts[index->second].push_back(symbolName);
+        jobs.experts.emplace_back();
+      jobs.experts[index->second].push_back(symbolName);
     }
-    for (size_t first = 0; first < experts.size(); first += threads) {
-      const size_t end = std::min(experts.size(), first + threads);
-      size_t roles = 0;
-      for (size_t e = first; e < end; ++e)
-        roles = std::max(roles, experts[e].size());
-      for (size_t role = 0; role < roles; ++role)
+    std::vector<std::string> order;
+    for (const auto &[layer, jobs] : layers) {
+      order.insert(order.end(), jobs.others.begin(), jobs.others.end());
+      for (size_t first = 0; first < jobs.experts.size(); first += threads) {
+        const size_t end = std::min(jobs.experts.size(), first + threads);
+        size_t roles = 0;
         for (size_t e = first; e < end; ++e)
-          if (role < experts[e].size())
-            order.push_back(experts[e][role]);
+          roles = std::max(roles, jobs.experts[e].size());
+        for (size_t role = 0; role < roles; ++role)
+          for (size_t e = first; e < end; ++e)
+            if (role < jobs.experts[e].size())
+              order.push_back(jobs.experts[e][role]);
+      }
     }
     return order;
+  }
+
+  /// The order matrices are finished in (written to the store), as indices
+  /// of `order` (orderOf): layer by layer, in each the routed experts'
+  /// matrices first, then the others. The others start first, so the
+  /// experts computed beside a long one need not wait for it to be
+  /// written; one thread writes in this order too, so the store does not
+  /// depend on --threads. `deferred` marks the matrices finished after
+  /// their layer's experts (those of layers with experts in `order`).
+  static std::vector<size_t> finishOrder(const Plan &plan, const std::vector<std::string> &order,
+                                         std::vector<bool> &deferred) {
+    std::vector<size_t> finishing;
+    deferred.assign(order.size(), false);
+    for (size_t begin = 0; begin < order.size();) {
+      const int64_t layer = plan.layerOf.at(order[begin]);
+      size_t end = begin;
+      std::vector<size_t> others;
+      bool experts = false;
+      for (; end < order.size() && plan.layerOf.at(order[end]) == layer; ++end)
+        if (plan.expertOf.count(order[end])) {
+          finishing.push_back(end);
+          experts = true;
+        } else {
+          others.push_back(end);
+        }
+      for (size_t index : others)
+        deferred[index] = experts;
+      finishing.insert(finishing.end(), others.begin(), others.end());
+      begin = end;
+    }
+    return finishing;
   }
 
   /// With `shares` > 1: the layer matrices outside routed experts that the

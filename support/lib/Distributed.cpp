@@ -7,6 +7,7 @@
 #include "moe/Support/Distributed.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cstdlib>
 #include <string>
 
@@ -19,6 +20,7 @@ namespace {
 
 int jobRank = 0, jobSize = 1;
 [[maybe_unused]] bool joined = false;
+bool standIn = false; ///< MOEC_BENCH_RANK: one rank's part, alone (simulated()).
 
 /// The job size a launcher announced in the environment (1: none).
 int launchedSize() {
@@ -28,13 +30,45 @@ int launchedSize() {
   return 1;
 }
 
+/// MOEC_BENCH_RANK's value, or null when unset or empty.
+const char *standInValue() {
+  const char *value = std::getenv("MOEC_BENCH_RANK");
+  return value && *value ? value : nullptr;
+}
+
+/// MOEC_BENCH_RANK=r/N, when set: digits, a slash, digits.
+Status readStandIn() {
+  const char *value = standInValue();
+  if (!value)
+    return Status::success();
+  const std::string text = value;
+  auto number = [](const std::string &digits) {
+    if (digits.empty() || digits.size() > 6 || !std::all_of(digits.begin(), digits.end(), ::isdigit))
+      return -1;
+    return std::atoi(digits.c_str());
+  };
+  const size_t slash = text.find('/');
+  const int r = slash == std::string::npos ? -1 : number(text.substr(0, slash));
+  const int n = slash == std::string::npos ? -1 : number(text.substr(slash + 1));
+  if (n < 2 || r < 0 || r >= n)
+    return Status::error("MOEC_BENCH_RANK: expected r/N with N >= 2 and 0 <= r < N (rank r of an N-rank job, "
+                         "alone, for benchmarks), got '",
+                         text, "'");
+  jobRank = r;
+  jobSize = n;
+  standIn = true;
+  return Status::success();
+}
+
 } // namespace
 
 Status initialize(int *argc, char ***argv) {
   const int announced = launchedSize();
+  if (standInValue() && (announced > 1 || std::getenv("OMPI_COMM_WORLD_RANK")))
+    return Status::error("MOEC_BENCH_RANK stands in for one rank outside mpirun; unset it under mpirun");
 #ifdef MOEC_HAVE_MPI
   if (announced <= 1 && !std::getenv("OMPI_COMM_WORLD_RANK"))
-    return Status::success(); // not launched by mpirun: a job of one
+    return readStandIn(); // not launched by mpirun: a job of one (or one rank's stand-in)
   if (MPI_Init(argc, argv) != MPI_SUCCESS)
     return Status::error("MPI_Init failed");
   joined = true;
@@ -51,16 +85,17 @@ Status initialize(int *argc, char ***argv) {
     return Status::error("launched as one of ", announced,
                          " processes, but this moec was built without MPI (install libopenmpi-dev and rebuild; "
                          "MOEC_ENABLE_MPI)");
-  return Status::success();
+  return readStandIn();
 #endif
 }
 
 int rank() { return jobRank; }
 int size() { return jobSize; }
+bool simulated() { return standIn; }
 
 Status broadcastEach(std::span<const uint8_t> mine, const std::function<Status(int, std::span<const uint8_t>)> &take) {
-  if (jobSize == 1)
-    return take(0, mine);
+  if (jobSize == 1 || standIn)
+    return take(jobRank, mine);
 #ifdef MOEC_HAVE_MPI
   std::vector<uint8_t> theirs;
   for (int root = 0; root < jobSize; ++root) {

@@ -15,6 +15,7 @@
 #include "moe/Runtime/Evaluate.h"
 #include "moe/Runtime/Model.h"
 #include "moe/Transforms/Passes.h"
+#include "moe/Transforms/QuantizeWork.h"
 
 #include "../../passes/lib/Assignment.h"
 #include "../../passes/lib/BitAllocation.h"
@@ -265,6 +266,142 @@ TEST(QuantizeShares, EachLayerMatrixOutsideTheExpertsFallsToExactlyOneShare) {
   }
   auto compiled = importDirectory(fixture, dir.file("bad.moestore"));
   EXPECT_FALSE(runPipeline(*compiled, "moe-quantize{shares=2 share=2}"));
+}
+
+TEST(QuantizeWork, TheEstimateFollowsTheShapesAndThePassesSplit) {
+  // What a distributed compress balances its ranks by: each routed
+  // expert's GPTQ cost from its shapes (one factor for gate and up, one for
+  // down), and the GPTQ matrices outside the experts in the share that
+  // moe-quantize{shares} gives them.
+  TempDir dir;
+  const std::string fixture = dataDir() + "/fixtures/tiny-deepseek";
+  auto compiled = importDirectory(fixture, dir.file("m.moestore"));
+  const std::vector<QuantizeTarget> targets = {QuantizeTarget::Experts, QuantizeTarget::Attention,
+                                               QuantizeTarget::Shared};
+  const QuantizeWork work = estimateQuantizeWork(compiled->model(), targets, true, 2, 3);
+  double hidden = 0, width = 0;
+  compiled->model().walk([&](ir::ExpertOp expert) {
+    if (expert->getParentOfType<ir::LayerOp>().getIndex() != 2 || expert.getId() != 0)
+      return;
+    auto gate =
+        mlir::cast<ir::TensorOp>(mlir::SymbolTable::lookupSymbolIn(compiled->model(), expert.getGateAttr().getAttr()));
+    width = static_cast<double>(gate.getTensorType().getShape()[0]);
+    hidden = static_cast<double>(gate.getTensorType().getShape()[1]);
+  });
+  ASSERT_GT(hidden, 0);
+  const double expert =
+      hidden * hidden * hidden + 2 * width * hidden * hidden + width * width * width + hidden * width * width;
+  ASSERT_EQ(work.expertCost.size(), 8u);
+  for (double cost : work.expertCost)
+    EXPECT_DOUBLE_EQ(cost, expert);
+  EXPECT_DOUBLE_EQ(work.expertLongest, hidden * hidden * hidden + width * hidden * hidden);
+  ASSERT_EQ(work.shareCost.size(), 3u);
+  // MLA's q_proj, kv_a_proj and o_proj, the shared expert's three (kv_b
+  // has no Hessian: RTN).
+  ASSERT_EQ(work.gptqOutsideExperts.size(), 6u);
+  // The split the estimate reports is the pass's: with RTN each matrix
+  // costs rows x columns, and each share's quantised matrices add up to it.
+  const QuantizeWork rtn = estimateQuantizeWork(compiled->model(), targets, false, 2, 3);
+  EXPECT_TRUE(rtn.gptqOutsideExperts.empty());
+  for (int64_t share = 0; share < 3; ++share) {
+    auto part = importDirectory(fixture, dir.file("s" + std::to_string(share) + ".moestore"));
+    ASSERT_TRUE(runPipeline(
+        *part, "moe-quantize{targets=attention,shared layers=2 shares=3 share=" + std::to_string(share) + "}"));
+    double cost = 0;
+    part->model().walk([&](ir::TensorOp tensor) {
+      if (tensor.getQuantAttr())
+        cost += static_cast<double>(tensor.getTensorType().getNumElements());
+    });
+    EXPECT_GT(cost, 0) << "share " << share;
+    EXPECT_DOUBLE_EQ(cost, rtn.shareCost[static_cast<size_t>(share)]) << "share " << share;
+  }
+}
+
+TEST(SplitExpertsOverRanks, TheRankWithALongMatrixTakesFewerExperts) {
+  // DeepSeek-V3's proportions: 256 experts of one unit each, and o_proj, a
+  // single matrix of about ten units by the estimate, in rank 0's share.
+  QuantizeWork work;
+  work.expertCost.assign(256, 1.0);
+  work.shareCost.assign(8, 0.3);
+  work.shareCost[0] = 10.2;
+  auto largest = [&](const std::vector<int64_t> &bounds) {
+    double most = 0;
+    for (size_t r = 0; r + 1 < bounds.size(); ++r) {
+      double sum = work.shareCost[r];
+      for (int64_t e = bounds[r]; e < bounds[r + 1]; ++e)
+        sum += work.expertCost[static_cast<size_t>(e)];
+      most = std::max(most, sum);
+    }
+    return most;
+  };
+  const std::vector<int64_t> bounds = splitExpertsOverRanks(work, 8);
+  ASSERT_EQ(bounds.size(), 9u);
+  EXPECT_EQ(bounds.front(), 0);
+  EXPECT_EQ(bounds.back(), 256);
+  for (size_t r = 0; r < 8; ++r)
+    EXPECT_GE(bounds[r + 1] - bounds[r], 1) << "rank " << r;
+  EXPECT_EQ(bounds[1] - bounds[0], 24); // 10.2 + 24 beside 0.3 + 33 or 34
+  const std::vector<int64_t> even = {0, 32, 64, 96, 128, 160, 192, 224, 256};
+  EXPECT_LT(largest(bounds), largest(even));
+  EXPECT_LE(largest(bounds), 34.3 + 1e-9);
+
+  // Equal shares: an even split. One rank: everything. Too few experts:
+  // none.
+  work.shareCost.assign(8, 0.3);
+  EXPECT_EQ(splitExpertsOverRanks(work, 8), even);
+  EXPECT_EQ(splitExpertsOverRanks(work, 1), (std::vector<int64_t>{0, 256}));
+  work.expertCost.assign(7, 1.0);
+  EXPECT_TRUE(splitExpertsOverRanks(work, 8).empty());
+  // A share larger than all the experts together: its rank keeps one.
+  work.expertCost.assign(4, 1.0);
+  work.shareCost = {100, 0};
+  EXPECT_EQ(splitExpertsOverRanks(work, 2), (std::vector<int64_t>{0, 1, 4}));
+}
+
+TEST(SplitExpertsOverRanks, NoSplitHasASmallerLargestRank) {
+  // Against every split of small random cases (uneven experts, as atom
+  // pruning leaves them, and uneven shares): none puts less work on its
+  // busiest rank.
+  std::mt19937 random(7);
+  for (int trial = 0; trial < 200; ++trial) {
+    const int64_t ranks = 2 + trial % 3, slots = ranks + static_cast<int64_t>(random() % 6);
+    QuantizeWork work;
+    for (int64_t e = 0; e < slots; ++e)
+      work.expertCost.push_back(1.0 + static_cast<double>(random() % 1000) / 100.0);
+    for (int64_t r = 0; r < ranks; ++r)
+      work.shareCost.push_back(static_cast<double>(random() % 1500) / 100.0);
+    auto largest = [&](const std::vector<int64_t> &bounds) {
+      double most = 0;
+      for (int64_t r = 0; r < ranks; ++r) {
+        double sum = work.shareCost[static_cast<size_t>(r)];
+        for (int64_t e = bounds[static_cast<size_t>(r)]; e < bounds[static_cast<size_t>(r) + 1]; ++e)
+          sum += work.expertCost[static_cast<size_t>(e)];
+        most = std::max(most, sum);
+      }
+      return most;
+    };
+    double best = HUGE_VAL;
+    std::vector<int64_t> bounds(static_cast<size_t>(ranks + 1), 0);
+    bounds.back() = slots;
+    std::function<void(int64_t)> every = [&](int64_t r) { // bounds[r] for r = 1 .. ranks - 1
+      if (r == ranks) {
+        best = std::min(best, largest(bounds));
+        return;
+      }
+      for (int64_t b = bounds[static_cast<size_t>(r) - 1] + 1; b <= slots - (ranks - r); ++b) {
+        bounds[static_cast<size_t>(r)] = b;
+        every(r + 1);
+      }
+    };
+    every(1);
+    const std::vector<int64_t> split = splitExpertsOverRanks(work, ranks);
+    ASSERT_EQ(split.size(), static_cast<size_t>(ranks + 1)) << "trial " << trial;
+    for (int64_t r = 0; r < ranks; ++r)
+      ASSERT_LT(split[static_cast<size_t>(r)], split[static_cast<size_t>(r) + 1]) << "trial " << trial;
+    EXPECT_EQ(split.front(), 0);
+    EXPECT_EQ(split.back(), slots);
+    EXPECT_NEAR(largest(split), best, 1e-9 * best) << "trial " << trial;
+  }
 }
 
 TEST(MergeExperts, APermutedCopyMergesIntoOneExpertWithUnchangedOutputs) {

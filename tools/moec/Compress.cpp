@@ -60,7 +60,7 @@ int runCompress(CompressOptions &options) {
     printError(result.status().message());
     return 1;
   }
-  if (distributed::rank() != 0)
+  if (distributed::rank() != 0 && !distributed::simulated())
     return 0; // rank 0 prints and writes for the job
   const std::string text = result->summary.dump(2) + "\n";
   std::cout << text;

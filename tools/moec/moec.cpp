@@ -111,12 +111,15 @@ int main(int argc, char **argv) {
       // alone prints and writes. A rank that fails ends every rank, so no
       // output is left half made.
       if (command.app->get_name() != "compress") {
-        if (moe::distributed::rank() == 0)
+        if (moe::distributed::simulated())
+          moe::cli::printError("MOEC_BENCH_RANK stands in for one rank of moec compress only, not " +
+                               command.app->get_name());
+        else if (moe::distributed::rank() == 0)
           moe::cli::printError("only moec compress runs under mpirun (its GPTQ spread over the ranks), not " +
                                command.app->get_name());
         moe::distributed::abortJob(2);
       }
-      if (moe::distributed::rank() != 0)
+      if (moe::distributed::rank() != 0 && !moe::distributed::simulated())
         moe::setProgressMode(moe::ProgressMode::Never);
       const int code = command.run();
       // Rank 0's failed quality gate (3) comes after everything is written.

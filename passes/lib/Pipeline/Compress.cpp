@@ -22,6 +22,7 @@
 #include "moe/Support/File.h"
 #include "moe/Support/Process.h"
 #include "moe/Support/Progress.h"
+#include "moe/Transforms/QuantizeWork.h"
 
 #include "moe/Support/Distributed.h"
 #include "moe/Support/Signals.h"
@@ -68,7 +69,8 @@ json withoutTimings(const json &record) {
   for (const auto &[key, value] : record.items()) {
     // (and where statistics came from: a cached run makes the same bytes)
     const bool timing = key == "seconds" || key.ends_with("_seconds") || key == "peak_rss_bytes" || key == "cached" ||
-                        key == "stored" || key == "resumed_after_layers" || key == "memory_plan" || key == "chunks";
+                        key == "stored" || key == "resumed_after_layers" || key == "memory_plan" || key == "chunks" ||
+                        key == "rank_experts";
     if (!timing)
       out[key] = withoutTimings(value);
   }
@@ -230,15 +232,25 @@ struct ChunkPlan {
   uint64_t budget = 0, heldAtStart = 0, expertCacheBytes = 0;
   std::map<int64_t, int64_t> expertsPerChunk; ///< By MoE layer.
 
+  /// `work`: moe-quantize's work per MoE layer (its GPTQ matrices outside
+  /// the routed experts, by share); `bounds`: a distributed run's split of
+  /// each layer's experts (splitExpertsOverRanks), rank `rank` of `ranks`.
   static Expected<ChunkPlan> make(const ModelDescription &description, uint64_t budget, uint64_t held,
-                                  const CalibrationOptions &options, bool denseMoments, int64_t replayTokens,
-                                  int64_t chunkLimit, int ranks) {
+                                  const CalibrationOptions &options, bool denseMoments, bool gptqInFloat,
+                                  int64_t replayTokens, int64_t chunkLimit, int ranks, int rank,
+                                  const std::map<int64_t, QuantizeWork> &work,
+                                  const std::map<int64_t, std::vector<int64_t>> &bounds) {
     const ModelSpec &spec = description.spec;
     const uint64_t H = static_cast<uint64_t>(spec.hiddenSize);
     const uint64_t threads = std::max<uint64_t>(1, threadCount());
     auto elements = [](const TensorRef &tensor) { return static_cast<uint64_t>(numElements(tensor.shape)); };
-    auto gptqWork = [](uint64_t rows, uint64_t cols) {
-      return (4 * cols * cols + 3 * rows * cols) * 8 + rows * cols * 4;
+    // One GPTQ job at its peak (Gptq.cpp): the Hessian as read, in double,
+    // beside its factor in the arithmetic's precision; then the factor
+    // beside the matrix's values (float), W, its permutation and Q.
+    const uint64_t scalar = gptqInFloat ? 4 : 8;
+    auto gptqWork = [scalar](uint64_t rows, uint64_t cols) {
+      return std::max(cols * cols * (8 + scalar) + rows * cols * 4,
+                      cols * cols * scalar + rows * cols * (4 + 3 * scalar));
     };
     ChunkPlan plan;
     plan.budget = budget;
@@ -250,13 +262,8 @@ struct ChunkPlan {
         continue;
       const LayerEntry &entry = description.layers[static_cast<size_t>(l)];
       uint64_t rest = 0, expertWeights = 0, width = 0;
-      uint64_t gptq = 0; // per thread, the largest matrix GPTQ runs on
-      for (const auto &[role, tensor] : entry.tensors) {
+      for (const auto &[role, tensor] : entry.tensors)
         rest += 4 * elements(tensor);
-        if (denseMoments && tensor.shape.size() == 2)
-          gptq =
-              std::max(gptq, gptqWork(static_cast<uint64_t>(tensor.shape[0]), static_cast<uint64_t>(tensor.shape[1])));
-      }
       if (entry.expertBase) // factored experts' base: held with the layer
         rest +=
             4 * (elements(entry.expertBase->gate) + elements(entry.expertBase->up) + elements(entry.expertBase->down));
@@ -271,16 +278,31 @@ struct ChunkPlan {
       }
       const uint64_t moments = expertMomentBytes(spec, l, options.floatMoments) +
                                kMomentFlushRows * (H + width) * (options.floatMoments ? 4 : 8); // rows waiting
-      gptq = std::max({gptq, gptqWork(width, H), gptqWork(H, width)});
+      // GPTQ's working set: the `threads` largest jobs this process runs
+      // (its share of the matrices outside routed experts, and experts').
+      std::vector<uint64_t> jobs(threads, std::max(gptqWork(width, H), gptqWork(H, width)));
+      if (auto found = work.find(l); found != work.end())
+        for (const QuantizeWork::Matrix &matrix : found->second.gptqOutsideExperts)
+          if (matrix.share == rank)
+            jobs.push_back(gptqWork(static_cast<uint64_t>(matrix.rows), static_cast<uint64_t>(matrix.cols)));
+      std::sort(jobs.rbegin(), jobs.rend());
+      uint64_t gptq = 0;
+      for (size_t j = 0; j < threads; ++j)
+        gptq += jobs[j];
       // A distributed run swaps codes one rank's share at a time: its own,
       // one received and the file the pass reads (8-bit codes at most): its
       // experts' and at most all of the layer's other matrices.
-      const uint64_t share = ((entry.experts.size() + ranks - 1) / ranks * expertWeights + rest) / 4 * 17 / 16;
+      int64_t mostExperts = static_cast<int64_t>(entry.experts.size());
+      if (auto found = bounds.find(l); found != bounds.end() && ranks > 1) {
+        mostExperts = 0;
+        for (size_t r = 0; r + 1 < found->second.size(); ++r)
+          mostExperts = std::max(mostExperts, found->second[r + 1] - found->second[r]);
+      }
+      const uint64_t share = (static_cast<uint64_t>(mostExperts) * expertWeights + rest) / 4 * 17 / 16;
       // Beside the windows' stream (held): the first replay's copy of it
       // and what enters the MoE block, which the other replays start from.
       const uint64_t fixed = held + rest + (denseMoments ? denseMomentBytes(spec, l) : 0) +
-                             2 * static_cast<uint64_t>(replayTokens) * H * 4 + threads * gptq +
-                             (ranks > 1 ? 3 * share : 0);
+                             2 * static_cast<uint64_t>(replayTokens) * H * 4 + gptq + (ranks > 1 ? 3 * share : 0);
       const uint64_t perExpert = moments + expertWeights;
       if (fixed + perExpert > fill)
         return Status::error("--max-memory ", formatBytes(static_cast<double>(budget)), " is too small for layer ", l,
@@ -334,9 +356,8 @@ Expected<std::set<std::string>> quantisedLayerTensors(ir::ModelOp model, int64_t
 /// ranks in slot order and the least coverage.
 Expected<json> exchangeLayerCodes(mlir::MLIRContext &context, mlir::ModuleOp module, ir::ModelOp model,
                                   const Recipe &recipe, const RecipePass &pass, const std::string &work, int64_t layer,
-                                  const std::function<std::pair<int64_t, int64_t>(int64_t, int)> &rankRange,
-                                  const std::set<std::string> &quantisedBefore, const json &fallbacks,
-                                  double leastCoverage) {
+                                  const std::vector<int64_t> &bounds, const std::set<std::string> &quantisedBefore,
+                                  const json &fallbacks, double leastCoverage) {
   // Tests make one rank fail here: the job must end with no output.
   if (const char *failing = std::getenv("MOEC_TEST_FAIL_RANK");
       failing && std::string(failing) == std::to_string(distributed::rank()))
@@ -345,13 +366,16 @@ Expected<json> exchangeLayerCodes(mlir::MLIRContext &context, mlir::ModuleOp mod
   if (!description)
     return description.status();
   const std::vector<ExpertEntry> &experts = description->layers[static_cast<size_t>(layer)].experts;
-  const int64_t count = static_cast<int64_t>(experts.size());
+  if (bounds.size() != static_cast<size_t>(distributed::size()) + 1 ||
+      bounds.back() != static_cast<int64_t>(experts.size()))
+    return Status::error("layer ", layer, ": the ranks' split of its experts does not match the module");
   // Mine: a JSON header (fallbacks, coverage, tensors and sizes), its
   // length first, then the codes in the header's order.
   TensorReader reader(*description);
   json header = {{"fallbacks", fallbacks}, {"least_coverage", leastCoverage}, {"tensors", json::array()}};
   std::vector<uint8_t> codes;
-  const auto [first, end] = rankRange(count, distributed::rank());
+  const int64_t first = bounds[static_cast<size_t>(distributed::rank())],
+                end = bounds[static_cast<size_t>(distributed::rank()) + 1];
   std::vector<const TensorRef *> refs;
   for (int64_t slot = first; slot < end; ++slot) {
     const ExpertEntry &expert = experts[static_cast<size_t>(slot)];
@@ -404,8 +428,7 @@ Expected<json> exchangeLayerCodes(mlir::MLIRContext &context, mlir::ModuleOp mod
     overrides.share = r;
     overrides.shares = distributed::size();
     overrides.codes = codesPath;
-    const auto [theirFirst, theirEnd] = rankRange(count, r);
-    for (int64_t slot = theirFirst; slot < theirEnd; ++slot)
+    for (int64_t slot = bounds[static_cast<size_t>(r)]; slot < bounds[static_cast<size_t>(r) + 1]; ++slot)
       overrides.experts.push_back(slot);
     uint64_t offset = 8 + size;
     for (const json &tensor : theirs["tensors"]) {
@@ -444,8 +467,9 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
                                  const std::function<Status(int64_t, const json &)> &layerDone, uint64_t maxMemory,
                                  int64_t chunkLimit) {
   // A distributed run (mpirun -n N): rank r gathers and quantises the r-th
-  // of N consecutive ranges of each layer's experts, and the ranks swap
-  // their codes once a layer is done (exchangeLayerCodes).
+  // of N consecutive ranges of each layer's experts (rankBounds) and its
+  // share of the layer's other matrices, and the ranks swap their codes
+  // once a layer is done (exchangeLayerCodes).
   const int ranks = distributed::size(), rank = distributed::rank();
   const bool chunked = maxMemory > 0 || chunkLimit > 0 || ranks > 1;
   EngineOptions engineOptions;
@@ -464,10 +488,22 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
   const std::string statsPath = work + "/layer-stats.safetensors";
   Engine &engine = *run->loaded.engine;
   std::optional<ChunkPlan> plan;
-  // This rank's experts of a layer with `experts` of them: [first, end).
-  auto rankRange = [&](int64_t experts, int r) {
-    return std::pair<int64_t, int64_t>{experts * r / ranks, experts * (r + 1) / ranks};
-  };
+  // moe-quantize's work per MoE layer (from shapes, the same on every
+  // rank), and each layer's split of its experts over the ranks (rank r:
+  // bounds[r] to bounds[r + 1]), balanced by estimated GPTQ work with each
+  // rank's share of the other matrices. A recipe that GPTQs no routed
+  // experts is not split: every rank quantises everything (share 0 of 1).
+  const bool split = ranks > 1 && pass.quantizesExperts;
+  std::map<int64_t, QuantizeWork> layerWork;
+  std::map<int64_t, std::vector<int64_t>> rankBounds;
+  for (int64_t l = 0; l < engine.spec().numLayers; ++l) {
+    const LayerSpec &layer = engine.spec().layers[static_cast<size_t>(l)];
+    if (layer.mlp != MlpKind::Moe)
+      continue;
+    layerWork[l] = estimateQuantizeWork(model, pass.quantizeTargets, true, l, split ? ranks : 1);
+    if (split && layer.numExperts >= ranks) // (too few experts: refused when the layer starts)
+      rankBounds[l] = splitExpertsOverRanks(layerWork[l], ranks);
+  }
   if (chunked) {
     if (maxMemory > 0)
       calibration.memoryLimitBytes = maxMemory;
@@ -481,7 +517,8 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
           return description.status();
         Expected<ChunkPlan> made =
             ChunkPlan::make(*description, maxMemory > 0 ? maxMemory : UINT64_MAX / 4, currentResidentBytes(),
-                            calibration, pass.quantizesDenseMoments, replayTokens, chunkLimit, ranks);
+                            calibration, pass.quantizesDenseMoments, pass.gptqInFloat, replayTokens, chunkLimit, ranks,
+                            split ? rank : 0, layerWork, rankBounds);
         if (!made)
           return made.status();
         plan = made.take();
@@ -493,7 +530,15 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
       if (experts < ranks)
         return Status::error("layer ", layer, " has ", experts, " experts, fewer than the ", ranks,
                              " processes of this job; run fewer (mpirun -n)");
-      const auto [first, end] = rankRange(experts, rank);
+      int64_t first = 0, end = experts; // one process: all
+      if (ranks > 1) {
+        auto bounds = rankBounds.find(layer);
+        if (bounds == rankBounds.end() || bounds->second.size() != static_cast<size_t>(ranks) + 1 ||
+            bounds->second.back() != experts)
+          return Status::error("layer ", layer, ": the split of its ", experts, " experts over ", ranks,
+                               " ranks does not match the module's experts");
+        first = bounds->second[static_cast<size_t>(rank)], end = bounds->second[static_cast<size_t>(rank) + 1];
+      }
       const int64_t size = plan->expertsPerChunk.at(layer);
       CalibrationOptions::ExpertChunks chunks;
       for (int64_t begin = first; begin < end; begin += size)
@@ -574,8 +619,8 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
     if (ranks > 1 && someExperts) {
       // The other ranks' experts of this layer: their codes, and their
       // RTN fallbacks for the summary, in rank (so slot) order.
-      Expected<json> others = exchangeLayerCodes(context, module, model, recipe, pass, work, layer, rankRange,
-                                                 layerQuantisedBefore, fallbacks, leastCoverage);
+      Expected<json> others = exchangeLayerCodes(context, module, model, recipe, pass, work, layer,
+                                                 rankBounds.at(layer), layerQuantisedBefore, fallbacks, leastCoverage);
       if (!others)
         return Status::error("layer ", layer, ": ", others.status().message());
       fallbacks = (*others)["fallbacks"];
@@ -596,6 +641,12 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
     record["quantize_seconds"] = quantized;
     if (chunks > 1)
       record["chunks"] = chunks;
+    if (auto bounds = rankBounds.find(layer); bounds != rankBounds.end() && someExperts) {
+      json counts = json::array(); // each rank's experts, balanced by estimated GPTQ time
+      for (size_t r = 0; r + 1 < bounds->second.size(); ++r)
+        counts.push_back(bounds->second[r + 1] - bounds->second[r]);
+      record["rank_experts"] = counts;
+    }
     layers.push_back(std::move(record));
     progress.layer(layer, engine.spec().numLayers, calibrated, quantized);
     MOE_RETURN_IF_ERROR(layerDone(layer, layers));
@@ -806,6 +857,9 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
                          options.preset.empty() ? " or \"calibration\": {\"data\": ...} in the recipe" : "");
   if (options.maxPplIncrease >= 0 && options.evalData.empty())
     return Status::error("--max-ppl-increase needs --eval-data");
+  if (distributed::simulated() && (options.resume || !options.statsCache.empty()))
+    return Status::error("MOEC_BENCH_RANK times one rank's part alone, whose model is then partly quantised; ",
+                         options.resume ? "--resume" : "--stats-cache", " would keep it for a real run: drop it");
   if (distributed::size() > 1 && options.resume)
     return Status::error("--resume is not supported under mpirun (the ranks would share one work directory)");
   // Under --max-memory every engine of the run holds one layer at a time.
@@ -942,7 +996,7 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
   };
   std::optional<double> before;
   json quality = nullptr, routing = nullptr;
-  if (!options.evalData.empty() && distributed::rank() == 0) {
+  if (!options.evalData.empty() && distributed::rank() == 0 && !distributed::simulated()) {
     progress.step("evaluating the original model on " + options.evalData);
     Expected<LoadedModel> original = loadModel(options.model, streaming);
     Expected<EvalResult> result = original ? evaluateModel(*original, nullptr, "evaluating the original")
@@ -1063,6 +1117,15 @@ Expected<CompressResult> compressCheckpoint(const CompressRequest &options, cons
     MOE_RETURN_IF_ERROR(saveState(i + 1, 0, passes, json::array()));
   }
   summary["passes"] = passes;
+  if (distributed::simulated()) {
+    // One rank's part alone (a benchmark): the other ranks' codes never
+    // came, so there is no package to write.
+    summary["simulated_rank"] = {{"rank", distributed::rank()}, {"ranks", distributed::size()}};
+    summary.erase("output");
+    cleanup.keep = false;
+    out.summary = summary;
+    return out;
+  }
   if (distributed::size() > 1) {
     // A distributed run: rank 0 alone writes (and evaluates), once every
     // rank got here (a rank that failed ends the job instead).

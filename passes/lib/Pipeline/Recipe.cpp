@@ -341,6 +341,8 @@ const std::map<std::string, PassBuilder> &passBuilders() {
          meta.quantizesExperts = targets.empty() || all || llvm::is_contained(targets, QuantizeTarget::Experts);
          meta.quantizesDenseMoments = all || llvm::is_contained(targets, QuantizeTarget::Attention) ||
                                       llvm::is_contained(targets, QuantizeTarget::Shared);
+         meta.quantizeTargets = targets;
+         meta.gptqInFloat = o.precision == GptqPrecision::F32;
          if (overrides.method)
            o.method = *overrides.method;
          setStats(read, o.method == QuantizeMethod::Gptq || o.nestedCost ? overrides : PassOverrides(), o.stats);

@@ -33,15 +33,31 @@ struct QuantizeWork {
   /// outside routed experts (attention, shared experts, dense MLPs), and
   /// each share's costliest single matrix.
   std::vector<double> shareCost, shareLongest;
-  /// The matrices outside routed experts that GPTQ runs on (it has their
-  /// Hessians): rows, columns.
-  std::vector<std::pair<int64_t, int64_t>> gptqOutsideExperts;
+  /// A matrix outside routed experts that GPTQ runs on (it has its
+  /// Hessian), and the share it falls to.
+  struct Matrix {
+    int64_t rows = 0, cols = 0, share = 0;
+  };
+  std::vector<Matrix> gptqOutsideExperts;
 };
 
 /// moe-quantize{targets=`targets`} (empty: routed experts) on layer
 /// `layer`, with GPTQ or not, split into `shares` shares.
 QuantizeWork estimateQuantizeWork(ir::ModelOp model, llvm::ArrayRef<QuantizeTarget> targets, bool gptq, int64_t layer,
                                   int64_t shares);
+
+/// A distributed run's split of the layer's routed experts over `ranks`
+/// processes, rank r also quantising share r of the matrices outside them:
+/// consecutive slots, rank r's from bounds[r] to bounds[r + 1], at least one
+/// each, that make the largest rank's work (its share's and its experts'
+/// estimated cost) least. A rank holding a long matrix (DeepSeek-V3's
+/// o_proj, about eight experts' GPTQ on one thread) so gets fewer experts.
+/// A rank's time with T threads is its work over T, but no less than its
+/// longest matrix, which no split can shorten: the split that balances work
+/// also makes the slowest rank's time least, whatever T (and every rank
+/// computes the same, whatever its own --threads). Empty when there are
+/// fewer slots than ranks.
+std::vector<int64_t> splitExpertsOverRanks(const QuantizeWork &work, int64_t ranks);
 
 } // namespace moe
 

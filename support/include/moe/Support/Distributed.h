@@ -27,6 +27,13 @@ Status initialize(int *argc, char ***argv);
 /// This process's rank and the job's size (0 and 1 outside a job).
 int rank();
 int size();
+/// A benchmark's stand-in for one rank: launched outside mpirun with
+/// MOEC_BENCH_RANK=r/N, this process does rank r's part of an N-rank job
+/// alone (rank() is r, size() N): its own chunks and share, timed as a
+/// machine of the job would run them. The other ranks' bytes never arrive
+/// (broadcastEach hands this rank its own only), so compress writes no
+/// package, only its summary.
+bool simulated();
 /// Every rank's `mine`, one rank at a time in rank order (a broadcast from
 /// each): `take(rank, bytes)` sees each, its own too, and the bytes live
 /// only during the call, so one rank's share is held at a time.
