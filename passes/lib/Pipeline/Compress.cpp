@@ -232,11 +232,12 @@ struct ChunkPlan {
   uint64_t budget = 0, heldAtStart = 0, expertCacheBytes = 0;
   std::map<int64_t, int64_t> expertsPerChunk; ///< By MoE layer.
 
+  /// `codeBits`: the widest codes the pass writes (8 at most).
   /// `work`: moe-quantize's work per MoE layer (its GPTQ matrices outside
   /// the routed experts, by share); `bounds`: a distributed run's split of
   /// each layer's experts (splitExpertsOverRanks), rank `rank` of `ranks`.
   static Expected<ChunkPlan> make(const ModelDescription &description, uint64_t budget, uint64_t held,
-                                  const CalibrationOptions &options, bool denseMoments, bool gptqInFloat,
+                                  const CalibrationOptions &options, bool denseMoments, bool gptqInFloat, int codeBits,
                                   int64_t replayTokens, int64_t chunkLimit, int ranks, int rank,
                                   const std::map<int64_t, QuantizeWork> &work,
                                   const std::map<int64_t, std::vector<int64_t>> &bounds) {
@@ -290,15 +291,17 @@ struct ChunkPlan {
       for (size_t j = 0; j < threads; ++j)
         gptq += jobs[j];
       // A distributed run swaps codes one rank's share at a time: its own,
-      // one received and the file the pass reads (8-bit codes at most): its
-      // experts' and at most all of the layer's other matrices.
+      // one received and the file the pass reads: its experts' and at most
+      // all of the layer's other matrices, at `codeBits` a parameter and a
+      // bit more for group headers (4 bytes per group of 32 at most).
       int64_t mostExperts = static_cast<int64_t>(entry.experts.size());
       if (auto found = bounds.find(l); found != bounds.end() && ranks > 1) {
         mostExperts = 0;
         for (size_t r = 0; r + 1 < found->second.size(); ++r)
           mostExperts = std::max(mostExperts, found->second[r + 1] - found->second[r]);
       }
-      const uint64_t share = (static_cast<uint64_t>(mostExperts) * expertWeights + rest) / 4 * 17 / 16;
+      const uint64_t share =
+          (static_cast<uint64_t>(mostExperts) * expertWeights + rest) / 4 * static_cast<uint64_t>(codeBits + 1) / 8;
       // Beside the windows' stream (held): the first replay's copy of it
       // and what enters the MoE block, which the other replays start from.
       const uint64_t fixed = held + rest + (denseMoments ? denseMomentBytes(spec, l) : 0) +
@@ -494,6 +497,12 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
   // rank's share of the other matrices. A recipe that GPTQs no routed
   // experts is not split: every rank quantises everything (share 0 of 1).
   const bool split = ranks > 1 && pass.quantizesExperts;
+  // The widest codes the pass writes: its bits, unless moe-allocate-bits
+  // gives tensors their own (8 at most).
+  const int codeBits = std::any_of(recipe.passes.begin(), recipe.passes.end(),
+                                   [](const RecipePass &p) { return p.name == "moe-allocate-bits"; })
+                           ? 8
+                           : pass.quantizeCodeBits;
   std::map<int64_t, QuantizeWork> layerWork;
   std::map<int64_t, std::vector<int64_t>> rankBounds;
   for (int64_t l = 0; l < engine.spec().numLayers; ++l) {
@@ -517,8 +526,8 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
           return description.status();
         Expected<ChunkPlan> made =
             ChunkPlan::make(*description, maxMemory > 0 ? maxMemory : UINT64_MAX / 4, currentResidentBytes(),
-                            calibration, pass.quantizesDenseMoments, pass.gptqInFloat, replayTokens, chunkLimit, ranks,
-                            split ? rank : 0, layerWork, rankBounds);
+                            calibration, pass.quantizesDenseMoments, pass.gptqInFloat, codeBits, replayTokens,
+                            chunkLimit, ranks, split ? rank : 0, layerWork, rankBounds);
         if (!made)
           return made.status();
         plan = made.take();

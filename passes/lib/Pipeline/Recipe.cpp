@@ -343,6 +343,7 @@ const std::map<std::string, PassBuilder> &passBuilders() {
                                       llvm::is_contained(targets, QuantizeTarget::Shared);
          meta.quantizeTargets = targets;
          meta.gptqInFloat = o.precision == GptqPrecision::F32;
+         meta.quantizeCodeBits = o.format == QuantizeFormat::Group ? static_cast<int>(o.bits) : 8;
          if (overrides.method)
            o.method = *overrides.method;
          setStats(read, o.method == QuantizeMethod::Gptq || o.nestedCost ? overrides : PassOverrides(), o.stats);
