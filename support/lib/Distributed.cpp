@@ -43,7 +43,8 @@ Status readStandIn() {
     return Status::success();
   const std::string text = value;
   auto number = [](const std::string &digits) {
-    if (digits.empty() || digits.size() > 6 || !std::all_of(digits.begin(), digits.end(), ::isdigit))
+    if (digits.empty() || digits.size() > 6 ||
+        !std::all_of(digits.begin(), digits.end(), [](unsigned char c) { return std::isdigit(c) != 0; }))
       return -1;
     return std::atoi(digits.c_str());
   };
@@ -64,7 +65,8 @@ Status readStandIn() {
 
 Status initialize(int *argc, char ***argv) {
   const int announced = launchedSize();
-  if (standInValue() && (announced > 1 || std::getenv("OMPI_COMM_WORLD_RANK")))
+  if (standInValue() &&
+      (announced > 1 || std::getenv("OMPI_COMM_WORLD_RANK") || std::getenv("PMI_RANK") || std::getenv("PMIX_RANK")))
     return Status::error("MOEC_BENCH_RANK stands in for one rank outside mpirun; unset it under mpirun");
 #ifdef MOEC_HAVE_MPI
   if (announced <= 1 && !std::getenv("OMPI_COMM_WORLD_RANK"))

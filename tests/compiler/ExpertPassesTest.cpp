@@ -361,15 +361,15 @@ TEST(SplitExpertsOverRanks, TheRankWithALongMatrixTakesFewerExperts) {
 TEST(SplitExpertsOverRanks, NoSplitHasASmallerLargestRank) {
   // Against every split of small random cases (uneven experts, as atom
   // pruning leaves them, and uneven shares): none puts less work on its
-  // busiest rank.
+  // busiest rank, and of those that tie, none is more even.
   std::mt19937 random(7);
   for (int trial = 0; trial < 200; ++trial) {
     const int64_t ranks = 2 + trial % 3, slots = ranks + static_cast<int64_t>(random() % 6);
     QuantizeWork work;
     for (int64_t e = 0; e < slots; ++e)
-      work.expertCost.push_back(1.0 + static_cast<double>(random() % 1000) / 100.0);
+      work.expertCost.push_back(static_cast<double>(1 + random() % 1000)); // whole numbers: sums are exact
     for (int64_t r = 0; r < ranks; ++r)
-      work.shareCost.push_back(static_cast<double>(random() % 1500) / 100.0);
+      work.shareCost.push_back(static_cast<double>(random() % 1500));
     auto largest = [&](const std::vector<int64_t> &bounds) {
       double most = 0;
       for (int64_t r = 0; r < ranks; ++r) {
@@ -380,12 +380,24 @@ TEST(SplitExpertsOverRanks, NoSplitHasASmallerLargestRank) {
       }
       return most;
     };
-    double best = HUGE_VAL;
+    auto squares = [&](const std::vector<int64_t> &bounds) {
+      double sum = 0;
+      for (int64_t r = 0; r < ranks; ++r) {
+        double mine = work.shareCost[static_cast<size_t>(r)];
+        for (int64_t e = bounds[static_cast<size_t>(r)]; e < bounds[static_cast<size_t>(r) + 1]; ++e)
+          mine += work.expertCost[static_cast<size_t>(e)];
+        sum += mine * mine;
+      }
+      return sum;
+    };
+    // Every split: the least largest rank, and of those splits the least
+    // sum of squares (the most even).
+    std::vector<std::pair<double, double>> all;
     std::vector<int64_t> bounds(static_cast<size_t>(ranks + 1), 0);
     bounds.back() = slots;
     std::function<void(int64_t)> every = [&](int64_t r) { // bounds[r] for r = 1 .. ranks - 1
       if (r == ranks) {
-        best = std::min(best, largest(bounds));
+        all.emplace_back(largest(bounds), squares(bounds));
         return;
       }
       for (int64_t b = bounds[static_cast<size_t>(r) - 1] + 1; b <= slots - (ranks - r); ++b) {
@@ -394,13 +406,20 @@ TEST(SplitExpertsOverRanks, NoSplitHasASmallerLargestRank) {
       }
     };
     every(1);
+    double best = HUGE_VAL, evenest = HUGE_VAL;
+    for (const auto &[most, sum] : all)
+      best = std::min(best, most);
+    for (const auto &[most, sum] : all)
+      if (most == best)
+        evenest = std::min(evenest, sum);
     const std::vector<int64_t> split = splitExpertsOverRanks(work, ranks);
     ASSERT_EQ(split.size(), static_cast<size_t>(ranks + 1)) << "trial " << trial;
     for (int64_t r = 0; r < ranks; ++r)
       ASSERT_LT(split[static_cast<size_t>(r)], split[static_cast<size_t>(r) + 1]) << "trial " << trial;
     EXPECT_EQ(split.front(), 0);
     EXPECT_EQ(split.back(), slots);
-    EXPECT_NEAR(largest(split), best, 1e-9 * best) << "trial " << trial;
+    EXPECT_EQ(largest(split), best) << "trial " << trial;
+    EXPECT_EQ(squares(split), evenest) << "trial " << trial;
   }
 }
 

@@ -527,7 +527,7 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
         Expected<ChunkPlan> made =
             ChunkPlan::make(*description, maxMemory > 0 ? maxMemory : UINT64_MAX / 4, currentResidentBytes(),
                             calibration, pass.quantizesDenseMoments, pass.gptqInFloat, codeBits, replayTokens,
-                            chunkLimit, ranks, split ? rank : 0, layerWork, rankBounds);
+                            chunkLimit, split ? ranks : 1, split ? rank : 0, layerWork, rankBounds);
         if (!made)
           return made.status();
         plan = made.take();

@@ -343,7 +343,9 @@ const std::map<std::string, PassBuilder> &passBuilders() {
                                       llvm::is_contained(targets, QuantizeTarget::Shared);
          meta.quantizeTargets = targets;
          meta.gptqInFloat = o.precision == GptqPrecision::F32;
-         meta.quantizeCodeBits = o.format == QuantizeFormat::Group ? static_cast<int>(o.bits) : 8;
+         // (nested codes carry a second set of group headers: a bit more)
+         meta.quantizeCodeBits =
+             o.format == QuantizeFormat::Group ? static_cast<int>(o.bits) + (o.nestedBits > 0 ? 1 : 0) : 8;
          if (overrides.method)
            o.method = *overrides.method;
          setStats(read, o.method == QuantizeMethod::Gptq || o.nestedCost ? overrides : PassOverrides(), o.stats);

@@ -42,7 +42,8 @@ struct RecipePass {
       false; ///< moe-quantize targets matrices GPTQ reads per-layer moments for (attention, shared).
   std::vector<QuantizeTarget> quantizeTargets; ///< moe-quantize's targets, as written (empty: routed experts).
   bool gptqInFloat = false;                    ///< moe-quantize: GPTQ's arithmetic in float (precision=f32).
-  int quantizeCodeBits = 8; ///< moe-quantize: its codes' bits (a llama.cpp format: 8, the most any has).
+  int quantizeCodeBits =
+      8; ///< moe-quantize: its codes' bits (a llama.cpp format: 8, the most any has; nested: one more).
   /// moe-prune-experts with "tasks": one pruned expert set per task (its
   /// own calibration data), stored side by side (TaskSets.h) instead of
   /// pruning the model once. Name and data path, in the recipe's order.
