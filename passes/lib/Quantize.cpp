@@ -255,14 +255,11 @@ QuantizeWork moe::estimateQuantizeWork(ir::ModelOp model, ArrayRef<QuantizeTarge
     if (static_cast<int64_t>(expert->getParentOfType<ir::LayerOp>().getIndex()) == layer)
       work.expertCost.resize(std::max<size_t>(work.expertCost.size(), expert.getId() + 1), 0.0);
   });
-  std::set<std::string> routed;
+  std::set<std::string> routed; // (every one collected: expertOf holds only those)
   for (const auto &[symbol, where] : plan.expertOf)
-    if (plan.symbols.count(symbol))
-      routed.insert(symbol);
+    routed.insert(symbol);
   for (const auto &[key, group] : costGroups(model, plan, routed, gptq)) {
     const int64_t slot = plan.expertOf.at(group.members.front()).second;
-    if (static_cast<int64_t>(work.expertCost.size()) <= slot)
-      work.expertCost.resize(static_cast<size_t>(slot + 1), 0.0);
     work.expertCost[static_cast<size_t>(slot)] += group.cost;
     work.expertLongest = std::max(work.expertLongest, group.largest);
   }
@@ -297,41 +294,39 @@ std::vector<int64_t> moe::splitExpertsOverRanks(const QuantizeWork &work, int64_
   // Exact (ranks x slots^2, a few million steps for DeepSeek-V3's 256 over
   // 64 ranks); a greedy bound search is not, once experts' costs differ.
   const size_t width = static_cast<size_t>(slots + 1);
+  auto at = [width](int64_t r, int64_t j) { return static_cast<size_t>(r) * width + static_cast<size_t>(j); };
+  // Rank r - 1's work when it holds slots [i, j).
+  auto mine = [&](int64_t r, int64_t i, int64_t j) {
+    return fixed(r - 1) + before[static_cast<size_t>(j)] - before[static_cast<size_t>(i)];
+  };
   std::vector<double> least(static_cast<size_t>(ranks + 1) * width, HUGE_VAL);
   least[0] = 0;
   for (int64_t r = 1; r <= ranks; ++r)
     for (int64_t j = r; j <= slots - (ranks - r); ++j)
-      for (int64_t i = r - 1; i < j; ++i) {
-        const double previous = least[static_cast<size_t>(r - 1) * width + static_cast<size_t>(i)];
-        const double mine = fixed(r - 1) + before[static_cast<size_t>(j)] - before[static_cast<size_t>(i)];
-        const double largest = std::max(previous, mine);
-        least[static_cast<size_t>(r) * width + static_cast<size_t>(j)] =
-            std::min(least[static_cast<size_t>(r) * width + static_cast<size_t>(j)], largest);
-      }
+      for (int64_t i = r - 1; i < j; ++i)
+        least[at(r, j)] = std::min(least[at(r, j)], std::max(least[at(r - 1, i)], mine(r, i, j)));
   // Of the splits with that least largest work, the most even: the least
   // sum of squared works (ranks within the bound, which the optimum's
   // ranks meet with the same arithmetic).
-  const double bound = least[static_cast<size_t>(ranks) * width + static_cast<size_t>(slots)];
+  const double bound = least[at(ranks, slots)];
   std::vector<double> squares(least.size(), HUGE_VAL);
   std::vector<int64_t> from(least.size(), 0); // where rank r-1's slots begin
   squares[0] = 0;
   for (int64_t r = 1; r <= ranks; ++r)
     for (int64_t j = r; j <= slots - (ranks - r); ++j)
       for (int64_t i = r - 1; i < j; ++i) {
-        const double previous = squares[static_cast<size_t>(r - 1) * width + static_cast<size_t>(i)];
-        const double mine = fixed(r - 1) + before[static_cast<size_t>(j)] - before[static_cast<size_t>(i)];
-        if (previous == HUGE_VAL || mine > bound)
+        const double work = mine(r, i, j);
+        if (squares[at(r - 1, i)] == HUGE_VAL || work > bound)
           continue;
-        if (previous + mine * mine < squares[static_cast<size_t>(r) * width + static_cast<size_t>(j)]) {
-          squares[static_cast<size_t>(r) * width + static_cast<size_t>(j)] = previous + mine * mine;
-          from[static_cast<size_t>(r) * width + static_cast<size_t>(j)] = i;
+        if (squares[at(r - 1, i)] + work * work < squares[at(r, j)]) {
+          squares[at(r, j)] = squares[at(r - 1, i)] + work * work;
+          from[at(r, j)] = i;
         }
       }
   std::vector<int64_t> bounds(static_cast<size_t>(ranks + 1));
   bounds[static_cast<size_t>(ranks)] = slots;
   for (int64_t r = ranks; r >= 1; --r)
-    bounds[static_cast<size_t>(r - 1)] =
-        from[static_cast<size_t>(r) * width + static_cast<size_t>(bounds[static_cast<size_t>(r)])];
+    bounds[static_cast<size_t>(r - 1)] = from[at(r, bounds[static_cast<size_t>(r)])];
   return bounds;
 }
 

@@ -317,6 +317,27 @@ TEST(QuantizeWork, TheEstimateFollowsTheShapesAndThePassesSplit) {
   }
 }
 
+namespace {
+
+/// Each rank's work under a split: its share and its experts' costs.
+std::vector<double> rankWorks(const QuantizeWork &work, const std::vector<int64_t> &bounds) {
+  std::vector<double> works;
+  for (size_t r = 0; r + 1 < bounds.size(); ++r) {
+    double sum = work.shareCost[r];
+    for (int64_t e = bounds[r]; e < bounds[r + 1]; ++e)
+      sum += work.expertCost[static_cast<size_t>(e)];
+    works.push_back(sum);
+  }
+  return works;
+}
+
+double largestWork(const QuantizeWork &work, const std::vector<int64_t> &bounds) {
+  const std::vector<double> works = rankWorks(work, bounds);
+  return *std::max_element(works.begin(), works.end());
+}
+
+} // namespace
+
 TEST(SplitExpertsOverRanks, TheRankWithALongMatrixTakesFewerExperts) {
   // DeepSeek-V3's proportions: 256 experts of one unit each, and o_proj, a
   // single matrix of about ten units by the estimate, in rank 0's share.
@@ -324,16 +345,7 @@ TEST(SplitExpertsOverRanks, TheRankWithALongMatrixTakesFewerExperts) {
   work.expertCost.assign(256, 1.0);
   work.shareCost.assign(8, 0.3);
   work.shareCost[0] = 10.2;
-  auto largest = [&](const std::vector<int64_t> &bounds) {
-    double most = 0;
-    for (size_t r = 0; r + 1 < bounds.size(); ++r) {
-      double sum = work.shareCost[r];
-      for (int64_t e = bounds[r]; e < bounds[r + 1]; ++e)
-        sum += work.expertCost[static_cast<size_t>(e)];
-      most = std::max(most, sum);
-    }
-    return most;
-  };
+  auto largest = [&](const std::vector<int64_t> &bounds) { return largestWork(work, bounds); };
   const std::vector<int64_t> bounds = splitExpertsOverRanks(work, 8);
   ASSERT_EQ(bounds.size(), 9u);
   EXPECT_EQ(bounds.front(), 0);
@@ -370,24 +382,11 @@ TEST(SplitExpertsOverRanks, NoSplitHasASmallerLargestRank) {
       work.expertCost.push_back(static_cast<double>(1 + random() % 1000)); // whole numbers: sums are exact
     for (int64_t r = 0; r < ranks; ++r)
       work.shareCost.push_back(static_cast<double>(random() % 1500));
-    auto largest = [&](const std::vector<int64_t> &bounds) {
-      double most = 0;
-      for (int64_t r = 0; r < ranks; ++r) {
-        double sum = work.shareCost[static_cast<size_t>(r)];
-        for (int64_t e = bounds[static_cast<size_t>(r)]; e < bounds[static_cast<size_t>(r) + 1]; ++e)
-          sum += work.expertCost[static_cast<size_t>(e)];
-        most = std::max(most, sum);
-      }
-      return most;
-    };
+    auto largest = [&](const std::vector<int64_t> &bounds) { return largestWork(work, bounds); };
     auto squares = [&](const std::vector<int64_t> &bounds) {
       double sum = 0;
-      for (int64_t r = 0; r < ranks; ++r) {
-        double mine = work.shareCost[static_cast<size_t>(r)];
-        for (int64_t e = bounds[static_cast<size_t>(r)]; e < bounds[static_cast<size_t>(r) + 1]; ++e)
-          mine += work.expertCost[static_cast<size_t>(e)];
+      for (double mine : rankWorks(work, bounds))
         sum += mine * mine;
-      }
       return sum;
     };
     // Every split: the least largest rank, and of those splits the least

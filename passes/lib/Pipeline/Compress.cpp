@@ -356,7 +356,8 @@ Expected<std::set<std::string>> quantisedLayerTensors(ir::ModelOp model, int64_t
 /// each other rank's codes into its module through
 /// moe-quantize{codes=...} (the same attributes and store keys as
 /// quantising them itself). Returns the fallbacks of all
-/// ranks in slot order and the least coverage.
+/// ranks in slot order and the least coverage. `bounds`: the layer's split
+/// of its experts over the ranks (checked against the layer when made).
 Expected<json> exchangeLayerCodes(mlir::MLIRContext &context, mlir::ModuleOp module, ir::ModelOp model,
                                   const Recipe &recipe, const RecipePass &pass, const std::string &work, int64_t layer,
                                   const std::vector<int64_t> &bounds, const std::set<std::string> &quantisedBefore,
@@ -369,9 +370,6 @@ Expected<json> exchangeLayerCodes(mlir::MLIRContext &context, mlir::ModuleOp mod
   if (!description)
     return description.status();
   const std::vector<ExpertEntry> &experts = description->layers[static_cast<size_t>(layer)].experts;
-  if (bounds.size() != static_cast<size_t>(distributed::size()) + 1 ||
-      bounds.back() != static_cast<int64_t>(experts.size()))
-    return Status::error("layer ", layer, ": the ranks' split of its experts does not match the module");
   // Mine: a JSON header (fallbacks, coverage, tensors and sizes), its
   // length first, then the codes in the header's order.
   TensorReader reader(*description);
@@ -510,8 +508,13 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
     if (layer.mlp != MlpKind::Moe)
       continue;
     layerWork[l] = estimateQuantizeWork(model, pass.quantizeTargets, true, l, split ? ranks : 1);
-    if (split && layer.numExperts >= ranks) // (too few experts: refused when the layer starts)
-      rankBounds[l] = splitExpertsOverRanks(layerWork[l], ranks);
+    if (!split || layer.numExperts < ranks) // (too few experts: refused when the layer starts)
+      continue;
+    std::vector<int64_t> bounds = splitExpertsOverRanks(layerWork[l], ranks);
+    if (bounds.size() != static_cast<size_t>(ranks) + 1 || bounds.back() != layer.numExperts)
+      return Status::error("layer ", l, ": the split of its ", layer.numExperts, " experts over ", ranks,
+                           " ranks does not match the module's experts");
+    rankBounds[l] = std::move(bounds);
   }
   if (chunked) {
     if (maxMemory > 0)
@@ -540,13 +543,9 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
         return Status::error("layer ", layer, " has ", experts, " experts, fewer than the ", ranks,
                              " processes of this job; run fewer (mpirun -n)");
       int64_t first = 0, end = experts; // one process: all
-      if (ranks > 1) {
-        auto bounds = rankBounds.find(layer);
-        if (bounds == rankBounds.end() || bounds->second.size() != static_cast<size_t>(ranks) + 1 ||
-            bounds->second.back() != experts)
-          return Status::error("layer ", layer, ": the split of its ", experts, " experts over ", ranks,
-                               " ranks does not match the module's experts");
-        first = bounds->second[static_cast<size_t>(rank)], end = bounds->second[static_cast<size_t>(rank) + 1];
+      if (ranks > 1) {                  // (checked against the layer when made)
+        const std::vector<int64_t> &bounds = rankBounds.at(layer);
+        first = bounds[static_cast<size_t>(rank)], end = bounds[static_cast<size_t>(rank) + 1];
       }
       const int64_t size = plan->expertsPerChunk.at(layer);
       CalibrationOptions::ExpertChunks chunks;
@@ -651,7 +650,7 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
     if (chunks > 1)
       record["chunks"] = chunks;
     if (auto bounds = rankBounds.find(layer); bounds != rankBounds.end() && someExperts) {
-      json counts = json::array(); // each rank's experts, balanced by estimated GPTQ time
+      json counts = json::array(); // each rank's experts, balanced by estimated GPTQ work
       for (size_t r = 0; r + 1 < bounds->second.size(); ++r)
         counts.push_back(bounds->second[r + 1] - bounds->second[r]);
       record["rank_experts"] = counts;
