@@ -258,8 +258,15 @@ public:
       return;
     DenseMoments &moments = denseMoments[layer];
     moments.tokens += tokens;
-    addMoments(moments.attentionInput, input, tokens);
-    addMoments(moments.attentionOutput, attended, tokens);
+    if (records(layer, stats::kAttentionInputMoments))
+      addMoments(moments.attentionInput, input, tokens);
+    if (records(layer, stats::kAttentionOutputMoments))
+      addMoments(moments.attentionOutput, attended, tokens);
+  }
+
+  /// Whether `layer` records the dense moment `statistic`.
+  bool records(int64_t layer, const char *statistic) const {
+    return !options.recordsDenseMoment || options.recordsDenseMoment(layer, statistic);
   }
 
   void onSharedExpert(int64_t layer, int64_t tokens, std::span<const float> input, std::span<const float> intermediate,
@@ -271,8 +278,10 @@ public:
     if (!withMoments || !recordDense)
       return;
     DenseMoments &moments = denseMoments[layer];
-    addMoments(moments.sharedInput, input, tokens);
-    addMoments(moments.sharedIntermediate, intermediate, tokens);
+    if (records(layer, stats::kSharedInputMoments))
+      addMoments(moments.sharedInput, input, tokens);
+    if (records(layer, stats::kSharedIntermediateMoments))
+      addMoments(moments.sharedIntermediate, intermediate, tokens);
   }
 
   /// target (upper triangle) += rows^T rows for `tokens` rows of `values`.
@@ -419,21 +428,28 @@ uint64_t expertMomentBytes(const ModelSpec &spec, int64_t layer, bool floatMomen
   return (H * H + I * I) * (floatMoments ? 4 : 8);
 }
 
-uint64_t denseMomentBytes(const ModelSpec &spec, int64_t layer) {
+uint64_t denseMomentBytes(const ModelSpec &spec, int64_t layer, const CalibrationOptions &options) {
+  if (!options.denseMoments)
+    return 0;
   const LayerSpec &l = spec.layers[static_cast<size_t>(layer)];
-  auto square = [](int64_t width) { return static_cast<uint64_t>(width) * static_cast<uint64_t>(width) * 8; };
+  auto square = [&](const char *statistic, int64_t width) -> uint64_t {
+    if (options.recordsDenseMoment && !options.recordsDenseMoment(layer, statistic))
+      return 0;
+    return static_cast<uint64_t>(width) * static_cast<uint64_t>(width) * 8;
+  };
   const AttentionSpec &a = spec.attention;
-  uint64_t bytes = square(spec.hiddenSize) + square(a.numHeads * a.valueHeadDim); // attention in and out
+  uint64_t bytes = square(stats::kAttentionInputMoments, spec.hiddenSize) +
+                   square(stats::kAttentionOutputMoments, a.numHeads * a.valueHeadDim); // the output projection's input
   if (l.mlp == MlpKind::Moe && l.shared.intermediateSize > 0)
-    bytes += square(spec.hiddenSize) + square(l.shared.intermediateSize);
+    bytes += square(stats::kSharedInputMoments, spec.hiddenSize) +
+             square(stats::kSharedIntermediateMoments, l.shared.intermediateSize);
   return bytes;
 }
 
 uint64_t inputMomentBytes(const ModelSpec &spec, int64_t layer, const CalibrationOptions &options) {
   const LayerSpec &l = spec.layers[static_cast<size_t>(layer)];
-  return (options.denseMoments ? denseMomentBytes(spec, layer) : 0) +
-         static_cast<uint64_t>(l.mlp == MlpKind::Moe ? l.numExperts : 0) *
-             expertMomentBytes(spec, layer, options.floatMoments);
+  return denseMomentBytes(spec, layer, options) + static_cast<uint64_t>(l.mlp == MlpKind::Moe ? l.numExperts : 0) *
+                                                      expertMomentBytes(spec, layer, options.floatMoments);
 }
 
 namespace {

@@ -272,7 +272,8 @@ QuantizeWork moe::estimateQuantizeWork(ir::ModelOp model, ArrayRef<QuantizeTarge
         if (plan.denseMatrices.count(symbol)) {
           ArrayRef<int64_t> shape =
               lookupTensor(model, FlatSymbolRefAttr::get(model.getContext(), symbol)).getTensorType().getShape();
-          work.gptqOutsideExperts.push_back({shape[0], shape[1], shareOf.at(key)});
+          work.gptqOutsideExperts.push_back(
+              {shape[0], shape[1], shareOf.at(key), plan.denseMatrices.at(symbol).second});
         }
   return work;
 }

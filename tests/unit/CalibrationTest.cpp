@@ -4,6 +4,7 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "moe/Calibration/StatisticNames.h"
 #include "moe/Calibration/Statistics.h"
 #include "moe/Frontend/Safetensors.h"
 #include "moe/Runtime/Model.h"
@@ -339,6 +340,41 @@ TEST(Calibration, LayerVisitorSeesEachLayerOnceAndRerunsChangedLayers) {
   });
   ASSERT_FALSE(failed.ok());
   EXPECT_NE(failed.status().message().find("visitor refused"), std::string::npos);
+}
+
+// recordsDenseMoment picks which of a layer's dense moments are recorded
+// (a distributed run's rank: those its share of GPTQ reads): those equal
+// the moments recorded with all of them, bit for bit; the others stay
+// empty, and the bytes the plan counts drop with them.
+TEST(Calibration, OnlyTheDenseMomentsAskedForAreRecorded) {
+  CalibrationOptions options;
+  options.maxTokens = 512;
+  options.inputMoments = true;
+  auto all = calibrateFixture("tiny-deepseek", {}, options);
+  ASSERT_TRUE(all.ok()) << all.status().message();
+  options.recordsDenseMoment = [](int64_t layer, const std::string &statistic) {
+    return layer != 1 || statistic == stats::kAttentionOutputMoments || statistic == stats::kSharedInputMoments;
+  };
+  auto some = calibrateFixture("tiny-deepseek", {}, options);
+  ASSERT_TRUE(some.ok()) << some.status().message();
+  const DenseMoments &got = some->denseMoments.at(1), &reference = all->denseMoments.at(1);
+  EXPECT_FALSE(got.attentionOutput.empty());
+  EXPECT_EQ(got.attentionOutput, reference.attentionOutput);
+  EXPECT_EQ(got.sharedInput, reference.sharedInput);
+  EXPECT_TRUE(got.attentionInput.empty());
+  EXPECT_TRUE(got.sharedIntermediate.empty());
+  EXPECT_EQ(some->denseMoments.at(2).attentionInput, all->denseMoments.at(2).attentionInput);
+  EXPECT_EQ(some->denseMoments.at(2).sharedIntermediate, all->denseMoments.at(2).sharedIntermediate);
+
+  auto model = loadModel(dataDir() + "/fixtures/tiny-deepseek");
+  ASSERT_TRUE(model.ok());
+  const ModelSpec &spec = model->spec;
+  const uint64_t H = static_cast<uint64_t>(spec.hiddenSize),
+                 A = static_cast<uint64_t>(spec.attention.numHeads * spec.attention.valueHeadDim);
+  EXPECT_EQ(denseMomentBytes(spec, 1, options), (A * A + H * H) * 8);
+  EXPECT_GT(denseMomentBytes(spec, 2, options), denseMomentBytes(spec, 1, options));
+  options.denseMoments = false;
+  EXPECT_EQ(denseMomentBytes(spec, 2, options), 0u);
 }
 
 // With expertChunks, a layer's experts' moments come a chunk at a time,

@@ -5,6 +5,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Pipeline/Compress.h"
+#include "moe/Calibration/StatisticNames.h"
 #include "moe/Calibration/Statistics.h"
 #include "moe/Frontend/Safetensors.h"
 #include "moe/Importer/Importer.h"
@@ -55,7 +56,8 @@ double seconds(std::chrono::steady_clock::time_point since) {
 }
 
 /// `record` without what differs run to run (seconds, memory peaks) or
-/// with how it was run (--max-memory's plan and chunks: the same bytes).
+/// with how it was run (--max-memory's plan and chunks, a distributed
+/// run's split: the same bytes).
 json withoutTimings(const json &record) {
   if (record.is_array()) {
     json out = json::array();
@@ -70,7 +72,7 @@ json withoutTimings(const json &record) {
     // (and where statistics came from: a cached run makes the same bytes)
     const bool timing = key == "seconds" || key.ends_with("_seconds") || key == "peak_rss_bytes" || key == "cached" ||
                         key == "stored" || key == "resumed_after_layers" || key == "memory_plan" || key == "chunks" ||
-                        key == "rank_experts";
+                        key == "rank_experts" || key == "dense_moments";
     if (!timing)
       out[key] = withoutTimings(value);
   }
@@ -237,7 +239,7 @@ struct ChunkPlan {
   /// the routed experts, by share); `bounds`: a distributed run's split of
   /// each layer's experts (splitExpertsOverRanks), rank `rank` of `ranks`.
   static Expected<ChunkPlan> make(const ModelDescription &description, uint64_t budget, uint64_t held,
-                                  const CalibrationOptions &options, bool denseMoments, bool gptqInFloat, int codeBits,
+                                  const CalibrationOptions &options, bool gptqInFloat, int codeBits,
                                   int64_t replayTokens, int64_t chunkLimit, int ranks, int rank,
                                   const std::map<int64_t, QuantizeWork> &work,
                                   const std::map<int64_t, std::vector<int64_t>> &bounds) {
@@ -304,7 +306,7 @@ struct ChunkPlan {
           (static_cast<uint64_t>(mostExperts) * expertWeights + rest) / 4 * static_cast<uint64_t>(codeBits + 1) / 8;
       // Beside the windows' stream (held): the first replay's copy of it
       // and what enters the MoE block, which the other replays start from.
-      const uint64_t fixed = held + rest + (denseMoments ? denseMomentBytes(spec, l) : 0) +
+      const uint64_t fixed = held + rest + denseMomentBytes(spec, l, options) +
                              2 * static_cast<uint64_t>(replayTokens) * H * 4 + gptq + (ranks > 1 ? 3 * share : 0);
       const uint64_t perExpert = moments + expertWeights;
       if (fixed + perExpert > fill)
@@ -516,6 +518,18 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
                            " ranks does not match the module's experts");
     rankBounds[l] = std::move(bounds);
   }
+  // A MoE layer's dense moments: those of the matrices outside its routed
+  // experts that GPTQ quantises here (a distributed run's rank: its
+  // share's). Dense layers record all of them, as every rank quantises
+  // their matrices.
+  calibration.recordsDenseMoment = [&layerWork, split, rank](int64_t layer, const std::string &statistic) {
+    auto found = layerWork.find(layer);
+    if (found == layerWork.end())
+      return true;
+    return std::any_of(
+        found->second.gptqOutsideExperts.begin(), found->second.gptqOutsideExperts.end(),
+        [&](const QuantizeWork::Matrix &m) { return m.statistic == statistic && (!split || m.share == rank); });
+  };
   if (chunked) {
     if (maxMemory > 0)
       calibration.memoryLimitBytes = maxMemory;
@@ -529,8 +543,8 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
           return description.status();
         Expected<ChunkPlan> made =
             ChunkPlan::make(*description, maxMemory > 0 ? maxMemory : UINT64_MAX / 4, currentResidentBytes(),
-                            calibration, pass.quantizesDenseMoments, pass.gptqInFloat, codeBits, replayTokens,
-                            chunkLimit, split ? ranks : 1, split ? rank : 0, layerWork, rankBounds);
+                            calibration, pass.gptqInFloat, codeBits, replayTokens, chunkLimit, split ? ranks : 1,
+                            split ? rank : 0, layerWork, rankBounds);
         if (!made)
           return made.status();
         plan = made.take();
@@ -649,6 +663,14 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
     record["quantize_seconds"] = quantized;
     if (chunks > 1)
       record["chunks"] = chunks;
+    if (calibration.denseMoments && layerWork.count(layer)) {
+      json names = json::array(); // the dense moments this process calibrated for its GPTQ
+      for (const char *statistic : {stats::kAttentionInputMoments, stats::kAttentionOutputMoments,
+                                    stats::kSharedInputMoments, stats::kSharedIntermediateMoments})
+        if (calibration.recordsDenseMoment(layer, statistic))
+          names.push_back(statistic);
+      record["dense_moments"] = names;
+    }
     if (auto bounds = rankBounds.find(layer); bounds != rankBounds.end() && someExperts) {
       json counts = json::array(); // each rank's experts, balanced by estimated GPTQ work
       for (size_t r = 0; r + 1 < bounds->second.size(); ++r)

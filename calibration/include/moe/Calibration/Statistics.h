@@ -48,6 +48,13 @@ struct CalibrationOptions {
   /// projections' and the shared expert's inputs (DenseMoments), which GPTQ
   /// of those matrices needs. MLA's attended width makes them large.
   bool denseMoments = true;
+  /// With denseMoments: whether layer `layer` records the dense moment
+  /// named `statistic` (stats::kAttentionInputMoments and the three
+  /// others); null: all of them. A distributed run's rank records only
+  /// those its share of GPTQ reads, and no run records those of matrices
+  /// it does not quantise (MLA's 16,384-wide attention output alone is
+  /// 2.1 GB and about 0.5 T multiply-adds a layer at 2,048 tokens).
+  std::function<bool(int64_t layer, const std::string &statistic)> recordsDenseMoment;
   /// With input moments: accumulate them in float (single-precision rank-k
   /// updates, written F32), half the memory of double.
   bool floatMoments = false;
@@ -74,8 +81,9 @@ constexpr int64_t kMomentFlushRows = 256;
 uint64_t expertMomentBytes(const ModelSpec &spec, int64_t layer, bool floatMoments = false);
 
 /// Bytes of layer `layer`'s per-layer moments (DenseMoments: attention
-/// input and output, shared expert), in double.
-uint64_t denseMomentBytes(const ModelSpec &spec, int64_t layer);
+/// input and output, shared expert) in double, those `options` records
+/// (none without denseMoments; recordsDenseMoment's).
+uint64_t denseMomentBytes(const ModelSpec &spec, int64_t layer, const CalibrationOptions &options = {});
 
 /// Bytes of layer `layer`'s input moments held at once under `options`
 /// without chunks: every expert's, plus the attention and shared-expert

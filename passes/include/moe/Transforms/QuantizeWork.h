@@ -13,6 +13,7 @@
 #include "llvm/ADT/ArrayRef.h"
 
 #include <cstdint>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -34,9 +35,12 @@ struct QuantizeWork {
   /// each share's costliest single matrix.
   std::vector<double> shareCost, shareLongest;
   /// A matrix outside routed experts that GPTQ runs on (it has its
-  /// Hessian), and the share it falls to.
+  /// Hessian), the share it falls to, and the layer statistic its Hessian
+  /// is (stats::kAttentionInputMoments and the like: what calibration must
+  /// record for that share).
   struct Matrix {
     int64_t rows = 0, cols = 0, share = 0;
+    std::string statistic;
   };
   std::vector<Matrix> gptqOutsideExperts;
 };
