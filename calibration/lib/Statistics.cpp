@@ -7,6 +7,7 @@
 #include "moe/Calibration/Statistics.h"
 #include "moe/Calibration/StatisticNames.h"
 #include "moe/Frontend/Safetensors.h"
+#include "moe/Support/HugePages.h"
 #include "moe/Support/Progress.h"
 
 #include <cblas.h>
@@ -296,7 +297,7 @@ public:
     if (width == 0)
       return;
     if (static_cast<int64_t>(target.size()) != width * width)
-      target.assign(static_cast<size_t>(width * width), T(0));
+      assignLarge(target, static_cast<size_t>(width * width), T(0));
     const int64_t n = static_cast<int64_t>(rows.size()) / width;
     if (n == 0)
       return;
@@ -311,16 +312,21 @@ public:
   /// Moments of `width` made whole: zeros if nothing was added, then the
   /// lower triangle filled.
   template <typename T> static void complete(std::vector<T> &m, size_t width) {
-    m.resize(width * width, T(0));
+    resizeLarge(m, width * width); // (zeros when new)
     symmetrize(m);
   }
 
-  /// Copies the upper triangle to the lower (the rank-k updates fill only the upper).
+  /// Copies the upper triangle to the lower (the rank-k updates fill only
+  /// the upper), in tiles: a column-wise read of a 7,168-wide matrix misses
+  /// the cache on every element.
   template <typename T> static void symmetrize(std::vector<T> &m) {
     const int64_t width = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(m.size()))));
-    for (int64_t a = 0; a < width; ++a)
-      for (int64_t b = 0; b < a; ++b)
-        m[a * width + b] = m[b * width + a];
+    constexpr int64_t tile = 64;
+    for (int64_t a0 = 0; a0 < width; a0 += tile)
+      for (int64_t b0 = 0; b0 <= a0; b0 += tile)
+        for (int64_t a = a0; a < std::min(width, a0 + tile); ++a)
+          for (int64_t b = b0; b < std::min(a, b0 + tile); ++b)
+            m[a * width + b] = m[b * width + a];
   }
 
   void flush(LayerStatistics &stats, size_t expert) {

@@ -6,6 +6,7 @@
 
 #include "moe/Frontend/Checkpoint.h"
 #include "moe/Support/File.h"
+#include "moe/Support/HugePages.h"
 
 #include <nlohmann/json.hpp>
 
@@ -170,7 +171,7 @@ Status Checkpoint::loadF32(std::string_view name, std::vector<float> &out) const
   std::vector<float> scales;
   MOE_RETURN_IF_ERROR(locateWithScales(name, location, scales));
   const TensorInfo &info = *location->info;
-  out.resize(static_cast<size_t>(info.numElements()));
+  resizeLarge(out, static_cast<size_t>(info.numElements()));
   MOE_RETURN_IF_ERROR(convertToF32(info.dtype, location->bytes().data(), out.size(), out.data())
                           .withContext(concat(location->file->path(), ": tensor '", name, "'")));
   if (!scales.empty())

@@ -9,6 +9,7 @@
 
 #include "moe/Frontend/WeightStore.h"
 #include "moe/Frontend/Safetensors.h"
+#include "moe/Support/HugePages.h"
 
 #include <nlohmann/json.hpp>
 #include <xxhash.h>
@@ -315,7 +316,7 @@ std::vector<std::string> WeightStore::keys() const {
 }
 
 Status WeightStore::read(const StoredTensor &tensor, std::vector<uint8_t> &bytes) const {
-  bytes.resize(tensor.byteSize);
+  resizeLarge(bytes, tensor.byteSize);
   if (!readAt(descriptor, tensor.dataOffset, bytes.data(), bytes.size()))
     return Status::error(filePath, ": cannot read tensor '", tensor.key, "'");
   return Status::success();
@@ -327,7 +328,7 @@ Status WeightStore::loadF32(const std::string &key, std::vector<float> &out) con
     return Status::error(filePath, ": tensor '", key, "' not in the weight store");
   std::vector<uint8_t> bytes;
   MOE_RETURN_IF_ERROR(read(*tensor, bytes));
-  out.resize(static_cast<size_t>(numElements(tensor->shape)));
+  resizeLarge(out, static_cast<size_t>(numElements(tensor->shape)));
   return convertToF32(tensor->dtype, bytes.data(), out.size(), out.data())
       .withContext(concat(filePath, ": tensor '", key, "'"));
 }

@@ -11,6 +11,7 @@
 #include "mlir/IR/Builders.h"
 #include "mlir/IR/BuiltinTypes.h"
 #include "moe/Frontend/Checkpoint.h"
+#include "moe/Support/HugePages.h"
 
 #include <cstring>
 
@@ -74,7 +75,8 @@ FailureOr<std::vector<float>> readF32(ir::ModelOp model, TensorAccess &access, F
     return tensor.emitError(status.message()), failure();
   if (!isFloatDType(dtype))
     return tensor.emitError() << "tensor has dtype " << dtypeName(dtype) << "; expected a float dtype", failure();
-  std::vector<float> values(bytes.size() / dtypeBytes(dtype));
+  std::vector<float> values;
+  resizeLarge(values, bytes.size() / dtypeBytes(dtype));
   if (static_cast<int64_t>(values.size()) != tensor.getTensorType().getNumElements())
     return tensor.emitError() << "stored tensor has " << values.size() << " elements, its type "
                               << tensor.getTensorType().getNumElements(),

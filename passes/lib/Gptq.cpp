@@ -5,6 +5,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "Gptq.h"
+#include "moe/Support/HugePages.h"
 
 #include <Eigen/Dense>
 #include <cblas.h>
@@ -30,6 +31,16 @@ namespace moe {
 namespace {
 
 template <typename Scalar> using MatrixOf = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+/// A fresh [rows, cols] matrix, advised for huge pages before it is
+/// written (moe/Support/HugePages.h: GPTQ of a DeepSeek-V3 layer makes
+/// tens of GB of them).
+template <typename Scalar> MatrixOf<Scalar> freshMatrix(int64_t rows, int64_t cols) {
+  MatrixOf<Scalar> m(rows, cols);
+  adviseHugePages(m.data(), static_cast<size_t>(m.size()) * sizeof(Scalar));
+  return m;
+}
+
 using Matrix = MatrixOf<double>;
 
 // LAPACK and BLAS by element type.
@@ -133,6 +144,7 @@ Status factorInPrecision(MatrixOf<Scalar> &U, const Eigen::Map<Matrix> &H, const
   // (LAPACK through OpenBLAS, which picks its SIMD code at run time)
   // instead of an inverse and a second factorisation.
   U.resize(cols, cols);
+  adviseHugePages(U.data(), static_cast<size_t>(U.size()) * sizeof(Scalar));
   for (int64_t a = 0; a < cols; ++a) {
     const int64_t row = order[cols - 1 - a];
     for (int64_t b = 0; b < cols; ++b)
@@ -222,11 +234,11 @@ Status runGptq(MatrixOf<Scalar> W, const GptqFactor &factor, const GptqOptions &
     for (int64_t g = 0; g < groups; ++g)
       computeGrids(g);
   // Permute to quantization order.
-  MatrixOf<Scalar> Wp(rows, cols);
+  MatrixOf<Scalar> Wp = freshMatrix<Scalar>(rows, cols);
   for (int64_t j = 0; j < cols; ++j)
     Wp.col(j) = W.col(order[j]);
 
-  Q.resize(rows, cols);
+  Q = freshMatrix<Scalar>(rows, cols);
   MatrixOf<Scalar> blockStart;
   for (int64_t begin = 0; begin < cols; begin += options.block) {
     const int64_t end = std::min(cols, begin + options.block), count = end - begin;
@@ -271,7 +283,9 @@ Status checkInputs(const std::vector<float> &weights, int64_t rows, int64_t cols
 }
 
 template <typename Scalar> MatrixOf<Scalar> toMatrix(const std::vector<float> &weights, int64_t rows, int64_t cols) {
-  return Eigen::Map<const MatrixOf<float>>(weights.data(), rows, cols).template cast<Scalar>();
+  MatrixOf<Scalar> m = freshMatrix<Scalar>(rows, cols);
+  m = Eigen::Map<const MatrixOf<float>>(weights.data(), rows, cols).template cast<Scalar>();
+  return m;
 }
 
 /// Calls `run` with a double or float tag: the factor's precision.

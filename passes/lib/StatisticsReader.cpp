@@ -7,6 +7,7 @@
 #include "StatisticsReader.h"
 #include "ExpertEditing.h"
 #include "moe/Calibration/StatisticNames.h"
+#include "moe/Support/HugePages.h"
 
 #include <cstring>
 
@@ -39,7 +40,8 @@ FailureOr<std::vector<double>> StatisticsReader::read(const std::string &key, Op
                     << "'; was it written by moec calibrate for this model (with the options this method needs)?";
     return failure();
   }
-  std::vector<double> values(static_cast<size_t>(info->numElements()));
+  std::vector<double> values;
+  resizeLarge(values, static_cast<size_t>(info->numElements()));
   const uint8_t *bytes = file->data(*info).data();
   for (size_t i = 0; i < values.size(); ++i) {
     if (info->dtype == DType::F64) {

@@ -9,6 +9,7 @@
 #include "moe/Frontend/Checkpoint.h"
 #include "moe/Frontend/Safetensors.h"
 #include "moe/Frontend/WeightStore.h"
+#include "moe/Support/HugePages.h"
 
 #include <cmath>
 #include <cstring>
@@ -297,7 +298,7 @@ private:
                            " elements; its shape ", formatShape(tensor.shape), " needs ", count);
     if (keepBf16 && dtype == DType::BF16)
       return Status::success();
-    out.resize(static_cast<size_t>(count));
+    resizeLarge(out, static_cast<size_t>(count));
     MOE_RETURN_IF_ERROR(convertToF32(dtype, bytes.data(), out.size(), out.data()));
     if (!tensor.scaleKey.empty()) {
       if (tensor.shape.size() != 2)

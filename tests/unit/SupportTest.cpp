@@ -7,6 +7,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Support/AtomicFile.h"
+#include "moe/Support/HugePages.h"
 #include "moe/Support/Signals.h"
 
 #include "TestSupport.h"
@@ -16,6 +17,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <sys/wait.h>
 #include <thread>
 #include <unistd.h>
@@ -204,4 +207,71 @@ TEST(AtomicDirectory, ReplacesAnEarlierOutputInOneStep) {
   EXPECT_EQ(entries, 1) << "no temporary directory is left";
   writeFile(dir.file("plain"), "x");
   expectErrorContains(AtomicDirectory::create(dir.file("plain")).status(), {"plain", "not a directory"});
+}
+
+namespace {
+
+/// The VmFlags of the mapping of this process that holds `address`
+/// (/proc/self/smaps), or "" when none does.
+std::string mappingFlags(const void *address) {
+  const uintptr_t at = reinterpret_cast<uintptr_t>(address);
+  std::ifstream smaps("/proc/self/smaps");
+  std::string line;
+  bool inside = false;
+  while (std::getline(smaps, line)) {
+    uintptr_t begin = 0, end = 0;
+    char dash = 0;
+    std::istringstream range(line);
+    if (range >> std::hex >> begin >> dash >> end && dash == '-' && line.find(':') > line.find(' ')) {
+      inside = at >= begin && at < end;
+      continue;
+    }
+    if (inside && line.rfind("VmFlags:", 0) == 0)
+      return line;
+  }
+  return "";
+}
+
+} // namespace
+
+// Large fresh buffers get huge-page advice before their first write, and
+// keep std::vector's meaning: resize keeps the elements and zeroes the
+// new ones, assign fills; small ones are plain vectors.
+TEST(HugePages, LargeBuffersKeepVectorMeaningAndAreAdvised) {
+  std::vector<float> values = {1.0f, 2.0f, 3.0f};
+  const size_t count = (size_t{16} << 20) / sizeof(float);
+  resizeLarge(values, count);
+  ASSERT_EQ(values.size(), count);
+  EXPECT_EQ(values[0], 1.0f);
+  EXPECT_EQ(values[2], 3.0f);
+  EXPECT_EQ(values[3], 0.0f);
+  EXPECT_EQ(values[count - 1], 0.0f);
+  std::vector<double> filled;
+  assignLarge(filled, count, 0.5);
+  ASSERT_EQ(filled.size(), count);
+  EXPECT_EQ(filled.front(), 0.5);
+  EXPECT_EQ(filled.back(), 0.5);
+  assignLarge(filled, 3, 2.0); // shrinking: std::vector's assign
+  EXPECT_EQ(filled, std::vector<double>(3, 2.0));
+  std::vector<int> small;
+  resizeLarge(small, 10);
+  EXPECT_EQ(small, std::vector<int>(10, 0));
+  adviseHugePages(nullptr, size_t{1} << 30); // nothing to advise: no effect
+  adviseHugePages(small.data(), small.size() * sizeof(int));
+
+  // Where the kernel has transparent huge pages, the large buffer's whole
+  // 2 MiB pages carry the advice (smaps' "hg" flag).
+  std::ifstream modes("/sys/kernel/mm/transparent_hugepage/enabled");
+  std::string mode;
+  std::getline(modes, mode);
+  if (mode.empty() || mode.find("[never]") != std::string::npos)
+    GTEST_SKIP() << "no transparent huge pages here (" << mode << ")";
+  const uintptr_t page = uintptr_t{2} << 20;
+  std::vector<double> advised;
+  assignLarge(advised, count, 1.0);
+  const void *inside =
+      reinterpret_cast<const void *>((reinterpret_cast<uintptr_t>(advised.data()) + page - 1) & ~(page - 1));
+  const std::string flags = mappingFlags(inside);
+  ASSERT_FALSE(flags.empty()) << "no mapping holds the buffer";
+  EXPECT_NE((flags + " ").find(" hg "), std::string::npos) << flags;
 }

@@ -5,6 +5,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Lowering/TensorAccess.h"
+#include "moe/Support/HugePages.h"
 
 namespace moe {
 
@@ -26,7 +27,9 @@ Status TensorAccess::read(ir::TensorOp tensor, DType &dtype, std::vector<uint8_t
     std::span<const uint8_t> data = file->data(*info);
     std::optional<llvm::ArrayRef<int64_t>> slice = tensor.getSlice();
     if (!slice) {
-      bytes.assign(data.begin(), data.end());
+      resizeLarge(bytes, 0); // (no copy of what it held)
+      resizeLarge(bytes, data.size());
+      std::copy(data.begin(), data.end(), bytes.begin());
       return Status::success();
     }
     return readTensorSlice(*file, *info, std::span<const int64_t>(slice->data(), slice->size()), bytes);
