@@ -551,13 +551,28 @@ Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStre
     std::copy(window.begin(), window.end(), hidden.begin() + w * L * H);
   }
   // With `moeInputs`, what enters the layer's MLP block is copied there.
-  auto runLayer = [&](int64_t layer, std::vector<float> &x, float *moeInputs = nullptr) -> Status {
-    for (int64_t w = 0; w < W; ++w) {
+  auto runWindows = [&](int64_t layer, std::vector<float> &x, int64_t first, int64_t end,
+                        float *moeInputs = nullptr) -> Status {
+    if (first < 0 || end > W || first > end)
+      return Status::error("layer ", layer, ": windows [", first, ", ", end, ") are not within the ", W,
+                           " calibration windows");
+    for (int64_t w = first; w < end; ++w) {
       KvCache cache = engine.newCache();
       MOE_RETURN_IF_ERROR(
           engine.forwardLayer(layer, x.data() + w * L * H, L, cache, moeInputs ? moeInputs + w * L * H : nullptr));
     }
     return Status::success();
+  };
+  auto runLayer = [&](int64_t layer, std::vector<float> &x, float *moeInputs = nullptr) -> Status {
+    return runWindows(layer, x, 0, W, moeInputs);
+  };
+  // The windows through a layer the visitor changed: here, or shared out
+  // (passWindows).
+  auto passChangedLayer = [&](int64_t layer) -> Status {
+    if (!options.passWindows)
+      return runLayer(layer, hidden);
+    return options.passWindows(layer, W, hidden,
+                               [&](int64_t first, int64_t end) { return runWindows(layer, hidden, first, end); });
   };
 
   StatisticsObserver observer(spec, options, W * L);
@@ -637,7 +652,7 @@ Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStre
           return visited.status();
       }
       moeInputs = std::vector<float>();
-      MOE_RETURN_IF_ERROR(runLayer(l, hidden));
+      MOE_RETURN_IF_ERROR(passChangedLayer(l));
       progress.update(l + 1);
       continue;
     }
@@ -653,7 +668,7 @@ Expected<CalibrationResult> calibrate(Engine &engine, const std::vector<EvalStre
         // The visitor changed the layer (sequential GPTQ): the next layer
         // sees what the changed layer computes.
         hidden = std::move(layerInput);
-        MOE_RETURN_IF_ERROR(runLayer(l, hidden));
+        MOE_RETURN_IF_ERROR(passChangedLayer(l));
       }
     } else {
       for (LayerStatistics &stats : layerResult.layers)

@@ -342,6 +342,60 @@ TEST(Calibration, LayerVisitorSeesEachLayerOnceAndRerunsChangedLayers) {
   EXPECT_NE(failed.status().message().find("visitor refused"), std::string::npos);
 }
 
+// passWindows decides how the windows pass a changed layer: in pieces and
+// in any order (a distributed run: each rank its share, then gathered),
+// the later layers see the same stream, so their moments are bit for bit
+// those of one pass; a runner asked for windows that do not exist, or a
+// passWindows that fails, stops calibration with the reason.
+TEST(Calibration, WindowsPassAChangedLayerInAnyPieces) {
+  CalibrationOptions options;
+  options.maxTokens = 512;
+  options.inputMoments = true;
+  auto model = loadModel(dataDir() + "/fixtures/tiny-deepseek");
+  ASSERT_TRUE(model.ok());
+  auto streams = readEvalData(dataDir() + "/brown/calibration.jsonl", model->tokenizer.get(), model->endOfText);
+  ASSERT_TRUE(streams.ok());
+  Engine &engine = *model->engine;
+  auto run = [&](std::vector<LayerStatistics> &seen) {
+    return calibrate(engine, *streams, options, [&](int64_t, CalibrationResult &stats) {
+      for (LayerStatistics &s : stats.layers)
+        seen.push_back(std::move(s));
+      engine.replaceLayerWeights(makeCheckpointWeightProvider(model->spec, model->checkpoint));
+      return Expected<bool>(true);
+    });
+  };
+  std::vector<LayerStatistics> whole, pieces;
+  ASSERT_TRUE(run(whole).ok());
+  std::vector<int64_t> layersPassed;
+  options.passWindows = [&](int64_t layer, int64_t windows, std::vector<float> &hidden,
+                            const CalibrationOptions::WindowRunner &runner) -> Status {
+    EXPECT_EQ(hidden.size() % static_cast<size_t>(windows), 0u);
+    layersPassed.push_back(layer);
+    const int64_t middle = windows / 2;
+    MOE_RETURN_IF_ERROR(runner(middle, windows)); // the second half first
+    MOE_RETURN_IF_ERROR(runner(0, 0));            // none
+    return runner(0, middle);
+  };
+  auto pieced = run(pieces);
+  ASSERT_TRUE(pieced.ok()) << pieced.status().message();
+  EXPECT_EQ(layersPassed.size(), static_cast<size_t>(model->spec.numLayers));
+  ASSERT_EQ(pieces.size(), whole.size());
+  ASSERT_GE(pieces.size(), 2u);
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    EXPECT_EQ(pieces[i].routedTokens, whole[i].routedTokens);
+    EXPECT_EQ(pieces[i].inputMoments, whole[i].inputMoments) << "layer " << pieces[i].layer;
+  }
+
+  options.passWindows = [](int64_t, int64_t windows, std::vector<float> &,
+                           const CalibrationOptions::WindowRunner &runner) { return runner(0, windows + 1); };
+  std::vector<LayerStatistics> ignored;
+  expectErrorContains(run(ignored).status(), {"are not within the", "calibration windows"});
+  options.passWindows = [](int64_t layer, int64_t, std::vector<float> &, const CalibrationOptions::WindowRunner &) {
+    return Status::error("rank 1 sent nothing for layer ", layer);
+  };
+  expectErrorContains(run(ignored).status(), {"rank 1 sent nothing for layer 0"});
+}
+
 // recordsDenseMoment picks which of a layer's dense moments are recorded
 // (a distributed run's rank: those its share of GPTQ reads): those equal
 // the moments recorded with all of them, bit for bit; the others stay

@@ -72,7 +72,7 @@ json withoutTimings(const json &record) {
     // (and where statistics came from: a cached run makes the same bytes)
     const bool timing = key == "seconds" || key.ends_with("_seconds") || key == "peak_rss_bytes" || key == "cached" ||
                         key == "stored" || key == "resumed_after_layers" || key == "memory_plan" || key == "chunks" ||
-                        key == "rank_experts" || key == "dense_moments";
+                        key == "rank_experts" || key == "dense_moments" || key == "rank_windows";
     if (!timing)
       out[key] = withoutTimings(value);
   }
@@ -530,12 +530,12 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
         found->second.gptqOutsideExperts.begin(), found->second.gptqOutsideExperts.end(),
         [&](const QuantizeWork::Matrix &m) { return m.statistic == statistic && (!split || m.share == rank); });
   };
+  const int64_t windowCount =
+      static_cast<int64_t>(calibrationWindows(run->streams, calibration.sequenceLength, calibration.maxTokens).size());
   if (chunked) {
     if (maxMemory > 0)
       calibration.memoryLimitBytes = maxMemory;
-    const int64_t replayTokens = static_cast<int64_t>(
-        calibrationWindows(run->streams, calibration.sequenceLength, calibration.maxTokens).size() *
-        static_cast<size_t>(calibration.sequenceLength));
+    const int64_t replayTokens = windowCount * calibration.sequenceLength;
     calibration.expertChunks = [&, replayTokens](int64_t layer) -> Expected<CalibrationOptions::ExpertChunks> {
       if (!plan) {
         Expected<ModelDescription> description = lowerToDescription(model, "");
@@ -568,6 +568,37 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
       return chunks;
     };
   }
+  // The share of the windows rank r passes through a quantised layer.
+  auto firstWindow = [windowCount, ranks](int64_t r) { return r * windowCount / ranks; };
+  if (ranks > 1)
+    calibration.passWindows = [rank, windowCount, firstWindow](int64_t layer, int64_t windows,
+                                                               std::vector<float> &hidden,
+                                                               const CalibrationOptions::WindowRunner &run) -> Status {
+      // Every rank holds the whole quantised layer now: each passes its
+      // consecutive share of the windows and sends it to the others. (A
+      // MOEC_BENCH_RANK stand-in gets no other share: those windows keep
+      // the layer's input, as the package it does not write needs no
+      // later layer right.)
+      if (windows != windowCount)
+        return Status::error("layer ", layer, ": ", windows, " calibration windows, ", windowCount, " planned");
+      MOE_RETURN_IF_ERROR(run(firstWindow(rank), firstWindow(rank + 1)));
+      const size_t perWindow = hidden.size() / static_cast<size_t>(windows);
+      auto bytesOf = [&](int64_t r) {
+        return std::span<uint8_t>(
+            reinterpret_cast<uint8_t *>(hidden.data() + static_cast<size_t>(firstWindow(r)) * perWindow),
+            static_cast<size_t>(firstWindow(r + 1) - firstWindow(r)) * perWindow * sizeof(float));
+      };
+      return distributed::broadcastEach(bytesOf(rank), [&](int r, std::span<const uint8_t> theirs) -> Status {
+        if (r == rank)
+          return Status::success();
+        const std::span<uint8_t> into = bytesOf(r);
+        if (theirs.size() != into.size())
+          return Status::error("layer ", layer, ": rank ", r, " sent ", theirs.size(), " bytes of its windows, ",
+                               into.size(), " expected");
+        std::copy(theirs.begin(), theirs.end(), into.begin());
+        return Status::success();
+      });
+    };
   json layers = earlierLayers.is_array() ? earlierLayers : json::array();
   json layerFallbacks = json::array();
   double layerLeastCoverage = 1.0;
@@ -701,6 +732,12 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
     done["moments"] = "f32";
   if (layersDone > 0)
     done["resumed_after_layers"] = layersDone;
+  if (ranks > 1) {
+    json counts = json::array(); // the windows each rank passed through each quantised layer
+    for (int64_t r = 0; r < ranks; ++r)
+      counts.push_back(firstWindow(r + 1) - firstWindow(r));
+    done["rank_windows"] = counts;
+  }
   return done;
 }
 

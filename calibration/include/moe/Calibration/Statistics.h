@@ -70,6 +70,17 @@ struct CalibrationOptions {
   /// visitor: ignored.
   using ExpertChunks = std::vector<std::pair<int64_t, int64_t>>;
   std::function<Expected<ExpertChunks>(int64_t layer)> expertChunks;
+  /// Passes windows [first, end) of the residual stream through the layer,
+  /// in place.
+  using WindowRunner = std::function<Status(int64_t first, int64_t end)>;
+  /// With a visitor: how the windows pass a layer the visitor changed (the
+  /// final pass of sequential GPTQ, through the quantised layer): given
+  /// the `windows` windows' stream `hidden` ([windows, L, H]) and `run`,
+  /// it leaves every window passed. Windows are independent, so a
+  /// distributed run passes each process's share of them and gathers the
+  /// others' (the same bytes). Null: every window here.
+  std::function<Status(int64_t layer, int64_t windows, std::vector<float> &hidden, const WindowRunner &run)>
+      passWindows;
 };
 
 /// Rows of an expert's moment inputs buffered before one rank-k update adds
