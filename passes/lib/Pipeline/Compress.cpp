@@ -44,6 +44,7 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <optional>
 #include <set>
 
 namespace moe {
@@ -72,7 +73,7 @@ json withoutTimings(const json &record) {
     // (and where statistics came from: a cached run makes the same bytes)
     const bool timing = key == "seconds" || key.ends_with("_seconds") || key == "peak_rss_bytes" || key == "cached" ||
                         key == "stored" || key == "resumed_after_layers" || key == "memory_plan" || key == "chunks" ||
-                        key == "rank_experts" || key == "dense_moments" || key == "rank_windows";
+                        key == "rank_experts" || key == "dense_moments" || key == "rank_windows" || key == "swap_bytes";
     if (!timing)
       out[key] = withoutTimings(value);
   }
@@ -409,9 +410,14 @@ Expected<json> exchangeLayerCodes(mlir::MLIRContext &context, mlir::ModuleOp mod
   codes = std::vector<uint8_t>();
   // Theirs, one rank at a time: into a codes file for the pass; the
   // fallbacks of every rank in rank (so slot) order.
-  json merged = {{"fallbacks", json::array()}, {"least_coverage", 1.0}};
+  json merged = {{"fallbacks", json::array()}, {"least_coverage", 1.0}, {"bytes", 0}};
   const std::string codesPath = work + "/layer-codes.safetensors";
+  // Timed from the first rank's codes on: every rank has arrived (the
+  // wait for the slowest is not the swap's).
+  std::optional<std::chrono::steady_clock::time_point> arrived;
   MOE_RETURN_IF_ERROR(distributed::broadcastEach(mine, [&](int r, std::span<const uint8_t> bytes) -> Status {
+    if (!arrived)
+      arrived = std::chrono::steady_clock::now();
     uint64_t size = 0;
     if (bytes.size() >= 8)
       std::memcpy(&size, bytes.data(), 8);
@@ -426,6 +432,7 @@ Expected<json> exchangeLayerCodes(mlir::MLIRContext &context, mlir::ModuleOp mod
     merged["least_coverage"] = std::min(merged["least_coverage"].get<double>(), theirs["least_coverage"].get<double>());
     if (r == distributed::rank())
       return Status::success();
+    merged["bytes"] = merged["bytes"].get<uint64_t>() + bytes.size();
     SafetensorsWriter writer;
     PassOverrides overrides{"", layer, {}};
     overrides.share = r;
@@ -448,6 +455,7 @@ Expected<json> exchangeLayerCodes(mlir::MLIRContext &context, mlir::ModuleOp mod
     std::filesystem::remove(codesPath, ignored);
     return status;
   }));
+  merged["seconds"] = arrived ? seconds(*arrived) : 0.0;
   return merged;
 }
 
@@ -570,40 +578,48 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
   }
   // The share of the windows rank r passes through a quantised layer.
   auto firstWindow = [windowCount, ranks](int64_t r) { return r * windowCount / ranks; };
-  if (ranks > 1)
-    calibration.passWindows = [rank, windowCount, firstWindow](int64_t layer, int64_t windows,
-                                                               std::vector<float> &hidden,
-                                                               const CalibrationOptions::WindowRunner &run) -> Status {
-      // Every rank holds the whole quantised layer now: each passes its
-      // consecutive share of the windows and sends it to the others. (A
-      // MOEC_BENCH_RANK stand-in gets no other share: those windows keep
-      // the layer's input, as the package it does not write needs no
-      // later layer right.)
-      if (windows != windowCount)
-        return Status::error("layer ", layer, ": ", windows, " calibration windows, ", windowCount, " planned");
-      MOE_RETURN_IF_ERROR(run(firstWindow(rank), firstWindow(rank + 1)));
-      const size_t perWindow = hidden.size() / static_cast<size_t>(windows);
-      auto bytesOf = [&](int64_t r) {
-        return std::span<uint8_t>(
-            reinterpret_cast<uint8_t *>(hidden.data() + static_cast<size_t>(firstWindow(r)) * perWindow),
-            static_cast<size_t>(firstWindow(r + 1) - firstWindow(r)) * perWindow * sizeof(float));
-      };
-      return distributed::broadcastEach(bytesOf(rank), [&](int r, std::span<const uint8_t> theirs) -> Status {
-        if (r == rank)
-          return Status::success();
-        const std::span<uint8_t> into = bytesOf(r);
-        if (theirs.size() != into.size())
-          return Status::error("layer ", layer, ": rank ", r, " sent ", theirs.size(), " bytes of its windows, ",
-                               into.size(), " expected");
-        std::copy(theirs.begin(), theirs.end(), into.begin());
-        return Status::success();
-      });
+  auto passShare = [rank, windowCount, firstWindow](int64_t layer, int64_t windows, std::vector<float> &hidden,
+                                                    const CalibrationOptions::WindowRunner &run) -> Status {
+    // Every rank holds the whole quantised layer now: each passes its
+    // consecutive share of the windows and sends it to the others. (A
+    // MOEC_BENCH_RANK stand-in gets no other share: those windows keep
+    // the layer's input, as the package it does not write needs no
+    // later layer right.)
+    if (windows != windowCount)
+      return Status::error("layer ", layer, ": ", windows, " calibration windows, ", windowCount, " planned");
+    MOE_RETURN_IF_ERROR(run(firstWindow(rank), firstWindow(rank + 1)));
+    const size_t perWindow = hidden.size() / static_cast<size_t>(windows);
+    auto bytesOf = [&](int64_t r) {
+      return std::span<uint8_t>(
+          reinterpret_cast<uint8_t *>(hidden.data() + static_cast<size_t>(firstWindow(r)) * perWindow),
+          static_cast<size_t>(firstWindow(r + 1) - firstWindow(r)) * perWindow * sizeof(float));
     };
+    return distributed::broadcastEach(bytesOf(rank), [&](int r, std::span<const uint8_t> theirs) -> Status {
+      if (r == rank)
+        return Status::success();
+      const std::span<uint8_t> into = bytesOf(r);
+      if (theirs.size() != into.size())
+        return Status::error("layer ", layer, ": rank ", r, " sent ", theirs.size(), " bytes of its windows, ",
+                             into.size(), " expected");
+      std::copy(theirs.begin(), theirs.end(), into.begin());
+      return Status::success();
+    });
+  };
   json layers = earlierLayers.is_array() ? earlierLayers : json::array();
   json layerFallbacks = json::array();
   double layerLeastCoverage = 1.0;
   std::set<std::string> layerQuantisedBefore; // a distributed run's: see exchangeLayerCodes
   double quantizeSeconds = 0, layerQuantizeSeconds = 0;
+  // The windows through each quantised layer: all here, or under MPI this
+  // rank's share, then gathered; timed for the summary.
+  calibration.passWindows = [&](int64_t layer, int64_t windows, std::vector<float> &hidden,
+                                const CalibrationOptions::WindowRunner &run) -> Status {
+    const auto start = std::chrono::steady_clock::now();
+    MOE_RETURN_IF_ERROR(ranks > 1 ? passShare(layer, windows, hidden, run) : run(0, windows));
+    if (layer >= layersDone && !layers.empty() && layers.back()["layer"] == layer)
+      layers.back()["final_pass_seconds"] = seconds(start);
+    return Status::success();
+  };
   auto layerStart = std::chrono::steady_clock::now();
   double calibrated = 0;
   LayerVisitor visitor = [&](int64_t layer, CalibrationResult &stats) -> Expected<bool> {
@@ -669,6 +685,7 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
       layerStart = std::chrono::steady_clock::now();
       return false; // the windows pass the layer once every chunk is quantised
     }
+    json swap = json::object(); // the codes' swap: its time and the bytes this rank received
     if (ranks > 1 && someExperts) {
       // The other ranks' experts of this layer: their codes, and their
       // RTN fallbacks for the summary, in rank (so slot) order.
@@ -678,8 +695,10 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
         return Status::error("layer ", layer, ": ", others.status().message());
       fallbacks = (*others)["fallbacks"];
       leastCoverage = (*others)["least_coverage"].get<double>();
+      swap = {{"swap_seconds", (*others)["seconds"]}, {"swap_bytes", (*others)["bytes"]}};
     }
     json record = {{"layer", layer}};
+    record.update(swap);
     if (!fallbacks.empty() || leastCoverage < 1.0) {
       record["least_expert_coverage"] = leastCoverage;
       record["rtn_fallback_experts"] = fallbacks;
