@@ -256,8 +256,14 @@ TEST(HugePages, LargeBuffersKeepVectorMeaningAndAreAdvised) {
   std::vector<int> small;
   resizeLarge(small, 10);
   EXPECT_EQ(small, std::vector<int>(10, 0));
-  adviseHugePages(nullptr, size_t{1} << 30); // nothing to advise: no effect
-  adviseHugePages(small.data(), small.size() * sizeof(int));
+  std::vector<uint8_t> copiedSmall;
+  const uint8_t three[] = {1, 2, 3};
+  copyLarge(copiedSmall, three, 3);
+  EXPECT_EQ(copiedSmall, std::vector<uint8_t>({1, 2, 3}));
+  // An element of the vector itself as the fill: read before the storage goes.
+  std::vector<double> self = {4.0};
+  assignLarge(self, count, self[0]);
+  EXPECT_EQ(self.back(), 4.0);
 
   // Where the kernel has transparent huge pages, the large buffer's whole
   // 2 MiB pages carry the advice (smaps' "hg" flag).
@@ -267,11 +273,20 @@ TEST(HugePages, LargeBuffersKeepVectorMeaningAndAreAdvised) {
   if (mode.empty() || mode.find("[never]") != std::string::npos)
     GTEST_SKIP() << "no transparent huge pages here (" << mode << ")";
   const uintptr_t page = uintptr_t{2} << 20;
-  std::vector<double> advised;
-  assignLarge(advised, count, 1.0);
-  const void *inside =
-      reinterpret_cast<const void *>((reinterpret_cast<uintptr_t>(advised.data()) + page - 1) & ~(page - 1));
-  const std::string flags = mappingFlags(inside);
-  ASSERT_FALSE(flags.empty()) << "no mapping holds the buffer";
-  EXPECT_NE((flags + " ").find(" hg "), std::string::npos) << flags;
+  auto expectAdvised = [&](const void *data, const char *how) {
+    const void *inside = reinterpret_cast<const void *>((reinterpret_cast<uintptr_t>(data) + page - 1) & ~(page - 1));
+    const std::string flags = mappingFlags(inside);
+    ASSERT_FALSE(flags.empty()) << how << ": no mapping holds the buffer";
+    EXPECT_NE((flags + " ").find(" hg "), std::string::npos) << how << ": " << flags;
+  };
+  std::vector<double> assigned;
+  assignLarge(assigned, count, 1.0);
+  expectAdvised(assigned.data(), "assignLarge");
+  std::vector<float> resized;
+  resizeLarge(resized, count);
+  expectAdvised(resized.data(), "resizeLarge");
+  std::vector<double> copied;
+  copyLarge(copied, assigned.data(), assigned.size());
+  EXPECT_EQ(copied, assigned);
+  expectAdvised(copied.data(), "copyLarge");
 }

@@ -27,9 +27,7 @@ Status TensorAccess::read(ir::TensorOp tensor, DType &dtype, std::vector<uint8_t
     std::span<const uint8_t> data = file->data(*info);
     std::optional<llvm::ArrayRef<int64_t>> slice = tensor.getSlice();
     if (!slice) {
-      resizeLarge(bytes, 0); // (no copy of what it held)
-      resizeLarge(bytes, data.size());
-      std::copy(data.begin(), data.end(), bytes.begin());
+      copyLarge(bytes, data.data(), data.size());
       return Status::success();
     }
     return readTensorSlice(*file, *info, std::span<const int64_t>(slice->data(), slice->size()), bytes);

@@ -44,7 +44,6 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
-#include <optional>
 #include <set>
 
 namespace moe {
@@ -412,12 +411,11 @@ Expected<json> exchangeLayerCodes(mlir::MLIRContext &context, mlir::ModuleOp mod
   // fallbacks of every rank in rank (so slot) order.
   json merged = {{"fallbacks", json::array()}, {"least_coverage", 1.0}, {"bytes", 0}};
   const std::string codesPath = work + "/layer-codes.safetensors";
-  // Timed from the first rank's codes on: every rank has arrived (the
-  // wait for the slowest is not the swap's).
-  std::optional<std::chrono::steady_clock::time_point> arrived;
+  // Timed once every rank has arrived: the wait for the slowest rank's
+  // GPTQ is not the swap's.
+  MOE_RETURN_IF_ERROR(distributed::barrier());
+  const auto arrived = std::chrono::steady_clock::now();
   MOE_RETURN_IF_ERROR(distributed::broadcastEach(mine, [&](int r, std::span<const uint8_t> bytes) -> Status {
-    if (!arrived)
-      arrived = std::chrono::steady_clock::now();
     uint64_t size = 0;
     if (bytes.size() >= 8)
       std::memcpy(&size, bytes.data(), 8);
@@ -455,7 +453,7 @@ Expected<json> exchangeLayerCodes(mlir::MLIRContext &context, mlir::ModuleOp mod
     std::filesystem::remove(codesPath, ignored);
     return status;
   }));
-  merged["seconds"] = arrived ? seconds(*arrived) : 0.0;
+  merged["seconds"] = seconds(arrived);
   return merged;
 }
 
@@ -513,11 +511,20 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
                            : pass.quantizeCodeBits;
   std::map<int64_t, QuantizeWork> layerWork;
   std::map<int64_t, std::vector<int64_t>> rankBounds;
+  // Each layer's dense moments that GPTQ reads here: those of the matrices
+  // outside routed experts it quantises (in a MoE layer of a split run,
+  // those of this rank's share; dense layers are not split).
+  std::map<int64_t, std::set<std::string>> denseMomentsRead;
   for (int64_t l = 0; l < engine.spec().numLayers; ++l) {
     const LayerSpec &layer = engine.spec().layers[static_cast<size_t>(l)];
-    if (layer.mlp != MlpKind::Moe)
+    const bool moe = layer.mlp == MlpKind::Moe;
+    QuantizeWork work = estimateQuantizeWork(model, pass.quantizeTargets, true, l, moe && split ? ranks : 1);
+    for (const QuantizeWork::Matrix &matrix : work.gptqOutsideExperts)
+      if (!(moe && split) || matrix.share == rank)
+        denseMomentsRead[l].insert(matrix.statistic);
+    if (!moe)
       continue;
-    layerWork[l] = estimateQuantizeWork(model, pass.quantizeTargets, true, l, split ? ranks : 1);
+    layerWork[l] = std::move(work);
     if (!split || layer.numExperts < ranks) // (too few experts: refused when the layer starts)
       continue;
     std::vector<int64_t> bounds = splitExpertsOverRanks(layerWork[l], ranks);
@@ -526,17 +533,9 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
                            " ranks does not match the module's experts");
     rankBounds[l] = std::move(bounds);
   }
-  // A MoE layer's dense moments: those of the matrices outside its routed
-  // experts that GPTQ quantises here (a distributed run's rank: its
-  // share's). Dense layers record all of them, as every rank quantises
-  // their matrices.
-  calibration.recordsDenseMoment = [&layerWork, split, rank](int64_t layer, const std::string &statistic) {
-    auto found = layerWork.find(layer);
-    if (found == layerWork.end())
-      return true;
-    return std::any_of(
-        found->second.gptqOutsideExperts.begin(), found->second.gptqOutsideExperts.end(),
-        [&](const QuantizeWork::Matrix &m) { return m.statistic == statistic && (!split || m.share == rank); });
+  calibration.recordsDenseMoment = [&denseMomentsRead](int64_t layer, const std::string &statistic) {
+    auto found = denseMomentsRead.find(layer);
+    return found != denseMomentsRead.end() && found->second.count(statistic) > 0;
   };
   const int64_t windowCount =
       static_cast<int64_t>(calibrationWindows(run->streams, calibration.sequenceLength, calibration.maxTokens).size());
@@ -610,6 +609,8 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
   double layerLeastCoverage = 1.0;
   std::set<std::string> layerQuantisedBefore; // a distributed run's: see exchangeLayerCodes
   double quantizeSeconds = 0, layerQuantizeSeconds = 0;
+  auto layerStart = std::chrono::steady_clock::now();
+  double calibrated = 0;
   // The windows through each quantised layer: all here, or under MPI this
   // rank's share, then gathered; timed for the summary.
   calibration.passWindows = [&](int64_t layer, int64_t windows, std::vector<float> &hidden,
@@ -618,10 +619,9 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
     MOE_RETURN_IF_ERROR(ranks > 1 ? passShare(layer, windows, hidden, run) : run(0, windows));
     if (layer >= layersDone && !layers.empty() && layers.back()["layer"] == layer)
       layers.back()["final_pass_seconds"] = seconds(start);
+    layerStart = std::chrono::steady_clock::now(); // (not the next layer's calibration)
     return Status::success();
   };
-  auto layerStart = std::chrono::steady_clock::now();
-  double calibrated = 0;
   LayerVisitor visitor = [&](int64_t layer, CalibrationResult &stats) -> Expected<bool> {
     if (layer < layersDone) {
       layerStart = std::chrono::steady_clock::now();
@@ -713,7 +713,7 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
     record["quantize_seconds"] = quantized;
     if (chunks > 1)
       record["chunks"] = chunks;
-    if (calibration.denseMoments && layerWork.count(layer)) {
+    if (calibration.denseMoments) {
       json names = json::array(); // the dense moments this process calibrated for its GPTQ
       for (const char *statistic : {stats::kAttentionInputMoments, stats::kAttentionOutputMoments,
                                     stats::kSharedInputMoments, stats::kSharedIntermediateMoments})

@@ -2,12 +2,12 @@
 //
 // Part of moec. A fresh buffer's first write faults in one page at a time;
 // on the project's machines (Linux guests whose transparent huge pages are
-// in "madvise" mode, as on many cloud kernels) that runs at 0.8-1.6 GB/s
-// against 10-25 GB/s for memory already touched, and sequential GPTQ of a
-// DeepSeek-V3 layer allocates tens of GB of fresh Hessians, moments and
-// matrices (bench/first_touch). Advised for huge pages, the same first
-// write runs at 5-8 GB/s. Where transparent huge pages are "always" or
-// "never" the advice changes nothing.
+// in "madvise" mode, as on many cloud kernels) that runs at 1-2.5 GB/s
+// against about 25 GB/s for memory already touched, and sequential GPTQ of
+// a DeepSeek-V3 layer allocates tens of GB of fresh Hessians, moments and
+// matrices. Advised for huge pages, the same first write runs about 3.7x
+// faster (bench/first_touch, BENCHMARKS.md). Where transparent huge pages
+// are "always" or "never" the advice changes nothing.
 //
 //===----------------------------------------------------------------------===//
 
@@ -50,11 +50,28 @@ template <typename T> void resizeLarge(std::vector<T> &values, size_t count) {
 /// advised as resizeLarge's.
 template <typename T> void assignLarge(std::vector<T> &values, size_t count, const T &fill) {
   if (count > values.capacity() && count * sizeof(T) >= kHugePageAdviceBytes) {
-    std::vector<T>().swap(values); // the old storage goes first
-    values.reserve(count);
-    adviseHugePages(values.data(), count * sizeof(T));
+    std::vector<T> fresh;
+    fresh.reserve(count);
+    adviseHugePages(fresh.data(), count * sizeof(T));
+    fresh.assign(count, fill); // (`fill` may be one of `values`: read before they go)
+    values.swap(fresh);
+    return;
   }
   values.assign(count, fill);
+}
+
+/// `values` as a copy of the `count` elements at `first`
+/// (std::vector::assign), new storage advised as resizeLarge's.
+template <typename T> void copyLarge(std::vector<T> &values, const T *first, size_t count) {
+  if (count > values.capacity() && count * sizeof(T) >= kHugePageAdviceBytes) {
+    std::vector<T> fresh;
+    fresh.reserve(count);
+    adviseHugePages(fresh.data(), count * sizeof(T));
+    fresh.assign(first, first + count);
+    values.swap(fresh);
+    return;
+  }
+  values.assign(first, first + count);
 }
 
 } // namespace moe
