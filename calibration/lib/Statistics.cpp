@@ -24,6 +24,12 @@
 namespace moe {
 namespace {
 
+/// Whether `options` record layer `layer`'s dense moment `statistic`
+/// (its recordsDenseMoment; all without one).
+bool recordsDense(const CalibrationOptions &options, int64_t layer, const char *statistic) {
+  return !options.recordsDenseMoment || options.recordsDenseMoment(layer, statistic);
+}
+
 class StatisticsObserver : public EngineObserver {
 public:
   StatisticsObserver(const ModelSpec &spec, const CalibrationOptions &options, int64_t totalTokens)
@@ -265,10 +271,7 @@ public:
       addMoments(moments.attentionOutput, attended, tokens);
   }
 
-  /// Whether `layer` records the dense moment `statistic`.
-  bool records(int64_t layer, const char *statistic) const {
-    return !options.recordsDenseMoment || options.recordsDenseMoment(layer, statistic);
-  }
+  bool records(int64_t layer, const char *statistic) const { return recordsDense(options, layer, statistic); }
 
   void onSharedExpert(int64_t layer, int64_t tokens, std::span<const float> input, std::span<const float> intermediate,
                       std::span<const float> output) override {
@@ -439,7 +442,7 @@ uint64_t denseMomentBytes(const ModelSpec &spec, int64_t layer, const Calibratio
     return 0;
   const LayerSpec &l = spec.layers[static_cast<size_t>(layer)];
   auto square = [&](const char *statistic, int64_t width) -> uint64_t {
-    if (options.recordsDenseMoment && !options.recordsDenseMoment(layer, statistic))
+    if (!recordsDense(options, layer, statistic))
       return 0;
     return static_cast<uint64_t>(width) * static_cast<uint64_t>(width) * 8;
   };

@@ -143,8 +143,7 @@ Status factorInPrecision(MatrixOf<Scalar> &U, const Eigen::Map<Matrix> &H, const
   // reversed, reversed back. One factorisation and one triangular inverse
   // (LAPACK through OpenBLAS, which picks its SIMD code at run time)
   // instead of an inverse and a second factorisation.
-  U.resize(cols, cols);
-  adviseHugePages(U.data(), static_cast<size_t>(U.size()) * sizeof(Scalar));
+  U = freshMatrix<Scalar>(cols, cols);
   for (int64_t a = 0; a < cols; ++a) {
     const int64_t row = order[cols - 1 - a];
     for (int64_t b = 0; b < cols; ++b)

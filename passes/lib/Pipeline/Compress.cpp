@@ -730,8 +730,7 @@ Expected<json> runSequentialGptq(mlir::MLIRContext &context, mlir::ModuleOp modu
     layers.push_back(std::move(record));
     progress.layer(layer, engine.spec().numLayers, calibrated, quantized);
     MOE_RETURN_IF_ERROR(layerDone(layer, layers));
-    layerStart = std::chrono::steady_clock::now();
-    return true;
+    return true; // (the final pass follows, and restarts layerStart)
   };
   Expected<CalibrationResult> result = calibrate(engine, run->streams, calibration, visitor);
   if (!result)

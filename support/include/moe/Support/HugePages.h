@@ -15,6 +15,7 @@
 #define MOE_SUPPORT_HUGEPAGES_H
 
 #include <cstddef>
+#include <optional>
 #include <vector>
 
 namespace moe {
@@ -31,17 +32,28 @@ inline constexpr size_t kHugePageAdviceBytes = size_t{4} << 20;
 /// as they are: it is advice, and never fails.
 void adviseHugePages(void *data, size_t bytes);
 
+namespace detail {
+/// When `values` must grow to a large `count`: an empty vector with room
+/// for it, advised before anything is written; otherwise none (the
+/// vector's own storage serves).
+template <typename T> std::optional<std::vector<T>> advisedRoom(const std::vector<T> &values, size_t count) {
+  if (count <= values.capacity() || count * sizeof(T) < kHugePageAdviceBytes)
+    return std::nullopt;
+  std::vector<T> room;
+  room.reserve(count); // allocated, not yet written
+  adviseHugePages(room.data(), count * sizeof(T));
+  return room;
+}
+} // namespace detail
+
 /// `values` resized to `count` elements, new storage (when it must grow)
 /// advised for huge pages before the elements are written. Like
 /// std::vector::resize: the elements kept keep their values, new ones are
 /// value-initialised.
 template <typename T> void resizeLarge(std::vector<T> &values, size_t count) {
-  if (count > values.capacity() && count * sizeof(T) >= kHugePageAdviceBytes) {
-    std::vector<T> grown;
-    grown.reserve(count); // allocated, not yet written
-    adviseHugePages(grown.data(), count * sizeof(T));
-    grown.assign(values.begin(), values.end());
-    values.swap(grown);
+  if (std::optional<std::vector<T>> room = detail::advisedRoom(values, count)) {
+    room->assign(values.begin(), values.end());
+    values.swap(*room);
   }
   values.resize(count);
 }
@@ -49,12 +61,9 @@ template <typename T> void resizeLarge(std::vector<T> &values, size_t count) {
 /// `values` as `count` copies of `fill` (std::vector::assign), new storage
 /// advised as resizeLarge's.
 template <typename T> void assignLarge(std::vector<T> &values, size_t count, const T &fill) {
-  if (count > values.capacity() && count * sizeof(T) >= kHugePageAdviceBytes) {
-    std::vector<T> fresh;
-    fresh.reserve(count);
-    adviseHugePages(fresh.data(), count * sizeof(T));
-    fresh.assign(count, fill); // (`fill` may be one of `values`: read before they go)
-    values.swap(fresh);
+  if (std::optional<std::vector<T>> room = detail::advisedRoom(values, count)) {
+    room->assign(count, fill); // (`fill` may be one of `values`: read before they go)
+    values.swap(*room);
     return;
   }
   values.assign(count, fill);
@@ -63,12 +72,9 @@ template <typename T> void assignLarge(std::vector<T> &values, size_t count, con
 /// `values` as a copy of the `count` elements at `first`
 /// (std::vector::assign), new storage advised as resizeLarge's.
 template <typename T> void copyLarge(std::vector<T> &values, const T *first, size_t count) {
-  if (count > values.capacity() && count * sizeof(T) >= kHugePageAdviceBytes) {
-    std::vector<T> fresh;
-    fresh.reserve(count);
-    adviseHugePages(fresh.data(), count * sizeof(T));
-    fresh.assign(first, first + count);
-    values.swap(fresh);
+  if (std::optional<std::vector<T>> room = detail::advisedRoom(values, count)) {
+    room->assign(first, first + count);
+    values.swap(*room);
     return;
   }
   values.assign(first, first + count);
