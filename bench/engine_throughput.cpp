@@ -47,7 +47,7 @@ int main(int argc, char **argv) {
            "                         [--decode-start prompt|empty] [--bandwidth yes|no] [--row-tiles yes|no]\n"
            "                         [--expert-cache BYTES] [--expert-policy lru|frequency] [--text FILE]\n"
            "                         [--expert-fallback FORMAT] [--expert-fallback-below SHARE]\n"
-           "                         [--device cpu|cuda|auto (default cpu)]\n";
+           "                         [--device cpu|cuda|auto (default cpu)] [--warmup short|full] [--repeat R]\n";
     return 2;
   }
   int64_t promptTokens = 256, decodeTokens = 32;
@@ -59,6 +59,12 @@ int main(int argc, char **argv) {
   // decode is fed the following ones (teacher forcing), so routing is the
   // model's routing on text.
   std::string textPath;
+  // Warm-up before timing: 8 tokens (the weights' first use), or a whole
+  // prompt as llama-bench's does (the work buffers at their full size);
+  // prefill and decode are then timed `repeat` times and their rates
+  // averaged, as llama-bench's -r.
+  bool fullWarmup = false;
+  int64_t repeat = 1;
   for (size_t i = 1; i + 1 < args.size(); i += 2) {
     if (args[i] == "--prompt")
       promptTokens = std::stoll(args[i + 1]);
@@ -81,6 +87,14 @@ int main(int argc, char **argv) {
       }
     } else if (args[i] == "--expert-fallback-below")
       options.expertFallbackBelow = std::stod(args[i + 1]);
+    else if (args[i] == "--warmup") {
+      if (args[i + 1] != "short" && args[i + 1] != "full") {
+        std::cerr << "engine_throughput: --warmup " << args[i + 1] << ": expected short or full\n";
+        return 2;
+      }
+      fullWarmup = args[i + 1] == "full";
+    } else if (args[i] == "--repeat")
+      repeat = std::stoll(args[i + 1]);
     else if (args[i] == "--decode-start")
       decodeFromEmpty = args[i + 1] == "empty";
     else if (args[i] == "--bandwidth")
@@ -105,8 +119,8 @@ int main(int argc, char **argv) {
       options.device = device.take();
     }
   }
-  if (promptTokens < 1 || decodeTokens < 0) {
-    std::cerr << "engine_throughput: --prompt needs at least one token and --decode none or more\n";
+  if (promptTokens < 1 || decodeTokens < 0 || repeat < 1) {
+    std::cerr << "engine_throughput: --prompt needs at least one token, --decode none or more, --repeat one or more\n";
     return 2;
   }
   auto loadStart = Clock::now();
@@ -154,40 +168,65 @@ int main(int argc, char **argv) {
     return failed(status);
   double loadSeconds = secondsSince(loadStart);
 
-  cache = model->engine->newCache();
-  auto start = Clock::now();
-  if (Status status = model->engine->forward(prompt, cache, logits, true); !status.ok())
-    return failed(status);
-  double prefillSeconds = secondsSince(start);
-  std::vector<int32_t> next = {static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin())};
-  if (decodeFromEmpty)
+  if (fullWarmup) {
     cache = model->engine->newCache();
-  const int64_t loadsBeforeDecode = model->engine->layerCache().loads();
-  const size_t layerBytesBeforeDecode = model->engine->layerCache().loadedBytes();
-  if (ExpertCache *experts = model->engine->expertCache())
-    experts->resetCounters();
+    if (Status status = model->engine->forward(prompt, cache, logits, true); !status.ok())
+      return failed(status);
+  }
+  std::vector<double> prefillRates, decodeRates;
+  for (int64_t run = 0; run < repeat; ++run) {
+    cache = model->engine->newCache();
+    auto start = Clock::now();
+    if (Status status = model->engine->forward(prompt, cache, logits, true); !status.ok())
+      return failed(status);
+    prefillRates.push_back(static_cast<double>(promptTokens) / secondsSince(start));
+  }
+  const std::vector<float> promptLogits = logits;
+  int64_t loadsBeforeDecode = 0;
+  size_t layerBytesBeforeDecode = 0;
   // With --text, the negative log-likelihood of each next text token as
   // decoding predicts it (the quality of what decoding computed, e.g. with
-  // low-bit expert fallbacks), after the timing.
+  // low-bit expert fallbacks), after the timing; of the first run only.
   double decodeNll = 0;
   int64_t decodeTargets = 0;
-  start = Clock::now();
-  for (int64_t i = 0; i < decodeTokens; ++i) {
-    if (!text.empty())
-      next[0] = text[static_cast<size_t>(promptTokens + i)];
-    if (Status status = model->engine->forward(next, cache, logits, true); !status.ok())
-      return failed(status);
-    if (!text.empty() && static_cast<size_t>(promptTokens + i + 1) < text.size()) {
-      const float top = *std::max_element(logits.begin(), logits.end());
-      double sum = 0;
-      for (float value : logits)
-        sum += std::exp(static_cast<double>(value - top));
-      decodeNll += std::log(sum) + top - logits[static_cast<size_t>(text[static_cast<size_t>(promptTokens + i + 1)])];
-      ++decodeTargets;
+  for (int64_t run = 0; run < repeat; ++run) {
+    std::vector<int32_t> next = {
+        static_cast<int32_t>(std::max_element(promptLogits.begin(), promptLogits.end()) - promptLogits.begin())};
+    if (decodeFromEmpty) {
+      cache = model->engine->newCache();
+    } else if (run > 0) { // the prompt in the cache again (untimed)
+      cache = model->engine->newCache();
+      if (Status status = model->engine->forward(prompt, cache, logits, true); !status.ok())
+        return failed(status);
     }
-    next[0] = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    loadsBeforeDecode = model->engine->layerCache().loads();
+    layerBytesBeforeDecode = model->engine->layerCache().loadedBytes();
+    if (ExpertCache *experts = model->engine->expertCache())
+      experts->resetCounters();
+    auto start = Clock::now();
+    for (int64_t i = 0; i < decodeTokens; ++i) {
+      if (!text.empty())
+        next[0] = text[static_cast<size_t>(promptTokens + i)];
+      if (Status status = model->engine->forward(next, cache, logits, true); !status.ok())
+        return failed(status);
+      if (run == 0 && !text.empty() && static_cast<size_t>(promptTokens + i + 1) < text.size()) {
+        const float top = *std::max_element(logits.begin(), logits.end());
+        double sum = 0;
+        for (float value : logits)
+          sum += std::exp(static_cast<double>(value - top));
+        decodeNll += std::log(sum) + top - logits[static_cast<size_t>(text[static_cast<size_t>(promptTokens + i + 1)])];
+        ++decodeTargets;
+      }
+      next[0] = static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    }
+    decodeRates.push_back(static_cast<double>(decodeTokens) / secondsSince(start));
   }
-  double decodeSeconds = secondsSince(start);
+  auto mean = [](const std::vector<double> &values) {
+    double sum = 0;
+    for (double value : values)
+      sum += value;
+    return sum / static_cast<double>(values.size());
+  };
 
   // Parameters a decoded token reads: active parameters, but only one row
   // of the embedding table.
@@ -225,15 +264,15 @@ int main(int argc, char **argv) {
       const int64_t topK = layer.routing.router ? layer.routing.router->topK : spec.router.topK;
       bytesPerToken += expertBytes / static_cast<double>(layer.experts.size()) * static_cast<double>(topK);
       if (layer.expertBase) // factored experts' base: read once for every token
-        bytesPerToken += static_cast<double>(layer.expertBase->gate.size + layer.expertBase->up.size +
-                                             layer.expertBase->down.size);
+        bytesPerToken +=
+            static_cast<double>(layer.expertBase->gate.size + layer.expertBase->up.size + layer.expertBase->down.size);
     }
   } else {
     const bool bf16 = model->checkpoint->find("model.embed_tokens.weight")->info->dtype == DType::BF16;
     weightsInMemory = bf16 ? "bf16" : "f32";
     bytesPerToken = (bf16 ? 2.0 : 4.0) * static_cast<double>(summary.activeParameters - embedding + spec.hiddenSize);
   }
-  double decodeTokensPerSecond = decodeTokens / decodeSeconds;
+  const double decodeTokensPerSecond = mean(decodeRates);
   // Peak RSS of the model run, before the bandwidth buffers exist.
   struct rusage usage;
   getrusage(RUSAGE_SELF, &usage);
@@ -250,7 +289,11 @@ int main(int argc, char **argv) {
       {"load_seconds", loadSeconds},
       {"threads", threadCount()},
       {"prompt_tokens", promptTokens},
-      {"prefill_tokens_per_second", promptTokens / prefillSeconds},
+      {"warmup", fullWarmup ? "full" : "short"},
+      {"repeat", repeat},
+      {"prefill_tokens_per_second", mean(prefillRates)},
+      {"prefill_tokens_per_second_runs", prefillRates},
+      {"decode_tokens_per_second_runs", decodeRates},
       {"decode_tokens", decodeTokens},
       {"decode_start", decodeFromEmpty ? "empty" : "prompt"},
       {"row_tiles", options.rowTiles},

@@ -7,8 +7,10 @@
 #include "moe/Calibration/Statistics.h"
 #include "moe/Calibration/StatisticNames.h"
 #include "moe/Frontend/Safetensors.h"
+#include "moe/Runtime/Blas.h"
 #include "moe/Support/HugePages.h"
 #include "moe/Support/Progress.h"
+#include "moe/Support/Threads.h"
 
 #include <cblas.h>
 
@@ -304,6 +306,7 @@ public:
     const int64_t n = static_cast<int64_t>(rows.size()) / width;
     if (n == 0)
       return;
+    const ScopedBlasThreads blasThreads(static_cast<int>(threadCount())); // (the engine's pool keeps it at one)
     if constexpr (std::is_same_v<T, double>)
       cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, static_cast<int>(width), static_cast<int>(n), 1.0, rows.data(),
                   static_cast<int>(width), 1.0, target.data(), static_cast<int>(width));

@@ -22,8 +22,6 @@ void dpotrf_(const char *uplo, const int *n, double *a, const int *lda, int *inf
 void dtrtri_(const char *uplo, const char *diag, const int *n, double *a, const int *lda, int *info);
 void spotrf_(const char *uplo, const int *n, float *a, const int *lda, int *info);
 void strtri_(const char *uplo, const char *diag, const int *n, float *a, const int *lda, int *info);
-void openblas_set_num_threads(int threads);
-int openblas_get_num_threads(void);
 }
 
 namespace moe {
@@ -169,9 +167,6 @@ Status factorInPrecision(MatrixOf<Scalar> &U, const Eigen::Map<Matrix> &H, const
 } // namespace
 
 bool factoredInDoubleInstead(const GptqFactor &factor) { return factor.inDoubleInstead; }
-
-SingleThreadedBlas::SingleThreadedBlas() : previous(openblas_get_num_threads()) { openblas_set_num_threads(1); }
-SingleThreadedBlas::~SingleThreadedBlas() { openblas_set_num_threads(previous); }
 
 Expected<std::shared_ptr<const GptqFactor>> factorGptqHessian(std::vector<double> hessian, int64_t cols,
                                                               const GptqOptions &options) {

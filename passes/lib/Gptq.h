@@ -74,24 +74,6 @@ Status quantizeGptqGgml(quant::GgmlType type, const std::vector<float> &weights,
 Status quantizeGptqGgml(quant::GgmlType type, const std::vector<float> &weights, int64_t rows, int64_t cols,
                         const GptqFactor &factor, const GptqOptions &options, std::vector<uint8_t> &packed);
 
-/// While one lives, BLAS calls (OpenBLAS) run on their calling thread
-/// alone: matrices quantised concurrently, one per thread, would otherwise
-/// each start every BLAS thread and oversubscribe the cores (1.4-1.5x
-/// slower, bench/gptq_expert). It also keeps results independent of how
-/// work is threaded: OpenBLAS's potrf/trtri choose another blocking with
-/// more than one thread. (OpenBLAS's pthreads build, Debian's default; an
-/// OpenMP build ignores the setting from other threads.)
-class SingleThreadedBlas {
-public:
-  SingleThreadedBlas();
-  ~SingleThreadedBlas();
-  SingleThreadedBlas(const SingleThreadedBlas &) = delete;
-  SingleThreadedBlas &operator=(const SingleThreadedBlas &) = delete;
-
-private:
-  int previous;
-};
-
 } // namespace moe
 
 #endif // MOE_PASSES_LIB_GPTQ_H

@@ -6,6 +6,7 @@
 
 #include "PassSupport.h"
 #include "moe/Calibration/StatisticNames.h"
+#include "moe/Runtime/Blas.h"
 #include "moe/Support/Progress.h"
 #include "moe/Support/Threads.h"
 #include "moe/Transforms/Passes.h"

@@ -142,11 +142,11 @@ template <typename T> std::vector<T> &sized(std::vector<T> &buffer, int64_t coun
 }
 
 /// Per-head score GEMMs (queries x keys x head dimension) up to this size
-/// run in the worker pool; larger ones through OpenBLAS. Measured
-/// (BENCHMARKS.md, "Prefill attention in the pool"): on the fixtures (4 heads
-/// of 40, 512 tokens: 10.5 M) OpenBLAS's own threads handing off beside the
-/// pool's made two-thread prefill 1.5x slower; on OLMoE's shapes (16 heads
-/// of 128: 33.5 M) OpenBLAS is 5-8% faster.
+/// run in the pool's own kernel; larger ones as single-threaded BLAS GEMMs,
+/// heads spread over the pool. Measured (BENCHMARKS.md, "Prefill attention
+/// in the pool"): on the fixtures (4 heads of 40, 512 tokens: 10.5 M) the
+/// own kernel is faster; on OLMoE's shapes (16 heads of 128: 33.5 M) BLAS
+/// is 5-8% faster.
 constexpr int64_t kPoolAttentionWork = int64_t(1) << 24;
 
 /// Causal attention of `tokens` new queries over the cache (which already
@@ -200,27 +200,30 @@ void attend(const ModelSpec &spec, const float *q, int64_t tokens, const KvCache
     return;
   }
   if (tokens > 1) {
-    // Prefill: per head, the scores of every new query against every
-    // cached key as one GEMM, the causal softmax row by row (later keys
-    // weighted 0), then the weighted values as a second GEMM.
-    thread_local std::vector<float> perThread;
-    std::vector<float> &scores = perThread;
-    scores.resize(static_cast<size_t>(tokens * total));
-    for (int64_t h = 0; h < heads; ++h) {
-      const int64_t kvHead = h / group;
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens), static_cast<int>(total),
-                  static_cast<int>(qDim), scale, q + h * qDim, static_cast<int>(heads * qDim), keys + kvHead * qDim,
-                  static_cast<int>(kWidth), 0.0f, scores.data(), static_cast<int>(total));
-      for (int64_t t = 0; t < tokens; ++t) {
-        float *row = scores.data() + t * total;
-        const int64_t visible = firstPosition + t + 1;
-        softmax(row, visible);
-        std::fill(row + visible, row + total, 0.0f);
+    // Prefill, heads split across the pool: per head, the scores of every
+    // new query against every cached key as one single-threaded GEMM, the
+    // causal softmax row by row (later keys weighted 0), then the weighted
+    // values as a second GEMM.
+    parallelBlasRows(heads, heads * tokens * total * (qDim + vDim), [&](int64_t headBegin, int64_t headEnd) {
+      thread_local std::vector<float> perThread;
+      std::vector<float> &scores = perThread;
+      scores.resize(static_cast<size_t>(tokens * total));
+      for (int64_t h = headBegin; h < headEnd; ++h) {
+        const int64_t kvHead = h / group;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens), static_cast<int>(total),
+                    static_cast<int>(qDim), scale, q + h * qDim, static_cast<int>(heads * qDim), keys + kvHead * qDim,
+                    static_cast<int>(kWidth), 0.0f, scores.data(), static_cast<int>(total));
+        for (int64_t t = 0; t < tokens; ++t) {
+          float *row = scores.data() + t * total;
+          const int64_t visible = firstPosition + t + 1;
+          softmax(row, visible);
+          std::fill(row + visible, row + total, 0.0f);
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(tokens), static_cast<int>(vDim),
+                    static_cast<int>(total), 1.0f, scores.data(), static_cast<int>(total), values + kvHead * vDim,
+                    static_cast<int>(vWidth), 0.0f, out + h * vDim, static_cast<int>(heads * vDim));
       }
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(tokens), static_cast<int>(vDim),
-                  static_cast<int>(total), 1.0f, scores.data(), static_cast<int>(total), values + kvHead * vDim,
-                  static_cast<int>(vWidth), 0.0f, out + h * vDim, static_cast<int>(heads * vDim));
-    }
+    });
     return;
   }
   for (int64_t t = 0; t < tokens; ++t) {
@@ -763,6 +766,46 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
       addSharedExpert(spec, layer, w, x, tokens, out, observer);
       return Status::success();
     }
+  }
+  if (!observer && !cache && tokens > 1 && poolThreads() > 1) {
+    // (Factored blocks without an observer returned above.) Prefill on the host: the routed experts as tasks over the
+    // pool, the most tokens first, each expert's products inline on its thread (one hand-off a block, not three per
+    // expert); then the weighted sums in expert order, as the loop below adds them, so the result is the same.
+    std::vector<int64_t> order, offsets(static_cast<size_t>(slots) + 1, 0);
+    for (int64_t e = 0; e < slots; ++e) {
+      offsets[e + 1] = offsets[e] + static_cast<int64_t>(tokensOf[e].size());
+      if (!tokensOf[e].empty())
+        order.push_back(e);
+    }
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return tokensOf[a].size() > tokensOf[b].size(); });
+    const int64_t rows = offsets.back();
+    std::vector<float> inputs(static_cast<size_t>(rows * H)), outputs(static_cast<size_t>(rows * H));
+    int64_t work = 0;
+    for (int64_t e : order)
+      work += static_cast<int64_t>(tokensOf[e].size()) * static_cast<int64_t>(expert(e).bytes());
+    parallelTasks(static_cast<int64_t>(order.size()), work, [&](int64_t i) {
+      const int64_t e = order[static_cast<size_t>(i)];
+      const std::vector<int32_t> &routed = tokensOf[e];
+      float *input = inputs.data() + offsets[e] * H;
+      for (size_t r = 0; r < routed.size(); ++r)
+        std::copy_n(x + routed[r] * H, H, input + static_cast<int64_t>(r) * H);
+      thread_local std::vector<float> intermediate;
+      swiglu(expert(e), input, static_cast<int64_t>(routed.size()), intermediate, outputs.data() + offsets[e] * H);
+    });
+    std::fill(out, out + tokens * H, 0.0f);
+    for (int64_t e = 0; e < slots; ++e) {
+      const std::vector<int32_t> &routed = tokensOf[e];
+      for (size_t r = 0; r < routed.size(); ++r) {
+        const float weight = weightsOf[e][r];
+        float *target = out + routed[r] * H;
+        const float *source = outputs.data() + (offsets[e] + static_cast<int64_t>(r)) * H;
+        for (int64_t i = 0; i < H; ++i)
+          target[i] += weight * source[i];
+      }
+    }
+    addSharedExpert(spec, layer, w, x, tokens, out, observer);
+    return Status::success();
   }
   std::fill(out, out + tokens * H, 0.0f);
   std::vector<float> input, intermediate, output;

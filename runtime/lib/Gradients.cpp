@@ -18,6 +18,7 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "moe/Runtime/Blas.h"
 #include "moe/Runtime/Engine.h"
 
 #include "EngineParts.h"
@@ -500,6 +501,8 @@ Expected<double> Engine::lossGradients(std::span<const int32_t> tokens, Gradient
   const int64_t T = static_cast<int64_t>(tokens.size()), H = spec.hiddenSize, V = spec.vocabSize;
   if (T < 2)
     return Status::error("gradients: a window needs at least 2 tokens (one to predict), got ", T);
+  // The backward's products are whole BLAS calls on OpenBLAS's threads.
+  const ScopedBlasThreads blasThreads(static_cast<int>(poolThreads()));
   if (!replacedExperts.empty())
     return Status::error("gradients: the engine runs replaced experts, which the backward would not see");
   if (experts)

@@ -7,8 +7,10 @@
 #include "Kernels.h"
 
 #include "moe/Frontend/DType.h"
+#include "moe/Runtime/Blas.h"
 
 #include <cblas.h>
+#include <dlfcn.h>
 
 #include "moe/Support/Threads.h"
 
@@ -34,12 +36,19 @@ namespace {
 /// Persistent workers, one per core, for the bf16 GEMV: splitting the
 /// output rows (never the reduction) keeps results independent of the
 /// thread count.
-/// The thread count (moe/Support/Threads.h), applied to OpenBLAS once.
+/// The thread count (moe/Support/Threads.h). From the pool's start on,
+/// the pool owns the threads and OpenBLAS runs on one (moe/Runtime/Blas.h):
+/// its count set to 1 and the workers it started at the library's load,
+/// which spin for about 0.1 s, stopped through `blas_thread_shutdown_`
+/// (the hook a pthreads build runs before fork; looked up, not linked).
+/// OpenBLAS starts them again when asked for more threads.
 unsigned computeThreads() {
   static const unsigned count = [] {
-    const unsigned n = threadCount();
-    openblas_set_num_threads(static_cast<int>(n));
-    return n;
+    openblas_set_num_threads(1);
+    using Shutdown = int (*)();
+    if (auto shutdown = reinterpret_cast<Shutdown>(dlsym(RTLD_DEFAULT, "blas_thread_shutdown_")))
+      shutdown();
+    return threadCount();
   }();
   return count;
 }
@@ -69,7 +78,8 @@ public:
   /// `work` (elements touched) below a threshold runs inline, where waking
   /// the workers would cost more than it saves.
   void run(int64_t rows, int64_t work, const std::function<void(int64_t, int64_t)> &body) {
-    if (threads == 1 || rows < static_cast<int64_t>(threads) || work < (int64_t(1) << 18)) {
+    // Inline inside a region too: a task's own products run on its thread.
+    if (inRegion || threads == 1 || rows < static_cast<int64_t>(threads) || work < (int64_t(1) << 18)) {
       body(0, rows);
       return;
     }
@@ -83,7 +93,9 @@ public:
     }
     if (sleepers.load(std::memory_order_acquire) > 0)
       wake.notify_all();
+    inRegion = true;
     body(0, rangeEnd(0, rows));
+    inRegion = false;
     for (unsigned spins = 0; pending.load(std::memory_order_acquire) != 0; ++spins)
       pause(spins);
     task = nullptr;
@@ -101,6 +113,7 @@ private:
   }
   int64_t rangeEnd(unsigned t, int64_t rows) const { return rows * (t + 1) / threads; }
   void work(unsigned t) {
+    inRegion = true; // a worker only ever runs regions' bodies
     uint64_t seen = 0;
     for (;;) {
       // Spin first (about 100 microseconds), then sleep.
@@ -125,6 +138,8 @@ private:
     }
   }
 
+  /// Whether this thread is running a region's body.
+  static thread_local bool inRegion;
   unsigned threads;
   std::vector<std::thread> workers;
   std::mutex mutex;
@@ -135,6 +150,8 @@ private:
   std::atomic<uint64_t> generation{0};
   bool stopping = false;
 };
+
+thread_local bool RowPool::inRegion = false;
 
 RowPool &rowPool() {
   static RowPool pool;
@@ -216,29 +233,54 @@ void parallelRows(int64_t rows, int64_t work, const std::function<void(int64_t, 
   rowPool().run(rows, work, body);
 }
 
+unsigned poolThreads() { return computeThreads(); }
+
+void parallelTasks(int64_t count, int64_t work, const std::function<void(int64_t)> &task) {
+  std::atomic<int64_t> next{0};
+  rowPool().run(static_cast<int64_t>(computeThreads()), work, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < count;
+         i = next.fetch_add(1, std::memory_order_relaxed))
+      task(i);
+  });
+}
+
+void parallelBlasRows(int64_t rows, int64_t work, const std::function<void(int64_t, int64_t)> &body) {
+  RowPool &pool = rowPool();        // first: its start sets OpenBLAS's count
+  SingleThreadedBlas oneBlasThread; // (already, unless a caller asked for more)
+  pool.run(rows, work, body);
+}
+
 namespace {
 
-/// Prefill of ggml's K-quants and Q5_*: rows dequantized a tile at a time (about
-/// 2 MiB of f32, split across the pool) into one reused buffer, each tile
-/// one BLAS GEMM into its columns of y; never the whole matrix in f32.
-void tiledGemm(const float *x, int64_t tokens, const Matrix &weight, float *y) {
-  const int64_t out = weight.rows, in = weight.cols;
-  const int64_t tileRows = std::min<int64_t>(out, std::max<int64_t>(16, (int64_t(1) << 19) / std::max<int64_t>(in, 1)));
-  thread_local std::vector<float> perThread;
-  std::vector<float> &tile = perThread;
-  tile.resize(static_cast<size_t>(tileRows * in));
-  float *target = tile.data();
-  for (int64_t first = 0; first < out; first += tileRows) {
-    const int64_t count = std::min(tileRows, out - first);
-    rowPool().run(count, count * in, [&](int64_t begin, int64_t end) {
-      quant::ggmlDequantizeRows(*weight.ggmlType, weight.quantData, in, first + begin, first + end,
-                                target + begin * in);
-    });
-    computeThreads();
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens), static_cast<int>(count),
-                static_cast<int>(in), 1.0f, x, static_cast<int>(in), target, static_cast<int>(in), 0.0f, y + first,
-                static_cast<int>(out));
-  }
+/// Output rows per panel of a float product: about an eighth of them (so
+/// that up to eight threads share the panels evenly), a multiple of 16,
+/// from 16 to 256, and at most 2 MiB of f32 rows where the panel is
+/// widened or decoded first. A function of the shape alone: each panel is
+/// one BLAS call on one thread, so y does not depend on the thread count.
+int64_t panelRows(int64_t out, int64_t in) {
+  const int64_t eighth = ((out + 7) / 8 + 15) / 16 * 16;
+  const int64_t fitting = std::max<int64_t>(16, ((int64_t(1) << 19) / std::max<int64_t>(in, 1)) / 16 * 16);
+  return std::clamp<int64_t>(std::min(eighth, fitting), 16, 256);
+}
+
+/// y[T, out] = x[T, in] . W^T for a matrix whose rows come as f32 from
+/// rowsOf(first, count, scratch) (a pointer to count rows: the matrix's own
+/// or written into scratch), in panels of output rows over the pool, each
+/// one single-threaded BLAS GEMM into its columns of y.
+template <typename RowsOf>
+void panelGemm(const float *x, int64_t tokens, int64_t in, int64_t out, float *y, const RowsOf &rowsOf) {
+  const int64_t rows = panelRows(out, in), panels = (out + rows - 1) / rows;
+  parallelBlasRows(panels, tokens * out * in, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> perThread;
+    std::vector<float> &scratch = perThread;
+    for (int64_t panel = begin; panel < end; ++panel) {
+      const int64_t first = panel * rows, count = std::min(rows, out - first);
+      const float *w = rowsOf(first, count, scratch);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens), static_cast<int>(count),
+                  static_cast<int>(in), 1.0f, x, static_cast<int>(in), w, static_cast<int>(in), 0.0f, y + first,
+                  static_cast<int>(out));
+    }
+  });
 }
 
 } // namespace
@@ -274,20 +316,24 @@ void linear(const float *x, int64_t tokens, const Matrix &weight, const std::vec
       quant::gemmRows(*view, first, tokens, begin, end, y + begin, out);
     });
   } else if (weight.isQuantized()) {
-    tiledGemm(x, tokens, weight, y);
+    // ggml's K-quants and Q5_*: each panel decoded to f32 rows first,
+    // never the whole matrix.
+    panelGemm(x, tokens, in, out, y, [&](int64_t first, int64_t count, std::vector<float> &scratch) {
+      scratch.resize(static_cast<size_t>(count * in));
+      quant::ggmlDequantizeRows(*weight.ggmlType, weight.quantData, in, first, first + count, scratch.data());
+      return static_cast<const float *>(scratch.data());
+    });
+  } else if (weight.isBf16()) {
+    // Each panel widened to f32 rows, then one GEMM for all tokens.
+    panelGemm(x, tokens, in, out, y, [&](int64_t first, int64_t count, std::vector<float> &scratch) {
+      scratch.resize(static_cast<size_t>(count * in));
+      MOE_RUNTIME_IGNORE(convertToF32(DType::BF16, weight.bf16.data() + first * in, scratch.size(), scratch.data()));
+      return static_cast<const float *>(scratch.data());
+    });
   } else {
-    const float *w = weight.data.data();
-    thread_local std::vector<float> widened;
-    if (weight.isBf16()) {
-      // Prefill: widen once, then one BLAS GEMM for all tokens.
-      widened.resize(weight.bf16.size());
-      MOE_RUNTIME_IGNORE(convertToF32(DType::BF16, weight.bf16.data(), widened.size(), widened.data()));
-      w = widened.data();
-    }
-    computeThreads();
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens), static_cast<int>(out),
-                static_cast<int>(in), 1.0f, x, static_cast<int>(in), w, static_cast<int>(in), 0.0f, y,
-                static_cast<int>(out));
+    panelGemm(x, tokens, in, out, y, [&](int64_t first, int64_t, std::vector<float> &) {
+      return static_cast<const float *>(weight.data.data() + first * in);
+    });
   }
   addBias(y, tokens, bias);
 }

@@ -51,6 +51,18 @@ void gemvRange(const Matrix &weight, const DecodeInput &input, int64_t begin, in
 /// pool (inline when `work`, elements or bytes touched, is too small to
 /// pay for waking the workers). Ranges split output rows, never a sum.
 void parallelRows(int64_t rows, int64_t work, const std::function<void(int64_t, int64_t)> &body);
+/// task(i) for i in [0, count), each on one thread of the pool, taken in
+/// order by whichever thread is free (put the longest first); a task's own
+/// products (parallelRows inside it) run inline on its thread. Inline
+/// when `work` is small, as parallelRows.
+void parallelTasks(int64_t count, int64_t work, const std::function<void(int64_t)> &task);
+/// The pool's thread count (starting the pool, which puts OpenBLAS on one
+/// thread: moe/Runtime/Blas.h).
+unsigned poolThreads();
+/// The same for bodies that call BLAS: OpenBLAS on one thread until all
+/// ranges are done, so each call stays on the thread that made it
+/// (moe/Runtime/Blas.h).
+void parallelBlasRows(int64_t rows, int64_t work, const std::function<void(int64_t, int64_t)> &body);
 
 /// y[t, o] += bias[o] for `tokens` rows of bias.size() values (none when empty).
 void addBias(float *y, int64_t tokens, const std::vector<float> &bias);

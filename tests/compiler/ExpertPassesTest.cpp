@@ -764,8 +764,11 @@ TEST(DynamicSkip, AThresholdOfOneRunsTheTopExpertOnly) {
   auto topOne = importDirectory(fixture, dir.file("b.moestore"));
   ASSERT_TRUE(runPipeline(*topOne, "moe-set-topk{top-k=1}"));
   LoadedModel a = run(*skipping), b = run(*topOne);
-  // Mixtral renormalises: a lone expert gets weight 1 either way.
-  EXPECT_LT(maxDifference(logits(a), logits(b)), 1e-5f);
+  // Mixtral renormalises: a lone expert gets weight 1 either way, up to
+  // the last bit (skipping rescales w1 by (w1 + w2) / w1), which four
+  // layers' float products carry to about 1e-5 in the logits; a wrong
+  // expert or weight moves them by tenths.
+  EXPECT_LT(maxDifference(logits(a), logits(b)), 3e-5f);
   EXPECT_DOUBLE_EQ(a.engine->routingCounters().expertsPerToken(), 1.0);
 }
 

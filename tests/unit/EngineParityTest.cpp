@@ -475,6 +475,32 @@ TEST(Engine, TheMoeBlockAloneShowsTheObserverWhatTheLayerDid) {
 
 extern "C" void openblas_set_num_threads(int);
 
+/// Runs nothing of its own; attached, it sends prefill through the serial
+/// loop over experts (observers see experts one at a time, in order).
+class PassiveObserver : public EngineObserver {};
+
+TEST(Engine, PrefillExpertsAsPoolTasksMatchTheSerialLoop) {
+  if (kernels::poolThreads() < 2)
+    GTEST_SKIP() << "one thread: prefill runs the serial loop only";
+  // Routed experts (tiny-mixtral), routed and shared (tiny-deepseek); the
+  // packages' group kernels: Tools/ux.test's thread counts.
+  for (const char *name : {"tiny-mixtral", "tiny-deepseek"}) {
+    Loaded model = loadModel(dataDir() + "/fixtures/" + name);
+    std::vector<int32_t> ids(96);
+    for (size_t i = 0; i < ids.size(); ++i)
+      ids[i] = static_cast<int32_t>((i * 37 + 11) % 2000);
+    std::vector<float> tasks, serial;
+    KvCache first = model.engine->newCache();
+    ASSERT_TRUE(model.engine->forward(ids, first, tasks).ok());
+    PassiveObserver observer;
+    model.engine->setObserver(&observer);
+    KvCache second = model.engine->newCache();
+    ASSERT_TRUE(model.engine->forward(ids, second, serial).ok());
+    model.engine->setObserver(nullptr);
+    EXPECT_EQ(tasks, serial) << name << ": bitwise identical";
+  }
+}
+
 TEST(Engine, ResultsAreIdenticalWhateverTheThreadCount) {
   Loaded model = loadModel(dataDir() + "/hf/deepseek_v3");
   Golden golden = loadGolden("deepseek_v3");
