@@ -74,7 +74,8 @@ def llama_bench(bin_dir, path, threads, prompt, decode):
 
 def moec_bench(build, path, threads, prompt, decode):
     text = run([os.path.join(build, "bench", "engine_throughput"), path, "--prompt", str(prompt), "--decode",
-                str(decode), "--threads", str(threads), "--decode-start", "empty", "--bandwidth", "no"])
+                str(decode), "--threads", str(threads), "--decode-start", "empty", "--bandwidth", "no",
+                "--warmup", "full", "--repeat", "2"])  # as llama-bench: a whole-size warm-up, -r 2 averaged
     record = json.loads(text)
     return {"prefill": record["prefill_tokens_per_second"], "decode": record["decode_tokens_per_second"]}
 
@@ -123,12 +124,15 @@ def main():
     results = []
     with open(out, "w") as sink:
         def emit(row):
+            if os.environ.get("RUN"):
+                row["run"] = os.environ["RUN"]  # a label for this run's lines
             results.append(row)
             sink.write(json.dumps(row) + "\n")
             sink.flush()
             print(json.dumps(row), flush=True)
 
-        kernels(build, bin_dir, emit)
+        if os.environ.get("KERNELS", "yes") != "no":
+            kernels(build, bin_dir, emit)
         for name in models:
             directory = model_dir(name, build, work)
             prompt, decode = 512, 128

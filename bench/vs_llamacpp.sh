@@ -11,7 +11,8 @@
 # (bench/build_llamacpp.sh). One JSON object per line, then a summary.
 #   bench/vs_llamacpp.sh BUILD_DIR [OUT.jsonl]
 # Environment: ROUNDS (3), MODELS ("tiny-mixtral tiny-deepseek olmoe qwen3"),
-# TYPES ("q4_0 q8_0"), WORK (~/.cache/moec-vs-llamacpp: synthetic models).
+# TYPES ("q4_0 q8_0"), WORK (~/.cache/moec-vs-llamacpp: synthetic models),
+# KERNELS (yes; "no" skips the GEMV pair), RUN (a label put in every line).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 build="$(cd "${1:?usage: bench/vs_llamacpp.sh BUILD_DIR [OUT.jsonl]}" && pwd)"

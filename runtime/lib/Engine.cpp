@@ -173,27 +173,42 @@ void attend(const ModelSpec &spec, const float *q, int64_t tokens, const KvCache
     thread_local std::vector<float> transposedBuffer;
     std::vector<float> &transposed = transposedBuffer;
     transposed.resize(static_cast<size_t>(kvHeads * qDim * total));
-    for (int64_t s = 0; s < total; ++s)
-      for (int64_t kv = 0; kv < kvHeads; ++kv)
-        for (int64_t d = 0; d < qDim; ++d)
-          transposed[static_cast<size_t>((kv * qDim + d) * total + s)] = keys[s * kWidth + kv * qDim + d];
+    // Sixteen positions at a time: their key rows stay in L1 while each
+    // dimension's sixteen values are written as one run.
+    for (int64_t kv = 0; kv < kvHeads; ++kv)
+      for (int64_t first = 0; first < total; first += 16) {
+        const int64_t last = std::min(total, first + 16);
+        for (int64_t d = 0; d < qDim; ++d) {
+          float *target = transposed.data() + (kv * qDim + d) * total;
+          for (int64_t s = first; s < last; ++s)
+            target[s] = keys[s * kWidth + kv * qDim + d];
+        }
+      }
     constexpr int64_t kBlock = 16;
     const int64_t blocks = (tokens + kBlock - 1) / kBlock;
     const float *keysT = transposed.data();
     parallelRows(heads * blocks, heads * tokens * total * (qDim + vDim) / 2, [&](int64_t begin, int64_t end) {
+      // Four queries at a time: their keys and values read once.
+      constexpr int kQueries = 4;
       thread_local std::vector<float> perThread;
       std::vector<float> &scores = perThread;
-      scores.resize(static_cast<size_t>(total));
+      scores.resize(static_cast<size_t>(kQueries * total));
       for (int64_t task = begin; task < end; ++task) {
         const int64_t h = task / blocks, i = task % blocks;
         const int64_t block = i % 2 == 0 ? i / 2 : blocks - 1 - i / 2;
         const int64_t kvHead = h / group;
-        for (int64_t t = block * kBlock; t < std::min(tokens, (block + 1) * kBlock); ++t) {
-          const int64_t visible = firstPosition + t + 1;
-          scoresOfTransposedKeys(q + t * heads * qDim + h * qDim, keysT + kvHead * qDim * total, total, qDim, visible,
-                                 scale, scores.data());
-          softmax(scores.data(), visible);
-          weightedRows(scores.data(), values + kvHead * vDim, vWidth, vDim, visible, out + t * heads * vDim + h * vDim);
+        const int64_t last = std::min(tokens, (block + 1) * kBlock);
+        for (int64_t t = block * kBlock; t < last; t += kQueries) {
+          const int count = static_cast<int>(std::min<int64_t>(kQueries, last - t));
+          int64_t visible[kQueries];
+          for (int j = 0; j < count; ++j)
+            visible[j] = firstPosition + t + j + 1;
+          scoresOfTransposedKeys(q + t * heads * qDim + h * qDim, heads * qDim, count, keysT + kvHead * qDim * total,
+                                 total, qDim, visible[count - 1], scale, scores.data(), total);
+          for (int j = 0; j < count; ++j)
+            softmax(scores.data() + j * total, visible[j]);
+          weightedRows(scores.data(), total, visible, count, values + kvHead * vDim, vWidth, vDim,
+                       out + t * heads * vDim + h * vDim, heads * vDim);
         }
       }
     });
@@ -395,7 +410,9 @@ void latentAttention(const ModelSpec &spec, const LayerWeights &w, const float *
 void swiglu(const MlpWeights &mlp, const float *x, int64_t n, std::vector<float> &intermediate, float *out) {
   const int64_t width = mlp.gate.rows;
   intermediate.resize(static_cast<size_t>(n * width));
-  std::vector<float> up(static_cast<size_t>(n * width));
+  thread_local std::vector<float> upBuffer;
+  std::vector<float> &up = upBuffer;
+  up.resize(static_cast<size_t>(n * width));
   linear(x, n, mlp.gate, intermediate.data());
   linear(x, n, mlp.up, up.data());
   for (size_t i = 0; i < up.size(); ++i)
@@ -780,7 +797,10 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
     std::stable_sort(order.begin(), order.end(),
                      [&](int64_t a, int64_t b) { return tokensOf[a].size() > tokensOf[b].size(); });
     const int64_t rows = offsets.back();
-    std::vector<float> inputs(static_cast<size_t>(rows * H)), outputs(static_cast<size_t>(rows * H));
+    thread_local std::vector<float> inputBuffer, outputBuffer; // (kept: fresh pages cost a fault each)
+    std::vector<float> &inputs = inputBuffer, &outputs = outputBuffer;
+    inputs.resize(static_cast<size_t>(rows * H));
+    outputs.resize(static_cast<size_t>(rows * H));
     int64_t work = 0;
     for (int64_t e : order)
       work += static_cast<int64_t>(tokensOf[e].size()) * static_cast<int64_t>(expert(e).bytes());

@@ -453,8 +453,8 @@ void scoresScalar(const float *q, const float *keysT, int64_t stride, int64_t di
 }
 
 #if defined(__x86_64__)
-/// Four blocks of sixteen keys in flight (independent FMA chains), then
-/// single blocks, then a masked tail.
+/// One query: four blocks of sixteen keys in flight (independent FMA
+/// chains), then single blocks, then a masked tail.
 __attribute__((target("avx512f"))) void scoresAvx512(const float *q, const float *keysT, int64_t stride, int64_t dim,
                                                      int64_t visible, float scale, float *scores) {
   const __m512 scaled = _mm512_set1_ps(scale);
@@ -484,55 +484,157 @@ __attribute__((target("avx512f"))) void scoresAvx512(const float *q, const float
   }
 }
 
-/// Sixty-four outputs at a time in four registers, positions in order.
-__attribute__((target("avx512f"))) void weightedRowsAvx512(const float *weights, const float *values, int64_t stride,
-                                                           int64_t dim, int64_t visible, float *out) {
+/// Q queries (2 to 4): blocks of 32 keys, each key vector loaded once and
+/// multiplied by every query's broadcast element (2Q FMA chains), then
+/// masked blocks of sixteen. Per lane the same chain as scoresAvx512.
+template <int Q>
+__attribute__((target("avx512f"))) void scoresManyAvx512(const float *q, int64_t qStride, const float *keysT,
+                                                         int64_t stride, int64_t dim, int64_t visible, float scale,
+                                                         float *scores, int64_t scoreStride) {
+  const __m512 scaled = _mm512_set1_ps(scale);
+  int64_t s = 0;
+  for (; s + 32 <= visible; s += 32) {
+    __m512 a[Q][2];
+    for (int i = 0; i < Q; ++i)
+      a[i][0] = a[i][1] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; ++d) {
+      const float *row = keysT + d * stride + s;
+      const __m512 k0 = _mm512_loadu_ps(row), k1 = _mm512_loadu_ps(row + 16);
+      for (int i = 0; i < Q; ++i) {
+        const __m512 x = _mm512_set1_ps(q[i * qStride + d]);
+        a[i][0] = _mm512_fmadd_ps(x, k0, a[i][0]);
+        a[i][1] = _mm512_fmadd_ps(x, k1, a[i][1]);
+      }
+    }
+    for (int i = 0; i < Q; ++i) {
+      _mm512_storeu_ps(scores + i * scoreStride + s, _mm512_mul_ps(a[i][0], scaled));
+      _mm512_storeu_ps(scores + i * scoreStride + s + 16, _mm512_mul_ps(a[i][1], scaled));
+    }
+  }
+  for (; s < visible; s += 16) {
+    const __mmask16 mask =
+        visible - s >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (visible - s)) - 1);
+    __m512 a[Q];
+    for (int i = 0; i < Q; ++i)
+      a[i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < dim; ++d) {
+      const __m512 k = _mm512_maskz_loadu_ps(mask, keysT + d * stride + s);
+      for (int i = 0; i < Q; ++i)
+        a[i] = _mm512_fmadd_ps(_mm512_set1_ps(q[i * qStride + d]), k, a[i]);
+    }
+    for (int i = 0; i < Q; ++i)
+      _mm512_mask_storeu_ps(scores + i * scoreStride + s, mask, _mm512_mul_ps(a[i], scaled));
+  }
+}
+
+/// Q queries, K vectors of sixteen outputs (columns [c, c + 16K) of at
+/// most `width`): each value row loaded once for the positions all Q
+/// queries see, then each query's own later positions; positions in order.
+template <int Q, int K>
+__attribute__((target("avx512f"))) void weightedManyAvx512(const float *weights, int64_t weightStride,
+                                                           const int64_t *visible, const float *values, int64_t stride,
+                                                           int64_t width, float *out, int64_t outStride) {
+  __mmask16 masks[K];
+  for (int k = 0; k < K; ++k) {
+    const int64_t left = std::clamp<int64_t>(width - 16 * k, 0, 16);
+    masks[k] = left == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+  }
+  __m512 a[Q][K];
+  for (int i = 0; i < Q; ++i)
+    for (int k = 0; k < K; ++k)
+      a[i][k] = _mm512_setzero_ps();
+  const int64_t common = visible[0];
+  for (int64_t s = 0; s < common; ++s) {
+    const float *row = values + s * stride;
+    __m512 v[K];
+    for (int k = 0; k < K; ++k)
+      v[k] = _mm512_maskz_loadu_ps(masks[k], row + 16 * k);
+    for (int i = 0; i < Q; ++i) {
+      const __m512 w = _mm512_set1_ps(weights[i * weightStride + s]);
+      for (int k = 0; k < K; ++k)
+        a[i][k] = _mm512_fmadd_ps(w, v[k], a[i][k]);
+    }
+  }
+  for (int i = 0; i < Q; ++i) {
+    for (int64_t s = common; s < visible[i]; ++s) {
+      const __m512 w = _mm512_set1_ps(weights[i * weightStride + s]);
+      for (int k = 0; k < K; ++k)
+        a[i][k] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(masks[k], values + s * stride + 16 * k), a[i][k]);
+    }
+    for (int k = 0; k < K; ++k)
+      _mm512_mask_storeu_ps(out + i * outStride + 16 * k, masks[k], a[i][k]);
+  }
+}
+
+template <int Q>
+void weightedManyAvx512(const float *weights, int64_t weightStride, const int64_t *visible, const float *values,
+                        int64_t stride, int64_t dim, float *out, int64_t outStride) {
   for (int64_t c = 0; c < dim; c += 64) {
     const int64_t width = std::min<int64_t>(64, dim - c);
-    __mmask16 masks[4];
-    for (int i = 0; i < 4; ++i) {
-      const int64_t left = std::clamp<int64_t>(width - 16 * i, 0, 16);
-      masks[i] = left == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+    switch ((width + 15) / 16) {
+    case 1:
+      weightedManyAvx512<Q, 1>(weights, weightStride, visible, values + c, stride, width, out + c, outStride);
+      break;
+    case 2:
+      weightedManyAvx512<Q, 2>(weights, weightStride, visible, values + c, stride, width, out + c, outStride);
+      break;
+    case 3:
+      weightedManyAvx512<Q, 3>(weights, weightStride, visible, values + c, stride, width, out + c, outStride);
+      break;
+    default:
+      weightedManyAvx512<Q, 4>(weights, weightStride, visible, values + c, stride, width, out + c, outStride);
     }
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-    for (int64_t s = 0; s < visible; ++s) {
-      const __m512 w = _mm512_set1_ps(weights[s]);
-      const float *row = values + s * stride + c;
-      a0 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(masks[0], row), a0);
-      a1 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(masks[1], row + 16), a1);
-      a2 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(masks[2], row + 32), a2);
-      a3 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(masks[3], row + 48), a3);
-    }
-    _mm512_mask_storeu_ps(out + c, masks[0], a0);
-    _mm512_mask_storeu_ps(out + c + 16, masks[1], a1);
-    _mm512_mask_storeu_ps(out + c + 32, masks[2], a2);
-    _mm512_mask_storeu_ps(out + c + 48, masks[3], a3);
   }
 }
 #endif
 
 } // namespace
 
-void scoresOfTransposedKeys(const float *q, const float *keysT, int64_t stride, int64_t dim, int64_t visible,
-                            float scale, float *scores) {
+void scoresOfTransposedKeys(const float *q, int64_t qStride, int count, const float *keysT, int64_t stride, int64_t dim,
+                            int64_t visible, float scale, float *scores, int64_t scoreStride) {
 #if defined(__x86_64__)
   static const bool hasAvx512 = __builtin_cpu_supports("avx512f");
-  if (hasAvx512)
-    return scoresAvx512(q, keysT, stride, dim, visible, scale, scores);
+  if (hasAvx512) {
+    switch (count) {
+    case 1:
+      return scoresAvx512(q, keysT, stride, dim, visible, scale, scores);
+    case 2:
+      return scoresManyAvx512<2>(q, qStride, keysT, stride, dim, visible, scale, scores, scoreStride);
+    case 3:
+      return scoresManyAvx512<3>(q, qStride, keysT, stride, dim, visible, scale, scores, scoreStride);
+    case 4:
+      return scoresManyAvx512<4>(q, qStride, keysT, stride, dim, visible, scale, scores, scoreStride);
+    }
+  }
 #endif
-  scoresScalar(q, keysT, stride, dim, visible, scale, scores);
+  for (int i = 0; i < count; ++i)
+    scoresScalar(q + i * qStride, keysT, stride, dim, visible, scale, scores + i * scoreStride);
 }
 
-void weightedRows(const float *weights, const float *values, int64_t stride, int64_t dim, int64_t visible, float *out) {
+void weightedRows(const float *weights, int64_t weightStride, const int64_t *visible, int count, const float *values,
+                  int64_t stride, int64_t dim, float *out, int64_t outStride) {
 #if defined(__x86_64__)
   static const bool hasAvx512 = __builtin_cpu_supports("avx512f");
-  if (hasAvx512)
-    return weightedRowsAvx512(weights, values, stride, dim, visible, out);
+  if (hasAvx512 && count >= 1 && count <= 4) {
+    switch (count) {
+    case 1:
+      return weightedManyAvx512<1>(weights, weightStride, visible, values, stride, dim, out, outStride);
+    case 2:
+      return weightedManyAvx512<2>(weights, weightStride, visible, values, stride, dim, out, outStride);
+    case 3:
+      return weightedManyAvx512<3>(weights, weightStride, visible, values, stride, dim, out, outStride);
+    default:
+      return weightedManyAvx512<4>(weights, weightStride, visible, values, stride, dim, out, outStride);
+    }
+  }
 #endif
-  std::fill(out, out + dim, 0.0f);
-  for (int64_t s = 0; s < visible; ++s)
-    for (int64_t d = 0; d < dim; ++d)
-      out[d] += weights[s] * values[s * stride + d];
+  for (int i = 0; i < count; ++i) {
+    float *target = out + i * outStride;
+    std::fill(target, target + dim, 0.0f);
+    for (int64_t s = 0; s < visible[i]; ++s)
+      for (int64_t d = 0; d < dim; ++d)
+        target[d] += weights[i * weightStride + s] * values[s * stride + d];
+  }
 }
 
 void softmax(float *x, int64_t count) {

@@ -80,14 +80,19 @@ void softmax(float *x, int64_t count);
 /// The same with the C library's expf, one value at a time.
 void softmaxScalar(float *x, int64_t count);
 
-/// scores[s] = scale * (q . key s) for s in [0, visible), the keys given
-/// transposed (`keysT[d * stride + s]`, d < dim): sixteen keys per vector
-/// on AVX-512, else scalar.
-void scoresOfTransposedKeys(const float *q, const float *keysT, int64_t stride, int64_t dim, int64_t visible,
-                            float scale, float *scores);
-/// out[dim] = sum over s < visible of weights[s] * values[s * stride ..],
-/// positions added in order.
-void weightedRows(const float *weights, const float *values, int64_t stride, int64_t dim, int64_t visible, float *out);
+/// Up to four queries at once, the keys read once for all of them:
+/// scores[i * scoreStride + s] = scale * (q_i . key s) for s in
+/// [0, visible), q_i = q + i * qStride, the keys given transposed
+/// (`keysT[d * stride + s]`, d < dim). Sixteen keys per vector on AVX-512,
+/// else scalar; each score is the same sum whatever the count.
+void scoresOfTransposedKeys(const float *q, int64_t qStride, int count, const float *keysT, int64_t stride, int64_t dim,
+                            int64_t visible, float scale, float *scores, int64_t scoreStride);
+/// Up to four queries at once, the values read once for all of them:
+/// out_i[dim] = sum over s < visible[i] of weights_i[s] * values[s * stride
+/// ..], positions added in order, with weights_i = weights + i *
+/// weightStride and out_i = out + i * outStride (visible ascending).
+void weightedRows(const float *weights, int64_t weightStride, const int64_t *visible, int count, const float *values,
+                  int64_t stride, int64_t dim, float *out, int64_t outStride);
 
 inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
 inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }

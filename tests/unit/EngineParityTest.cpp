@@ -787,6 +787,63 @@ TEST(KvCache, ACopyStartsWithoutTheDeviceMirror) {
   EXPECT_NE(moved.device, nullptr);
 }
 
+TEST(AttentionKernels, QueriesTogetherGiveEachQuerysOwnBits) {
+  // Prefill attention takes up to four queries at once (keys and values
+  // read once). Each query's scores and weighted values must be the bits
+  // it gets alone, on odd key counts, head widths over 64 and causal
+  // lengths that differ per query; and near a double reference.
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal;
+  for (int64_t dim : {5, 16, 40, 48, 64, 70, 130}) {
+    for (int64_t total : {1, 3, 17, 31, 32, 33, 64, 100}) {
+      const int64_t qStride = dim + 3, stride = total + 2;
+      std::vector<float> q(static_cast<size_t>(4 * qStride)), keysT(static_cast<size_t>(dim * stride)),
+          values(static_cast<size_t>(total * (dim + 1)));
+      for (float &v : q)
+        v = normal(rng);
+      for (float &v : keysT)
+        v = normal(rng);
+      for (float &v : values)
+        v = normal(rng);
+      for (int count = 1; count <= 4; ++count) {
+        const int64_t visibleAll = total;
+        std::vector<float> together(static_cast<size_t>(4 * total), -1.0f), alone(together);
+        kernels::scoresOfTransposedKeys(q.data(), qStride, count, keysT.data(), stride, dim, visibleAll, 0.25f,
+                                        together.data(), total);
+        for (int i = 0; i < count; ++i) {
+          kernels::scoresOfTransposedKeys(q.data() + i * qStride, qStride, 1, keysT.data(), stride, dim, visibleAll,
+                                          0.25f, alone.data() + i * total, total);
+          for (int64_t s = 0; s < total; ++s) {
+            double exact = 0;
+            for (int64_t d = 0; d < dim; ++d)
+              exact += static_cast<double>(q[i * qStride + d]) * keysT[d * stride + s];
+            EXPECT_NEAR(alone[i * total + s], 0.25 * exact, 1e-5 * (1 + dim)) << dim << " " << total;
+          }
+        }
+        EXPECT_EQ(together, alone) << dim << " " << total << " " << count;
+        // Causal lengths: query i sees total - (count - 1 - i) positions.
+        int64_t visible[4];
+        for (int i = 0; i < count; ++i)
+          visible[i] = std::max<int64_t>(1, total - (count - 1 - i));
+        std::vector<float> outTogether(static_cast<size_t>(4 * (dim + 2)), -1.0f), outAlone(outTogether);
+        kernels::weightedRows(together.data(), total, visible, count, values.data(), dim + 1, dim, outTogether.data(),
+                              dim + 2);
+        for (int i = 0; i < count; ++i) {
+          kernels::weightedRows(together.data() + i * total, total, visible + i, 1, values.data(), dim + 1, dim,
+                                outAlone.data() + i * (dim + 2), dim + 2);
+          for (int64_t d = 0; d < dim; ++d) {
+            double exact = 0;
+            for (int64_t s = 0; s < visible[i]; ++s)
+              exact += static_cast<double>(together[i * total + s]) * values[s * (dim + 1) + d];
+            EXPECT_NEAR(outAlone[i * (dim + 2) + d], exact, 1e-4 * (1 + total)) << dim << " " << total;
+          }
+        }
+        EXPECT_EQ(outTogether, outAlone) << dim << " " << total << " " << count;
+      }
+    }
+  }
+}
+
 TEST(Softmax, TheVectorLanesAreWithinAFewUlpsOfTheExactValue) {
   // The reference: e^(x - max) in double of the same f32 differences both
   // take, normalised in double. The vector softmax's partial sums make it
