@@ -8,6 +8,8 @@
 #include "moe/Support/File.h"
 #include "moe/Support/Progress.h"
 
+#include "Kernels.h"
+
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -254,24 +256,43 @@ Expected<EvalResult> evaluate(Engine &engine, const std::vector<EvalStream> &str
       }
       result.routingTokens[stream.domain] += end - begin;
       const int64_t targetsBefore = score.targets;
-      for (int64_t t = std::max(begin, scoredFrom - 1); t < end; ++t) {
-        const float *row = logits.data() + (t - begin) * V;
-        const double normaliser = logNormaliser(row, V);
-        score.negativeLogLikelihood -= row[stream.ids[t + 1]] - normaliser;
+      // Each target's terms over the pool (a vocabulary's exponentials
+      // each), then added in order as one thread would.
+      const int64_t first = std::max(begin, scoredFrom - 1), count = std::max<int64_t>(0, end - first);
+      struct Terms {
+        double logLikelihood = 0, referenceLogLikelihood = 0, kl = 0;
+        bool agrees = false;
+      };
+      std::vector<Terms> terms(static_cast<size_t>(count));
+      kernels::parallelRows(count, count * V * (options.reference ? 3 : 1), [&](int64_t from, int64_t to) {
+        for (int64_t i = from; i < to; ++i) {
+          const int64_t t = first + i;
+          Terms &term = terms[static_cast<size_t>(i)];
+          const float *row = logits.data() + (t - begin) * V;
+          const double normaliser = logNormaliser(row, V);
+          term.logLikelihood = row[stream.ids[t + 1]] - normaliser;
+          if (options.reference) {
+            // KL(P_ref || P) = sum_v p_ref(v) (log p_ref(v) - log p(v)).
+            const float *reference = referenceLogits.data() + (t - begin) * V;
+            const double referenceNormaliser = logNormaliser(reference, V);
+            for (int64_t v = 0; v < V; ++v) {
+              const double logRef = reference[v] - referenceNormaliser;
+              term.kl += std::exp(logRef) * (logRef - (row[v] - normaliser));
+            }
+            term.agrees =
+                std::max_element(row, row + V) - row == std::max_element(reference, reference + V) - reference;
+            term.referenceLogLikelihood = reference[stream.ids[t + 1]] - referenceNormaliser;
+          }
+        }
+      });
+      for (const Terms &term : terms) {
+        score.negativeLogLikelihood -= term.logLikelihood;
         ++score.targets;
         if (options.reference) {
-          // KL(P_ref || P) = sum_v p_ref(v) (log p_ref(v) - log p(v)).
-          const float *reference = referenceLogits.data() + (t - begin) * V;
-          const double referenceNormaliser = logNormaliser(reference, V);
-          double kl = 0;
-          for (int64_t v = 0; v < V; ++v) {
-            const double logRef = reference[v] - referenceNormaliser;
-            kl += std::exp(logRef) * (logRef - (row[v] - normaliser));
-          }
-          divergences.push_back(static_cast<float>(std::max(0.0, kl)));
-          result.comparison->domainKlMean[stream.domain] += std::max(0.0, kl);
-          agreements += std::max_element(row, row + V) - row == std::max_element(reference, reference + V) - reference;
-          referenceNll -= reference[stream.ids[t + 1]] - referenceNormaliser;
+          divergences.push_back(static_cast<float>(std::max(0.0, term.kl)));
+          result.comparison->domainKlMean[stream.domain] += std::max(0.0, term.kl);
+          agreements += term.agrees;
+          referenceNll -= term.referenceLogLikelihood;
         }
       }
       progress.advance(score.targets - targetsBefore);
