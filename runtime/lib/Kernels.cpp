@@ -10,7 +10,6 @@
 #include "moe/Runtime/Blas.h"
 
 #include <cblas.h>
-#include <dlfcn.h>
 
 #include "moe/Support/Threads.h"
 
@@ -39,15 +38,11 @@ namespace {
 /// The thread count (moe/Support/Threads.h). From the pool's start on,
 /// the pool owns the threads and OpenBLAS runs on one (moe/Runtime/Blas.h):
 /// its count set to 1 and the workers it started at the library's load,
-/// which spin for about 0.1 s, stopped through `blas_thread_shutdown_`
-/// (the hook a pthreads build runs before fork; looked up, not linked).
-/// OpenBLAS starts them again when asked for more threads.
+/// which spin for about 0.1 s, ended.
 unsigned computeThreads() {
   static const unsigned count = [] {
     openblas_set_num_threads(1);
-    using Shutdown = int (*)();
-    if (auto shutdown = reinterpret_cast<Shutdown>(dlsym(RTLD_DEFAULT, "blas_thread_shutdown_")))
-      shutdown();
+    stopBlasWorkers();
     return threadCount();
   }();
   return count;

@@ -7,6 +7,8 @@
 #ifndef MOE_RUNTIME_BLAS_H
 #define MOE_RUNTIME_BLAS_H
 
+#include <dlfcn.h>
+
 extern "C" {
 void openblas_set_num_threads(int threads);
 int openblas_get_num_threads(void);
@@ -14,10 +16,22 @@ int openblas_get_num_threads(void);
 
 namespace moe {
 
+/// Ends OpenBLAS's worker threads (idle ones spin for about 2^28 cycles
+/// before they sleep) through `blas_thread_shutdown_`, the hook a pthreads
+/// build runs before fork, looked up rather than linked (absent elsewhere:
+/// then nothing). OpenBLAS starts them again when it next needs them or
+/// its count is set.
+inline void stopBlasWorkers() {
+  using Shutdown = int (*)();
+  if (auto shutdown = reinterpret_cast<Shutdown>(dlsym(RTLD_DEFAULT, "blas_thread_shutdown_")))
+    shutdown();
+}
+
 /// While one lives, BLAS calls (OpenBLAS) use `threads` threads; the count
-/// before it is restored after. Nothing is set when the count is already
-/// the one asked for: OpenBLAS starts its workers again at any setting once
-/// the engine has stopped them (runtime/lib/Kernels.cpp, computeThreads).
+/// before it is restored after, and back at one thread the workers are
+/// ended (stopBlasWorkers), so none spins beside the engine's pool. Nothing
+/// is set when the count is already the one asked for: OpenBLAS starts its
+/// workers again at any setting once they have been ended.
 ///
 /// Who owns the threads: the engine's worker pool, from its start on, with
 /// OpenBLAS on one thread (its own workers spin for about 2^28 cycles after
@@ -38,8 +52,11 @@ public:
       openblas_set_num_threads(wanted);
   }
   ~ScopedBlasThreads() {
-    if (wanted != previous)
-      openblas_set_num_threads(previous);
+    if (wanted == previous)
+      return;
+    openblas_set_num_threads(previous);
+    if (previous == 1)
+      stopBlasWorkers();
   }
   ScopedBlasThreads(const ScopedBlasThreads &) = delete;
   ScopedBlasThreads &operator=(const ScopedBlasThreads &) = delete;
