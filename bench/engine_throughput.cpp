@@ -62,7 +62,8 @@ int main(int argc, char **argv) {
   // Warm-up before timing: 8 tokens (the weights' first use), or a whole
   // prompt as llama-bench's does (the work buffers at their full size);
   // prefill and decode are then timed `repeat` times and their rates
-  // averaged, as llama-bench's -r.
+  // averaged, as llama-bench's -r (the decode counters, layer loads and
+  // expert hits, are the last run's; --text's perplexity the first's).
   bool fullWarmup = false;
   int64_t repeat = 1;
   for (size_t i = 1; i + 1 < args.size(); i += 2) {

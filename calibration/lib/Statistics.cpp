@@ -21,6 +21,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <optional>
 #include <unistd.h>
 
 namespace moe {
@@ -306,7 +307,12 @@ public:
     const int64_t n = static_cast<int64_t>(rows.size()) / width;
     if (n == 0)
       return;
-    const ScopedBlasThreads blasThreads(static_cast<int>(threadCount())); // (the engine's pool keeps it at one)
+    // OpenBLAS's threads (the engine's pool keeps it at one) where the
+    // update is worth starting and ending them: 2^27 multiply-adds take a
+    // few milliseconds on one core, a thread's start and end microseconds.
+    std::optional<ScopedBlasThreads> blasThreads;
+    if (width * width * n >= (int64_t(1) << 28))
+      blasThreads.emplace(static_cast<int>(threadCount()));
     if constexpr (std::is_same_v<T, double>)
       cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, static_cast<int>(width), static_cast<int>(n), 1.0, rows.data(),
                   static_cast<int>(width), 1.0, target.data(), static_cast<int>(width));

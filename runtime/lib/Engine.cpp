@@ -142,11 +142,11 @@ template <typename T> std::vector<T> &sized(std::vector<T> &buffer, int64_t coun
 }
 
 /// Per-head score GEMMs (queries x keys x head dimension) up to this size
-/// run in the pool's own kernel; larger ones as single-threaded BLAS GEMMs,
-/// heads spread over the pool. Measured (BENCHMARKS.md, "Prefill attention
-/// in the pool"): on the fixtures (4 heads of 40, 512 tokens: 10.5 M) the
-/// own kernel is faster; on OLMoE's shapes (16 heads of 128: 33.5 M) BLAS
-/// is 5-8% faster.
+/// run in the pool's own kernel; larger ones as single-threaded BLAS GEMMs
+/// over the pool. Measured when the larger ones used OpenBLAS's threads
+/// (BENCHMARKS.md, "Prefill attention in the pool"): on the fixtures (4
+/// heads of 40, 512 tokens: 10.5 M) the own kernel is faster; on OLMoE's
+/// shapes (16 heads of 128: 33.5 M) BLAS was 5-8% faster.
 constexpr int64_t kPoolAttentionWork = int64_t(1) << 24;
 
 /// Causal attention of `tokens` new queries over the cache (which already
@@ -215,29 +215,33 @@ void attend(const ModelSpec &spec, const float *q, int64_t tokens, const KvCache
     return;
   }
   if (tokens > 1) {
-    // Prefill, heads split across the pool: per head, the scores of every
-    // new query against every cached key as one single-threaded GEMM, the
-    // causal softmax row by row (later keys weighted 0), then the weighted
-    // values as a second GEMM.
-    parallelBlasRows(heads, heads * tokens * total * (qDim + vDim), [&](int64_t headBegin, int64_t headEnd) {
+    // Prefill, tasks of (head, 256 queries) over the pool, the longest
+    // first: per task, the queries' scores against the keys the last of
+    // them sees as one single-threaded GEMM, the causal softmax row by row
+    // (later keys weighted 0), then the weighted values as a second GEMM.
+    constexpr int64_t kRows = 256;
+    const int64_t blocks = (tokens + kRows - 1) / kRows;
+    parallelTasks(heads * blocks, heads * tokens * total * (qDim + vDim), [&](int64_t index) {
+      const int64_t block = blocks - 1 - index / heads, h = index % heads, kvHead = h / group;
+      const int64_t first = block * kRows, rows = std::min(kRows, tokens - first);
+      const int64_t seen = firstPosition + first + rows; // keys the block's last query sees
       thread_local std::vector<float> perThread;
       std::vector<float> &scores = perThread;
-      scores.resize(static_cast<size_t>(tokens * total));
-      for (int64_t h = headBegin; h < headEnd; ++h) {
-        const int64_t kvHead = h / group;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens), static_cast<int>(total),
-                    static_cast<int>(qDim), scale, q + h * qDim, static_cast<int>(heads * qDim), keys + kvHead * qDim,
-                    static_cast<int>(kWidth), 0.0f, scores.data(), static_cast<int>(total));
-        for (int64_t t = 0; t < tokens; ++t) {
-          float *row = scores.data() + t * total;
-          const int64_t visible = firstPosition + t + 1;
-          softmax(row, visible);
-          std::fill(row + visible, row + total, 0.0f);
-        }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(tokens), static_cast<int>(vDim),
-                    static_cast<int>(total), 1.0f, scores.data(), static_cast<int>(total), values + kvHead * vDim,
-                    static_cast<int>(vWidth), 0.0f, out + h * vDim, static_cast<int>(heads * vDim));
+      scores.resize(static_cast<size_t>(rows * seen));
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(rows), static_cast<int>(seen),
+                  static_cast<int>(qDim), scale, q + first * heads * qDim + h * qDim, static_cast<int>(heads * qDim),
+                  keys + kvHead * qDim, static_cast<int>(kWidth), 0.0f, scores.data(), static_cast<int>(seen));
+      for (int64_t r = 0; r < rows; ++r) {
+        float *row = scores.data() + r * seen;
+        const int64_t visible = firstPosition + first + r + 1;
+        softmax(row, visible);
+        std::fill(row + visible, row + seen, 0.0f);
       }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(rows), static_cast<int>(vDim),
+                  static_cast<int>(seen), 1.0f, scores.data(), static_cast<int>(seen), values + kvHead * vDim,
+                  static_cast<int>(vWidth), 0.0f, out + first * heads * vDim + h * vDim,
+                  static_cast<int>(heads * vDim));
+      releaseIfLarge(scores);
     });
     return;
   }
@@ -418,6 +422,7 @@ void swiglu(const MlpWeights &mlp, const float *x, int64_t n, std::vector<float>
   for (size_t i = 0; i < up.size(); ++i)
     intermediate[i] = silu(intermediate[i]) * up[i];
   linear(intermediate.data(), n, mlp.down, out);
+  releaseIfLarge(up);
   if (mlp.moreParts.empty())
     return;
   // An expert split into parts: sum the parts' outputs, and concatenate
@@ -784,10 +789,16 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
       return Status::success();
     }
   }
-  if (!observer && !cache && tokens > 1 && poolThreads() > 1) {
-    // (Factored blocks without an observer returned above.) Prefill on the host: the routed experts as tasks over the
-    // pool, the most tokens first, each expert's products inline on its thread (one hand-off a block, not three per
-    // expert); then the weighted sums in expert order, as the loop below adds them, so the result is the same.
+  if (!observer && !cache && tokens > 1 && poolThreads() > 1 &&
+      std::none_of(w.experts.begin(), w.experts.end(),
+                   [](const MlpWeights &mlp) { return mlp.gate.device || mlp.up.device || mlp.down.device; })) {
+    // Prefill on the host: the routed experts as tasks over the pool, the
+    // most tokens first, each expert's products inline on its thread (one
+    // hand-off a block, not three per expert); then the weighted sums in
+    // expert order, as the loop below adds them, so the result is the same.
+    // (Factored blocks without an observer returned above. Experts with a
+    // matrix on a device, which is not called from several threads, take
+    // the loop.)
     std::vector<int64_t> order, offsets(static_cast<size_t>(slots) + 1, 0);
     for (int64_t e = 0; e < slots; ++e) {
       offsets[e + 1] = offsets[e] + static_cast<int64_t>(tokensOf[e].size());
@@ -824,6 +835,8 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
           target[i] += weight * source[i];
       }
     }
+    releaseIfLarge(inputs);
+    releaseIfLarge(outputs);
     addSharedExpert(spec, layer, w, x, tokens, out, observer);
     return Status::success();
   }

@@ -501,8 +501,6 @@ Expected<double> Engine::lossGradients(std::span<const int32_t> tokens, Gradient
   const int64_t T = static_cast<int64_t>(tokens.size()), H = spec.hiddenSize, V = spec.vocabSize;
   if (T < 2)
     return Status::error("gradients: a window needs at least 2 tokens (one to predict), got ", T);
-  // The backward's products are whole BLAS calls on OpenBLAS's threads.
-  const ScopedBlasThreads blasThreads(static_cast<int>(poolThreads()));
   if (!replacedExperts.empty())
     return Status::error("gradients: the engine runs replaced experts, which the backward would not see");
   if (experts)
@@ -522,6 +520,10 @@ Expected<double> Engine::lossGradients(std::span<const int32_t> tokens, Gradient
     }
   } detach{observer, observer, counters, counters};
   observer = nullptr;
+  // The backward's own GEMMs (attention, linearBackward) are single calls
+  // on OpenBLAS's threads; the engine's products inside set one thread
+  // around their regions (moe/Runtime/Blas.h).
+  const ScopedBlasThreads blasThreads(static_cast<int>(poolThreads()));
 
   Buffer x;
   if (embeddings.empty()) {

@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <optional>
 
 /// Conversion of bf16 to f32 cannot fail; its Status carries nothing.
 #define MOE_RUNTIME_IGNORE(expr) (void)(expr)
@@ -32,9 +33,6 @@ namespace moe::kernels {
 
 namespace {
 
-/// Persistent workers, one per core, for the bf16 GEMV: splitting the
-/// output rows (never the reduction) keeps results independent of the
-/// thread count.
 /// The thread count (moe/Support/Threads.h). From the pool's start on,
 /// the pool owns the threads and OpenBLAS runs on one (moe/Runtime/Blas.h):
 /// its count set to 1 and the workers it started at the library's load,
@@ -69,12 +67,13 @@ public:
     for (std::thread &worker : workers)
       worker.join();
   }
-  /// Runs body(begin, end) over [0, rows) split into one range per thread;
-  /// `work` (elements touched) below a threshold runs inline, where waking
-  /// the workers would cost more than it saves.
+  /// Runs body(begin, end) over [0, rows) split into one range per thread
+  /// (empty ones where rows are fewer than threads); `work` (elements
+  /// touched) below a threshold runs inline, where waking the workers would
+  /// cost more than it saves.
   void run(int64_t rows, int64_t work, const std::function<void(int64_t, int64_t)> &body) {
     // Inline inside a region too: a task's own products run on its thread.
-    if (inRegion || threads == 1 || rows < static_cast<int64_t>(threads) || work < (int64_t(1) << 18)) {
+    if (inRegion || threads == 1 || rows < 2 || work < (int64_t(1) << 18)) {
       body(0, rows);
       return;
     }
@@ -88,13 +87,22 @@ public:
     }
     if (sleepers.load(std::memory_order_acquire) > 0)
       wake.notify_all();
-    inRegion = true;
-    body(0, rangeEnd(0, rows));
-    inRegion = false;
-    for (unsigned spins = 0; pending.load(std::memory_order_acquire) != 0; ++spins)
-      pause(spins);
-    task = nullptr;
+    {
+      // Cleared and the workers waited for however the body ends.
+      struct Finish {
+        RowPool &pool;
+        ~Finish() {
+          inRegion = false;
+          for (unsigned spins = 0; pool.pending.load(std::memory_order_acquire) != 0; ++spins)
+            pause(spins);
+          pool.task = nullptr;
+        }
+      } finish{*this};
+      inRegion = true;
+      body(0, rangeEnd(0, rows));
+    }
   }
+  static bool insideRegion() { return inRegion; }
 
 private:
   static void pause(unsigned spins) {
@@ -231,8 +239,14 @@ void parallelRows(int64_t rows, int64_t work, const std::function<void(int64_t, 
 unsigned poolThreads() { return computeThreads(); }
 
 void parallelTasks(int64_t count, int64_t work, const std::function<void(int64_t)> &task) {
+  RowPool &pool = rowPool(); // first: its start sets OpenBLAS's count
+  // Tasks call BLAS on their own threads; the count is set here, by the
+  // caller alone (tasks never touch OpenBLAS's globals).
+  std::optional<SingleThreadedBlas> oneBlasThread;
+  if (!RowPool::insideRegion())
+    oneBlasThread.emplace();
   std::atomic<int64_t> next{0};
-  rowPool().run(static_cast<int64_t>(computeThreads()), work, [&](int64_t, int64_t) {
+  pool.run(static_cast<int64_t>(computeThreads()), work, [&](int64_t, int64_t) {
     for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < count;
          i = next.fetch_add(1, std::memory_order_relaxed))
       task(i);
@@ -240,22 +254,29 @@ void parallelTasks(int64_t count, int64_t work, const std::function<void(int64_t
 }
 
 void parallelBlasRows(int64_t rows, int64_t work, const std::function<void(int64_t, int64_t)> &body) {
-  RowPool &pool = rowPool();        // first: its start sets OpenBLAS's count
-  SingleThreadedBlas oneBlasThread; // (already, unless a caller asked for more)
+  RowPool &pool = rowPool(); // first: its start sets OpenBLAS's count
+  // One BLAS thread (already, unless a caller asked for more), set by the
+  // thread that starts the region: inside one (a task's products) the
+  // region's starter has set it, and workers never touch OpenBLAS's globals.
+  std::optional<SingleThreadedBlas> oneBlasThread;
+  if (!RowPool::insideRegion())
+    oneBlasThread.emplace();
   pool.run(rows, work, body);
 }
 
 namespace {
 
-/// Output rows per panel of a float product: about an eighth of them (so
-/// that up to eight threads share the panels evenly), a multiple of 16,
-/// from 16 to 256, and at most 2 MiB of f32 rows where the panel is
-/// widened or decoded first. A function of the shape alone: each panel is
-/// one BLAS call on one thread, so y does not depend on the thread count.
+/// Output rows per panel of a float product: about a 32nd of them (so that
+/// up to 32 threads share the panels), a multiple of 16, from 16 to 256,
+/// and at most 2 MiB of f32 rows where the panel is widened or decoded
+/// first (16 rows when a row alone is larger). A function of the shape
+/// alone: each panel is one BLAS call on one thread, so y does not depend
+/// on the thread count. (Against one call, one thread loses 3-11% in
+/// 256-row panels on DeepSeek-V3's shapes: BENCHMARKS.md.)
 int64_t panelRows(int64_t out, int64_t in) {
-  const int64_t eighth = ((out + 7) / 8 + 15) / 16 * 16;
+  const int64_t share = ((out + 31) / 32 + 15) / 16 * 16;
   const int64_t fitting = std::max<int64_t>(16, ((int64_t(1) << 19) / std::max<int64_t>(in, 1)) / 16 * 16);
-  return std::clamp<int64_t>(std::min(eighth, fitting), 16, 256);
+  return std::clamp<int64_t>(std::min(share, fitting), 16, 256);
 }
 
 /// y[T, out] = x[T, in] . W^T for a matrix whose rows come as f32 from

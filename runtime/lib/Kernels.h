@@ -56,6 +56,12 @@ void parallelRows(int64_t rows, int64_t work, const std::function<void(int64_t, 
 /// products (parallelRows inside it) run inline on its thread. Inline
 /// when `work` is small, as parallelRows.
 void parallelTasks(int64_t count, int64_t work, const std::function<void(int64_t)> &task);
+/// Frees a kept (thread_local) work buffer above 64 MiB: reuse saves the
+/// page faults of small ones, but a long prompt's must not stay resident.
+template <typename T> void releaseIfLarge(std::vector<T> &buffer) {
+  if (buffer.capacity() * sizeof(T) > (size_t(64) << 20))
+    std::vector<T>().swap(buffer);
+}
 /// The pool's thread count (starting the pool, which puts OpenBLAS on one
 /// thread: moe/Runtime/Blas.h).
 unsigned poolThreads();

@@ -7,6 +7,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Frontend/Checkpoint.h"
+#include "moe/Runtime/Blas.h"
 #include "moe/Runtime/Engine.h"
 #include "moe/Runtime/MoeBlock.h"
 
@@ -473,8 +474,6 @@ TEST(Engine, TheMoeBlockAloneShowsTheObserverWhatTheLayerDid) {
   expectErrorContains(model.engine->observeMoeBlock(0, moeInput.data(), T), {"not a MoE layer"});
 }
 
-extern "C" void openblas_set_num_threads(int);
-
 /// Runs nothing of its own; attached, it sends prefill through the serial
 /// loop over experts (observers see experts one at a time, in order).
 class PassiveObserver : public EngineObserver {};
@@ -508,9 +507,12 @@ TEST(Engine, ResultsAreIdenticalWhateverTheThreadCount) {
   openblas_set_num_threads(1);
   KvCache cacheOne = model.engine->newCache();
   ASSERT_TRUE(model.engine->forward(golden.ids, cacheOne, one).ok());
-  openblas_set_num_threads(2);
+  openblas_set_num_threads(2); // a caller's setting the engine must not follow
   KvCache cacheTwo = model.engine->newCache();
-  ASSERT_TRUE(model.engine->forward(golden.ids, cacheTwo, two).ok());
+  const bool ran = model.engine->forward(golden.ids, cacheTwo, two).ok();
+  openblas_set_num_threads(1); // as the engine's pool keeps it
+  stopBlasWorkers();
+  ASSERT_TRUE(ran);
   EXPECT_EQ(one, two) << "bitwise identical";
 }
 
