@@ -633,6 +633,23 @@ Status factoredBlock(const ModelSpec &spec, const LayerSpec &layer, const LayerW
   return Status::success();
 }
 
+/// out[tokens, H] = the routed experts' outputs, weighted and added in slot
+/// order as the expert-by-expert loop adds them, from `outputs` holding
+/// every routed row slot after slot (a slot's rows in its tokens' order).
+void addRoutedOutputs(const std::vector<std::vector<int32_t>> &tokensOf,
+                      const std::vector<std::vector<float>> &weightsOf, const float *outputs, int64_t tokens, int64_t H,
+                      float *out) {
+  std::fill(out, out + tokens * H, 0.0f);
+  const float *source = outputs;
+  for (size_t e = 0; e < tokensOf.size(); ++e)
+    for (size_t r = 0; r < tokensOf[e].size(); ++r, source += H) {
+      const float weight = weightsOf[e][r];
+      float *target = out + tokensOf[e][r] * H;
+      for (int64_t i = 0; i < H; ++i)
+        target[i] += weight * source[i];
+    }
+}
+
 } // namespace
 
 void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &w, const float *x,
@@ -771,20 +788,7 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
         row += static_cast<int64_t>(routed.size());
       }
       batches.front().mlp->gate.device->device().expertBatches(batches, H);
-      std::fill(out, out + tokens * H, 0.0f);
-      size_t batch = 0;
-      for (int64_t e = 0; e < slots; ++e) {
-        const std::vector<int32_t> &routed = tokensOf[e];
-        if (routed.empty())
-          continue;
-        const float *source = batches[batch++].out;
-        for (size_t r = 0; r < routed.size(); ++r) {
-          const float weight = weightsOf[e][r];
-          float *target = out + routed[r] * H;
-          for (int64_t i = 0; i < H; ++i)
-            target[i] += weight * source[static_cast<int64_t>(r) * H + i];
-        }
-      }
+      addRoutedOutputs(tokensOf, weightsOf, outputs.data(), tokens, H, out);
       addSharedExpert(spec, layer, w, x, tokens, out, observer);
       return Status::success();
     }
@@ -824,17 +828,7 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
       thread_local std::vector<float> intermediate;
       swiglu(expert(e), input, static_cast<int64_t>(routed.size()), intermediate, outputs.data() + offsets[e] * H);
     });
-    std::fill(out, out + tokens * H, 0.0f);
-    for (int64_t e = 0; e < slots; ++e) {
-      const std::vector<int32_t> &routed = tokensOf[e];
-      for (size_t r = 0; r < routed.size(); ++r) {
-        const float weight = weightsOf[e][r];
-        float *target = out + routed[r] * H;
-        const float *source = outputs.data() + (offsets[e] + static_cast<int64_t>(r)) * H;
-        for (int64_t i = 0; i < H; ++i)
-          target[i] += weight * source[i];
-      }
-    }
+    addRoutedOutputs(tokensOf, weightsOf, outputs.data(), tokens, H, out);
     releaseIfLarge(inputs);
     releaseIfLarge(outputs);
     addSharedExpert(spec, layer, w, x, tokens, out, observer);

@@ -238,21 +238,6 @@ void parallelRows(int64_t rows, int64_t work, const std::function<void(int64_t, 
 
 unsigned poolThreads() { return computeThreads(); }
 
-void parallelTasks(int64_t count, int64_t work, const std::function<void(int64_t)> &task) {
-  RowPool &pool = rowPool(); // first: its start sets OpenBLAS's count
-  // Tasks call BLAS on their own threads; the count is set here, by the
-  // caller alone (tasks never touch OpenBLAS's globals).
-  std::optional<SingleThreadedBlas> oneBlasThread;
-  if (!RowPool::insideRegion())
-    oneBlasThread.emplace();
-  std::atomic<int64_t> next{0};
-  pool.run(static_cast<int64_t>(computeThreads()), work, [&](int64_t, int64_t) {
-    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < count;
-         i = next.fetch_add(1, std::memory_order_relaxed))
-      task(i);
-  });
-}
-
 void parallelBlasRows(int64_t rows, int64_t work, const std::function<void(int64_t, int64_t)> &body) {
   RowPool &pool = rowPool(); // first: its start sets OpenBLAS's count
   // One BLAS thread (already, unless a caller asked for more), set by the
@@ -262,6 +247,17 @@ void parallelBlasRows(int64_t rows, int64_t work, const std::function<void(int64
   if (!RowPool::insideRegion())
     oneBlasThread.emplace();
   pool.run(rows, work, body);
+}
+
+void parallelTasks(int64_t count, int64_t work, const std::function<void(int64_t)> &task) {
+  // One range per thread, each taking tasks until none is left; tasks call
+  // BLAS on their own threads.
+  std::atomic<int64_t> next{0};
+  parallelBlasRows(static_cast<int64_t>(computeThreads()), work, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < count;
+         i = next.fetch_add(1, std::memory_order_relaxed))
+      task(i);
+  });
 }
 
 namespace {
@@ -631,7 +627,7 @@ void weightedRows(const float *weights, int64_t weightStride, const int64_t *vis
                   int64_t stride, int64_t dim, float *out, int64_t outStride) {
 #if defined(__x86_64__)
   static const bool hasAvx512 = __builtin_cpu_supports("avx512f");
-  if (hasAvx512 && count >= 1 && count <= 4) {
+  if (hasAvx512) {
     switch (count) {
     case 1:
       return weightedManyAvx512<1>(weights, weightStride, visible, values, stride, dim, out, outStride);
@@ -639,7 +635,7 @@ void weightedRows(const float *weights, int64_t weightStride, const int64_t *vis
       return weightedManyAvx512<2>(weights, weightStride, visible, values, stride, dim, out, outStride);
     case 3:
       return weightedManyAvx512<3>(weights, weightStride, visible, values, stride, dim, out, outStride);
-    default:
+    case 4:
       return weightedManyAvx512<4>(weights, weightStride, visible, values, stride, dim, out, outStride);
     }
   }
