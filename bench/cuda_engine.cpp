@@ -225,7 +225,7 @@ private:
 
 int main(int argc, char **argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
-  std::string configPath, formatName = "q4_g128_asym", deviceName = "auto", productKernel;
+  std::string configPath, formatName = "q4_g128_asym", deviceName = "auto", productKernel, routing;
   int64_t layers = 0, promptTokens = 512, decodeTokens = 64, step = 8;
   for (size_t i = 0; i + 1 < args.size(); i += 2) {
     const std::string &flag = args[i], &value = args[i + 1];
@@ -245,6 +245,8 @@ int main(int argc, char **argv) {
       deviceName = value;
     else if (flag == "--product-kernel")
       productKernel = value;
+    else if (flag == "--routing")
+      routing = value;
     else if (flag == "--threads")
       setThreadCount(static_cast<unsigned>(std::stoul(value)));
     else {
@@ -255,7 +257,7 @@ int main(int argc, char **argv) {
   if (configPath.empty() || args.size() % 2 != 0) {
     std::cerr << "usage: cuda_engine --config FILE [--layers N] [--format FORMAT|bf16] [--prompt P] [--decode D]\n"
                  "                   [--step S] [--device auto|cuda|cpu] [--threads N]\n"
-                 "                   [--product-kernel auto|streamed|warp-per-row]\n";
+                 "                   [--product-kernel auto|streamed|warp-per-row] [--routing device|host]\n";
     return 2;
   }
   auto fail = [](const std::string &message) {
@@ -289,6 +291,12 @@ int main(int argc, char **argv) {
     if (!*device)
       return fail("--product-kernel needs a device");
     if (Status chosen = (*device)->chooseProductKernel(productKernel); !chosen.ok())
+      return fail(chosen.message());
+  }
+  if (!routing.empty()) {
+    if (!*device)
+      return fail("--routing needs a device");
+    if (Status chosen = (*device)->chooseRouting(routing); !chosen.ok())
       return fail(chosen.message());
   }
   EngineOptions options;
@@ -336,6 +344,7 @@ int main(int argc, char **argv) {
   result["device"] = *device ? (*device)->description() : "cpu";
   result["threads"] = threadCount();
   result["product_kernel"] = productKernel.empty() ? "default" : productKernel;
+  result["routing"] = routing.empty() ? "default" : routing;
   result["load_seconds"] = loadSeconds;
   if (*device)
     result["device_resident_bytes"] = (*device)->residentBytes();
@@ -398,6 +407,7 @@ int main(int argc, char **argv) {
     if (!bandwidth)
       return fail(bandwidth.status().message());
     result["device_copy_bytes_per_second"] = *bandwidth;
+    result["layers_routed_on_device"] = (*device)->routedLayers();
     // Bytes decoding reads per second beside the bytes a copy moves (read
     // and written) per second: the memory system's measured rate.
     result["decode_fraction_of_copy_bandwidth"] =

@@ -2,16 +2,18 @@
 # The GPU checks of moec in one run (about 8 minutes on an H100/H200):
 # builds the CUDA code (or uses the binaries scripts/pack-device.sh packed
 # into .device/device.tar.xz), runs the CUDA tests (kernels against the CPU's reference,
-# engine parity on both fixtures and on a package per recipe of examples/),
-# compute-sanitizer's memcheck over the kernel and fixture tests, and
-# bench/cuda_engine on real shapes. Logs and JSON go to OUT (default
-# build-device/results); record the card, driver and numbers in
-# BENCHMARKS.md.
+# engine parity on both fixtures and on a package per recipe of examples/,
+# routing on the device against routing on the host), compute-sanitizer's
+# memcheck over the kernel and fixture tests (racecheck and synccheck over
+# the routing kernel), and bench/cuda_engine on real shapes. Logs and JSON
+# go to OUT (default build-device/results); record the card, driver and
+# numbers in BENCHMARKS.md.
 #
 #   bench/device-check.sh [OUT]
 #
 # STEPS (default "tests bench memcheck ncu") picks the steps of a shorter
-# run; "quickbench" in place of "bench" runs three 4-bit models alone.
+# run; "quickbench" in place of "bench" runs four 4-bit models alone (and,
+# as bench does, OLMoE and Qwen3 again with routing on the host).
 set -uo pipefail
 steps=" ${STEPS:-tests bench memcheck ncu} "
 want() { [[ $steps == *" $1 "* ]]; }
@@ -74,7 +76,14 @@ run_bench mixtral-8x7b mixtral-8x7b.json 32 q4_g128_asym
 elif want quickbench; then
 run_bench olmoe-1b-7b olmoe-1b-7b-4layers.json 16 q4_g128_asym
 run_bench qwen3-30b-a3b qwen3-30b-a3b-2layers.json 48 q4_g128_asym
+run_bench deepseek-v2-lite deepseek-v2-lite.json 27 q4_g128_asym
 run_bench mixtral-8x7b mixtral-8x7b.json 32 q4_g128_asym
+fi
+if want bench || want quickbench; then
+# Routing on the host (a wait per layer), beside the default (on the
+# device, one wait a token) above.
+run_bench olmoe-1b-7b-host-routing olmoe-1b-7b-4layers.json 16 q4_g128_asym --routing host
+run_bench qwen3-30b-a3b-host-routing qwen3-30b-a3b-2layers.json 48 q4_g128_asym --routing host
 fi
 if want bench || want quickbench; then
 # Each one-token kernel alone, beside the default (auto) above: what
@@ -86,10 +95,19 @@ done
 fi
 if want memcheck && command -v compute-sanitizer >/dev/null; then
   log "compute-sanitizer memcheck (kernels, fixtures)"
-  timeout 100 compute-sanitizer --tool memcheck --error-exitcode 9 "$tests" \
+  timeout 160 compute-sanitizer --tool memcheck --error-exitcode 9 "$tests" \
     --gtest_filter='CudaMatrixProducts.*:CudaEngine.*' >"$out/memcheck.log" 2>&1
   log "memcheck exit $? ($(grep -c 'Invalid\|uninitialized' "$out/memcheck.log") errors reported)"
   tail -3 "$out/memcheck.log" >>"$out/summary.txt"
+  # The routing kernel's warp shares shared memory: races and barriers, on
+  # the fixtures' short runs.
+  for tool in racecheck synccheck; do
+    log "compute-sanitizer $tool (routing on the device, fixtures)"
+    MOEC_PARITY_QUICK=1 timeout 90 compute-sanitizer --tool $tool --error-exitcode 9 "$tests" \
+      --gtest_filter='CudaEngine.RoutingOnTheDevice*' >"$out/$tool.log" 2>&1
+    log "$tool exit $? ($(grep -c '^========= Error\|hazard' "$out/$tool.log") reports)"
+    tail -3 "$out/$tool.log" >>"$out/summary.txt"
+  done
 fi
 
 # Where the product kernel stands against the hardware (Nsight Compute):

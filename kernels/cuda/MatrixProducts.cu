@@ -31,6 +31,9 @@
 #include <atomic>
 #include <cstring>
 #include <mutex>
+#include <numeric>
+#include <sstream>
+#include <string>
 #include <vector>
 
 namespace moe::cuda {
@@ -39,35 +42,7 @@ namespace {
 constexpr int kTile = 8;          ///< Tokens per pass over a row (TILE), above one token.
 constexpr int kWarpsPerBlock = 8; ///< 256 threads.
 
-/// Rounds x[t, 0..cols) to int8 per group of `group` (zero-padded).
-struct QuantJob {
-  const float *x;
-  int64_t ldx, cols, groups, tokens;
-  int group;
-  int8_t *values; ///< [tokens, groups * group]
-  float *scales;  ///< [tokens, groups]
-  float *sums;    ///< [tokens, groups]
-  int64_t first;  ///< Warps before this job.
-};
-
-/// y[t * ldy + r] = row r . x_t for r < rows, t < tokens.
-struct ProductJob {
-  const uint8_t *w;
-  int64_t rows, cols;
-  int layout; ///< WeightLayout
-  int bits, group, symmetric, bf16Scale, signedCodes, vectorized;
-  int blockShift;                     ///< Group layout: log2(blocks of 32 codes per group).
-  int64_t codeRowBytes, headerOffset; ///< Group layout: the planes (common/GroupPlanes.h).
-  const float *x;                     ///< Dense layouts: f32 activations, row stride ldx.
-  int64_t ldx;
-  const int8_t *q; ///< Group layout: quantized activation (QuantJob).
-  const float *qScales, *qSums;
-  int64_t groups;
-  float *y;
-  int64_t ldy;
-  int64_t tokens; ///< Rows of x and y.
-  int64_t first;  ///< Rows before this job.
-};
+static_assert(static_cast<int>(WeightLayout::Group) == kGroupLayout, "ProductJob::layout of group formats");
 
 __device__ __forceinline__ float warpSum(float v) {
 #pragma unroll
@@ -80,7 +55,13 @@ __device__ __forceinline__ float scaleValue(unsigned short bits, int bf16) {
   return bf16 ? __uint_as_float(static_cast<unsigned>(bits) << 16) : __half2float(__ushort_as_half(bits));
 }
 
-__global__ void quantizeKernel(const QuantJob *jobs, int count, int64_t total) {
+/// `dynamic`, when not null, holds the job count and warps in place of
+/// `count` and `total` (a plan the device wrote; the grid covers a bound).
+__global__ void quantizeKernel(const QuantJob *jobs, int count, int64_t total, const LaunchSize *dynamic) {
+  if (dynamic) {
+    count = dynamic->count;
+    total = dynamic->total;
+  }
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (warp >= total)
@@ -337,7 +318,11 @@ template <bool BF16, int TILE> __device__ void denseRow(const ProductJob &job, i
 /// whose few registers let more warps wait on memory.
 template <int TILE>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock, TILE == 1 ? 2 : 1)
-    productKernel(const ProductJob *jobs, int count, int64_t totalRows) {
+    productKernel(const ProductJob *jobs, int count, int64_t totalRows, const LaunchSize *dynamic) {
+  if (dynamic) {
+    count = dynamic->count;
+    totalRows = dynamic->total;
+  }
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (warp >= totalRows)
@@ -535,7 +520,10 @@ __device__ __forceinline__ void consumeBlock(float &acc, const ProductJob &job, 
                         __ldg(job.qScales + g), job.qSums + g);
 }
 
-__global__ void __launch_bounds__(32 * kStreamWarps) streamedKernel(const ProductJob *jobs, int64_t totalRows) {
+__global__ void __launch_bounds__(32 * kStreamWarps)
+    streamedKernel(const ProductJob *jobs, int64_t totalRows, const LaunchSize *dynamic) {
+  if (dynamic)
+    totalRows = dynamic->total;
   __shared__ uint4 ringCodes[kStreamWarps][kStreamStages][32][2];
   __shared__ unsigned ringHeaders[kStreamWarps][kStreamStages][32];
   const int lane = threadIdx.x & 31, warpInBlock = threadIdx.x >> 5;
@@ -590,7 +578,9 @@ __global__ void __launch_bounds__(32 * kStreamWarps) streamedKernel(const Produc
 }
 
 /// h[i] = silu(gate[i]) * up[i], silu as the CPU engine writes it.
-__global__ void swigluKernel(const float *gate, const float *up, float *h, int64_t count) {
+__global__ void swigluKernel(const float *gate, const float *up, float *h, int64_t count, const LaunchSize *dynamic) {
+  if (dynamic)
+    count = dynamic->total;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < count) {
     const float g = gate[i];
@@ -601,7 +591,9 @@ __global__ void swigluKernel(const float *gate, const float *up, float *h, int64
 /// out[r] = sum_i weights[i] * parts[i * hidden + r], added in order of i
 /// (or out[r] += that sum when `accumulate`: the residual stream).
 __global__ void combineKernel(const float *parts, const float *weights, int count, int64_t hidden, float *out,
-                              bool accumulate) {
+                              bool accumulate, const LaunchSize *dynamic) {
+  if (dynamic)
+    count = dynamic->count;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= hidden)
     return;
@@ -644,12 +636,11 @@ __device__ float blockMax(float value) {
   return most;
 }
 
-/// One row per block, in place allowed: RMSNorm (x * rsqrt(mean(x^2) + eps)
-/// * weight, in float as the CPU) or LayerNorm (mean and variance in double).
-__global__ void normKernel(const float *in, float *out, int64_t width, const float *weight, const float *bias,
-                           double eps, int layerNorm) {
-  const float *x = in + blockIdx.x * width;
-  float *y = out + blockIdx.x * width;
+/// A row's norm by the whole block, in place allowed: RMSNorm (x *
+/// rsqrt(mean(x^2) + eps) * weight, in float as the CPU) or LayerNorm
+/// (mean and variance in double).
+__device__ void normRow(const float *x, float *y, int64_t width, const float *weight, const float *bias, double eps,
+                        int layerNorm) {
   if (!layerNorm) {
     float squares = 0.0f;
     for (int64_t i = threadIdx.x; i < width; i += blockDim.x)
@@ -671,6 +662,112 @@ __global__ void normKernel(const float *in, float *out, int64_t width, const flo
   const float scale = static_cast<float>(1.0 / sqrt(variance + eps));
   for (int64_t i = threadIdx.x; i < width; i += blockDim.x)
     y[i] = (x[i] - static_cast<float>(mean)) * scale * weight[i] + (bias ? bias[i] : 0.0f);
+}
+
+/// One row per block (normRow).
+__global__ void normKernel(const float *in, float *out, int64_t width, const float *weight, const float *bias,
+                           double eps, int layerNorm) {
+  normRow(in + blockIdx.x * width, out + blockIdx.x * width, width, weight, bias, eps, layerNorm);
+}
+
+/// One block: x += branch (+ branchBias), the attention's output onto the
+/// residual stream, then y = the MLP's norm of x: biasClampKernel,
+/// addKernel and normKernel in one launch, with their arithmetic.
+__global__ void addNormKernel(float *x, const float *branch, const float *branchBias, int64_t width, float *y,
+                              const float *weight, const float *bias, double eps, int layerNorm) {
+  for (int64_t i = threadIdx.x; i < width; i += blockDim.x)
+    x[i] += branchBias ? branch[i] + branchBias[i] : branch[i];
+  __syncthreads();
+  normRow(x, y, width, weight, bias, eps, layerNorm);
+}
+
+/// q, k and v of one token after their products (grouped-query attention).
+struct Epilogue {
+  float *y[3];          ///< q, k, v (device).
+  const float *bias[3]; ///< Or null.
+  const float *norm[2]; ///< q's and k's qk-norm weights.
+  float *cacheRow[3];   ///< k's and v's row in the KV cache (q: null).
+  int64_t width[3];
+  int heads[3];        ///< Heads of q, k, v.
+  int headDim, qkNorm; ///< qkNorm: 0 none, 1 per head, 2 over the full width.
+  float eps, clip;     ///< clip 0: none.
+  int ropeHalf, interleaved;
+  const float *cos, *sin;
+};
+
+/// The steps between q/k/v's products and attention, one block of 1024
+/// threads per tensor (blockIdx.x: 0 q, 1 k, 2 v), with the arithmetic of
+/// the kernels they replace, in the CPU engine's order: bias
+/// (biasClampKernel), qk-norm of q and k (over the full width as
+/// normKernel's 1024-thread block; per head by groups of 128 threads that
+/// sum as its 128-thread blocks), the clamp, RoPE of q and k (ropeKernel),
+/// then k and v into the KV cache's row.
+__global__ void __launch_bounds__(1024) epilogueKernel(Epilogue e) {
+  const int t = blockIdx.x;
+  float *y = e.y[t];
+  const int64_t width = e.width[t];
+  if (e.bias[t]) {
+    for (int64_t i = threadIdx.x; i < width; i += blockDim.x)
+      y[i] = y[i] + e.bias[t][i];
+    __syncthreads();
+  }
+  if (t < 2 && e.qkNorm == 2) {
+    normRow(y, y, width, e.norm[t], nullptr, e.eps, 0);
+  } else if (t < 2 && e.qkNorm == 1) {
+    __shared__ float partial[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, group = threadIdx.x >> 7, member = threadIdx.x & 127;
+    const int groups = blockDim.x >> 7;
+    for (int first = 0; first < e.heads[t]; first += groups) {
+      const int h = first + group;
+      float *head = y + static_cast<int64_t>(h) * e.headDim;
+      float squares = 0.0f;
+      if (h < e.heads[t])
+        for (int i = member; i < e.headDim; i += 128)
+          squares += head[i] * head[i];
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1)
+        squares += __shfl_xor_sync(0xffffffffu, squares, offset);
+      __syncthreads();
+      if (lane == 0)
+        partial[warp] = squares;
+      __syncthreads();
+      float total = 0.0f;
+      for (int w = 0; w < 4; ++w)
+        total += partial[group * 4 + w];
+      if (h < e.heads[t]) {
+        const float scale = 1.0f / sqrtf(total / static_cast<float>(e.headDim) + e.eps);
+        for (int i = member; i < e.headDim; i += 128)
+          head[i] = e.norm[t][i] * (head[i] * scale);
+      }
+    }
+  }
+  __syncthreads();
+  if (e.clip > 0)
+    for (int64_t i = threadIdx.x; i < width; i += blockDim.x)
+      y[i] = fminf(fmaxf(y[i] + 0.0f, -e.clip), e.clip);
+  if (t < 2 && e.ropeHalf > 0) {
+    __syncthreads();
+    const int half = e.ropeHalf;
+    for (int index = threadIdx.x; index < e.heads[t] * half; index += blockDim.x) {
+      const int h = index / half, i = index - h * half;
+      float *head = y + static_cast<int64_t>(h) * e.headDim;
+      const float c = e.cos[i], s = e.sin[i];
+      if (!e.interleaved) {
+        const float a = head[i], b = head[i + half];
+        head[i] = a * c - b * s;
+        head[i + half] = b * c + a * s;
+      } else {
+        const float a = head[2 * i], b = head[2 * i + 1];
+        head[2 * i] = a * c - b * s;
+        head[2 * i + 1] = a * s + b * c;
+      }
+    }
+  }
+  if (e.cacheRow[t]) {
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < width; i += blockDim.x)
+      e.cacheRow[t][i] = y[i];
+  }
 }
 
 /// y += b, then (clip > 0) clamp to +-clip.
@@ -709,6 +806,20 @@ __global__ void ropeKernel(float *x, int headDim, int half, int interleaved, con
   }
 }
 
+/// MLA's keys and values of one token (one head per block): key h is head
+/// h's nope columns of kvUp's output [heads, nope + dv] then the shared
+/// rope columns; value h is its dv columns.
+__global__ void latentKeysKernel(const float *expanded, const float *sharedRope, int nope, int rope, int dv, float *k,
+                                 float *v) {
+  const int h = blockIdx.x;
+  const float *source = expanded + static_cast<int64_t>(h) * (nope + dv);
+  float *key = k + static_cast<int64_t>(h) * (nope + rope);
+  for (int i = threadIdx.x; i < nope + rope; i += blockDim.x)
+    key[i] = i < nope ? source[i] : sharedRope[i - nope];
+  for (int i = threadIdx.x; i < dv; i += blockDim.x)
+    v[static_cast<int64_t>(h) * dv + i] = source[nope + i];
+}
+
 /// One query head per block over `visible` cached rows: scores, softmax
 /// (max-subtracted, as the CPU), weighted values, each sum in the CPU's order.
 __global__ void attendKernel(const float *q, const float *keys, const float *values, int64_t visible, int group,
@@ -742,6 +853,99 @@ __global__ void attendKernel(const float *q, const float *keys, const float *val
       acc += score[s] * values[s * valueWidth + static_cast<int64_t>(kvHead) * vDim + i];
     out[static_cast<int64_t>(h) * vDim + i] = acc;
   }
+}
+
+/// Routing (kernels/common/Routing.h) by the 32 lanes of a warp together:
+/// softmax and top-k share the work, the rest runs on every lane alike.
+/// The selection is serialTopK's, exactly; sums run in another order than
+/// DeviceMath's.
+struct WarpMath {
+  __device__ void softmax(float *x, int32_t count) const {
+    const int lane = threadIdx.x & 31;
+    __syncwarp(); // every lane has written x
+    float most = -INFINITY;
+    for (int32_t i = lane; i < count; i += 32)
+      most = most < x[i] ? x[i] : most;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      const float other = __shfl_xor_sync(0xffffffffu, most, offset);
+      most = most < other ? other : most;
+    }
+    float sum = 0.0f;
+    for (int32_t i = lane; i < count; i += 32) {
+      x[i] = expf(x[i] - most);
+      sum += x[i];
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1)
+      sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    sum = __shfl_sync(0xffffffffu, sum, 0); // one value on every lane
+    for (int32_t i = lane; i < count; i += 32)
+      x[i] /= sum;
+    __syncwarp();
+  }
+  __device__ float sigmoid(float x) const { return 1.0f / (1.0f + expf(-x)); }
+  __device__ void topK(const float *values, int32_t count, int32_t k, int32_t *taken, int32_t *out) const {
+    const int lane = threadIdx.x & 31;
+    __syncwarp(); // earlier reads of `taken` are done
+    for (int32_t i = lane; i < count; i += 32)
+      taken[i] = 0;
+    __syncwarp();
+    for (int32_t pick = 0; pick < k; ++pick) {
+      // Each lane's largest untaken (the first of equals), then the warp's:
+      // the larger value, of equals the lower index.
+      int32_t best = -1;
+      float bestValue = 0.0f;
+      for (int32_t i = lane; i < count; i += 32)
+        if (!taken[i] && (best < 0 || values[i] > bestValue)) {
+          best = i;
+          bestValue = values[i];
+        }
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) {
+        const int32_t other = __shfl_xor_sync(0xffffffffu, best, offset);
+        const float otherValue = __shfl_xor_sync(0xffffffffu, bestValue, offset);
+        if (other >= 0 && (best < 0 || otherValue > bestValue || (otherValue == bestValue && other < best))) {
+          best = other;
+          bestValue = otherValue;
+        }
+      }
+      taken[best] = 1;
+      if (out)
+        out[pick] = best;
+      __syncwarp();
+    }
+  }
+  __device__ void sync() const { __syncwarp(); }
+};
+
+/// One block: a token's routing and the job tables of its MoE block. The
+/// block sums a gated shared expert's gate; the first warp routes (the
+/// router's rows in shared memory), and its first lane plans
+/// (RoutedExperts.h) and counts the routed experts it plans into `calls`.
+__global__ void __launch_bounds__(256)
+    routeKernel(const RoutedLayer *layerPointer, RoutedScratch scratch, RoutedPlan *plan, unsigned long long *calls) {
+  __shared__ float scores[kMaxRouterRows], choice[kMaxRouterRows], groupScores[kMaxRouterRows];
+  __shared__ int32_t taken[kMaxRouterRows];
+  const RoutedLayer &layer = *layerPointer;
+  float sharedWeight = 1.0f;
+  if (layer.hasShared && layer.sharedGated) {
+    float dot = 0.0f;
+    for (int64_t i = threadIdx.x; i < layer.hidden; i += blockDim.x)
+      dot += scratch.input[i] * layer.sharedGate[i];
+    dot = blockSum(dot);
+    sharedWeight = 1.0f / (1.0f + expf(-dot));
+  }
+  if (threadIdx.x >= 32)
+    return;
+  int32_t slots[kMaxRouted];
+  float weights[kMaxRouted];
+  const routing::Scratch routingScratch{scores, choice, groupScores, taken};
+  const int32_t count = selectExperts(layer, scratch.logits, sharedWeight, routingScratch, WarpMath(), slots, weights);
+  if (threadIdx.x != 0)
+    return;
+  planRoutedExperts(layer, scratch, count, slots, weights, *plan);
+  atomicAdd(calls, static_cast<unsigned long long>(count - layer.hasShared));
 }
 
 unsigned blocksFor(int64_t threads, int perBlock) { return static_cast<unsigned>((threads + perBlock - 1) / perBlock); }
@@ -793,6 +997,32 @@ struct Layout {
 
 bool aligned16(const void *p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+/// The fields of a product job that come from its matrix (`vectorized`:
+/// whether an aligned input whose stride is a multiple of 4 may be read
+/// four floats at a time).
+ProductJob jobTemplate(const DeviceWeight &w) {
+  ProductJob job{};
+  job.w = static_cast<const uint8_t *>(w.data);
+  job.rows = w.rows;
+  job.cols = w.cols;
+  job.layout = static_cast<int>(w.layout);
+  if (w.layout == WeightLayout::Group) {
+    job.bits = w.format.bits;
+    job.group = w.format.group;
+    job.symmetric = w.format.symmetric;
+    job.bf16Scale = w.format.scaleType == quant::ScaleType::BF16;
+    job.signedCodes = w.signedCodes;
+    job.groups = w.format.groupsPerRow(w.cols);
+    const quant::GroupPlanes planes = quant::groupPlanes(w.format, w.rows, w.cols);
+    job.codeRowBytes = static_cast<int64_t>(planes.codeRowBytes);
+    job.headerOffset = static_cast<int64_t>(planes.headerOffset);
+    job.blockShift = w.format.group == 128 ? 2 : w.format.group == 64 ? 1 : 0;
+  } else {
+    job.vectorized = w.cols % 4 == 0 && aligned16(w.data);
+  }
+  return job;
+}
+
 } // namespace
 
 struct KvMirror {
@@ -819,7 +1049,7 @@ struct Context::State {
   double kernelSeconds = 0;
   ~State() {
     for (Buffer *buffer : {&input, &scratch, &output, &hostInput, &hostOutput, &x, &handover, &q, &attended, &branch,
-                           &scores, &logits, &tables, &rope, &arena})
+                           &scores, &logits, &tables, &rope, &latent, &arena, &routed, &routedPlan, &routedCalls})
       buffer->release();
     if (start)
       cudaEventDestroy(start);
@@ -864,33 +1094,18 @@ struct Context::State {
   /// A product job of `w` on activation `x` (device) writing y (device).
   void addProduct(Plan &plan, Layout &scratchLayout, const DeviceWeight &w, const float *x, int64_t ldx, int64_t tokens,
                   float *y, int64_t ldy) {
-    ProductJob job{};
-    job.w = static_cast<const uint8_t *>(w.data);
-    job.rows = w.rows;
-    job.cols = w.cols;
-    job.layout = static_cast<int>(w.layout);
+    ProductJob job = jobTemplate(w);
     job.x = x;
     job.ldx = ldx;
     job.y = y;
     job.ldy = ldy;
     job.tokens = tokens;
     job.first = plan.rows;
-    if (w.layout == WeightLayout::Group) {
-      job.bits = w.format.bits;
-      job.group = w.format.group;
-      job.symmetric = w.format.symmetric;
-      job.bf16Scale = w.format.scaleType == quant::ScaleType::BF16;
-      job.signedCodes = w.signedCodes;
-      job.groups = w.format.groupsPerRow(w.cols);
-      const quant::GroupPlanes planes = quant::groupPlanes(w.format, w.rows, w.cols);
-      job.codeRowBytes = static_cast<int64_t>(planes.codeRowBytes);
-      job.headerOffset = static_cast<int64_t>(planes.headerOffset);
-      job.blockShift = w.format.group == 128 ? 2 : w.format.group == 64 ? 1 : 0;
+    if (w.layout == WeightLayout::Group)
       // The quantization's index, resolved to pointers later.
       job.q = reinterpret_cast<const int8_t *>(addQuant(plan, scratchLayout, x, ldx, w.cols, tokens, w.format.group));
-    } else {
-      job.vectorized = w.cols % 4 == 0 && ldx % 4 == 0 && aligned16(x) && aligned16(w.data);
-    }
+    else
+      job.vectorized = job.vectorized && ldx % 4 == 0 && aligned16(x);
     plan.rows += w.rows;
     plan.products.push_back(job);
   }
@@ -912,46 +1127,60 @@ struct Context::State {
       }
   }
 
-  Status launchQuant(const QuantJob *deviceJobs, size_t count, int64_t warps) {
-    if (count == 0)
+  /// Quantizations of `count` jobs over `warps` warps (with `dynamic`: at
+  /// most that many, the sizes read from device memory).
+  Status launchQuant(const QuantJob *deviceJobs, size_t count, int64_t warps, const LaunchSize *dynamic = nullptr) {
+    if (count == 0 || warps == 0)
       return Status::success();
     quantizeKernel<<<blocksFor(warps * 32, 32 * kWarpsPerBlock), 32 * kWarpsPerBlock, 0, stream>>>(
-        deviceJobs, static_cast<int>(count), warps);
+        deviceJobs, static_cast<int>(count), warps, dynamic);
     return check(cudaGetLastError(), "quantize launch");
+  }
+
+  /// Whether one token's group-format products of `rows` rows and
+  /// `codeBytes` bytes of codes stream. Auto: streamed for rows of under
+  /// 2 KiB of codes on average, where a warp per row spends much of its
+  /// life finding its job and waiting on its first loads (on the H200:
+  /// OLMoE and Qwen3-30B-A3B shapes decode 11-12% faster streamed,
+  /// Mixtral's 2-7 KiB rows 7% slower).
+  bool streams(int64_t rows, int64_t codeBytes) const {
+    return oneTokenKernel == ProductKernel::Streamed ||
+           (oneTokenKernel == ProductKernel::Auto && codeBytes < 2048 * rows);
+  }
+
+  /// Products of `count` jobs over `rows` rows (with `dynamic`: at most
+  /// that many), `single` when every job has one token, `streamed` for the
+  /// streamed kernel (group layouts, one token).
+  Status launchProducts(const ProductJob *deviceJobs, size_t count, int64_t rows, bool single, bool streamed,
+                        const LaunchSize *dynamic = nullptr) {
+    if (count == 0 || rows == 0)
+      return Status::success();
+    if (single && streamed) {
+      // One wave of resident blocks, fewer where the rows are fewer.
+      const unsigned blocks = std::min<unsigned>(blocksFor(rows * 32, 32 * kStreamWarps), streamedBlocks);
+      streamedKernel<<<blocks, 32 * kStreamWarps, 0, stream>>>(deviceJobs, rows, dynamic);
+      return check(cudaGetLastError(), "product launch");
+    }
+    const unsigned blocks = blocksFor(rows * 32, 32 * kWarpsPerBlock);
+    if (single)
+      productKernel<1><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(deviceJobs, static_cast<int>(count), rows, dynamic);
+    else
+      productKernel<kTile>
+          <<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(deviceJobs, static_cast<int>(count), rows, dynamic);
+    return check(cudaGetLastError(), "product launch");
   }
 
   /// The products of `plan`, whose jobs are at `deviceJobs`.
   Status launchProducts(const Plan &plan, const ProductJob *deviceJobs) {
-    const size_t count = plan.products.size();
-    if (count == 0)
-      return Status::success();
-    const int64_t rows = plan.rows;
     const bool single =
         std::all_of(plan.products.begin(), plan.products.end(), [](const ProductJob &job) { return job.tokens == 1; });
     const bool groups = std::all_of(plan.products.begin(), plan.products.end(), [](const ProductJob &job) {
       return job.layout == static_cast<int>(WeightLayout::Group);
     });
-    // Auto: streamed for rows of under 2 KiB of codes on average, where a
-    // warp per row spends much of its life finding its job and waiting on
-    // its first loads (on the H200: OLMoE and Qwen3-30B-A3B shapes decode
-    // 11-12% faster streamed, Mixtral's 2-7 KiB rows 7% slower).
     int64_t codeBytes = 0;
     for (const ProductJob &job : plan.products)
       codeBytes += job.rows * job.codeRowBytes;
-    const bool streamed =
-        oneTokenKernel == ProductKernel::Streamed || (oneTokenKernel == ProductKernel::Auto && codeBytes < 2048 * rows);
-    if (single && groups && streamed) {
-      // One wave of resident blocks, fewer where the rows are fewer.
-      const unsigned streamed = std::min<unsigned>(blocksFor(rows * 32, 32 * kStreamWarps), streamedBlocks);
-      streamedKernel<<<streamed, 32 * kStreamWarps, 0, stream>>>(deviceJobs, rows);
-      return check(cudaGetLastError(), "product launch");
-    }
-    const unsigned blocks = blocksFor(rows * 32, 32 * kWarpsPerBlock);
-    if (single)
-      productKernel<1><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(deviceJobs, static_cast<int>(count), rows);
-    else
-      productKernel<kTile><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(deviceJobs, static_cast<int>(count), rows);
-    return check(cudaGetLastError(), "product launch");
+    return launchProducts(deviceJobs, plan.products.size(), plan.rows, single, groups && streams(plan.rows, codeBytes));
   }
 
   ProductKernel oneTokenKernel = ProductKernel::Auto;
@@ -962,11 +1191,57 @@ struct Context::State {
   // two waits (an async copy reads it later, so it is not reused before).
   // `handover` holds the MLP input, then the new key and value rows, so
   // that one copy hands all three to the host.
-  Buffer x, handover, q, attended, branch, scores, logits, tables, rope, arena{true};
+  Buffer x, handover, q, attended, branch, scores, logits, tables, rope, latent, arena{true};
   int64_t hidden = 0;
   int64_t ropePosition = -1; ///< The position whose angles `rope` holds (this token's).
   float *normedPointer() const { return handover.at<float>(0); }
   size_t arenaUsed = 0;
+  /// Copies from the arena to host memory that the next wait makes (the
+  /// key and value rows of layers whose MLP stayed on the device).
+  struct Pending {
+    void *target;
+    const void *source;
+    size_t bytes;
+  };
+  std::vector<Pending> pending;
+  /// Where the last decodeAttention left the router's logits in `handover`
+  /// (-1: none since, so decodeRouted has nothing to route).
+  int64_t routerLogitsOffset = -1, routerLogitsRows = 0;
+
+  // Routing on the device: the intermediates of a token's MoE block (sized
+  // for every prepared layer), its plan, and the routed experts counted.
+  Buffer routed, routedPlan, routedCalls;
+  struct RoutedBounds {
+    int64_t hidden = 0, count = 0, width = 0, downWidth = 0;
+  } routedBounds;
+
+  /// The areas of a token's intermediates for `b` in `base` (device
+  /// memory; null: offsets from 0), and their layout (for sizing `routed`).
+  static RoutedScratch routedScratch(const RoutedBounds &b, char *base, Layout *layoutOut = nullptr) {
+    Layout layout;
+    const int64_t H = b.hidden, count = b.count;
+    RoutedScratch r;
+    r.inputValueStride = static_cast<int64_t>(alignUp(static_cast<size_t>(H) + 128, 256));
+    r.inputGroupStride = static_cast<int64_t>(alignUp(static_cast<size_t>((H + 31) / 32), 64));
+    r.downValueStride = static_cast<int64_t>(alignUp(static_cast<size_t>(b.downWidth) + 128, 256));
+    r.downGroupStride = static_cast<int64_t>(alignUp(static_cast<size_t>((b.downWidth + 31) / 32), 64));
+    r.inputValues =
+        reinterpret_cast<int8_t *>(base + layout.take(static_cast<size_t>(kMaxInputGroups * r.inputValueStride)));
+    r.inputScales =
+        reinterpret_cast<float *>(base + layout.take(static_cast<size_t>(kMaxInputGroups * r.inputGroupStride) * 4));
+    r.inputSums =
+        reinterpret_cast<float *>(base + layout.take(static_cast<size_t>(kMaxInputGroups * r.inputGroupStride) * 4));
+    r.gateOut = reinterpret_cast<float *>(base + layout.take(static_cast<size_t>(b.width) * 4));
+    r.upOut = reinterpret_cast<float *>(base + layout.take(static_cast<size_t>(b.width) * 4));
+    r.h = reinterpret_cast<float *>(base + layout.take(static_cast<size_t>(b.width) * 4));
+    r.downValues = reinterpret_cast<int8_t *>(base + layout.take(static_cast<size_t>(count * r.downValueStride)));
+    r.downScales = reinterpret_cast<float *>(base + layout.take(static_cast<size_t>(count * r.downGroupStride) * 4));
+    r.downSums = reinterpret_cast<float *>(base + layout.take(static_cast<size_t>(count * r.downGroupStride) * 4));
+    r.parts = reinterpret_cast<float *>(base + layout.take(static_cast<size_t>(count * H) * 4));
+    if (layoutOut)
+      *layoutOut = layout;
+    return r;
+  }
 
   Expected<void *> arenaTake(size_t bytes) {
     const size_t offset = alignUp(arenaUsed, 256);
@@ -1047,9 +1322,26 @@ struct Context::State {
     return enqueue(plan);
   }
 
+  /// Waits for the stream, makes the pending copies to the host, and
+  /// frees the arena.
   Status waitAndReset() {
-    MOE_RETURN_IF_ERROR(check(cudaStreamSynchronize(stream), "decode"));
+    Status status = check(cudaStreamSynchronize(stream), "decode");
+    if (status.ok())
+      for (const Pending &copy : pending)
+        std::memcpy(copy.target, copy.source, copy.bytes);
+    pending.clear();
     arenaUsed = 0;
+    return status;
+  }
+
+  /// Leaves `bytes` of device memory at `source` to be copied to host
+  /// `target` at the next wait.
+  Status copyAtNextWait(void *target, const void *source, size_t bytes) {
+    Expected<void *> staged = arenaTake(bytes);
+    if (!staged)
+      return staged.status();
+    MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(*staged, source, bytes, cudaMemcpyDeviceToHost, stream), "copy out"));
+    pending.push_back({target, *staged, bytes});
     return Status::success();
   }
 
@@ -1061,6 +1353,30 @@ struct Context::State {
     kernelSeconds += milliseconds / 1000.0;
     return Status::success();
   }
+};
+
+/// A prepared MoE layer: its RoutedLayer (with the templates, correction
+/// bias, remap table and shared gate it points to) in one device
+/// allocation, and the bounds its launches are sized for.
+struct RoutedLayerHandle {
+  void *memory = nullptr;
+  const RoutedLayer *device = nullptr;
+  int64_t hidden = 0, routerRows = 0;
+  int32_t inputGroups = 0;
+  int64_t inputWarps = 0;
+  int64_t maxCount = 0;  ///< Experts a token can run (top-k, and the shared expert).
+  int64_t firstRows = 0; ///< Gate and up rows of the widest such experts.
+  int64_t width = 0;     ///< Their intermediate width.
+  int64_t downWarps = 0; ///< Warps that quantize their down products' inputs.
+  int64_t downWidth = 0; ///< The widest expert's intermediate (its down product's input).
+  /// For the one-token kernel's choice (State::streams), over all experts:
+  /// whether gate and up (down) are all group formats, their rows and bytes of codes.
+  bool firstGroups = true, secondGroups = true;
+  int64_t firstAllRows = 0, firstCodeBytes = 0, secondAllRows = 0, secondCodeBytes = 0;
+  RoutedLayerHandle() = default;
+  RoutedLayerHandle(const RoutedLayerHandle &) = delete;
+  RoutedLayerHandle &operator=(const RoutedLayerHandle &) = delete;
+  ~RoutedLayerHandle() { cudaFree(memory); }
 };
 
 Expected<std::shared_ptr<Context>> Context::open() {
@@ -1301,13 +1617,13 @@ Status Context::experts(const float *x, int64_t hidden, const ExpertProduct *exp
   MOE_RETURN_IF_ERROR(s.launchQuant(s.input.at<QuantJob>(quantFirstOffset), first.quant.size(), first.quantWarps));
   MOE_RETURN_IF_ERROR(s.launchProducts(first, s.input.at<ProductJob>(productFirstOffset)));
   swigluKernel<<<blocksFor(width, 256), 256, 0, s.stream>>>(
-      s.scratch.at<float>(gateOffset), s.scratch.at<float>(upOffset), s.scratch.at<float>(hOffset), width);
+      s.scratch.at<float>(gateOffset), s.scratch.at<float>(upOffset), s.scratch.at<float>(hOffset), width, nullptr);
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "swiglu launch"));
   MOE_RETURN_IF_ERROR(s.launchQuant(s.input.at<QuantJob>(quantSecondOffset), second.quant.size(), second.quantWarps));
   MOE_RETURN_IF_ERROR(s.launchProducts(second, s.input.at<ProductJob>(productSecondOffset)));
   combineKernel<<<blocksFor(hidden, 256), 256, 0, s.stream>>>(s.scratch.at<float>(partsOffset),
                                                               s.input.at<float>(weightOffset), static_cast<int>(count),
-                                                              hidden, s.output.at<float>(outOffset), false);
+                                                              hidden, s.output.at<float>(outOffset), false, nullptr);
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "combine launch"));
   MOE_RETURN_IF_ERROR(
       check(cudaMemcpyAsync(s.hostOutput.data, s.output.data, out.size, cudaMemcpyDeviceToHost, s.stream), "copy out"));
@@ -1405,7 +1721,7 @@ Status Context::expertBatches(const ExpertBatch *batchArray, size_t count, int64
   MOE_RETURN_IF_ERROR(s.launchQuant(s.input.at<QuantJob>(quantFirst), first.quant.size(), first.quantWarps));
   MOE_RETURN_IF_ERROR(s.launchProducts(first, s.input.at<ProductJob>(productFirst)));
   swigluKernel<<<blocksFor(width, 256), 256, 0, s.stream>>>(s.scratch.at<float>(gateBase), s.scratch.at<float>(upBase),
-                                                            s.scratch.at<float>(hBase), width);
+                                                            s.scratch.at<float>(hBase), width, nullptr);
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "swiglu launch"));
   MOE_RETURN_IF_ERROR(s.launchQuant(s.input.at<QuantJob>(quantSecond), second.quant.size(), second.quantWarps));
   MOE_RETURN_IF_ERROR(s.launchProducts(second, s.input.at<ProductJob>(productSecond)));
@@ -1436,8 +1752,11 @@ Status Context::decodeBegin(const float *x, int64_t hidden) {
   MOE_RETURN_IF_ERROR(s.arena.reserve(size_t(16) << 20));
   s.hidden = hidden;
   s.ropePosition = -1;
+  s.routerLogitsOffset = -1;
   for (Buffer *buffer : {&s.x, &s.handover, &s.branch})
     MOE_RETURN_IF_ERROR(buffer->reserve(static_cast<size_t>(hidden) * 4));
+  if (s.routedCalls.data)
+    MOE_RETURN_IF_ERROR(check(cudaMemsetAsync(s.routedCalls.data, 0, 8, s.stream), "memset"));
   return s.stage(s.x.data, x, static_cast<size_t>(hidden) * 4);
 }
 
@@ -1502,8 +1821,14 @@ Status Context::decodeSyncCache(KvMirror &mirror, int64_t layerIndex, const floa
 
 Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int64_t layerIndex, int64_t position,
                                 float *mlpInput, float *keyRow, float *valueRow, float *routerLogits) {
-  if (!a.query || !a.key || !a.value || !a.output || !a.attentionNorm || !a.mlpNorm)
+  const bool mla = a.latent;
+  if (!a.output || !a.attentionNorm || !a.mlpNorm || (!mla && (!a.query || !a.key || !a.value)) ||
+      (mla && ((!a.query && !(a.queryDown && a.queryUp && a.queryDownNorm)) || !a.kvDown || !a.kvUp || !a.kvDownNorm)))
     return Status::error("CUDA decode: a layer without its attention weights on the device");
+  if (!mlpInput && routerLogits)
+    return Status::error("CUDA decode: router logits for the host without the MLP input");
+  // Without mlpInput the MLP stays on the device: the router's logits too.
+  const bool handBack = mlpInput != nullptr, router = a.router && (routerLogits || !handBack);
   std::lock_guard<std::mutex> lock(state->mutex);
   State &s = *state;
   const int64_t H = s.hidden;
@@ -1512,12 +1837,19 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
                 vWidth = static_cast<int64_t>(a.kvHeads) * a.valueDim,
                 attendedWidth = static_cast<int64_t>(a.heads) * a.valueDim;
   KvMirror::Layer &cache = mirror.layers[static_cast<size_t>(layerIndex)];
-  if (a.query->cols != H || a.query->rows != qWidth || a.key->rows != kWidth || a.value->rows != vWidth ||
-      a.output->cols != attendedWidth || a.output->rows != H || cache.keyWidth != kWidth ||
+  const bool projectionsFit =
+      mla ? a.kvHeads == a.heads && a.nopeDim + a.ropeDim == a.headDim && 2 * a.ropeHalf <= a.ropeDim &&
+                (a.query
+                     ? a.query->cols == H && a.query->rows == qWidth
+                     : a.queryDown->cols == H && a.queryUp->cols == a.queryDown->rows && a.queryUp->rows == qWidth) &&
+                a.kvDown->cols == H && a.kvDown->rows == a.kvLora + a.ropeDim && a.kvUp->cols == a.kvLora &&
+                a.kvUp->rows == static_cast<int64_t>(a.heads) * (a.nopeDim + a.valueDim)
+          : a.query->cols == H && a.query->rows == qWidth && a.key->rows == kWidth && a.value->rows == vWidth;
+  if (!projectionsFit || a.output->cols != attendedWidth || a.output->rows != H || cache.keyWidth != kWidth ||
       cache.valueWidth != vWidth || cache.rows != position || position + 1 > cache.capacity ||
-      (routerLogits && (!a.router || a.router->cols != H)))
+      (routerLogits && !a.router) || (router && a.router->cols != H))
     return Status::error("CUDA decode: layer ", layerIndex, "'s attention shapes or KV cache do not fit");
-  const int64_t routerRows = routerLogits ? a.router->rows : 0;
+  const int64_t routerRows = router ? a.router->rows : 0;
   const size_t kOffset = alignUp(static_cast<size_t>(H) * 4, 256);
   const size_t vOffset = kOffset + alignUp(static_cast<size_t>(kWidth) * 4, 256);
   const size_t rOffset = vOffset + alignUp(static_cast<size_t>(vWidth) * 4, 256);
@@ -1529,73 +1861,132 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
   MOE_RETURN_IF_ERROR(s.rope.reserve(static_cast<size_t>(2 * std::max(a.ropeHalf, 1)) * 4));
   float *x = s.x.at<float>(0), *normed = s.normedPointer(), *q = s.q.at<float>(0), *k = s.handover.at<float>(kOffset),
         *v = s.handover.at<float>(vOffset), *attended = s.attended.at<float>(0), *branch = s.branch.at<float>(0);
-  // Bias and clamp launches only where a layer has them.
-  auto biasClamp = [&](float *y, const float *bias, int64_t count, float clip) {
-    if (bias || clip > 0)
-      biasClampKernel<<<blocksFor(count, 256), 256, 0, s.stream>>>(y, bias, count, clip);
-  };
   const double eps = a.eps;
-  // The layer's three plans (q/k/v, output projection, router), their
-  // tables in one transfer, scratch areas apart.
-  State::Plan projections, output, router;
+  // MLA's intermediates: the query's and the keys' low-rank columns (the
+  // latter with the shared rope columns after them), and kvUp's output.
+  const int64_t queryRank = mla && !a.query ? a.queryDown->rows : 0, kvColumns = a.kvLora + a.ropeDim;
+  const size_t kvcOffset = alignUp(static_cast<size_t>(queryRank) * 4, 256);
+  const size_t expandedOffset = kvcOffset + alignUp(static_cast<size_t>(kvColumns) * 4, 256);
+  if (mla)
+    MOE_RETURN_IF_ERROR(s.latent.reserve(expandedOffset + static_cast<size_t>(a.heads) *
+                                                              static_cast<size_t>(a.nopeDim + a.valueDim) * 4));
+  float *qc = s.latent.at<float>(0), *kvc = s.latent.at<float>(kvcOffset),
+        *expanded = s.latent.at<float>(expandedOffset);
+  // The layer's plans (the projections from the normed input; for MLA the
+  // up-projections of the normed low-rank columns; the output projection;
+  // the router), their tables in one transfer, scratch areas apart.
+  State::Plan projections, expansions, output, routing;
   Layout scratchLayout;
-  s.addProduct(projections, scratchLayout, *a.query, normed, H, 1, q, qWidth);
-  s.addProduct(projections, scratchLayout, *a.key, normed, H, 1, k, kWidth);
-  s.addProduct(projections, scratchLayout, *a.value, normed, H, 1, v, vWidth);
+  if (!mla) {
+    s.addProduct(projections, scratchLayout, *a.query, normed, H, 1, q, qWidth);
+    s.addProduct(projections, scratchLayout, *a.key, normed, H, 1, k, kWidth);
+    s.addProduct(projections, scratchLayout, *a.value, normed, H, 1, v, vWidth);
+  } else {
+    if (a.query)
+      s.addProduct(projections, scratchLayout, *a.query, normed, H, 1, q, qWidth);
+    else
+      s.addProduct(projections, scratchLayout, *a.queryDown, normed, H, 1, qc, queryRank);
+    s.addProduct(projections, scratchLayout, *a.kvDown, normed, H, 1, kvc, kvColumns);
+    if (!a.query)
+      s.addProduct(expansions, scratchLayout, *a.queryUp, qc, queryRank, 1, q, qWidth);
+    s.addProduct(expansions, scratchLayout, *a.kvUp, kvc, kvColumns, 1, expanded,
+                 static_cast<int64_t>(a.heads) * (a.nopeDim + a.valueDim));
+  }
   s.addProduct(output, scratchLayout, *a.output, attended, attendedWidth, 1, branch, H);
-  if (routerLogits)
-    s.addProduct(router, scratchLayout, *a.router, normed, H, 1, s.handover.at<float>(rOffset), routerRows);
+  if (router)
+    s.addProduct(routing, scratchLayout, *a.router, normed, H, 1, s.handover.at<float>(rOffset), routerRows);
   MOE_RETURN_IF_ERROR(s.scratch.reserve(std::max<size_t>(scratchLayout.size, 256)));
-  State::Plan *plans[] = {&projections, &output, &router};
-  State::PlanTables placed[3];
-  MOE_RETURN_IF_ERROR(s.stageTables(plans, routerLogits ? 3 : 2, placed));
+  State::Plan *plans[] = {&projections, &output, &routing, &expansions};
+  State::PlanTables placed[4];
+  MOE_RETURN_IF_ERROR(s.stageTables(plans, mla ? 4 : router ? 3 : 2, placed));
   normKernel<<<1, 1024, 0, s.stream>>>(x, normed, H, a.attentionNorm, a.attentionNormBias, eps, a.layerNorm);
   MOE_RETURN_IF_ERROR(s.launch(projections, placed[0]));
-  // As the CPU engine: biases, then qk-norm, then the clamp, then RoPE.
-  biasClamp(q, a.queryBias, qWidth, 0.0f);
-  biasClamp(k, a.keyBias, kWidth, 0.0f);
-  biasClamp(v, a.valueBias, vWidth, 0.0f);
-  if (a.qkNorm == 2) {
-    normKernel<<<1, 1024, 0, s.stream>>>(q, q, qWidth, a.queryNorm, nullptr, eps, 0);
-    normKernel<<<1, 1024, 0, s.stream>>>(k, k, kWidth, a.keyNorm, nullptr, eps, 0);
-  } else if (a.qkNorm == 1) {
-    normKernel<<<a.heads, 128, 0, s.stream>>>(q, q, a.headDim, a.queryNorm, nullptr, eps, 0);
-    normKernel<<<a.kvHeads, 128, 0, s.stream>>>(k, k, a.headDim, a.keyNorm, nullptr, eps, 0);
+  // Every layer of a token has the same angles: copied once per token.
+  if (a.ropeHalf > 0 && s.ropePosition != position) {
+    std::vector<float> angles(a.cos, a.cos + a.ropeHalf);
+    angles.insert(angles.end(), a.sin, a.sin + a.ropeHalf);
+    MOE_RETURN_IF_ERROR(s.stage(s.rope.data, angles.data(), angles.size() * 4));
+    s.ropePosition = position;
   }
-  if (a.clip > 0) {
-    biasClamp(q, nullptr, qWidth, a.clip);
-    biasClamp(k, nullptr, kWidth, a.clip);
-    biasClamp(v, nullptr, vWidth, a.clip);
-  }
-  if (a.ropeHalf > 0) {
-    // Every layer of a token has the same angles: copied once per token.
-    if (s.ropePosition != position) {
-      std::vector<float> angles(a.cos, a.cos + a.ropeHalf);
-      angles.insert(angles.end(), a.sin, a.sin + a.ropeHalf);
-      MOE_RETURN_IF_ERROR(s.stage(s.rope.data, angles.data(), angles.size() * 4));
-      s.ropePosition = position;
+  const float *cos = s.rope.at<float>(0), *sin = s.rope.at<float>(static_cast<size_t>(a.ropeHalf) * 4);
+  if (mla) {
+    // As the CPU engine's latentAttention: the low-rank columns' norms, the
+    // up-projections, RoPE on each query head's rope columns and on the
+    // shared ones, then full keys and values.
+    if (!a.query)
+      normKernel<<<1, 1024, 0, s.stream>>>(qc, qc, queryRank, a.queryDownNorm, nullptr, eps, 0);
+    normKernel<<<1, 1024, 0, s.stream>>>(kvc, kvc, a.kvLora, a.kvDownNorm, nullptr, eps, 0);
+    MOE_RETURN_IF_ERROR(s.launch(expansions, placed[3]));
+    if (a.ropeHalf > 0) {
+      ropeKernel<<<a.heads, 64, 0, s.stream>>>(q + a.nopeDim, a.headDim, a.ropeHalf, a.ropeInterleaved, cos, sin);
+      ropeKernel<<<1, 64, 0, s.stream>>>(kvc + a.kvLora, a.ropeDim, a.ropeHalf, a.ropeInterleaved, cos, sin);
     }
-    const float *cos = s.rope.at<float>(0), *sin = s.rope.at<float>(static_cast<size_t>(a.ropeHalf) * 4);
-    ropeKernel<<<a.heads, 64, 0, s.stream>>>(q, a.headDim, a.ropeHalf, a.ropeInterleaved, cos, sin);
-    ropeKernel<<<a.kvHeads, 64, 0, s.stream>>>(k, a.headDim, a.ropeHalf, a.ropeInterleaved, cos, sin);
+    latentKeysKernel<<<a.heads, 128, 0, s.stream>>>(expanded, kvc + a.kvLora, a.nopeDim, a.ropeDim, a.valueDim, k, v);
   }
-  MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(cache.keys + position * kWidth, k, static_cast<size_t>(kWidth) * 4,
-                                            cudaMemcpyDeviceToDevice, s.stream),
-                            "KV append"));
-  MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(cache.values + position * vWidth, v, static_cast<size_t>(vWidth) * 4,
-                                            cudaMemcpyDeviceToDevice, s.stream),
-                            "KV append"));
+  if (!mla) {
+    // As the CPU engine: biases, then qk-norm, then the clamp, then RoPE;
+    // then k and v into the cache. One launch.
+    Epilogue e{};
+    e.y[0] = q;
+    e.y[1] = k;
+    e.y[2] = v;
+    e.bias[0] = a.queryBias;
+    e.bias[1] = a.keyBias;
+    e.bias[2] = a.valueBias;
+    e.norm[0] = a.queryNorm;
+    e.norm[1] = a.keyNorm;
+    e.cacheRow[1] = cache.keys + position * kWidth;
+    e.cacheRow[2] = cache.values + position * vWidth;
+    e.width[0] = qWidth;
+    e.width[1] = kWidth;
+    e.width[2] = vWidth;
+    e.heads[0] = a.heads;
+    e.heads[1] = a.kvHeads;
+    e.heads[2] = a.kvHeads;
+    e.headDim = a.headDim;
+    e.qkNorm = a.qkNorm;
+    e.eps = a.eps;
+    e.clip = a.clip;
+    e.ropeHalf = a.ropeHalf;
+    e.interleaved = a.ropeInterleaved;
+    e.cos = cos;
+    e.sin = sin;
+    epilogueKernel<<<3, 1024, 0, s.stream>>>(e);
+  } else {
+    MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(cache.keys + position * kWidth, k, static_cast<size_t>(kWidth) * 4,
+                                              cudaMemcpyDeviceToDevice, s.stream),
+                              "KV append"));
+    MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(cache.values + position * vWidth, v, static_cast<size_t>(vWidth) * 4,
+                                              cudaMemcpyDeviceToDevice, s.stream),
+                              "KV append"));
+  }
   cache.rows = position + 1;
   attendKernel<<<a.heads, 256, 0, s.stream>>>(q, cache.keys, cache.values, position + 1, a.heads / a.kvHeads, a.headDim,
                                               a.valueDim, kWidth, vWidth, a.softmaxScale, s.scores.at<float>(0),
                                               position + 1, attended);
   MOE_RETURN_IF_ERROR(s.launch(output, placed[1]));
-  biasClamp(branch, a.outputBias, H, 0.0f);
-  addKernel<<<blocksFor(H, 256), 256, 0, s.stream>>>(x, branch, H);
-  normKernel<<<1, 1024, 0, s.stream>>>(x, normed, H, a.mlpNorm, a.mlpNormBias, eps, a.layerNorm);
-  if (routerLogits)
-    MOE_RETURN_IF_ERROR(s.launch(router, placed[2]));
+  addNormKernel<<<1, 1024, 0, s.stream>>>(x, branch, a.outputBias, H, normed, a.mlpNorm, a.mlpNormBias, eps,
+                                          a.layerNorm);
+  if (router)
+    MOE_RETURN_IF_ERROR(s.launch(routing, placed[2]));
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "decode launch"));
+  if (!handBack) {
+    // The MLP runs on the device next; the host's cache rows come at the
+    // next wait.
+    s.routerLogitsOffset = router ? static_cast<int64_t>(rOffset) : -1;
+    s.routerLogitsRows = routerRows;
+    // k and v lie together in `handover`: one copy.
+    const size_t span = vOffset - kOffset + static_cast<size_t>(vWidth) * 4;
+    Expected<void *> staged = s.arenaTake(span);
+    if (!staged)
+      return staged.status();
+    MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(*staged, k, span, cudaMemcpyDeviceToHost, s.stream), "copy out"));
+    s.pending.push_back({keyRow, *staged, static_cast<size_t>(kWidth) * 4});
+    s.pending.push_back(
+        {valueRow, static_cast<char *>(*staged) + (vOffset - kOffset), static_cast<size_t>(vWidth) * 4});
+    return Status::success();
+  }
+  s.routerLogitsOffset = -1;
   // The host's share: the MLP input (routing) and the new cache rows.
   Expected<void *> staged = s.arenaTake(handoverBytes);
   if (!staged)
@@ -1665,11 +2056,11 @@ Status Context::decodeExperts(const ExpertProduct *expertArray, size_t count) {
   MOE_RETURN_IF_ERROR(s.stageTables(plans, 2, placed, weights.data(), count * 4, &deviceWeights));
   MOE_RETURN_IF_ERROR(s.launch(first, placed[0]));
   swigluKernel<<<blocksFor(width, 256), 256, 0, s.stream>>>(
-      s.scratch.at<float>(gateOffset), s.scratch.at<float>(upOffset), s.scratch.at<float>(hOffset), width);
+      s.scratch.at<float>(gateOffset), s.scratch.at<float>(upOffset), s.scratch.at<float>(hOffset), width, nullptr);
   MOE_RETURN_IF_ERROR(s.launch(second, placed[1]));
-  combineKernel<<<blocksFor(hidden, 256), 256, 0, s.stream>>>(s.scratch.at<float>(partsOffset),
-                                                              static_cast<const float *>(deviceWeights),
-                                                              static_cast<int>(count), hidden, s.x.at<float>(0), true);
+  combineKernel<<<blocksFor(hidden, 256), 256, 0, s.stream>>>(
+      s.scratch.at<float>(partsOffset), static_cast<const float *>(deviceWeights), static_cast<int>(count), hidden,
+      s.x.at<float>(0), true, nullptr);
   return check(cudaGetLastError(), "decode experts launch");
 }
 
@@ -1682,7 +2073,7 @@ Status Context::decodeAddBranch(const float *branch) {
 }
 
 Status Context::decodeEnd(const float *norm, const float *normBias, bool layerNorm, float eps, const DeviceWeight &head,
-                          const float *headBias, float *logits) {
+                          const float *headBias, float *logits, int64_t *expertCalls) {
   std::lock_guard<std::mutex> lock(state->mutex);
   State &s = *state;
   if (head.cols != s.hidden)
@@ -1701,9 +2092,254 @@ Status Context::decodeEnd(const float *norm, const float *normBias, bool layerNo
   MOE_RETURN_IF_ERROR(
       check(cudaMemcpyAsync(*staged, s.logits.data, static_cast<size_t>(V) * 4, cudaMemcpyDeviceToHost, s.stream),
             "copy out"));
+  unsigned long long calls = 0;
+  if (expertCalls && s.routedCalls.data)
+    MOE_RETURN_IF_ERROR(s.copyAtNextWait(&calls, s.routedCalls.data, sizeof calls));
   MOE_RETURN_IF_ERROR(s.waitAndReset());
   std::memcpy(logits, *staged, static_cast<size_t>(V) * 4);
+  if (expertCalls)
+    *expertCalls = static_cast<int64_t>(calls);
   return Status::success();
+}
+
+void Context::decodeDiscard() {
+  std::lock_guard<std::mutex> lock(state->mutex);
+  State &s = *state;
+  cudaStreamSynchronize(s.stream);
+  cudaGetLastError();
+  s.pending.clear();
+  s.arenaUsed = 0;
+  s.routerLogitsOffset = -1;
+}
+
+namespace {
+
+/// Why the device cannot route `d` (empty: it can).
+std::string unroutable(const RoutedLayerDescription &d) {
+  const routing::RouterParams &p = d.router;
+  const int64_t H = d.hidden, slots = static_cast<int64_t>(d.experts.size());
+  std::ostringstream why;
+  if (p.rows < 1 || p.rows > kMaxRouterRows)
+    why << p.rows << " router rows (the device routes 1.." << kMaxRouterRows << ")";
+  else if (p.topK < 1 || p.topK > kMaxRoutedTopK || p.topK > p.rows)
+    why << "top-" << p.topK << " of " << p.rows << " rows (the device routes 1.." << kMaxRoutedTopK
+        << " experts a token)";
+  else if (p.scoring < routing::kSoftmax || p.scoring > routing::kSparseMixer ||
+           (p.scoring == routing::kSparseMixer && p.topK != 2))
+    why << "scoring " << p.scoring << " with top-" << p.topK;
+  else if (p.selection < routing::kTopK || p.selection > routing::kGroupLimitedTopTwoSum ||
+           (p.selection != routing::kTopK &&
+            (p.groups < 1 || p.rows % p.groups != 0 || p.topKGroups < 1 || p.topKGroups > p.groups)))
+    why << "selection " << p.selection << " over " << p.groups << " groups (" << p.topKGroups << " kept) of " << p.rows
+        << " rows";
+  else if (H <= 0 || slots < 1 || (!d.remap && slots < p.rows))
+    why << slots << " expert slots for " << p.rows << " router rows, hidden size " << H;
+  if (why.tellp() > 0)
+    return why.str();
+  if (d.remap)
+    for (int32_t r = 0; r < p.rows; ++r)
+      if (d.remap[r] < 0 || d.remap[r] >= slots)
+        return "router row " + std::to_string(r) + " maps to slot " + std::to_string(d.remap[r]);
+  std::vector<int> groupSizes;
+  for (int64_t e = 0; e < slots + (d.shared != nullptr); ++e) {
+    const ExpertProduct &x = e < slots ? d.experts[static_cast<size_t>(e)] : *d.shared;
+    if (!x.gate || !x.up || !x.down || x.gate->cols != H || x.up->cols != H || x.up->rows != x.gate->rows ||
+        x.down->rows != H || x.down->cols != x.gate->rows)
+      return "expert " + std::to_string(e) + "'s gate, up and down do not fit a hidden size of " + std::to_string(H);
+    for (const DeviceWeight *w : {x.gate, x.up})
+      if (w->layout == WeightLayout::Group &&
+          std::find(groupSizes.begin(), groupSizes.end(), w->format.group) == groupSizes.end())
+        groupSizes.push_back(w->format.group);
+  }
+  if (groupSizes.size() > static_cast<size_t>(kMaxInputGroups))
+    return "more than " + std::to_string(kMaxInputGroups) + " group sizes in one layer";
+  return {};
+}
+
+} // namespace
+
+Expected<std::shared_ptr<const RoutedLayerHandle>> Context::prepareRouted(const RoutedLayerDescription &d,
+                                                                          std::string *why) {
+  if (std::string problem = unroutable(d); !problem.empty()) {
+    if (why)
+      *why = "CUDA routing: " + problem;
+    return std::shared_ptr<const RoutedLayerHandle>();
+  }
+  const routing::RouterParams &p = d.router;
+  const int64_t H = d.hidden, slots = static_cast<int64_t>(d.experts.size());
+  auto handle = std::make_shared<RoutedLayerHandle>();
+  handle->hidden = H;
+  handle->routerRows = p.rows;
+  RoutedLayer layer;
+  layer.router = p;
+  layer.skipThreshold = d.skipThreshold;
+  layer.slots = static_cast<int32_t>(slots);
+  layer.hasShared = d.shared != nullptr;
+  layer.sharedGated = d.shared && d.sharedGate;
+  layer.hidden = H;
+  std::vector<ExpertTemplate> templates;
+  std::vector<int64_t> widths, downWarps;
+  for (int64_t e = 0; e < slots + layer.hasShared; ++e) {
+    const ExpertProduct &x = e < slots ? d.experts[static_cast<size_t>(e)] : *d.shared;
+    ExpertTemplate t;
+    t.gate = jobTemplate(*x.gate);
+    t.up = jobTemplate(*x.up);
+    t.down = jobTemplate(*x.down);
+    int32_t *inputs[] = {&t.gateInput, &t.upInput};
+    const DeviceWeight *matrices[] = {x.gate, x.up};
+    for (int which = 0; which < 2; ++which) {
+      const DeviceWeight &w = *matrices[which];
+      handle->firstGroups = handle->firstGroups && w.layout == WeightLayout::Group;
+      if (w.layout != WeightLayout::Group)
+        continue;
+      handle->firstCodeBytes += w.rows * jobTemplate(w).codeRowBytes;
+      int32_t g = 0;
+      while (g < layer.inputGroups && layer.inputGroupSize[g] != w.format.group)
+        ++g;
+      if (g == layer.inputGroups)
+        layer.inputGroupSize[layer.inputGroups++] = w.format.group; // at most kMaxInputGroups (unroutable)
+      *inputs[which] = g;
+    }
+    handle->firstAllRows += 2 * x.gate->rows;
+    handle->secondGroups = handle->secondGroups && x.down->layout == WeightLayout::Group;
+    if (x.down->layout == WeightLayout::Group)
+      handle->secondCodeBytes += H * t.down.codeRowBytes;
+    handle->secondAllRows += H;
+    if (e < slots) {
+      widths.push_back(x.gate->rows);
+      downWarps.push_back(x.down->layout == WeightLayout::Group ? t.down.groups : 0);
+    }
+    templates.push_back(t);
+  }
+  // Bounds: the top-k widest routed experts, and the shared one.
+  std::sort(widths.begin(), widths.end(), std::greater<int64_t>());
+  std::sort(downWarps.begin(), downWarps.end(), std::greater<int64_t>());
+  const size_t k = std::min<size_t>(static_cast<size_t>(p.topK), widths.size());
+  handle->width = std::accumulate(widths.begin(), widths.begin() + static_cast<std::ptrdiff_t>(k), int64_t(0));
+  handle->downWarps =
+      std::accumulate(downWarps.begin(), downWarps.begin() + static_cast<std::ptrdiff_t>(k), int64_t(0));
+  if (d.shared) {
+    handle->width += d.shared->gate->rows;
+    handle->downWarps += templates.back().down.layout == kGroupLayout ? templates.back().down.groups : 0;
+  }
+  handle->maxCount = static_cast<int64_t>(k) + layer.hasShared;
+  handle->firstRows = 2 * handle->width;
+  handle->inputGroups = layer.inputGroups;
+  for (int32_t g = 0; g < layer.inputGroups; ++g)
+    handle->inputWarps += (H + layer.inputGroupSize[g] - 1) / layer.inputGroupSize[g];
+
+  // One allocation: the layer, its templates, bias, remap table and gate.
+  Layout layout;
+  const size_t layerOffset = layout.take(sizeof(RoutedLayer));
+  const size_t templatesOffset = layout.take(templates.size() * sizeof(ExpertTemplate));
+  const size_t biasOffset = layout.take(d.correctionBias ? static_cast<size_t>(p.rows) * 4 : 0);
+  const size_t remapOffset = layout.take(d.remap ? static_cast<size_t>(p.rows) * 4 : 0);
+  const size_t gateOffset = layout.take(layer.sharedGated ? static_cast<size_t>(H) * 4 : 0);
+  std::lock_guard<std::mutex> lock(state->mutex);
+  State &s = *state;
+  // Prepared at a layer's first decoded token, while earlier layers'
+  // launches may be queued: nothing below frees what they read.
+  MOE_RETURN_IF_ERROR(check(cudaStreamSynchronize(s.stream), "routing"));
+  if (cudaError_t error = cudaMalloc(&handle->memory, layout.size); error != cudaSuccess) {
+    cudaGetLastError();
+    handle->memory = nullptr;
+    return Status::error("CUDA out of memory for a routed layer: ", cudaGetErrorString(error));
+  }
+  char *base = static_cast<char *>(handle->memory);
+  layer.experts = reinterpret_cast<const ExpertTemplate *>(base + templatesOffset);
+  layer.correctionBias = d.correctionBias ? reinterpret_cast<const float *>(base + biasOffset) : nullptr;
+  layer.remap = d.remap ? reinterpret_cast<const int32_t *>(base + remapOffset) : nullptr;
+  layer.sharedGate = layer.sharedGated ? reinterpret_cast<const float *>(base + gateOffset) : nullptr;
+  handle->device = reinterpret_cast<const RoutedLayer *>(base + layerOffset);
+  std::vector<char> staged(layout.size);
+  std::memcpy(staged.data() + layerOffset, &layer, sizeof layer);
+  std::memcpy(staged.data() + templatesOffset, templates.data(), templates.size() * sizeof(ExpertTemplate));
+  if (d.correctionBias)
+    std::memcpy(staged.data() + biasOffset, d.correctionBias, static_cast<size_t>(p.rows) * 4);
+  if (d.remap)
+    std::memcpy(staged.data() + remapOffset, d.remap, static_cast<size_t>(p.rows) * 4);
+  if (layer.sharedGated)
+    std::memcpy(staged.data() + gateOffset, d.sharedGate, static_cast<size_t>(H) * 4);
+  MOE_RETURN_IF_ERROR(check(
+      cudaMemcpyAsync(handle->memory, staged.data(), layout.size, cudaMemcpyHostToDevice, s.stream), "routing copy"));
+  // The intermediates of a token's block, sized for every layer so far;
+  // the bounds change only once the buffers that hold them exist.
+  for (const ExpertTemplate &t : templates)
+    handle->downWidth = std::max(handle->downWidth, t.gate.rows);
+  State::RoutedBounds bounds = s.routedBounds;
+  bounds.hidden = std::max(bounds.hidden, H);
+  bounds.count = std::max(bounds.count, handle->maxCount);
+  bounds.width = std::max(bounds.width, handle->width);
+  bounds.downWidth = std::max(bounds.downWidth, handle->downWidth);
+  Layout scratchLayout;
+  State::routedScratch(bounds, nullptr, &scratchLayout);
+  const size_t scratchBytes = scratchLayout.size;
+  if (!s.routedCalls.data) {
+    MOE_RETURN_IF_ERROR(s.routedCalls.reserve(sizeof(unsigned long long)));
+    MOE_RETURN_IF_ERROR(check(cudaMemsetAsync(s.routedCalls.data, 0, sizeof(unsigned long long), s.stream), "memset"));
+  }
+  MOE_RETURN_IF_ERROR(s.routedPlan.reserve(sizeof(RoutedPlan)));
+  if (Status reserved = s.routed.reserve(scratchBytes); !reserved.ok()) {
+    // The buffer is gone: decodeRouted refuses the layers prepared before.
+    s.routedBounds = {};
+    return reserved;
+  }
+  s.routedBounds = bounds;
+  // `staged` is pageable: the copy has read it once the stream is done.
+  MOE_RETURN_IF_ERROR(check(cudaStreamSynchronize(s.stream), "routing copy"));
+  return std::shared_ptr<const RoutedLayerHandle>(std::move(handle));
+}
+
+namespace {
+
+/// Whether the routed scratch of `s` holds `layer`'s intermediates.
+bool fits(const Context::State &s, const RoutedLayerHandle &layer) {
+  const auto &b = s.routedBounds;
+  Layout scratchLayout;
+  Context::State::routedScratch(b, nullptr, &scratchLayout);
+  return layer.hidden == b.hidden && layer.maxCount <= b.count && layer.width <= b.width &&
+         layer.downWidth <= b.downWidth && scratchLayout.size <= s.routed.capacity && s.routedPlan.data &&
+         s.routedCalls.data;
+}
+
+} // namespace
+
+bool Context::routedReady(const RoutedLayerHandle &layer) const {
+  std::lock_guard<std::mutex> lock(state->mutex);
+  return fits(*state, layer);
+}
+
+Status Context::decodeRouted(const RoutedLayerHandle &layer) {
+  std::lock_guard<std::mutex> lock(state->mutex);
+  State &s = *state;
+  if (layer.hidden != s.hidden || !fits(s, layer))
+    return Status::error("CUDA decode: no room for a routed layer of hidden size ", layer.hidden,
+                         " (a device allocation failed before)");
+  RoutedScratch scratch = State::routedScratch(s.routedBounds, s.routed.at<char>(0));
+  if (s.routerLogitsOffset < 0 || s.routerLogitsRows != layer.routerRows)
+    return Status::error("CUDA decode: no router logits of ", layer.routerRows,
+                         " rows from the attention before this routed layer");
+  const int64_t hidden = layer.hidden, count = layer.maxCount;
+  scratch.input = s.normedPointer();
+  scratch.logits = s.handover.at<float>(static_cast<size_t>(s.routerLogitsOffset));
+  scratch.residual = s.x.at<float>(0);
+  s.routerLogitsOffset = -1;
+  RoutedPlan *plan = s.routedPlan.at<RoutedPlan>(0);
+  routeKernel<<<1, 256, 0, s.stream>>>(layer.device, scratch, plan, s.routedCalls.at<unsigned long long>(0));
+  MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "routing launch"));
+  MOE_RETURN_IF_ERROR(s.launchQuant(plan->inputJobs, layer.inputGroups, layer.inputWarps, &plan->inputQuant));
+  MOE_RETURN_IF_ERROR(s.launchProducts(plan->firstJobs, 2 * count, layer.firstRows, true,
+                                       layer.firstGroups && s.streams(layer.firstAllRows, layer.firstCodeBytes),
+                                       &plan->first));
+  swigluKernel<<<blocksFor(layer.width, 256), 256, 0, s.stream>>>(scratch.gateOut, scratch.upOut, scratch.h,
+                                                                  layer.width, &plan->swiglu);
+  MOE_RETURN_IF_ERROR(s.launchQuant(plan->downJobs, count, layer.downWarps, &plan->downQuant));
+  MOE_RETURN_IF_ERROR(s.launchProducts(plan->secondJobs, count, count * hidden, true,
+                                       layer.secondGroups && s.streams(layer.secondAllRows, layer.secondCodeBytes),
+                                       &plan->second));
+  combineKernel<<<blocksFor(hidden, 256), 256, 0, s.stream>>>(scratch.parts, plan->weights, static_cast<int>(count),
+                                                              hidden, scratch.residual, true, &plan->combine);
+  return check(cudaGetLastError(), "routed experts launch");
 }
 
 Expected<double> Context::copyBandwidth(size_t bytes, int repeats) {

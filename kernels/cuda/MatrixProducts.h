@@ -20,6 +20,7 @@
 #define MOE_KERNELS_CUDA_MATRIXPRODUCTS_H
 
 #include "common/QuantFormat.h"
+#include "cuda/RoutedExperts.h"
 #include "moe/Support/Status.h"
 
 #include <cstddef>
@@ -27,6 +28,7 @@
 #include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace moe::cuda {
 
@@ -61,9 +63,26 @@ struct ExpertBatch {
 /// newKvMirror); grown as tokens come.
 struct KvMirror;
 
-/// The attention half of a decoder layer for one token (grouped-query
-/// attention), every pointer device memory unless said otherwise; null
-/// vectors are absent (no bias, no qk-norm).
+/// A MoE layer that decode routes on the device (Context::prepareRouted):
+/// its RoutedLayer in device memory and its launches' bounds.
+struct RoutedLayerHandle;
+
+/// What prepareRouted copies of a MoE layer; host memory, except the
+/// matrices, which are on the device already.
+struct RoutedLayerDescription {
+  routing::RouterParams router;
+  double skipThreshold = 0;
+  const float *correctionBias = nullptr; ///< [router.rows] or null.
+  const int32_t *remap = nullptr;        ///< [router.rows] (router row -> slot) or null.
+  std::vector<ExpertProduct> experts;    ///< Per slot (weights unused).
+  const ExpertProduct *shared = nullptr; ///< The shared expert, or null.
+  const float *sharedGate = nullptr;     ///< [hidden]: the shared expert's gate (Qwen2-MoE), or null.
+  int64_t hidden = 0;
+};
+
+/// The attention half of a decoder layer for one token (grouped-query or
+/// multi-head latent attention), every pointer device memory unless said
+/// otherwise; null vectors are absent (no bias, no qk-norm).
 struct DecodeAttention {
   const float *attentionNorm = nullptr, *attentionNormBias = nullptr, *mlpNorm = nullptr, *mlpNormBias = nullptr;
   bool layerNorm = false; ///< LayerNorm (with bias) instead of RMSNorm.
@@ -81,6 +100,17 @@ struct DecodeAttention {
   /// The MoE router [experts, hidden], or null: decodeAttention hands its
   /// logits of the MLP input back with that input.
   const DeviceWeight *router = nullptr;
+  /// Multi-head latent attention (DeepSeek), in place of key and value
+  /// (and of query with a query low-rank projection): q from `query`, or
+  /// from queryDown, its RMSNorm and queryUp; keys and values from kvDown,
+  /// the RMSNorm of its first kvLora columns and kvUp; RoPE on the last
+  /// ropeDim columns of each query head and on the shared rope columns of
+  /// kvDown. The cache holds full keys [heads, nopeDim + ropeDim] (kvHeads =
+  /// heads, headDim = nopeDim + ropeDim) and values [heads, valueDim].
+  bool latent = false;
+  const DeviceWeight *queryDown = nullptr, *queryUp = nullptr, *kvDown = nullptr, *kvUp = nullptr;
+  const float *queryDownNorm = nullptr, *kvDownNorm = nullptr;
+  int kvLora = 0, nopeDim = 0, ropeDim = 0;
 };
 
 /// How one token's products over group-format matrices run: Streamed
@@ -100,9 +130,11 @@ struct DeviceFacts {
 };
 
 /// A device, its stream and its scratch buffers. Calls are serialised by a
-/// mutex. multiply, experts, expertBatches, decodeAttention and decodeEnd
-/// return once their results are in host memory; decodeBegin, decodeExperts
-/// and decodeAddBranch only enqueue (the stream keeps them in order).
+/// mutex. multiply, experts, expertBatches, decodeAttention (handing the
+/// MLP input back) and decodeEnd return once their results are in host
+/// memory; decodeBegin, decodeAttention (keeping the MLP on the device),
+/// decodeExperts, decodeRouted and decodeAddBranch only enqueue (the
+/// stream keeps them in order).
 class Context {
 public:
   /// Device 0; an error when the build has no usable device or driver.
@@ -133,9 +165,11 @@ public:
   /// and five launches (a MoE block's prefill).
   Status expertBatches(const ExpertBatch *batches, size_t count, int64_t hidden);
 
-  // Decode of one token with the residual stream on the device: one wait
-  // per layer (decodeAttention hands the MLP input to the host, whose
-  // router chooses the experts) and one for the logits.
+  // Decode of one token with the residual stream on the device: a wait
+  // for the logits, and one per layer whose MLP input goes to the host
+  // (whose router chooses the experts, or which runs the MLP itself).
+  // Layers whose MLP stays on the device (decodeExperts, or decodeRouted,
+  // which routes there) cost no wait: a token of such layers is one wait.
 
   /// A vector (norm weights, biases) in device memory, F32 layout, 1 row.
   Expected<std::shared_ptr<const DeviceWeight>> uploadVector(const float *values, int64_t count);
@@ -149,18 +183,45 @@ public:
                          int64_t keyWidth, int64_t valueWidth);
   /// Norm, q/k/v (biases, qk-norm, clamp), RoPE, the cache append at row
   /// `position`, attention over rows 0..position, output projection and
-  /// residual add, then the MLP's norm; waits, and gives the host the MLP
-  /// input [hidden], the new key and value rows and, when routerLogits is
-  /// not null, the router's logits of the MLP input [layer.router->rows].
+  /// residual add, then the MLP's norm. With `mlpInput`: waits, and gives
+  /// the host the MLP input [hidden], the new key and value rows and, when
+  /// routerLogits is not null, the router's logits of the MLP input
+  /// [layer.router->rows]. Without (the MLP stays on the device; then
+  /// routerLogits is null): computes the router's logits on the device
+  /// when the layer has a router (for decodeRouted), and writes keyRow and
+  /// valueRow at the next wait (decodeEnd), so they must stay valid until
+  /// then (decodeDiscard drops them).
   Status decodeAttention(const DecodeAttention &layer, KvMirror &mirror, int64_t layerIndex, int64_t position,
                          float *mlpInput, float *keyRow, float *valueRow, float *routerLogits = nullptr);
+  /// Copies a MoE layer's routing (router settings, correction bias, remap
+  /// table, dynamic-skip threshold) and its experts' product templates to
+  /// the device. A null handle (and the reason in `why`) for a layer the
+  /// device cannot route (more than kMaxRouterRows rows or kMaxRoutedTopK
+  /// experts a token, shapes that do not fit), which the caller routes on
+  /// the host instead; an error when the device fails (out of memory).
+  Expected<std::shared_ptr<const RoutedLayerHandle>> prepareRouted(const RoutedLayerDescription &layer,
+                                                                   std::string *why = nullptr);
+  /// Whether decodeRouted can run `layer` now (false once a failed
+  /// allocation has taken the routed scratch away: route on the host).
+  bool routedReady(const RoutedLayerHandle &layer) const;
+  /// Residual += the layer's MoE block of the MLP input that the last
+  /// decodeAttention (without mlpInput) left on the device, routed on the
+  /// device from the router's logits it computed: one routing kernel
+  /// writes the job tables (RoutedExperts.h), six launches read them.
+  Status decodeRouted(const RoutedLayerHandle &layer);
+  /// After a failed step of a token: waits for the stream (ignoring its
+  /// errors) and drops the copies to the host that decodeAttention left
+  /// for the next wait.
+  void decodeDiscard();
   /// Residual += sum_i weight_i * expert_i(MLP input), added in order.
   Status decodeExperts(const ExpertProduct *experts, size_t count);
   /// Residual += branch[hidden] (host): an MLP the host computed.
   Status decodeAddBranch(const float *branch);
-  /// The final norm and the output projection (+ bias): logits (host), waits.
+  /// The final norm and the output projection (+ bias): logits (host), waits;
+  /// `expertCalls` (when not null) gets the routed experts decodeRouted ran
+  /// since decodeBegin.
   Status decodeEnd(const float *norm, const float *normBias, bool layerNorm, float eps, const DeviceWeight &head,
-                   const float *headBias, float *logits);
+                   const float *headBias, float *logits, int64_t *expertCalls = nullptr);
 
   /// The kernel of one token's group-format products (benchmarks and
   /// tests compare them).

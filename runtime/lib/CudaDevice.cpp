@@ -2,18 +2,22 @@
 //
 // Part of moec. Maps the runtime's matrices onto kernels/cuda's Context:
 // a Matrix in f32, bf16, a moec group format or ggml's Q4_0/Q4_1/Q8_0 is
-// copied as it is stored; other ggml blocks stay on the CPU.
+// copied as it is stored; other ggml blocks stay on the CPU. A MoE layer
+// the device holds whole is prepared for routing on the device at its
+// first decoded token.
 //
 //===----------------------------------------------------------------------===//
 
 #include "moe/Runtime/Device.h"
 
+#include "Router.h"
 #include "cuda/MatrixProducts.h"
 #include "moe/Runtime/Engine.h"
 #include "moe/Runtime/Weights.h"
 
 #include <algorithm>
 #include <cstdio>
+#include <set>
 #include <vector>
 
 namespace moe {
@@ -45,8 +49,13 @@ struct CudaVectors {
   const float *attentionNorm = nullptr, *attentionNormBias = nullptr, *mlpNorm = nullptr, *mlpNormBias = nullptr;
   const float *queryBias = nullptr, *keyBias = nullptr, *valueBias = nullptr, *outputBias = nullptr;
   const float *queryNorm = nullptr, *keyNorm = nullptr;
+  const float *queryDownNorm = nullptr, *kvDownNorm = nullptr; ///< MLA's low-rank norms.
   const float *finalNorm = nullptr, *finalNormBias = nullptr, *lmHeadBias = nullptr;
   const cuda::DeviceWeight *router = nullptr; ///< A MoE layer's router, for decode.
+  /// The layer as the device routes it (CudaDevice::routesOnDevice, at
+  /// the first decoded token): null where it cannot.
+  mutable std::shared_ptr<const cuda::RoutedLayerHandle> routed;
+  mutable bool routedTried = false;
 };
 
 class CudaDevice final : public Device {
@@ -114,14 +123,95 @@ public:
   bool decodesOnDevice() const override { return true; }
 
   bool holdsAttention(const LayerWeights &w) const override {
-    return w.deviceVectors && w.query.device && w.key.device && w.value.device && w.output.device;
+    if (!w.deviceVectors || !w.output.device)
+      return false;
+    if (w.kvDown.empty()) // grouped-query attention
+      return w.query.device && w.key.device && w.value.device;
+    // Multi-head latent attention, with or without a query low-rank projection.
+    const auto &v = *static_cast<const CudaVectors *>(w.deviceVectors.get());
+    return (w.query.device || (w.queryDown.device && w.queryUp.device && v.queryDownNorm)) && w.kvDown.device &&
+           w.kvUp.device && v.kvDownNorm;
   }
 
   bool holdsRouter(const LayerWeights &w) const override {
     return w.deviceVectors && static_cast<const CudaVectors *>(w.deviceVectors.get())->router;
   }
 
-  Status decodeBegin(const float *x, int64_t hidden) override { return context->decodeBegin(x, hidden); }
+  bool routesOnDevice(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &w) override {
+    if (!routeOnDevice || layer.mlp != MlpKind::Moe || !holdsRouter(w) ||
+        !std::all_of(w.experts.begin(), w.experts.end(), [](const MlpWeights &e) { return deviceHolds(e); }) ||
+        (layer.shared.intermediateSize > 0 && !deviceHolds(w.shared)))
+      return false;
+    const auto &v = *static_cast<const CudaVectors *>(w.deviceVectors.get());
+    if (!v.routedTried) {
+      v.routedTried = true;
+      cuda::RoutedLayerDescription d;
+      const RouterSpec &router = w.routing.router ? *w.routing.router : spec.router;
+      d.router = router::params(router, w.router.rows);
+      d.skipThreshold = w.routing.skipThreshold;
+      d.correctionBias = w.routerCorrectionBias.empty() ? nullptr : w.routerCorrectionBias.data();
+      if (!w.routing.remap.empty()) {
+        if (static_cast<int64_t>(w.routing.remap.size()) != w.router.rows)
+          return false;
+        d.remap = w.routing.remap.data();
+      }
+      for (const MlpWeights &e : w.experts)
+        d.experts.push_back({&deviceWeight(e.gate), &deviceWeight(e.up), &deviceWeight(e.down), 0.0f});
+      cuda::ExpertProduct shared;
+      if (layer.shared.intermediateSize > 0) {
+        shared = {&deviceWeight(w.shared.gate), &deviceWeight(w.shared.up), &deviceWeight(w.shared.down), 0.0f};
+        d.shared = &shared;
+        if (layer.shared.gated) {
+          if (static_cast<int64_t>(w.sharedExpertGate.size()) != spec.hiddenSize)
+            return false;
+          d.sharedGate = w.sharedExpertGate.data();
+        }
+      }
+      d.hidden = spec.hiddenSize;
+      // What the kernel cannot route (more rows or experts a token than it
+      // holds) routes on the host, as before; so does a layer the device
+      // had no memory for under --device auto.
+      Expected<std::shared_ptr<const cuda::RoutedLayerHandle>> handle = context->prepareRouted(d);
+      if (handle)
+        v.routed = handle.take();
+      else if (!lenient)
+        record(handle.status());
+      if (v.routed)
+        layersRouted.insert(layer.index);
+    }
+    // A failed allocation since (another layer's) leaves no room: the host.
+    return v.routed && context->routedReady(*v.routed);
+  }
+
+  int64_t routedLayers() const override { return static_cast<int64_t>(layersRouted.size()); }
+
+  Status decodeRoutedMlp(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &w) override {
+    if (!routesOnDevice(spec, layer, w))
+      return Status::error("CUDA decode: layer ", layer.index, " is not routed on the device");
+    return context->decodeRouted(*static_cast<const CudaVectors *>(w.deviceVectors.get())->routed);
+  }
+
+  Status decodeBegin(const float *x, int64_t hidden) override {
+    appended.clear();
+    return context->decodeBegin(x, hidden);
+  }
+
+  void decodeAbandon() override {
+    context->decodeDiscard();
+    for (const auto &[rows, size] : appended)
+      rows->resize(size);
+    appended.clear();
+  }
+
+  Status chooseRouting(std::string_view name) override {
+    if (name == "device")
+      routeOnDevice = true;
+    else if (name == "host")
+      routeOnDevice = false;
+    else
+      return Status::error("unknown routing '", name, "' (device or host)");
+    return Status::success();
+  }
 
   Status decodeAttention(const ModelSpec &spec, const LayerWeights &w, int64_t index, const float *cos,
                          const float *sin, int64_t ropeHalf, KvCache &cache, float *mlpInput,
@@ -148,10 +238,23 @@ public:
     d.mlpNormBias = v.mlpNormBias;
     d.layerNorm = spec.normKind == NormKind::LayerNorm;
     d.eps = static_cast<float>(spec.normEps);
-    d.query = &deviceWeight(w.query);
-    d.key = &deviceWeight(w.key);
-    d.value = &deviceWeight(w.value);
-    d.output = &deviceWeight(w.output);
+    auto held = [](const Matrix &m) { return m.device ? &deviceWeight(m) : nullptr; };
+    d.query = held(w.query);
+    d.key = held(w.key);
+    d.value = held(w.value);
+    d.output = held(w.output);
+    if (a.kind == AttentionKind::MultiHeadLatent) {
+      d.latent = true;
+      d.queryDown = held(w.queryDown);
+      d.queryUp = held(w.queryUp);
+      d.kvDown = held(w.kvDown);
+      d.kvUp = held(w.kvUp);
+      d.queryDownNorm = v.queryDownNorm;
+      d.kvDownNorm = v.kvDownNorm;
+      d.kvLora = static_cast<int>(a.kvLoraRank);
+      d.nopeDim = static_cast<int>(a.qkNopeHeadDim);
+      d.ropeDim = static_cast<int>(a.qkRopeHeadDim);
+    }
     d.queryBias = v.queryBias;
     d.keyBias = v.keyBias;
     d.valueBias = v.valueBias;
@@ -172,11 +275,23 @@ public:
     d.router = v.router;
     if (routerLogits && !v.router)
       return Status::error("CUDA decode: layer ", index, "'s router is not on the device");
+    if (!mlpInput) {
+      // The MLP stays on the device: the rows arrive at the token's last
+      // wait, in place (these vectors are not touched before it).
+      for (std::vector<float> *rowsOf : {&keys, &values})
+        appended.emplace_back(rowsOf, rowsOf->size());
+      keys.resize(keys.size() + static_cast<size_t>(keyWidth));
+      values.resize(values.size() + static_cast<size_t>(valueWidth));
+      return context->decodeAttention(d, mirror, index, cache.length, nullptr, keys.data() + rows * keyWidth,
+                                      values.data() + rows * valueWidth, nullptr);
+    }
     thread_local std::vector<float> keyRow, valueRow;
     keyRow.resize(static_cast<size_t>(keyWidth));
     valueRow.resize(static_cast<size_t>(valueWidth));
     MOE_RETURN_IF_ERROR(context->decodeAttention(d, mirror, index, cache.length, mlpInput, keyRow.data(),
                                                  valueRow.data(), routerLogits));
+    for (std::vector<float> *rowsOf : {&keys, &values})
+      appended.emplace_back(rowsOf, rowsOf->size());
     keys.insert(keys.end(), keyRow.begin(), keyRow.end());
     values.insert(values.end(), valueRow.begin(), valueRow.end());
     return Status::success();
@@ -194,13 +309,16 @@ public:
 
   Status decodeAddBranch(const float *branch) override { return context->decodeAddBranch(branch); }
 
-  Status decodeEnd(const ModelSpec &spec, const GlobalWeights &globals, float *logits) override {
+  Status decodeEnd(const ModelSpec &spec, const GlobalWeights &globals, float *logits, int64_t &expertCalls) override {
     const Matrix &head = globals.outputProjection();
     if (!head.device || !globals.deviceVectors)
       return Status::error("CUDA decode: the output projection is not on the device");
     const auto &v = *static_cast<const CudaVectors *>(globals.deviceVectors.get());
-    return context->decodeEnd(v.finalNorm, v.finalNormBias, spec.normKind == NormKind::LayerNorm,
-                              static_cast<float>(spec.normEps), deviceWeight(head), v.lmHeadBias, logits);
+    MOE_RETURN_IF_ERROR(context->decodeEnd(v.finalNorm, v.finalNormBias, spec.normKind == NormKind::LayerNorm,
+                                           static_cast<float>(spec.normEps), deviceWeight(head), v.lmHeadBias, logits,
+                                           &expertCalls));
+    appended.clear();
+    return Status::success();
   }
 
   Status takeError() override {
@@ -237,7 +355,9 @@ protected:
                                 {&w.valueBias, &vectors->valueBias},
                                 {&w.outputBias, &vectors->outputBias},
                                 {&w.queryNorm, &vectors->queryNorm},
-                                {&w.keyNorm, &vectors->keyNorm}})
+                                {&w.keyNorm, &vectors->keyNorm},
+                                {&w.queryDownNorm, &vectors->queryDownNorm},
+                                {&w.kvDownNorm, &vectors->kvDownNorm}})
       if (status.ok())
         status = copy(*vectors, *host, *device);
     // The router, for decode alone (decodeAttention hands its logits back
@@ -316,7 +436,12 @@ private:
 
   std::shared_ptr<cuda::Context> context;
   bool lenient = false;
+  bool routeOnDevice = true;      ///< chooseRouting.
+  std::set<int64_t> layersRouted; ///< Layers prepared for routing on the device.
   Status error = Status::success();
+  /// The host cache's rows this token appended ahead of their values
+  /// (vector, size before), which decodeAbandon takes back.
+  std::vector<std::pair<std::vector<float> *, size_t>> appended;
 };
 
 } // namespace

@@ -44,9 +44,15 @@ Status Device::decodeAttention(const ModelSpec &, const LayerWeights &, int64_t,
                                KvCache &, float *, float *) {
   return noDecode();
 }
+Status Device::decodeRoutedMlp(const ModelSpec &, const LayerSpec &, const LayerWeights &) {
+  return Status::error("this device does not route");
+}
 Status Device::decodeMlp(std::span<const std::pair<const MlpWeights *, float>>) { return noDecode(); }
 Status Device::decodeAddBranch(const float *) { return noDecode(); }
-Status Device::decodeEnd(const ModelSpec &, const GlobalWeights &, float *) { return noDecode(); }
+Status Device::decodeEnd(const ModelSpec &, const GlobalWeights &, float *, int64_t &) { return noDecode(); }
+Status Device::chooseRouting(std::string_view name) {
+  return Status::error("this device does not route; no choice of '", name, "'");
+}
 
 bool deviceHolds(const MlpWeights &mlp) {
   return mlp.moreParts.empty() && mlp.gate.device && mlp.up.device && mlp.down.device;

@@ -1047,12 +1047,11 @@ Status Engine::forward(std::span<const int32_t> tokens, KvCache &cache, std::vec
 
 bool Engine::devicePathReady() {
   if (!deviceDecodes) {
-    // Grouped-query attention, every layer's attention and the output
+    // Every layer's attention (grouped-query or latent) and the output
     // projection on the device, and no expert cache (whose experts the
     // device does not hold); the MLPs may stay on the host (decodeAddBranch).
-    bool ready = onDevice->decodesOnDevice() && !experts &&
-                 modelSpec.attention.kind != AttentionKind::MultiHeadLatent &&
-                 globals.outputProjection().device != nullptr && globals.deviceVectors != nullptr;
+    bool ready = onDevice->decodesOnDevice() && !experts && globals.outputProjection().device != nullptr &&
+                 globals.deviceVectors != nullptr;
     for (int64_t l = 0; ready && l < modelSpec.numLayers; ++l) {
       Expected<std::shared_ptr<const LayerWeights>> layer = layers->get(l);
       ready = layer && onDevice->holdsAttention(**layer);
@@ -1063,9 +1062,20 @@ bool Engine::devicePathReady() {
 }
 
 Status Engine::decodeOnDevice(int32_t token, KvCache &cache, std::vector<float> &logits) {
+  MOE_RETURN_IF_ERROR(checkCache(modelSpec, cache, 1));
+  Status status = decodeLayersOnDevice(token, cache, logits);
+  if (!status.ok()) {
+    // The host cache keeps no rows of a token that failed.
+    onDevice->decodeAbandon();
+    return status;
+  }
+  cache.length += 1;
+  return Status::success();
+}
+
+Status Engine::decodeLayersOnDevice(int32_t token, KvCache &cache, std::vector<float> &logits) {
   const ModelSpec &spec = modelSpec;
   const int64_t H = spec.hiddenSize;
-  MOE_RETURN_IF_ERROR(checkCache(spec, cache, 1));
   std::vector<float> x;
   MOE_RETURN_IF_ERROR(embed(std::span<const int32_t>(&token, 1), x));
   MOE_RETURN_IF_ERROR(onDevice->decodeBegin(x.data(), H));
@@ -1073,13 +1083,31 @@ Status Engine::decodeOnDevice(int32_t token, KvCache &cache, std::vector<float> 
   std::vector<float> &normed = sized(normedBuffer, H), &branch = sized(branchBuffer, H);
   thread_local detail::BlockRouting perThreadRouting;
   thread_local std::vector<std::pair<const MlpWeights *, float>> mlps;
+  const rope::Angles angles = rope::computeAngles(spec, cache.length, 1);
   for (int64_t l = 0; l < spec.numLayers; ++l) {
     Expected<std::shared_ptr<const LayerWeights>> loaded = layers->get(l);
     if (!loaded)
       return loaded.status();
     const LayerWeights &w = **loaded;
     const LayerSpec &layer = spec.layers[static_cast<size_t>(l)];
-    const rope::Angles angles = rope::computeAngles(spec, cache.length, 1);
+    const std::set<int64_t> *masked = nullptr;
+    if (auto found = maskedExperts.find(l); found != maskedExperts.end())
+      masked = &found->second;
+    // The MLP on the device without a wait: a dense MLP it holds, or a MoE
+    // block it routes (no masked rows, which only the host's router knows).
+    const bool routed = layer.mlp == MlpKind::Moe && !masked && onDevice->routesOnDevice(spec, layer, w);
+    if (routed || (layer.mlp == MlpKind::Dense && deviceHolds(w.dense))) {
+      MOE_RETURN_IF_ERROR(onDevice->decodeAttention(spec, w, l, angles.cos.data(), angles.sin.data(), angles.half,
+                                                    cache, nullptr, nullptr));
+      if (routed) {
+        counters.routedTokens += 1;
+        MOE_RETURN_IF_ERROR(onDevice->decodeRoutedMlp(spec, layer, w));
+      } else {
+        const std::pair<const MlpWeights *, float> dense{&w.dense, 1.0f};
+        MOE_RETURN_IF_ERROR(onDevice->decodeMlp(std::span(&dense, 1)));
+      }
+      continue;
+    }
     // The router's logits come back with the MLP input where the device
     // holds the router and every MLP of the layer (else the host's block
     // below routes again, and must see the same logits: the CPU's).
@@ -1092,9 +1120,6 @@ Status Engine::decodeOnDevice(int32_t token, KvCache &cache, std::vector<float> 
                                                   normed.data(), routerLogits));
     // The MLP: routed on the host from the device's input, as moeBlock does.
     mlps.clear();
-    const std::set<int64_t> *masked = nullptr;
-    if (auto found = maskedExperts.find(l); found != maskedExperts.end())
-      masked = &found->second;
     if (layer.mlp == MlpKind::Moe) {
       detail::BlockRouting &routing = perThreadRouting;
       detail::routeBlock(spec, w, normed.data(), 1, masked, routing, routerLogits);
@@ -1126,9 +1151,14 @@ Status Engine::decodeOnDevice(int32_t token, KvCache &cache, std::vector<float> 
       MOE_RETURN_IF_ERROR(onDevice->decodeAddBranch(branch.data()));
     }
   }
-  cache.length += 1;
+  // An error the device recorded (a layer it could not prepare to route,
+  // under --device cuda) ends the token here.
+  MOE_RETURN_IF_ERROR(onDevice->takeError());
   logits.resize(static_cast<size_t>(spec.vocabSize));
-  return onDevice->decodeEnd(spec, globals, logits.data());
+  int64_t expertCalls = 0;
+  MOE_RETURN_IF_ERROR(onDevice->decodeEnd(spec, globals, logits.data(), expertCalls));
+  counters.expertCalls += expertCalls;
+  return Status::success();
 }
 
 Status Engine::embed(std::span<const int32_t> tokens, std::vector<float> &x) const {

@@ -10,6 +10,7 @@
 #define MOE_RUNTIME_LIB_ENGINEPARTS_H
 
 #include "moe/Frontend/ModelSpec.h"
+#include "moe/Runtime/Engine.h"
 #include "moe/Runtime/Weights.h"
 
 #include <cstdint>

@@ -3,166 +3,98 @@
 // Part of moec. Follows hf-moe-formats.md section 13 and the transformers
 // implementations: softmax or sigmoid scores, plain or group-limited top-k,
 // DeepSeek-V3's correction bias (used for choosing only), renormalisation,
-// routed scaling, and PhiMoE's sparsemixer in evaluation mode.
+// routed scaling, and PhiMoE's sparsemixer in evaluation mode. The forward
+// arithmetic is kernels/common/Routing.h's, which the CUDA decode shares;
+// here it runs with the CPU's softmax, and the backward lives beside it.
 //
 //===----------------------------------------------------------------------===//
 
 #include "Router.h"
 #include "Kernels.h"
 
+#include "common/Routing.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <numeric>
 #include <vector>
 
 namespace moe::router {
 namespace {
 
-constexpr float kMinusInfinity = -std::numeric_limits<float>::infinity();
-
-/// Indices of the k largest values, largest first (ties: lower index).
-void topK(const std::vector<float> &values, int64_t k, int32_t *out) {
-  thread_local std::vector<int32_t> orderBuffer;
-  std::vector<int32_t> &order = orderBuffer;
-  order.resize(values.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                    [&](int32_t a, int32_t b) { return values[a] != values[b] ? values[a] > values[b] : a < b; });
-  std::copy(order.begin(), order.begin() + k, out);
-}
-
-/// PhiMoE sparsemixer, evaluation mode: two experts, each weighted by a
-/// softmax over the logits that lie within 2 * jitter of its own logit
-/// (relative), the first one excluded when choosing the second. With
-/// `weightGradients`, adds the gradient of the weights' loss with respect
-/// to the logits to `logitGradients` instead (the choices and the sets they
-/// were weighted over are fixed: piecewise constant in the logits).
-void sparseMixer(const RouterSpec &router, int64_t numExperts, const float *logits, int32_t *chosen, float *weights,
-                 const float *weightGradients = nullptr, float *logitGradients = nullptr) {
-  std::vector<float> masked(logits, logits + numExperts);
-  const float threshold = static_cast<float>(2.0 * router.jitterEps);
-  for (int pick = 0; pick < 2; ++pick) {
-    // masked holds -inf at experts already picked.
-    int32_t best = static_cast<int32_t>(std::max_element(masked.begin(), masked.end()) - masked.begin());
-    float top = masked[best];
-    std::vector<float> gates(masked);
-    for (int64_t j = 0; j < numExperts; ++j) {
-      float factor = std::max(std::fabs(logits[j]), top);
-      if ((top - logits[j]) / factor > threshold)
-        gates[j] = kMinusInfinity;
-    }
-    kernels::softmax(gates.data(), numExperts);
-    if (weightGradients) {
-      // w = softmax(gates)[best]: dw/dlogit_j = w (delta_j,best - p_j).
-      const float w = gates[best], g = weightGradients[pick];
-      for (int64_t j = 0; j < numExperts; ++j)
-        logitGradients[j] += g * w * ((j == best ? 1.0f : 0.0f) - gates[j]);
-    } else {
-      chosen[pick] = best;
-      weights[pick] = gates[best];
-    }
-    masked[best] = kMinusInfinity;
+/// The CPU's exponentials: the engine's (vectorised) softmax and sigmoid.
+struct HostMath {
+  void softmax(float *x, int32_t count) const { kernels::softmax(x, count); }
+  float sigmoid(float x) const { return kernels::sigmoid(x); }
+  void topK(const float *values, int32_t count, int32_t k, int32_t *taken, int32_t *out) const {
+    routing::serialTopK(values, count, k, taken, out);
   }
-}
-/// Every row's score: softmax over the logits or sigmoid of each.
-void computeScores(const RouterSpec &router, int64_t numExperts, const float *logits, std::vector<float> &scores) {
-  scores.assign(logits, logits + numExperts);
-  if (router.scoring == RouterScoring::Softmax)
-    kernels::softmax(scores.data(), numExperts);
-  else
-    for (float &score : scores)
-      score = kernels::sigmoid(score);
+  void sync() const {}
+};
+
+/// Scratch of `rows` entries per array, reused per thread: NAEE's search
+/// routes millions of times.
+routing::Scratch scratchFor(int64_t rows) {
+  thread_local std::vector<float> scores, choice, groupScores;
+  thread_local std::vector<int32_t> taken;
+  for (std::vector<float> *v : {&scores, &choice, &groupScores})
+    v->resize(static_cast<size_t>(rows));
+  taken.resize(static_cast<size_t>(rows));
+  return {scores.data(), choice.data(), groupScores.data(), taken.data()};
 }
 
 } // namespace
 
+routing::RouterParams params(const RouterSpec &router, int64_t numExperts) {
+  routing::RouterParams p;
+  p.rows = static_cast<int32_t>(numExperts);
+  p.topK = static_cast<int32_t>(router.topK);
+  p.scoring = static_cast<int32_t>(router.scoring);
+  p.selection = static_cast<int32_t>(router.selection);
+  p.groups = static_cast<int32_t>(router.numGroups);
+  p.topKGroups = static_cast<int32_t>(router.topKGroups);
+  p.normalize = router.normalizeTopK;
+  p.scaling = static_cast<float>(router.scalingFactor);
+  p.jitterBound = static_cast<float>(2.0 * router.jitterEps);
+  return p;
+}
+
 void route(const RouterSpec &router, int64_t numExperts, const float *logits, const float *correctionBias,
            int32_t *chosen, float *weights) {
-  const int64_t k = router.topK;
-  if (router.scoring == RouterScoring::SparseMixer)
-    return sparseMixer(router, numExperts, logits, chosen, weights);
-
-  // Reused per thread: NAEE's search routes millions of times.
-  thread_local std::vector<float> scoresBuffer, choiceBuffer;
-  std::vector<float> &scores = scoresBuffer, &choice = choiceBuffer;
-  computeScores(router, numExperts, logits, scores);
-
-  choice.assign(scores.begin(), scores.end());
-  if (correctionBias)
-    for (int64_t e = 0; e < numExperts; ++e)
-      choice[e] += correctionBias[e];
-  // A masked row (logit -inf: an expert switched off, as if absent) is
-  // never chosen, whatever its correction bias: sigmoid(-inf) + bias would
-  // otherwise let it take a top-k slot with weight 0.
-  for (int64_t e = 0; e < numExperts; ++e)
-    if (logits[e] == kMinusInfinity)
-      choice[e] = kMinusInfinity;
-
-  if (router.selection != ExpertSelection::TopK) {
-    const int64_t groups = router.numGroups, perGroup = numExperts / groups;
-    std::vector<float> groupScores(static_cast<size_t>(groups));
-    for (int64_t g = 0; g < groups; ++g) {
-      std::vector<float> members(choice.begin() + g * perGroup, choice.begin() + (g + 1) * perGroup);
-      std::sort(members.begin(), members.end(), std::greater<float>());
-      // A group scores by its present experts: a masked member adds nothing
-      // to the top-two sum (a group with none left is never kept).
-      groupScores[g] =
-          router.selection == ExpertSelection::GroupLimitedMax || perGroup == 1 || members[1] == kMinusInfinity
-              ? members[0]
-              : members[0] + members[1];
-    }
-    std::vector<int32_t> keptGroups(static_cast<size_t>(router.topKGroups));
-    topK(groupScores, router.topKGroups, keptGroups.data());
-    std::vector<bool> kept(static_cast<size_t>(groups), false);
-    for (int32_t g : keptGroups)
-      kept[g] = true;
-    for (int64_t e = 0; e < numExperts; ++e)
-      if (!kept[e / perGroup])
-        choice[e] = kMinusInfinity;
-  }
-
-  topK(choice, k, chosen);
-  float sum = 0.0f;
-  for (int64_t i = 0; i < k; ++i) {
-    weights[i] = scores[chosen[i]];
-    sum += weights[i];
-  }
-  for (int64_t i = 0; i < k; ++i) {
-    if (router.normalizeTopK)
-      weights[i] /= sum + 1e-20f;
-    weights[i] *= static_cast<float>(router.scalingFactor);
-  }
+  routing::route(params(router, numExperts), logits, correctionBias, scratchFor(numExperts), chosen, weights,
+                 HostMath());
 }
 
 void skipWeakChoices(double threshold, int64_t K, float *weights) {
-  if (!(threshold > 0) || K < 2)
-    return;
-  const int64_t first = std::max_element(weights, weights + K) - weights;
-  float before = 0, after = 0;
-  for (int64_t i = 0; i < K; ++i) {
-    before += weights[i];
-    if (i != first && weights[i] < threshold * weights[first])
-      weights[i] = 0;
-    after += weights[i];
-  }
-  if (after > 0)
-    for (int64_t i = 0; i < K; ++i)
-      weights[i] *= before / after;
+  routing::skipWeakChoices(threshold, static_cast<int32_t>(K), weights);
 }
 
 void routeBackward(const RouterSpec &router, int64_t numExperts, const float *logits, const int32_t *chosen,
                    const float *weightGradients, float *logitGradients) {
   std::fill(logitGradients, logitGradients + numExperts, 0.0f);
-  if (router.scoring == RouterScoring::SparseMixer)
-    return sparseMixer(router, numExperts, logits, nullptr, nullptr, weightGradients, logitGradients);
+  const routing::RouterParams p = params(router, numExperts);
+  const routing::Scratch s = scratchFor(numExperts);
+  if (router.scoring == RouterScoring::SparseMixer) {
+    // Each pick's weight is softmax(gates)[pick] over the window the
+    // forward used: dw/dlogit_j = w (delta_j,pick - p_j); the picks and
+    // windows are piecewise constant in the logits.
+    float *masked = s.scores, *gates = s.choice;
+    std::copy_n(logits, numExperts, masked);
+    for (int pick = 0; pick < 2; ++pick) {
+      const int32_t best = routing::sparseMixerPick(p, logits, masked, gates, HostMath());
+      const float w = gates[best], g = weightGradients[pick];
+      for (int64_t j = 0; j < numExperts; ++j)
+        logitGradients[j] += g * w * ((j == best ? 1.0f : 0.0f) - gates[j]);
+      masked[best] = -std::numeric_limits<float>::infinity();
+    }
+    return;
+  }
   const int64_t k = router.topK;
-  thread_local std::vector<float> scoresBuffer, scoreGradientsBuffer;
-  std::vector<float> &scores = scoresBuffer, &scoreGradients = scoreGradientsBuffer;
-  computeScores(router, numExperts, logits, scores);
+  float *scores = s.scores, *scoreGradients = s.choice;
+  routing::computeScores(p, logits, scores, HostMath());
   // weights_i = scale * s_ci (/ (sum_k s_ck + 1e-20) when renormalised).
   const float scale = static_cast<float>(router.scalingFactor);
-  scoreGradients.assign(static_cast<size_t>(numExperts), 0.0f);
+  std::fill(scoreGradients, scoreGradients + numExperts, 0.0f);
   float sum = 0.0f, weighted = 0.0f;
   for (int64_t i = 0; i < k; ++i) {
     sum += scores[chosen[i]];

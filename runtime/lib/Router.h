@@ -7,11 +7,16 @@
 #ifndef MOE_RUNTIME_LIB_ROUTER_H
 #define MOE_RUNTIME_LIB_ROUTER_H
 
+#include "common/Routing.h"
 #include "moe/Frontend/ModelSpec.h"
 
 #include <cstdint>
 
 namespace moe::router {
+
+/// `router` over `numExperts` rows as the plain numbers of
+/// kernels/common/Routing.h (what the CUDA decode's router reads).
+routing::RouterParams params(const RouterSpec &router, int64_t numExperts);
 
 /// Chooses router.topK experts of `numExperts` for one token from its router
 /// `logits`, with the family's scoring, group limits, correction bias (null

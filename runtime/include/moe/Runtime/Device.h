@@ -7,9 +7,11 @@
 // in its stored format, and `kernels::linear`, the decode of q/k/v together,
 // a token's experts and a MoE block's prefill run there. A device that
 // decodes with the residual stream on it (decodesOnDevice) also runs a
-// token's norms, RoPE, attention and a mirror of the KV cache; routing stays
-// on the host. Matrices without a device kernel (ggml's K-quants and Q5_*)
-// and experts an expert cache loads on demand stay on the CPU.
+// token's norms, RoPE, attention and a mirror of the KV cache, and routes
+// the MoE layers it holds whole (routesOnDevice), so that a token of such
+// layers waits for the device once, for its logits. Matrices without a
+// device kernel (ggml's K-quants and Q5_*) and experts an expert cache
+// loads on demand stay on the CPU, and their layers route on the host.
 //
 //===----------------------------------------------------------------------===//
 
@@ -31,6 +33,7 @@ struct Matrix;
 struct MlpWeights;
 struct ModelSpec;
 struct KvCache;
+struct LayerSpec;
 struct LayerWeights;
 struct GlobalWeights;
 class Device;
@@ -87,29 +90,56 @@ public:
   /// device does not know.
   virtual Status chooseProductKernel(std::string_view name);
 
-  // Decode of one token with the residual stream on the device (models with
-  // grouped-query attention): the engine calls decodeBegin, then per layer
-  // decodeAttention (which hands back the MLP input, and the router's logits
-  // of it where the device holds the router, for routing on the host, and
-  // appends the token's keys and values to the host cache as well) and
-  // decodeMlp or decodeAddBranch, then decodeEnd. Devices without it answer
-  // false to decodesOnDevice and the engine uses the products above.
+  // Decode of one token with the residual stream on the device (grouped-
+  // query or latent attention): the engine calls decodeBegin, then per
+  // layer decodeAttention and the MLP, then decodeEnd. Where the MLP stays
+  // on the device (a dense MLP it holds, or a MoE block it routes:
+  // routesOnDevice), decodeAttention hands nothing back (mlpInput null) and
+  // decodeMlp or decodeRoutedMlp follows, without a wait. Else
+  // decodeAttention hands back the MLP input, and the router's logits of it
+  // where the device holds the router, for routing on the host, and
+  // decodeMlp or decodeAddBranch follows. The token's keys and values reach
+  // the host cache too (by decodeEnd). After a failed step the engine calls
+  // decodeAbandon. Devices without it answer false to decodesOnDevice and
+  // the engine uses the products above.
   virtual bool decodesOnDevice() const { return false; }
   /// Whether the device holds all that decodeAttention reads of `layer`.
   virtual bool holdsAttention(const LayerWeights &layer) const { return false; }
   /// Whether decodeAttention can hand back `layer`'s router logits.
   virtual bool holdsRouter(const LayerWeights &layer) const { return false; }
   virtual Status decodeBegin(const float *x, int64_t hidden);
-  /// routerLogits: null, or [router rows] for the router's logits of the
-  /// MLP input (holdsRouter only).
+  /// Whether the device routes `layer`'s MoE block itself: it holds the
+  /// router, every expert and the shared expert, and its routing kernel
+  /// takes the router (rows, top-k). Decided once per layer.
+  virtual bool routesOnDevice(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &weights) {
+    return false;
+  }
+  /// mlpInput: [hidden] for the MLP input, or null when the MLP stays on
+  /// the device; routerLogits: null, or [router rows] for the router's
+  /// logits of the MLP input (holdsRouter, with mlpInput only).
   virtual Status decodeAttention(const ModelSpec &spec, const LayerWeights &layer, int64_t index, const float *cos,
                                  const float *sin, int64_t ropeHalf, KvCache &cache, float *mlpInput,
                                  float *routerLogits);
+  /// Layers the device has taken to route itself so far (routesOnDevice
+  /// true): benchmarks report it, tests check it.
+  virtual int64_t routedLayers() const { return 0; }
+  /// Residual += the MoE block of the MLP input the last decodeAttention
+  /// kept, routed on the device (routesOnDevice).
+  virtual Status decodeRoutedMlp(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &weights);
   /// Residual += sum_i weight_i * mlp_i(MLP input), for MLPs the device holds.
   virtual Status decodeMlp(std::span<const std::pair<const MlpWeights *, float>> mlps);
   /// Residual += branch[hidden] (host).
   virtual Status decodeAddBranch(const float *branch);
-  virtual Status decodeEnd(const ModelSpec &spec, const GlobalWeights &globals, float *logits);
+  /// The logits; expertCalls: the routed experts decodeRoutedMlp ran this
+  /// token (the engine's counters).
+  virtual Status decodeEnd(const ModelSpec &spec, const GlobalWeights &globals, float *logits, int64_t &expertCalls);
+  /// After a failed step of a token: drops what the token left pending,
+  /// and the key and value rows it appended to the host cache.
+  virtual void decodeAbandon() {}
+  /// Benchmarks and tests: where decode routes the MoE layers the device
+  /// holds whole, "device" (the default) or "host"; an error for other
+  /// names or a device that does not route.
+  virtual Status chooseRouting(std::string_view name);
 
   /// Uploads every matrix of a layer except the router (prefill routes on
   /// the host with the CPU's arithmetic; a device may keep a copy of its own

@@ -262,8 +262,12 @@ public:
 private:
   Engine() = default;
   /// One token with the residual stream on the device (Device::decodeBegin
-  /// and on): attention there, routing on the host, experts there.
+  /// and on): attention there, routing there for the MoE layers it holds
+  /// whole (else on the host), experts there.
   Status decodeOnDevice(int32_t token, KvCache &cache, std::vector<float> &logits);
+  /// decodeOnDevice's layers and logits; the caller counts the token into
+  /// the cache, or has the device abandon it.
+  Status decodeLayersOnDevice(int32_t token, KvCache &cache, std::vector<float> &logits);
   /// Whether decodeOnDevice can run this model: decided at its first use.
   bool devicePathReady();
   /// The MoE block of layer `l` on normed[T, H] (the norm of `residual`,

@@ -1,0 +1,290 @@
+//===- RoutedExperts.h - A decoded token's MoE block, planned on the GPU -*- C++ -*-===//
+//
+// Part of moec. The job tables of the CUDA products (MatrixProducts.cu)
+// and what lets one decoded token's MoE block run without the host: a
+// layer's router settings and its experts' product templates live in
+// device memory (RoutedLayer); a one-block kernel routes the token from
+// the router's logits (kernels/common/Routing.h, the CPU engine's
+// arithmetic) and writes the job tables of the block's launches
+// (RoutedPlan), whose sizes the launches read from device memory. The
+// selection and the planning are plain functions of their inputs, built
+// for the host too, so the CPU's tests check them against the engine's
+// own routing (tests/unit/RoutedExpertsTest.cpp).
+//
+//===----------------------------------------------------------------------===//
+
+#ifndef MOE_KERNELS_CUDA_ROUTEDEXPERTS_H
+#define MOE_KERNELS_CUDA_ROUTEDEXPERTS_H
+
+#include "common/Routing.h"
+
+#include <cstdint>
+
+namespace moe::cuda {
+
+/// The size of a launch that a kernel reads from device memory: its jobs
+/// and its warps (rows, elements) in all; the grid covers an upper bound.
+struct LaunchSize {
+  int32_t count = 0;
+  int64_t total = 0;
+};
+
+/// Rounds x[t, 0..cols) to int8 per group of `group` (zero-padded).
+struct QuantJob {
+  const float *x;
+  int64_t ldx, cols, groups, tokens;
+  int group;
+  int8_t *values; ///< [tokens, groups * group]
+  float *scales;  ///< [tokens, groups]
+  float *sums;    ///< [tokens, groups]
+  int64_t first;  ///< Warps before this job.
+};
+
+/// y[t * ldy + r] = row r . x_t for r < rows, t < tokens.
+struct ProductJob {
+  const uint8_t *w;
+  int64_t rows, cols;
+  int layout; ///< WeightLayout: 0 f32, 1 bf16, 2 group.
+  int bits, group, symmetric, bf16Scale, signedCodes, vectorized;
+  int blockShift;                     ///< Group layout: log2(blocks of 32 codes per group).
+  int64_t codeRowBytes, headerOffset; ///< Group layout: the planes (common/GroupPlanes.h).
+  const float *x;                     ///< Dense layouts: f32 activations, row stride ldx.
+  int64_t ldx;
+  const int8_t *q; ///< Group layout: quantized activation (QuantJob).
+  const float *qScales, *qSums;
+  int64_t groups;
+  float *y;
+  int64_t ldy;
+  int64_t tokens; ///< Rows of x and y.
+  int64_t first;  ///< Rows before this job.
+};
+
+constexpr int kGroupLayout = 2;                ///< ProductJob::layout of moec's group formats.
+constexpr int kMaxRoutedTopK = 16;             ///< Experts per token the device routes (more: the host routes).
+constexpr int kMaxRouted = kMaxRoutedTopK + 1; ///< And a shared expert.
+constexpr int kMaxRouterRows = 1024;           ///< Router rows the device routes.
+constexpr int kMaxInputGroups = 3;             ///< Group sizes 32, 64, 128.
+
+/// One expert's three products with the weights' fields filled (w .. headerOffset,
+/// groups; `vectorized`: whether a 16-byte-aligned input of ldx = cols may
+/// be read four floats at a time); a token's plan fills the rest.
+struct ExpertTemplate {
+  ProductJob gate, up, down;
+  int32_t gateInput = 0, upInput = 0; ///< Group layouts: which of the layer's input quantizations they read.
+};
+
+/// A MoE layer as the device routes it (device memory, one per layer).
+struct RoutedLayer {
+  routing::RouterParams router;
+  double skipThreshold = 0; ///< NAEE's dynamic skipping (0: none).
+  int32_t slots = 0;        ///< Expert slots (fewer than router rows after merging).
+  int32_t hasShared = 0, sharedGated = 0;
+  int64_t hidden = 0;
+  const float *correctionBias = nullptr;   ///< [router rows] or null.
+  const int32_t *remap = nullptr;          ///< Router row -> slot, or null (the identity).
+  const float *sharedGate = nullptr;       ///< [hidden]: a gated shared expert's gate vector.
+  const ExpertTemplate *experts = nullptr; ///< [slots + hasShared], the shared expert last.
+  int32_t inputGroups = 0;                 ///< Group sizes the gate and up products quantize the input at.
+  int32_t inputGroupSize[kMaxInputGroups] = {0, 0, 0};
+};
+
+/// Where a token's intermediates lie (device memory), given to the kernels
+/// by value: every area is 256-byte aligned, strides included.
+struct RoutedScratch {
+  const float *input = nullptr;                       ///< The MLP input [hidden].
+  const float *logits = nullptr;                      ///< The router's logits of it [router rows].
+  float *residual = nullptr;                          ///< The residual stream: += the block's output.
+  int8_t *inputValues = nullptr;                      ///< Per input group size: [inputValueStride] bytes.
+  float *inputScales = nullptr, *inputSums = nullptr; ///< Per input group size: [inputGroupStride].
+  int64_t inputValueStride = 0, inputGroupStride = 0;
+  float *gateOut = nullptr, *upOut = nullptr, *h = nullptr; ///< The experts' intermediates, one after another.
+  int8_t *downValues = nullptr;                             ///< Per expert run: [downValueStride] bytes.
+  float *downScales = nullptr, *downSums = nullptr;         ///< Per expert run: [downGroupStride].
+  int64_t downValueStride = 0, downGroupStride = 0;
+  float *parts = nullptr; ///< Per expert run: its output [hidden].
+};
+
+/// A token's MoE block as launches read it (device memory).
+struct RoutedPlan {
+  LaunchSize inputQuant, first, swiglu, downQuant, second, combine;
+  int32_t count = 0;              ///< Experts run (the shared one included).
+  int32_t slots[kMaxRouted] = {}; ///< Their slots (the shared expert: RoutedLayer::slots).
+  float weights[kMaxRouted] = {};
+  QuantJob inputJobs[kMaxInputGroups];
+  ProductJob firstJobs[2 * kMaxRouted]; ///< Gate, up, gate, up, ...
+  QuantJob downJobs[kMaxRouted];
+  ProductJob secondJobs[kMaxRouted];
+};
+
+/// The GPU's exponentials for routing (kernels/common/Routing.h), one
+/// thread: the CPU's scalar softmax (max-subtracted, summed in order) with
+/// expf. The routing kernel runs a warp's version of it (WarpMath in
+/// MatrixProducts.cu: the same selection, sums in another order).
+struct DeviceMath {
+  MOE_HOST_DEVICE void softmax(float *x, int32_t count) const {
+    float most = x[0];
+    for (int32_t i = 1; i < count; ++i)
+      most = most < x[i] ? x[i] : most;
+    float sum = 0.0f;
+    for (int32_t i = 0; i < count; ++i) {
+      x[i] = expf(x[i] - most);
+      sum += x[i];
+    }
+    for (int32_t i = 0; i < count; ++i)
+      x[i] /= sum;
+  }
+  MOE_HOST_DEVICE float sigmoid(float x) const { return 1.0f / (1.0f + expf(-x)); }
+  MOE_HOST_DEVICE void topK(const float *values, int32_t count, int32_t k, int32_t *taken, int32_t *out) const {
+    routing::serialTopK(values, count, k, taken, out);
+  }
+  MOE_HOST_DEVICE void sync() const {}
+};
+
+/// The experts one token runs, in the order the engine's host decode runs
+/// them: routed slots ascending (choices of one slot, merged experts, run
+/// once with their weights added in choice order; choices that dynamic
+/// skipping zeroed, not at all), then the shared expert with
+/// `sharedWeight`. Returns how many.
+template <class Math>
+MOE_HOST_DEVICE int32_t selectExperts(const RoutedLayer &layer, const float *logits, float sharedWeight,
+                                      const routing::Scratch &scratch, const Math &math, int32_t *slots,
+                                      float *weights) {
+  int32_t chosen[kMaxRoutedTopK];
+  float chosenWeights[kMaxRoutedTopK];
+  const int32_t k = layer.router.topK;
+  routing::route(layer.router, logits, layer.correctionBias, scratch, chosen, chosenWeights, math);
+  routing::skipWeakChoices(layer.skipThreshold, k, chosenWeights);
+  int32_t count = 0;
+  for (int32_t i = 0; i < k; ++i) {
+    if (layer.skipThreshold > 0 && chosenWeights[i] == 0)
+      continue;
+    const int32_t slot = layer.remap ? layer.remap[chosen[i]] : chosen[i];
+    int32_t j = 0;
+    while (j < count && slots[j] != slot)
+      ++j;
+    if (j < count) {
+      weights[j] += chosenWeights[i];
+      continue;
+    }
+    // Inserted in slot order.
+    while (j > 0 && slots[j - 1] > slot) {
+      slots[j] = slots[j - 1];
+      weights[j] = weights[j - 1];
+      --j;
+    }
+    slots[j] = slot;
+    weights[j] = chosenWeights[i];
+    ++count;
+  }
+  if (layer.hasShared) {
+    slots[count] = layer.slots;
+    weights[count] = sharedWeight;
+    ++count;
+  }
+  return count;
+}
+
+/// The job tables and launch sizes of `count` experts (selectExperts) over
+/// the areas of `scratch`: the input quantized at each group size the gate
+/// and up products read, gate and up of every expert, silu(gate) * up over
+/// their intermediates laid one after another, each down product's input
+/// quantized at its group, the down products into `parts`, and the
+/// weighted sum onto the residual stream.
+MOE_HOST_DEVICE inline void planRoutedExperts(const RoutedLayer &layer, const RoutedScratch &scratch, int32_t count,
+                                              const int32_t *slots, const float *weights, RoutedPlan &plan) {
+  const int64_t hidden = layer.hidden;
+  plan.count = count;
+  for (int32_t i = 0; i < count; ++i) {
+    plan.slots[i] = slots[i];
+    plan.weights[i] = weights[i];
+  }
+  int64_t warps = 0;
+  for (int32_t g = 0; g < layer.inputGroups; ++g) {
+    QuantJob &job = plan.inputJobs[g];
+    job.x = scratch.input;
+    job.ldx = hidden;
+    job.cols = hidden;
+    job.group = layer.inputGroupSize[g];
+    job.groups = (hidden + job.group - 1) / job.group;
+    job.tokens = 1;
+    job.values = scratch.inputValues + g * scratch.inputValueStride;
+    job.scales = scratch.inputScales + g * scratch.inputGroupStride;
+    job.sums = scratch.inputSums + g * scratch.inputGroupStride;
+    job.first = warps;
+    warps += job.groups;
+  }
+  plan.inputQuant = {layer.inputGroups, warps};
+
+  // Gate and up, each expert's intermediates after the last one's.
+  int64_t offset = 0, rows = 0;
+  for (int32_t i = 0; i < count; ++i) {
+    const ExpertTemplate &e = layer.experts[slots[i]];
+    const int64_t width = e.gate.rows;
+    for (int32_t which = 0; which < 2; ++which) {
+      ProductJob &job = plan.firstJobs[2 * i + which];
+      job = which == 0 ? e.gate : e.up;
+      job.x = scratch.input;
+      job.ldx = hidden;
+      job.tokens = 1;
+      job.y = (which == 0 ? scratch.gateOut : scratch.upOut) + offset;
+      job.ldy = width;
+      job.first = rows;
+      if (job.layout == kGroupLayout) {
+        const QuantJob &input = plan.inputJobs[which == 0 ? e.gateInput : e.upInput];
+        job.q = input.values;
+        job.qScales = input.scales;
+        job.qSums = input.sums;
+      }
+      rows += width;
+    }
+    offset += width;
+  }
+  plan.first = {2 * count, rows};
+  plan.swiglu = {0, offset};
+
+  // Down, each from its expert's slice of h.
+  offset = 0;
+  rows = 0;
+  warps = 0;
+  int32_t quantized = 0;
+  for (int32_t i = 0; i < count; ++i) {
+    const ExpertTemplate &e = layer.experts[slots[i]];
+    const int64_t width = e.gate.rows;
+    ProductJob &job = plan.secondJobs[i];
+    job = e.down;
+    job.x = scratch.h + offset;
+    job.ldx = width;
+    job.tokens = 1;
+    job.y = scratch.parts + i * hidden;
+    job.ldy = hidden;
+    job.first = rows;
+    if (job.layout == kGroupLayout) {
+      QuantJob &quant = plan.downJobs[quantized++];
+      quant.x = job.x;
+      quant.ldx = width;
+      quant.cols = width;
+      quant.group = job.group;
+      quant.groups = job.groups;
+      quant.tokens = 1;
+      quant.values = scratch.downValues + i * scratch.downValueStride;
+      quant.scales = scratch.downScales + i * scratch.downGroupStride;
+      quant.sums = scratch.downSums + i * scratch.downGroupStride;
+      quant.first = warps;
+      warps += quant.groups;
+      job.q = quant.values;
+      job.qScales = quant.scales;
+      job.qSums = quant.sums;
+    } else {
+      job.vectorized = job.vectorized && offset % 4 == 0;
+    }
+    rows += hidden;
+    offset += width;
+  }
+  plan.downQuant = {quantized, warps};
+  plan.second = {count, rows};
+  plan.combine = {count, hidden};
+}
+
+} // namespace moe::cuda
+
+#endif // MOE_KERNELS_CUDA_ROUTEDEXPERTS_H

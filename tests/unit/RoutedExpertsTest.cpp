@@ -1,0 +1,512 @@
+//===- RoutedExpertsTest.cpp - The CUDA decode's routing and plans, on the CPU -===//
+//
+// Part of moec. kernels/cuda/RoutedExperts.h is what the GPU's routing
+// kernel runs, built here for the host: its choice of experts must be the
+// engine's own (routeBlock, as the host-routed decode runs it), bit for
+// bit with the CPU's exponentials, for every router kind; and its job
+// tables, executed here by a plain interpreter of the kernels' contract,
+// must compute the MoE block.
+//
+//===----------------------------------------------------------------------===//
+
+#include "cuda/RoutedExperts.h"
+#include "../../runtime/lib/EngineParts.h"
+#include "../../runtime/lib/Kernels.h"
+#include "../../runtime/lib/Router.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <vector>
+
+using namespace moe;
+
+namespace {
+
+struct HostMath {
+  void softmax(float *x, int32_t count) const { kernels::softmax(x, count); }
+  float sigmoid(float x) const { return kernels::sigmoid(x); }
+  void topK(const float *values, int32_t count, int32_t k, int32_t *taken, int32_t *out) const {
+    routing::serialTopK(values, count, k, taken, out);
+  }
+  void sync() const {}
+};
+
+struct RouterCase {
+  const char *name;
+  RouterSpec router;
+  int64_t rows = 0, slots = 0;
+  std::vector<int32_t> remap;
+  double skipThreshold = 0;
+  bool correctionBias = false;
+  bool coarseLogits = false; ///< Multiples of 1/4: ties everywhere.
+};
+
+std::vector<RouterCase> routerCases() {
+  std::vector<RouterCase> cases;
+  RouterSpec r;
+  r.topK = 2;
+  r.normalizeTopK = true;
+  cases.push_back({"mixtral", r, 8, 8});
+  r.topK = 8;
+  cases.push_back({"qwen3", r, 128, 128});
+  cases.push_back({"qwen3 ties", r, 128, 128, {}, 0, false, true});
+  r.normalizeTopK = false;
+  cases.push_back({"olmoe", r, 64, 64});
+  RouterSpec v3;
+  v3.scoring = RouterScoring::Sigmoid;
+  v3.selection = ExpertSelection::GroupLimitedTopTwoSum;
+  v3.topK = 8;
+  v3.numGroups = 8;
+  v3.topKGroups = 4;
+  v3.normalizeTopK = true;
+  v3.scalingFactor = 2.5;
+  v3.correctionBias = true;
+  cases.push_back({"deepseek-v3", v3, 256, 256, {}, 0, true});
+  cases.push_back({"deepseek-v3 ties", v3, 256, 256, {}, 0, true, true});
+  RouterSpec v2;
+  v2.selection = ExpertSelection::GroupLimitedMax;
+  v2.topK = 6;
+  v2.numGroups = 8;
+  v2.topKGroups = 3;
+  v2.scalingFactor = 16;
+  cases.push_back({"deepseek-v2", v2, 160, 160});
+  RouterSpec phi;
+  phi.scoring = RouterScoring::SparseMixer;
+  phi.topK = 2;
+  phi.jitterEps = 0.01;
+  cases.push_back({"phimoe sparsemixer", phi, 16, 16});
+  cases.push_back({"phimoe sparsemixer ties", phi, 16, 16, {}, 0, false, true});
+  // Merged experts: eight router rows served by five slots, with NAEE's
+  // dynamic skipping on top-3.
+  RouterSpec merged;
+  merged.topK = 3;
+  merged.normalizeTopK = true;
+  cases.push_back({"merged + skip", merged, 8, 5, {0, 1, 1, 2, 3, 3, 4, 0}, 0.3});
+  cases.push_back({"merged + skip ties", merged, 8, 5, {0, 1, 1, 2, 3, 3, 4, 0}, 0.3, false, true});
+  return cases;
+}
+
+/// The CPU engine's router as it was written before its arithmetic moved to
+/// kernels/common/Routing.h (std::partial_sort, sorted groups,
+/// std::max_element): the oracle that the move changed no bit.
+void referenceRoute(const RouterSpec &router, int64_t E, const float *logits, const float *bias, int32_t *chosen,
+                    float *weights) {
+  const float minusInfinity = -std::numeric_limits<float>::infinity();
+  auto topK = [](const std::vector<float> &values, int64_t k, int32_t *out) {
+    std::vector<int32_t> order(values.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                      [&](int32_t a, int32_t b) { return values[a] != values[b] ? values[a] > values[b] : a < b; });
+    std::copy(order.begin(), order.begin() + k, out);
+  };
+  if (router.scoring == RouterScoring::SparseMixer) {
+    std::vector<float> masked(logits, logits + E);
+    const float threshold = static_cast<float>(2.0 * router.jitterEps);
+    for (int pick = 0; pick < 2; ++pick) {
+      const int32_t best = static_cast<int32_t>(std::max_element(masked.begin(), masked.end()) - masked.begin());
+      const float top = masked[best];
+      std::vector<float> gates(masked);
+      for (int64_t j = 0; j < E; ++j)
+        if ((top - logits[j]) / std::max(std::fabs(logits[j]), top) > threshold)
+          gates[j] = minusInfinity;
+      kernels::softmax(gates.data(), E);
+      chosen[pick] = best;
+      weights[pick] = gates[best];
+      masked[best] = minusInfinity;
+    }
+    return;
+  }
+  std::vector<float> scores(logits, logits + E);
+  if (router.scoring == RouterScoring::Softmax)
+    kernels::softmax(scores.data(), E);
+  else
+    for (float &score : scores)
+      score = kernels::sigmoid(score);
+  std::vector<float> choice(scores);
+  for (int64_t e = 0; e < E; ++e) {
+    if (bias)
+      choice[e] += bias[e];
+    if (logits[e] == minusInfinity)
+      choice[e] = minusInfinity;
+  }
+  if (router.selection != ExpertSelection::TopK) {
+    const int64_t groups = router.numGroups, perGroup = E / groups;
+    std::vector<float> groupScores(static_cast<size_t>(groups));
+    for (int64_t g = 0; g < groups; ++g) {
+      std::vector<float> members(choice.begin() + g * perGroup, choice.begin() + (g + 1) * perGroup);
+      std::sort(members.begin(), members.end(), std::greater<float>());
+      groupScores[g] =
+          router.selection == ExpertSelection::GroupLimitedMax || perGroup == 1 || members[1] == minusInfinity
+              ? members[0]
+              : members[0] + members[1];
+    }
+    std::vector<int32_t> kept(static_cast<size_t>(router.topKGroups));
+    topK(groupScores, router.topKGroups, kept.data());
+    for (int64_t e = 0; e < E; ++e)
+      if (std::find(kept.begin(), kept.end(), static_cast<int32_t>(e / perGroup)) == kept.end())
+        choice[e] = minusInfinity;
+  }
+  topK(choice, router.topK, chosen);
+  float sum = 0.0f;
+  for (int64_t i = 0; i < router.topK; ++i) {
+    weights[i] = scores[chosen[i]];
+    sum += weights[i];
+  }
+  for (int64_t i = 0; i < router.topK; ++i) {
+    if (router.normalizeTopK)
+      weights[i] /= sum + 1e-20f;
+    weights[i] *= static_cast<float>(router.scalingFactor);
+  }
+}
+
+} // namespace
+
+TEST(RoutedExperts, TheSharedRouterArithmeticIsTheEnginesAsItWas) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal(0.0f, 1.5f);
+  for (const RouterCase &c : routerCases()) {
+    SCOPED_TRACE(c.name);
+    std::vector<float> bias;
+    if (c.correctionBias)
+      for (int64_t e = 0; e < c.rows; ++e)
+        bias.push_back(0.1f * normal(rng));
+    const int64_t k = c.router.topK;
+    for (int token = 0; token < 300; ++token) {
+      std::vector<float> logits(static_cast<size_t>(c.rows));
+      for (float &l : logits)
+        l = c.coarseLogits ? std::round(4 * normal(rng)) / 4 : normal(rng);
+      // Some rows switched off (masked experts), as the engine's masks do.
+      if (token % 3 == 0)
+        logits[static_cast<size_t>(token) % logits.size()] = -std::numeric_limits<float>::infinity();
+      std::vector<int32_t> chosen(k), expectedChosen(k);
+      std::vector<float> weights(k), expectedWeights(k);
+      const float *b = bias.empty() ? nullptr : bias.data();
+      router::route(c.router, c.rows, logits.data(), b, chosen.data(), weights.data());
+      referenceRoute(c.router, c.rows, logits.data(), b, expectedChosen.data(), expectedWeights.data());
+      ASSERT_EQ(chosen, expectedChosen) << "token " << token;
+      ASSERT_EQ(std::memcmp(weights.data(), expectedWeights.data(), k * sizeof(float)), 0) << "token " << token;
+      // And NAEE's skipping.
+      std::vector<float> skipped(weights), expectedSkipped(weights);
+      router::skipWeakChoices(0.3, k, skipped.data());
+      const int64_t first = std::max_element(expectedSkipped.begin(), expectedSkipped.end()) - expectedSkipped.begin();
+      float before = 0, after = 0;
+      for (int64_t i = 0; i < k; ++i) {
+        before += expectedSkipped[i];
+        if (i != first && expectedSkipped[i] < 0.3 * expectedSkipped[first])
+          expectedSkipped[i] = 0;
+        after += expectedSkipped[i];
+      }
+      if (after > 0)
+        for (float &w : expectedSkipped)
+          w *= before / after;
+      ASSERT_EQ(std::memcmp(skipped.data(), expectedSkipped.data(), k * sizeof(float)), 0) << "token " << token;
+    }
+  }
+}
+
+TEST(RoutedExperts, TheDevicesChoiceIsTheEnginesForEveryRouterKind) {
+  std::mt19937 rng(7);
+  for (const RouterCase &c : routerCases()) {
+    SCOPED_TRACE(c.name);
+    ModelSpec spec;
+    spec.router = c.router;
+    LayerWeights w;
+    w.router.rows = c.rows;
+    w.experts.resize(static_cast<size_t>(c.slots));
+    w.routing.remap = c.remap;
+    w.routing.skipThreshold = c.skipThreshold;
+    std::normal_distribution<float> normal(0.0f, 1.5f);
+    if (c.correctionBias)
+      for (int64_t e = 0; e < c.rows; ++e)
+        w.routerCorrectionBias.push_back(0.1f * normal(rng));
+
+    cuda::RoutedLayer layer;
+    layer.router = router::params(c.router, c.rows);
+    layer.skipThreshold = c.skipThreshold;
+    layer.slots = static_cast<int32_t>(c.slots);
+    layer.hasShared = 1;
+    layer.remap = c.remap.empty() ? nullptr : c.remap.data();
+    layer.correctionBias = c.correctionBias ? w.routerCorrectionBias.data() : nullptr;
+    std::vector<float> scores(c.rows), choice(c.rows), groupScores(c.rows);
+    std::vector<int32_t> taken(c.rows);
+    const routing::Scratch scratch{scores.data(), choice.data(), groupScores.data(), taken.data()};
+
+    detail::BlockRouting routing;
+    int skippedSome = 0, mergedSome = 0;
+    for (int token = 0; token < 300; ++token) {
+      std::vector<float> logits(static_cast<size_t>(c.rows));
+      for (float &l : logits)
+        l = c.coarseLogits ? std::round(4 * normal(rng)) / 4 : normal(rng);
+      detail::routeBlock(spec, w, nullptr, 1, nullptr, routing, logits.data());
+      // The host-routed decode's experts: slots in order, then the shared one.
+      std::vector<int32_t> expectedSlots;
+      std::vector<float> expectedWeights;
+      for (int64_t e = 0; e < c.slots; ++e)
+        if (!routing.tokensOf[e].empty()) {
+          expectedSlots.push_back(static_cast<int32_t>(e));
+          expectedWeights.push_back(routing.weightsOf[e][0]);
+        }
+      expectedSlots.push_back(static_cast<int32_t>(c.slots));
+      expectedWeights.push_back(0.75f);
+      skippedSome += std::count(routing.slotOfChoice.begin(), routing.slotOfChoice.end(), -1) > 0;
+      mergedSome += static_cast<int>(expectedSlots.size()) - 1 < c.router.topK &&
+                    std::count(routing.slotOfChoice.begin(), routing.slotOfChoice.end(), -1) == 0;
+
+      int32_t slots[cuda::kMaxRouted];
+      float weights[cuda::kMaxRouted];
+      const int32_t count = cuda::selectExperts(layer, logits.data(), 0.75f, scratch, HostMath(), slots, weights);
+      ASSERT_EQ(count, static_cast<int32_t>(expectedSlots.size())) << "token " << token;
+      for (int32_t i = 0; i < count; ++i) {
+        EXPECT_EQ(slots[i], expectedSlots[i]) << "token " << token << ", expert " << i;
+        EXPECT_EQ(std::memcmp(&weights[i], &expectedWeights[i], 4), 0)
+            << "token " << token << ", expert " << i << ": " << weights[i] << " vs " << expectedWeights[i];
+      }
+      // The GPU's exponentials (DeviceMath: a scalar softmax with expf; the
+      // kernel's WarpMath selects exactly as it does and sums in another
+      // order) pick the same experts (choices follow the logits, or scores
+      // that tie exactly where the logits do) with weights equal to a few ulps.
+      const int32_t deviceCount =
+          cuda::selectExperts(layer, logits.data(), 0.75f, scratch, cuda::DeviceMath(), slots, weights);
+      ASSERT_EQ(deviceCount, count) << "token " << token;
+      for (int32_t i = 0; i < count; ++i) {
+        EXPECT_EQ(slots[i], expectedSlots[i]) << "token " << token << ", expert " << i;
+        EXPECT_NEAR(weights[i], expectedWeights[i], 1e-6 * std::fabs(expectedWeights[i]) + 1e-9)
+            << "token " << token << ", expert " << i;
+      }
+    }
+    if (c.skipThreshold > 0) {
+      EXPECT_GT(skippedSome, 0) << "the case exercises dynamic skipping";
+      EXPECT_GT(mergedSome, 0) << "the case exercises merged slots";
+    }
+  }
+}
+
+namespace {
+
+/// Runs a plan as the kernels' contract says (RoutedExperts.h,
+/// MatrixProducts.cu) for f32 matrices: each product job's rows, silu(gate)
+/// * up over the intermediates, each down job, the weighted sum.
+void interpret(const cuda::RoutedPlan &plan, const cuda::RoutedScratch &scratch, int64_t hidden) {
+  auto product = [](const cuda::ProductJob &job) {
+    ASSERT_EQ(job.layout, 0);
+    ASSERT_EQ(job.tokens, 1);
+    const float *w = reinterpret_cast<const float *>(job.w);
+    for (int64_t r = 0; r < job.rows; ++r) {
+      float dot = 0;
+      for (int64_t c = 0; c < job.cols; ++c)
+        dot += w[r * job.cols + c] * job.x[c];
+      job.y[r] = dot;
+    }
+  };
+  int64_t rows = 0;
+  for (int32_t j = 0; j < plan.first.count; ++j) {
+    EXPECT_EQ(plan.firstJobs[j].first, rows);
+    rows += plan.firstJobs[j].rows;
+    product(plan.firstJobs[j]);
+  }
+  EXPECT_EQ(rows, plan.first.total);
+  for (int64_t i = 0; i < plan.swiglu.total; ++i) {
+    const float g = scratch.gateOut[i];
+    scratch.h[i] = g / (1.0f + std::exp(-g)) * scratch.upOut[i];
+  }
+  rows = 0;
+  for (int32_t j = 0; j < plan.second.count; ++j) {
+    EXPECT_EQ(plan.secondJobs[j].first, rows);
+    rows += plan.secondJobs[j].rows;
+    product(plan.secondJobs[j]);
+  }
+  EXPECT_EQ(rows, plan.second.total);
+  for (int64_t r = 0; r < hidden; ++r) {
+    float total = 0;
+    for (int32_t i = 0; i < plan.combine.count; ++i)
+      total += plan.weights[i] * scratch.parts[i * hidden + r];
+    scratch.residual[r] += total;
+  }
+}
+
+cuda::ProductJob floatTemplate(const std::vector<float> &w, int64_t rows, int64_t cols) {
+  cuda::ProductJob job{};
+  job.w = reinterpret_cast<const uint8_t *>(w.data());
+  job.rows = rows;
+  job.cols = cols;
+  job.layout = 0;
+  job.vectorized = cols % 4 == 0;
+  return job;
+}
+
+} // namespace
+
+TEST(RoutedExperts, APlanComputesTheBlockOfExpertsOfDifferentWidths) {
+  // Five slots of widths 6, 12, 4, 8, 7 and a shared expert of 10.
+  const int64_t H = 12;
+  const std::vector<int64_t> widths = {6, 12, 4, 8, 7, 10};
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal(0.0f, 0.3f);
+  auto random = [&](int64_t n) {
+    std::vector<float> v(static_cast<size_t>(n));
+    for (float &x : v)
+      x = normal(rng);
+    return v;
+  };
+  std::vector<std::vector<float>> gates, ups, downs;
+  std::vector<cuda::ExpertTemplate> templates;
+  for (int64_t width : widths) {
+    gates.push_back(random(width * H));
+    ups.push_back(random(width * H));
+    downs.push_back(random(H * width));
+  }
+  for (size_t e = 0; e < widths.size(); ++e)
+    templates.push_back({floatTemplate(gates[e], widths[e], H), floatTemplate(ups[e], widths[e], H),
+                         floatTemplate(downs[e], H, widths[e])});
+  cuda::RoutedLayer layer;
+  layer.slots = 5;
+  layer.hasShared = 1;
+  layer.hidden = H;
+  layer.experts = templates.data();
+  const std::vector<float> input = random(H);
+
+  // Two tokens' experts (the shared one, slot 5, last), and whether each
+  // down product may read its slice of h four floats at a time: only where
+  // its width is a multiple of 4 and the slice starts 16-byte aligned
+  // (slot 1 at offset 6 in the second).
+  const std::vector<std::vector<int32_t>> tokens = {{1, 3, 4, 5}, {0, 1, 3, 5}};
+  const std::vector<std::vector<int>> vectorized = {{1, 1, 0, 0}, {0, 0, 0, 0}};
+  for (size_t t = 0; t < tokens.size(); ++t) {
+    SCOPED_TRACE(t);
+    const std::vector<int32_t> &slots = tokens[t];
+    const float weights[] = {0.5f, 0.25f, 0.125f, 0.8f};
+    std::vector<float> residual(H, 0.5f), gateOut(64), upOut(64), h(64), parts(4 * H);
+    cuda::RoutedScratch scratch;
+    scratch.input = input.data();
+    scratch.residual = residual.data();
+    scratch.gateOut = gateOut.data();
+    scratch.upOut = upOut.data();
+    scratch.h = h.data();
+    scratch.parts = parts.data();
+    auto plan = std::make_unique<cuda::RoutedPlan>();
+    cuda::planRoutedExperts(layer, scratch, 4, slots.data(), weights, *plan);
+    EXPECT_EQ(plan->count, 4);
+    EXPECT_EQ(plan->inputQuant.count, 0);
+    EXPECT_EQ(plan->downQuant.count, 0);
+    int64_t width = 0;
+    for (int i = 0; i < 4; ++i) {
+      EXPECT_EQ(plan->slots[i], slots[i]);
+      EXPECT_EQ(plan->secondJobs[i].vectorized, vectorized[t][i]) << "expert " << i;
+      width += widths[static_cast<size_t>(slots[i])];
+    }
+    EXPECT_EQ(plan->swiglu.total, width);
+    interpret(*plan, scratch, H);
+
+    // The block computed directly.
+    for (int64_t r = 0; r < H; ++r) {
+      double expected = 0.5;
+      for (int i = 0; i < 4; ++i) {
+        const size_t e = static_cast<size_t>(slots[i]);
+        const int64_t w = widths[e];
+        double d = 0;
+        for (int64_t c = 0; c < w; ++c) {
+          double g = 0, u = 0;
+          for (int64_t k = 0; k < H; ++k) {
+            g += gates[e][c * H + k] * input[k];
+            u += ups[e][c * H + k] * input[k];
+          }
+          d += downs[e][r * w + c] * (g / (1 + std::exp(-g)) * u);
+        }
+        expected += weights[i] * d;
+      }
+      EXPECT_NEAR(residual[r], expected, 1e-5) << "row " << r;
+    }
+  }
+}
+
+TEST(RoutedExperts, GroupFormatJobsReadTheQuantizationOfTheirGroupSize) {
+  // Gate in groups of 64, up in groups of 128 (two input quantizations),
+  // down in groups of 32 for one expert and bf16 for the other.
+  const int64_t H = 256;
+  auto group = [](int64_t rows, int64_t cols, int g) {
+    cuda::ProductJob job{};
+    job.layout = cuda::kGroupLayout;
+    job.rows = rows;
+    job.cols = cols;
+    job.bits = 4;
+    job.group = g;
+    job.groups = (cols + g - 1) / g;
+    return job;
+  };
+  cuda::ProductJob bf16{};
+  bf16.layout = 1;
+  bf16.rows = H;
+  bf16.cols = 40;
+  bf16.vectorized = 1;
+  std::vector<cuda::ExpertTemplate> templates = {
+      {group(96, H, 64), group(96, H, 128), group(H, 96, 32), 0, 1},
+      {group(40, H, 64), group(40, H, 128), bf16, 0, 1},
+  };
+  cuda::RoutedLayer layer;
+  layer.slots = 2;
+  layer.hidden = H;
+  layer.experts = templates.data();
+  layer.inputGroups = 2;
+  layer.inputGroupSize[0] = 64;
+  layer.inputGroupSize[1] = 128;
+  // Areas as distinct fake addresses: the plan only does arithmetic on them.
+  std::vector<int8_t> values(4096);
+  std::vector<float> floats(8192);
+  cuda::RoutedScratch s;
+  s.input = floats.data();
+  s.inputValues = values.data();
+  s.inputValueStride = 512;
+  s.inputScales = floats.data() + 256;
+  s.inputSums = floats.data() + 512;
+  s.inputGroupStride = 64;
+  s.gateOut = floats.data() + 1024;
+  s.upOut = floats.data() + 2048;
+  s.h = floats.data() + 3072;
+  s.downValues = values.data() + 2048;
+  s.downValueStride = 256;
+  s.downScales = floats.data() + 4096;
+  s.downSums = floats.data() + 4608;
+  s.downGroupStride = 64;
+  s.parts = floats.data() + 5120;
+  const int32_t slots[] = {0, 1};
+  const float weights[] = {0.6f, 0.4f};
+  auto plan = std::make_unique<cuda::RoutedPlan>();
+  cuda::planRoutedExperts(layer, s, 2, slots, weights, *plan);
+
+  EXPECT_EQ(plan->inputQuant.count, 2);
+  EXPECT_EQ(plan->inputQuant.total, 4 + 2); // 256 / 64 + 256 / 128 warps
+  EXPECT_EQ(plan->inputJobs[1].first, 4);
+  EXPECT_EQ(plan->inputJobs[1].values, values.data() + 512);
+  EXPECT_EQ(plan->inputJobs[1].scales, s.inputScales + 64);
+  for (int i = 0; i < 2; ++i) {
+    const cuda::ProductJob &gate = plan->firstJobs[2 * i], &up = plan->firstJobs[2 * i + 1];
+    EXPECT_EQ(gate.q, plan->inputJobs[0].values) << "gate reads groups of 64";
+    EXPECT_EQ(gate.qSums, plan->inputJobs[0].sums);
+    EXPECT_EQ(up.q, plan->inputJobs[1].values) << "up reads groups of 128";
+    EXPECT_EQ(up.qScales, plan->inputJobs[1].scales);
+  }
+  EXPECT_EQ(plan->firstJobs[2].y, s.gateOut + 96);
+  EXPECT_EQ(plan->firstJobs[3].first, 2 * 96 + 40);
+  EXPECT_EQ(plan->first.total, 2 * (96 + 40));
+  // Only the first expert's down is quantized: its h slice in groups of 32.
+  EXPECT_EQ(plan->downQuant.count, 1);
+  EXPECT_EQ(plan->downQuant.total, 3);
+  EXPECT_EQ(plan->downJobs[0].x, s.h);
+  EXPECT_EQ(plan->downJobs[0].cols, 96);
+  EXPECT_EQ(plan->secondJobs[0].q, plan->downJobs[0].values);
+  // The bf16 down reads h from offset 96 (aligned), its output the second part.
+  EXPECT_EQ(plan->secondJobs[1].x, s.h + 96);
+  EXPECT_EQ(plan->secondJobs[1].ldx, 40);
+  EXPECT_TRUE(plan->secondJobs[1].vectorized);
+  EXPECT_EQ(plan->secondJobs[1].y, s.parts + H);
+  EXPECT_EQ(plan->second.total, 2 * H);
+  EXPECT_EQ(plan->combine.count, 2);
+  EXPECT_EQ(plan->weights[1], 0.4f);
+}
