@@ -80,9 +80,10 @@ run_bench deepseek-v2-lite deepseek-v2-lite.json 27 q4_g128_asym
 run_bench mixtral-8x7b mixtral-8x7b.json 32 q4_g128_asym
 fi
 if want bench || want quickbench; then
-# Routing on the host (a wait per layer), beside the default (on the
-# device, one wait a token) above.
+# Routing on the host (a wait per layer), and on the device without the
+# per-layer graphs, beside the default (on the device, graphs) above.
 run_bench olmoe-1b-7b-host-routing olmoe-1b-7b-4layers.json 16 q4_g128_asym --routing host
+run_bench olmoe-1b-7b-device-eager olmoe-1b-7b-4layers.json 16 q4_g128_asym --routing device-eager
 run_bench qwen3-30b-a3b-host-routing qwen3-30b-a3b-2layers.json 48 q4_g128_asym --routing host
 fi
 if want bench || want quickbench; then

@@ -28,6 +28,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <mutex>
@@ -636,6 +637,21 @@ __device__ float blockMax(float value) {
   return most;
 }
 
+/// RoPE of pair i of a head, as rope::apply: (i, i + half), or (2i, 2i + 1)
+/// when interleaved. One function for every kernel that rotates, so that
+/// all contract the products alike.
+__device__ __forceinline__ void rotatePair(float *head, int i, int half, int interleaved, float c, float s) {
+  if (!interleaved) {
+    const float a = head[i], b = head[i + half];
+    head[i] = a * c - b * s;
+    head[i + half] = b * c + a * s;
+  } else {
+    const float a = head[2 * i], b = head[2 * i + 1];
+    head[2 * i] = a * c - b * s;
+    head[2 * i + 1] = a * s + b * c;
+  }
+}
+
 /// A row's norm by the whole block, in place allowed: RMSNorm (x *
 /// rsqrt(mean(x^2) + eps) * weight, in float as the CPU) or LayerNorm
 /// (mean and variance in double).
@@ -673,8 +689,9 @@ __global__ void normKernel(const float *in, float *out, int64_t width, const flo
 /// One block: x += branch (+ branchBias), the attention's output onto the
 /// residual stream, then y = the MLP's norm of x: biasClampKernel,
 /// addKernel and normKernel in one launch, with their arithmetic.
-__global__ void addNormKernel(float *x, const float *branch, const float *branchBias, int64_t width, float *y,
-                              const float *weight, const float *bias, double eps, int layerNorm) {
+__global__ void __launch_bounds__(1024)
+    addNormKernel(float *x, const float *branch, const float *branchBias, int64_t width, float *y, const float *weight,
+                  const float *bias, double eps, int layerNorm) {
   for (int64_t i = threadIdx.x; i < width; i += blockDim.x)
     x[i] += branchBias ? branch[i] + branchBias[i] : branch[i];
   __syncthreads();
@@ -683,10 +700,11 @@ __global__ void addNormKernel(float *x, const float *branch, const float *branch
 
 /// q, k and v of one token after their products (grouped-query attention).
 struct Epilogue {
-  float *y[3];          ///< q, k, v (device).
-  const float *bias[3]; ///< Or null.
-  const float *norm[2]; ///< q's and k's qk-norm weights.
-  float *cacheRow[3];   ///< k's and v's row in the KV cache (q: null).
+  float *y[3];             ///< q, k, v (device).
+  const float *bias[3];    ///< Or null.
+  const float *norm[2];    ///< q's and k's qk-norm weights.
+  float *cache[3];         ///< k's and v's KV cache (q: null), rows of width[t].
+  const int64_t *position; ///< This token's row of the cache (device memory).
   int64_t width[3];
   int heads[3];        ///< Heads of q, k, v.
   int headDim, qkNorm; ///< qkNorm: 0 none, 1 per head, 2 over the full width.
@@ -750,23 +768,14 @@ __global__ void __launch_bounds__(1024) epilogueKernel(Epilogue e) {
     const int half = e.ropeHalf;
     for (int index = threadIdx.x; index < e.heads[t] * half; index += blockDim.x) {
       const int h = index / half, i = index - h * half;
-      float *head = y + static_cast<int64_t>(h) * e.headDim;
-      const float c = e.cos[i], s = e.sin[i];
-      if (!e.interleaved) {
-        const float a = head[i], b = head[i + half];
-        head[i] = a * c - b * s;
-        head[i + half] = b * c + a * s;
-      } else {
-        const float a = head[2 * i], b = head[2 * i + 1];
-        head[2 * i] = a * c - b * s;
-        head[2 * i + 1] = a * s + b * c;
-      }
+      rotatePair(y + static_cast<int64_t>(h) * e.headDim, i, half, e.interleaved, e.cos[i], e.sin[i]);
     }
   }
-  if (e.cacheRow[t]) {
+  if (e.cache[t]) {
     __syncthreads();
+    float *row = e.cache[t] + *e.position * width;
     for (int64_t i = threadIdx.x; i < width; i += blockDim.x)
-      e.cacheRow[t][i] = y[i];
+      row[i] = y[i];
   }
 }
 
@@ -792,18 +801,8 @@ __global__ void addKernel(float *x, const float *y, int64_t count) {
 /// or (2i, 2i + 1), as rope::apply.
 __global__ void ropeKernel(float *x, int headDim, int half, int interleaved, const float *cos, const float *sin) {
   float *head = x + static_cast<int64_t>(blockIdx.x) * headDim;
-  for (int i = threadIdx.x; i < half; i += blockDim.x) {
-    const float c = cos[i], s = sin[i];
-    if (!interleaved) {
-      const float a = head[i], b = head[i + half];
-      head[i] = a * c - b * s;
-      head[i + half] = b * c + a * s;
-    } else {
-      const float a = head[2 * i], b = head[2 * i + 1];
-      head[2 * i] = a * c - b * s;
-      head[2 * i + 1] = a * s + b * c;
-    }
-  }
+  for (int i = threadIdx.x; i < half; i += blockDim.x)
+    rotatePair(head, i, half, interleaved, cos[i], sin[i]);
 }
 
 /// MLA's keys and values of one token (one head per block): key h is head
@@ -824,7 +823,9 @@ __global__ void latentKeysKernel(const float *expanded, const float *sharedRope,
 /// (max-subtracted, as the CPU), weighted values, each sum in the CPU's order.
 __global__ void attendKernel(const float *q, const float *keys, const float *values, int64_t visible, int group,
                              int qDim, int vDim, int64_t keyWidth, int64_t valueWidth, float scale, float *scores,
-                             int64_t scoreStride, float *out) {
+                             int64_t scoreStride, float *out, const int64_t *position) {
+  if (position) // a graph's launch: this token's position from device memory
+    visible = *position + 1;
   const int h = blockIdx.x, kvHead = h / group;
   const float *query = q + static_cast<int64_t>(h) * qDim;
   float *score = scores + h * scoreStride;
@@ -1025,6 +1026,22 @@ ProductJob jobTemplate(const DeviceWeight &w) {
 
 } // namespace
 
+/// Launches captured once as a CUDA graph and replayed while everything
+/// they were captured with (addresses, sizes: `key`) holds.
+struct DecodeGraph {
+  cudaGraphExec_t exec = nullptr;
+  std::vector<uintptr_t> key;
+  bool failed = false; ///< Capture did not work here: plain launches from then on.
+  Buffer tables;       ///< The job tables the launches read (device memory).
+  DecodeGraph() = default;
+  DecodeGraph(const DecodeGraph &) = delete;
+  DecodeGraph &operator=(const DecodeGraph &) = delete;
+  ~DecodeGraph() {
+    if (exec)
+      cudaGraphExecDestroy(exec);
+  }
+};
+
 struct KvMirror {
   struct Layer {
     float *keys = nullptr, *values = nullptr;
@@ -1048,8 +1065,9 @@ struct Context::State {
   std::shared_ptr<std::atomic<size_t>> resident = std::make_shared<std::atomic<size_t>>(0);
   double kernelSeconds = 0;
   ~State() {
-    for (Buffer *buffer : {&input, &scratch, &output, &hostInput, &hostOutput, &x, &handover, &q, &attended, &branch,
-                           &scores, &logits, &tables, &rope, &latent, &arena, &routed, &routedPlan, &routedCalls})
+    for (Buffer *buffer : {&input,  &scratch,  &output, &hostInput, &hostOutput, &x,          &handover,
+                           &q,      &attended, &branch, &scores,    &logits,     &tables,     &rope,
+                           &latent, &position, &arena,  &routed,    &routedPlan, &routedCalls})
       buffer->release();
     if (start)
       cudaEventDestroy(start);
@@ -1191,7 +1209,9 @@ struct Context::State {
   // two waits (an async copy reads it later, so it is not reused before).
   // `handover` holds the MLP input, then the new key and value rows, so
   // that one copy hands all three to the host.
-  Buffer x, handover, q, attended, branch, scores, logits, tables, rope, latent, arena{true};
+  Buffer x, handover, q, attended, branch, scores, logits, tables, rope, latent, position, arena{true};
+  int64_t positionStaged = -1; ///< The position `position` holds (this token's).
+  bool graphs = true;          ///< Context::setGraphs.
   int64_t hidden = 0;
   int64_t ropePosition = -1; ///< The position whose angles `rope` holds (this token's).
   float *normedPointer() const { return handover.at<float>(0); }
@@ -1213,6 +1233,9 @@ struct Context::State {
   Buffer routed, routedPlan, routedCalls;
   struct RoutedBounds {
     int64_t hidden = 0, count = 0, width = 0, downWidth = 0;
+    bool operator!=(const RoutedBounds &o) const {
+      return hidden != o.hidden || count != o.count || width != o.width || downWidth != o.downWidth;
+    }
   } routedBounds;
 
   /// The areas of a token's intermediates for `b` in `base` (device
@@ -1273,7 +1296,8 @@ struct Context::State {
   /// offsets into scratch, reserved by the caller. Stream order makes the
   /// reuse of `tables` by a later call safe.
   Status stageTables(Plan *const *plans, size_t count, PlanTables *placed, const void *extra = nullptr,
-                     size_t extraBytes = 0, void **extraTarget = nullptr) {
+                     size_t extraBytes = 0, void **extraTarget = nullptr, Buffer *target = nullptr) {
+    Buffer &tables = target ? *target : this->tables;
     Layout layout;
     std::vector<std::pair<size_t, size_t>> offsets;
     for (size_t i = 0; i < count; ++i) {
@@ -1320,6 +1344,37 @@ struct Context::State {
     addProduct(plan, scratchLayout, w, deviceX, w.cols, 1, deviceY, w.rows);
     MOE_RETURN_IF_ERROR(scratch.reserve(std::max<size_t>(scratchLayout.size, 256)));
     return enqueue(plan);
+  }
+
+  /// Captures `launches` into `graph` (replacing what it held) and launches
+  /// it; where capture fails, runs them as plain launches, now and later.
+  template <typename Launches>
+  Status captureAndLaunch(DecodeGraph &graph, std::vector<uintptr_t> key, Launches &&launches) {
+    if (graph.exec) {
+      cudaGraphExecDestroy(graph.exec);
+      graph.exec = nullptr;
+    }
+    if (cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
+      cudaGetLastError();
+      graph.failed = true;
+      return launches();
+    }
+    const Status captured = launches();
+    cudaGraph_t made = nullptr;
+    const cudaError_t ended = cudaStreamEndCapture(stream, &made);
+    cudaGraphExec_t exec = nullptr;
+    const bool ok =
+        captured.ok() && ended == cudaSuccess && made && cudaGraphInstantiate(&exec, made, 0) == cudaSuccess;
+    if (made)
+      cudaGraphDestroy(made);
+    if (!ok) {
+      cudaGetLastError();
+      graph.failed = true;
+      return launches();
+    }
+    graph.exec = exec;
+    graph.key = std::move(key);
+    return check(cudaGraphLaunch(exec, stream), "graph launch");
   }
 
   /// Waits for the stream, makes the pending copies to the host, and
@@ -1373,6 +1428,9 @@ struct RoutedLayerHandle {
   /// whether gate and up (down) are all group formats, their rows and bytes of codes.
   bool firstGroups = true, secondGroups = true;
   int64_t firstAllRows = 0, firstCodeBytes = 0, secondAllRows = 0, secondCodeBytes = 0;
+  /// decodeRouted's launches as a graph (Context::setGraphs), and what it
+  /// was captured with.
+  mutable DecodeGraph graph;
   RoutedLayerHandle() = default;
   RoutedLayerHandle(const RoutedLayerHandle &) = delete;
   RoutedLayerHandle &operator=(const RoutedLayerHandle &) = delete;
@@ -1415,6 +1473,11 @@ Context::~Context() = default;
 const DeviceFacts &Context::facts() const { return state->facts; }
 
 size_t Context::residentBytes() const { return state->resident->load(); }
+
+void Context::setGraphs(bool graphs) {
+  std::lock_guard<std::mutex> lock(state->mutex);
+  state->graphs = graphs;
+}
 
 void Context::setProductKernel(ProductKernel kernel) {
   std::lock_guard<std::mutex> lock(state->mutex);
@@ -1737,6 +1800,8 @@ Expected<std::shared_ptr<const DeviceWeight>> Context::uploadVector(const float 
   return upload(WeightLayout::F32, {}, false, 1, count, values, static_cast<size_t>(count) * 4);
 }
 
+std::shared_ptr<DecodeGraph> Context::newDecodeGraph() { return std::make_shared<DecodeGraph>(); }
+
 std::shared_ptr<KvMirror> Context::newKvMirror(int64_t layers) {
   auto mirror = std::make_shared<KvMirror>();
   mirror->layers.resize(static_cast<size_t>(layers));
@@ -1752,6 +1817,7 @@ Status Context::decodeBegin(const float *x, int64_t hidden) {
   MOE_RETURN_IF_ERROR(s.arena.reserve(size_t(16) << 20));
   s.hidden = hidden;
   s.ropePosition = -1;
+  s.positionStaged = -1;
   s.routerLogitsOffset = -1;
   for (Buffer *buffer : {&s.x, &s.handover, &s.branch})
     MOE_RETURN_IF_ERROR(buffer->reserve(static_cast<size_t>(hidden) * 4));
@@ -1820,7 +1886,8 @@ Status Context::decodeSyncCache(KvMirror &mirror, int64_t layerIndex, const floa
 }
 
 Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int64_t layerIndex, int64_t position,
-                                float *mlpInput, float *keyRow, float *valueRow, float *routerLogits) {
+                                float *mlpInput, float *keyRow, float *valueRow, float *routerLogits,
+                                DecodeGraph *graph) {
   const bool mla = a.latent;
   if (!a.output || !a.attentionNorm || !a.mlpNorm || (!mla && (!a.query || !a.key || !a.value)) ||
       (mla && ((!a.query && !(a.queryDown && a.queryUp && a.queryDownNorm)) || !a.kvDown || !a.kvUp || !a.kvDownNorm)))
@@ -1857,118 +1924,182 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
   MOE_RETURN_IF_ERROR(s.q.reserve(static_cast<size_t>(qWidth) * 4));
   MOE_RETURN_IF_ERROR(s.handover.reserve(handoverBytes));
   MOE_RETURN_IF_ERROR(s.attended.reserve(static_cast<size_t>(attendedWidth) * 4));
-  MOE_RETURN_IF_ERROR(s.scores.reserve(static_cast<size_t>(a.heads * (position + 1)) * 4));
+  // Scores of every head over the cache's capacity: one stride for all of
+  // this cache's positions (a graph captured at one replays at the next).
+  MOE_RETURN_IF_ERROR(s.scores.reserve(static_cast<size_t>(a.heads * cache.capacity) * 4));
   MOE_RETURN_IF_ERROR(s.rope.reserve(static_cast<size_t>(2 * std::max(a.ropeHalf, 1)) * 4));
+  MOE_RETURN_IF_ERROR(s.position.reserve(sizeof(int64_t)));
   float *x = s.x.at<float>(0), *normed = s.normedPointer(), *q = s.q.at<float>(0), *k = s.handover.at<float>(kOffset),
         *v = s.handover.at<float>(vOffset), *attended = s.attended.at<float>(0), *branch = s.branch.at<float>(0);
   const double eps = a.eps;
-  // MLA's intermediates: the query's and the keys' low-rank columns (the
-  // latter with the shared rope columns after them), and kvUp's output.
-  const int64_t queryRank = mla && !a.query ? a.queryDown->rows : 0, kvColumns = a.kvLora + a.ropeDim;
-  const size_t kvcOffset = alignUp(static_cast<size_t>(queryRank) * 4, 256);
-  const size_t expandedOffset = kvcOffset + alignUp(static_cast<size_t>(kvColumns) * 4, 256);
-  if (mla)
-    MOE_RETURN_IF_ERROR(s.latent.reserve(expandedOffset + static_cast<size_t>(a.heads) *
-                                                              static_cast<size_t>(a.nopeDim + a.valueDim) * 4));
-  float *qc = s.latent.at<float>(0), *kvc = s.latent.at<float>(kvcOffset),
-        *expanded = s.latent.at<float>(expandedOffset);
-  // The layer's plans (the projections from the normed input; for MLA the
-  // up-projections of the normed low-rank columns; the output projection;
-  // the router), their tables in one transfer, scratch areas apart.
-  State::Plan projections, expansions, output, routing;
-  Layout scratchLayout;
-  if (!mla) {
-    s.addProduct(projections, scratchLayout, *a.query, normed, H, 1, q, qWidth);
-    s.addProduct(projections, scratchLayout, *a.key, normed, H, 1, k, kWidth);
-    s.addProduct(projections, scratchLayout, *a.value, normed, H, 1, v, vWidth);
-  } else {
-    if (a.query)
-      s.addProduct(projections, scratchLayout, *a.query, normed, H, 1, q, qWidth);
-    else
-      s.addProduct(projections, scratchLayout, *a.queryDown, normed, H, 1, qc, queryRank);
-    s.addProduct(projections, scratchLayout, *a.kvDown, normed, H, 1, kvc, kvColumns);
-    if (!a.query)
-      s.addProduct(expansions, scratchLayout, *a.queryUp, qc, queryRank, 1, q, qWidth);
-    s.addProduct(expansions, scratchLayout, *a.kvUp, kvc, kvColumns, 1, expanded,
-                 static_cast<int64_t>(a.heads) * (a.nopeDim + a.valueDim));
-  }
-  s.addProduct(output, scratchLayout, *a.output, attended, attendedWidth, 1, branch, H);
-  if (router)
-    s.addProduct(routing, scratchLayout, *a.router, normed, H, 1, s.handover.at<float>(rOffset), routerRows);
-  MOE_RETURN_IF_ERROR(s.scratch.reserve(std::max<size_t>(scratchLayout.size, 256)));
-  State::Plan *plans[] = {&projections, &output, &routing, &expansions};
-  State::PlanTables placed[4];
-  MOE_RETURN_IF_ERROR(s.stageTables(plans, mla ? 4 : router ? 3 : 2, placed));
-  normKernel<<<1, 1024, 0, s.stream>>>(x, normed, H, a.attentionNorm, a.attentionNormBias, eps, a.layerNorm);
-  MOE_RETURN_IF_ERROR(s.launch(projections, placed[0]));
-  // Every layer of a token has the same angles: copied once per token.
+  // What every layer of a token reads from device memory, copied once per
+  // token: the RoPE angles and the position.
   if (a.ropeHalf > 0 && s.ropePosition != position) {
     std::vector<float> angles(a.cos, a.cos + a.ropeHalf);
     angles.insert(angles.end(), a.sin, a.sin + a.ropeHalf);
     MOE_RETURN_IF_ERROR(s.stage(s.rope.data, angles.data(), angles.size() * 4));
     s.ropePosition = position;
   }
-  const float *cos = s.rope.at<float>(0), *sin = s.rope.at<float>(static_cast<size_t>(a.ropeHalf) * 4);
-  if (mla) {
-    // As the CPU engine's latentAttention: the low-rank columns' norms, the
-    // up-projections, RoPE on each query head's rope columns and on the
-    // shared ones, then full keys and values.
-    if (!a.query)
-      normKernel<<<1, 1024, 0, s.stream>>>(qc, qc, queryRank, a.queryDownNorm, nullptr, eps, 0);
-    normKernel<<<1, 1024, 0, s.stream>>>(kvc, kvc, a.kvLora, a.kvDownNorm, nullptr, eps, 0);
-    MOE_RETURN_IF_ERROR(s.launch(expansions, placed[3]));
-    if (a.ropeHalf > 0) {
-      ropeKernel<<<a.heads, 64, 0, s.stream>>>(q + a.nopeDim, a.headDim, a.ropeHalf, a.ropeInterleaved, cos, sin);
-      ropeKernel<<<1, 64, 0, s.stream>>>(kvc + a.kvLora, a.ropeDim, a.ropeHalf, a.ropeInterleaved, cos, sin);
-    }
-    latentKeysKernel<<<a.heads, 128, 0, s.stream>>>(expanded, kvc + a.kvLora, a.nopeDim, a.ropeDim, a.valueDim, k, v);
+  if (s.positionStaged != position) {
+    MOE_RETURN_IF_ERROR(s.stage(s.position.data, &position, sizeof position));
+    s.positionStaged = position;
   }
-  if (!mla) {
-    // As the CPU engine: biases, then qk-norm, then the clamp, then RoPE;
-    // then k and v into the cache. One launch.
-    Epilogue e{};
-    e.y[0] = q;
-    e.y[1] = k;
-    e.y[2] = v;
-    e.bias[0] = a.queryBias;
-    e.bias[1] = a.keyBias;
-    e.bias[2] = a.valueBias;
-    e.norm[0] = a.queryNorm;
-    e.norm[1] = a.keyNorm;
-    e.cacheRow[1] = cache.keys + position * kWidth;
-    e.cacheRow[2] = cache.values + position * vWidth;
-    e.width[0] = qWidth;
-    e.width[1] = kWidth;
-    e.width[2] = vWidth;
-    e.heads[0] = a.heads;
-    e.heads[1] = a.kvHeads;
-    e.heads[2] = a.kvHeads;
-    e.headDim = a.headDim;
-    e.qkNorm = a.qkNorm;
-    e.eps = a.eps;
-    e.clip = a.clip;
-    e.ropeHalf = a.ropeHalf;
-    e.interleaved = a.ropeInterleaved;
-    e.cos = cos;
-    e.sin = sin;
-    epilogueKernel<<<3, 1024, 0, s.stream>>>(e);
+  const float *cos = s.rope.at<float>(0), *sin = s.rope.at<float>(static_cast<size_t>(a.ropeHalf) * 4);
+  const int64_t *devicePosition = s.position.at<int64_t>(0);
+  // A grouped-query layer whose MLP stays on the device runs as a graph of
+  // its launches (each reads the position from device memory), captured at
+  // its first token and replayed while everything it was captured with
+  // holds (`key`): no plans, tables or dozen launches on the host.
+  const bool graphed = graph && !mla && !handBack && s.graphs && !graph->failed;
+  std::vector<uintptr_t> key;
+  if (graphed) {
+    for (const void *p : {static_cast<const void *>(x),
+                          static_cast<const void *>(s.handover.data),
+                          static_cast<const void *>(q),
+                          static_cast<const void *>(attended),
+                          static_cast<const void *>(branch),
+                          static_cast<const void *>(s.scores.data),
+                          static_cast<const void *>(s.scratch.data),
+                          static_cast<const void *>(s.rope.data),
+                          static_cast<const void *>(devicePosition),
+                          static_cast<const void *>(cache.keys),
+                          static_cast<const void *>(cache.values),
+                          static_cast<const void *>(a.attentionNorm),
+                          static_cast<const void *>(a.attentionNormBias),
+                          static_cast<const void *>(a.mlpNorm),
+                          static_cast<const void *>(a.mlpNormBias),
+                          static_cast<const void *>(a.query),
+                          static_cast<const void *>(a.key),
+                          static_cast<const void *>(a.value),
+                          static_cast<const void *>(a.output),
+                          static_cast<const void *>(a.router),
+                          static_cast<const void *>(a.queryBias),
+                          static_cast<const void *>(a.keyBias),
+                          static_cast<const void *>(a.valueBias),
+                          static_cast<const void *>(a.outputBias),
+                          static_cast<const void *>(a.queryNorm),
+                          static_cast<const void *>(a.keyNorm)})
+      key.push_back(reinterpret_cast<uintptr_t>(p));
+    for (int64_t value : {H, cache.capacity, routerRows, static_cast<int64_t>(s.oneTokenKernel)})
+      key.push_back(static_cast<uintptr_t>(value));
+  }
+  if (graphed && graph->exec && graph->key == key) {
+    MOE_RETURN_IF_ERROR(check(cudaGraphLaunch(graph->exec, s.stream), "attention graph"));
   } else {
-    MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(cache.keys + position * kWidth, k, static_cast<size_t>(kWidth) * 4,
-                                              cudaMemcpyDeviceToDevice, s.stream),
-                              "KV append"));
-    MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(cache.values + position * vWidth, v, static_cast<size_t>(vWidth) * 4,
-                                              cudaMemcpyDeviceToDevice, s.stream),
-                              "KV append"));
+    // MLA's intermediates: the query's and the keys' low-rank columns (the
+    // latter with the shared rope columns after them), and kvUp's output.
+    const int64_t queryRank = mla && !a.query ? a.queryDown->rows : 0, kvColumns = a.kvLora + a.ropeDim;
+    const size_t kvcOffset = alignUp(static_cast<size_t>(queryRank) * 4, 256);
+    const size_t expandedOffset = kvcOffset + alignUp(static_cast<size_t>(kvColumns) * 4, 256);
+    if (mla)
+      MOE_RETURN_IF_ERROR(s.latent.reserve(expandedOffset + static_cast<size_t>(a.heads) *
+                                                                static_cast<size_t>(a.nopeDim + a.valueDim) * 4));
+    float *qc = s.latent.at<float>(0), *kvc = s.latent.at<float>(kvcOffset),
+          *expanded = s.latent.at<float>(expandedOffset);
+    // The layer's plans (the projections from the normed input; for MLA the
+    // up-projections of the normed low-rank columns; the output projection;
+    // the router), their tables in one transfer, scratch areas apart.
+    State::Plan projections, expansions, output, routing;
+    Layout scratchLayout;
+    if (!mla) {
+      s.addProduct(projections, scratchLayout, *a.query, normed, H, 1, q, qWidth);
+      s.addProduct(projections, scratchLayout, *a.key, normed, H, 1, k, kWidth);
+      s.addProduct(projections, scratchLayout, *a.value, normed, H, 1, v, vWidth);
+    } else {
+      if (a.query)
+        s.addProduct(projections, scratchLayout, *a.query, normed, H, 1, q, qWidth);
+      else
+        s.addProduct(projections, scratchLayout, *a.queryDown, normed, H, 1, qc, queryRank);
+      s.addProduct(projections, scratchLayout, *a.kvDown, normed, H, 1, kvc, kvColumns);
+      if (!a.query)
+        s.addProduct(expansions, scratchLayout, *a.queryUp, qc, queryRank, 1, q, qWidth);
+      s.addProduct(expansions, scratchLayout, *a.kvUp, kvc, kvColumns, 1, expanded,
+                   static_cast<int64_t>(a.heads) * (a.nopeDim + a.valueDim));
+    }
+    s.addProduct(output, scratchLayout, *a.output, attended, attendedWidth, 1, branch, H);
+    if (router)
+      s.addProduct(routing, scratchLayout, *a.router, normed, H, 1, s.handover.at<float>(rOffset), routerRows);
+    // A graph's scratch must not move after its capture: the key holds it.
+    MOE_RETURN_IF_ERROR(s.scratch.reserve(std::max<size_t>(scratchLayout.size, 256)));
+    if (graphed)
+      key[6] = reinterpret_cast<uintptr_t>(s.scratch.data);
+    State::Plan *plans[] = {&projections, &output, &routing, &expansions};
+    State::PlanTables placed[4];
+    MOE_RETURN_IF_ERROR(s.stageTables(plans,
+                                      mla      ? 4
+                                      : router ? 3
+                                               : 2,
+                                      placed, nullptr, 0, nullptr, graphed ? &graph->tables : nullptr));
+    auto launches = [&]() -> Status {
+      normKernel<<<1, 1024, 0, s.stream>>>(x, normed, H, a.attentionNorm, a.attentionNormBias, eps, a.layerNorm);
+      MOE_RETURN_IF_ERROR(s.launch(projections, placed[0]));
+      if (mla) {
+        // As the CPU engine's latentAttention: the low-rank columns' norms,
+        // the up-projections, RoPE on each query head's rope columns and on
+        // the shared ones, then full keys and values.
+        if (!a.query)
+          normKernel<<<1, 1024, 0, s.stream>>>(qc, qc, queryRank, a.queryDownNorm, nullptr, eps, 0);
+        normKernel<<<1, 1024, 0, s.stream>>>(kvc, kvc, a.kvLora, a.kvDownNorm, nullptr, eps, 0);
+        MOE_RETURN_IF_ERROR(s.launch(expansions, placed[3]));
+        if (a.ropeHalf > 0) {
+          ropeKernel<<<a.heads, 64, 0, s.stream>>>(q + a.nopeDim, a.headDim, a.ropeHalf, a.ropeInterleaved, cos, sin);
+          ropeKernel<<<1, 64, 0, s.stream>>>(kvc + a.kvLora, a.ropeDim, a.ropeHalf, a.ropeInterleaved, cos, sin);
+        }
+        latentKeysKernel<<<a.heads, 128, 0, s.stream>>>(expanded, kvc + a.kvLora, a.nopeDim, a.ropeDim, a.valueDim, k,
+                                                        v);
+        MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(cache.keys + position * kWidth, k, static_cast<size_t>(kWidth) * 4,
+                                                  cudaMemcpyDeviceToDevice, s.stream),
+                                  "KV append"));
+        MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(cache.values + position * vWidth, v, static_cast<size_t>(vWidth) * 4,
+                                                  cudaMemcpyDeviceToDevice, s.stream),
+                                  "KV append"));
+      } else {
+        // As the CPU engine: biases, then qk-norm, then the clamp, then
+        // RoPE; then k and v into the cache. One launch.
+        Epilogue e{};
+        e.y[0] = q;
+        e.y[1] = k;
+        e.y[2] = v;
+        e.bias[0] = a.queryBias;
+        e.bias[1] = a.keyBias;
+        e.bias[2] = a.valueBias;
+        e.norm[0] = a.queryNorm;
+        e.norm[1] = a.keyNorm;
+        e.cache[1] = cache.keys;
+        e.cache[2] = cache.values;
+        e.position = devicePosition;
+        e.width[0] = qWidth;
+        e.width[1] = kWidth;
+        e.width[2] = vWidth;
+        e.heads[0] = a.heads;
+        e.heads[1] = a.kvHeads;
+        e.heads[2] = a.kvHeads;
+        e.headDim = a.headDim;
+        e.qkNorm = a.qkNorm;
+        e.eps = a.eps;
+        e.clip = a.clip;
+        e.ropeHalf = a.ropeHalf;
+        e.interleaved = a.ropeInterleaved;
+        e.cos = cos;
+        e.sin = sin;
+        epilogueKernel<<<3, 1024, 0, s.stream>>>(e);
+      }
+      attendKernel<<<a.heads, 256, 0, s.stream>>>(q, cache.keys, cache.values, position + 1, a.heads / a.kvHeads,
+                                                  a.headDim, a.valueDim, kWidth, vWidth, a.softmaxScale,
+                                                  s.scores.at<float>(0), cache.capacity, attended, devicePosition);
+      MOE_RETURN_IF_ERROR(s.launch(output, placed[1]));
+      addNormKernel<<<1, 1024, 0, s.stream>>>(x, branch, a.outputBias, H, normed, a.mlpNorm, a.mlpNormBias, eps,
+                                              a.layerNorm);
+      if (router)
+        MOE_RETURN_IF_ERROR(s.launch(routing, placed[2]));
+      return check(cudaGetLastError(), "decode launch");
+    };
+    if (graphed)
+      MOE_RETURN_IF_ERROR(s.captureAndLaunch(*graph, std::move(key), launches));
+    else
+      MOE_RETURN_IF_ERROR(launches());
   }
   cache.rows = position + 1;
-  attendKernel<<<a.heads, 256, 0, s.stream>>>(q, cache.keys, cache.values, position + 1, a.heads / a.kvHeads, a.headDim,
-                                              a.valueDim, kWidth, vWidth, a.softmaxScale, s.scores.at<float>(0),
-                                              position + 1, attended);
-  MOE_RETURN_IF_ERROR(s.launch(output, placed[1]));
-  addNormKernel<<<1, 1024, 0, s.stream>>>(x, branch, a.outputBias, H, normed, a.mlpNorm, a.mlpNormBias, eps,
-                                          a.layerNorm);
-  if (router)
-    MOE_RETURN_IF_ERROR(s.launch(routing, placed[2]));
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "decode launch"));
   if (!handBack) {
     // The MLP runs on the device next; the host's cache rows come at the
@@ -2325,21 +2456,40 @@ Status Context::decodeRouted(const RoutedLayerHandle &layer) {
   scratch.residual = s.x.at<float>(0);
   s.routerLogitsOffset = -1;
   RoutedPlan *plan = s.routedPlan.at<RoutedPlan>(0);
-  routeKernel<<<1, 256, 0, s.stream>>>(layer.device, scratch, plan, s.routedCalls.at<unsigned long long>(0));
-  MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "routing launch"));
-  MOE_RETURN_IF_ERROR(s.launchQuant(plan->inputJobs, layer.inputGroups, layer.inputWarps, &plan->inputQuant));
-  MOE_RETURN_IF_ERROR(s.launchProducts(plan->firstJobs, 2 * count, layer.firstRows, true,
-                                       layer.firstGroups && s.streams(layer.firstAllRows, layer.firstCodeBytes),
-                                       &plan->first));
-  swigluKernel<<<blocksFor(layer.width, 256), 256, 0, s.stream>>>(scratch.gateOut, scratch.upOut, scratch.h,
-                                                                  layer.width, &plan->swiglu);
-  MOE_RETURN_IF_ERROR(s.launchQuant(plan->downJobs, count, layer.downWarps, &plan->downQuant));
-  MOE_RETURN_IF_ERROR(s.launchProducts(plan->secondJobs, count, count * hidden, true,
-                                       layer.secondGroups && s.streams(layer.secondAllRows, layer.secondCodeBytes),
-                                       &plan->second));
-  combineKernel<<<blocksFor(hidden, 256), 256, 0, s.stream>>>(scratch.parts, plan->weights, static_cast<int>(count),
-                                                              hidden, scratch.residual, true, &plan->combine);
-  return check(cudaGetLastError(), "routed experts launch");
+  unsigned long long *calls = s.routedCalls.at<unsigned long long>(0);
+  const bool firstStreamed = layer.firstGroups && s.streams(layer.firstAllRows, layer.firstCodeBytes);
+  const bool secondStreamed = layer.secondGroups && s.streams(layer.secondAllRows, layer.secondCodeBytes);
+  auto enqueue = [&]() -> Status {
+    routeKernel<<<1, 256, 0, s.stream>>>(layer.device, scratch, plan, calls);
+    MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "routing launch"));
+    MOE_RETURN_IF_ERROR(s.launchQuant(plan->inputJobs, layer.inputGroups, layer.inputWarps, &plan->inputQuant));
+    MOE_RETURN_IF_ERROR(
+        s.launchProducts(plan->firstJobs, 2 * count, layer.firstRows, true, firstStreamed, &plan->first));
+    swigluKernel<<<blocksFor(layer.width, 256), 256, 0, s.stream>>>(scratch.gateOut, scratch.upOut, scratch.h,
+                                                                    layer.width, &plan->swiglu);
+    MOE_RETURN_IF_ERROR(s.launchQuant(plan->downJobs, count, layer.downWarps, &plan->downQuant));
+    MOE_RETURN_IF_ERROR(s.launchProducts(plan->secondJobs, count, count * hidden, true, secondStreamed, &plan->second));
+    combineKernel<<<blocksFor(hidden, 256), 256, 0, s.stream>>>(scratch.parts, plan->weights, static_cast<int>(count),
+                                                                hidden, scratch.residual, true, &plan->combine);
+    return check(cudaGetLastError(), "routed experts launch");
+  };
+  if (!s.graphs || layer.graph.failed)
+    return enqueue();
+  // The seven launches as one CUDA graph, captured at the layer's first
+  // token and replayed while every address and size they were captured
+  // with holds: one launch for the host instead of seven.
+  const State::RoutedBounds &b = s.routedBounds;
+  std::vector<uintptr_t> key;
+  for (const void *p : {static_cast<const void *>(scratch.input), static_cast<const void *>(scratch.logits),
+                        static_cast<const void *>(scratch.residual), static_cast<const void *>(s.routed.data),
+                        static_cast<const void *>(plan), static_cast<const void *>(calls)})
+    key.push_back(reinterpret_cast<uintptr_t>(p));
+  for (int64_t value : {b.hidden, b.count, b.width, b.downWidth, static_cast<int64_t>(firstStreamed),
+                        static_cast<int64_t>(secondStreamed)})
+    key.push_back(static_cast<uintptr_t>(value));
+  if (layer.graph.exec && layer.graph.key == key)
+    return check(cudaGraphLaunch(layer.graph.exec, s.stream), "routed experts graph");
+  return s.captureAndLaunch(layer.graph, std::move(key), enqueue);
 }
 
 Expected<double> Context::copyBandwidth(size_t bytes, int repeats) {

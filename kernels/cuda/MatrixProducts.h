@@ -63,6 +63,10 @@ struct ExpertBatch {
 /// newKvMirror); grown as tokens come.
 struct KvMirror;
 
+/// A layer's decode launches held as a CUDA graph (Context::newDecodeGraph,
+/// decodeAttention).
+struct DecodeGraph;
+
 /// A MoE layer that decode routes on the device (Context::prepareRouted):
 /// its RoutedLayer in device memory and its launches' bounds.
 struct RoutedLayerHandle;
@@ -190,9 +194,15 @@ public:
   /// routerLogits is null): computes the router's logits on the device
   /// when the layer has a router (for decodeRouted), and writes keyRow and
   /// valueRow at the next wait (decodeEnd), so they must stay valid until
-  /// then (decodeDiscard drops them).
+  /// then (decodeDiscard drops them). With `graph` (one per layer, and
+  /// grouped-query attention whose MLP stays on the device), the layer's
+  /// launches are captured as a CUDA graph at its first token and replayed
+  /// at the next ones while what they read stays where it was.
   Status decodeAttention(const DecodeAttention &layer, KvMirror &mirror, int64_t layerIndex, int64_t position,
-                         float *mlpInput, float *keyRow, float *valueRow, float *routerLogits = nullptr);
+                         float *mlpInput, float *keyRow, float *valueRow, float *routerLogits = nullptr,
+                         DecodeGraph *graph = nullptr);
+  /// A graph holder for decodeAttention.
+  std::shared_ptr<DecodeGraph> newDecodeGraph();
   /// Copies a MoE layer's routing (router settings, correction bias, remap
   /// table, dynamic-skip threshold) and its experts' product templates to
   /// the device. A null handle (and the reason in `why`) for a layer the
@@ -226,6 +236,10 @@ public:
   /// The kernel of one token's group-format products (benchmarks and
   /// tests compare them).
   void setProductKernel(ProductKernel kernel);
+  /// Whether decodeAttention and decodeRouted replay each layer's launches
+  /// as CUDA graphs (the default) or launch them one by one; the same
+  /// kernels either way.
+  void setGraphs(bool graphs);
 
   /// Bytes of matrices held now.
   size_t residentBytes() const;

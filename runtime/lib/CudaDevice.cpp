@@ -56,6 +56,8 @@ struct CudaVectors {
   /// the first decoded token): null where it cannot.
   mutable std::shared_ptr<const cuda::RoutedLayerHandle> routed;
   mutable bool routedTried = false;
+  /// The layer's decode launches as a CUDA graph (made at its first token).
+  mutable std::shared_ptr<cuda::DecodeGraph> attentionGraph;
 };
 
 class CudaDevice final : public Device {
@@ -204,12 +206,10 @@ public:
   }
 
   Status chooseRouting(std::string_view name) override {
-    if (name == "device")
-      routeOnDevice = true;
-    else if (name == "host")
-      routeOnDevice = false;
-    else
-      return Status::error("unknown routing '", name, "' (device or host)");
+    if (name != "device" && name != "device-eager" && name != "host")
+      return Status::error("unknown routing '", name, "' (device, device-eager or host)");
+    routeOnDevice = name != "host";
+    context->setGraphs(name == "device");
     return Status::success();
   }
 
@@ -282,8 +282,10 @@ public:
         appended.emplace_back(rowsOf, rowsOf->size());
       keys.resize(keys.size() + static_cast<size_t>(keyWidth));
       values.resize(values.size() + static_cast<size_t>(valueWidth));
+      if (!v.attentionGraph)
+        v.attentionGraph = context->newDecodeGraph();
       return context->decodeAttention(d, mirror, index, cache.length, nullptr, keys.data() + rows * keyWidth,
-                                      values.data() + rows * valueWidth, nullptr);
+                                      values.data() + rows * valueWidth, nullptr, v.attentionGraph.get());
     }
     thread_local std::vector<float> keyRow, valueRow;
     keyRow.resize(static_cast<size_t>(keyWidth));

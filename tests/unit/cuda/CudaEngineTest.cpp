@@ -584,8 +584,10 @@ TEST(CudaEngine, LogitsAndPerplexityMatchTheCpuEngine) {
 TEST(CudaEngine, RoutingOnTheDeviceMatchesRoutingOnTheHost) {
   REQUIRE_GPU();
   // The same decode with the MoE layers routed on the device (one wait a
-  // token) and on the host (a wait a layer): the same experts, so logits
-  // within float order of each other, and the same expert calls counted.
+  // token; each layer's launches replayed as a graph, then launched one by
+  // one) and on the host (a wait a layer): graphs and launches give the
+  // same bits; device and host routing the same experts, so logits within
+  // float order of each other, and the same expert calls counted.
   for (const std::string &path : parityModels()) {
     SCOPED_TRACE(path);
     Expected<std::shared_ptr<Device>> device = openDevice(DeviceChoice::Cuda);
@@ -599,10 +601,11 @@ TEST(CudaEngine, RoutingOnTheDeviceMatchesRoutingOnTheHost) {
     // grows in the middle of a token (a wait with rows still on their way).
     const bool fixture = path.find("/fixtures/") != std::string::npos;
     const int64_t tokens = std::min<int64_t>(model->spec.maxPositions - 4, quickParity() ? 24 : fixture ? 300 : 40);
-    std::vector<std::vector<float>> logits[2];
-    RoutingCounters counters[2];
-    for (int run = 0; run < 2; ++run) {
-      ASSERT_TRUE((*device)->chooseRouting(run == 0 ? "device" : "host").ok());
+    std::vector<std::vector<float>> logits[3];
+    RoutingCounters counters[3];
+    const char *routings[] = {"host", "device", "device-eager"};
+    for (int run = 0; run < 3; ++run) {
+      ASSERT_TRUE((*device)->chooseRouting(routings[run]).ok());
       engine.resetRoutingCounters();
       KvCache cache = engine.newCache();
       std::vector<float> out;
@@ -627,9 +630,13 @@ TEST(CudaEngine, RoutingOnTheDeviceMatchesRoutingOnTheHost) {
       EXPECT_EQ(cache.length, tokens + 4);
       counters[run] = engine.routingCounters();
     }
-    double most = 0;
-    for (size_t t = 0; t < logits[0].size(); ++t)
+    double most = 0, graphs = 0;
+    for (size_t t = 0; t < logits[0].size(); ++t) {
       most = std::max(most, maxDifference(logits[0][t], logits[1][t]));
+      graphs = std::max(graphs, maxDifference(logits[1][t], logits[2][t]));
+    }
+    EXPECT_EQ(graphs, 0.0) << "a graph replays the launches it captured";
+    EXPECT_EQ(counters[1].expertCalls, counters[2].expertCalls);
     // The device run routed on the device: checkpoints' MoE layers are all
     // held whole (none has more rows or experts a token than the kernel
     // takes); a package's layers with experts split into parts route on
@@ -641,10 +648,10 @@ TEST(CudaEngine, RoutingOnTheDeviceMatchesRoutingOnTheHost) {
     if (path.find(".moepkg") == std::string::npos)
       EXPECT_EQ(routed, moeLayers);
     std::printf("routing %s: %lld of %lld MoE layers on the device; device vs host max |logit difference| %.3g over "
-                "%zu tokens; expert calls %lld vs %lld\n",
+                "%zu tokens (graphs vs launches %.3g); expert calls %lld vs %lld\n",
                 std::filesystem::path(path).filename().c_str(), static_cast<long long>(routed),
-                static_cast<long long>(moeLayers), most, logits[0].size(),
-                static_cast<long long>(counters[0].expertCalls), static_cast<long long>(counters[1].expertCalls));
+                static_cast<long long>(moeLayers), most, logits[0].size(), graphs,
+                static_cast<long long>(counters[1].expertCalls), static_cast<long long>(counters[0].expertCalls));
     EXPECT_EQ(counters[0].routedTokens, counters[1].routedTokens);
     EXPECT_EQ(counters[0].expertCalls, counters[1].expertCalls);
     if (path.find(".moepkg") == std::string::npos)
@@ -659,8 +666,9 @@ TEST(CudaDevice, RoutingIsChosenByName) {
   Expected<std::shared_ptr<Device>> device = openDevice(DeviceChoice::Cuda);
   ASSERT_TRUE(device) << device.status().message();
   EXPECT_TRUE((*device)->chooseRouting("device").ok());
+  EXPECT_TRUE((*device)->chooseRouting("device-eager").ok());
   EXPECT_TRUE((*device)->chooseRouting("host").ok());
   Status status = (*device)->chooseRouting("cpu");
   ASSERT_FALSE(status.ok());
-  EXPECT_NE(status.message().find("device or host"), std::string::npos) << status.message();
+  EXPECT_NE(status.message().find("device, device-eager or host"), std::string::npos) << status.message();
 }

@@ -137,8 +137,9 @@ public:
   /// and the key and value rows it appended to the host cache.
   virtual void decodeAbandon() {}
   /// Benchmarks and tests: where decode routes the MoE layers the device
-  /// holds whole, "device" (the default) or "host"; an error for other
-  /// names or a device that does not route.
+  /// holds whole, "device" (the default: each layer's MoE launches replayed
+  /// as a CUDA graph), "device-eager" (the same launches one by one) or
+  /// "host"; an error for other names or a device that does not route.
   virtual Status chooseRouting(std::string_view name);
 
   /// Uploads every matrix of a layer except the router (prefill routes on
