@@ -366,6 +366,10 @@ int main(int argc, char **argv) {
     KvCache cache = engine.newCache();
     std::vector<int32_t> prompt = randomTokens(16);
     MOE_RETURN_IF_ERROR(engine.forward(prompt, cache, logits, true));
+    // Two untimed steps on this cache: a device captures its per-layer
+    // graphs for this cache's addresses at the first.
+    for (int warm = 0; warm < 2; ++warm)
+      MOE_RETURN_IF_ERROR(engine.forward(randomTokens(perStep), cache, logits, true));
     engine.resetRoutingCounters();
     if (*device)
       (*device)->resetBusySeconds();
@@ -409,6 +413,14 @@ int main(int argc, char **argv) {
       return fail(bandwidth.status().message());
     result["device_copy_bytes_per_second"] = *bandwidth;
     result["layers_routed_on_device"] = (*device)->routedLayers();
+    const DeviceGraphStats graphs = (*device)->graphStats();
+    result["graph_captures"] = graphs.captures;
+    result["graph_replays"] = graphs.replays;
+    result["graph_failures"] = graphs.failures;
+    if (!graphs.firstFailure.empty()) {
+      result["graph_first_failure"] = graphs.firstFailure;
+      std::cerr << "cuda_engine: a CUDA graph failed, its layer ran launch by launch: " << graphs.firstFailure << "\n";
+    }
     // Bytes decoding reads per second beside the bytes a copy moves (read
     // and written) per second: the memory system's measured rate.
     result["decode_fraction_of_copy_bandwidth"] =

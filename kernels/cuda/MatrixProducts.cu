@@ -824,7 +824,7 @@ __global__ void latentKeysKernel(const float *expanded, const float *sharedRope,
 __global__ void attendKernel(const float *q, const float *keys, const float *values, int64_t visible, int group,
                              int qDim, int vDim, int64_t keyWidth, int64_t valueWidth, float scale, float *scores,
                              int64_t scoreStride, float *out, const int64_t *position) {
-  if (position) // a graph's launch: this token's position from device memory
+  if (position) // this token's position from device memory (one graph serves every position)
     visible = *position + 1;
   const int h = blockIdx.x, kvHead = h / group;
   const float *query = q + static_cast<int64_t>(h) * qDim;
@@ -953,12 +953,13 @@ unsigned blocksFor(int64_t threads, int perBlock) { return static_cast<unsigned>
 
 size_t alignUp(size_t value, size_t alignment) { return (value + alignment - 1) / alignment * alignment; }
 
-/// A grow-only buffer in device or pinned host memory.
+/// A grow-only buffer in device or pinned host memory: grown by whole MiB
+/// and at least doubling, or (`exact`, for many small ones) to the bytes asked.
 struct Buffer {
-  bool host = false;
+  bool host = false, exact = false;
   void *data = nullptr;
   size_t capacity = 0;
-  explicit Buffer(bool host = false) : host(host) {}
+  explicit Buffer(bool host = false, bool exact = false) : host(host), exact(exact) {}
   Buffer(const Buffer &) = delete;
   Buffer &operator=(const Buffer &) = delete;
   ~Buffer() { release(); }
@@ -966,7 +967,7 @@ struct Buffer {
     if (bytes <= capacity)
       return Status::success();
     release();
-    const size_t size = std::max(alignUp(bytes, size_t(1) << 20), capacity * 2);
+    const size_t size = exact ? alignUp(bytes, 256) : std::max(alignUp(bytes, size_t(1) << 20), capacity * 2);
     cudaError_t error = host ? cudaMallocHost(&data, size) : cudaMalloc(&data, size);
     if (error != cudaSuccess) {
       data = nullptr;
@@ -1031,8 +1032,8 @@ ProductJob jobTemplate(const DeviceWeight &w) {
 struct DecodeGraph {
   cudaGraphExec_t exec = nullptr;
   std::vector<uintptr_t> key;
-  bool failed = false; ///< Capture did not work here: plain launches from then on.
-  Buffer tables;       ///< The job tables the launches read (device memory).
+  bool failed = false;        ///< Capture did not work here: plain launches from then on.
+  Buffer tables{false, true}; ///< The job tables the launches read (device memory, a few KiB).
   DecodeGraph() = default;
   DecodeGraph(const DecodeGraph &) = delete;
   DecodeGraph &operator=(const DecodeGraph &) = delete;
@@ -1209,9 +1210,31 @@ struct Context::State {
   // two waits (an async copy reads it later, so it is not reused before).
   // `handover` holds the MLP input, then the new key and value rows, so
   // that one copy hands all three to the host.
-  Buffer x, handover, q, attended, branch, scores, logits, tables, rope, latent, position, arena{true};
+  Buffer x, handover, q, attended, branch, scores, logits, tables, rope, latent, position{false, true}, arena{true};
   int64_t positionStaged = -1; ///< The position `position` holds (this token's).
   bool graphs = true;          ///< Context::setGraphs.
+  GraphStats graphStats;
+
+  /// A graph that failed (`error`) runs as plain launches from now on.
+  void graphFailed(DecodeGraph &graph, cudaError_t error, const char *what) {
+    cudaGetLastError();
+    if (graph.exec)
+      cudaGraphExecDestroy(graph.exec);
+    graph.exec = nullptr;
+    graph.failed = true;
+    if (graphStats.failures++ == 0)
+      graphStats.firstFailure = std::string(what) + ": " + cudaGetErrorString(error);
+  }
+
+  /// Replays `graph`; false (the graph given up) where the launch fails.
+  bool replay(DecodeGraph &graph) {
+    if (const cudaError_t error = cudaGraphLaunch(graph.exec, stream); error != cudaSuccess) {
+      graphFailed(graph, error, "graph launch");
+      return false;
+    }
+    ++graphStats.replays;
+    return true;
+  }
   int64_t hidden = 0;
   int64_t ropePosition = -1; ///< The position whose angles `rope` holds (this token's).
   float *normedPointer() const { return handover.at<float>(0); }
@@ -1354,27 +1377,33 @@ struct Context::State {
       cudaGraphExecDestroy(graph.exec);
       graph.exec = nullptr;
     }
-    if (cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal) != cudaSuccess) {
-      cudaGetLastError();
-      graph.failed = true;
+    if (const cudaError_t begun = cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal);
+        begun != cudaSuccess) {
+      graphFailed(graph, begun, "graph capture");
       return launches();
     }
     const Status captured = launches();
     cudaGraph_t made = nullptr;
-    const cudaError_t ended = cudaStreamEndCapture(stream, &made);
+    cudaError_t error = cudaStreamEndCapture(stream, &made);
     cudaGraphExec_t exec = nullptr;
-    const bool ok =
-        captured.ok() && ended == cudaSuccess && made && cudaGraphInstantiate(&exec, made, 0) == cudaSuccess;
+    if (error == cudaSuccess && made)
+      error = cudaGraphInstantiate(&exec, made, 0);
     if (made)
       cudaGraphDestroy(made);
-    if (!ok) {
-      cudaGetLastError();
-      graph.failed = true;
+    if (!captured.ok() || error != cudaSuccess || !exec) {
+      if (exec)
+        cudaGraphExecDestroy(exec);
+      graphFailed(graph, error != cudaSuccess ? error : cudaErrorUnknown,
+                  captured.ok() ? "graph capture" : "a launch while capturing");
       return launches();
     }
     graph.exec = exec;
     graph.key = std::move(key);
-    return check(cudaGraphLaunch(exec, stream), "graph launch");
+    ++graphStats.captures;
+    if (!replay(graph))
+      return launches();
+    --graphStats.replays; // the first launch is the capture's
+    return Status::success();
   }
 
   /// Waits for the stream, makes the pending copies to the host, and
@@ -1477,6 +1506,11 @@ size_t Context::residentBytes() const { return state->resident->load(); }
 void Context::setGraphs(bool graphs) {
   std::lock_guard<std::mutex> lock(state->mutex);
   state->graphs = graphs;
+}
+
+GraphStats Context::graphStats() const {
+  std::lock_guard<std::mutex> lock(state->mutex);
+  return state->graphStats;
 }
 
 void Context::setProductKernel(ProductKernel kernel) {
@@ -1950,7 +1984,7 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
   // its launches (each reads the position from device memory), captured at
   // its first token and replayed while everything it was captured with
   // holds (`key`): no plans, tables or dozen launches on the host.
-  const bool graphed = graph && !mla && !handBack && s.graphs && !graph->failed;
+  bool graphed = graph && !mla && !handBack && s.graphs && !graph->failed;
   std::vector<uintptr_t> key;
   if (graphed) {
     for (const void *p : {static_cast<const void *>(x),
@@ -1983,9 +2017,12 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
     for (int64_t value : {H, cache.capacity, routerRows, static_cast<int64_t>(s.oneTokenKernel)})
       key.push_back(static_cast<uintptr_t>(value));
   }
+  bool replayed = false;
   if (graphed && graph->exec && graph->key == key) {
-    MOE_RETURN_IF_ERROR(check(cudaGraphLaunch(graph->exec, s.stream), "attention graph"));
-  } else {
+    replayed = s.replay(*graph);
+    graphed = replayed; // a failed launch gives the graph up: plain launches below
+  }
+  if (!replayed) {
     // MLA's intermediates: the query's and the keys' low-rank columns (the
     // latter with the shared rope columns after them), and kvUp's output.
     const int64_t queryRank = mla && !a.query ? a.queryDown->rows : 0, kvColumns = a.kvLora + a.ropeDim;
@@ -2488,7 +2525,7 @@ Status Context::decodeRouted(const RoutedLayerHandle &layer) {
                         static_cast<int64_t>(secondStreamed)})
     key.push_back(static_cast<uintptr_t>(value));
   if (layer.graph.exec && layer.graph.key == key)
-    return check(cudaGraphLaunch(layer.graph.exec, s.stream), "routed experts graph");
+    return s.replay(layer.graph) ? Status::success() : enqueue();
   return s.captureAndLaunch(layer.graph, std::move(key), enqueue);
 }
 

@@ -124,6 +124,12 @@ struct DecodeAttention {
 /// whose rows hold under 2 KiB of codes on average. All give the same bits.
 enum class ProductKernel : uint8_t { Auto, Streamed, WarpPerRow };
 
+/// Decode graphs so far (Context::setGraphs).
+struct GraphStats {
+  int64_t captures = 0, replays = 0, failures = 0;
+  std::string firstFailure;
+};
+
 /// The device's copy bandwidth and what a kernel read, for benchmarks.
 struct DeviceFacts {
   std::string name;
@@ -240,6 +246,7 @@ public:
   /// as CUDA graphs (the default) or launch them one by one; the same
   /// kernels either way.
   void setGraphs(bool graphs);
+  GraphStats graphStats() const;
 
   /// Bytes of matrices held now.
   size_t residentBytes() const;

@@ -184,6 +184,24 @@ MOE_HOST_DEVICE int32_t selectExperts(const RoutedLayer &layer, const float *log
   return count;
 }
 
+/// The rounding of one token's x[0..cols) to int8 per group of `group`
+/// into the given areas, after `first` warps of earlier jobs.
+MOE_HOST_DEVICE inline QuantJob oneTokenQuant(const float *x, int64_t cols, int group, int8_t *values, float *scales,
+                                              float *sums, int64_t first) {
+  QuantJob job;
+  job.x = x;
+  job.ldx = cols;
+  job.cols = cols;
+  job.group = group;
+  job.groups = (cols + group - 1) / group;
+  job.tokens = 1;
+  job.values = values;
+  job.scales = scales;
+  job.sums = sums;
+  job.first = first;
+  return job;
+}
+
 /// The job tables and launch sizes of `count` experts (selectExperts) over
 /// the areas of `scratch`: the input quantized at each group size the gate
 /// and up products read, gate and up of every expert, silu(gate) * up over
@@ -200,18 +218,10 @@ MOE_HOST_DEVICE inline void planRoutedExperts(const RoutedLayer &layer, const Ro
   }
   int64_t warps = 0;
   for (int32_t g = 0; g < layer.inputGroups; ++g) {
-    QuantJob &job = plan.inputJobs[g];
-    job.x = scratch.input;
-    job.ldx = hidden;
-    job.cols = hidden;
-    job.group = layer.inputGroupSize[g];
-    job.groups = (hidden + job.group - 1) / job.group;
-    job.tokens = 1;
-    job.values = scratch.inputValues + g * scratch.inputValueStride;
-    job.scales = scratch.inputScales + g * scratch.inputGroupStride;
-    job.sums = scratch.inputSums + g * scratch.inputGroupStride;
-    job.first = warps;
-    warps += job.groups;
+    plan.inputJobs[g] = oneTokenQuant(
+        scratch.input, hidden, layer.inputGroupSize[g], scratch.inputValues + g * scratch.inputValueStride,
+        scratch.inputScales + g * scratch.inputGroupStride, scratch.inputSums + g * scratch.inputGroupStride, warps);
+    warps += plan.inputJobs[g].groups;
   }
   plan.inputQuant = {layer.inputGroups, warps};
 
@@ -260,16 +270,9 @@ MOE_HOST_DEVICE inline void planRoutedExperts(const RoutedLayer &layer, const Ro
     job.first = rows;
     if (job.layout == kGroupLayout) {
       QuantJob &quant = plan.downJobs[quantized++];
-      quant.x = job.x;
-      quant.ldx = width;
-      quant.cols = width;
-      quant.group = job.group;
-      quant.groups = job.groups;
-      quant.tokens = 1;
-      quant.values = scratch.downValues + i * scratch.downValueStride;
-      quant.scales = scratch.downScales + i * scratch.downGroupStride;
-      quant.sums = scratch.downSums + i * scratch.downGroupStride;
-      quant.first = warps;
+      quant = oneTokenQuant(job.x, width, job.group, scratch.downValues + i * scratch.downValueStride,
+                            scratch.downScales + i * scratch.downGroupStride,
+                            scratch.downSums + i * scratch.downGroupStride, warps);
       warps += quant.groups;
       job.q = quant.values;
       job.qScales = quant.scales;

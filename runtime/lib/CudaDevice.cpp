@@ -186,6 +186,10 @@ public:
   }
 
   int64_t routedLayers() const override { return static_cast<int64_t>(layersRouted.size()); }
+  DeviceGraphStats graphStats() const override {
+    const cuda::GraphStats g = context->graphStats();
+    return {g.captures, g.replays, g.failures, g.firstFailure};
+  }
 
   Status decodeRoutedMlp(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &w) override {
     if (!routesOnDevice(spec, layer, w))
@@ -209,7 +213,7 @@ public:
     if (name != "device" && name != "device-eager" && name != "host")
       return Status::error("unknown routing '", name, "' (device, device-eager or host)");
     routeOnDevice = name != "host";
-    context->setGraphs(name == "device");
+    context->setGraphs(name != "device-eager");
     return Status::success();
   }
 

@@ -22,16 +22,6 @@
 namespace moe::router {
 namespace {
 
-/// The CPU's exponentials: the engine's (vectorised) softmax and sigmoid.
-struct HostMath {
-  void softmax(float *x, int32_t count) const { kernels::softmax(x, count); }
-  float sigmoid(float x) const { return kernels::sigmoid(x); }
-  void topK(const float *values, int32_t count, int32_t k, int32_t *taken, int32_t *out) const {
-    routing::serialTopK(values, count, k, taken, out);
-  }
-  void sync() const {}
-};
-
 /// Scratch of `rows` entries per array, reused per thread: NAEE's search
 /// routes millions of times.
 routing::Scratch scratchFor(int64_t rows) {
@@ -44,6 +34,9 @@ routing::Scratch scratchFor(int64_t rows) {
 }
 
 } // namespace
+
+void CpuMath::softmax(float *x, int32_t count) const { kernels::softmax(x, count); }
+float CpuMath::sigmoid(float x) const { return kernels::sigmoid(x); }
 
 routing::RouterParams params(const RouterSpec &router, int64_t numExperts) {
   routing::RouterParams p;
@@ -62,7 +55,7 @@ routing::RouterParams params(const RouterSpec &router, int64_t numExperts) {
 void route(const RouterSpec &router, int64_t numExperts, const float *logits, const float *correctionBias,
            int32_t *chosen, float *weights) {
   routing::route(params(router, numExperts), logits, correctionBias, scratchFor(numExperts), chosen, weights,
-                 HostMath());
+                 CpuMath());
 }
 
 void skipWeakChoices(double threshold, int64_t K, float *weights) {
@@ -81,7 +74,7 @@ void routeBackward(const RouterSpec &router, int64_t numExperts, const float *lo
     float *masked = s.scores, *gates = s.choice;
     std::copy_n(logits, numExperts, masked);
     for (int pick = 0; pick < 2; ++pick) {
-      const int32_t best = routing::sparseMixerPick(p, logits, masked, gates, HostMath());
+      const int32_t best = routing::sparseMixerPick(p, logits, masked, gates, CpuMath());
       const float w = gates[best], g = weightGradients[pick];
       for (int64_t j = 0; j < numExperts; ++j)
         logitGradients[j] += g * w * ((j == best ? 1.0f : 0.0f) - gates[j]);
@@ -91,7 +84,7 @@ void routeBackward(const RouterSpec &router, int64_t numExperts, const float *lo
   }
   const int64_t k = router.topK;
   float *scores = s.scores, *scoreGradients = s.choice;
-  routing::computeScores(p, logits, scores, HostMath());
+  routing::computeScores(p, logits, scores, CpuMath());
   // weights_i = scale * s_ci (/ (sum_k s_ck + 1e-20) when renormalised).
   const float scale = static_cast<float>(router.scalingFactor);
   std::fill(scoreGradients, scoreGradients + numExperts, 0.0f);

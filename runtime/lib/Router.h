@@ -14,6 +14,17 @@
 
 namespace moe::router {
 
+/// The CPU's policy for kernels/common/Routing.h: the engine's vectorised
+/// softmax and its sigmoid, one thread.
+struct CpuMath {
+  void softmax(float *x, int32_t count) const;
+  float sigmoid(float x) const;
+  void topK(const float *values, int32_t count, int32_t k, int32_t *taken, int32_t *out) const {
+    routing::serialTopK(values, count, k, taken, out);
+  }
+  void sync() const {}
+};
+
 /// `router` over `numExperts` rows as the plain numbers of
 /// kernels/common/Routing.h (what the CUDA decode's router reads).
 routing::RouterParams params(const RouterSpec &router, int64_t numExperts);

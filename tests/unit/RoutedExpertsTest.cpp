@@ -29,14 +29,7 @@ using namespace moe;
 
 namespace {
 
-struct HostMath {
-  void softmax(float *x, int32_t count) const { kernels::softmax(x, count); }
-  float sigmoid(float x) const { return kernels::sigmoid(x); }
-  void topK(const float *values, int32_t count, int32_t k, int32_t *taken, int32_t *out) const {
-    routing::serialTopK(values, count, k, taken, out);
-  }
-  void sync() const {}
-};
+using HostMath = router::CpuMath;
 
 struct RouterCase {
   const char *name;

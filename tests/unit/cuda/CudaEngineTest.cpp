@@ -645,12 +645,20 @@ TEST(CudaEngine, RoutingOnTheDeviceMatchesRoutingOnTheHost) {
                                             [](const LayerSpec &l) { return l.mlp == MlpKind::Moe; });
     const int64_t routed = (*device)->routedLayers();
     EXPECT_LE(routed, moeLayers);
-    if (path.find(".moepkg") == std::string::npos)
+    // Graphs were captured and replayed (a failed one runs launch by launch
+    // and would pass the comparisons above unseen).
+    const DeviceGraphStats graphStats = (*device)->graphStats();
+    EXPECT_EQ(graphStats.failures, 0) << graphStats.firstFailure;
+    if (path.find(".moepkg") == std::string::npos) {
       EXPECT_EQ(routed, moeLayers);
+      EXPECT_GT(graphStats.captures, 0);
+      EXPECT_GT(graphStats.replays, graphStats.captures);
+    }
     std::printf("routing %s: %lld of %lld MoE layers on the device; device vs host max |logit difference| %.3g over "
-                "%zu tokens (graphs vs launches %.3g); expert calls %lld vs %lld\n",
+                "%zu tokens (graphs vs launches %.3g; %lld captures, %lld replays); expert calls %lld vs %lld\n",
                 std::filesystem::path(path).filename().c_str(), static_cast<long long>(routed),
                 static_cast<long long>(moeLayers), most, logits[0].size(), graphs,
+                static_cast<long long>(graphStats.captures), static_cast<long long>(graphStats.replays),
                 static_cast<long long>(counters[1].expertCalls), static_cast<long long>(counters[0].expertCalls));
     EXPECT_EQ(counters[0].routedTokens, counters[1].routedTokens);
     EXPECT_EQ(counters[0].expertCalls, counters[1].expertCalls);

@@ -53,6 +53,12 @@ struct DeviceExpertBatch {
   float *out = nullptr;
 };
 
+/// How a device's decode graphs went (CUDA: per-layer graphs of launches).
+struct DeviceGraphStats {
+  int64_t captures = 0, replays = 0, failures = 0;
+  std::string firstFailure; ///< Why the first failure failed; empty if none.
+};
+
 /// Runs matrix products on an accelerator. Calls come from one host thread
 /// at a time. A product that fails leaves its output undefined and records
 /// the error, which the engine collects with takeError() after each layer.
@@ -123,6 +129,8 @@ public:
   /// Layers the device has taken to route itself so far (routesOnDevice
   /// true): benchmarks report it, tests check it.
   virtual int64_t routedLayers() const { return 0; }
+  /// Captures, replays and failures of decode graphs so far.
+  virtual DeviceGraphStats graphStats() const { return {}; }
   /// Residual += the MoE block of the MLP input the last decodeAttention
   /// kept, routed on the device (routesOnDevice).
   virtual Status decodeRoutedMlp(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &weights);
@@ -137,9 +145,10 @@ public:
   /// and the key and value rows it appended to the host cache.
   virtual void decodeAbandon() {}
   /// Benchmarks and tests: where decode routes the MoE layers the device
-  /// holds whole, "device" (the default: each layer's MoE launches replayed
-  /// as a CUDA graph), "device-eager" (the same launches one by one) or
-  /// "host"; an error for other names or a device that does not route.
+  /// holds whole, "device" (the default) or "host" (each with the layers'
+  /// launches replayed as CUDA graphs where they stay on the device), or
+  /// "device-eager" (routing on the device, every launch one by one); an
+  /// error for other names or a device that does not route.
   virtual Status chooseRouting(std::string_view name);
 
   /// Uploads every matrix of a layer except the router (prefill routes on
