@@ -97,17 +97,19 @@ fi
 if want memcheck && command -v compute-sanitizer >/dev/null; then
   log "compute-sanitizer memcheck (kernels, fixtures)"
   timeout 160 compute-sanitizer --tool memcheck --error-exitcode 9 "$tests" \
-    --gtest_filter='CudaMatrixProducts.*:CudaEngine.*' >"$out/memcheck.log" 2>&1
-  log "memcheck exit $? ($(grep -c 'Invalid\|uninitialized' "$out/memcheck.log") errors reported)"
+    --gtest_filter='CudaMatrixProducts.*:CudaEngine.LogitsAndPerplexity*' >"$out/memcheck.log" 2>&1
+  log "memcheck exit $? ($(grep -E 'ERROR SUMMARY' "$out/memcheck.log" | tail -1))"
   tail -3 "$out/memcheck.log" >>"$out/summary.txt"
   # The routing kernel's warp shares shared memory: races and barriers, on
-  # the fixtures' short runs.
-  for tool in racecheck synccheck; do
+  # the fixtures' short runs (memcheck too, with the graphs). Its lanes
+  # write equal values to the same places by design (kernels/common/
+  # Routing.h), which racecheck may list as warnings; errors are what count.
+  for tool in memcheck racecheck synccheck; do
     log "compute-sanitizer $tool (routing on the device, fixtures)"
     MOEC_PARITY_QUICK=1 timeout 90 compute-sanitizer --tool $tool --error-exitcode 9 "$tests" \
-      --gtest_filter='CudaEngine.RoutingOnTheDevice*' >"$out/$tool.log" 2>&1
-    log "$tool exit $? ($(grep -c '^========= Error\|hazard' "$out/$tool.log") reports)"
-    tail -3 "$out/$tool.log" >>"$out/summary.txt"
+      --gtest_filter='CudaEngine.RoutingOnTheDevice*' >"$out/routing-$tool.log" 2>&1
+    log "$tool exit $? ($(grep -E 'SUMMARY' "$out/routing-$tool.log" | tail -1))"
+    tail -3 "$out/routing-$tool.log" >>"$out/summary.txt"
   done
 fi
 

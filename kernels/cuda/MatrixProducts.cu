@@ -1032,7 +1032,11 @@ ProductJob jobTemplate(const DeviceWeight &w) {
 struct DecodeGraph {
   cudaGraphExec_t exec = nullptr;
   std::vector<uintptr_t> key;
-  bool failed = false;        ///< Capture did not work here: plain launches from then on.
+  bool failed = false; ///< Capture did not work here: plain launches from then on.
+  /// Calls so far: a graph is captured at its layer's second token, so a
+  /// layer loaded for one token (a cache smaller than the model) pays no
+  /// capture.
+  int64_t uses = 0;
   Buffer tables{false, true}; ///< The job tables the launches read (device memory, a few KiB).
   DecodeGraph() = default;
   DecodeGraph(const DecodeGraph &) = delete;
@@ -1982,9 +1986,9 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
   const int64_t *devicePosition = s.position.at<int64_t>(0);
   // A grouped-query layer whose MLP stays on the device runs as a graph of
   // its launches (each reads the position from device memory), captured at
-  // its first token and replayed while everything it was captured with
+  // its second token and replayed while everything it was captured with
   // holds (`key`): no plans, tables or dozen launches on the host.
-  bool graphed = graph && !mla && !handBack && s.graphs && !graph->failed;
+  bool graphed = graph && !mla && !handBack && s.graphs && !graph->failed && graph->uses++ > 0;
   std::vector<uintptr_t> key;
   if (graphed) {
     for (const void *p : {static_cast<const void *>(x),
@@ -2465,7 +2469,7 @@ bool fits(const Context::State &s, const RoutedLayerHandle &layer) {
   const auto &b = s.routedBounds;
   Layout scratchLayout;
   Context::State::routedScratch(b, nullptr, &scratchLayout);
-  return layer.hidden == b.hidden && layer.maxCount <= b.count && layer.width <= b.width &&
+  return layer.hidden <= b.hidden && layer.maxCount <= b.count && layer.width <= b.width &&
          layer.downWidth <= b.downWidth && scratchLayout.size <= s.routed.capacity && s.routedPlan.data &&
          s.routedCalls.data;
 }
@@ -2510,9 +2514,9 @@ Status Context::decodeRouted(const RoutedLayerHandle &layer) {
                                                                 hidden, scratch.residual, true, &plan->combine);
     return check(cudaGetLastError(), "routed experts launch");
   };
-  if (!s.graphs || layer.graph.failed)
+  if (!s.graphs || layer.graph.failed || layer.graph.uses++ == 0)
     return enqueue();
-  // The seven launches as one CUDA graph, captured at the layer's first
+  // The seven launches as one CUDA graph, captured at the layer's second
   // token and replayed while every address and size they were captured
   // with holds: one launch for the host instead of seven.
   const State::RoutedBounds &b = s.routedBounds;

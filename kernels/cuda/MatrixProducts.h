@@ -202,7 +202,7 @@ public:
   /// valueRow at the next wait (decodeEnd), so they must stay valid until
   /// then (decodeDiscard drops them). With `graph` (one per layer, and
   /// grouped-query attention whose MLP stays on the device), the layer's
-  /// launches are captured as a CUDA graph at its first token and replayed
+  /// launches are captured as a CUDA graph at its second token and replayed
   /// at the next ones while what they read stays where it was.
   Status decodeAttention(const DecodeAttention &layer, KvMirror &mirror, int64_t layerIndex, int64_t position,
                          float *mlpInput, float *keyRow, float *valueRow, float *routerLogits = nullptr,

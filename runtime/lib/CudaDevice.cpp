@@ -56,7 +56,7 @@ struct CudaVectors {
   /// the first decoded token): null where it cannot.
   mutable std::shared_ptr<const cuda::RoutedLayerHandle> routed;
   mutable bool routedTried = false;
-  /// The layer's decode launches as a CUDA graph (made at its first token).
+  /// The layer's decode launches as a CUDA graph (made at its second token).
   mutable std::shared_ptr<cuda::DecodeGraph> attentionGraph;
 };
 
@@ -178,8 +178,6 @@ public:
         v.routed = handle.take();
       else if (!lenient)
         record(handle.status());
-      if (v.routed)
-        layersRouted.insert(layer.index);
     }
     // A failed allocation since (another layer's) leaves no room: the host.
     return v.routed && context->routedReady(*v.routed);
@@ -194,11 +192,14 @@ public:
   Status decodeRoutedMlp(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &w) override {
     if (!routesOnDevice(spec, layer, w))
       return Status::error("CUDA decode: layer ", layer.index, " is not routed on the device");
-    return context->decodeRouted(*static_cast<const CudaVectors *>(w.deviceVectors.get())->routed);
+    MOE_RETURN_IF_ERROR(context->decodeRouted(*static_cast<const CudaVectors *>(w.deviceVectors.get())->routed));
+    layersRouted.insert(layer.index);
+    return Status::success();
   }
 
   Status decodeBegin(const float *x, int64_t hidden) override {
     appended.clear();
+    tokenCache = nullptr;
     return context->decodeBegin(x, hidden);
   }
 
@@ -207,6 +208,11 @@ public:
     for (const auto &[rows, size] : appended)
       rows->resize(size);
     appended.clear();
+    // The mirror holds the failed token's rows in the layers that ran: the
+    // next decode uploads the host's rows again.
+    if (tokenCache)
+      tokenCache->device.reset();
+    error = Status::success();
   }
 
   Status chooseRouting(std::string_view name) override {
@@ -224,6 +230,7 @@ public:
       return Status::error("CUDA decode: layer ", index, "'s attention is not on the device");
     const AttentionSpec &a = spec.attention;
     const auto &v = *static_cast<const CudaVectors *>(w.deviceVectors.get());
+    tokenCache = &cache;
     if (!cache.device)
       cache.device = context->newKvMirror(spec.numLayers);
     auto &mirror = *static_cast<cuda::KvMirror *>(cache.device.get());
@@ -324,6 +331,7 @@ public:
                                            static_cast<float>(spec.normEps), deviceWeight(head), v.lmHeadBias, logits,
                                            &expertCalls));
     appended.clear();
+    tokenCache = nullptr;
     return Status::success();
   }
 
@@ -443,7 +451,8 @@ private:
   std::shared_ptr<cuda::Context> context;
   bool lenient = false;
   bool routeOnDevice = true;      ///< chooseRouting.
-  std::set<int64_t> layersRouted; ///< Layers prepared for routing on the device.
+  std::set<int64_t> layersRouted; ///< Layers whose MoE block the device has routed.
+  KvCache *tokenCache = nullptr;  ///< The cache of the token being decoded.
   Status error = Status::success();
   /// The host cache's rows this token appended ahead of their values
   /// (vector, size before), which decodeAbandon takes back.

@@ -126,8 +126,8 @@ public:
   virtual Status decodeAttention(const ModelSpec &spec, const LayerWeights &layer, int64_t index, const float *cos,
                                  const float *sin, int64_t ropeHalf, KvCache &cache, float *mlpInput,
                                  float *routerLogits);
-  /// Layers the device has taken to route itself so far (routesOnDevice
-  /// true): benchmarks report it, tests check it.
+  /// Layers whose MoE block the device has routed itself so far
+  /// (decodeRoutedMlp): benchmarks report it, tests check it.
   virtual int64_t routedLayers() const { return 0; }
   /// Captures, replays and failures of decode graphs so far.
   virtual DeviceGraphStats graphStats() const { return {}; }
