@@ -6,8 +6,8 @@
 # .device/device.tar.xz (ignored by git), which device-check.sh unpacks and
 # uses when present. Every recipe kind is there (pruned, merged, atoms,
 # mixed precision, dynamic skip, plain RTN) on one fixture or the other
-# (tiny-mixtral's decode runs with the residual stream on the device,
-# tiny-deepseek's MLA through the products alone), within what a device run
+# (both decode with the residual stream on the device: tiny-mixtral's
+# grouped-query attention, tiny-deepseek's MLA), within what a device run
 # carries (64 MiB with the repository).
 # Run after `make build`; the CUDA toolkit must be installed here.
 #
