@@ -661,11 +661,17 @@ TEST(CudaEngine, RoutingOnTheDeviceMatchesRoutingOnTheHost) {
                 static_cast<long long>(graphStats.captures), static_cast<long long>(graphStats.replays),
                 static_cast<long long>(counters[1].expertCalls), static_cast<long long>(counters[0].expertCalls));
     EXPECT_EQ(counters[0].routedTokens, counters[1].routedTokens);
-    EXPECT_EQ(counters[0].expertCalls, counters[1].expertCalls);
-    if (path.find(".moepkg") == std::string::npos)
+    if (path.find(".moepkg") == std::string::npos) {
+      EXPECT_EQ(counters[0].expertCalls, counters[1].expertCalls);
       EXPECT_LE(most, 1e-3);
-    else
-      EXPECT_LE(most, 0.5); // int8 activations round on either side of a boundary (see the parity test)
+    } else {
+      // int8 activations round on either side of a boundary (see the parity
+      // test), and a weight within an ulp of a dynamic-skip threshold can
+      // go either way: close, not equal.
+      EXPECT_NEAR(static_cast<double>(counters[0].expertCalls), static_cast<double>(counters[1].expertCalls),
+                  0.01 * static_cast<double>(counters[0].expertCalls) + 1);
+      EXPECT_LE(most, 0.5);
+    }
   }
 }
 
