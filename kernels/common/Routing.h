@@ -77,6 +77,30 @@ MOE_HOST_DEVICE inline void serialTopK(const float *values, int32_t count, int32
   }
 }
 
+/// A top-k pick's candidate: a row and its value (index -1: none yet).
+struct Candidate {
+  int32_t index = -1;
+  float value = 0.0f;
+};
+
+/// Of two candidates, the one serialTopK picks first: the larger value, of
+/// equals the lower index. Commutative and associative, so lanes that
+/// combine their candidates in any order agree.
+MOE_HOST_DEVICE inline Candidate better(Candidate a, Candidate b) {
+  return b.index >= 0 && (a.index < 0 || b.value > a.value || (b.value == a.value && b.index < a.index)) ? b : a;
+}
+
+/// Lane `lane` of `lanes`' candidate: its largest untaken row of rows
+/// lane, lane + lanes, ... (the first of equals).
+MOE_HOST_DEVICE inline Candidate laneCandidate(const float *values, int32_t count, const int32_t *taken, int32_t lane,
+                                               int32_t lanes) {
+  Candidate best;
+  for (int32_t i = lane; i < count; i += lanes)
+    if (!taken[i] && (best.index < 0 || values[i] > best.value))
+      best = {i, values[i]};
+  return best;
+}
+
 /// Every row's score: softmax over the logits, or the sigmoid of each.
 template <class Math>
 MOE_HOST_DEVICE void computeScores(const RouterParams &p, const float *logits, float *scores, const Math &math) {

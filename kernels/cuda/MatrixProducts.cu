@@ -893,27 +893,19 @@ struct WarpMath {
       taken[i] = 0;
     __syncwarp();
     for (int32_t pick = 0; pick < k; ++pick) {
-      // Each lane's largest untaken (the first of equals), then the warp's:
-      // the larger value, of equals the lower index.
-      int32_t best = -1;
-      float bestValue = 0.0f;
-      for (int32_t i = lane; i < count; i += 32)
-        if (!taken[i] && (best < 0 || values[i] > bestValue)) {
-          best = i;
-          bestValue = values[i];
-        }
+      // Each lane's candidate, then the warp's (routing::better; the host's
+      // tests combine 32 lanes' candidates in this butterfly's order).
+      routing::Candidate best = routing::laneCandidate(values, count, taken, lane, 32);
 #pragma unroll
       for (int offset = 16; offset > 0; offset >>= 1) {
-        const int32_t other = __shfl_xor_sync(0xffffffffu, best, offset);
-        const float otherValue = __shfl_xor_sync(0xffffffffu, bestValue, offset);
-        if (other >= 0 && (best < 0 || otherValue > bestValue || (otherValue == bestValue && other < best))) {
-          best = other;
-          bestValue = otherValue;
-        }
+        routing::Candidate other;
+        other.index = __shfl_xor_sync(0xffffffffu, best.index, offset);
+        other.value = __shfl_xor_sync(0xffffffffu, best.value, offset);
+        best = routing::better(best, other);
       }
-      taken[best] = 1;
+      taken[best.index] = 1;
       if (out)
-        out[pick] = best;
+        out[pick] = best.index;
       __syncwarp();
     }
   }

@@ -204,6 +204,43 @@ TEST(RoutedExperts, TheSharedRouterArithmeticIsTheEnginesAsItWas) {
   }
 }
 
+TEST(RoutedExperts, AWarpsTopKPicksAsTheSerialOne) {
+  // The routing kernel's top-k (WarpMath in MatrixProducts.cu): 32 lanes
+  // each take a candidate (routing::laneCandidate) and combine them over a
+  // butterfly of xor shuffles (routing::better), here played out lane by
+  // lane. Every lane must end with serialTopK's pick.
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int32_t count : {1, 7, 31, 32, 33, 64, 100, 256, 1024}) {
+    for (int trial = 0; trial < 20; ++trial) {
+      std::vector<float> values(static_cast<size_t>(count));
+      for (float &v : values) // ties, and rows switched off, on purpose
+        v = trial % 3 == 0 ? std::round(2 * normal(rng)) / 2 : normal(rng);
+      if (trial % 4 == 1)
+        for (int32_t i = 0; i < count; i += 3)
+          values[i] = -std::numeric_limits<float>::infinity();
+      const int32_t k = std::min(count, 1 + trial % 9);
+      std::vector<int32_t> expected(k), taken(static_cast<size_t>(count)), warpTaken(static_cast<size_t>(count), 0);
+      routing::serialTopK(values.data(), count, k, taken.data(), expected.data());
+      for (int32_t pick = 0; pick < k; ++pick) {
+        routing::Candidate lanes[32];
+        for (int32_t lane = 0; lane < 32; ++lane)
+          lanes[lane] = routing::laneCandidate(values.data(), count, warpTaken.data(), lane, 32);
+        for (int offset = 16; offset > 0; offset >>= 1) {
+          routing::Candidate next[32];
+          for (int lane = 0; lane < 32; ++lane)
+            next[lane] = routing::better(lanes[lane], lanes[lane ^ offset]);
+          std::copy(next, next + 32, lanes);
+        }
+        for (int lane = 0; lane < 32; ++lane)
+          ASSERT_EQ(lanes[lane].index, expected[pick])
+              << count << " rows, trial " << trial << ", pick " << pick << ", lane " << lane;
+        warpTaken[lanes[0].index] = 1;
+      }
+    }
+  }
+}
+
 TEST(RoutedExperts, TheDevicesChoiceIsTheEnginesForEveryRouterKind) {
   std::mt19937 rng(7);
   for (const RouterCase &c : routerCases()) {
