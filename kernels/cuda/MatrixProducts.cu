@@ -28,7 +28,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <cstring>
 #include <mutex>
@@ -819,13 +818,14 @@ __global__ void latentKeysKernel(const float *expanded, const float *sharedRope,
     v[static_cast<int64_t>(h) * dv + i] = source[nope + i];
 }
 
-/// One query head per block over `visible` cached rows: scores, softmax
-/// (max-subtracted, as the CPU), weighted values, each sum in the CPU's order.
-__global__ void attendKernel(const float *q, const float *keys, const float *values, int64_t visible, int group,
+/// One query head per block over the cached rows up to this token's
+/// `position` (device memory: one graph serves every position): scores,
+/// softmax (max-subtracted, as the CPU), weighted values, each sum in the
+/// CPU's order.
+__global__ void attendKernel(const float *q, const float *keys, const float *values, const int64_t *position, int group,
                              int qDim, int vDim, int64_t keyWidth, int64_t valueWidth, float scale, float *scores,
-                             int64_t scoreStride, float *out, const int64_t *position) {
-  if (position) // this token's position from device memory (one graph serves every position)
-    visible = *position + 1;
+                             int64_t scoreStride, float *out) {
+  const int64_t visible = *position + 1;
   const int h = blockIdx.x, kvHead = h / group;
   const float *query = q + static_cast<int64_t>(h) * qDim;
   float *score = scores + h * scoreStride;
@@ -926,8 +926,7 @@ __global__ void __launch_bounds__(256)
     float dot = 0.0f;
     for (int64_t i = threadIdx.x; i < layer.hidden; i += blockDim.x)
       dot += scratch.input[i] * layer.sharedGate[i];
-    dot = blockSum(dot);
-    sharedWeight = 1.0f / (1.0f + expf(-dot));
+    sharedWeight = WarpMath().sigmoid(blockSum(dot));
   }
   if (threadIdx.x >= 32)
     return;
@@ -1252,9 +1251,6 @@ struct Context::State {
   Buffer routed, routedPlan, routedCalls;
   struct RoutedBounds {
     int64_t hidden = 0, count = 0, width = 0, downWidth = 0;
-    bool operator!=(const RoutedBounds &o) const {
-      return hidden != o.hidden || count != o.count || width != o.width || downWidth != o.downWidth;
-    }
   } routedBounds;
 
   /// The areas of a token's intermediates for `b` in `base` (device
@@ -2117,9 +2113,9 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
         e.sin = sin;
         epilogueKernel<<<3, 1024, 0, s.stream>>>(e);
       }
-      attendKernel<<<a.heads, 256, 0, s.stream>>>(q, cache.keys, cache.values, position + 1, a.heads / a.kvHeads,
+      attendKernel<<<a.heads, 256, 0, s.stream>>>(q, cache.keys, cache.values, devicePosition, a.heads / a.kvHeads,
                                                   a.headDim, a.valueDim, kWidth, vWidth, a.softmaxScale,
-                                                  s.scores.at<float>(0), cache.capacity, attended, devicePosition);
+                                                  s.scores.at<float>(0), cache.capacity, attended);
       MOE_RETURN_IF_ERROR(s.launch(output, placed[1]));
       addNormKernel<<<1, 1024, 0, s.stream>>>(x, branch, a.outputBias, H, normed, a.mlpNorm, a.mlpNormBias, eps,
                                               a.layerNorm);

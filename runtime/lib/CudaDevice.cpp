@@ -140,9 +140,7 @@ public:
   }
 
   bool routesOnDevice(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &w) override {
-    if (!routeOnDevice || layer.mlp != MlpKind::Moe || !holdsRouter(w) ||
-        !std::all_of(w.experts.begin(), w.experts.end(), [](const MlpWeights &e) { return deviceHolds(e); }) ||
-        (layer.shared.intermediateSize > 0 && !deviceHolds(w.shared)))
+    if (!routeOnDevice || layer.mlp != MlpKind::Moe || !holdsRouter(w) || !deviceHoldsExperts(layer, w))
       return false;
     const auto &v = *static_cast<const CudaVectors *>(w.deviceVectors.get());
     if (!v.routedTried) {
@@ -286,11 +284,11 @@ public:
     d.router = v.router;
     if (routerLogits && !v.router)
       return Status::error("CUDA decode: layer ", index, "'s router is not on the device");
+    for (std::vector<float> *rowsOf : {&keys, &values})
+      appended.emplace_back(rowsOf, rowsOf->size());
     if (!mlpInput) {
       // The MLP stays on the device: the rows arrive at the token's last
       // wait, in place (these vectors are not touched before it).
-      for (std::vector<float> *rowsOf : {&keys, &values})
-        appended.emplace_back(rowsOf, rowsOf->size());
       keys.resize(keys.size() + static_cast<size_t>(keyWidth));
       values.resize(values.size() + static_cast<size_t>(valueWidth));
       if (!v.attentionGraph)
@@ -303,8 +301,6 @@ public:
     valueRow.resize(static_cast<size_t>(valueWidth));
     MOE_RETURN_IF_ERROR(context->decodeAttention(d, mirror, index, cache.length, mlpInput, keyRow.data(),
                                                  valueRow.data(), routerLogits));
-    for (std::vector<float> *rowsOf : {&keys, &values})
-      appended.emplace_back(rowsOf, rowsOf->size());
     keys.insert(keys.end(), keyRow.begin(), keyRow.end());
     values.insert(values.end(), valueRow.begin(), valueRow.end());
     return Status::success();

@@ -5,8 +5,11 @@
 //===----------------------------------------------------------------------===//
 
 #include "moe/Runtime/Device.h"
+#include "moe/Frontend/ModelSpec.h"
 
 #include "moe/Runtime/Weights.h"
+
+#include <algorithm>
 
 namespace moe {
 
@@ -56,6 +59,11 @@ Status Device::chooseRouting(std::string_view name) {
 
 bool deviceHolds(const MlpWeights &mlp) {
   return mlp.moreParts.empty() && mlp.gate.device && mlp.up.device && mlp.down.device;
+}
+
+bool deviceHoldsExperts(const LayerSpec &layer, const LayerWeights &w) {
+  return std::all_of(w.experts.begin(), w.experts.end(), [](const MlpWeights &e) { return deviceHolds(e); }) &&
+         (layer.shared.intermediateSize == 0 || deviceHolds(w.shared));
 }
 
 Expected<DeviceChoice> parseDeviceChoice(std::string_view name) {

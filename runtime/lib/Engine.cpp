@@ -1111,10 +1111,7 @@ Status Engine::decodeLayersOnDevice(int32_t token, KvCache &cache, std::vector<f
     // The router's logits come back with the MLP input where the device
     // holds the router and every MLP of the layer (else the host's block
     // below routes again, and must see the same logits: the CPU's).
-    const bool deviceRouter =
-        layer.mlp == MlpKind::Moe && onDevice->holdsRouter(w) &&
-        std::all_of(w.experts.begin(), w.experts.end(), [](const MlpWeights &e) { return deviceHolds(e); }) &&
-        (layer.shared.intermediateSize == 0 || deviceHolds(w.shared));
+    const bool deviceRouter = layer.mlp == MlpKind::Moe && onDevice->holdsRouter(w) && deviceHoldsExperts(layer, w);
     float *routerLogits = deviceRouter ? sized(routerBuffer, w.router.rows).data() : nullptr;
     MOE_RETURN_IF_ERROR(onDevice->decodeAttention(spec, w, l, angles.cos.data(), angles.sin.data(), angles.half, cache,
                                                   normed.data(), routerLogits));

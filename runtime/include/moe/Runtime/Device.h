@@ -167,6 +167,9 @@ protected:
 /// Whether a device holds all of `mlp` (gate, up and down, no split parts):
 /// what its expert calls need.
 bool deviceHolds(const MlpWeights &mlp);
+/// Whether a device holds every routed expert of a MoE layer and its shared
+/// expert, if it has one (its router aside).
+bool deviceHoldsExperts(const LayerSpec &layer, const LayerWeights &weights);
 
 /// What `--device` names: cpu, cuda, or auto (cuda when this build has
 /// CUDA and a device is usable, else cpu).
