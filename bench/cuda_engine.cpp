@@ -258,7 +258,7 @@ int main(int argc, char **argv) {
     std::cerr
         << "usage: cuda_engine --config FILE [--layers N] [--format FORMAT|bf16] [--prompt P] [--decode D]\n"
            "                   [--step S] [--device auto|cuda|cpu] [--threads N]\n"
-           "                   [--product-kernel auto|streamed|warp-per-row] [--routing device|device-eager|host]\n";
+           "                   [--product-kernel auto|streamed|warp-per-row|dp4a] [--routing device|device-eager|host]\n";
     return 2;
   }
   auto fail = [](const std::string &message) {

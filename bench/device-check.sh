@@ -13,7 +13,8 @@
 #
 # STEPS (default "tests bench memcheck ncu") picks the steps of a shorter
 # run; "quickbench" in place of "bench" runs four 4-bit models alone (and,
-# as bench does, OLMoE and Qwen3 again with routing on the host).
+# as bench does, OLMoE and Qwen3 again with routing on the host, and OLMoE
+# and Mixtral with prefill's products on dp4a instead of tensor cores).
 set -uo pipefail
 steps=" ${STEPS:-tests bench memcheck ncu} "
 want() { [[ $steps == *" $1 "* ]]; }
@@ -87,6 +88,12 @@ run_bench olmoe-1b-7b-device-eager olmoe-1b-7b-4layers.json 16 q4_g128_asym --ro
 run_bench qwen3-30b-a3b-host-routing qwen3-30b-a3b-2layers.json 48 q4_g128_asym --routing host
 fi
 if want bench || want quickbench; then
+# Prefill's group-format products on dp4a rather than tensor cores
+# (TensorTiles.h), beside the default above.
+run_bench olmoe-1b-7b-dp4a olmoe-1b-7b-4layers.json 16 q4_g128_asym --product-kernel dp4a
+run_bench mixtral-8x7b-dp4a mixtral-8x7b.json 32 q4_g128_asym --product-kernel dp4a
+fi
+if want bench; then
 # Each one-token kernel alone, beside the default (auto) above: what
 # ProductKernel::Auto's row-size threshold rests on.
 for kernel in streamed warp-per-row; do

@@ -23,6 +23,7 @@
 
 #include "Check.h"
 #include "common/GroupPlanes.h"
+#include "cuda/TensorTiles.h"
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -360,6 +361,65 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, TILE == 1 ? 2 : 1)
       groupRow<8, TILE>(job, row, lane, tokens);
       break;
     }
+  }
+}
+
+/// tensorTile's MMA: mma.sync.m16n8k32 with int8 activations and unsigned
+/// (ggml's Q8_0: signed) byte codes, int32 accumulators (sm_80 and later;
+/// the host launches tensorKernel only there).
+struct DeviceMma {
+  __host__ __device__ void operator()(int (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],
+                                      bool signedCodes) const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if (signedCodes)
+      asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                   "{%0,%1,%2,%3};\n"
+                   : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    else
+      asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                   "{%0,%1,%2,%3};\n"
+                   : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#elif defined(__CUDA_ARCH__)
+    __trap();
+#endif
+  }
+};
+
+constexpr int kTensorWarps = 4; ///< Warps per block of tensorKernel.
+
+/// One warp per tile (TensorTiles.h) of the tensor jobs of a table.
+__global__ void __launch_bounds__(32 * kTensorWarps) tensorKernel(const ProductJob *jobs, int count, int64_t tiles) {
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (warp >= tiles)
+    return; // The whole warp: mma.sync needs all its lanes.
+  // The last job whose first tile <= warp: a tensor job (others have no
+  // tiles, so a later job starts at the same tile).
+  int low = 0, high = count - 1;
+  while (low < high) {
+    const int middle = (low + high + 1) / 2;
+    if (jobs[middle].firstTile <= warp)
+      low = middle;
+    else
+      high = middle - 1;
+  }
+  const ProductJob job = jobs[low];
+  const DeviceMma mma;
+  switch (job.bits) {
+  case 2:
+    tensor::tensorTile<2>(job, warp - job.firstTile, lane, mma);
+    break;
+  case 3:
+    tensor::tensorTile<3>(job, warp - job.firstTile, lane, mma);
+    break;
+  case 4:
+    tensor::tensorTile<4>(job, warp - job.firstTile, lane, mma);
+    break;
+  default:
+    tensor::tensorTile<8>(job, warp - job.firstTile, lane, mma);
+    break;
   }
 }
 
@@ -1079,6 +1139,7 @@ struct Context::State {
     std::vector<QuantJob> quant;
     std::vector<ProductJob> products;
     int64_t quantWarps = 0, rows = 0;
+    int64_t tiles = 0; ///< Of tensor jobs (tensorKernel's warps).
   };
 
   /// A quantization of `x` (device, [tokens, cols] with stride ldx) at
@@ -1115,12 +1176,17 @@ struct Context::State {
     job.ldy = ldy;
     job.tokens = tokens;
     job.first = plan.rows;
+    job.firstTile = plan.tiles;
     if (w.layout == WeightLayout::Group)
       // The quantization's index, resolved to pointers later.
       job.q = reinterpret_cast<const int8_t *>(addQuant(plan, scratchLayout, x, ldx, w.cols, tokens, w.format.group));
     else
       job.vectorized = job.vectorized && ldx % 4 == 0 && aligned16(x);
-    plan.rows += w.rows;
+    job.tensor = w.layout == WeightLayout::Group && tokens >= tensor::kMinTokens && tensorCores;
+    if (job.tensor)
+      plan.tiles += tensor::tileCount(w.rows, tokens);
+    else
+      plan.rows += w.rows;
     plan.products.push_back(job);
   }
 
@@ -1184,8 +1250,14 @@ struct Context::State {
     return check(cudaGetLastError(), "product launch");
   }
 
-  /// The products of `plan`, whose jobs are at `deviceJobs`.
+  /// The products of `plan`, whose jobs are at `deviceJobs`: its tensor
+  /// jobs on tensor cores, the others a warp per row.
   Status launchProducts(const Plan &plan, const ProductJob *deviceJobs) {
+    if (plan.tiles > 0) {
+      tensorKernel<<<blocksFor(plan.tiles * 32, 32 * kTensorWarps), 32 * kTensorWarps, 0, stream>>>(
+          deviceJobs, static_cast<int>(plan.products.size()), plan.tiles);
+      MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "tensor product launch"));
+    }
     const bool single =
         std::all_of(plan.products.begin(), plan.products.end(), [](const ProductJob &job) { return job.tokens == 1; });
     const bool groups = std::all_of(plan.products.begin(), plan.products.end(), [](const ProductJob &job) {
@@ -1198,6 +1270,9 @@ struct Context::State {
   }
 
   ProductKernel oneTokenKernel = ProductKernel::Auto;
+  /// Whether group-format products of kMinTokens tokens or more run on
+  /// tensor cores (sm_80 and later, unless ProductKernel::Dp4a).
+  bool tensorCores = false;
   unsigned streamedBlocks = 1; ///< streamedKernel's blocks resident on the device at once.
 
   // Decode: the residual stream and a token's intermediates on the device,
@@ -1476,6 +1551,7 @@ Expected<std::shared_ptr<Context>> Context::open() {
   s.facts.computeCapability = properties.major * 10 + properties.minor;
   s.facts.totalMemory = properties.totalGlobalMem;
   s.facts.multiprocessors = properties.multiProcessorCount;
+  s.tensorCores = s.facts.computeCapability >= 80;
   int streamedPerMultiprocessor = 0;
   MOE_RETURN_IF_ERROR(check(
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&streamedPerMultiprocessor, streamedKernel, 32 * kStreamWarps, 0),
@@ -1508,6 +1584,16 @@ GraphStats Context::graphStats() const {
 void Context::setProductKernel(ProductKernel kernel) {
   std::lock_guard<std::mutex> lock(state->mutex);
   state->oneTokenKernel = kernel;
+}
+
+void Context::setTensorCores(bool enabled) {
+  std::lock_guard<std::mutex> lock(state->mutex);
+  state->tensorCores = enabled && state->facts.computeCapability >= 80;
+}
+
+bool Context::tensorCores() const {
+  std::lock_guard<std::mutex> lock(state->mutex);
+  return state->tensorCores;
 }
 
 double Context::kernelSeconds() const { return state->kernelSeconds; }

@@ -242,6 +242,12 @@ public:
   /// The kernel of one token's group-format products (benchmarks and
   /// tests compare them).
   void setProductKernel(ProductKernel kernel);
+  /// Whether group-format products of tensor::kMinTokens tokens or more
+  /// (prefill) run on the int8 tensor cores (TensorTiles.h; the default
+  /// from sm_80) or on the dp4a kernel of several tokens; the same values
+  /// but for the order of float additions. Ignored below sm_80.
+  void setTensorCores(bool enabled);
+  bool tensorCores() const;
   /// Whether decodeAttention and decodeRouted replay each layer's launches
   /// as CUDA graphs (the default) or launch them one by one; the same
   /// kernels either way.

@@ -56,7 +56,11 @@ struct ProductJob {
   float *y;
   int64_t ldy;
   int64_t tokens; ///< Rows of x and y.
-  int64_t first;  ///< Rows before this job.
+  int64_t first;  ///< Rows before this job (the warp-per-row kernels' warps; none for a tensor job).
+  /// Group layout over many tokens: whether the tensor-core kernel
+  /// (TensorTiles.h) runs the job, and its tiles before this job.
+  int tensor;
+  int64_t firstTile;
 };
 
 constexpr int kGroupLayout = 2;                ///< ProductJob::layout of moec's group formats.

@@ -341,14 +341,15 @@ public:
   void resetBusySeconds() override { context->resetKernelSeconds(); }
   Expected<double> copyBandwidth() override { return context->copyBandwidth(size_t(1) << 30, 10); }
   Status chooseProductKernel(std::string_view name) override {
-    if (name == "auto")
+    if (name == "auto" || name == "dp4a")
       context->setProductKernel(cuda::ProductKernel::Auto);
     else if (name == "streamed")
       context->setProductKernel(cuda::ProductKernel::Streamed);
     else if (name == "warp-per-row")
       context->setProductKernel(cuda::ProductKernel::WarpPerRow);
     else
-      return Status::error("unknown CUDA product kernel '", name, "' (auto, streamed or warp-per-row)");
+      return Status::error("unknown CUDA product kernel '", name, "' (auto, streamed, warp-per-row or dp4a)");
+    context->setTensorCores(name != "dp4a");
     return Status::success();
   }
 

@@ -27,6 +27,7 @@
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <optional>
 #include <random>
 #include <vector>
 
@@ -110,7 +111,9 @@ std::vector<float> multiplyOnDevice(const cuda::DeviceWeight &weight, const std:
 struct Shape {
   int64_t rows, cols, tokens;
 };
-const Shape kShapes[] = {{1, 32, 1}, {37, 200, 3}, {130, 96, 9}, {19, 4099, 17}, {64, 1024, 8}};
+// Group formats run 16 tokens or more on tensor cores (TensorTiles.h): 17
+// and 70 tokens (two token tiles, the second partial) take that kernel.
+const Shape kShapes[] = {{1, 32, 1}, {37, 200, 3}, {130, 96, 9}, {19, 4099, 17}, {64, 1024, 8}, {45, 544, 70}};
 
 std::vector<float> randomActivations(int64_t count, std::mt19937 &rng) {
   std::normal_distribution<float> normal;
@@ -369,7 +372,7 @@ TEST(CudaMatrixProducts, ExpertBatchesOverTheirOwnTokensMatchTheCpu) {
   const quant::QuantFormat formats[] = {{4, 32, false, quant::ScaleType::F16},
                                         {8, 64, true, quant::ScaleType::BF16},
                                         {3, 32, true, quant::ScaleType::F16}};
-  const int64_t widths[] = {64, 40, 128}, tokens[] = {1, 5, 17};
+  const int64_t widths[] = {64, 40, 128}, tokens[] = {1, 70, 17}; // 70 and 17: tensor cores
   std::vector<std::vector<uint8_t>> packed;
   std::vector<std::shared_ptr<const cuda::DeviceWeight>> held;
   std::vector<std::vector<float>> inputs(3), outputs(3);
@@ -411,6 +414,64 @@ TEST(CudaMatrixProducts, ExpertBatchesOverTheirOwnTokensMatchTheCpu) {
   }
 }
 
+// One launch's table mixes tensor jobs (group formats over 16 tokens or
+// more) with jobs a warp per row takes (bf16): each kernel finds its own
+// jobs. Tensor cores and dp4a give the same values but for float order.
+TEST(CudaMatrixProducts, TensorCoreAndDp4aProductsAgreeInOneLaunch) {
+  REQUIRE_GPU();
+  if (context()->facts().computeCapability < 80)
+    GTEST_SKIP() << "tensor-core products need sm_80";
+  ASSERT_TRUE(context()->tensorCores());
+  std::mt19937 rng(41);
+  const int64_t cols = 288, tokens = 40;
+  // Matrices in launch order; no format: bf16.
+  const std::pair<std::optional<quant::QuantFormat>, int64_t> matrices[] = {
+      {quant::QuantFormat{4, 128, false, quant::ScaleType::F16}, 200},
+      {std::nullopt, 33},
+      {quant::QuantFormat{2, 32, true, quant::ScaleType::BF16}, 17},
+      {quant::QuantFormat{8, 64, false, quant::ScaleType::F16}, 50}};
+  std::vector<std::shared_ptr<const cuda::DeviceWeight>> held;
+  std::vector<std::vector<float>> dequantized;
+  for (const auto &[format, rows] : matrices) {
+    dequantized.emplace_back(static_cast<size_t>(rows * cols));
+    Expected<std::shared_ptr<const cuda::DeviceWeight>> w = Status::error("unset");
+    if (format) {
+      const std::vector<uint8_t> packed = randomGroupMatrix(*format, rows, cols, rng);
+      quant::dequantizeReference(*format, packed.data(), rows, cols, dequantized.back().data());
+      w = context()->upload(cuda::WeightLayout::Group, *format, false, rows, cols, packed.data(), packed.size());
+    } else {
+      std::vector<uint16_t> bits(static_cast<size_t>(rows * cols));
+      for (size_t i = 0; i < bits.size(); ++i) {
+        bits[i] = floatToBfloat16(0.001f * static_cast<float>(static_cast<int>(rng() % 200) - 100));
+        dequantized.back()[i] = bfloat16ToFloat(bits[i]);
+      }
+      w = context()->upload(cuda::WeightLayout::BF16, {}, false, rows, cols, bits.data(), bits.size() * 2);
+    }
+    ASSERT_TRUE(w) << w.status().message();
+    held.push_back(w.take());
+  }
+  const std::vector<float> x = randomActivations(tokens * cols, rng);
+  std::vector<std::vector<float>> results[2];
+  for (int run = 0; run < 2; ++run) {
+    context()->setTensorCores(run == 0);
+    std::vector<std::pair<const cuda::DeviceWeight *, float *>> products;
+    results[run].resize(held.size());
+    for (size_t i = 0; i < held.size(); ++i) {
+      results[run][i].assign(static_cast<size_t>(tokens * held[i]->rows), -1.0f);
+      products.emplace_back(held[i].get(), results[run][i].data());
+    }
+    Status status = context()->multiply(x.data(), tokens, cols, products.data(), products.size());
+    ASSERT_TRUE(status.ok()) << status.message();
+  }
+  context()->setTensorCores(true);
+  for (size_t i = 0; i < held.size(); ++i)
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t r = 0; r < held[i]->rows; ++r)
+        ASSERT_NEAR(results[0][i][t * held[i]->rows + r], results[1][i][t * held[i]->rows + r],
+                    1e-5 * rowMagnitude(dequantized[i], cols, r, x.data() + t * cols) + 1e-6)
+            << "matrix " << i << " token " << t << " row " << r;
+}
+
 TEST(CudaMatrixProducts, UploadChecksShapesAndBytes) {
   REQUIRE_GPU();
   std::vector<uint8_t> bytes(100);
@@ -449,7 +510,9 @@ TEST(CudaDevice, AnUnknownProductKernelIsNamed) {
   ASSERT_TRUE(device) << device.status().message();
   Status status = (*device)->chooseProductKernel("fastest");
   ASSERT_FALSE(status.ok());
-  EXPECT_NE(status.message().find("'fastest' (auto, streamed or warp-per-row)"), std::string::npos) << status.message();
+  EXPECT_NE(status.message().find("'fastest' (auto, streamed, warp-per-row or dp4a)"), std::string::npos)
+      << status.message();
+  EXPECT_TRUE((*device)->chooseProductKernel("dp4a").ok());
   EXPECT_TRUE((*device)->chooseProductKernel("auto").ok());
 }
 

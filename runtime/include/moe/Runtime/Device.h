@@ -92,8 +92,9 @@ public:
   /// Device-to-device copy bandwidth (bytes read + written per second).
   virtual Expected<double> copyBandwidth() = 0;
   /// Benchmarks: the kernel of one token's products by name (CUDA: "auto",
-  /// the default, "streamed" or "warp-per-row"); an error for a name the
-  /// device does not know.
+  /// the default, "streamed" or "warp-per-row"; "dp4a": "auto", and
+  /// products of many tokens without tensor cores); an error for a name
+  /// the device does not know.
   virtual Status chooseProductKernel(std::string_view name);
 
   // Decode of one token with the residual stream on the device (grouped-
