@@ -13,7 +13,9 @@
 //     activation by dp4a; f32 and bf16 rows dot the f32 activation. Lanes'
 //     sums meet by warp shuffles;
 //   - swigluKernel and combineKernel: silu(gate) * up, and the experts'
-//     weighted outputs added in order.
+//     weighted outputs added in order; for a block of tokens (prefill),
+//     gatherKernel and weightedSumKernel take each expert's tokens from
+//     the block and add its weighted outputs back in the CPU's order.
 // A call stages its activation and job tables in one pinned buffer, copies
 // them with one transfer, launches, and copies the results back.
 //
@@ -664,6 +666,25 @@ __global__ void combineKernel(const float *parts, const float *weights, int coun
 }
 
 /// Sum over a block (blockDim a multiple of 32, at most 1024).
+/// gathered[r] = x[rowToken[r]] for the rows of a MoE block's experts.
+__global__ void gatherKernel(const float *x, const int32_t *rowToken, int64_t rows, int64_t hidden, float *gathered) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * hidden)
+    return;
+  const int64_t r = i / hidden, c = i - r * hidden;
+  gathered[i] = x[static_cast<int64_t>(rowToken[r]) * hidden + c];
+}
+
+/// out[t] = token t's weighted sum of its experts' outputs (blockWeightedSum).
+__global__ void weightedSumKernel(const float *y, const int32_t *starts, const int32_t *row, const float *weight,
+                                  int64_t tokens, int64_t hidden, float *out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= tokens * hidden)
+    return;
+  const int64_t t = i / hidden;
+  out[i] = blockWeightedSum(y, starts, row, weight, hidden, t, i - t * hidden);
+}
+
 template <typename T> __device__ T blockSum(T value) {
   __shared__ T partial[32];
 #pragma unroll
@@ -1271,8 +1292,9 @@ struct Context::State {
 
   ProductKernel oneTokenKernel = ProductKernel::Auto;
   /// Whether group-format products of kMinTokens tokens or more run on
-  /// tensor cores (sm_80 and later, unless ProductKernel::Dp4a).
-  bool tensorCores = false;
+  /// tensor cores (Context::setTensorCores), and whether they can here
+  /// (sm_80 and later, and tensorKernel built for it).
+  bool tensorCores = false, tensorBuilt = false;
   unsigned streamedBlocks = 1; ///< streamedKernel's blocks resident on the device at once.
 
   // Decode: the residual stream and a token's intermediates on the device,
@@ -1551,7 +1573,13 @@ Expected<std::shared_ptr<Context>> Context::open() {
   s.facts.computeCapability = properties.major * 10 + properties.minor;
   s.facts.totalMemory = properties.totalGlobalMem;
   s.facts.multiprocessors = properties.multiProcessorCount;
-  s.tensorCores = s.facts.computeCapability >= 80;
+  // Tensor cores where the device has them and tensorKernel was built for
+  // them (a build for an older target, run here from its PTX, traps).
+  cudaFuncAttributes tensorAttributes{};
+  s.tensorBuilt = cudaFuncGetAttributes(&tensorAttributes, tensorKernel) == cudaSuccess &&
+                  tensorAttributes.ptxVersion >= 80 && s.facts.computeCapability >= 80;
+  cudaGetLastError();
+  s.tensorCores = s.tensorBuilt;
   int streamedPerMultiprocessor = 0;
   MOE_RETURN_IF_ERROR(check(
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&streamedPerMultiprocessor, streamedKernel, 32 * kStreamWarps, 0),
@@ -1588,7 +1616,7 @@ void Context::setProductKernel(ProductKernel kernel) {
 
 void Context::setTensorCores(bool enabled) {
   std::lock_guard<std::mutex> lock(state->mutex);
-  state->tensorCores = enabled && state->facts.computeCapability >= 80;
+  state->tensorCores = enabled && state->tensorBuilt;
 }
 
 bool Context::tensorCores() const {
@@ -1807,54 +1835,73 @@ Status Context::experts(const float *x, int64_t hidden, const ExpertProduct *exp
   return Status::success();
 }
 
-Status Context::expertBatches(const ExpertBatch *batchArray, size_t count, int64_t hidden) {
-  const std::vector<ExpertBatch> batches(batchArray, batchArray + count);
-  for (const ExpertBatch &b : batches)
-    if (!b.gate || !b.up || !b.down || b.gate->cols != hidden || b.up->cols != hidden || b.down->rows != hidden ||
-        b.up->rows != b.gate->rows || b.down->cols != b.gate->rows || b.tokens <= 0)
-      return Status::error("CUDA expert batches: an expert's gate, up and down do not fit a hidden size of ", hidden);
-  if (batches.empty())
+Status Context::routedExperts(const float *x, int64_t tokens, int64_t hidden, const RoutedExpertTokens *expertArray,
+                              size_t count, float *result) {
+  const std::vector<RoutedExpertTokens> experts(expertArray, expertArray + count);
+  int64_t rows = 0;
+  for (const RoutedExpertTokens &e : experts) {
+    if (!e.gate || !e.up || !e.down || e.gate->cols != hidden || e.up->cols != hidden || e.down->rows != hidden ||
+        e.up->rows != e.gate->rows || e.down->cols != e.gate->rows || e.count < 0 || (e.count > 0 && !e.tokens) ||
+        (e.count > 0 && !e.weights))
+      return Status::error("CUDA routed experts: an expert's gate, up and down do not fit a hidden size of ", hidden);
+    for (int64_t r = 0; r < e.count; ++r)
+      if (e.tokens[r] < 0 || e.tokens[r] >= tokens)
+        return Status::error("CUDA routed experts: token ", e.tokens[r], " of a block of ", tokens);
+    rows += e.count;
+  }
+  if (tokens <= 0)
     return Status::success();
+  if (rows == 0) {
+    std::fill(result, result + tokens * hidden, 0.0f);
+    return Status::success();
+  }
   std::lock_guard<std::mutex> lock(state->mutex);
   State &s = *state;
-  // Every pointer is first an offset: inputs in `input`, intermediates and
-  // quantized activations in `scratch`, outputs in `output`; the buffers
-  // are sized once the plans are made, then the offsets become pointers.
+  std::vector<ExpertRows> expertRows;
+  for (const RoutedExpertTokens &e : experts)
+    expertRows.push_back({e.tokens, e.weights, e.count});
+  const BlockSums sums = blockSums(tokens, expertRows.data(), expertRows.size());
+  const std::vector<int32_t> &rowToken = sums.rowToken, &starts = sums.starts, &entryRow = sums.entryRow;
+  const std::vector<float> &entryWeight = sums.entryWeight;
+  // Every pointer is first an offset: inputs in `input`, the gathered rows,
+  // intermediates, expert outputs and quantized activations in `scratch`,
+  // the block's output in `output`; the buffers are sized once the plans
+  // are made, then the offsets become pointers.
   Layout in, scratch, out;
-  struct Offsets {
-    size_t x, gate, up, h, y;
-  };
-  std::vector<Offsets> at(count);
+  const size_t xOffset = in.take(static_cast<size_t>(tokens * hidden) * 4);
+  const size_t rowTokenOffset = in.take(static_cast<size_t>(rows) * 4);
+  const size_t startsOffset = in.take(starts.size() * 4);
+  const size_t entryRowOffset = in.take(static_cast<size_t>(rows) * 4);
+  const size_t entryWeightOffset = in.take(static_cast<size_t>(rows) * 4);
+  const size_t outOffset = out.take(static_cast<size_t>(tokens * hidden) * 4);
+  const size_t gatheredBase = scratch.take(static_cast<size_t>(rows * hidden) * 4);
+  const size_t yBase = scratch.take(static_cast<size_t>(rows * hidden) * 4);
   int64_t width = 0;
-  for (size_t i = 0; i < count; ++i) {
-    const int64_t n = batches[i].tokens, I = batches[i].gate->rows;
-    at[i].x = in.take(static_cast<size_t>(n * hidden) * 4);
-    at[i].y = out.take(static_cast<size_t>(n * hidden) * 4);
-    width += n * I;
-  }
-  // gate, up and h of all experts side by side, each expert's [n, I].
+  for (const RoutedExpertTokens &e : experts)
+    width += e.count * e.gate->rows;
+  // gate, up and h of all experts side by side, each expert's [count, I].
   const size_t gateBase = scratch.take(static_cast<size_t>(width) * 4);
   const size_t upBase = scratch.take(static_cast<size_t>(width) * 4);
   const size_t hBase = scratch.take(static_cast<size_t>(width) * 4);
-  int64_t offset = 0;
-  for (size_t i = 0; i < count; ++i) {
-    at[i].gate = gateBase + offset * 4;
-    at[i].up = upBase + offset * 4;
-    at[i].h = hBase + offset * 4;
-    offset += batches[i].tokens * batches[i].gate->rows;
-  }
   auto offsetPointer = [](size_t value) { return reinterpret_cast<float *>(value); };
   State::Plan first, second;
-  for (size_t i = 0; i < count; ++i) {
-    const ExpertBatch &b = batches[i];
-    s.addProduct(first, scratch, *b.gate, offsetPointer(at[i].x), hidden, b.tokens, offsetPointer(at[i].gate),
-                 b.gate->rows);
-    s.addProduct(first, scratch, *b.up, offsetPointer(at[i].x), hidden, b.tokens, offsetPointer(at[i].up), b.up->rows);
-  }
-  for (size_t i = 0; i < count; ++i) {
-    const ExpertBatch &b = batches[i];
-    s.addProduct(second, scratch, *b.down, offsetPointer(at[i].h), b.down->cols, b.tokens, offsetPointer(at[i].y),
-                 hidden);
+  {
+    int64_t row = 0, intermediate = 0;
+    for (const RoutedExpertTokens &e : experts) {
+      if (e.count == 0)
+        continue;
+      const int64_t I = e.gate->rows;
+      const size_t xAt = gatheredBase + static_cast<size_t>(row * hidden) * 4;
+      const size_t hAt = hBase + static_cast<size_t>(intermediate) * 4;
+      s.addProduct(first, scratch, *e.gate, offsetPointer(xAt), hidden, e.count,
+                   offsetPointer(gateBase + static_cast<size_t>(intermediate) * 4), I);
+      s.addProduct(first, scratch, *e.up, offsetPointer(xAt), hidden, e.count,
+                   offsetPointer(upBase + static_cast<size_t>(intermediate) * 4), I);
+      s.addProduct(second, scratch, *e.down, offsetPointer(hAt), I, e.count,
+                   offsetPointer(yBase + static_cast<size_t>(row * hidden) * 4), hidden);
+      row += e.count;
+      intermediate += e.count * I;
+    }
   }
   const size_t quantFirst = in.take(first.quant.size() * sizeof(QuantJob));
   const size_t productFirst = in.take(first.products.size() * sizeof(ProductJob));
@@ -1865,27 +1912,22 @@ Status Context::expertBatches(const ExpertBatch *batchArray, size_t count, int64
   MOE_RETURN_IF_ERROR(s.output.reserve(out.size));
   MOE_RETURN_IF_ERROR(s.hostInput.reserve(in.size));
   MOE_RETURN_IF_ERROR(s.hostOutput.reserve(out.size));
-  // Offsets to pointers: x of the first plan in input, of the second in
-  // scratch; y of the first in scratch, of the second in output.
-  auto place = [](const Buffer &buffer, const float *value) {
-    return buffer.at<float>(reinterpret_cast<size_t>(value));
-  };
-  for (ProductJob &job : first.products) {
-    job.x = place(s.input, job.x);
-    job.y = place(s.scratch, job.y);
+  // Offsets to pointers: every x and y of both plans is in scratch.
+  auto place = [&](const float *value) { return s.scratch.at<float>(reinterpret_cast<size_t>(value)); };
+  for (State::Plan *plan : {&first, &second}) {
+    for (ProductJob &job : plan->products) {
+      job.x = place(job.x);
+      job.y = place(job.y);
+    }
+    for (QuantJob &job : plan->quant)
+      job.x = place(job.x);
+    s.resolve(*plan, 0);
   }
-  for (QuantJob &job : first.quant)
-    job.x = place(s.input, job.x);
-  for (ProductJob &job : second.products) {
-    job.x = place(s.scratch, job.x);
-    job.y = place(s.output, job.y);
-  }
-  for (QuantJob &job : second.quant)
-    job.x = place(s.scratch, job.x);
-  s.resolve(first, 0);
-  s.resolve(second, 0);
-  for (size_t i = 0; i < count; ++i)
-    std::memcpy(s.hostInput.at<char>(at[i].x), batches[i].x, static_cast<size_t>(batches[i].tokens * hidden) * 4);
+  std::memcpy(s.hostInput.at<char>(xOffset), x, static_cast<size_t>(tokens * hidden) * 4);
+  std::memcpy(s.hostInput.at<char>(rowTokenOffset), rowToken.data(), rowToken.size() * 4);
+  std::memcpy(s.hostInput.at<char>(startsOffset), starts.data(), starts.size() * 4);
+  std::memcpy(s.hostInput.at<char>(entryRowOffset), entryRow.data(), entryRow.size() * 4);
+  std::memcpy(s.hostInput.at<char>(entryWeightOffset), entryWeight.data(), entryWeight.size() * 4);
   std::memcpy(s.hostInput.at<char>(quantFirst), first.quant.data(), first.quant.size() * sizeof(QuantJob));
   std::memcpy(s.hostInput.at<char>(productFirst), first.products.data(), first.products.size() * sizeof(ProductJob));
   std::memcpy(s.hostInput.at<char>(quantSecond), second.quant.data(), second.quant.size() * sizeof(QuantJob));
@@ -1893,6 +1935,9 @@ Status Context::expertBatches(const ExpertBatch *batchArray, size_t count, int64
   MOE_RETURN_IF_ERROR(check(cudaEventRecord(s.start, s.stream), "event"));
   MOE_RETURN_IF_ERROR(
       check(cudaMemcpyAsync(s.input.data, s.hostInput.data, in.size, cudaMemcpyHostToDevice, s.stream), "copy in"));
+  gatherKernel<<<blocksFor(rows * hidden, 256), 256, 0, s.stream>>>(
+      s.input.at<float>(xOffset), s.input.at<int32_t>(rowTokenOffset), rows, hidden, s.scratch.at<float>(gatheredBase));
+  MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "gather launch"));
   MOE_RETURN_IF_ERROR(s.launchQuant(s.input.at<QuantJob>(quantFirst), first.quant.size(), first.quantWarps));
   MOE_RETURN_IF_ERROR(s.launchProducts(first, s.input.at<ProductJob>(productFirst)));
   swigluKernel<<<blocksFor(width, 256), 256, 0, s.stream>>>(s.scratch.at<float>(gateBase), s.scratch.at<float>(upBase),
@@ -1900,11 +1945,14 @@ Status Context::expertBatches(const ExpertBatch *batchArray, size_t count, int64
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "swiglu launch"));
   MOE_RETURN_IF_ERROR(s.launchQuant(s.input.at<QuantJob>(quantSecond), second.quant.size(), second.quantWarps));
   MOE_RETURN_IF_ERROR(s.launchProducts(second, s.input.at<ProductJob>(productSecond)));
+  weightedSumKernel<<<blocksFor(tokens * hidden, 256), 256, 0, s.stream>>>(
+      s.scratch.at<float>(yBase), s.input.at<int32_t>(startsOffset), s.input.at<int32_t>(entryRowOffset),
+      s.input.at<float>(entryWeightOffset), tokens, hidden, s.output.at<float>(outOffset));
+  MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "weighted sum launch"));
   MOE_RETURN_IF_ERROR(
       check(cudaMemcpyAsync(s.hostOutput.data, s.output.data, out.size, cudaMemcpyDeviceToHost, s.stream), "copy out"));
   MOE_RETURN_IF_ERROR(s.finish());
-  for (size_t i = 0; i < count; ++i)
-    std::memcpy(batches[i].out, s.hostOutput.at<char>(at[i].y), static_cast<size_t>(batches[i].tokens * hidden) * 4);
+  std::memcpy(result, s.hostOutput.at<char>(outOffset), static_cast<size_t>(tokens * hidden) * 4);
   return Status::success();
 }
 

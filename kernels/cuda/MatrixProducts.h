@@ -50,13 +50,14 @@ struct ExpertProduct {
   float weight = 0.0f;
 };
 
-/// One expert over its tokens: out[tokens, H] = down(silu(gate x) * up x)
-/// for x[tokens, H]; x and out are host memory.
-struct ExpertBatch {
+/// One routed expert of a MoE block over a block of tokens (prefill): the
+/// tokens routed to it (rows of the block's x) and their routing weights,
+/// host memory.
+struct RoutedExpertTokens {
   const DeviceWeight *gate = nullptr, *up = nullptr, *down = nullptr;
-  const float *x = nullptr;
-  int64_t tokens = 0;
-  float *out = nullptr;
+  const int32_t *tokens = nullptr;
+  const float *weights = nullptr;
+  int64_t count = 0;
 };
 
 /// Keys and values of one KV cache on the device, per layer (Context::
@@ -140,7 +141,7 @@ struct DeviceFacts {
 };
 
 /// A device, its stream and its scratch buffers. Calls are serialised by a
-/// mutex. multiply, experts, expertBatches, decodeAttention (handing the
+/// mutex. multiply, experts, routedExperts, decodeAttention (handing the
 /// MLP input back) and decodeEnd return once their results are in host
 /// memory; decodeBegin, decodeAttention (keeping the MLP on the device),
 /// decodeExperts, decodeRouted and decodeAddBranch only enqueue (the
@@ -171,9 +172,14 @@ public:
   /// x[H] (host memory), the experts' outputs added in the given order.
   Status experts(const float *x, int64_t hidden, const ExpertProduct *experts, size_t count, float *out);
 
-  /// Several experts, each over its own tokens, in one transfer each way
-  /// and five launches (a MoE block's prefill).
-  Status expertBatches(const ExpertBatch *batches, size_t count, int64_t hidden);
+  /// A MoE block's routed experts over a block of tokens (prefill):
+  /// out[t] = the sum, over the experts t is routed to in the given order,
+  /// of weight * down(silu(gate x_t) * up x_t), added from zero in that
+  /// order (the CPU engine's addRoutedOutputs, bit for bit); x and out are
+  /// host memory [tokens, hidden]. One transfer each way: the gather of each
+  /// expert's tokens, its products and the weighted sums run on the device.
+  Status routedExperts(const float *x, int64_t tokens, int64_t hidden, const RoutedExpertTokens *experts, size_t count,
+                       float *out);
 
   // Decode of one token with the residual stream on the device: a wait
   // for the logits, and one per layer whose MLP input goes to the host

@@ -19,6 +19,7 @@
 #include "common/Routing.h"
 
 #include <cstdint>
+#include <vector>
 
 namespace moe::cuda {
 
@@ -290,6 +291,79 @@ MOE_HOST_DEVICE inline void planRoutedExperts(const RoutedLayer &layer, const Ro
   plan.downQuant = {quantized, warps};
   plan.second = {count, rows};
   plan.combine = {count, hidden};
+}
+
+/// a * b and a + b each rounded once: no fused multiply-add on the device,
+/// as on the CPU (whose build contracts none), so that a kernel adds as
+/// the CPU engine does.
+MOE_HOST_DEVICE inline float mulRn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+MOE_HOST_DEVICE inline float addRn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+/// One routed expert of a MoE block over a block of tokens: the tokens
+/// routed to it and their routing weights (host memory).
+struct ExpertRows {
+  const int32_t *tokens = nullptr;
+  const float *weights = nullptr;
+  int64_t count = 0;
+};
+
+/// How a MoE block's prefill on the device (Context::routedExperts) moves
+/// rows: the experts' rows are gathered one expert after another (row r
+/// is token rowToken[r]), and token t's outputs are the entries
+/// starts[t] .. starts[t + 1] (a row of the experts' outputs and its
+/// weight), in expert order.
+struct BlockSums {
+  std::vector<int32_t> rowToken, starts, entryRow;
+  std::vector<float> entryWeight;
+};
+
+/// The BlockSums of `count` experts over a block of `tokens` tokens; every
+/// token index in [0, tokens).
+inline BlockSums blockSums(int64_t tokens, const ExpertRows *experts, size_t count) {
+  BlockSums sums;
+  sums.starts.assign(static_cast<size_t>(tokens) + 1, 0);
+  for (size_t i = 0; i < count; ++i)
+    for (int64_t r = 0; r < experts[i].count; ++r)
+      ++sums.starts[static_cast<size_t>(experts[i].tokens[r]) + 1];
+  for (int64_t t = 0; t < tokens; ++t)
+    sums.starts[t + 1] += sums.starts[t];
+  const size_t rows = static_cast<size_t>(sums.starts.back());
+  sums.rowToken.resize(rows);
+  sums.entryRow.resize(rows);
+  sums.entryWeight.resize(rows);
+  std::vector<int32_t> next(sums.starts.begin(), sums.starts.end() - 1);
+  int32_t row = 0;
+  for (size_t i = 0; i < count; ++i)
+    for (int64_t r = 0; r < experts[i].count; ++r, ++row) {
+      const int32_t token = experts[i].tokens[r], at = next[token]++;
+      sums.rowToken[row] = token;
+      sums.entryRow[at] = row;
+      sums.entryWeight[at] = experts[i].weights[r];
+    }
+  return sums;
+}
+
+/// Column c of token t's block output: its experts' outputs y[row] (rows of
+/// `hidden`) times their weights, added from zero in order, each product
+/// and sum rounded on its own (the CPU engine's addRoutedOutputs).
+MOE_HOST_DEVICE inline float blockWeightedSum(const float *y, const int32_t *starts, const int32_t *entryRow,
+                                              const float *entryWeight, int64_t hidden, int64_t t, int64_t c) {
+  float total = 0.0f;
+  for (int32_t j = starts[t]; j < starts[t + 1]; ++j)
+    total = addRn(total, mulRn(entryWeight[j], y[static_cast<int64_t>(entryRow[j]) * hidden + c]));
+  return total;
 }
 
 } // namespace moe::cuda

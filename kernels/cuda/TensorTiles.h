@@ -10,9 +10,9 @@
 // for ggml's Q8_0), are the B operand. The integer sums of a whole group
 // add up in the MMA's int32 accumulators, exact, and then each output takes
 //   sum * activation scale * weight scale + weight min * activation sum
-// once per group, groups in order: the CPU scalar kernel's arithmetic
-// (quant::gemvRowsScalar), where the one-token kernels add 32-code blocks
-// across lanes instead.
+// once per group, groups in order, each product and sum rounded on its own:
+// the CPU scalar kernel's arithmetic (quant::gemvRowsScalar), where the
+// one-token kernels add 32-code blocks across lanes instead.
 //
 // The warp's work is written once, for the device and the host: the MMA
 // is a policy, which on the device is the instruction and in the CPU's
@@ -222,8 +222,11 @@ MOE_HOST_DEVICE void tensorTile(const ProductJob &job, int64_t tile, int lane, M
     for (int mt = 0; mt < kTokenTiles; ++mt)
       for (int nt = 0; nt < kRowTiles; ++nt)
         for (int i = 0; i < 4; ++i) {
-          const float term = static_cast<float>(sums[mt][nt][i]) * activationScale[mt][i >> 1] * scale[nt][i & 1];
-          acc[mt][nt][i] += job.signedCodes ? term : term + minimum[nt][i & 1] * activationSum[mt][i >> 1];
+          // gemvRowsScalar: total += sum * activation scale * scale + min * activation sum.
+          float term = mulRn(mulRn(static_cast<float>(sums[mt][nt][i]), activationScale[mt][i >> 1]), scale[nt][i & 1]);
+          if (!job.signedCodes)
+            term = addRn(term, mulRn(minimum[nt][i & 1], activationSum[mt][i >> 1]));
+          acc[mt][nt][i] = addRn(acc[mt][nt][i], term);
         }
   }
   for (int mt = 0; mt < kTokenTiles; ++mt)

@@ -113,13 +113,14 @@ public:
     record(context->experts(x, hidden, jobs.data(), jobs.size(), out));
   }
 
-  void expertBatches(std::span<const DeviceExpertBatch> batches, int64_t hidden) override {
-    thread_local std::vector<cuda::ExpertBatch> jobs;
+  void routedExperts(std::span<const DeviceRoutedExpert> experts, const float *x, int64_t tokens, int64_t hidden,
+                     float *out) override {
+    thread_local std::vector<cuda::RoutedExpertTokens> jobs;
     jobs.clear();
-    for (const DeviceExpertBatch &b : batches)
-      jobs.push_back(
-          {&deviceWeight(b.mlp->gate), &deviceWeight(b.mlp->up), &deviceWeight(b.mlp->down), b.x, b.tokens, b.out});
-    record(context->expertBatches(jobs.data(), jobs.size(), hidden));
+    for (const DeviceRoutedExpert &e : experts)
+      jobs.push_back({&deviceWeight(e.mlp->gate), &deviceWeight(e.mlp->up), &deviceWeight(e.mlp->down), e.tokens,
+                      e.weights, e.count});
+    record(context->routedExperts(x, tokens, hidden, jobs.data(), jobs.size(), out));
   }
 
   bool decodesOnDevice() const override { return true; }

@@ -760,8 +760,9 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
       return Status::success();
   }
   // On a device that holds every routed expert this block runs: all of
-  // them in one call, then the same weighted sums in the same order as the
-  // loop below.
+  // them in one call, the weighted sums too, in the order of the loop
+  // below (the device gathers each expert's tokens from x and adds its
+  // outputs back, so x and out cross once each).
   if (!observer && !cache && !allExperts && !hooks.replacedExperts) {
     bool onDevice = true;
     int64_t rows = 0;
@@ -771,24 +772,13 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
         rows += static_cast<int64_t>(tokensOf[e].size());
       }
     if (onDevice && rows > 0) {
-      thread_local std::vector<float> inputs, outputs;
-      thread_local std::vector<DeviceExpertBatch> batches;
-      inputs.resize(static_cast<size_t>(rows * H));
-      outputs.resize(static_cast<size_t>(rows * H));
-      batches.clear();
-      int64_t row = 0;
-      for (int64_t e = 0; e < slots; ++e) {
-        const std::vector<int32_t> &routed = tokensOf[e];
-        if (routed.empty())
-          continue;
-        for (size_t r = 0; r < routed.size(); ++r)
-          std::copy_n(x + routed[r] * H, H, inputs.data() + (row + static_cast<int64_t>(r)) * H);
-        batches.push_back({&w.experts[static_cast<size_t>(e)], inputs.data() + row * H,
-                           static_cast<int64_t>(routed.size()), outputs.data() + row * H});
-        row += static_cast<int64_t>(routed.size());
-      }
-      batches.front().mlp->gate.device->device().expertBatches(batches, H);
-      addRoutedOutputs(tokensOf, weightsOf, outputs.data(), tokens, H, out);
+      thread_local std::vector<DeviceRoutedExpert> routed;
+      routed.clear();
+      for (int64_t e = 0; e < slots; ++e)
+        if (!tokensOf[e].empty())
+          routed.push_back({&w.experts[static_cast<size_t>(e)], tokensOf[e].data(), weightsOf[e].data(),
+                            static_cast<int64_t>(tokensOf[e].size())});
+      routed.front().mlp->gate.device->device().routedExperts(routed, x, tokens, H, out);
       addSharedExpert(spec, layer, w, x, tokens, out, observer);
       return Status::success();
     }

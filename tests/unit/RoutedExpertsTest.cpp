@@ -540,3 +540,52 @@ TEST(RoutedExperts, GroupFormatJobsReadTheQuantizationOfTheirGroupSize) {
   EXPECT_EQ(plan->combine.count, 2);
   EXPECT_EQ(plan->weights[1], 0.4f);
 }
+
+// A prefill's MoE block on the device (Context::routedExperts): the experts'
+// rows gathered one expert after another, and each token's weighted sum as
+// the CPU engine's addRoutedOutputs adds it (zero, then each expert's
+// weight * output in expert order), bit for bit. Experts of no tokens, tokens
+// of no expert, tokens listed in no particular order.
+TEST(RoutedExperts, APrefillBlocksWeightedSumsAreTheEngines) {
+  std::mt19937 rng(8);
+  const int64_t tokens = 50, hidden = 7;
+  const int64_t counts[] = {12, 0, 49, 1, 30, 7};
+  std::vector<std::vector<int32_t>> tokensOf;
+  std::vector<std::vector<float>> weightsOf;
+  std::vector<cuda::ExpertRows> experts;
+  std::vector<int32_t> order(static_cast<size_t>(tokens - 1)); // token 49 goes to no expert
+  std::iota(order.begin(), order.end(), 0);
+  std::normal_distribution<float> normal;
+  for (int64_t count : counts) {
+    std::shuffle(order.begin(), order.end(), rng);
+    tokensOf.emplace_back(order.begin(), order.begin() + count);
+    weightsOf.emplace_back();
+    for (int64_t r = 0; r < count; ++r)
+      weightsOf.back().push_back(std::fabs(normal(rng)));
+  }
+  for (size_t i = 0; i < tokensOf.size(); ++i)
+    experts.push_back({tokensOf[i].data(), weightsOf[i].data(), static_cast<int64_t>(tokensOf[i].size())});
+  const cuda::BlockSums sums = cuda::blockSums(tokens, experts.data(), experts.size());
+  const int64_t rows = static_cast<int64_t>(sums.rowToken.size());
+  std::vector<float> y(static_cast<size_t>(rows * hidden));
+  for (float &v : y)
+    v = normal(rng);
+  // The engine's order, over the rows as the device gathers them.
+  std::vector<float> expected(static_cast<size_t>(tokens * hidden), 0.0f);
+  int64_t row = 0;
+  for (size_t i = 0; i < tokensOf.size(); ++i)
+    for (size_t r = 0; r < tokensOf[i].size(); ++r, ++row) {
+      EXPECT_EQ(sums.rowToken[row], tokensOf[i][r]) << "expert " << i << " row " << r;
+      for (int64_t c = 0; c < hidden; ++c)
+        expected[tokensOf[i][r] * hidden + c] += weightsOf[i][r] * y[row * hidden + c];
+    }
+  ASSERT_EQ(row, rows);
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t c = 0; c < hidden; ++c) {
+      const float got = cuda::blockWeightedSum(y.data(), sums.starts.data(), sums.entryRow.data(),
+                                               sums.entryWeight.data(), hidden, t, c);
+      EXPECT_EQ(std::memcmp(&got, &expected[t * hidden + c], sizeof(float)), 0)
+          << "token " << t << " column " << c << ": " << got << " against " << expected[t * hidden + c];
+    }
+  EXPECT_EQ(sums.starts[tokens - 1], sums.starts[tokens]) << "token 49 has no expert";
+}

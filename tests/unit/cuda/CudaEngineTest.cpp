@@ -21,12 +21,14 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <map>
+#include <numeric>
 #include <optional>
 #include <random>
 #include <vector>
@@ -123,15 +125,27 @@ std::vector<float> randomActivations(int64_t count, std::mt19937 &rng) {
   return x;
 }
 
-/// Runs `body` under each kernel of one token's group products, then
-/// puts the default (Auto) back.
+/// Puts the context's default kernels back when it goes out of scope (an
+/// ASSERT returning early included).
+struct DefaultKernelsAfter {
+  ~DefaultKernelsAfter() {
+    context()->setProductKernel(cuda::ProductKernel::Auto);
+    context()->setTensorCores(true);
+  }
+};
+
+/// Runs `body` under each kernel of one token's group products, the first
+/// with tensor cores for products of many tokens, the second with dp4a,
+/// then puts the defaults back.
 template <typename Body> void forEachProductKernel(Body body) {
+  DefaultKernelsAfter restore;
   for (cuda::ProductKernel kernel : {cuda::ProductKernel::WarpPerRow, cuda::ProductKernel::Streamed}) {
-    SCOPED_TRACE(kernel == cuda::ProductKernel::Streamed ? "streamed kernel" : "warp-per-row kernel");
+    const bool tensor = kernel == cuda::ProductKernel::WarpPerRow;
+    SCOPED_TRACE(tensor ? "warp-per-row kernel, tensor cores" : "streamed kernel, dp4a for many tokens");
     context()->setProductKernel(kernel);
+    context()->setTensorCores(tensor);
     body();
   }
-  context()->setProductKernel(cuda::ProductKernel::Auto);
 }
 
 void expectGroupFormatMatches(const quant::QuantFormat &format, bool signedCodes, uint32_t seed) {
@@ -365,19 +379,29 @@ TEST(CudaMatrixProducts, ExpertsOfMixedFormatsAndWidthsMatchTheCpu) {
     EXPECT_NEAR(out[r], expected[r], 2e-3 * magnitude[r] + 1e-6) << "row " << r;
 }
 
-TEST(CudaMatrixProducts, ExpertBatchesOverTheirOwnTokensMatchTheCpu) {
+// A prefill's MoE block on the device: each expert gathers its tokens
+// (in no particular order) from the block, and each token's weighted
+// outputs are added back in expert order. Experts of 1 and 5 tokens take
+// the dp4a kernels, of 17 and 70 tokens the tensor cores; the last token
+// is routed to none.
+TEST(CudaMatrixProducts, RoutedExpertsOverABlockMatchTheCpu) {
   REQUIRE_GPU();
   std::mt19937 rng(31);
-  const int64_t H = 96;
+  const int64_t H = 96, T = 80;
   const quant::QuantFormat formats[] = {{4, 32, false, quant::ScaleType::F16},
                                         {8, 64, true, quant::ScaleType::BF16},
-                                        {3, 32, true, quant::ScaleType::F16}};
-  const int64_t widths[] = {64, 40, 128}, tokens[] = {1, 70, 17}; // 70 and 17: tensor cores
+                                        {3, 32, true, quant::ScaleType::F16},
+                                        {2, 32, false, quant::ScaleType::BF16}};
+  const int64_t widths[] = {64, 40, 128, 48}, counts[] = {1, 70, 17, 5};
+  const int experts = 4;
   std::vector<std::vector<uint8_t>> packed;
   std::vector<std::shared_ptr<const cuda::DeviceWeight>> held;
-  std::vector<std::vector<float>> inputs(3), outputs(3);
-  std::vector<cuda::ExpertBatch> batches;
-  for (int i = 0; i < 3; ++i) {
+  std::vector<std::vector<int32_t>> tokensOf(experts);
+  std::vector<std::vector<float>> weightsOf(experts);
+  std::vector<cuda::RoutedExpertTokens> routed;
+  std::vector<int32_t> order(static_cast<size_t>(T - 1));
+  std::iota(order.begin(), order.end(), 0);
+  for (int i = 0; i < experts; ++i) {
     const quant::QuantFormat &f = formats[i];
     const int64_t I = widths[i];
     for (auto [rows, cols] : {std::pair{I, H}, std::pair{I, H}, std::pair{H, I}}) {
@@ -387,31 +411,53 @@ TEST(CudaMatrixProducts, ExpertBatchesOverTheirOwnTokensMatchTheCpu) {
       ASSERT_TRUE(w) << w.status().message();
       held.push_back(w.take());
     }
-    inputs[i] = randomActivations(tokens[i] * H, rng);
-    outputs[i].assign(static_cast<size_t>(tokens[i] * H), 0.0f);
-    batches.push_back({held[3 * i].get(), held[3 * i + 1].get(), held[3 * i + 2].get(), inputs[i].data(), tokens[i],
-                       outputs[i].data()});
+    std::shuffle(order.begin(), order.end(), rng);
+    tokensOf[i].assign(order.begin(), order.begin() + counts[i]);
+    for (int64_t r = 0; r < counts[i]; ++r)
+      weightsOf[i].push_back(0.1f + 0.9f * static_cast<float>(rng() % 1000) / 1000.0f);
+    routed.push_back({held[3 * i].get(), held[3 * i + 1].get(), held[3 * i + 2].get(), tokensOf[i].data(),
+                      weightsOf[i].data(), counts[i]});
   }
-  Status status = context()->expertBatches(batches.data(), batches.size(), H);
+  const std::vector<float> x = randomActivations(T * H, rng);
+  std::vector<float> out(static_cast<size_t>(T * H), -1.0f);
+  Status status = context()->routedExperts(x.data(), T, H, routed.data(), routed.size(), out.data());
   ASSERT_TRUE(status.ok()) << status.message();
-  for (int i = 0; i < 3; ++i) {
+  std::vector<float> expected(static_cast<size_t>(T * H), 0.0f), tolerance(expected.size(), 1e-6f);
+  for (int i = 0; i < experts; ++i) {
     const quant::QuantFormat &f = formats[i];
     const int64_t I = widths[i];
     std::vector<float> down(static_cast<size_t>(H * I));
     quant::dequantizeReference(f, packed[3 * i + 2].data(), H, I, down.data());
-    for (int64_t t = 0; t < tokens[i]; ++t) {
-      const float *x = inputs[i].data() + t * H;
-      const std::vector<float> g = cpuGroupProduct({f, packed[3 * i].data(), I, H}, x);
-      const std::vector<float> u = cpuGroupProduct({f, packed[3 * i + 1].data(), I, H}, x);
+    for (int64_t r = 0; r < counts[i]; ++r) {
+      const int64_t t = tokensOf[i][r];
+      const float *xt = x.data() + t * H;
+      const std::vector<float> g = cpuGroupProduct({f, packed[3 * i].data(), I, H}, xt);
+      const std::vector<float> u = cpuGroupProduct({f, packed[3 * i + 1].data(), I, H}, xt);
       std::vector<float> h(static_cast<size_t>(I));
       for (int64_t j = 0; j < I; ++j)
         h[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
-      const std::vector<float> expected = cpuGroupProduct({f, packed[3 * i + 2].data(), H, I}, h.data());
-      for (int64_t r = 0; r < H; ++r)
-        ASSERT_NEAR(outputs[i][t * H + r], expected[r], 2e-3 * rowMagnitude(down, I, r, h.data()) + 1e-6)
-            << f.name() << " expert " << i << " token " << t << " row " << r;
+      const std::vector<float> y = cpuGroupProduct({f, packed[3 * i + 2].data(), H, I}, h.data());
+      for (int64_t c = 0; c < H; ++c) {
+        expected[t * H + c] += weightsOf[i][r] * y[c];
+        tolerance[t * H + c] += weightsOf[i][r] * 2e-3f * static_cast<float>(rowMagnitude(down, I, c, h.data()));
+      }
     }
   }
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t c = 0; c < H; ++c)
+      ASSERT_NEAR(out[t * H + c], expected[t * H + c], tolerance[t * H + c]) << "token " << t << " column " << c;
+  for (int64_t c = 0; c < H; ++c)
+    EXPECT_EQ(out[(T - 1) * H + c], 0.0f) << "a token routed to no expert";
+  // A token outside the block is refused, by name.
+  const int32_t outside = static_cast<int32_t>(T);
+  const float weight = 1.0f;
+  cuda::RoutedExpertTokens stray = routed[0];
+  stray.tokens = &outside;
+  stray.weights = &weight;
+  stray.count = 1;
+  status = context()->routedExperts(x.data(), T, H, &stray, 1, out.data());
+  ASSERT_FALSE(status.ok());
+  EXPECT_NE(status.message().find("token 80 of a block of 80"), std::string::npos) << status.message();
 }
 
 // One launch's table mixes tensor jobs (group formats over 16 tokens or
@@ -452,6 +498,7 @@ TEST(CudaMatrixProducts, TensorCoreAndDp4aProductsAgreeInOneLaunch) {
   }
   const std::vector<float> x = randomActivations(tokens * cols, rng);
   std::vector<std::vector<float>> results[2];
+  DefaultKernelsAfter restore;
   for (int run = 0; run < 2; ++run) {
     context()->setTensorCores(run == 0);
     std::vector<std::pair<const cuda::DeviceWeight *, float *>> products;
@@ -463,7 +510,6 @@ TEST(CudaMatrixProducts, TensorCoreAndDp4aProductsAgreeInOneLaunch) {
     Status status = context()->multiply(x.data(), tokens, cols, products.data(), products.size());
     ASSERT_TRUE(status.ok()) << status.message();
   }
-  context()->setTensorCores(true);
   for (size_t i = 0; i < held.size(); ++i)
     for (int64_t t = 0; t < tokens; ++t)
       for (int64_t r = 0; r < held[i]->rows; ++r)

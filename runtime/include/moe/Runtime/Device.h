@@ -45,12 +45,13 @@ public:
   virtual Device &device() const = 0;
 };
 
-/// One routed expert over its tokens: out[tokens, H] = mlp(x[tokens, H]).
-struct DeviceExpertBatch {
+/// One routed expert of a MoE block over a block of tokens: the tokens
+/// routed to it (rows of the block's input) and their routing weights.
+struct DeviceRoutedExpert {
   const MlpWeights *mlp = nullptr;
-  const float *x = nullptr;
-  int64_t tokens = 0;
-  float *out = nullptr;
+  const int32_t *tokens = nullptr;
+  const float *weights = nullptr;
+  int64_t count = 0;
 };
 
 /// How a device's decode graphs went (CUDA: per-layer graphs of launches).
@@ -79,9 +80,12 @@ public:
   /// parts), added in order.
   virtual void experts(std::span<const std::pair<const MlpWeights *, float>> mlps, const float *x, int64_t hidden,
                        float *out) = 0;
-  /// Several experts (no split parts), each over its own tokens: a MoE
-  /// block's prefill in one call.
-  virtual void expertBatches(std::span<const DeviceExpertBatch> batches, int64_t hidden) = 0;
+  /// A MoE block's routed experts (no split parts) over x[tokens, H]:
+  /// out[t] = sum of weight * mlp(x_t) over the experts t is routed to, in
+  /// the given order, added from zero as the CPU engine adds them (a
+  /// prefill's block in one call).
+  virtual void routedExperts(std::span<const DeviceRoutedExpert> experts, const float *x, int64_t tokens,
+                             int64_t hidden, float *out) = 0;
   /// The first error since the last call, then clear.
   virtual Status takeError() = 0;
   /// Bytes of matrices in device memory now.
