@@ -354,12 +354,19 @@ int main(int argc, char **argv) {
   {
     KvCache cache = engine.newCache();
     std::vector<int32_t> prompt = randomTokens(promptTokens);
+    if (*device)
+      (*device)->resetBusySeconds();
     auto start = Clock::now();
     if (Status status = engine.forward(prompt, cache, logits, true); !status.ok())
       return fail(status.message());
     const double seconds = secondsSince(start);
     result["prefill_tokens"] = promptTokens;
     result["prefill_tokens_per_second"] = static_cast<double>(promptTokens) / seconds;
+    // The share of prefill inside the device's calls (products, their
+    // transfers and the MoE blocks' gathers and sums); the rest is the
+    // host's (attention, norms, routing, staging copies).
+    if (*device)
+      result["prefill_device_busy_fraction"] = (*device)->busySeconds() / seconds;
   }
   // Decode, one token a step and `step` tokens a step, after a short prompt.
   auto decode = [&](int64_t perStep, const char *prefix) -> Status {

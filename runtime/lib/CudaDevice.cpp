@@ -95,13 +95,13 @@ public:
     record(context->multiply(x, tokens, weight.cols, &product, 1));
   }
 
-  void linearTogether(const float *x, int64_t cols,
+  void linearTogether(const float *x, int64_t tokens, int64_t cols,
                       std::span<const std::pair<const Matrix *, float *>> products) override {
     thread_local std::vector<std::pair<const cuda::DeviceWeight *, float *>> jobs;
     jobs.clear();
     for (const auto &[matrix, y] : products)
       jobs.emplace_back(&deviceWeight(*matrix), y);
-    record(context->multiply(x, 1, cols, jobs.data(), jobs.size()));
+    record(context->multiply(x, tokens, cols, jobs.data(), jobs.size()));
   }
 
   void experts(std::span<const std::pair<const MlpWeights *, float>> mlps, const float *x, int64_t hidden,

@@ -282,11 +282,19 @@ void attend(const ModelSpec &spec, const float *q, int64_t tokens, const KvCache
   }
 }
 
-/// Decode: matrices that read the same input (q, k and v) in one parallel
-/// region over their concatenated rows.
-void linearTogether(const float *x, int64_t in, std::initializer_list<std::pair<const Matrix *, float *>> jobs) {
+/// Matrices that read the same input x[tokens, in] (q, k and v; no bias):
+/// on a device that holds them all, one call (x and the results cross
+/// once); one token on the host, one parallel region over their
+/// concatenated rows; else each its own product.
+void linearTogether(const float *x, int64_t tokens, int64_t in,
+                    std::initializer_list<std::pair<const Matrix *, float *>> jobs) {
   if (std::all_of(jobs.begin(), jobs.end(), [](const auto &job) { return job.first->device != nullptr; })) {
-    jobs.begin()->first->device->device().linearTogether(x, in, std::span(jobs.begin(), jobs.size()));
+    jobs.begin()->first->device->device().linearTogether(x, tokens, in, std::span(jobs.begin(), jobs.size()));
+    return;
+  }
+  if (tokens > 1) {
+    for (const auto &[matrix, y] : jobs)
+      linear(x, tokens, *matrix, y);
     return;
   }
   int64_t rows = 0, bytes = 0;
@@ -318,16 +326,11 @@ void groupedQueryAttention(const ModelSpec &spec, const LayerWeights &w, const f
   thread_local std::vector<float> qBuffer, kBuffer, vBuffer, attendedBuffer;
   std::vector<float> &q = sized(qBuffer, tokens * qWidth), &k = sized(kBuffer, tokens * kvWidth),
                      &v = sized(vBuffer, tokens * kvWidth);
-  if (tokens == 1) {
-    linearTogether(x, spec.hiddenSize, {{&w.query, q.data()}, {&w.key, k.data()}, {&w.value, v.data()}});
-    addBias(q.data(), tokens, w.queryBias);
-    addBias(k.data(), tokens, w.keyBias);
-    addBias(v.data(), tokens, w.valueBias);
-  } else {
-    linear(x, tokens, w.query, w.queryBias, q.data());
-    linear(x, tokens, w.key, w.keyBias, k.data());
-    linear(x, tokens, w.value, w.valueBias, v.data());
-  }
+  // Each product, then its bias (as linear adds it).
+  linearTogether(x, tokens, spec.hiddenSize, {{&w.query, q.data()}, {&w.key, k.data()}, {&w.value, v.data()}});
+  addBias(q.data(), tokens, w.queryBias);
+  addBias(k.data(), tokens, w.keyBias);
+  addBias(v.data(), tokens, w.valueBias);
   if (a.qkNorm == QkNormKind::FullWidth) {
     rmsNorm(q.data(), tokens, qWidth, w.queryNorm, spec.normEps);
     rmsNorm(k.data(), tokens, kvWidth, w.keyNorm, spec.normEps);
@@ -366,16 +369,17 @@ void latentAttention(const ModelSpec &spec, const LayerWeights &w, const float *
   const int64_t heads = a.numHeads, dn = a.qkNopeHeadDim, dr = a.qkRopeHeadDim, dv = a.valueHeadDim, qDim = dn + dr,
                 lora = a.kvLoraRank;
   std::vector<float> q(static_cast<size_t>(tokens * heads * qDim));
+  std::vector<float> kvCompressed(static_cast<size_t>(tokens * (lora + dr)));
+  // The products of x together: the query (or its low-rank columns) and
+  // the keys' low-rank columns.
   if (a.queryLoraRank > 0) {
     std::vector<float> compressed(static_cast<size_t>(tokens * a.queryLoraRank));
-    linear(x, tokens, w.queryDown, compressed.data());
+    linearTogether(x, tokens, spec.hiddenSize, {{&w.queryDown, compressed.data()}, {&w.kvDown, kvCompressed.data()}});
     rmsNorm(compressed.data(), tokens, a.queryLoraRank, w.queryDownNorm, spec.normEps);
     linear(compressed.data(), tokens, w.queryUp, q.data());
   } else {
-    linear(x, tokens, w.query, q.data());
+    linearTogether(x, tokens, spec.hiddenSize, {{&w.query, q.data()}, {&w.kvDown, kvCompressed.data()}});
   }
-  std::vector<float> kvCompressed(static_cast<size_t>(tokens * (lora + dr)));
-  linear(x, tokens, w.kvDown, kvCompressed.data());
   std::vector<float> latent(static_cast<size_t>(tokens * lora)), keyRope(static_cast<size_t>(tokens * dr));
   for (int64_t t = 0; t < tokens; ++t) {
     std::copy_n(kvCompressed.data() + t * (lora + dr), lora, latent.data() + t * lora);

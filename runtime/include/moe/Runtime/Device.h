@@ -73,8 +73,9 @@ public:
   virtual Status upload(Matrix &matrix) = 0;
   /// y[T, rows] = x[T, cols] W^T (no bias); host buffers.
   virtual void linear(const Matrix &weight, const float *x, int64_t tokens, float *y) = 0;
-  /// One token through several matrices that read the same x[cols].
-  virtual void linearTogether(const float *x, int64_t cols,
+  /// Several matrices that read the same x[tokens, cols] (no bias): one
+  /// crossing of x and of the results for all of them.
+  virtual void linearTogether(const float *x, int64_t tokens, int64_t cols,
                               std::span<const std::pair<const Matrix *, float *>> products) = 0;
   /// out[H] = sum_i weight_i * mlp_i(x) over one token's experts (no split
   /// parts), added in order.
