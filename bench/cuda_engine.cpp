@@ -225,7 +225,7 @@ private:
 
 int main(int argc, char **argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
-  std::string configPath, formatName = "q4_g128_asym", deviceName = "auto", productKernel, routing;
+  std::string configPath, formatName = "q4_g128_asym", deviceName = "auto", productKernel, routing, prefill;
   int64_t layers = 0, promptTokens = 512, decodeTokens = 64, step = 8;
   for (size_t i = 0; i + 1 < args.size(); i += 2) {
     const std::string &flag = args[i], &value = args[i + 1];
@@ -247,6 +247,8 @@ int main(int argc, char **argv) {
       productKernel = value;
     else if (flag == "--routing")
       routing = value;
+    else if (flag == "--prefill")
+      prefill = value;
     else if (flag == "--threads")
       setThreadCount(static_cast<unsigned>(std::stoul(value)));
     else {
@@ -255,10 +257,11 @@ int main(int argc, char **argv) {
     }
   }
   if (configPath.empty() || args.size() % 2 != 0) {
-    std::cerr
-        << "usage: cuda_engine --config FILE [--layers N] [--format FORMAT|bf16] [--prompt P] [--decode D]\n"
-           "                   [--step S] [--device auto|cuda|cpu] [--threads N]\n"
-           "                   [--product-kernel auto|streamed|warp-per-row|dp4a] [--routing device|device-eager|host]\n";
+    std::cerr << "usage: cuda_engine --config FILE [--layers N] [--format FORMAT|bf16] [--prompt P] [--decode D]\n"
+                 "                   [--step S] [--device auto|cuda|cpu] [--threads N]\n"
+                 "                   [--product-kernel auto|streamed|warp-per-row|dp4a] [--routing "
+                 "device|device-eager|host]\n"
+                 "                   [--prefill host|device]\n";
     return 2;
   }
   auto fail = [](const std::string &message) {
@@ -292,6 +295,12 @@ int main(int argc, char **argv) {
     if (!*device)
       return fail("--product-kernel needs a device");
     if (Status chosen = (*device)->chooseProductKernel(productKernel); !chosen.ok())
+      return fail(chosen.message());
+  }
+  if (!prefill.empty()) {
+    if (!*device)
+      return fail("--prefill needs a device");
+    if (Status chosen = (*device)->choosePrefill(prefill); !chosen.ok())
       return fail(chosen.message());
   }
   if (!routing.empty()) {
@@ -346,6 +355,7 @@ int main(int argc, char **argv) {
   result["threads"] = threadCount();
   result["product_kernel"] = productKernel.empty() ? "default" : productKernel;
   result["routing"] = routing.empty() ? "default" : routing;
+  result["prefill"] = prefill.empty() ? "default" : prefill;
   result["load_seconds"] = loadSeconds;
   if (*device)
     result["device_resident_bytes"] = (*device)->residentBytes();

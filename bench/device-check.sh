@@ -13,8 +13,9 @@
 #
 # STEPS (default "tests bench memcheck ncu") picks the steps of a shorter
 # run; "quickbench" in place of "bench" runs four 4-bit models alone (and,
-# as bench does, OLMoE and Qwen3 again with routing on the host, and OLMoE
-# and Mixtral with prefill's products on dp4a instead of tensor cores).
+# as bench does, OLMoE with routing on the host and without graphs, and
+# OLMoE and Mixtral with prefill's products on dp4a instead of tensor cores
+# and with prompts on the decode path).
 set -uo pipefail
 steps=" ${STEPS:-tests bench memcheck ncu} "
 want() { [[ $steps == *" $1 "* ]]; }
@@ -53,7 +54,7 @@ log "$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,nohe
 export MOEC_TEST_DATA_DIR=$root/tests/data
 if want tests; then
 log "CUDA tests (packages: $(ls "$packages" | wc -l))"
-MOEC_DEVICE_PACKAGES=$packages timeout 150 "$tests" >"$out/tests.log" 2>&1
+MOEC_DEVICE_PACKAGES=$packages timeout 210 "$tests" >"$out/tests.log" 2>&1
 status=$?
 grep -E "^(device|parity)|PASSED|FAILED|SKIPPED" "$out/tests.log" | tee -a "$out/summary.txt"
 log "tests exit $status"
@@ -85,7 +86,16 @@ if want bench || want quickbench; then
 # per-layer graphs, beside the default (on the device, graphs) above.
 run_bench olmoe-1b-7b-host-routing olmoe-1b-7b-4layers.json 16 q4_g128_asym --routing host
 run_bench olmoe-1b-7b-device-eager olmoe-1b-7b-4layers.json 16 q4_g128_asym --routing device-eager
+fi
+if want bench; then
 run_bench qwen3-30b-a3b-host-routing qwen3-30b-a3b-2layers.json 48 q4_g128_asym --routing host
+fi
+if want bench || want quickbench; then
+# Prompts on the decode path (the residual stream on the device, chunks of
+# 256 tokens), beside the default (products on the device, the rest on the
+# host) above.
+run_bench olmoe-1b-7b-prefill-device olmoe-1b-7b-4layers.json 16 q4_g128_asym --prefill device
+run_bench mixtral-8x7b-prefill-device mixtral-8x7b.json 32 q4_g128_asym --prefill device
 fi
 if want bench || want quickbench; then
 # Prefill's group-format products on dp4a rather than tensor cores
@@ -112,9 +122,9 @@ if want memcheck && command -v compute-sanitizer >/dev/null; then
   # write equal values to the same places by design (kernels/common/
   # Routing.h), which racecheck may list as warnings; errors are what count.
   for tool in memcheck racecheck synccheck; do
-    log "compute-sanitizer $tool (routing on the device, fixtures)"
+    log "compute-sanitizer $tool (routing and prompts on the device, fixtures)"
     MOEC_PARITY_QUICK=1 timeout 90 compute-sanitizer --tool $tool --error-exitcode 9 "$tests" \
-      --gtest_filter='CudaEngine.RoutingOnTheDevice*' >"$out/routing-$tool.log" 2>&1
+      --gtest_filter='CudaEngine.RoutingOnTheDevice*:CudaEngine.PrefillOnTheDevice*' >"$out/routing-$tool.log" 2>&1
     log "$tool exit $? ($(grep -E 'SUMMARY' "$out/routing-$tool.log" | tail -1))"
     tail -3 "$out/routing-$tool.log" >>"$out/summary.txt"
   done

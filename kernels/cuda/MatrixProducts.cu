@@ -665,7 +665,6 @@ __global__ void combineKernel(const float *parts, const float *weights, int coun
   out[r] = accumulate ? out[r] + total : total;
 }
 
-/// Sum over a block (blockDim a multiple of 32, at most 1024).
 /// gathered[r] = x[rowToken[r]] for the rows of a MoE block's experts.
 __global__ void gatherKernel(const float *x, const int32_t *rowToken, int64_t rows, int64_t hidden, float *gathered) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -685,6 +684,7 @@ __global__ void weightedSumKernel(const float *y, const int32_t *starts, const i
   out[i] = blockWeightedSum(y, starts, row, weight, hidden, t, i - t * hidden);
 }
 
+/// Sum over a block (blockDim a multiple of 32, at most 1024).
 template <typename T> __device__ T blockSum(T value) {
   __shared__ T partial[32];
 #pragma unroll
@@ -760,25 +760,32 @@ __device__ void normRow(const float *x, float *y, int64_t width, const float *we
     y[i] = (x[i] - static_cast<float>(mean)) * scale * weight[i] + (bias ? bias[i] : 0.0f);
 }
 
-/// One row per block (normRow).
-__global__ void normKernel(const float *in, float *out, int64_t width, const float *weight, const float *bias,
-                           double eps, int layerNorm) {
-  normRow(in + blockIdx.x * width, out + blockIdx.x * width, width, weight, bias, eps, layerNorm);
+/// One row per block (normRow): row blockIdx.x of in and out, rows
+/// `stride` floats apart (the first `width` of each normed).
+__global__ void normKernel(const float *in, float *out, int64_t width, int64_t stride, const float *weight,
+                           const float *bias, double eps, int layerNorm) {
+  normRow(in + blockIdx.x * stride, out + blockIdx.x * stride, width, weight, bias, eps, layerNorm);
 }
 
-/// One block: x += branch (+ branchBias), the attention's output onto the
-/// residual stream, then y = the MLP's norm of x: biasClampKernel,
-/// addKernel and normKernel in one launch, with their arithmetic.
+/// One block per token (row blockIdx.x): x += branch (+ branchBias), the
+/// attention's output onto the residual stream, then y = the MLP's norm of
+/// x: biasClampKernel, addKernel and normKernel in one launch, with their
+/// arithmetic.
 __global__ void __launch_bounds__(1024)
     addNormKernel(float *x, const float *branch, const float *branchBias, int64_t width, float *y, const float *weight,
                   const float *bias, double eps, int layerNorm) {
+  x += blockIdx.x * width;
+  branch += blockIdx.x * width;
+  y += blockIdx.x * width;
   for (int64_t i = threadIdx.x; i < width; i += blockDim.x)
     x[i] += branchBias ? branch[i] + branchBias[i] : branch[i];
   __syncthreads();
   normRow(x, y, width, weight, bias, eps, layerNorm);
 }
 
-/// q, k and v of one token after their products (grouped-query attention).
+/// q, k and v of tokens after their products (grouped-query attention):
+/// token j's rows at y[t] + j * width[t], its angles at cos + j * ropeHalf
+/// and its cache row at *position + j.
 struct Epilogue {
   float *y[3];             ///< q, k, v (device).
   const float *bias[3];    ///< Or null.
@@ -801,9 +808,11 @@ struct Epilogue {
 /// sum as its 128-thread blocks), the clamp, RoPE of q and k (ropeKernel),
 /// then k and v into the KV cache's row.
 __global__ void __launch_bounds__(1024) epilogueKernel(Epilogue e) {
-  const int t = blockIdx.x;
-  float *y = e.y[t];
+  const int t = blockIdx.x, token = blockIdx.y;
   const int64_t width = e.width[t];
+  float *y = e.y[t] + token * width;
+  const float *cos = e.cos + static_cast<int64_t>(token) * e.ropeHalf,
+              *sin = e.sin + static_cast<int64_t>(token) * e.ropeHalf;
   if (e.bias[t]) {
     for (int64_t i = threadIdx.x; i < width; i += blockDim.x)
       y[i] = y[i] + e.bias[t][i];
@@ -848,12 +857,12 @@ __global__ void __launch_bounds__(1024) epilogueKernel(Epilogue e) {
     const int half = e.ropeHalf;
     for (int index = threadIdx.x; index < e.heads[t] * half; index += blockDim.x) {
       const int h = index / half, i = index - h * half;
-      rotatePair(y + static_cast<int64_t>(h) * e.headDim, i, half, e.interleaved, e.cos[i], e.sin[i]);
+      rotatePair(y + static_cast<int64_t>(h) * e.headDim, i, half, e.interleaved, cos[i], sin[i]);
     }
   }
   if (e.cache[t]) {
     __syncthreads();
-    float *row = e.cache[t] + *e.position * width;
+    float *row = e.cache[t] + (*e.position + token) * width;
     for (int64_t i = threadIdx.x; i < width; i += blockDim.x)
       row[i] = y[i];
   }
@@ -877,20 +886,29 @@ __global__ void addKernel(float *x, const float *y, int64_t count) {
     x[i] += y[i];
 }
 
-/// RoPE of one token: head blockIdx.x of x (stride headDim), pairs (i, i + half)
-/// or (2i, 2i + 1), as rope::apply.
-__global__ void ropeKernel(float *x, int headDim, int half, int interleaved, const float *cos, const float *sin) {
-  float *head = x + static_cast<int64_t>(blockIdx.x) * headDim;
+/// RoPE of token blockIdx.y: head blockIdx.x of x + token * stride (heads
+/// headDim apart), pairs (i, i + half) or (2i, 2i + 1), as rope::apply, with
+/// the token's angles (cos and sin + token * half).
+__global__ void ropeKernel(float *x, int64_t stride, int headDim, int half, int interleaved, const float *cos,
+                           const float *sin) {
+  const int64_t token = blockIdx.y;
+  float *head = x + token * stride + static_cast<int64_t>(blockIdx.x) * headDim;
   for (int i = threadIdx.x; i < half; i += blockDim.x)
-    rotatePair(head, i, half, interleaved, cos[i], sin[i]);
+    rotatePair(head, i, half, interleaved, cos[token * half + i], sin[token * half + i]);
 }
 
-/// MLA's keys and values of one token (one head per block): key h is head
-/// h's nope columns of kvUp's output [heads, nope + dv] then the shared
-/// rope columns; value h is its dv columns.
-__global__ void latentKeysKernel(const float *expanded, const float *sharedRope, int nope, int rope, int dv, float *k,
-                                 float *v) {
+/// MLA's keys and values (one head of one token per block, token
+/// blockIdx.y): key h is head h's nope columns of kvUp's output [heads,
+/// nope + dv] then the shared rope columns (`ropeStride` floats apart from
+/// token to token); value h is its dv columns.
+__global__ void latentKeysKernel(const float *expanded, const float *sharedRope, int64_t ropeStride, int heads,
+                                 int nope, int rope, int dv, float *k, float *v) {
   const int h = blockIdx.x;
+  const int64_t token = blockIdx.y;
+  expanded += token * heads * (nope + dv);
+  sharedRope += token * ropeStride;
+  k += token * heads * (nope + rope);
+  v += token * heads * dv;
   const float *source = expanded + static_cast<int64_t>(h) * (nope + dv);
   float *key = k + static_cast<int64_t>(h) * (nope + rope);
   for (int i = threadIdx.x; i < nope + rope; i += blockDim.x)
@@ -899,17 +917,18 @@ __global__ void latentKeysKernel(const float *expanded, const float *sharedRope,
     v[static_cast<int64_t>(h) * dv + i] = source[nope + i];
 }
 
-/// One query head per block over the cached rows up to this token's
-/// `position` (device memory: one graph serves every position): scores,
-/// softmax (max-subtracted, as the CPU), weighted values, each sum in the
-/// CPU's order.
+/// One query head of one token per block (token blockIdx.y at `position`
+/// + blockIdx.y; position in device memory: one graph serves every
+/// position) over the cached rows up to it: scores, softmax
+/// (max-subtracted, as the CPU), weighted values, each sum in the CPU's
+/// order.
 __global__ void attendKernel(const float *q, const float *keys, const float *values, const int64_t *position, int group,
                              int qDim, int vDim, int64_t keyWidth, int64_t valueWidth, float scale, float *scores,
                              int64_t scoreStride, float *out) {
-  const int64_t visible = *position + 1;
-  const int h = blockIdx.x, kvHead = h / group;
-  const float *query = q + static_cast<int64_t>(h) * qDim;
-  float *score = scores + h * scoreStride;
+  const int64_t token = blockIdx.y, visible = *position + 1 + token;
+  const int h = blockIdx.x, kvHead = h / group, heads = gridDim.x;
+  const float *query = q + (token * heads + h) * qDim;
+  float *score = scores + (token * heads + h) * scoreStride;
   float most = -INFINITY;
   for (int64_t s = threadIdx.x; s < visible; s += blockDim.x) {
     const float *key = keys + s * keyWidth + static_cast<int64_t>(kvHead) * qDim;
@@ -933,7 +952,7 @@ __global__ void attendKernel(const float *q, const float *keys, const float *val
     float acc = 0.0f;
     for (int64_t s = 0; s < visible; ++s)
       acc += score[s] * values[s * valueWidth + static_cast<int64_t>(kvHead) * vDim + i];
-    out[static_cast<int64_t>(h) * vDim + i] = acc;
+    out[(token * heads + h) * vDim + i] = acc;
   }
 }
 
@@ -1142,9 +1161,10 @@ struct Context::State {
   std::shared_ptr<std::atomic<size_t>> resident = std::make_shared<std::atomic<size_t>>(0);
   double kernelSeconds = 0;
   ~State() {
-    for (Buffer *buffer : {&input,  &scratch,  &output, &hostInput, &hostOutput, &x,          &handover,
-                           &q,      &attended, &branch, &scores,    &logits,     &tables,     &rope,
-                           &latent, &position, &arena,  &routed,    &routedPlan, &routedCalls})
+    for (Buffer *buffer :
+         {&input,    &scratch, &output,     &hostInput,   &hostOutput,   &x,         &handover, &q,
+          &attended, &branch,  &scores,     &logits,      &tables,       &rope,      &latent,   &position,
+          &arena,    &routed,  &routedPlan, &routedCalls, &hostHandover, &hostLogits})
       buffer->release();
     if (start)
       cudaEventDestroy(start);
@@ -1303,6 +1323,9 @@ struct Context::State {
   // `handover` holds the MLP input, then the new key and value rows, so
   // that one copy hands all three to the host.
   Buffer x, handover, q, attended, branch, scores, logits, tables, rope, latent, position{false, true}, arena{true};
+  /// Pinned: a layer's hand-back and the step's logits (decodeEnd), each
+  /// copied and waited for at once.
+  Buffer hostHandover{true}, hostLogits{true};
   int64_t positionStaged = -1; ///< The position `position` holds (this token's).
   bool graphs = true;          ///< Context::setGraphs.
   GraphStats graphStats;
@@ -1328,6 +1351,7 @@ struct Context::State {
     return true;
   }
   int64_t hidden = 0;
+  int64_t tokens = 1;        ///< Tokens of the step decodeBegin started (prefill: more than one).
   int64_t ropePosition = -1; ///< The position whose angles `rope` holds (this token's).
   float *normedPointer() const { return handover.at<float>(0); }
   size_t arenaUsed = 0;
@@ -1441,21 +1465,83 @@ struct Context::State {
     return launchProducts(plan, placed.products);
   }
 
+  /// Routed experts over rows gathered from a block's input (routedExperts,
+  /// decodeRoutedExperts): each non-empty expert's rows one after another
+  /// (blockSums' order), its gate and up into `gate` and `up`, SwiGLU into
+  /// `h`, its down into `y`. Areas are offsets into scratch until placed.
+  struct ExpertBlock {
+    int64_t rows = 0, width = 0;
+    size_t gathered = 0, y = 0, gate = 0, up = 0, h = 0;
+    Plan first, second;
+  };
+
+  ExpertBlock planExpertBlock(Layout &scratchLayout, const RoutedExpertTokens *experts, size_t count, int64_t hidden) {
+    ExpertBlock block;
+    for (size_t i = 0; i < count; ++i) {
+      block.rows += experts[i].count;
+      block.width += experts[i].count * experts[i].gate->rows;
+    }
+    block.gathered = scratchLayout.take(static_cast<size_t>(block.rows * hidden) * 4);
+    block.y = scratchLayout.take(static_cast<size_t>(block.rows * hidden) * 4);
+    block.gate = scratchLayout.take(static_cast<size_t>(block.width) * 4);
+    block.up = scratchLayout.take(static_cast<size_t>(block.width) * 4);
+    block.h = scratchLayout.take(static_cast<size_t>(block.width) * 4);
+    auto offset = [](size_t value) { return reinterpret_cast<float *>(value); };
+    int64_t row = 0, intermediate = 0;
+    for (size_t i = 0; i < count; ++i) {
+      const RoutedExpertTokens &e = experts[i];
+      if (e.count == 0)
+        continue;
+      const int64_t I = e.gate->rows;
+      const size_t x = block.gathered + static_cast<size_t>(row * hidden) * 4,
+                   inner = static_cast<size_t>(intermediate) * 4;
+      addProduct(block.first, scratchLayout, *e.gate, offset(x), hidden, e.count, offset(block.gate + inner), I);
+      addProduct(block.first, scratchLayout, *e.up, offset(x), hidden, e.count, offset(block.up + inner), I);
+      addProduct(block.second, scratchLayout, *e.down, offset(block.h + inner), I, e.count,
+                 offset(block.y + static_cast<size_t>(row * hidden) * 4), hidden);
+      row += e.count;
+      intermediate += e.count * I;
+    }
+    return block;
+  }
+
+  /// The block's offsets into scratch (sized now) become pointers.
+  void placeExpertBlock(ExpertBlock &block) {
+    for (Plan *plan : {&block.first, &block.second}) {
+      for (ProductJob &job : plan->products) {
+        job.x = scratch.at<float>(reinterpret_cast<size_t>(job.x));
+        job.y = scratch.at<float>(reinterpret_cast<size_t>(job.y));
+      }
+      for (QuantJob &job : plan->quant)
+        job.x = scratch.at<float>(reinterpret_cast<size_t>(job.x));
+    }
+  }
+
+  /// The block's launches, its tables placed: the gather from x [tokens,
+  /// hidden] (device), the products and SwiGLU, then out = each token's
+  /// weighted sum (blockWeightedSum; the BlockSums arrays on the device).
+  Status launchExpertBlock(const ExpertBlock &block, const PlanTables (&placed)[2], const float *x,
+                           const int32_t *rowToken, const int32_t *starts, const int32_t *entryRow,
+                           const float *entryWeight, int64_t tokens, int64_t hidden, float *out) {
+    gatherKernel<<<blocksFor(block.rows * hidden, 256), 256, 0, stream>>>(x, rowToken, block.rows, hidden,
+                                                                          scratch.at<float>(block.gathered));
+    MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "gather launch"));
+    MOE_RETURN_IF_ERROR(launch(block.first, placed[0]));
+    swigluKernel<<<blocksFor(block.width, 256), 256, 0, stream>>>(
+        scratch.at<float>(block.gate), scratch.at<float>(block.up), scratch.at<float>(block.h), block.width, nullptr);
+    MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "swiglu launch"));
+    MOE_RETURN_IF_ERROR(launch(block.second, placed[1]));
+    weightedSumKernel<<<blocksFor(tokens * hidden, 256), 256, 0, stream>>>(scratch.at<float>(block.y), starts, entryRow,
+                                                                           entryWeight, tokens, hidden, out);
+    return check(cudaGetLastError(), "weighted sum launch");
+  }
+
   /// Stages a plan's tables and launches it.
   Status enqueue(Plan &plan) {
     Plan *plans[] = {&plan};
     PlanTables placed;
     MOE_RETURN_IF_ERROR(stageTables(plans, 1, &placed));
     return launch(plan, placed);
-  }
-
-  /// y = W x on the device for one token, W's quantized input in scratch.
-  Status product(const DeviceWeight &w, const float *deviceX, float *deviceY) {
-    Plan plan;
-    Layout scratchLayout;
-    addProduct(plan, scratchLayout, w, deviceX, w.cols, 1, deviceY, w.rows);
-    MOE_RETURN_IF_ERROR(scratch.reserve(std::max<size_t>(scratchLayout.size, 256)));
-    return enqueue(plan);
   }
 
   /// Captures `launches` into `graph` (replacing what it held) and launches
@@ -1835,120 +1921,91 @@ Status Context::experts(const float *x, int64_t hidden, const ExpertProduct *exp
   return Status::success();
 }
 
-Status Context::routedExperts(const float *x, int64_t tokens, int64_t hidden, const RoutedExpertTokens *expertArray,
-                              size_t count, float *result) {
-  const std::vector<RoutedExpertTokens> experts(expertArray, expertArray + count);
-  int64_t rows = 0;
-  for (const RoutedExpertTokens &e : experts) {
+namespace {
+
+/// Why `count` experts do not fit a block of `tokens` tokens of `hidden`
+/// (`who` names the caller), or success.
+Status checkRoutedExperts(const RoutedExpertTokens *experts, size_t count, int64_t tokens, int64_t hidden,
+                          const char *who) {
+  for (size_t i = 0; i < count; ++i) {
+    const RoutedExpertTokens &e = experts[i];
     if (!e.gate || !e.up || !e.down || e.gate->cols != hidden || e.up->cols != hidden || e.down->rows != hidden ||
         e.up->rows != e.gate->rows || e.down->cols != e.gate->rows || e.count < 0 || (e.count > 0 && !e.tokens) ||
         (e.count > 0 && !e.weights))
-      return Status::error("CUDA routed experts: an expert's gate, up and down do not fit a hidden size of ", hidden);
+      return Status::error(who, ": an expert's gate, up and down do not fit a hidden size of ", hidden);
     for (int64_t r = 0; r < e.count; ++r)
       if (e.tokens[r] < 0 || e.tokens[r] >= tokens)
-        return Status::error("CUDA routed experts: token ", e.tokens[r], " of a block of ", tokens);
-    rows += e.count;
+        return Status::error(who, ": token ", e.tokens[r], " of a block of ", tokens);
   }
+  return Status::success();
+}
+
+/// The BlockSums of `count` experts.
+BlockSums blockSumsOf(const RoutedExpertTokens *experts, size_t count, int64_t tokens) {
+  std::vector<ExpertRows> rows;
+  for (size_t i = 0; i < count; ++i)
+    rows.push_back({experts[i].tokens, experts[i].weights, experts[i].count});
+  return blockSums(tokens, rows.data(), rows.size());
+}
+
+} // namespace
+
+Status Context::routedExperts(const float *x, int64_t tokens, int64_t hidden, const RoutedExpertTokens *experts,
+                              size_t count, float *result) {
+  MOE_RETURN_IF_ERROR(checkRoutedExperts(experts, count, tokens, hidden, "CUDA routed experts"));
   if (tokens <= 0)
     return Status::success();
+  const BlockSums sums = blockSumsOf(experts, count, tokens);
+  const int64_t rows = static_cast<int64_t>(sums.rowToken.size());
   if (rows == 0) {
     std::fill(result, result + tokens * hidden, 0.0f);
     return Status::success();
   }
   std::lock_guard<std::mutex> lock(state->mutex);
   State &s = *state;
-  std::vector<ExpertRows> expertRows;
-  for (const RoutedExpertTokens &e : experts)
-    expertRows.push_back({e.tokens, e.weights, e.count});
-  const BlockSums sums = blockSums(tokens, expertRows.data(), expertRows.size());
-  const std::vector<int32_t> &rowToken = sums.rowToken, &starts = sums.starts, &entryRow = sums.entryRow;
-  const std::vector<float> &entryWeight = sums.entryWeight;
-  // Every pointer is first an offset: inputs in `input`, the gathered rows,
-  // intermediates, expert outputs and quantized activations in `scratch`,
-  // the block's output in `output`; the buffers are sized once the plans
-  // are made, then the offsets become pointers.
+  // Inputs in `input` (x, the BlockSums arrays, the job tables), the
+  // block's areas in `scratch`, its output in `output`: one copy each way.
   Layout in, scratch, out;
   const size_t xOffset = in.take(static_cast<size_t>(tokens * hidden) * 4);
-  const size_t rowTokenOffset = in.take(static_cast<size_t>(rows) * 4);
-  const size_t startsOffset = in.take(starts.size() * 4);
-  const size_t entryRowOffset = in.take(static_cast<size_t>(rows) * 4);
-  const size_t entryWeightOffset = in.take(static_cast<size_t>(rows) * 4);
+  const size_t rowTokenOffset = in.take(sums.rowToken.size() * 4);
+  const size_t startsOffset = in.take(sums.starts.size() * 4);
+  const size_t entryRowOffset = in.take(sums.entryRow.size() * 4);
+  const size_t entryWeightOffset = in.take(sums.entryWeight.size() * 4);
   const size_t outOffset = out.take(static_cast<size_t>(tokens * hidden) * 4);
-  const size_t gatheredBase = scratch.take(static_cast<size_t>(rows * hidden) * 4);
-  const size_t yBase = scratch.take(static_cast<size_t>(rows * hidden) * 4);
-  int64_t width = 0;
-  for (const RoutedExpertTokens &e : experts)
-    width += e.count * e.gate->rows;
-  // gate, up and h of all experts side by side, each expert's [count, I].
-  const size_t gateBase = scratch.take(static_cast<size_t>(width) * 4);
-  const size_t upBase = scratch.take(static_cast<size_t>(width) * 4);
-  const size_t hBase = scratch.take(static_cast<size_t>(width) * 4);
-  auto offsetPointer = [](size_t value) { return reinterpret_cast<float *>(value); };
-  State::Plan first, second;
-  {
-    int64_t row = 0, intermediate = 0;
-    for (const RoutedExpertTokens &e : experts) {
-      if (e.count == 0)
-        continue;
-      const int64_t I = e.gate->rows;
-      const size_t xAt = gatheredBase + static_cast<size_t>(row * hidden) * 4;
-      const size_t hAt = hBase + static_cast<size_t>(intermediate) * 4;
-      s.addProduct(first, scratch, *e.gate, offsetPointer(xAt), hidden, e.count,
-                   offsetPointer(gateBase + static_cast<size_t>(intermediate) * 4), I);
-      s.addProduct(first, scratch, *e.up, offsetPointer(xAt), hidden, e.count,
-                   offsetPointer(upBase + static_cast<size_t>(intermediate) * 4), I);
-      s.addProduct(second, scratch, *e.down, offsetPointer(hAt), I, e.count,
-                   offsetPointer(yBase + static_cast<size_t>(row * hidden) * 4), hidden);
-      row += e.count;
-      intermediate += e.count * I;
-    }
-  }
-  const size_t quantFirst = in.take(first.quant.size() * sizeof(QuantJob));
-  const size_t productFirst = in.take(first.products.size() * sizeof(ProductJob));
-  const size_t quantSecond = in.take(second.quant.size() * sizeof(QuantJob));
-  const size_t productSecond = in.take(second.products.size() * sizeof(ProductJob));
+  State::ExpertBlock block = s.planExpertBlock(scratch, experts, count, hidden);
+  const size_t quantFirst = in.take(block.first.quant.size() * sizeof(QuantJob));
+  const size_t productFirst = in.take(block.first.products.size() * sizeof(ProductJob));
+  const size_t quantSecond = in.take(block.second.quant.size() * sizeof(QuantJob));
+  const size_t productSecond = in.take(block.second.products.size() * sizeof(ProductJob));
   MOE_RETURN_IF_ERROR(s.input.reserve(in.size));
   MOE_RETURN_IF_ERROR(s.scratch.reserve(scratch.size));
   MOE_RETURN_IF_ERROR(s.output.reserve(out.size));
   MOE_RETURN_IF_ERROR(s.hostInput.reserve(in.size));
   MOE_RETURN_IF_ERROR(s.hostOutput.reserve(out.size));
-  // Offsets to pointers: every x and y of both plans is in scratch.
-  auto place = [&](const float *value) { return s.scratch.at<float>(reinterpret_cast<size_t>(value)); };
-  for (State::Plan *plan : {&first, &second}) {
-    for (ProductJob &job : plan->products) {
-      job.x = place(job.x);
-      job.y = place(job.y);
-    }
-    for (QuantJob &job : plan->quant)
-      job.x = place(job.x);
-    s.resolve(*plan, 0);
-  }
-  std::memcpy(s.hostInput.at<char>(xOffset), x, static_cast<size_t>(tokens * hidden) * 4);
-  std::memcpy(s.hostInput.at<char>(rowTokenOffset), rowToken.data(), rowToken.size() * 4);
-  std::memcpy(s.hostInput.at<char>(startsOffset), starts.data(), starts.size() * 4);
-  std::memcpy(s.hostInput.at<char>(entryRowOffset), entryRow.data(), entryRow.size() * 4);
-  std::memcpy(s.hostInput.at<char>(entryWeightOffset), entryWeight.data(), entryWeight.size() * 4);
-  std::memcpy(s.hostInput.at<char>(quantFirst), first.quant.data(), first.quant.size() * sizeof(QuantJob));
-  std::memcpy(s.hostInput.at<char>(productFirst), first.products.data(), first.products.size() * sizeof(ProductJob));
-  std::memcpy(s.hostInput.at<char>(quantSecond), second.quant.data(), second.quant.size() * sizeof(QuantJob));
-  std::memcpy(s.hostInput.at<char>(productSecond), second.products.data(), second.products.size() * sizeof(ProductJob));
+  s.placeExpertBlock(block);
+  s.resolve(block.first, 0);
+  s.resolve(block.second, 0);
+  auto copyIn = [&](size_t offset, const void *data, size_t bytes) {
+    std::memcpy(s.hostInput.at<char>(offset), data, bytes);
+  };
+  copyIn(xOffset, x, static_cast<size_t>(tokens * hidden) * 4);
+  copyIn(rowTokenOffset, sums.rowToken.data(), sums.rowToken.size() * 4);
+  copyIn(startsOffset, sums.starts.data(), sums.starts.size() * 4);
+  copyIn(entryRowOffset, sums.entryRow.data(), sums.entryRow.size() * 4);
+  copyIn(entryWeightOffset, sums.entryWeight.data(), sums.entryWeight.size() * 4);
+  copyIn(quantFirst, block.first.quant.data(), block.first.quant.size() * sizeof(QuantJob));
+  copyIn(productFirst, block.first.products.data(), block.first.products.size() * sizeof(ProductJob));
+  copyIn(quantSecond, block.second.quant.data(), block.second.quant.size() * sizeof(QuantJob));
+  copyIn(productSecond, block.second.products.data(), block.second.products.size() * sizeof(ProductJob));
   MOE_RETURN_IF_ERROR(check(cudaEventRecord(s.start, s.stream), "event"));
   MOE_RETURN_IF_ERROR(
       check(cudaMemcpyAsync(s.input.data, s.hostInput.data, in.size, cudaMemcpyHostToDevice, s.stream), "copy in"));
-  gatherKernel<<<blocksFor(rows * hidden, 256), 256, 0, s.stream>>>(
-      s.input.at<float>(xOffset), s.input.at<int32_t>(rowTokenOffset), rows, hidden, s.scratch.at<float>(gatheredBase));
-  MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "gather launch"));
-  MOE_RETURN_IF_ERROR(s.launchQuant(s.input.at<QuantJob>(quantFirst), first.quant.size(), first.quantWarps));
-  MOE_RETURN_IF_ERROR(s.launchProducts(first, s.input.at<ProductJob>(productFirst)));
-  swigluKernel<<<blocksFor(width, 256), 256, 0, s.stream>>>(s.scratch.at<float>(gateBase), s.scratch.at<float>(upBase),
-                                                            s.scratch.at<float>(hBase), width, nullptr);
-  MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "swiglu launch"));
-  MOE_RETURN_IF_ERROR(s.launchQuant(s.input.at<QuantJob>(quantSecond), second.quant.size(), second.quantWarps));
-  MOE_RETURN_IF_ERROR(s.launchProducts(second, s.input.at<ProductJob>(productSecond)));
-  weightedSumKernel<<<blocksFor(tokens * hidden, 256), 256, 0, s.stream>>>(
-      s.scratch.at<float>(yBase), s.input.at<int32_t>(startsOffset), s.input.at<int32_t>(entryRowOffset),
-      s.input.at<float>(entryWeightOffset), tokens, hidden, s.output.at<float>(outOffset));
-  MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "weighted sum launch"));
+  const State::PlanTables placed[2] = {{s.input.at<QuantJob>(quantFirst), s.input.at<ProductJob>(productFirst)},
+                                       {s.input.at<QuantJob>(quantSecond), s.input.at<ProductJob>(productSecond)}};
+  MOE_RETURN_IF_ERROR(s.launchExpertBlock(block, placed, s.input.at<float>(xOffset),
+                                          s.input.at<int32_t>(rowTokenOffset), s.input.at<int32_t>(startsOffset),
+                                          s.input.at<int32_t>(entryRowOffset), s.input.at<float>(entryWeightOffset),
+                                          tokens, hidden, s.output.at<float>(outOffset)));
   MOE_RETURN_IF_ERROR(
       check(cudaMemcpyAsync(s.hostOutput.data, s.output.data, out.size, cudaMemcpyDeviceToHost, s.stream), "copy out"));
   MOE_RETURN_IF_ERROR(s.finish());
@@ -1968,26 +2025,30 @@ std::shared_ptr<KvMirror> Context::newKvMirror(int64_t layers) {
   return mirror;
 }
 
-Status Context::decodeBegin(const float *x, int64_t hidden) {
-  if (hidden <= 0)
-    return Status::error("CUDA decode: hidden size ", hidden);
+Status Context::decodeBegin(const float *x, int64_t hidden, int64_t tokens) {
+  if (hidden <= 0 || tokens <= 0)
+    return Status::error("CUDA decode: hidden size ", hidden, " over ", tokens, " tokens");
   std::lock_guard<std::mutex> lock(state->mutex);
   State &s = *state;
   MOE_RETURN_IF_ERROR(s.waitAndReset());
-  MOE_RETURN_IF_ERROR(s.arena.reserve(size_t(16) << 20));
+  // Staging between two waits: the tokens, job tables, a token's key and
+  // value rows (a layer's hand-back and the logits have their own buffers).
+  MOE_RETURN_IF_ERROR(
+      s.arena.reserve(std::max<size_t>(size_t(16) << 20, static_cast<size_t>(tokens * hidden) * 4 + (8 << 20))));
   s.hidden = hidden;
+  s.tokens = tokens;
   s.ropePosition = -1;
   s.positionStaged = -1;
   s.routerLogitsOffset = -1;
   for (Buffer *buffer : {&s.x, &s.handover, &s.branch})
-    MOE_RETURN_IF_ERROR(buffer->reserve(static_cast<size_t>(hidden) * 4));
+    MOE_RETURN_IF_ERROR(buffer->reserve(static_cast<size_t>(tokens * hidden) * 4));
   if (s.routedCalls.data)
     MOE_RETURN_IF_ERROR(check(cudaMemsetAsync(s.routedCalls.data, 0, 8, s.stream), "memset"));
-  return s.stage(s.x.data, x, static_cast<size_t>(hidden) * 4);
+  return s.stage(s.x.data, x, static_cast<size_t>(tokens * hidden) * 4);
 }
 
 Status Context::decodeSyncCache(KvMirror &mirror, int64_t layerIndex, const float *keys, const float *values,
-                                int64_t rows, int64_t keyWidth, int64_t valueWidth) {
+                                int64_t rows, int64_t keyWidth, int64_t valueWidth, int64_t room) {
   if (layerIndex < 0 || layerIndex >= static_cast<int64_t>(mirror.layers.size()))
     return Status::error("CUDA decode: no layer ", layerIndex, " in the KV mirror");
   std::lock_guard<std::mutex> lock(state->mutex);
@@ -1997,9 +2058,9 @@ Status Context::decodeSyncCache(KvMirror &mirror, int64_t layerIndex, const floa
     return Status::error("CUDA decode: the KV cache's widths changed");
   if (layer.rows > rows)
     layer.rows = 0; // Not this cache's rows: upload them again.
-  if (rows + 1 > layer.capacity) {
+  if (rows + room > layer.capacity) {
     // Grow by doubling, keeping the rows already there.
-    const int64_t capacity = std::max<int64_t>(rows + 1, std::max<int64_t>(256, 2 * layer.capacity));
+    const int64_t capacity = std::max<int64_t>(rows + room, std::max<int64_t>(256, 2 * layer.capacity));
     float *newKeys = nullptr, *newValues = nullptr;
     if (cudaMalloc(&newKeys, static_cast<size_t>(capacity * keyWidth) * 4) != cudaSuccess ||
         cudaMalloc(&newValues, static_cast<size_t>(capacity * valueWidth) * 4) != cudaSuccess) {
@@ -2058,7 +2119,7 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
   const bool handBack = mlpInput != nullptr, router = a.router && (routerLogits || !handBack);
   std::lock_guard<std::mutex> lock(state->mutex);
   State &s = *state;
-  const int64_t H = s.hidden;
+  const int64_t H = s.hidden, T = s.tokens;
   const int64_t qWidth = static_cast<int64_t>(a.heads) * a.headDim,
                 kWidth = static_cast<int64_t>(a.kvHeads) * a.headDim,
                 vWidth = static_cast<int64_t>(a.kvHeads) * a.valueDim,
@@ -2073,30 +2134,34 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
                 a.kvUp->rows == static_cast<int64_t>(a.heads) * (a.nopeDim + a.valueDim)
           : a.query->cols == H && a.query->rows == qWidth && a.key->rows == kWidth && a.value->rows == vWidth;
   if (!projectionsFit || a.output->cols != attendedWidth || a.output->rows != H || cache.keyWidth != kWidth ||
-      cache.valueWidth != vWidth || cache.rows != position || position + 1 > cache.capacity ||
+      cache.valueWidth != vWidth || cache.rows != position || position + T > cache.capacity ||
       (routerLogits && !a.router) || (router && a.router->cols != H))
     return Status::error("CUDA decode: layer ", layerIndex, "'s attention shapes or KV cache do not fit");
   const int64_t routerRows = router ? a.router->rows : 0;
-  const size_t kOffset = alignUp(static_cast<size_t>(H) * 4, 256);
-  const size_t vOffset = kOffset + alignUp(static_cast<size_t>(kWidth) * 4, 256);
-  const size_t rOffset = vOffset + alignUp(static_cast<size_t>(vWidth) * 4, 256);
-  const size_t handoverBytes = rOffset + static_cast<size_t>(routerRows) * 4;
-  MOE_RETURN_IF_ERROR(s.q.reserve(static_cast<size_t>(qWidth) * 4));
+  // `handover`: the tokens' MLP inputs [T, H], new keys [T, kWidth] and
+  // values [T, vWidth] and router logits [T, routerRows], so that one copy
+  // hands them all to the host.
+  const size_t kOffset = alignUp(static_cast<size_t>(T * H) * 4, 256);
+  const size_t vOffset = kOffset + alignUp(static_cast<size_t>(T * kWidth) * 4, 256);
+  const size_t rOffset = vOffset + alignUp(static_cast<size_t>(T * vWidth) * 4, 256);
+  const size_t handoverBytes = rOffset + static_cast<size_t>(T * routerRows) * 4;
+  MOE_RETURN_IF_ERROR(s.q.reserve(static_cast<size_t>(T * qWidth) * 4));
   MOE_RETURN_IF_ERROR(s.handover.reserve(handoverBytes));
-  MOE_RETURN_IF_ERROR(s.attended.reserve(static_cast<size_t>(attendedWidth) * 4));
-  // Scores of every head over the cache's capacity: one stride for all of
-  // this cache's positions (a graph captured at one replays at the next).
-  MOE_RETURN_IF_ERROR(s.scores.reserve(static_cast<size_t>(a.heads * cache.capacity) * 4));
-  MOE_RETURN_IF_ERROR(s.rope.reserve(static_cast<size_t>(2 * std::max(a.ropeHalf, 1)) * 4));
+  MOE_RETURN_IF_ERROR(s.attended.reserve(static_cast<size_t>(T * attendedWidth) * 4));
+  // Scores of every head (of every token) over the cache's capacity: one
+  // stride for all of this cache's positions (a graph captured at one
+  // replays at the next).
+  MOE_RETURN_IF_ERROR(s.scores.reserve(static_cast<size_t>(T * a.heads * cache.capacity) * 4));
+  MOE_RETURN_IF_ERROR(s.rope.reserve(static_cast<size_t>(2 * T * std::max(a.ropeHalf, 1)) * 4));
   MOE_RETURN_IF_ERROR(s.position.reserve(sizeof(int64_t)));
   float *x = s.x.at<float>(0), *normed = s.normedPointer(), *q = s.q.at<float>(0), *k = s.handover.at<float>(kOffset),
         *v = s.handover.at<float>(vOffset), *attended = s.attended.at<float>(0), *branch = s.branch.at<float>(0);
   const double eps = a.eps;
-  // What every layer of a token reads from device memory, copied once per
-  // token: the RoPE angles and the position.
+  // What every layer of a step reads from device memory, copied once per
+  // step: the RoPE angles ([T, half] cosines, then sines) and the position.
   if (a.ropeHalf > 0 && s.ropePosition != position) {
-    std::vector<float> angles(a.cos, a.cos + a.ropeHalf);
-    angles.insert(angles.end(), a.sin, a.sin + a.ropeHalf);
+    std::vector<float> angles(a.cos, a.cos + T * a.ropeHalf);
+    angles.insert(angles.end(), a.sin, a.sin + T * a.ropeHalf);
     MOE_RETURN_IF_ERROR(s.stage(s.rope.data, angles.data(), angles.size() * 4));
     s.ropePosition = position;
   }
@@ -2104,13 +2169,13 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
     MOE_RETURN_IF_ERROR(s.stage(s.position.data, &position, sizeof position));
     s.positionStaged = position;
   }
-  const float *cos = s.rope.at<float>(0), *sin = s.rope.at<float>(static_cast<size_t>(a.ropeHalf) * 4);
+  const float *cos = s.rope.at<float>(0), *sin = s.rope.at<float>(static_cast<size_t>(T * a.ropeHalf) * 4);
   const int64_t *devicePosition = s.position.at<int64_t>(0);
   // A grouped-query layer whose MLP stays on the device runs as a graph of
   // its launches (each reads the position from device memory), captured at
   // its second token and replayed while everything it was captured with
   // holds (`key`): no plans, tables or dozen launches on the host.
-  bool graphed = graph && !mla && !handBack && s.graphs && !graph->failed && graph->uses++ > 0;
+  bool graphed = graph && T == 1 && !mla && !handBack && s.graphs && !graph->failed && graph->uses++ > 0;
   std::vector<uintptr_t> key;
   if (graphed) {
     for (const void *p : {static_cast<const void *>(x),
@@ -2152,10 +2217,10 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
     // MLA's intermediates: the query's and the keys' low-rank columns (the
     // latter with the shared rope columns after them), and kvUp's output.
     const int64_t queryRank = mla && !a.query ? a.queryDown->rows : 0, kvColumns = a.kvLora + a.ropeDim;
-    const size_t kvcOffset = alignUp(static_cast<size_t>(queryRank) * 4, 256);
-    const size_t expandedOffset = kvcOffset + alignUp(static_cast<size_t>(kvColumns) * 4, 256);
+    const size_t kvcOffset = alignUp(static_cast<size_t>(T * queryRank) * 4, 256);
+    const size_t expandedOffset = kvcOffset + alignUp(static_cast<size_t>(T * kvColumns) * 4, 256);
     if (mla)
-      MOE_RETURN_IF_ERROR(s.latent.reserve(expandedOffset + static_cast<size_t>(a.heads) *
+      MOE_RETURN_IF_ERROR(s.latent.reserve(expandedOffset + static_cast<size_t>(T * a.heads) *
                                                                 static_cast<size_t>(a.nopeDim + a.valueDim) * 4));
     float *qc = s.latent.at<float>(0), *kvc = s.latent.at<float>(kvcOffset),
           *expanded = s.latent.at<float>(expandedOffset);
@@ -2165,23 +2230,25 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
     State::Plan projections, expansions, output, routing;
     Layout scratchLayout;
     if (!mla) {
-      s.addProduct(projections, scratchLayout, *a.query, normed, H, 1, q, qWidth);
-      s.addProduct(projections, scratchLayout, *a.key, normed, H, 1, k, kWidth);
-      s.addProduct(projections, scratchLayout, *a.value, normed, H, 1, v, vWidth);
+      s.addProduct(projections, scratchLayout, *a.query, normed, H, T, q, qWidth);
+      s.addProduct(projections, scratchLayout, *a.key, normed, H, T, k, kWidth);
+      s.addProduct(projections, scratchLayout, *a.value, normed, H, T, v, vWidth);
     } else {
       if (a.query)
-        s.addProduct(projections, scratchLayout, *a.query, normed, H, 1, q, qWidth);
+        s.addProduct(projections, scratchLayout, *a.query, normed, H, T, q, qWidth);
       else
-        s.addProduct(projections, scratchLayout, *a.queryDown, normed, H, 1, qc, queryRank);
-      s.addProduct(projections, scratchLayout, *a.kvDown, normed, H, 1, kvc, kvColumns);
+        s.addProduct(projections, scratchLayout, *a.queryDown, normed, H, T, qc, queryRank);
+      s.addProduct(projections, scratchLayout, *a.kvDown, normed, H, T, kvc, kvColumns);
+      // The up-projections read the low-rank columns of each token (kvc's
+      // rows hold the shared rope columns after them).
       if (!a.query)
-        s.addProduct(expansions, scratchLayout, *a.queryUp, qc, queryRank, 1, q, qWidth);
-      s.addProduct(expansions, scratchLayout, *a.kvUp, kvc, kvColumns, 1, expanded,
+        s.addProduct(expansions, scratchLayout, *a.queryUp, qc, queryRank, T, q, qWidth);
+      s.addProduct(expansions, scratchLayout, *a.kvUp, kvc, kvColumns, T, expanded,
                    static_cast<int64_t>(a.heads) * (a.nopeDim + a.valueDim));
     }
-    s.addProduct(output, scratchLayout, *a.output, attended, attendedWidth, 1, branch, H);
+    s.addProduct(output, scratchLayout, *a.output, attended, attendedWidth, T, branch, H);
     if (router)
-      s.addProduct(routing, scratchLayout, *a.router, normed, H, 1, s.handover.at<float>(rOffset), routerRows);
+      s.addProduct(routing, scratchLayout, *a.router, normed, H, T, s.handover.at<float>(rOffset), routerRows);
     // A graph's scratch must not move after its capture: the key holds it.
     MOE_RETURN_IF_ERROR(s.scratch.reserve(std::max<size_t>(scratchLayout.size, 256)));
     if (graphed)
@@ -2194,28 +2261,34 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
                                                : 2,
                                       placed, nullptr, 0, nullptr, graphed ? &graph->tables : nullptr));
     auto launches = [&]() -> Status {
-      normKernel<<<1, 1024, 0, s.stream>>>(x, normed, H, a.attentionNorm, a.attentionNormBias, eps, a.layerNorm);
+      const unsigned tokens = static_cast<unsigned>(T);
+      normKernel<<<tokens, 1024, 0, s.stream>>>(x, normed, H, H, a.attentionNorm, a.attentionNormBias, eps,
+                                                a.layerNorm);
       MOE_RETURN_IF_ERROR(s.launch(projections, placed[0]));
       if (mla) {
         // As the CPU engine's latentAttention: the low-rank columns' norms,
         // the up-projections, RoPE on each query head's rope columns and on
         // the shared ones, then full keys and values.
         if (!a.query)
-          normKernel<<<1, 1024, 0, s.stream>>>(qc, qc, queryRank, a.queryDownNorm, nullptr, eps, 0);
-        normKernel<<<1, 1024, 0, s.stream>>>(kvc, kvc, a.kvLora, a.kvDownNorm, nullptr, eps, 0);
+          normKernel<<<tokens, 1024, 0, s.stream>>>(qc, qc, queryRank, queryRank, a.queryDownNorm, nullptr, eps, 0);
+        normKernel<<<tokens, 1024, 0, s.stream>>>(kvc, kvc, a.kvLora, kvColumns, a.kvDownNorm, nullptr, eps, 0);
         MOE_RETURN_IF_ERROR(s.launch(expansions, placed[3]));
         if (a.ropeHalf > 0) {
-          ropeKernel<<<a.heads, 64, 0, s.stream>>>(q + a.nopeDim, a.headDim, a.ropeHalf, a.ropeInterleaved, cos, sin);
-          ropeKernel<<<1, 64, 0, s.stream>>>(kvc + a.kvLora, a.ropeDim, a.ropeHalf, a.ropeInterleaved, cos, sin);
+          ropeKernel<<<dim3(a.heads, tokens), 64, 0, s.stream>>>(q + a.nopeDim, qWidth, a.headDim, a.ropeHalf,
+                                                                 a.ropeInterleaved, cos, sin);
+          ropeKernel<<<dim3(1, tokens), 64, 0, s.stream>>>(kvc + a.kvLora, kvColumns, a.ropeDim, a.ropeHalf,
+                                                           a.ropeInterleaved, cos, sin);
         }
-        latentKeysKernel<<<a.heads, 128, 0, s.stream>>>(expanded, kvc + a.kvLora, a.nopeDim, a.ropeDim, a.valueDim, k,
-                                                        v);
-        MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(cache.keys + position * kWidth, k, static_cast<size_t>(kWidth) * 4,
-                                                  cudaMemcpyDeviceToDevice, s.stream),
-                                  "KV append"));
-        MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(cache.values + position * vWidth, v, static_cast<size_t>(vWidth) * 4,
-                                                  cudaMemcpyDeviceToDevice, s.stream),
-                                  "KV append"));
+        latentKeysKernel<<<dim3(a.heads, tokens), 128, 0, s.stream>>>(expanded, kvc + a.kvLora, kvColumns, a.heads,
+                                                                      a.nopeDim, a.ropeDim, a.valueDim, k, v);
+        MOE_RETURN_IF_ERROR(
+            check(cudaMemcpyAsync(cache.keys + position * kWidth, k, static_cast<size_t>(T * kWidth) * 4,
+                                  cudaMemcpyDeviceToDevice, s.stream),
+                  "KV append"));
+        MOE_RETURN_IF_ERROR(
+            check(cudaMemcpyAsync(cache.values + position * vWidth, v, static_cast<size_t>(T * vWidth) * 4,
+                                  cudaMemcpyDeviceToDevice, s.stream),
+                  "KV append"));
       } else {
         // As the CPU engine: biases, then qk-norm, then the clamp, then
         // RoPE; then k and v into the cache. One launch.
@@ -2245,14 +2318,14 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
         e.interleaved = a.ropeInterleaved;
         e.cos = cos;
         e.sin = sin;
-        epilogueKernel<<<3, 1024, 0, s.stream>>>(e);
+        epilogueKernel<<<dim3(3, tokens), 1024, 0, s.stream>>>(e);
       }
-      attendKernel<<<a.heads, 256, 0, s.stream>>>(q, cache.keys, cache.values, devicePosition, a.heads / a.kvHeads,
-                                                  a.headDim, a.valueDim, kWidth, vWidth, a.softmaxScale,
-                                                  s.scores.at<float>(0), cache.capacity, attended);
+      attendKernel<<<dim3(a.heads, tokens), 256, 0, s.stream>>>(
+          q, cache.keys, cache.values, devicePosition, a.heads / a.kvHeads, a.headDim, a.valueDim, kWidth, vWidth,
+          a.softmaxScale, s.scores.at<float>(0), cache.capacity, attended);
       MOE_RETURN_IF_ERROR(s.launch(output, placed[1]));
-      addNormKernel<<<1, 1024, 0, s.stream>>>(x, branch, a.outputBias, H, normed, a.mlpNorm, a.mlpNormBias, eps,
-                                              a.layerNorm);
+      addNormKernel<<<tokens, 1024, 0, s.stream>>>(x, branch, a.outputBias, H, normed, a.mlpNorm, a.mlpNormBias, eps,
+                                                   a.layerNorm);
       if (router)
         MOE_RETURN_IF_ERROR(s.launch(routing, placed[2]));
       return check(cudaGetLastError(), "decode launch");
@@ -2262,7 +2335,7 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
     else
       MOE_RETURN_IF_ERROR(launches());
   }
-  cache.rows = position + 1;
+  cache.rows = position + T;
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "decode launch"));
   if (!handBack) {
     // The MLP runs on the device next; the host's cache rows come at the
@@ -2270,30 +2343,30 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
     s.routerLogitsOffset = router ? static_cast<int64_t>(rOffset) : -1;
     s.routerLogitsRows = routerRows;
     // k and v lie together in `handover`: one copy.
-    const size_t span = vOffset - kOffset + static_cast<size_t>(vWidth) * 4;
+    const size_t span = vOffset - kOffset + static_cast<size_t>(T * vWidth) * 4;
     Expected<void *> staged = s.arenaTake(span);
     if (!staged)
       return staged.status();
     MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(*staged, k, span, cudaMemcpyDeviceToHost, s.stream), "copy out"));
-    s.pending.push_back({keyRow, *staged, static_cast<size_t>(kWidth) * 4});
+    s.pending.push_back({keyRow, *staged, static_cast<size_t>(T * kWidth) * 4});
     s.pending.push_back(
-        {valueRow, static_cast<char *>(*staged) + (vOffset - kOffset), static_cast<size_t>(vWidth) * 4});
+        {valueRow, static_cast<char *>(*staged) + (vOffset - kOffset), static_cast<size_t>(T * vWidth) * 4});
     return Status::success();
   }
   s.routerLogitsOffset = -1;
-  // The host's share: the MLP input (routing) and the new cache rows.
-  Expected<void *> staged = s.arenaTake(handoverBytes);
-  if (!staged)
-    return staged.status();
-  char *host = static_cast<char *>(*staged);
+  // The host's share: the MLP input (routing) and the new cache rows, in a
+  // pinned buffer of their own (sized by the step; the copy is waited for
+  // here, so nothing is in flight to it when it grows).
+  MOE_RETURN_IF_ERROR(s.hostHandover.reserve(handoverBytes));
+  char *host = s.hostHandover.at<char>(0);
   MOE_RETURN_IF_ERROR(
       check(cudaMemcpyAsync(host, s.handover.data, handoverBytes, cudaMemcpyDeviceToHost, s.stream), "copy out"));
   MOE_RETURN_IF_ERROR(s.waitAndReset());
-  std::memcpy(mlpInput, host, static_cast<size_t>(H) * 4);
-  std::memcpy(keyRow, host + kOffset, static_cast<size_t>(kWidth) * 4);
-  std::memcpy(valueRow, host + vOffset, static_cast<size_t>(vWidth) * 4);
+  std::memcpy(mlpInput, host, static_cast<size_t>(T * H) * 4);
+  std::memcpy(keyRow, host + kOffset, static_cast<size_t>(T * kWidth) * 4);
+  std::memcpy(valueRow, host + vOffset, static_cast<size_t>(T * vWidth) * 4);
   if (routerLogits)
-    std::memcpy(routerLogits, host + rOffset, static_cast<size_t>(routerRows) * 4);
+    std::memcpy(routerLogits, host + rOffset, static_cast<size_t>(T * routerRows) * 4);
   return Status::success();
 }
 
@@ -2361,36 +2434,91 @@ Status Context::decodeExperts(const ExpertProduct *expertArray, size_t count) {
 Status Context::decodeAddBranch(const float *branch) {
   std::lock_guard<std::mutex> lock(state->mutex);
   State &s = *state;
-  MOE_RETURN_IF_ERROR(s.stage(s.branch.data, branch, static_cast<size_t>(s.hidden) * 4));
-  addKernel<<<blocksFor(s.hidden, 256), 256, 0, s.stream>>>(s.x.at<float>(0), s.branch.at<float>(0), s.hidden);
+  const int64_t count = s.tokens * s.hidden;
+  MOE_RETURN_IF_ERROR(s.stage(s.branch.data, branch, static_cast<size_t>(count) * 4));
+  addKernel<<<blocksFor(count, 256), 256, 0, s.stream>>>(s.x.at<float>(0), s.branch.at<float>(0), count);
   return check(cudaGetLastError(), "decode launch");
 }
 
+Status Context::decodeRoutedExperts(const RoutedExpertTokens *experts, size_t count) {
+  std::lock_guard<std::mutex> lock(state->mutex);
+  State &s = *state;
+  const int64_t hidden = s.hidden, tokens = s.tokens;
+  MOE_RETURN_IF_ERROR(checkRoutedExperts(experts, count, tokens, hidden, "CUDA decode"));
+  const BlockSums sums = blockSumsOf(experts, count, tokens);
+  if (sums.rowToken.empty())
+    return Status::success(); // x += 0
+  Layout scratchLayout;
+  State::ExpertBlock block = s.planExpertBlock(scratchLayout, experts, count, hidden);
+  MOE_RETURN_IF_ERROR(s.scratch.reserve(scratchLayout.size));
+  s.placeExpertBlock(block);
+  // The BlockSums arrays travel with the job tables (stageTables resolves
+  // the plans).
+  Layout extraLayout;
+  const size_t rowTokenAt = extraLayout.take(sums.rowToken.size() * 4);
+  const size_t startsAt = extraLayout.take(sums.starts.size() * 4);
+  const size_t entryRowAt = extraLayout.take(sums.entryRow.size() * 4);
+  const size_t entryWeightAt = extraLayout.take(sums.entryWeight.size() * 4);
+  std::vector<char> extra(extraLayout.size);
+  std::memcpy(extra.data() + rowTokenAt, sums.rowToken.data(), sums.rowToken.size() * 4);
+  std::memcpy(extra.data() + startsAt, sums.starts.data(), sums.starts.size() * 4);
+  std::memcpy(extra.data() + entryRowAt, sums.entryRow.data(), sums.entryRow.size() * 4);
+  std::memcpy(extra.data() + entryWeightAt, sums.entryWeight.data(), sums.entryWeight.size() * 4);
+  State::Plan *plans[] = {&block.first, &block.second};
+  State::PlanTables placed[2];
+  void *deviceExtra = nullptr;
+  MOE_RETURN_IF_ERROR(s.stageTables(plans, 2, placed, extra.data(), extra.size(), &deviceExtra));
+  const char *tables = static_cast<const char *>(deviceExtra);
+  // The block's output into `branch`, then onto the residual stream (the
+  // engine: branch, then x += branch).
+  MOE_RETURN_IF_ERROR(s.launchExpertBlock(
+      block, placed, s.normedPointer(), reinterpret_cast<const int32_t *>(tables + rowTokenAt),
+      reinterpret_cast<const int32_t *>(tables + startsAt), reinterpret_cast<const int32_t *>(tables + entryRowAt),
+      reinterpret_cast<const float *>(tables + entryWeightAt), tokens, hidden, s.branch.at<float>(0)));
+  addKernel<<<blocksFor(tokens * hidden, 256), 256, 0, s.stream>>>(s.x.at<float>(0), s.branch.at<float>(0),
+                                                                   tokens * hidden);
+  return check(cudaGetLastError(), "decode routed experts launch");
+}
+
 Status Context::decodeEnd(const float *norm, const float *normBias, bool layerNorm, float eps, const DeviceWeight &head,
-                          const float *headBias, float *logits, int64_t *expertCalls) {
+                          const float *headBias, float *logits, int64_t *expertCalls, int64_t rows) {
   std::lock_guard<std::mutex> lock(state->mutex);
   State &s = *state;
   if (head.cols != s.hidden)
     return Status::error("CUDA decode: an output projection of ", head.cols, " columns for a hidden size of ",
                          s.hidden);
-  const int64_t V = head.rows;
-  MOE_RETURN_IF_ERROR(s.logits.reserve(static_cast<size_t>(V) * 4));
-  normKernel<<<1, 1024, 0, s.stream>>>(s.x.at<float>(0), s.normedPointer(), s.hidden, norm, normBias, eps, layerNorm);
-  MOE_RETURN_IF_ERROR(s.product(head, s.normedPointer(), s.logits.at<float>(0)));
+  if (rows < 1 || rows > s.tokens)
+    return Status::error("CUDA decode: logits of ", rows, " rows of a step of ", s.tokens, " tokens");
+  // The last `rows` tokens' logits.
+  const int64_t V = head.rows, H = s.hidden, first = s.tokens - rows;
+  MOE_RETURN_IF_ERROR(s.logits.reserve(static_cast<size_t>(rows * V) * 4));
+  normKernel<<<static_cast<unsigned>(rows), 1024, 0, s.stream>>>(
+      s.x.at<float>(static_cast<size_t>(first * H) * 4), s.normedPointer(), H, H, norm, normBias, eps, layerNorm);
+  {
+    State::Plan plan;
+    Layout scratchLayout;
+    s.addProduct(plan, scratchLayout, head, s.normedPointer(), H, rows, s.logits.at<float>(0), V);
+    MOE_RETURN_IF_ERROR(s.scratch.reserve(std::max<size_t>(scratchLayout.size, 256)));
+    MOE_RETURN_IF_ERROR(s.enqueue(plan));
+  }
   if (headBias)
-    biasClampKernel<<<blocksFor(V, 256), 256, 0, s.stream>>>(s.logits.at<float>(0), headBias, V, 0.0f);
+    for (int64_t r = 0; r < rows; ++r)
+      biasClampKernel<<<blocksFor(V, 256), 256, 0, s.stream>>>(s.logits.at<float>(static_cast<size_t>(r * V) * 4),
+                                                               headBias, V, 0.0f);
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "decode launch"));
-  Expected<void *> staged = s.arenaTake(static_cast<size_t>(V) * 4);
-  if (!staged)
-    return staged.status();
+  // The logits in a pinned buffer of their own (rows of a large vocabulary
+  // outgrow the arena; nothing is in flight to it: every copy to it is
+  // waited for below).
+  MOE_RETURN_IF_ERROR(s.hostLogits.reserve(static_cast<size_t>(rows * V) * 4));
+  void *const staged = s.hostLogits.data;
   MOE_RETURN_IF_ERROR(
-      check(cudaMemcpyAsync(*staged, s.logits.data, static_cast<size_t>(V) * 4, cudaMemcpyDeviceToHost, s.stream),
+      check(cudaMemcpyAsync(staged, s.logits.data, static_cast<size_t>(rows * V) * 4, cudaMemcpyDeviceToHost, s.stream),
             "copy out"));
   unsigned long long calls = 0;
   if (expertCalls && s.routedCalls.data)
     MOE_RETURN_IF_ERROR(s.copyAtNextWait(&calls, s.routedCalls.data, sizeof calls));
   MOE_RETURN_IF_ERROR(s.waitAndReset());
-  std::memcpy(logits, *staged, static_cast<size_t>(V) * 4);
+  std::memcpy(logits, staged, static_cast<size_t>(rows * V) * 4);
   if (expertCalls)
     *expertCalls = static_cast<int64_t>(calls);
   return Status::success();

@@ -191,18 +191,21 @@ public:
   Expected<std::shared_ptr<const DeviceWeight>> uploadVector(const float *values, int64_t count);
   /// An empty mirror of a KV cache of `layers` layers.
   std::shared_ptr<KvMirror> newKvMirror(int64_t layers);
-  /// The token x[hidden] (host) becomes the residual stream.
-  Status decodeBegin(const float *x, int64_t hidden);
+  /// The tokens x[tokens, hidden] (host) become the residual stream: one
+  /// token (decode), or several at consecutive positions (a prompt's
+  /// chunk), which every call until decodeEnd takes together.
+  Status decodeBegin(const float *x, int64_t hidden, int64_t tokens = 1);
   /// Layer `layer` of `mirror` holds the host cache's first `rows` rows
-  /// (uploading those it lacks) and room for one more.
+  /// (uploading those it lacks) and room for `room` more.
   Status decodeSyncCache(KvMirror &mirror, int64_t layer, const float *keys, const float *values, int64_t rows,
-                         int64_t keyWidth, int64_t valueWidth);
-  /// Norm, q/k/v (biases, qk-norm, clamp), RoPE, the cache append at row
-  /// `position`, attention over rows 0..position, output projection and
-  /// residual add, then the MLP's norm. With `mlpInput`: waits, and gives
-  /// the host the MLP input [hidden], the new key and value rows and, when
-  /// routerLogits is not null, the router's logits of the MLP input
-  /// [layer.router->rows]. Without (the MLP stays on the device; then
+                         int64_t keyWidth, int64_t valueWidth, int64_t room = 1);
+  /// Norm, q/k/v (biases, qk-norm, clamp), RoPE, the cache append at rows
+  /// `position` .. position + T - 1 (T: decodeBegin's tokens), causal
+  /// attention over the rows up to each token, output projection and
+  /// residual add, then the MLP's norm. `cos` and `sin` hold [T, ropeHalf].
+  /// With `mlpInput`: waits, and gives the host the MLP input [T, hidden],
+  /// the new key and value rows [T, width] and, when routerLogits is not
+  /// null, the router's logits of the MLP input [T, layer.router->rows]. Without (the MLP stays on the device; then
   /// routerLogits is null): computes the router's logits on the device
   /// when the layer has a router (for decodeRouted), and writes keyRow and
   /// valueRow at the next wait (decodeEnd), so they must stay valid until
@@ -235,15 +238,23 @@ public:
   /// errors) and drops the copies to the host that decodeAttention left
   /// for the next wait.
   void decodeDiscard();
-  /// Residual += sum_i weight_i * expert_i(MLP input), added in order.
+  /// Residual += sum_i weight_i * expert_i(MLP input), added in order (one
+  /// token).
   Status decodeExperts(const ExpertProduct *experts, size_t count);
-  /// Residual += branch[hidden] (host): an MLP the host computed.
+  /// Residual += a MoE block (or dense MLP) over the step's tokens, routed
+  /// by the host: each expert's tokens (indices into the step) gathered
+  /// from the MLP input the last decodeAttention left on the device, their
+  /// outputs weighted and added as routedExperts adds them (the engine's
+  /// order: zero, then expert after expert), then onto the residual.
+  Status decodeRoutedExperts(const RoutedExpertTokens *experts, size_t count);
+  /// Residual += branch[T, hidden] (host): an MLP the host computed.
   Status decodeAddBranch(const float *branch);
-  /// The final norm and the output projection (+ bias): logits (host), waits;
-  /// `expertCalls` (when not null) gets the routed experts decodeRouted ran
-  /// since decodeBegin.
+  /// The final norm and the output projection (+ bias) of the step's last
+  /// `rows` tokens: logits [rows, vocabulary] (host), waits; `expertCalls`
+  /// (when not null) gets the routed experts decodeRouted ran since
+  /// decodeBegin.
   Status decodeEnd(const float *norm, const float *normBias, bool layerNorm, float eps, const DeviceWeight &head,
-                   const float *headBias, float *logits, int64_t *expertCalls = nullptr);
+                   const float *headBias, float *logits, int64_t *expertCalls = nullptr, int64_t rows = 1);
 
   /// The kernel of one token's group-format products (benchmarks and
   /// tests compare them).

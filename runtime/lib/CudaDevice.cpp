@@ -189,17 +189,27 @@ public:
   }
 
   Status decodeRoutedMlp(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &w) override {
-    if (!routesOnDevice(spec, layer, w))
+    if (!routesOnDevice(spec, layer, w) || stepTokens != 1)
       return Status::error("CUDA decode: layer ", layer.index, " is not routed on the device");
     MOE_RETURN_IF_ERROR(context->decodeRouted(*static_cast<const CudaVectors *>(w.deviceVectors.get())->routed));
     layersRouted.insert(layer.index);
     return Status::success();
   }
 
-  Status decodeBegin(const float *x, int64_t hidden) override {
+  Status decodeBegin(const float *x, int64_t hidden, int64_t tokens) override {
     appended.clear();
     tokenCache = nullptr;
-    return context->decodeBegin(x, hidden);
+    stepTokens = tokens;
+    return context->decodeBegin(x, hidden, tokens);
+  }
+
+  bool prefillsOnDevice() const override { return prefillOnDevice; }
+
+  Status choosePrefill(std::string_view name) override {
+    if (name != "device" && name != "host")
+      return Status::error("unknown prefill '", name, "' (device or host)");
+    prefillOnDevice = name == "device";
+    return Status::success();
   }
 
   void decodeAbandon() override {
@@ -239,8 +249,9 @@ public:
     const int64_t rows = static_cast<int64_t>(keys.size()) / keyWidth;
     if (rows != cache.length)
       return Status::error("CUDA decode: layer ", index, " caches ", rows, " positions, not ", cache.length);
+    const int64_t T = stepTokens;
     MOE_RETURN_IF_ERROR(
-        context->decodeSyncCache(mirror, index, keys.data(), values.data(), rows, keyWidth, valueWidth));
+        context->decodeSyncCache(mirror, index, keys.data(), values.data(), rows, keyWidth, valueWidth, T));
     cuda::DecodeAttention d;
     d.attentionNorm = v.attentionNorm;
     d.attentionNormBias = v.attentionNormBias;
@@ -288,6 +299,8 @@ public:
     for (std::vector<float> *rowsOf : {&keys, &values})
       appended.emplace_back(rowsOf, rowsOf->size());
     if (!mlpInput) {
+      if (T != 1)
+        return Status::error("CUDA decode: the MLP of a step of ", T, " tokens goes to the host");
       // The MLP stays on the device: the rows arrive at the token's last
       // wait, in place (these vectors are not touched before it).
       keys.resize(keys.size() + static_cast<size_t>(keyWidth));
@@ -298,8 +311,8 @@ public:
                                       values.data() + rows * valueWidth, nullptr, v.attentionGraph.get());
     }
     thread_local std::vector<float> keyRow, valueRow;
-    keyRow.resize(static_cast<size_t>(keyWidth));
-    valueRow.resize(static_cast<size_t>(valueWidth));
+    keyRow.resize(static_cast<size_t>(T * keyWidth));
+    valueRow.resize(static_cast<size_t>(T * valueWidth));
     MOE_RETURN_IF_ERROR(context->decodeAttention(d, mirror, index, cache.length, mlpInput, keyRow.data(),
                                                  valueRow.data(), routerLogits));
     keys.insert(keys.end(), keyRow.begin(), keyRow.end());
@@ -308,6 +321,8 @@ public:
   }
 
   Status decodeMlp(std::span<const std::pair<const MlpWeights *, float>> mlps) override {
+    if (stepTokens != 1)
+      return Status::error("CUDA decode: one token's MLPs in a step of ", stepTokens, " tokens");
     if (!std::all_of(mlps.begin(), mlps.end(), [](const auto &mlp) { return deviceHolds(*mlp.first); }))
       return Status::error("CUDA decode: an MLP is not on the device");
     thread_local std::vector<cuda::ExpertProduct> jobs;
@@ -317,16 +332,29 @@ public:
     return context->decodeExperts(jobs.data(), jobs.size());
   }
 
+  Status decodeRoutedBlock(std::span<const DeviceRoutedExpert> mlps) override {
+    thread_local std::vector<cuda::RoutedExpertTokens> jobs;
+    jobs.clear();
+    for (const DeviceRoutedExpert &e : mlps) {
+      if (!deviceHolds(*e.mlp))
+        return Status::error("CUDA decode: an MLP is not on the device");
+      jobs.push_back({&deviceWeight(e.mlp->gate), &deviceWeight(e.mlp->up), &deviceWeight(e.mlp->down), e.tokens,
+                      e.weights, e.count});
+    }
+    return context->decodeRoutedExperts(jobs.data(), jobs.size());
+  }
+
   Status decodeAddBranch(const float *branch) override { return context->decodeAddBranch(branch); }
 
-  Status decodeEnd(const ModelSpec &spec, const GlobalWeights &globals, float *logits, int64_t &expertCalls) override {
+  Status decodeEnd(const ModelSpec &spec, const GlobalWeights &globals, float *logits, int64_t &expertCalls,
+                   int64_t rows) override {
     const Matrix &head = globals.outputProjection();
     if (!head.device || !globals.deviceVectors)
       return Status::error("CUDA decode: the output projection is not on the device");
     const auto &v = *static_cast<const CudaVectors *>(globals.deviceVectors.get());
     MOE_RETURN_IF_ERROR(context->decodeEnd(v.finalNorm, v.finalNormBias, spec.normKind == NormKind::LayerNorm,
                                            static_cast<float>(spec.normEps), deviceWeight(head), v.lmHeadBias, logits,
-                                           &expertCalls));
+                                           &expertCalls, rows));
     appended.clear();
     tokenCache = nullptr;
     return Status::success();
@@ -451,6 +479,8 @@ private:
   bool routeOnDevice = true;      ///< chooseRouting.
   std::set<int64_t> layersRouted; ///< Layers whose MoE block the device has routed.
   KvCache *tokenCache = nullptr;  ///< The cache of the token being decoded.
+  int64_t stepTokens = 1;         ///< decodeBegin's tokens.
+  bool prefillOnDevice = false;   ///< choosePrefill.
   Status error = Status::success();
   /// The host cache's rows this token appended ahead of their values
   /// (vector, size before), which decodeAbandon takes back.

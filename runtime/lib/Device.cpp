@@ -42,7 +42,7 @@ Status Device::chooseProductKernel(std::string_view name) {
   return Status::error("this device has one product kernel, not a choice of '", name, "'");
 }
 
-Status Device::decodeBegin(const float *, int64_t) { return noDecode(); }
+Status Device::decodeBegin(const float *, int64_t, int64_t) { return noDecode(); }
 Status Device::decodeAttention(const ModelSpec &, const LayerWeights &, int64_t, const float *, const float *, int64_t,
                                KvCache &, float *, float *) {
   return noDecode();
@@ -51,10 +51,14 @@ Status Device::decodeRoutedMlp(const ModelSpec &, const LayerSpec &, const Layer
   return Status::error("this device does not route");
 }
 Status Device::decodeMlp(std::span<const std::pair<const MlpWeights *, float>>) { return noDecode(); }
+Status Device::decodeRoutedBlock(std::span<const DeviceRoutedExpert>) { return noDecode(); }
 Status Device::decodeAddBranch(const float *) { return noDecode(); }
-Status Device::decodeEnd(const ModelSpec &, const GlobalWeights &, float *, int64_t &) { return noDecode(); }
+Status Device::decodeEnd(const ModelSpec &, const GlobalWeights &, float *, int64_t &, int64_t) { return noDecode(); }
 Status Device::chooseRouting(std::string_view name) {
   return Status::error("this device does not route; no choice of '", name, "'");
+}
+Status Device::choosePrefill(std::string_view name) {
+  return Status::error("this device does not decode with the residual stream on it; no prefill '", name, "'");
 }
 
 bool deviceHolds(const MlpWeights &mlp) {

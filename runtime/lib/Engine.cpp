@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <unistd.h>
 
 namespace moe {
@@ -637,12 +638,11 @@ Status factoredBlock(const ModelSpec &spec, const LayerSpec &layer, const LayerW
   return Status::success();
 }
 
-/// out[tokens, H] = the routed experts' outputs, weighted and added in slot
-/// order as the expert-by-expert loop adds them, from `outputs` holding
-/// every routed row slot after slot (a slot's rows in its tokens' order).
-void addRoutedOutputs(const std::vector<std::vector<int32_t>> &tokensOf,
-                      const std::vector<std::vector<float>> &weightsOf, const float *outputs, int64_t tokens, int64_t H,
-                      float *out) {
+} // namespace
+
+void detail::addRoutedOutputs(const std::vector<std::vector<int32_t>> &tokensOf,
+                              const std::vector<std::vector<float>> &weightsOf, const float *outputs, int64_t tokens,
+                              int64_t H, float *out) {
   std::fill(out, out + tokens * H, 0.0f);
   const float *source = outputs;
   for (size_t e = 0; e < tokensOf.size(); ++e)
@@ -653,8 +653,6 @@ void addRoutedOutputs(const std::vector<std::vector<int32_t>> &tokensOf,
         target[i] += weight * source[i];
     }
 }
-
-} // namespace
 
 void moeBlockForward(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &w, const float *x,
                      int64_t tokens, float *out, const MoeBlockHooks &hooks) {
@@ -822,7 +820,7 @@ Status detail::moeBlock(const ModelSpec &spec, const LayerSpec &layer, const Lay
       thread_local std::vector<float> intermediate;
       swiglu(expert(e), input, static_cast<int64_t>(routed.size()), intermediate, outputs.data() + offsets[e] * H);
     });
-    addRoutedOutputs(tokensOf, weightsOf, outputs.data(), tokens, H, out);
+    detail::addRoutedOutputs(tokensOf, weightsOf, outputs.data(), tokens, H, out);
     releaseIfLarge(inputs);
     releaseIfLarge(outputs);
     addSharedExpert(spec, layer, w, x, tokens, out, observer);
@@ -1021,8 +1019,8 @@ Status Engine::forward(std::span<const int32_t> tokens, KvCache &cache, std::vec
   const int64_t T = static_cast<int64_t>(tokens.size()), H = spec.hiddenSize, V = spec.vocabSize;
   if (T == 0)
     return Status::error("forward: no tokens");
-  if (T == 1 && onDevice && !observer && devicePathReady())
-    return decodeOnDevice(tokens[0], cache, logits);
+  if ((T == 1 || (onDevice && onDevice->prefillsOnDevice())) && onDevice && !observer && devicePathReady())
+    return decodeOnDevice(tokens, cache, logits, lastOnly);
   std::vector<float> x;
   MOE_RETURN_IF_ERROR(embed(tokens, x));
   for (int64_t l = 0; l < spec.numLayers; ++l)
@@ -1055,29 +1053,77 @@ bool Engine::devicePathReady() {
   return *deviceDecodes;
 }
 
-Status Engine::decodeOnDevice(int32_t token, KvCache &cache, std::vector<float> &logits) {
-  MOE_RETURN_IF_ERROR(checkCache(modelSpec, cache, 1));
-  Status status = decodeLayersOnDevice(token, cache, logits);
-  if (!status.ok()) {
-    // The host cache keeps no rows of a token that failed.
-    onDevice->decodeAbandon();
-    return status;
+Status Engine::decodeOnDevice(std::span<const int32_t> tokens, KvCache &cache, std::vector<float> &logits,
+                              bool lastOnly) {
+  const ModelSpec &spec = modelSpec;
+  const int64_t T = static_cast<int64_t>(tokens.size()), V = spec.vocabSize;
+  MOE_RETURN_IF_ERROR(checkCache(spec, cache, T));
+  // The angles of the whole prompt at once, as the host's forward computes
+  // them (a scaling that depends on the length sees the same length).
+  const rope::Angles angles = rope::computeAngles(spec, cache.length, T);
+  // Chunks whose attention scores (tokens x heads x the KV mirror's rows,
+  // at most twice the cache's length) stay within 256 MiB.
+  const int64_t mirrorRows = 2 * (cache.length + T);
+  const int64_t chunk =
+      std::clamp<int64_t>((int64_t(1) << 28) / (4 * spec.attention.numHeads * mirrorRows), 1, kDeviceChunk);
+  if (T <= chunk) {
+    // One step (a decoded token): straight into `logits`.
+    Status status = decodeLayersOnDevice(tokens, angles.cos.data(), angles.sin.data(), angles.half, cache, logits,
+                                         lastOnly ? 1 : T);
+    if (!status.ok()) {
+      // The host cache keeps no rows of a step that failed.
+      onDevice->decodeAbandon();
+      return status;
+    }
+    cache.length += T;
+    return Status::success();
   }
-  cache.length += 1;
+  // A prompt in chunks; a failed one takes the whole prompt back out of the
+  // cache (the host's rows, and the device's mirror, which syncs again).
+  const int64_t startLength = cache.length;
+  std::vector<size_t> keySizes, valueSizes;
+  for (size_t l = 0; l < cache.keys.size(); ++l) {
+    keySizes.push_back(cache.keys[l].size());
+    valueSizes.push_back(cache.values[l].size());
+  }
+  std::vector<float> stepLogits;
+  if (!lastOnly)
+    logits.resize(static_cast<size_t>(T * V));
+  for (int64_t first = 0; first < T; first += chunk) {
+    const int64_t count = std::min(chunk, T - first), rows = lastOnly ? 1 : count;
+    Status status = decodeLayersOnDevice(tokens.subspan(static_cast<size_t>(first), static_cast<size_t>(count)),
+                                         angles.cos.data() + first * angles.half,
+                                         angles.sin.data() + first * angles.half, angles.half, cache, stepLogits, rows);
+    if (!status.ok()) {
+      onDevice->decodeAbandon();
+      for (size_t l = 0; l < cache.keys.size(); ++l) {
+        cache.keys[l].resize(keySizes[l]);
+        cache.values[l].resize(valueSizes[l]);
+      }
+      cache.length = startLength;
+      cache.device.reset();
+      return status;
+    }
+    cache.length += count;
+    if (!lastOnly)
+      std::copy(stepLogits.begin(), stepLogits.end(), logits.begin() + first * V);
+  }
+  if (lastOnly)
+    logits = std::move(stepLogits);
   return Status::success();
 }
 
-Status Engine::decodeLayersOnDevice(int32_t token, KvCache &cache, std::vector<float> &logits) {
+Status Engine::decodeLayersOnDevice(std::span<const int32_t> tokens, const float *cos, const float *sin,
+                                    int64_t ropeHalf, KvCache &cache, std::vector<float> &logits, int64_t rows) {
   const ModelSpec &spec = modelSpec;
-  const int64_t H = spec.hiddenSize;
+  const int64_t H = spec.hiddenSize, T = static_cast<int64_t>(tokens.size());
   std::vector<float> x;
-  MOE_RETURN_IF_ERROR(embed(std::span<const int32_t>(&token, 1), x));
-  MOE_RETURN_IF_ERROR(onDevice->decodeBegin(x.data(), H));
+  MOE_RETURN_IF_ERROR(embed(tokens, x));
+  MOE_RETURN_IF_ERROR(onDevice->decodeBegin(x.data(), H, T));
   thread_local std::vector<float> normedBuffer, branchBuffer, routerBuffer;
-  std::vector<float> &normed = sized(normedBuffer, H), &branch = sized(branchBuffer, H);
+  std::vector<float> &normed = sized(normedBuffer, T * H), &branch = sized(branchBuffer, T * H);
   thread_local detail::BlockRouting perThreadRouting;
   thread_local std::vector<std::pair<const MlpWeights *, float>> mlps;
-  const rope::Angles angles = rope::computeAngles(spec, cache.length, 1);
   for (int64_t l = 0; l < spec.numLayers; ++l) {
     Expected<std::shared_ptr<const LayerWeights>> loaded = layers->get(l);
     if (!loaded)
@@ -1089,10 +1135,13 @@ Status Engine::decodeLayersOnDevice(int32_t token, KvCache &cache, std::vector<f
       masked = &found->second;
     // The MLP on the device without a wait: a dense MLP it holds, or a MoE
     // block it routes (no masked rows, which only the host's router knows).
+    if (T > 1) {
+      MOE_RETURN_IF_ERROR(stepMlpOnDevice(l, w, layer, masked, cos, sin, ropeHalf, T, cache, normed, branch));
+      continue;
+    }
     const bool routed = layer.mlp == MlpKind::Moe && !masked && onDevice->routesOnDevice(spec, layer, w);
     if (routed || (layer.mlp == MlpKind::Dense && deviceHolds(w.dense))) {
-      MOE_RETURN_IF_ERROR(onDevice->decodeAttention(spec, w, l, angles.cos.data(), angles.sin.data(), angles.half,
-                                                    cache, nullptr, nullptr));
+      MOE_RETURN_IF_ERROR(onDevice->decodeAttention(spec, w, l, cos, sin, ropeHalf, cache, nullptr, nullptr));
       if (routed) {
         counters.routedTokens += 1;
         MOE_RETURN_IF_ERROR(onDevice->decodeRoutedMlp(spec, layer, w));
@@ -1107,8 +1156,7 @@ Status Engine::decodeLayersOnDevice(int32_t token, KvCache &cache, std::vector<f
     // below routes again, and must see the same logits: the CPU's).
     const bool deviceRouter = layer.mlp == MlpKind::Moe && onDevice->holdsRouter(w) && deviceHoldsExperts(layer, w);
     float *routerLogits = deviceRouter ? sized(routerBuffer, w.router.rows).data() : nullptr;
-    MOE_RETURN_IF_ERROR(onDevice->decodeAttention(spec, w, l, angles.cos.data(), angles.sin.data(), angles.half, cache,
-                                                  normed.data(), routerLogits));
+    MOE_RETURN_IF_ERROR(onDevice->decodeAttention(spec, w, l, cos, sin, ropeHalf, cache, normed.data(), routerLogits));
     // The MLP: routed on the host from the device's input, as moeBlock does.
     mlps.clear();
     if (layer.mlp == MlpKind::Moe) {
@@ -1145,11 +1193,79 @@ Status Engine::decodeLayersOnDevice(int32_t token, KvCache &cache, std::vector<f
   // An error the device recorded (a layer it could not prepare to route,
   // under --device cuda) ends the token here.
   MOE_RETURN_IF_ERROR(onDevice->takeError());
-  logits.resize(static_cast<size_t>(spec.vocabSize));
+  logits.resize(static_cast<size_t>(rows * spec.vocabSize));
   int64_t expertCalls = 0;
-  MOE_RETURN_IF_ERROR(onDevice->decodeEnd(spec, globals, logits.data(), expertCalls));
+  MOE_RETURN_IF_ERROR(onDevice->decodeEnd(spec, globals, logits.data(), expertCalls, rows));
   counters.expertCalls += expertCalls;
   return Status::success();
+}
+
+Status Engine::stepMlpOnDevice(int64_t l, const LayerWeights &w, const LayerSpec &layer,
+                               const std::set<int64_t> *masked, const float *cos, const float *sin, int64_t ropeHalf,
+                               int64_t T, KvCache &cache, std::vector<float> &normed, std::vector<float> &branch) {
+  const ModelSpec &spec = modelSpec;
+  const int64_t H = spec.hiddenSize;
+  // Every token's MLP input comes back (with the router's logits where the
+  // device holds the router and the experts, as for one token).
+  thread_local std::vector<float> routerBuffer;
+  const bool deviceRouter = layer.mlp == MlpKind::Moe && onDevice->holdsRouter(w) && deviceHoldsExperts(layer, w);
+  float *routerLogits = deviceRouter ? sized(routerBuffer, T * w.router.rows).data() : nullptr;
+  MOE_RETURN_IF_ERROR(onDevice->decodeAttention(spec, w, l, cos, sin, ropeHalf, cache, normed.data(), routerLogits));
+  // Every token of the step, and weights of 1 (a dense MLP) or the shared
+  // expert's gates.
+  thread_local std::vector<int32_t> everyToken;
+  thread_local std::vector<float> tokenWeights;
+  everyToken.resize(static_cast<size_t>(T));
+  std::iota(everyToken.begin(), everyToken.end(), 0);
+  thread_local std::vector<DeviceRoutedExpert> block;
+  block.clear();
+  if (layer.mlp == MlpKind::Dense) {
+    if (deviceHolds(w.dense)) {
+      tokenWeights.assign(static_cast<size_t>(T), 1.0f);
+      block.push_back({&w.dense, everyToken.data(), tokenWeights.data(), T});
+      return onDevice->decodeRoutedBlock(block);
+    }
+    std::vector<float> intermediate;
+    swiglu(w.dense, normed.data(), T, intermediate, branch.data());
+    MOE_RETURN_IF_ERROR(onDevice->takeError());
+    return onDevice->decodeAddBranch(branch.data());
+  }
+  // The MoE block: routed here as moeBlock routes it, run there when the
+  // device holds every expert it chose (and the shared one), in the order
+  // moeBlock adds them: routed experts by slot, then the shared expert.
+  thread_local detail::BlockRouting perThreadRouting;
+  detail::BlockRouting &routing = perThreadRouting;
+  detail::routeBlock(spec, w, normed.data(), T, masked, routing, routerLogits);
+  counters.routedTokens += T;
+  const auto replaced = replacedExperts.find(l);
+  bool held = w.expertBase.gate.empty() && replaced == replacedExperts.end() &&
+              (layer.shared.intermediateSize == 0 || deviceHolds(w.shared));
+  for (size_t e = 0; e < routing.tokensOf.size(); ++e) {
+    if (routing.tokensOf[e].empty())
+      continue;
+    counters.expertCalls += static_cast<int64_t>(routing.tokensOf[e].size());
+    held = held && deviceHolds(w.experts[e]);
+    block.push_back({&w.experts[e], routing.tokensOf[e].data(), routing.weightsOf[e].data(),
+                     static_cast<int64_t>(routing.tokensOf[e].size())});
+  }
+  if (held) {
+    if (layer.shared.intermediateSize > 0) {
+      tokenWeights.resize(static_cast<size_t>(T));
+      for (int64_t t = 0; t < T; ++t)
+        tokenWeights[t] = sharedExpertGate(layer, w, normed.data() + t * H, H);
+      block.push_back({&w.shared, everyToken.data(), tokenWeights.data(), T});
+    }
+    return block.empty() ? Status::success() : onDevice->decodeRoutedBlock(block);
+  }
+  // Split experts, factored blocks, replaced experts or matrices without a
+  // device kernel: the host's block, then its output onto the residual.
+  MoeBlockHooks hooks;
+  hooks.maskedRows = masked;
+  if (replaced != replacedExperts.end())
+    hooks.replacedExperts = &replaced->second;
+  MOE_RETURN_IF_ERROR(detail::moeBlock(spec, layer, w, normed.data(), T, branch.data(), hooks, experts.get()));
+  MOE_RETURN_IF_ERROR(onDevice->takeError());
+  return onDevice->decodeAddBranch(branch.data());
 }
 
 Status Engine::embed(std::span<const int32_t> tokens, std::vector<float> &x) const {

@@ -48,6 +48,15 @@ struct BlockRouting {
 void routeBlock(const ModelSpec &spec, const LayerWeights &w, const float *x, int64_t tokens,
                 const std::set<int64_t> *maskedRows, BlockRouting &routing, const float *logits = nullptr);
 
+/// out[tokens, H] = the routed experts' outputs, weighted and added in slot
+/// order as the expert-by-expert loop adds them (zero, then out[token] +=
+/// weight * output, slot after slot), from `outputs` holding every routed
+/// row slot after slot (a slot's rows in its tokens' order). A device's
+/// routedExperts adds in this order too (cuda::blockWeightedSum).
+void addRoutedOutputs(const std::vector<std::vector<int32_t>> &tokensOf,
+                      const std::vector<std::vector<float>> &weightsOf, const float *outputs, int64_t tokens, int64_t H,
+                      float *out);
+
 /// moeBlockForward with routed experts taken from `cache` when it is not
 /// null (expert offloading; loading may fail).
 Status moeBlock(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &w, const float *x, int64_t tokens,

@@ -543,8 +543,8 @@ TEST(RoutedExperts, GroupFormatJobsReadTheQuantizationOfTheirGroupSize) {
 
 // A prefill's MoE block on the device (Context::routedExperts): the experts'
 // rows gathered one expert after another, and each token's weighted sum as
-// the CPU engine's addRoutedOutputs adds it (zero, then each expert's
-// weight * output in expert order), bit for bit. Experts of no tokens, tokens
+// the CPU engine's detail::addRoutedOutputs adds it (zero, then each
+// expert's weight * output in expert order), bit for bit. Experts of no tokens, tokens
 // of no expert, tokens listed in no particular order.
 TEST(RoutedExperts, APrefillBlocksWeightedSumsAreTheEngines) {
   std::mt19937 rng(8);
@@ -570,15 +570,13 @@ TEST(RoutedExperts, APrefillBlocksWeightedSumsAreTheEngines) {
   std::vector<float> y(static_cast<size_t>(rows * hidden));
   for (float &v : y)
     v = normal(rng);
-  // The engine's order, over the rows as the device gathers them.
-  std::vector<float> expected(static_cast<size_t>(tokens * hidden), 0.0f);
+  // The engine's own weighted sums, over the rows as the device gathers them.
+  std::vector<float> expected(static_cast<size_t>(tokens * hidden));
+  detail::addRoutedOutputs(tokensOf, weightsOf, y.data(), tokens, hidden, expected.data());
   int64_t row = 0;
   for (size_t i = 0; i < tokensOf.size(); ++i)
-    for (size_t r = 0; r < tokensOf[i].size(); ++r, ++row) {
+    for (size_t r = 0; r < tokensOf[i].size(); ++r, ++row)
       EXPECT_EQ(sums.rowToken[row], tokensOf[i][r]) << "expert " << i << " row " << r;
-      for (int64_t c = 0; c < hidden; ++c)
-        expected[tokensOf[i][r] * hidden + c] += weightsOf[i][r] * y[row * hidden + c];
-    }
   ASSERT_EQ(row, rows);
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t c = 0; c < hidden; ++c) {

@@ -381,65 +381,106 @@ TEST(CudaMatrixProducts, ExpertsOfMixedFormatsAndWidthsMatchTheCpu) {
 
 // A prefill's MoE block on the device: each expert gathers its tokens
 // (in no particular order) from the block, and each token's weighted
-// outputs are added back in expert order. Experts of 1 and 5 tokens take
-// the dp4a kernels, of 17 and 70 tokens the tensor cores; the last token
-// is routed to none.
+// outputs are added back in expert order. Experts of 1, 5 and 20 tokens
+// take the dp4a kernels (20: a bf16 expert), of 17 and 70 tokens the
+// tensor cores; one expert has no token, and the last token is routed to
+// none. The values against the CPU's arithmetic; the sums bit for bit
+// against each expert's outputs alone (weight 1) added in the engine's
+// order.
 TEST(CudaMatrixProducts, RoutedExpertsOverABlockMatchTheCpu) {
   REQUIRE_GPU();
   std::mt19937 rng(31);
   const int64_t H = 96, T = 80;
-  const quant::QuantFormat formats[] = {{4, 32, false, quant::ScaleType::F16},
-                                        {8, 64, true, quant::ScaleType::BF16},
-                                        {3, 32, true, quant::ScaleType::F16},
-                                        {2, 32, false, quant::ScaleType::BF16}};
-  const int64_t widths[] = {64, 40, 128, 48}, counts[] = {1, 70, 17, 5};
-  const int experts = 4;
-  std::vector<std::vector<uint8_t>> packed;
+  struct Spec {
+    std::optional<quant::QuantFormat> format; // nullopt: bf16
+    int64_t width, count;
+  };
+  const Spec specs[] = {{quant::QuantFormat{4, 32, false, quant::ScaleType::F16}, 64, 1},
+                        {quant::QuantFormat{8, 64, true, quant::ScaleType::BF16}, 40, 70},
+                        {quant::QuantFormat{2, 32, true, quant::ScaleType::F16}, 32, 0},
+                        {quant::QuantFormat{3, 32, true, quant::ScaleType::F16}, 128, 17},
+                        {std::nullopt, 56, 20},
+                        {quant::QuantFormat{2, 32, false, quant::ScaleType::BF16}, 48, 5}};
+  const int experts = 6;
   std::vector<std::shared_ptr<const cuda::DeviceWeight>> held;
+  std::vector<std::vector<uint8_t>> packed; // each matrix's bytes (group formats)
+  std::vector<std::vector<float>> dense;    // and its values as the device sees them
   std::vector<std::vector<int32_t>> tokensOf(experts);
   std::vector<std::vector<float>> weightsOf(experts);
   std::vector<cuda::RoutedExpertTokens> routed;
   std::vector<int32_t> order(static_cast<size_t>(T - 1));
   std::iota(order.begin(), order.end(), 0);
   for (int i = 0; i < experts; ++i) {
-    const quant::QuantFormat &f = formats[i];
-    const int64_t I = widths[i];
-    for (auto [rows, cols] : {std::pair{I, H}, std::pair{I, H}, std::pair{H, I}}) {
-      packed.push_back(randomGroupMatrix(f, rows, cols, rng));
-      auto w = context()->upload(cuda::WeightLayout::Group, f, false, rows, cols, packed.back().data(),
-                                 packed.back().size());
+    const Spec &spec = specs[i];
+    for (auto [rows, cols] : {std::pair{spec.width, H}, std::pair{spec.width, H}, std::pair{H, spec.width}}) {
+      dense.emplace_back(static_cast<size_t>(rows * cols));
+      Expected<std::shared_ptr<const cuda::DeviceWeight>> w = Status::error("unset");
+      packed.emplace_back();
+      if (spec.format) {
+        packed.back() = randomGroupMatrix(*spec.format, rows, cols, rng);
+        quant::dequantizeReference(*spec.format, packed.back().data(), rows, cols, dense.back().data());
+        w = context()->upload(cuda::WeightLayout::Group, *spec.format, false, rows, cols, packed.back().data(),
+                              packed.back().size());
+      } else {
+        std::vector<uint16_t> bits(dense.back().size());
+        for (size_t j = 0; j < bits.size(); ++j) {
+          bits[j] = floatToBfloat16(0.002f * static_cast<float>(static_cast<int>(rng() % 200) - 100));
+          dense.back()[j] = bfloat16ToFloat(bits[j]);
+        }
+        w = context()->upload(cuda::WeightLayout::BF16, {}, false, rows, cols, bits.data(), bits.size() * 2);
+      }
       ASSERT_TRUE(w) << w.status().message();
       held.push_back(w.take());
     }
     std::shuffle(order.begin(), order.end(), rng);
-    tokensOf[i].assign(order.begin(), order.begin() + counts[i]);
-    for (int64_t r = 0; r < counts[i]; ++r)
+    tokensOf[i].assign(order.begin(), order.begin() + spec.count);
+    for (int64_t r = 0; r < spec.count; ++r)
       weightsOf[i].push_back(0.1f + 0.9f * static_cast<float>(rng() % 1000) / 1000.0f);
     routed.push_back({held[3 * i].get(), held[3 * i + 1].get(), held[3 * i + 2].get(), tokensOf[i].data(),
-                      weightsOf[i].data(), counts[i]});
+                      weightsOf[i].data(), spec.count});
   }
   const std::vector<float> x = randomActivations(T * H, rng);
   std::vector<float> out(static_cast<size_t>(T * H), -1.0f);
   Status status = context()->routedExperts(x.data(), T, H, routed.data(), routed.size(), out.data());
   ASSERT_TRUE(status.ok()) << status.message();
+  // Against the CPU: group experts through the scalar kernels, the bf16
+  // expert in double; tolerances as the other expert tests'.
   std::vector<float> expected(static_cast<size_t>(T * H), 0.0f), tolerance(expected.size(), 1e-6f);
   for (int i = 0; i < experts; ++i) {
-    const quant::QuantFormat &f = formats[i];
-    const int64_t I = widths[i];
-    std::vector<float> down(static_cast<size_t>(H * I));
-    quant::dequantizeReference(f, packed[3 * i + 2].data(), H, I, down.data());
-    for (int64_t r = 0; r < counts[i]; ++r) {
+    const Spec &spec = specs[i];
+    const int64_t I = spec.width;
+    const std::vector<float> &down = dense[3 * i + 2];
+    for (int64_t r = 0; r < spec.count; ++r) {
       const int64_t t = tokensOf[i][r];
       const float *xt = x.data() + t * H;
-      const std::vector<float> g = cpuGroupProduct({f, packed[3 * i].data(), I, H}, xt);
-      const std::vector<float> u = cpuGroupProduct({f, packed[3 * i + 1].data(), I, H}, xt);
-      std::vector<float> h(static_cast<size_t>(I));
+      std::vector<float> g(static_cast<size_t>(I)), u(g.size()), h(g.size()), y(static_cast<size_t>(H));
+      // matrix m of this expert times `in`: the CPU's scalar kernel for
+      // group formats, double sums for bf16.
+      auto product = [&](int m, int64_t rows, int64_t cols, const float *in, float *result) {
+        if (spec.format) {
+          const std::vector<float> y = cpuGroupProduct({*spec.format, packed[3 * i + m].data(), rows, cols}, in);
+          std::copy(y.begin(), y.end(), result);
+          return;
+        }
+        const std::vector<float> &w = dense[3 * i + m];
+        for (int64_t row = 0; row < rows; ++row) {
+          double total = 0;
+          for (int64_t c = 0; c < cols; ++c)
+            total += static_cast<double>(w[row * cols + c]) * in[c];
+          result[row] = static_cast<float>(total);
+        }
+      };
+      product(0, I, H, xt, g.data());
+      product(1, I, H, xt, u.data());
       for (int64_t j = 0; j < I; ++j)
         h[j] = g[j] / (1.0f + std::exp(-g[j])) * u[j];
-      const std::vector<float> y = cpuGroupProduct({f, packed[3 * i + 2].data(), H, I}, h.data());
+      product(2, H, I, h.data(), y.data());
+      // As the other expert tests: 2e-3 of a row's magnitude for group
+      // formats (an activation on an int8 rounding boundary), 1e-4 for bf16.
+      const float relative = spec.format ? 2e-3f : 1e-4f;
       for (int64_t c = 0; c < H; ++c) {
         expected[t * H + c] += weightsOf[i][r] * y[c];
-        tolerance[t * H + c] += weightsOf[i][r] * 2e-3f * static_cast<float>(rowMagnitude(down, I, c, h.data()));
+        tolerance[t * H + c] += weightsOf[i][r] * relative * static_cast<float>(rowMagnitude(down, I, c, h.data()));
       }
     }
   }
@@ -448,6 +489,28 @@ TEST(CudaMatrixProducts, RoutedExpertsOverABlockMatchTheCpu) {
       ASSERT_NEAR(out[t * H + c], expected[t * H + c], tolerance[t * H + c]) << "token " << t << " column " << c;
   for (int64_t c = 0; c < H; ++c)
     EXPECT_EQ(out[(T - 1) * H + c], 0.0f) << "a token routed to no expert";
+  // The sums bit for bit: each expert alone with weights 1 gives its outputs
+  // (0 + 1 * y = y), which the engine's order then adds.
+  std::vector<float> sums(static_cast<size_t>(T * H), 0.0f);
+  for (int i = 0; i < experts; ++i) {
+    if (specs[i].count == 0)
+      continue;
+    const std::vector<float> ones(static_cast<size_t>(specs[i].count), 1.0f);
+    cuda::RoutedExpertTokens alone = routed[i];
+    alone.weights = ones.data();
+    std::vector<float> y(static_cast<size_t>(T * H));
+    status = context()->routedExperts(x.data(), T, H, &alone, 1, y.data());
+    ASSERT_TRUE(status.ok()) << status.message();
+    for (int64_t r = 0; r < specs[i].count; ++r) {
+      const int64_t t = tokensOf[i][r];
+      for (int64_t c = 0; c < H; ++c)
+        sums[t * H + c] = sums[t * H + c] + weightsOf[i][r] * y[t * H + c];
+    }
+  }
+  size_t differing = 0;
+  for (size_t j = 0; j < sums.size(); ++j)
+    differing += std::memcmp(&sums[j], &out[j], sizeof(float)) != 0;
+  EXPECT_EQ(differing, 0u) << "weighted sums not in the engine's order";
   // A token outside the block is refused, by name.
   const int32_t outside = static_cast<int32_t>(T);
   const float weight = 1.0f;
@@ -601,6 +664,16 @@ double maxDifference(const std::vector<float> &a, const std::vector<float> &b) {
   return most;
 }
 
+/// The largest difference between two caches' keys and values.
+double maxCacheDifference(const KvCache &a, const KvCache &b) {
+  double most = a.keys.size() == b.keys.size() ? 0 : INFINITY;
+  for (size_t l = 0; l < std::min(a.keys.size(), b.keys.size()); ++l) {
+    most = std::max(most, maxDifference(a.keys[l], b.keys[l]));
+    most = std::max(most, maxDifference(a.values[l], b.values[l]));
+  }
+  return most;
+}
+
 } // namespace
 
 TEST(CudaEngine, LogitsAndPerplexityMatchTheCpuEngine) {
@@ -651,11 +724,7 @@ TEST(CudaEngine, LogitsAndPerplexityMatchTheCpuEngine) {
     // The host cache holds the decoded tokens' keys and values too (copied
     // back at each token's one wait when the MLP stayed on the device).
     ASSERT_EQ(gpuCache.length, cpuCache.length);
-    double cacheDifference = 0;
-    for (size_t l = 0; l < cpuCache.keys.size(); ++l) {
-      cacheDifference = std::max(cacheDifference, maxDifference(cpuCache.keys[l], gpuCache.keys[l]));
-      cacheDifference = std::max(cacheDifference, maxDifference(cpuCache.values[l], gpuCache.values[l]));
-    }
+    const double cacheDifference = maxCacheDifference(cpuCache, gpuCache);
     EvalOptions evalOptions;
     evalOptions.sequenceLength = std::min<int64_t>(cpu->spec.maxPositions, 128);
     evalOptions.maxTokens = 1024;
@@ -784,6 +853,91 @@ TEST(CudaEngine, RoutingOnTheDeviceMatchesRoutingOnTheHost) {
   }
 }
 
+TEST(CudaEngine, PrefillOnTheDeviceMatchesTheCpuEngine) {
+  REQUIRE_GPU();
+  // Prompts on the decode path (Device::choosePrefill("device")): chunks of
+  // Engine::kDeviceChunk tokens with the residual stream on the device, the
+  // host routing each chunk's MoE layers. Every row's logits against the
+  // CPU engine's, the host cache's rows, then decoding on from there. The
+  // fixtures' prompts (outside MOEC_PARITY_QUICK) cross a chunk boundary,
+  // and the KV mirror grows in the second chunk.
+  for (const std::string &path : parityModels()) {
+    SCOPED_TRACE(path);
+    Expected<std::shared_ptr<Device>> device = openDevice(DeviceChoice::Cuda);
+    ASSERT_TRUE(device) << device.status().message();
+    ASSERT_TRUE((*device)->choosePrefill("device").ok());
+    Expected<LoadedModel> cpu = loadModel(path);
+    ASSERT_TRUE(cpu) << cpu.status().message();
+    EngineOptions options;
+    options.device = *device;
+    Expected<LoadedModel> gpu = loadModel(path, options);
+    ASSERT_TRUE(gpu) << gpu.status().message();
+    const bool fixture = path.find("/fixtures/") != std::string::npos;
+    const int64_t promptTokens = std::min<int64_t>(cpu->spec.maxPositions - 8, quickParity() ? 40 : fixture ? 300 : 48);
+    std::vector<int32_t> prompt;
+    for (int64_t i = 0; i < promptTokens; ++i)
+      prompt.push_back(static_cast<int32_t>((i * 7919 + 13) % cpu->spec.vocabSize));
+    KvCache cpuCache = cpu->engine->newCache(), gpuCache = gpu->engine->newCache();
+    std::vector<float> cpuLogits, gpuLogits;
+    cpu->engine->resetRoutingCounters();
+    gpu->engine->resetRoutingCounters();
+    ASSERT_TRUE(cpu->engine->forward(prompt, cpuCache, cpuLogits, false).ok());
+    Status status = gpu->engine->forward(prompt, gpuCache, gpuLogits, false);
+    ASSERT_TRUE(status.ok()) << status.message();
+    ASSERT_EQ(gpuLogits.size(), cpuLogits.size()) << "every row's logits";
+    ASSERT_NE(gpuCache.device, nullptr) << "the prompt took the decode path (the host's prefill makes no mirror)";
+    const RoutingCounters cpuCounters = cpu->engine->routingCounters(), gpuCounters = gpu->engine->routingCounters();
+    {
+      // The last row alone (lastOnly), on a fresh cache: the same row.
+      KvCache again = gpu->engine->newCache();
+      std::vector<float> last;
+      ASSERT_TRUE(gpu->engine->forward(prompt, again, last, true).ok());
+      ASSERT_EQ(static_cast<int64_t>(last.size()), cpu->spec.vocabSize);
+      std::vector<float> lastRow(gpuLogits.end() - cpu->spec.vocabSize, gpuLogits.end());
+      // The head's product of one token against that of the chunk's rows
+      // (tensor cores over a group-format head): float order apart.
+      EXPECT_LE(maxDifference(last, lastRow), 1e-3) << "the last row's logits alone";
+    }
+    const double prefill = maxDifference(cpuLogits, gpuLogits);
+    // Rows whose top token agrees.
+    const int64_t V = cpu->spec.vocabSize;
+    int64_t agree = 0;
+    for (int64_t t = 0; t < promptTokens; ++t) {
+      const auto row = [&](const std::vector<float> &l) { return l.begin() + t * V; };
+      agree += std::max_element(row(cpuLogits), row(cpuLogits) + V) - row(cpuLogits) ==
+               std::max_element(row(gpuLogits), row(gpuLogits) + V) - row(gpuLogits);
+    }
+    ASSERT_EQ(gpuCache.length, cpuCache.length);
+    const double cacheDifference = maxCacheDifference(cpuCache, gpuCache);
+    double decode = 0;
+    for (int64_t t = 0; t < 4; ++t) {
+      const int32_t id = static_cast<int32_t>((t * 31 + 7) % V);
+      ASSERT_TRUE(cpu->engine->forward(std::span<const int32_t>(&id, 1), cpuCache, cpuLogits).ok());
+      status = gpu->engine->forward(std::span<const int32_t>(&id, 1), gpuCache, gpuLogits);
+      ASSERT_TRUE(status.ok()) << status.message();
+      decode = std::max(decode, maxDifference(cpuLogits, gpuLogits));
+    }
+    std::printf("prefill on the device %s: %lld tokens, max |logit difference| %.3g (top-1 agreement %.4f), cache "
+                "%.3g, decode after it %.3g; routed tokens %lld vs %lld, expert calls %lld vs %lld\n",
+                std::filesystem::path(path).filename().c_str(), static_cast<long long>(promptTokens), prefill,
+                static_cast<double>(agree) / static_cast<double>(promptTokens), cacheDifference, decode,
+                static_cast<long long>(gpuCounters.routedTokens), static_cast<long long>(cpuCounters.routedTokens),
+                static_cast<long long>(gpuCounters.expertCalls), static_cast<long long>(cpuCounters.expertCalls));
+    EXPECT_EQ(gpuCounters.routedTokens, cpuCounters.routedTokens);
+    if (path.find(".moepkg") == std::string::npos) {
+      EXPECT_LE(prefill, 1e-3);
+      EXPECT_LE(cacheDifference, 1e-3);
+      EXPECT_LE(decode, 1e-3);
+      EXPECT_EQ(gpuCounters.expertCalls, cpuCounters.expertCalls);
+    } else {
+      // int8 activations on either side of a rounding boundary (see the
+      // parity test): the same choices almost everywhere.
+      EXPECT_TRUE(std::isfinite(prefill) && std::isfinite(cacheDifference) && std::isfinite(decode));
+      EXPECT_GE(static_cast<double>(agree), 0.95 * static_cast<double>(promptTokens));
+    }
+  }
+}
+
 TEST(CudaDevice, RoutingIsChosenByName) {
   REQUIRE_GPU();
   Expected<std::shared_ptr<Device>> device = openDevice(DeviceChoice::Cuda);
@@ -794,4 +948,12 @@ TEST(CudaDevice, RoutingIsChosenByName) {
   Status status = (*device)->chooseRouting("cpu");
   ASSERT_FALSE(status.ok());
   EXPECT_NE(status.message().find("device, device-eager or host"), std::string::npos) << status.message();
+  EXPECT_FALSE((*device)->prefillsOnDevice()) << "prompts take the host's path unless asked";
+  EXPECT_TRUE((*device)->choosePrefill("device").ok());
+  EXPECT_TRUE((*device)->prefillsOnDevice());
+  EXPECT_TRUE((*device)->choosePrefill("host").ok());
+  EXPECT_FALSE((*device)->prefillsOnDevice());
+  status = (*device)->choosePrefill("gpu");
+  ASSERT_FALSE(status.ok());
+  EXPECT_NE(status.message().find("unknown prefill 'gpu' (device or host)"), std::string::npos) << status.message();
 }

@@ -114,21 +114,33 @@ public:
   // the host cache too (by decodeEnd). After a failed step the engine calls
   // decodeAbandon. Devices without it answer false to decodesOnDevice and
   // the engine uses the products above.
+  //
+  // A prompt can take the same path a chunk of tokens at a time
+  // (prefillsOnDevice; decodeBegin with several tokens): each layer hands
+  // the MLP input and the router's logits of every token back, the host
+  // routes them, and decodeRoutedBlock runs the block on the device (or
+  // decodeAddBranch adds what the host computed); decodeEnd gives the last
+  // rows' logits.
   virtual bool decodesOnDevice() const { return false; }
+  /// Whether prompts take the decode path (choosePrefill), not the
+  /// products above.
+  virtual bool prefillsOnDevice() const { return false; }
   /// Whether the device holds all that decodeAttention reads of `layer`.
   virtual bool holdsAttention(const LayerWeights &layer) const { return false; }
   /// Whether decodeAttention can hand back `layer`'s router logits.
   virtual bool holdsRouter(const LayerWeights &layer) const { return false; }
-  virtual Status decodeBegin(const float *x, int64_t hidden);
+  /// x[tokens, hidden]: the step's tokens, at consecutive positions.
+  virtual Status decodeBegin(const float *x, int64_t hidden, int64_t tokens = 1);
   /// Whether the device routes `layer`'s MoE block itself: it holds the
   /// router, every expert and the shared expert, and its routing kernel
   /// takes the router (rows, top-k). Decided once per layer.
   virtual bool routesOnDevice(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &weights) {
     return false;
   }
-  /// mlpInput: [hidden] for the MLP input, or null when the MLP stays on
-  /// the device; routerLogits: null, or [router rows] for the router's
-  /// logits of the MLP input (holdsRouter, with mlpInput only).
+  /// cos, sin: [tokens, ropeHalf]. mlpInput: [tokens, hidden] for the MLP
+  /// input, or null when the MLP stays on the device (one token only);
+  /// routerLogits: null, or [tokens, router rows] for the router's logits
+  /// of the MLP input (holdsRouter, with mlpInput only).
   virtual Status decodeAttention(const ModelSpec &spec, const LayerWeights &layer, int64_t index, const float *cos,
                                  const float *sin, int64_t ropeHalf, KvCache &cache, float *mlpInput,
                                  float *routerLogits);
@@ -142,11 +154,18 @@ public:
   virtual Status decodeRoutedMlp(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &weights);
   /// Residual += sum_i weight_i * mlp_i(MLP input), for MLPs the device holds.
   virtual Status decodeMlp(std::span<const std::pair<const MlpWeights *, float>> mlps);
-  /// Residual += branch[hidden] (host).
+  /// Residual += a block over the step's tokens that the host routed, for
+  /// MLPs the device holds: each one's tokens and weights (a dense MLP: all
+  /// tokens, weight 1; a shared expert: all tokens, its gate), added as the
+  /// engine adds a MoE block (zero, then MLP after MLP), then onto the
+  /// residual.
+  virtual Status decodeRoutedBlock(std::span<const DeviceRoutedExpert> mlps);
+  /// Residual += branch[tokens, hidden] (host).
   virtual Status decodeAddBranch(const float *branch);
-  /// The logits; expertCalls: the routed experts decodeRoutedMlp ran this
-  /// token (the engine's counters).
-  virtual Status decodeEnd(const ModelSpec &spec, const GlobalWeights &globals, float *logits, int64_t &expertCalls);
+  /// The last `rows` tokens' logits [rows, vocabulary]; expertCalls: the
+  /// routed experts decodeRoutedMlp ran this token (the engine's counters).
+  virtual Status decodeEnd(const ModelSpec &spec, const GlobalWeights &globals, float *logits, int64_t &expertCalls,
+                           int64_t rows = 1);
   /// After a failed step of a token: drops what the token left pending,
   /// and the key and value rows it appended to the host cache.
   virtual void decodeAbandon() {}
@@ -156,6 +175,10 @@ public:
   /// "device-eager" (routing on the device, every launch one by one); an
   /// error for other names or a device that does not route.
   virtual Status chooseRouting(std::string_view name);
+  /// Where prompts run: "host" (the default: products on the device, the
+  /// rest on the host) or "device" (the decode path, a chunk of tokens at a
+  /// time); an error for other names or a device that does not decode.
+  virtual Status choosePrefill(std::string_view name);
 
   /// Uploads every matrix of a layer except the router (prefill routes on
   /// the host with the CPU's arithmetic; a device may keep a copy of its own

@@ -261,13 +261,29 @@ public:
 
 private:
   Engine() = default;
-  /// One token with the residual stream on the device (Device::decodeBegin
+  /// Tokens with the residual stream on the device (Device::decodeBegin
   /// and on): attention there, routing there for the MoE layers it holds
-  /// whole (else on the host), experts there.
-  Status decodeOnDevice(int32_t token, KvCache &cache, std::vector<float> &logits);
-  /// decodeOnDevice's layers and logits; the caller counts the token into
-  /// the cache, or has the device abandon it.
-  Status decodeLayersOnDevice(int32_t token, KvCache &cache, std::vector<float> &logits);
+  /// whole (else on the host), experts there. One token (decode), or a
+  /// prompt in chunks of kDeviceChunk tokens (Device::prefillsOnDevice),
+  /// whose MoE layers the host routes; logits of the last token, or of all
+  /// (lastOnly false).
+  Status decodeOnDevice(std::span<const int32_t> tokens, KvCache &cache, std::vector<float> &logits, bool lastOnly);
+  /// One step of decodeOnDevice: `tokens` at cache.length on, with RoPE
+  /// angles cos and sin [tokens, ropeHalf]; the last `rows` tokens' logits.
+  /// The caller counts the tokens into the cache, or has the device abandon
+  /// them.
+  Status decodeLayersOnDevice(std::span<const int32_t> tokens, const float *cos, const float *sin, int64_t ropeHalf,
+                              KvCache &cache, std::vector<float> &logits, int64_t rows);
+  /// A layer's attention and MLP for a step of several tokens on the
+  /// device: the MLP input and router logits come back, the host routes,
+  /// and the device runs the block (Device::decodeRoutedBlock) or adds what
+  /// the host ran.
+  Status stepMlpOnDevice(int64_t l, const LayerWeights &w, const LayerSpec &layer, const std::set<int64_t> *masked,
+                         const float *cos, const float *sin, int64_t ropeHalf, int64_t T, KvCache &cache,
+                         std::vector<float> &normed, std::vector<float> &branch);
+  /// Tokens of a prompt's step on the device (their attention scores and
+  /// hand-backs grow with it).
+  static constexpr int64_t kDeviceChunk = 256;
   /// Whether decodeOnDevice can run this model: decided at its first use.
   bool devicePathReady();
   /// The MoE block of layer `l` on normed[T, H] (the norm of `residual`,
