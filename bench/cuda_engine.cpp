@@ -374,8 +374,9 @@ int main(int argc, char **argv) {
     result["prefill_tokens_per_second"] = static_cast<double>(promptTokens) / seconds;
     // The share of prefill inside the device's calls (products, their
     // transfers and the MoE blocks' gathers and sums); the rest is the
-    // host's (attention, norms, routing, staging copies).
-    if (*device)
+    // host's (attention, norms, routing, staging copies). The decode path
+    // (--prefill device) is not timed this way.
+    if (*device && prefill != "device")
       result["prefill_device_busy_fraction"] = (*device)->busySeconds() / seconds;
   }
   // Decode, one token a step and `step` tokens a step, after a short prompt.

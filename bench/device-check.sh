@@ -64,7 +64,7 @@ run_bench() { # name config layers format [more options]
   log "cuda_engine $1 $4 ${*:5}"
   timeout 60 "$engine" --config "$root/bench/configs/$2" --layers "$3" --format "$4" --device cuda \
     --prompt 512 --decode 64 --step 8 "${@:5}" >"$out/bench-$1-$4.json" 2>"$out/bench-$1-$4.err"
-  log "exit $? $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('decode %.0f tok/s (%.1f%% of copy bandwidth), 8-token steps %.0f tok/s, prefill %.0f tok/s (%.0f%% in device calls); %d layers routed on the device, graphs %d captured, %d replayed, %d failed' % (r['decode_tokens_per_second'], 100*r['decode_fraction_of_copy_bandwidth'], r['step_tokens_per_second'], r['prefill_tokens_per_second'], 100*r.get('prefill_device_busy_fraction', 0), r.get('layers_routed_on_device', 0), r.get('graph_captures', 0), r.get('graph_replays', 0), r.get('graph_failures', 0)))" "$out/bench-$1-$4.json" 2>&1 | tail -1)"
+  log "exit $? $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('decode %.0f tok/s (%.1f%% of copy bandwidth), 8-token steps %.0f tok/s, prefill %.0f tok/s (%s in device calls); %d layers routed on the device, graphs %d captured, %d replayed, %d failed' % (r['decode_tokens_per_second'], 100*r['decode_fraction_of_copy_bandwidth'], r['step_tokens_per_second'], r['prefill_tokens_per_second'], ('%.0f%%' % (100*r['prefill_device_busy_fraction'])) if 'prefill_device_busy_fraction' in r else 'untimed', r.get('layers_routed_on_device', 0), r.get('graph_captures', 0), r.get('graph_replays', 0), r.get('graph_failures', 0)))" "$out/bench-$1-$4.json" 2>&1 | tail -1)"
   tail -2 "$out/bench-$1-$4.err" >>"$out/summary.txt"
 }
 if want bench; then
