@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The GPU checks of moec in one run (about 8 minutes on an H100/H200):
+# The GPU checks of moec in one run (about 8-12 minutes on an H100/H200;
+# STEPS splits it):
 # builds the CUDA code (or uses the binaries scripts/pack-device.sh packed
 # into .device/device.tar.xz), runs the CUDA tests (kernels against the CPU's reference,
 # engine parity on both fixtures and on a package per recipe of examples/,
 # routing on the device against routing on the host), compute-sanitizer's
-# memcheck over the kernel and fixture tests (racecheck and synccheck over
-# the routing kernel), and bench/cuda_engine on real shapes. Logs and JSON
+# memcheck over the kernel and fixture tests (memcheck, racecheck and
+# synccheck over routing and prompts on the device), and bench/cuda_engine on
+# real shapes. Logs and JSON
 # go to OUT (default build-device/results); record the card, driver and
 # numbers in BENCHMARKS.md.
 #

@@ -294,8 +294,9 @@ MOE_HOST_DEVICE inline void planRoutedExperts(const RoutedLayer &layer, const Ro
 }
 
 /// a * b and a + b each rounded once: no fused multiply-add on the device,
-/// as on the CPU (whose build contracts none), so that a kernel adds as
-/// the CPU engine does.
+/// as on the CPU (Engine.cpp builds with -ffp-contract=off; the scalar
+/// quant kernels fuse none on x86-64's baseline, which has no FMA), so
+/// that a kernel adds as the CPU engine does.
 MOE_HOST_DEVICE inline float mulRn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(a, b);
