@@ -317,6 +317,23 @@ template <bool BF16, int TILE> __device__ void denseRow(const ProductJob &job, i
   }
 }
 
+/// The last of `count` jobs whose first warp (`Start`: ProductJob::first
+/// for the warp-per-row kernels, firstTile for the tensor kernel) is at or
+/// before `warp`. Jobs another kernel takes start where the next job does,
+/// so this is always a job of the kernel asking.
+template <int64_t ProductJob::*Start>
+__device__ __forceinline__ int jobOfWarp(const ProductJob *jobs, int count, int64_t warp) {
+  int low = 0, high = count - 1;
+  while (low < high) {
+    const int middle = (low + high + 1) / 2;
+    if (jobs[middle].*Start <= warp)
+      low = middle;
+    else
+      high = middle - 1;
+  }
+  return low;
+}
+
 /// TILE tokens per pass over a row: 1 when every job has one token (decode),
 /// whose few registers let more warps wait on memory.
 template <int TILE>
@@ -330,15 +347,8 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, TILE == 1 ? 2 : 1)
   const int lane = threadIdx.x & 31;
   if (warp >= totalRows)
     return;
-  int low = 0, high = count - 1; // the last job whose first row <= warp
-  while (low < high) {
-    const int middle = (low + high + 1) / 2;
-    if (jobs[middle].first <= warp)
-      low = middle;
-    else
-      high = middle - 1;
-  }
-  const ProductJob job = jobs[low]; // In registers: the loops read its fields often.
+  // In registers: the loops read its fields often.
+  const ProductJob job = jobs[jobOfWarp<&ProductJob::first>(jobs, count, warp)];
   const int64_t row = warp - job.first;
   const int tokens = static_cast<int>(job.tokens);
   switch (job.layout) {
@@ -397,17 +407,7 @@ __global__ void __launch_bounds__(32 * kTensorWarps) tensorKernel(const ProductJ
   const int lane = threadIdx.x & 31;
   if (warp >= tiles)
     return; // The whole warp: mma.sync needs all its lanes.
-  // The last job whose first tile <= warp: a tensor job (others have no
-  // tiles, so a later job starts at the same tile).
-  int low = 0, high = count - 1;
-  while (low < high) {
-    const int middle = (low + high + 1) / 2;
-    if (jobs[middle].firstTile <= warp)
-      low = middle;
-    else
-      high = middle - 1;
-  }
-  const ProductJob job = jobs[low];
+  const ProductJob job = jobs[jobOfWarp<&ProductJob::firstTile>(jobs, count, warp)];
   const DeviceMma mma;
   switch (job.bits) {
   case 2:
@@ -1089,6 +1089,12 @@ struct Layout {
 };
 
 bool aligned16(const void *p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+/// Whether gate and up [I, hidden] and down [hidden, I] make an expert.
+bool expertFits(const DeviceWeight *gate, const DeviceWeight *up, const DeviceWeight *down, int64_t hidden) {
+  return gate && up && down && gate->cols == hidden && up->cols == hidden && up->rows == gate->rows &&
+         down->rows == hidden && down->cols == gate->rows;
+}
 
 /// The fields of a product job that come from its matrix (`vectorized`:
 /// whether an aligned input whose stride is a multiple of 4 may be read
@@ -1838,8 +1844,7 @@ Status Context::experts(const float *x, int64_t hidden, const ExpertProduct *exp
   }
   std::vector<int64_t> offsets{0};
   for (const ExpertProduct &e : experts) {
-    if (!e.gate || !e.up || !e.down || e.gate->cols != hidden || e.up->cols != hidden || e.down->rows != hidden ||
-        e.up->rows != e.gate->rows || e.down->cols != e.gate->rows)
+    if (!expertFits(e.gate, e.up, e.down, hidden))
       return Status::error("CUDA experts: an expert's gate, up and down do not fit a hidden size of ", hidden);
     offsets.push_back(offsets.back() + e.gate->rows);
   }
@@ -1929,9 +1934,7 @@ Status checkRoutedExperts(const RoutedExpertTokens *experts, size_t count, int64
                           const char *who) {
   for (size_t i = 0; i < count; ++i) {
     const RoutedExpertTokens &e = experts[i];
-    if (!e.gate || !e.up || !e.down || e.gate->cols != hidden || e.up->cols != hidden || e.down->rows != hidden ||
-        e.up->rows != e.gate->rows || e.down->cols != e.gate->rows || e.count < 0 || (e.count > 0 && !e.tokens) ||
-        (e.count > 0 && !e.weights))
+    if (!expertFits(e.gate, e.up, e.down, hidden) || e.count < 0 || (e.count > 0 && (!e.tokens || !e.weights)))
       return Status::error(who, ": an expert's gate, up and down do not fit a hidden size of ", hidden);
     for (int64_t r = 0; r < e.count; ++r)
       if (e.tokens[r] < 0 || e.tokens[r] >= tokens)
@@ -2379,8 +2382,7 @@ Status Context::decodeExperts(const ExpertProduct *expertArray, size_t count) {
   std::vector<int64_t> offsets{0};
   for (size_t i = 0; i < count; ++i) {
     const ExpertProduct &e = expertArray[i];
-    if (!e.gate || !e.up || !e.down || e.gate->cols != hidden || e.up->cols != hidden || e.down->rows != hidden ||
-        e.up->rows != e.gate->rows || e.down->cols != e.gate->rows)
+    if (!expertFits(e.gate, e.up, e.down, hidden))
       return Status::error("CUDA decode: an expert's gate, up and down do not fit a hidden size of ", hidden);
     offsets.push_back(offsets.back() + e.gate->rows);
   }
@@ -2565,8 +2567,7 @@ std::string unroutable(const RoutedLayerDescription &d) {
   std::vector<int> groupSizes;
   for (int64_t e = 0; e < slots + (d.shared != nullptr); ++e) {
     const ExpertProduct &x = e < slots ? d.experts[static_cast<size_t>(e)] : *d.shared;
-    if (!x.gate || !x.up || !x.down || x.gate->cols != H || x.up->cols != H || x.up->rows != x.gate->rows ||
-        x.down->rows != H || x.down->cols != x.gate->rows)
+    if (!expertFits(x.gate, x.up, x.down, H))
       return "expert " + std::to_string(e) + "'s gate, up and down do not fit a hidden size of " + std::to_string(H);
     for (const DeviceWeight *w : {x.gate, x.up})
       if (w->layout == WeightLayout::Group &&
