@@ -7,6 +7,7 @@
 #include "Convert.h"
 
 #include "Check.h"
+#include "cuda/Launch.h"
 
 #include <cuda_runtime.h>
 
@@ -52,7 +53,8 @@ Status convertBfloat16ToF32(const uint16_t *source, size_t count, float *destina
   MOE_RETURN_IF_ERROR(
       check(cudaMemcpy(deviceSource.data, source, count * sizeof(uint16_t), cudaMemcpyHostToDevice), "copy to device"));
   size_t blocks = (count + 255) / 256 < 4096 ? (count + 255) / 256 : 4096;
-  bfloat16ToF32Kernel<<<static_cast<unsigned>(blocks), 256>>>(deviceSource.data, count, deviceDestination.data);
+  launchKernel(bfloat16ToF32Kernel, static_cast<unsigned>(blocks), 256, nullptr, deviceSource.data, count,
+               deviceDestination.data);
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "kernel launch"));
   return check(cudaMemcpy(destination, deviceDestination.data, count * sizeof(float), cudaMemcpyDeviceToHost),
                "copy to host");

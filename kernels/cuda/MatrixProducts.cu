@@ -25,6 +25,7 @@
 
 #include "Check.h"
 #include "common/GroupPlanes.h"
+#include "cuda/Launch.h"
 #include "cuda/TensorTiles.h"
 
 #include <cuda_fp16.h>
@@ -108,9 +109,16 @@ __global__ void quantizeKernel(const QuantJob *jobs, int count, int64_t total, c
 }
 
 __device__ __forceinline__ int dotUnsigned(unsigned codes, int activations, int accumulator) {
+#if MOEC_CUDA_EMULATION
+  for (int i = 0; i < 4; ++i)
+    accumulator +=
+        static_cast<int>((codes >> (8 * i)) & 0xFFu) * static_cast<int>(static_cast<int8_t>(activations >> (8 * i)));
+  return accumulator;
+#else
   int result;
   asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(result) : "r"(codes), "r"(activations), "r"(accumulator));
   return result;
+#endif
 }
 
 /// The 32 codes of a planar block (kernels/common/QuantFormat.h) as eight
@@ -395,6 +403,17 @@ struct DeviceMma {
                    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #elif defined(__CUDA_ARCH__)
     __trap();
+#elif MOEC_CUDA_EMULATION
+    struct Fragments {
+      unsigned a[4], b[2];
+    } mine = {{a[0], a[1], a[2], a[3]}, {b[0], b[1]}};
+    const unsigned char *all = emulation::warpGather(0xffffffffu, &mine, sizeof mine);
+    unsigned allA[32][4], allB[32][2];
+    for (int lane = 0; lane < 32; ++lane) {
+      std::memcpy(allA[lane], all + 64 * lane, sizeof allA[lane]);
+      std::memcpy(allB[lane], all + 64 * lane + sizeof allA[lane], sizeof allB[lane]);
+    }
+    tensor::referenceMma(d, emulation::laneId(), allA, allB, signedCodes);
 #endif
   }
 };
@@ -449,6 +468,8 @@ __device__ __forceinline__ unsigned sharedAddress(const void *p) {
 __device__ __forceinline__ void copyAsync16(void *shared, const void *global) {
 #ifdef MOEC_SYNCHRONOUS_COPIES
   *static_cast<uint4 *>(shared) = __ldg(static_cast<const uint4 *>(global));
+#elif MOEC_CUDA_EMULATION
+  emulation::copyAsync(shared, global, 16);
 #else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sharedAddress(shared)), "l"(global) : "memory");
 #endif
@@ -456,6 +477,8 @@ __device__ __forceinline__ void copyAsync16(void *shared, const void *global) {
 __device__ __forceinline__ void copyAsync8(void *shared, const void *global) {
 #ifdef MOEC_SYNCHRONOUS_COPIES
   *static_cast<uint2 *>(shared) = __ldg(static_cast<const uint2 *>(global));
+#elif MOEC_CUDA_EMULATION
+  emulation::copyAsync(shared, global, 8);
 #else
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(sharedAddress(shared)), "l"(global) : "memory");
 #endif
@@ -463,18 +486,24 @@ __device__ __forceinline__ void copyAsync8(void *shared, const void *global) {
 __device__ __forceinline__ void copyAsync4(void *shared, const void *global) {
 #ifdef MOEC_SYNCHRONOUS_COPIES
   *static_cast<unsigned *>(shared) = __ldg(static_cast<const unsigned *>(global));
+#elif MOEC_CUDA_EMULATION
+  emulation::copyAsync(shared, global, 4);
 #else
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(sharedAddress(shared)), "l"(global) : "memory");
 #endif
 }
 __device__ __forceinline__ void commitCopies() {
-#ifndef MOEC_SYNCHRONOUS_COPIES
+#if MOEC_CUDA_EMULATION
+  emulation::commitCopies();
+#elif !defined(MOEC_SYNCHRONOUS_COPIES)
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 /// Waits until at most N of this thread's copy groups are still in flight.
 template <int N> __device__ __forceinline__ void waitCopies() {
-#ifndef MOEC_SYNCHRONOUS_COPIES
+#if MOEC_CUDA_EMULATION
+  emulation::waitCopies(N);
+#elif !defined(MOEC_SYNCHRONOUS_COPIES)
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
@@ -1259,8 +1288,8 @@ struct Context::State {
   Status launchQuant(const QuantJob *deviceJobs, size_t count, int64_t warps, const LaunchSize *dynamic = nullptr) {
     if (count == 0 || warps == 0)
       return Status::success();
-    quantizeKernel<<<blocksFor(warps * 32, 32 * kWarpsPerBlock), 32 * kWarpsPerBlock, 0, stream>>>(
-        deviceJobs, static_cast<int>(count), warps, dynamic);
+    launchKernel(quantizeKernel, blocksFor(warps * 32, 32 * kWarpsPerBlock), 32 * kWarpsPerBlock, stream, deviceJobs,
+                 static_cast<int>(count), warps, dynamic);
     return check(cudaGetLastError(), "quantize launch");
   }
 
@@ -1285,15 +1314,16 @@ struct Context::State {
     if (single && streamed) {
       // One wave of resident blocks, fewer where the rows are fewer.
       const unsigned blocks = std::min<unsigned>(blocksFor(rows * 32, 32 * kStreamWarps), streamedBlocks);
-      streamedKernel<<<blocks, 32 * kStreamWarps, 0, stream>>>(deviceJobs, rows, dynamic);
+      launchKernel(streamedKernel, blocks, 32 * kStreamWarps, stream, deviceJobs, rows, dynamic);
       return check(cudaGetLastError(), "product launch");
     }
     const unsigned blocks = blocksFor(rows * 32, 32 * kWarpsPerBlock);
     if (single)
-      productKernel<1><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(deviceJobs, static_cast<int>(count), rows, dynamic);
+      launchKernel(productKernel<1>, blocks, 32 * kWarpsPerBlock, stream, deviceJobs, static_cast<int>(count), rows,
+                   dynamic);
     else
-      productKernel<kTile>
-          <<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(deviceJobs, static_cast<int>(count), rows, dynamic);
+      launchKernel(productKernel<kTile>, blocks, 32 * kWarpsPerBlock, stream, deviceJobs, static_cast<int>(count), rows,
+                   dynamic);
     return check(cudaGetLastError(), "product launch");
   }
 
@@ -1301,8 +1331,8 @@ struct Context::State {
   /// jobs on tensor cores, the others a warp per row.
   Status launchProducts(const Plan &plan, const ProductJob *deviceJobs) {
     if (plan.tiles > 0) {
-      tensorKernel<<<blocksFor(plan.tiles * 32, 32 * kTensorWarps), 32 * kTensorWarps, 0, stream>>>(
-          deviceJobs, static_cast<int>(plan.products.size()), plan.tiles);
+      launchKernel(tensorKernel, blocksFor(plan.tiles * 32, 32 * kTensorWarps), 32 * kTensorWarps, stream, deviceJobs,
+                   static_cast<int>(plan.products.size()), plan.tiles);
       MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "tensor product launch"));
     }
     const bool single =
@@ -1529,16 +1559,16 @@ struct Context::State {
   Status launchExpertBlock(const ExpertBlock &block, const PlanTables (&placed)[2], const float *x,
                            const int32_t *rowToken, const int32_t *starts, const int32_t *entryRow,
                            const float *entryWeight, int64_t tokens, int64_t hidden, float *out) {
-    gatherKernel<<<blocksFor(block.rows * hidden, 256), 256, 0, stream>>>(x, rowToken, block.rows, hidden,
-                                                                          scratch.at<float>(block.gathered));
+    launchKernel(gatherKernel, blocksFor(block.rows * hidden, 256), 256, stream, x, rowToken, block.rows, hidden,
+                 scratch.at<float>(block.gathered));
     MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "gather launch"));
     MOE_RETURN_IF_ERROR(launch(block.first, placed[0]));
-    swigluKernel<<<blocksFor(block.width, 256), 256, 0, stream>>>(
-        scratch.at<float>(block.gate), scratch.at<float>(block.up), scratch.at<float>(block.h), block.width, nullptr);
+    launchKernel(swigluKernel, blocksFor(block.width, 256), 256, stream, scratch.at<float>(block.gate),
+                 scratch.at<float>(block.up), scratch.at<float>(block.h), block.width, nullptr);
     MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "swiglu launch"));
     MOE_RETURN_IF_ERROR(launch(block.second, placed[1]));
-    weightedSumKernel<<<blocksFor(tokens * hidden, 256), 256, 0, stream>>>(scratch.at<float>(block.y), starts, entryRow,
-                                                                           entryWeight, tokens, hidden, out);
+    launchKernel(weightedSumKernel, blocksFor(tokens * hidden, 256), 256, stream, scratch.at<float>(block.y), starts,
+                 entryRow, entryWeight, tokens, hidden, out);
     return check(cudaGetLastError(), "weighted sum launch");
   }
 
@@ -1910,14 +1940,14 @@ Status Context::experts(const float *x, int64_t hidden, const ExpertProduct *exp
       check(cudaMemcpyAsync(s.input.data, s.hostInput.data, in.size, cudaMemcpyHostToDevice, s.stream), "copy in"));
   MOE_RETURN_IF_ERROR(s.launchQuant(s.input.at<QuantJob>(quantFirstOffset), first.quant.size(), first.quantWarps));
   MOE_RETURN_IF_ERROR(s.launchProducts(first, s.input.at<ProductJob>(productFirstOffset)));
-  swigluKernel<<<blocksFor(width, 256), 256, 0, s.stream>>>(
-      s.scratch.at<float>(gateOffset), s.scratch.at<float>(upOffset), s.scratch.at<float>(hOffset), width, nullptr);
+  launchKernel(swigluKernel, blocksFor(width, 256), 256, s.stream, s.scratch.at<float>(gateOffset),
+               s.scratch.at<float>(upOffset), s.scratch.at<float>(hOffset), width, nullptr);
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "swiglu launch"));
   MOE_RETURN_IF_ERROR(s.launchQuant(s.input.at<QuantJob>(quantSecondOffset), second.quant.size(), second.quantWarps));
   MOE_RETURN_IF_ERROR(s.launchProducts(second, s.input.at<ProductJob>(productSecondOffset)));
-  combineKernel<<<blocksFor(hidden, 256), 256, 0, s.stream>>>(s.scratch.at<float>(partsOffset),
-                                                              s.input.at<float>(weightOffset), static_cast<int>(count),
-                                                              hidden, s.output.at<float>(outOffset), false, nullptr);
+  launchKernel(combineKernel, blocksFor(hidden, 256), 256, s.stream, s.scratch.at<float>(partsOffset),
+               s.input.at<float>(weightOffset), static_cast<int>(count), hidden, s.output.at<float>(outOffset), false,
+               nullptr);
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "combine launch"));
   MOE_RETURN_IF_ERROR(
       check(cudaMemcpyAsync(s.hostOutput.data, s.output.data, out.size, cudaMemcpyDeviceToHost, s.stream), "copy out"));
@@ -2265,25 +2295,26 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
                                       placed, nullptr, 0, nullptr, graphed ? &graph->tables : nullptr));
     auto launches = [&]() -> Status {
       const unsigned tokens = static_cast<unsigned>(T);
-      normKernel<<<tokens, 1024, 0, s.stream>>>(x, normed, H, H, a.attentionNorm, a.attentionNormBias, eps,
-                                                a.layerNorm);
+      launchKernel(normKernel, tokens, 1024, s.stream, x, normed, H, H, a.attentionNorm, a.attentionNormBias, eps,
+                   a.layerNorm);
       MOE_RETURN_IF_ERROR(s.launch(projections, placed[0]));
       if (mla) {
         // As the CPU engine's latentAttention: the low-rank columns' norms,
         // the up-projections, RoPE on each query head's rope columns and on
         // the shared ones, then full keys and values.
         if (!a.query)
-          normKernel<<<tokens, 1024, 0, s.stream>>>(qc, qc, queryRank, queryRank, a.queryDownNorm, nullptr, eps, 0);
-        normKernel<<<tokens, 1024, 0, s.stream>>>(kvc, kvc, a.kvLora, kvColumns, a.kvDownNorm, nullptr, eps, 0);
+          launchKernel(normKernel, tokens, 1024, s.stream, qc, qc, queryRank, queryRank, a.queryDownNorm, nullptr, eps,
+                       0);
+        launchKernel(normKernel, tokens, 1024, s.stream, kvc, kvc, a.kvLora, kvColumns, a.kvDownNorm, nullptr, eps, 0);
         MOE_RETURN_IF_ERROR(s.launch(expansions, placed[3]));
         if (a.ropeHalf > 0) {
-          ropeKernel<<<dim3(a.heads, tokens), 64, 0, s.stream>>>(q + a.nopeDim, qWidth, a.headDim, a.ropeHalf,
-                                                                 a.ropeInterleaved, cos, sin);
-          ropeKernel<<<dim3(1, tokens), 64, 0, s.stream>>>(kvc + a.kvLora, kvColumns, a.ropeDim, a.ropeHalf,
-                                                           a.ropeInterleaved, cos, sin);
+          launchKernel(ropeKernel, dim3(a.heads, tokens), 64, s.stream, q + a.nopeDim, qWidth, a.headDim, a.ropeHalf,
+                       a.ropeInterleaved, cos, sin);
+          launchKernel(ropeKernel, dim3(1, tokens), 64, s.stream, kvc + a.kvLora, kvColumns, a.ropeDim, a.ropeHalf,
+                       a.ropeInterleaved, cos, sin);
         }
-        latentKeysKernel<<<dim3(a.heads, tokens), 128, 0, s.stream>>>(expanded, kvc + a.kvLora, kvColumns, a.heads,
-                                                                      a.nopeDim, a.ropeDim, a.valueDim, k, v);
+        launchKernel(latentKeysKernel, dim3(a.heads, tokens), 128, s.stream, expanded, kvc + a.kvLora, kvColumns,
+                     a.heads, a.nopeDim, a.ropeDim, a.valueDim, k, v);
         MOE_RETURN_IF_ERROR(
             check(cudaMemcpyAsync(cache.keys + position * kWidth, k, static_cast<size_t>(T * kWidth) * 4,
                                   cudaMemcpyDeviceToDevice, s.stream),
@@ -2321,14 +2352,14 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
         e.interleaved = a.ropeInterleaved;
         e.cos = cos;
         e.sin = sin;
-        epilogueKernel<<<dim3(3, tokens), 1024, 0, s.stream>>>(e);
+        launchKernel(epilogueKernel, dim3(3, tokens), 1024, s.stream, e);
       }
-      attendKernel<<<dim3(a.heads, tokens), 256, 0, s.stream>>>(
-          q, cache.keys, cache.values, devicePosition, a.heads / a.kvHeads, a.headDim, a.valueDim, kWidth, vWidth,
-          a.softmaxScale, s.scores.at<float>(0), cache.capacity, attended);
+      launchKernel(attendKernel, dim3(a.heads, tokens), 256, s.stream, q, cache.keys, cache.values, devicePosition,
+                   a.heads / a.kvHeads, a.headDim, a.valueDim, kWidth, vWidth, a.softmaxScale, s.scores.at<float>(0),
+                   cache.capacity, attended);
       MOE_RETURN_IF_ERROR(s.launch(output, placed[1]));
-      addNormKernel<<<tokens, 1024, 0, s.stream>>>(x, branch, a.outputBias, H, normed, a.mlpNorm, a.mlpNormBias, eps,
-                                                   a.layerNorm);
+      launchKernel(addNormKernel, tokens, 1024, s.stream, x, branch, a.outputBias, H, normed, a.mlpNorm, a.mlpNormBias,
+                   eps, a.layerNorm);
       if (router)
         MOE_RETURN_IF_ERROR(s.launch(routing, placed[2]));
       return check(cudaGetLastError(), "decode launch");
@@ -2424,12 +2455,12 @@ Status Context::decodeExperts(const ExpertProduct *expertArray, size_t count) {
   void *deviceWeights = nullptr;
   MOE_RETURN_IF_ERROR(s.stageTables(plans, 2, placed, weights.data(), count * 4, &deviceWeights));
   MOE_RETURN_IF_ERROR(s.launch(first, placed[0]));
-  swigluKernel<<<blocksFor(width, 256), 256, 0, s.stream>>>(
-      s.scratch.at<float>(gateOffset), s.scratch.at<float>(upOffset), s.scratch.at<float>(hOffset), width, nullptr);
+  launchKernel(swigluKernel, blocksFor(width, 256), 256, s.stream, s.scratch.at<float>(gateOffset),
+               s.scratch.at<float>(upOffset), s.scratch.at<float>(hOffset), width, nullptr);
   MOE_RETURN_IF_ERROR(s.launch(second, placed[1]));
-  combineKernel<<<blocksFor(hidden, 256), 256, 0, s.stream>>>(
-      s.scratch.at<float>(partsOffset), static_cast<const float *>(deviceWeights), static_cast<int>(count), hidden,
-      s.x.at<float>(0), true, nullptr);
+  launchKernel(combineKernel, blocksFor(hidden, 256), 256, s.stream, s.scratch.at<float>(partsOffset),
+               static_cast<const float *>(deviceWeights), static_cast<int>(count), hidden, s.x.at<float>(0), true,
+               nullptr);
   return check(cudaGetLastError(), "decode experts launch");
 }
 
@@ -2438,7 +2469,7 @@ Status Context::decodeAddBranch(const float *branch) {
   State &s = *state;
   const int64_t count = s.tokens * s.hidden;
   MOE_RETURN_IF_ERROR(s.stage(s.branch.data, branch, static_cast<size_t>(count) * 4));
-  addKernel<<<blocksFor(count, 256), 256, 0, s.stream>>>(s.x.at<float>(0), s.branch.at<float>(0), count);
+  launchKernel(addKernel, blocksFor(count, 256), 256, s.stream, s.x.at<float>(0), s.branch.at<float>(0), count);
   return check(cudaGetLastError(), "decode launch");
 }
 
@@ -2477,8 +2508,8 @@ Status Context::decodeRoutedExperts(const RoutedExpertTokens *experts, size_t co
       block, placed, s.normedPointer(), reinterpret_cast<const int32_t *>(tables + rowTokenAt),
       reinterpret_cast<const int32_t *>(tables + startsAt), reinterpret_cast<const int32_t *>(tables + entryRowAt),
       reinterpret_cast<const float *>(tables + entryWeightAt), tokens, hidden, s.branch.at<float>(0)));
-  addKernel<<<blocksFor(tokens * hidden, 256), 256, 0, s.stream>>>(s.x.at<float>(0), s.branch.at<float>(0),
-                                                                   tokens * hidden);
+  launchKernel(addKernel, blocksFor(tokens * hidden, 256), 256, s.stream, s.x.at<float>(0), s.branch.at<float>(0),
+               tokens * hidden);
   return check(cudaGetLastError(), "decode routed experts launch");
 }
 
@@ -2494,8 +2525,9 @@ Status Context::decodeEnd(const float *norm, const float *normBias, bool layerNo
   // The last `rows` tokens' logits.
   const int64_t V = head.rows, H = s.hidden, first = s.tokens - rows;
   MOE_RETURN_IF_ERROR(s.logits.reserve(static_cast<size_t>(rows * V) * 4));
-  normKernel<<<static_cast<unsigned>(rows), 1024, 0, s.stream>>>(
-      s.x.at<float>(static_cast<size_t>(first * H) * 4), s.normedPointer(), H, H, norm, normBias, eps, layerNorm);
+  launchKernel(normKernel, static_cast<unsigned>(rows), 1024, s.stream,
+               s.x.at<float>(static_cast<size_t>(first * H) * 4), s.normedPointer(), H, H, norm, normBias, eps,
+               layerNorm);
   {
     State::Plan plan;
     Layout scratchLayout;
@@ -2505,8 +2537,8 @@ Status Context::decodeEnd(const float *norm, const float *normBias, bool layerNo
   }
   if (headBias)
     for (int64_t r = 0; r < rows; ++r)
-      biasClampKernel<<<blocksFor(V, 256), 256, 0, s.stream>>>(s.logits.at<float>(static_cast<size_t>(r * V) * 4),
-                                                               headBias, V, 0.0f);
+      launchKernel(biasClampKernel, blocksFor(V, 256), 256, s.stream,
+                   s.logits.at<float>(static_cast<size_t>(r * V) * 4), headBias, V, 0.0f);
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "decode launch"));
   // The logits in a pinned buffer of their own (rows of a large vocabulary
   // outgrow the arena; nothing is in flight to it: every copy to it is
@@ -2752,17 +2784,17 @@ Status Context::decodeRouted(const RoutedLayerHandle &layer) {
   const bool firstStreamed = layer.firstGroups && s.streams(layer.firstAllRows, layer.firstCodeBytes);
   const bool secondStreamed = layer.secondGroups && s.streams(layer.secondAllRows, layer.secondCodeBytes);
   auto enqueue = [&]() -> Status {
-    routeKernel<<<1, 256, 0, s.stream>>>(layer.device, scratch, plan, calls);
+    launchKernel(routeKernel, 1, 256, s.stream, layer.device, scratch, plan, calls);
     MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "routing launch"));
     MOE_RETURN_IF_ERROR(s.launchQuant(plan->inputJobs, layer.inputGroups, layer.inputWarps, &plan->inputQuant));
     MOE_RETURN_IF_ERROR(
         s.launchProducts(plan->firstJobs, 2 * count, layer.firstRows, true, firstStreamed, &plan->first));
-    swigluKernel<<<blocksFor(layer.width, 256), 256, 0, s.stream>>>(scratch.gateOut, scratch.upOut, scratch.h,
-                                                                    layer.width, &plan->swiglu);
+    launchKernel(swigluKernel, blocksFor(layer.width, 256), 256, s.stream, scratch.gateOut, scratch.upOut, scratch.h,
+                 layer.width, &plan->swiglu);
     MOE_RETURN_IF_ERROR(s.launchQuant(plan->downJobs, count, layer.downWarps, &plan->downQuant));
     MOE_RETURN_IF_ERROR(s.launchProducts(plan->secondJobs, count, count * hidden, true, secondStreamed, &plan->second));
-    combineKernel<<<blocksFor(hidden, 256), 256, 0, s.stream>>>(scratch.parts, plan->weights, static_cast<int>(count),
-                                                                hidden, scratch.residual, true, &plan->combine);
+    launchKernel(combineKernel, blocksFor(hidden, 256), 256, s.stream, scratch.parts, plan->weights,
+                 static_cast<int>(count), hidden, scratch.residual, true, &plan->combine);
     return check(cudaGetLastError(), "routed experts launch");
   };
   if (!s.graphs || layer.graph.failed || layer.graph.uses++ == 0)

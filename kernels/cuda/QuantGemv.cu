@@ -14,6 +14,7 @@
 #include "QuantGemv.h"
 
 #include "Check.h"
+#include "cuda/Launch.h"
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -173,8 +174,8 @@ Status launch(const quant::QuantFormat &format, const uint8_t *weights, int64_t 
     MOE_RETURN_IF_ERROR(check(cudaMemsetAsync(y, 0, static_cast<size_t>(rows) * sizeof(float)), "memset"));
   constexpr int kThreads = 128; // 4 warps, 128 rows
   const dim3 grid(static_cast<unsigned>((rowWarps + 3) / 4), static_cast<unsigned>(slices));
-  gemvKernel<BITS, SYM, BF16><<<grid, kThreads>>>(
-      weights, rows, cols, format.group, static_cast<int64_t>(format.rowBytes(cols)), blocksPerSlice, x, y, accumulate);
+  launchKernel(gemvKernel<BITS, SYM, BF16>, grid, kThreads, nullptr, weights, rows, cols, format.group,
+               static_cast<int64_t>(format.rowBytes(cols)), blocksPerSlice, x, y, accumulate);
   return check(cudaGetLastError(), "kernel launch");
 }
 

@@ -16,8 +16,8 @@
 //
 // The warp's work is written once, for the device and the host: the MMA
 // is a policy, which on the device is the instruction and in the CPU's
-// tests (tests/unit/TensorTilesTest.cpp) 32 threads, one per lane,
-// exchanging their fragments as the PTX ISA lays them out. Every loop is
+// tests (tests/unit/TensorTilesTest.cpp, and the CPU emulation of CUDA)
+// referenceMma over the fragments the 32 lanes exchange. Every loop is
 // uniform across the warp (tokens and rows past the tile's end load
 // zeros), as mma.sync requires.
 //
@@ -45,6 +45,33 @@ constexpr int kRows = 8 * kRowTiles;      ///< Rows of a warp's tile.
 /// Products of fewer tokens keep the dp4a kernel: a tile of 64 tokens
 /// would mostly multiply zeros.
 constexpr int64_t kMinTokens = 16;
+
+/// mma.m16n8k32.row.col with 8-bit integers as the PTX ISA defines it, for
+/// running a warp's code without tensor cores (TensorTilesTest, the CPU
+/// emulation of CUDA): lane `lane`'s accumulators d += A B, from every
+/// lane's A registers `a` and B registers `b`. The fragments (groupID =
+/// lane / 4, threadID_in_group = lane % 4):
+///   A (16 x 32, row): register r of a lane holds 4 bytes of row
+///     groupID + 8 * (r % 2), columns threadID_in_group * 4 + 16 * (r / 2) + 0..3;
+///   B (32 x 8, col): register r holds 4 bytes of column groupID, rows
+///     threadID_in_group * 4 + 16 * r + 0..3;
+///   C/D (16 x 8): element i of a lane is row groupID + 8 * (i / 2), column
+///     threadID_in_group * 2 + i % 2.
+/// A is signed; B unsigned, or signed with `signedCodes` (Q8_0).
+inline void referenceMma(int (&d)[4], int lane, const unsigned (*a)[4], const unsigned (*b)[2], bool signedCodes) {
+  const auto byteOf = [](unsigned word, int index, bool isSigned) {
+    const unsigned byte = (word >> (8 * index)) & 0xFFu;
+    return isSigned ? static_cast<int>(static_cast<int8_t>(byte)) : static_cast<int>(byte);
+  };
+  for (int i = 0; i < 4; ++i) {
+    const int row = lane / 4 + 8 * (i / 2), col = (lane % 4) * 2 + i % 2;
+    for (int k = 0; k < 32; ++k) {
+      const int aValue = byteOf(a[(row % 8) * 4 + (k % 16) / 4][row / 8 + 2 * (k / 16)], k % 4, true);
+      const int bValue = byteOf(b[col * 4 + (k % 16) / 4][k / 16], k % 4, signedCodes);
+      d[i] += aValue * bValue;
+    }
+  }
+}
 
 /// Warps (tiles) that cover a job.
 MOE_HOST_DEVICE inline int64_t tileCount(int64_t rows, int64_t tokens) {

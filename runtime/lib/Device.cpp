@@ -22,6 +22,12 @@ bool cudaBuilt() { return true; }
 bool cudaBuilt() { return false; }
 #endif
 
+namespace {
+CudaDeviceOpener replacedOpener = nullptr;
+} // namespace
+
+void setCudaDeviceOpener(CudaDeviceOpener opener) { replacedOpener = opener; }
+
 Status Device::uploadLayer(LayerWeights &layer) {
   MOE_RETURN_IF_ERROR(forEachMatrix(layer, [&](Matrix &matrix) { return upload(matrix); }));
   return uploadVectors(layer);
@@ -83,6 +89,12 @@ Expected<DeviceChoice> parseDeviceChoice(std::string_view name) {
 Expected<std::shared_ptr<Device>> openDevice(DeviceChoice choice) {
   if (choice == DeviceChoice::Cpu)
     return std::shared_ptr<Device>();
+  if (replacedOpener) {
+    Expected<std::shared_ptr<Device>> device = replacedOpener(choice == DeviceChoice::Auto);
+    if (!device && choice == DeviceChoice::Auto)
+      return std::shared_ptr<Device>();
+    return device;
+  }
 #if MOEC_HAVE_CUDA
   Expected<std::shared_ptr<Device>> device = openCudaDevice(choice == DeviceChoice::Auto);
   if (!device && choice == DeviceChoice::Auto)

@@ -3,8 +3,8 @@
 // Part of moec. The warp's work of the CUDA tensor-core kernel
 // (kernels/cuda/TensorTiles.h) runs here as it is written for the device:
 // 32 threads, one per lane, each with its own fragments, meeting at every
-// mma.sync, which this file emulates from the PTX ISA's fragment tables for
-// mma.m16n8k32 with 8-bit integers (written out below, apart from the
+// mma.sync, which tensor::referenceMma computes from the PTX ISA's fragment
+// tables for mma.m16n8k32 with 8-bit integers (written apart from the
 // kernel's own mapping). The products of whole tiles, with rows and tokens
 // past the tile's end and short last groups, are checked against the CPU's
 // scalar kernel, for every group format and ggml's signed Q8_0; the code
@@ -37,38 +37,15 @@ struct EmulatedWarp {
   unsigned a[32][4] = {}, b[32][2] = {};
 };
 
-/// The PTX ISA's fragments for mma.m16n8k32.row.col with .s8/.u8 operands
-/// (groupID = lane / 4, threadID_in_group = lane % 4):
-///   A (16 x 32, row): register r of a lane holds 4 bytes of row
-///     groupID + 8 * (r % 2), columns threadID_in_group * 4 + 16 * (r / 2) + 0..3;
-///   B (32 x 8, col): register r holds 4 bytes of column groupID, rows
-///     threadID_in_group * 4 + 16 * r + 0..3;
-///   C/D (16 x 8): element i of a lane is row groupID + 8 * (i / 2), column
-///     threadID_in_group * 2 + i % 2.
+/// One lane's MMA: its fragments to the warp, tensor::referenceMma of all.
 struct LaneMma {
   EmulatedWarp *warp;
   int lane;
-  static int byteOf(unsigned word, int index, bool isSigned) {
-    const unsigned byte = (word >> (8 * index)) & 0xFFu;
-    return isSigned ? static_cast<int>(static_cast<int8_t>(byte)) : static_cast<int>(byte);
-  }
-  int aAt(int row, int col) const {
-    const int holder = (row % 8) * 4 + (col % 16) / 4, reg = row / 8 + 2 * (col / 16);
-    return byteOf(warp->a[holder][reg], col % 4, true);
-  }
-  int bAt(int row, int col, bool isSigned) const {
-    const int holder = col * 4 + (row % 16) / 4, reg = row / 16;
-    return byteOf(warp->b[holder][reg], row % 4, isSigned);
-  }
   void operator()(int (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], bool signedCodes) {
     std::memcpy(warp->a[lane], a, sizeof(a));
     std::memcpy(warp->b[lane], b, sizeof(b));
     warp->meet.arrive_and_wait();
-    for (int i = 0; i < 4; ++i) {
-      const int row = lane / 4 + 8 * (i / 2), col = (lane % 4) * 2 + i % 2;
-      for (int k = 0; k < 32; ++k)
-        d[i] += aAt(row, k) * bAt(k, col, signedCodes);
-    }
+    tensor::referenceMma(d, lane, warp->a, warp->b, signedCodes);
     warp->meet.arrive_and_wait(); // No lane overwrites its registers before all have read them.
   }
 };

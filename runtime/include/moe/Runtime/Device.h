@@ -212,6 +212,14 @@ bool cudaBuilt();
 /// GPU); an error for cuda in a build without CUDA or without a device.
 Expected<std::shared_ptr<Device>> openDevice(DeviceChoice choice);
 
+/// How openDevice opens the CUDA device; `lenient` leaves a matrix the
+/// device cannot hold on the CPU.
+using CudaDeviceOpener = Expected<std::shared_ptr<Device>> (*)(bool lenient);
+/// Replaces the build's CUDA device for the rest of the process (null
+/// restores it): the GPU tests install the CUDA code's CPU emulation
+/// (kernels/cuda/emulation) with it, on machines without a GPU.
+void setCudaDeviceOpener(CudaDeviceOpener opener);
+
 } // namespace moe
 
 #endif // MOE_RUNTIME_DEVICE_H

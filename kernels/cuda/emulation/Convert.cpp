@@ -1,0 +1,2 @@
+// Convert.cu compiled as C++ for the CPU emulation of CUDA (CudaEmulation.h).
+#include "../Convert.cu"

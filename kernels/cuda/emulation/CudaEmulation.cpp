@@ -1,0 +1,880 @@
+//===- CudaEmulation.cpp - CUDA's threads and runtime on the CPU ----------===//
+//
+// Part of moec. See CudaEmulation.h. A block's threads are fibers (on
+// x86-64 a six-register stack switch, elsewhere ucontext, whose switches
+// are system calls) run in turn on the thread that waits for the stream:
+// each runs until it
+// meets a barrier (its block's, its warp's, or a warp exchange: shuffles
+// and the MMA) or returns; a barrier opens when every thread of its group
+// that has not returned is there. A pass in which no fiber can run is a
+// deadlock, and fails the kernel.
+//
+//===----------------------------------------------------------------------===//
+
+#include "CudaEmulation.h"
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <bit>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__)
+// Saves the callee-saved registers on the current stack, stores its
+// pointer in *save and continues on the stack at `load` (saved the same
+// way, or made by newStack).
+extern "C" void moe_emulation_switch(void **save, void *load);
+asm(R"(
+.text
+.globl moe_emulation_switch
+.type moe_emulation_switch,@function
+moe_emulation_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+.size moe_emulation_switch,.-moe_emulation_switch
+.section .note.GNU-stack,"",@progbits
+.text
+)");
+#endif
+
+namespace moe::emulation {
+namespace {
+
+/// A fiber's or the scheduler's place to continue from.
+struct Context {
+#if defined(__x86_64__)
+  void *sp = nullptr;
+#else
+  ucontext_t context;
+#endif
+};
+
+void switchTo(Context &save, Context &load) {
+#if defined(__x86_64__)
+  moe_emulation_switch(&save.sp, load.sp);
+#else
+  swapcontext(&save.context, &load.context);
+#endif
+}
+
+/// Makes `context` start `entry` on `stack`.
+void startOn(Context &context, void *stack, size_t bytes, void (*entry)()) {
+#if defined(__x86_64__)
+  // The top: entry's return address (never used; keeps the ABI's
+  // alignment), entry for the switch's ret, six zeroed registers.
+  uintptr_t top = (reinterpret_cast<uintptr_t>(stack) + bytes) & ~uintptr_t{15};
+  void **frame = reinterpret_cast<void **>(top) - 8;
+  for (int i = 0; i < 6; ++i)
+    frame[i] = nullptr;
+  frame[6] = reinterpret_cast<void *>(entry);
+  frame[7] = nullptr;
+  context.sp = frame;
+#else
+  getcontext(&context.context);
+  context.context.uc_stack.ss_sp = stack;
+  context.context.uc_stack.ss_size = bytes;
+  context.context.uc_link = nullptr;
+  makecontext(&context.context, entry, 0);
+#endif
+}
+
+constexpr size_t kStackBytes = 256 << 10;
+constexpr int kMaxThreads = 1024;
+
+struct Barrier {
+  int arrived = 0;
+  uint64_t generation = 0;
+};
+
+struct Fiber {
+  Context context;
+  ThreadIndex index;
+  int lane = 0, warp = 0;
+  bool done = false;
+  const uint64_t *waitingOn = nullptr; ///< A barrier's generation ...
+  uint64_t waitingFor = 0;             ///< ... still at this value.
+  uint64_t gathers = 0;
+  struct Copy {
+    void *target;
+    const void *source;
+    size_t bytes;
+  };
+  std::vector<Copy> copies;      ///< cp.async copies not yet made.
+  std::vector<size_t> groupEnds; ///< Committed groups: ends in `copies`.
+};
+
+struct Warp {
+  Barrier barrier;
+  int live = 0;
+  unsigned liveMask = 0;
+  unsigned char slots[2][32][64];
+};
+
+/// The block that runs now on this host thread.
+struct BlockRun {
+  const std::function<void()> *body = nullptr;
+  std::vector<Fiber> fibers;
+  std::vector<Warp> warps;
+  Barrier block;
+  int live = 0;
+  Fiber *running = nullptr;
+  Context scheduler;
+  bool trapped = false;
+  std::string failure;
+};
+
+thread_local BlockRun *run = nullptr;
+
+/// Fiber stacks, mapped once per host thread and reused.
+struct Stacks {
+  std::vector<void *> stacks;
+  void *at(size_t i) {
+    while (stacks.size() <= i) {
+      void *p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (p == MAP_FAILED) {
+        std::fprintf(stderr, "moec CUDA emulation: cannot map a fiber stack\n");
+        std::abort();
+      }
+      stacks.push_back(p);
+    }
+    return stacks[i];
+  }
+};
+thread_local Stacks stacks;
+
+Fiber &self() {
+  if (!run || !run->running) {
+    std::fprintf(stderr, "moec CUDA emulation: a device function was called outside a kernel\n");
+    std::abort();
+  }
+  return *run->running;
+}
+
+void yield() {
+  Fiber &f = self();
+  switchTo(f.context, run->scheduler);
+}
+
+/// Stops the calling fiber for good: the kernel has failed.
+[[noreturn]] void fail(std::string why) {
+  if (run->failure.empty())
+    run->failure = std::move(why);
+  run->trapped = true;
+  Fiber &f = self();
+  f.done = true;
+  --run->live;
+  switchTo(f.context, run->scheduler); // never resumed
+  std::abort();
+}
+
+void waitAt(Barrier &barrier, int expected) {
+  const uint64_t generation = barrier.generation;
+  if (++barrier.arrived >= expected) {
+    barrier.arrived = 0;
+    ++barrier.generation;
+    return;
+  }
+  Fiber &f = self();
+  f.waitingOn = &barrier.generation;
+  f.waitingFor = generation;
+  yield();
+}
+
+/// The lanes of `mask` that must meet: every one must still run.
+int warpMembers(unsigned mask) {
+  Fiber &f = self();
+  Warp &w = run->warps[f.warp];
+  if (!(mask >> f.lane & 1u))
+    fail("a warp-synchronous call whose mask leaves out its own lane");
+  if ((mask & ~w.liveMask) != 0)
+    fail("a warp-synchronous call (shuffle, __syncwarp or MMA) whose mask names a lane that has returned or does "
+         "not exist");
+  return mask == 0xffffffffu ? 32 : std::popcount(mask);
+}
+
+void release(Barrier &barrier, int expected) {
+  if (barrier.arrived > 0 && barrier.arrived >= expected) {
+    barrier.arrived = 0;
+    ++barrier.generation;
+  }
+}
+
+void fiberEntry() {
+  Fiber &f = self();
+  (*run->body)();
+  f.done = true;
+  --run->live;
+  Warp &w = run->warps[f.warp];
+  --w.live;
+  w.liveMask &= ~(1u << f.lane);
+  // A barrier waiting only for this thread opens now.
+  release(run->block, run->live);
+  release(w.barrier, std::popcount(w.liveMask));
+  switchTo(f.context, run->scheduler); // never resumed
+  std::abort();
+}
+
+/// Runs one block of `body` to its end; false (and `why`) where it trapped
+/// or deadlocked.
+bool runBlock(const std::function<void()> &body, dim3 grid, dim3 block, uint3 blockIndex, std::string &why) {
+  const int threads = static_cast<int>(block.x * block.y * block.z);
+  // One BlockRun per host thread, reused: a block's set-up is its fibers'.
+  static thread_local BlockRun state;
+  state.body = &body;
+  state.fibers.resize(threads);
+  state.warps.resize((threads + 31) / 32);
+  for (Warp &w : state.warps) {
+    w.barrier = {};
+    w.live = 0;
+    w.liveMask = 0;
+  }
+  state.block = {};
+  state.live = threads;
+  state.trapped = false;
+  state.failure.clear();
+  for (int i = 0; i < threads; ++i) {
+    Fiber &f = state.fibers[i];
+    f.done = false;
+    f.waitingOn = nullptr;
+    f.gathers = 0;
+    f.copies.clear();
+    f.groupEnds.clear();
+    f.index.thread = {static_cast<unsigned>(i) % block.x, static_cast<unsigned>(i) / block.x % block.y,
+                      static_cast<unsigned>(i) / (block.x * block.y)};
+    f.index.block = blockIndex;
+    f.index.blockSize = block;
+    f.index.gridSize = grid;
+    f.lane = i % 32;
+    f.warp = i / 32;
+    Warp &w = state.warps[f.warp];
+    ++w.live;
+    w.liveMask |= 1u << f.lane;
+    startOn(f.context, stacks.at(i), kStackBytes, fiberEntry);
+  }
+  run = &state;
+  bool ok = true;
+  while (state.live > 0 && !state.trapped) {
+    // A warp at a time, until each of its lanes is done or waits for the
+    // rest of the block: 32 stacks in the cache rather than the block's.
+    bool progressed = false;
+    for (int first = 0; first < threads && !state.trapped; first += 32) {
+      const int last = std::min(threads, first + 32);
+      for (bool ran = true; ran && !state.trapped;) {
+        ran = false;
+        for (int i = first; i < last && !state.trapped; ++i) {
+          Fiber &f = state.fibers[i];
+          if (f.done || (f.waitingOn && *f.waitingOn == f.waitingFor))
+            continue;
+          f.waitingOn = nullptr;
+          state.running = &f;
+          switchTo(state.scheduler, f.context);
+          state.running = nullptr;
+          ran = progressed = true;
+        }
+      }
+    }
+    if (!progressed) {
+      state.failure = "deadlock: every thread of the block waits at a barrier that cannot open";
+      state.trapped = true;
+    }
+  }
+  if (state.trapped) {
+    why = state.failure;
+    ok = false;
+  }
+  run = nullptr;
+  return ok;
+}
+
+// --- Memory, streams and graphs ---------------------------------------------
+
+struct Allocation {
+  size_t bytes;
+  bool host; ///< cudaMallocHost (pinned) rather than device memory.
+};
+
+struct Operation {
+  std::function<cudaError_t()> run;
+};
+
+struct Runtime {
+  std::recursive_mutex mutex;
+  std::map<uintptr_t, Allocation> allocations;
+  size_t deviceBytes = 0, limit = 0;
+  cudaError_t lastError = cudaSuccess;
+  cudaError_t sticky = cudaSuccess; ///< A kernel trapped: every later call fails.
+  std::string stickyWhy;
+  std::set<StreamState *> streams;
+};
+
+Runtime &runtime() {
+  static Runtime *r = new Runtime(); // never destroyed: contexts may outlive static destruction
+  return *r;
+}
+
+} // namespace
+
+struct StreamState {
+  std::deque<Operation> work;
+  bool capturing = false, invalidated = false;
+  std::vector<Operation> captured;
+};
+
+namespace {
+
+StreamState &legacyStream() {
+  static StreamState *s = new StreamState();
+  return *s;
+}
+StreamState &streamOf(cudaStream_t s) { return s ? *s : legacyStream(); }
+
+cudaError_t setError(cudaError_t error) {
+  if (error != cudaSuccess)
+    runtime().lastError = error;
+  return error;
+}
+
+/// Runs a stream's queued work in order; the first failure is sticky.
+cudaError_t drain(StreamState &s) {
+  Runtime &r = runtime();
+  while (!s.work.empty()) {
+    Operation op = std::move(s.work.front());
+    s.work.pop_front();
+    if (r.sticky != cudaSuccess)
+      continue;
+    if (cudaError_t error = op.run(); error != cudaSuccess)
+      r.sticky = error;
+  }
+  return r.sticky;
+}
+
+cudaError_t drainAll() {
+  Runtime &r = runtime();
+  drain(legacyStream());
+  for (StreamState *s : r.streams)
+    drain(*s);
+  return r.sticky;
+}
+
+/// Enqueues `op` on `s`, or adds it to the graph `s` is capturing.
+cudaError_t enqueue(StreamState &s, Operation op) {
+  if (runtime().sticky != cudaSuccess)
+    return runtime().sticky;
+  if (s.capturing)
+    s.captured.push_back(std::move(op));
+  else
+    s.work.push_back(std::move(op));
+  return cudaSuccess;
+}
+
+/// A call CUDA refuses while this thread captures: it fails, and the
+/// capture with it.
+bool refusedWhileCapturing() {
+  Runtime &r = runtime();
+  bool refused = false;
+  for (StreamState *s : r.streams)
+    if (s->capturing) {
+      s->invalidated = true;
+      refused = true;
+    }
+  return refused;
+}
+
+/// The allocation [p, p + bytes) lies in, or null.
+const Allocation *allocationOf(const void *p, size_t bytes) {
+  Runtime &r = runtime();
+  const uintptr_t address = reinterpret_cast<uintptr_t>(p);
+  auto it = r.allocations.upper_bound(address);
+  if (it == r.allocations.begin())
+    return nullptr;
+  --it;
+  if (address + bytes > it->first + it->second.bytes || address < it->first)
+    return nullptr;
+  return &it->second;
+}
+
+bool isDevice(const void *p, size_t bytes) {
+  const Allocation *a = allocationOf(p, bytes);
+  return a && !a->host;
+}
+bool isPinned(const void *p, size_t bytes) {
+  const Allocation *a = allocationOf(p, bytes);
+  return a && a->host;
+}
+/// Host memory: not a device allocation, nor any part of one.
+bool isHost(const void *p, size_t bytes) {
+  Runtime &r = runtime();
+  const uintptr_t address = reinterpret_cast<uintptr_t>(p);
+  auto it = r.allocations.upper_bound(address + bytes - 1);
+  if (it == r.allocations.begin())
+    return true;
+  --it;
+  const bool overlaps = it->first < address + bytes && address < it->first + it->second.bytes;
+  return !overlaps || it->second.host;
+}
+
+void report(const char *what) { std::fprintf(stderr, "moec CUDA emulation: %s\n", what); }
+
+} // namespace
+
+const ThreadIndex &current() { return self().index; }
+
+int laneId() { return self().lane; }
+
+void syncThreads() { waitAt(run->block, run->live); }
+
+void syncWarp(unsigned mask) {
+  const int members = warpMembers(mask);
+  waitAt(run->warps[self().warp].barrier, members);
+}
+
+const unsigned char *warpGather(unsigned mask, const void *mine, size_t bytes) {
+  Fiber &f = self();
+  const int members = warpMembers(mask);
+  Warp &w = run->warps[f.warp];
+  // Two sets of slots: a lane writes the next gather's only after every
+  // lane has met it there, so after all have read this one.
+  unsigned char(&slots)[32][64] = w.slots[f.gathers++ & 1];
+  std::memcpy(slots[f.lane], mine, bytes);
+  waitAt(w.barrier, members);
+  return &slots[0][0];
+}
+
+void trap() { fail("the kernel trapped (__trap)"); }
+
+void copyAsync(void *shared, const void *global, size_t bytes) { self().copies.push_back({shared, global, bytes}); }
+
+void commitCopies() {
+  Fiber &f = self();
+  f.groupEnds.push_back(f.copies.size());
+}
+
+void waitCopies(int pending) {
+  Fiber &f = self();
+  const size_t groups = f.groupEnds.size();
+  if (groups <= static_cast<size_t>(pending))
+    return;
+  const size_t end = f.groupEnds[groups - pending - 1];
+  for (size_t i = 0; i < end; ++i)
+    std::memcpy(f.copies[i].target, f.copies[i].source, f.copies[i].bytes);
+  f.copies.erase(f.copies.begin(), f.copies.begin() + static_cast<std::ptrdiff_t>(end));
+  f.groupEnds.erase(f.groupEnds.begin(), f.groupEnds.begin() + static_cast<std::ptrdiff_t>(groups - pending));
+  for (size_t &e : f.groupEnds)
+    e -= end;
+}
+
+void launch(dim3 grid, dim3 block, StreamState *stream, std::function<void()> body) {
+  std::lock_guard<std::recursive_mutex> lock(runtime().mutex);
+  const uint64_t threads = static_cast<uint64_t>(block.x) * block.y * block.z;
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || threads == 0 || threads > kMaxThreads || grid.y > 65535 ||
+      grid.z > 65535 || block.z > 64) {
+    setError(cudaErrorInvalidConfiguration);
+    return;
+  }
+  enqueue(streamOf(stream), {[grid, block, body = std::move(body)]() -> cudaError_t {
+            for (unsigned z = 0; z < grid.z; ++z)
+              for (unsigned y = 0; y < grid.y; ++y)
+                for (unsigned x = 0; x < grid.x; ++x) {
+                  std::string why;
+                  if (!runBlock(body, grid, block, {x, y, z}, why)) {
+                    Runtime &r = runtime();
+                    r.stickyWhy = why;
+                    char text[160];
+                    std::snprintf(text, sizeof text, "a kernel failed in block (%u, %u, %u) of (%u, %u, %u): ", x, y, z,
+                                  grid.x, grid.y, grid.z);
+                    report((text + why).c_str());
+                    return cudaErrorLaunchFailure;
+                  }
+                }
+            return cudaSuccess;
+          }});
+}
+
+size_t allocatedBytes() {
+  std::lock_guard<std::recursive_mutex> lock(runtime().mutex);
+  return runtime().deviceBytes;
+}
+
+void setMemoryLimit(size_t bytes) {
+  std::lock_guard<std::recursive_mutex> lock(runtime().mutex);
+  runtime().limit = bytes;
+}
+
+} // namespace moe::emulation
+
+using namespace moe::emulation;
+
+float __half2float(__half h) {
+  const unsigned sign = (h.bits >> 15) & 1u, exponent = (h.bits >> 10) & 0x1Fu, mantissa = h.bits & 0x3FFu;
+  float value;
+  if (exponent == 0)
+    value = std::ldexp(static_cast<float>(mantissa), -24);
+  else if (exponent == 31)
+    value = mantissa ? std::nanf("") : INFINITY;
+  else
+    value = std::ldexp(static_cast<float>(mantissa | 0x400u), static_cast<int>(exponent) - 25);
+  return sign ? -value : value;
+}
+
+#define LOCKED std::lock_guard<std::recursive_mutex> lock(runtime().mutex)
+
+const char *cudaGetErrorString(cudaError_t error) {
+  switch (error) {
+  case cudaSuccess:
+    return "no error";
+  case cudaErrorInvalidValue:
+    return "invalid argument";
+  case cudaErrorMemoryAllocation:
+    return "out of memory";
+  case cudaErrorInvalidConfiguration:
+    return "invalid configuration argument";
+  case cudaErrorInvalidResourceHandle:
+    return "invalid resource handle";
+  case cudaErrorIllegalAddress:
+    return "an illegal memory access was encountered";
+  case cudaErrorLaunchFailure:
+    return "unspecified launch failure";
+  case cudaErrorStreamCaptureUnsupported:
+    return "operation not permitted when stream is capturing";
+  case cudaErrorStreamCaptureInvalidated:
+    return "operation failed due to a previous error during capture";
+  case cudaErrorStreamCaptureWrongThread:
+    return "attempt to terminate a thread-local capture sequence from another thread";
+  default:
+    return "unknown error";
+  }
+}
+
+cudaError_t cudaGetLastError() {
+  LOCKED;
+  Runtime &r = runtime();
+  if (r.sticky != cudaSuccess)
+    return r.sticky;
+  const cudaError_t e = r.lastError;
+  r.lastError = cudaSuccess;
+  return e;
+}
+
+cudaError_t cudaGetDeviceCount(int *count) {
+  *count = 1;
+  return cudaSuccess;
+}
+cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : setError(cudaErrorInvalidValue); }
+cudaError_t cudaGetDevice(int *device) {
+  *device = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int device) {
+  if (device != 0)
+    return setError(cudaErrorInvalidValue);
+  *p = {};
+  std::snprintf(p->name, sizeof p->name, "CPU emulation of an sm_90 device");
+  p->totalGlobalMem = size_t{80} << 30;
+  p->major = 9;
+  p->minor = 0;
+  p->multiProcessorCount = 4;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceGetAttribute(int *value, cudaDeviceAttr attribute, int) {
+  if (attribute != cudaDevAttrMultiProcessorCount)
+    return setError(cudaErrorInvalidValue);
+  *value = 4;
+  return cudaSuccess;
+}
+cudaError_t cudaDriverGetVersion(int *version) {
+  *version = 13000;
+  return cudaSuccess;
+}
+cudaError_t cudaRuntimeGetVersion(int *version) {
+  *version = 13000;
+  return cudaSuccess;
+}
+cudaError_t cudaMemGetInfo(size_t *free, size_t *total) {
+  LOCKED;
+  Runtime &r = runtime();
+  *total = r.limit ? r.limit : size_t{80} << 30;
+  *free = *total > r.deviceBytes ? *total - r.deviceBytes : 0;
+  return cudaSuccess;
+}
+
+namespace {
+cudaError_t allocate(void **pointer, size_t bytes, bool host) {
+  Runtime &r = runtime();
+  *pointer = nullptr;
+  if (refusedWhileCapturing())
+    return setError(cudaErrorStreamCaptureUnsupported);
+  if (!host && r.limit && r.deviceBytes + bytes > r.limit)
+    return setError(cudaErrorMemoryAllocation);
+  void *p = std::aligned_alloc(256, std::max<size_t>(256, (bytes + 255) / 256 * 256));
+  if (!p)
+    return setError(cudaErrorMemoryAllocation);
+  // Fresh device memory holds garbage on a GPU: NaN bits here.
+  std::memset(p, 0xFF, bytes);
+  r.allocations[reinterpret_cast<uintptr_t>(p)] = {std::max<size_t>(bytes, 1), host};
+  if (!host)
+    r.deviceBytes += bytes;
+  *pointer = p;
+  return cudaSuccess;
+}
+
+cudaError_t release(void *pointer, bool host) {
+  if (!pointer)
+    return cudaSuccess;
+  Runtime &r = runtime();
+  if (refusedWhileCapturing())
+    return setError(cudaErrorStreamCaptureUnsupported);
+  drainAll(); // cudaFree waits for the device
+  auto it = r.allocations.find(reinterpret_cast<uintptr_t>(pointer));
+  if (it == r.allocations.end() || it->second.host != host) {
+    report(host ? "cudaFreeHost of memory cudaMallocHost did not give" : "cudaFree of memory cudaMalloc did not give");
+    return setError(cudaErrorInvalidValue);
+  }
+  if (!host)
+    r.deviceBytes -= it->second.bytes;
+  r.allocations.erase(it);
+  std::free(pointer);
+  return r.sticky;
+}
+
+/// Checks a copy's ends against its kind.
+cudaError_t checkCopy(void *target, const void *source, size_t bytes, cudaMemcpyKind kind) {
+  if (bytes == 0)
+    return cudaSuccess;
+  const bool sourceDevice = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
+  const bool targetDevice = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
+  if ((sourceDevice && !isDevice(source, bytes)) || (!sourceDevice && !isHost(source, bytes))) {
+    report(sourceDevice ? "a copy reads past or outside a device allocation"
+                        : "a copy from the host reads device memory");
+    return setError(cudaErrorInvalidValue);
+  }
+  if ((targetDevice && !isDevice(target, bytes)) || (!targetDevice && !isHost(target, bytes))) {
+    report(targetDevice ? "a copy writes past or outside a device allocation"
+                        : "a copy to the host writes device memory");
+    return setError(cudaErrorInvalidValue);
+  }
+  return cudaSuccess;
+}
+} // namespace
+
+cudaError_t cudaMalloc(void **pointer, size_t bytes) {
+  LOCKED;
+  return allocate(pointer, bytes, false);
+}
+cudaError_t cudaFree(void *pointer) {
+  LOCKED;
+  return release(pointer, false);
+}
+cudaError_t cudaMallocHost(void **pointer, size_t bytes) {
+  LOCKED;
+  return allocate(pointer, bytes, true);
+}
+cudaError_t cudaFreeHost(void *pointer) {
+  LOCKED;
+  return release(pointer, true);
+}
+
+cudaError_t cudaMemcpy(void *target, const void *source, size_t bytes, cudaMemcpyKind kind) {
+  LOCKED;
+  if (refusedWhileCapturing())
+    return setError(cudaErrorStreamCaptureUnsupported);
+  if (cudaError_t e = checkCopy(target, source, bytes, kind); e != cudaSuccess)
+    return e;
+  // The legacy stream: waits for its own work (the library's streams are
+  // non-blocking, so not for theirs).
+  if (cudaError_t e = drain(legacyStream()); e != cudaSuccess)
+    return e;
+  std::memmove(target, source, bytes);
+  return cudaSuccess;
+}
+
+cudaError_t cudaMemcpyAsync(void *target, const void *source, size_t bytes, cudaMemcpyKind kind, cudaStream_t stream) {
+  LOCKED;
+  if (cudaError_t e = checkCopy(target, source, bytes, kind); e != cudaSuccess)
+    return e;
+  StreamState &s = streamOf(stream);
+  if (bytes == 0)
+    return cudaSuccess;
+  if (kind == cudaMemcpyHostToDevice && !isPinned(source, bytes)) {
+    if (s.capturing) {
+      s.invalidated = true;
+      report("a captured copy from pageable host memory");
+      return setError(cudaErrorStreamCaptureUnsupported);
+    }
+    // From pageable memory the source is staged before the call returns.
+    auto staged = std::make_shared<std::vector<unsigned char>>(static_cast<const unsigned char *>(source),
+                                                               static_cast<const unsigned char *>(source) + bytes);
+    return enqueue(s, {[target, staged] {
+                     std::memcpy(target, staged->data(), staged->size());
+                     return cudaSuccess;
+                   }});
+  }
+  if (kind == cudaMemcpyDeviceToHost && !isPinned(target, bytes)) {
+    if (s.capturing) {
+      s.invalidated = true;
+      report("a captured copy to pageable host memory");
+      return setError(cudaErrorStreamCaptureUnsupported);
+    }
+    // To pageable memory the call returns once the copy is done.
+    if (cudaError_t e = drain(s); e != cudaSuccess)
+      return e;
+    std::memcpy(target, source, bytes);
+    return cudaSuccess;
+  }
+  return enqueue(s, {[target, source, bytes] {
+                   std::memmove(target, source, bytes);
+                   return cudaSuccess;
+                 }});
+}
+
+cudaError_t cudaMemsetAsync(void *target, int value, size_t bytes, cudaStream_t stream) {
+  LOCKED;
+  if (bytes && !isDevice(target, bytes)) {
+    report("a memset outside a device allocation");
+    return setError(cudaErrorInvalidValue);
+  }
+  return enqueue(streamOf(stream), {[target, value, bytes] {
+                   std::memset(target, value, bytes);
+                   return cudaSuccess;
+                 }});
+}
+
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t *stream, unsigned) {
+  LOCKED;
+  *stream = new StreamState();
+  runtime().streams.insert(*stream);
+  return cudaSuccess;
+}
+cudaError_t cudaStreamDestroy(cudaStream_t stream) {
+  LOCKED;
+  if (!stream || !runtime().streams.count(stream))
+    return setError(cudaErrorInvalidResourceHandle);
+  drain(*stream);
+  runtime().streams.erase(stream);
+  delete stream;
+  return cudaSuccess;
+}
+cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
+  LOCKED;
+  StreamState &s = streamOf(stream);
+  if (s.capturing) {
+    s.invalidated = true;
+    return setError(cudaErrorStreamCaptureUnsupported);
+  }
+  return drain(s);
+}
+cudaError_t cudaDeviceSynchronize() {
+  LOCKED;
+  if (refusedWhileCapturing())
+    return setError(cudaErrorStreamCaptureUnsupported);
+  return drainAll();
+}
+
+struct EmulatedEvent {
+  std::chrono::steady_clock::time_point at;
+  bool recorded = false;
+};
+
+cudaError_t cudaEventCreate(cudaEvent_t *event) {
+  *event = new EmulatedEvent();
+  return cudaSuccess;
+}
+cudaError_t cudaEventDestroy(cudaEvent_t event) {
+  delete event;
+  return cudaSuccess;
+}
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t stream) {
+  LOCKED;
+  StreamState &s = streamOf(stream);
+  if (s.capturing)
+    return cudaSuccess; // a dependency inside the graph, no time
+  event->recorded = false;
+  return enqueue(s, {[event] {
+                   event->at = std::chrono::steady_clock::now();
+                   event->recorded = true;
+                   return cudaSuccess;
+                 }});
+}
+cudaError_t cudaEventElapsedTime(float *milliseconds, cudaEvent_t start, cudaEvent_t stop) {
+  LOCKED;
+  if (!start->recorded || !stop->recorded)
+    return setError(cudaErrorInvalidResourceHandle);
+  *milliseconds = std::chrono::duration<float, std::milli>(stop->at - start->at).count();
+  return cudaSuccess;
+}
+
+struct EmulatedGraph {
+  std::vector<Operation> operations;
+};
+
+cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode) {
+  LOCKED;
+  StreamState &s = streamOf(stream);
+  if (!stream || s.capturing)
+    return setError(cudaErrorStreamCaptureUnsupported);
+  s.capturing = true;
+  s.invalidated = false;
+  s.captured.clear();
+  return cudaSuccess;
+}
+cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t *graph) {
+  LOCKED;
+  StreamState &s = streamOf(stream);
+  *graph = nullptr;
+  if (!s.capturing)
+    return setError(cudaErrorInvalidValue);
+  s.capturing = false;
+  if (s.invalidated) {
+    s.captured.clear();
+    return setError(cudaErrorStreamCaptureInvalidated);
+  }
+  *graph = new EmulatedGraph{std::move(s.captured)};
+  s.captured.clear();
+  return cudaSuccess;
+}
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t graph, unsigned long long) {
+  *exec = new EmulatedGraph(*graph);
+  return cudaSuccess;
+}
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
+  LOCKED;
+  StreamState &s = streamOf(stream);
+  for (const Operation &op : exec->operations)
+    if (cudaError_t e = enqueue(s, op); e != cudaSuccess)
+      return e;
+  return cudaSuccess;
+}
+cudaError_t cudaGraphDestroy(cudaGraph_t graph) {
+  delete graph;
+  return cudaSuccess;
+}
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec) {
+  delete exec;
+  return cudaSuccess;
+}

@@ -1,0 +1,2 @@
+// MatrixProducts.cu compiled as C++ for the CPU emulation of CUDA (CudaEmulation.h).
+#include "../MatrixProducts.cu"
