@@ -134,6 +134,7 @@ struct Warp {
   Barrier barrier;
   int live = 0;
   unsigned liveMask = 0;
+  unsigned waitingMask = 0; ///< The mask of the warp-synchronous call lanes wait at.
   unsigned char slots[2][32][64];
 };
 
@@ -216,6 +217,7 @@ int warpMembers(unsigned mask) {
   if ((mask & ~w.liveMask) != 0)
     fail("a warp-synchronous call (shuffle, __syncwarp or MMA) whose mask names a lane that has returned or does "
          "not exist");
+  w.waitingMask = mask;
   return mask == 0xffffffffu ? 32 : std::popcount(mask);
 }
 
@@ -229,21 +231,24 @@ void release(Barrier &barrier, int expected) {
 void fiberEntry() {
   Fiber &f = self();
   (*run->body)();
+  Warp &w = run->warps[f.warp];
+  if (w.barrier.arrived > 0 && (w.waitingMask >> f.lane & 1u))
+    fail("a lane returned while its warp waited for it at a shuffle, __syncwarp or MMA");
   f.done = true;
   --run->live;
-  Warp &w = run->warps[f.warp];
   --w.live;
   w.liveMask &= ~(1u << f.lane);
-  // A barrier waiting only for this thread opens now.
+  // A block barrier waiting only for this thread opens now (a warp's
+  // cannot be waiting for it: that failed above).
   release(run->block, run->live);
-  release(w.barrier, std::popcount(w.liveMask));
   switchTo(f.context, run->scheduler); // never resumed
   std::abort();
 }
 
 /// Runs one block of `body` to its end; false (and `why`) where it trapped
-/// or deadlocked.
-bool runBlock(const std::function<void()> &body, dim3 grid, dim3 block, uint3 blockIndex, std::string &why) {
+/// or deadlocked. `backwards`: warps, and lanes in a warp, run last first.
+bool runBlock(const std::function<void()> &body, dim3 grid, dim3 block, uint3 blockIndex, bool backwards,
+              std::string &why) {
   const int threads = static_cast<int>(block.x * block.y * block.z);
   // One BlockRun per host thread, reused: a block's set-up is its fibers'.
   static thread_local BlockRun state;
@@ -284,12 +289,13 @@ bool runBlock(const std::function<void()> &body, dim3 grid, dim3 block, uint3 bl
     // A warp at a time, until each of its lanes is done or waits for the
     // rest of the block: 32 stacks in the cache rather than the block's.
     bool progressed = false;
-    for (int first = 0; first < threads && !state.trapped; first += 32) {
-      const int last = std::min(threads, first + 32);
+    const int warps = (threads + 31) / 32;
+    for (int k = 0; k < warps && !state.trapped; ++k) {
+      const int first = 32 * (backwards ? warps - 1 - k : k), last = std::min(threads, first + 32);
       for (bool ran = true; ran && !state.trapped;) {
         ran = false;
-        for (int i = first; i < last && !state.trapped; ++i) {
-          Fiber &f = state.fibers[i];
+        for (int j = first; j < last && !state.trapped; ++j) {
+          Fiber &f = state.fibers[backwards ? first + last - 1 - j : j];
           if (f.done || (f.waitingOn && *f.waitingOn == f.waitingFor))
             continue;
           f.waitingOn = nullptr;
@@ -332,6 +338,7 @@ struct Runtime {
   cudaError_t sticky = cudaSuccess; ///< A kernel trapped: every later call fails.
   std::string stickyWhy;
   std::set<StreamState *> streams;
+  uint64_t kernelRuns = 0;
 };
 
 Runtime &runtime() {
@@ -499,11 +506,15 @@ void launch(dim3 grid, dim3 block, StreamState *stream, std::function<void()> bo
     return;
   }
   enqueue(streamOf(stream), {[grid, block, body = std::move(body)]() -> cudaError_t {
+            // Every other kernel run takes its threads in the opposite
+            // order: a kernel whose result depends on which thread runs
+            // first (a missing barrier) differs from run to run.
+            const bool backwards = runtime().kernelRuns++ & 1;
             for (unsigned z = 0; z < grid.z; ++z)
               for (unsigned y = 0; y < grid.y; ++y)
                 for (unsigned x = 0; x < grid.x; ++x) {
                   std::string why;
-                  if (!runBlock(body, grid, block, {x, y, z}, why)) {
+                  if (!runBlock(body, grid, block, {x, y, z}, backwards, why)) {
                     Runtime &r = runtime();
                     r.stickyWhy = why;
                     char text[160];
@@ -525,6 +536,16 @@ size_t allocatedBytes() {
 void setMemoryLimit(size_t bytes) {
   std::lock_guard<std::recursive_mutex> lock(runtime().mutex);
   runtime().limit = bytes;
+}
+
+void clearErrors() {
+  std::lock_guard<std::recursive_mutex> lock(runtime().mutex);
+  Runtime &r = runtime();
+  legacyStream().work.clear();
+  for (StreamState *s : r.streams)
+    s->work.clear();
+  r.sticky = r.lastError = cudaSuccess;
+  r.stickyWhy.clear();
 }
 
 } // namespace moe::emulation

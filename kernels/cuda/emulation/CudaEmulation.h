@@ -11,9 +11,11 @@
 // host buffer changed or read before its copy is done gives the wrong
 // answer here as on a GPU; copies are checked against the allocations they
 // name, launches against CUDA's limits, and capture against the calls
-// CUDA refuses while capturing. What it cannot see: timing, occupancy,
-// races inside a kernel (threads run one at a time, in order), and a
-// kernel touching host memory.
+// CUDA refuses while capturing. What it cannot see: timing, occupancy, a
+// kernel touching host memory, and most races inside a kernel: threads run
+// one at a time, switching only at barriers, and every other kernel run
+// takes them in the opposite order, so a missing barrier shows only where
+// that order changes the result.
 //
 // Headers named cuda_runtime.h and cuda_fp16.h next to this one include
 // it, so sources compile unchanged but for their launches (cuda/Launch.h)
@@ -104,6 +106,10 @@ void launch(dim3 grid, dim3 block, StreamState *stream, std::function<void()> bo
 size_t allocatedBytes();
 /// Limits device memory (0: none), to test allocation failures.
 void setMemoryLimit(size_t bytes);
+/// Drops every stream's queued work and clears the errors, a trap's sticky
+/// one included (tests of failures; on a GPU only a reset recovers, and it
+/// also frees every allocation, which this keeps).
+void clearErrors();
 
 } // namespace moe::emulation
 

@@ -1,0 +1,258 @@
+//===- EmulationTest.cpp - The CPU emulation of CUDA itself ---------------===//
+//
+// Part of moec. The emulation the GPU tests run on without a GPU
+// (kernels/cuda/emulation) must run kernels as a GPU does where a kernel's
+// correctness depends on it, and fail where a GPU would fail: threads that
+// meet at barriers and shuffles, cp.async copies that land at their wait,
+// stream work that runs when the host waits (so a pinned buffer changed
+// too early is read changed), copies checked against their allocations,
+// bad launches, deadlocks and traps failing the stream, and capture
+// refusing a wait. Built only into moec-cuda-emulated-tests.
+//
+//===----------------------------------------------------------------------===//
+
+#include <cuda_runtime.h>
+
+#include "cuda/Launch.h"
+
+#include <gtest/gtest.h>
+
+#include <numeric>
+#include <vector>
+
+namespace {
+
+using moe::cuda::launchKernel;
+
+/// Every thread leaves its index, and after the barrier reads its
+/// neighbour's; with the block and grid indices.
+__global__ void neighbourKernel(int *out) {
+  __shared__ int slots[256];
+  const unsigned t = threadIdx.x + blockDim.x * threadIdx.y;
+  const unsigned threads = blockDim.x * blockDim.y;
+  slots[t] = static_cast<int>(t);
+  __syncthreads();
+  const unsigned block = blockIdx.x + gridDim.x * blockIdx.y;
+  out[block * threads + t] = slots[(t + 1) % threads] + 1000 * static_cast<int>(block);
+}
+
+__global__ void warpSumKernel(const float *in, float *out) {
+  const int lane = threadIdx.x & 31;
+  float v = in[threadIdx.x];
+  for (int offset = 16; offset > 0; offset >>= 1)
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  const float first = __shfl_sync(0xffffffffu, in[threadIdx.x], 0);
+  out[threadIdx.x] = lane == 1 ? first : v;
+}
+
+/// Lanes 16..31 return; the rest shuffle over the whole warp (undefined
+/// on a GPU).
+__global__ void returnedLaneKernel(float *out) {
+  if ((threadIdx.x & 31) >= 16)
+    return;
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 16);
+}
+
+/// Lane 0 waits for its warp while the others wait for the block.
+__global__ void deadlockKernel() {
+  if (threadIdx.x == 0)
+    __syncwarp();
+  else
+    __syncthreads();
+}
+
+__global__ void trapKernel() { __trap(); }
+
+/// Each lane but the first reads the slot the lane before it writes, with
+/// or without the barrier between.
+__global__ void previousLaneKernel(int salt, bool barrier, int *out) {
+  __shared__ int slots[32];
+  slots[threadIdx.x] = static_cast<int>(threadIdx.x) + salt;
+  if (barrier)
+    __syncwarp();
+  out[threadIdx.x] = slots[threadIdx.x == 0 ? 0 : threadIdx.x - 1];
+}
+
+__global__ void incrementKernel(int *counter) {
+  if (threadIdx.x == 0 && blockIdx.x == 0)
+    *counter += 1;
+}
+
+/// A value copied into shared memory asynchronously: what the thread sees
+/// before and after its wait.
+__global__ void asyncCopyKernel(const int *global, int *out) {
+  __shared__ int slot[1];
+  slot[0] = -1;
+  moe::emulation::copyAsync(slot, global, sizeof(int));
+  moe::emulation::commitCopies();
+  out[0] = slot[0];
+  moe::emulation::waitCopies(0);
+  out[1] = slot[0];
+}
+
+/// Device memory with `count` ints, freed at the end of the scope.
+struct DeviceInts {
+  int *data = nullptr;
+  explicit DeviceInts(size_t count) { EXPECT_EQ(cudaMalloc(&data, count * sizeof(int)), cudaSuccess); }
+  ~DeviceInts() { cudaFree(data); }
+};
+
+/// Clears a test's deliberate failures for the next test.
+struct Recover {
+  ~Recover() { moe::emulation::clearErrors(); }
+};
+
+TEST(Emulation, ThreadsMeetAtBlockBarriers) {
+  const dim3 grid(3, 2), block(32, 8);
+  const size_t count = 6 * 256;
+  DeviceInts out(count);
+  launchKernel(neighbourKernel, grid, block, nullptr, out.data);
+  ASSERT_EQ(cudaGetLastError(), cudaSuccess);
+  std::vector<int> host(count);
+  ASSERT_EQ(cudaMemcpy(host.data(), out.data, count * sizeof(int), cudaMemcpyDeviceToHost), cudaSuccess);
+  for (size_t b = 0; b < 6; ++b)
+    for (size_t t = 0; t < 256; ++t)
+      ASSERT_EQ(host[b * 256 + t], static_cast<int>((t + 1) % 256 + 1000 * b)) << b << " " << t;
+}
+
+TEST(Emulation, ShufflesMoveValuesBetweenLanes) {
+  std::vector<float> in(64);
+  std::iota(in.begin(), in.end(), 1.0f);
+  float *deviceIn = nullptr, *deviceOut = nullptr;
+  ASSERT_EQ(cudaMalloc(&deviceIn, 64 * sizeof(float)), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&deviceOut, 64 * sizeof(float)), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(deviceIn, in.data(), 64 * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+  launchKernel(warpSumKernel, 1, 64, nullptr, deviceIn, deviceOut);
+  std::vector<float> out(64);
+  ASSERT_EQ(cudaMemcpy(out.data(), deviceOut, 64 * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
+  for (int t = 0; t < 64; ++t) {
+    const int warp = t / 32;
+    const float sum = 32.0f * (32 * warp) + 32.0f * 33.0f / 2.0f; // 1 + 32w .. 32 + 32w
+    EXPECT_EQ(out[t], (t & 31) == 1 ? static_cast<float>(32 * warp + 1) : sum) << t;
+  }
+  cudaFree(deviceIn);
+  cudaFree(deviceOut);
+}
+
+TEST(Emulation, AsyncCopiesLandAtTheirWait) {
+  DeviceInts global(1), out(2);
+  const int value = 42;
+  ASSERT_EQ(cudaMemcpy(global.data, &value, sizeof value, cudaMemcpyHostToDevice), cudaSuccess);
+  launchKernel(asyncCopyKernel, 1, 32, nullptr, static_cast<const int *>(global.data), out.data);
+  int host[2] = {};
+  ASSERT_EQ(cudaMemcpy(host, out.data, sizeof host, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(host[0], -1) << "read before the wait: the copy has not landed";
+  EXPECT_EQ(host[1], 42);
+}
+
+TEST(Emulation, StreamWorkRunsWhenTheHostWaits) {
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  DeviceInts device(2);
+  int *pinned = nullptr;
+  ASSERT_EQ(cudaMallocHost(&pinned, 2 * sizeof(int)), cudaSuccess);
+  int pageable = 1;
+  pinned[0] = 1;
+  pinned[1] = 7;
+  ASSERT_EQ(cudaMemcpyAsync(device.data, pinned, sizeof(int), cudaMemcpyHostToDevice, stream), cudaSuccess);
+  ASSERT_EQ(cudaMemcpyAsync(device.data + 1, &pageable, sizeof(int), cudaMemcpyHostToDevice, stream), cudaSuccess);
+  // Changed before the wait: a pinned buffer is read when the copy runs,
+  // a pageable one was staged by the call.
+  pinned[0] = 2;
+  pageable = 2;
+  ASSERT_EQ(cudaMemcpyAsync(pinned, device.data, 2 * sizeof(int), cudaMemcpyDeviceToHost, stream), cudaSuccess);
+  EXPECT_EQ(pinned[1], 7) << "nothing has run before the wait";
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  EXPECT_EQ(pinned[0], 2);
+  EXPECT_EQ(pinned[1], 1);
+  cudaFreeHost(pinned);
+  cudaStreamDestroy(stream);
+}
+
+TEST(Emulation, CopiesAreCheckedAgainstAllocations) {
+  DeviceInts device(4);
+  std::vector<int> host(8);
+  EXPECT_EQ(cudaMemcpy(device.data, host.data(), 8 * sizeof(int), cudaMemcpyHostToDevice), cudaErrorInvalidValue)
+      << "past the allocation's end";
+  EXPECT_EQ(cudaMemcpy(host.data(), host.data() + 4, 4 * sizeof(int), cudaMemcpyDeviceToHost), cudaErrorInvalidValue)
+      << "host memory named as the device's";
+  EXPECT_EQ(cudaMemcpy(device.data, device.data, 4 * sizeof(int), cudaMemcpyHostToDevice), cudaErrorInvalidValue)
+      << "device memory named as the host's";
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess) << "not sticky";
+}
+
+TEST(Emulation, BadLaunchesAreTheNextError) {
+  DeviceInts counter(1);
+  launchKernel(incrementKernel, 0, 32, nullptr, counter.data);
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidConfiguration) << "an empty grid";
+  launchKernel(incrementKernel, 1, 2048, nullptr, counter.data);
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidConfiguration) << "over 1024 threads a block";
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
+
+TEST(Emulation, DeadlocksTrapsAndReturnedLanesFailTheStream) {
+  Recover recover;
+  launchKernel(deadlockKernel, 1, 64, nullptr);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
+  EXPECT_EQ(cudaGetLastError(), cudaErrorLaunchFailure) << "sticky, as on a GPU";
+  moe::emulation::clearErrors();
+  launchKernel(trapKernel, 2, 32, nullptr);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
+  moe::emulation::clearErrors();
+  DeviceInts out(32);
+  launchKernel(returnedLaneKernel, 1, 32, nullptr, reinterpret_cast<float *>(out.data));
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
+}
+
+TEST(Emulation, AMissingBarrierShowsInOneOfTwoRuns) {
+  DeviceInts out(32);
+  const auto allRight = [&](int salt, bool barrier) {
+    launchKernel(previousLaneKernel, 1, 32, nullptr, salt, barrier, out.data);
+    std::vector<int> host(32);
+    EXPECT_EQ(cudaMemcpy(host.data(), out.data, 32 * sizeof(int), cudaMemcpyDeviceToHost), cudaSuccess);
+    for (int t = 0; t < 32; ++t)
+      if (host[t] != (t == 0 ? 0 : t - 1) + salt)
+        return false;
+    return true;
+  };
+  EXPECT_TRUE(allRight(100, true));
+  EXPECT_TRUE(allRight(200, true));
+  // Two runs in a row, one taking the lanes first to last (each reads a
+  // slot already written), the other last to first (each reads a slot of
+  // the run before).
+  const bool first = allRight(300, false), second = allRight(400, false);
+  EXPECT_NE(first, second);
+}
+
+TEST(Emulation, CaptureRefusesWaitsAndGraphsReplayTheirLaunches) {
+  Recover recover;
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  DeviceInts counter(1);
+  ASSERT_EQ(cudaMemsetAsync(counter.data, 0, sizeof(int), stream), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  launchKernel(incrementKernel, 1, 32, stream, counter.data);
+  EXPECT_EQ(cudaStreamSynchronize(stream), cudaErrorStreamCaptureUnsupported);
+  cudaGraph_t graph = nullptr;
+  EXPECT_EQ(cudaStreamEndCapture(stream, &graph), cudaErrorStreamCaptureInvalidated);
+  EXPECT_EQ(graph, nullptr);
+
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  launchKernel(incrementKernel, 1, 32, stream, counter.data);
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  for (int i = 0; i < 3; ++i)
+    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  int value = -1;
+  ASSERT_EQ(cudaMemcpyAsync(&value, counter.data, sizeof value, cudaMemcpyDeviceToHost, stream), cudaSuccess);
+  EXPECT_EQ(value, 3) << "three replays; the captured launches themselves did not run";
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+
+} // namespace
