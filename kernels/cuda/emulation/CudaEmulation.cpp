@@ -31,6 +31,7 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -39,7 +40,7 @@
 // way, or made by newStack).
 extern "C" void moe_emulation_switch(void **save, void *load);
 asm(R"(
-.text
+.pushsection .text
 .globl moe_emulation_switch
 .type moe_emulation_switch,@function
 moe_emulation_switch:
@@ -59,8 +60,7 @@ moe_emulation_switch:
   popq %rbp
   ret
 .size moe_emulation_switch,.-moe_emulation_switch
-.section .note.GNU-stack,"",@progbits
-.text
+.popsection
 )");
 #endif
 
@@ -106,6 +106,7 @@ void startOn(Context &context, void *stack, size_t bytes, void (*entry)()) {
 }
 
 constexpr size_t kStackBytes = 256 << 10;
+constexpr size_t kGuardBytes = 4096;
 constexpr int kMaxThreads = 1024;
 
 struct Barrier {
@@ -134,7 +135,8 @@ struct Warp {
   Barrier barrier;
   int live = 0;
   unsigned liveMask = 0;
-  unsigned waitingMask = 0; ///< The mask of the warp-synchronous call lanes wait at.
+  unsigned arrived = 0;     ///< Lanes waiting at the warp-synchronous call ...
+  unsigned waitingMask = 0; ///< ... of this mask.
   unsigned char slots[2][32][64];
 };
 
@@ -148,6 +150,7 @@ struct BlockRun {
   Fiber *running = nullptr;
   Context scheduler;
   bool trapped = false;
+  bool backwards = false; ///< This run takes threads last first, and makes cp.async copies at once.
   std::string failure;
 };
 
@@ -158,17 +161,20 @@ struct Stacks {
   std::vector<void *> stacks;
   void *at(size_t i) {
     while (stacks.size() <= i) {
-      void *p = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-      if (p == MAP_FAILED) {
+      // A guard page below each stack: an overflow faults rather than
+      // writing over the next fiber's stack.
+      char *p = static_cast<char *>(mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE,
+                                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+      if (p == MAP_FAILED || mprotect(p, kGuardBytes, PROT_NONE) != 0) {
         std::fprintf(stderr, "moec CUDA emulation: cannot map a fiber stack\n");
         std::abort();
       }
-      stacks.push_back(p);
+      stacks.push_back(p + kGuardBytes);
     }
     return stacks[i];
   }
 };
-thread_local Stacks stacks;
+thread_local Stacks &stacks = *new Stacks(); // never destroyed, as BlockRun
 
 Fiber &self() {
   if (!run || !run->running) {
@@ -208,8 +214,10 @@ void waitAt(Barrier &barrier, int expected) {
   yield();
 }
 
-/// The lanes of `mask` that must meet: every one must still run.
-int warpMembers(unsigned mask) {
+/// The calling lane meets the lanes of `mask` (each must still run, and
+/// any lane waiting already must have given the same mask); the last to
+/// arrive opens the barrier.
+void meetWarp(unsigned mask) {
   Fiber &f = self();
   Warp &w = run->warps[f.warp];
   if (!(mask >> f.lane & 1u))
@@ -217,8 +225,19 @@ int warpMembers(unsigned mask) {
   if ((mask & ~w.liveMask) != 0)
     fail("a warp-synchronous call (shuffle, __syncwarp or MMA) whose mask names a lane that has returned or does "
          "not exist");
+  if (w.arrived != 0 && mask != w.waitingMask)
+    fail("lanes of a warp meet with different masks (the emulation runs one warp-synchronous call of a warp at a "
+         "time)");
   w.waitingMask = mask;
-  return mask == 0xffffffffu ? 32 : std::popcount(mask);
+  w.arrived |= 1u << f.lane;
+  if (w.arrived == mask) {
+    w.arrived = 0;
+    ++w.barrier.generation;
+    return;
+  }
+  f.waitingOn = &w.barrier.generation;
+  f.waitingFor = w.barrier.generation;
+  yield();
 }
 
 void release(Barrier &barrier, int expected) {
@@ -232,7 +251,7 @@ void fiberEntry() {
   Fiber &f = self();
   (*run->body)();
   Warp &w = run->warps[f.warp];
-  if (w.barrier.arrived > 0 && (w.waitingMask >> f.lane & 1u))
+  if (w.arrived != 0 && (w.waitingMask >> f.lane & 1u))
     fail("a lane returned while its warp waited for it at a shuffle, __syncwarp or MMA");
   f.done = true;
   --run->live;
@@ -251,18 +270,21 @@ bool runBlock(const std::function<void()> &body, dim3 grid, dim3 block, uint3 bl
               std::string &why) {
   const int threads = static_cast<int>(block.x * block.y * block.z);
   // One BlockRun per host thread, reused: a block's set-up is its fibers'.
-  static thread_local BlockRun state;
+  // Never destroyed: a context destroyed at exit may still run kernels.
+  static thread_local BlockRun &state = *new BlockRun();
   state.body = &body;
   state.fibers.resize(threads);
   state.warps.resize((threads + 31) / 32);
   for (Warp &w : state.warps) {
     w.barrier = {};
+    w.arrived = 0;
     w.live = 0;
     w.liveMask = 0;
   }
   state.block = {};
   state.live = threads;
   state.trapped = false;
+  state.backwards = backwards;
   state.failure.clear();
   for (int i = 0; i < threads; ++i) {
     Fiber &f = state.fibers[i];
@@ -351,6 +373,8 @@ Runtime &runtime() {
 struct StreamState {
   std::deque<Operation> work;
   bool capturing = false, invalidated = false;
+  cudaStreamCaptureMode captureMode = cudaStreamCaptureModeGlobal;
+  std::thread::id captureThread;
   std::vector<Operation> captured;
 };
 
@@ -401,13 +425,16 @@ cudaError_t enqueue(StreamState &s, Operation op) {
   return cudaSuccess;
 }
 
-/// A call CUDA refuses while this thread captures: it fails, and the
-/// capture with it.
+/// A call CUDA refuses while capturing (a potentially unsafe one: this
+/// thread captures in global or thread-local mode, or another in global
+/// mode): it fails, and the capture with it.
 bool refusedWhileCapturing() {
   Runtime &r = runtime();
   bool refused = false;
   for (StreamState *s : r.streams)
-    if (s->capturing) {
+    if (s->capturing &&
+        (s->captureMode == cudaStreamCaptureModeGlobal ||
+         (s->captureMode == cudaStreamCaptureModeThreadLocal && s->captureThread == std::this_thread::get_id()))) {
       s->invalidated = true;
       refused = true;
     }
@@ -457,26 +484,31 @@ int laneId() { return self().lane; }
 
 void syncThreads() { waitAt(run->block, run->live); }
 
-void syncWarp(unsigned mask) {
-  const int members = warpMembers(mask);
-  waitAt(run->warps[self().warp].barrier, members);
-}
+void syncWarp(unsigned mask) { meetWarp(mask); }
 
 const unsigned char *warpGather(unsigned mask, const void *mine, size_t bytes) {
   Fiber &f = self();
-  const int members = warpMembers(mask);
   Warp &w = run->warps[f.warp];
   // Two sets of slots: a lane writes the next gather's only after every
   // lane has met it there, so after all have read this one.
   unsigned char(&slots)[32][64] = w.slots[f.gathers++ & 1];
   std::memcpy(slots[f.lane], mine, bytes);
-  waitAt(w.barrier, members);
+  meetWarp(mask);
   return &slots[0][0];
 }
 
 void trap() { fail("the kernel trapped (__trap)"); }
 
-void copyAsync(void *shared, const void *global, size_t bytes) { self().copies.push_back({shared, global, bytes}); }
+void failKernel(const char *why) { fail(why); }
+
+void copyAsync(void *shared, const void *global, size_t bytes) {
+  // A GPU lands the copy anywhere between the call and the wait: at the
+  // wait in one run, at the call in the next.
+  if (run->backwards)
+    std::memcpy(shared, global, bytes);
+  else
+    self().copies.push_back({shared, global, bytes});
+}
 
 void commitCopies() {
   Fiber &f = self();
@@ -503,6 +535,8 @@ void launch(dim3 grid, dim3 block, StreamState *stream, std::function<void()> bo
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || threads == 0 || threads > kMaxThreads || grid.y > 65535 ||
       grid.z > 65535 || block.z > 64) {
     setError(cudaErrorInvalidConfiguration);
+    if (StreamState &s = streamOf(stream); s.capturing)
+      s.invalidated = true; // the graph would lack the launch
     return;
   }
   enqueue(streamOf(stream), {[grid, block, body = std::move(body)]() -> cudaError_t {
@@ -510,9 +544,12 @@ void launch(dim3 grid, dim3 block, StreamState *stream, std::function<void()> bo
             // order: a kernel whose result depends on which thread runs
             // first (a missing barrier) differs from run to run.
             const bool backwards = runtime().kernelRuns++ & 1;
-            for (unsigned z = 0; z < grid.z; ++z)
-              for (unsigned y = 0; y < grid.y; ++y)
-                for (unsigned x = 0; x < grid.x; ++x) {
+            for (unsigned zi = 0; zi < grid.z; ++zi)
+              for (unsigned yi = 0; yi < grid.y; ++yi)
+                for (unsigned xi = 0; xi < grid.x; ++xi) {
+                  // Blocks too run last first in a backwards run.
+                  const unsigned x = backwards ? grid.x - 1 - xi : xi, y = backwards ? grid.y - 1 - yi : yi,
+                                 z = backwards ? grid.z - 1 - zi : zi;
                   std::string why;
                   if (!runBlock(body, grid, block, {x, y, z}, backwards, why)) {
                     Runtime &r = runtime();
@@ -538,6 +575,11 @@ void setMemoryLimit(size_t bytes) {
   runtime().limit = bytes;
 }
 
+std::string lastFailure() {
+  std::lock_guard<std::recursive_mutex> lock(runtime().mutex);
+  return runtime().stickyWhy;
+}
+
 void clearErrors() {
   std::lock_guard<std::recursive_mutex> lock(runtime().mutex);
   Runtime &r = runtime();
@@ -552,7 +594,7 @@ void clearErrors() {
 
 using namespace moe::emulation;
 
-float __half2float(__half h) {
+float moe::emulation::__half2float(__half h) {
   const unsigned sign = (h.bits >> 15) & 1u, exponent = (h.bits >> 10) & 0x1Fu, mantissa = h.bits & 0x3FFu;
   float value;
   if (exponent == 0)
@@ -651,6 +693,8 @@ cudaError_t allocate(void **pointer, size_t bytes, bool host) {
   *pointer = nullptr;
   if (refusedWhileCapturing())
     return setError(cudaErrorStreamCaptureUnsupported);
+  if (bytes == 0)
+    return cudaSuccess; // null, as CUDA gives
   if (!host && r.limit && r.deviceBytes + bytes > r.limit)
     return setError(cudaErrorMemoryAllocation);
   void *p = std::aligned_alloc(256, std::max<size_t>(256, (bytes + 255) / 256 * 256));
@@ -658,7 +702,7 @@ cudaError_t allocate(void **pointer, size_t bytes, bool host) {
     return setError(cudaErrorMemoryAllocation);
   // Fresh device memory holds garbage on a GPU: NaN bits here.
   std::memset(p, 0xFF, bytes);
-  r.allocations[reinterpret_cast<uintptr_t>(p)] = {std::max<size_t>(bytes, 1), host};
+  r.allocations[reinterpret_cast<uintptr_t>(p)] = {bytes, host};
   if (!host)
     r.deviceBytes += bytes;
   *pointer = p;
@@ -827,6 +871,8 @@ cudaError_t cudaEventCreate(cudaEvent_t *event) {
   return cudaSuccess;
 }
 cudaError_t cudaEventDestroy(cudaEvent_t event) {
+  LOCKED;
+  drainAll(); // a record still queued would write it
   delete event;
   return cudaSuccess;
 }
@@ -854,13 +900,15 @@ struct EmulatedGraph {
   std::vector<Operation> operations;
 };
 
-cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode) {
+cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode mode) {
   LOCKED;
   StreamState &s = streamOf(stream);
   if (!stream || s.capturing)
     return setError(cudaErrorStreamCaptureUnsupported);
   s.capturing = true;
   s.invalidated = false;
+  s.captureMode = mode;
+  s.captureThread = std::this_thread::get_id();
   s.captured.clear();
   return cudaSuccess;
 }

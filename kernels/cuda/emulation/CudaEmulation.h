@@ -11,11 +11,13 @@
 // host buffer changed or read before its copy is done gives the wrong
 // answer here as on a GPU; copies are checked against the allocations they
 // name, launches against CUDA's limits, and capture against the calls
-// CUDA refuses while capturing. What it cannot see: timing, occupancy, a
-// kernel touching host memory, and most races inside a kernel: threads run
-// one at a time, switching only at barriers, and every other kernel run
-// takes them in the opposite order, so a missing barrier shows only where
-// that order changes the result.
+// CUDA refuses while capturing. Every other kernel run takes its blocks,
+// warps and lanes last first and lands cp.async copies at the call rather
+// than the wait, so a result that depends on either changes from run to
+// run. What it cannot see: timing, occupancy, a kernel touching host
+// memory or reading past its buffer, races the two orders do not change,
+// and host code reading stream results too early (stream work always runs
+// late).
 //
 // Headers named cuda_runtime.h and cuda_fp16.h next to this one include
 // it, so sources compile unchanged but for their launches (cuda/Launch.h)
@@ -30,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <string>
 
 #ifndef MOEC_CUDA_EMULATION
 #define MOEC_CUDA_EMULATION 1
@@ -44,6 +47,9 @@
 // function-local static is the block's shared memory.
 #define __shared__ static
 
+// CUDA's types, in the emulation's namespace (a binary may link the real
+// ones too) and named at global scope as CUDA names them.
+namespace moe::emulation {
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
   constexpr dim3(unsigned x = 1, unsigned y = 1, unsigned z = 1) : x(x), y(y), z(z) {}
@@ -69,6 +75,17 @@ struct alignas(16) float4 {
 struct __half {
   unsigned short bits;
 };
+float __half2float(__half h);
+} // namespace moe::emulation
+using moe::emulation::__half;
+using moe::emulation::__half2float;
+using moe::emulation::dim3;
+using moe::emulation::float2;
+using moe::emulation::float4;
+using moe::emulation::int4;
+using moe::emulation::uint2;
+using moe::emulation::uint3;
+using moe::emulation::uint4;
 
 namespace moe::emulation {
 
@@ -89,6 +106,8 @@ const unsigned char *warpGather(unsigned mask, const void *mine, size_t bytes);
 int laneId();
 /// A trap: the kernel stops and the stream's next wait fails (sticky).
 [[noreturn]] void trap();
+/// The kernel stops for `why` (a misuse a GPU leaves undefined).
+[[noreturn]] void failKernel(const char *why);
 
 /// cp.async: the copy is made when the thread waits for its group.
 void copyAsync(void *shared, const void *global, size_t bytes);
@@ -106,6 +125,8 @@ void launch(dim3 grid, dim3 block, StreamState *stream, std::function<void()> bo
 size_t allocatedBytes();
 /// Limits device memory (0: none), to test allocation failures.
 void setMemoryLimit(size_t bytes);
+/// Why the last failed kernel failed (a deadlock, a trap, ...), or "".
+std::string lastFailure();
 /// Drops every stream's queued work and clears the errors, a trap's sticky
 /// one included (tests of failures; on a GPU only a reset recovers, and it
 /// also frees every allocation, which this keeps).
@@ -125,13 +146,18 @@ template <typename T> T __shfl_sync(unsigned mask, T value, int source, int widt
   const int lane = moe::emulation::laneId();
   const unsigned char *all = moe::emulation::warpGather(mask, &value, sizeof(T));
   const int from = (lane & ~(width - 1)) + (source & (width - 1));
+  if (!(mask >> from & 1u))
+    moe::emulation::failKernel("a shuffle reads a lane its mask leaves out");
   T out;
   std::memcpy(&out, all + 64 * from, sizeof(T));
   return out;
 }
 template <typename T> T __shfl_xor_sync(unsigned mask, T value, int laneMask, int width = 32) {
   const int lane = moe::emulation::laneId();
-  return __shfl_sync(mask, value, (lane ^ laneMask) & (width - 1), width);
+  // A lane of a later segment of `width` lanes is out of reach: the
+  // caller's own value.
+  const int target = lane ^ laneMask;
+  return __shfl_sync(mask, value, target >= (lane / width + 1) * width ? lane : target, width);
 }
 template <typename T> T __ldg(const T *p) { return *p; }
 inline int __dp4a(int a, int b, int c) {
@@ -145,7 +171,6 @@ inline float __uint_as_float(unsigned bits) {
   return f;
 }
 inline __half __ushort_as_half(unsigned short bits) { return {bits}; }
-float __half2float(__half h);
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }

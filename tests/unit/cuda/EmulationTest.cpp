@@ -17,7 +17,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <numeric>
+#include <string>
 #include <vector>
 
 namespace {
@@ -34,6 +36,11 @@ __global__ void neighbourKernel(int *out) {
   __syncthreads();
   const unsigned block = blockIdx.x + gridDim.x * blockIdx.y;
   out[block * threads + t] = slots[(t + 1) % threads] + 1000 * static_cast<int>(block);
+  // Where CUDA numbers threads: x fastest, then y; lanes of a warp are 32
+  // consecutive threads (the warp's own numbering, from its shuffle).
+  const int lane0 = __shfl_sync(0xffffffffu, static_cast<int>(t), 0);
+  out[6 * 256 + block * threads + t] = static_cast<int>(threadIdx.x) + 100 * static_cast<int>(threadIdx.y) +
+                                       10000 * static_cast<int>(blockIdx.x + 10 * blockIdx.y) + 1000000 * (lane0 / 32);
 }
 
 __global__ void warpSumKernel(const float *in, float *out) {
@@ -105,14 +112,20 @@ struct Recover {
 TEST(Emulation, ThreadsMeetAtBlockBarriers) {
   const dim3 grid(3, 2), block(32, 8);
   const size_t count = 6 * 256;
-  DeviceInts out(count);
+  DeviceInts out(2 * count);
   launchKernel(neighbourKernel, grid, block, nullptr, out.data);
   ASSERT_EQ(cudaGetLastError(), cudaSuccess);
-  std::vector<int> host(count);
-  ASSERT_EQ(cudaMemcpy(host.data(), out.data, count * sizeof(int), cudaMemcpyDeviceToHost), cudaSuccess);
-  for (size_t b = 0; b < 6; ++b)
-    for (size_t t = 0; t < 256; ++t)
-      ASSERT_EQ(host[b * 256 + t], static_cast<int>((t + 1) % 256 + 1000 * b)) << b << " " << t;
+  std::vector<int> host(2 * count);
+  ASSERT_EQ(cudaMemcpy(host.data(), out.data, 2 * count * sizeof(int), cudaMemcpyDeviceToHost), cudaSuccess);
+  for (int by = 0; by < 2; ++by)
+    for (int bx = 0; bx < 3; ++bx)
+      for (int ty = 0; ty < 8; ++ty)
+        for (int tx = 0; tx < 32; ++tx) {
+          const int b = bx + 3 * by, t = tx + 32 * ty;
+          ASSERT_EQ(host[b * 256 + t], (t + 1) % 256 + 1000 * b) << b << " " << t;
+          ASSERT_EQ(host[count + b * 256 + t], tx + 100 * ty + 10000 * (bx + 10 * by) + 1000000 * ty)
+              << "block (" << bx << ", " << by << "), thread (" << tx << ", " << ty << ")";
+        }
 }
 
 TEST(Emulation, ShufflesMoveValuesBetweenLanes) {
@@ -134,15 +147,22 @@ TEST(Emulation, ShufflesMoveValuesBetweenLanes) {
   cudaFree(deviceOut);
 }
 
-TEST(Emulation, AsyncCopiesLandAtTheirWait) {
+TEST(Emulation, AsyncCopiesLandBetweenTheCallAndTheWait) {
   DeviceInts global(1), out(2);
   const int value = 42;
   ASSERT_EQ(cudaMemcpy(global.data, &value, sizeof value, cudaMemcpyHostToDevice), cudaSuccess);
-  launchKernel(asyncCopyKernel, 1, 32, nullptr, static_cast<const int *>(global.data), out.data);
-  int host[2] = {};
-  ASSERT_EQ(cudaMemcpy(host, out.data, sizeof host, cudaMemcpyDeviceToHost), cudaSuccess);
-  EXPECT_EQ(host[0], -1) << "read before the wait: the copy has not landed";
-  EXPECT_EQ(host[1], 42);
+  // Two runs in a row: the copy lands at the wait in one, at the call in
+  // the other (a GPU may do either); after the wait it is there in both.
+  int before[2] = {};
+  for (int run = 0; run < 2; ++run) {
+    launchKernel(asyncCopyKernel, 1, 32, nullptr, static_cast<const int *>(global.data), out.data);
+    int host[2] = {};
+    ASSERT_EQ(cudaMemcpy(host, out.data, sizeof host, cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(host[1], 42);
+    before[run] = host[0];
+  }
+  EXPECT_EQ(std::min(before[0], before[1]), -1) << "one run reads the slot before the copy lands";
+  EXPECT_EQ(std::max(before[0], before[1]), 42) << "one run has it at once";
 }
 
 TEST(Emulation, StreamWorkRunsWhenTheHostWaits) {
@@ -195,14 +215,17 @@ TEST(Emulation, DeadlocksTrapsAndReturnedLanesFailTheStream) {
   Recover recover;
   launchKernel(deadlockKernel, 1, 64, nullptr);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
+  EXPECT_NE(moe::emulation::lastFailure().find("deadlock"), std::string::npos) << moe::emulation::lastFailure();
   EXPECT_EQ(cudaGetLastError(), cudaErrorLaunchFailure) << "sticky, as on a GPU";
   moe::emulation::clearErrors();
   launchKernel(trapKernel, 2, 32, nullptr);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
+  EXPECT_NE(moe::emulation::lastFailure().find("trapped"), std::string::npos) << moe::emulation::lastFailure();
   moe::emulation::clearErrors();
   DeviceInts out(32);
   launchKernel(returnedLaneKernel, 1, 32, nullptr, reinterpret_cast<float *>(out.data));
   EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
+  EXPECT_NE(moe::emulation::lastFailure().find("a lane returned"), std::string::npos) << moe::emulation::lastFailure();
 }
 
 TEST(Emulation, AMissingBarrierShowsInOneOfTwoRuns) {
