@@ -16,8 +16,8 @@
 // than the wait, so a result that depends on either changes from run to
 // run. What it cannot see: timing, occupancy, a kernel touching host
 // memory or reading past its buffer, races the two orders do not change,
-// and host code reading stream results too early (stream work always runs
-// late).
+// and host code that reads a buffer counting on stream work not to have
+// overwritten it yet (stream work always runs late).
 //
 // Headers named cuda_runtime.h and cuda_fp16.h next to this one include
 // it, so sources compile unchanged but for their launches (cuda/Launch.h)
