@@ -18,6 +18,9 @@
 #endif
 
 #include <sys/mman.h>
+#include <unistd.h>
+
+#include <csignal>
 
 #include <algorithm>
 #include <bit>
@@ -106,7 +109,11 @@ void startOn(Context &context, void *stack, size_t bytes, void (*entry)()) {
 }
 
 constexpr size_t kStackBytes = 256 << 10;
-constexpr size_t kGuardBytes = 4096;
+/// The guard pages' size: one page.
+size_t guardBytes() {
+  static const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  return page;
+}
 constexpr int kMaxThreads = 1024;
 
 struct Barrier {
@@ -163,13 +170,13 @@ struct Stacks {
     while (stacks.size() <= i) {
       // A guard page below each stack: an overflow faults rather than
       // writing over the next fiber's stack.
-      char *p = static_cast<char *>(mmap(nullptr, kStackBytes + kGuardBytes, PROT_READ | PROT_WRITE,
+      char *p = static_cast<char *>(mmap(nullptr, kStackBytes + guardBytes(), PROT_READ | PROT_WRITE,
                                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
-      if (p == MAP_FAILED || mprotect(p, kGuardBytes, PROT_NONE) != 0) {
+      if (p == MAP_FAILED || mprotect(p, guardBytes(), PROT_NONE) != 0) {
         std::fprintf(stderr, "moec CUDA emulation: cannot map a fiber stack\n");
         std::abort();
       }
-      stacks.push_back(p + kGuardBytes);
+      stacks.push_back(p + guardBytes());
     }
     return stacks[i];
   }
@@ -345,7 +352,9 @@ bool runBlock(const std::function<void()> &body, dim3 grid, dim3 block, uint3 bl
 
 struct Allocation {
   size_t bytes;
-  bool host; ///< cudaMallocHost (pinned) rather than device memory.
+  bool host;     ///< cudaMallocHost (pinned) rather than device memory.
+  char *mapping; ///< Its pages, the guard page after them included ...
+  size_t mapped; ///< ... and their bytes.
 };
 
 struct Operation {
@@ -475,6 +484,44 @@ bool isHost(const void *p, size_t bytes) {
 }
 
 void report(const char *what) { std::fprintf(stderr, "moec CUDA emulation: %s\n", what); }
+
+/// A segmentation fault in the emulation's guard pages is named before the
+/// process dies as it would have: past a device allocation's end, or a
+/// fiber's stack overflowing.
+void onFault(int signal, siginfo_t *info, void *) {
+  const uintptr_t address = reinterpret_cast<uintptr_t>(info->si_addr);
+  const char *what = nullptr;
+  for (const auto &[start, a] : runtime().allocations) {
+    const uintptr_t guard = reinterpret_cast<uintptr_t>(a.mapping) + a.mapped - guardBytes();
+    if (address >= guard && address < guard + guardBytes()) {
+      what = a.host ? "moec CUDA emulation: an access past the end of pinned host memory (cudaMallocHost)\n"
+                    : "moec CUDA emulation: an access past the end of a device allocation (cudaMalloc)\n";
+      break;
+    }
+  }
+  if (!what && run && run->running)
+    what = "moec CUDA emulation: a fault in a kernel (a fiber's stack overflowing, or memory no allocation "
+           "holds)\n";
+  if (what) {
+    const ssize_t ignored = write(2, what, std::strlen(what));
+    (void)ignored;
+  }
+  std::signal(signal, SIG_DFL);
+  std::raise(signal);
+}
+
+void installFaultReport() {
+  static const bool installed = [] {
+    struct sigaction action = {};
+    action.sa_sigaction = onFault;
+    action.sa_flags = SA_SIGINFO | SA_RESETHAND;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGSEGV, &action, nullptr);
+    sigaction(SIGBUS, &action, nullptr);
+    return true;
+  }();
+  (void)installed;
+}
 
 } // namespace
 
@@ -697,12 +744,24 @@ cudaError_t allocate(void **pointer, size_t bytes, bool host) {
     return cudaSuccess; // null, as CUDA gives
   if (!host && r.limit && r.deviceBytes + bytes > r.limit)
     return setError(cudaErrorMemoryAllocation);
-  void *p = std::aligned_alloc(256, std::max<size_t>(256, (bytes + 255) / 256 * 256));
-  if (!p)
+  // Each allocation ends where a guard page begins (256-byte aligned, as
+  // CUDA's), so a kernel or copy reading past its end faults
+  // (installFaultReport says where).
+  installFaultReport();
+  const size_t rounded = (bytes + 255) / 256 * 256, page = guardBytes();
+  const size_t mapped = (rounded + page - 1) / page * page + page;
+  char *mapping = static_cast<char *>(
+      mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+  if (mapping == MAP_FAILED)
     return setError(cudaErrorMemoryAllocation);
+  if (mprotect(mapping + mapped - page, page, PROT_NONE) != 0) {
+    munmap(mapping, mapped);
+    return setError(cudaErrorMemoryAllocation);
+  }
+  char *p = mapping + mapped - page - rounded;
   // Fresh device memory holds garbage on a GPU: NaN bits here.
   std::memset(p, 0xFF, bytes);
-  r.allocations[reinterpret_cast<uintptr_t>(p)] = {bytes, host};
+  r.allocations[reinterpret_cast<uintptr_t>(p)] = {bytes, host, mapping, mapped};
   if (!host)
     r.deviceBytes += bytes;
   *pointer = p;
@@ -723,8 +782,8 @@ cudaError_t release(void *pointer, bool host) {
   }
   if (!host)
     r.deviceBytes -= it->second.bytes;
+  munmap(it->second.mapping, it->second.mapped);
   r.allocations.erase(it);
-  std::free(pointer);
   return r.sticky;
 }
 

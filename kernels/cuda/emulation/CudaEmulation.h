@@ -11,11 +11,12 @@
 // host buffer changed or read before its copy is done gives the wrong
 // answer here as on a GPU; copies are checked against the allocations they
 // name, launches against CUDA's limits, and capture against the calls
-// CUDA refuses while capturing. Every other kernel run takes its blocks,
+// CUDA refuses while capturing; each allocation ends at a guard page, so
+// reading past it dies, named. Every other kernel run takes its blocks,
 // warps and lanes last first and lands cp.async copies at the call rather
 // than the wait, so a result that depends on either changes from run to
 // run. What it cannot see: timing, occupancy, a kernel touching host
-// memory or reading past its buffer, races the two orders do not change,
+// memory or reading before its buffer, races the two orders do not change,
 // and host code that reads a buffer counting on stream work not to have
 // overwritten it yet (stream work always runs late).
 //

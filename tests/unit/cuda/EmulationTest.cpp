@@ -97,6 +97,11 @@ __global__ void asyncCopyKernel(const int *global, int *out) {
   out[1] = slot[0];
 }
 
+/// Thread t reads element `offset` + t.
+__global__ void readKernel(const int *in, int offset, int *out) {
+  out[threadIdx.x] = in[offset + static_cast<int>(threadIdx.x)];
+}
+
 /// Device memory with `count` ints, freed at the end of the scope.
 struct DeviceInts {
   int *data = nullptr;
@@ -200,6 +205,21 @@ TEST(Emulation, CopiesAreCheckedAgainstAllocations) {
       << "device memory named as the host's";
   EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidValue);
   EXPECT_EQ(cudaGetLastError(), cudaSuccess) << "not sticky";
+}
+
+TEST(Emulation, AKernelReadingPastItsAllocationDies) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  DeviceInts in(64), out(32);
+  // The last 32 of 64 elements: fine.
+  launchKernel(readKernel, 1, 32, nullptr, static_cast<const int *>(in.data), 32, out.data);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  // One element past the end (64 ints fill 256 bytes: the guard page).
+  EXPECT_DEATH(
+      {
+        launchKernel(readKernel, 1, 32, nullptr, static_cast<const int *>(in.data), 33, out.data);
+        cudaDeviceSynchronize();
+      },
+      "past the end of a device allocation");
 }
 
 TEST(Emulation, BadLaunchesAreTheNextError) {
