@@ -139,8 +139,7 @@ struct Fiber {
 };
 
 struct Warp {
-  Barrier barrier;
-  int live = 0;
+  uint64_t generation = 0; ///< Counts the warp-synchronous calls met so far.
   unsigned liveMask = 0;
   unsigned arrived = 0;     ///< Lanes waiting at the warp-synchronous call ...
   unsigned waitingMask = 0; ///< ... of this mask.
@@ -239,11 +238,11 @@ void meetWarp(unsigned mask) {
   w.arrived |= 1u << f.lane;
   if (w.arrived == mask) {
     w.arrived = 0;
-    ++w.barrier.generation;
+    ++w.generation;
     return;
   }
-  f.waitingOn = &w.barrier.generation;
-  f.waitingFor = w.barrier.generation;
+  f.waitingOn = &w.generation;
+  f.waitingFor = w.generation;
   yield();
 }
 
@@ -262,7 +261,6 @@ void fiberEntry() {
     fail("a lane returned while its warp waited for it at a shuffle, __syncwarp or MMA");
   f.done = true;
   --run->live;
-  --w.live;
   w.liveMask &= ~(1u << f.lane);
   // A block barrier waiting only for this thread opens now (a warp's
   // cannot be waiting for it: that failed above).
@@ -283,9 +281,8 @@ bool runBlock(const std::function<void()> &body, dim3 grid, dim3 block, uint3 bl
   state.fibers.resize(threads);
   state.warps.resize((threads + 31) / 32);
   for (Warp &w : state.warps) {
-    w.barrier = {};
+    w.generation = 0;
     w.arrived = 0;
-    w.live = 0;
     w.liveMask = 0;
   }
   state.block = {};
@@ -307,9 +304,7 @@ bool runBlock(const std::function<void()> &body, dim3 grid, dim3 block, uint3 bl
     f.index.gridSize = grid;
     f.lane = i % 32;
     f.warp = i / 32;
-    Warp &w = state.warps[f.warp];
-    ++w.live;
-    w.liveMask |= 1u << f.lane;
+    state.warps[f.warp].liveMask |= 1u << f.lane;
     startOn(f.context, stacks.at(i), kStackBytes, fiberEntry);
   }
   run = &state;
