@@ -10,6 +10,7 @@
 #include "moe/Runtime/Weights.h"
 
 #include <algorithm>
+#include <utility>
 
 namespace moe {
 
@@ -26,7 +27,7 @@ namespace {
 CudaDeviceOpener replacedOpener = nullptr;
 } // namespace
 
-void setCudaDeviceOpener(CudaDeviceOpener opener) { replacedOpener = opener; }
+CudaDeviceOpener setCudaDeviceOpener(CudaDeviceOpener opener) { return std::exchange(replacedOpener, opener); }
 
 Status Device::uploadLayer(LayerWeights &layer) {
   MOE_RETURN_IF_ERROR(forEachMatrix(layer, [&](Matrix &matrix) { return upload(matrix); }));

@@ -269,6 +269,19 @@ void fiberEntry() {
   std::abort();
 }
 
+// The bounds of the section all __shared__ variables lie in (the linker
+// names them; null where no kernel has shared memory).
+extern "C" char __start_moec_emulated_shared[] __attribute__((weak, visibility("hidden")));
+extern "C" char __stop_moec_emulated_shared[] __attribute__((weak, visibility("hidden")));
+
+/// Fills every block's shared memory with 0xFF bytes: undefined at a
+/// block's start, as on a GPU.
+void poisonSharedMemory() {
+  char *begin = __start_moec_emulated_shared, *end = __stop_moec_emulated_shared;
+  if (begin && end > begin)
+    std::memset(begin, 0xFF, static_cast<size_t>(end - begin));
+}
+
 /// Runs one block of `body` to its end; false (and `why`) where it trapped
 /// or deadlocked. `backwards`: warps, and lanes in a warp, run last first.
 bool runBlock(const std::function<void()> &body, dim3 grid, dim3 block, uint3 blockIndex, bool backwards,
@@ -290,6 +303,7 @@ bool runBlock(const std::function<void()> &body, dim3 grid, dim3 block, uint3 bl
   state.trapped = false;
   state.backwards = backwards;
   state.failure.clear();
+  poisonSharedMemory();
   for (int i = 0; i < threads; ++i) {
     Fiber &f = state.fibers[i];
     f.done = false;
@@ -365,6 +379,7 @@ struct Runtime {
   std::string stickyWhy;
   std::set<StreamState *> streams;
   uint64_t kernelRuns = 0;
+  Counters counters;
 };
 
 Runtime &runtime() {
@@ -422,10 +437,12 @@ cudaError_t drainAll() {
 cudaError_t enqueue(StreamState &s, Operation op) {
   if (runtime().sticky != cudaSuccess)
     return runtime().sticky;
-  if (s.capturing)
+  if (s.capturing) {
     s.captured.push_back(std::move(op));
-  else
+    ++runtime().counters.captured;
+  } else {
     s.work.push_back(std::move(op));
+  }
   return cudaSuccess;
 }
 
@@ -581,6 +598,8 @@ void launch(dim3 grid, dim3 block, StreamState *stream, std::function<void()> bo
       s.invalidated = true; // the graph would lack the launch
     return;
   }
+  if (!streamOf(stream).capturing)
+    ++runtime().counters.launches;
   enqueue(streamOf(stream), {[grid, block, body = std::move(body)]() -> cudaError_t {
             // Every other kernel run takes its threads in the opposite
             // order: a kernel whose result depends on which thread runs
@@ -605,6 +624,13 @@ void launch(dim3 grid, dim3 block, StreamState *stream, std::function<void()> bo
                 }
             return cudaSuccess;
           }});
+}
+
+Counters counters() {
+  std::lock_guard<std::recursive_mutex> lock(runtime().mutex);
+  Counters c = runtime().counters;
+  c.kernelRuns = runtime().kernelRuns;
+  return c;
 }
 
 size_t allocatedBytes() {
@@ -732,6 +758,7 @@ cudaError_t cudaMemGetInfo(size_t *free, size_t *total) {
 namespace {
 cudaError_t allocate(void **pointer, size_t bytes, bool host) {
   Runtime &r = runtime();
+  ++r.counters.allocations;
   *pointer = nullptr;
   if (refusedWhileCapturing())
     return setError(cudaErrorStreamCaptureUnsupported);
@@ -767,8 +794,10 @@ cudaError_t release(void *pointer, bool host) {
   if (!pointer)
     return cudaSuccess;
   Runtime &r = runtime();
+  ++r.counters.allocations;
   if (refusedWhileCapturing())
     return setError(cudaErrorStreamCaptureUnsupported);
+  ++r.counters.waits;
   drainAll(); // cudaFree waits for the device
   auto it = r.allocations.find(reinterpret_cast<uintptr_t>(pointer));
   if (it == r.allocations.end() || it->second.host != host) {
@@ -825,6 +854,8 @@ cudaError_t cudaMemcpy(void *target, const void *source, size_t bytes, cudaMemcp
     return setError(cudaErrorStreamCaptureUnsupported);
   if (cudaError_t e = checkCopy(target, source, bytes, kind); e != cudaSuccess)
     return e;
+  ++runtime().counters.copies;
+  ++runtime().counters.waits;
   // The legacy stream: waits for its own work (the library's streams are
   // non-blocking, so not for theirs).
   if (cudaError_t e = drain(legacyStream()); e != cudaSuccess)
@@ -840,6 +871,8 @@ cudaError_t cudaMemcpyAsync(void *target, const void *source, size_t bytes, cuda
   StreamState &s = streamOf(stream);
   if (bytes == 0)
     return cudaSuccess;
+  if (!s.capturing)
+    ++runtime().counters.copies;
   if (kind == cudaMemcpyHostToDevice && !isPinned(source, bytes)) {
     if (s.capturing) {
       s.invalidated = true;
@@ -861,6 +894,7 @@ cudaError_t cudaMemcpyAsync(void *target, const void *source, size_t bytes, cuda
       return setError(cudaErrorStreamCaptureUnsupported);
     }
     // To pageable memory the call returns once the copy is done.
+    ++runtime().counters.waits;
     if (cudaError_t e = drain(s); e != cudaSuccess)
       return e;
     std::memcpy(target, source, bytes);
@@ -878,6 +912,8 @@ cudaError_t cudaMemsetAsync(void *target, int value, size_t bytes, cudaStream_t 
     report("a memset outside a device allocation");
     return setError(cudaErrorInvalidValue);
   }
+  if (!streamOf(stream).capturing)
+    ++runtime().counters.memsets;
   return enqueue(streamOf(stream), {[target, value, bytes] {
                    std::memset(target, value, bytes);
                    return cudaSuccess;
@@ -906,12 +942,14 @@ cudaError_t cudaStreamSynchronize(cudaStream_t stream) {
     s.invalidated = true;
     return setError(cudaErrorStreamCaptureUnsupported);
   }
+  ++runtime().counters.waits;
   return drain(s);
 }
 cudaError_t cudaDeviceSynchronize() {
   LOCKED;
   if (refusedWhileCapturing())
     return setError(cudaErrorStreamCaptureUnsupported);
+  ++runtime().counters.waits;
   return drainAll();
 }
 
@@ -988,6 +1026,11 @@ cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t graph, unsig
 cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream) {
   LOCKED;
   StreamState &s = streamOf(stream);
+  Counters &c = runtime().counters;
+  if (!s.capturing) { // captured, each operation counts as one (enqueue)
+    ++c.graphLaunches;
+    c.graphNodes += exec->operations.size();
+  }
   for (const Operation &op : exec->operations)
     if (cudaError_t e = enqueue(s, op); e != cudaSuccess)
       return e;

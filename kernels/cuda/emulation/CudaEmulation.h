@@ -45,8 +45,13 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 // A block's threads run one block at a time on one host thread, so a
-// function-local static is the block's shared memory.
-#define __shared__ static
+// function-local static is the block's shared memory. All of them lie in
+// one section, which every block starts with filled with 0xFF bytes (NaN
+// as floats, -1 as integers): on a GPU a block's shared memory starts
+// undefined, so a kernel reading it before writing it, or counting on
+// what an earlier block left, gets poison here rather than zeros or
+// leftovers that may happen to be right.
+#define __shared__ static __attribute__((section("moec_emulated_shared")))
 
 // CUDA's types, in the emulation's namespace (a binary may link the real
 // ones too) and named at global scope as CUDA names them.
@@ -121,6 +126,22 @@ void waitCopies(int pending);
 /// cudaGetLastError.
 struct StreamState;
 void launch(dim3 grid, dim3 block, StreamState *stream, std::function<void()> body);
+
+/// What the host has asked of the emulated device since the process began:
+/// the host's share of a step's cost on a GPU, which tests can count where
+/// they cannot time it (a decoded token's launches, copies and waits).
+struct Counters {
+  uint64_t launches = 0;      ///< Kernels launched on a stream (not captured).
+  uint64_t graphLaunches = 0; ///< cudaGraphLaunch calls ...
+  uint64_t graphNodes = 0;    ///< ... and the operations they replayed.
+  uint64_t copies = 0;        ///< cudaMemcpy and cudaMemcpyAsync calls (not captured).
+  uint64_t memsets = 0;       ///< cudaMemsetAsync calls (not captured).
+  uint64_t captured = 0;      ///< Launches, copies and memsets recorded into graphs.
+  uint64_t waits = 0;         ///< Calls the host waits in for the device: syncs, blocking copies, frees.
+  uint64_t allocations = 0;   ///< cudaMalloc(Host) and cudaFree(Host) calls.
+  uint64_t kernelRuns = 0;    ///< Kernels run, graphs' included.
+};
+Counters counters();
 
 /// Device memory the emulated device has allocated now, in bytes.
 size_t allocatedBytes();

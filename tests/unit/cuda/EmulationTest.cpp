@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/Launch.h"
+#include "moe/Runtime/Device.h"
 
 #include <gtest/gtest.h>
 
@@ -21,6 +22,10 @@
 #include <numeric>
 #include <string>
 #include <vector>
+
+namespace moe {
+Expected<std::shared_ptr<Device>> openEmulatedCudaDevice(bool lenient);
+} // namespace moe
 
 namespace {
 
@@ -100,6 +105,36 @@ __global__ void asyncCopyKernel(const int *global, int *out) {
 /// Thread t reads element `offset` + t.
 __global__ void readKernel(const int *in, int offset, int *out) {
   out[threadIdx.x] = in[offset + static_cast<int>(threadIdx.x)];
+}
+
+/// What each thread finds in its shared slot before writing it; then it
+/// writes it (for the next block or run to find, were it kept).
+__global__ void leftoverKernel(int *out) {
+  __shared__ int slots[64];
+  out[blockIdx.x * blockDim.x + threadIdx.x] = slots[threadIdx.x];
+  slots[threadIdx.x] = 7;
+}
+
+/// Lane 0 meets the lanes of a mask that leaves it out.
+__global__ void ownLaneKernel() {
+  if (threadIdx.x == 0)
+    __syncwarp(0x2u);
+}
+
+/// Lanes 1 and 31 meet with one mask, lane 0 with another (each mask
+/// holds its own lane and only lanes that are still there, in either
+/// order of the lanes); the other lanes return.
+__global__ void disagreeingMasksKernel() {
+  if (threadIdx.x == 0)
+    __syncwarp(0x3u);
+  else if (threadIdx.x == 1 || threadIdx.x == 31)
+    __syncwarp(0x80000003u);
+}
+
+/// Lanes 0 and 1 shuffle from lane 5, which their mask leaves out.
+__global__ void shuffleOutsideMaskKernel(int *out) {
+  if (threadIdx.x < 2)
+    out[threadIdx.x] = __shfl_sync(0x3u, static_cast<int>(threadIdx.x), 5);
 }
 
 /// Device memory with `count` ints, freed at the end of the scope.
@@ -245,7 +280,10 @@ TEST(Emulation, DeadlocksTrapsAndReturnedLanesFailTheStream) {
   DeviceInts out(32);
   launchKernel(returnedLaneKernel, 1, 32, nullptr, reinterpret_cast<float *>(out.data));
   EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
-  EXPECT_NE(moe::emulation::lastFailure().find("a lane returned"), std::string::npos) << moe::emulation::lastFailure();
+  // Lanes 0-15 wait at the shuffle when 16-31 return, or (lanes last
+  // first) the shuffle names lanes that have returned: either way a lane
+  // the shuffle needs has returned.
+  EXPECT_NE(moe::emulation::lastFailure().find("returned"), std::string::npos) << moe::emulation::lastFailure();
 }
 
 TEST(Emulation, AMissingBarrierShowsInOneOfTwoRuns) {
@@ -266,6 +304,87 @@ TEST(Emulation, AMissingBarrierShowsInOneOfTwoRuns) {
   // the run before).
   const bool first = allRight(300, false), second = allRight(400, false);
   EXPECT_NE(first, second);
+}
+
+TEST(Emulation, SharedMemoryStartsUndefinedInEveryBlock) {
+  DeviceInts out(2 * 64);
+  // Two blocks a run, two runs (one of them backwards): no block finds
+  // what an earlier one left, nor zeros; every one finds the poison.
+  for (int run = 0; run < 2; ++run) {
+    launchKernel(leftoverKernel, 2, 64, nullptr, out.data);
+    std::vector<int> host(2 * 64);
+    ASSERT_EQ(cudaMemcpy(host.data(), out.data, host.size() * sizeof(int), cudaMemcpyDeviceToHost), cudaSuccess);
+    for (size_t i = 0; i < host.size(); ++i)
+      ASSERT_EQ(host[i], -1) << "run " << run << ", thread " << i;
+  }
+}
+
+TEST(Emulation, WarpCallsWithBadMasksFailTheKernel) {
+  Recover recover;
+  const auto failure = [](auto kernel, auto... args) {
+    // Both orders of the lanes: two runs.
+    std::string why[2];
+    for (std::string &w : why) {
+      moe::emulation::clearErrors();
+      launchKernel(kernel, 1, 32, nullptr, args...);
+      EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
+      w = moe::emulation::lastFailure();
+    }
+    EXPECT_EQ(why[0], why[1]) << "the same failure in either order";
+    return why[0];
+  };
+  EXPECT_NE(failure(ownLaneKernel).find("leaves out its own lane"), std::string::npos);
+  EXPECT_NE(failure(disagreeingMasksKernel).find("different masks"), std::string::npos);
+  DeviceInts out(2);
+  EXPECT_NE(failure(shuffleOutsideMaskKernel, out.data).find("reads a lane its mask leaves out"), std::string::npos);
+}
+
+TEST(Emulation, FreeingMemoryTheEmulationDidNotGiveFails) {
+  int local = 0;
+  EXPECT_EQ(cudaFree(&local), cudaErrorInvalidValue) << "host memory";
+  DeviceInts device(4);
+  EXPECT_EQ(cudaFree(device.data + 1), cudaErrorInvalidValue) << "inside an allocation";
+  EXPECT_EQ(cudaFreeHost(device.data), cudaErrorInvalidValue) << "device memory freed as pinned";
+  int *pinned = nullptr;
+  ASSERT_EQ(cudaMallocHost(&pinned, sizeof(int)), cudaSuccess);
+  EXPECT_EQ(cudaFree(pinned), cudaErrorInvalidValue) << "pinned memory freed as the device's";
+  EXPECT_EQ(cudaFreeHost(pinned), cudaSuccess);
+  EXPECT_EQ(cudaGetLastError(), cudaErrorInvalidValue);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess) << "not sticky";
+}
+
+TEST(Emulation, CaptureRefusesCopiesOfPageableMemory) {
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  DeviceInts device(1);
+  int pageable = 5;
+  for (const cudaMemcpyKind kind : {cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost}) {
+    ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    if (kind == cudaMemcpyHostToDevice)
+      EXPECT_EQ(cudaMemcpyAsync(device.data, &pageable, sizeof(int), kind, stream), cudaErrorStreamCaptureUnsupported);
+    else
+      EXPECT_EQ(cudaMemcpyAsync(&pageable, device.data, sizeof(int), kind, stream), cudaErrorStreamCaptureUnsupported);
+    cudaGraph_t graph = nullptr;
+    EXPECT_EQ(cudaStreamEndCapture(stream, &graph), cudaErrorStreamCaptureInvalidated) << kind;
+    EXPECT_EQ(graph, nullptr);
+  }
+  cudaGetLastError();
+  cudaStreamDestroy(stream);
+}
+
+TEST(Emulation, ANullOpenerGivesBackTheBuildsOwnDevice) {
+  ASSERT_EQ(moe::setCudaDeviceOpener(nullptr), &moe::openEmulatedCudaDevice) << "installed by EmulatedDevice.cpp";
+  moe::Expected<std::shared_ptr<moe::Device>> device = moe::openDevice(moe::DeviceChoice::Cuda);
+  // The build's CUDA device: a real GPU, or an error where there is none
+  // (or no CUDA was built); never the emulation's.
+  if (device)
+    EXPECT_EQ((*device)->description().find("emulation"), std::string::npos) << (*device)->description();
+  else
+    EXPECT_FALSE(device.status().message().empty());
+  moe::setCudaDeviceOpener(&moe::openEmulatedCudaDevice);
+  moe::Expected<std::shared_ptr<moe::Device>> emulated = moe::openDevice(moe::DeviceChoice::Cuda);
+  ASSERT_TRUE(emulated) << emulated.status().message();
+  EXPECT_NE((*emulated)->description().find("emulation"), std::string::npos) << (*emulated)->description();
 }
 
 TEST(Emulation, CaptureRefusesWaitsAndGraphsReplayTheirLaunches) {

@@ -217,8 +217,9 @@ Expected<std::shared_ptr<Device>> openDevice(DeviceChoice choice);
 using CudaDeviceOpener = Expected<std::shared_ptr<Device>> (*)(bool lenient);
 /// Replaces the build's CUDA device for the rest of the process (null
 /// restores it): the GPU tests install the CUDA code's CPU emulation
-/// (kernels/cuda/emulation) with it, on machines without a GPU.
-void setCudaDeviceOpener(CudaDeviceOpener opener);
+/// (kernels/cuda/emulation) with it, on machines without a GPU. Returns
+/// the opener it replaces.
+CudaDeviceOpener setCudaDeviceOpener(CudaDeviceOpener opener);
 
 } // namespace moe
 
