@@ -929,21 +929,27 @@ __global__ void ropeKernel(float *x, int64_t stride, int headDim, int half, int 
 /// MLA's keys and values (one head of one token per block, token
 /// blockIdx.y): key h is head h's nope columns of kvUp's output [heads,
 /// nope + dv] then the shared rope columns (`ropeStride` floats apart from
-/// token to token); value h is its dv columns.
+/// token to token); value h is its dv columns. Each goes to `k` and `v`
+/// (the host's copy) and to the KV cache's row *position + token (read on
+/// the device, so that a graph replays at every position).
 __global__ void latentKeysKernel(const float *expanded, const float *sharedRope, int64_t ropeStride, int heads,
-                                 int nope, int rope, int dv, float *k, float *v) {
+                                 int nope, int rope, int dv, float *k, float *v, float *cacheKeys, float *cacheValues,
+                                 const int64_t *position) {
   const int h = blockIdx.x;
-  const int64_t token = blockIdx.y;
+  const int64_t token = blockIdx.y, keyWidth = static_cast<int64_t>(heads) * (nope + rope),
+                valueWidth = static_cast<int64_t>(heads) * dv;
   expanded += token * heads * (nope + dv);
   sharedRope += token * ropeStride;
-  k += token * heads * (nope + rope);
-  v += token * heads * dv;
+  k += token * keyWidth;
+  v += token * valueWidth;
+  cacheKeys += (*position + token) * keyWidth;
+  cacheValues += (*position + token) * valueWidth;
   const float *source = expanded + static_cast<int64_t>(h) * (nope + dv);
-  float *key = k + static_cast<int64_t>(h) * (nope + rope);
+  const int64_t keyAt = static_cast<int64_t>(h) * (nope + rope), valueAt = static_cast<int64_t>(h) * dv;
   for (int i = threadIdx.x; i < nope + rope; i += blockDim.x)
-    key[i] = i < nope ? source[i] : sharedRope[i - nope];
+    k[keyAt + i] = cacheKeys[keyAt + i] = i < nope ? source[i] : sharedRope[i - nope];
   for (int i = threadIdx.x; i < dv; i += blockDim.x)
-    v[static_cast<int64_t>(h) * dv + i] = source[nope + i];
+    v[valueAt + i] = cacheValues[valueAt + i] = source[nope + i];
 }
 
 /// One query head of one token per block (token blockIdx.y at `position`
@@ -1196,10 +1202,9 @@ struct Context::State {
   std::shared_ptr<std::atomic<size_t>> resident = std::make_shared<std::atomic<size_t>>(0);
   double kernelSeconds = 0;
   ~State() {
-    for (Buffer *buffer :
-         {&input,    &scratch, &output,     &hostInput,   &hostOutput,   &x,         &handover, &q,
-          &attended, &branch,  &scores,     &logits,      &tables,       &rope,      &latent,   &position,
-          &arena,    &routed,  &routedPlan, &routedCalls, &hostHandover, &hostLogits})
+    for (Buffer *buffer : {&input,    &scratch, &output,     &hostInput,   &hostOutput,   &x,         &handover, &q,
+                           &attended, &branch,  &scores,     &logits,      &tables,       &rope,      &latent,   &rows,
+                           &arena,    &routed,  &routedPlan, &routedCalls, &hostHandover, &hostLogits})
       buffer->release();
     if (start)
       cudaEventDestroy(start);
@@ -1358,12 +1363,11 @@ struct Context::State {
   // two waits (an async copy reads it later, so it is not reused before).
   // `handover` holds the MLP input, then the new key and value rows, so
   // that one copy hands all three to the host.
-  Buffer x, handover, q, attended, branch, scores, logits, tables, rope, latent, position{false, true}, arena{true};
+  Buffer x, handover, q, attended, branch, scores, logits, tables, rope, latent, arena{true};
   /// Pinned: a layer's hand-back and the step's logits (decodeEnd), each
   /// copied and waited for at once.
   Buffer hostHandover{true}, hostLogits{true};
-  int64_t positionStaged = -1; ///< The position `position` holds (this token's).
-  bool graphs = true;          ///< Context::setGraphs.
+  bool graphs = true; ///< Context::setGraphs.
   GraphStats graphStats;
 
   /// A graph that failed (`error`) runs as plain launches from now on.
@@ -1387,8 +1391,9 @@ struct Context::State {
     return true;
   }
   int64_t hidden = 0;
-  int64_t tokens = 1;        ///< Tokens of the step decodeBegin started (prefill: more than one).
-  int64_t ropePosition = -1; ///< The position whose angles `rope` holds (this token's).
+  int64_t tokens = 1; ///< Tokens of the step decodeBegin started (prefill: more than one).
+  /// The position `rope` holds, with its angles (this step's).
+  int64_t ropePosition = -1;
   float *normedPointer() const { return handover.at<float>(0); }
   size_t arenaUsed = 0;
   /// Copies from the arena to host memory that the next wait makes (the
@@ -1399,6 +1404,32 @@ struct Context::State {
     size_t bytes;
   };
   std::vector<Pending> pending;
+  /// The token's new key and value rows of layers whose MLP stayed on the
+  /// device (decodeAttention), a slot a layer, bytes used, and where each
+  /// row goes on the host.
+  Buffer rows;
+  size_t rowsUsed = 0;
+  struct RowCopy {
+    void *target;
+    size_t offset, bytes;
+  };
+  std::vector<RowCopy> rowCopies;
+  /// Hands the rows gathered in `rows` to the host at the next wait: one
+  /// copy for every layer's.
+  Status flushRows() {
+    if (rowsUsed == 0)
+      return Status::success();
+    Expected<void *> staged = arenaTake(rowsUsed);
+    if (!staged)
+      return staged.status();
+    MOE_RETURN_IF_ERROR(
+        check(cudaMemcpyAsync(*staged, rows.data, rowsUsed, cudaMemcpyDeviceToHost, stream), "copy out"));
+    for (const RowCopy &c : rowCopies)
+      pending.push_back({c.target, static_cast<char *>(*staged) + c.offset, c.bytes});
+    rowCopies.clear();
+    rowsUsed = 0;
+    return Status::success();
+  }
   /// Where the last decodeAttention left the router's logits in `handover`
   /// (-1: none since, so decodeRouted has nothing to route).
   int64_t routerLogitsOffset = -1, routerLogitsRows = 0;
@@ -2063,7 +2094,13 @@ Status Context::decodeBegin(const float *x, int64_t hidden, int64_t tokens) {
     return Status::error("CUDA decode: hidden size ", hidden, " over ", tokens, " tokens");
   std::lock_guard<std::mutex> lock(state->mutex);
   State &s = *state;
-  MOE_RETURN_IF_ERROR(s.waitAndReset());
+  // The last step ended with a wait (decodeEnd, decodeDiscard; every other
+  // call of the context waits before it returns), unless it left staging in
+  // the arena: then the copies from it must be done before it is reused.
+  if (s.arenaUsed > 0 || !s.pending.empty())
+    MOE_RETURN_IF_ERROR(s.waitAndReset());
+  s.rowsUsed = 0;
+  s.rowCopies.clear();
   // Staging between two waits: the tokens, job tables, a token's key and
   // value rows (a layer's hand-back and the logits have their own buffers).
   MOE_RETURN_IF_ERROR(
@@ -2071,7 +2108,6 @@ Status Context::decodeBegin(const float *x, int64_t hidden, int64_t tokens) {
   s.hidden = hidden;
   s.tokens = tokens;
   s.ropePosition = -1;
-  s.positionStaged = -1;
   s.routerLogitsOffset = -1;
   for (Buffer *buffer : {&s.x, &s.handover, &s.branch})
     MOE_RETURN_IF_ERROR(buffer->reserve(static_cast<size_t>(tokens * hidden) * 4));
@@ -2185,39 +2221,69 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
   // stride for all of this cache's positions (a graph captured at one
   // replays at the next).
   MOE_RETURN_IF_ERROR(s.scores.reserve(static_cast<size_t>(T * a.heads * cache.capacity) * 4));
-  MOE_RETURN_IF_ERROR(s.rope.reserve(static_cast<size_t>(2 * T * std::max(a.ropeHalf, 1)) * 4));
-  MOE_RETURN_IF_ERROR(s.position.reserve(sizeof(int64_t)));
+  MOE_RETURN_IF_ERROR(s.rope.reserve(256 + static_cast<size_t>(2 * T * std::max(a.ropeHalf, 1)) * 4));
   float *x = s.x.at<float>(0), *normed = s.normedPointer(), *q = s.q.at<float>(0), *k = s.handover.at<float>(kOffset),
         *v = s.handover.at<float>(vOffset), *attended = s.attended.at<float>(0), *branch = s.branch.at<float>(0);
+  // Where the MLP stays on the device, the new key and value rows go to
+  // this layer's slot of `rows`, which the token's last wait hands to the
+  // host with one copy for every layer (decodeEnd); the slots are taken in
+  // layer order, so a layer's slot is the same from token to token.
+  size_t rowSlot = 0;
+  const size_t keyBytes = alignUp(static_cast<size_t>(T * kWidth) * 4, 256),
+               slotBytes = keyBytes + alignUp(static_cast<size_t>(T * vWidth) * 4, 256);
+  if (!handBack) {
+    if (s.rowsUsed + slotBytes > s.rows.capacity) {
+      // Growing frees the buffer: the slots taken so far go to the host first.
+      MOE_RETURN_IF_ERROR(s.flushRows());
+      MOE_RETURN_IF_ERROR(s.rows.reserve(std::max<size_t>(slotBytes, size_t(16) * slotBytes)));
+    }
+    rowSlot = s.rowsUsed;
+    k = s.rows.at<float>(rowSlot);
+    v = s.rows.at<float>(rowSlot + keyBytes);
+  }
+  // MLA's intermediates: the query's and the keys' low-rank columns (the
+  // latter with the shared rope columns after them), and kvUp's output.
+  const int64_t queryRank = mla && !a.query ? a.queryDown->rows : 0, kvColumns = a.kvLora + a.ropeDim;
+  const size_t kvcOffset = alignUp(static_cast<size_t>(T * queryRank) * 4, 256);
+  const size_t expandedOffset = kvcOffset + alignUp(static_cast<size_t>(T * kvColumns) * 4, 256);
+  if (mla)
+    MOE_RETURN_IF_ERROR(s.latent.reserve(expandedOffset + static_cast<size_t>(T * a.heads) *
+                                                              static_cast<size_t>(a.nopeDim + a.valueDim) * 4));
   const double eps = a.eps;
-  // What every layer of a step reads from device memory, copied once per
-  // step: the RoPE angles ([T, half] cosines, then sines) and the position.
-  if (a.ropeHalf > 0 && s.ropePosition != position) {
-    std::vector<float> angles(a.cos, a.cos + T * a.ropeHalf);
-    angles.insert(angles.end(), a.sin, a.sin + T * a.ropeHalf);
-    MOE_RETURN_IF_ERROR(s.stage(s.rope.data, angles.data(), angles.size() * 4));
+  // What every layer of a step reads from device memory, in one copy once
+  // per step: the position, then the RoPE angles ([T, half] cosines, then
+  // sines) from kAnglesAt.
+  constexpr size_t kAnglesAt = 256;
+  if (s.ropePosition != position) {
+    std::vector<char> staged(kAnglesAt + static_cast<size_t>(2 * T * a.ropeHalf) * 4);
+    std::memcpy(staged.data(), &position, sizeof position);
+    if (a.ropeHalf > 0) {
+      std::memcpy(staged.data() + kAnglesAt, a.cos, static_cast<size_t>(T * a.ropeHalf) * 4);
+      std::memcpy(staged.data() + kAnglesAt + static_cast<size_t>(T * a.ropeHalf) * 4, a.sin,
+                  static_cast<size_t>(T * a.ropeHalf) * 4);
+    }
+    MOE_RETURN_IF_ERROR(s.stage(s.rope.data, staged.data(), staged.size()));
     s.ropePosition = position;
   }
-  if (s.positionStaged != position) {
-    MOE_RETURN_IF_ERROR(s.stage(s.position.data, &position, sizeof position));
-    s.positionStaged = position;
-  }
-  const float *cos = s.rope.at<float>(0), *sin = s.rope.at<float>(static_cast<size_t>(T * a.ropeHalf) * 4);
-  const int64_t *devicePosition = s.position.at<int64_t>(0);
-  // A grouped-query layer whose MLP stays on the device runs as a graph of
-  // its launches (each reads the position from device memory), captured at
-  // its second token and replayed while everything it was captured with
-  // holds (`key`): no plans, tables or dozen launches on the host.
-  bool graphed = graph && T == 1 && !mla && !handBack && s.graphs && !graph->failed && graph->uses++ > 0;
+  const float *cos = s.rope.at<float>(kAnglesAt),
+              *sin = s.rope.at<float>(kAnglesAt + static_cast<size_t>(T * a.ropeHalf) * 4);
+  const int64_t *devicePosition = s.rope.at<int64_t>(0);
+  // A layer whose MLP stays on the device runs as a graph of its launches
+  // (each reads the position from device memory), captured at its second
+  // token and replayed while everything it was captured with holds
+  // (`key`): no plans, tables or dozen launches on the host.
+  bool graphed = graph && T == 1 && !handBack && s.graphs && !graph->failed && graph->uses++ > 0;
   std::vector<uintptr_t> key;
+  // The scratch areas' base, first: planning below may move it.
+  constexpr size_t kScratchKey = 0;
   if (graphed) {
+    key.push_back(reinterpret_cast<uintptr_t>(s.scratch.data));
     for (const void *p : {static_cast<const void *>(x),
                           static_cast<const void *>(s.handover.data),
                           static_cast<const void *>(q),
                           static_cast<const void *>(attended),
                           static_cast<const void *>(branch),
                           static_cast<const void *>(s.scores.data),
-                          static_cast<const void *>(s.scratch.data),
                           static_cast<const void *>(s.rope.data),
                           static_cast<const void *>(devicePosition),
                           static_cast<const void *>(cache.keys),
@@ -2236,7 +2302,16 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
                           static_cast<const void *>(a.valueBias),
                           static_cast<const void *>(a.outputBias),
                           static_cast<const void *>(a.queryNorm),
-                          static_cast<const void *>(a.keyNorm)})
+                          static_cast<const void *>(a.keyNorm),
+                          static_cast<const void *>(k),
+                          static_cast<const void *>(v),
+                          static_cast<const void *>(s.latent.data),
+                          static_cast<const void *>(a.queryDown),
+                          static_cast<const void *>(a.queryUp),
+                          static_cast<const void *>(a.kvDown),
+                          static_cast<const void *>(a.kvUp),
+                          static_cast<const void *>(a.queryDownNorm),
+                          static_cast<const void *>(a.kvDownNorm)})
       key.push_back(reinterpret_cast<uintptr_t>(p));
     for (int64_t value : {H, cache.capacity, routerRows, static_cast<int64_t>(s.oneTokenKernel)})
       key.push_back(static_cast<uintptr_t>(value));
@@ -2247,14 +2322,6 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
     graphed = replayed; // a failed launch gives the graph up: plain launches below
   }
   if (!replayed) {
-    // MLA's intermediates: the query's and the keys' low-rank columns (the
-    // latter with the shared rope columns after them), and kvUp's output.
-    const int64_t queryRank = mla && !a.query ? a.queryDown->rows : 0, kvColumns = a.kvLora + a.ropeDim;
-    const size_t kvcOffset = alignUp(static_cast<size_t>(T * queryRank) * 4, 256);
-    const size_t expandedOffset = kvcOffset + alignUp(static_cast<size_t>(T * kvColumns) * 4, 256);
-    if (mla)
-      MOE_RETURN_IF_ERROR(s.latent.reserve(expandedOffset + static_cast<size_t>(T * a.heads) *
-                                                                static_cast<size_t>(a.nopeDim + a.valueDim) * 4));
     float *qc = s.latent.at<float>(0), *kvc = s.latent.at<float>(kvcOffset),
           *expanded = s.latent.at<float>(expandedOffset);
     // The layer's plans (the projections from the normed input; for MLA the
@@ -2285,7 +2352,7 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
     // A graph's scratch must not move after its capture: the key holds it.
     MOE_RETURN_IF_ERROR(s.scratch.reserve(std::max<size_t>(scratchLayout.size, 256)));
     if (graphed)
-      key[6] = reinterpret_cast<uintptr_t>(s.scratch.data);
+      key[kScratchKey] = reinterpret_cast<uintptr_t>(s.scratch.data);
     State::Plan *plans[] = {&projections, &output, &routing, &expansions};
     State::PlanTables placed[4];
     MOE_RETURN_IF_ERROR(s.stageTables(plans,
@@ -2314,15 +2381,7 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
                        a.ropeInterleaved, cos, sin);
         }
         launchKernel(latentKeysKernel, dim3(a.heads, tokens), 128, s.stream, expanded, kvc + a.kvLora, kvColumns,
-                     a.heads, a.nopeDim, a.ropeDim, a.valueDim, k, v);
-        MOE_RETURN_IF_ERROR(
-            check(cudaMemcpyAsync(cache.keys + position * kWidth, k, static_cast<size_t>(T * kWidth) * 4,
-                                  cudaMemcpyDeviceToDevice, s.stream),
-                  "KV append"));
-        MOE_RETURN_IF_ERROR(
-            check(cudaMemcpyAsync(cache.values + position * vWidth, v, static_cast<size_t>(T * vWidth) * 4,
-                                  cudaMemcpyDeviceToDevice, s.stream),
-                  "KV append"));
+                     a.heads, a.nopeDim, a.ropeDim, a.valueDim, k, v, cache.keys, cache.values, devicePosition);
       } else {
         // As the CPU engine: biases, then qk-norm, then the clamp, then
         // RoPE; then k and v into the cache. One launch.
@@ -2373,18 +2432,12 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "decode launch"));
   if (!handBack) {
     // The MLP runs on the device next; the host's cache rows come at the
-    // next wait.
+    // token's last wait, from the layer's slot of `rows`.
     s.routerLogitsOffset = router ? static_cast<int64_t>(rOffset) : -1;
     s.routerLogitsRows = routerRows;
-    // k and v lie together in `handover`: one copy.
-    const size_t span = vOffset - kOffset + static_cast<size_t>(T * vWidth) * 4;
-    Expected<void *> staged = s.arenaTake(span);
-    if (!staged)
-      return staged.status();
-    MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(*staged, k, span, cudaMemcpyDeviceToHost, s.stream), "copy out"));
-    s.pending.push_back({keyRow, *staged, static_cast<size_t>(T * kWidth) * 4});
-    s.pending.push_back(
-        {valueRow, static_cast<char *>(*staged) + (vOffset - kOffset), static_cast<size_t>(T * vWidth) * 4});
+    s.rowCopies.push_back({keyRow, rowSlot, static_cast<size_t>(T * kWidth) * 4});
+    s.rowCopies.push_back({valueRow, rowSlot + keyBytes, static_cast<size_t>(T * vWidth) * 4});
+    s.rowsUsed = rowSlot + slotBytes;
     return Status::success();
   }
   s.routerLogitsOffset = -1;
@@ -2551,6 +2604,7 @@ Status Context::decodeEnd(const float *norm, const float *normBias, bool layerNo
   unsigned long long calls = 0;
   if (expertCalls && s.routedCalls.data)
     MOE_RETURN_IF_ERROR(s.copyAtNextWait(&calls, s.routedCalls.data, sizeof calls));
+  MOE_RETURN_IF_ERROR(s.flushRows());
   MOE_RETURN_IF_ERROR(s.waitAndReset());
   std::memcpy(logits, staged, static_cast<size_t>(rows * V) * 4);
   if (expertCalls)
@@ -2565,6 +2619,8 @@ void Context::decodeDiscard() {
   cudaGetLastError();
   s.pending.clear();
   s.arenaUsed = 0;
+  s.rowsUsed = 0;
+  s.rowCopies.clear();
   s.routerLogitsOffset = -1;
 }
 

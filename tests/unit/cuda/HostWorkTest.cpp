@@ -1,0 +1,141 @@
+//===- HostWorkTest.cpp - The host's work per decoded token, counted ------===//
+//
+// Part of moec. At batch 1 a small MoE model on a GPU is held by the host,
+// not by the device's bandwidth: each launch, copy and wait costs
+// microseconds whatever it moves (BENCHMARKS.md, "CUDA engine": OLMoE at
+// 3-5% of HBM with a dozen launches and a wait a layer). The CUDA engine's
+// design is that a token whose layers the device holds and routes costs
+// the host one graph replay per layer part, a few copies and one wait, and
+// that nothing is allocated or captured again once the graphs exist. The
+// CPU emulation of CUDA counts what the host asks of the device
+// (moe::emulation::counters), so these tests hold that design to numbers
+// on every machine. Built only into moec-cuda-emulated-tests.
+//
+//===----------------------------------------------------------------------===//
+
+#include <cuda_runtime.h>
+
+#include "moe/Runtime/Device.h"
+#include "moe/Runtime/Model.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+using namespace moe;
+
+namespace {
+
+std::string dataDir() {
+  if (const char *dir = std::getenv("MOEC_TEST_DATA_DIR"))
+    return dir;
+  return MOEC_TEST_DATA_DIR;
+}
+
+/// The counters' change over one decoded token, averaged over `tokens`.
+struct PerToken {
+  double launches = 0, graphLaunches = 0, graphNodes = 0, copies = 0, memsets = 0, captured = 0, waits = 0,
+         allocations = 0, kernelRuns = 0;
+  double hostCalls() const { return launches + graphLaunches + copies + memsets; }
+};
+
+PerToken perToken(const emulation::Counters &before, const emulation::Counters &after, int tokens) {
+  const auto d = [&](uint64_t emulation::Counters::*field) {
+    return static_cast<double>(after.*field - before.*field) / tokens;
+  };
+  PerToken p;
+  p.launches = d(&emulation::Counters::launches);
+  p.graphLaunches = d(&emulation::Counters::graphLaunches);
+  p.graphNodes = d(&emulation::Counters::graphNodes);
+  p.copies = d(&emulation::Counters::copies);
+  p.memsets = d(&emulation::Counters::memsets);
+  p.captured = d(&emulation::Counters::captured);
+  p.waits = d(&emulation::Counters::waits);
+  p.allocations = d(&emulation::Counters::allocations);
+  p.kernelRuns = d(&emulation::Counters::kernelRuns);
+  return p;
+}
+
+/// Decodes `warm` tokens after a short prompt, then counts the host's work
+/// over `counted` more.
+PerToken decodeAndCount(Engine &engine, const ModelSpec &spec, int warm, int counted) {
+  KvCache cache = engine.newCache();
+  std::vector<float> logits;
+  std::vector<int32_t> prompt;
+  for (int32_t i = 0; i < 8; ++i)
+    prompt.push_back(static_cast<int32_t>((i * 7919 + 13) % spec.vocabSize));
+  EXPECT_TRUE(engine.forward(prompt, cache, logits).ok());
+  emulation::Counters before;
+  for (int t = 0; t < warm + counted; ++t) {
+    if (t == warm)
+      before = emulation::counters();
+    const int32_t id = static_cast<int32_t>((t * 104729 + 7) % spec.vocabSize);
+    const Status status = engine.forward(std::span<const int32_t>(&id, 1), cache, logits);
+    EXPECT_TRUE(status.ok()) << status.message();
+  }
+  return perToken(before, emulation::counters(), counted);
+}
+
+void print(const std::string &what, const PerToken &p) {
+  std::printf("host work per token, %s: %.2f launches, %.2f graph launches (%.2f operations in them), %.2f copies, "
+              "%.2f memsets, %.2f waits, %.2f captured, %.2f allocations; %.2f kernels run\n",
+              what.c_str(), p.launches, p.graphLaunches, p.graphNodes, p.copies, p.memsets, p.waits, p.captured,
+              p.allocations, p.kernelRuns);
+}
+
+} // namespace
+
+TEST(HostWork, ADecodedTokenWaitsOnceAndReplaysItsLayers) {
+  // Both fixtures (grouped-query attention; MLA with a dense first layer)
+  // with every MoE layer routed on the device.
+  for (const char *name : {"tiny-mixtral", "tiny-deepseek"}) {
+    const std::string path = dataDir() + "/fixtures/" + name;
+    SCOPED_TRACE(path);
+    Expected<std::shared_ptr<Device>> device = openDevice(DeviceChoice::Cuda);
+    ASSERT_TRUE(device) << device.status().message();
+    EngineOptions options;
+    options.device = *device;
+    Expected<LoadedModel> model = loadModel(path, options);
+    ASSERT_TRUE(model) << model.status().message();
+    const int64_t layers = model->spec.numLayers;
+
+    ASSERT_TRUE((*device)->chooseRouting("device").ok());
+    const PerToken graphs = decodeAndCount(*model->engine, model->spec, 4, 4);
+    print(std::string(name) + ", graphs", graphs);
+    const int64_t moeLayers = std::count_if(model->spec.layers.begin(), model->spec.layers.end(),
+                                            [](const LayerSpec &l) { return l.mlp == MlpKind::Moe; });
+    ASSERT_EQ((*device)->routedLayers(), moeLayers) << "every MoE layer routed on the device";
+    EXPECT_EQ((*device)->graphStats().failures, 0) << (*device)->graphStats().firstFailure;
+    // One wait a token, for its logits; nothing allocated, nothing
+    // captured again (a graph captured anew every token would cost more
+    // than the launches it saves).
+    EXPECT_EQ(graphs.waits, 1.0);
+    EXPECT_EQ(graphs.allocations, 0.0);
+    EXPECT_EQ(graphs.captured, 0.0);
+    // Each layer's attention is a graph, and so is each MoE layer's MLP
+    // (tiny-deepseek's first layer is dense: its MLP is 4 launches and a
+    // table copy). The rest of the token is a few calls whatever the
+    // depth: the input's copy, the position and angles in one copy, the
+    // output norm and projection, and one copy each for the logits, the
+    // expert calls counted and every layer's new key and value rows.
+    const int64_t denseLayers = layers - moeLayers;
+    EXPECT_EQ(graphs.graphLaunches, static_cast<double>(layers + moeLayers));
+    EXPECT_LE(graphs.hostCalls() - graphs.graphLaunches - 5.0 * static_cast<double>(denseLayers), 9.0)
+        << "host calls beside the graphs";
+    EXPECT_LE(graphs.copies, 6.0 + static_cast<double>(denseLayers)) << "one copy out for every layer's rows";
+
+    // The same token launch by launch: the graphs' operations, now each a
+    // call of the host.
+    ASSERT_TRUE((*device)->chooseRouting("device-eager").ok());
+    const PerToken eager = decodeAndCount(*model->engine, model->spec, 2, 4);
+    print(std::string(name) + ", launches", eager);
+    EXPECT_EQ(eager.waits, 1.0);
+    EXPECT_EQ(eager.graphLaunches, 0.0);
+    EXPECT_EQ(eager.kernelRuns, graphs.kernelRuns) << "the graphs replay the same kernels";
+    EXPECT_GT(eager.hostCalls(), graphs.hostCalls() + static_cast<double>(layers));
+  }
+}
