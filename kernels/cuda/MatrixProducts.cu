@@ -713,9 +713,9 @@ __global__ void weightedSumKernel(const float *y, const int32_t *starts, const i
   out[i] = blockWeightedSum(y, starts, row, weight, hidden, t, i - t * hidden);
 }
 
-/// Sum over a block (blockDim a multiple of 32, at most 1024).
-template <typename T> __device__ T blockSum(T value) {
-  __shared__ T partial[32];
+/// Sum over a block (blockDim a multiple of 32, at most 1024), through
+/// `partial` (32 values of shared memory).
+template <typename T> __device__ __forceinline__ T blockSumThrough(T value, T *partial) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1)
     value += __shfl_xor_sync(0xffffffffu, value, offset);
@@ -728,6 +728,18 @@ template <typename T> __device__ T blockSum(T value) {
   for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w)
     total += partial[w];
   return total;
+}
+
+// Two functions rather than a template: the CPU emulation of CUDA poisons a
+// block's shared memory through a linker section that GCC does not honour
+// for a template's statics (scripts/check-emulated-shared.py checks it).
+__device__ float blockSum(float value) {
+  __shared__ float partial[32];
+  return blockSumThrough(value, partial);
+}
+__device__ double blockSum(double value) {
+  __shared__ double partial[32];
+  return blockSumThrough(value, partial);
 }
 
 __device__ float blockMax(float value) {
@@ -1369,6 +1381,7 @@ struct Context::State {
   Buffer hostHandover{true}, hostLogits{true};
   bool graphs = true; ///< Context::setGraphs.
   GraphStats graphStats;
+  DecodeGraph endGraph; ///< decodeEnd's launches for one token.
 
   /// A graph that failed (`error`) runs as plain launches from now on.
   void graphFailed(DecodeGraph &graph, cudaError_t error, const char *what) {
@@ -1392,8 +1405,12 @@ struct Context::State {
   }
   int64_t hidden = 0;
   int64_t tokens = 1; ///< Tokens of the step decodeBegin started (prefill: more than one).
-  /// The position `rope` holds, with its angles (this step's).
+  /// The position `rope` holds, with the angles of ropeHalfStaged pairs
+  /// (this step's), and where `rope` was then (a buffer that grew holds
+  /// neither).
   int64_t ropePosition = -1;
+  int ropeHalfStaged = -1;
+  const void *ropeStagedAt = nullptr;
   float *normedPointer() const { return handover.at<float>(0); }
   size_t arenaUsed = 0;
   /// Copies from the arena to host memory that the next wait makes (the
@@ -2094,13 +2111,18 @@ Status Context::decodeBegin(const float *x, int64_t hidden, int64_t tokens) {
     return Status::error("CUDA decode: hidden size ", hidden, " over ", tokens, " tokens");
   std::lock_guard<std::mutex> lock(state->mutex);
   State &s = *state;
-  // The last step ended with a wait (decodeEnd, decodeDiscard; every other
-  // call of the context waits before it returns), unless it left staging in
-  // the arena: then the copies from it must be done before it is reused.
+  // A step ends with decodeEnd or decodeDiscard, each after a wait: a rows
+  // slot still to copy means neither came, and its host rows would be lost.
+  if (!s.rowCopies.empty())
+    return Status::error("CUDA decode: a step began before the last one ended or was discarded");
+  // The arena is empty only after a wait (waitAndReset, decodeDiscard), so
+  // no copy in flight reads or writes it then; work still in flight (a
+  // step's launches after its last wait) is ordered before this step's on
+  // the stream, and the buffers grown below are freed with cudaFree, which
+  // waits for the device. Only staging left in the arena needs the wait.
   if (s.arenaUsed > 0 || !s.pending.empty())
     MOE_RETURN_IF_ERROR(s.waitAndReset());
   s.rowsUsed = 0;
-  s.rowCopies.clear();
   // Staging between two waits: the tokens, job tables, a token's key and
   // value rows (a layer's hand-back and the logits have their own buffers).
   MOE_RETURN_IF_ERROR(
@@ -2233,9 +2255,11 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
                slotBytes = keyBytes + alignUp(static_cast<size_t>(T * vWidth) * 4, 256);
   if (!handBack) {
     if (s.rowsUsed + slotBytes > s.rows.capacity) {
-      // Growing frees the buffer: the slots taken so far go to the host first.
+      // Room for every layer's slot (a slot each for the mirror's layers, or
+      // twice what was there). Growing frees the buffer (cudaFree waits for
+      // the device): the slots taken so far go to the host first.
       MOE_RETURN_IF_ERROR(s.flushRows());
-      MOE_RETURN_IF_ERROR(s.rows.reserve(std::max<size_t>(slotBytes, size_t(16) * slotBytes)));
+      MOE_RETURN_IF_ERROR(s.rows.reserve(std::max(mirror.layers.size() * slotBytes, 2 * s.rows.capacity)));
     }
     rowSlot = s.rowsUsed;
     k = s.rows.at<float>(rowSlot);
@@ -2254,7 +2278,7 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
   // per step: the position, then the RoPE angles ([T, half] cosines, then
   // sines) from kAnglesAt.
   constexpr size_t kAnglesAt = 256;
-  if (s.ropePosition != position) {
+  if (s.ropePosition != position || s.ropeHalfStaged != a.ropeHalf || s.ropeStagedAt != s.rope.data) {
     std::vector<char> staged(kAnglesAt + static_cast<size_t>(2 * T * a.ropeHalf) * 4);
     std::memcpy(staged.data(), &position, sizeof position);
     if (a.ropeHalf > 0) {
@@ -2264,6 +2288,8 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
     }
     MOE_RETURN_IF_ERROR(s.stage(s.rope.data, staged.data(), staged.size()));
     s.ropePosition = position;
+    s.ropeHalfStaged = a.ropeHalf;
+    s.ropeStagedAt = s.rope.data;
   }
   const float *cos = s.rope.at<float>(kAnglesAt),
               *sin = s.rope.at<float>(kAnglesAt + static_cast<size_t>(T * a.ropeHalf) * 4);
@@ -2457,12 +2483,38 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
   return Status::success();
 }
 
-Status Context::decodeExperts(const ExpertProduct *expertArray, size_t count) {
+Status Context::decodeExperts(const ExpertProduct *expertArray, size_t count, DecodeGraph *graph) {
   std::lock_guard<std::mutex> lock(state->mutex);
   State &s = *state;
   const int64_t hidden = s.hidden;
   if (count == 0)
     return Status::success();
+  // With `graph` (the same experts and weights every token: a dense MLP),
+  // the launches run as a graph from the second token on, as a layer's
+  // attention does.
+  bool graphed = graph && s.tokens == 1 && s.graphs && !graph->failed && graph->uses++ > 0;
+  std::vector<uintptr_t> key;
+  constexpr size_t kScratchKey = 0;
+  if (graphed) {
+    key.push_back(reinterpret_cast<uintptr_t>(s.scratch.data));
+    key.push_back(reinterpret_cast<uintptr_t>(s.normedPointer()));
+    key.push_back(reinterpret_cast<uintptr_t>(s.x.data));
+    key.push_back(static_cast<uintptr_t>(hidden));
+    key.push_back(static_cast<uintptr_t>(s.oneTokenKernel));
+    for (size_t i = 0; i < count; ++i) {
+      const ExpertProduct &e = expertArray[i];
+      for (const DeviceWeight *w : {e.gate, e.up, e.down})
+        key.insert(key.end(), {reinterpret_cast<uintptr_t>(w), reinterpret_cast<uintptr_t>(w->data)});
+      uint32_t weightBits = 0;
+      std::memcpy(&weightBits, &e.weight, sizeof weightBits);
+      key.push_back(weightBits);
+    }
+    if (graph->exec && graph->key == key) {
+      if (s.replay(*graph))
+        return Status::success();
+      graphed = false; // given up: plain launches below
+    }
+  }
   std::vector<int64_t> offsets{0};
   for (size_t i = 0; i < count; ++i) {
     const ExpertProduct &e = expertArray[i];
@@ -2502,19 +2554,26 @@ Status Context::decodeExperts(const ExpertProduct *expertArray, size_t count) {
   std::vector<float> weights(count);
   for (size_t i = 0; i < count; ++i)
     weights[i] = expertArray[i].weight;
-  // Both plans' tables and the weights in one transfer.
+  if (graphed)
+    key[kScratchKey] = reinterpret_cast<uintptr_t>(s.scratch.data);
+  // Both plans' tables and the weights in one transfer (into the graph's
+  // own tables when graphed).
   State::Plan *plans[] = {&first, &second};
   State::PlanTables placed[2];
   void *deviceWeights = nullptr;
-  MOE_RETURN_IF_ERROR(s.stageTables(plans, 2, placed, weights.data(), count * 4, &deviceWeights));
-  MOE_RETURN_IF_ERROR(s.launch(first, placed[0]));
-  launchKernel(swigluKernel, blocksFor(width, 256), 256, s.stream, s.scratch.at<float>(gateOffset),
-               s.scratch.at<float>(upOffset), s.scratch.at<float>(hOffset), width, nullptr);
-  MOE_RETURN_IF_ERROR(s.launch(second, placed[1]));
-  launchKernel(combineKernel, blocksFor(hidden, 256), 256, s.stream, s.scratch.at<float>(partsOffset),
-               static_cast<const float *>(deviceWeights), static_cast<int>(count), hidden, s.x.at<float>(0), true,
-               nullptr);
-  return check(cudaGetLastError(), "decode experts launch");
+  MOE_RETURN_IF_ERROR(
+      s.stageTables(plans, 2, placed, weights.data(), count * 4, &deviceWeights, graphed ? &graph->tables : nullptr));
+  auto launches = [&]() -> Status {
+    MOE_RETURN_IF_ERROR(s.launch(first, placed[0]));
+    launchKernel(swigluKernel, blocksFor(width, 256), 256, s.stream, s.scratch.at<float>(gateOffset),
+                 s.scratch.at<float>(upOffset), s.scratch.at<float>(hOffset), width, nullptr);
+    MOE_RETURN_IF_ERROR(s.launch(second, placed[1]));
+    launchKernel(combineKernel, blocksFor(hidden, 256), 256, s.stream, s.scratch.at<float>(partsOffset),
+                 static_cast<const float *>(deviceWeights), static_cast<int>(count), hidden, s.x.at<float>(0), true,
+                 nullptr);
+    return check(cudaGetLastError(), "decode experts launch");
+  };
+  return graphed ? s.captureAndLaunch(*graph, std::move(key), launches) : launches();
 }
 
 Status Context::decodeAddBranch(const float *branch) {
@@ -2578,20 +2637,56 @@ Status Context::decodeEnd(const float *norm, const float *normBias, bool layerNo
   // The last `rows` tokens' logits.
   const int64_t V = head.rows, H = s.hidden, first = s.tokens - rows;
   MOE_RETURN_IF_ERROR(s.logits.reserve(static_cast<size_t>(rows * V) * 4));
-  launchKernel(normKernel, static_cast<unsigned>(rows), 1024, s.stream,
-               s.x.at<float>(static_cast<size_t>(first * H) * 4), s.normedPointer(), H, H, norm, normBias, eps,
-               layerNorm);
-  {
+  // One token's final norm, output projection and bias run as a graph, as a
+  // layer's attention does (captured at the second token, replayed while
+  // its key holds).
+  bool graphed = s.graphs && s.tokens == 1 && !s.endGraph.failed && s.endGraph.uses++ > 0;
+  std::vector<uintptr_t> key;
+  constexpr size_t kScratchKey = 0;
+  if (graphed) {
+    key.push_back(reinterpret_cast<uintptr_t>(s.scratch.data));
+    for (const void *p :
+         {static_cast<const void *>(s.x.data), static_cast<const void *>(s.normedPointer()),
+          static_cast<const void *>(s.logits.data), static_cast<const void *>(&head), head.data,
+          static_cast<const void *>(norm), static_cast<const void *>(normBias), static_cast<const void *>(headBias)})
+      key.push_back(reinterpret_cast<uintptr_t>(p));
+    for (int64_t value : {H, V, static_cast<int64_t>(layerNorm), static_cast<int64_t>(s.oneTokenKernel)})
+      key.push_back(static_cast<uintptr_t>(value));
+    uint32_t epsBits = 0;
+    std::memcpy(&epsBits, &eps, sizeof epsBits);
+    key.push_back(epsBits);
+  }
+  bool replayed = false;
+  if (graphed && s.endGraph.exec && s.endGraph.key == key) {
+    replayed = s.replay(s.endGraph);
+    graphed = replayed; // a failed launch gives the graph up: plain launches below
+  }
+  if (!replayed) {
     State::Plan plan;
     Layout scratchLayout;
     s.addProduct(plan, scratchLayout, head, s.normedPointer(), H, rows, s.logits.at<float>(0), V);
     MOE_RETURN_IF_ERROR(s.scratch.reserve(std::max<size_t>(scratchLayout.size, 256)));
-    MOE_RETURN_IF_ERROR(s.enqueue(plan));
+    if (graphed)
+      key[kScratchKey] = reinterpret_cast<uintptr_t>(s.scratch.data);
+    State::Plan *plans[] = {&plan};
+    State::PlanTables placed;
+    MOE_RETURN_IF_ERROR(s.stageTables(plans, 1, &placed, nullptr, 0, nullptr, graphed ? &s.endGraph.tables : nullptr));
+    auto launches = [&]() -> Status {
+      launchKernel(normKernel, static_cast<unsigned>(rows), 1024, s.stream,
+                   s.x.at<float>(static_cast<size_t>(first * H) * 4), s.normedPointer(), H, H, norm, normBias, eps,
+                   layerNorm);
+      MOE_RETURN_IF_ERROR(s.launch(plan, placed));
+      if (headBias)
+        for (int64_t r = 0; r < rows; ++r)
+          launchKernel(biasClampKernel, blocksFor(V, 256), 256, s.stream,
+                       s.logits.at<float>(static_cast<size_t>(r * V) * 4), headBias, V, 0.0f);
+      return check(cudaGetLastError(), "decode launch");
+    };
+    if (graphed)
+      MOE_RETURN_IF_ERROR(s.captureAndLaunch(s.endGraph, std::move(key), launches));
+    else
+      MOE_RETURN_IF_ERROR(launches());
   }
-  if (headBias)
-    for (int64_t r = 0; r < rows; ++r)
-      launchKernel(biasClampKernel, blocksFor(V, 256), 256, s.stream,
-                   s.logits.at<float>(static_cast<size_t>(r * V) * 4), headBias, V, 0.0f);
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "decode launch"));
   // The logits in a pinned buffer of their own (rows of a large vocabulary
   // outgrow the arena; nothing is in flight to it: every copy to it is

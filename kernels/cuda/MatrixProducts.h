@@ -239,8 +239,10 @@ public:
   /// for the next wait.
   void decodeDiscard();
   /// Residual += sum_i weight_i * expert_i(MLP input), added in order (one
-  /// token).
-  Status decodeExperts(const ExpertProduct *experts, size_t count);
+  /// token). With `graph`, for calls with the same experts and weights
+  /// every token (a dense MLP), the launches run as a graph from the
+  /// second call on.
+  Status decodeExperts(const ExpertProduct *experts, size_t count, DecodeGraph *graph = nullptr);
   /// Residual += a MoE block (or dense MLP) over the step's tokens, routed
   /// by the host: each expert's tokens (indices into the step) gathered
   /// from the MLP input the last decodeAttention left on the device, their

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <map>
 #include <set>
 #include <vector>
 
@@ -320,7 +321,7 @@ public:
     return Status::success();
   }
 
-  Status decodeMlp(std::span<const std::pair<const MlpWeights *, float>> mlps) override {
+  Status decodeMlp(std::span<const std::pair<const MlpWeights *, float>> mlps, bool everyToken) override {
     if (stepTokens != 1)
       return Status::error("CUDA decode: one token's MLPs in a step of ", stepTokens, " tokens");
     if (!std::all_of(mlps.begin(), mlps.end(), [](const auto &mlp) { return deviceHolds(*mlp.first); }))
@@ -329,7 +330,15 @@ public:
     jobs.clear();
     for (const auto &[mlp, weight] : mlps)
       jobs.push_back({&deviceWeight(mlp->gate), &deviceWeight(mlp->up), &deviceWeight(mlp->down), weight});
-    return context->decodeExperts(jobs.data(), jobs.size());
+    // A dense layer's MLP replays as a graph, kept with its weights.
+    cuda::DecodeGraph *graph = nullptr;
+    if (everyToken && mlps.size() == 1) {
+      std::shared_ptr<cuda::DecodeGraph> &kept = mlpGraphs[mlps.front().first];
+      if (!kept)
+        kept = context->newDecodeGraph();
+      graph = kept.get();
+    }
+    return context->decodeExperts(jobs.data(), jobs.size(), graph);
   }
 
   Status decodeRoutedBlock(std::span<const DeviceRoutedExpert> mlps) override {
@@ -478,9 +487,12 @@ private:
   bool lenient = false;
   bool routeOnDevice = true;      ///< chooseRouting.
   std::set<int64_t> layersRouted; ///< Layers whose MoE block the device has routed.
-  KvCache *tokenCache = nullptr;  ///< The cache of the token being decoded.
-  int64_t stepTokens = 1;         ///< decodeBegin's tokens.
-  bool prefillOnDevice = false;   ///< choosePrefill.
+  /// Dense layers' MLP graphs (decodeMlp), by their weights; a graph is
+  /// captured again when the matrices it was captured with change.
+  std::map<const MlpWeights *, std::shared_ptr<cuda::DecodeGraph>> mlpGraphs;
+  KvCache *tokenCache = nullptr; ///< The cache of the token being decoded.
+  int64_t stepTokens = 1;        ///< decodeBegin's tokens.
+  bool prefillOnDevice = false;  ///< choosePrefill.
   Status error = Status::success();
   /// The host cache's rows this token appended ahead of their values
   /// (vector, size before), which decodeAbandon takes back.

@@ -57,7 +57,7 @@ Status Device::decodeAttention(const ModelSpec &, const LayerWeights &, int64_t,
 Status Device::decodeRoutedMlp(const ModelSpec &, const LayerSpec &, const LayerWeights &) {
   return Status::error("this device does not route");
 }
-Status Device::decodeMlp(std::span<const std::pair<const MlpWeights *, float>>) { return noDecode(); }
+Status Device::decodeMlp(std::span<const std::pair<const MlpWeights *, float>>, bool) { return noDecode(); }
 Status Device::decodeRoutedBlock(std::span<const DeviceRoutedExpert>) { return noDecode(); }
 Status Device::decodeAddBranch(const float *) { return noDecode(); }
 Status Device::decodeEnd(const ModelSpec &, const GlobalWeights &, float *, int64_t &, int64_t) { return noDecode(); }

@@ -1147,7 +1147,7 @@ Status Engine::decodeLayersOnDevice(std::span<const int32_t> tokens, const float
         MOE_RETURN_IF_ERROR(onDevice->decodeRoutedMlp(spec, layer, w));
       } else {
         const std::pair<const MlpWeights *, float> dense{&w.dense, 1.0f};
-        MOE_RETURN_IF_ERROR(onDevice->decodeMlp(std::span(&dense, 1)));
+        MOE_RETURN_IF_ERROR(onDevice->decodeMlp(std::span(&dense, 1), /*everyToken=*/true));
       }
       continue;
     }

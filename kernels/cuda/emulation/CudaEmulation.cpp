@@ -32,6 +32,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <thread>
@@ -411,9 +412,35 @@ cudaError_t setError(cudaError_t error) {
   return error;
 }
 
+/// Device memory is open (readable and writable) only while stream work
+/// runs or a synchronous copy is made: host code touching it otherwise, a
+/// device pointer used on the host, faults here as it would on a GPU
+/// machine (onFault names it). Nested opens count.
+int openDepth = 0;
+void setDeviceAccess(int protection) {
+  for (const auto &[start, a] : runtime().allocations)
+    if (!a.host)
+      mprotect(a.mapping, a.mapped - guardBytes(), protection);
+}
+struct DeviceOpen {
+  DeviceOpen() {
+    if (openDepth++ == 0)
+      setDeviceAccess(PROT_READ | PROT_WRITE);
+  }
+  ~DeviceOpen() {
+    if (--openDepth == 0)
+      setDeviceAccess(PROT_NONE);
+  }
+  DeviceOpen(const DeviceOpen &) = delete;
+  DeviceOpen &operator=(const DeviceOpen &) = delete;
+};
+
 /// Runs a stream's queued work in order; the first failure is sticky.
 cudaError_t drain(StreamState &s) {
   Runtime &r = runtime();
+  std::optional<DeviceOpen> open;
+  if (!s.work.empty())
+    open.emplace();
   while (!s.work.empty()) {
     Operation op = std::move(s.work.front());
     s.work.pop_front();
@@ -511,6 +538,15 @@ void onFault(int signal, siginfo_t *info, void *) {
       break;
     }
   }
+  if (!what && openDepth == 0)
+    for (const auto &[start, a] : runtime().allocations) {
+      const uintptr_t begin = reinterpret_cast<uintptr_t>(a.mapping);
+      if (!a.host && address >= begin && address < begin + a.mapped - guardBytes()) {
+        what = "moec CUDA emulation: host code touched device memory (cudaMalloc) outside a kernel or copy: a device "
+               "pointer used on the host\n";
+        break;
+      }
+    }
   if (!what && run && run->running)
     what = "moec CUDA emulation: a fault in a kernel (a fiber's stack overflowing, or memory no allocation "
            "holds)\n";
@@ -758,7 +794,6 @@ cudaError_t cudaMemGetInfo(size_t *free, size_t *total) {
 namespace {
 cudaError_t allocate(void **pointer, size_t bytes, bool host) {
   Runtime &r = runtime();
-  ++r.counters.allocations;
   *pointer = nullptr;
   if (refusedWhileCapturing())
     return setError(cudaErrorStreamCaptureUnsupported);
@@ -781,9 +816,13 @@ cudaError_t allocate(void **pointer, size_t bytes, bool host) {
     return setError(cudaErrorMemoryAllocation);
   }
   char *p = mapping + mapped - page - rounded;
-  // Fresh device memory holds garbage on a GPU: NaN bits here.
+  // Fresh device memory holds garbage on a GPU: NaN bits here. Closed to
+  // the host but while stream work runs (DeviceOpen).
   std::memset(p, 0xFF, bytes);
+  if (!host && openDepth == 0)
+    mprotect(mapping, mapped - page, PROT_NONE);
   r.allocations[reinterpret_cast<uintptr_t>(p)] = {bytes, host, mapping, mapped};
+  ++r.counters.allocations;
   if (!host)
     r.deviceBytes += bytes;
   *pointer = p;
@@ -794,11 +833,10 @@ cudaError_t release(void *pointer, bool host) {
   if (!pointer)
     return cudaSuccess;
   Runtime &r = runtime();
-  ++r.counters.allocations;
   if (refusedWhileCapturing())
     return setError(cudaErrorStreamCaptureUnsupported);
-  ++r.counters.waits;
   drainAll(); // cudaFree waits for the device
+  ++r.counters.waits;
   auto it = r.allocations.find(reinterpret_cast<uintptr_t>(pointer));
   if (it == r.allocations.end() || it->second.host != host) {
     report(host ? "cudaFreeHost of memory cudaMallocHost did not give" : "cudaFree of memory cudaMalloc did not give");
@@ -806,6 +844,7 @@ cudaError_t release(void *pointer, bool host) {
   }
   if (!host)
     r.deviceBytes -= it->second.bytes;
+  ++r.counters.frees;
   munmap(it->second.mapping, it->second.mapped);
   r.allocations.erase(it);
   return r.sticky;
@@ -860,6 +899,7 @@ cudaError_t cudaMemcpy(void *target, const void *source, size_t bytes, cudaMemcp
   // non-blocking, so not for theirs).
   if (cudaError_t e = drain(legacyStream()); e != cudaSuccess)
     return e;
+  DeviceOpen open;
   std::memmove(target, source, bytes);
   return cudaSuccess;
 }
@@ -897,6 +937,7 @@ cudaError_t cudaMemcpyAsync(void *target, const void *source, size_t bytes, cuda
     ++runtime().counters.waits;
     if (cudaError_t e = drain(s); e != cudaSuccess)
       return e;
+    DeviceOpen open;
     std::memcpy(target, source, bytes);
     return cudaSuccess;
   }

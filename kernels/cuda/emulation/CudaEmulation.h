@@ -50,7 +50,9 @@
 // as floats, -1 as integers): on a GPU a block's shared memory starts
 // undefined, so a kernel reading it before writing it, or counting on
 // what an earlier block left, gets poison here rather than zeros or
-// leftovers that may happen to be right.
+// leftovers that may happen to be right. GCC ignores the section for a
+// function template's statics: shared memory belongs in kernels and plain
+// functions (scripts/check-emulated-shared.py, a test, checks it).
 #define __shared__ static __attribute__((section("moec_emulated_shared")))
 
 // CUDA's types, in the emulation's namespace (a binary may link the real
@@ -138,7 +140,8 @@ struct Counters {
   uint64_t memsets = 0;       ///< cudaMemsetAsync calls (not captured).
   uint64_t captured = 0;      ///< Launches, copies and memsets recorded into graphs.
   uint64_t waits = 0;         ///< Calls the host waits in for the device: syncs, blocking copies, frees.
-  uint64_t allocations = 0;   ///< cudaMalloc(Host) and cudaFree(Host) calls.
+  uint64_t allocations = 0;   ///< Allocations made (cudaMalloc, cudaMallocHost) ...
+  uint64_t frees = 0;         ///< ... and freed (cudaFree, cudaFreeHost).
   uint64_t kernelRuns = 0;    ///< Kernels run, graphs' included.
 };
 Counters counters();

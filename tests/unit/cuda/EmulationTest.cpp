@@ -257,6 +257,23 @@ TEST(Emulation, AKernelReadingPastItsAllocationDies) {
       "past the end of a device allocation");
 }
 
+TEST(Emulation, HostCodeTouchingDeviceMemoryDies) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  DeviceInts device(4);
+  const int value = 3;
+  ASSERT_EQ(cudaMemcpy(device.data, &value, sizeof value, cudaMemcpyHostToDevice), cudaSuccess);
+  int back = 0;
+  ASSERT_EQ(cudaMemcpy(&back, device.data, sizeof back, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(back, 3) << "copies reach it";
+  // A device pointer dereferenced on the host: on a GPU machine a fault.
+  EXPECT_DEATH(
+      {
+        volatile int *p = device.data;
+        back = *p;
+      },
+      "host code touched device memory");
+}
+
 TEST(Emulation, BadLaunchesAreTheNextError) {
   DeviceInts counter(1);
   launchKernel(incrementKernel, 0, 32, nullptr, counter.data);
@@ -373,6 +390,10 @@ TEST(Emulation, CaptureRefusesCopiesOfPageableMemory) {
 }
 
 TEST(Emulation, ANullOpenerGivesBackTheBuildsOwnDevice) {
+  // The emulated device again at the end, whatever fails: later tests open it.
+  struct Restore {
+    ~Restore() { moe::setCudaDeviceOpener(&moe::openEmulatedCudaDevice); }
+  } restore;
   ASSERT_EQ(moe::setCudaDeviceOpener(nullptr), &moe::openEmulatedCudaDevice) << "installed by EmulatedDevice.cpp";
   moe::Expected<std::shared_ptr<moe::Device>> device = moe::openDevice(moe::DeviceChoice::Cuda);
   // The build's CUDA device: a real GPU, or an error where there is none

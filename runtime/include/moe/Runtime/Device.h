@@ -152,8 +152,10 @@ public:
   /// Residual += the MoE block of the MLP input the last decodeAttention
   /// kept, routed on the device (routesOnDevice).
   virtual Status decodeRoutedMlp(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &weights);
-  /// Residual += sum_i weight_i * mlp_i(MLP input), for MLPs the device holds.
-  virtual Status decodeMlp(std::span<const std::pair<const MlpWeights *, float>> mlps);
+  /// Residual += sum_i weight_i * mlp_i(MLP input), for MLPs the device
+  /// holds. `everyToken`: the same MLPs and weights at every token (a dense
+  /// layer), which a device may replay as it recorded them.
+  virtual Status decodeMlp(std::span<const std::pair<const MlpWeights *, float>> mlps, bool everyToken = false);
   /// Residual += a block over the step's tokens that the host routed, for
   /// MLPs the device holds: each one's tokens and weights (a dense MLP: all
   /// tokens, weight 1; a shared expert: all tokens, its gate), added as the
