@@ -9,7 +9,8 @@ ignores the section attribute on a static of a function template (it goes to
 .bss unpoisoned, silently), so a template kernel or helper with shared memory
 would escape the check. Every writable function-local static of the emulated
 kernels (namespace moe::cuda_emulated) is shared memory, since CUDA device
-code has no other kind; this lists those outside the section.
+code has no other kind; this lists those outside the section (any section
+but read-only data and code).
 
 Usage: check-emulated-shared.py ARCHIVE_OR_OBJECT...
 """
@@ -19,6 +20,8 @@ import subprocess
 import sys
 
 SECTION = "moec_emulated_shared"
+VISIBILITY = re.compile(r"^\.(hidden|protected|internal) ")
+READ_ONLY = (".rodata", ".data.rel.ro", ".text")
 SYMBOL = re.compile(r"^[0-9a-f]+ (?P<flags>.{7}) (?P<section>\S+)\t[0-9a-f]+ (?P<name>.*)$")
 
 
@@ -38,12 +41,13 @@ def main(paths):
         if not match or "O" not in match["flags"]:
             continue
         section, name = match["section"], match["name"]
+        # A visibility other than the default comes before the name.
+        name = VISIBILITY.sub("", name)
         if not name.startswith("moe::cuda_emulated::") or ")::" not in name:
             continue  # not a function-local static of the emulated kernels
-        writable = section.startswith(".bss") or (section.startswith(".data") and not section.startswith(".data.rel.ro"))
         if section == SECTION:
             inside.append((section, name))
-        elif writable:
+        elif not section.startswith(READ_ONLY):
             outside.append((section, name))
     for section, name in outside:
         print(f"check-emulated-shared: {name} lies in {section}, not {SECTION}: its shared memory is never "

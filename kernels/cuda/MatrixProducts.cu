@@ -1173,6 +1173,23 @@ ProductJob jobTemplate(const DeviceWeight &w) {
 
 /// Launches captured once as a CUDA graph and replayed while everything
 /// they were captured with (addresses, sizes: `key`) holds.
+/// What a graph's tables hold of `w` (null: nothing), for its key: the
+/// matrix's address, its memory, shape and format, so that a weight freed
+/// and another made at the same address cannot replay the old tables.
+void appendWeightKey(std::vector<uintptr_t> &key, const DeviceWeight *w) {
+  if (!w) {
+    key.push_back(0);
+    return;
+  }
+  const quant::QuantFormat &f = w->format;
+  for (uintptr_t value :
+       {reinterpret_cast<uintptr_t>(w), reinterpret_cast<uintptr_t>(w->data), static_cast<uintptr_t>(w->rows),
+        static_cast<uintptr_t>(w->cols), static_cast<uintptr_t>(w->layout), static_cast<uintptr_t>(w->signedCodes),
+        static_cast<uintptr_t>(f.bits), static_cast<uintptr_t>(f.group), static_cast<uintptr_t>(f.symmetric),
+        static_cast<uintptr_t>(f.scaleType)})
+    key.push_back(value);
+}
+
 struct DecodeGraph {
   cudaGraphExec_t exec = nullptr;
   std::vector<uintptr_t> key;
@@ -1381,7 +1398,15 @@ struct Context::State {
   Buffer hostHandover{true}, hostLogits{true};
   bool graphs = true; ///< Context::setGraphs.
   GraphStats graphStats;
-  DecodeGraph endGraph; ///< decodeEnd's launches for one token.
+
+  /// Drops `graph`'s instance and key before its tables are staged anew
+  /// (a failure in between must not leave an instance reading them).
+  void forget(DecodeGraph &graph) {
+    if (graph.exec)
+      cudaGraphExecDestroy(graph.exec);
+    graph.exec = nullptr;
+    graph.key.clear();
+  }
 
   /// A graph that failed (`error`) runs as plain launches from now on.
   void graphFailed(DecodeGraph &graph, cudaError_t error, const char *what) {
@@ -2318,11 +2343,6 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
                           static_cast<const void *>(a.attentionNormBias),
                           static_cast<const void *>(a.mlpNorm),
                           static_cast<const void *>(a.mlpNormBias),
-                          static_cast<const void *>(a.query),
-                          static_cast<const void *>(a.key),
-                          static_cast<const void *>(a.value),
-                          static_cast<const void *>(a.output),
-                          static_cast<const void *>(a.router),
                           static_cast<const void *>(a.queryBias),
                           static_cast<const void *>(a.keyBias),
                           static_cast<const void *>(a.valueBias),
@@ -2332,13 +2352,12 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
                           static_cast<const void *>(k),
                           static_cast<const void *>(v),
                           static_cast<const void *>(s.latent.data),
-                          static_cast<const void *>(a.queryDown),
-                          static_cast<const void *>(a.queryUp),
-                          static_cast<const void *>(a.kvDown),
-                          static_cast<const void *>(a.kvUp),
                           static_cast<const void *>(a.queryDownNorm),
                           static_cast<const void *>(a.kvDownNorm)})
       key.push_back(reinterpret_cast<uintptr_t>(p));
+    for (const DeviceWeight *w :
+         {a.query, a.key, a.value, a.output, a.router, a.queryDown, a.queryUp, a.kvDown, a.kvUp})
+      appendWeightKey(key, w);
     for (int64_t value : {H, cache.capacity, routerRows, static_cast<int64_t>(s.oneTokenKernel)})
       key.push_back(static_cast<uintptr_t>(value));
   }
@@ -2381,6 +2400,8 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
       key[kScratchKey] = reinterpret_cast<uintptr_t>(s.scratch.data);
     State::Plan *plans[] = {&projections, &output, &routing, &expansions};
     State::PlanTables placed[4];
+    if (graphed)
+      s.forget(*graph); // its tables are rewritten below
     MOE_RETURN_IF_ERROR(s.stageTables(plans,
                                       mla      ? 4
                                       : router ? 3
@@ -2504,7 +2525,7 @@ Status Context::decodeExperts(const ExpertProduct *expertArray, size_t count, De
     for (size_t i = 0; i < count; ++i) {
       const ExpertProduct &e = expertArray[i];
       for (const DeviceWeight *w : {e.gate, e.up, e.down})
-        key.insert(key.end(), {reinterpret_cast<uintptr_t>(w), reinterpret_cast<uintptr_t>(w->data)});
+        appendWeightKey(key, w);
       uint32_t weightBits = 0;
       std::memcpy(&weightBits, &e.weight, sizeof weightBits);
       key.push_back(weightBits);
@@ -2561,6 +2582,8 @@ Status Context::decodeExperts(const ExpertProduct *expertArray, size_t count, De
   State::Plan *plans[] = {&first, &second};
   State::PlanTables placed[2];
   void *deviceWeights = nullptr;
+  if (graphed)
+    s.forget(*graph); // its tables are rewritten below
   MOE_RETURN_IF_ERROR(
       s.stageTables(plans, 2, placed, weights.data(), count * 4, &deviceWeights, graphed ? &graph->tables : nullptr));
   auto launches = [&]() -> Status {
@@ -2626,7 +2649,8 @@ Status Context::decodeRoutedExperts(const RoutedExpertTokens *experts, size_t co
 }
 
 Status Context::decodeEnd(const float *norm, const float *normBias, bool layerNorm, float eps, const DeviceWeight &head,
-                          const float *headBias, float *logits, int64_t *expertCalls, int64_t rows) {
+                          const float *headBias, float *logits, int64_t *expertCalls, int64_t rows,
+                          DecodeGraph *graph) {
   std::lock_guard<std::mutex> lock(state->mutex);
   State &s = *state;
   if (head.cols != s.hidden)
@@ -2640,16 +2664,16 @@ Status Context::decodeEnd(const float *norm, const float *normBias, bool layerNo
   // One token's final norm, output projection and bias run as a graph, as a
   // layer's attention does (captured at the second token, replayed while
   // its key holds).
-  bool graphed = s.graphs && s.tokens == 1 && !s.endGraph.failed && s.endGraph.uses++ > 0;
+  bool graphed = graph && s.graphs && s.tokens == 1 && !graph->failed && graph->uses++ > 0;
   std::vector<uintptr_t> key;
   constexpr size_t kScratchKey = 0;
   if (graphed) {
     key.push_back(reinterpret_cast<uintptr_t>(s.scratch.data));
-    for (const void *p :
-         {static_cast<const void *>(s.x.data), static_cast<const void *>(s.normedPointer()),
-          static_cast<const void *>(s.logits.data), static_cast<const void *>(&head), head.data,
-          static_cast<const void *>(norm), static_cast<const void *>(normBias), static_cast<const void *>(headBias)})
+    for (const void *p : {static_cast<const void *>(s.x.data), static_cast<const void *>(s.normedPointer()),
+                          static_cast<const void *>(s.logits.data), static_cast<const void *>(norm),
+                          static_cast<const void *>(normBias), static_cast<const void *>(headBias)})
       key.push_back(reinterpret_cast<uintptr_t>(p));
+    appendWeightKey(key, &head);
     for (int64_t value : {H, V, static_cast<int64_t>(layerNorm), static_cast<int64_t>(s.oneTokenKernel)})
       key.push_back(static_cast<uintptr_t>(value));
     uint32_t epsBits = 0;
@@ -2657,8 +2681,8 @@ Status Context::decodeEnd(const float *norm, const float *normBias, bool layerNo
     key.push_back(epsBits);
   }
   bool replayed = false;
-  if (graphed && s.endGraph.exec && s.endGraph.key == key) {
-    replayed = s.replay(s.endGraph);
+  if (graphed && graph->exec && graph->key == key) {
+    replayed = s.replay(*graph);
     graphed = replayed; // a failed launch gives the graph up: plain launches below
   }
   if (!replayed) {
@@ -2670,7 +2694,9 @@ Status Context::decodeEnd(const float *norm, const float *normBias, bool layerNo
       key[kScratchKey] = reinterpret_cast<uintptr_t>(s.scratch.data);
     State::Plan *plans[] = {&plan};
     State::PlanTables placed;
-    MOE_RETURN_IF_ERROR(s.stageTables(plans, 1, &placed, nullptr, 0, nullptr, graphed ? &s.endGraph.tables : nullptr));
+    if (graphed)
+      s.forget(*graph); // its tables are rewritten below
+    MOE_RETURN_IF_ERROR(s.stageTables(plans, 1, &placed, nullptr, 0, nullptr, graphed ? &graph->tables : nullptr));
     auto launches = [&]() -> Status {
       launchKernel(normKernel, static_cast<unsigned>(rows), 1024, s.stream,
                    s.x.at<float>(static_cast<size_t>(first * H) * 4), s.normedPointer(), H, H, norm, normBias, eps,
@@ -2683,7 +2709,7 @@ Status Context::decodeEnd(const float *norm, const float *normBias, bool layerNo
       return check(cudaGetLastError(), "decode launch");
     };
     if (graphed)
-      MOE_RETURN_IF_ERROR(s.captureAndLaunch(s.endGraph, std::move(key), launches));
+      MOE_RETURN_IF_ERROR(s.captureAndLaunch(*graph, std::move(key), launches));
     else
       MOE_RETURN_IF_ERROR(launches());
   }

@@ -254,9 +254,11 @@ public:
   /// The final norm and the output projection (+ bias) of the step's last
   /// `rows` tokens: logits [rows, vocabulary] (host), waits; `expertCalls`
   /// (when not null) gets the routed experts decodeRouted ran since
-  /// decodeBegin.
+  /// decodeBegin. With `graph` (the model's), one token's launches run as
+  /// a graph from the second token on.
   Status decodeEnd(const float *norm, const float *normBias, bool layerNorm, float eps, const DeviceWeight &head,
-                   const float *headBias, float *logits, int64_t *expertCalls = nullptr, int64_t rows = 1);
+                   const float *headBias, float *logits, int64_t *expertCalls = nullptr, int64_t rows = 1,
+                   DecodeGraph *graph = nullptr);
 
   /// The kernel of one token's group-format products (benchmarks and
   /// tests compare them).

@@ -17,7 +17,6 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <map>
 #include <set>
 #include <vector>
 
@@ -33,6 +32,9 @@ public:
       : owner(std::move(owner)), weight(std::move(weight)) {}
   Device &device() const override { return *owner; }
   const cuda::DeviceWeight &get() const { return *weight; }
+  /// A dense MLP's decode launches as a CUDA graph, kept with its gate
+  /// matrix so that it lives and dies with the layer (decodeMlp).
+  mutable std::shared_ptr<cuda::DecodeGraph> mlpGraph;
 
 private:
   std::shared_ptr<Device> owner;
@@ -57,8 +59,9 @@ struct CudaVectors {
   /// the first decoded token): null where it cannot.
   mutable std::shared_ptr<const cuda::RoutedLayerHandle> routed;
   mutable bool routedTried = false;
-  /// The layer's decode launches as a CUDA graph (made at its second token).
-  mutable std::shared_ptr<cuda::DecodeGraph> attentionGraph;
+  /// The layer's decode launches as a CUDA graph (made at its second token);
+  /// for the model's vectors, the token's end (decodeEnd).
+  mutable std::shared_ptr<cuda::DecodeGraph> attentionGraph, endGraph;
 };
 
 class CudaDevice final : public Device {
@@ -330,13 +333,13 @@ public:
     jobs.clear();
     for (const auto &[mlp, weight] : mlps)
       jobs.push_back({&deviceWeight(mlp->gate), &deviceWeight(mlp->up), &deviceWeight(mlp->down), weight});
-    // A dense layer's MLP replays as a graph, kept with its weights.
+    // A dense layer's MLP replays as a graph, kept with its gate matrix.
     cuda::DecodeGraph *graph = nullptr;
     if (everyToken && mlps.size() == 1) {
-      std::shared_ptr<cuda::DecodeGraph> &kept = mlpGraphs[mlps.front().first];
-      if (!kept)
-        kept = context->newDecodeGraph();
-      graph = kept.get();
+      const auto &gate = static_cast<const CudaMatrix &>(*mlps.front().first->gate.device);
+      if (!gate.mlpGraph)
+        gate.mlpGraph = context->newDecodeGraph();
+      graph = gate.mlpGraph.get();
     }
     return context->decodeExperts(jobs.data(), jobs.size(), graph);
   }
@@ -361,9 +364,11 @@ public:
     if (!head.device || !globals.deviceVectors)
       return Status::error("CUDA decode: the output projection is not on the device");
     const auto &v = *static_cast<const CudaVectors *>(globals.deviceVectors.get());
+    if (!v.endGraph)
+      v.endGraph = context->newDecodeGraph();
     MOE_RETURN_IF_ERROR(context->decodeEnd(v.finalNorm, v.finalNormBias, spec.normKind == NormKind::LayerNorm,
                                            static_cast<float>(spec.normEps), deviceWeight(head), v.lmHeadBias, logits,
-                                           &expertCalls, rows));
+                                           &expertCalls, rows, v.endGraph.get()));
     appended.clear();
     tokenCache = nullptr;
     return Status::success();
@@ -487,12 +492,9 @@ private:
   bool lenient = false;
   bool routeOnDevice = true;      ///< chooseRouting.
   std::set<int64_t> layersRouted; ///< Layers whose MoE block the device has routed.
-  /// Dense layers' MLP graphs (decodeMlp), by their weights; a graph is
-  /// captured again when the matrices it was captured with change.
-  std::map<const MlpWeights *, std::shared_ptr<cuda::DecodeGraph>> mlpGraphs;
-  KvCache *tokenCache = nullptr; ///< The cache of the token being decoded.
-  int64_t stepTokens = 1;        ///< decodeBegin's tokens.
-  bool prefillOnDevice = false;  ///< choosePrefill.
+  KvCache *tokenCache = nullptr;  ///< The cache of the token being decoded.
+  int64_t stepTokens = 1;         ///< decodeBegin's tokens.
+  bool prefillOnDevice = false;   ///< choosePrefill.
   Status error = Status::success();
   /// The host cache's rows this token appended ahead of their values
   /// (vector, size before), which decodeAbandon takes back.

@@ -23,6 +23,7 @@
 #include <csignal>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <chrono>
 #include <cmath>
@@ -416,11 +417,14 @@ cudaError_t setError(cudaError_t error) {
 /// runs or a synchronous copy is made: host code touching it otherwise, a
 /// device pointer used on the host, faults here as it would on a GPU
 /// machine (onFault names it). Nested opens count.
-int openDepth = 0;
+void report(const char *what);
+std::atomic<int> openDepth{0}; // read by onFault too
 void setDeviceAccess(int protection) {
   for (const auto &[start, a] : runtime().allocations)
-    if (!a.host)
-      mprotect(a.mapping, a.mapped - guardBytes(), protection);
+    if (!a.host && mprotect(a.mapping, a.mapped - guardBytes(), protection) != 0) {
+      report("cannot change the protection of device memory (mprotect failed)");
+      std::abort();
+    }
 }
 struct DeviceOpen {
   DeviceOpen() {
@@ -454,6 +458,13 @@ cudaError_t drain(StreamState &s) {
 
 cudaError_t drainAll() {
   Runtime &r = runtime();
+  // Device memory opened once for every stream with work.
+  bool work = !legacyStream().work.empty();
+  for (StreamState *s : r.streams)
+    work = work || !s->work.empty();
+  std::optional<DeviceOpen> open;
+  if (work)
+    open.emplace();
   drain(legacyStream());
   for (StreamState *s : r.streams)
     drain(*s);
@@ -819,8 +830,10 @@ cudaError_t allocate(void **pointer, size_t bytes, bool host) {
   // Fresh device memory holds garbage on a GPU: NaN bits here. Closed to
   // the host but while stream work runs (DeviceOpen).
   std::memset(p, 0xFF, bytes);
-  if (!host && openDepth == 0)
-    mprotect(mapping, mapped - page, PROT_NONE);
+  if (!host && openDepth == 0 && mprotect(mapping, mapped - page, PROT_NONE) != 0) {
+    munmap(mapping, mapped);
+    return setError(cudaErrorMemoryAllocation);
+  }
   r.allocations[reinterpret_cast<uintptr_t>(p)] = {bytes, host, mapping, mapped};
   ++r.counters.allocations;
   if (!host)
@@ -896,10 +909,10 @@ cudaError_t cudaMemcpy(void *target, const void *source, size_t bytes, cudaMemcp
   ++runtime().counters.copies;
   ++runtime().counters.waits;
   // The legacy stream: waits for its own work (the library's streams are
-  // non-blocking, so not for theirs).
+  // non-blocking, so not for theirs). Device memory open once for both.
+  DeviceOpen open;
   if (cudaError_t e = drain(legacyStream()); e != cudaSuccess)
     return e;
-  DeviceOpen open;
   std::memmove(target, source, bytes);
   return cudaSuccess;
 }
@@ -935,9 +948,9 @@ cudaError_t cudaMemcpyAsync(void *target, const void *source, size_t bytes, cuda
     }
     // To pageable memory the call returns once the copy is done.
     ++runtime().counters.waits;
+    DeviceOpen open;
     if (cudaError_t e = drain(s); e != cudaSuccess)
       return e;
-    DeviceOpen open;
     std::memcpy(target, source, bytes);
     return cudaSuccess;
   }
