@@ -189,3 +189,41 @@ TEST(HostWork, ALayerRoutedOnTheHostWaitsOnceMoreAndEveryRowStillArrives) {
   EXPECT_LE(logits, 1e-3);
   EXPECT_LE(rows, 1e-3);
 }
+
+TEST(HostWork, ALayerLoadedForOneTokenCapturesNoGraph) {
+  // A memory budget below the model's weights: the engine loads each layer
+  // for the token that needs it and drops it after. A graph is captured at
+  // its layer's second token, and lives with the layer's weights, so none
+  // is captured here (a capture costs more than the launches it saves),
+  // and the logits are the CPU engine's.
+  const std::string path = dataDir() + "/fixtures/tiny-deepseek";
+  Expected<std::shared_ptr<Device>> device = openDevice(DeviceChoice::Cuda);
+  ASSERT_TRUE(device) << device.status().message();
+  ASSERT_TRUE((*device)->chooseRouting("device").ok());
+  EngineOptions options;
+  options.device = *device;
+  options.maxMemoryBytes = 1;
+  Expected<LoadedModel> gpu = loadModel(path, options);
+  Expected<LoadedModel> cpu = loadModel(path);
+  ASSERT_TRUE(gpu && cpu) << (gpu ? cpu.status().message() : gpu.status().message());
+  KvCache gpuCache = gpu->engine->newCache(), cpuCache = cpu->engine->newCache();
+  std::vector<float> gpuLogits, cpuLogits;
+  const emulation::Counters before = emulation::counters();
+  double most = 0;
+  for (int t = 0; t < 6; ++t) {
+    const int32_t id = static_cast<int32_t>((t * 104729 + 7) % gpu->spec.vocabSize);
+    const Status status = gpu->engine->forward(std::span<const int32_t>(&id, 1), gpuCache, gpuLogits);
+    ASSERT_TRUE(status.ok()) << status.message();
+    ASSERT_TRUE(cpu->engine->forward(std::span<const int32_t>(&id, 1), cpuCache, cpuLogits).ok());
+    for (size_t i = 0; i < cpuLogits.size(); ++i)
+      most = std::max(most, static_cast<double>(std::fabs(gpuLogits[i] - cpuLogits[i])));
+  }
+  const PerToken counted = perToken(before, emulation::counters(), 6);
+  print("tiny-deepseek, every layer loaded per token", counted);
+  EXPECT_GT(counted.allocations, 0.0) << "the layers were loaded again (else the budget did not bite)";
+  EXPECT_LE(counted.graphLaunches, 1.0) << "at most the token's end, whose graph lives with the model";
+  ASSERT_GT(counted.graphLaunches, 0.0);
+  EXPECT_NEAR(counted.captured * 6, counted.graphNodes / counted.graphLaunches, 1e-9)
+      << "one capture in all: the token's end";
+  EXPECT_LE(most, 1e-3);
+}
