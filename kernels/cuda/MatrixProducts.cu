@@ -1171,8 +1171,6 @@ ProductJob jobTemplate(const DeviceWeight &w) {
 
 } // namespace
 
-/// Launches captured once as a CUDA graph and replayed while everything
-/// they were captured with (addresses, sizes: `key`) holds.
 /// What a graph's tables hold of `w` (null: nothing), for its key: the
 /// matrix's address, its memory, shape and format, so that a weight freed
 /// and another made at the same address cannot replay the old tables.
@@ -1190,6 +1188,8 @@ void appendWeightKey(std::vector<uintptr_t> &key, const DeviceWeight *w) {
     key.push_back(value);
 }
 
+/// Launches captured once as a CUDA graph and replayed while everything
+/// they were captured with (addresses, sizes: `key`) holds.
 struct DecodeGraph {
   cudaGraphExec_t exec = nullptr;
   std::vector<uintptr_t> key;
@@ -1399,8 +1399,8 @@ struct Context::State {
   bool graphs = true; ///< Context::setGraphs.
   GraphStats graphStats;
 
-  /// Drops `graph`'s instance and key before its tables are staged anew
-  /// (a failure in between must not leave an instance reading them).
+  /// Drops `graph`'s instance and key (stageTables, before its tables are
+  /// staged anew).
   void forget(DecodeGraph &graph) {
     if (graph.exec)
       cudaGraphExecDestroy(graph.exec);
@@ -1536,13 +1536,17 @@ struct Context::State {
   };
 
   /// Copies the job tables of `count` plans (and `extraBytes` of `extra`,
-  /// to `extraTarget`) in one transfer through the arena into `tables`;
-  /// the plans' x and y are device pointers and their quantized areas
-  /// offsets into scratch, reserved by the caller. Stream order makes the
-  /// reuse of `tables` by a later call safe.
+  /// to `extraTarget`) in one transfer through the arena into `tables`, or
+  /// into `graph`'s own tables for a capture (its instance dropped first:
+  /// none may read tables being rewritten, even if this fails); the plans'
+  /// x and y are device pointers and their quantized areas offsets into
+  /// scratch, reserved by the caller. Stream order makes the reuse of
+  /// `tables` by a later call safe.
   Status stageTables(Plan *const *plans, size_t count, PlanTables *placed, const void *extra = nullptr,
-                     size_t extraBytes = 0, void **extraTarget = nullptr, Buffer *target = nullptr) {
-    Buffer &tables = target ? *target : this->tables;
+                     size_t extraBytes = 0, void **extraTarget = nullptr, DecodeGraph *graph = nullptr) {
+    if (graph)
+      forget(*graph);
+    Buffer &tables = graph ? graph->tables : this->tables;
     Layout layout;
     std::vector<std::pair<size_t, size_t>> offsets;
     for (size_t i = 0; i < count; ++i) {
@@ -2268,7 +2272,9 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
   // stride for all of this cache's positions (a graph captured at one
   // replays at the next).
   MOE_RETURN_IF_ERROR(s.scores.reserve(static_cast<size_t>(T * a.heads * cache.capacity) * 4));
-  MOE_RETURN_IF_ERROR(s.rope.reserve(256 + static_cast<size_t>(2 * T * std::max(a.ropeHalf, 1)) * 4));
+  // `rope`: the position, then the RoPE angles from kAnglesAt (below).
+  constexpr size_t kAnglesAt = 256;
+  MOE_RETURN_IF_ERROR(s.rope.reserve(kAnglesAt + static_cast<size_t>(2 * T * std::max(a.ropeHalf, 1)) * 4));
   float *x = s.x.at<float>(0), *normed = s.normedPointer(), *q = s.q.at<float>(0), *k = s.handover.at<float>(kOffset),
         *v = s.handover.at<float>(vOffset), *attended = s.attended.at<float>(0), *branch = s.branch.at<float>(0);
   // Where the MLP stays on the device, the new key and value rows go to
@@ -2302,7 +2308,6 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
   // What every layer of a step reads from device memory, in one copy once
   // per step: the position, then the RoPE angles ([T, half] cosines, then
   // sines) from kAnglesAt.
-  constexpr size_t kAnglesAt = 256;
   if (s.ropePosition != position || s.ropeHalfStaged != a.ropeHalf || s.ropeStagedAt != s.rope.data) {
     std::vector<char> staged(kAnglesAt + static_cast<size_t>(2 * T * a.ropeHalf) * 4);
     std::memcpy(staged.data(), &position, sizeof position);
@@ -2400,13 +2405,11 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
       key[kScratchKey] = reinterpret_cast<uintptr_t>(s.scratch.data);
     State::Plan *plans[] = {&projections, &output, &routing, &expansions};
     State::PlanTables placed[4];
-    if (graphed)
-      s.forget(*graph); // its tables are rewritten below
     MOE_RETURN_IF_ERROR(s.stageTables(plans,
                                       mla      ? 4
                                       : router ? 3
                                                : 2,
-                                      placed, nullptr, 0, nullptr, graphed ? &graph->tables : nullptr));
+                                      placed, nullptr, 0, nullptr, graphed ? graph : nullptr));
     auto launches = [&]() -> Status {
       const unsigned tokens = static_cast<unsigned>(T);
       launchKernel(normKernel, tokens, 1024, s.stream, x, normed, H, H, a.attentionNorm, a.attentionNormBias, eps,
@@ -2582,10 +2585,8 @@ Status Context::decodeExperts(const ExpertProduct *expertArray, size_t count, De
   State::Plan *plans[] = {&first, &second};
   State::PlanTables placed[2];
   void *deviceWeights = nullptr;
-  if (graphed)
-    s.forget(*graph); // its tables are rewritten below
   MOE_RETURN_IF_ERROR(
-      s.stageTables(plans, 2, placed, weights.data(), count * 4, &deviceWeights, graphed ? &graph->tables : nullptr));
+      s.stageTables(plans, 2, placed, weights.data(), count * 4, &deviceWeights, graphed ? graph : nullptr));
   auto launches = [&]() -> Status {
     MOE_RETURN_IF_ERROR(s.launch(first, placed[0]));
     launchKernel(swigluKernel, blocksFor(width, 256), 256, s.stream, s.scratch.at<float>(gateOffset),
@@ -2694,9 +2695,7 @@ Status Context::decodeEnd(const float *norm, const float *normBias, bool layerNo
       key[kScratchKey] = reinterpret_cast<uintptr_t>(s.scratch.data);
     State::Plan *plans[] = {&plan};
     State::PlanTables placed;
-    if (graphed)
-      s.forget(*graph); // its tables are rewritten below
-    MOE_RETURN_IF_ERROR(s.stageTables(plans, 1, &placed, nullptr, 0, nullptr, graphed ? &graph->tables : nullptr));
+    MOE_RETURN_IF_ERROR(s.stageTables(plans, 1, &placed, nullptr, 0, nullptr, graphed ? graph : nullptr));
     auto launches = [&]() -> Status {
       launchKernel(normKernel, static_cast<unsigned>(rows), 1024, s.stream,
                    s.x.at<float>(static_cast<size_t>(first * H) * 4), s.normedPointer(), H, H, norm, normBias, eps,

@@ -380,8 +380,7 @@ struct Runtime {
   cudaError_t sticky = cudaSuccess; ///< A kernel trapped: every later call fails.
   std::string stickyWhy;
   std::set<StreamState *> streams;
-  uint64_t kernelRuns = 0;
-  Counters counters;
+  Counters counters; ///< Its kernelRuns also alternates the order of threads.
 };
 
 Runtime &runtime() {
@@ -651,7 +650,7 @@ void launch(dim3 grid, dim3 block, StreamState *stream, std::function<void()> bo
             // Every other kernel run takes its threads in the opposite
             // order: a kernel whose result depends on which thread runs
             // first (a missing barrier) differs from run to run.
-            const bool backwards = runtime().kernelRuns++ & 1;
+            const bool backwards = runtime().counters.kernelRuns++ & 1;
             for (unsigned zi = 0; zi < grid.z; ++zi)
               for (unsigned yi = 0; yi < grid.y; ++yi)
                 for (unsigned xi = 0; xi < grid.x; ++xi) {
@@ -675,9 +674,7 @@ void launch(dim3 grid, dim3 block, StreamState *stream, std::function<void()> bo
 
 Counters counters() {
   std::lock_guard<std::recursive_mutex> lock(runtime().mutex);
-  Counters c = runtime().counters;
-  c.kernelRuns = runtime().kernelRuns;
-  return c;
+  return runtime().counters;
 }
 
 size_t allocatedBytes() {

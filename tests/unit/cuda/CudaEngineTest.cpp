@@ -12,6 +12,7 @@
 //
 //===----------------------------------------------------------------------===//
 
+#include "EngineComparison.h"
 #include "cpu/QuantKernels.h"
 #include "cuda/MatrixProducts.h"
 #include "moe/Frontend/DType.h"
@@ -667,22 +668,8 @@ std::vector<std::string> parityModels() {
   return models;
 }
 
-double maxDifference(const std::vector<float> &a, const std::vector<float> &b) {
-  double most = a.size() == b.size() ? 0 : INFINITY;
-  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i)
-    most = std::max(most, static_cast<double>(std::fabs(a[i] - b[i])));
-  return most;
-}
-
-/// The largest difference between two caches' keys and values.
-double maxCacheDifference(const KvCache &a, const KvCache &b) {
-  double most = a.keys.size() == b.keys.size() ? 0 : INFINITY;
-  for (size_t l = 0; l < std::min(a.keys.size(), b.keys.size()); ++l) {
-    most = std::max(most, maxDifference(a.keys[l], b.keys[l]));
-    most = std::max(most, maxDifference(a.values[l], b.values[l]));
-  }
-  return most;
-}
+using testing::maxCacheDifference;
+using testing::maxDifference;
 
 } // namespace
 

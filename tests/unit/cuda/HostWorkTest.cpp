@@ -15,6 +15,7 @@
 
 #include <cuda_runtime.h>
 
+#include "EngineComparison.h"
 #include "moe/Runtime/Device.h"
 #include "moe/Runtime/Model.h"
 
@@ -83,6 +84,21 @@ PerToken decodeAndCount(Engine &engine, const ModelSpec &spec, int warm, int cou
     EXPECT_TRUE(status.ok()) << status.message();
   }
   return perToken(before, emulation::counters(), counted);
+}
+
+/// `tokens` tokens decoded one at a time by both engines from their
+/// caches: the largest difference between their logits.
+double decodeSideBySide(LoadedModel &device, LoadedModel &cpu, KvCache &deviceCache, KvCache &cpuCache, int tokens) {
+  std::vector<float> deviceLogits, cpuLogits;
+  double most = 0;
+  for (int t = 0; t < tokens; ++t) {
+    const int32_t id = static_cast<int32_t>((t * 104729 + 7) % device.spec.vocabSize);
+    const Status status = device.engine->forward(std::span<const int32_t>(&id, 1), deviceCache, deviceLogits);
+    EXPECT_TRUE(status.ok()) << status.message();
+    EXPECT_TRUE(cpu.engine->forward(std::span<const int32_t>(&id, 1), cpuCache, cpuLogits).ok());
+    most = std::max(most, testing::maxDifference(deviceLogits, cpuLogits));
+  }
+  return most;
 }
 
 void print(const std::string &what, const PerToken &p) {
@@ -167,24 +183,13 @@ TEST(HostWork, ALayerRoutedOnTheHostWaitsOnceMoreAndEveryRowStillArrives) {
 
   // The same tokens on the CPU: logits and every layer's cache rows agree.
   KvCache gpuCache = gpu->engine->newCache(), cpuCache = cpu->engine->newCache();
-  std::vector<float> gpuLogits, cpuLogits;
-  double logits = 0, rows = 0;
-  for (int t = 0; t < 24; ++t) {
-    const int32_t id = static_cast<int32_t>((t * 104729 + 7) % gpu->spec.vocabSize);
-    ASSERT_TRUE(gpu->engine->forward(std::span<const int32_t>(&id, 1), gpuCache, gpuLogits).ok());
-    ASSERT_TRUE(cpu->engine->forward(std::span<const int32_t>(&id, 1), cpuCache, cpuLogits).ok());
-    for (size_t i = 0; i < cpuLogits.size(); ++i)
-      logits = std::max(logits, static_cast<double>(std::fabs(gpuLogits[i] - cpuLogits[i])));
-  }
+  const double logits = decodeSideBySide(*gpu, *cpu, gpuCache, cpuCache, 24);
   ASSERT_EQ(gpuCache.keys.size(), cpuCache.keys.size());
   for (size_t l = 0; l < cpuCache.keys.size(); ++l) {
     ASSERT_EQ(gpuCache.keys[l].size(), cpuCache.keys[l].size()) << "layer " << l;
     ASSERT_EQ(gpuCache.values[l].size(), cpuCache.values[l].size()) << "layer " << l;
-    for (size_t i = 0; i < cpuCache.keys[l].size(); ++i)
-      rows = std::max(rows, static_cast<double>(std::fabs(gpuCache.keys[l][i] - cpuCache.keys[l][i])));
-    for (size_t i = 0; i < cpuCache.values[l].size(); ++i)
-      rows = std::max(rows, static_cast<double>(std::fabs(gpuCache.values[l][i] - cpuCache.values[l][i])));
   }
+  const double rows = testing::maxCacheDifference(gpuCache, cpuCache);
   std::printf("masked layer: max |logit difference| %.3g, max |key or value difference| %.3g\n", logits, rows);
   EXPECT_LE(logits, 1e-3);
   EXPECT_LE(rows, 1e-3);
@@ -207,17 +212,8 @@ TEST(HostWork, ALayerLoadedForOneTokenCapturesNoGraph) {
   Expected<LoadedModel> cpu = loadModel(path);
   ASSERT_TRUE(gpu && cpu) << (gpu ? cpu.status().message() : gpu.status().message());
   KvCache gpuCache = gpu->engine->newCache(), cpuCache = cpu->engine->newCache();
-  std::vector<float> gpuLogits, cpuLogits;
   const emulation::Counters before = emulation::counters();
-  double most = 0;
-  for (int t = 0; t < 6; ++t) {
-    const int32_t id = static_cast<int32_t>((t * 104729 + 7) % gpu->spec.vocabSize);
-    const Status status = gpu->engine->forward(std::span<const int32_t>(&id, 1), gpuCache, gpuLogits);
-    ASSERT_TRUE(status.ok()) << status.message();
-    ASSERT_TRUE(cpu->engine->forward(std::span<const int32_t>(&id, 1), cpuCache, cpuLogits).ok());
-    for (size_t i = 0; i < cpuLogits.size(); ++i)
-      most = std::max(most, static_cast<double>(std::fabs(gpuLogits[i] - cpuLogits[i])));
-  }
+  const double most = decodeSideBySide(*gpu, *cpu, gpuCache, cpuCache, 6);
   const PerToken counted = perToken(before, emulation::counters(), 6);
   print("tiny-deepseek, every layer loaded per token", counted);
   EXPECT_GT(counted.allocations, 0.0) << "the layers were loaded again (else the budget did not bite)";
