@@ -668,8 +668,8 @@ std::vector<std::string> parityModels() {
   return models;
 }
 
-using testing::maxCacheDifference;
-using testing::maxDifference;
+using moe::testing::maxCacheDifference;
+using moe::testing::maxDifference;
 
 } // namespace
 

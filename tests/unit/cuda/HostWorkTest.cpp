@@ -96,7 +96,7 @@ double decodeSideBySide(LoadedModel &device, LoadedModel &cpu, KvCache &deviceCa
     const Status status = device.engine->forward(std::span<const int32_t>(&id, 1), deviceCache, deviceLogits);
     EXPECT_TRUE(status.ok()) << status.message();
     EXPECT_TRUE(cpu.engine->forward(std::span<const int32_t>(&id, 1), cpuCache, cpuLogits).ok());
-    most = std::max(most, testing::maxDifference(deviceLogits, cpuLogits));
+    most = std::max(most, moe::testing::maxDifference(deviceLogits, cpuLogits));
   }
   return most;
 }
@@ -189,7 +189,7 @@ TEST(HostWork, ALayerRoutedOnTheHostWaitsOnceMoreAndEveryRowStillArrives) {
     ASSERT_EQ(gpuCache.keys[l].size(), cpuCache.keys[l].size()) << "layer " << l;
     ASSERT_EQ(gpuCache.values[l].size(), cpuCache.values[l].size()) << "layer " << l;
   }
-  const double rows = testing::maxCacheDifference(gpuCache, cpuCache);
+  const double rows = moe::testing::maxCacheDifference(gpuCache, cpuCache);
   std::printf("masked layer: max |logit difference| %.3g, max |key or value difference| %.3g\n", logits, rows);
   EXPECT_LE(logits, 1e-3);
   EXPECT_LE(rows, 1e-3);
