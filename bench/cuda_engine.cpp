@@ -225,7 +225,7 @@ private:
 
 int main(int argc, char **argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
-  std::string configPath, formatName = "q4_g128_asym", deviceName = "auto", productKernel, routing, prefill;
+  std::string configPath, formatName = "q4_g128_asym", deviceName = "auto", productKernel, routing, prefill, launches;
   int64_t layers = 0, promptTokens = 512, decodeTokens = 64, step = 8;
   for (size_t i = 0; i + 1 < args.size(); i += 2) {
     const std::string &flag = args[i], &value = args[i + 1];
@@ -247,6 +247,8 @@ int main(int argc, char **argv) {
       productKernel = value;
     else if (flag == "--routing")
       routing = value;
+    else if (flag == "--launches")
+      launches = value;
     else if (flag == "--prefill")
       prefill = value;
     else if (flag == "--threads")
@@ -261,7 +263,7 @@ int main(int argc, char **argv) {
                  "                   [--step S] [--device auto|cuda|cpu] [--threads N]\n"
                  "                   [--product-kernel auto|streamed|warp-per-row|dp4a] [--routing "
                  "device|device-eager|host]\n"
-                 "                   [--prefill host|device]\n";
+                 "                   [--prefill host|device] [--launches dependent|plain]\n";
     return 2;
   }
   auto fail = [](const std::string &message) {
@@ -301,6 +303,12 @@ int main(int argc, char **argv) {
     if (!*device)
       return fail("--prefill needs a device");
     if (Status chosen = (*device)->choosePrefill(prefill); !chosen.ok())
+      return fail(chosen.message());
+  }
+  if (!launches.empty()) {
+    if (!*device)
+      return fail("--launches needs a device");
+    if (Status chosen = (*device)->chooseLaunches(launches); !chosen.ok())
       return fail(chosen.message());
   }
   if (!routing.empty()) {
@@ -356,6 +364,7 @@ int main(int argc, char **argv) {
   result["product_kernel"] = productKernel.empty() ? "default" : productKernel;
   result["routing"] = routing.empty() ? "default" : routing;
   result["prefill"] = prefill.empty() ? "default" : prefill;
+  result["launches"] = launches.empty() ? "default" : launches;
   result["load_seconds"] = loadSeconds;
   if (*device)
     result["device_resident_bytes"] = (*device)->residentBytes();

@@ -15,9 +15,9 @@
 #
 # STEPS (default "tests bench memcheck ncu") picks the steps of a shorter
 # run; "quickbench" in place of "bench" runs four 4-bit models alone (and,
-# as bench does, OLMoE with routing on the host and without graphs, and
-# OLMoE and Mixtral with prefill's products on dp4a instead of tensor cores
-# and with prompts on the decode path).
+# as bench does, OLMoE with routing on the host, without graphs and with
+# plain launches, and OLMoE and Mixtral with prefill's products on dp4a
+# instead of tensor cores and with prompts on the decode path).
 set -uo pipefail
 steps=" ${STEPS:-tests bench memcheck ncu} "
 want() { [[ $steps == *" $1 "* ]]; }
@@ -88,6 +88,12 @@ if want bench || want quickbench; then
 # per-layer graphs, beside the default (on the device, graphs) above.
 run_bench olmoe-1b-7b-host-routing olmoe-1b-7b-4layers.json 16 q4_g128_asym --routing host
 run_bench olmoe-1b-7b-device-eager olmoe-1b-7b-4layers.json 16 q4_g128_asym --routing device-eager
+# Each kernel after the last has ended, beside the default (programmatic
+# dependent launches: a kernel's blocks start while the one before drains).
+run_bench olmoe-1b-7b-plain-launches olmoe-1b-7b-4layers.json 16 q4_g128_asym --launches plain
+fi
+if want bench; then
+run_bench qwen3-30b-a3b-plain-launches qwen3-30b-a3b-2layers.json 48 q4_g128_asym --launches plain
 fi
 if want bench; then
 run_bench qwen3-30b-a3b-host-routing qwen3-30b-a3b-2layers.json 48 q4_g128_asym --routing host

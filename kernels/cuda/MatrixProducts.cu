@@ -59,22 +59,13 @@ __device__ __forceinline__ float scaleValue(unsigned short bits, int bf16) {
   return bf16 ? __uint_as_float(static_cast<unsigned>(bits) << 16) : __half2float(__ushort_as_half(bits));
 }
 
-/// `dynamic`, when not null, holds the job count and warps in place of
-/// `count` and `total` (a plan the device wrote; the grid covers a bound).
-__global__ void quantizeKernel(const QuantJob *jobs, int count, int64_t total, const LaunchSize *dynamic) {
-  if (dynamic) {
-    count = dynamic->count;
-    total = dynamic->total;
-  }
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int lane = threadIdx.x & 31;
-  if (warp >= total)
-    return;
-  int j = 0;
-  while (j + 1 < count && jobs[j + 1].first <= warp)
-    ++j;
-  const QuantJob &job = jobs[j];
-  const int64_t k = warp - job.first, t = k / job.groups, g = k - t * job.groups;
+/// silu(g) * u, silu as the CPU engine writes it.
+__device__ __forceinline__ float swiglu(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+/// One warp's share of `job` (QuantJob): its group `k` of all tokens'
+/// groups (k = token * groups + group).
+__device__ __forceinline__ void quantizeGroup(const QuantJob &job, int64_t k, int lane) {
+  const int64_t t = k / job.groups, g = k - t * job.groups;
   const float *x = job.x + t * job.ldx;
   const int64_t begin = g * job.group;
   const int perLane = job.group / 32;
@@ -82,9 +73,19 @@ __global__ void quantizeKernel(const QuantJob *jobs, int count, int64_t total, c
   float absMax = 0.0f;
   for (int i = 0; i < 4; ++i) {
     const int64_t c = begin + lane + 32 * i;
-    values[i] = i < perLane && c < job.cols ? x[c] : 0.0f;
+    values[i] = 0.0f;
+    if (i < perLane && c < job.cols) {
+      values[i] = x[c];
+      if (job.up) {
+        values[i] = swiglu(values[i], job.up[t * job.ldx + c]);
+        if (job.h)
+          job.h[t * job.ldx + c] = values[i];
+      }
+    }
     absMax = fmaxf(absMax, fabsf(values[i]));
   }
+  if (job.h)
+    return; // SwiGLU alone, for a product over floats (the warp's lanes share the job)
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1)
     absMax = fmaxf(absMax, __shfl_xor_sync(0xffffffffu, absMax, offset));
@@ -106,6 +107,25 @@ __global__ void quantizeKernel(const QuantJob *jobs, int count, int64_t total, c
     job.scales[t * job.groups + g] = scale;
     job.sums[t * job.groups + g] = __fmul_rn(static_cast<float>(sum), scale);
   }
+}
+
+/// A warp per group of `count` jobs' groups (QuantJob::first). `dynamic`,
+/// when not null, holds the job count and warps in place of `count` and
+/// `total` (a plan the device wrote; the grid covers a bound).
+__global__ void quantizeKernel(const QuantJob *jobs, int count, int64_t total, const LaunchSize *dynamic) {
+  awaitPreviousKernel();
+  if (dynamic) {
+    count = dynamic->count;
+    total = dynamic->total;
+  }
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int lane = threadIdx.x & 31;
+  if (warp >= total)
+    return;
+  int j = 0;
+  while (j + 1 < count && jobs[j + 1].first <= warp)
+    ++j;
+  quantizeGroup(jobs[j], warp - jobs[j].first, lane);
 }
 
 __device__ __forceinline__ int dotUnsigned(unsigned codes, int activations, int accumulator) {
@@ -347,6 +367,7 @@ __device__ __forceinline__ int jobOfWarp(const ProductJob *jobs, int count, int6
 template <int TILE>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock, TILE == 1 ? 2 : 1)
     productKernel(const ProductJob *jobs, int count, int64_t totalRows, const LaunchSize *dynamic) {
+  awaitPreviousKernel();
   if (dynamic) {
     count = dynamic->count;
     totalRows = dynamic->total;
@@ -422,6 +443,7 @@ constexpr int kTensorWarps = 4; ///< Warps per block of tensorKernel.
 
 /// One warp per tile (TensorTiles.h) of the tensor jobs of a table.
 __global__ void __launch_bounds__(32 * kTensorWarps) tensorKernel(const ProductJob *jobs, int count, int64_t tiles) {
+  awaitPreviousKernel();
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (warp >= tiles)
@@ -613,6 +635,7 @@ __device__ __forceinline__ void consumeBlock(float &acc, const ProductJob &job, 
 
 __global__ void __launch_bounds__(32 * kStreamWarps)
     streamedKernel(const ProductJob *jobs, int64_t totalRows, const LaunchSize *dynamic) {
+  awaitPreviousKernel();
   if (dynamic)
     totalRows = dynamic->total;
   __shared__ uint4 ringCodes[kStreamWarps][kStreamStages][32][2];
@@ -670,12 +693,13 @@ __global__ void __launch_bounds__(32 * kStreamWarps)
 
 /// h[i] = silu(gate[i]) * up[i], silu as the CPU engine writes it.
 __global__ void swigluKernel(const float *gate, const float *up, float *h, int64_t count, const LaunchSize *dynamic) {
+  awaitPreviousKernel();
   if (dynamic)
     count = dynamic->total;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < count) {
     const float g = gate[i];
-    h[i] = g / (1.0f + expf(-g)) * up[i];
+    h[i] = swiglu(g, up[i]);
   }
 }
 
@@ -683,6 +707,7 @@ __global__ void swigluKernel(const float *gate, const float *up, float *h, int64
 /// (or out[r] += that sum when `accumulate`: the residual stream).
 __global__ void combineKernel(const float *parts, const float *weights, int count, int64_t hidden, float *out,
                               bool accumulate, const LaunchSize *dynamic) {
+  awaitPreviousKernel();
   if (dynamic)
     count = dynamic->count;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -696,6 +721,7 @@ __global__ void combineKernel(const float *parts, const float *weights, int coun
 
 /// gathered[r] = x[rowToken[r]] for the rows of a MoE block's experts.
 __global__ void gatherKernel(const float *x, const int32_t *rowToken, int64_t rows, int64_t hidden, float *gathered) {
+  awaitPreviousKernel();
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= rows * hidden)
     return;
@@ -706,6 +732,7 @@ __global__ void gatherKernel(const float *x, const int32_t *rowToken, int64_t ro
 /// out[t] = token t's weighted sum of its experts' outputs (blockWeightedSum).
 __global__ void weightedSumKernel(const float *y, const int32_t *starts, const int32_t *row, const float *weight,
                                   int64_t tokens, int64_t hidden, float *out) {
+  awaitPreviousKernel();
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= tokens * hidden)
     return;
@@ -802,10 +829,21 @@ __device__ void normRow(const float *x, float *y, int64_t width, const float *we
 }
 
 /// One row per block (normRow): row blockIdx.x of in and out, rows
-/// `stride` floats apart (the first `width` of each normed).
+/// `stride` floats apart (the first `width` of each normed). Then, for
+/// the `jobCount` jobs of `jobs` (QuantJob, each reading `out`), the
+/// block's warps round its row at each job's group: the products that
+/// read the normed rows launch without a rounding launch of their own.
 __global__ void normKernel(const float *in, float *out, int64_t width, int64_t stride, const float *weight,
-                           const float *bias, double eps, int layerNorm) {
+                           const float *bias, double eps, int layerNorm, const QuantJob *jobs, int jobCount) {
+  awaitPreviousKernel();
   normRow(in + blockIdx.x * stride, out + blockIdx.x * stride, width, weight, bias, eps, layerNorm);
+  if (jobCount == 0)
+    return;
+  __syncthreads(); // the row every thread wrote, visible to the block
+  const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5, lane = threadIdx.x & 31;
+  for (int j = 0; j < jobCount; ++j)
+    for (int64_t g = warp; g < jobs[j].groups; g += warps)
+      quantizeGroup(jobs[j], blockIdx.x * jobs[j].groups + g, lane);
 }
 
 /// One block per token (row blockIdx.x): x += branch (+ branchBias), the
@@ -815,6 +853,7 @@ __global__ void normKernel(const float *in, float *out, int64_t width, int64_t s
 __global__ void __launch_bounds__(1024)
     addNormKernel(float *x, const float *branch, const float *branchBias, int64_t width, float *y, const float *weight,
                   const float *bias, double eps, int layerNorm) {
+  awaitPreviousKernel();
   x += blockIdx.x * width;
   branch += blockIdx.x * width;
   y += blockIdx.x * width;
@@ -849,6 +888,7 @@ struct Epilogue {
 /// sum as its 128-thread blocks), the clamp, RoPE of q and k (ropeKernel),
 /// then k and v into the KV cache's row.
 __global__ void __launch_bounds__(1024) epilogueKernel(Epilogue e) {
+  awaitPreviousKernel();
   const int t = blockIdx.x, token = blockIdx.y;
   const int64_t width = e.width[t];
   float *y = e.y[t] + token * width;
@@ -911,6 +951,7 @@ __global__ void __launch_bounds__(1024) epilogueKernel(Epilogue e) {
 
 /// y += b, then (clip > 0) clamp to +-clip.
 __global__ void biasClampKernel(float *y, const float *b, int64_t count, float clip) {
+  awaitPreviousKernel();
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= count)
     return;
@@ -922,6 +963,7 @@ __global__ void biasClampKernel(float *y, const float *b, int64_t count, float c
 
 /// x += y.
 __global__ void addKernel(float *x, const float *y, int64_t count) {
+  awaitPreviousKernel();
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < count)
     x[i] += y[i];
@@ -932,6 +974,7 @@ __global__ void addKernel(float *x, const float *y, int64_t count) {
 /// the token's angles (cos and sin + token * half).
 __global__ void ropeKernel(float *x, int64_t stride, int headDim, int half, int interleaved, const float *cos,
                            const float *sin) {
+  awaitPreviousKernel();
   const int64_t token = blockIdx.y;
   float *head = x + token * stride + static_cast<int64_t>(blockIdx.x) * headDim;
   for (int i = threadIdx.x; i < half; i += blockDim.x)
@@ -947,6 +990,7 @@ __global__ void ropeKernel(float *x, int64_t stride, int headDim, int half, int 
 __global__ void latentKeysKernel(const float *expanded, const float *sharedRope, int64_t ropeStride, int heads,
                                  int nope, int rope, int dv, float *k, float *v, float *cacheKeys, float *cacheValues,
                                  const int64_t *position) {
+  awaitPreviousKernel();
   const int h = blockIdx.x;
   const int64_t token = blockIdx.y, keyWidth = static_cast<int64_t>(heads) * (nope + rope),
                 valueWidth = static_cast<int64_t>(heads) * dv;
@@ -972,6 +1016,7 @@ __global__ void latentKeysKernel(const float *expanded, const float *sharedRope,
 __global__ void attendKernel(const float *q, const float *keys, const float *values, const int64_t *position, int group,
                              int qDim, int vDim, int64_t keyWidth, int64_t valueWidth, float scale, float *scores,
                              int64_t scoreStride, float *out) {
+  awaitPreviousKernel();
   const int64_t token = blockIdx.y, visible = *position + 1 + token;
   const int h = blockIdx.x, kvHead = h / group, heads = gridDim.x;
   const float *query = q + (token * heads + h) * qDim;
@@ -1065,6 +1110,7 @@ struct WarpMath {
 /// (RoutedExperts.h) and counts the routed experts it plans into `calls`.
 __global__ void __launch_bounds__(256)
     routeKernel(const RoutedLayer *layerPointer, RoutedScratch scratch, RoutedPlan *plan, unsigned long long *calls) {
+  awaitPreviousKernel();
   __shared__ float scores[kMaxRouterRows], choice[kMaxRouterRows], groupScores[kMaxRouterRows];
   __shared__ int32_t taken[kMaxRouterRows];
   const RoutedLayer &layer = *layerPointer;
@@ -1075,8 +1121,21 @@ __global__ void __launch_bounds__(256)
       dot += scratch.input[i] * layer.sharedGate[i];
     sharedWeight = WarpMath().sigmoid(blockSum(dot));
   }
-  if (threadIdx.x >= 32)
+  if (threadIdx.x >= 32) {
+    // While warp 0 routes, the other warps round the input at each group
+    // size the experts' gate and up products read (the plan's inputJobs).
+    const int64_t warp = threadIdx.x / 32 - 1, warps = blockDim.x / 32 - 1;
+    int64_t first = 0;
+    for (int32_t g = 0; g < layer.inputGroups; ++g) {
+      const QuantJob job = routedInputQuant(layer, scratch, g, first);
+      // This warp's groups of job g: the block's warp-th, warp + warps-th, ...
+      // over all the groups of every job.
+      for (int64_t k = (warp - first % warps + warps) % warps; k < job.groups; k += warps)
+        quantizeGroup(job, k, threadIdx.x & 31);
+      first += job.groups;
+    }
     return;
+  }
   int32_t slots[kMaxRouted];
   float weights[kMaxRouted];
   const routing::Scratch routingScratch{scores, choice, groupScores, taken};
@@ -1304,6 +1363,8 @@ struct Context::State {
   void resolve(Plan &plan, size_t firstQuant) {
     for (size_t i = firstQuant; i < plan.quant.size(); ++i) {
       QuantJob &job = plan.quant[i];
+      if (job.h)
+        continue; // SwiGLU into h: nothing rounded
       job.values = scratch.at<int8_t>(reinterpret_cast<size_t>(job.values));
       job.scales = scratch.at<float>(reinterpret_cast<size_t>(job.scales));
       job.sums = scratch.at<float>(reinterpret_cast<size_t>(job.sums));
@@ -1322,7 +1383,7 @@ struct Context::State {
   Status launchQuant(const QuantJob *deviceJobs, size_t count, int64_t warps, const LaunchSize *dynamic = nullptr) {
     if (count == 0 || warps == 0)
       return Status::success();
-    launchKernel(quantizeKernel, blocksFor(warps * 32, 32 * kWarpsPerBlock), 32 * kWarpsPerBlock, stream, deviceJobs,
+    launchKernel(quantizeKernel, blocksFor(warps * 32, 32 * kWarpsPerBlock), 32 * kWarpsPerBlock, on(), deviceJobs,
                  static_cast<int>(count), warps, dynamic);
     return check(cudaGetLastError(), "quantize launch");
   }
@@ -1348,15 +1409,15 @@ struct Context::State {
     if (single && streamed) {
       // One wave of resident blocks, fewer where the rows are fewer.
       const unsigned blocks = std::min<unsigned>(blocksFor(rows * 32, 32 * kStreamWarps), streamedBlocks);
-      launchKernel(streamedKernel, blocks, 32 * kStreamWarps, stream, deviceJobs, rows, dynamic);
+      launchKernel(streamedKernel, blocks, 32 * kStreamWarps, on(), deviceJobs, rows, dynamic);
       return check(cudaGetLastError(), "product launch");
     }
     const unsigned blocks = blocksFor(rows * 32, 32 * kWarpsPerBlock);
     if (single)
-      launchKernel(productKernel<1>, blocks, 32 * kWarpsPerBlock, stream, deviceJobs, static_cast<int>(count), rows,
+      launchKernel(productKernel<1>, blocks, 32 * kWarpsPerBlock, on(), deviceJobs, static_cast<int>(count), rows,
                    dynamic);
     else
-      launchKernel(productKernel<kTile>, blocks, 32 * kWarpsPerBlock, stream, deviceJobs, static_cast<int>(count), rows,
+      launchKernel(productKernel<kTile>, blocks, 32 * kWarpsPerBlock, on(), deviceJobs, static_cast<int>(count), rows,
                    dynamic);
     return check(cudaGetLastError(), "product launch");
   }
@@ -1365,7 +1426,7 @@ struct Context::State {
   /// jobs on tensor cores, the others a warp per row.
   Status launchProducts(const Plan &plan, const ProductJob *deviceJobs) {
     if (plan.tiles > 0) {
-      launchKernel(tensorKernel, blocksFor(plan.tiles * 32, 32 * kTensorWarps), 32 * kTensorWarps, stream, deviceJobs,
+      launchKernel(tensorKernel, blocksFor(plan.tiles * 32, 32 * kTensorWarps), 32 * kTensorWarps, on(), deviceJobs,
                    static_cast<int>(plan.products.size()), plan.tiles);
       MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "tensor product launch"));
     }
@@ -1397,6 +1458,15 @@ struct Context::State {
   /// copied and waited for at once.
   Buffer hostHandover{true}, hostLogits{true};
   bool graphs = true; ///< Context::setGraphs.
+  /// Launches overlap the kernel before them (Context::setDependentLaunches;
+  /// cuda/Launch.h): where the device and the kernels' build have it.
+  bool dependent = false, dependentBuilt = false;
+  LaunchStream on() const { return {stream, dependent}; }
+  /// What a graph's launches were captured with besides addresses and
+  /// sizes: the one-token kernel and whether launches overlap.
+  uintptr_t launchKey() const {
+    return static_cast<uintptr_t>(oneTokenKernel) | static_cast<uintptr_t>(dependent) << 8;
+  }
   GraphStats graphStats;
 
   /// Drops `graph`'s instance and key (stageTables, before its tables are
@@ -1535,6 +1605,42 @@ struct Context::State {
     const ProductJob *products = nullptr;
   };
 
+  /// The jobs of `plan` (placed at `placed`) that round `x` ([tokens]
+  /// rows, `stride` floats apart), for the kernel that writes x
+  /// (normKernel, a block a row) to run: where they lie one after another
+  /// in the table and read x's rows as that kernel writes them (none
+  /// otherwise).
+  struct Rounding {
+    const QuantJob *jobs = nullptr;
+    int count = 0;
+  };
+  static Rounding roundingOf(const Plan &plan, const PlanTables &placed, const float *x, int64_t stride,
+                             int64_t tokens) {
+    const auto reads = [&](const QuantJob &job) { return job.x == x; };
+    size_t first = 0;
+    while (first < plan.quant.size() && !reads(plan.quant[first]))
+      ++first;
+    size_t last = first;
+    while (last < plan.quant.size() && reads(plan.quant[last]))
+      ++last;
+    if (first == last || std::any_of(plan.quant.begin() + static_cast<std::ptrdiff_t>(last), plan.quant.end(), reads) ||
+        std::any_of(plan.quant.begin() + static_cast<std::ptrdiff_t>(first),
+                    plan.quant.begin() + static_cast<std::ptrdiff_t>(last),
+                    [&](const QuantJob &job) { return job.ldx != stride || job.tokens != tokens || job.up || job.h; }))
+      return {};
+    return {placed.quant + first, static_cast<int>(last - first)};
+  }
+
+  /// The products of `plan` after the kernels that wrote their inputs
+  /// rounded `rounded` of its jobs (roundingOf); where they did not round
+  /// every job, all its rounding first (the jobs already rounded again,
+  /// to the same values).
+  Status launchAfterRounding(const Plan &plan, const PlanTables &placed, int rounded) {
+    if (static_cast<size_t>(rounded) != plan.quant.size())
+      MOE_RETURN_IF_ERROR(launchQuant(placed.quant, plan.quant.size(), plan.quantWarps));
+    return launchProducts(plan, placed.products);
+  }
+
   /// Copies the job tables of `count` plans (and `extraBytes` of `extra`,
   /// to `extraTarget`) in one transfer through the arena into `tables`, or
   /// into `graph`'s own tables for a capture (its instance dropped first:
@@ -1636,15 +1742,15 @@ struct Context::State {
   Status launchExpertBlock(const ExpertBlock &block, const PlanTables (&placed)[2], const float *x,
                            const int32_t *rowToken, const int32_t *starts, const int32_t *entryRow,
                            const float *entryWeight, int64_t tokens, int64_t hidden, float *out) {
-    launchKernel(gatherKernel, blocksFor(block.rows * hidden, 256), 256, stream, x, rowToken, block.rows, hidden,
+    launchKernel(gatherKernel, blocksFor(block.rows * hidden, 256), 256, on(), x, rowToken, block.rows, hidden,
                  scratch.at<float>(block.gathered));
     MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "gather launch"));
     MOE_RETURN_IF_ERROR(launch(block.first, placed[0]));
-    launchKernel(swigluKernel, blocksFor(block.width, 256), 256, stream, scratch.at<float>(block.gate),
+    launchKernel(swigluKernel, blocksFor(block.width, 256), 256, on(), scratch.at<float>(block.gate),
                  scratch.at<float>(block.up), scratch.at<float>(block.h), block.width, nullptr);
     MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "swiglu launch"));
     MOE_RETURN_IF_ERROR(launch(block.second, placed[1]));
-    launchKernel(weightedSumKernel, blocksFor(tokens * hidden, 256), 256, stream, scratch.at<float>(block.y), starts,
+    launchKernel(weightedSumKernel, blocksFor(tokens * hidden, 256), 256, on(), scratch.at<float>(block.y), starts,
                  entryRow, entryWeight, tokens, hidden, out);
     return check(cudaGetLastError(), "weighted sum launch");
   }
@@ -1734,12 +1840,10 @@ struct RoutedLayerHandle {
   void *memory = nullptr;
   const RoutedLayer *device = nullptr;
   int64_t hidden = 0, routerRows = 0;
-  int32_t inputGroups = 0;
-  int64_t inputWarps = 0;
   int64_t maxCount = 0;  ///< Experts a token can run (top-k, and the shared expert).
   int64_t firstRows = 0; ///< Gate and up rows of the widest such experts.
   int64_t width = 0;     ///< Their intermediate width.
-  int64_t downWarps = 0; ///< Warps that quantize their down products' inputs.
+  int64_t downWarps = 0; ///< Warps of their SwiGLU, rounded for their down products (downInputWarps).
   int64_t downWidth = 0; ///< The widest expert's intermediate (its down product's input).
   /// For the one-token kernel's choice (State::streams), over all experts:
   /// whether gate and up (down) are all group formats, their rows and bytes of codes.
@@ -1779,6 +1883,14 @@ Expected<std::shared_ptr<Context>> Context::open() {
                   tensorAttributes.ptxVersion >= 80 && s.facts.computeCapability >= 80;
   cudaGetLastError();
   s.tensorCores = s.tensorBuilt;
+  // Dependent launches where the device has them (sm_90) and the kernels
+  // run from code built for it (awaitPreviousKernel waits only there: a
+  // kernel JIT-compiled from sm_80's PTX would not).
+  cudaFuncAttributes normAttributes{};
+  s.dependentBuilt = cudaFuncGetAttributes(&normAttributes, normKernel) == cudaSuccess &&
+                     normAttributes.ptxVersion >= 90 && s.facts.computeCapability >= 90;
+  cudaGetLastError();
+  s.dependent = s.dependentBuilt;
   int streamedPerMultiprocessor = 0;
   MOE_RETURN_IF_ERROR(check(
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&streamedPerMultiprocessor, streamedKernel, 32 * kStreamWarps, 0),
@@ -1801,6 +1913,16 @@ size_t Context::residentBytes() const { return state->resident->load(); }
 void Context::setGraphs(bool graphs) {
   std::lock_guard<std::mutex> lock(state->mutex);
   state->graphs = graphs;
+}
+
+void Context::setDependentLaunches(bool enabled) {
+  std::lock_guard<std::mutex> lock(state->mutex);
+  state->dependent = enabled && state->dependentBuilt;
+}
+
+bool Context::dependentLaunches() const {
+  std::lock_guard<std::mutex> lock(state->mutex);
+  return state->dependent;
 }
 
 GraphStats Context::graphStats() const {
@@ -2017,12 +2139,12 @@ Status Context::experts(const float *x, int64_t hidden, const ExpertProduct *exp
       check(cudaMemcpyAsync(s.input.data, s.hostInput.data, in.size, cudaMemcpyHostToDevice, s.stream), "copy in"));
   MOE_RETURN_IF_ERROR(s.launchQuant(s.input.at<QuantJob>(quantFirstOffset), first.quant.size(), first.quantWarps));
   MOE_RETURN_IF_ERROR(s.launchProducts(first, s.input.at<ProductJob>(productFirstOffset)));
-  launchKernel(swigluKernel, blocksFor(width, 256), 256, s.stream, s.scratch.at<float>(gateOffset),
+  launchKernel(swigluKernel, blocksFor(width, 256), 256, s.on(), s.scratch.at<float>(gateOffset),
                s.scratch.at<float>(upOffset), s.scratch.at<float>(hOffset), width, nullptr);
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "swiglu launch"));
   MOE_RETURN_IF_ERROR(s.launchQuant(s.input.at<QuantJob>(quantSecondOffset), second.quant.size(), second.quantWarps));
   MOE_RETURN_IF_ERROR(s.launchProducts(second, s.input.at<ProductJob>(productSecondOffset)));
-  launchKernel(combineKernel, blocksFor(hidden, 256), 256, s.stream, s.scratch.at<float>(partsOffset),
+  launchKernel(combineKernel, blocksFor(hidden, 256), 256, s.on(), s.scratch.at<float>(partsOffset),
                s.input.at<float>(weightOffset), static_cast<int>(count), hidden, s.output.at<float>(outOffset), false,
                nullptr);
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "combine launch"));
@@ -2363,8 +2485,9 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
     for (const DeviceWeight *w :
          {a.query, a.key, a.value, a.output, a.router, a.queryDown, a.queryUp, a.kvDown, a.kvUp})
       appendWeightKey(key, w);
-    for (int64_t value : {H, cache.capacity, routerRows, static_cast<int64_t>(s.oneTokenKernel)})
+    for (int64_t value : {H, cache.capacity, routerRows})
       key.push_back(static_cast<uintptr_t>(value));
+    key.push_back(s.launchKey());
   }
   bool replayed = false;
   if (graphed && graph->exec && graph->key == key) {
@@ -2412,26 +2535,35 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
                                       placed, nullptr, 0, nullptr, graphed ? graph : nullptr));
     auto launches = [&]() -> Status {
       const unsigned tokens = static_cast<unsigned>(T);
-      launchKernel(normKernel, tokens, 1024, s.stream, x, normed, H, H, a.attentionNorm, a.attentionNormBias, eps,
-                   a.layerNorm);
-      MOE_RETURN_IF_ERROR(s.launch(projections, placed[0]));
+      // The norm rounds its rows for the projections too (every rounding
+      // of theirs reads them).
+      const State::Rounding ofNormed = State::roundingOf(projections, placed[0], normed, H, T);
+      launchKernel(normKernel, tokens, 1024, s.on(), x, normed, H, H, a.attentionNorm, a.attentionNormBias, eps,
+                   a.layerNorm, ofNormed.jobs, ofNormed.count);
+      MOE_RETURN_IF_ERROR(s.launchAfterRounding(projections, placed[0], ofNormed.count));
       if (mla) {
         // As the CPU engine's latentAttention: the low-rank columns' norms,
         // the up-projections, RoPE on each query head's rope columns and on
         // the shared ones, then full keys and values.
+        // Each norm rounds its columns for its up-projection (without a
+        // query low rank, qc is empty and lies where kvc does).
+        const State::Rounding ofQuery = a.query ? State::Rounding{}
+                                                : State::roundingOf(expansions, placed[3], qc, queryRank, T),
+                              ofKv = State::roundingOf(expansions, placed[3], kvc, kvColumns, T);
         if (!a.query)
-          launchKernel(normKernel, tokens, 1024, s.stream, qc, qc, queryRank, queryRank, a.queryDownNorm, nullptr, eps,
-                       0);
-        launchKernel(normKernel, tokens, 1024, s.stream, kvc, kvc, a.kvLora, kvColumns, a.kvDownNorm, nullptr, eps, 0);
-        MOE_RETURN_IF_ERROR(s.launch(expansions, placed[3]));
+          launchKernel(normKernel, tokens, 1024, s.on(), qc, qc, queryRank, queryRank, a.queryDownNorm, nullptr, eps, 0,
+                       ofQuery.jobs, ofQuery.count);
+        launchKernel(normKernel, tokens, 1024, s.on(), kvc, kvc, a.kvLora, kvColumns, a.kvDownNorm, nullptr, eps, 0,
+                     ofKv.jobs, ofKv.count);
+        MOE_RETURN_IF_ERROR(s.launchAfterRounding(expansions, placed[3], ofQuery.count + ofKv.count));
         if (a.ropeHalf > 0) {
-          launchKernel(ropeKernel, dim3(a.heads, tokens), 64, s.stream, q + a.nopeDim, qWidth, a.headDim, a.ropeHalf,
+          launchKernel(ropeKernel, dim3(a.heads, tokens), 64, s.on(), q + a.nopeDim, qWidth, a.headDim, a.ropeHalf,
                        a.ropeInterleaved, cos, sin);
-          launchKernel(ropeKernel, dim3(1, tokens), 64, s.stream, kvc + a.kvLora, kvColumns, a.ropeDim, a.ropeHalf,
+          launchKernel(ropeKernel, dim3(1, tokens), 64, s.on(), kvc + a.kvLora, kvColumns, a.ropeDim, a.ropeHalf,
                        a.ropeInterleaved, cos, sin);
         }
-        launchKernel(latentKeysKernel, dim3(a.heads, tokens), 128, s.stream, expanded, kvc + a.kvLora, kvColumns,
-                     a.heads, a.nopeDim, a.ropeDim, a.valueDim, k, v, cache.keys, cache.values, devicePosition);
+        launchKernel(latentKeysKernel, dim3(a.heads, tokens), 128, s.on(), expanded, kvc + a.kvLora, kvColumns, a.heads,
+                     a.nopeDim, a.ropeDim, a.valueDim, k, v, cache.keys, cache.values, devicePosition);
       } else {
         // As the CPU engine: biases, then qk-norm, then the clamp, then
         // RoPE; then k and v into the cache. One launch.
@@ -2461,13 +2593,13 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
         e.interleaved = a.ropeInterleaved;
         e.cos = cos;
         e.sin = sin;
-        launchKernel(epilogueKernel, dim3(3, tokens), 1024, s.stream, e);
+        launchKernel(epilogueKernel, dim3(3, tokens), 1024, s.on(), e);
       }
-      launchKernel(attendKernel, dim3(a.heads, tokens), 256, s.stream, q, cache.keys, cache.values, devicePosition,
+      launchKernel(attendKernel, dim3(a.heads, tokens), 256, s.on(), q, cache.keys, cache.values, devicePosition,
                    a.heads / a.kvHeads, a.headDim, a.valueDim, kWidth, vWidth, a.softmaxScale, s.scores.at<float>(0),
                    cache.capacity, attended);
       MOE_RETURN_IF_ERROR(s.launch(output, placed[1]));
-      launchKernel(addNormKernel, tokens, 1024, s.stream, x, branch, a.outputBias, H, normed, a.mlpNorm, a.mlpNormBias,
+      launchKernel(addNormKernel, tokens, 1024, s.on(), x, branch, a.outputBias, H, normed, a.mlpNorm, a.mlpNormBias,
                    eps, a.layerNorm);
       if (router)
         MOE_RETURN_IF_ERROR(s.launch(routing, placed[2]));
@@ -2524,7 +2656,7 @@ Status Context::decodeExperts(const ExpertProduct *expertArray, size_t count, De
     key.push_back(reinterpret_cast<uintptr_t>(s.normedPointer()));
     key.push_back(reinterpret_cast<uintptr_t>(s.x.data));
     key.push_back(static_cast<uintptr_t>(hidden));
-    key.push_back(static_cast<uintptr_t>(s.oneTokenKernel));
+    key.push_back(s.launchKey());
     for (size_t i = 0; i < count; ++i) {
       const ExpertProduct &e = expertArray[i];
       for (const DeviceWeight *w : {e.gate, e.up, e.down})
@@ -2566,6 +2698,33 @@ Status Context::decodeExperts(const ExpertProduct *expertArray, size_t count, De
   for (size_t i = 0; i < count; ++i)
     s.addProduct(second, scratchLayout, *expertArray[i].down, offset(hOffset + offsets[i] * 4),
                  expertArray[i].down->cols, 1, offset(partsOffset + i * hidden * 4), hidden);
+  // SwiGLU in the down products' rounding (QuantJob::up): each expert's
+  // rounding of h computes it from gate and up, and a down over floats
+  // gets a job that writes its slice of h, so no launch of its own.
+  for (size_t i = 0; i < count; ++i) {
+    const int64_t w = offsets[i + 1] - offsets[i];
+    float *gate = offset(gateOffset + offsets[i] * 4), *up = offset(upOffset + offsets[i] * 4),
+          *h = offset(hOffset + offsets[i] * 4);
+    if (expertArray[i].down->layout == WeightLayout::Group) {
+      for (QuantJob &job : second.quant)
+        if (job.x == h) {
+          job.x = gate;
+          job.up = up;
+        }
+      continue;
+    }
+    QuantJob job{};
+    job.x = gate;
+    job.up = up;
+    job.h = h;
+    job.ldx = job.cols = w;
+    job.group = kSwigluChunk;
+    job.groups = (w + kSwigluChunk - 1) / kSwigluChunk;
+    job.tokens = 1;
+    job.first = second.quantWarps;
+    second.quantWarps += job.groups;
+    second.quant.push_back(job);
+  }
   MOE_RETURN_IF_ERROR(s.scratch.reserve(scratchLayout.size));
   for (ProductJob &job : first.products)
     job.y = s.scratch.at<float>(reinterpret_cast<size_t>(job.y));
@@ -2573,8 +2732,12 @@ Status Context::decodeExperts(const ExpertProduct *expertArray, size_t count, De
     job.x = s.scratch.at<float>(reinterpret_cast<size_t>(job.x));
     job.y = s.scratch.at<float>(reinterpret_cast<size_t>(job.y));
   }
-  for (QuantJob &job : second.quant)
+  for (QuantJob &job : second.quant) {
     job.x = s.scratch.at<float>(reinterpret_cast<size_t>(job.x));
+    job.up = s.scratch.at<float>(reinterpret_cast<size_t>(job.up));
+    if (job.h)
+      job.h = s.scratch.at<float>(reinterpret_cast<size_t>(job.h));
+  }
   std::vector<float> weights(count);
   for (size_t i = 0; i < count; ++i)
     weights[i] = expertArray[i].weight;
@@ -2589,10 +2752,8 @@ Status Context::decodeExperts(const ExpertProduct *expertArray, size_t count, De
       s.stageTables(plans, 2, placed, weights.data(), count * 4, &deviceWeights, graphed ? graph : nullptr));
   auto launches = [&]() -> Status {
     MOE_RETURN_IF_ERROR(s.launch(first, placed[0]));
-    launchKernel(swigluKernel, blocksFor(width, 256), 256, s.stream, s.scratch.at<float>(gateOffset),
-                 s.scratch.at<float>(upOffset), s.scratch.at<float>(hOffset), width, nullptr);
-    MOE_RETURN_IF_ERROR(s.launch(second, placed[1]));
-    launchKernel(combineKernel, blocksFor(hidden, 256), 256, s.stream, s.scratch.at<float>(partsOffset),
+    MOE_RETURN_IF_ERROR(s.launch(second, placed[1])); // SwiGLU, its rounding, down
+    launchKernel(combineKernel, blocksFor(hidden, 256), 256, s.on(), s.scratch.at<float>(partsOffset),
                  static_cast<const float *>(deviceWeights), static_cast<int>(count), hidden, s.x.at<float>(0), true,
                  nullptr);
     return check(cudaGetLastError(), "decode experts launch");
@@ -2605,7 +2766,7 @@ Status Context::decodeAddBranch(const float *branch) {
   State &s = *state;
   const int64_t count = s.tokens * s.hidden;
   MOE_RETURN_IF_ERROR(s.stage(s.branch.data, branch, static_cast<size_t>(count) * 4));
-  launchKernel(addKernel, blocksFor(count, 256), 256, s.stream, s.x.at<float>(0), s.branch.at<float>(0), count);
+  launchKernel(addKernel, blocksFor(count, 256), 256, s.on(), s.x.at<float>(0), s.branch.at<float>(0), count);
   return check(cudaGetLastError(), "decode launch");
 }
 
@@ -2644,7 +2805,7 @@ Status Context::decodeRoutedExperts(const RoutedExpertTokens *experts, size_t co
       block, placed, s.normedPointer(), reinterpret_cast<const int32_t *>(tables + rowTokenAt),
       reinterpret_cast<const int32_t *>(tables + startsAt), reinterpret_cast<const int32_t *>(tables + entryRowAt),
       reinterpret_cast<const float *>(tables + entryWeightAt), tokens, hidden, s.branch.at<float>(0)));
-  launchKernel(addKernel, blocksFor(tokens * hidden, 256), 256, s.stream, s.x.at<float>(0), s.branch.at<float>(0),
+  launchKernel(addKernel, blocksFor(tokens * hidden, 256), 256, s.on(), s.x.at<float>(0), s.branch.at<float>(0),
                tokens * hidden);
   return check(cudaGetLastError(), "decode routed experts launch");
 }
@@ -2675,8 +2836,9 @@ Status Context::decodeEnd(const float *norm, const float *normBias, bool layerNo
                           static_cast<const void *>(normBias), static_cast<const void *>(headBias)})
       key.push_back(reinterpret_cast<uintptr_t>(p));
     appendWeightKey(key, &head);
-    for (int64_t value : {H, V, static_cast<int64_t>(layerNorm), static_cast<int64_t>(s.oneTokenKernel)})
+    for (int64_t value : {H, V, static_cast<int64_t>(layerNorm)})
       key.push_back(static_cast<uintptr_t>(value));
+    key.push_back(s.launchKey());
     uint32_t epsBits = 0;
     std::memcpy(&epsBits, &eps, sizeof epsBits);
     key.push_back(epsBits);
@@ -2697,13 +2859,14 @@ Status Context::decodeEnd(const float *norm, const float *normBias, bool layerNo
     State::PlanTables placed;
     MOE_RETURN_IF_ERROR(s.stageTables(plans, 1, &placed, nullptr, 0, nullptr, graphed ? graph : nullptr));
     auto launches = [&]() -> Status {
-      launchKernel(normKernel, static_cast<unsigned>(rows), 1024, s.stream,
+      const State::Rounding ofNormed = State::roundingOf(plan, placed, s.normedPointer(), H, rows);
+      launchKernel(normKernel, static_cast<unsigned>(rows), 1024, s.on(),
                    s.x.at<float>(static_cast<size_t>(first * H) * 4), s.normedPointer(), H, H, norm, normBias, eps,
-                   layerNorm);
-      MOE_RETURN_IF_ERROR(s.launch(plan, placed));
+                   layerNorm, ofNormed.jobs, ofNormed.count);
+      MOE_RETURN_IF_ERROR(s.launchAfterRounding(plan, placed, ofNormed.count));
       if (headBias)
         for (int64_t r = 0; r < rows; ++r)
-          launchKernel(biasClampKernel, blocksFor(V, 256), 256, s.stream,
+          launchKernel(biasClampKernel, blocksFor(V, 256), 256, s.on(),
                        s.logits.at<float>(static_cast<size_t>(r * V) * 4), headBias, V, 0.0f);
       return check(cudaGetLastError(), "decode launch");
     };
@@ -2838,7 +3001,7 @@ Expected<std::shared_ptr<const RoutedLayerHandle>> Context::prepareRouted(const 
     handle->secondAllRows += H;
     if (e < slots) {
       widths.push_back(x.gate->rows);
-      downWarps.push_back(x.down->layout == WeightLayout::Group ? t.down.groups : 0);
+      downWarps.push_back(downInputWarps(t));
     }
     templates.push_back(t);
   }
@@ -2851,13 +3014,10 @@ Expected<std::shared_ptr<const RoutedLayerHandle>> Context::prepareRouted(const 
       std::accumulate(downWarps.begin(), downWarps.begin() + static_cast<std::ptrdiff_t>(k), int64_t(0));
   if (d.shared) {
     handle->width += d.shared->gate->rows;
-    handle->downWarps += templates.back().down.layout == kGroupLayout ? templates.back().down.groups : 0;
+    handle->downWarps += downInputWarps(templates.back());
   }
   handle->maxCount = static_cast<int64_t>(k) + layer.hasShared;
   handle->firstRows = 2 * handle->width;
-  handle->inputGroups = layer.inputGroups;
-  for (int32_t g = 0; g < layer.inputGroups; ++g)
-    handle->inputWarps += (H + layer.inputGroupSize[g] - 1) / layer.inputGroupSize[g];
 
   // One allocation: the layer, its templates, bias, remap table and gate.
   Layout layout;
@@ -2960,24 +3120,23 @@ Status Context::decodeRouted(const RoutedLayerHandle &layer) {
   const bool firstStreamed = layer.firstGroups && s.streams(layer.firstAllRows, layer.firstCodeBytes);
   const bool secondStreamed = layer.secondGroups && s.streams(layer.secondAllRows, layer.secondCodeBytes);
   auto enqueue = [&]() -> Status {
-    launchKernel(routeKernel, 1, 256, s.stream, layer.device, scratch, plan, calls);
+    // Routing and the input's rounding, gate and up, SwiGLU and its
+    // rounding, down, the weighted sum: five launches.
+    launchKernel(routeKernel, 1, 256, s.on(), layer.device, scratch, plan, calls);
     MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "routing launch"));
-    MOE_RETURN_IF_ERROR(s.launchQuant(plan->inputJobs, layer.inputGroups, layer.inputWarps, &plan->inputQuant));
     MOE_RETURN_IF_ERROR(
         s.launchProducts(plan->firstJobs, 2 * count, layer.firstRows, true, firstStreamed, &plan->first));
-    launchKernel(swigluKernel, blocksFor(layer.width, 256), 256, s.stream, scratch.gateOut, scratch.upOut, scratch.h,
-                 layer.width, &plan->swiglu);
     MOE_RETURN_IF_ERROR(s.launchQuant(plan->downJobs, count, layer.downWarps, &plan->downQuant));
     MOE_RETURN_IF_ERROR(s.launchProducts(plan->secondJobs, count, count * hidden, true, secondStreamed, &plan->second));
-    launchKernel(combineKernel, blocksFor(hidden, 256), 256, s.stream, scratch.parts, plan->weights,
+    launchKernel(combineKernel, blocksFor(hidden, 256), 256, s.on(), scratch.parts, plan->weights,
                  static_cast<int>(count), hidden, scratch.residual, true, &plan->combine);
     return check(cudaGetLastError(), "routed experts launch");
   };
   if (!s.graphs || layer.graph.failed || layer.graph.uses++ == 0)
     return enqueue();
-  // The seven launches as one CUDA graph, captured at the layer's second
+  // The five launches as one CUDA graph, captured at the layer's second
   // token and replayed while every address and size they were captured
-  // with holds: one launch for the host instead of seven.
+  // with holds: one launch for the host instead of five.
   const State::RoutedBounds &b = s.routedBounds;
   std::vector<uintptr_t> key;
   for (const void *p : {static_cast<const void *>(scratch.input), static_cast<const void *>(scratch.logits),
@@ -2987,6 +3146,7 @@ Status Context::decodeRouted(const RoutedLayerHandle &layer) {
   for (int64_t value : {b.hidden, b.count, b.width, b.downWidth, static_cast<int64_t>(firstStreamed),
                         static_cast<int64_t>(secondStreamed)})
     key.push_back(static_cast<uintptr_t>(value));
+  key.push_back(s.launchKey());
   if (layer.graph.exec && layer.graph.key == key)
     return s.replay(layer.graph) ? Status::success() : enqueue();
   return s.captureAndLaunch(layer.graph, std::move(key), enqueue);

@@ -274,6 +274,13 @@ public:
   /// kernels either way.
   void setGraphs(bool graphs);
   GraphStats graphStats() const;
+  /// Whether decode's kernels are programmatic dependent launches
+  /// (cuda/Launch.h: each kernel's blocks start while the one before it
+  /// drains; the default where the device, sm_90 or later, and the build
+  /// have them) or wait for the kernel before them to end; the same
+  /// results either way. Ignored where unsupported.
+  void setDependentLaunches(bool enabled);
+  bool dependentLaunches() const;
 
   /// Bytes of matrices held now.
   size_t residentBytes() const;

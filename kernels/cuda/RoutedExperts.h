@@ -30,7 +30,11 @@ struct LaunchSize {
   int64_t total = 0;
 };
 
-/// Rounds x[t, 0..cols) to int8 per group of `group` (zero-padded).
+/// Rounds x[t, 0..cols) to int8 per group of `group` (zero-padded). With
+/// `up`, the values are SwiGLU's silu(x) * up (x holds the gate; up has
+/// x's strides): rounded, or, where `h` is set, written to h (x's strides)
+/// and not rounded (values, scales and sums unused; a warp per `group`
+/// values).
 struct QuantJob {
   const float *x;
   int64_t ldx, cols, groups, tokens;
@@ -39,7 +43,13 @@ struct QuantJob {
   float *scales;  ///< [tokens, groups]
   float *sums;    ///< [tokens, groups]
   int64_t first;  ///< Warps before this job.
+  const float *up = nullptr;
+  float *h = nullptr;
 };
+
+/// Values of SwiGLU a warp computes for a down product that reads floats
+/// (QuantJob without values).
+constexpr int kSwigluChunk = 128;
 
 /// y[t * ldy + r] = row r . x_t for r < rows, t < tokens.
 struct ProductJob {
@@ -109,9 +119,11 @@ struct RoutedScratch {
   float *parts = nullptr; ///< Per expert run: its output [hidden].
 };
 
-/// A token's MoE block as launches read it (device memory).
+/// A token's MoE block as launches read it (device memory). The routing
+/// kernel rounds the input itself (routedInputQuant); downJobs compute
+/// SwiGLU and round it for each down product (downQuant).
 struct RoutedPlan {
-  LaunchSize inputQuant, first, swiglu, downQuant, second, combine;
+  LaunchSize first, downQuant, second, combine;
   int32_t count = 0;              ///< Experts run (the shared one included).
   int32_t slots[kMaxRouted] = {}; ///< Their slots (the shared expert: RoutedLayer::slots).
   float weights[kMaxRouted] = {};
@@ -207,12 +219,29 @@ MOE_HOST_DEVICE inline QuantJob oneTokenQuant(const float *x, int64_t cols, int 
   return job;
 }
 
+/// Warps of an expert's SwiGLU and its rounding for the down product
+/// (planRoutedExperts' downJobs): a warp per group of a group format, per
+/// kSwigluChunk values of a float one.
+MOE_HOST_DEVICE inline int64_t downInputWarps(const ExpertTemplate &e) {
+  return e.down.layout == kGroupLayout ? e.down.groups : (e.down.cols + kSwigluChunk - 1) / kSwigluChunk;
+}
+
+/// The rounding of a token's MoE input at the layer's `g`th input group
+/// size (the routing kernel runs it; the gate and up products read it).
+MOE_HOST_DEVICE inline QuantJob routedInputQuant(const RoutedLayer &layer, const RoutedScratch &scratch, int32_t g,
+                                                 int64_t first) {
+  return oneTokenQuant(
+      scratch.input, layer.hidden, layer.inputGroupSize[g], scratch.inputValues + g * scratch.inputValueStride,
+      scratch.inputScales + g * scratch.inputGroupStride, scratch.inputSums + g * scratch.inputGroupStride, first);
+}
+
 /// The job tables and launch sizes of `count` experts (selectExperts) over
 /// the areas of `scratch`: the input quantized at each group size the gate
-/// and up products read, gate and up of every expert, silu(gate) * up over
-/// their intermediates laid one after another, each down product's input
-/// quantized at its group, the down products into `parts`, and the
-/// weighted sum onto the residual stream.
+/// and up products read (routedInputQuant), gate and up of every expert,
+/// their intermediates laid one after another, each expert's silu(gate) *
+/// up, rounded at its down product's group where that is a group format
+/// and written to h where it reads floats, the down products into
+/// `parts`, and the weighted sum onto the residual stream.
 MOE_HOST_DEVICE inline void planRoutedExperts(const RoutedLayer &layer, const RoutedScratch &scratch, int32_t count,
                                               const int32_t *slots, const float *weights, RoutedPlan &plan) {
   const int64_t hidden = layer.hidden;
@@ -223,12 +252,9 @@ MOE_HOST_DEVICE inline void planRoutedExperts(const RoutedLayer &layer, const Ro
   }
   int64_t warps = 0;
   for (int32_t g = 0; g < layer.inputGroups; ++g) {
-    plan.inputJobs[g] = oneTokenQuant(
-        scratch.input, hidden, layer.inputGroupSize[g], scratch.inputValues + g * scratch.inputValueStride,
-        scratch.inputScales + g * scratch.inputGroupStride, scratch.inputSums + g * scratch.inputGroupStride, warps);
+    plan.inputJobs[g] = routedInputQuant(layer, scratch, g, warps);
     warps += plan.inputJobs[g].groups;
   }
-  plan.inputQuant = {layer.inputGroups, warps};
 
   // Gate and up, each expert's intermediates after the last one's.
   int64_t offset = 0, rows = 0;
@@ -255,13 +281,12 @@ MOE_HOST_DEVICE inline void planRoutedExperts(const RoutedLayer &layer, const Ro
     offset += width;
   }
   plan.first = {2 * count, rows};
-  plan.swiglu = {0, offset};
 
-  // Down, each from its expert's slice of h.
+  // Down, each from its expert's silu(gate) * up: rounded at its group
+  // (a group format) or written to its slice of h (floats).
   offset = 0;
   rows = 0;
   warps = 0;
-  int32_t quantized = 0;
   for (int32_t i = 0; i < count; ++i) {
     const ExpertTemplate &e = layer.experts[slots[i]];
     const int64_t width = e.gate.rows;
@@ -273,22 +298,25 @@ MOE_HOST_DEVICE inline void planRoutedExperts(const RoutedLayer &layer, const Ro
     job.y = scratch.parts + i * hidden;
     job.ldy = hidden;
     job.first = rows;
+    QuantJob &quant = plan.downJobs[i];
     if (job.layout == kGroupLayout) {
-      QuantJob &quant = plan.downJobs[quantized++];
-      quant = oneTokenQuant(job.x, width, job.group, scratch.downValues + i * scratch.downValueStride,
-                            scratch.downScales + i * scratch.downGroupStride,
-                            scratch.downSums + i * scratch.downGroupStride, warps);
-      warps += quant.groups;
+      quant = oneTokenQuant(
+          scratch.gateOut + offset, width, job.group, scratch.downValues + i * scratch.downValueStride,
+          scratch.downScales + i * scratch.downGroupStride, scratch.downSums + i * scratch.downGroupStride, warps);
       job.q = quant.values;
       job.qScales = quant.scales;
       job.qSums = quant.sums;
     } else {
+      quant = oneTokenQuant(scratch.gateOut + offset, width, kSwigluChunk, nullptr, nullptr, nullptr, warps);
+      quant.h = scratch.h + offset;
       job.vectorized = job.vectorized && offset % 4 == 0;
     }
+    quant.up = scratch.upOut + offset;
+    warps += quant.groups;
     rows += hidden;
     offset += width;
   }
-  plan.downQuant = {quantized, warps};
+  plan.downQuant = {count, warps};
   plan.second = {count, rows};
   plan.combine = {count, hidden};
 }

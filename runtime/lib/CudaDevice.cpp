@@ -395,6 +395,12 @@ public:
     context->setTensorCores(name != "dp4a");
     return Status::success();
   }
+  Status chooseLaunches(std::string_view name) override {
+    if (name != "dependent" && name != "plain")
+      return Status::error("unknown CUDA launches '", name, "' (dependent or plain)");
+    context->setDependentLaunches(name == "dependent");
+    return Status::success();
+  }
 
 protected:
   Status uploadVectors(LayerWeights &w) override {

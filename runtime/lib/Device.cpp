@@ -49,6 +49,10 @@ Status Device::chooseProductKernel(std::string_view name) {
   return Status::error("this device has one product kernel, not a choice of '", name, "'");
 }
 
+Status Device::chooseLaunches(std::string_view name) {
+  return Status::error("this device launches no kernels; no choice of '", name, "'");
+}
+
 Status Device::decodeBegin(const float *, int64_t, int64_t) { return noDecode(); }
 Status Device::decodeAttention(const ModelSpec &, const LayerWeights &, int64_t, const float *, const float *, int64_t,
                                KvCache &, float *, float *) {

@@ -342,10 +342,24 @@ void interpret(const cuda::RoutedPlan &plan, const cuda::RoutedScratch &scratch,
     product(plan.firstJobs[j]);
   }
   EXPECT_EQ(rows, plan.first.total);
-  for (int64_t i = 0; i < plan.swiglu.total; ++i) {
-    const float g = scratch.gateOut[i];
-    scratch.h[i] = g / (1.0f + std::exp(-g)) * scratch.upOut[i];
+  // SwiGLU: each down job's warps over its expert's intermediates (f32
+  // downs read h, so nothing is rounded).
+  int64_t warps = 0;
+  for (int32_t j = 0; j < plan.downQuant.count; ++j) {
+    const cuda::QuantJob &job = plan.downJobs[j];
+    EXPECT_EQ(job.first, warps);
+    EXPECT_EQ(job.values, nullptr);
+    EXPECT_EQ(job.group, cuda::kSwigluChunk);
+    ASSERT_NE(job.up, nullptr);
+    ASSERT_NE(job.h, nullptr);
+    EXPECT_EQ(job.groups, (job.cols + job.group - 1) / job.group);
+    warps += job.groups;
+    for (int64_t c = 0; c < job.cols; ++c) {
+      const float g = job.x[c];
+      job.h[c] = g / (1.0f + std::exp(-g)) * job.up[c];
+    }
   }
+  EXPECT_EQ(warps, plan.downQuant.total);
   rows = 0;
   for (int32_t j = 0; j < plan.second.count; ++j) {
     EXPECT_EQ(plan.secondJobs[j].first, rows);
@@ -423,15 +437,16 @@ TEST(RoutedExperts, APlanComputesTheBlockOfExpertsOfDifferentWidths) {
     auto plan = std::make_unique<cuda::RoutedPlan>();
     cuda::planRoutedExperts(layer, scratch, 4, slots.data(), weights, *plan);
     EXPECT_EQ(plan->count, 4);
-    EXPECT_EQ(plan->inputQuant.count, 0);
-    EXPECT_EQ(plan->downQuant.count, 0);
+    EXPECT_EQ(plan->downQuant.count, 4) << "every expert's SwiGLU";
     int64_t width = 0;
     for (int i = 0; i < 4; ++i) {
       EXPECT_EQ(plan->slots[i], slots[i]);
       EXPECT_EQ(plan->secondJobs[i].vectorized, vectorized[t][i]) << "expert " << i;
+      EXPECT_EQ(plan->downJobs[i].x, scratch.gateOut + width);
+      EXPECT_EQ(plan->downJobs[i].up, scratch.upOut + width);
+      EXPECT_EQ(plan->downJobs[i].h, scratch.h + width);
       width += widths[static_cast<size_t>(slots[i])];
     }
-    EXPECT_EQ(plan->swiglu.total, width);
     interpret(*plan, scratch, H);
 
     // The block computed directly.
@@ -510,8 +525,17 @@ TEST(RoutedExperts, GroupFormatJobsReadTheQuantizationOfTheirGroupSize) {
   auto plan = std::make_unique<cuda::RoutedPlan>();
   cuda::planRoutedExperts(layer, s, 2, slots, weights, *plan);
 
-  EXPECT_EQ(plan->inputQuant.count, 2);
-  EXPECT_EQ(plan->inputQuant.total, 4 + 2); // 256 / 64 + 256 / 128 warps
+  // The input rounded at each size (by the routing kernel): 256 / 64 then
+  // 256 / 128 groups, each size in its own areas.
+  for (int32_t g = 0; g < 2; ++g) {
+    const cuda::QuantJob &job = plan->inputJobs[g];
+    EXPECT_EQ(job.x, s.input);
+    EXPECT_EQ(job.cols, H);
+    EXPECT_EQ(job.group, g == 0 ? 64 : 128);
+    EXPECT_EQ(job.groups, g == 0 ? 4 : 2);
+    EXPECT_EQ(job.up, nullptr);
+    EXPECT_EQ(job.sums, s.inputSums + g * 64);
+  }
   EXPECT_EQ(plan->inputJobs[1].first, 4);
   EXPECT_EQ(plan->inputJobs[1].values, values.data() + 512);
   EXPECT_EQ(plan->inputJobs[1].scales, s.inputScales + 64);
@@ -525,12 +549,23 @@ TEST(RoutedExperts, GroupFormatJobsReadTheQuantizationOfTheirGroupSize) {
   EXPECT_EQ(plan->firstJobs[2].y, s.gateOut + 96);
   EXPECT_EQ(plan->firstJobs[3].first, 2 * 96 + 40);
   EXPECT_EQ(plan->first.total, 2 * (96 + 40));
-  // Only the first expert's down is quantized: its h slice in groups of 32.
-  EXPECT_EQ(plan->downQuant.count, 1);
-  EXPECT_EQ(plan->downQuant.total, 3);
-  EXPECT_EQ(plan->downJobs[0].x, s.h);
+  // Each expert's SwiGLU from its gate and up slices: the first's
+  // rounded in groups of 32 for its down (3 warps, h not written), the
+  // bf16 one's written to h (a warp per kSwigluChunk values: 1).
+  EXPECT_EQ(plan->downQuant.count, 2);
+  EXPECT_EQ(plan->downQuant.total, 3 + 1);
+  EXPECT_EQ(plan->downJobs[0].x, s.gateOut);
+  EXPECT_EQ(plan->downJobs[0].up, s.upOut);
+  EXPECT_EQ(plan->downJobs[0].h, nullptr);
   EXPECT_EQ(plan->downJobs[0].cols, 96);
+  EXPECT_EQ(plan->downJobs[0].group, 32);
   EXPECT_EQ(plan->secondJobs[0].q, plan->downJobs[0].values);
+  EXPECT_EQ(plan->downJobs[1].x, s.gateOut + 96);
+  EXPECT_EQ(plan->downJobs[1].up, s.upOut + 96);
+  EXPECT_EQ(plan->downJobs[1].h, s.h + 96);
+  EXPECT_EQ(plan->downJobs[1].values, nullptr);
+  EXPECT_EQ(plan->downJobs[1].first, 3);
+  EXPECT_EQ(cuda::downInputWarps(templates[0]) + cuda::downInputWarps(templates[1]), 3 + 1);
   // The bf16 down reads h from offset 96 (aligned), its output the second part.
   EXPECT_EQ(plan->secondJobs[1].x, s.h + 96);
   EXPECT_EQ(plan->secondJobs[1].ldx, 40);

@@ -128,6 +128,7 @@ struct Fiber {
   ThreadIndex index;
   int lane = 0, warp = 0;
   bool done = false;
+  bool awaited = false;                ///< Called awaitPreviousGrid.
   const uint64_t *waitingOn = nullptr; ///< A barrier's generation ...
   uint64_t waitingFor = 0;             ///< ... still at this value.
   uint64_t gathers = 0;
@@ -159,6 +160,7 @@ struct BlockRun {
   Context scheduler;
   bool trapped = false;
   bool backwards = false; ///< This run takes threads last first, and makes cp.async copies at once.
+  bool dependent = false; ///< A programmatic dependent launch: every thread must await the grid before it.
   std::string failure;
 };
 
@@ -261,6 +263,10 @@ void fiberEntry() {
   Warp &w = run->warps[f.warp];
   if (w.arrived != 0 && (w.waitingMask >> f.lane & 1u))
     fail("a lane returned while its warp waited for it at a shuffle, __syncwarp or MMA");
+  // On a GPU such a thread may run before the kernel ahead of it ends, and
+  // its kernel may end first and release the next one early.
+  if (run->dependent && !f.awaited)
+    fail("a thread of a dependent launch ended without awaiting the kernel before it (awaitPreviousKernel)");
   f.done = true;
   --run->live;
   w.liveMask &= ~(1u << f.lane);
@@ -287,7 +293,7 @@ void poisonSharedMemory() {
 /// Runs one block of `body` to its end; false (and `why`) where it trapped
 /// or deadlocked. `backwards`: warps, and lanes in a warp, run last first.
 bool runBlock(const std::function<void()> &body, dim3 grid, dim3 block, uint3 blockIndex, bool backwards,
-              std::string &why) {
+              bool dependent, std::string &why) {
   const int threads = static_cast<int>(block.x * block.y * block.z);
   // One BlockRun per host thread, reused: a block's set-up is its fibers'.
   // Never destroyed: a context destroyed at exit may still run kernels.
@@ -304,11 +310,13 @@ bool runBlock(const std::function<void()> &body, dim3 grid, dim3 block, uint3 bl
   state.live = threads;
   state.trapped = false;
   state.backwards = backwards;
+  state.dependent = dependent;
   state.failure.clear();
   poisonSharedMemory();
   for (int i = 0; i < threads; ++i) {
     Fiber &f = state.fibers[i];
     f.done = false;
+    f.awaited = false;
     f.waitingOn = nullptr;
     f.gathers = 0;
     f.copies.clear();
@@ -587,11 +595,26 @@ const ThreadIndex &current() { return self().index; }
 
 int laneId() { return self().lane; }
 
-void syncThreads() { waitAt(run->block, run->live); }
+/// A dependent launch's thread awaits the kernel before it first (cuda/
+/// Launch.h): a barrier, shuffle or copy before that is work done while
+/// the kernel before may still run.
+void checkAwaited() {
+  if (run->dependent && !self().awaited)
+    fail("a thread of a dependent launch met a barrier, shuffle or copy before awaiting the kernel before it");
+}
 
-void syncWarp(unsigned mask) { meetWarp(mask); }
+void syncThreads() {
+  checkAwaited();
+  waitAt(run->block, run->live);
+}
+
+void syncWarp(unsigned mask) {
+  checkAwaited();
+  meetWarp(mask);
+}
 
 const unsigned char *warpGather(unsigned mask, const void *mine, size_t bytes) {
+  checkAwaited();
   Fiber &f = self();
   Warp &w = run->warps[f.warp];
   // Two sets of slots: a lane writes the next gather's only after every
@@ -606,7 +629,13 @@ void trap() { fail("the kernel trapped (__trap)"); }
 
 void failKernel(const char *why) { fail(why); }
 
+void awaitPreviousGrid() {
+  // Kernels run one after another here: the one before has ended.
+  self().awaited = true;
+}
+
 void copyAsync(void *shared, const void *global, size_t bytes) {
+  checkAwaited();
   // A GPU lands the copy anywhere between the call and the wait: at the
   // wait in one run, at the call in the next.
   if (run->backwards)
@@ -634,7 +663,7 @@ void waitCopies(int pending) {
     e -= end;
 }
 
-void launch(dim3 grid, dim3 block, StreamState *stream, std::function<void()> body) {
+void launch(dim3 grid, dim3 block, StreamState *stream, std::function<void()> body, bool dependent) {
   std::lock_guard<std::recursive_mutex> lock(runtime().mutex);
   const uint64_t threads = static_cast<uint64_t>(block.x) * block.y * block.z;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || threads == 0 || threads > kMaxThreads || grid.y > 65535 ||
@@ -646,7 +675,7 @@ void launch(dim3 grid, dim3 block, StreamState *stream, std::function<void()> bo
   }
   if (!streamOf(stream).capturing)
     ++runtime().counters.launches;
-  enqueue(streamOf(stream), {[grid, block, body = std::move(body)]() -> cudaError_t {
+  enqueue(streamOf(stream), {[grid, block, dependent, body = std::move(body)]() -> cudaError_t {
             // Every other kernel run takes its threads in the opposite
             // order: a kernel whose result depends on which thread runs
             // first (a missing barrier) differs from run to run.
@@ -658,7 +687,7 @@ void launch(dim3 grid, dim3 block, StreamState *stream, std::function<void()> bo
                   const unsigned x = backwards ? grid.x - 1 - xi : xi, y = backwards ? grid.y - 1 - yi : yi,
                                  z = backwards ? grid.z - 1 - zi : zi;
                   std::string why;
-                  if (!runBlock(body, grid, block, {x, y, z}, backwards, why)) {
+                  if (!runBlock(body, grid, block, {x, y, z}, backwards, dependent, why)) {
                     Runtime &r = runtime();
                     r.stickyWhy = why;
                     char text[160];

@@ -123,11 +123,17 @@ void commitCopies();
 /// Makes all but the `pending` most recently committed groups.
 void waitCopies(int pending);
 
+/// griddepcontrol.wait and .launch_dependents (cuda/Launch.h's
+/// awaitPreviousKernel): kernels run one at a time here, so it only notes
+/// that the calling thread awaited.
+void awaitPreviousGrid();
+
 /// A kernel's threads over `grid` x `block` run `body`: enqueued on the
 /// stream (or its capture); a bad configuration is the next
-/// cudaGetLastError.
+/// cudaGetLastError. `dependent`: a programmatic dependent launch, which
+/// fails where a thread ends without awaitPreviousGrid.
 struct StreamState;
-void launch(dim3 grid, dim3 block, StreamState *stream, std::function<void()> body);
+void launch(dim3 grid, dim3 block, StreamState *stream, std::function<void()> body, bool dependent = false);
 
 /// What the host has asked of the emulated device since the process began:
 /// the host's share of a step's cost on a GPU, which tests can count where

@@ -137,6 +137,18 @@ __global__ void shuffleOutsideMaskKernel(int *out) {
     out[threadIdx.x] = __shfl_sync(0x3u, static_cast<int>(threadIdx.x), 5);
 }
 
+/// Each block adds one to `counter` after its threads awaited the kernel
+/// before them: all of them, or (everyThread false) thread 0 alone; with
+/// `barrierFirst`, after a barrier.
+__global__ void dependentKernel(int *counter, bool everyThread, bool barrierFirst) {
+  if (barrierFirst)
+    __syncthreads();
+  if (everyThread || threadIdx.x == 0)
+    moe::cuda::awaitPreviousKernel();
+  if (threadIdx.x == 0)
+    atomicAdd(counter, 1);
+}
+
 /// Device memory with `count` ints, freed at the end of the scope.
 struct DeviceInts {
   int *data = nullptr;
@@ -439,3 +451,29 @@ TEST(Emulation, CaptureRefusesWaitsAndGraphsReplayTheirLaunches) {
 }
 
 } // namespace
+
+TEST(Emulation, ADependentLaunchFailsWhereAThreadDoesNotAwaitFirst) {
+  // A kernel launched to overlap the one before it (programmatic dependent
+  // launch) must await it in every thread before anything else: a thread
+  // that ends without awaiting, or meets a barrier first, could run while
+  // the kernel before it still runs.
+  Recover recover;
+  DeviceInts counter(1);
+  const int zero = 0;
+  ASSERT_EQ(cudaMemcpy(counter.data, &zero, sizeof zero, cudaMemcpyHostToDevice), cudaSuccess);
+  const moe::cuda::LaunchStream dependent{nullptr, true};
+  launchKernel(dependentKernel, 2, 64, dependent, counter.data, true, false);
+  launchKernel(dependentKernel, 2, 64, nullptr, counter.data, false, true); // a plain launch need not await
+  int host = 0;
+  ASSERT_EQ(cudaMemcpy(&host, counter.data, sizeof host, cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_EQ(host, 4);
+  launchKernel(dependentKernel, 2, 64, dependent, counter.data, false, false);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
+  EXPECT_NE(moe::emulation::lastFailure().find("ended without awaiting"), std::string::npos)
+      << moe::emulation::lastFailure();
+  moe::emulation::clearErrors();
+  launchKernel(dependentKernel, 2, 64, dependent, counter.data, true, true);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
+  EXPECT_NE(moe::emulation::lastFailure().find("barrier, shuffle or copy before awaiting"), std::string::npos)
+      << moe::emulation::lastFailure();
+}

@@ -1,21 +1,44 @@
 //===- EngineComparison.h - Two engines' outputs compared -------*- C++ -*-===//
 //
-// Part of moec. The largest differences between the logits and the KV
-// caches of the engine on a device and the engine on the CPU, shared by the
-// GPU tests (CudaEngineTest, HostWorkTest).
+// Part of moec. What the GPU tests (CudaEngineTest, HostWorkTest) share: a
+// model loaded onto the CUDA device, and the largest differences between
+// the logits and the KV caches of the engine on a device and the engine on
+// the CPU, and the KL divergence of their next-token distributions.
 //
 //===----------------------------------------------------------------------===//
 
 #ifndef MOE_TESTS_UNIT_CUDA_ENGINECOMPARISON_H
 #define MOE_TESTS_UNIT_CUDA_ENGINECOMPARISON_H
 
+#include "moe/Runtime/Device.h"
 #include "moe/Runtime/Engine.h"
+#include "moe/Runtime/Model.h"
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
 namespace moe::testing {
+
+/// The CUDA device, and a model loaded onto it; `model` holds the error of
+/// either (so one check of it checks both).
+struct LoadedOnDevice {
+  Expected<std::shared_ptr<Device>> device;
+  Expected<LoadedModel> model;
+};
+
+inline LoadedOnDevice loadOnCuda(const std::string &path) {
+  Expected<std::shared_ptr<Device>> device = openDevice(DeviceChoice::Cuda);
+  if (!device) {
+    Status failed = device.status();
+    return {std::move(device), std::move(failed)};
+  }
+  EngineOptions options;
+  options.device = *device;
+  Expected<LoadedModel> model = loadModel(path, options);
+  return {std::move(device), std::move(model)};
+}
 
 /// The largest |a[i] - b[i]|; infinite where the sizes differ.
 inline double maxDifference(const std::vector<float> &a, const std::vector<float> &b) {
@@ -34,6 +57,28 @@ inline double maxCacheDifference(const KvCache &a, const KvCache &b) {
     most = std::max(most, maxDifference(a.values[l], b.values[l]));
   }
   return most;
+}
+
+/// KL(p || q) in nats, p = softmax(reference) and q = softmax(other):
+/// what the other engine's next-token distribution loses; infinite where
+/// the sizes differ.
+inline double klDivergence(const std::vector<float> &reference, const std::vector<float> &other) {
+  if (reference.size() != other.size() || reference.empty())
+    return INFINITY;
+  const auto logSumExp = [](const std::vector<float> &x) {
+    const double most = *std::max_element(x.begin(), x.end());
+    double sum = 0;
+    for (float v : x)
+      sum += std::exp(static_cast<double>(v) - most);
+    return most + std::log(sum);
+  };
+  const double p0 = logSumExp(reference), q0 = logSumExp(other);
+  double kl = 0;
+  for (size_t i = 0; i < reference.size(); ++i) {
+    const double logP = reference[i] - p0, logQ = other[i] - q0;
+    kl += std::exp(logP) * (logP - logQ);
+  }
+  return kl;
 }
 
 } // namespace moe::testing

@@ -116,11 +116,7 @@ TEST(HostWork, ADecodedTokenWaitsOnceAndReplaysItsLayers) {
   for (const char *name : {"tiny-mixtral", "tiny-deepseek"}) {
     const std::string path = dataDir() + "/fixtures/" + name;
     SCOPED_TRACE(path);
-    Expected<std::shared_ptr<Device>> device = openDevice(DeviceChoice::Cuda);
-    ASSERT_TRUE(device) << device.status().message();
-    EngineOptions options;
-    options.device = *device;
-    Expected<LoadedModel> model = loadModel(path, options);
+    auto [device, model] = moe::testing::loadOnCuda(path);
     ASSERT_TRUE(model) << model.status().message();
     const int64_t layers = model->spec.numLayers;
 
@@ -222,4 +218,34 @@ TEST(HostWork, ALayerLoadedForOneTokenCapturesNoGraph) {
   EXPECT_NEAR(counted.captured * 6, counted.graphNodes / counted.graphLaunches, 1e-9)
       << "one capture in all: the token's end";
   EXPECT_LE(most, 1e-3);
+}
+
+TEST(HostWork, GroupFormatsAreRoundedByTheKernelsThatWriteTheirInputs) {
+  // A product over a group format reads its input rounded to int8 per
+  // group. The kernel that writes that input rounds it too: the norm before
+  // the attention's projections, the routing kernel (the MoE input, while
+  // one warp routes) and SwiGLU (each expert's down input); no rounding
+  // launch of its own. tiny-mixtral through the default recipe: 4-bit
+  // attention and experts of different widths, float router and lm_head
+  // (the emulated.PackagesDecodeAsOnTheCpu test makes the package).
+  const char *dir = std::getenv("MOEC_DEVICE_PACKAGES");
+  const std::string path = dir ? std::string(dir) + "/tiny-mixtral-default.moepkg" : std::string();
+  if (path.empty() || !std::filesystem::exists(path))
+    GTEST_SKIP() << "no tiny-mixtral-default.moepkg in $MOEC_DEVICE_PACKAGES";
+  auto [device, model] = moe::testing::loadOnCuda(path);
+  ASSERT_TRUE(model) << model.status().message();
+  ASSERT_TRUE((*device)->chooseRouting("device").ok());
+  const PerToken p = decodeAndCount(*model->engine, model->spec, 4, 4);
+  print("tiny-mixtral-default.moepkg", p);
+  const int64_t layers = model->spec.numLayers;
+  ASSERT_EQ((*device)->routedLayers(), layers) << "every MoE layer routed on the device";
+  EXPECT_EQ((*device)->graphStats().failures, 0) << (*device)->graphStats().firstFailure;
+  // A layer's attention: the norm (rounding its rows), q/k/v, the
+  // epilogue, attention, the output's rounding, the output, the residual
+  // add with the MLP's norm, the router: 8. Its MoE block: routing (and
+  // the input's rounding), gate and up, SwiGLU (and its rounding), down,
+  // the weighted sum: 5. The token's end: the norm and lm_head: 2.
+  EXPECT_EQ(p.kernelRuns, static_cast<double>(13 * layers + 2));
+  EXPECT_EQ(p.waits, 1.0);
+  EXPECT_EQ(p.captured, 0.0);
 }

@@ -101,6 +101,12 @@ public:
   /// products of many tokens without tensor cores); an error for a name
   /// the device does not know.
   virtual Status chooseProductKernel(std::string_view name);
+  /// Benchmarks and tests: how the device's kernels follow each other
+  /// (CUDA: "dependent", the default, where each kernel's blocks start
+  /// while the one before drains, on sm_90 and later; "plain", each kernel
+  /// after the last has ended); the same results either way. An error for
+  /// other names; "dependent" where the device lacks it is "plain".
+  virtual Status chooseLaunches(std::string_view name);
 
   // Decode of one token with the residual stream on the device (grouped-
   // query or latent attention): the engine calls decodeBegin, then per
