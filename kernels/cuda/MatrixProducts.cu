@@ -1008,29 +1008,61 @@ __global__ void latentKeysKernel(const float *expanded, const float *sharedRope,
     v[valueAt + i] = cacheValues[valueAt + i] = source[nope + i];
 }
 
-/// One query head of one token per block (token blockIdx.y at `position`
-/// + blockIdx.y; position in device memory: one graph serves every
-/// position) over the cached rows up to it: scores, softmax
-/// (max-subtracted, as the CPU), weighted values, each sum in the CPU's
-/// order.
-__global__ void attendKernel(const float *q, const float *keys, const float *values, const int64_t *position, int group,
-                             int qDim, int vDim, int64_t keyWidth, int64_t valueWidth, float scale, float *scores,
-                             int64_t scoreStride, float *out) {
+/// Positions a warp scores at a time in attendKernel (their key loads all
+/// in flight before any is used).
+constexpr int kScoredTogether = 8;
+
+/// One query head of one token per block of 256 threads (token blockIdx.y
+/// at `position` + blockIdx.y; position in device memory: one graph serves
+/// every position) over the cached rows up to it: scores, softmax
+/// (max-subtracted, as the CPU), weighted values. Decode reads the whole
+/// cache here, so the loads are laid for the memory: a warp scores
+/// kScoredTogether positions at once, its lanes reading each key row
+/// together (coalesced) and meeting in a shuffle; the weighted values take
+/// a row per group of threads (4 values a thread where vDim allows),
+/// groups striding over the positions, their partial sums added in group
+/// order at the end. Float sums run in another order than the CPU's
+/// (tests hold float models' logits to 1e-3 of it; they come within 7e-6). Then, for the
+/// `jobCount` jobs of `jobs` (QuantJob over `out`, groups within a head:
+/// vDim a multiple of each group), the block's warps round its head's
+/// groups for the output projection.
+__global__ void __launch_bounds__(256)
+    attendKernel(const float *q, const float *keys, const float *values, const int64_t *position, int group, int qDim,
+                 int vDim, int64_t keyWidth, int64_t valueWidth, float scale, float *scores, int64_t scoreStride,
+                 float *out, const QuantJob *jobs, int jobCount) {
   awaitPreviousKernel();
+  __shared__ float partial[1024];
   const int64_t token = blockIdx.y, visible = *position + 1 + token;
   const int h = blockIdx.x, kvHead = h / group, heads = gridDim.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const float *query = q + (token * heads + h) * qDim;
   float *score = scores + (token * heads + h) * scoreStride;
+  const float *headKeys = keys + static_cast<int64_t>(kvHead) * qDim;
   float most = -INFINITY;
-  for (int64_t s = threadIdx.x; s < visible; s += blockDim.x) {
-    const float *key = keys + s * keyWidth + static_cast<int64_t>(kvHead) * qDim;
-    float dot = 0.0f;
-    for (int i = 0; i < qDim; ++i)
-      dot += query[i] * key[i];
-    score[s] = dot * scale;
-    most = fmaxf(most, score[s]);
+  for (int64_t s0 = static_cast<int64_t>(warp) * kScoredTogether; s0 < visible;
+       s0 += static_cast<int64_t>(warps) * kScoredTogether) {
+    float dot[kScoredTogether];
+#pragma unroll
+    for (int u = 0; u < kScoredTogether; ++u)
+      dot[u] = 0.0f;
+    for (int d = lane; d < qDim; d += 32) {
+      const float x = query[d];
+#pragma unroll
+      for (int u = 0; u < kScoredTogether; ++u)
+        if (s0 + u < visible)
+          dot[u] += x * headKeys[(s0 + u) * keyWidth + d];
+    }
+#pragma unroll
+    for (int u = 0; u < kScoredTogether; ++u) {
+      const float total = warpSum(dot[u]) * scale; // every lane: the warp's loop bounds are its own
+      if (s0 + u < visible) {
+        if (lane == 0)
+          score[s0 + u] = total;
+        most = fmaxf(most, total);
+      }
+    }
   }
-  most = blockMax(most);
+  most = blockMax(most); // its barriers also publish the scores
   float sum = 0.0f;
   for (int64_t s = threadIdx.x; s < visible; s += blockDim.x) {
     score[s] = expf(score[s] - most);
@@ -1040,11 +1072,58 @@ __global__ void attendKernel(const float *q, const float *keys, const float *val
   for (int64_t s = threadIdx.x; s < visible; s += blockDim.x)
     score[s] /= sum;
   __syncthreads();
-  for (int i = threadIdx.x; i < vDim; i += blockDim.x) {
-    float acc = 0.0f;
-    for (int64_t s = 0; s < visible; ++s)
-      acc += score[s] * values[s * valueWidth + static_cast<int64_t>(kvHead) * vDim + i];
-    out[(token * heads + h) * vDim + i] = acc;
+  // Weighted values: a row of vDim values per `perRow` threads (`width`
+  // values each), rowGroups groups of them striding over the positions.
+  const float *headValues = values + static_cast<int64_t>(kvHead) * vDim;
+  const int width = vDim % 4 == 0 && valueWidth % 4 == 0 && vDim / 4 <= static_cast<int>(blockDim.x) ? 4 : 1;
+  const int perRow = (vDim + width - 1) / width;
+  const int rowGroups = perRow <= static_cast<int>(blockDim.x) ? static_cast<int>(blockDim.x) / perRow : 1;
+  const int row = static_cast<int>(threadIdx.x) / perRow, column = static_cast<int>(threadIdx.x) % perRow;
+  if (row < rowGroups) {
+    for (int c = column; c < perRow; c += static_cast<int>(blockDim.x)) {
+      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      if (width == 4) {
+#pragma unroll 4
+        for (int64_t s = row; s < visible; s += rowGroups) {
+          const float p = score[s];
+          const float4 v = *reinterpret_cast<const float4 *>(headValues + s * valueWidth + 4 * c);
+          acc[0] += p * v.x;
+          acc[1] += p * v.y;
+          acc[2] += p * v.z;
+          acc[3] += p * v.w;
+        }
+      } else {
+#pragma unroll 4
+        for (int64_t s = row; s < visible; s += rowGroups)
+          acc[0] += score[s] * headValues[s * valueWidth + c];
+      }
+      // Each column's group sums, one row of `partial` a group (at most
+      // blockDim.x * 4 values: 1024); wider heads sum here directly.
+      if (rowGroups * vDim <= 1024) {
+        for (int k = 0; k < width; ++k)
+          partial[row * vDim + width * c + k] = acc[k];
+      } else {
+        for (int k = 0; k < width; ++k)
+          out[(token * heads + h) * vDim + width * c + k] = acc[k];
+      }
+    }
+  }
+  if (rowGroups * vDim <= 1024) { // else one group (rowGroups == 1), written above
+    __syncthreads();
+    for (int i = threadIdx.x; i < vDim; i += blockDim.x) {
+      float total = 0.0f;
+      for (int r = 0; r < rowGroups; ++r)
+        total += partial[r * vDim + i];
+      out[(token * heads + h) * vDim + i] = total;
+    }
+  }
+  if (jobCount == 0)
+    return;
+  __syncthreads(); // the head's values every thread wrote, visible to the block
+  for (int j = 0; j < jobCount; ++j) {
+    const int perHead = vDim / jobs[j].group;
+    for (int g = warp; g < perHead; g += warps)
+      quantizeGroup(jobs[j], token * jobs[j].groups + static_cast<int64_t>(h) * perHead + g, lane);
   }
 }
 
@@ -1606,16 +1685,17 @@ struct Context::State {
   };
 
   /// The jobs of `plan` (placed at `placed`) that round `x` ([tokens]
-  /// rows, `stride` floats apart), for the kernel that writes x
-  /// (normKernel, a block a row) to run: where they lie one after another
-  /// in the table and read x's rows as that kernel writes them (none
-  /// otherwise).
+  /// rows, `stride` floats apart), for the kernel that writes x to run
+  /// (normKernel: a block a row; attendKernel: a block a head of a row,
+  /// `segment` values, which each job's group must divide): where they lie
+  /// one after another in the table and read x's rows as that kernel
+  /// writes them (none otherwise).
   struct Rounding {
     const QuantJob *jobs = nullptr;
     int count = 0;
   };
-  static Rounding roundingOf(const Plan &plan, const PlanTables &placed, const float *x, int64_t stride,
-                             int64_t tokens) {
+  static Rounding roundingOf(const Plan &plan, const PlanTables &placed, const float *x, int64_t stride, int64_t tokens,
+                             int64_t segment = 0) {
     const auto reads = [&](const QuantJob &job) { return job.x == x; };
     size_t first = 0;
     while (first < plan.quant.size() && !reads(plan.quant[first]))
@@ -1625,8 +1705,10 @@ struct Context::State {
       ++last;
     if (first == last || std::any_of(plan.quant.begin() + static_cast<std::ptrdiff_t>(last), plan.quant.end(), reads) ||
         std::any_of(plan.quant.begin() + static_cast<std::ptrdiff_t>(first),
-                    plan.quant.begin() + static_cast<std::ptrdiff_t>(last),
-                    [&](const QuantJob &job) { return job.ldx != stride || job.tokens != tokens || job.up || job.h; }))
+                    plan.quant.begin() + static_cast<std::ptrdiff_t>(last), [&](const QuantJob &job) {
+                      return job.ldx != stride || job.tokens != tokens || job.up || job.h ||
+                             (segment > 0 && segment % job.group != 0);
+                    }))
       return {};
     return {placed.quant + first, static_cast<int>(last - first)};
   }
@@ -2595,10 +2677,12 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
         e.sin = sin;
         launchKernel(epilogueKernel, dim3(3, tokens), 1024, s.on(), e);
       }
+      // Attention rounds each head's values for the output projection too.
+      const State::Rounding ofAttended = State::roundingOf(output, placed[1], attended, attendedWidth, T, a.valueDim);
       launchKernel(attendKernel, dim3(a.heads, tokens), 256, s.on(), q, cache.keys, cache.values, devicePosition,
                    a.heads / a.kvHeads, a.headDim, a.valueDim, kWidth, vWidth, a.softmaxScale, s.scores.at<float>(0),
-                   cache.capacity, attended);
-      MOE_RETURN_IF_ERROR(s.launch(output, placed[1]));
+                   cache.capacity, attended, ofAttended.jobs, ofAttended.count);
+      MOE_RETURN_IF_ERROR(s.launchAfterRounding(output, placed[1], ofAttended.count));
       launchKernel(addNormKernel, tokens, 1024, s.on(), x, branch, a.outputBias, H, normed, a.mlpNorm, a.mlpNormBias,
                    eps, a.layerNorm);
       if (router)

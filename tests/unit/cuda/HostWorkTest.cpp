@@ -222,30 +222,56 @@ TEST(HostWork, ALayerLoadedForOneTokenCapturesNoGraph) {
 
 TEST(HostWork, GroupFormatsAreRoundedByTheKernelsThatWriteTheirInputs) {
   // A product over a group format reads its input rounded to int8 per
-  // group. The kernel that writes that input rounds it too: the norm before
-  // the attention's projections, the routing kernel (the MoE input, while
-  // one warp routes) and SwiGLU (each expert's down input); no rounding
-  // launch of its own. tiny-mixtral through the default recipe: 4-bit
-  // attention and experts of different widths, float router and lm_head
-  // (the emulated.PackagesDecodeAsOnTheCpu test makes the package).
+  // group. The kernel that writes that input rounds it too: the norms
+  // before the attention's projections and MLA's up-projections, attention
+  // itself (each head's values, where the groups divide a head), the
+  // routing kernel (the MoE input, while one warp routes) and SwiGLU (each
+  // expert's down input); no rounding launch of its own. The packages the
+  // emulated.PackagesDecodeAsOnTheCpu test makes: tiny-mixtral through the
+  // default recipe (4-bit attention and experts of different widths in
+  // groups of 64; its heads of 40 values take a rounding launch) and
+  // tiny-deepseek at 4 bits in groups of 32 (MLA, its value heads of 32;
+  // the first layer dense). Routers and lm_head stay float.
   const char *dir = std::getenv("MOEC_DEVICE_PACKAGES");
-  const std::string path = dir ? std::string(dir) + "/tiny-mixtral-default.moepkg" : std::string();
-  if (path.empty() || !std::filesystem::exists(path))
-    GTEST_SKIP() << "no tiny-mixtral-default.moepkg in $MOEC_DEVICE_PACKAGES";
-  auto [device, model] = moe::testing::loadOnCuda(path);
-  ASSERT_TRUE(model) << model.status().message();
-  ASSERT_TRUE((*device)->chooseRouting("device").ok());
-  const PerToken p = decodeAndCount(*model->engine, model->spec, 4, 4);
-  print("tiny-mixtral-default.moepkg", p);
-  const int64_t layers = model->spec.numLayers;
-  ASSERT_EQ((*device)->routedLayers(), layers) << "every MoE layer routed on the device";
-  EXPECT_EQ((*device)->graphStats().failures, 0) << (*device)->graphStats().firstFailure;
-  // A layer's attention: the norm (rounding its rows), q/k/v, the
-  // epilogue, attention, the output's rounding, the output, the residual
-  // add with the MLP's norm, the router: 8. Its MoE block: routing (and
-  // the input's rounding), gate and up, SwiGLU (and its rounding), down,
-  // the weighted sum: 5. The token's end: the norm and lm_head: 2.
-  EXPECT_EQ(p.kernelRuns, static_cast<double>(13 * layers + 2));
-  EXPECT_EQ(p.waits, 1.0);
-  EXPECT_EQ(p.captured, 0.0);
+  // Kernels a token: per layer, then the token's end (the norm and lm_head).
+  const std::map<std::string, int64_t (*)(const LayerSpec &)> perLayer = {
+      // Attention: the norm, q/k/v, the epilogue, attention, the output's
+      // rounding, the output, the residual add with the MLP's norm, the
+      // router: 8. The MoE block: routing, gate and up, SwiGLU, down, the
+      // weighted sum: 5.
+      {"tiny-mixtral-default.moepkg", [](const LayerSpec &) -> int64_t { return 8 + 5; }},
+      // MLA: the norm, the query and the keys' low-rank columns, their
+      // norm, the up-projection, RoPE of the query and of the shared
+      // columns, the keys, attention, the output, the residual add with the
+      // MLP's norm: 10, and the router in a MoE layer. A MoE block: 5 (as
+      // above). A dense MLP: gate and up (their input's rounding, then the
+      // products), SwiGLU, down, the sum: 5.
+      {"tiny-deepseek-q4-g32.moepkg",
+       [](const LayerSpec &l) -> int64_t { return 10 + (l.mlp == MlpKind::Moe ? 1 + 5 : 5); }},
+  };
+  int found = 0;
+  for (const auto &[name, kernels] : perLayer) {
+    const std::string path = dir ? std::string(dir) + "/" + name : std::string();
+    if (path.empty() || !std::filesystem::exists(path))
+      continue;
+    ++found;
+    SCOPED_TRACE(path);
+    auto [device, model] = moe::testing::loadOnCuda(path);
+    ASSERT_TRUE(model) << model.status().message();
+    ASSERT_TRUE((*device)->chooseRouting("device").ok());
+    const PerToken p = decodeAndCount(*model->engine, model->spec, 4, 4);
+    print(name, p);
+    const int64_t moeLayers = std::count_if(model->spec.layers.begin(), model->spec.layers.end(),
+                                            [](const LayerSpec &l) { return l.mlp == MlpKind::Moe; });
+    ASSERT_EQ((*device)->routedLayers(), moeLayers) << "every MoE layer routed on the device";
+    EXPECT_EQ((*device)->graphStats().failures, 0) << (*device)->graphStats().firstFailure;
+    int64_t expected = 2;
+    for (const LayerSpec &layer : model->spec.layers)
+      expected += kernels(layer);
+    EXPECT_EQ(p.kernelRuns, static_cast<double>(expected));
+    EXPECT_EQ(p.waits, 1.0);
+    EXPECT_EQ(p.captured, 0.0);
+  }
+  if (found == 0)
+    GTEST_SKIP() << "no packages of group formats in $MOEC_DEVICE_PACKAGES";
 }
