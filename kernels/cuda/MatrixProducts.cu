@@ -1031,13 +1031,16 @@ __global__ void __launch_bounds__(256)
                  int vDim, int64_t keyWidth, int64_t valueWidth, float scale, float *scores, int64_t scoreStride,
                  float *out, const QuantJob *jobs, int jobCount) {
   awaitPreviousKernel();
-  __shared__ float partial[1024];
+  __shared__ float4 partialByFour[256]; // 1024 floats, 16-byte aligned
+  float *partial = reinterpret_cast<float *>(partialByFour);
   const int64_t token = blockIdx.y, visible = *position + 1 + token;
   const int h = blockIdx.x, kvHead = h / group, heads = gridDim.x;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const float *query = q + (token * heads + h) * qDim;
   float *score = scores + (token * heads + h) * scoreStride;
   const float *headKeys = keys + static_cast<int64_t>(kvHead) * qDim;
+  // Rows (and the query) 16-byte aligned: the cache and q from cudaMalloc.
+  const bool keysByFour = qDim % 4 == 0 && keyWidth % 4 == 0;
   float most = -INFINITY;
   for (int64_t s0 = static_cast<int64_t>(warp) * kScoredTogether; s0 < visible;
        s0 += static_cast<int64_t>(warps) * kScoredTogether) {
@@ -1045,12 +1048,26 @@ __global__ void __launch_bounds__(256)
 #pragma unroll
     for (int u = 0; u < kScoredTogether; ++u)
       dot[u] = 0.0f;
-    for (int d = lane; d < qDim; d += 32) {
-      const float x = query[d];
+    if (keysByFour) {
+      // Four values a lane: a warp's load covers 128 of a key row (a head
+      // of 128, all of it: eight rows in flight a warp).
+      for (int d = lane; d < qDim / 4; d += 32) {
+        const float4 x = reinterpret_cast<const float4 *>(query)[d];
 #pragma unroll
-      for (int u = 0; u < kScoredTogether; ++u)
-        if (s0 + u < visible)
-          dot[u] += x * headKeys[(s0 + u) * keyWidth + d];
+        for (int u = 0; u < kScoredTogether; ++u)
+          if (s0 + u < visible) {
+            const float4 k = reinterpret_cast<const float4 *>(headKeys + (s0 + u) * keyWidth)[d];
+            dot[u] += x.x * k.x + x.y * k.y + x.z * k.z + x.w * k.w;
+          }
+      }
+    } else {
+      for (int d = lane; d < qDim; d += 32) {
+        const float x = query[d];
+#pragma unroll
+        for (int u = 0; u < kScoredTogether; ++u)
+          if (s0 + u < visible)
+            dot[u] += x * headKeys[(s0 + u) * keyWidth + d];
+      }
     }
 #pragma unroll
     for (int u = 0; u < kScoredTogether; ++u) {
@@ -1072,50 +1089,44 @@ __global__ void __launch_bounds__(256)
   for (int64_t s = threadIdx.x; s < visible; s += blockDim.x)
     score[s] /= sum;
   __syncthreads();
-  // Weighted values: a row of vDim values per `perRow` threads (`width`
-  // values each), rowGroups groups of them striding over the positions.
+  // Weighted values: a row of vDim values per `perRow` threads (4 values
+  // a thread where vDim allows, else 1), rowGroups groups of them striding
+  // over the positions, each group's sums in a row of `partial` (vDim <=
+  // 1024, decodeAttention checks: at most 1024 values), added in group
+  // order.
   const float *headValues = values + static_cast<int64_t>(kvHead) * vDim;
-  const int width = vDim % 4 == 0 && valueWidth % 4 == 0 && vDim / 4 <= static_cast<int>(blockDim.x) ? 4 : 1;
-  const int perRow = (vDim + width - 1) / width;
+  const bool byFour = vDim % 4 == 0 && valueWidth % 4 == 0;
+  const int perRow = byFour ? vDim / 4 : vDim;
   const int rowGroups = perRow <= static_cast<int>(blockDim.x) ? static_cast<int>(blockDim.x) / perRow : 1;
-  const int row = static_cast<int>(threadIdx.x) / perRow, column = static_cast<int>(threadIdx.x) % perRow;
-  if (row < rowGroups) {
-    for (int c = column; c < perRow; c += static_cast<int>(blockDim.x)) {
-      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      if (width == 4) {
+  const int row = static_cast<int>(threadIdx.x) / perRow;
+  if (row < rowGroups)
+    for (int c = static_cast<int>(threadIdx.x) % perRow; c < perRow; c += static_cast<int>(blockDim.x)) {
+      if (byFour) {
+        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 4
         for (int64_t s = row; s < visible; s += rowGroups) {
           const float p = score[s];
-          const float4 v = *reinterpret_cast<const float4 *>(headValues + s * valueWidth + 4 * c);
-          acc[0] += p * v.x;
-          acc[1] += p * v.y;
-          acc[2] += p * v.z;
-          acc[3] += p * v.w;
+          const float4 v = reinterpret_cast<const float4 *>(headValues + s * valueWidth)[c];
+          acc.x += p * v.x;
+          acc.y += p * v.y;
+          acc.z += p * v.z;
+          acc.w += p * v.w;
         }
+        reinterpret_cast<float4 *>(partial + row * vDim)[c] = acc;
       } else {
+        float acc = 0.0f;
 #pragma unroll 4
         for (int64_t s = row; s < visible; s += rowGroups)
-          acc[0] += score[s] * headValues[s * valueWidth + c];
-      }
-      // Each column's group sums, one row of `partial` a group (at most
-      // blockDim.x * 4 values: 1024); wider heads sum here directly.
-      if (rowGroups * vDim <= 1024) {
-        for (int k = 0; k < width; ++k)
-          partial[row * vDim + width * c + k] = acc[k];
-      } else {
-        for (int k = 0; k < width; ++k)
-          out[(token * heads + h) * vDim + width * c + k] = acc[k];
+          acc += score[s] * headValues[s * valueWidth + c];
+        partial[row * vDim + c] = acc;
       }
     }
-  }
-  if (rowGroups * vDim <= 1024) { // else one group (rowGroups == 1), written above
-    __syncthreads();
-    for (int i = threadIdx.x; i < vDim; i += blockDim.x) {
-      float total = 0.0f;
-      for (int r = 0; r < rowGroups; ++r)
-        total += partial[r * vDim + i];
-      out[(token * heads + h) * vDim + i] = total;
-    }
+  __syncthreads();
+  for (int i = threadIdx.x; i < vDim; i += blockDim.x) {
+    float total = 0.0f;
+    for (int r = 0; r < rowGroups; ++r)
+      total += partial[r * vDim + i];
+    out[(token * heads + h) * vDim + i] = total;
   }
   if (jobCount == 0)
     return;
@@ -2459,7 +2470,7 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
           : a.query->cols == H && a.query->rows == qWidth && a.key->rows == kWidth && a.value->rows == vWidth;
   if (!projectionsFit || a.output->cols != attendedWidth || a.output->rows != H || cache.keyWidth != kWidth ||
       cache.valueWidth != vWidth || cache.rows != position || position + T > cache.capacity ||
-      (routerLogits && !a.router) || (router && a.router->cols != H))
+      (routerLogits && !a.router) || (router && a.router->cols != H) || a.valueDim > 1024)
     return Status::error("CUDA decode: layer ", layerIndex, "'s attention shapes or KV cache do not fit");
   const int64_t routerRows = router ? a.router->rows : 0;
   // `handover`: the tokens' MLP inputs [T, H], new keys [T, kWidth] and
