@@ -600,6 +600,54 @@ TEST(CudaMatrixProducts, UploadChecksShapesAndBytes) {
   EXPECT_NE(status.message().find("columns"), std::string::npos) << status.message();
 }
 
+TEST(CudaMatrixProducts, ADecodeStepBegunBeforeTheLastEndedIsRefused) {
+  REQUIRE_GPU();
+  // A layer whose MLP stays on the device leaves its new key and value rows
+  // for the step's last wait (decodeEnd). A step begun before that wait
+  // (or decodeDiscard) would drop them from the host cache: an error, and
+  // after decodeDiscard a step begins again.
+  Expected<std::shared_ptr<cuda::Context>> made = cuda::Context::open();
+  ASSERT_TRUE(made) << made.status().message();
+  cuda::Context &c = **made;
+  const int64_t H = 64;
+  std::mt19937 rng(5);
+  std::vector<std::vector<float>> matrices;
+  std::vector<std::shared_ptr<const cuda::DeviceWeight>> held;
+  for (int i = 0; i < 4; ++i) {
+    matrices.push_back(randomActivations(H * H, rng));
+    auto w = c.upload(cuda::WeightLayout::F32, {}, false, H, H, matrices.back().data(), H * H * 4);
+    ASSERT_TRUE(w) << w.status().message();
+    held.push_back(*w);
+  }
+  const std::vector<float> ones(H, 1.0f);
+  auto norm = c.uploadVector(ones.data(), H);
+  ASSERT_TRUE(norm) << norm.status().message();
+  cuda::DecodeAttention a;
+  a.attentionNorm = a.mlpNorm = static_cast<const float *>((*norm)->data);
+  a.eps = 1e-5f;
+  a.query = held[0].get();
+  a.key = held[1].get();
+  a.value = held[2].get();
+  a.output = held[3].get();
+  a.heads = a.kvHeads = 2;
+  a.headDim = a.valueDim = 32;
+  a.softmaxScale = 0.125f;
+  std::shared_ptr<cuda::KvMirror> mirror = c.newKvMirror(1);
+  ASSERT_TRUE(c.decodeSyncCache(*mirror, 0, nullptr, nullptr, 0, H, H).ok());
+  const std::vector<float> x = randomActivations(H, rng);
+  std::vector<float> keyRow(H), valueRow(H);
+  ASSERT_TRUE(c.decodeBegin(x.data(), H).ok());
+  Status status = c.decodeAttention(a, *mirror, 0, 0, nullptr, keyRow.data(), valueRow.data());
+  ASSERT_TRUE(status.ok()) << status.message();
+  status = c.decodeBegin(x.data(), H);
+  ASSERT_FALSE(status.ok());
+  EXPECT_NE(status.message().find("a step began before the last one ended or was discarded"), std::string::npos)
+      << status.message();
+  c.decodeDiscard();
+  EXPECT_TRUE(c.decodeBegin(x.data(), H).ok());
+  c.decodeDiscard();
+}
+
 TEST(CudaDevice, WithoutAGpuTheErrorSaysSo) {
   if (context())
     GTEST_SKIP() << "a CUDA device is present";
