@@ -2013,11 +2013,6 @@ void Context::setDependentLaunches(bool enabled) {
   state->dependent = enabled && state->dependentBuilt;
 }
 
-bool Context::dependentLaunches() const {
-  std::lock_guard<std::mutex> lock(state->mutex);
-  return state->dependent;
-}
-
 GraphStats Context::graphStats() const {
   std::lock_guard<std::mutex> lock(state->mutex);
   return state->graphStats;

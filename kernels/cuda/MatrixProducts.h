@@ -280,7 +280,6 @@ public:
   /// have them) or wait for the kernel before them to end; the same
   /// results either way. Ignored where unsupported.
   void setDependentLaunches(bool enabled);
-  bool dependentLaunches() const;
 
   /// Bytes of matrices held now.
   size_t residentBytes() const;

@@ -21,20 +21,20 @@
 
 namespace moe::testing {
 
-/// The CUDA device, and a model loaded onto it; `model` holds the error of
-/// either (so one check of it checks both).
+/// The CUDA device, and a model loaded onto it with `options` (their device
+/// set to it); `model` holds the error of either (so one check of it checks
+/// both).
 struct LoadedOnDevice {
   Expected<std::shared_ptr<Device>> device;
   Expected<LoadedModel> model;
 };
 
-inline LoadedOnDevice loadOnCuda(const std::string &path) {
+inline LoadedOnDevice loadOnCuda(const std::string &path, EngineOptions options = {}) {
   Expected<std::shared_ptr<Device>> device = openDevice(DeviceChoice::Cuda);
   if (!device) {
     Status failed = device.status();
     return {std::move(device), std::move(failed)};
   }
-  EngineOptions options;
   options.device = *device;
   Expected<LoadedModel> model = loadModel(path, options);
   return {std::move(device), std::move(model)};

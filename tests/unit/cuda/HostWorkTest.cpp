@@ -161,14 +161,10 @@ TEST(HostWork, ALayerRoutedOnTheHostWaitsOnceMoreAndEveryRowStillArrives) {
   // its MLP input back (a wait in the middle of the token), while layers 0,
   // 2 and 3 leave their key and value rows in their slots until the end.
   const std::string path = dataDir() + "/fixtures/tiny-mixtral";
-  Expected<std::shared_ptr<Device>> device = openDevice(DeviceChoice::Cuda);
-  ASSERT_TRUE(device) << device.status().message();
-  ASSERT_TRUE((*device)->chooseRouting("device").ok());
-  EngineOptions options;
-  options.device = *device;
-  Expected<LoadedModel> gpu = loadModel(path, options);
+  auto [device, gpu] = moe::testing::loadOnCuda(path);
   Expected<LoadedModel> cpu = loadModel(path);
   ASSERT_TRUE(gpu && cpu) << (gpu ? cpu.status().message() : gpu.status().message());
+  ASSERT_TRUE((*device)->chooseRouting("device").ok());
   const std::map<int64_t, std::set<int64_t>> masked = {{1, {0}}};
   ASSERT_TRUE(gpu->engine->setMaskedExperts(masked).ok());
   ASSERT_TRUE(cpu->engine->setMaskedExperts(masked).ok());
@@ -198,15 +194,12 @@ TEST(HostWork, ALayerLoadedForOneTokenCapturesNoGraph) {
   // is captured here (a capture costs more than the launches it saves),
   // and the logits are the CPU engine's.
   const std::string path = dataDir() + "/fixtures/tiny-deepseek";
-  Expected<std::shared_ptr<Device>> device = openDevice(DeviceChoice::Cuda);
-  ASSERT_TRUE(device) << device.status().message();
-  ASSERT_TRUE((*device)->chooseRouting("device").ok());
   EngineOptions options;
-  options.device = *device;
   options.maxMemoryBytes = 1;
-  Expected<LoadedModel> gpu = loadModel(path, options);
+  auto [device, gpu] = moe::testing::loadOnCuda(path, options);
   Expected<LoadedModel> cpu = loadModel(path);
   ASSERT_TRUE(gpu && cpu) << (gpu ? cpu.status().message() : gpu.status().message());
+  ASSERT_TRUE((*device)->chooseRouting("device").ok());
   KvCache gpuCache = gpu->engine->newCache(), cpuCache = cpu->engine->newCache();
   const emulation::Counters before = emulation::counters();
   const double most = decodeSideBySide(*gpu, *cpu, gpuCache, cpuCache, 6);
