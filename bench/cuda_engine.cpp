@@ -4,14 +4,15 @@
 // weights made in memory in the format asked (random codes with scales that
 // keep activations of unit size, or bf16), runs the engine on --device, and
 // prints JSON: prefill tokens/s at --prompt, decode tokens/s one token a
-// step (batch 1) and --step tokens a step, the weight bytes one decoded
-// token reads, the device's measured copy bandwidth and the fraction of it
-// that decoding reaches. The weights are random: this measures speed,
-// never quality.
+// step (batch 1) and --step tokens a step after a prompt of --context
+// tokens, the weight bytes one decoded token reads (and the KV cache bytes
+// its attention reads), the device's measured copy bandwidth and the
+// fraction of it that decoding reaches. The weights are random: this
+// measures speed, never quality.
 //
 //   cuda_engine --config FILE [--layers N] [--format q4_g128_asym|bf16]
-//               [--prompt 512] [--decode 64] [--step 8] [--device auto|cuda|cpu]
-//               [--threads N]
+//               [--prompt 512] [--decode 64] [--step 8] [--context 16]
+//               [--device auto|cuda|cpu] [--threads N]
 //
 //===----------------------------------------------------------------------===//
 
@@ -225,10 +226,17 @@ private:
 
 int main(int argc, char **argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
-  std::string configPath, formatName = "q4_g128_asym", deviceName = "auto", productKernel, routing, prefill, launches;
-  int64_t layers = 0, promptTokens = 512, decodeTokens = 64, step = 8;
+  std::string configPath, formatName = "q4_g128_asym", deviceName = "auto", productKernel, routing, prefill, launches,
+                          graphChoice;
+  int64_t layers = 0, promptTokens = 512, decodeTokens = 64, step = 8, context = 16, attentionSplits = -1;
   for (size_t i = 0; i + 1 < args.size(); i += 2) {
     const std::string &flag = args[i], &value = args[i + 1];
+    const bool numeric = flag == "--layers" || flag == "--prompt" || flag == "--decode" || flag == "--step" ||
+                         flag == "--context" || flag == "--attention-splits" || flag == "--threads";
+    if (numeric && (value.empty() || value.find_first_not_of("0123456789") != std::string::npos || value.size() > 9)) {
+      std::cerr << "cuda_engine: " << flag << " " << value << ": expected a whole number\n";
+      return 2;
+    }
     if (flag == "--config")
       configPath = value;
     else if (flag == "--layers")
@@ -241,6 +249,10 @@ int main(int argc, char **argv) {
       decodeTokens = std::stoll(value);
     else if (flag == "--step")
       step = std::stoll(value);
+    else if (flag == "--context")
+      context = std::stoll(value);
+    else if (flag == "--attention-splits")
+      attentionSplits = std::stoll(value);
     else if (flag == "--device")
       deviceName = value;
     else if (flag == "--product-kernel")
@@ -249,6 +261,8 @@ int main(int argc, char **argv) {
       routing = value;
     else if (flag == "--launches")
       launches = value;
+    else if (flag == "--graphs")
+      graphChoice = value;
     else if (flag == "--prefill")
       prefill = value;
     else if (flag == "--threads")
@@ -263,7 +277,8 @@ int main(int argc, char **argv) {
                  "                   [--step S] [--device auto|cuda|cpu] [--threads N]\n"
                  "                   [--product-kernel auto|streamed|warp-per-row|dp4a] [--routing "
                  "device|device-eager|host]\n"
-                 "                   [--prefill host|device] [--launches dependent|plain]\n";
+                 "                   [--prefill host|device] [--launches dependent|plain] [--context C]\n"
+                 "                   [--attention-splits 0..32] [--graphs token|layer]\n";
     return 2;
   }
   auto fail = [](const std::string &message) {
@@ -309,6 +324,31 @@ int main(int argc, char **argv) {
     if (!*device)
       return fail("--launches needs a device");
     if (Status chosen = (*device)->chooseLaunches(launches); !chosen.ok())
+      return fail(chosen.message());
+  }
+  // Untimed steps before each timed run (a device captures its graphs at
+  // the first and builds the token's graph at the third; a KV mirror that
+  // grew at the first is captured again at the second).
+  constexpr int64_t kWarmSteps = 4;
+  // The positions a decode run of `perStep` tokens a step takes.
+  auto decodePositions = [&](int64_t perStep) {
+    return context + (kWarmSteps + std::max<int64_t>(1, decodeTokens / perStep)) * perStep;
+  };
+  if (step < 1 || decodeTokens < 1)
+    return fail("--step and --decode take 1 or more");
+  if (context < 1 || decodePositions(1) > spec->maxPositions || decodePositions(step) > spec->maxPositions)
+    return fail("--context " + std::to_string(context) + ": the prompt and the decoded tokens must fit the model's " +
+                std::to_string(spec->maxPositions) + " positions");
+  if (!graphChoice.empty()) {
+    if (!*device)
+      return fail("--graphs needs a device");
+    if (Status chosen = (*device)->chooseGraphs(graphChoice); !chosen.ok())
+      return fail(chosen.message());
+  }
+  if (attentionSplits >= 0) {
+    if (!*device)
+      return fail("--attention-splits needs a device");
+    if (Status chosen = (*device)->chooseAttentionSplits(attentionSplits); !chosen.ok())
       return fail(chosen.message());
   }
   if (!routing.empty()) {
@@ -365,6 +405,7 @@ int main(int argc, char **argv) {
   result["routing"] = routing.empty() ? "default" : routing;
   result["prefill"] = prefill.empty() ? "default" : prefill;
   result["launches"] = launches.empty() ? "default" : launches;
+  result["graphs"] = graphChoice.empty() ? "default" : graphChoice;
   result["load_seconds"] = loadSeconds;
   if (*device)
     result["device_resident_bytes"] = (*device)->residentBytes();
@@ -388,14 +429,17 @@ int main(int argc, char **argv) {
     if (*device && prefill != "device")
       result["prefill_device_busy_fraction"] = (*device)->busySeconds() / seconds;
   }
-  // Decode, one token a step and `step` tokens a step, after a short prompt.
+  // Decode, one token a step and `step` tokens a step, after a prompt of
+  // `context` tokens.
+  result["decode_context"] = context;
+  result["attention_splits"] = attentionSplits < 0 ? "default" : std::to_string(attentionSplits);
   auto decode = [&](int64_t perStep, const char *prefix) -> Status {
     KvCache cache = engine.newCache();
-    std::vector<int32_t> prompt = randomTokens(16);
+    std::vector<int32_t> prompt = randomTokens(context);
     MOE_RETURN_IF_ERROR(engine.forward(prompt, cache, logits, true));
-    // Two untimed steps on this cache: a device captures its per-layer
-    // graphs for this cache's addresses at the first.
-    for (int warm = 0; warm < 2; ++warm)
+    // Untimed steps on this cache (kWarmSteps): a device captures its
+    // per-layer graphs for this cache's addresses, then the token's graph.
+    for (int64_t warm = 0; warm < kWarmSteps; ++warm)
       MOE_RETURN_IF_ERROR(engine.forward(randomTokens(perStep), cache, logits, true));
     engine.resetRoutingCounters();
     if (*device)
@@ -418,6 +462,16 @@ int main(int argc, char **argv) {
         distinct += E * (1.0 - std::pow(1.0 - k / E, static_cast<double>(perStep)));
       }
     const double stepBytes = fixedBytes + distinct * expertBytes;
+    // The KV cache's bytes a step's attention reads (float rows; each
+    // token of the step reads each key and value head once, at the run's
+    // middle position): apart from the weights, which the fractions below
+    // count.
+    const AttentionSpec &a = spec->attention;
+    const double middle =
+        static_cast<double>(context + kWarmSteps * perStep) + static_cast<double>(steps * perStep) / 2;
+    result[std::string(prefix) + "cache_bytes_per_step"] =
+        static_cast<double>(perStep) * middle * static_cast<double>(spec->numLayers) *
+        static_cast<double>(a.numKeyValueHeads * (a.headDim + a.valueHeadDim)) * 4.0;
     result[std::string(prefix) + "tokens_per_second"] = tokens / seconds;
     result[std::string(prefix) + "expert_calls_per_token"] = expertCalls;
     result[std::string(prefix) + "weight_bytes_per_step"] = stepBytes;
@@ -444,6 +498,9 @@ int main(int argc, char **argv) {
     result["graph_captures"] = graphs.captures;
     result["graph_replays"] = graphs.replays;
     result["graph_failures"] = graphs.failures;
+    result["token_graphs"] = graphs.tokenGraphs;
+    result["token_graph_replays"] = graphs.tokenReplays;
+    result["token_graph_failures"] = graphs.tokenFailures;
     if (!graphs.firstFailure.empty()) {
       result["graph_first_failure"] = graphs.firstFailure;
       std::cerr << "cuda_engine: a CUDA graph failed, its layer ran launch by launch: " << graphs.firstFailure << "\n";

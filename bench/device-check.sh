@@ -15,8 +15,9 @@
 #
 # STEPS (default "tests bench memcheck ncu") picks the steps of a shorter
 # run; "quickbench" in place of "bench" runs four 4-bit models alone (and,
-# as bench does, OLMoE with routing on the host, without graphs and with
-# plain launches, and OLMoE and Mixtral with prefill's products on dp4a
+# as bench does, OLMoE with routing on the host, without graphs, with a
+# graph per layer, with plain launches, and decoding after 1024 tokens with attention split over
+# blocks and a block a head, and OLMoE and Mixtral with prefill's products on dp4a
 # instead of tensor cores and with prompts on the decode path).
 set -uo pipefail
 steps=" ${STEPS:-tests bench memcheck ncu} "
@@ -66,7 +67,7 @@ run_bench() { # name config layers format [more options]
   log "cuda_engine $1 $4 ${*:5}"
   timeout 60 "$engine" --config "$root/bench/configs/$2" --layers "$3" --format "$4" --device cuda \
     --prompt 512 --decode 64 --step 8 "${@:5}" >"$out/bench-$1-$4.json" 2>"$out/bench-$1-$4.err"
-  log "exit $? $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('decode %.0f tok/s (%.1f%% of copy bandwidth), 8-token steps %.0f tok/s, prefill %.0f tok/s (%s in device calls); %d layers routed on the device, graphs %d captured, %d replayed, %d failed' % (r['decode_tokens_per_second'], 100*r['decode_fraction_of_copy_bandwidth'], r['step_tokens_per_second'], r['prefill_tokens_per_second'], ('%.0f%%' % (100*r['prefill_device_busy_fraction'])) if 'prefill_device_busy_fraction' in r else 'untimed', r.get('layers_routed_on_device', 0), r.get('graph_captures', 0), r.get('graph_replays', 0), r.get('graph_failures', 0)))" "$out/bench-$1-$4.json" 2>&1 | tail -1)"
+  log "exit $? $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('decode %.0f tok/s (%.1f%% of copy bandwidth; %.0f MB of KV cache a token), 8-token steps %.0f tok/s, prefill %.0f tok/s (%s in device calls); %d layers routed on the device, graphs %d captured, %d replayed, %d failed; token graphs %d built, %d launched, %d failed' % (r['decode_tokens_per_second'], 100*r['decode_fraction_of_copy_bandwidth'], r.get('decode_cache_bytes_per_step', 0)/1e6, r.get('step_tokens_per_second', 0), r['prefill_tokens_per_second'], ('%.0f%%' % (100*r['prefill_device_busy_fraction'])) if 'prefill_device_busy_fraction' in r else 'untimed', r.get('layers_routed_on_device', 0), r.get('graph_captures', 0), r.get('graph_replays', 0), r.get('graph_failures', 0), r.get('token_graphs', 0), r.get('token_graph_replays', 0), r.get('token_graph_failures', 0)))" "$out/bench-$1-$4.json" 2>&1 | tail -1)"
   tail -2 "$out/bench-$1-$4.err" >>"$out/summary.txt"
 }
 if want bench; then
@@ -91,6 +92,15 @@ run_bench olmoe-1b-7b-device-eager olmoe-1b-7b-4layers.json 16 q4_g128_asym --ro
 # Each kernel after the last has ended, beside the default (programmatic
 # dependent launches: a kernel's blocks start while the one before drains).
 run_bench olmoe-1b-7b-plain-launches olmoe-1b-7b-4layers.json 16 q4_g128_asym --launches plain
+# A graph per layer's attention and MLP, launched one by one, beside the
+# default (the token's graphs as one).
+run_bench olmoe-1b-7b-layer-graphs olmoe-1b-7b-4layers.json 16 q4_g128_asym --graphs layer
+# Decode after 1024 tokens, attention split over blocks (the default) and
+# a block a head: what the split gives where the KV cache is half the
+# weights' bytes.
+run_bench olmoe-1b-7b-context-1024 olmoe-1b-7b-4layers.json 16 q4_g128_asym --context 1024 --prompt 64 --decode 32 --step 1
+run_bench olmoe-1b-7b-context-1024-one-block olmoe-1b-7b-4layers.json 16 q4_g128_asym --context 1024 --prompt 64 \
+  --decode 32 --step 1 --attention-splits 1
 fi
 if want bench; then
 run_bench qwen3-30b-a3b-plain-launches qwen3-30b-a3b-2layers.json 48 q4_g128_asym --launches plain

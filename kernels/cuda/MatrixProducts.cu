@@ -38,6 +38,7 @@
 #include <numeric>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace moe::cuda {
@@ -1011,38 +1012,73 @@ __global__ void latentKeysKernel(const float *expanded, const float *sharedRope,
 /// Positions a warp scores at a time in attendKernel (their key loads all
 /// in flight before any is used).
 constexpr int kScoredTogether = 8;
+/// attendKernel's split of a head's positions over blocks (flash-decoding):
+/// each block takes a multiple of kSplitPositions of them (its 8 warps'
+/// kScoredTogether each, a round), and a head takes at most
+/// kMaxAttentionSplits blocks (MatrixProducts.h).
+constexpr int kSplitPositions = 64;
 
-/// One query head of one token per block of 256 threads (token blockIdx.y
-/// at `position` + blockIdx.y; position in device memory: one graph serves
-/// every position) over the cached rows up to it: scores, softmax
-/// (max-subtracted, as the CPU), weighted values. Decode reads the whole
-/// cache here, so the loads are laid for the memory: a warp scores
-/// kScoredTogether positions at once, its lanes reading each key row
-/// together (coalesced) and meeting in a shuffle; the weighted values take
-/// a row per group of threads (4 values a thread where vDim allows),
-/// groups striding over the positions, their partial sums added in group
-/// order at the end. Float sums run in another order than the CPU's
-/// (tests hold float models' logits to 1e-3 of it; they come within 7e-6). Then, for the
-/// `jobCount` jobs of `jobs` (QuantJob over `out`, groups within a head:
-/// vDim a multiple of each group), the block's warps round its head's
-/// groups for the output projection.
+/// Where the blocks of a split head meet (attendKernel): a slot of
+/// `slotFloats` floats per block of each head of each token (its max score,
+/// its sum of exponentials, then its unnormalised weighted values from
+/// float 4), and a count of the blocks done per head of each token, zero
+/// between launches (the last block sets it back).
+struct AttentionSplit {
+  float *slots;
+  unsigned *arrived;
+  int64_t slotFloats;
+};
+
+/// One query head of one token (token blockIdx.y at `position` +
+/// blockIdx.y; position in device memory: one graph serves every position)
+/// over the cached rows up to it, split over gridDim.z blocks of 256
+/// threads: scores, softmax (max-subtracted, as the CPU), weighted values.
+/// Decode reads the whole cache here, so the work is spread and the loads
+/// are laid for the memory:
+/// - the positions are cut in `used` runs of a multiple of kSplitPositions
+///   (as even as that allows; blocks past them end at once), a block a run,
+///   so that a long context keeps many SMs reading at batch 1;
+/// - a warp scores kScoredTogether positions at once, its lanes reading
+///   each key row together (coalesced) and meeting in a shuffle;
+/// - the weighted values take a row per group of threads (4 values a
+///   thread where vDim allows), groups striding over the run, their partial
+///   sums added in group order;
+/// - a run's max, sum and weighted values go to its slot of `split`; the
+///   last block of the head to arrive (a counter) adds the runs in run
+///   order, each scaled by exp(its max - the head's), and divides by the
+///   scaled sums (one run: the block divides its own).
+/// The result does not depend on which block ends last. Float sums run in
+/// another order than the CPU's (tests hold float models' logits to 1e-3 of
+/// it; they come within 7e-6). Then, for the `jobCount` jobs of `jobs`
+/// (QuantJob over `out`, groups within a head: vDim a multiple of each
+/// group), the block that wrote the head rounds its groups for the output
+/// projection.
 __global__ void __launch_bounds__(256)
     attendKernel(const float *q, const float *keys, const float *values, const int64_t *position, int group, int qDim,
                  int vDim, int64_t keyWidth, int64_t valueWidth, float scale, float *scores, int64_t scoreStride,
-                 float *out, const QuantJob *jobs, int jobCount) {
+                 float *out, AttentionSplit split, const QuantJob *jobs, int jobCount) {
   awaitPreviousKernel();
   __shared__ float4 partialByFour[256]; // 1024 floats, 16-byte aligned
+  __shared__ float runWeight[kMaxAttentionSplits];
+  __shared__ int last;
   float *partial = reinterpret_cast<float *>(partialByFour);
   const int64_t token = blockIdx.y, visible = *position + 1 + token;
   const int h = blockIdx.x, kvHead = h / group, heads = gridDim.x;
+  const int64_t blocks = gridDim.z,
+                run = (visible + blocks * kSplitPositions - 1) / (blocks * kSplitPositions) * kSplitPositions;
+  const int used = static_cast<int>((visible + run - 1) / run), z = static_cast<int>(blockIdx.z);
+  if (z >= used)
+    return;
+  const int64_t begin = z * run, end = begin + run < visible ? begin + run : visible;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const float *query = q + (token * heads + h) * qDim;
-  float *score = scores + (token * heads + h) * scoreStride;
+  const int64_t headIndex = token * heads + h;
+  const float *query = q + headIndex * qDim;
+  float *score = scores + headIndex * scoreStride;
   const float *headKeys = keys + static_cast<int64_t>(kvHead) * qDim;
   // Rows (and the query) 16-byte aligned: the cache and q from cudaMalloc.
   const bool keysByFour = qDim % 4 == 0 && keyWidth % 4 == 0;
   float most = -INFINITY;
-  for (int64_t s0 = static_cast<int64_t>(warp) * kScoredTogether; s0 < visible;
+  for (int64_t s0 = begin + static_cast<int64_t>(warp) * kScoredTogether; s0 < end;
        s0 += static_cast<int64_t>(warps) * kScoredTogether) {
     float dot[kScoredTogether];
 #pragma unroll
@@ -1055,7 +1091,7 @@ __global__ void __launch_bounds__(256)
         const float4 x = reinterpret_cast<const float4 *>(query)[d];
 #pragma unroll
         for (int u = 0; u < kScoredTogether; ++u)
-          if (s0 + u < visible) {
+          if (s0 + u < end) {
             const float4 k = reinterpret_cast<const float4 *>(headKeys + (s0 + u) * keyWidth)[d];
             dot[u] += x.x * k.x + x.y * k.y + x.z * k.z + x.w * k.w;
           }
@@ -1065,14 +1101,14 @@ __global__ void __launch_bounds__(256)
         const float x = query[d];
 #pragma unroll
         for (int u = 0; u < kScoredTogether; ++u)
-          if (s0 + u < visible)
+          if (s0 + u < end)
             dot[u] += x * headKeys[(s0 + u) * keyWidth + d];
       }
     }
 #pragma unroll
     for (int u = 0; u < kScoredTogether; ++u) {
       const float total = warpSum(dot[u]) * scale; // every lane: the warp's loop bounds are its own
-      if (s0 + u < visible) {
+      if (s0 + u < end) {
         if (lane == 0)
           score[s0 + u] = total;
         most = fmaxf(most, total);
@@ -1081,19 +1117,15 @@ __global__ void __launch_bounds__(256)
   }
   most = blockMax(most); // its barriers also publish the scores
   float sum = 0.0f;
-  for (int64_t s = threadIdx.x; s < visible; s += blockDim.x) {
+  for (int64_t s = begin + threadIdx.x; s < end; s += blockDim.x) {
     score[s] = expf(score[s] - most);
     sum += score[s];
   }
-  sum = blockSum(sum);
-  for (int64_t s = threadIdx.x; s < visible; s += blockDim.x)
-    score[s] /= sum;
-  __syncthreads();
+  sum = blockSum(sum); // and the exponentials
   // Weighted values: a row of vDim values per `perRow` threads (4 values
   // a thread where vDim allows, else 1), rowGroups groups of them striding
-  // over the positions, each group's sums in a row of `partial` (vDim <=
-  // 1024, decodeAttention checks: at most 1024 values), added in group
-  // order.
+  // over the run, each group's sums in a row of `partial` (vDim <= 1024,
+  // decodeAttention checks: at most 1024 values), added in group order.
   const float *headValues = values + static_cast<int64_t>(kvHead) * vDim;
   const bool byFour = vDim % 4 == 0 && valueWidth % 4 == 0;
   const int perRow = byFour ? vDim / 4 : vDim;
@@ -1104,7 +1136,7 @@ __global__ void __launch_bounds__(256)
       if (byFour) {
         float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 4
-        for (int64_t s = row; s < visible; s += rowGroups) {
+        for (int64_t s = begin + row; s < end; s += rowGroups) {
           const float p = score[s];
           const float4 v = reinterpret_cast<const float4 *>(headValues + s * valueWidth)[c];
           acc.x += p * v.x;
@@ -1116,17 +1148,65 @@ __global__ void __launch_bounds__(256)
       } else {
         float acc = 0.0f;
 #pragma unroll 4
-        for (int64_t s = row; s < visible; s += rowGroups)
+        for (int64_t s = begin + row; s < end; s += rowGroups)
           acc += score[s] * headValues[s * valueWidth + c];
         partial[row * vDim + c] = acc;
       }
     }
   __syncthreads();
-  for (int i = threadIdx.x; i < vDim; i += blockDim.x) {
-    float total = 0.0f;
-    for (int r = 0; r < rowGroups; ++r)
-      total += partial[r * vDim + i];
-    out[(token * heads + h) * vDim + i] = total;
+  float *headOut = out + headIndex * vDim;
+  if (used == 1) {
+    for (int i = threadIdx.x; i < vDim; i += blockDim.x) {
+      float total = 0.0f;
+      for (int r = 0; r < rowGroups; ++r)
+        total += partial[r * vDim + i];
+      headOut[i] = total / sum;
+    }
+  } else {
+    // This run's slot, then the count: the last block to arrive sees every
+    // run's slot (the fences order the writes before the count, and the
+    // count before the reads).
+    float *slots = split.slots + headIndex * blocks * split.slotFloats;
+    float *mine = slots + z * split.slotFloats;
+    for (int i = threadIdx.x; i < vDim; i += blockDim.x) {
+      float total = 0.0f;
+      for (int r = 0; r < rowGroups; ++r)
+        total += partial[r * vDim + i];
+      mine[4 + i] = total;
+    }
+    if (threadIdx.x == 0) {
+      mine[0] = most;
+      mine[1] = sum;
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0)
+      last = atomicAdd(split.arrived + headIndex, 1u) == static_cast<unsigned>(used - 1);
+    __syncthreads();
+    if (!last)
+      return;
+    __threadfence();
+    if (threadIdx.x == 0) {
+      // The head's max over the runs, then each run's weight: exp(its max -
+      // the head's) over the scaled sums, added in run order.
+      float headMost = -INFINITY, total = 0.0f;
+      for (int r = 0; r < used; ++r)
+        headMost = fmaxf(headMost, __ldcg(slots + r * split.slotFloats));
+      for (int r = 0; r < used; ++r) {
+        runWeight[r] = expf(__ldcg(slots + r * split.slotFloats) - headMost);
+        total += __ldcg(slots + r * split.slotFloats + 1) * runWeight[r];
+      }
+      for (int r = 0; r < used; ++r)
+        runWeight[r] /= total;
+      split.arrived[headIndex] = 0; // for the next launch (and graph replay)
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < vDim; i += blockDim.x) {
+      float total = 0.0f;
+      for (int r = 0; r < used; ++r)
+        total += __ldcg(slots + r * split.slotFloats + 4 + i) * runWeight[r];
+      headOut[i] = total;
+    }
   }
   if (jobCount == 0)
     return;
@@ -1266,11 +1346,17 @@ struct Buffer {
     return Status::success();
   }
   void release() {
+    if (data && beforeFree)
+      beforeFree(freeContext);
     if (data)
       host ? cudaFreeHost(data) : cudaFree(data);
     data = nullptr;
     capacity = 0;
   }
+  /// Called before the memory is freed (State: launches the graphs a token
+  /// deferred, which may read it).
+  void (*beforeFree)(void *) = nullptr;
+  void *freeContext = nullptr;
   template <typename T> T *at(size_t offset) const { return reinterpret_cast<T *>(static_cast<char *>(data) + offset); }
 };
 
@@ -1341,6 +1427,10 @@ void appendWeightKey(std::vector<uintptr_t> &key, const DeviceWeight *w) {
 /// they were captured with (addresses, sizes: `key`) holds.
 struct DecodeGraph {
   cudaGraphExec_t exec = nullptr;
+  /// What `exec` was made from, for a token's graph (State::launchDeferred),
+  /// and a number that changes whenever it is made anew (0: none).
+  cudaGraph_t captured = nullptr;
+  uint64_t generation = 0;
   std::vector<uintptr_t> key;
   bool failed = false; ///< Capture did not work here: plain launches from then on.
   /// Calls so far: a graph is captured at its layer's second token, so a
@@ -1354,6 +1444,18 @@ struct DecodeGraph {
   ~DecodeGraph() {
     if (exec)
       cudaGraphExecDestroy(exec);
+    if (captured)
+      cudaGraphDestroy(captured);
+  }
+  /// Drops the instance and what it was made from.
+  void drop() {
+    if (exec)
+      cudaGraphExecDestroy(exec);
+    if (captured)
+      cudaGraphDestroy(captured);
+    exec = nullptr;
+    captured = nullptr;
+    generation = 0;
   }
 };
 
@@ -1374,22 +1476,34 @@ struct KvMirror {
 struct Context::State {
   std::mutex mutex;
   DeviceFacts facts;
-  cudaStream_t stream = nullptr;
   cudaEvent_t start = nullptr, stop = nullptr;
   Buffer input, scratch, output, hostInput{true}, hostOutput{true};
   std::shared_ptr<std::atomic<size_t>> resident = std::make_shared<std::atomic<size_t>>(0);
   double kernelSeconds = 0;
+  std::vector<Buffer *> buffers() {
+    return {&input,    &scratch, &output,     &hostInput,   &hostOutput,   &x,          &handover,   &q,
+            &attended, &branch,  &scores,     &logits,      &tables,       &rope,       &latent,     &rows,
+            &arena,    &routed,  &routedPlan, &routedCalls, &hostHandover, &hostLogits, &splitSlots, &splitCounts};
+  }
+  State() {
+    // A buffer that grows frees its memory, which a deferred graph may read.
+    for (Buffer *buffer : buffers()) {
+      buffer->beforeFree = &State::launchDeferredBeforeFree;
+      buffer->freeContext = this;
+    }
+  }
   ~State() {
-    for (Buffer *buffer : {&input,    &scratch, &output,     &hostInput,   &hostOutput,   &x,         &handover, &q,
-                           &attended, &branch,  &scores,     &logits,      &tables,       &rope,      &latent,   &rows,
-                           &arena,    &routed,  &routedPlan, &routedCalls, &hostHandover, &hostLogits})
+    deferred.clear();
+    for (Buffer *buffer : buffers())
       buffer->release();
+    if (tokenGraph.exec)
+      cudaGraphExecDestroy(tokenGraph.exec);
     if (start)
       cudaEventDestroy(start);
     if (stop)
       cudaEventDestroy(stop);
-    if (stream)
-      cudaStreamDestroy(stream);
+    if (ownStream)
+      cudaStreamDestroy(ownStream);
   }
 
   /// Job tables for quantizing activations at the groups the products need
@@ -1544,6 +1658,12 @@ struct Context::State {
   // `handover` holds the MLP input, then the new key and value rows, so
   // that one copy hands all three to the host.
   Buffer x, handover, q, attended, branch, scores, logits, tables, rope, latent, arena{true};
+  /// attendKernel's AttentionSplit: the heads' slots, and their counts
+  /// (all zeroed when the buffer is made; the kernel keeps them so).
+  Buffer splitSlots, splitCounts;
+  /// The most blocks a head's attention takes (Context::setAttentionSplits;
+  /// 0: as the multiprocessors call for).
+  int attentionSplits = 0;
   /// Pinned: a layer's hand-back and the step's logits (decodeEnd), each
   /// copied and waited for at once.
   Buffer hostHandover{true}, hostLogits{true};
@@ -1551,7 +1671,7 @@ struct Context::State {
   /// Launches overlap the kernel before them (Context::setDependentLaunches;
   /// cuda/Launch.h): where the device and the kernels' build have it.
   bool dependent = false, dependentBuilt = false;
-  LaunchStream on() const { return {stream, dependent}; }
+  LaunchStream on() { return {stream(), dependent}; }
   /// What a graph's launches were captured with besides addresses and
   /// sizes: the one-token kernel and whether launches overlap.
   uintptr_t launchKey() const {
@@ -1562,31 +1682,147 @@ struct Context::State {
   /// Drops `graph`'s instance and key (stageTables, before its tables are
   /// staged anew).
   void forget(DecodeGraph &graph) {
-    if (graph.exec)
-      cudaGraphExecDestroy(graph.exec);
-    graph.exec = nullptr;
+    launchDeferred(false); // its instance may wait in `deferred`
+    graph.drop();
     graph.key.clear();
   }
 
   /// A graph that failed (`error`) runs as plain launches from now on.
   void graphFailed(DecodeGraph &graph, cudaError_t error, const char *what) {
     cudaGetLastError();
-    if (graph.exec)
-      cudaGraphExecDestroy(graph.exec);
-    graph.exec = nullptr;
+    graph.drop();
     graph.failed = true;
-    if (graphStats.failures++ == 0)
+    if (graphStats.failures++ == 0 && graphStats.firstFailure.empty())
       graphStats.firstFailure = std::string(what) + ": " + cudaGetErrorString(error);
   }
 
-  /// Replays `graph`; false (the graph given up) where the launch fails.
+  /// Replays `graph`: deferred where the step may (Context::decodeBegin's
+  /// `layersStay`, one token, token graphs on), else launched now; false
+  /// (the graph given up) where the launch fails.
   bool replay(DecodeGraph &graph) {
-    if (const cudaError_t error = cudaGraphLaunch(graph.exec, stream); error != cudaSuccess) {
+    if (deferring && graph.captured) {
+      deferred.push_back({&graph, graph.generation});
+      ++graphStats.replays;
+      return true;
+    }
+    if (const cudaError_t error = cudaGraphLaunch(graph.exec, stream()); error != cudaSuccess) {
       graphFailed(graph, error, "graph launch");
       return false;
     }
     ++graphStats.replays;
     return true;
+  }
+
+  // A token's graph. A token whose layers stay (every layer resident: none
+  // is freed before decodeEnd) replays its per-layer graphs; each replay is
+  // deferred, and decodeEnd launches the run of them as one graph (child
+  // graphs in a chain, built the second time the same run comes), so the
+  // device runs the token without a gap between graphs and the host makes
+  // one launch. Anything else that reaches the stream (a copy, a launch, a
+  // capture, a wait, a buffer freed) first launches what was deferred, one
+  // graph at a time: the stream sees every call in the calls' order.
+  struct GraphPart {
+    DecodeGraph *graph;
+    uint64_t generation;
+    bool operator==(const GraphPart &o) const { return graph == o.graph && generation == o.generation; }
+  };
+  bool deferring = false;   ///< Replays defer (this step).
+  bool tokenGraphs = true;  ///< Context::setTokenGraphs.
+  uint64_t generations = 0; ///< The last DecodeGraph::generation given.
+  /// The graphs deferred now, and the run that ended the last token.
+  std::vector<GraphPart> deferred, lastRun;
+  struct TokenGraph {
+    cudaGraphExec_t exec = nullptr;
+    std::vector<GraphPart> parts;
+    bool failed = false;
+  } tokenGraph;
+  /// Why a deferred graph's launch failed (the next wait's error), or "".
+  std::string deferredFailure;
+  cudaStream_t ownStream = nullptr;
+
+  /// The stream, for anything but a deferred replay: what the token deferred
+  /// goes first.
+  cudaStream_t stream() {
+    launchDeferred(false);
+    return ownStream;
+  }
+  static void launchDeferredBeforeFree(void *state) { static_cast<State *>(state)->launchDeferred(false); }
+
+  /// Launches the graphs deferred so far: where `whole` (the token's end),
+  /// as the token's graph when the same run came the time before, else one
+  /// by one. A launch that fails is the step's error.
+  void launchDeferred(bool whole) {
+    if (deferred.empty())
+      return;
+    std::vector<GraphPart> parts = std::move(deferred);
+    deferred.clear();
+    if (whole && parts.size() > 1 && tokenGraphs && !tokenGraph.failed) {
+      if (!(tokenGraph.exec && tokenGraph.parts == parts) && parts == lastRun)
+        buildTokenGraph(parts);
+      if (tokenGraph.exec && tokenGraph.parts == parts) {
+        const cudaError_t error = cudaGraphLaunch(tokenGraph.exec, ownStream);
+        if (error == cudaSuccess) {
+          ++graphStats.tokenReplays;
+          lastRun = std::move(parts);
+          return;
+        }
+        tokenGraphFailed(error, "token graph launch");
+      }
+    }
+    for (const GraphPart &part : parts)
+      if (const cudaError_t error = cudaGraphLaunch(part.graph->exec, ownStream); error != cudaSuccess) {
+        // The step fails (at its next wait: what follows would read what
+        // this graph did not write); the graph runs as plain launches from
+        // the next token on, as a failed replay does.
+        graphFailed(*part.graph, error, "graph launch");
+        if (deferredFailure.empty())
+          deferredFailure = std::string("graph launch: ") + cudaGetErrorString(error);
+        break;
+      }
+    if (whole)
+      lastRun = std::move(parts); // the run that ended the token (runs before a launch in the middle do not count)
+  }
+
+  /// The token's graph: `parts`' graphs as child graphs, each after the last.
+  void buildTokenGraph(const std::vector<GraphPart> &parts) {
+    if (tokenGraph.exec)
+      cudaGraphExecDestroy(tokenGraph.exec);
+    tokenGraph.exec = nullptr;
+    tokenGraph.parts.clear();
+    cudaGraph_t graph = nullptr;
+    cudaError_t error = cudaGraphCreate(&graph, 0);
+    cudaGraphNode_t last = nullptr;
+    for (size_t i = 0; error == cudaSuccess && i < parts.size(); ++i) {
+      cudaGraphNode_t node = nullptr;
+      error = cudaGraphAddChildGraphNode(&node, graph, last ? &last : nullptr, last ? 1 : 0, parts[i].graph->captured);
+      last = node;
+    }
+    cudaGraphExec_t exec = nullptr;
+    if (error == cudaSuccess)
+      error = cudaGraphInstantiate(&exec, graph, 0);
+    if (graph)
+      cudaGraphDestroy(graph);
+    if (error != cudaSuccess || !exec) {
+      if (exec)
+        cudaGraphExecDestroy(exec);
+      tokenGraphFailed(error != cudaSuccess ? error : cudaErrorUnknown, "token graph");
+      return;
+    }
+    tokenGraph.exec = exec;
+    tokenGraph.parts = parts;
+    ++graphStats.tokenGraphs;
+  }
+
+  /// A token's graph that failed: per-layer graphs from now on.
+  void tokenGraphFailed(cudaError_t error, const char *what) {
+    cudaGetLastError();
+    if (tokenGraph.exec)
+      cudaGraphExecDestroy(tokenGraph.exec);
+    tokenGraph.exec = nullptr;
+    tokenGraph.parts.clear();
+    tokenGraph.failed = true;
+    if (graphStats.tokenFailures++ == 0 && graphStats.firstFailure.empty())
+      graphStats.firstFailure = std::string(what) + ": " + cudaGetErrorString(error);
   }
   int64_t hidden = 0;
   int64_t tokens = 1; ///< Tokens of the step decodeBegin started (prefill: more than one).
@@ -1625,7 +1861,7 @@ struct Context::State {
     if (!staged)
       return staged.status();
     MOE_RETURN_IF_ERROR(
-        check(cudaMemcpyAsync(*staged, rows.data, rowsUsed, cudaMemcpyDeviceToHost, stream), "copy out"));
+        check(cudaMemcpyAsync(*staged, rows.data, rowsUsed, cudaMemcpyDeviceToHost, stream()), "copy out"));
     for (const RowCopy &c : rowCopies)
       pending.push_back({c.target, static_cast<char *>(*staged) + c.offset, c.bytes});
     rowCopies.clear();
@@ -1686,7 +1922,7 @@ struct Context::State {
     if (!staged)
       return staged.status();
     std::memcpy(*staged, source, bytes);
-    return check(cudaMemcpyAsync(target, *staged, bytes, cudaMemcpyHostToDevice, stream), "copy in");
+    return check(cudaMemcpyAsync(target, *staged, bytes, cudaMemcpyHostToDevice, stream()), "copy in");
   }
 
   /// Where a plan's job tables lie on the device.
@@ -1768,7 +2004,7 @@ struct Context::State {
       std::memcpy(host + extraOffset, extra, extraBytes);
       *extraTarget = tables.at<char>(extraOffset);
     }
-    return check(cudaMemcpyAsync(tables.data, host, layout.size, cudaMemcpyHostToDevice, stream), "copy tables");
+    return check(cudaMemcpyAsync(tables.data, host, layout.size, cudaMemcpyHostToDevice, stream()), "copy tables");
   }
 
   /// The quantization and product launches of a staged plan.
@@ -1860,31 +2096,31 @@ struct Context::State {
   /// it; where capture fails, runs them as plain launches, now and later.
   template <typename Launches>
   Status captureAndLaunch(DecodeGraph &graph, std::vector<uintptr_t> key, Launches &&launches) {
-    if (graph.exec) {
-      cudaGraphExecDestroy(graph.exec);
-      graph.exec = nullptr;
-    }
-    if (const cudaError_t begun = cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal);
+    launchDeferred(false); // before the graph they may hold is dropped
+    graph.drop();
+    if (const cudaError_t begun = cudaStreamBeginCapture(stream(), cudaStreamCaptureModeThreadLocal);
         begun != cudaSuccess) {
       graphFailed(graph, begun, "graph capture");
       return launches();
     }
     const Status captured = launches();
     cudaGraph_t made = nullptr;
-    cudaError_t error = cudaStreamEndCapture(stream, &made);
+    cudaError_t error = cudaStreamEndCapture(ownStream, &made);
     cudaGraphExec_t exec = nullptr;
     if (error == cudaSuccess && made)
       error = cudaGraphInstantiate(&exec, made, 0);
-    if (made)
-      cudaGraphDestroy(made);
     if (!captured.ok() || error != cudaSuccess || !exec) {
       if (exec)
         cudaGraphExecDestroy(exec);
+      if (made)
+        cudaGraphDestroy(made);
       graphFailed(graph, error != cudaSuccess ? error : cudaErrorUnknown,
                   captured.ok() ? "graph capture" : "a launch while capturing");
       return launches();
     }
     graph.exec = exec;
+    graph.captured = made;
+    graph.generation = ++generations;
     graph.key = std::move(key);
     ++graphStats.captures;
     if (!replay(graph))
@@ -1896,7 +2132,10 @@ struct Context::State {
   /// Waits for the stream, makes the pending copies to the host, and
   /// frees the arena.
   Status waitAndReset() {
-    Status status = check(cudaStreamSynchronize(stream), "decode");
+    const cudaError_t synced = cudaStreamSynchronize(stream());
+    const std::string failure = std::exchange(deferredFailure, std::string());
+    Status status =
+        synced == cudaSuccess && !failure.empty() ? Status::error("CUDA decode: ", failure) : check(synced, "decode");
     if (status.ok())
       for (const Pending &copy : pending)
         std::memcpy(copy.target, copy.source, copy.bytes);
@@ -1911,14 +2150,14 @@ struct Context::State {
     Expected<void *> staged = arenaTake(bytes);
     if (!staged)
       return staged.status();
-    MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(*staged, source, bytes, cudaMemcpyDeviceToHost, stream), "copy out"));
+    MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(*staged, source, bytes, cudaMemcpyDeviceToHost, stream()), "copy out"));
     pending.push_back({target, *staged, bytes});
     return Status::success();
   }
 
   Status finish() {
-    MOE_RETURN_IF_ERROR(check(cudaEventRecord(stop, stream), "event"));
-    MOE_RETURN_IF_ERROR(check(cudaStreamSynchronize(stream), "kernels"));
+    MOE_RETURN_IF_ERROR(check(cudaEventRecord(stop, stream()), "event"));
+    MOE_RETURN_IF_ERROR(check(cudaStreamSynchronize(stream()), "kernels"));
     float milliseconds = 0;
     MOE_RETURN_IF_ERROR(check(cudaEventElapsedTime(&milliseconds, start, stop), "event time"));
     kernelSeconds += milliseconds / 1000.0;
@@ -1991,7 +2230,7 @@ Expected<std::shared_ptr<Context>> Context::open() {
   s.streamedBlocks = static_cast<unsigned>(std::max(1, streamedPerMultiprocessor) * properties.multiProcessorCount);
   cudaDriverGetVersion(&s.facts.driverVersion);
   cudaRuntimeGetVersion(&s.facts.runtimeVersion);
-  MOE_RETURN_IF_ERROR(check(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking), "stream"));
+  MOE_RETURN_IF_ERROR(check(cudaStreamCreateWithFlags(&s.ownStream, cudaStreamNonBlocking), "stream"));
   MOE_RETURN_IF_ERROR(check(cudaEventCreate(&s.start), "event"));
   MOE_RETURN_IF_ERROR(check(cudaEventCreate(&s.stop), "event"));
   return context;
@@ -2006,6 +2245,17 @@ size_t Context::residentBytes() const { return state->resident->load(); }
 void Context::setGraphs(bool graphs) {
   std::lock_guard<std::mutex> lock(state->mutex);
   state->graphs = graphs;
+}
+
+void Context::setTokenGraphs(bool enabled) {
+  std::lock_guard<std::mutex> lock(state->mutex);
+  state->tokenGraphs = enabled;
+  state->tokenGraph.failed = false; // asked again: a failure before may have been passing
+}
+
+void Context::setAttentionSplits(int most) {
+  std::lock_guard<std::mutex> lock(state->mutex);
+  state->attentionSplits = std::clamp(most, 0, kMaxAttentionSplits);
 }
 
 void Context::setDependentLaunches(bool enabled) {
@@ -2081,7 +2331,7 @@ Expected<std::shared_ptr<const DeviceWeight>> Context::upload(WeightLayout layou
   // On the context's stream (not the legacy one, which a non-blocking stream
   // does not wait for), so every later kernel sees the bytes; from pageable
   // memory the call returns once the host bytes are staged.
-  if (cudaError_t error = cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, state->stream);
+  if (cudaError_t error = cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, state->stream());
       error != cudaSuccess) {
     cudaFree(device);
     return check(error, "upload copy");
@@ -2138,13 +2388,13 @@ Status Context::multiply(const float *x, int64_t tokens, int64_t cols,
   std::memcpy(s.hostInput.at<char>(xOffset), x, static_cast<size_t>(tokens * cols) * 4);
   std::memcpy(s.hostInput.at<char>(quantOffset), plan.quant.data(), plan.quant.size() * sizeof(QuantJob));
   std::memcpy(s.hostInput.at<char>(productOffset), plan.products.data(), plan.products.size() * sizeof(ProductJob));
-  MOE_RETURN_IF_ERROR(check(cudaEventRecord(s.start, s.stream), "event"));
+  MOE_RETURN_IF_ERROR(check(cudaEventRecord(s.start, s.stream()), "event"));
   MOE_RETURN_IF_ERROR(
-      check(cudaMemcpyAsync(s.input.data, s.hostInput.data, in.size, cudaMemcpyHostToDevice, s.stream), "copy in"));
+      check(cudaMemcpyAsync(s.input.data, s.hostInput.data, in.size, cudaMemcpyHostToDevice, s.stream()), "copy in"));
   MOE_RETURN_IF_ERROR(s.launchQuant(s.input.at<QuantJob>(quantOffset), plan.quant.size(), plan.quantWarps));
   MOE_RETURN_IF_ERROR(s.launchProducts(plan, s.input.at<ProductJob>(productOffset)));
-  MOE_RETURN_IF_ERROR(
-      check(cudaMemcpyAsync(s.hostOutput.data, s.output.data, out.size, cudaMemcpyDeviceToHost, s.stream), "copy out"));
+  MOE_RETURN_IF_ERROR(check(
+      cudaMemcpyAsync(s.hostOutput.data, s.output.data, out.size, cudaMemcpyDeviceToHost, s.stream()), "copy out"));
   MOE_RETURN_IF_ERROR(s.finish());
   for (size_t i = 0; i < products.size(); ++i)
     std::memcpy(products[i].second, s.hostOutput.at<char>(yOffsets[i]),
@@ -2222,9 +2472,9 @@ Status Context::experts(const float *x, int64_t hidden, const ExpertProduct *exp
   std::memcpy(s.hostInput.at<char>(quantSecondOffset), second.quant.data(), second.quant.size() * sizeof(QuantJob));
   std::memcpy(s.hostInput.at<char>(productSecondOffset), second.products.data(),
               second.products.size() * sizeof(ProductJob));
-  MOE_RETURN_IF_ERROR(check(cudaEventRecord(s.start, s.stream), "event"));
+  MOE_RETURN_IF_ERROR(check(cudaEventRecord(s.start, s.stream()), "event"));
   MOE_RETURN_IF_ERROR(
-      check(cudaMemcpyAsync(s.input.data, s.hostInput.data, in.size, cudaMemcpyHostToDevice, s.stream), "copy in"));
+      check(cudaMemcpyAsync(s.input.data, s.hostInput.data, in.size, cudaMemcpyHostToDevice, s.stream()), "copy in"));
   MOE_RETURN_IF_ERROR(s.launchQuant(s.input.at<QuantJob>(quantFirstOffset), first.quant.size(), first.quantWarps));
   MOE_RETURN_IF_ERROR(s.launchProducts(first, s.input.at<ProductJob>(productFirstOffset)));
   launchKernel(swigluKernel, blocksFor(width, 256), 256, s.on(), s.scratch.at<float>(gateOffset),
@@ -2236,8 +2486,8 @@ Status Context::experts(const float *x, int64_t hidden, const ExpertProduct *exp
                s.input.at<float>(weightOffset), static_cast<int>(count), hidden, s.output.at<float>(outOffset), false,
                nullptr);
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "combine launch"));
-  MOE_RETURN_IF_ERROR(
-      check(cudaMemcpyAsync(s.hostOutput.data, s.output.data, out.size, cudaMemcpyDeviceToHost, s.stream), "copy out"));
+  MOE_RETURN_IF_ERROR(check(
+      cudaMemcpyAsync(s.hostOutput.data, s.output.data, out.size, cudaMemcpyDeviceToHost, s.stream()), "copy out"));
   MOE_RETURN_IF_ERROR(s.finish());
   std::memcpy(result, s.hostOutput.at<char>(outOffset), static_cast<size_t>(hidden) * 4);
   return Status::success();
@@ -2317,17 +2567,17 @@ Status Context::routedExperts(const float *x, int64_t tokens, int64_t hidden, co
   copyIn(productFirst, block.first.products.data(), block.first.products.size() * sizeof(ProductJob));
   copyIn(quantSecond, block.second.quant.data(), block.second.quant.size() * sizeof(QuantJob));
   copyIn(productSecond, block.second.products.data(), block.second.products.size() * sizeof(ProductJob));
-  MOE_RETURN_IF_ERROR(check(cudaEventRecord(s.start, s.stream), "event"));
+  MOE_RETURN_IF_ERROR(check(cudaEventRecord(s.start, s.stream()), "event"));
   MOE_RETURN_IF_ERROR(
-      check(cudaMemcpyAsync(s.input.data, s.hostInput.data, in.size, cudaMemcpyHostToDevice, s.stream), "copy in"));
+      check(cudaMemcpyAsync(s.input.data, s.hostInput.data, in.size, cudaMemcpyHostToDevice, s.stream()), "copy in"));
   const State::PlanTables placed[2] = {{s.input.at<QuantJob>(quantFirst), s.input.at<ProductJob>(productFirst)},
                                        {s.input.at<QuantJob>(quantSecond), s.input.at<ProductJob>(productSecond)}};
   MOE_RETURN_IF_ERROR(s.launchExpertBlock(block, placed, s.input.at<float>(xOffset),
                                           s.input.at<int32_t>(rowTokenOffset), s.input.at<int32_t>(startsOffset),
                                           s.input.at<int32_t>(entryRowOffset), s.input.at<float>(entryWeightOffset),
                                           tokens, hidden, s.output.at<float>(outOffset)));
-  MOE_RETURN_IF_ERROR(
-      check(cudaMemcpyAsync(s.hostOutput.data, s.output.data, out.size, cudaMemcpyDeviceToHost, s.stream), "copy out"));
+  MOE_RETURN_IF_ERROR(check(
+      cudaMemcpyAsync(s.hostOutput.data, s.output.data, out.size, cudaMemcpyDeviceToHost, s.stream()), "copy out"));
   MOE_RETURN_IF_ERROR(s.finish());
   std::memcpy(result, s.hostOutput.at<char>(outOffset), static_cast<size_t>(tokens * hidden) * 4);
   return Status::success();
@@ -2345,7 +2595,7 @@ std::shared_ptr<KvMirror> Context::newKvMirror(int64_t layers) {
   return mirror;
 }
 
-Status Context::decodeBegin(const float *x, int64_t hidden, int64_t tokens) {
+Status Context::decodeBegin(const float *x, int64_t hidden, int64_t tokens, bool layersStay) {
   if (hidden <= 0 || tokens <= 0)
     return Status::error("CUDA decode: hidden size ", hidden, " over ", tokens, " tokens");
   std::lock_guard<std::mutex> lock(state->mutex);
@@ -2368,12 +2618,14 @@ Status Context::decodeBegin(const float *x, int64_t hidden, int64_t tokens) {
       s.arena.reserve(std::max<size_t>(size_t(16) << 20, static_cast<size_t>(tokens * hidden) * 4 + (8 << 20))));
   s.hidden = hidden;
   s.tokens = tokens;
+  s.launchDeferred(false); // (none: the last step ended with a wait)
+  s.deferring = layersStay && tokens == 1 && s.graphs && s.tokenGraphs;
   s.ropePosition = -1;
   s.routerLogitsOffset = -1;
   for (Buffer *buffer : {&s.x, &s.handover, &s.branch})
     MOE_RETURN_IF_ERROR(buffer->reserve(static_cast<size_t>(tokens * hidden) * 4));
   if (s.routedCalls.data)
-    MOE_RETURN_IF_ERROR(check(cudaMemsetAsync(s.routedCalls.data, 0, 8, s.stream), "memset"));
+    MOE_RETURN_IF_ERROR(check(cudaMemsetAsync(s.routedCalls.data, 0, 8, s.stream()), "memset"));
   return s.stage(s.x.data, x, static_cast<size_t>(tokens * hidden) * 4);
 }
 
@@ -2403,11 +2655,11 @@ Status Context::decodeSyncCache(KvMirror &mirror, int64_t layerIndex, const floa
     // be ordered with; the old buffers are freed only once they are done.
     if (layer.rows > 0) {
       MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(newKeys, layer.keys, static_cast<size_t>(layer.rows * keyWidth) * 4,
-                                                cudaMemcpyDeviceToDevice, s.stream),
+                                                cudaMemcpyDeviceToDevice, s.stream()),
                                 "KV copy"));
       MOE_RETURN_IF_ERROR(
           check(cudaMemcpyAsync(newValues, layer.values, static_cast<size_t>(layer.rows * valueWidth) * 4,
-                                cudaMemcpyDeviceToDevice, s.stream),
+                                cudaMemcpyDeviceToDevice, s.stream()),
                 "KV copy"));
       MOE_RETURN_IF_ERROR(s.waitAndReset());
     }
@@ -2424,11 +2676,11 @@ Status Context::decodeSyncCache(KvMirror &mirror, int64_t layerIndex, const floa
     MOE_RETURN_IF_ERROR(s.waitAndReset());
     MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(layer.keys + layer.rows * keyWidth, keys + layer.rows * keyWidth,
                                               static_cast<size_t>((rows - layer.rows) * keyWidth) * 4,
-                                              cudaMemcpyHostToDevice, s.stream),
+                                              cudaMemcpyHostToDevice, s.stream()),
                               "KV upload"));
     MOE_RETURN_IF_ERROR(check(cudaMemcpyAsync(layer.values + layer.rows * valueWidth, values + layer.rows * valueWidth,
                                               static_cast<size_t>((rows - layer.rows) * valueWidth) * 4,
-                                              cudaMemcpyHostToDevice, s.stream),
+                                              cudaMemcpyHostToDevice, s.stream()),
                               "KV upload"));
     MOE_RETURN_IF_ERROR(s.waitAndReset());
     layer.rows = rows;
@@ -2482,6 +2734,35 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
   // stride for all of this cache's positions (a graph captured at one
   // replays at the next).
   MOE_RETURN_IF_ERROR(s.scores.reserve(static_cast<size_t>(T * a.heads * cache.capacity) * 4));
+  // Blocks a head (attendKernel): about two per multiprocessor over the
+  // heads of the step's tokens, or as set for one token (a prompt's chunk
+  // has heads enough, and its slots would be many); no more than the
+  // cache's capacity can ever use.
+  const int64_t wantedSplits =
+      s.attentionSplits > 0 && T == 1
+          ? s.attentionSplits
+          : (2 * static_cast<int64_t>(s.facts.multiprocessors) + T * a.heads - 1) / (T * a.heads);
+  const int splits = static_cast<int>(
+      std::clamp<int64_t>(std::min<int64_t>(wantedSplits, (cache.capacity + kSplitPositions - 1) / kSplitPositions), 1,
+                          kMaxAttentionSplits));
+  AttentionSplit split{};
+  if (splits > 1) {
+    split.slotFloats = 4 + static_cast<int64_t>(alignUp(static_cast<size_t>(a.valueDim), 4));
+    MOE_RETURN_IF_ERROR(s.splitSlots.reserve(static_cast<size_t>(T * a.heads * splits * split.slotFloats) * 4));
+    const size_t countBytes = static_cast<size_t>(T * a.heads) * 4;
+    if (countBytes > s.splitCounts.capacity) {
+      MOE_RETURN_IF_ERROR(s.splitCounts.reserve(countBytes));
+      // Every count the buffer holds, zero (or no buffer: the next call
+      // tries again).
+      if (const cudaError_t error = cudaMemsetAsync(s.splitCounts.data, 0, s.splitCounts.capacity, s.stream());
+          error != cudaSuccess) {
+        s.splitCounts.release();
+        return check(error, "zero attention counts");
+      }
+    }
+    split.arrived = s.splitCounts.at<unsigned>(0);
+    split.slots = s.splitSlots.at<float>(0);
+  }
   // `rope`: the position, then the RoPE angles from kAnglesAt (below).
   constexpr size_t kAnglesAt = 256;
   MOE_RETURN_IF_ERROR(s.rope.reserve(kAnglesAt + static_cast<size_t>(2 * T * std::max(a.ropeHalf, 1)) * 4));
@@ -2550,6 +2831,8 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
                           static_cast<const void *>(attended),
                           static_cast<const void *>(branch),
                           static_cast<const void *>(s.scores.data),
+                          static_cast<const void *>(split.slots),
+                          static_cast<const void *>(split.arrived),
                           static_cast<const void *>(s.rope.data),
                           static_cast<const void *>(devicePosition),
                           static_cast<const void *>(cache.keys),
@@ -2573,7 +2856,7 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
     for (const DeviceWeight *w :
          {a.query, a.key, a.value, a.output, a.router, a.queryDown, a.queryUp, a.kvDown, a.kvUp})
       appendWeightKey(key, w);
-    for (int64_t value : {H, cache.capacity, routerRows})
+    for (int64_t value : {H, cache.capacity, routerRows, static_cast<int64_t>(splits)})
       key.push_back(static_cast<uintptr_t>(value));
     key.push_back(s.launchKey());
   }
@@ -2685,9 +2968,9 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
       }
       // Attention rounds each head's values for the output projection too.
       const State::Rounding ofAttended = State::roundingOf(output, placed[1], attended, attendedWidth, T, a.valueDim);
-      launchKernel(attendKernel, dim3(a.heads, tokens), 256, s.on(), q, cache.keys, cache.values, devicePosition,
-                   a.heads / a.kvHeads, a.headDim, a.valueDim, kWidth, vWidth, a.softmaxScale, s.scores.at<float>(0),
-                   cache.capacity, attended, ofAttended.jobs, ofAttended.count);
+      launchKernel(attendKernel, dim3(a.heads, tokens, splits), 256, s.on(), q, cache.keys, cache.values,
+                   devicePosition, a.heads / a.kvHeads, a.headDim, a.valueDim, kWidth, vWidth, a.softmaxScale,
+                   s.scores.at<float>(0), cache.capacity, attended, split, ofAttended.jobs, ofAttended.count);
       MOE_RETURN_IF_ERROR(s.launchAfterRounding(output, placed[1], ofAttended.count));
       launchKernel(addNormKernel, tokens, 1024, s.on(), x, branch, a.outputBias, H, normed, a.mlpNorm, a.mlpNormBias,
                    eps, a.layerNorm);
@@ -2719,7 +3002,7 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
   MOE_RETURN_IF_ERROR(s.hostHandover.reserve(handoverBytes));
   char *host = s.hostHandover.at<char>(0);
   MOE_RETURN_IF_ERROR(
-      check(cudaMemcpyAsync(host, s.handover.data, handoverBytes, cudaMemcpyDeviceToHost, s.stream), "copy out"));
+      check(cudaMemcpyAsync(host, s.handover.data, handoverBytes, cudaMemcpyDeviceToHost, s.stream()), "copy out"));
   MOE_RETURN_IF_ERROR(s.waitAndReset());
   std::memcpy(mlpInput, host, static_cast<size_t>(T * H) * 4);
   std::memcpy(keyRow, host + kOffset, static_cast<size_t>(T * kWidth) * 4);
@@ -2966,14 +3249,18 @@ Status Context::decodeEnd(const float *norm, const float *normBias, bool layerNo
       MOE_RETURN_IF_ERROR(launches());
   }
   MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "decode launch"));
+  // The token's graphs, deferred (State::launchDeferred): as one where the
+  // same ones came the token before.
+  s.deferring = false;
+  s.launchDeferred(true); // a failed launch is the wait's error below
   // The logits in a pinned buffer of their own (rows of a large vocabulary
   // outgrow the arena; nothing is in flight to it: every copy to it is
   // waited for below).
   MOE_RETURN_IF_ERROR(s.hostLogits.reserve(static_cast<size_t>(rows * V) * 4));
   void *const staged = s.hostLogits.data;
-  MOE_RETURN_IF_ERROR(
-      check(cudaMemcpyAsync(staged, s.logits.data, static_cast<size_t>(rows * V) * 4, cudaMemcpyDeviceToHost, s.stream),
-            "copy out"));
+  MOE_RETURN_IF_ERROR(check(
+      cudaMemcpyAsync(staged, s.logits.data, static_cast<size_t>(rows * V) * 4, cudaMemcpyDeviceToHost, s.stream()),
+      "copy out"));
   unsigned long long calls = 0;
   if (expertCalls && s.routedCalls.data)
     MOE_RETURN_IF_ERROR(s.copyAtNextWait(&calls, s.routedCalls.data, sizeof calls));
@@ -2988,7 +3275,11 @@ Status Context::decodeEnd(const float *norm, const float *normBias, bool layerNo
 void Context::decodeDiscard() {
   std::lock_guard<std::mutex> lock(state->mutex);
   State &s = *state;
-  cudaStreamSynchronize(s.stream);
+  // What the step deferred runs, as its launches would have.
+  s.deferring = false;
+  s.launchDeferred(false);
+  s.deferredFailure.clear();
+  cudaStreamSynchronize(s.stream());
   cudaGetLastError();
   s.pending.clear();
   s.arenaUsed = 0;
@@ -3120,7 +3411,7 @@ Expected<std::shared_ptr<const RoutedLayerHandle>> Context::prepareRouted(const 
   State &s = *state;
   // Prepared at a layer's first decoded token, while earlier layers'
   // launches may be queued: nothing below frees what they read.
-  MOE_RETURN_IF_ERROR(check(cudaStreamSynchronize(s.stream), "routing"));
+  MOE_RETURN_IF_ERROR(check(cudaStreamSynchronize(s.stream()), "routing"));
   if (cudaError_t error = cudaMalloc(&handle->memory, layout.size); error != cudaSuccess) {
     cudaGetLastError();
     handle->memory = nullptr;
@@ -3142,7 +3433,7 @@ Expected<std::shared_ptr<const RoutedLayerHandle>> Context::prepareRouted(const 
   if (layer.sharedGated)
     std::memcpy(staged.data() + gateOffset, d.sharedGate, static_cast<size_t>(H) * 4);
   MOE_RETURN_IF_ERROR(check(
-      cudaMemcpyAsync(handle->memory, staged.data(), layout.size, cudaMemcpyHostToDevice, s.stream), "routing copy"));
+      cudaMemcpyAsync(handle->memory, staged.data(), layout.size, cudaMemcpyHostToDevice, s.stream()), "routing copy"));
   // The intermediates of a token's block, sized for every layer so far;
   // the bounds change only once the buffers that hold them exist.
   for (const ExpertTemplate &t : templates)
@@ -3157,7 +3448,8 @@ Expected<std::shared_ptr<const RoutedLayerHandle>> Context::prepareRouted(const 
   const size_t scratchBytes = scratchLayout.size;
   if (!s.routedCalls.data) {
     MOE_RETURN_IF_ERROR(s.routedCalls.reserve(sizeof(unsigned long long)));
-    MOE_RETURN_IF_ERROR(check(cudaMemsetAsync(s.routedCalls.data, 0, sizeof(unsigned long long), s.stream), "memset"));
+    MOE_RETURN_IF_ERROR(
+        check(cudaMemsetAsync(s.routedCalls.data, 0, sizeof(unsigned long long), s.stream()), "memset"));
   }
   MOE_RETURN_IF_ERROR(s.routedPlan.reserve(sizeof(RoutedPlan)));
   if (Status reserved = s.routed.reserve(scratchBytes); !reserved.ok()) {
@@ -3167,7 +3459,7 @@ Expected<std::shared_ptr<const RoutedLayerHandle>> Context::prepareRouted(const 
   }
   s.routedBounds = bounds;
   // `staged` is pageable: the copy has read it once the stream is done.
-  MOE_RETURN_IF_ERROR(check(cudaStreamSynchronize(s.stream), "routing copy"));
+  MOE_RETURN_IF_ERROR(check(cudaStreamSynchronize(s.stream()), "routing copy"));
   return std::shared_ptr<const RoutedLayerHandle>(std::move(handle));
 }
 
@@ -3248,15 +3540,15 @@ Expected<double> Context::copyBandwidth(size_t bytes, int repeats) {
   Buffer source, target;
   MOE_RETURN_IF_ERROR(source.reserve(bytes));
   MOE_RETURN_IF_ERROR(target.reserve(bytes));
-  MOE_RETURN_IF_ERROR(check(cudaMemsetAsync(source.data, 1, bytes, s.stream), "memset"));
+  MOE_RETURN_IF_ERROR(check(cudaMemsetAsync(source.data, 1, bytes, s.stream()), "memset"));
   MOE_RETURN_IF_ERROR(
-      check(cudaMemcpyAsync(target.data, source.data, bytes, cudaMemcpyDeviceToDevice, s.stream), "copy"));
-  MOE_RETURN_IF_ERROR(check(cudaEventRecord(s.start, s.stream), "event"));
+      check(cudaMemcpyAsync(target.data, source.data, bytes, cudaMemcpyDeviceToDevice, s.stream()), "copy"));
+  MOE_RETURN_IF_ERROR(check(cudaEventRecord(s.start, s.stream()), "event"));
   for (int i = 0; i < repeats; ++i)
     MOE_RETURN_IF_ERROR(
-        check(cudaMemcpyAsync(target.data, source.data, bytes, cudaMemcpyDeviceToDevice, s.stream), "copy"));
-  MOE_RETURN_IF_ERROR(check(cudaEventRecord(s.stop, s.stream), "event"));
-  MOE_RETURN_IF_ERROR(check(cudaStreamSynchronize(s.stream), "copy"));
+        check(cudaMemcpyAsync(target.data, source.data, bytes, cudaMemcpyDeviceToDevice, s.stream()), "copy"));
+  MOE_RETURN_IF_ERROR(check(cudaEventRecord(s.stop, s.stream()), "event"));
+  MOE_RETURN_IF_ERROR(check(cudaStreamSynchronize(s.stream()), "copy"));
   float milliseconds = 0;
   MOE_RETURN_IF_ERROR(check(cudaEventElapsedTime(&milliseconds, s.start, s.stop), "event time"));
   source.release();

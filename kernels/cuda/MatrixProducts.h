@@ -32,6 +32,10 @@
 
 namespace moe::cuda {
 
+/// The most blocks one head's decode attention is split over
+/// (Context::setAttentionSplits).
+constexpr int kMaxAttentionSplits = 32;
+
 enum class WeightLayout : uint8_t { F32, BF16, Group };
 
 /// A row-major [rows, cols] matrix in device memory.
@@ -128,7 +132,11 @@ enum class ProductKernel : uint8_t { Auto, Streamed, WarpPerRow };
 /// Decode graphs so far (Context::setGraphs).
 struct GraphStats {
   int64_t captures = 0, replays = 0, failures = 0;
-  std::string firstFailure;
+  /// Tokens' graphs (Context::setTokenGraphs) built, launched (each stands
+  /// for its per-layer graphs' replays, which `replays` counts too) and
+  /// failed.
+  int64_t tokenGraphs = 0, tokenReplays = 0, tokenFailures = 0;
+  std::string firstFailure; ///< The first failure of either kind.
 };
 
 /// The device's copy bandwidth and what a kernel read, for benchmarks.
@@ -194,7 +202,10 @@ public:
   /// The tokens x[tokens, hidden] (host) become the residual stream: one
   /// token (decode), or several at consecutive positions (a prompt's
   /// chunk), which every call until decodeEnd takes together.
-  Status decodeBegin(const float *x, int64_t hidden, int64_t tokens = 1);
+  /// `layersStay`: every weight and graph the step's calls name lives until
+  /// decodeEnd (or decodeDiscard), so that graph replays may wait for the
+  /// token's graph (setTokenGraphs).
+  Status decodeBegin(const float *x, int64_t hidden, int64_t tokens = 1, bool layersStay = false);
   /// Layer `layer` of `mirror` holds the host cache's first `rows` rows
   /// (uploading those it lacks) and room for `room` more.
   Status decodeSyncCache(KvMirror &mirror, int64_t layer, const float *keys, const float *values, int64_t rows,
@@ -273,6 +284,11 @@ public:
   /// as CUDA graphs (the default) or launch them one by one; the same
   /// kernels either way.
   void setGraphs(bool graphs);
+  /// Whether a token whose layers stay (decodeBegin's `layersStay`) runs
+  /// its per-layer graphs as one graph of the token (the default), built
+  /// the second time the same graphs come in the same order; the same
+  /// kernels either way.
+  void setTokenGraphs(bool enabled);
   GraphStats graphStats() const;
   /// Whether decode's kernels are programmatic dependent launches
   /// (cuda/Launch.h: each kernel's blocks start while the one before it
@@ -280,6 +296,13 @@ public:
   /// have them) or wait for the kernel before them to end; the same
   /// results either way. Ignored where unsupported.
   void setDependentLaunches(bool enabled);
+  /// The most blocks one head's decode attention is split over for one
+  /// token (0, the default: about two blocks per multiprocessor over the
+  /// step's heads, as steps of several tokens always take;
+  /// at most kMaxAttentionSplits; runs of 64 positions or more each, so
+  /// short contexts take one): the same results but for the order of
+  /// float additions.
+  void setAttentionSplits(int most);
 
   /// Bytes of matrices held now.
   size_t residentBytes() const;

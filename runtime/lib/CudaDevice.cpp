@@ -189,7 +189,7 @@ public:
   int64_t routedLayers() const override { return static_cast<int64_t>(layersRouted.size()); }
   DeviceGraphStats graphStats() const override {
     const cuda::GraphStats g = context->graphStats();
-    return {g.captures, g.replays, g.failures, g.firstFailure};
+    return {g.captures, g.replays, g.failures, g.firstFailure, g.tokenGraphs, g.tokenReplays, g.tokenFailures};
   }
 
   Status decodeRoutedMlp(const ModelSpec &spec, const LayerSpec &layer, const LayerWeights &w) override {
@@ -200,11 +200,11 @@ public:
     return Status::success();
   }
 
-  Status decodeBegin(const float *x, int64_t hidden, int64_t tokens) override {
+  Status decodeBegin(const float *x, int64_t hidden, int64_t tokens, bool layersStay) override {
     appended.clear();
     tokenCache = nullptr;
     stepTokens = tokens;
-    return context->decodeBegin(x, hidden, tokens);
+    return context->decodeBegin(x, hidden, tokens, layersStay);
   }
 
   bool prefillsOnDevice() const override { return prefillOnDevice; }
@@ -233,6 +233,12 @@ public:
       return Status::error("unknown routing '", name, "' (device, device-eager or host)");
     routeOnDevice = name != "host";
     context->setGraphs(name != "device-eager");
+    return Status::success();
+  }
+  Status chooseGraphs(std::string_view name) override {
+    if (name != "token" && name != "layer")
+      return Status::error("unknown CUDA graphs '", name, "' (token or layer)");
+    context->setTokenGraphs(name == "token");
     return Status::success();
   }
 
@@ -399,6 +405,13 @@ public:
     if (name != "dependent" && name != "plain")
       return Status::error("unknown CUDA launches '", name, "' (dependent or plain)");
     context->setDependentLaunches(name == "dependent");
+    return Status::success();
+  }
+  Status chooseAttentionSplits(int64_t most) override {
+    if (most < 0 || most > cuda::kMaxAttentionSplits)
+      return Status::error("CUDA attention splits ", most, ": expected 0 (as the device calls for) to ",
+                           cuda::kMaxAttentionSplits);
+    context->setAttentionSplits(static_cast<int>(most));
     return Status::success();
   }
 

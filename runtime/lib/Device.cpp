@@ -53,7 +53,15 @@ Status Device::chooseLaunches(std::string_view name) {
   return Status::error("this device launches no kernels; no choice of '", name, "'");
 }
 
-Status Device::decodeBegin(const float *, int64_t, int64_t) { return noDecode(); }
+Status Device::chooseGraphs(std::string_view name) {
+  return Status::error("this device has no graphs; no choice of '", name, "'");
+}
+
+Status Device::chooseAttentionSplits(int64_t most) {
+  return Status::error("this device has no attention kernel to split; no choice of ", most, " blocks a head");
+}
+
+Status Device::decodeBegin(const float *, int64_t, int64_t, bool) { return noDecode(); }
 Status Device::decodeAttention(const ModelSpec &, const LayerWeights &, int64_t, const float *, const float *, int64_t,
                                KvCache &, float *, float *) {
   return noDecode();

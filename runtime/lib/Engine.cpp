@@ -1119,7 +1119,9 @@ Status Engine::decodeLayersOnDevice(std::span<const int32_t> tokens, const float
   const int64_t H = spec.hiddenSize, T = static_cast<int64_t>(tokens.size());
   std::vector<float> x;
   MOE_RETURN_IF_ERROR(embed(tokens, x));
-  MOE_RETURN_IF_ERROR(onDevice->decodeBegin(x.data(), H, T));
+  // Where every layer is loaded, none is freed before decodeEnd: the device
+  // may hold the token's work for one launch at its end.
+  MOE_RETURN_IF_ERROR(onDevice->decodeBegin(x.data(), H, T, layers->holdsEveryLayer()));
   thread_local std::vector<float> normedBuffer, branchBuffer, routerBuffer;
   std::vector<float> &normed = sized(normedBuffer, T * H), &branch = sized(branchBuffer, T * H);
   thread_local detail::BlockRouting perThreadRouting;

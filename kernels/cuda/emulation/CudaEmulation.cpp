@@ -1070,7 +1070,35 @@ cudaError_t cudaEventElapsedTime(float *milliseconds, cudaEvent_t start, cudaEve
 
 struct EmulatedGraph {
   std::vector<Operation> operations;
+  /// Child graph nodes added (cudaGraphAddChildGraphNode), the last one's
+  /// handle.
+  std::vector<std::unique_ptr<EmulatedGraphNode>> nodes;
+  EmulatedGraph() = default;
+  explicit EmulatedGraph(std::vector<Operation> operations) : operations(std::move(operations)) {}
+  EmulatedGraph(const EmulatedGraph &other) : operations(other.operations) {}
 };
+struct EmulatedGraphNode {};
+
+cudaError_t cudaGraphCreate(cudaGraph_t *graph, unsigned flags) {
+  if (!graph || flags != 0)
+    return setError(cudaErrorInvalidValue);
+  *graph = new EmulatedGraph();
+  return cudaSuccess;
+}
+cudaError_t cudaGraphAddChildGraphNode(cudaGraphNode_t *node, cudaGraph_t graph, const cudaGraphNode_t *dependencies,
+                                       size_t count, cudaGraph_t child) {
+  if (!node || !graph || !child)
+    return setError(cudaErrorInvalidValue);
+  // A chain: the first node depends on nothing, each later one on the last.
+  const bool chained =
+      graph->nodes.empty() ? count == 0 : count == 1 && dependencies && dependencies[0] == graph->nodes.back().get();
+  if (!chained)
+    return setError(cudaErrorInvalidValue);
+  graph->operations.insert(graph->operations.end(), child->operations.begin(), child->operations.end());
+  graph->nodes.push_back(std::make_unique<EmulatedGraphNode>());
+  *node = graph->nodes.back().get();
+  return cudaSuccess;
+}
 
 cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode mode) {
   LOCKED;
@@ -1095,7 +1123,7 @@ cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t *graph) {
     s.captured.clear();
     return setError(cudaErrorStreamCaptureInvalidated);
   }
-  *graph = new EmulatedGraph{std::move(s.captured)};
+  *graph = new EmulatedGraph(std::move(s.captured));
   s.captured.clear();
   return cudaSuccess;
 }

@@ -191,6 +191,9 @@ template <typename T> T __shfl_xor_sync(unsigned mask, T value, int laneMask, in
   return __shfl_sync(mask, value, target >= (lane / width + 1) * width ? lane : target, width);
 }
 template <typename T> T __ldg(const T *p) { return *p; }
+template <typename T> T __ldcg(const T *p) { return *p; }
+// Blocks run one after another: every write is seen by the next block.
+inline void __threadfence() {}
 inline int __dp4a(int a, int b, int c) {
   for (int i = 0; i < 4; ++i)
     c += static_cast<int>(static_cast<int8_t>(a >> (8 * i))) * static_cast<int>(static_cast<int8_t>(b >> (8 * i)));
@@ -255,6 +258,7 @@ using cudaStream_t = moe::emulation::StreamState *;
 using cudaEvent_t = struct EmulatedEvent *;
 using cudaGraph_t = struct EmulatedGraph *;
 using cudaGraphExec_t = struct EmulatedGraph *;
+using cudaGraphNode_t = struct EmulatedGraphNode *;
 
 struct cudaDeviceProp {
   char name[256];
@@ -312,6 +316,11 @@ cudaError_t cudaEventElapsedTime(float *milliseconds, cudaEvent_t start, cudaEve
 
 cudaError_t cudaStreamBeginCapture(cudaStream_t stream, cudaStreamCaptureMode mode);
 cudaError_t cudaStreamEndCapture(cudaStream_t stream, cudaGraph_t *graph);
+cudaError_t cudaGraphCreate(cudaGraph_t *graph, unsigned flags);
+/// A child graph's operations, cloned; the emulation builds chains only:
+/// each node after the graph's last (or none, the first).
+cudaError_t cudaGraphAddChildGraphNode(cudaGraphNode_t *node, cudaGraph_t graph, const cudaGraphNode_t *dependencies,
+                                       size_t count, cudaGraph_t child);
 cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t graph, unsigned long long flags = 0);
 cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t stream);
 cudaError_t cudaGraphDestroy(cudaGraph_t graph);

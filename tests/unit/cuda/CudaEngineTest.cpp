@@ -897,17 +897,31 @@ TEST(CudaEngine, RoutingOnTheDeviceMatchesRoutingOnTheHost) {
     // and would pass the comparisons above unseen).
     const DeviceGraphStats graphStats = (*device)->graphStats();
     EXPECT_EQ(graphStats.failures, 0) << graphStats.firstFailure;
+    // A token's graph is child graphs of kernels launched as programmatic
+    // dependent launches: where a GPU's CUDA refuses that, per-layer graphs
+    // run (the same bits), and the run says so; the emulation accepts it.
+    if (kEmulated)
+      EXPECT_EQ(graphStats.tokenFailures, 0) << graphStats.firstFailure;
+    else if (graphStats.tokenFailures > 0)
+      std::printf("routing %s: a token's graph failed (%s); per-layer graphs ran\n",
+                  std::filesystem::path(path).filename().c_str(), graphStats.firstFailure.c_str());
     if (path.find(".moepkg") == std::string::npos) {
       EXPECT_EQ(routed, moeLayers);
       EXPECT_GT(graphStats.captures, 0);
       EXPECT_GT(graphStats.replays, graphStats.captures);
+      // The device runs' tokens ran as one graph each (the default), and
+      // gave the launches' bits above.
+      if (graphStats.tokenFailures == 0)
+        EXPECT_GT(graphStats.tokenReplays, 0);
     }
     std::printf("routing %s: %lld of %lld MoE layers on the device; device vs host max |logit difference| %.3g over "
-                "%zu tokens (graphs vs launches %.3g; %lld captures, %lld replays); expert calls %lld vs %lld\n",
+                "%zu tokens (graphs vs launches %.3g; %lld captures, %lld replays, %lld tokens' graphs launched); "
+                "expert calls %lld vs %lld\n",
                 std::filesystem::path(path).filename().c_str(), static_cast<long long>(routed),
                 static_cast<long long>(moeLayers), most, logits[0].size(), graphs,
                 static_cast<long long>(graphStats.captures), static_cast<long long>(graphStats.replays),
-                static_cast<long long>(counters[1].expertCalls), static_cast<long long>(counters[0].expertCalls));
+                static_cast<long long>(graphStats.tokenReplays), static_cast<long long>(counters[1].expertCalls),
+                static_cast<long long>(counters[0].expertCalls));
     EXPECT_EQ(counters[0].routedTokens, counters[1].routedTokens);
     if (path.find(".moepkg") == std::string::npos) {
       EXPECT_EQ(counters[0].expertCalls, counters[1].expertCalls);
@@ -921,6 +935,55 @@ TEST(CudaEngine, RoutingOnTheDeviceMatchesRoutingOnTheHost) {
       EXPECT_LE(most, 0.5);
     }
   }
+}
+
+TEST(CudaEngine, AttentionSplitOverBlocksMatchesABlockAHead) {
+  REQUIRE_GPU();
+  // Decode attention splits a head's positions over blocks (runs of 64 or
+  // more, the last block of a head adding the runs): one block a head and
+  // at most four (two to four runs from position 65 on, the last one
+  // short), each against the CPU engine token by token. (The default, two
+  // blocks a head on the emulation's four multiprocessors, is the parity
+  // test's.)
+  for (const std::string &fixture : {"tiny-mixtral", "tiny-deepseek"}) {
+    const std::string path = dataDir() + "/fixtures/" + fixture;
+    SCOPED_TRACE(path);
+    Expected<LoadedModel> cpu = loadModel(path);
+    ASSERT_TRUE(cpu) << cpu.status().message();
+    auto [device, model] = moe::testing::loadOnCuda(path);
+    ASSERT_TRUE(model) << model.status().message();
+    const int64_t tokens = quickParity() ? 80 : 200;
+    std::vector<std::vector<float>> logits[2];
+    double fromCpu = 0;
+    const int64_t splits[] = {1, 4};
+    for (int run = 0; run < 2; ++run) {
+      ASSERT_TRUE((*device)->chooseAttentionSplits(splits[run]).ok());
+      KvCache cache = model->engine->newCache(), cpuCache = cpu->engine->newCache();
+      std::vector<float> out, cpuOut;
+      for (int64_t t = 0; t < tokens; ++t) {
+        const int32_t id = static_cast<int32_t>((t * 7919 + 13) % model->spec.vocabSize);
+        Status status = model->engine->forward(std::span<const int32_t>(&id, 1), cache, out);
+        ASSERT_TRUE(status.ok()) << status.message();
+        ASSERT_TRUE(cpu->engine->forward(std::span<const int32_t>(&id, 1), cpuCache, cpuOut).ok());
+        fromCpu = std::max(fromCpu, maxDifference(cpuOut, out));
+        logits[run].push_back(out);
+      }
+    }
+    ASSERT_TRUE((*device)->chooseAttentionSplits(0).ok());
+    double split = 0;
+    for (size_t t = 0; t < logits[0].size(); ++t)
+      split = std::max(split, maxDifference(logits[0][t], logits[1][t]));
+    std::printf("attention %s: max |logit difference| four blocks a head vs one %.3g, either vs the CPU %.3g over "
+                "%lld tokens\n",
+                fixture.c_str(), split, fromCpu, static_cast<long long>(tokens));
+    EXPECT_LE(fromCpu, 1e-3);
+    EXPECT_LE(split, 1e-4);
+    EXPECT_GT(split, 0.0) << "split runs add in another order: a zero difference means no split ran";
+  }
+  Expected<std::shared_ptr<Device>> device = openDevice(DeviceChoice::Cuda);
+  ASSERT_TRUE(device) << device.status().message();
+  EXPECT_FALSE((*device)->chooseAttentionSplits(33).ok());
+  EXPECT_FALSE((*device)->chooseAttentionSplits(-1).ok());
 }
 
 TEST(CudaEngine, PrefillOnTheDeviceMatchesTheCpuEngine) {
@@ -1031,5 +1094,11 @@ TEST(CudaDevice, RoutingIsChosenByName) {
   status = (*device)->chooseLaunches("eager");
   ASSERT_FALSE(status.ok());
   EXPECT_NE(status.message().find("unknown CUDA launches 'eager' (dependent or plain)"), std::string::npos)
+      << status.message();
+  EXPECT_TRUE((*device)->chooseGraphs("layer").ok());
+  EXPECT_TRUE((*device)->chooseGraphs("token").ok());
+  status = (*device)->chooseGraphs("none");
+  ASSERT_FALSE(status.ok());
+  EXPECT_NE(status.message().find("unknown CUDA graphs 'none' (token or layer)"), std::string::npos)
       << status.message();
 }

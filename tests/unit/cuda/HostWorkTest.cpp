@@ -136,13 +136,28 @@ TEST(HostWork, ADecodedTokenWaitsOnceAndReplaysItsLayers) {
     EXPECT_EQ(graphs.captured, 0.0);
     // Each layer is two graphs, its attention and its MLP (routed on the
     // device, or dense), and the token's end (final norm, output
-    // projection) a third. The rest is six calls whatever the depth: the
-    // input's copy, the position and angles in one copy, the expert-call
-    // counter's reset, and one copy each for the logits, the counter and
-    // every layer's new key and value rows.
-    EXPECT_EQ(graphs.graphLaunches, static_cast<double>(2 * layers + 1));
+    // projection) a third, all launched as one graph of the token. The
+    // rest is six calls whatever the depth: the input's copy, the position
+    // and angles in one copy, the expert-call counter's reset, and one copy
+    // each for the logits, the counter and every layer's new key and value
+    // rows.
+    EXPECT_EQ(graphs.graphLaunches, 1.0) << "the token's graph";
     EXPECT_EQ(graphs.hostCalls() - graphs.graphLaunches, 6.0) << "host calls beside the graphs";
     EXPECT_EQ(graphs.copies, 5.0) << "one copy out for every layer's rows";
+    const DeviceGraphStats stats = (*device)->graphStats();
+    EXPECT_EQ(stats.tokenFailures, 0) << stats.firstFailure;
+    EXPECT_EQ(stats.tokenGraphs, 1) << "built once, the second time the same layers' graphs came";
+    EXPECT_GE(stats.tokenReplays, 4);
+
+    // The layers' graphs one by one: the same kernels.
+    ASSERT_TRUE((*device)->chooseGraphs("layer").ok());
+    const PerToken layerGraphs = decodeAndCount(*model->engine, model->spec, 2, 4);
+    print(std::string(name) + ", a graph a layer", layerGraphs);
+    EXPECT_EQ(layerGraphs.graphLaunches, static_cast<double>(2 * layers + 1));
+    EXPECT_EQ(layerGraphs.graphNodes, graphs.graphNodes);
+    EXPECT_EQ(layerGraphs.kernelRuns, graphs.kernelRuns);
+    EXPECT_EQ(layerGraphs.hostCalls() - layerGraphs.graphLaunches, 6.0);
+    ASSERT_TRUE((*device)->chooseGraphs("token").ok());
 
     // The same token launch by launch: the graphs' operations, now each a
     // call of the host.
@@ -172,6 +187,10 @@ TEST(HostWork, ALayerRoutedOnTheHostWaitsOnceMoreAndEveryRowStillArrives) {
   print("tiny-mixtral, layer 1 routed on the host", counted);
   EXPECT_EQ(counted.waits, 2.0) << "the hand-back and the logits";
   EXPECT_EQ(counted.captured, 0.0);
+  // Layer 0's two graphs go one by one before layer 1's launches; layers 2
+  // and 3 and the token's end, one graph.
+  EXPECT_EQ(counted.graphLaunches, 3.0);
+  EXPECT_EQ((*device)->graphStats().tokenFailures, 0);
 
   // The same tokens on the CPU: logits and every layer's cache rows agree.
   KvCache gpuCache = gpu->engine->newCache(), cpuCache = cpu->engine->newCache();

@@ -57,7 +57,9 @@ struct DeviceRoutedExpert {
 /// How a device's decode graphs went (CUDA: per-layer graphs of launches).
 struct DeviceGraphStats {
   int64_t captures = 0, replays = 0, failures = 0;
-  std::string firstFailure; ///< Why the first failure failed; empty if none.
+  std::string firstFailure; ///< Why the first failure failed (of either kind); empty if none.
+  /// Tokens' graphs (Device::chooseGraphs) built, launched and failed.
+  int64_t tokenGraphs = 0, tokenReplays = 0, tokenFailures = 0;
 };
 
 /// Runs matrix products on an accelerator. Calls come from one host thread
@@ -107,6 +109,19 @@ public:
   /// after the last has ended); the same results either way. An error for
   /// other names; "dependent" where the device lacks it is "plain".
   virtual Status chooseLaunches(std::string_view name);
+  /// Benchmarks and tests: the most blocks one head's decode attention is
+  /// split over (CUDA: 0, the default, as the device's multiprocessors call
+  /// for; 1, a block a head; at most 32), the same results but for the
+  /// order of float additions. An error for a count out of range or a
+  /// device that has no such choice.
+  virtual Status chooseAttentionSplits(int64_t most);
+  /// Benchmarks and tests: what a decoded token's graphs are (CUDA:
+  /// "token", the default, one graph of the whole token where its layers
+  /// stay loaded; "layer", a graph per layer's attention and MLP, launched
+  /// one by one), the same kernels either way. chooseRouting's
+  /// "device-eager" uses no graphs at all. An error for other names or a
+  /// device without graphs.
+  virtual Status chooseGraphs(std::string_view name);
 
   // Decode of one token with the residual stream on the device (grouped-
   // query or latent attention): the engine calls decodeBegin, then per
@@ -136,7 +151,10 @@ public:
   /// Whether decodeAttention can hand back `layer`'s router logits.
   virtual bool holdsRouter(const LayerWeights &layer) const { return false; }
   /// x[tokens, hidden]: the step's tokens, at consecutive positions.
-  virtual Status decodeBegin(const float *x, int64_t hidden, int64_t tokens = 1);
+  /// `layersStay`: every layer the step runs stays loaded until decodeEnd
+  /// (none is freed in between), so the device may run the step's work as
+  /// one unit at its end (CUDA: the token's graph).
+  virtual Status decodeBegin(const float *x, int64_t hidden, int64_t tokens = 1, bool layersStay = false);
   /// Whether the device routes `layer`'s MoE block itself: it holds the
   /// router, every expert and the shared expert, and its routing kernel
   /// takes the router (rows, top-k). Decided once per layer.

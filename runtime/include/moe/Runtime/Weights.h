@@ -17,6 +17,7 @@
 #include "moe/Runtime/Device.h"
 #include "moe/Support/Status.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <list>
@@ -295,6 +296,11 @@ public:
   void setRowTiles(bool on) { rowTiles = on; }
   /// Layer `layer`, loading it (and evicting others) if needed.
   Expected<std::shared_ptr<const LayerWeights>> get(int64_t layer);
+  /// Whether every layer is loaded now: get() then loads and evicts
+  /// nothing.
+  bool holdsEveryLayer() const {
+    return std::all_of(layers.begin(), layers.end(), [](const auto &layer) { return layer != nullptr; });
+  }
   size_t residentBytes() const { return resident; }
   size_t peakResidentBytes() const { return peak; }
   int64_t loads() const { return loadCount; }
