@@ -510,6 +510,12 @@ int main(int argc, char **argv) {
     result["decode_fraction_of_copy_bandwidth"] =
         result["decode_weight_read_bytes_per_second"].get<double>() / *bandwidth;
     result["step_fraction_of_copy_bandwidth"] = result.value("step_weight_read_bytes_per_second", 0.0) / *bandwidth;
+    // The same with the KV cache's bytes (what a long --context adds).
+    const double decodeSteps = result["decode_weight_read_bytes_per_second"].get<double>() /
+                               result["decode_weight_bytes_per_step"].get<double>();
+    result["decode_fraction_of_copy_bandwidth_with_cache"] =
+        (result["decode_weight_bytes_per_step"].get<double>() + result["decode_cache_bytes_per_step"].get<double>()) *
+        decodeSteps / *bandwidth;
   }
   std::cout << result.dump(2) << "\n";
   return 0;
