@@ -1029,41 +1029,49 @@ struct AttentionSplit {
   int64_t slotFloats;
 };
 
-/// One query head of one token (token blockIdx.y at `position` +
-/// blockIdx.y; position in device memory: one graph serves every position)
-/// over the cached rows up to it, split over gridDim.z blocks of 256
-/// threads: scores, softmax (max-subtracted, as the CPU), weighted values.
-/// Decode reads the whole cache here, so the work is spread and the loads
-/// are laid for the memory:
-/// - the positions are cut in `used` runs of a multiple of kSplitPositions
-///   (as even as that allows; blocks past them end at once), a block a run,
-///   so that a long context keeps many SMs reading at batch 1;
-/// - a warp scores kScoredTogether positions at once, its lanes reading
-///   each key row together (coalesced) and meeting in a shuffle;
-/// - the weighted values take a row per group of threads (4 values a
-///   thread where vDim allows), groups striding over the run, their partial
-///   sums added in group order;
-/// - a run's max, sum and weighted values go to its slot of `split`; the
-///   last block of the head to arrive (a counter) adds the runs in run
-///   order, each scaled by exp(its max - the head's), and divides by the
-///   scaled sums (one run: the block divides its own).
-/// The result does not depend on which block ends last. Float sums run in
-/// another order than the CPU's (tests hold float models' logits to 1e-3 of
-/// it; they come within 7e-6). Then, for the `jobCount` jobs of `jobs`
-/// (QuantJob over `out`, groups within a head: vDim a multiple of each
-/// group), the block that wrote the head rounds its groups for the output
-/// projection.
-__global__ void __launch_bounds__(256)
-    attendKernel(const float *q, const float *keys, const float *values, const int64_t *position, int group, int qDim,
-                 int vDim, int64_t keyWidth, int64_t valueWidth, float scale, float *scores, int64_t scoreStride,
-                 float *out, AttentionSplit split, const QuantJob *jobs, int jobCount) {
-  awaitPreviousKernel();
-  __shared__ float4 partialByFour[256]; // 1024 floats, 16-byte aligned
-  __shared__ float runWeight[kMaxAttentionSplits];
+/// Query heads one attendKernel block takes, all of one KV head: the
+/// largest power of two up to kMaxHeadsABlock that divides the group
+/// (headsABlock).
+constexpr int kMaxHeadsABlock = 8;
+
+int headsABlock(int group) {
+  int heads = 1;
+  while (heads < kMaxHeadsABlock && group % (2 * heads) == 0)
+    heads *= 2;
+  return heads;
+}
+
+/// Where attendKernel's blocks keep their partial sums and the runs'
+/// weights (shared memory), for attendHeads.
+struct AttendShared {
+  float *partial;                          ///< kMaxHeadsABlock x 1024 floats, 16-byte aligned.
+  float (*runWeight)[kMaxAttentionSplits]; ///< [kMaxHeadsABlock][kMaxAttentionSplits].
+  int *last;                               ///< Whether this block adds the runs.
+};
+
+/// attendKernel's shared memory (in a plain function: the CPU emulation
+/// poisons only those; each kernel that calls it has its own).
+__device__ AttendShared attendShared() {
+  __shared__ float4 partialByFour[kMaxHeadsABlock * 256]; // kMaxHeadsABlock x 1024 floats, 16-byte aligned
+  __shared__ float runWeight[kMaxHeadsABlock][kMaxAttentionSplits];
   __shared__ int last;
-  float *partial = reinterpret_cast<float *>(partialByFour);
+  return {reinterpret_cast<float *>(partialByFour), runWeight, &last};
+}
+
+/// attendKernel's work for G query heads of one KV head (G a power of two,
+/// at most kMaxHeadsABlock): each key and value row is read once for all
+/// of them (grouped-query attention reads a KV head once, not once a query
+/// head).
+template <int G>
+__device__ __forceinline__ void
+attendHeads(const float *q, const float *keys, const float *values, const int64_t *position, int group, int qDim,
+            int vDim, int64_t keyWidth, int64_t valueWidth, float scale, float *scores, int64_t scoreStride, float *out,
+            const AttentionSplit &split, const QuantJob *jobs, int jobCount, const AttendShared &shared) {
+  // Positions a warp scores at a time: 8 rows in flight a warp, 4 for
+  // eight heads (32 sums a lane either way at most).
+  constexpr int P = G <= 4 ? kScoredTogether : kScoredTogether / 2;
   const int64_t token = blockIdx.y, visible = *position + 1 + token;
-  const int h = blockIdx.x, kvHead = h / group, heads = gridDim.x;
+  const int h0 = static_cast<int>(blockIdx.x) * G, kvHead = h0 / group, heads = static_cast<int>(gridDim.x) * G;
   const int64_t blocks = gridDim.z,
                 run = (visible + blocks * kSplitPositions - 1) / (blocks * kSplitPositions) * kSplitPositions;
   const int used = static_cast<int>((visible + run - 1) / run), z = static_cast<int>(blockIdx.z);
@@ -1071,61 +1079,83 @@ __global__ void __launch_bounds__(256)
     return;
   const int64_t begin = z * run, end = begin + run < visible ? begin + run : visible;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const int64_t headIndex = token * heads + h;
-  const float *query = q + headIndex * qDim;
-  float *score = scores + headIndex * scoreStride;
+  // The G heads' rows lie one after another: in q, in the scores and in out.
+  const int64_t firstHead = token * heads + h0;
+  const float *query = q + firstHead * qDim;
+  float *score = scores + firstHead * scoreStride;
   const float *headKeys = keys + static_cast<int64_t>(kvHead) * qDim;
-  // Rows (and the query) 16-byte aligned: the cache and q from cudaMalloc.
+  // Rows (and the queries) 16-byte aligned: the cache and q from cudaMalloc.
   const bool keysByFour = qDim % 4 == 0 && keyWidth % 4 == 0;
-  float most = -INFINITY;
-  for (int64_t s0 = begin + static_cast<int64_t>(warp) * kScoredTogether; s0 < end;
-       s0 += static_cast<int64_t>(warps) * kScoredTogether) {
-    float dot[kScoredTogether];
+  float most[G];
 #pragma unroll
-    for (int u = 0; u < kScoredTogether; ++u)
-      dot[u] = 0.0f;
+  for (int g = 0; g < G; ++g)
+    most[g] = -INFINITY;
+  for (int64_t s0 = begin + static_cast<int64_t>(warp) * P; s0 < end; s0 += static_cast<int64_t>(warps) * P) {
+    float dot[P][G];
+#pragma unroll
+    for (int u = 0; u < P; ++u)
+#pragma unroll
+      for (int g = 0; g < G; ++g)
+        dot[u][g] = 0.0f;
     if (keysByFour) {
       // Four values a lane: a warp's load covers 128 of a key row (a head
-      // of 128, all of it: eight rows in flight a warp).
+      // of 128, all of it), P rows in flight a warp.
       for (int d = lane; d < qDim / 4; d += 32) {
-        const float4 x = reinterpret_cast<const float4 *>(query)[d];
+        float4 x[G];
 #pragma unroll
-        for (int u = 0; u < kScoredTogether; ++u)
+        for (int g = 0; g < G; ++g)
+          x[g] = reinterpret_cast<const float4 *>(query + g * qDim)[d];
+#pragma unroll
+        for (int u = 0; u < P; ++u)
           if (s0 + u < end) {
             const float4 k = reinterpret_cast<const float4 *>(headKeys + (s0 + u) * keyWidth)[d];
-            dot[u] += x.x * k.x + x.y * k.y + x.z * k.z + x.w * k.w;
+#pragma unroll
+            for (int g = 0; g < G; ++g)
+              dot[u][g] += x[g].x * k.x + x[g].y * k.y + x[g].z * k.z + x[g].w * k.w;
           }
       }
     } else {
       for (int d = lane; d < qDim; d += 32) {
-        const float x = query[d];
 #pragma unroll
-        for (int u = 0; u < kScoredTogether; ++u)
-          if (s0 + u < end)
-            dot[u] += x * headKeys[(s0 + u) * keyWidth + d];
+        for (int u = 0; u < P; ++u)
+          if (s0 + u < end) {
+            const float k = headKeys[(s0 + u) * keyWidth + d];
+#pragma unroll
+            for (int g = 0; g < G; ++g)
+              dot[u][g] += query[g * qDim + d] * k;
+          }
       }
     }
 #pragma unroll
-    for (int u = 0; u < kScoredTogether; ++u) {
-      const float total = warpSum(dot[u]) * scale; // every lane: the warp's loop bounds are its own
-      if (s0 + u < end) {
-        if (lane == 0)
-          score[s0 + u] = total;
-        most = fmaxf(most, total);
+    for (int u = 0; u < P; ++u)
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const float total = warpSum(dot[u][g]) * scale; // every lane: the warp's loop bounds are its own
+        if (s0 + u < end) {
+          if (lane == 0)
+            score[g * scoreStride + s0 + u] = total;
+          most[g] = fmaxf(most[g], total);
+        }
       }
+  }
+  float sum[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    most[g] = blockMax(most[g]); // its barriers also publish the scores
+    sum[g] = 0.0f;
+    for (int64_t s = begin + threadIdx.x; s < end; s += blockDim.x) {
+      const float e = expf(score[g * scoreStride + s] - most[g]);
+      score[g * scoreStride + s] = e;
+      sum[g] += e;
     }
+    sum[g] = blockSum(sum[g]); // and the exponentials
   }
-  most = blockMax(most); // its barriers also publish the scores
-  float sum = 0.0f;
-  for (int64_t s = begin + threadIdx.x; s < end; s += blockDim.x) {
-    score[s] = expf(score[s] - most);
-    sum += score[s];
-  }
-  sum = blockSum(sum); // and the exponentials
   // Weighted values: a row of vDim values per `perRow` threads (4 values
   // a thread where vDim allows, else 1), rowGroups groups of them striding
-  // over the run, each group's sums in a row of `partial` (vDim <= 1024,
-  // decodeAttention checks: at most 1024 values), added in group order.
+  // over the run, each group's sums for head g in a row of g's 1024 floats
+  // of `partial` (vDim <= 1024, decodeAttention checks), added in group
+  // order.
+  float *partial = shared.partial;
   const float *headValues = values + static_cast<int64_t>(kvHead) * vDim;
   const bool byFour = vDim % 4 == 0 && valueWidth % 4 == 0;
   const int perRow = byFour ? vDim / 4 : vDim;
@@ -1134,88 +1164,152 @@ __global__ void __launch_bounds__(256)
   if (row < rowGroups)
     for (int c = static_cast<int>(threadIdx.x) % perRow; c < perRow; c += static_cast<int>(blockDim.x)) {
       if (byFour) {
-        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll 4
+        float4 acc[G];
+#pragma unroll
+        for (int g = 0; g < G; ++g)
+          acc[g] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 2
         for (int64_t s = begin + row; s < end; s += rowGroups) {
-          const float p = score[s];
           const float4 v = reinterpret_cast<const float4 *>(headValues + s * valueWidth)[c];
-          acc.x += p * v.x;
-          acc.y += p * v.y;
-          acc.z += p * v.z;
-          acc.w += p * v.w;
+#pragma unroll
+          for (int g = 0; g < G; ++g) {
+            const float p = score[g * scoreStride + s];
+            acc[g].x += p * v.x;
+            acc[g].y += p * v.y;
+            acc[g].z += p * v.z;
+            acc[g].w += p * v.w;
+          }
         }
-        reinterpret_cast<float4 *>(partial + row * vDim)[c] = acc;
+#pragma unroll
+        for (int g = 0; g < G; ++g)
+          reinterpret_cast<float4 *>(partial + g * 1024 + row * vDim)[c] = acc[g];
       } else {
-        float acc = 0.0f;
-#pragma unroll 4
-        for (int64_t s = begin + row; s < end; s += rowGroups)
-          acc += score[s] * headValues[s * valueWidth + c];
-        partial[row * vDim + c] = acc;
+        float acc[G];
+#pragma unroll
+        for (int g = 0; g < G; ++g)
+          acc[g] = 0.0f;
+        for (int64_t s = begin + row; s < end; s += rowGroups) {
+          const float v = headValues[s * valueWidth + c];
+#pragma unroll
+          for (int g = 0; g < G; ++g)
+            acc[g] += score[g * scoreStride + s] * v;
+        }
+#pragma unroll
+        for (int g = 0; g < G; ++g)
+          partial[g * 1024 + row * vDim + c] = acc[g];
       }
     }
   __syncthreads();
-  float *headOut = out + headIndex * vDim;
+  float *headOut = out + firstHead * vDim;
   if (used == 1) {
-    for (int i = threadIdx.x; i < vDim; i += blockDim.x) {
-      float total = 0.0f;
-      for (int r = 0; r < rowGroups; ++r)
-        total += partial[r * vDim + i];
-      headOut[i] = total / sum;
-    }
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+      for (int i = threadIdx.x; i < vDim; i += blockDim.x) {
+        float total = 0.0f;
+        for (int r = 0; r < rowGroups; ++r)
+          total += partial[g * 1024 + r * vDim + i];
+        headOut[g * vDim + i] = total / sum[g];
+      }
   } else {
-    // This run's slot, then the count: the last block to arrive sees every
-    // run's slot (the fences order the writes before the count, and the
-    // count before the reads).
-    float *slots = split.slots + headIndex * blocks * split.slotFloats;
-    float *mine = slots + z * split.slotFloats;
-    for (int i = threadIdx.x; i < vDim; i += blockDim.x) {
-      float total = 0.0f;
-      for (int r = 0; r < rowGroups; ++r)
-        total += partial[r * vDim + i];
-      mine[4 + i] = total;
-    }
-    if (threadIdx.x == 0) {
-      mine[0] = most;
-      mine[1] = sum;
+    // Each head's run in its slot, then the block's count: the last block
+    // to arrive sees every run's slots (the fences order the writes before
+    // the count, and the count before the reads).
+    float *slots = split.slots + firstHead * blocks * split.slotFloats;
+    const int64_t headSlots = blocks * split.slotFloats;
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      float *mine = slots + g * headSlots + z * split.slotFloats;
+      for (int i = threadIdx.x; i < vDim; i += blockDim.x) {
+        float total = 0.0f;
+        for (int r = 0; r < rowGroups; ++r)
+          total += partial[g * 1024 + r * vDim + i];
+        mine[4 + i] = total;
+      }
+      if (threadIdx.x == 0) {
+        mine[0] = most[g];
+        mine[1] = sum[g];
+      }
     }
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0)
-      last = atomicAdd(split.arrived + headIndex, 1u) == static_cast<unsigned>(used - 1);
+      *shared.last = atomicAdd(split.arrived + firstHead, 1u) == static_cast<unsigned>(used - 1);
     __syncthreads();
-    if (!last)
+    if (!*shared.last)
       return;
     __threadfence();
-    if (threadIdx.x == 0) {
-      // The head's max over the runs, then each run's weight: exp(its max -
+    if (threadIdx.x < G) {
+      // Head g's max over the runs, then each run's weight: exp(its max -
       // the head's) over the scaled sums, added in run order.
+      const int g = threadIdx.x;
+      const float *headSlot = slots + g * headSlots;
       float headMost = -INFINITY, total = 0.0f;
       for (int r = 0; r < used; ++r)
-        headMost = fmaxf(headMost, __ldcg(slots + r * split.slotFloats));
+        headMost = fmaxf(headMost, __ldcg(headSlot + r * split.slotFloats));
       for (int r = 0; r < used; ++r) {
-        runWeight[r] = expf(__ldcg(slots + r * split.slotFloats) - headMost);
-        total += __ldcg(slots + r * split.slotFloats + 1) * runWeight[r];
+        shared.runWeight[g][r] = expf(__ldcg(headSlot + r * split.slotFloats) - headMost);
+        total += __ldcg(headSlot + r * split.slotFloats + 1) * shared.runWeight[g][r];
       }
       for (int r = 0; r < used; ++r)
-        runWeight[r] /= total;
-      split.arrived[headIndex] = 0; // for the next launch (and graph replay)
+        shared.runWeight[g][r] /= total;
     }
+    if (threadIdx.x == 0)
+      split.arrived[firstHead] = 0; // for the next launch (and graph replay)
     __syncthreads();
-    for (int i = threadIdx.x; i < vDim; i += blockDim.x) {
-      float total = 0.0f;
-      for (int r = 0; r < used; ++r)
-        total += __ldcg(slots + r * split.slotFloats + 4 + i) * runWeight[r];
-      headOut[i] = total;
-    }
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+      for (int i = threadIdx.x; i < vDim; i += blockDim.x) {
+        float total = 0.0f;
+        for (int r = 0; r < used; ++r)
+          total += __ldcg(slots + g * headSlots + r * split.slotFloats + 4 + i) * shared.runWeight[g][r];
+        headOut[g * vDim + i] = total;
+      }
   }
   if (jobCount == 0)
     return;
-  __syncthreads(); // the head's values every thread wrote, visible to the block
+  __syncthreads(); // the heads' values every thread wrote, visible to the block
   for (int j = 0; j < jobCount; ++j) {
     const int perHead = vDim / jobs[j].group;
-    for (int g = warp; g < perHead; g += warps)
-      quantizeGroup(jobs[j], token * jobs[j].groups + static_cast<int64_t>(h) * perHead + g, lane);
+    for (int g = warp; g < G * perHead; g += warps)
+      quantizeGroup(jobs[j], token * jobs[j].groups + static_cast<int64_t>(h0) * perHead + g, lane);
   }
+}
+
+/// Attention of G query heads (headsABlock: a power of two dividing the
+/// group; a kernel each, so that each has its own registers) of one token (token blockIdx.y at `position` +
+/// blockIdx.y; position in device memory: one graph serves every position)
+/// over the cached rows up to it, split over gridDim.z blocks of 256
+/// threads: scores, softmax (max-subtracted, as the CPU), weighted values.
+/// Decode reads the whole cache here, so the work is spread and the loads
+/// are laid for the memory:
+/// - the positions are cut in `used` runs of a multiple of kSplitPositions
+///   (as even as that allows; blocks past them end at once), a block a run,
+///   so that a long context keeps many SMs reading at batch 1;
+/// - a block takes several query heads of one KV head (grouped-query
+///   attention), reading each key and value row once for all of them;
+/// - a warp scores several positions at once, its lanes reading each key
+///   row together (coalesced) and meeting in a shuffle;
+/// - the weighted values take a row per group of threads (4 values a
+///   thread where vDim allows), groups striding over the run, their partial
+///   sums added in group order;
+/// - a run's max, sum and weighted values go to its slot of `split`; the
+///   last block of the heads to arrive (a counter) adds the runs in run
+///   order, each scaled by exp(its max - the head's), and divides by the
+///   scaled sums (one run: the block divides its own).
+/// The result does not depend on which block ends last. Float sums run in
+/// another order than the CPU's (tests hold float models' logits to 1e-3 of
+/// it; they come within 7e-6). Then, for the `jobCount` jobs of `jobs`
+/// (QuantJob over `out`, groups within a head: vDim a multiple of each
+/// group), the block that wrote the heads rounds their groups for the
+/// output projection.
+template <int G>
+__global__ void __launch_bounds__(256)
+    attendKernel(const float *q, const float *keys, const float *values, const int64_t *position, int group, int qDim,
+                 int vDim, int64_t keyWidth, int64_t valueWidth, float scale, float *scores, int64_t scoreStride,
+                 float *out, AttentionSplit split, const QuantJob *jobs, int jobCount) {
+  awaitPreviousKernel();
+  attendHeads<G>(q, keys, values, position, group, qDim, vDim, keyWidth, valueWidth, scale, scores, scoreStride, out,
+                 split, jobs, jobCount, attendShared());
 }
 
 /// Routing (kernels/common/Routing.h) by the 32 lanes of a warp together:
@@ -2735,13 +2829,15 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
   // replays at the next).
   MOE_RETURN_IF_ERROR(s.scores.reserve(static_cast<size_t>(T * a.heads * cache.capacity) * 4));
   // Blocks a head (attendKernel): about two per multiprocessor over the
-  // heads of the step's tokens, or as set for one token (a prompt's chunk
-  // has heads enough, and its slots would be many); no more than the
-  // cache's capacity can ever use.
-  const int64_t wantedSplits =
-      s.attentionSplits > 0 && T == 1
-          ? s.attentionSplits
-          : (2 * static_cast<int64_t>(s.facts.multiprocessors) + T * a.heads - 1) / (T * a.heads);
+  // step's blocks of heads (a block takes headsAtOnce query heads of one
+  // KV head), or as set for one token (a prompt's chunk has heads enough,
+  // and its slots would be many); no more than the cache's capacity can
+  // ever use.
+  const int headsAtOnce = headsABlock(a.heads / a.kvHeads);
+  const int64_t headBlocks = T * (a.heads / headsAtOnce);
+  const int64_t wantedSplits = s.attentionSplits > 0 && T == 1
+                                   ? s.attentionSplits
+                                   : (2 * static_cast<int64_t>(s.facts.multiprocessors) + headBlocks - 1) / headBlocks;
   const int splits = static_cast<int>(
       std::clamp<int64_t>(std::min<int64_t>(wantedSplits, (cache.capacity + kSplitPositions - 1) / kSplitPositions), 1,
                           kMaxAttentionSplits));
@@ -2968,7 +3064,11 @@ Status Context::decodeAttention(const DecodeAttention &a, KvMirror &mirror, int6
       }
       // Attention rounds each head's values for the output projection too.
       const State::Rounding ofAttended = State::roundingOf(output, placed[1], attended, attendedWidth, T, a.valueDim);
-      launchKernel(attendKernel, dim3(a.heads, tokens, splits), 256, s.on(), q, cache.keys, cache.values,
+      auto *attend = headsAtOnce == 1   ? attendKernel<1>
+                     : headsAtOnce == 2 ? attendKernel<2>
+                     : headsAtOnce == 4 ? attendKernel<4>
+                                        : attendKernel<8>;
+      launchKernel(attend, dim3(a.heads / headsAtOnce, tokens, splits), 256, s.on(), q, cache.keys, cache.values,
                    devicePosition, a.heads / a.kvHeads, a.headDim, a.valueDim, kWidth, vWidth, a.softmaxScale,
                    s.scores.at<float>(0), cache.capacity, attended, split, ofAttended.jobs, ofAttended.count);
       MOE_RETURN_IF_ERROR(s.launchAfterRounding(output, placed[1], ofAttended.count));

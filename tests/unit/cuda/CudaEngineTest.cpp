@@ -16,11 +16,14 @@
 #include "cpu/QuantKernels.h"
 #include "cuda/MatrixProducts.h"
 #include "moe/Frontend/DType.h"
+#include "moe/Frontend/Safetensors.h"
 #include "moe/Runtime/Device.h"
 #include "moe/Runtime/Evaluate.h"
 #include "moe/Runtime/Model.h"
 
 #include <gtest/gtest.h>
+
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -28,10 +31,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <numeric>
 #include <optional>
 #include <random>
+#include <sstream>
 #include <vector>
 
 using namespace moe;
@@ -735,6 +740,72 @@ std::vector<std::string> parityModels() {
 using moe::testing::maxCacheDifference;
 using moe::testing::maxDifference;
 
+/// tests/data/hf/qwen3_moe (4 query heads of 16 over 2 KV heads) with
+/// `heads` query heads over `kvHeads` KV heads (kvHeads <= 2, heads <= 8),
+/// written under `dir`: q_proj's rows are its own, then k_proj's and
+/// v_proj's; k_proj and v_proj keep their first KV heads; o_proj's row r is
+/// its own row r, then row r + 1. Every value is the checkpoint's; the
+/// model is one transformers could have saved with these head counts.
+Status writeGroupedVariant(const std::filesystem::path &dir, int heads, int kvHeads) {
+  const std::string source = dataDir() + "/hf/qwen3_moe";
+  std::filesystem::create_directories(dir);
+  std::ifstream in(source + "/config.json");
+  std::stringstream text;
+  text << in.rdbuf();
+  std::string config = text.str();
+  for (auto [key, value] : {std::pair<std::string, int>{"\"num_attention_heads\": 4", heads},
+                            std::pair<std::string, int>{"\"num_key_value_heads\": 2", kvHeads}}) {
+    const size_t at = config.find(key);
+    if (at == std::string::npos)
+      return Status::error(source, "/config.json: no ", key);
+    config.replace(at, key.size(), key.substr(0, key.find(':') + 2) + std::to_string(value));
+  }
+  std::ofstream(dir / "config.json") << config;
+  Expected<std::unique_ptr<SafetensorsFile>> file = SafetensorsFile::open(source + "/model.safetensors");
+  if (!file)
+    return file.status();
+  const SafetensorsFile &f = **file;
+  constexpr int64_t kHeadDim = 16, kRowBytes = 32 * 2; // rows of 32 bf16 columns
+  auto bytesOf = [&](const std::string &name) {
+    const std::span<const uint8_t> data = f.data(*f.find(name));
+    return std::vector<uint8_t>(data.begin(), data.end());
+  };
+  SafetensorsWriter writer;
+  for (const TensorInfo &t : f.tensors()) {
+    const std::string &name = t.name;
+    const auto endsWith = [&](std::string_view tail) {
+      return name.size() >= tail.size() && name.compare(name.size() - tail.size(), tail.size(), tail) == 0;
+    };
+    const std::string attention = name.substr(0, name.rfind("self_attn.") + 10);
+    std::vector<uint8_t> bytes = bytesOf(name);
+    std::vector<int64_t> shape = t.shape;
+    if (endsWith("self_attn.q_proj.weight")) {
+      std::vector<uint8_t> rows = bytes, k = bytesOf(attention + "k_proj.weight"),
+                           v = bytesOf(attention + "v_proj.weight");
+      rows.insert(rows.end(), k.begin(), k.end());
+      rows.insert(rows.end(), v.begin(), v.end());
+      rows.resize(static_cast<size_t>(heads * kHeadDim * kRowBytes));
+      bytes = std::move(rows);
+      shape = {heads * kHeadDim, 32};
+    } else if (endsWith("self_attn.k_proj.weight") || endsWith("self_attn.v_proj.weight")) {
+      bytes.resize(static_cast<size_t>(kvHeads * kHeadDim * kRowBytes));
+      shape = {kvHeads * kHeadDim, 32};
+    } else if (endsWith("self_attn.o_proj.weight")) {
+      // [32, 64] bf16: row r of the new [32, heads * 16], from rows r and r + 1.
+      const int64_t oldRow = 64 * 2, newRow = heads * kHeadDim * 2;
+      std::vector<uint8_t> out(static_cast<size_t>(32 * newRow));
+      for (int64_t r = 0; r < 32; ++r)
+        for (int64_t c = 0; c < newRow; ++c)
+          out[static_cast<size_t>(r * newRow + c)] =
+              bytes[static_cast<size_t>((c < oldRow ? r : (r + 1) % 32) * oldRow + c % oldRow)];
+      bytes = std::move(out);
+      shape = {32, heads * kHeadDim};
+    }
+    MOE_RETURN_IF_ERROR(writer.addTensor(name, t.dtype, shape, std::move(bytes)));
+  }
+  return writer.write((dir / "model.safetensors").string());
+}
+
 } // namespace
 
 TEST(CudaEngine, LogitsAndPerplexityMatchTheCpuEngine) {
@@ -984,6 +1055,44 @@ TEST(CudaEngine, AttentionSplitOverBlocksMatchesABlockAHead) {
   ASSERT_TRUE(device) << device.status().message();
   EXPECT_FALSE((*device)->chooseAttentionSplits(33).ok());
   EXPECT_FALSE((*device)->chooseAttentionSplits(-1).ok());
+}
+
+TEST(CudaEngine, QueryHeadsOfOneKvHeadShareABlock) {
+  REQUIRE_GPU();
+  // Attention takes the query heads of a KV head a few at a time (the
+  // largest power of two up to 8 dividing the group), reading each key and
+  // value row once for them. The checkpoints' groups are 1 and 2; these
+  // variants of qwen3_moe have groups of 8, 4 and 3 (which takes one head a
+  // block), decoded against the CPU engine with a head's positions split
+  // over up to four blocks (one run up to 64 positions, then two).
+  const std::filesystem::path root =
+      std::filesystem::temp_directory_path() / ("moec-grouped-heads-" + std::to_string(::getpid()));
+  for (auto [heads, kvHeads] : {std::pair{8, 1}, std::pair{8, 2}, std::pair{6, 2}}) {
+    const std::filesystem::path dir = root / (std::to_string(heads) + "-over-" + std::to_string(kvHeads));
+    SCOPED_TRACE(dir.string());
+    ASSERT_TRUE(writeGroupedVariant(dir, heads, kvHeads).ok());
+    Expected<LoadedModel> cpu = loadModel(dir.string());
+    ASSERT_TRUE(cpu) << cpu.status().message();
+    ASSERT_EQ(cpu->spec.attention.numHeads, heads);
+    ASSERT_EQ(cpu->spec.attention.numKeyValueHeads, kvHeads);
+    auto [device, model] = moe::testing::loadOnCuda(dir.string());
+    ASSERT_TRUE(model) << model.status().message();
+    ASSERT_TRUE((*device)->chooseAttentionSplits(4).ok());
+    KvCache cache = model->engine->newCache(), cpuCache = cpu->engine->newCache();
+    std::vector<float> out, cpuOut;
+    double most = 0;
+    for (int64_t t = 0; t < 100; ++t) {
+      const int32_t id = static_cast<int32_t>((t * 7919 + 13) % model->spec.vocabSize);
+      Status status = model->engine->forward(std::span<const int32_t>(&id, 1), cache, out);
+      ASSERT_TRUE(status.ok()) << status.message();
+      ASSERT_TRUE(cpu->engine->forward(std::span<const int32_t>(&id, 1), cpuCache, cpuOut).ok());
+      most = std::max(most, maxDifference(cpuOut, out));
+    }
+    std::printf("%d query heads over %d KV heads: max |logit difference| to the CPU %.3g over 100 tokens\n", heads,
+                kvHeads, most);
+    EXPECT_LE(most, 1e-3);
+  }
+  std::filesystem::remove_all(root);
 }
 
 TEST(CudaEngine, PrefillOnTheDeviceMatchesTheCpuEngine) {
