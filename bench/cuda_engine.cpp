@@ -278,7 +278,7 @@ int main(int argc, char **argv) {
                  "                   [--product-kernel auto|streamed|warp-per-row|dp4a] [--routing "
                  "device|device-eager|host]\n"
                  "                   [--prefill host|device] [--launches dependent|plain] [--context C]\n"
-                 "                   [--attention-splits 0..32] [--graphs token|layer]\n";
+                 "                   [--attention-splits 0..64] [--graphs token|layer]\n";
     return 2;
   }
   auto fail = [](const std::string &message) {

@@ -1044,18 +1044,45 @@ int headsABlock(int group) {
 /// Where attendKernel's blocks keep their partial sums and the runs'
 /// weights (shared memory), for attendHeads.
 struct AttendShared {
-  float *partial;                          ///< kMaxHeadsABlock x 1024 floats, 16-byte aligned.
+  float *partial;                          ///< G x 1024 floats, 16-byte aligned.
   float (*runWeight)[kMaxAttentionSplits]; ///< [kMaxHeadsABlock][kMaxAttentionSplits].
   int *last;                               ///< Whether this block adds the runs.
 };
 
-/// attendKernel's shared memory (in a plain function: the CPU emulation
-/// poisons only those; each kernel that calls it has its own).
-__device__ AttendShared attendShared() {
-  __shared__ float4 partialByFour[kMaxHeadsABlock * 256]; // kMaxHeadsABlock x 1024 floats, 16-byte aligned
+// attendKernel<G>'s shared memory: G x 1024 floats of partial sums (plain
+// functions, one a size: the CPU emulation poisons the shared memory of
+// plain functions only; each kernel that calls one has its own).
+__device__ float *attendPartial1() {
+  __shared__ float4 partial[256];
+  return reinterpret_cast<float *>(partial);
+}
+__device__ float *attendPartial2() {
+  __shared__ float4 partial[2 * 256];
+  return reinterpret_cast<float *>(partial);
+}
+__device__ float *attendPartial4() {
+  __shared__ float4 partial[4 * 256];
+  return reinterpret_cast<float *>(partial);
+}
+__device__ float *attendPartial8() {
+  __shared__ float4 partial[8 * 256];
+  return reinterpret_cast<float *>(partial);
+}
+__device__ AttendShared attendShared(float *partial) {
   __shared__ float runWeight[kMaxHeadsABlock][kMaxAttentionSplits];
   __shared__ int last;
-  return {reinterpret_cast<float *>(partialByFour), runWeight, &last};
+  return {partial, runWeight, &last};
+}
+template <int G> __device__ __forceinline__ AttendShared attendSharedOf() {
+  static_assert(G == 1 || G == 2 || G == 4 || G == 8, "a power of two up to kMaxHeadsABlock");
+  if constexpr (G == 1)
+    return attendShared(attendPartial1());
+  else if constexpr (G == 2)
+    return attendShared(attendPartial2());
+  else if constexpr (G == 4)
+    return attendShared(attendPartial4());
+  else
+    return attendShared(attendPartial8());
 }
 
 /// attendKernel's work for G query heads of one KV head (G a power of two,
@@ -1309,7 +1336,7 @@ __global__ void __launch_bounds__(256)
                  float *out, AttentionSplit split, const QuantJob *jobs, int jobCount) {
   awaitPreviousKernel();
   attendHeads<G>(q, keys, values, position, group, qDim, vDim, keyWidth, valueWidth, scale, scores, scoreStride, out,
-                 split, jobs, jobCount, attendShared());
+                 split, jobs, jobCount, attendSharedOf<G>());
 }
 
 /// Routing (kernels/common/Routing.h) by the 32 lanes of a warp together:

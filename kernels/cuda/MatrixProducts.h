@@ -34,7 +34,7 @@ namespace moe::cuda {
 
 /// The most blocks one head's decode attention is split over
 /// (Context::setAttentionSplits).
-constexpr int kMaxAttentionSplits = 32;
+constexpr int kMaxAttentionSplits = 64;
 
 enum class WeightLayout : uint8_t { F32, BF16, Group };
 

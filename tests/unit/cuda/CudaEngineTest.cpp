@@ -741,12 +741,14 @@ using moe::testing::maxCacheDifference;
 using moe::testing::maxDifference;
 
 /// tests/data/hf/qwen3_moe (4 query heads of 16 over 2 KV heads) with
-/// `heads` query heads over `kvHeads` KV heads (kvHeads <= 2, heads <= 8),
-/// written under `dir`: q_proj's rows are its own, then k_proj's and
-/// v_proj's; k_proj and v_proj keep their first KV heads; o_proj's row r is
-/// its own row r, then row r + 1. Every value is the checkpoint's; the
-/// model is one transformers could have saved with these head counts.
-Status writeGroupedVariant(const std::filesystem::path &dir, int heads, int kvHeads) {
+/// `heads` query heads of `headDim` over `kvHeads` KV heads, written under
+/// `dir`. A layer's q_proj, k_proj and v_proj take their rows in turn from
+/// the layer's own matrices of 32 columns (q, k, v, then the experts' gate
+/// and up and the router: 260 rows), o_proj's row r takes its columns from
+/// its rows r and r + 1, and q_norm and k_norm their first values. Every
+/// value is the checkpoint's; the model is one transformers could have
+/// saved with these shapes.
+Status writeGroupedVariant(const std::filesystem::path &dir, int heads, int kvHeads, int headDim) {
   const std::string source = dataDir() + "/hf/qwen3_moe";
   std::filesystem::create_directories(dir);
   std::ifstream in(source + "/config.json");
@@ -754,57 +756,109 @@ Status writeGroupedVariant(const std::filesystem::path &dir, int heads, int kvHe
   text << in.rdbuf();
   std::string config = text.str();
   for (auto [key, value] : {std::pair<std::string, int>{"\"num_attention_heads\": 4", heads},
-                            std::pair<std::string, int>{"\"num_key_value_heads\": 2", kvHeads}}) {
+                            std::pair<std::string, int>{"\"num_key_value_heads\": 2", kvHeads},
+                            std::pair<std::string, int>{"\"head_dim\": 16", headDim}}) {
     const size_t at = config.find(key);
     if (at == std::string::npos)
       return Status::error(source, "/config.json: no ", key);
     config.replace(at, key.size(), key.substr(0, key.find(':') + 2) + std::to_string(value));
   }
-  std::ofstream(dir / "config.json") << config;
+  if (!(std::ofstream(dir / "config.json") << config))
+    return Status::error("cannot write ", (dir / "config.json").string());
   Expected<std::unique_ptr<SafetensorsFile>> file = SafetensorsFile::open(source + "/model.safetensors");
   if (!file)
     return file.status();
   const SafetensorsFile &f = **file;
-  constexpr int64_t kHeadDim = 16, kRowBytes = 32 * 2; // rows of 32 bf16 columns
+  constexpr int64_t kRowBytes = 32 * 2; // rows of 32 bf16 columns
   auto bytesOf = [&](const std::string &name) {
     const std::span<const uint8_t> data = f.data(*f.find(name));
     return std::vector<uint8_t>(data.begin(), data.end());
   };
+  // Each layer's pool of rows of 32 columns, and how many it has handed out.
+  std::map<std::string, std::pair<std::vector<uint8_t>, size_t>> pools;
+  auto rowsOf = [&](const std::string &layer, int64_t count) -> Expected<std::vector<uint8_t>> {
+    auto &[pool, used] = pools[layer];
+    if (pool.empty()) {
+      for (const char *name :
+           {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "mlp.gate.weight"}) {
+        const std::vector<uint8_t> rows = bytesOf(layer + name);
+        pool.insert(pool.end(), rows.begin(), rows.end());
+      }
+      for (int e = 0; e < 4; ++e)
+        for (const char *name : {"gate_proj", "up_proj"}) {
+          const std::vector<uint8_t> rows =
+              bytesOf(layer + "mlp.experts." + std::to_string(e) + "." + name + ".weight");
+          pool.insert(pool.end(), rows.begin(), rows.end());
+        }
+    }
+    const size_t bytes = static_cast<size_t>(count * kRowBytes);
+    if (used + bytes > pool.size())
+      return Status::error("the variant needs more than the ", pool.size() / kRowBytes, " rows of ", layer);
+    std::vector<uint8_t> rows(pool.begin() + static_cast<std::ptrdiff_t>(used),
+                              pool.begin() + static_cast<std::ptrdiff_t>(used + bytes));
+    used += bytes;
+    return rows;
+  };
   SafetensorsWriter writer;
-  for (const TensorInfo &t : f.tensors()) {
-    const std::string &name = t.name;
-    const auto endsWith = [&](std::string_view tail) {
-      return name.size() >= tail.size() && name.compare(name.size() - tail.size(), tail.size(), tail) == 0;
+  // q, k, v first in each layer (the pool hands out rows in that order).
+  std::vector<const TensorInfo *> tensors;
+  for (const TensorInfo &t : f.tensors())
+    tensors.push_back(&t);
+  std::stable_sort(tensors.begin(), tensors.end(), [](const TensorInfo *a, const TensorInfo *b) {
+    const auto rank = [](const std::string &n) {
+      return n.find("q_proj") != std::string::npos   ? 0
+             : n.find("k_proj") != std::string::npos ? 1
+             : n.find("v_proj") != std::string::npos ? 2
+                                                     : 3;
     };
-    const std::string attention = name.substr(0, name.rfind("self_attn.") + 10);
+    return rank(a->name) < rank(b->name);
+  });
+  for (const TensorInfo *t : tensors) {
+    const std::string &name = t->name;
+    const size_t attentionAt = name.rfind("self_attn.");
+    const std::string layer = name.substr(0, attentionAt == std::string::npos ? 0 : attentionAt);
+    const std::string part = attentionAt == std::string::npos ? "" : name.substr(attentionAt + 10);
     std::vector<uint8_t> bytes = bytesOf(name);
-    std::vector<int64_t> shape = t.shape;
-    if (endsWith("self_attn.q_proj.weight")) {
-      std::vector<uint8_t> rows = bytes, k = bytesOf(attention + "k_proj.weight"),
-                           v = bytesOf(attention + "v_proj.weight");
-      rows.insert(rows.end(), k.begin(), k.end());
-      rows.insert(rows.end(), v.begin(), v.end());
-      rows.resize(static_cast<size_t>(heads * kHeadDim * kRowBytes));
-      bytes = std::move(rows);
-      shape = {heads * kHeadDim, 32};
-    } else if (endsWith("self_attn.k_proj.weight") || endsWith("self_attn.v_proj.weight")) {
-      bytes.resize(static_cast<size_t>(kvHeads * kHeadDim * kRowBytes));
-      shape = {kvHeads * kHeadDim, 32};
-    } else if (endsWith("self_attn.o_proj.weight")) {
-      // [32, 64] bf16: row r of the new [32, heads * 16], from rows r and r + 1.
-      const int64_t oldRow = 64 * 2, newRow = heads * kHeadDim * 2;
+    std::vector<int64_t> shape = t->shape;
+    if (part == "q_proj.weight" || part == "k_proj.weight" || part == "v_proj.weight") {
+      const int64_t rows = (part == "q_proj.weight" ? heads : kvHeads) * headDim;
+      Expected<std::vector<uint8_t>> taken = rowsOf(layer, rows);
+      if (!taken)
+        return taken.status();
+      bytes = std::move(*taken);
+      shape = {rows, 32};
+    } else if (part == "o_proj.weight") {
+      // [32, 64] bf16: row r of the new [32, heads * headDim], from rows r
+      // and r + 1.
+      const int64_t oldRow = 64 * 2, newRow = heads * headDim * 2;
+      if (newRow > 2 * oldRow)
+        return Status::error("o_proj's rows hold ", 2 * oldRow / 2, " values of two rows, not ", newRow / 2);
       std::vector<uint8_t> out(static_cast<size_t>(32 * newRow));
       for (int64_t r = 0; r < 32; ++r)
         for (int64_t c = 0; c < newRow; ++c)
           out[static_cast<size_t>(r * newRow + c)] =
               bytes[static_cast<size_t>((c < oldRow ? r : (r + 1) % 32) * oldRow + c % oldRow)];
       bytes = std::move(out);
-      shape = {32, heads * kHeadDim};
+      shape = {32, heads * headDim};
+    } else if (part == "q_norm.weight" || part == "k_norm.weight") {
+      bytes.resize(static_cast<size_t>(headDim * 2));
+      shape = {headDim};
     }
-    MOE_RETURN_IF_ERROR(writer.addTensor(name, t.dtype, shape, std::move(bytes)));
+    MOE_RETURN_IF_ERROR(writer.addTensor(name, t->dtype, shape, std::move(bytes)));
   }
   return writer.write((dir / "model.safetensors").string());
 }
+
+/// A directory removed with everything in it when the scope ends.
+struct TemporaryDirectory {
+  std::filesystem::path path;
+  explicit TemporaryDirectory(const std::string &name)
+      : path(std::filesystem::temp_directory_path() / (name + "-" + std::to_string(::getpid()))) {}
+  ~TemporaryDirectory() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path, ignored);
+  }
+};
 
 } // namespace
 
@@ -1053,7 +1107,7 @@ TEST(CudaEngine, AttentionSplitOverBlocksMatchesABlockAHead) {
   }
   Expected<std::shared_ptr<Device>> device = openDevice(DeviceChoice::Cuda);
   ASSERT_TRUE(device) << device.status().message();
-  EXPECT_FALSE((*device)->chooseAttentionSplits(33).ok());
+  EXPECT_FALSE((*device)->chooseAttentionSplits(65).ok());
   EXPECT_FALSE((*device)->chooseAttentionSplits(-1).ok());
 }
 
@@ -1062,37 +1116,56 @@ TEST(CudaEngine, QueryHeadsOfOneKvHeadShareABlock) {
   // Attention takes the query heads of a KV head a few at a time (the
   // largest power of two up to 8 dividing the group), reading each key and
   // value row once for them. The checkpoints' groups are 1 and 2; these
-  // variants of qwen3_moe have groups of 8, 4 and 3 (which takes one head a
-  // block), decoded against the CPU engine with a head's positions split
-  // over up to four blocks (one run up to 64 positions, then two).
-  const std::filesystem::path root =
-      std::filesystem::temp_directory_path() / ("moec-grouped-heads-" + std::to_string(::getpid()));
-  for (auto [heads, kvHeads] : {std::pair{8, 1}, std::pair{8, 2}, std::pair{6, 2}}) {
-    const std::filesystem::path dir = root / (std::to_string(heads) + "-over-" + std::to_string(kvHeads));
+  // variants of qwen3_moe have groups of 8, 4 (heads of 16, and of 10: the
+  // kernels' one-float paths) and 3 (which takes one head a block), decoded
+  // token by token against the CPU engine with a head's positions split
+  // over up to four blocks (one run up to 64 positions, then two), then a
+  // prompt of 72 tokens as one step on the device (its blocks of heads
+  // beside each other).
+  const TemporaryDirectory root("moec-grouped-heads");
+  struct Variant {
+    int heads, kvHeads, headDim;
+  };
+  for (const Variant v : {Variant{8, 1, 16}, Variant{8, 2, 16}, Variant{8, 2, 10}, Variant{6, 2, 16}}) {
+    const std::filesystem::path dir = root.path / (std::to_string(v.heads) + "-over-" + std::to_string(v.kvHeads) +
+                                                   "-of-" + std::to_string(v.headDim));
     SCOPED_TRACE(dir.string());
-    ASSERT_TRUE(writeGroupedVariant(dir, heads, kvHeads).ok());
+    const Status written = writeGroupedVariant(dir, v.heads, v.kvHeads, v.headDim);
+    ASSERT_TRUE(written.ok()) << written.message();
     Expected<LoadedModel> cpu = loadModel(dir.string());
     ASSERT_TRUE(cpu) << cpu.status().message();
-    ASSERT_EQ(cpu->spec.attention.numHeads, heads);
-    ASSERT_EQ(cpu->spec.attention.numKeyValueHeads, kvHeads);
+    ASSERT_EQ(cpu->spec.attention.numHeads, v.heads);
+    ASSERT_EQ(cpu->spec.attention.numKeyValueHeads, v.kvHeads);
+    ASSERT_EQ(cpu->spec.attention.headDim, v.headDim);
     auto [device, model] = moe::testing::loadOnCuda(dir.string());
     ASSERT_TRUE(model) << model.status().message();
     ASSERT_TRUE((*device)->chooseAttentionSplits(4).ok());
     KvCache cache = model->engine->newCache(), cpuCache = cpu->engine->newCache();
     std::vector<float> out, cpuOut;
-    double most = 0;
+    double decode = 0;
     for (int64_t t = 0; t < 100; ++t) {
       const int32_t id = static_cast<int32_t>((t * 7919 + 13) % model->spec.vocabSize);
       Status status = model->engine->forward(std::span<const int32_t>(&id, 1), cache, out);
       ASSERT_TRUE(status.ok()) << status.message();
       ASSERT_TRUE(cpu->engine->forward(std::span<const int32_t>(&id, 1), cpuCache, cpuOut).ok());
-      most = std::max(most, maxDifference(cpuOut, out));
+      decode = std::max(decode, maxDifference(cpuOut, out));
     }
-    std::printf("%d query heads over %d KV heads: max |logit difference| to the CPU %.3g over 100 tokens\n", heads,
-                kvHeads, most);
-    EXPECT_LE(most, 1e-3);
+    ASSERT_TRUE((*device)->choosePrefill("device").ok());
+    std::vector<int32_t> prompt;
+    for (int32_t i = 0; i < 72; ++i)
+      prompt.push_back((i * 104729 + 7) % static_cast<int32_t>(model->spec.vocabSize));
+    KvCache promptCache = model->engine->newCache(), cpuPromptCache = cpu->engine->newCache();
+    Status status = model->engine->forward(prompt, promptCache, out);
+    ASSERT_TRUE((*device)->choosePrefill("host").ok());
+    ASSERT_TRUE(status.ok()) << status.message();
+    ASSERT_TRUE(cpu->engine->forward(prompt, cpuPromptCache, cpuOut).ok());
+    const double prefill = maxDifference(cpuOut, out);
+    std::printf("%d query heads of %d over %d KV heads: max |logit difference| to the CPU %.3g over 100 decoded "
+                "tokens, %.3g over a prompt of 72\n",
+                v.heads, v.headDim, v.kvHeads, decode, prefill);
+    EXPECT_LE(decode, 1e-3);
+    EXPECT_LE(prefill, 1e-3);
   }
-  std::filesystem::remove_all(root);
 }
 
 TEST(CudaEngine, PrefillOnTheDeviceMatchesTheCpuEngine) {

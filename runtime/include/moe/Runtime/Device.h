@@ -111,7 +111,7 @@ public:
   virtual Status chooseLaunches(std::string_view name);
   /// Benchmarks and tests: the most blocks one head's decode attention is
   /// split over (CUDA: 0, the default, as the device's multiprocessors call
-  /// for; 1, a block a head; at most 32), the same results but for the
+  /// for; 1, a block a head; at most 64), the same results but for the
   /// order of float additions. An error for a count out of range or a
   /// device that has no such choice.
   virtual Status chooseAttentionSplits(int64_t most);
