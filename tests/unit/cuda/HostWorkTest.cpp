@@ -5,8 +5,9 @@
 // microseconds whatever it moves (BENCHMARKS.md, "CUDA engine": OLMoE at
 // 3-5% of HBM with a dozen launches and a wait a layer). The CUDA engine's
 // design is that a token whose layers the device holds and routes costs
-// the host one graph replay per layer part, a few copies and one wait, and
-// that nothing is allocated or captured again once the graphs exist. The
+// the host one graph launch (the token's graph; one per layer part with
+// --graphs layer), a few copies and one wait, and that nothing is allocated
+// or captured again once the graphs exist. The
 // CPU emulation of CUDA counts what the host asks of the device
 // (moe::emulation::counters), so these tests hold that design to numbers
 // on every machine. Built only into moec-cuda-emulated-tests.
