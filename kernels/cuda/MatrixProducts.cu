@@ -1227,16 +1227,19 @@ attendHeads(const float *q, const float *keys, const float *values, const int64_
       }
     }
   __syncthreads();
+  // Head g's weighted value i over the run: its row groups' sums, in order.
+  const auto runTotal = [&](int g, int i) {
+    float total = 0.0f;
+    for (int r = 0; r < rowGroups; ++r)
+      total += partial[g * 1024 + r * vDim + i];
+    return total;
+  };
   float *headOut = out + firstHead * vDim;
   if (used == 1) {
 #pragma unroll
     for (int g = 0; g < G; ++g)
-      for (int i = threadIdx.x; i < vDim; i += blockDim.x) {
-        float total = 0.0f;
-        for (int r = 0; r < rowGroups; ++r)
-          total += partial[g * 1024 + r * vDim + i];
-        headOut[g * vDim + i] = total / sum[g];
-      }
+      for (int i = threadIdx.x; i < vDim; i += blockDim.x)
+        headOut[g * vDim + i] = runTotal(g, i) / sum[g];
   } else {
     // Each head's run in its slot, then the block's count: the last block
     // to arrive sees every run's slots (the fences order the writes before
@@ -1246,12 +1249,8 @@ attendHeads(const float *q, const float *keys, const float *values, const int64_
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       float *mine = slots + g * headSlots + z * split.slotFloats;
-      for (int i = threadIdx.x; i < vDim; i += blockDim.x) {
-        float total = 0.0f;
-        for (int r = 0; r < rowGroups; ++r)
-          total += partial[g * 1024 + r * vDim + i];
-        mine[4 + i] = total;
-      }
+      for (int i = threadIdx.x; i < vDim; i += blockDim.x)
+        mine[4 + i] = runTotal(g, i);
       if (threadIdx.x == 0) {
         mine[0] = most[g];
         mine[1] = sum[g];
@@ -1562,12 +1561,7 @@ struct DecodeGraph {
   DecodeGraph() = default;
   DecodeGraph(const DecodeGraph &) = delete;
   DecodeGraph &operator=(const DecodeGraph &) = delete;
-  ~DecodeGraph() {
-    if (exec)
-      cudaGraphExecDestroy(exec);
-    if (captured)
-      cudaGraphDestroy(captured);
-  }
+  ~DecodeGraph() { drop(); }
   /// Drops the instance and what it was made from.
   void drop() {
     if (exec)
