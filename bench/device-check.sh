@@ -14,11 +14,14 @@
 #   bench/device-check.sh [OUT]
 #
 # STEPS (default "tests bench memcheck ncu") picks the steps of a shorter
-# run; "quickbench" in place of "bench" runs four 4-bit models alone (and,
-# as bench does, OLMoE with routing on the host, without graphs, with a
-# graph per layer, with plain launches, and decoding after 1024 tokens with attention split over
-# blocks and a block a head, and OLMoE and Mixtral with prefill's products on dp4a
-# instead of tensor cores and with prompts on the decode path).
+# run; "quickbench" in place of "bench" runs the four 4-bit models and the
+# comparisons beside them (Mixtral streamed, OLMoE with a graph per layer,
+# after 1024 tokens with and without split attention, with plain launches,
+# with routing on the host and without graphs, prompts on the decode path,
+# prefill on dp4a), most telling first; "bench" adds bf16, one host thread
+# and each one-token kernel alone. BUDGET (seconds, default 540: one call
+# of the device tool) skips the benchmark runs that would end past it;
+# BUDGET=3600 for a full run.
 set -uo pipefail
 steps=" ${STEPS:-tests bench memcheck ncu} "
 want() { [[ $steps == *" $1 "* ]]; }
@@ -63,35 +66,30 @@ grep -E "^(device|parity)|PASSED|FAILED|SKIPPED" "$out/tests.log" | tee -a "$out
 log "tests exit $status"
 fi
 
+# Each run takes at most 60 s. Runs that would end past BUDGET seconds
+# since the start (default 540: one call of the device tool allows 600) are
+# skipped and logged, so the results are there when the call ends.
+budget=${BUDGET:-540}
 run_bench() { # name config layers format [more options]
+  if ((SECONDS + 60 > budget)); then
+    log "skipped (time: ${SECONDS} s of ${budget}): cuda_engine $1 $4 ${*:5}"
+    return
+  fi
   log "cuda_engine $1 $4 ${*:5}"
   timeout 60 "$engine" --config "$root/bench/configs/$2" --layers "$3" --format "$4" --device cuda \
     --prompt 512 --decode 64 --step 8 "${@:5}" >"$out/bench-$1-$4.json" 2>"$out/bench-$1-$4.err"
   log "exit $? $(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print('decode %.0f tok/s (%.1f%% of copy bandwidth, %.1f%% with the KV cache of %.0f MB a token), 8-token steps %.0f tok/s, prefill %.0f tok/s (%s in device calls); %d layers routed on the device, graphs %d captured, %d replayed, %d failed; token graphs %d built, %d launched, %d failed' % (r['decode_tokens_per_second'], 100*r['decode_fraction_of_copy_bandwidth'], 100*r.get('decode_fraction_of_copy_bandwidth_with_cache', 0), r.get('decode_cache_bytes_per_step', 0)/1e6, r.get('step_tokens_per_second', 0), r['prefill_tokens_per_second'], ('%.0f%%' % (100*r['prefill_device_busy_fraction'])) if 'prefill_device_busy_fraction' in r else 'untimed', r.get('layers_routed_on_device', 0), r.get('graph_captures', 0), r.get('graph_replays', 0), r.get('graph_failures', 0), r.get('token_graphs', 0), r.get('token_graph_replays', 0), r.get('token_graph_failures', 0)))" "$out/bench-$1-$4.json" 2>&1 | tail -1)"
   tail -2 "$out/bench-$1-$4.err" >>"$out/summary.txt"
 }
-if want bench; then
-run_bench olmoe-1b-7b olmoe-1b-7b-4layers.json 16 q4_g128_asym
-run_bench olmoe-1b-7b olmoe-1b-7b-4layers.json 16 bf16
-# The host's share: the same with one CPU thread (no pool hand-offs).
-run_bench olmoe-1b-7b-1thread olmoe-1b-7b-4layers.json 16 q4_g128_asym --threads 1
-run_bench qwen3-30b-a3b qwen3-30b-a3b-2layers.json 48 q4_g128_asym
-run_bench deepseek-v2-lite deepseek-v2-lite.json 27 q4_g128_asym
-run_bench mixtral-8x7b mixtral-8x7b.json 32 q4_g128_asym
-elif want quickbench; then
-run_bench olmoe-1b-7b olmoe-1b-7b-4layers.json 16 q4_g128_asym
-run_bench qwen3-30b-a3b qwen3-30b-a3b-2layers.json 48 q4_g128_asym
-run_bench deepseek-v2-lite deepseek-v2-lite.json 27 q4_g128_asym
-run_bench mixtral-8x7b mixtral-8x7b.json 32 q4_g128_asym
-fi
+# Most telling first: what is left when the budget runs out is the least.
 if want bench || want quickbench; then
-# Routing on the host (a wait per layer), and on the device without the
-# per-layer graphs, beside the default (on the device, graphs) above.
-run_bench olmoe-1b-7b-host-routing olmoe-1b-7b-4layers.json 16 q4_g128_asym --routing host
-run_bench olmoe-1b-7b-device-eager olmoe-1b-7b-4layers.json 16 q4_g128_asym --routing device-eager
-# Each kernel after the last has ended, beside the default (programmatic
-# dependent launches: a kernel's blocks start while the one before drains).
-run_bench olmoe-1b-7b-plain-launches olmoe-1b-7b-4layers.json 16 q4_g128_asym --launches plain
+run_bench olmoe-1b-7b olmoe-1b-7b-4layers.json 16 q4_g128_asym
+run_bench qwen3-30b-a3b qwen3-30b-a3b-2layers.json 48 q4_g128_asym
+run_bench deepseek-v2-lite deepseek-v2-lite.json 27 q4_g128_asym
+run_bench mixtral-8x7b mixtral-8x7b.json 32 q4_g128_asym
+# Mixtral's rows (2-7 KiB of codes) take a warp per row under auto: the
+# streamed kernel beside it, what ProductKernel::Auto's threshold rests on.
+run_bench mixtral-8x7b-streamed mixtral-8x7b.json 32 q4_g128_asym --product-kernel streamed
 # A graph per layer's attention and MLP, launched one by one, beside the
 # default (the token's graphs as one).
 run_bench olmoe-1b-7b-layer-graphs olmoe-1b-7b-4layers.json 16 q4_g128_asym --graphs layer
@@ -101,33 +99,33 @@ run_bench olmoe-1b-7b-layer-graphs olmoe-1b-7b-4layers.json 16 q4_g128_asym --gr
 run_bench olmoe-1b-7b-context-1024 olmoe-1b-7b-4layers.json 16 q4_g128_asym --context 1024 --prompt 64 --decode 32 --step 1
 run_bench olmoe-1b-7b-context-1024-one-block olmoe-1b-7b-4layers.json 16 q4_g128_asym --context 1024 --prompt 64 \
   --decode 32 --step 1 --attention-splits 1
-fi
-if want bench; then
-run_bench qwen3-30b-a3b-plain-launches qwen3-30b-a3b-2layers.json 48 q4_g128_asym --launches plain
-fi
-if want bench; then
-run_bench qwen3-30b-a3b-host-routing qwen3-30b-a3b-2layers.json 48 q4_g128_asym --routing host
-fi
-if want bench || want quickbench; then
+# Each kernel after the last has ended, beside the default (programmatic
+# dependent launches: a kernel's blocks start while the one before drains).
+run_bench olmoe-1b-7b-plain-launches olmoe-1b-7b-4layers.json 16 q4_g128_asym --launches plain
+# Routing on the host (a wait per layer), and on the device without the
+# per-layer graphs, beside the default (on the device, graphs) above.
+run_bench olmoe-1b-7b-host-routing olmoe-1b-7b-4layers.json 16 q4_g128_asym --routing host
+run_bench olmoe-1b-7b-device-eager olmoe-1b-7b-4layers.json 16 q4_g128_asym --routing device-eager
 # Prompts on the decode path (the residual stream on the device, chunks of
 # 256 tokens), beside the default (products on the device, the rest on the
 # host) above.
 run_bench olmoe-1b-7b-prefill-device olmoe-1b-7b-4layers.json 16 q4_g128_asym --prefill device
 run_bench mixtral-8x7b-prefill-device mixtral-8x7b.json 32 q4_g128_asym --prefill device
-fi
-if want bench || want quickbench; then
 # Prefill's group-format products on dp4a rather than tensor cores
 # (TensorTiles.h), beside the default above.
 run_bench olmoe-1b-7b-dp4a olmoe-1b-7b-4layers.json 16 q4_g128_asym --product-kernel dp4a
 run_bench mixtral-8x7b-dp4a mixtral-8x7b.json 32 q4_g128_asym --product-kernel dp4a
 fi
 if want bench; then
-# Each one-token kernel alone, beside the default (auto) above: what
-# ProductKernel::Auto's row-size threshold rests on.
-for kernel in streamed warp-per-row; do
-  run_bench olmoe-1b-7b-$kernel olmoe-1b-7b-4layers.json 16 q4_g128_asym --product-kernel $kernel
-  run_bench mixtral-8x7b-$kernel mixtral-8x7b.json 32 q4_g128_asym --product-kernel $kernel
-done
+run_bench olmoe-1b-7b olmoe-1b-7b-4layers.json 16 bf16
+# The host's share: the same with one CPU thread (no pool hand-offs).
+run_bench olmoe-1b-7b-1thread olmoe-1b-7b-4layers.json 16 q4_g128_asym --threads 1
+run_bench qwen3-30b-a3b-plain-launches qwen3-30b-a3b-2layers.json 48 q4_g128_asym --launches plain
+run_bench qwen3-30b-a3b-host-routing qwen3-30b-a3b-2layers.json 48 q4_g128_asym --routing host
+# Each one-token kernel alone, beside the default (auto) above.
+run_bench olmoe-1b-7b-streamed olmoe-1b-7b-4layers.json 16 q4_g128_asym --product-kernel streamed
+run_bench olmoe-1b-7b-warp-per-row olmoe-1b-7b-4layers.json 16 q4_g128_asym --product-kernel warp-per-row
+run_bench mixtral-8x7b-warp-per-row mixtral-8x7b.json 32 q4_g128_asym --product-kernel warp-per-row
 fi
 if want memcheck && command -v compute-sanitizer >/dev/null; then
   log "compute-sanitizer memcheck (kernels, fixtures)"

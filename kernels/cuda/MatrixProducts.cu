@@ -180,30 +180,42 @@ template <int BITS> struct CodeBlock {
   unsigned words[BITS];
 };
 
-/// acc += one 32-code block's dot with its 32 int8 activations `a` (16-byte
-/// aligned) in the CPU's order: (sum * activation scale) * weight scale,
-/// then, at a group's first block, min * the group's activation sum.
+/// A block's 32 int8 activations (eight words of four), its group's
+/// activation scale and, where the block starts a group of codes with a
+/// minimum, the group's activation sum.
+struct BlockActivations {
+  int words[8];
+  float scale, sum;
+};
+
+/// Loads a block's activations: `a` 16-byte aligned.
+__device__ __forceinline__ BlockActivations loadActivations(const int8_t *a, const float *scale, const float *sum,
+                                                            bool needSum) {
+  const int4 a0 = __ldg(reinterpret_cast<const int4 *>(a)), a1 = __ldg(reinterpret_cast<const int4 *>(a) + 1);
+  return BlockActivations{{a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w}, __ldg(scale), needSum ? __ldg(sum) : 0.0f};
+}
+
+/// acc += one 32-code block's dot with its activations in the CPU's order:
+/// (sum * activation scale) * weight scale, then, at a group's first block,
+/// min * the group's activation sum.
 template <int BITS>
 __device__ __forceinline__ void accumulateBlock(float &acc, const unsigned (&words)[BITS], float scale, float minimum,
-                                                bool groupStart, bool signedCodes, const int8_t *a,
-                                                float activationScale, const float *activationSum) {
+                                                bool groupStart, bool signedCodes, const BlockActivations &a) {
   unsigned unpacked[8];
   unpackBlock<BITS>(words, unpacked);
-  const int4 a0 = __ldg(reinterpret_cast<const int4 *>(a)), a1 = __ldg(reinterpret_cast<const int4 *>(a) + 1);
-  const int activations[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
   int sum = 0;
   if (signedCodes) {
 #pragma unroll
     for (int m = 0; m < 8; ++m)
-      sum = __dp4a(static_cast<int>(unpacked[m]), activations[m], sum);
+      sum = __dp4a(static_cast<int>(unpacked[m]), a.words[m], sum);
   } else {
 #pragma unroll
     for (int m = 0; m < 8; ++m)
-      sum = dotUnsigned(unpacked[m], activations[m], sum);
+      sum = dotUnsigned(unpacked[m], a.words[m], sum);
   }
-  acc += static_cast<float>(sum) * activationScale * scale;
+  acc += static_cast<float>(sum) * a.scale * scale;
   if (groupStart && !signedCodes)
-    acc += minimum * __ldg(activationSum);
+    acc += minimum * a.sum;
 }
 
 /// Blocks in flight per lane (64 bytes of codes at 4 and 8 bits): all their
@@ -263,8 +275,9 @@ template <int BITS, int TILE> __device__ void groupRow(const ProductJob &job, in
           break;
         const int64_t token = t0 + t;
         accumulateBlock<BITS>(acc[t], block.words, block.scale, block.minimum, groupStart, job.signedCodes,
-                              job.q + token * activationStride + b * 32, __ldg(job.qScales + token * job.groups + g),
-                              job.qSums + token * job.groups + g);
+                              loadActivations(job.q + token * activationStride + b * 32,
+                                              job.qScales + token * job.groups + g, job.qSums + token * job.groups + g,
+                                              groupStart && !job.signedCodes));
       }
     };
     for (int base = lane; base < blocks; base += 32 * kBlocksInFlight<BITS>) {
@@ -538,71 +551,97 @@ struct StreamSlot {
   unsigned *header;
 };
 
-/// A warp's place in its rows: which row, which chunk of it, and its job.
-struct StreamCursor {
-  int64_t row;
-  int chunk, chunks, job;
+/// A warp's place in its rows, with what it reads of the row's job resolved
+/// once a row, into registers: the loop over chunks reads no job field from
+/// memory and indexes within a row in 32 bits.
+struct StreamRow {
+  int64_t row; ///< Over all jobs' rows; totalRows or more: past the end.
+  int job, chunk, blocks;
+  int bits, blockShift, symmetric, signedCodes, bf16Scale;
+  /// Symmetric headers are two bytes: whether the row's first sits in the
+  /// upper half of its aligned word.
+  int headerPhase;
+  const uint8_t *codes;   ///< The row's first block.
+  const uint8_t *headers; ///< The aligned word holding the row's first header.
+  const int8_t *q;        ///< The job's quantized activation (QuantJob).
+  const float *qScales, *qSums;
+  float *y; ///< The row's output.
 };
 
-__device__ __forceinline__ int rowBlocks(const ProductJob &job) {
-  return static_cast<int>(job.groups) << job.blockShift;
-}
-
-/// Moves `c` to row `row` (or past the end): finds its job (rows only grow).
-__device__ __forceinline__ void seekRow(StreamCursor &c, int64_t row, const ProductJob *jobs, int64_t totalRows) {
+/// Moves `c` to row `row` (or past the end): finds its job (rows only grow)
+/// and reads the fields the chunks use.
+__device__ __forceinline__ void seekRow(StreamRow &c, int64_t row, const ProductJob *__restrict__ jobs,
+                                        int64_t totalRows) {
   c.row = row;
   c.chunk = 0;
   if (row >= totalRows)
     return;
   while (row >= jobs[c.job].first + jobs[c.job].rows)
     ++c.job;
-  c.chunks = (rowBlocks(jobs[c.job]) + 31) / 32;
+  const ProductJob &job = jobs[c.job];
+  const int64_t r = row - job.first;
+  c.blocks = static_cast<int>(job.groups) << job.blockShift;
+  c.bits = job.bits;
+  c.blockShift = job.blockShift;
+  c.symmetric = job.symmetric;
+  c.signedCodes = job.signedCodes;
+  c.bf16Scale = job.bf16Scale;
+  c.codes = job.w + r * job.codeRowBytes;
+  // Four-byte headers are aligned (the header plane is padded to 16 bytes).
+  const int64_t headerStart = job.headerOffset + r * job.groups * (job.symmetric ? 2 : 4);
+  c.headers = job.w + (headerStart & ~int64_t(3));
+  c.headerPhase = static_cast<int>((headerStart >> 1) & 1);
+  c.q = job.q;
+  c.qScales = job.qScales;
+  c.qSums = job.qSums;
+  c.y = job.y + r;
 }
 
-__device__ __forceinline__ void advance(StreamCursor &c, int64_t stride, const ProductJob *jobs, int64_t totalRows) {
-  if (++c.chunk == c.chunks)
+__device__ __forceinline__ void advance(StreamRow &c, int64_t stride, const ProductJob *__restrict__ jobs,
+                                        int64_t totalRows) {
+  if (++c.chunk * 32 >= c.blocks)
     seekRow(c, c.row + stride, jobs, totalRows);
+}
+
+/// The aligned word of `c`'s row that holds group g's header, and whether
+/// the header is its upper half.
+__device__ __forceinline__ int headerWord(const StreamRow &c, int g, bool &upper) {
+  upper = c.symmetric && ((g + c.headerPhase) & 1);
+  return c.symmetric ? (g + c.headerPhase) >> 1 : g;
 }
 
 /// Issues the copies of this lane's block of the chunk at `c` into `slot`,
 /// and commits them as one group (an empty one past the end, so that every
 /// iteration commits one group and the waits count alike).
-__device__ __forceinline__ void copyChunk(const StreamCursor &c, int lane, const ProductJob *jobs, int64_t totalRows,
-                                          const StreamSlot &slot) {
-  if (c.row < totalRows) {
-    const ProductJob &job = jobs[c.job];
-    const int64_t row = c.row - job.first;
-    const int b = c.chunk * 32 + lane;
-    if (b < rowBlocks(job)) {
-      const uint8_t *block = job.w + row * job.codeRowBytes + static_cast<int64_t>(b) * (4 * job.bits);
-      switch (job.bits) {
-      case 2:
-        copyAsync8(slot.codes, block);
-        break;
-      case 3:
-        for (int k = 0; k < 3; ++k)
-          copyAsync4(reinterpret_cast<unsigned *>(slot.codes) + k, block + 4 * k);
-        break;
-      case 4:
-        copyAsync16(slot.codes, block);
-        break;
-      default:
-        copyAsync16(slot.codes, block);
-        copyAsync16(slot.codes + 1, block + 16);
-        break;
-      }
-      // The aligned word holding the header (2-byte symmetric headers sit
-      // in either half; the header plane is padded to 16 bytes).
-      const int64_t offset = job.headerOffset + (row * job.groups + (b >> job.blockShift)) * (job.symmetric ? 2 : 4);
-      copyAsync4(slot.header, job.w + (offset & ~int64_t(3)));
+__device__ __forceinline__ void copyChunk(const StreamRow &c, int lane, int64_t totalRows, const StreamSlot &slot) {
+  const int b = c.chunk * 32 + lane;
+  if (c.row < totalRows && b < c.blocks) {
+    const uint8_t *block = c.codes + b * (4 * c.bits);
+    switch (c.bits) {
+    case 2:
+      copyAsync8(slot.codes, block);
+      break;
+    case 3:
+      for (int k = 0; k < 3; ++k)
+        copyAsync4(reinterpret_cast<unsigned *>(slot.codes) + k, block + 4 * k);
+      break;
+    case 4:
+      copyAsync16(slot.codes, block);
+      break;
+    default:
+      copyAsync16(slot.codes, block);
+      copyAsync16(slot.codes + 1, block + 16);
+      break;
     }
+    bool upper;
+    copyAsync4(slot.header, c.headers + 4 * headerWord(c, b >> c.blockShift, upper));
   }
   commitCopies();
 }
 
 template <int BITS>
-__device__ __forceinline__ void consumeBlock(float &acc, const ProductJob &job, int64_t row, int b,
-                                             const StreamSlot &slot) {
+__device__ __forceinline__ void consumeBlock(float &acc, const StreamRow &c, int b, const StreamSlot &slot,
+                                             const BlockActivations &a) {
   unsigned words[BITS];
   if constexpr (BITS == 4 || BITS == 8) {
 #pragma unroll
@@ -619,72 +658,77 @@ __device__ __forceinline__ void consumeBlock(float &acc, const ProductJob &job, 
       words[k] = reinterpret_cast<const unsigned *>(slot.codes)[k];
   }
   const unsigned header = *slot.header;
-  const int g = b >> job.blockShift;
+  bool upper;
+  headerWord(c, b >> c.blockShift, upper);
   float scale, minimum;
-  if (job.symmetric) {
-    const int64_t offset = job.headerOffset + (row * job.groups + g) * 2;
-    scale = scaleValue(static_cast<unsigned short>((offset & 2) ? header >> 16 : header & 0xFFFFu), job.bf16Scale);
-    minimum = job.signedCodes ? 0.0f : -static_cast<float>(1 << (BITS - 1)) * scale;
+  if (c.symmetric) {
+    scale = scaleValue(static_cast<unsigned short>(upper ? header >> 16 : header & 0xFFFFu), c.bf16Scale);
+    minimum = c.signedCodes ? 0.0f : -static_cast<float>(1 << (BITS - 1)) * scale;
   } else {
-    scale = scaleValue(static_cast<unsigned short>(header & 0xFFFFu), job.bf16Scale);
-    minimum = scaleValue(static_cast<unsigned short>(header >> 16), job.bf16Scale);
+    scale = scaleValue(static_cast<unsigned short>(header & 0xFFFFu), c.bf16Scale);
+    minimum = scaleValue(static_cast<unsigned short>(header >> 16), c.bf16Scale);
   }
-  const bool groupStart = (b & ((1 << job.blockShift) - 1)) == 0;
-  accumulateBlock<BITS>(acc, words, scale, minimum, groupStart, job.signedCodes, job.q + static_cast<int64_t>(b) * 32,
-                        __ldg(job.qScales + g), job.qSums + g);
+  const bool groupStart = (b & ((1 << c.blockShift) - 1)) == 0;
+  accumulateBlock<BITS>(acc, words, scale, minimum, groupStart, c.signedCodes, a);
 }
 
 __global__ void __launch_bounds__(32 * kStreamWarps)
-    streamedKernel(const ProductJob *jobs, int64_t totalRows, const LaunchSize *dynamic) {
+    streamedKernel(const ProductJob *__restrict__ jobs, int64_t totalRows, const LaunchSize *dynamic) {
   awaitPreviousKernel();
   if (dynamic)
     totalRows = dynamic->total;
   __shared__ uint4 ringCodes[kStreamWarps][kStreamStages][32][2];
   __shared__ unsigned ringHeaders[kStreamWarps][kStreamStages][32];
   const int lane = threadIdx.x & 31, warpInBlock = threadIdx.x >> 5;
-  auto slot = [&](int stage) {
-    return StreamSlot{ringCodes[warpInBlock][stage][lane], &ringHeaders[warpInBlock][stage][lane]};
-  };
+  // The lane's slots: stage s is s * 32 * 2 uint4s and s * 32 words on.
+  uint4 *const myCodes = ringCodes[warpInBlock][0][lane];
+  unsigned *const myHeaders = &ringHeaders[warpInBlock][0][lane];
+  auto slot = [&](int stage) { return StreamSlot{myCodes + stage * 64, myHeaders + stage * 32}; };
   const int64_t stride = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  StreamCursor producer{0, 0, 0, 0}, consumer{0, 0, 0, 0};
+  StreamRow producer{}, consumer{};
   seekRow(producer, first, jobs, totalRows);
   seekRow(consumer, first, jobs, totalRows);
   for (int s = 0; s < kStreamStages - 1; ++s) {
-    copyChunk(producer, lane, jobs, totalRows, slot(s));
+    copyChunk(producer, lane, totalRows, slot(s));
     advance(producer, stride, jobs, totalRows);
   }
   float acc = 0.0f;
   for (int i = 0; consumer.row < totalRows; ++i) {
     // The slot consumed last iteration takes the chunk kStreamStages - 1
     // ahead; then this iteration's chunk is complete.
-    copyChunk(producer, lane, jobs, totalRows, slot((i + kStreamStages - 1) % kStreamStages));
+    copyChunk(producer, lane, totalRows, slot((i + kStreamStages - 1) % kStreamStages));
     advance(producer, stride, jobs, totalRows);
-    waitCopies<kStreamStages - 1>();
-    const ProductJob &job = jobs[consumer.job];
-    const int64_t row = consumer.row - job.first;
     const int b = consumer.chunk * 32 + lane;
-    if (b < rowBlocks(job)) {
+    const bool active = b < consumer.blocks;
+    // The activation's loads go out before the wait for the codes.
+    BlockActivations a{};
+    if (active)
+      a = loadActivations(consumer.q + b * 32, consumer.qScales + (b >> consumer.blockShift),
+                          consumer.qSums + (b >> consumer.blockShift),
+                          (b & ((1 << consumer.blockShift) - 1)) == 0 && !consumer.signedCodes);
+    waitCopies<kStreamStages - 1>();
+    if (active) {
       const StreamSlot current = slot(i % kStreamStages);
-      switch (job.bits) {
+      switch (consumer.bits) {
       case 2:
-        consumeBlock<2>(acc, job, row, b, current);
+        consumeBlock<2>(acc, consumer, b, current, a);
         break;
       case 3:
-        consumeBlock<3>(acc, job, row, b, current);
+        consumeBlock<3>(acc, consumer, b, current, a);
         break;
       case 4:
-        consumeBlock<4>(acc, job, row, b, current);
+        consumeBlock<4>(acc, consumer, b, current, a);
         break;
       default:
-        consumeBlock<8>(acc, job, row, b, current);
+        consumeBlock<8>(acc, consumer, b, current, a);
         break;
       }
     }
-    if (consumer.chunk == consumer.chunks - 1) {
+    if ((consumer.chunk + 1) * 32 >= consumer.blocks) {
       const float total = warpSum(acc);
       if (lane == 0)
-        job.y[row] = total;
+        *consumer.y = total;
       acc = 0.0f;
     }
     advance(consumer, stride, jobs, totalRows);
