@@ -7,7 +7,8 @@
 # uses when present. Every recipe kind is there (pruned, merged, atoms,
 # mixed precision, dynamic skip, plain RTN) on one fixture or the other
 # (both decode with the residual stream on the device: tiny-mixtral's
-# grouped-query attention, tiny-deepseek's MLA), within what a device run
+# grouped-query attention, tiny-deepseek's MLA; and qwen3_moe as four query
+# heads over one KV head at 4 bits), within what a device run
 # carries (64 MiB with the repository).
 # Run after `make build`; the CUDA toolkit must be installed here.
 #
@@ -41,6 +42,14 @@ cat >"$out/micro.json" <<RECIPE
 RECIPE
 "$build/tools/moec" compress "$root/tests/data/fixtures/tiny-mixtral" --recipe "$out/micro.json" \
   -o "$out/packages/tiny-mixtral-micro-experts.moepkg" --quiet >/dev/null
+# Grouped-query attention whose output projection's groups divide a head:
+# a block of attention takes four query heads and rounds their values
+# (tests/unit/cuda/GroupedVariant.h).
+cmake --build "$build" -j2 --target write-grouped-variant >/dev/null
+"$build/tests/write-grouped-variant" "$root/tests/data/hf/qwen3_moe" "$out/qwen3-gqa" 4 1 32
+"$build/tools/moec" compress "$out/qwen3-gqa" --recipe "$root/tests/data/recipes/q4-g32-all.json" \
+  -o "$out/packages/qwen3-gqa-q4-g32.moepkg" --quiet >/dev/null
+rm -rf "$out/qwen3-gqa"
 rm -f "$out"/packages/*.json "$out/micro.json"
 tar -C "$out" -cf - bin lib packages | xz -T2 -6 >"$root/.device/device.tar.xz"
 rm -rf "$out"

@@ -13,6 +13,7 @@
 //===----------------------------------------------------------------------===//
 
 #include "EngineComparison.h"
+#include "GroupedVariant.h"
 #include "cpu/QuantKernels.h"
 #include "cuda/MatrixProducts.h"
 #include "moe/Frontend/DType.h"
@@ -740,115 +741,6 @@ std::vector<std::string> parityModels() {
 using moe::testing::maxCacheDifference;
 using moe::testing::maxDifference;
 
-/// tests/data/hf/qwen3_moe (4 query heads of 16 over 2 KV heads) with
-/// `heads` query heads of `headDim` over `kvHeads` KV heads, written under
-/// `dir`. A layer's q_proj, k_proj and v_proj take their rows in turn from
-/// the layer's own matrices of 32 columns (q, k, v, then the experts' gate
-/// and up and the router: 260 rows), o_proj's row r takes its columns from
-/// its rows r and r + 1, and q_norm and k_norm their first values. Every
-/// value is the checkpoint's; the model is one transformers could have
-/// saved with these shapes.
-Status writeGroupedVariant(const std::filesystem::path &dir, int heads, int kvHeads, int headDim) {
-  const std::string source = dataDir() + "/hf/qwen3_moe";
-  std::filesystem::create_directories(dir);
-  std::ifstream in(source + "/config.json");
-  std::stringstream text;
-  text << in.rdbuf();
-  std::string config = text.str();
-  for (auto [key, value] : {std::pair<std::string, int>{"\"num_attention_heads\": 4", heads},
-                            std::pair<std::string, int>{"\"num_key_value_heads\": 2", kvHeads},
-                            std::pair<std::string, int>{"\"head_dim\": 16", headDim}}) {
-    const size_t at = config.find(key);
-    if (at == std::string::npos)
-      return Status::error(source, "/config.json: no ", key);
-    config.replace(at, key.size(), key.substr(0, key.find(':') + 2) + std::to_string(value));
-  }
-  if (!(std::ofstream(dir / "config.json") << config))
-    return Status::error("cannot write ", (dir / "config.json").string());
-  Expected<std::unique_ptr<SafetensorsFile>> file = SafetensorsFile::open(source + "/model.safetensors");
-  if (!file)
-    return file.status();
-  const SafetensorsFile &f = **file;
-  constexpr int64_t kRowBytes = 32 * 2; // rows of 32 bf16 columns
-  auto bytesOf = [&](const std::string &name) {
-    const std::span<const uint8_t> data = f.data(*f.find(name));
-    return std::vector<uint8_t>(data.begin(), data.end());
-  };
-  // Each layer's pool of rows of 32 columns, and how many it has handed out.
-  std::map<std::string, std::pair<std::vector<uint8_t>, size_t>> pools;
-  auto rowsOf = [&](const std::string &layer, int64_t count) -> Expected<std::vector<uint8_t>> {
-    auto &[pool, used] = pools[layer];
-    if (pool.empty()) {
-      for (const char *name :
-           {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "mlp.gate.weight"}) {
-        const std::vector<uint8_t> rows = bytesOf(layer + name);
-        pool.insert(pool.end(), rows.begin(), rows.end());
-      }
-      for (int e = 0; e < 4; ++e)
-        for (const char *name : {"gate_proj", "up_proj"}) {
-          const std::vector<uint8_t> rows =
-              bytesOf(layer + "mlp.experts." + std::to_string(e) + "." + name + ".weight");
-          pool.insert(pool.end(), rows.begin(), rows.end());
-        }
-    }
-    const size_t bytes = static_cast<size_t>(count * kRowBytes);
-    if (used + bytes > pool.size())
-      return Status::error("the variant needs more than the ", pool.size() / kRowBytes, " rows of ", layer);
-    std::vector<uint8_t> rows(pool.begin() + static_cast<std::ptrdiff_t>(used),
-                              pool.begin() + static_cast<std::ptrdiff_t>(used + bytes));
-    used += bytes;
-    return rows;
-  };
-  SafetensorsWriter writer;
-  // q, k, v first in each layer (the pool hands out rows in that order).
-  std::vector<const TensorInfo *> tensors;
-  for (const TensorInfo &t : f.tensors())
-    tensors.push_back(&t);
-  std::stable_sort(tensors.begin(), tensors.end(), [](const TensorInfo *a, const TensorInfo *b) {
-    const auto rank = [](const std::string &n) {
-      return n.find("q_proj") != std::string::npos   ? 0
-             : n.find("k_proj") != std::string::npos ? 1
-             : n.find("v_proj") != std::string::npos ? 2
-                                                     : 3;
-    };
-    return rank(a->name) < rank(b->name);
-  });
-  for (const TensorInfo *t : tensors) {
-    const std::string &name = t->name;
-    const size_t attentionAt = name.rfind("self_attn.");
-    const std::string layer = name.substr(0, attentionAt == std::string::npos ? 0 : attentionAt);
-    const std::string part = attentionAt == std::string::npos ? "" : name.substr(attentionAt + 10);
-    std::vector<uint8_t> bytes = bytesOf(name);
-    std::vector<int64_t> shape = t->shape;
-    if (part == "q_proj.weight" || part == "k_proj.weight" || part == "v_proj.weight") {
-      const int64_t rows = (part == "q_proj.weight" ? heads : kvHeads) * headDim;
-      Expected<std::vector<uint8_t>> taken = rowsOf(layer, rows);
-      if (!taken)
-        return taken.status();
-      bytes = std::move(*taken);
-      shape = {rows, 32};
-    } else if (part == "o_proj.weight") {
-      // [32, 64] bf16: row r of the new [32, heads * headDim], from rows r
-      // and r + 1.
-      const int64_t oldRow = 64 * 2, newRow = heads * headDim * 2;
-      if (newRow > 2 * oldRow)
-        return Status::error("o_proj's rows hold ", 2 * oldRow / 2, " values of two rows, not ", newRow / 2);
-      std::vector<uint8_t> out(static_cast<size_t>(32 * newRow));
-      for (int64_t r = 0; r < 32; ++r)
-        for (int64_t c = 0; c < newRow; ++c)
-          out[static_cast<size_t>(r * newRow + c)] =
-              bytes[static_cast<size_t>((c < oldRow ? r : (r + 1) % 32) * oldRow + c % oldRow)];
-      bytes = std::move(out);
-      shape = {32, heads * headDim};
-    } else if (part == "q_norm.weight" || part == "k_norm.weight") {
-      bytes.resize(static_cast<size_t>(headDim * 2));
-      shape = {headDim};
-    }
-    MOE_RETURN_IF_ERROR(writer.addTensor(name, t->dtype, shape, std::move(bytes)));
-  }
-  return writer.write((dir / "model.safetensors").string());
-}
-
 /// A directory removed with everything in it when the scope ends.
 struct TemporaryDirectory {
   std::filesystem::path path;
@@ -1130,7 +1022,8 @@ TEST(CudaEngine, QueryHeadsOfOneKvHeadShareABlock) {
     const std::filesystem::path dir = root.path / (std::to_string(v.heads) + "-over-" + std::to_string(v.kvHeads) +
                                                    "-of-" + std::to_string(v.headDim));
     SCOPED_TRACE(dir.string());
-    const Status written = writeGroupedVariant(dir, v.heads, v.kvHeads, v.headDim);
+    const Status written =
+        moe::testing::writeGroupedVariant(dataDir() + "/hf/qwen3_moe", dir, v.heads, v.kvHeads, v.headDim);
     ASSERT_TRUE(written.ok()) << written.message();
     Expected<LoadedModel> cpu = loadModel(dir.string());
     ASSERT_TRUE(cpu) << cpu.status().message();

@@ -244,7 +244,10 @@ TEST(HostWork, GroupFormatsAreRoundedByTheKernelsThatWriteTheirInputs) {
   // default recipe (4-bit attention and experts of different widths in
   // groups of 64; its heads of 40 values take a rounding launch) and
   // tiny-deepseek at 4 bits in groups of 32 (MLA, its value heads of 32;
-  // the first layer dense). Routers and lm_head stay float.
+  // the first layer dense), and qwen3_moe as four query heads of 32 over
+  // one KV head at 4 bits in groups of 32 (tests/unit/cuda/GroupedVariant.h:
+  // a block of attention takes the four heads and rounds their values).
+  // Routers and lm_head stay float.
   const char *dir = std::getenv("MOEC_DEVICE_PACKAGES");
   // Kernels a token: per layer, then the token's end (the norm and lm_head).
   const std::map<std::string, int64_t (*)(const LayerSpec &)> perLayer = {
@@ -261,6 +264,8 @@ TEST(HostWork, GroupFormatsAreRoundedByTheKernelsThatWriteTheirInputs) {
       // products), SwiGLU, down, the sum: 5.
       {"tiny-deepseek-q4-g32.moepkg",
        [](const LayerSpec &l) -> int64_t { return 10 + (l.mlp == MlpKind::Moe ? 1 + 5 : 5); }},
+      // As tiny-mixtral's, less the output's rounding: 7 + 5.
+      {"qwen3-gqa-q4-g32.moepkg", [](const LayerSpec &) -> int64_t { return 7 + 5; }},
   };
   int found = 0;
   for (const auto &[name, kernels] : perLayer) {
