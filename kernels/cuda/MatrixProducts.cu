@@ -481,16 +481,20 @@ __global__ void __launch_bounds__(32 * kTensorWarps) tensorKernel(const ProductJ
 }
 
 // The streamed kernel: one token, group layouts only. Each warp walks its
-// rows (warp w of W takes rows w, w + W, ...) in chunks of 32 blocks, a
-// block per lane, and copies the chunks ahead of use into a private ring
-// in shared memory with cp.async (kStreamStages - 1 chunks in flight per
-// warp, held by no register), so a multiprocessor keeps far more bytes in
-// flight than warps holding their loads in registers can. Each lane reads
-// back only what it copied itself: no barrier between lanes. The
-// arithmetic per block, and the order of a lane's blocks, are
-// productKernel's: the results are the same bits.
+// rows (warp w of W takes rows w, w + W, ...) in chunks of 64 blocks, two
+// a lane (lane l: blocks l and l + 32 of the chunk), and copies the chunks
+// ahead of use into a private ring in shared memory with cp.async
+// (kStreamStages - 1 chunks in flight per warp, held by no register), so a
+// multiprocessor keeps far more bytes in flight than warps holding their
+// loads in registers can; two blocks a lane halve the loop's own
+// instructions per byte. Each lane reads back only what it copied itself:
+// no barrier between lanes. The arithmetic per block, and the order of a
+// lane's blocks (l, l + 32, l + 64, ...), are productKernel's: the results
+// are the same bits.
 constexpr int kStreamWarps = 4;  ///< Warps per block.
-constexpr int kStreamStages = 8; ///< Ring slots per warp.
+constexpr int kStreamStages = 4; ///< Ring slots per warp.
+constexpr int kLaneBlocks = 2;   ///< Blocks a lane takes of a chunk.
+constexpr int kChunkBlocks = 32 * kLaneBlocks;
 
 __device__ __forceinline__ unsigned sharedAddress(const void *p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
@@ -544,11 +548,14 @@ template <int N> __device__ __forceinline__ void waitCopies() {
 #endif
 }
 
-/// One lane's ring slot: a block's codes (up to 32 bytes) and the 32-bit
-/// word that holds its group header, in two arrays of shared memory.
+/// One lane's ring slot: its blocks' codes (up to 32 bytes each, as two
+/// 16-byte halves) and the 32-bit words that hold their group headers, in
+/// two arrays of shared memory laid out lane by lane (a warp's 16-byte
+/// reads of one half touch every bank once).
 struct StreamSlot {
-  uint4 *codes; ///< Two.
-  unsigned *header;
+  uint4 *codes;     ///< Block j's half h at codes[(2 * j + h) * 32].
+  unsigned *header; ///< Block j's at header[j * 32].
+  __device__ uint4 *half(int j, int h) const { return codes + (2 * j + h) * 32; }
 };
 
 /// A warp's place in its rows, with what it reads of the row's job resolved
@@ -599,7 +606,7 @@ __device__ __forceinline__ void seekRow(StreamRow &c, int64_t row, const Product
 
 __device__ __forceinline__ void advance(StreamRow &c, int64_t stride, const ProductJob *__restrict__ jobs,
                                         int64_t totalRows) {
-  if (++c.chunk * 32 >= c.blocks)
+  if (++c.chunk * kChunkBlocks >= c.blocks)
     seekRow(c, c.row + stride, jobs, totalRows);
 }
 
@@ -610,54 +617,60 @@ __device__ __forceinline__ int headerWord(const StreamRow &c, int g, bool &upper
   return c.symmetric ? (g + c.headerPhase) >> 1 : g;
 }
 
-/// Issues the copies of this lane's block of the chunk at `c` into `slot`,
+/// Issues the copies of this lane's blocks of the chunk at `c` into `slot`,
 /// and commits them as one group (an empty one past the end, so that every
 /// iteration commits one group and the waits count alike).
 __device__ __forceinline__ void copyChunk(const StreamRow &c, int lane, int64_t totalRows, const StreamSlot &slot) {
-  const int b = c.chunk * 32 + lane;
-  if (c.row < totalRows && b < c.blocks) {
-    const uint8_t *block = c.codes + b * (4 * c.bits);
-    switch (c.bits) {
-    case 2:
-      copyAsync8(slot.codes, block);
-      break;
-    case 3:
-      for (int k = 0; k < 3; ++k)
-        copyAsync4(reinterpret_cast<unsigned *>(slot.codes) + k, block + 4 * k);
-      break;
-    case 4:
-      copyAsync16(slot.codes, block);
-      break;
-    default:
-      copyAsync16(slot.codes, block);
-      copyAsync16(slot.codes + 1, block + 16);
-      break;
+  if (c.row < totalRows) {
+#pragma unroll
+    for (int j = 0; j < kLaneBlocks; ++j) {
+      const int b = c.chunk * kChunkBlocks + 32 * j + lane;
+      if (b >= c.blocks)
+        break;
+      const uint8_t *block = c.codes + b * (4 * c.bits);
+      switch (c.bits) {
+      case 2:
+        copyAsync8(slot.half(j, 0), block);
+        break;
+      case 3:
+        for (int k = 0; k < 3; ++k)
+          copyAsync4(reinterpret_cast<unsigned *>(slot.half(j, 0)) + k, block + 4 * k);
+        break;
+      case 4:
+        copyAsync16(slot.half(j, 0), block);
+        break;
+      default:
+        copyAsync16(slot.half(j, 0), block);
+        copyAsync16(slot.half(j, 1), block + 16);
+        break;
+      }
+      bool upper;
+      copyAsync4(slot.header + 32 * j, c.headers + 4 * headerWord(c, b >> c.blockShift, upper));
     }
-    bool upper;
-    copyAsync4(slot.header, c.headers + 4 * headerWord(c, b >> c.blockShift, upper));
   }
   commitCopies();
 }
 
+/// acc += block b of `c`'s row, which the slot holds as the lane's j-th.
 template <int BITS>
-__device__ __forceinline__ void consumeBlock(float &acc, const StreamRow &c, int b, const StreamSlot &slot,
+__device__ __forceinline__ void consumeBlock(float &acc, const StreamRow &c, int b, const StreamSlot &slot, int j,
                                              const BlockActivations &a) {
   unsigned words[BITS];
   if constexpr (BITS == 4 || BITS == 8) {
 #pragma unroll
     for (int k = 0; k < BITS / 4; ++k) {
-      const uint4 v = slot.codes[k];
+      const uint4 v = *slot.half(j, k);
       words[4 * k] = v.x, words[4 * k + 1] = v.y, words[4 * k + 2] = v.z, words[4 * k + 3] = v.w;
     }
   } else if constexpr (BITS == 2) {
-    const uint2 v = *reinterpret_cast<const uint2 *>(slot.codes);
+    const uint2 v = *reinterpret_cast<const uint2 *>(slot.half(j, 0));
     words[0] = v.x, words[1] = v.y;
   } else {
 #pragma unroll
     for (int k = 0; k < BITS; ++k)
-      words[k] = reinterpret_cast<const unsigned *>(slot.codes)[k];
+      words[k] = reinterpret_cast<const unsigned *>(slot.half(j, 0))[k];
   }
-  const unsigned header = *slot.header;
+  const unsigned header = slot.header[32 * j];
   bool upper;
   headerWord(c, b >> c.blockShift, upper);
   float scale, minimum;
@@ -677,13 +690,16 @@ __global__ void __launch_bounds__(32 * kStreamWarps)
   awaitPreviousKernel();
   if (dynamic)
     totalRows = dynamic->total;
-  __shared__ uint4 ringCodes[kStreamWarps][kStreamStages][32][2];
-  __shared__ unsigned ringHeaders[kStreamWarps][kStreamStages][32];
+  __shared__ uint4 ringCodes[kStreamWarps][kStreamStages][2 * kLaneBlocks][32];
+  __shared__ unsigned ringHeaders[kStreamWarps][kStreamStages][kLaneBlocks][32];
   const int lane = threadIdx.x & 31, warpInBlock = threadIdx.x >> 5;
-  // The lane's slots: stage s is s * 32 * 2 uint4s and s * 32 words on.
-  uint4 *const myCodes = ringCodes[warpInBlock][0][lane];
-  unsigned *const myHeaders = &ringHeaders[warpInBlock][0][lane];
-  auto slot = [&](int stage) { return StreamSlot{myCodes + stage * 64, myHeaders + stage * 32}; };
+  // The lane's slots: stage s is s * 2 * kLaneBlocks * 32 uint4s and
+  // s * kLaneBlocks * 32 words on.
+  uint4 *const myCodes = &ringCodes[warpInBlock][0][0][lane];
+  unsigned *const myHeaders = &ringHeaders[warpInBlock][0][0][lane];
+  auto slot = [&](int stage) {
+    return StreamSlot{myCodes + stage * (2 * kLaneBlocks * 32), myHeaders + stage * (kLaneBlocks * 32)};
+  };
   const int64_t stride = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   StreamRow producer{}, consumer{};
@@ -699,33 +715,40 @@ __global__ void __launch_bounds__(32 * kStreamWarps)
     // ahead; then this iteration's chunk is complete.
     copyChunk(producer, lane, totalRows, slot((i + kStreamStages - 1) % kStreamStages));
     advance(producer, stride, jobs, totalRows);
-    const int b = consumer.chunk * 32 + lane;
-    const bool active = b < consumer.blocks;
     // The activation's loads go out before the wait for the codes.
-    BlockActivations a{};
-    if (active)
-      a = loadActivations(consumer.q + b * 32, consumer.qScales + (b >> consumer.blockShift),
-                          consumer.qSums + (b >> consumer.blockShift),
-                          (b & ((1 << consumer.blockShift) - 1)) == 0 && !consumer.signedCodes);
+    BlockActivations a[kLaneBlocks];
+#pragma unroll
+    for (int j = 0; j < kLaneBlocks; ++j) {
+      const int b = consumer.chunk * kChunkBlocks + 32 * j + lane;
+      a[j] = BlockActivations{};
+      if (b < consumer.blocks)
+        a[j] = loadActivations(consumer.q + b * 32, consumer.qScales + (b >> consumer.blockShift),
+                               consumer.qSums + (b >> consumer.blockShift),
+                               (b & ((1 << consumer.blockShift) - 1)) == 0 && !consumer.signedCodes);
+    }
     waitCopies<kStreamStages - 1>();
-    if (active) {
-      const StreamSlot current = slot(i % kStreamStages);
+    const StreamSlot current = slot(i % kStreamStages);
+#pragma unroll
+    for (int j = 0; j < kLaneBlocks; ++j) {
+      const int b = consumer.chunk * kChunkBlocks + 32 * j + lane;
+      if (b >= consumer.blocks)
+        break;
       switch (consumer.bits) {
       case 2:
-        consumeBlock<2>(acc, consumer, b, current, a);
+        consumeBlock<2>(acc, consumer, b, current, j, a[j]);
         break;
       case 3:
-        consumeBlock<3>(acc, consumer, b, current, a);
+        consumeBlock<3>(acc, consumer, b, current, j, a[j]);
         break;
       case 4:
-        consumeBlock<4>(acc, consumer, b, current, a);
+        consumeBlock<4>(acc, consumer, b, current, j, a[j]);
         break;
       default:
-        consumeBlock<8>(acc, consumer, b, current, a);
+        consumeBlock<8>(acc, consumer, b, current, j, a[j]);
         break;
       }
     }
-    if ((consumer.chunk + 1) * 32 >= consumer.blocks) {
+    if ((consumer.chunk + 1) * kChunkBlocks >= consumer.blocks) {
       const float total = warpSum(acc);
       if (lane == 0)
         *consumer.y = total;
