@@ -146,14 +146,20 @@ if want memcheck && command -v compute-sanitizer >/dev/null; then
   done
 fi
 
-# Where the product kernel stands against the hardware (Nsight Compute):
-# throughput and occupancy of a few launches on Mixtral's large matrices.
+# Where the product kernels stand against the hardware (Nsight Compute):
+# throughput, occupancy and stalls of a few decode launches on Mixtral's
+# large matrices, each one-token kernel forced in turn.
 if want ncu && command -v ncu >/dev/null; then
-  log "ncu: the streamed product kernel on Mixtral shapes"
-  timeout 120 ncu --clock-control none --kernel-name streamedKernel --launch-skip 24 --launch-count 4 --section SpeedOfLight \
-    --section Occupancy --section MemoryWorkloadAnalysis --section LaunchStats --section WarpStateStats "$engine" --config "$root/bench/configs/mixtral-8x7b.json" \
-    --layers 2 --format q4_g128_asym --device cuda --prompt 16 --decode 4 --step 1 >"$out/ncu.txt" 2>&1
-  log "ncu exit $?"
-  grep -E "Memory Throughput|DRAM Throughput|Achieved Occupancy|Duration" "$out/ncu.txt" | head -16 >>"$out/summary.txt"
+  for kernel in streamed:streamedKernel warp-per-row:productKernel; do
+    log "ncu: the ${kernel%%:*} product kernel on Mixtral shapes"
+    timeout 120 ncu --clock-control none --kernel-name regex:"${kernel#*:}" --launch-skip 24 --launch-count 4 \
+      --section SpeedOfLight --section Occupancy --section MemoryWorkloadAnalysis --section LaunchStats \
+      --section WarpStateStats "$engine" --config "$root/bench/configs/mixtral-8x7b.json" --layers 2 \
+      --format q4_g128_asym --device cuda --prompt 16 --decode 4 --step 1 --product-kernel "${kernel%%:*}" \
+      >"$out/ncu-${kernel%%:*}.txt" 2>&1
+    log "ncu exit $?"
+    grep -E "Memory Throughput|DRAM Throughput|Achieved Occupancy|Duration|Registers Per" "$out/ncu-${kernel%%:*}.txt" |
+      head -20 >>"$out/summary.txt"
+  done
 fi
 log "done"
