@@ -213,9 +213,12 @@ __device__ __forceinline__ void accumulateBlock(float &acc, const unsigned (&wor
     for (int m = 0; m < 8; ++m)
       sum = dotUnsigned(unpacked[m], a.words[m], sum);
   }
-  acc += static_cast<float>(sum) * a.scale * scale;
+  // Rounded one operation at a time (no fused multiply-add, which nvcc
+  // would form where it sees fit): every kernel that calls this gives the
+  // same bits on a GPU as on the emulation (built without contraction).
+  acc = __fadd_rn(acc, __fmul_rn(__fmul_rn(static_cast<float>(sum), a.scale), scale));
   if (groupStart && !signedCodes)
-    acc += minimum * a.sum;
+    acc = __fadd_rn(acc, __fmul_rn(minimum, a.sum));
 }
 
 /// Blocks in flight per lane (64 bytes of codes at 4 and 8 bits): all their
@@ -481,20 +484,28 @@ __global__ void __launch_bounds__(32 * kTensorWarps) tensorKernel(const ProductJ
 }
 
 // The streamed kernel: one token, group layouts only. Each warp walks its
-// rows (warp w of W takes rows w, w + W, ...) in chunks of 64 blocks, two
-// a lane (lane l: blocks l and l + 32 of the chunk), and copies the chunks
-// ahead of use into a private ring in shared memory with cp.async
-// (kStreamStages - 1 chunks in flight per warp, held by no register), so a
-// multiprocessor keeps far more bytes in flight than warps holding their
-// loads in registers can; two blocks a lane halve the loop's own
-// instructions per byte. Each lane reads back only what it copied itself:
-// no barrier between lanes. The arithmetic per block, and the order of a
-// lane's blocks (l, l + 32, l + 64, ...), are productKernel's: the results
-// are the same bits.
+// rows (warp w of W takes rows w, w + W, ...) in chunks of 32 *
+// kLaneBlocks blocks, kLaneBlocks a lane (lane l: blocks l, l + 32, ... of
+// the chunk), and copies the chunks ahead of use into a private ring in
+// shared memory with cp.async (kStreamStages - 1 chunks in flight per warp,
+// held by no register), so a multiprocessor keeps far more bytes in flight
+// than warps holding their loads in registers can. Each lane reads back
+// only what it copied itself: no barrier between lanes. The arithmetic per
+// block, and the order of a lane's blocks (l, l + 32, l + 64, ...), are
+// productKernel's: the results are the same bits.
+//
+// A block a lane: a chunk is at most one row, and the rows auto streams are
+// short (OLMoE's down rows are 32 blocks, Qwen3-30B-A3B's 24), so two
+// blocks a lane in the same shared memory (four stages of two) would halve
+// the rows, and bytes, a warp has in flight there; it would halve the
+// loop's own instructions per byte only on rows of 64 blocks or more.
 constexpr int kStreamWarps = 4;  ///< Warps per block.
-constexpr int kStreamStages = 4; ///< Ring slots per warp.
-constexpr int kLaneBlocks = 2;   ///< Blocks a lane takes of a chunk.
+constexpr int kStreamStages = 8; ///< Ring slots per warp.
+constexpr int kLaneBlocks = 1;   ///< Blocks a lane takes of a chunk.
 constexpr int kChunkBlocks = 32 * kLaneBlocks;
+// The ring's static shared memory (36 KB) stays under the 48 KB a block
+// may have without opting in.
+static_assert(kStreamWarps * kStreamStages * 32 * kLaneBlocks * (32 + 4) <= 48 * 1024, "streamed ring too large");
 
 __device__ __forceinline__ unsigned sharedAddress(const void *p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
@@ -576,7 +587,9 @@ struct StreamRow {
 };
 
 /// Moves `c` to row `row` (or past the end): finds its job (rows only grow)
-/// and reads the fields the chunks use.
+/// and reads the fields the chunks use. The jobs' rows cover [0,
+/// totalRows) one after another: the streamed kernel runs only where every
+/// job has one token, so no tensor job (counted in tiles) is in the table.
 __device__ __forceinline__ void seekRow(StreamRow &c, int64_t row, const ProductJob *__restrict__ jobs,
                                         int64_t totalRows) {
   c.row = row;
@@ -666,9 +679,10 @@ __device__ __forceinline__ void consumeBlock(float &acc, const StreamRow &c, int
     const uint2 v = *reinterpret_cast<const uint2 *>(slot.half(j, 0));
     words[0] = v.x, words[1] = v.y;
   } else {
-#pragma unroll
-    for (int k = 0; k < BITS; ++k)
-      words[k] = reinterpret_cast<const unsigned *>(slot.half(j, 0))[k];
+    // Three words in a 16-byte half: one read (three of 4 bytes at a lane
+    // stride of 16 would take each bank four times).
+    const uint4 v = *slot.half(j, 0);
+    words[0] = v.x, words[1] = v.y, words[2] = v.z;
   }
   const unsigned header = slot.header[32 * j];
   bool upper;
@@ -710,7 +724,7 @@ __global__ void __launch_bounds__(32 * kStreamWarps)
     advance(producer, stride, jobs, totalRows);
   }
   float acc = 0.0f;
-  for (int i = 0; consumer.row < totalRows; ++i) {
+  for (unsigned i = 0; consumer.row < totalRows; ++i) {
     // The slot consumed last iteration takes the chunk kStreamStages - 1
     // ahead; then this iteration's chunk is complete.
     copyChunk(producer, lane, totalRows, slot((i + kStreamStages - 1) % kStreamStages));

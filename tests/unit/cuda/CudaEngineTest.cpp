@@ -203,46 +203,62 @@ TEST(CudaMatrixProducts, EveryGroupFormatMatchesTheCpuKernel) {
 // One token's kernels give the same bits: the same blocks per lane, in the
 // same order, with the same arithmetic. Many rows (more than one wave of
 // warps) of mixed formats in one launch, rows of several chunks of 32
-// blocks (a lane adds up several blocks) and a short last group.
+// blocks (a lane adds up several blocks) and a short last group; then rows
+// of 64, 48 and 104 blocks (whole chunks, and chunks a lane's second block
+// of would leave part empty), over every bit width, symmetric and not,
+// both scale types and ggml's signed Q8_0.
 TEST(CudaMatrixProducts, OneTokenKernelsAgreeBitForBit) {
   REQUIRE_GPU();
   std::mt19937 rng(99);
-  const int64_t cols = 4099;
+  struct Kind {
+    quant::QuantFormat format;
+    bool signedCodes;
+    int64_t rows;
+  };
+  using quant::ScaleType;
+  const std::vector<Kind> first = {{{4, 128, false, ScaleType::F16}, false, 4000},
+                                   {{3, 64, true, ScaleType::BF16}, false, 333},
+                                   {{2, 32, false, ScaleType::F16}, false, 1200},
+                                   {{8, 128, true, ScaleType::F16}, false, 17}};
+  const std::vector<Kind> more = {
+      {{4, 128, false, ScaleType::F16}, false, 300}, {{4, 32, true, ScaleType::BF16}, false, 150},
+      {{2, 64, true, ScaleType::F16}, false, 90},    {{3, 128, false, ScaleType::BF16}, false, 40},
+      {{8, 64, false, ScaleType::BF16}, false, 30},  {{8, 32, true, ScaleType::F16}, true, 70}};
   struct Made {
     std::shared_ptr<const cuda::DeviceWeight> weight;
     std::vector<float> y;
   };
-  std::vector<Made> made;
-  const std::pair<quant::QuantFormat, int64_t> kinds[] = {{{4, 128, false, quant::ScaleType::F16}, 4000},
-                                                          {{3, 64, true, quant::ScaleType::BF16}, 333},
-                                                          {{2, 32, false, quant::ScaleType::F16}, 1200},
-                                                          {{8, 128, true, quant::ScaleType::F16}, 17}};
-  for (const auto &[format, rows] : kinds) {
-    const std::vector<uint8_t> packed = randomGroupMatrix(format, rows, cols, rng);
-    Expected<std::shared_ptr<const cuda::DeviceWeight>> weight =
-        context()->upload(cuda::WeightLayout::Group, format, false, rows, cols, packed.data(), packed.size());
-    ASSERT_TRUE(weight) << weight.status().message();
-    made.push_back({weight.take(), std::vector<float>(static_cast<size_t>(rows))});
+  for (const int64_t cols : {int64_t{4099}, int64_t{2048}, int64_t{1536}, int64_t{3328}}) {
+    SCOPED_TRACE(std::to_string(cols) + " columns");
+    std::vector<Made> made;
+    for (const Kind &kind : cols == 4099 ? first : more) {
+      const std::vector<uint8_t> packed = kind.signedCodes ? randomSignedMatrix(kind.rows, cols, rng)
+                                                           : randomGroupMatrix(kind.format, kind.rows, cols, rng);
+      Expected<std::shared_ptr<const cuda::DeviceWeight>> weight = context()->upload(
+          cuda::WeightLayout::Group, kind.format, kind.signedCodes, kind.rows, cols, packed.data(), packed.size());
+      ASSERT_TRUE(weight) << weight.status().message();
+      made.push_back({weight.take(), std::vector<float>(static_cast<size_t>(kind.rows))});
+    }
+    const std::vector<float> x = randomActivations(cols, rng);
+    std::vector<std::vector<float>> results;
+    forEachProductKernel([&] {
+      std::vector<std::pair<const cuda::DeviceWeight *, float *>> products;
+      for (Made &m : made)
+        products.emplace_back(m.weight.get(), m.y.data());
+      Status status = context()->multiply(x.data(), 1, cols, products.data(), products.size());
+      ASSERT_TRUE(status.ok()) << status.message();
+      std::vector<float> all;
+      for (const Made &m : made)
+        all.insert(all.end(), m.y.begin(), m.y.end());
+      results.push_back(std::move(all));
+    });
+    ASSERT_EQ(results.size(), 2u);
+    ASSERT_EQ(results[0].size(), results[1].size());
+    size_t differing = 0;
+    for (size_t i = 0; i < results[0].size(); ++i)
+      differing += std::memcmp(&results[0][i], &results[1][i], sizeof(float)) != 0;
+    EXPECT_EQ(differing, 0u);
   }
-  const std::vector<float> x = randomActivations(cols, rng);
-  std::vector<std::vector<float>> results;
-  forEachProductKernel([&] {
-    std::vector<std::pair<const cuda::DeviceWeight *, float *>> products;
-    for (Made &m : made)
-      products.emplace_back(m.weight.get(), m.y.data());
-    Status status = context()->multiply(x.data(), 1, cols, products.data(), products.size());
-    ASSERT_TRUE(status.ok()) << status.message();
-    std::vector<float> all;
-    for (const Made &m : made)
-      all.insert(all.end(), m.y.begin(), m.y.end());
-    results.push_back(std::move(all));
-  });
-  ASSERT_EQ(results.size(), 2u);
-  ASSERT_EQ(results[0].size(), results[1].size());
-  size_t differing = 0;
-  for (size_t i = 0; i < results[0].size(); ++i)
-    differing += std::memcmp(&results[0][i], &results[1][i], sizeof(float)) != 0;
-  EXPECT_EQ(differing, 0u);
 }
 
 TEST(CudaMatrixProducts, SignedCodesMatchTheCpuKernel) {

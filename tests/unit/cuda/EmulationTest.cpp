@@ -102,6 +102,15 @@ __global__ void asyncCopyKernel(const int *global, int *out) {
   out[1] = slot[0];
 }
 
+/// 16 bytes copied asynchronously from `global` + `offset` bytes.
+__global__ void misalignedCopyKernel(const int *global, int offset, int *out) {
+  __shared__ int4 slot[1];
+  moe::emulation::copyAsync(slot, reinterpret_cast<const char *>(global) + offset, 16);
+  moe::emulation::commitCopies();
+  moe::emulation::waitCopies(0);
+  out[0] = slot[0].x;
+}
+
 /// Thread t reads element `offset` + t.
 __global__ void readKernel(const int *in, int offset, int *out) {
   out[threadIdx.x] = in[offset + static_cast<int>(threadIdx.x)];
@@ -215,6 +224,17 @@ TEST(Emulation, AsyncCopiesLandBetweenTheCallAndTheWait) {
   }
   EXPECT_EQ(std::min(before[0], before[1]), -1) << "one run reads the slot before the copy lands";
   EXPECT_EQ(std::max(before[0], before[1]), 42) << "one run has it at once";
+}
+
+TEST(Emulation, AMisalignedAsyncCopyFailsTheKernel) {
+  // cp.async takes addresses aligned to its size; a GPU faults on others.
+  Recover recover;
+  DeviceInts global(8), out(1);
+  launchKernel(misalignedCopyKernel, 1, 32, nullptr, static_cast<const int *>(global.data), 16, out.data);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  launchKernel(misalignedCopyKernel, 1, 32, nullptr, static_cast<const int *>(global.data), 4, out.data);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
+  EXPECT_NE(moe::emulation::lastFailure().find("not aligned"), std::string::npos) << moe::emulation::lastFailure();
 }
 
 TEST(Emulation, StreamWorkRunsWhenTheHostWaits) {
