@@ -15,7 +15,7 @@
 #
 # STEPS (default "tests bench memcheck ncu") picks the steps of a shorter
 # run; "quickbench" in place of "bench" runs the four 4-bit models and the
-# comparisons beside them (Mixtral streamed, OLMoE with a graph per layer,
+# comparisons beside them (Mixtral streamed, OLMoE a warp per row and with a graph per layer,
 # after 1024 tokens with and without split attention, with plain launches,
 # with routing on the host and without graphs, prompts on the decode path,
 # prefill on dp4a), most telling first; "bench" adds bf16, one host thread
@@ -90,6 +90,8 @@ run_bench mixtral-8x7b mixtral-8x7b.json 32 q4_g128_asym
 # Mixtral's rows (2-7 KiB of codes) take a warp per row under auto: the
 # streamed kernel beside it, what ProductKernel::Auto's threshold rests on.
 run_bench mixtral-8x7b-streamed mixtral-8x7b.json 32 q4_g128_asym --product-kernel streamed
+# And OLMoE's short rows, which auto streams, a warp per row.
+run_bench olmoe-1b-7b-warp-per-row olmoe-1b-7b-4layers.json 16 q4_g128_asym --product-kernel warp-per-row
 # A graph per layer's attention and MLP, launched one by one, beside the
 # default (the token's graphs as one).
 run_bench olmoe-1b-7b-layer-graphs olmoe-1b-7b-4layers.json 16 q4_g128_asym --graphs layer
@@ -124,7 +126,6 @@ run_bench qwen3-30b-a3b-plain-launches qwen3-30b-a3b-2layers.json 48 q4_g128_asy
 run_bench qwen3-30b-a3b-host-routing qwen3-30b-a3b-2layers.json 48 q4_g128_asym --routing host
 # Each one-token kernel alone, beside the default (auto) above.
 run_bench olmoe-1b-7b-streamed olmoe-1b-7b-4layers.json 16 q4_g128_asym --product-kernel streamed
-run_bench olmoe-1b-7b-warp-per-row olmoe-1b-7b-4layers.json 16 q4_g128_asym --product-kernel warp-per-row
 run_bench mixtral-8x7b-warp-per-row mixtral-8x7b.json 32 q4_g128_asym --product-kernel warp-per-row
 fi
 if want memcheck && command -v compute-sanitizer >/dev/null; then
