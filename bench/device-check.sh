@@ -15,20 +15,26 @@
 #
 # STEPS (default "tests bench memcheck ncu") picks the steps of a shorter
 # run; "quickbench" in place of "bench" runs the four 4-bit models and the
-# comparisons beside them (Mixtral streamed, OLMoE a warp per row and with a graph per layer,
-# after 1024 tokens with and without split attention, with plain launches,
-# with routing on the host and without graphs, prompts on the decode path,
-# prefill on dp4a), most telling first; "bench" adds bf16, one host thread
-# and each one-token kernel alone. BUDGET (seconds, default 540: one call
-# of the device tool) skips the benchmark runs that would end past it;
-# BUDGET=3600 for a full run.
+# comparisons beside them (Mixtral streamed, OLMoE a warp per row and with
+# a graph per layer, after 1024 tokens with and without split attention,
+# with plain launches, with routing on the host and without graphs,
+# prompts on the decode path, prefill on dp4a), most telling first;
+# "bench" adds bf16, one host thread, Qwen3 with plain launches and with
+# routing on the host, and OLMoE streamed and Mixtral a warp per row alone.
+# BUDGET (whole seconds since the start, default 540: one call of the device
+# tool after the tests) bounds the benchmark runs only: those that would end
+# past it are skipped and logged. The sanitizers and ncu are for calls of
+# their own (STEPS=memcheck, STEPS=ncu); BUDGET=3600 for a full run.
 set -uo pipefail
 steps=" ${STEPS:-tests bench memcheck ncu} "
+budget=${BUDGET:-540}
+SECONDS=0
 want() { [[ $steps == *" $1 "* ]]; }
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${1:-$root/build-device/results}
 mkdir -p "$out"
 log() { echo "== $*" | tee -a "$out/summary.txt"; }
+[[ $budget =~ ^[0-9]+$ ]] || { log "BUDGET must be whole seconds, not '$budget'"; exit 2; }
 
 if [ -f "$root/.device/device.tar.xz" ]; then
   stage=/tmp/moec-device
@@ -40,7 +46,8 @@ if [ -f "$root/.device/device.tar.xz" ]; then
 else
   build=$root/build-device
   cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DMOEC_ENABLE_CUDA=ON >"$out/configure.log" 2>&1 &&
-    cmake --build "$build" -j"$(nproc)" --target moec moec-cuda-tests cuda_engine >"$out/build.log" 2>&1 ||
+    cmake --build "$build" -j"$(nproc)" --target moec moec-cuda-tests cuda_engine write-grouped-variant \
+      >"$out/build.log" 2>&1 ||
     { log "build failed (see build.log)"; exit 1; }
   tests=$build/tests/moec-cuda-tests
   engine=$build/bench/cuda_engine
@@ -52,6 +59,10 @@ else
         -o "$packages/$fixture-$(basename "$recipe" .json).moepkg" >/dev/null
     done
   done
+  # As scripts/pack-device.sh packs it: four query heads over one KV head.
+  "$build/tests/write-grouped-variant" "$root/tests/data/hf/qwen3_moe" "$build/qwen3-gqa" 4 1 32 &&
+    "$build/tools/moec" compress "$build/qwen3-gqa" --recipe "$root/tests/data/recipes/q4-g32-all.json" --quiet \
+      -o "$packages/qwen3-gqa-q4-g32.moepkg" >/dev/null
 fi
 
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1
@@ -67,9 +78,8 @@ log "tests exit $status"
 fi
 
 # Each run takes at most 60 s. Runs that would end past BUDGET seconds
-# since the start (default 540: one call of the device tool allows 600) are
-# skipped and logged, so the results are there when the call ends.
-budget=${BUDGET:-540}
+# since the start (one call of the device tool allows 600) are skipped and
+# logged, so the results are there when the call ends.
 run_bench() { # name config layers format [more options]
   if ((SECONDS + 60 > budget)); then
     log "skipped (time: ${SECONDS} s of ${budget}): cuda_engine $1 $4 ${*:5}"
@@ -159,8 +169,8 @@ if want ncu && command -v ncu >/dev/null; then
       --format q4_g128_asym --device cuda --prompt 16 --decode 4 --step 1 --product-kernel "${kernel%%:*}" \
       >"$out/ncu-${kernel%%:*}.txt" 2>&1
     log "ncu exit $?"
-    grep -E "Memory Throughput|DRAM Throughput|Achieved Occupancy|Duration|Registers Per" "$out/ncu-${kernel%%:*}.txt" |
-      head -20 >>"$out/summary.txt"
+    grep -E "streamedKernel|productKernel|Grid Size|Memory Throughput|DRAM Throughput|Achieved Occupancy|Duration|Registers Per" \
+      "$out/ncu-${kernel%%:*}.txt" | head -36 >>"$out/summary.txt"
   done
 fi
 log "done"

@@ -7,8 +7,8 @@
 # uses when present. Every recipe kind is there (pruned, merged, atoms,
 # mixed precision, dynamic skip, plain RTN) on one fixture or the other
 # (both decode with the residual stream on the device: tiny-mixtral's
-# grouped-query attention, tiny-deepseek's MLA; and qwen3_moe as four query
-# heads over one KV head at 4 bits), within what a device run
+# grouped-query attention, tiny-deepseek's MLA), and qwen3_moe as four
+# query heads over one KV head at 4 bits, within what a device run
 # carries (64 MiB with the repository).
 # Run after `make build`; the CUDA toolkit must be installed here.
 #
@@ -17,7 +17,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${1:-$root/build}
 out=$root/.device/stage
-cmake --build "$build" -j2 --target moec moec-cuda-tests cuda_engine >/dev/null
+cmake --build "$build" -j2 --target moec moec-cuda-tests cuda_engine write-grouped-variant >/dev/null
 rm -rf "$root/.device" && mkdir -p "$out/bin" "$out/packages" "$out/lib"
 cp "$build/tests/moec-cuda-tests" "$build/bench/cuda_engine" "$out/bin/"
 # Libraries a bare image lacks: everything ldd resolves outside glibc and
@@ -45,7 +45,6 @@ RECIPE
 # Grouped-query attention whose output projection's groups divide a head:
 # a block of attention takes four query heads and rounds their values
 # (tests/unit/cuda/GroupedVariant.h).
-cmake --build "$build" -j2 --target write-grouped-variant >/dev/null
 "$build/tests/write-grouped-variant" "$root/tests/data/hf/qwen3_moe" "$out/qwen3-gqa" 4 1 32
 "$build/tools/moec" compress "$out/qwen3-gqa" --recipe "$root/tests/data/recipes/q4-g32-all.json" \
   -o "$out/packages/qwen3-gqa-q4-g32.moepkg" --quiet >/dev/null

@@ -499,9 +499,9 @@ __global__ void __launch_bounds__(32 * kTensorWarps) tensorKernel(const ProductJ
 // blocks a lane in the same shared memory (four stages of two) would halve
 // the rows, and bytes, a warp has in flight there; it would halve the
 // loop's own instructions per byte only on rows of 64 blocks or more.
-constexpr int kStreamWarps = 4;  ///< Warps per block.
-constexpr int kStreamStages = 8; ///< Ring slots per warp.
-constexpr int kLaneBlocks = 1;   ///< Blocks a lane takes of a chunk.
+constexpr int kStreamWarps = 4;                ///< Warps per block.
+constexpr int kLaneBlocks = 1;                 ///< Blocks a lane takes of a chunk.
+constexpr int kStreamStages = 8 / kLaneBlocks; ///< Ring slots per warp (the same shared memory).
 constexpr int kChunkBlocks = 32 * kLaneBlocks;
 // The ring's static shared memory (36 KB) stays under the 48 KB a block
 // may have without opting in.

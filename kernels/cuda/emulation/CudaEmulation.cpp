@@ -637,9 +637,10 @@ void awaitPreviousGrid() {
 void copyAsync(void *shared, const void *global, size_t bytes) {
   checkAwaited();
   // cp.async copies 4, 8 or 16 bytes between addresses aligned to the size.
-  if ((bytes != 4 && bytes != 8 && bytes != 16) || reinterpret_cast<uintptr_t>(shared) % bytes != 0 ||
-      reinterpret_cast<uintptr_t>(global) % bytes != 0)
-    fail("cp.async of a size other than 4, 8 or 16 bytes, or between addresses not aligned to it");
+  if (bytes != 4 && bytes != 8 && bytes != 16)
+    fail("cp.async of " + std::to_string(bytes) + " bytes (it copies 4, 8 or 16)");
+  if (reinterpret_cast<uintptr_t>(shared) % bytes != 0 || reinterpret_cast<uintptr_t>(global) % bytes != 0)
+    fail("cp.async of " + std::to_string(bytes) + " bytes between addresses not aligned to it");
   // A GPU lands the copy anywhere between the call and the wait: at the
   // wait in one run, at the call in the next.
   if (run->backwards)

@@ -204,9 +204,9 @@ TEST(CudaMatrixProducts, EveryGroupFormatMatchesTheCpuKernel) {
 // same order, with the same arithmetic. Many rows (more than one wave of
 // warps) of mixed formats in one launch, rows of several chunks of 32
 // blocks (a lane adds up several blocks) and a short last group; then rows
-// of 64, 48 and 104 blocks (whole chunks, and chunks a lane's second block
-// of would leave part empty), over every bit width, symmetric and not,
-// both scale types and ggml's signed Q8_0.
+// of 64, 48 and 104 blocks (whole chunks of 32 and of 64, and partial ones:
+// the streamed kernel's kLaneBlocks at 1 and 2), over every bit width,
+// symmetric and not, both scale types and ggml's signed Q8_0.
 TEST(CudaMatrixProducts, OneTokenKernelsAgreeBitForBit) {
   REQUIRE_GPU();
   std::mt19937 rng(99);

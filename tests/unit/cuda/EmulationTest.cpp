@@ -102,10 +102,10 @@ __global__ void asyncCopyKernel(const int *global, int *out) {
   out[1] = slot[0];
 }
 
-/// 16 bytes copied asynchronously from `global` + `offset` bytes.
-__global__ void misalignedCopyKernel(const int *global, int offset, int *out) {
+/// `bytes` copied asynchronously from `global` + `offset` bytes.
+__global__ void misalignedCopyKernel(const int *global, int offset, int bytes, int *out) {
   __shared__ int4 slot[1];
-  moe::emulation::copyAsync(slot, reinterpret_cast<const char *>(global) + offset, 16);
+  moe::emulation::copyAsync(slot, reinterpret_cast<const char *>(global) + offset, static_cast<size_t>(bytes));
   moe::emulation::commitCopies();
   moe::emulation::waitCopies(0);
   out[0] = slot[0].x;
@@ -230,11 +230,17 @@ TEST(Emulation, AMisalignedAsyncCopyFailsTheKernel) {
   // cp.async takes addresses aligned to its size; a GPU faults on others.
   Recover recover;
   DeviceInts global(8), out(1);
-  launchKernel(misalignedCopyKernel, 1, 32, nullptr, static_cast<const int *>(global.data), 16, out.data);
+  const int *source = static_cast<const int *>(global.data);
+  launchKernel(misalignedCopyKernel, 1, 32, nullptr, source, 16, 16, out.data);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  launchKernel(misalignedCopyKernel, 1, 32, nullptr, static_cast<const int *>(global.data), 4, out.data);
+  launchKernel(misalignedCopyKernel, 1, 32, nullptr, source, 4, 16, out.data);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
   EXPECT_NE(moe::emulation::lastFailure().find("not aligned"), std::string::npos) << moe::emulation::lastFailure();
+  moe::emulation::clearErrors();
+  launchKernel(misalignedCopyKernel, 1, 32, nullptr, source, 0, 12, out.data);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
+  EXPECT_NE(moe::emulation::lastFailure().find("it copies 4, 8 or 16"), std::string::npos)
+      << moe::emulation::lastFailure();
 }
 
 TEST(Emulation, StreamWorkRunsWhenTheHostWaits) {

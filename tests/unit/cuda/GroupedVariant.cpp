@@ -23,8 +23,13 @@ Status writeGroupedVariant(const std::string &source, const std::filesystem::pat
     return Status::error("a variant needs positive head counts, the query heads a multiple of the KV heads, and a "
                          "positive head size; got ",
                          heads, " over ", kvHeads, " of ", headDim);
-  std::filesystem::create_directories(dir);
+  std::error_code made;
+  std::filesystem::create_directories(dir, made);
+  if (made)
+    return Status::error("cannot create ", dir.string(), ": ", made.message());
   std::ifstream in(source + "/config.json");
+  if (!in)
+    return Status::error("cannot read ", source, "/config.json");
   std::stringstream text;
   text << in.rdbuf();
   std::string config = text.str();
@@ -43,8 +48,22 @@ Status writeGroupedVariant(const std::string &source, const std::filesystem::pat
     return file.status();
   const SafetensorsFile &f = **file;
   constexpr int64_t kRowBytes = 32 * 2; // rows of 32 bf16 columns
-  auto bytesOf = [&](const std::string &name) {
-    const std::span<const uint8_t> data = f.data(*f.find(name));
+  // Every tensor the variant reshapes or takes rows of is bf16 of the
+  // shape this code was written for.
+  for (const TensorInfo &t : f.tensors()) {
+    const bool matrix = t.name.find("_proj.weight") != std::string::npos || t.name.ends_with("mlp.gate.weight");
+    const bool output = t.name.ends_with("o_proj.weight");
+    if ((matrix || t.name.ends_with("_norm.weight")) && t.dtype != DType::BF16)
+      return Status::error(source, "/model.safetensors: ", t.name, " is not bf16");
+    if (output ? t.shape != std::vector<int64_t>{32, 64}
+               : matrix && !t.name.ends_with("down_proj.weight") && (t.shape.size() != 2 || t.shape[1] != 32))
+      return Status::error(source, "/model.safetensors: ", t.name, " is not the qwen3_moe fixture's shape");
+  }
+  auto bytesOf = [&](const std::string &name) -> Expected<std::vector<uint8_t>> {
+    const TensorInfo *info = f.find(name);
+    if (!info)
+      return Status::error(source, "/model.safetensors: no tensor ", name);
+    const std::span<const uint8_t> data = f.data(*info);
     return std::vector<uint8_t>(data.begin(), data.end());
   };
   // Each layer's pool of rows of 32 columns, and how many it has handed out.
@@ -54,14 +73,18 @@ Status writeGroupedVariant(const std::string &source, const std::filesystem::pat
     if (pool.empty()) {
       for (const char *name :
            {"self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "mlp.gate.weight"}) {
-        const std::vector<uint8_t> rows = bytesOf(layer + name);
-        pool.insert(pool.end(), rows.begin(), rows.end());
+        Expected<std::vector<uint8_t>> rows = bytesOf(layer + name);
+        if (!rows)
+          return rows.status();
+        pool.insert(pool.end(), rows->begin(), rows->end());
       }
       for (int e = 0; e < 4; ++e)
         for (const char *name : {"gate_proj", "up_proj"}) {
-          const std::vector<uint8_t> rows =
+          Expected<std::vector<uint8_t>> rows =
               bytesOf(layer + "mlp.experts." + std::to_string(e) + "." + name + ".weight");
-          pool.insert(pool.end(), rows.begin(), rows.end());
+          if (!rows)
+            return rows.status();
+          pool.insert(pool.end(), rows->begin(), rows->end());
         }
     }
     const size_t bytes = static_cast<size_t>(count * kRowBytes);
@@ -91,7 +114,10 @@ Status writeGroupedVariant(const std::string &source, const std::filesystem::pat
     const size_t attentionAt = name.rfind("self_attn.");
     const std::string layer = name.substr(0, attentionAt == std::string::npos ? 0 : attentionAt);
     const std::string part = attentionAt == std::string::npos ? "" : name.substr(attentionAt + 10);
-    std::vector<uint8_t> bytes = bytesOf(name);
+    Expected<std::vector<uint8_t>> read = bytesOf(name);
+    if (!read)
+      return read.status();
+    std::vector<uint8_t> bytes = read.take();
     std::vector<int64_t> shape = t->shape;
     if (part == "q_proj.weight" || part == "k_proj.weight" || part == "v_proj.weight") {
       const int64_t rows = (part == "q_proj.weight" ? heads : kvHeads) * headDim;
@@ -102,7 +128,7 @@ Status writeGroupedVariant(const std::string &source, const std::filesystem::pat
       shape = {rows, 32};
     } else if (part == "o_proj.weight") {
       // [32, 64] bf16: row r of the new [32, heads * headDim], from rows r
-      // and r + 1.
+      // and (r + 1) % 32.
       const int64_t oldRow = 64 * 2, newRow = heads * headDim * 2;
       if (newRow > 2 * oldRow)
         return Status::error("o_proj's rows hold ", 2 * oldRow / 2, " values of two rows, not ", newRow / 2);
