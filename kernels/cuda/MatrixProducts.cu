@@ -623,12 +623,14 @@ __device__ __forceinline__ void advance(StreamRow &c, int64_t stride, const Prod
     seekRow(c, c.row + stride, jobs, totalRows);
 }
 
-/// The aligned word of `c`'s row that holds group g's header, and whether
-/// the header is its upper half.
-__device__ __forceinline__ int headerWord(const StreamRow &c, int g, bool &upper) {
-  upper = c.symmetric && ((g + c.headerPhase) & 1);
+/// The aligned word of `c`'s row that holds group g's header.
+__device__ __forceinline__ int headerWord(const StreamRow &c, int g) {
   return c.symmetric ? (g + c.headerPhase) >> 1 : g;
 }
+
+/// Whether group g's (two-byte, symmetric) header is the upper half of its
+/// word.
+__device__ __forceinline__ bool headerUpper(const StreamRow &c, int g) { return (g + c.headerPhase) & 1; }
 
 /// Issues the copies of this lane's blocks of the chunk at `c` into `slot`,
 /// and commits them as one group (an empty one past the end, so that every
@@ -657,8 +659,7 @@ __device__ __forceinline__ void copyChunk(const StreamRow &c, int lane, int64_t 
         copyAsync16(slot.half(j, 1), block + 16);
         break;
       }
-      bool upper;
-      copyAsync4(slot.header + 32 * j, c.headers + 4 * headerWord(c, b >> c.blockShift, upper));
+      copyAsync4(slot.header + 32 * j, c.headers + 4 * headerWord(c, b >> c.blockShift));
     }
   }
   commitCopies();
@@ -685,10 +686,9 @@ __device__ __forceinline__ void consumeBlock(float &acc, const StreamRow &c, int
     words[0] = v.x, words[1] = v.y, words[2] = v.z;
   }
   const unsigned header = slot.header[32 * j];
-  bool upper;
-  headerWord(c, b >> c.blockShift, upper);
   float scale, minimum;
   if (c.symmetric) {
+    const bool upper = headerUpper(c, b >> c.blockShift);
     scale = scaleValue(static_cast<unsigned short>(upper ? header >> 16 : header & 0xFFFFu), c.bf16Scale);
     minimum = c.signedCodes ? 0.0f : -static_cast<float>(1 << (BITS - 1)) * scale;
   } else {
