@@ -16,6 +16,13 @@ llvm_config.use_default_substitutions()  # FileCheck, not, count
 config.substitutions.append(("%testdata", os.path.join(config.moec_src_root, "tests", "data")))
 config.substitutions.append(("%inputs", os.path.join(config.test_source_root, "Tools", "Inputs")))
 config.substitutions.append(("%bench", os.path.join(config.moec_obj_root, "bench")))
+config.substitutions.append(("%srcroot", config.moec_src_root))
+config.substitutions.append(("%testtools", os.path.join(config.moec_obj_root, "tests")))
+config.substitutions.append(("%python", config.python_executable))
+# The CUDA compiler, where the build found one (kernels compiled, not run).
+if config.moec_have_cuda == "ON" and config.moec_cuda_compiler:
+    config.available_features.add("nvcc")
+    config.substitutions.append(("%nvcc", config.moec_cuda_compiler))
 llvm_config.with_environment("PATH", config.moec_tools_dir, append_path=True)
 llvm_config.with_environment("PATH", config.llvm_tools_dir, append_path=True)
 llvm_config.add_tool_substitutions(["moec", "moec-synth", "moe-opt"], [config.moec_tools_dir])
