@@ -227,7 +227,7 @@ private:
 int main(int argc, char **argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   std::string configPath, formatName = "q4_g128_asym", deviceName = "auto", productKernel, routing, prefill, launches,
-                          graphChoice;
+                          graphChoice, moeKernels;
   int64_t layers = 0, promptTokens = 512, decodeTokens = 64, step = 8, context = 16, attentionSplits = -1;
   for (size_t i = 0; i + 1 < args.size(); i += 2) {
     const std::string &flag = args[i], &value = args[i + 1];
@@ -263,6 +263,8 @@ int main(int argc, char **argv) {
       launches = value;
     else if (flag == "--graphs")
       graphChoice = value;
+    else if (flag == "--moe-kernels")
+      moeKernels = value;
     else if (flag == "--prefill")
       prefill = value;
     else if (flag == "--threads")
@@ -278,7 +280,7 @@ int main(int argc, char **argv) {
                  "                   [--product-kernel auto|streamed|warp-per-row|dp4a] [--routing "
                  "device|device-eager|host]\n"
                  "                   [--prefill host|device] [--launches dependent|plain] [--context C]\n"
-                 "                   [--attention-splits 0..64] [--graphs token|layer]\n";
+                 "                   [--attention-splits 0..64] [--graphs token|layer] [--moe-kernels fused|apart]\n";
     return 2;
   }
   auto fail = [](const std::string &message) {
@@ -324,6 +326,12 @@ int main(int argc, char **argv) {
     if (!*device)
       return fail("--launches needs a device");
     if (Status chosen = (*device)->chooseLaunches(launches); !chosen.ok())
+      return fail(chosen.message());
+  }
+  if (!moeKernels.empty()) {
+    if (!*device)
+      return fail("--moe-kernels needs a device");
+    if (Status chosen = (*device)->chooseMoeKernels(moeKernels); !chosen.ok())
       return fail(chosen.message());
   }
   // Untimed steps before each timed run (a device captures its graphs at
@@ -406,6 +414,7 @@ int main(int argc, char **argv) {
   result["prefill"] = prefill.empty() ? "default" : prefill;
   result["launches"] = launches.empty() ? "default" : launches;
   result["graphs"] = graphChoice.empty() ? "default" : graphChoice;
+  result["moe_kernels"] = moeKernels.empty() ? "default" : moeKernels;
   result["load_seconds"] = loadSeconds;
   if (*device)
     result["device_resident_bytes"] = (*device)->residentBytes();

@@ -15,12 +15,12 @@
 #
 # STEPS (default "tests bench memcheck ncu") picks the steps of a shorter
 # run; "quickbench" in place of "bench" runs the four 4-bit models and the
-# comparisons beside them (Mixtral streamed, OLMoE a warp per row and with
-# a graph per layer, after 1024 tokens with and without split attention,
+# comparisons beside them (Mixtral streamed, OLMoE a warp per row, with
+# its MoE blocks' kernels apart and with a graph per layer, after 1024 tokens with and without split attention,
 # with plain launches, with routing on the host and without graphs,
 # prompts on the decode path, prefill on dp4a), most telling first;
-# "bench" adds bf16, one host thread, Qwen3 with plain launches and with
-# routing on the host, and OLMoE streamed and Mixtral a warp per row alone.
+# "bench" adds bf16, one host thread, Qwen3 with plain launches, with
+# routing on the host and with its MoE kernels apart, and OLMoE streamed and Mixtral a warp per row alone.
 # BUDGET (whole seconds since the start, default 540: one call of the device
 # tool after the tests) bounds the benchmark runs only: those that would end
 # past it are skipped and logged. The sanitizers and ncu are for calls of
@@ -102,6 +102,9 @@ run_bench mixtral-8x7b mixtral-8x7b.json 32 q4_g128_asym
 run_bench mixtral-8x7b-streamed mixtral-8x7b.json 32 q4_g128_asym --product-kernel streamed
 # And OLMoE's short rows, which auto streams, a warp per row.
 run_bench olmoe-1b-7b-warp-per-row olmoe-1b-7b-4layers.json 16 q4_g128_asym --product-kernel warp-per-row
+# Each MoE block's SwiGLU and weighted sum as kernels of their own (five
+# a block), beside the default (three: both inside the products).
+run_bench olmoe-1b-7b-moe-apart olmoe-1b-7b-4layers.json 16 q4_g128_asym --moe-kernels apart
 # A graph per layer's attention and MLP, launched one by one, beside the
 # default (the token's graphs as one).
 run_bench olmoe-1b-7b-layer-graphs olmoe-1b-7b-4layers.json 16 q4_g128_asym --graphs layer
@@ -134,6 +137,7 @@ run_bench olmoe-1b-7b olmoe-1b-7b-4layers.json 16 bf16
 run_bench olmoe-1b-7b-1thread olmoe-1b-7b-4layers.json 16 q4_g128_asym --threads 1
 run_bench qwen3-30b-a3b-plain-launches qwen3-30b-a3b-2layers.json 48 q4_g128_asym --launches plain
 run_bench qwen3-30b-a3b-host-routing qwen3-30b-a3b-2layers.json 48 q4_g128_asym --routing host
+run_bench qwen3-30b-a3b-moe-apart qwen3-30b-a3b-2layers.json 48 q4_g128_asym --moe-kernels apart
 # Each one-token kernel alone, beside the default (auto) above.
 run_bench olmoe-1b-7b-streamed olmoe-1b-7b-4layers.json 16 q4_g128_asym --product-kernel streamed
 run_bench mixtral-8x7b-warp-per-row mixtral-8x7b.json 32 q4_g128_asym --product-kernel warp-per-row

@@ -61,11 +61,17 @@ __device__ __forceinline__ float scaleValue(unsigned short bits, int bf16) {
 }
 
 /// silu(g) * u, silu as the CPU engine writes it.
-__device__ __forceinline__ float swiglu(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+/// Rounded one operation at a time, so that every kernel that inlines it
+/// (fused or not: RoutedFusion) gives the same bits whatever nvcc fuses.
+__device__ __forceinline__ float swiglu(float g, float u) {
+  return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
+}
 
 /// One warp's share of `job` (QuantJob): its group `k` of all tokens'
-/// groups (k = token * groups + group).
-__device__ __forceinline__ void quantizeGroup(const QuantJob &job, int64_t k, int lane) {
+/// groups (k = token * groups + group). FromL2: x and up read past the L1
+/// (other warps of the same kernel wrote them: afterRow).
+template <bool FromL2 = false> __device__ __forceinline__ void quantizeGroup(const QuantJob &job, int64_t k, int lane) {
+  const auto load = [](const float *p) { return FromL2 ? __ldcg(p) : *p; };
   const int64_t t = k / job.groups, g = k - t * job.groups;
   const float *x = job.x + t * job.ldx;
   const int64_t begin = g * job.group;
@@ -76,9 +82,9 @@ __device__ __forceinline__ void quantizeGroup(const QuantJob &job, int64_t k, in
     const int64_t c = begin + lane + 32 * i;
     values[i] = 0.0f;
     if (i < perLane && c < job.cols) {
-      values[i] = x[c];
+      values[i] = load(x + c);
       if (job.up) {
-        values[i] = swiglu(values[i], job.up[t * job.ldx + c]);
+        values[i] = swiglu(values[i], load(job.up + t * job.ldx + c));
         if (job.h)
           job.h[t * job.ldx + c] = values[i];
       }
@@ -108,6 +114,68 @@ __device__ __forceinline__ void quantizeGroup(const QuantJob &job, int64_t k, in
     job.scales[t * job.groups + g] = scale;
     job.sums[t * job.groups + g] = __fmul_rn(static_cast<float>(sum), scale);
   }
+}
+
+/// The row counts of a fused launch (afterRow): an atomic add that
+/// releases the thread's earlier writes, returning the count before it;
+/// and the fence that acquires what the counts released.
+__device__ __forceinline__ unsigned arriveReleasing(unsigned *count) {
+#if MOEC_CUDA_EMULATION
+  return atomicAdd(count, 1u); // blocks run one after another
+#else
+  unsigned before;
+  asm volatile("atom.release.gpu.global.add.u32 %0, [%1], 1;" : "=r"(before) : "l"(count) : "memory");
+  return before;
+#endif
+}
+__device__ __forceinline__ void acquireFence() {
+#if !MOEC_CUDA_EMULATION
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");
+#endif
+}
+
+/// Row r of the weighted sum of `count` outputs of `hidden` rows: added
+/// from zero in order, each product and sum rounded on its own (the CPU
+/// engine's order; afterRow's fused sum adds the same way).
+__device__ __forceinline__ float weightedRow(const float *parts, const float *weights, int count, int64_t hidden,
+                                             int64_t r) {
+  float total = 0.0f;
+  for (int i = 0; i < count; ++i)
+    total = addRn(total, mulRn(weights[i], parts[i * hidden + r]));
+  return total;
+}
+
+/// After a warp (every lane) wrote row `row` of job `job` of a fused
+/// launch (RoutedFusion) from lane 0: counts the row, and where its count
+/// completes a set of rows, runs what reads them. Lane 0's release add
+/// orders its row before its count; the last count, the warp's barrier and
+/// the acquire fence order every count before the reads (which go to L2).
+__device__ __forceinline__ void afterRow(const RoutedFusion &f, int job, int64_t row, int lane) {
+  const Arrival arrival = arrivalOf(f, job, row);
+  unsigned last = 0;
+  if (lane == 0)
+    last = arriveReleasing(f.arrivals + arrival.index) == arrival.target - 1;
+  if (!__shfl_sync(0xffffffffu, last, 0))
+    return;
+  __syncwarp();
+  acquireFence();
+  if (lane == 0)
+    f.arrivals[arrival.index] = 0; // for the next launch (and graph replay)
+  if (f.stage == RoutedFusion::kThenSwiglu) {
+    const QuantJob &q = f.plan->downJobs[job >> 1];
+    quantizeGroup<true>(q, arrival.index - q.first, lane);
+    return;
+  }
+  // Lane i < count takes expert i's product; lane 0 adds them in order
+  // (weightedRow's arithmetic, one round trip to L2).
+  const int count = f.plan->count;
+  const float product =
+      lane < count ? mulRn(f.plan->weights[lane], __ldcg(f.parts + static_cast<int64_t>(lane) * f.hidden + row)) : 0.0f;
+  float total = 0.0f;
+  for (int i = 0; i < count; ++i)
+    total = addRn(total, __shfl_sync(0xffffffffu, product, i));
+  if (lane == 0)
+    f.residual[row] = addRn(f.residual[row], total);
 }
 
 /// A warp per group of `count` jobs' groups (QuantJob::first). `dynamic`,
@@ -383,7 +451,8 @@ __device__ __forceinline__ int jobOfWarp(const ProductJob *jobs, int count, int6
 /// whose few registers let more warps wait on memory.
 template <int TILE>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock, TILE == 1 ? 2 : 1)
-    productKernel(const ProductJob *jobs, int count, int64_t totalRows, const LaunchSize *dynamic) {
+    productKernel(const ProductJob *jobs, int count, int64_t totalRows, const LaunchSize *dynamic,
+                  RoutedFusion fusion) {
   awaitPreviousKernel();
   if (dynamic) {
     count = dynamic->count;
@@ -394,7 +463,8 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, TILE == 1 ? 2 : 1)
   if (warp >= totalRows)
     return;
   // In registers: the loops read its fields often.
-  const ProductJob job = jobs[jobOfWarp<&ProductJob::first>(jobs, count, warp)];
+  const int jobIndex = jobOfWarp<&ProductJob::first>(jobs, count, warp);
+  const ProductJob job = jobs[jobIndex];
   const int64_t row = warp - job.first;
   const int tokens = static_cast<int>(job.tokens);
   switch (job.layout) {
@@ -420,6 +490,9 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, TILE == 1 ? 2 : 1)
       break;
     }
   }
+  if constexpr (TILE == 1)
+    if (fusion.stage != RoutedFusion::kNone)
+      afterRow(fusion, jobIndex, row, lane);
 }
 
 /// tensorTile's MMA: mma.sync.m16n8k32 with int8 activations and unsigned
@@ -700,7 +773,8 @@ __device__ __forceinline__ void consumeBlock(float &acc, const StreamRow &c, int
 }
 
 __global__ void __launch_bounds__(32 * kStreamWarps)
-    streamedKernel(const ProductJob *__restrict__ jobs, int64_t totalRows, const LaunchSize *dynamic) {
+    streamedKernel(const ProductJob *__restrict__ jobs, int64_t totalRows, const LaunchSize *dynamic,
+                   RoutedFusion fusion) {
   awaitPreviousKernel();
   if (dynamic)
     totalRows = dynamic->total;
@@ -767,6 +841,8 @@ __global__ void __launch_bounds__(32 * kStreamWarps)
       if (lane == 0)
         *consumer.y = total;
       acc = 0.0f;
+      if (fusion.stage != RoutedFusion::kNone)
+        afterRow(fusion, consumer.job, consumer.row - jobs[consumer.job].first, lane);
     }
     advance(consumer, stride, jobs, totalRows);
   }
@@ -795,10 +871,8 @@ __global__ void combineKernel(const float *parts, const float *weights, int coun
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= hidden)
     return;
-  float total = 0.0f;
-  for (int i = 0; i < count; ++i)
-    total += weights[i] * parts[i * hidden + r];
-  out[r] = accumulate ? out[r] + total : total;
+  const float total = weightedRow(parts, weights, count, hidden, r);
+  out[r] = accumulate ? addRn(out[r], total) : total;
 }
 
 /// gathered[r] = x[rowToken[r]] for the rows of a MoE block's experts.
@@ -1803,22 +1877,22 @@ struct Context::State {
   /// that many), `single` when every job has one token, `streamed` for the
   /// streamed kernel (group layouts, one token).
   Status launchProducts(const ProductJob *deviceJobs, size_t count, int64_t rows, bool single, bool streamed,
-                        const LaunchSize *dynamic = nullptr) {
+                        const LaunchSize *dynamic = nullptr, const RoutedFusion &fusion = {}) {
     if (count == 0 || rows == 0)
       return Status::success();
     if (single && streamed) {
       // One wave of resident blocks, fewer where the rows are fewer.
       const unsigned blocks = std::min<unsigned>(blocksFor(rows * 32, 32 * kStreamWarps), streamedBlocks);
-      launchKernel(streamedKernel, blocks, 32 * kStreamWarps, on(), deviceJobs, rows, dynamic);
+      launchKernel(streamedKernel, blocks, 32 * kStreamWarps, on(), deviceJobs, rows, dynamic, fusion);
       return check(cudaGetLastError(), "product launch");
     }
     const unsigned blocks = blocksFor(rows * 32, 32 * kWarpsPerBlock);
     if (single)
       launchKernel(productKernel<1>, blocks, 32 * kWarpsPerBlock, on(), deviceJobs, static_cast<int>(count), rows,
-                   dynamic);
+                   dynamic, fusion);
     else
       launchKernel(productKernel<kTile>, blocks, 32 * kWarpsPerBlock, on(), deviceJobs, static_cast<int>(count), rows,
-                   dynamic);
+                   dynamic, RoutedFusion{});
     return check(cudaGetLastError(), "product launch");
   }
 
@@ -1871,8 +1945,12 @@ struct Context::State {
   /// What a graph's launches were captured with besides addresses and
   /// sizes: the one-token kernel and whether launches overlap.
   uintptr_t launchKey() const {
-    return static_cast<uintptr_t>(oneTokenKernel) | static_cast<uintptr_t>(dependent) << 8;
+    return static_cast<uintptr_t>(oneTokenKernel) | static_cast<uintptr_t>(dependent) << 8 |
+           static_cast<uintptr_t>(fusedMoe) << 9;
   }
+  /// decodeRouted runs SwiGLU and the weighted sum inside the products
+  /// (Context::setFusedMoe).
+  bool fusedMoe = true;
   GraphStats graphStats;
 
   /// Drops `graph`'s instance and key (stageTables, before its tables are
@@ -2098,6 +2176,10 @@ struct Context::State {
     r.downScales = reinterpret_cast<float *>(base + layout.take(static_cast<size_t>(count * r.downGroupStride) * 4));
     r.downSums = reinterpret_cast<float *>(base + layout.take(static_cast<size_t>(count * r.downGroupStride) * 4));
     r.parts = reinterpret_cast<float *>(base + layout.take(static_cast<size_t>(count * H) * 4));
+    // The fused block's counts (zeroed where prepareRouted lays them out):
+    // a token's experts' down inputs have at most a group a row.
+    r.groupArrivals = reinterpret_cast<unsigned *>(base + layout.take(static_cast<size_t>(b.width) * 4));
+    r.rowArrivals = reinterpret_cast<unsigned *>(base + layout.take(static_cast<size_t>(H) * 4));
     if (layoutOut)
       *layoutOut = layout;
     return r;
@@ -2452,6 +2534,11 @@ void Context::setTokenGraphs(bool enabled) {
 void Context::setAttentionSplits(int most) {
   std::lock_guard<std::mutex> lock(state->mutex);
   state->attentionSplits = std::clamp(most, 0, kMaxAttentionSplits);
+}
+
+void Context::setFusedMoe(bool enabled) {
+  std::lock_guard<std::mutex> lock(state->mutex);
+  state->fusedMoe = enabled;
 }
 
 void Context::setDependentLaunches(bool enabled) {
@@ -3660,6 +3747,15 @@ Expected<std::shared_ptr<const RoutedLayerHandle>> Context::prepareRouted(const 
     return reserved;
   }
   s.routedBounds = bounds;
+  // The fused block's counts start at zero wherever the bounds put them
+  // (each launch leaves them so).
+  const RoutedScratch laid = State::routedScratch(bounds, s.routed.at<char>(0));
+  MOE_RETURN_IF_ERROR(
+      check(cudaMemsetAsync(laid.groupArrivals, 0,
+                            static_cast<size_t>(reinterpret_cast<char *>(laid.rowArrivals + bounds.hidden) -
+                                                reinterpret_cast<char *>(laid.groupArrivals)),
+                            s.stream()),
+            "memset"));
   // `staged` is pageable: the copy has read it once the stream is done.
   MOE_RETURN_IF_ERROR(check(cudaStreamSynchronize(s.stream()), "routing copy"));
   return std::shared_ptr<const RoutedLayerHandle>(std::move(handle));
@@ -3691,6 +3787,7 @@ Status Context::decodeRouted(const RoutedLayerHandle &layer) {
     return Status::error("CUDA decode: no room for a routed layer of hidden size ", layer.hidden,
                          " (a device allocation failed before)");
   RoutedScratch scratch = State::routedScratch(s.routedBounds, s.routed.at<char>(0));
+  const bool fused = s.fusedMoe;
   if (s.routerLogitsOffset < 0 || s.routerLogitsRows != layer.routerRows)
     return Status::error("CUDA decode: no router logits of ", layer.routerRows,
                          " rows from the attention before this routed layer");
@@ -3705,22 +3802,32 @@ Status Context::decodeRouted(const RoutedLayerHandle &layer) {
   const bool secondStreamed = layer.secondGroups && s.streams(layer.secondAllRows, layer.secondCodeBytes);
   auto enqueue = [&]() -> Status {
     // Routing and the input's rounding, gate and up, SwiGLU and its
-    // rounding, down, the weighted sum: five launches.
+    // rounding, down, the weighted sum: five launches, or three where
+    // SwiGLU and the sum run in the products (fused: the warp that writes
+    // the last row of a group or of an output row runs them).
     launchKernel(routeKernel, 1, 256, s.on(), layer.device, scratch, plan, calls);
     MOE_RETURN_IF_ERROR(check(cudaGetLastError(), "routing launch"));
+    RoutedFusion thenSwiglu, thenSum;
+    if (fused) {
+      thenSwiglu = {RoutedFusion::kThenSwiglu, plan, scratch.groupArrivals};
+      thenSum = {RoutedFusion::kThenSum, plan, scratch.rowArrivals, scratch.parts, scratch.residual, hidden};
+    }
     MOE_RETURN_IF_ERROR(
-        s.launchProducts(plan->firstJobs, 2 * count, layer.firstRows, true, firstStreamed, &plan->first));
-    MOE_RETURN_IF_ERROR(s.launchQuant(plan->downJobs, count, layer.downWarps, &plan->downQuant));
-    MOE_RETURN_IF_ERROR(s.launchProducts(plan->secondJobs, count, count * hidden, true, secondStreamed, &plan->second));
-    launchKernel(combineKernel, blocksFor(hidden, 256), 256, s.on(), scratch.parts, plan->weights,
-                 static_cast<int>(count), hidden, scratch.residual, true, &plan->combine);
+        s.launchProducts(plan->firstJobs, 2 * count, layer.firstRows, true, firstStreamed, &plan->first, thenSwiglu));
+    if (!fused)
+      MOE_RETURN_IF_ERROR(s.launchQuant(plan->downJobs, count, layer.downWarps, &plan->downQuant));
+    MOE_RETURN_IF_ERROR(
+        s.launchProducts(plan->secondJobs, count, count * hidden, true, secondStreamed, &plan->second, thenSum));
+    if (!fused)
+      launchKernel(combineKernel, blocksFor(hidden, 256), 256, s.on(), scratch.parts, plan->weights,
+                   static_cast<int>(count), hidden, scratch.residual, true, &plan->combine);
     return check(cudaGetLastError(), "routed experts launch");
   };
   if (!s.graphs || layer.graph.failed || layer.graph.uses++ == 0)
     return enqueue();
-  // The five launches as one CUDA graph, captured at the layer's second
-  // token and replayed while every address and size they were captured
-  // with holds: one launch for the host instead of five.
+  // The launches as one CUDA graph, captured at the layer's second token
+  // and replayed while every address and size they were captured with
+  // holds: one launch for the host instead of three or five.
   const State::RoutedBounds &b = s.routedBounds;
   std::vector<uintptr_t> key;
   for (const void *p : {static_cast<const void *>(scratch.input), static_cast<const void *>(scratch.logits),

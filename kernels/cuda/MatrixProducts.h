@@ -296,6 +296,12 @@ public:
   /// have them) or wait for the kernel before them to end; the same
   /// results either way. Ignored where unsupported.
   void setDependentLaunches(bool enabled);
+  /// Whether decodeRouted runs a token's MoE block as three kernels (the
+  /// default: routing, gate and up with SwiGLU and its rounding, down with
+  /// the weighted sum onto the residual stream, each fused step run by the
+  /// warp that completes its inputs) or five (SwiGLU and the sum launches
+  /// of their own); the same results either way.
+  void setFusedMoe(bool enabled);
   /// The most blocks one head's decode attention is split over for one
   /// token (0, the default: about two blocks per multiprocessor over the
   /// step's heads, as steps of several tokens always take;

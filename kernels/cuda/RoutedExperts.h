@@ -117,6 +117,10 @@ struct RoutedScratch {
   float *downScales = nullptr, *downSums = nullptr;         ///< Per expert run: [downGroupStride].
   int64_t downValueStride = 0, downGroupStride = 0;
   float *parts = nullptr; ///< Per expert run: its output [hidden].
+  /// The counts of RoutedFusion: one per group of the experts' down inputs
+  /// (as many as the widest experts' rows), one per row of the output
+  /// [hidden]; zero between launches.
+  unsigned *groupArrivals = nullptr, *rowArrivals = nullptr;
 };
 
 /// A token's MoE block as launches read it (device memory). The routing
@@ -132,6 +136,42 @@ struct RoutedPlan {
   QuantJob downJobs[kMaxRouted];
   ProductJob secondJobs[kMaxRouted];
 };
+
+/// A product launch of a token's MoE block (RoutedPlan) that also runs
+/// what follows it, so that the block is three launches, not five: the
+/// gate and up products (kThenSwiglu) each expert's SwiGLU and its
+/// rounding (plan->downJobs), the down products (kThenSum) the weighted
+/// sum onto the residual stream. The warp that writes a row counts it
+/// (arrivalOf), and the warp whose count completes a set of rows runs what
+/// reads them and sets the count back to zero for the next launch. A
+/// launch parameter: the routing kernel's plan is the same either way.
+struct RoutedFusion {
+  enum Stage : int32_t { kNone, kThenSwiglu, kThenSum };
+  int32_t stage = kNone;
+  const RoutedPlan *plan = nullptr;
+  unsigned *arrivals = nullptr; ///< RoutedScratch::groupArrivals (kThenSwiglu), rowArrivals (kThenSum).
+  const float *parts = nullptr; ///< kThenSum: RoutedScratch::parts, residual, and the hidden size.
+  float *residual = nullptr;
+  int64_t hidden = 0;
+};
+
+/// Where row `row` of job `job` of a fused launch counts, and the count
+/// that completes its set: a group of an expert's down input has its rows
+/// of gate and of up (fewer in a last, short group; the expert's groups
+/// follow the SwiGLU warps before it); a row of the block's output, that
+/// row of each expert's down product.
+struct Arrival {
+  int64_t index;
+  unsigned target;
+};
+MOE_HOST_DEVICE inline Arrival arrivalOf(const RoutedFusion &f, int job, int64_t row) {
+  if (f.stage == RoutedFusion::kThenSwiglu) {
+    const QuantJob &q = f.plan->downJobs[job >> 1];
+    const int32_t r = static_cast<int32_t>(row), k = r / q.group, left = static_cast<int32_t>(q.cols) - k * q.group;
+    return {q.first + k, static_cast<unsigned>(2 * (left < q.group ? left : q.group))};
+  }
+  return {row, static_cast<unsigned>(f.plan->count)};
+}
 
 /// The GPU's exponentials for routing (kernels/common/Routing.h), one
 /// thread: the CPU's scalar softmax (max-subtracted, summed in order) with

@@ -407,6 +407,12 @@ public:
     context->setDependentLaunches(name == "dependent");
     return Status::success();
   }
+  Status chooseMoeKernels(std::string_view name) override {
+    if (name != "fused" && name != "apart")
+      return Status::error("unknown CUDA MoE kernels '", name, "' (fused or apart)");
+    context->setFusedMoe(name == "fused");
+    return Status::success();
+  }
   Status chooseAttentionSplits(int64_t most) override {
     if (most < 0 || most > cuda::kMaxAttentionSplits)
       return Status::error("CUDA attention splits ", most, ": expected 0 (as the device calls for) to ",

@@ -57,6 +57,10 @@ Status Device::chooseGraphs(std::string_view name) {
   return Status::error("this device has no graphs; no choice of '", name, "'");
 }
 
+Status Device::chooseMoeKernels(std::string_view name) {
+  return Status::error("this device does not route; no choice of MoE kernels '", name, "'");
+}
+
 Status Device::chooseAttentionSplits(int64_t most) {
   return Status::error("this device has no attention kernel to split; no choice of ", most, " blocks a head");
 }

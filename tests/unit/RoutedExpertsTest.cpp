@@ -375,6 +375,85 @@ void interpret(const cuda::RoutedPlan &plan, const cuda::RoutedScratch &scratch,
   }
 }
 
+/// Runs a plan as its three fused launches would (RoutedFusion: gate and
+/// up, then down, each row counted where arrivalOf says and the row that
+/// completes a set running what reads it: SwiGLU over a group of a down
+/// input, a row's weighted sum), rows in reverse order. Every set
+/// completes once and leaves its count at zero.
+void interpretFused(const cuda::RoutedPlan &plan, const cuda::RoutedScratch &scratch, int64_t hidden) {
+  const cuda::RoutedFusion thenSwiglu{cuda::RoutedFusion::kThenSwiglu, &plan, scratch.groupArrivals};
+  const cuda::RoutedFusion thenSum{
+      cuda::RoutedFusion::kThenSum, &plan, scratch.rowArrivals, scratch.parts, scratch.residual, hidden};
+  std::vector<int64_t> groups(static_cast<size_t>(plan.downQuant.total)), rows(static_cast<size_t>(hidden));
+  auto run = [&](const cuda::RoutedFusion &f, const cuda::ProductJob *jobs, int32_t count, int64_t totalRows) {
+    for (int64_t warp = totalRows - 1; warp >= 0; --warp) {
+      int32_t j = 0;
+      while (j + 1 < count && jobs[j + 1].first <= warp)
+        ++j;
+      const cuda::ProductJob &job = jobs[j];
+      const int64_t r = warp - job.first;
+      const float *w = reinterpret_cast<const float *>(job.w);
+      float dot = 0;
+      for (int64_t c = 0; c < job.cols; ++c)
+        dot += w[r * job.cols + c] * job.x[c];
+      job.y[r] = dot;
+      const cuda::Arrival arrival = cuda::arrivalOf(f, j, r);
+      ASSERT_GT(arrival.target, 0u);
+      if (++f.arrivals[arrival.index] < arrival.target)
+        continue;
+      ASSERT_EQ(f.arrivals[arrival.index], arrival.target) << "a set counted past its rows";
+      f.arrivals[arrival.index] = 0;
+      if (f.stage == cuda::RoutedFusion::kThenSwiglu) {
+        const cuda::QuantJob &q = plan.downJobs[j / 2];
+        ASSERT_GE(arrival.index, q.first);
+        const int64_t k = arrival.index - q.first;
+        ASSERT_LT(k, q.groups);
+        ++groups[static_cast<size_t>(arrival.index)];
+        for (int64_t c = k * q.group; c < std::min<int64_t>(q.cols, (k + 1) * q.group); ++c) {
+          const float g = q.x[c];
+          q.h[c] = g / (1.0f + std::exp(-g)) * q.up[c];
+        }
+      } else {
+        ++rows[static_cast<size_t>(r)];
+        float total = 0;
+        for (int32_t i = 0; i < plan.count; ++i)
+          total += plan.weights[i] * f.parts[i * f.hidden + r];
+        f.residual[r] += total;
+      }
+    }
+  };
+  run(thenSwiglu, plan.firstJobs, plan.first.count, plan.first.total);
+  run(thenSum, plan.secondJobs, plan.second.count, plan.second.total);
+  for (size_t k = 0; k < groups.size(); ++k)
+    EXPECT_EQ(groups[k], 1) << "SwiGLU group " << k;
+  for (size_t r = 0; r < rows.size(); ++r)
+    EXPECT_EQ(rows[r], 1) << "output row " << r;
+}
+
+/// A token's intermediates in host memory (64 values each, the output
+/// and the residual stream of H) and the scratch that points at them,
+/// with the fused launches' counts where `fused`.
+struct HostAreas {
+  std::vector<float> residual, gateOut, upOut, h, parts;
+  std::vector<unsigned> groupArrivals, rowArrivals;
+  cuda::RoutedScratch scratch;
+  HostAreas(const std::vector<float> &input, int64_t H, bool fused)
+      : residual(static_cast<size_t>(H), 0.5f), gateOut(64), upOut(64), h(64), parts(static_cast<size_t>(4 * H)) {
+    scratch.input = input.data();
+    scratch.residual = residual.data();
+    scratch.gateOut = gateOut.data();
+    scratch.upOut = upOut.data();
+    scratch.h = h.data();
+    scratch.parts = parts.data();
+    if (fused) {
+      groupArrivals.assign(64, 0);
+      rowArrivals.assign(static_cast<size_t>(H), 0);
+      scratch.groupArrivals = groupArrivals.data();
+      scratch.rowArrivals = rowArrivals.data();
+    }
+  }
+};
+
 cuda::ProductJob floatTemplate(const std::vector<float> &w, int64_t rows, int64_t cols) {
   cuda::ProductJob job{};
   job.w = reinterpret_cast<const uint8_t *>(w.data());
@@ -426,14 +505,8 @@ TEST(RoutedExperts, APlanComputesTheBlockOfExpertsOfDifferentWidths) {
     SCOPED_TRACE(t);
     const std::vector<int32_t> &slots = tokens[t];
     const float weights[] = {0.5f, 0.25f, 0.125f, 0.8f};
-    std::vector<float> residual(H, 0.5f), gateOut(64), upOut(64), h(64), parts(4 * H);
-    cuda::RoutedScratch scratch;
-    scratch.input = input.data();
-    scratch.residual = residual.data();
-    scratch.gateOut = gateOut.data();
-    scratch.upOut = upOut.data();
-    scratch.h = h.data();
-    scratch.parts = parts.data();
+    HostAreas apart(input, H, false);
+    const cuda::RoutedScratch &scratch = apart.scratch;
     auto plan = std::make_unique<cuda::RoutedPlan>();
     cuda::planRoutedExperts(layer, scratch, 4, slots.data(), weights, *plan);
     EXPECT_EQ(plan->count, 4);
@@ -448,6 +521,17 @@ TEST(RoutedExperts, APlanComputesTheBlockOfExpertsOfDifferentWidths) {
       width += widths[static_cast<size_t>(slots[i])];
     }
     interpret(*plan, scratch, H);
+
+    // The same plan run as the fused launches: SwiGLU and the sum run by
+    // the rows that complete their inputs, in the same arithmetic; the
+    // counts back at zero after.
+    HostAreas fused(input, H, true);
+    auto fusedPlan = std::make_unique<cuda::RoutedPlan>();
+    cuda::planRoutedExperts(layer, fused.scratch, 4, slots.data(), weights, *fusedPlan);
+    interpretFused(*fusedPlan, fused.scratch, H);
+    EXPECT_EQ(fused.residual, apart.residual) << "fused and apart add the same values in the same order";
+    EXPECT_EQ(std::count(fused.groupArrivals.begin(), fused.groupArrivals.end(), 0u), 64);
+    EXPECT_EQ(std::count(fused.rowArrivals.begin(), fused.rowArrivals.end(), 0u), H);
 
     // The block computed directly.
     for (int64_t r = 0; r < H; ++r) {
@@ -466,7 +550,7 @@ TEST(RoutedExperts, APlanComputesTheBlockOfExpertsOfDifferentWidths) {
         }
         expected += weights[i] * d;
       }
-      EXPECT_NEAR(residual[r], expected, 1e-5) << "row " << r;
+      EXPECT_NEAR(apart.residual[r], expected, 1e-5) << "row " << r;
     }
   }
 }
@@ -574,6 +658,27 @@ TEST(RoutedExperts, GroupFormatJobsReadTheQuantizationOfTheirGroupSize) {
   EXPECT_EQ(plan->second.total, 2 * H);
   EXPECT_EQ(plan->combine.count, 2);
   EXPECT_EQ(plan->weights[1], 0.4f);
+
+  // Fused (RoutedFusion), the sets the rows count in: the first expert's
+  // three groups of 32 (rows of gate and of up, 64 each: its row 95 in
+  // the third), the bf16 one's 40 values in one chunk of 128 (80 rows,
+  // after the three); an output row, both experts' rows.
+  const cuda::RoutedFusion thenSwiglu{cuda::RoutedFusion::kThenSwiglu, plan.get()};
+  const int64_t rows[] = {0, 31, 32, 95};
+  const int64_t groups[] = {0, 0, 1, 2};
+  for (int i = 0; i < 4; ++i)
+    for (int job = 0; job < 2; ++job) {
+      const cuda::Arrival a = cuda::arrivalOf(thenSwiglu, job, rows[i]);
+      EXPECT_EQ(a.index, groups[i]) << "row " << rows[i];
+      EXPECT_EQ(a.target, 64u);
+    }
+  for (int job = 2; job < 4; ++job) {
+    EXPECT_EQ(cuda::arrivalOf(thenSwiglu, job, 39).index, 3);
+    EXPECT_EQ(cuda::arrivalOf(thenSwiglu, job, 0).target, 80u);
+  }
+  const cuda::RoutedFusion thenSum{cuda::RoutedFusion::kThenSum, plan.get()};
+  EXPECT_EQ(cuda::arrivalOf(thenSum, 1, 255).index, 255);
+  EXPECT_EQ(cuda::arrivalOf(thenSum, 0, 7).target, 2u);
 }
 
 // A prefill's MoE block on the device (Context::routedExperts): the experts'

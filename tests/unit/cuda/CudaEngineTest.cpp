@@ -684,14 +684,21 @@ TEST(CudaDevice, WithoutAGpuTheErrorSaysSo) {
 
 // bench/cuda_engine --product-kernel: a name the device does not know is
 // refused with the names it does.
+namespace {
+
+/// A choice refused, with a message that names `text` (what is known).
+void expectRefused(const Status &status, const std::string &text) {
+  ASSERT_FALSE(status.ok()) << "a refusal naming " << text;
+  EXPECT_NE(status.message().find(text), std::string::npos) << status.message();
+}
+
+} // namespace
+
 TEST(CudaDevice, AnUnknownProductKernelIsNamed) {
   REQUIRE_GPU();
   Expected<std::shared_ptr<Device>> device = openDevice(DeviceChoice::Cuda);
   ASSERT_TRUE(device) << device.status().message();
-  Status status = (*device)->chooseProductKernel("fastest");
-  ASSERT_FALSE(status.ok());
-  EXPECT_NE(status.message().find("'fastest' (auto, streamed, warp-per-row or dp4a)"), std::string::npos)
-      << status.message();
+  expectRefused((*device)->chooseProductKernel("fastest"), "'fastest' (auto, streamed, warp-per-row or dp4a)");
   EXPECT_TRUE((*device)->chooseProductKernel("dp4a").ok());
   EXPECT_TRUE((*device)->chooseProductKernel("auto").ok());
 }
@@ -877,13 +884,19 @@ TEST(CudaEngine, RoutingOnTheDeviceMatchesRoutingOnTheHost) {
     // The fourth run routes on the device with kernels that wait for the
     // one before them to end (the others overlap them where the device can:
     // on a GPU of sm_90 or later; the emulation runs kernels one at a time,
-    // and checks that each awaits the one before).
-    std::vector<std::vector<float>> logits[4];
-    RoutingCounters counters[4];
-    const char *routings[] = {"host", "device", "device-eager", "device"};
-    for (int run = 0; run < 4; ++run) {
+    // and checks that each awaits the one before). The fifth runs each MoE
+    // block's SwiGLU and weighted sum as launches of their own (the others
+    // inside the products, whichever one-token kernel auto picks); the
+    // sixth inside the products, a warp per row (the two kernels agree bit
+    // for bit: CudaMatrixProducts.OneTokenKernelsAgreeBitForBit).
+    std::vector<std::vector<float>> logits[6];
+    RoutingCounters counters[6];
+    const char *routings[] = {"host", "device", "device-eager", "device", "device", "device"};
+    for (int run = 0; run < 6; ++run) {
       ASSERT_TRUE((*device)->chooseRouting(routings[run]).ok());
       ASSERT_TRUE((*device)->chooseLaunches(run == 3 ? "plain" : "dependent").ok());
+      ASSERT_TRUE((*device)->chooseMoeKernels(run == 4 ? "apart" : "fused").ok());
+      ASSERT_TRUE((*device)->chooseProductKernel(run == 5 ? "warp-per-row" : "auto").ok());
       engine.resetRoutingCounters();
       KvCache cache = engine.newCache();
       std::vector<float> out;
@@ -909,15 +922,22 @@ TEST(CudaEngine, RoutingOnTheDeviceMatchesRoutingOnTheHost) {
       counters[run] = engine.routingCounters();
     }
     ASSERT_TRUE((*device)->chooseLaunches("dependent").ok());
-    double most = 0, graphs = 0, overlapped = 0;
+    ASSERT_TRUE((*device)->chooseMoeKernels("fused").ok());
+    ASSERT_TRUE((*device)->chooseProductKernel("auto").ok());
+    double most = 0, graphs = 0, overlapped = 0, apart = 0, warpPerRow = 0;
     for (size_t t = 0; t < logits[0].size(); ++t) {
       most = std::max(most, maxDifference(logits[0][t], logits[1][t]));
       graphs = std::max(graphs, maxDifference(logits[1][t], logits[2][t]));
       overlapped = std::max(overlapped, maxDifference(logits[1][t], logits[3][t]));
+      apart = std::max(apart, maxDifference(logits[1][t], logits[4][t]));
+      warpPerRow = std::max(warpPerRow, maxDifference(logits[1][t], logits[5][t]));
     }
     EXPECT_EQ(graphs, 0.0) << "a graph replays the launches it captured";
     EXPECT_EQ(overlapped, 0.0) << "kernels that overlap the one before compute what they compute one after another";
+    EXPECT_EQ(apart, 0.0) << "SwiGLU and the weighted sum compute the same inside the products as on their own";
+    EXPECT_EQ(warpPerRow, 0.0) << "fused into either one-token kernel, the same bits";
     EXPECT_EQ(counters[1].expertCalls, counters[2].expertCalls);
+    EXPECT_EQ(counters[1].expertCalls, counters[4].expertCalls);
     // The device run routed on the device: checkpoints' MoE layers are all
     // held whole (none has more rows or experts a token than the kernel
     // takes); a package's layers with experts split into parts route on
@@ -948,10 +968,12 @@ TEST(CudaEngine, RoutingOnTheDeviceMatchesRoutingOnTheHost) {
         EXPECT_GT(graphStats.tokenReplays, 0);
     }
     std::printf("routing %s: %lld of %lld MoE layers on the device; device vs host max |logit difference| %.3g over "
-                "%zu tokens (graphs vs launches %.3g; %lld captures, %lld replays, %lld tokens' graphs launched); "
+                "%zu tokens (graphs vs launches %.3g, fused vs apart %.3g, vs a warp per row %.3g; %lld captures, %lld "
+                "replays, %lld tokens' "
+                "graphs launched); "
                 "expert calls %lld vs %lld\n",
                 std::filesystem::path(path).filename().c_str(), static_cast<long long>(routed),
-                static_cast<long long>(moeLayers), most, logits[0].size(), graphs,
+                static_cast<long long>(moeLayers), most, logits[0].size(), graphs, apart, warpPerRow,
                 static_cast<long long>(graphStats.captures), static_cast<long long>(graphStats.replays),
                 static_cast<long long>(graphStats.tokenReplays), static_cast<long long>(counters[1].expertCalls),
                 static_cast<long long>(counters[0].expertCalls));
@@ -1164,32 +1186,26 @@ TEST(CudaEngine, PrefillOnTheDeviceMatchesTheCpuEngine) {
 
 TEST(CudaDevice, RoutingIsChosenByName) {
   REQUIRE_GPU();
-  Expected<std::shared_ptr<Device>> device = openDevice(DeviceChoice::Cuda);
-  ASSERT_TRUE(device) << device.status().message();
-  EXPECT_TRUE((*device)->chooseRouting("device").ok());
-  EXPECT_TRUE((*device)->chooseRouting("device-eager").ok());
-  EXPECT_TRUE((*device)->chooseRouting("host").ok());
-  Status status = (*device)->chooseRouting("cpu");
-  ASSERT_FALSE(status.ok());
-  EXPECT_NE(status.message().find("device, device-eager or host"), std::string::npos) << status.message();
-  EXPECT_FALSE((*device)->prefillsOnDevice()) << "prompts take the host's path unless asked";
-  EXPECT_TRUE((*device)->choosePrefill("device").ok());
-  EXPECT_TRUE((*device)->prefillsOnDevice());
-  EXPECT_TRUE((*device)->choosePrefill("host").ok());
-  EXPECT_FALSE((*device)->prefillsOnDevice());
-  status = (*device)->choosePrefill("gpu");
-  ASSERT_FALSE(status.ok());
-  EXPECT_NE(status.message().find("unknown prefill 'gpu' (device or host)"), std::string::npos) << status.message();
-  EXPECT_TRUE((*device)->chooseLaunches("plain").ok());
-  EXPECT_TRUE((*device)->chooseLaunches("dependent").ok());
-  status = (*device)->chooseLaunches("eager");
-  ASSERT_FALSE(status.ok());
-  EXPECT_NE(status.message().find("unknown CUDA launches 'eager' (dependent or plain)"), std::string::npos)
-      << status.message();
-  EXPECT_TRUE((*device)->chooseGraphs("layer").ok());
-  EXPECT_TRUE((*device)->chooseGraphs("token").ok());
-  status = (*device)->chooseGraphs("none");
-  ASSERT_FALSE(status.ok());
-  EXPECT_NE(status.message().find("unknown CUDA graphs 'none' (token or layer)"), std::string::npos)
-      << status.message();
+  Expected<std::shared_ptr<Device>> opened = openDevice(DeviceChoice::Cuda);
+  ASSERT_TRUE(opened) << opened.status().message();
+  Device &device = **opened;
+  EXPECT_TRUE(device.chooseRouting("device").ok());
+  EXPECT_TRUE(device.chooseRouting("device-eager").ok());
+  EXPECT_TRUE(device.chooseRouting("host").ok());
+  expectRefused(device.chooseRouting("cpu"), "device, device-eager or host");
+  EXPECT_FALSE(device.prefillsOnDevice()) << "prompts take the host's path unless asked";
+  EXPECT_TRUE(device.choosePrefill("device").ok());
+  EXPECT_TRUE(device.prefillsOnDevice());
+  EXPECT_TRUE(device.choosePrefill("host").ok());
+  EXPECT_FALSE(device.prefillsOnDevice());
+  expectRefused(device.choosePrefill("gpu"), "unknown prefill 'gpu' (device or host)");
+  EXPECT_TRUE(device.chooseLaunches("plain").ok());
+  EXPECT_TRUE(device.chooseLaunches("dependent").ok());
+  expectRefused(device.chooseLaunches("eager"), "unknown CUDA launches 'eager' (dependent or plain)");
+  EXPECT_TRUE(device.chooseGraphs("layer").ok());
+  EXPECT_TRUE(device.chooseGraphs("token").ok());
+  expectRefused(device.chooseGraphs("none"), "unknown CUDA graphs 'none' (token or layer)");
+  EXPECT_TRUE(device.chooseMoeKernels("apart").ok());
+  EXPECT_TRUE(device.chooseMoeKernels("fused").ok());
+  expectRefused(device.chooseMoeKernels("together"), "unknown CUDA MoE kernels 'together' (fused or apart)");
 }

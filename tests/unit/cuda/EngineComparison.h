@@ -40,11 +40,17 @@ inline LoadedOnDevice loadOnCuda(const std::string &path, EngineOptions options 
   return {std::move(device), std::move(model)};
 }
 
-/// The largest |a[i] - b[i]|; infinite where the sizes differ.
+/// The largest |a[i] - b[i]|; infinite where the sizes differ or either
+/// value is not a number (std::max would pass a NaN over: logits that are
+/// all NaN on both sides would compare as equal).
 inline double maxDifference(const std::vector<float> &a, const std::vector<float> &b) {
   double most = a.size() == b.size() ? 0 : INFINITY;
-  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i)
-    most = std::max(most, static_cast<double>(std::fabs(a[i] - b[i])));
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) {
+    const double difference = std::fabs(static_cast<double>(a[i]) - static_cast<double>(b[i]));
+    if (std::isnan(difference))
+      return INFINITY;
+    most = std::max(most, difference);
+  }
   return most;
 }
 

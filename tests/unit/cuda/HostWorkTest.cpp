@@ -253,19 +253,19 @@ TEST(HostWork, GroupFormatsAreRoundedByTheKernelsThatWriteTheirInputs) {
   const std::map<std::string, int64_t (*)(const LayerSpec &)> perLayer = {
       // Attention: the norm, q/k/v, the epilogue, attention, the output's
       // rounding, the output, the residual add with the MLP's norm, the
-      // router: 8. The MoE block: routing, gate and up, SwiGLU, down, the
-      // weighted sum: 5.
-      {"tiny-mixtral-default.moepkg", [](const LayerSpec &) -> int64_t { return 8 + 5; }},
+      // router: 8. The MoE block: routing, gate and up (with SwiGLU and
+      // its rounding), down (with the weighted sum): 3.
+      {"tiny-mixtral-default.moepkg", [](const LayerSpec &) -> int64_t { return 8 + 3; }},
       // MLA: the norm, the query and the keys' low-rank columns, their
       // norm, the up-projection, RoPE of the query and of the shared
       // columns, the keys, attention, the output, the residual add with the
-      // MLP's norm: 10, and the router in a MoE layer. A MoE block: 5 (as
+      // MLP's norm: 10, and the router in a MoE layer. A MoE block: 3 (as
       // above). A dense MLP: gate and up (their input's rounding, then the
       // products), SwiGLU, down, the sum: 5.
       {"tiny-deepseek-q4-g32.moepkg",
-       [](const LayerSpec &l) -> int64_t { return 10 + (l.mlp == MlpKind::Moe ? 1 + 5 : 5); }},
-      // As tiny-mixtral's, less the output's rounding: 7 + 5.
-      {"qwen3-gqa-q4-g32.moepkg", [](const LayerSpec &) -> int64_t { return 7 + 5; }},
+       [](const LayerSpec &l) -> int64_t { return 10 + (l.mlp == MlpKind::Moe ? 1 + 3 : 5); }},
+      // As tiny-mixtral's, less the output's rounding: 7 + 3.
+      {"qwen3-gqa-q4-g32.moepkg", [](const LayerSpec &) -> int64_t { return 7 + 3; }},
   };
   int found = 0;
   for (const auto &[name, kernels] : perLayer) {
@@ -289,6 +289,14 @@ TEST(HostWork, GroupFormatsAreRoundedByTheKernelsThatWriteTheirInputs) {
     EXPECT_EQ(p.kernelRuns, static_cast<double>(expected));
     EXPECT_EQ(p.waits, 1.0);
     EXPECT_EQ(p.captured, 0.0);
+    // SwiGLU (with its rounding) and the weighted sum as launches of their
+    // own: two more a MoE block.
+    ASSERT_TRUE((*device)->chooseMoeKernels("apart").ok());
+    const PerToken apart = decodeAndCount(*model->engine, model->spec, 4, 4);
+    print(name + ", MoE kernels apart", apart);
+    EXPECT_EQ(apart.kernelRuns, static_cast<double>(expected + 2 * moeLayers));
+    EXPECT_EQ(apart.waits, 1.0);
+    ASSERT_TRUE((*device)->chooseMoeKernels("fused").ok());
   }
   // ctest's run over the packages it makes ($MOEC_PARITY_PACKAGES) has them
   // all; elsewhere (a GPU's packages) those present.

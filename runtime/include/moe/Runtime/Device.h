@@ -109,6 +109,12 @@ public:
   /// after the last has ended); the same results either way. An error for
   /// other names; "dependent" where the device lacks it is "plain".
   virtual Status chooseLaunches(std::string_view name);
+  /// Benchmarks and tests: the kernels of a decoded token's MoE block
+  /// routed on the device (CUDA: "fused", the default, three: routing,
+  /// gate and up with SwiGLU, down with the weighted sum; "apart", five:
+  /// SwiGLU and the sum launched on their own); the same results either
+  /// way. An error for other names or a device that does not route.
+  virtual Status chooseMoeKernels(std::string_view name);
   /// Benchmarks and tests: the most blocks one head's decode attention is
   /// split over (CUDA: 0, the default, as the device's multiprocessors call
   /// for; 1, a block a head; at most 64), the same results but for the
