@@ -16,6 +16,10 @@
 //     weighted outputs added in order; for a block of tokens (prefill),
 //     gatherKernel and weightedSumKernel take each expert's tokens from
 //     the block and add its weighted outputs back in the CPU's order.
+// Decode (a token with the residual stream on the device) adds the streamed
+// product kernel, attention, norms and the routing kernel; in its MoE
+// block the products also run SwiGLU and the weighted sum (RoutedFusion:
+// the warp that completes a set of rows runs what reads them).
 // A call stages its activation and job tables in one pinned buffer, copies
 // them with one transfer, launches, and copies the results back.
 //
@@ -69,7 +73,7 @@ __device__ __forceinline__ float swiglu(float g, float u) {
 
 /// One warp's share of `job` (QuantJob): its group `k` of all tokens'
 /// groups (k = token * groups + group). FromL2: x and up read past the L1
-/// (other warps of the same kernel wrote them: afterRow).
+/// (other warps of the same kernel wrote them: settleRow).
 template <bool FromL2 = false> __device__ __forceinline__ void quantizeGroup(const QuantJob &job, int64_t k, int lane) {
   const auto load = [](const float *p) { return FromL2 ? __ldcg(p) : *p; };
   const int64_t t = k / job.groups, g = k - t * job.groups;
@@ -116,7 +120,7 @@ template <bool FromL2 = false> __device__ __forceinline__ void quantizeGroup(con
   }
 }
 
-/// The row counts of a fused launch (afterRow): an atomic add that
+/// The row counts of a fused launch (countRow, settleRow): an atomic add that
 /// releases the thread's earlier writes, returning the count before it;
 /// and the fence that acquires what the counts released.
 __device__ __forceinline__ unsigned arriveReleasing(unsigned *count) {
@@ -136,7 +140,7 @@ __device__ __forceinline__ void acquireFence() {
 
 /// Row r of the weighted sum of `count` outputs of `hidden` rows: added
 /// from zero in order, each product and sum rounded on its own (the CPU
-/// engine's order; afterRow's fused sum adds the same way).
+/// engine's order; settleRow's fused sum adds the same way).
 __device__ __forceinline__ float weightedRow(const float *parts, const float *weights, int count, int64_t hidden,
                                              int64_t r) {
   float total = 0.0f;
@@ -145,29 +149,49 @@ __device__ __forceinline__ float weightedRow(const float *parts, const float *we
   return total;
 }
 
-/// After a warp (every lane) wrote row `row` of job `job` of a fused
-/// launch (RoutedFusion) from lane 0: counts the row, and where its count
-/// completes a set of rows, runs what reads them. Lane 0's release add
-/// orders its row before its count; the last count, the warp's barrier and
-/// the acquire fence order every count before the reads (which go to L2).
-__device__ __forceinline__ void afterRow(const RoutedFusion &f, int job, int64_t row, int lane) {
+/// A row of a fused launch (RoutedFusion) counted: its set, the count that
+/// completes the set, and (lane 0) the count its atomic add found before
+/// it, used when the row is settled (settleRow). job < 0: none.
+struct CountedRow {
+  int job = -1;
+  int32_t index = 0;
+  unsigned target = 0, before = 0;
+};
+
+/// Counts row `row` of job `job`, which the warp (every lane) wrote from
+/// lane 0: lane 0's release add orders the row before its count. The
+/// answer is not waited for here.
+__device__ __forceinline__ CountedRow countRow(const RoutedFusion &f, int job, int64_t row, int lane) {
   const Arrival arrival = arrivalOf(f, job, row);
-  unsigned last = 0;
+  CountedRow counted{job, static_cast<int32_t>(arrival.index), arrival.target, 0};
   if (lane == 0)
-    last = arriveReleasing(f.arrivals + arrival.index) == arrival.target - 1;
+    counted.before = arriveReleasing(f.arrivals + arrival.index);
+  return counted;
+}
+
+/// Where `c`'s count completed its set, runs what reads the set (every
+/// lane): the warp's barrier and the acquire fence order every count
+/// before the reads (which go to L2); the count goes back to zero for the
+/// next launch and a graph's replay.
+__device__ __forceinline__ void settleRow(const RoutedFusion &f, const CountedRow &c, int lane) {
+  if (c.job < 0)
+    return;
+  const unsigned last = lane == 0 && c.before == c.target - 1;
   if (!__shfl_sync(0xffffffffu, last, 0))
     return;
   __syncwarp();
   acquireFence();
   if (lane == 0)
-    f.arrivals[arrival.index] = 0; // for the next launch (and graph replay)
+    f.arrivals[c.index] = 0;
   if (f.stage == RoutedFusion::kThenSwiglu) {
-    const QuantJob &q = f.plan->downJobs[job >> 1];
-    quantizeGroup<true>(q, arrival.index - q.first, lane);
+    const QuantJob &q = f.plan->downJobs[c.job >> 1];
+    quantizeGroup<true>(q, c.index - q.first, lane);
     return;
   }
-  // Lane i < count takes expert i's product; lane 0 adds them in order
-  // (weightedRow's arithmetic, one round trip to L2).
+  // An output row (its index): lane i < count takes expert i's product,
+  // lane 0 adds them in order (weightedRow's arithmetic, one round trip
+  // to L2).
+  const int64_t row = c.index;
   const int count = f.plan->count;
   const float product =
       lane < count ? mulRn(f.plan->weights[lane], __ldcg(f.parts + static_cast<int64_t>(lane) * f.hidden + row)) : 0.0f;
@@ -492,7 +516,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock, TILE == 1 ? 2 : 1)
   }
   if constexpr (TILE == 1)
     if (fusion.stage != RoutedFusion::kNone)
-      afterRow(fusion, jobIndex, row, lane);
+      settleRow(fusion, countRow(fusion, jobIndex, row, lane), lane);
 }
 
 /// tensorTile's MMA: mma.sync.m16n8k32 with int8 activations and unsigned
@@ -798,6 +822,7 @@ __global__ void __launch_bounds__(32 * kStreamWarps)
     advance(producer, stride, jobs, totalRows);
   }
   float acc = 0.0f;
+  CountedRow counted; // a fused launch's last row counted, not yet settled
   for (unsigned i = 0; consumer.row < totalRows; ++i) {
     // The slot consumed last iteration takes the chunk kStreamStages - 1
     // ahead; then this iteration's chunk is complete.
@@ -841,11 +866,17 @@ __global__ void __launch_bounds__(32 * kStreamWarps)
       if (lane == 0)
         *consumer.y = total;
       acc = 0.0f;
-      if (fusion.stage != RoutedFusion::kNone)
-        afterRow(fusion, consumer.job, consumer.row - jobs[consumer.job].first, lane);
+      if (fusion.stage != RoutedFusion::kNone) {
+        // The row before is settled now, a row after its count went out:
+        // the warp does not wait for an atomic's answer at each row's end.
+        settleRow(fusion, counted, lane);
+        counted = countRow(fusion, consumer.job, consumer.row - jobs[consumer.job].first, lane);
+      }
     }
     advance(consumer, stride, jobs, totalRows);
   }
+  if (fusion.stage != RoutedFusion::kNone)
+    settleRow(fusion, counted, lane);
   waitCopies<0>();
 }
 
