@@ -170,17 +170,18 @@ __device__ __forceinline__ CountedRow countRow(const RoutedFusion &f, int job, i
 }
 
 /// Where `c`'s count completed its set, runs what reads the set (every
-/// lane): the warp's barrier and the acquire fence order every count
-/// before the reads (which go to L2); the count goes back to zero for the
-/// next launch and a graph's replay.
+/// lane): lane 0's acquire fence after the count that saw every other
+/// row's, then the warp's barrier, order those rows before every lane's
+/// reads (which go to L2); the count goes back to zero for the next launch
+/// and a graph's replay.
 __device__ __forceinline__ void settleRow(const RoutedFusion &f, const CountedRow &c, int lane) {
   if (c.job < 0)
     return;
   const unsigned last = lane == 0 && c.before == c.target - 1;
   if (!__shfl_sync(0xffffffffu, last, 0))
     return;
-  __syncwarp();
   acquireFence();
+  __syncwarp();
   if (lane == 0)
     f.arrivals[c.index] = 0;
   if (f.stage == RoutedFusion::kThenSwiglu) {
@@ -188,6 +189,7 @@ __device__ __forceinline__ void settleRow(const RoutedFusion &f, const CountedRo
     quantizeGroup<true>(q, c.index - q.first, lane);
     return;
   }
+  static_assert(kMaxRouted <= 32, "a lane per expert");
   // An output row (its index): lane i < count takes expert i's product,
   // lane 0 adds them in order (weightedRow's arithmetic, one round trip
   // to L2).
@@ -867,10 +869,12 @@ __global__ void __launch_bounds__(32 * kStreamWarps)
         *consumer.y = total;
       acc = 0.0f;
       if (fusion.stage != RoutedFusion::kNone) {
-        // The row before is settled now, a row after its count went out:
-        // the warp does not wait for an atomic's answer at each row's end.
+        // This row's count goes out, then the row before is settled, a
+        // row after its count: the warp does not wait for an atomic's
+        // answer at each row's end.
+        const CountedRow now = countRow(fusion, consumer.job, consumer.row - jobs[consumer.job].first, lane);
         settleRow(fusion, counted, lane);
-        counted = countRow(fusion, consumer.job, consumer.row - jobs[consumer.job].first, lane);
+        counted = now;
       }
     }
     advance(consumer, stride, jobs, totalRows);

@@ -938,6 +938,7 @@ TEST(CudaEngine, RoutingOnTheDeviceMatchesRoutingOnTheHost) {
     EXPECT_EQ(warpPerRow, 0.0) << "fused into either one-token kernel, the same bits";
     EXPECT_EQ(counters[1].expertCalls, counters[2].expertCalls);
     EXPECT_EQ(counters[1].expertCalls, counters[4].expertCalls);
+    EXPECT_EQ(counters[1].expertCalls, counters[5].expertCalls);
     // The device run routed on the device: checkpoints' MoE layers are all
     // held whole (none has more rows or experts a token than the kernel
     // takes); a package's layers with experts split into parts route on
