@@ -320,20 +320,38 @@ TEST(RoutedExperts, TheDevicesChoiceIsTheEnginesForEveryRouterKind) {
 
 namespace {
 
-/// Runs a plan as the kernels' contract says (RoutedExperts.h,
-/// MatrixProducts.cu) for f32 matrices: each product job's rows, silu(gate)
-/// * up over the intermediates, each down job, the weighted sum.
+/// The interpreters' steps (below), each as the kernels' contract says
+/// (RoutedExperts.h, MatrixProducts.cu) for f32 matrices: row r of a
+/// one-token product job; SwiGLU of a SwiGLU job's values [begin, end)
+/// into h; row r of the weighted sum onto the residual stream.
+void productRow(const cuda::ProductJob &job, int64_t r) {
+  ASSERT_EQ(job.layout, 0);
+  ASSERT_EQ(job.tokens, 1);
+  const float *w = reinterpret_cast<const float *>(job.w);
+  float dot = 0;
+  for (int64_t c = 0; c < job.cols; ++c)
+    dot += w[r * job.cols + c] * job.x[c];
+  job.y[r] = dot;
+}
+void swigluValues(const cuda::QuantJob &job, int64_t begin, int64_t end) {
+  for (int64_t c = begin; c < end; ++c) {
+    const float g = job.x[c];
+    job.h[c] = g / (1.0f + std::exp(-g)) * job.up[c];
+  }
+}
+void sumRow(const cuda::RoutedPlan &plan, const float *parts, float *residual, int64_t hidden, int64_t r) {
+  float total = 0;
+  for (int32_t i = 0; i < plan.count; ++i)
+    total += plan.weights[i] * parts[i * hidden + r];
+  residual[r] += total;
+}
+
+/// Runs a plan's five launches: each product job's rows, silu(gate) * up
+/// over the intermediates, each down job, the weighted sum.
 void interpret(const cuda::RoutedPlan &plan, const cuda::RoutedScratch &scratch, int64_t hidden) {
   auto product = [](const cuda::ProductJob &job) {
-    ASSERT_EQ(job.layout, 0);
-    ASSERT_EQ(job.tokens, 1);
-    const float *w = reinterpret_cast<const float *>(job.w);
-    for (int64_t r = 0; r < job.rows; ++r) {
-      float dot = 0;
-      for (int64_t c = 0; c < job.cols; ++c)
-        dot += w[r * job.cols + c] * job.x[c];
-      job.y[r] = dot;
-    }
+    for (int64_t r = 0; r < job.rows; ++r)
+      productRow(job, r);
   };
   int64_t rows = 0;
   for (int32_t j = 0; j < plan.first.count; ++j) {
@@ -354,10 +372,7 @@ void interpret(const cuda::RoutedPlan &plan, const cuda::RoutedScratch &scratch,
     ASSERT_NE(job.h, nullptr);
     EXPECT_EQ(job.groups, (job.cols + job.group - 1) / job.group);
     warps += job.groups;
-    for (int64_t c = 0; c < job.cols; ++c) {
-      const float g = job.x[c];
-      job.h[c] = g / (1.0f + std::exp(-g)) * job.up[c];
-    }
+    swigluValues(job, 0, job.cols);
   }
   EXPECT_EQ(warps, plan.downQuant.total);
   rows = 0;
@@ -367,12 +382,9 @@ void interpret(const cuda::RoutedPlan &plan, const cuda::RoutedScratch &scratch,
     product(plan.secondJobs[j]);
   }
   EXPECT_EQ(rows, plan.second.total);
-  for (int64_t r = 0; r < hidden; ++r) {
-    float total = 0;
-    for (int32_t i = 0; i < plan.combine.count; ++i)
-      total += plan.weights[i] * scratch.parts[i * hidden + r];
-    scratch.residual[r] += total;
-  }
+  EXPECT_EQ(plan.combine.count, plan.count);
+  for (int64_t r = 0; r < hidden; ++r)
+    sumRow(plan, scratch.parts, scratch.residual, hidden, r);
 }
 
 /// Runs a plan as its three fused launches would (RoutedFusion: gate and
@@ -390,13 +402,8 @@ void interpretFused(const cuda::RoutedPlan &plan, const cuda::RoutedScratch &scr
       int32_t j = 0;
       while (j + 1 < count && jobs[j + 1].first <= warp)
         ++j;
-      const cuda::ProductJob &job = jobs[j];
-      const int64_t r = warp - job.first;
-      const float *w = reinterpret_cast<const float *>(job.w);
-      float dot = 0;
-      for (int64_t c = 0; c < job.cols; ++c)
-        dot += w[r * job.cols + c] * job.x[c];
-      job.y[r] = dot;
+      const int64_t r = warp - jobs[j].first;
+      productRow(jobs[j], r);
       const cuda::Arrival arrival = cuda::arrivalOf(f, j, r);
       ASSERT_GT(arrival.target, 0u);
       if (++f.arrivals[arrival.index] < arrival.target)
@@ -409,16 +416,10 @@ void interpretFused(const cuda::RoutedPlan &plan, const cuda::RoutedScratch &scr
         const int64_t k = arrival.index - q.first;
         ASSERT_LT(k, q.groups);
         ++groups[static_cast<size_t>(arrival.index)];
-        for (int64_t c = k * q.group; c < std::min<int64_t>(q.cols, (k + 1) * q.group); ++c) {
-          const float g = q.x[c];
-          q.h[c] = g / (1.0f + std::exp(-g)) * q.up[c];
-        }
+        swigluValues(q, k * q.group, std::min<int64_t>(q.cols, (k + 1) * q.group));
       } else {
         ++rows[static_cast<size_t>(r)];
-        float total = 0;
-        for (int32_t i = 0; i < plan.count; ++i)
-          total += plan.weights[i] * f.parts[i * f.hidden + r];
-        f.residual[r] += total;
+        sumRow(plan, f.parts, f.residual, f.hidden, r);
       }
     }
   };
