@@ -125,7 +125,7 @@ template <bool FromL2 = false> __device__ __forceinline__ void quantizeGroup(con
 /// and the fence that acquires what the counts released.
 __device__ __forceinline__ unsigned arriveReleasing(unsigned *count) {
 #if MOEC_CUDA_EMULATION
-  return atomicAdd(count, 1u); // blocks run one after another
+  return atomicAdd(count, 1u); // memory is sequentially consistent there
 #else
   unsigned before;
   asm volatile("atom.release.gpu.global.add.u32 %0, [%1], 1;" : "=r"(before) : "l"(count) : "memory");

@@ -3,11 +3,13 @@
 // Part of moec. See CudaEmulation.h. A block's threads are fibers (on
 // x86-64 a six-register stack switch, elsewhere ucontext, whose switches
 // are system calls) run in turn on the thread that waits for the stream:
-// each runs until it
-// meets a barrier (its block's, its warp's, or a warp exchange: shuffles
-// and the MMA) or returns; a barrier opens when every thread of its group
-// that has not returned is there. A pass in which no fiber can run is a
-// deadlock, and fails the kernel.
+// each runs until it meets a barrier (its block's, its warp's, or a warp
+// exchange: shuffles and the MMA), makes an atomic, or returns; a barrier
+// opens when every thread of its group that has not returned is there.
+// Up to eight blocks are resident and take turns (runGrid); a turn ends
+// at an atomic, or when each of the block's threads is done or waits. A
+// turn that ends with every thread waiting is a deadlock, and fails the
+// kernel.
 //
 //===----------------------------------------------------------------------===//
 
@@ -149,7 +151,7 @@ struct Warp {
   unsigned char slots[2][32][64];
 };
 
-/// The block that runs now on this host thread.
+/// A resident block of the grid that runs on this host thread (runGrid).
 struct BlockRun {
   const std::function<void()> *body = nullptr;
   std::vector<Fiber> fibers;
@@ -161,9 +163,11 @@ struct BlockRun {
   bool trapped = false;
   bool backwards = false; ///< This run takes threads last first, and makes cp.async copies at once.
   bool dependent = false; ///< A programmatic dependent launch: every thread must await the grid before it.
+  bool paused = false;    ///< A thread made an atomic in this turn: the turn ends.
   std::string failure;
 };
 
+/// The block whose turn it is on this host thread, or null.
 thread_local BlockRun *run = nullptr;
 
 /// Fiber stacks, mapped once per host thread and reused.
@@ -184,7 +188,7 @@ struct Stacks {
     return stacks[i];
   }
 };
-thread_local Stacks &stacks = *new Stacks(); // never destroyed, as BlockRun
+thread_local Stacks &stacks = *new Stacks(); // never destroyed, as Residents
 
 Fiber &self() {
   if (!run || !run->running) {
@@ -290,14 +294,83 @@ void poisonSharedMemory() {
     std::memset(begin, 0xFF, static_cast<size_t>(end - begin));
 }
 
-/// Runs one block of `body` to its end; false (and `why`) where it trapped
-/// or deadlocked. `backwards`: warps, and lanes in a warp, run last first.
-bool runBlock(const std::function<void()> &body, dim3 grid, dim3 block, uint3 blockIndex, bool backwards,
-              bool dependent, std::string &why) {
+/// How many blocks of a grid are resident at once: each runs its turns in
+/// round robin with the others, a turn ending at an atomic (runGrid).
+constexpr int kResidentBlocks = 8;
+
+/// The resident blocks of the grid that runs now on this host thread, and
+/// which of them the shared-memory section holds now (-1: none). Never
+/// destroyed: a context destroyed at exit may still run kernels.
+struct Residents {
+  BlockRun slots[kResidentBlocks];
+  std::vector<unsigned char> saved[kResidentBlocks]; ///< A slot's shared memory while another's is in the section.
+  bool occupied[kResidentBlocks] = {};
+  bool fresh[kResidentBlocks] = {};   ///< Admitted a block that has not had its turn yet.
+  int stackSet[kResidentBlocks] = {}; ///< The slot's block's fibers' stacks (takeStacks).
+  std::vector<int> freeStackSets;     ///< Sets of stacks a block that ended gave back ...
+  int stackSets = 0;                  ///< ... of the grid's sets so far.
+  int owner = -1;
+};
+thread_local Residents &residents = *new Residents();
+
+size_t sharedBytes() {
+  char *begin = __start_moec_emulated_shared, *end = __stop_moec_emulated_shared;
+  return begin && end > begin ? static_cast<size_t>(end - begin) : 0;
+}
+
+/// Puts slot `s`'s shared memory in the section: the poison for a block
+/// admitted since its slot last had it, else what it held when another
+/// slot took the section; the section's owner before keeps its contents
+/// aside. A grid without atomics runs each block in one turn, so only
+/// poisons, as when blocks ran one at a time.
+void activate(int s) {
+  Residents &r = residents;
+  if (r.owner == s && !r.fresh[s])
+    return;
+  const size_t bytes = sharedBytes();
+  if (r.owner >= 0 && r.occupied[r.owner]) {
+    r.saved[r.owner].resize(bytes);
+    if (bytes)
+      std::memcpy(r.saved[r.owner].data(), __start_moec_emulated_shared, bytes);
+  }
+  if (r.fresh[s])
+    poisonSharedMemory();
+  else if (bytes) {
+    if (r.saved[s].size() != bytes) {
+      std::fprintf(stderr, "moec CUDA emulation: a resident block's shared memory was never set aside\n");
+      std::abort();
+    }
+    std::memcpy(__start_moec_emulated_shared, r.saved[s].data(), bytes);
+  }
+  r.fresh[s] = false;
+  r.owner = s;
+}
+
+/// Starts slot `s`'s block's fibers at its first turn, on a set of stacks
+/// (one a block that ended gave back, else a new one): a grid whose blocks
+/// each end in one turn, having made no atomic, uses one set.
+void startFibers(int s) {
+  Residents &r = residents;
+  BlockRun &state = r.slots[s];
+  int set = r.stackSets;
+  if (r.freeStackSets.empty())
+    ++r.stackSets;
+  else {
+    set = r.freeStackSets.back();
+    r.freeStackSets.pop_back();
+  }
+  r.stackSet[s] = set;
+  const size_t threads = state.fibers.size();
+  for (size_t i = 0; i < threads; ++i)
+    startOn(state.fibers[i].context, stacks.at(static_cast<size_t>(set) * threads + i), kStackBytes, fiberEntry);
+}
+
+/// Makes slot `s` run block `blockIndex` of `body` from its start (its
+/// fibers start at its first turn: startFibers).
+void admit(int s, const std::function<void()> &body, dim3 grid, dim3 block, uint3 blockIndex, bool backwards,
+           bool dependent) {
   const int threads = static_cast<int>(block.x * block.y * block.z);
-  // One BlockRun per host thread, reused: a block's set-up is its fibers'.
-  // Never destroyed: a context destroyed at exit may still run kernels.
-  static thread_local BlockRun &state = *new BlockRun();
+  BlockRun &state = residents.slots[s];
   state.body = &body;
   state.fibers.resize(threads);
   state.warps.resize((threads + 31) / 32);
@@ -312,7 +385,6 @@ bool runBlock(const std::function<void()> &body, dim3 grid, dim3 block, uint3 bl
   state.backwards = backwards;
   state.dependent = dependent;
   state.failure.clear();
-  poisonSharedMemory();
   for (int i = 0; i < threads; ++i) {
     Fiber &f = state.fibers[i];
     f.done = false;
@@ -329,21 +401,32 @@ bool runBlock(const std::function<void()> &body, dim3 grid, dim3 block, uint3 bl
     f.lane = i % 32;
     f.warp = i / 32;
     state.warps[f.warp].liveMask |= 1u << f.lane;
-    startOn(f.context, stacks.at(i), kStackBytes, fiberEntry);
   }
+  residents.occupied[s] = true;
+  residents.fresh[s] = true;
+  if (residents.owner == s)
+    residents.owner = -1; // the block before's, which has ended
+}
+
+/// One turn of a resident block: its threads run, a warp at a time, until
+/// one makes an atomic (the rest stay where they are), or each is done or
+/// waits at a barrier. False where the block trapped, or can never go on
+/// (a deadlock: every thread waits, and none made an atomic).
+bool runTurn(BlockRun &state) {
   run = &state;
-  bool ok = true;
-  while (state.live > 0 && !state.trapped) {
+  state.paused = false;
+  const int threads = static_cast<int>(state.fibers.size());
+  const int warps = (threads + 31) / 32;
+  for (bool progressed = true; progressed && state.live > 0 && !state.trapped && !state.paused;) {
     // A warp at a time, until each of its lanes is done or waits for the
     // rest of the block: 32 stacks in the cache rather than the block's.
-    bool progressed = false;
-    const int warps = (threads + 31) / 32;
-    for (int k = 0; k < warps && !state.trapped; ++k) {
-      const int first = 32 * (backwards ? warps - 1 - k : k), last = std::min(threads, first + 32);
-      for (bool ran = true; ran && !state.trapped;) {
+    progressed = false;
+    for (int k = 0; k < warps && !state.trapped && !state.paused; ++k) {
+      const int first = 32 * (state.backwards ? warps - 1 - k : k), last = std::min(threads, first + 32);
+      for (bool ran = true; ran && !state.trapped && !state.paused;) {
         ran = false;
-        for (int j = first; j < last && !state.trapped; ++j) {
-          Fiber &f = state.fibers[backwards ? first + last - 1 - j : j];
+        for (int j = first; j < last && !state.trapped && !state.paused; ++j) {
+          Fiber &f = state.fibers[state.backwards ? first + last - 1 - j : j];
           if (f.done || (f.waitingOn && *f.waitingOn == f.waitingFor))
             continue;
           f.waitingOn = nullptr;
@@ -354,17 +437,80 @@ bool runBlock(const std::function<void()> &body, dim3 grid, dim3 block, uint3 bl
         }
       }
     }
-    if (!progressed) {
-      state.failure = "deadlock: every thread of the block waits at a barrier that cannot open";
-      state.trapped = true;
-    }
-  }
-  if (state.trapped) {
-    why = state.failure;
-    ok = false;
   }
   run = nullptr;
-  return ok;
+  if (state.trapped)
+    return false;
+  if (state.live > 0 && !state.paused) {
+    state.failure = "deadlock: every thread of the block waits at a barrier that cannot open";
+    state.trapped = true;
+    return false;
+  }
+  return true;
+}
+
+/// Runs every block of `body` over `grid`, up to kResidentBlocks at once
+/// as on a GPU: the resident blocks take turns, and a block's turn ends
+/// at any of its threads' atomics, so the other blocks run on in between
+/// (a block that counts its arrival before writing what the count stands
+/// for is read unwritten by the last to arrive). False (with `why` and the
+/// failed block) where a block trapped or deadlocked. `backwards`:
+/// blocks, warps and lanes in a warp run last first (a grid without
+/// atomics runs its blocks one at a time, in that order).
+bool runGrid(const std::function<void()> &body, dim3 grid, dim3 block, bool backwards, bool dependent, std::string &why,
+             uint3 &failed) {
+  const uint64_t total = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
+  uint64_t next = 0;
+  // The grid's next block in this run's order.
+  const auto blockAt = [&](uint64_t i) {
+    const uint64_t k = backwards ? total - 1 - i : i;
+    return uint3{static_cast<unsigned>(k % grid.x), static_cast<unsigned>(k / grid.x % grid.y),
+                 static_cast<unsigned>(k / (static_cast<uint64_t>(grid.x) * grid.y))};
+  };
+  Residents &r = residents;
+  int resident = 0;
+  for (int s = 0; s < kResidentBlocks; ++s)
+    r.occupied[s] = false;
+  r.owner = -1;
+  r.freeStackSets.clear();
+  r.stackSets = 0;
+  for (int s = 0; s < kResidentBlocks && next < total; ++s, ++resident)
+    admit(s, body, grid, block, blockAt(next++), backwards, dependent);
+  // A round after one in which a turn ended at an atomic takes the slots
+  // in the other order, so the block that paused last goes first: the
+  // last to arrive at a count goes on before the blocks that arrived
+  // earlier. Rounds without atomics keep their order, and so the run's.
+  for (bool reverse = false, paused = false; resident > 0; reverse ^= paused) {
+    paused = false;
+    for (int k = 0; k < kResidentBlocks; ++k) {
+      const int s = reverse ? kResidentBlocks - 1 - k : k;
+      if (!r.occupied[s])
+        continue;
+      BlockRun &state = r.slots[s];
+      if (r.fresh[s])
+        startFibers(s);
+      activate(s);
+      if (!runTurn(state)) {
+        why = state.failure;
+        failed = state.fibers.front().index.block;
+        for (bool &o : r.occupied)
+          o = false;
+        return false;
+      }
+      paused |= state.paused;
+      if (state.live > 0)
+        continue;
+      r.freeStackSets.push_back(r.stackSet[s]);
+      r.occupied[s] = false;
+      if (r.owner == s)
+        r.owner = -1;
+      if (next < total)
+        admit(s, body, grid, block, blockAt(next++), backwards, dependent);
+      else
+        --resident;
+    }
+  }
+  return true;
 }
 
 // --- Memory, streams and graphs ---------------------------------------------
@@ -627,6 +773,16 @@ const unsigned char *warpGather(unsigned mask, const void *mine, size_t bytes) {
 
 void trap() { fail("the kernel trapped (__trap)"); }
 
+void atomicPoint(const void *address) {
+  if (!run || !run->running)
+    return; // host code
+  const char *at = static_cast<const char *>(address);
+  if (at >= __start_moec_emulated_shared && at < __stop_moec_emulated_shared)
+    return; // shared memory: no other block sees it
+  run->paused = true;
+  yield();
+}
+
 void failKernel(const char *why) { fail(why); }
 
 void awaitPreviousGrid() {
@@ -685,23 +841,17 @@ void launch(dim3 grid, dim3 block, StreamState *stream, std::function<void()> bo
             // order: a kernel whose result depends on which thread runs
             // first (a missing barrier) differs from run to run.
             const bool backwards = runtime().counters.kernelRuns++ & 1;
-            for (unsigned zi = 0; zi < grid.z; ++zi)
-              for (unsigned yi = 0; yi < grid.y; ++yi)
-                for (unsigned xi = 0; xi < grid.x; ++xi) {
-                  // Blocks too run last first in a backwards run.
-                  const unsigned x = backwards ? grid.x - 1 - xi : xi, y = backwards ? grid.y - 1 - yi : yi,
-                                 z = backwards ? grid.z - 1 - zi : zi;
-                  std::string why;
-                  if (!runBlock(body, grid, block, {x, y, z}, backwards, dependent, why)) {
-                    Runtime &r = runtime();
-                    r.stickyWhy = why;
-                    char text[160];
-                    std::snprintf(text, sizeof text, "a kernel failed in block (%u, %u, %u) of (%u, %u, %u): ", x, y, z,
-                                  grid.x, grid.y, grid.z);
-                    report((text + why).c_str());
-                    return cudaErrorLaunchFailure;
-                  }
-                }
+            std::string why;
+            uint3 failed;
+            if (!runGrid(body, grid, block, backwards, dependent, why, failed)) {
+              Runtime &r = runtime();
+              r.stickyWhy = why;
+              char text[160];
+              std::snprintf(text, sizeof text, "a kernel failed in block (%u, %u, %u) of (%u, %u, %u): ", failed.x,
+                            failed.y, failed.z, grid.x, grid.y, grid.z);
+              report((text + why).c_str());
+              return cudaErrorLaunchFailure;
+            }
             return cudaSuccess;
           }});
 }

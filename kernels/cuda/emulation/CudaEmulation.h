@@ -5,8 +5,13 @@
 // without a GPU). Each block's threads run as fibers on the calling thread
 // and meet at __syncthreads, __syncwarp, the warp shuffles and the tensor
 // cores' MMA (given by the PTX ISA's fragment layouts), so a kernel runs
-// as written, lane by lane. The runtime is as lazy as CUDA allows: a
-// stream's launches, copies and memsets run only when the host waits
+// as written, lane by lane. Up to eight blocks of a grid are resident at
+// once, each with its own shared memory, and take turns; a block's turn
+// ends at any of its threads' atomics on global memory, so the other
+// blocks run on in between: a block that counts its arrival before it (or
+// another of its threads) writes what the count stands for has its work
+// read unwritten. The runtime is as lazy as CUDA allows: a stream's
+// launches, copies and memsets run only when the host waits
 // (cudaStreamSynchronize, cudaFree, a copy to pageable memory), so a
 // host buffer changed or read before its copy is done gives the wrong
 // answer here as on a GPU; copies are checked against the allocations they
@@ -16,9 +21,10 @@
 // warps and lanes last first and lands cp.async copies at the call rather
 // than the wait, so a result that depends on either changes from run to
 // run. What it cannot see: timing, occupancy, a kernel touching host
-// memory or reading before its buffer, races the two orders do not change,
-// and host code that reads a buffer counting on stream work not to have
-// overwritten it yet (stream work always runs late).
+// memory or reading before its buffer, a missing fence (memory is
+// sequentially consistent here), races the two orders and the turns do
+// not change, and host code that reads a buffer counting on stream work
+// not to have overwritten it yet (stream work always runs late).
 //
 // Headers named cuda_runtime.h and cuda_fp16.h next to this one include
 // it, so sources compile unchanged but for their launches (cuda/Launch.h)
@@ -44,9 +50,10 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-// A block's threads run one block at a time on one host thread, so a
-// function-local static is the block's shared memory. All of them lie in
-// one section, which every block starts with filled with 0xFF bytes (NaN
+// Every block runs on one host thread, so a function-local static is the
+// shared memory of the resident block whose turn it is: the emulation
+// keeps the others' aside while it runs. All of them lie in one
+// section, which every block starts with filled with 0xFF bytes (NaN
 // as floats, -1 as integers): on a GPU a block's shared memory starts
 // undefined, so a kernel reading it before writing it, or counting on
 // what an earlier block left, gets poison here rather than zeros or
@@ -116,6 +123,10 @@ int laneId();
 [[noreturn]] void trap();
 /// The kernel stops for `why` (a misuse a GPU leaves undefined).
 [[noreturn]] void failKernel(const char *why);
+/// After an atomic on `address`: the calling block's turn ends, so the
+/// grid's other resident blocks run on first (nothing on the host, nor
+/// for shared memory, which no other block sees).
+void atomicPoint(const void *address);
 
 /// cp.async: the copy is made when the thread waits for its group.
 void copyAsync(void *shared, const void *global, size_t bytes);
@@ -192,7 +203,8 @@ template <typename T> T __shfl_xor_sync(unsigned mask, T value, int laneMask, in
 }
 template <typename T> T __ldg(const T *p) { return *p; }
 template <typename T> T __ldcg(const T *p) { return *p; }
-// Blocks run one after another: every write is seen by the next block.
+// One host thread runs every block: memory is sequentially consistent, and
+// every write is seen at once (the fences' ordering is not checked).
 inline void __threadfence() {}
 inline int __dp4a(int a, int b, int c) {
   for (int i = 0; i < 4; ++i)
@@ -218,10 +230,12 @@ inline long long min(long long a, long long b) { return a < b ? a : b; }
 inline long min(long a, long b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
-// Threads run one at a time: an atomic is a plain read-modify-write.
+// Threads run one at a time: an atomic is a plain read-modify-write, after
+// which the grid's other resident blocks run before its block goes on.
 template <typename T> T atomicAdd(T *address, T value) {
   const T old = *address;
   *address = old + value;
+  moe::emulation::atomicPoint(address);
   return old;
 }
 

@@ -3,7 +3,8 @@
 // Part of moec. The emulation the GPU tests run on without a GPU
 // (kernels/cuda/emulation) must run kernels as a GPU does where a kernel's
 // correctness depends on it, and fail where a GPU would fail: threads that
-// meet at barriers and shuffles, cp.async copies that land at their wait,
+// meet at barriers and shuffles, blocks that run at once and interleave at
+// atomics (each with its own shared memory), cp.async copies that land at their wait,
 // stream work that runs when the host waits (so a pinned buffer changed
 // too early is read changed), copies checked against their allocations,
 // bad launches, deadlocks and traps failing the stream, and capture
@@ -156,6 +157,66 @@ __global__ void dependentKernel(int *counter, bool everyThread, bool barrierFirs
     moe::cuda::awaitPreviousKernel();
   if (threadIdx.x == 0)
     atomicAdd(counter, 1);
+}
+
+/// How lastArrivalKernel's blocks count their arrival: after a barrier
+/// that follows every thread's write (right), or wrongly: thread 0 counts
+/// before its own write, or with no barrier after the others' writes.
+enum Arrival { kAfterTheBarrier, kBeforeItsWrite, kWithoutTheBarrier };
+
+/// Each thread writes its part, a block's thread 0 counts the block's
+/// arrival, and the last block to arrive sums every part. The wrong
+/// arrivals are bugs a GPU shows when blocks run at once.
+__global__ void lastArrivalKernel(int *parts, unsigned *count, int *sum, Arrival arrival) {
+  __shared__ int last[1];
+  const int at = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (threadIdx.x == 0 && arrival == kBeforeItsWrite)
+    *last = atomicAdd(count, 1u) + 1 == gridDim.x;
+  parts[at] = at + 1;
+  __threadfence();
+  if (arrival == kAfterTheBarrier)
+    __syncthreads();
+  if (threadIdx.x == 0 && arrival != kBeforeItsWrite)
+    *last = atomicAdd(count, 1u) + 1 == gridDim.x;
+  __syncthreads();
+  if (threadIdx.x != 0 || !*last)
+    return;
+  __threadfence();
+  int total = 0;
+  for (unsigned i = 0; i < gridDim.x * blockDim.x; ++i)
+    total += parts[i];
+  *sum = total;
+}
+
+/// Each block's thread 0 takes two tickets in a row, the other threads
+/// one each.
+__global__ void ticketKernel(int *counter, int *tickets) {
+  const int at = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  tickets[2 * at] = atomicAdd(counter, 1);
+  tickets[2 * at + 1] = threadIdx.x == 0 ? atomicAdd(counter, 1) : -1;
+}
+
+/// Each thread finds its shared slot undefined, writes it, makes atomics
+/// (thread 0 two, so its block's turns end while the other blocks run with
+/// shared memory of their own), and after the barrier reads its
+/// neighbour's slot: what it found and what it read.
+__global__ void sharedAcrossTurnsKernel(int *counter, int *out) {
+  __shared__ int slots[64];
+  const unsigned t = threadIdx.x;
+  const int at = static_cast<int>(blockIdx.x * blockDim.x + t);
+  out[2 * at] = slots[t];
+  slots[t] = static_cast<int>(blockIdx.x * 1000 + t);
+  atomicAdd(counter, 1);
+  if (t == 0)
+    atomicAdd(counter, 1);
+  __syncthreads();
+  out[2 * at + 1] = slots[(t + 1) % blockDim.x];
+}
+
+/// Every block writes its index to the same word (a race).
+__global__ void lastWriterKernel(int *out) {
+  if (threadIdx.x == 0)
+    *out = static_cast<int>(blockIdx.x);
 }
 
 /// Device memory with `count` ints, freed at the end of the scope.
@@ -502,4 +563,97 @@ TEST(Emulation, ADependentLaunchFailsWhereAThreadDoesNotAwaitFirst) {
   EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorLaunchFailure);
   EXPECT_NE(moe::emulation::lastFailure().find("barrier, shuffle or copy before awaiting"), std::string::npos)
       << moe::emulation::lastFailure();
+}
+
+TEST(Emulation, BlocksRunAtOnceAndInterleaveAtAtomics) {
+  // 20 blocks of 64 threads, eight resident at a time: every ticket is
+  // taken once, and some block's two tickets are not in a row (another
+  // block ran between its atomics), in both orders of the blocks.
+  const int blocks = 20, threads = 64, takers = blocks * threads;
+  DeviceInts counter(1), tickets(2 * takers);
+  for (int run = 0; run < 2; ++run) {
+    const int zero = 0;
+    ASSERT_EQ(cudaMemcpy(counter.data, &zero, sizeof zero, cudaMemcpyHostToDevice), cudaSuccess);
+    launchKernel(ticketKernel, blocks, threads, nullptr, counter.data, tickets.data);
+    std::vector<int> host(2 * takers);
+    ASSERT_EQ(cudaMemcpy(host.data(), tickets.data, host.size() * sizeof(int), cudaMemcpyDeviceToHost), cudaSuccess);
+    std::vector<int> taken;
+    int apart = 0;
+    for (int t = 0; t < takers; ++t) {
+      taken.push_back(host[2 * t]);
+      if (t % threads == 0) {
+        taken.push_back(host[2 * t + 1]);
+        apart += host[2 * t + 1] != host[2 * t] + 1;
+      }
+    }
+    std::sort(taken.begin(), taken.end());
+    std::vector<int> expected(takers + blocks);
+    std::iota(expected.begin(), expected.end(), 0);
+    EXPECT_EQ(taken, expected) << "run " << run;
+    EXPECT_GT(apart, 0) << "run " << run << ": every block took its tickets with no other block between";
+  }
+}
+
+TEST(Emulation, ACountBeforeItsWriteIsReadUnwritten) {
+  // The last block to arrive sums every thread's part. Counted after the
+  // block's writes, every run sums 1 + ... + 768; counted before (as on a
+  // GPU, the last block goes on before the others have written) the sum
+  // falls short: in both runs where thread 0 counts before its own write,
+  // in one of two (the run that takes warp 0 first) where it counts with
+  // no barrier after its block's other warps' writes.
+  const int blocks = 12, threads = 64, poison = -1000;
+  DeviceInts parts(blocks * threads), count(1), sum(1);
+  const auto summed = [&](Arrival arrival) {
+    const std::vector<int> unwritten(blocks * threads, poison);
+    const int zero = 0;
+    EXPECT_EQ(cudaMemcpy(parts.data, unwritten.data(), unwritten.size() * sizeof(int), cudaMemcpyHostToDevice),
+              cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(count.data, &zero, sizeof zero, cudaMemcpyHostToDevice), cudaSuccess);
+    launchKernel(lastArrivalKernel, blocks, threads, nullptr, parts.data, reinterpret_cast<unsigned *>(count.data),
+                 sum.data, arrival);
+    int host = 0;
+    EXPECT_EQ(cudaMemcpy(&host, sum.data, sizeof host, cudaMemcpyDeviceToHost), cudaSuccess);
+    return host;
+  };
+  const int right = blocks * threads * (blocks * threads + 1) / 2;
+  EXPECT_EQ(summed(kAfterTheBarrier), right);
+  EXPECT_EQ(summed(kAfterTheBarrier), right);
+  EXPECT_NE(summed(kBeforeItsWrite), right);
+  EXPECT_NE(summed(kBeforeItsWrite), right);
+  const int first = summed(kWithoutTheBarrier), second = summed(kWithoutTheBarrier);
+  EXPECT_TRUE(first != right || second != right) << "both runs summed every part";
+}
+
+TEST(Emulation, ResidentBlocksKeepTheirOwnSharedMemory) {
+  // 20 blocks, eight resident at a time, each pausing at its atomics while
+  // the others run: every block starts with its shared memory undefined,
+  // and finds in it after the pauses what it wrote, not another block's.
+  const int blocks = 20, threads = 64;
+  DeviceInts counter(1), out(2 * blocks * threads);
+  for (int run = 0; run < 2; ++run) {
+    launchKernel(sharedAcrossTurnsKernel, blocks, threads, nullptr, counter.data, out.data);
+    std::vector<int> host(2 * blocks * threads);
+    ASSERT_EQ(cudaMemcpy(host.data(), out.data, host.size() * sizeof(int), cudaMemcpyDeviceToHost), cudaSuccess);
+    for (int b = 0; b < blocks; ++b)
+      for (int t = 0; t < threads; ++t) {
+        const int at = b * threads + t;
+        ASSERT_EQ(host[2 * at], -1) << "run " << run << ", block " << b << ", thread " << t;
+        ASSERT_EQ(host[2 * at + 1], b * 1000 + (t + 1) % threads)
+            << "run " << run << ", block " << b << ", thread " << t;
+      }
+  }
+}
+
+TEST(Emulation, BlocksWithoutAtomicsRunInEitherOrder) {
+  // More blocks than are resident, none making an atomic: one run takes
+  // them first to last, the next last to first, so a race between any two
+  // of them (here every block writing one word) gives two answers.
+  DeviceInts out(1);
+  int last[2] = {};
+  for (int run = 0; run < 2; ++run) {
+    launchKernel(lastWriterKernel, 20, 32, nullptr, out.data);
+    ASSERT_EQ(cudaMemcpy(&last[run], out.data, sizeof(int), cudaMemcpyDeviceToHost), cudaSuccess);
+  }
+  EXPECT_EQ(std::min(last[0], last[1]), 0);
+  EXPECT_EQ(std::max(last[0], last[1]), 19);
 }
