@@ -60,16 +60,23 @@ struct Scratch {
   int32_t *taken;     ///< Flags of a top-k in progress.
 };
 
-/// Indices of the k largest of `values[0..count)`, largest first, ties to
-/// the lower index (the order std::partial_sort gives with that
-/// comparison), into `out` unless null; `taken[i]` is 1 for those chosen.
+/// Whether top-k ranks `a` before `b`: the larger, a NaN below every
+/// number (-inf included). A total order, so a NaN score (an overflowed
+/// hidden state) still gives k distinct rows, the same on every lane of a
+/// warp that picks together (better) as on the host; for numbers, a > b.
+MOE_HOST_DEVICE inline bool ranksAbove(float a, float b) { return a > b || (b != b && a == a); }
+
+/// Indices of the k largest of `values[0..count)` (ranksAbove), largest
+/// first, ties to the lower index (the order std::partial_sort gives with
+/// that comparison), into `out` unless null; `taken[i]` is 1 for those
+/// chosen.
 MOE_HOST_DEVICE inline void serialTopK(const float *values, int32_t count, int32_t k, int32_t *taken, int32_t *out) {
   for (int32_t i = 0; i < count; ++i)
     taken[i] = 0;
   for (int32_t pick = 0; pick < k; ++pick) {
     int32_t best = -1;
     for (int32_t i = 0; i < count; ++i)
-      if (!taken[i] && (best < 0 || values[i] > values[best]))
+      if (!taken[i] && (best < 0 || ranksAbove(values[i], values[best])))
         best = i;
     taken[best] = 1;
     if (out)
@@ -83,11 +90,15 @@ struct Candidate {
   float value = 0.0f;
 };
 
-/// Of two candidates, the one serialTopK picks first: the larger value, of
-/// equals the lower index. Commutative and associative, so lanes that
-/// combine their candidates in any order agree.
+/// Of two candidates, the one serialTopK picks first: the one ranked above
+/// (ranksAbove), of equals (neither above: equal values, or two NaNs) the
+/// lower index. Commutative and associative, so lanes that combine their
+/// candidates in any order agree.
 MOE_HOST_DEVICE inline Candidate better(Candidate a, Candidate b) {
-  return b.index >= 0 && (a.index < 0 || b.value > a.value || (b.value == a.value && b.index < a.index)) ? b : a;
+  return b.index >= 0 &&
+                 (a.index < 0 || ranksAbove(b.value, a.value) || (!ranksAbove(a.value, b.value) && b.index < a.index))
+             ? b
+             : a;
 }
 
 /// Lane `lane` of `lanes`' candidate: its largest untaken row of rows
@@ -96,7 +107,7 @@ MOE_HOST_DEVICE inline Candidate laneCandidate(const float *values, int32_t coun
                                                int32_t lanes) {
   Candidate best;
   for (int32_t i = lane; i < count; i += lanes)
-    if (!taken[i] && (best.index < 0 || values[i] > best.value))
+    if (!taken[i] && (best.index < 0 || ranksAbove(values[i], best.value)))
       best = {i, values[i]};
   return best;
 }

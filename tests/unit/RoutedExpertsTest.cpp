@@ -219,6 +219,12 @@ TEST(RoutedExperts, AWarpsTopKPicksAsTheSerialOne) {
       if (trial % 4 == 1)
         for (int32_t i = 0; i < count; i += 3)
           values[i] = -std::numeric_limits<float>::infinity();
+      // NaN scores (an overflowed hidden state): some rows, or all.
+      if (trial % 5 == 2)
+        for (int32_t i = 1; i < count; i += 2)
+          values[i] = std::numeric_limits<float>::quiet_NaN();
+      if (trial == 19)
+        std::fill(values.begin(), values.end(), std::numeric_limits<float>::quiet_NaN());
       const int32_t k = std::min(count, 1 + trial % 9);
       std::vector<int32_t> expected(k), taken(static_cast<size_t>(count)), warpTaken(static_cast<size_t>(count), 0);
       routing::serialTopK(values.data(), count, k, taken.data(), expected.data());
@@ -237,6 +243,14 @@ TEST(RoutedExperts, AWarpsTopKPicksAsTheSerialOne) {
               << count << " rows, trial " << trial << ", pick " << pick << ", lane " << lane;
         warpTaken[lanes[0].index] = 1;
       }
+      // k distinct rows, a number before every NaN.
+      std::vector<int32_t> sorted = expected;
+      std::sort(sorted.begin(), sorted.end());
+      ASSERT_TRUE(std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end())
+          << count << " rows, trial " << trial;
+      for (int32_t pick = 1; pick < k; ++pick)
+        ASSERT_FALSE(std::isnan(values[expected[pick - 1]]) && !std::isnan(values[expected[pick]]))
+            << count << " rows, trial " << trial << ", pick " << pick;
     }
   }
 }
@@ -274,6 +288,11 @@ TEST(RoutedExperts, TheDevicesChoiceIsTheEnginesForEveryRouterKind) {
       std::vector<float> logits(static_cast<size_t>(c.rows));
       for (float &l : logits)
         l = c.coarseLogits ? std::round(4 * normal(rng)) / 4 : normal(rng);
+      // The last tokens' logits are NaN, some or all (an overflowed hidden
+      // state): k distinct experts still, the same on both sides.
+      const bool nan = token >= 290;
+      for (int64_t e = token % 2; nan && e < c.rows; e += token < 295 ? 2 : 1)
+        logits[static_cast<size_t>(e)] = std::numeric_limits<float>::quiet_NaN();
       detail::routeBlock(spec, w, nullptr, 1, nullptr, routing, logits.data());
       // The host-routed decode's experts: slots in order, then the shared one.
       std::vector<int32_t> expectedSlots;
@@ -295,7 +314,8 @@ TEST(RoutedExperts, TheDevicesChoiceIsTheEnginesForEveryRouterKind) {
       ASSERT_EQ(count, static_cast<int32_t>(expectedSlots.size())) << "token " << token;
       for (int32_t i = 0; i < count; ++i) {
         EXPECT_EQ(slots[i], expectedSlots[i]) << "token " << token << ", expert " << i;
-        EXPECT_EQ(std::memcmp(&weights[i], &expectedWeights[i], 4), 0)
+        EXPECT_TRUE(std::memcmp(&weights[i], &expectedWeights[i], 4) == 0 ||
+                    (std::isnan(weights[i]) && std::isnan(expectedWeights[i])))
             << "token " << token << ", expert " << i << ": " << weights[i] << " vs " << expectedWeights[i];
       }
       // The GPU's exponentials (DeviceMath: a scalar softmax with expf; the
@@ -307,8 +327,19 @@ TEST(RoutedExperts, TheDevicesChoiceIsTheEnginesForEveryRouterKind) {
       ASSERT_EQ(deviceCount, count) << "token " << token;
       for (int32_t i = 0; i < count; ++i) {
         EXPECT_EQ(slots[i], expectedSlots[i]) << "token " << token << ", expert " << i;
-        EXPECT_NEAR(weights[i], expectedWeights[i], 1e-6 * std::fabs(expectedWeights[i]) + 1e-9)
-            << "token " << token << ", expert " << i;
+        if (std::isnan(expectedWeights[i]))
+          EXPECT_TRUE(std::isnan(weights[i])) << "token " << token << ", expert " << i;
+        else
+          EXPECT_NEAR(weights[i], expectedWeights[i], 1e-6 * std::fabs(expectedWeights[i]) + 1e-9)
+              << "token " << token << ", expert " << i;
+      }
+      if (nan) {
+        // Every slot a real one (the shared expert last), none twice.
+        std::vector<int32_t> sorted(slots, slots + count);
+        std::sort(sorted.begin(), sorted.end());
+        EXPECT_TRUE(std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end()) << "token " << token;
+        EXPECT_GE(sorted.front(), 0) << "token " << token;
+        EXPECT_LE(sorted.back(), static_cast<int32_t>(c.slots)) << "token " << token;
       }
     }
     if (c.skipThreshold > 0) {
