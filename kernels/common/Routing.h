@@ -60,11 +60,18 @@ struct Scratch {
   int32_t *taken;     ///< Flags of a top-k in progress.
 };
 
-/// Whether top-k ranks `a` before `b`: the larger, a NaN below every
-/// number (-inf included). A total order, so a NaN score (an overflowed
+/// Whether top-k ranks `a` before `b`: -inf (a row switched off, or
+/// outside the kept groups) below everything, then NaN, then the numbers
+/// by value; for numbers, a > b. A strict weak order (NaNs tie, as do -0
+/// and +0), so with ties to the lower index a NaN score (an overflowed
 /// hidden state) still gives k distinct rows, the same on every lane of a
-/// warp that picks together (better) as on the host; for numbers, a > b.
-MOE_HOST_DEVICE inline bool ranksAbove(float a, float b) { return a > b || (b != b && a == a); }
+/// warp that picks together (better) as on the host, and never a row
+/// switched off while a NaN row is left. rankClass: 0, 1 and 2 for those.
+MOE_HOST_DEVICE inline int rankClass(float v) { return v == -INFINITY ? 0 : v != v ? 1 : 2; }
+MOE_HOST_DEVICE inline bool ranksAbove(float a, float b) {
+  const int ra = rankClass(a), rb = rankClass(b);
+  return ra != rb ? ra > rb : ra == 2 && a > b;
+}
 
 /// Indices of the k largest of `values[0..count)` (ranksAbove), largest
 /// first, ties to the lower index (the order std::partial_sort gives with
@@ -121,8 +128,8 @@ MOE_HOST_DEVICE void computeScores(const RouterParams &p, const float *logits, f
     math.softmax(scores, p.rows);
 }
 
-/// One sparsemixer pick: the largest of `masked` (-inf at experts picked
-/// before; the first of equals), and in `gates` the softmax over the logits
+/// One sparsemixer pick: the largest of `masked` (ranksAbove; -inf at
+/// experts picked before; the first of equals), and in `gates` the softmax over the logits
 /// within 2 * jitter (relative) of it. Returns the pick.
 template <class Math>
 MOE_HOST_DEVICE int32_t sparseMixerPick(const RouterParams &p, const float *logits, const float *masked, float *gates,
@@ -130,7 +137,7 @@ MOE_HOST_DEVICE int32_t sparseMixerPick(const RouterParams &p, const float *logi
   math.sync(); // the last pick's gates are read
   int32_t best = 0;
   for (int32_t e = 1; e < p.rows; ++e)
-    if (masked[best] < masked[e])
+    if (ranksAbove(masked[e], masked[best]))
       best = e;
   const float top = masked[best];
   for (int32_t j = 0; j < p.rows; ++j) {

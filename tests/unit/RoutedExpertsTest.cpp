@@ -31,6 +31,43 @@ namespace {
 
 using HostMath = router::CpuMath;
 
+/// WarpMath::topK (MatrixProducts.cu) played out lane by lane: at each
+/// pick, 32 lanes' candidates (routing::laneCandidate) combined over the
+/// butterfly of xor shuffles (routing::better); then every lane marks its
+/// row taken and writes it out, as the kernel's lanes do (the last lane's
+/// write stands). Returns whether the lanes agreed at every pick.
+bool butterflyTopK(const float *values, int32_t count, int32_t k, int32_t *taken, int32_t *out) {
+  for (int32_t i = 0; i < count; ++i)
+    taken[i] = 0;
+  bool agreed = true;
+  for (int32_t pick = 0; pick < k; ++pick) {
+    routing::Candidate lanes[32];
+    for (int32_t lane = 0; lane < 32; ++lane)
+      lanes[lane] = routing::laneCandidate(values, count, taken, lane, 32);
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      routing::Candidate next[32];
+      for (int lane = 0; lane < 32; ++lane)
+        next[lane] = routing::better(lanes[lane], lanes[lane ^ offset]);
+      std::copy(next, next + 32, lanes);
+    }
+    for (int lane = 0; lane < 32; ++lane) {
+      agreed &= lanes[lane].index == lanes[0].index;
+      if (lanes[lane].index >= 0) // the kernel would write taken[-1]
+        taken[lanes[lane].index] = 1;
+      if (out)
+        out[pick] = lanes[lane].index;
+    }
+  }
+  return agreed;
+}
+
+/// The CPU's routing with the routing kernel's top-k (butterflyTopK).
+struct WarpTopKMath : HostMath {
+  void topK(const float *values, int32_t count, int32_t k, int32_t *taken, int32_t *out) const {
+    butterflyTopK(values, count, k, taken, out);
+  }
+};
+
 struct RouterCase {
   const char *name;
   RouterSpec router;
@@ -205,12 +242,13 @@ TEST(RoutedExperts, TheSharedRouterArithmeticIsTheEnginesAsItWas) {
 }
 
 TEST(RoutedExperts, AWarpsTopKPicksAsTheSerialOne) {
-  // The routing kernel's top-k (WarpMath in MatrixProducts.cu): 32 lanes
-  // each take a candidate (routing::laneCandidate) and combine them over a
-  // butterfly of xor shuffles (routing::better), here played out lane by
-  // lane. Every lane must end with serialTopK's pick.
+  // The routing kernel's top-k (butterflyTopK) must end every lane with
+  // serialTopK's pick, NaN scores included (a NaN compared as a number
+  // made lanes disagree: several rows taken a pick, and a pick of row -1
+  // once every row was taken).
   std::mt19937 rng(5);
   std::normal_distribution<float> normal(0.0f, 1.0f);
+  const float nan = std::numeric_limits<float>::quiet_NaN(), off = -std::numeric_limits<float>::infinity();
   for (int32_t count : {1, 7, 31, 32, 33, 64, 100, 256, 1024}) {
     for (int trial = 0; trial < 20; ++trial) {
       std::vector<float> values(static_cast<size_t>(count));
@@ -218,41 +256,37 @@ TEST(RoutedExperts, AWarpsTopKPicksAsTheSerialOne) {
         v = trial % 3 == 0 ? std::round(2 * normal(rng)) / 2 : normal(rng);
       if (trial % 4 == 1)
         for (int32_t i = 0; i < count; i += 3)
-          values[i] = -std::numeric_limits<float>::infinity();
+          values[i] = off;
       // NaN scores (an overflowed hidden state): some rows, or all.
       if (trial % 5 == 2)
         for (int32_t i = 1; i < count; i += 2)
-          values[i] = std::numeric_limits<float>::quiet_NaN();
+          values[i] = nan;
       if (trial == 19)
-        std::fill(values.begin(), values.end(), std::numeric_limits<float>::quiet_NaN());
+        std::fill(values.begin(), values.end(), nan);
       const int32_t k = std::min(count, 1 + trial % 9);
-      std::vector<int32_t> expected(k), taken(static_cast<size_t>(count)), warpTaken(static_cast<size_t>(count), 0);
+      std::vector<int32_t> expected(k), taken(static_cast<size_t>(count)), picked(k);
       routing::serialTopK(values.data(), count, k, taken.data(), expected.data());
-      for (int32_t pick = 0; pick < k; ++pick) {
-        routing::Candidate lanes[32];
-        for (int32_t lane = 0; lane < 32; ++lane)
-          lanes[lane] = routing::laneCandidate(values.data(), count, warpTaken.data(), lane, 32);
-        for (int offset = 16; offset > 0; offset >>= 1) {
-          routing::Candidate next[32];
-          for (int lane = 0; lane < 32; ++lane)
-            next[lane] = routing::better(lanes[lane], lanes[lane ^ offset]);
-          std::copy(next, next + 32, lanes);
-        }
-        for (int lane = 0; lane < 32; ++lane)
-          ASSERT_EQ(lanes[lane].index, expected[pick])
-              << count << " rows, trial " << trial << ", pick " << pick << ", lane " << lane;
-        warpTaken[lanes[0].index] = 1;
-      }
-      // k distinct rows, a number before every NaN.
+      ASSERT_TRUE(butterflyTopK(values.data(), count, k, taken.data(), picked.data()))
+          << count << " rows, trial " << trial << ": the lanes disagreed";
+      ASSERT_EQ(picked, expected) << count << " rows, trial " << trial;
+      // k distinct rows: numbers first, then NaN rows, then rows switched off.
       std::vector<int32_t> sorted = expected;
       std::sort(sorted.begin(), sorted.end());
       ASSERT_TRUE(std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end())
           << count << " rows, trial " << trial;
+      const auto rank = [](float v) {
+        return v == -std::numeric_limits<float>::infinity() ? 0 : std::isnan(v) ? 1 : 2;
+      };
       for (int32_t pick = 1; pick < k; ++pick)
-        ASSERT_FALSE(std::isnan(values[expected[pick - 1]]) && !std::isnan(values[expected[pick]]))
+        ASSERT_GE(rank(values[expected[pick - 1]]), rank(values[expected[pick]]))
             << count << " rows, trial " << trial << ", pick " << pick;
     }
   }
+  // A NaN row goes before a row switched off.
+  const float mixed[] = {off, nan, 1.0f, off};
+  int32_t taken[4], out[3];
+  routing::serialTopK(mixed, 4, 3, taken, out);
+  EXPECT_EQ(std::vector<int32_t>(out, out + 3), (std::vector<int32_t>{2, 1, 0}));
 }
 
 TEST(RoutedExperts, TheDevicesChoiceIsTheEnginesForEveryRouterKind) {
@@ -289,11 +323,16 @@ TEST(RoutedExperts, TheDevicesChoiceIsTheEnginesForEveryRouterKind) {
       for (float &l : logits)
         l = c.coarseLogits ? std::round(4 * normal(rng)) / 4 : normal(rng);
       // The last tokens' logits are NaN, some or all (an overflowed hidden
-      // state): k distinct experts still, the same on both sides.
+      // state): k distinct choices still, the same on every side.
       const bool nan = token >= 290;
       for (int64_t e = token % 2; nan && e < c.rows; e += token < 295 ? 2 : 1)
         logits[static_cast<size_t>(e)] = std::numeric_limits<float>::quiet_NaN();
       detail::routeBlock(spec, w, nullptr, 1, nullptr, routing, logits.data());
+      if (nan) { // k distinct choices
+        std::vector<int32_t> chosen(routing.chosen.begin(), routing.chosen.end());
+        std::sort(chosen.begin(), chosen.end());
+        EXPECT_TRUE(std::adjacent_find(chosen.begin(), chosen.end()) == chosen.end()) << "token " << token;
+      }
       // The host-routed decode's experts: slots in order, then the shared one.
       std::vector<int32_t> expectedSlots;
       std::vector<float> expectedWeights;
@@ -304,9 +343,13 @@ TEST(RoutedExperts, TheDevicesChoiceIsTheEnginesForEveryRouterKind) {
         }
       expectedSlots.push_back(static_cast<int32_t>(c.slots));
       expectedWeights.push_back(0.75f);
-      skippedSome += std::count(routing.slotOfChoice.begin(), routing.slotOfChoice.end(), -1) > 0;
-      mergedSome += static_cast<int>(expectedSlots.size()) - 1 < c.router.topK &&
+      skippedSome += !nan && std::count(routing.slotOfChoice.begin(), routing.slotOfChoice.end(), -1) > 0;
+      mergedSome += !nan && static_cast<int>(expectedSlots.size()) - 1 < c.router.topK &&
                     std::count(routing.slotOfChoice.begin(), routing.slotOfChoice.end(), -1) == 0;
+      // Both NaN passes where the logits hold a NaN.
+      const auto same = [&](float a, float b) {
+        return std::memcmp(&a, &b, 4) == 0 || (nan && std::isnan(a) && std::isnan(b));
+      };
 
       int32_t slots[cuda::kMaxRouted];
       float weights[cuda::kMaxRouted];
@@ -314,9 +357,18 @@ TEST(RoutedExperts, TheDevicesChoiceIsTheEnginesForEveryRouterKind) {
       ASSERT_EQ(count, static_cast<int32_t>(expectedSlots.size())) << "token " << token;
       for (int32_t i = 0; i < count; ++i) {
         EXPECT_EQ(slots[i], expectedSlots[i]) << "token " << token << ", expert " << i;
-        EXPECT_TRUE(std::memcmp(&weights[i], &expectedWeights[i], 4) == 0 ||
-                    (std::isnan(weights[i]) && std::isnan(expectedWeights[i])))
+        EXPECT_TRUE(same(weights[i], expectedWeights[i]))
             << "token " << token << ", expert " << i << ": " << weights[i] << " vs " << expectedWeights[i];
+      }
+      // The routing kernel's top-k (its lanes played out) picks the same.
+      int32_t warpSlots[cuda::kMaxRouted];
+      float warpWeights[cuda::kMaxRouted];
+      ASSERT_EQ(cuda::selectExperts(layer, logits.data(), 0.75f, scratch, WarpTopKMath(), warpSlots, warpWeights),
+                count)
+          << "token " << token;
+      for (int32_t i = 0; i < count; ++i) {
+        EXPECT_EQ(warpSlots[i], slots[i]) << "token " << token << ", expert " << i;
+        EXPECT_TRUE(same(warpWeights[i], weights[i])) << "token " << token << ", expert " << i;
       }
       // The GPU's exponentials (DeviceMath: a scalar softmax with expf; the
       // kernel's WarpMath selects exactly as it does and sums in another
@@ -327,7 +379,7 @@ TEST(RoutedExperts, TheDevicesChoiceIsTheEnginesForEveryRouterKind) {
       ASSERT_EQ(deviceCount, count) << "token " << token;
       for (int32_t i = 0; i < count; ++i) {
         EXPECT_EQ(slots[i], expectedSlots[i]) << "token " << token << ", expert " << i;
-        if (std::isnan(expectedWeights[i]))
+        if (nan && std::isnan(expectedWeights[i]))
           EXPECT_TRUE(std::isnan(weights[i])) << "token " << token << ", expert " << i;
         else
           EXPECT_NEAR(weights[i], expectedWeights[i], 1e-6 * std::fabs(expectedWeights[i]) + 1e-9)
