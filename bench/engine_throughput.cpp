@@ -22,6 +22,7 @@
 #include <nlohmann/json.hpp>
 
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <iostream>
 #include <random>
@@ -316,8 +317,14 @@ int main(int argc, char **argv) {
                            (model->engine->expertCache() ? model->engine->expertCache()->counters().bytesLoaded : 0)) /
            static_cast<double>(std::max<int64_t>(decodeTokens, 1))},
       {"peak_rss_bytes", static_cast<int64_t>(usage.ru_maxrss) * 1024}};
-  if (decodeTargets > 0)
-    out["decode_text_perplexity"] = std::exp(decodeNll / static_cast<double>(decodeTargets));
+  if (decodeTargets > 0) {
+    const double perplexity = std::exp(decodeNll / static_cast<double>(decodeTargets));
+    // A NaN would print as null: a broken model is an error, not a result.
+    if (!std::isfinite(perplexity))
+      return failed(Status::error("--text: decoding computes non-finite logits (NaN or infinity); the model's "
+                                  "weights or config are broken"));
+    out["decode_text_perplexity"] = perplexity;
+  }
   if (const ExpertCache *experts = model->engine->expertCache()) {
     out["expert_cache_bytes"] = options.expertCacheBytes;
     out["expert_policy"] = options.expertCachePolicy == ExpertCachePolicy::Frequency ? "frequency" : "lru";

@@ -12,7 +12,14 @@
 
 namespace moe {
 
-int32_t sampleToken(const float *logits, int64_t vocab, const SamplingOptions &options, std::mt19937_64 &rng) {
+Expected<int32_t> sampleToken(const float *logits, int64_t vocab, const SamplingOptions &options,
+                              std::mt19937_64 &rng) {
+  // A NaN would also break the sort's ordering below.
+  for (int64_t i = 0; i < vocab; ++i)
+    if (!std::isfinite(logits[i]))
+      return Status::error(
+          "sampling: logit ", i, " is ", logits[i],
+          ": the model computes non-finite values (NaN or infinity); its weights or config are broken");
   if (options.temperature <= 0.0)
     return static_cast<int32_t>(std::max_element(logits, logits + vocab) - logits);
   std::vector<int32_t> order(static_cast<size_t>(vocab));

@@ -10,6 +10,7 @@
 
 #include "TestSupport.h"
 
+#include <limits>
 #include <set>
 
 #include <cmath>
@@ -141,15 +142,33 @@ TEST(Evaluate, ReadsEveryDataFormatAndNamesBadInput) {
 TEST(Sampling, GreedyTopKAndSeededDraws) {
   const std::vector<float> logits = {0.1f, 2.0f, -1.0f, 1.9f, 0.0f};
   std::mt19937_64 rng(7);
-  EXPECT_EQ(sampleToken(logits.data(), 5, SamplingOptions{0.0, 0}, rng), 1);
-  EXPECT_EQ(sampleToken(logits.data(), 5, SamplingOptions{1.0, 1}, rng), 1) << "top-1 is greedy";
+  const auto sample = [&](const SamplingOptions &options, std::mt19937_64 &r) {
+    Expected<int32_t> token = sampleToken(logits.data(), 5, options, r);
+    EXPECT_TRUE(token) << token.status().message();
+    return token ? *token : -1;
+  };
+  EXPECT_EQ(sample(SamplingOptions{0.0, 0}, rng), 1);
+  EXPECT_EQ(sample(SamplingOptions{1.0, 1}, rng), 1) << "top-1 is greedy";
   // Top-2 at a high temperature draws only the two best, both of them.
   std::set<int32_t> seen;
   for (int i = 0; i < 200; ++i)
-    seen.insert(sampleToken(logits.data(), 5, SamplingOptions{5.0, 2}, rng));
+    seen.insert(sample(SamplingOptions{5.0, 2}, rng));
   EXPECT_EQ(seen, (std::set<int32_t>{1, 3}));
   std::mt19937_64 a(3), b(3);
   for (int i = 0; i < 20; ++i)
-    EXPECT_EQ(sampleToken(logits.data(), 5, SamplingOptions{1.0, 0}, a),
-              sampleToken(logits.data(), 5, SamplingOptions{1.0, 0}, b));
+    EXPECT_EQ(sample(SamplingOptions{1.0, 0}, a), sample(SamplingOptions{1.0, 0}, b));
+}
+
+TEST(Sampling, NonFiniteLogitsAreAnErrorNotAToken) {
+  // A broken model's NaN or infinite logits: greedy would take whichever
+  // max_element meets first, sampling would sort with no order.
+  std::mt19937_64 rng(7);
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                    -std::numeric_limits<float>::infinity()})
+    for (double temperature : {0.0, 1.0}) {
+      const std::vector<float> logits = {0.1f, 2.0f, bad, 1.9f};
+      Expected<int32_t> token = sampleToken(logits.data(), 4, SamplingOptions{temperature, 0}, rng);
+      ASSERT_FALSE(token) << "logit " << bad << " at temperature " << temperature << " gave token " << *token;
+      expectErrorContains(token.status(), {"logit 2", "non-finite"});
+    }
 }

@@ -355,7 +355,14 @@ int runGenerate(const GenerateOptions &options) {
       printError(status.message());
       return 1;
     }
-    token = sampleToken(logits.data(), model->spec.vocabSize, SamplingOptions{options.temperature, options.topK}, rng);
+    Expected<int32_t> sampled =
+        sampleToken(logits.data(), model->spec.vocabSize, SamplingOptions{options.temperature, options.topK}, rng);
+    if (!sampled) {
+      printError(
+          concat("generate, position ", static_cast<int64_t>(prompt->size()) + i, ": ", sampled.status().message()));
+      return 1;
+    }
+    token = *sampled;
     if (!options.ignoreEndOfText && model->endOfText && token == *model->endOfText)
       break;
     generated.push_back(token);

@@ -7,6 +7,8 @@
 #ifndef MOE_RUNTIME_SAMPLING_H
 #define MOE_RUNTIME_SAMPLING_H
 
+#include "moe/Support/Status.h"
+
 #include <cstdint>
 #include <random>
 
@@ -19,8 +21,9 @@ struct SamplingOptions {
 
 /// Greedy (temperature 0) or seeded sampling from softmax(logits / T)
 /// restricted to the top k; the same seed gives the same tokens on every
-/// platform (uniform draws from 53 random bits).
-int32_t sampleToken(const float *logits, int64_t vocab, const SamplingOptions &options, std::mt19937_64 &rng);
+/// platform (uniform draws from 53 random bits). A NaN or infinite logit
+/// is an error (a broken model), never a token drawn from it.
+Expected<int32_t> sampleToken(const float *logits, int64_t vocab, const SamplingOptions &options, std::mt19937_64 &rng);
 
 } // namespace moe
 
