@@ -61,6 +61,12 @@ bool butterflyTopK(const float *values, int32_t count, int32_t k, int32_t *taken
   return agreed;
 }
 
+/// Whether no row or slot appears twice in `ids`.
+bool allDistinct(std::vector<int32_t> ids) {
+  std::sort(ids.begin(), ids.end());
+  return std::adjacent_find(ids.begin(), ids.end()) == ids.end();
+}
+
 /// The CPU's routing with the routing kernel's top-k (butterflyTopK).
 struct WarpTopKMath : HostMath {
   void topK(const float *values, int32_t count, int32_t k, int32_t *taken, int32_t *out) const {
@@ -270,15 +276,9 @@ TEST(RoutedExperts, AWarpsTopKPicksAsTheSerialOne) {
           << count << " rows, trial " << trial << ": the lanes disagreed";
       ASSERT_EQ(picked, expected) << count << " rows, trial " << trial;
       // k distinct rows: numbers first, then NaN rows, then rows switched off.
-      std::vector<int32_t> sorted = expected;
-      std::sort(sorted.begin(), sorted.end());
-      ASSERT_TRUE(std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end())
-          << count << " rows, trial " << trial;
-      const auto rank = [](float v) {
-        return v == -std::numeric_limits<float>::infinity() ? 0 : std::isnan(v) ? 1 : 2;
-      };
+      ASSERT_TRUE(allDistinct(expected)) << count << " rows, trial " << trial;
       for (int32_t pick = 1; pick < k; ++pick)
-        ASSERT_GE(rank(values[expected[pick - 1]]), rank(values[expected[pick]]))
+        ASSERT_GE(routing::rankClass(values[expected[pick - 1]]), routing::rankClass(values[expected[pick]]))
             << count << " rows, trial " << trial << ", pick " << pick;
     }
   }
@@ -328,11 +328,8 @@ TEST(RoutedExperts, TheDevicesChoiceIsTheEnginesForEveryRouterKind) {
       for (int64_t e = token % 2; nan && e < c.rows; e += token < 295 ? 2 : 1)
         logits[static_cast<size_t>(e)] = std::numeric_limits<float>::quiet_NaN();
       detail::routeBlock(spec, w, nullptr, 1, nullptr, routing, logits.data());
-      if (nan) { // k distinct choices
-        std::vector<int32_t> chosen(routing.chosen.begin(), routing.chosen.end());
-        std::sort(chosen.begin(), chosen.end());
-        EXPECT_TRUE(std::adjacent_find(chosen.begin(), chosen.end()) == chosen.end()) << "token " << token;
-      }
+      if (nan) // k distinct choices
+        EXPECT_TRUE(allDistinct({routing.chosen.begin(), routing.chosen.end()})) << "token " << token;
       // The host-routed decode's experts: slots in order, then the shared one.
       std::vector<int32_t> expectedSlots;
       std::vector<float> expectedWeights;
@@ -387,11 +384,9 @@ TEST(RoutedExperts, TheDevicesChoiceIsTheEnginesForEveryRouterKind) {
       }
       if (nan) {
         // Every slot a real one (the shared expert last), none twice.
-        std::vector<int32_t> sorted(slots, slots + count);
-        std::sort(sorted.begin(), sorted.end());
-        EXPECT_TRUE(std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end()) << "token " << token;
-        EXPECT_GE(sorted.front(), 0) << "token " << token;
-        EXPECT_LE(sorted.back(), static_cast<int32_t>(c.slots)) << "token " << token;
+        EXPECT_TRUE(allDistinct({slots, slots + count})) << "token " << token;
+        EXPECT_GE(*std::min_element(slots, slots + count), 0) << "token " << token;
+        EXPECT_LE(*std::max_element(slots, slots + count), static_cast<int32_t>(c.slots)) << "token " << token;
       }
     }
     if (c.skipThreshold > 0) {
